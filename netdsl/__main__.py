@@ -1,0 +1,5 @@
+import sys
+
+from netdsl.cli import main
+
+sys.exit(main())

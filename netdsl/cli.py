@@ -1,0 +1,127 @@
+"""The `netdsl` command: thin wrappers over the same functions a Python user calls."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import traceback
+from importlib import resources
+from pathlib import Path
+
+from netdsl import __version__
+from netdsl.errors import NetError
+from netdsl.frontend import load_graph
+from netdsl.validate import DTYPE_BYTES
+
+DEFAULT_NET = "alexnet.net"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad flags as netdsl errors (exit status 1) instead of exiting with 2."""
+
+    def error(self, message: str):
+        raise NetError(message, where=self.prog, hint=f"see `{self.prog} --help`")
+
+
+def _memory_size(text: str) -> int:
+    match = _SIZE.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 16GiB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return int(text)
+
+
+def default_net() -> Path:
+    """The AlexNet that ships with netdsl (the `nets/` folder of the source tree)."""
+    source_tree = Path(__file__).resolve().parent.parent / "nets" / DEFAULT_NET
+    if source_tree.is_file():
+        return source_tree
+    return Path(str(resources.files("netdsl.nets").joinpath(DEFAULT_NET)))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="netdsl", description="Describe convolutional networks as text; check, inspect and compile them."
+    )
+    parser.add_argument("--version", action="version", version=f"netdsl {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="colour error messages")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def net_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("net", nargs="?", type=Path, help=f"a .net file (default: the bundled {DEFAULT_NET})")
+        sub.add_argument("--batch", type=_positive, default=1, help="images per batch, for the memory check")
+        sub.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="fp32", help="element type, for memory")
+        sub.add_argument(
+            "--memory-limit",
+            type=_memory_size,
+            metavar="SIZE",
+            help="memory per device, e.g. 16GiB (default: the net's own `device ... memory`)",
+        )
+        return sub
+
+    net_command("check", "parse and validate a net; silent on success")
+    net_command("info", "print each layer's type, device, shape, parameters and cost, with totals")
+    graph = net_command("graph", "draw the net with Graphviz: devices as clusters, shapes on edges")
+    graph.add_argument("-o", "--output", type=Path, required=True, help="out.dot, or .svg/.png/.pdf via `dot`")
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 0
+    path = args.net or default_net()
+    graph = load_graph(path, batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit)
+    if args.command == "info":
+        from netdsl.info import info_table
+
+        print(info_table(graph))
+    elif args.command == "graph":
+        from netdsl.dot import write_graph
+
+        write_graph(graph, args.output)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    color = "--color=always" in argv or ("--color=never" not in argv and sys.stderr.isatty())
+    try:
+        return run(argv)
+    except NetError as error:
+        if debug:
+            traceback.print_exc()
+        print(error.format(color=color), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("netdsl: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""User-facing errors: a location in a `.net` file, what is wrong, and a hint.
+
+Every mistake a user can make is raised as a `NetError`. The CLI prints it with `format()` and exits
+with status 1; nothing else in netdsl prints tracebacks to users.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Span:
+    """A region of a source file; lines and columns count from 1, `end_col` is exclusive."""
+
+    file: str
+    line: int
+    col: int
+    end_line: int = 0
+    end_col: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One step of a block expansion: the block's name and the span of the call that expanded it."""
+
+    block: str
+    call: Span
+
+
+_TEXTS: dict[str, str] = {}
+
+
+class Sources:
+    """The text of every file read in this process, so errors can quote the offending line."""
+
+    @staticmethod
+    def remember(file: str, text: str) -> None:
+        _TEXTS[file] = text
+
+    @staticmethod
+    def line(file: str, line: int) -> str | None:
+        text = _TEXTS.get(file)
+        if text is None:
+            try:
+                text = Path(file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                return None
+        lines = text.splitlines()
+        if 1 <= line <= len(lines):
+            return lines[line - 1].expandtabs(4)
+        return None
+
+
+@dataclass
+class NetError(Exception):
+    """A mistake in a net, its file or its options, reported to the user without a traceback."""
+
+    message: str
+    span: Span | None = None
+    hint: str | None = None
+    trace: tuple[Frame, ...] = ()
+    notes: list[tuple[Span, str]] = field(default_factory=list)
+    where: str | None = None  # a file or flag to blame when there is no span
+
+    def __str__(self) -> str:
+        return self.format(color=False)
+
+    def format(self, color: bool = False) -> str:
+        red, bold, blue, reset = ("\033[31m", "\033[1m", "\033[34m", "\033[0m") if color else ("",) * 4
+        head = str(self.span) if self.span else (self.where or "netdsl")
+        out = [f"{bold}{head}: {red}error:{reset}{bold} {self.message}{reset}"]
+        if self.span:
+            out += _quote(self.span, blue, reset)
+        for frame in reversed(self.trace):
+            out.append(f"  in block `{frame.block}`, used at {frame.call}:")
+            out += _quote(frame.call, blue, reset)
+        for span, text in self.notes:
+            out.append(f"{span}: note: {text}")
+            out += _quote(span, blue, reset)
+        if self.hint:
+            out.append(f"{blue}hint:{reset} {self.hint}")
+        return "\n".join(out)
+
+
+def _quote(span: Span, blue: str, reset: str) -> list[str]:
+    text = Sources.line(span.file, span.line)
+    if text is None:
+        return []
+    width = 1
+    if span.end_line == span.line and span.end_col > span.col:
+        width = span.end_col - span.col
+    elif span.end_line > span.line:
+        width = max(1, len(text) - span.col + 1)
+    gutter = f"{span.line:>5} | "
+    pad = " " * (len(gutter) - 2) + "| "
+    return [f"{blue}{gutter}{reset}{text}", f"{blue}{pad}{reset}{' ' * (span.col - 1)}{'^' * width}"]
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
+    """A hint naming the closest of `choices` to a misspelled `word`, or None."""
+    close = difflib.get_close_matches(word, sorted(set(choices)), n=1, cutoff=0.6)
+    return f"did you mean `{close[0]}`?" if close else None

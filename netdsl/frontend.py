@@ -1,0 +1,33 @@
+"""The front end in one call: read a `.net` file and return its checked, shaped layer graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import networkx as nx
+
+from netdsl.build import build
+from netdsl.parse import parse_file, parse_text
+from netdsl.shapes import infer_shapes
+from netdsl.validate import check_memory
+
+
+def load_graph(path: str | Path, *, batch: int = 1, dtype: str = "fp32", memory_limit: int | None = None) -> nx.DiGraph:
+    """Parse, build and shape-check a `.net` file. Raises `NetError` for any mistake in it."""
+    return _checked(build(parse_file(path)), batch, dtype, memory_limit)
+
+
+def graph_from_text(text: str, file: str = "<string>", **options) -> nx.DiGraph:
+    """Like `load_graph`, for source text held in memory (includes resolve relative to `file`)."""
+    return _checked(
+        build(parse_text(text, file)),
+        options.get("batch", 1),
+        options.get("dtype", "fp32"),
+        options.get("memory_limit"),
+    )
+
+
+def _checked(graph: nx.DiGraph, batch: int, dtype: str, memory_limit: int | None) -> nx.DiGraph:
+    infer_shapes(graph)
+    check_memory(graph, batch, dtype, memory_limit)
+    return graph

@@ -1,0 +1,346 @@
+"""The layer registry: for each op kind its parameters, shape rule and cost rules.
+
+Adding a layer type means adding one `OpSpec` to `OPS` (and, in later stages, a reference implementation
+and an emitter found by the same name). Shapes are per image: `(C, H, W)` for feature maps and `(N,)` for
+flat vectors; the batch is chosen at run time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Shape = tuple[int, ...]
+REQUIRED = object()
+
+
+class ParamError(Exception):
+    """A parameter value is invalid; the builder adds the location."""
+
+    def __init__(self, message: str, hint: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+        self.param = param
+
+
+class ShapeError(Exception):
+    """A layer cannot be applied to its input shapes; the shape pass adds the location."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class Param:
+    """One layer parameter. `kind` is int, float, bool, pair (n or (h, w)) or pad (a pair or `same`)."""
+
+    name: str
+    kind: str
+    default: object = REQUIRED
+    minimum: float | None = None
+    maximum: float | None = None
+    below_maximum: bool = False  # maximum is exclusive
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    doc: str
+    params: tuple[Param, ...] = ()
+    positional: tuple[str, ...] = ()  # parameters that may be given by position, after the inputs
+    inputs: str = "one"  # "one": several inputs are concatenated on channels; "many": concat, add
+    shape: Callable[[dict, list[Shape]], Shape] = field(default=lambda p, ins: ins[0])
+    weights: Callable[[dict, Shape], dict[str, Shape]] = field(default=lambda p, x: {})
+    buffers: Callable[[dict, Shape], dict[str, Shape]] = field(default=lambda p, x: {})
+    macs: Callable[[dict, Shape, Shape], int] = field(default=lambda p, x, y: 0)
+    normalize: Callable[[dict], dict] = field(default=lambda p: p)
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+# --- helpers used by the shape rules --------------------------------------------------------------
+
+
+def _fmt(shape: Shape) -> str:
+    return " x ".join(str(d) for d in shape)
+
+
+def _need_map(op: str, shape: Shape) -> tuple[int, int, int]:
+    if len(shape) != 3:
+        raise ShapeError(
+            f"{op} needs a C x H x W feature map, but its input is a flat vector of {shape[0]}",
+            hint="put spatial layers (conv, pooling, lrn) before fc and flatten",
+        )
+    return shape
+
+
+def _window_out(size: int, kernel: int, stride: int, pad: int, dilation: int = 1, ceil: bool = False) -> int:
+    """Output length of a sliding window: the floor rule, or the ceil rule of Caffe pooling."""
+    span = dilation * (kernel - 1) + 1
+    room = size + 2 * pad - span
+    if room < 0:
+        return 0
+    if not ceil:
+        return room // stride + 1
+    out = -(-room // stride) + 1
+    if (out - 1) * stride >= size + pad:  # the last window must start inside the input or left pad
+        out -= 1
+    return out
+
+
+def _spatial(op: str, x: Shape, kernel, stride, pad, dilation=(1, 1), ceil=False) -> tuple[int, int]:
+    _c, h, w = _need_map(op, x)
+    out = tuple(
+        _window_out(n, k, s, p, d, ceil) for n, k, s, p, d in zip((h, w), kernel, stride, pad, dilation, strict=False)
+    )
+    if min(out) <= 0:
+        eff = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation, strict=False))
+        raise ShapeError(
+            f"the {eff[0]}x{eff[1]} window (with padding {pad[0]}x{pad[1]}) does not fit the {_fmt(x)} input",
+            hint="use a smaller kernel, more padding, or a larger input",
+        )
+    return out
+
+
+def _pair(value) -> tuple[int, int]:
+    return value if isinstance(value, tuple) else (value, value)
+
+
+# --- the op kinds ---------------------------------------------------------------------------------
+
+
+def _conv_normalize(p: dict) -> dict:
+    p = dict(p)
+    for key in ("size", "stride", "dilation"):
+        p[key] = _pair(p[key])
+    if p["pad"] == "same":
+        if p["stride"] != (1, 1):
+            raise ParamError("pad=same needs stride 1", "give the padding explicitly, e.g. pad=2", "pad")
+        spans = [d * (k - 1) for k, d in zip(p["size"], p["dilation"], strict=False)]
+        if any(n % 2 for n in spans):
+            raise ParamError("pad=same needs an odd kernel size", "give the padding explicitly", "pad")
+        p["pad"] = (spans[0] // 2, spans[1] // 2)
+    elif p["pad"] == "valid":
+        p["pad"] = (0, 0)
+    else:
+        p["pad"] = _pair(p["pad"])
+    if p["filters"] % p["groups"]:
+        raise ParamError(
+            f"{p['filters']} filters cannot be split into {p['groups']} groups",
+            "filters must be a multiple of groups",
+            "groups",
+        )
+    return p
+
+
+def _conv_shape(p: dict, ins: list[Shape]) -> Shape:
+    c = _need_map("conv", ins[0])[0]
+    if c % p["groups"]:
+        raise ShapeError(
+            f"{c} input channels cannot be split into {p['groups']} groups",
+            hint="the input channels must be a multiple of groups",
+        )
+    return (p["filters"], *_spatial("conv", ins[0], p["size"], p["stride"], p["pad"], p["dilation"]))
+
+
+def _conv_weights(p: dict, x: Shape) -> dict[str, Shape]:
+    weights = {"weight": (p["filters"], x[0] // p["groups"], *p["size"])}
+    if p["bias"]:
+        weights["bias"] = (p["filters"],)
+    return weights
+
+
+def _conv_macs(p: dict, x: Shape, y: Shape) -> int:
+    return math.prod(y) * (x[0] // p["groups"]) * p["size"][0] * p["size"][1]
+
+
+def _fc_shape(p: dict, ins: list[Shape]) -> Shape:
+    if math.prod(ins[0]) == 0:
+        raise ShapeError(f"fc has nothing to read: its input {_fmt(ins[0])} is empty")
+    return (p["units"],)
+
+
+def _fc_weights(p: dict, x: Shape) -> dict[str, Shape]:
+    weights = {"weight": (p["units"], math.prod(x))}
+    if p["bias"]:
+        weights["bias"] = (p["units"],)
+    return weights
+
+
+def _pool_normalize(p: dict) -> dict:
+    p = dict(p)
+    p["size"] = _pair(p["size"])
+    p["stride"] = p["size"] if p["stride"] is None else _pair(p["stride"])
+    p["pad"] = _pair(p["pad"])
+    if any(2 * pad > k for pad, k in zip(p["pad"], p["size"], strict=False)):
+        raise ParamError("pooling padding must be at most half the window", "use pad <= size / 2", "pad")
+    return p
+
+
+def _pool_shape(op: str) -> Callable[[dict, list[Shape]], Shape]:
+    def rule(p: dict, ins: list[Shape]) -> Shape:
+        return (ins[0][0], *_spatial(op, ins[0], p["size"], p["stride"], p["pad"], ceil=p["ceil"]))
+
+    return rule
+
+
+def _lrn_shape(p: dict, ins: list[Shape]) -> Shape:
+    _need_map("lrn", ins[0])
+    return ins[0]
+
+
+def _global_pool_shape(p: dict, ins: list[Shape]) -> Shape:
+    return (_need_map("global_avgpool", ins[0])[0], 1, 1)
+
+
+def _same_spatial(op: str, ins: list[Shape]) -> None:
+    if len({len(s) for s in ins}) > 1 or len({s[1:] for s in ins}) > 1:
+        listed = ", ".join(_fmt(s) for s in ins)
+        raise ShapeError(
+            f"{op} needs inputs of the same spatial size, got {listed}",
+            hint="pool or pad the inputs to one size before joining them",
+        )
+
+
+def concat_channels(ins: list[Shape]) -> Shape:
+    """The shape of inputs joined on channels (what several inputs to one layer mean)."""
+    if len(ins) == 1:
+        return ins[0]
+    _same_spatial("joining several inputs", ins)
+    return (sum(s[0] for s in ins), *ins[0][1:])
+
+
+def _concat_shape(p: dict, ins: list[Shape]) -> Shape:
+    _same_spatial("concat", ins)
+    return concat_channels(ins)
+
+
+def _add_shape(p: dict, ins: list[Shape]) -> Shape:
+    if len(set(ins)) > 1:
+        raise ShapeError(
+            f"add needs inputs of one shape, got {', '.join(_fmt(s) for s in ins)}",
+            hint="a 1x1 conv can match the channel counts",
+        )
+    return ins[0]
+
+
+def _channels(p: dict, x: Shape) -> dict[str, Shape]:
+    return {"weight": (x[0],), "bias": (x[0],)}
+
+
+def _stats(p: dict, x: Shape) -> dict[str, Shape]:
+    return {"running_mean": (x[0],), "running_var": (x[0],)}
+
+
+_PAIR_1 = dict(kind="pair", minimum=1)
+
+OPS: dict[str, OpSpec] = {
+    spec.name: spec
+    for spec in [
+        OpSpec(
+            "conv",
+            "2-D convolution (cross-correlation, as in every framework)",
+            params=(
+                Param("filters", "int", minimum=1, doc="output channels"),
+                Param("size", default=REQUIRED, doc="kernel size, n or (h, w)", **_PAIR_1),
+                Param("stride", default=1, doc="step between windows", **_PAIR_1),
+                Param("pad", "pad", 0, minimum=0, doc="zeros added on each side, n, (h, w), `same` or `valid`"),
+                Param("dilation", default=1, doc="spacing between kernel taps", **_PAIR_1),
+                Param("groups", "int", 1, minimum=1, doc="channel groups (each filter sees channels/groups)"),
+                Param("bias", "bool", True, doc="add a learned bias per filter"),
+            ),
+            positional=("filters", "size"),
+            shape=_conv_shape,
+            weights=_conv_weights,
+            macs=_conv_macs,
+            normalize=_conv_normalize,
+        ),
+        OpSpec(
+            "fc",
+            "fully connected layer; flattens its input (channel-major) first",
+            params=(
+                Param("units", "int", minimum=1, doc="output features"),
+                Param("bias", "bool", True, doc="add a learned bias per unit"),
+            ),
+            positional=("units",),
+            shape=_fc_shape,
+            weights=_fc_weights,
+            macs=lambda p, x, y: math.prod(x) * p["units"],
+        ),
+        OpSpec("relu", "max(x, 0)"),
+        OpSpec(
+            "leaky_relu",
+            "x for x > 0, slope * x otherwise",
+            params=(Param("slope", "float", 0.01, minimum=0, doc="slope for negative inputs"),),
+            positional=("slope",),
+        ),
+        OpSpec(
+            "lrn",
+            "local response normalization across channels, as in the AlexNet paper: "
+            "b_c = a_c / (k + alpha * sum of a_j^2 over the `size` channels around c) ^ beta "
+            "(alpha is NOT divided by size; the window is clipped at the first and last channel)",
+            params=(
+                Param("size", "int", 5, minimum=1, doc="channels in the window (n)"),
+                Param("alpha", "float", 1e-4, minimum=0, doc="scale of the sum of squares (not divided by size)"),
+                Param("beta", "float", 0.75, minimum=0, doc="exponent"),
+                Param("k", "float", 2.0, minimum=0, doc="additive constant"),
+            ),
+            positional=("size",),
+            shape=_lrn_shape,
+        ),
+        OpSpec(
+            "maxpool",
+            "max over sliding windows",
+            params=(
+                Param("size", default=REQUIRED, doc="window, n or (h, w)", **_PAIR_1),
+                Param("stride", default=None, doc="step between windows (default: size)", **_PAIR_1),
+                Param("pad", "pair", 0, minimum=0, doc="padding on each side (never wins the max)"),
+                Param("ceil", "bool", False, doc="round the output size up (Caffe pooling) instead of down"),
+            ),
+            positional=("size",),
+            shape=_pool_shape("maxpool"),
+            normalize=_pool_normalize,
+        ),
+        OpSpec(
+            "avgpool",
+            "mean over sliding windows",
+            params=(
+                Param("size", default=REQUIRED, doc="window, n or (h, w)", **_PAIR_1),
+                Param("stride", default=None, doc="step between windows (default: size)", **_PAIR_1),
+                Param("pad", "pair", 0, minimum=0, doc="zero padding on each side"),
+                Param("ceil", "bool", False, doc="round the output size up instead of down"),
+                Param("count_pad", "bool", True, doc="count padded zeros in the divisor"),
+            ),
+            positional=("size",),
+            shape=_pool_shape("avgpool"),
+            normalize=_pool_normalize,
+        ),
+        OpSpec("global_avgpool", "mean over each whole channel: C x H x W -> C x 1 x 1", shape=_global_pool_shape),
+        OpSpec(
+            "dropout",
+            "drops units while training; the identity at inference",
+            params=(Param("rate", "float", 0.5, minimum=0, maximum=1, below_maximum=True, doc="drop probability"),),
+            positional=("rate",),
+        ),
+        OpSpec("softmax", "exp(x) / sum(exp(x)) over channels (over the features of a flat vector)"),
+        OpSpec("concat", "joins its inputs on channels", inputs="many", shape=_concat_shape),
+        OpSpec("add", "element-wise sum of inputs of one shape", inputs="many", shape=_add_shape),
+        OpSpec(
+            "batchnorm",
+            "per-channel (x - mean) / sqrt(var + eps) * weight + bias with running statistics",
+            params=(Param("eps", "float", 1e-5, minimum=0, doc="added to the variance"),),
+            weights=_channels,
+            buffers=_stats,
+        ),
+        OpSpec(
+            "flatten", "C x H x W -> a flat vector of C*H*W (channel-major)", shape=lambda p, ins: (math.prod(ins[0]),)
+        ),
+    ]
+}
+
+# Layers whose outputs are "neurons" in the paper's sense (they carry weights).
+NEURON_OPS = frozenset({"conv", "fc"})
