@@ -24,6 +24,7 @@ def to_dot(graph: nx.DiGraph) -> str:
     lines = [
         f"digraph {_quote(graph.graph['name'])} {{",
         "  rankdir=TB;",
+        '  graph [fontname="Helvetica"];',
         '  node [shape=box, style="rounded,filled", fillcolor="#f4f4f4", fontname="Helvetica", fontsize=10];',
         '  edge [fontname="Helvetica", fontsize=9, color="#555555"];',
     ]
