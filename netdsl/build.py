@@ -341,7 +341,10 @@ class Builder:
     def _RepeatStmt(self, stmt: s.RepeatStmt, ctx: Context) -> None:
         count = self._int(stmt.count, ctx, "a repeat count", 0, MAX_REPEAT)
         for i in range(1, count + 1):
-            self.run_all(stmt.body, replace(ctx, repeat=(*ctx.repeat, i)))
+            inner = replace(ctx, repeat=(*ctx.repeat, i))
+            if stmt.index is not None:
+                self._bind(stmt.index.name, i, stmt.index.span, inner)
+            self.run_all(stmt.body, inner)
 
     # --- chains -----------------------------------------------------------------------------
 
@@ -355,16 +358,25 @@ class Builder:
         elif head.args is None and self._is_tensor_name(head.name, ctx):
             current = self._tensor_ref(s.Name(head.name, head.span), ctx)
             elements.pop(0)
-        parts = _part_names([e.name for e in elements]) if len(elements) > 1 else [None] * len(elements)
-        for element, part in zip(elements, parts, strict=False):
+        for index, element in enumerate(elements):
             if isinstance(element, (s.AllRef, s.TowerRef)):
                 raise NetError(
                     "only the first element of a chain can name its input",
                     element.span,
                     hint="`a | b` feeds a into b; to read another tensor, start a new chain",
                 )
+            part = self._part_name(name, element.name, ctx) if index else None
             current = self._apply(element, current, name, part, ctx, device)
         return current
+
+    def _part_name(self, name: str, written: str, ctx: Context) -> str:
+        """The first layer of a chain is named `name`; each later one `name.<what it is>`, numbered
+        (`name.relu_2`) where that is taken, so adding `| relu` never renames the layers before it."""
+        part, number = written, 1
+        while ctx.qualify(name, part) in self.layers:
+            number += 1
+            part = f"{written}_{number}"
+        return part
 
     def _is_tensor_name(self, name: str, ctx: Context) -> bool:
         value = ctx.scope.lookup(name)
@@ -939,16 +951,6 @@ def _example(spec: OpSpec) -> str:
         "avgpool": "avgpool(x, 2)",
     }
     return "e.g. " + examples.get(spec.name, f"{spec.name}(x)")
-
-
-def _part_names(names: list[str]) -> list[str]:
-    """Names of a chain's layers: what each element is called, numbered where one repeats."""
-    counts: dict[str, int] = {}
-    parts = []
-    for name in names:
-        counts[name] = counts.get(name, 0) + 1
-        parts.append(name if counts[name] == 1 else f"{name}_{counts[name]}")
-    return parts
 
 
 def _identifier(text: str) -> str:

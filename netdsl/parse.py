@@ -237,7 +237,8 @@ class _ToSyntax(Transformer):
         return s.BlockStmt(str(c[0]), tuple(self._name(t) for t in c[1:-1]), c[-1], self._sp(meta))
 
     def repeat_stmt(self, meta, c):
-        return s.RepeatStmt(c[0], c[1], self._sp(meta))
+        index = self._name(c[1]) if len(c) == 3 else None
+        return s.RepeatStmt(c[0], index, c[-1], self._sp(meta))
 
     def placement(self, meta, c):
         return self._name(c[0])

@@ -166,6 +166,7 @@ class BlockStmt:
 @dataclass(frozen=True)
 class RepeatStmt:
     count: Expr
+    index: Name | None  # `repeat n as i`: i counts 1..n
     body: tuple[Stmt, ...]
     span: Span
 

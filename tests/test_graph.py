@@ -21,7 +21,7 @@ def test_alexnet_dot_has_one_cluster_per_device_and_marks_crossings():
     crossing = [line for line in dot.splitlines() if "->" in line and "style=dashed" in line]
     expected = sum(1 for u, v in graph.edges if graph.nodes[u]["layer"].device != graph.nodes[v]["layer"].device)
     assert len(crossing) == expected > 0
-    assert '"conv2.maxpool@gpu1" -> "conv3.conv@gpu0"' in dot
+    assert '"conv2.maxpool@gpu1" -> "conv3@gpu0"' in dot
     assert 'label="128 x 13 x 13  gpu1->gpu0"' in dot  # the shape travels on the edge
 
 
@@ -29,7 +29,7 @@ def test_dot_output_is_deterministic_and_escapes_names(tmp_path):
     text = "net q\ninput x: 3 x 8 x 8\ny = conv(x, 4, size=3) | relu\n"
     graph = graph_from_text(text, file=str(tmp_path / "q.net"))
     assert to_dot(graph) == to_dot(graph_from_text(text, file=str(tmp_path / "q.net")))
-    assert '"y.conv" -> "y.relu" [label="4 x 6 x 6"]' in to_dot(graph)
+    assert '"y" -> "y.relu" [label="4 x 6 x 6"]' in to_dot(graph)
 
 
 def test_graph_command_writes_dot(tmp_path, capsys):

@@ -99,7 +99,7 @@ def test_vgg16_params_by_hand():
 
 
 def _conv1_neurons(graph) -> int:
-    return sum(layer_stats(l).neurons for l in layers(graph) if l.op == "conv" and l.name.startswith("conv1."))
+    return sum(layer_stats(l).neurons for l in layers(graph) if l.op == "conv" and l.name.split("@")[0] == "conv1")
 
 
 @pytest.mark.parametrize("name", ["alexnet.net", "alexnet_1gpu.net"])
@@ -110,18 +110,18 @@ def test_alexnet_conv1_neurons(name):
 def test_alexnet_shapes():
     graph = _load("alexnet.net")
     for tower in ("gpu0", "gpu1"):
-        assert layer(graph, f"conv1.conv@{tower}").shape == (48, 55, 55)
+        assert layer(graph, f"conv1@{tower}").shape == (48, 55, 55)
         assert layer(graph, f"conv1.maxpool@{tower}").shape == (48, 27, 27)
-        assert layer(graph, f"conv2.conv@{tower}").shape == (128, 27, 27)
+        assert layer(graph, f"conv2@{tower}").shape == (128, 27, 27)
         assert layer(graph, f"conv2.maxpool@{tower}").shape == (128, 13, 13)
-        assert layer(graph, f"conv3.conv@{tower}").shape == (192, 13, 13)
-        assert layer(graph, f"conv4.conv@{tower}").shape == (192, 13, 13)
-        assert layer(graph, f"conv5.conv@{tower}").shape == (128, 13, 13)
+        assert layer(graph, f"conv3@{tower}").shape == (192, 13, 13)
+        assert layer(graph, f"conv4@{tower}").shape == (192, 13, 13)
+        assert layer(graph, f"conv5@{tower}").shape == (128, 13, 13)
         assert layer(graph, f"conv5.maxpool@{tower}").shape == (128, 6, 6)
-        assert layer(graph, f"fc6.fc@{tower}").shape == (2048,)
+        assert layer(graph, f"fc6@{tower}").shape == (2048,)
         # conv3 and fc6 read both towers: all of conv2 (256 maps) and of conv5 (256 x 6 x 6).
-        assert layer(graph, f"conv3.conv@{tower}").input_shape == (256, 13, 13)
-        assert layer(graph, f"fc6.fc@{tower}").input_shape == (256, 6, 6)
+        assert layer(graph, f"conv3@{tower}").input_shape == (256, 13, 13)
+        assert layer(graph, f"fc6@{tower}").input_shape == (256, 6, 6)
     assert layer(graph, "fc8").shape == (1000,)
     assert layer(graph, "prob").shape == (1000,)
 
@@ -129,23 +129,23 @@ def test_alexnet_shapes():
 def test_alexnet_1gpu_shapes():
     graph = _load("alexnet_1gpu.net")
     expected = {
-        "conv1.conv": (96, 55, 55),
+        "conv1": (96, 55, 55),
         "conv1.maxpool": (96, 27, 27),
-        "conv2.conv": (256, 27, 27),
+        "conv2": (256, 27, 27),
         "conv2.maxpool": (256, 13, 13),
-        "conv3.conv": (384, 13, 13),
-        "conv4.conv": (384, 13, 13),
-        "conv5.conv": (256, 13, 13),
+        "conv3": (384, 13, 13),
+        "conv4": (384, 13, 13),
+        "conv5": (256, 13, 13),
         "conv5.maxpool": (256, 6, 6),
-        "fc6.fc": (4096,),
-        "fc7.fc": (4096,),
+        "fc6": (4096,),
+        "fc7": (4096,),
         "fc8": (1000,),
         "prob": (1000,),
     }
     for name, shape in expected.items():
         assert layer(graph, name).shape == shape, name
-    assert {layer(graph, n).params["groups"] for n in ("conv2.conv", "conv4.conv", "conv5.conv")} == {2}
-    assert {layer(graph, n).params["groups"] for n in ("conv1.conv", "conv3.conv")} == {1}
+    assert {layer(graph, n).params["groups"] for n in ("conv2", "conv4", "conv5")} == {2}
+    assert {layer(graph, n).params["groups"] for n in ("conv1", "conv3")} == {1}
     # The LRN is the paper's (k=2, n=5, alpha=1e-4 not divided by n, beta=0.75), over all channels here.
     norm = layer(graph, "conv1.norm")
     assert (norm.op, norm.input_shape[0]) == ("lrn", 96)
@@ -184,9 +184,9 @@ def test_vgg16_structure():
 
 def test_lenet5_shapes():
     graph = _load("lenet5.net")
-    assert layer(graph, "c1.conv").shape == (6, 28, 28)
+    assert layer(graph, "c1").shape == (6, 28, 28)
     assert layer(graph, "c1.maxpool").shape == (6, 14, 14)
-    assert layer(graph, "c3.conv").shape == (16, 10, 10)
+    assert layer(graph, "c3").shape == (16, 10, 10)
     assert layer(graph, "c3.maxpool").shape == (16, 5, 5)
     assert graph.graph["outputs"] == ["f7"]
     assert layer(graph, "f7").shape == (10,)
@@ -194,7 +194,7 @@ def test_lenet5_shapes():
 
 def test_simplenet_structure():
     graph = _load("simplenet.net")
-    assert [l.op for l in layers(graph) if l.name.startswith("s1.")] == ["conv", "batchnorm", "relu", "maxpool"]
+    assert [l.op for l in layers(graph) if l.name == "s1" or l.name.startswith("s1.")] == ["conv", "batchnorm", "relu", "maxpool"]
     assert layer(graph, "s4.maxpool").shape == (256, 4, 4)
     assert layer(graph, "prob").shape == (15,)
     assert math.prod(layer(graph, "logits.fc").input_shape) == 256 * 4 * 4
