@@ -1,0 +1,68 @@
+"""Inference-only simplifications of the layer graph.
+
+- dropout is the identity at inference: it disappears and its readers read its input;
+- batch norm right after a conv (the conv's only reader, on the same device) folds into the conv's
+  weights and bias: the conv records which batch norm it absorbed (`Layer.fields["folded"]`) and the
+  weights are folded when they are loaded.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from netdsl.ir import Layer, layer, layers
+
+
+def fold_inference(graph: nx.DiGraph) -> nx.DiGraph:
+    graph = _copy(graph)
+    for item in layers(graph):
+        if item.op == "dropout":
+            _bypass(graph, item)
+        elif item.op == "batchnorm":
+            (source,) = set(item.inputs) if len(set(item.inputs)) == 1 else (None,)
+            producer = layer(graph, source) if source else None
+            if (
+                producer is not None
+                and producer.op == "conv"
+                and producer.device == item.device
+                and graph.out_degree(producer.name) == 1
+                and producer.name not in graph.graph["outputs"]
+            ):
+                producer.fields.setdefault("folded", []).append(item.name)
+                _bypass(graph, item)
+    return graph
+
+
+def _bypass(graph: nx.DiGraph, item: Layer) -> None:
+    """Removes a one-input layer whose output equals its input, rewiring its readers."""
+    (source,) = item.inputs
+    for reader in list(graph.successors(item.name)):
+        target = layer(graph, reader)
+        target.inputs = [source if name == item.name else name for name in target.inputs]
+        graph.add_edge(source, reader)
+    graph.graph["outputs"] = [source if name == item.name else name for name in graph.graph["outputs"]]
+    graph.graph.setdefault("removed", {})[item.name] = source
+    graph.remove_node(item.name)
+
+
+def _copy(graph: nx.DiGraph) -> nx.DiGraph:
+    """A copy whose Layer records can be changed without touching the original graph."""
+    from copy import copy
+
+    result = nx.DiGraph()
+    result.graph.update({key: copy(value) for key, value in graph.graph.items()})
+    for name in graph.nodes:
+        original = layer(graph, name)
+        result.add_node(name, layer=_clone(original))
+    result.add_edges_from(graph.edges)
+    return result
+
+
+def _clone(item: Layer) -> Layer:
+    from dataclasses import replace
+
+    return replace(
+        item,
+        inputs=list(item.inputs),
+        fields={k: list(v) if isinstance(v, list) else v for k, v in item.fields.items()},
+    )
