@@ -7,6 +7,7 @@ import networkx as nx
 from netdsl.ir import Layer, layer, layers
 from netdsl.ops import OPS
 from netdsl.stats import Totals, layer_stats, totals
+from netdsl.tables import format_table
 from netdsl.validate import format_bytes
 
 
@@ -62,7 +63,7 @@ def info_table(graph: nx.DiGraph) -> str:
             )
         )
     lines = [f"net {graph.graph['name']}: {len(rows)} layers", ""]
-    lines += _table(header, rows, right={5, 6})
+    lines += format_table(header, rows, left={0, 1, 2, 3, 4, 7})
     overall, per_device = totals(graph)
     lines += ["", *_totals_table(graph, overall, per_device)]
     return "\n".join(lines)
@@ -88,21 +89,8 @@ def _totals_table(graph: nx.DiGraph, overall: Totals, per_device: dict[str, Tota
             format_bytes(4 * overall.activations),
         )
     )
-    lines = _table(header, rows, right={1, 2, 3, 4, 5})
+    lines = format_table(header, rows, left={0})
     lines.append(f"connections crossing devices: {crossing}")
     if overall.buffers:
         lines.append(f"stored statistics (not learned): {overall.buffers:,} values")
     return lines
-
-
-def _table(header, rows, right: set[int]) -> list[str]:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def fmt(row):
-        cells = [
-            str(c).rjust(w) if i in right else str(c).ljust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=False))
-        ]
-        return "  ".join(cells).rstrip()
-
-    return [fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)]
