@@ -150,7 +150,7 @@ def _step_name(group: list[Layer], kind: str, options: dict, taken: set[str]) ->
     what = [member.op for member in group]
     if kind in ("conv", "fc"):
         what = [kind] + (["bias"] if options.get("bias") else []) + [m.op for m in group[1:]]
-    name = _identifier(f"{base}_{group[0].device}_{'_'.join(what)}")
+    name = identifier(f"{base}_{group[0].device}_{'_'.join(what)}")
     unique, number = name, 1
     while unique in taken:
         number += 1
@@ -158,7 +158,7 @@ def _step_name(group: list[Layer], kind: str, options: dict, taken: set[str]) ->
     return unique
 
 
-def _identifier(text: str) -> str:
+def identifier(text: str) -> str:
     """A safe Python identifier made only of ASCII letters, digits and underscores."""
     text = re.sub(r"[^A-Za-z0-9_]+", "_", text).strip("_") or "step"
     return text if not text[0].isdigit() else f"k_{text}"

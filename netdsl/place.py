@@ -1,7 +1,8 @@
 """Placement: one partition per device, and an explicit transfer wherever a connection crosses devices.
 
 A step reading a tensor produced on another device reads a copy made by a `transfer` step on the
-reading device; one copy serves every reader on that device. A transfer waits for its producer (an
+reading device; one copy serves every reader on that device. An input read on several devices is
+uploaded to each of them instead. A transfer waits for its producer (an
 event on the source device); the readers wait for the transfer.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from netdsl.fuse import Step
+from netdsl.fuse import Step, identifier
 
 
 def place(program: nx.DiGraph) -> nx.DiGraph:
@@ -25,6 +26,18 @@ def place(program: nx.DiGraph) -> nx.DiGraph:
                 inputs.append(source_name)
                 continue
             key = (source_name, step.device)
+            if key not in copies and source.kind == "input":  # inputs are uploaded to every device reading them
+                replica = Step(
+                    identifier(f"{source.first.name}_{step.device}_input"),
+                    "input",
+                    source.layers,
+                    [],
+                    step.device,
+                    source.shape,
+                    {"replica_of": source_name},
+                )
+                copies[key] = replica.name
+                result.add_node(replica.name, step=replica)
             if key not in copies:
                 transfer = Step(
                     f"{source_name}_to_{step.device}",
