@@ -1,0 +1,213 @@
+"""Local response normalization across channels, alone or fused with the max-pool that follows it.
+
+The formula is the AlexNet paper's, with the sum of squares NOT divided by the window size:
+
+    b[c] = a[c] / (k + alpha * sum_{j = c - lo .. c + hi} a[j]^2) ^ beta,   lo = (n - 1) // 2, hi = n - 1 - lo,
+
+with the window clipped at channel 0 and C - 1 (the ONNX window; for an even n PyTorch's window sits one channel
+lower). PyTorch's and Caffe's alpha is this alpha times n. In a two-tower net each tower's LRN sees only its own
+channels: pass that tower's channel slice as `x`.
+
+The power is computed as a * exp2(-beta * log2(d)) with d = k + alpha * sum >= k. With k > 0 that is always finite.
+With k = 0 and a window of zeros, d = 0, log2(d) = -inf and the result is 0 * inf = NaN, as PyTorch's 0 / 0.
+
+Fused LRN + max-pool: a program instance owns a BLOCK_C x BLOCK_P tile of pooled outputs (channels x output
+pixels of one image). For each of the POOL_KH x POOL_KW window positions it loads the `size` neighbouring channels
+at that input pixel, forms the LRN value in registers and folds it into a running max, so the LRN output never goes
+to memory. LRN values under overlapping windows are recomputed: a 3x3 stride-2 pool computes each input pixel's
+LRN 9/4 = 2.25 times on average, and each of those reads `size` inputs (mostly cache hits). With POOL off the same
+kernel is plain LRN (a 1x1 window of stride 1).
+"""
+
+# ruff: noqa: N803, N806  (Triton convention: sizes and constexprs are upper case)
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .pool import SUPPORTED_DTYPES, check_output, check_pool_args, pair, pooled_size
+
+
+@triton.jit
+def lrn_pool_kernel(
+    x_ptr, out_ptr,
+    C, H, W, OH, OW,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_on, stride_oc, stride_oh, stride_ow,
+    alpha, beta, k,
+    pool_stride_h, pool_stride_w, pool_pad_h, pool_pad_w,
+    SIZE: tl.constexpr,  # LRN window, in channels
+    POOL: tl.constexpr,  # False: plain LRN, one output per input pixel
+    POOL_KH: tl.constexpr, POOL_KW: tl.constexpr,
+    RELU_FIRST: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    oh = offs_p // OW
+    ow = offs_p % OW
+    c_ok = offs_c < C
+    p_ok = offs_p < OH * OW
+    x_base = x_ptr + n * stride_xn
+
+    LO: tl.constexpr = (SIZE - 1) // 2
+    result = tl.full([BLOCK_C, BLOCK_P], float("-inf"), tl.float32)
+    # A loop, not unrolled: unrolling hoists all POOL_KH * POOL_KW * SIZE loads and spills on sm_90.
+    for q in range(POOL_KH * POOL_KW):
+        ih = oh * pool_stride_h - pool_pad_h + q // POOL_KW
+        iw = ow * pool_stride_w - pool_pad_w + q % POOL_KW
+        inside = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        pixel = ih * stride_xh + iw * stride_xw
+        sum_sq = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+        for j in tl.static_range(SIZE):
+            cj = offs_c + (j - LO)
+            mask = ((cj >= 0) & (cj < C))[:, None] & inside[None, :]
+            a = tl.load(x_base + cj[:, None] * stride_xc + pixel[None, :], mask=mask, other=0.0)
+            a = a.to(tl.float32)
+            if RELU_FIRST:
+                a = tl.maximum(a, 0.0)
+            if j == LO:
+                center = a
+            sum_sq += a * a
+        lrn = center * tl.exp2(-beta * tl.log2(k + alpha * sum_sq))
+        if POOL:
+            # Window positions outside the input (padding, ceil-mode overhang) never win.
+            lrn = tl.where(inside[None, :], lrn, float("-inf"))
+            result = tl.maximum(result, lrn, propagate_nan=tl.PropagateNan.ALL)
+        else:
+            result = lrn
+
+    out_ptrs = out_ptr + n * stride_on + offs_c[:, None] * stride_oc + (oh * stride_oh + ow * stride_ow)[None, :]
+    tl.store(out_ptrs, result, mask=c_ok[:, None] & p_ok[None, :])
+
+
+# Tiles of pooled outputs (channels x pixels), largest first; pick_config takes the first that still gives
+# enough program instances. Every config gives each thread 4 values of the tile: with 8 the fused kernel
+# needs about 120 registers on sm_90 (each of the SIZE loads carries a 64-bit address per value).
+CONFIGS = (
+    {"BLOCK_C": 16, "BLOCK_P": 64, "num_warps": 8},
+    {"BLOCK_C": 8, "BLOCK_P": 64, "num_warps": 4},
+    {"BLOCK_C": 8, "BLOCK_P": 32, "num_warps": 2},
+    {"BLOCK_C": 4, "BLOCK_P": 32, "num_warps": 1},
+)
+# Two waves over the 132 SMs of an H100: fewer program instances leave SMs idle.
+MIN_PROGRAMS = 264
+
+
+def pick_config(batch: int, channels: int, pixels: int) -> dict:
+    """Largest tile that still gives MIN_PROGRAMS program instances, else the smallest tile. A tile never holds
+    more channels than the tensor (rounded up to a power of two); the pixel side grows to keep its size."""
+    chosen = CONFIGS[-1]
+    for config in CONFIGS:
+        block_c = min(config["BLOCK_C"], triton.next_power_of_2(channels))
+        block_p = config["BLOCK_P"] * (config["BLOCK_C"] // block_c)
+        if batch * triton.cdiv(channels, block_c) * triton.cdiv(pixels, block_p) >= MIN_PROGRAMS:
+            chosen = config
+            break
+    block_c = min(chosen["BLOCK_C"], triton.next_power_of_2(channels))
+    block_p = min(chosen["BLOCK_P"] * (chosen["BLOCK_C"] // block_c), max(16, triton.next_power_of_2(pixels)))
+    return {"BLOCK_C": block_c, "BLOCK_P": block_p, "num_warps": chosen["num_warps"]}
+
+
+def check_lrn_args(x: torch.Tensor, size: int, alpha: float, k: float) -> None:
+    if x.dim() != 4 or x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"expected a 4-D float32/float16/bfloat16 NCHW tensor, got {x.dtype} {tuple(x.shape)}")
+    if size < 1:
+        raise ValueError(f"LRN size must be at least 1, got {size}")
+    if k < 0 or alpha < 0:
+        # Keeps the base of the power non-negative; k = 0 is allowed (see the module docstring).
+        raise ValueError(f"LRN needs k >= 0 and alpha >= 0, got k={k}, alpha={alpha}")
+
+
+def launch(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    size: int,
+    alpha: float,
+    beta: float,
+    k: float,
+    pool: bool,
+    window: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    relu_first: bool,
+    config: dict | None,
+) -> torch.Tensor:
+    n, c, h, w = x.shape
+    oh, ow = out.shape[2], out.shape[3]
+    if out.numel() == 0:
+        return out
+    config = {"num_warps": 4, **(config or pick_config(n, c, oh * ow))}
+    grid = (triton.cdiv(oh * ow, config["BLOCK_P"]), triton.cdiv(c, config["BLOCK_C"]), n)
+    lrn_pool_kernel[grid](
+        x, out,
+        c, h, w, oh, ow,
+        *x.stride(),
+        *out.stride(),
+        float(alpha), float(beta), float(k),
+        stride[0], stride[1], padding[0], padding[1],
+        SIZE=size,
+        POOL=pool,
+        POOL_KH=window[0], POOL_KW=window[1],
+        RELU_FIRST=relu_first,
+        BLOCK_C=config["BLOCK_C"], BLOCK_P=config["BLOCK_P"],
+        num_warps=config["num_warps"],
+    )  # fmt: skip
+    return out
+
+
+def lrn(
+    x: torch.Tensor,
+    size: int = 5,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    k: float = 2.0,
+    relu_first: bool = False,
+    out: torch.Tensor | None = None,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """The paper's LRN across the channels of an NCHW tensor (alpha not divided by size), optionally after a ReLU.
+
+    `config` ({"BLOCK_C", "BLOCK_P", "num_warps"}, powers of two) overrides `pick_config`."""
+    check_lrn_args(x, size, alpha, k)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    check_output(out, x, tuple(x.shape))
+    return launch(x, out, size, alpha, beta, k, False, (1, 1), (1, 1), (0, 0), relu_first, config)
+
+
+def lrn_maxpool(
+    x: torch.Tensor,
+    size: int,
+    alpha: float,
+    beta: float,
+    k: float,
+    pool_size: int | tuple[int, int],
+    pool_stride: int | tuple[int, int],
+    pool_padding: int | tuple[int, int] = (0, 0),
+    ceil_mode: bool = False,
+    relu_first: bool = False,
+    out: torch.Tensor | None = None,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """max_pool2d(lrn(x)) in one kernel, without writing the LRN output; pooling follows `pool.pool2d`'s rules."""
+    check_lrn_args(x, size, alpha, k)
+    window = pair(pool_size, "pool_size")
+    stride = pair(pool_stride, "pool_stride")
+    padding = pair(pool_padding, "pool_padding")
+    check_pool_args(window, stride, padding)
+    n, c, h, w = x.shape
+    oh = pooled_size(h, window[0], stride[0], padding[0], ceil_mode)
+    ow = pooled_size(w, window[1], stride[1], padding[1], ceil_mode)
+    if out is None:
+        out = torch.empty((n, c, oh, ow), device=x.device, dtype=x.dtype)
+    check_output(out, x, (n, c, oh, ow))
+    return launch(x, out, size, alpha, beta, k, True, window, stride, padding, relu_first, config)

@@ -1,0 +1,190 @@
+"""2-D max and average pooling over NCHW tensors, global average pooling included.
+
+One program instance computes BLOCK outputs taken from the flattened (n, c, oh, ow) index space, so small
+planes (13x13, 6x6) fill a block as well as large ones. Each output walks its KH x KW window in the input.
+
+Max pooling: positions outside the input (padding, or the overhang of a ceil-mode window) never win; a NaN in the
+window gives NaN, as in PyTorch.
+Average pooling follows PyTorch: with count_include_pad the divisor counts the padding but not the part of a
+ceil-mode window that hangs past the right/bottom padding; without it the divisor counts input positions only.
+Output sizes follow PyTorch's rule, ceil mode included (see `pooled_size`).
+"""
+
+# ruff: noqa: N803  (Triton convention: sizes and constexprs are upper case)
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def pool2d_kernel(
+    x_ptr, out_ptr,
+    C, H, W, OH, OW, total,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_on, stride_oc, stride_oh, stride_ow,
+    stride_h, stride_w, pad_h, pad_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    MODE: tl.constexpr,  # "max" or "avg"
+    COUNT_INCLUDE_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < total
+    ow = offs % OW
+    rest = offs // OW
+    oh = rest % OH
+    rest = rest // OH
+    c = rest % C
+    n = rest // C
+
+    h_start = oh * stride_h - pad_h
+    w_start = ow * stride_w - pad_w
+    x_base = x_ptr + n.to(tl.int64) * stride_xn + c * stride_xc
+
+    acc = tl.full([BLOCK], float("-inf") if MODE == "max" else 0.0, tl.float32)
+    for kh in range(KH):
+        ih = h_start + kh
+        row_ok = valid & (ih >= 0) & (ih < H)
+        for kw in range(KW):
+            iw = w_start + kw
+            inside = row_ok & (iw >= 0) & (iw < W)
+            ptrs = x_base + ih * stride_xh + iw * stride_xw
+            if MODE == "max":
+                v = tl.load(ptrs, mask=inside, other=float("-inf")).to(tl.float32)
+                acc = tl.maximum(acc, v, propagate_nan=tl.PropagateNan.ALL)
+            else:
+                acc += tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
+
+    if MODE == "avg":
+        if COUNT_INCLUDE_PAD:
+            # The window clipped to the padded input, as in PyTorch.
+            h_end = tl.minimum(h_start + KH, H + pad_h)
+            w_end = tl.minimum(w_start + KW, W + pad_w)
+        else:
+            h_end = tl.minimum(h_start + KH, H)
+            w_end = tl.minimum(w_start + KW, W)
+            h_start = tl.maximum(h_start, 0)
+            w_start = tl.maximum(w_start, 0)
+        count = (h_end - h_start) * (w_end - w_start)
+        acc = acc / count.to(tl.float32)
+
+    out_ptrs = out_ptr + n.to(tl.int64) * stride_on + c * stride_oc + oh * stride_oh + ow * stride_ow
+    tl.store(out_ptrs, acc, mask=valid)
+
+
+# (BLOCK, num_warps), largest first; pick_config takes the first that still gives enough program instances.
+# Every config gives each thread 4 outputs: the compiler issues all KH * KW loads of a window at once.
+CONFIGS = (
+    {"BLOCK": 1024, "num_warps": 8},
+    {"BLOCK": 512, "num_warps": 4},
+    {"BLOCK": 256, "num_warps": 2},
+    {"BLOCK": 128, "num_warps": 1},
+)
+# Two waves over the 132 SMs of an H100: fewer program instances leave SMs idle.
+MIN_PROGRAMS = 264
+
+
+def pick_config(total_outputs: int) -> dict:
+    """Largest block that still gives MIN_PROGRAMS program instances, else the smallest block."""
+    for config in CONFIGS:
+        if triton.cdiv(total_outputs, config["BLOCK"]) >= MIN_PROGRAMS:
+            return dict(config)
+    return dict(CONFIGS[-1])
+
+
+def pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
+    """An int or an (h, w) pair as an (h, w) pair of ints."""
+    if isinstance(value, int):
+        return value, value
+    if len(value) != 2:
+        raise ValueError(f"{name} must be an int or a pair, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def pooled_size(size: int, window: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """PyTorch's pooling output size: floor (or ceil) of the window count, and in ceil mode the last
+    window must start inside the input or the left padding."""
+    span = size + 2 * padding - window
+    if span < 0:
+        raise ValueError(f"pooling window {window} is larger than the padded input {size + 2 * padding}")
+    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def check_pool_args(window: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]) -> None:
+    if min(window) < 1 or min(stride) < 1 or min(padding) < 0:
+        raise ValueError(f"bad pooling window {window}, stride {stride} or padding {padding}")
+    if padding[0] > window[0] // 2 or padding[1] > window[1] // 2:
+        # Same limit as PyTorch: every window then holds at least one input position.
+        raise ValueError(f"padding {padding} must be at most half the pooling window {window}")
+
+
+def check_output(out: torch.Tensor, x: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"out must be a {x.dtype} tensor of shape {shape} on {x.device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+
+
+def pool2d(
+    x: torch.Tensor,
+    kind: str,
+    size: int | tuple[int, int],
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int] = (0, 0),
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    out: torch.Tensor | None = None,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Max ("max") or average ("avg") pooling of an NCHW tensor; `out` may be a channel slice of a larger buffer.
+
+    `config` ({"BLOCK": power of two, "num_warps"}) overrides `pick_config`."""
+    if kind not in ("max", "avg"):
+        raise ValueError(f"pooling kind must be 'max' or 'avg', got {kind!r}")
+    if x.dim() != 4 or x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"expected a 4-D float32/float16/bfloat16 NCHW tensor, got {x.dtype} {tuple(x.shape)}")
+    window, steps, pads = pair(size, "size"), pair(stride, "stride"), pair(padding, "padding")
+    check_pool_args(window, steps, pads)
+    n, c, h, w = x.shape
+    oh = pooled_size(h, window[0], steps[0], pads[0], ceil_mode)
+    ow = pooled_size(w, window[1], steps[1], pads[1], ceil_mode)
+    if out is None:
+        out = torch.empty((n, c, oh, ow), device=x.device, dtype=x.dtype)
+    check_output(out, x, (n, c, oh, ow))
+    total = n * c * oh * ow
+    if total == 0:
+        return out
+
+    config = {"num_warps": 4, **(config or pick_config(total))}
+    grid = (triton.cdiv(total, config["BLOCK"]),)
+    pool2d_kernel[grid](
+        x, out,
+        c, h, w, oh, ow, total,
+        *x.stride(),
+        *out.stride(),
+        steps[0], steps[1], pads[0], pads[1],
+        KH=window[0], KW=window[1],
+        MODE=kind,
+        COUNT_INCLUDE_PAD=count_include_pad,
+        BLOCK=config["BLOCK"],
+        num_warps=config["num_warps"],
+    )  # fmt: skip
+    return out
+
+
+def global_avg_pool2d(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Average over the whole H x W plane: N x C x H x W -> N x C x 1 x 1."""
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D NCHW tensor, got shape {tuple(x.shape)}")
+    plane = (x.shape[2], x.shape[3])
+    return pool2d(x, "avg", plane, plane, out=out)
