@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
             metavar="SIZE",
             help="memory per device, e.g. 16GiB (default: the net's own `device ... memory`)",
         )
+        # `main` looks for --debug anywhere in argv; accept it after the command too.
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sub
 
     net_command("check", "parse and validate a net; silent on success")
