@@ -25,6 +25,7 @@ from netdsl.parse import parse_file
 
 DEFAULT_DEVICE = "gpu0"
 MAX_REPEAT = 100_000
+MAX_LAYERS = 100_000  # so that nested `repeat`s fail in seconds instead of running for hours
 MAX_NUMBER = 10**18
 MAX_DIM = 2**31 - 1
 _UNITS = {
@@ -151,6 +152,7 @@ class Builder:
         self.default_device = DEFAULT_DEVICE
         self.net_name: str | None = None
         self.includes: list[Path] = []
+        self.inherits: set[str] = set()  # layers placed by the default rule: where their first input runs
 
     # --- entry point ------------------------------------------------------------------------
 
@@ -161,6 +163,7 @@ class Builder:
         self.run_all(module.statements, ctx)
         self._resolve_forwards()
         self._connect()
+        self._inherit_devices()
         self._resolve_outputs()
         graph = self.graph
         graph.graph["name"] = self.net_name or _identifier(Path(module.file).stem)
@@ -232,9 +235,27 @@ class Builder:
                 op, values = call.name, {}
             else:
                 raise self._unknown_layer(call, ctx)
-            values.update(self._collect(OPS[op], call.args or (), call.kwargs, ctx))
+            first = (call.args or (None,))[0]
+            if isinstance(first, (s.AllRef, s.TowerRef)) or (
+                isinstance(first, s.Name) and isinstance(ctx.scope.lookup(first.name), (Tensors, Towered))
+            ):
+                raise NetError(
+                    "a preset (`const`) only fills in parameters; it cannot read a layer's output",
+                    first.span,
+                    trace=ctx.trace,
+                    hint=f"to make a layer, leave out `const`: {stmt.name} = {call.name}(...)",
+                )
+            given = self._collect(OPS[op], call.args or (), call.kwargs, ctx)
+            # Evaluated here, so a preset's names mean what they meant where it was written.
+            values.update({key: s.Number(self._eval(expr, ctx), expr.span) for key, expr in given.items()})
             value = Preset(op, values, call.span)
-            self._params(OPS[op], values, ctx, call.span)  # report mistakes where the preset is written
+            spec = OPS[op]
+            # Report mistakes where the preset is written; required parameters may come at each use.
+            if all(p.name in values for p in spec.params if p.default is REQUIRED):
+                self._params(spec, values, ctx, call.span)
+            else:
+                for key, expr in values.items():
+                    self._param_value(spec, spec.param(key), expr, ctx)
         else:
             value = self._eval(stmt.value, ctx)
             if isinstance(value, Tensors):
@@ -409,6 +430,8 @@ class Builder:
         params = self._params(spec, {**base, **self._collect(spec, rest, call.kwargs, ctx)}, ctx, call.span)
         node_device = ctx.tower or device or self._device_of(inputs) or self.default_device
         node = self._add_layer(name, spec.name, params, list(inputs.nodes), node_device, call.span, ctx, part)
+        if not (ctx.tower or device):
+            self.inherits.add(node)
         return Tensors((node,))
 
     def _split_inputs(self, spec: OpSpec, call: s.Call, args, current: Tensors | None, ctx: Context):
@@ -524,6 +547,8 @@ class Builder:
     def _bind(self, name: str, value, span: Span, ctx: Context) -> None:
         if name in BUILTINS:
             raise NetError(f"`{name}` is a built-in word and cannot be redefined", span)
+        if name == "all":  # `all x` reads every tower's copy of x, so `all` alone could never be read
+            raise NetError("`all` is a reserved word and cannot be used as a name", span, hint="choose another name")
         if name in OPS and isinstance(value, (Preset, Block)):
             raise NetError(f"`{name}` is a built-in layer type and cannot be redefined", span)
         scope = ctx.scope
@@ -638,6 +663,14 @@ class Builder:
         )
 
     def _unknown_layer(self, call: s.Call, ctx: Context) -> NetError:
+        value = ctx.scope.lookup(call.name)
+        if value is not None and not isinstance(value, (Tensors, Towered)):
+            return NetError(
+                f"`{call.name}` is a constant, not a layer type",
+                call.span,
+                trace=ctx.trace,
+                hint="layer types, presets (`const p = conv(size=3)`) and blocks can be applied",
+            )
         scope_names = [n for n in ctx.scope.visible() if isinstance(ctx.scope.lookup(n), (Preset, Block))]
         hint = did_you_mean(call.name, list(OPS) + scope_names) or f"layer types: {', '.join(sorted(OPS))}"
         return NetError(f"unknown layer type `{call.name}`", call.span, hint=hint, trace=ctx.trace)
@@ -718,9 +751,26 @@ class Builder:
                 notes=[(first.span, "first defined here")],
                 hint="give each layer its own name (rebinding is allowed inside `repeat`)",
             )
+        if len(self.layers) >= MAX_LAYERS:
+            raise NetError(
+                f"the net has more than {MAX_LAYERS} layers",
+                span,
+                trace=ctx.trace,
+                hint="check the repeat counts: nested `repeat`s multiply",
+            )
         self.layers[node] = Layer(node, op, params, inputs, device, span, len(self.layers), ctx.trace, ctx.tower)
         self.graph.add_node(node, layer=self.layers[node])
         return node
+
+    def _inherit_devices(self) -> None:
+        """A layer read through a forward reference was not placed yet when its reader was made, so
+        the default rule (run where the first input runs) is applied again, in dependency order."""
+        if not self.forwards:
+            return
+        for node in nx.topological_sort(self.graph):
+            layer = self.layers[node]
+            if node in self.inherits and layer.inputs:
+                layer.device = self.layers[layer.inputs[0]].device
 
     def _device_of(self, inputs: Tensors) -> str | None:
         first = inputs.nodes[0] if inputs.nodes else None
@@ -745,7 +795,8 @@ class Builder:
             raise NetError(
                 f"device `{name.name}` is not declared",
                 name.span,
-                hint=did_you_mean(name.name, self.devices) or "declare it: device gpu0, gpu1",
+                hint=did_you_mean(name.name, self.devices)
+                or f"the declared devices are {', '.join(self.devices)}; add `device {name.name}` to use it",
             )
 
     def _used_devices(self) -> dict[str, Device]:
@@ -758,13 +809,13 @@ class Builder:
         """Matches positional and named arguments to `spec`'s parameters (values are checked later)."""
         if len(args) > len(spec.positional):
             extra = args[len(spec.positional)]
-            allowed = ", ".join(spec.positional) or "none"
-            raise NetError(
-                f"too many arguments to {spec.name}",
-                extra.span,
-                trace=ctx.trace,
-                hint=f"after its input, {spec.name} takes these by position: {allowed}; name the others: stride=2",
-            )
+            others = [p.name for p in spec.params if p.name not in spec.positional]
+            hint = f"after its input, {spec.name} takes these by position: {', '.join(spec.positional) or 'none'}"
+            if not spec.params:
+                hint = f"{spec.name} takes only its input"
+            elif others:
+                hint += f"; name the others: {others[0]}=..."
+            raise NetError(f"too many arguments to {spec.name}", extra.span, trace=ctx.trace, hint=hint)
         values = dict(zip(spec.positional, args, strict=False))
         for kwarg in kwargs:
             if spec.param(kwarg.name) is None:

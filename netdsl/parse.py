@@ -4,6 +4,7 @@ records of `netdsl.syntax` and Lark's exceptions into `NetError`s that point at 
 from __future__ import annotations
 
 import functools
+import math
 from importlib import resources
 from pathlib import Path
 
@@ -22,6 +23,7 @@ _TERMINAL_WORDS = {
     "PIPE": "`|`",
     "$END": "end of file",
 }
+_OPERATORS = frozenset({"`+`", "`-`", "`*`", "`/`", "`%`", "`**`", "`//`"})
 
 
 class _Continuations:
@@ -75,7 +77,7 @@ def parse_text(text: str, file: str = "<string>") -> s.Module:
     try:
         tree = _parser().parse(text)
     except UnexpectedInput as error:
-        raise _syntax_error(error, file) from None
+        raise _syntax_error(error, file, text) from None
     try:
         statements = _ToSyntax(file).transform(tree)
     except VisitError as error:
@@ -116,13 +118,16 @@ def _describe(terminal: str) -> str:
 
 
 def _expected(names: set[str]) -> str:
-    words = sorted({_describe(n) for n in names if not n.startswith("__")})
+    words = {_describe(n) for n in names if not n.startswith("__")}
+    if words - _OPERATORS:  # an operator is seldom what is missing; name the other choices
+        words -= _OPERATORS
+    words = sorted(words, key=lambda word: (word not in ("`)`", "`}`"), word))  # closers first
     if len(words) > 8:
         words = [*words[:8], "..."]
     return ", ".join(words)
 
 
-def _syntax_error(error: UnexpectedInput, file: str) -> NetError:
+def _syntax_error(error: UnexpectedInput, file: str, text: str = "") -> NetError:
     line, col = max(error.line, 1), max(error.column, 1)
     if isinstance(error, UnexpectedCharacters):
         char = error.char
@@ -136,17 +141,49 @@ def _syntax_error(error: UnexpectedInput, file: str) -> NetError:
         return NetError("unexpected end of file", Span(file, line, col), hint=f"expected {_expected(error.expected)}")
     assert isinstance(error, UnexpectedToken)
     token = error.token
+    before, expected = _context(text, token, error.expected)
     end_col = (token.end_column or col + 1) if token.end_line == token.line else col + 1
     span = Span(file, line, col, line, end_col)
     if token.type == "$END":
-        return NetError("unexpected end of file", span, hint=f"expected {_expected(error.expected)}")
+        return NetError("unexpected end of file", span, hint=f"expected {_expected(expected)}")
     what = "end of line" if token.type == "_NL" else f"`{token.value.strip()}`"
     if token.type == "PIPE":
         what = "`|`"
     message = f"unexpected {what}"
     if token.type == "NAME" and token.value in _keywords():
         message = f"`{token.value}` is a reserved word and cannot be used here"
-    return NetError(message, span, hint=f"expected {_expected(error.expected)}")
+    keyword = before[-1] if before and before[-1].type != "NAME" and before[-1].value in _keywords() else None
+    starts = len(before) == 1 or (len(before) > 1 and (before[-2].type == "_NL" or before[-2].value in (";", "{")))
+    if token.value == "=" and keyword is not None and starts:  # `repeat = ...`: a keyword where a name was meant
+        return NetError(
+            f"`{keyword.value}` is a reserved word and cannot be used as a name",
+            _token_span(file, keyword),
+            hint=f"choose another name, e.g. `{keyword.value}_1`",
+        )
+    return NetError(message, span, hint=f"expected {_expected(expected)}")
+
+
+def _context(text: str, token: Token, fallback: set[str]) -> tuple[list[Token], set[str]]:
+    """The tokens before `token`, and the terminals the parser could take in its place.
+
+    Lark's own `expected` set can be too wide (LALR shares states between rules, so it offers
+    `memory` inside a block's parameter list), so the text is parsed again up to `token`.
+    """
+    if not text:
+        return [], set(fallback)
+    interactive = _parser().parse_interactive(text)
+    before: list[Token] = []
+    try:
+        for seen in interactive.iter_parse():
+            if seen.type == token.type and seen.start_pos == token.start_pos:
+                break
+            before.append(seen)
+    except UnexpectedInput:
+        pass  # the lexer stopped at `token`, so the parser has not taken it
+    try:
+        return before, interactive.accepts() or set(fallback)
+    except UnexpectedInput:
+        return before, set(fallback)
 
 
 def _hint_for_char(char: str) -> str | None:
@@ -273,9 +310,13 @@ class _ToSyntax(Transformer):
     # expressions
     def number(self, meta, c):
         text = str(c[0]).replace("_", "")
-        if any(ch in text for ch in ".eE"):
-            return s.Number(float(text), self._sp(meta))
-        return s.Number(int(text), self._sp(meta))
+        try:
+            value = float(text) if any(ch in text for ch in ".eE") else int(text)
+        except ValueError:  # Python refuses to convert integers of more than 4300 digits
+            value = math.inf
+        if not math.isfinite(value):
+            raise NetError("number too large", self._sp(meta))
+        return s.Number(value, self._sp(meta))
 
     def name(self, meta, c):
         return s.Name(str(c[0]), self._sp(meta))
