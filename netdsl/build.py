@@ -79,6 +79,11 @@ class Towered:
     towers: tuple[str, ...]
     copies: dict[str, object]
     span: Span
+    outer: object = None  # what the name meant before a tower rebound it (inside `repeat`)
+
+    def view(self, tower: str | None):
+        """The value a plain name has in `tower`: its own copy, else the value it had before."""
+        return self.copies.get(tower, self.outer) if tower else None
 
 
 BUILTINS = {"true": True, "false": False, "same": Symbol("same"), "valid": Symbol("valid")}
@@ -120,6 +125,7 @@ class Context:
     trace: tuple[Frame, ...] = ()
     block: str | None = None
     top_file: bool = True  # the main file, not an include
+    device: str | None = None  # `on DEV` of the statement that expanded the current block
 
     def qualify(self, name: str, part: str | None = None) -> str:
         index = "".join(f"[{i}]" for i in self.repeat)
@@ -157,7 +163,7 @@ class Builder:
     # --- entry point ------------------------------------------------------------------------
 
     def build(self, module: s.Module) -> nx.DiGraph:
-        self.default_device = _first_device(module.statements) or DEFAULT_DEVICE
+        self.default_device = _first_device(module.statements, Path(module.file), set()) or DEFAULT_DEVICE
         self.includes.append(Path(module.file).resolve())
         ctx = Context(self.globals, module.file)
         self.run_all(module.statements, ctx)
@@ -165,6 +171,7 @@ class Builder:
         self._connect()
         self._inherit_devices()
         self._resolve_outputs()
+        self._check_declared_devices()
         graph = self.graph
         graph.graph["name"] = self.net_name or _identifier(Path(module.file).stem)
         graph.graph["inputs"] = self.inputs
@@ -267,7 +274,7 @@ class Builder:
         self._bind(stmt.name, value, stmt.span, ctx)
 
     def _AssignStmt(self, stmt: s.AssignStmt, ctx: Context) -> None:
-        device = self._placement(stmt.device, ctx)
+        device = self._placement(stmt.device, ctx) or ctx.device
         value = self._chain(stmt.name, stmt.chain, ctx, device)
         self._bind(stmt.name, value, stmt.span, ctx)
 
@@ -288,7 +295,12 @@ class Builder:
             error.notes.append((stmt.span, "included from here"))
             raise
         self.includes.append(path)
-        self.run_all(module.statements, replace(ctx, file=str(path), top_file=False))
+        try:
+            self.run_all(module.statements, replace(ctx, file=str(path), top_file=False))
+        except NetError as error:
+            if error.span is not None and error.span.file == str(path):
+                error.notes.append((stmt.span, "included from here"))
+            raise
         self.includes.pop()
 
     def _DeviceStmt(self, stmt: s.DeviceStmt, ctx: Context) -> None:
@@ -361,11 +373,17 @@ class Builder:
 
     def _RepeatStmt(self, stmt: s.RepeatStmt, ctx: Context) -> None:
         count = self._int(stmt.count, ctx, "a repeat count", 0, MAX_REPEAT)
+        index = stmt.index
+        if index is not None and (index.name in BUILTINS or ctx.scope.lookup(index.name) is not None):
+            raise NetError(
+                f"`{index.name}` is already defined", index.span, hint="the repeat counter needs a name of its own"
+            )
         for i in range(1, count + 1):
-            inner = replace(ctx, repeat=(*ctx.repeat, i))
-            if stmt.index is not None:
-                self._bind(stmt.index.name, i, stmt.index.span, inner)
-            self.run_all(stmt.body, inner)
+            if index is not None:
+                ctx.scope.names[index.name] = i  # visible in the body only: removed below
+            self.run_all(stmt.body, replace(ctx, repeat=(*ctx.repeat, i)))
+        if index is not None:
+            ctx.scope.names.pop(index.name, None)
 
     # --- chains -----------------------------------------------------------------------------
 
@@ -402,8 +420,8 @@ class Builder:
     def _is_tensor_name(self, name: str, ctx: Context) -> bool:
         value = ctx.scope.lookup(name)
         if isinstance(value, Towered):
-            value = value.copies.get(ctx.tower) if ctx.tower else value
-            return isinstance(value, (Tensors, Towered))
+            value = value.view(ctx.tower) if ctx.tower else value
+            return value is None or isinstance(value, (Tensors, Towered))
         return isinstance(value, Tensors) or (value is None and name not in OPS)
 
     def _apply(
@@ -411,7 +429,7 @@ class Builder:
     ) -> Tensors:
         target = ctx.scope.lookup(call.name)
         if isinstance(target, Towered) and ctx.tower:
-            target = target.copies.get(ctx.tower)
+            target = target.view(ctx.tower)
         if isinstance(target, Block):
             return self._expand_block(target.stmt, call, current, ctx.qualify(name, part), ctx, device)
         if isinstance(target, Preset):
@@ -526,6 +544,7 @@ class Builder:
             repeat=(),
             block=block.name,
             trace=(*ctx.trace, Frame(block.name, call.span)),
+            device=device,
         )
         body = list(block.body)
         result = body.pop() if body and isinstance(body[-1], s.ReturnStmt) else None
@@ -557,7 +576,7 @@ class Builder:
             if existing is None or not isinstance(existing, Towered):
                 if existing is not None and not ctx.repeat:
                     raise self._duplicate(name, span, scope)
-                existing = Towered(ctx.towers, {}, span)
+                existing = Towered(ctx.towers, {}, span, outer=existing)
                 scope.names[name] = existing
                 scope.spans[name] = span
             if ctx.tower in existing.copies and not ctx.repeat:
@@ -582,7 +601,7 @@ class Builder:
     def _tensor_ref(self, ref: s.Name | s.AllRef | s.TowerRef, ctx: Context, final: bool = False) -> Tensors:
         value = ctx.scope.lookup(ref.name)
         if value is None or (
-            isinstance(value, Towered) and ctx.tower and ctx.tower not in value.copies and isinstance(ref, s.Name)
+            isinstance(value, Towered) and isinstance(ref, s.Name) and ctx.tower and value.view(ctx.tower) is None
         ):
             if final:
                 raise self._undefined(ref.name, ref.span, ctx)
@@ -626,7 +645,7 @@ class Builder:
             return self._as_tensors(value.copies[ref.tower], ref, ctx)
         if isinstance(value, Towered):
             if ctx.tower:
-                return self._as_tensors(value.copies[ctx.tower], ref, ctx)
+                return self._as_tensors(value.view(ctx.tower), ref, ctx)
             towers = ", ".join(value.towers)
             raise NetError(
                 f"`{ref.name}` has one copy per tower ({towers}); say which to read",
@@ -799,6 +818,20 @@ class Builder:
                 or f"the declared devices are {', '.join(self.devices)}; add `device {name.name}` to use it",
             )
 
+    def _check_declared_devices(self) -> None:
+        """With `device` statements, every layer must run on a declared device (checked at the end,
+        since `on` may come before the declaration)."""
+        if not self.declared_devices:
+            return
+        for item in sorted(self.layers.values(), key=lambda layer: layer.order):
+            if item.device not in self.devices:
+                raise NetError(
+                    f"`{item.name}` runs on device `{item.device}`, which is not declared",
+                    item.span,
+                    trace=item.trace,
+                    hint=did_you_mean(item.device, self.devices) or f"declared: {', '.join(self.devices)}",
+                )
+
     def _used_devices(self) -> dict[str, Device]:
         devices: dict[str, Device] = {}
         for layer in sorted(self.layers.values(), key=lambda l: l.order):
@@ -901,11 +934,18 @@ class Builder:
         if isinstance(expr, s.Name):
             value = ctx.scope.lookup(expr.name)
             if isinstance(value, Towered) and ctx.tower:
-                value = value.copies.get(ctx.tower)
+                value = value.view(ctx.tower)
             if tensor_ok and (value is None or isinstance(value, (Tensors, Towered))):
                 return self._tensor_ref(expr, ctx)
             if value is None:
                 raise self._undefined(expr.name, expr.span, ctx)
+            if isinstance(value, Towered):
+                raise NetError(
+                    f"`{expr.name}` has one value per tower ({', '.join(value.towers)}), so it cannot be read here",
+                    expr.span,
+                    trace=ctx.trace,
+                    hint="define the constant outside the towers block",
+                )
             if isinstance(value, (Tensors, Towered)):
                 raise NetError(
                     f"`{expr.name}` is a layer's output, but a number is expected here", expr.span, trace=ctx.trace
@@ -1008,16 +1048,33 @@ def _identifier(text: str) -> str:
     return re.sub(r"\W", "_", text) or "net"
 
 
-def _first_device(statements) -> str | None:
-    """The first device the main file names (towers, `device`, or `on`): the default for inputs."""
+def _first_device(statements, file: Path, seen: set[Path]) -> str | None:
+    """The default device for inputs: the first declared one (`device`), else the first one named by
+    `towers` or `on`; included files count too."""
+    mentions = list(_device_mentions(statements, file, seen))
+    declared = [name for is_declaration, name in mentions if is_declaration]
+    return (declared or [name for _, name in mentions] or [None])[0]
+
+
+def _device_mentions(statements, file: Path, seen: set[Path]):
+    """(is_declaration, device name) for each device the statements name, in source order."""
     for stmt in statements:
         if isinstance(stmt, s.DeviceStmt):
-            return stmt.names[0].name
-        if isinstance(stmt, s.TowersStmt):
-            return stmt.towers[0].name
-        if isinstance(stmt, (s.AssignStmt, s.InputStmt)) and stmt.device is not None:
-            return stmt.device.name
-    return None
+            yield from ((True, name.name) for name in stmt.names)
+        elif isinstance(stmt, s.TowersStmt):
+            yield from ((False, name.name) for name in stmt.towers)
+        elif isinstance(stmt, (s.AssignStmt, s.InputStmt)) and stmt.device is not None:
+            yield False, stmt.device.name
+        elif isinstance(stmt, s.IncludeStmt):
+            path = (file.parent / stmt.path).resolve()
+            if path in seen or not path.is_file():
+                continue  # reported when the include runs
+            seen.add(path)
+            try:
+                included = parse_file(path).statements
+            except NetError:
+                continue
+            yield from _device_mentions(included, path, seen)
 
 
 def build(module: s.Module) -> nx.DiGraph:

@@ -107,10 +107,21 @@ def run(argv: list[str]) -> int:
     return 0
 
 
+def _wants_color(argv: list[str]) -> bool:
+    """--color as given (`--color=never` or `--color never`); read before parsing, which may fail."""
+    choice = "auto"
+    for i, arg in enumerate(argv):
+        if arg.startswith("--color="):
+            choice = arg.split("=", 1)[1]
+        elif arg == "--color" and i + 1 < len(argv):
+            choice = argv[i + 1]
+    return choice == "always" or (choice == "auto" and sys.stderr.isatty())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
-    color = "--color=always" in argv or ("--color=never" not in argv and sys.stderr.isatty())
+    color = _wants_color(argv)
     try:
         return run(argv)
     except NetError as error:

@@ -787,6 +787,10 @@ def test_color_always_marks_the_error(tmp_path, capsys):
     path.write_text(X + "y = cnov(x)\n")
     assert main(["--color=always", "check", str(path)]) == 1
     assert "\033[31merror:" in capsys.readouterr().err
+    assert main(["--color", "always", "check", str(path)]) == 1
+    assert "\033[31merror:" in capsys.readouterr().err
+    assert main(["--color", "never", "check", str(path)]) == 1
+    assert "\033[" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

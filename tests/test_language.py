@@ -878,3 +878,59 @@ def test_loaded_alexnet_is_consistent():
     assert shape(graph, "fc8") == (1000,)
     assert graph.graph["outputs"] == ["prob"]
     assert math.prod(shape(graph, "conv5.maxpool@gpu1")) == 128 * 6 * 6
+
+
+# --- placement and scoping corner cases -----------------------------------------------------------
+
+
+def test_on_places_every_layer_a_block_creates():
+    graph = build(
+        "device gpu0, gpu1\ninput x: 3 x 8 x 8\n"
+        "block b(v) { h = conv(v, 4, size=3) | relu\n return conv(h, 4, size=1) }\n"
+        "y = b(x) on gpu1\n"
+    )
+    assert {item.name: item.device for item in layers(graph) if item.op != "input"} == {
+        "y/h": "gpu1",
+        "y/h.relu": "gpu1",
+        "y": "gpu1",
+    }
+
+
+def test_default_device_comes_from_an_included_declaration(tmp_path):
+    (tmp_path / "devices.net").write_text("device a, b\n")
+    graph = build('include "devices.net"\ninput x: 4\ny = fc(x, 2)\n', file=str(tmp_path / "main.net"))
+    assert layer(graph, "x").device == "a" and layer(graph, "y").device == "a"
+
+
+def test_placement_before_the_device_declaration_is_still_checked():
+    from netdsl import NetError
+
+    with pytest.raises(NetError, match="`y` runs on device `gpu5`, which is not declared"):
+        build("input x: 4\ny = fc(x, 2) on gpu5\ndevice gpu0, gpu1\n")
+
+
+def test_towers_inside_repeat_read_the_outer_binding_first():
+    graph = build(
+        "input image: 2 x 4 x 4\nx = image\nrepeat 2 { towers g0, g1 { x = relu(x) } }\nout = concat(all x)\n"
+    )
+    assert layer(graph, "x[1]@g1").inputs == ["image"]
+    assert layer(graph, "x[2]@g1").inputs == ["x[1]@g1"]
+    assert layer(graph, "out").inputs == ["x[2]@g0", "x[2]@g1"]
+
+
+def test_repeat_counter_is_scoped_to_the_loop():
+    from netdsl import NetError
+
+    graph = build("input x: 4\nh = x\nrepeat 3 as i { h = fc(h, 8 * i) }\nout = fc(h, 2)\n")
+    assert [shape(graph, f"h[{i}]") for i in (1, 2, 3)] == [(8,), (16,), (24,)]
+    with pytest.raises(NetError, match="`i` is not defined"):
+        build("input x: 4\nrepeat 2 as i { h = fc(x, 8) }\nconst j = i\n")
+    with pytest.raises(NetError, match="`i` is already defined"):
+        build("const i = 3\ninput x: 4\nrepeat 2 as i { h = fc(x, 8) }\n")
+
+
+def test_constant_defined_per_tower_reports_its_towers():
+    from netdsl import NetError
+
+    with pytest.raises(NetError, match="has one value per tower"):
+        build("input x: 4\ntowers a, b { const n = 3 }\ny = fc(x, n)\n")

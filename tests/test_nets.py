@@ -194,7 +194,12 @@ def test_lenet5_shapes():
 
 def test_simplenet_structure():
     graph = _load("simplenet.net")
-    assert [l.op for l in layers(graph) if l.name == "s1" or l.name.startswith("s1.")] == ["conv", "batchnorm", "relu", "maxpool"]
+    assert [l.op for l in layers(graph) if l.name == "s1" or l.name.startswith("s1.")] == [
+        "conv",
+        "batchnorm",
+        "relu",
+        "maxpool",
+    ]
     assert layer(graph, "s4.maxpool").shape == (256, 4, 4)
     assert layer(graph, "prob").shape == (15,)
     assert math.prod(layer(graph, "logits.fc").input_shape) == 256 * 4 * 4
