@@ -84,6 +84,11 @@ class KernelResources:
     ptx: str = field(repr=False)
     sass: str | None = field(default=None, repr=False)
 
+    @property
+    def spills(self) -> int:
+        """Bytes spilled to local memory, stores and loads together."""
+        return self.spill_stores + self.spill_loads
+
 
 def compile_sm90(
     kernel: Any,
