@@ -104,6 +104,7 @@ def elementwise(
     activation: str = "none",
     slope: float = 0.01,
     out: torch.Tensor | None = None,
+    kernel=None,
 ) -> torch.Tensor:
     """`activation(op(x))` into `out` (allocated when None); `out` may be a strided view such as a channel slice."""
     if op not in OPS:
@@ -143,7 +144,7 @@ def elementwise(
     spatial = x.shape[2] * x.shape[3] if x.dim() == 4 else 1
     config = pick_config(channels, spatial)
     grid = (x.shape[0], triton.cdiv(channels, config.BLOCK_C), triton.cdiv(spatial, config.BLOCK_S))
-    elementwise_kernel[grid](
+    (kernel or elementwise_kernel)[grid](
         x,
         y,
         scale_arg,

@@ -138,6 +138,7 @@ def launch(
     padding: tuple[int, int],
     relu_first: bool,
     config: dict | None,
+    kernel=None,
 ) -> torch.Tensor:
     n, c, h, w = x.shape
     oh, ow = out.shape[2], out.shape[3]
@@ -145,7 +146,7 @@ def launch(
         return out
     config = {"num_warps": 4, **(config or pick_config(n, c, oh * ow))}
     grid = (triton.cdiv(oh * ow, config["BLOCK_P"]), triton.cdiv(c, config["BLOCK_C"]), n)
-    lrn_pool_kernel[grid](
+    (kernel or lrn_pool_kernel)[grid](
         x, out,
         c, h, w, oh, ow,
         *x.stride(),
@@ -172,6 +173,7 @@ def lrn(
     out: torch.Tensor | None = None,
     *,
     config: dict | None = None,
+    kernel=None,
 ) -> torch.Tensor:
     """The paper's LRN across the channels of an NCHW tensor (alpha not divided by size), optionally after a ReLU.
 
@@ -180,7 +182,7 @@ def lrn(
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     check_output(out, x, tuple(x.shape))
-    return launch(x, out, size, alpha, beta, k, False, (1, 1), (1, 1), (0, 0), relu_first, config)
+    return launch(x, out, size, alpha, beta, k, False, (1, 1), (1, 1), (0, 0), relu_first, config, kernel)
 
 
 def lrn_maxpool(
@@ -197,6 +199,7 @@ def lrn_maxpool(
     out: torch.Tensor | None = None,
     *,
     config: dict | None = None,
+    kernel=None,
 ) -> torch.Tensor:
     """max_pool2d(lrn(x)) in one kernel, without writing the LRN output; pooling follows `pool.pool2d`'s rules."""
     check_lrn_args(x, size, alpha, k)
@@ -210,4 +213,4 @@ def lrn_maxpool(
     if out is None:
         out = torch.empty((n, c, oh, ow), device=x.device, dtype=x.dtype)
     check_output(out, x, (n, c, oh, ow))
-    return launch(x, out, size, alpha, beta, k, True, window, stride, padding, relu_first, config)
+    return launch(x, out, size, alpha, beta, k, True, window, stride, padding, relu_first, config, kernel)

@@ -145,6 +145,7 @@ def pool2d(
     out: torch.Tensor | None = None,
     *,
     config: dict | None = None,
+    kernel=None,
 ) -> torch.Tensor:
     """Max ("max") or average ("avg") pooling of an NCHW tensor; `out` may be a channel slice of a larger buffer.
 
@@ -167,7 +168,7 @@ def pool2d(
 
     config = {"num_warps": 4, **(config or pick_config(total))}
     grid = (triton.cdiv(total, config["BLOCK"]),)
-    pool2d_kernel[grid](
+    (kernel or pool2d_kernel)[grid](
         x, out,
         c, h, w, oh, ow, total,
         *x.stride(),

@@ -93,7 +93,7 @@ def pick_config(channels: int, spatial: int) -> SoftmaxConfig:
     return next((config for config in maps if spatial <= config.BLOCK_S), maps[-1])
 
 
-def softmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def softmax(x: torch.Tensor, out: torch.Tensor | None = None, *, kernel=None) -> torch.Tensor:
     """Softmax of `x` ([N, F] or [N, C, H, W]) over dim 1; `out` may be a strided view, e.g. a channel slice."""
     if x.dim() not in (2, 4):
         raise ValueError(f"softmax takes [N, F] or [N, C, H, W], got shape {tuple(x.shape)}")
@@ -117,7 +117,7 @@ def softmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return out
     config = pick_config(c, s)
     grid = (n, triton.cdiv(s, config.BLOCK_S))
-    softmax_kernel[grid](
+    (kernel or softmax_kernel)[grid](
         x,
         out,
         c,
