@@ -1,0 +1,206 @@
+"""What each generated kernel launches with, found without a GPU, and what it costs on an H100.
+
+`record_launches` imports each file of a build's `kernels/` and calls its `launch` on `meta` tensors
+(shapes and dtypes, no data) with the kernel replaced by a recorder: the launcher's own code computes
+the grid, the arguments and the block configuration, exactly as it would on a GPU. From a recording,
+`sm90_requests` makes the `GPUTarget("cuda", 90, 32)` compile requests of `netdsl.codegen.target`, and
+`sm90_resources` compiles them, caching each result on disk under a hash of everything that can
+change it (the kernel's source, its specialization, the netdsl and Triton versions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import inspect
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from netdsl import __version__
+from netdsl.errors import NetError
+
+TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass
+class Launch:
+    step: str
+    grid: tuple[int, ...]
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int
+    num_stages: int
+    kernel: object  # the generated file's @triton.jit function
+    source: str  # the generated file's text
+
+
+class _Recorder:
+    """Stands in for a kernel: `kernel[grid](...)` records the launch instead of running it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, tuple, dict]] = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((grid, args, kwargs))
+
+        return launch
+
+
+def load_kernel_file(path: Path) -> ModuleType:
+    """Imports a generated kernel file under a private module name (its path may be anywhere)."""
+    name = "netdsl_generated_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # Triton's JIT looks the module up while it reads the kernel's source
+    spec.loader.exec_module(module)
+    return module
+
+
+def record_launches(kernel_files: list[Path], batch: int, dtype: str) -> list[Launch]:
+    launches = []
+    for path in kernel_files:
+        module = load_kernel_file(path)
+        kernel, recorder = module.KERNEL, _Recorder()
+        module.KERNEL = recorder
+        try:
+            dt = TORCH_DTYPES[dtype]
+            inputs = [torch.empty(batch, *shape, device="meta", dtype=dt) for shape in module.INPUT_SHAPES]
+            weights = {
+                name: torch.empty(shape, device="meta", dtype=dt) for name, shape in module.WEIGHT_SHAPES.items()
+            }
+            module.launch(inputs, weights)
+        finally:
+            module.KERNEL = kernel
+        source = path.read_text(encoding="utf-8")
+        for grid, args, kwargs in recorder.calls[:1]:  # one specialization per step (a concat repeats it)
+            launches.append(_launch(module.STEP, kernel, grid, args, kwargs, source))
+    return launches
+
+
+def _launch(step: str, kernel, grid, args: tuple, kwargs: dict, source: str) -> Launch:
+    fn = getattr(kernel, "fn", kernel)
+    parameters = list(inspect.signature(fn).parameters.values())
+    values = dict(zip([p.name for p in parameters], args))
+    values.update({key: value for key, value in kwargs.items() if key not in ("num_warps", "num_stages")})
+    signature: dict[str, str] = {}
+    constexprs: dict[str, object] = {}
+    for parameter in parameters:
+        value = values[parameter.name]
+        if (
+            "constexpr" in str(parameter.annotation)
+            or value is None
+            or (isinstance(value, int) and value == 1 and not isinstance(value, bool))
+        ):
+            signature[parameter.name] = "constexpr"  # Triton's launcher specializes None and 1 the same way
+            constexprs[parameter.name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[parameter.name] = "*" + _TRITON_TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[parameter.name] = "i1"
+        elif isinstance(value, int):
+            signature[parameter.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[parameter.name] = "fp32"
+        else:
+            raise TypeError(f"{step}: cannot describe argument {parameter.name}={value!r}")
+    if callable(grid):
+        grid = grid({**values, **kwargs})
+    return Launch(
+        step,
+        tuple(int(g) for g in grid),
+        signature,
+        constexprs,
+        int(kwargs.get("num_warps", 4)),
+        int(kwargs.get("num_stages", 3)),
+        kernel,
+        source,
+    )
+
+
+# --- sm_90 resources, cached ---------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    root = (
+        os.environ.get("NETDSL_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "netdsl"
+    )
+    return Path(root) / "sm90"
+
+
+def _cache_key(launch: Launch) -> str:
+    import triton
+
+    material = json.dumps(
+        {
+            "kernel": inspect.getsource(getattr(launch.kernel, "fn", launch.kernel)),
+            "signature": launch.signature,
+            "constexprs": {k: repr(v) for k, v in launch.constexprs.items()},
+            "warps": launch.num_warps,
+            "stages": launch.num_stages,
+            "netdsl": __version__,
+            "triton": triton.__version__,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+_FIELDS = ("name", "registers", "spill_stores", "spill_loads", "stack_bytes", "shared_bytes", "local_bytes", "mma")
+
+
+def _read_cache(path: Path) -> dict | None:
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # missing or corrupt: rebuilt below
+    return entry if isinstance(entry, dict) and all(key in entry for key in _FIELDS) else None
+
+
+def _write_cache(path: Path, entry: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
+        json.dump(entry, file)
+    os.replace(temporary, path)  # atomic: a concurrent reader sees the old entry or the new one
+
+
+def sm90_resources(launches: list[Launch], use_cache: bool = True) -> dict[str, dict]:
+    """Step name -> registers, spills, shared memory and tensor-core instructions on sm_90."""
+    from netdsl.codegen.target import CompileRequest, compile_sm90_many
+
+    results: dict[str, dict] = {}
+    missing: list[tuple[Launch, Path]] = []
+    for launch in launches:
+        path = cache_dir() / f"{_cache_key(launch)}.json"
+        entry = _read_cache(path) if use_cache else None
+        if entry is None:
+            missing.append((launch, path))
+        else:
+            results[launch.step] = entry
+    requests = [
+        CompileRequest(
+            launch.kernel, launch.signature, launch.constexprs, launch.num_warps, launch.num_stages, sass=True
+        )
+        for launch, _ in missing
+    ]
+    try:
+        compiled = compile_sm90_many(requests)
+    except Exception as error:  # a kernel that does not build for the H100 is a compiler bug worth showing
+        raise NetError(f"building the kernels for sm_90 failed: {error}", where="sm_90") from error
+    for (launch, path), resources in zip(missing, compiled):
+        entry = {key: value for key, value in asdict(resources).items() if key in _FIELDS}
+        entry["mma"] = list(entry["mma"])
+        results[launch.step] = entry
+        with contextlib.suppress(OSError):  # an unwritable cache only costs time
+            _write_cache(path, entry)
+    return results
