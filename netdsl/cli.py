@@ -12,6 +12,7 @@ from pathlib import Path
 from netdsl import __version__
 from netdsl.errors import NetError
 from netdsl.frontend import load_graph
+from netdsl.passes import PASS_NAMES, Options
 from netdsl.validate import DTYPE_BYTES
 
 DEFAULT_NET = "alexnet.net"
@@ -86,6 +87,15 @@ def _parser() -> argparse.ArgumentParser:
     net_command("info", "print each layer's type, device, shape, parameters and cost, with totals")
     graph = net_command("graph", "draw the net with Graphviz: devices as clusters, shapes on edges")
     graph.add_argument("-o", "--output", type=Path, required=True, help="out.dot, or .svg/.png/.pdf via `dot`")
+    build = net_command("compile", "fuse the net into Triton kernels: writes kernels/*.py, plan.json, report.txt")
+    build.add_argument("-o", "--output", type=Path, help="build directory (default: build/<net name>)")
+    build.add_argument("--dump-after", metavar="PASS", help=f"print the graph after a pass ({', '.join(PASS_NAMES)})")
+    build.add_argument(
+        "--no-sm90",
+        dest="sm90",
+        action="store_false",
+        help="skip building the kernels for the H100 (sm_90) and their resource report",
+    )
     return parser
 
 
@@ -95,6 +105,8 @@ def run(argv: list[str]) -> int:
         _parser().print_help()
         return 0
     path = args.net or default_net()
+    if args.command == "compile":
+        return _compile(path, args)
     graph = load_graph(path, batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit)
     if args.command == "info":
         from netdsl.info import info_table
@@ -104,6 +116,20 @@ def run(argv: list[str]) -> int:
         from netdsl.dot import write_graph
 
         write_graph(graph, args.output)
+    return 0
+
+
+def _compile(path: Path, args: argparse.Namespace) -> int:
+    from netdsl.compile import compile_net, write_build
+
+    options = Options(batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit)
+    compiled = compile_net(path, options, "tf32" if args.dtype == "tf32" else "ieee", args.dump_after)
+    if compiled.dump:
+        print(compiled.dump, end="")
+    out = args.output or Path("build") / compiled.program.graph["name"]
+    write_build(compiled, out, options, sm90=args.sm90)
+    print(compiled.report, end="")
+    print(f"wrote {out}/kernels ({len(compiled.kernels)} files), {out}/plan.json, {out}/report.txt")
     return 0
 
 

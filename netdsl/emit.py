@@ -198,7 +198,9 @@ def emit_step(program: nx.DiGraph, step: Step, input_precision: str = "ieee") ->
             weights.update(OPS[item.op].weights(item.params, item.input_shape))
             weights.update(OPS[item.op].buffers(item.params, item.input_shape))
         if item.op in ("conv", "fc"):
-            break  # the activation after it has no weights; a folded batch norm is folded at load time
+            if step.options.get("folded"):  # the folded batch norm's shift becomes the bias
+                weights["bias"] = (item.params["filters"],)
+            break  # the activation after it has no weights
     layers = [(item.op, {k: v for k, v in item.params.items()}) for item in step.layers]
     summary = " -> ".join(_safe(item.name) for item in step.layers)
     reads = ", ".join(" x ".join(map(str, s.shape)) for s in inputs)

@@ -92,7 +92,8 @@ def _only_reader(graph: nx.DiGraph, item: Layer, op: set[str]) -> Layer | None:
 
 def _match(graph: nx.DiGraph, item: Layer) -> tuple[list[Layer], str, dict]:
     if item.op in ("conv", "fc"):
-        group, options = [item], {"bias": item.params["bias"], "activation": "none"}
+        folded = bool(item.fields.get("folded"))  # a batch norm folded in brings a bias of its own
+        group, options = [item], {"bias": item.params["bias"] or folded, "folded": folded, "activation": "none"}
         act = _only_reader(graph, item, ACTIVATIONS)
         if act is not None:
             group.append(act)
@@ -149,7 +150,8 @@ def _step_name(group: list[Layer], kind: str, options: dict, taken: set[str]) ->
     base = group[0].name.split("@")[0]
     what = [member.op for member in group]
     if kind in ("conv", "fc"):
-        what = [kind] + (["bias"] if options.get("bias") else []) + [m.op for m in group[1:]]
+        what = [kind, *(["bn"] if options.get("folded") else []), *(["bias"] if options.get("bias") else [])]
+        what += [m.op for m in group[1:]]
     name = identifier(f"{base}_{group[0].device}_{'_'.join(what)}")
     unique, number = name, 1
     while unique in taken:

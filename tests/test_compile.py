@@ -1,0 +1,215 @@
+"""The compiler: passes, fusion rules, placement, memory planning, emission, determinism and safety."""
+
+import ast
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from netdsl import graph_from_text
+from netdsl.build import build
+from netdsl.cli import main
+from netdsl.compile import compile_net, write_build
+from netdsl.launches import _read_cache, _write_cache
+from netdsl.parse import parse_file, parse_text
+from netdsl.passes import PASS_NAMES, Options, run_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+NETS = sorted((ROOT / "nets").glob("*.net"))
+
+
+def program_of(path: Path, **options):
+    program, _ = run_pipeline(build(parse_file(path)), Options(**options))
+    return program
+
+
+def steps(program):
+    return [program.nodes[name]["step"] for names in program.graph["partitions"].values() for name in names]
+
+
+def test_pipeline_is_one_named_list():
+    assert PASS_NAMES == ["validate", "shapes", "limits", "fold", "fuse", "place", "plan_memory"]
+
+
+@pytest.mark.parametrize("name", PASS_NAMES)
+def test_dump_after_every_pass(name, capsys, tmp_path):
+    assert main(["compile", str(ROOT / "nets/lenet5.net"), "-o", str(tmp_path), "--no-sm90", "--dump-after", name]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# net lenet5")
+    if PASS_NAMES.index(name) >= PASS_NAMES.index("fuse"):
+        assert "conv(" in out and "@gpu0" in out
+    else:
+        assert "c1 = conv(image" in out
+
+
+def test_unknown_pass_is_a_user_error(capsys, tmp_path):
+    assert main(["compile", str(ROOT / "nets/lenet5.net"), "-o", str(tmp_path), "--dump-after", "fusion"]) == 1
+    err = capsys.readouterr().err
+    assert "--dump-after: error: unknown pass `fusion`" in err and "Traceback" not in err
+
+
+def test_alexnet_fuses_conv_relu_and_lrn_pool():
+    program = program_of(ROOT / "nets/alexnet.net")
+    kinds = [step.kind for step in steps(program)]
+    assert kinds.count("conv") == 10 and kinds.count("lrn_maxpool") == 4 and kinds.count("fc") == 5
+    assert "eltwise" not in kinds  # every ReLU is an epilogue
+    conv2 = program.nodes["conv2_gpu1_conv_bias_relu"]["step"]
+    assert [item.name for item in conv2.layers] == ["conv2@gpu1", "conv2.relu@gpu1"]
+    assert conv2.options["activation"] == "relu"
+    norm = program.nodes["conv1_norm_gpu0_lrn_maxpool"]["step"]
+    assert [item.op for item in norm.layers] == ["lrn", "maxpool"]
+
+
+def test_cross_device_reads_become_transfers_and_inputs_are_uploaded_everywhere():
+    program = program_of(ROOT / "nets/alexnet.net")
+    conv3 = program.nodes["conv3_gpu0_conv_bias_relu"]["step"]
+    assert conv3.inputs == ["conv2_norm_gpu0_lrn_maxpool", "conv2_norm_gpu1_lrn_maxpool_to_gpu0"]
+    transfer = program.nodes["conv2_norm_gpu1_lrn_maxpool_to_gpu0"]["step"]
+    assert transfer.kind == "transfer" and transfer.options["source_device"] == "gpu1"
+    assert program.nodes["image_gpu1_input"]["step"].kind == "input"
+    for u, v in program.edges:
+        a, b = program.nodes[u]["step"], program.nodes[v]["step"]
+        assert a.device == b.device or b.kind == "transfer"
+
+
+def test_dropout_disappears_and_batch_norm_folds_into_the_conv():
+    program = program_of(ROOT / "nets/simplenet.net")
+    covered = [item.op for step in steps(program) for item in step.layers]
+    assert "dropout" not in covered and "batchnorm" not in covered
+    s1 = next(step for step in steps(program) if step.first.name == "s1")
+    assert s1.name == "s1_gpu0_conv_bn_bias_relu" and s1.first.fields["folded"] == ["s1.batchnorm"]
+
+
+def test_batch_norm_stays_when_its_conv_has_other_readers():
+    graph = build(parse_text("input x: 3 x 8 x 8\na = conv(x, 4, size=3)\nb = batchnorm(a)\nc = add(a, b)\n", "t.net"))
+    program, _ = run_pipeline(graph, Options())
+    assert any(step.kind == "eltwise" and step.first.op == "batchnorm" for step in steps(program))
+
+
+def test_concat_read_only_by_a_conv_costs_no_kernel():
+    text = (
+        "input x: 3 x 8 x 8\na = conv(x, 4, size=1)\nb = conv(x, 4, size=1)\nc = concat(a, b)\nd = conv(c, 2, size=1)\n"
+    )
+    program, _ = run_pipeline(build(parse_text(text, "t.net")), Options())
+    assert [step.kind for step in steps(program)].count("concat") == 0
+    assert program.nodes["d_gpu0_conv_bias"]["step"].inputs == ["a_gpu0_conv_bias", "b_gpu0_conv_bias"]
+
+
+def test_concat_that_is_an_output_is_a_kernel():
+    text = "input x: 3 x 8 x 8\na = conv(x, 4, size=1)\nb = conv(x, 4, size=1)\nc = concat(a, b)\noutput c\n"
+    program, _ = run_pipeline(build(parse_text(text, "t.net")), Options())
+    assert [step.kind for step in steps(program)].count("concat") == 1
+
+
+@pytest.mark.parametrize("path", NETS, ids=lambda p: p.stem)
+def test_memory_plan_never_overlaps_live_buffers_and_reuses(path):
+    program = program_of(path)
+    buffers = program.graph["buffers"]
+    for device in program.graph["partitions"]:
+        mine = [b for b in buffers.values() if b.device == device]
+        for a, b in itertools.combinations(mine, 2):
+            if a.first <= b.last and b.first <= a.last:  # alive together
+                assert a.offset + a.size <= b.offset or b.offset + b.size <= a.offset, (a, b)
+        assert program.graph["arena"][device] <= program.graph["arena_without_reuse"][device]
+    if path.stem in ("alexnet", "vgg16"):
+        assert sum(program.graph["arena"].values()) < 0.7 * sum(program.graph["arena_without_reuse"].values())
+
+
+def test_report_compares_fused_and_unfused(tmp_path):
+    compiled = compile_net(ROOT / "nets/alexnet.net", Options(batch=128, dtype="bf16"))
+    report = compiled.report
+    assert "fused " in report and "unfused (one kernel per layer)" in report
+    saving = float(report.split("fusion saves ")[1].split("%")[0])
+    assert saving > 20  # LRN+pool fusion and ReLU epilogues remove whole passes over the activations
+    assert "gpu0: peak" in report and "without reuse" in report
+
+
+def test_compile_writes_kernels_plan_and_report(tmp_path):
+    compiled = compile_net(ROOT / "nets/alexnet.net", Options())
+    write_build(compiled, tmp_path)
+    files = sorted(p.name for p in (tmp_path / "kernels").glob("*.py"))
+    assert len(files) == 22 and "conv2_gpu1_conv_bias_relu.py" in files
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert set(plan["devices"]) == {"gpu0", "gpu1"}
+    launches = plan["devices"]["gpu0"]["launches"]
+    conv3 = next(entry for entry in launches if entry["step"] == "conv3_gpu0_conv_bias_relu")
+    assert conv3["kernel"] == "kernels/conv3_gpu0_conv_bias_relu.py"
+    assert conv3["inputs"] == ["conv2_norm_gpu0_lrn_maxpool", "conv2_norm_gpu1_lrn_maxpool_to_gpu0"]
+    copy = next(entry for entry in launches if entry["step"] == "conv2_norm_gpu1_lrn_maxpool_to_gpu0")
+    assert copy["kind"] == "transfer" and copy["wait"] == ["done:conv2_norm_gpu1_lrn_maxpool"]
+    producer = next(e for e in plan["devices"]["gpu1"]["launches"] if e["step"] == "conv2_norm_gpu1_lrn_maxpool")
+    assert producer["record"] == "done:conv2_norm_gpu1_lrn_maxpool"
+    assert plan["inputs"][0]["steps"] == {"gpu0": "image_gpu0_input", "gpu1": "image_gpu1_input"}
+    for source in compiled.kernels.values():
+        ast.parse(source)  # every file is valid Python
+
+
+def test_same_input_gives_byte_identical_output(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    write_build(compile_net(ROOT / "nets/vgg16.net", Options()), first)
+    write_build(compile_net(ROOT / "nets/vgg16.net", Options()), second)
+    names = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+HOSTILE = """
+net __import__
+input os: 3 x 8 x 8
+__import__ = conv(os, 4, size=3) | relu
+eval = maxpool(__import__, 2)
+exec = fc(eval, 3)
+"""
+
+
+def test_hostile_names_never_become_code(tmp_path):
+    weird = tmp_path / 'we"ird\\n\u00e9\u200b .net'
+    weird.write_text(HOSTILE)
+    compiled = compile_net(weird, Options())
+    for name, source in compiled.kernels.items():
+        assert name.isascii() and name.replace("_", "a").removesuffix(".py").isalnum()
+        tree = ast.parse(source)
+        calls = {
+            node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+        }
+        assert not calls & {"eval", "exec", "__import__", "compile"}
+        docstring = ast.get_docstring(tree)
+        assert '"' not in docstring and "\\" not in docstring
+        assert source.isascii()
+
+
+def test_unicode_names_are_rejected_by_the_grammar():
+    from netdsl import NetError
+
+    with pytest.raises(NetError):
+        graph_from_text("input x: 3\n\u00e9t\u00e9 = fc(x, 2)\n")
+
+
+def test_compile_cli_refuses_an_unwritable_output(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("not a directory")
+    assert main(["compile", str(ROOT / "nets/lenet5.net"), "-o", str(target), "--no-sm90"]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_cache_entries_are_atomic_and_corrupt_ones_are_ignored(tmp_path):
+    entry = {
+        "name": "k",
+        "registers": 40,
+        "spill_stores": 0,
+        "spill_loads": 0,
+        "stack_bytes": 0,
+        "shared_bytes": 0,
+        "local_bytes": 0,
+        "mma": [],
+    }
+    path = tmp_path / "cache" / "key.json"
+    _write_cache(path, entry)
+    assert _read_cache(path) == entry
+    assert not list(path.parent.glob(".*"))  # no temporary left behind
+    path.write_text('{"name": "k", "regis')  # a torn or corrupt entry
+    assert _read_cache(path) is None
+    path.write_text('{"name": "k"}')  # an entry from an older netdsl
+    assert _read_cache(path) is None
