@@ -1,0 +1,282 @@
+"""2-D convolution as an implicit GEMM on tensor cores, with bias and activation fused into the epilogue.
+
+For one group the GEMM rows are output pixels (M = N*OH*OW), its columns are the group's output
+channels and the reduction runs over K = (C_in/groups)*KH*KW, flattened as (c, kh, kw) so that even
+conv1's three input channels make a long reduction (K = 363) instead of 121 tiny ones. The patch
+matrix is never built: each K step gathers a BLOCK_K x BLOCK_M tile straight from the NCHW input.
+Decoding a pixel into (n, oh, ow), and into a bit mask of which filter taps fall inside the image,
+happens once per program; decoding k into (c, kh, kw) once per K step on a BLOCK_K vector. Per
+gathered element that leaves two shifts and two ands for the bounds test and one address add. The
+weight is read as a [C_out, K] matrix, a view of any contiguous NCHW weight. Filters are limited to
+KH + KW <= 31 (the tap mask is one int32).
+
+The input channels may come from two tensors (channel c < C0 reads x0, the rest x1), so AlexNet's
+conv3 reads both towers' conv2 outputs without a concatenated copy. Every tensor is addressed with
+explicit element strides: an input or the output may be a channel slice of a larger NCHW buffer.
+"""
+
+# ruff: noqa: N803, N806  (Triton convention: sizes and constexprs are upper case)
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def conv2d_kernel(
+    x0_ptr, x1_ptr, w_ptr, b_ptr, y_ptr,
+    BATCH, H, W, OH, OW,
+    C0, C_IN_G, C_OUT_G,
+    stride_x0n, stride_x0c, stride_x0h, stride_x0w,
+    stride_x1n, stride_x1c, stride_x1h, stride_x1w,
+    stride_wo, stride_wk,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
+    slope,
+    KH: tl.constexpr, KW: tl.constexpr,
+    NUM_INPUTS: tl.constexpr,  # 2: channels [0, C0) come from x0, the rest from x1
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # "none", "relu" or "leaky_relu"
+    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32"; ignored for 16-bit inputs
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    KHW: tl.constexpr = KH * KW
+    pid = tl.program_id(0)
+    group = tl.program_id(1)
+    # Neighbouring programs share a pixel tile, so the gathered input is reused from L2.
+    num_pid_n = tl.cdiv(C_OUT_G, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+
+    # Pixels (GEMM rows) are decoded once. The accumulator is the transposed product
+    # [channels, pixels], so the gathered input tile has pixels along its fast axis.
+    M = BATCH * OH * OW
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < C_OUT_G
+    ow = offs_m % OW
+    oh = (offs_m // OW) % OH
+    batch = offs_m // (OH * OW)
+    ih0 = oh * conv_stride_h - pad_h
+    iw0 = ow * conv_stride_w - pad_w
+    # Which filter taps of each pixel land inside the image: bit kh for its row, bit KH + kw for its
+    # column; pixels past M get none. This mask and the pixel's address are all the K loop keeps per pixel.
+    taps = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for tap_h in tl.static_range(KH):
+        ih = ih0 + tap_h * dil_h
+        taps |= ((ih >= 0) & (ih < H)).to(tl.int32) << tap_h
+    for tap_w in tl.static_range(KW):
+        iw = iw0 + tap_w * dil_w
+        taps |= ((iw >= 0) & (iw < W)).to(tl.int32) << (KH + tap_w)
+    taps = tl.where(mask_m, taps, 0)
+
+    out_channel = group * C_OUT_G + offs_n
+    w_rows = w_ptr + out_channel.to(tl.int64) * stride_wo
+
+    # This group's input channels [0, c_split) live in x0, [c_split, C_IN_G) in x1.
+    c_split = C_IN_G
+    if NUM_INPUTS == 2:
+        c_split = tl.minimum(tl.maximum(C0 - group * C_IN_G, 0), C_IN_G)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for source in tl.static_range(NUM_INPUTS):
+        if source == 0:
+            x_ptr = x0_ptr
+            stride_xn, stride_xc, stride_xh, stride_xw = stride_x0n, stride_x0c, stride_x0h, stride_x0w
+            c_begin = 0
+            c_end = c_split
+            first_channel = group * C_IN_G
+        else:
+            x_ptr = x1_ptr
+            stride_xn, stride_xc, stride_xh, stride_xw = stride_x1n, stride_x1c, stride_x1h, stride_x1w
+            c_begin = c_split
+            c_end = C_IN_G
+            first_channel = group * C_IN_G - C0
+        x_cols = x_ptr + batch.to(tl.int64) * stride_xn + ih0 * stride_xh + iw0 * stride_xw
+        k_end = c_end * KHW
+        for k_start in range(c_begin * KHW, k_end, BLOCK_K):
+            k = k_start + tl.arange(0, BLOCK_K)
+            mask_k = k < k_end
+            c = k // KHW
+            kh = (k % KHW) // KW
+            kw = k % KW
+            # k past this input's range tests bit 31, which no pixel has.
+            row_bit = tl.where(mask_k, kh, 31)
+            col_bit = KH + kw
+            inside = ((taps[None, :] >> row_bit[:, None]) & (taps[None, :] >> col_bit[:, None]) & 1) != 0
+            x_rows = (first_channel + c) * stride_xc + kh * dil_h * stride_xh + kw * dil_w * stride_xw
+            x = tl.load(x_cols[None, :] + x_rows[:, None], mask=inside, other=0.0)
+            w = tl.load(w_rows[:, None] + k[None, :] * stride_wk, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc = tl.dot(w, x, acc=acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + out_channel, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    if ACTIVATION == "relu":
+        acc = tl.maximum(acc, 0.0)
+    elif ACTIVATION == "leaky_relu":
+        acc = tl.where(acc > 0, acc, acc * slope)
+
+    y_cols = y_ptr + batch.to(tl.int64) * stride_yn + oh * stride_yh + ow * stride_yw
+    y_ptrs = y_cols[None, :] + (out_channel * stride_yc)[:, None]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+
+
+# Tile shapes: BLOCK_M output pixels by BLOCK_N output channels of one group. On Triton 3.9 all compile
+# for sm_90 without spills in fp32 (ieee and tf32), fp16 and bf16; tests/test_sm90_conv.py keeps it so.
+CONFIGS = [
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},  # wide layers
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},  # <= 64 channels per group
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},  # too few pixels to fill the GPU
+]
+
+ACTIVATIONS = ("none", "relu", "leaky_relu")
+INPUT_PRECISIONS = ("ieee", "tf32")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SM_COUNT = 132  # an H100 SXM; only decides when a tile is too big to fill the GPU
+# Triton 3.6 lays the gathered tile out with threads along K rather than along the pixels and needs far more
+# registers: there the square tile spills on every AlexNet layer and the half-width one does not. Before 3.9
+# (3.7 and 3.8 unmeasured) wide layers take the half-width tile.
+_SQUARE_TILE = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 9)
+
+
+def pick_config(M: int, N: int, K: int) -> dict:
+    """Block sizes for the implicit GEMM of one group: M pixels, N output channels, K = C_in/groups*KH*KW.
+
+    Groups with more than 64 channels take the square tile, narrower ones the half-width tile
+    (conv1's 48 channels per tower waste a quarter of a 64-wide tile rather than most of a 128-wide
+    one). When either would leave most streaming multiprocessors idle (small batches, 13 x 13 maps)
+    the small tile wins.
+    """
+    config = CONFIGS[0] if N > 64 and _SQUARE_TILE else CONFIGS[1]
+    tiles = triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"])
+    return config if tiles >= _SM_COUNT // 2 else CONFIGS[2]
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _check_inputs(inputs: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if not 1 <= len(inputs) <= 2:
+        raise ValueError(f"conv2d reads one or two input tensors, got {len(inputs)}")
+    first = inputs[0]
+    if first.dtype not in DTYPES:
+        raise TypeError(f"conv2d supports float32, float16 and bfloat16 inputs, got {first.dtype}")
+    for x in inputs:
+        if x.dim() != 4:
+            raise ValueError(f"conv2d inputs are N x C x H x W, got shape {tuple(x.shape)}")
+        if (x.shape[0], x.shape[2], x.shape[3]) != (first.shape[0], first.shape[2], first.shape[3]):
+            raise ValueError(f"conv2d inputs differ in batch or spatial size: {tuple(first.shape)} vs {tuple(x.shape)}")
+    for name, tensor in [*(("input", x) for x in inputs), ("weight", weight), ("bias", bias)]:
+        if tensor is None:
+            continue
+        if tensor.dtype != first.dtype:
+            raise TypeError(f"conv2d {name} is {tensor.dtype} but the input is {first.dtype}")
+        if tensor.device != first.device:
+            raise ValueError(f"conv2d {name} is on {tensor.device} but the input is on {first.device}")
+
+
+def conv2d(
+    inputs: list[torch.Tensor] | torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = (1, 1),
+    padding: int | tuple[int, int] = (0, 0),
+    dilation: int | tuple[int, int] = (1, 1),
+    groups: int = 1,
+    activation: str = "none",
+    slope: float = 0.01,
+    input_precision: str = "ieee",
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+    kernel=None,
+) -> torch.Tensor:
+    """activation(conv2d(concat(inputs, dim=1), weight) + bias), without materializing the concatenation.
+
+    `inputs` is one N x C x H x W tensor or two whose channels are read as if concatenated. `weight` is
+    C_out x (C_in/groups) x KH x KW. `out` may be any strided N x C_out x OH x OW view, such as a channel
+    slice of a larger buffer. `config` overrides `pick_config` (a dict of block sizes, num_warps, num_stages).
+    """
+    grid, arguments = conv2d_launch(
+        inputs, weight, bias, stride, padding, dilation, groups, activation, slope, input_precision, out, config
+    )
+    (kernel or conv2d_kernel)[grid](**arguments)  # `kernel`: a generated copy to run instead
+    return arguments["y_ptr"]
+
+
+def conv2d_launch(
+    inputs: list[torch.Tensor] | torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = (1, 1),
+    padding: int | tuple[int, int] = (0, 0),
+    dilation: int | tuple[int, int] = (1, 1),
+    groups: int = 1,
+    activation: str = "none",
+    slope: float = 0.01,
+    input_precision: str = "ieee",
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> tuple[tuple[int, int], dict[str, Any]]:
+    """Everything `conv2d` does but the launch: checks, allocates `out` and returns the grid and the
+    kernel's keyword arguments (launch options included). Works on "meta" tensors, which is how the
+    sm_90 compile test sees the exact specialization a real launch would get."""
+    inputs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    _check_inputs(inputs, weight, bias)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"unknown input precision {input_precision!r}; expected one of {INPUT_PRECISIONS}")
+    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = _pair(stride), _pair(padding), _pair(dilation)
+    if min(stride_h, stride_w, dil_h, dil_w) < 1 or min(pad_h, pad_w) < 0:
+        raise ValueError(f"conv2d needs stride, dilation >= 1 and padding >= 0; got {stride}, {dilation}, {padding}")
+
+    batch, _, height, width = inputs[0].shape
+    c_in = sum(x.shape[1] for x in inputs)
+    if weight.dim() != 4:
+        raise ValueError(f"conv2d weight is C_out x C_in/groups x KH x KW, got shape {tuple(weight.shape)}")
+    c_out, c_in_group, kh, kw = weight.shape
+    if groups < 1 or c_in % groups or c_out % groups or c_in_group != c_in // groups:
+        raise ValueError(f"conv2d weight {tuple(weight.shape)} does not fit {c_in} input channels in {groups} groups")
+    if kh + kw > 31:
+        raise ValueError(f"conv2d supports filters with KH + KW <= 31, got {kh} x {kw}")
+    if bias is not None and bias.shape != (c_out,):
+        raise ValueError(f"conv2d bias has shape {tuple(bias.shape)}, expected ({c_out},)")
+    out_h = (height + 2 * pad_h - dil_h * (kh - 1) - 1) // stride_h + 1
+    out_w = (width + 2 * pad_w - dil_w * (kw - 1) - 1) // stride_w + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"conv2d output would be empty: input {height} x {width}, kernel {kh} x {kw}")
+
+    out_shape = (batch, c_out, out_h, out_w)
+    if out is None:
+        out = torch.empty(out_shape, dtype=inputs[0].dtype, device=inputs[0].device)
+    elif out.shape != out_shape or out.dtype != inputs[0].dtype:
+        raise ValueError(f"conv2d out is {out.dtype} {tuple(out.shape)}, expected {inputs[0].dtype} {out_shape}")
+
+    c_out_group = c_out // groups
+    rows = batch * out_h * out_w
+    config = config or pick_config(rows, c_out_group, c_in_group * kh * kw)
+    x0, x1 = inputs[0], inputs[-1]
+    weight_rows = weight.reshape(c_out, c_in_group * kh * kw)  # K = (c, kh, kw): a view of any NCHW weight
+    grid = (triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(c_out_group, config["BLOCK_N"]), groups)
+    arguments = {
+        "x0_ptr": x0, "x1_ptr": x1, "w_ptr": weight_rows, "b_ptr": weight_rows if bias is None else bias, "y_ptr": out,
+        "BATCH": batch, "H": height, "W": width, "OH": out_h, "OW": out_w,
+        "C0": x0.shape[1], "C_IN_G": c_in_group, "C_OUT_G": c_out_group,
+        **_strides("x0", "nchw", x0), **_strides("x1", "nchw", x1),
+        **_strides("w", "ok", weight_rows), **_strides("y", "nchw", out),
+        "conv_stride_h": stride_h, "conv_stride_w": stride_w,
+        "pad_h": pad_h, "pad_w": pad_w, "dil_h": dil_h, "dil_w": dil_w,
+        "slope": slope,
+        "KH": kh, "KW": kw, "NUM_INPUTS": len(inputs),
+        "HAS_BIAS": bias is not None, "ACTIVATION": activation, "INPUT_PRECISION": input_precision,
+        **config,
+    }  # fmt: skip
+    return grid, arguments
+
+
+def _strides(name: str, axes: str, tensor: torch.Tensor) -> dict[str, int]:
+    return {f"stride_{name}{axis}": step for axis, step in zip(axes, tensor.stride(), strict=True)}
