@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from netdsl.codegen.conv import conv2d
 
 TOLERANCES = {

@@ -8,8 +8,9 @@ checked against the loop only.
 import numpy as np
 import pytest
 import torch
-from netdsl.codegen.lrn import lrn, lrn_maxpool
 from torch.nn.functional import local_response_norm, max_pool2d
+
+from netdsl.codegen.lrn import lrn, lrn_maxpool
 
 TOLERANCES = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-6},

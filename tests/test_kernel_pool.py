@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from netdsl.codegen.pool import global_avg_pool2d, pool2d, pooled_size
 from torch.nn.functional import avg_pool2d, max_pool2d
+
+from netdsl.codegen.pool import global_avg_pool2d, pool2d, pooled_size
 
 # Max pooling only moves values, so it is exact in every dtype; averages are summed in fp32 and rounded once.
 TOLERANCES = {

@@ -8,9 +8,10 @@ import zlib
 
 import pytest
 import torch
+from torch.nn import functional
+
 from netdsl.codegen import elementwise as ew
 from netdsl.codegen.softmax import softmax
-from torch.nn import functional
 
 TOLERANCES = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-6},

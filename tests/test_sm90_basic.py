@@ -6,6 +6,7 @@ go to `compile_sm90_many` at once, so that under the interpreter a single child 
 
 import pytest
 import torch
+
 from netdsl.codegen import elementwise, softmax
 from netdsl.codegen.target import (
     SM90_MAX_REGISTERS,

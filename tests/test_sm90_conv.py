@@ -18,6 +18,7 @@ from functools import cache
 
 import pytest
 import torch
+
 from netdsl.codegen import conv as conv_module
 from netdsl.codegen import fc as fc_module
 from netdsl.codegen.target import SM90_MAX_SHARED_BYTES, CompileRequest, compile_sm90_many, format_table

@@ -8,6 +8,7 @@ Run with `-s` to see the resource table.
 import inspect
 
 import pytest
+
 from netdsl.codegen import lrn as lrn_module
 from netdsl.codegen import pool as pool_module
 from netdsl.codegen.pool import pooled_size
