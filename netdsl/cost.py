@@ -65,7 +65,8 @@ def _weight_elements(item: Layer) -> int:
     return stats.params + stats.buffers
 
 
-def _peak(kind: str, dtype: str) -> float:
+def peak_flops(kind: str, dtype: str) -> float:
+    """The dense peak of the units a kernel of this kind runs on."""
     return TENSOR_CORE_FLOPS[dtype] if kind in MATMUL_KINDS else CUDA_CORE_FLOPS
 
 
@@ -73,7 +74,7 @@ def _cost(name: str, kind: str, device: str, flops: float, elements: float, dtyp
     nbytes = elements * DTYPE_BYTES[dtype]
     if kind == "transfer":
         return Cost(name, kind, device, 0.0, nbytes, nbytes / NVLINK_BYTES_PER_S, "link")
-    compute, memory = flops / _peak(kind, dtype), nbytes / HBM_BYTES_PER_S
+    compute, memory = flops / peak_flops(kind, dtype), nbytes / HBM_BYTES_PER_S
     return Cost(name, kind, device, flops, nbytes, max(compute, memory), "compute" if compute > memory else "memory")
 
 

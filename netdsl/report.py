@@ -3,17 +3,25 @@ with totals for the fused plan and for an unfused plan (one kernel per layer), a
 
 from __future__ import annotations
 
+import math
+
 import networkx as nx
 
-from netdsl.cost import Cost, fused_costs, unfused_costs
+from netdsl.cost import HBM_BYTES_PER_S, Cost, fused_costs, peak_flops, unfused_costs
 from netdsl.tables import format_table
 from netdsl.validate import DTYPE_BYTES, format_bytes
 
 
 def _row(cost: Cost) -> tuple[str, ...]:
     return (
-        cost.name, cost.kind, cost.device, f"{cost.flops / 1e6:,.1f}", f"{cost.bytes / 1e6:,.3f}",
-        f"{cost.intensity:,.1f}" if cost.bytes else "", f"{cost.seconds * 1e6:,.2f}", cost.bound,
+        cost.name,
+        cost.kind,
+        cost.device,
+        f"{cost.flops / 1e6:,.1f}",
+        f"{cost.bytes / 1e6:,.3f}",
+        f"{cost.intensity:,.1f}" if cost.bytes else "",
+        f"{cost.seconds * 1e6:,.2f}",
+        cost.bound,
     )
 
 
@@ -40,19 +48,64 @@ def cost_report(program: nx.DiGraph, layer_graph: nx.DiGraph, batch: int, dtype:
     transfers = [c for c in fused if c.kind == "transfer"]
     summary = [
         ("fused", str(kernels), f"{f_flops / 1e9:,.3f}", f"{f_bytes / 1e6:,.1f}", f"{f_time * 1e6:,.1f}"),
-        ("unfused (one kernel per layer)", str(len(unfused)), f"{u_flops / 1e9:,.3f}", f"{u_bytes / 1e6:,.1f}",
-         f"{u_time * 1e6:,.1f}"),
+        (
+            "unfused (one kernel per layer)",
+            str(len(unfused)),
+            f"{u_flops / 1e9:,.3f}",
+            f"{u_bytes / 1e6:,.1f}",
+            f"{u_time * 1e6:,.1f}",
+        ),
     ]
     lines += format_table(("plan", "kernels", "GFLOP", "MB moved", "floor us (sum)"), summary, left={0})
     if u_bytes:
-        lines.append(f"fusion saves {100 * (1 - f_bytes / u_bytes):.1f}% of the bytes and "
-                     f"{100 * (1 - f_time / u_time):.1f}% of the roofline time")
+        lines.append(
+            f"fusion saves {100 * (1 - f_bytes / u_bytes):.1f}% of the bytes and "
+            f"{100 * (1 - f_time / u_time):.1f}% of the roofline time"
+        )
     if transfers:
-        lines.append(f"transfers between devices: {len(transfers)}, {sum(c.bytes for c in transfers) / 1e6:,.3f} MB, "
-                     f"{sum(c.seconds for c in transfers) * 1e6:,.1f} us over NVLink")
+        lines.append(
+            f"transfers between devices: {len(transfers)}, {sum(c.bytes for c in transfers) / 1e6:,.3f} MB, "
+            f"{sum(c.seconds for c in transfers) * 1e6:,.1f} us over NVLink"
+        )
+    lines += _explored(program, fused, batch, dtype)
     lines += ["", "memory plan (activations, with buffer reuse vs one buffer per step):"]
     width = DTYPE_BYTES[dtype] * batch
     for device, elements in program.graph["arena"].items():
         naive = program.graph["arena_without_reuse"][device]
         lines.append(f"  {device}: peak {format_bytes(elements * width)}, without reuse {format_bytes(naive * width)}")
     return "\n".join(lines) + "\n"
+
+
+def _explored(program: nx.DiGraph, fused: list[Cost], batch: int, dtype: str) -> list[str]:
+    """What the cost model says of one kernel for conv + ReLU + LRN + max-pool, which is not emitted.
+
+    Such a kernel needs a tile holding every channel of the tower (48 or 128 in AlexNet, for the LRN
+    window) and a halo of conv outputs around each pooled tile (pooling windows overlap). It would save
+    writing the conv's output and reading it back; the estimate counts that and ignores the halo.
+    """
+    by_name = {cost.name: cost for cost in fused}
+    lines = []
+    for name in program.nodes:
+        step = program.nodes[name]["step"]
+        if step.kind != "lrn_maxpool" or len(step.inputs) != 1:
+            continue
+        conv = program.nodes[step.inputs[0]]["step"]
+        if conv.kind != "conv" or program.out_degree(conv.name) != 1:
+            continue
+        a, b = by_name[conv.name], by_name[step.name]
+        kept = 2 * math.prod(conv.shape) * batch * DTYPE_BYTES[dtype]  # written once, read once
+        nbytes = a.bytes + b.bytes - kept
+        compute = a.flops / peak_flops("conv", dtype) + b.flops / peak_flops("lrn_maxpool", dtype)
+        floor = max(compute, nbytes / HBM_BYTES_PER_S)
+        lines.append(
+            f"  {conv.name} + {step.name}: {nbytes / 1e6:,.1f} MB instead of {(a.bytes + b.bytes) / 1e6:,.1f},"
+            f" floor {floor * 1e6:,.2f} us instead of {(a.seconds + b.seconds) * 1e6:,.2f}"
+        )
+    if not lines:
+        return []
+    return [
+        "",
+        "explored, not emitted: conv + ReLU + LRN + max-pool in one kernel (a tile with every channel of a",
+        "tower and a pooling halo); the cost model's estimate for each conv whose output only the LRN reads:",
+        *lines,
+    ]

@@ -123,6 +123,8 @@ def test_report_compares_fused_and_unfused(tmp_path):
     saving = float(report.split("fusion saves ")[1].split("%")[0])
     assert saving > 20  # LRN+pool fusion and ReLU epilogues remove whole passes over the activations
     assert "gpu0: peak" in report and "without reuse" in report
+    explored = report.split("explored, not emitted")[1].split("memory plan")[0]
+    assert explored.count("conv1_gpu0_conv_bias_relu + conv1_norm_gpu0_lrn_maxpool") == 1
 
 
 def test_compile_writes_kernels_plan_and_report(tmp_path):
