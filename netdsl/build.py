@@ -26,6 +26,7 @@ from netdsl.parse import parse_file
 DEFAULT_DEVICE = "gpu0"
 MAX_REPEAT = 100_000
 MAX_LAYERS = 100_000  # so that nested `repeat`s fail in seconds instead of running for hours
+MAX_STEPS = 300_000  # statements run, repeat rounds and block calls: likewise when they make no layers
 MAX_NUMBER = 10**18
 MAX_DIM = 2**31 - 1
 _UNITS = {
@@ -159,6 +160,8 @@ class Builder:
         self.net_name: str | None = None
         self.includes: list[Path] = []
         self.inherits: set[str] = set()  # layers placed by the default rule: where their first input runs
+        self.steps = 0  # counted against MAX_STEPS
+        self.part_numbers: dict[str, int] = {}  # `_part_name`: the number a chain part's search starts at
 
     # --- entry point ------------------------------------------------------------------------
 
@@ -188,8 +191,21 @@ class Builder:
             self.run(stmt, ctx)
 
     def run(self, stmt: s.Stmt, ctx: Context) -> None:
+        self._step(stmt.span, ctx)
         handler = getattr(self, "_" + type(stmt).__name__)
         handler(stmt, ctx)
+
+    def _step(self, span: Span, ctx: Context) -> None:
+        """Counts one statement run, `repeat` round or block call, so that nested `repeat`s and blocks
+        that make no layers (MAX_LAYERS catches those that do) still fail in seconds, not hours."""
+        self.steps += 1
+        if self.steps > MAX_STEPS:
+            raise NetError(
+                f"building the net takes more than {MAX_STEPS} steps (statements run, repeat rounds, block calls)",
+                span,
+                trace=ctx.trace,
+                hint="check the repeat counts and block calls: nested `repeat`s (and blocks) multiply",
+            )
 
     # --- statements -------------------------------------------------------------------------
 
@@ -279,7 +295,12 @@ class Builder:
         self._bind(stmt.name, value, stmt.span, ctx)
 
     def _IncludeStmt(self, stmt: s.IncludeStmt, ctx: Context) -> None:
-        path = (Path(ctx.file).parent / stmt.path).resolve()
+        try:
+            path = (Path(ctx.file).parent / stmt.path).resolve()
+            path.is_file()
+        except (OSError, ValueError) as error:  # a NUL byte, a name too long for the file system, ...
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            raise NetError(f'cannot include "{stmt.path}": {reason}', stmt.span) from None
         if path in self.includes:
             chain = " -> ".join(str(p.name) for p in [*self.includes[self.includes.index(path) :], path])
             raise NetError(f"include cycle: {chain}", stmt.span, hint="an included file cannot include its includer")
@@ -315,7 +336,7 @@ class Builder:
             amount = self._number(stmt.memory, ctx, "a memory size")
             if amount <= 0:
                 raise NetError("a memory size must be positive", stmt.memory.span)
-            memory = int(amount * _UNITS[unit])
+            memory = int(self._checked(amount * _UNITS[unit], stmt.memory, ctx))  # 1e300 GiB is not finite
         for name in stmt.names:
             if name.name in self.devices and self.devices[name.name].span is not None:
                 raise NetError(
@@ -379,6 +400,7 @@ class Builder:
                 f"`{index.name}` is already defined", index.span, hint="the repeat counter needs a name of its own"
             )
         for i in range(1, count + 1):
+            self._step(stmt.span, ctx)
             if index is not None:
                 ctx.scope.names[index.name] = i  # visible in the body only: removed below
             self.run_all(stmt.body, replace(ctx, repeat=(*ctx.repeat, i)))
@@ -411,10 +433,13 @@ class Builder:
     def _part_name(self, name: str, written: str, ctx: Context) -> str:
         """The first layer of a chain is named `name`; each later one `name.<what it is>`, numbered
         (`name.relu_2`) where that is taken, so adding `| relu` never renames the layers before it."""
-        part, number = written, 1
+        key = ctx.qualify(name, written)
+        number = self.part_numbers.get(key, 1)  # the numbers below it are taken (layers are never removed)
+        part = written if number == 1 else f"{written}_{number}"
         while ctx.qualify(name, part) in self.layers:
             number += 1
             part = f"{written}_{number}"
+        self.part_numbers[key] = number  # so a chain of n relus costs O(n), not O(n^2)
         return part
 
     def _is_tensor_name(self, name: str, ctx: Context) -> bool:
@@ -488,6 +513,7 @@ class Builder:
     def _expand_block(
         self, block: s.BlockStmt, call: s.Call, current: Tensors | None, instance: str, ctx: Context, device: str | None
     ) -> Tensors:
+        self._step(call.span, ctx)  # blocks calling blocks twice each also multiply
         if any(frame.block == block.name for frame in ctx.trace):
             raise NetError(
                 f"block `{block.name}` uses itself",
@@ -929,8 +955,9 @@ class Builder:
     # --- constant expressions ------------------------------------------------------------------
 
     def _eval(self, expr: s.Expr, ctx: Context, tensor_ok: bool = False):
-        if isinstance(expr, s.Number):
-            return expr.value
+        if isinstance(expr, s.Number):  # a literal is bounded like every result, so float() of it cannot overflow
+            value = expr.value  # (a preset's evaluated value can also be a word or a tuple)
+            return self._checked(value, expr, ctx) if isinstance(value, (int, float)) else value
         if isinstance(expr, s.Name):
             value = ctx.scope.lookup(expr.name)
             if isinstance(value, Towered) and ctx.tower:
@@ -1066,9 +1093,12 @@ def _device_mentions(statements, file: Path, seen: set[Path]):
         elif isinstance(stmt, (s.AssignStmt, s.InputStmt)) and stmt.device is not None:
             yield False, stmt.device.name
         elif isinstance(stmt, s.IncludeStmt):
-            path = (file.parent / stmt.path).resolve()
-            if path in seen or not path.is_file():
-                continue  # reported when the include runs
+            try:
+                path = (file.parent / stmt.path).resolve()
+                if path in seen or not path.is_file():
+                    continue  # reported when the include runs
+            except (OSError, ValueError):
+                continue  # likewise
             seen.add(path)
             try:
                 included = parse_file(path).statements
@@ -1079,4 +1109,11 @@ def _device_mentions(statements, file: Path, seen: set[Path]):
 
 def build(module: s.Module) -> nx.DiGraph:
     """Build the layer graph of a parsed file (shapes are not inferred yet)."""
-    return Builder().build(module)
+    try:
+        return Builder().build(module)
+    except RecursionError:  # expressions and block calls are evaluated recursively
+        raise NetError(
+            "the net nests too deeply (an expression, block calls or includes)",
+            where=module.file,
+            hint="split long expressions with `const`, and flatten deep chains of blocks",
+        ) from None

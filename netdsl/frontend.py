@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from pathlib import Path
 
 import networkx as nx
@@ -14,17 +16,33 @@ from netdsl.validate import check_memory
 
 def load_graph(path: str | Path, *, batch: int = 1, dtype: str = "fp32", memory_limit: int | None = None) -> nx.DiGraph:
     """Parse, build and shape-check a `.net` file. Raises `NetError` for any mistake in it."""
-    return _checked(build(parse_file(path)), batch, dtype, memory_limit)
+    with _gc_paused():
+        return _checked(build(parse_file(path)), batch, dtype, memory_limit)
 
 
 def graph_from_text(text: str, file: str = "<string>", **options) -> nx.DiGraph:
     """Like `load_graph`, for source text held in memory (includes resolve relative to `file`)."""
-    return _checked(
-        build(parse_text(text, file)),
-        options.get("batch", 1),
-        options.get("dtype", "fp32"),
-        options.get("memory_limit"),
-    )
+    with _gc_paused():
+        return _checked(
+            build(parse_text(text, file)),
+            options.get("batch", 1),
+            options.get("dtype", "fp32"),
+            options.get("memory_limit"),
+        )
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Parsing and building allocate many small objects that all stay alive, and Python's cyclic
+    collector would scan the growing heap again and again: time grew ~18x for 10x the layers
+    (bench/frontend.py). Nothing made here needs the collector meanwhile; it resumes afterwards."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _checked(graph: nx.DiGraph, batch: int, dtype: str, memory_limit: int | None) -> nx.DiGraph:

@@ -83,8 +83,20 @@ def parse_text(text: str, file: str = "<string>") -> s.Module:
     except VisitError as error:
         if isinstance(error.orig_exc, NetError):
             raise error.orig_exc from None
+        if isinstance(error.orig_exc, RecursionError):
+            raise _too_deep(file) from None
         raise
+    except RecursionError:  # Lark's transformer recurses once per level of the tree
+        raise _too_deep(file) from None
     return s.Module(file, tuple(statements))
+
+
+def _too_deep(file: str) -> NetError:
+    return NetError(
+        "the file nests too deeply (an expression or `{ }` blocks hundreds of levels deep)",
+        where=file,
+        hint="split long expressions with `const`",
+    )
 
 
 def parse_file(path: str | Path) -> s.Module:
@@ -314,7 +326,7 @@ class _ToSyntax(Transformer):
             value = float(text) if any(ch in text for ch in ".eE") else int(text)
         except ValueError:  # Python refuses to convert integers of more than 4300 digits
             value = math.inf
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # (isfinite would overflow on a huge int)
             raise NetError("number too large", self._sp(meta))
         return s.Number(value, self._sp(meta))
 
