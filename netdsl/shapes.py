@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import networkx as nx
 
 from netdsl.errors import NetError
 from netdsl.ir import Layer, layers
 from netdsl.ops import OPS, ShapeError, concat_channels
+
+MAX_ELEMENTS = 2**31 - 1  # per image and tensor: the generated kernels' offsets within an image are 32-bit
 
 
 def infer_shapes(graph: nx.DiGraph) -> nx.DiGraph:
@@ -23,6 +27,11 @@ def infer_shapes(graph: nx.DiGraph) -> nx.DiGraph:
                 layer.input_shape = concat_channels(shapes)
                 shapes = [layer.input_shape]
             layer.shape = tuple(spec.shape(layer.params, shapes))
+            if math.prod(layer.shape) > MAX_ELEMENTS:
+                raise ShapeError(
+                    f"its output {' x '.join(map(str, layer.shape))} has more than 2^31 - 1 values per image",
+                    hint="kernels index one image with 32-bit offsets; check the sizes, padding and filter counts",
+                )
         except ShapeError as error:
             raise _located(error, layer, producers) from None
     return graph
