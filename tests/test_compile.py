@@ -215,3 +215,35 @@ def test_cache_entries_are_atomic_and_corrupt_ones_are_ignored(tmp_path):
     assert _read_cache(path) is None
     path.write_text('{"name": "k"}')  # an entry from an older netdsl
     assert _read_cache(path) is None
+
+
+def _compile_into(out: str) -> None:
+    write_build(compile_net(ROOT / "nets/alexnet.net", Options(batch=8)), out, Options(batch=8))
+
+
+def test_two_compiles_into_one_directory_do_not_collide(tmp_path):
+    import multiprocessing
+
+    out = tmp_path / "shared"
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_compile_into, args=(str(out),)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+        assert worker.exitcode == 0
+    single = tmp_path / "single"
+    _compile_into(str(single))
+    for path in single.rglob("*"):
+        if path.is_file():
+            assert (out / path.relative_to(single)).read_bytes() == path.read_bytes(), path.name
+    assert not [p for p in out.rglob(".*") if p.is_file()]  # no temporary files left behind
+
+
+def test_plan_records_each_launch_grid(tmp_path):
+    _compile_into(str(tmp_path))
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    kernels = [e for d in plan["devices"].values() for e in d["launches"] if "kernel" in e]
+    assert kernels and all(e["grid"] and all(g > 0 for g in e["grid"]) and e["num_warps"] for e in kernels)
+    conv1 = next(e for e in kernels if e["step"] == "conv1_gpu0_conv_bias_relu")
+    assert conv1["constexprs"]["KH"] == 11 and conv1["constexprs"]["NUM_INPUTS"] == 1
