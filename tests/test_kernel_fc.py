@@ -7,70 +7,19 @@ outputs are of order one, and outputs start as NaN so an element never written f
 GPU this runs in Triton's interpreter.
 """
 
-import os
-
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_support import DEVICE, INTERPRETING, PRECISIONS, TOLERANCES, activate, random
 
 from netdsl.codegen.fc import linear
 
-TOLERANCES = {
-    "fp32": {"rtol": 1e-4, "atol": 1e-4},  # exact fp32 products ("ieee")
-    "tf32": {"rtol": 1e-2, "atol": 1e-2},  # opt-in: 10-bit mantissa products on the GPU
-    "fp16": {"rtol": 2e-3, "atol": 2e-3},  # fp32 accumulation, output rounded to fp16
-    "bf16": {"rtol": 1.6e-2, "atol": 1.6e-2},  # fp32 accumulation, output rounded to bf16
-}
-PRECISIONS = {
-    "fp32": (torch.float32, "ieee"),
-    "tf32": (torch.float32, "tf32"),
-    "fp16": (torch.float16, "ieee"),
-    "bf16": (torch.bfloat16, "ieee"),
-}
 # The interpreter warns when a matmul meets NaN or inf: a masked load that read memory it should not have.
-pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [pytest.mark.filterwarnings("error::RuntimeWarning"), pytest.mark.usefixtures("interpreter_bf16_dot")]
 # Small tiles: every shape below spans several blocks of rows, units and K, with ragged edges.
 SMALL_TILES = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
 # Under the interpreter a program costs the same whatever its size: a few big tiles per layer.
 BIG_TILES = {"BLOCK_M": 16, "BLOCK_N": 512, "BLOCK_K": 2048}
-
-
-@pytest.fixture(autouse=True)
-def interpreter_bf16_dot(monkeypatch):
-    """Triton's interpreter stores bfloat16 as raw uint16 bits and its tl.dot multiplies the bits
-    (triton-lang/triton#11584; bf16 is unsupported there). Widen bf16 dot operands to fp32 first,
-    which is what a tensor core computes: exact products, fp32 accumulation."""
-    if not INTERPRETING:
-        return
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    create_dot = interpreter.InterpreterBuilder.create_dot
-
-    def widen(handle):
-        if handle.dtype != tl.bfloat16:
-            return handle
-        return interpreter.TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    def create_dot_widened(self, a, b, *args, **kwargs):
-        return create_dot(self, widen(a), widen(b), *args, **kwargs)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot_widened)
-
-
-def random(generator: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).float()
-
-
-def activate(y: torch.Tensor, activation: str, slope: float) -> torch.Tensor:
-    if activation == "relu":
-        return F.relu(y)
-    if activation == "leaky_relu":
-        return F.leaky_relu(y, slope)
-    return y
 
 
 def check_linear(
