@@ -115,7 +115,7 @@ def elementwise(
         raise ValueError(f"elementwise ops take [N, F] or [N, C, H, W], got shape {tuple(x.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"elementwise ops support {SUPPORTED_DTYPES}, got {x.dtype}")
-    if _spatial_stride(x) is None:
+    if spatial_stride(x) is None:
         x = x.contiguous()
     channels = x.shape[1]
 
@@ -123,7 +123,7 @@ def elementwise(
     if op == "add":
         if other is None or other.shape != x.shape or other.dtype != x.dtype or other.device != x.device:
             raise ValueError(f"add needs `other` of shape {tuple(x.shape)} and dtype {x.dtype} on {x.device}")
-        y = other if _spatial_stride(other) is not None else other.contiguous()
+        y = other if spatial_stride(other) is not None else other.contiguous()
     scale_arg = shift_arg = x
     if op == "affine":
         scale_arg = _per_channel(scale, "scale", channels, x.device)
@@ -135,7 +135,7 @@ def elementwise(
         raise ValueError(
             f"out is {tuple(out.shape)} {out.dtype} on {out.device}, expected {tuple(x.shape)} {x.dtype} on {x.device}"
         )
-    stride_os = _spatial_stride(out)
+    stride_os = spatial_stride(out)
     if stride_os is None:
         raise ValueError("out must have height and width that fold into one strided axis (stride_h == W * stride_w)")
     if x.numel() == 0:
@@ -155,10 +155,10 @@ def elementwise(
         float(slope) if activation == "leaky_relu" else 0.0,
         x.stride(0),
         x.stride(1),
-        _spatial_stride(x),
+        spatial_stride(x),
         y.stride(0),
         y.stride(1),
-        _spatial_stride(y),
+        spatial_stride(y),
         out.stride(0),
         out.stride(1),
         stride_os,
@@ -254,7 +254,7 @@ def _per_channel(values: torch.Tensor | None, name: str, channels: int, device: 
     return values.to(device=device, dtype=torch.float32).contiguous()
 
 
-def _spatial_stride(t: torch.Tensor) -> int | None:
+def spatial_stride(t: torch.Tensor) -> int | None:
     """The stride of the folded H*W axis, or None when height and width cannot be folded into one axis."""
     if t.dim() == 2:
         return 1

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from netdsl.codegen.elementwise import spatial_stride
+
 
 @triton.jit
 def softmax_kernel(
@@ -105,9 +107,9 @@ def softmax(x: torch.Tensor, out: torch.Tensor | None = None, *, kernel=None) ->
         raise ValueError(
             f"out is {tuple(out.shape)} {out.dtype} on {out.device}, expected {tuple(x.shape)} {x.dtype} on {x.device}"
         )
-    if _spatial_stride(x) is None:
+    if spatial_stride(x) is None:
         x = x.contiguous()
-    stride_os = _spatial_stride(out)
+    stride_os = spatial_stride(out)
     if stride_os is None:
         raise ValueError("out must have height and width that fold into one strided axis (stride_h == W * stride_w)")
 
@@ -124,7 +126,7 @@ def softmax(x: torch.Tensor, out: torch.Tensor | None = None, *, kernel=None) ->
         s,
         x.stride(0),
         x.stride(1),
-        _spatial_stride(x),
+        spatial_stride(x),
         out.stride(0),
         out.stride(1),
         stride_os,
@@ -133,17 +135,3 @@ def softmax(x: torch.Tensor, out: torch.Tensor | None = None, *, kernel=None) ->
         num_warps=config.num_warps,
     )
     return out
-
-
-def _spatial_stride(t: torch.Tensor) -> int | None:
-    """The stride of the folded H*W axis, or None when height and width cannot be folded into one axis."""
-    if t.dim() == 2:
-        return 1
-    _, _, h, w = t.shape
-    if h == 1:
-        return t.stride(3)
-    if w == 1:
-        return t.stride(2)
-    if t.stride(2) == w * t.stride(3):
-        return t.stride(3)
-    return None

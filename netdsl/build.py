@@ -29,7 +29,7 @@ MAX_LAYERS = 100_000  # so that nested `repeat`s fail in seconds instead of runn
 MAX_STEPS = 300_000  # statements run, repeat rounds and block calls: likewise when they make no layers
 MAX_NUMBER = 10**18
 MAX_DIM = 2**31 - 1
-_UNITS = {
+MEMORY_UNITS = {
     "B": 1,
     "KB": 10**3,
     "MB": 10**6,
@@ -330,13 +330,13 @@ class Builder:
         memory = None
         if stmt.memory is not None:
             unit = stmt.unit.name
-            if unit not in _UNITS:
-                hint = did_you_mean(unit, _UNITS) or f"use one of {', '.join(_UNITS)}"
+            if unit not in MEMORY_UNITS:
+                hint = did_you_mean(unit, MEMORY_UNITS) or f"use one of {', '.join(MEMORY_UNITS)}"
                 raise NetError(f"unknown memory unit `{unit}`", stmt.unit.span, hint=hint)
             amount = self._number(stmt.memory, ctx, "a memory size")
             if amount <= 0:
                 raise NetError("a memory size must be positive", stmt.memory.span)
-            memory = int(self._checked(amount * _UNITS[unit], stmt.memory, ctx))  # 1e300 GiB is not finite
+            memory = int(self._checked(amount * MEMORY_UNITS[unit], stmt.memory, ctx))  # 1e300 GiB is not finite
         for name in stmt.names:
             if name.name in self.devices and self.devices[name.name].span is not None:
                 raise NetError(

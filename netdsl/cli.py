@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from netdsl import __version__
+from netdsl.build import MEMORY_UNITS
 from netdsl.errors import NetError
 from netdsl.frontend import load_graph
 from netdsl.passes import PASS_NAMES, Options
@@ -17,18 +18,6 @@ from netdsl.validate import DTYPE_BYTES
 
 DEFAULT_NET = "alexnet.net"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$")
-_SIZE_UNITS = {
-    None: 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KiB": 2**10,
-    "MiB": 2**20,
-    "GiB": 2**30,
-    "TiB": 2**40,
-}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,7 +31,7 @@ def _memory_size(text: str) -> int:
     match = _SIZE.match(text)
     if not match or float(match.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 16GiB)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    return int(float(match.group(1)) * MEMORY_UNITS[match.group(2) or "B"])
 
 
 def _positive(text: str) -> int:
