@@ -3,6 +3,7 @@ records of `netdsl.syntax` and Lark's exceptions into `NetError`s that point at 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from importlib import resources
@@ -185,13 +186,11 @@ def _context(text: str, token: Token, fallback: set[str]) -> tuple[list[Token], 
         return [], set(fallback)
     interactive = _parser().parse_interactive(text)
     before: list[Token] = []
-    try:
+    with contextlib.suppress(UnexpectedInput):  # the lexer stopped at `token`: the parser has not taken it
         for seen in interactive.iter_parse():
             if seen.type == token.type and seen.start_pos == token.start_pos:
                 break
             before.append(seen)
-    except UnexpectedInput:
-        pass  # the lexer stopped at `token`, so the parser has not taken it
     try:
         return before, interactive.accepts() or set(fallback)
     except UnexpectedInput:
