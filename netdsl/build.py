@@ -280,13 +280,7 @@ class Builder:
                 for key, expr in values.items():
                     self._param_value(spec, spec.param(key), expr, ctx)
         else:
-            value = self._eval(stmt.value, ctx)
-            if isinstance(value, Tensors):
-                raise NetError(
-                    f"`const {stmt.name}` must be a number, not a layer",
-                    stmt.value.span,
-                    hint=f"write `{stmt.name} = ...` to name a layer",
-                )
+            value = self._eval(stmt.value, ctx)  # a layer's output here is reported by _eval
         self._bind(stmt.name, value, stmt.span, ctx)
 
     def _AssignStmt(self, stmt: s.AssignStmt, ctx: Context) -> None:

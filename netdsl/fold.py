@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+from copy import copy
+from dataclasses import replace
+
 import networkx as nx
 
 from netdsl.ir import Layer, layer, layers
@@ -16,21 +19,24 @@ from netdsl.ir import Layer, layer, layers
 def fold_inference(graph: nx.DiGraph) -> nx.DiGraph:
     graph = _copy(graph)
     for item in layers(graph):
-        if item.op == "dropout":
+        if item.op == "dropout" or (item.op == "batchnorm" and _folds_into_conv(graph, item)):
+            if item.op == "batchnorm":
+                layer(graph, item.inputs[0]).fields.setdefault("folded", []).append(item.name)
             _bypass(graph, item)
-        elif item.op == "batchnorm":
-            (source,) = set(item.inputs) if len(set(item.inputs)) == 1 else (None,)
-            producer = layer(graph, source) if source else None
-            if (
-                producer is not None
-                and producer.op == "conv"
-                and producer.device == item.device
-                and graph.out_degree(producer.name) == 1
-                and producer.name not in graph.graph["outputs"]
-            ):
-                producer.fields.setdefault("folded", []).append(item.name)
-                _bypass(graph, item)
     return graph
+
+
+def _folds_into_conv(graph: nx.DiGraph, norm: Layer) -> bool:
+    """Legal when the batch norm reads one conv on its device that nothing else reads."""
+    if len(norm.inputs) != 1:
+        return False
+    conv = layer(graph, norm.inputs[0])
+    return (
+        conv.op == "conv"
+        and conv.device == norm.device
+        and graph.out_degree(conv.name) == 1
+        and conv.name not in graph.graph["outputs"]
+    )
 
 
 def _bypass(graph: nx.DiGraph, item: Layer) -> None:
@@ -47,8 +53,6 @@ def _bypass(graph: nx.DiGraph, item: Layer) -> None:
 
 def _copy(graph: nx.DiGraph) -> nx.DiGraph:
     """A copy whose Layer records can be changed without touching the original graph."""
-    from copy import copy
-
     result = nx.DiGraph()
     result.graph.update({key: copy(value) for key, value in graph.graph.items()})
     for name in graph.nodes:
@@ -59,8 +63,6 @@ def _copy(graph: nx.DiGraph) -> nx.DiGraph:
 
 
 def _clone(item: Layer) -> Layer:
-    from dataclasses import replace
-
     return replace(
         item,
         inputs=list(item.inputs),
