@@ -19,7 +19,9 @@ from netdsl.ir import Layer, layer, layers
 def fold_inference(graph: nx.DiGraph) -> nx.DiGraph:
     graph = _copy(graph)
     for item in layers(graph):
-        if item.op == "dropout" or (item.op == "batchnorm" and _folds_into_conv(graph, item)):
+        if item.op == "dropout" and len(item.inputs) > 1:  # what remains is the joining of its inputs
+            item.op, item.params = "concat", {}
+        elif item.op == "dropout" or (item.op == "batchnorm" and _folds_into_conv(graph, item)):
             if item.op == "batchnorm":
                 layer(graph, item.inputs[0]).fields.setdefault("folded", []).append(item.name)
             _bypass(graph, item)

@@ -247,3 +247,9 @@ def test_plan_records_each_launch_grid(tmp_path):
     assert kernels and all(e["grid"] and all(g > 0 for g in e["grid"]) and e["num_warps"] for e in kernels)
     conv1 = next(e for e in kernels if e["step"] == "conv1_gpu0_conv_bias_relu")
     assert conv1["constexprs"]["KH"] == 11 and conv1["constexprs"]["NUM_INPUTS"] == 1
+
+
+def test_dropout_reading_every_tower_becomes_the_join():
+    text = "input x: 4\ntowers a, b { h = fc(x, 3) }\nd = dropout(all h)\ny = softmax(d)\n"
+    program, _ = run_pipeline(build(parse_text(text, "t.net")), Options())
+    assert [step.kind for step in steps(program)].count("concat") == 1
