@@ -253,3 +253,29 @@ def test_dropout_reading_every_tower_becomes_the_join():
     text = "input x: 4\ntowers a, b { h = fc(x, 3) }\nd = dropout(all h)\ny = softmax(d)\n"
     program, _ = run_pipeline(build(parse_text(text, "t.net")), Options())
     assert [step.kind for step in steps(program)].count("concat") == 1
+
+
+def test_every_mutant_that_builds_also_compiles():
+    from test_fuzz import mutants
+
+    from netdsl import NetError
+    from netdsl.emit import emit_program
+    from netdsl.plan import build_plan
+    from netdsl.report import cost_report
+
+    compiled = 0
+    for path in NETS:
+        for text in mutants(path.read_text(), 11, 40):
+            try:
+                graph = build(parse_text(text, "mutant.net"))
+            except (NetError, RecursionError):
+                continue
+            try:
+                program, _ = run_pipeline(graph, Options())
+            except NetError:
+                continue  # e.g. a shape error, reported as such
+            emit_program(program)
+            build_plan(program, Options())
+            cost_report(program, graph, 2, "bf16")
+            compiled += 1
+    assert compiled > 20
