@@ -1,0 +1,487 @@
+"""Running a net: `netdsl.load("nets/alexnet.net", weights=...)(images)`.
+
+`Net` compiles a `.net` file in memory and runs its fused program on a batch:
+
+- each logical device of the net (`gpu0`, `gpu1`, ...) is mapped to a torch device (`devices=`);
+  without a mapping every logical device runs on the CPU when there is no CUDA, on `cuda:0` with one
+  GPU, and on one GPU each (round robin) with several;
+- each logical device gets one arena tensor per batch size, allocated on the first call with that
+  batch and reused after; every step writes its output into a view of the arena at the offset the
+  memory plan gave it (elements per image times the batch); flatten steps are views of their input;
+- steps run in an order that respects every partition's launch order and every transfer. On the CPU
+  the partitions run one after another in this process; on CUDA each partition has a stream of its
+  own, and a transfer's stream waits on an event recorded after the step it copies;
+- `backend="torch"` runs each step with the PyTorch reference (`netdsl.reference`),
+  `backend="triton"` calls the generated kernel file's `launch(inputs, weights, out=view)`;
+- weights are a dict `"<layer>.<tensor>" -> tensor` (or numpy array), e.g. `conv1@gpu0.weight`;
+  a batch norm folded into the conv before it is folded into that conv's weights on load.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import torch
+
+from netdsl.compile import Compiled, compile_net, write_build
+from netdsl.errors import NetError
+from netdsl.fuse import Step
+from netdsl.launches import TORCH_DTYPES, load_kernel_file
+from netdsl.ops import OPS
+from netdsl.passes import Options
+from netdsl.reference import run_layers
+
+BACKENDS = ("torch", "triton")
+WEIGHTED_OPS = ("conv", "fc", "batchnorm")  # the ops whose weights a step takes (from its first such layer)
+COPY_KINDS = ("input", "transfer", "view")  # steps that launch no kernel
+
+
+def load(path: str | Path, **kwargs) -> Net:
+    """`netdsl.load(path, backend=..., devices=..., weights=...)`: a `Net` ready to run."""
+    return Net(path, **kwargs)
+
+
+class Net:
+    """A compiled net, callable on a batch: `net(x)` -> the output tensor (a dict for several outputs)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        backend: str = "torch",
+        devices: Mapping[str, str] | None = None,
+        dtype: str = "fp32",
+        weights: Mapping[str, object] | str | Path | None = None,
+        build_dir: str | Path | None = None,
+        batch: int = 1,
+        seed: int = 0,
+        check_inputs: bool = True,
+    ) -> None:
+        self.path = str(path)
+        if backend not in BACKENDS:
+            raise NetError(f"unknown backend `{backend}`", where="backend", hint=f"backends: {', '.join(BACKENDS)}")
+        if dtype not in TORCH_DTYPES:
+            raise NetError(f"unknown dtype `{dtype}`", where="dtype", hint=f"dtypes: {', '.join(TORCH_DTYPES)}")
+        self.backend = backend
+        self.dtype = dtype
+        self.torch_dtype = TORCH_DTYPES[dtype]
+        self.check_inputs = check_inputs
+        self.compiled: Compiled = compile_net(path, Options(batch, dtype))
+        self.program: nx.DiGraph = self.compiled.program
+        self.layer_graph: nx.DiGraph = self.compiled.layers  # before folding: batch norms are still there
+        self._steps: dict[str, Step] = {name: self.program.nodes[name]["step"] for name in self.program.nodes}
+        self._partitions: dict[str, list[str]] = self.program.graph["partitions"]
+        self._order = _run_order(self.program, self._partitions)
+        self._roots = {name: self.program.graph["views"].get(name, name) for name in self._steps}
+        self._buffers = self.program.graph["buffers"]
+        self._arena_elements: dict[str, int] = self.program.graph["arena"]
+        self.devices = self._map_devices(devices)
+        # A step whose output another device reads records an event for it (used with CUDA streams).
+        self._signals = {
+            name
+            for name in self._steps
+            if any(self._steps[r].device != self._steps[name].device for r in self.program.successors(name))
+        }
+        self.input_shapes: dict[str, tuple[int, ...]] = {}
+        for name in self._order:
+            step = self._steps[name]
+            if step.kind == "input":
+                self.input_shapes.setdefault(step.first.name, tuple(step.shape))
+        self.output_steps: dict[str, str] = dict(zip(self.layer_graph.graph["outputs"], self.program.graph["outputs"]))
+        self.weight_shapes = _weight_shapes(self.layer_graph)
+
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.build_dir: Path | None = None
+        if build_dir is not None or backend == "triton":
+            if build_dir is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="netdsl-build-")
+                build_dir = self._tmp.name
+            self.build_dir = write_build(self.compiled, build_dir)
+        self._modules = {}
+        if backend == "triton":
+            self._check_triton_runnable()
+            for name in self._order:
+                if self._steps[name].kind not in COPY_KINDS:
+                    self._modules[name] = load_kernel_file(self.build_dir / "kernels" / f"{name}.py")
+        self._layer_specs = {
+            name: [(item.op, dict(item.params)) for item in step.layers] for name, step in self._steps.items()
+        }
+        self._arenas: dict[int, dict[str, torch.Tensor]] = {}
+        self._views: dict[int, dict[str, torch.Tensor]] = {}
+        self._streams = self._make_streams()
+        self.load_weights(self._default_weights(seed) if weights is None else weights)
+
+    # --- set-up -----------------------------------------------------------------------------------
+
+    def _map_devices(self, devices: Mapping[str, str] | None) -> dict[str, torch.device]:
+        logical = list(self._partitions)
+        if devices is None:
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                return {name: torch.device("cpu") for name in logical}
+            return {name: torch.device(f"cuda:{i % count}") for i, name in enumerate(logical)}
+        unknown = [name for name in devices if name not in logical]
+        if unknown:
+            raise NetError(
+                f"the net has no device `{unknown[0]}`",
+                where="devices",
+                hint=f"its devices: {', '.join(logical)}",
+            )
+        missing = [name for name in logical if name not in devices]
+        if missing:
+            raise NetError(
+                f"no torch device given for the net's device `{missing[0]}`",
+                where="devices",
+                hint=f"map every one of {', '.join(logical)}, e.g. {{'{missing[0]}': 'cuda:0'}}",
+            )
+        mapped = {}
+        for name in logical:
+            try:
+                mapped[name] = torch.device(devices[name])
+            except (RuntimeError, TypeError) as error:
+                raise NetError(f"`{devices[name]}` is not a torch device: {error}", where="devices") from None
+            if mapped[name].type == "cuda" and not torch.cuda.is_available():
+                raise NetError(
+                    f"device `{name}` is mapped to {mapped[name]}, but CUDA is not available", where="devices"
+                )
+        return mapped
+
+    def _check_triton_runnable(self) -> None:
+        on_cpu = [name for name, device in self.devices.items() if device.type != "cuda"]
+        if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+            raise NetError(
+                f"the triton backend cannot run device `{on_cpu[0]}` on {self.devices[on_cpu[0]]}",
+                where="backend",
+                hint="map every device to a CUDA GPU, or set TRITON_INTERPRET=1 (before triton is imported) to run "
+                "the kernels in Triton's interpreter on the CPU, or use backend='torch'",
+            )
+
+    def _make_streams(self) -> dict[str, torch.cuda.Stream]:
+        if not any(device.type == "cuda" for device in self.devices.values()):
+            return {}
+        return {
+            name: torch.cuda.Stream(device=device) for name, device in self.devices.items() if device.type == "cuda"
+        }
+
+    def _default_weights(self, seed: int) -> dict[str, torch.Tensor]:
+        try:
+            from netdsl.weights import init_weights
+        except ImportError:
+            return _init_weights(self.layer_graph, seed)
+        return init_weights(self.layer_graph, seed=seed)
+
+    # --- weights ----------------------------------------------------------------------------------
+
+    def load_weights(self, weights: Mapping[str, object] | str | Path) -> None:
+        """Takes every weight of the net (`"<layer>.<tensor>"` -> tensor or array), checks names and shapes,
+        folds batch norms into the convs that absorbed them and puts each step's weights on its device."""
+        if isinstance(weights, (str, Path)):
+            try:
+                from netdsl.weights import load_weights
+            except ImportError:
+                raise NetError("loading weights from a file needs netdsl.weights", where=str(weights)) from None
+            weights = load_weights(weights, self.layer_graph)
+        if not isinstance(weights, Mapping):
+            raise NetError(f"weights must be a dict of name -> tensor, got {type(weights).__name__}", where="weights")
+        unknown = sorted(set(weights) - set(self.weight_shapes))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(self.weight_shapes), n=1)
+            more = f" (and {len(unknown) - 1} more unknown)" if unknown[1:] else ""
+            raise NetError(
+                f"the net has no weight `{unknown[0]}`{more}",
+                where="weights",
+                hint=f"did you mean `{close[0]}`?" if close else "weights are named `<layer>.<tensor>`",
+            )
+        missing = [name for name in self.weight_shapes if name not in weights]
+        if missing:
+            raise NetError(
+                f"weight `{missing[0]}` is missing" + (f" (and {len(missing) - 1} more)" if missing[1:] else ""),
+                where="weights",
+                hint=f"it has shape {_fmt(self.weight_shapes[missing[0]])}",
+            )
+        tensors: dict[str, torch.Tensor] = {}
+        for name, shape in self.weight_shapes.items():
+            value = weights[name]
+            try:
+                tensor = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+            except (TypeError, ValueError, RuntimeError) as error:
+                raise NetError(f"weight `{name}` is not a tensor: {error}", where="weights") from None
+            if tuple(tensor.shape) != tuple(shape):
+                raise NetError(
+                    f"weight `{name}` has shape {_fmt(tensor.shape)}, the net needs {_fmt(shape)}", where="weights"
+                )
+            if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
+                raise NetError(f"weight `{name}` has dtype {tensor.dtype}, not a real number type", where="weights")
+            tensors[name] = tensor.detach()
+        self._step_weights = {
+            name: self._weights_of(step, tensors) for name, step in self._steps.items() if step.kind not in COPY_KINDS
+        }
+
+    def _weights_of(self, step: Step, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        item = next((member for member in step.layers if member.op in WEIGHTED_OPS), None)
+        if item is None:
+            return {}
+        names = _layer_weight_shapes(item)
+        found = {key: tensors[f"{item.name}.{key}"].double() for key in names}
+        for bn_name in item.fields.get("folded", []):
+            bn = self.layer_graph.nodes[bn_name]["layer"]
+            stats = {key: tensors[f"{bn_name}.{key}"].double() for key in _layer_weight_shapes(bn)}
+            found = _fold_batchnorm(found, stats, bn.params["eps"])
+        device = self.devices[step.device]
+        return {key: value.to(device=device, dtype=self.torch_dtype).contiguous() for key, value in found.items()}
+
+    # --- running ----------------------------------------------------------------------------------
+
+    def __call__(self, x: torch.Tensor | np.ndarray | Mapping[str, object]) -> torch.Tensor | dict[str, torch.Tensor]:
+        inputs, batch = self._take_inputs(x)
+        views = self.views(batch)
+        with torch.no_grad():
+            if self._streams:
+                self._run_streams(views, inputs)
+            else:
+                for name in self._order:
+                    self._run_step(name, views, inputs)
+            outputs = {name: views[step].clone() for name, step in self.output_steps.items()}
+        return next(iter(outputs.values())) if len(outputs) == 1 else outputs
+
+    def _run_step(self, name: str, views: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
+        step = self._steps[name]
+        out = views[name]
+        if step.kind == "view":
+            return  # shares its input's buffer
+        if step.kind in ("input", "transfer"):
+            source = inputs[step.first.name] if step.kind == "input" else views[step.inputs[0]]
+            out.copy_(source, non_blocking=out.is_cuda)  # into host memory: a blocking copy
+            return
+        sources = [views[source] for source in step.inputs]
+        weights = self._step_weights[name]
+        if self.backend == "triton":
+            result = self._modules[name].launch(sources, weights, out=out)
+        else:
+            result = run_layers(self._layer_specs[name], sources, weights)
+        if result is not out and (result.data_ptr() != out.data_ptr() or result.shape != out.shape):
+            out.copy_(result.reshape(out.shape))
+
+    def _run_streams(self, views: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
+        """One CUDA stream per partition; a step reading another partition's output waits on the event
+        recorded after that step. Partitions mapped to the CPU run synchronously, after synchronizing with
+        the GPU steps they read. The caller's streams wait for everything before the outputs are copied."""
+        cuda_devices = {device for device in self.devices.values() if device.type == "cuda"}
+        cuda_devices |= {x.device for x in inputs.values() if x.is_cuda}
+        callers = [torch.cuda.current_stream(device) for device in cuda_devices]
+        for stream in self._streams.values():
+            for caller in callers:
+                stream.wait_stream(caller)  # the inputs, the weights and the arena were made on these
+        done: dict[str, torch.cuda.Event] = {}
+        for name in self._order:
+            step = self._steps[name]
+            stream = self._streams.get(step.device)
+            if stream is None:  # a partition on the CPU
+                for source in step.inputs:
+                    if source in done:
+                        done[source].synchronize()
+                self._run_step(name, views, inputs)
+                continue
+            with torch.cuda.device(stream.device), torch.cuda.stream(stream):
+                for source in step.inputs:
+                    if source in done:
+                        stream.wait_event(done[source])
+                source_stream = self._streams.get(self._steps[step.inputs[0]].device) if step.inputs else None
+                if step.kind == "transfer" and source_stream is not None and source_stream.device != stream.device:
+                    # A copy between two GPUs runs on the source device's current stream (PyTorch puts a
+                    # barrier between it and the destination's current stream): make that the source's
+                    # partition stream, which has already produced the data.
+                    with torch.cuda.stream(source_stream):
+                        self._run_step(name, views, inputs)
+                else:
+                    self._run_step(name, views, inputs)
+                if name in self._signals:
+                    done[name] = torch.cuda.Event()
+                    done[name].record(stream)
+        for stream in self._streams.values():
+            for caller in callers:
+                caller.wait_stream(stream)
+
+    def _take_inputs(self, x) -> tuple[dict[str, torch.Tensor], int]:
+        names = list(self.input_shapes)
+        if isinstance(x, Mapping):
+            unknown = [name for name in x if name not in self.input_shapes]
+            if unknown:
+                raise NetError(
+                    f"the net has no input `{unknown[0]}`", where=self.path, hint=f"inputs: {', '.join(names)}"
+                )
+            missing = [name for name in names if name not in x]
+            if missing:
+                raise NetError(f"input `{missing[0]}` is missing", where=self.path, hint=f"inputs: {', '.join(names)}")
+            given = dict(x)
+        elif len(names) == 1:
+            given = {names[0]: x}
+        else:
+            raise NetError(
+                f"the net has {len(names)} inputs: pass a dict of them",
+                where=self.path,
+                hint=f"inputs: {', '.join(names)}",
+            )
+        inputs: dict[str, torch.Tensor] = {}
+        batch = None
+        for name in names:
+            value = given[name]
+            if isinstance(value, np.ndarray):
+                value = torch.from_numpy(value)
+            if not isinstance(value, torch.Tensor):
+                raise NetError(f"input `{name}` must be a tensor, got {type(value).__name__}", where=self.path)
+            shape = self.input_shapes[name]
+            if value.dim() != len(shape) + 1 or tuple(value.shape[1:]) != shape or value.shape[0] < 1:
+                hint = f"the net reads N x {_fmt(shape)}, N >= 1 images"
+                if tuple(value.shape) == shape:
+                    hint = "add the batch dimension: x.unsqueeze(0)"
+                raise NetError(
+                    f"input `{name}` has shape {_fmt(value.shape)}, expected N x {_fmt(shape)}",
+                    where=self.path,
+                    hint=hint,
+                )
+            if value.dtype != self.torch_dtype:
+                raise NetError(
+                    f"input `{name}` has dtype {value.dtype}, the net runs in {self.dtype} ({self.torch_dtype})",
+                    where=self.path,
+                    hint=f"convert it first, e.g. x.to({self.torch_dtype})",
+                )
+            if batch is not None and value.shape[0] != batch:
+                raise NetError(f"input `{name}` has a batch of {value.shape[0]}, the others {batch}", where=self.path)
+            batch = value.shape[0]
+            if self.check_inputs and not bool(torch.isfinite(value).all()):
+                bad = "NaN" if bool(torch.isnan(value).any()) else "infinite values"
+                raise NetError(
+                    f"input `{name}` contains {bad}",
+                    where=self.path,
+                    hint="check the data (or pass check_inputs=False to skip this check)",
+                )
+            inputs[name] = value
+        return inputs, batch
+
+    # --- memory -----------------------------------------------------------------------------------
+
+    def arena(self, batch: int) -> dict[str, torch.Tensor]:
+        """Each logical device's arena for this batch size: one tensor, allocated on first use."""
+        if batch not in self._arenas:
+            self._arenas[batch] = {
+                device: torch.empty(max(elements, 1) * batch, dtype=self.torch_dtype, device=self.devices[device])
+                for device, elements in self._arena_elements.items()
+            }
+        return self._arenas[batch]
+
+    def views(self, batch: int) -> dict[str, torch.Tensor]:
+        """Step name -> its output: a [batch, *shape] view of its device's arena at its planned offset."""
+        if batch in self._views:
+            return self._views[batch]
+        arenas = self.arena(batch)
+        views: dict[str, torch.Tensor] = {}
+        for name in self._order:
+            step = self._steps[name]
+            root = self._roots[name]
+            buffer = self._buffers[root]
+            count = math.prod(self._steps[root].shape) * batch
+            start = buffer.offset * batch
+            flat = arenas[buffer.device][start : start + count]
+            views[name] = flat.view(batch, *step.shape)
+        self._views[batch] = views
+        return views
+
+    def release(self) -> None:
+        """Drops every arena (they are allocated again on the next call)."""
+        self._arenas.clear()
+        self._views.clear()
+
+    # --- torch integration ------------------------------------------------------------------------
+
+    def as_module(self) -> NetModule:
+        return NetModule(self)
+
+    def __repr__(self) -> str:
+        devices = ", ".join(f"{name}->{device}" for name, device in self.devices.items())
+        name = self.program.graph["name"]
+        return f"Net({name!r}, backend={self.backend!r}, dtype={self.dtype!r}, devices: {devices})"
+
+
+class NetModule(torch.nn.Module):
+    """A `Net` as a `torch.nn.Module` (inference only: no gradients flow through it)."""
+
+    def __init__(self, net: Net) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+    def extra_repr(self) -> str:
+        return repr(self.net)
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _run_order(program: nx.DiGraph, partitions: dict[str, list[str]]) -> list[str]:
+    """Every step once, after its inputs and after the step before it in its own partition."""
+    order = nx.DiGraph()
+    order.add_nodes_from(program.nodes)
+    order.add_edges_from(program.edges)
+    for names in partitions.values():
+        order.add_edges_from(itertools.pairwise(names))
+    index = {name: i for i, name in enumerate(program.nodes)}
+    return list(nx.lexicographical_topological_sort(order, key=lambda name: index[name]))
+
+
+def _layer_weight_shapes(item) -> dict[str, tuple[int, ...]]:
+    if item.input_shape is None:
+        return {}
+    spec = OPS.get(item.op)
+    if spec is None:
+        return {}
+    return {**spec.weights(item.params, item.input_shape), **spec.buffers(item.params, item.input_shape)}
+
+
+def _weight_shapes(graph: nx.DiGraph) -> dict[str, tuple[int, ...]]:
+    """`"<layer>.<tensor>"` -> shape for every weight and buffer of the (unfolded) layer graph."""
+    from netdsl.ir import layers
+
+    shapes = {}
+    for item in layers(graph):
+        for key, shape in _layer_weight_shapes(item).items():
+            shapes[f"{item.name}.{key}"] = tuple(shape)
+    return shapes
+
+
+def _fold_batchnorm(conv: dict[str, torch.Tensor], bn: dict[str, torch.Tensor], eps: float) -> dict[str, torch.Tensor]:
+    """conv then batch norm == one conv: w' = w * s, b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps)."""
+    scale = bn["weight"] / torch.sqrt(bn["running_var"] + eps)
+    weight = conv["weight"] * scale.reshape(-1, *([1] * (conv["weight"].dim() - 1)))
+    bias = conv.get("bias", torch.zeros_like(scale))
+    return {"weight": weight, "bias": (bias - bn["running_mean"]) * scale + bn["bias"]}
+
+
+def _init_weights(graph: nx.DiGraph, seed: int) -> dict[str, torch.Tensor]:
+    """He-normal weights, zero biases, identity batch norms (used until netdsl.weights provides one)."""
+    generator = torch.Generator().manual_seed(seed)
+    result = {}
+    for name, shape in _weight_shapes(graph).items():
+        key = name.rsplit(".", 1)[1]
+        if key == "weight" and len(shape) > 1:
+            fan_in = math.prod(shape[1:])
+            result[name] = torch.randn(shape, generator=generator) * math.sqrt(2.0 / fan_in)
+        elif key in ("weight", "running_var"):
+            result[name] = torch.ones(shape)
+        else:
+            result[name] = torch.zeros(shape)
+    return result
+
+
+def _fmt(shape) -> str:
+    return " x ".join(str(int(n)) for n in shape) or "scalar"
