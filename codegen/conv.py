@@ -142,6 +142,10 @@ _SM_COUNT = 132  # an H100 SXM; only decides when a tile is too big to fill the 
 _SQUARE_TILE = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 9)
 
 
+# Under Triton's interpreter (CPU tensors) a program costs about the same whatever its size.
+INTERPRETER_CONFIG = {"BLOCK_M": 512, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
+
+
 def pick_config(M: int, N: int, K: int) -> dict:
     """Block sizes for the implicit GEMM of one group: M pixels, N output channels, K = C_in/groups*KH*KW.
 
@@ -258,7 +262,12 @@ def conv2d_launch(
 
     c_out_group = c_out // groups
     rows = batch * out_h * out_w
-    config = config or pick_config(rows, c_out_group, c_in_group * kh * kw)
+    if config is None:  # on the CPU the interpreter runs one program at a time: few, big tiles
+        config = (
+            INTERPRETER_CONFIG
+            if inputs[0].device.type == "cpu"
+            else pick_config(rows, c_out_group, c_in_group * kh * kw)
+        )
     x0, x1 = inputs[0], inputs[-1]
     weight_rows = weight.reshape(c_out, c_in_group * kh * kw)  # K = (c, kh, kw): a view of any NCHW weight
     grid = (triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(c_out_group, config["BLOCK_N"]), groups)
