@@ -85,6 +85,39 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip building the kernels for the H100 (sm_90) and their resource report",
     )
+    run = commands.add_parser(
+        "run",
+        help="run the net on inputs and print the top classes",
+        description="compile the net and run it: on the GPUs it names, or on the CPU",
+    )
+    run.add_argument("net", nargs="?", type=Path, help=f"a .net file (default: the bundled {DEFAULT_NET})")
+    source = run.add_mutually_exclusive_group()
+    source.add_argument(
+        "--input",
+        nargs="+",
+        type=Path,
+        metavar="X.npy",
+        help="arrays of one image (C x H x W) or a batch (N x C x H x W)",
+    )
+    source.add_argument("--random", type=_positive, metavar="N", help="N random images (the default: 1)")
+    run.add_argument("--weights", type=Path, help="a safetensors file (default: the paper's initialization)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the default weights and random inputs")
+    run.add_argument(
+        "--init",
+        choices=("paper", "he"),
+        default="paper",
+        help="default weights: the paper's N(0, 0.01) or He's N(0, 2/fan-in)",
+    )
+    run.add_argument("--devices", metavar="MAP", help="logical devices to torch devices: gpu0=cuda:0,gpu1=cuda:1")
+    run.add_argument(
+        "--backend",
+        choices=("triton", "torch"),
+        default="triton",
+        help="the generated Triton kernels (the default; Triton's interpreter on a CPU) or PyTorch ops",
+    )
+    run.add_argument("--top", type=_positive, default=5, metavar="K", help="classes to print per input")
+    run.add_argument("--save", type=Path, metavar="OUT.npy", help="save the outputs")
+    run.add_argument("--time", action="store_true", help="print how long the run took")
     return parser
 
 
@@ -96,6 +129,10 @@ def run(argv: list[str]) -> int:
     path = args.net or default_net()
     if args.command == "compile":
         return _compile(path, args)
+    if args.command == "run":
+        from netdsl.run import run_command
+
+        return run_command(path, args)
     graph = load_graph(path, batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit)
     if args.command == "info":
         from netdsl.info import info_table

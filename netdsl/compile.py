@@ -124,10 +124,17 @@ def sm90_report(resources: dict[str, dict], launches: list[Launch]) -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     """Writes through a temporary file in the same folder and renames it into place."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    write_atomic_bytes(path, text.encode("utf-8"))
+
+
+def write_atomic_bytes(path: Path, data: bytes) -> None:
     try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as file:
-            file.write(text)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as error:
+        raise NetError(f"cannot write {path}: {error.strerror}", where=str(path)) from None
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
         os.replace(temporary, path)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)

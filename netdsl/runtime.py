@@ -38,6 +38,7 @@ from netdsl.launches import TORCH_DTYPES, load_kernel_file
 from netdsl.ops import OPS
 from netdsl.passes import Options
 from netdsl.reference import run_layers
+from netdsl.weights import fold_batchnorm, init_weights, weight_specs
 
 BACKENDS = ("torch", "triton")
 WEIGHTED_OPS = ("conv", "fc", "batchnorm")  # the ops whose weights a step takes (from its first such layer)
@@ -63,6 +64,7 @@ class Net:
         build_dir: str | Path | None = None,
         batch: int = 1,
         seed: int = 0,
+        init: str = "paper",
         check_inputs: bool = True,
     ) -> None:
         self.path = str(path)
@@ -74,6 +76,7 @@ class Net:
         self.dtype = dtype
         self.torch_dtype = TORCH_DTYPES[dtype]
         self.check_inputs = check_inputs
+        self.init = init  # the scheme of the default weights: netdsl.weights.init_weights
         self.compiled: Compiled = compile_net(path, Options(batch, dtype))
         self.program: nx.DiGraph = self.compiled.program
         self.layer_graph: nx.DiGraph = self.compiled.layers  # before folding: batch norms are still there
@@ -96,7 +99,7 @@ class Net:
             if step.kind == "input":
                 self.input_shapes.setdefault(step.first.name, tuple(step.shape))
         self.output_steps: dict[str, str] = dict(zip(self.layer_graph.graph["outputs"], self.program.graph["outputs"]))
-        self.weight_shapes = _weight_shapes(self.layer_graph)
+        self.weight_shapes = weight_specs(self.layer_graph)
 
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.build_dir: Path | None = None
@@ -171,12 +174,8 @@ class Net:
             name: torch.cuda.Stream(device=device) for name, device in self.devices.items() if device.type == "cuda"
         }
 
-    def _default_weights(self, seed: int) -> dict[str, torch.Tensor]:
-        try:
-            from netdsl.weights import init_weights
-        except ImportError:
-            return _init_weights(self.layer_graph, seed)
-        return init_weights(self.layer_graph, seed=seed)
+    def _default_weights(self, seed: int) -> dict[str, np.ndarray]:
+        return init_weights(self.layer_graph, seed=seed, scheme=self.init)
 
     # --- weights ----------------------------------------------------------------------------------
 
@@ -234,7 +233,13 @@ class Net:
         for bn_name in item.fields.get("folded", []):
             bn = self.layer_graph.nodes[bn_name]["layer"]
             stats = {key: tensors[f"{bn_name}.{key}"].double() for key in _layer_weight_shapes(bn)}
-            found = _fold_batchnorm(found, stats, bn.params["eps"])
+            folded = fold_batchnorm(
+                found["weight"].numpy(),
+                found["bias"].numpy() if "bias" in found else None,
+                {key: value.numpy() for key, value in stats.items()},
+                bn.params["eps"],
+            )
+            found = {"weight": torch.from_numpy(folded[0]), "bias": torch.from_numpy(folded[1])}
         device = self.devices[step.device]
         return {key: value.to(device=device, dtype=self.torch_dtype).contiguous() for key, value in found.items()}
 
@@ -446,41 +451,6 @@ def _layer_weight_shapes(item) -> dict[str, tuple[int, ...]]:
     if spec is None:
         return {}
     return {**spec.weights(item.params, item.input_shape), **spec.buffers(item.params, item.input_shape)}
-
-
-def _weight_shapes(graph: nx.DiGraph) -> dict[str, tuple[int, ...]]:
-    """`"<layer>.<tensor>"` -> shape for every weight and buffer of the (unfolded) layer graph."""
-    from netdsl.ir import layers
-
-    shapes = {}
-    for item in layers(graph):
-        for key, shape in _layer_weight_shapes(item).items():
-            shapes[f"{item.name}.{key}"] = tuple(shape)
-    return shapes
-
-
-def _fold_batchnorm(conv: dict[str, torch.Tensor], bn: dict[str, torch.Tensor], eps: float) -> dict[str, torch.Tensor]:
-    """conv then batch norm == one conv: w' = w * s, b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps)."""
-    scale = bn["weight"] / torch.sqrt(bn["running_var"] + eps)
-    weight = conv["weight"] * scale.reshape(-1, *([1] * (conv["weight"].dim() - 1)))
-    bias = conv.get("bias", torch.zeros_like(scale))
-    return {"weight": weight, "bias": (bias - bn["running_mean"]) * scale + bn["bias"]}
-
-
-def _init_weights(graph: nx.DiGraph, seed: int) -> dict[str, torch.Tensor]:
-    """He-normal weights, zero biases, identity batch norms (used until netdsl.weights provides one)."""
-    generator = torch.Generator().manual_seed(seed)
-    result = {}
-    for name, shape in _weight_shapes(graph).items():
-        key = name.rsplit(".", 1)[1]
-        if key == "weight" and len(shape) > 1:
-            fan_in = math.prod(shape[1:])
-            result[name] = torch.randn(shape, generator=generator) * math.sqrt(2.0 / fan_in)
-        elif key in ("weight", "running_var"):
-            result[name] = torch.ones(shape)
-        else:
-            result[name] = torch.zeros(shape)
-    return result
 
 
 def _fmt(shape) -> str:

@@ -1,0 +1,79 @@
+"""`netdsl run`: inputs in, top classes out; every bad input is a clear error with exit status 1."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from netdsl.cli import main
+from netdsl.runtime import Net
+
+ROOT = Path(__file__).resolve().parent.parent
+LENET = str(ROOT / "nets/lenet5.net")
+
+
+def top_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("input ")]
+
+
+def test_random_inputs_print_the_top_classes_and_save_the_outputs(tmp_path, capsys):
+    out = tmp_path / "out.npy"
+    assert main(["run", LENET, "--random", "3", "--top", "4", "--init", "he", "--save", str(out), "--time"]) == 0
+    printed = capsys.readouterr().out
+    assert len(top_lines(printed)) == 3 and "input(s) in" in printed
+    saved = np.load(out)
+    assert saved.shape == (3, 10)
+    # the same inputs and weights through the Python API give the same numbers
+    x = np.random.default_rng(0).standard_normal((3, 1, 32, 32), dtype=np.float32)
+    want = Net(LENET, backend="torch", init="he")(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(saved, want, rtol=1e-4, atol=1e-5)
+
+
+def test_npy_inputs_single_image_or_batch(tmp_path, capsys):
+    rng = np.random.default_rng(7)
+    one, batch = tmp_path / "one.npy", tmp_path / "batch.npy"
+    np.save(one, rng.standard_normal((1, 32, 32)).astype(np.float32))
+    np.save(batch, rng.standard_normal((2, 1, 32, 32)).astype(np.float32))
+    assert main(["run", LENET, "--input", str(one), str(batch), "--backend", "torch"]) == 0
+    assert len(top_lines(capsys.readouterr().out)) == 3
+
+
+def test_triton_and_torch_backends_agree(tmp_path, capsys):
+    outs = {}
+    for backend in ("triton", "torch"):
+        path = tmp_path / f"{backend}.npy"
+        assert main(["run", LENET, "--random", "2", "--init", "he", "--backend", backend, "--save", str(path)]) == 0
+        outs[backend] = np.load(path)
+    scale = np.abs(outs["torch"]).max()
+    assert np.abs(outs["triton"] - outs["torch"]).max() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize(
+    "make, args, message",
+    [
+        (lambda d: None, ["--input", "{d}/missing.npy"], "no such file"),
+        (lambda d: (d / "bad.npy").write_bytes(b"not numpy"), ["--input", "{d}/bad.npy"], "is not a .npy array"),
+        (lambda d: np.save(d / "shape.npy", np.ones((3, 32, 32))), ["--input", "{d}/shape.npy"], "has shape 3 x 32"),
+        (lambda d: np.save(d / "text.npy", np.array(["a"])), ["--input", "{d}/text.npy"], "not numbers"),
+        (lambda d: None, ["--devices", "gpu0"], "cannot read `gpu0`"),
+        (lambda d: None, ["--weights", "{d}/none.safetensors"], "none.safetensors"),
+        (lambda d: None, ["--random", "0"], "not a positive whole number"),
+    ],
+    ids=["missing", "corrupt", "shape", "strings", "devices", "weights", "random"],
+)
+def test_bad_inputs_are_clear_errors(tmp_path, capsys, make, args, message):
+    make(tmp_path)
+    assert main(["run", LENET, *(a.replace("{d}", str(tmp_path)) for a in args)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_nan_input_is_refused(tmp_path, capsys):
+    path = tmp_path / "nan.npy"
+    array = np.ones((1, 1, 32, 32), np.float32)
+    array[0, 0, 3, 4] = np.nan
+    np.save(path, array)
+    assert main(["run", LENET, "--input", str(path), "--backend", "torch", "--save", str(tmp_path / "o.npy")]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "o.npy").exists()  # nothing written half-way
