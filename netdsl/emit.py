@@ -60,19 +60,32 @@ FAMILIES: dict[str, Family] = {
         "lrn_pool_kernel",
         f"""
         {_JOIN}
-        return family.lrn(
-            x, P["size"], P["alpha"], P["beta"], P["k"], relu_first=P["relu_first"], out=out, kernel=KERNEL,
-        )""",
+        if out is None:
+            out = torch.empty_like(x)
+        width = x.shape[1] // P["groups"]
+        for start in range(0, x.shape[1], width):  # each group on its own channel slice: windows stop at its edges
+            part = slice(start, start + width)
+            family.lrn(
+                x[:, part], P["size"], P["alpha"], P["beta"], P["k"], relu_first=P["relu_first"], out=out[:, part],
+                kernel=KERNEL,
+            )
+        return out""",
     ),
     "lrn_maxpool": Family(
         "lrn",
         "lrn_pool_kernel",
         f"""
         {_JOIN}
-        return family.lrn_maxpool(
-            x, P["size"], P["alpha"], P["beta"], P["k"], P["pool_size"], P["pool_stride"], P["pool_pad"],
-            ceil_mode=P["ceil"], relu_first=P["relu_first"], out=out, kernel=KERNEL,
-        )""",
+        if out is None:
+            out = x.new_empty((x.shape[0], *OUTPUT_SHAPE))
+        width = x.shape[1] // P["groups"]
+        for start in range(0, x.shape[1], width):  # each group on its own channel slice: windows stop at its edges
+            part = slice(start, start + width)
+            family.lrn_maxpool(
+                x[:, part], P["size"], P["alpha"], P["beta"], P["k"], P["pool_size"], P["pool_stride"], P["pool_pad"],
+                ceil_mode=P["ceil"], relu_first=P["relu_first"], out=out[:, part], kernel=KERNEL,
+            )
+        return out""",
     ),
     "pool": Family(
         "pool",
@@ -145,7 +158,7 @@ def kernel_parameters(step: Step, input_precision: str) -> dict[str, object]:
         return params
     if step.kind in ("lrn", "lrn_maxpool"):
         norm = next(item for item in step.layers if item.op == "lrn")
-        params = {key: norm.params[key] for key in ("size", "alpha", "beta", "k")}
+        params = {key: norm.params[key] for key in ("size", "alpha", "beta", "k", "groups")}
         params["relu_first"] = bool(step.options.get("relu_first"))
         if step.kind == "lrn_maxpool":
             pool = step.last.params

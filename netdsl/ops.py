@@ -189,7 +189,11 @@ def _pool_shape(op: str) -> Callable[[dict, list[Shape]], Shape]:
 
 
 def _lrn_shape(p: dict, ins: list[Shape]) -> Shape:
-    _need_map("lrn", ins[0])
+    c = _need_map("lrn", ins[0])[0]
+    if c % p["groups"]:
+        raise ShapeError(
+            f"{c} channels cannot be split into {p['groups']} groups", hint="the channels must be a multiple of groups"
+        )
     return ins[0]
 
 
@@ -288,6 +292,7 @@ OPS: dict[str, OpSpec] = {
                 Param("alpha", "float", 1e-4, minimum=0, doc="scale of the sum of squares (not divided by size)"),
                 Param("beta", "float", 0.75, minimum=0, doc="exponent"),
                 Param("k", "float", 2.0, minimum=0, doc="additive constant"),
+                Param("groups", "int", 1, minimum=1, doc="channel groups normalized apart (windows stop at edges)"),
             ),
             positional=("size",),
             shape=_lrn_shape,

@@ -47,7 +47,8 @@ def apply(op: str, params: dict, inputs: list[torch.Tensor], weights: dict[str, 
     if op == "leaky_relu":
         return F.leaky_relu(x, params["slope"])
     if op == "lrn":
-        return lrn(x, params["size"], params["alpha"], params["beta"], params["k"])
+        groups = x.chunk(params.get("groups", 1), dim=1)  # each group normalized apart, as one tower was
+        return torch.cat([lrn(g, params["size"], params["alpha"], params["beta"], params["k"]) for g in groups], dim=1)
     if op == "maxpool":
         return F.max_pool2d(x, params["size"], params["stride"], params["pad"], ceil_mode=params["ceil"])
     if op == "avgpool":

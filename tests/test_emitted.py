@@ -111,3 +111,15 @@ def test_a_generated_file_runs_by_hand(tmp_path):
     assert result.returncode == 0, result.stderr
     error = float(result.stdout.rsplit("max error ", 1)[1].split()[0])
     assert error < TOLERANCE["fp32"]
+
+
+def test_grouped_lrn_equals_lrn_per_group(tmp_path):
+    text = "input x: 8 x 9 x 9\ny = lrn(x, 5, alpha=0.5, beta=0.75, k=1, groups=2) | maxpool(3, stride=2)\n"
+    out = build_dir(tmp_path, text, "grouped")
+    (path,) = (out / "kernels").glob("*.py")
+    module = load_kernel_file(path)
+    x = torch.randn(2, 8, 9, 9, generator=torch.Generator().manual_seed(5))
+    got = module.launch([x], {})
+    halves = [torch.nn.functional.local_response_norm(h, 5, alpha=0.5 * 5, beta=0.75, k=1) for h in x.chunk(2, 1)]
+    want = torch.nn.functional.max_pool2d(torch.cat(halves, 1), 3, 2)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= TOLERANCE["fp32"]

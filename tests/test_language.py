@@ -245,7 +245,7 @@ def test_presets_fill_in_parameters_and_calls_override_them():
         """
     )
     assert layer(graph, "a").op == "lrn"
-    assert layer(graph, "a").params == {"size": 3, "alpha": 1e-3, "beta": 0.75, "k": 1.0}
+    assert layer(graph, "a").params == {"size": 3, "alpha": 1e-3, "beta": 0.75, "k": 1.0, "groups": 1}
     assert layer(graph, "b").op == "conv"
     assert layer(graph, "b").params["bias"] is False
     assert shape(graph, "b") == (4, 8, 8)
@@ -934,3 +934,12 @@ def test_constant_defined_per_tower_reports_its_towers():
 
     with pytest.raises(NetError, match="has one value per tower"):
         build("input x: 4\ntowers a, b { const n = 3 }\ny = fc(x, n)\n")
+
+
+def test_lrn_groups_normalize_each_group_apart():
+    graph = build("input x: 8 x 4 x 4\ny = lrn(x, 3, groups=2)\n")
+    assert layer(graph, "y").params["groups"] == 2
+    from netdsl import NetError
+
+    with pytest.raises(NetError, match="6 channels cannot be split into 4 groups"):
+        build("input x: 6 x 4 x 4\ny = lrn(x, 3, groups=4)\n")

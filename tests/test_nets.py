@@ -146,10 +146,10 @@ def test_alexnet_1gpu_shapes():
         assert layer(graph, name).shape == shape, name
     assert {layer(graph, n).params["groups"] for n in ("conv2", "conv4", "conv5")} == {2}
     assert {layer(graph, n).params["groups"] for n in ("conv1", "conv3")} == {1}
-    # The LRN is the paper's (k=2, n=5, alpha=1e-4 not divided by n, beta=0.75), over all channels here.
+    # The LRN is the paper's (k=2, n=5, alpha=1e-4 not divided by n, beta=0.75), each tower's half apart.
     norm = layer(graph, "conv1.norm")
     assert (norm.op, norm.input_shape[0]) == ("lrn", 96)
-    assert norm.params == {"size": 5, "alpha": 1e-4, "beta": 0.75, "k": 2.0}
+    assert norm.params == {"size": 5, "alpha": 1e-4, "beta": 0.75, "k": 2.0, "groups": 2}
     assert set(totals(graph)[1]) == {"gpu0"}
 
 
