@@ -30,9 +30,7 @@ def _launch(program: nx.DiGraph, step: Step, views: dict[str, str], kernels: dic
         entry["kernel"] = kernels[step.name]
     if step.options:
         entry["options"] = {key: step.options[key] for key in sorted(step.options)}
-    waits = [
-        f"done:{name}" for name in step.inputs if program.nodes[name]["step"].device != step.device
-    ]
+    waits = [f"done:{name}" for name in step.inputs if program.nodes[name]["step"].device != step.device]
     if waits:
         entry["wait"] = waits
     if any(program.nodes[reader]["step"].device != step.device for reader in program.successors(step.name)):
@@ -52,9 +50,7 @@ def build_plan(program: nx.DiGraph, options, kernels: dict[str, str] | None = No
             "arena_elements": program.graph["arena"][device],
             "launches": [_launch(program, step, views, kernels) for step in steps if step.kind != "view"],
             "buffers": {
-                name: {"offset": buffers[name].offset, "size": buffers[name].size}
-                for name in order
-                if name in buffers
+                name: {"offset": buffers[name].offset, "size": buffers[name].size} for name in order if name in buffers
             },
         }
     by_layer = {}
