@@ -52,6 +52,7 @@ def conv_lrn_pool_kernel(
     POOL_KH: tl.constexpr, POOL_KW: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # of the conv GEMM: "ieee" or "tf32"; ignored for 16-bit inputs
     LRN_PIECES: tl.constexpr,  # bf16 pieces the squares are split into for the band product
+    BF16_BAND: tl.constexpr,  # False under Triton's interpreter, whose bf16 tl.dot is wrong: one fp32 product
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     KHW: tl.constexpr = KH * KW
@@ -78,7 +79,9 @@ def conv_lrn_pool_kernel(
     rows = offs_n[:, None]
     cols = offs_n[None, :]
     # (Through an fp32 where: Triton's interpreter turns a bool cast straight to bf16 into raw bits.)
-    band = tl.where((cols >= rows - LO) & (cols <= rows + HI) & (cols < C_OUT_G), 1.0, 0.0).to(tl.bfloat16)
+    band = tl.where((cols >= rows - LO) & (cols <= rows + HI) & (cols < C_OUT_G), 1.0, 0.0)
+    if BF16_BAND:
+        band = band.to(tl.bfloat16)
 
     result = tl.full((BLOCK_N, BLOCK_P), float("-inf"), tl.float32)
     # A loop, not unrolled: each window offset is a whole implicit GEMM.
@@ -120,11 +123,14 @@ def conv_lrn_pool_kernel(
         # product runs on tensor cores with a 0/1 matrix that is exact in bf16: 2 pieces keep ~16 mantissa bits,
         # 3 all of fp32's 24. An fp32 band would hold twice the registers.
         rest = a * a
-        sums = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
-        for _ in tl.static_range(LRN_PIECES):
-            piece = rest.to(tl.bfloat16)
-            sums = tl.dot(band, piece, acc=sums)
-            rest -= piece.to(tl.float32)
+        if BF16_BAND:
+            sums = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
+            for _ in tl.static_range(LRN_PIECES):
+                piece = rest.to(tl.bfloat16)
+                sums = tl.dot(band, piece, acc=sums)
+                rest -= piece.to(tl.float32)
+        else:
+            sums = tl.dot(band, rest, input_precision="ieee")
         lrn = a * tl.exp2(-beta * tl.log2(k + alpha * sums))
         lrn = tl.where(inside[None, :], lrn, float("-inf"))
         result = tl.maximum(result, lrn, propagate_nan=tl.PropagateNan.ALL)
@@ -256,6 +262,14 @@ def conv_lrn_maxpool_launch(
         raise ValueError(f"conv bias has shape {tuple(bias.shape)}, expected ({c_out},)")
     c_out_group = c_out // groups
     _check_channels(c_out_group)
+    if config is None and x.device.type == "cpu":  # the interpreter runs one program at a time: big tiles
+        config = {
+            "BLOCK_N": max(16, triton.next_power_of_2(c_out_group)),
+            "BLOCK_P": 256,
+            "BLOCK_K": 128,
+            "num_warps": 4,
+            "num_stages": 1,
+        }
     config = dict(config or pick_config(c_out_group, x.dtype, input_precision))
     if config["BLOCK_N"] < c_out_group:
         raise ValueError(f"BLOCK_N={config['BLOCK_N']} cannot hold the {c_out_group} output channels of a group")
@@ -286,6 +300,7 @@ def conv_lrn_maxpool_launch(
         "pool_pad_h": pool_pads[0], "pool_pad_w": pool_pads[1],
         "KH": kh, "KW": kw, "LRN_SIZE": lrn_size, "POOL_KH": window[0], "POOL_KW": window[1],
         "INPUT_PRECISION": input_precision, "LRN_PIECES": 3 if _exact_fp32(x.dtype, input_precision) else 2,
+        "BF16_BAND": x.device.type != "cpu",
         **config,
     }  # fmt: skip
     return grid, arguments

@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import networkx as nx
 
-from netdsl.fuse import Step
 from netdsl.ir import Layer, layers
 from netdsl.stats import layer_stats
 from netdsl.validate import DTYPE_BYTES
+
+if TYPE_CHECKING:
+    from netdsl.fuse import Step
 
 HBM_BYTES_PER_S = 3.35e12
 NVLINK_BYTES_PER_S = 450e9  # one direction of the H100 SXM's NVLink
 CUDA_CORE_FLOPS = 67e12
 TENSOR_CORE_FLOPS = {"fp32": 67e12, "tf32": 495e12, "bf16": 990e12, "fp16": 990e12}
-MATMUL_KINDS = {"conv", "fc"}
+MATMUL_KINDS = {"conv", "fc", "conv_lrn_maxpool"}
+STAGE_MAX_CHANNELS = 128  # the stage kernel holds every channel of a group in one tile
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ def step_cost(program: nx.DiGraph, step: Step, batch: int, dtype: str) -> Cost:
     if step.kind == "transfer":
         return _cost(step.name, step.kind, step.device, 0.0, written, dtype)
     flops = sum(_layer_flops(item) for item in step.layers) * batch
+    if step.kind == "conv_lrn_maxpool":  # conv, ReLU and LRN are recomputed where pooling windows overlap
+        flops += sum(_layer_flops(item) for item in step.layers[:-1]) * batch * (_overlap(step.layers[-1]) - 1)
     if step.kind == "lrn_maxpool":  # LRN is recomputed where pooling windows overlap
         pool = step.layers[-1]
         overlap = math.prod(pool.params["size"]) / math.prod(pool.params["stride"])
@@ -111,3 +117,40 @@ def unfused_costs(graph: nx.DiGraph, batch: int, dtype: str) -> list[Cost]:
         elements = read + written + _weight_elements(item)
         costs.append(_cost(item.name, item.op, item.device, _layer_flops(item) * batch, elements, dtype))
     return costs
+
+
+def _overlap(pool: Layer) -> float:
+    """How many pooling windows cover an input pixel on average: the recompute factor of fusing
+    what comes before the pool into it."""
+    return max(1.0, math.prod(pool.params["size"]) / math.prod(pool.params["stride"]))
+
+
+def stage_fusion_wins(stage: list[Layer], batch: int, dtype: str) -> bool:
+    """Whether conv + ReLU + LRN + max-pool as one kernel beats the conv kernel then the LRN + max-pool one."""
+    apart, together = stage_floors(stage, batch, dtype)
+    return together < apart
+
+
+def stage_floors(stage: list[Layer], batch: int, dtype: str) -> tuple[float, float]:
+    """Roofline floors (s) of conv + ReLU + LRN + max-pool as two kernels and as one. The one kernel
+    never writes the conv's output but recomputes conv, ReLU and LRN where pooling windows overlap
+    (2.25x for 3x3 stride 2); matmul and CUDA-core work are counted one after the other."""
+    conv, relu, norm, pool = stage
+    width = DTYPE_BYTES[dtype]
+    conv_in = math.prod(conv.input_shape) * batch
+    conv_out = math.prod(conv.shape) * batch
+    pooled = math.prod(pool.shape) * batch
+    weights = _weight_elements(conv)
+    conv_flops, relu_flops = _layer_flops(conv) * batch, _layer_flops(relu) * batch
+    norm_flops, pool_flops = _layer_flops(norm) * batch, _layer_flops(pool) * batch
+    overlap = _overlap(pool)
+
+    def floor(matmul: float, other: float, elements: float) -> float:
+        compute = matmul / peak_flops("conv", dtype) + other / CUDA_CORE_FLOPS
+        return max(compute, elements * width / HBM_BYTES_PER_S)
+
+    apart = floor(conv_flops, relu_flops, conv_in + weights + conv_out) + floor(
+        0.0, norm_flops * overlap + pool_flops, conv_out + pooled
+    )
+    together = floor(conv_flops * overlap, (relu_flops + norm_flops) * overlap + pool_flops, conv_in + weights + pooled)
+    return apart, together

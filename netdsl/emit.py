@@ -44,6 +44,20 @@ FAMILIES: dict[str, Family] = {
             input_precision=P["input_precision"], out=out, kernel=KERNEL,
         )""",
     ),
+    "conv_lrn_maxpool": Family(
+        "conv_lrn_pool",
+        "conv_lrn_pool_kernel",
+        f"""
+        {_JOIN}
+        bias = weights.get("bias")
+        if bias is None:
+            bias = x.new_zeros(weights["weight"].shape[0])
+        return family.conv_lrn_maxpool(
+            x, weights["weight"], bias, P["stride"], P["pad"], P["dilation"], P["groups"], P["size"], P["alpha"],
+            P["beta"], P["k"], P["pool_size"], P["pool_stride"], P["pool_pad"], ceil_mode=P["ceil"],
+            input_precision=P["input_precision"], out=out, kernel=KERNEL,
+        )""",
+    ),
     "fc": Family(
         "fc",
         "linear_kernel",
@@ -156,6 +170,20 @@ def kernel_parameters(step: Step, input_precision: str) -> dict[str, object]:
         if step.kind == "conv":
             params.update(stride=p["stride"], pad=p["pad"], dilation=p["dilation"], groups=p["groups"])
         return params
+    if step.kind == "conv_lrn_maxpool":
+        conv, _, norm, pool = step.layers
+        return {
+            "stride": conv.params["stride"],
+            "pad": conv.params["pad"],
+            "dilation": conv.params["dilation"],
+            "groups": conv.params["groups"],
+            "input_precision": input_precision,
+            **{key: norm.params[key] for key in ("size", "alpha", "beta", "k")},
+            "pool_size": pool.params["size"],
+            "pool_stride": pool.params["stride"],
+            "pool_pad": pool.params["pad"],
+            "ceil": pool.params["ceil"],
+        }
     if step.kind in ("lrn", "lrn_maxpool"):
         norm = next(item for item in step.layers if item.op == "lrn")
         params = {key: norm.params[key] for key in ("size", "alpha", "beta", "k", "groups")}

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
+from netdsl.cost import STAGE_MAX_CHANNELS, stage_fusion_wins
 from netdsl.ir import Layer, Shape, layer, layers
 
 ACTIVATIONS = {"relu", "leaky_relu"}
@@ -47,7 +48,7 @@ class Step:
         return self.layers[-1]
 
 
-def fuse(graph: nx.DiGraph) -> nx.DiGraph:
+def fuse(graph: nx.DiGraph, batch: int = 1, dtype: str = "fp32") -> nx.DiGraph:
     """Layer graph -> step graph (nodes keyed by step name, attribute `step`)."""
     claimed: dict[str, str] = {}  # layer name -> step name whose output it is (or that computes it)
     steps: list[Step] = []
@@ -55,7 +56,7 @@ def fuse(graph: nx.DiGraph) -> nx.DiGraph:
     for item in layers(graph):
         if item.name in claimed:
             continue
-        group, kind, options = _match(graph, item)
+        group, kind, options = _match(graph, item, batch, dtype)
         step = Step(_step_name(group, kind, options, names), kind, group, [], item.device, group[-1].shape, options)
         names.add(step.name)
         for member in group:
@@ -90,7 +91,26 @@ def _only_reader(graph: nx.DiGraph, item: Layer, op: set[str]) -> Layer | None:
     return reader
 
 
-def _match(graph: nx.DiGraph, item: Layer) -> tuple[list[Layer], str, dict]:
+def _stage(graph: nx.DiGraph, conv: Layer) -> list[Layer] | None:
+    """conv -> relu -> lrn -> maxpool, each the only reader of the one before, on one device, with every
+    channel of a conv group in one tile and the LRN normalizing exactly the conv's groups."""
+    relu = _only_reader(graph, conv, {"relu"})
+    norm = relu and _only_reader(graph, relu, {"lrn"})
+    pool = norm and _only_reader(graph, norm, {"maxpool"})
+    if pool is None or len(conv.inputs) != 1:
+        return None
+    groups = conv.params["groups"]
+    if conv.params["filters"] // groups > STAGE_MAX_CHANNELS or norm.params["groups"] != groups:
+        return None
+    return [conv, relu, norm, pool]
+
+
+def _match(graph: nx.DiGraph, item: Layer, batch: int, dtype: str) -> tuple[list[Layer], str, dict]:
+    if item.op == "conv":
+        stage = _stage(graph, item)
+        if stage is not None and stage_fusion_wins(stage, batch, dtype):  # the cost model decides
+            folded = bool(item.fields.get("folded"))
+            return stage, "conv_lrn_maxpool", {"bias": item.params["bias"] or folded, "folded": folded}
     if item.op in ("conv", "fc"):
         folded = bool(item.fields.get("folded"))  # a batch norm folded in brings a bias of its own
         group, options = [item], {"bias": item.params["bias"] or folded, "folded": folded, "activation": "none"}
@@ -103,7 +123,7 @@ def _match(graph: nx.DiGraph, item: Layer) -> tuple[list[Layer], str, dict]:
     if item.op == "relu":
         norm = _only_reader(graph, item, {"lrn"})
         if norm is not None:
-            group, kind, options = _match(graph, norm)
+            group, kind, options = _match(graph, norm, batch, dtype)
             return [item, *group], kind, {**options, "relu_first": True}
     if item.op == "lrn":
         pool = _only_reader(graph, item, {"maxpool"})
@@ -149,8 +169,12 @@ def _step_name(group: list[Layer], kind: str, options: dict, taken: set[str]) ->
     """`conv2_gpu1_conv_bias_relu`: the first layer's name and device, then what the kernel does."""
     base = group[0].name.split("@")[0]
     what = [member.op for member in group]
-    if kind in ("conv", "fc"):
-        what = [kind, *(["bn"] if options.get("folded") else []), *(["bias"] if options.get("bias") else [])]
+    if kind in ("conv", "fc", "conv_lrn_maxpool"):
+        what = [
+            "conv" if kind == "conv_lrn_maxpool" else kind,
+            *(["bn"] if options.get("folded") else []),
+            *(["bias"] if options.get("bias") else []),
+        ]
         what += [m.op for m in group[1:]]
     name = identifier(f"{base}_{group[0].device}_{'_'.join(what)}")
     unique, number = name, 1

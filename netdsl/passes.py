@@ -62,7 +62,7 @@ PIPELINE: list[Pass] = [
     Pass("shapes", lambda g, o: infer_shapes(g), "infer every layer's output shape"),
     Pass("limits", _limits, "check each device's memory limit"),
     Pass("fold", lambda g, o: fold_inference(g), "drop dropout, fold batch norm into the conv before it"),
-    Pass("fuse", lambda g, o: fuse(g), "group layers into kernels"),
+    Pass("fuse", lambda g, o: fuse(g, o.batch, o.dtype), "group layers into kernels (the cost model picks some)"),
     Pass("place", lambda g, o: place(g), "partition by device, insert transfers"),
     Pass("plan_memory", lambda g, o: plan_memory(g), "assign buffer offsets with reuse"),
 ]

@@ -3,11 +3,9 @@ with totals for the fused plan and for an unfused plan (one kernel per layer), a
 
 from __future__ import annotations
 
-import math
-
 import networkx as nx
 
-from netdsl.cost import HBM_BYTES_PER_S, Cost, fused_costs, peak_flops, unfused_costs
+from netdsl.cost import Cost, fused_costs, stage_floors, unfused_costs
 from netdsl.tables import format_table
 from netdsl.validate import DTYPE_BYTES, format_bytes
 
@@ -67,7 +65,7 @@ def cost_report(program: nx.DiGraph, layer_graph: nx.DiGraph, batch: int, dtype:
             f"transfers between devices: {len(transfers)}, {sum(c.bytes for c in transfers) / 1e6:,.3f} MB, "
             f"{sum(c.seconds for c in transfers) * 1e6:,.1f} us over NVLink"
         )
-    lines += _explored(program, fused, batch, dtype)
+    lines += _explored(program, batch, dtype)
     lines += ["", "memory plan (activations, with buffer reuse vs one buffer per step):"]
     width = DTYPE_BYTES[dtype] * batch
     for device, elements in program.graph["arena"].items():
@@ -76,36 +74,30 @@ def cost_report(program: nx.DiGraph, layer_graph: nx.DiGraph, batch: int, dtype:
     return "\n".join(lines) + "\n"
 
 
-def _explored(program: nx.DiGraph, fused: list[Cost], batch: int, dtype: str) -> list[str]:
-    """What the cost model says of one kernel for conv + ReLU + LRN + max-pool, which is not emitted.
-
-    Such a kernel needs a tile holding every channel of the tower (48 or 128 in AlexNet, for the LRN
-    window) and a halo of conv outputs around each pooled tile (pooling windows overlap). It would save
-    writing the conv's output and reading it back; the estimate counts that and ignores the halo.
-    """
-    by_name = {cost.name: cost for cost in fused}
+def _explored(program: nx.DiGraph, batch: int, dtype: str) -> list[str]:
+    """The cost model's verdict on each conv + ReLU + LRN + max-pool stage: one kernel or two."""
     lines = []
     for name in program.nodes:
         step = program.nodes[name]["step"]
-        if step.kind != "lrn_maxpool" or len(step.inputs) != 1:
+        if step.kind == "conv_lrn_maxpool":
+            stage, verdict = step.layers, "one kernel"
+        elif step.kind == "lrn_maxpool" and len(step.inputs) == 1:
+            conv = program.nodes[step.inputs[0]]["step"]
+            stage = conv.layers + step.layers
+            if [item.op for item in stage] != ["conv", "relu", "lrn", "maxpool"]:
+                continue
+            verdict = "two kernels"
+        else:
             continue
-        conv = program.nodes[step.inputs[0]]["step"]
-        if conv.kind != "conv" or program.out_degree(conv.name) != 1:
-            continue
-        a, b = by_name[conv.name], by_name[step.name]
-        kept = 2 * math.prod(conv.shape) * batch * DTYPE_BYTES[dtype]  # written once, read once
-        nbytes = a.bytes + b.bytes - kept
-        compute = a.flops / peak_flops("conv", dtype) + b.flops / peak_flops("lrn_maxpool", dtype)
-        floor = max(compute, nbytes / HBM_BYTES_PER_S)
+        apart, together = stage_floors(stage, batch, dtype)
         lines.append(
-            f"  {conv.name} + {step.name}: {nbytes / 1e6:,.1f} MB instead of {(a.bytes + b.bytes) / 1e6:,.1f},"
-            f" floor {floor * 1e6:,.2f} us instead of {(a.seconds + b.seconds) * 1e6:,.2f}"
+            f"  {stage[0].name}: two kernels {apart * 1e6:,.2f} us, one kernel {together * 1e6:,.2f} us -> {verdict}"
         )
     if not lines:
         return []
     return [
         "",
-        "explored, not emitted: conv + ReLU + LRN + max-pool in one kernel (a tile with every channel of a",
-        "tower and a pooling halo); the cost model's estimate for each conv whose output only the LRN reads:",
+        "conv + ReLU + LRN + max-pool stages: one kernel saves writing and reading the conv's output but",
+        "recomputes conv and LRN where pooling windows overlap; the roofline floors decide:",
         *lines,
     ]

@@ -123,8 +123,8 @@ def test_report_compares_fused_and_unfused(tmp_path):
     saving = float(report.split("fusion saves ")[1].split("%")[0])
     assert saving > 20  # LRN+pool fusion and ReLU epilogues remove whole passes over the activations
     assert "gpu0: peak" in report and "without reuse" in report
-    explored = report.split("explored, not emitted")[1].split("memory plan")[0]
-    assert explored.count("conv1_gpu0_conv_bias_relu + conv1_norm_gpu0_lrn_maxpool") == 1
+    verdicts = report.split("the roofline floors decide:")[1].split("memory plan")[0]
+    assert verdicts.count("conv1@gpu0: two kernels") == 1 and "-> two kernels" in verdicts
 
 
 def test_compile_writes_kernels_plan_and_report(tmp_path):
@@ -279,3 +279,20 @@ def test_every_mutant_that_builds_also_compiles():
             cost_report(program, graph, 2, "bf16")
             compiled += 1
     assert compiled > 20
+
+
+def test_the_cost_model_picks_the_one_kernel_stage_where_it_wins():
+    from netdsl.cost import stage_floors
+
+    for dtype, batch in [("fp32", 1), ("bf16", 128), ("tf32", 128)]:
+        program = program_of(ROOT / "nets/alexnet.net", batch=batch, dtype=dtype)
+        for step in steps(program):
+            if step.kind == "conv_lrn_maxpool":
+                apart, together = stage_floors(step.layers, batch, dtype)
+                assert together < apart
+            elif step.kind == "lrn_maxpool":
+                conv = program.nodes[step.inputs[0]]["step"]
+                apart, together = stage_floors(conv.layers + step.layers, batch, dtype)
+                assert together >= apart
+    fused = [s.name for s in steps(program_of(ROOT / "nets/alexnet.net", batch=128, dtype="tf32"))]
+    assert "conv1_gpu0_conv_bias_relu_lrn_maxpool" in fused  # conv1 at TF32: one kernel wins
