@@ -96,8 +96,9 @@ def _parser() -> argparse.ArgumentParser:
         "--input",
         nargs="+",
         type=Path,
-        metavar="X.npy",
-        help="arrays of one image (C x H x W) or a batch (N x C x H x W)",
+        metavar="FILE",
+        help="images (.jpg, .png, ...: shorter side to 256, centre crop, mean subtracted) or .npy arrays of one "
+        "image (C x H x W) or a batch (N x C x H x W)",
     )
     source.add_argument("--random", type=_positive, metavar="N", help="N random images (the default: 1)")
     run.add_argument("--weights", type=Path, help="a safetensors file (default: the paper's initialization)")
@@ -116,8 +117,9 @@ def _parser() -> argparse.ArgumentParser:
         help="the generated Triton kernels (the default; Triton's interpreter on a CPU) or PyTorch ops",
     )
     run.add_argument("--top", type=_positive, default=5, metavar="K", help="classes to print per input")
+    run.add_argument("--labels", type=Path, metavar="FILE", help="class names, one a line, in class order")
     run.add_argument("--save", type=Path, metavar="OUT.npy", help="save the outputs")
-    run.add_argument("--time", action="store_true", help="print how long the run took")
+    run.add_argument("--time", action="store_true", help="time each step and partition, and show each device's memory")
     return parser
 
 

@@ -11,6 +11,8 @@ import numpy as np
 
 from netdsl.compile import write_atomic_bytes
 from netdsl.errors import NetError
+from netdsl.tables import format_table
+from netdsl.validate import format_bytes
 
 
 def parse_devices(text: str | None) -> dict[str, str] | None:
@@ -26,10 +28,62 @@ def parse_devices(text: str | None) -> dict[str, str] | None:
     return mapping
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+# The mean RGB value of ImageNet's training images (0-255): the paper subtracts the mean activity.
+IMAGENET_MEAN = (123.68, 116.78, 103.94)
+
+
+def read_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """An image prepared as the paper did: the shorter side scaled to 256, the centre cropped to the
+    net's input size, the mean subtracted; C x H x W float32 (RGB, or gray for one channel)."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise NetError("reading images needs Pillow", where=str(path), hint="pip install 'netdsl[images]'") from None
+    channels, height, width = shape
+    if channels not in (1, 3):
+        raise NetError(
+            f"the net takes {channels}-channel inputs; images give 1 or 3",
+            where=str(path),
+            hint="give the input as a .npy array",
+        )
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB" if channels == 3 else "L")
+            scale = 256 / min(image.size)
+            size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+            image = image.resize(size, Image.BILINEAR)
+            left, top = (image.width - width) // 2, (image.height - height) // 2
+            pixels = np.asarray(image.crop((left, top, left + width, top + height)), dtype=np.float32)
+    except FileNotFoundError:
+        raise NetError(f"no such file: {path}", where=str(path)) from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise NetError(f"cannot read {path} as an image ({error})", where=str(path)) from None
+    if channels == 1:
+        return (pixels - float(np.mean(IMAGENET_MEAN)))[None]
+    return (pixels - np.asarray(IMAGENET_MEAN, dtype=np.float32)).transpose(2, 0, 1)
+
+
+def read_labels(path: Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    try:
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise NetError(
+            f"cannot read the labels in {path} ({error})",
+            where=str(path),
+            hint="one class name per line, in class order",
+        ) from None
+
+
 def read_inputs(paths: list[Path], shape: tuple[int, ...]) -> np.ndarray:
-    """Stacks .npy arrays of one image or a batch each into one float32 batch of `shape` images."""
+    """Stacks images and .npy arrays (one image or a batch each) into one float32 batch of `shape` images."""
     batches = []
     for path in paths:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            batches.append(read_image(path, shape)[None])
+            continue
         try:
             array = np.load(path, allow_pickle=False)
         except FileNotFoundError:
@@ -76,8 +130,12 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
     else:
         generator = np.random.default_rng(args.seed)
         x = generator.standard_normal((args.random or 1, *shape), dtype=np.float32)
+    labels = read_labels(args.labels)
     start = time.perf_counter()
-    y = net(torch.from_numpy(x))
+    if args.time:
+        y, step_times = net.profile(torch.from_numpy(x))
+    else:
+        y = net(torch.from_numpy(x))
     seconds = time.perf_counter() - start
     if isinstance(y, dict):
         name, y = next(iter(y.items()))
@@ -86,14 +144,35 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
     k = min(args.top, scores.shape[1])
     values, indices = scores.topk(k, dim=1)
     for i in range(scores.shape[0]):
-        ranked = ", ".join(f"{int(c)}: {float(v):.4f}" for v, c in zip(values[i], indices[i]))
+        ranked = ", ".join(f"{_label(labels, int(c))}: {float(v):.4f}" for v, c in zip(values[i], indices[i]))
         print(f"input {i}: top {k}: {ranked}")
     if args.save:
         _save(args.save, scores.numpy())
     if args.time:
         where = ", ".join(sorted({str(device) for device in net.devices.values()}))
-        print(f"{scores.shape[0]} input(s) in {seconds * 1e3:.1f} ms on {where} ({args.backend} backend)")
+        print(
+            f"{scores.shape[0]} input(s) in {seconds * 1e3:.1f} ms on {where} ({args.backend} backend, "
+            "steps timed one at a time)"
+        )
+        print("\n".join(_time_tables(net, step_times, scores.shape[0])))
     return 0
+
+
+def _label(labels: list[str] | None, index: int) -> str:
+    return labels[index] if labels and index < len(labels) and labels[index] else str(index)
+
+
+def _time_tables(net, step_times: dict[str, float], batch: int) -> list[str]:
+    steps = net.program.graph["partitions"]
+    rows = [
+        (device, f"{sum(step_times[n] for n in names):,.2f}", format_bytes(arena), format_bytes(weights))
+        for device, names in steps.items()
+        for arena, weights in [net.memory(batch)[device]]
+    ]
+    lines = ["", *format_table(("device", "ms", "activations (arena)", "weights"), rows, left={0}), ""]
+    kinds = {name: net.program.nodes[name]["step"].kind for name in step_times}
+    rows = [(name, kinds[name], f"{ms:,.3f}") for name, ms in step_times.items() if kinds[name] != "view"]
+    return lines + format_table(("step", "kind", "ms"), rows, left={0, 1})
 
 
 def _save(path: Path, array: np.ndarray) -> None:

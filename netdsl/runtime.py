@@ -24,6 +24,7 @@ import itertools
 import math
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -256,6 +257,36 @@ class Net:
                     self._run_step(name, views, inputs)
             outputs = {name: views[step].clone() for name, step in self.output_steps.items()}
         return next(iter(outputs.values())) if len(outputs) == 1 else outputs
+
+    def profile(self, x) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict[str, float]]:
+        """Runs one batch step by step, partitions one after another, and times every step (ms):
+        CUDA events on a GPU, the wall clock on the CPU. Returns the outputs and the times."""
+        inputs, batch = self._take_inputs(x)
+        views = self.views(batch)
+        times: dict[str, float] = {}
+        with torch.no_grad():
+            for name in self._order:
+                if self.devices[self._steps[name].device].type == "cuda":
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    self._run_step(name, views, inputs)
+                    end.record()
+                    end.synchronize()
+                    times[name] = start.elapsed_time(end)
+                else:
+                    began = time.perf_counter()
+                    self._run_step(name, views, inputs)
+                    times[name] = (time.perf_counter() - began) * 1e3
+            outputs = {name: views[step].clone() for name, step in self.output_steps.items()}
+        return (next(iter(outputs.values())) if len(outputs) == 1 else outputs), times
+
+    def memory(self, batch: int) -> dict[str, tuple[int, int]]:
+        """Per logical device: bytes of its activation arena at `batch`, and bytes of its weights."""
+        width = torch.empty((), dtype=self.torch_dtype).element_size()
+        weights = dict.fromkeys(self._partitions, 0)
+        for name, tensors in self._step_weights.items():
+            weights[self._steps[name].device] += sum(t.numel() * t.element_size() for t in tensors.values())
+        return {device: (self._arena_elements[device] * batch * width, weights[device]) for device in self._partitions}
 
     def _run_step(self, name: str, views: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
         step = self._steps[name]

@@ -77,3 +77,42 @@ def test_nan_input_is_refused(tmp_path, capsys):
     assert main(["run", LENET, "--input", str(path), "--backend", "torch", "--save", str(tmp_path / "o.npy")]) == 1
     assert "Traceback" not in capsys.readouterr().err
     assert not (tmp_path / "o.npy").exists()  # nothing written half-way
+
+
+def test_images_are_prepared_as_in_the_paper_and_labels_name_the_classes(tmp_path, capsys):
+    from PIL import Image
+
+    from netdsl.run import IMAGENET_MEAN, read_image
+
+    rng = np.random.default_rng(3)
+    pixels = (rng.random((300, 400, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    x = read_image(tmp_path / "wide.png", (3, 227, 227))
+    assert x.shape == (3, 227, 227) and x.dtype == np.float32
+    # shorter side 300 -> 256 (so 400 -> 341), then the centre 227 x 227; the mean subtracted per channel
+    resized = np.asarray(Image.fromarray(pixels).resize((341, 256), Image.BILINEAR), dtype=np.float32)
+    top, left = (256 - 227) // 2, (341 - 227) // 2
+    want = resized[top : top + 227, left : left + 227] - np.asarray(IMAGENET_MEAN, dtype=np.float32)
+    np.testing.assert_allclose(x, want.transpose(2, 0, 1), rtol=0, atol=1e-4)
+
+    Image.fromarray(pixels[:, :, 0]).save(tmp_path / "gray.png")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"digit {i}\n" for i in range(10)))
+    assert (
+        main(["run", LENET, "--input", str(tmp_path / "gray.png"), "--labels", str(labels), "--backend", "torch"]) == 0
+    )
+    assert "top 5: digit " in capsys.readouterr().out
+
+
+def test_an_unreadable_image_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "bad.jpg").write_text("not an image")
+    assert main(["run", LENET, "--input", str(tmp_path / "bad.jpg")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "as an image" in err and "Traceback" not in err
+
+
+def test_time_reports_partitions_kernels_and_memory(capsys):
+    assert main(["run", str(ROOT / "nets/alexnet.net"), "--backend", "torch", "--time"]) == 0
+    out = capsys.readouterr().out
+    assert "activations (arena)" in out and "124.1 MiB" in out  # gpu0's weights: half the towers and fc8
+    assert "conv3_gpu1_conv_bias_relu" in out and "conv2_norm_gpu1_lrn_maxpool_to_gpu0" in out
