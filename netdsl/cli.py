@@ -119,6 +119,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--top", type=_positive, default=5, metavar="K", help="classes to print per input")
     run.add_argument("--labels", type=Path, metavar="FILE", help="class names, one a line, in class order")
     run.add_argument("--save", type=Path, metavar="OUT.npy", help="save the outputs")
+    run.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one partition per process: launch with torchrun --nproc-per-node <devices>",
+    )
     run.add_argument("--time", action="store_true", help="time each step and partition, and show each device's memory")
     return parser
 

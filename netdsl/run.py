@@ -112,34 +112,36 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
 
     if args.backend == "triton" and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the same kernels, interpreted on the CPU
-    from netdsl.runtime import Net
-
-    net = Net(
-        path,
-        backend=args.backend,
-        devices=parse_devices(args.devices),
-        weights=args.weights,
-        seed=args.seed,
-        init=args.init,
-    )
-    if len(net.input_shapes) != 1:
-        raise NetError("`netdsl run` feeds nets with one input", where=str(path), hint="use netdsl.load from Python")
-    (shape,) = net.input_shapes.values()
+    shape = _input_shape(path)
     if args.input:
         x = read_inputs(args.input, shape)
     else:
         generator = np.random.default_rng(args.seed)
         x = generator.standard_normal((args.random or 1, *shape), dtype=np.float32)
     labels = read_labels(args.labels)
+    net = step_times = None
     start = time.perf_counter()
-    if args.time:
-        y, step_times = net.profile(torch.from_numpy(x))
+    if args.distributed:
+        y = _run_distributed(path, torch.from_numpy(x), args)
+        if y is None:
+            return 0  # the rank that owns the output prints it
     else:
-        y = net(torch.from_numpy(x))
+        from netdsl.runtime import Net
+
+        net = Net(
+            path,
+            backend=args.backend,
+            devices=parse_devices(args.devices),
+            weights=args.weights,
+            seed=args.seed,
+            init=args.init,
+        )
+        start = time.perf_counter()
+        y, step_times = net.profile(torch.from_numpy(x)) if args.time else (net(torch.from_numpy(x)), None)
     seconds = time.perf_counter() - start
     if isinstance(y, dict):
         name, y = next(iter(y.items()))
-        print(f"output {name} (first of {len(net.output_steps)})")
+        print(f"output {name} (the first of {len(y)} outputs)")
     scores = y.float().reshape(y.shape[0], -1).cpu()
     k = min(args.top, scores.shape[1])
     values, indices = scores.topk(k, dim=1)
@@ -149,13 +151,39 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
     if args.save:
         _save(args.save, scores.numpy())
     if args.time:
-        where = ", ".join(sorted({str(device) for device in net.devices.values()}))
         print(
-            f"{scores.shape[0]} input(s) in {seconds * 1e3:.1f} ms on {where} ({args.backend} backend, "
-            "steps timed one at a time)"
+            f"{scores.shape[0]} input(s) in {seconds * 1e3:.1f} ms ({args.backend} backend"
+            f"{', steps timed one at a time' if net else ', distributed'})"
         )
-        print("\n".join(_time_tables(net, step_times, scores.shape[0])))
+        if net is not None:
+            print("\n".join(_time_tables(net, step_times, scores.shape[0])))
     return 0
+
+
+def _input_shape(path: Path) -> tuple[int, ...]:
+    from netdsl.frontend import load_graph
+    from netdsl.ir import layer
+
+    graph = load_graph(path)
+    if len(graph.graph["inputs"]) != 1:
+        raise NetError("`netdsl run` feeds nets with one input", where=str(path), hint="use netdsl.load from Python")
+    return layer(graph, graph.graph["inputs"][0]).shape
+
+
+def _run_distributed(path: Path, x, args: argparse.Namespace):
+    """This process's partition, under torchrun: the output on the rank that owns it, else None."""
+    import torch.distributed as dist
+
+    from netdsl.distributed import run_distributed
+
+    try:
+        y = run_distributed(path, x, backend=args.backend, weights=args.weights, seed=args.seed, init=args.init)
+        if dist.is_initialized():
+            dist.barrier()  # every rank's sends are received before the group goes away
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return y
 
 
 def _label(labels: list[str] | None, index: int) -> str:

@@ -41,8 +41,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(net: Path, out: Path, world: int, batch: int, seed: int) -> list[subprocess.CompletedProcess]:
-    """`python -m netdsl.distributed` once per rank, as torchrun would start them."""
+def _launch(
+    net: Path, out: Path, world: int, batch: int, seed: int, cli: bool = False
+) -> list[subprocess.CompletedProcess]:
+    """`python -m netdsl.distributed` (or `netdsl run --distributed`) once per rank, as torchrun would."""
     port = _free_port()
     procs = []
     for rank in range(world):
@@ -57,6 +59,9 @@ def _launch(net: Path, out: Path, world: int, batch: int, seed: int) -> list[sub
             "OMP_NUM_THREADS": "2",
         }
         command = [sys.executable, "-m", "netdsl.distributed", str(net), "--random", str(batch)]
+        if cli:
+            command = [sys.executable, "-m", "netdsl", "run", str(net), "--distributed", "--backend", "torch"]
+            command += ["--random", str(batch)]
         command += ["--seed", str(seed), "--init", "he", "--save", str(out)]
         procs.append(
             subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -124,3 +129,14 @@ def test_no_launcher(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(NetError, match="torchrun"):
         run_distributed(ROOT / "nets" / "alexnet.net", torch.zeros(1, 3, 227, 227))
+
+
+def test_netdsl_run_distributed_matches_one_process(tmp_path):
+    net = tmp_path / "two_towers.net"
+    net.write_text(TWO_TOWERS)
+    out = tmp_path / "out.npy"
+    results = _launch(net, out, world=2, batch=2, seed=5, cli=True)
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout}\n{result.stderr}"
+    assert "input 1: top 5" in results[0].stdout and "top" not in results[1].stdout
+    np.testing.assert_allclose(np.load(out), _single_process(net, batch=2, seed=5), rtol=1e-6, atol=1e-7)
