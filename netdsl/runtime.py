@@ -39,6 +39,7 @@ from netdsl.launches import TORCH_DTYPES, load_kernel_file
 from netdsl.ops import OPS
 from netdsl.passes import Options
 from netdsl.reference import run_layers
+from netdsl.validate import check_memory
 from netdsl.weights import fold_batchnorm, init_weights, weight_specs
 
 BACKENDS = ("torch", "triton")
@@ -408,10 +409,22 @@ class Net:
     def arena(self, batch: int) -> dict[str, torch.Tensor]:
         """Each logical device's arena for this batch size: one tensor, allocated on first use."""
         if batch not in self._arenas:
-            self._arenas[batch] = {
-                device: torch.empty(max(elements, 1) * batch, dtype=self.torch_dtype, device=self.devices[device])
-                for device, elements in self._arena_elements.items()
-            }
+            check_memory(self.layer_graph, batch, self.dtype)  # the net's own `device ... memory` limits
+            try:
+                self._arenas[batch] = {
+                    device: torch.empty(max(elements, 1) * batch, dtype=self.torch_dtype, device=self.devices[device])
+                    for device, elements in self._arena_elements.items()
+                }
+            except (torch.OutOfMemoryError, RuntimeError, MemoryError) as error:
+                need = (
+                    max(self._arena_elements.values()) * batch * torch.empty((), dtype=self.torch_dtype).element_size()
+                )
+                raise NetError(
+                    f"a batch of {batch} needs up to {need / 2**20:,.1f} MiB of activations per device, which "
+                    f"cannot be allocated ({str(error).splitlines()[0][:120]})",
+                    where="batch",
+                    hint="use a smaller batch",
+                ) from None
         return self._arenas[batch]
 
     def views(self, batch: int) -> dict[str, torch.Tensor]:

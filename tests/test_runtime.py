@@ -348,3 +348,12 @@ def test_weights_from_a_file(tmp_path, net_files, models, loaded):
     net = Net(net_files["lenet5"], weights=path)
     x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(9))
     assert torch.equal(net(x), loaded("lenet5", "torch")(x))
+
+
+def test_a_batch_too_large_for_the_devices_is_a_clear_error(tmp_path):
+    path = tmp_path / "small.net"
+    path.write_text("device gpu0 memory 1 MiB\ninput x: 3 x 32 x 32\ny = conv(x, 8, size=3, pad=1) | relu\n")
+    net = Net(path, backend="torch")
+    assert net(torch.randn(1, 3, 32, 32)).shape == (1, 8, 32, 32)
+    with pytest.raises(NetError, match="would need .* but has 1.0 MiB"):
+        net(torch.randn(64, 3, 32, 32))
