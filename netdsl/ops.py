@@ -256,6 +256,10 @@ OPS: dict[str, OpSpec] = {
                 Param("dilation", default=1, doc="spacing between kernel taps", **_PAIR_1),
                 Param("groups", "int", 1, minimum=1, doc="channel groups (each filter sees channels/groups)"),
                 Param("bias", "bool", True, doc="add a learned bias per filter"),
+                Param(
+                    "init_std", "float", None, minimum=0, doc="initial weights N(0, init_std) (default: the scheme's)"
+                ),
+                Param("init_bias", "float", None, doc="initial value of every bias (default: the scheme's)"),
             ),
             positional=("filters", "size"),
             shape=_conv_shape,
@@ -269,6 +273,10 @@ OPS: dict[str, OpSpec] = {
             params=(
                 Param("units", "int", minimum=1, doc="output features"),
                 Param("bias", "bool", True, doc="add a learned bias per unit"),
+                Param(
+                    "init_std", "float", None, minimum=0, doc="initial weights N(0, init_std) (default: the scheme's)"
+                ),
+                Param("init_bias", "float", None, doc="initial value of every bias (default: the scheme's)"),
             ),
             positional=("units",),
             shape=_fc_shape,

@@ -87,8 +87,8 @@ def init_weights(graph: nx.DiGraph, seed: int = 0, scheme: str = "paper") -> dic
     values: dict[str, np.ndarray] = {}
     for name, shape in weight_specs(graph).items():
         layer_name, tensor = name.rsplit(".", 1)
-        op = layer(graph, layer_name).op
-        values[name] = _initial(name, shape, op, tensor, int(seed), scheme, paper_net)
+        item = layer(graph, layer_name)
+        values[name] = _initial(name, shape, item.op, tensor, int(seed), scheme, paper_net, item.params)
     return values
 
 
@@ -96,17 +96,24 @@ def _rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(name.encode("utf-8"))]))
 
 
-def _initial(name: str, shape: Shape, op: str, tensor: str, seed: int, scheme: str, paper_net: bool) -> np.ndarray:
+def _initial(
+    name: str, shape: Shape, op: str, tensor: str, seed: int, scheme: str, paper_net: bool, params: dict
+) -> np.ndarray:
+    """One tensor's initial value; a layer's own `init_std` / `init_bias` (in the .net file) win."""
     layer_name = name.rsplit(".", 1)[0]
     if op == "batchnorm" or tensor in ("running_mean", "running_var"):
         fill = 1.0 if tensor in ("weight", "running_var") else 0.0
         return np.full(shape, fill, dtype=np.float32)
+    if tensor == "bias" and params.get("init_bias") is not None:
+        return np.full(shape, params["init_bias"], dtype=np.float32)
     if tensor == "bias":
         one = scheme == "paper" and paper_net and op in ("conv", "fc") and base_name(layer_name) in PAPER_BIAS_ONE
         return np.full(shape, 1.0 if one else 0.0, dtype=np.float32)
     # a weight: conv (F, C/groups, KH, KW) or fc (units, inputs); fan_in is what one output reads
     fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
     std = PAPER_STD if scheme == "paper" else math.sqrt(2.0 / max(fan_in, 1))
+    if params.get("init_std") is not None:
+        std = params["init_std"]
     values = _rng(seed, name).standard_normal(shape, dtype=np.float32)
     values *= np.float32(std)
     return values

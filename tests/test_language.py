@@ -394,6 +394,8 @@ def test_conv_defaults_and_normalized_parameters():
         "dilation": (1, 1),
         "groups": 1,
         "bias": True,
+        "init_std": None,
+        "init_bias": None,
     }
     assert shape(graph, "y") == (4, 6, 6)
 
@@ -507,7 +509,7 @@ def test_global_avgpool_fc_and_flatten():
     assert shape(graph, "g") == (5, 1, 1)
     assert shape(graph, "f") == (10,)
     assert layer(graph, "f").input_shape == (5, 7, 3)
-    assert layer(graph, "f").params == {"units": 10, "bias": True}
+    assert layer(graph, "f").params == {"units": 10, "bias": True, "init_std": None, "init_bias": None}
     assert shape(graph, "flat") == (5 * 7 * 3,)
     assert shape(graph, "f2") == (4,)
     assert shape(graph, "h") == (5,)

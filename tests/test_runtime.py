@@ -355,5 +355,5 @@ def test_a_batch_too_large_for_the_devices_is_a_clear_error(tmp_path):
     path.write_text("device gpu0 memory 1 MiB\ninput x: 3 x 32 x 32\ny = conv(x, 8, size=3, pad=1) | relu\n")
     net = Net(path, backend="torch")
     assert net(torch.randn(1, 3, 32, 32)).shape == (1, 8, 32, 32)
-    with pytest.raises(NetError, match="would need .* but has 1.0 MiB"):
+    with pytest.raises(NetError, match=r"would need .* but has 1\.0 MiB"):
         net(torch.randn(64, 3, 32, 32))

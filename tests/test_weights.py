@@ -495,3 +495,21 @@ def test_fold_weights_without_batchnorm_is_identity(small):
     folded = fold_weights(small, weights)
     assert list(folded) == list(weights)
     assert all(folded[n] is weights[n] for n in weights)
+
+
+def test_a_layer_can_choose_its_own_initial_weights():
+    from netdsl import graph_from_text
+
+    graph = graph_from_text(
+        "input x: 16 x 8 x 8\n"
+        "a = conv(x, 64, size=3, init_std=0.5, init_bias=0.25)\n"
+        "b = fc(a, 32, init_bias=-1)\n"
+        "c = fc(b, 8)\n",
+        file="own.net",
+    )
+    for scheme in ("paper", "he"):
+        weights = init_weights(graph, seed=1, scheme=scheme)
+        assert abs(float(weights["a.weight"].std()) - 0.5) < 0.02  # 9,216 draws
+        assert np.all(weights["a.bias"] == np.float32(0.25)) and np.all(weights["b.bias"] == -1)
+        assert np.all(weights["c.bias"] == 0)  # what the scheme says
+    assert abs(float(init_weights(graph, scheme="paper")["c.weight"].std()) - 0.01) < 0.002
