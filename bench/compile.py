@@ -69,11 +69,32 @@ def roofline_table() -> list[str]:
             unfused = unfused_costs(graph, batch, dtype)
             fb, ub = sum(c.bytes for c in fused), sum(c.bytes for c in unfused)
             ft, ut = sum(c.seconds for c in fused), sum(c.seconds for c in unfused)
-            rows.append((str(batch), dtype, str(len(fused)), str(len(unfused)), f"{fb / 1e6:,.1f}", f"{ub / 1e6:,.1f}",
-                         f"{100 * (1 - fb / ub):.1f}%", f"{ft * 1e6:,.1f}", f"{ut * 1e6:,.1f}",
-                         f"{ft * 1e6 / batch:,.2f}"))
-    header = ("batch", "dtype", "kernels", "unfused", "MB fused", "MB unfused", "bytes saved", "floor us fused",
-              "floor us unfused", "us / image")
+            rows.append(
+                (
+                    str(batch),
+                    dtype,
+                    str(len(fused)),
+                    str(len(unfused)),
+                    f"{fb / 1e6:,.1f}",
+                    f"{ub / 1e6:,.1f}",
+                    f"{100 * (1 - fb / ub):.1f}%",
+                    f"{ft * 1e6:,.1f}",
+                    f"{ut * 1e6:,.1f}",
+                    f"{ft * 1e6 / batch:,.2f}",
+                )
+            )
+    header = (
+        "batch",
+        "dtype",
+        "kernels",
+        "unfused",
+        "MB fused",
+        "MB unfused",
+        "bytes saved",
+        "floor us fused",
+        "floor us unfused",
+        "us / image",
+    )
     return format_table(header, rows, left={1})
 
 
