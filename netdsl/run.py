@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -135,6 +136,7 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
             weights=args.weights,
             seed=args.seed,
             init=args.init,
+            progress=sys.stderr if sys.stderr.isatty() else None,  # a progress bar through the first run
         )
         start = time.perf_counter()
         y, step_times = net.profile(torch.from_numpy(x)) if args.time else (net(torch.from_numpy(x)), None)

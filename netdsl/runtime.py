@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TextIO
 
 import networkx as nx
 import numpy as np
@@ -68,6 +69,7 @@ class Net:
         seed: int = 0,
         init: str = "paper",
         check_inputs: bool = True,
+        progress: TextIO | None = None,
     ) -> None:
         self.path = str(path)
         if backend not in BACKENDS:
@@ -79,6 +81,9 @@ class Net:
         self.torch_dtype = TORCH_DTYPES[dtype]
         self.check_inputs = check_inputs
         self.init = init  # the scheme of the default weights: netdsl.weights.init_weights
+        # Where to show progress through the first run, while Triton compiles each kernel (None: silent).
+        self.progress = progress
+        self._warm: set[tuple[int, torch.dtype]] = set()
         self.compiled: Compiled = compile_net(path, Options(batch, dtype))
         self.program: nx.DiGraph = self.compiled.program
         self.layer_graph: nx.DiGraph = self.compiled.layers  # before folding: batch norms are still there
@@ -251,13 +256,33 @@ class Net:
         inputs, batch = self._take_inputs(x)
         views = self.views(batch)
         with torch.no_grad():
-            if self._streams:
+            if self.progress is not None and (batch, self.torch_dtype) not in self._warm:
+                self._first_run(views, inputs)
+            elif self._streams:
                 self._run_streams(views, inputs)
             else:
                 for name in self._order:
                     self._run_step(name, views, inputs)
+            self._warm.add((batch, self.torch_dtype))
             outputs = {name: views[step].clone() for name, step in self.output_steps.items()}
         return next(iter(outputs.values())) if len(outputs) == 1 else outputs
+
+    def _first_run(self, views: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
+        """The first run at a batch size, one step at a time with a progress bar: on a GPU this is when
+        Triton compiles each kernel (seconds apiece); under the interpreter, the slow first pass."""
+        kernels = [name for name in self._order if self._steps[name].kind not in COPY_KINDS]
+        done = 0
+        for name in self._order:
+            self._run_step(name, views, inputs)
+            if name in kernels:
+                done += 1
+                filled = 30 * done // len(kernels)
+                self.progress.write(
+                    f"\r  first run [{'#' * filled}{'.' * (30 - filled)}] {done}/{len(kernels)} "
+                    f"kernels  {name[:40]:<40}"
+                )
+                self.progress.flush()
+        self.progress.write("\n")
 
     def profile(self, x) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict[str, float]]:
         """Runs one batch step by step, partitions one after another, and times every step (ms):

@@ -357,3 +357,17 @@ def test_a_batch_too_large_for_the_devices_is_a_clear_error(tmp_path):
     assert net(torch.randn(1, 3, 32, 32)).shape == (1, 8, 32, 32)
     with pytest.raises(NetError, match=r"would need .* but has 1\.0 MiB"):
         net(torch.randn(64, 3, 32, 32))
+
+
+def test_the_first_run_shows_progress_and_later_runs_do_not():
+    import io
+
+    shown = io.StringIO()
+    net = Net(NETS / "lenet5.net", backend="triton", progress=shown)
+    x = torch.randn(2, 1, 32, 32)
+    first = net(x)
+    assert "first run [" in shown.getvalue() and "7/7 kernels" in shown.getvalue()
+    shown.truncate(0)
+    shown.seek(0)
+    torch.testing.assert_close(net(x), first)
+    assert shown.getvalue() == ""
