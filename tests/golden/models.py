@@ -54,6 +54,7 @@ simplenet (the block `stage` names its conv after the stage and the batch norm `
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 
 import numpy as np
@@ -90,12 +91,12 @@ def pool3s2(x: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(x, kernel_size=3, stride=2)
 
 
-class GoldenModel(nn.Module):
+class GoldenModel(nn.Module, abc.ABC):
     """A hand-written model whose tensors can be set from netdsl's names."""
 
+    @abc.abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]:
         """netdsl tensor name -> this model's parameter or buffer that it sets."""
-        raise NotImplementedError
 
     def load(self, weights: Mapping[str, np.ndarray]) -> GoldenModel:
         """Copies netdsl's weights (name -> array) onto the parameters; every name must match exactly."""
