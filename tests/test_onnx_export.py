@@ -1,0 +1,103 @@
+"""ONNX export (netdsl/onnx_export.py): every bundled net, exported with He weights, runs in
+onnxruntime and matches netdsl's torch backend on the same random input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+import netdsl  # noqa: E402
+from netdsl.frontend import graph_from_text, load_graph  # noqa: E402
+from netdsl.ir import layers  # noqa: E402
+from netdsl.onnx_export import export_onnx  # noqa: E402
+from netdsl.weights import init_weights  # noqa: E402
+
+NETS = sorted((Path(__file__).resolve().parent.parent / "nets").glob("*.net"))
+
+
+def _inputs(graph, batch: int = 2) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {
+        item.name: rng.standard_normal((batch, *item.shape), dtype=np.float32)
+        for item in layers(graph)
+        if item.op == "input"
+    }
+
+
+def _compare(path: Path, graph, tmp_path: Path, batch: int = 2) -> None:
+    weights = init_weights(graph, seed=0, scheme="he")
+    onnx_path = tmp_path / f"{path.stem}.onnx"
+    export_onnx(graph, weights, onnx_path)
+    onnx.checker.check_model(str(onnx_path), full_check=True)
+    onnx.shape_inference.infer_shapes_path(str(onnx_path), str(tmp_path / "inferred.onnx"), strict_mode=True)
+
+    inputs = _inputs(graph, batch)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 4
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == list(inputs)
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs), strict=True))
+
+    net = netdsl.load(path, backend="torch", weights=weights)
+    expected = net(next(iter(inputs.values())) if len(inputs) == 1 else inputs)
+    if not isinstance(expected, dict):
+        expected = {graph.graph["outputs"][0]: expected}
+    assert len(got) == len(expected)
+    for (name, want), value in zip(expected.items(), got.values(), strict=True):
+        want = want.detach().cpu().numpy()
+        assert value.shape == want.shape, name
+        error = np.linalg.norm(value - want) / max(np.linalg.norm(want), 1e-30)
+        assert error <= 1e-4, f"{path.name}: output {name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("path", NETS, ids=[p.stem for p in NETS])
+def test_bundled_net_matches_onnxruntime(path, tmp_path):
+    _compare(path, load_graph(path), tmp_path, batch=1)
+
+
+SMALL = """
+net small
+input image: 3 x 17 x 17
+a = conv(image, 8, size=3, pad=1, dilation=1) | leaky_relu(0.1) | lrn(size=3, alpha=1e-3, beta=0.7, k=1.5, groups=2)
+b = conv(image, 8, size=3, pad=(2, 1), dilation=(2, 1), groups=1, bias=false) | batchnorm
+s = add(a, b) | relu | maxpool(3, stride=2, pad=1, ceil=true)
+t = avgpool(s, 3, stride=2, pad=1, ceil=true, count_pad=false)
+u = avgpool(s, 2, stride=1) | global_avgpool
+j = concat(t, t)
+f = flatten(j) | dropout(0.3)
+g = flatten(u)
+logits = concat(f, g) | fc(7)
+prob = softmax(logits)
+output prob
+output logits
+"""
+
+
+def test_every_layer_kind(tmp_path):
+    path = tmp_path / "small.net"
+    path.write_text(SMALL)
+    graph = graph_from_text(SMALL, str(path))
+    kinds = {item.op for item in layers(graph)}
+    assert {"conv", "leaky_relu", "lrn", "batchnorm", "add", "maxpool", "avgpool", "global_avgpool"} <= kinds
+    assert {"concat", "flatten", "dropout", "fc", "softmax"} <= kinds
+    _compare(path, graph, tmp_path, batch=3)
+
+
+def test_names_are_sanitized_and_batch_is_dynamic(tmp_path):
+    path = next(p for p in NETS if p.stem == "alexnet")
+    graph = load_graph(path)
+    model = export_onnx(graph, init_weights(graph, seed=0, scheme="he"), tmp_path / "a.onnx")
+    names = [n.name for n in model.graph.initializer] + [o for n in model.graph.node for o in n.output]
+    assert all("@" not in name for name in names)
+    assert len(set(names)) == len(names)
+    assert model.graph.input[0].name == "image"
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    lrn = next(n for n in model.graph.node if n.op_type == "LRN")
+    alpha = next(a.f for a in lrn.attribute if a.name == "alpha")
+    assert alpha == pytest.approx(1e-4 * 5)
