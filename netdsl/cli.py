@@ -85,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip building the kernels for the H100 (sm_90) and their resource report",
     )
+    export = net_command("export", "write the net as an ONNX model (opset 17) with its weights as initializers")
+    export.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
+    export.add_argument("--weights", type=Path, help="a safetensors file (default: the paper's initialization)")
+    export.add_argument("--seed", type=int, default=0, help="seed of the default weights")
     run = commands.add_parser(
         "run",
         help="run the net on inputs and print the top classes",
@@ -136,6 +140,8 @@ def run(argv: list[str]) -> int:
     path = args.net or default_net()
     if args.command == "compile":
         return _compile(path, args)
+    if args.command == "export":
+        return _export(path, args)
     if args.command == "run":
         from netdsl.run import run_command
 
@@ -163,6 +169,23 @@ def _compile(path: Path, args: argparse.Namespace) -> int:
     write_build(compiled, out, options, sm90=args.sm90)
     print(compiled.report, end="")
     print(f"wrote {out}/kernels ({len(compiled.kernels)} files), {out}/plan.json, {out}/report.txt")
+    return 0
+
+
+def _export(path: Path, args: argparse.Namespace) -> int:
+    try:
+        from netdsl.onnx_export import export_onnx
+    except ImportError:
+        raise NetError("exporting needs onnx", where="export", hint="pip install 'netdsl[onnx]'") from None
+    from netdsl.weights import init_weights, load_weights
+
+    graph = load_graph(path, batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit)
+    weights = load_weights(args.weights, graph) if args.weights else init_weights(graph, seed=args.seed)
+    try:
+        export_onnx(graph, weights, args.output)
+    except OSError as error:
+        raise NetError(f"cannot write {args.output}: {error.strerror or error}", where=str(args.output)) from None
+    print(f"wrote {args.output}")
     return 0
 
 

@@ -101,3 +101,16 @@ def test_names_are_sanitized_and_batch_is_dynamic(tmp_path):
     lrn = next(n for n in model.graph.node if n.op_type == "LRN")
     alpha = next(a.f for a in lrn.attribute if a.name == "alpha")
     assert alpha == pytest.approx(1e-4 * 5)
+
+
+def test_export_command(tmp_path, capsys):
+    from netdsl.cli import main
+
+    out = tmp_path / "lenet5.onnx"
+    assert main(["export", str(NETS[0].parent / "lenet5.net"), "-o", str(out)]) == 0
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (result,) = session.run(None, {"image": np.ones((2, 1, 32, 32), np.float32)})
+    assert result.shape == (2, 10)
+    assert main(["export", str(NETS[0].parent / "lenet5.net"), "-o", str(tmp_path / "missing" / "x.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "Traceback" not in err
