@@ -112,10 +112,10 @@ def build_onnx(graph: nx.DiGraph, weights: Mapping[str, np.ndarray], opset: int 
             node("Gemm", gemm_in, out, transB=1)
         else:
             x = ins[0] if len(ins) == 1 else node("Concat", ins, names.fresh(f"{out}/join"), axis=1)
-            _one_input(item, p, x, out, node, weight, init, names)
-            if item.op == "dropout":
+            if item.op == "dropout":  # the identity at inference: readers take its input
                 tensor_of[item.name] = x
                 continue
+            _one_input(item, p, x, out, node, weight, init, names)
         tensor_of[item.name] = out
 
     graph_outputs = []
@@ -219,8 +219,6 @@ def _one_input(item, p: dict, x: str, out: str, node, weight, init, names) -> No
         node("MaxPool" if op == "maxpool" else "AveragePool", [x], out, **attrs)
     elif op == "global_avgpool":
         node("GlobalAveragePool", [x], out)
-    elif op == "dropout":
-        pass  # the identity at inference: the caller maps the layer to its input
     elif op == "softmax":
         node("Softmax", [x], out, axis=1)
     elif op == "batchnorm":
