@@ -285,7 +285,14 @@ def _read_torch(path: Path, where: str) -> dict[str, _Stored]:
         if "weights only load failed" not in text.lower():
             raise NetError(f"not a readable PyTorch file ({_first_line(text)})", where=where) from None
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", text.strip(), re.DOTALL)
-        reason = f" ({found.group(1).strip()})" if found else ""
+        reason = found.group(1).strip() if found else ""
+        if not reason.lower().startswith("unsupported global"):  # a bad opcode: damaged data, not a refused object
+            raise NetError(
+                f"not a readable PyTorch file ({reason or _first_line(text)})",
+                where=where,
+                hint="the file may be truncated or damaged; save it again with torch.save(model.state_dict(), path)",
+            ) from None
+        reason = f" ({reason})"
         raise NetError(
             f"the PyTorch file holds objects other than tensors, which torch.load(weights_only=True) refuses{reason}",
             where=where,

@@ -248,7 +248,7 @@ def test_folder(tmp_path, two_tower):
 @pytest.mark.parametrize(
     "content",
     [
-        pytest.param(os.urandom(4096), id="random"),
+        pytest.param(b"\x13" + np.random.default_rng(3).bytes(4095), id="random"),
         pytest.param(b"", id="empty"),
         pytest.param(b"conv1.weight = 0.01\n" * 50, id="text"),
     ],
@@ -257,6 +257,15 @@ def test_neither_format(tmp_path, two_tower, content):
     path = tmp_path / "w.bin"
     path.write_bytes(content)
     assert "neither a safetensors nor a PyTorch file" in error_of(path, two_tower).message
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_garbage_after_pickle_opcode(tmp_path, two_tower, seed):
+    """Bytes that start like a legacy pickle but are noise: damaged, not 'objects other than tensors'."""
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"\x80" + np.random.default_rng(seed).bytes(4095))
+    message = error_of(path, two_tower).message
+    assert "not a readable PyTorch file" in message or "neither a safetensors" in message
 
 
 @pytest.mark.parametrize("keep", [100, -100])
