@@ -94,7 +94,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run the net on inputs and print the top classes",
         description="compile the net and run it: on the GPUs it names, or on the CPU",
     )
-    run.add_argument("net", nargs="?", type=Path, help=f"a .net file (default: the bundled {DEFAULT_NET})")
+    run.add_argument(
+        "net",
+        nargs="?",
+        type=Path,
+        help=f"a .net file or a build folder of `netdsl compile` (default: the bundled {DEFAULT_NET})",
+    )
     source = run.add_mutually_exclusive_group()
     source.add_argument(
         "--input",
@@ -114,6 +119,23 @@ def _parser() -> argparse.ArgumentParser:
         help="default weights: the paper's N(0, 0.01) or He's N(0, 2/fan-in)",
     )
     run.add_argument("--devices", metavar="MAP", help="logical devices to torch devices: gpu0=cuda:0,gpu1=cuda:1")
+    run.add_argument(
+        "--dtype",
+        choices=("fp32", "tf32", "fp16", "bf16"),
+        help="element type (default: fp32, or the build folder's); tf32: fp32 data, TF32 tensor-core products",
+    )
+    run.add_argument(
+        "--batch",
+        type=_positive,
+        metavar="N",
+        help="images per forward pass (default: all inputs at once); with neither --input nor --random, "
+        "N random images",
+    )
+    run.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="capture the forward pass as a CUDA graph and replay it (every partition on one GPU)",
+    )
     run.add_argument(
         "--backend",
         choices=("triton", "torch"),

@@ -25,7 +25,7 @@ from netdsl.errors import NetError
 from netdsl.launches import Launch, record_launches, sm90_resources
 from netdsl.parse import parse_file
 from netdsl.passes import Options, run_pipeline
-from netdsl.plan import build_plan, plan_json
+from netdsl.plan import build_plan, plan_json, with_source
 from netdsl.report import cost_report
 from netdsl.tables import format_table
 
@@ -38,19 +38,24 @@ class Compiled:
     plan: dict
     report: str
     dump: str  # the `--dump-after` listing, or ""
+    source: Path | None = None  # the .net file it was compiled from
 
 
 def compile_net(
-    path: str | Path, options: Options, input_precision: str = "ieee", dump_after: str | None = None
+    path: str | Path, options: Options, input_precision: str | None = None, dump_after: str | None = None
 ) -> Compiled:
-    """Runs the front end and every pass, then emits; raises NetError for a mistake in the net."""
+    """Runs the front end and every pass, then emits; raises NetError for a mistake in the net.
+    The products of `tl.dot` are TF32 when the dtype is tf32, else exact (`input_precision`)."""
+    if input_precision is None:
+        input_precision = "tf32" if options.dtype == "tf32" else "ieee"
     graph = build(parse_file(path))
     program, dump = run_pipeline(graph, options, dump_after)
     layers = graph  # shapes were filled in place by the `shapes` pass
     kernels = emit_program(program, input_precision)
     step_files = {name.removesuffix(".py"): f"kernels/{name}" for name in kernels}
     plan = build_plan(program, options, step_files)
-    return Compiled(program, layers, kernels, plan, cost_report(program, layers, options.batch, options.dtype), dump)
+    report = cost_report(program, layers, options.batch, options.dtype)
+    return Compiled(program, layers, kernels, plan, report, dump, Path(path))
 
 
 def write_build(compiled: Compiled, out_dir: str | Path, options: Options | None = None, sm90: bool = False) -> Path:
@@ -75,6 +80,8 @@ def write_build(compiled: Compiled, out_dir: str | Path, options: Options | None
         _add_grids(compiled.plan, launches)
         if sm90:
             compiled.report += sm90_report(sm90_resources(launches), launches)
+    if compiled.source is not None:
+        compiled.plan = with_source(compiled.plan, compiled.source, out)
     write_atomic(out / "plan.json", plan_json(compiled.plan))
     write_atomic(out / "report.txt", compiled.report)
     return out

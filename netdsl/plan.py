@@ -6,11 +6,15 @@ Sizes and offsets are in elements per image: multiply by the batch and the eleme
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from pathlib import Path
 
 import networkx as nx
 
 from netdsl import __version__
+from netdsl.errors import NetError
 from netdsl.fuse import Step
 from netdsl.memory import ALIGN
 
@@ -86,3 +90,56 @@ def build_plan(program: nx.DiGraph, options, kernels: dict[str, str] | None = No
 
 def plan_json(plan: dict) -> str:
     return json.dumps(plan, indent=2, sort_keys=False) + "\n"
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def with_source(plan: dict, source: Path, out: Path) -> dict:
+    """The plan with `source` (the .net file, relative to the build folder, so that the two can move
+    together) and its SHA-256 placed after the net's name."""
+    entry = {
+        "source": Path(os.path.relpath(Path(source).resolve(), Path(out).resolve())).as_posix(),
+        "source_sha256": _digest(Path(source)),
+    }
+    rest = {key: value for key, value in plan.items() if key not in entry}
+    keys = list(rest)
+    cut = keys.index("net") + 1 if "net" in keys else 0
+    return {**{k: rest[k] for k in keys[:cut]}, **entry, **{k: rest[k] for k in keys[cut:]}}
+
+
+def read_plan_source(build_dir: Path) -> tuple[Path, str]:
+    """The .net file a build folder was compiled from and its dtype; NetError when the folder is not a
+    build, the net is gone, or it changed since (the kernels would no longer match it)."""
+    plan_path = build_dir / "plan.json"
+    where = str(build_dir)
+    if not plan_path.is_file():
+        raise NetError(
+            "the folder is not a build of `netdsl compile` (no plan.json)",
+            where=where,
+            hint="give a .net file, or a folder written by `netdsl compile NET -o DIR`",
+        )
+    try:
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
+        source, digest, dtype = plan["source"], plan["source_sha256"], plan["dtype"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise NetError(
+            f"cannot read {plan_path} ({type(error).__name__}: {error})",
+            where=str(plan_path),
+            hint="compile the net again: netdsl compile NET -o DIR",
+        ) from None
+    net = (build_dir / str(source)).resolve()
+    if not net.is_file():
+        raise NetError(
+            f"the net this folder was compiled from, {source}, is gone",
+            where=str(plan_path),
+            hint="compile the net again: netdsl compile NET -o DIR",
+        )
+    if _digest(net) != digest:
+        raise NetError(
+            f"{net} changed since this folder was compiled",
+            where=str(plan_path),
+            hint=f"compile it again: netdsl compile {net} -o {build_dir}",
+        )
+    return net, str(dtype)

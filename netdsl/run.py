@@ -111,19 +111,22 @@ def read_inputs(paths: list[Path], shape: tuple[int, ...]) -> np.ndarray:
 def run_command(path: Path, args: argparse.Namespace) -> int:
     import torch
 
+    from netdsl.launches import TORCH_DTYPES
+
     if args.backend == "triton" and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the same kernels, interpreted on the CPU
+    path, dtype = resolve_build_dir(path, args.dtype)
     shape = _input_shape(path)
     if args.input:
         x = read_inputs(args.input, shape)
     else:
         generator = np.random.default_rng(args.seed)
-        x = generator.standard_normal((args.random or 1, *shape), dtype=np.float32)
+        x = generator.standard_normal((args.random or args.batch or 1, *shape), dtype=np.float32)
     labels = read_labels(args.labels)
     net = step_times = None
     start = time.perf_counter()
     if args.distributed:
-        y = _run_distributed(path, torch.from_numpy(x), args)
+        y = _run_distributed(path, torch.from_numpy(x).to(TORCH_DTYPES[dtype]), args)
         if y is None:
             return 0  # the rank that owns the output prints it
     else:
@@ -133,13 +136,30 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
             path,
             backend=args.backend,
             devices=parse_devices(args.devices),
+            dtype=dtype,
             weights=args.weights,
             seed=args.seed,
             init=args.init,
             progress=sys.stderr if sys.stderr.isatty() else None,  # a progress bar through the first run
+            cuda_graph=args.cuda_graph,
         )
+        chunks = torch.from_numpy(x).to(TORCH_DTYPES[dtype]).split(args.batch or len(x))
+        if args.time and any(device.type == "cuda" for device in net.devices.values()):
+            for chunk in chunks:
+                net(chunk)  # warm-up: Triton compiles each kernel on its first launch
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        y, step_times = net.profile(torch.from_numpy(x)) if args.time else (net(torch.from_numpy(x)), None)
+        outputs, step_times = [], {}
+        for chunk in chunks:
+            if args.time:
+                out, times = net.profile(chunk)
+                step_times = {name: step_times.get(name, 0.0) + ms for name, ms in times.items()}
+            else:
+                out = net(chunk)
+            outputs.append(out)
+        if any(out.is_cuda for out in outputs if isinstance(out, torch.Tensor)):
+            torch.cuda.synchronize()
+        y = _join(outputs)
     seconds = time.perf_counter() - start
     if isinstance(y, dict):
         name, y = next(iter(y.items()))
@@ -155,11 +175,36 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
     if args.time:
         print(
             f"{scores.shape[0]} input(s) in {seconds * 1e3:.1f} ms ({args.backend} backend"
-            f"{', steps timed one at a time' if net else ', distributed'})"
+            f"{', ' + dtype}{', steps timed one at a time' if net else ', distributed'})"
         )
         if net is not None:
-            print("\n".join(_time_tables(net, step_times, scores.shape[0])))
+            print("\n".join(_time_tables(net, step_times, args.batch or scores.shape[0])))
     return 0
+
+
+def resolve_build_dir(path: Path, dtype: str | None) -> tuple[Path, str]:
+    """`netdsl run` takes a .net file or a build folder of `netdsl compile`: the folder's plan.json names
+    the net it was compiled from (relative to the folder) and the dtype, which `--dtype` may not contradict."""
+    if not path.is_dir():
+        return path, dtype or "fp32"
+    from netdsl.plan import read_plan_source
+
+    source, built = read_plan_source(path)
+    if dtype is not None and dtype != built:
+        raise NetError(
+            f"{path} was compiled for {built}, not {dtype}",
+            where="--dtype",
+            hint=f"leave --dtype out, or compile again: netdsl compile {source} -o {path} --dtype {dtype}",
+        )
+    return source, built
+
+
+def _join(outputs: list):
+    import torch
+
+    if isinstance(outputs[0], dict):
+        return {name: torch.cat([out[name] for out in outputs]) for name in outputs[0]}
+    return torch.cat(outputs)
 
 
 def _input_shape(path: Path) -> tuple[int, ...]:

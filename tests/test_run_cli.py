@@ -59,8 +59,11 @@ def test_triton_and_torch_backends_agree(tmp_path, capsys):
         (lambda d: None, ["--devices", "gpu0"], "cannot read `gpu0`"),
         (lambda d: None, ["--weights", "{d}/none.safetensors"], "none.safetensors"),
         (lambda d: None, ["--random", "0"], "not a positive whole number"),
+        (lambda d: None, ["--batch", "0"], "not a positive whole number"),
+        (lambda d: None, ["--dtype", "fp64"], "invalid choice"),
+        (lambda d: None, ["--cuda-graph", "--backend", "torch"], "CUDA-graph capture needs every partition on one GPU"),
     ],
-    ids=["missing", "corrupt", "shape", "strings", "devices", "weights", "random"],
+    ids=["missing", "corrupt", "shape", "strings", "devices", "weights", "random", "batch", "dtype", "graph"],
 )
 def test_bad_inputs_are_clear_errors(tmp_path, capsys, make, args, message):
     make(tmp_path)
@@ -116,3 +119,51 @@ def test_time_reports_partitions_kernels_and_memory(capsys):
     out = capsys.readouterr().out
     assert "activations (arena)" in out and "124.1 MiB" in out  # gpu0's weights: half the towers and fc8
     assert "conv3_gpu1_conv_bias_relu" in out and "conv2_norm_gpu1_lrn_maxpool_to_gpu0" in out
+
+
+def saved_run(tmp_path, capsys, *args) -> np.ndarray:
+    out = tmp_path / f"out{len(list(tmp_path.glob('out*.npy')))}.npy"
+    assert main(["run", *args, "--init", "he", "--save", str(out)]) == 0, capsys.readouterr().err
+    return np.load(out)
+
+
+def test_batches_of_n_give_the_same_outputs_as_one_pass(tmp_path, capsys):
+    whole = saved_run(tmp_path, capsys, LENET, "--random", "5", "--backend", "torch")
+    chunked = saved_run(tmp_path, capsys, LENET, "--random", "5", "--batch", "2", "--backend", "torch")
+    assert whole.shape == chunked.shape == (5, 10)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert saved_run(tmp_path, capsys, LENET, "--batch", "3", "--backend", "torch").shape == (3, 10)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("fp16", 5e-3), ("bf16", 3e-2)])
+def test_half_precision_runs_close_to_fp32(tmp_path, capsys, dtype, tolerance):
+    """Tolerances relative to the largest |output|: fp16 keeps 11 significant bits, bf16 8."""
+    want = saved_run(tmp_path, capsys, LENET, "--random", "2", "--backend", "torch")
+    got = saved_run(tmp_path, capsys, LENET, "--random", "2", "--backend", "torch", "--dtype", dtype)
+    assert np.abs(got - want).max() <= tolerance * np.abs(want).max()
+
+
+def test_a_build_folder_runs_like_its_net(tmp_path, capsys):
+    net = tmp_path / "lenet5.net"
+    net.write_text(Path(LENET).read_text())
+    build = tmp_path / "build"
+    assert main(["compile", str(net), "-o", str(build), "--dtype", "bf16"]) == 0
+    capsys.readouterr()
+    from_net = saved_run(tmp_path, capsys, str(net), "--random", "2", "--backend", "torch", "--dtype", "bf16")
+    from_build = saved_run(tmp_path, capsys, str(build), "--random", "2", "--backend", "torch")
+    np.testing.assert_array_equal(from_build, from_net)  # the build's dtype (bf16) is used
+
+    assert main(["run", str(build), "--dtype", "fp32"]) == 1
+    assert "was compiled for bf16, not fp32" in capsys.readouterr().err
+
+    net.write_text(net.read_text() + "\n# edited\n")
+    assert main(["run", str(build)]) == 1
+    err = capsys.readouterr().err
+    assert "changed since this folder was compiled" in err and "Traceback" not in err
+
+    net.unlink()
+    assert main(["run", str(build)]) == 1
+    assert "is gone" in capsys.readouterr().err
+
+    assert main(["run", str(tmp_path)]) == 1
+    assert "not a build of `netdsl compile`" in capsys.readouterr().err
