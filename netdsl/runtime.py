@@ -14,11 +14,16 @@
 - `backend="torch"` runs each step with the PyTorch reference (`netdsl.reference`),
   `backend="triton"` calls the generated kernel file's `launch(inputs, weights, out=view)`;
 - weights are a dict `"<layer>.<tensor>" -> tensor` (or numpy array), e.g. `conv1@gpu0.weight`;
-  a batch norm folded into the conv before it is folded into that conv's weights on load.
+  a batch norm folded into the conv before it is folded into that conv's weights on load;
+- `cuda_graph=True` (every partition on one GPU): the first call at a batch size runs eagerly (Triton
+  compiles its kernels then), the second captures the whole forward pass, streams and events
+  included, into a CUDA graph, and later calls copy the inputs into the graph's own input tensors
+  and replay it: one launch instead of one per step, which is what small batches are short of.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import itertools
 import math
@@ -70,6 +75,7 @@ class Net:
         init: str = "paper",
         check_inputs: bool = True,
         progress: TextIO | None = None,
+        cuda_graph: bool = False,
     ) -> None:
         self.path = str(path)
         if backend not in BACKENDS:
@@ -127,6 +133,10 @@ class Net:
         self._arenas: dict[int, dict[str, torch.Tensor]] = {}
         self._views: dict[int, dict[str, torch.Tensor]] = {}
         self._streams = self._make_streams()
+        self.cuda_graph = cuda_graph
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
+        if cuda_graph:
+            self._check_graphable()
         self.load_weights(self._default_weights(seed) if weights is None else weights)
 
     # --- set-up -----------------------------------------------------------------------------------
@@ -172,6 +182,16 @@ class Net:
                 where="backend",
                 hint="map every device to a CUDA GPU, or set TRITON_INTERPRET=1 (before triton is imported) to run "
                 "the kernels in Triton's interpreter on the CPU, or use backend='torch'",
+            )
+
+    def _check_graphable(self) -> None:
+        places = set(self.devices.values())
+        if any(device.type != "cuda" for device in places) or len(places) != 1:
+            where = ", ".join(f"{name}->{device}" for name, device in self.devices.items())
+            raise NetError(
+                f"CUDA-graph capture needs every partition on one GPU; this net runs on {where}",
+                where="cuda_graph",
+                hint="map all devices to one GPU (e.g. gpu0=cuda:0,gpu1=cuda:0) or leave cuda_graph off",
             )
 
     def _make_streams(self) -> dict[str, torch.cuda.Stream]:
@@ -227,6 +247,7 @@ class Net:
             if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
                 raise NetError(f"weight `{name}` has dtype {tensor.dtype}, not a real number type", where="weights")
             tensors[name] = tensor.detach()
+        self._graphs.clear()  # captured graphs read the old weight tensors
         self._step_weights = {
             name: self._weights_of(step, tensors) for name, step in self._steps.items() if step.kind not in COPY_KINDS
         }
@@ -255,8 +276,10 @@ class Net:
     def __call__(self, x: torch.Tensor | np.ndarray | Mapping[str, object]) -> torch.Tensor | dict[str, torch.Tensor]:
         inputs, batch = self._take_inputs(x)
         views = self.views(batch)
-        with torch.no_grad():
-            if self.progress is not None and (batch, self.torch_dtype) not in self._warm:
+        with torch.no_grad(), _tf32(self.dtype == "tf32"):
+            if self.cuda_graph and (batch, self.torch_dtype) in self._warm:
+                self._replay(batch, views, inputs)
+            elif self.progress is not None and (batch, self.torch_dtype) not in self._warm:
                 self._first_run(views, inputs)
             elif self._streams:
                 self._run_streams(views, inputs)
@@ -266,6 +289,23 @@ class Net:
             self._warm.add((batch, self.torch_dtype))
             outputs = {name: views[step].clone() for name, step in self.output_steps.items()}
         return next(iter(outputs.values())) if len(outputs) == 1 else outputs
+
+    def _replay(self, batch: int, views: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
+        """Runs the captured graph of this batch size, capturing it first (after the eager warm-up run)."""
+        if batch not in self._graphs:
+            device = next(iter(self.devices.values()))
+            static = {name: torch.empty_like(value, device=device) for name, value in inputs.items()}
+            for name, value in inputs.items():
+                static[name].copy_(value)
+            torch.cuda.synchronize(device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.device(device), torch.cuda.graph(graph):
+                self._run_streams(views, static)
+            self._graphs[batch] = (graph, static)
+        graph, static = self._graphs[batch]
+        for name, value in inputs.items():
+            static[name].copy_(value, non_blocking=True)
+        graph.replay()
 
     def _first_run(self, views: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
         """The first run at a batch size, one step at a time with a progress bar: on a GPU this is when
@@ -290,7 +330,7 @@ class Net:
         inputs, batch = self._take_inputs(x)
         views = self.views(batch)
         times: dict[str, float] = {}
-        with torch.no_grad():
+        with torch.no_grad(), _tf32(self.dtype == "tf32"):
             for name in self._order:
                 if self.devices[self._steps[name].device].type == "cuda":
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -471,6 +511,7 @@ class Net:
 
     def release(self) -> None:
         """Drops every arena (they are allocated again on the next call)."""
+        self._graphs.clear()  # they read and write the arenas
         self._arenas.clear()
         self._views.clear()
 
@@ -500,6 +541,18 @@ class NetModule(torch.nn.Module):
 
 
 # --- helpers --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    """PyTorch's own convolutions and matrix products (the torch backend) in TF32 only for dtype tf32:
+    on an NVIDIA GPU cuDNN would otherwise use TF32 for fp32 convolutions by default."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _run_order(program: nx.DiGraph, partitions: dict[str, list[str]]) -> list[str]:

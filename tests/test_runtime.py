@@ -18,6 +18,8 @@ import netdsl
 from netdsl.errors import NetError
 from netdsl.runtime import Net
 
+LENET_PATH = Path(__file__).resolve().parent.parent / "nets" / "lenet5.net"
+
 NETS = Path(__file__).resolve().parent.parent / "nets"
 TOLERANCE = 1e-4  # relative to the largest output, fp32
 
@@ -371,3 +373,15 @@ def test_the_first_run_shows_progress_and_later_runs_do_not():
     shown.seek(0)
     torch.testing.assert_close(net(x), first)
     assert shown.getvalue() == ""
+
+
+def test_tf32_kernels_only_for_dtype_tf32():
+    """dtype tf32 builds kernels whose products are TF32; fp32 builds exact ones, and the torch backend
+    leaves PyTorch's TF32 switches as it found them."""
+    for dtype, want in (("tf32", "'input_precision': 'tf32'"), ("fp32", "'input_precision': 'ieee'")):
+        net = Net(LENET_PATH, backend="triton", dtype=dtype)
+        sources = [path.read_text() for path in (net.build_dir / "kernels").glob("*conv*.py")]
+        assert sources and all(want in source for source in sources), dtype
+    saved = torch.backends.cudnn.allow_tf32
+    Net(LENET_PATH, backend="torch", dtype="tf32")(torch.randn(1, 1, 32, 32))
+    assert torch.backends.cudnn.allow_tf32 == saved
