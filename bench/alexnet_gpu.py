@@ -1,12 +1,15 @@
 """AlexNet forward on a GPU: netdsl's generated kernels vs PyTorch eager (cuDNN) vs torch.compile.
 
-    python bench/alexnet_gpu.py [--runs 50] [--batches 1,32,128]
+    python bench/alexnet_gpu.py [--runs 50] [--batches 1,32,128] [--precisions fp32,tf32,bf16]
+                                [--systems netdsl,netdsl-graph,eager,compile,max-autotune]
 
 For batch 1, 32 and 128 in fp32, TF32 and bf16: throughput (images/s) and latency (ms), timed with
 CUDA events, the median of `--runs` runs after warm-up, and the ratio to the roofline floor of the
-fused plan on an H100 (netdsl.cost). Both of AlexNet's towers run on the one GPU (two streams).
-The PyTorch model is the hand-written one of the golden tests (tests/golden/models.py). Without a
-GPU it says so and exits 0.
+fused plan on an H100 (netdsl.cost). Both of AlexNet's towers run on the one GPU (two streams);
+`netdsl-graph` replays the whole pass as one CUDA graph. The PyTorch model is the hand-written one
+of the golden tests (tests/golden/models.py); `compile` and `max-autotune` are torch.compile's
+default and max-autotune modes (minutes of compiling each). Each row is printed as soon as it is
+measured (and appended to `--tsv`), the table at the end. Without a GPU it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -51,62 +54,108 @@ def floor_ms(batch: int, dtype: str) -> float:
     return sum(c.seconds for c in kernels) * 1e3
 
 
-def systems(ours, model: torch.nn.Module, x: torch.Tensor) -> dict:
-    """What is timed: each a function of no arguments running one forward pass on `x`."""
-    compiled = torch.compile(model)
-    tuned = torch.compile(model, mode="max-autotune")
-    return {
-        "netdsl": lambda: ours(x),
-        "eager (cuDNN)": lambda: model(x),
-        "torch.compile": lambda: compiled(x),
-        "torch.compile max-autotune": lambda: tuned(x),
-    }
+SYSTEMS = {
+    "netdsl": "netdsl",
+    "netdsl-graph": "netdsl, CUDA graph",
+    "eager": "eager (cuDNN)",
+    "compile": "torch.compile",
+    "max-autotune": "torch.compile max-autotune",
+}
+
+
+def make_system(name: str, weights, model: torch.nn.Module, batch: int, dtype: str):
+    """A function of one input running one forward pass of `name`."""
+    if name.startswith("netdsl"):
+        import netdsl
+
+        ours = netdsl.load(
+            NET,
+            backend="triton",
+            dtype=dtype,
+            weights=weights,
+            batch=batch,
+            devices={"gpu0": "cuda:0", "gpu1": "cuda:0"},
+            cuda_graph=name == "netdsl-graph",
+        )
+        return ours
+    if name == "eager":
+        return model
+    if name == "compile":
+        return torch.compile(model)
+    return torch.compile(model, mode="max-autotune")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--batches", default="1,32,128")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument("--systems", default="netdsl,netdsl-graph,eager,compile,max-autotune")
+    parser.add_argument("--tsv", help="append each row to this file as it is measured")
+    parser.add_argument(
+        "--warm-only",
+        action="store_true",
+        help="compile every chosen system once and exit: fills Triton's and Inductor's caches on disk",
+    )
     args = parser.parse_args(argv)
-    print(f"# python bench/alexnet_gpu.py --runs {args.runs} --batches {args.batches}")
+    chosen = args.systems.split(",")
+    unknown = [name for name in chosen + args.precisions.split(",") if name not in {**SYSTEMS, **PRECISIONS}]
+    if unknown:
+        parser.error(f"unknown system or precision: {', '.join(unknown)} (systems: {', '.join(SYSTEMS)})")
+    print(
+        f"# python bench/alexnet_gpu.py --runs {args.runs} --batches {args.batches} "
+        f"--precisions {args.precisions} --systems {args.systems}"
+    )
     if not torch.cuda.is_available():
         print("no CUDA GPU here: nothing to time (run this on a machine with one)")
         return 0
+    import time
+
+    import triton
     from golden.models import AlexNet
 
     import netdsl
+    from netdsl.tables import format_table
     from netdsl.weights import init_weights
 
     graph = netdsl.load_graph(NET)
     weights = init_weights(graph, seed=0)
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    header = ("batch", "precision", "system", "latency ms", "images/s", "x floor")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    header = ("batch", "precision", "system", "latency ms", "images/s", "x floor", "warm-up s")
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
-        for name, (dtype, torch_dtype) in PRECISIONS.items():
+        for name in args.precisions.split(","):
+            dtype, torch_dtype = PRECISIONS[name]
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = name == "tf32"
             x = torch.randn(batch, 3, 227, 227, device="cuda", dtype=torch_dtype)
             floor = floor_ms(batch, dtype)
-            ours = netdsl.load(
-                NET,
-                backend="triton",
-                dtype=dtype,
-                weights=weights,
-                batch=batch,
-                devices={"gpu0": "cuda:0", "gpu1": "cuda:0"},
-            )
             model = AlexNet()
             model.load(weights)
             model = model.to("cuda", torch_dtype).eval()
-            with torch.no_grad():
-                for system, fn in systems(ours, model, x).items():
-                    ms = time_ms(fn, args.runs)
-                    rows.append(
-                        (str(batch), name, system, f"{ms:.3f}", f"{batch / ms * 1e3:,.0f}", f"{ms / floor:.1f}")
-                    )
-    from netdsl.tables import format_table
+            for system in chosen:
+                began = time.perf_counter()
+                with torch.no_grad():
+                    run = make_system(system, weights, model, batch, dtype)
+                    for _ in range(3):  # compiles (Triton, Inductor) and captures happen here
+                        run(x)
+                    torch.cuda.synchronize()
+                    warm = time.perf_counter() - began
+                    if args.warm_only:
+                        print(f"warmed {system} batch {batch} {name} in {warm:.1f} s", flush=True)
+                        continue
+                    ms = time_ms(lambda run=run, x=x: run(x), args.runs)
+                row = (str(batch), name, SYSTEMS[system], f"{ms:.3f}", f"{batch / ms * 1e3:,.0f}", f"{ms / floor:.1f}",
+                       f"{warm:.1f}")  # fmt: skip
+                rows.append(row)
+                print("\t".join(row), flush=True)
+                if args.tsv:
+                    with open(args.tsv, "a", encoding="utf-8") as file:
+                        file.write("\t".join(row) + "\n")
+                del run
+                torch.cuda.empty_cache()
 
     print("\n".join(format_table(header, rows, left={1, 2})))
+    print(f"floor: the fused plan's roofline time on an H100 (netdsl.cost); {args.runs} timed runs each")
     return 0
 
 

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Everything a short lease of a GPU machine is for, in one time-boxed script:
+#
+#   bash bench/gpu_session.sh          (results under $OUT, default ./gpu-out)
+#
+# 1. the GPU tests: the kernel sweeps against PyTorch, goldens, precisions, streams, CUDA graphs
+#    (tests/test_gpu.py and the tests/test_kernel*.py files, which use the GPU when there is one);
+# 2. bench/alexnet_gpu.py: netdsl (eager and CUDA graph) and PyTorch eager for every batch and
+#    precision, then torch.compile's two modes for as long as the time box allows.
+# Meanwhile, background processes compile the kernels the benchmark needs (filling the caches on disk).
+# Works with the machine's own torch and triton; lark travels as a wheel in .whl/ when missing.
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NETDSL_GPU_REPORT=$OUT/errors.tsv TRITON_DEFAULT_FP_FUSION=1
+if ! python3 -c "import lark" 2>/dev/null && [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+fi
+# the source tree as the installed package lays it out (netdsl.codegen, .grammars, .nets)
+for part in codegen grammars nets; do [ -e "netdsl/$part" ] || ln -s "../$part" "netdsl/$part"; done
+export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+    python3 -c "import torch, triton, lark; print('torch', torch.__version__, 'triton', triton.__version__, \
+'lark', lark.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/env.txt"
+
+# background: compile netdsl's kernels (and Inductor's) for the benchmark while the tests run
+(timeout "${WARM_S:-300}" python3 bench/alexnet_gpu.py --warm-only --batches 128,1,32 \
+    --systems netdsl >"$OUT/warm_netdsl.log" 2>&1 &)
+(timeout "${WARM_S:-300}" python3 bench/alexnet_gpu.py --warm-only --batches 128,1 --precisions bf16,tf32,fp32 \
+    --systems compile >"$OUT/warm_compile.log" 2>&1 &)
+
+timeout "${TEST_S:-230}" python3 -m pytest -q -n 6 -p no:cacheprovider -rfE \
+    tests/test_gpu.py tests/test_kernel_conv.py tests/test_kernel_fc.py tests/test_kernel_lrn.py \
+    tests/test_kernel_pool.py tests/test_kernels_basic.py tests/test_kernel_conv_lrn_pool.py \
+    2>&1 | tee "$OUT/pytest.log" | tail -n 45
+echo "--- measured errors (relative to the largest |reference|)"
+sort "$OUT/errors.tsv" 2>/dev/null
+
+timeout "${BENCH_S:-190}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1,32 \
+    --systems netdsl,netdsl-graph,eager --tsv "$OUT/bench.tsv" >"$OUT/bench.log" 2>&1
+tail -n 5 "$OUT/bench.log"
+timeout "${COMPILE_S:-100}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1 --precisions bf16,tf32,fp32 \
+    --systems compile --tsv "$OUT/bench.tsv" >"$OUT/bench_compile.log" 2>&1
+tail -n 3 "$OUT/bench_compile.log"
+echo "--- bench rows: batch, precision, system, latency ms, images/s, x floor, warm-up s"
+cat "$OUT/bench.tsv" 2>/dev/null

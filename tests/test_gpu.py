@@ -1,0 +1,148 @@
+"""What only a GPU shows: the generated kernels compiled for it and run there, CUDA streams and events
+between partitions, CUDA-graph capture and replay. Skipped on a machine without CUDA (the same kernels
+run under Triton's interpreter in the rest of the suite).
+
+References are independent of netdsl: the stored goldens (float64, hand-written models) for fp32, and
+the hand-written models of tests/golden/models.py run in float64 on the CPU on fresh random inputs for
+the other precisions. Errors are relative to the largest |reference|; the tolerances per precision:
+
+- fp32 (exact products, "ieee"): 1e-4, as on the CPU;
+- tf32 (10-bit mantissa products, fp32 accumulation): 1e-2;
+- fp16 (11-bit data, fp32 accumulation): 1e-2;
+- bf16 (8-bit data, fp32 accumulation): 5e-2 (a dozen layers, each rounding to 8 bits).
+
+With NETDSL_GPU_REPORT=FILE set, each comparison appends its measured error to FILE.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from golden.models import MODELS, build, run
+from golden.regenerate import golden_path, golden_weights, net_path
+
+import netdsl
+from netdsl import NetError
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+NETS = list(MODELS)
+TOLERANCES = {"fp32": 1e-4, "tf32": 1e-2, "fp16": 1e-2, "bf16": 5e-2}
+LOW_PRECISION_NETS = ["alexnet", "lenet5", "simplenet"]
+
+
+@pytest.fixture(scope="module")
+def weights():
+    cache: dict[str, dict[str, np.ndarray]] = {}
+
+    def get(net: str) -> dict[str, np.ndarray]:
+        if net not in cache:
+            cache[net] = golden_weights(net)
+        return cache[net]
+
+    yield get
+    cache.clear()
+
+
+def relative_error(got: torch.Tensor, want: np.ndarray) -> float:
+    got = got.detach().double().cpu().numpy()
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert np.isfinite(got).all(), "non-finite outputs"
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def report(what: str, error: float) -> None:
+    path = os.environ.get("NETDSL_GPU_REPORT")
+    if path:
+        with open(path, "a", encoding="utf-8") as file:
+            file.write(f"{what}\t{error:.3e}\n")
+
+
+def fresh_input(net: str, batch: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, *MODELS[net][1])).astype(np.float32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("net", NETS)
+def test_fp32_matches_golden_on_gpu(net, backend, weights):
+    with np.load(golden_path(net)) as stored:
+        x, want = stored["input"], stored["output"]
+    model = netdsl.load(net_path(net), backend=backend, weights=weights(net))
+    assert all(device.type == "cuda" for device in model.devices.values())
+    got = model(torch.from_numpy(x).cuda())
+    assert got.is_cuda
+    error = relative_error(got, want)
+    report(f"golden fp32 {backend} {net}", error)
+    assert error <= TOLERANCES["fp32"]
+
+
+@pytest.mark.parametrize("dtype", ["tf32", "fp16", "bf16"])
+@pytest.mark.parametrize("net", LOW_PRECISION_NETS)
+def test_lower_precisions_on_gpu(net, dtype, weights):
+    x = fresh_input(net, 2, seed=11)
+    want = run(build(net, weights(net)), x.astype(np.float64))
+    model = netdsl.load(net_path(net), backend="triton", dtype=dtype, weights=weights(net))
+    got = model(torch.from_numpy(x).to("cuda", model.torch_dtype))
+    error = relative_error(got, want)
+    report(f"{dtype} triton {net} batch 2", error)
+    assert error <= TOLERANCES[dtype]
+
+
+def test_partition_streams_agree_with_one_step_at_a_time(weights):
+    """Both towers of AlexNet on one GPU, one stream each with events between them, against the same
+    steps run one after another (`profile`): equal bits, on many inputs (a missing wait shows here)."""
+    model = netdsl.load(net_path("alexnet"), backend="triton", weights=weights("alexnet"))
+    assert len(model._streams) == 2
+    for seed in range(8):
+        x = torch.from_numpy(fresh_input("alexnet", 3, seed)).cuda()
+        concurrent = model(x)
+        sequential, _ = model.profile(x)
+        assert torch.equal(concurrent, sequential), seed
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cuda_graph_replays_what_eager_computes(batch, weights):
+    eager = netdsl.load(net_path("alexnet"), backend="triton", weights=weights("alexnet"))
+    graphed = netdsl.load(net_path("alexnet"), backend="triton", weights=weights("alexnet"), cuda_graph=True)
+    for seed in range(4):  # the first call runs eagerly, the second captures, later ones replay
+        x = torch.from_numpy(fresh_input("alexnet", batch, 100 + seed)).cuda()
+        assert torch.equal(graphed(x), eager(x)), seed
+    assert batch in graphed._graphs
+
+    # new weights: the old graph read the old tensors, so it is dropped and captured again
+    changed = {name: value * 1.5 if name.endswith(".bias") else value for name, value in weights("alexnet").items()}
+    eager.load_weights(changed)
+    graphed.load_weights(changed)
+    x = torch.from_numpy(fresh_input("alexnet", batch, 200)).cuda()
+    assert torch.equal(graphed(x), eager(x))
+
+
+def test_cuda_graph_needs_one_gpu():
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(NetError, match="every partition on one GPU"):
+            netdsl.load(net_path("lenet5"), devices={"gpu0": "cpu"}, cuda_graph=True)
+    else:
+        with pytest.raises(NetError, match="every partition on one GPU"):
+            netdsl.load(net_path("alexnet"), devices={"gpu0": "cuda:0", "gpu1": "cuda:1"}, cuda_graph=True)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_agree_with_one(weights):
+    x = torch.from_numpy(fresh_input("alexnet", 2, 7))
+    one = netdsl.load(net_path("alexnet"), backend="triton", weights=weights("alexnet"),
+                      devices={"gpu0": "cuda:0", "gpu1": "cuda:0"})  # fmt: skip
+    two = netdsl.load(net_path("alexnet"), backend="triton", weights=weights("alexnet"),
+                      devices={"gpu0": "cuda:0", "gpu1": "cuda:1"})  # fmt: skip
+    assert torch.equal(one(x.cuda()).cpu(), two(x.cuda()).cpu())
+
+
+def test_as_module_on_gpu(weights):
+    module = netdsl.load(net_path("lenet5"), backend="triton", weights=weights("lenet5")).as_module()
+    x = fresh_input("lenet5", 5, 3)
+    want = run(build("lenet5", weights("lenet5")), x.astype(np.float64))
+    head = torch.nn.Sequential(module, torch.nn.Softmax(dim=1))
+    got = head(torch.from_numpy(x).cuda())
+    assert relative_error(got, torch.softmax(torch.from_numpy(want), 1).numpy()) <= 1e-4
