@@ -32,19 +32,26 @@ export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     --systems netdsl >"$OUT/warm_netdsl.log" 2>&1 &)
 (timeout "${WARM_S:-300}" python3 bench/alexnet_gpu.py --warm-only --batches 128,1 --precisions bf16,tf32,fp32 \
     --systems compile >"$OUT/warm_compile.log" 2>&1 &)
+(timeout "${WARM_S:-300}" python3 bench/alexnet_gpu.py --warm-only --batches 128 --precisions bf16 \
+    --systems max-autotune >"$OUT/warm_autotune.log" 2>&1 &)
 
-timeout "${TEST_S:-230}" python3 -m pytest -q -n 6 -p no:cacheprovider -rfE \
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 6")
+timeout "${TEST_S:-210}" python3 -m pytest -q $workers -p no:cacheprovider -rfE \
     tests/test_gpu.py tests/test_kernel_conv.py tests/test_kernel_fc.py tests/test_kernel_lrn.py \
     tests/test_kernel_pool.py tests/test_kernels_basic.py tests/test_kernel_conv_lrn_pool.py \
     2>&1 | tee "$OUT/pytest.log" | tail -n 45
 echo "--- measured errors (relative to the largest |reference|)"
 sort "$OUT/errors.tsv" 2>/dev/null
 
-timeout "${BENCH_S:-190}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1,32 \
+timeout "${BENCH_S:-180}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1,32 \
     --systems netdsl,netdsl-graph,eager --tsv "$OUT/bench.tsv" >"$OUT/bench.log" 2>&1
 tail -n 5 "$OUT/bench.log"
-timeout "${COMPILE_S:-100}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1 --precisions bf16,tf32,fp32 \
+timeout "${COMPILE_S:-90}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1 --precisions bf16,tf32,fp32 \
     --systems compile --tsv "$OUT/bench.tsv" >"$OUT/bench_compile.log" 2>&1
 tail -n 3 "$OUT/bench_compile.log"
+timeout "${AUTOTUNE_S:-60}" python3 bench/alexnet_gpu.py --runs 30 --batches 128 --precisions bf16 \
+    --systems max-autotune --tsv "$OUT/bench.tsv" >"$OUT/bench_autotune.log" 2>&1
+tail -n 3 "$OUT/bench_autotune.log"
+tail -n 4 "$OUT"/warm_*.log
 echo "--- bench rows: batch, precision, system, latency ms, images/s, x floor, warm-up s"
 cat "$OUT/bench.tsv" 2>/dev/null
