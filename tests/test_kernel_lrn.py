@@ -8,6 +8,7 @@ checked against the loop only.
 import numpy as np
 import pytest
 import torch
+from kernel_support import DEVICE
 from torch.nn.functional import local_response_norm, max_pool2d
 
 from netdsl.codegen.lrn import lrn, lrn_maxpool
@@ -42,7 +43,7 @@ ONE_TILE = {"BLOCK_C": 64, "BLOCK_P": 128, "num_warps": 4}
 
 def random_input(shape, dtype=torch.float32, seed=0, scale=1.0):
     generator = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(shape, generator=generator)).to(dtype)
+    return (scale * torch.randn(shape, generator=generator)).to(DEVICE, dtype)
 
 
 def torch_lrn(x, size, alpha, beta, k):
@@ -51,14 +52,14 @@ def torch_lrn(x, size, alpha, beta, k):
 
 def paper_lrn(x, size, alpha, beta, k):
     """b[c] = a[c] / (k + alpha * sum of a[j]^2 over j = c - (size-1)//2 .. c + size//2, clipped) ** beta."""
-    a = x.double().numpy()
+    a = x.double().cpu().numpy()
     channels = a.shape[1]
     lo, hi = (size - 1) // 2, size // 2
     out = np.empty_like(a)
     for c in range(channels):
         window = a[:, max(0, c - lo) : min(channels, c + hi + 1)]
         out[:, c] = a[:, c] / (k + alpha * (window**2).sum(axis=1)) ** beta
-    return torch.from_numpy(out).float()
+    return torch.from_numpy(out).float().to(x.device)
 
 
 @pytest.mark.parametrize("channels", [1, 3, 48, 50])
@@ -101,7 +102,7 @@ def test_lrn_low_precision(dtype):
 def test_tower_slice_sees_only_its_channels():
     """A tower's LRN over a channel slice of a two-tower tensor, written into a slice of a larger buffer."""
     both_towers = random_input((1, 16, 5, 5), seed=14, scale=2.0)
-    buffer = torch.zeros(1, 20, 5, 5)
+    buffer = torch.zeros(1, 20, 5, 5, device=DEVICE)
     lrn(both_towers[:, 8:], **STRONG[0], out=buffer[:, 2:10])
     torch.testing.assert_close(buffer[:, 2:10], paper_lrn(both_towers[:, 8:].contiguous(), **STRONG[0]))
     assert not buffer[:, :2].any() and not buffer[:, 10:].any()
@@ -171,4 +172,4 @@ def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="half the pooling window"):
         lrn_maxpool(x, 5, 1e-4, 0.75, 2.0, pool_size=2, pool_stride=2, pool_padding=2)
     with pytest.raises(ValueError, match="out must be"):
-        lrn_maxpool(x, 5, 1e-4, 0.75, 2.0, pool_size=3, pool_stride=2, out=torch.empty(1, 4, 3, 3))
+        lrn_maxpool(x, 5, 1e-4, 0.75, 2.0, pool_size=3, pool_stride=2, out=torch.empty(1, 4, 3, 3, device=DEVICE))

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from kernel_support import DEVICE
 from torch.nn.functional import avg_pool2d, max_pool2d
 
 from netdsl.codegen.pool import global_avg_pool2d, pool2d, pooled_size
@@ -29,7 +30,7 @@ WINDOWS = [
 
 def random_input(shape, dtype=torch.float32, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=generator).to(dtype)
+    return torch.randn(shape, generator=generator).to(DEVICE, dtype)
 
 
 def reference(x, kind, size, stride, padding, ceil_mode, count_include_pad=True):
@@ -90,11 +91,11 @@ def test_strided_input_and_output_slices():
     """One tower's channels of a two-tower tensor in, a channel slice of a concatenation buffer out."""
     both_towers = random_input((2, 8, 13, 13), seed=5)
     tower = both_towers[:, 4:]
-    buffer = torch.full((2, 10, 6, 6), 7.0)
+    buffer = torch.full((2, 10, 6, 6), 7.0, device=DEVICE)
     got = pool2d(tower, "max", 3, 2, out=buffer[:, 3:7])
     torch.testing.assert_close(got, reference(tower, "max", 3, 2, 0, False), rtol=0, atol=0)
-    torch.testing.assert_close(buffer[:, :3], torch.full((2, 3, 6, 6), 7.0))
-    torch.testing.assert_close(buffer[:, 7:], torch.full((2, 3, 6, 6), 7.0))
+    torch.testing.assert_close(buffer[:, :3], torch.full((2, 3, 6, 6), 7.0, device=DEVICE))
+    torch.testing.assert_close(buffer[:, 7:], torch.full((2, 3, 6, 6), 7.0, device=DEVICE))
 
 
 def test_non_contiguous_spatial_strides():
@@ -137,6 +138,6 @@ def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="half the pooling window"):
         pool2d(x, "max", 3, 2, padding=2)
     with pytest.raises(ValueError, match="out must be"):
-        pool2d(x, "max", 2, 2, out=torch.empty(1, 2, 4, 4))
+        pool2d(x, "max", 2, 2, out=torch.empty(1, 2, 4, 4, device=DEVICE))
     with pytest.raises(ValueError, match="4-D"):
         pool2d(x[0], "max", 2, 2)

@@ -1,4 +1,5 @@
-"""Softmax and elementwise kernels against PyTorch on fresh random inputs, under Triton's interpreter on a CPU.
+"""Softmax and elementwise kernels against PyTorch on fresh random inputs (on the GPU when there is one, else
+under Triton's interpreter on the CPU).
 
 The reference runs in fp32 on the same (already rounded) inputs and is rounded once to the kernel's dtype, so the
 tolerances below only have to cover the kernel's own arithmetic and that last rounding.
@@ -8,6 +9,7 @@ import zlib
 
 import pytest
 import torch
+from kernel_support import DEVICE
 from torch.nn import functional
 
 from netdsl.codegen import elementwise as ew
@@ -36,7 +38,7 @@ def gen(request: pytest.FixtureRequest) -> torch.Generator:
 
 
 def randn(shape, dtype, gen, scale=1.0, offset=0.0) -> torch.Tensor:
-    return (torch.randn(shape, generator=gen) * scale + offset).to(dtype)
+    return (torch.randn(shape, generator=gen) * scale + offset).to(DEVICE, dtype)
 
 
 def check(actual: torch.Tensor, expected_fp32: torch.Tensor, dtype: torch.dtype) -> None:
@@ -63,7 +65,7 @@ def test_softmax_is_safe_for_large_logits(shape, scale, offset, dtype, gen):
 
 def test_softmax_writes_into_a_channel_slice(gen):
     x = randn((2, 6, 5, 3), torch.float32, gen)
-    buffer = torch.full((2, 10, 5, 3), 7.0)
+    buffer = torch.full((2, 10, 5, 3), 7.0, device=DEVICE)
     softmax(x, out=buffer[:, 2:8])
     check(buffer[:, 2:8], torch.softmax(x, dim=1), torch.float32)
     assert (buffer[:, :2] == 7.0).all() and (buffer[:, 8:] == 7.0).all()
@@ -96,8 +98,8 @@ def test_add_matches_torch(shape, activation, dtype, gen):
 def test_batch_norm_matches_torch(shape, activation, dtype, gen):
     channels = shape[1]
     x = randn(shape, dtype, gen)
-    mean, weight, bias = (torch.randn(channels, generator=gen) for _ in range(3))
-    var = torch.rand(channels, generator=gen) + 0.5
+    mean, weight, bias = (torch.randn(channels, generator=gen).to(DEVICE) for _ in range(3))
+    var = torch.rand(channels, generator=gen).to(DEVICE) + 0.5
     expected = functional.batch_norm(x.float(), mean, var, weight, bias, training=False, eps=1e-5)
     if activation == "relu":
         expected = functional.relu(expected)
@@ -114,7 +116,7 @@ def test_concat_matches_torch_cat(shape, dtype, gen):
 
 def test_copy_and_activation_into_a_channel_slice_leave_the_rest_alone(gen):
     x = randn((2, 3, 4, 5), torch.float16, gen)
-    buffer = torch.full((2, 8, 4, 5), 7.0, dtype=torch.float16)
+    buffer = torch.full((2, 8, 4, 5), 7.0, dtype=torch.float16, device=DEVICE)
     ew.relu(x, out=buffer[:, 4:7])
     check(buffer[:, 4:7], functional.relu(x.float()), torch.float16)
     assert (buffer[:, :4] == 7.0).all() and (buffer[:, 7:] == 7.0).all()
@@ -130,14 +132,14 @@ def test_inputs_that_are_strided_views(gen):
 
 
 def test_launchers_reject_bad_arguments():
-    x = torch.randn(2, 3, 4, 4)
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
     with pytest.raises(ValueError, match="op must be"):
         ew.elementwise(x, "mul")
     with pytest.raises(ValueError, match="add needs"):
-        ew.add(x, torch.randn(2, 3, 4, 5))
+        ew.add(x, torch.randn(2, 3, 4, 5, device=DEVICE))
     with pytest.raises(ValueError, match="scale"):
-        ew.affine(x, torch.ones(4), torch.zeros(3))
+        ew.affine(x, torch.ones(4, device=DEVICE), torch.zeros(3, device=DEVICE))
     with pytest.raises(TypeError):
         softmax(x.double())
     with pytest.raises(ValueError, match="out is"):
-        softmax(x, out=torch.empty(2, 3, 4, 5))
+        softmax(x, out=torch.empty(2, 3, 4, 5, device=DEVICE))
