@@ -89,6 +89,22 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
     export.add_argument("--weights", type=Path, help="a safetensors file (default: the paper's initialization)")
     export.add_argument("--seed", type=int, default=0, help="seed of the default weights")
+    imported = commands.add_parser(
+        "import",
+        help="read an ONNX model: write it as a .net file and its weights as a safetensors file",
+        description="read an ONNX model: write it as a .net file and its weights as a safetensors file",
+    )
+    imported.add_argument("model", type=Path, help="the .onnx file to read")
+    imported.add_argument("-o", "--output", type=Path, required=True, help="the .net file to write")
+    imported.add_argument(
+        "--weights-out", type=Path, metavar="FILE", help="the safetensors file to write (default: OUTPUT.safetensors)"
+    )
+    imported.add_argument(
+        "--towers",
+        action="store_true",
+        help="write grouped convolutions (or parallel copies of layers) as towers, one device per group",
+    )
+    imported.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     run = commands.add_parser(
         "run",
         help="run the net on inputs and print the top classes",
@@ -159,6 +175,8 @@ def run(argv: list[str]) -> int:
     if args.command is None:
         _parser().print_help()
         return 0
+    if args.command == "import":
+        return _import(args)
     path = args.net or default_net()
     if args.command == "compile":
         return _compile(path, args)
@@ -208,6 +226,19 @@ def _export(path: Path, args: argparse.Namespace) -> int:
     except OSError as error:
         raise NetError(f"cannot write {args.output}: {error.strerror or error}", where=str(args.output)) from None
     print(f"wrote {args.output}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    try:
+        from netdsl.onnx_import import import_to_files
+    except ImportError:
+        raise NetError("importing needs onnx", where="import", hint="pip install 'netdsl[onnx]'") from None
+    weights = args.weights_out or args.output.with_suffix(".safetensors")
+    result = import_to_files(args.model, args.output, weights, towers=args.towers)
+    for note in result.notes:
+        print(f"{args.model}: note: {note}", file=sys.stderr)
+    print(f"wrote {args.output} and {weights}")
     return 0
 
 
