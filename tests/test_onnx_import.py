@@ -452,8 +452,7 @@ def test_lrn_and_avgpool_on_the_triton_backend(tmp_path):
 # --- the bundled nets: .net -> ONNX -> .net --------------------------------------------------------
 
 
-# Small nets in the style of the bundled ones: vgg16's blocks and repeat (vgg16 itself takes ~10 s
-# to export, import and run twice), and every layer kind with two outputs.
+# Small nets beside the bundled ones: blocks with repeat, and every layer kind with two outputs.
 TEXTS = {
     "mini_vgg": """
 net mini_vgg
@@ -505,7 +504,7 @@ def image_of(graph, batch: int = 1) -> np.ndarray:
     return rng(9).standard_normal((batch, *item.shape)).astype(np.float32)
 
 
-ROUND_TRIP = ["lenet5", "simplenet", "alexnet_1gpu", "alexnet", "mini_vgg", "every_kind"]
+ROUND_TRIP = ["lenet5", "simplenet", "alexnet_1gpu", "alexnet", "vgg16", "mini_vgg", "every_kind"]
 
 
 @pytest.mark.parametrize("name", ROUND_TRIP)
