@@ -233,3 +233,13 @@ def test_info_and_graph_commands(tmp_path: Path, capsys):
 if __name__ == "__main__":
     for spec in OPS.values():
         print(layer_section_head(spec), "", layer_table(spec), "", sep="\n")
+
+
+def test_runtime_page_examples_run(monkeypatch):
+    """The Python examples of docs/runtime.md run as written, from the repository root."""
+    text = (DOC.parent / "runtime.md").read_text(encoding="utf-8")
+    examples = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    assert examples
+    monkeypatch.chdir(DOC.parent.parent)
+    for example in examples:
+        exec(compile(example, "docs/runtime.md", "exec"), {"__name__": "docs_example"})
