@@ -1030,6 +1030,8 @@ class _Importer:
         pad, ceil = self.window(
             where, op, attrs, (h, w), kernel, stride, (1, 1), bool(attrs.get("ceil_mode", 0)), count_pad
         )
+        if kernel == (1, 1) and stride == (1, 1) and pad == (0, 0):
+            return x  # a 1 x 1 window moved by 1: the identity (PyTorch's adaptive pool to the size it has)
         params = {"size": kernel, "stride": stride, "pad": pad, "ceil": ceil}
         if op == "avgpool":
             params["count_pad"] = count_pad

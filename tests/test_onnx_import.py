@@ -185,6 +185,17 @@ def test_pooling(case, size, tmp_path):
     check(model(nodes, {"x": ["N", 3, size, size]}), tmp_path)
 
 
+def test_a_one_by_one_pool_is_the_identity(tmp_path):
+    """PyTorch exports AdaptiveAvgPool2d to the size its input already has as a 1 x 1 AveragePool."""
+    nodes = [
+        helper.make_node("AveragePool", ["x"], ["p"], kernel_shape=[1, 1], strides=[1, 1]),
+        helper.make_node("MaxPool", ["p"], ["q"], kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["q"], ["y"]),
+    ]
+    text = check(model(nodes, {"x": ["N", 3, 5, 4]}), tmp_path)
+    assert "pool" not in text and "relu" in text
+
+
 def test_global_pools_activations_and_softmax(tmp_path):
     inits = {"w": tensor((6, 3, 3, 3), 3), "b": tensor((6,), 4)}
     nodes = [
