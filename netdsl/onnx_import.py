@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from netdsl.errors import NetError
+from netdsl.onnx_patterns import fold_torch_lrn
 from netdsl.ops import OPS, REQUIRED, ParamError, ShapeError, _window_out
 
 MIN_OPSET = 7
@@ -221,6 +222,7 @@ def _read_model(path: Path):
     if model.ir_version <= 0 or not model.HasField("graph") or not (model.graph.node or model.graph.output):
         raise NetError("not an ONNX model: it holds no graph (no IR version, nodes or outputs)", where=where, hint=hint)
     _check_opset(model, where)
+    fold_torch_lrn(model, where)  # PyTorch's traced LocalResponseNorm -> one LRN node
     _check_ops(model, where)
     _load_external_data(model, path)
     _check_model(model, where)

@@ -7,6 +7,7 @@ error, through the API and the command line."""
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 import warnings
@@ -680,20 +681,54 @@ def test_a_pytorch_export(tmp_path):
     with torch.no_grad():
         net.features[1].running_mean.uniform_(-1, 1)
         net.features[1].running_var.uniform_(0.5, 2)
-    path = tmp_path / "small.onnx"
+    text = check(torch_export(net, (3, 12, 12), tmp_path / "small.onnx", opset=13), tmp_path)
+    assert "features_0 = conv(x, 8, size=3, pad=1) | relu | maxpool(2)" in text
+    assert "classifier_1 = fc(features_4, 10) | leaky_relu(0.1)" in text
+
+
+def torch_export(net, shape: tuple[int, ...], path: Path, opset: int = 17):
+    """`net` through torch.onnx.export's TorchScript exporter (input `x`, batch dynamic), loaded back."""
+    torch = pytest.importorskip("torch")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
-                net, torch.zeros(1, 3, 12, 12), str(path), opset_version=13, dynamo=False,
+                net, torch.ones(1, *shape), str(path), opset_version=opset, dynamo=False,
                 input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}},
             )  # fmt: skip
         except Exception as error:  # an exporter this torch does not have
             pytest.skip(f"torch.onnx.export: {error}")
-    proto = onnx.load(str(path))
-    text = check(proto, tmp_path)
-    assert "features_0 = conv(x, 8, size=3, pad=1) | relu | maxpool(2)" in text
-    assert "classifier_1 = fc(features_4, 10) | leaky_relu(0.1)" in text
+    return onnx.load(str(path))
+
+
+@pytest.mark.parametrize("size", [3, 5])
+def test_pytorch_local_response_norm(size, tmp_path):
+    """PyTorch traces LocalResponseNorm into ~40 nodes (Pad, AveragePool, If, ...): read back as one
+    lrn whose alpha is PyTorch's divided by the size (PyTorch averages the squares, the paper sums)."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    torch.manual_seed(size)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.LocalResponseNorm(size, alpha=0.05, beta=0.75, k=2.0), nn.MaxPool2d(3, 2),
+        nn.Conv2d(8, 6, 3), nn.LocalResponseNorm(3, alpha=1e-3, beta=0.5, k=1.0),
+    ).eval()  # fmt: skip
+    proto = torch_export(net, (3, 17, 17), tmp_path / "lrn.onnx")
+    assert len(proto.graph.node) > 40
+    text = check(proto, tmp_path, reference=lambda feeds: [net(torch.from_numpy(feeds["x"])).detach().numpy()])
+    norms = re.findall(r"lrn\((?:conv_4, )?size=(\d+), alpha=([0-9.e-]+), beta=([0-9.]+), k=([0-9.]+)\)", text)
+    assert [(int(n), float(b), float(k)) for n, _, b, k in norms] == [(size, 0.75, 2.0), (3, 0.5, 1.0)]
+    np.testing.assert_allclose([float(a) for _, a, _, _ in norms], [0.05 / size, 1e-3 / 3], rtol=1e-6)
+    (tmp_path / "ort").mkdir()
+    assert check(proto, tmp_path / "ort") == text  # onnxruntime agrees with PyTorch and netdsl too
+
+
+def test_pytorch_local_response_norm_of_even_size_is_refused(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.LocalResponseNorm(4)).eval()
+    path = save(torch_export(net, (3, 9, 9), tmp_path / "even.onnx"), tmp_path / "even.onnx")
+    assert main(["import", str(path), "-o", str(tmp_path / "even.net")]) == 1
+    err = capsys.readouterr().err
+    assert "even size (4)" in err and "one channel lower" in err and "Traceback" not in err
 
 
 def test_hostile_names_are_sanitized(tmp_path):
