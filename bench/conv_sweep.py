@@ -1,0 +1,155 @@
+"""AlexNet's convolutions, one tower each: netdsl's conv kernel under several tile configurations
+against cuDNN, on a GPU. What the next change to `codegen/conv.py` should be measured with.
+
+    python bench/conv_sweep.py [--batch 128] [--dtypes bf16,tf32] [--layers conv1,conv2,...] [--configs all]
+
+For each layer and dtype: cuDNN's time (F.conv2d + bias + ReLU, TF32 allowed only for tf32), then each
+configuration's time (triton.testing.do_bench, median), its TFLOP/s, and whether its output matches
+cuDNN's (relative error over the largest |output|; a mismatch is printed, not timed as a win). The
+configuration `pick_config` chooses today is marked `*`. One table per dtype at the end.
+
+`--smoke` runs the same code on the CPU under Triton's interpreter at a tiny size (no timing meaning):
+tests/test_bench.py uses it to keep this script working between GPU leases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+# name: (input channels, output channels, kernel, stride, padding, input size) of one tower
+LAYERS = {
+    "conv1": (3, 48, 11, 4, 0, 227),
+    "conv2": (48, 128, 5, 1, 2, 27),
+    "conv3": (256, 192, 3, 1, 1, 13),
+    "conv4": (192, 192, 3, 1, 1, 13),
+    "conv5": (192, 128, 3, 1, 1, 13),
+}
+PRECISIONS = {"fp32": (torch.float32, "ieee"), "tf32": (torch.float32, "tf32"), "bf16": (torch.bfloat16, "ieee")}
+CONFIGS = [
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+]
+TOLERANCE = {"fp32": 1e-4, "tf32": 1e-2, "bf16": 2e-2}
+
+
+def label(config: dict) -> str:
+    return (
+        f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']} "
+        f"w{config['num_warps']} s{config['num_stages']}"
+    )
+
+
+def timer(smoke: bool):
+    if smoke:
+
+        def wall(fn) -> float:
+            began = time.perf_counter()
+            fn()
+            return (time.perf_counter() - began) * 1e3
+
+        return wall
+    import triton.testing
+
+    return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def sweep(layer: str, shape: tuple, name: str, batch: int, device: str, configs: list[dict], measure, generator):
+    """The rows of one layer in one precision: cuDNN's, then one per configuration."""
+    from netdsl.codegen.conv import conv2d, pick_config
+
+    dtype, precision = PRECISIONS[name]
+    c_in, c_out, size, stride, pad, side = shape
+    x = torch.randn(batch, c_in, side, side, generator=generator).to(device, dtype)
+    w = torch.randn(c_out, c_in, size, size, generator=generator) * (c_in * size * size) ** -0.5
+    w = w.to(device, dtype)
+    b = torch.randn(c_out, generator=generator).to(device, dtype)
+
+    def cudnn():
+        return F.relu(F.conv2d(x, w, b, stride=stride, padding=pad))
+
+    want = cudnn().float()
+    out_side = want.shape[-1]
+    flops = 2 * batch * c_out * out_side * out_side * c_in * size * size
+    cudnn_ms = measure(cudnn)
+    rows = [(layer, "cuDNN", f"{cudnn_ms:.3f}", f"{flops / cudnn_ms / 1e9:.1f}", "", "")]
+    today = pick_config(batch * out_side * out_side, c_out, c_in * size * size)
+    for config in configs:
+
+        def ours(config=config):
+            return conv2d(x, w, b, stride, pad, activation="relu", input_precision=precision, config=config)
+
+        try:
+            got = ours().float()
+        except Exception as error:  # e.g. out of shared memory for this tile
+            rows.append((layer, label(config), "-", "-", type(error).__name__, ""))
+            continue
+        error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+        ok = error <= TOLERANCE[name]
+        ms = measure(ours) if ok else float("nan")
+        mark = "*" if {k: config[k] for k in today} == today else ""
+        rows.append((layer, label(config) + mark, f"{ms:.3f}", f"{flops / ms / 1e9:.1f}",
+                     f"{error:.1e}" + ("" if ok else " WRONG"), f"{cudnn_ms / ms:.2f}"))  # fmt: skip
+        print("\t".join(map(str, rows[-1])), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--dtypes", default="bf16,tf32")
+    parser.add_argument("--layers", default=",".join(LAYERS))
+    parser.add_argument("--configs", default="all", help="`all`, or indices into CONFIGS: 0,3,4")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (interpreter): no timing")
+    args = parser.parse_args(argv)
+    print(f"# python bench/conv_sweep.py --batch {args.batch} --dtypes {args.dtypes} --layers {args.layers}"
+          f" --configs {args.configs}{' --smoke' if args.smoke else ''}")  # fmt: skip
+    if not args.smoke and not torch.cuda.is_available():
+        print("no CUDA GPU here: nothing to time (run this on a machine with one, or --smoke)")
+        return 0
+
+    from netdsl.tables import format_table
+
+    device = "cpu" if args.smoke else "cuda"
+    batch = 1 if args.smoke else args.batch
+    chosen = CONFIGS if args.configs == "all" else [CONFIGS[int(i)] for i in args.configs.split(",")]
+    if args.smoke:
+        chosen = [{**chosen[0], "BLOCK_M": 512, "BLOCK_K": 128, "num_stages": 1}]
+    measure = timer(args.smoke)
+    if not args.smoke:
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    tables: dict[str, list[tuple]] = {}
+    generator = torch.Generator().manual_seed(0)
+    for name in args.dtypes.split(","):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = name == "tf32"
+        for layer in args.layers.split(","):
+            shape = LAYERS[layer]
+            if args.smoke:  # a few channels, a map just larger than the window
+                c_in, c_out, size, stride, pad, side = shape
+                shape = (min(c_in, 8), min(c_out, 16), size, stride, pad, min(side, 2 * size + 3))
+            rows = sweep(layer, shape, name, batch, device, chosen, measure, generator)
+            tables.setdefault(name, []).extend(rows)
+    for name, rows in tables.items():
+        print(f"\n{name}, batch {batch} (TFLOP/s counts 2 per multiply-add; x cuDNN > 1 is faster than cuDNN)")
+        print("\n".join(format_table(("layer", "tile", "ms", "TFLOP/s", "error", "x cuDNN"), rows, left={0, 1})))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
