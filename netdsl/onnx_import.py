@@ -84,6 +84,7 @@ LAYER_OPS = (
     "Dropout",
     "Identity",
     "Split",
+    "Pad",
 )
 CONST_OPS = (
     "Constant",
@@ -464,6 +465,9 @@ class _Importer:
         self.notes: list[str] = []
         self.batch: int | None = None  # the batch size when every input fixes it
         self.skip: set[int] = set()  # nodes folded into a pattern (Split -> op per part -> Concat)
+        # A zero Pad's output -> (the layer it pads, (top, left, bottom, right)): only a conv or pool reads it,
+        # which takes the padding as its own.
+        self.padded: dict[str, tuple[int, tuple[int, int, int, int]]] = {}
         self._next = 0
 
     def fail(self, message: str, hint: str | None = None) -> NetError:
@@ -985,7 +989,7 @@ class _Importer:
         return self.add_layer(node.output[0], "batchnorm", params, [x], where, weights)
 
     def op_conv(self, node, where, attrs, inputs):
-        x = self.act(inputs[0], where)
+        x, attrs = self.take_padding(inputs[0], attrs, where, "Conv")
         weight = self.weight(inputs[1], where, "the weight (W)")
         bias = self.weight(inputs[2], where, "the bias (B)") if len(inputs) > 2 and inputs[2] else None
         return self.conv(node.output[0], x, weight, bias, attrs, where, int(attrs.get("group", 1)))
@@ -1022,7 +1026,7 @@ class _Importer:
         return self.add_layer(name, "conv", params, [x], where, weights)
 
     def pool(self, node, where, attrs, inputs, op: str):
-        x = self.act(inputs[0], where)
+        x, attrs = self.take_padding(inputs[0], attrs, where, node.op_type)
         _c, h, w = self.channels(x, where, node.op_type)
         kernel = _pair(attrs["kernel_shape"], where, "kernel_shape")
         if any(d != 1 for d in attrs.get("dilations", (1, 1))):
@@ -1038,6 +1042,61 @@ class _Importer:
         if op == "avgpool":
             params["count_pad"] = count_pad
         return self.add_layer(node.output[0], op, params, [x], where)
+
+    def op_pad(self, node, where, attrs, inputs):
+        """A zero Pad of H and W (as TensorFlow exports write before a VALID conv): remembered, and
+        folded into the conv or pool that reads it."""
+        x = self.act(inputs[0], where)
+        rank = len(self.layers[x].shape) + 1
+        mode = attrs.get("mode", "constant")
+        if mode != "constant":
+            raise self.fail(f"{where}: Pad mode `{_shown(mode)}` is not supported (only zeros: mode constant)")
+        if self.opset < 11:
+            pads, value = [int(p) for p in attrs.get("pads", ())], float(attrs.get("value", 0.0))
+        else:
+            pads = [int(p) for p in self.const(inputs[1], where, "the pads").reshape(-1)]
+            has_value = len(inputs) > 2 and inputs[2]
+            value = float(self.const(inputs[2], where, "the value").reshape(-1)[0]) if has_value else 0.0
+            if len(inputs) > 3 and inputs[3]:  # opset 18: the axes the pads are for
+                axes = [int(a) % rank for a in self.const(inputs[3], where, "the axes").reshape(-1)]
+                full = [0] * (2 * rank)
+                for i, axis in enumerate(axes):
+                    full[axis], full[rank + axis] = pads[i], pads[len(axes) + i]
+                pads = full
+        if rank != 4 or len(pads) != 8:
+            raise self.fail(f"{where}: Pad of an N x {_fmt(self.layers[x].shape)} input is not supported")
+        if value != 0 or min(pads) < 0 or any(pads[i] for i in (0, 1, 4, 5)):
+            raise self.fail(
+                f"{where}: only a Pad with zeros of height and width can be read (pads {pads}, value {value:g})",
+                hint="it is folded into the Conv or pooling layer after it",
+            )
+        self.padded[node.output[0]] = (x, (pads[2], pads[3], pads[6], pads[7]))
+        self.unusable[node.output[0]] = (
+            f"{where}: a Pad can be read only by the Conv or pooling node after it, which takes the padding "
+            "as its own (netdsl has no pad layer)"
+        )
+        return None
+
+    def take_padding(self, name: str, attrs: dict, where: str, op: str) -> tuple[int, dict]:
+        """The layer `name` holds and the node's attributes, with the padding of a Pad before it added."""
+        if name not in self.padded:
+            return self.act(name, where), attrs
+        x, (top, left, bottom, right) = self.padded[name]
+        auto = attrs.get("auto_pad", "NOTSET") or "NOTSET"
+        if auto not in ("NOTSET", "VALID"):
+            raise self.fail(f"{where}: a {op} with auto_pad {auto} after a Pad is not supported")
+        own = [int(p) for p in attrs.get("pads", (0, 0, 0, 0))] if auto == "NOTSET" else [0, 0, 0, 0]
+        if op == "MaxPool" and self.layers[x].op not in ("relu", "softmax"):
+            raise self.fail(
+                f"{where}: MaxPool after a Pad with zeros is read only when its input is >= 0 (after a Relu): "
+                "it pads with -infinity",
+            )
+        if op == "AveragePool":
+            if any(own) or attrs.get("ceil_mode", 0):
+                raise self.fail(f"{where}: an AveragePool after a Pad needs no padding and no ceil_mode of its own")
+            attrs = {**attrs, "count_include_pad": 1}  # the Pad's zeros are values the average counts
+        pads = [own[0] + top, own[1] + left, own[2] + bottom, own[3] + right]
+        return x, {**attrs, "auto_pad": "NOTSET", "pads": pads}
 
     def op_max_pool(self, node, where, attrs, inputs):
         return self.pool(node, where, attrs, inputs, "maxpool")

@@ -197,6 +197,58 @@ def test_a_one_by_one_pool_is_the_identity(tmp_path):
     assert "pool" not in text and "relu" in text
 
 
+def pad_node(x, y, pads, opset, **attrs):
+    """A Pad of H and W by (top, left, bottom, right), in the form of the opset (attribute before 11)."""
+    full = [0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]]
+    if opset < 11:
+        return [helper.make_node("Pad", [x], [y], pads=full, **attrs)]
+    name = f"{y}_pads"
+    return [
+        helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(full, np.int64))),
+        helper.make_node("Pad", [x, name], [y], **attrs),
+    ]
+
+
+@pytest.mark.parametrize("opset", [10, 17])
+def test_zero_pads_fold_into_the_conv_or_pool_after_them(opset, tmp_path):
+    """TensorFlow-style explicit Pad nodes: before a conv, before a max-pool of ReLU outputs (padding with
+    zeros or with -infinity is then the same), before an average pool (the zeros are counted)."""
+    nodes = [
+        *pad_node("x", "p", (1, 2, 1, 2), opset),
+        conv_node("p", "c", "w", "b"),
+        helper.make_node("Relu", ["c"], ["r"]),
+        *pad_node("r", "p2", (1, 1, 1, 1), opset),
+        helper.make_node("MaxPool", ["p2"], ["m"], kernel_shape=[3, 3], strides=[2, 2]),
+        *pad_node("m", "p3", (1, 1, 1, 1), opset),
+        helper.make_node("AveragePool", ["p3"], ["y"], kernel_shape=[3, 3]),
+    ]
+    inits = {"w": tensor((4, 3, 3, 3), 80), "b": tensor((4,), 81)}
+    text = check(model(nodes, {"x": ["N", 3, 8, 9]}, inits=inits, opset=opset), tmp_path)
+    assert "c = conv(x, 4, size=3, pad=(1, 2))" in text and "m = maxpool(r, 3, stride=2, pad=1)" in text
+    assert "y = avgpool(m, 3, stride=1, pad=1)" in text and "pad(" not in text
+
+
+def test_pads_that_cannot_be_read(tmp_path, capsys):
+    def pad_model(pads, then="Conv", before=None, **attrs):
+        nodes = [helper.make_node(before, ["x"], ["a"])] if before else []
+        nodes += pad_node("a" if before else "x", "p", pads, 17, **attrs)
+        if then == "Conv":
+            nodes.append(conv_node("p", "y", "w"))
+        elif then == "MaxPool":
+            nodes.append(helper.make_node("MaxPool", ["p"], ["y"], kernel_shape=[2, 2]))
+        else:
+            nodes.append(helper.make_node(then, ["p"], ["y"]))
+        inits = {"w": tensor((2, 2, 3, 3), 82)} if then == "Conv" else {}
+        return save(model(nodes, {"x": ["N", 2, 6, 6]}, inits=inits), tmp_path / "pad.onnx")
+
+    import_error(pad_model((1, 1, 1, 1), mode="reflect"), tmp_path, capsys, "Pad mode `reflect` is not supported")
+    import_error(pad_model((1, 1, 1, 1), then="MaxPool"), tmp_path, capsys, "after a Relu")
+    import_error(pad_model((1, 1, 1, 1), then="Relu"), tmp_path, capsys, "a Pad can be read only by the Conv")
+    assert main(["import", str(pad_model((1, 1, 1, 1), then="MaxPool", before="Relu")),
+                 "-o", str(tmp_path / "ok.net")]) == 0  # fmt: skip
+    capsys.readouterr()
+
+
 def test_global_pools_activations_and_softmax(tmp_path):
     inits = {"w": tensor((6, 3, 3, 3), 3), "b": tensor((6,), 4)}
     nodes = [
