@@ -376,7 +376,7 @@ def _load_external_data(model, path: Path) -> None:
 class _Layer:
     key: int
     name: str  # the ONNX name: the first output tensor's (or the input's) name
-    op: str  # a netdsl op, "input", or "_bias" (a constant Add, folded into the layer before it)
+    op: str  # a netdsl op, "input", "_bias" (a constant Add) or "_affine" (x * scale + shift per channel)
     params: dict
     inputs: list[int]
     shape: tuple[int, ...]
@@ -384,6 +384,8 @@ class _Layer:
     where: str = ""
     order: float = 0.0  # position in the file (for a stable, readable order)
     constant: np.ndarray | None = None  # `_bias`: the constant added
+    scale: np.ndarray | None = None  # `_affine`: per channel, float64
+    shift: np.ndarray | None = None
 
 
 def _f32(value) -> float:
@@ -486,7 +488,7 @@ class _Importer:
     def add_layer(self, name: str, op: str, params: dict, inputs: list[int], where: str, weights=None) -> int:
         if op == "input":
             shape = params.pop("shape")
-        elif op == "_bias":
+        elif op in ("_bias", "_affine"):
             shape = self.layers[inputs[0]].shape
         else:
             try:
@@ -603,12 +605,15 @@ class _Importer:
             elif node.op_type in _FOLDABLE and all(name in self.consts for name in given):
                 result = self.fold(node, where, attrs, inputs)
             else:
-                if node.op_type in CONST_OPS and node.op_type != "Shape":
+                if node.op_type in ("Mul", "Sub", "Div") and len(given) == 2:
+                    result = self.arithmetic(node, where, inputs)
+                elif node.op_type in CONST_OPS and node.op_type != "Shape":
                     raise self.fail(
                         f"{where}: {node.op_type} on the activations is not supported (only on constants, "
                         "which are folded)"
                     )
-                result = getattr(self, _HANDLERS[node.op_type])(node, where, attrs, inputs)
+                else:
+                    result = getattr(self, _HANDLERS[node.op_type])(node, where, attrs, inputs)
             self.bind(node, where, result)
         for output in graph.output:
             name = output.name
@@ -928,6 +933,37 @@ class _Importer:
             return key
         keys = [self.act(a, where, "an input"), self.act(b, where, "an input")]
         return self.add_layer(node.output[0], "add", {}, keys, where)
+
+    def arithmetic(self, node, where, inputs):
+        """Mul, Sub or Div of an activation and a constant that is one number, or one per channel:
+        x * scale + shift per channel (a normalization written as arithmetic, e.g. (x - mean) / std)."""
+        a, b = inputs
+        if (a in self.consts) == (b in self.consts):
+            raise self.fail(
+                f"{where}: {node.op_type} of two activations is not supported (only with a constant: one number "
+                "or one per channel)"
+            )
+        first_is_const = a in self.consts
+        x = self.act(b if first_is_const else a, where)
+        value = self.weight(a if first_is_const else b, where, f"the constant of the {node.op_type}")
+        vector = _channel_vector(value, self.layers[x].shape)
+        if vector is None:
+            raise self.fail(
+                f"{where}: {node.op_type} by a constant of shape {_fmt(value.shape)} on N x "
+                f"{_fmt(self.layers[x].shape)}; netdsl reads one number or one per channel"
+            )
+        ones, zeros = np.ones_like(vector), np.zeros_like(vector)
+        if node.op_type == "Mul":
+            scale, shift = vector, zeros
+        elif node.op_type == "Sub":
+            scale, shift = (-ones, vector) if first_is_const else (ones, -vector)
+        elif first_is_const or not np.all(vector):
+            raise self.fail(f"{where}: Div of a constant by an activation, or by zero, is not supported")
+        else:
+            scale, shift = 1.0 / vector, zeros
+        key = self.add_layer(node.output[0], "_affine", {}, [x], where)
+        self.layers[key].scale, self.layers[key].shift = scale, shift
+        return key
 
     def op_matmul(self, node, where, attrs, inputs):
         x = self.act(inputs[0], where)
@@ -1255,6 +1291,7 @@ class _Importer:
     def clean_up(self) -> None:
         self.drop_unused()  # dangling nodes must not keep a conv from taking its bias
         self.fold_biases()
+        self.lower_affines()
         self.join_flat_concats()
         self.drop_flattens_before_fc()
         self.merge_duplicates()
@@ -1262,7 +1299,8 @@ class _Importer:
         self.name_outputs()
 
     def fold_biases(self) -> None:
-        """A constant Add right after a conv or an fc (read by nothing else) is that layer's bias."""
+        """A constant Add right after a conv or an fc (read by nothing else) is that layer's bias; any
+        other per-channel constant Add becomes an `_affine` (see lower_affines)."""
         for key in sorted(k for k, layer in self.layers.items() if layer.op == "_bias"):
             add = self.layers[key]
             source = self.layers[add.inputs[0]]
@@ -1270,15 +1308,15 @@ class _Importer:
             value = np.asarray(add.constant, dtype=np.float32)
             channels = source.shape[0]
             vector = _channel_vector(value, source.shape)
-            if (
-                source.op not in ("conv", "fc")
-                or readers[source.key] != [key]
-                or source.key in self.output_keys()
-                or vector is None
+            if vector is not None and (
+                source.op not in ("conv", "fc") or readers[source.key] != [key] or source.key in self.output_keys()
             ):
+                add.op, add.scale, add.shift = "_affine", np.ones_like(vector), vector
+                continue
+            if vector is None:
                 raise self.fail(
                     f"{add.where}: adds a constant of shape {_fmt(value.shape)} to N x {_fmt(source.shape)}; netdsl "
-                    "reads a constant Add only as the bias of the conv or fc right before it (read by nothing else)"
+                    "reads a constant added to activations only as one number or one per channel"
                 )
             old = source.weights.get("bias", np.zeros(channels, np.float32))
             source.weights["bias"] = (old.astype(np.float64) + vector).astype(np.float32)
@@ -1286,6 +1324,41 @@ class _Importer:
             source.name = add.name
             self.replace(key, source.key)
             del self.layers[key]
+
+    def lower_affines(self) -> None:
+        """Per-channel x * scale + shift: runs of them composed into one, then folded into the conv or
+        fc right before (read by nothing else), else written as batchnorm(eps=0) with mean 0, var 1."""
+        for key in sorted(k for k, layer in self.layers.items() if layer.op == "_affine"):
+            affine = self.layers[key]
+            source = self.layers[affine.inputs[0]]
+            alone = self.readers()[source.key] == [key] and source.key not in self.output_keys()
+            if source.op == "_affine" and alone:  # scale2 * (scale1 * x + shift1) + shift2
+                affine.scale, affine.shift = source.scale * affine.scale, source.shift * affine.scale + affine.shift
+                affine.inputs = list(source.inputs)
+                del self.layers[source.key]
+        for key in sorted(k for k, layer in self.layers.items() if layer.op == "_affine"):
+            affine = self.layers[key]
+            source = self.layers[affine.inputs[0]]
+            alone = self.readers()[source.key] == [key] and source.key not in self.output_keys()
+            if source.op in ("conv", "fc") and alone:
+                weight = source.weights["weight"].astype(np.float64)
+                bias = source.weights.get("bias", np.zeros(weight.shape[0])).astype(np.float64)
+                scale = affine.scale.reshape(-1, *([1] * (weight.ndim - 1)))
+                source.weights["weight"] = (weight * scale).astype(np.float32)
+                source.weights["bias"] = (bias * affine.scale + affine.shift).astype(np.float32)
+                source.params["bias"] = True
+                source.name = affine.name
+                self.replace(key, source.key)
+                del self.layers[key]
+                continue
+            channels = affine.scale.size
+            affine.op, affine.params = "batchnorm", {"eps": 0.0}
+            affine.weights = {
+                "weight": affine.scale.astype(np.float32),
+                "bias": affine.shift.astype(np.float32),
+                "running_mean": np.zeros(channels, np.float32),
+                "running_var": np.ones(channels, np.float32),
+            }
 
     def join_flat_concats(self) -> None:
         """concat(flatten(a), flatten(b)) of maps of one size is flatten(concat(a, b)): what an fc

@@ -250,6 +250,45 @@ def test_pads_that_cannot_be_read(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_per_channel_arithmetic(tmp_path):
+    """(x - mean) / std at the input, a Mul after a conv, an Add after a ReLU and a constant minus the
+    result: composed per channel, folded into the conv where it follows one, else batchnorm(eps=0)."""
+    nodes = [
+        helper.make_node("Sub", ["x", "mean"], ["a"]),
+        helper.make_node("Div", ["a", "std"], ["b"]),
+        conv_node("b", "c", "w"),
+        helper.make_node("Mul", ["c", "two"], ["m"]),
+        helper.make_node("Relu", ["m"], ["r"]),
+        helper.make_node("Add", ["r", "shift"], ["s"]),
+        helper.make_node("Sub", ["three", "s"], ["y"]),
+    ]
+    inits = {
+        "mean": np.array([0.5, 0.4, 0.3], np.float32).reshape(1, 3, 1, 1),
+        "std": np.array([0.2, 0.25, 0.3], np.float32).reshape(3, 1, 1),
+        "w": tensor((4, 3, 3, 3), 90),
+        "two": np.array(2.0, np.float32),
+        "shift": tensor((1, 4, 1, 1), 91),
+        "three": np.array([3.0], np.float32),
+    }
+    text = check(model(nodes, {"x": ["N", 3, 8, 8]}, inits=inits), tmp_path)
+    assert "b = batchnorm(x, eps=0)" in text and "m = conv(b, 4, size=3)" in text
+    assert "y = batchnorm(r, eps=0)" in text and text.count("batchnorm") == 2
+    (tmp_path / "triton").mkdir()
+    check(model(nodes, {"x": ["N", 3, 8, 8]}, inits=inits), tmp_path / "triton", backend="triton")
+
+
+def test_arithmetic_that_cannot_be_read(tmp_path, capsys):
+    def arith(op, a, b, inits):
+        proto = model([helper.make_node(op, [a, b], ["y"])], {"x": ["N", 2, 3, 3]}, inits=inits)
+        return save(proto, tmp_path / "a.onnx")
+
+    import_error(arith("Mul", "x", "x", {}), tmp_path, capsys, "Mul of two activations is not supported")
+    import_error(arith("Div", "c", "x", {"c": tensor((1, 2, 1, 1), 92)}), tmp_path, capsys, "Div of a constant by")
+    zero = {"c": np.array([1.0, 0.0], np.float32).reshape(1, 2, 1, 1)}
+    import_error(arith("Div", "x", "c", zero), tmp_path, capsys, "or by zero")
+    import_error(arith("Sub", "x", "c", {"c": tensor((3,), 93)}), tmp_path, capsys, "one number or one per channel")
+
+
 def test_global_pools_activations_and_softmax(tmp_path):
     inits = {"w": tensor((6, 3, 3, 3), 3), "b": tensor((6,), 4)}
     nodes = [
@@ -901,9 +940,9 @@ def test_wrong_weights_and_windows(tmp_path, capsys):
     )
     import_error(save(dilated, tmp_path / "d.onnx"), tmp_path, capsys, "MaxPool with dilations [2, 2] is not supported")
     add = model(
-        [helper.make_node("Add", ["x", "c"], ["y"])], {"x": ["N", 2, 3, 3]}, inits={"c": tensor((1, 2, 1, 1), 74)}
+        [helper.make_node("Add", ["x", "c"], ["y"])], {"x": ["N", 2, 3, 3]}, inits={"c": tensor((1, 1, 3, 3), 74)}
     )
-    import_error(save(add, tmp_path / "add.onnx"), tmp_path, capsys, "bias of the conv or fc")
+    import_error(save(add, tmp_path / "add.onnx"), tmp_path, capsys, "one number or one per channel")
     wide = model([helper.make_node("Concat", ["x", "x"], ["y"], axis=2)], {"x": ["N", 2, 3, 3]})
     import_error(save(wide, tmp_path / "cat.onnx"), tmp_path, capsys, "Concat on axis 2 is not supported")
 
