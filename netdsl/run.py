@@ -130,36 +130,11 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
         if y is None:
             return 0  # the rank that owns the output prints it
     else:
-        from netdsl.runtime import Net
-
-        net = Net(
-            path,
-            backend=args.backend,
-            devices=parse_devices(args.devices),
-            dtype=dtype,
-            weights=args.weights,
-            seed=args.seed,
-            init=args.init,
-            progress=sys.stderr if sys.stderr.isatty() else None,  # a progress bar through the first run
-            cuda_graph=args.cuda_graph,
-        )
-        chunks = torch.from_numpy(x).to(TORCH_DTYPES[dtype]).split(args.batch or len(x))
-        if args.time and any(device.type == "cuda" for device in net.devices.values()):
-            for chunk in chunks:
-                net(chunk)  # warm-up: Triton compiles each kernel on its first launch
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        outputs, step_times = [], {}
-        for chunk in chunks:
-            if args.time:
-                out, times = net.profile(chunk)
-                step_times = {name: step_times.get(name, 0.0) + ms for name, ms in times.items()}
-            else:
-                out = net(chunk)
-            outputs.append(out)
-        if any(out.is_cuda for out in outputs if isinstance(out, torch.Tensor)):
-            torch.cuda.synchronize()
-        y = _join(outputs)
+        try:
+            net, y, step_times, start = _run_local(path, x, dtype, args)
+        except NetError as error:  # Net's errors name its keyword arguments; here they are flags
+            error.where = _FLAGS.get(error.where, error.where)
+            raise
     seconds = time.perf_counter() - start
     if isinstance(y, dict):
         name, y = next(iter(y.items()))
@@ -180,6 +155,49 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
         if net is not None:
             print("\n".join(_time_tables(net, step_times, args.batch or scores.shape[0])))
     return 0
+
+
+# Net's errors name its keyword arguments; on the command line they are flags.
+_FLAGS = {"devices": "--devices", "backend": "--backend", "cuda_graph": "--cuda-graph", "batch": "--batch",
+          "dtype": "--dtype", "weights": "--weights"}  # fmt: skip
+
+
+def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
+    """Runs the inputs through a Net in this process: (net, outputs, step times, start time)."""
+    import torch
+
+    from netdsl.launches import TORCH_DTYPES
+    from netdsl.runtime import Net
+
+    net = Net(
+        path,
+        backend=args.backend,
+        devices=parse_devices(args.devices),
+        dtype=dtype,
+        weights=args.weights,
+        seed=args.seed,
+        init=args.init,
+        progress=sys.stderr if sys.stderr.isatty() else None,  # a progress bar through the first run
+        cuda_graph=args.cuda_graph,
+    )
+    chunks = torch.from_numpy(x).to(TORCH_DTYPES[dtype]).split(args.batch or len(x))
+    if args.time and any(device.type == "cuda" for device in net.devices.values()):
+        for chunk in chunks:
+            net(chunk)  # warm-up: Triton compiles each kernel on its first launch
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    outputs, step_times = [], {}
+    for chunk in chunks:
+        if args.time:
+            out, times = net.profile(chunk)
+            step_times = {name: step_times.get(name, 0.0) + ms for name, ms in times.items()}
+        else:
+            out = net(chunk)
+        outputs.append(out)
+    if any(out.is_cuda for out in outputs if isinstance(out, torch.Tensor)):
+        torch.cuda.synchronize()
+    y = _join(outputs)
+    return net, y, step_times, start
 
 
 def resolve_build_dir(path: Path, dtype: str | None) -> tuple[Path, str]:
