@@ -288,6 +288,7 @@ class Net:
                     self._run_step(name, views, inputs)
             self._warm.add((batch, self.torch_dtype))
             outputs = {name: views[step].clone() for name, step in self.output_steps.items()}
+        self._check_gpu_inputs(inputs)
         return next(iter(outputs.values())) if len(outputs) == 1 else outputs
 
     def _replay(self, batch: int, views: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
@@ -344,6 +345,7 @@ class Net:
                     self._run_step(name, views, inputs)
                     times[name] = (time.perf_counter() - began) * 1e3
             outputs = {name: views[step].clone() for name, step in self.output_steps.items()}
+        self._check_gpu_inputs(inputs)
         return (next(iter(outputs.values())) if len(outputs) == 1 else outputs), times
 
     def memory(self, batch: int) -> dict[str, tuple[int, int]]:
@@ -459,15 +461,27 @@ class Net:
             if batch is not None and value.shape[0] != batch:
                 raise NetError(f"input `{name}` has a batch of {value.shape[0]}, the others {batch}", where=self.path)
             batch = value.shape[0]
-            if self.check_inputs and not bool(torch.isfinite(value).all()):
-                bad = "NaN" if bool(torch.isnan(value).any()) else "infinite values"
-                raise NetError(
-                    f"input `{name}` contains {bad}",
-                    where=self.path,
-                    hint="check the data (or pass check_inputs=False to skip this check)",
-                )
+            if self.check_inputs and not value.is_cuda:
+                self._check_finite(name, value)
             inputs[name] = value
         return inputs, batch
+
+    def _check_finite(self, name: str, value: torch.Tensor) -> None:
+        if not bool(torch.isfinite(value).all()):
+            bad = "NaN" if bool(torch.isnan(value).any()) else "infinite values"
+            raise NetError(
+                f"input `{name}` contains {bad}",
+                where=self.path,
+                hint="check the data (or pass check_inputs=False to skip this check)",
+            )
+
+    def _check_gpu_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
+        """The NaN/Inf check of inputs already on a GPU, made after the pass is enqueued: reading its
+        answer waits for the GPU, which before the launches would serialize host and device."""
+        if self.check_inputs:
+            for name, value in inputs.items():
+                if value.is_cuda:
+                    self._check_finite(name, value)
 
     # --- memory -----------------------------------------------------------------------------------
 

@@ -146,3 +146,15 @@ def test_as_module_on_gpu(weights):
     head = torch.nn.Sequential(module, torch.nn.Softmax(dim=1))
     got = head(torch.from_numpy(x).cuda())
     assert relative_error(got, torch.softmax(torch.from_numpy(want), 1).numpy()) <= 1e-4
+
+
+def test_nan_inputs_on_the_gpu_are_refused(weights):
+    """Checked after the pass is enqueued (so the check does not stall the launches), still an error."""
+    model = netdsl.load(net_path("lenet5"), backend="triton", weights=weights("lenet5"))
+    x = torch.from_numpy(fresh_input("lenet5", 2, 4)).cuda()
+    x[1, 0, 3, 3] = float("nan")
+    with pytest.raises(NetError, match="contains NaN"):
+        model(x)
+    x[1, 0, 3, 3] = float("inf")
+    with pytest.raises(NetError, match="infinite"):
+        model.profile(x)
