@@ -1,10 +1,13 @@
-"""AlexNet's convolutions, one tower each: netdsl's conv kernel under several tile configurations
-against cuDNN, on a GPU. What the next change to `codegen/conv.py` should be measured with.
+"""AlexNet's convolutions, one tower each: netdsl's conv kernel under several tile configurations, and
+its channels-last variant (codegen/conv_nhwc.py), against cuDNN, on a GPU. What the next change to the
+conv kernels should be measured with.
 
     python bench/conv_sweep.py [--batch 128] [--dtypes bf16,tf32] [--layers conv1,conv2,...] [--configs all]
 
-For each layer and dtype: cuDNN's time (F.conv2d + bias + ReLU, TF32 allowed only for tf32), then each
-configuration's time (triton.testing.do_bench, median), its TFLOP/s, and whether its output matches
+For each layer and dtype: cuDNN's time (F.conv2d + bias + ReLU, TF32 allowed only for tf32) on NCHW
+and on channels-last tensors, then each configuration's time for `conv.py` on NCHW and, where the layer
+has 16 input channels or more, for `conv_nhwc.py` on channels-last maps and weights (the layout change is
+not timed) (triton.testing.do_bench, median), its TFLOP/s, and whether its output matches
 cuDNN's (relative error over the largest |output|; a mismatch is printed, not timed as a win). The
 configuration `pick_config` chooses today is marked `*`. One table per dtype at the end.
 
@@ -72,6 +75,7 @@ def timer(smoke: bool):
 
 def sweep(layer: str, shape: tuple, name: str, batch: int, device: str, configs: list[dict], measure, generator):
     """The rows of one layer in one precision: cuDNN's, then one per configuration."""
+    from netdsl.codegen import conv_nhwc
     from netdsl.codegen.conv import conv2d, pick_config
 
     dtype, precision = PRECISIONS[name]
@@ -87,24 +91,40 @@ def sweep(layer: str, shape: tuple, name: str, batch: int, device: str, configs:
     want = cudnn().float()
     out_side = want.shape[-1]
     flops = 2 * batch * c_out * out_side * out_side * c_in * size * size
-    cudnn_ms = measure(cudnn)
-    rows = [(layer, "cuDNN", f"{cudnn_ms:.3f}", f"{flops / cudnn_ms / 1e9:.1f}", "", "")]
-    today = pick_config(batch * out_side * out_side, c_out, c_in * size * size)
-    for config in configs:
+    x_last, w_last = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
 
-        def ours(config=config):
+    def cudnn_last():
+        return F.relu(F.conv2d(x_last, w_last, b, stride=stride, padding=pad))
+
+    cudnn_ms = measure(cudnn)
+    last_ms = measure(cudnn_last)
+    rows = [
+        (layer, "cuDNN", f"{cudnn_ms:.3f}", f"{flops / cudnn_ms / 1e9:.1f}", "", ""),
+        (layer, "cuDNN channels-last", f"{last_ms:.3f}", f"{flops / last_ms / 1e9:.1f}", "", ""),
+    ]
+    cudnn_ms = min(cudnn_ms, last_ms)  # the ratio is to cuDNN's better layout
+    today = pick_config(batch * out_side * out_side, c_out, c_in * size * size)
+    variants = [("", config) for config in configs]
+    if c_in >= 16:
+        variants += [("nhwc ", config) for config in configs]
+    for variant, config in variants:
+
+        def ours(config=config, variant=variant):
+            if variant:
+                return conv_nhwc.conv2d_nhwc(x_last, w_last, b, stride, pad, activation="relu",
+                                             input_precision=precision, config=config)  # fmt: skip
             return conv2d(x, w, b, stride, pad, activation="relu", input_precision=precision, config=config)
 
         try:
             got = ours().float()
         except Exception as error:  # e.g. out of shared memory for this tile
-            rows.append((layer, label(config), "-", "-", type(error).__name__, ""))
+            rows.append((layer, variant + label(config), "-", "-", type(error).__name__, ""))
             continue
         error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
         ok = error <= TOLERANCE[name]
         ms = measure(ours) if ok else float("nan")
-        mark = "*" if {k: config[k] for k in today} == today else ""
-        rows.append((layer, label(config) + mark, f"{ms:.3f}", f"{flops / ms / 1e9:.1f}",
+        mark = "*" if not variant and {k: config[k] for k in today} == today else ""
+        rows.append((layer, variant + label(config) + mark, f"{ms:.3f}", f"{flops / ms / 1e9:.1f}",
                      f"{error:.1e}" + ("" if ok else " WRONG"), f"{cudnn_ms / ms:.2f}"))  # fmt: skip
         print("\t".join(map(str, rows[-1])), flush=True)
     return rows
@@ -142,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             shape = LAYERS[layer]
             if args.smoke:  # a few channels, a map just larger than the window
                 c_in, c_out, size, stride, pad, side = shape
-                shape = (min(c_in, 8), min(c_out, 16), size, stride, pad, min(side, 2 * size + 3))
+                shape = (min(c_in, 16), min(c_out, 16), size, stride, pad, min(side, 2 * size + 3))
             rows = sweep(layer, shape, name, batch, device, chosen, measure, generator)
             tables.setdefault(name, []).extend(rows)
     for name, rows in tables.items():

@@ -23,6 +23,7 @@ def test_conv_sweep_smoke(capsys):
     assert "WRONG" not in out and "Error" not in out
     for layer in ("conv1", "conv2", "conv3", "conv4", "conv5"):
         assert f"\n{layer} " in out
+    assert out.count(" nhwc ") == 4  # the channels-last variant for every layer but conv1 (3 channels)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")

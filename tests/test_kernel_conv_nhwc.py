@@ -1,0 +1,78 @@
+"""The channels-last conv variant (codegen/conv_nhwc.py) against torch.nn.functional.conv2d in float64.
+
+The same geometries as the main conv kernel's tests, with channels-last and NCHW inputs, weights and
+outputs, every precision; explicit outputs start as NaN so an element never written fails. It is not
+yet used by the compiler: bench/conv_sweep.py measures it against conv.py on a GPU.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_support import DEVICE, INTERPRETING, PRECISIONS, TOLERANCES, activate, random
+from test_kernel_conv import GEOMETRIES
+
+from netdsl.codegen.conv_nhwc import conv2d_nhwc
+
+pytestmark = [pytest.mark.filterwarnings("error::RuntimeWarning"), pytest.mark.usefixtures("interpreter_bf16_dot")]
+# Several blocks of pixels, filters and channels per layer, with ragged edges (K blocks of 16: tl.dot's least).
+SMALL_TILES = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
+CHANNELS_LAST = torch.channels_last
+
+
+def check(geometry: dict, precision: str = "fp32", layout: str = "nhwc", activation: str = "relu",
+          config: dict | None = SMALL_TILES, seed: int = 0) -> None:  # fmt: skip
+    dtype, input_precision = PRECISIONS[precision]
+    generator = torch.Generator().manual_seed(seed)
+    (c_in,) = geometry["channels"]
+    groups = geometry.get("groups", 1)
+    kernel, c_out = geometry["kernel"], geometry["c_out"]
+    fan_in = c_in // groups * kernel[0] * kernel[1]
+    x = random(generator, geometry["batch"], c_in, *geometry["size"]).to(DEVICE, dtype)
+    weight = random(generator, c_out, c_in // groups, *kernel, scale=fan_in**-0.5).to(DEVICE, dtype)
+    bias = random(generator, c_out, scale=0.5).to(DEVICE, dtype)
+    conv = {key: geometry.get(key, default) for key, default in (("stride", 1), ("padding", 0), ("dilation", 1))}
+    expected = activate(F.conv2d(x.double(), weight.double(), bias.double(), groups=groups, **conv), activation, 0.2)
+    memory = CHANNELS_LAST if layout == "nhwc" else torch.contiguous_format
+    out = torch.full(expected.shape, float("nan"), dtype=dtype, device=DEVICE).contiguous(memory_format=memory)
+    actual = conv2d_nhwc(
+        x.contiguous(memory_format=memory), weight.contiguous(memory_format=memory), bias, groups=groups,
+        activation=activation, slope=0.2, input_precision=input_precision, out=out, config=config, **conv,
+    )  # fmt: skip
+    assert actual is out
+    torch.testing.assert_close(actual.double(), expected, **TOLERANCES[precision])
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_geometry(geometry: str, layout: str):
+    check(GEOMETRIES[geometry], layout=layout)
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_precision(precision: str):
+    geometry = {"batch": 2, "channels": (40,), "c_out": 24, "size": (9, 8), "kernel": (3, 3), "padding": 1}
+    check(geometry, precision=precision, config=None if INTERPRETING else SMALL_TILES, seed=3)
+
+
+@pytest.mark.parametrize("activation", ["none", "leaky_relu"])
+def test_epilogue_and_picked_tiles(activation: str):
+    geometry = {"batch": 2, "channels": (20,), "c_out": 70, "size": (7, 7), "kernel": (3, 3), "padding": 1}
+    check(geometry, activation=activation, config=None, seed=4)
+
+
+def test_default_output_is_channels_last():
+    x = torch.randn(1, 16, 6, 6, device=DEVICE).contiguous(memory_format=CHANNELS_LAST)
+    w = torch.randn(8, 16, 3, 3, device=DEVICE) * 0.1
+    y = conv2d_nhwc(x, w, padding=1)
+    assert y.is_contiguous(memory_format=CHANNELS_LAST)
+    torch.testing.assert_close(y, F.conv2d(x, w, padding=1), **TOLERANCES["fp32"])
+
+
+def test_rejects_bad_arguments():
+    x = torch.randn(1, 4, 6, 6, device=DEVICE)
+    with pytest.raises(ValueError, match="does not fit"):
+        conv2d_nhwc(x, torch.randn(6, 3, 3, 3, device=DEVICE))
+    with pytest.raises(TypeError, match="one dtype"):
+        conv2d_nhwc(x, torch.randn(6, 4, 3, 3, device=DEVICE, dtype=torch.float16))
+    with pytest.raises(ValueError, match="empty"):
+        conv2d_nhwc(x, torch.randn(6, 4, 7, 7, device=DEVICE))

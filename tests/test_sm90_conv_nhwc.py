@@ -1,0 +1,61 @@
+"""The channels-last conv variant compiles for the H100 (sm_90) for AlexNet's conv2..conv5 at batch 128
+without spills, within shared memory, on wgmma, and — its reason to exist — stages both operands with
+16-byte asynchronous copies (`LDGSTS.E.BYPASS.128`) where conv.py gathers 2-byte elements one by one.
+No GPU is needed; run with `-s` for the table."""
+
+import re
+from functools import cache
+
+import pytest
+import torch
+from test_sm90_conv import PRECISIONS, meta, specialize
+
+from netdsl.codegen import conv_nhwc
+from netdsl.codegen.target import SM90_MAX_SHARED_BYTES, CompileRequest, compile_sm90_many, format_table
+
+pytestmark = pytest.mark.slow
+
+# One tower: (input shape, weight shape, stride, padding)
+LAYERS = {
+    "conv2": ((48, 27, 27), (128, 48, 5, 5), 1, 2),
+    "conv3": ((256, 13, 13), (192, 256, 3, 3), 1, 1),
+    "conv4": ((192, 13, 13), (192, 192, 3, 3), 1, 1),
+    "conv5": ((192, 13, 13), (128, 192, 3, 3), 1, 1),
+}
+CASES = [(layer, precision) for layer in LAYERS for precision in ("bf16", "tf32")]
+
+
+@cache
+def compiled() -> dict:
+    requests = {}
+    for layer, precision in CASES:
+        shape, weight, stride, padding = LAYERS[layer]
+        dtype, input_precision = PRECISIONS[precision]
+        _, arguments = conv_nhwc.conv2d_nhwc_launch(
+            meta(128, *shape, dtype=dtype).contiguous(memory_format=torch.channels_last),
+            meta(*weight, dtype=dtype).contiguous(memory_format=torch.channels_last),
+            meta(weight[0], dtype=dtype),
+            stride,
+            padding,
+            activation="relu",
+            input_precision=input_precision,
+        )
+        request = specialize(conv_nhwc.conv2d_nhwc_kernel, arguments)
+        requests[layer, precision] = CompileRequest(
+            request.kernel, request.signature, request.constexprs, request.num_warps, request.num_stages,
+            sass=True, divisible_by_16=request.divisible_by_16,
+        )  # fmt: skip
+    results = compile_sm90_many(list(requests.values()))
+    print("\n" + format_table(results))
+    return dict(zip(requests, results, strict=True))
+
+
+@pytest.mark.parametrize(("layer", "precision"), CASES)
+def test_nhwc_variant_compiles_with_vector_async_copies(layer: str, precision: str):
+    result = compiled()[layer, precision]
+    table = format_table([result])
+    assert result.spills == 0 and result.stack_bytes == 0, table
+    assert result.shared_bytes <= SM90_MAX_SHARED_BYTES, table
+    assert "wgmma.mma_async" in result.mma, table
+    assert len(re.findall(r"LDGSTS\.E\.BYPASS\.128", result.sass)) >= 8, "operands not staged by 16-byte cp.async"
+    assert not re.search(r"LDG\.E\.U16", result.sass), "2-byte gathers"
