@@ -88,6 +88,7 @@ def run_distributed(
     weights: Mapping[str, object] | str | Path | None = None,
     seed: int = 0,
     init: str = "paper",
+    dtype: str = "fp32",
 ):
     """Runs this rank's partition of the net at `path` on the input `x` (the same on every rank).
 
@@ -96,7 +97,7 @@ def run_distributed(
     available, else gloo) when there is none yet; the caller destroys it."""
     rank, world = _world()
     local = _local_device()
-    net = _rank_net(local)(path, backend=backend, weights=weights, seed=seed, init=init)
+    net = _rank_net(local)(path, backend=backend, weights=weights, seed=seed, init=init, dtype=dtype)
     logical = sorted(net.program.graph["partitions"])
     if world != len(logical):
         raise NetError(

@@ -9,10 +9,12 @@ import torch.nn.functional as F
 
 def lrn(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
     """The paper's LRN: x / (k + alpha * sum of x^2 over `size` channels around c) ^ beta, clipped at the
-    edges; the window is c - (size-1)//2 .. c + size//2."""
-    squares = F.pad(x.pow(2).unsqueeze(1), (0, 0, 0, 0, (size - 1) // 2, size // 2))
+    edges; the window is c - (size-1)//2 .. c + size//2. Computed in fp32 (at least), as the kernels do,
+    and rounded once to the input's dtype (PyTorch has no 16-bit avg_pool3d on the CPU)."""
+    wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    squares = F.pad(wide.pow(2).unsqueeze(1), (0, 0, 0, 0, (size - 1) // 2, size // 2))
     window_sum = F.avg_pool3d(squares, (size, 1, 1), stride=1).squeeze(1) * size
-    return x / (k + alpha * window_sum).pow(beta)
+    return (wide / (k + alpha * window_sum).pow(beta)).to(x.dtype)
 
 
 def _join(inputs: list[torch.Tensor]) -> torch.Tensor:

@@ -126,6 +126,11 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
     net = step_times = None
     start = time.perf_counter()
     if args.distributed:
+        if args.cuda_graph:
+            raise NetError(
+                "CUDA-graph capture runs in one process", where="--cuda-graph", hint="leave out --distributed"
+            )
+        args.dtype = dtype
         y = _run_distributed(path, torch.from_numpy(x).to(TORCH_DTYPES[dtype]), args)
         if y is None:
             return 0  # the rank that owns the output prints it
@@ -242,7 +247,9 @@ def _run_distributed(path: Path, x, args: argparse.Namespace):
     from netdsl.distributed import run_distributed
 
     try:
-        y = run_distributed(path, x, backend=args.backend, weights=args.weights, seed=args.seed, init=args.init)
+        y = run_distributed(
+            path, x, backend=args.backend, weights=args.weights, seed=args.seed, init=args.init, dtype=args.dtype
+        )
         if dist.is_initialized():
             dist.barrier()  # every rank's sends are received before the group goes away
     finally:

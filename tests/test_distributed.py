@@ -42,7 +42,7 @@ def _free_port() -> int:
 
 
 def _launch(
-    net: Path, out: Path, world: int, batch: int, seed: int, cli: bool = False
+    net: Path, out: Path, world: int, batch: int, seed: int, cli: bool = False, extra: tuple[str, ...] = ()
 ) -> list[subprocess.CompletedProcess]:
     """`python -m netdsl.distributed` (or `netdsl run --distributed`) once per rank, as torchrun would."""
     port = _free_port()
@@ -62,7 +62,7 @@ def _launch(
         if cli:
             command = [sys.executable, "-m", "netdsl", "run", str(net), "--distributed", "--backend", "torch"]
             command += ["--random", str(batch)]
-        command += ["--seed", str(seed), "--init", "he", "--save", str(out)]
+        command += ["--seed", str(seed), "--init", "he", "--save", str(out), *extra]
         procs.append(
             subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )
@@ -80,10 +80,11 @@ def _launch(
     return results
 
 
-def _single_process(net: Path, batch: int, seed: int) -> np.ndarray:
+def _single_process(net: Path, batch: int, seed: int, dtype: str = "fp32") -> np.ndarray:
     x = np.random.default_rng(seed).standard_normal((batch, *_input_shape(net)), dtype=np.float32)
-    y = Net(net, init="he", seed=seed)(torch.from_numpy(x))
-    return y.reshape(batch, -1).numpy()
+    model = Net(net, init="he", seed=seed, dtype=dtype)
+    y = model(torch.from_numpy(x).to(model.torch_dtype))
+    return y.reshape(batch, -1).float().numpy()
 
 
 def _input_shape(net: Path) -> tuple[int, ...]:
@@ -140,3 +141,15 @@ def test_netdsl_run_distributed_matches_one_process(tmp_path):
         assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout}\n{result.stderr}"
     assert "input 1: top 5" in results[0].stdout and "top" not in results[1].stdout
     np.testing.assert_allclose(np.load(out), _single_process(net, batch=2, seed=5), rtol=1e-6, atol=1e-7)
+
+
+def test_distributed_in_bfloat16_matches_one_process(tmp_path):
+    """--dtype reaches every rank: bf16 maps cross the process boundary and give one process's bits."""
+    net = tmp_path / "two_towers.net"
+    net.write_text(TWO_TOWERS)
+    out = tmp_path / "out.npy"
+    results = _launch(net, out, world=2, batch=2, seed=6, cli=True, extra=("--dtype", "bf16"))
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout}\n{result.stderr}"
+    assert "bf16" not in results[1].stdout
+    np.testing.assert_array_equal(np.load(out), _single_process(net, batch=2, seed=6, dtype="bf16"))

@@ -7,6 +7,7 @@ same weights as the compiled net. Both backends run: `torch` (netdsl's PyTorch r
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -385,3 +386,14 @@ def test_tf32_kernels_only_for_dtype_tf32():
     saved = torch.backends.cudnn.allow_tf32
     Net(LENET_PATH, backend="torch", dtype="tf32")(torch.randn(1, 1, 32, 32))
     assert torch.backends.cudnn.allow_tf32 == saved
+
+
+def test_bf16_under_the_interpreter_is_right():
+    """Triton's interpreter multiplies bf16 dot operands as raw bits; the runtime widens them first, so
+    the generated kernels in bf16 agree with the torch backend in bf16 (to bf16's 8 bits, 3e-2 relative)."""
+    if not os.environ.get("TRITON_INTERPRET"):
+        pytest.skip("runs the kernels under Triton's interpreter")
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    got = Net(LENET_PATH, backend="triton", dtype="bf16", init="he")(x).float()
+    want = Net(LENET_PATH, backend="torch", dtype="bf16", init="he")(x).float()
+    assert (got - want).abs().max() <= 3e-2 * want.abs().max()

@@ -1,0 +1,47 @@
+"""Running the generated kernels under Triton's interpreter (`TRITON_INTERPRET=1`, the CPU path).
+
+Triton's interpreter keeps bfloat16 values as their raw 16 bits in uint16 arrays, and its `tl.dot`
+multiplies those integers (triton-lang/triton#11584): every bf16 matrix product comes out wrong, with
+no error. `widen_bf16_dots()` makes the interpreter widen bf16 dot operands to float32 first (bf16 is
+the top half of a float32), which is what a tensor core computes: exact products, fp32 accumulation.
+It changes nothing for other dtypes, nor when Triton stores bf16 some other way.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def widen_bf16_dots() -> bool:
+    """Patches the interpreter's dot (once per process); False when this Triton has no such hook."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    create_dot = getattr(builder, "create_dot", None)
+    tensor_handle = getattr(interpreter, "TensorHandle", None)
+    if create_dot is None or tensor_handle is None:
+        return False
+    if getattr(create_dot, "widens_bf16", False):
+        return True
+
+    def widen(handle):
+        data = getattr(handle, "data", None)
+        if getattr(handle, "dtype", None) != tl.bfloat16 or not isinstance(data, np.ndarray) or data.dtype != np.uint16:
+            return handle
+        return tensor_handle((data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot_widened(self, a, b, *args, **kwargs):
+        return create_dot(self, widen(a), widen(b), *args, **kwargs)
+
+    create_dot_widened.widens_bf16 = True
+    builder.create_dot = create_dot_widened
+    return True
