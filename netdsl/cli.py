@@ -269,6 +269,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as error:  # a bug in netdsl (or in a library under it), not a mistake of the user's
+        if debug:
+            raise
+        print(
+            f"netdsl: internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}\n"
+            "hint: this is a bug; run the same command with --debug for the traceback, and please report it",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

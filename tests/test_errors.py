@@ -839,3 +839,20 @@ def test_fc_rule_rejects_an_empty_input():
 def test_a_layer_too_large_for_32_bit_offsets_is_an_error():
     with pytest.raises(NetError, match="more than 2\\^31 - 1 values per image"):
         graph_from_text("input x: 3 x 8 x 8\ny = conv(x, 8, size=3, pad=10**9)\n")
+
+
+def test_a_bug_is_reported_as_an_internal_error(monkeypatch, capsys):
+    """An exception that is not a NetError is netdsl's fault: one line saying so, exit status 2, and the
+    traceback only with --debug."""
+    import netdsl.cli
+
+    def broken(argv):
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setattr(netdsl.cli, "run", broken)
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err
+    assert "internal error: ZeroDivisionError: division by zero" in err and "--debug" in err
+    assert "Traceback" not in err and "second line" not in err
+    with pytest.raises(ZeroDivisionError):
+        main(["--debug", "check"])
