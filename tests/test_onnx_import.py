@@ -1026,3 +1026,46 @@ def test_damaged_models_give_clear_errors(exported, tmp_path):
             assert "internal error" not in error.message, error.message
             outcomes["error"] += 1
     assert outcomes["imported"] and outcomes["error"]
+
+
+def test_a_pytorch_resnet_export(tmp_path):
+    """Residual blocks as torch.onnx.export writes them (unfolded batch norms, a strided 1 x 1
+    downsample, adaptive average pooling to 1 x 1): chains, adds and the pool come back readable."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self, width: int, stride: int = 1):
+            super().__init__()
+            c_in = width if stride == 1 else width // 2
+            self.c1, self.b1 = nn.Conv2d(c_in, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+            self.c2, self.b2 = nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width)
+            self.down = None
+            if stride != 1:
+                self.down = nn.Sequential(nn.Conv2d(c_in, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+
+        def forward(self, x):
+            y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+            return torch.relu(y + (x if self.down is None else self.down(x)))
+
+    class Small(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 5, 2, 2, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+            self.l1, self.l2, self.fc = Block(8), Block(16, 2), nn.Linear(16, 5)
+
+        def forward(self, x):
+            x = self.l2(self.l1(self.stem(x)))
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    torch.manual_seed(1)
+    net = Small().eval()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    text = check(torch_export(net, (3, 16, 16), tmp_path / "resnet.onnx"), tmp_path)
+    assert "l1 = add(l1_c2, stem_0) | relu" in text
+    assert "l2_down_0 = conv(l1, 16, size=1, stride=2)" in text  # the exporter folds batch norms
+    assert "| relu | global_avgpool" in text
