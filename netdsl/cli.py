@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import tempfile
 import traceback
 from importlib import resources
 from pathlib import Path
@@ -178,6 +179,38 @@ def run(argv: list[str]) -> int:
     if args.command == "import":
         return _import(args)
     path = args.net or default_net()
+    if path.suffix.lower() == ".onnx" and args.command == "compile":
+        # The build folder keeps the imported net (plan.json names it) and its weights.
+        out = args.output or Path("build") / path.stem
+        net = _imported(path, out, args)
+        args.output = out
+        status = _compile(net, args)
+        print(f"imported {path} as {net}; run it with: netdsl run {out} --weights {net.with_suffix('.safetensors')}")
+        return status
+    if path.suffix.lower() == ".onnx" and args.command != "export":
+        with tempfile.TemporaryDirectory(prefix="netdsl-onnx-") as folder:
+            return _dispatch(_imported(path, Path(folder), args), args)
+    return _dispatch(path, args)
+
+
+def _imported(model: Path, folder: Path, args: argparse.Namespace) -> Path:
+    """An ONNX model given where a net goes: imported into `folder` (its weights are used by `run`)."""
+    try:
+        from netdsl.onnx_import import import_to_files
+    except ImportError:
+        raise NetError("reading ONNX models needs onnx", where=str(model), hint="pip install 'netdsl[onnx]'") from None
+    net, weights = folder / f"{model.stem}.net", folder / f"{model.stem}.safetensors"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise NetError(f"cannot create {folder}: {error.strerror}", where=str(folder)) from None
+    import_to_files(model, net, weights)
+    if getattr(args, "weights", None) is None and hasattr(args, "weights"):
+        args.weights = weights
+    return net
+
+
+def _dispatch(path: Path, args: argparse.Namespace) -> int:
     if args.command == "compile":
         return _compile(path, args)
     if args.command == "export":

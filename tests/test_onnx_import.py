@@ -1069,3 +1069,23 @@ def test_a_pytorch_resnet_export(tmp_path):
     assert "l1 = add(l1_c2, stem_0) | relu" in text
     assert "l2_down_0 = conv(l1, 16, size=1, stride=2)" in text  # the exporter folds batch norms
     assert "| relu | global_avgpool" in text
+
+
+def test_commands_take_an_onnx_model_where_a_net_goes(exported, tmp_path, capsys):
+    """check, info, run and compile read an .onnx file as its imported net; run uses the model's weights."""
+    _, graph, _, path = exported("lenet5")
+    assert main(["check", str(path)]) == 0
+    assert main(["info", str(path)]) == 0
+    assert "61,706" in capsys.readouterr().out  # LeNet-5's parameters
+    out = tmp_path / "y.npy"
+    assert main(["run", str(path), "--backend", "torch", "--random", "2", "--seed", "4", "--save", str(out)]) == 0
+    x = np.random.default_rng(4).standard_normal((2, *layers(graph)[0].shape), dtype=np.float32)
+    np.testing.assert_allclose(np.load(out), onnxruntime_outputs(path, {"image": x})[0], rtol=1e-4, atol=1e-6)
+
+    build = tmp_path / "build"
+    assert main(["compile", str(path), "-o", str(build), "--no-sm90"]) == 0
+    assert f"netdsl run {build} --weights {build / 'lenet5.safetensors'}" in capsys.readouterr().out
+    again = tmp_path / "z.npy"
+    command = ["run", str(build), "--weights", str(build / "lenet5.safetensors"), "--backend", "torch"]
+    assert main([*command, "--random", "2", "--seed", "4", "--save", str(again)]) == 0
+    np.testing.assert_array_equal(np.load(again), np.load(out))
