@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from netdsl.codegen.conv import ACTIVATIONS, DTYPES, INPUT_PRECISIONS
+from netdsl.codegen.conv import ACTIVATIONS, DTYPES, INPUT_PRECISIONS, _pair, _strides
 
 
 @triton.jit
@@ -137,10 +137,6 @@ def conv2d_nhwc(
     return arguments["y_ptr"]
 
 
-def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
-
-
 def conv2d_nhwc_launch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -191,9 +187,7 @@ def conv2d_nhwc_launch(
         "x_ptr": x, "w_ptr": weight, "b_ptr": weight if bias is None else bias, "y_ptr": out,
         "BATCH": batch, "H": height, "W": width, "OH": out_h, "OW": out_w,
         "C_IN_G": c_in_group, "C_OUT_G": c_out_group,
-        **{f"stride_x{a}": s for a, s in zip("nchw", x.stride(), strict=True)},
-        **{f"stride_w{a}": s for a, s in zip("ochw", weight.stride(), strict=True)},
-        **{f"stride_y{a}": s for a, s in zip("nchw", out.stride(), strict=True)},
+        **_strides("x", "nchw", x), **_strides("w", "ochw", weight), **_strides("y", "nchw", out),
         "conv_stride_h": stride_h, "conv_stride_w": stride_w,
         "pad_h": pad_h, "pad_w": pad_w, "dil_h": dil_h, "dil_w": dil_w,
         "slope": slope,
