@@ -130,8 +130,7 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
             raise NetError(
                 "CUDA-graph capture runs in one process", where="--cuda-graph", hint="leave out --distributed"
             )
-        args.dtype = dtype
-        y = _run_distributed(path, torch.from_numpy(x).to(TORCH_DTYPES[dtype]), args)
+        y = _run_distributed(path, torch.from_numpy(x).to(TORCH_DTYPES[dtype]), dtype, args)
         if y is None:
             return 0  # the rank that owns the output prints it
     else:
@@ -158,7 +157,8 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
             f"{', ' + dtype}{', steps timed one at a time' if net else ', distributed'})"
         )
         if net is not None:
-            print("\n".join(_time_tables(net, step_times, args.batch or scores.shape[0])))
+            largest = min(args.batch or scores.shape[0], scores.shape[0])  # the largest pass's batch
+            print("\n".join(_time_tables(net, step_times, largest)))
     return 0
 
 
@@ -240,7 +240,7 @@ def _input_shape(path: Path) -> tuple[int, ...]:
     return layer(graph, graph.graph["inputs"][0]).shape
 
 
-def _run_distributed(path: Path, x, args: argparse.Namespace):
+def _run_distributed(path: Path, x, dtype: str, args: argparse.Namespace):
     """This process's partition, under torchrun: the output on the rank that owns it, else None."""
     import torch.distributed as dist
 
@@ -248,7 +248,7 @@ def _run_distributed(path: Path, x, args: argparse.Namespace):
 
     try:
         y = run_distributed(
-            path, x, backend=args.backend, weights=args.weights, seed=args.seed, init=args.init, dtype=args.dtype
+            path, x, backend=args.backend, weights=args.weights, seed=args.seed, init=args.init, dtype=dtype
         )
         if dist.is_initialized():
             dist.barrier()  # every rank's sends are received before the group goes away

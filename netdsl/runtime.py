@@ -177,12 +177,14 @@ class Net:
 
     def _check_triton_runnable(self) -> None:
         on_cpu = [name for name, device in self.devices.items() if device.type != "cuda"]
-        if on_cpu and self.dtype == "bf16" and interpreting() and not widen_bf16_dots():
-            raise NetError(
-                "this Triton's interpreter computes bf16 matrix products wrongly (triton-lang/triton#11584)",
-                where="dtype",
-                hint="run bf16 on a GPU, or use backend='torch' (--backend torch) or another dtype on the CPU",
-            )
+        if on_cpu and self.dtype == "bf16" and interpreting():
+            widened = widen_bf16_dots()  # the interpreter's bf16 dot multiplies raw bits otherwise
+            if not widened:
+                raise NetError(
+                    "this Triton's interpreter computes bf16 matrix products wrongly (triton-lang/triton#11584)",
+                    where="dtype",
+                    hint="run bf16 on a GPU, or use backend='torch' (--backend torch) or another dtype on the CPU",
+                )
         if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
             raise NetError(
                 f"the triton backend cannot run device `{on_cpu[0]}` on {self.devices[on_cpu[0]]}",
