@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         "net",
         nargs="?",
         type=Path,
-        help=f"a .net file or a build folder of `netdsl compile` (default: the bundled {DEFAULT_NET})",
+        help=f"a .net file, an .onnx model or a build folder of `netdsl compile` (default: the bundled {DEFAULT_NET})",
     )
     source = run.add_mutually_exclusive_group()
     source.add_argument(
@@ -193,12 +193,18 @@ def run(argv: list[str]) -> int:
     return _dispatch(path, args)
 
 
-def _imported(model: Path, folder: Path, args: argparse.Namespace) -> Path:
-    """An ONNX model given where a net goes: imported into `folder` (its weights are used by `run`)."""
+def _onnx_importer(where: str):
+    """netdsl.onnx_import.import_to_files, or the error that says how to install onnx."""
     try:
         from netdsl.onnx_import import import_to_files
     except ImportError:
-        raise NetError("reading ONNX models needs onnx", where=str(model), hint="pip install 'netdsl[onnx]'") from None
+        raise NetError("reading ONNX models needs onnx", where=where, hint="pip install 'netdsl[onnx]'") from None
+    return import_to_files
+
+
+def _imported(model: Path, folder: Path, args: argparse.Namespace) -> Path:
+    """An ONNX model given where a net goes: imported into `folder` (its weights are used by `run`)."""
+    import_to_files = _onnx_importer(str(model))
     net, weights = folder / f"{model.stem}.net", folder / f"{model.stem}.safetensors"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -263,10 +269,7 @@ def _export(path: Path, args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    try:
-        from netdsl.onnx_import import import_to_files
-    except ImportError:
-        raise NetError("importing needs onnx", where="import", hint="pip install 'netdsl[onnx]'") from None
+    import_to_files = _onnx_importer("import")
     weights = args.weights_out or args.output.with_suffix(".safetensors")
     result = import_to_files(args.model, args.output, weights, towers=args.towers)
     for note in result.notes:
