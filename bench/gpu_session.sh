@@ -5,7 +5,9 @@
 #
 # 1. the GPU tests: the kernel sweeps against PyTorch, goldens, precisions, streams, CUDA graphs
 #    (tests/test_gpu.py and the tests/test_kernel*.py files, which use the GPU when there is one);
-# 2. bench/alexnet_gpu.py: netdsl (eager and CUDA graph) and PyTorch eager for every batch and
+# 2. bench/conv_sweep.py: AlexNet's convs under five tiles, conv.py and the channels-last variant
+#    (conv_nhwc.py) against cuDNN, bf16 at batch 128 (rows are printed as measured);
+# 3. bench/alexnet_gpu.py: netdsl (eager and CUDA graph) and PyTorch eager for every batch and
 #    precision, then torch.compile's two modes for as long as the time box allows.
 # Meanwhile, background processes compile the kernels the benchmark needs (filling the caches on disk).
 # Works with the machine's own torch and triton; lark travels as a wheel in .whl/ when missing.
@@ -42,6 +44,11 @@ timeout "${TEST_S:-210}" python3 -m pytest -q $workers -p no:cacheprovider -rfE 
     2>&1 | tee "$OUT/pytest.log" | tail -n 45
 echo "--- measured errors (relative to the largest |reference|)"
 sort "$OUT/errors.tsv" 2>/dev/null
+
+timeout "${SWEEP_S:-150}" python3 bench/conv_sweep.py --batch 128 --dtypes bf16 --configs 0,1,3,4,7 \
+    >"$OUT/conv_sweep.log" 2>&1
+echo "--- conv sweep (layer, tile, ms, TFLOP/s, error, x cuDNN)"
+grep -P "^conv\d\t" "$OUT/conv_sweep.log"
 
 timeout "${BENCH_S:-180}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1,32 \
     --systems netdsl,netdsl-graph,eager --tsv "$OUT/bench.tsv" >"$OUT/bench.log" 2>&1
