@@ -64,6 +64,7 @@ _BATCH = np.int64(-(2**62) + 12345)  # the batch size while folding Shape -> ...
 LAYER_OPS = (
     "Conv",
     "Relu",
+    "Clip",
     "LeakyRelu",
     "LRN",
     "MaxPool",
@@ -775,6 +776,23 @@ class _Importer:
         return self.act(inputs[0], where)
 
     def op_relu(self, node, where, attrs, inputs):
+        return self.add_layer(node.output[0], "relu", {}, [self.act(inputs[0], where)], where)
+
+    def op_clip(self, node, where, attrs, inputs):
+        """Clip to [0, +inf) is a ReLU; any other bound (ReLU6's 6, say) has no netdsl layer."""
+        if self.opset < 11:
+            low, high = float(attrs.get("min", -np.inf)), float(attrs.get("max", np.inf))
+        else:
+            given = [*inputs[1:3], "", ""]
+            low, high = (
+                float(self.const(name, where, f"the {what}").reshape(-1)[0]) if name else default
+                for name, what, default in zip(given, ("min", "max"), (-np.inf, np.inf))
+            )
+        if low != 0 or high != np.inf:
+            raise self.fail(
+                f"{where}: Clip to [{low:g}, {high:g}] is not supported (only [0, inf), a ReLU)",
+                hint="netdsl has relu and leaky_relu, no bounded activation such as ReLU6",
+            )
         return self.add_layer(node.output[0], "relu", {}, [self.act(inputs[0], where)], where)
 
     def op_leaky_relu(self, node, where, attrs, inputs):

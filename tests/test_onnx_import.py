@@ -289,6 +289,22 @@ def test_arithmetic_that_cannot_be_read(tmp_path, capsys):
     import_error(arith("Sub", "x", "c", {"c": tensor((3,), 93)}), tmp_path, capsys, "one number or one per channel")
 
 
+@pytest.mark.parametrize("opset", [10, 17])
+def test_clip_from_zero_is_a_relu(opset, tmp_path, capsys):
+    if opset < 11:
+        relu = helper.make_node("Clip", ["x"], ["y"], min=0.0)
+        relu6 = helper.make_node("Clip", ["x"], ["y"], min=0.0, max=6.0)
+        inits = {}
+    else:
+        relu = helper.make_node("Clip", ["x", "zero"], ["y"])
+        relu6 = helper.make_node("Clip", ["x", "zero", "six"], ["y"])
+        inits = {"zero": np.array(0.0, np.float32), "six": np.array(6.0, np.float32)}
+    text = check(model([relu], {"x": ["N", 3, 4, 4]}, inits=inits, opset=opset), tmp_path)
+    assert "y = relu(x)" in text
+    bounded = save(model([relu6], {"x": ["N", 3, 4, 4]}, inits=inits, opset=opset), tmp_path / "relu6.onnx")
+    import_error(bounded, tmp_path, capsys, "Clip to [0, 6] is not supported", "ReLU6")
+
+
 def test_global_pools_activations_and_softmax(tmp_path):
     inits = {"w": tensor((6, 3, 3, 3), 3), "b": tensor((6,), 4)}
     nodes = [
