@@ -40,7 +40,7 @@ export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 6")
 timeout "${TEST_S:-210}" python3 -m pytest -q $workers -p no:cacheprovider -rfE \
     tests/test_gpu.py tests/test_kernel_conv.py tests/test_kernel_fc.py tests/test_kernel_lrn.py \
-    tests/test_kernel_pool.py tests/test_kernels_basic.py tests/test_kernel_conv_lrn_pool.py \
+    tests/test_kernel_pool.py tests/test_kernels_basic.py tests/test_kernel_conv_lrn_pool.py tests/test_kernel_conv_nhwc.py \
     2>&1 | tee "$OUT/pytest.log" | tail -n 45
 echo "--- measured errors (relative to the largest |reference|)"
 sort "$OUT/errors.tsv" 2>/dev/null
