@@ -18,3 +18,20 @@ def interpreter_bf16_dot():
     runtime widens them to fp32 first (netdsl/interpret.py), and so do the kernel tests that use this."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         assert widen_bf16_dots()
+
+
+@pytest.fixture(scope="module")
+def weights():
+    """net -> the weights of its golden (tests/golden/regenerate.py), made once per test module:
+    VGG-16's take a second and half a GB, so they are dropped when the module is done."""
+    from golden.regenerate import golden_weights
+
+    cache = {}
+
+    def get(net: str):
+        if net not in cache:
+            cache[net] = golden_weights(net)
+        return cache[net]
+
+    yield get
+    cache.clear()

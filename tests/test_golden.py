@@ -25,7 +25,7 @@ import pytest
 import torch
 from golden import models as golden_models
 from golden.models import MODELS, build, run
-from golden.regenerate import SCHEME, SEED, expected_output, golden_input, golden_path, golden_weights, net_path
+from golden.regenerate import SCHEME, SEED, expected_output, golden_input, golden_path, net_path
 
 import netdsl
 from netdsl.ir import layers
@@ -58,20 +58,6 @@ def needs_grouped_lrn(request, net: str = "alexnet_1gpu") -> None:
                 strict=False,
             )
         )
-
-
-@pytest.fixture(scope="module")
-def weights():
-    """net -> the golden's weights, made once per module (VGG-16's take a second and half a GB)."""
-    cache: dict[str, dict[str, np.ndarray]] = {}
-
-    def get(net: str) -> dict[str, np.ndarray]:
-        if net not in cache:
-            cache[net] = golden_weights(net)
-        return cache[net]
-
-    yield get
-    cache.clear()
 
 
 def golden(net: str) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from golden.models import MODELS, build, run
-from golden.regenerate import golden_path, golden_weights, net_path
+from golden.regenerate import golden_path, net_path
 
 import netdsl
 from netdsl import NetError
@@ -32,19 +32,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 NETS = list(MODELS)
 TOLERANCES = {"fp32": 1e-4, "tf32": 1e-2, "fp16": 1e-2, "bf16": 5e-2}
 LOW_PRECISION_NETS = ["alexnet", "lenet5", "simplenet"]
-
-
-@pytest.fixture(scope="module")
-def weights():
-    cache: dict[str, dict[str, np.ndarray]] = {}
-
-    def get(net: str) -> dict[str, np.ndarray]:
-        if net not in cache:
-            cache[net] = golden_weights(net)
-        return cache[net]
-
-    yield get
-    cache.clear()
 
 
 def relative_error(got: torch.Tensor, want: np.ndarray) -> float:
