@@ -211,7 +211,7 @@ def _imported(model: Path, folder: Path, args: argparse.Namespace) -> Path:
     except OSError as error:
         raise NetError(f"cannot create {folder}: {error.strerror}", where=str(folder)) from None
     import_to_files(model, net, weights)
-    if getattr(args, "weights", None) is None and hasattr(args, "weights"):
+    if hasattr(args, "weights") and args.weights is None:  # `run` without --weights: the model's
         args.weights = weights
     return net
 

@@ -45,7 +45,7 @@ import numpy as np
 
 from netdsl.errors import NetError
 from netdsl.onnx_patterns import fold_torch_lrn
-from netdsl.ops import OPS, REQUIRED, ParamError, ShapeError, _window_out
+from netdsl.ops import OPS, REQUIRED, ParamError, ShapeError, window_out
 
 MIN_OPSET = 7
 RESERVED = frozenset(
@@ -1529,7 +1529,7 @@ def _onnx_count(n: int, span: int, stride: int, begin: int, end: int, ceil: bool
 def _same_windows(n, k, s, d, begin, end, count, ceil, count_pad) -> bool:
     """Whether netdsl's windows with pad `begin` on both sides (and `ceil`) are ONNX's: as many, at the
     same places; for an average counting padding, also covering the same padded positions."""
-    if count < 1 or _window_out(n, k, s, begin, d, ceil) != count:
+    if count < 1 or window_out(n, k, s, begin, d, ceil) != count:
         return False
     if count_pad and begin != end:
         last_end = -begin + (count - 1) * s + (k - 1) * d + 1

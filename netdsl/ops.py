@@ -78,7 +78,7 @@ def _need_map(op: str, shape: Shape) -> tuple[int, int, int]:
     return shape
 
 
-def _window_out(size: int, kernel: int, stride: int, pad: int, dilation: int = 1, ceil: bool = False) -> int:
+def window_out(size: int, kernel: int, stride: int, pad: int, dilation: int = 1, ceil: bool = False) -> int:
     """Output length of a sliding window: the floor rule, or the ceil rule of Caffe pooling."""
     span = dilation * (kernel - 1) + 1
     room = size + 2 * pad - span
@@ -95,7 +95,7 @@ def _window_out(size: int, kernel: int, stride: int, pad: int, dilation: int = 1
 def _spatial(op: str, x: Shape, kernel, stride, pad, dilation=(1, 1), ceil=False) -> tuple[int, int]:
     _c, h, w = _need_map(op, x)
     out = tuple(
-        _window_out(n, k, s, p, d, ceil) for n, k, s, p, d in zip((h, w), kernel, stride, pad, dilation, strict=False)
+        window_out(n, k, s, p, d, ceil) for n, k, s, p, d in zip((h, w), kernel, stride, pad, dilation, strict=False)
     )
     if min(out) <= 0:
         eff = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation, strict=False))
