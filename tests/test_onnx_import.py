@@ -1105,3 +1105,20 @@ def test_commands_take_an_onnx_model_where_a_net_goes(exported, tmp_path, capsys
     command = ["run", str(build), "--weights", str(build / "lenet5.safetensors"), "--backend", "torch"]
     assert main([*command, "--random", "2", "--seed", "4", "--save", str(again)]) == 0
     np.testing.assert_array_equal(np.load(again), np.load(out))
+
+
+def test_reserved_names_follow_the_grammar():
+    """Every word of the grammar that cannot name a layer is one the importer renames (the grammar's
+    other words, such as `on` or `x`, are contextual and stay usable as names)."""
+    from netdsl.frontend import graph_from_text
+    from netdsl.onnx_import import BUILTINS, RESERVED
+    from netdsl.parse import _keywords
+
+    refused = []
+    for word in sorted(_keywords() | BUILTINS):
+        text = f"net t\ninput image: 3 x 8 x 8\n{word} = relu(image)\ny = relu({word})\noutput y\n"
+        try:
+            graph_from_text(text)
+        except NetError:
+            refused.append(word)
+    assert refused and set(refused) <= RESERVED | BUILTINS, refused
