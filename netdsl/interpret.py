@@ -4,7 +4,8 @@ Triton's interpreter keeps bfloat16 values as their raw 16 bits in uint16 arrays
 multiplies those integers (triton-lang/triton#11584): every bf16 matrix product comes out wrong, with
 no error. `widen_bf16_dots()` makes the interpreter widen bf16 dot operands to float32 first (bf16 is
 the top half of a float32), which is what a tensor core computes: exact products, fp32 accumulation.
-It changes nothing for other dtypes, nor when Triton stores bf16 some other way.
+It changes nothing for other dtypes, nor when Triton stores bf16 some other way. `netdsl.codegen`
+applies it when imported under the interpreter; the runtime refuses bf16 there if it cannot.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from netdsl.interpret import widen_bf16_dots  # after the variable is set
 
 @pytest.fixture
 def interpreter_bf16_dot():
-    """Triton's interpreter multiplies bf16 dot operands as raw bits (triton-lang/triton#11584); netdsl's
-    runtime widens them to fp32 first (netdsl/interpret.py), and so do the kernel tests that use this."""
+    """Triton's interpreter multiplies bf16 dot operands as raw bits (triton-lang/triton#11584); importing
+    netdsl.codegen widens them to fp32 first (netdsl/interpret.py). Tests of bf16 dots check it is so."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         assert widen_bf16_dots()
 
