@@ -130,6 +130,13 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
             raise NetError(
                 "CUDA-graph capture runs in one process", where="--cuda-graph", hint="leave out --distributed"
             )
+        if args.batch and args.batch < len(x):
+            raise NetError(
+                f"--distributed runs all {len(x)} inputs in one pass; it does not split them into passes of "
+                f"{args.batch}",
+                where="--batch",
+                hint="leave out --batch, or give at most that many inputs",
+            )
         y = _run_distributed(path, torch.from_numpy(x).to(TORCH_DTYPES[dtype]), dtype, args)
         if y is None:
             return 0  # the rank that owns the output prints it

@@ -62,8 +62,11 @@ def test_triton_and_torch_backends_agree(tmp_path, capsys):
         (lambda d: None, ["--batch", "0"], "not a positive whole number"),
         (lambda d: None, ["--dtype", "fp64"], "invalid choice"),
         (lambda d: None, ["--cuda-graph", "--backend", "torch"], "--cuda-graph: error: CUDA-graph capture needs"),
+        (lambda d: None, ["--distributed", "--cuda-graph"], "--cuda-graph: error: CUDA-graph capture runs in one"),
+        (lambda d: None, ["--distributed", "--random", "3", "--batch", "2"], "--batch: error: --distributed runs"),
     ],
-    ids=["missing", "corrupt", "shape", "strings", "devices", "weights", "random", "batch", "dtype", "graph"],
+    ids=["missing", "corrupt", "shape", "strings", "devices", "weights", "random", "batch", "dtype", "graph",
+         "distributed-graph", "distributed-batch"],
 )
 def test_bad_inputs_are_clear_errors(tmp_path, capsys, make, args, message):
     make(tmp_path)
