@@ -16,6 +16,10 @@ wastes most of each BLOCK_K (conv1's 3 channels use 3 of 16 lanes): for those `c
 One flattened loop runs over (tap, channel block), so the pipeliner sees a single loop however small
 C_in/groups is. Any strides work (the NCHW layout too, just without the vector loads); the output may
 be any strided view, channels-last by default.
+
+The pixel decoding and the bias/activation epilogue repeat conv.py's on purpose: every kernel is one
+self-contained `@triton.jit` function, because the emitter copies exactly that function into a
+generated file (shared `@triton.jit` helpers would not travel with it).
 """
 
 # ruff: noqa: N803, N806  (Triton convention: sizes and constexprs are upper case)
