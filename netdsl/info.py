@@ -46,10 +46,13 @@ def connections(graph: nx.DiGraph, item: Layer) -> str:
 
 
 def info_table(graph: nx.DiGraph) -> str:
-    header = ("layer", "type", "device", "output", "parameters", "weights", "MACs", "inputs")
+    header = ("layer", "type", "device", "output", "parameters", "weights", "MACs", "neurons", "inputs")
     rows = []
+    per_tower: dict[str, list[int]] = {}  # layer name without its tower -> neurons of each copy
     for item in layers(graph):
         stats = layer_stats(item)
+        if item.tower and stats.neurons:
+            per_tower.setdefault(item.name.removesuffix(f"@{item.tower}"), []).append(stats.neurons)
         rows.append(
             (
                 item.name,
@@ -59,14 +62,32 @@ def info_table(graph: nx.DiGraph) -> str:
                 describe_params(item),
                 f"{stats.params:,}" if stats.params else "",
                 f"{stats.macs:,}" if stats.macs else "",
+                f"{stats.neurons:,}" if stats.neurons else "",
                 connections(graph, item),
             )
         )
     lines = [f"net {graph.graph['name']}: {len(rows)} layers", ""]
-    lines += format_table(header, rows, left={0, 1, 2, 3, 4, 7})
+    lines += format_table(header, rows, left={0, 1, 2, 3, 4, 8})
+    lines += _tower_neurons({name: sum(n) for name, n in per_tower.items() if len(n) > 1})
     overall, per_device = totals(graph)
     lines += ["", *_totals_table(graph, overall, per_device)]
     return "\n".join(lines)
+
+
+def _tower_neurons(summed: dict[str, int], width: int = 100) -> list[str]:
+    """A layer with weights inside `towers` has one row per tower above; this line adds its copies up,
+    the way a paper counts the layer: `neurons summed over towers: conv1 290,400, conv2 186,624, ...`."""
+    if not summed:
+        return []
+    words = [f"{name} {value:,}" for name, value in summed.items()]
+    lines, line = [], "neurons summed over towers:"
+    for i, word in enumerate(words):
+        word += "," if i < len(words) - 1 else ""
+        if len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = " "
+        line += f" {word}"
+    return ["", *lines, line]
 
 
 def _totals_table(graph: nx.DiGraph, overall: Totals, per_device: dict[str, Totals]) -> list[str]:

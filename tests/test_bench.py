@@ -1,10 +1,13 @@
 """The benchmark scripts keep working between GPU leases: their CPU paths run here (no timing is judged)."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
 import torch
+
+import netdsl
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -31,3 +34,31 @@ def test_gpu_benchmarks_say_there_is_no_gpu(capsys):
     assert script("alexnet_gpu").main(["--batches", "1"]) == 0
     assert script("conv_sweep").main([]) == 0
     assert capsys.readouterr().out.count("no CUDA GPU here") == 2
+
+
+def test_frontend_smoke(capsys):
+    """The front-end benchmark at two small sizes, one run each: its table lists every net with the
+    layer count asked for."""
+    frontend = script("frontend")
+    assert frontend.main(["--sizes", "20,200", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "reproduce: python bench/frontend.py --runs 1 --sizes 20,200" in out
+    rows = re.findall(r"^(alexnet\.net|generated [\d,]+) +([\d,]+) ", out, re.MULTILINE)  # net, layers
+    assert rows == [("alexnet.net", "45"), ("generated 20", "20"), ("generated 200", "200")]
+    assert "stages of generated 200:" in out
+    assert "target: AlexNet" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("layers", [20, 21, 25, 26, 27, 100, 1_000])
+def test_frontend_generated_net_has_exactly_the_layers_asked_for(layers):
+    text = script("frontend").generated_net(layers)
+    assert netdsl.graph_from_text(text, f"generated_{layers}.net").number_of_nodes() == layers
+
+
+def test_frontend_rejects_sizes_below_its_smallest_net(capsys):
+    frontend = script("frontend")
+    with pytest.raises(ValueError, match="at least 20 layers"):
+        frontend.generated_net(19)
+    with pytest.raises(SystemExit):
+        frontend.main(["--sizes", "10,100"])
+    assert "each size must be at least 20 layers" in capsys.readouterr().err

@@ -44,8 +44,20 @@ def test_graph_command_rejects_unknown_format(tmp_path, capsys):
     assert "cannot write a graph as `.jpeg`" in err and "Traceback" not in err
 
 
-@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
+NO_DOT = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
+
+
+@NO_DOT
 def test_graph_command_renders_svg(tmp_path):
     out = tmp_path / "alexnet.svg"
     assert main(["graph", str(ALEXNET), "-o", str(out)]) == 0
     assert "<svg" in out.read_text()
+
+
+@NO_DOT
+def test_graph_command_renders_png(tmp_path):
+    out = tmp_path / "alexnet.png"
+    assert main(["graph", str(ALEXNET), "-o", str(out)]) == 0
+    data = out.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")  # the PNG signature
+    assert data[12:16] == b"IHDR" and int.from_bytes(data[16:20], "big") > 100  # a picture, over 100 px wide

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,45 @@ def test_cli_info(path, capsys):
     for key, value in EXPECTED.get(path.name, {}).items():
         if key != "buffers":
             assert f"{value:,}" in total_line, key
+    # The per-layer neurons column adds up to the total.
+    column = [row["neurons"] for row in _info_rows(out)]
+    assert sum(int(cell.replace(",", "")) for cell in column if cell) == overall.neurons
+
+
+def _info_rows(out: str) -> list[dict[str, str]]:
+    """The layer table of `netdsl info`, one dict per row, cells cut at the spans of the dashed rule."""
+    lines = out.splitlines()
+    assert lines[1] == "" and set(lines[3]) == {"-", " "}
+    spans = [m.span() for m in re.finditer(r"-+", lines[3])]
+    header = [lines[2][a:b].strip() for a, b in spans]
+    rows = []
+    for line in lines[4 : lines.index("", 4)]:
+        rows.append({name: line[a:b].strip() for name, (a, b) in zip(header, spans, strict=True)})
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("name", "rows"), [("alexnet.net", ["conv1@gpu0", "conv1@gpu1"]), ("alexnet_1gpu.net", ["conv1"])]
+)
+def test_cli_info_shows_alexnet_conv1_neurons(name, rows, capsys):
+    """The paper's 290,400 conv1 neurons (96 x 55 x 55) in the info table: with two towers, 145,200 on
+    each row and 290,400 on the line that adds the towers up; on one GPU, 290,400 on conv1's row."""
+    assert netdsl.cli.main(["info", str(NETS / name)]) == 0
+    out = capsys.readouterr().out
+    neurons = {row["layer"]: row["neurons"] for row in _info_rows(out)}
+    summed = re.search(r"^neurons summed over towers:(.*?)\n\n", out, re.MULTILINE | re.DOTALL)
+    if len(rows) == 1:
+        assert neurons["conv1"] == f"{ALEXNET_CONV1_NEURONS:,}" == "290,400"
+        assert summed is None
+    else:
+        assert [neurons[row] for row in rows] == ["145,200", "145,200"]
+        assert summed is not None
+        per_layer = dict(re.findall(r"(\S+) (\d{1,3}(?:,\d{3})*)", summed.group(1)))
+        assert per_layer["conv1"] == f"{ALEXNET_CONV1_NEURONS:,}" == "290,400"
+        assert list(per_layer) == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"]
+        # The towers' sums and fc8 (outside the towers) make the paper's 659,272.
+        everything = sum(int(v.replace(",", "")) for v in per_layer.values()) + int(neurons["fc8"].replace(",", ""))
+        assert everything == ALEXNET["neurons"]
 
 
 @pytest.mark.parametrize("path", ALL_NETS, ids=_ids(ALL_NETS))
