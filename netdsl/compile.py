@@ -12,8 +12,9 @@ compile of another net is removed.
 
 from __future__ import annotations
 
+import errno
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from netdsl.passes import Options, run_pipeline
 from netdsl.plan import build_plan, plan_json, with_source
 from netdsl.report import cost_report
 from netdsl.tables import format_table
+
+TEMPORARY_TRIES = 100  # random names tried for a temporary file, as tempfile.mkstemp does
 
 
 @dataclass
@@ -136,7 +139,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_atomic_bytes(path: Path, data: bytes) -> None:
     try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        handle, temporary = _new_temporary(path)
     except OSError as error:
         raise NetError(f"cannot write {path}: {error.strerror}", where=str(path)) from None
     try:
@@ -144,5 +147,18 @@ def write_atomic_bytes(path: Path, data: bytes) -> None:
             file.write(data)
         os.replace(temporary, path)
     except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise NetError(f"cannot write {path}: {error.strerror}", where=str(path)) from None
+
+
+def _new_temporary(path: Path) -> tuple[int, Path]:
+    """A new file beside `path`, opened for writing. Unlike `tempfile.mkstemp` (always 0600), it gets the
+    mode any new file gets, 0666 less the umask, and keeps it when renamed into place."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(TEMPORARY_TRIES):
+        temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}"
+        try:
+            return os.open(temporary, flags, 0o666), temporary
+        except FileExistsError:
+            continue  # another writer's temporary: draw another name
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
