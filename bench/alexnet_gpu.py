@@ -1,12 +1,13 @@
 """AlexNet forward on a GPU: netdsl's generated kernels vs PyTorch eager (cuDNN) vs torch.compile.
 
     python bench/alexnet_gpu.py [--runs 50] [--batches 1,32,128] [--precisions fp32,tf32,bf16]
-                                [--systems netdsl,netdsl-graph,eager,compile,max-autotune]
+                                [--systems netdsl,netdsl-graph,netdsl-nchw,eager,compile,max-autotune]
 
 For batch 1, 32 and 128 in fp32, TF32 and bf16: throughput (images/s) and latency (ms), timed with
 CUDA events, the median of `--runs` runs after warm-up, and the ratio to the roofline floor of the
 fused plan on an H100 (netdsl.cost). Both of AlexNet's towers run on the one GPU (two streams);
-`netdsl-graph` replays the whole pass as one CUDA graph. The PyTorch model is the hand-written one
+`netdsl-graph` replays the whole pass as one CUDA graph; `netdsl-nchw` keeps every map NCHW and every
+conv on conv.py (`layout="nchw"`, what netdsl did before channels-last convs). The PyTorch model is the hand-written one
 of the golden tests (tests/golden/models.py); `compile` and `max-autotune` are torch.compile's
 default and max-autotune modes (minutes of compiling each). Each row is printed as soon as it is
 measured (and appended to `--tsv`), the table at the end. Without a GPU it says so and exits 0.
@@ -57,6 +58,7 @@ def floor_ms(batch: int, dtype: str) -> float:
 SYSTEMS = {
     "netdsl": "netdsl",
     "netdsl-graph": "netdsl, CUDA graph",
+    "netdsl-nchw": "netdsl, all NCHW",
     "eager": "eager (cuDNN)",
     "compile": "torch.compile",
     "max-autotune": "torch.compile max-autotune",
@@ -76,6 +78,7 @@ def make_system(name: str, weights, model: torch.nn.Module, batch: int, dtype: s
             batch=batch,
             devices={"gpu0": "cuda:0", "gpu1": "cuda:0"},
             cuda_graph=name == "netdsl-graph",
+            layout="nchw" if name == "netdsl-nchw" else "auto",
         )
         return ours
     if name == "eager":

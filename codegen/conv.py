@@ -12,7 +12,9 @@ KH + KW <= 31 (the tap mask is one int32).
 
 The input channels may come from two tensors (channel c < C0 reads x0, the rest x1), so AlexNet's
 conv3 reads both towers' conv2 outputs without a concatenated copy. Every tensor is addressed with
-explicit element strides: an input or the output may be a channel slice of a larger NCHW buffer.
+explicit element strides: an input or the output may be a channel slice of a larger NCHW buffer, or
+channels-last. The compiler runs this kernel for convs with fewer than 16 input channels per group
+(conv1); wider ones run `conv_nhwc.py` on channels-last maps (netdsl.layout).
 """
 
 # ruff: noqa: N803, N806  (Triton convention: sizes and constexprs are upper case)
@@ -128,8 +130,8 @@ def conv2d_kernel(
 # for sm_90 without spills in fp32 (ieee and tf32), fp16 and bf16; tests/test_sm90_conv.py keeps it so.
 CONFIGS = [
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},  # wide layers
-    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},  # <= 64 channels per group
-    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},  # too few pixels to fill the GPU
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},  # wide layers before Triton 3.9
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},  # narrow groups, few pixels
 ]
 
 ACTIVATIONS = ("none", "relu", "leaky_relu")
@@ -149,12 +151,15 @@ INTERPRETER_CONFIG = {"BLOCK_M": 512, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps
 def pick_config(M: int, N: int, K: int) -> dict:
     """Block sizes for the implicit GEMM of one group: M pixels, N output channels, K = C_in/groups*KH*KW.
 
-    Groups with more than 64 channels take the square tile, narrower ones the half-width tile
+    Groups with more than 64 channels take the square tile; narrower ones the small 64 x 64 tile
     (conv1's 48 channels per tower waste a quarter of a 64-wide tile rather than most of a 128-wide
-    one). When either would leave most streaming multiprocessors idle (small batches, 13 x 13 maps)
-    the small tile wins.
+    one; on an H200, bf16, batch 128, it ran conv1 in 0.54 ms against 0.66 ms for 128 x 64:
+    bench/results/conv_sweep.tsv). When the square tile would leave most streaming multiprocessors
+    idle (small batches, 13 x 13 maps) the small tile wins too.
     """
-    config = CONFIGS[0] if N > 64 and _SQUARE_TILE else CONFIGS[1]
+    if N <= 64:
+        return CONFIGS[2]
+    config = CONFIGS[0] if _SQUARE_TILE else CONFIGS[1]
     tiles = triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"])
     return config if tiles >= _SM_COUNT // 2 else CONFIGS[2]
 
@@ -163,7 +168,7 @@ def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
-def _check_inputs(inputs: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def check_inputs(inputs: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if not 1 <= len(inputs) <= 2:
         raise ValueError(f"conv2d reads one or two input tensors, got {len(inputs)}")
     first = inputs[0]
@@ -229,7 +234,7 @@ def conv2d_launch(
     kernel's keyword arguments (launch options included). Works on "meta" tensors, which is how the
     sm_90 compile test sees the exact specialization a real launch would get."""
     inputs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
-    _check_inputs(inputs, weight, bias)
+    check_inputs(inputs, weight, bias)
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     if input_precision not in INPUT_PRECISIONS:

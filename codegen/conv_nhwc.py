@@ -1,21 +1,25 @@
-"""2-D convolution as an implicit GEMM over channels-last (NHWC) maps: an experimental variant of
-`conv.py`, not yet chosen by the compiler, kept to be measured against it on a GPU (bench/conv_sweep.py).
+"""2-D convolution as an implicit GEMM over channels-last (NHWC) maps: the compiler's conv for layers
+with 16 or more input channels per group (netdsl.layout); `conv.py` keeps the ones with fewer.
 
-Why it may be faster. `conv.py` reduces over K = (c, kh, kw) flattened, which keeps conv1's three
+Why it is faster. `conv.py` reduces over K = (c, kh, kw) flattened, which keeps conv1's three
 channels a long reduction but makes every K step a gather: consecutive k are different taps, so each
 element is its own 2-byte load and Triton cannot stage the tile with asynchronous copies. Here the
 reduction runs tap by tap, and within a tap over a block of BLOCK_K channels. With channels-last maps
 (element stride 1 between channels, which Triton specializes as a constant) each pixel's BLOCK_K
-channels are contiguous: 16-byte vector loads that the pipeliner can issue as cp.async several stages
+channels are contiguous: 16-byte vector loads that the pipeliner issues as cp.async several stages
 ahead. The GEMM is [pixels, channels] x [channels, filters]; the weight is read per tap as a
-[BLOCK_K, BLOCK_N] block (contiguous along K when the weight is channels-last too).
+[BLOCK_K, BLOCK_N] block (contiguous along K when the weight is channels-last too). Measured on an
+H200 in bf16 at batch 128 (bench/conv_sweep.py; bench/results/conv_sweep.tsv): AlexNet's conv2..conv5
+3.5 to 5.4 times faster than `conv.py`, 0.8 to 1.1 times cuDNN's time.
 
-Why it may not be. A tap's reduction is only C_in/groups long, so a layer with few input channels
+Why not everywhere. A tap's reduction is only C_in/groups long, so a layer with few input channels
 wastes most of each BLOCK_K (conv1's 3 channels use 3 of 16 lanes): for those `conv.py` stays.
 
-One flattened loop runs over (tap, channel block), so the pipeliner sees a single loop however small
-C_in/groups is. Any strides work (the NCHW layout too, just without the vector loads); the output may
-be any strided view, channels-last by default.
+One flattened loop runs over (tap, channel block) per input, so the pipeliner sees a single loop however
+small C_in/groups is. Like `conv.py` it may read its channels from two tensors (channel c < C0 from x0,
+the rest from x1: AlexNet's conv3 reads both towers without a concatenated copy); each input's share of
+a group starts a channel block of its own, so blocks never straddle the two. Any strides work (NCHW
+too, just without the vector loads); the output may be any strided view, channels-last by default.
 
 The pixel decoding and the bias/activation epilogue repeat conv.py's on purpose: every kernel is one
 self-contained `@triton.jit` function, because the emitter copies exactly that function into a
@@ -30,20 +34,22 @@ import torch
 import triton
 import triton.language as tl
 
-from netdsl.codegen.conv import ACTIVATIONS, DTYPES, INPUT_PRECISIONS, _pair, _strides
+from netdsl.codegen.conv import ACTIVATIONS, INPUT_PRECISIONS, _pair, _strides, check_inputs
 
 
 @triton.jit
 def conv2d_nhwc_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
+    x0_ptr, x1_ptr, w_ptr, b_ptr, y_ptr,
     BATCH, H, W, OH, OW,
-    C_IN_G, C_OUT_G,
-    stride_xn, stride_xc, stride_xh, stride_xw,
+    C0, C_IN_G, C_OUT_G,
+    stride_x0n, stride_x0c, stride_x0h, stride_x0w,
+    stride_x1n, stride_x1c, stride_x1h, stride_x1w,
     stride_wo, stride_wc, stride_wh, stride_ww,
     stride_yn, stride_yc, stride_yh, stride_yw,
     conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
     slope,
     KH: tl.constexpr, KW: tl.constexpr,
+    NUM_INPUTS: tl.constexpr,  # 2: channels [0, C0) come from x0, the rest from x1
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,  # "none", "relu" or "leaky_relu"
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32"; ignored for 16-bit inputs
@@ -65,33 +71,55 @@ def conv2d_nhwc_kernel(
     batch = offs_m // (OH * OW)
     ih0 = oh * conv_stride_h - pad_h
     iw0 = ow * conv_stride_w - pad_w
-    x_pixels = x_ptr + batch.to(tl.int64) * stride_xn + (group * C_IN_G) * stride_xc
     out_channel = group * C_OUT_G + offs_n
     w_filters = w_ptr + out_channel.to(tl.int64) * stride_wo
 
+    # This group's input channels [0, c_split) live in x0, [c_split, C_IN_G) in x1.
+    c_split = C_IN_G
+    if NUM_INPUTS == 2:
+        c_split = tl.minimum(tl.maximum(C0 - group * C_IN_G, 0), C_IN_G)
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    c_blocks = tl.cdiv(C_IN_G, BLOCK_K)
-    for step in range(0, KH * KW * c_blocks):
-        tap = step // c_blocks
-        c0 = (step - tap * c_blocks) * BLOCK_K
-        kh = tap // KW
-        kw = tap - kh * KW
-        ih = ih0 + kh * dil_h
-        iw = iw0 + kw * dil_w
-        inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        channels = c0 + tl.arange(0, BLOCK_K)
-        mask_c = channels < C_IN_G
-        x = tl.load(
-            (x_pixels + ih * stride_xh + iw * stride_xw)[:, None] + (channels * stride_xc)[None, :],
-            mask=inside[:, None] & mask_c[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            (w_filters + kh * stride_wh + kw * stride_ww)[None, :] + (channels * stride_wc)[:, None],
-            mask=mask_c[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(x, w, acc=acc, input_precision=INPUT_PRECISION)
+    for source in tl.static_range(NUM_INPUTS):
+        # Channels are counted from where this input's share of the group begins, in the input
+        # (x_first) and in the filter (w_first), so block starts stay multiples of BLOCK_K.
+        if source == 0:
+            x_ptr = x0_ptr
+            stride_xn, stride_xc, stride_xh, stride_xw = stride_x0n, stride_x0c, stride_x0h, stride_x0w
+            x_first = group * C_IN_G
+            w_first = 0
+            c_count = c_split
+        else:
+            x_ptr = x1_ptr
+            stride_xn, stride_xc, stride_xh, stride_xw = stride_x1n, stride_x1c, stride_x1h, stride_x1w
+            x_first = tl.maximum(group * C_IN_G - C0, 0)
+            w_first = c_split
+            c_count = C_IN_G - c_split
+        x_pixels = x_ptr + batch.to(tl.int64) * stride_xn + x_first * stride_xc
+        w_taps = w_filters + w_first * stride_wc
+        # One flattened loop over (tap, channel block), so the pipeliner sees a single loop.
+        c_blocks = tl.cdiv(c_count, BLOCK_K)
+        for step in range(0, KH * KW * c_blocks):
+            tap = step // c_blocks
+            c0 = (step - tap * c_blocks) * BLOCK_K
+            kh = tap // KW
+            kw = tap - kh * KW
+            ih = ih0 + kh * dil_h
+            iw = iw0 + kw * dil_w
+            inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            channels = c0 + tl.arange(0, BLOCK_K)
+            mask_c = channels < c_count
+            x = tl.load(
+                (x_pixels + ih * stride_xh + iw * stride_xw)[:, None] + (channels * stride_xc)[None, :],
+                mask=inside[:, None] & mask_c[None, :],
+                other=0.0,
+            )
+            w = tl.load(
+                (w_taps + kh * stride_wh + kw * stride_ww)[None, :] + (channels * stride_wc)[:, None],
+                mask=mask_c[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(x, w, acc=acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + out_channel, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -106,19 +134,37 @@ def conv2d_nhwc_kernel(
 
 
 # Under Triton's interpreter (CPU tensors) a program costs about the same whatever its size.
-INTERPRETER_CONFIG = {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
+INTERPRETER_CONFIG = {"BLOCK_M": 512, "BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
+_SM_COUNT = 132  # an H100 SXM; only decides when a tile is too big to fill the GPU
 
 
-def pick_config(C_IN_G: int, C_OUT_G: int, dtype: torch.dtype) -> dict:
-    """A square 128-pixel tile; 64 filters wide for narrow groups; K blocks of 128 bytes per pixel."""
+def pick_config(M: int, C_IN_G: int, C_OUT_G: int, dtype: torch.dtype) -> dict:
+    """Block sizes for M output pixels and one group's C_IN_G -> C_OUT_G channels.
+
+    From bench/conv_sweep.py on an H200 (bf16 and TF32, batch 128, AlexNet's conv2..conv5; the table
+    is in bench/results/conv_sweep.tsv): 128 filters wide where the group's filters are a multiple of 128
+    (conv2: 128), 64 wide otherwise (conv3, conv4: 192 would waste a third of a second 128-wide tile);
+    a 64-pixel tile when 128-pixel ones would leave most SMs idle (conv5 at 13 x 13); K blocks of
+    128 bytes per pixel (64 channels in 16-bit, 32 in fp32), fewer for narrow groups.
+    """
     block_k = 32 if dtype == torch.float32 else 64
     block_k = max(16, min(block_k, triton.next_power_of_2(C_IN_G)))
-    block_n = 128 if C_OUT_G > 64 else 64
-    return {"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 3}
+    if C_OUT_G % 128 == 0:
+        config = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 3}
+    elif dtype == torch.float32:
+        config = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 3}
+    else:
+        config = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 4}
+    tiles = triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(C_OUT_G, config["BLOCK_N"])
+    if tiles < 2 * _SM_COUNT:
+        config = {**config, "BLOCK_M": 64, "BLOCK_K": min(block_k, 32), "num_warps": 4, "num_stages": 3}
+        if dtype == torch.float32:  # 8 warps and 2 stages: with 4 or 3, ptxas spills some fp32 (FMA-dot) builds
+            config.update(num_warps=8, num_stages=2)
+    return config
 
 
 def conv2d_nhwc(
-    x: torch.Tensor,
+    inputs: list[torch.Tensor] | torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     stride: int | tuple[int, int] = (1, 1),
@@ -130,19 +176,23 @@ def conv2d_nhwc(
     input_precision: str = "ieee",
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    kernel=None,
 ) -> torch.Tensor:
-    """activation(conv2d(x, weight) + bias). `x` is N x C x H x W with any strides (channels-last is
-    the fast case), `weight` C_out x C_in/groups x KH x KW (channels-last too, ideally), `out` any
-    strided N x C_out x OH x OW view; allocated channels-last when not given."""
+    """activation(conv2d(concat(inputs, dim=1), weight) + bias), without materializing the concatenation.
+
+    `inputs` is one N x C x H x W tensor or two whose channels are read as if concatenated, with any
+    strides (channels-last is the fast case); `weight` C_out x C_in/groups x KH x KW (channels-last
+    too, ideally); `out` any strided N x C_out x OH x OW view, allocated channels-last when not given.
+    """
     grid, arguments = conv2d_nhwc_launch(
-        x, weight, bias, stride, padding, dilation, groups, activation, slope, input_precision, out, config
+        inputs, weight, bias, stride, padding, dilation, groups, activation, slope, input_precision, out, config
     )
-    conv2d_nhwc_kernel[grid](**arguments)
+    (kernel or conv2d_nhwc_kernel)[grid](**arguments)  # `kernel`: a generated copy to run instead
     return arguments["y_ptr"]
 
 
 def conv2d_nhwc_launch(
-    x: torch.Tensor,
+    inputs: list[torch.Tensor] | torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     stride: int | tuple[int, int] = (1, 1),
@@ -156,10 +206,8 @@ def conv2d_nhwc_launch(
     config: dict | None = None,
 ) -> tuple[tuple[int, int], dict[str, Any]]:
     """The checks, the output and the kernel's arguments of `conv2d_nhwc` (works on "meta" tensors)."""
-    if x.dtype not in DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(f"conv2d_nhwc needs float32, float16 or bfloat16 tensors of one dtype, got {x.dtype}")
-    if x.dim() != 4 or weight.dim() != 4:
-        raise ValueError(f"conv2d_nhwc reads N x C x H x W maps and 4-D weights, got {tuple(x.shape)}")
+    inputs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    check_inputs(inputs, weight, bias)
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     if input_precision not in INPUT_PRECISIONS:
@@ -167,7 +215,10 @@ def conv2d_nhwc_launch(
     (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = _pair(stride), _pair(padding), _pair(dilation)
     if min(stride_h, stride_w, dil_h, dil_w) < 1 or min(pad_h, pad_w) < 0:
         raise ValueError(f"conv2d_nhwc needs stride, dilation >= 1, padding >= 0; got {stride}, {dilation}, {padding}")
-    batch, c_in, height, width = x.shape
+    batch, _, height, width = inputs[0].shape
+    c_in = sum(x.shape[1] for x in inputs)
+    if weight.dim() != 4:
+        raise ValueError(f"conv2d_nhwc weight is C_out x C_in/groups x KH x KW, got shape {tuple(weight.shape)}")
     c_out, c_in_group, kh, kw = weight.shape
     if groups < 1 or c_in % groups or c_out % groups or c_in_group != c_in // groups:
         raise ValueError(f"conv2d_nhwc weight {tuple(weight.shape)} does not fit {c_in} channels in {groups} groups")
@@ -178,24 +229,26 @@ def conv2d_nhwc_launch(
     if out_h < 1 or out_w < 1:
         raise ValueError(f"conv2d_nhwc output would be empty: input {height} x {width}, kernel {kh} x {kw}")
     out_shape = (batch, c_out, out_h, out_w)
+    x0, x1 = inputs[0], inputs[-1]
     if out is None:
-        out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    elif out.shape != out_shape or out.dtype != x.dtype:
-        raise ValueError(f"conv2d_nhwc out is {out.dtype} {tuple(out.shape)}, expected {x.dtype} {out_shape}")
+        out = torch.empty(out_shape, dtype=x0.dtype, device=x0.device, memory_format=torch.channels_last)
+    elif out.shape != out_shape or out.dtype != x0.dtype:
+        raise ValueError(f"conv2d_nhwc out is {out.dtype} {tuple(out.shape)}, expected {x0.dtype} {out_shape}")
     c_out_group = c_out // groups
-    if config is None:
-        config = INTERPRETER_CONFIG if x.device.type == "cpu" else pick_config(c_in_group, c_out_group, x.dtype)
     rows = batch * out_h * out_w
+    if config is None:  # on the CPU the interpreter runs one program at a time: few, big tiles
+        config = INTERPRETER_CONFIG if x0.device.type == "cpu" else pick_config(rows, c_in_group, c_out_group, x0.dtype)
     grid = (triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(c_out_group, config["BLOCK_N"]), groups)
     arguments = {
-        "x_ptr": x, "w_ptr": weight, "b_ptr": weight if bias is None else bias, "y_ptr": out,
+        "x0_ptr": x0, "x1_ptr": x1, "w_ptr": weight, "b_ptr": weight if bias is None else bias, "y_ptr": out,
         "BATCH": batch, "H": height, "W": width, "OH": out_h, "OW": out_w,
-        "C_IN_G": c_in_group, "C_OUT_G": c_out_group,
-        **_strides("x", "nchw", x), **_strides("w", "ochw", weight), **_strides("y", "nchw", out),
+        "C0": x0.shape[1], "C_IN_G": c_in_group, "C_OUT_G": c_out_group,
+        **_strides("x0", "nchw", x0), **_strides("x1", "nchw", x1),
+        **_strides("w", "ochw", weight), **_strides("y", "nchw", out),
         "conv_stride_h": stride_h, "conv_stride_w": stride_w,
         "pad_h": pad_h, "pad_w": pad_w, "dil_h": dil_h, "dil_w": dil_w,
         "slope": slope,
-        "KH": kh, "KW": kw,
+        "KH": kh, "KW": kw, "NUM_INPUTS": len(inputs),
         "HAS_BIAS": bias is not None, "ACTIVATION": activation, "INPUT_PRECISION": input_precision,
         **config,
     }  # fmt: skip

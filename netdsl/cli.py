@@ -14,10 +14,12 @@ from netdsl import __version__
 from netdsl.build import MEMORY_UNITS
 from netdsl.errors import NetError
 from netdsl.frontend import load_graph
+from netdsl.layout import LAYOUTS
 from netdsl.passes import PASS_NAMES, Options
 from netdsl.validate import DTYPE_BYTES
 
 DEFAULT_NET = "alexnet.net"
+LAYOUT_HELP = "auto: channels-last maps for convs with 16+ input channels per group (the default); nchw: none"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$")
 
 
@@ -61,8 +63,15 @@ def _parser() -> argparse.ArgumentParser:
     def net_command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("net", nargs="?", type=Path, help=f"a .net file (default: the bundled {DEFAULT_NET})")
-        sub.add_argument("--batch", type=_positive, default=1, help="images per batch, for the memory check")
-        sub.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="fp32", help="element type, for memory")
+        # `compile` builds for the batch and dtype (fusion choices, report, launch grids); the others only check memory.
+        uses = "the memory check, fusion choices, report and launch grids" if name == "compile" else "the memory check"
+        sub.add_argument("--batch", type=_positive, default=1, help=f"images per batch, for {uses}")
+        sub.add_argument(
+            "--dtype",
+            choices=sorted(DTYPE_BYTES),
+            default="fp32",
+            help=f"element type, for {uses}" + ("; tf32: TF32 tensor-core products" if name == "compile" else ""),
+        )
         sub.add_argument(
             "--memory-limit",
             type=_memory_size,
@@ -80,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     build = net_command("compile", "fuse the net into Triton kernels: writes kernels/*.py, plan.json, report.txt")
     build.add_argument("-o", "--output", type=Path, help="build directory (default: build/<net name>)")
     build.add_argument("--dump-after", metavar="PASS", help=f"print the graph after a pass ({', '.join(PASS_NAMES)})")
+    build.add_argument("--layout", choices=LAYOUTS, default="auto", help=LAYOUT_HELP)
     build.add_argument(
         "--no-sm90",
         dest="sm90",
@@ -148,6 +158,7 @@ def _parser() -> argparse.ArgumentParser:
         help="images per forward pass (default: all inputs at once); with neither --input nor --random, "
         "N random images",
     )
+    run.add_argument("--layout", choices=LAYOUTS, default="auto", help=LAYOUT_HELP)
     run.add_argument(
         "--cuda-graph",
         action="store_true",
@@ -240,7 +251,7 @@ def _dispatch(path: Path, args: argparse.Namespace) -> int:
 def _compile(path: Path, args: argparse.Namespace) -> int:
     from netdsl.compile import compile_net, write_build
 
-    options = Options(batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit)
+    options = Options(batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit, layout=args.layout)
     compiled = compile_net(path, options, "tf32" if args.dtype == "tf32" else "ieee", args.dump_after)
     if compiled.dump:
         print(compiled.dump, end="")

@@ -89,6 +89,7 @@ def run_distributed(
     seed: int = 0,
     init: str = "paper",
     dtype: str = "fp32",
+    layout: str = "auto",
 ):
     """Runs this rank's partition of the net at `path` on the input `x` (the same on every rank).
 
@@ -97,7 +98,7 @@ def run_distributed(
     available, else gloo) when there is none yet; the caller destroys it."""
     rank, world = _world()
     local = _local_device()
-    net = _rank_net(local)(path, backend=backend, weights=weights, seed=seed, init=init, dtype=dtype)
+    net = _rank_net(local)(path, backend=backend, weights=weights, seed=seed, init=init, dtype=dtype, layout=layout)
     logical = sorted(net.program.graph["partitions"])
     if world != len(logical):
         raise NetError(

@@ -19,6 +19,7 @@ import networkx as nx
 
 from netdsl import __version__
 from netdsl.fuse import Step, identifier
+from netdsl.layout import weight_layouts
 from netdsl.ops import OPS
 
 
@@ -39,6 +40,18 @@ FAMILIES: dict[str, Family] = {
         if len(inputs) > 2:  # the kernel reads up to two inputs in place; join the rest
             inputs = [torch.cat(inputs, dim=1)]
         return family.conv2d(
+            inputs, weights["weight"], weights.get("bias"), stride=P["stride"], padding=P["pad"],
+            dilation=P["dilation"], groups=P["groups"], activation=P["activation"], slope=P["slope"],
+            input_precision=P["input_precision"], out=out, kernel=KERNEL,
+        )""",
+    ),
+    "conv_nhwc": Family(
+        "conv_nhwc",
+        "conv2d_nhwc_kernel",
+        """
+        if len(inputs) > 2:  # the kernel reads up to two inputs in place; join the rest
+            inputs = [torch.cat(inputs, dim=1)]
+        return family.conv2d_nhwc(
             inputs, weights["weight"], weights.get("bias"), stride=P["stride"], padding=P["pad"],
             dilation=P["dilation"], groups=P["groups"], activation=P["activation"], slope=P["slope"],
             input_precision=P["input_precision"], out=out, kernel=KERNEL,
@@ -157,6 +170,11 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+def family_of(step: Step) -> str:
+    """The key of the step's kernel family in FAMILIES: its kind, or the channels-last conv."""
+    return "conv_nhwc" if step.kind == "conv" and step.options.get("kernel") == "nhwc" else step.kind
+
+
 def kernel_parameters(step: Step, input_precision: str) -> dict[str, object]:
     """The literal parameters `launch` reads, from the step's layers and fusion options."""
     first = step.first
@@ -231,8 +249,10 @@ def _kernel_source(family: Family) -> str:
 
 def emit_step(program: nx.DiGraph, step: Step, input_precision: str = "ieee") -> str:
     """The source of `kernels/<step>.py`."""
-    family = FAMILIES[step.kind]
+    family = FAMILIES[family_of(step)]
     inputs = [program.nodes[name]["step"] for name in step.inputs]
+    views = program.graph.get("views", {})
+    input_layouts = [program.nodes[views.get(name, name)]["step"].layout for name in step.inputs]
     weights = {}
     for item in step.layers:
         if item.input_shape is not None:
@@ -259,6 +279,7 @@ def emit_step(program: nx.DiGraph, step: Step, input_precision: str = "ieee") ->
         "import triton.language as tl",
         "",
         f"from netdsl.codegen import {family.module} as family",
+        "from netdsl.codegen.layouts import to_layout",
         "from netdsl.reference import run_layers",
         "",
         "",
@@ -272,6 +293,10 @@ def emit_step(program: nx.DiGraph, step: Step, input_precision: str = "ieee") ->
         f"INPUT_SHAPES = {_literal([tuple(s.shape) for s in inputs])}",
         f"OUTPUT_SHAPE = {_literal(tuple(step.shape))}",
         f"WEIGHT_SHAPES = {_literal(weights)}",
+        "# How the runtime lays out each map and weight in memory (nhwc: channels-last); the kernel takes any.",
+        f"INPUT_LAYOUTS = {_literal(input_layouts)}",
+        f"OUTPUT_LAYOUT = {_literal(step.layout)}",
+        f"WEIGHT_LAYOUTS = {_literal(weight_layouts(step))}",
         "",
         "",
         "def launch(inputs: list[torch.Tensor], weights: dict[str, torch.Tensor], out: torch.Tensor | None = None):",
@@ -287,7 +312,9 @@ def emit_step(program: nx.DiGraph, step: Step, input_precision: str = "ieee") ->
         'if __name__ == "__main__":',
         "    generator = torch.Generator().manual_seed(0)",
         "    inputs = [torch.randn(2, *shape, generator=generator) for shape in INPUT_SHAPES]",
+        "    inputs = [to_layout(x, layout) for x, layout in zip(inputs, INPUT_LAYOUTS)]",
         "    weights = {name: torch.randn(shape, generator=generator) * 0.05 for name, shape in WEIGHT_SHAPES.items()}",
+        "    weights = {name: to_layout(w, WEIGHT_LAYOUTS.get(name, 'nchw')) for name, w in weights.items()}",
         '    if "running_var" in weights:',
         '        weights["running_var"] = weights["running_var"].abs() + 0.5',
         "    if torch.cuda.is_available():",
@@ -312,6 +339,6 @@ def emit_program(program: nx.DiGraph, input_precision: str = "ieee") -> dict[str
     for names in program.graph["partitions"].values():
         for name in names:
             step = program.nodes[name]["step"]
-            if step.kind in FAMILIES:
+            if family_of(step) in FAMILIES:
                 files[f"{identifier(step.name)}.py"] = emit_step(program, step, input_precision)
     return files

@@ -38,6 +38,7 @@ class Step:
     device: str
     shape: Shape  # per-image output shape
     options: dict[str, object] = field(default_factory=dict)  # activation, slope, ... for the emitter
+    layout: str = "nchw"  # of its output in memory, "nchw" or "nhwc" (channels-last): netdsl.layout decides
 
     @property
     def first(self) -> Layer:

@@ -25,6 +25,7 @@ from types import ModuleType
 import torch
 
 from netdsl import __version__
+from netdsl.codegen.layouts import to_layout
 from netdsl.errors import NetError
 
 TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -41,6 +42,7 @@ class Launch:
     num_stages: int
     kernel: object  # the generated file's @triton.jit function
     source: str  # the generated file's text
+    divisible_by_16: tuple[str, ...] = ()  # arguments Triton's launcher would find divisible by 16
 
 
 class _Recorder:
@@ -74,11 +76,18 @@ def record_launches(kernel_files: list[Path], batch: int, dtype: str) -> list[La
         module.KERNEL = recorder
         try:
             dt = TORCH_DTYPES[dtype]
-            inputs = [torch.empty(batch, *shape, device="meta", dtype=dt) for shape in module.INPUT_SHAPES]
+            # The maps and weights laid out as the runtime lays them out: the strides decide what Triton
+            # specializes (a unit channel stride is a constant, and with it the vector loads).
+            inputs = [
+                to_layout(torch.empty(batch, *shape, device="meta", dtype=dt), layout)
+                for shape, layout in zip(module.INPUT_SHAPES, module.INPUT_LAYOUTS, strict=True)
+            ]
             weights = {
-                name: torch.empty(shape, device="meta", dtype=dt) for name, shape in module.WEIGHT_SHAPES.items()
+                name: to_layout(torch.empty(shape, device="meta", dtype=dt), module.WEIGHT_LAYOUTS.get(name, "nchw"))
+                for name, shape in module.WEIGHT_SHAPES.items()
             }
-            module.launch(inputs, weights)
+            out = to_layout(torch.empty(batch, *module.OUTPUT_SHAPE, device="meta", dtype=dt), module.OUTPUT_LAYOUT)
+            module.launch(inputs, weights, out=out)
         finally:
             module.KERNEL = kernel
         source = path.read_text(encoding="utf-8")
@@ -94,6 +103,7 @@ def _launch(step: str, kernel, grid, args: tuple, kwargs: dict, source: str) -> 
     values.update({key: value for key, value in kwargs.items() if key not in ("num_warps", "num_stages")})
     signature: dict[str, str] = {}
     constexprs: dict[str, object] = {}
+    divisible: list[str] = []  # as Triton's launcher specializes: 16-byte aligned addresses, integers % 16 == 0
     for parameter in parameters:
         value = values[parameter.name]
         if (
@@ -105,10 +115,14 @@ def _launch(step: str, kernel, grid, args: tuple, kwargs: dict, source: str) -> 
             constexprs[parameter.name] = value
         elif isinstance(value, torch.Tensor):
             signature[parameter.name] = "*" + _TRITON_TYPES[value.dtype]
+            if value.storage_offset() * value.element_size() % 16 == 0:  # arenas and weights start aligned
+                divisible.append(parameter.name)
         elif isinstance(value, bool):
             signature[parameter.name] = "i1"
         elif isinstance(value, int):
             signature[parameter.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                divisible.append(parameter.name)
         elif isinstance(value, float):
             signature[parameter.name] = "fp32"
         else:
@@ -124,6 +138,7 @@ def _launch(step: str, kernel, grid, args: tuple, kwargs: dict, source: str) -> 
         int(kwargs.get("num_stages", 3)),
         kernel,
         source,
+        tuple(divisible),
     )
 
 
@@ -147,6 +162,7 @@ def _cache_key(launch: Launch) -> str:
             "constexprs": {k: repr(v) for k, v in launch.constexprs.items()},
             "warps": launch.num_warps,
             "stages": launch.num_stages,
+            "divisible_by_16": list(launch.divisible_by_16),
             "netdsl": __version__,
             "triton": triton.__version__,
         },
@@ -189,7 +205,13 @@ def sm90_resources(launches: list[Launch], use_cache: bool = True) -> dict[str, 
             results[launch.step] = entry
     requests = [
         CompileRequest(
-            launch.kernel, launch.signature, launch.constexprs, launch.num_warps, launch.num_stages, sass=True
+            launch.kernel,
+            launch.signature,
+            launch.constexprs,
+            launch.num_warps,
+            launch.num_stages,
+            sass=True,
+            divisible_by_16=launch.divisible_by_16,
         )
         for launch, _ in missing
     ]

@@ -1,6 +1,6 @@
 """The compiler's pass pipeline: one list of named passes, each a small function of the graph.
 
-    validate -> shapes -> limits -> fold -> fuse -> place -> plan_memory
+    validate -> shapes -> limits -> fold -> fuse -> place -> layout -> plan_memory
 
 Up to `fold` the graph holds layers (`netdsl.ir.Layer`); from `fuse` on it holds steps
 (`netdsl.fuse.Step`), each one kernel launch, view or transfer. `dump(graph)` prints either.
@@ -18,6 +18,7 @@ from netdsl.fold import fold_inference
 from netdsl.fuse import fuse
 from netdsl.info import describe_params
 from netdsl.ir import layers
+from netdsl.layout import choose_layouts
 from netdsl.memory import plan_memory
 from netdsl.place import place
 from netdsl.shapes import infer_shapes
@@ -29,6 +30,7 @@ class Options:
     batch: int = 1
     dtype: str = "fp32"
     memory_limit: int | None = None
+    layout: str = "auto"  # "auto": channels-last where convs gain from it (netdsl.layout); "nchw": never
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ PIPELINE: list[Pass] = [
     Pass("fold", lambda g, o: fold_inference(g), "drop dropout, fold batch norm into the conv before it"),
     Pass("fuse", lambda g, o: fuse(g, o.batch, o.dtype), "group layers into kernels (the cost model picks some)"),
     Pass("place", lambda g, o: place(g), "partition by device, insert transfers"),
+    Pass("layout", lambda g, o: choose_layouts(g, o.layout), "choose NCHW or channels-last for every map"),
     Pass("plan_memory", lambda g, o: plan_memory(g), "assign buffer offsets with reuse"),
 ]
 PASS_NAMES = [p.name for p in PIPELINE]
@@ -82,10 +85,14 @@ def run_pipeline(graph: nx.DiGraph, options: Options, dump_after: str | None = N
 
 
 def dump(graph: nx.DiGraph) -> str:
-    """A readable listing of a layer graph or a step graph."""
+    """A readable listing of a layer graph or a step graph; once memory is planned, each step's buffer
+    (offset and size in elements per image, or the buffer it is a view of) and each device's arena."""
     lines = [f"# net {graph.graph['name']}"]
     if any("step" in data for _, data in graph.nodes(data=True)):
         order = graph.graph.get("partitions") or {"": list(nx.topological_sort(graph))}
+        buffers = graph.graph.get("buffers")
+        if buffers is not None:
+            lines.append("# buffers and arenas in elements per image")
         for device, names in order.items():
             if device:
                 lines.append(f"device {device}:")
@@ -93,9 +100,17 @@ def dump(graph: nx.DiGraph) -> str:
                 step = graph.nodes[name]["step"]
                 covered = ", ".join(item.name for item in step.layers)
                 shape = " x ".join(map(str, step.shape))
-                lines.append(
-                    f"  {name} = {step.kind}({', '.join(step.inputs)})  [{covered}]  -> {shape} @{step.device}"
-                )
+                layout = " nhwc" if step.layout == "nhwc" else ""
+                inputs = ", ".join(step.inputs)
+                line = f"  {name} = {step.kind}({inputs})  [{covered}]  -> {shape}{layout} @{step.device}"
+                if buffers is not None:
+                    buffer = buffers.get(name)
+                    view = graph.graph["views"].get(name)
+                    line += f"  buffer offset {buffer.offset} size {buffer.size}" if buffer else f"  view of {view}"
+                lines.append(line)
+            if buffers is not None and device:
+                peak, naive = graph.graph["arena"][device], graph.graph["arena_without_reuse"][device]
+                lines.append(f"  arena {device}: peak {peak} with reuse, {naive} without reuse")
         return "\n".join(lines) + "\n"
     for item in layers(graph):
         shape = " x ".join(map(str, item.shape)) if item.shape else "?"

@@ -2,6 +2,7 @@
 transfers between devices and the events they wait on, buffer offsets and sizes, inputs and outputs.
 
 Sizes and offsets are in elements per image: multiply by the batch and the element size for bytes.
+A buffer's `layout` is the order of its elements: "nchw", or "nhwc" (channels-last; netdsl.layout).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def _launch(program: nx.DiGraph, step: Step, views: dict[str, str], kernels: dic
         "inputs": [views.get(name, name) for name in step.inputs],
         "output": views.get(step.name, step.name),
         "shape": list(step.shape),
+        "layout": step.layout,
     }
     if step.name in kernels:
         entry["kernel"] = kernels[step.name]
@@ -54,7 +56,13 @@ def build_plan(program: nx.DiGraph, options, kernels: dict[str, str] | None = No
             "arena_elements": program.graph["arena"][device],
             "launches": [_launch(program, step, views, kernels) for step in steps if step.kind != "view"],
             "buffers": {
-                name: {"offset": buffers[name].offset, "size": buffers[name].size} for name in order if name in buffers
+                name: {
+                    "offset": buffers[name].offset,
+                    "size": buffers[name].size,
+                    "layout": program.nodes[name]["step"].layout,
+                }
+                for name in order
+                if name in buffers
             },
         }
     by_layer = {}

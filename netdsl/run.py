@@ -171,7 +171,7 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
 
 # Net's errors name its keyword arguments; on the command line they are flags.
 _FLAGS = {"devices": "--devices", "backend": "--backend", "cuda_graph": "--cuda-graph", "batch": "--batch",
-          "dtype": "--dtype", "weights": "--weights"}  # fmt: skip
+          "dtype": "--dtype", "weights": "--weights", "layout": "--layout"}  # fmt: skip
 
 
 def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
@@ -191,6 +191,7 @@ def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
         init=args.init,
         progress=sys.stderr if sys.stderr.isatty() else None,  # a progress bar through the first run
         cuda_graph=args.cuda_graph,
+        layout=args.layout,
     )
     chunks = torch.from_numpy(x).to(TORCH_DTYPES[dtype]).split(args.batch or len(x))
     if args.time and any(device.type == "cuda" for device in net.devices.values()):
@@ -255,8 +256,9 @@ def _run_distributed(path: Path, x, dtype: str, args: argparse.Namespace):
 
     try:
         y = run_distributed(
-            path, x, backend=args.backend, weights=args.weights, seed=args.seed, init=args.init, dtype=dtype
-        )
+            path, x, backend=args.backend, weights=args.weights, seed=args.seed, init=args.init, dtype=dtype,
+            layout=args.layout,
+        )  # fmt: skip
         if dist.is_initialized():
             dist.barrier()  # every rank's sends are received before the group goes away
     finally:

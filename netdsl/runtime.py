@@ -8,6 +8,8 @@
 - each logical device gets one arena tensor per batch size, allocated on the first call with that
   batch and reused after; every step writes its output into a view of the arena at the offset the
   memory plan gave it (elements per image times the batch); flatten steps are views of their input;
+  a map the plan lays out channels-last (netdsl.layout) is an N x C x H x W view with channels-last
+  strides; outputs are always NCHW;
 - steps run in an order that respects every partition's launch order and every transfer. On the CPU
   the partitions run one after another in this process; on CUDA each partition has a stream of its
   own, and a transfer's stream waits on an event recorded after the step it copies;
@@ -38,11 +40,13 @@ import networkx as nx
 import numpy as np
 import torch
 
+from netdsl.codegen.layouts import to_layout, view_as_layout
 from netdsl.compile import Compiled, compile_net, write_build
 from netdsl.errors import NetError
 from netdsl.fuse import Step
 from netdsl.interpret import interpreting, widen_bf16_dots
 from netdsl.launches import TORCH_DTYPES, load_kernel_file
+from netdsl.layout import LAYOUTS, weight_layouts
 from netdsl.ops import OPS
 from netdsl.passes import Options
 from netdsl.reference import run_layers
@@ -77,6 +81,7 @@ class Net:
         check_inputs: bool = True,
         progress: TextIO | None = None,
         cuda_graph: bool = False,
+        layout: str = "auto",
     ) -> None:
         self.path = str(path)
         if backend not in BACKENDS:
@@ -91,7 +96,9 @@ class Net:
         # Where to show progress through the first run, while Triton compiles each kernel (None: silent).
         self.progress = progress
         self._warm: set[tuple[int, torch.dtype]] = set()
-        self.compiled: Compiled = compile_net(path, Options(batch, dtype))
+        if layout not in LAYOUTS:
+            raise NetError(f"unknown layout `{layout}`", where="layout", hint=f"layouts: {', '.join(LAYOUTS)}")
+        self.compiled: Compiled = compile_net(path, Options(batch, dtype, layout=layout))
         self.program: nx.DiGraph = self.compiled.program
         self.layer_graph: nx.DiGraph = self.compiled.layers  # before folding: batch norms are still there
         self._steps: dict[str, Step] = {name: self.program.nodes[name]["step"] for name in self.program.nodes}
@@ -278,7 +285,11 @@ class Net:
             )
             found = {"weight": torch.from_numpy(folded[0]), "bias": torch.from_numpy(folded[1])}
         device = self.devices[step.device]
-        return {key: value.to(device=device, dtype=self.torch_dtype).contiguous() for key, value in found.items()}
+        layouts = weight_layouts(step)
+        return {
+            key: to_layout(value.to(device=device, dtype=self.torch_dtype), layouts.get(key, "nchw"))
+            for key, value in found.items()
+        }
 
     # --- running ----------------------------------------------------------------------------------
 
@@ -528,7 +539,7 @@ class Net:
             count = math.prod(self._steps[root].shape) * batch
             start = buffer.offset * batch
             flat = arenas[buffer.device][start : start + count]
-            views[name] = flat.view(batch, *step.shape)
+            views[name] = view_as_layout(flat, batch, tuple(step.shape), self._steps[root].layout)
         self._views[batch] = views
         return views
 

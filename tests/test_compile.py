@@ -29,7 +29,7 @@ def steps(program):
 
 
 def test_pipeline_is_one_named_list():
-    assert PASS_NAMES == ["validate", "shapes", "limits", "fold", "fuse", "place", "plan_memory"]
+    assert PASS_NAMES == ["validate", "shapes", "limits", "fold", "fuse", "place", "layout", "plan_memory"]
 
 
 @pytest.mark.parametrize("name", PASS_NAMES)

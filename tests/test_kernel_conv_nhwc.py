@@ -1,8 +1,9 @@
-"""The channels-last conv variant (codegen/conv_nhwc.py) against torch.nn.functional.conv2d in float64.
+"""The channels-last conv (codegen/conv_nhwc.py, the compiler's conv for 16+ input channels per group)
+against torch.nn.functional.conv2d in float64.
 
 The same geometries as the main conv kernel's tests, with channels-last and NCHW inputs, weights and
-outputs, every precision; explicit outputs start as NaN so an element never written fails. It is not
-yet used by the compiler: bench/conv_sweep.py measures it against conv.py on a GPU.
+outputs, every precision, one input or two read as concatenated (AlexNet's conv3); explicit outputs
+start as NaN so an element never written fails.
 """
 
 import pytest
@@ -23,20 +24,22 @@ def check(geometry: dict, precision: str = "fp32", layout: str = "nhwc", activat
           config: dict | None = SMALL_TILES, seed: int = 0) -> None:  # fmt: skip
     dtype, input_precision = PRECISIONS[precision]
     generator = torch.Generator().manual_seed(seed)
-    (c_in,) = geometry["channels"]
-    groups = geometry.get("groups", 1)
+    channels = geometry["channels"]  # one input, or two read as their concatenation
+    c_in, groups = sum(channels), geometry.get("groups", 1)
     kernel, c_out = geometry["kernel"], geometry["c_out"]
     fan_in = c_in // groups * kernel[0] * kernel[1]
-    x = random(generator, geometry["batch"], c_in, *geometry["size"]).to(DEVICE, dtype)
+    inputs = [random(generator, geometry["batch"], c, *geometry["size"]).to(DEVICE, dtype) for c in channels]
     weight = random(generator, c_out, c_in // groups, *kernel, scale=fan_in**-0.5).to(DEVICE, dtype)
     bias = random(generator, c_out, scale=0.5).to(DEVICE, dtype)
     conv = {key: geometry.get(key, default) for key, default in (("stride", 1), ("padding", 0), ("dilation", 1))}
-    expected = activate(F.conv2d(x.double(), weight.double(), bias.double(), groups=groups, **conv), activation, 0.2)
+    x = torch.cat(inputs, dim=1).double()
+    expected = activate(F.conv2d(x, weight.double(), bias.double(), groups=groups, **conv), activation, 0.2)
     memory = CHANNELS_LAST if layout == "nhwc" else torch.contiguous_format
     out = torch.full(expected.shape, float("nan"), dtype=dtype, device=DEVICE).contiguous(memory_format=memory)
     actual = conv2d_nhwc(
-        x.contiguous(memory_format=memory), weight.contiguous(memory_format=memory), bias, groups=groups,
-        activation=activation, slope=0.2, input_precision=input_precision, out=out, config=config, **conv,
+        [t.contiguous(memory_format=memory) for t in inputs], weight.contiguous(memory_format=memory), bias,
+        groups=groups, activation=activation, slope=0.2, input_precision=input_precision, out=out, config=config,
+        **conv,
     )  # fmt: skip
     assert actual is out
     torch.testing.assert_close(actual.double(), expected, **TOLERANCES[precision])
@@ -46,6 +49,29 @@ def check(geometry: dict, precision: str = "fp32", layout: str = "nhwc", activat
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 def test_geometry(geometry: str, layout: str):
     check(GEOMETRIES[geometry], layout=layout)
+
+
+TWO_INPUTS = {
+    # AlexNet's conv3 in miniature: both towers' maps, one group; each input fills whole K blocks.
+    "both-towers": {"channels": (16, 16), "c_out": 12, "groups": 1},
+    # Ragged shares: x0's 20 channels end inside a K block, x1's 12 begin a block of their own.
+    "ragged-20+12": {"channels": (20, 12), "c_out": 7, "groups": 1},
+    # Group 0 reads channels 0-23: 20 from x0, 4 from x1. Group 1 reads x1 only.
+    "split-inside-group": {"channels": (20, 28), "c_out": 6, "groups": 2},
+    "split-at-group": {"channels": (24, 24), "c_out": 6, "groups": 2},
+}
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("case", list(TWO_INPUTS))
+def test_two_inputs_read_as_concatenated(case: str, layout: str):
+    geometry = {"batch": 2, "size": (7, 6), "kernel": (3, 3), "padding": 1, **TWO_INPUTS[case]}
+    check(geometry, layout=layout, seed=5)
+
+
+def test_two_inputs_in_16_bit_with_picked_tiles():
+    geometry = {"batch": 2, "size": (6, 5), "kernel": (3, 3), "padding": 1, "channels": (32, 16), "c_out": 20}
+    check(geometry, precision="bf16", config=None, seed=6)
 
 
 @pytest.mark.parametrize("precision", list(PRECISIONS))
@@ -72,7 +98,7 @@ def test_rejects_bad_arguments():
     x = torch.randn(1, 4, 6, 6, device=DEVICE)
     with pytest.raises(ValueError, match="does not fit"):
         conv2d_nhwc(x, torch.randn(6, 3, 3, 3, device=DEVICE))
-    with pytest.raises(TypeError, match="one dtype"):
+    with pytest.raises(TypeError, match=r"weight is torch\.float16 but the input is torch\.float32"):
         conv2d_nhwc(x, torch.randn(6, 4, 3, 3, device=DEVICE, dtype=torch.float16))
     with pytest.raises(ValueError, match="empty"):
         conv2d_nhwc(x, torch.randn(6, 4, 7, 7, device=DEVICE))

@@ -1,4 +1,4 @@
-"""The channels-last conv variant compiles for the H100 (sm_90) for AlexNet's conv2..conv5 at batch 128
+"""The channels-last conv compiles for the H100 (sm_90) for AlexNet's conv2..conv5 at batch 128
 without spills, within shared memory, on wgmma, and — its reason to exist — stages both operands with
 16-byte asynchronous copies (`LDGSTS.E.BYPASS.128`) where conv.py gathers 2-byte elements one by one.
 No GPU is needed; run with `-s` for the table."""
@@ -58,4 +58,6 @@ def test_nhwc_variant_compiles_with_vector_async_copies(layer: str, precision: s
     assert result.shared_bytes <= SM90_MAX_SHARED_BYTES, table
     assert "wgmma.mma_async" in result.mma, table
     assert len(re.findall(r"LDGSTS\.E\.BYPASS\.128", result.sass)) >= 8, "operands not staged by 16-byte cp.async"
-    assert not re.search(r"LDG\.E\.U16", result.sass), "2-byte gathers"
+    # One 2-byte load may read the bias in the epilogue (the 64-pixel tile lays it out one per thread);
+    # gathered operands would be dozens.
+    assert len(re.findall(r"LDG\.E\.U16", result.sass)) <= 1, "2-byte gathers"
