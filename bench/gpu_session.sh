@@ -42,6 +42,13 @@ timeout "${TEST_S:-150}" python3 -m pytest -q $workers -p no:cacheprovider -rfE 
 echo "--- measured errors (relative to the largest |reference|)"
 sort "$OUT/errors.tsv" 2>/dev/null | tail -n 30
 
+# where the time goes: every step of AlexNet at batch 128 in bf16, channels-last and all-NCHW
+for layout in auto nchw; do
+    timeout "${PROFILE_S:-40}" python3 -m netdsl run --random 128 --batch 128 --dtype bf16 --layout $layout \
+        --time --top 1 >"$OUT/profile_$layout.log" 2>&1
+done
+grep -v "^input " "$OUT/profile_auto.log" | head -n 60
+
 timeout "${BENCH_S:-200}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1 \
     --systems netdsl,netdsl-graph,netdsl-nchw,eager --tsv "$OUT/bench.tsv" >"$OUT/bench.log" 2>&1
 tail -n 5 "$OUT/bench.log"

@@ -29,11 +29,22 @@ def test_conv_sweep_smoke(capsys):
     assert out.count(" nhwc ") == 4  # the channels-last variant for every layer but conv1 (3 channels)
 
 
+def test_step_sweep_smoke(capsys):
+    """The fc and LRN + max-pool steps at tiny sizes under the interpreter: today's tiles agree with PyTorch."""
+    assert script("step_sweep").main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+1\s+(fc|norm)\d\s+PyTorch", line)]
+    assert [row[1] for row in rows] == ["fc6", "fc7", "fc8", "norm1", "norm2"]
+    for row in rows:
+        assert float(row[5]) <= 1e-5, row  # relative error of today's tile against PyTorch, fp32
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_gpu_benchmarks_say_there_is_no_gpu(capsys):
     assert script("alexnet_gpu").main(["--batches", "1"]) == 0
     assert script("conv_sweep").main([]) == 0
-    assert capsys.readouterr().out.count("no CUDA GPU here") == 2
+    assert script("step_sweep").main([]) == 0
+    assert capsys.readouterr().out.count("no CUDA GPU here") == 3
 
 
 def test_frontend_smoke(capsys):

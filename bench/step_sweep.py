@@ -1,0 +1,189 @@
+"""AlexNet's fc and LRN + max-pool steps (one tower, as the compiler emits them) under several tile
+configurations, against the configuration `pick_config` chooses today and against PyTorch, on a GPU.
+
+    python bench/step_sweep.py [--batches 128,1] [--dtype bf16] [--steps fc6,fc7,fc8,norm1,norm2]
+
+fc steps read their two inputs in place (fc6: both towers' 128 x 6 x 6 maps; fc7, fc8: both towers'
+2048 units), as the generated kernels do; LRN + max-pool steps read and write channels-last maps, as
+the plan lays them out. Each row: the tile, the median time (triton.testing.do_bench), the effective
+bandwidth over the fewest bytes the step must move, the error against the chosen tile's output (the
+chosen tile is tested against PyTorch in tests/), and the time relative to today's choice (marked
+`*`; > 1 is faster). PyTorch's time for the same computation (cuBLAS F.linear on the concatenated
+input; F.local_response_norm + F.max_pool2d) is the first row of each step.
+
+`--smoke` runs the same code on the CPU under Triton's interpreter at a tiny size (no timing
+meaning): tests/test_bench.py keeps this script working between GPU leases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+# fc: (inputs per image, units); norm: (channels, input side, pool size, pool stride)
+FC = {"fc6": ([(128, 6, 6), (128, 6, 6)], 2048), "fc7": ([(2048,), (2048,)], 2048), "fc8": ([(2048,), (2048,)], 1000)}
+NORM = {"norm1": (48, 55, 3, 2), "norm2": (128, 27, 3, 2)}
+FC_CONFIGS = [
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4},
+]
+NORM_CONFIGS = [
+    {"BLOCK_C": 16, "BLOCK_P": 64, "num_warps": 8},
+    {"BLOCK_C": 8, "BLOCK_P": 64, "num_warps": 4},
+    {"BLOCK_C": 64, "BLOCK_P": 16, "num_warps": 4},
+    {"BLOCK_C": 64, "BLOCK_P": 32, "num_warps": 8},
+    {"BLOCK_C": 32, "BLOCK_P": 32, "num_warps": 4},
+    {"BLOCK_C": 128, "BLOCK_P": 8, "num_warps": 4},
+    {"BLOCK_C": 128, "BLOCK_P": 16, "num_warps": 8},
+    {"BLOCK_C": 64, "BLOCK_P": 64, "num_warps": 8},
+    {"BLOCK_C": 32, "BLOCK_P": 16, "num_warps": 2},
+]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def timer(smoke: bool):
+    if smoke:
+
+        def wall(fn) -> float:
+            began = time.perf_counter()
+            fn()
+            return (time.perf_counter() - began) * 1e3
+
+        return wall
+    import triton.testing
+
+    return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def label(config: dict) -> str:
+    if "BLOCK_M" in config:
+        tile = f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']} s{config['num_stages']}"
+    else:
+        tile = f"{config['BLOCK_C']}c x {config['BLOCK_P']}p"
+    return f"{tile} w{config['num_warps']}"
+
+
+def rows_for(step: str, ours, torch_fn, configs, today: dict, moved: int, measure) -> list[tuple]:
+    """cuBLAS/cuDNN's row, then one per configuration, checked against today's tile."""
+    want = ours(None).float()
+    scale = want.abs().max().clamp_min(1e-30)
+    agreement = float((torch_fn().float() - want).abs().max() / scale)  # today's tile against PyTorch
+    today_ms = measure(lambda: ours(None))
+    theirs = measure(torch_fn)
+    rows = [(step, "PyTorch", f"{theirs:.4f}", f"{moved / theirs / 1e6:.0f}", f"{agreement:.1e}",
+             f"{today_ms / theirs:.2f}")]  # fmt: skip
+    for config in configs:
+        try:
+            got = ours(config).float()
+        except Exception as error:  # e.g. out of shared memory
+            rows.append((step, label(config), "-", "-", type(error).__name__, ""))
+            continue
+        error = float((got - want).abs().max() / scale)
+        ms = measure(lambda config=config: ours(config)) if error < 5e-2 else float("nan")
+        mark = "*" if all(config.get(key) == value for key, value in today.items()) else ""
+        rows.append((step, label(config) + mark, f"{ms:.4f}", f"{moved / ms / 1e6:.0f}", f"{error:.1e}",
+                     f"{today_ms / ms:.2f}"))  # fmt: skip
+        print("\t".join(rows[-1]), flush=True)
+    return rows
+
+
+def fc_rows(step: str, batch: int, dtype: torch.dtype, device: str, measure, generator) -> list[tuple]:
+    from netdsl.codegen import fc
+
+    shapes, units = FC[step]
+    inputs = [torch.randn(batch, *shape, generator=generator).to(device, dtype) for shape in shapes]
+    features = sum(x[0].numel() for x in inputs)
+    weight = (torch.randn(units, features, generator=generator) * features**-0.5).to(device, dtype)
+    bias = torch.randn(units, generator=generator).to(device, dtype)
+    out = torch.empty(batch, units, device=device, dtype=dtype)
+    joined = torch.cat([x.flatten(1) for x in inputs], dim=1)
+
+    def ours(config):
+        return fc.linear(inputs, weight, bias, activation="relu", out=out, config=config)
+
+    def theirs():
+        return F.relu(F.linear(joined, weight, bias))
+
+    moved = (weight.numel() + joined.numel() + out.numel()) * weight.element_size()
+    today = fc.pick_config(batch, units, features)
+    return rows_for(step, ours, theirs, FC_CONFIGS, today, moved, measure)
+
+
+def norm_rows(step: str, batch: int, dtype: torch.dtype, device: str, measure, generator) -> list[tuple]:
+    from netdsl.codegen import lrn
+    from netdsl.codegen.layouts import to_layout
+
+    channels, side, pool, stride = NORM[step]
+    x = to_layout(torch.randn(batch, channels, side, side, generator=generator).to(device, dtype), "nhwc")
+    pooled = (side - pool) // stride + 1
+    out = to_layout(torch.empty(batch, channels, pooled, pooled, device=device, dtype=dtype), "nhwc")
+
+    def ours(config):
+        return lrn.lrn_maxpool(x, 5, 1e-4, 0.75, 2.0, pool, stride, out=out, config=config)
+
+    def theirs():  # PyTorch divides alpha by the window: 5e-4 / 5 is the paper's 1e-4
+        return F.max_pool2d(F.local_response_norm(x, 5, alpha=5e-4, beta=0.75, k=2.0), pool, stride)
+
+    moved = (x.numel() + out.numel()) * x.element_size()
+    today = lrn.pick_config(batch, channels, pooled * pooled)
+    return rows_for(step, ours, theirs, NORM_CONFIGS, today, moved, measure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="128,1")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--steps", default=",".join([*FC, *NORM]))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (interpreter): no timing")
+    args = parser.parse_args(argv)
+    print(f"# python bench/step_sweep.py --batches {args.batches} --dtype {args.dtype} --steps {args.steps}"
+          f"{' --smoke' if args.smoke else ''}")  # fmt: skip
+    if not args.smoke and not torch.cuda.is_available():
+        print("no CUDA GPU here: nothing to time (run this on a machine with one, or --smoke)")
+        return 0
+
+    from netdsl.tables import format_table
+
+    device = "cpu" if args.smoke else "cuda"
+    measure = timer(args.smoke)
+    generator = torch.Generator().manual_seed(0)
+    dtype = DTYPES[args.dtype]
+    if args.smoke:  # the interpreter: small steps, one configuration each, fp32 (PyTorch's CPU LRN)
+        global FC_CONFIGS, NORM_CONFIGS
+        FC_CONFIGS, NORM_CONFIGS = FC_CONFIGS[:1], NORM_CONFIGS[2:3]
+        FC.update(fc6=([(8, 3, 3), (8, 3, 3)], 24), fc7=([(40,), (24,)], 20), fc8=([(40,), (24,)], 10))
+        NORM.update(norm1=(12, 9, 3, 2), norm2=(20, 7, 3, 2))
+        dtype = torch.float32
+    else:
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    rows: list[tuple] = []
+    for batch in [1] if args.smoke else [int(b) for b in args.batches.split(",")]:
+        for step in args.steps.split(","):
+            maker = fc_rows if step in FC else norm_rows
+            for row in maker(step, batch, dtype, device, measure, generator):
+                rows.append((str(batch), *row))
+    name = next(key for key, value in DTYPES.items() if value == dtype)
+    print(f"\n{name} (GB/s over the fewest bytes the step moves; x today > 1 is faster than today's tile)")
+    header = ("batch", "step", "tile", "ms", "GB/s", "error", "x today")
+    print("\n".join(format_table(header, rows, left={1, 2})))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
