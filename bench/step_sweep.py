@@ -121,7 +121,7 @@ def fc_rows(step: str, batch: int, dtype: torch.dtype, device: str, measure, gen
         return F.relu(F.linear(joined, weight, bias))
 
     moved = (weight.numel() + joined.numel() + out.numel()) * weight.element_size()
-    today = fc.pick_config(batch, units, features)
+    today = fc.pick_config(batch, units, features, dtype)
     return rows_for(step, ours, theirs, FC_CONFIGS, today, moved, measure)
 
 
@@ -141,7 +141,7 @@ def norm_rows(step: str, batch: int, dtype: torch.dtype, device: str, measure, g
         return F.max_pool2d(F.local_response_norm(x, 5, alpha=5e-4, beta=0.75, k=2.0), pool, stride)
 
     moved = (x.numel() + out.numel()) * x.element_size()
-    today = lrn.pick_config(batch, channels, pooled * pooled)
+    today = lrn.pick_config(batch, channels, pooled * pooled, channels_last=True)
     return rows_for(step, ours, theirs, NORM_CONFIGS, today, moved, measure)
 
 

@@ -10,7 +10,7 @@ channels are contiguous: 16-byte vector loads that the pipeliner issues as cp.as
 ahead. The GEMM is [pixels, channels] x [channels, filters]; the weight is read per tap as a
 [BLOCK_K, BLOCK_N] block (contiguous along K when the weight is channels-last too). Measured on an
 H200 in bf16 at batch 128 (bench/conv_sweep.py; bench/results/conv_sweep.tsv): AlexNet's conv2..conv5
-3.5 to 5.4 times faster than `conv.py`, 0.8 to 1.1 times cuDNN's time.
+3.3 to 3.7 times faster than `conv.py` under its best tile, 0.9 to 1.1 times cuDNN's time.
 
 Why not everywhere. A tap's reduction is only C_in/groups long, so a layer with few input channels
 wastes most of each BLOCK_K (conv1's 3 channels use 3 of 16 lanes): for those `conv.py` stays.

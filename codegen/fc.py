@@ -77,12 +77,19 @@ def linear_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
 
-# Tile shapes: BLOCK_M batch rows by BLOCK_N units. Both compile for sm_90 without spills in fp32 (ieee
-# and tf32), fp16 and bf16, also when K and the strides are not multiples of 16 (unvectorized loads); a
-# 128 x 128 tile would spill there in exact fp32. tests/test_sm90_conv.py checks the AlexNet layers.
+# Tile shapes: BLOCK_M batch rows by BLOCK_N units. In 16-bit types, narrow tiles with long K blocks:
+# measured on an H200 in bf16 for AlexNet's fc6, fc7 and fc8 at batch 128 and 1 (bench/step_sweep.py;
+# bench/results/step_sweep.txt) they spread the weight stream over enough programs, where the
+# 64 x 64 x 32 tile ran fc6 3.6 times slower at batch 128. fp32 keeps shorter K blocks: its operands
+# take twice the registers, and with K not a multiple of 16 (unvectorized loads) the long blocks spill.
+# tests/test_sm90_conv.py and tests/test_sm90_nets.py check they build without spills.
 CONFIGS = [
+    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},  # batches above 16
+    {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},  # a stream of W: batch <= 16
+]
+FP32_CONFIGS = [
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},  # batches above 16
-    {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},  # a stream of W: batch <= 16
+    {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},  # batch <= 16
 ]
 
 ACTIVATIONS = ("none", "relu", "leaky_relu")
@@ -94,10 +101,11 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 512, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1}
 
 
-def pick_config(M: int, N: int, K: int) -> dict:
-    """Block sizes for M batch rows, N units and K features. Up to 16 rows the layer streams W and the
-    narrow unit tile spreads that stream over many programs (fc6 at batch 1: 64 per tower)."""
-    return CONFIGS[1] if M <= 16 else CONFIGS[0]
+def pick_config(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Block sizes for M batch rows, N units and K features: up to 16 rows the layer streams W, and the
+    narrow tile spreads that stream over many programs."""
+    configs = FP32_CONFIGS if dtype == torch.float32 else CONFIGS
+    return configs[1] if M <= 16 else configs[0]
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +181,7 @@ def linear_launch(
         raise ValueError(f"fc out is {out.dtype} {tuple(out.shape)}, expected {dtype} {(batch, units)}")
 
     if config is None:  # on the CPU the interpreter runs one program at a time: few, big tiles
-        config = INTERPRETER_CONFIG if rows[0].device.type == "cpu" else pick_config(batch, units, features)
+        config = INTERPRETER_CONFIG if rows[0].device.type == "cpu" else pick_config(batch, units, features, rows[0].dtype)
     x0, x1 = rows[0], rows[-1]
     grid = (triton.cdiv(batch, config["BLOCK_M"]) * triton.cdiv(units, config["BLOCK_N"]),)
     arguments = {

@@ -55,6 +55,6 @@ FC_SHAPES = {
 
 @pytest.mark.parametrize("precision", PRECISIONS_RUN)
 @pytest.mark.parametrize("shape", list(FC_SHAPES))
-@pytest.mark.parametrize("config", fc.CONFIGS, ids=config_id)
+@pytest.mark.parametrize("config", fc.CONFIGS + fc.FP32_CONFIGS, ids=config_id)
 def test_fc_config(config: dict, shape: str, precision: str):
     check_linear(batch=2, **FC_SHAPES[shape], precision=precision, config=config, seed=len(shape))
