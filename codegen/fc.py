@@ -181,7 +181,8 @@ def linear_launch(
         raise ValueError(f"fc out is {out.dtype} {tuple(out.shape)}, expected {dtype} {(batch, units)}")
 
     if config is None:  # on the CPU the interpreter runs one program at a time: few, big tiles
-        config = INTERPRETER_CONFIG if rows[0].device.type == "cpu" else pick_config(batch, units, features, rows[0].dtype)
+        on_cpu = rows[0].device.type == "cpu"
+        config = INTERPRETER_CONFIG if on_cpu else pick_config(batch, units, features, rows[0].dtype)
     x0, x1 = rows[0], rows[-1]
     grid = (triton.cdiv(batch, config["BLOCK_M"]) * triton.cdiv(units, config["BLOCK_N"]),)
     arguments = {
