@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from kernel_support import DEVICE, INTERPRETING, PRECISIONS, TOLERANCES, random
 
 from netdsl.codegen import conv_lrn_pool as module
+from netdsl.codegen.layouts import to_layout
 from netdsl.codegen.conv_lrn_pool import conv_lrn_maxpool, pick_config
 from netdsl.codegen.target import SM90_MAX_SHARED_BYTES, CompileRequest, compile_sm90_many, format_table
 
@@ -66,6 +67,7 @@ def check(
     precision: str = "fp32",
     tiles: dict | None = BIG_TILES,
     seed: int = 0,
+    layout: str = "nchw",
 ) -> None:
     dtype, input_precision = PRECISIONS[precision]
     generator = torch.Generator().manual_seed(seed)
@@ -77,9 +79,9 @@ def check(
     expected = reference(x, weight, bias, stride, padding, groups, lrn, *pool)
 
     config = None if tiles is None else {**pick_config(c_out // groups, dtype, input_precision), **tiles}
-    out = torch.full(expected.shape, float("nan"), dtype=dtype, device=DEVICE)
+    out = to_layout(torch.full(expected.shape, float("nan"), dtype=dtype, device=DEVICE), layout)
     actual = conv_lrn_maxpool(
-        x, weight, bias, stride, padding, 1, groups, **lrn,
+        to_layout(x, layout), weight, bias, stride, padding, 1, groups, **lrn,
         pool_size=pool_size, pool_stride=pool_stride, pool_padding=pool_padding, ceil_mode=ceil_mode,
         input_precision=input_precision, out=out, config=config,
     )  # fmt: skip
@@ -114,6 +116,13 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_fp32(case: str):
     check(**CASES[case], precision="fp32")
+
+
+@pytest.mark.parametrize("case", ["conv1-like", "groups2"])
+def test_channels_last_input_and_output(case: str):
+    """Input and output channels-last, as the layout pass lays out maps between convs (the kernel takes
+    any strides)."""
+    check(**CASES[case], layout="nhwc", seed=7)
 
 
 @pytest.mark.parametrize("case", ["conv1-like", "conv2-like", "groups2", "ceil-mode"])
