@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from kernel_support import DEVICE, INTERPRETING, PRECISIONS, TOLERANCES, random
 
 from netdsl.codegen import conv_lrn_pool as module
-from netdsl.codegen.layouts import to_layout
 from netdsl.codegen.conv_lrn_pool import conv_lrn_maxpool, pick_config
+from netdsl.codegen.layouts import to_layout
 from netdsl.codegen.target import SM90_MAX_SHARED_BYTES, CompileRequest, compile_sm90_many, format_table
 
 # The interpreter warns when a matmul meets NaN or inf: a masked load that read memory it should not have.
