@@ -79,7 +79,7 @@ def test_a_map_read_by_a_flatten_stays_nchw():
     assert output.layout == "nchw"  # a net output
 
 
-# Every kind of step that passes a channels-last map through: element-wise (batch norm, leaky ReLU), add,
+# Every kind of step that passes a channels-last map through: element-wise (leaky ReLU), add,
 # standalone LRN, LRN + max-pool with ceil mode, a concat of three inputs (a kernel writing channel
 # slices), a grouped conv, a conv reading two inputs from two devices (a transfer in between), average
 # pooling, and the global pooling + fc that end it.
@@ -89,7 +89,7 @@ device gpu0, gpu1
 input x: 16 x 11 x 10
 a = conv(x, 24, size=3, pad=1)
 b = conv(x, 24, size=1) | batchnorm | leaky_relu(0.1)
-s = add(a, b)
+s = add(a, b) | leaky_relu(0.2)
 n = lrn(s, size=5, alpha=1e-2, beta=0.75, k=2)
 p = lrn(n, size=3, alpha=1e-2, beta=0.75, k=1) | maxpool(3, stride=2, ceil=true)
 q = conv(p, 32, size=3, pad=1, groups=2) | relu
@@ -107,8 +107,10 @@ output y
 
 def test_pass_through_steps_keep_channels_last():
     by_name = steps(program_of(PASS_THROUGH))
+    families = {family_of(step) for step in by_name.values()}
+    assert {"conv", "conv_nhwc", "add", "eltwise", "lrn", "lrn_maxpool", "concat", "transfer", "pool"} <= families
     layouts = {step.first.name: step.layout for step in by_name.values() if step.kind not in ("transfer", "input")}
-    for layer in ("a", "b", "s", "n", "p", "q", "r", "j", "k", "l"):
+    for layer in ("a", "b", "s", "s.leaky_relu", "n", "p", "q", "r", "j", "k", "l"):
         assert layouts[layer] == "nhwc", (layer, layouts)
     # m is where the layout turns: read only by the global pool, whose output an fc flattens
     assert layouts["m"] == layouts["g"] == layouts["y"] == "nchw"
