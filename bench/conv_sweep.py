@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 SMOKE = "--smoke" in sys.argv
 if SMOKE:
@@ -28,6 +27,9 @@ if SMOKE:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import timer  # noqa: E402
 
 # name: (input channels, output channels, kernel, stride, padding, input size) of one tower
 LAYERS = {
@@ -57,20 +59,6 @@ def label(config: dict) -> str:
         f"{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']} "
         f"w{config['num_warps']} s{config['num_stages']}"
     )
-
-
-def timer(smoke: bool):
-    if smoke:
-
-        def wall(fn) -> float:
-            began = time.perf_counter()
-            fn()
-            return (time.perf_counter() - began) * 1e3
-
-        return wall
-    import triton.testing
-
-    return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def sweep(layer: str, shape: tuple, name: str, batch: int, device: str, configs: list[dict], measure, generator):

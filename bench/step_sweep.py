@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 SMOKE = "--smoke" in sys.argv
 if SMOKE:
@@ -28,6 +27,9 @@ if SMOKE:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import timer  # noqa: E402
 
 # fc: (inputs per image, units); norm: (channels, input side, pool size, pool stride)
 FC = {"fc6": ([(128, 6, 6), (128, 6, 6)], 2048), "fc7": ([(2048,), (2048,)], 2048), "fc8": ([(2048,), (2048,)], 1000)}
@@ -55,20 +57,6 @@ NORM_CONFIGS = [
     {"BLOCK_C": 32, "BLOCK_P": 16, "num_warps": 2},
 ]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def timer(smoke: bool):
-    if smoke:
-
-        def wall(fn) -> float:
-            began = time.perf_counter()
-            fn()
-            return (time.perf_counter() - began) * 1e3
-
-        return wall
-    import triton.testing
-
-    return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def label(config: dict) -> str:

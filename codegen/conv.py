@@ -19,6 +19,7 @@ channels-last. The compiler runs this kernel for convs with fewer than 16 input 
 
 # ruff: noqa: N803, N806  (Triton convention: sizes and constexprs are upper case)
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -234,36 +235,13 @@ def conv2d_launch(
     kernel's keyword arguments (launch options included). Works on "meta" tensors, which is how the
     sm_90 compile test sees the exact specialization a real launch would get."""
     inputs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
-    check_inputs(inputs, weight, bias)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    if input_precision not in INPUT_PRECISIONS:
-        raise ValueError(f"unknown input precision {input_precision!r}; expected one of {INPUT_PRECISIONS}")
-    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = _pair(stride), _pair(padding), _pair(dilation)
-    if min(stride_h, stride_w, dil_h, dil_w) < 1 or min(pad_h, pad_w) < 0:
-        raise ValueError(f"conv2d needs stride, dilation >= 1 and padding >= 0; got {stride}, {dilation}, {padding}")
-
-    batch, _, height, width = inputs[0].shape
-    c_in = sum(x.shape[1] for x in inputs)
-    if weight.dim() != 4:
-        raise ValueError(f"conv2d weight is C_out x C_in/groups x KH x KW, got shape {tuple(weight.shape)}")
+    g = conv_geometry("conv2d", inputs, weight, bias, stride, padding, dilation, groups, activation, input_precision)
+    batch, height, width, out_h, out_w = g.batch, g.height, g.width, g.out_h, g.out_w
     c_out, c_in_group, kh, kw = weight.shape
-    if groups < 1 or c_in % groups or c_out % groups or c_in_group != c_in // groups:
-        raise ValueError(f"conv2d weight {tuple(weight.shape)} does not fit {c_in} input channels in {groups} groups")
+    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = g.stride, g.padding, g.dilation
     if kh + kw > 31:
         raise ValueError(f"conv2d supports filters with KH + KW <= 31, got {kh} x {kw}")
-    if bias is not None and bias.shape != (c_out,):
-        raise ValueError(f"conv2d bias has shape {tuple(bias.shape)}, expected ({c_out},)")
-    out_h = (height + 2 * pad_h - dil_h * (kh - 1) - 1) // stride_h + 1
-    out_w = (width + 2 * pad_w - dil_w * (kw - 1) - 1) // stride_w + 1
-    if out_h < 1 or out_w < 1:
-        raise ValueError(f"conv2d output would be empty: input {height} x {width}, kernel {kh} x {kw}")
-
-    out_shape = (batch, c_out, out_h, out_w)
-    if out is None:
-        out = torch.empty(out_shape, dtype=inputs[0].dtype, device=inputs[0].device)
-    elif out.shape != out_shape or out.dtype != inputs[0].dtype:
-        raise ValueError(f"conv2d out is {out.dtype} {tuple(out.shape)}, expected {inputs[0].dtype} {out_shape}")
+    out = conv_output("conv2d", out, (batch, c_out, out_h, out_w), inputs[0], torch.contiguous_format)
 
     c_out_group = c_out // groups
     rows = batch * out_h * out_w
@@ -290,6 +268,68 @@ def conv2d_launch(
         **config,
     }  # fmt: skip
     return grid, arguments
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A checked convolution's sizes: input batch and map, output map, and stride, padding, dilation."""
+
+    batch: int
+    height: int
+    width: int
+    out_h: int
+    out_w: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+
+def conv_geometry(
+    name: str,
+    inputs: list[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int],
+    dilation: int | tuple[int, int],
+    groups: int,
+    activation: str,
+    input_precision: str,
+) -> ConvGeometry:
+    """The checks every conv launcher (`name`, for messages) makes of its arguments, and the sizes."""
+    check_inputs(inputs, weight, bias)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"unknown input precision {input_precision!r}; expected one of {INPUT_PRECISIONS}")
+    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = _pair(stride), _pair(padding), _pair(dilation)
+    if min(stride_h, stride_w, dil_h, dil_w) < 1 or min(pad_h, pad_w) < 0:
+        raise ValueError(f"{name} needs stride, dilation >= 1 and padding >= 0; got {stride}, {dilation}, {padding}")
+    batch, _, height, width = inputs[0].shape
+    c_in = sum(x.shape[1] for x in inputs)
+    if weight.dim() != 4:
+        raise ValueError(f"{name} weight is C_out x C_in/groups x KH x KW, got shape {tuple(weight.shape)}")
+    c_out, c_in_group, kh, kw = weight.shape
+    if groups < 1 or c_in % groups or c_out % groups or c_in_group != c_in // groups:
+        raise ValueError(f"{name} weight {tuple(weight.shape)} does not fit {c_in} input channels in {groups} groups")
+    if bias is not None and bias.shape != (c_out,):
+        raise ValueError(f"{name} bias has shape {tuple(bias.shape)}, expected ({c_out},)")
+    out_h = (height + 2 * pad_h - dil_h * (kh - 1) - 1) // stride_h + 1
+    out_w = (width + 2 * pad_w - dil_w * (kw - 1) - 1) // stride_w + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"{name} output would be empty: input {height} x {width}, kernel {kh} x {kw}")
+    return ConvGeometry(batch, height, width, out_h, out_w, (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w))
+
+
+def conv_output(
+    name: str, out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor, memory_format
+) -> torch.Tensor:
+    """`out` checked against the output's shape and dtype, or a new tensor in `memory_format`."""
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
+    if tuple(out.shape) != shape or out.dtype != like.dtype:
+        raise ValueError(f"{name} out is {out.dtype} {tuple(out.shape)}, expected {like.dtype} {shape}")
+    return out
 
 
 def _strides(name: str, axes: str, tensor: torch.Tensor) -> dict[str, int]:

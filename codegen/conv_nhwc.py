@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from netdsl.codegen.conv import ACTIVATIONS, INPUT_PRECISIONS, _pair, _strides, check_inputs
+from netdsl.codegen.conv import _strides, conv_geometry, conv_output
 
 
 @triton.jit
@@ -207,33 +207,14 @@ def conv2d_nhwc_launch(
 ) -> tuple[tuple[int, int], dict[str, Any]]:
     """The checks, the output and the kernel's arguments of `conv2d_nhwc` (works on "meta" tensors)."""
     inputs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
-    check_inputs(inputs, weight, bias)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    if input_precision not in INPUT_PRECISIONS:
-        raise ValueError(f"unknown input precision {input_precision!r}; expected one of {INPUT_PRECISIONS}")
-    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = _pair(stride), _pair(padding), _pair(dilation)
-    if min(stride_h, stride_w, dil_h, dil_w) < 1 or min(pad_h, pad_w) < 0:
-        raise ValueError(f"conv2d_nhwc needs stride, dilation >= 1, padding >= 0; got {stride}, {dilation}, {padding}")
-    batch, _, height, width = inputs[0].shape
-    c_in = sum(x.shape[1] for x in inputs)
-    if weight.dim() != 4:
-        raise ValueError(f"conv2d_nhwc weight is C_out x C_in/groups x KH x KW, got shape {tuple(weight.shape)}")
+    g = conv_geometry(
+        "conv2d_nhwc", inputs, weight, bias, stride, padding, dilation, groups, activation, input_precision
+    )
+    batch, height, width, out_h, out_w = g.batch, g.height, g.width, g.out_h, g.out_w
     c_out, c_in_group, kh, kw = weight.shape
-    if groups < 1 or c_in % groups or c_out % groups or c_in_group != c_in // groups:
-        raise ValueError(f"conv2d_nhwc weight {tuple(weight.shape)} does not fit {c_in} channels in {groups} groups")
-    if bias is not None and bias.shape != (c_out,):
-        raise ValueError(f"conv2d_nhwc bias has shape {tuple(bias.shape)}, expected ({c_out},)")
-    out_h = (height + 2 * pad_h - dil_h * (kh - 1) - 1) // stride_h + 1
-    out_w = (width + 2 * pad_w - dil_w * (kw - 1) - 1) // stride_w + 1
-    if out_h < 1 or out_w < 1:
-        raise ValueError(f"conv2d_nhwc output would be empty: input {height} x {width}, kernel {kh} x {kw}")
-    out_shape = (batch, c_out, out_h, out_w)
+    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = g.stride, g.padding, g.dilation
     x0, x1 = inputs[0], inputs[-1]
-    if out is None:
-        out = torch.empty(out_shape, dtype=x0.dtype, device=x0.device, memory_format=torch.channels_last)
-    elif out.shape != out_shape or out.dtype != x0.dtype:
-        raise ValueError(f"conv2d_nhwc out is {out.dtype} {tuple(out.shape)}, expected {x0.dtype} {out_shape}")
+    out = conv_output("conv2d_nhwc", out, (batch, c_out, out_h, out_w), x0, torch.channels_last)
     c_out_group = c_out // groups
     rows = batch * out_h * out_w
     if config is None:  # on the CPU the interpreter runs one program at a time: few, big tiles

@@ -32,31 +32,19 @@ class Family:
 
 _JOIN = "x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)  # several inputs: joined on channels"
 
+# Both conv families' launchers take the same arguments.
+_CONV_LAUNCH = """
+        if len(inputs) > 2:  # the kernel reads up to two inputs in place; join the rest
+            inputs = [torch.cat(inputs, dim=1)]
+        return family.{function}(
+            inputs, weights["weight"], weights.get("bias"), stride=P["stride"], padding=P["pad"],
+            dilation=P["dilation"], groups=P["groups"], activation=P["activation"], slope=P["slope"],
+            input_precision=P["input_precision"], out=out, kernel=KERNEL,
+        )"""
+
 FAMILIES: dict[str, Family] = {
-    "conv": Family(
-        "conv",
-        "conv2d_kernel",
-        """
-        if len(inputs) > 2:  # the kernel reads up to two inputs in place; join the rest
-            inputs = [torch.cat(inputs, dim=1)]
-        return family.conv2d(
-            inputs, weights["weight"], weights.get("bias"), stride=P["stride"], padding=P["pad"],
-            dilation=P["dilation"], groups=P["groups"], activation=P["activation"], slope=P["slope"],
-            input_precision=P["input_precision"], out=out, kernel=KERNEL,
-        )""",
-    ),
-    "conv_nhwc": Family(
-        "conv_nhwc",
-        "conv2d_nhwc_kernel",
-        """
-        if len(inputs) > 2:  # the kernel reads up to two inputs in place; join the rest
-            inputs = [torch.cat(inputs, dim=1)]
-        return family.conv2d_nhwc(
-            inputs, weights["weight"], weights.get("bias"), stride=P["stride"], padding=P["pad"],
-            dilation=P["dilation"], groups=P["groups"], activation=P["activation"], slope=P["slope"],
-            input_precision=P["input_precision"], out=out, kernel=KERNEL,
-        )""",
-    ),
+    "conv": Family("conv", "conv2d_kernel", _CONV_LAUNCH.format(function="conv2d")),
+    "conv_nhwc": Family("conv_nhwc", "conv2d_nhwc_kernel", _CONV_LAUNCH.format(function="conv2d_nhwc")),
     "conv_lrn_maxpool": Family(
         "conv_lrn_pool",
         "conv_lrn_pool_kernel",
