@@ -54,7 +54,7 @@ def compile_net(
     graph = build(parse_file(path))
     program, dump = run_pipeline(graph, options, dump_after)
     layers = graph  # shapes were filled in place by the `shapes` pass
-    kernels = emit_program(program, input_precision)
+    kernels = emit_program(program, input_precision, options.dtype)
     step_files = {name.removesuffix(".py"): f"kernels/{name}" for name in kernels}
     plan = build_plan(program, options, step_files)
     report = cost_report(program, layers, options.batch, options.dtype)

@@ -235,7 +235,16 @@ def _kernel_source(family: Family) -> str:
     return textwrap.dedent(inspect.getsource(getattr(kernel, "fn", kernel)))
 
 
-def emit_step(program: nx.DiGraph, step: Step, input_precision: str = "ieee") -> str:
+# The torch dtype a build's maps and weights have, as a name in generated code.
+TORCH_DTYPE_NAMES = {
+    "fp32": "torch.float32",
+    "tf32": "torch.float32",
+    "fp16": "torch.float16",
+    "bf16": "torch.bfloat16",
+}
+
+
+def emit_step(program: nx.DiGraph, step: Step, input_precision: str = "ieee", dtype: str = "fp32") -> str:
     """The source of `kernels/<step>.py`."""
     family = FAMILIES[family_of(step)]
     inputs = [program.nodes[name]["step"] for name in step.inputs]
@@ -285,6 +294,7 @@ def emit_step(program: nx.DiGraph, step: Step, input_precision: str = "ieee") ->
         f"INPUT_LAYOUTS = {_literal(input_layouts)}",
         f"OUTPUT_LAYOUT = {_literal(step.layout)}",
         f"WEIGHT_LAYOUTS = {_literal(weight_layouts(step))}",
+        f"DTYPE = {TORCH_DTYPE_NAMES[dtype]}  # of the build (netdsl compile --dtype {dtype})",
         "",
         "",
         "def launch(inputs: list[torch.Tensor], weights: dict[str, torch.Tensor], out: torch.Tensor | None = None):",
@@ -299,18 +309,19 @@ def emit_step(program: nx.DiGraph, step: Step, input_precision: str = "ieee") ->
         "",
         'if __name__ == "__main__":',
         "    generator = torch.Generator().manual_seed(0)",
-        "    inputs = [torch.randn(2, *shape, generator=generator) for shape in INPUT_SHAPES]",
-        "    inputs = [to_layout(x, layout) for x, layout in zip(inputs, INPUT_LAYOUTS)]",
+        "    # Random data in the build's dtype and layouts; the reference runs in float64 on the same values.",
+        "    device = 'cuda' if torch.cuda.is_available() else 'cpu'",
+        "    inputs = [torch.randn(2, *shape, generator=generator).to(DTYPE) for shape in INPUT_SHAPES]",
         "    weights = {name: torch.randn(shape, generator=generator) * 0.05 for name, shape in WEIGHT_SHAPES.items()}",
-        "    weights = {name: to_layout(w, WEIGHT_LAYOUTS.get(name, 'nchw')) for name, w in weights.items()}",
         '    if "running_var" in weights:',
         '        weights["running_var"] = weights["running_var"].abs() + 0.5',
-        "    if torch.cuda.is_available():",
-        "        inputs = [x.cuda() for x in inputs]",
-        "        weights = {name: w.cuda() for name, w in weights.items()}",
-        "    got, want = launch(inputs, weights), reference(inputs, weights)",
+        "    weights = {name: w.to(DTYPE) for name, w in weights.items()}",
+        "    want = reference([x.double() for x in inputs], {name: w.double() for name, w in weights.items()})",
+        "    inputs = [to_layout(x, layout).to(device) for x, layout in zip(inputs, INPUT_LAYOUTS)]",
+        "    weights = {n: to_layout(w, WEIGHT_LAYOUTS.get(n, 'nchw')).to(device) for n, w in weights.items()}",
+        "    got = launch(inputs, weights).double().cpu()",
         "    error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()",
-        '    print(f"{STEP}: max error {error:.2e} relative to the largest output")',
+        '    print(f"{STEP}: max error {error:.2e} relative to the largest output ({DTYPE}, float64 reference)")',
         "",
     ]
     return "\n".join(lines)
@@ -321,12 +332,12 @@ def _safe(text: str) -> str:
     return "".join(ch if ch.isascii() and (ch.isalnum() or ch in " ._-@/[]:") else "?" for ch in str(text))
 
 
-def emit_program(program: nx.DiGraph, input_precision: str = "ieee") -> dict[str, str]:
+def emit_program(program: nx.DiGraph, input_precision: str = "ieee", dtype: str = "fp32") -> dict[str, str]:
     """File name -> source for every step that launches a kernel, in launch order."""
     files = {}
     for names in program.graph["partitions"].values():
         for name in names:
             step = program.nodes[name]["step"]
             if family_of(step) in FAMILIES:
-                files[f"{identifier(step.name)}.py"] = emit_step(program, step, input_precision)
+                files[f"{identifier(step.name)}.py"] = emit_step(program, step, input_precision, dtype)
     return files

@@ -105,20 +105,23 @@ def _write(tmp_path: Path, text: str, name: str) -> Path:
     return path
 
 
-def test_a_generated_file_runs_by_hand(tmp_path):
-    out = build_dir(tmp_path, MINI_ALEXNET, "mini_alexnet")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_generated_file_runs_by_hand(tmp_path, dtype):
+    """Run as a script, a kernel file checks itself in its build's dtype against float64 PyTorch (the
+    two-input channels-last conv; bf16 within 2e-2: the output is rounded to 8 bits of mantissa)."""
+    path = tmp_path / "mini_alexnet.net"
+    path.write_text(MINI_ALEXNET)
+    out = write_build(compile_net(path, Options(dtype=dtype)), tmp_path / "mini_alexnet")
+    source = out / "kernels" / "conv2_gpu1_conv_bias_relu.py"
+    assert "def conv2d_nhwc_kernel(" in source.read_text()
     env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
     result = subprocess.run(
-        [sys.executable, str(out / "kernels" / "conv2_gpu1_conv_bias_relu.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=300,
+        [sys.executable, str(source)], capture_output=True, text=True, env=env, check=False, timeout=300
     )
     assert result.returncode == 0, result.stderr
+    assert f"({'torch.float32' if dtype == 'fp32' else 'torch.bfloat16'}, float64 reference)" in result.stdout
     error = float(result.stdout.rsplit("max error ", 1)[1].split()[0])
-    assert error < TOLERANCE["fp32"]
+    assert error < (TOLERANCE["fp32"] if dtype == "fp32" else 2e-2)
 
 
 def test_grouped_lrn_equals_lrn_per_group(tmp_path):
