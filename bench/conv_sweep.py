@@ -11,6 +11,10 @@ not timed) (triton.testing.do_bench, median), its TFLOP/s, and whether its outpu
 cuDNN's (relative error over the largest |output|; a mismatch is printed, not timed as a win). The
 configuration `pick_config` chooses today is marked `*`. One table per dtype at the end.
 
+For conv1 (3 input channels, stride 4) it also times `conv_nhwc.py` on the space-to-depth rewrite of
+the layer (`space_to_depth`: a 3 x 3 stride-1 conv over 48 channels of 4 x 4 pixel blocks; the
+rewrite is timed apart, as PyTorch ops): what the compiler would gain by lowering such convs so.
+
 `--smoke` runs the same code on the CPU under Triton's interpreter at a tiny size (no timing meaning):
 tests/test_bench.py uses it to keep this script working between GPU leases.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 SMOKE = "--smoke" in sys.argv
 if SMOKE:
@@ -61,6 +66,24 @@ def label(config: dict) -> str:
     )
 
 
+def space_to_depth(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int):
+    """A stride-s convolution as a stride-1 one over blocks of s x s pixels: the input padded (by `pad`,
+    then up to a multiple of s) and each block's pixels moved into channels, ordered (row in block,
+    column in block, channel); the filter padded to a multiple of s taps and cut the same way. Both
+    channels-last. conv1: 3 x 227 x 227 -> 48 x 57 x 57, 11 x 11 / 4 -> 3 x 3 / 1 over 48 channels
+    (19% more multiply-adds for the zero taps); the result's extra row and column are cropped."""
+    n, c, h, w = x.shape
+    o, _, k, _ = weight.shape
+    s, taps = stride, -(-k // stride)
+    side_h, side_w = -(-(h + 2 * pad) // s) * s, -(-(w + 2 * pad) // s) * s
+    x = F.pad(x, (pad, side_w - w - pad, pad, side_h - h - pad))
+    blocks = x.reshape(n, c, side_h // s, s, side_w // s, s).permute(0, 3, 5, 1, 2, 4)
+    blocks = blocks.reshape(n, s * s * c, side_h // s, side_w // s).contiguous(memory_format=torch.channels_last)
+    weight = F.pad(weight, (0, taps * s - k, 0, taps * s - k))
+    filters = weight.reshape(o, c, taps, s, taps, s).permute(0, 3, 5, 1, 2, 4).reshape(o, s * s * c, taps, taps)
+    return blocks, filters.contiguous(memory_format=torch.channels_last)
+
+
 def sweep(layer: str, shape: tuple, name: str, batch: int, device: str, configs: list[dict], measure, generator):
     """The rows of one layer in one precision: cuDNN's, then one per configuration."""
     from netdsl.codegen import conv_nhwc
@@ -95,9 +118,20 @@ def sweep(layer: str, shape: tuple, name: str, batch: int, device: str, configs:
     variants = [("", config) for config in configs]
     if c_in >= 16:
         variants += [("nhwc ", config) for config in configs]
+    elif stride > 1 and c_in * stride * stride >= 16:  # conv1: as a stride-1 conv over blocks of pixels
+        x_blocks, w_blocks = space_to_depth(x, w, stride, pad)
+        began = time.perf_counter()
+        transform_ms = measure(lambda: space_to_depth(x, w, stride, pad))
+        rows.append((layer, "s2d input transform (PyTorch ops)", f"{transform_ms:.3f}", "", "", ""))
+        print("\t".join(rows[-1]), f"({time.perf_counter() - began:.1f} s)", flush=True)
+        variants += [("s2d ", config) for config in configs]
     for variant, config in variants:
 
         def ours(config=config, variant=variant):
+            if variant == "s2d ":  # the transformed input and weight are made once, not timed
+                y = conv_nhwc.conv2d_nhwc(x_blocks, w_blocks, b, activation="relu", input_precision=precision,
+                                          config=config)  # fmt: skip
+                return y[:, :, :out_side, :out_side]
             if variant:
                 return conv_nhwc.conv2d_nhwc(x_last, w_last, b, stride, pad, activation="relu",
                                              input_precision=precision, config=config)  # fmt: skip

@@ -27,6 +27,8 @@ def test_conv_sweep_smoke(capsys):
     for layer in ("conv1", "conv2", "conv3", "conv4", "conv5"):
         assert f"\n{layer} " in out
     assert out.count(" nhwc ") == 4  # the channels-last variant for every layer but conv1 (3 channels)
+    # ... which has the space-to-depth rewrite instead, checked against F.conv2d too
+    assert len(re.findall(r"^conv1 +s2d \d+x\d+x\d+ ", out, flags=re.MULTILINE)) == 1
 
 
 def test_step_sweep_smoke(capsys):
