@@ -5,9 +5,10 @@
 #
 # 1. the GPU tests: goldens, precisions, streams, CUDA graphs (tests/test_gpu.py), channels-last
 #    layouts, and the conv kernel sweeps against PyTorch (test files that use the GPU when there is one);
-# 2. bench/alexnet_gpu.py: netdsl (channels-last, CUDA graph, all-NCHW) and PyTorch eager at batch
+# 2. conv1's space-to-depth variant (bench/conv_sweep.py --layers conv1) and the fc / LRN tiles
+#    (bench/step_sweep.py); a per-step profile of AlexNet in both layouts;
+# 3. bench/alexnet_gpu.py: netdsl (channels-last, CUDA graph, all-NCHW) and PyTorch eager at batch
 #    128 and 1 in every precision, then torch.compile in bf16 for as long as the time box allows.
-# (bench/conv_sweep.py, the per-layer tile sweep, is run by hand: see bench/results/conv_sweep.tsv.)
 # Meanwhile, background processes compile the kernels the benchmark needs (filling the caches on disk).
 # Works with the machine's own torch and triton; lark travels as a wheel in .whl/ when missing.
 set -u
@@ -41,6 +42,11 @@ timeout "${TEST_S:-150}" python3 -m pytest -q $workers -p no:cacheprovider -rfE 
     2>&1 | tee "$OUT/pytest.log" | tail -n 30
 echo "--- measured errors (relative to the largest |reference|)"
 sort "$OUT/errors.tsv" 2>/dev/null | tail -n 30
+
+# conv1 as a space-to-depth conv on conv_nhwc (the next step to decide), and the fc / LRN tiles
+timeout "${SWEEP_S:-60}" python3 bench/conv_sweep.py --batch 128 --dtypes bf16 --layers conv1 >"$OUT/conv1.log" 2>&1
+grep -P "^conv1\t" "$OUT/conv1.log"
+timeout "${SWEEP_S:-60}" python3 bench/step_sweep.py --batches 128,1 >"$OUT/step_sweep.log" 2>&1
 
 # where the time goes: every step of AlexNet at batch 128 in bf16, channels-last and all-NCHW
 for layout in auto nchw; do
