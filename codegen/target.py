@@ -20,6 +20,7 @@ run that may use slightly different flags from Triton's; a non-zero `stack_bytes
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import importlib
@@ -83,6 +84,7 @@ class KernelResources:
     mma: tuple[str, ...]
     ptx: str = field(repr=False)
     sass: str | None = field(default=None, repr=False)
+    cubin: bytes = field(default=b"", repr=False)  # the compiled kernel, an sm_90 ELF
 
     @property
     def spills(self) -> int:
@@ -212,6 +214,7 @@ def _measure(request: CompileRequest, compiled: Any) -> KernelResources:
         mma=tuple(mma),
         ptx=ptx,
         sass=sass,
+        cubin=bytes(compiled.asm["cubin"]),
     )
 
 
@@ -288,7 +291,10 @@ def _compile_in_child(requests: Sequence[CompileRequest]) -> list[KernelResource
     if done.returncode != 0:
         raise RuntimeError(f"sm_90 compile in a child process failed:\n{done.stderr.strip()}")
     answers = json.loads(done.stdout)
-    return [KernelResources(**{**answer, "mma": tuple(answer["mma"])}) for answer in answers]
+    return [
+        KernelResources(**{**answer, "mma": tuple(answer["mma"]), "cubin": base64.b64decode(answer["cubin"])})
+        for answer in answers
+    ]
 
 
 def _describe(request: CompileRequest) -> dict[str, Any]:
@@ -373,7 +379,10 @@ def _serve_child() -> None:
         ]
         # stdout carries the answer: anything the compiler prints goes to stderr instead.
         with contextlib.redirect_stdout(sys.stderr):
-            answers = [dataclasses.asdict(result) for result in _compile_here(requests)]
+            answers = [
+                {**dataclasses.asdict(result), "cubin": base64.b64encode(result.cubin).decode("ascii")}
+                for result in _compile_here(requests)
+            ]
     json.dump(answers, sys.stdout)
 
 

@@ -4,8 +4,9 @@
 (shapes and dtypes, no data) with the kernel replaced by a recorder: the launcher's own code computes
 the grid, the arguments and the block configuration, exactly as it would on a GPU. From a recording,
 `sm90_requests` makes the `GPUTarget("cuda", 90, 32)` compile requests of `netdsl.codegen.target`, and
-`sm90_resources` compiles them, caching each result on disk under a hash of everything that can
-change it (the kernel's source, its specialization, the netdsl and Triton versions).
+`sm90_resources` compiles them, caching each compiled kernel (cubin and PTX) and its resource report
+on disk under a hash of everything that can change it (the kernel's source, its specialization, the
+netdsl and Triton versions).
 """
 
 from __future__ import annotations
@@ -183,22 +184,45 @@ def _read_cache(path: Path) -> dict | None:
 
 
 def _write_cache(path: Path, entry: dict) -> None:
+    _write_bytes(path, json.dumps(entry).encode("utf-8"))
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as file:
-        json.dump(entry, file)
-    os.replace(temporary, path)  # atomic: a concurrent reader sees the old entry or the new one
+    with os.fdopen(handle, "wb") as file:
+        file.write(data)
+    os.replace(temporary, path)  # atomic: a concurrent reader sees the old file or the new one
+
+
+def _has_binary(path: Path) -> bool:
+    """Whether the entry at `path` (its .json) has its compiled kernel beside it: an sm_90 ELF cubin."""
+    try:
+        with open(path.with_suffix(".cubin"), "rb") as file:
+            return file.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def cached_cubin(launch: Launch) -> Path | None:
+    """The sm_90 cubin `sm90_resources` built for `launch`, if the cache holds it (for cuobjdump & co.)."""
+    path = cache_dir() / f"{_cache_key(launch)}.cubin"
+    return path if _has_binary(path.with_suffix(".json")) else None
 
 
 def sm90_resources(launches: list[Launch], use_cache: bool = True) -> dict[str, dict]:
-    """Step name -> registers, spills, shared memory and tensor-core instructions on sm_90."""
+    """Step name -> registers, spills, shared memory and tensor-core instructions on sm_90.
+
+    Each kernel is compiled once per cache key: the cache holds, under the key, the compiled kernel
+    (`<key>.cubin`, an sm_90 ELF, and `<key>.ptx`) and what was measured of it (`<key>.json`). An entry
+    whose report or cubin is missing or unreadable is compiled and written again."""
     from netdsl.codegen.target import CompileRequest, compile_sm90_many
 
     results: dict[str, dict] = {}
     missing: list[tuple[Launch, Path]] = []
     for launch in launches:
         path = cache_dir() / f"{_cache_key(launch)}.json"
-        entry = _read_cache(path) if use_cache else None
+        entry = _read_cache(path) if use_cache and _has_binary(path) else None
         if entry is None:
             missing.append((launch, path))
         else:
@@ -224,5 +248,8 @@ def sm90_resources(launches: list[Launch], use_cache: bool = True) -> dict[str, 
         entry["mma"] = list(entry["mma"])
         results[launch.step] = entry
         with contextlib.suppress(OSError):  # an unwritable cache only costs time
+            # The compiled kernel first, its report last: an entry whose report can be read is whole.
+            _write_bytes(path.with_suffix(".cubin"), resources.cubin)
+            _write_bytes(path.with_suffix(".ptx"), resources.ptx.encode("utf-8"))
             _write_cache(path, entry)
     return results

@@ -21,7 +21,15 @@ import netdsl.codegen.target
 import netdsl.launches
 from netdsl.codegen.target import SM90_MAX_REGISTERS, SM90_MAX_SHARED_BYTES, TENSOR_CORE_INSTRUCTIONS
 from netdsl.compile import compile_net, sm90_report, write_build
-from netdsl.launches import Launch, _cache_key, _read_cache, cache_dir, load_kernel_file, sm90_resources
+from netdsl.launches import (
+    Launch,
+    _cache_key,
+    _read_cache,
+    cache_dir,
+    cached_cubin,
+    load_kernel_file,
+    sm90_resources,
+)
 from netdsl.passes import Options
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +135,8 @@ def test_corrupt_entries_are_rebuilt_and_rewritten(tmp_path, private_cache, monk
     for launch, path, what in zip(launches, paths, CORRUPTIONS):
         assert valid(built[launch.step]), (what, built[launch.step])
         assert json.loads(path.read_text(encoding="utf-8")) == built[launch.step], what  # rewritten
-    assert sorted(p.name for p in private_cache.iterdir()) == sorted(p.name for p in paths)  # no temporaries
+        assert cached_cubin(launch) == path.with_suffix(".cubin")  # the compiled kernel beside it
+    assert sorted(p.name for p in private_cache.iterdir()) == entry_files(paths)  # no temporaries
 
     # Now whole: the next call reads them all and builds nothing.
     def build_nothing(requests):
@@ -136,6 +145,27 @@ def test_corrupt_entries_are_rebuilt_and_rewritten(tmp_path, private_cache, monk
 
     monkeypatch.setattr(netdsl.codegen.target, "compile_sm90_many", build_nothing)
     assert sm90_resources(launches) == built
+
+
+def entry_files(paths: list[Path]) -> list[str]:
+    """The files of cache entries: each kernel's report, cubin and PTX."""
+    return sorted(path.with_suffix(suffix).name for path in paths for suffix in (".json", ".cubin", ".ptx"))
+
+
+def test_the_cache_holds_the_compiled_kernel_and_a_broken_one_is_rebuilt(tmp_path, private_cache):
+    launch = kernel_launch(tmp_path, step="k")
+    assert cached_cubin(launch) is None
+    built = sm90_resources([launch])
+    cubin = cached_cubin(launch)
+    assert cubin is not None and cubin.read_bytes()[:4] == b"\x7fELF"
+    assert ".target sm_90" in cubin.with_suffix(".ptx").read_text(encoding="utf-8")
+    for damage in (b"", b"\x00\x00\x00\x00 not an ELF"):  # a torn write, a foreign file
+        cubin.write_bytes(damage)
+        assert cached_cubin(launch) is None
+        assert sm90_resources([launch]) == built  # compiled again, the report the same
+        assert cubin.read_bytes()[:4] == b"\x7fELF"
+    cubin.unlink()
+    assert sm90_resources([launch]) == built and cached_cubin(launch) == cubin
 
 
 def _fill_cache(cache: str, kernels: str, barrier, answers) -> None:
@@ -161,11 +191,13 @@ def test_two_processes_fill_one_cache_at_once(tmp_path, private_cache):
         worker.join(timeout=60)
         assert worker.exitcode == 0
     assert results[0] == results[1] and set(results[0]) == {"b64", "b128"}
-    entries = sorted(private_cache.iterdir())
-    assert len(entries) == 2 and all(not p.name.startswith(".") for p in entries)  # no temporary files left
+    entries = sorted(private_cache.glob("*.json"))
+    assert len(entries) == 2
+    assert sorted(p.name for p in private_cache.iterdir()) == entry_files(entries)  # no temporary files left
     for path in entries:
         entry = _read_cache(path)
         assert valid(entry) and entry in results[0].values()
+        assert path.with_suffix(".cubin").read_bytes()[:4] == b"\x7fELF"
 
 
 # --- the report's sm_90 section ----------------------------------------------------------------------
