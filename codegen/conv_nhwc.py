@@ -138,18 +138,20 @@ INTERPRETER_CONFIG = {"BLOCK_M": 512, "BLOCK_N": 256, "BLOCK_K": 128, "num_warps
 _SM_COUNT = 132  # an H100 SXM; only decides when a tile is too big to fill the GPU
 
 
-def pick_config(M: int, C_IN_G: int, C_OUT_G: int, dtype: torch.dtype) -> dict:
+def pick_config(M: int, C_IN_G: int, C_OUT_G: int, dtype: torch.dtype, input_precision: str = "tf32") -> dict:
     """Block sizes for M output pixels and one group's C_IN_G -> C_OUT_G channels.
 
     From bench/conv_sweep.py on an H200 (bf16 and TF32, batch 128, AlexNet's conv2..conv5; the table
     is in bench/results/conv_sweep.tsv): 128 filters wide where the group's filters are a multiple of 128
     (conv2: 128), 64 wide otherwise (conv3, conv4: 192 would waste a third of a second 128-wide tile);
     a 64-pixel tile when 128-pixel ones would leave most SMs idle (conv5 at 13 x 13); K blocks of
-    128 bytes per pixel (64 channels in 16-bit, 32 in fp32), fewer for narrow groups.
+    128 bytes per pixel (64 channels in 16-bit, 32 in fp32), fewer for narrow groups. Exact fp32
+    ("ieee": the dot on the FMA units, its operands in registers) never takes the 128 x 128 tile, which
+    spills there.
     """
     block_k = 32 if dtype == torch.float32 else 64
     block_k = max(16, min(block_k, triton.next_power_of_2(C_IN_G)))
-    if C_OUT_G % 128 == 0:
+    if C_OUT_G % 128 == 0 and not (dtype == torch.float32 and input_precision == "ieee"):
         config = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 3}
     elif dtype == torch.float32:
         config = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 3}
@@ -218,7 +220,8 @@ def conv2d_nhwc_launch(
     c_out_group = c_out // groups
     rows = batch * out_h * out_w
     if config is None:  # on the CPU the interpreter runs one program at a time: few, big tiles
-        config = INTERPRETER_CONFIG if x0.device.type == "cpu" else pick_config(rows, c_in_group, c_out_group, x0.dtype)
+        on_cpu = x0.device.type == "cpu"
+        config = INTERPRETER_CONFIG if on_cpu else pick_config(rows, c_in_group, c_out_group, x0.dtype, input_precision)
     grid = (triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(c_out_group, config["BLOCK_N"]), groups)
     arguments = {
         "x0_ptr": x0, "x1_ptr": x1, "w_ptr": weight, "b_ptr": weight if bias is None else bias, "y_ptr": out,

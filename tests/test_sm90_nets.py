@@ -47,3 +47,13 @@ def test_alexnet_conv_and_fc_use_tensor_cores(tmp_path, dtype):
         assert r["spill_stores"] == r["spill_loads"] == 0, (step, r)
         if kind in ("conv", "fc"):
             assert any(name in r["mma"] for name in ("wgmma.mma_async", "mma.sync")), (step, r["mma"])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_alexnet_builds_without_spills_at_batch_128(tmp_path, dtype):
+    """The other two dtypes at the batch size the tiles were tuned for (exact fp32's dot keeps its
+    operands in registers: the widest tiles spill there)."""
+    _, built = resources(tmp_path, ROOT / "nets/alexnet.net", 128, dtype)
+    for step, r in built.items():
+        assert r["spill_stores"] == r["spill_loads"] == 0, (step, r)
+        assert r["shared_bytes"] <= SM90_MAX_SHARED_BYTES, (step, r)
