@@ -12,9 +12,7 @@ compile of another net is removed.
 
 from __future__ import annotations
 
-import errno
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +21,13 @@ import networkx as nx
 from netdsl.build import build
 from netdsl.emit import emit_program
 from netdsl.errors import NetError
+from netdsl.files import write_atomic
 from netdsl.launches import Launch, record_launches, sm90_resources
 from netdsl.parse import parse_file
 from netdsl.passes import Options, run_pipeline
 from netdsl.plan import build_plan, plan_json, with_source
 from netdsl.report import cost_report
 from netdsl.tables import format_table
-
-TEMPORARY_TRIES = 100  # random names tried for a temporary file, as tempfile.mkstemp does
 
 
 @dataclass
@@ -130,35 +127,3 @@ def sm90_report(resources: dict[str, dict], launches: list[Launch]) -> str:
     ]
     lines.append(f"kernels that spill: {', '.join(spilled) if spilled else 'none'}")
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Writes through a temporary file in the same folder and renames it into place."""
-    write_atomic_bytes(path, text.encode("utf-8"))
-
-
-def write_atomic_bytes(path: Path, data: bytes) -> None:
-    try:
-        handle, temporary = _new_temporary(path)
-    except OSError as error:
-        raise NetError(f"cannot write {path}: {error.strerror}", where=str(path)) from None
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise NetError(f"cannot write {path}: {error.strerror}", where=str(path)) from None
-
-
-def _new_temporary(path: Path) -> tuple[int, Path]:
-    """A new file beside `path`, opened for writing. Unlike `tempfile.mkstemp` (always 0600), it gets the
-    mode any new file gets, 0666 less the umask, and keeps it when renamed into place."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    for _ in range(TEMPORARY_TRIES):
-        temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}"
-        try:
-            return os.open(temporary, flags, 0o666), temporary
-        except FileExistsError:
-            continue  # another writer's temporary: draw another name
-    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))

@@ -18,7 +18,6 @@ import inspect
 import json
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +27,7 @@ import torch
 from netdsl import __version__
 from netdsl.codegen.layouts import to_layout
 from netdsl.errors import NetError
+from netdsl.files import write_atomic_bytes
 
 TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -189,10 +189,7 @@ def _write_cache(path: Path, entry: dict) -> None:
 
 def _write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "wb") as file:
-        file.write(data)
-    os.replace(temporary, path)  # atomic: a concurrent reader sees the old file or the new one
+    write_atomic_bytes(path, data)  # a concurrent reader sees the old file or the new one
 
 
 def _has_binary(path: Path) -> bool:
@@ -247,7 +244,7 @@ def sm90_resources(launches: list[Launch], use_cache: bool = True) -> dict[str, 
         entry = {key: value for key, value in asdict(resources).items() if key in _FIELDS}
         entry["mma"] = list(entry["mma"])
         results[launch.step] = entry
-        with contextlib.suppress(OSError):  # an unwritable cache only costs time
+        with contextlib.suppress(OSError, NetError):  # an unwritable cache only costs time
             # The compiled kernel first, its report last: an entry whose report can be read is whole.
             _write_bytes(path.with_suffix(".cubin"), resources.cubin)
             _write_bytes(path.with_suffix(".ptx"), resources.ptx.encode("utf-8"))

@@ -23,10 +23,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
 
+from netdsl.files import write_atomic_bytes
 from netdsl.ir import layers
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
@@ -235,7 +237,7 @@ def export_onnx(graph: nx.DiGraph, weights: Mapping[str, np.ndarray], path: str 
     import onnx
 
     model = build_onnx(graph, weights, opset)
-    onnx.save_model(model, os.fspath(path))
+    write_atomic_bytes(Path(path), model.SerializeToString())
     onnx.checker.check_model(os.fspath(path), full_check=True)  # the file itself, weights included
     return model
 

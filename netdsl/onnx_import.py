@@ -31,11 +31,9 @@ reads.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from netdsl.errors import NetError
+from netdsl.files import write_atomic
 from netdsl.onnx_patterns import fold_torch_lrn
 from netdsl.ops import OPS, REQUIRED, ParamError, ShapeError, window_out
 
@@ -183,20 +182,8 @@ def import_to_files(
     shown = weights_path.name if weights_path.parent.resolve() == net_path.parent.resolve() else str(weights_path)
     result = import_onnx(path, towers, weights_name=shown)
     save_weights(weights_path, result.weights)
-    _write_text(net_path, result.text)
+    write_atomic(net_path, result.text)
     return result
-
-
-def _write_text(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise NetError(f"cannot write {path}: {error.strerror or error}", where=str(path)) from None
 
 
 # --- reading and checking the file -----------------------------------------------------------------

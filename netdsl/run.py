@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from netdsl.compile import write_atomic_bytes
 from netdsl.errors import NetError
+from netdsl.files import write_atomic_bytes
 from netdsl.tables import format_table
 from netdsl.validate import format_bytes
 

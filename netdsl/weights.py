@@ -13,7 +13,6 @@ import contextlib
 import difflib
 import math
 import os
-import tempfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +21,7 @@ import networkx as nx
 import numpy as np
 
 from netdsl.errors import NetError, did_you_mean
+from netdsl.files import new_temporary
 from netdsl.ir import layer, layers
 from netdsl.ops import OPS
 
@@ -142,12 +142,14 @@ def save_weights(path: str | os.PathLike, weights: Mapping[str, np.ndarray]) -> 
     if path.is_dir():
         raise NetError("cannot write the weights: the path is a folder", where=where, hint="give a file name")
     try:
-        handle, temp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        handle, temp = new_temporary(folder / path.name)  # the file safetensors writes: renamed into place
     except OSError as error:
         raise NetError(f"cannot write the weights: {error.strerror or error}", where=where) from None
+    mode = os.fstat(handle).st_mode  # a new file's mode under the umask; safetensors writes 0600
     os.close(handle)
     try:
         save_file(tensors, temp)
+        os.chmod(temp, mode)
         os.replace(temp, path)
     except Exception as error:  # OSError (disk full, permissions) or SafetensorError; never leave the temp file
         with contextlib.suppress(OSError):

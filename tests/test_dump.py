@@ -13,7 +13,8 @@ import pytest
 
 from netdsl.build import build
 from netdsl.cli import main
-from netdsl.compile import compile_net, write_atomic, write_build
+from netdsl.compile import compile_net, write_build
+from netdsl.files import write_atomic
 from netdsl.parse import parse_file
 from netdsl.passes import PASS_NAMES, Options, run_pipeline
 
@@ -105,3 +106,20 @@ def test_build_files_honour_the_umask(umask, tmp_path):
     assert len(files) == len(compiled.kernels) + 2  # kernels, plan.json, report.txt: no temporaries left
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
+def test_every_file_a_user_gets_honours_the_umask(tmp_path):
+    """Not only the build folder: an exported model, an imported net and its weights, saved outputs."""
+    previous = os.umask(0o027)
+    try:
+        model, imported, outputs = tmp_path / "m.onnx", tmp_path / "m.net", tmp_path / "y.npy"
+        assert main(["export", str(ROOT / "nets" / "lenet5.net"), "-o", str(model)]) == 0
+        assert main(["import", str(model), "-o", str(imported)]) == 0
+        args = ["run", str(ROOT / "nets" / "lenet5.net"), "--backend", "torch", "--random", "2", "--save", str(outputs)]
+        assert main(args) == 0
+    finally:
+        os.umask(previous)
+    written = sorted(tmp_path.iterdir())
+    assert [path.name for path in written] == ["m.net", "m.onnx", "m.safetensors", "y.npy"]  # no temporaries
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path.name

@@ -1,0 +1,50 @@
+"""Files written atomically: through a temporary file in the same folder, renamed into place, so a reader
+(another process, a second compile at the same time) sees the old file or the new one, never half of one.
+
+Unlike `tempfile.mkstemp` (always 0600), the temporary gets the mode any new file gets, 0666 less the
+umask, and keeps it when renamed: a build folder, an imported net or a weights file reads like any
+file its user writes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from pathlib import Path
+
+from netdsl.errors import NetError
+
+TEMPORARY_TRIES = 100  # random names tried for a temporary file, as tempfile.mkstemp does
+
+
+def new_temporary(path: Path) -> tuple[int, Path]:
+    """A new file beside `path`, opened for writing: its descriptor and its name."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(TEMPORARY_TRIES):
+        temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}"
+        try:
+            return os.open(temporary, flags, 0o666), temporary
+        except FileExistsError:
+            continue  # another writer's temporary: draw another name
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
+
+
+def write_atomic_bytes(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` atomically; NetError (naming the file) when it cannot."""
+    try:
+        handle, temporary = new_temporary(path)
+    except OSError as error:
+        raise NetError(f"cannot write {path}: {error.strerror or error}", where=str(path)) from None
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise NetError(f"cannot write {path}: {error.strerror or error}", where=str(path)) from None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Writes `text` (UTF-8, line ends as given) to `path` atomically."""
+    write_atomic_bytes(path, text.encode("utf-8"))
