@@ -14,7 +14,7 @@ from netdsl import __version__
 from netdsl.build import MEMORY_UNITS
 from netdsl.errors import NetError
 from netdsl.frontend import load_graph
-from netdsl.layout import LAYOUTS
+from netdsl.layout import LAYOUT_OPTIONS
 from netdsl.passes import PASS_NAMES, Options
 from netdsl.validate import DTYPE_BYTES
 
@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     build = net_command("compile", "fuse the net into Triton kernels: writes kernels/*.py, plan.json, report.txt")
     build.add_argument("-o", "--output", type=Path, help="build directory (default: build/<net name>)")
     build.add_argument("--dump-after", metavar="PASS", help=f"print the graph after a pass ({', '.join(PASS_NAMES)})")
-    build.add_argument("--layout", choices=LAYOUTS, default="auto", help=LAYOUT_HELP)
+    build.add_argument("--layout", choices=LAYOUT_OPTIONS, default="auto", help=LAYOUT_HELP)
     build.add_argument(
         "--no-sm90",
         dest="sm90",
@@ -158,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
         help="images per forward pass (default: all inputs at once); with neither --input nor --random, "
         "N random images",
     )
-    run.add_argument("--layout", choices=LAYOUTS, default="auto", help=LAYOUT_HELP)
+    run.add_argument("--layout", choices=LAYOUT_OPTIONS, default="auto", help=LAYOUT_HELP)
     run.add_argument(
         "--cuda-graph",
         action="store_true",

@@ -19,6 +19,7 @@ import networkx as nx
 
 from netdsl import __version__
 from netdsl.fuse import Step, identifier
+from netdsl.launches import TORCH_DTYPES
 from netdsl.layout import weight_layouts
 from netdsl.ops import OPS
 
@@ -235,15 +236,6 @@ def _kernel_source(family: Family) -> str:
     return textwrap.dedent(inspect.getsource(getattr(kernel, "fn", kernel)))
 
 
-# The torch dtype a build's maps and weights have, as a name in generated code.
-TORCH_DTYPE_NAMES = {
-    "fp32": "torch.float32",
-    "tf32": "torch.float32",
-    "fp16": "torch.float16",
-    "bf16": "torch.bfloat16",
-}
-
-
 def emit_step(program: nx.DiGraph, step: Step, input_precision: str = "ieee", dtype: str = "fp32") -> str:
     """The source of `kernels/<step>.py`."""
     family = FAMILIES[family_of(step)]
@@ -294,7 +286,7 @@ def emit_step(program: nx.DiGraph, step: Step, input_precision: str = "ieee", dt
         f"INPUT_LAYOUTS = {_literal(input_layouts)}",
         f"OUTPUT_LAYOUT = {_literal(step.layout)}",
         f"WEIGHT_LAYOUTS = {_literal(weight_layouts(step))}",
-        f"DTYPE = {TORCH_DTYPE_NAMES[dtype]}  # of the build (netdsl compile --dtype {dtype})",
+        f"DTYPE = {TORCH_DTYPES[dtype]}  # of the build (netdsl compile --dtype {dtype})",
         "",
         "",
         "def launch(inputs: list[torch.Tensor], weights: dict[str, torch.Tensor], out: torch.Tensor | None = None):",

@@ -27,7 +27,7 @@ import networkx as nx
 
 from netdsl.fuse import Step
 
-LAYOUTS = ("auto", "nchw")
+LAYOUT_OPTIONS = ("auto", "nchw")
 NHWC_MIN_CHANNELS = 16  # input channels per group from which a conv runs channels-last (tl.dot's least K)
 # Steps whose kernels take any strides for their map inputs and outputs ...
 STRIDED_KINDS = {"conv", "conv_lrn_maxpool", "lrn", "lrn_maxpool", "pool", "eltwise", "add", "concat", "transfer"}
@@ -52,8 +52,8 @@ def weight_layouts(step: Step) -> dict[str, str]:
 def choose_layouts(program: nx.DiGraph, layout: str = "auto") -> nx.DiGraph:
     """Sets `step.layout` ("nchw" or "nhwc") on every step and `options["kernel"] = "nhwc"` on the
     convs that run channels-last."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if layout not in LAYOUT_OPTIONS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUT_OPTIONS}")
     steps: dict[str, Step] = {name: program.nodes[name]["step"] for name in program.nodes}
     for step in steps.values():
         step.layout = "nchw"

@@ -46,7 +46,7 @@ from netdsl.errors import NetError
 from netdsl.fuse import Step
 from netdsl.interpret import interpreting, widen_bf16_dots
 from netdsl.launches import TORCH_DTYPES, load_kernel_file
-from netdsl.layout import LAYOUTS, weight_layouts
+from netdsl.layout import LAYOUT_OPTIONS, weight_layouts
 from netdsl.ops import OPS
 from netdsl.passes import Options
 from netdsl.reference import run_layers
@@ -96,8 +96,8 @@ class Net:
         # Where to show progress through the first run, while Triton compiles each kernel (None: silent).
         self.progress = progress
         self._warm: set[tuple[int, torch.dtype]] = set()
-        if layout not in LAYOUTS:
-            raise NetError(f"unknown layout `{layout}`", where="layout", hint=f"layouts: {', '.join(LAYOUTS)}")
+        if layout not in LAYOUT_OPTIONS:
+            raise NetError(f"unknown layout `{layout}`", where="layout", hint=f"layouts: {', '.join(LAYOUT_OPTIONS)}")
         self.compiled: Compiled = compile_net(path, Options(batch, dtype, layout=layout))
         self.program: nx.DiGraph = self.compiled.program
         self.layer_graph: nx.DiGraph = self.compiled.layers  # before folding: batch norms are still there
