@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 SMOKE = "--smoke" in sys.argv
 if SMOKE:
@@ -34,7 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import timer  # noqa: E402
+from timing import announce_device, timer  # noqa: E402
 
 # name: (input channels, output channels, kernel, stride, padding, input size) of one tower
 LAYERS = {
@@ -120,10 +119,9 @@ def sweep(layer: str, shape: tuple, name: str, batch: int, device: str, configs:
         variants += [("nhwc ", config) for config in configs]
     elif stride > 1 and c_in * stride * stride >= 16:  # conv1: as a stride-1 conv over blocks of pixels
         x_blocks, w_blocks = space_to_depth(x, w, stride, pad)
-        began = time.perf_counter()
         transform_ms = measure(lambda: space_to_depth(x, w, stride, pad))
         rows.append((layer, "s2d input transform (PyTorch ops)", f"{transform_ms:.3f}", "", "", ""))
-        print("\t".join(rows[-1]), f"({time.perf_counter() - began:.1f} s)", flush=True)
+        print("\t".join(rows[-1]), flush=True)
         variants += [("s2d ", config) for config in configs]
     for variant, config in variants:
 
@@ -162,20 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print(f"# python bench/conv_sweep.py --batch {args.batch} --dtypes {args.dtypes} --layers {args.layers}"
           f" --configs {args.configs}{' --smoke' if args.smoke else ''}")  # fmt: skip
-    if not args.smoke and not torch.cuda.is_available():
-        print("no CUDA GPU here: nothing to time (run this on a machine with one, or --smoke)")
+    device = announce_device(args.smoke)
+    if device is None:
         return 0
 
     from netdsl.tables import format_table
 
-    device = "cpu" if args.smoke else "cuda"
     batch = 1 if args.smoke else args.batch
     chosen = CONFIGS if args.configs == "all" else [CONFIGS[int(i)] for i in args.configs.split(",")]
     if args.smoke:
         chosen = [{**chosen[0], "BLOCK_M": 512, "BLOCK_K": 128, "num_stages": 1}]
     measure = timer(args.smoke)
-    if not args.smoke:
-        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     tables: dict[str, list[tuple]] = {}
     generator = torch.Generator().manual_seed(0)
     for name in args.dtypes.split(","):

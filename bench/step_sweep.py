@@ -29,11 +29,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import timer  # noqa: E402
+from timing import announce_device, timer  # noqa: E402
 
 # fc: (inputs per image, units); norm: (channels, input side, pool size, pool stride)
 FC = {"fc6": ([(128, 6, 6), (128, 6, 6)], 2048), "fc7": ([(2048,), (2048,)], 2048), "fc8": ([(2048,), (2048,)], 1000)}
 NORM = {"norm1": (48, 55, 3, 2), "norm2": (128, 27, 3, 2)}
+# --smoke: the same steps at sizes the interpreter runs in seconds
+SMOKE_FC = {"fc6": ([(8, 3, 3), (8, 3, 3)], 24), "fc7": ([(40,), (24,)], 20), "fc8": ([(40,), (24,)], 10)}
+SMOKE_NORM = {"norm1": (12, 9, 3, 2), "norm2": (20, 7, 3, 2)}
 FC_CONFIGS = [
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
@@ -91,10 +94,10 @@ def rows_for(step: str, ours, torch_fn, configs, today: dict, moved: int, measur
     return rows
 
 
-def fc_rows(step: str, batch: int, dtype: torch.dtype, device: str, measure, generator) -> list[tuple]:
+def fc_rows(step: str, shape, configs, batch: int, dtype: torch.dtype, device: str, measure, generator) -> list[tuple]:
     from netdsl.codegen import fc
 
-    shapes, units = FC[step]
+    shapes, units = shape
     inputs = [torch.randn(batch, *shape, generator=generator).to(device, dtype) for shape in shapes]
     features = sum(x[0].numel() for x in inputs)
     weight = (torch.randn(units, features, generator=generator) * features**-0.5).to(device, dtype)
@@ -110,14 +113,16 @@ def fc_rows(step: str, batch: int, dtype: torch.dtype, device: str, measure, gen
 
     moved = (weight.numel() + joined.numel() + out.numel()) * weight.element_size()
     today = fc.pick_config(batch, units, features, dtype)
-    return rows_for(step, ours, theirs, FC_CONFIGS, today, moved, measure)
+    return rows_for(step, ours, theirs, configs, today, moved, measure)
 
 
-def norm_rows(step: str, batch: int, dtype: torch.dtype, device: str, measure, generator) -> list[tuple]:
+def norm_rows(
+    step: str, shape, configs, batch: int, dtype: torch.dtype, device: str, measure, generator
+) -> list[tuple]:
     from netdsl.codegen import lrn
     from netdsl.codegen.layouts import to_layout
 
-    channels, side, pool, stride = NORM[step]
+    channels, side, pool, stride = shape
     x = to_layout(torch.randn(batch, channels, side, side, generator=generator).to(device, dtype), "nhwc")
     pooled = (side - pool) // stride + 1
     out = to_layout(torch.empty(batch, channels, pooled, pooled, device=device, dtype=dtype), "nhwc")
@@ -130,7 +135,7 @@ def norm_rows(step: str, batch: int, dtype: torch.dtype, device: str, measure, g
 
     moved = (x.numel() + out.numel()) * x.element_size()
     today = lrn.pick_config(batch, channels, pooled * pooled, channels_last=True)
-    return rows_for(step, ours, theirs, NORM_CONFIGS, today, moved, measure)
+    return rows_for(step, ours, theirs, configs, today, moved, measure)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,30 +147,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print(f"# python bench/step_sweep.py --batches {args.batches} --dtype {args.dtype} --steps {args.steps}"
           f"{' --smoke' if args.smoke else ''}")  # fmt: skip
-    if not args.smoke and not torch.cuda.is_available():
-        print("no CUDA GPU here: nothing to time (run this on a machine with one, or --smoke)")
+    device = announce_device(args.smoke)
+    if device is None:
         return 0
 
     from netdsl.tables import format_table
 
-    device = "cpu" if args.smoke else "cuda"
     measure = timer(args.smoke)
     generator = torch.Generator().manual_seed(0)
     dtype = DTYPES[args.dtype]
-    if args.smoke:  # the interpreter: small steps, one configuration each, fp32 (PyTorch's CPU LRN)
-        global FC_CONFIGS, NORM_CONFIGS
-        FC_CONFIGS, NORM_CONFIGS = FC_CONFIGS[:1], NORM_CONFIGS[2:3]
-        FC.update(fc6=([(8, 3, 3), (8, 3, 3)], 24), fc7=([(40,), (24,)], 20), fc8=([(40,), (24,)], 10))
-        NORM.update(norm1=(12, 9, 3, 2), norm2=(20, 7, 3, 2))
+    fc_shapes, norm_shapes, fc_configs, norm_configs = FC, NORM, FC_CONFIGS, NORM_CONFIGS
+    if args.smoke:  # small steps, one configuration each, fp32 (PyTorch's LRN on the CPU)
+        fc_shapes, norm_shapes, fc_configs, norm_configs = SMOKE_FC, SMOKE_NORM, FC_CONFIGS[:1], NORM_CONFIGS[2:3]
         dtype = torch.float32
-    else:
-        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows: list[tuple] = []
     for batch in [1] if args.smoke else [int(b) for b in args.batches.split(",")]:
         for step in args.steps.split(","):
-            maker = fc_rows if step in FC else norm_rows
-            for row in maker(step, batch, dtype, device, measure, generator):
-                rows.append((str(batch), *row))
+            if step in FC:
+                made = fc_rows(step, fc_shapes[step], fc_configs, batch, dtype, device, measure, generator)
+            else:
+                made = norm_rows(step, norm_shapes[step], norm_configs, batch, dtype, device, measure, generator)
+            rows += [(str(batch), *row) for row in made]
     name = next(key for key, value in DTYPES.items() if value == dtype)
     print(f"\n{name} (GB/s over the fewest bytes the step moves; x today > 1 is faster than today's tile)")
     header = ("batch", "step", "tile", "ms", "GB/s", "error", "x today")

@@ -1,7 +1,21 @@
-"""The timer the GPU sweeps share: Triton's do_bench (median ms) on a GPU, one wall-clock run under the
-interpreter (`--smoke`, where the number means nothing but the code path runs)."""
+"""What the GPU sweeps share: the device they run on, and the timer: Triton's do_bench (median ms) on a
+GPU, one wall-clock run under the interpreter (`--smoke`, where the number means nothing but the code
+path runs)."""
 
 import time
+
+import torch
+
+
+def announce_device(smoke: bool) -> str | None:
+    """ "cpu" for --smoke; "cuda" (named on stdout) where there is a GPU; else None, having said why."""
+    if smoke:
+        return "cpu"
+    if not torch.cuda.is_available():
+        print("no CUDA GPU here: nothing to time (run this on a machine with one, or --smoke)")
+        return None
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    return "cuda"
 
 
 def timer(smoke: bool):
