@@ -5,7 +5,7 @@
 
 For batch 1, 32 and 128 in fp32, TF32 and bf16: throughput (images/s) and latency (ms), timed with
 CUDA events, the median of `--runs` runs after warm-up, and the ratio to the roofline floor of the
-fused plan on an H100 (netdsl.cost). Both of AlexNet's towers run on the one GPU (two streams);
+fused plan on an H100 (netdsl.compiler.cost). Both of AlexNet's towers run on the one GPU (two streams);
 `netdsl-graph` replays the whole pass as one CUDA graph; `netdsl-nchw` keeps every map NCHW and every
 conv on conv.py (`layout="nchw"`, what netdsl did before channels-last convs). The PyTorch model is the hand-written one
 of the golden tests (tests/golden/models.py); `compile` and `max-autotune` are torch.compile's
@@ -45,10 +45,10 @@ def time_ms(fn, runs: int) -> float:
 
 
 def floor_ms(batch: int, dtype: str) -> float:
-    from netdsl.build import build
-    from netdsl.cost import fused_costs
-    from netdsl.parse import parse_file
-    from netdsl.passes import Options, run_pipeline
+    from netdsl.compiler.cost import fused_costs
+    from netdsl.compiler.passes import Options, run_pipeline
+    from netdsl.lang.build import build
+    from netdsl.lang.parse import parse_file
 
     program, _ = run_pipeline(build(parse_file(NET)), Options(batch=batch, dtype=dtype))
     kernels = [c for c in fused_costs(program, batch, dtype) if c.kind not in ("input", "view", "transfer")]
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     from golden.models import AlexNet
 
     import netdsl
+    from netdsl.runtime.weights import init_weights
     from netdsl.tables import format_table
-    from netdsl.weights import init_weights
 
     graph = netdsl.load_graph(NET)
     weights = init_weights(graph, seed=0)
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
 
     print("\n".join(format_table(header, rows, left={1, 2})))
-    print(f"floor: the fused plan's roofline time on an H100 (netdsl.cost); {args.runs} timed runs each")
+    print(f"floor: the fused plan's roofline time on an H100 (netdsl.compiler.cost); {args.runs} timed runs each")
     return 0
 
 

@@ -27,12 +27,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from frontend import generated_net  # noqa: E402
 
-from netdsl.build import build  # noqa: E402
-from netdsl.compile import compile_net, write_build  # noqa: E402
-from netdsl.cost import fused_costs, unfused_costs  # noqa: E402
-from netdsl.launches import record_launches  # noqa: E402
-from netdsl.parse import parse_file  # noqa: E402
-from netdsl.passes import Options, run_pipeline  # noqa: E402
+from netdsl.compiler.compile import compile_net, write_build  # noqa: E402
+from netdsl.compiler.cost import fused_costs, unfused_costs  # noqa: E402
+from netdsl.compiler.launches import record_launches  # noqa: E402
+from netdsl.compiler.passes import Options, run_pipeline  # noqa: E402
+from netdsl.lang.build import build  # noqa: E402
+from netdsl.lang.parse import parse_file  # noqa: E402
 from netdsl.tables import format_table  # noqa: E402
 
 GENERATED_SIZES = (100, 1000)

@@ -5,10 +5,10 @@ self-contained so the emitter can copy its source into a generated file, then a 
 checks shapes, allocates the output and launches it.
 """
 
-from netdsl.interpret import interpreting, widen_bf16_dots
+from netdsl.codegen.interpret import interpreting, widen_bf16_dots
 
 if interpreting():
-    # Under Triton's interpreter (the CPU path) bf16 dots would multiply raw bits: see netdsl/interpret.py.
+    # Under Triton's interpreter (the CPU path) bf16 dots would multiply raw bits: see codegen/interpret.py.
     # Done where the kernels live, so that the runtime, the generated files run by hand and direct
     # calls of the launchers all get it.
     widen_bf16_dots()

@@ -14,7 +14,7 @@ The input channels may come from two tensors (channel c < C0 reads x0, the rest 
 conv3 reads both towers' conv2 outputs without a concatenated copy. Every tensor is addressed with
 explicit element strides: an input or the output may be a channel slice of a larger NCHW buffer, or
 channels-last. The compiler runs this kernel for convs with fewer than 16 input channels per group
-(conv1); wider ones run `conv_nhwc.py` on channels-last maps (netdsl.layout).
+(conv1); wider ones run `conv_nhwc.py` on channels-last maps (netdsl.compiler.layout).
 """
 
 # ruff: noqa: N803, N806  (Triton convention: sizes and constexprs are upper case)

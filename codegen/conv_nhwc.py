@@ -1,5 +1,5 @@
 """2-D convolution as an implicit GEMM over channels-last (NHWC) maps: the compiler's conv for layers
-with 16 or more input channels per group (netdsl.layout); `conv.py` keeps the ones with fewer.
+with 16 or more input channels per group (netdsl.compiler.layout); `conv.py` keeps the ones with fewer.
 
 Why it is faster. `conv.py` reduces over K = (c, kh, kw) flattened, which keeps conv1's three
 channels a long reduction but makes every K step a gather: consecutive k are different taps, so each

@@ -1,14 +1,14 @@
 """netdsl: describe convolutional networks as text and compile them into GPU code."""
 
 from netdsl.errors import NetError
-from netdsl.frontend import graph_from_text, load_graph
+from netdsl.lang.frontend import graph_from_text, load_graph
 
 __version__ = "0.1.0"
 __all__ = ["NetError", "__version__", "graph_from_text", "load", "load_graph"]
 
 
 def load(path, **kwargs):
-    """A compiled net, ready to run on a batch: see `netdsl.runtime.Net` (imported here lazily: it needs torch)."""
-    from netdsl.runtime import load as _load
+    """A compiled net, ready to run on a batch: see `netdsl.runtime.net.Net` (imported here lazily: it needs torch)."""
+    from netdsl.runtime.net import load as _load
 
     return _load(path, **kwargs)

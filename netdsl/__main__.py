@@ -1,5 +1,5 @@
 import sys
 
-from netdsl.cli import main
+from netdsl.cli.main import main
 
 sys.exit(main())

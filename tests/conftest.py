@@ -9,13 +9,13 @@ if not torch.cuda.is_available():
     # Must be set before triton is imported anywhere.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from netdsl.interpret import widen_bf16_dots  # after the variable is set
+from netdsl.codegen.interpret import widen_bf16_dots  # after the variable is set
 
 
 @pytest.fixture
 def interpreter_bf16_dot():
     """Triton's interpreter multiplies bf16 dot operands as raw bits (triton-lang/triton#11584); importing
-    netdsl.codegen widens them to fp32 first (netdsl/interpret.py). Tests of bf16 dots check it is so."""
+    netdsl.codegen widens them to fp32 first (codegen/interpret.py). Tests of bf16 dots check it is so."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         assert widen_bf16_dots()
 

@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 from netdsl import graph_from_text
-from netdsl.compile import compile_net
-from netdsl.passes import Options
+from netdsl.compiler.compile import compile_net
+from netdsl.compiler.passes import Options
 
 ROOT = Path(__file__).resolve().parent.parent
 NETS = sorted((ROOT / "nets").glob("*.net"))

@@ -1,4 +1,4 @@
-"""The on-disk cache of sm_90 resources (netdsl/launches.py) and the report section built from it.
+"""The on-disk cache of sm_90 resources (netdsl/compiler/launches.py) and the report section built from it.
 
 An entry is keyed by everything that changes what Triton builds: the kernel's source, its signature
 and constexprs, warps and stages, and the netdsl and Triton versions. A corrupt entry is rebuilt and
@@ -18,10 +18,10 @@ import pytest
 import triton
 
 import netdsl.codegen.target
-import netdsl.launches
+import netdsl.compiler.launches
 from netdsl.codegen.target import SM90_MAX_REGISTERS, SM90_MAX_SHARED_BYTES, TENSOR_CORE_INSTRUCTIONS
-from netdsl.compile import compile_net, sm90_report, write_build
-from netdsl.launches import (
+from netdsl.compiler.compile import compile_net, sm90_report, write_build
+from netdsl.compiler.launches import (
     Launch,
     _cache_key,
     _read_cache,
@@ -30,7 +30,7 @@ from netdsl.launches import (
     load_kernel_file,
     sm90_resources,
 )
-from netdsl.passes import Options
+from netdsl.compiler.passes import Options
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ("name", "registers", "spill_stores", "spill_loads", "stack_bytes", "shared_bytes", "local_bytes", "mma")
@@ -103,7 +103,7 @@ def test_key_changes_with_everything_that_changes_the_build(tmp_path, monkeypatc
         "stages": _cache_key(replace(launch, num_stages=2)),
     }
     with monkeypatch.context() as patch:
-        patch.setattr(netdsl.launches, "__version__", "99.0.0")
+        patch.setattr(netdsl.compiler.launches, "__version__", "99.0.0")
         keys["netdsl version"] = _cache_key(launch)
     with monkeypatch.context() as patch:
         patch.setattr(triton, "__version__", "99.0.0")

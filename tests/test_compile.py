@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from netdsl import graph_from_text
-from netdsl.build import build
-from netdsl.cli import main
-from netdsl.compile import compile_net, write_build
-from netdsl.launches import _read_cache, _write_cache
-from netdsl.parse import parse_file, parse_text
-from netdsl.passes import PASS_NAMES, Options, run_pipeline
+from netdsl.cli.main import main
+from netdsl.compiler.compile import compile_net, write_build
+from netdsl.compiler.launches import _read_cache, _write_cache
+from netdsl.compiler.passes import PASS_NAMES, Options, run_pipeline
+from netdsl.lang.build import build
+from netdsl.lang.parse import parse_file, parse_text
 
 ROOT = Path(__file__).resolve().parent.parent
 NETS = sorted((ROOT / "nets").glob("*.net"))
@@ -259,9 +259,9 @@ def test_every_mutant_that_builds_also_compiles():
     from test_fuzz import mutants
 
     from netdsl import NetError
-    from netdsl.emit import emit_program
-    from netdsl.plan import build_plan
-    from netdsl.report import cost_report
+    from netdsl.compiler.emit import emit_program
+    from netdsl.compiler.plan import build_plan
+    from netdsl.compiler.report import cost_report
 
     compiled = 0
     for path in NETS:
@@ -282,7 +282,7 @@ def test_every_mutant_that_builds_also_compiles():
 
 
 def test_the_cost_model_picks_the_one_kernel_stage_where_it_wins():
-    from netdsl.cost import stage_floors
+    from netdsl.compiler.cost import stage_floors
 
     for dtype, batch in [("fp32", 1), ("bf16", 128), ("tf32", 128)]:
         program = program_of(ROOT / "nets/alexnet.net", batch=batch, dtype=dtype)

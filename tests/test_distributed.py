@@ -1,4 +1,4 @@
-"""netdsl.distributed: one partition per process (gloo on 127.0.0.1) gives the single-process output."""
+"""netdsl.runtime.distributed: one partition per process (gloo on 127.0.0.1) gives the single-process output."""
 
 import os
 import socket
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from netdsl.distributed import run_distributed
 from netdsl.errors import NetError
-from netdsl.runtime import Net
+from netdsl.runtime.distributed import run_distributed
+from netdsl.runtime.net import Net
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 60  # seconds per launch: a stuck process group is killed, never waited on forever
@@ -44,7 +44,7 @@ def _free_port() -> int:
 def _launch(
     net: Path, out: Path, world: int, batch: int, seed: int, cli: bool = False, extra: tuple[str, ...] = ()
 ) -> list[subprocess.CompletedProcess]:
-    """`python -m netdsl.distributed` (or `netdsl run --distributed`) once per rank, as torchrun would."""
+    """`python -m netdsl.runtime.distributed` (or `netdsl run --distributed`) once per rank, as torchrun would."""
     port = _free_port()
     procs = []
     for rank in range(world):
@@ -58,7 +58,7 @@ def _launch(
             "CUDA_VISIBLE_DEVICES": "",  # gloo on the CPU even on a GPU machine
             "OMP_NUM_THREADS": "2",
         }
-        command = [sys.executable, "-m", "netdsl.distributed", str(net), "--random", str(batch)]
+        command = [sys.executable, "-m", "netdsl.runtime.distributed", str(net), "--random", str(batch)]
         if cli:
             command = [sys.executable, "-m", "netdsl", "run", str(net), "--distributed", "--backend", "torch"]
             command += ["--random", str(batch)]

@@ -1,4 +1,4 @@
-"""docs/language.md stays true: every example in it is run, and its layer tables match netdsl/ops.py.
+"""docs/language.md stays true: every example in it is run, and its layer tables match netdsl/ir/ops.py.
 
 Conventions of the examples (fenced code blocks):
 
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 import netdsl
-from netdsl.cli import main
-from netdsl.ops import OPS, REQUIRED, OpSpec, Param
+from netdsl.cli.main import main
+from netdsl.ir.ops import OPS, REQUIRED, OpSpec, Param
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "language.md"
 _FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
@@ -176,7 +176,7 @@ def test_printed_errors_are_what_netdsl_prints():
 
 
 def test_grammar_summary_names_every_keyword():
-    from netdsl.parse import _keywords
+    from netdsl.lang.parse import _keywords
 
     grammar = DOC.read_text(encoding="utf-8").split("\n## Grammar\n", 1)[1]
     for word in _keywords():

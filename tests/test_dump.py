@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from netdsl.build import build
-from netdsl.cli import main
-from netdsl.compile import compile_net, write_build
+from netdsl.cli.main import main
+from netdsl.compiler.compile import compile_net, write_build
+from netdsl.compiler.passes import PASS_NAMES, Options, run_pipeline
 from netdsl.files import write_atomic
-from netdsl.parse import parse_file
-from netdsl.passes import PASS_NAMES, Options, run_pipeline
+from netdsl.lang.build import build
+from netdsl.lang.parse import parse_file
 
 ROOT = Path(__file__).resolve().parent.parent
 BEFORE_MEMORY = PASS_NAMES[PASS_NAMES.index("plan_memory") - 1]  # the pass that runs just before it

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from netdsl.codegen.layouts import to_layout
-from netdsl.compile import compile_net, write_build
-from netdsl.launches import load_kernel_file
-from netdsl.passes import Options
+from netdsl.compiler.compile import compile_net, write_build
+from netdsl.compiler.launches import load_kernel_file
+from netdsl.compiler.passes import Options
 
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = {"fp32": 1e-4}  # relative to the largest output magnitude; exact fp32 math inside the kernels
@@ -90,7 +90,7 @@ def test_every_generated_kernel_matches_pytorch(tmp_path, text, name):
 
 
 def test_the_nets_cover_every_kernel_family(tmp_path):
-    from netdsl.emit import FAMILIES, family_of
+    from netdsl.compiler.emit import FAMILIES, family_of
 
     seen = set()
     for text, name in [(MINI_ALEXNET, "mini_alexnet"), (ZOO, "zoo")]:
@@ -137,9 +137,9 @@ def test_grouped_lrn_equals_lrn_per_group(tmp_path):
 
 
 def test_the_one_kernel_stage_matches_pytorch(tmp_path, monkeypatch):
-    import netdsl.fuse
+    import netdsl.compiler.fuse
 
-    monkeypatch.setattr(netdsl.fuse, "stage_fusion_wins", lambda stage, batch, dtype: True)
+    monkeypatch.setattr(netdsl.compiler.fuse, "stage_fusion_wins", lambda stage, batch, dtype: True)
     out = build_dir(tmp_path, MINI_ALEXNET, "staged")
     (path,) = [p for p in (out / "kernels").glob("*.py") if p.stem.endswith("conv_bias_relu_lrn_maxpool")][:1]
     module = load_kernel_file(path)

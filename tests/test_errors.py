@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from netdsl import NetError, graph_from_text, load_graph
-from netdsl.cli import main
-from netdsl.ops import OPS, ShapeError
+from netdsl.cli.main import main
+from netdsl.ir.ops import OPS, ShapeError
 
 ROOT = Path(__file__).resolve().parent.parent
 ALEXNET = ROOT / "nets" / "alexnet.net"
@@ -844,12 +844,12 @@ def test_a_layer_too_large_for_32_bit_offsets_is_an_error():
 def test_a_bug_is_reported_as_an_internal_error(monkeypatch, capsys):
     """An exception that is not a NetError is netdsl's fault: one line saying so, exit status 2, and the
     traceback only with --debug."""
-    import netdsl.cli
+    import netdsl.cli.main
 
     def broken(argv):
         raise ZeroDivisionError("division by zero\nsecond line")
 
-    monkeypatch.setattr(netdsl.cli, "run", broken)
+    monkeypatch.setattr(netdsl.cli.main, "run", broken)
     assert main(["check"]) == 2
     err = capsys.readouterr().err
     assert "internal error: ZeroDivisionError: division by zero" in err and "--debug" in err

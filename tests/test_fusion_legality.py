@@ -1,4 +1,4 @@
-"""Fusion legality (netdsl/fuse.py): a layer joins the kernel of the layer it reads only when that
+"""Fusion legality (netdsl/compiler/fuse.py): a layer joins the kernel of the layer it reads only when that
 layer's output can be dropped, that is when nothing else reads it, it is not a net output, and both
 run on one device. Each rule is checked on a small net where it must fuse and on nets where it must
 not; the nets that must not fuse also run (the generated kernels, under Triton's interpreter without
@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from test_runtime import paper_lrn, relative_error
 
 import netdsl
-from netdsl.build import build
-from netdsl.parse import parse_text
-from netdsl.passes import Options, run_pipeline
+from netdsl.compiler.passes import Options, run_pipeline
+from netdsl.lang.build import build
+from netdsl.lang.parse import parse_text
 
 TOLERANCE = 1e-4  # relative to the largest output, fp32
 NORM = {"size": 3, "alpha": 0.5, "beta": 0.75, "k": 2.0}  # a large alpha, so that the LRN matters

@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from netdsl import NetError, graph_from_text
-from netdsl.ops import OPS
-from netdsl.parse import _parser
+from netdsl.ir.ops import OPS
+from netdsl.lang.parse import _parser
 
 ROOT = Path(__file__).resolve().parent.parent
 NETS = sorted((ROOT / "nets").glob("*.net"))

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from netdsl import graph_from_text, load_graph
-from netdsl.cli import main
-from netdsl.dot import to_dot
+from netdsl.cli.dot import to_dot
+from netdsl.cli.main import main
 
 ALEXNET = Path(__file__).resolve().parent.parent / "nets" / "alexnet.net"
 

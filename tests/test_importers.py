@@ -1,4 +1,4 @@
-"""netdsl.importers: a one-device grouped AlexNet's weights (safetensors or torch.save, netdsl's or
+"""netdsl.interop.importers: a one-device grouped AlexNet's weights (safetensors or torch.save, netdsl's or
 torchvision-style names) split into the two towers of nets/alexnet.net, checked with the runtime."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from torch import nn
 
 import netdsl
 from netdsl import NetError
-from netdsl.importers import GROUPED_ALEXNET, LAYOUTS, import_grouped_alexnet, split_grouped_alexnet
-from netdsl.weights import init_weights, save_weights, weight_specs
+from netdsl.interop.importers import GROUPED_ALEXNET, LAYOUTS, import_grouped_alexnet, split_grouped_alexnet
+from netdsl.runtime.weights import init_weights, save_weights, weight_specs
 
 TOWERS = "nets/alexnet.net"
 GROUPED = "nets/alexnet_1gpu.net"

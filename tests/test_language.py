@@ -40,7 +40,7 @@ def conv_out(n: int, k: int, s: int = 1, p: int = 0, d: int = 1) -> int:
 
 
 def pool_out(n: int, k: int, s: int, p: int = 0, ceil: bool = False) -> int:
-    """PyTorch's pooling rule, written out independently of netdsl.ops."""
+    """PyTorch's pooling rule, written out independently of netdsl.ir.ops."""
     top = n + 2 * p - k
     out = (-(-top // s) if ceil else top // s) + 1
     if ceil and (out - 1) * s >= n + p:  # the last window must start inside the input or left padding

@@ -1,4 +1,4 @@
-"""The layout pass (netdsl/layout.py): which maps live channels-last, which convs run conv_nhwc, and that a
+"""The layout pass (netdsl/compiler/layout.py): which maps live channels-last, which convs run conv_nhwc, and that a
 net computes the same whatever the layouts, on every kind of step that reads or writes a channels-last map."""
 
 import json
@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import netdsl
-from netdsl.build import build
-from netdsl.compile import compile_net, write_build
-from netdsl.emit import family_of
-from netdsl.launches import TORCH_DTYPES, record_launches
-from netdsl.parse import parse_file, parse_text
-from netdsl.passes import Options, run_pipeline
+from netdsl.compiler.compile import compile_net, write_build
+from netdsl.compiler.emit import family_of
+from netdsl.compiler.launches import TORCH_DTYPES, record_launches
+from netdsl.compiler.passes import Options, run_pipeline
+from netdsl.lang.build import build
+from netdsl.lang.parse import parse_file, parse_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -171,7 +171,7 @@ def test_plan_and_kernel_files_record_the_layouts(tmp_path):
 
 
 def test_layout_flag_of_compile_and_run(tmp_path, capsys):
-    from netdsl.cli import main
+    from netdsl.cli.main import main
 
     net = tmp_path / "t.net"
     net.write_text(PASS_THROUGH)

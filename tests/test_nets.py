@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import netdsl
-import netdsl.cli
+import netdsl.cli.main
 from netdsl.ir import layer, layers
-from netdsl.stats import layer_stats, totals
+from netdsl.ir.stats import layer_stats, totals
 
 NETS = Path(__file__).resolve().parent.parent / "nets"
 ALL_NETS = sorted(NETS.glob("*.net"))
@@ -211,7 +211,7 @@ def test_simplenet_structure():
 
 @pytest.mark.parametrize("path", ALL_NETS, ids=_ids(ALL_NETS))
 def test_cli_info(path, capsys):
-    assert netdsl.cli.main(["info", str(path)]) == 0
+    assert netdsl.cli.main.main(["info", str(path)]) == 0
     out, err = capsys.readouterr()
     assert err == ""
     overall, _ = totals(netdsl.load_graph(path))
@@ -245,7 +245,7 @@ def _info_rows(out: str) -> list[dict[str, str]]:
 def test_cli_info_shows_alexnet_conv1_neurons(name, rows, capsys):
     """The paper's 290,400 conv1 neurons (96 x 55 x 55) in the info table: with two towers, 145,200 on
     each row and 290,400 on the line that adds the towers up; on one GPU, 290,400 on conv1's row."""
-    assert netdsl.cli.main(["info", str(NETS / name)]) == 0
+    assert netdsl.cli.main.main(["info", str(NETS / name)]) == 0
     out = capsys.readouterr().out
     neurons = {row["layer"]: row["neurons"] for row in _info_rows(out)}
     summed = re.search(r"^neurons summed over towers:(.*?)\n\n", out, re.MULTILINE | re.DOTALL)
@@ -265,5 +265,5 @@ def test_cli_info_shows_alexnet_conv1_neurons(name, rows, capsys):
 
 @pytest.mark.parametrize("path", ALL_NETS, ids=_ids(ALL_NETS))
 def test_cli_check_is_silent(path, capsys):
-    assert netdsl.cli.main(["check", str(path)]) == 0
+    assert netdsl.cli.main.main(["check", str(path)]) == 0
     assert capsys.readouterr() == ("", "")

@@ -1,4 +1,4 @@
-"""ONNX export (netdsl/onnx_export.py): every bundled net, exported with He weights, runs in
+"""ONNX export (netdsl/interop/onnx_export.py): every bundled net, exported with He weights, runs in
 onnxruntime and matches netdsl's torch backend on the same random input."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 import netdsl  # noqa: E402
-from netdsl.frontend import graph_from_text, load_graph  # noqa: E402
+from netdsl.interop.onnx_export import export_onnx  # noqa: E402
 from netdsl.ir import layers  # noqa: E402
-from netdsl.onnx_export import export_onnx  # noqa: E402
-from netdsl.weights import init_weights  # noqa: E402
+from netdsl.lang.frontend import graph_from_text, load_graph  # noqa: E402
+from netdsl.runtime.weights import init_weights  # noqa: E402
 
 NETS = sorted((Path(__file__).resolve().parent.parent / "nets").glob("*.net"))
 
@@ -104,7 +104,7 @@ def test_names_are_sanitized_and_batch_is_dynamic(tmp_path):
 
 
 def test_export_command(tmp_path, capsys):
-    from netdsl.cli import main
+    from netdsl.cli.main import main
 
     out = tmp_path / "lenet5.onnx"
     assert main(["export", str(NETS[0].parent / "lenet5.net"), "-o", str(out)]) == 0

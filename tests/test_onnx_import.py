@@ -1,4 +1,4 @@
-"""ONNX import (netdsl/onnx_import.py, `netdsl import`): small ONNX models built with onnx.helper cover
+"""ONNX import (netdsl/interop/onnx_import.py, `netdsl import`): small ONNX models built with onnx.helper cover
 every supported op and attribute; each is imported, run with netdsl and compared with onnxruntime on
 random inputs (fp32, relative error <= 1e-4 in the 2-norm over the whole output). The bundled nets go
 .net -> ONNX -> .net and must compute what they computed before. Every kind of bad file is a clear
@@ -24,13 +24,13 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from test_onnx_export import SMALL  # noqa: E402
 
 import netdsl  # noqa: E402
-from netdsl.cli import main  # noqa: E402
+from netdsl.cli.main import main  # noqa: E402
 from netdsl.errors import NetError  # noqa: E402
-from netdsl.frontend import graph_from_text, load_graph  # noqa: E402
+from netdsl.interop.onnx_export import export_onnx  # noqa: E402
+from netdsl.interop.onnx_import import import_onnx, import_to_files, max_opset  # noqa: E402
 from netdsl.ir import layers  # noqa: E402
-from netdsl.onnx_export import export_onnx  # noqa: E402
-from netdsl.onnx_import import import_onnx, import_to_files, max_opset  # noqa: E402
-from netdsl.weights import init_weights, load_weights, weight_specs  # noqa: E402
+from netdsl.lang.frontend import graph_from_text, load_graph  # noqa: E402
+from netdsl.runtime.weights import init_weights, load_weights, weight_specs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NETS = ROOT / "nets"
@@ -1110,9 +1110,9 @@ def test_commands_take_an_onnx_model_where_a_net_goes(exported, tmp_path, capsys
 def test_reserved_names_follow_the_grammar():
     """Every word of the grammar that cannot name a layer is one the importer renames (the grammar's
     other words, such as `on` or `x`, are contextual and stay usable as names)."""
-    from netdsl.frontend import graph_from_text
-    from netdsl.onnx_import import BUILTINS, RESERVED
-    from netdsl.parse import _keywords
+    from netdsl.interop.onnx_import import BUILTINS, RESERVED
+    from netdsl.lang.frontend import graph_from_text
+    from netdsl.lang.parse import _keywords
 
     refused = []
     for word in sorted(_keywords() | BUILTINS):

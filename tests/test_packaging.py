@@ -58,7 +58,7 @@ def test_wheel_ships_grammar_and_nets(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "netdsl/grammars/net.lark" in names
     assert "netdsl/nets/alexnet.net" in names
-    assert "netdsl/cli.py" in names
+    assert "netdsl/cli/main.py" in names
 
 
 def test_pip_install_into_a_fresh_venv_finds_the_grammar(tmp_path):
@@ -105,7 +105,7 @@ def test_pip_install_into_a_fresh_venv_finds_the_grammar(tmp_path):
     package = Path(run(str(python), "-c", "import netdsl; print(netdsl.__file__)").stdout.strip()).parent
     assert package == Path(purelib) / "netdsl"
     assert (package / "grammars" / "net.lark").is_file()
-    assert not (package.parent / "grammars").exists()  # the source-tree fallback of netdsl.parse
+    assert not (package.parent / "grammars").exists()  # the source-tree fallback of netdsl.lang.parse
 
     netdsl = str(venv / "bin" / "netdsl")
     nets = sorted((package / "nets").glob("*.net"))

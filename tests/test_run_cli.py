@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from netdsl.cli import main
-from netdsl.runtime import Net
+from netdsl.cli.main import main
+from netdsl.runtime.net import Net
 
 ROOT = Path(__file__).resolve().parent.parent
 LENET = str(ROOT / "nets/lenet5.net")
@@ -88,7 +88,7 @@ def test_nan_input_is_refused(tmp_path, capsys):
 def test_images_are_prepared_as_in_the_paper_and_labels_name_the_classes(tmp_path, capsys):
     from PIL import Image
 
-    from netdsl.run import IMAGENET_MEAN, read_image
+    from netdsl.cli.run import IMAGENET_MEAN, read_image
 
     rng = np.random.default_rng(3)
     pixels = (rng.random((300, 400, 3)) * 255).astype(np.uint8)

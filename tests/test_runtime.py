@@ -1,4 +1,4 @@
-"""The runtime (`netdsl.runtime.Net`, `netdsl.load`) against hand-written PyTorch models.
+"""The runtime (`netdsl.runtime.net.Net`, `netdsl.load`) against hand-written PyTorch models.
 
 The models below are written with plain torch.nn, independently of netdsl (their LRN too), and get the
 same weights as the compiled net. Both backends run: `torch` (netdsl's PyTorch reference per step) and
@@ -17,7 +17,7 @@ from torch import nn
 
 import netdsl
 from netdsl.errors import NetError
-from netdsl.runtime import Net
+from netdsl.runtime.net import Net
 
 LENET_PATH = Path(__file__).resolve().parent.parent / "nets" / "lenet5.net"
 
@@ -345,7 +345,7 @@ def test_load_is_exported():
 
 
 def test_weights_from_a_file(tmp_path, net_files, models, loaded):
-    weights_module = pytest.importorskip("netdsl.weights")
+    weights_module = pytest.importorskip("netdsl.runtime.weights")
     path = tmp_path / "lenet5.safetensors"
     weights_module.save_weights(path, {k: v.numpy() for k, v in models["lenet5"].netdsl_weights().items()})
     net = Net(net_files["lenet5"], weights=path)

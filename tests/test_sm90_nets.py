@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from netdsl.codegen.target import SM90_MAX_REGISTERS, SM90_MAX_SHARED_BYTES
-from netdsl.compile import compile_net, write_build
-from netdsl.launches import record_launches, sm90_resources
-from netdsl.passes import Options
+from netdsl.compiler.compile import compile_net, write_build
+from netdsl.compiler.launches import record_launches, sm90_resources
+from netdsl.compiler.passes import Options
 
 ROOT = Path(__file__).resolve().parent.parent
 NETS = sorted((ROOT / "nets").glob("*.net"))

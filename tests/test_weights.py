@@ -1,4 +1,4 @@
-"""netdsl.weights: tensor names, deterministic initial values, safetensors files and batch norm folding."""
+"""netdsl.runtime.weights: tensor names, deterministic initial values, safetensors files and batch norm folding."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 import netdsl
 from netdsl import NetError
-from netdsl.fold import fold_inference
-from netdsl.stats import totals
-from netdsl.weights import (
+from netdsl.compiler.fold import fold_inference
+from netdsl.ir.stats import totals
+from netdsl.runtime.weights import (
     fold_batchnorm,
     fold_weights,
     init_weights,

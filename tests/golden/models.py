@@ -12,7 +12,7 @@ batch norm uses its running statistics (eval mode), so no model has any randomne
 in whatever dtype its parameters have (the goldens use float64).
 
 `Model.load(weights)` takes netdsl's tensors (`<layer name>.<tensor>` -> array, the names of
-`netdsl.weights.weight_specs`) and copies each onto the parameter it means; a missing, extra or
+`netdsl.runtime.weights.weight_specs`) and copies each onto the parameter it means; a missing, extra or
 mis-shaped tensor raises KeyError / ValueError. The mapping, net by net:
 
 alexnet (two towers; tower i = 0 for gpu0, 1 for gpu1):

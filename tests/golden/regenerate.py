@@ -3,7 +3,7 @@
     .venv/bin/python tests/golden/regenerate.py            # every net
     .venv/bin/python tests/golden/regenerate.py lenet5     # some of them
 
-For each net: the weights are `netdsl.weights.init_weights(netdsl.load_graph(nets/<net>.net),
+For each net: the weights are `netdsl.runtime.weights.init_weights(netdsl.load_graph(nets/<net>.net),
 seed=SEED, scheme="he")` (He's scheme, so that activations keep their size through the layers and the
 output depends on every layer; the weights are data, not computation, so taking them from netdsl is
 no loss of independence), except that the biases and batch-norm tensors, which that scheme leaves at
@@ -20,7 +20,7 @@ WHEN A GOLDEN MAY CHANGE. Regenerate a file only when what it records has change
 
 - the net's meaning changed on purpose (its .net file computes something else: a layer, a parameter,
   a shape — and tests/golden/models.py was changed to match, by hand, from the intended meaning);
-- SEED or the weight scheme changed here, or `netdsl.weights.init_weights` deliberately draws other
+- SEED or the weight scheme changed here, or `netdsl.runtime.weights.init_weights` deliberately draws other
   numbers (a new weight-initialization rule is a data change);
 - numpy's random stream changed (a numpy release that changes `default_rng` / `standard_normal`
   output; `test_golden` then fails on the stored input or weights, not on netdsl's output).
@@ -47,7 +47,7 @@ if __package__ in (None, ""):  # run as a script: make `golden.models` importabl
 
 import netdsl  # noqa: E402
 from golden.models import MODELS, build, run  # noqa: E402
-from netdsl.weights import init_weights  # noqa: E402
+from netdsl.runtime.weights import init_weights  # noqa: E402
 
 SEED = 2012  # the weights' and the inputs' seed
 SCHEME = "he"

@@ -1,0 +1,331 @@
+"""The `netdsl` command: thin wrappers over the same functions a Python user calls."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+import traceback
+from importlib import resources
+from pathlib import Path
+
+from netdsl import __version__
+from netdsl.compiler.layout import LAYOUT_OPTIONS
+from netdsl.compiler.passes import PASS_NAMES, Options
+from netdsl.errors import NetError
+from netdsl.ir.limits import DTYPE_BYTES
+from netdsl.lang.build import MEMORY_UNITS
+from netdsl.lang.frontend import load_graph
+
+DEFAULT_NET = "alexnet.net"
+LAYOUT_HELP = "auto: channels-last maps for convs with 16+ input channels per group (the default); nchw: none"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad flags as netdsl errors (exit status 1) instead of exiting with 2."""
+
+    def error(self, message: str):
+        raise NetError(message, where=self.prog, hint=f"see `{self.prog} --help`")
+
+
+def _memory_size(text: str) -> int:
+    match = _SIZE.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 16GiB)")
+    return int(float(match.group(1)) * MEMORY_UNITS[match.group(2) or "B"])
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return int(text)
+
+
+def default_net() -> Path:
+    """The AlexNet that ships with netdsl (the `nets/` folder of the source tree)."""
+    source_tree = Path(__file__).resolve().parents[2] / "nets" / DEFAULT_NET
+    if source_tree.is_file():
+        return source_tree
+    return Path(str(resources.files("netdsl.nets").joinpath(DEFAULT_NET)))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="netdsl", description="Describe convolutional networks as text; check, inspect and compile them."
+    )
+    parser.add_argument("--version", action="version", version=f"netdsl {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="colour error messages")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def net_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("net", nargs="?", type=Path, help=f"a .net file (default: the bundled {DEFAULT_NET})")
+        # `compile` builds for the batch and dtype (fusion choices, report, launch grids); the others only check memory.
+        uses = "the memory check, fusion choices, report and launch grids" if name == "compile" else "the memory check"
+        sub.add_argument("--batch", type=_positive, default=1, help=f"images per batch, for {uses}")
+        sub.add_argument(
+            "--dtype",
+            choices=sorted(DTYPE_BYTES),
+            default="fp32",
+            help=f"element type, for {uses}" + ("; tf32: TF32 tensor-core products" if name == "compile" else ""),
+        )
+        sub.add_argument(
+            "--memory-limit",
+            type=_memory_size,
+            metavar="SIZE",
+            help="memory per device, e.g. 16GiB (default: the net's own `device ... memory`)",
+        )
+        # `main` looks for --debug anywhere in argv; accept it after the command too.
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return sub
+
+    net_command("check", "parse and validate a net; silent on success")
+    net_command("info", "print each layer's type, device, shape, parameters and cost, with totals")
+    graph = net_command("graph", "draw the net with Graphviz: devices as clusters, shapes on edges")
+    graph.add_argument("-o", "--output", type=Path, required=True, help="out.dot, or .svg/.png/.pdf via `dot`")
+    build = net_command("compile", "fuse the net into Triton kernels: writes kernels/*.py, plan.json, report.txt")
+    build.add_argument("-o", "--output", type=Path, help="build directory (default: build/<net name>)")
+    build.add_argument("--dump-after", metavar="PASS", help=f"print the graph after a pass ({', '.join(PASS_NAMES)})")
+    build.add_argument("--layout", choices=LAYOUT_OPTIONS, default="auto", help=LAYOUT_HELP)
+    build.add_argument(
+        "--no-sm90",
+        dest="sm90",
+        action="store_false",
+        help="skip building the kernels for the H100 (sm_90) and their resource report",
+    )
+    export = net_command("export", "write the net as an ONNX model (opset 17) with its weights as initializers")
+    export.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
+    export.add_argument("--weights", type=Path, help="a safetensors file (default: the paper's initialization)")
+    export.add_argument("--seed", type=int, default=0, help="seed of the default weights")
+    imported = commands.add_parser(
+        "import",
+        help="read an ONNX model: write it as a .net file and its weights as a safetensors file",
+        description="read an ONNX model: write it as a .net file and its weights as a safetensors file",
+    )
+    imported.add_argument("model", type=Path, help="the .onnx file to read")
+    imported.add_argument("-o", "--output", type=Path, required=True, help="the .net file to write")
+    imported.add_argument(
+        "--weights-out", type=Path, metavar="FILE", help="the safetensors file to write (default: OUTPUT.safetensors)"
+    )
+    imported.add_argument(
+        "--towers",
+        action="store_true",
+        help="write grouped convolutions (or parallel copies of layers) as towers, one device per group",
+    )
+    imported.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    run = commands.add_parser(
+        "run",
+        help="run the net on inputs and print the top classes",
+        description="compile the net and run it: on the GPUs it names, or on the CPU",
+    )
+    run.add_argument(
+        "net",
+        nargs="?",
+        type=Path,
+        help=f"a .net file, an .onnx model or a build folder of `netdsl compile` (default: the bundled {DEFAULT_NET})",
+    )
+    source = run.add_mutually_exclusive_group()
+    source.add_argument(
+        "--input",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="images (.jpg, .png, ...: shorter side to 256, centre crop, mean subtracted) or .npy arrays of one "
+        "image (C x H x W) or a batch (N x C x H x W)",
+    )
+    source.add_argument("--random", type=_positive, metavar="N", help="N random images (the default: 1)")
+    run.add_argument("--weights", type=Path, help="a safetensors file (default: the paper's initialization)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the default weights and random inputs")
+    run.add_argument(
+        "--init",
+        choices=("paper", "he"),
+        default="paper",
+        help="default weights: the paper's N(0, 0.01) or He's N(0, 2/fan-in)",
+    )
+    run.add_argument("--devices", metavar="MAP", help="logical devices to torch devices: gpu0=cuda:0,gpu1=cuda:1")
+    run.add_argument(
+        "--dtype",
+        choices=("fp32", "tf32", "fp16", "bf16"),
+        help="element type (default: fp32, or the build folder's); tf32: fp32 data, TF32 tensor-core products",
+    )
+    run.add_argument(
+        "--batch",
+        type=_positive,
+        metavar="N",
+        help="images per forward pass (default: all inputs at once); with neither --input nor --random, "
+        "N random images",
+    )
+    run.add_argument("--layout", choices=LAYOUT_OPTIONS, default="auto", help=LAYOUT_HELP)
+    run.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="capture the forward pass as a CUDA graph and replay it (every partition on one GPU)",
+    )
+    run.add_argument(
+        "--backend",
+        choices=("triton", "torch"),
+        default="triton",
+        help="the generated Triton kernels (the default; Triton's interpreter on a CPU) or PyTorch ops",
+    )
+    run.add_argument("--top", type=_positive, default=5, metavar="K", help="classes to print per input")
+    run.add_argument("--labels", type=Path, metavar="FILE", help="class names, one a line, in class order")
+    run.add_argument("--save", type=Path, metavar="OUT.npy", help="save the outputs")
+    run.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one partition per process: launch with torchrun --nproc-per-node <devices>",
+    )
+    run.add_argument("--time", action="store_true", help="time each step and partition, and show each device's memory")
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 0
+    if args.command == "import":
+        return _import(args)
+    path = args.net or default_net()
+    if path.suffix.lower() == ".onnx" and args.command == "compile":
+        # The build folder keeps the imported net (plan.json names it) and its weights.
+        out = args.output or Path("build") / path.stem
+        net = _imported(path, out, args)
+        args.output = out
+        status = _compile(net, args)
+        print(f"imported {path} as {net}; run it with: netdsl run {out} --weights {net.with_suffix('.safetensors')}")
+        return status
+    if path.suffix.lower() == ".onnx" and args.command != "export":
+        with tempfile.TemporaryDirectory(prefix="netdsl-onnx-") as folder:
+            return _dispatch(_imported(path, Path(folder), args), args)
+    return _dispatch(path, args)
+
+
+def _onnx_importer(where: str):
+    """netdsl.interop.onnx_import.import_to_files, or the error that says how to install onnx."""
+    try:
+        from netdsl.interop.onnx_import import import_to_files
+    except ImportError:
+        raise NetError("reading ONNX models needs onnx", where=where, hint="pip install 'netdsl[onnx]'") from None
+    return import_to_files
+
+
+def _imported(model: Path, folder: Path, args: argparse.Namespace) -> Path:
+    """An ONNX model given where a net goes: imported into `folder` (its weights are used by `run`)."""
+    import_to_files = _onnx_importer(str(model))
+    net, weights = folder / f"{model.stem}.net", folder / f"{model.stem}.safetensors"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise NetError(f"cannot create {folder}: {error.strerror}", where=str(folder)) from None
+    import_to_files(model, net, weights)
+    if hasattr(args, "weights") and args.weights is None:  # `run` without --weights: the model's
+        args.weights = weights
+    return net
+
+
+def _dispatch(path: Path, args: argparse.Namespace) -> int:
+    if args.command == "compile":
+        return _compile(path, args)
+    if args.command == "export":
+        return _export(path, args)
+    if args.command == "run":
+        from netdsl.cli.run import run_command
+
+        return run_command(path, args)
+    graph = load_graph(path, batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit)
+    if args.command == "info":
+        from netdsl.cli.info import info_table
+
+        print(info_table(graph))
+    elif args.command == "graph":
+        from netdsl.cli.dot import write_graph
+
+        write_graph(graph, args.output)
+    return 0
+
+
+def _compile(path: Path, args: argparse.Namespace) -> int:
+    from netdsl.compiler.compile import compile_net, write_build
+
+    options = Options(batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit, layout=args.layout)
+    compiled = compile_net(path, options, "tf32" if args.dtype == "tf32" else "ieee", args.dump_after)
+    if compiled.dump:
+        print(compiled.dump, end="")
+    out = args.output or Path("build") / compiled.program.graph["name"]
+    write_build(compiled, out, options, sm90=args.sm90)
+    print(compiled.report, end="")
+    print(f"wrote {out}/kernels ({len(compiled.kernels)} files), {out}/plan.json, {out}/report.txt")
+    return 0
+
+
+def _export(path: Path, args: argparse.Namespace) -> int:
+    try:
+        from netdsl.interop.onnx_export import export_onnx
+    except ImportError:
+        raise NetError("exporting needs onnx", where="export", hint="pip install 'netdsl[onnx]'") from None
+    from netdsl.runtime.weights import init_weights, load_weights
+
+    graph = load_graph(path, batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit)
+    weights = load_weights(args.weights, graph) if args.weights else init_weights(graph, seed=args.seed)
+    try:
+        export_onnx(graph, weights, args.output)
+    except OSError as error:
+        raise NetError(f"cannot write {args.output}: {error.strerror or error}", where=str(args.output)) from None
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    import_to_files = _onnx_importer("import")
+    weights = args.weights_out or args.output.with_suffix(".safetensors")
+    result = import_to_files(args.model, args.output, weights, towers=args.towers)
+    for note in result.notes:
+        print(f"{args.model}: note: {note}", file=sys.stderr)
+    print(f"wrote {args.output} and {weights}")
+    return 0
+
+
+def _wants_color(argv: list[str]) -> bool:
+    """--color as given (`--color=never` or `--color never`); read before parsing, which may fail."""
+    choice = "auto"
+    for i, arg in enumerate(argv):
+        if arg.startswith("--color="):
+            choice = arg.split("=", 1)[1]
+        elif arg == "--color" and i + 1 < len(argv):
+            choice = argv[i + 1]
+    return choice == "always" or (choice == "auto" and sys.stderr.isatty())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    color = _wants_color(argv)
+    try:
+        return run(argv)
+    except NetError as error:
+        if debug:
+            traceback.print_exc()
+        print(error.format(color=color), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("netdsl: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as error:  # a bug in netdsl (or in a library under it), not a mistake of the user's
+        if debug:
+            raise
+        print(
+            f"netdsl: internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}\n"
+            "hint: this is a bug; run the same command with --debug for the traceback, and please report it",
+            file=sys.stderr,
+        )
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

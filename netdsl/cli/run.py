@@ -1,0 +1,292 @@
+"""`netdsl run`: inputs in, top classes out — a thin layer over `netdsl.runtime.net.Net`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from netdsl.errors import NetError
+from netdsl.files import write_atomic_bytes
+from netdsl.ir.limits import format_bytes
+from netdsl.tables import format_table
+
+
+def parse_devices(text: str | None) -> dict[str, str] | None:
+    """`gpu0=cuda:0,gpu1=cuda:1` -> {"gpu0": "cuda:0", "gpu1": "cuda:1"}."""
+    if not text:
+        return None
+    mapping = {}
+    for item in text.split(","):
+        logical, sep, physical = item.partition("=")
+        if not sep or not logical.strip() or not physical.strip():
+            raise NetError(f"cannot read `{item}`", where="--devices", hint="write gpu0=cuda:0,gpu1=cuda:1")
+        mapping[logical.strip()] = physical.strip()
+    return mapping
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+# The mean RGB value of ImageNet's training images (0-255): the paper subtracts the mean activity.
+IMAGENET_MEAN = (123.68, 116.78, 103.94)
+
+
+def read_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """An image prepared as the paper did: the shorter side scaled to 256, the centre cropped to the
+    net's input size, the mean subtracted; C x H x W float32 (RGB, or gray for one channel)."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise NetError("reading images needs Pillow", where=str(path), hint="pip install 'netdsl[images]'") from None
+    channels, height, width = shape
+    if channels not in (1, 3):
+        raise NetError(
+            f"the net takes {channels}-channel inputs; images give 1 or 3",
+            where=str(path),
+            hint="give the input as a .npy array",
+        )
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB" if channels == 3 else "L")
+            scale = 256 / min(image.size)
+            size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+            image = image.resize(size, Image.BILINEAR)
+            left, top = (image.width - width) // 2, (image.height - height) // 2
+            pixels = np.asarray(image.crop((left, top, left + width, top + height)), dtype=np.float32)
+    except FileNotFoundError:
+        raise NetError(f"no such file: {path}", where=str(path)) from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise NetError(f"cannot read {path} as an image ({error})", where=str(path)) from None
+    if channels == 1:
+        return (pixels - float(np.mean(IMAGENET_MEAN)))[None]
+    return (pixels - np.asarray(IMAGENET_MEAN, dtype=np.float32)).transpose(2, 0, 1)
+
+
+def read_labels(path: Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    try:
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise NetError(
+            f"cannot read the labels in {path} ({error})",
+            where=str(path),
+            hint="one class name per line, in class order",
+        ) from None
+
+
+def read_inputs(paths: list[Path], shape: tuple[int, ...]) -> np.ndarray:
+    """Stacks images and .npy arrays (one image or a batch each) into one float32 batch of `shape` images."""
+    batches = []
+    for path in paths:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            batches.append(read_image(path, shape)[None])
+            continue
+        try:
+            array = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise NetError(f"no such file: {path}", where=str(path)) from None
+        except (OSError, ValueError, EOFError) as error:
+            raise NetError(
+                f"{path} is not a .npy array ({error})", where=str(path), hint="save inputs with numpy.save"
+            ) from None
+        if array.dtype.kind not in "fiu":
+            raise NetError(f"{path} holds {array.dtype} values, not numbers", where=str(path))
+        if tuple(array.shape) == shape:
+            array = array[None]
+        if tuple(array.shape[1:]) != shape:
+            want = " x ".join(map(str, shape))
+            raise NetError(
+                f"{path} has shape {' x '.join(map(str, array.shape))}, but the net takes {want} images",
+                where=str(path),
+                hint=f"one image of {want}, or a batch N x {want}",
+            )
+        batches.append(array.astype(np.float32))
+    return np.concatenate(batches)
+
+
+def run_command(path: Path, args: argparse.Namespace) -> int:
+    import torch
+
+    from netdsl.compiler.launches import TORCH_DTYPES
+
+    if args.backend == "triton" and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the same kernels, interpreted on the CPU
+    path, dtype = resolve_build_dir(path, args.dtype)
+    shape = _input_shape(path)
+    if args.input:
+        x = read_inputs(args.input, shape)
+    else:
+        generator = np.random.default_rng(args.seed)
+        x = generator.standard_normal((args.random or args.batch or 1, *shape), dtype=np.float32)
+    labels = read_labels(args.labels)
+    net = step_times = None
+    start = time.perf_counter()
+    if args.distributed:
+        if args.cuda_graph:
+            raise NetError(
+                "CUDA-graph capture runs in one process", where="--cuda-graph", hint="leave out --distributed"
+            )
+        if args.batch and args.batch < len(x):
+            raise NetError(
+                f"--distributed runs all {len(x)} inputs in one pass; it does not split them into passes of "
+                f"{args.batch}",
+                where="--batch",
+                hint="leave out --batch, or give at most that many inputs",
+            )
+        y = _run_distributed(path, torch.from_numpy(x).to(TORCH_DTYPES[dtype]), dtype, args)
+        if y is None:
+            return 0  # the rank that owns the output prints it
+    else:
+        try:
+            net, y, step_times, start = _run_local(path, x, dtype, args)
+        except NetError as error:  # Net's errors name its keyword arguments; here they are flags
+            error.where = _FLAGS.get(error.where, error.where)
+            raise
+    seconds = time.perf_counter() - start
+    if isinstance(y, dict):
+        name, y = next(iter(y.items()))
+        print(f"output {name} (the first of {len(y)} outputs)")
+    scores = y.float().reshape(y.shape[0], -1).cpu()
+    k = min(args.top, scores.shape[1])
+    values, indices = scores.topk(k, dim=1)
+    for i in range(scores.shape[0]):
+        ranked = ", ".join(f"{_label(labels, int(c))}: {float(v):.4f}" for v, c in zip(values[i], indices[i]))
+        print(f"input {i}: top {k}: {ranked}")
+    if args.save:
+        _save(args.save, scores.numpy())
+    if args.time:
+        print(
+            f"{scores.shape[0]} input(s) in {seconds * 1e3:.1f} ms ({args.backend} backend"
+            f"{', ' + dtype}{', steps timed one at a time' if net else ', distributed'})"
+        )
+        if net is not None:
+            largest = min(args.batch or scores.shape[0], scores.shape[0])  # the largest pass's batch
+            print("\n".join(_time_tables(net, step_times, largest)))
+    return 0
+
+
+# Net's errors name its keyword arguments; on the command line they are flags.
+_FLAGS = {"devices": "--devices", "backend": "--backend", "cuda_graph": "--cuda-graph", "batch": "--batch",
+          "dtype": "--dtype", "weights": "--weights", "layout": "--layout"}  # fmt: skip
+
+
+def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
+    """Runs the inputs through a Net in this process: (net, outputs, step times, start time)."""
+    import torch
+
+    from netdsl.compiler.launches import TORCH_DTYPES
+    from netdsl.runtime.net import Net
+
+    net = Net(
+        path,
+        backend=args.backend,
+        devices=parse_devices(args.devices),
+        dtype=dtype,
+        weights=args.weights,
+        seed=args.seed,
+        init=args.init,
+        progress=sys.stderr if sys.stderr.isatty() else None,  # a progress bar through the first run
+        cuda_graph=args.cuda_graph,
+        layout=args.layout,
+    )
+    chunks = torch.from_numpy(x).to(TORCH_DTYPES[dtype]).split(args.batch or len(x))
+    if args.time and any(device.type == "cuda" for device in net.devices.values()):
+        for chunk in chunks:
+            net(chunk)  # warm-up: Triton compiles each kernel on its first launch
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    outputs, step_times = [], {}
+    for chunk in chunks:
+        if args.time:
+            out, times = net.profile(chunk)
+            step_times = {name: step_times.get(name, 0.0) + ms for name, ms in times.items()}
+        else:
+            out = net(chunk)
+        outputs.append(out)
+    if any(out.is_cuda for out in outputs if isinstance(out, torch.Tensor)):
+        torch.cuda.synchronize()
+    y = _join(outputs)
+    return net, y, step_times, start
+
+
+def resolve_build_dir(path: Path, dtype: str | None) -> tuple[Path, str]:
+    """`netdsl run` takes a .net file or a build folder of `netdsl compile`: the folder's plan.json names
+    the net it was compiled from (relative to the folder) and the dtype, which `--dtype` may not contradict."""
+    if not path.is_dir():
+        return path, dtype or "fp32"
+    from netdsl.compiler.plan import read_plan_source
+
+    source, built = read_plan_source(path)
+    if dtype is not None and dtype != built:
+        raise NetError(
+            f"{path} was compiled for {built}, not {dtype}",
+            where="--dtype",
+            hint=f"leave --dtype out, or compile again: netdsl compile {source} -o {path} --dtype {dtype}",
+        )
+    return source, built
+
+
+def _join(outputs: list):
+    import torch
+
+    if isinstance(outputs[0], dict):
+        return {name: torch.cat([out[name] for out in outputs]) for name in outputs[0]}
+    return torch.cat(outputs)
+
+
+def _input_shape(path: Path) -> tuple[int, ...]:
+    from netdsl.ir import layer
+    from netdsl.lang.frontend import load_graph
+
+    graph = load_graph(path)
+    if len(graph.graph["inputs"]) != 1:
+        raise NetError("`netdsl run` feeds nets with one input", where=str(path), hint="use netdsl.load from Python")
+    return layer(graph, graph.graph["inputs"][0]).shape
+
+
+def _run_distributed(path: Path, x, dtype: str, args: argparse.Namespace):
+    """This process's partition, under torchrun: the output on the rank that owns it, else None."""
+    import torch.distributed as dist
+
+    from netdsl.runtime.distributed import run_distributed
+
+    try:
+        y = run_distributed(
+            path, x, backend=args.backend, weights=args.weights, seed=args.seed, init=args.init, dtype=dtype,
+            layout=args.layout,
+        )  # fmt: skip
+        if dist.is_initialized():
+            dist.barrier()  # every rank's sends are received before the group goes away
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return y
+
+
+def _label(labels: list[str] | None, index: int) -> str:
+    return labels[index] if labels and index < len(labels) and labels[index] else str(index)
+
+
+def _time_tables(net, step_times: dict[str, float], batch: int) -> list[str]:
+    steps = net.program.graph["partitions"]
+    rows = [
+        (device, f"{sum(step_times[n] for n in names):,.2f}", format_bytes(arena), format_bytes(weights))
+        for device, names in steps.items()
+        for arena, weights in [net.memory(batch)[device]]
+    ]
+    lines = ["", *format_table(("device", "ms", "activations (arena)", "weights"), rows, left={0}), ""]
+    kinds = {name: net.program.nodes[name]["step"].kind for name in step_times}
+    rows = [(name, kinds[name], f"{ms:,.3f}") for name, ms in step_times.items() if kinds[name] != "view"]
+    return lines + format_table(("step", "kind", "ms"), rows, left={0, 1})
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_atomic_bytes(path, buffer.getvalue())

@@ -1,0 +1,1 @@
+"""The compiler: the pass pipeline over the layer graph, then emission of kernels, plan and report."""

@@ -1,0 +1,129 @@
+"""`netdsl compile`: a `.net` file -> a build directory with the fused kernels, the plan and the report.
+
+    build/alexnet/
+        kernels/<step>.py   one readable Triton file per fused kernel (see netdsl.compiler.emit)
+        plan.json           what the runtime follows (see netdsl.compiler.plan)
+        report.txt          FLOPs, bytes and roofline floors, fused vs unfused (see netdsl.compiler.report)
+
+The same input and options give byte-identical files. Every file is written to a temporary name and
+renamed into place, so a reader never sees half a file; a stale `kernels/` file from an earlier
+compile of another net is removed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import networkx as nx
+
+from netdsl.compiler.emit import emit_program
+from netdsl.compiler.launches import Launch, record_launches, sm90_resources
+from netdsl.compiler.passes import Options, run_pipeline
+from netdsl.compiler.plan import build_plan, plan_json, with_source
+from netdsl.compiler.report import cost_report
+from netdsl.errors import NetError
+from netdsl.files import write_atomic
+from netdsl.lang.build import build
+from netdsl.lang.parse import parse_file
+from netdsl.tables import format_table
+
+
+@dataclass
+class Compiled:
+    program: nx.DiGraph  # the step graph after every pass
+    layers: nx.DiGraph  # the shaped layer graph before folding and fusion
+    kernels: dict[str, str]  # file name -> source
+    plan: dict
+    report: str
+    dump: str  # the `--dump-after` listing, or ""
+    source: Path | None = None  # the .net file it was compiled from
+
+
+def compile_net(
+    path: str | Path, options: Options, input_precision: str | None = None, dump_after: str | None = None
+) -> Compiled:
+    """Runs the front end and every pass, then emits; raises NetError for a mistake in the net.
+    The products of `tl.dot` are TF32 when the dtype is tf32, else exact (`input_precision`)."""
+    if input_precision is None:
+        input_precision = "tf32" if options.dtype == "tf32" else "ieee"
+    graph = build(parse_file(path))
+    program, dump = run_pipeline(graph, options, dump_after)
+    layers = graph  # shapes were filled in place by the `shapes` pass
+    kernels = emit_program(program, input_precision, options.dtype)
+    step_files = {name.removesuffix(".py"): f"kernels/{name}" for name in kernels}
+    plan = build_plan(program, options, step_files)
+    report = cost_report(program, layers, options.batch, options.dtype)
+    return Compiled(program, layers, kernels, plan, report, dump, Path(path))
+
+
+def write_build(compiled: Compiled, out_dir: str | Path, options: Options | None = None, sm90: bool = False) -> Path:
+    """Writes the build directory. With `options`, each launch's grid and block configuration at that
+    batch and dtype go into plan.json; with `sm90`, every kernel is also built for the H100 and its
+    registers, spills, shared memory and tensor-core instructions go into the report."""
+    out = Path(out_dir)
+    kernels_dir = out / "kernels"
+    try:
+        kernels_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise NetError(f"cannot create {kernels_dir}: {error.strerror}", where=str(out)) from None
+    if not os.access(kernels_dir, os.W_OK):
+        raise NetError(f"cannot write to {kernels_dir}", where=str(out))
+    for name, source in compiled.kernels.items():
+        write_atomic(kernels_dir / name, source)
+    for stale in kernels_dir.glob("*.py"):
+        if stale.name not in compiled.kernels:
+            stale.unlink()
+    if options is not None:
+        launches = record_launches([kernels_dir / name for name in compiled.kernels], options.batch, options.dtype)
+        _add_grids(compiled.plan, launches)
+        if sm90:
+            compiled.report += sm90_report(sm90_resources(launches), launches)
+    if compiled.source is not None:
+        compiled.plan = with_source(compiled.plan, compiled.source, out)
+    write_atomic(out / "plan.json", plan_json(compiled.plan))
+    write_atomic(out / "report.txt", compiled.report)
+    return out
+
+
+def _add_grids(plan: dict, launches: list[Launch]) -> None:
+    by_step = {launch.step: launch for launch in launches}
+    for device in plan["devices"].values():
+        for entry in device["launches"]:
+            launch = by_step.get(entry["step"])
+            if launch is not None:
+                entry["grid"] = list(launch.grid)
+                entry["num_warps"] = launch.num_warps
+                entry["constexprs"] = {k: v for k, v in launch.constexprs.items() if v is not None}
+
+
+def sm90_report(resources: dict[str, dict], launches: list[Launch]) -> str:
+    """Per kernel: what it needs from an H100 SM (built with Triton for GPUTarget("cuda", 90, 32))."""
+    rows = []
+    for launch in launches:
+        r = resources[launch.step]
+        rows.append(
+            (
+                launch.step,
+                str(launch.num_warps),
+                str(r["registers"]),
+                f"{r['spill_stores']}/{r['spill_loads']}",
+                str(r["stack_bytes"]),
+                str(r["shared_bytes"]),
+                ",".join(r["mma"]) or "-",
+            )
+        )
+    header = ("kernel", "warps", "registers", "spill st/ld B", "stack B", "shared B", "tensor-core instructions")
+    lines = [
+        "",
+        'sm_90 build (Triton for GPUTarget("cuda", 90, 32); 255 registers and 227 KiB shared per block at most):',
+    ]
+    lines += format_table(header, rows, left={0, 6})
+    spilled = [
+        launch.step
+        for launch in launches
+        if resources[launch.step]["spill_stores"] + resources[launch.step]["spill_loads"]
+    ]
+    lines.append(f"kernels that spill: {', '.join(spilled) if spilled else 'none'}")
+    return "\n".join(lines) + "\n"

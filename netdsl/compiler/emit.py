@@ -1,0 +1,335 @@
+"""Code emission: one readable Triton source file per fused step.
+
+Each file holds a copy of its kernel family's `@triton.jit` kernel (from `netdsl.codegen`), the step's
+parameters as literals, `launch(inputs, weights, out=None)` that runs that copy through the family's
+launcher, `reference(inputs, weights)` built from PyTorch ops (`netdsl.codegen.reference`), and a `__main__` that
+checks one against the other on random data. Nothing from the `.net` file is pasted into the code
+except through `repr()` of plain values and identifiers made of [A-Za-z0-9_]: a hostile layer name
+cannot become code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import textwrap
+from dataclasses import dataclass
+from importlib import import_module
+
+import networkx as nx
+
+from netdsl import __version__
+from netdsl.compiler.fuse import Step, identifier
+from netdsl.compiler.launches import TORCH_DTYPES
+from netdsl.compiler.layout import weight_layouts
+from netdsl.ir.ops import OPS
+
+
+@dataclass(frozen=True)
+class Family:
+    module: str  # netdsl.codegen.<module>
+    kernel: str  # the @triton.jit function in it
+    launch: str  # the body of `launch`, using inputs, weights, out, P (the parameters) and KERNEL
+
+
+_JOIN = "x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)  # several inputs: joined on channels"
+
+# Both conv families' launchers take the same arguments.
+_CONV_LAUNCH = """
+        if len(inputs) > 2:  # the kernel reads up to two inputs in place; join the rest
+            inputs = [torch.cat(inputs, dim=1)]
+        return family.{function}(
+            inputs, weights["weight"], weights.get("bias"), stride=P["stride"], padding=P["pad"],
+            dilation=P["dilation"], groups=P["groups"], activation=P["activation"], slope=P["slope"],
+            input_precision=P["input_precision"], out=out, kernel=KERNEL,
+        )"""
+
+FAMILIES: dict[str, Family] = {
+    "conv": Family("conv", "conv2d_kernel", _CONV_LAUNCH.format(function="conv2d")),
+    "conv_nhwc": Family("conv_nhwc", "conv2d_nhwc_kernel", _CONV_LAUNCH.format(function="conv2d_nhwc")),
+    "conv_lrn_maxpool": Family(
+        "conv_lrn_pool",
+        "conv_lrn_pool_kernel",
+        f"""
+        {_JOIN}
+        bias = weights.get("bias")
+        if bias is None:
+            bias = x.new_zeros(weights["weight"].shape[0])
+        return family.conv_lrn_maxpool(
+            x, weights["weight"], bias, P["stride"], P["pad"], P["dilation"], P["groups"], P["size"], P["alpha"],
+            P["beta"], P["k"], P["pool_size"], P["pool_stride"], P["pool_pad"], ceil_mode=P["ceil"],
+            input_precision=P["input_precision"], out=out, kernel=KERNEL,
+        )""",
+    ),
+    "fc": Family(
+        "fc",
+        "linear_kernel",
+        """
+        if len(inputs) > 2:  # the kernel reads up to two inputs in place; join the rest
+            inputs = [torch.cat([x.flatten(1) for x in inputs], dim=1)]
+        return family.linear(
+            inputs, weights["weight"], weights.get("bias"), activation=P["activation"], slope=P["slope"],
+            input_precision=P["input_precision"], out=out, kernel=KERNEL,
+        )""",
+    ),
+    "lrn": Family(
+        "lrn",
+        "lrn_pool_kernel",
+        f"""
+        {_JOIN}
+        if out is None:
+            out = torch.empty_like(x)
+        width = x.shape[1] // P["groups"]
+        for start in range(0, x.shape[1], width):  # each group on its own channel slice: windows stop at its edges
+            part = slice(start, start + width)
+            family.lrn(
+                x[:, part], P["size"], P["alpha"], P["beta"], P["k"], relu_first=P["relu_first"], out=out[:, part],
+                kernel=KERNEL,
+            )
+        return out""",
+    ),
+    "lrn_maxpool": Family(
+        "lrn",
+        "lrn_pool_kernel",
+        f"""
+        {_JOIN}
+        if out is None:
+            out = x.new_empty((x.shape[0], *OUTPUT_SHAPE))
+        width = x.shape[1] // P["groups"]
+        for start in range(0, x.shape[1], width):  # each group on its own channel slice: windows stop at its edges
+            part = slice(start, start + width)
+            family.lrn_maxpool(
+                x[:, part], P["size"], P["alpha"], P["beta"], P["k"], P["pool_size"], P["pool_stride"], P["pool_pad"],
+                ceil_mode=P["ceil"], relu_first=P["relu_first"], out=out[:, part], kernel=KERNEL,
+            )
+        return out""",
+    ),
+    "pool": Family(
+        "pool",
+        "pool2d_kernel",
+        f"""
+        {_JOIN}
+        size = P["size"] or tuple(x.shape[2:])  # global pooling: the whole map
+        stride = P["stride"] or size
+        return family.pool2d(
+            x, P["mode"], size, stride, P["pad"], ceil_mode=P["ceil"], count_include_pad=P["count_pad"],
+            out=out, kernel=KERNEL,
+        )""",
+    ),
+    "softmax": Family(
+        "softmax",
+        "softmax_kernel",
+        f"""
+        {_JOIN}
+        return family.softmax(x, out=out, kernel=KERNEL)""",
+    ),
+    "eltwise": Family(
+        "elementwise",
+        "elementwise_kernel",
+        f"""
+        {_JOIN}
+        if P["op"] == "batchnorm":
+            scale, shift = family.fold_batch_norm(
+                weights["running_mean"], weights["running_var"], weights["weight"], weights["bias"], P["eps"]
+            )
+            return family.elementwise(x, "affine", scale=scale, shift=shift, out=out, kernel=KERNEL)
+        return family.elementwise(x, "copy", activation=P["op"], slope=P["slope"], out=out, kernel=KERNEL)""",
+    ),
+    "add": Family(
+        "elementwise",
+        "elementwise_kernel",
+        """
+        out = family.elementwise(inputs[0], "add", other=inputs[1], out=out, kernel=KERNEL)
+        for other in inputs[2:]:
+            family.elementwise(out, "add", other=other, out=out, kernel=KERNEL)
+        return out""",
+    ),
+    "concat": Family(
+        "elementwise",
+        "elementwise_kernel",
+        """
+        if out is None:
+            channels = sum(x.shape[1] for x in inputs)
+            out = inputs[0].new_empty((inputs[0].shape[0], channels, *inputs[0].shape[2:]))
+        start = 0
+        for x in inputs:  # each input copied into its channel slice
+            family.elementwise(x, "copy", out=out[:, start : start + x.shape[1]], kernel=KERNEL)
+            start += x.shape[1]
+        return out""",
+    ),
+}
+
+
+def family_of(step: Step) -> str:
+    """The key of the step's kernel family in FAMILIES: its kind, or the channels-last conv."""
+    return "conv_nhwc" if step.kind == "conv" and step.options.get("kernel") == "nhwc" else step.kind
+
+
+def kernel_parameters(step: Step, input_precision: str) -> dict[str, object]:
+    """The literal parameters `launch` reads, from the step's layers and fusion options."""
+    first = step.first
+    p = first.params
+    if step.kind in ("conv", "fc"):
+        params = {
+            "activation": step.options["activation"],
+            "slope": float(step.options.get("slope", 0.0)),
+            "input_precision": input_precision,
+        }
+        if step.kind == "conv":
+            params.update(stride=p["stride"], pad=p["pad"], dilation=p["dilation"], groups=p["groups"])
+        return params
+    if step.kind == "conv_lrn_maxpool":
+        conv, _, norm, pool = step.layers
+        return {
+            "stride": conv.params["stride"],
+            "pad": conv.params["pad"],
+            "dilation": conv.params["dilation"],
+            "groups": conv.params["groups"],
+            "input_precision": input_precision,
+            **{key: norm.params[key] for key in ("size", "alpha", "beta", "k")},
+            "pool_size": pool.params["size"],
+            "pool_stride": pool.params["stride"],
+            "pool_pad": pool.params["pad"],
+            "ceil": pool.params["ceil"],
+        }
+    if step.kind in ("lrn", "lrn_maxpool"):
+        norm = next(item for item in step.layers if item.op == "lrn")
+        params = {key: norm.params[key] for key in ("size", "alpha", "beta", "k", "groups")}
+        params["relu_first"] = bool(step.options.get("relu_first"))
+        if step.kind == "lrn_maxpool":
+            pool = step.last.params
+            params.update(pool_size=pool["size"], pool_stride=pool["stride"], pool_pad=pool["pad"], ceil=pool["ceil"])
+        return params
+    if step.kind == "pool":
+        if first.op == "global_avgpool":
+            return {"mode": "avg", "size": None, "stride": None, "pad": (0, 0), "ceil": False, "count_pad": True}
+        return {
+            "mode": "max" if first.op == "maxpool" else "avg",
+            "size": p["size"],
+            "stride": p["stride"],
+            "pad": p["pad"],
+            "ceil": p["ceil"],
+            "count_pad": p.get("count_pad", True),
+        }
+    if step.kind == "eltwise":
+        return {"op": first.op, "slope": float(p.get("slope", 0.0)), "eps": float(p.get("eps", 0.0))}
+    return {}
+
+
+def _literal(value) -> str:
+    """A deterministic Python literal for plain data (dicts keep their insertion order)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        items = [_literal(v) for v in value]
+        if isinstance(value, tuple):
+            return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+        return "[" + ", ".join(items) + "]"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    raise TypeError(f"cannot emit {type(value).__name__} as a literal")
+
+
+def _kernel_source(family: Family) -> str:
+    """The family's kernel, decorator included, exactly as written in netdsl/codegen."""
+    module = import_module(f"netdsl.codegen.{family.module}")
+    kernel = getattr(module, family.kernel)
+    return textwrap.dedent(inspect.getsource(getattr(kernel, "fn", kernel)))
+
+
+def emit_step(program: nx.DiGraph, step: Step, input_precision: str = "ieee", dtype: str = "fp32") -> str:
+    """The source of `kernels/<step>.py`."""
+    family = FAMILIES[family_of(step)]
+    inputs = [program.nodes[name]["step"] for name in step.inputs]
+    views = program.graph.get("views", {})
+    input_layouts = [program.nodes[views.get(name, name)]["step"].layout for name in step.inputs]
+    weights = {}
+    for item in step.layers:
+        if item.input_shape is not None:
+            weights.update(OPS[item.op].weights(item.params, item.input_shape))
+            weights.update(OPS[item.op].buffers(item.params, item.input_shape))
+        if item.op in ("conv", "fc"):
+            if step.options.get("folded"):  # the folded batch norm's shift becomes the bias
+                weights["bias"] = (item.params["filters"],)
+            break  # the activation after it has no weights
+    layers = [(item.op, {k: v for k, v in item.params.items()}) for item in step.layers]
+    summary = " -> ".join(_safe(item.name) for item in step.layers)
+    reads = ", ".join(" x ".join(map(str, s.shape)) for s in inputs)
+    lines = [
+        f'"""{step.name}: {summary}, on {_safe(step.device)}.',
+        "",
+        f"Generated by netdsl {__version__} from net {_safe(program.graph['name'])}; do not edit (run netdsl compile).",
+        f"Reads {reads or 'nothing'}; writes {' x '.join(map(str, step.shape))} per image.",
+        f"The kernel is a copy of netdsl.codegen.{family.module}.{family.kernel}; `launch` runs it through that",
+        "module's launcher with the parameters below. Run this file to check it against PyTorch.",
+        '"""',
+        "",
+        "import torch",
+        "import triton",
+        "import triton.language as tl",
+        "",
+        f"from netdsl.codegen import {family.module} as family",
+        "from netdsl.codegen.layouts import to_layout",
+        "from netdsl.codegen.reference import run_layers",
+        "",
+        "",
+        _kernel_source(family).rstrip(),
+        "",
+        "",
+        f"KERNEL = {family.kernel}",
+        f"STEP = {_literal(step.name)}",
+        f"P = {_literal(kernel_parameters(step, input_precision))}",
+        f"LAYERS = {_literal(layers)}",
+        f"INPUT_SHAPES = {_literal([tuple(s.shape) for s in inputs])}",
+        f"OUTPUT_SHAPE = {_literal(tuple(step.shape))}",
+        f"WEIGHT_SHAPES = {_literal(weights)}",
+        "# How the runtime lays out each map and weight in memory (nhwc: channels-last); the kernel takes any.",
+        f"INPUT_LAYOUTS = {_literal(input_layouts)}",
+        f"OUTPUT_LAYOUT = {_literal(step.layout)}",
+        f"WEIGHT_LAYOUTS = {_literal(weight_layouts(step))}",
+        f"DTYPE = {TORCH_DTYPES[dtype]}  # of the build (netdsl compile --dtype {dtype})",
+        "",
+        "",
+        "def launch(inputs: list[torch.Tensor], weights: dict[str, torch.Tensor], out: torch.Tensor | None = None):",
+        '    """Runs the kernel on a batch: inputs are [N, *shape] tensors, weights by name."""',
+        textwrap.indent(textwrap.dedent(family.launch).strip("\n"), "    "),
+        "",
+        "",
+        "def reference(inputs: list[torch.Tensor], weights: dict[str, torch.Tensor]) -> torch.Tensor:",
+        '    """The same step with PyTorch ops, layer by layer."""',
+        "    return run_layers(LAYERS, inputs, weights)",
+        "",
+        "",
+        'if __name__ == "__main__":',
+        "    generator = torch.Generator().manual_seed(0)",
+        "    # Random data in the build's dtype and layouts; the reference runs in float64 on the same values.",
+        '    device = "cuda" if torch.cuda.is_available() else "cpu"',
+        "    inputs = [torch.randn(2, *shape, generator=generator).to(DTYPE) for shape in INPUT_SHAPES]",
+        "    weights = {name: torch.randn(shape, generator=generator) * 0.05 for name, shape in WEIGHT_SHAPES.items()}",
+        '    if "running_var" in weights:',
+        '        weights["running_var"] = weights["running_var"].abs() + 0.5',
+        "    weights = {name: w.to(DTYPE) for name, w in weights.items()}",
+        "    want = reference([x.double() for x in inputs], {name: w.double() for name, w in weights.items()})",
+        "    inputs = [to_layout(x, layout).to(device) for x, layout in zip(inputs, INPUT_LAYOUTS)]",
+        '    weights = {n: to_layout(w, WEIGHT_LAYOUTS.get(n, "nchw")).to(device) for n, w in weights.items()}',
+        "    got = launch(inputs, weights).double().cpu()",
+        "    error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()",
+        '    print(f"{STEP}: max error {error:.2e} relative to the largest output ({DTYPE}, float64 reference)")',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _safe(text: str) -> str:
+    """Text for a docstring: no quotes, backslashes or line breaks can come through."""
+    return "".join(ch if ch.isascii() and (ch.isalnum() or ch in " ._-@/[]:") else "?" for ch in str(text))
+
+
+def emit_program(program: nx.DiGraph, input_precision: str = "ieee", dtype: str = "fp32") -> dict[str, str]:
+    """File name -> source for every step that launches a kernel, in launch order."""
+    files = {}
+    for names in program.graph["partitions"].values():
+        for name in names:
+            step = program.nodes[name]["step"]
+            if family_of(step) in FAMILIES:
+                files[f"{identifier(step.name)}.py"] = emit_step(program, step, input_precision, dtype)
+    return files

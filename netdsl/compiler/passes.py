@@ -1,0 +1,122 @@
+"""The compiler's pass pipeline: one list of named passes, each a small function of the graph.
+
+    validate -> shapes -> limits -> fold -> fuse -> place -> layout -> plan_memory
+
+Up to `fold` the graph holds layers (`netdsl.ir.Layer`); from `fuse` on it holds steps
+(`netdsl.compiler.fuse.Step`), each one kernel launch, view or transfer. `dump(graph)` prints either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import networkx as nx
+
+from netdsl.cli.info import describe_params
+from netdsl.compiler.fold import fold_inference
+from netdsl.compiler.fuse import fuse
+from netdsl.compiler.layout import choose_layouts
+from netdsl.compiler.memory import plan_memory
+from netdsl.compiler.place import place
+from netdsl.errors import NetError
+from netdsl.ir import layers
+from netdsl.ir.limits import check_memory
+from netdsl.ir.shapes import infer_shapes
+
+
+@dataclass(frozen=True)
+class Options:
+    batch: int = 1
+    dtype: str = "fp32"
+    memory_limit: int | None = None
+    layout: str = "auto"  # "auto": channels-last where convs gain from it (netdsl.compiler.layout); "nchw": never
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    run: Callable[[nx.DiGraph, Options], nx.DiGraph]
+    doc: str
+
+
+def validate(graph: nx.DiGraph, options: Options) -> nx.DiGraph:
+    """Structural invariants the builder guarantees; a failure here is a compiler bug, not a user error."""
+    if not nx.is_directed_acyclic_graph(graph):
+        raise AssertionError("the layer graph has a cycle")
+    for name in graph.graph["outputs"] + graph.graph["inputs"]:
+        if name not in graph:
+            raise AssertionError(f"unknown input or output {name!r}")
+    for name in graph.nodes:
+        for source in graph.nodes[name]["layer"].inputs:
+            if not graph.has_edge(source, name):
+                raise AssertionError(f"{name!r} reads {source!r} without an edge")
+    return graph
+
+
+def _limits(graph: nx.DiGraph, options: Options) -> nx.DiGraph:
+    check_memory(graph, options.batch, options.dtype, options.memory_limit)
+    return graph
+
+
+PIPELINE: list[Pass] = [
+    Pass("validate", validate, "check the graph's structure"),
+    Pass("shapes", lambda g, o: infer_shapes(g), "infer every layer's output shape"),
+    Pass("limits", _limits, "check each device's memory limit"),
+    Pass("fold", lambda g, o: fold_inference(g), "drop dropout, fold batch norm into the conv before it"),
+    Pass("fuse", lambda g, o: fuse(g, o.batch, o.dtype), "group layers into kernels (the cost model picks some)"),
+    Pass("place", lambda g, o: place(g), "partition by device, insert transfers"),
+    Pass("layout", lambda g, o: choose_layouts(g, o.layout), "choose NCHW or channels-last for every map"),
+    Pass("plan_memory", lambda g, o: plan_memory(g), "assign buffer offsets with reuse"),
+]
+PASS_NAMES = [p.name for p in PIPELINE]
+
+
+def run_pipeline(graph: nx.DiGraph, options: Options, dump_after: str | None = None) -> tuple[nx.DiGraph, str]:
+    """Runs every pass; returns the final graph and, if asked, the dump after the pass `dump_after`."""
+    if dump_after is not None and dump_after not in PASS_NAMES:
+        raise NetError(f"unknown pass `{dump_after}`", where="--dump-after", hint=f"passes: {', '.join(PASS_NAMES)}")
+    dumped = ""
+    for step in PIPELINE:
+        graph = step.run(graph, options)
+        if step.name == dump_after:
+            dumped = dump(graph)
+    return graph, dumped
+
+
+def dump(graph: nx.DiGraph) -> str:
+    """A readable listing of a layer graph or a step graph; once memory is planned, each step's buffer
+    (offset and size in elements per image, or the buffer it is a view of) and each device's arena."""
+    lines = [f"# net {graph.graph['name']}"]
+    if any("step" in data for _, data in graph.nodes(data=True)):
+        order = graph.graph.get("partitions") or {"": list(nx.topological_sort(graph))}
+        buffers = graph.graph.get("buffers")
+        if buffers is not None:
+            lines.append("# buffers and arenas in elements per image")
+        for device, names in order.items():
+            if device:
+                lines.append(f"device {device}:")
+            for name in names:
+                step = graph.nodes[name]["step"]
+                covered = ", ".join(item.name for item in step.layers)
+                shape = " x ".join(map(str, step.shape))
+                layout = " nhwc" if step.layout == "nhwc" else ""
+                inputs = ", ".join(step.inputs)
+                line = f"  {name} = {step.kind}({inputs})  [{covered}]  -> {shape}{layout} @{step.device}"
+                if buffers is not None:
+                    buffer = buffers.get(name)
+                    view = graph.graph["views"].get(name)
+                    line += f"  buffer offset {buffer.offset} size {buffer.size}" if buffer else f"  view of {view}"
+                lines.append(line)
+            if buffers is not None and device:
+                peak, naive = graph.graph["arena"][device], graph.graph["arena_without_reuse"][device]
+                lines.append(f"  arena {device}: peak {peak} with reuse, {naive} without reuse")
+        return "\n".join(lines) + "\n"
+    for item in layers(graph):
+        shape = " x ".join(map(str, item.shape)) if item.shape else "?"
+        params = describe_params(item)
+        lines.append(
+            f"  {item.name} = {item.op}({', '.join(item.inputs)}{', ' if params and item.inputs else ''}"
+            f"{params})  -> {shape} @{item.device}"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,613 @@
+"""Running a net: `netdsl.load("nets/alexnet.net", weights=...)(images)`.
+
+`Net` compiles a `.net` file in memory and runs its fused program on a batch:
+
+- each logical device of the net (`gpu0`, `gpu1`, ...) is mapped to a torch device (`devices=`);
+  without a mapping every logical device runs on the CPU when there is no CUDA, on `cuda:0` with one
+  GPU, and on one GPU each (round robin) with several;
+- each logical device gets one arena tensor per batch size, allocated on the first call with that
+  batch and reused after; every step writes its output into a view of the arena at the offset the
+  memory plan gave it (elements per image times the batch); flatten steps are views of their input;
+  a map the plan lays out channels-last (netdsl.compiler.layout) is an N x C x H x W view with channels-last
+  strides; outputs are always NCHW;
+- steps run in an order that respects every partition's launch order and every transfer. On the CPU
+  the partitions run one after another in this process; on CUDA each partition has a stream of its
+  own, and a transfer's stream waits on an event recorded after the step it copies;
+- `backend="torch"` runs each step with the PyTorch reference (`netdsl.codegen.reference`),
+  `backend="triton"` calls the generated kernel file's `launch(inputs, weights, out=view)`;
+- weights are a dict `"<layer>.<tensor>" -> tensor` (or numpy array), e.g. `conv1@gpu0.weight`;
+  a batch norm folded into the conv before it is folded into that conv's weights on load;
+- `cuda_graph=True` (every partition on one GPU): the first call at a batch size runs eagerly (Triton
+  compiles its kernels then), the second captures the whole forward pass, streams and events
+  included, into a CUDA graph, and later calls copy the inputs into the graph's own input tensors
+  and replay it: one launch instead of one per step, which is what small batches are short of.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import itertools
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TextIO
+
+import networkx as nx
+import numpy as np
+import torch
+
+from netdsl.codegen.interpret import interpreting, widen_bf16_dots
+from netdsl.codegen.layouts import to_layout, view_as_layout
+from netdsl.codegen.reference import run_layers
+from netdsl.compiler.compile import Compiled, compile_net, write_build
+from netdsl.compiler.fuse import Step
+from netdsl.compiler.launches import TORCH_DTYPES, load_kernel_file
+from netdsl.compiler.layout import LAYOUT_OPTIONS, weight_layouts
+from netdsl.compiler.passes import Options
+from netdsl.errors import NetError
+from netdsl.ir.limits import check_memory
+from netdsl.ir.ops import OPS
+from netdsl.runtime.weights import fold_batchnorm, init_weights, weight_specs
+
+BACKENDS = ("torch", "triton")
+WEIGHTED_OPS = ("conv", "fc", "batchnorm")  # the ops whose weights a step takes (from its first such layer)
+COPY_KINDS = ("input", "transfer", "view")  # steps that launch no kernel
+
+
+def load(path: str | Path, **kwargs) -> Net:
+    """`netdsl.load(path, backend=..., devices=..., weights=...)`: a `Net` ready to run."""
+    return Net(path, **kwargs)
+
+
+class Net:
+    """A compiled net, callable on a batch: `net(x)` -> the output tensor (a dict for several outputs)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        backend: str = "torch",
+        devices: Mapping[str, str] | None = None,
+        dtype: str = "fp32",
+        weights: Mapping[str, object] | str | Path | None = None,
+        build_dir: str | Path | None = None,
+        batch: int = 1,
+        seed: int = 0,
+        init: str = "paper",
+        check_inputs: bool = True,
+        progress: TextIO | None = None,
+        cuda_graph: bool = False,
+        layout: str = "auto",
+    ) -> None:
+        self.path = str(path)
+        if backend not in BACKENDS:
+            raise NetError(f"unknown backend `{backend}`", where="backend", hint=f"backends: {', '.join(BACKENDS)}")
+        if dtype not in TORCH_DTYPES:
+            raise NetError(f"unknown dtype `{dtype}`", where="dtype", hint=f"dtypes: {', '.join(TORCH_DTYPES)}")
+        self.backend = backend
+        self.dtype = dtype
+        self.torch_dtype = TORCH_DTYPES[dtype]
+        self.check_inputs = check_inputs
+        self.init = init  # the scheme of the default weights: netdsl.runtime.weights.init_weights
+        # Where to show progress through the first run, while Triton compiles each kernel (None: silent).
+        self.progress = progress
+        self._warm: set[tuple[int, torch.dtype]] = set()
+        if layout not in LAYOUT_OPTIONS:
+            raise NetError(f"unknown layout `{layout}`", where="layout", hint=f"layouts: {', '.join(LAYOUT_OPTIONS)}")
+        self.compiled: Compiled = compile_net(path, Options(batch, dtype, layout=layout))
+        self.program: nx.DiGraph = self.compiled.program
+        self.layer_graph: nx.DiGraph = self.compiled.layers  # before folding: batch norms are still there
+        self._steps: dict[str, Step] = {name: self.program.nodes[name]["step"] for name in self.program.nodes}
+        self._partitions: dict[str, list[str]] = self.program.graph["partitions"]
+        self._order = _run_order(self.program, self._partitions)
+        self._roots = {name: self.program.graph["views"].get(name, name) for name in self._steps}
+        self._buffers = self.program.graph["buffers"]
+        self._arena_elements: dict[str, int] = self.program.graph["arena"]
+        self.devices = self._map_devices(devices)
+        # A step whose output another device reads records an event for it (used with CUDA streams).
+        self._signals = {
+            name
+            for name in self._steps
+            if any(self._steps[r].device != self._steps[name].device for r in self.program.successors(name))
+        }
+        self.input_shapes: dict[str, tuple[int, ...]] = {}
+        for name in self._order:
+            step = self._steps[name]
+            if step.kind == "input":
+                self.input_shapes.setdefault(step.first.name, tuple(step.shape))
+        self.output_steps: dict[str, str] = dict(zip(self.layer_graph.graph["outputs"], self.program.graph["outputs"]))
+        self.weight_shapes = weight_specs(self.layer_graph)
+
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.build_dir: Path | None = None
+        if build_dir is not None or backend == "triton":
+            if build_dir is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="netdsl-build-")
+                build_dir = self._tmp.name
+            self.build_dir = write_build(self.compiled, build_dir)
+        self._modules = {}
+        if backend == "triton":
+            self._check_triton_runnable()
+            for name in self._order:
+                if self._steps[name].kind not in COPY_KINDS:
+                    self._modules[name] = load_kernel_file(self.build_dir / "kernels" / f"{name}.py")
+        self._layer_specs = {
+            name: [(item.op, dict(item.params)) for item in step.layers] for name, step in self._steps.items()
+        }
+        self._arenas: dict[int, dict[str, torch.Tensor]] = {}
+        self._views: dict[int, dict[str, torch.Tensor]] = {}
+        self._streams = self._make_streams()
+        self.cuda_graph = cuda_graph
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
+        if cuda_graph:
+            self._check_graphable()
+        self.load_weights(self._default_weights(seed) if weights is None else weights)
+
+    # --- set-up -----------------------------------------------------------------------------------
+
+    def _map_devices(self, devices: Mapping[str, str] | None) -> dict[str, torch.device]:
+        logical = list(self._partitions)
+        if devices is None:
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                return {name: torch.device("cpu") for name in logical}
+            return {name: torch.device(f"cuda:{i % count}") for i, name in enumerate(logical)}
+        unknown = [name for name in devices if name not in logical]
+        if unknown:
+            raise NetError(
+                f"the net has no device `{unknown[0]}`",
+                where="devices",
+                hint=f"its devices: {', '.join(logical)}",
+            )
+        missing = [name for name in logical if name not in devices]
+        if missing:
+            raise NetError(
+                f"no torch device given for the net's device `{missing[0]}`",
+                where="devices",
+                hint=f"map every one of {', '.join(logical)}, e.g. {{'{missing[0]}': 'cuda:0'}}",
+            )
+        mapped = {}
+        for name in logical:
+            try:
+                mapped[name] = torch.device(devices[name])
+            except (RuntimeError, TypeError) as error:
+                raise NetError(f"`{devices[name]}` is not a torch device: {error}", where="devices") from None
+            if mapped[name].type == "cuda" and not torch.cuda.is_available():
+                raise NetError(
+                    f"device `{name}` is mapped to {mapped[name]}, but CUDA is not available", where="devices"
+                )
+        return mapped
+
+    def _check_triton_runnable(self) -> None:
+        on_cpu = [name for name, device in self.devices.items() if device.type != "cuda"]
+        if on_cpu and self.dtype == "bf16" and interpreting():
+            widened = widen_bf16_dots()  # the interpreter's bf16 dot multiplies raw bits otherwise
+            if not widened:
+                raise NetError(
+                    "this Triton's interpreter computes bf16 matrix products wrongly (triton-lang/triton#11584)",
+                    where="dtype",
+                    hint="run bf16 on a GPU, or use backend='torch' (--backend torch) or another dtype on the CPU",
+                )
+        if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+            raise NetError(
+                f"the triton backend cannot run device `{on_cpu[0]}` on {self.devices[on_cpu[0]]}",
+                where="backend",
+                hint="map every device to a CUDA GPU, or set TRITON_INTERPRET=1 (before triton is imported) to run "
+                "the kernels in Triton's interpreter on the CPU, or use backend='torch'",
+            )
+
+    def _check_graphable(self) -> None:
+        places = set(self.devices.values())
+        if any(device.type != "cuda" for device in places) or len(places) != 1:
+            where = ", ".join(f"{name}->{device}" for name, device in self.devices.items())
+            raise NetError(
+                f"CUDA-graph capture needs every partition on one GPU; this net runs on {where}",
+                where="cuda_graph",
+                hint="map all devices to one GPU (e.g. gpu0=cuda:0,gpu1=cuda:0) or leave cuda_graph off",
+            )
+
+    def _make_streams(self) -> dict[str, torch.cuda.Stream]:
+        if not any(device.type == "cuda" for device in self.devices.values()):
+            return {}
+        return {
+            name: torch.cuda.Stream(device=device) for name, device in self.devices.items() if device.type == "cuda"
+        }
+
+    def _default_weights(self, seed: int) -> dict[str, np.ndarray]:
+        return init_weights(self.layer_graph, seed=seed, scheme=self.init)
+
+    # --- weights ----------------------------------------------------------------------------------
+
+    def load_weights(self, weights: Mapping[str, object] | str | Path) -> None:
+        """Takes every weight of the net (`"<layer>.<tensor>"` -> tensor or array), checks names and shapes,
+        folds batch norms into the convs that absorbed them and puts each step's weights on its device."""
+        if isinstance(weights, (str, Path)):
+            try:
+                from netdsl.runtime.weights import load_weights
+            except ImportError:
+                raise NetError("loading weights from a file needs netdsl.runtime.weights", where=str(weights)) from None
+            weights = load_weights(weights, self.layer_graph)
+        if not isinstance(weights, Mapping):
+            raise NetError(f"weights must be a dict of name -> tensor, got {type(weights).__name__}", where="weights")
+        unknown = sorted(set(weights) - set(self.weight_shapes))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(self.weight_shapes), n=1)
+            more = f" (and {len(unknown) - 1} more unknown)" if unknown[1:] else ""
+            raise NetError(
+                f"the net has no weight `{unknown[0]}`{more}",
+                where="weights",
+                hint=f"did you mean `{close[0]}`?" if close else "weights are named `<layer>.<tensor>`",
+            )
+        missing = [name for name in self.weight_shapes if name not in weights]
+        if missing:
+            raise NetError(
+                f"weight `{missing[0]}` is missing" + (f" (and {len(missing) - 1} more)" if missing[1:] else ""),
+                where="weights",
+                hint=f"it has shape {_fmt(self.weight_shapes[missing[0]])}",
+            )
+        tensors: dict[str, torch.Tensor] = {}
+        for name, shape in self.weight_shapes.items():
+            value = weights[name]
+            try:
+                tensor = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+            except (TypeError, ValueError, RuntimeError) as error:
+                raise NetError(f"weight `{name}` is not a tensor: {error}", where="weights") from None
+            if tuple(tensor.shape) != tuple(shape):
+                raise NetError(
+                    f"weight `{name}` has shape {_fmt(tensor.shape)}, the net needs {_fmt(shape)}", where="weights"
+                )
+            if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
+                raise NetError(f"weight `{name}` has dtype {tensor.dtype}, not a real number type", where="weights")
+            tensors[name] = tensor.detach()
+        self._graphs.clear()  # captured graphs read the old weight tensors
+        self._step_weights = {
+            name: self._weights_of(step, tensors) for name, step in self._steps.items() if step.kind not in COPY_KINDS
+        }
+
+    def _weights_of(self, step: Step, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        item = next((member for member in step.layers if member.op in WEIGHTED_OPS), None)
+        if item is None:
+            return {}
+        names = _layer_weight_shapes(item)
+        found = {key: tensors[f"{item.name}.{key}"].double() for key in names}
+        for bn_name in item.fields.get("folded", []):
+            bn = self.layer_graph.nodes[bn_name]["layer"]
+            stats = {key: tensors[f"{bn_name}.{key}"].double() for key in _layer_weight_shapes(bn)}
+            folded = fold_batchnorm(
+                found["weight"].numpy(),
+                found["bias"].numpy() if "bias" in found else None,
+                {key: value.numpy() for key, value in stats.items()},
+                bn.params["eps"],
+            )
+            found = {"weight": torch.from_numpy(folded[0]), "bias": torch.from_numpy(folded[1])}
+        device = self.devices[step.device]
+        layouts = weight_layouts(step)
+        return {
+            key: to_layout(value.to(device=device, dtype=self.torch_dtype), layouts.get(key, "nchw"))
+            for key, value in found.items()
+        }
+
+    # --- running ----------------------------------------------------------------------------------
+
+    def __call__(self, x: torch.Tensor | np.ndarray | Mapping[str, object]) -> torch.Tensor | dict[str, torch.Tensor]:
+        inputs, batch = self._take_inputs(x)
+        views = self.views(batch)
+        with torch.no_grad(), _tf32(self.dtype == "tf32"):
+            if self.cuda_graph and (batch, self.torch_dtype) in self._warm:
+                self._replay(batch, views, inputs)
+            elif self.progress is not None and (batch, self.torch_dtype) not in self._warm:
+                self._first_run(views, inputs)
+            elif self._streams:
+                self._run_streams(views, inputs)
+            else:
+                for name in self._order:
+                    self._run_step(name, views, inputs)
+            self._warm.add((batch, self.torch_dtype))
+            outputs = {name: views[step].clone() for name, step in self.output_steps.items()}
+        self._check_gpu_inputs(inputs)
+        return next(iter(outputs.values())) if len(outputs) == 1 else outputs
+
+    def _replay(self, batch: int, views: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
+        """Runs the captured graph of this batch size, capturing it first (after the eager warm-up run)."""
+        if batch not in self._graphs:
+            device = next(iter(self.devices.values()))
+            static = {name: torch.empty_like(value, device=device) for name, value in inputs.items()}
+            for name, value in inputs.items():
+                static[name].copy_(value)
+            torch.cuda.synchronize(device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.device(device), torch.cuda.graph(graph):
+                self._run_streams(views, static)
+            self._graphs[batch] = (graph, static)
+        graph, static = self._graphs[batch]
+        for name, value in inputs.items():
+            static[name].copy_(value, non_blocking=True)
+        graph.replay()
+
+    def _first_run(self, views: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
+        """The first run at a batch size, one step at a time with a progress bar: on a GPU this is when
+        Triton compiles each kernel (seconds apiece); under the interpreter, the slow first pass."""
+        kernels = [name for name in self._order if self._steps[name].kind not in COPY_KINDS]
+        done = 0
+        for name in self._order:
+            self._run_step(name, views, inputs)
+            if name in kernels:
+                done += 1
+                filled = 30 * done // len(kernels)
+                self.progress.write(
+                    f"\r  first run [{'#' * filled}{'.' * (30 - filled)}] {done}/{len(kernels)} "
+                    f"kernels  {name[:40]:<40}"
+                )
+                self.progress.flush()
+        self.progress.write("\n")
+
+    def profile(self, x) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict[str, float]]:
+        """Runs one batch step by step, partitions one after another, and times every step (ms):
+        CUDA events on a GPU, the wall clock on the CPU. Returns the outputs and the times."""
+        inputs, batch = self._take_inputs(x)
+        views = self.views(batch)
+        times: dict[str, float] = {}
+        with torch.no_grad(), _tf32(self.dtype == "tf32"):
+            for name in self._order:
+                if self.devices[self._steps[name].device].type == "cuda":
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    self._run_step(name, views, inputs)
+                    end.record()
+                    end.synchronize()
+                    times[name] = start.elapsed_time(end)
+                else:
+                    began = time.perf_counter()
+                    self._run_step(name, views, inputs)
+                    times[name] = (time.perf_counter() - began) * 1e3
+            outputs = {name: views[step].clone() for name, step in self.output_steps.items()}
+        self._check_gpu_inputs(inputs)
+        return (next(iter(outputs.values())) if len(outputs) == 1 else outputs), times
+
+    def memory(self, batch: int) -> dict[str, tuple[int, int]]:
+        """Per logical device: bytes of its activation arena at `batch`, and bytes of its weights."""
+        width = torch.empty((), dtype=self.torch_dtype).element_size()
+        weights = dict.fromkeys(self._partitions, 0)
+        for name, tensors in self._step_weights.items():
+            weights[self._steps[name].device] += sum(t.numel() * t.element_size() for t in tensors.values())
+        return {device: (self._arena_elements[device] * batch * width, weights[device]) for device in self._partitions}
+
+    def _run_step(self, name: str, views: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
+        step = self._steps[name]
+        out = views[name]
+        if step.kind == "view":
+            return  # shares its input's buffer
+        if step.kind in ("input", "transfer"):
+            source = inputs[step.first.name] if step.kind == "input" else views[step.inputs[0]]
+            out.copy_(source, non_blocking=out.is_cuda)  # into host memory: a blocking copy
+            return
+        sources = [views[source] for source in step.inputs]
+        weights = self._step_weights[name]
+        if self.backend == "triton":
+            result = self._modules[name].launch(sources, weights, out=out)
+        else:
+            result = run_layers(self._layer_specs[name], sources, weights)
+        if result is not out and (result.data_ptr() != out.data_ptr() or result.shape != out.shape):
+            out.copy_(result.reshape(out.shape))
+
+    def _run_streams(self, views: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
+        """One CUDA stream per partition; a step reading another partition's output waits on the event
+        recorded after that step. Partitions mapped to the CPU run synchronously, after synchronizing with
+        the GPU steps they read. The caller's streams wait for everything before the outputs are copied."""
+        cuda_devices = {device for device in self.devices.values() if device.type == "cuda"}
+        cuda_devices |= {x.device for x in inputs.values() if x.is_cuda}
+        callers = [torch.cuda.current_stream(device) for device in cuda_devices]
+        for stream in self._streams.values():
+            for caller in callers:
+                stream.wait_stream(caller)  # the inputs, the weights and the arena were made on these
+        done: dict[str, torch.cuda.Event] = {}
+        for name in self._order:
+            step = self._steps[name]
+            stream = self._streams.get(step.device)
+            if stream is None:  # a partition on the CPU
+                for source in step.inputs:
+                    if source in done:
+                        done[source].synchronize()
+                self._run_step(name, views, inputs)
+                continue
+            with torch.cuda.device(stream.device), torch.cuda.stream(stream):
+                for source in step.inputs:
+                    if source in done:
+                        stream.wait_event(done[source])
+                source_stream = self._streams.get(self._steps[step.inputs[0]].device) if step.inputs else None
+                if step.kind == "transfer" and source_stream is not None and source_stream.device != stream.device:
+                    # A copy between two GPUs runs on the source device's current stream (PyTorch puts a
+                    # barrier between it and the destination's current stream): make that the source's
+                    # partition stream, which has already produced the data.
+                    with torch.cuda.stream(source_stream):
+                        self._run_step(name, views, inputs)
+                else:
+                    self._run_step(name, views, inputs)
+                if name in self._signals:
+                    done[name] = torch.cuda.Event()
+                    done[name].record(stream)
+        for stream in self._streams.values():
+            for caller in callers:
+                caller.wait_stream(stream)
+
+    def _take_inputs(self, x) -> tuple[dict[str, torch.Tensor], int]:
+        names = list(self.input_shapes)
+        if isinstance(x, Mapping):
+            unknown = [name for name in x if name not in self.input_shapes]
+            if unknown:
+                raise NetError(
+                    f"the net has no input `{unknown[0]}`", where=self.path, hint=f"inputs: {', '.join(names)}"
+                )
+            missing = [name for name in names if name not in x]
+            if missing:
+                raise NetError(f"input `{missing[0]}` is missing", where=self.path, hint=f"inputs: {', '.join(names)}")
+            given = dict(x)
+        elif len(names) == 1:
+            given = {names[0]: x}
+        else:
+            raise NetError(
+                f"the net has {len(names)} inputs: pass a dict of them",
+                where=self.path,
+                hint=f"inputs: {', '.join(names)}",
+            )
+        inputs: dict[str, torch.Tensor] = {}
+        batch = None
+        for name in names:
+            value = given[name]
+            if isinstance(value, np.ndarray):
+                value = torch.from_numpy(value)
+            if not isinstance(value, torch.Tensor):
+                raise NetError(f"input `{name}` must be a tensor, got {type(value).__name__}", where=self.path)
+            shape = self.input_shapes[name]
+            if value.dim() != len(shape) + 1 or tuple(value.shape[1:]) != shape or value.shape[0] < 1:
+                hint = f"the net reads N x {_fmt(shape)}, N >= 1 images"
+                if tuple(value.shape) == shape:
+                    hint = "add the batch dimension: x.unsqueeze(0)"
+                raise NetError(
+                    f"input `{name}` has shape {_fmt(value.shape)}, expected N x {_fmt(shape)}",
+                    where=self.path,
+                    hint=hint,
+                )
+            if value.dtype != self.torch_dtype:
+                raise NetError(
+                    f"input `{name}` has dtype {value.dtype}, the net runs in {self.dtype} ({self.torch_dtype})",
+                    where=self.path,
+                    hint=f"convert it first, e.g. x.to({self.torch_dtype})",
+                )
+            if batch is not None and value.shape[0] != batch:
+                raise NetError(f"input `{name}` has a batch of {value.shape[0]}, the others {batch}", where=self.path)
+            batch = value.shape[0]
+            if self.check_inputs and not value.is_cuda:
+                self._check_finite(name, value)
+            inputs[name] = value
+        return inputs, batch
+
+    def _check_finite(self, name: str, value: torch.Tensor) -> None:
+        if not bool(torch.isfinite(value).all()):
+            bad = "NaN" if bool(torch.isnan(value).any()) else "infinite values"
+            raise NetError(
+                f"input `{name}` contains {bad}",
+                where=self.path,
+                hint="check the data (or pass check_inputs=False to skip this check)",
+            )
+
+    def _check_gpu_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
+        """The NaN/Inf check of inputs already on a GPU, made after the pass is enqueued: reading its
+        answer waits for the GPU, which before the launches would serialize host and device."""
+        if self.check_inputs:
+            for name, value in inputs.items():
+                if value.is_cuda:
+                    self._check_finite(name, value)
+
+    # --- memory -----------------------------------------------------------------------------------
+
+    def arena(self, batch: int) -> dict[str, torch.Tensor]:
+        """Each logical device's arena for this batch size: one tensor, allocated on first use."""
+        if batch not in self._arenas:
+            check_memory(self.layer_graph, batch, self.dtype)  # the net's own `device ... memory` limits
+            try:
+                self._arenas[batch] = {
+                    device: torch.empty(max(elements, 1) * batch, dtype=self.torch_dtype, device=self.devices[device])
+                    for device, elements in self._arena_elements.items()
+                }
+            except (torch.OutOfMemoryError, RuntimeError, MemoryError) as error:
+                need = (
+                    max(self._arena_elements.values()) * batch * torch.empty((), dtype=self.torch_dtype).element_size()
+                )
+                raise NetError(
+                    f"a batch of {batch} needs up to {need / 2**20:,.1f} MiB of activations per device, which "
+                    f"cannot be allocated ({str(error).splitlines()[0][:120]})",
+                    where="batch",
+                    hint="use a smaller batch",
+                ) from None
+        return self._arenas[batch]
+
+    def views(self, batch: int) -> dict[str, torch.Tensor]:
+        """Step name -> its output: a [batch, *shape] view of its device's arena at its planned offset."""
+        if batch in self._views:
+            return self._views[batch]
+        arenas = self.arena(batch)
+        views: dict[str, torch.Tensor] = {}
+        for name in self._order:
+            step = self._steps[name]
+            root = self._roots[name]
+            buffer = self._buffers[root]
+            count = math.prod(self._steps[root].shape) * batch
+            start = buffer.offset * batch
+            flat = arenas[buffer.device][start : start + count]
+            views[name] = view_as_layout(flat, batch, tuple(step.shape), self._steps[root].layout)
+        self._views[batch] = views
+        return views
+
+    def release(self) -> None:
+        """Drops every arena (they are allocated again on the next call)."""
+        self._graphs.clear()  # they read and write the arenas
+        self._arenas.clear()
+        self._views.clear()
+
+    # --- torch integration ------------------------------------------------------------------------
+
+    def as_module(self) -> NetModule:
+        return NetModule(self)
+
+    def __repr__(self) -> str:
+        devices = ", ".join(f"{name}->{device}" for name, device in self.devices.items())
+        name = self.program.graph["name"]
+        return f"Net({name!r}, backend={self.backend!r}, dtype={self.dtype!r}, devices: {devices})"
+
+
+class NetModule(torch.nn.Module):
+    """A `Net` as a `torch.nn.Module` (inference only: no gradients flow through it)."""
+
+    def __init__(self, net: Net) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+    def extra_repr(self) -> str:
+        return repr(self.net)
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    """PyTorch's own convolutions and matrix products (the torch backend) in TF32 only for dtype tf32:
+    on an NVIDIA GPU cuDNN would otherwise use TF32 for fp32 convolutions by default."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _run_order(program: nx.DiGraph, partitions: dict[str, list[str]]) -> list[str]:
+    """Every step once, after its inputs and after the step before it in its own partition."""
+    order = nx.DiGraph()
+    order.add_nodes_from(program.nodes)
+    order.add_edges_from(program.edges)
+    for names in partitions.values():
+        order.add_edges_from(itertools.pairwise(names))
+    index = {name: i for i, name in enumerate(program.nodes)}
+    return list(nx.lexicographical_topological_sort(order, key=lambda name: index[name]))
+
+
+def _layer_weight_shapes(item) -> dict[str, tuple[int, ...]]:
+    if item.input_shape is None:
+        return {}
+    spec = OPS.get(item.op)
+    if spec is None:
+        return {}
+    return {**spec.weights(item.params, item.input_shape), **spec.buffers(item.params, item.input_shape)}
+
+
+def _fmt(shape) -> str:
+    return " x ".join(str(int(n)) for n in shape) or "scalar"
