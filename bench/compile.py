@@ -30,7 +30,7 @@ from frontend import generated_net  # noqa: E402
 from netdsl.compiler.compile import compile_net, write_build  # noqa: E402
 from netdsl.compiler.cost import fused_costs, unfused_costs  # noqa: E402
 from netdsl.compiler.launches import record_launches  # noqa: E402
-from netdsl.compiler.passes import Options, run_pipeline  # noqa: E402
+from netdsl.compiler.passes import Options, run_passes  # noqa: E402
 from netdsl.lang.build import build  # noqa: E402
 from netdsl.lang.parse import parse_file  # noqa: E402
 from netdsl.tables import format_table  # noqa: E402
@@ -87,8 +87,8 @@ def compile_table(smoke: bool = False) -> list[str]:
 def roofline_table(settings: tuple[tuple[int, str], ...] = ROOFLINE_SETTINGS) -> list[str]:
     rows = []
     for batch, dtype in settings:
-        graph = build(parse_file(ROOT / "nets/alexnet.net"))
-        program, _ = run_pipeline(graph, Options(batch=batch, dtype=dtype))  # shapes `graph` in place
+        after = run_passes(build(parse_file(ROOT / "nets/alexnet.net")), Options(batch=batch, dtype=dtype))
+        program, graph = after["plan_memory"], after["shapes"]
         fused = [c for c in fused_costs(program, batch, dtype) if c.kind not in ("input", "view", "transfer")]
         unfused = unfused_costs(graph, batch, dtype)
         fb, ub = sum(c.bytes for c in fused), sum(c.bytes for c in unfused)

@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     netdsl = importlib.import_module("netdsl")
     import_ms = (time.perf_counter() - start) * 1e3
-    parse, build, shapes, validate = (
-        importlib.import_module(f"netdsl.{m}") for m in ("parse", "build", "shapes", "validate")
+    parse, build, shapes, limits = (
+        importlib.import_module(f"netdsl.{m}") for m in ("lang.parse", "lang.build", "ir.shapes", "ir.limits")
     )
     lark, nx = importlib.import_module("lark"), importlib.import_module("networkx")
     start = time.perf_counter()
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         ("parse (Lark + syntax tree)", None, lambda: parse.parse_text(text, file)),
         ("build (IR graph)", None, lambda: build.build(module)),
         ("shapes", lambda: build.build(module), shapes.infer_shapes),
-        ("memory check", None, lambda: validate.check_memory(graph)),
+        ("memory check", None, lambda: limits.check_memory(graph)),
     ]
     print()
     print(f"stages of generated {largest:,}: best of {runs} runs, ms (cyclic GC paused, as graph_from_text does;")

@@ -8,7 +8,8 @@
 # 2. conv1's space-to-depth variant (bench/conv_sweep.py --layers conv1) and the fc / LRN tiles
 #    (bench/step_sweep.py); a per-step profile of AlexNet in both layouts;
 # 3. bench/alexnet_gpu.py: netdsl (channels-last, CUDA graph, all-NCHW) and PyTorch eager at batch
-#    128 and 1 in every precision, then torch.compile in bf16 for as long as the time box allows.
+#    128 and 1 in every precision, then torch.compile in bf16 for as long as the time box allows;
+# 4. bench/train.py --gpu: a training step of AlexNet at batch 128 in bf16 against eager and torch.compile.
 # Meanwhile, background processes compile the kernels the benchmark needs (filling the caches on disk).
 # Works with the machine's own torch and triton; lark travels as a wheel in .whl/ when missing.
 set -u
@@ -38,7 +39,7 @@ export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 6")
 timeout "${TEST_S:-150}" python3 -m pytest -q $workers -p no:cacheprovider -rfE \
     tests/test_gpu.py tests/test_layout.py tests/test_kernel_conv_nhwc.py tests/test_kernel_configs.py \
-    tests/test_emitted.py tests/test_fusion_legality.py tests/test_kernel_conv.py \
+    tests/test_emitted.py tests/test_fusion_legality.py tests/test_kernel_conv.py tests/test_train_module.py \
     2>&1 | tee "$OUT/pytest.log" | tail -n 30
 echo "--- measured errors (relative to the largest |reference|)"
 sort "$OUT/errors.tsv" 2>/dev/null | tail -n 30
@@ -64,3 +65,8 @@ tail -n 3 "$OUT/bench_compile.log"
 tail -n 3 "$OUT"/warm_*.log
 echo "--- bench rows: batch, precision, system, latency ms, images/s, x floor, warm-up s"
 cat "$OUT/bench.tsv" 2>/dev/null
+
+# training: a step of AlexNet at batch 128 in bf16, netdsl (GraphModule) vs eager vs torch.compile, and two
+# towers on two GPUs when there are two (tests/test_train_module.py's CPU-and-GPU tower tests run above)
+timeout "${TRAIN_S:-120}" python3 bench/train.py --nets lenet5 --gpu --steps 10 >"$OUT/train.log" 2>&1
+tail -n 8 "$OUT/train.log"

@@ -1,8 +1,9 @@
 """Triton kernels that netdsl's code generator specializes for each fused layer group.
 
-Installed as `netdsl.codegen`. Each module holds one family of kernels: the `@triton.jit` kernel,
-self-contained so the emitter can copy its source into a generated file, then a launcher that
-checks shapes, allocates the output and launches it.
+Installed as `netdsl.codegen`. Each module holds one family of kernels: the `@triton.jit` kernel
+(which may call `@triton.jit` device functions; the emitter copies the kernel and those into a
+generated file: `source.py`), then a launcher that checks shapes, allocates the output and launches
+it. `reference.py` is what every op means in PyTorch; `limits.py` what the kernels can hold.
 """
 
 from netdsl.codegen.interpret import interpreting, widen_bf16_dots

@@ -15,6 +15,11 @@ conv3 reads both towers' conv2 outputs without a concatenated copy. Every tensor
 explicit element strides: an input or the output may be a channel slice of a larger NCHW buffer, or
 channels-last. The compiler runs this kernel for convs with fewer than 16 input channels per group
 (conv1); wider ones run `conv_nhwc.py` on channels-last maps (netdsl.compiler.layout).
+
+Both conv kernels call the device functions defined after `conv2d_kernel`, which Triton inlines:
+`conv_pixels` decodes a program's output pixels, `conv_epilogue` adds the bias, applies the activation and
+stores. Both launchers build their arguments with `conv_arguments`. The emitter copies a kernel into the
+generated file together with the device functions it calls (netdsl.codegen.source.device_functions).
 """
 
 # ruff: noqa: N803, N806  (Triton convention: sizes and constexprs are upper case)
@@ -25,6 +30,8 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+
+from netdsl.codegen.limits import SM_COUNT
 
 
 @triton.jit
@@ -52,19 +59,12 @@ def conv2d_kernel(
     num_pid_n = tl.cdiv(C_OUT_G, BLOCK_N)
     pid_m = pid // num_pid_n
     pid_n = pid % num_pid_n
-
-    # Pixels (GEMM rows) are decoded once. The accumulator is the transposed product
-    # [channels, pixels], so the gathered input tile has pixels along its fast axis.
-    M = BATCH * OH * OW
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
     mask_n = offs_n < C_OUT_G
-    ow = offs_m % OW
-    oh = (offs_m // OW) % OH
-    batch = offs_m // (OH * OW)
-    ih0 = oh * conv_stride_h - pad_h
-    iw0 = ow * conv_stride_w - pad_w
+    batch, oh, ow, ih0, iw0, mask_m = conv_pixels(
+        pid_m, BATCH, OH, OW, conv_stride_h, conv_stride_w, pad_h, pad_w, BLOCK_M
+    )
+
     # Which filter taps of each pixel land inside the image: bit kh for its row, bit KH + kw for its
     # column; pixels past M get none. This mask and the pixel's address are all the K loop keeps per pixel.
     taps = tl.zeros((BLOCK_M,), dtype=tl.int32)
@@ -84,6 +84,8 @@ def conv2d_kernel(
     if NUM_INPUTS == 2:
         c_split = tl.minimum(tl.maximum(C0 - group * C_IN_G, 0), C_IN_G)
 
+    # The accumulator is the transposed product [channels, pixels], so the gathered input tile has
+    # pixels along its fast axis.
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for source in tl.static_range(NUM_INPUTS):
         if source == 0:
@@ -115,16 +117,48 @@ def conv2d_kernel(
             w = tl.load(w_rows[:, None] + k[None, :] * stride_wk, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             acc = tl.dot(w, x, acc=acc, input_precision=INPUT_PRECISION)
 
+    conv_epilogue(
+        acc, b_ptr, y_ptr, batch, oh, ow, mask_m, out_channel, mask_n,
+        stride_yn, stride_yc, stride_yh, stride_yw, slope, HAS_BIAS, ACTIVATION, PIXEL_AXIS=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def conv_pixels(pid_m, BATCH, OH, OW, conv_stride_h, conv_stride_w, pad_h, pad_w, BLOCK_M: tl.constexpr):
+    """Output pixels (GEMM rows) pid_m * BLOCK_M on, decoded once per program: each one's (batch, oh, ow),
+    the top-left input position of its window (ih0, iw0), and whether it is one (mask_m: below BATCH*OH*OW)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < BATCH * OH * OW
+    ow = offs_m % OW
+    oh = (offs_m // OW) % OH
+    batch = offs_m // (OH * OW)
+    ih0 = oh * conv_stride_h - pad_h
+    iw0 = ow * conv_stride_w - pad_w
+    return batch, oh, ow, ih0, iw0, mask_m
+
+
+@triton.jit
+def conv_epilogue(
+    acc, b_ptr, y_ptr, batch, oh, ow, mask_m, out_channel, mask_n,
+    stride_yn, stride_yc, stride_yh, stride_yw, slope,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # "none", "relu" or "leaky_relu"
+    PIXEL_AXIS: tl.constexpr,  # the axis of acc along the pixels: 0 for [pixels, channels], 1 for [channels, pixels]
+):  # fmt: skip
+    """Adds the bias of each output channel to the fp32 accumulator, applies the activation and stores the
+    tile to y in y's dtype."""
+    CHANNEL_AXIS: tl.constexpr = 1 - PIXEL_AXIS
     if HAS_BIAS:
-        acc += tl.load(b_ptr + out_channel, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        acc += tl.expand_dims(tl.load(b_ptr + out_channel, mask=mask_n, other=0.0).to(tl.float32), PIXEL_AXIS)
     if ACTIVATION == "relu":
         acc = tl.maximum(acc, 0.0)
     elif ACTIVATION == "leaky_relu":
         acc = tl.where(acc > 0, acc, acc * slope)
 
-    y_cols = y_ptr + batch.to(tl.int64) * stride_yn + oh * stride_yh + ow * stride_yw
-    y_ptrs = y_cols[None, :] + (out_channel * stride_yc)[:, None]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+    y_pixels = y_ptr + batch.to(tl.int64) * stride_yn + oh * stride_yh + ow * stride_yw
+    y_ptrs = tl.expand_dims(y_pixels, CHANNEL_AXIS) + tl.expand_dims(out_channel * stride_yc, PIXEL_AXIS)
+    mask = tl.expand_dims(mask_m, CHANNEL_AXIS) & tl.expand_dims(mask_n, PIXEL_AXIS)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # Tile shapes: BLOCK_M output pixels by BLOCK_N output channels of one group. On Triton 3.9 all compile
@@ -138,7 +172,6 @@ CONFIGS = [
 ACTIVATIONS = ("none", "relu", "leaky_relu")
 INPUT_PRECISIONS = ("ieee", "tf32")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_SM_COUNT = 132  # an H100 SXM; only decides when a tile is too big to fill the GPU
 # Triton 3.6 lays the gathered tile out with threads along K rather than along the pixels and needs far more
 # registers: there the square tile spills on every AlexNet layer and the half-width one does not. Before 3.9
 # (3.7 and 3.8 unmeasured) wide layers take the half-width tile.
@@ -149,8 +182,8 @@ _SQUARE_TILE = tuple(int(part) for part in triton.__version__.split(".")[:2]) >=
 INTERPRETER_CONFIG = {"BLOCK_M": 512, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
 
 
-def pick_config(M: int, N: int, K: int) -> dict:
-    """Block sizes for the implicit GEMM of one group: M pixels, N output channels, K = C_in/groups*KH*KW.
+def pick_config(M: int, N: int) -> dict:
+    """Block sizes for the implicit GEMM of one group: M pixels and N output channels.
 
     Groups with more than 64 channels take the square tile; narrower ones the small 64 x 64 tile
     (conv1's 48 channels per tower waste a quarter of a 64-wide tile rather than most of a 128-wide
@@ -162,7 +195,7 @@ def pick_config(M: int, N: int, K: int) -> dict:
         return CONFIGS[2]
     config = CONFIGS[0] if _SQUARE_TILE else CONFIGS[1]
     tiles = triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"])
-    return config if tiles >= _SM_COUNT // 2 else CONFIGS[2]
+    return config if tiles >= SM_COUNT // 2 else CONFIGS[2]
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
@@ -236,43 +269,19 @@ def conv2d_launch(
     sm_90 compile test sees the exact specialization a real launch would get."""
     inputs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
     g = conv_geometry("conv2d", inputs, weight, bias, stride, padding, dilation, groups, activation, input_precision)
-    batch, height, width, out_h, out_w = g.batch, g.height, g.width, g.out_h, g.out_w
-    c_out, c_in_group, kh, kw = weight.shape
-    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = g.stride, g.padding, g.dilation
-    if kh + kw > 31:
-        raise ValueError(f"conv2d supports filters with KH + KW <= 31, got {kh} x {kw}")
-    out = conv_output("conv2d", out, (batch, c_out, out_h, out_w), inputs[0], torch.contiguous_format)
-
-    c_out_group = c_out // groups
-    rows = batch * out_h * out_w
+    if sum(g.kernel) > 31:
+        raise ValueError(f"conv2d supports filters with KH + KW <= 31, got {g.kernel[0]} x {g.kernel[1]}")
+    out = conv_output("conv2d", out, g.out_shape, inputs[0], torch.contiguous_format)
     if config is None:  # on the CPU the interpreter runs one program at a time: few, big tiles
-        config = (
-            INTERPRETER_CONFIG
-            if inputs[0].device.type == "cpu"
-            else pick_config(rows, c_out_group, c_in_group * kh * kw)
-        )
-    x0, x1 = inputs[0], inputs[-1]
-    weight_rows = weight.reshape(c_out, c_in_group * kh * kw)  # K = (c, kh, kw): a view of any NCHW weight
-    grid = (triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(c_out_group, config["BLOCK_N"]), groups)
-    arguments = {
-        "x0_ptr": x0, "x1_ptr": x1, "w_ptr": weight_rows, "b_ptr": weight_rows if bias is None else bias, "y_ptr": out,
-        "BATCH": batch, "H": height, "W": width, "OH": out_h, "OW": out_w,
-        "C0": x0.shape[1], "C_IN_G": c_in_group, "C_OUT_G": c_out_group,
-        **_strides("x0", "nchw", x0), **_strides("x1", "nchw", x1),
-        **_strides("w", "ok", weight_rows), **_strides("y", "nchw", out),
-        "conv_stride_h": stride_h, "conv_stride_w": stride_w,
-        "pad_h": pad_h, "pad_w": pad_w, "dil_h": dil_h, "dil_w": dil_w,
-        "slope": slope,
-        "KH": kh, "KW": kw, "NUM_INPUTS": len(inputs),
-        "HAS_BIAS": bias is not None, "ACTIVATION": activation, "INPUT_PRECISION": input_precision,
-        **config,
-    }  # fmt: skip
-    return grid, arguments
+        config = INTERPRETER_CONFIG if inputs[0].device.type == "cpu" else pick_config(g.pixels, g.c_out_group)
+    weight_rows = weight.flatten(1)  # K = (c, kh, kw): a view of any NCHW weight
+    return conv_arguments(inputs, weight_rows, "ok", bias, out, g, activation, slope, input_precision, config)
 
 
 @dataclass(frozen=True)
 class ConvGeometry:
-    """A checked convolution's sizes: input batch and map, output map, and stride, padding, dilation."""
+    """A checked convolution's sizes: input batch and map, output map, stride, padding, dilation, the
+    filter's size (KH, KW), the groups and the channels in and out."""
 
     batch: int
     height: int
@@ -282,6 +291,23 @@ class ConvGeometry:
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
+    kernel: tuple[int, int]
+    groups: int
+    c_in_group: int
+    c_out: int
+
+    @property
+    def pixels(self) -> int:
+        """Output pixels of the batch: the GEMM's rows."""
+        return self.batch * self.out_h * self.out_w
+
+    @property
+    def c_out_group(self) -> int:
+        return self.c_out // self.groups
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.c_out, self.out_h, self.out_w)
 
 
 def conv_geometry(
@@ -318,7 +344,10 @@ def conv_geometry(
     out_w = (width + 2 * pad_w - dil_w * (kw - 1) - 1) // stride_w + 1
     if out_h < 1 or out_w < 1:
         raise ValueError(f"{name} output would be empty: input {height} x {width}, kernel {kh} x {kw}")
-    return ConvGeometry(batch, height, width, out_h, out_w, (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w))
+    return ConvGeometry(
+        batch, height, width, out_h, out_w, (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w),
+        kernel=(kh, kw), groups=groups, c_in_group=c_in_group, c_out=c_out,
+    )  # fmt: skip
 
 
 def conv_output(
@@ -330,6 +359,39 @@ def conv_output(
     if tuple(out.shape) != shape or out.dtype != like.dtype:
         raise ValueError(f"{name} out is {out.dtype} {tuple(out.shape)}, expected {like.dtype} {shape}")
     return out
+
+
+def conv_arguments(
+    inputs: list[torch.Tensor],
+    weight: torch.Tensor,
+    weight_axes: str,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    g: ConvGeometry,
+    activation: str,
+    slope: float,
+    input_precision: str,
+    config: dict,
+) -> tuple[tuple[int, int], dict[str, Any]]:
+    """The grid and keyword arguments (launch options included) of either conv kernel. `weight` is the
+    kernel's view of the weight, `weight_axes` its axes as the kernel's stride arguments name them
+    ("ok": conv2d_kernel's [C_out, K] rows; "ochw": conv2d_nhwc_kernel's 4-D weight)."""
+    x0, x1 = inputs[0], inputs[-1]
+    grid = (triton.cdiv(g.pixels, config["BLOCK_M"]) * triton.cdiv(g.c_out_group, config["BLOCK_N"]), g.groups)
+    arguments = {
+        "x0_ptr": x0, "x1_ptr": x1, "w_ptr": weight, "b_ptr": weight if bias is None else bias, "y_ptr": out,
+        "BATCH": g.batch, "H": g.height, "W": g.width, "OH": g.out_h, "OW": g.out_w,
+        "C0": x0.shape[1], "C_IN_G": g.c_in_group, "C_OUT_G": g.c_out_group,
+        **_strides("x0", "nchw", x0), **_strides("x1", "nchw", x1),
+        **_strides("w", weight_axes, weight), **_strides("y", "nchw", out),
+        "conv_stride_h": g.stride[0], "conv_stride_w": g.stride[1],
+        "pad_h": g.padding[0], "pad_w": g.padding[1], "dil_h": g.dilation[0], "dil_w": g.dilation[1],
+        "slope": slope,
+        "KH": g.kernel[0], "KW": g.kernel[1], "NUM_INPUTS": len(inputs),
+        "HAS_BIAS": bias is not None, "ACTIVATION": activation, "INPUT_PRECISION": input_precision,
+        **config,
+    }  # fmt: skip
+    return grid, arguments
 
 
 def _strides(name: str, axes: str, tensor: torch.Tensor) -> dict[str, int]:

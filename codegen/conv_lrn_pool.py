@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .limits import MAX_CHANNELS_PER_GROUP
 from .pool import check_pool_args, pair, pooled_size
 
 
@@ -151,7 +152,6 @@ CONFIGS = {
     "wide": {"BLOCK_N": 128, "BLOCK_P": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
     "wide-fp32": {"BLOCK_N": 128, "BLOCK_P": 16, "BLOCK_K": 16, "num_warps": 8, "num_stages": 2},
 }
-MAX_CHANNELS_PER_GROUP = 128
 INPUT_PRECISIONS = ("ieee", "tf32")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -21,12 +21,11 @@ the rest from x1: AlexNet's conv3 reads both towers without a concatenated copy)
 a group starts a channel block of its own, so blocks never straddle the two. Any strides work (NCHW
 too, just without the vector loads); the output may be any strided view, channels-last by default.
 
-The pixel decoding and the bias/activation epilogue repeat conv.py's on purpose: every kernel is one
-self-contained `@triton.jit` function, because the emitter copies exactly that function into a
-generated file (shared `@triton.jit` helpers would not travel with it).
+The pixel decoding, the bias/activation epilogue and the launch arguments are conv.py's (`conv_pixels`,
+`conv_epilogue`, `conv_arguments`).
 """
 
-# ruff: noqa: N803, N806  (Triton convention: sizes and constexprs are upper case)
+# ruff: noqa: N803  (Triton convention: sizes and constexprs are upper case)
 
 from typing import Any
 
@@ -34,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from netdsl.codegen.conv import _strides, conv_geometry, conv_output
+from netdsl.codegen.conv import conv_arguments, conv_epilogue, conv_geometry, conv_output, conv_pixels
+from netdsl.codegen.limits import SM_COUNT
 
 
 @triton.jit
@@ -60,17 +60,11 @@ def conv2d_nhwc_kernel(
     num_pid_n = tl.cdiv(C_OUT_G, BLOCK_N)
     pid_m = pid // num_pid_n
     pid_n = pid % num_pid_n
-
-    M = BATCH * OH * OW
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
     mask_n = offs_n < C_OUT_G
-    ow = offs_m % OW
-    oh = (offs_m // OW) % OH
-    batch = offs_m // (OH * OW)
-    ih0 = oh * conv_stride_h - pad_h
-    iw0 = ow * conv_stride_w - pad_w
+    batch, oh, ow, ih0, iw0, mask_m = conv_pixels(
+        pid_m, BATCH, OH, OW, conv_stride_h, conv_stride_w, pad_h, pad_w, BLOCK_M
+    )
     out_channel = group * C_OUT_G + offs_n
     w_filters = w_ptr + out_channel.to(tl.int64) * stride_wo
 
@@ -121,21 +115,14 @@ def conv2d_nhwc_kernel(
             )
             acc = tl.dot(x, w, acc=acc, input_precision=INPUT_PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + out_channel, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if ACTIVATION == "relu":
-        acc = tl.maximum(acc, 0.0)
-    elif ACTIVATION == "leaky_relu":
-        acc = tl.where(acc > 0, acc, acc * slope)
-
-    y_pixels = y_ptr + batch.to(tl.int64) * stride_yn + oh * stride_yh + ow * stride_yw
-    y_ptrs = y_pixels[:, None] + (out_channel * stride_yc)[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    conv_epilogue(
+        acc, b_ptr, y_ptr, batch, oh, ow, mask_m, out_channel, mask_n,
+        stride_yn, stride_yc, stride_yh, stride_yw, slope, HAS_BIAS, ACTIVATION, PIXEL_AXIS=0,
+    )  # fmt: skip
 
 
 # Under Triton's interpreter (CPU tensors) a program costs about the same whatever its size.
 INTERPRETER_CONFIG = {"BLOCK_M": 512, "BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
-_SM_COUNT = 132  # an H100 SXM; only decides when a tile is too big to fill the GPU
 
 
 def pick_config(M: int, C_IN_G: int, C_OUT_G: int, dtype: torch.dtype, input_precision: str = "tf32") -> dict:
@@ -158,7 +145,7 @@ def pick_config(M: int, C_IN_G: int, C_OUT_G: int, dtype: torch.dtype, input_pre
     else:
         config = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 4}
     tiles = triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(C_OUT_G, config["BLOCK_N"])
-    if tiles < 2 * _SM_COUNT:
+    if tiles < 2 * SM_COUNT:
         config = {**config, "BLOCK_M": 64, "BLOCK_K": min(block_k, 32), "num_warps": 4, "num_stages": 3}
         if dtype == torch.float32:  # 8 warps and 2 stages: with 4 or 3, ptxas spills some fp32 (FMA-dot) builds
             config.update(num_warps=8, num_stages=2)
@@ -212,28 +199,12 @@ def conv2d_nhwc_launch(
     g = conv_geometry(
         "conv2d_nhwc", inputs, weight, bias, stride, padding, dilation, groups, activation, input_precision
     )
-    batch, height, width, out_h, out_w = g.batch, g.height, g.width, g.out_h, g.out_w
-    c_out, c_in_group, kh, kw = weight.shape
-    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = g.stride, g.padding, g.dilation
-    x0, x1 = inputs[0], inputs[-1]
-    out = conv_output("conv2d_nhwc", out, (batch, c_out, out_h, out_w), x0, torch.channels_last)
-    c_out_group = c_out // groups
-    rows = batch * out_h * out_w
+    out = conv_output("conv2d_nhwc", out, g.out_shape, inputs[0], torch.channels_last)
     if config is None:  # on the CPU the interpreter runs one program at a time: few, big tiles
-        on_cpu = x0.device.type == "cpu"
-        config = INTERPRETER_CONFIG if on_cpu else pick_config(rows, c_in_group, c_out_group, x0.dtype, input_precision)
-    grid = (triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(c_out_group, config["BLOCK_N"]), groups)
-    arguments = {
-        "x0_ptr": x0, "x1_ptr": x1, "w_ptr": weight, "b_ptr": weight if bias is None else bias, "y_ptr": out,
-        "BATCH": batch, "H": height, "W": width, "OH": out_h, "OW": out_w,
-        "C0": x0.shape[1], "C_IN_G": c_in_group, "C_OUT_G": c_out_group,
-        **_strides("x0", "nchw", x0), **_strides("x1", "nchw", x1),
-        **_strides("w", "ochw", weight), **_strides("y", "nchw", out),
-        "conv_stride_h": stride_h, "conv_stride_w": stride_w,
-        "pad_h": pad_h, "pad_w": pad_w, "dil_h": dil_h, "dil_w": dil_w,
-        "slope": slope,
-        "KH": kh, "KW": kw, "NUM_INPUTS": len(inputs),
-        "HAS_BIAS": bias is not None, "ACTIVATION": activation, "INPUT_PRECISION": input_precision,
-        **config,
-    }  # fmt: skip
-    return grid, arguments
+        on_cpu = inputs[0].device.type == "cpu"
+        config = (
+            INTERPRETER_CONFIG
+            if on_cpu
+            else pick_config(g.pixels, g.c_in_group, g.c_out_group, inputs[0].dtype, input_precision)
+        )
+    return conv_arguments(inputs, weight, "ochw", bias, out, g, activation, slope, input_precision, config)

@@ -89,7 +89,7 @@ ACTIVATIONS = ("none", "relu", "leaky_relu")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def pick_config(channels: int, spatial: int) -> ElementwiseConfig:
+def pick_config(spatial: int) -> ElementwiseConfig:
     """The tile whose spatial width is the smallest power of two that covers `spatial` (capped at 1024)."""
     return next((config for config in CONFIGS if spatial <= config.BLOCK_S), CONFIGS[-1])
 
@@ -142,7 +142,7 @@ def elementwise(
         return out
 
     spatial = x.shape[2] * x.shape[3] if x.dim() == 4 else 1
-    config = pick_config(channels, spatial)
+    config = pick_config(spatial)
     grid = (x.shape[0], triton.cdiv(channels, config.BLOCK_C), triton.cdiv(spatial, config.BLOCK_S))
     (kernel or elementwise_kernel)[grid](
         x,

@@ -101,9 +101,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 512, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1}
 
 
-def pick_config(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Block sizes for M batch rows, N units and K features: up to 16 rows the layer streams W, and the
-    narrow tile spreads that stream over many programs."""
+def pick_config(M: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Block sizes for M batch rows: up to 16 rows the layer streams W, and the narrow tile spreads that
+    stream over many programs."""
     configs = FP32_CONFIGS if dtype == torch.float32 else CONFIGS
     return configs[1] if M <= 16 else configs[0]
 
@@ -182,7 +182,7 @@ def linear_launch(
 
     if config is None:  # on the CPU the interpreter runs one program at a time: few, big tiles
         on_cpu = rows[0].device.type == "cpu"
-        config = INTERPRETER_CONFIG if on_cpu else pick_config(batch, units, features, rows[0].dtype)
+        config = INTERPRETER_CONFIG if on_cpu else pick_config(batch, rows[0].dtype)
     x0, x1 = rows[0], rows[-1]
     grid = (triton.cdiv(batch, config["BLOCK_M"]) * triton.cdiv(units, config["BLOCK_N"]),)
     arguments = {

@@ -189,9 +189,9 @@ def pool2d(
     return out
 
 
-def global_avg_pool2d(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Average over the whole H x W plane: N x C x H x W -> N x C x 1 x 1."""
+def global_avg_pool2d(x: torch.Tensor, out: torch.Tensor | None = None, *, kernel=None) -> torch.Tensor:
+    """Average over the whole H x W plane: N x C x H x W -> N x C x 1 x 1 (`pool2d` with the plane as its window)."""
     if x.dim() != 4:
         raise ValueError(f"expected a 4-D NCHW tensor, got shape {tuple(x.shape)}")
     plane = (x.shape[2], x.shape[3])
-    return pool2d(x, "avg", plane, plane, out=out)
+    return pool2d(x, "avg", plane, plane, out=out, kernel=kernel)

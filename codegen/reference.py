@@ -1,5 +1,6 @@
 """Reference implementations of every op kind with PyTorch ops: what a layer means, independent of the
-generated kernels. Used by generated files to check themselves and by the torch backend."""
+generated kernels. Used by generated files to check themselves, by the torch backend, and (with
+`training=True`, under autograd) by the trainable module `netdsl.runtime.module.GraphModule`."""
 
 from __future__ import annotations
 
@@ -25,8 +26,16 @@ def _join(inputs: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(inputs, dim=1)
 
 
-def apply(op: str, params: dict, inputs: list[torch.Tensor], weights: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One layer on a batch. Several inputs to a one-input op are joined on channels."""
+def apply(
+    op: str, params: dict, inputs: list[torch.Tensor], weights: dict[str, torch.Tensor], training: bool = False
+) -> torch.Tensor:
+    """One layer on a batch. Several inputs to a one-input op are joined on channels.
+
+    `training=False` is inference, what `netdsl run` computes: dropout is the identity, batch norm uses its
+    running statistics. `training=True` is a training step: dropout zeroes each value with probability
+    `rate` and scales the others by 1 / (1 - rate) (PyTorch's inverted dropout, its masks drawn from
+    torch's generator), batch norm normalizes with the batch's mean and biased variance and updates the
+    running ones in place, `running = (1 - momentum) * running + momentum * batch` (the unbiased variance)."""
     if op == "add":
         return torch.stack(inputs).sum(0)
     if op == "concat":
@@ -65,9 +74,10 @@ def apply(op: str, params: dict, inputs: list[torch.Tensor], weights: dict[str, 
     if op == "global_avgpool":
         return x.mean(dim=(2, 3), keepdim=True)
     if op == "dropout":
-        return x
+        return F.dropout(x, params["rate"], training=True) if training else x
     if op == "softmax":
-        return torch.softmax(x.float(), dim=1).to(x.dtype)
+        wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # float64 stays float64
+        return torch.softmax(wide, dim=1).to(x.dtype)
     if op == "batchnorm":
         return F.batch_norm(
             x,
@@ -75,7 +85,8 @@ def apply(op: str, params: dict, inputs: list[torch.Tensor], weights: dict[str, 
             weights["running_var"],
             weights["weight"],
             weights["bias"],
-            training=False,
+            training=training,
+            momentum=params["momentum"] if training else 0.0,  # not read at inference
             eps=params["eps"],
         )
     if op == "flatten":

@@ -1,9 +1,9 @@
 """netdsl: describe convolutional networks as text and compile them into GPU code."""
 
+from netdsl._version import __version__
 from netdsl.errors import NetError
 from netdsl.lang.frontend import graph_from_text, load_graph
 
-__version__ = "0.1.0"
 __all__ = ["NetError", "__version__", "graph_from_text", "load", "load_graph"]
 
 

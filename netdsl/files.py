@@ -48,3 +48,14 @@ def write_atomic_bytes(path: Path, data: bytes) -> None:
 def write_atomic(path: Path, text: str) -> None:
     """Writes `text` (UTF-8, line ends as given) to `path` atomically."""
     write_atomic_bytes(path, text.encode("utf-8"))
+
+
+def write_array(path: Path, array) -> None:
+    """Writes a numpy array as a `.npy` file, atomically."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_atomic_bytes(path, buffer.getvalue())

@@ -1,4 +1,4 @@
-"""Plain-text tables for the command line and reports."""
+"""Plain text for the command line and reports: tables and sizes."""
 
 from __future__ import annotations
 
@@ -13,3 +13,10 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: set
         cells = [str(c).ljust(w) if i in left else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
         out.append("  ".join(cells).rstrip())
     return out
+
+
+def format_bytes(count: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"

@@ -75,3 +75,12 @@ def test_frontend_rejects_sizes_below_its_smallest_net(capsys):
     with pytest.raises(SystemExit):
         frontend.main(["--sizes", "10,100"])
     assert "each size must be at least 20 layers" in capsys.readouterr().err
+
+
+def test_train_step_benchmark_smoke(capsys):
+    """netdsl's training step and the hand-written loop's, one tiny step each: the table has its row."""
+    assert script("train").main(["--smoke", "--gpu"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^lenet5 +2 +[\d,.]+ +[\d,]+ +[\d,.]+ +[\d,]+ +[\d.]+x$", out, re.MULTILINE), out
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU here" in out

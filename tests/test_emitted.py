@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from netdsl.codegen import conv_nhwc
 from netdsl.codegen.layouts import to_layout
 from netdsl.compiler.compile import compile_net, write_build
 from netdsl.compiler.launches import load_kernel_file
@@ -103,6 +106,39 @@ def _write(tmp_path: Path, text: str, name: str) -> Path:
     path = tmp_path / f"{name}.net"
     path.write_text(text)
     return path
+
+
+def test_a_kernel_travels_with_the_device_functions_it_calls(tmp_path):
+    """conv_nhwc's kernel calls conv.py's pixel decoding and epilogue: the file holds copies of all three."""
+    from netdsl.codegen.source import device_functions
+
+    called = [f"{fn.__module__}.{fn.__name__}" for fn in device_functions(conv_nhwc.conv2d_nhwc_kernel)]
+    assert called == [
+        "netdsl.codegen.conv_nhwc.conv2d_nhwc_kernel",
+        "netdsl.codegen.conv.conv_pixels",
+        "netdsl.codegen.conv.conv_epilogue",
+    ]
+    kernels = build_dir(tmp_path, MINI_ALEXNET, "mini_alexnet") / "kernels"
+    source = (kernels / "conv2_gpu1_conv_bias_relu.py").read_text()
+    for name in ("conv2d_nhwc_kernel", "conv_pixels", "conv_epilogue"):
+        assert source.count(f"\ndef {name}(") == 1, name
+
+
+SCALE = 2.0
+
+
+@triton.jit
+def _scale_kernel(x_ptr):
+    tl.store(x_ptr, tl.load(x_ptr) * SCALE)
+
+
+def test_a_device_function_may_not_name_other_globals():
+    """A generated file defines only Triton's modules and the copied functions: a kernel naming anything
+    else is refused when the file is written, not when it runs."""
+    from netdsl.codegen.source import device_functions
+
+    with pytest.raises(TypeError, match="'SCALE'"):
+        device_functions(_scale_kernel)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -652,6 +652,15 @@ def test_include_cycle(tmp_path, capsys):
     assert status == 1 and "include cycle" in err
 
 
+def test_include_of_a_name_the_file_system_rejects(tmp_path):
+    long_name = "n" * 300 + ".net"  # longer than a file name may be
+    error = error_of(X + f'include "{long_name}"\n', file=str(tmp_path / "main.net"))
+    assert error.message == f'cannot include "{long_name}": File name too long'
+    assert (error.span.line, error.span.col) == (2, 1)
+    error = error_of(X + 'include "a\x00b.net"\n', file=str(tmp_path / "main.net"))
+    assert error.message == 'cannot include "a\x00b.net": embedded null byte'
+
+
 def test_file_including_itself(tmp_path):
     (tmp_path / "self.net").write_text('input x: 3 x 8 x 8\ninclude "self.net"\n')
     with pytest.raises(NetError, match=r"include cycle: self.net -> self.net"):

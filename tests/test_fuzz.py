@@ -38,7 +38,7 @@ MUTANTS_PER_FILE = max(1, int(SCALE * max(60, 750 // max(1, len(NETS)))))  # ~75
 CASE_LIMIT_S = 5.0  # one input; the front end normally needs milliseconds
 
 KEYWORDS = ["net", "input", "output", "const", "include", "device", "memory", "towers", "block", "repeat"]
-KEYWORDS += ["return", "on", "all", "same", "valid", "true", "false", "x", "B", "GiB"]
+KEYWORDS += ["train", "return", "on", "all", "same", "valid", "true", "false", "x", "B", "GiB"]
 WORDS = [*KEYWORDS, *OPS]
 NUMBERS = ["0", "-1", "1", "2", "0.5", "1.5", "-0.0", "1e300", "1e-300", "1e999", "10**10**10", "2**31", "2**63"]
 NUMBERS += ["99999999999999999999999999", "9" * 5000, "1_000", "1__0", ".5", "5.", "1e+3", "(0)", "-(-1)"]

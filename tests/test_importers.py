@@ -265,7 +265,7 @@ def test_garbage_after_pickle_opcode(tmp_path, two_tower, seed):
     path = tmp_path / "w.bin"
     path.write_bytes(b"\x80" + np.random.default_rng(seed).bytes(4095))
     message = error_of(path, two_tower).message
-    assert "not a readable PyTorch file" in message or "neither a safetensors" in message
+    assert "not a readable PyTorch file" in message
 
 
 @pytest.mark.parametrize("keep", [100, -100])

@@ -831,6 +831,21 @@ def test_include_through_graph_from_text_resolves_next_to_the_named_file(tmp_pat
     assert shape(graph, "y") == (6, 8, 8)
 
 
+def test_each_included_file_is_parsed_once(tmp_path, monkeypatch):
+    """The device pre-scan and each run of the `include` (here three, inside `repeat`) share one parse."""
+    from netdsl.lang import includes
+
+    parsed = []
+    parse_file = includes.parse_file
+    monkeypatch.setattr(includes, "parse_file", lambda path: parsed.append(path.name) or parse_file(path))
+    (tmp_path / "devices.net").write_text("device a, b\n")
+    (tmp_path / "step.net").write_text("h = h | relu\n")
+    text = 'include "devices.net"\ninput x: 4\nh = x\nrepeat 3 { include "step.net" }\n'
+    graph = build(text, file=str(tmp_path / "main.net"))
+    assert sorted(parsed) == ["devices.net", "step.net"]
+    assert layer(graph, "h[3]").inputs == ["h[2]"] and layer(graph, "h[3]").device == "a"
+
+
 # --- forward references -------------------------------------------------------------------------------
 
 

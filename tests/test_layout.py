@@ -11,8 +11,9 @@ import torch
 import netdsl
 from netdsl.compiler.compile import compile_net, write_build
 from netdsl.compiler.emit import family_of
-from netdsl.compiler.launches import TORCH_DTYPES, record_launches
+from netdsl.compiler.launches import record_launches
 from netdsl.compiler.passes import Options, run_pipeline
+from netdsl.ir.dtypes import torch_dtype
 from netdsl.lang.build import build
 from netdsl.lang.parse import parse_file, parse_text
 
@@ -134,8 +135,8 @@ def test_layouts_do_not_change_what_a_net_computes(tmp_path, dtype):
     channels_last = netdsl.load(path, backend="triton", dtype=dtype, seed=3, init="he")
     assert any(step.layout == "nhwc" for step in channels_last._steps.values())
     nchw = netdsl.load(path, backend="triton", dtype=dtype, seed=3, init="he", layout="nchw")
-    got = channels_last(x.to(TORCH_DTYPES[dtype])).double()
-    got_nchw = nchw(x.to(TORCH_DTYPES[dtype])).double()
+    got = channels_last(x.to(torch_dtype(dtype))).double()
+    got_nchw = nchw(x.to(torch_dtype(dtype))).double()
     assert got.is_contiguous()
 
     def error(a, b):

@@ -17,6 +17,7 @@ from torch import nn
 
 import netdsl
 from netdsl.errors import NetError
+from netdsl.runtime.module import GraphModule
 from netdsl.runtime.net import Net
 
 LENET_PATH = Path(__file__).resolve().parent.parent / "nets" / "lenet5.net"
@@ -243,14 +244,30 @@ def test_two_devices_equal_one_device(loaded, net_files, models):
             assert relative_error(got[key], want[key]) <= 1e-6
 
 
-def test_as_module_in_sequential(loaded, models):
+def test_as_module_is_the_same_net_trainable(loaded, models):
+    """`as_module()`: a GraphModule in eval mode with the weights the net was given (batch norms not
+    folded), computing the net's outputs, on the net's devices, that gradients flow through."""
     net = loaded("lenet5", "torch")
-    model = nn.Sequential(nn.Identity(), net.as_module(), nn.Softmax(dim=1))
+    module = net.as_module()
+    assert isinstance(module, GraphModule) and not module.training and module.devices == net.devices
+    model = nn.Sequential(nn.Identity(), module, nn.Softmax(dim=1))
     x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        want = torch.softmax(models["lenet5"](x), 1)
-    assert_close(model(x), want)
+        assert_close(model(x), torch.softmax(models["lenet5"](x), 1))
     assert "lenet5" in repr(model)
+    given = models["lenet5"].netdsl_weights()
+    params = dict(module.named_parameters())
+    assert list(params) == list(given) and all(torch.equal(params[k].detach(), given[k]) for k in given)
+    F.cross_entropy(module.train()(x), torch.tensor([1, 7])).backward()
+    assert all(param.grad is not None and param.grad.abs().sum() > 0 for param in module.parameters())
+
+    bn = loaded("bn", "torch")
+    assert set(bn.as_module().state_dict()) == set(models["bn"].netdsl_weights())  # the batch norms apart
+    x = torch.randn(2, 2, 12, 12, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert_close(bn.as_module()(x), models["bn"](x))
+    two = loaded("two_tower", "torch").as_module()
+    assert set(two.devices) == {"gpu0", "gpu1"}
 
 
 def test_arena_allocated_once_per_batch(loaded, models):

@@ -70,7 +70,7 @@ def all_requests() -> dict[str, CompileRequest]:
         requests[f"softmax-{config.BLOCK_C}x{config.BLOCK_S}-fp16"] = softmax_request(config, torch.float16)
     for dtype in (torch.float32, torch.bfloat16):
         requests[f"softmax-4096x1-{TRITON_TYPES[dtype]}"] = softmax_request(softmax.CONFIGS[2], dtype)
-    map_tile = elementwise.pick_config(64, 13 * 13)
+    map_tile = elementwise.pick_config(13 * 13)
     for op in elementwise.OPS:
         for activation in elementwise.ACTIVATIONS:
             name = f"elementwise-{op}-{activation}-{map_tile.BLOCK_C}x{map_tile.BLOCK_S}-bf16"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import networkx as nx
 
-from netdsl.cli.info import describe_params
 from netdsl.errors import NetError
 from netdsl.ir import layer, layers
+from netdsl.ir.ops import describe_params
 
 _FORMATS = {".dot", ".gv", ".svg", ".png", ".pdf"}
 

@@ -5,36 +5,9 @@ from __future__ import annotations
 import networkx as nx
 
 from netdsl.ir import Layer, layer, layers
-from netdsl.ir.limits import format_bytes
-from netdsl.ir.ops import OPS
+from netdsl.ir.ops import describe_params
 from netdsl.ir.stats import Totals, layer_stats, totals
-from netdsl.tables import format_table
-
-
-def describe_params(item: Layer) -> str:
-    """The positional parameters and those that differ from their defaults: `filters=48 size=11x11`."""
-    if item.op == "input":
-        return ""
-    spec = OPS[item.op]
-    words = []
-    for param in spec.params:
-        value = item.params[param.name]
-        if param.name == "stride" and item.op in ("maxpool", "avgpool") and value == item.params["size"]:
-            continue
-        default = (param.default, param.default) if isinstance(value, tuple) else param.default
-        if value != default or param.name in spec.positional:
-            words.append(f"{param.name}={_value(value, square=param.name == 'size')}")
-    return " ".join(words)
-
-
-def _value(value, square: bool = False) -> str:
-    if isinstance(value, tuple):
-        return str(value[0]) if value[0] == value[1] and not square else "x".join(map(str, value))
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
+from netdsl.tables import format_bytes, format_table
 
 
 def connections(graph: nx.DiGraph, item: Layer) -> str:

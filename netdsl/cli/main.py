@@ -10,11 +10,13 @@ import traceback
 from importlib import resources
 from pathlib import Path
 
-from netdsl import __version__
+from netdsl._version import __version__
+from netdsl.cli.train import add_commands as add_training_commands
+from netdsl.cli.train import eval_command, train_command
 from netdsl.compiler.layout import LAYOUT_OPTIONS
 from netdsl.compiler.passes import PASS_NAMES, Options
 from netdsl.errors import NetError
-from netdsl.ir.limits import DTYPE_BYTES
+from netdsl.ir.dtypes import DTYPES
 from netdsl.lang.build import MEMORY_UNITS
 from netdsl.lang.frontend import load_graph
 
@@ -68,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--batch", type=_positive, default=1, help=f"images per batch, for {uses}")
         sub.add_argument(
             "--dtype",
-            choices=sorted(DTYPE_BYTES),
+            choices=sorted(DTYPES),
             default="fp32",
             help=f"element type, for {uses}" + ("; tf32: TF32 tensor-core products" if name == "compile" else ""),
         )
@@ -133,11 +135,16 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         type=Path,
         metavar="FILE",
-        help="images (.jpg, .png, ...: shorter side to 256, centre crop, mean subtracted) or .npy arrays of one "
-        "image (C x H x W) or a batch (N x C x H x W)",
+        help="images (.jpg, .png, ...: as trained weights say, else the shorter side to 256, the centre crop, "
+        "ImageNet's mean subtracted) or .npy arrays of one image (C x H x W) or a batch (N x C x H x W)",
     )
     source.add_argument("--random", type=_positive, metavar="N", help="N random images (the default: 1)")
-    run.add_argument("--weights", type=Path, help="a safetensors file (default: the paper's initialization)")
+    run.add_argument(
+        "--weights",
+        type=Path,
+        help="a safetensors file or the run folder of `netdsl train` (default: the paper's initialization); "
+        "trained weights bring their preprocessing and class names",
+    )
     run.add_argument("--seed", type=int, default=0, help="seed of the default weights and random inputs")
     run.add_argument(
         "--init",
@@ -171,6 +178,13 @@ def _parser() -> argparse.ArgumentParser:
         help="the generated Triton kernels (the default; Triton's interpreter on a CPU) or PyTorch ops",
     )
     run.add_argument("--top", type=_positive, default=5, metavar="K", help="classes to print per input")
+    run.add_argument(
+        "--views",
+        type=int,
+        choices=(1, 10),
+        default=1,
+        help="10: the paper's test views of each image (four corners and the centre, each flipped), softmax averaged",
+    )
     run.add_argument("--labels", type=Path, metavar="FILE", help="class names, one a line, in class order")
     run.add_argument("--save", type=Path, metavar="OUT.npy", help="save the outputs")
     run.add_argument(
@@ -179,6 +193,7 @@ def _parser() -> argparse.ArgumentParser:
         help="one partition per process: launch with torchrun --nproc-per-node <devices>",
     )
     run.add_argument("--time", action="store_true", help="time each step and partition, and show each device's memory")
+    add_training_commands(commands, _positive)
     return parser
 
 
@@ -189,6 +204,10 @@ def run(argv: list[str]) -> int:
         return 0
     if args.command == "import":
         return _import(args)
+    if args.command == "train":
+        return train_command(args)
+    if args.command == "eval":
+        return eval_command(args)
     path = args.net or default_net()
     if path.suffix.lower() == ".onnx" and args.command == "compile":
         # The build folder keeps the imported net (plan.json names it) and its weights.
@@ -257,7 +276,7 @@ def _compile(path: Path, args: argparse.Namespace) -> int:
         print(compiled.dump, end="")
     out = args.output or Path("build") / compiled.program.graph["name"]
     write_build(compiled, out, options, sm90=args.sm90)
-    print(compiled.report, end="")
+    print((out / "report.txt").read_text(encoding="utf-8"), end="")
     print(f"wrote {out}/kernels ({len(compiled.kernels)} files), {out}/plan.json, {out}/report.txt")
     return 0
 

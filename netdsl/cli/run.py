@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from netdsl.errors import NetError
-from netdsl.files import write_atomic_bytes
-from netdsl.ir.limits import format_bytes
-from netdsl.tables import format_table
+from netdsl.files import write_array
+from netdsl.ir.dtypes import torch_dtype
+from netdsl.tables import format_bytes, format_table
 
 
 def parse_devices(text: str | None) -> dict[str, str] | None:
@@ -29,40 +29,36 @@ def parse_devices(text: str | None) -> dict[str, str] | None:
     return mapping
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 # The mean RGB value of ImageNet's training images (0-255): the paper subtracts the mean activity.
 IMAGENET_MEAN = (123.68, 116.78, 103.94)
+RESIZE = 256  # the paper's shorter side
 
 
-def read_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """An image prepared as the paper did: the shorter side scaled to 256, the centre cropped to the
-    net's input size, the mean subtracted; C x H x W float32 (RGB, or gray for one channel)."""
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:
-        raise NetError("reading images needs Pillow", where=str(path), hint="pip install 'netdsl[images]'") from None
+def default_preprocess(shape: tuple[int, ...]):
+    """How `netdsl run` prepares an image for weights that carry no preprocessing of their own: as the paper
+    did, the shorter side scaled to 256, the centre cropped to the net's input, ImageNet's mean subtracted."""
+    from netdsl.train.augment import Preprocess, image_mode
+
     channels, height, width = shape
-    if channels not in (1, 3):
-        raise NetError(
-            f"the net takes {channels}-channel inputs; images give 1 or 3",
-            where=str(path),
-            hint="give the input as a .npy array",
-        )
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB" if channels == 3 else "L")
-            scale = 256 / min(image.size)
-            size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-            image = image.resize(size, Image.BILINEAR)
-            left, top = (image.width - width) // 2, (image.height - height) // 2
-            pixels = np.asarray(image.crop((left, top, left + width, top + height)), dtype=np.float32)
-    except FileNotFoundError:
-        raise NetError(f"no such file: {path}", where=str(path)) from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise NetError(f"cannot read {path} as an image ({error})", where=str(path)) from None
-    if channels == 1:
-        return (pixels - float(np.mean(IMAGENET_MEAN)))[None]
-    return (pixels - np.asarray(IMAGENET_MEAN, dtype=np.float32)).transpose(2, 0, 1)
+    image_mode(channels, "--input")  # a net images cannot feed: said before any file is read
+    mean = IMAGENET_MEAN if channels == 3 else (float(np.mean(IMAGENET_MEAN)),)
+    return Preprocess(size=RESIZE, crop=(height, width), channels=channels, mean=mean)
+
+
+def saved_preprocess(weights: Path | None):
+    """The preprocessing trained weights were saved with (`netdsl train`), or None."""
+    if weights is None or not weights.is_file():
+        return None
+    from netdsl.runtime.weights import weights_metadata
+    from netdsl.train.augment import Preprocess
+
+    text = weights_metadata(weights).get("netdsl.preprocess")
+    return Preprocess.from_json(text, where=str(weights)) if text else None
+
+
+def read_image(path: Path, shape: tuple[int, ...], preprocess=None, views: int = 1) -> np.ndarray:
+    """An image as the net reads it: `preprocess` (default: the paper's) applied; views x C x H x W."""
+    return (preprocess or default_preprocess(shape)).views(path, views)
 
 
 def read_labels(path: Path | None) -> list[str] | None:
@@ -78,13 +74,18 @@ def read_labels(path: Path | None) -> list[str] | None:
         ) from None
 
 
-def read_inputs(paths: list[Path], shape: tuple[int, ...]) -> np.ndarray:
-    """Stacks images and .npy arrays (one image or a batch each) into one float32 batch of `shape` images."""
+def read_inputs(paths: list[Path], shape: tuple[int, ...], preprocess=None, views: int = 1) -> np.ndarray:
+    """Stacks images and .npy arrays (one image or a batch each) into one float32 batch of `shape` images;
+    with `views` > 1 each image gives that many (the paper's ten views), and arrays are refused."""
+    from netdsl.train.augment import IMAGE_SUFFIXES
+
     batches = []
     for path in paths:
         if path.suffix.lower() in IMAGE_SUFFIXES:
-            batches.append(read_image(path, shape)[None])
+            batches.append(read_image(path, shape, preprocess, views))
             continue
+        if views > 1:
+            raise NetError(f"--views {views} takes images, and {path} is not one", where="--views")
         try:
             array = np.load(path, allow_pickle=False)
         except FileNotFoundError:
@@ -111,18 +112,22 @@ def read_inputs(paths: list[Path], shape: tuple[int, ...]) -> np.ndarray:
 def run_command(path: Path, args: argparse.Namespace) -> int:
     import torch
 
-    from netdsl.compiler.launches import TORCH_DTYPES
-
     if args.backend == "triton" and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the same kernels, interpreted on the CPU
     path, dtype = resolve_build_dir(path, args.dtype)
     shape = _input_shape(path)
+    if args.weights is not None and args.weights.is_dir():
+        args.weights = args.weights / "weights.safetensors"  # a run folder of `netdsl train`: its best weights
+    preprocess = saved_preprocess(args.weights)
+    views = args.views
     if args.input:
-        x = read_inputs(args.input, shape)
+        x = read_inputs(args.input, shape, preprocess, views)
+    elif views > 1:
+        raise NetError(f"--views {views} takes images", where="--views", hint="give them with --input")
     else:
         generator = np.random.default_rng(args.seed)
         x = generator.standard_normal((args.random or args.batch or 1, *shape), dtype=np.float32)
-    labels = read_labels(args.labels)
+    labels = read_labels(args.labels) or (list(preprocess.classes) if preprocess and preprocess.classes else None)
     net = step_times = None
     start = time.perf_counter()
     if args.distributed:
@@ -137,7 +142,7 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
                 where="--batch",
                 hint="leave out --batch, or give at most that many inputs",
             )
-        y = _run_distributed(path, torch.from_numpy(x).to(TORCH_DTYPES[dtype]), dtype, args)
+        y = _run_distributed(path, torch.from_numpy(x).to(torch_dtype(dtype)), dtype, args)
         if y is None:
             return 0  # the rank that owns the output prints it
     else:
@@ -151,13 +156,17 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
         name, y = next(iter(y.items()))
         print(f"output {name} (the first of {len(y)} outputs)")
     scores = y.float().reshape(y.shape[0], -1).cpu()
+    if views > 1:  # the paper's test: each image's views, softmax averaged
+        from netdsl.train.evaluate import probabilities
+
+        scores = probabilities(scores, _ends_in_softmax(path), views)
     k = min(args.top, scores.shape[1])
     values, indices = scores.topk(k, dim=1)
     for i in range(scores.shape[0]):
         ranked = ", ".join(f"{_label(labels, int(c))}: {float(v):.4f}" for v, c in zip(values[i], indices[i]))
         print(f"input {i}: top {k}: {ranked}")
     if args.save:
-        _save(args.save, scores.numpy())
+        write_array(args.save, scores.numpy())
     if args.time:
         print(
             f"{scores.shape[0]} input(s) in {seconds * 1e3:.1f} ms ({args.backend} backend"
@@ -178,7 +187,6 @@ def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
     """Runs the inputs through a Net in this process: (net, outputs, step times, start time)."""
     import torch
 
-    from netdsl.compiler.launches import TORCH_DTYPES
     from netdsl.runtime.net import Net
 
     net = Net(
@@ -193,7 +201,7 @@ def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
         cuda_graph=args.cuda_graph,
         layout=args.layout,
     )
-    chunks = torch.from_numpy(x).to(TORCH_DTYPES[dtype]).split(args.batch or len(x))
+    chunks = torch.from_numpy(x).to(torch_dtype(dtype)).split(args.batch or len(x))
     if args.time and any(device.type == "cuda" for device in net.devices.values()):
         for chunk in chunks:
             net(chunk)  # warm-up: Triton compiles each kernel on its first launch
@@ -236,6 +244,13 @@ def _join(outputs: list):
     if isinstance(outputs[0], dict):
         return {name: torch.cat([out[name] for out in outputs]) for name in outputs[0]}
     return torch.cat(outputs)
+
+
+def _ends_in_softmax(path: Path) -> bool:
+    from netdsl.lang.frontend import load_graph
+
+    graph = load_graph(path)
+    return graph.nodes[graph.graph["outputs"][0]]["layer"].op == "softmax"
 
 
 def _input_shape(path: Path) -> tuple[int, ...]:
@@ -282,11 +297,3 @@ def _time_tables(net, step_times: dict[str, float], batch: int) -> list[str]:
     kinds = {name: net.program.nodes[name]["step"].kind for name in step_times}
     rows = [(name, kinds[name], f"{ms:,.3f}") for name, ms in step_times.items() if kinds[name] != "view"]
     return lines + format_table(("step", "kind", "ms"), rows, left={0, 1})
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    write_atomic_bytes(path, buffer.getvalue())

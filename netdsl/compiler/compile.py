@@ -12,6 +12,7 @@ compile of another net is removed.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import networkx as nx
 
 from netdsl.compiler.emit import emit_program
 from netdsl.compiler.launches import Launch, record_launches, sm90_resources
-from netdsl.compiler.passes import Options, run_pipeline
+from netdsl.compiler.passes import PASS_NAMES, Options, check_pass_name, dump, run_passes
 from netdsl.compiler.plan import build_plan, plan_json, with_source
 from netdsl.compiler.report import cost_report
 from netdsl.errors import NetError
@@ -48,20 +49,22 @@ def compile_net(
     The products of `tl.dot` are TF32 when the dtype is tf32, else exact (`input_precision`)."""
     if input_precision is None:
         input_precision = "tf32" if options.dtype == "tf32" else "ieee"
-    graph = build(parse_file(path))
-    program, dump = run_pipeline(graph, options, dump_after)
-    layers = graph  # shapes were filled in place by the `shapes` pass
+    check_pass_name(dump_after)
+    after = run_passes(build(parse_file(path)), options)
+    program, layers = after[PASS_NAMES[-1]], after["shapes"]
+    listing = dump(after[dump_after]) if dump_after else ""
     kernels = emit_program(program, input_precision, options.dtype)
     step_files = {name.removesuffix(".py"): f"kernels/{name}" for name in kernels}
     plan = build_plan(program, options, step_files)
     report = cost_report(program, layers, options.batch, options.dtype)
-    return Compiled(program, layers, kernels, plan, report, dump, Path(path))
+    return Compiled(program, layers, kernels, plan, report, listing, Path(path))
 
 
 def write_build(compiled: Compiled, out_dir: str | Path, options: Options | None = None, sm90: bool = False) -> Path:
     """Writes the build directory. With `options`, each launch's grid and block configuration at that
     batch and dtype go into plan.json; with `sm90`, every kernel is also built for the H100 and its
-    registers, spills, shared memory and tensor-core instructions go into the report."""
+    registers, spills, shared memory and tensor-core instructions go into the report. `compiled` is
+    not changed: writing twice writes the same files."""
     out = Path(out_dir)
     kernels_dir = out / "kernels"
     try:
@@ -75,15 +78,16 @@ def write_build(compiled: Compiled, out_dir: str | Path, options: Options | None
     for stale in kernels_dir.glob("*.py"):
         if stale.name not in compiled.kernels:
             stale.unlink()
+    plan, report = copy.deepcopy(compiled.plan), compiled.report
     if options is not None:
         launches = record_launches([kernels_dir / name for name in compiled.kernels], options.batch, options.dtype)
-        _add_grids(compiled.plan, launches)
+        _add_grids(plan, launches)
         if sm90:
-            compiled.report += sm90_report(sm90_resources(launches), launches)
+            report += sm90_report(sm90_resources(launches), launches)
     if compiled.source is not None:
-        compiled.plan = with_source(compiled.plan, compiled.source, out)
-    write_atomic(out / "plan.json", plan_json(compiled.plan))
-    write_atomic(out / "report.txt", compiled.report)
+        plan = with_source(plan, compiled.source, out)
+    write_atomic(out / "plan.json", plan_json(plan))
+    write_atomic(out / "report.txt", report)
     return out
 
 

@@ -10,23 +10,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import networkx as nx
 
+from netdsl.compiler.steps import Step
 from netdsl.ir import Layer, layers
-from netdsl.ir.limits import DTYPE_BYTES
+from netdsl.ir.dtypes import DTYPE_BYTES
 from netdsl.ir.stats import layer_stats
-
-if TYPE_CHECKING:
-    from netdsl.compiler.fuse import Step
 
 HBM_BYTES_PER_S = 3.35e12
 NVLINK_BYTES_PER_S = 450e9  # one direction of the H100 SXM's NVLink
 CUDA_CORE_FLOPS = 67e12
 TENSOR_CORE_FLOPS = {"fp32": 67e12, "tf32": 495e12, "bf16": 990e12, "fp16": 990e12}
 MATMUL_KINDS = {"conv", "fc", "conv_lrn_maxpool"}
-STAGE_MAX_CHANNELS = 128  # the stage kernel holds every channel of a group in one tile
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """Code emission: one readable Triton source file per fused step.
 
-Each file holds a copy of its kernel family's `@triton.jit` kernel (from `netdsl.codegen`), the step's
+Each file holds a copy of its kernel family's `@triton.jit` kernel (from `netdsl.codegen`) followed by
+copies of the `@triton.jit` device functions it calls (`device_functions`: a helper shared by two
+kernel families, such as conv.py's epilogue, is copied into each file that needs it), the step's
 parameters as literals, `launch(inputs, weights, out=None)` that runs that copy through the family's
 launcher, `reference(inputs, weights)` built from PyTorch ops (`netdsl.codegen.reference`), and a `__main__` that
 checks one against the other on random data. Nothing from the `.net` file is pasted into the code
@@ -12,16 +14,18 @@ from __future__ import annotations
 
 import inspect
 import textwrap
+import types
 from dataclasses import dataclass
 from importlib import import_module
 
 import networkx as nx
 
-from netdsl import __version__
-from netdsl.compiler.fuse import Step, identifier
-from netdsl.compiler.launches import TORCH_DTYPES
+from netdsl._version import __version__
+from netdsl.codegen.source import device_functions
 from netdsl.compiler.layout import weight_layouts
-from netdsl.ir.ops import OPS
+from netdsl.compiler.steps import Step, identifier
+from netdsl.ir.dtypes import TORCH_NAMES
+from netdsl.ir.ops import layer_tensors
 
 
 @dataclass(frozen=True)
@@ -108,12 +112,17 @@ FAMILIES: dict[str, Family] = {
         "pool2d_kernel",
         f"""
         {_JOIN}
-        size = P["size"] or tuple(x.shape[2:])  # global pooling: the whole map
-        stride = P["stride"] or size
         return family.pool2d(
-            x, P["mode"], size, stride, P["pad"], ceil_mode=P["ceil"], count_include_pad=P["count_pad"],
+            x, P["mode"], P["size"], P["stride"], P["pad"], ceil_mode=P["ceil"], count_include_pad=P["count_pad"],
             out=out, kernel=KERNEL,
         )""",
+    ),
+    "global_avgpool": Family(
+        "pool",
+        "pool2d_kernel",
+        f"""
+        {_JOIN}
+        return family.global_avg_pool2d(x, out=out, kernel=KERNEL)""",
     ),
     "softmax": Family(
         "softmax",
@@ -160,8 +169,12 @@ FAMILIES: dict[str, Family] = {
 
 
 def family_of(step: Step) -> str:
-    """The key of the step's kernel family in FAMILIES: its kind, or the channels-last conv."""
-    return "conv_nhwc" if step.kind == "conv" and step.options.get("kernel") == "nhwc" else step.kind
+    """The key of the step's kernel family in FAMILIES: its kind, or the channels-last conv, or the global pool."""
+    if step.kind == "conv" and step.options.get("kernel") == "nhwc":
+        return "conv_nhwc"
+    if step.kind == "pool" and step.first.op == "global_avgpool":
+        return "global_avgpool"
+    return step.kind
 
 
 def kernel_parameters(step: Step, input_precision: str) -> dict[str, object]:
@@ -199,9 +212,7 @@ def kernel_parameters(step: Step, input_precision: str) -> dict[str, object]:
             pool = step.last.params
             params.update(pool_size=pool["size"], pool_stride=pool["stride"], pool_pad=pool["pad"], ceil=pool["ceil"])
         return params
-    if step.kind == "pool":
-        if first.op == "global_avgpool":
-            return {"mode": "avg", "size": None, "stride": None, "pad": (0, 0), "ceil": False, "count_pad": True}
+    if step.kind == "pool" and first.op != "global_avgpool":  # the global pool needs none: its window is the map
         return {
             "mode": "max" if first.op == "maxpool" else "avg",
             "size": p["size"],
@@ -229,24 +240,24 @@ def _literal(value) -> str:
     raise TypeError(f"cannot emit {type(value).__name__} as a literal")
 
 
-def _kernel_source(family: Family) -> str:
-    """The family's kernel, decorator included, exactly as written in netdsl/codegen."""
-    module = import_module(f"netdsl.codegen.{family.module}")
-    kernel = getattr(module, family.kernel)
-    return textwrap.dedent(inspect.getsource(getattr(kernel, "fn", kernel)))
+# The modules a generated file imports for its device functions, by the names they have there.
+def _source(fn: types.FunctionType) -> str:
+    """A function, decorator included, exactly as written in netdsl/codegen."""
+    return textwrap.dedent(inspect.getsource(fn)).rstrip()
 
 
 def emit_step(program: nx.DiGraph, step: Step, input_precision: str = "ieee", dtype: str = "fp32") -> str:
     """The source of `kernels/<step>.py`."""
     family = FAMILIES[family_of(step)]
+    kernel, *helpers = device_functions(getattr(import_module(f"netdsl.codegen.{family.module}"), family.kernel))
+    called = ", ".join(f"{fn.__module__}.{fn.__qualname__}" for fn in helpers)
+    note = textwrap.wrap(f"Below the kernel, copies of the functions it calls: {called}.", 100) if helpers else []
     inputs = [program.nodes[name]["step"] for name in step.inputs]
     views = program.graph.get("views", {})
     input_layouts = [program.nodes[views.get(name, name)]["step"].layout for name in step.inputs]
     weights = {}
     for item in step.layers:
-        if item.input_shape is not None:
-            weights.update(OPS[item.op].weights(item.params, item.input_shape))
-            weights.update(OPS[item.op].buffers(item.params, item.input_shape))
+        weights.update(layer_tensors(item))
         if item.op in ("conv", "fc"):
             if step.options.get("folded"):  # the folded batch norm's shift becomes the bias
                 weights["bias"] = (item.params["filters"],)
@@ -261,6 +272,7 @@ def emit_step(program: nx.DiGraph, step: Step, input_precision: str = "ieee", dt
         f"Reads {reads or 'nothing'}; writes {' x '.join(map(str, step.shape))} per image.",
         f"The kernel is a copy of netdsl.codegen.{family.module}.{family.kernel}; `launch` runs it through that",
         "module's launcher with the parameters below. Run this file to check it against PyTorch.",
+        *note,
         '"""',
         "",
         "import torch",
@@ -272,7 +284,7 @@ def emit_step(program: nx.DiGraph, step: Step, input_precision: str = "ieee", dt
         "from netdsl.codegen.reference import run_layers",
         "",
         "",
-        _kernel_source(family).rstrip(),
+        "\n\n\n".join(_source(fn) for fn in (kernel, *helpers)),
         "",
         "",
         f"KERNEL = {family.kernel}",
@@ -286,7 +298,7 @@ def emit_step(program: nx.DiGraph, step: Step, input_precision: str = "ieee", dt
         f"INPUT_LAYOUTS = {_literal(input_layouts)}",
         f"OUTPUT_LAYOUT = {_literal(step.layout)}",
         f"WEIGHT_LAYOUTS = {_literal(weight_layouts(step))}",
-        f"DTYPE = {TORCH_DTYPES[dtype]}  # of the build (netdsl compile --dtype {dtype})",
+        f"DTYPE = torch.{TORCH_NAMES[dtype]}  # of the build (netdsl compile --dtype {dtype})",
         "",
         "",
         "def launch(inputs: list[torch.Tensor], weights: dict[str, torch.Tensor], out: torch.Tensor | None = None):",

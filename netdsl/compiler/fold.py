@@ -8,16 +8,13 @@
 
 from __future__ import annotations
 
-from copy import copy
-from dataclasses import replace
-
 import networkx as nx
 
-from netdsl.ir import Layer, layer, layers
+from netdsl.ir import Layer, copy_graph, layer, layers
 
 
 def fold_inference(graph: nx.DiGraph) -> nx.DiGraph:
-    graph = _copy(graph)
+    graph = copy_graph(graph)
     for item in layers(graph):
         if item.op == "dropout" and len(item.inputs) > 1:  # what remains is the joining of its inputs
             item.op, item.params = "concat", {}
@@ -51,22 +48,3 @@ def _bypass(graph: nx.DiGraph, item: Layer) -> None:
     graph.graph["outputs"] = [source if name == item.name else name for name in graph.graph["outputs"]]
     graph.graph.setdefault("removed", {})[item.name] = source
     graph.remove_node(item.name)
-
-
-def _copy(graph: nx.DiGraph) -> nx.DiGraph:
-    """A copy whose Layer records can be changed without touching the original graph."""
-    result = nx.DiGraph()
-    result.graph.update({key: copy(value) for key, value in graph.graph.items()})
-    for name in graph.nodes:
-        original = layer(graph, name)
-        result.add_node(name, layer=_clone(original))
-    result.add_edges_from(graph.edges)
-    return result
-
-
-def _clone(item: Layer) -> Layer:
-    return replace(
-        item,
-        inputs=list(item.inputs),
-        fields={k: list(v) if isinstance(v, list) else v for k, v in item.fields.items()},
-    )

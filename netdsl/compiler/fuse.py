@@ -14,39 +14,16 @@ Rules, tried in order at each layer that no group has claimed yet:
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-
 import networkx as nx
 
-from netdsl.compiler.cost import STAGE_MAX_CHANNELS, stage_fusion_wins
-from netdsl.ir import Layer, Shape, layer, layers
+from netdsl.codegen.limits import MAX_CHANNELS_PER_GROUP
+from netdsl.compiler.cost import stage_fusion_wins
+from netdsl.compiler.steps import Step, identifier
+from netdsl.ir import Layer, layer, layers
 
 ACTIVATIONS = {"relu", "leaky_relu"}
 MULTI_INPUT_READERS = {"conv", "fc"}  # kernels that read up to two inputs without a copy
 MAX_DIRECT_INPUTS = 2
-
-
-@dataclass
-class Step:
-    """One kernel launch (or a free view, or a transfer) in the fused program."""
-
-    name: str  # a Python identifier: what it fuses and where it runs, e.g. conv2_gpu1_conv_bias_relu
-    kind: str  # conv, fc, lrn, lrn_maxpool, pool, softmax, eltwise, add, concat, view, input, transfer
-    layers: list[Layer]  # the layers it computes, in order
-    inputs: list[str]  # steps read, in order
-    device: str
-    shape: Shape  # per-image output shape
-    options: dict[str, object] = field(default_factory=dict)  # activation, slope, ... for the emitter
-    layout: str = "nchw"  # of its output in memory, "nchw" or "nhwc" (channels-last): netdsl.compiler.layout decides
-
-    @property
-    def first(self) -> Layer:
-        return self.layers[0]
-
-    @property
-    def last(self) -> Layer:
-        return self.layers[-1]
 
 
 def fuse(graph: nx.DiGraph, batch: int = 1, dtype: str = "fp32") -> nx.DiGraph:
@@ -101,7 +78,7 @@ def _stage(graph: nx.DiGraph, conv: Layer) -> list[Layer] | None:
     if pool is None or len(conv.inputs) != 1:
         return None
     groups = conv.params["groups"]
-    if conv.params["filters"] // groups > STAGE_MAX_CHANNELS or norm.params["groups"] != groups:
+    if conv.params["filters"] // groups > MAX_CHANNELS_PER_GROUP or norm.params["groups"] != groups:
         return None
     return [conv, relu, norm, pool]
 
@@ -183,9 +160,3 @@ def _step_name(group: list[Layer], kind: str, options: dict, taken: set[str]) ->
         number += 1
         unique = f"{name}_{number}"
     return unique
-
-
-def identifier(text: str) -> str:
-    """A safe Python identifier made only of ASCII letters, digits and underscores."""
-    text = re.sub(r"[^A-Za-z0-9_]+", "_", text).strip("_") or "step"
-    return text if not text[0].isdigit() else f"k_{text}"

@@ -24,12 +24,13 @@ from types import ModuleType
 
 import torch
 
-from netdsl import __version__
+from netdsl._version import __version__
 from netdsl.codegen.layouts import to_layout
+from netdsl.codegen.source import device_functions
 from netdsl.errors import NetError
 from netdsl.files import write_atomic_bytes
+from netdsl.ir.dtypes import torch_dtype
 
-TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -76,7 +77,7 @@ def record_launches(kernel_files: list[Path], batch: int, dtype: str) -> list[La
         kernel, recorder = module.KERNEL, _Recorder()
         module.KERNEL = recorder
         try:
-            dt = TORCH_DTYPES[dtype]
+            dt = torch_dtype(dtype)
             # The maps and weights laid out as the runtime lays them out: the strides decide what Triton
             # specializes (a unit channel stride is a constant, and with it the vector loads).
             inputs = [
@@ -158,7 +159,7 @@ def _cache_key(launch: Launch) -> str:
 
     material = json.dumps(
         {
-            "kernel": inspect.getsource(getattr(launch.kernel, "fn", launch.kernel)),
+            "kernel": "".join(inspect.getsource(fn) for fn in device_functions(launch.kernel)),
             "signature": launch.signature,
             "constexprs": {k: repr(v) for k, v in launch.constexprs.items()},
             "warps": launch.num_warps,

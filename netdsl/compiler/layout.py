@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import networkx as nx
 
-from netdsl.compiler.fuse import Step
+from netdsl.compiler.steps import Step
+from netdsl.ir import copy_graph
 
 LAYOUT_OPTIONS = ("auto", "nchw")
 NHWC_MIN_CHANNELS = 16  # input channels per group from which a conv runs channels-last (tl.dot's least K)
@@ -54,6 +55,7 @@ def choose_layouts(program: nx.DiGraph, layout: str = "auto") -> nx.DiGraph:
     convs that run channels-last."""
     if layout not in LAYOUT_OPTIONS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUT_OPTIONS}")
+    program = copy_graph(program)
     steps: dict[str, Step] = {name: program.nodes[name]["step"] for name in program.nodes}
     for step in steps.values():
         step.layout = "nchw"

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from netdsl.compiler.fuse import Step
+from netdsl.compiler.steps import Step
+from netdsl.ir import copy_graph
 
 ALIGN = 64  # elements: keeps every buffer 256-byte aligned in fp32 (128 in 16-bit types)
 
@@ -30,6 +31,7 @@ class Buffer:
 
 
 def plan_memory(program: nx.DiGraph) -> nx.DiGraph:
+    program = copy_graph(program)
     partitions = program.graph["partitions"]
     views = {name: _view_root(program, name) for name in program.nodes}
     buffers: dict[str, Buffer] = {}

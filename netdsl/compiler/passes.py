@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from netdsl.cli.info import describe_params
 from netdsl.compiler.fold import fold_inference
 from netdsl.compiler.fuse import fuse
 from netdsl.compiler.layout import choose_layouts
@@ -22,6 +21,7 @@ from netdsl.compiler.place import place
 from netdsl.errors import NetError
 from netdsl.ir import layers
 from netdsl.ir.limits import check_memory
+from netdsl.ir.ops import describe_params
 from netdsl.ir.shapes import infer_shapes
 
 
@@ -72,16 +72,25 @@ PIPELINE: list[Pass] = [
 PASS_NAMES = [p.name for p in PIPELINE]
 
 
+def run_passes(graph: nx.DiGraph, options: Options) -> dict[str, nx.DiGraph]:
+    """Runs every pass; returns the graph after each, by pass name. A pass never changes the graph it
+    is given (it returns a new one), so each graph is as its pass left it."""
+    after = {}
+    for step in PIPELINE:
+        graph = after[step.name] = step.run(graph, options)
+    return after
+
+
 def run_pipeline(graph: nx.DiGraph, options: Options, dump_after: str | None = None) -> tuple[nx.DiGraph, str]:
     """Runs every pass; returns the final graph and, if asked, the dump after the pass `dump_after`."""
-    if dump_after is not None and dump_after not in PASS_NAMES:
-        raise NetError(f"unknown pass `{dump_after}`", where="--dump-after", hint=f"passes: {', '.join(PASS_NAMES)}")
-    dumped = ""
-    for step in PIPELINE:
-        graph = step.run(graph, options)
-        if step.name == dump_after:
-            dumped = dump(graph)
-    return graph, dumped
+    check_pass_name(dump_after)
+    after = run_passes(graph, options)
+    return after[PASS_NAMES[-1]], dump(after[dump_after]) if dump_after else ""
+
+
+def check_pass_name(name: str | None) -> None:
+    if name is not None and name not in PASS_NAMES:
+        raise NetError(f"unknown pass `{name}`", where="--dump-after", hint=f"passes: {', '.join(PASS_NAMES)}")
 
 
 def dump(graph: nx.DiGraph) -> str:

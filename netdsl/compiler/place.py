@@ -8,9 +8,11 @@ event on the source device); the readers wait for the transfer.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import networkx as nx
 
-from netdsl.compiler.fuse import Step, identifier
+from netdsl.compiler.steps import Step, identifier
 
 
 def place(program: nx.DiGraph) -> nx.DiGraph:
@@ -52,7 +54,7 @@ def place(program: nx.DiGraph) -> nx.DiGraph:
                 result.add_node(transfer.name, step=transfer)
                 result.add_edge(source_name, transfer.name)
             inputs.append(copies[key])
-        step.inputs = inputs
+        step = replace(step, inputs=inputs)
         result.add_node(name, step=step)
         for source_name in inputs:
             result.add_edge(source_name, name)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import networkx as nx
 
-from netdsl import __version__
-from netdsl.compiler.fuse import Step
+from netdsl._version import __version__
 from netdsl.compiler.memory import ALIGN
+from netdsl.compiler.steps import Step
 from netdsl.errors import NetError
 
 PLAN_VERSION = 1

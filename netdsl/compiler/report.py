@@ -6,8 +6,8 @@ from __future__ import annotations
 import networkx as nx
 
 from netdsl.compiler.cost import Cost, fused_costs, stage_floors, unfused_costs
-from netdsl.ir.limits import DTYPE_BYTES, format_bytes
-from netdsl.tables import format_table
+from netdsl.ir.dtypes import DTYPE_BYTES
+from netdsl.tables import format_bytes, format_table
 
 
 def _row(cost: Cost) -> tuple[str, ...]:

@@ -3,12 +3,14 @@
 Each node's key is the layer's unique name and its `layer` attribute a `Layer` record. An edge u -> v
 means v reads u's output; `Layer.inputs` keeps the order (and multiplicity) of a layer's inputs.
 Graph-wide facts live in `graph.graph`: the net's `name`, its `inputs` and `outputs` (layer names),
-and its `devices` (name -> `Device`).
+its `devices` (name -> `Device`) and its `recipe`: the `Setting`s of its `train` blocks, in the order
+they are written.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from copy import copy
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 
@@ -42,6 +44,20 @@ class Device:
     span: Span | None = None
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One `NAME ["PATTERN"] = VALUE` of a `train` block, its value evaluated. The front end does not
+    know what a setting means; `netdsl.train.recipe` checks and applies them."""
+
+    name: str
+    pattern: str | None  # a glob over weight names (`lr_mult "*.bias" = 2`), or None
+    value: bool | int | float | str | tuple[int | float, ...]
+    span: Span  # the whole item; it starts at the name
+    value_span: Span
+    pattern_span: Span | None = None
+    word: bool = False  # the value was a bare word (`optimizer = sgd`), not a quoted string
+
+
 def layer(graph: nx.DiGraph, name: str) -> Layer:
     return graph.nodes[name]["layer"]
 
@@ -50,3 +66,29 @@ def layers(graph: nx.DiGraph) -> list[Layer]:
     """All layers in a topological order that follows the source where it can."""
     order = nx.lexicographical_topological_sort(graph, key=lambda n: graph.nodes[n]["layer"].order)
     return [graph.nodes[n]["layer"] for n in order]
+
+
+def copy_graph(graph: nx.DiGraph) -> nx.DiGraph:
+    """A copy of a layer graph or a step graph whose records (`layer` or `step` of each node), their
+    lists and dicts, and the graph-wide facts can all be changed without touching `graph`.
+
+    The convention of every pass: it never changes the graph it is given, it returns a new one. A pass
+    that only annotates starts from this copy; the records a step holds in `Step.layers` are shared
+    (no pass after fusion changes a layer)."""
+    result = nx.DiGraph()
+    result.graph.update({key: copy(value) for key, value in graph.graph.items()})
+    for name, data in graph.nodes(data=True):
+        result.add_node(name, **{key: _clone(value) for key, value in data.items()})
+    result.add_edges_from(graph.edges)
+    return result
+
+
+def _clone(record):
+    """A record whose list and dict attributes are copies one level deep (a list inside such a dict too)."""
+    changes = {}
+    for key, value in vars(record).items():
+        if isinstance(value, list):
+            changes[key] = list(value)
+        elif isinstance(value, dict):
+            changes[key] = {k: list(v) if isinstance(v, list) else v for k, v in value.items()}
+    return replace(record, **changes)

@@ -6,16 +6,9 @@ import networkx as nx
 
 from netdsl.errors import NetError
 from netdsl.ir import layers
+from netdsl.ir.dtypes import DTYPE_BYTES
 from netdsl.ir.stats import totals
-
-DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2}
-
-
-def format_bytes(count: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if count >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{count} B"
+from netdsl.tables import format_bytes
 
 
 def check_memory(graph: nx.DiGraph, batch: int = 1, dtype: str = "fp32", limit: int | None = None) -> None:

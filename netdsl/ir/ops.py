@@ -61,6 +61,10 @@ class OpSpec:
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
 
+    def tensors(self, params: dict, x: Shape) -> dict[str, Shape]:
+        """Every tensor a layer of this kind stores, by name: its learned weights, then its buffers."""
+        return {**self.weights(params, x), **self.buffers(params, x)}
+
 
 # --- helpers used by the shape rules --------------------------------------------------------------
 
@@ -345,7 +349,18 @@ OPS: dict[str, OpSpec] = {
         OpSpec(
             "batchnorm",
             "per-channel (x - mean) / sqrt(var + eps) * weight + bias with running statistics",
-            params=(Param("eps", "float", 1e-5, minimum=0, doc="added to the variance"),),
+            params=(
+                Param("eps", "float", 1e-5, minimum=0, doc="added to the variance"),
+                Param(
+                    "momentum",
+                    "float",
+                    0.1,
+                    minimum=0,
+                    maximum=1,
+                    doc="while training (which normalizes with the batch's statistics), the weight of each batch "
+                    "in the running ones, PyTorch's convention: running = (1 - momentum) * running + momentum * batch",
+                ),
+            ),
             weights=_channels,
             buffers=_stats,
         ),
@@ -357,3 +372,38 @@ OPS: dict[str, OpSpec] = {
 
 # Layers whose outputs are "neurons" in the paper's sense (they carry weights).
 NEURON_OPS = frozenset({"conv", "fc"})
+
+
+def layer_tensors(item) -> dict[str, Shape]:
+    """The tensors a layer (anything with `op`, `params` and `input_shape`) stores: none for an input
+    or a layer not yet shaped."""
+    if item.op == "input" or item.input_shape is None:
+        return {}
+    return OPS[item.op].tensors(item.params, item.input_shape)
+
+
+def describe_params(item) -> str:
+    """A layer's (anything with `op` and `params`) positional parameters and those that differ from
+    their defaults, as the dumps, `netdsl info` and the picture show them: `filters=48 size=11x11`."""
+    if item.op == "input":
+        return ""
+    spec = OPS[item.op]
+    words = []
+    for param in spec.params:
+        value = item.params[param.name]
+        if param.name == "stride" and item.op in ("maxpool", "avgpool") and value == item.params["size"]:
+            continue
+        default = (param.default, param.default) if isinstance(value, tuple) else param.default
+        if value != default or param.name in spec.positional:
+            words.append(f"{param.name}={_value(value, square=param.name == 'size')}")
+    return " ".join(words)
+
+
+def _value(value, square: bool = False) -> str:
+    if isinstance(value, tuple):
+        return str(value[0]) if value[0] == value[1] and not square else "x".join(map(str, value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)

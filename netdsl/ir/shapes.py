@@ -7,14 +7,15 @@ import math
 import networkx as nx
 
 from netdsl.errors import NetError
-from netdsl.ir import Layer, layers
+from netdsl.ir import Layer, copy_graph, layers
 from netdsl.ir.ops import OPS, ShapeError, concat_channels
 
 MAX_ELEMENTS = 2**31 - 1  # per image and tensor: the generated kernels' offsets within an image are 32-bit
 
 
 def infer_shapes(graph: nx.DiGraph) -> nx.DiGraph:
-    """Fills `Layer.shape` (and `Layer.input_shape` of one-input ops) in place; returns the graph."""
+    """A copy of `graph` with every `Layer.shape` (and `Layer.input_shape` of one-input ops) filled in."""
+    graph = copy_graph(graph)
     for layer in layers(graph):
         if layer.op == "input":
             layer.shape = layer.params["shape"]

@@ -1,141 +1,56 @@
 """Syntax tree -> IR graph: names, constants, presets, blocks, `repeat`, includes and towers.
 
-The builder walks the statements in order, keeping a scope of what each name means: a number, a
-layer preset, a block, a tensor (one or more layer outputs) or, for names defined inside a `towers`
-block, one value per tower. Layers are created as their statements run; a name that is not yet
-defined where a layer reads it is a forward reference, resolved when the file is done (so any DAG can
-be written in any order, and a cycle is reported as one).
+The builder walks the statements in order, keeping a scope of what each name means (`scope.py`: a
+number, a layer preset, a block, a tensor or, for names defined inside a `towers` block, one value per
+tower). Layers are created as their statements run; a name that is not yet defined where a layer reads
+it is a forward reference, resolved when the file is done (so any DAG can be written in any order, and
+a cycle is reported as one).
+
+Beside it: `expressions.py` evaluates constants and layer parameters, `placement.py` chooses each
+layer's device, `includes.py` finds and parses included files, and `settings.py` evaluates the settings
+of `train` blocks (kept in `graph.graph["recipe"]`; a recipe file, `build_recipe`, holds only those).
 """
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import networkx as nx
 
 from netdsl.errors import Frame, NetError, Span, did_you_mean
-from netdsl.ir import Device, Layer
-from netdsl.ir import ops as op_registry
-from netdsl.ir.ops import OPS, REQUIRED, OpSpec, ParamError
+from netdsl.ir import Layer, layer
+from netdsl.ir.graph import Setting
+from netdsl.ir.ops import OPS, REQUIRED, OpSpec
+from netdsl.lang import expressions
 from netdsl.lang import syntax as s
-from netdsl.lang.parse import parse_file
+from netdsl.lang.includes import Includes
+from netdsl.lang.placement import DEFAULT_DEVICE, MEMORY_UNITS, Placement, first_device
+from netdsl.lang.scope import BUILTINS, Block, Context, Preset, Scope, Symbol, Tensors, Towered, undefined
+from netdsl.lang.settings import train_settings
 
-DEFAULT_DEVICE = "gpu0"
+# MEMORY_UNITS is defined in placement.py; the CLI reads it from here
+__all__ = ["MEMORY_UNITS", "build", "build_recipe"]
+
 MAX_REPEAT = 100_000
 MAX_LAYERS = 100_000  # so that nested `repeat`s fail in seconds instead of running for hours
 MAX_STEPS = 300_000  # statements run, repeat rounds and block calls: likewise when they make no layers
-MAX_NUMBER = 10**18
 MAX_DIM = 2**31 - 1
-MEMORY_UNITS = {
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KiB": 2**10,
-    "MiB": 2**20,
-    "GiB": 2**30,
-    "TiB": 2**40,
+
+# What a recipe file (`netdsl train --recipe F`) may hold, and how the rest is named in its error.
+_RECIPE_STATEMENTS = (s.TrainStmt, s.ConstStmt, s.IncludeStmt)
+_NOT_IN_RECIPES = {
+    s.NetStmt: "`net`",
+    s.InputStmt: "an input",
+    s.OutputStmt: "`output`",
+    s.AssignStmt: "a layer",
+    s.DeviceStmt: "`device`",
+    s.ReturnStmt: "`return`",
+    s.TowersStmt: "`towers`",
+    s.BlockStmt: "a block",
+    s.RepeatStmt: "`repeat`",
 }
-
-
-# --- values a name can have ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Symbol:
-    """A bare word with a meaning of its own, such as `same` in pad=same."""
-
-    word: str
-
-
-@dataclass(frozen=True)
-class Tensors:
-    """One or more layer outputs (several are joined on channels by the layer that reads them)."""
-
-    nodes: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Preset:
-    """`const name = op(k=v, ...)`: a layer type with some parameters filled in."""
-
-    op: str
-    values: dict[str, s.Expr]  # parameter name -> the expression written for it
-    span: Span
-
-
-@dataclass(frozen=True)
-class Block:
-    stmt: s.BlockStmt
-
-
-@dataclass
-class Towered:
-    """A name defined inside `towers`: one value per tower."""
-
-    towers: tuple[str, ...]
-    copies: dict[str, object]
-    span: Span
-    outer: object = None  # what the name meant before a tower rebound it (inside `repeat`)
-
-    def view(self, tower: str | None):
-        """The value a plain name has in `tower`: its own copy, else the value it had before."""
-        return self.copies.get(tower, self.outer) if tower else None
-
-
-BUILTINS = {"true": True, "false": False, "same": Symbol("same"), "valid": Symbol("valid")}
-
-
-@dataclass
-class Scope:
-    names: dict[str, object] = field(default_factory=dict)
-    spans: dict[str, Span] = field(default_factory=dict)
-    parent: Scope | None = None
-
-    def lookup(self, name: str):
-        scope = self
-        while scope is not None:
-            if name in scope.names:
-                return scope.names[name]
-            scope = scope.parent
-        return BUILTINS.get(name)
-
-    def visible(self) -> set[str]:
-        names = set(BUILTINS)
-        scope = self
-        while scope is not None:
-            names |= set(scope.names)
-            scope = scope.parent
-        return names
-
-
-@dataclass(frozen=True)
-class Context:
-    """Where a statement runs: its scope, block prefix, tower, repeat indices and expansion trace."""
-
-    scope: Scope
-    file: str
-    prefix: str = ""
-    tower: str | None = None
-    towers: tuple[str, ...] = ()
-    repeat: tuple[int, ...] = ()
-    trace: tuple[Frame, ...] = ()
-    block: str | None = None
-    top_file: bool = True  # the main file, not an include
-    device: str | None = None  # `on DEV` of the statement that expanded the current block
-
-    def qualify(self, name: str, part: str | None = None) -> str:
-        index = "".join(f"[{i}]" for i in self.repeat)
-        full = f"{self.prefix}{name}{index}"
-        if part:
-            full += f".{part}"
-        if self.tower:
-            full += f"@{self.tower}"
-        return full
 
 
 @dataclass
@@ -147,39 +62,46 @@ class _Forward:
 
 
 class Builder:
-    def __init__(self) -> None:
-        self.graph = nx.DiGraph()
+    """One visitor over the statements, with one handler per statement record (`_AssignStmt`, ...).
+
+    Statements, chains, block expansions and name references stay together because they share the
+    state that grows as the file runs, in source order: the scope, the graph of layers made so far and
+    the forward references still open. What needs only a `Context` or the finished graph lives in the
+    modules beside this one (expressions, placement, includes).
+    """
+
+    def __init__(self, module: s.Module, *, recipe_only: bool = False) -> None:
+        self.module = module
+        self.recipe_only = recipe_only  # a recipe file: `train` blocks, constants and includes only
+        self.recipe: list[Setting] = []  # the settings of every `train` block, in the order they ran
+        self.graph = nx.DiGraph()  # the layers made so far, in definition order; edges are added at the end
         self.globals = Scope()
-        self.layers: dict[str, Layer] = {}
         self.forwards: dict[str, _Forward] = {}
         self.outputs: list[tuple[s.Name | s.AllRef | s.TowerRef, Context]] = []
         self.inputs: list[str] = []
-        self.devices: dict[str, Device] = {}
-        self.declared_devices = False
-        self.default_device = DEFAULT_DEVICE
         self.net_name: str | None = None
-        self.includes: list[Path] = []
-        self.inherits: set[str] = set()  # layers placed by the default rule: where their first input runs
+        self.includes = Includes(module.file)
+        self.placement = Placement(first_device(module, self.includes) or DEFAULT_DEVICE)
         self.steps = 0  # counted against MAX_STEPS
         self.part_numbers: dict[str, int] = {}  # `_part_name`: the number a chain part's search starts at
 
     # --- entry point ------------------------------------------------------------------------
 
-    def build(self, module: s.Module) -> nx.DiGraph:
-        self.default_device = _first_device(module.statements, Path(module.file), set()) or DEFAULT_DEVICE
-        self.includes.append(Path(module.file).resolve())
+    def build(self) -> nx.DiGraph:
+        module = self.module
         ctx = Context(self.globals, module.file)
         self.run_all(module.statements, ctx)
-        self._resolve_forwards()
+        resolved = self._resolve_forwards()
         self._connect()
-        self._inherit_devices()
-        self._resolve_outputs()
-        self._check_declared_devices()
+        self.placement.settle(self.graph)
+        self._resolve_outputs(resolved)
+        self.placement.check_layers(self.graph)
         graph = self.graph
         graph.graph["name"] = self.net_name or _identifier(Path(module.file).stem)
         graph.graph["inputs"] = self.inputs
-        graph.graph["devices"] = self._used_devices()
+        graph.graph["devices"] = self.placement.used(graph)
         graph.graph["file"] = module.file
+        graph.graph["recipe"] = self.recipe
         if not self.inputs:
             raise NetError(
                 "the net has no inputs", Span(module.file, 1, 1), hint="declare one: input image: 3 x 227 x 227"
@@ -192,6 +114,12 @@ class Builder:
 
     def run(self, stmt: s.Stmt, ctx: Context) -> None:
         self._step(stmt.span, ctx)
+        if self.recipe_only and not isinstance(stmt, _RECIPE_STATEMENTS):
+            raise NetError(
+                f"a recipe file holds `train` blocks, constants and includes only, not {_NOT_IN_RECIPES[type(stmt)]}",
+                stmt.span,
+                hint="layers, inputs and devices belong in the net's .net file (NET); --recipe reads settings only",
+            )
         handler = getattr(self, "_" + type(stmt).__name__)
         handler(stmt, ctx)
 
@@ -227,15 +155,15 @@ class Builder:
                 stmt.span,
                 hint="declare the input outside the block or towers and pass it in",
             )
-        dims = tuple(self._int(e, ctx, "an input dimension", 1, MAX_DIM) for e in stmt.shape)
+        dims = tuple(expressions.integer(e, ctx, "an input dimension", 1, MAX_DIM) for e in stmt.shape)
         if len(dims) not in (1, 3):
             raise NetError(
                 f"an input is C x H x W or a flat N, not {len(dims)} dimensions",
                 stmt.span,
                 hint="e.g. input image: 3 x 227 x 227 (the batch is chosen at run time)",
             )
-        device = self._placement(stmt.device, ctx) or self.default_device
-        node = self._add_layer(stmt.name, "input", {"shape": dims}, [], device, stmt.span, ctx)
+        device = self.placement.on(stmt.device, ctx) or self.placement.default
+        node = self._add_layer(ctx.qualify(stmt.name), "input", {"shape": dims}, [], device, stmt.span, ctx)
         self.inputs.append(node)
         self._bind(stmt.name, Tensors((node,)), stmt.span, ctx)
 
@@ -250,96 +178,60 @@ class Builder:
 
     def _ConstStmt(self, stmt: s.ConstStmt, ctx: Context) -> None:
         if isinstance(stmt.value, s.Call):
-            call = stmt.value
-            base = ctx.scope.lookup(call.name)
-            if isinstance(base, Preset):
-                op, values = base.op, dict(base.values)
-            elif call.name in OPS:
-                op, values = call.name, {}
-            else:
-                raise self._unknown_layer(call, ctx)
-            first = (call.args or (None,))[0]
-            if isinstance(first, (s.AllRef, s.TowerRef)) or (
-                isinstance(first, s.Name) and isinstance(ctx.scope.lookup(first.name), (Tensors, Towered))
-            ):
-                raise NetError(
-                    "a preset (`const`) only fills in parameters; it cannot read a layer's output",
-                    first.span,
-                    trace=ctx.trace,
-                    hint=f"to make a layer, leave out `const`: {stmt.name} = {call.name}(...)",
-                )
-            given = self._collect(OPS[op], call.args or (), call.kwargs, ctx)
-            # Evaluated here, so a preset's names mean what they meant where it was written.
-            values.update({key: s.Number(self._eval(expr, ctx), expr.span) for key, expr in given.items()})
-            value = Preset(op, values, call.span)
-            spec = OPS[op]
-            # Report mistakes where the preset is written; required parameters may come at each use.
-            if all(p.name in values for p in spec.params if p.default is REQUIRED):
-                self._params(spec, values, ctx, call.span)
-            else:
-                for key, expr in values.items():
-                    self._param_value(spec, spec.param(key), expr, ctx)
+            value = self._preset(stmt, stmt.value, ctx)
         else:
-            value = self._eval(stmt.value, ctx)  # a layer's output here is reported by _eval
+            value = expressions.evaluate(stmt.value, ctx)  # a layer's output here is reported by `evaluate`
         self._bind(stmt.name, value, stmt.span, ctx)
 
+    def _preset(self, stmt: s.ConstStmt, call: s.Call, ctx: Context) -> Preset:
+        base = ctx.scope.lookup(call.name)
+        if isinstance(base, Preset):
+            op, values = base.op, dict(base.values)
+        elif call.name in OPS:
+            op, values = call.name, {}
+        else:
+            raise self._unknown_layer(call, ctx)
+        first = (call.args or (None,))[0]
+        if isinstance(first, (s.AllRef, s.TowerRef)) or (
+            isinstance(first, s.Name) and isinstance(ctx.scope.lookup(first.name), (Tensors, Towered))
+        ):
+            raise NetError(
+                "a preset (`const`) only fills in parameters; it cannot read a layer's output",
+                first.span,
+                trace=ctx.trace,
+                hint=f"to make a layer, leave out `const`: {stmt.name} = {call.name}(...)",
+            )
+        spec = OPS[op]
+        given = expressions.arguments(spec, call.args or (), call.kwargs, ctx)
+        # Evaluated here, so a preset's names mean what they meant where it was written.
+        values.update({key: s.Number(expressions.evaluate(expr, ctx), expr.span) for key, expr in given.items()})
+        # Report mistakes where the preset is written; required parameters may come at each use.
+        if all(p.name in values for p in spec.params if p.default is REQUIRED):
+            expressions.layer_params(spec, values, ctx, call.span)
+        else:
+            for key, expr in values.items():
+                expressions.param_value(spec, spec.param(key), expr, ctx)
+        return Preset(op, values, call.span)
+
     def _AssignStmt(self, stmt: s.AssignStmt, ctx: Context) -> None:
-        device = self._placement(stmt.device, ctx) or ctx.device
+        device = self.placement.on(stmt.device, ctx) or ctx.device
         value = self._chain(stmt.name, stmt.chain, ctx, device)
         self._bind(stmt.name, value, stmt.span, ctx)
 
     def _IncludeStmt(self, stmt: s.IncludeStmt, ctx: Context) -> None:
-        try:
-            path = (Path(ctx.file).parent / stmt.path).resolve()
-            path.is_file()
-        except (OSError, ValueError) as error:  # a NUL byte, a name too long for the file system, ...
-            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-            raise NetError(f'cannot include "{stmt.path}": {reason}', stmt.span) from None
-        if path in self.includes:
-            chain = " -> ".join(str(p.name) for p in [*self.includes[self.includes.index(path) :], path])
-            raise NetError(f"include cycle: {chain}", stmt.span, hint="an included file cannot include its includer")
-        if not path.is_file():
-            raise NetError(
-                f'cannot include "{stmt.path}": no such file ({path})',
-                stmt.span,
-                hint="include paths are relative to the file that includes them",
-            )
-        try:
-            module = parse_file(path)
-        except NetError as error:
-            error.notes.append((stmt.span, "included from here"))
-            raise
-        self.includes.append(path)
+        path, module = self.includes.enter(stmt, ctx.file)
         try:
             self.run_all(module.statements, replace(ctx, file=str(path), top_file=False))
         except NetError as error:
             if error.span is not None and error.span.file == str(path):
                 error.notes.append((stmt.span, "included from here"))
             raise
-        self.includes.pop()
+        self.includes.leave()
 
     def _DeviceStmt(self, stmt: s.DeviceStmt, ctx: Context) -> None:
         if ctx.block or ctx.tower:
             raise NetError("devices are declared at the top level", stmt.span)
-        memory = None
-        if stmt.memory is not None:
-            unit = stmt.unit.name
-            if unit not in MEMORY_UNITS:
-                hint = did_you_mean(unit, MEMORY_UNITS) or f"use one of {', '.join(MEMORY_UNITS)}"
-                raise NetError(f"unknown memory unit `{unit}`", stmt.unit.span, hint=hint)
-            amount = self._number(stmt.memory, ctx, "a memory size")
-            if amount <= 0:
-                raise NetError("a memory size must be positive", stmt.memory.span)
-            memory = int(self._checked(amount * MEMORY_UNITS[unit], stmt.memory, ctx))  # 1e300 GiB is not finite
-        for name in stmt.names:
-            if name.name in self.devices and self.devices[name.name].span is not None:
-                raise NetError(
-                    f"device `{name.name}` is declared twice",
-                    name.span,
-                    notes=[(self.devices[name.name].span, "first declared here")],
-                )
-            self.devices[name.name] = Device(name.name, memory, name.span)
-        self.declared_devices = True
+        self.placement.declare(stmt, ctx)
 
     def _ReturnStmt(self, stmt: s.ReturnStmt, ctx: Context) -> None:
         raise NetError("`return` is only allowed at the end of a block", stmt.span)
@@ -357,7 +249,7 @@ class Builder:
         for tower in stmt.towers:
             if tower.name in names:
                 raise NetError(f"tower `{tower.name}` is listed twice", tower.span)
-            self._check_device(tower)
+            self.placement.check(tower)
             names.append(tower.name)
         towers = tuple(names)
         # Statement by statement, each tower in turn: a statement can read every tower's copy of
@@ -387,7 +279,7 @@ class Builder:
         self._bind(stmt.name, Block(stmt), stmt.span, ctx)
 
     def _RepeatStmt(self, stmt: s.RepeatStmt, ctx: Context) -> None:
-        count = self._int(stmt.count, ctx, "a repeat count", 0, MAX_REPEAT)
+        count = expressions.integer(stmt.count, ctx, "a repeat count", 0, MAX_REPEAT)
         index = stmt.index
         if index is not None and (index.name in BUILTINS or ctx.scope.lookup(index.name) is not None):
             raise NetError(
@@ -400,6 +292,9 @@ class Builder:
             self.run_all(stmt.body, replace(ctx, repeat=(*ctx.repeat, i)))
         if index is not None:
             ctx.scope.names.pop(index.name, None)
+
+    def _TrainStmt(self, stmt: s.TrainStmt, ctx: Context) -> None:
+        self.recipe.extend(train_settings(stmt, ctx))
 
     # --- chains -----------------------------------------------------------------------------
 
@@ -430,7 +325,7 @@ class Builder:
         key = ctx.qualify(name, written)
         number = self.part_numbers.get(key, 1)  # the numbers below it are taken (layers are never removed)
         part = written if number == 1 else f"{written}_{number}"
-        while ctx.qualify(name, part) in self.layers:
+        while ctx.qualify(name, part) in self.graph:
             number += 1
             part = f"{written}_{number}"
         self.part_numbers[key] = number  # so a chain of n relus costs O(n), not O(n^2)
@@ -464,11 +359,11 @@ class Builder:
         else:
             raise self._unknown_layer(call, ctx)
         inputs, rest = self._split_inputs(spec, call, call.args or (), current, ctx)
-        params = self._params(spec, {**base, **self._collect(spec, rest, call.kwargs, ctx)}, ctx, call.span)
-        node_device = ctx.tower or device or self._device_of(inputs) or self.default_device
-        node = self._add_layer(name, spec.name, params, list(inputs.nodes), node_device, call.span, ctx, part)
-        if not (ctx.tower or device):
-            self.inherits.add(node)
+        given = {**base, **expressions.arguments(spec, rest, call.kwargs, ctx)}
+        params = expressions.layer_params(spec, given, ctx, call.span)
+        node = ctx.qualify(name, part)
+        node_device = ctx.tower or device or self.placement.of_first_input(node, inputs.nodes, self.graph)
+        self._add_layer(node, spec.name, params, list(inputs.nodes), node_device, call.span, ctx)
         return Tensors((node,))
 
     def _split_inputs(self, spec: OpSpec, call: s.Call, args, current: Tensors | None, ctx: Context):
@@ -502,6 +397,28 @@ class Builder:
             hint="the first argument of a layer is its input: conv(x, 64, size=3)",
         )
 
+    def _add_layer(
+        self, node: str, op: str, params: dict, inputs: list[str], device: str, span: Span, ctx: Context
+    ) -> str:
+        if node in self.graph:
+            raise NetError(
+                f"`{node}` is already defined",
+                span,
+                trace=ctx.trace,
+                notes=[(layer(self.graph, node).span, "first defined here")],
+                hint="give each layer its own name (rebinding is allowed inside `repeat`)",
+            )
+        order = len(self.graph)
+        if order >= MAX_LAYERS:
+            raise NetError(
+                f"the net has more than {MAX_LAYERS} layers",
+                span,
+                trace=ctx.trace,
+                hint="check the repeat counts: nested `repeat`s multiply",
+            )
+        self.graph.add_node(node, layer=Layer(node, op, params, inputs, device, span, order, ctx.trace, ctx.tower))
+        return node
+
     # --- blocks -----------------------------------------------------------------------------
 
     def _expand_block(
@@ -532,7 +449,7 @@ class Builder:
                 trace=ctx.trace,
             )
         for param, arg in zip(free, args, strict=False):
-            given[param] = self._eval(arg, ctx, tensor_ok=True)
+            given[param] = self._block_argument(arg, ctx)
         for kwarg in call.kwargs:
             if kwarg.name not in params:
                 raise NetError(
@@ -544,7 +461,7 @@ class Builder:
                 )
             if kwarg.name in given:
                 raise NetError(f"`{kwarg.name}` is given twice", kwarg.span, trace=ctx.trace)
-            given[kwarg.name] = self._eval(kwarg.value, ctx, tensor_ok=True)
+            given[kwarg.name] = self._block_argument(kwarg.value, ctx)
         missing = [p for p in params if p not in given]
         if missing:
             raise NetError(
@@ -580,6 +497,18 @@ class Builder:
             self.run(stmt, inner)
         # The returned chain is named after the instance itself: `s1 = stage(...)` makes layer `s1`.
         return self._chain(instance.split("@")[0], result.chain, replace(inner, prefix="", repeat=()), device)
+
+    def _block_argument(self, expr: s.Expr, ctx: Context):
+        """A block's argument: a tensor (a layer's output, perhaps not defined yet) or a constant."""
+        if isinstance(expr, (s.AllRef, s.TowerRef)):
+            return self._tensor_ref(expr, ctx)
+        if isinstance(expr, s.Name):
+            value = ctx.scope.lookup(expr.name)
+            if isinstance(value, Towered) and ctx.tower:
+                value = value.view(ctx.tower)
+            if value is None or isinstance(value, (Tensors, Towered)):
+                return self._tensor_ref(expr, ctx)
+        return expressions.evaluate(expr, ctx)
 
     # --- names and references -----------------------------------------------------------------
 
@@ -624,7 +553,7 @@ class Builder:
             isinstance(value, Towered) and isinstance(ref, s.Name) and ctx.tower and value.view(ctx.tower) is None
         ):
             if final:
-                raise self._undefined(ref.name, ref.span, ctx)
+                raise undefined(ref.name, ref.span, ctx)
             return self._forward(ref, ctx)
         if isinstance(ref, s.AllRef):
             if not isinstance(value, Towered):
@@ -661,7 +590,7 @@ class Builder:
             if ref.tower not in value.copies:
                 if not final and not ctx.repeat and not ctx.block:
                     return self._forward(ref, ctx)
-                raise self._undefined(f"{ref.name}@{ref.tower}", ref.span, ctx)
+                raise undefined(f"{ref.name}@{ref.tower}", ref.span, ctx)
             return self._as_tensors(value.copies[ref.tower], ref, ctx)
         if isinstance(value, Towered):
             if ctx.tower:
@@ -687,19 +616,10 @@ class Builder:
 
     def _forward(self, ref, ctx: Context) -> Tensors:
         if ctx.block:
-            raise self._undefined(ref.name, ref.span, ctx)
-        key = f"?{len(self.forwards)}"
+            raise undefined(ref.name, ref.span, ctx)
+        key = f"?{len(self.forwards)}"  # never a layer's name: names cannot start with `?`
         self.forwards[key] = _Forward(ref, ctx)
         return Tensors((key,))
-
-    def _undefined(self, name: str, span: Span, ctx: Context) -> NetError:
-        known = [n for n in ctx.scope.visible() if n not in BUILTINS]
-        return NetError(
-            f"`{name}` is not defined",
-            span,
-            trace=ctx.trace,
-            hint=did_you_mean(name, known) or "define it with `name = ...` or `input name: C x H x W`",
-        )
 
     def _unknown_layer(self, call: s.Call, ctx: Context) -> NetError:
         value = ctx.scope.lookup(call.name)
@@ -714,7 +634,11 @@ class Builder:
         hint = did_you_mean(call.name, list(OPS) + scope_names) or f"layer types: {', '.join(sorted(OPS))}"
         return NetError(f"unknown layer type `{call.name}`", call.span, hint=hint, trace=ctx.trace)
 
-    def _resolve_forwards(self) -> None:
+    # --- when the file is done ----------------------------------------------------------------
+
+    def _resolve_forwards(self) -> dict[str, tuple[str, ...]]:
+        """Replaces each forward reference in the layers' inputs by the layers it names; returns what
+        each forward reference resolved to."""
         resolved: dict[str, tuple[str, ...]] = {}
 
         def resolve(key: str, seen: tuple[str, ...]) -> tuple[str, ...]:
@@ -733,381 +657,61 @@ class Builder:
 
         for key in self.forwards:
             resolve(key, ())
-        for layer in self.layers.values():
-            if any(node in self.forwards for node in layer.inputs):
-                layer.inputs = [n for node in layer.inputs for n in (resolved.get(node, (node,)))]
-        self._resolved_forwards = resolved
-
-    def _resolve_outputs(self) -> None:
-        outputs: list[str] = []
-        for ref, ctx in self.outputs:
-            for node in self._tensor_ref(ref, ctx, final=True).nodes:
-                node = self._resolved_forwards.get(node, (node,))[0] if node in self.forwards else node
-                if node not in outputs:
-                    outputs.append(node)
-        if not outputs:  # every layer nothing reads
-            outputs = [n for n, layer in self.layers.items() if self.graph.out_degree(n) == 0 and layer.op != "input"]
-        self.graph.graph["outputs"] = outputs
+        for _, item in self.graph.nodes(data="layer"):
+            if any(node in self.forwards for node in item.inputs):
+                item.inputs = [n for node in item.inputs for n in (resolved.get(node, (node,)))]
+        return resolved
 
     def _connect(self) -> None:
-        for layer in self.layers.values():
-            for node in layer.inputs:
-                self.graph.add_edge(node, layer.name)
+        edges = [(node, item.name) for _, item in self.graph.nodes(data="layer") for node in item.inputs]
+        self.graph.add_edges_from(edges)
         try:
             cycle = nx.find_cycle(self.graph)
         except nx.NetworkXNoCycle:
             return
         names = [edge[0] for edge in cycle]
-        first = self.layers[names[0]]
-        notes = [(self.layers[n].span, f"`{n}` is defined here") for n in names[1:]]
+        notes = [(layer(self.graph, n).span, f"`{n}` is defined here") for n in names[1:]]
         raise NetError(
             f"layers form a cycle: {' -> '.join([*names, names[0]])}",
-            first.span,
+            layer(self.graph, names[0]).span,
             notes=notes,
             hint="a layer cannot read, directly or indirectly, its own output",
         )
 
-    # --- layers, devices, parameters ------------------------------------------------------------
-
-    def _add_layer(
-        self,
-        name: str,
-        op: str,
-        params: dict,
-        inputs: list[str],
-        device: str,
-        span: Span,
-        ctx: Context,
-        part: str | None = None,
-    ) -> str:
-        node = ctx.qualify(name, part)
-        if node in self.layers:
-            first = self.layers[node]
-            raise NetError(
-                f"`{node}` is already defined",
-                span,
-                trace=ctx.trace,
-                notes=[(first.span, "first defined here")],
-                hint="give each layer its own name (rebinding is allowed inside `repeat`)",
-            )
-        if len(self.layers) >= MAX_LAYERS:
-            raise NetError(
-                f"the net has more than {MAX_LAYERS} layers",
-                span,
-                trace=ctx.trace,
-                hint="check the repeat counts: nested `repeat`s multiply",
-            )
-        self.layers[node] = Layer(node, op, params, inputs, device, span, len(self.layers), ctx.trace, ctx.tower)
-        self.graph.add_node(node, layer=self.layers[node])
-        return node
-
-    def _inherit_devices(self) -> None:
-        """A layer read through a forward reference was not placed yet when its reader was made, so
-        the default rule (run where the first input runs) is applied again, in dependency order."""
-        if not self.forwards:
-            return
-        for node in nx.topological_sort(self.graph):
-            layer = self.layers[node]
-            if node in self.inherits and layer.inputs:
-                layer.device = self.layers[layer.inputs[0]].device
-
-    def _device_of(self, inputs: Tensors) -> str | None:
-        first = inputs.nodes[0] if inputs.nodes else None
-        if first is None or first in self.forwards:
-            return None
-        return self.layers[first].device
-
-    def _placement(self, name: s.Name | None, ctx: Context) -> str | None:
-        if name is None:
-            return None
-        if ctx.tower:
-            raise NetError(
-                f"inside a towers block every layer runs on its own tower ({ctx.tower})",
-                name.span,
-                hint="move the statement out of the towers block to place it on one device",
-            )
-        self._check_device(name)
-        return name.name
-
-    def _check_device(self, name: s.Name) -> None:
-        if self.declared_devices and name.name not in self.devices:
-            raise NetError(
-                f"device `{name.name}` is not declared",
-                name.span,
-                hint=did_you_mean(name.name, self.devices)
-                or f"the declared devices are {', '.join(self.devices)}; add `device {name.name}` to use it",
-            )
-
-    def _check_declared_devices(self) -> None:
-        """With `device` statements, every layer must run on a declared device (checked at the end,
-        since `on` may come before the declaration)."""
-        if not self.declared_devices:
-            return
-        for item in sorted(self.layers.values(), key=lambda layer: layer.order):
-            if item.device not in self.devices:
-                raise NetError(
-                    f"`{item.name}` runs on device `{item.device}`, which is not declared",
-                    item.span,
-                    trace=item.trace,
-                    hint=did_you_mean(item.device, self.devices) or f"declared: {', '.join(self.devices)}",
-                )
-
-    def _used_devices(self) -> dict[str, Device]:
-        devices: dict[str, Device] = {}
-        for layer in sorted(self.layers.values(), key=lambda l: l.order):
-            devices.setdefault(layer.device, self.devices.get(layer.device, Device(layer.device)))
-        return devices
-
-    def _collect(self, spec: OpSpec, args, kwargs, ctx: Context) -> dict[str, s.Expr]:
-        """Matches positional and named arguments to `spec`'s parameters (values are checked later)."""
-        if len(args) > len(spec.positional):
-            extra = args[len(spec.positional)]
-            others = [p.name for p in spec.params if p.name not in spec.positional]
-            hint = f"after its input, {spec.name} takes these by position: {', '.join(spec.positional) or 'none'}"
-            if not spec.params:
-                hint = f"{spec.name} takes only its input"
-            elif others:
-                hint += f"; name the others: {others[0]}=..."
-            raise NetError(f"too many arguments to {spec.name}", extra.span, trace=ctx.trace, hint=hint)
-        values = dict(zip(spec.positional, args, strict=False))
-        for kwarg in kwargs:
-            if spec.param(kwarg.name) is None:
-                known = [p.name for p in spec.params]
-                hint = did_you_mean(kwarg.name, known) or (
-                    f"{spec.name} takes: {', '.join(known)}" if known else f"{spec.name} takes no parameters"
-                )
-                raise NetError(f"{spec.name} has no parameter `{kwarg.name}`", kwarg.span, hint=hint, trace=ctx.trace)
-            if kwarg.name in values:
-                raise NetError(
-                    f"`{kwarg.name}` is given twice",
-                    kwarg.span,
-                    trace=ctx.trace,
-                    notes=[(values[kwarg.name].span, "first given here")],
-                )
-            values[kwarg.name] = kwarg.value
-        return values
-
-    def _params(self, spec: OpSpec, values: dict[str, s.Expr], ctx: Context, span: Span) -> dict:
-        """Evaluates and checks a layer's parameters, filling in defaults."""
-        params: dict[str, object] = {}
-        for param in spec.params:
-            if param.name in values:
-                params[param.name] = self._param_value(spec, param, values[param.name], ctx)
-            elif param.default is REQUIRED:
-                raise NetError(
-                    f"{spec.name} needs `{param.name}` ({param.doc})", span, trace=ctx.trace, hint=_example(spec)
-                )
-            else:
-                params[param.name] = param.default
-        try:
-            return spec.normalize(params)
-        except ParamError as error:
-            where = values[error.param].span if error.param in values else span
-            raise NetError(f"{spec.name}: {error}", where, hint=error.hint, trace=ctx.trace) from None
-
-    def _param_value(self, spec: OpSpec, param: op_registry.Param, expr: s.Expr, ctx: Context):
-        where = f"{spec.name} `{param.name}`"
-        value = self._eval(expr, ctx)
-        kind = param.kind
-        if kind == "bool":
-            if not isinstance(value, bool):
-                raise NetError(f"{where} must be true or false", expr.span, trace=ctx.trace)
-            return value
-        if kind == "pad" and isinstance(value, Symbol):
-            if value.word not in ("same", "valid"):
-                raise NetError(f"{where} must be a number, (h, w), same or valid", expr.span, trace=ctx.trace)
-            return value.word
-        if kind in ("pair", "pad") and isinstance(value, tuple):
-            if len(value) != 2:
-                raise NetError(f"{where} takes one number or two (h, w), not {len(value)}", expr.span, trace=ctx.trace)
-            return tuple(self._check_number(param, item, "int", expr, ctx, where) for item in value)
-        number_kind = "float" if kind == "float" else "int"
-        return self._check_number(param, value, number_kind, expr, ctx, where)
-
-    def _check_number(self, param, value, kind: str, expr: s.Expr, ctx: Context, where: str):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            what = "true/false" if isinstance(value, bool) else _describe_value(value)
-            raise NetError(f"{where} must be a number, got {what}", expr.span, trace=ctx.trace)
-        if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise NetError(f"{where} must be a whole number, got {value:g}", expr.span, trace=ctx.trace)
-            value = int(value)
-        else:
-            value = float(value)
-        low, high = param.minimum, param.maximum
-        if (low is not None and value < low) or (
-            high is not None and (value >= high if param.below_maximum else value > high)
-        ):
-            bound = f"at least {low:g}" if low is not None else ""
-            if high is not None:
-                bound = (
-                    (bound + " and " if bound else "") + ("below " if param.below_maximum else "at most ") + f"{high:g}"
-                )
-            raise NetError(f"{where} must be {bound}, got {value:g}", expr.span, trace=ctx.trace)
-        return value
-
-    # --- constant expressions ------------------------------------------------------------------
-
-    def _eval(self, expr: s.Expr, ctx: Context, tensor_ok: bool = False):
-        if isinstance(expr, s.Number):  # a literal is bounded like every result, so float() of it cannot overflow
-            value = expr.value  # (a preset's evaluated value can also be a word or a tuple)
-            return self._checked(value, expr, ctx) if isinstance(value, (int, float)) else value
-        if isinstance(expr, s.Name):
-            value = ctx.scope.lookup(expr.name)
-            if isinstance(value, Towered) and ctx.tower:
-                value = value.view(ctx.tower)
-            if tensor_ok and (value is None or isinstance(value, (Tensors, Towered))):
-                return self._tensor_ref(expr, ctx)
-            if value is None:
-                raise self._undefined(expr.name, expr.span, ctx)
-            if isinstance(value, Towered):
-                raise NetError(
-                    f"`{expr.name}` has one value per tower ({', '.join(value.towers)}), so it cannot be read here",
-                    expr.span,
-                    trace=ctx.trace,
-                    hint="define the constant outside the towers block",
-                )
-            if isinstance(value, (Tensors, Towered)):
-                raise NetError(
-                    f"`{expr.name}` is a layer's output, but a number is expected here", expr.span, trace=ctx.trace
-                )
-            if isinstance(value, (Preset, Block)):
-                raise NetError(
-                    f"`{expr.name}` is a {'preset' if isinstance(value, Preset) else 'block'}, "
-                    "but a number is expected here",
-                    expr.span,
-                    trace=ctx.trace,
-                )
-            return value
-        if isinstance(expr, (s.AllRef, s.TowerRef)):
-            if tensor_ok:
-                return self._tensor_ref(expr, ctx)
-            raise NetError(
-                "a layer's output cannot be used here",
-                expr.span,
-                trace=ctx.trace,
-                hint="only a layer's first argument (its input) reads other layers",
-            )
-        if isinstance(expr, s.Tuple):
-            return tuple(self._number(item, ctx, "a tuple item") for item in expr.items)
-        if isinstance(expr, s.Neg):
-            return self._checked(-self._number(expr.operand, ctx, "an operand of -"), expr, ctx)
-        if isinstance(expr, s.BinOp):
-            return self._binop(expr, ctx)
-        raise AssertionError(f"unknown expression {expr!r}")
-
-    def _number(self, expr: s.Expr, ctx: Context, what: str) -> int | float:
-        value = self._eval(expr, ctx)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise NetError(f"{what} must be a number, got {_describe_value(value)}", expr.span, trace=ctx.trace)
-        return value
-
-    def _int(self, expr: s.Expr, ctx: Context, what: str, low: int, high: int) -> int:
-        value = self._number(expr, ctx, what)
-        if isinstance(value, float):
-            if not value.is_integer():
-                raise NetError(f"{what} must be a whole number, got {value:g}", expr.span, trace=ctx.trace)
-            value = int(value)
-        if not low <= value <= high:
-            raise NetError(f"{what} must be between {low} and {high}, got {value}", expr.span, trace=ctx.trace)
-        return value
-
-    def _binop(self, expr: s.BinOp, ctx: Context):
-        a = self._number(expr.left, ctx, f"an operand of {expr.op}")
-        b = self._number(expr.right, ctx, f"an operand of {expr.op}")
-        if expr.op in ("/", "//", "%") and b == 0:
-            raise NetError("division by zero", expr.right.span, trace=ctx.trace)
-        if expr.op == "**":
-            if abs(b) > 64 and abs(a) > 1:
-                raise NetError("number too large", expr.span, trace=ctx.trace)
-            if a == 0 and b < 0:
-                raise NetError("division by zero", expr.span, trace=ctx.trace)
-            try:
-                value = a**b
-            except OverflowError:
-                raise NetError("number too large", expr.span, trace=ctx.trace) from None
-            if isinstance(value, complex):
-                raise NetError("the result is not a real number", expr.span, trace=ctx.trace)
-        else:
-            value = {
-                "+": lambda: a + b,
-                "-": lambda: a - b,
-                "*": lambda: a * b,
-                "/": lambda: a / b,
-                "//": lambda: a // b,
-                "%": lambda: a % b,
-            }[expr.op]()
-        return self._checked(value, expr, ctx)
-
-    def _checked(self, value, expr: s.Expr, ctx: Context):
-        if (isinstance(value, float) and not math.isfinite(value)) or abs(value) > MAX_NUMBER:
-            raise NetError("number too large", expr.span, trace=ctx.trace)
-        return value
-
-
-def _describe_value(value) -> str:
-    if isinstance(value, Symbol):
-        return f"the word `{value.word}`"
-    if isinstance(value, tuple):
-        return "a tuple"
-    if isinstance(value, Tensors):
-        return "a layer's output"
-    return type(value).__name__
-
-
-def _example(spec: OpSpec) -> str:
-    examples = {
-        "conv": "conv(x, 64, size=3, pad=1)",
-        "fc": "fc(x, 4096)",
-        "maxpool": "maxpool(x, 3, stride=2)",
-        "avgpool": "avgpool(x, 2)",
-    }
-    return "e.g. " + examples.get(spec.name, f"{spec.name}(x)")
+    def _resolve_outputs(self, resolved: dict[str, tuple[str, ...]]) -> None:
+        outputs: list[str] = []
+        for ref, ctx in self.outputs:
+            for node in self._tensor_ref(ref, ctx, final=True).nodes:
+                node = resolved[node][0] if node in self.forwards else node
+                if node not in outputs:
+                    outputs.append(node)
+        if not outputs:  # every layer nothing reads
+            nodes = self.graph.nodes(data="layer")
+            outputs = [n for n, item in nodes if self.graph.out_degree(n) == 0 and item.op != "input"]
+        self.graph.graph["outputs"] = outputs
 
 
 def _identifier(text: str) -> str:
     return re.sub(r"\W", "_", text) or "net"
 
 
-def _first_device(statements, file: Path, seen: set[Path]) -> str | None:
-    """The default device for inputs: the first declared one (`device`), else the first one named by
-    `towers` or `on`; included files count too."""
-    mentions = list(_device_mentions(statements, file, seen))
-    declared = [name for is_declaration, name in mentions if is_declaration]
-    return (declared or [name for _, name in mentions] or [None])[0]
-
-
-def _device_mentions(statements, file: Path, seen: set[Path]):
-    """(is_declaration, device name) for each device the statements name, in source order."""
-    for stmt in statements:
-        if isinstance(stmt, s.DeviceStmt):
-            yield from ((True, name.name) for name in stmt.names)
-        elif isinstance(stmt, s.TowersStmt):
-            yield from ((False, name.name) for name in stmt.towers)
-        elif isinstance(stmt, (s.AssignStmt, s.InputStmt)) and stmt.device is not None:
-            yield False, stmt.device.name
-        elif isinstance(stmt, s.IncludeStmt):
-            try:
-                path = (file.parent / stmt.path).resolve()
-                if path in seen or not path.is_file():
-                    continue  # reported when the include runs
-            except (OSError, ValueError):
-                continue  # likewise
-            seen.add(path)
-            try:
-                included = parse_file(path).statements
-            except NetError:
-                continue
-            yield from _device_mentions(included, path, seen)
-
-
 def build(module: s.Module) -> nx.DiGraph:
     """Build the layer graph of a parsed file (shapes are not inferred yet)."""
     try:
-        return Builder().build(module)
+        return Builder(module).build()
     except RecursionError:  # expressions and block calls are evaluated recursively
         raise NetError(
             "the net nests too deeply (an expression, block calls or includes)",
             where=module.file,
             hint="split long expressions with `const`, and flatten deep chains of blocks",
         ) from None
+
+
+def build_recipe(module: s.Module) -> list[Setting]:
+    """The settings of a recipe file: its `train` blocks (and those of the files it includes), in order."""
+    builder = Builder(module, recipe_only=True)
+    try:
+        builder.run_all(module.statements, Context(builder.globals, module.file))
+    except RecursionError:
+        raise NetError("the recipe nests too deeply (an expression or includes)", where=module.file) from None
+    return builder.recipe

@@ -1,4 +1,5 @@
-"""The front end in one call: read a `.net` file and return its checked, shaped layer graph."""
+"""The front end in one call: read a `.net` file and return its checked, shaped layer graph (or, for a
+recipe file, its training settings)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 
 import networkx as nx
 
+from netdsl.ir.graph import Setting
 from netdsl.ir.limits import check_memory
 from netdsl.ir.shapes import infer_shapes
-from netdsl.lang.build import build
+from netdsl.lang.build import build, build_recipe
 from netdsl.lang.parse import parse_file, parse_text
 
 
@@ -31,6 +33,12 @@ def graph_from_text(text: str, file: str = "<string>", **options) -> nx.DiGraph:
         )
 
 
+def load_recipe(path: str | Path) -> list[Setting]:
+    """The settings of a recipe file (`netdsl train --recipe F`): its `train` blocks, in order, after its
+    constants and includes ran. A layer, input or other net statement in it is a `NetError`."""
+    return build_recipe(parse_file(path))
+
+
 @contextlib.contextmanager
 def _gc_paused():
     """Parsing and building allocate many small objects that all stay alive, and Python's cyclic
@@ -46,6 +54,6 @@ def _gc_paused():
 
 
 def _checked(graph: nx.DiGraph, batch: int, dtype: str, memory_limit: int | None) -> nx.DiGraph:
-    infer_shapes(graph)
+    graph = infer_shapes(graph)
     check_memory(graph, batch, dtype, memory_limit)
     return graph

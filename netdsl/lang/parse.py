@@ -19,7 +19,7 @@ from netdsl.lang import syntax as s
 _TERMINAL_WORDS = {
     "NAME": "a name",
     "NUMBER": "a number",
-    "STRING": 'a quoted path ("file.net")',
+    "STRING": 'a quoted string ("...")',
     "_NL": "end of line",
     "PIPE": "`|`",
     "$END": "end of file",
@@ -147,7 +147,9 @@ def _syntax_error(error: UnexpectedInput, file: str, text: str = "") -> NetError
         span = Span(file, line, col, line, col + 1)
         if char == '"':
             return NetError(
-                "unterminated or misplaced string", span, hint='strings are only used in include "file.net"'
+                "unterminated or misplaced string",
+                span,
+                hint='strings are used in include "file.net" and in train settings: data = "digits"',
             )
         return NetError(f"unexpected character {char!r}", span, hint=_hint_for_char(char))
     if isinstance(error, UnexpectedEOF):
@@ -173,7 +175,23 @@ def _syntax_error(error: UnexpectedInput, file: str, text: str = "") -> NetError
             _token_span(file, keyword),
             hint=f"choose another name, e.g. `{keyword.value}_1`",
         )
-    return NetError(message, span, hint=f"expected {_expected(expected)}")
+    hint = f"expected {_expected(expected)}"
+    if _in_train_block(before):
+        hint += '; a train block holds settings, one `NAME = VALUE` or `NAME "PATTERN" = VALUE` a line'
+    return NetError(message, span, hint=hint)
+
+
+def _in_train_block(before: list[Token]) -> bool:
+    """Whether the innermost `{ }` still open after `before` is a `train` block's."""
+    depth = 0
+    for index in range(len(before) - 1, -1, -1):
+        if before[index].value == "}":
+            depth += 1
+        elif before[index].value == "{":
+            if depth == 0:
+                return index > 0 and before[index - 1].value == "train" and before[index - 1].type != "NAME"
+            depth -= 1
+    return False
 
 
 def _context(text: str, token: Token, fallback: set[str]) -> tuple[list[Token], set[str]]:
@@ -287,6 +305,16 @@ class _ToSyntax(Transformer):
     def repeat_stmt(self, meta, c):
         index = self._name(c[1]) if len(c) == 3 else None
         return s.RepeatStmt(c[0], index, c[-1], self._sp(meta))
+
+    def train_stmt(self, meta, c):
+        return s.TrainStmt(tuple(c), self._sp(meta))
+
+    def setting(self, meta, c):
+        pattern = c[1] if len(c) == 3 else None
+        return s.Setting(self._name(c[0]), pattern, c[-1], self._sp(meta))
+
+    def string(self, meta, c):
+        return s.String(str(c[0])[1:-1], self._sp(meta))
 
     def placement(self, meta, c):
         return self._name(c[0])

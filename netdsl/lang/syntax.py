@@ -171,6 +171,30 @@ class RepeatStmt:
     span: Span
 
 
+@dataclass(frozen=True)
+class String:
+    """A quoted string: a setting's value or pattern (the quotes removed)."""
+
+    value: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class Setting:
+    """`NAME ["PATTERN"] = VALUE` inside `train { }`."""
+
+    name: Name
+    pattern: String | None
+    value: Expr | String
+    span: Span
+
+
+@dataclass(frozen=True)
+class TrainStmt:
+    settings: tuple[Setting, ...]
+    span: Span
+
+
 Stmt = (
     NetStmt
     | InputStmt
@@ -183,6 +207,7 @@ Stmt = (
     | TowersStmt
     | BlockStmt
     | RepeatStmt
+    | TrainStmt
 )
 
 

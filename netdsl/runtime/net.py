@@ -32,7 +32,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TextIO
 
@@ -44,14 +44,16 @@ from netdsl.codegen.interpret import interpreting, widen_bf16_dots
 from netdsl.codegen.layouts import to_layout, view_as_layout
 from netdsl.codegen.reference import run_layers
 from netdsl.compiler.compile import Compiled, compile_net, write_build
-from netdsl.compiler.fuse import Step
-from netdsl.compiler.launches import TORCH_DTYPES, load_kernel_file
+from netdsl.compiler.launches import load_kernel_file
 from netdsl.compiler.layout import LAYOUT_OPTIONS, weight_layouts
 from netdsl.compiler.passes import Options
+from netdsl.compiler.steps import Step
 from netdsl.errors import NetError
+from netdsl.ir.dtypes import DTYPES, torch_dtype
 from netdsl.ir.limits import check_memory
-from netdsl.ir.ops import OPS
-from netdsl.runtime.weights import fold_batchnorm, init_weights, weight_specs
+from netdsl.ir.ops import layer_tensors
+from netdsl.runtime.module import GraphModule
+from netdsl.runtime.weights import fold_weights, init_weights, load_weights, weight_specs
 
 BACKENDS = ("torch", "triton")
 WEIGHTED_OPS = ("conv", "fc", "batchnorm")  # the ops whose weights a step takes (from its first such layer)
@@ -71,7 +73,7 @@ class Net:
         path: str | Path,
         *,
         backend: str = "torch",
-        devices: Mapping[str, str] | None = None,
+        devices: Mapping[str, str] | str | None = None,
         dtype: str = "fp32",
         weights: Mapping[str, object] | str | Path | None = None,
         build_dir: str | Path | None = None,
@@ -86,11 +88,11 @@ class Net:
         self.path = str(path)
         if backend not in BACKENDS:
             raise NetError(f"unknown backend `{backend}`", where="backend", hint=f"backends: {', '.join(BACKENDS)}")
-        if dtype not in TORCH_DTYPES:
-            raise NetError(f"unknown dtype `{dtype}`", where="dtype", hint=f"dtypes: {', '.join(TORCH_DTYPES)}")
+        if dtype not in DTYPES:
+            raise NetError(f"unknown dtype `{dtype}`", where="dtype", hint=f"dtypes: {', '.join(DTYPES)}")
         self.backend = backend
         self.dtype = dtype
-        self.torch_dtype = TORCH_DTYPES[dtype]
+        self.torch_dtype = torch_dtype(dtype)
         self.check_inputs = check_inputs
         self.init = init  # the scheme of the default weights: netdsl.runtime.weights.init_weights
         # Where to show progress through the first run, while Triton compiles each kernel (None: silent).
@@ -149,8 +151,10 @@ class Net:
 
     # --- set-up -----------------------------------------------------------------------------------
 
-    def _map_devices(self, devices: Mapping[str, str] | None) -> dict[str, torch.device]:
+    def _map_devices(self, devices: Mapping[str, str] | str | None) -> dict[str, torch.device]:
         logical = list(self._partitions)
+        if isinstance(devices, (str, torch.device)):  # every partition on one device
+            devices = dict.fromkeys(logical, str(devices))
         if devices is None:
             count = torch.cuda.device_count() if torch.cuda.is_available() else 0
             if count == 0:
@@ -226,10 +230,6 @@ class Net:
         """Takes every weight of the net (`"<layer>.<tensor>"` -> tensor or array), checks names and shapes,
         folds batch norms into the convs that absorbed them and puts each step's weights on its device."""
         if isinstance(weights, (str, Path)):
-            try:
-                from netdsl.runtime.weights import load_weights
-            except ImportError:
-                raise NetError("loading weights from a file needs netdsl.runtime.weights", where=str(weights)) from None
             weights = load_weights(weights, self.layer_graph)
         if not isinstance(weights, Mapping):
             raise NetError(f"weights must be a dict of name -> tensor, got {type(weights).__name__}", where="weights")
@@ -262,33 +262,28 @@ class Net:
                 )
             if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
                 raise NetError(f"weight `{name}` has dtype {tensor.dtype}, not a real number type", where="weights")
-            tensors[name] = tensor.detach()
+            tensors[name] = tensor.detach().to("cpu", torch.float64)
         self._graphs.clear()  # captured graphs read the old weight tensors
+        folded = fold_weights(self.layer_graph, {name: tensor.numpy() for name, tensor in tensors.items()})
         self._step_weights = {
-            name: self._weights_of(step, tensors) for name, step in self._steps.items() if step.kind not in COPY_KINDS
+            name: self._weights_of(step, folded) for name, step in self._steps.items() if step.kind not in COPY_KINDS
         }
+        self._unfolded = {name: tensor.to(torch.float32) for name, tensor in tensors.items()}  # for as_module
 
-    def _weights_of(self, step: Step, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _weights_of(self, step: Step, folded: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """A step's weights (those of its conv, fc or batch norm, by `fold_weights`), on its device, in its layouts."""
         item = next((member for member in step.layers if member.op in WEIGHTED_OPS), None)
         if item is None:
             return {}
-        names = _layer_weight_shapes(item)
-        found = {key: tensors[f"{item.name}.{key}"].double() for key in names}
-        for bn_name in item.fields.get("folded", []):
-            bn = self.layer_graph.nodes[bn_name]["layer"]
-            stats = {key: tensors[f"{bn_name}.{key}"].double() for key in _layer_weight_shapes(bn)}
-            folded = fold_batchnorm(
-                found["weight"].numpy(),
-                found["bias"].numpy() if "bias" in found else None,
-                {key: value.numpy() for key, value in stats.items()},
-                bn.params["eps"],
-            )
-            found = {"weight": torch.from_numpy(folded[0]), "bias": torch.from_numpy(folded[1])}
+        names = dict.fromkeys([*layer_tensors(item), *(["bias"] if item.fields.get("folded") else [])])
         device = self.devices[step.device]
         layouts = weight_layouts(step)
         return {
-            key: to_layout(value.to(device=device, dtype=self.torch_dtype), layouts.get(key, "nchw"))
-            for key, value in found.items()
+            key: to_layout(
+                torch.from_numpy(folded[f"{item.name}.{key}"]).to(device=device, dtype=self.torch_dtype),
+                layouts.get(key, "nchw"),
+            )
+            for key in names
         }
 
     # --- running ----------------------------------------------------------------------------------
@@ -310,6 +305,48 @@ class Net:
             outputs = {name: views[step].clone() for name, step in self.output_steps.items()}
         self._check_gpu_inputs(inputs)
         return next(iter(outputs.values())) if len(outputs) == 1 else outputs
+
+    def run_partition(
+        self,
+        device: str,
+        x: torch.Tensor | np.ndarray | Mapping[str, object],
+        receive: Callable[[str, torch.Tensor], None],
+        send: Callable[[str, torch.Tensor, list[str]], None],
+    ) -> dict[str, torch.Tensor]:
+        """Runs only the steps of the logical device `device`, in the order every partition follows
+        (`order`), for a caller that runs the other partitions elsewhere (netdsl.runtime.distributed):
+        a transfer into `device` calls `receive(source_step, out)`, which must fill `out` with that
+        step's output; a step whose output other devices read calls `send(step, output, devices)`.
+        Returns the net's outputs that this partition computes, by name."""
+        if device not in self._partitions:
+            devices = ", ".join(self._partitions)
+            raise NetError(f"the net has no device `{device}`", where="device", hint=f"its devices: {devices}")
+        inputs, batch = self._take_inputs(x)
+        views = self.views(batch)
+        with torch.no_grad(), _tf32(self.dtype == "tf32"):
+            for name in self._order:
+                step = self._steps[name]
+                if step.device != device:
+                    continue
+                if step.kind == "transfer":
+                    receive(step.inputs[0], views[name])
+                else:
+                    self._run_step(name, views, inputs)
+                readers = {self._steps[reader].device for reader in self.program.successors(name)} - {device}
+                if readers:
+                    send(name, views[name], sorted(readers))
+            outputs = {
+                output: views[name].clone()
+                for output, name in self.output_steps.items()
+                if self._steps[name].device == device
+            }
+        self._check_gpu_inputs(inputs)
+        return outputs
+
+    @property
+    def order(self) -> list[str]:
+        """Every step's name, in the order the steps run (each partition's launches in plan order)."""
+        return list(self._order)
 
     def _replay(self, batch: int, views: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
         """Runs the captured graph of this batch size, capturing it first (after the eager warm-up run)."""
@@ -551,27 +588,19 @@ class Net:
 
     # --- torch integration ------------------------------------------------------------------------
 
-    def as_module(self) -> NetModule:
-        return NetModule(self)
+    def as_module(self) -> GraphModule:
+        """A trainable `torch.nn.Module` of this net (`netdsl.runtime.module.GraphModule`): the layer graph
+        before folding, with the weights last loaded (batch norms apart, float32), each partition's
+        layers on this net's device for it, computing every layer with PyTorch under autograd. It starts
+        in eval mode, where its outputs are this net's (torch backend); `.train()` for training."""
+        return GraphModule(
+            self.layer_graph, devices=self.devices, weights=self._unfolded, tf32=self.dtype == "tf32"
+        ).eval()
 
     def __repr__(self) -> str:
         devices = ", ".join(f"{name}->{device}" for name, device in self.devices.items())
         name = self.program.graph["name"]
         return f"Net({name!r}, backend={self.backend!r}, dtype={self.dtype!r}, devices: {devices})"
-
-
-class NetModule(torch.nn.Module):
-    """A `Net` as a `torch.nn.Module` (inference only: no gradients flow through it)."""
-
-    def __init__(self, net: Net) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x)
-
-    def extra_repr(self) -> str:
-        return repr(self.net)
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -598,15 +627,6 @@ def _run_order(program: nx.DiGraph, partitions: dict[str, list[str]]) -> list[st
         order.add_edges_from(itertools.pairwise(names))
     index = {name: i for i, name in enumerate(program.nodes)}
     return list(nx.lexicographical_topological_sort(order, key=lambda name: index[name]))
-
-
-def _layer_weight_shapes(item) -> dict[str, tuple[int, ...]]:
-    if item.input_shape is None:
-        return {}
-    spec = OPS.get(item.op)
-    if spec is None:
-        return {}
-    return {**spec.weights(item.params, item.input_shape), **spec.buffers(item.params, item.input_shape)}
 
 
 def _fmt(shape) -> str:

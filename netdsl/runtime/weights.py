@@ -20,10 +20,11 @@ from pathlib import Path
 import networkx as nx
 import numpy as np
 
+from netdsl.compiler.fold import fold_inference
 from netdsl.errors import NetError, did_you_mean
 from netdsl.files import new_temporary
 from netdsl.ir import layer, layers
-from netdsl.ir.ops import OPS
+from netdsl.ir.ops import layer_tensors
 
 Shape = tuple[int, ...]
 
@@ -46,11 +47,7 @@ def weight_specs(graph: nx.DiGraph) -> dict[str, Shape]:
     """Every stored tensor of the net (learned weights, then buffers, per layer), in layer order."""
     specs: dict[str, Shape] = {}
     for item in layers(graph):
-        if item.op == "input" or item.input_shape is None:
-            continue
-        spec = OPS[item.op]
-        tensors = {**spec.weights(item.params, item.input_shape), **spec.buffers(item.params, item.input_shape)}
-        for tensor, shape in tensors.items():
+        for tensor, shape in layer_tensors(item).items():
             name = f"{item.name}.{tensor}"
             if name in specs:  # cannot happen with the language's names; guards a future op's tensor names
                 raise NetError(f"two tensors of the net are both named `{name}`", span=item.span)
@@ -122,8 +119,11 @@ def _initial(
 # --- files -----------------------------------------------------------------------------------------
 
 
-def save_weights(path: str | os.PathLike, weights: Mapping[str, np.ndarray]) -> None:
-    """Writes `weights` to a safetensors file, atomically: a temporary file in the same folder, then a rename."""
+def save_weights(
+    path: str | os.PathLike, weights: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Writes `weights` to a safetensors file, atomically: a temporary file in the same folder, then a rename.
+    `metadata` (text by key) goes into the file's header: a trained net's preprocessing, for instance."""
     from safetensors.numpy import save_file
 
     path = Path(path)
@@ -148,7 +148,7 @@ def save_weights(path: str | os.PathLike, weights: Mapping[str, np.ndarray]) -> 
     mode = os.fstat(handle).st_mode  # a new file's mode under the umask; safetensors writes 0600
     os.close(handle)
     try:
-        save_file(tensors, temp)
+        save_file(tensors, temp, metadata=dict(metadata) if metadata else None)
         os.chmod(temp, mode)
         os.replace(temp, path)
     except Exception as error:  # OSError (disk full, permissions) or SafetensorError; never leave the temp file
@@ -162,6 +162,8 @@ def load_weights(path: str | os.PathLike, graph: nx.DiGraph) -> dict[str, np.nda
 
     F32, F16, BF16 and F64 tensors are accepted and converted to float32; any other type, a missing,
     extra or mis-shaped tensor, or a file that is not safetensors raises `NetError` (where = the file).
+    Tensors whose names hold a `:` are not weights (a training checkpoint keeps its optimizer and random
+    state under such names, so a checkpoint is also a weights file) and are skipped.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -180,6 +182,8 @@ def load_weights(path: str | os.PathLike, graph: nx.DiGraph) -> dict[str, np.nda
         with safe_open(str(path), framework="np") as file:
             stored = {}
             for name in file.keys():  # noqa: SIM118 -- safe_open is not iterable
+                if ":" in name:
+                    continue
                 view = file.get_slice(name)
                 stored[name] = (view.get_dtype(), tuple(view.get_shape()))
             _check(where, specs, stored, graph.graph.get("name"))
@@ -197,6 +201,17 @@ def load_weights(path: str | os.PathLike, graph: nx.DiGraph) -> dict[str, np.nda
     except OSError as error:
         raise NetError(f"cannot read the weights: {error.strerror or error}", where=where) from None
     return {name: np.ascontiguousarray(value, dtype=np.float32).reshape(specs[name]) for name, value in values.items()}
+
+
+def weights_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The text a weights file carries in its header (empty when it is not a readable safetensors file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as file:
+            return dict(file.metadata() or {})
+    except (SafetensorError, OSError):
+        return {}
 
 
 def _check(where: str, specs: dict[str, Shape], stored: dict[str, tuple[str, Shape]], net: str | None) -> None:
@@ -327,15 +342,9 @@ def fold_weights(graph: nx.DiGraph, weights: Mapping[str, np.ndarray]) -> dict[s
     folded weight and a bias (`<conv>.bias`, present even for a conv declared `bias=false`), and the
     folded batch norms' tensors are dropped. `graph` is the unfolded graph (`load_graph`'s); the result
     follows the folded graph's layer order."""
-    from netdsl.compiler.fold import fold_inference
-
     result: dict[str, np.ndarray] = {}
     for item in layers(fold_inference(graph)):
-        if item.op == "input" or item.input_shape is None:
-            continue
-        spec = OPS[item.op]
-        names = [*spec.weights(item.params, item.input_shape), *spec.buffers(item.params, item.input_shape)]
-        own = {name: weights[f"{item.name}.{name}"] for name in names}
+        own = {name: weights[f"{item.name}.{name}"] for name in layer_tensors(item)}
         for bn_name in item.fields.get("folded", []):
             bn = {key: weights[f"{bn_name}.{key}"] for key in ("weight", "bias", "running_mean", "running_var")}
             eps = float(layer(graph, bn_name).params["eps"])

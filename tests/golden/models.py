@@ -7,9 +7,12 @@ written out by hand with the AlexNet paper's formula (section 3.3):
 
     b[c] = a[c] / (k + alpha * sum_{j = c - (n-1)//2 .. c + n//2, clipped to the channels} a[j]^2) ^ beta
 
-with alpha NOT divided by n (n=5, alpha=1e-4, beta=0.75, k=2). Dropout is the identity (inference) and
-batch norm uses its running statistics (eval mode), so no model has any randomness. Every model runs
-in whatever dtype its parameters have (the goldens use float64).
+with alpha NOT divided by n (n=5, alpha=1e-4, beta=0.75, k=2). In eval mode (what `build` returns, and
+what the goldens record) dropout is the identity and batch norm uses its running statistics, so no model
+has any randomness. In training mode (`model.train()`) dropout is `F.dropout(x, rate, training=True)`,
+its masks drawn from torch's generator where the .net file drops (each tower's in tower order), and
+batch norm (`nn.BatchNorm2d`, momentum 0.1) normalizes with the batch's statistics and updates the
+running ones. Every model runs in whatever dtype its parameters have (the goldens use float64).
 
 `Model.load(weights)` takes netdsl's tensors (`<layer name>.<tensor>` -> array, the names of
 `netdsl.runtime.weights.weight_specs`) and copies each onto the parameter it means; a missing, extra or
@@ -126,15 +129,20 @@ class AlexNet(GoldenModel):
 
     towers = ("gpu0", "gpu1")
 
-    def __init__(self) -> None:
+    def __init__(self, image_size: int = 227) -> None:
+        """`image_size`: the side of the square input (227 as published; a smaller one shrinks only
+        fc6's input, 256 maps of the pooled conv5's side squared)."""
         super().__init__()
+        side = (image_size - 11) // 4 + 1  # conv1, then the three 3 x 3 stride 2 max-pools
+        for _ in range(3):
+            side = (side - 3) // 2 + 1
         pair = range(len(self.towers))
         self.conv1 = nn.ModuleList(nn.Conv2d(3, 48, 11, stride=4) for _ in pair)
         self.conv2 = nn.ModuleList(nn.Conv2d(48, 128, 5, padding=2) for _ in pair)
         self.conv3 = nn.ModuleList(nn.Conv2d(256, 192, 3, padding=1) for _ in pair)
         self.conv4 = nn.ModuleList(nn.Conv2d(192, 192, 3, padding=1) for _ in pair)
         self.conv5 = nn.ModuleList(nn.Conv2d(192, 128, 3, padding=1) for _ in pair)
-        self.fc6 = nn.ModuleList(nn.Linear(256 * 6 * 6, 2048) for _ in pair)
+        self.fc6 = nn.ModuleList(nn.Linear(256 * side * side, 2048) for _ in pair)
         self.fc7 = nn.ModuleList(nn.Linear(4096, 2048) for _ in pair)
         self.fc8 = nn.Linear(4096, 1000)
 
@@ -146,9 +154,9 @@ class AlexNet(GoldenModel):
         a = [F.relu(conv(x)) for conv, x in zip(self.conv4, a)]  # own tower only
         a = [pool3s2(F.relu(conv(x))) for conv, x in zip(self.conv5, a)]  # 128 x 6 x 6
         both = torch.cat(a, dim=1).flatten(1)
-        a = [F.relu(fc(both)) for fc in self.fc6]  # dropout: identity
+        a = [F.dropout(F.relu(fc(both)), 0.5, self.training) for fc in self.fc6]
         both = torch.cat(a, dim=1)
-        a = [F.relu(fc(both)) for fc in self.fc7]
+        a = [F.dropout(F.relu(fc(both)), 0.5, self.training) for fc in self.fc7]
         return torch.softmax(self.fc8(torch.cat(a, dim=1)), dim=1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -179,8 +187,8 @@ class AlexNet1GPU(GoldenModel):
         x = F.relu(self.conv3(x))
         x = F.relu(self.conv4(x))
         x = pool3s2(F.relu(self.conv5(x)))
-        x = F.relu(self.fc6(x.flatten(1)))
-        x = F.relu(self.fc7(x))
+        x = F.dropout(F.relu(self.fc6(x.flatten(1))), 0.5, self.training)
+        x = F.dropout(F.relu(self.fc7(x)), 0.5, self.training)
         return torch.softmax(self.fc8(x), dim=1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -216,8 +224,8 @@ class VGG16(GoldenModel):
             x = F.relu(conv(x))
             if i in self.pool_after:
                 x = F.max_pool2d(x, kernel_size=2, stride=2)
-        x = F.relu(self.fc6(x.flatten(1)))
-        x = F.relu(self.fc7(x))
+        x = F.dropout(F.relu(self.fc6(x.flatten(1))), 0.5, self.training)
+        x = F.dropout(F.relu(self.fc7(x)), 0.5, self.training)
         return torch.softmax(self.fc8(x), dim=1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -255,7 +263,7 @@ class LeNet5(GoldenModel):
 
 
 class SimpleNet(GoldenModel):
-    """Four conv (no bias) + batch norm (eval) + ReLU + 2x2 max-pool stages, then fc to 15 and softmax."""
+    """Four conv (no bias) + batch norm + ReLU + 2x2 max-pool stages, then dropout, fc to 15 and softmax."""
 
     widths = (32, 64, 128, 256)
 
@@ -276,7 +284,8 @@ class SimpleNet(GoldenModel):
         x = image
         for stage in self.stages:
             x = F.max_pool2d(F.relu(stage.bn(stage.conv(x))), 2, stride=2)
-        return torch.softmax(self.fc(x.flatten(1)), dim=1)  # dropout before fc: identity
+        x = F.dropout(x, 0.5, self.training)  # on the 256 x 4 x 4 map, as the .net file drops
+        return torch.softmax(self.fc(x.flatten(1)), dim=1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         found: dict[str, torch.Tensor] = {}

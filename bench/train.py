@@ -1,0 +1,173 @@
+"""How fast is a training step? netdsl's step (the net's layer graph under autograd, `GraphModule`; softmax
+cross-entropy on the logits; the paper's SGD) against a hand-written PyTorch loop on the same machine, in
+the same run: the independent models of tests/golden/models.py in training mode, `torch.optim.SGD`.
+
+    python bench/train.py                        # CPU: lenet5 and simplenet at batch 64, alexnet at batch 4
+    python bench/train.py --nets lenet5 --batch 128 --steps 20
+    python bench/train.py --gpu                  # a GPU: AlexNet at batch 128 in bf16, also under torch.compile
+    python bench/train.py --smoke                # tiny sizes: the code path runs, the numbers mean nothing
+
+Each row times `--steps` steps after `--warmup` untimed ones on fresh seeded random images and labels, the
+median of `--repeats` repetitions; images/s is batch / step time. The ratio is the hand-written loop's time
+over netdsl's: above 1.0, netdsl is faster. Data loading is not included: bench/train_data.py measures the
+loader (decoded and augmented images/s per worker), which must outrun the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "tests"))  # the hand-written models
+
+from golden.models import MODELS  # noqa: E402
+
+import netdsl  # noqa: E402
+from netdsl.runtime.module import GraphModule  # noqa: E402
+from netdsl.runtime.weights import init_weights  # noqa: E402
+from netdsl.tables import format_table  # noqa: E402
+from netdsl.train.optim import make_optimizer, param_groups, set_learning_rate  # noqa: E402
+
+CPU_BATCH = {"lenet5": 64, "simplenet": 64, "alexnet": 4}
+
+
+def _data(shape: tuple[int, ...], batch: int, classes: int, device: str, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, *shape), generator=generator).to(device)
+    y = torch.randint(0, classes, (batch,), generator=generator).to(device)
+    return x, y
+
+
+def _netdsl_step(net: str, batch: int, device: str, dtype: str | None):
+    graph = netdsl.load_graph(ROOT / "nets" / f"{net}.net")
+    module = GraphModule(graph, devices=device, init="he").train()
+    groups = param_groups(module.named_parameters(), [], [])
+    optimizer = make_optimizer("sgd", groups, 0.001, momentum=0.9, weight_decay=0.0005)
+    x, y = _data(MODELS[net][1], batch, graph.nodes[graph.graph["outputs"][0]]["layer"].shape[0], device)
+
+    def step():
+        set_learning_rate(optimizer, 0.001)
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, dtype):
+            logits = module.logits(x).float().flatten(1)
+        F.cross_entropy(logits, y).backward()
+        optimizer.step()
+
+    return step
+
+
+def _torch_step(net: str, batch: int, device: str, dtype: str | None, compile_it: bool = False):
+    cls, shape = MODELS[net]
+    graph = netdsl.load_graph(ROOT / "nets" / f"{net}.net")
+    model = cls().load(init_weights(graph, seed=0, scheme="he")).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9, weight_decay=0.0005)
+    forward = torch.compile(model) if compile_it else model
+    out = graph.nodes[graph.graph["outputs"][0]]["layer"]
+    ends_in_softmax = out.op == "softmax"
+    x, y = _data(shape, batch, out.shape[0], device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, dtype):
+            scores = forward(x).float()
+        # the hand-written models end in softmax where the net does: the loss takes log-probabilities then
+        loss = F.nll_loss(scores.clamp_min(1e-30).log(), y) if ends_in_softmax else F.cross_entropy(scores, y)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _autocast(device: str, dtype: str | None):
+    if dtype is None:
+        return torch.autocast(device, enabled=False)
+    return torch.autocast(device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+
+
+def _time(step, steps: int, warmup: int, repeats: int, device: str) -> float:
+    """Median ms per step."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - began) * 1e3 / steps)
+    return statistics.median(times)
+
+
+def cpu_table(nets: list[str], batches: dict[str, int], steps: int, warmup: int, repeats: int) -> list[str]:
+    rows = []
+    for net in nets:
+        batch = batches[net]
+        ours = _time(_netdsl_step(net, batch, "cpu", None), steps, warmup, repeats, "cpu")
+        theirs = _time(_torch_step(net, batch, "cpu", None), steps, warmup, repeats, "cpu")
+        rows.append(
+            (net, str(batch), f"{ours:,.1f}", f"{batch * 1e3 / ours:,.0f}", f"{theirs:,.1f}",
+             f"{batch * 1e3 / theirs:,.0f}", f"{theirs / ours:.2f}x")
+        )  # fmt: skip
+    header = ("net", "batch", "netdsl ms/step", "netdsl img/s", "PyTorch ms/step", "PyTorch img/s", "ratio")
+    return format_table(header, rows, left={0})
+
+
+def gpu_table(batch: int, dtype: str, steps: int, warmup: int, repeats: int) -> list[str]:
+    rows = []
+    for name, step in (
+        ("netdsl (GraphModule)", _netdsl_step("alexnet", batch, "cuda", dtype)),
+        ("PyTorch eager", _torch_step("alexnet", batch, "cuda", dtype)),
+        ("torch.compile", _torch_step("alexnet", batch, "cuda", dtype, compile_it=True)),
+    ):
+        ms = _time(step, steps, warmup, repeats, "cuda")
+        rows.append((name, f"{ms:,.2f}", f"{batch * 1e3 / ms:,.0f}"))
+    return format_table((f"AlexNet, batch {batch}, {dtype}", "ms/step", "img/s"), rows, left={0})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nets", default="lenet5,simplenet,alexnet", help="comma-separated nets of nets/")
+    parser.add_argument("--batch", type=int, help="one batch for every net (default: 64, alexnet 4)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per repetition")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions; the median is reported")
+    parser.add_argument("--gpu", action="store_true", help="AlexNet at --gpu-batch in bf16 on a GPU")
+    parser.add_argument("--gpu-batch", type=int, default=128)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one step: checks the code path only")
+    args = parser.parse_args(argv)
+    nets = args.nets.split(",")
+    batches = {net: args.batch or CPU_BATCH.get(net, 32) for net in nets}
+    steps, warmup, repeats = args.steps, args.warmup, args.repeats
+    if args.smoke:
+        nets, batches, steps, warmup, repeats = ["lenet5"], {"lenet5": 2}, 1, 1, 1
+    command = "python bench/train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"# training step: netdsl vs a hand-written PyTorch loop; reproduce: {command.strip()}")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; median of {repeats} x {steps} steps after {warmup} warm-up"
+    )
+    print("\n".join(cpu_table(nets, batches, steps, warmup, repeats)))
+    if args.gpu:
+        if not torch.cuda.is_available():
+            print("no CUDA GPU here: the GPU table could not be taken")
+        else:
+            print(f"\n# {torch.cuda.get_device_name()}")
+            print("\n".join(gpu_table(args.gpu_batch, "bf16", steps, warmup, repeats)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

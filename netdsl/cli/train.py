@@ -1,0 +1,221 @@
+"""`netdsl train` and `netdsl eval`: thin layers over `netdsl.train`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from netdsl.errors import NetError
+
+TRAIN_HELP = "train a net: the recipe from its `train` blocks, a --recipe file and flags (docs/training.md)"
+EVAL_HELP = "measure trained weights on a data set: top-1, top-5, per-class accuracy, confusion matrix"
+
+
+def add_commands(commands, positive) -> None:
+    """The `train` and `eval` subcommands (`positive`: the CLI's whole-number type)."""
+    from netdsl.train.recipe import add_flags
+
+    train = commands.add_parser("train", help=TRAIN_HELP, description=TRAIN_HELP)
+    train.add_argument("net", nargs="?", type=Path, help="the .net file (with --resume: the run's, by default)")
+    train.add_argument("--recipe", type=Path, metavar="FILE", help="a file of `train` blocks, applied after the net's")
+    train.add_argument("--out", type=Path, metavar="RUN", help="the run folder to write (default: runs/<net name>)")
+    train.add_argument(
+        "--resume", type=Path, metavar="RUN", help="continue the run in this folder from its last checkpoint"
+    )
+    train.add_argument("--devices", metavar="MAP", help="logical devices to torch devices: gpu0=cuda:0,gpu1=cuda:1")
+    train.add_argument(
+        "--check-grads",
+        action="store_true",
+        help="compare autograd with finite differences (float64) on a few weights of every layer, then stop",
+    )
+    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    add_flags(train)
+
+    evaluate = commands.add_parser("eval", help=EVAL_HELP, description=EVAL_HELP)
+    evaluate.add_argument("net", type=Path, help="the .net file")
+    evaluate.add_argument("--weights", type=Path, required=True, help="trained weights (or a run folder)")
+    evaluate.add_argument("--data", required=True, metavar="DIR|FILE.npz|digits", help="the images to measure on")
+    evaluate.add_argument(
+        "--split",
+        choices=("val", "train", "all"),
+        default="val",
+        help="which images: the validation ones (the default), the training ones, or all",
+    )
+    evaluate.add_argument("--views", type=int, choices=(1, 10), default=1, help="1: the centre; 10: the paper's views")
+    evaluate.add_argument("--batch", type=positive, default=64, metavar="N", help="images per forward pass")
+    evaluate.add_argument(
+        "--val-fraction", type=float, default=None, metavar="X", help="as in training (default: the run's)"
+    )
+    evaluate.add_argument("--seed", type=int, default=None, help="the split's seed (default: the run's)")
+    evaluate.add_argument("--workers", type=int, default=0, metavar="N", help="data loading processes")
+    evaluate.add_argument("--backend", choices=("torch", "triton"), default="torch", help="PyTorch ops or the kernels")
+    evaluate.add_argument("--devices", metavar="MAP", help="logical devices to torch devices")
+    evaluate.add_argument("--confusion", type=Path, metavar="OUT.png", help="draw the confusion matrix (matplotlib)")
+    evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from netdsl.cli.run import parse_devices
+    from netdsl.lang.frontend import load_graph, load_recipe
+    from netdsl.train.loop import StoppedError, Trainer
+    from netdsl.train.recipe import Recipe, resolve
+    from netdsl.train.runs import RunFolder
+
+    if args.resume is not None:
+        run = RunFolder(args.resume)
+        run.create(resume=True)
+        record = run.read_recipe()
+        saved = Recipe.from_dict(record["recipe"], where=str(run.path / "recipe.json"))
+        net = args.net or Path(record["net"])
+        if args.out is not None and args.out.resolve() != run.path.resolve():
+            raise NetError("--out and --resume name different run folders", where="--out", hint="give one of them")
+    else:
+        if args.net is None:
+            raise NetError("which net?", where="train", hint="netdsl train NET.net --data ... (or --resume RUN)")
+        net, saved = args.net, None
+    graph = load_graph(net)
+    recipe_file = load_recipe(args.recipe) if args.recipe is not None else []
+    recipe = resolve(graph.graph.get("recipe", []), recipe_file, args, saved=saved)
+    if args.check_grads:
+        return _check_grads(graph, recipe)
+    if args.resume is None:
+        run = RunFolder(args.out or Path("runs") / graph.graph["name"])
+        run.check_new()
+    trainer = Trainer(net, recipe, run, devices=parse_devices(args.devices), resume=args.resume is not None)
+    leader = trainer.world.leader
+    if leader:
+        if args.resume is None:
+            run.create(resume=False)
+        run.remove_stale_temporaries()
+        if saved is not None:
+            for line in recipe.changes_from(saved):
+                print(f"resume: {line}: the flag wins over the saved run", file=sys.stderr)
+        run.write_recipe({"recipe": recipe.to_dict(), "net": str(net), "netdsl_run": 1})
+    trainer.world.barrier()
+    try:
+        summary = trainer.fit()
+    except StoppedError as stop:
+        if leader:
+            print(
+                f"stopped at step {stop.step:,}: checkpoint {stop.checkpoint}; continue with "
+                f"netdsl train --resume {run.path}",
+                file=sys.stderr,
+            )
+        return 128 + stop.signum
+    finally:
+        trainer.world.leave()
+    if leader:
+        best = (
+            f"; best validation top-1 {100 * summary.best_top1:.2f}% (epoch {summary.best_epoch + 1})"
+            if summary.best_top1 is not None
+            else ""
+        )
+        print(
+            f"trained {summary.steps:,} steps in {summary.seconds:,.1f} s{best}\n"
+            f"weights: {summary.weights}   run: {run.path}   try: netdsl run {net} --weights {summary.weights} "
+            "--input IMAGE",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _check_grads(graph, recipe) -> int:
+    import torch
+
+    from netdsl.runtime.weights import init_weights
+    from netdsl.tables import format_table
+    from netdsl.train.diagnose import check_gradients
+    from netdsl.train.loop import class_count
+
+    classes = class_count(graph)
+    shape = graph.nodes[graph.graph["inputs"][0]]["layer"].shape
+    generator = torch.Generator().manual_seed(recipe.seed)
+    batch = 4
+    x = torch.randn((batch, *shape), generator=generator, dtype=torch.float64)
+    y = torch.randint(0, classes, (batch,), generator=generator)
+    checks = check_gradients(graph, init_weights(graph, recipe.seed, recipe.init), x, y, seed=recipe.seed)
+    rows = [
+        (c.weight, str(list(c.index)), f"{c.autograd:.6e}", f"{c.numeric:.6e}", f"{c.error:.1e}") for c in checks
+    ]
+    print("\n".join(format_table(("weight", "index", "autograd", "finite difference", "error"), rows, left={0, 1})))
+    worst = max(checks, key=lambda c: c.error)
+    bad = [c for c in checks if c.error > GRADIENT_TOLERANCE]
+    weights = len({c.weight for c in checks})
+    print(f"{len(checks)} entries of {weights} weights; worst error {worst.error:.1e} ({worst.weight})")
+    if bad:
+        raise NetError(
+            f"{len(bad)} gradients differ from finite differences by more than {GRADIENT_TOLERANCE:g}, first "
+            f"`{bad[0].weight}` {list(bad[0].index)}",
+            where="--check-grads",
+            hint="a kink of relu or a tie in max-pooling can fool finite differences: try another --seed",
+        )
+    return 0
+
+
+GRADIENT_TOLERANCE = 1e-5
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from netdsl.cli.run import parse_devices
+    from netdsl.lang.frontend import load_graph
+    from netdsl.runtime.net import Net
+    from netdsl.runtime.weights import load_weights, weights_metadata
+    from netdsl.train.augment import Preprocess
+    from netdsl.train.data import open_data, view_loader
+    from netdsl.train.evaluate import Tally, probabilities
+    from netdsl.train.loop import class_count
+    from netdsl.train.runs import WEIGHTS
+
+    if args.backend == "triton" and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the same kernels, interpreted on the CPU
+    weights_path = args.weights / WEIGHTS if args.weights.is_dir() else args.weights
+    graph = load_graph(args.net)
+    classes = class_count(graph)
+    shape = graph.nodes[graph.graph["inputs"][0]]["layer"].shape
+    metadata = weights_metadata(weights_path)
+    weights = load_weights(weights_path, graph)
+    saved = metadata.get("netdsl.preprocess")
+    run_recipe = _run_settings(args.weights if args.weights.is_dir() else weights_path.parent)
+    fraction = args.val_fraction if args.val_fraction is not None else run_recipe.get("val_fraction", 0.1)
+    seed = args.seed if args.seed is not None else run_recipe.get("seed", 0)
+    split = open_data(
+        args.data, tuple(shape), num_outputs=classes, val_fraction=fraction if args.split == "val" else 0.0,
+        seed=seed, workers=args.workers,
+    )  # fmt: skip
+    preprocess = Preprocess.from_json(saved, where=str(weights_path)) if saved else split.preprocess
+    if saved is None:
+        print("note: the weights carry no preprocessing; using the data's own mean", file=sys.stderr)
+    parts = {"val": [split.val], "train": [split.train], "all": [split.train, split.val]}[args.split]
+    parts = [part for part in parts if part is not None]
+    if not parts:
+        raise NetError("the data has no validation images", where="--data", hint="use --split all, or --val-fraction")
+    net = Net(args.net, backend=args.backend, weights=weights, devices=parse_devices(args.devices))
+    tally = Tally(classes)
+    is_softmax = graph.nodes[graph.graph["outputs"][0]]["layer"].op == "softmax"
+    for part in parts:
+        part.preprocess = preprocess
+        for x, y in view_loader(part, views=args.views, batch=args.batch, workers=args.workers):
+            output = net(x.flatten(0, 1) if args.views > 1 else x)
+            tally.add(probabilities(torch.as_tensor(output).cpu(), is_softmax, args.views), y)
+    names = list(preprocess.classes) or split.classes
+    print(tally.report(names), end="")
+    if args.confusion is not None and not tally.plot_confusion(args.confusion, names):
+        hint = "pip install 'netdsl[train]'"
+        raise NetError("drawing the confusion matrix needs matplotlib", where="--confusion", hint=hint)
+    return 0
+
+
+def _run_settings(folder: Path) -> dict:
+    """The settings of the run that wrote weights in `folder` (empty when it is not a run folder)."""
+    from netdsl.train.runs import RunFolder
+
+    try:
+        record = RunFolder(folder).read_recipe()
+    except NetError:
+        return {}
+    settings = record.get("recipe", {}).get("settings", {})
+    return {name: entry.get("value") for name, entry in settings.items() if isinstance(entry, dict)}

@@ -1,0 +1,41 @@
+"""Steps: the IR of every stage after fusion.
+
+From the `fuse` pass on, the program is a `networkx.DiGraph` whose nodes are keyed by step name and
+carry a `Step` (attribute `step`): one kernel launch, a free view, an input upload or a transfer
+between devices. An edge u -> v means step v reads step u's output.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from netdsl.ir import Layer, Shape
+
+
+@dataclass
+class Step:
+    """One kernel launch (or a free view, or a transfer) in the fused program."""
+
+    name: str  # a Python identifier: what it fuses and where it runs, e.g. conv2_gpu1_conv_bias_relu
+    kind: str  # conv, fc, lrn, lrn_maxpool, pool, softmax, eltwise, add, concat, view, input, transfer
+    layers: list[Layer]  # the layers it computes, in order
+    inputs: list[str]  # steps read, in order
+    device: str
+    shape: Shape  # per-image output shape
+    options: dict[str, object] = field(default_factory=dict)  # activation, slope, ... for the emitter
+    layout: str = "nchw"  # of its output in memory, "nchw" or "nhwc" (channels-last): netdsl.compiler.layout decides
+
+    @property
+    def first(self) -> Layer:
+        return self.layers[0]
+
+    @property
+    def last(self) -> Layer:
+        return self.layers[-1]
+
+
+def identifier(text: str) -> str:
+    """A safe Python identifier made only of ASCII letters, digits and underscores."""
+    text = re.sub(r"[^A-Za-z0-9_]+", "_", text).strip("_") or "step"
+    return text if not text[0].isdigit() else f"k_{text}"

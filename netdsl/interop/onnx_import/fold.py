@@ -1,0 +1,116 @@
+"""Constants folded with numpy: initializers and Constant nodes are read, and the few ops that exporters apply to
+constants (shape arithmetic, reshaped or transposed weights, normalization constants) are computed here, so that
+every weight a layer reads is one array. Nothing from the file is executed.
+
+The batch size is not known while folding: `Shape` of an activation gives `BATCH` for it, a symbol that may flow
+through Gather -> Unsqueeze -> Concat into a Reshape's target shape, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from netdsl.errors import NetError
+from netdsl.interop.onnx_import.read import CONST_OPS, shown, to_array
+
+MAX_FOLDED = 1 << 26  # elements of a folded constant
+BATCH = np.int64(-(2**62) + 12345)  # the batch size while folding Shape -> ... -> Reshape
+FOLDABLE = frozenset(CONST_OPS) | {"Reshape", "Concat", "Add", "Sum", "Identity", "Dropout", "Flatten", "Squeeze"}
+_SYMBOLIC_OK = frozenset({"Gather", "Unsqueeze", "Squeeze", "Concat", "Identity", "Cast"})
+
+
+def fold(op: str, attrs: dict, values: list, symbolic: bool, where: str, file: str) -> tuple[np.ndarray, bool]:
+    """The value of node `where` (an `op` in FOLDABLE) whose inputs are the constants `values` (None for an
+    omitted input), and whether that value holds the batch size. `symbolic`: some input holds it."""
+    if symbolic and op not in _SYMBOLIC_OK:
+        raise NetError(f"{where}: computes with the batch size, which netdsl nets do not fix", where=file)
+    try:
+        result = _fold_op(op, attrs, values, where, file)
+    except (ValueError, TypeError, IndexError, KeyError, ArithmeticError, MemoryError) as error:
+        raise NetError(f"{where}: cannot fold this constant ({shown(str(error), 200)})", where=file) from None
+    result = np.asarray(result)
+    if symbolic and result.dtype.kind != "i":
+        raise NetError(f"{where}: computes with the batch size, which netdsl nets do not fix", where=file)
+    if result.size > MAX_FOLDED:
+        raise NetError(f"{where}: the folded constant would have {result.size} values, too many", where=file)
+    return result, bool(symbolic and result.dtype.kind == "i" and np.any(result == BATCH))
+
+
+def _fold_op(op: str, attrs: dict, v: list, where: str, file: str):
+    from onnx import helper, numpy_helper
+
+    if op == "Constant":
+        return _constant(attrs, where, file)
+    if op == "ConstantOfShape":
+        shape = [int(d) for d in np.asarray(v[0]).reshape(-1)]
+        if any(d < 0 for d in shape) or math.prod(shape) > MAX_FOLDED:
+            raise NetError(f"{where}: cannot make a constant of shape {shape}", where=file)
+        fill = numpy_helper.to_array(attrs["value"]).reshape(-1) if "value" in attrs else np.zeros(1, np.float32)
+        return np.full(shape, fill[0], dtype=fill.dtype)
+    if op in ("Identity", "Dropout"):
+        return v[0]
+    if op == "Shape":
+        shape = np.array(v[0].shape, dtype=np.int64)
+        return shape[attrs.get("start", 0) : attrs.get("end", len(shape))]
+    if op == "Gather":
+        return np.take(v[0], v[1].astype(np.int64), axis=int(attrs.get("axis", 0)))
+    if op == "Unsqueeze":
+        axes = attrs.get("axes") if len(v) < 2 or v[1] is None else v[1].reshape(-1).tolist()
+        out = v[0]
+        rank = out.ndim + len(axes)
+        for axis in sorted(a % rank for a in axes):
+            out = np.expand_dims(out, axis)
+        return out
+    if op == "Squeeze":
+        axes = attrs.get("axes") if len(v) < 2 or v[1] is None else v[1].reshape(-1).tolist()
+        return np.squeeze(v[0], axis=None if axes is None else tuple(int(a) for a in axes))
+    if op == "Cast":
+        return v[0].astype(helper.tensor_dtype_to_np_dtype(int(attrs["to"])))
+    if op == "Transpose":
+        return np.transpose(v[0], attrs.get("perm"))
+    if op == "Reshape":
+        target = [int(d) for d in v[1].reshape(-1)]
+        if not attrs.get("allowzero", 0):
+            target = [v[0].shape[i] if d == 0 else d for i, d in enumerate(target)]
+        return v[0].reshape(target)
+    if op == "Flatten":
+        axis = int(attrs.get("axis", 1)) % max(v[0].ndim, 1)
+        return v[0].reshape(math.prod(v[0].shape[:axis]), -1)
+    if op == "Concat":
+        return np.concatenate([x for x in v if x is not None], axis=int(attrs["axis"]))
+    if op in ("Add", "Sum"):
+        out = v[0]
+        for x in v[1:]:
+            out = out + x
+        return out
+    if op == "Sub":
+        return v[0] - v[1]
+    if op == "Mul":
+        return v[0] * v[1]
+    if op == "Div":
+        if v[0].dtype.kind in "iu" and v[1].dtype.kind in "iu":
+            return np.trunc(v[0] / v[1]).astype(np.result_type(v[0], v[1]))
+        return v[0] / v[1]
+    if op == "Neg":
+        return -v[0]
+    if op == "Sqrt":
+        return np.sqrt(v[0])
+    raise NetError(f"{where}: {op} cannot be folded", where=file)  # pragma: no cover - every FOLDABLE op is above
+
+
+def _constant(attrs: dict, where: str, file: str) -> np.ndarray:
+    if "value" in attrs:
+        return to_array(attrs["value"], where)
+    if "value_float" in attrs:
+        return np.array(attrs["value_float"], dtype=np.float32)
+    if "value_floats" in attrs:
+        return np.array(attrs["value_floats"], dtype=np.float32)
+    if "value_int" in attrs:
+        return np.array(attrs["value_int"], dtype=np.int64)
+    if "value_ints" in attrs:
+        return np.array(attrs["value_ints"], dtype=np.int64)
+    if "sparse_value" in attrs:
+        raise NetError(f"{where}: sparse constants are not supported", where=file)
+    raise NetError(f"{where}: a constant of strings is not supported (netdsl weights are numbers)", where=file)

@@ -1,0 +1,400 @@
+"""The trainable module: a shaped layer graph as a `torch.nn.Module` that autograd differentiates.
+
+`GraphModule(graph)` runs every layer with PyTorch (`netdsl.codegen.reference.apply`, the meaning the
+torch backend gives each op), so the module and `Net(backend="torch")` compute one function:
+
+- its parameters and buffers carry netdsl's weight names, `<layer>.<tensor>` (`conv1@gpu0.weight`,
+  `s1.batchnorm.running_var`): a name split on "." is a path of submodules, so `named_parameters()` and
+  `state_dict()` list exactly the names of `netdsl.runtime.weights.weight_specs(graph)`, and a state dict
+  saved with `save_weights` is a weights file `netdsl run --weights` reads. The buffers are the batch
+  norms' running statistics, nothing else;
+- each layer runs on its logical device's torch device (`devices=`), where its parameters live; a layer
+  reading another device's output moves it there with `.to()`, so gradients flow back across towers;
+- `train()`: dropout drops and batch norm normalizes with the batch's statistics, updating the running
+  ones (each batch norm's `momentum`); `eval()`: inference, exactly as `Net` computes it;
+- `logits(x)` is the net's output before a final softmax: what a cross-entropy loss reads.
+
+Submodules are registered under the layer names as they are, even where a name is also a method of a
+module (simplenet's `logits`): reach a layer's tensors through `named_parameters()` or `state_dict()`,
+not by attribute. A layer name that torch itself assigns to (`training`, `_parameters`, ...) cannot be a
+submodule and is refused, as is a weight name that is also the path to another's (`a.weight` beside a
+layer `a.weight` with a bias).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+import torch
+
+from netdsl.codegen.reference import apply
+from netdsl.errors import NetError
+from netdsl.ir import Layer, layers
+from netdsl.ir.ops import OPS, layer_tensors
+from netdsl.runtime.weights import init_weights, weight_specs
+
+DTYPES = (torch.float32, torch.float64)
+# Names a module's own code assigns to after construction or keeps its state under.
+RESERVED = frozenset(vars(torch.nn.Module())) | {"_netdsl"}
+
+
+@dataclass
+class _Plan:
+    """What forward needs, set once: the layers in order and where each one's tensors live."""
+
+    name: str  # the net's
+    layers: list[Layer]
+    spent: list[tuple[str, ...]]  # per layer: the values no later layer reads (dropped after it ran)
+    scopes: dict[str, torch.nn.Module]  # layer name -> the submodule holding its tensors
+    tensors: dict[str, tuple[str, ...]]  # layer name -> its tensor names (parameters, then buffers)
+    placed: dict[str, torch.device]  # logical device -> the torch device it was mapped to
+    anchors: dict[str, tuple[str, str]]  # logical device -> (layer, tensor) whose device it follows
+    inputs: dict[str, tuple[int, ...]]  # input layer -> per-image shape
+    outputs: list[str]
+    softmax_output: bool
+    tf32: bool | None
+
+
+class Scope(torch.nn.Module):
+    """A node of the name tree: the tensors of the layer with this name and the scopes below it."""
+
+
+class GraphModule(torch.nn.Module):
+    """A net's layer graph as a trainable module: `module(x)` -> its outputs, as `Net` returns them.
+
+    `graph`: a shaped layer graph (`netdsl.load_graph`); `devices`: logical device name -> torch device
+    (or one device for all; default the CPU); `weights`: name -> array or tensor (default
+    `init_weights(graph, seed, init)`), copied; `dtype`: float32 or float64 parameters (bf16 and fp16
+    come from autocast around a float32 module); `tf32`: None leaves torch's TF32 switches as they are
+    (cuDNN convolutions on a GPU use TF32 by default), a bool sets them for the forward pass (False:
+    exact float32 products, as `Net` in fp32; the backward pass always follows torch's own switches).
+    """
+
+    def __init__(
+        self,
+        graph: nx.DiGraph,
+        *,
+        devices: Mapping[str, str | torch.device] | str | torch.device | None = None,
+        weights: Mapping[str, object] | None = None,
+        seed: int = 0,
+        init: str = "paper",
+        dtype: torch.dtype = torch.float32,
+        tf32: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if dtype not in DTYPES:
+            raise NetError(
+                f"a trainable module holds float32 or float64 parameters, not {dtype}",
+                where="dtype",
+                hint="train in bf16 or fp16 with torch.autocast around a float32 module",
+            )
+        items = layers(graph)
+        specs = weight_specs(graph)
+        _check_names(specs, items)
+        if weights is None:
+            weights = init_weights(graph, seed=seed, scheme=init)
+        values = _checked_weights(weights, specs)
+        placed = _map_devices(graph, items, devices)
+        outputs = list(graph.graph["outputs"])
+        last = graph.nodes[outputs[0]]["layer"] if len(outputs) == 1 else None
+        computed = [item for item in items if item.op != "input"]
+        plan = _Plan(
+            name=str(graph.graph.get("name")),
+            layers=computed,
+            spent=_spent(computed, outputs),
+            scopes={},
+            tensors={},
+            placed=placed,
+            anchors={},
+            inputs={item.name: tuple(item.shape) for item in items if item.op == "input"},
+            outputs=outputs,
+            softmax_output=last is not None and last.op == "softmax",
+            tf32=tf32,
+        )
+        self._netdsl = plan
+        for item in plan.layers:
+            names = tuple(layer_tensors(item))
+            if not names:
+                continue
+            buffers = set(OPS[item.op].buffers(item.params, item.input_shape))
+            scope = self._scope(item.name)
+            for tensor in names:
+                value = values[f"{item.name}.{tensor}"].to(device=placed[item.device], dtype=dtype, copy=True)
+                if tensor in buffers:
+                    scope.register_buffer(tensor, value)
+                else:
+                    scope.register_parameter(tensor, torch.nn.Parameter(value))
+            plan.scopes[item.name] = scope
+            plan.tensors[item.name] = names
+            plan.anchors.setdefault(item.device, (item.name, names[0]))
+
+    def _scope(self, layer_name: str) -> torch.nn.Module:
+        """The submodule at the path `layer_name` split on ".", made on first use.
+
+        Children go straight into `_modules`: `add_module` refuses a name that is also an attribute of
+        the class (`logits`, `eval`), and such names are fine here, as nothing reads children by attribute."""
+        node: torch.nn.Module = self
+        for part in layer_name.split("."):
+            if part in RESERVED:
+                raise NetError(
+                    f"layer `{layer_name}` cannot be trained: `{part}` is a name torch.nn.Module keeps for itself",
+                    where="graph",
+                    hint=f"rename the layer (e.g. `{part.strip('_')}_1`)",
+                )
+            child = node._modules.get(part)
+            if child is None:
+                child = node._modules[part] = Scope()
+            node = child
+        return node
+
+    # --- what the trainer reads -------------------------------------------------------------------
+
+    @property
+    def output_is_softmax(self) -> bool:
+        """Whether the net's single output is a softmax (then `logits` is that softmax's input)."""
+        return self._netdsl.softmax_output
+
+    @property
+    def devices(self) -> dict[str, torch.device]:
+        """Logical device -> the torch device its layers run on now (where its tensors are: `module.to`
+        moves them all)."""
+        return {name: self._device(name) for name in self._netdsl.placed}
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """Every parameter and buffer by netdsl name, as float32 arrays on the CPU (copies), in the order
+        of `weight_specs`: what `save_weights` writes and `Net` loads."""
+        found = {}
+        for layer_name, tensors in self._netdsl.tensors.items():
+            scope = self._netdsl.scopes[layer_name]
+            for tensor in tensors:
+                value = _tensor(scope, tensor).detach()
+                found[f"{layer_name}.{tensor}"] = value.to("cpu", torch.float32, copy=True).numpy()
+        return found
+
+    # --- running ----------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor | np.ndarray | Mapping[str, object]) -> torch.Tensor | dict[str, torch.Tensor]:
+        values = self._run(x, logits=False)
+        outputs = {name: values[name] for name in self._netdsl.outputs}
+        return next(iter(outputs.values())) if len(outputs) == 1 else outputs
+
+    def logits(self, x: torch.Tensor | np.ndarray | Mapping[str, object]) -> torch.Tensor:
+        """The net's single output, or the input of a final softmax (several inputs joined on channels):
+        the scores a softmax cross-entropy loss reads."""
+        if len(self._netdsl.outputs) != 1:
+            raise NetError(
+                f"the net has {len(self._netdsl.outputs)} outputs ({', '.join(self._netdsl.outputs)}); "
+                "a loss on logits needs one",
+                where="graph",
+                hint="declare one `output` (the class scores) in the .net file",
+            )
+        return self._run(x, logits=True)[self._netdsl.outputs[0]]
+
+    def trace(self, x: torch.Tensor | np.ndarray | Mapping[str, object]) -> dict[str, torch.Tensor]:
+        """Every input's and layer's value by name, in forward order, none freed, the output being the
+        logits (as `logits` gives them): for finding the first layer whose values go wrong."""
+        return self._run(x, logits=True, keep=True)
+
+    def _run(self, x, logits: bool, keep: bool = False) -> dict[str, torch.Tensor]:
+        plan = self._netdsl
+        values: dict[str, torch.Tensor] = self._take_inputs(x)
+        copies: dict[str, dict[torch.device, torch.Tensor]] = {}  # a value on the other devices that read it
+        devices = self.devices
+        final = plan.outputs[0] if logits and plan.softmax_output else None
+        with _tf32(plan.tf32):
+            for item, spent in zip(plan.layers, plan.spent):
+                device = devices[item.device]
+                inputs = []
+                for source in item.inputs:
+                    placed = copies.setdefault(source, {})
+                    if device not in placed:
+                        placed[device] = values[source].to(device)  # across towers: autograd copies back
+                    inputs.append(placed[device])
+                if item.name == final:
+                    values[item.name] = apply("concat", {}, inputs, {})  # a softmax's input, joined
+                    continue
+                scope = plan.scopes.get(item.name)
+                tensors = {name: _tensor(scope, name) for name in plan.tensors.get(item.name, ())}
+                if self.training and item.op == "batchnorm":
+                    _check_batch_statistics(item, inputs)
+                values[item.name] = apply(item.op, item.params, inputs, tensors, training=self.training)
+                for name in () if keep else spent:  # what autograd needs it keeps; the rest can go now
+                    del values[name]
+                    copies.pop(name, None)
+        return values
+
+    def _device(self, logical: str) -> torch.device:
+        anchor = self._netdsl.anchors.get(logical)
+        if anchor is None:  # a device with no tensors of its own stays where it was mapped
+            return self._netdsl.placed[logical]
+        layer_name, tensor = anchor
+        return _tensor(self._netdsl.scopes[layer_name], tensor).device
+
+    def _dtype(self) -> torch.dtype | None:
+        first = next(iter(self._netdsl.tensors.items()), None)
+        return None if first is None else _tensor(self._netdsl.scopes[first[0]], first[1][0]).dtype
+
+    def _take_inputs(self, x) -> dict[str, torch.Tensor]:
+        names = list(self._netdsl.inputs)
+        if isinstance(x, Mapping):
+            unknown = [name for name in x if name not in self._netdsl.inputs]
+            missing = [name for name in names if name not in x]
+            if unknown or missing:
+                what = f"the net has no input `{unknown[0]}`" if unknown else f"input `{missing[0]}` is missing"
+                raise NetError(what, where="inputs", hint=f"inputs: {', '.join(names)}")
+            given = dict(x)
+        elif len(names) == 1:
+            given = {names[0]: x}
+        else:
+            raise NetError(
+                f"the net has {len(names)} inputs: pass a dict of them",
+                where="inputs",
+                hint=f"inputs: {', '.join(names)}",
+            )
+        dtype = self._dtype()
+        taken = {}
+        for name in names:
+            value = given[name]
+            if isinstance(value, np.ndarray):
+                value = torch.from_numpy(value)
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                what = type(value).__name__ if not isinstance(value, torch.Tensor) else value.dtype
+                raise NetError(f"input `{name}` must be a floating-point tensor, got {what}", where="inputs")
+            shape = self._netdsl.inputs[name]
+            if value.dim() != len(shape) + 1 or tuple(value.shape[1:]) != shape or value.shape[0] < 1:
+                raise NetError(
+                    f"input `{name}` has shape {_fmt(value.shape)}, expected N x {_fmt(shape)}",
+                    where="inputs",
+                    hint=f"the net reads N x {_fmt(shape)}, N >= 1 images",
+                )
+            taken[name] = value if dtype is None else value.to(dtype)
+        return taken
+
+    def extra_repr(self) -> str:
+        devices = ", ".join(f"{name}->{device}" for name, device in self.devices.items())
+        return f"net {self._netdsl.name}, devices: {devices}"
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _tensor(scope: torch.nn.Module, name: str) -> torch.Tensor:
+    """A scope's parameter or buffer, looked up each time: `module.to()` replaces buffers."""
+    found = scope._parameters.get(name)
+    return found if found is not None else scope._buffers[name]
+
+
+def _spent(computed: list[Layer], outputs: list[str]) -> list[tuple[str, ...]]:
+    last_reader = {name: index for index, item in enumerate(computed) for name in item.inputs}
+    spent: list[list[str]] = [[] for _ in computed]
+    for name, index in last_reader.items():
+        if name not in outputs:
+            spent[index].append(name)
+    return [tuple(names) for names in spent]
+
+
+def _check_names(specs: dict[str, tuple[int, ...]], items: list[Layer]) -> None:
+    """Every weight name must be a leaf of the name tree: none may also be the path to another one."""
+    owner = {f"{item.name}.{tensor}": item.name for item in items for tensor in layer_tensors(item)}
+    for name in specs:
+        parts = name.split(".")
+        for end in range(1, len(parts)):
+            prefix = ".".join(parts[:end])
+            if prefix in specs:
+                raise NetError(
+                    f"layer `{owner[name]}`'s tensor `{name}` lies under layer `{owner[prefix]}`'s tensor `{prefix}`: "
+                    "torch cannot hold both",
+                    where="graph",
+                    hint=f"rename layer `{owner[name]}`",
+                )
+
+
+def _checked_weights(weights: Mapping[str, object], specs: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    if not isinstance(weights, Mapping):
+        raise NetError(f"weights must be a dict of name -> tensor, got {type(weights).__name__}", where="weights")
+    unknown = sorted(set(weights) - set(specs))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(specs), n=1)
+        raise NetError(
+            f"the net has no weight `{unknown[0]}`",
+            where="weights",
+            hint=f"did you mean `{close[0]}`?" if close else "weights are named `<layer>.<tensor>`",
+        )
+    missing = [name for name in specs if name not in weights]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if missing[1:] else ""
+        raise NetError(f"weight `{missing[0]}` is missing{more}", where="weights")
+    tensors = {}
+    for name, shape in specs.items():
+        value = weights[name]
+        try:
+            tensor = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise NetError(f"weight `{name}` is not a tensor: {error}", where="weights") from None
+        if tuple(tensor.shape) != tuple(shape):
+            raise NetError(
+                f"weight `{name}` has shape {_fmt(tensor.shape)}, the net needs {_fmt(shape)}", where="weights"
+            )
+        if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
+            raise NetError(f"weight `{name}` has dtype {tensor.dtype}, not a real number type", where="weights")
+        tensors[name] = tensor
+    return tensors
+
+
+def _map_devices(graph: nx.DiGraph, items: list[Layer], devices) -> dict[str, torch.device]:
+    used = list(dict.fromkeys(item.device for item in items))
+    declared = set(graph.graph.get("devices", {})) | set(used)
+    if devices is None or isinstance(devices, (str, torch.device)):
+        devices = dict.fromkeys(used, "cpu" if devices is None else devices)
+    unknown = [name for name in devices if name not in declared]
+    if unknown:
+        raise NetError(f"the net has no device `{unknown[0]}`", where="devices", hint=f"its devices: {', '.join(used)}")
+    missing = [name for name in used if name not in devices]
+    if missing:
+        raise NetError(
+            f"no torch device given for the net's device `{missing[0]}`",
+            where="devices",
+            hint=f"map every one of {', '.join(used)}, e.g. {{'{missing[0]}': 'cuda:0'}}",
+        )
+    mapped = {}
+    for name in used:
+        try:
+            mapped[name] = torch.device(devices[name])
+        except (RuntimeError, TypeError) as error:
+            raise NetError(f"`{devices[name]}` is not a torch device: {error}", where="devices") from None
+        if mapped[name].type == "cuda" and not torch.cuda.is_available():
+            raise NetError(f"device `{name}` is mapped to {mapped[name]}, but CUDA is not available", where="devices")
+    return mapped
+
+
+def _check_batch_statistics(item: Layer, inputs: list[torch.Tensor]) -> None:
+    per_channel = inputs[0].shape[0] * (inputs[0][0, 0].numel() if inputs[0].dim() > 2 else 1)
+    if per_channel < 2:
+        raise NetError(
+            f"batch norm `{item.name}` needs more than one value per channel to train, "
+            f"got a batch of {inputs[0].shape[0]}",
+            where="batch",
+            hint="train with a batch of 2 or more",
+        )
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool | None):
+    if enabled is None:
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _fmt(shape) -> str:
+    return " x ".join(str(int(n)) for n in shape) or "scalar"

@@ -1,0 +1,312 @@
+"""The paper's preprocessing of one image: the shorter side scaled, a crop to the net's input (random, with
+a horizontal flip, for training; the centre for validation), PCA colour noise, the mean (and std) taken
+away, and the ten test views.
+
+An image is cut as an H x W x C array of 0..255 values (a data set of arrays keeps its own scale) and
+handed to the net as C x H x W float32. Gray and RGB images are converted to the net's channels as Pillow
+converts them ("L" <-> "RGB"). Nothing here draws from a global random generator: training draws come from
+a generator the caller seeds per sample (`sample_rng`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from netdsl.errors import NetError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"})
+PREPROCESS_FORMAT = 1  # the version of Preprocess.to_json's layout
+PIXEL_RANGE = 255.0  # colour statistics are of pixels / 255, as the published ImageNet eigenvalues are
+VIEW_COUNTS = (1, 10)
+LUMA = (0.299, 0.587, 0.114)  # Pillow's RGB -> L weights (ITU-R 601-2)
+
+
+def import_pillow():
+    """The module PIL.Image, or a NetError saying how to install it."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise NetError("reading images needs Pillow", hint="pip install 'netdsl[train]'") from None
+    return Image
+
+
+def image_mode(channels: int, where: str | None = None) -> str:
+    if channels not in (1, 3):
+        raise NetError(
+            f"the net takes {channels}-channel inputs; images give 1 (gray) or 3 (RGB)",
+            where=where,
+            hint="give the data as an .npz array with that many channels",
+        )
+    return "L" if channels == 1 else "RGB"
+
+
+def open_image(path: Path, channels: int):
+    """The image at `path` decoded whole and converted to gray ("L") or RGB; a NetError naming the file
+    when it cannot be read."""
+    pil = import_pillow()
+    mode = image_mode(channels, str(path))
+    try:
+        with pil.open(path) as image:
+            return image.convert(mode)  # decodes the whole file, so a truncated one fails here
+    except FileNotFoundError:
+        raise NetError(f"no such file: {path}", where=str(path)) from None
+    except Exception as error:  # Pillow's decoders raise OSError, SyntaxError, struct.error, ...: all mean unreadable
+        raise NetError(
+            f"cannot read {path} as an image ({error})", where=str(path), hint="replace or delete the file"
+        ) from None
+
+
+def as_pixels(array: np.ndarray, channels: int, where: str | None = None) -> np.ndarray:
+    """One image given as an array (H x W, H x W x C or C x H x W) as H x W x `channels`: uint8 stays
+    uint8, any other number type becomes float32; gray becomes RGB and RGB gray as Pillow does it."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "biuf":
+        raise NetError(f"an image of {array.dtype} values, not numbers", where=where)
+    if array.ndim == 2:
+        array = array[..., None]
+    elif array.ndim == 3 and array.shape[2] not in (channels, 1, 3) and array.shape[0] in (channels, 1, 3):
+        array = array.transpose(1, 2, 0)  # C x H x W; an array that fits both ways is read as H x W x C
+    if array.ndim != 3 or array.shape[2] not in (channels, 1, 3):
+        raise NetError(
+            f"an image of shape {' x '.join(map(str, array.shape))} does not fit a {channels}-channel net",
+            where=where,
+            hint="give H x W, H x W x C or C x H x W",
+        )
+    if array.dtype != np.uint8:
+        array = array.astype(np.float32)
+    return match_channels(array, channels, where)
+
+
+def match_channels(pixels: np.ndarray, channels: int, where: str | None = None) -> np.ndarray:
+    have = pixels.shape[2]
+    if have == channels:
+        return pixels
+    if have == 1 and channels == 3:
+        return np.repeat(pixels, 3, axis=2)
+    if have == 3 and channels == 1:
+        if pixels.dtype == np.uint8:  # Pillow's own conversion, so arrays and files agree to the bit
+            return np.asarray(import_pillow().fromarray(pixels).convert("L"))[..., None]
+        return (pixels @ np.asarray(LUMA, dtype=np.float32))[..., None]
+    raise NetError(
+        f"an image of {have} channels does not fit a {channels}-channel net",
+        where=where,
+        hint="give 1 (gray) or 3 (RGB) channels, or as many as the net's input has",
+    )
+
+
+def resized_shape(height: int, width: int, size: int | None, crop: tuple[int, int]) -> tuple[int, int]:
+    """H, W after the shorter side is scaled to `size`, never smaller than the crop (as `netdsl run` does)."""
+    if size is None:
+        return height, width
+    scale = size / min(height, width)
+    return max(crop[0], round(height * scale)), max(crop[1], round(width * scale))
+
+
+def _resize(image, shape: tuple[int, int]):
+    return image.resize((shape[1], shape[0]), import_pillow().Resampling.BILINEAR)
+
+
+def resize_pixels(pixels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """H x W x C pixels resized bilinearly by Pillow: 8-bit gray/RGB as Pillow images, anything else one
+    float channel ("F") at a time, so values of any scale survive."""
+    if pixels.shape[:2] == shape:
+        return pixels
+    pil = import_pillow()
+    if pixels.dtype == np.uint8 and pixels.shape[2] in (1, 3):
+        image = pil.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
+        return _hwc(np.asarray(_resize(image, shape)))
+    planes = [
+        _resize(pil.fromarray(np.ascontiguousarray(pixels[..., c], dtype=np.float32)), shape)
+        for c in range(pixels.shape[2])
+    ]
+    return np.stack([np.asarray(plane) for plane in planes], axis=2)
+
+
+def _hwc(array: np.ndarray) -> np.ndarray:
+    return array[..., None] if array.ndim == 2 else array
+
+
+def crop_view(pixels: np.ndarray, top: int, left: int, crop: tuple[int, int], flip: bool) -> np.ndarray:
+    view = pixels[top : top + crop[0], left : left + crop[1]]
+    return view[:, ::-1] if flip else view
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of one presentation of one sample: the same whatever process or worker draws it."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+def principal_components(covariance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending, never negative) and eigenvectors (columns, largest entry positive) of a
+    symmetric covariance matrix."""
+    values, vectors = np.linalg.eigh(np.asarray(covariance, dtype=np.float64))
+    order = np.argsort(values)[::-1]
+    values, vectors = np.clip(values[order], 0.0, None), vectors[:, order]
+    signs = np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(len(values))])
+    return values, vectors * np.where(signs == 0, 1.0, signs)
+
+
+@dataclass(frozen=True)
+class Draw:
+    """The random choices of one training presentation of one image."""
+
+    top: int
+    left: int
+    flip: bool
+    colour: np.ndarray | None  # added to every pixel (0..255 units), one value per channel
+
+
+@dataclass(frozen=True)
+class Augment:
+    """The paper's training augmentation. PCA colour noise adds `255 * eigvecs @ (alpha * eigvals)` to every
+    pixel, alpha ~ N(0, pca_noise) per component, drawn once per image per presentation; `eigvals`
+    (descending) and `eigvecs` (its columns) are those of the training set's channel covariance of pixel
+    values / 255, the scale of the paper's published ImageNet figures (see `DataSplit.augment`)."""
+
+    flip: bool = True
+    pca_noise: float = 0.1
+    eigvals: tuple[float, ...] = ()
+    eigvecs: tuple[tuple[float, ...], ...] = ()  # rows of the matrix whose columns are the eigenvectors
+    random_crop: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.pca_noise >= 0:
+            raise NetError(f"the colour noise's std must be at least 0, not {self.pca_noise}", where="pca_noise")
+        if self.pca_noise > 0 and not self.eigvals:
+            raise NetError(
+                "PCA colour noise needs the training set's colour eigenvalues",
+                where="pca_noise",
+                hint="take DataSplit.augment, or set pca_noise to 0",
+            )
+        count = len(self.eigvals)
+        if len(self.eigvecs) != count or any(len(row) != count for row in self.eigvecs):
+            raise NetError(f"the colour eigenvectors must form a {count} x {count} matrix", where="eigvecs")
+
+    def draw(self, rng: np.random.Generator, height: int, width: int, crop: tuple[int, int]) -> Draw:
+        """Every choice is drawn, in a fixed order, whether or not it is used, so switching one kind of
+        augmentation off leaves the others' draws as they were."""
+        top = int(rng.integers(0, height - crop[0] + 1))
+        left = int(rng.integers(0, width - crop[1] + 1))
+        flip = bool(rng.random() < 0.5)
+        alpha = rng.standard_normal(len(self.eigvals)) * self.pca_noise
+        if not self.random_crop:
+            top, left = (height - crop[0]) // 2, (width - crop[1]) // 2
+        colour = None
+        if self.pca_noise > 0:
+            vectors, values = np.asarray(self.eigvecs), np.asarray(self.eigvals)
+            colour = (PIXEL_RANGE * vectors @ (alpha * values)).astype(np.float32)
+        return Draw(top, left, flip and self.flip, colour)
+
+
+@dataclass
+class Preprocess:
+    """How a run prepared its images; saved with the weights (JSON in the safetensors metadata under
+    "netdsl.preprocess") so `netdsl run` and `netdsl eval` prepare images the same way."""
+
+    size: int | None  # the shorter side is scaled to this before cropping (None: the image is used as it is)
+    crop: tuple[int, int]  # the net's input H, W
+    channels: int  # the net's input channels: 1 (gray) or 3 (RGB) for image files
+    mean: tuple[float, ...]  # per channel, of the training set, on its pixel values (0..255 for images)
+    std: tuple[float, ...] | None = None  # per channel; None: pixels are not divided
+    classes: list[str] = field(default_factory=list)
+
+    def pixels(self, image) -> np.ndarray:
+        """An image (a file path, a Pillow image or an array) converted to the net's channels and scaled:
+        H x W x C, uint8 or float32."""
+        if isinstance(image, (str, Path)):
+            image = open_image(Path(image), self.channels)
+        if isinstance(image, np.ndarray):
+            pixels = as_pixels(image, self.channels)
+            pixels = resize_pixels(pixels, resized_shape(*pixels.shape[:2], self.size, self.crop))
+        else:  # a Pillow image: resized as it is, without a round trip through numpy
+            mode = image_mode(self.channels)
+            image = image if image.mode == mode else image.convert(mode)
+            shape = resized_shape(image.height, image.width, self.size, self.crop)
+            pixels = _hwc(np.asarray(image if (image.height, image.width) == shape else _resize(image, shape)))
+        if pixels.shape[0] < self.crop[0] or pixels.shape[1] < self.crop[1]:
+            raise NetError(
+                f"an image of {pixels.shape[0]} x {pixels.shape[1]} is smaller than the net's input "
+                f"{self.crop[0]} x {self.crop[1]}",
+                hint="give a size to scale images to",
+            )
+        return pixels
+
+    def normalize(
+        self, view: np.ndarray, colour: np.ndarray | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """An H x W x C crop plus a colour offset, less the mean, over the std: C x H x W float32, written
+        into `out` when given (one pass over the pixels)."""
+        shift = np.asarray(self.mean, dtype=np.float64) - (0.0 if colour is None else colour)
+        values = np.subtract(
+            view.transpose(2, 0, 1), shift.astype(np.float32)[:, None, None], out=out, dtype=np.float32, order="C"
+        )
+        if self.std is not None:
+            np.divide(values, np.asarray(self.std, dtype=np.float32)[:, None, None], out=values)
+        return values
+
+    def apply(self, image, out: np.ndarray | None = None) -> np.ndarray:
+        """The centre view, C x H x W float32: what `netdsl run` and `netdsl eval` feed the net."""
+        pixels = self.pixels(image)
+        top, left = (pixels.shape[0] - self.crop[0]) // 2, (pixels.shape[1] - self.crop[1]) // 2
+        return self.normalize(crop_view(pixels, top, left, self.crop, False), out=out)
+
+    def views(self, image, count: int) -> np.ndarray:
+        """count x C x H x W: 1, the centre; 10, the paper's test views: the centre, top-left, top-right,
+        bottom-left and bottom-right crops, then the same five flipped."""
+        if count not in VIEW_COUNTS:
+            raise NetError(f"{count} views: netdsl takes 1 or 10", where="--views", hint="--views 1 or --views 10")
+        pixels = self.pixels(image)
+        bottom, right = pixels.shape[0] - self.crop[0], pixels.shape[1] - self.crop[1]
+        places = [(bottom // 2, right // 2)]
+        if count == 10:
+            places += [(0, 0), (0, right), (bottom, 0), (bottom, right)]
+        flips = (False, True) if count == 10 else (False,)
+        return np.stack(
+            [self.normalize(crop_view(pixels, top, left, self.crop, flip)) for flip in flips for top, left in places]
+        )
+
+    def augmented(self, image, augment: Augment, rng: np.random.Generator, out: np.ndarray | None = None) -> np.ndarray:
+        """One training presentation: a crop, maybe flipped, with colour noise; C x H x W float32."""
+        pixels = self.pixels(image)
+        draw = augment.draw(rng, pixels.shape[0], pixels.shape[1], self.crop)
+        return self.normalize(crop_view(pixels, draw.top, draw.left, self.crop, draw.flip), draw.colour, out)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": PREPROCESS_FORMAT,
+                "size": self.size,
+                "crop": list(self.crop),
+                "channels": self.channels,
+                "mean": list(self.mean),
+                "std": None if self.std is None else list(self.std),
+                "classes": list(self.classes),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str, where: str | None = None) -> Preprocess:
+        """The record `to_json` wrote; a NetError blaming `where` (the weights file) when it is damaged."""
+        try:
+            data = json.loads(text)
+            if data.get("format") != PREPROCESS_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {PREPROCESS_FORMAT}")
+            channels = int(data["channels"])
+            mean = tuple(float(v) for v in data["mean"])
+            std = None if data["std"] is None else tuple(float(v) for v in data["std"])
+            crop = tuple(int(v) for v in data["crop"])
+            size = None if data["size"] is None else int(data["size"])
+            classes = [str(name) for name in data["classes"]]
+            if len(crop) != 2 or len(mean) != channels or (std is not None and len(std) != channels):
+                raise ValueError("crop, channels, mean and std do not fit together")
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            raise NetError(
+                f"the saved preprocessing is damaged ({error})",
+                where=where,
+                hint="save the weights again with `netdsl train`, which writes this record",
+            ) from None
+        return cls(size=size, crop=crop, channels=channels, mean=mean, std=std, classes=classes)

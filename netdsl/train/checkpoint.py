@@ -1,0 +1,150 @@
+"""Checkpoints: everything a training run needs to continue exactly where it stopped, in one file.
+
+A checkpoint is one safetensors file, written atomically (a temporary file renamed into place, so a run
+killed while writing leaves the previous checkpoint whole):
+
+- the weights under netdsl's own names (`conv1@gpu0.weight`, `s1.batchnorm.running_mean`): the file
+  is also a weights file, `netdsl run --weights RUN/checkpoints/last.ckpt` reads it;
+- the optimizer's state under `optim:<weight name>:<key>` (momentum buffers: `velocity`);
+- every random number generator's state under `rng:<name>` (torch's CPU generator, each CUDA device's);
+- in the file's metadata, as JSON: `netdsl.checkpoint` (format, epoch, step, position in the epoch,
+  schedule state, the best checkpoints so far, the resolved recipe, the net's fingerprint) and
+  `netdsl.preprocess` (what `netdsl run` and `netdsl eval` apply to an image).
+
+Names holding a `:` cannot be weight names (the language's names never hold one), which is how a
+weights reader tells the two apart.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from netdsl.errors import NetError
+from netdsl.files import write_atomic_bytes
+
+FORMAT = 1
+STATE_KEY = "netdsl.checkpoint"
+PREPROCESS_KEY = "netdsl.preprocess"
+OPTIM_PREFIX = "optim:"
+RNG_PREFIX = "rng:"
+
+
+@dataclass
+class Checkpoint:
+    weights: dict[str, torch.Tensor]  # netdsl name -> tensor (float32, CPU)
+    optimizer: dict[str, dict[str, torch.Tensor]]  # weight name -> its optimizer state
+    rng: dict[str, torch.Tensor]  # generator name -> state
+    state: dict = field(default_factory=dict)  # JSON: epoch, step, schedule, best, recipe, ...
+    preprocess: str | None = None  # JSON of netdsl.train.data.Preprocess
+
+
+def save_checkpoint(paths: list[Path], checkpoint: Checkpoint) -> None:
+    """Writes `checkpoint` to each of `paths` atomically; NetError (naming the file) when the disk refuses."""
+    from safetensors.torch import save
+
+    tensors = {name: _plain(value) for name, value in checkpoint.weights.items()}
+    for name, state in checkpoint.optimizer.items():
+        for key, value in state.items():
+            tensors[f"{OPTIM_PREFIX}{name}:{key}"] = _plain(torch.as_tensor(value))
+    for name, value in checkpoint.rng.items():
+        tensors[f"{RNG_PREFIX}{name}"] = _plain(value)
+    metadata = {STATE_KEY: json.dumps({"format": FORMAT, **checkpoint.state}, sort_keys=True)}
+    if checkpoint.preprocess is not None:
+        metadata[PREPROCESS_KEY] = checkpoint.preprocess
+    data = save(tensors, metadata=metadata)
+    for path in paths:
+        write_atomic_bytes(Path(path), data)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Reads a checkpoint written by `save_checkpoint`; a missing, truncated or foreign file is a NetError."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise NetError("no checkpoint here", where=str(path), hint="a run folder holds checkpoints/last.ckpt")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            if STATE_KEY not in metadata:
+                raise NetError(
+                    "this safetensors file is not a netdsl checkpoint (it may be a weights file)",
+                    where=str(path),
+                    hint="resume from a run folder written by netdsl train",
+                )
+            tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 -- not iterable
+    except SafetensorError as error:
+        raise NetError(
+            f"the checkpoint is damaged ({error})",
+            where=str(path),
+            hint="it may be truncated; an earlier checkpoint of the run may still be whole (checkpoints/)",
+        ) from None
+    except OSError as error:
+        raise NetError(f"cannot read the checkpoint: {error.strerror or error}", where=str(path)) from None
+    state = json.loads(metadata[STATE_KEY])
+    if state.get("format") != FORMAT:
+        raise NetError(f"checkpoint format {state.get('format')} is not {FORMAT}", where=str(path))
+    checkpoint = Checkpoint({}, {}, {}, state, metadata.get(PREPROCESS_KEY))
+    for name, value in tensors.items():
+        if name.startswith(OPTIM_PREFIX):
+            weight, _, key = name[len(OPTIM_PREFIX) :].rpartition(":")
+            checkpoint.optimizer.setdefault(weight, {})[key] = value
+        elif name.startswith(RNG_PREFIX):
+            checkpoint.rng[name[len(RNG_PREFIX) :]] = value
+        else:
+            checkpoint.weights[name] = value
+    return checkpoint
+
+
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, dict]:
+    """The optimizer's per-parameter state keyed by weight name (`names`: id of a parameter -> its name)."""
+    result = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if state:
+                result[names[id(param)]] = {key: value.detach().clone() for key, value in state.items()}
+    return result
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str], saved: dict[str, dict]) -> None:
+    """Puts state saved by `optimizer_state_by_name` back onto the optimizer's parameters, on their devices."""
+    known = set()
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            name = names[id(param)]
+            known.add(name)
+            if name in saved:
+                optimizer.state[param] = {
+                    key: value.to(param.device) if value.dim() else value.clone() for key, value in saved[name].items()
+                }
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise NetError(f"the checkpoint holds optimizer state for `{unknown[0]}`, which the net does not have")
+
+
+def rng_states() -> dict[str, torch.Tensor]:
+    """The state of every torch generator a training step draws from (dropout's masks)."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda{index}"] = state
+    return states
+
+
+def set_rng_states(states: dict[str, torch.Tensor]) -> None:
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            if f"cuda{index}" in states:
+                torch.cuda.set_rng_state(states[f"cuda{index}"], index)
+
+
+def _plain(value: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor that shares memory with nothing (safetensors refuses shared storage)."""
+    return value.detach().to("cpu").contiguous().clone()

@@ -1,0 +1,675 @@
+"""Data for training: where the images come from (an image folder, an .npz file, scikit-learn's digits), the
+training set's statistics (per-channel mean and std, the colour covariance's principal components), and the
+loader that hands out batches in a seeded, resumable, sharded order.
+
+Randomness comes from two places only, both seeded: the order of epoch e is a permutation drawn from
+(seed, e); a sample's augmentation is drawn from (seed, epoch, index). So batches do not depend on the
+number of loader workers, a run resumed at batch k sees what the uninterrupted run saw, and R ranks with
+batch B see, between them, what one rank with batch R*B sees.
+"""
+
+from __future__ import annotations
+
+import zipfile
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from netdsl.errors import NetError, did_you_mean
+from netdsl.train.augment import (
+    IMAGE_SUFFIXES,
+    PIXEL_RANGE,
+    VIEW_COUNTS,
+    Augment,
+    Preprocess,
+    crop_view,
+    image_mode,
+    open_image,
+    principal_components,
+    sample_rng,
+)
+
+__all__ = [
+    "ArrayImages",
+    "Augment",
+    "Batches",
+    "DataSplit",
+    "ImageFiles",
+    "Preprocess",
+    "Samples",
+    "batches_per_epoch",
+    "epoch_order",
+    "loader",
+    "open_data",
+    "split_rows",
+]
+
+DIGITS = "digits"
+DIGITS_MAX = 16.0  # load_digits' pixels count 0..16 ink; scaled to 0..255
+SCAN_BATCH = 32  # images per task when the training set is scanned for its statistics
+DATA_HINT = (
+    "give an image folder (DIR/train/<class>/*.jpg with DIR/val/<class>/..., or DIR/<class>/*.jpg), "
+    "an .npz file with arrays x and y, or `digits`"
+)
+SKIP_HINT = "replace or delete the file, or skip unreadable images with --skip-corrupt"
+
+
+class Samples(Dataset):
+    """Labelled images. `samples[i]` is image i's centre view (C x H x W float32) and its label, prepared
+    by `preprocess` (which `open_data` sets once the training set's statistics are known)."""
+
+    def __init__(self, labels: np.ndarray, preprocess: Preprocess):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.preprocess.apply(self.image(index)), int(self.labels[index])
+
+    def image(self, index: int):
+        """Image `index` as stored: a Pillow image or an H x W x C array, not yet scaled or cropped."""
+        raise NotImplementedError
+
+    def source(self, index: int) -> str:
+        """Where image `index` comes from, for messages: a file, or an array and its row."""
+        raise NotImplementedError
+
+    def subset(self, keep: np.ndarray) -> Samples:
+        """The images at the positions `keep`, in that order."""
+        raise NotImplementedError
+
+
+class ImageFiles(Samples):
+    """Image files decoded by Pillow each time they are read (in the loader's workers)."""
+
+    def __init__(self, paths: list[Path], labels: np.ndarray, preprocess: Preprocess):
+        super().__init__(labels, preprocess)
+        self.paths = list(paths)
+
+    def image(self, index: int):
+        return open_image(self.paths[index], self.preprocess.channels)
+
+    def source(self, index: int) -> str:
+        return str(self.paths[index])
+
+    def subset(self, keep: np.ndarray) -> ImageFiles:
+        return ImageFiles([self.paths[i] for i in keep], self.labels[keep], self.preprocess)
+
+
+class ArrayImages(Samples):
+    """Images held in one array (`layout`: "nhw" gray, "nchw" or "nhwc"); `rows` picks this set's rows and
+    `scale` multiplies the values (digits: 0..16 -> 0..255)."""
+
+    def __init__(
+        self,
+        array: np.ndarray,
+        layout: str,
+        labels: np.ndarray,
+        preprocess: Preprocess,
+        *,
+        name: str,
+        rows: np.ndarray | None = None,
+        scale: float = 1.0,
+    ):
+        super().__init__(labels, preprocess)
+        self.array, self.layout, self.name, self.scale = array, layout, name, scale
+        self.rows = np.arange(len(labels)) if rows is None else np.asarray(rows)
+
+    def image(self, index: int) -> np.ndarray:
+        pixels = self.array[self.rows[index]]
+        if self.layout == "nhw":
+            pixels = pixels[..., None]
+        elif self.layout == "nchw":
+            pixels = pixels.transpose(1, 2, 0)
+        return pixels.astype(np.float32) * np.float32(self.scale) if self.scale != 1.0 else pixels
+
+    def source(self, index: int) -> str:
+        return f"{self.name}[{self.rows[index]}]"
+
+    def subset(self, keep: np.ndarray) -> ArrayImages:
+        return ArrayImages(
+            self.array,
+            self.layout,
+            self.labels[keep],
+            self.preprocess,
+            name=self.name,
+            rows=self.rows[keep],
+            scale=self.scale,
+        )
+
+
+@dataclass
+class DataSplit:
+    """A data set opened for training: both halves share `preprocess` (the training set's mean and std);
+    `augment` is the paper's training augmentation with this set's colour statistics (replace fields to
+    change it: `dataclasses.replace(split.augment, pca_noise=0)`); `skipped` lists unreadable files left out."""
+
+    train: Samples
+    val: Samples | None
+    classes: list[str]
+    preprocess: Preprocess
+    augment: Augment
+    skipped: list[str] = field(default_factory=list)
+
+
+def open_data(
+    spec: str | Path,
+    net_input: tuple[int, int, int],
+    *,
+    num_outputs: int | None = None,
+    size: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    std: bool = False,
+    skip_corrupt: bool = False,
+    workers: int = 0,
+) -> DataSplit:
+    """Opens `spec` (an image folder, an .npz file or "digits") for a net taking `net_input` (C, H, W)
+    images and scoring `num_outputs` classes (checked when given).
+
+    `size`: the shorter side is scaled to this before cropping (default: the smaller of H and W; the paper
+    used 256 for 224 crops). `val_fraction`, `seed`: how a set without its own validation images is split
+    (per class, so each class keeps its share). `std`: also divide by the per-channel std. Every image is
+    decoded once here (by `workers` processes) to measure the training set and find unreadable files,
+    which are errors unless `skip_corrupt`."""
+    channels, height, width = net_input
+    if min(net_input) < 1:
+        raise NetError(f"the net's input {channels} x {height} x {width} is not an image's shape", where=str(spec))
+    if workers < 0:
+        raise NetError(f"the number of loader workers must be at least 0, not {workers}", where="--workers")
+    if not 0 <= val_fraction < 1:
+        raise NetError(
+            f"the validation fraction must be in [0, 1), not {val_fraction}",
+            where="--val-fraction",
+            hint="0.1 keeps a tenth of each class for validation; 0 none",
+        )
+    if size is not None and size < 1:
+        raise NetError(f"the image size must be positive, not {size}", where="--size")
+    base = Preprocess(size=size or min(height, width), crop=(height, width), channels=channels, mean=(0.0,) * channels)
+    where = str(spec)
+    if where == DIGITS:
+        train, val, classes = _open_digits(base, val_fraction, seed)
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            train, val, classes = _open_folder(path, base, val_fraction, seed)
+        elif path.is_file() and path.suffix.lower() == ".npz":
+            train, val, classes = _open_npz(path, base, val_fraction, seed, num_outputs)
+        elif not path.exists():
+            raise NetError(
+                f"no such data folder or file: {spec}", where=where, hint=did_you_mean(where, [DIGITS]) or DATA_HINT
+            )
+        else:
+            raise NetError(f"{spec} is neither a data folder nor an .npz file", where=where, hint=DATA_HINT)
+    _check_classes(classes, [train, val], num_outputs, where)
+    train, val, skipped, sums = _scan(train, val, workers, skip_corrupt, where)
+    preprocess, augment = _statistics(sums, base, classes, std)
+    for samples in (train, val):
+        if samples is not None:
+            samples.preprocess = preprocess
+    return DataSplit(train, val, classes, preprocess, augment, skipped)
+
+
+def _open_folder(root: Path, base: Preprocess, val_fraction: float, seed: int):
+    image_mode(base.channels, str(root))  # a net whose inputs images cannot fill: said once, not per file
+    train_dir, val_dir = root / "train", root / "val"
+    if train_dir.is_dir():
+        classes, paths, labels = _class_folders(train_dir)
+        if val_dir.is_dir():
+            val_classes, val_paths, val_labels = _class_folders(val_dir)
+            if val_classes != classes:
+                only_train = sorted(set(classes) - set(val_classes))
+                only_val = sorted(set(val_classes) - set(classes))
+                raise NetError(
+                    f"the classes of {train_dir} and {val_dir} differ (only in train: {', '.join(only_train) or '-'};"
+                    f" only in val: {', '.join(only_val) or '-'})",
+                    where=str(root),
+                    hint="give train/ and val/ the same class folders",
+                )
+            return ImageFiles(paths, labels, base), ImageFiles(val_paths, val_labels, base), classes
+    else:
+        classes, paths, labels = _class_folders(root)
+    train_rows, val_rows = split_rows(labels, val_fraction, seed)
+    files = ImageFiles(paths, labels, base)
+    return files.subset(train_rows), files.subset(val_rows) if len(val_rows) else None, classes
+
+
+def _class_folders(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
+    """The class names (sorted folder names), and every image file below them with its class index."""
+    try:
+        entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
+    except OSError as error:
+        raise NetError(f"cannot read the data folder {folder}: {error.strerror or error}", where=str(folder)) from None
+    if not entries:
+        raise NetError(f"the data folder {folder} is empty", where=str(folder), hint=DATA_HINT)
+    classes = sorted(entry.name for entry in entries if entry.is_dir())
+    if not classes:
+        raise NetError(
+            f"the data folder {folder} has no class folders, only files",
+            where=str(folder),
+            hint=f"put each class's images in a folder of its own: {folder}/<class>/*.jpg",
+        )
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(
+            path
+            for path in (folder / name).rglob("*")
+            if path.suffix.lower() in IMAGE_SUFFIXES
+            and path.is_file()
+            and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        )
+        if not found:
+            raise NetError(
+                f"the class folder {folder / name} holds no images",
+                where=str(folder / name),
+                hint=f"image files end in {', '.join(sorted(IMAGE_SUFFIXES))}",
+            )
+        paths += found
+        labels += [label] * len(found)
+    return classes, paths, np.asarray(labels, dtype=np.int64)
+
+
+def split_rows(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation rows, split per class: round(n * fraction) of each class's n images (at least
+    one when the fraction is above 0, never all) go to validation, chosen by a generator seeded with
+    (seed, class). Both lists sorted."""
+    train, val = [], []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        count = min(len(rows) - 1, max(int(fraction > 0), round(len(rows) * fraction)))
+        chosen = np.random.default_rng([seed, int(label)]).permutation(rows)
+        val.append(chosen[:count])
+        train.append(chosen[count:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def _open_npz(path: Path, base: Preprocess, val_fraction: float, seed: int, num_outputs: int | None):
+    where = str(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise NetError(
+            f"cannot read {path} as an .npz file ({error})",
+            where=where,
+            hint="save it with numpy.savez(file, x=images, y=labels)",
+        ) from None
+    for key in ("x", "y"):
+        if key not in arrays:
+            raise NetError(
+                f"{path} has no array `{key}` (it has: {', '.join(sorted(arrays)) or 'none'})",
+                where=where,
+                hint="save it with numpy.savez(file, x=images, y=labels)",
+            )
+    if ("x_val" in arrays) != ("y_val" in arrays):
+        raise NetError(f"{path} has only one of x_val and y_val", where=where, hint="give both, or neither")
+    x, y = _npz_pair(arrays, "x", "y", base.channels, where)
+    if "classes" in arrays:
+        classes = [str(name) for name in arrays["classes"].ravel()]
+    else:
+        top = max(int(arrays[key].max()) for key in ("y", "y_val") if key in arrays and arrays[key].size)
+        classes = [str(label) for label in range(num_outputs or top + 1)]
+    train = ArrayImages(x, _layout(x, base.channels, where, "x"), y, base, name=f"{path}: x")
+    if "x_val" in arrays:
+        x_val, y_val = _npz_pair(arrays, "x_val", "y_val", base.channels, where)
+        val = ArrayImages(x_val, _layout(x_val, base.channels, where, "x_val"), y_val, base, name=f"{path}: x_val")
+        return train, val, classes
+    train_rows, val_rows = split_rows(y, val_fraction, seed)
+    return train.subset(train_rows), train.subset(val_rows) if len(val_rows) else None, classes
+
+
+def _npz_pair(arrays: dict, x_key: str, y_key: str, channels: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y = arrays[x_key], arrays[y_key]
+    if x.dtype.kind not in "biuf":
+        raise NetError(
+            f"{where}: {x_key} holds {x.dtype} values, not numbers", where=where, hint="save the pixels as numbers"
+        )
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise NetError(
+            f"{where}: {y_key} must be a 1-D array of integer class indices, not {y.dtype} of shape "
+            f"{' x '.join(map(str, y.shape))}",
+            where=where,
+            hint=f"save {y_key}.astype(int)",
+        )
+    if len(x) != len(y):
+        raise NetError(
+            f"{where}: {x_key} has {len(x)} images but {y_key} has {len(y)} labels",
+            where=where,
+            hint="give one label per image",
+        )
+    if len(x) == 0:
+        raise NetError(f"{where}: {x_key} holds no images", where=where, hint="give at least one image")
+    negative = np.flatnonzero(y < 0)
+    if len(negative):
+        row = negative[0]
+        raise NetError(
+            f"{where}: {x_key}[{row}] has label {y[row]}; class indices start at 0",
+            where=where,
+            hint="number the classes 0, 1, ..., K-1",
+        )
+    return x, y
+
+
+def _layout(x: np.ndarray, channels: int, where: str, key: str) -> str:
+    """How an array holds its images: N x H x W (gray), N x C x H x W or N x H x W x C, read by the axis that
+    has the net's channels, else by the one gray <-> RGB converts."""
+    if x.ndim == 3 and channels in (1, 3):
+        return "nhw"
+    if x.ndim == 4:
+        for count in (channels, {1: 3, 3: 1}.get(channels)):
+            for axis, layout in ((1, "nchw"), (3, "nhwc")):
+                if x.shape[axis] == count:
+                    return layout
+    gray = " or N x H x W" if channels in (1, 3) else ""
+    raise NetError(
+        f"{where}: {key} has shape {' x '.join(map(str, x.shape))}, which does not hold {channels}-channel images",
+        where=where,
+        hint=f"give N x {channels} x H x W, N x H x W x {channels}{gray}",
+    )
+
+
+def _open_digits(base: Preprocess, val_fraction: float, seed: int):
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise NetError(
+            "the digits data set comes with scikit-learn, which is not installed",
+            where=DIGITS,
+            hint="pip install 'netdsl[train]'",
+        ) from None
+    if base.channels not in (1, 3):
+        raise NetError(
+            f"the digits are gray images; the net takes {base.channels} channels",
+            where=DIGITS,
+            hint="give the net 1 (or 3) input channels",
+        )
+    digits = load_digits()
+    images, labels = digits.images.astype(np.float32), digits.target.astype(np.int64)
+    samples = ArrayImages(images, "nhw", labels, base, name="digits", scale=PIXEL_RANGE / DIGITS_MAX)
+    train_rows, val_rows = split_rows(labels, val_fraction, seed)
+    classes = [str(name) for name in digits.target_names]
+    return samples.subset(train_rows), samples.subset(val_rows) if len(val_rows) else None, classes
+
+
+def _check_classes(classes: list[str], sets: list[Samples | None], num_outputs: int | None, where: str) -> None:
+    if num_outputs is not None and len(classes) > num_outputs:
+        raise NetError(
+            f"{where} has {len(classes)} classes, but the net scores {num_outputs}",
+            where=where,
+            hint=f"give the net's last layer {len(classes)} outputs",
+        )
+    limit = len(classes) if num_outputs is None else min(len(classes), num_outputs)
+    for samples in sets:
+        if samples is None or not len(samples):
+            continue
+        bad = np.flatnonzero(samples.labels >= limit)  # never negative: the npz reader refuses those
+        if len(bad):
+            label = int(samples.labels[bad[0]])
+            if limit == num_outputs:
+                width, hint = (
+                    f"the net's {num_outputs} outputs",
+                    f"give the net's last layer at least {label + 1} outputs",
+                )
+            else:
+                width, hint = f"the {limit} class names", "give the array `classes` one name per class"
+            raise NetError(
+                f"{samples.source(bad[0])} has label {label}, beyond {width} (0..{limit - 1})", where=where, hint=hint
+            )
+
+
+class _Scan(Dataset):
+    """Decodes each image once: its centre crop's pixel sums (when `measure`), or why it is unreadable."""
+
+    def __init__(self, samples: Samples, measure: bool):
+        self.samples, self.measure = samples, measure
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        preprocess = self.samples.preprocess
+        try:
+            pixels = preprocess.pixels(self.samples.image(index))
+        except NetError as error:
+            return index, error.message, None
+        if not self.measure:
+            return index, None, None
+        top, left = (pixels.shape[0] - preprocess.crop[0]) // 2, (pixels.shape[1] - preprocess.crop[1]) // 2
+        values = crop_view(pixels, top, left, preprocess.crop, False).reshape(-1, pixels.shape[2]).astype(np.float64)
+        return index, None, (len(values), values.sum(axis=0), values.T @ values)
+
+
+def _sum_scan(items: list) -> tuple[list[tuple[int, str]], int, np.ndarray | float, np.ndarray | float]:
+    failures = [(index, message) for index, message, _ in items if message is not None]
+    sums = [stats for _, _, stats in items if stats is not None]
+    return (failures, sum(s[0] for s in sums), sum((s[1] for s in sums), 0.0), sum((s[2] for s in sums), 0.0))
+
+
+def _run_scan(samples: Samples, measure: bool, workers: int):
+    scan = DataLoader(
+        _Scan(samples, measure),
+        batch_size=SCAN_BATCH,
+        num_workers=workers,
+        collate_fn=_sum_scan,
+        generator=torch.Generator(),
+    )
+    failures, count, total, outer = [], 0, 0.0, 0.0
+    for batch_failures, batch_count, batch_total, batch_outer in scan:
+        failures += batch_failures
+        count, total, outer = count + batch_count, total + batch_total, outer + batch_outer
+    return failures, count, total, outer
+
+
+def _scan(train: Samples, val: Samples | None, workers: int, skip_corrupt: bool, where: str):
+    """Decodes every image file once, measuring the training set's centre crops on the way: unreadable
+    files are an error naming the first, or (skip_corrupt) left out and listed. Arrays need no check, so
+    only the training set's are read (for the statistics)."""
+    skipped, kept, sums = [], [], None
+    for samples, measure in ((train, True), (val, False)):
+        if samples is None or (not measure and not isinstance(samples, ImageFiles)):
+            kept.append(samples)
+            continue
+        failures, *counted = _run_scan(samples, measure, workers)
+        sums = counted if measure else sums
+        if failures and not skip_corrupt:
+            index, message = failures[0]
+            raise NetError(message, where=samples.source(index), hint=SKIP_HINT)
+        bad = {index for index, _ in failures}
+        skipped += [samples.source(index) for index in sorted(bad)]
+        kept.append(samples.subset(np.asarray([i for i in range(len(samples)) if i not in bad], dtype=np.int64)))
+    train, val = kept
+    if not len(train):
+        raise NetError(f"no readable training images in {where}", where=where, hint=DATA_HINT)
+    return train, val if val is None or len(val) else None, skipped, sums
+
+
+def _statistics(sums: list, base: Preprocess, classes: list[str], std: bool):
+    """The training set's per-channel mean (and std) and the Augment carrying its colour components, from
+    the sums over the centre crops the net would see."""
+    count, total, outer = sums
+    mean = total / count
+    covariance = outer / count - np.outer(mean, mean)
+    spread = np.sqrt(np.clip(np.diag(covariance), 0.0, None))
+    preprocess = replace(
+        base,
+        mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) if v > 0 else 1.0 for v in spread) if std else None,
+        classes=list(classes),
+    )
+    values, vectors = principal_components(covariance / PIXEL_RANGE**2)
+    eigvecs = tuple(tuple(float(v) for v in row) for row in vectors)
+    return preprocess, Augment(eigvals=tuple(float(v) for v in values), eigvecs=eigvecs)
+
+
+def epoch_order(count: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The order in which epoch `epoch` presents `count` samples: a permutation drawn from (seed, epoch)."""
+    if not shuffle:
+        return np.arange(count)
+    return np.random.default_rng([seed, epoch]).permutation(count)
+
+
+def batches_per_epoch(count: int, batch: int, world: int = 1, drop_last: bool = False) -> int:
+    """How many batches each rank takes in an epoch of `count` samples (global batch: batch * world)."""
+    full, rest = divmod(count, batch * world)
+    return full + int(rest > 0 and not drop_last)
+
+
+def _rank_rows(order: np.ndarray, batch: int, rank: int, world: int, drop_last: bool) -> list[np.ndarray]:
+    """Rank `rank`'s rows of each global batch: rows rank*B..(rank+1)*B of each world*B block; the last,
+    short block (kept unless drop_last) is split as evenly as it goes, rank 0 first (a rank may get none)."""
+    block = batch * world
+    full = len(order) // block
+    rows = [order[b * block + rank * batch : b * block + (rank + 1) * batch] for b in range(full)]
+    if full * block < len(order) and not drop_last:
+        rows.append(np.array_split(order[full * block :], world)[rank])
+    return rows
+
+
+class _Present(Dataset):
+    """Batches as the loader hands them out, made whole inside the worker: each sample augmented with its
+    own generator (seed, epoch, index), or its centre view, written straight into the batch (in shared
+    memory when a worker makes it, so it reaches the main process without a copy). A file that fails to
+    decode is reported, not raised, so the error reaches the main process as a NetError rather than as a
+    worker's traceback."""
+
+    def __init__(self, samples: Samples, augment: Augment | None, seed: int, epoch: int, views: int = 1):
+        self.samples, self.augment, self.seed, self.epoch, self.views = samples, augment, seed, epoch, views
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitems__(self, indices: list[int]):
+        preprocess = self.samples.preprocess
+        several = self.views > 1  # test-time views: N x views x C x H x W
+        x = torch.empty((len(indices), *((self.views,) if several else ()), preprocess.channels, *preprocess.crop))
+        if get_worker_info() is not None:
+            x.share_memory_()
+        out = x.numpy()
+        failures = []
+        for row, index in enumerate(indices):
+            try:
+                image = self.samples.image(index)
+            except NetError as error:
+                failures.append((index, error.message))
+                continue
+            if several:
+                out[row] = preprocess.views(image, self.views)
+            elif self.augment is None:
+                preprocess.apply(image, out=out[row])
+            else:
+                preprocess.augmented(image, self.augment, sample_rng(self.seed, self.epoch, index), out=out[row])
+        return x, torch.from_numpy(self.samples.labels[indices]), failures
+
+
+def _as_made(batch):
+    """The DataLoader's collate step: _Present.__getitems__ already made the batch."""
+    return batch
+
+
+class Batches:
+    """One epoch's batches for one rank, from `start_batch` on: iterate for (x, y); `len()` is the number
+    still to come, `per_epoch` the number in a whole epoch."""
+
+    def __init__(
+        self,
+        samples: Samples,
+        rows: list[np.ndarray],
+        per_epoch: int,
+        augment: Augment | None,
+        seed: int,
+        epoch: int,
+        workers: int,
+        pin_memory: bool,
+        views: int = 1,
+    ):
+        self.samples, self.rows, self.per_epoch = samples, rows, per_epoch
+        self.augment, self.seed, self.epoch = augment, seed, epoch
+        self.workers, self.pin_memory, self.views = workers, pin_memory, views
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        loader = DataLoader(
+            _Present(self.samples, self.augment, self.seed, self.epoch, self.views),
+            batch_sampler=[rows.tolist() for rows in self.rows],
+            num_workers=self.workers,
+            collate_fn=_as_made,
+            pin_memory=self.pin_memory,
+            generator=torch.Generator(),  # DataLoader draws a base seed: from its own generator, not torch's global one
+        )
+        for x, y, failures in loader:
+            if failures:
+                index, message = failures[0]
+                raise NetError(message, where=self.samples.source(index), hint=SKIP_HINT)
+            yield x, y
+
+
+def loader(
+    dataset: Samples,
+    *,
+    batch: int,
+    seed: int = 0,
+    epoch: int = 0,
+    start_batch: int = 0,
+    shuffle: bool = True,
+    augment: Augment | None = None,
+    workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+) -> Batches:
+    """Epoch `epoch` of `dataset` in batches of (float32 N x C x H x W, int64 N).
+
+    The order is `epoch_order(len(dataset), seed, epoch, shuffle)`; `start_batch` skips the batches a
+    resumed run already took. With `world` > 1, rank `rank` takes rows rank*batch..(rank+1)*batch of each
+    global batch of world*batch rows. `augment`: training presentations (random crop, flip, colour noise,
+    seeded per sample by (seed, epoch, index)); None: centre views. `workers`: decoding processes
+    (0: in this process); the batches are the same whatever their number."""
+    if batch < 1:
+        raise NetError(f"the batch size must be at least 1, not {batch}", where="--batch")
+    if world < 1 or not 0 <= rank < world:
+        raise NetError(f"rank {rank} of a world of {world} processes does not exist", where="--world")
+    if seed < 0 or epoch < 0:
+        raise NetError(f"the seed and epoch must be at least 0, not {seed} and {epoch}", where="--seed")
+    if workers < 0:
+        raise NetError(f"the number of loader workers must be at least 0, not {workers}", where="--workers")
+    channels = dataset.preprocess.channels
+    if augment is not None and augment.pca_noise > 0 and len(augment.eigvals) != channels:
+        raise NetError(
+            f"the colour noise has {len(augment.eigvals)} components, but the images {channels} channels",
+            where="pca_noise",
+            hint="take the Augment of this data set's DataSplit",
+        )
+    per_epoch = batches_per_epoch(len(dataset), batch, world, drop_last)
+    if not 0 <= start_batch <= per_epoch:
+        raise NetError(
+            f"cannot start at batch {start_batch}: an epoch has {per_epoch} batches of {batch}",
+            where="--resume",
+            hint="resume with the data and batch size the run was started with",
+        )
+    rows = _rank_rows(epoch_order(len(dataset), seed, epoch, shuffle), batch, rank, world, drop_last)
+    return Batches(dataset, rows[start_batch:], per_epoch, augment, seed, epoch, workers, pin_memory)
+
+
+def view_loader(
+    dataset: Samples, *, views: int = 1, batch: int, workers: int = 0, rank: int = 0, world: int = 1
+) -> Batches:
+    """The whole of `dataset` in order, for evaluation: batches of (float32 N x C x H x W, int64 N) with one
+    view, or (N x views x C x H x W, N) with the paper's ten (`Preprocess.views`). With `world` > 1 each
+    rank takes its share of every global batch (the last, short one shared as evenly as it goes)."""
+    if views not in VIEW_COUNTS:
+        raise NetError(f"{views} views: netdsl takes 1 or 10", where="--views", hint="--views 1 or --views 10")
+    if batch < 1:
+        raise NetError(f"the batch size must be at least 1, not {batch}", where="--batch")
+    if workers < 0:
+        raise NetError(f"the number of loader workers must be at least 0, not {workers}", where="--workers")
+    rows = _rank_rows(np.arange(len(dataset)), batch, rank, world, drop_last=False)
+    return Batches(dataset, rows, len(rows), None, 0, 0, workers, False, views)

@@ -1,0 +1,124 @@
+"""Finding where a training step went wrong, and checking gradients against finite differences.
+
+`first_non_finite` replays a step whose loss or gradients were not finite, with the same random state
+(the same dropout masks), keeping every layer's output: the first output in forward order that holds a
+NaN or an infinity is named; when every output is finite, backpropagation is replayed and the first
+place it produced a non-finite gradient (the last layer, in forward order, whose output gradient is
+not finite: every layer before it inherits the NaN) is named.
+
+`check_gradients` (`netdsl train --check-grads`, as cuda-convnet2 had) compares autograd's gradient of
+the loss with central finite differences in float64, for a few entries of every weight of every layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from netdsl.ir import layer
+from netdsl.runtime.module import GraphModule
+from netdsl.train.checkpoint import rng_states, set_rng_states
+
+
+def first_non_finite(
+    module: GraphModule,
+    graph: nx.DiGraph,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rng: dict[str, torch.Tensor],
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    label_smoothing: float = 0.0,
+) -> str:
+    """A phrase naming the first non-finite value of the step (see the module's docstring)."""
+    module.zero_grad(set_to_none=True)
+    set_rng_states(rng)
+    with autocast():
+        values = module.trace(x)
+    for value in values.values():
+        if value.requires_grad:
+            value.retain_grad()
+    inputs = set(graph.graph["inputs"])
+    for name, value in values.items():
+        if not bool(torch.isfinite(value).all()):
+            if name in inputs:
+                return f"in the net's input `{name}` (the data)"
+            return f"in the output of layer `{name}` ({layer(graph, name).op})"
+    logits = values[graph.graph["outputs"][0]].float().flatten(1)
+    loss = F.cross_entropy(logits, y.to(logits.device), label_smoothing=label_smoothing)
+    if not bool(torch.isfinite(loss)):
+        return "in the loss (every layer's output is finite: are the labels right?)"
+    loss.backward()
+    for name in reversed(list(values)):
+        grad = values[name].grad
+        if name not in inputs and grad is not None and not bool(torch.isfinite(grad).all()):
+            return f"in the gradient at the output of layer `{name}` ({layer(graph, name).op})"
+    for name, param in module.named_parameters():
+        if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
+            return f"in the gradient of weight `{name}`"
+    return "not found again when the step was replayed (a transient fault?)"
+
+
+@dataclass(frozen=True)
+class GradientCheck:
+    weight: str
+    index: tuple[int, ...]
+    autograd: float
+    numeric: float
+
+    @property
+    def error(self) -> float:
+        """|autograd - numeric| relative to their size, or over 1e-4 for smaller gradients (where the finite
+        difference's own rounding, about 1e-10, would dominate a relative error)."""
+        return abs(self.autograd - self.numeric) / max(abs(self.autograd), abs(self.numeric), 1e-4)
+
+
+def check_gradients(
+    graph: nx.DiGraph,
+    weights: dict[str, np.ndarray],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    per_weight: int = 3,
+    seed: int = 0,
+    step: float = 1e-6,
+) -> list[GradientCheck]:
+    """Autograd against central differences (f(w+h) - f(w-h)) / 2h in float64, on the training-mode
+    loss (batch norm on batch statistics; dropout with one fixed mask, the same random state before
+    every evaluation), for `per_weight` seeded entries of every weight of the net."""
+    module = GraphModule(graph, weights=weights, dtype=torch.float64).train()
+    x, y = x.to(torch.float64), y.to(torch.int64)
+    saved = rng_states()
+    torch.manual_seed(seed)
+    start = rng_states()
+
+    def loss() -> torch.Tensor:
+        set_rng_states(start)
+        return F.cross_entropy(module.logits(x).flatten(1), y)
+
+    try:
+        module.zero_grad(set_to_none=True)
+        loss().backward()
+        picker = np.random.default_rng(seed)
+        results = []
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                flat = param.view(-1)
+                grad = param.grad.reshape(-1)
+                for position in picker.choice(flat.numel(), size=min(per_weight, flat.numel()), replace=False):
+                    original = float(flat[position])
+                    flat[position] = original + step
+                    above = float(loss())
+                    flat[position] = original - step
+                    below = float(loss())
+                    flat[position] = original
+                    index = tuple(int(i) for i in np.unravel_index(int(position), tuple(param.shape)))
+                    results.append(GradientCheck(name, index, float(grad[position]), (above - below) / (2 * step)))
+        return results
+    finally:
+        set_rng_states(saved)

@@ -1,0 +1,127 @@
+"""Measuring a classifier: top-1 and top-5 accuracy, mean loss, per-class accuracy, the confusion matrix.
+
+`Tally` adds up batches of class probabilities against their labels (from one process, or summed over
+the ranks of a run); `probabilities` turns a net's output into them, averaging test-time views.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from netdsl.files import write_atomic_bytes
+from netdsl.tables import format_table
+
+
+def probabilities(output: torch.Tensor, is_softmax: bool, views: int = 1) -> torch.Tensor:
+    """N*views x K (or N*views x K x 1 x 1) net outputs -> N x K class probabilities: the softmax of
+    logits (a net that ends in softmax gives them already), averaged over each image's views as the
+    paper averages its ten patches."""
+    scores = output.float().flatten(1)
+    probs = scores if is_softmax else torch.softmax(scores, dim=1)
+    return probs.view(-1, views, probs.shape[1]).mean(dim=1)
+
+
+@dataclass
+class Tally:
+    classes: int
+    count: int = 0
+    top1: int = 0
+    top5: int = 0
+    loss: float = 0.0
+    confusion: np.ndarray = field(default=None)  # true class x predicted class
+
+    def __post_init__(self) -> None:
+        if self.confusion is None:
+            self.confusion = np.zeros((self.classes, self.classes), dtype=np.int64)
+
+    def add(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        probs, labels = probs.detach().float().cpu(), labels.detach().cpu()
+        best = probs.topk(min(5, probs.shape[1]), dim=1).indices
+        self.count += len(labels)
+        self.top1 += int((best[:, 0] == labels).sum())
+        self.top5 += int((best == labels[:, None]).any(dim=1).sum())
+        picked = probs.gather(1, labels[:, None]).clamp_min(1e-12)
+        self.loss += float(-picked.log().sum())
+        np.add.at(self.confusion, (labels.numpy(), best[:, 0].numpy()), 1)
+
+    def vector(self) -> list[float]:
+        """The tally as numbers, for summing over ranks (`from_vector` reads it back)."""
+        return [self.count, self.top1, self.top5, self.loss, *self.confusion.ravel().tolist()]
+
+    @classmethod
+    def from_vector(cls, classes: int, values: list[float]) -> Tally:
+        count, top1, top5, loss = values[:4]
+        confusion = np.asarray(values[4:], dtype=np.float64).round().astype(np.int64).reshape(classes, classes)
+        return cls(classes, round(count), round(top1), round(top5), loss, confusion)
+
+    @property
+    def accuracy(self) -> float:
+        return self.top1 / self.count if self.count else math.nan
+
+    @property
+    def top5_accuracy(self) -> float:
+        return self.top5 / self.count if self.count else math.nan
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / self.count if self.count else math.nan
+
+    def per_class(self) -> np.ndarray:
+        """Each class's accuracy (NaN for a class with no images)."""
+        totals = self.confusion.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.diag(self.confusion) / totals
+
+    def report(self, names: list[str]) -> str:
+        """The summary, the per-class table and the confusion matrix as text."""
+        lines = [
+            f"images {self.count:,}   top-1 {100 * self.accuracy:.2f}%   top-5 {100 * self.top5_accuracy:.2f}%   "
+            f"loss {self.mean_loss:.4f}",
+            "",
+        ]
+        per_class = self.per_class()
+        rows = [
+            (str(i), name, str(int(self.confusion[i].sum())), "-" if math.isnan(acc) else f"{100 * acc:.1f}%")
+            for i, (name, acc) in enumerate(zip(names, per_class))
+        ]
+        lines += format_table(("class", "name", "images", "top-1"), rows, left={1})
+        lines += ["", "confusion matrix (rows: true class, columns: predicted)"]
+        header = ("", *(str(i) for i in range(self.classes)))
+        lines += format_table(header, [(str(i), *map(str, row)) for i, row in enumerate(self.confusion)], left=set())
+        return "\n".join(lines) + "\n"
+
+    def plot_confusion(self, path: Path, names: list[str]) -> bool:
+        """The confusion matrix as a PNG, rows normalized; False when matplotlib is not installed."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            from matplotlib import pyplot as plt
+        except ImportError:
+            return False
+        totals = self.confusion.sum(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(totals > 0, self.confusion / np.maximum(totals, 1), 0.0)
+        size = min(16.0, 3.0 + 0.45 * self.classes)
+        figure, axes = plt.subplots(figsize=(size, size))
+        image = axes.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+        ticks = range(self.classes)
+        labels = [name[:14] for name in names]
+        axes.set_xticks(ticks, labels, rotation=90)
+        axes.set_yticks(ticks, labels)
+        axes.set_xlabel("predicted")
+        axes.set_ylabel("true")
+        axes.set_title(f"top-1 {100 * self.accuracy:.2f}% on {self.count:,} images")
+        figure.colorbar(image, ax=axes, fraction=0.046)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100)
+        plt.close(figure)
+        write_atomic_bytes(Path(path), buffer.getvalue())
+        return True

@@ -1,0 +1,644 @@
+"""The training loop: a net, a resolved recipe and a run folder in; trained weights, checkpoints and
+metrics out.
+
+One `Trainer` per process. Each step reads a batch (this rank's share of it under torchrun), runs the
+net's logits forward and the softmax cross-entropy backward with PyTorch autograd over the layer graph
+(`netdsl.runtime.module.GraphModule`, every layer on its own device), sets every weight group's rate
+from the schedule and steps the optimizer. Before a step changes any weight, the loss and every gradient
+are checked: a NaN or an infinity stops the run with the first layer where it appeared. After each
+epoch: validation, the schedule's plateau watch, the checkpoints (the last, the best few), the metrics
+and the curves. Ctrl-C or SIGTERM: a checkpoint at the end of the current step, then a clean exit.
+
+Everything random is seeded and saved (netdsl.train.checkpoint): on the CPU, N steps in one go and N/2
+steps, a resume and N/2 more give the same weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from netdsl._version import __version__
+from netdsl.errors import NetError
+from netdsl.ir import layer
+from netdsl.lang.frontend import load_graph
+from netdsl.runtime.module import GraphModule
+from netdsl.runtime.weights import save_weights
+from netdsl.train.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    optimizer_state_by_name,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+)
+from netdsl.train.data import DataSplit, batches_per_epoch, loader, open_data, view_loader
+from netdsl.train.diagnose import first_non_finite
+from netdsl.train.evaluate import Tally, probabilities
+from netdsl.train.optim import make_optimizer, param_groups, set_learning_rate
+from netdsl.train.recipe import Recipe
+from netdsl.train.runs import CURVES, METRICS, WEIGHTS, Metrics, RunFolder, TensorBoard, fingerprint, plot_curves
+from netdsl.train.schedule import Schedule
+from netdsl.train.world import World, lost_rank_error
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+LR_HINT = "lower the learning rate (--lr), add a warm-up (--warmup-epochs 1), or clip gradients (--clip-grad 5)"
+
+
+class StoppedError(Exception):
+    """Ctrl-C or SIGTERM during training: a checkpoint was written, the run can be resumed."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        super().__init__(f"stopped by signal {signum} at step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+@dataclass
+class Summary:
+    epochs: int
+    steps: int
+    best_top1: float | None
+    best_epoch: int | None
+    weights: Path
+    seconds: float
+
+
+def class_count(graph) -> int:
+    """The number of classes a net scores: its one output must be K scores (K, or K x 1 x 1)."""
+    outputs = graph.graph["outputs"]
+    if len(outputs) != 1:
+        raise NetError(
+            f"the net has {len(outputs)} outputs; training needs one, the class scores",
+            where="net",
+            hint="declare a single `output` (the fc or softmax that scores the classes)",
+        )
+    item = layer(graph, outputs[0])
+    shape = tuple(item.shape)
+    if len(shape) == 1 or (len(shape) == 3 and shape[1:] == (1, 1)):
+        return shape[0]
+    raise NetError(
+        f"the net's output `{item.name}` is {' x '.join(map(str, shape))}, not one score per class",
+        span=item.span,
+        hint="end the net with an fc layer (or a global_avgpool) giving one score per class",
+    )
+
+
+class Trainer:
+    def __init__(
+        self,
+        net: Path,
+        recipe: Recipe,
+        run: RunFolder,
+        *,
+        devices: dict[str, str] | str | None = None,
+        resume: bool = False,
+        stream: TextIO = sys.stderr,
+        world: World | None = None,
+    ) -> None:
+        self.net_path, self.recipe, self.run = Path(net), recipe, run
+        self.world = world or World.from_environment()
+        self.world.join(recipe.timeout)
+        self.stream = stream
+        self.graph = load_graph(net)
+        self.classes = class_count(self.graph)
+        if recipe.data is None:
+            raise NetError("no training data given", where="--data", hint="--data DIR, --data x.npz or --data digits")
+        if recipe.batch % self.world.size:
+            raise NetError(
+                f"a batch of {recipe.batch} does not split evenly over {self.world.size} processes",
+                where="--batch",
+                hint=f"use a multiple of {self.world.size}",
+            )
+        self.rank_batch = recipe.batch // self.world.size
+        self.data = self._open_data()
+        self.steps_per_epoch = batches_per_epoch(len(self.data.train), self.rank_batch, self.world.size, drop_last=True)
+        if self.steps_per_epoch < 1:
+            raise NetError(
+                f"the training set has {len(self.data.train)} images, fewer than one batch of {recipe.batch}",
+                where="--batch",
+                hint="use a smaller batch",
+            )
+        if recipe.steps is not None:
+            self.total_steps = recipe.steps
+            self.total_epochs = math.ceil(recipe.steps / self.steps_per_epoch)
+        else:
+            self.total_epochs = recipe.epochs
+            self.total_steps = recipe.epochs * self.steps_per_epoch
+        self.module = GraphModule(
+            self.graph, devices=_device_map(self.graph, devices, self.world), seed=recipe.seed, init=recipe.init
+        )
+        self.names = {id(param): name for name, param in self.module.named_parameters()}
+        self.optimizer = make_optimizer(
+            recipe.optimizer,
+            param_groups(self.module.named_parameters(), list(recipe.lr_mults), list(recipe.decay_mults)),
+            recipe.lr,
+            momentum=recipe.momentum,
+            weight_decay=recipe.weight_decay,
+            nesterov=recipe.nesterov,
+            betas=tuple(recipe.betas),
+            eps=recipe.eps,
+        )
+        self.schedule = Schedule(
+            recipe.schedule,
+            every=recipe.step_epochs,
+            milestones=recipe.milestones,
+            gamma=recipe.gamma,
+            epochs=self.total_epochs,
+            min_factor=recipe.cosine_floor,
+            patience=recipe.patience,
+            max_drops=recipe.max_drops,
+            threshold=recipe.threshold,
+            warmup_epochs=recipe.warmup_epochs,
+        )
+        self.device = next(iter(self.module.devices.values()))
+        self.scaler = torch.amp.GradScaler(self.device.type) if recipe.dtype == "fp16" else None
+        self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self.epoch_sums = [0.0, 0.0, 0.0]  # this epoch so far: loss sum, correct, images
+        self.best: list[list] = []  # [top-1, epoch, checkpoint file name], best first
+        if resume:
+            self._resume()
+        else:  # dropout's masks: a stream of this seed's and rank's own, saved in every checkpoint
+            torch.manual_seed(int(np.random.SeedSequence([recipe.seed, self.world.rank]).generate_state(1)[0]))
+        self.model = self._wrap()
+        self._signal: int | None = None
+
+    # --- set-up -----------------------------------------------------------------------------------
+
+    def _open_data(self) -> DataSplit:
+        recipe = self.recipe
+        channels, height, width = layer(self.graph, self.graph.graph["inputs"][0]).shape
+        if recipe.crop != "auto" and tuple(recipe.crop) != (height, width):
+            raise NetError(
+                f"the crop {recipe.crop[0]} x {recipe.crop[1]} is not the net's input {height} x {width}",
+                where="--crop",
+                hint="the crop is what the net reads: leave it `auto`, or change the net's input",
+            )
+        size = recipe.resize
+        if size == "auto":
+            folder = recipe.data != "digits" and Path(recipe.data).is_dir()
+            size = round(min(height, width) * 256 / 224) if folder else None
+        split = open_data(
+            recipe.data,
+            (channels, height, width),
+            num_outputs=self.classes,
+            size=size,
+            val_fraction=recipe.val_fraction,
+            seed=recipe.seed,
+            std=recipe.std == "auto",
+            skip_corrupt=recipe.skip_corrupt,
+            workers=recipe.workers,
+        )
+        preprocess = split.preprocess
+        if recipe.mean is None:
+            preprocess = replace(preprocess, mean=(0.0,) * channels)
+        elif recipe.mean != "auto":
+            preprocess = replace(preprocess, mean=_per_channel(recipe.mean, channels, "--mean"))
+        if recipe.std is None:
+            preprocess = replace(preprocess, std=None)
+        elif recipe.std != "auto":
+            preprocess = replace(preprocess, std=_per_channel(recipe.std, channels, "--std"))
+        for samples in (split.train, split.val):
+            if samples is not None:
+                samples.preprocess = preprocess
+        augment = replace(split.augment, flip=recipe.flip, pca_noise=recipe.pca_noise)
+        if split.skipped and self.world.leader:
+            self._say(f"skipped {len(split.skipped)} unreadable images (first: {split.skipped[0]})")
+        return replace(split, preprocess=preprocess, augment=augment)
+
+    def _wrap(self) -> torch.nn.Module:
+        """What the step calls: the logits, under DDP when there are several processes, compiled if asked."""
+        model: torch.nn.Module = _Logits(self.module)
+        if self.recipe.channels_last and self.device.type == "cuda":
+            self.module.to(memory_format=torch.channels_last)
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            places = set(self.module.devices.values())
+            one_gpu = len(places) == 1 and self.device.type == "cuda"
+            model = DistributedDataParallel(model, device_ids=[self.device] if one_gpu else None)
+        if self.recipe.compile:
+            model = torch.compile(model)
+        return model
+
+    def _resume(self) -> None:
+        saved = load_checkpoint(self.run.last)
+        state = saved.state
+        if state.get("fingerprint") != fingerprint(self.graph):
+            raise NetError(
+                f"the run was trained on another net ({state.get('net', '?')})",
+                where=str(self.run.path),
+                hint="resume with the net the run was started with",
+            )
+        self.module.load_state_dict({name: value for name, value in saved.weights.items()}, strict=True)
+        load_optimizer_state(self.optimizer, self.names, saved.optimizer)
+        self.schedule.load_state_dict(state["schedule"])
+        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        self.epoch_sums = list(state["epoch_sums"])
+        self.best = [list(entry) for entry in state["best"]]
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        mine = f"rank{self.world.rank}/"
+        if not any(name.startswith(mine) for name in saved.rng):
+            mine = "rank0/"  # a run resumed with more processes than it had: they start from rank 0's state
+        set_rng_states({name[len(mine) :]: value for name, value in saved.rng.items() if name.startswith(mine)})
+        if state.get("world", 1) != self.world.size and self.world.leader:
+            self._say(
+                f"note: the run was started with {state.get('world', 1)} processes and continues with "
+                f"{self.world.size}: the data each process reads from here on differs"
+            )
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def fit(self) -> Summary:
+        started = time.perf_counter()
+        metrics = Metrics(self.run.path / METRICS, keep_until_step=self.step) if self.world.leader else None
+        board = TensorBoard(self.run.path / "tensorboard") if self.world.leader else None
+        if self.world.leader:
+            self._say(self._banner())
+        try:
+            with self._signals():
+                while self.step < self.total_steps:
+                    self._epoch(metrics, board)
+                self._checkpoint(metrics)
+        finally:
+            if board is not None:
+                board.close()
+        best = self.best[0] if self.best else None
+        return Summary(
+            self.epoch,
+            self.step,
+            best[0] if best else None,
+            best[1] if best else None,
+            self.run.path / WEIGHTS,
+            time.perf_counter() - started,
+        )
+
+    def _epoch(self, metrics: Metrics | None, board: TensorBoard | None) -> None:
+        recipe = self.recipe
+        batches = loader(
+            self.data.train,
+            batch=self.rank_batch,
+            seed=recipe.seed,
+            epoch=self.epoch,
+            start_batch=self.batch_in_epoch,
+            augment=self.data.augment,
+            workers=recipe.workers,
+            rank=self.world.rank,
+            world=self.world.size,
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.module.train()
+        window = [0.0, 0.0, 0.0, time.perf_counter()]  # loss sum, correct, images since the last line
+        progress = _Progress(self.stream, len(batches), f"epoch {self.epoch + 1}/{self.total_epochs}", self.world)
+        for x, y in batches:
+            loss, correct = self._train_step(x, y)
+            count = len(y)
+            for sums in (self.epoch_sums, window):
+                sums[0] += loss * count
+                sums[1] += correct
+                sums[2] += count
+            self.batch_in_epoch += 1
+            self.step += 1
+            if self.step % recipe.log_every == 0 or self.step == self.total_steps:
+                self._log_window(window, metrics, board, progress)
+            progress.advance()
+            if self._signal is not None:
+                progress.close()
+                raise StoppedError(self._signal, self.step, self._checkpoint(metrics))
+            if self.step >= self.total_steps:
+                break
+        progress.close()
+        if self.batch_in_epoch < self.steps_per_epoch:
+            return  # the run ends inside this epoch
+        self._end_of_epoch(metrics, board)
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        recipe = self.recipe
+        factor = self.schedule.factor(self.epoch, self.batch_in_epoch, self.steps_per_epoch)
+        set_learning_rate(self.optimizer, recipe.lr * factor)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if recipe.channels_last and self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        before = rng_states()
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            with self._autocast():
+                logits = self.model(x).float().flatten(1)
+            loss = F.cross_entropy(logits, y.to(logits.device), label_smoothing=recipe.label_smoothing)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+        except RuntimeError as error:
+            if self.world.distributed and _collective_failure(error):
+                raise lost_rank_error(error) from None
+            raise
+        finite = bool(torch.isfinite(loss))
+        if finite and self.scaler is None:
+            finite = all(bool(torch.isfinite(p.grad).all()) for p in self.module.parameters() if p.grad is not None)
+        if not finite:
+            self._diverged(x, y, before, loss.item())
+        if recipe.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), recipe.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        correct = int((logits.argmax(dim=1) == y.to(logits.device)).sum())
+        return loss.item(), correct
+
+    def _end_of_epoch(self, metrics: Metrics | None, board: TensorBoard | None) -> None:
+        recipe = self.recipe
+        loss_sum, correct, count = self.world.sum(self.epoch_sums)
+        record = {
+            "kind": "epoch",
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            "train_loss": loss_sum / count,
+            "train_top1": correct / count,
+            "lr": self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_mult", 1.0),
+            "val_loss": None,
+            "val_top1": None,
+            "val_top5": None,
+        }
+        validated = self.data.val is not None and len(self.data.val) and (self.epoch + 1) % recipe.val_every == 0
+        if validated:
+            tally = self.validate()
+            record.update(val_loss=tally.mean_loss, val_top1=tally.accuracy, val_top5=tally.top5_accuracy)
+        ended = self.epoch
+        self.schedule.end_of_epoch(ended, 1.0 - record["val_top1"] if validated else None)
+        improved = validated and self._rank_best(record["val_top1"], ended)
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.epoch_sums = [0.0, 0.0, 0.0]
+        self._checkpoint(metrics, best_epoch=ended if improved else None)
+        if metrics is not None:
+            metrics.add(record)
+            metrics.flush()
+            plot_curves(self.run.path / CURVES, metrics.epochs())
+            board.scalars(self.step, {f"epoch/{key}": value for key, value in record.items() if key != "kind"})
+            self._say(_epoch_line(record, self.total_epochs))
+
+    def validate(self) -> Tally:
+        """Top-1, top-5 and loss on the validation set (each rank a share; summed over ranks)."""
+        self.module.eval()
+        tally = Tally(self.classes)
+        views = self.recipe.views
+        batches = view_loader(
+            self.data.val,
+            views=views,
+            batch=max(1, self.rank_batch // views),
+            workers=self.recipe.workers,
+            rank=self.world.rank,
+            world=self.world.size,
+        )
+        with torch.no_grad(), self._autocast():
+            for x, y in batches:
+                if len(y) == 0:
+                    continue  # this rank's share of the last, short batch
+                x = x.to(self.device)
+                output = self.module(x.flatten(0, 1) if views > 1 else x)
+                tally.add(probabilities(output, self.module.output_is_softmax, views), y)
+        self.module.train()
+        return Tally.from_vector(self.classes, self.world.sum(tally.vector()))
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def _rank_best(self, top1: float, epoch: int) -> bool:
+        """Whether epoch `epoch`'s validation top-1 is among the best `keep_best`; updates the list."""
+        keep = self.recipe.keep_best
+        if keep == 0 or (len(self.best) >= keep and top1 <= self.best[-1][0]):
+            return False
+        self.best.append([top1, epoch, self.run.best(epoch).name])
+        self.best.sort(key=lambda entry: (-entry[0], entry[1]))
+        for _, _, name in self.best[keep:]:
+            (self.run.checkpoints / name).unlink(missing_ok=True)
+        self.best = self.best[:keep]
+        return True
+
+    def _checkpoint(self, metrics: Metrics | None, best_epoch: int | None = None) -> Path:
+        """Writes the last checkpoint (and, when epoch `best_epoch` ranks among the best, a best one), from
+        rank 0; every rank's random state goes in."""
+        every_rank = self.world.gather(rng_states())
+        rng = {f"rank{rank}/{name}": value for rank, states in enumerate(every_rank) for name, value in states.items()}
+        if not self.world.leader:
+            return self.run.last
+        state = {
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "step": self.step,
+            "epoch_sums": self.epoch_sums,
+            "schedule": self.schedule.state_dict(),
+            "best": self.best,
+            "recipe": self.recipe.to_dict(),
+            "fingerprint": fingerprint(self.graph),
+            "net": str(self.net_path),
+            "world": self.world.size,
+            "netdsl": __version__,
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        checkpoint = Checkpoint(
+            {name: value for name, value in self.module.state_dict().items()},
+            optimizer_state_by_name(self.optimizer, self.names),
+            rng,
+            state,
+            self.data.preprocess.to_json(),
+        )
+        best = [self.run.best(best_epoch)] if best_epoch is not None else []
+        save_checkpoint([self.run.last, *best], checkpoint)
+        if not self.best or (best_epoch is not None and self.best[0][1] == best_epoch):
+            # weights.safetensors: the best weights so far, or the last ones while nothing was validated
+            save_weights(
+                self.run.path / WEIGHTS,
+                {name: value.detach().cpu().float().numpy() for name, value in checkpoint.weights.items()},
+                metadata={"netdsl.preprocess": checkpoint.preprocess},
+            )
+        if metrics is not None:
+            metrics.flush()
+        return self.run.last
+
+    def _diverged(self, x: torch.Tensor, y: torch.Tensor, rng: dict, loss: float) -> None:
+        """Stops the run at the first layer (in forward order) whose output or gradient is not finite."""
+        where = first_non_finite(self.module, self.graph, x, y, rng, self._autocast, self.recipe.label_smoothing)
+        last = (
+            f"the last good checkpoint is {self.run.last} (step {self._last_checkpoint_step()})"
+            if self.run.last.is_file()
+            else "no checkpoint was written yet"
+        )
+        raise NetError(
+            f"step {self.step + 1} (epoch {self.epoch + 1}): the loss is {loss}; the first non-finite value is "
+            f"{where}; the step was not applied and training stopped; {last}",
+            where="training",
+            hint=LR_HINT,
+        )
+
+    def _last_checkpoint_step(self) -> int | str:
+        try:
+            return load_checkpoint(self.run.last).state["step"]
+        except NetError:
+            return "?"
+
+    # --- helpers ----------------------------------------------------------------------------------
+
+    def _autocast(self):
+        kind = AUTOCAST.get(self.recipe.dtype)
+        if kind is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=kind)
+
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGINT and SIGTERM end the current step, write a checkpoint and stop (`StoppedError`)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {}
+
+        def handler(signum, frame):
+            if self._signal is not None:  # a second Ctrl-C: the default behaviour
+                signal.signal(signum, previous[signum])
+                signal.raise_signal(signum)
+            self._signal = signum
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, handler)
+        try:
+            yield
+        finally:
+            for signum, old in previous.items():
+                signal.signal(signum, old)
+
+    def _log_window(self, window: list, metrics: Metrics | None, board: TensorBoard | None, progress) -> None:
+        loss_sum, correct, count = self.world.sum(window[:3])
+        seconds = max(time.perf_counter() - window[3], 1e-9)
+        lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_mult", 1.0)
+        record = {
+            "kind": "step",
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            "loss": loss_sum / count,
+            "top1": correct / count,
+            "lr": lr,
+            "images_per_s": count / seconds,
+        }
+        window[:] = [0.0, 0.0, 0.0, time.perf_counter()]
+        if metrics is not None:
+            metrics.add(record)
+            board.scalars(self.step, {"train/loss": record["loss"], "train/top1": record["top1"], "train/lr": lr})
+            progress.show(record)
+
+    def _banner(self) -> str:
+        recipe = self.recipe
+        devices = ", ".join(f"{name}->{device}" for name, device in self.module.devices.items())
+        where = f"{self.world.size} processes" if self.world.distributed else "1 process"
+        val = len(self.data.val) if self.data.val is not None else 0
+        return (
+            f"training {self.graph.graph['name']} ({self.net_path}) on {len(self.data.train):,} images, "
+            f"validating on {val:,}; {len(self.data.classes)} classes; {devices}; {where}\n"
+            f"  {recipe.optimizer} lr {recipe.lr:g}, batch {recipe.batch}, {self.total_epochs} epochs "
+            f"({self.total_steps:,} steps), schedule {recipe.schedule}, {recipe.dtype}; run folder {self.run.path}"
+            + (f"; resuming at step {self.step}" if self.step else "")
+        )
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+
+class _Logits(torch.nn.Module):
+    """The net's class scores (the input of a final softmax): what DDP and torch.compile wrap."""
+
+    def __init__(self, module: GraphModule) -> None:
+        super().__init__()
+        self.net = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.logits(x)
+
+
+class _Progress:
+    """A tqdm bar on a terminal (when tqdm is installed), else a plain line per log interval."""
+
+    def __init__(self, stream: TextIO, total: int, title: str, world: World) -> None:
+        self.stream, self.bar = stream, None
+        if not world.leader:
+            return
+        interactive = hasattr(stream, "isatty") and stream.isatty()
+        if interactive:
+            with contextlib.suppress(ImportError):
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=title, file=stream, leave=False, dynamic_ncols=True)
+        self.title = title
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def show(self, record: dict) -> None:
+        text = (
+            f"loss {record['loss']:.4f}  top-1 {100 * record['top1']:.1f}%  lr {record['lr']:.3g}  "
+            f"{record['images_per_s']:,.0f} img/s"
+        )
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+        else:
+            print(f"{self.title}  step {record['step']:,}  {text}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _epoch_line(record: dict, total: int) -> str:
+    line = (
+        f"epoch {record['epoch']}/{total}  loss {record['train_loss']:.4f}  top-1 {100 * record['train_top1']:.2f}%"
+    )
+    if record["val_top1"] is not None:
+        line += (
+            f"  |  val loss {record['val_loss']:.4f}  top-1 {100 * record['val_top1']:.2f}%  "
+            f"top-5 {100 * record['val_top5']:.2f}%"
+        )
+    return line + f"  |  lr {record['lr']:.3g}"
+
+
+def _per_channel(values, channels: int, flag: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == 1:
+        return values * channels
+    if len(values) != channels:
+        raise NetError(f"{len(values)} values for a net with {channels} input channels", where=flag)
+    return values
+
+
+def _device_map(graph, devices, world: World):
+    """The torch device of each logical device: as given (`--devices`), else every partition on this
+    process's GPU(s) (rank r of a run with k devices per net takes GPUs r*k .. r*k+k-1) or the CPU."""
+    if devices is not None:
+        return devices
+    logical = list(dict.fromkeys(item.device for item in (graph.nodes[n]["layer"] for n in graph.nodes)))
+    if not torch.cuda.is_available():
+        return "cpu"
+    count = torch.cuda.device_count()
+    return {name: f"cuda:{(world.local_rank * len(logical) + i) % count}" for i, name in enumerate(logical)}
+
+
+def _collective_failure(error: RuntimeError) -> bool:
+    text = str(error).lower()
+    return any(word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))

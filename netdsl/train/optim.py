@@ -1,0 +1,172 @@
+"""Optimizers: the AlexNet paper's SGD (and Nesterov's variant), AdamW, and per-layer multipliers.
+
+The paper's update (section 5), per weight w with gradient g of the batch's loss:
+
+    v <- momentum * v - weight_decay * lr * w - lr * g
+    w <- w + v
+
+`torch.optim.SGD` keeps `buf <- momentum * buf + (g + weight_decay * w)` and steps `w <- w - lr * buf`.
+The two agree while lr is constant (v = -lr * buf), and differ once it changes: the paper's velocity
+carries the steps already taken at the old rate, and the new rate scales only new gradients; PyTorch's
+buffer carries old gradients, which the new rate rescales at once (a drop by 10 shrinks the momentum
+that was already built up by 10 too).
+
+Multipliers (Caffe's `lr_mult` / `decay_mult`, cuda-convnet2's `epsW` / `epsB` / `wc`) are glob patterns
+over netdsl's weight names, the last matching pattern winning: `("*.bias", 0)` in the decay
+multipliers is "no weight decay on biases". Each parameter group's `lr` is the rate its parameters
+step with, the group's `lr_mult` already applied (`set_learning_rate` applies it); its weight decay
+is the optimizer's times the group's `decay_mult`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+
+from netdsl.errors import NetError, did_you_mean
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def param_groups(
+    named_params: Iterable[tuple[str, torch.nn.Parameter]],
+    lr_mults: list[tuple[str, float]],
+    decay_mults: list[tuple[str, float]],
+    *,
+    strict: bool = True,
+) -> list[dict]:
+    """Parameter groups by multipliers: `{"params", "names", "lr_mult", "decay_mult"}`, one per distinct
+    (lr_mult, decay_mult) pair, in the order their first parameter comes. A parameter takes the value
+    of the last pattern (fnmatch) that matches its name, 1 when none does; parameters that do not
+    require gradients are left out. `strict`: a pattern that matches no parameter is an error (a typo
+    would otherwise change nothing, silently)."""
+    named = [(name, param) for name, param in named_params if param.requires_grad]
+    names = [name for name, _ in named]
+    for setting, rules in (("lr_mult", lr_mults), ("decay_mult", decay_mults)):
+        for pattern, value in rules:
+            if not (_real(value) and value >= 0):
+                raise NetError(f"{setting} `{pattern}` must be a number >= 0, got {value!r}", where=setting)
+            if strict and not fnmatch.filter(names, pattern):
+                hint = did_you_mean(pattern, names) or (f"weights are named like `{names[0]}`" if names else None)
+                raise NetError(f"{setting} pattern `{pattern}` matches no trainable weight", where=setting, hint=hint)
+    groups: dict[tuple[float, float], dict] = {}
+    for name, param in named:
+        key = (_multiplier(name, lr_mults), _multiplier(name, decay_mults))
+        group = groups.setdefault(key, {"params": [], "names": [], "lr_mult": key[0], "decay_mult": key[1]})
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def _multiplier(name: str, rules: list[tuple[str, float]]) -> float:
+    found = 1.0
+    for pattern, value in rules:
+        if fnmatch.fnmatchcase(name, pattern):
+            found = float(value)
+    return found
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Sets every group's rate to `lr` times its `lr_mult` (what a schedule does before each step)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+
+
+def _with_rates(groups, lr: float) -> list[dict]:
+    """Groups given as dicts keep their own `lr` if they have one, else `lr` times their `lr_mult`; a plain
+    iterable of parameters is one group."""
+    groups = list(groups)
+    if not groups or not isinstance(groups[0], dict):
+        return [{"params": groups, "lr": lr}]
+    return [{**group, "lr": group.get("lr", lr * group.get("lr_mult", 1.0))} for group in groups]
+
+
+def _check(lr: float, momentum: float, weight_decay: float) -> None:
+    if not (_real(lr) and lr > 0):
+        raise NetError(f"the learning rate must be a number > 0, got {lr!r}", where="lr")
+    if not (_real(momentum) and 0 <= momentum < 1):
+        raise NetError(f"the momentum must be at least 0 and below 1, got {momentum!r}", where="momentum")
+    if not (_real(weight_decay) and weight_decay >= 0):
+        raise NetError(f"the weight decay must be a number >= 0, got {weight_decay!r}", where="weight_decay")
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class PaperSGD(torch.optim.Optimizer):
+    """SGD with momentum and weight decay, updated as in the AlexNet paper (the module's docstring).
+
+    State per parameter: `velocity` (v). `nesterov=True`: v as above, then
+    `w <- w + momentum * v - lr * (g + weight_decay * w)` (Sutskever et al. 2013's form; equal to
+    `torch.optim.SGD(nesterov=True)` while lr is constant)."""
+
+    def __init__(
+        self, groups, lr: float, momentum: float = 0.9, weight_decay: float = 0.0005, nesterov: bool = False
+    ) -> None:
+        _check(lr, momentum, weight_decay)
+        if nesterov and momentum == 0:
+            raise NetError("Nesterov momentum needs a momentum above 0", where="nesterov")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "lr_mult": 1.0,
+            "decay_mult": 1.0,
+        }
+        super().__init__(_with_rates(groups, lr), defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            decay = group["weight_decay"] * group["decay_mult"]
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                if w.grad.is_sparse:
+                    raise NetError("PaperSGD does not take sparse gradients", where="optimizer")
+                state = self.state[w]
+                if "velocity" not in state:
+                    state["velocity"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+                v = state["velocity"]
+                v.mul_(momentum).add_(w, alpha=-decay * lr).add_(w.grad, alpha=-lr)
+                if group["nesterov"]:
+                    step = w.grad.add(w, alpha=decay).mul_(-lr).add_(v, alpha=momentum)
+                    w.add_(step)
+                else:
+                    w.add_(v)
+        return loss
+
+
+def make_optimizer(
+    name: str,
+    groups,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0005,
+    nesterov: bool = False,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """`sgd`: `PaperSGD`; `adamw`: `torch.optim.AdamW` with each group's lr (times its `lr_mult`) and
+    weight decay times its `decay_mult` (decoupled: `w <- w - lr * weight_decay * w` before Adam's step).
+    `momentum` and `nesterov` are SGD's; `betas` and `eps` AdamW's."""
+    if name == "sgd":
+        return PaperSGD(groups, lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    if name == "adamw":
+        _check(lr, 0.0, weight_decay)
+        rated = _with_rates(groups, lr)
+        for group in rated:
+            group["weight_decay"] = group.get("weight_decay", weight_decay) * group.get("decay_mult", 1.0)
+        return torch.optim.AdamW(rated, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    hint = did_you_mean(str(name), OPTIMIZERS) or f"optimizers: {', '.join(OPTIMIZERS)}"
+    raise NetError(f"unknown optimizer `{name}`", where="optimizer", hint=hint)

@@ -1,0 +1,181 @@
+"""A run folder: what one training run leaves behind, every file written atomically.
+
+    RUN/
+        recipe.json          the recipe as resolved (each value and where it came from), the net and its fingerprint
+        metrics.jsonl        one JSON line per logged step and per epoch
+        checkpoints/
+            last.ckpt        the newest checkpoint (netdsl.train.checkpoint)
+            best-e0007.ckpt  the best `keep_best` by validation top-1
+        weights.safetensors  the best weights so far (the last ones before any validation), with the preprocessing
+        curves.png           loss, top-1 and learning rate per epoch (with matplotlib installed)
+        tensorboard/         the same as TensorBoard events (with tensorboard installed)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+import networkx as nx
+
+from netdsl.errors import NetError
+from netdsl.files import write_atomic, write_atomic_bytes
+from netdsl.runtime.weights import weight_specs
+
+RECIPE = "recipe.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+LAST = "last.ckpt"
+WEIGHTS = "weights.safetensors"
+CURVES = "curves.png"
+TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{16}$")  # netdsl.files.new_temporary's names
+
+
+def fingerprint(graph: nx.DiGraph) -> str:
+    """What a checkpoint must match to be loaded into a net: the name of every weight and its shape."""
+    specs = sorted((name, list(shape)) for name, shape in weight_specs(graph).items())
+    return hashlib.sha256(json.dumps(specs).encode("utf-8")).hexdigest()
+
+
+class RunFolder:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.checkpoints = self.path / CHECKPOINTS
+        self.last = self.checkpoints / LAST
+
+    def check_new(self) -> None:
+        """A new run must not overwrite an old one."""
+        if self.last.exists():
+            raise NetError(
+                f"{self.path} already holds a training run",
+                where=str(self.path),
+                hint=f"continue it with --resume {self.path}, or give another --out",
+            )
+
+    def create(self, resume: bool) -> None:
+        """Makes the folder (a new run must not overwrite an old one), or checks that a resumed one is there."""
+        if resume:
+            if not self.last.is_file():
+                raise NetError(
+                    f"{self.path} holds no checkpoint to resume from",
+                    where=str(self.path),
+                    hint=f"a run folder has {CHECKPOINTS}/{LAST} once its first checkpoint is written",
+                )
+            return
+        self.check_new()
+        try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise NetError(f"cannot create the run folder: {error.strerror or error}", where=str(self.path)) from None
+        if not os.access(self.checkpoints, os.W_OK):
+            raise NetError("the run folder cannot be written", where=str(self.path), hint="give another --out")
+
+    def write_recipe(self, record: dict) -> None:
+        write_atomic(self.path / RECIPE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    def read_recipe(self) -> dict:
+        try:
+            return json.loads((self.path / RECIPE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise NetError(f"{RECIPE} is missing from the run folder", where=str(self.path)) from None
+        except (OSError, ValueError) as error:
+            raise NetError(f"cannot read {RECIPE}: {error}", where=str(self.path)) from None
+
+    def best(self, epoch: int) -> Path:
+        return self.checkpoints / f"best-e{epoch:04d}.ckpt"
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files a killed run left behind (never the checkpoints themselves)."""
+        for folder in (self.path, self.checkpoints):
+            for stale in folder.glob(".*"):
+                if stale.is_file() and TEMPORARY.match(stale.name):
+                    stale.unlink(missing_ok=True)
+
+
+class Metrics:
+    """metrics.jsonl: appended line by line; the whole file is rewritten atomically at each checkpoint,
+    and on resume only the lines up to the checkpoint's step are kept."""
+
+    def __init__(self, path: Path, keep_until_step: int | None = None) -> None:
+        self.path = path
+        self.lines: list[dict] = []
+        if keep_until_step is not None and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line a killed run left half-written
+                if record.get("step", 0) <= keep_until_step:
+                    self.lines.append(record)
+            self.flush()
+
+    def add(self, record: dict) -> None:
+        self.lines.append(record)
+        with self.path.open("a", encoding="utf-8") as file:
+            file.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def flush(self) -> None:
+        write_atomic(self.path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in self.lines))
+
+    def epochs(self) -> list[dict]:
+        return [line for line in self.lines if line.get("kind") == "epoch"]
+
+
+def plot_curves(path: Path, epochs: list[dict]) -> bool:
+    """Loss, top-1 and learning rate per epoch as a PNG; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+    except ImportError:
+        return False
+    x = [line["epoch"] for line in epochs]
+    figure, (loss, top1, rate) = plt.subplots(1, 3, figsize=(13, 3.6))
+    loss.plot(x, [line["train_loss"] for line in epochs], label="train")
+    top1.plot(x, [line["train_top1"] for line in epochs], label="train")
+    validated = [line for line in epochs if line.get("val_top1") is not None]
+    if validated:
+        loss.plot([line["epoch"] for line in validated], [line["val_loss"] for line in validated], label="validation")
+        top1.plot([line["epoch"] for line in validated], [line["val_top1"] for line in validated], label="validation")
+    rate.plot(x, [line["lr"] for line in epochs])
+    rate.set_yscale("log")
+    for axes, title in ((loss, "loss"), (top1, "top-1 accuracy"), (rate, "learning rate")):
+        axes.set_title(title)
+        axes.set_xlabel("epoch")
+        axes.grid(alpha=0.3)
+    loss.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    write_atomic_bytes(path, buffer.getvalue())
+    return True
+
+
+class TensorBoard:
+    """Scalars for TensorBoard when it is installed; nothing otherwise."""
+
+    def __init__(self, folder: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.writer = None
+            return
+        self.writer = SummaryWriter(str(folder))
+
+    def scalars(self, step: int, values: dict[str, float | None]) -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

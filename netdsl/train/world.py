@@ -1,0 +1,107 @@
+"""The processes of a data-parallel run: who this process is, and the process group they share.
+
+Launched by `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in the environment), each
+process trains one shard of every batch and DistributedDataParallel averages the gradients (gloo on
+the CPU, NCCL on GPUs; several machines through torchrun's rendezvous). Without torchrun there is one
+process and no group. Every collective waits at most `timeout` seconds, so a rank that dies ends the
+others with an error instead of a hang.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from netdsl.errors import NetError
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def leader(self) -> bool:
+        """The process that writes files and prints (rank 0)."""
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls) -> World:
+        if not os.environ.get("WORLD_SIZE"):
+            return cls()
+        missing = [name for name in LAUNCH_VARIABLES if not os.environ.get(name)]
+        if missing:
+            raise NetError(
+                f"WORLD_SIZE is set but `{missing[0]}` is not",
+                where="torchrun",
+                hint="launch with torchrun, which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT",
+            )
+        try:
+            rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            local = int(os.environ.get("LOCAL_RANK", rank))
+        except ValueError:
+            raise NetError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers", where="torchrun") from None
+        if size < 1 or not 0 <= rank < size:
+            raise NetError(f"rank {rank} is outside a world of {size}", where="torchrun")
+        return cls(rank, size, local)
+
+    def join(self, timeout: float) -> None:
+        """Joins the process group (NCCL when this process has a GPU, else gloo)."""
+        if not self.distributed or dist.is_initialized():
+            return
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
+        try:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+        except (RuntimeError, ValueError) as error:
+            raise NetError(f"cannot join the process group: {_first_line(error)}", where="torchrun") from None
+
+    def leave(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over every rank (the values themselves with one process)."""
+        if not self.distributed:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def gather(self, value: object) -> list[object]:
+        """Every rank's `value`, in rank order (a list of one with one process)."""
+        if not self.distributed:
+            return [value]
+        result: list[object] = [None] * self.size
+        dist.all_gather_object(result, value)
+        return result
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def lost_rank_error(error: BaseException) -> NetError:
+    """What a process says when a collective failed: another rank died or stopped answering."""
+    return NetError(
+        f"another process of the run stopped answering ({_first_line(error)})",
+        where="torchrun",
+        hint="look at the other ranks' output for the first error; resume with --resume RUN",
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__

@@ -1,0 +1,131 @@
+"""`netdsl train` under torchrun's environment: two gloo processes on 127.0.0.1, each given half of every
+batch, compute the steps one process computes with the whole batch; a process that dies ends the other
+with a clear error, not a hang.
+
+The processes are started as torchrun starts them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT), without torchrun itself, so that a test can kill one of them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from netdsl.cli.main import main
+from netdsl.train.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+LENET = str(ROOT / "nets" / "lenet5.net")
+TIMEOUT = 120  # seconds for a whole launch: a stuck group is killed, never waited on forever
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(world: int, args: list[str], cwd: Path) -> list[subprocess.Popen]:
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "CUDA_VISIBLE_DEVICES": "",  # gloo on the CPU even on a GPU machine
+            "OMP_NUM_THREADS": "1",
+        }
+        command = [sys.executable, "-m", "netdsl", "train", *args]
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        procs.append(subprocess.Popen(command, cwd=cwd, env=env, text=True, **pipes))
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    deadline = time.monotonic() + TIMEOUT
+    results = []
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((proc.returncode, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+@pytest.fixture
+def digits_like(tmp_path) -> Path:
+    rng = np.random.default_rng(4)
+    path = tmp_path / "d.npz"
+    np.savez(
+        path,
+        x=rng.standard_normal((64, 1, 32, 32)).astype(np.float32),
+        y=rng.integers(0, 10, 64),
+        x_val=rng.standard_normal((10, 1, 32, 32)).astype(np.float32),
+        y_val=rng.integers(0, 10, 10),
+    )
+    return path
+
+
+def _args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        LENET, "--data", str(data), "--batch", "16", "--steps", "6", "--lr", "0.02", "--init", "he",
+        "--mean", "none", "--workers", "0", "--log-every", "2", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def test_two_processes_with_half_batches_equal_one_process(tmp_path, digits_like):
+    """LeNet-5 (no dropout, no batch norm): 6 steps of batch 16, as 2 x 8 and as 1 x 16, with flips and
+    colour noise drawn per image; weights and momentum agree to float32 rounding of the averaged sums."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", *_args(digits_like, one)]) == 0
+    results = _finish(_start(2, _args(digits_like, two), tmp_path))
+    for rank, (code, err) in enumerate(results):
+        assert code == 0, f"rank {rank}:\n{err}"
+    assert "2 processes" in results[0][1] and "epoch" not in results[1][1]  # rank 0 speaks for the run
+    single, double = (load_checkpoint(run / "checkpoints" / "last.ckpt") for run in (one, two))
+    assert single.state["step"] == double.state["step"] == 6
+    for name, value in single.weights.items():
+        np.testing.assert_allclose(double.weights[name].numpy(), value.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+    for name, state in single.optimizer.items():
+        got, want = double.optimizer[name]["velocity"].numpy(), state["velocity"].numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=name)
+    assert any(name.startswith("rank1/") for name in double.rng)  # each rank's random state is kept
+
+
+def test_a_dead_rank_ends_the_run_with_an_error_not_a_hang(tmp_path, digits_like):
+    args = _args(digits_like, tmp_path / "run", "--steps", "100000", "--log-every", "1", "--timeout", "30")
+    procs = _start(2, args, tmp_path)
+    try:
+        deadline = time.monotonic() + 90
+        for line in procs[0].stderr:  # rank 0 is training once it logs a step
+            if " step 2 " in line or time.monotonic() > deadline:
+                break
+        procs[1].send_signal(signal.SIGKILL)
+        started = time.monotonic()
+        code = procs[0].wait(timeout=90)
+        waited = time.monotonic() - started
+        err = procs[0].stderr.read()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert code == 1, err
+    assert "another process of the run stopped answering" in err and "Traceback" not in err
+    assert waited < 60

@@ -1,0 +1,404 @@
+"""`netdsl train`: the loop against a hand-written PyTorch loop, bit-identical resume, checkpoints that
+survive a kill, signals, divergence, and the run folder.
+
+Data sets here are small seeded .npz arrays (float images used as they are: no mean, no crop room), so
+each test runs in seconds; convergence on real data is in test_train_convergence.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from golden.models import build
+
+import netdsl
+from netdsl.cli.main import main
+from netdsl.runtime.weights import init_weights, load_weights
+from netdsl.train.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+LENET = str(ROOT / "nets" / "lenet5.net")
+PLAIN = ("--mean", "none", "--std", "false", "--no-flip", "--pca-noise", "0", "--workers", "0", "--log-every", "1")
+
+# A small net with everything that draws random numbers or keeps state: dropout, batch norm, two towers.
+SMALL = """\
+net small
+device gpu0, gpu1
+input image: 3 x 12 x 12
+
+towers gpu0, gpu1 {
+    c = conv(image, 4, size=3, pad=1) | batchnorm | relu | maxpool(2)
+    f = fc(all c, 8) | relu | dropout(0.5)
+}
+out = fc(all f, 5) on gpu0
+prob = softmax(out)
+output prob
+"""
+
+
+def arrays(path: Path, shape, count: int, classes: int, seed: int, val: int = 8) -> Path:
+    rng = np.random.default_rng(seed)
+    np.savez(
+        path,
+        x=rng.standard_normal((count, *shape)).astype(np.float32),
+        y=rng.integers(0, classes, count),
+        x_val=rng.standard_normal((val, *shape)).astype(np.float32),
+        y_val=rng.integers(0, classes, val),
+    )
+    return path
+
+
+def train(*args: str) -> int:
+    return main(["train", *map(str, args)])
+
+
+def checkpoint_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoints" / "last.ckpt").weights
+
+
+# --- the update rule --------------------------------------------------------------------------------------
+
+
+def test_sgd_steps_equal_a_hand_written_loop_with_a_rate_drop(tmp_path):
+    """Four full-batch steps of the paper's rule (momentum, weight decay, no decay on biases, f7 at twice the
+    rate), the rate divided by 10 after two, against the same steps written out on the hand-written LeNet-5."""
+    data = arrays(tmp_path / "d.npz", (1, 32, 32), 64, 10, seed=1)
+    run = tmp_path / "run"
+    code = train(
+        LENET, "--data", data, "--batch", 64, "--epochs", 4, "--schedule", "step", "--step-epochs", 2,
+        "--gamma", 0.1, "--lr", 0.01, "--momentum", 0.9, "--weight-decay", 0.0005, "--decay-mult", "*.bias=0",
+        "--lr-mult", "f7.*=2", "--init", "he", "--seed", 3, "--keep-best", 0, "--out", run, *PLAIN,
+    )  # fmt: skip
+    assert code == 0
+    got = checkpoint_weights(run)
+
+    with np.load(data) as stored:
+        x, y = torch.from_numpy(stored["x"]), torch.from_numpy(stored["y"])
+    graph = netdsl.load_graph(LENET)
+    model = build("lenet5", init_weights(graph, seed=3, scheme="he"), dtype=torch.float32).train()
+    tensors = model.tensors()
+    velocity = {name: torch.zeros_like(t) for name, t in tensors.items()}
+    for step in range(4):
+        lr = 0.01 * (0.1 if step >= 2 else 1.0)
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            for name, w in tensors.items():
+                rate = lr * (2.0 if name.startswith("f7.") else 1.0)
+                decay = 0.0 if name.endswith(".bias") else 0.0005
+                velocity[name] = 0.9 * velocity[name] - decay * rate * w - rate * w.grad
+                w += velocity[name]
+    for name, want in tensors.items():
+        np.testing.assert_allclose(got[name].numpy(), want.detach().numpy(), rtol=1e-5, atol=1e-7, err_msg=name)
+    start = init_weights(graph, 3, "he")
+    moved = max(float((got[name] - torch.from_numpy(value)).abs().max()) for name, value in start.items())
+    assert moved > 1e-3  # the steps did something
+
+
+# --- resume -------------------------------------------------------------------------------------------------
+
+
+def small_run_args(tmp_path: Path) -> tuple[Path, Path]:
+    net = tmp_path / "small.net"
+    net.write_text(SMALL)
+    data = arrays(tmp_path / "small.npz", (3, 12, 12), 48, 5, seed=7)
+    return net, data
+
+
+def small_train(net, data, out, *extra) -> int:
+    return train(
+        net, "--data", data, "--batch", 8, "--schedule", "step", "--step-epochs", 1, "--gamma", 0.5, "--lr", 0.05,
+        "--seed", 11, "--mean", "auto", "--std", "auto", "--workers", 0, "--log-every", 2, "--out", out, *extra,
+    )  # fmt: skip
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """9 steps in one go == 4 steps, a resume, 5 more: weights, momentum, batch norm statistics, metrics.
+    The steps cross an epoch boundary (6 per epoch), dropout draws masks, flips and colour noise are on."""
+    net, data = small_run_args(tmp_path)
+    straight, parts = tmp_path / "straight", tmp_path / "parts"
+    assert small_train(net, data, straight, "--steps", 9) == 0
+    assert small_train(net, data, parts, "--steps", 4) == 0
+    assert load_checkpoint(parts / "checkpoints" / "last.ckpt").state["step"] == 4
+    assert train("--resume", parts, "--steps", 9) == 0
+    one, two = (load_checkpoint(run / "checkpoints" / "last.ckpt") for run in (straight, parts))
+    assert one.state["step"] == two.state["step"] == 9
+    for name in one.weights:
+        assert torch.equal(one.weights[name], two.weights[name]), name
+    assert one.optimizer.keys() == two.optimizer.keys()
+    for name in one.optimizer:
+        assert torch.equal(one.optimizer[name]["velocity"], two.optimizer[name]["velocity"]), name
+    lines = [
+        [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (straight, parts)
+    ]
+    strip = [[{k: v for k, v in line.items() if k != "images_per_s"} for line in run] for run in lines]
+    assert strip[0] == strip[1]
+    assert any(line["kind"] == "epoch" for line in strip[0])
+
+
+def test_resume_says_what_a_flag_overrides(tmp_path, capsys):
+    net, data = small_run_args(tmp_path)
+    run = tmp_path / "run"
+    assert small_train(net, data, run, "--steps", 2) == 0
+    capsys.readouterr()
+    assert train("--resume", run, "--steps", 3, "--lr", 0.01) == 0
+    err = capsys.readouterr().err
+    assert "lr = 0.01 (--lr; was 0.05)" in err and "the flag wins" in err
+    assert json.loads((run / "recipe.json").read_text())["recipe"]["settings"]["lr"]["value"] == 0.01
+
+
+def test_a_run_folder_is_not_overwritten(tmp_path, capsys):
+    net, data = small_run_args(tmp_path)
+    run = tmp_path / "run"
+    assert small_train(net, data, run, "--steps", 1) == 0
+    before = (run / "checkpoints" / "last.ckpt").read_bytes()
+    assert small_train(net, data, run, "--steps", 1) == 1
+    assert "already holds a training run" in capsys.readouterr().err
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+KILLER = """\
+import os, signal, sys
+import netdsl.train.checkpoint as checkpoint
+from netdsl.files import new_temporary
+
+calls = {"n": 0}
+real = checkpoint.write_atomic_bytes
+
+def write_then_die(path, data):
+    calls["n"] += 1
+    if calls["n"] < int(os.environ["KILL_AT_WRITE"]):
+        return real(path, data)
+    handle, temporary = new_temporary(path)
+    os.write(handle, data[: len(data) // 2])  # half of the new checkpoint is on disk ...
+    os.kill(os.getpid(), signal.SIGKILL)  # ... when the process is killed
+
+checkpoint.write_atomic_bytes = write_then_die
+from netdsl.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_while_writing_a_checkpoint_leaves_the_last_one_loadable(tmp_path):
+    net, data = small_run_args(tmp_path)
+    run = tmp_path / "run"
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILLER)
+    command = [
+        sys.executable, str(driver), "train", str(net), "--data", str(data), "--batch", "8", "--epochs", "3",
+        "--workers", "0", "--keep-best", "0", "--out", str(run),
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, env={**os.environ, "KILL_AT_WRITE": "2"}, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    leftovers = [path.name for path in (run / "checkpoints").iterdir() if path.name.startswith(".")]
+    assert leftovers, "the half-written temporary should be there"
+    saved = load_checkpoint(run / "checkpoints" / "last.ckpt")  # the first epoch's, whole
+    assert saved.state["step"] == 6
+    assert train("--resume", run, "--workers", 0) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt").state["step"] == 18
+    assert not [path for path in (run / "checkpoints").iterdir() if path.name.startswith(".")]
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+    net, data = small_run_args(tmp_path)
+    run = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "netdsl", "train", str(net), "--data", str(data), "--batch", "8", "--epochs", "100000",
+        "--workers", "0", "--log-every", "1", "--out", str(run),
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    seen = []
+    try:
+        deadline = time.monotonic() + 90
+        for line in proc.stderr:
+            seen.append(line)
+            if " step 3 " in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(seen) + rest
+    assert "continue with netdsl train --resume" in rest and "Traceback" not in rest
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt").state["step"] >= 3
+
+
+# --- divergence -------------------------------------------------------------------------------------------
+
+
+def test_a_nan_in_the_data_is_traced_to_the_input(tmp_path, capsys):
+    data = tmp_path / "nan.npz"
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 1, 32, 32)).astype(np.float32)
+    x[5, 0, 3, 4] = np.nan
+    np.savez(data, x=x, y=rng.integers(0, 10, 16), x_val=x[:4] * 0 + 1, y_val=np.arange(4))
+    code = train(LENET, "--data", data, "--batch", 16, "--epochs", 1, "--out", tmp_path / "run", *PLAIN)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "step 1 (epoch 1)" in err and "in the net's input `image`" in err and "Traceback" not in err
+    assert "no checkpoint was written yet" in err
+
+
+def test_a_diverging_rate_stops_at_the_first_bad_layer_and_keeps_the_checkpoint(tmp_path, capsys):
+    """An epoch at a sane rate, then a resume at a rate that blows the weights up within a few steps."""
+    data = arrays(tmp_path / "d.npz", (1, 32, 32), 32, 10, seed=2)
+    run = tmp_path / "run"
+    assert train(LENET, "--data", data, "--batch", 16, "--epochs", 1, "--init", "he", "--out", run, *PLAIN) == 0
+    capsys.readouterr()
+    code = train("--resume", run, "--epochs", 20, "--lr", 1e4, "--workers", 0)
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err[-2000:]
+    message = err[err.index("error:") :]
+    assert "the first non-finite value is in the" in message and "layer `" in message
+    assert "the step was not applied" in message and "lower the learning rate" in message
+    state = load_checkpoint(run / "checkpoints" / "last.ckpt").state
+    assert f"(step {state['step']})" in message
+    weights = checkpoint_weights(run)
+    assert all(bool(torch.isfinite(value).all()) for value in weights.values())
+
+
+# --- the run folder ---------------------------------------------------------------------------------------
+
+
+def test_the_run_folder_holds_what_it_promises(tmp_path):
+    net, data = small_run_args(tmp_path)
+    run = tmp_path / "run"
+    assert small_train(net, data, run, "--epochs", 3, "--keep-best", 2) == 0
+    recipe = json.loads((run / "recipe.json").read_text())
+    assert recipe["recipe"]["settings"]["lr"] == {"value": 0.05, "from": "--lr"}
+    assert recipe["recipe"]["settings"]["momentum"] == {"value": 0.9, "from": "default"}
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in epochs if line["kind"] == "epoch"] == [1, 2, 3]
+    best = sorted(path.name for path in (run / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 2
+    state = load_checkpoint(run / "checkpoints" / "last.ckpt").state
+    assert sorted(entry[2] for entry in state["best"]) == best
+    graph = netdsl.load_graph(net)
+    weights = load_weights(run / "weights.safetensors", graph)  # the best epoch's, a plain weights file
+    top = max(state["best"], key=lambda entry: entry[0])
+    best_weights = load_checkpoint(run / "checkpoints" / top[2]).weights
+    for name, value in weights.items():
+        np.testing.assert_array_equal(value, best_weights[name].numpy())
+    checkpoint_as_weights = load_weights(run / "checkpoints" / "last.ckpt", graph)
+    assert set(checkpoint_as_weights) == set(weights)
+
+
+def test_training_in_bf16_keeps_fp32_master_weights(tmp_path):
+    net, data = small_run_args(tmp_path)
+    run = tmp_path / "run"
+    assert small_train(net, data, run, "--steps", 3, "--dtype", "bf16") == 0
+    weights = checkpoint_weights(run)
+    assert all(value.dtype == torch.float32 and bool(torch.isfinite(value).all()) for value in weights.values())
+
+
+# --- errors -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--data", "no/such/folder"), "no such data folder or file"),
+        (("--data", "DATA", "--lr", "0"), "--lr"),
+        (("--data", "DATA", "--batch", "0"), "--batch"),
+        (("--data", "DATA", "--batch", "100000"), "fewer than one batch"),
+        (("--data", "DATA", "--batch", "8", "--lr-mult", "nothing.*=2"), "matches no trainable weight"),
+        ((), "no training data given"),
+    ],
+)
+def test_mistakes_are_one_clear_error(tmp_path, capsys, extra, message):
+    data = arrays(tmp_path / "d.npz", (1, 32, 32), 16, 10, seed=0)
+    args = [str(data) if arg == "DATA" else arg for arg in extra]
+    code = train(LENET, *args, "--out", tmp_path / "run", "--epochs", 1, *PLAIN)
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_labels_beyond_the_nets_outputs_and_maps_as_outputs_are_refused(tmp_path, capsys):
+    data = arrays(tmp_path / "d.npz", (1, 32, 32), 16, 12, seed=0)
+    assert train(LENET, "--data", data, "--out", tmp_path / "a", *PLAIN) == 1
+    assert "12" in capsys.readouterr().err
+    net = tmp_path / "map.net"
+    net.write_text("net m\ninput image: 1 x 8 x 8\nc = conv(image, 3, size=3)\noutput c\n")
+    assert train(net, "--data", arrays(tmp_path / "e.npz", (1, 8, 8), 8, 3, seed=0), "--out", tmp_path / "b") == 1
+    assert "not one score per class" in capsys.readouterr().err
+
+
+def test_unwritable_run_folder_and_full_disk(tmp_path, capsys, monkeypatch):
+    net, data = small_run_args(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert small_train(net, data, blocker / "run", "--steps", 1) == 1
+    assert "cannot create the run folder" in capsys.readouterr().err
+
+    run = tmp_path / "run"
+    assert small_train(net, data, run, "--epochs", 1) == 0
+    before = (run / "checkpoints" / "last.ckpt").read_bytes()
+    import netdsl.files
+
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(netdsl.files.os, "write", full, raising=True)
+    monkeypatch.setattr(netdsl.files.os, "fdopen", lambda handle, mode: _FullDisk(handle))
+    assert train("--resume", run, "--epochs", 2, "--workers", 0) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    monkeypatch.undo()
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
+    assert not [path for path in (run / "checkpoints").iterdir() if path.name.startswith(".")]
+
+
+class _FullDisk:
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.handle)
+
+    def write(self, data):
+        raise OSError(28, "No space left on device")
+
+
+def test_resuming_another_net_or_a_damaged_checkpoint_is_refused(tmp_path, capsys):
+    net, data = small_run_args(tmp_path)
+    run = tmp_path / "run"
+    assert small_train(net, data, run, "--steps", 2) == 0
+    assert train(LENET, "--resume", run) == 1
+    assert "trained on another net" in capsys.readouterr().err
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])
+    assert train("--resume", run) == 1
+    err = capsys.readouterr().err
+    assert "damaged" in err and "Traceback" not in err
+
+
+def test_check_grads_agrees_with_finite_differences(capsys):
+    assert main(["train", LENET, "--check-grads", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "finite difference" in out and "worst error" in out
+    assert out.count("c1.weight") >= 3 and out.count("f7.bias") >= 3
+
+
+def test_the_python_example_of_docs_training_md_runs(monkeypatch):
+    text = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    (example,) = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    monkeypatch.chdir(ROOT)
+    exec(compile(example, "docs/training.md", "exec"), {"__name__": "docs_example"})
