@@ -63,6 +63,9 @@ def test_the_trained_net_reads_a_digit_image(lenet_run, tmp_path, capsys):
         printed = capsys.readouterr().out
         right += f"top 1: {digits.target[index]}:" in printed
     assert right >= 18
+    assert main(["run", str(ROOT / "nets/lenet5.net"), "--weights", str(lenet_run), "--input", str(path),
+                 "--backend", "torch", "--views", "10", "--top", "1"]) == 0  # fmt: skip
+    assert "top 1: " in capsys.readouterr().out  # ten views of the last image, softmax averaged
 
 
 def test_eval_reports_accuracy_per_class_and_the_confusion_matrix(lenet_run, tmp_path, capsys):

@@ -295,6 +295,8 @@ def test_the_run_folder_holds_what_it_promises(tmp_path):
         np.testing.assert_array_equal(value, best_weights[name].numpy())
     checkpoint_as_weights = load_weights(run / "checkpoints" / "last.ckpt", graph)
     assert set(checkpoint_as_weights) == set(weights)
+    pytest.importorskip("matplotlib")
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_training_in_bf16_keeps_fp32_master_weights(tmp_path):
@@ -402,3 +404,24 @@ def test_the_python_example_of_docs_training_md_runs(monkeypatch):
     (example,) = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
     monkeypatch.chdir(ROOT)
     exec(compile(example, "docs/training.md", "exec"), {"__name__": "docs_example"})
+
+
+def test_a_state_dict_saved_as_safetensors_is_what_netdsl_run_reads(tmp_path):
+    """A user's own loop: the module's state_dict, saved with safetensors, runs with `netdsl run --weights`."""
+    from safetensors.torch import save_file
+
+    from netdsl.runtime.module import GraphModule
+
+    module = GraphModule(netdsl.load_graph(LENET), init="he", seed=5)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(0.01 * torch.randn_like(param))  # a "trained" net: not the initial weights
+    save_file(module.state_dict(), tmp_path / "mine.safetensors")
+    x = np.random.default_rng(1).standard_normal((3, 1, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "y.npy"
+    assert main(["run", LENET, "--weights", str(tmp_path / "mine.safetensors"), "--input", str(tmp_path / "x.npy"),
+                 "--backend", "torch", "--save", str(out)]) == 0  # fmt: skip
+    with torch.no_grad():
+        want = module.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.load(out), want, rtol=1e-5, atol=1e-6)

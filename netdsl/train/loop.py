@@ -104,13 +104,13 @@ class Trainer:
         *,
         devices: dict[str, str] | str | None = None,
         resume: bool = False,
-        stream: TextIO = sys.stderr,
+        stream: TextIO | None = None,
         world: World | None = None,
     ) -> None:
         self.net_path, self.recipe, self.run = Path(net), recipe, run
         self.world = world or World.from_environment()
         self.world.join(recipe.timeout)
-        self.stream = stream
+        self.stream = stream or sys.stderr  # looked up now: a caller may have replaced sys.stderr
         self.graph = load_graph(net)
         self.classes = class_count(self.graph)
         if recipe.data is None:
