@@ -129,3 +129,19 @@ def test_a_dead_rank_ends_the_run_with_an_error_not_a_hang(tmp_path, digits_like
     assert code == 1, err
     assert "another process of the run stopped answering" in err and "Traceback" not in err
     assert waited < 60
+
+
+def test_resume_under_two_processes(tmp_path, digits_like):
+    """A two-process run stopped after 3 steps and resumed by two processes ends as one that ran 6. (The
+    schedule is constant: a cosine one follows the run's planned length, which --steps changes.)"""
+    straight, parts = tmp_path / "straight", tmp_path / "parts"
+    for run, extra in ((straight, ("--schedule", "constant")), (parts, ("--schedule", "constant", "--steps", "3"))):
+        for rank, (code, err) in enumerate(_finish(_start(2, _args(digits_like, run, *extra), tmp_path))):
+            assert code == 0, f"rank {rank}:\n{err}"
+    resume = ["--resume", str(parts), "--steps", "6", "--workers", "0"]
+    for rank, (code, err) in enumerate(_finish(_start(2, resume, tmp_path))):
+        assert code == 0, f"rank {rank}:\n{err}"
+    one, two = (load_checkpoint(run / "checkpoints" / "last.ckpt") for run in (straight, parts))
+    assert one.state["step"] == two.state["step"] == 6
+    for name, value in one.weights.items():
+        np.testing.assert_array_equal(two.weights[name].numpy(), value.numpy(), err_msg=name)

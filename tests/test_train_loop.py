@@ -299,12 +299,16 @@ def test_the_run_folder_holds_what_it_promises(tmp_path):
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_training_in_bf16_keeps_fp32_master_weights(tmp_path):
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_keeps_fp32_master_weights(tmp_path, dtype):
+    """bf16 autocast, and fp16 with loss scaling: the weights stay float32 and finite, and move."""
     net, data = small_run_args(tmp_path)
     run = tmp_path / "run"
-    assert small_train(net, data, run, "--steps", 3, "--dtype", "bf16") == 0
+    assert small_train(net, data, run, "--steps", 3, "--dtype", dtype) == 0
     weights = checkpoint_weights(run)
     assert all(value.dtype == torch.float32 and bool(torch.isfinite(value).all()) for value in weights.values())
+    start = init_weights(netdsl.load_graph(net), seed=11)
+    assert max(float((weights[name] - torch.from_numpy(value)).abs().max()) for name, value in start.items()) > 1e-4
 
 
 # --- errors -----------------------------------------------------------------------------------------------
