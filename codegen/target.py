@@ -300,9 +300,10 @@ def _compile_in_child(requests: Sequence[CompileRequest]) -> list[KernelResource
 def _describe(request: CompileRequest) -> dict[str, Any]:
     """Tell a fresh process how to rebuild the kernel.
 
-    A kernel that refers to no global but Triton's modules (the convention for netdsl kernels) travels as source,
-    so the child never imports the kernel's module and whatever that imports (torch takes seconds). Any other
-    kernel is found again by module and qualified name, or by source file when the module cannot be imported.
+    A kernel whose functions (it and the device functions it calls) name no global but Triton's modules (the
+    convention for netdsl kernels) travels as source, so the child never imports the kernel's module and
+    whatever that imports (torch takes seconds). Any other kernel is found again by module and qualified
+    name, or by source file when the module cannot be imported.
     """
     fn = getattr(request.kernel, "fn", request.kernel)
     return {
@@ -320,20 +321,23 @@ def _describe(request: CompileRequest) -> dict[str, Any]:
 
 
 def _standalone_source(fn: Any) -> str | None:
-    """The kernel as a file of its own, `import` lines first, or None when it needs more than Triton's modules."""
-    imports = ["import triton"]
-    for name in fn.__code__.co_names:
-        value = fn.__globals__.get(name)
-        if value is None:
-            continue  # an attribute name, or a builtin
-        if not isinstance(value, types.ModuleType) or value.__name__.partition(".")[0] != "triton":
-            return None
-        imports.append(f"import {value.__name__} as {name}")
-    source = textwrap.dedent(inspect.getsource(fn))
-    definition = re.search(r"^def ", source, re.MULTILINE)
-    if definition is None:
+    """The kernel and the device functions it calls (`source.device_functions`) as a file of their own,
+    `import` lines first, or None when they need more than Triton's modules."""
+    # Here, not at the top: the child process runs this file by path and must not import the netdsl package.
+    from netdsl.codegen.source import DEVICE_GLOBALS, device_functions
+
+    try:
+        functions = device_functions(fn)
+    except TypeError:
         return None
-    return "\n".join([*dict.fromkeys(imports), "", "", "@triton.jit", source[definition.start() :]])
+    parts = [f"import {module}" + (f" as {name}" if name != module else "") for name, module in DEVICE_GLOBALS.items()]
+    for function in functions:
+        source = textwrap.dedent(inspect.getsource(function))
+        definition = re.search(r"^def ", source, re.MULTILINE)
+        if definition is None:
+            return None
+        parts += ["", "", "@triton.jit", source[definition.start() :].rstrip()]
+    return "\n".join(parts) + "\n"
 
 
 def _load_kernel(description: dict[str, Any], scratch: Path) -> Any:

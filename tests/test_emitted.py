@@ -184,3 +184,18 @@ def test_the_one_kernel_stage_matches_pytorch(tmp_path, monkeypatch):
     weights = {n: _random(s, generator) * 0.2 for n, s in module.WEIGHT_SHAPES.items()}
     got, want = module.launch(inputs, weights), module.reference(inputs, weights)
     assert ((got - want).abs().max() / want.abs().max()).item() <= TOLERANCE["fp32"]
+
+
+def test_a_kernel_with_helpers_travels_to_the_sm90_compile_as_source():
+    """The sm_90 build's child process gets a kernel and its device functions as one file (it need not
+    import torch); a function naming another global would not travel."""
+    from netdsl.codegen import conv
+    from netdsl.codegen.target import _standalone_source
+
+    source = _standalone_source(conv.conv2d_kernel)
+    assert source is not None and source.startswith("import triton\nimport triton.language as tl\n")
+    for name in ("conv2d_kernel", "conv_pixels", "conv_epilogue"):
+        assert f"\n@triton.jit\ndef {name}(" in source
+    namespace: dict = {}
+    exec(compile(source, "standalone.py", "exec"), namespace)  # a file of its own: nothing else needed
+    assert callable(namespace["conv2d_kernel"])
