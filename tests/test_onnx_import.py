@@ -484,6 +484,10 @@ def test_batchnorm(rank, tmp_path):
     shape = ["N", channels, 3, 3] if rank == 4 else ["N", channels]
     text = check(model(nodes, {"x": shape}, inits=stats), tmp_path)
     assert "y = batchnorm(x, eps=0.001)" in text
+    # ONNX's momentum weighs the running value; netdsl's (PyTorch's) the batch's: 0.99 there is 0.01 here
+    nodes = [helper.make_node("BatchNormalization", ["x", "g", "be", "mu", "var"], ["y"], momentum=0.99)]
+    text = check(model(nodes, {"x": shape}, inits=stats), tmp_path)
+    assert "y = batchnorm(x, momentum=0.01)" in text
 
 
 def test_concat_add_sum_dropout_identity_and_two_outputs(tmp_path):

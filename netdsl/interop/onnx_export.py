@@ -225,7 +225,8 @@ def _one_input(item, p: dict, x: str, out: str, node, weight, init, names) -> No
         node("Softmax", [x], out, axis=1)
     elif op == "batchnorm":
         tensors = [weight(item.name, t) for t in ("weight", "bias", "running_mean", "running_var")]
-        node("BatchNormalization", [x, *tensors], out, epsilon=float(p["eps"]))
+        # ONNX's momentum weighs the running value, netdsl's (PyTorch's) the batch's
+        node("BatchNormalization", [x, *tensors], out, epsilon=float(p["eps"]), momentum=1.0 - float(p["momentum"]))
     elif op == "flatten":
         node("Flatten", [x], out, axis=1)
     else:

@@ -510,7 +510,9 @@ class Converter:
         }
         if np.any(weights["running_var"] < 0):
             raise self.fail(f"{where}: the variance has negative values")
-        params = {"eps": _f32(attrs.get("epsilon", 1e-5))}
+        # ONNX keeps momentum of the running value (0.9), netdsl and PyTorch of the batch's (0.1)
+        momentum = 1.0 - float(attrs.get("momentum", 0.9))
+        params = {"eps": _f32(attrs.get("epsilon", 1e-5)), "momentum": round(momentum, 7)}  # float32 digits
         return self.net.add_layer(node.output[0], "batchnorm", params, [x], where, weights)
 
     def op_conv(self, node, where, attrs, inputs):

@@ -113,7 +113,8 @@ def _arguments(op: str, params: dict) -> list[str]:
     if op == "leaky_relu":
         return [_number(p["slope"])]
     if op == "batchnorm":
-        return [] if p["eps"] == 1e-5 else [f"eps={_number(p['eps'])}"]
+        args = [] if p["eps"] == 1e-5 else [f"eps={_number(p['eps'])}"]
+        return args + ([] if p.get("momentum", 0.1) == 0.1 else [f"momentum={_number(p['momentum'])}"])
     return []
 
 
