@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from netdsl.cli.main import main
 from netdsl.train.checkpoint import load_checkpoint
@@ -145,3 +146,26 @@ def test_resume_under_two_processes(tmp_path, digits_like):
     assert one.state["step"] == two.state["step"] == 6
     for name, value in one.weights.items():
         np.testing.assert_array_equal(two.weights[name].numpy(), value.numpy(), err_msg=name)
+
+
+def test_towers_inside_each_process_and_processes_across(tmp_path):
+    """A two-tower net with batch norm and dropout, both towers in each of two processes: it trains, and
+    rank 0's checkpoint keeps every rank's random state (each rank draws dropout masks of its own)."""
+    net = tmp_path / "towers.net"
+    net.write_text(
+        "net towers\ndevice gpu0, gpu1\ninput image: 3 x 12 x 12\n"
+        "towers gpu0, gpu1 {\n    c = conv(image, 4, size=3, pad=1) | batchnorm | relu | maxpool(2)\n"
+        "    f = fc(all c, 8) | relu | dropout(0.5)\n}\nout = fc(all f, 5) on gpu0\noutput out\n"
+    )
+    rng = np.random.default_rng(9)
+    data = tmp_path / "t.npz"
+    np.savez(data, x=rng.standard_normal((32, 3, 12, 12)).astype(np.float32), y=rng.integers(0, 5, 32))
+    args = [str(net), "--data", str(data), "--batch", "8", "--steps", "4", "--workers", "0"]
+    args += ["--out", str(tmp_path / "run")]
+    for rank, (code, err) in enumerate(_finish(_start(2, args, tmp_path))):
+        assert code == 0, f"rank {rank}:\n{err}"
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert saved.state["step"] == 4 and saved.state["world"] == 2
+    assert {name.split("/")[0] for name in saved.rng} == {"rank0", "rank1"}
+    assert not torch.equal(saved.rng["rank0/torch"], saved.rng["rank1/torch"])  # each rank its own dropout masks
+    assert all(bool(torch.isfinite(value).all()) for value in saved.weights.values())
