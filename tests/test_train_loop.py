@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -429,3 +430,32 @@ def test_a_state_dict_saved_as_safetensors_is_what_netdsl_run_reads(tmp_path):
     with torch.no_grad():
         want = module.eval()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(np.load(out), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on a CPU needs a C compiler")
+def test_the_step_under_torch_compile_gives_the_eager_steps(tmp_path, capsys):
+    """LeNet-5 (no dropout: compiled code draws its masks from a generator of its own) under torch.compile
+    steps as eager PyTorch does at batch 4; at batch 16 torch 2.13's CPU compiler computes zero gradients
+    for LeNet-5's convs (its hand-written model too), which the first step's check catches."""
+    data = arrays(tmp_path / "d.npz", (1, 32, 32), 32, 10, seed=8)
+    runs = {mode: tmp_path / mode for mode in ("eager", "compiled")}
+    for mode, run in runs.items():
+        extra = ("--compile",) if mode == "compiled" else ()
+        assert train(LENET, "--data", data, "--batch", 4, "--steps", 3, "--out", run, *PLAIN, *extra) == 0
+    want, got = (checkpoint_weights(run) for run in runs.values())
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name].numpy(), value.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
+    # Whatever the compiler does at batch 16, netdsl never trains through wrong gradients: the run either
+    # steps as eager PyTorch does, or stops at the first step saying why.
+    capsys.readouterr()
+    big = {mode: tmp_path / f"big_{mode}" for mode in ("eager", "compiled")}
+    assert train(LENET, "--data", data, "--batch", 16, "--steps", 1, "--out", big["eager"], *PLAIN) == 0
+    code = train(LENET, "--data", data, "--batch", 16, "--steps", 1, "--out", big["compiled"], "--compile", *PLAIN)
+    err = capsys.readouterr().err
+    if code == 0:
+        want, got = (checkpoint_weights(run) for run in big.values())
+        for name, value in want.items():
+            np.testing.assert_allclose(got[name].numpy(), value.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
+    else:
+        assert code == 1 and "--compile: error: torch.compile computed gradients" in err, err

@@ -206,6 +206,9 @@ class GraphModule(torch.nn.Module):
         copies: dict[str, dict[torch.device, torch.Tensor]] = {}  # a value on the other devices that read it
         devices = self.devices
         final = plan.outputs[0] if logits and plan.softmax_output else None
+        # Every weight by name, gathered the way torch.compile follows (a tensor reached through the plan's
+        # own dicts would be compiled in as a constant, and its gradient lost).
+        stored = {**dict(self.named_parameters()), **dict(self.named_buffers())}
         with _tf32(plan.tf32):
             for item, spent in zip(plan.layers, plan.spent):
                 device = devices[item.device]
@@ -218,8 +221,7 @@ class GraphModule(torch.nn.Module):
                 if item.name == final:
                     values[item.name] = apply("concat", {}, inputs, {})  # a softmax's input, joined
                     continue
-                scope = plan.scopes.get(item.name)
-                tensors = {name: _tensor(scope, name) for name in plan.tensors.get(item.name, ())}
+                tensors = {name: stored[f"{item.name}.{name}"] for name in plan.tensors.get(item.name, ())}
                 if self.training and item.op == "batchnorm":
                     _check_batch_statistics(item, inputs)
                 values[item.name] = apply(item.op, item.params, inputs, tensors, training=self.training)

@@ -172,6 +172,12 @@ class Trainer:
         else:  # dropout's masks: a stream of this seed's and rank's own, saved in every checkpoint
             torch.manual_seed(int(np.random.SeedSequence([recipe.seed, self.world.rank]).generate_state(1)[0]))
         self.model = self._wrap()
+        # torch.compile's gradients are compared with eager PyTorch's once, on the first step, where the
+        # two can be compared: one process (DDP averages the compiled ones) and no dropout (compiled code
+        # draws its masks from a generator of its own)
+        self._unchecked_compile = recipe.compile and not self.world.distributed and not any(
+            self.graph.nodes[name]["layer"].op == "dropout" for name in self.graph.nodes
+        )
         self._signal: int | None = None
 
     # --- set-up -----------------------------------------------------------------------------------
@@ -352,6 +358,8 @@ class Trainer:
             finite = all(bool(torch.isfinite(p.grad).all()) for p in self.module.parameters() if p.grad is not None)
         if not finite:
             self._diverged(x, y, before, loss.item())
+        if self._unchecked_compile:
+            self._check_compiled_gradients(x, y, before)
         if recipe.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), recipe.clip_grad)
         if self.scaler is not None:
@@ -361,6 +369,32 @@ class Trainer:
             self.optimizer.step()
         correct = int((logits.argmax(dim=1) == y.to(logits.device)).sum())
         return loss.item(), correct
+
+    def _check_compiled_gradients(self, x: torch.Tensor, y: torch.Tensor, rng: dict) -> None:
+        """The compiled step's gradients against the same step in eager PyTorch (same weights, batch and random
+        state): a compiler that computes other gradients would train the net wrongly and silently."""
+        self._unchecked_compile = False
+        params = list(self.module.named_parameters())
+        compiled = {name: param.grad.clone() for name, param in params if param.grad is not None}
+        saved = rng_states()
+        set_rng_states(rng)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            logits = self.module.logits(x).float().flatten(1)
+        F.cross_entropy(logits, y.to(logits.device), label_smoothing=self.recipe.label_smoothing).backward()
+        set_rng_states(saved)
+        for name, param in params:
+            eager = param.grad
+            got = compiled.get(name)
+            scale = max(float(eager.abs().max()), 1e-12) if eager is not None else 1.0
+            if eager is None or got is None or float((got - eager).abs().max()) > 1e-3 * scale:
+                raise NetError(
+                    f"torch.compile computed gradients for `{name}` that differ from eager PyTorch's on the "
+                    "first step: training under it would be wrong",
+                    where="--compile",
+                    hint=f"train without --compile (and report it to PyTorch: torch {torch.__version__})",
+                )
+            param.grad = got  # the step goes on with the compiled gradients, which agree
 
     def _end_of_epoch(self, metrics: Metrics | None, board: TensorBoard | None) -> None:
         recipe = self.recipe
