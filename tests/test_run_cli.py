@@ -75,6 +75,14 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys, make, args, message):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu", "hip:0", "vulkan", "xla"])
+def test_devices_netdsl_does_not_run_on_are_named(capsys, device):
+    assert main(["run", LENET, "--backend", "torch", "--devices", f"gpu0={device}"]) == 1
+    err = capsys.readouterr().err
+    assert "--devices: error:" in err and "Traceback" not in err and "internal error" not in err
+    assert "netdsl runs on cpu and cuda devices" in err or "is not a torch device" in err
+
+
 def test_nan_input_is_refused(tmp_path, capsys):
     path = tmp_path / "nan.npy"
     array = np.ones((1, 1, 32, 32), np.float32)

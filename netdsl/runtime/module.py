@@ -36,6 +36,7 @@ from netdsl.codegen.reference import apply
 from netdsl.errors import NetError
 from netdsl.ir import Layer, layers
 from netdsl.ir.ops import OPS, layer_tensors
+from netdsl.runtime.devices import map_devices
 from netdsl.runtime.weights import init_weights, weight_specs
 
 DTYPES = (torch.float32, torch.float64)
@@ -99,7 +100,8 @@ class GraphModule(torch.nn.Module):
         if weights is None:
             weights = init_weights(graph, seed=seed, scheme=init)
         values = _checked_weights(weights, specs)
-        placed = _map_devices(graph, items, devices)
+        used = list(dict.fromkeys(item.device for item in items))
+        placed = map_devices(used, devices, declared=graph.graph.get("devices", {}), spread=False)
         outputs = list(graph.graph["outputs"])
         last = graph.nodes[outputs[0]]["layer"] if len(outputs) == 1 else None
         computed = [item for item in items if item.op != "input"]
@@ -346,32 +348,6 @@ def _checked_weights(weights: Mapping[str, object], specs: dict[str, tuple[int, 
             raise NetError(f"weight `{name}` has dtype {tensor.dtype}, not a real number type", where="weights")
         tensors[name] = tensor
     return tensors
-
-
-def _map_devices(graph: nx.DiGraph, items: list[Layer], devices) -> dict[str, torch.device]:
-    used = list(dict.fromkeys(item.device for item in items))
-    declared = set(graph.graph.get("devices", {})) | set(used)
-    if devices is None or isinstance(devices, (str, torch.device)):
-        devices = dict.fromkeys(used, "cpu" if devices is None else devices)
-    unknown = [name for name in devices if name not in declared]
-    if unknown:
-        raise NetError(f"the net has no device `{unknown[0]}`", where="devices", hint=f"its devices: {', '.join(used)}")
-    missing = [name for name in used if name not in devices]
-    if missing:
-        raise NetError(
-            f"no torch device given for the net's device `{missing[0]}`",
-            where="devices",
-            hint=f"map every one of {', '.join(used)}, e.g. {{'{missing[0]}': 'cuda:0'}}",
-        )
-    mapped = {}
-    for name in used:
-        try:
-            mapped[name] = torch.device(devices[name])
-        except (RuntimeError, TypeError) as error:
-            raise NetError(f"`{devices[name]}` is not a torch device: {error}", where="devices") from None
-        if mapped[name].type == "cuda" and not torch.cuda.is_available():
-            raise NetError(f"device `{name}` is mapped to {mapped[name]}, but CUDA is not available", where="devices")
-    return mapped
 
 
 def _check_batch_statistics(item: Layer, inputs: list[torch.Tensor]) -> None:

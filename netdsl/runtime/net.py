@@ -52,6 +52,7 @@ from netdsl.errors import NetError
 from netdsl.ir.dtypes import DTYPES, torch_dtype
 from netdsl.ir.limits import check_memory
 from netdsl.ir.ops import layer_tensors
+from netdsl.runtime.devices import map_devices
 from netdsl.runtime.module import GraphModule
 from netdsl.runtime.weights import fold_weights, init_weights, load_weights, weight_specs
 
@@ -109,7 +110,7 @@ class Net:
         self._roots = {name: self.program.graph["views"].get(name, name) for name in self._steps}
         self._buffers = self.program.graph["buffers"]
         self._arena_elements: dict[str, int] = self.program.graph["arena"]
-        self.devices = self._map_devices(devices)
+        self.devices = map_devices(list(self._partitions), devices)
         # A step whose output another device reads records an event for it (used with CUDA streams).
         self._signals = {
             name
@@ -150,41 +151,6 @@ class Net:
         self.load_weights(self._default_weights(seed) if weights is None else weights)
 
     # --- set-up -----------------------------------------------------------------------------------
-
-    def _map_devices(self, devices: Mapping[str, str] | str | None) -> dict[str, torch.device]:
-        logical = list(self._partitions)
-        if isinstance(devices, (str, torch.device)):  # every partition on one device
-            devices = dict.fromkeys(logical, str(devices))
-        if devices is None:
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if count == 0:
-                return {name: torch.device("cpu") for name in logical}
-            return {name: torch.device(f"cuda:{i % count}") for i, name in enumerate(logical)}
-        unknown = [name for name in devices if name not in logical]
-        if unknown:
-            raise NetError(
-                f"the net has no device `{unknown[0]}`",
-                where="devices",
-                hint=f"its devices: {', '.join(logical)}",
-            )
-        missing = [name for name in logical if name not in devices]
-        if missing:
-            raise NetError(
-                f"no torch device given for the net's device `{missing[0]}`",
-                where="devices",
-                hint=f"map every one of {', '.join(logical)}, e.g. {{'{missing[0]}': 'cuda:0'}}",
-            )
-        mapped = {}
-        for name in logical:
-            try:
-                mapped[name] = torch.device(devices[name])
-            except (RuntimeError, TypeError) as error:
-                raise NetError(f"`{devices[name]}` is not a torch device: {error}", where="devices") from None
-            if mapped[name].type == "cuda" and not torch.cuda.is_available():
-                raise NetError(
-                    f"device `{name}` is mapped to {mapped[name]}, but CUDA is not available", where="devices"
-                )
-        return mapped
 
     def _check_triton_runnable(self) -> None:
         on_cpu = [name for name, device in self.devices.items() if device.type != "cuda"]

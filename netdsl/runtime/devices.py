@@ -1,0 +1,59 @@
+"""Logical devices to torch devices: `gpu0=cuda:0,gpu1=cuda:1`, one device for all, or a default."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from netdsl.errors import NetError
+
+SUPPORTED = ("cpu", "cuda")  # what the kernels and the reference ops run on
+
+
+def map_devices(
+    logical: list[str],
+    devices: Mapping[str, str | torch.device] | str | torch.device | None,
+    *,
+    declared: Iterable[str] = (),
+    spread: bool = True,
+) -> dict[str, torch.device]:
+    """Each of the net's `logical` devices (those with layers) -> a torch device.
+
+    `devices` maps them (every one of them; a name in `declared`, a device the net declares but puts
+    nothing on, may be mapped too), or is one device for all; None: with `spread`, one GPU each (round
+    robin) when there are GPUs, else the CPU; without, the CPU."""
+    if isinstance(devices, (str, torch.device)):
+        devices = dict.fromkeys(logical, devices)
+    if devices is None:
+        count = torch.cuda.device_count() if spread and torch.cuda.is_available() else 0
+        return {name: torch.device(f"cuda:{i % count}" if count else "cpu") for i, name in enumerate(logical)}
+    known = set(logical) | set(declared)
+    unknown = [name for name in devices if name not in known]
+    if unknown:
+        hint = f"its devices: {', '.join(logical)}"
+        raise NetError(f"the net has no device `{unknown[0]}`", where="devices", hint=hint)
+    missing = [name for name in logical if name not in devices]
+    if missing:
+        raise NetError(
+            f"no torch device given for the net's device `{missing[0]}`",
+            where="devices",
+            hint=f"map every one of {', '.join(logical)}, e.g. {{'{missing[0]}': 'cuda:0'}}",
+        )
+    return {name: _torch_device(name, devices[name]) for name in logical}
+
+
+def _torch_device(name: str, given: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(given)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise NetError(f"`{given}` is not a torch device: {error}", where="devices") from None
+    if device.type not in SUPPORTED:
+        raise NetError(
+            f"device `{name}` is mapped to {device}: netdsl runs on {' and '.join(SUPPORTED)} devices",
+            where="devices",
+            hint="map it to cpu or cuda:N",
+        )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NetError(f"device `{name}` is mapped to {device}, but CUDA is not available", where="devices")
+    return device
