@@ -513,3 +513,22 @@ def test_a_layer_can_choose_its_own_initial_weights():
         assert np.all(weights["a.bias"] == np.float32(0.25)) and np.all(weights["b.bias"] == -1)
         assert np.all(weights["c.bias"] == 0)  # what the scheme says
     assert abs(float(init_weights(graph, scheme="paper")["c.weight"].std()) - 0.01) < 0.002
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_weights_with_nan_or_inf_are_refused_with_the_tensors_name(tmp_path, capsys, bad):
+    from netdsl.cli.main import main
+    from netdsl.runtime.module import GraphModule
+
+    lenet = NETS / "lenet5.net"
+    weights = init_weights(netdsl.load_graph(lenet), seed=1, scheme="he")
+    weights["f6.bias"][3] = bad
+    what = "NaN" if np.isnan(bad) else "infinite values"
+    with pytest.raises(NetError, match=f"weight `f6.bias` holds {what}"):
+        netdsl.load(lenet, weights=weights)
+    with pytest.raises(NetError, match=f"weight `f6.bias` holds {what}"):
+        GraphModule(netdsl.load_graph(lenet), weights=weights)
+    save_weights(tmp_path / "bad.safetensors", weights)
+    assert main(["run", str(lenet), "--weights", str(tmp_path / "bad.safetensors"), "--backend", "torch"]) == 1
+    err = capsys.readouterr().err
+    assert f"--weights: error: weight `f6.bias` holds {what}" in err and "Traceback" not in err

@@ -24,7 +24,6 @@ layer `a.weight` with a bias).
 from __future__ import annotations
 
 import contextlib
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -37,7 +36,7 @@ from netdsl.errors import NetError
 from netdsl.ir import Layer, layers
 from netdsl.ir.ops import OPS, layer_tensors
 from netdsl.runtime.devices import map_devices
-from netdsl.runtime.weights import init_weights, weight_specs
+from netdsl.runtime.weights import checked_weights, init_weights, weight_specs
 
 DTYPES = (torch.float32, torch.float64)
 # Names a module's own code assigns to after construction or keeps its state under.
@@ -99,7 +98,7 @@ class GraphModule(torch.nn.Module):
         _check_names(specs, items)
         if weights is None:
             weights = init_weights(graph, seed=seed, scheme=init)
-        values = _checked_weights(weights, specs)
+        values = checked_weights(weights, specs)
         used = list(dict.fromkeys(item.device for item in items))
         placed = map_devices(used, devices, declared=graph.graph.get("devices", {}), spread=False)
         outputs = list(graph.graph["outputs"])
@@ -316,38 +315,6 @@ def _check_names(specs: dict[str, tuple[int, ...]], items: list[Layer]) -> None:
                     where="graph",
                     hint=f"rename layer `{owner[name]}`",
                 )
-
-
-def _checked_weights(weights: Mapping[str, object], specs: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    if not isinstance(weights, Mapping):
-        raise NetError(f"weights must be a dict of name -> tensor, got {type(weights).__name__}", where="weights")
-    unknown = sorted(set(weights) - set(specs))
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], list(specs), n=1)
-        raise NetError(
-            f"the net has no weight `{unknown[0]}`",
-            where="weights",
-            hint=f"did you mean `{close[0]}`?" if close else "weights are named `<layer>.<tensor>`",
-        )
-    missing = [name for name in specs if name not in weights]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if missing[1:] else ""
-        raise NetError(f"weight `{missing[0]}` is missing{more}", where="weights")
-    tensors = {}
-    for name, shape in specs.items():
-        value = weights[name]
-        try:
-            tensor = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise NetError(f"weight `{name}` is not a tensor: {error}", where="weights") from None
-        if tuple(tensor.shape) != tuple(shape):
-            raise NetError(
-                f"weight `{name}` has shape {_fmt(tensor.shape)}, the net needs {_fmt(shape)}", where="weights"
-            )
-        if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
-            raise NetError(f"weight `{name}` has dtype {tensor.dtype}, not a real number type", where="weights")
-        tensors[name] = tensor
-    return tensors
 
 
 def _check_batch_statistics(item: Layer, inputs: list[torch.Tensor]) -> None:

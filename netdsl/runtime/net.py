@@ -26,7 +26,6 @@
 from __future__ import annotations
 
 import contextlib
-import difflib
 import itertools
 import math
 import os
@@ -54,7 +53,7 @@ from netdsl.ir.limits import check_memory
 from netdsl.ir.ops import layer_tensors
 from netdsl.runtime.devices import map_devices
 from netdsl.runtime.module import GraphModule
-from netdsl.runtime.weights import fold_weights, init_weights, load_weights, weight_specs
+from netdsl.runtime.weights import checked_weights, fold_weights, init_weights, load_weights, weight_specs
 
 BACKENDS = ("torch", "triton")
 WEIGHTED_OPS = ("conv", "fc", "batchnorm")  # the ops whose weights a step takes (from its first such layer)
@@ -197,38 +196,8 @@ class Net:
         folds batch norms into the convs that absorbed them and puts each step's weights on its device."""
         if isinstance(weights, (str, Path)):
             weights = load_weights(weights, self.layer_graph)
-        if not isinstance(weights, Mapping):
-            raise NetError(f"weights must be a dict of name -> tensor, got {type(weights).__name__}", where="weights")
-        unknown = sorted(set(weights) - set(self.weight_shapes))
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], list(self.weight_shapes), n=1)
-            more = f" (and {len(unknown) - 1} more unknown)" if unknown[1:] else ""
-            raise NetError(
-                f"the net has no weight `{unknown[0]}`{more}",
-                where="weights",
-                hint=f"did you mean `{close[0]}`?" if close else "weights are named `<layer>.<tensor>`",
-            )
-        missing = [name for name in self.weight_shapes if name not in weights]
-        if missing:
-            raise NetError(
-                f"weight `{missing[0]}` is missing" + (f" (and {len(missing) - 1} more)" if missing[1:] else ""),
-                where="weights",
-                hint=f"it has shape {_fmt(self.weight_shapes[missing[0]])}",
-            )
-        tensors: dict[str, torch.Tensor] = {}
-        for name, shape in self.weight_shapes.items():
-            value = weights[name]
-            try:
-                tensor = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
-            except (TypeError, ValueError, RuntimeError) as error:
-                raise NetError(f"weight `{name}` is not a tensor: {error}", where="weights") from None
-            if tuple(tensor.shape) != tuple(shape):
-                raise NetError(
-                    f"weight `{name}` has shape {_fmt(tensor.shape)}, the net needs {_fmt(shape)}", where="weights"
-                )
-            if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
-                raise NetError(f"weight `{name}` has dtype {tensor.dtype}, not a real number type", where="weights")
-            tensors[name] = tensor.detach().to("cpu", torch.float64)
+        checked = checked_weights(weights, self.weight_shapes)
+        tensors = {name: tensor.to("cpu", torch.float64) for name, tensor in checked.items()}
         self._graphs.clear()  # captured graphs read the old weight tensors
         folded = fold_weights(self.layer_graph, {name: tensor.numpy() for name, tensor in tensors.items()})
         self._step_weights = {

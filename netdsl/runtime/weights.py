@@ -351,3 +351,51 @@ def fold_weights(graph: nx.DiGraph, weights: Mapping[str, np.ndarray]) -> dict[s
             own["weight"], own["bias"] = fold_batchnorm(own["weight"], own.get("bias"), bn, eps)
         result.update({f"{item.name}.{name}": value for name, value in own.items()})
     return result
+
+
+def checked_weights(weights, specs: Mapping[str, Shape]) -> dict:
+    """Weights given in memory (`name -> tensor or array`) checked against `specs` (`weight_specs(graph)`):
+    every name known and present, every shape right, numbers that are real and finite. Returns them as torch
+    tensors (detached, where they were), in the order of `specs`; NetError (where: weights) otherwise."""
+    import torch
+
+    if not isinstance(weights, Mapping):
+        raise NetError(f"weights must be a dict of name -> tensor, got {type(weights).__name__}", where="weights")
+    unknown = sorted(set(weights) - set(specs))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(specs), n=1)
+        more = f" (and {len(unknown) - 1} more unknown)" if unknown[1:] else ""
+        raise NetError(
+            f"the net has no weight `{unknown[0]}`{more}",
+            where="weights",
+            hint=f"did you mean `{close[0]}`?" if close else "weights are named `<layer>.<tensor>`",
+        )
+    missing = [name for name in specs if name not in weights]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if missing[1:] else ""
+        raise NetError(
+            f"weight `{missing[0]}` is missing{more}", where="weights", hint=f"it has shape {_shape(specs[missing[0]])}"
+        )
+    tensors = {}
+    for name, shape in specs.items():
+        value = weights[name]
+        try:
+            tensor = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise NetError(f"weight `{name}` is not a tensor: {error}", where="weights") from None
+        if tuple(tensor.shape) != tuple(shape):
+            raise NetError(
+                f"weight `{name}` has shape {_shape(tuple(tensor.shape))}, the net needs {_shape(shape)}",
+                where="weights",
+            )
+        if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
+            raise NetError(f"weight `{name}` has dtype {tensor.dtype}, not a real number type", where="weights")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = "NaN" if bool(torch.isnan(tensor).any()) else "infinite values"
+            raise NetError(
+                f"weight `{name}` holds {bad}",
+                where="weights",
+                hint="the weights are damaged, or were saved from a training run that diverged",
+            )
+        tensors[name] = tensor
+    return tensors
