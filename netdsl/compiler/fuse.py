@@ -18,7 +18,7 @@ import networkx as nx
 
 from netdsl.codegen.limits import MAX_CHANNELS_PER_GROUP
 from netdsl.compiler.cost import stage_fusion_wins
-from netdsl.compiler.steps import Step, identifier
+from netdsl.compiler.steps import Step, identifier, unique_name
 from netdsl.ir import Layer, layer, layers
 
 ACTIVATIONS = {"relu", "leaky_relu"}
@@ -36,7 +36,6 @@ def fuse(graph: nx.DiGraph, batch: int = 1, dtype: str = "fp32") -> nx.DiGraph:
             continue
         group, kind, options = _match(graph, item, batch, dtype)
         step = Step(_step_name(group, kind, options, names), kind, group, [], item.device, group[-1].shape, options)
-        names.add(step.name)
         for member in group:
             claimed[member.name] = step.name
         steps.append(step)
@@ -154,9 +153,4 @@ def _step_name(group: list[Layer], kind: str, options: dict, taken: set[str]) ->
             *(["bias"] if options.get("bias") else []),
         ]
         what += [m.op for m in group[1:]]
-    name = identifier(f"{base}_{group[0].device}_{'_'.join(what)}")
-    unique, number = name, 1
-    while unique in taken:
-        number += 1
-        unique = f"{name}_{number}"
-    return unique
+    return unique_name(identifier(f"{base}_{group[0].device}_{'_'.join(what)}"), taken)

@@ -12,13 +12,14 @@ from dataclasses import replace
 
 import networkx as nx
 
-from netdsl.compiler.steps import Step, identifier
+from netdsl.compiler.steps import Step, identifier, unique_name
 
 
 def place(program: nx.DiGraph) -> nx.DiGraph:
     result = nx.DiGraph()
     result.graph.update(program.graph)
     copies: dict[tuple[str, str], str] = {}  # (producer, device) -> transfer step
+    taken = set(program.nodes)  # the names of new steps are made unique against every step's
     for name in nx.lexicographical_topological_sort(program, key=_order(program)):
         step: Step = program.nodes[name]["step"]
         inputs = []
@@ -30,7 +31,7 @@ def place(program: nx.DiGraph) -> nx.DiGraph:
             key = (source_name, step.device)
             if key not in copies and source.kind == "input":  # inputs are uploaded to every device reading them
                 replica = Step(
-                    identifier(f"{source.first.name}_{step.device}_input"),
+                    unique_name(identifier(f"{source.first.name}_{step.device}_input"), taken),
                     "input",
                     source.layers,
                     [],
@@ -42,7 +43,7 @@ def place(program: nx.DiGraph) -> nx.DiGraph:
                 result.add_node(replica.name, step=replica)
             if key not in copies:
                 transfer = Step(
-                    f"{source_name}_to_{step.device}",
+                    unique_name(identifier(f"{source_name}_to_{step.device}"), taken),
                     "transfer",
                     source.layers[-1:],
                     [source_name],

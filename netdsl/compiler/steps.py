@@ -39,3 +39,15 @@ def identifier(text: str) -> str:
     """A safe Python identifier made only of ASCII letters, digits and underscores."""
     text = re.sub(r"[^A-Za-z0-9_]+", "_", text).strip("_") or "step"
     return text if not text[0].isdigit() else f"k_{text}"
+
+
+def unique_name(base: str, taken: set[str]) -> str:
+    """`base`, or `base_2`, `base_3`, ... : the first that no step of the program has yet; added to `taken`.
+    Every name a pass makes goes through here, so two things never share a name, whatever the names the
+    net's layers and devices have (joined with `_`, `a` on device `b_c` and `a_b` on `c` read alike)."""
+    name, number = base, 1
+    while name in taken:
+        number += 1
+        name = f"{base}_{number}"
+    taken.add(name)
+    return name
