@@ -57,6 +57,25 @@ def add_commands(commands, positive) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    """`netdsl train`. Under torchrun a process ends with `os._exit` once its output is flushed: every
+    file is written and every collective done by then, and the process group's threads, torn down while
+    another rank exits or has died, abort the interpreter's exit ("terminate called without an active
+    exception") and would turn a clean status into a crash."""
+    from netdsl.train.world import World
+
+    if not World.from_environment().distributed:
+        return _train(args)
+    try:
+        code = _train(args)
+    except NetError as error:
+        print(error.format(), file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _train(args: argparse.Namespace) -> int:
     from netdsl.cli.run import parse_devices
     from netdsl.lang.frontend import load_graph, load_recipe
     from netdsl.train.loop import StoppedError, Trainer
@@ -104,8 +123,6 @@ def train_command(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return 128 + stop.signum
-    finally:
-        trainer.world.leave()
     if leader:
         best = (
             f"; best validation top-1 {100 * summary.best_top1:.2f}% (epoch {summary.best_epoch + 1})"

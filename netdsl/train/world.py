@@ -68,10 +68,6 @@ class World:
         except (RuntimeError, ValueError) as error:
             raise NetError(f"cannot join the process group: {_first_line(error)}", where="torchrun") from None
 
-    def leave(self) -> None:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sums over every rank (the values themselves with one process)."""
         if not self.distributed:
