@@ -59,3 +59,14 @@ def write_array(path: Path, array) -> None:
     buffer = io.BytesIO()
     np.save(buffer, array)
     write_atomic_bytes(path, buffer.getvalue())
+
+
+def write_arrays(path: Path, arrays: dict) -> None:
+    """Writes numpy arrays by name as an `.npz` file, atomically."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomic_bytes(path, buffer.getvalue())

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import netdsl
 from netdsl.cli.main import main
 from netdsl.runtime.net import Net
 
@@ -178,3 +179,60 @@ def test_a_build_folder_runs_like_its_net(tmp_path, capsys):
 
     assert main(["run", str(tmp_path)]) == 1
     assert "not a build of `netdsl compile`" in capsys.readouterr().err
+
+
+TWO_OUTPUTS = """\
+net two
+input image: 1 x 8 x 8
+features = conv(image, 4, size=3, pad=1) | relu
+scores = fc(features, 5)
+output features, scores
+"""
+
+
+def test_every_output_is_shown_and_saved_whole(tmp_path, capsys):
+    """A map and class scores: top classes for the scores, shape and summary for the map; .npz by name with
+    full shapes; the Python API's outputs are what is saved."""
+    net = tmp_path / "two.net"
+    net.write_text(TWO_OUTPUTS)
+    saved = tmp_path / "out.npz"
+    args = ["run", str(net), "--random", "3", "--backend", "torch", "--init", "he"]
+    assert main([*args, "--save", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "output features.relu: N x C x H x W = 3 x 4 x 8 x 8: mean" in out  # the chain's last layer
+    assert "output scores: 3 x 5 scores" in out and out.count("top 5:") == 3
+    with np.load(saved) as arrays:
+        assert arrays["features.relu"].shape == (3, 4, 8, 8) and arrays["scores"].shape == (3, 5)
+        x = np.random.default_rng(0).standard_normal((3, 1, 8, 8), dtype=np.float32)
+        want = netdsl.load(net, backend="torch", init="he")(torch.from_numpy(x))
+        np.testing.assert_array_equal(arrays["features.relu"], want["features.relu"].numpy())
+        np.testing.assert_array_equal(arrays["scores"], want["scores"].numpy())
+    assert main([*args, "--save", str(tmp_path / "out.npy")]) == 1
+    err = capsys.readouterr().err
+    assert "the net has 2 outputs (features.relu, scores), and a .npy file holds one" in err and "out.npz" in err
+    assert not (tmp_path / "out.npy").exists()
+
+
+def test_a_map_output_saves_with_its_shape(tmp_path, capsys):
+    net = tmp_path / "map.net"
+    net.write_text("net m\ninput image: 1 x 8 x 8\nc = conv(image, 2, size=3) | relu\noutput c\n")
+    assert main(["run", str(net), "--random", "2", "--backend", "torch", "--save", str(tmp_path / "c.npy")]) == 0
+    assert "N x C x H x W = 2 x 2 x 6 x 6" in capsys.readouterr().out
+    assert np.load(tmp_path / "c.npy").shape == (2, 2, 6, 6)
+
+
+def test_a_batch_the_machine_cannot_hold_is_named(capsys):
+    assert main(["run", LENET, "--random", "100000000", "--backend", "torch"]) == 1
+    err = capsys.readouterr().err
+    assert "--random: error: 100,000,000 random images of 1 x 32 x 32 take 381.5 GiB" in err
+    assert "Traceback" not in err and "MemoryError" not in err
+
+
+def test_the_nan_hint_names_nothing_a_command_line_user_cannot_do(tmp_path, capsys):
+    path = tmp_path / "nan.npy"
+    array = np.ones((1, 1, 32, 32), np.float32)
+    array[0, 0, 1, 1] = np.nan
+    np.save(path, array)
+    assert main(["run", LENET, "--input", str(path), "--backend", "torch"]) == 1
+    err = capsys.readouterr().err
+    assert "contains NaN" in err and "check_inputs" not in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from netdsl.errors import NetError
-from netdsl.files import write_array
+from netdsl.files import write_array, write_arrays
 from netdsl.ir.dtypes import torch_dtype
 from netdsl.tables import format_bytes, format_table
 
@@ -125,8 +126,7 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
     elif views > 1:
         raise NetError(f"--views {views} takes images", where="--views", hint="give them with --input")
     else:
-        generator = np.random.default_rng(args.seed)
-        x = generator.standard_normal((args.random or args.batch or 1, *shape), dtype=np.float32)
+        x = random_inputs(args.random or args.batch or 1, shape, args.seed, "--random" if args.random else "--batch")
     labels = read_labels(args.labels) or (list(preprocess.classes) if preprocess and preprocess.classes else None)
     net = step_times = None
     start = time.perf_counter()
@@ -152,30 +152,90 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
             error.where = _FLAGS.get(error.where, error.where)
             raise
     seconds = time.perf_counter() - start
-    if isinstance(y, dict):
-        name, y = next(iter(y.items()))
-        print(f"output {name} (the first of {len(y)} outputs)")
-    scores = y.float().reshape(y.shape[0], -1).cpu()
-    if views > 1:  # the paper's test: each image's views, softmax averaged
+    outputs = {name: value.float().cpu() for name, value in (y.items() if isinstance(y, dict) else [(None, y)])}
+    if views > 1:  # the paper's test: each image's views, softmax averaged (class scores only)
         from netdsl.train.evaluate import probabilities
 
-        scores = probabilities(scores, _ends_in_softmax(path), views)
-    k = min(args.top, scores.shape[1])
-    values, indices = scores.topk(k, dim=1)
-    for i in range(scores.shape[0]):
-        ranked = ", ".join(f"{_label(labels, int(c))}: {float(v):.4f}" for v, c in zip(values[i], indices[i]))
-        print(f"input {i}: top {k}: {ranked}")
+        softmax = _ends_in_softmax(path)
+        outputs = {
+            name: probabilities(value, softmax, views) if is_scores(value) else value[::views]
+            for name, value in outputs.items()
+        }
+    for name, value in outputs.items():
+        print("\n".join(describe_output(name, value, labels, args.top)))
     if args.save:
-        write_array(args.save, scores.numpy())
+        save_outputs(args.save, outputs)
     if args.time:
+        count = len(next(iter(outputs.values())))
         print(
-            f"{scores.shape[0]} input(s) in {seconds * 1e3:.1f} ms ({args.backend} backend"
+            f"{count} input(s) in {seconds * 1e3:.1f} ms ({args.backend} backend"
             f"{', ' + dtype}{', steps timed one at a time' if net else ', distributed'})"
         )
         if net is not None:
-            largest = min(args.batch or scores.shape[0], scores.shape[0])  # the largest pass's batch
+            largest = min(args.batch or count, count)  # the largest pass's batch
             print("\n".join(_time_tables(net, step_times, largest)))
     return 0
+
+
+def random_inputs(count: int, shape: tuple[int, ...], seed: int, flag: str) -> np.ndarray:
+    """`count` random images of `shape` (standard normal, seeded); a batch the machine cannot hold is an
+    error naming its size, before anything is allocated."""
+    need = count * math.prod(shape) * 4
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    if memory and need > memory // 2:
+        raise NetError(
+            f"{count:,} random images of {' x '.join(map(str, shape))} take {format_bytes(need)}, more than half "
+            f"of this machine's {format_bytes(memory)}",
+            where=flag,
+            hint="ask for fewer images; to time large batches, use --batch with a few passes",
+        )
+    try:
+        return np.random.default_rng(seed).standard_normal((count, *shape), dtype=np.float32)
+    except MemoryError:
+        raise NetError(f"{count:,} random images ({format_bytes(need)}) cannot be allocated", where=flag) from None
+
+
+def is_scores(value) -> bool:
+    """Whether an output (N x ...) holds one score per class: N x K, or N x K x 1 x 1."""
+    return value.dim() == 2 or (value.dim() == 4 and tuple(value.shape[2:]) == (1, 1))
+
+
+def describe_output(name: str | None, value, labels: list[str] | None, top: int) -> list[str]:
+    """The top classes of each input for class scores; for a map, its shape and a short summary."""
+    title = f"output {name}: " if name is not None else ""
+    if not is_scores(value):
+        shape = " x ".join(map(str, value.shape))
+        return [
+            f"{title}N x C x H x W = {shape}: mean {float(value.mean()):.4g}, std {float(value.std()):.4g}, "
+            f"min {float(value.min()):.4g}, max {float(value.max()):.4g}"
+        ]
+    scores = value.reshape(value.shape[0], -1)
+    k = min(top, scores.shape[1])
+    values, indices = scores.topk(k, dim=1)
+    lines = [f"{title}{value.shape[0]} x {scores.shape[1]} scores"] if name is not None else []
+    for i in range(scores.shape[0]):
+        ranked = ", ".join(f"{_label(labels, int(c))}: {float(v):.4f}" for v, c in zip(values[i], indices[i]))
+        lines.append(f"input {i}: top {k}: {ranked}")
+    return lines
+
+
+def save_outputs(path: Path, outputs: dict) -> None:
+    """Each output with its full shape (class scores as N x K): one output as .npy, or every output by name
+    in an .npz (the only way for several)."""
+    arrays = {name: (value.flatten(1) if is_scores(value) else value).numpy() for name, value in outputs.items()}
+    if path.suffix.lower() == ".npz":
+        write_arrays(path, {name or "output": value for name, value in arrays.items()})
+        return
+    if len(arrays) > 1:
+        raise NetError(
+            f"the net has {len(arrays)} outputs ({', '.join(arrays)}), and a .npy file holds one",
+            where="--save",
+            hint=f"save them all by name: --save {path.with_suffix('.npz')}",
+        )
+    write_array(path, next(iter(arrays.values())))
 
 
 # Net's errors name its keyword arguments; on the command line they are flags.

@@ -464,7 +464,7 @@ class Net:
             raise NetError(
                 f"input `{name}` contains {bad}",
                 where=self.path,
-                hint="check the data (or pass check_inputs=False to skip this check)",
+                hint="check the data",
             )
 
     def _check_gpu_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
