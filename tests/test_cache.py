@@ -119,6 +119,10 @@ CORRUPTIONS = {
     "truncated JSON": b'{"name": "scale_kernel", "registers": 2',
     "a JSON list": b'["name", "registers", "spill_stores", "spill_loads"]',
     "a dict missing fields": b'{"name": "scale_kernel", "registers": 20, "mma": []}',
+    "fields of the wrong type": json.dumps(
+        {"name": "scale_kernel", "registers": "20", "spill_stores": 0, "spill_loads": None, "stack_bytes": 0.5,
+         "shared_bytes": 0, "local_bytes": 0, "mma": "HGMMA", "cubin_sha256": 7}
+    ).encode(),
 }
 
 
@@ -159,7 +163,8 @@ def test_the_cache_holds_the_compiled_kernel_and_a_broken_one_is_rebuilt(tmp_pat
     cubin = cached_cubin(launch)
     assert cubin is not None and cubin.read_bytes()[:4] == b"\x7fELF"
     assert ".target sm_90" in cubin.with_suffix(".ptx").read_text(encoding="utf-8")
-    for damage in (b"", b"\x00\x00\x00\x00 not an ELF"):  # a torn write, a foreign file
+    whole = cubin.read_bytes()
+    for damage in (b"", b"\x00\x00\x00\x00 not an ELF", whole[: len(whole) // 2]):  # torn, foreign, truncated ELF
         cubin.write_bytes(damage)
         assert cached_cubin(launch) is None
         assert sm90_resources([launch]) == built  # compiled again, the report the same

@@ -206,6 +206,7 @@ def test_cache_entries_are_atomic_and_corrupt_ones_are_ignored(tmp_path):
         "shared_bytes": 0,
         "local_bytes": 0,
         "mma": [],
+        "cubin_sha256": "0" * 64,
     }
     path = tmp_path / "cache" / "key.json"
     _write_cache(path, entry)

@@ -174,14 +174,22 @@ def _cache_key(launch: Launch) -> str:
 
 
 _FIELDS = ("name", "registers", "spill_stores", "spill_loads", "stack_bytes", "shared_bytes", "local_bytes", "mma")
+_COUNTS = _FIELDS[1:-1]  # whole numbers >= 0
 
 
 def _read_cache(path: Path) -> dict | None:
+    """A report of the cache, checked by content (each field of its type, the cubin's checksum a SHA-256), or
+    None: missing, torn, foreign or from another netdsl, it is rebuilt."""
     try:
         entry = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None  # missing or corrupt: rebuilt below
-    return entry if isinstance(entry, dict) and all(key in entry for key in _FIELDS) else None
+        return None
+    if not isinstance(entry, dict) or set(entry) != {*_FIELDS, "cubin_sha256"}:
+        return None
+    counts = all(type(entry[key]) is int and entry[key] >= 0 for key in _COUNTS)
+    mma = isinstance(entry["mma"], list) and all(isinstance(item, str) for item in entry["mma"])
+    checksum = isinstance(entry["cubin_sha256"], str) and len(entry["cubin_sha256"]) == 64
+    return entry if counts and mma and checksum and isinstance(entry["name"], str) else None
 
 
 def _write_cache(path: Path, entry: dict) -> None:
@@ -193,19 +201,26 @@ def _write_bytes(path: Path, data: bytes) -> None:
     write_atomic_bytes(path, data)  # a concurrent reader sees the old file or the new one
 
 
-def _has_binary(path: Path) -> bool:
-    """Whether the entry at `path` (its .json) has its compiled kernel beside it: an sm_90 ELF cubin."""
+def _has_binary(path: Path, entry: dict) -> bool:
+    """Whether the entry at `path` (its .json) has its compiled kernel beside it, whole: an ELF file whose
+    SHA-256 is the one its report recorded (a cubin truncated after its magic bytes is not)."""
     try:
-        with open(path.with_suffix(".cubin"), "rb") as file:
-            return file.read(4) == b"\x7fELF"
+        data = path.with_suffix(".cubin").read_bytes()
     except OSError:
         return False
+    return data[:4] == b"\x7fELF" and hashlib.sha256(data).hexdigest() == entry["cubin_sha256"]
+
+
+def _cached(path: Path) -> dict | None:
+    """The whole entry at `path`: a readable report and its cubin."""
+    entry = _read_cache(path)
+    return entry if entry is not None and _has_binary(path, entry) else None
 
 
 def cached_cubin(launch: Launch) -> Path | None:
     """The sm_90 cubin `sm90_resources` built for `launch`, if the cache holds it (for cuobjdump & co.)."""
-    path = cache_dir() / f"{_cache_key(launch)}.cubin"
-    return path if _has_binary(path.with_suffix(".json")) else None
+    path = cache_dir() / f"{_cache_key(launch)}.json"
+    return path.with_suffix(".cubin") if _cached(path) is not None else None
 
 
 def sm90_resources(launches: list[Launch], use_cache: bool = True) -> dict[str, dict]:
@@ -220,7 +235,7 @@ def sm90_resources(launches: list[Launch], use_cache: bool = True) -> dict[str, 
     missing: list[tuple[Launch, Path]] = []
     for launch in launches:
         path = cache_dir() / f"{_cache_key(launch)}.json"
-        entry = _read_cache(path) if use_cache and _has_binary(path) else None
+        entry = _cached(path) if use_cache else None
         if entry is None:
             missing.append((launch, path))
         else:
@@ -244,6 +259,7 @@ def sm90_resources(launches: list[Launch], use_cache: bool = True) -> dict[str, 
     for (launch, path), resources in zip(missing, compiled):
         entry = {key: value for key, value in asdict(resources).items() if key in _FIELDS}
         entry["mma"] = list(entry["mma"])
+        entry["cubin_sha256"] = hashlib.sha256(resources.cubin).hexdigest()
         results[launch.step] = entry
         with contextlib.suppress(OSError, NetError):  # an unwritable cache only costs time
             # The compiled kernel first, its report last: an entry whose report can be read is whole.
