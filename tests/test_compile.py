@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from netdsl import graph_from_text
+from netdsl import NetError, graph_from_text
 from netdsl.cli.main import main
 from netdsl.compiler.compile import compile_net, write_build
 from netdsl.compiler.launches import _read_cache, _write_cache
@@ -183,7 +183,6 @@ def test_hostile_names_never_become_code(tmp_path):
 
 
 def test_unicode_names_are_rejected_by_the_grammar():
-    from netdsl import NetError
 
     with pytest.raises(NetError):
         graph_from_text("input x: 3\n\u00e9t\u00e9 = fc(x, 2)\n")
@@ -259,7 +258,6 @@ def test_dropout_reading_every_tower_becomes_the_join():
 def test_every_mutant_that_builds_also_compiles():
     from test_fuzz import mutants
 
-    from netdsl import NetError
     from netdsl.compiler.emit import emit_program
     from netdsl.compiler.plan import build_plan
     from netdsl.compiler.report import cost_report
@@ -298,3 +296,34 @@ def test_the_cost_model_picks_the_one_kernel_stage_where_it_wins():
                 assert together >= apart
     fused = [s.name for s in steps(program_of(ROOT / "nets/alexnet.net", batch=128, dtype="tf32"))]
     assert "conv1_gpu0_conv_bias_relu_lrn_maxpool" in fused  # conv1 at TF32: one kernel wins
+
+
+def test_a_build_that_fails_midway_leaves_the_earlier_build_whole(tmp_path, monkeypatch):
+    """Recompiling into a build folder: the kernels are written beside the old ones and swapped in only
+    when all of them (and the recorded launches) are there; a failure on the way changes nothing."""
+    import netdsl.compiler.compile as compile_module
+
+    out = tmp_path / "build"
+    write_build(compile_net(ROOT / "nets/lenet5.net", Options()), out, Options())
+    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    (out / "mine.txt").write_text("a user's file")
+    real, calls = compile_module.write_atomic, []
+
+    def fail_on_the_third(path, text):
+        calls.append(path)
+        if len(calls) == 3:
+            raise NetError(f"cannot write {path}: No space left on device", where=str(path))
+        return real(path, text)
+
+    monkeypatch.setattr(compile_module, "write_atomic", fail_on_the_third)
+    with pytest.raises(NetError, match="No space left"):
+        write_build(compile_net(ROOT / "nets/simplenet.net", Options()), out, Options())
+    monkeypatch.undo()
+    after = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert after.pop(Path("mine.txt")) == b"a user's file"
+    assert after == before  # the earlier build, every byte, and nothing left half-written beside it
+    assert sorted(path.name for path in out.iterdir()) == ["kernels", "mine.txt", "plan.json", "report.txt"]
+    write_build(compile_net(ROOT / "nets/simplenet.net", Options()), out, Options())  # and then it succeeds
+    kernels = sorted(path.name for path in (out / "kernels").iterdir())
+    assert kernels and all(name.startswith(("s1", "s2", "s3", "s4", "logits", "image", "prob")) for name in kernels)
+    assert (out / "mine.txt").exists()

@@ -13,7 +13,8 @@ compile of another net is removed.
 from __future__ import annotations
 
 import copy
-import os
+import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,31 +65,66 @@ def write_build(compiled: Compiled, out_dir: str | Path, options: Options | None
     """Writes the build directory. With `options`, each launch's grid and block configuration at that
     batch and dtype go into plan.json; with `sm90`, every kernel is also built for the H100 and its
     registers, spills, shared memory and tensor-core instructions go into the report. `compiled` is
-    not changed: writing twice writes the same files."""
+    not changed: writing twice writes the same files.
+
+    The kernels are written to a new folder beside `kernels/` first, and the launches recorded from
+    there; only when all of it succeeded is the old `kernels/` swapped for it and `plan.json` and
+    `report.txt` replaced. A build that cannot be written, or fails on the way, leaves the folder's
+    earlier build as it was. Other files in the folder are left alone."""
     out = Path(out_dir)
     kernels_dir = out / "kernels"
     try:
-        kernels_dir.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        staged = _new_folder(out, ".kernels")
     except OSError as error:
-        raise NetError(f"cannot create {kernels_dir}: {error.strerror}", where=str(out)) from None
-    if not os.access(kernels_dir, os.W_OK):
-        raise NetError(f"cannot write to {kernels_dir}", where=str(out))
-    for name, source in compiled.kernels.items():
-        write_atomic(kernels_dir / name, source)
-    for stale in kernels_dir.glob("*.py"):
-        if stale.name not in compiled.kernels:
-            stale.unlink()
-    plan, report = copy.deepcopy(compiled.plan), compiled.report
-    if options is not None:
-        launches = record_launches([kernels_dir / name for name in compiled.kernels], options.batch, options.dtype)
-        _add_grids(plan, launches)
-        if sm90:
-            report += sm90_report(sm90_resources(launches), launches)
-    if compiled.source is not None:
-        plan = with_source(plan, compiled.source, out)
+        raise NetError(f"cannot write the build in {out}: {error.strerror or error}", where=str(out)) from None
+    try:
+        for name, source in compiled.kernels.items():
+            write_atomic(staged / name, source)
+        plan, report = copy.deepcopy(compiled.plan), compiled.report
+        if options is not None:
+            launches = record_launches([staged / name for name in compiled.kernels], options.batch, options.dtype)
+            _add_grids(plan, launches)
+            if sm90:
+                report += sm90_report(sm90_resources(launches), launches)
+        if compiled.source is not None:
+            plan = with_source(plan, compiled.source, out)
+        _swap(kernels_dir, staged)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     write_atomic(out / "plan.json", plan_json(plan))
     write_atomic(out / "report.txt", report)
     return out
+
+
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A new, empty folder in `parent` with a name of its own (mode 0777 less the umask, as any folder)."""
+    for _ in range(100):
+        folder = parent / f"{prefix}.{secrets.token_hex(8)}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free name for a new folder in {parent}")
+
+
+def _swap(current: Path, new: Path) -> None:
+    """`new` becomes `current`; the old `current` (if any) is removed afterwards."""
+    old = None
+    try:
+        if current.exists():
+            old = _new_folder(current.parent, ".kernels-old")
+            old.rmdir()
+            current.rename(old)
+        new.rename(current)
+    except OSError as error:
+        if old is not None and old.exists() and not current.exists():
+            old.rename(current)  # put the earlier build's kernels back
+        raise NetError(f"cannot write {current}: {error.strerror or error}", where=str(current.parent)) from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _add_grids(plan: dict, launches: list[Launch]) -> None:
