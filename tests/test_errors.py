@@ -865,3 +865,24 @@ def test_a_bug_is_reported_as_an_internal_error(monkeypatch, capsys):
     assert "Traceback" not in err and "second line" not in err
     with pytest.raises(ZeroDivisionError):
         main(["--debug", "check"])
+
+
+def test_files_beyond_the_limits_are_refused_early(tmp_path, monkeypatch):
+    """A file too big is refused before it is read; too many statements or a statement too long, at the
+    statement (the limits lowered here so the test is quick; docs/language.md states the real ones)."""
+    from netdsl.lang import parse
+
+    big = tmp_path / "big.net"
+    big.write_bytes(b"# " + b"x" * (parse.MAX_FILE_BYTES + 10) + b"\n")
+    with pytest.raises(NetError, match=r"the file is 8.0 MiB, more than the 8 MiB a .net file may be"):
+        load_graph(big)
+    monkeypatch.setattr(parse, "MAX_STATEMENTS", 50)
+    text = "net n\n" + "".join(f"const a{i} = {i}\n" for i in range(60)) + "input x: 1 x 4 x 4\noutput x\n"
+    with pytest.raises(NetError, match="more than 50 statements") as caught:
+        graph_from_text(text, "many.net")
+    assert str(caught.value.span) == "many.net:51:15"
+    monkeypatch.setattr(parse, "MAX_STATEMENT_TOKENS", 100)
+    text = "net n\nconst a = " + " + ".join(["1"] * 2_000_000) + "\ninput x: 1 x 4 x 4\noutput x\n"
+    with pytest.raises(NetError, match="a statement longer than 100 names") as caught:
+        graph_from_text(text, "long.net")
+    assert (caught.value.span.line, caught.value.span.col) == (2, 205)  # the 101st token: the rest is never read

@@ -26,6 +26,20 @@ _TERMINAL_WORDS = {
 }
 _OPERATORS = frozenset({"`+`", "`-`", "`*`", "`/`", "`%`", "`**`", "`//`"})
 
+# What one file may hold, so that a mistaken or hostile file fails in a second instead of running for
+# minutes and ending out of memory. AlexNet's file is 1 KB and a generated net of 10,000 layers 0.6 MB.
+MAX_FILE_BYTES = 8 * 2**20
+MAX_STATEMENTS = 200_000  # per file
+MAX_STATEMENT_TOKENS = 20_000  # names, numbers and operators in one statement: an expression of 10,000 terms
+
+
+class _TooLongError(Exception):
+    """Raised from the token stream; `parse_text` turns it into a NetError at the token."""
+
+    def __init__(self, token: Token, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.token, self.message, self.hint = token, message, hint
+
 
 class _Continuations:
     """Drops newlines that do not end a statement: inside (...) and right after `|`.
@@ -38,9 +52,21 @@ class _Continuations:
     def process(self, stream):
         depth = 0
         after_pipe = False
+        statements = tokens = 0
         for token in stream:
             if token.type == "_NL" and (depth > 0 or after_pipe):
                 continue
+            tokens += 1
+            if token.type == "_NL":
+                statements, tokens = statements + 1, 0
+                if statements > MAX_STATEMENTS:
+                    raise _TooLongError(token, f"the file has more than {MAX_STATEMENTS:,} statements", "split it up")
+            elif tokens > MAX_STATEMENT_TOKENS:
+                raise _TooLongError(
+                    token,
+                    f"a statement longer than {MAX_STATEMENT_TOKENS:,} names, numbers and operators",
+                    "name parts of a long expression with `const`",
+                )
             if token.type == "LPAR":
                 depth += 1
             elif token.type == "RPAR":
@@ -72,6 +98,8 @@ def _parser() -> Lark:
 
 def parse_text(text: str, file: str = "<string>") -> s.Module:
     """Parse one file's text into a `syntax.Module`; raises `NetError` on a syntax error."""
+    if len(text) > MAX_FILE_BYTES:
+        raise _too_big(file, len(text.encode("utf-8")))
     Sources.remember(file, text)
     if not text.endswith("\n"):
         text += "\n"
@@ -79,6 +107,10 @@ def parse_text(text: str, file: str = "<string>") -> s.Module:
         tree = _parser().parse(text)
     except UnexpectedInput as error:
         raise _syntax_error(error, file, text) from None
+    except _TooLongError as error:
+        token = error.token
+        span = Span(file, token.line or 1, token.column or 1, token.end_line or 0, token.end_column or 0)
+        raise NetError(error.message, span, hint=error.hint) from None
     try:
         statements = _ToSyntax(file).transform(tree)
     except VisitError as error:
@@ -90,6 +122,14 @@ def parse_text(text: str, file: str = "<string>") -> s.Module:
     except RecursionError:  # Lark's transformer recurses once per level of the tree
         raise _too_deep(file) from None
     return s.Module(file, tuple(statements))
+
+
+def _too_big(file: str, size: int) -> NetError:
+    return NetError(
+        f"the file is {size / 2**20:,.1f} MiB, more than the {MAX_FILE_BYTES // 2**20} MiB a .net file may be",
+        where=file,
+        hint="a net this large is better built with `repeat` and `block`",
+    )
 
 
 def _too_deep(file: str) -> NetError:
@@ -104,6 +144,9 @@ def parse_file(path: str | Path) -> s.Module:
     """Read and parse a `.net` file; unreadable files are reported as `NetError`s too."""
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:  # refused before it is read
+            raise _too_big(str(path), size)
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise NetError(f"no such file: {path}", where=str(path), hint="check the path") from None
