@@ -386,3 +386,21 @@ def test_target_must_be_the_two_tower_alexnet(tmp_path, net):
         import_grouped_alexnet(tmp_path / "unread.pt", netdsl.load_graph(net))
     assert "is not the two-tower AlexNet of nets/alexnet.net" in error.value.message
     assert error.value.where == net
+
+
+class RunsCode:
+    """What a malicious file holds: unpickling it would call os.system (netdsl never unpickles it)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo this must never run > pwned.txt",))
+
+
+def test_a_file_carrying_code_is_refused_as_such_not_as_damaged(tmp_path, two_tower, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = saved(tmp_path, {**stubs(), "fc8.bias": RunsCode()})
+    error = error_of(path, two_tower)
+    assert "objects other than tensors" in error.message and "system" in error.message
+    assert "damaged" not in error.hint and "never unpickles" in error.hint
+    assert not (tmp_path / "pwned.txt").exists()

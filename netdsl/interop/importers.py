@@ -273,6 +273,9 @@ def _read_safetensors(path: Path, where: str) -> dict[str, _Stored]:
     }
 
 
+REFUSED_OBJECT = r"^\s*(?:WeightsUnpickler error:\s*)?((?:Trying to load )?unsupported global.*?)(?:\. |\.?$)"
+
+
 def _read_torch(path: Path, where: str) -> dict[str, _Stored]:
     import torch
 
@@ -284,9 +287,12 @@ def _read_torch(path: Path, where: str) -> dict[str, _Stored]:
         text = str(error)
         if "weights only load failed" not in text.lower():
             raise NetError(f"not a readable PyTorch file ({_first_line(text)})", where=where) from None
-        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", text.strip(), re.DOTALL)
+        # What torch says of a refused object, in the wording of torch 2.4 .. 2.13 ("WeightsUnpickler error:
+        # Unsupported global: GLOBAL m.C was not an allowed global", "Trying to load unsupported GLOBAL
+        # posix.system whose module posix is blocked"): anything else is damaged data (a bad opcode).
+        found = re.search(REFUSED_OBJECT, text, re.IGNORECASE | re.MULTILINE)
         reason = found.group(1).strip() if found else ""
-        if not reason.lower().startswith("unsupported global"):  # a bad opcode: damaged data, not a refused object
+        if not reason:
             raise NetError(
                 f"not a readable PyTorch file ({reason or _first_line(text)})",
                 where=where,
