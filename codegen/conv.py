@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from netdsl.codegen.limits import SM_COUNT
+from netdsl.codegen.windows import four_pads, output_length
 
 
 @triton.jit
@@ -227,7 +228,7 @@ def conv2d(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     stride: int | tuple[int, int] = (1, 1),
-    padding: int | tuple[int, int] = (0, 0),
+    padding: int | tuple[int, int] | tuple[int, int, int, int] = (0, 0),
     dilation: int | tuple[int, int] = (1, 1),
     groups: int = 1,
     activation: str = "none",
@@ -240,8 +241,9 @@ def conv2d(
     """activation(conv2d(concat(inputs, dim=1), weight) + bias), without materializing the concatenation.
 
     `inputs` is one N x C x H x W tensor or two whose channels are read as if concatenated. `weight` is
-    C_out x (C_in/groups) x KH x KW. `out` may be any strided N x C_out x OH x OW view, such as a channel
-    slice of a larger buffer. `config` overrides `pick_config` (a dict of block sizes, num_warps, num_stages).
+    C_out x (C_in/groups) x KH x KW; `padding` n, (h, w) or (top, left, bottom, right). `out` may be any
+    strided N x C_out x OH x OW view, such as a channel slice of a larger buffer. `config` overrides
+    `pick_config` (a dict of block sizes, num_warps, num_stages).
     """
     grid, arguments = conv2d_launch(
         inputs, weight, bias, stride, padding, dilation, groups, activation, slope, input_precision, out, config
@@ -255,7 +257,7 @@ def conv2d_launch(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     stride: int | tuple[int, int] = (1, 1),
-    padding: int | tuple[int, int] = (0, 0),
+    padding: int | tuple[int, int] | tuple[int, int, int, int] = (0, 0),
     dilation: int | tuple[int, int] = (1, 1),
     groups: int = 1,
     activation: str = "none",
@@ -280,8 +282,8 @@ def conv2d_launch(
 
 @dataclass(frozen=True)
 class ConvGeometry:
-    """A checked convolution's sizes: input batch and map, output map, stride, padding, dilation, the
-    filter's size (KH, KW), the groups and the channels in and out."""
+    """A checked convolution's sizes: input batch and map, output map, stride, padding (top, left, bottom,
+    right), dilation, the filter's size (KH, KW), the groups and the channels in and out."""
 
     batch: int
     height: int
@@ -289,7 +291,7 @@ class ConvGeometry:
     out_h: int
     out_w: int
     stride: tuple[int, int]
-    padding: tuple[int, int]
+    padding: tuple[int, int, int, int]
     dilation: tuple[int, int]
     kernel: tuple[int, int]
     groups: int
@@ -316,7 +318,7 @@ def conv_geometry(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     stride: int | tuple[int, int],
-    padding: int | tuple[int, int],
+    padding: int | tuple[int, int] | tuple[int, int, int, int],
     dilation: int | tuple[int, int],
     groups: int,
     activation: str,
@@ -328,8 +330,8 @@ def conv_geometry(
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     if input_precision not in INPUT_PRECISIONS:
         raise ValueError(f"unknown input precision {input_precision!r}; expected one of {INPUT_PRECISIONS}")
-    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = _pair(stride), _pair(padding), _pair(dilation)
-    if min(stride_h, stride_w, dil_h, dil_w) < 1 or min(pad_h, pad_w) < 0:
+    (stride_h, stride_w), pads, (dil_h, dil_w) = _pair(stride), four_pads(padding), _pair(dilation)
+    if min(stride_h, stride_w, dil_h, dil_w) < 1 or min(pads) < 0:
         raise ValueError(f"{name} needs stride, dilation >= 1 and padding >= 0; got {stride}, {dilation}, {padding}")
     batch, _, height, width = inputs[0].shape
     c_in = sum(x.shape[1] for x in inputs)
@@ -340,12 +342,13 @@ def conv_geometry(
         raise ValueError(f"{name} weight {tuple(weight.shape)} does not fit {c_in} input channels in {groups} groups")
     if bias is not None and bias.shape != (c_out,):
         raise ValueError(f"{name} bias has shape {tuple(bias.shape)}, expected ({c_out},)")
-    out_h = (height + 2 * pad_h - dil_h * (kh - 1) - 1) // stride_h + 1
-    out_w = (width + 2 * pad_w - dil_w * (kw - 1) - 1) // stride_w + 1
+    top, left, bottom, right = pads
+    out_h = output_length(height, kh, stride_h, top, bottom, dil_h)
+    out_w = output_length(width, kw, stride_w, left, right, dil_w)
     if out_h < 1 or out_w < 1:
         raise ValueError(f"{name} output would be empty: input {height} x {width}, kernel {kh} x {kw}")
     return ConvGeometry(
-        batch, height, width, out_h, out_w, (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w),
+        batch, height, width, out_h, out_w, (stride_h, stride_w), pads, (dil_h, dil_w),
         kernel=(kh, kw), groups=groups, c_in_group=c_in_group, c_out=c_out,
     )  # fmt: skip
 
@@ -385,7 +388,8 @@ def conv_arguments(
         **_strides("x0", "nchw", x0), **_strides("x1", "nchw", x1),
         **_strides("w", weight_axes, weight), **_strides("y", "nchw", out),
         "conv_stride_h": g.stride[0], "conv_stride_w": g.stride[1],
-        "pad_h": g.padding[0], "pad_w": g.padding[1], "dil_h": g.dilation[0], "dil_w": g.dilation[1],
+        "pad_h": g.padding[0], "pad_w": g.padding[1],  # top and left: where the first window starts
+        "dil_h": g.dilation[0], "dil_w": g.dilation[1],
         "slope": slope,
         "KH": g.kernel[0], "KW": g.kernel[1], "NUM_INPUTS": len(inputs),
         "HAS_BIAS": bias is not None, "ACTIVATION": activation, "INPUT_PRECISION": input_precision,

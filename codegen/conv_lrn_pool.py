@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from .limits import MAX_CHANNELS_PER_GROUP
-from .pool import check_pool_args, pair, pooled_size
+from .pool import pair, pool_geometry
+from .windows import four_pads, output_length
 
 
 @triton.jit
@@ -184,7 +185,7 @@ def conv_lrn_maxpool(
     weight: torch.Tensor,
     bias: torch.Tensor,
     stride: int | tuple[int, int],
-    padding: int | tuple[int, int],
+    padding: int | tuple[int, int] | tuple[int, int, int, int],
     dilation: int | tuple[int, int],
     groups: int,
     lrn_size: int,
@@ -193,7 +194,7 @@ def conv_lrn_maxpool(
     k: float,
     pool_size: int | tuple[int, int],
     pool_stride: int | tuple[int, int],
-    pool_padding: int | tuple[int, int] = (0, 0),
+    pool_padding: int | tuple[int, int] | tuple[int, int, int, int] = (0, 0),
     ceil_mode: bool = False,
     input_precision: str = "ieee",
     out: torch.Tensor | None = None,
@@ -220,7 +221,7 @@ def conv_lrn_maxpool_launch(
     weight: torch.Tensor,
     bias: torch.Tensor,
     stride: int | tuple[int, int],
-    padding: int | tuple[int, int],
+    padding: int | tuple[int, int] | tuple[int, int, int, int],
     dilation: int | tuple[int, int],
     groups: int,
     lrn_size: int,
@@ -229,7 +230,7 @@ def conv_lrn_maxpool_launch(
     k: float,
     pool_size: int | tuple[int, int],
     pool_stride: int | tuple[int, int],
-    pool_padding: int | tuple[int, int] = (0, 0),
+    pool_padding: int | tuple[int, int] | tuple[int, int, int, int] = (0, 0),
     ceil_mode: bool = False,
     input_precision: str = "ieee",
     out: torch.Tensor | None = None,
@@ -243,14 +244,13 @@ def conv_lrn_maxpool_launch(
     if lrn_size < 1 or k < 0 or alpha < 0:
         raise ValueError(f"LRN needs size >= 1, k >= 0 and alpha >= 0; got size={lrn_size}, k={k}, alpha={alpha}")
     stride_h, stride_w = pair(stride, "stride")
-    pad_h, pad_w = pair(padding, "padding")
+    pad_top, pad_left, pad_bottom, pad_right = four_pads(padding)
     dil_h, dil_w = pair(dilation, "dilation")
-    if min(stride_h, stride_w, dil_h, dil_w) < 1 or min(pad_h, pad_w) < 0:
+    if min(stride_h, stride_w, dil_h, dil_w) < 1 or min(pad_top, pad_left, pad_bottom, pad_right) < 0:
         raise ValueError(f"conv needs stride, dilation >= 1 and padding >= 0; got {stride}, {dilation}, {padding}")
     window = pair(pool_size, "pool_size")
     pool_steps = pair(pool_stride, "pool_stride")
-    pool_pads = pair(pool_padding, "pool_padding")
-    check_pool_args(window, pool_steps, pool_pads)
+    pool_pads = four_pads(pool_padding)
 
     batch, c_in, height, width = x.shape
     c_out, c_in_group, kh, kw = weight.shape
@@ -273,12 +273,11 @@ def conv_lrn_maxpool_launch(
     config = dict(config or pick_config(c_out_group, x.dtype, input_precision))
     if config["BLOCK_N"] < c_out_group:
         raise ValueError(f"BLOCK_N={config['BLOCK_N']} cannot hold the {c_out_group} output channels of a group")
-    conv_h = (height + 2 * pad_h - dil_h * (kh - 1) - 1) // stride_h + 1
-    conv_w = (width + 2 * pad_w - dil_w * (kw - 1) - 1) // stride_w + 1
+    conv_h = output_length(height, kh, stride_h, pad_top, pad_bottom, dil_h)
+    conv_w = output_length(width, kw, stride_w, pad_left, pad_right, dil_w)
     if conv_h < 1 or conv_w < 1:
         raise ValueError(f"conv output would be empty: input {height} x {width}, kernel {kh} x {kw}")
-    out_h = pooled_size(conv_h, window[0], pool_steps[0], pool_pads[0], ceil_mode)
-    out_w = pooled_size(conv_w, window[1], pool_steps[1], pool_pads[1], ceil_mode)
+    out_h, out_w = pool_geometry(conv_h, conv_w, window, pool_steps, pool_pads, (1, 1), ceil_mode)
 
     out_shape = (batch, c_out, out_h, out_w)
     if out is None:
@@ -294,7 +293,7 @@ def conv_lrn_maxpool_launch(
         "C_IN_G": c_in_group, "C_OUT_G": c_out_group,
         **_strides("x", "nchw", x), **_strides("w", "ok", weight_rows), **_strides("y", "nchw", out),
         "conv_stride_h": stride_h, "conv_stride_w": stride_w,
-        "pad_h": pad_h, "pad_w": pad_w, "dil_h": dil_h, "dil_w": dil_w,
+        "pad_h": pad_top, "pad_w": pad_left, "dil_h": dil_h, "dil_w": dil_w,  # the kernel starts windows there
         "alpha": float(alpha), "beta": float(beta), "k": float(k),
         "pool_stride_h": pool_steps[0], "pool_stride_w": pool_steps[1],
         "pool_pad_h": pool_pads[0], "pool_pad_w": pool_pads[1],

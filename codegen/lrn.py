@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .pool import SUPPORTED_DTYPES, check_output, check_pool_args, pair, pooled_size
+from .pool import SUPPORTED_DTYPES, check_output, pair, pool_geometry
+from .windows import four_pads
 
 
 @triton.jit
@@ -150,7 +151,7 @@ def launch(
     pool: bool,
     window: tuple[int, int],
     stride: tuple[int, int],
-    padding: tuple[int, int],
+    padding: tuple[int, ...],  # top and left first: where the first window starts
     relu_first: bool,
     config: dict | None,
     kernel=None,
@@ -214,7 +215,7 @@ def lrn_maxpool(
     k: float,
     pool_size: int | tuple[int, int],
     pool_stride: int | tuple[int, int],
-    pool_padding: int | tuple[int, int] = (0, 0),
+    pool_padding: int | tuple[int, int] | tuple[int, int, int, int] = (0, 0),
     ceil_mode: bool = False,
     relu_first: bool = False,
     out: torch.Tensor | None = None,
@@ -222,15 +223,14 @@ def lrn_maxpool(
     config: dict | None = None,
     kernel=None,
 ) -> torch.Tensor:
-    """max_pool2d(lrn(x)) in one kernel, without writing the LRN output; pooling follows `pool.pool2d`'s rules."""
+    """max_pool2d(lrn(x)) in one kernel, without writing the LRN output; pooling follows `pool.pool2d`'s rules
+    (`pool_padding` n, (h, w) or (top, left, bottom, right); no dilation)."""
     check_lrn_args(x, size, alpha, k)
     window = pair(pool_size, "pool_size")
     stride = pair(pool_stride, "pool_stride")
-    padding = pair(pool_padding, "pool_padding")
-    check_pool_args(window, stride, padding)
+    padding = four_pads(pool_padding)
     n, c, h, w = x.shape
-    oh = pooled_size(h, window[0], stride[0], padding[0], ceil_mode)
-    ow = pooled_size(w, window[1], stride[1], padding[1], ceil_mode)
+    oh, ow = pool_geometry(h, w, window, stride, padding, (1, 1), ceil_mode)
     if out is None:
         out = torch.empty((n, c, oh, ow), device=x.device, dtype=x.dtype)
     check_output(out, x, (n, c, oh, ow))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .windows import divisors, four_pads, output_length
+
 
 def lrn(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
     """The paper's LRN: x / (k + alpha * sum of x^2 over `size` channels around c) ^ beta, clipped at the
@@ -42,12 +44,15 @@ def apply(
         return _join(inputs)
     x = _join(inputs) if op != "fc" else torch.cat([t.flatten(1) for t in inputs], dim=1)
     if op == "conv":
+        top, left, bottom, right = _pads(params, x)
+        if (top, left) != (bottom, right):  # PyTorch pads both ends alike: pad the input first
+            x, top, left = F.pad(x, (left, right, top, bottom)), 0, 0
         return F.conv2d(
             x,
             weights["weight"],
             weights.get("bias"),
             params["stride"],
-            params["pad"],
+            (top, left),
             params["dilation"],
             params["groups"],
         )
@@ -60,17 +65,8 @@ def apply(
     if op == "lrn":
         groups = x.chunk(params.get("groups", 1), dim=1)  # each group normalized apart, as one tower was
         return torch.cat([lrn(g, params["size"], params["alpha"], params["beta"], params["k"]) for g in groups], dim=1)
-    if op == "maxpool":
-        return F.max_pool2d(x, params["size"], params["stride"], params["pad"], ceil_mode=params["ceil"])
-    if op == "avgpool":
-        return F.avg_pool2d(
-            x,
-            params["size"],
-            params["stride"],
-            params["pad"],
-            ceil_mode=params["ceil"],
-            count_include_pad=params["count_pad"],
-        )
+    if op in ("maxpool", "avgpool"):
+        return pool(x, op, params)
     if op == "global_avgpool":
         return x.mean(dim=(2, 3), keepdim=True)
     if op == "dropout":
@@ -92,6 +88,51 @@ def apply(
     if op == "flatten":
         return x.flatten(1)
     raise ValueError(f"no reference for op {op!r}")
+
+
+def _pads(params: dict, x: torch.Tensor) -> tuple[int, int, int, int]:
+    """A conv's or pool's (top, left, bottom, right) padding of `x`."""
+    size = (x.shape[2], x.shape[3])
+    return four_pads(params["pad"], size, params["size"], params["stride"], params.get("dilation", (1, 1)))
+
+
+def pool(x: torch.Tensor, op: str, params: dict) -> torch.Tensor:
+    """Max or average pooling with netdsl's windows (codegen/windows.py). What PyTorch's pooling can express
+    (each axis padded alike, at most half the window; an average without dilation) goes to it; otherwise
+    the input is padded explicitly (-inf for a max, zeros for an average) out to the last window's reach,
+    and an average divides each window's sum by the taps it counts."""
+    size, stride, dilation, ceil = params["size"], params["stride"], params.get("dilation", (1, 1)), params["ceil"]
+    top, left, bottom, right = _pads(params, x)
+    by_torch = (top, left) == (bottom, right) and 2 * top <= size[0] and 2 * left <= size[1]
+    if op == "maxpool" and by_torch:
+        return F.max_pool2d(x, size, stride, (top, left), dilation, ceil_mode=ceil)
+    if op == "avgpool" and by_torch and dilation == (1, 1):
+        return F.avg_pool2d(x, size, stride, (top, left), ceil_mode=ceil, count_include_pad=params["count_pad"])
+    n_h, n_w = x.shape[2], x.shape[3]
+    out_h = output_length(n_h, size[0], stride[0], top, bottom, dilation[0], ceil)
+    out_w = output_length(n_w, size[1], stride[1], left, right, dilation[1], ceil)
+    # Rows and columns up to the last window's reach: the padding, and a ceil-mode window's overhang past it.
+    reach_h = (out_h - 1) * stride[0] + dilation[0] * (size[0] - 1) + 1
+    reach_w = (out_w - 1) * stride[1] + dilation[1] * (size[1] - 1) + 1
+    extent = (left, max(reach_w - n_w - left, right), top, max(reach_h - n_h - top, bottom))
+    if op == "maxpool":
+        padded = F.pad(x, extent, value=float("-inf"))
+        return F.max_pool2d(padded, size, stride, 0, dilation)[:, :, :out_h, :out_w]
+    wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # sums in fp32 (at least), as the kernel
+    padded = F.pad(wide, extent)
+    total = 0
+    for kh in range(size[0]):
+        rows = slice(kh * dilation[0], kh * dilation[0] + (out_h - 1) * stride[0] + 1, stride[0])
+        for kw in range(size[1]):
+            cols = slice(kw * dilation[1], kw * dilation[1] + (out_w - 1) * stride[1] + 1, stride[1])
+            total = total + padded[:, :, rows, cols]  # the tap (kh, kw) of every window
+    count_pad = params["count_pad"]
+    per_row = divisors(n_h, size[0], stride[0], top, bottom, dilation[0], out_h, count_pad)
+    per_col = divisors(n_w, size[1], stride[1], left, right, dilation[1], out_w, count_pad)
+    count = torch.tensor(per_row, dtype=wide.dtype, device=x.device)[:, None] * torch.tensor(
+        per_col, dtype=wide.dtype, device=x.device
+    )
+    return (total / count).to(x.dtype)
 
 
 def run_layers(layers: list[tuple[str, dict]], inputs: list[torch.Tensor], weights: dict[str, torch.Tensor]):

@@ -32,3 +32,55 @@ def activate(y: torch.Tensor, activation: str, slope: float) -> torch.Tensor:
     if activation == "leaky_relu":
         return F.leaky_relu(y, slope)
     return y
+
+
+def onnx_length(n: int, kernel: int, stride: int, begin: int, end: int, dilation: int, ceil_mode: bool) -> int:
+    """Windows along one axis by ONNX's formula (onnxruntime's, in ceil mode: a last window that would start in
+    the end padding is dropped); 0 when none fits."""
+    room = n + begin + end - dilation * (kernel - 1) - 1
+    if room < 0:
+        return 0
+    count = (room + (stride - 1 if ceil_mode else 0)) // stride + 1
+    return count - 1 if ceil_mode and (count - 1) * stride >= n + begin else count
+
+
+def explicit_pool(x, kind, size, stride, pads, dilation=(1, 1), ceil_mode=False, count_include_pad=True):
+    """Max or average pooling as ONNX defines it, where PyTorch's pooling cannot say it (padding that differs at
+    the two ends or reaches past half the window; a dilated average), in float64: the input padded explicitly
+    (F.pad: -inf for a max, zeros for an average) out to the last window's reach, every window unfolded
+    (F.unfold), an average divided by its taps inside the input, or inside the padded input with
+    `count_include_pad`. `pads` is (top, left, bottom, right)."""
+    top, left, bottom, right = pads
+    height, width = x.shape[2], x.shape[3]
+    out_h = onnx_length(height, size[0], stride[0], top, bottom, dilation[0], ceil_mode)
+    out_w = onnx_length(width, size[1], stride[1], left, right, dilation[1], ceil_mode)
+    reach_h = (out_h - 1) * stride[0] + dilation[0] * (size[0] - 1) + 1
+    reach_w = (out_w - 1) * stride[1] + dilation[1] * (size[1] - 1) + 1
+    overhang = (0, max(reach_w - width - left - right, 0), 0, max(reach_h - height - top - bottom, 0))
+
+    def windows(t: torch.Tensor, value: float, beyond: float) -> torch.Tensor:
+        """Every window's taps of `t` padded with `value`, and past the padding with `beyond`."""
+        padded = F.pad(F.pad(t, (left, right, top, bottom), value=value), overhang, value=beyond)
+        cols = F.unfold(padded, size, dilation=dilation, stride=stride)
+        rows = (padded.shape[2] - reach_h) // stride[0] + out_h
+        return cols.reshape(t.shape[0], t.shape[1], size[0] * size[1], rows, -1)[..., :out_h, :out_w]
+
+    if kind == "max":
+        return windows(x.double(), float("-inf"), float("-inf")).amax(dim=2)
+    ones = torch.ones(1, 1, height, width, dtype=torch.float64, device=x.device)
+    counted = windows(ones, 1.0 if count_include_pad else 0.0, 0.0).sum(dim=2)
+    return windows(x.double(), 0.0, 0.0).sum(dim=2) / counted
+
+
+def four_pads(padding) -> bool:
+    """Whether `padding` is (top, left, bottom, right) rather than n or (h, w)."""
+    return isinstance(padding, tuple) and len(padding) == 4
+
+
+def explicitly_padded(x: torch.Tensor, padding) -> torch.Tensor:
+    """`x` padded with zeros by F.pad when `padding` is (top, left, bottom, right), which PyTorch's conv2d cannot
+    take; else `x` itself (conv2d pads it)."""
+    if not four_pads(padding):
+        return x
+    top, left, bottom, right = padding
+    return F.pad(x, (left, right, top, bottom))

@@ -36,7 +36,7 @@ _KINDS = {
     "float": "number",
     "bool": "`true` or `false`",
     "pair": "n or (h, w)",
-    "pad": "n, (h, w), `same` or `valid`",
+    "pad": "n, (h, w), (top, left, bottom, right), `same`, `same_lower` or `valid`",
 }
 
 

@@ -11,7 +11,7 @@ blocks in every dimension.
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_support import DEVICE, INTERPRETING, PRECISIONS, TOLERANCES, activate, random
+from kernel_support import DEVICE, INTERPRETING, PRECISIONS, TOLERANCES, activate, explicitly_padded, four_pads, random
 
 from netdsl.codegen.conv import conv2d
 
@@ -51,11 +51,11 @@ def check_conv(
     bias_tensor = random(generator, c_out, scale=0.5).to(DEVICE, dtype) if bias else None
 
     expected = F.conv2d(
-        torch.cat([x.double() for x in inputs], 1),
+        explicitly_padded(torch.cat([x.double() for x in inputs], 1), padding),
         weight.double(),
         None if bias_tensor is None else bias_tensor.double(),
         stride,
-        padding,
+        0 if four_pads(padding) else padding,
         dilation,
         groups,
     )
@@ -102,6 +102,26 @@ GEOMETRIES = {
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 def test_geometry(geometry: str, tiles: str):
     check_conv(**GEOMETRIES[geometry], config=SMALL_TILES if tiles == "small-tiles" else None)
+
+
+# Padding (top, left, bottom, right) that PyTorch's conv2d cannot express, checked against F.pad then conv2d:
+# TensorFlow's SAME for even kernels and strides above 1 (the extra row and column at the bottom and right),
+# SAME_LOWER (at the top and left), padding beyond the kernel, with dilation and groups.
+ASYMMETRIC = {
+    "same-upper-4x4-stride2": {"batch": 2, "channels": (3,), "c_out": 5, "size": (9, 8), "kernel": (4, 4),
+                               "stride": 2, "padding": (1, 1, 2, 1)},
+    "same-lower-2x2-stride2": {"batch": 1, "channels": (4,), "c_out": 6, "size": (7, 7), "kernel": (2, 2),
+                               "stride": 2, "padding": (1, 1, 0, 0)},
+    "beyond-the-kernel": {"batch": 1, "channels": (2,), "c_out": 3, "size": (5, 6), "kernel": (2, 3),
+                          "padding": (3, 0, 1, 4)},
+    "dilated-grouped": {"batch": 2, "channels": (6,), "c_out": 6, "size": (8, 9), "kernel": (3, 2), "dilation": (2, 3),
+                        "padding": (0, 2, 3, 1), "groups": 3},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("geometry", list(ASYMMETRIC))
+def test_padding_each_side_on_its_own(geometry: str):
+    check_conv(**ASYMMETRIC[geometry], activation="relu", config=BIG_TILES)
 
 
 TWO_INPUTS = {

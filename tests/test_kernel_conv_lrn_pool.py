@@ -18,7 +18,16 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_support import DEVICE, INTERPRETING, PRECISIONS, TOLERANCES, random
+from kernel_support import (
+    DEVICE,
+    INTERPRETING,
+    PRECISIONS,
+    TOLERANCES,
+    explicit_pool,
+    explicitly_padded,
+    four_pads,
+    random,
+)
 
 from netdsl.codegen import conv_lrn_pool as module
 from netdsl.codegen.conv_lrn_pool import conv_lrn_maxpool, pick_config
@@ -44,8 +53,14 @@ def paper_lrn(y: torch.Tensor, lrn_size: int, alpha: float, beta: float, k: floa
 
 
 def reference(x, weight, bias, stride, padding, groups, lrn, pool_size, pool_stride, pool_padding, ceil_mode):
-    y = F.relu(F.conv2d(x.double(), weight.double(), bias.double(), stride, padding, 1, groups))
+    """In float64; padding (top, left, bottom, right), which PyTorch's conv and pooling cannot take, explicitly."""
+    x = explicitly_padded(x.double(), padding)
+    y = F.relu(F.conv2d(x, weight.double(), bias.double(), stride, 0 if four_pads(padding) else padding, 1, groups))
     y = torch.cat([paper_lrn(part, **lrn) for part in y.chunk(groups, dim=1)], dim=1)
+    if four_pads(pool_padding):
+        window = pool_size if isinstance(pool_size, tuple) else (pool_size, pool_size)
+        steps = pool_stride if isinstance(pool_stride, tuple) else (pool_stride, pool_stride)
+        return explicit_pool(y, "max", window, steps, pool_padding, ceil_mode=ceil_mode)
     return F.max_pool2d(y, pool_size, pool_stride, pool_padding, ceil_mode=ceil_mode)
 
 
@@ -109,6 +124,12 @@ CASES = {
                               "lrn": ALEXNET_LRN},
     "small-tiles": {"batch": 2, "c_in": 5, "c_out": 20, "size": (16, 15), "kernel": (3, 3), "padding": 1,
                     "tiles": SMALL_TILES},
+    # TensorFlow's SAME for a 4x4 conv and a 2x2 / 2 pool: the extra row and column at the bottom and right.
+    "same-even-kernels": {"batch": 2, "c_in": 3, "c_out": 16, "size": (9, 9), "kernel": (4, 4),
+                          "padding": (1, 1, 2, 2), "pool_size": 2, "pool_stride": 2, "pool_padding": (0, 0, 1, 1)},
+    # Pool padding past half the window, differing at each end, in ceil mode; SAME_LOWER-like conv padding.
+    "pool-pads-to-size-1": {"batch": 1, "c_in": 4, "c_out": 20, "size": (10, 9), "kernel": (3, 2),
+                            "padding": (1, 1, 0, 0), "pool_padding": (2, 0, 1, 2), "ceil_mode": True},
     "picked-config": {"batch": 1, "c_in": 6, "c_out": 48, "size": (11, 11), "kernel": (3, 3), "tiles": None},
 }  # fmt: skip
 

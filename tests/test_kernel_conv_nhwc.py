@@ -9,8 +9,8 @@ start as NaN so an element never written fails.
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_support import DEVICE, INTERPRETING, PRECISIONS, TOLERANCES, activate, random
-from test_kernel_conv import GEOMETRIES
+from kernel_support import DEVICE, INTERPRETING, PRECISIONS, TOLERANCES, activate, explicitly_padded, four_pads, random
+from test_kernel_conv import ASYMMETRIC, GEOMETRIES
 
 from netdsl.codegen.conv_nhwc import conv2d_nhwc
 
@@ -32,8 +32,9 @@ def check(geometry: dict, precision: str = "fp32", layout: str = "nhwc", activat
     weight = random(generator, c_out, c_in // groups, *kernel, scale=fan_in**-0.5).to(DEVICE, dtype)
     bias = random(generator, c_out, scale=0.5).to(DEVICE, dtype)
     conv = {key: geometry.get(key, default) for key, default in (("stride", 1), ("padding", 0), ("dilation", 1))}
-    x = torch.cat(inputs, dim=1).double()
-    expected = activate(F.conv2d(x, weight.double(), bias.double(), groups=groups, **conv), activation, 0.2)
+    x = explicitly_padded(torch.cat(inputs, dim=1).double(), conv["padding"])
+    torch_conv = {**conv, "padding": 0} if four_pads(conv["padding"]) else conv
+    expected = activate(F.conv2d(x, weight.double(), bias.double(), groups=groups, **torch_conv), activation, 0.2)
     memory = CHANNELS_LAST if layout == "nhwc" else torch.contiguous_format
     out = torch.full(expected.shape, float("nan"), dtype=dtype, device=DEVICE).contiguous(memory_format=memory)
     actual = conv2d_nhwc(
@@ -49,6 +50,13 @@ def check(geometry: dict, precision: str = "fp32", layout: str = "nhwc", activat
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 def test_geometry(geometry: str, layout: str):
     check(GEOMETRIES[geometry], layout=layout)
+
+
+@pytest.mark.parametrize("geometry", list(ASYMMETRIC))
+def test_padding_each_side_on_its_own(geometry: str):
+    """conv.py's cases of padding PyTorch cannot express, with 16+ channels per group as this kernel's layers have."""
+    wide = {**ASYMMETRIC[geometry], "channels": (16 * ASYMMETRIC[geometry].get("groups", 1),)}
+    check(wide, config=None)
 
 
 TWO_INPUTS = {

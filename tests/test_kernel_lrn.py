@@ -8,7 +8,7 @@ checked against the loop only.
 import numpy as np
 import pytest
 import torch
-from kernel_support import DEVICE
+from kernel_support import DEVICE, explicit_pool
 from torch.nn.functional import local_response_norm, max_pool2d
 
 from netdsl.codegen.lrn import lrn, lrn_maxpool
@@ -133,6 +133,28 @@ def test_lrn_maxpool_matches_torch(batch, channels, pool_size, pool_stride, pool
     torch.testing.assert_close(got, expected, **TOLERANCES[x.dtype])
 
 
+@pytest.mark.parametrize(
+    ("pool_size", "pool_stride", "pool_padding", "ceil_mode"),
+    [
+        (2, 2, (0, 0, 1, 1), False),
+        (2, 2, (1, 1, 0, 0), True),
+        (3, 2, (2, 0, 1, 2), False),
+        ((4, 3), 1, (3, 2, 0, 1), True),
+    ],
+)
+def test_lrn_maxpool_with_padding_pytorch_cannot_express(pool_size, pool_stride, pool_padding, ceil_mode):
+    """Padding (top, left, bottom, right) that differs at the two ends or passes half the window: against the max
+    of explicitly padded PyTorch (tests/kernel_support.py)."""
+    x = random_input((2, 6, 9, 8), seed=17, scale=2.0)
+    params = STRONG[1]
+    got = lrn_maxpool(x, **params, pool_size=pool_size, pool_stride=pool_stride, pool_padding=pool_padding,
+                      ceil_mode=ceil_mode, config=ONE_TILE)  # fmt: skip
+    window = pool_size if isinstance(pool_size, tuple) else (pool_size, pool_size)
+    expected = explicit_pool(torch_lrn(x, **params), "max", window, (pool_stride, pool_stride), pool_padding,
+                             ceil_mode=ceil_mode).float()  # fmt: skip
+    torch.testing.assert_close(got, expected, **TOLERANCES[x.dtype])
+
+
 @pytest.mark.parametrize("relu_first", [False, True])
 def test_lrn_maxpool_across_tiles_matches_paper_loop(relu_first):
     x = random_input((2, 40, 11, 11), seed=16, scale=2.0)
@@ -169,7 +191,7 @@ def test_rejects_bad_arguments():
         lrn(x, k=-1.0)
     with pytest.raises(ValueError, match="size"):
         lrn(x, size=0)
-    with pytest.raises(ValueError, match="half the pooling window"):
+    with pytest.raises(ValueError, match="smaller than the pooling window"):
         lrn_maxpool(x, 5, 1e-4, 0.75, 2.0, pool_size=2, pool_stride=2, pool_padding=2)
     with pytest.raises(ValueError, match="out must be"):
         lrn_maxpool(x, 5, 1e-4, 0.75, 2.0, pool_size=3, pool_stride=2, out=torch.empty(1, 4, 3, 3, device=DEVICE))

@@ -1,8 +1,10 @@
 """Max and average pooling kernels against PyTorch's pooling on fresh random inputs."""
 
+import random
+
 import pytest
 import torch
-from kernel_support import DEVICE
+from kernel_support import DEVICE, explicit_pool, onnx_length
 from torch.nn.functional import avg_pool2d, max_pool2d
 
 from netdsl.codegen.pool import global_avg_pool2d, pool2d, pooled_size
@@ -135,9 +137,79 @@ def test_rejects_bad_arguments():
     x = random_input((1, 2, 6, 6))
     with pytest.raises(ValueError, match="kind"):
         pool2d(x, "min", 2, 2)
-    with pytest.raises(ValueError, match="half the pooling window"):
-        pool2d(x, "max", 3, 2, padding=2)
+    with pytest.raises(ValueError, match="smaller than the pooling window"):
+        pool2d(x, "max", 3, 2, padding=3)
     with pytest.raises(ValueError, match="out must be"):
         pool2d(x, "max", 2, 2, out=torch.empty(1, 2, 4, 4, device=DEVICE))
     with pytest.raises(ValueError, match="4-D"):
         pool2d(x[0], "max", 2, 2)
+
+
+def _onnx_windows(count: int, seed: int = 11) -> list[tuple]:
+    """Random windows PyTorch's pooling cannot express: each side padded on its own up to size - 1, dilations,
+    ceil mode, on small maps; only those where every window reads an input value (netdsl refuses the rest)."""
+    rng = random.Random(seed)
+    cases = []
+    while len(cases) < count:
+        size = (rng.randint(1, 4), rng.randint(1, 4))
+        stride = (rng.randint(1, 3), rng.randint(1, 3))
+        dilation = (rng.randint(1, 3), rng.randint(1, 3))
+        pads = tuple(rng.randint(0, size[axis % 2] - 1) for axis in range(4))
+        ceil_mode = rng.random() < 0.5
+        shape = (rng.randint(1, 2), 3, rng.randint(3, 8), rng.randint(3, 8))
+        rows = onnx_length(shape[2], size[0], stride[0], pads[0], pads[2], dilation[0], ceil_mode)
+        cols = onnx_length(shape[3], size[1], stride[1], pads[1], pads[3], dilation[1], ceil_mode)
+        if min(rows, cols) < 1:
+            continue  # no window fits
+        if explicit_pool(torch.zeros(1, 1, *shape[2:]), "max", size, stride, pads, dilation, ceil_mode).isinf().any():
+            continue  # a window reads only padding
+        cases.append((shape, size, stride, pads, dilation, ceil_mode))
+    return cases
+
+
+ONNX_WINDOWS = _onnx_windows(40)
+
+
+@pytest.mark.parametrize(
+    ("shape", "size", "stride", "pads", "dilation", "ceil_mode"),
+    ONNX_WINDOWS,
+    ids=[f"k{c[1]}-s{c[2]}-p{c[3]}-d{c[4]}{'-ceil' if c[5] else ''}".replace(" ", "") for c in ONNX_WINDOWS],
+)
+def test_padding_and_dilation_as_onnx_defines_them(shape, size, stride, pads, dilation, ceil_mode):
+    """Against explicitly padded PyTorch (tests/kernel_support.py): max, and averages with and without padding
+    in the divisor."""
+    x = random_input(shape, seed=sum(shape) + sum(pads))
+    for kind, count_include_pad in (("max", True), ("avg", True), ("avg", False)):
+        got = pool2d(x, kind, size, stride, pads, ceil_mode, count_include_pad, dilation=dilation)
+        expected = explicit_pool(x, kind, size, stride, pads, dilation, ceil_mode, count_include_pad).float()
+        torch.testing.assert_close(got, expected, **TOLERANCES[x.dtype])
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_same_padding_of_even_windows(kind):
+    """TensorFlow's SAME for a 2x2 window of stride 2 on odd maps pads the bottom and the right only; SAME_LOWER
+    the top and the left."""
+    x = random_input((2, 3, 7, 9), seed=12)
+    for pads in ((0, 0, 1, 1), (1, 1, 0, 0)):
+        got = pool2d(x, kind, 2, 2, pads, count_include_pad=False)
+        assert got.shape == (2, 3, 4, 5)
+        expected = explicit_pool(x, kind, (2, 2), (2, 2), pads, count_include_pad=False).float()
+        torch.testing.assert_close(got, expected, **TOLERANCES[x.dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_padding_and_dilation_in_low_precision(dtype):
+    x = random_input((1, 4, 9, 8), dtype, seed=13)
+    got = pool2d(x, "avg", (3, 2), 2, (2, 0, 1, 1), True, True, dilation=(2, 3))
+    expected = explicit_pool(x.float(), "avg", (3, 2), (2, 2), (2, 0, 1, 1), (2, 3), True, True).to(dtype)
+    torch.testing.assert_close(got, expected, **TOLERANCES[dtype])
+
+
+def test_rejects_padding_it_cannot_pool():
+    x = random_input((1, 2, 6, 6))
+    with pytest.raises(ValueError, match="smaller than the pooling window"):
+        pool2d(x, "avg", 3, 1, (0, 0, 3, 0))
+    with pytest.raises(ValueError, match="bad pooling window"):
+        pool2d(x, "max", 3, 1, (0, -1, 0, 0))
+    with pytest.raises(ValueError, match="reads only padding"):
+        pool2d(x[:, :, :2, :2], "max", 2, 2, 1, dilation=3)

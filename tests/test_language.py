@@ -489,7 +489,8 @@ def test_ceil_mode_drops_a_last_window_that_would_start_in_the_padding():
 
 def test_pool_stride_defaults_to_the_window_and_rectangular_windows():
     graph = build("input x: 3 x 12 x 9\na = maxpool(x, 3)\nb = avgpool(x, (2, 3), stride=(2, 1), count_pad=false)\n")
-    assert layer(graph, "a").params == {"size": (3, 3), "stride": (3, 3), "pad": (0, 0), "ceil": False}
+    params = {"size": (3, 3), "stride": (3, 3), "pad": (0, 0), "dilation": (1, 1), "ceil": False}
+    assert layer(graph, "a").params == params
     assert shape(graph, "a") == (3, 4, 3)
     assert shape(graph, "b") == (3, 6, 7)
     assert layer(graph, "b").params["count_pad"] is False

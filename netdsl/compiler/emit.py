@@ -22,10 +22,11 @@ import networkx as nx
 
 from netdsl._version import __version__
 from netdsl.codegen.source import device_functions
+from netdsl.codegen.windows import compact
 from netdsl.compiler.layout import weight_layouts
 from netdsl.compiler.steps import Step, identifier
 from netdsl.ir.dtypes import TORCH_NAMES
-from netdsl.ir.ops import layer_tensors
+from netdsl.ir.ops import layer_pads, layer_tensors
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ FAMILIES: dict[str, Family] = {
         {_JOIN}
         return family.pool2d(
             x, P["mode"], P["size"], P["stride"], P["pad"], ceil_mode=P["ceil"], count_include_pad=P["count_pad"],
-            out=out, kernel=KERNEL,
+            out=out, dilation=P["dilation"], kernel=KERNEL,
         )""",
     ),
     "global_avgpool": Family(
@@ -188,20 +189,20 @@ def kernel_parameters(step: Step, input_precision: str) -> dict[str, object]:
             "input_precision": input_precision,
         }
         if step.kind == "conv":
-            params.update(stride=p["stride"], pad=p["pad"], dilation=p["dilation"], groups=p["groups"])
+            params.update(stride=p["stride"], pad=_pads(first), dilation=p["dilation"], groups=p["groups"])
         return params
     if step.kind == "conv_lrn_maxpool":
         conv, _, norm, pool = step.layers
         return {
             "stride": conv.params["stride"],
-            "pad": conv.params["pad"],
+            "pad": _pads(conv),
             "dilation": conv.params["dilation"],
             "groups": conv.params["groups"],
             "input_precision": input_precision,
             **{key: norm.params[key] for key in ("size", "alpha", "beta", "k")},
             "pool_size": pool.params["size"],
             "pool_stride": pool.params["stride"],
-            "pool_pad": pool.params["pad"],
+            "pool_pad": _pads(pool),
             "ceil": pool.params["ceil"],
         }
     if step.kind in ("lrn", "lrn_maxpool"):
@@ -210,20 +211,28 @@ def kernel_parameters(step: Step, input_precision: str) -> dict[str, object]:
         params["relu_first"] = bool(step.options.get("relu_first"))
         if step.kind == "lrn_maxpool":
             pool = step.last.params
-            params.update(pool_size=pool["size"], pool_stride=pool["stride"], pool_pad=pool["pad"], ceil=pool["ceil"])
+            params.update(pool_size=pool["size"], pool_stride=pool["stride"], pool_pad=_pads(step.last))
+            params["ceil"] = pool["ceil"]
         return params
     if step.kind == "pool" and first.op != "global_avgpool":  # the global pool needs none: its window is the map
         return {
             "mode": "max" if first.op == "maxpool" else "avg",
             "size": p["size"],
             "stride": p["stride"],
-            "pad": p["pad"],
+            "pad": _pads(first),
+            "dilation": p["dilation"],
             "ceil": p["ceil"],
             "count_pad": p.get("count_pad", True),
         }
     if step.kind == "eltwise":
         return {"op": first.op, "slope": float(p.get("slope", 0.0)), "eps": float(p.get("eps", 0.0))}
     return {}
+
+
+def _pads(item) -> tuple[int, ...]:
+    """A conv's or pool's padding of its input as numbers: (h, w), or (top, left, bottom, right) where the
+    ends of an axis differ (`same` worked out for the input's size)."""
+    return compact(layer_pads(item.params, item.input_shape[1:]))
 
 
 def _literal(value) -> str:

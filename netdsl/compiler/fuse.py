@@ -7,7 +7,7 @@ runs on one device). Emission is elsewhere: this pass only decides the groups.
 Rules, tried in order at each layer that no group has claimed yet:
 - conv + activation, fc + activation: the activation becomes the kernel's epilogue
   (bias is always part of a conv or fc kernel);
-- [relu] + lrn + maxpool: the normalized map never goes to memory; lrn alone otherwise;
+- [relu] + lrn + maxpool (without dilation): the normalized map never goes to memory; lrn alone otherwise;
 - a concat read only by convs/fcs on its own device disappears: the readers take its inputs directly;
 - flatten is free (a view of its input); everything else is a kernel of its own.
 """
@@ -68,12 +68,18 @@ def _only_reader(graph: nx.DiGraph, item: Layer, op: set[str]) -> Layer | None:
     return reader
 
 
+def _fusable_pool(graph: nx.DiGraph, norm: Layer) -> Layer | None:
+    """The max-pool reading only `norm`, if the fused LRN + max-pool kernels can run it (they take no dilation)."""
+    pool = _only_reader(graph, norm, {"maxpool"})
+    return pool if pool is not None and pool.params["dilation"] == (1, 1) else None
+
+
 def _stage(graph: nx.DiGraph, conv: Layer) -> list[Layer] | None:
     """conv -> relu -> lrn -> maxpool, each the only reader of the one before, on one device, with every
     channel of a conv group in one tile and the LRN normalizing exactly the conv's groups."""
     relu = _only_reader(graph, conv, {"relu"})
     norm = relu and _only_reader(graph, relu, {"lrn"})
-    pool = norm and _only_reader(graph, norm, {"maxpool"})
+    pool = norm and _fusable_pool(graph, norm)
     if pool is None or len(conv.inputs) != 1:
         return None
     groups = conv.params["groups"]
@@ -103,7 +109,7 @@ def _match(graph: nx.DiGraph, item: Layer, batch: int, dtype: str) -> tuple[list
             group, kind, options = _match(graph, norm, batch, dtype)
             return [item, *group], kind, {**options, "relu_first": True}
     if item.op == "lrn":
-        pool = _only_reader(graph, item, {"maxpool"})
+        pool = _fusable_pool(graph, item)
         if pool is not None:
             return [item, pool], "lrn_maxpool", {"relu_first": False}
         return [item], "lrn", {"relu_first": False}

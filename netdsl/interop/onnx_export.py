@@ -13,6 +13,9 @@ Conventions carried over from netdsl/ir/ops.py:
 - fc flattens each input (channel-major), joins them, then Gemm with transB=1 (weight is units x inputs).
 - a one-input layer reading several inputs gets a Concat on channels (axis 1) first.
 - dropout is the identity at inference and is left out.
+- padding is written as the four `pads` of the input it reads (`same` worked out for its size). A dilated
+  average pool needs opset 19, and a ceil-mode pool whose last window would start in the end padding (dropped,
+  as onnxruntime drops it) opset 22, which says so: the model then gets that opset.
 
 Names: ONNX allows any string, but layer names such as `conv1.relu@gpu0` are rewritten to
 `conv1.relu_gpu0` (anything outside letters, digits, `_`, `.`, `-` becomes `_`), kept unique.
@@ -30,6 +33,7 @@ import numpy as np
 
 from netdsl.files import write_atomic_bytes
 from netdsl.ir import layers
+from netdsl.ir.ops import layer_pads
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
@@ -68,6 +72,7 @@ def build_onnx(graph: nx.DiGraph, weights: Mapping[str, np.ndarray], opset: int 
 
     if opset < 13:
         raise ValueError(f"opset {opset} is too old: export needs opset 13 or later")
+    opset = max(opset, needed_opset(graph))
     names = _Names()
     nodes: list = []
     initializers: list = []
@@ -139,6 +144,33 @@ def build_onnx(graph: nx.DiGraph, weights: Mapping[str, np.ndarray], opset: int 
     return model
 
 
+def needed_opset(graph: nx.DiGraph) -> int:
+    """The oldest opset that says what every layer computes: 22 where a ceil-mode pool drops a last window that
+    would start in the end padding (onnxruntime always drops it, but ONNX says so, and infers shapes so, only
+    from opset 22 on); 19 for a dilated average pool (AveragePool's `dilations`)."""
+    needed = 13
+    for item in layers(graph):
+        if item.op not in ("maxpool", "avgpool"):
+            continue
+        if item.params["ceil"] and _drops_a_window(item):
+            needed = max(needed, 22)
+        if item.op == "avgpool" and item.params["dilation"] != (1, 1):
+            needed = max(needed, 19)
+    return needed
+
+
+def _drops_a_window(item) -> bool:
+    """Whether a ceil-mode pool has fewer windows than ceil((n + pads - span) / stride) + 1 along an axis."""
+    pads = layer_pads(item.params, item.input_shape[1:])
+    for n, k, s, d, begin, end, out in zip(
+        item.input_shape[1:], item.params["size"], item.params["stride"], item.params["dilation"], pads[:2], pads[2:],
+        item.shape[1:], strict=True,
+    ):  # fmt: skip
+        if -(-(n + begin + end - d * (k - 1) - 1) // s) + 1 != out:
+            return True
+    return False
+
+
 def check_structure(model) -> None:
     """`onnx.checker` (full check) and strict shape inference on `model` without its large weights:
     float initializers become typed graph inputs of the same shapes, so a VGG-sized model checks in
@@ -180,14 +212,14 @@ def _one_input(item, p: dict, x: str, out: str, node, weight, init, names) -> No
         conv_in = [x, weight(item.name, "weight")]
         if p.get("bias", True):
             conv_in.append(weight(item.name, "bias"))
-        (ph, pw), (kh, kw) = p["pad"], p["size"]
+        kh, kw = p["size"]
         node(
             "Conv",
             conv_in,
             out,
             kernel_shape=[kh, kw],
             strides=list(p["stride"]),
-            pads=[ph, pw, ph, pw],
+            pads=list(layer_pads(p, item.input_shape[1:])),
             dilations=list(p["dilation"]),
             group=int(p["groups"]),
         )
@@ -209,13 +241,14 @@ def _one_input(item, p: dict, x: str, out: str, node, weight, init, names) -> No
             normed = [node("LRN", [part], names.fresh(f"{out}/lrn{g}"), **attrs) for g, part in enumerate(parts)]
             node("Concat", normed, out, axis=1)
     elif op in ("maxpool", "avgpool"):
-        (ph, pw) = p["pad"]
         attrs = dict(
             kernel_shape=list(p["size"]),
             strides=list(p["stride"]),
-            pads=[ph, pw, ph, pw],
+            pads=list(layer_pads(p, item.input_shape[1:])),
             ceil_mode=int(bool(p["ceil"])),
         )
+        if p["dilation"] != (1, 1):
+            attrs["dilations"] = list(p["dilation"])
         if op == "avgpool":
             attrs["count_include_pad"] = int(bool(p["count_pad"]))
         node("MaxPool" if op == "maxpool" else "AveragePool", [x], out, **attrs)

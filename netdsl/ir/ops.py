@@ -11,6 +11,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from netdsl.codegen.windows import SAME_WORDS, Pads, compact, empty_window, four_pads, output_length
+
 Shape = tuple[int, ...]
 REQUIRED = object()
 
@@ -34,7 +36,8 @@ class ShapeError(Exception):
 
 @dataclass(frozen=True)
 class Param:
-    """One layer parameter. `kind` is int, float, bool, pair (n or (h, w)) or pad (a pair or `same`)."""
+    """One layer parameter. `kind` is int, float, bool, pair (n or (h, w)) or pad (a pair, four pads
+    (top, left, bottom, right), `same`, `same_lower` or `valid`)."""
 
     name: str
     kind: str
@@ -82,36 +85,45 @@ def _need_map(op: str, shape: Shape) -> tuple[int, int, int]:
     return shape
 
 
-def window_out(size: int, kernel: int, stride: int, pad: int, dilation: int = 1, ceil: bool = False) -> int:
-    """Output length of a sliding window: the floor rule, or the ceil rule of Caffe pooling."""
-    span = dilation * (kernel - 1) + 1
-    room = size + 2 * pad - span
-    if room < 0:
-        return 0
-    if not ceil:
-        return room // stride + 1
-    out = -(-room // stride) + 1
-    if (out - 1) * stride >= size + pad:  # the last window must start inside the input or left pad
-        out -= 1
-    return out
+def layer_pads(p: dict, size: tuple[int, int]) -> Pads:
+    """The (top, left, bottom, right) padding of a conv or pooling layer (its normalized `p`) over an input of
+    `size` (h, w): `same` and `same_lower` depend on it."""
+    return four_pads(p["pad"], size, p["size"], p["stride"], p.get("dilation", (1, 1)))
 
 
-def _spatial(op: str, x: Shape, kernel, stride, pad, dilation=(1, 1), ceil=False) -> tuple[int, int]:
+def _spatial(op: str, x: Shape, kernel, stride, pads: Pads, dilation=(1, 1), ceil=False) -> tuple[int, int]:
     _c, h, w = _need_map(op, x)
+    top, left, bottom, right = pads
     out = tuple(
-        window_out(n, k, s, p, d, ceil) for n, k, s, p, d in zip((h, w), kernel, stride, pad, dilation, strict=False)
+        output_length(n, k, s, begin, end, d, ceil)
+        for n, k, s, begin, end, d in zip((h, w), kernel, stride, (top, left), (bottom, right), dilation, strict=True)
     )
     if min(out) <= 0:
         eff = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation, strict=False))
         raise ShapeError(
-            f"the {eff[0]}x{eff[1]} window (with padding {pad[0]}x{pad[1]}) does not fit the {_fmt(x)} input",
+            f"the {eff[0]}x{eff[1]} window (with padding {_pads_text(pads)}) does not fit the {_fmt(x)} input",
             hint="use a smaller kernel, more padding, or a larger input",
         )
     return out
 
 
+def _pads_text(pads: Pads, pair_as: str = "{0}x{1}") -> str:
+    """Padding for a message: as (h, w) in `pair_as`'s form where both ends of each axis are alike."""
+    short = compact(pads)
+    return pair_as.format(*short) if len(short) == 2 else f"{short} (top, left, bottom, right)"
+
+
 def _pair(value) -> tuple[int, int]:
     return value if isinstance(value, tuple) else (value, value)
+
+
+def _normalize_pad(p: dict) -> None:
+    """`pad` as (h, w) when both ends of each axis are padded alike, else (top, left, bottom, right); `same`
+    and `same_lower` stay words where they depend on the input's size (a stride above 1)."""
+    pad = p["pad"]
+    if pad in SAME_WORDS and p["stride"] == (1, 1):  # then the padding is the same for every input size
+        pad = four_pads(pad, (1, 1), p["size"], p["stride"], p.get("dilation", (1, 1)))
+    p["pad"] = pad if pad in SAME_WORDS else compact(four_pads(pad))
 
 
 # --- the op kinds ---------------------------------------------------------------------------------
@@ -121,17 +133,7 @@ def _conv_normalize(p: dict) -> dict:
     p = dict(p)
     for key in ("size", "stride", "dilation"):
         p[key] = _pair(p[key])
-    if p["pad"] == "same":
-        if p["stride"] != (1, 1):
-            raise ParamError("pad=same needs stride 1", "give the padding explicitly, e.g. pad=2", "pad")
-        spans = [d * (k - 1) for k, d in zip(p["size"], p["dilation"], strict=False)]
-        if any(n % 2 for n in spans):
-            raise ParamError("pad=same needs an odd kernel size", "give the padding explicitly", "pad")
-        p["pad"] = (spans[0] // 2, spans[1] // 2)
-    elif p["pad"] == "valid":
-        p["pad"] = (0, 0)
-    else:
-        p["pad"] = _pair(p["pad"])
+    _normalize_pad(p)
     if p["filters"] % p["groups"]:
         raise ParamError(
             f"{p['filters']} filters cannot be split into {p['groups']} groups",
@@ -148,7 +150,8 @@ def _conv_shape(p: dict, ins: list[Shape]) -> Shape:
             f"{c} input channels cannot be split into {p['groups']} groups",
             hint="the input channels must be a multiple of groups",
         )
-    return (p["filters"], *_spatial("conv", ins[0], p["size"], p["stride"], p["pad"], p["dilation"]))
+    pads = layer_pads(p, ins[0][1:])
+    return (p["filters"], *_spatial("conv", ins[0], p["size"], p["stride"], pads, p["dilation"]))
 
 
 def _conv_weights(p: dict, x: Shape) -> dict[str, Shape]:
@@ -179,15 +182,45 @@ def _pool_normalize(p: dict) -> dict:
     p = dict(p)
     p["size"] = _pair(p["size"])
     p["stride"] = p["size"] if p["stride"] is None else _pair(p["stride"])
-    p["pad"] = _pair(p["pad"])
-    if any(2 * pad > k for pad, k in zip(p["pad"], p["size"], strict=False)):
-        raise ParamError("pooling padding must be at most half the window", "use pad <= size / 2", "pad")
+    p["dilation"] = _pair(p["dilation"])
+    _normalize_pad(p)
+    too_much = p["pad"] not in SAME_WORDS and _too_much_pool_padding(four_pads(p["pad"]), p["size"])
+    if too_much:
+        raise ParamError(too_much, _POOL_PAD_HINT, "pad")
     return p
+
+
+_POOL_PAD_HINT = "pad at most size - 1 on each side"
+
+
+def _too_much_pool_padding(pads: Pads, size: tuple[int, int]) -> str | None:
+    """What is wrong with pooling padding that is not below the window on every side (ONNX's limit; PyTorch's
+    is half the window), or None."""
+    if all(pad < k for pad, k in zip(pads, (*size, *size), strict=True)):
+        return None
+    written = _pads_text(pads, "{0}" if len(set(pads)) == 1 else "({0}, {1})")
+    return f"pooling padding {written} must be smaller than the {size[0]}x{size[1]} window"
 
 
 def _pool_shape(op: str) -> Callable[[dict, list[Shape]], Shape]:
     def rule(p: dict, ins: list[Shape]) -> Shape:
-        return (ins[0][0], *_spatial(op, ins[0], p["size"], p["stride"], p["pad"], ceil=p["ceil"]))
+        _need_map(op, ins[0])
+        pads = layer_pads(p, ins[0][1:])
+        too_much = _too_much_pool_padding(pads, p["size"])  # `same` padding, worked out for this input
+        if too_much:
+            raise ShapeError(too_much, hint=_POOL_PAD_HINT)
+        out = _spatial(op, ins[0], p["size"], p["stride"], pads, p["dilation"], ceil=p["ceil"])
+        for axis, n, k, s, begin, d in zip(
+            ("row", "column"), ins[0][1:], p["size"], p["stride"], pads[:2], p["dilation"], strict=True
+        ):
+            first = empty_window(n, k, s, begin, d)
+            if first is not None:
+                raise ShapeError(
+                    f"the window at output {axis} {first} reads only padding: its {k} taps {d} apart step over "
+                    f"all {n} input {axis}s",
+                    hint="use less padding or a smaller dilation",
+                )
+        return (ins[0][0], *out)
 
     return rule
 
@@ -256,7 +289,7 @@ OPS: dict[str, OpSpec] = {
                 Param("filters", "int", minimum=1, doc="output channels"),
                 Param("size", default=REQUIRED, doc="kernel size, n or (h, w)", **_PAIR_1),
                 Param("stride", default=1, doc="step between windows", **_PAIR_1),
-                Param("pad", "pad", 0, minimum=0, doc="zeros added on each side, n, (h, w), `same` or `valid`"),
+                Param("pad", "pad", 0, minimum=0, doc="zeros added around the input (see padding)"),
                 Param("dilation", default=1, doc="spacing between kernel taps", **_PAIR_1),
                 Param("groups", "int", 1, minimum=1, doc="channel groups (each filter sees channels/groups)"),
                 Param("bias", "bool", True, doc="add a learned bias per filter"),
@@ -315,7 +348,8 @@ OPS: dict[str, OpSpec] = {
             params=(
                 Param("size", default=REQUIRED, doc="window, n or (h, w)", **_PAIR_1),
                 Param("stride", default=None, doc="step between windows (default: size)", **_PAIR_1),
-                Param("pad", "pair", 0, minimum=0, doc="padding on each side (never wins the max)"),
+                Param("pad", "pad", 0, minimum=0, doc="padding around the input, below `size` (never wins the max)"),
+                Param("dilation", default=1, doc="spacing between window taps", **_PAIR_1),
                 Param("ceil", "bool", False, doc="round the output size up (Caffe pooling) instead of down"),
             ),
             positional=("size",),
@@ -328,7 +362,8 @@ OPS: dict[str, OpSpec] = {
             params=(
                 Param("size", default=REQUIRED, doc="window, n or (h, w)", **_PAIR_1),
                 Param("stride", default=None, doc="step between windows (default: size)", **_PAIR_1),
-                Param("pad", "pair", 0, minimum=0, doc="zero padding on each side"),
+                Param("pad", "pad", 0, minimum=0, doc="zero padding around the input, below `size`"),
+                Param("dilation", default=1, doc="spacing between window taps", **_PAIR_1),
                 Param("ceil", "bool", False, doc="round the output size up instead of down"),
                 Param("count_pad", "bool", True, doc="count padded zeros in the divisor"),
             ),
@@ -400,6 +435,8 @@ def describe_params(item) -> str:
 
 
 def _value(value, square: bool = False) -> str:
+    if isinstance(value, tuple) and len(value) != 2:  # padding (top, left, bottom, right)
+        return "(" + ",".join(map(str, value)) + ")"
     if isinstance(value, tuple):
         return str(value[0]) if value[0] == value[1] and not square else "x".join(map(str, value))
     if isinstance(value, bool):

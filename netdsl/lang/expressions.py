@@ -17,6 +17,7 @@ from netdsl.lang import syntax as s
 from netdsl.lang.scope import Block, Context, Preset, Symbol, Tensors, Towered, undefined
 
 MAX_NUMBER = 10**18
+PAD_WORDS = ("same", "same_lower", "valid")  # the words `pad` takes
 
 # --- constant expressions ------------------------------------------------------------------------
 
@@ -199,11 +200,21 @@ def param_value(spec: OpSpec, param: op_registry.Param, expr: s.Expr, ctx: Conte
             raise NetError(f"{where} must be true or false", expr.span, trace=ctx.trace)
         return value
     if kind == "pad" and isinstance(value, Symbol):
-        if value.word not in ("same", "valid"):
-            raise NetError(f"{where} must be a number, (h, w), same or valid", expr.span, trace=ctx.trace)
+        if value.word not in PAD_WORDS:
+            raise NetError(
+                f"{where} must be a number, (h, w), (top, left, bottom, right), same, same_lower or valid",
+                expr.span,
+                trace=ctx.trace,
+            )
         return value.word
     if kind in ("pair", "pad") and isinstance(value, tuple):
-        if len(value) != 2:
+        if kind == "pad" and len(value) not in (2, 4):
+            raise NetError(
+                f"{where} takes one number, two (h, w) or four (top, left, bottom, right), not {len(value)}",
+                expr.span,
+                trace=ctx.trace,
+            )
+        if kind == "pair" and len(value) != 2:
             raise NetError(f"{where} takes one number or two (h, w), not {len(value)}", expr.span, trace=ctx.trace)
         return tuple(_check_number(param, item, "int", expr, ctx, where) for item in value)
     number_kind = "float" if kind == "float" else "int"

@@ -55,7 +55,13 @@ class Towered:
         return self.copies.get(tower, self.outer) if tower else None
 
 
-BUILTINS = {"true": True, "false": False, "same": Symbol("same"), "valid": Symbol("valid")}
+BUILTINS = {
+    "true": True,
+    "false": False,
+    "same": Symbol("same"),
+    "same_lower": Symbol("same_lower"),
+    "valid": Symbol("valid"),
+}
 
 
 @dataclass

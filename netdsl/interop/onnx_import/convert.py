@@ -289,7 +289,7 @@ class Converter:
     def op_global_max_pool(self, node, where, attrs, inputs):
         x = self.act(inputs[0], where)
         _c, h, w = self.channels(x, where, "GlobalMaxPool")
-        params = {"size": (h, w), "stride": (h, w), "pad": (0, 0), "ceil": False}
+        params = {"size": (h, w), "stride": (h, w), "pad": (0, 0), "dilation": (1, 1), "ceil": False}
         return self.net.add_layer(node.output[0], "maxpool", params, [x], where)
 
     def axes(self, inputs, attrs, where) -> list[int] | None:
@@ -558,15 +558,14 @@ class Converter:
         x, attrs = self.take_padding(inputs[0], attrs, where, node.op_type)
         _c, h, w = self.channels(x, where, node.op_type)
         kernel = _pair(attrs["kernel_shape"], where, "kernel_shape")
-        if any(d != 1 for d in attrs.get("dilations", (1, 1))):
-            raise self.fail(f"{where}: {node.op_type} with dilations {list(attrs['dilations'])} is not supported")
+        dilation = _pair(attrs.get("dilations", (1, 1)), where, "dilations")
         stride = _pair(attrs.get("strides", (1, 1)), where, "strides")
         count_pad = bool(attrs.get("count_include_pad", 0)) if op == "avgpool" else None
         ceil_mode = bool(attrs.get("ceil_mode", 0))
-        pad, ceil = netdsl_window(self.file, where, op, attrs, (h, w), kernel, stride, (1, 1), ceil_mode, count_pad)
+        pad, ceil = netdsl_window(self.file, where, op, attrs, (h, w), kernel, stride, dilation, ceil_mode, count_pad)
         if kernel == (1, 1) and stride == (1, 1) and pad == (0, 0):
             return x  # a 1 x 1 window moved by 1: the identity (PyTorch's adaptive pool to the size it has)
-        params = {"size": kernel, "stride": stride, "pad": pad, "ceil": ceil}
+        params = {"size": kernel, "stride": stride, "pad": pad, "dilation": dilation, "ceil": ceil}
         if op == "avgpool":
             params["count_pad"] = count_pad
         return self.net.add_layer(node.output[0], op, params, [x], where)

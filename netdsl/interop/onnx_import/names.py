@@ -11,7 +11,7 @@ import re
 RESERVED = frozenset(
     {"net", "input", "output", "const", "include", "device", "towers", "block", "repeat", "return", "all", "train"}
 )
-BUILTINS = frozenset({"true", "false", "same", "valid"})
+BUILTINS = frozenset({"true", "false", "same", "same_lower", "valid"})
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _NOT_NAME = re.compile(r"[^A-Za-z0-9_]+")
 _TORCH_NAME = re.compile(r"/(?:(.+)/)?([A-Za-z]+)(?:_\d+)?_output_\d+\Z")

@@ -68,8 +68,11 @@ def _number(value) -> str:
     return re.sub(r"e([+-])0*(\d)", lambda m: "e" + ("-" if m.group(1) == "-" else "") + m.group(2), text)
 
 
-def _size(value: tuple[int, int]) -> str:
-    return str(value[0]) if value[0] == value[1] else f"({value[0]}, {value[1]})"
+def _size(value: tuple[int, ...]) -> str:
+    """n, (h, w), or padding (top, left, bottom, right)."""
+    if len(value) == 2 and value[0] == value[1]:
+        return str(value[0])
+    return "(" + ", ".join(map(str, value)) + ")"
 
 
 def _arguments(op: str, params: dict) -> list[str]:
@@ -97,6 +100,8 @@ def _arguments(op: str, params: dict) -> list[str]:
             args.append(f"stride={_size(p['stride'])}")
         if p["pad"] != (0, 0):
             args.append(f"pad={_size(p['pad'])}")
+        if p.get("dilation", (1, 1)) != (1, 1):
+            args.append(f"dilation={_size(p['dilation'])}")
         if p["ceil"]:
             args.append("ceil=true")
         if op == "avgpool" and not p["count_pad"] and p["pad"] != (0, 0):
