@@ -97,6 +97,11 @@ def _train(args: argparse.Namespace) -> int:
     graph = load_graph(net)
     recipe_file = load_recipe(args.recipe) if args.recipe is not None else []
     recipe = resolve(graph.graph.get("recipe", []), recipe_file, args, saved=saved)
+    if recipe.backend == "triton":
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # the same kernels, interpreted on the CPU
     if args.check_grads:
         return _check_grads(graph, recipe)
     if args.resume is None:

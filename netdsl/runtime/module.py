@@ -24,7 +24,7 @@ layer `a.weight` with a bias).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import networkx as nx
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from netdsl.codegen.reference import apply
+from netdsl.compiler.training import Group, training_groups
 from netdsl.errors import NetError
 from netdsl.ir import Layer, layers
 from netdsl.ir.ops import OPS, layer_tensors
@@ -39,6 +40,7 @@ from netdsl.runtime.devices import map_devices
 from netdsl.runtime.weights import checked_weights, init_weights, weight_specs
 
 DTYPES = (torch.float32, torch.float64)
+BACKENDS = ("torch", "triton")
 # Names a module's own code assigns to after construction or keeps its state under.
 RESERVED = frozenset(vars(torch.nn.Module())) | {"_netdsl"}
 
@@ -49,7 +51,8 @@ class _Plan:
 
     name: str  # the net's
     layers: list[Layer]
-    spent: list[tuple[str, ...]]  # per layer: the values no later layer reads (dropped after it ran)
+    groups: list[Group]  # what runs as one: a layer each with the torch backend, a training kernel's with triton
+    spent: list[tuple[str, ...]]  # per group: the values no later group reads (dropped after it ran)
     scopes: dict[str, torch.nn.Module]  # layer name -> the submodule holding its tensors
     tensors: dict[str, tuple[str, ...]]  # layer name -> its tensor names (parameters, then buffers)
     placed: dict[str, torch.device]  # logical device -> the torch device it was mapped to
@@ -58,6 +61,8 @@ class _Plan:
     outputs: list[str]
     softmax_output: bool
     tf32: bool | None
+    backend: str
+    kernels: Callable | None  # netdsl.runtime.kernel_ops.run_group with the triton backend (it imports Triton)
 
 
 class Scope(torch.nn.Module):
@@ -73,6 +78,8 @@ class GraphModule(torch.nn.Module):
     come from autocast around a float32 module); `tf32`: None leaves torch's TF32 switches as they are
     (cuDNN convolutions on a GPU use TF32 by default), a bool sets them for the forward pass (False:
     exact float32 products, as `Net` in fp32; the backward pass always follows torch's own switches).
+    `backend`: "torch" runs every layer with PyTorch; "triton" runs netdsl's own kernels, forward and
+    backward (netdsl.runtime.kernel_ops), grouped as netdsl.compiler.training groups them, in float32.
     """
 
     def __init__(
@@ -85,8 +92,17 @@ class GraphModule(torch.nn.Module):
         init: str = "paper",
         dtype: torch.dtype = torch.float32,
         tf32: bool | None = None,
+        backend: str = "torch",
     ) -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise NetError(f"unknown backend `{backend}`", where="backend", hint=f"backends: {', '.join(BACKENDS)}")
+        if backend == "triton" and dtype != torch.float32:
+            raise NetError(
+                f"the triton backend trains float32 parameters, not {dtype}",
+                where="dtype",
+                hint="bf16 and fp16 come from autocast around a float32 module",
+            )
         if dtype not in DTYPES:
             raise NetError(
                 f"a trainable module holds float32 or float64 parameters, not {dtype}",
@@ -104,10 +120,15 @@ class GraphModule(torch.nn.Module):
         outputs = list(graph.graph["outputs"])
         last = graph.nodes[outputs[0]]["layer"] if len(outputs) == 1 else None
         computed = [item for item in items if item.op != "input"]
+        if backend == "triton":
+            groups = training_groups(graph, computed)
+        else:
+            groups = [Group("reference", (item,)) for item in computed]
         plan = _Plan(
             name=str(graph.graph.get("name")),
             layers=computed,
-            spent=_spent(computed, outputs),
+            groups=groups,
+            spent=_spent(groups, outputs),
             scopes={},
             tensors={},
             placed=placed,
@@ -116,6 +137,8 @@ class GraphModule(torch.nn.Module):
             outputs=outputs,
             softmax_output=last is not None and last.op == "softmax",
             tf32=tf32,
+            backend=backend,
+            kernels=_kernel_runner() if backend == "triton" else None,
         )
         self._netdsl = plan
         for item in plan.layers:
@@ -211,7 +234,8 @@ class GraphModule(torch.nn.Module):
         # own dicts would be compiled in as a constant, and its gradient lost).
         stored = {**dict(self.named_parameters()), **dict(self.named_buffers())}
         with _tf32(plan.tf32):
-            for item, spent in zip(plan.layers, plan.spent):
+            for group, spent in zip(plan.groups, plan.spent):
+                item = group.first
                 device = devices[item.device]
                 inputs = []
                 for source in item.inputs:
@@ -222,14 +246,21 @@ class GraphModule(torch.nn.Module):
                 if item.name == final:
                     values[item.name] = apply("concat", {}, inputs, {})  # a softmax's input, joined
                     continue
-                tensors = {name: stored[f"{item.name}.{name}"] for name in plan.tensors.get(item.name, ())}
                 if self.training and item.op == "batchnorm":
                     _check_batch_statistics(item, inputs)
-                values[item.name] = apply(item.op, item.params, inputs, tensors, training=self.training)
+                values[group.last.name] = self._compute(group, inputs, stored)
                 for name in () if keep else spent:  # what autograd needs it keeps; the rest can go now
                     del values[name]
                     copies.pop(name, None)
         return values
+
+    def _compute(self, group: Group, inputs: list[torch.Tensor], stored: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One group's output: PyTorch's for a layer of its own, else netdsl's training kernel."""
+        item = group.first
+        tensors = {name: stored[f"{item.name}.{name}"] for name in self._netdsl.tensors.get(item.name, ())}
+        if group.kind == "reference" or (not self.training and group.kind in ("batch_norm", "dropout")):
+            return apply(item.op, item.params, inputs, tensors, training=self.training)
+        return self._netdsl.kernels(group, inputs, tensors, self.training, "tf32" if self._netdsl.tf32 else "ieee")
 
     def _device(self, logical: str) -> torch.device:
         anchor = self._netdsl.anchors.get(logical)
@@ -292,9 +323,15 @@ def _tensor(scope: torch.nn.Module, name: str) -> torch.Tensor:
     return found if found is not None else scope._buffers[name]
 
 
-def _spent(computed: list[Layer], outputs: list[str]) -> list[tuple[str, ...]]:
-    last_reader = {name: index for index, item in enumerate(computed) for name in item.inputs}
-    spent: list[list[str]] = [[] for _ in computed]
+def _kernel_runner() -> Callable:
+    from netdsl.runtime.kernel_ops import run_group
+
+    return run_group
+
+
+def _spent(groups: list[Group], outputs: list[str]) -> list[tuple[str, ...]]:
+    last_reader = {name: index for index, group in enumerate(groups) for name in group.first.inputs}
+    spent: list[list[str]] = [[] for _ in groups]
     for name, index in last_reader.items():
         if name not in outputs:
             spent[index].append(name)

@@ -137,7 +137,11 @@ class Trainer:
             self.total_epochs = recipe.epochs
             self.total_steps = recipe.epochs * self.steps_per_epoch
         self.module = GraphModule(
-            self.graph, devices=_device_map(self.graph, devices, self.world), seed=recipe.seed, init=recipe.init
+            self.graph,
+            devices=_device_map(self.graph, devices, self.world),
+            seed=recipe.seed,
+            init=recipe.init,
+            backend=recipe.backend,
         )
         self.names = {id(param): name for name, param in self.module.named_parameters()}
         self.optimizer = make_optimizer(
@@ -343,7 +347,7 @@ class Trainer:
         try:
             with self._autocast():
                 logits = self.model(x).float().flatten(1)
-            loss = F.cross_entropy(logits, y.to(logits.device), label_smoothing=recipe.label_smoothing)
+            loss = self._loss(logits, y.to(logits.device))
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
@@ -369,6 +373,14 @@ class Trainer:
             self.optimizer.step()
         correct = int((logits.argmax(dim=1) == y.to(logits.device)).sum())
         return loss.item(), correct
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Softmax cross-entropy on the logits: PyTorch's, or netdsl's kernel with the triton backend."""
+        if self.recipe.backend == "triton":
+            from netdsl.runtime.kernel_ops import cross_entropy
+
+            return cross_entropy(logits, y, self.recipe.label_smoothing)[0]
+        return F.cross_entropy(logits, y, label_smoothing=self.recipe.label_smoothing)
 
     def _check_compiled_gradients(self, x: torch.Tensor, y: torch.Tensor, rng: dict) -> None:
         """The compiled step's gradients against the same step in eager PyTorch (same weights, batch and random

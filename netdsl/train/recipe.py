@@ -163,6 +163,9 @@ class Recipe:
                          "scaling", choices=("fp32", "bf16", "fp16"))
     channels_last: bool = setting("bool", False, "", "channels-last memory layout on GPUs")
     compile: bool = setting("bool", False, "", "run the training step under torch.compile")
+    backend: str = setting("choice", "torch", "", "`torch`: every layer with PyTorch; `triton`: netdsl's own "
+                           "kernels forward and backward (conv, fc, LRN + max-pool, batch norm, dropout, the loss; "
+                           "on the CPU under Triton's interpreter, slowly)", choices=("torch", "triton"))
     init: str = setting("choice", "paper", "", "initial weights: `paper`: N(0, 0.01), biases 0 (1 in AlexNet's "
                         "conv2, conv4, conv5, fc6, fc7); `he`: N(0, 2 / fan_in), biases 0", choices=("paper", "he"))
     timeout: float = setting("number", 300.0, "seconds", "under torchrun, how long a collective waits for a rank "

@@ -1,0 +1,124 @@
+"""`netdsl train --backend triton`: the training step on netdsl's own kernels (conv, fc, LRN + max-pool, batch
+norm, dropout and the loss, forward and backward; under Triton's interpreter here) against the same steps on
+the torch backend, and against itself.
+
+Weights after K steps are compared as the norm of the difference over the norm of the weight (fp32, 1e-5):
+a max-pooling window whose two largest values differ by less than the two backends' rounding (about 1e-6)
+may route one gradient element elsewhere, which moves single elements of a gradient, not the step. Nets
+with dropout are trained here with a rate of 0 for the comparison: the kernels draw their masks from a
+counter-based stream, PyTorch from its own generator (the dropout kernels' statistics are tested apart).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from netdsl.cli.main import main
+from netdsl.train.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAIN = ("--mean", "none", "--std", "false", "--no-flip", "--pca-noise", "0", "--workers", "0", "--keep-best", "0")
+
+SMALL_ALEXNET = """\
+net small_alexnet
+device gpu0, gpu1
+input image: 3 x 27 x 27
+const norm = lrn(size=5, alpha=1e-4, beta=0.75, k=2)
+
+towers gpu0, gpu1 {
+    conv1 = conv(image, 8, size=5, stride=2) | relu | norm | maxpool(3, stride=2)
+    conv2 = conv(conv1, 12, size=3, pad=1)   | relu | norm | maxpool(3, stride=2)
+    conv3 = conv(all conv2, 12, size=3, pad=1) | relu
+    fc6   = fc(all conv3, 32) | relu | dropout(0)
+}
+fc8  = fc(all fc6, 10) on gpu0
+prob = softmax(fc8)
+output prob
+"""
+
+
+def nets(tmp_path: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    simplenet = (ROOT / "nets/simplenet.net").read_text().replace("1 x 64 x 64", "1 x 16 x 16")
+    (tmp_path / "simplenet.net").write_text(simplenet.replace("dropout(0.5)", "dropout(0)"))
+    (tmp_path / "small_alexnet.net").write_text(SMALL_ALEXNET)
+    return {
+        "lenet5": (ROOT / "nets/lenet5.net", (1, 32, 32)),
+        "simplenet": (tmp_path / "simplenet.net", (1, 16, 16)),
+        "small_alexnet": (tmp_path / "small_alexnet.net", (3, 27, 27)),
+    }
+
+
+def train(net: Path, data: Path, out: Path, backend: str, steps: int = 2) -> dict[str, torch.Tensor]:
+    code = main(
+        ["train", str(net), "--data", str(data), "--batch", "4", "--steps", str(steps), "--lr", "0.01", "--init",
+         "he", "--seed", "4", "--schedule", "constant", "--backend", backend, "--out", str(out), *PLAIN]
+    )  # fmt: skip
+    assert code == 0
+    return load_checkpoint(out / "checkpoints" / "last.ckpt").weights
+
+
+def arrays(tmp_path: Path, shape: tuple[int, ...]) -> Path:
+    rng = np.random.default_rng(3)
+    data = tmp_path / "d.npz"
+    np.savez(
+        data,
+        x=rng.standard_normal((8, *shape)).astype(np.float32),
+        y=rng.integers(0, 10, 8),
+        x_val=rng.standard_normal((2, *shape)).astype(np.float32),
+        y_val=rng.integers(0, 10, 2),
+    )
+    return data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["lenet5", "simplenet", "small_alexnet"])
+def test_steps_on_the_kernels_equal_steps_on_pytorch(tmp_path, which):
+    """Two steps (an epoch: the schedule, validation and a checkpoint between them)."""
+    net, shape = nets(tmp_path)[which]
+    data = arrays(tmp_path, shape)
+    kernels = train(net, data, tmp_path / "triton", "triton")
+    torch_ = train(net, data, tmp_path / "torch", "torch")
+    start = train(net, data, tmp_path / "start", "torch", steps=1)
+    assert set(kernels) == set(torch_)
+    for name, want in torch_.items():
+        if name.endswith(("running_mean", "running_var")):
+            error = float((kernels[name] - want).abs().max() / want.abs().max().clamp_min(1e-12))
+        else:
+            error = float((kernels[name] - want).norm() / want.norm().clamp_min(1e-12))
+        assert error <= 1e-5, (name, error)
+    moved = max(float((torch_[name] - start[name]).abs().max()) for name in torch_)
+    assert moved > 1e-4  # the second step changed the weights
+
+
+def test_the_kernels_train_to_the_same_bits_twice(tmp_path):
+    """No atomics, fixed-order reductions: the triton backend's training is deterministic."""
+    net, shape = nets(tmp_path)["lenet5"]
+    data = arrays(tmp_path, shape)
+    first, second = (train(net, data, tmp_path / name, "triton") for name in ("first", "second"))
+    for name, value in first.items():
+        assert torch.equal(second[name], value), name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on a CPU needs a C compiler")
+def test_the_kernels_compose_with_autograd_and_torch_compile():
+    """Every kernel is a torch.library custom operator with its backward an operator too: torch.compile traces
+    the forward and the backward around them (opaque calls) and gets the eager gradients."""
+    import netdsl
+    from netdsl.runtime.module import GraphModule
+
+    module = GraphModule(netdsl.load_graph(ROOT / "nets/lenet5.net"), init="he", seed=1, backend="triton").train()
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 1, 32, 32, generator=generator), torch.randint(0, 10, (4,), generator=generator)
+    torch.nn.functional.cross_entropy(module.logits(x).flatten(1), y).backward()
+    eager = {name: param.grad.clone() for name, param in module.named_parameters()}
+    module.zero_grad()
+    compiled = torch.compile(module.logits)
+    torch.nn.functional.cross_entropy(compiled(x).flatten(1), y).backward()
+    for name, param in module.named_parameters():
+        torch.testing.assert_close(param.grad, eager[name], rtol=1e-6, atol=1e-7, msg=name)
