@@ -87,7 +87,14 @@ def apply(
         )
     if op == "flatten":
         return x.flatten(1)
+    if op == "shuffle":
+        return shuffle(x, params["groups"])
     raise ValueError(f"no reference for op {op!r}")
+
+
+def shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """ShuffleNet's channel shuffle: the channels seen as groups x C/groups, transposed to C/groups x groups."""
+    return x.unflatten(1, (groups, x.shape[1] // groups)).transpose(1, 2).flatten(1, 2)
 
 
 def _pads(params: dict, x: torch.Tensor) -> tuple[int, int, int, int]:

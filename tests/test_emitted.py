@@ -22,7 +22,7 @@ TOLERANCE = {"fp32": 1e-4}  # relative to the largest output magnitude; exact fp
 
 # Small nets that together produce every kind of fused step: conv (one and two inputs, folded batch
 # norm, leaky ReLU epilogue), fc (one and two inputs), lrn alone and fused with max-pool, pooling of
-# every kind, softmax, the element-wise kernels (relu, batch norm, add) and concat.
+# every kind, softmax, the element-wise kernels (relu, batch norm, add), concat and the channel shuffle.
 MINI_ALEXNET = """
 net mini_alexnet
 input image: 3 x 35 x 35
@@ -50,6 +50,7 @@ h = maxpool(g, 2, ceil=true) | global_avgpool | flatten
 i = fc(h, 7) | softmax
 j = relu(k)              # reads a layer defined below
 k = avgpool(e, 2)
+s = shuffle(e, 4) | relu  # a kernel: its reader is no conv or fc
 """
 
 

@@ -144,6 +144,13 @@ FAMILIES: dict[str, Family] = {
             return family.elementwise(x, "affine", scale=scale, shift=shift, out=out, kernel=KERNEL)
         return family.elementwise(x, "copy", activation=P["op"], slope=P["slope"], out=out, kernel=KERNEL)""",
     ),
+    "shuffle": Family(
+        "shuffle",
+        "shuffle_kernel",
+        f"""
+        {_JOIN}
+        return family.shuffle(x, P["groups"], out=out, kernel=KERNEL)""",
+    ),
     "add": Family(
         "elementwise",
         "elementwise_kernel",
@@ -224,6 +231,8 @@ def kernel_parameters(step: Step, input_precision: str) -> dict[str, object]:
             "ceil": p["ceil"],
             "count_pad": p.get("count_pad", True),
         }
+    if step.kind == "shuffle":
+        return {"groups": p["groups"]}
     if step.kind == "eltwise":
         return {"op": first.op, "slope": float(p.get("slope", 0.0)), "eps": float(p.get("eps", 0.0))}
     return {}

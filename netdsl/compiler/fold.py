@@ -3,10 +3,17 @@
 - dropout is the identity at inference: it disappears and its readers read its input;
 - batch norm right after a conv (the conv's only reader, on the same device) folds into the conv's
   weights and bias: the conv records which batch norm it absorbed (`Layer.fields["folded"]`) and the
-  weights are folded when they are loaded.
+  weights are folded when they are loaded;
+- a channel shuffle whose only reader is a conv with groups 1 or an fc on its device (and that is not an
+  output) is a relabelling of that reader's input channels: it disappears, the reader records the
+  permutation (`Layer.fields["shuffled"]`: where the shuffled channels sit in what it reads) and its weights'
+  input channels (a conv's) or columns (an fc's) are permuted when they are loaded. A grouped conv keeps the
+  shuffle as a kernel: the permutation would move channels across its groups.
 """
 
 from __future__ import annotations
+
+import math
 
 import networkx as nx
 
@@ -22,6 +29,11 @@ def fold_inference(graph: nx.DiGraph) -> nx.DiGraph:
             if item.op == "batchnorm":
                 layer(graph, item.inputs[0]).fields.setdefault("folded", []).append(item.name)
             _bypass(graph, item)
+    for item in reversed(layers(graph)):  # readers first: a shuffle of a shuffle folds once the second has
+        reader = _shuffle_reader(graph, item) if item.op == "shuffle" else None
+        if reader is not None:
+            reader.fields.setdefault("shuffled", []).extend(_shuffled_slices(graph, reader, item))
+            _bypass(graph, item)
     return graph
 
 
@@ -36,6 +48,30 @@ def _folds_into_conv(graph: nx.DiGraph, norm: Layer) -> bool:
         and graph.out_degree(conv.name) == 1
         and conv.name not in graph.graph["outputs"]
     )
+
+
+def _shuffle_reader(graph: nx.DiGraph, shuffle: Layer) -> Layer | None:
+    """The conv with groups 1 or the fc that is the only reader of `shuffle` on its device, or None."""
+    readers = list(graph.successors(shuffle.name))
+    if len(shuffle.inputs) != 1 or len(readers) != 1 or shuffle.name in graph.graph["outputs"]:
+        return None
+    reader = layer(graph, readers[0])
+    takes = reader.op == "fc" or (reader.op == "conv" and reader.params["groups"] == 1)
+    return reader if takes and reader.device == shuffle.device else None
+
+
+def _shuffled_slices(graph: nx.DiGraph, reader: Layer, shuffle: Layer) -> list[dict]:
+    """Where `reader` reads `shuffle` in its joined input: the first input channel (a conv's) or feature (an
+    fc's, which flattens each input channel-major) of each read, with the shuffle's groups and map size."""
+    channels, height, width = shuffle.shape
+    slices, start = [], 0
+    for name in reader.inputs:
+        if name == shuffle.name:
+            slices.append({"layer": shuffle.name, "groups": shuffle.params["groups"], "start": start,
+                           "channels": channels, "pixels": height * width})  # fmt: skip
+        shape = layer(graph, name).shape
+        start += shape[0] if reader.op == "conv" else math.prod(shape)
+    return slices
 
 
 def _bypass(graph: nx.DiGraph, item: Layer) -> None:

@@ -12,8 +12,9 @@ The rule, for each step's output map (C x H x W per image):
 - a conv with at least `NHWC_MIN_CHANNELS` input channels per group reads channels-last
   (`options["kernel"] = "nhwc"`) and writes channels-last;
 - a map is channels-last when every step reading it can read either layout (convs, LRN, pooling,
-  element-wise steps, transfers whose readers can) and it is written by such a conv or read by a step
-  that is itself channels-last or such a conv: LRN and pooling between convs keep the layout;
+  element-wise steps, channel shuffles, transfers whose readers can) and it is written by such a conv or
+  read by a step that is itself channels-last or such a conv: LRN, pooling and shuffles between convs keep
+  the layout;
 - everything else is NCHW: net inputs and outputs, what an fc, softmax or flatten reads (a flattened
   map's element order is C, H, W), and vectors;
 - a transfer has its source's layout, so a copy between devices is one contiguous block.
@@ -31,7 +32,9 @@ from netdsl.ir import copy_graph
 LAYOUT_OPTIONS = ("auto", "nchw")
 NHWC_MIN_CHANNELS = 16  # input channels per group from which a conv runs channels-last (tl.dot's least K)
 # Steps whose kernels take any strides for their map inputs and outputs ...
-STRIDED_KINDS = {"conv", "conv_lrn_maxpool", "lrn", "lrn_maxpool", "pool", "eltwise", "add", "concat", "transfer"}
+STRIDED_KINDS = {
+    "conv", "conv_lrn_maxpool", "lrn", "lrn_maxpool", "pool", "eltwise", "add", "concat", "shuffle", "transfer"
+}  # fmt: skip
 # ... and among them those whose output is best laid out as their input is (a conv's is its own choice).
 PASS_THROUGH_KINDS = STRIDED_KINDS - {"conv", "conv_lrn_maxpool"}
 

@@ -63,7 +63,7 @@ PIPELINE: list[Pass] = [
     Pass("validate", validate, "check the graph's structure"),
     Pass("shapes", lambda g, o: infer_shapes(g), "infer every layer's output shape"),
     Pass("limits", _limits, "check each device's memory limit"),
-    Pass("fold", lambda g, o: fold_inference(g), "drop dropout, fold batch norm into the conv before it"),
+    Pass("fold", lambda g, o: fold_inference(g), "drop dropout, fold batch norms and shuffles into convs, fcs"),
     Pass("fuse", lambda g, o: fuse(g, o.batch, o.dtype), "group layers into kernels (the cost model picks some)"),
     Pass("place", lambda g, o: place(g), "partition by device, insert transfers"),
     Pass("layout", lambda g, o: choose_layouts(g, o.layout), "choose NCHW or channels-last for every map"),

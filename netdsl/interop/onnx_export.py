@@ -13,6 +13,8 @@ Conventions carried over from netdsl/ir/ops.py:
 - fc flattens each input (channel-major), joins them, then Gemm with transB=1 (weight is units x inputs).
 - a one-input layer reading several inputs gets a Concat on channels (axis 1) first.
 - dropout is the identity at inference and is left out.
+- a channel shuffle becomes Reshape [N, groups, C/groups, H, W] -> Transpose [0, 2, 1, 3, 4] -> Reshape
+  [N, C, H, W], as PyTorch exports ShuffleNet's (the batch kept by 0 entries of the shapes).
 - padding is written as the four `pads` of the input it reads (`same` worked out for its size). A dilated
   average pool needs opset 19, and a ceil-mode pool whose last window would start in the end padding (dropped,
   as onnxruntime drops it) opset 22, which says so: the model then gets that opset.
@@ -90,6 +92,11 @@ def build_onnx(graph: nx.DiGraph, weights: Mapping[str, np.ndarray], opset: int 
             raise KeyError(f"weight `{key}` is missing")
         return init(key, np.asarray(weights[key], dtype=np.float32))
 
+    def constant(base: str, value: np.ndarray) -> str:
+        onnx_name = names.fresh(base)
+        initializers.append(numpy_helper.from_array(value, onnx_name))
+        return onnx_name
+
     def node(op: str, inputs: list[str], output: str | list[str], **attrs) -> str:
         outputs = [output] if isinstance(output, str) else output
         nodes.append(helper.make_node(op, inputs, outputs, name=f"{outputs[0]}/{op}", **attrs))
@@ -122,7 +129,10 @@ def build_onnx(graph: nx.DiGraph, weights: Mapping[str, np.ndarray], opset: int 
             if item.op == "dropout":  # the identity at inference: readers take its input
                 tensor_of[item.name] = x
                 continue
-            _one_input(item, p, x, out, node, weight, init, names)
+            if item.op == "shuffle":
+                _shuffle(item, x, out, node, constant, names)
+            else:
+                _one_input(item, p, x, out, node, weight, init, names)
         tensor_of[item.name] = out
 
     graph_outputs = []
@@ -264,6 +274,18 @@ def _one_input(item, p: dict, x: str, out: str, node, weight, init, names) -> No
         node("Flatten", [x], out, axis=1)
     else:
         raise ValueError(f"cannot export layer `{item.name}`: op `{op}` has no ONNX form")
+
+
+def _shuffle(item, x: str, out: str, node, constant, names: _Names) -> None:
+    """A channel shuffle as exporters write one (PyTorch's `x.view(N, g, C // g, H, W).transpose(1, 2)` then
+    `.view(N, C, H, W)`): Reshape -> Transpose -> Reshape, the batch kept by 0 entries of the shapes."""
+    channels, height, width = item.shape
+    groups = int(item.params["groups"])
+    split = constant(f"{out}/grouped_shape", np.array([0, groups, channels // groups, height, width], np.int64))
+    grouped = node("Reshape", [x, split], names.fresh(f"{out}/grouped"))
+    swapped = node("Transpose", [grouped], names.fresh(f"{out}/transposed"), perm=[0, 2, 1, 3, 4])
+    joined = constant(f"{out}/shape", np.array([0, channels, height, width], np.int64))
+    node("Reshape", [swapped, joined], out)
 
 
 def export_onnx(graph: nx.DiGraph, weights: Mapping[str, np.ndarray], path: str | os.PathLike, opset: int = 17):

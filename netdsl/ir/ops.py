@@ -234,6 +234,22 @@ def _lrn_shape(p: dict, ins: list[Shape]) -> Shape:
     return ins[0]
 
 
+def _shuffle_shape(p: dict, ins: list[Shape]) -> Shape:
+    c = _need_map("shuffle", ins[0])[0]
+    if c % p["groups"]:
+        raise ShapeError(
+            f"{c} channels cannot be shuffled in {p['groups']} groups",
+            hint="the channels must be a multiple of groups",
+        )
+    return ins[0]
+
+
+def shuffle_sources(channels: int, groups: int) -> list[int]:
+    """The input channel that each output channel of `shuffle(groups)` reads, in output order."""
+    per_group = channels // groups
+    return [(i % groups) * per_group + i // groups for i in range(channels)]
+
+
 def _global_pool_shape(p: dict, ins: list[Shape]) -> Shape:
     return (_need_map("global_avgpool", ins[0])[0], 1, 1)
 
@@ -401,6 +417,14 @@ OPS: dict[str, OpSpec] = {
         ),
         OpSpec(
             "flatten", "C x H x W -> a flat vector of C*H*W (channel-major)", shape=lambda p, ins: (math.prod(ins[0]),)
+        ),
+        OpSpec(
+            "shuffle",
+            "ShuffleNet's channel shuffle: the C channels, seen as groups x C/groups, transposed to C/groups x groups "
+            "(output channel i reads input channel (i % groups) * C/groups + i // groups)",
+            params=(Param("groups", "int", minimum=1, doc="channel groups (C must be a multiple)"),),
+            positional=("groups",),
+            shape=_shuffle_shape,
         ),
     ]
 }

@@ -248,5 +248,6 @@ def _example(spec: OpSpec) -> str:
         "fc": "fc(x, 4096)",
         "maxpool": "maxpool(x, 3, stride=2)",
         "avgpool": "avgpool(x, 2)",
+        "shuffle": "shuffle(x, 4)",
     }
     return "e.g. " + examples.get(spec.name, f"{spec.name}(x)")

@@ -24,7 +24,7 @@ from netdsl.compiler.fold import fold_inference
 from netdsl.errors import NetError, did_you_mean
 from netdsl.files import new_temporary
 from netdsl.ir import layer, layers
-from netdsl.ir.ops import layer_tensors
+from netdsl.ir.ops import layer_tensors, shuffle_sources
 
 Shape = tuple[int, ...]
 
@@ -337,11 +337,31 @@ def fold_batchnorm(
     return folded_weight.astype(np.float32), folded_bias.astype(np.float32)
 
 
+def fold_shuffle(weight: np.ndarray, shuffled: Mapping[str, int]) -> np.ndarray:
+    """A conv's (F, C, KH, KW) or an fc's (units, features) weight that reads, unshuffled, what it read through a
+    channel shuffle: `shuffled` (a record of `Layer.fields["shuffled"]`) gives the shuffle's groups, its channels
+    and pixels per channel, and where they start in the weight's second axis (channels of a conv, features of an
+    fc). The weight that met shuffled channel i at input channel s(i) = `shuffle_sources(...)[i]` now meets it
+    there: w'[:, s(i)] = w[:, i] (for an fc, each channel's block of `pixels` columns)."""
+    channels, pixels, start = shuffled["channels"], shuffled["pixels"], shuffled["start"]
+    sources = np.asarray(shuffle_sources(channels, shuffled["groups"]))
+    folded = np.array(weight, copy=True)
+    if weight.ndim == 4:  # a conv: input channels are axis 1
+        folded[:, start + sources] = weight[:, start : start + channels]
+        return folded
+    part = slice(start, start + channels * pixels)
+    blocks = np.empty((weight.shape[0], channels, pixels), dtype=weight.dtype)
+    blocks[:, sources] = weight[:, part].reshape(weight.shape[0], channels, pixels)
+    folded[:, part] = blocks.reshape(weight.shape[0], channels * pixels)
+    return folded
+
+
 def fold_weights(graph: nx.DiGraph, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The weights of `netdsl.compiler.fold.fold_inference(graph)`: each conv that absorbed a batch norm gets the
     folded weight and a bias (`<conv>.bias`, present even for a conv declared `bias=false`), and the
-    folded batch norms' tensors are dropped. `graph` is the unfolded graph (`load_graph`'s); the result
-    follows the folded graph's layer order."""
+    folded batch norms' tensors are dropped; a conv or fc that absorbed a channel shuffle reads its input
+    channels where the shuffle took them from (`fold_shuffle`). `graph` is the unfolded graph (`load_graph`'s);
+    the result follows the folded graph's layer order."""
     result: dict[str, np.ndarray] = {}
     for item in layers(fold_inference(graph)):
         own = {name: weights[f"{item.name}.{name}"] for name in layer_tensors(item)}
@@ -349,6 +369,8 @@ def fold_weights(graph: nx.DiGraph, weights: Mapping[str, np.ndarray]) -> dict[s
             bn = {key: weights[f"{bn_name}.{key}"] for key in ("weight", "bias", "running_mean", "running_var")}
             eps = float(layer(graph, bn_name).params["eps"])
             own["weight"], own["bias"] = fold_batchnorm(own["weight"], own.get("bias"), bn, eps)
+        for shuffled in item.fields.get("shuffled", []):
+            own["weight"] = fold_shuffle(own["weight"], shuffled)
         result.update({f"{item.name}.{name}": value for name, value in own.items()})
     return result
 

@@ -16,7 +16,8 @@ How a model becomes a net, one module per step:
    Unsqueeze -> Concat into a Reshape as a symbol;
 3. convert.py: each node becomes a netdsl layer (layers.py; or an alias: Identity, Dropout, a Flatten
    before fc), shapes are worked out with netdsl's own rules (netdsl/ir/ops.py), padding is matched
-   window for window (windows.py);
+   window for window (windows.py), a channel shuffle's Reshape -> Transpose -> Reshape is one layer
+   (reshape.py);
 4. clean_up.py: a constant Add after a conv/fc becomes its bias, MatMul + Add an fc, Flatten before fc
    disappears (fc flattens itself), identical weightless layers are merged, unused layers dropped;
 5. towers.py: with `towers=True`, parallel copies of layers (what `netdsl export` writes for `towers`)

@@ -2,7 +2,7 @@
 flat input), constants are folded (fold.py), shapes are worked out with netdsl's own rules as layers are added
 (layers.py), padding is matched window for window (windows.py). A few patterns of several nodes are read as one
 layer: a zero Pad before a conv or pool is its padding; Split -> the same LRN or Conv per part -> Concat is one
-grouped layer.
+grouped layer; Reshape -> Transpose -> Reshape of a channel shuffle is one shuffle (reshape.py).
 """
 
 from __future__ import annotations
@@ -16,12 +16,20 @@ from netdsl.errors import NetError
 from netdsl.interop.onnx_import.fold import BATCH, FOLDABLE, fold
 from netdsl.interop.onnx_import.layers import LayerGraph, channel_vector, fmt
 from netdsl.interop.onnx_import.read import CONST_OPS, LAYER_OPS, attributes, node_where, opset_of, shown, to_array
+from netdsl.interop.onnx_import.reshape import (
+    reading,
+    reshaped,
+    shuffle_groups,
+    swapped,
+    swaps_groups,
+    target_text,
+)
 from netdsl.interop.onnx_import.windows import netdsl_window
 
 # The method of `Converter` that converts each op: Conv -> op_conv, BatchNormalization -> op_batch_normalization.
 _HANDLERS = {
     op: "op_" + {"LRN": "lrn", "MatMul": "matmul"}.get(op, re.sub(r"(?<!^)(?=[A-Z])", "_", op).lower())
-    for op in (*LAYER_OPS, "Shape")
+    for op in (*LAYER_OPS, "Shape", "Transpose")
     if op != "Split"  # split_group: a pattern of several nodes
 }
 
@@ -51,6 +59,9 @@ class Converter:
         # A zero Pad's output -> (the layer it pads, (top, left, bottom, right)): only a conv or pool reads it,
         # which takes the padding as its own.
         self.padded: dict[str, tuple[int, tuple[int, int, int, int]]] = {}
+        # The first two results of a channel shuffle (reshape.py): ("grouped" or "transposed", the layer
+        # shuffled, its per-image shape as g x C/g x pixels).
+        self.shuffling: dict[str, tuple[str, int, tuple[int, ...]]] = {}
         self.consumers: dict[str, list[int]] = {}  # tensor -> the nodes that read it (by index)
         for index, node in enumerate(model.graph.node):
             for name in node.input:
@@ -166,7 +177,7 @@ class Converter:
             else:
                 if node.op_type in ("Mul", "Sub", "Div") and len(given) == 2:
                     result = self.arithmetic(node, where, inputs)
-                elif node.op_type in CONST_OPS and node.op_type != "Shape":
+                elif node.op_type in CONST_OPS and node.op_type not in ("Shape", "Transpose"):
                     raise self.fail(
                         f"{where}: {node.op_type} on the activations is not supported (only on constants, "
                         "which are folded)"
@@ -349,33 +360,64 @@ class Converter:
         )
 
     def op_reshape(self, node, where, attrs, inputs):
-        x = self.act(inputs[0], where)
         if inputs[1] not in self.consts:
             self.const(inputs[1], where, "the target shape")
         target = [int(d) for d in self.consts[inputs[1]].reshape(-1)]
+        zero = not attrs.get("allowzero", 0)
+        if inputs[0] in self.shuffling and self.shuffling[inputs[0]][0] == "transposed":
+            return self.end_shuffle(node, where, inputs[0], target, zero)
+        x = self.act(inputs[0], where)
         shape = self.net.layers[x].shape
         size = math.prod(shape)
-        zero = not attrs.get("allowzero", 0)
-        if target:
-            first = target[0]
-            rest = [shape[i] if d == 0 and zero and i < len(shape) else d for i, d in enumerate(target[1:])]
-            fixed = all(d == -1 or d > 0 for d in rest) and rest.count(-1) <= 1
-            if first == BATCH or (first == 0 and zero) or (self.batch is not None and first == self.batch):
-                keeps_batch = fixed
-            else:
-                keeps_batch = first == -1 and fixed and -1 not in rest and math.prod(rest) == size
-            known = math.prod(d for d in rest if d != -1) if fixed else 0
-            if keeps_batch and known and size % known == 0:
-                rest = [size // known if d == -1 else d for d in rest]
-                if tuple(rest) == shape:
-                    return x
-                if rest == [size]:
-                    return self.net.add_layer(node.output[0], "flatten", {}, [x], where)
-        shown = "[" + ", ".join("N" if d == BATCH else str(d) for d in target) + "]"
-        raise self.fail(
-            f"{where}: Reshape of N x {fmt(shape)} to {shown} is not supported: netdsl can only flatten "
-            f"(to N x {size}, e.g. shape [0, -1] or [-1, {size}])"
+        rest = reshaped(shape, target, zero, self.batch)
+        if rest == shape:
+            return x
+        if rest == (size,):
+            return self.net.add_layer(node.output[0], "flatten", {}, [x], where)
+        readers = [(self.model.graph.node[i], i) for i in self.consumers.get(node.output[0], [])]
+        rank = len(rest or ()) + 1
+        swaps = all(
+            r.op_type == "Transpose" and swaps_groups(attributes(r, node_where(r, i)).get("perm"), rank)
+            for r, i in readers
         )
+        if rest is not None and shuffle_groups(shape, rest) and readers and swaps:
+            self.shuffling[node.output[0]] = ("grouped", x, rest)
+            self.unusable[node.output[0]] = f"{where}: {reading('first Reshape')}"
+            return None
+        raise self.fail(
+            f"{where}: Reshape of N x {fmt(shape)} to {target_text(target)} is not supported: netdsl can only flatten "
+            f"(to N x {size}, e.g. shape [0, -1] or [-1, {size}]) or read a channel shuffle (Reshape [N, g, C/g, H, W] "
+            "-> Transpose [0, 2, 1, 3, 4] -> Reshape [N, C, H, W])"
+        )
+
+    def op_transpose(self, node, where, attrs, inputs):
+        """Transpose of the activations: only the middle of a channel shuffle (reshape.py)."""
+        pending = self.shuffling.get(inputs[0])
+        if pending is None or pending[0] != "grouped" or node.output[0] in self.graph_outputs:
+            raise self.fail(
+                f"{where}: Transpose on the activations is not supported (only on constants, which are folded, "
+                "and as the middle of a channel shuffle: Reshape [N, g, C/g, H, W] -> Transpose [0, 2, 1, 3, 4] -> "
+                "Reshape [N, C, H, W])"
+            )
+        _, x, grouped = pending
+        self.shuffling[node.output[0]] = ("transposed", x, grouped)
+        self.unusable[node.output[0]] = f"{where}: {reading('Transpose')}"
+        return None
+
+    def end_shuffle(self, node, where, name: str, target: list[int], zero: bool):
+        """The last Reshape of a channel shuffle: back to N x C x H x W, the shuffle layer (none for 1 or C
+        groups, which move nothing)."""
+        _, x, grouped = self.shuffling[name]
+        shape = self.net.layers[x].shape
+        if reshaped(swapped(grouped), target, zero, self.batch) != shape:
+            raise self.fail(
+                f"{where}: a channel shuffle of N x {fmt(shape)} must be reshaped back to N x {fmt(shape)}, not to "
+                f"{target_text(target)}"
+            )
+        groups = shuffle_groups(shape, grouped)
+        if groups in (1, shape[0]):
+            return x
+        return self.net.add_layer(node.output[0], "shuffle", {"groups": groups}, [x], where)
 
     def op_concat(self, node, where, attrs, inputs):
         keys = [self.act(name, where, "an input") for name in inputs if name]

@@ -117,6 +117,8 @@ def _arguments(op: str, params: dict) -> list[str]:
         return args + ([f"groups={p['groups']}"] if p["groups"] != 1 else [])
     if op == "leaky_relu":
         return [_number(p["slope"])]
+    if op == "shuffle":
+        return [str(p["groups"])]
     if op == "batchnorm":
         args = [] if p["eps"] == 1e-5 else [f"eps={_number(p['eps'])}"]
         return args + ([] if p.get("momentum", 0.1) == 0.1 else [f"momentum={_number(p['momentum'])}"])
