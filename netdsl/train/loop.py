@@ -153,6 +153,7 @@ class Trainer:
             nesterov=recipe.nesterov,
             betas=tuple(recipe.betas),
             eps=recipe.eps,
+            fused=recipe.backend == "triton",  # the update as one kernel over flat buffers per device
         )
         self.schedule = Schedule(
             recipe.schedule,
@@ -406,7 +407,8 @@ class Trainer:
                     where="--compile",
                     hint=f"train without --compile (and report it to PyTorch: torch {torch.__version__})",
                 )
-            param.grad = got  # the step goes on with the compiled gradients, which agree
+            param.grad.copy_(got)  # the step goes on with the compiled gradients, which agree (in place: a
+            # fused optimizer's gradients are views of its flat buffer)
 
     def _end_of_epoch(self, metrics: Metrics | None, board: TensorBoard | None) -> None:
         recipe = self.recipe

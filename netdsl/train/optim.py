@@ -147,6 +147,72 @@ class PaperSGD(torch.optim.Optimizer):
         return loss
 
 
+class FlatPaperSGD(PaperSGD):
+    """`PaperSGD` in one kernel launch per device (codegen/optimizer.py) over flat fp32 buffers.
+
+    At construction each device's parameters are moved into one flat buffer (each parameter's data becomes
+    a view of it), and so are their gradients (autograd accumulates into the views) and velocities; a table
+    of segments gives each parameter its lr_mult and decay_mult. `zero_grad` zeroes the flat gradients in
+    place (the views must stay). Velocities loaded from a checkpoint are copied into the flat buffer."""
+
+    def __init__(
+        self, groups, lr: float, momentum: float = 0.9, weight_decay: float = 0.0005, nesterov: bool = False
+    ) -> None:
+        from netdsl.codegen.optimizer import segments
+
+        super().__init__(groups, lr, momentum, weight_decay, nesterov)
+        self.flat: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]] = {}
+        self.velocity_views: dict[torch.nn.Parameter, torch.Tensor] = {}
+        by_device: dict[torch.device, list[tuple[torch.nn.Parameter, dict]]] = {}
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.dtype != torch.float32:
+                    raise NetError(f"the fused SGD keeps float32 weights, got {param.dtype}", where="optimizer")
+                by_device.setdefault(param.device, []).append((param, group))
+        for device, members in by_device.items():
+            sizes = [param.numel() for param, _ in members]
+            weights = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+            grads, velocities = torch.zeros_like(weights), torch.zeros_like(weights)
+            start = 0
+            for (param, _), size in zip(members, sizes):
+                view = slice(start, start + size)
+                weights[view].copy_(param.detach().reshape(-1))
+                param.data = weights[view].view_as(param)
+                param.grad = grads[view].view_as(param)
+                self.velocity_views[param] = self.state[param]["velocity"] = velocities[view].view_as(param)
+                start += size
+            lr_mults, decay_mults = ([g[key] for _, g in members] for key in ("lr_mult", "decay_mult"))
+            table = segments(sizes, lr_mults, decay_mults, device)
+            self.flat[device] = (weights, grads, velocities, table)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for _, grads, _, _ in self.flat.values():
+            grads.zero_()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        from netdsl.codegen.optimizer import paper_sgd_step
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for param, view in self.velocity_views.items():
+            if self.state[param]["velocity"] is not view:  # loaded from a checkpoint: into the flat buffer
+                view.copy_(self.state[param]["velocity"])
+                self.state[param]["velocity"] = view
+        # The base rate: a group's rate over its multiplier (each group's is base * schedule * lr_mult).
+        rated = [group for group in self.param_groups if group["lr_mult"] > 0] or self.param_groups[:1]
+        base = rated[0]["lr"] / (rated[0]["lr_mult"] or 1.0)
+        group = self.param_groups[0]
+        for weights, grads, velocities, table in self.flat.values():
+            paper_sgd_step(
+                weights, grads, velocities, table, lr=base, momentum=group["momentum"],
+                weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+            )  # fmt: skip
+        return loss
+
+
 def make_optimizer(
     name: str,
     groups,
@@ -156,12 +222,15 @@ def make_optimizer(
     nesterov: bool = False,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    fused: bool = False,
 ) -> torch.optim.Optimizer:
-    """`sgd`: `PaperSGD`; `adamw`: `torch.optim.AdamW` with each group's lr (times its `lr_mult`) and
-    weight decay times its `decay_mult` (decoupled: `w <- w - lr * weight_decay * w` before Adam's step).
-    `momentum` and `nesterov` are SGD's; `betas` and `eps` AdamW's."""
+    """`sgd`: `PaperSGD` (`fused`: `FlatPaperSGD`, one kernel launch per device); `adamw`: `torch.optim.AdamW`
+    with each group's lr (times its `lr_mult`) and weight decay times its `decay_mult` (decoupled:
+    `w <- w - lr * weight_decay * w` before Adam's step). `momentum` and `nesterov` are SGD's; `betas` and
+    `eps` AdamW's."""
     if name == "sgd":
-        return PaperSGD(groups, lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        kind = FlatPaperSGD if fused else PaperSGD
+        return kind(groups, lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     if name == "adamw":
         _check(lr, 0.0, weight_decay)
         rated = _with_rates(groups, lr)
