@@ -9,9 +9,11 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
+import threading
 import types
 
 DEVICE_GLOBALS = {"triton": "triton", "tl": "triton.language"}
+_PARSING = threading.Lock()
 
 
 def device_functions(kernel) -> list[types.FunctionType]:
@@ -48,7 +50,10 @@ def device_functions(kernel) -> list[types.FunctionType]:
 
 def _global_names(fn: types.FunctionType) -> list[str]:
     """The names a function reads that are neither its arguments nor assigned in it, in source order."""
-    (definition,) = ast.parse(textwrap.dedent(inspect.getsource(fn))).body
+    with _PARSING:  # CPython 3.11's AST constructor keeps one recursion count per interpreter: threads that
+        # parse at once (the sm_90 builds describe kernels from a thread pool) corrupt it ("SystemError: AST
+        # constructor recursion depth mismatch"), so one parse at a time
+        (definition,) = ast.parse(textwrap.dedent(inspect.getsource(fn))).body
     names = [node for node in ast.walk(definition) if isinstance(node, ast.Name)]
     local = {arg.arg for arg in ast.walk(definition.args) if isinstance(arg, ast.arg)}
     local |= {node.id for node in names if not isinstance(node.ctx, ast.Load)}
