@@ -106,8 +106,7 @@ def conv2d_backward(
 
 @conv2d_backward.register_fake
 def _(grad, x, weight, output, has_bias, input_grad, *_args):
-    dx = x.new_empty(x.shape if input_grad else (0,))
-    return dx, weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],) if has_bias else (0,))
+    return _weighted_grads(x, weight, has_bias, input_grad)
 
 
 def _conv2d_backward(ctx, grad):
@@ -162,8 +161,7 @@ def linear_backward(
 
 @linear_backward.register_fake
 def _(grad, x, weight, output, has_bias, input_grad, *_args):
-    dx = x.new_empty(x.shape if input_grad else (0,))
-    return dx, weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],) if has_bias else (0,))
+    return _weighted_grads(x, weight, has_bias, input_grad)
 
 
 def _linear_backward(ctx, grad):
@@ -531,6 +529,12 @@ def _cross_entropy_backward(ctx, grad, _grad_grad):
 
 
 cross_entropy.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
+
+
+def _weighted_grads(x: Tensor, weight: Tensor, has_bias: bool, input_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The shapes of (dx, dweight, dbias) of a conv or an fc, empty where not asked for (the fakes')."""
+    dx = x.new_empty(x.shape if input_grad else (0,))
+    return dx, weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],) if has_bias else (0,))
 
 
 def _or_empty(value: Tensor | None, like: Tensor) -> Tensor:
