@@ -13,6 +13,7 @@ from pathlib import Path
 from netdsl._version import __version__
 from netdsl.cli.train import add_commands as add_training_commands
 from netdsl.cli.train import eval_command, train_command
+from netdsl.compiler.backward import TRAINING_PASS_NAMES
 from netdsl.compiler.layout import LAYOUT_OPTIONS
 from netdsl.compiler.passes import PASS_NAMES, Options
 from netdsl.errors import NetError
@@ -92,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("-o", "--output", type=Path, help="build directory (default: build/<net name>)")
     build.add_argument("--dump-after", metavar="PASS", help=f"print the graph after a pass ({', '.join(PASS_NAMES)})")
     build.add_argument("--layout", choices=LAYOUT_OPTIONS, default="auto", help=LAYOUT_HELP)
+    build.add_argument(
+        "--train",
+        action="store_true",
+        help="also plan a training step: train/plan.json and train/report.txt (backward steps and kernels, "
+        "what the forward saves, memory per device); --dump-after then takes the training passes "
+        f"({', '.join(TRAINING_PASS_NAMES)})",
+    )
     build.add_argument(
         "--no-sm90",
         dest="sm90",
@@ -271,13 +279,24 @@ def _compile(path: Path, args: argparse.Namespace) -> int:
     from netdsl.compiler.compile import compile_net, write_build
 
     options = Options(batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit, layout=args.layout)
-    compiled = compile_net(path, options, "tf32" if args.dtype == "tf32" else "ieee", args.dump_after)
-    if compiled.dump:
-        print(compiled.dump, end="")
+    training = None
+    if args.train:  # --dump-after names a training pass
+        from netdsl.compiler.train_plan import compile_training, write_training
+
+        training = compile_training(path, options, args.dump_after)
+    precision = "tf32" if args.dtype == "tf32" else "ieee"
+    compiled = compile_net(path, options, precision, None if training else args.dump_after)
+    listing = training.dump if training else compiled.dump
+    if listing:
+        print(listing, end="")
     out = args.output or Path("build") / compiled.program.graph["name"]
     write_build(compiled, out, options, sm90=args.sm90)
     print((out / "report.txt").read_text(encoding="utf-8"), end="")
     print(f"wrote {out}/kernels ({len(compiled.kernels)} files), {out}/plan.json, {out}/report.txt")
+    if training:
+        written = write_training(training, out)
+        print(training.report, end="")
+        print(f"wrote {written}/plan.json, {written}/report.txt")
     return 0
 
 

@@ -58,6 +58,7 @@ def conv2d(
     activation: str,
     slope: float,
     precision: str,
+    backward: str = "netdsl",
 ) -> Tensor:
     return conv.conv2d(
         x.contiguous(), weight.contiguous(), bias, tuple(stride), tuple(padding), tuple(dilation), groups,
@@ -66,7 +67,7 @@ def conv2d(
 
 
 @conv2d.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, activation, slope, precision):
+def _(x, weight, bias, stride, padding, dilation, groups, activation, slope, precision, backward="netdsl"):
     top, left, bottom, right = four_pads(tuple(padding))
     height = output_length(x.shape[2], weight.shape[2], stride[0], top, bottom, dilation[0])
     width = output_length(x.shape[3], weight.shape[3], stride[1], left, right, dilation[1])
@@ -74,9 +75,10 @@ def _(x, weight, bias, stride, padding, dilation, groups, activation, slope, pre
 
 
 def _conv2d_setup(ctx, inputs, output) -> None:
-    x, weight, bias, stride, padding, dilation, groups, activation, slope, precision = inputs
+    x, weight, bias, stride, padding, dilation, groups, activation, slope, precision, backward = inputs
     ctx.save_for_backward(x, weight, output)
-    ctx.args = (bias is not None, list(stride), list(padding), list(dilation), groups, activation, slope, precision)
+    ctx.args = (bias is not None, list(stride), list(padding), list(dilation), groups, activation, slope, precision,
+                backward)  # fmt: skip
 
 
 @torch.library.custom_op("netdsl::conv2d_backward", mutates_args=())
@@ -94,8 +96,14 @@ def conv2d_backward(
     activation: str,
     slope: float,
     precision: str,
+    backward: str = "netdsl",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias); dx and dbias empty where not asked for."""
+    """(dx, dweight, dbias); dx and dbias empty where not asked for. `backward`: "netdsl" runs netdsl's
+    dgrad and wgrad kernels, "torch" PyTorch's convolution backward (cuDNN on a GPU) on the masked gradient."""
+    if backward == "torch":
+        return _torch_conv_backward(
+            grad, x, weight, output, has_bias, input_grad, stride, padding, dilation, groups, activation, slope
+        )
     dx, dw, db = conv_backward.conv2d_backward(
         grad.contiguous(), output.contiguous(), x.contiguous(), weight.contiguous(), bias=has_bias,
         stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation), groups=groups, activation=activation,
@@ -113,7 +121,7 @@ def _conv2d_backward(ctx, grad):
     x, weight, output = ctx.saved_tensors
     has_bias, *args = ctx.args
     dx, dw, db = conv2d_backward(grad, x, weight, output, has_bias, ctx.needs_input_grad[0], *args)
-    return _or_none(dx), dw, _or_none(db), None, None, None, None, None, None, None
+    return _or_none(dx), dw, _or_none(db), None, None, None, None, None, None, None, None
 
 
 conv2d.register_autograd(_conv2d_backward, setup_context=_conv2d_setup)
@@ -123,19 +131,22 @@ conv2d.register_autograd(_conv2d_backward, setup_context=_conv2d_setup)
 
 
 @torch.library.custom_op("netdsl::linear", mutates_args=())
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, slope: float, precision: str) -> Tensor:
+def linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, slope: float, precision: str,
+    backward: str = "netdsl",
+) -> Tensor:
     return fc.linear(x.contiguous(), weight.contiguous(), bias, activation, slope, precision)
 
 
 @linear.register_fake
-def _(x, weight, bias, activation, slope, precision):
+def _(x, weight, bias, activation, slope, precision, backward="netdsl"):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def _linear_setup(ctx, inputs, output) -> None:
-    x, weight, bias, activation, slope, precision = inputs
+    x, weight, bias, activation, slope, precision, backward = inputs
     ctx.save_for_backward(x, weight, output)
-    ctx.args = (bias is not None, activation, slope, precision)
+    ctx.args = (bias is not None, activation, slope, precision, backward)
 
 
 @torch.library.custom_op("netdsl::linear_backward", mutates_args=())
@@ -149,8 +160,15 @@ def linear_backward(
     activation: str,
     slope: float,
     precision: str,
+    backward: str = "netdsl",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias); dx and dbias empty where not asked for."""
+    """(dx, dweight, dbias); dx and dbias empty where not asked for. `backward`: "netdsl" runs netdsl's
+    kernels, "torch" two matrix products of PyTorch's (cuBLAS on a GPU) on the masked gradient."""
+    if backward == "torch":
+        masked = _masked(grad, output, activation, slope)
+        dx = masked @ weight if input_grad else None
+        db = masked.sum(0) if has_bias else None
+        return _or_empty(dx, x), masked.t() @ x, _or_empty(db, x)
     grads = fc_backward.linear_backward(
         grad.contiguous(), output, x.contiguous(), weight.contiguous(), has_bias=has_bias, activation=activation,
         slope=slope, input_precision=precision, input_grad=input_grad,
@@ -168,7 +186,7 @@ def _linear_backward(ctx, grad):
     x, weight, output = ctx.saved_tensors
     has_bias, *args = ctx.args
     dx, dw, db = linear_backward(grad, x, weight, output, has_bias, ctx.needs_input_grad[0], *args)
-    return _or_none(dx), dw, _or_none(db), None, None, None
+    return _or_none(dx), dw, _or_none(db), None, None, None, None
 
 
 linear.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -531,6 +549,33 @@ def _cross_entropy_backward(ctx, grad, _grad_grad):
 cross_entropy.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
 
 
+def _masked(grad: Tensor, output: Tensor, activation: str, slope: float) -> Tensor:
+    """The gradient at the pre-activation value, read from the saved output (as netdsl's kernels do)."""
+    if activation == "relu":
+        return torch.where(output > 0, grad, torch.zeros_like(grad))
+    if activation == "leaky_relu":
+        return torch.where(output > 0, grad, grad * slope)
+    return grad
+
+
+def _torch_conv_backward(
+    grad, x, weight, output, has_bias, input_grad, stride, padding, dilation, groups, activation, slope
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A conv's gradients by PyTorch's convolution backward; padding that differs between the ends of an
+    axis (which it cannot express) is applied to the input first and cut from its gradient."""
+    top, left, bottom, right = four_pads(tuple(padding))
+    masked = _masked(grad, output, activation, slope)
+    padded = x if (top, left) == (bottom, right) else torch.nn.functional.pad(x, (left, right, top, bottom))
+    same = [0, 0] if padded is not x else [top, left]
+    dx, dw, db = torch.ops.aten.convolution_backward(
+        masked, padded, weight, [weight.shape[0]] if has_bias else None, list(stride), same, list(dilation), False,
+        [0, 0], groups, [input_grad, True, has_bias],
+    )  # fmt: skip
+    if dx is not None and padded is not x:
+        dx = dx[:, :, top : top + x.shape[2], left : left + x.shape[3]].contiguous()
+    return _or_empty(dx, x), dw, _or_empty(db, x)
+
+
 def _weighted_grads(x: Tensor, weight: Tensor, has_bias: bool, input_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The shapes of (dx, dweight, dbias) of a conv or an fc, empty where not asked for (the fakes')."""
     dx = x.new_empty(x.shape if input_grad else (0,))
@@ -549,9 +594,12 @@ def _or_none(value: Tensor) -> Tensor | None:
 # --- a training group, run -------------------------------------------------------------------------------------
 
 
-def run_group(group, inputs: list[Tensor], tensors: dict[str, Tensor], training: bool, precision: str) -> Tensor:
+def run_group(
+    group, inputs: list[Tensor], tensors: dict[str, Tensor], training: bool, precision: str, backward: str = "netdsl"
+) -> Tensor:
     """The output of one group of netdsl.compiler.training (its first layer's `inputs`, its weights
-    `tensors` by name) on netdsl's kernels; `precision` is the dots' ("ieee" or "tf32")."""
+    `tensors` by name) on netdsl's kernels; `precision` is the dots' ("ieee" or "tf32"); `backward` says
+    whose backward a conv or an fc runs ("netdsl" or "torch": netdsl.compiler.backward_choice)."""
     item = group.first
     if group.kind == "conv2d":
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
@@ -559,12 +607,12 @@ def run_group(group, inputs: list[Tensor], tensors: dict[str, Tensor], training:
         pads = layer_pads(p, tuple(x.shape[2:]))
         return conv2d(
             x, tensors["weight"], tensors.get("bias"), list(p["stride"]), list(pads), list(p["dilation"]), p["groups"],
-            group.options["activation"], group.options["slope"], precision,
+            group.options["activation"], group.options["slope"], precision, backward,
         )  # fmt: skip
     if group.kind == "linear":
         x = torch.cat([t.flatten(1) for t in inputs], dim=1) if len(inputs) > 1 else inputs[0].flatten(1)
         return linear(x, tensors["weight"], tensors.get("bias"), group.options["activation"], group.options["slope"],
-                      precision)  # fmt: skip
+                      precision, backward)  # fmt: skip
     if group.kind == "lrn_maxpool":
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
         norm, pool = group.layers[-2], group.layers[-1]

@@ -63,6 +63,7 @@ class _Plan:
     tf32: bool | None
     backend: str
     kernels: Callable | None  # netdsl.runtime.kernel_ops.run_group with the triton backend (it imports Triton)
+    backward: dict[str, str]  # conv or fc layer -> whose backward it runs with the triton backend: netdsl or torch
 
 
 class Scope(torch.nn.Module):
@@ -79,7 +80,9 @@ class GraphModule(torch.nn.Module):
     (cuDNN convolutions on a GPU use TF32 by default), a bool sets them for the forward pass (False:
     exact float32 products, as `Net` in fp32; the backward pass always follows torch's own switches).
     `backend`: "torch" runs every layer with PyTorch; "triton" runs netdsl's own kernels, forward and
-    backward (netdsl.runtime.kernel_ops), grouped as netdsl.compiler.training groups them, in float32.
+    backward (netdsl.runtime.kernel_ops), grouped as netdsl.compiler.training groups them, in float32;
+    `backward`: with it, conv or fc layer name -> "netdsl" (the default) or "torch" (PyTorch's backward:
+    cuDNN and cuBLAS on a GPU), as `netdsl.compiler.backward.backward_choices` picks by measurement.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class GraphModule(torch.nn.Module):
         dtype: torch.dtype = torch.float32,
         tf32: bool | None = None,
         backend: str = "torch",
+        backward: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
@@ -139,6 +143,7 @@ class GraphModule(torch.nn.Module):
             tf32=tf32,
             backend=backend,
             kernels=_kernel_runner() if backend == "triton" else None,
+            backward=_checked_backward(backward or {}, computed),
         )
         self._netdsl = plan
         for item in plan.layers:
@@ -260,7 +265,9 @@ class GraphModule(torch.nn.Module):
         tensors = {name: stored[f"{item.name}.{name}"] for name in self._netdsl.tensors.get(item.name, ())}
         if group.kind == "reference" or (not self.training and group.kind in ("batch_norm", "dropout")):
             return apply(item.op, item.params, inputs, tensors, training=self.training)
-        return self._netdsl.kernels(group, inputs, tensors, self.training, "tf32" if self._netdsl.tf32 else "ieee")
+        precision = "tf32" if self._netdsl.tf32 else "ieee"
+        backward = self._netdsl.backward.get(item.name, "netdsl")
+        return self._netdsl.kernels(group, inputs, tensors, self.training, precision, backward)
 
     def _device(self, logical: str) -> torch.device:
         anchor = self._netdsl.anchors.get(logical)
@@ -327,6 +334,18 @@ def _kernel_runner() -> Callable:
     from netdsl.runtime.kernel_ops import run_group
 
     return run_group
+
+
+def _checked_backward(choices: Mapping[str, str], computed: list[Layer]) -> dict[str, str]:
+    weighted = {item.name for item in computed if item.op in ("conv", "fc")}
+    for name, implementation in choices.items():
+        if name not in weighted:
+            raise NetError(f"`{name}` is not a conv or fc layer of the net", where="backward",
+                           hint="choose a backward for conv and fc layers only")  # fmt: skip
+        if implementation not in ("netdsl", "torch"):
+            raise NetError(f"unknown backward `{implementation}` for `{name}`", where="backward",
+                           hint="netdsl or torch")  # fmt: skip
+    return dict(choices)
 
 
 def _spent(groups: list[Group], outputs: list[str]) -> list[tuple[str, ...]]:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from netdsl._version import __version__
+from netdsl.compiler.backward import backward_choices
 from netdsl.errors import NetError
 from netdsl.ir import layer
 from netdsl.lang.frontend import load_graph
@@ -142,6 +143,7 @@ class Trainer:
             seed=recipe.seed,
             init=recipe.init,
             backend=recipe.backend,
+            backward=self._backward_choices(),
         )
         self.names = {id(param): name for name, param in self.module.named_parameters()}
         self.optimizer = make_optimizer(
@@ -543,6 +545,17 @@ class Trainer:
             return "?"
 
     # --- helpers ----------------------------------------------------------------------------------
+
+    def _backward_choices(self) -> dict[str, str] | None:
+        """With the triton backend, whose backward each conv and fc runs: netdsl's kernels, or PyTorch's
+        where the shipped measurements (netdsl.compiler.backward_choice) found it faster."""
+        if self.recipe.backend != "triton":
+            return None
+        choices = backward_choices(self.graph, self.rank_batch, self.recipe.dtype)
+        by_torch = [f"{name} ({choice.reason})" for name, choice in choices.items() if choice.implementation == "torch"]
+        if by_torch:
+            self._say(f"backward by PyTorch where measured faster: {', '.join(by_torch)}")
+        return {name: choice.implementation for name, choice in choices.items()}
 
     def _autocast(self):
         kind = AUTOCAST.get(self.recipe.dtype)

@@ -1,0 +1,195 @@
+"""Memory of a training step: what the forward saves for the backward, and the peak per device.
+
+Each forward step saves what its backward kernel reads (as netdsl.runtime.kernel_ops saves it):
+
+    conv2d, linear      its input and its output (the activation's mask is read from the output)
+    lrn_maxpool         its input, and per pooled value the winner's offset (int8) and LRN scale (fp32)
+    maxpool             per pooled value the winner's offset (int8)
+    activation          its output
+    batch_norm          its input, and each channel's mean and inverse deviation (fp32)
+    loss                the logits' gradient (fp32), computed with the loss
+    avgpool, dropout    nothing (dropout regenerates its mask from a seed)
+    reference           softmax its output; a copy, a sum, a view or a global average nothing; any other
+                        layer its input and output (an estimate: PyTorch decides)
+
+A step with several inputs joins them first, and saves the joined copy. A saved tensor is counted once
+however many backwards read it. Liveness runs over the whole step in one order, forward then backward:
+a map lives from the step that writes it to its last reader, forward or backward; a gradient from the
+backward that writes it to the one that reads it. Parameters, their gradients and the momentum (three
+fp32 copies, the flat buffers of the fused update) and running statistics are held throughout. Peak =
+those + the most bytes alive at once, per device, at the build's batch and dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import networkx as nx
+
+from netdsl.compiler.steps import Step
+from netdsl.ir import copy_graph
+from netdsl.ir.dtypes import DTYPE_BYTES
+from netdsl.ir.ops import layer_tensors
+
+_FREE_REFERENCES = ("concat", "flatten", "add", "global_avgpool", "shuffle", "identity")
+
+
+@dataclass(frozen=True)
+class Saved:
+    """One tensor a forward step keeps for a backward."""
+
+    name: str  # the step whose output it is, or "<step>.<what>" for a tensor of its own
+    device: str
+    elements: int  # per image, or in all when `per_image` is False
+    dtype: str  # "map" (the build's dtype), "int8" or "fp32"
+    per_image: bool = True
+
+    def bytes(self, batch: int, dtype: str) -> int:
+        size = {"map": DTYPE_BYTES[dtype], "int8": 1, "fp32": 4}[self.dtype]
+        return self.elements * size * (batch if self.per_image else 1)
+
+
+def saved_for_backward(program: nx.DiGraph, step: Step) -> list[Saved]:
+    """What `step` (a forward step of the training program) keeps for its backward."""
+    kind = step.kind
+    output = Saved(step.name, step.device, math.prod(step.shape), "map")
+    joined = _input(program, step)
+    if kind in ("conv2d", "linear"):
+        return [joined, output]
+    if kind == "lrn_maxpool":
+        pooled = math.prod(step.shape)
+        return [joined, _own(step, "argmax", pooled, "int8"), _own(step, "scale", pooled, "fp32")]
+    if kind == "maxpool":
+        return [_own(step, "argmax", math.prod(step.shape), "int8")]
+    if kind == "activation":
+        return [output]
+    if kind == "batch_norm":
+        channels = step.shape[0]
+        return [joined, _own(step, "mean", channels, "fp32", False), _own(step, "invstd", channels, "fp32", False)]
+    if kind == "loss":
+        return [_own(step, "gradient", step.options["classes"], "fp32")]
+    if kind == "reference":
+        op = step.first.op
+        if op in _FREE_REFERENCES:
+            return []
+        if op == "softmax":
+            return [output]
+        return [joined, output]
+    return []  # avgpool, dropout, input, transfer
+
+
+def _input(program: nx.DiGraph, step: Step) -> Saved | None:
+    if not step.inputs:
+        return None
+    if len(step.inputs) == 1:
+        source: Step = program.nodes[step.inputs[0]]["step"]
+        return Saved(source.name, source.device, math.prod(source.shape), "map")
+    elements = sum(math.prod(program.nodes[name]["step"].shape) for name in step.inputs)
+    return _own(step, "joined_input", elements, "map")
+
+
+def _own(step: Step, what: str, elements: int, dtype: str, per_image: bool = True) -> Saved:
+    return Saved(f"{step.name}.{what}", step.device, elements, dtype, per_image)
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """Bytes on one device for a training step at the plan's batch and dtype."""
+
+    parameters: int  # the number of trained parameters
+    static: int  # parameters, gradients, momentum (fp32 each) and running statistics
+    saved: int  # what the forward keeps for the backward
+    peak_live: int  # the most bytes of maps and gradients alive at once
+    peak: int  # static + peak_live
+    peak_step: str  # where the peak is reached
+
+
+def plan_training_memory(program: nx.DiGraph, batch: int, dtype: str) -> nx.DiGraph:
+    """Annotates the training program: `saved` (forward step -> its Saved list) and `memory` (device ->
+    DeviceMemory)."""
+    result = copy_graph(program)
+    order = [name for names in program.graph["partitions"].values() for name in names]
+    order = list(nx.lexicographical_topological_sort(program, key={n: i for i, n in enumerate(order)}.get))
+    index = {name: i for i, name in enumerate(order)}
+    saved: dict[str, list[Saved]] = {}
+    lifetimes: dict[tuple[str, str], list[int]] = {}  # (device, tensor) -> [first, last]
+    sizes: dict[tuple[str, str], int] = {}
+
+    def live(device: str, tensor: str, size: int, first: int, last: int) -> None:
+        key = (device, tensor)
+        sizes[key] = size
+        span = lifetimes.setdefault(key, [first, last])
+        span[0], span[1] = min(span[0], first), max(span[1], last)
+
+    backward_of = {
+        step.options["forward"]: name
+        for name in order
+        if (step := program.nodes[name]["step"]).kind == "backward"
+    }
+    for name in order:
+        step: Step = program.nodes[name]["step"]
+        if step.kind in ("backward", "update") or step.options.get("gradient"):
+            continue
+        # a forward map: from its step to its last forward reader
+        readers = [index[r] for r in program.successors(name) if program.nodes[r]["step"].kind != "backward"]
+        size = math.prod(step.shape) * batch * DTYPE_BYTES[dtype] if step.kind != "loss" else 4
+        live(step.device, name, size, index[name], max([index[name], *readers]))
+        kept = [s for s in saved_for_backward(program, step) if s is not None]
+        saved[name] = kept
+        until = index[backward_of[name]] if name in backward_of else index[name]
+        if step.kind == "loss":  # the logits' gradient is read by the logits' backward
+            until = max([index[r] for r in _gradient_readers(program, name)], default=index[name])
+        for tensor in kept:
+            live(tensor.device, tensor.name, tensor.bytes(batch, dtype), index[name], until)
+    for name in order:
+        step = program.nodes[name]["step"]
+        if step.kind == "backward" or step.options.get("gradient"):
+            readers = [index[r] for r in program.successors(name) if program.nodes[r]["step"].kind != "update"]
+            if step.kind == "backward" and not step.options["input_gradient"]:
+                continue  # nothing before it needs a gradient: it writes only its parameters' gradients
+            size = math.prod(step.shape) * batch * DTYPE_BYTES[dtype]
+            live(step.device, name, size, index[name], max([index[name], *readers]))
+    memory = {}
+    for device, names in program.graph["partitions"].items():
+        trained, held = _tensors(program, names)
+        static = 3 * 4 * trained + 4 * held
+        unique = {s.name: s for name in names if name in saved for s in saved[name]}
+        timeline = [0] * len(order)
+        for (where, tensor), (first, last) in lifetimes.items():
+            if where == device:
+                for moment in range(first, last + 1):
+                    timeline[moment] += sizes[(where, tensor)]
+        moments = [index[name] for name in names]
+        top = max(moments, key=lambda moment: (timeline[moment], -moment))
+        memory[device] = DeviceMemory(
+            trained,
+            static,
+            sum(s.bytes(batch, dtype) for s in unique.values()),
+            timeline[top],
+            static + timeline[top],
+            order[top],
+        )
+    result.graph["saved"] = saved
+    result.graph["memory"] = memory
+    return result
+
+
+def _gradient_readers(program: nx.DiGraph, loss: str) -> list[str]:
+    return [r for r in program.successors(loss) if program.nodes[r]["step"].kind in ("backward", "transfer")]
+
+
+def _tensors(program: nx.DiGraph, names: list[str]) -> tuple[int, int]:
+    """(trained parameters, running statistics) held by the forward steps among `names`, in elements."""
+    trained = held = 0
+    for name in names:
+        step: Step = program.nodes[name]["step"]
+        if step.kind in ("backward", "update", "transfer", "input"):
+            continue
+        for item in step.layers if step.kind != "loss" else []:
+            for tensor, shape in layer_tensors(item).items():
+                if tensor.startswith("running_"):
+                    held += math.prod(shape)
+                else:
+                    trained += math.prod(shape)
+    return trained, held

@@ -1,0 +1,195 @@
+"""`netdsl compile --train`: the training step as a plan and a report, beside the inference build.
+
+    build/<net>/
+        train/plan.json     per device, forward then backward launches, their kernels, the events a
+                            cross-device gradient waits on, what each forward saves, the memory plan and
+                            each conv's and fc's backward choice with the figures that decided it
+        train/report.txt    the same for a reader: steps, choices, memory per device
+
+The same net and options give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import networkx as nx
+
+from netdsl._version import __version__
+from netdsl.compiler.backward import TRAINING_PASS_NAMES, run_training_passes
+from netdsl.compiler.passes import Options, dump
+from netdsl.compiler.steps import Step
+from netdsl.errors import NetError
+from netdsl.files import write_atomic
+from netdsl.lang.build import build
+from netdsl.lang.parse import parse_file
+from netdsl.tables import format_bytes, format_table
+
+TRAIN_PLAN_VERSION = 1
+
+
+@dataclass
+class CompiledTraining:
+    program: nx.DiGraph  # after every training pass
+    plan: dict
+    report: str
+    kernels: dict[str, str]  # file name -> source
+    dump: str  # the `--dump-after` listing, or ""
+
+
+def check_training_pass(name: str | None) -> None:
+    if name is not None and name not in TRAINING_PASS_NAMES:
+        raise NetError(
+            f"unknown training pass `{name}`", where="--dump-after", hint=f"passes: {', '.join(TRAINING_PASS_NAMES)}"
+        )
+
+
+def compile_training(path: str | Path, options: Options, dump_after: str | None = None) -> CompiledTraining:
+    check_training_pass(dump_after)
+    after = run_training_passes(build(parse_file(path)), options)
+    program = after[TRAINING_PASS_NAMES[-1]]
+    listing = dump_training(after[dump_after]) if dump_after else ""
+    kernels: dict[str, str] = {}
+    return CompiledTraining(program, training_plan(program, options), training_report(program, options), kernels,
+                            listing)  # fmt: skip
+
+
+def write_training(compiled: CompiledTraining, out_dir: str | Path) -> Path:
+    """Writes `train/` in the build folder, each file atomically."""
+    out = Path(out_dir) / "train"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise NetError(f"cannot write the build in {out}: {error.strerror or error}", where=str(out)) from None
+    stale = {p.name for p in out.glob("*.py")} - set(compiled.kernels)
+    for name, source in compiled.kernels.items():
+        write_atomic(out / name, source)
+    write_atomic(out / "plan.json", json.dumps(compiled.plan, indent=2) + "\n")
+    write_atomic(out / "report.txt", compiled.report)
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
+    return out
+
+
+def dump_training(graph: nx.DiGraph) -> str:
+    """`dump` of a training program, with each backward's kernels and choice, what each forward saves,
+    and the memory plan once it is made."""
+    text = dump(graph)
+    if not any("step" in data for _, data in graph.nodes(data=True)):
+        return text
+    lines = text.rstrip("\n").split("\n")
+    extra = []
+    for name in graph.nodes:
+        step: Step = graph.nodes[name]["step"]
+        if step.kind == "backward":
+            detail = f"  {name}: {', '.join(step.options['kernels'])}"
+            if "implementation" in step.options:
+                detail += f"; runs {step.options['implementation']} ({step.options['chosen_by']})"
+            extra.append(detail)
+    if extra:
+        lines += ["# backward kernels", *extra]
+    saved = graph.graph.get("saved")
+    if saved:
+        lines.append("# saved for the backward (elements per image)")
+        for name, tensors in saved.items():
+            if tensors:
+                lines.append(f"  {name}: " + ", ".join(f"{t.name} {t.elements} {t.dtype}" for t in tensors))
+    memory = graph.graph.get("memory")
+    if memory:
+        lines.append("# memory per device")
+        for device, m in memory.items():
+            lines.append(
+                f"  {device}: static {m.static} B, saved {m.saved} B, live peak {m.peak_live} B at {m.peak_step}, "
+                f"peak {m.peak} B"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def training_plan(program: nx.DiGraph, options: Options) -> dict:
+    """The plan as plain data, ordered so that its JSON is byte-identical for the same input."""
+    saved = program.graph["saved"]
+    devices = {}
+    for device, order in program.graph["partitions"].items():
+        launches = [_launch(program, program.nodes[name]["step"], saved) for name in order]
+        devices[device] = {
+            "launches": [entry for entry in launches if entry["kind"] != "input"],
+            "memory_bytes": asdict(program.graph["memory"][device]),
+        }
+    return {
+        "train_plan_version": TRAIN_PLAN_VERSION,
+        "netdsl": __version__,
+        "net": program.graph["name"],
+        "dtype": options.dtype,
+        "batch": options.batch,
+        "units": "saved sizes in elements per image unless per_image is false; memory in bytes at the batch",
+        "devices": devices,
+    }
+
+
+def _launch(program: nx.DiGraph, step: Step, saved: dict) -> dict:
+    entry: dict = {"step": step.name, "kind": step.kind, "layers": [item.name for item in step.layers]}
+    entry["inputs"] = list(step.inputs)
+    if step.kind == "backward":
+        entry["pass"] = "backward"
+        entry["reads_saved"] = [t.name for t in saved.get(step.options["forward"], [])]
+    elif step.kind == "update" or step.options.get("gradient"):
+        entry["pass"] = "backward" if step.kind != "update" else "update"
+    else:
+        entry["pass"] = "forward"
+    if saved.get(step.name):
+        entry["saves"] = [asdict(t) for t in saved[step.name]]
+    entry["shape"] = list(step.shape)
+    if step.options:
+        entry["options"] = {key: step.options[key] for key in sorted(step.options)}
+    waits = [f"done:{name}" for name in step.inputs if program.nodes[name]["step"].device != step.device]
+    if waits:
+        entry["wait"] = waits
+    if any(program.nodes[reader]["step"].device != step.device for reader in program.successors(step.name)):
+        entry["record"] = f"done:{step.name}"
+    return entry
+
+
+def training_report(program: nx.DiGraph, options: Options) -> str:
+    lines = [f"net {program.graph['name']}: one training step at batch {options.batch}, {options.dtype}", ""]
+    rows = []
+    for device, order in program.graph["partitions"].items():
+        for name in order:
+            step: Step = program.nodes[name]["step"]
+            if step.kind in ("input",):
+                continue
+            phase = "forward" if name in program.graph["forward_steps"] else "backward"
+            if step.kind == "update":
+                phase = "update"
+            kernels = step.options.get("kernels") or step.options.get("forward_kernels") or []
+            if step.kind == "transfer":
+                kernels = [f"copy from {step.options['source_device']}"]
+            rows.append((name, phase, step.options.get("forward_kind", step.kind), device, ", ".join(kernels)))
+    lines += format_table(("step", "pass", "kind", "device", "kernels"), rows, left={0, 1, 2, 3, 4})
+    choices = [
+        (step.first.name, step.options["forward_kind"], step.options["implementation"], step.options["chosen_by"])
+        for name in program.nodes
+        if (step := program.nodes[name]["step"]).kind == "backward" and "implementation" in step.options
+    ]
+    if choices:
+        lines += ["", "backward of each conv and fc: netdsl's kernels or PyTorch's (cuDNN / cuBLAS), by measurement"]
+        lines += format_table(("layer", "kind", "runs", "decided by"), choices, left={0, 1, 2, 3})
+        if all(reason == "not measured" for *_, reason in choices):
+            lines.append(
+                "no layer of this net is in the shipped table of measurements: regenerate it on a GPU with "
+                "`python bench/train_gpu.py --write-choices`"
+            )
+    lines += ["", "memory per device (parameters, their gradients and momentum in fp32; maps in the dtype)"]
+    mem_rows = [
+        (device, f"{m.parameters:,}", format_bytes(m.static), format_bytes(m.saved), format_bytes(m.peak_live),
+         format_bytes(m.peak), m.peak_step)
+        for device, m in program.graph["memory"].items()
+    ]  # fmt: skip
+    lines += format_table(
+        ("device", "parameters", "static", "saved for backward", "live peak", "peak", "at step"), mem_rows, left={0, 6}
+    )
+    lines.append(
+        "PyTorch eager's peak on the same net: measured on a GPU by bench/train_gpu.py (max_memory_allocated)"
+    )
+    return "\n".join(lines) + "\n"

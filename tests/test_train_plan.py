@@ -1,0 +1,289 @@
+"""The training program (netdsl.compiler.backward): backward steps, gradient transfers, what the forward saves,
+memory per device, and each conv's and fc's choice of backward.
+
+What the plan says the forward saves is checked against what autograd really keeps: the triton backend's
+operators run a forward and the loss under `saved_tensors_hooks`, which sees every tensor saved for the
+backward; parameters aside, the bytes must be the plan's to the byte.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from netdsl.cli.main import main
+from netdsl.codegen import conv_backward
+from netdsl.compiler.backward import TRAINING_PASS_NAMES, backward_choices, backward_key, run_training_passes
+from netdsl.compiler.backward_choice import Measured, choose, load_table, write_table
+from netdsl.compiler.passes import Options
+from netdsl.compiler.train_plan import compile_training, dump_training
+from netdsl.errors import NetError
+from netdsl.ir import layer
+from netdsl.lang.frontend import load_graph
+from netdsl.runtime.module import GraphModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL_ALEXNET = """\
+net small_alexnet
+device gpu0, gpu1
+input image: 3 x 27 x 27
+const norm = lrn(size=5, alpha=1e-4, beta=0.75, k=2)
+
+towers gpu0, gpu1 {
+    conv1 = conv(image, 8, size=5, stride=2) | relu | norm | maxpool(3, stride=2)
+    conv2 = conv(conv1, 12, size=3, pad=1)   | relu | norm | maxpool(3, stride=2)
+    conv3 = conv(all conv2, 12, size=3, pad=1) | relu
+    fc6   = fc(all conv3, 32) | relu | dropout(0.5)
+}
+fc8  = fc(all fc6, 10) on gpu0
+prob = softmax(fc8)
+output prob
+"""
+
+
+def small_nets(tmp_path: Path) -> dict[str, Path]:
+    simplenet = (ROOT / "nets/simplenet.net").read_text().replace("1 x 64 x 64", "1 x 16 x 16")
+    (tmp_path / "simplenet.net").write_text(simplenet)
+    (tmp_path / "small_alexnet.net").write_text(SMALL_ALEXNET)
+    return {
+        "lenet5": ROOT / "nets/lenet5.net",
+        "simplenet": tmp_path / "simplenet.net",
+        "small_alexnet": tmp_path / "small_alexnet.net",
+    }
+
+
+def program(path: Path, batch: int = 2):
+    return run_training_passes(load_graph(path), Options(batch=batch))["plan_training_memory"]
+
+
+def measured_saved_bytes(path: Path, batch: int) -> int:
+    """Bytes autograd keeps for the backward of one training forward and its loss on the triton backend, each
+    storage once, parameters left out (on one CPU a transfer is the tensor itself)."""
+    from netdsl.runtime import kernel_ops
+
+    graph = load_graph(path)
+    module = GraphModule(graph, backend="triton", init="he", seed=1).train()
+    parameters = {p.data_ptr() for p in module.parameters()} | {b.data_ptr() for b in module.buffers()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        if tensor.data_ptr() not in parameters:
+            size = tensor.untyped_storage().nbytes()
+            seen[tensor.data_ptr()] = max(seen.get(tensor.data_ptr(), 0), size)
+        return tensor
+
+    shape = next(layer(graph, name).shape for name in graph.graph["inputs"])
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, *shape), generator=generator)
+    target = torch.randint(0, 10, (batch,), generator=generator)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logits = module.logits(x)
+        loss, _ = kernel_ops.cross_entropy(logits, target, 0.0)
+    loss.backward()  # the graph runs: what was saved was usable
+    return sum(seen.values())
+
+
+def planned_saved_bytes(trained, batch: int) -> int:
+    """The plan's saved tensors, each once, with transfers and input replicas read as their source."""
+    source = {}
+    for name in trained.nodes:
+        step = trained.nodes[name]["step"]
+        if step.kind == "transfer" and not step.options.get("gradient"):
+            source[name] = step.inputs[0]
+        if step.kind == "input" and "replica_of" in step.options:
+            source[name] = step.options["replica_of"]
+    unique = {}
+    for tensors in trained.graph["saved"].values():
+        for tensor in tensors:
+            unique[source.get(tensor.name, tensor.name)] = tensor
+    return sum(tensor.bytes(batch, "fp32") for tensor in unique.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["lenet5", "simplenet", "small_alexnet"])
+def test_what_the_plan_saves_is_what_autograd_keeps(tmp_path, which):
+    path = small_nets(tmp_path)[which]
+    batch = 3
+    assert planned_saved_bytes(program(path, batch), batch) == measured_saved_bytes(path, batch)
+
+
+def test_every_forward_step_has_a_backward_on_its_device_and_transfers_go_back(tmp_path):
+    trained = program(small_nets(tmp_path)["small_alexnet"])
+    steps = {name: trained.nodes[name]["step"] for name in trained.nodes}
+    forward = [s for s in steps.values() if s.name in trained.graph["forward_steps"]]
+    backward = {s.options["forward"]: s for s in steps.values() if s.kind == "backward"}
+    for step in forward:
+        if step.kind in ("input", "transfer", "loss"):
+            continue
+        assert step.name in backward, step.name
+        assert backward[step.name].device == step.device
+        assert trained.has_edge(step.name, backward[step.name].name)  # it reads what its forward saved
+    transfers = [s for s in forward if s.kind == "transfer"]
+    gradients = {s.layers[0].name: s for s in steps.values() if s.options.get("gradient")}
+    assert transfers and len(gradients) == len(transfers)
+    for step in transfers:
+        back = gradients[step.layers[0].name]
+        assert (back.device, back.options["source_device"]) == (step.options["source_device"], step.device)
+    # one update per device, after every backward there that trains parameters
+    updates = [s for s in steps.values() if s.kind == "update"]
+    assert sorted(s.device for s in updates) == ["gpu0", "gpu1"]
+    conv1 = backward[next(s.name for s in forward if s.first.name == "conv1@gpu0")]
+    assert conv1.options["input_gradient"] is False  # the images need no gradient
+    assert not any(s.options.get("input_gradient") for s in backward.values() if s.first.name == "conv1@gpu1")
+
+
+def test_the_plan_is_json_with_events_and_byte_identical(tmp_path):
+    path = small_nets(tmp_path)["small_alexnet"]
+    first = compile_training(path, Options(batch=4))
+    again = compile_training(path, Options(batch=4))
+    assert first.report == again.report
+    text = json.dumps(first.plan, indent=2)
+    assert text == json.dumps(again.plan, indent=2)
+    launches = {e["step"]: e for d in first.plan["devices"].values() for e in d["launches"]}
+    waits = [e for e in launches.values() if e.get("wait")]
+    assert any(e["pass"] == "backward" for e in waits)  # a gradient crossing devices waits on an event ...
+    for entry in waits:
+        for event in entry["wait"]:
+            assert launches[event.removeprefix("done:")].get("record") == event  # ... its producer records
+    memory = first.plan["devices"]["gpu0"]["memory_bytes"]
+    assert memory["peak"] == memory["static"] + memory["peak_live"] > memory["saved"] > 0
+
+
+def test_peak_memory_grows_with_the_batch_and_static_memory_does_not(tmp_path):
+    path = ROOT / "nets/lenet5.net"
+    small, large = program(path, 2).graph["memory"]["gpu0"], program(path, 64).graph["memory"]["gpu0"]
+    assert small.static == large.static == 3 * 4 * 61706
+    assert large.saved == 32 * small.saved
+    assert large.peak_live > 16 * small.peak_live
+
+
+def test_each_training_pass_dumps(tmp_path):
+    path = ROOT / "nets/lenet5.net"
+    for name in TRAINING_PASS_NAMES:
+        text = compile_training(path, Options(batch=2), dump_after=name).dump
+        assert text.startswith("# net lenet5")
+    text = compile_training(path, Options(batch=2), dump_after="plan_training_memory").dump
+    assert "c1_conv_relu_backward = backward(" in text and "update_gpu0 = update(" in text
+    assert "# saved for the backward" in text and "# memory per device" in text
+    assert "runs netdsl (not measured)" in text
+    assert dump_training(load_graph(path)).startswith("# net lenet5")  # a layer graph dumps as before
+
+
+def test_compile_train_writes_the_plan_and_report(tmp_path, capsys):
+    out = tmp_path / "build"
+    args = ["compile", str(ROOT / "nets/lenet5.net"), "--train", "--no-sm90", "-o", str(out), "--batch", "8"]
+    assert main(args) == 0
+    first = {p.name: p.read_bytes() for p in (out / "train").iterdir()}
+    assert set(first) == {"plan.json", "report.txt"}
+    assert main(args) == 0
+    assert first == {p.name: p.read_bytes() for p in (out / "train").iterdir()}
+    report = first["report.txt"].decode()
+    assert "saved for backward" in report and "c3_conv_relu_backward" in report
+    assert main([*args[:-2], "--dump-after", "backward"]) == 0
+    assert "f7_fc_backward = backward(loss)" in capsys.readouterr().out
+
+
+def test_compile_train_errors(tmp_path, capsys):
+    net = ROOT / "nets/lenet5.net"
+    assert main(["compile", str(net), "--train", "--no-sm90", "-o", str(tmp_path), "--dump-after", "bogus"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown training pass `bogus`" in err and "backward" in err and "Traceback" not in err
+    two = tmp_path / "two.net"
+    two.write_text("net two\ninput x: 3 x 8 x 8\na = conv(x, 4, size=3) | relu\nb = fc(a, 5)\noutput a, b\n")
+    assert main(["compile", str(two), "--train", "--no-sm90", "-o", str(tmp_path / "b")]) == 1
+    assert "training needs one output" in capsys.readouterr().err
+
+
+# --- the choice between netdsl's backward and PyTorch's -------------------------------------------------------
+
+
+def test_choices_follow_the_measurements(tmp_path):
+    graph = load_graph(ROOT / "nets/lenet5.net")
+    key = backward_key(layer(graph, "c3"))
+    assert key == "6x14x14 w16x6x5x5 s1x1 p0x0x0x0 d1x1 g1"
+    rows = [
+        Measured("conv2d", key, "fp32", 32, netdsl_ms=0.30, torch_ms=0.20),
+        Measured("conv2d", key, "fp32", 256, netdsl_ms=1.00, torch_ms=1.50),
+        Measured("linear", backward_key(layer(graph, "f5")), "fp32", 32, netdsl_ms=0.1, torch_ms=0.2),
+    ]
+    table = tmp_path / "choices.json"
+    write_table(rows, {"gpu": "test"}, table)
+    assert load_table(table) == sorted(rows, key=lambda m: (m.kind, m.key, m.dtype, m.batch))
+    chosen = backward_choices(graph, 16, "fp32", load_table(table))
+    assert chosen["c3"].implementation == "torch" and "torch 0.200 ms at batch 32" in chosen["c3"].reason
+    assert backward_choices(graph, 512, "fp32", load_table(table))["c3"].implementation == "netdsl"
+    assert chosen["f5"].implementation == "netdsl" and chosen["c1"].reason == "not measured"
+    assert choose("conv2d", key, "bf16", 16, rows).reason == "not measured"  # another dtype: not measured
+
+
+def test_a_damaged_table_is_a_clean_error(tmp_path):
+    table = tmp_path / "choices.json"
+    table.write_text('{"format": 1, "measurements": [{"kind": "conv2d"}]}')
+    with pytest.raises(NetError, match="cannot read the backward choices table"):
+        load_table(table)
+    table.write_text(json.dumps({"format": 1, "measurements": [
+        {"kind": "conv2d", "key": "k", "dtype": "fp32", "batch": 1, "netdsl_ms": -1.0, "torch_ms": 1.0}]}))
+    with pytest.raises(NetError, match="not a measurement"):
+        load_table(table)
+
+
+def test_the_shipped_table_reads():
+    load_table()
+
+
+@pytest.mark.slow
+def test_a_layer_on_pytorchs_backward_gives_the_same_gradients(monkeypatch):
+    """c3 on PyTorch's backward: the same gradients as netdsl's kernels (fp32, relative 1e-5), and netdsl's conv
+    backward runs for c1 only."""
+    graph = load_graph(ROOT / "nets/lenet5.net")
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn((3, 1, 32, 32), generator=generator)
+    calls = []
+    original = conv_backward.conv2d_backward
+
+    def counting(*args, **kwargs):
+        calls.append(tuple(args[3].shape))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(conv_backward, "conv2d_backward", counting)
+    grads = {}
+    for choice in ({}, {"c3": "torch", "f5": "torch"}):
+        calls.clear()
+        module = GraphModule(graph, backend="triton", init="he", seed=3, backward=choice).train()
+        module.logits(x).square().sum().backward()
+        grads[bool(choice)] = {name: p.grad.clone() for name, p in module.named_parameters()}
+        assert calls == ([(16, 6, 5, 5), (6, 1, 5, 5)] if not choice else [(6, 1, 5, 5)])  # backward order
+    for name, value in grads[False].items():
+        error = (grads[True][name] - value).norm() / value.norm()
+        assert error < 1e-5, name
+
+
+def test_pytorchs_conv_backward_with_uneven_padding():
+    """The torch path pads the input itself where the ends of an axis differ, and cuts its gradient back."""
+    from netdsl.runtime.kernel_ops import _torch_conv_backward
+
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn((2, 3, 9, 8), generator=generator, requires_grad=True)
+    weight = torch.randn((4, 3, 4, 3), generator=generator, requires_grad=True)
+    bias = torch.randn(4, generator=generator, requires_grad=True)
+    pads = (1, 0, 2, 2)  # top, left, bottom, right
+    padded = torch.nn.functional.pad(x, (pads[1], pads[3], pads[0], pads[2]))
+    y = torch.relu(torch.nn.functional.conv2d(padded, weight, bias, stride=2))
+    grad = torch.randn(y.shape, generator=generator)
+    y.backward(grad)
+    dx, dw, db = _torch_conv_backward(grad, x.detach(), weight.detach(), y.detach(), True, True, [2, 2], list(pads),
+                                      [1, 1], 1, "relu", 0.0)  # fmt: skip
+    for got, want in ((dx, x.grad), (dw, weight.grad), (db, bias.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_backward_choices_are_checked():
+    graph = load_graph(ROOT / "nets/lenet5.net")
+    with pytest.raises(NetError, match="not a conv or fc layer"):
+        GraphModule(graph, backend="triton", backward={"c1.maxpool": "torch"})
+    with pytest.raises(NetError, match="unknown backward `cudnn`"):
+        GraphModule(graph, backend="triton", backward={"c1": "cudnn"})
