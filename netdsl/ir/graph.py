@@ -74,8 +74,9 @@ def copy_graph(graph: nx.DiGraph) -> nx.DiGraph:
 
     The convention of every pass: it never changes the graph it is given, it returns a new one. A pass
     that only annotates starts from this copy; the records a step holds in `Step.layers` are shared
-    (no pass after fusion changes a layer)."""
-    result = nx.DiGraph()
+    (no pass after fusion changes a layer). The copy is of the graph's own class, as `DiGraph.copy` makes
+    it (a layer graph stays a `netdsl.ir.display.LayerGraph`)."""
+    result = graph.__class__()
     result.graph.update({key: copy(value) for key, value in graph.graph.items()})
     for name, data in graph.nodes(data=True):
         result.add_node(name, **{key: _clone(value) for key, value in data.items()})

@@ -21,6 +21,7 @@ import networkx as nx
 
 from netdsl.errors import Frame, NetError, Span, did_you_mean
 from netdsl.ir import Layer, layer
+from netdsl.ir.display import LayerGraph
 from netdsl.ir.graph import Setting
 from netdsl.ir.ops import OPS, REQUIRED, OpSpec
 from netdsl.lang import expressions
@@ -74,7 +75,7 @@ class Builder:
         self.module = module
         self.recipe_only = recipe_only  # a recipe file: `train` blocks, constants and includes only
         self.recipe: list[Setting] = []  # the settings of every `train` block, in the order they ran
-        self.graph = nx.DiGraph()  # the layers made so far, in definition order; edges are added at the end
+        self.graph = LayerGraph()  # the layers made so far, in definition order; edges are added at the end
         self.globals = Scope()
         self.forwards: dict[str, _Forward] = {}
         self.outputs: list[tuple[s.Name | s.AllRef | s.TowerRef, Context]] = []
