@@ -70,3 +70,12 @@ cat "$OUT/bench.tsv" 2>/dev/null
 # towers on two GPUs when there are two (tests/test_train_module.py's CPU-and-GPU tower tests run above)
 timeout "${TRAIN_S:-120}" python3 bench/train.py --nets lenet5 --gpu --steps 10 >"$OUT/train.log" 2>&1
 tail -n 8 "$OUT/train.log"
+
+# training on the GPU (issue 12, bench/train_gpu.py): a step of AlexNet at batch 128 and 32 in bf16 and tf32 on
+# netdsl's kernels, netdsl's torch backend, eager and torch.compile (each system in a time box of TRAIN_BOX_S), then
+# each conv's and fc's backward, netdsl's against cuDNN / cuBLAS. Rows stream to the log as measured; each finished
+# (batch, dtype) block is appended to the TSV and rewrites the choice table, so a cut-off run keeps those. The
+# table goes to $OUT, never over the shipped netdsl/compiler/backward_choices.json (copy it there once checked).
+timeout "${TRAIN_GPU_S:-300}" python3 bench/train_gpu.py --batches 128,32 --dtypes bf16,tf32 --box "${TRAIN_BOX_S:-60}" \
+    --tsv "$OUT/train_gpu.tsv" --write-choices --choices-file "$OUT/backward_choices.json" >"$OUT/train_gpu.log" 2>&1
+tail -n 40 "$OUT/train_gpu.log"
