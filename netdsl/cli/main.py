@@ -11,6 +11,8 @@ from importlib import resources
 from pathlib import Path
 
 from netdsl._version import __version__
+from netdsl.cli.fmt import add_command as add_fmt_command
+from netdsl.cli.fmt import fmt_command
 from netdsl.cli.train import add_commands as add_training_commands
 from netdsl.cli.train import eval_command, train_command
 from netdsl.compiler.backward import TRAINING_PASS_NAMES
@@ -202,6 +204,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--time", action="store_true", help="time each step and partition, and show each device's memory")
     add_training_commands(commands, _positive)
+    add_fmt_command(commands)
     return parser
 
 
@@ -216,6 +219,8 @@ def run(argv: list[str]) -> int:
         return train_command(args)
     if args.command == "eval":
         return eval_command(args)
+    if args.command == "fmt":
+        return fmt_command(args)
     path = args.net or default_net()
     if path.suffix.lower() == ".onnx" and args.command == "compile":
         # The build folder keeps the imported net (plan.json names it) and its weights.
