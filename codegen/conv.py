@@ -16,6 +16,11 @@ explicit element strides: an input or the output may be a channel slice of a lar
 channels-last. The compiler runs this kernel for convs with fewer than 16 input channels per group
 (conv1); wider ones run `conv_nhwc.py` on channels-last maps (netdsl.compiler.layout).
 
+fp32 inputs multiply as `input_precision` says (here and in conv_nhwc.py, fc.py and conv_lrn_pool.py): "ieee",
+exact products on the FMA units; "tf32", one TF32 tensor-core product (10-bit mantissas); "tf32x3", three TF32
+products of each operand's TF32 head and tail (Triton splits them), about fp32's error on tensor cores
+(tests/test_kernel_tf32x3.py). 16-bit inputs ignore it.
+
 Both conv kernels call the device functions defined after `conv2d_kernel`, which Triton inlines:
 `conv_pixels` decodes a program's output pixels, `conv_epilogue` adds the bias, applies the activation and
 stores. Both launchers build their arguments with `conv_arguments`. The emitter copies a kernel into the
@@ -50,7 +55,7 @@ def conv2d_kernel(
     NUM_INPUTS: tl.constexpr,  # 2: channels [0, C0) come from x0, the rest from x1
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,  # "none", "relu" or "leaky_relu"
-    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32"; ignored for 16-bit inputs
+    INPUT_PRECISION: tl.constexpr,  # "ieee", "tf32" or "tf32x3"; ignored for 16-bit inputs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     KHW: tl.constexpr = KH * KW
@@ -171,7 +176,7 @@ CONFIGS = [
 ]
 
 ACTIVATIONS = ("none", "relu", "leaky_relu")
-INPUT_PRECISIONS = ("ieee", "tf32")
+INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Triton 3.6 lays the gathered tile out with threads along K rather than along the pixels and needs far more
 # registers: there the square tile spills on every AlexNet layer and the half-width one does not. Before 3.9

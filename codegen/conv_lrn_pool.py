@@ -52,7 +52,7 @@ def conv_lrn_pool_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     LRN_SIZE: tl.constexpr,
     POOL_KH: tl.constexpr, POOL_KW: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,  # of the conv GEMM: "ieee" or "tf32"; ignored for 16-bit inputs
+    INPUT_PRECISION: tl.constexpr,  # of the conv GEMM: "ieee", "tf32" or "tf32x3"; ignored for 16-bit
     LRN_PIECES: tl.constexpr,  # bf16 pieces the squares are split into for the band product
     BF16_BAND: tl.constexpr,  # False under Triton's interpreter, whose bf16 tl.dot is wrong: one fp32 product
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -153,7 +153,7 @@ CONFIGS = {
     "wide": {"BLOCK_N": 128, "BLOCK_P": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
     "wide-fp32": {"BLOCK_N": 128, "BLOCK_P": 16, "BLOCK_K": 16, "num_warps": 8, "num_stages": 2},
 }
-INPUT_PRECISIONS = ("ieee", "tf32")
+INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -178,6 +178,12 @@ def _check_channels(channels_per_group: int) -> None:
 
 def _exact_fp32(dtype: torch.dtype, input_precision: str) -> bool:
     return dtype == torch.float32 and input_precision == "ieee"
+
+
+def _lrn_pieces(dtype: torch.dtype, input_precision: str) -> int:
+    """bf16 pieces of the squares: all of fp32's bits where the conv keeps fp32's accuracy (exact products, or
+    tf32x3's three TF32 products), two otherwise."""
+    return 3 if dtype == torch.float32 and input_precision in ("ieee", "tf32x3") else 2
 
 
 def conv_lrn_maxpool(
@@ -298,7 +304,7 @@ def conv_lrn_maxpool_launch(
         "pool_stride_h": pool_steps[0], "pool_stride_w": pool_steps[1],
         "pool_pad_h": pool_pads[0], "pool_pad_w": pool_pads[1],
         "KH": kh, "KW": kw, "LRN_SIZE": lrn_size, "POOL_KH": window[0], "POOL_KW": window[1],
-        "INPUT_PRECISION": input_precision, "LRN_PIECES": 3 if _exact_fp32(x.dtype, input_precision) else 2,
+        "INPUT_PRECISION": input_precision, "LRN_PIECES": _lrn_pieces(x.dtype, input_precision),
         "BF16_BAND": x.device.type != "cpu",
         **config,
     }  # fmt: skip

@@ -52,7 +52,7 @@ def conv2d_nhwc_kernel(
     NUM_INPUTS: tl.constexpr,  # 2: channels [0, C0) come from x0, the rest from x1
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,  # "none", "relu" or "leaky_relu"
-    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32"; ignored for 16-bit inputs
+    INPUT_PRECISION: tl.constexpr,  # "ieee", "tf32" or "tf32x3"; ignored for 16-bit inputs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -134,7 +134,7 @@ def pick_config(M: int, C_IN_G: int, C_OUT_G: int, dtype: torch.dtype, input_pre
     a 64-pixel tile when 128-pixel ones would leave most SMs idle (conv5 at 13 x 13); K blocks of
     128 bytes per pixel (64 channels in 16-bit, 32 in fp32), fewer for narrow groups. Exact fp32
     ("ieee": the dot on the FMA units, its operands in registers) never takes the 128 x 128 tile, which
-    spills there.
+    spills there; tf32x3 takes the tensor-core tiles (244 registers on the square one, no spills).
     """
     block_k = 32 if dtype == torch.float32 else 64
     block_k = max(16, min(block_k, triton.next_power_of_2(C_IN_G)))

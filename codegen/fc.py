@@ -31,7 +31,7 @@ def linear_kernel(
     NUM_INPUTS: tl.constexpr,  # 2: features [0, K0) come from x0, [K0, K) from x1
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,  # "none", "relu" or "leaky_relu"
-    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32"; ignored for 16-bit inputs
+    INPUT_PRECISION: tl.constexpr,  # "ieee", "tf32" or "tf32x3"; ignored for 16-bit inputs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -93,7 +93,7 @@ FP32_CONFIGS = [
 ]
 
 ACTIVATIONS = ("none", "relu", "leaky_relu")
-INPUT_PRECISIONS = ("ieee", "tf32")
+INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -196,7 +196,7 @@ def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="activation"):
         conv2d(x, weight, activation="gelu")
     with pytest.raises(ValueError, match="precision"):
-        conv2d(x, weight, input_precision="tf32x3")
+        conv2d(x, weight, input_precision="fp64")
     with pytest.raises(TypeError, match="float16"):
         conv2d(x, weight.half())
     with pytest.raises(ValueError, match="out"):
