@@ -98,9 +98,20 @@ def test_svg_is_the_graph_picture(alexnet):
     assert "gpu1&#45;&gt;gpu0" in svg or "gpu1-&gt;gpu0" in svg  # a cross-device edge's label
 
 
+@pytest.mark.skipif(not HAS_DOT, reason="Graphviz's dot is not installed")
+def test_html_shows_the_picture_above_the_table(alexnet):
+    """Jupyter shows HTML rather than SVG where an object offers both: the HTML holds the picture too."""
+    shown = alexnet._repr_html_()
+    picture = alexnet._repr_svg_()
+    assert picture[picture.index("<svg") :].strip() in shown
+    assert shown.index("<svg") < shown.index("<table>")
+    assert "<?xml" not in shown and "<!DOCTYPE" not in shown
+
+
 def test_without_dot_there_is_no_svg_and_the_table_shows(alexnet, no_dot):
     assert alexnet._repr_svg_() is None
-    assert "<table>" in alexnet._repr_html_()
+    shown = alexnet._repr_html_()
+    assert "<table>" in shown and "<svg" not in shown
 
 
 def test_a_failing_dot_gives_no_svg(tmp_path, monkeypatch):

@@ -1,10 +1,12 @@
-"""How a layer graph shows itself in a Jupyter notebook: the picture `netdsl graph` draws (SVG, where
-Graphviz's `dot` is installed) and the table `netdsl info` prints (HTML), with nothing to call.
+"""How a layer graph shows itself in a Jupyter notebook: the picture `netdsl graph` draws (where Graphviz's
+`dot` is installed) above the table `netdsl info` prints, with nothing to call.
 
-Jupyter asks an object for `_repr_svg_` and `_repr_html_` and shows what they return; None means "not
-this way", so a machine without `dot` gets the table. The front end builds every layer graph as a
-`LayerGraph`, and `copy_graph` keeps the class, so graphs from `netdsl.load_graph`, shaped or folded, show
-themselves; to networkx and to everything else it is a `DiGraph`.
+Jupyter asks an object for each of its `_repr_*_` methods and shows the richest answer its front end
+takes, HTML before SVG; None means "not this way". So `_repr_html_` holds the picture (inline SVG) and the
+table, and `_repr_svg_` the picture alone, for what takes only images (exports, other front ends); without
+`dot` the HTML is the table alone. The front end builds every layer graph as a `LayerGraph`, and
+`copy_graph` keeps the class, so graphs from `netdsl.load_graph`, shaped or folded, show themselves; to
+networkx and to everything else it is a `DiGraph`.
 """
 
 from __future__ import annotations
@@ -52,16 +54,18 @@ def graph_svg(graph: nx.DiGraph) -> str | None:
 
 
 def graph_html(graph: nx.DiGraph) -> str | None:
-    """The table of `netdsl info` as HTML (every name escaped), or None for a graph not yet shaped."""
+    """The picture of `netdsl graph` (where it can be drawn) above the table of `netdsl info`, as HTML
+    with every name escaped; None for a graph not yet shaped."""
     if not _shaped(graph):
         return None
     summary = summarize(graph)
     shown = summary.layer_rows[:MAX_TABLE_ROWS]
-    parts = [
-        '<div class="netdsl-net">',
-        f"<p><strong>net {_text(summary.name)}</strong>: {len(summary.layer_rows):,} layers</p>",
-        _table(LAYER_HEADER, shown, LAYER_TEXT_COLUMNS),
-    ]
+    heading = f"<p><strong>net {_text(summary.name)}</strong>: {len(summary.layer_rows):,} layers</p>"
+    parts = ['<div class="netdsl-net">', heading]
+    picture = graph_svg(graph)
+    if picture is not None:  # the <svg> element itself: an XML prolog has no place inside HTML
+        parts.append(picture[picture.find("<svg") :].strip())
+    parts.append(_table(LAYER_HEADER, shown, LAYER_TEXT_COLUMNS))
     if len(shown) < len(summary.layer_rows):
         more = len(summary.layer_rows) - len(shown)
         parts.append(f"<p>… and {more:,} more layers (<code>netdsl info</code> lists them all)</p>")
