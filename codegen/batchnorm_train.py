@@ -250,10 +250,11 @@ def batch_norm_forward(
     eps: float = 1e-5,
     out: torch.Tensor | None = None,
     config: BatchNormConfig | None = None,
+    kernels: dict | None = None,
 ) -> BatchNormForward:
     """Training batch norm of `x` [N, C, H, W] with its batch statistics; `running_mean` and `running_var`
     ([C]) are updated in place. Returns y (into `out` when given) and the mean and invstd the backward needs.
-    `config` overrides `pick_config`."""
+    `config` overrides `pick_config`; `kernels` ("partials", "forward") are copies to run instead."""
     channels, spatial = _check_map(x, "x")
     _check_channel_vectors(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     per_channel = x.shape[0] * spatial
@@ -274,13 +275,14 @@ def batch_norm_forward(
     mean = torch.empty(channels, dtype=torch.float32, device=x.device)
     invstd = torch.empty_like(mean)
     grid = (channels, split)
-    batchnorm_partials_kernel[grid](
+    kernels = kernels or {}
+    kernels.get("partials", batchnorm_partials_kernel)[grid](
         x, x, mean, sums, squares,
         spatial, per_channel, chunk,
         x.stride(0), x.stride(1), x.stride(0), x.stride(1),
         HAS_DY=False, BLOCK=config.BLOCK, num_warps=config.num_warps,
     )  # fmt: skip
-    batchnorm_forward_kernel[grid](
+    kernels.get("forward", batchnorm_forward_kernel)[grid](
         x, out, weight, bias, sums, squares,
         mean, invstd, running_mean, running_var,
         spatial, per_channel, chunk, split,
@@ -299,9 +301,11 @@ def batch_norm_backward(
     invstd: torch.Tensor,
     *,
     config: BatchNormConfig | None = None,
+    kernels: dict | None = None,
 ) -> BatchNormBackward:
     """The gradients of `batch_norm_forward` on x, weight and bias, given dy (the gradient on its output), its
-    input x and the mean and invstd it returned. `config` overrides `pick_config`."""
+    input x and the mean and invstd it returned. `config` overrides `pick_config`; `kernels` ("partials",
+    "backward") are copies to run instead."""
     channels, spatial = _check_map(x, "x")
     _check_map(dy, "dy")
     if dy.shape != x.shape or dy.dtype != x.dtype or dy.device != x.device:
@@ -319,13 +323,14 @@ def batch_norm_backward(
     sums = torch.empty((channels, split), dtype=torch.float32, device=x.device)
     products = torch.empty_like(sums)
     grid = (channels, split)
-    batchnorm_partials_kernel[grid](
+    kernels = kernels or {}
+    kernels.get("partials", batchnorm_partials_kernel)[grid](
         x, dy, mean, sums, products,
         spatial, per_channel, chunk,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
         HAS_DY=True, BLOCK=config.BLOCK, num_warps=config.num_warps,
     )  # fmt: skip
-    batchnorm_backward_kernel[grid](
+    kernels.get("backward", batchnorm_backward_kernel)[grid](
         x, dy, dx, weight, mean, invstd, sums, products,
         dweight, dbias,
         spatial, per_channel, chunk, split,

@@ -309,6 +309,15 @@ WGRAD_CONFIGS = [
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3},  # more than 64 channels
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},  # up to 64 (conv1's 48)
 ]
+# fp32 wgrad's exact products run on the FMA units, whose operands live in registers. The bf16 tiles spilled
+# at LeNet-5's first conv (one input channel, 32 x 32 images) and at SimpleNet's 64 -> 128 conv; 64 columns
+# and 16 pixels a step built without spills at every conv of LeNet-5, SimpleNet and AlexNet (at most 198
+# registers). A tile is never wider than the columns (c, kh, kw, and the bias's) it has: 9 for SimpleNet's
+# first conv.
+FP32_WGRAD_CONFIGS = [
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3},  # more than 64 channels
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3},  # up to 64
+]
 REDUCE_CONFIG = {"BLOCK": 1024, "num_warps": 4, "num_stages": 1}
 # A split reduces at least this many BLOCK_K steps, so that its partials (written once) stay small next to
 # the operands it reads (a guess until measured).
@@ -333,9 +342,14 @@ def pick_dgrad_config(c_in_group: int, dtype: torch.dtype = torch.bfloat16) -> d
     return DGRAD_CONFIGS[1] if c_in_group > 16 else DGRAD_CONFIGS[2]
 
 
-def pick_wgrad_config(c_out_group: int) -> dict:
-    """Block sizes for wgrad by the group's output channels, the MMA's M side."""
-    return WGRAD_CONFIGS[0] if c_out_group > 64 else WGRAD_CONFIGS[1]
+def pick_wgrad_config(
+    c_out_group: int, dtype: torch.dtype = torch.bfloat16, input_precision: str = "ieee", columns: int = 1 << 20
+) -> dict:
+    """Block sizes for wgrad by the group's output channels (the MMA's M side), the columns of its im2col
+    matrix (the N side: c x kh x kw, and one for the bias) and for exact fp32 products."""
+    configs = FP32_WGRAD_CONFIGS if dtype == torch.float32 and input_precision == "ieee" else WGRAD_CONFIGS
+    config = configs[0] if c_out_group > 64 else configs[1]
+    return {**config, "BLOCK_N": min(config["BLOCK_N"], max(16, triton.next_power_of_2(columns)))}
 
 
 def interpreter_config(**blocks: tuple[int, int]) -> dict:
@@ -636,7 +650,7 @@ def conv2d_wgrad_launch(
             config = interpreter_config(BLOCK_M=(g.c_out_group, 128), BLOCK_N=(columns + bias, 512),
                                         BLOCK_K=(g.pixels, 512))  # fmt: skip
         else:
-            config = pick_wgrad_config(g.c_out_group)
+            config = pick_wgrad_config(g.c_out_group, grad_out.dtype, input_precision, columns + bias)
     tiles = triton.cdiv(g.c_out_group, config["BLOCK_M"]) * triton.cdiv(columns + bias, config["BLOCK_N"])
     if splits is None:
         splits = 1 if on_cpu else pick_splits(g.pixels, tiles * g.groups, config["BLOCK_K"])

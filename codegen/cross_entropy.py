@@ -123,11 +123,12 @@ def cross_entropy(
     grad: torch.Tensor | None = None,
     config: CrossEntropyConfig | None = None,
     kernel=None,
+    mean_kernel=None,
 ) -> CrossEntropy:
     """The mean softmax cross-entropy of `logits` [N, K] against class indices `target` [N] (integers), each
     row's loss, and the gradient of the mean on the logits, written into `grad` (allocated when None; any
-    strided [N, K] view of the logits' dtype). `config` overrides `pick_config`; `kernel` is a generated copy
-    of `cross_entropy_kernel` to run instead."""
+    strided [N, K] view of the logits' dtype). `config` overrides `pick_config`; `kernel` and `mean_kernel` are
+    copies of `cross_entropy_kernel` and `fixed_order_mean_kernel` to run instead."""
     if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
         raise ValueError(f"cross_entropy takes logits [N, K] with N, K >= 1, got shape {tuple(logits.shape)}")
     if logits.dtype not in SUPPORTED_DTYPES:
@@ -161,5 +162,5 @@ def cross_entropy(
         BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
         num_warps=config.num_warps,
     )  # fmt: skip
-    fixed_order_mean_kernel[(1,)](losses, loss, rows, BLOCK=MEAN_BLOCK, num_warps=4)
+    (mean_kernel or fixed_order_mean_kernel)[(1,)](losses, loss, rows, BLOCK=MEAN_BLOCK, num_warps=4)
     return CrossEntropy(loss, losses, grad)

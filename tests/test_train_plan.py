@@ -287,3 +287,56 @@ def test_backward_choices_are_checked():
         GraphModule(graph, backend="triton", backward={"c1.maxpool": "torch"})
     with pytest.raises(NetError, match="unknown backward `cudnn`"):
         GraphModule(graph, backend="triton", backward={"c1": "cudnn"})
+
+
+# --- every kernel of the step, recorded and built for the H100 ------------------------------------------------
+
+TINY = """\
+net tiny
+input image: 3 x 19 x 19
+a = conv(image, 32, size=3, pad=1) | relu | lrn(size=5, alpha=1e-4, beta=0.75, k=2) | maxpool(3, stride=2)
+b = conv(a, 32, size=3, stride=2) | relu | maxpool(2)
+c = fc(b, 64) | relu | dropout(0.5)
+d = fc(c, 10)
+output d
+"""
+
+
+@pytest.mark.parametrize("which", ["lenet5", "simplenet", "small_alexnet"])
+def test_the_recorded_launches_are_the_kernels_the_plan_names(tmp_path, which):
+    from netdsl.compiler.train_launches import training_launches
+
+    trained = program(small_nets(tmp_path)[which], batch=16)
+    launched: dict[str, set[str]] = {}
+    for launch in training_launches(trained, 16, "bf16"):
+        step, kernel = launch.step.split(".", 1)
+        launched.setdefault(step, set()).add(kernel)
+    for name in trained.nodes:
+        step = trained.nodes[name]["step"]
+        named = step.options.get("kernels") or step.options.get("forward_kernels") or []
+        named = {kernel.split(".")[1] for kernel in named if "." in kernel}
+        optional = {"sum_splits_kernel", "conv2d_wgrad_reduce_kernel"}  # when the reduction is split
+        if not step.options.get("input_gradient", True):
+            optional |= {"conv2d_dgrad_kernel", "linear_dgrad_kernel"}  # the images need no gradient
+        assert named - optional <= launched.get(name, set()) <= named, name
+
+
+@pytest.mark.slow
+def test_compile_train_builds_every_training_kernel_for_sm90(tmp_path, monkeypatch, capsys):
+    """bf16 at batch 32: no kernel spills, and the conv dgrad and wgrad and the fc kernels run on tensor cores."""
+    monkeypatch.setenv("NETDSL_CACHE_DIR", str(tmp_path / "cache"))
+    net = tmp_path / "tiny.net"
+    net.write_text(TINY)
+    out = tmp_path / "build"
+    assert main(["compile", str(net), "--train", "-o", str(out), "--batch", "32", "--dtype", "bf16"]) == 0
+    report = (out / "train" / "report.txt").read_text()
+    assert "kernels that spill: none" in report
+    rows = {line.split()[0]: line for line in report.splitlines() if line.split() and "_kernel" in line.split()[0]}
+    for kernel in ("b_conv_relu_backward.conv2d_dgrad_kernel", "b_conv_relu_backward.conv2d_wgrad_kernel",
+                   "a_conv_relu_backward.conv2d_wgrad_kernel", "c_fc_relu_backward.linear_dgrad_kernel",
+                   "c_fc_relu_backward.linear_wgrad_kernel"):  # fmt: skip
+        assert kernel in rows, kernel
+        assert "MMA" in rows[kernel].split()[-1], rows[kernel]  # HMMA, or wgmma's HGMMA
+    plan = json.loads((out / "train" / "plan.json").read_text())
+    entry = next(e for e in plan["devices"]["gpu0"]["launches"] if e["step"] == "b_conv_relu_backward")
+    assert [k["kernel"] for k in entry["kernel_launches"]][:2] == ["conv2d_dgrad_kernel", "conv2d_wgrad_kernel"]

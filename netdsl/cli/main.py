@@ -19,12 +19,14 @@ from netdsl.compiler.backward import TRAINING_PASS_NAMES
 from netdsl.compiler.layout import LAYOUT_OPTIONS
 from netdsl.compiler.passes import PASS_NAMES, Options
 from netdsl.errors import NetError
-from netdsl.ir.dtypes import DTYPES
+from netdsl.ir.dtypes import DTYPES, FP32_PRECISIONS, dot_precision
 from netdsl.lang.build import MEMORY_UNITS
 from netdsl.lang.frontend import load_graph
 
 DEFAULT_NET = "alexnet.net"
 LAYOUT_HELP = "auto: channels-last maps for convs with 16+ input channels per group (the default); nchw: none"
+PRECISION_HELP = "fp32 products: ieee (exact, on FMA units; the default) or tf32x3 (three TF32 tensor-core products)"
+SPACE_TO_DEPTH_HELP = "run strided convs over few channels (AlexNet's conv1) as stride-1 convs over pixel blocks"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$")
 
 
@@ -95,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("-o", "--output", type=Path, help="build directory (default: build/<net name>)")
     build.add_argument("--dump-after", metavar="PASS", help=f"print the graph after a pass ({', '.join(PASS_NAMES)})")
     build.add_argument("--layout", choices=LAYOUT_OPTIONS, default="auto", help=LAYOUT_HELP)
+    build.add_argument("--precision", choices=FP32_PRECISIONS, help=PRECISION_HELP)
+    build.add_argument("--space-to-depth", action="store_true", help=SPACE_TO_DEPTH_HELP)
     build.add_argument(
         "--train",
         action="store_true",
@@ -176,6 +180,8 @@ def _parser() -> argparse.ArgumentParser:
         "N random images",
     )
     run.add_argument("--layout", choices=LAYOUT_OPTIONS, default="auto", help=LAYOUT_HELP)
+    run.add_argument("--precision", choices=FP32_PRECISIONS, help=PRECISION_HELP)
+    run.add_argument("--space-to-depth", action="store_true", help=SPACE_TO_DEPTH_HELP)
     run.add_argument(
         "--cuda-graph",
         action="store_true",
@@ -283,14 +289,17 @@ def _dispatch(path: Path, args: argparse.Namespace) -> int:
 def _compile(path: Path, args: argparse.Namespace) -> int:
     from netdsl.compiler.compile import compile_net, write_build
 
-    options = Options(batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit, layout=args.layout)
+    dot_precision(args.dtype, args.precision, where="--precision")
+    options = Options(
+        batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit, layout=args.layout,
+        precision=args.precision, space_to_depth=args.space_to_depth,
+    )  # fmt: skip
     training = None
     if args.train:  # --dump-after names a training pass
         from netdsl.compiler.train_plan import compile_training, write_training
 
-        training = compile_training(path, options, args.dump_after)
-    precision = "tf32" if args.dtype == "tf32" else "ieee"
-    compiled = compile_net(path, options, precision, None if training else args.dump_after)
+        training = compile_training(path, options, args.dump_after, sm90=args.sm90)
+    compiled = compile_net(path, options, dump_after=None if training else args.dump_after)
     listing = training.dump if training else compiled.dump
     if listing:
         print(listing, end="")

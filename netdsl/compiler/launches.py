@@ -31,7 +31,10 @@ from netdsl.errors import NetError
 from netdsl.files import write_atomic_bytes
 from netdsl.ir.dtypes import torch_dtype
 
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TRITON_TYPES = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8", torch.int32: "i32",
+    torch.int64: "i64",
+}
 
 
 @dataclass

@@ -19,8 +19,11 @@ import networkx as nx
 
 from netdsl._version import __version__
 from netdsl.compiler.backward import TRAINING_PASS_NAMES, run_training_passes
+from netdsl.compiler.compile import sm90_report
+from netdsl.compiler.launches import Launch, sm90_resources
 from netdsl.compiler.passes import Options, dump
 from netdsl.compiler.steps import Step
+from netdsl.compiler.train_launches import training_launches
 from netdsl.errors import NetError
 from netdsl.files import write_atomic
 from netdsl.lang.build import build
@@ -46,14 +49,21 @@ def check_training_pass(name: str | None) -> None:
         )
 
 
-def compile_training(path: str | Path, options: Options, dump_after: str | None = None) -> CompiledTraining:
+def compile_training(
+    path: str | Path, options: Options, dump_after: str | None = None, sm90: bool = False
+) -> CompiledTraining:
+    """Runs the training passes and records every launch at the batch and dtype (on meta tensors); with
+    `sm90`, builds each kernel for the H100 and adds its registers, spills, shared memory and tensor-core
+    instructions to the report."""
     check_training_pass(dump_after)
     after = run_training_passes(build(parse_file(path)), options)
     program = after[TRAINING_PASS_NAMES[-1]]
     listing = dump_training(after[dump_after]) if dump_after else ""
-    kernels: dict[str, str] = {}
-    return CompiledTraining(program, training_plan(program, options), training_report(program, options), kernels,
-                            listing)  # fmt: skip
+    launches = training_launches(program, options.batch, options.dtype)
+    report = training_report(program, options)
+    if sm90:
+        report += sm90_report(sm90_resources(launches), launches)
+    return CompiledTraining(program, training_plan(program, options, launches), report, {}, listing)
 
 
 def write_training(compiled: CompiledTraining, out_dir: str | Path) -> Path:
@@ -107,12 +117,17 @@ def dump_training(graph: nx.DiGraph) -> str:
     return "\n".join(lines) + "\n"
 
 
-def training_plan(program: nx.DiGraph, options: Options) -> dict:
-    """The plan as plain data, ordered so that its JSON is byte-identical for the same input."""
+def training_plan(program: nx.DiGraph, options: Options, launches: list[Launch] | None = None) -> dict:
+    """The plan as plain data, ordered so that its JSON is byte-identical for the same input; with
+    `launches` (training_launches), each step's kernel launches with their grids and warps."""
     saved = program.graph["saved"]
+    grids: dict[str, list[dict]] = {}
+    for launch in launches or []:
+        step, kernel = launch.step.split(".", 1)
+        grids.setdefault(step, []).append({"kernel": kernel, "grid": list(launch.grid), "num_warps": launch.num_warps})
     devices = {}
     for device, order in program.graph["partitions"].items():
-        launches = [_launch(program, program.nodes[name]["step"], saved) for name in order]
+        launches = [_launch(program, program.nodes[name]["step"], saved, grids) for name in order]
         devices[device] = {
             "launches": [entry for entry in launches if entry["kind"] != "input"],
             "memory_bytes": asdict(program.graph["memory"][device]),
@@ -128,7 +143,7 @@ def training_plan(program: nx.DiGraph, options: Options) -> dict:
     }
 
 
-def _launch(program: nx.DiGraph, step: Step, saved: dict) -> dict:
+def _launch(program: nx.DiGraph, step: Step, saved: dict, grids: dict[str, list[dict]]) -> dict:
     entry: dict = {"step": step.name, "kind": step.kind, "layers": [item.name for item in step.layers]}
     entry["inputs"] = list(step.inputs)
     if step.kind == "backward":
@@ -141,6 +156,8 @@ def _launch(program: nx.DiGraph, step: Step, saved: dict) -> dict:
     if saved.get(step.name):
         entry["saves"] = [asdict(t) for t in saved[step.name]]
     entry["shape"] = list(step.shape)
+    if step.name in grids:
+        entry["kernel_launches"] = grids[step.name]
     if step.options:
         entry["options"] = {key: step.options[key] for key in sorted(step.options)}
     waits = [f"done:{name}" for name in step.inputs if program.nodes[name]["step"].device != step.device]
