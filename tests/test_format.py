@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import random
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from netdsl.cli.main import main
 from netdsl.errors import Span
 from netdsl.lang import format as net_format
 from netdsl.lang.format import format_text
+from netdsl.lang.parse import _parser
 
 ROOT = Path(__file__).resolve().parent.parent
 NETS = sorted((ROOT / "nets").glob("*.net"))
@@ -113,6 +115,43 @@ def test_every_doc_example_keeps_its_meaning(info: str, body: str, line: int, fo
         return
     _assert_canonical(body, formatted)
     assert _build(formatted, formatted_folder) == _build(body, written), f"doc line {line}"
+
+
+def _respaced(text: str, rng: random.Random) -> str:
+    """`text` with other spaces between the tokens of a line (none where there were none, or more) and
+    another indentation on each line: what a careless hand changes, never what a token is."""
+    pieces, position = [], 0
+    for token in _parser().parse_interactive(text).iter_parse():
+        if token.type == "_NL" or token.end_pos is None:
+            continue
+        gap = text[position : token.start_pos]
+        if re.fullmatch(r"[ \t]*", gap):
+            gap = " " * rng.randint(0 if gap == "" else 1, 3)
+        elif re.fullmatch(r"(?s).*\n[ \t]*", gap):  # a line's indentation, after its line break
+            gap = gap.rstrip(" \t") + rng.choice(["", " ", "\t", "       "])
+        pieces += [gap, token.value]
+        position = token.end_pos
+    return "".join(pieces) + rng.choice(["", "  "]) + text[position:]
+
+
+TEXTS = [path.read_text(encoding="utf-8") for path in NETS]
+TEXTS += [body for _, body, _ in EXAMPLES] + [body for body, _ in INCLUDED]
+
+
+def test_respaced_text_formats_alike():
+    """The layout depends on the tokens and the line breaks alone (seeded, three variants of each text)."""
+    rng = random.Random(14)
+    checked = 0
+    for text in TEXTS:
+        try:
+            formatted = format_text(text)
+        except netdsl.NetError:
+            continue
+        for _ in range(3):
+            variant = _respaced(text, rng)
+            assert format_text(variant) == formatted, f"{text!r} re-spaced as {variant!r}"
+            checked += 1
+    assert checked > 300
 
 
 def test_included_doc_files_are_formatted_alike():
@@ -326,3 +365,9 @@ def test_fmt_refuses_to_write_what_it_cannot_read_back(tmp_path, monkeypatch, ca
 
 def test_the_bundled_nets_are_formatted(capsys):
     assert main(["fmt", "--check", str(ROOT / "nets")]) == 0, capsys.readouterr().out
+
+
+def test_the_documented_example_is_what_fmt_writes():
+    section = (ROOT / "docs" / "language.md").read_text(encoding="utf-8").split("\n## Formatting\n", 1)[1]
+    before, after = re.search(r"```text\n(.*?)```\n\ncomes out as\n\n```net\n(.*?)```", section, re.S).groups()
+    assert format_text(before) == after != before
