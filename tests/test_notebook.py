@@ -152,3 +152,14 @@ def test_a_layer_graph_is_still_a_digraph(alexnet):
     assert list(view.edges) == [("image", "conv1@gpu0")]
     assert nx.is_directed_acyclic_graph(alexnet)
     assert nx.DiGraph(alexnet).number_of_nodes() == alexnet.number_of_nodes()
+
+
+def test_a_compiled_nets_layer_graph_shows_itself():
+    """The compiler's passes copy graphs with `copy_graph`, which keeps the class: `Net.layer_graph` (and
+    `Compiled.layers`) show themselves as `load_graph`'s graph does."""
+    from netdsl.compiler.compile import compile_net
+    from netdsl.compiler.passes import Options
+
+    compiled = compile_net(NETS / "lenet5.net", Options())
+    assert isinstance(compiled.layers, LayerGraph)
+    assert compiled.layers._repr_html_() == netdsl.load_graph(NETS / "lenet5.net")._repr_html_()
