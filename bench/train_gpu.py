@@ -14,9 +14,9 @@ batch already on the GPU, both towers of the net on the one GPU. The systems, in
     eager           the hand-written model of tests/golden/models.py, torch.optim.SGD (as bench/train.py)
     compile         that model under torch.compile (default mode, dynamic=False; the update stays eager)
 
-bf16 is autocast around float32 weights for the three PyTorch-based systems; tf32 lets cuDNN, cuBLAS and
-netdsl's dots use TF32 (fp32 is exact products). The triton backend trains float32 weights only (fp32 or tf32
-dots; GraphModule refuses other dtypes and its kernels take no autocast), so its bf16 row says n/a.
+bf16 is autocast around float32 weights for every system (the triton backend's conv and fc kernels then
+take bf16 operands, accumulated in fp32, and the maps after them stay bf16); tf32 lets cuDNN, cuBLAS and
+netdsl's dots use TF32 (fp32 is exact products).
 Each step is timed with CUDA events; a row is the median of `--steps` steps after `--warmup` untimed ones
 (which compile what needs compiling). Peak memory is torch.cuda.max_memory_allocated over the system's build
 and steps, reset before each system. "x torch.compile" is torch.compile's time over the row's: above 1.0 the
@@ -254,8 +254,6 @@ def torch_step(net: str, graph, batch: int, dtype: str, device: torch.device, co
 
 def not_run(system: str, dtype: str, smoke: bool, named: bool) -> str | None:
     """Why a system does not run in this dtype (or in --smoke), or None."""
-    if system == "netdsl-triton" and dtype not in ("fp32", "tf32"):
-        return "n/a (the triton backend trains float32 weights only: fp32 or tf32 dots, no autocast)"
     if system == "compile" and smoke and not named:
         return "n/a (skipped by --smoke: compiling takes minutes; name it in --systems to run it)"
     return None

@@ -549,6 +549,13 @@ def _cross_entropy_backward(ctx, grad, _grad_grad):
 cross_entropy.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The 16-bit type autocast computes products in on `device`, when it is on there."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
 def _masked(grad: Tensor, output: Tensor, activation: str, slope: float) -> Tensor:
     """The gradient at the pre-activation value, read from the saved output (as netdsl's kernels do)."""
     if activation == "relu":
@@ -601,6 +608,13 @@ def run_group(
     `tensors` by name) on netdsl's kernels; `precision` is the dots' ("ieee" or "tf32"); `backward` says
     whose backward a conv or an fc runs ("netdsl" or "torch": netdsl.compiler.backward_choice)."""
     item = group.first
+    low = _autocast_dtype(inputs[0].device)
+    if low is not None and group.kind in ("conv2d", "linear"):
+        # Under autocast (bf16 or fp16 training) the products take 16-bit operands, accumulated in fp32, as
+        # PyTorch's own conv and matmul do there: the casts are autograd's, so the fp32 weights get fp32
+        # gradients; the layers after read the 16-bit maps as they come.
+        inputs = [t.to(low) for t in inputs]
+        tensors = {name: t.to(low) for name, t in tensors.items()}
     if group.kind == "conv2d":
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
         p = item.params
