@@ -89,12 +89,27 @@ def apply(
         return x.flatten(1)
     if op == "shuffle":
         return shuffle(x, params["groups"])
+    if op == "space_to_depth":  # not a layer of the language: the compiler's rewrite of a strided conv
+        return space_to_depth(x, params["block"], params["pad"], params["size"], params["groups"])
     raise ValueError(f"no reference for op {op!r}")
 
 
 def shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """ShuffleNet's channel shuffle: the channels seen as groups x C/groups, transposed to C/groups x groups."""
     return x.unflatten(1, (groups, x.shape[1] // groups)).transpose(1, 2).flatten(1, 2)
+
+
+def space_to_depth(
+    x: torch.Tensor, block: tuple[int, int], pad: tuple[int, int], size: tuple[int, int], groups: int
+) -> torch.Tensor:
+    """`x` cut into `size` blocks of `block` pixels, the first block's corner at (-top, -left): block channel
+    ((g * sh + dy) * sw + dx) * C/groups + c holds pixel (dy, dx) of channel g * C/groups + c
+    (codegen/space_to_depth.py)."""
+    (sh, sw), (top, left), (rows, cols) = block, pad, size
+    n, c, h, w = x.shape
+    padded = F.pad(x, (left, cols * sw - w - left, top, rows * sh - h - top))  # a negative end crops
+    blocks = padded.reshape(n, groups, c // groups, rows, sh, cols, sw).permute(0, 1, 4, 6, 2, 3, 5)
+    return blocks.reshape(n, c * sh * sw, rows, cols)
 
 
 def _pads(params: dict, x: torch.Tensor) -> tuple[int, int, int, int]:

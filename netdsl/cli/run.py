@@ -240,7 +240,7 @@ def save_outputs(path: Path, outputs: dict) -> None:
 
 # Net's errors name its keyword arguments; on the command line they are flags.
 _FLAGS = {"devices": "--devices", "backend": "--backend", "cuda_graph": "--cuda-graph", "batch": "--batch",
-          "dtype": "--dtype", "weights": "--weights", "layout": "--layout"}  # fmt: skip
+          "dtype": "--dtype", "weights": "--weights", "layout": "--layout", "precision": "--precision"}  # fmt: skip
 
 
 def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
@@ -260,6 +260,8 @@ def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
         progress=sys.stderr if sys.stderr.isatty() else None,  # a progress bar through the first run
         cuda_graph=args.cuda_graph,
         layout=args.layout,
+        precision=args.precision,
+        space_to_depth=args.space_to_depth,
     )
     chunks = torch.from_numpy(x).to(torch_dtype(dtype)).split(args.batch or len(x))
     if args.time and any(device.type == "cuda" for device in net.devices.values()):
@@ -332,7 +334,7 @@ def _run_distributed(path: Path, x, dtype: str, args: argparse.Namespace):
     try:
         y = run_distributed(
             path, x, backend=args.backend, weights=args.weights, seed=args.seed, init=args.init, dtype=dtype,
-            layout=args.layout,
+            layout=args.layout, precision=args.precision, space_to_depth=args.space_to_depth,
         )  # fmt: skip
         if dist.is_initialized():
             dist.barrier()  # every rank's sends are received before the group goes away

@@ -27,6 +27,7 @@ from netdsl.compiler.plan import build_plan, plan_json, with_source
 from netdsl.compiler.report import cost_report
 from netdsl.errors import NetError
 from netdsl.files import write_atomic
+from netdsl.ir.dtypes import dot_precision
 from netdsl.lang.build import build
 from netdsl.lang.parse import parse_file
 from netdsl.tables import format_table
@@ -47,9 +48,10 @@ def compile_net(
     path: str | Path, options: Options, input_precision: str | None = None, dump_after: str | None = None
 ) -> Compiled:
     """Runs the front end and every pass, then emits; raises NetError for a mistake in the net.
-    The products of `tl.dot` are TF32 when the dtype is tf32, else exact (`input_precision`)."""
+    The products of `tl.dot` are `input_precision`, by default what the dtype and `options.precision` say
+    (`netdsl.ir.dtypes.dot_precision`: exact for fp32 unless asked for tf32x3, TF32 for tf32)."""
     if input_precision is None:
-        input_precision = "tf32" if options.dtype == "tf32" else "ieee"
+        input_precision = dot_precision(options.dtype, options.precision)
     check_pass_name(dump_after)
     after = run_passes(build(parse_file(path)), options)
     program, layers = after[PASS_NAMES[-1]], after["shapes"]

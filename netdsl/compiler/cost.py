@@ -86,6 +86,8 @@ def step_cost(program: nx.DiGraph, step: Step, batch: int, dtype: str) -> Cost:
     written = math.prod(step.shape) * batch
     if step.kind == "transfer":
         return _cost(step.name, step.kind, step.device, 0.0, written, dtype)
+    if step.kind == "space_to_depth":  # a copy that rearranges a conv's input: no arithmetic
+        return _cost(step.name, step.kind, step.device, 0.0, read + written, dtype)
     flops = sum(_layer_flops(item) for item in step.layers) * batch
     if step.kind == "conv_lrn_maxpool":  # conv, ReLU and LRN are recomputed where pooling windows overlap
         flops += sum(_layer_flops(item) for item in step.layers[:-1]) * batch * (_overlap(step.layers[-1]) - 1)

@@ -144,6 +144,13 @@ FAMILIES: dict[str, Family] = {
             return family.elementwise(x, "affine", scale=scale, shift=shift, out=out, kernel=KERNEL)
         return family.elementwise(x, "copy", activation=P["op"], slope=P["slope"], out=out, kernel=KERNEL)""",
     ),
+    "space_to_depth": Family(
+        "space_to_depth",
+        "space_to_depth_kernel",
+        """
+        return family.space_to_depth(inputs[0], P["block"], P["pad"], P["groups"], OUTPUT_SHAPE[1:], out=out,
+                                     kernel=KERNEL)""",
+    ),
     "shuffle": Family(
         "shuffle",
         "shuffle_kernel",
@@ -233,6 +240,8 @@ def kernel_parameters(step: Step, input_precision: str) -> dict[str, object]:
         }
     if step.kind == "shuffle":
         return {"groups": p["groups"]}
+    if step.kind == "space_to_depth":
+        return {"block": p["block"], "pad": p["pad"], "groups": p["groups"]}
     if step.kind == "eltwise":
         return {"op": first.op, "slope": float(p.get("slope", 0.0)), "eps": float(p.get("eps", 0.0))}
     return {}
@@ -274,7 +283,7 @@ def emit_step(program: nx.DiGraph, step: Step, input_precision: str = "ieee", dt
     views = program.graph.get("views", {})
     input_layouts = [program.nodes[views.get(name, name)]["step"].layout for name in step.inputs]
     weights = {}
-    for item in step.layers:
+    for item in step.layers if step.kind != "space_to_depth" else []:  # its layer is the compiler's, weightless
         weights.update(layer_tensors(item))
         if item.op in ("conv", "fc"):
             if step.options.get("folded"):  # the folded batch norm's shift becomes the bias

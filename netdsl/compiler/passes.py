@@ -1,6 +1,6 @@
 """The compiler's pass pipeline: one list of named passes, each a small function of the graph.
 
-    validate -> shapes -> limits -> fold -> fuse -> place -> layout -> plan_memory
+    validate -> shapes -> limits -> fold -> fuse -> place -> space_to_depth -> layout -> plan_memory
 
 Up to `fold` the graph holds layers (`netdsl.ir.Layer`); from `fuse` on it holds steps
 (`netdsl.compiler.fuse.Step`), each one kernel launch, view or transfer. `dump(graph)` prints either.
@@ -18,6 +18,7 @@ from netdsl.compiler.fuse import fuse
 from netdsl.compiler.layout import choose_layouts
 from netdsl.compiler.memory import plan_memory
 from netdsl.compiler.place import place
+from netdsl.compiler.space_to_depth import lower_space_to_depth
 from netdsl.errors import NetError
 from netdsl.ir import layers
 from netdsl.ir.limits import check_memory
@@ -31,6 +32,8 @@ class Options:
     dtype: str = "fp32"
     memory_limit: int | None = None
     layout: str = "auto"  # "auto": channels-last where convs gain from it (netdsl.compiler.layout); "nchw": never
+    precision: str | None = None  # fp32 products: "ieee" or "tf32x3" (None: the default, netdsl.ir.dtypes)
+    space_to_depth: bool = False  # strided convs over few channels as stride-1 convs over pixel blocks
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,11 @@ def _limits(graph: nx.DiGraph, options: Options) -> nx.DiGraph:
     return graph
 
 
+def _space_to_depth(graph: nx.DiGraph, options: Options) -> nx.DiGraph:
+    """Only when asked, and for channels-last layouts: the lowered conv is there to run channels-last."""
+    return lower_space_to_depth(graph) if options.space_to_depth and options.layout == "auto" else graph
+
+
 PIPELINE: list[Pass] = [
     Pass("validate", validate, "check the graph's structure"),
     Pass("shapes", lambda g, o: infer_shapes(g), "infer every layer's output shape"),
@@ -66,6 +74,7 @@ PIPELINE: list[Pass] = [
     Pass("fold", lambda g, o: fold_inference(g), "drop dropout, fold batch norms and shuffles into convs, fcs"),
     Pass("fuse", lambda g, o: fuse(g, o.batch, o.dtype), "group layers into kernels (the cost model picks some)"),
     Pass("place", lambda g, o: place(g), "partition by device, insert transfers"),
+    Pass("space_to_depth", _space_to_depth, "strided convs over few channels as stride-1 convs over pixel blocks"),
     Pass("layout", lambda g, o: choose_layouts(g, o.layout), "choose NCHW or channels-last for every map"),
     Pass("plan_memory", lambda g, o: plan_memory(g), "assign buffer offsets with reuse"),
 ]

@@ -78,6 +78,8 @@ def run_distributed(
     init: str = "paper",
     dtype: str = "fp32",
     layout: str = "auto",
+    precision: str | None = None,
+    space_to_depth: bool = False,
 ):
     """Runs this rank's partition of the net at `path` on the input `x` (the same on every rank).
 
@@ -86,7 +88,10 @@ def run_distributed(
     available, else gloo) when there is none yet; the caller destroys it."""
     rank, world = _world()
     local = _local_device()
-    net = Net(path, backend=backend, weights=weights, seed=seed, init=init, dtype=dtype, layout=layout, devices=local)
+    net = Net(
+        path, backend=backend, weights=weights, seed=seed, init=init, dtype=dtype, layout=layout, devices=local,
+        precision=precision, space_to_depth=space_to_depth,
+    )  # fmt: skip
     logical = sorted(net.program.graph["partitions"])
     if world != len(logical):
         raise NetError(

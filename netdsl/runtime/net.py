@@ -20,7 +20,10 @@
 - `cuda_graph=True` (every partition on one GPU): the first call at a batch size runs eagerly (Triton
   compiles its kernels then), the second captures the whole forward pass, streams and events
   included, into a CUDA graph, and later calls copy the inputs into the graph's own input tensors
-  and replay it: one launch instead of one per step, which is what small batches are short of.
+  and replay it: one launch instead of one per step, which is what small batches are short of;
+- compile-time choices: `layout`, `precision` (fp32: "ieee", exact products, or "tf32x3", three TF32 tensor-core
+  products; netdsl.ir.dtypes) and `space_to_depth=True` (strided convs over few channels, AlexNet's conv1, run as
+  stride-1 convs over blocks of pixels: netdsl.compiler.space_to_depth; the filters are rearranged on load).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import torch
 from netdsl.codegen.interpret import interpreting, widen_bf16_dots
 from netdsl.codegen.layouts import to_layout, view_as_layout
 from netdsl.codegen.reference import run_layers
+from netdsl.codegen.space_to_depth import space_to_depth_weight
 from netdsl.compiler.compile import Compiled, compile_net, write_build
 from netdsl.compiler.launches import load_kernel_file
 from netdsl.compiler.layout import LAYOUT_OPTIONS, weight_layouts
@@ -84,6 +88,8 @@ class Net:
         progress: TextIO | None = None,
         cuda_graph: bool = False,
         layout: str = "auto",
+        precision: str | None = None,
+        space_to_depth: bool = False,
     ) -> None:
         self.path = str(path)
         if backend not in BACKENDS:
@@ -100,7 +106,8 @@ class Net:
         self._warm: set[tuple[int, torch.dtype]] = set()
         if layout not in LAYOUT_OPTIONS:
             raise NetError(f"unknown layout `{layout}`", where="layout", hint=f"layouts: {', '.join(LAYOUT_OPTIONS)}")
-        self.compiled: Compiled = compile_net(path, Options(batch, dtype, layout=layout))
+        options = Options(batch, dtype, layout=layout, precision=precision, space_to_depth=space_to_depth)
+        self.compiled: Compiled = compile_net(path, options)
         self.program: nx.DiGraph = self.compiled.program
         self.layer_graph: nx.DiGraph = self.compiled.layers  # before folding: batch norms are still there
         self._steps: dict[str, Step] = {name: self.program.nodes[name]["step"] for name in self.program.nodes}
@@ -213,12 +220,13 @@ class Net:
         names = dict.fromkeys([*layer_tensors(item), *(["bias"] if item.fields.get("folded") else [])])
         device = self.devices[step.device]
         layouts = weight_layouts(step)
+        tensors = {key: torch.from_numpy(folded[f"{item.name}.{key}"]) for key in names}
+        block = step.options.get("space_to_depth")
+        if block is not None:  # the conv reads its input cut into blocks of pixels (netdsl.compiler.space_to_depth)
+            tensors["weight"] = space_to_depth_weight(tensors["weight"], block)
         return {
-            key: to_layout(
-                torch.from_numpy(folded[f"{item.name}.{key}"]).to(device=device, dtype=self.torch_dtype),
-                layouts.get(key, "nchw"),
-            )
-            for key in names
+            key: to_layout(tensor.to(device=device, dtype=self.torch_dtype), layouts.get(key, "nchw"))
+            for key, tensor in tensors.items()
         }
 
     # --- running ----------------------------------------------------------------------------------
