@@ -19,6 +19,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def use_interpreter() -> None:
+    """Runs the kernels under Triton's interpreter from now on (on a machine without a GPU), bf16 dots
+    widened: for a command that decides this after `netdsl.codegen` was imported (which widens them only
+    when the interpreter was already chosen)."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if interpreting():
+        widen_bf16_dots()
+
+
 def widen_bf16_dots() -> bool:
     """Patches the interpreter's dot (once per process); False when this Triton has no such hook."""
     try:

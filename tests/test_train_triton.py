@@ -163,6 +163,34 @@ def test_bf16_training_on_the_kernels(interpreter_bf16_dot):
         assert torch.equal(again[name], value), name
 
 
+@pytest.mark.slow
+def test_netdsl_train_in_bf16_on_the_kernels_in_a_fresh_process(tmp_path):
+    """`netdsl train --backend triton --dtype bf16` on a machine without a GPU: the command chooses the interpreter
+    after netdsl.codegen was imported, and must still widen its bf16 dots (a fresh process, as a user runs it;
+    once, the first steps' losses came out near 1e9). Weights after two steps within 10% of the torch backend's
+    in bf16 (the biases start at 0: after two steps they are their gradients, 4% apart in bf16)."""
+    import os
+    import subprocess
+    import sys
+
+    net, shape = nets(tmp_path)["lenet5"]
+    data = arrays(tmp_path, shape)
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    weights = {}
+    for backend in ("triton", "torch"):
+        out = tmp_path / backend
+        args = ["train", str(net), "--data", str(data), "--batch", "4", "--steps", "2", "--lr", "0.01", "--init",
+                "he", "--seed", "4", "--schedule", "constant", "--backend", backend, "--dtype", "bf16", "--out",
+                str(out), *PLAIN]  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "netdsl", *args], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        weights[backend] = load_checkpoint(out / "checkpoints" / "last.ckpt").weights
+    for name, want in weights["torch"].items():
+        got = weights["triton"][name]
+        moved = torch.as_tensor(want).float()
+        assert ((torch.as_tensor(got).float() - moved).norm() / moved.norm()).item() < 0.1, name
+
+
 def test_the_fused_update_is_the_papers_rule_in_one_launch_per_device():
     """FlatPaperSGD (one kernel over flat buffers) against PaperSGD: multipliers per weight, Nesterov off and
     on, a rate drop in the middle, and velocities loaded back as a checkpoint does."""

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from netdsl.codegen.interpret import use_interpreter
 from netdsl.errors import NetError
 
 TRAIN_HELP = "train a net: the recipe from its `train` blocks, a --recipe file and flags (docs/training.md)"
@@ -101,7 +102,7 @@ def _train(args: argparse.Namespace) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            os.environ.setdefault("TRITON_INTERPRET", "1")  # the same kernels, interpreted on the CPU
+            use_interpreter()  # the same kernels, interpreted on the CPU
     if args.check_grads:
         return _check_grads(graph, recipe)
     if args.resume is None:
@@ -193,7 +194,7 @@ def eval_command(args: argparse.Namespace) -> int:
     from netdsl.train.runs import WEIGHTS
 
     if args.backend == "triton" and not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # the same kernels, interpreted on the CPU
+        use_interpreter()  # the same kernels, interpreted on the CPU
     weights_path = args.weights / WEIGHTS if args.weights.is_dir() else args.weights
     graph = load_graph(args.net)
     classes = class_count(graph)
