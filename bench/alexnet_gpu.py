@@ -1,13 +1,16 @@
 """AlexNet forward on a GPU: netdsl's generated kernels vs PyTorch eager (cuDNN) vs torch.compile.
 
-    python bench/alexnet_gpu.py [--runs 50] [--batches 1,32,128] [--precisions fp32,tf32,bf16]
-                                [--systems netdsl,netdsl-graph,netdsl-nchw,eager,compile,max-autotune]
+    python bench/alexnet_gpu.py [--runs 50] [--batches 1,32,128] [--precisions fp32,tf32x3,tf32,bf16]
+                                [--systems netdsl,netdsl-graph,netdsl-nchw,netdsl-s2d-graph,eager,compile,max-autotune]
 
 For batch 1, 32 and 128 in fp32, TF32 and bf16: throughput (images/s) and latency (ms), timed with
 CUDA events, the median of `--runs` runs after warm-up, and the ratio to the roofline floor of the
 fused plan on an H100 (netdsl.compiler.cost). Both of AlexNet's towers run on the one GPU (two streams);
 `netdsl-graph` replays the whole pass as one CUDA graph; `netdsl-nchw` keeps every map NCHW and every
-conv on conv.py (`layout="nchw"`, what netdsl did before channels-last convs). The PyTorch model is the hand-written one
+conv on conv.py (`layout="nchw"`, what netdsl did before channels-last convs); `netdsl-s2d-graph` is
+`netdsl-graph` with conv1 lowered by space-to-depth onto the channels-last conv (`space_to_depth=True`,
+issue 13). Precision `tf32x3` is fp32 with three TF32 tensor-core products in netdsl's kernels
+(`precision="tf32x3"`) and exact fp32 in PyTorch's. The PyTorch model is the hand-written one
 of the golden tests (tests/golden/models.py); `compile` and `max-autotune` are torch.compile's
 default and max-autotune modes (minutes of compiling each). Each row is printed as soon as it is
 measured (and appended to `--tsv`), the table at the end. Without a GPU it says so and exits 0.
@@ -26,7 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 NET = ROOT / "nets" / "alexnet.net"
-PRECISIONS = {"fp32": ("fp32", torch.float32), "tf32": ("tf32", torch.float32), "bf16": ("bf16", torch.bfloat16)}
+PRECISIONS = {
+    "fp32": ("fp32", torch.float32), "tf32x3": ("fp32", torch.float32), "tf32": ("tf32", torch.float32),
+    "bf16": ("bf16", torch.bfloat16),
+}  # fmt: skip
 
 
 def time_ms(fn, runs: int) -> float:
@@ -59,13 +65,14 @@ SYSTEMS = {
     "netdsl": "netdsl",
     "netdsl-graph": "netdsl, CUDA graph",
     "netdsl-nchw": "netdsl, all NCHW",
+    "netdsl-s2d-graph": "netdsl, conv1 space-to-depth, CUDA graph",
     "eager": "eager (cuDNN)",
     "compile": "torch.compile",
     "max-autotune": "torch.compile max-autotune",
 }
 
 
-def make_system(name: str, weights, model: torch.nn.Module, batch: int, dtype: str):
+def make_system(name: str, weights, model: torch.nn.Module, batch: int, dtype: str, precision: str | None = None):
     """A function of one input running one forward pass of `name`."""
     if name.startswith("netdsl"):
         import netdsl
@@ -77,8 +84,10 @@ def make_system(name: str, weights, model: torch.nn.Module, batch: int, dtype: s
             weights=weights,
             batch=batch,
             devices={"gpu0": "cuda:0", "gpu1": "cuda:0"},
-            cuda_graph=name == "netdsl-graph",
+            cuda_graph=name.endswith("-graph"),
             layout="nchw" if name == "netdsl-nchw" else "auto",
+            precision=precision,
+            space_to_depth="-s2d" in name,
         )
         return ours
     if name == "eager":
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             for system in chosen:
                 began = time.perf_counter()
                 with torch.no_grad():
-                    run = make_system(system, weights, model, batch, dtype)
+                    run = make_system(system, weights, model, batch, dtype, "tf32x3" if name == "tf32x3" else None)
                     for _ in range(3):  # compiles (Triton, Inductor) and captures happen here
                         run(x)
                     torch.cuda.synchronize()

@@ -12,8 +12,10 @@ cuDNN's (relative error over the largest |output|; a mismatch is printed, not ti
 configuration `pick_config` chooses today is marked `*`. One table per dtype at the end.
 
 For conv1 (3 input channels, stride 4) it also times `conv_nhwc.py` on the space-to-depth rewrite of
-the layer (`space_to_depth`: a 3 x 3 stride-1 conv over 48 channels of 4 x 4 pixel blocks; the
-rewrite is timed apart, as PyTorch ops): what the compiler would gain by lowering such convs so.
+the layer (a 3 x 3 stride-1 conv over 48 channels of 4 x 4 pixel blocks: the compiler's `space_to_depth`
+pass, `--space-to-depth`), and, apart, the transform kernel that rearranges the input on every run
+(codegen/space_to_depth.py): what the compiler gains by lowering such convs so. `--dtypes tf32x3` times
+fp32 with three TF32 products against cuDNN's exact fp32.
 
 `--smoke` runs the same code on the CPU under Triton's interpreter at a tiny size (no timing meaning):
 tests/test_bench.py uses it to keep this script working between GPU leases.
@@ -43,7 +45,10 @@ LAYERS = {
     "conv4": (192, 192, 3, 1, 1, 13),
     "conv5": (192, 128, 3, 1, 1, 13),
 }
-PRECISIONS = {"fp32": (torch.float32, "ieee"), "tf32": (torch.float32, "tf32"), "bf16": (torch.bfloat16, "ieee")}
+PRECISIONS = {
+    "fp32": (torch.float32, "ieee"), "tf32": (torch.float32, "tf32"), "tf32x3": (torch.float32, "tf32x3"),
+    "bf16": (torch.bfloat16, "ieee"),
+}  # fmt: skip
 CONFIGS = [
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
     {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
@@ -55,7 +60,7 @@ CONFIGS = [
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
 ]
-TOLERANCE = {"fp32": 1e-4, "tf32": 1e-2, "bf16": 2e-2}
+TOLERANCE = {"fp32": 1e-4, "tf32": 1e-2, "tf32x3": 1e-4, "bf16": 2e-2}
 
 
 def label(config: dict) -> str:
@@ -66,21 +71,22 @@ def label(config: dict) -> str:
 
 
 def space_to_depth(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int):
-    """A stride-s convolution as a stride-1 one over blocks of s x s pixels: the input padded (by `pad`,
-    then up to a multiple of s) and each block's pixels moved into channels, ordered (row in block,
-    column in block, channel); the filter padded to a multiple of s taps and cut the same way. Both
-    channels-last. conv1: 3 x 227 x 227 -> 48 x 57 x 57, 11 x 11 / 4 -> 3 x 3 / 1 over 48 channels
-    (19% more multiply-adds for the zero taps); the result's extra row and column are cropped."""
-    n, c, h, w = x.shape
-    o, _, k, _ = weight.shape
-    s, taps = stride, -(-k // stride)
-    side_h, side_w = -(-(h + 2 * pad) // s) * s, -(-(w + 2 * pad) // s) * s
-    x = F.pad(x, (pad, side_w - w - pad, pad, side_h - h - pad))
-    blocks = x.reshape(n, c, side_h // s, s, side_w // s, s).permute(0, 3, 5, 1, 2, 4)
-    blocks = blocks.reshape(n, s * s * c, side_h // s, side_w // s).contiguous(memory_format=torch.channels_last)
-    weight = F.pad(weight, (0, taps * s - k, 0, taps * s - k))
-    filters = weight.reshape(o, c, taps, s, taps, s).permute(0, 3, 5, 1, 2, 4).reshape(o, s * s * c, taps, taps)
-    return blocks, filters.contiguous(memory_format=torch.channels_last)
+    """A stride-s convolution as the compiler's `space_to_depth` pass lowers it: the input cut into blocks of
+    s x s pixels by netdsl's transform kernel (channels-last), the filter rearranged to match (both
+    netdsl.codegen.space_to_depth). conv1: 3 x 227 x 227 -> 48 x 57 x 57, 11 x 11 / 4 -> 3 x 3 / 1 over 48
+    channels, the same 55 x 55 outputs (19% more multiply-adds for the zero taps). Returns the rearranged
+    input and filter, and the input's transform alone, to time it."""
+    from netdsl.codegen.space_to_depth import space_to_depth as blocks_of
+    from netdsl.codegen.space_to_depth import space_to_depth_weight
+    from netdsl.compiler.space_to_depth import space_to_depth_geometry
+
+    geometry = space_to_depth_geometry(tuple(x.shape[1:]), weight.shape[-2:], (stride, stride), (pad,) * 4)
+
+    def transform() -> torch.Tensor:
+        return blocks_of(x, geometry.block, geometry.pad, 1, geometry.size)
+
+    filters = space_to_depth_weight(weight, geometry.block).contiguous(memory_format=torch.channels_last)
+    return transform(), filters, transform
 
 
 def sweep(layer: str, shape: tuple, name: str, batch: int, device: str, configs: list[dict], measure, generator):
@@ -118,18 +124,17 @@ def sweep(layer: str, shape: tuple, name: str, batch: int, device: str, configs:
     if c_in >= 16:
         variants += [("nhwc ", config) for config in configs]
     elif stride > 1 and c_in * stride * stride >= 16:  # conv1: as a stride-1 conv over blocks of pixels
-        x_blocks, w_blocks = space_to_depth(x, w, stride, pad)
-        transform_ms = measure(lambda: space_to_depth(x, w, stride, pad))
-        rows.append((layer, "s2d input transform (PyTorch ops)", f"{transform_ms:.3f}", "", "", ""))
+        x_blocks, w_blocks, transform = space_to_depth(x, w, stride, pad)
+        transform_ms = measure(transform)
+        rows.append((layer, "s2d input transform (netdsl kernel)", f"{transform_ms:.3f}", "", "", ""))
         print("\t".join(rows[-1]), flush=True)
         variants += [("s2d ", config) for config in configs]
     for variant, config in variants:
 
         def ours(config=config, variant=variant):
             if variant == "s2d ":  # the transformed input and weight are made once, not timed
-                y = conv_nhwc.conv2d_nhwc(x_blocks, w_blocks, b, activation="relu", input_precision=precision,
-                                          config=config)  # fmt: skip
-                return y[:, :, :out_side, :out_side]
+                return conv_nhwc.conv2d_nhwc(x_blocks, w_blocks, b, activation="relu", input_precision=precision,
+                                             config=config)  # fmt: skip
             if variant:
                 return conv_nhwc.conv2d_nhwc(x_last, w_last, b, stride, pad, activation="relu",
                                              input_precision=precision, config=config)  # fmt: skip

@@ -6,7 +6,9 @@
 # 1. the GPU tests: goldens, precisions, streams, CUDA graphs (tests/test_gpu.py), channels-last
 #    layouts, and the conv kernel sweeps against PyTorch (test files that use the GPU when there is one);
 # 2. conv1's space-to-depth variant (bench/conv_sweep.py --layers conv1) and the fc / LRN tiles
-#    (bench/step_sweep.py); a per-step profile of AlexNet in both layouts;
+#    (bench/step_sweep.py); issue 13's two levers: the tf32x3 and space-to-depth tests on the GPU (their
+#    errors into errors.tsv), then AlexNet with and without conv1's space-to-depth, and in fp32 exact
+#    against tf32x3 (levers.tsv); a per-step profile of AlexNet in both layouts;
 # 3. bench/alexnet_gpu.py: netdsl (channels-last, CUDA graph, all-NCHW) and PyTorch eager at batch
 #    128 and 1 in every precision, then torch.compile in bf16 for as long as the time box allows;
 # 4. bench/train.py --gpu: a training step of AlexNet at batch 128 in bf16 against eager and torch.compile.
@@ -35,6 +37,8 @@ export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     --systems netdsl,netdsl-nchw >"$OUT/warm_netdsl.log" 2>&1 &)
 (timeout "${WARM_S:-240}" python3 bench/alexnet_gpu.py --warm-only --batches 128,1 --precisions bf16 \
     --systems compile >"$OUT/warm_compile.log" 2>&1 &)
+(timeout "${WARM_S:-240}" python3 bench/alexnet_gpu.py --warm-only --batches 128,1 --precisions bf16,tf32x3,fp32 \
+    --systems netdsl-graph,netdsl-s2d-graph >"$OUT/warm_levers.log" 2>&1 &)
 
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 6")
 timeout "${TEST_S:-150}" python3 -m pytest -q $workers -p no:cacheprovider -rfE \
@@ -47,6 +51,18 @@ sort "$OUT/errors.tsv" 2>/dev/null | tail -n 30
 # conv1 as a space-to-depth conv on conv_nhwc (the next step to decide), and the fc / LRN tiles
 timeout "${SWEEP_S:-60}" python3 bench/conv_sweep.py --batch 128 --dtypes bf16 --layers conv1 >"$OUT/conv1.log" 2>&1
 grep -P "^conv1\t" "$OUT/conv1.log"
+
+# issue 13: tf32x3 against float64 and space-to-depth against F.conv2d on the GPU (errors into errors.tsv), then
+# the decisions: AlexNet with conv1 on conv.py vs lowered by space-to-depth, fp32 exact vs tf32x3, and the convs
+timeout "${LEVER_TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider -rfE tests/test_kernel_tf32x3.py \
+    tests/test_precision.py tests/test_space_to_depth.py 2>&1 | tee "$OUT/pytest_levers.log" | tail -n 5
+grep "^tf32x3" "$OUT/errors.tsv" 2>/dev/null | sort | tail -n 20
+timeout "${LEVERS_S:-150}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1 --precisions bf16,tf32x3,fp32 \
+    --systems netdsl-graph,netdsl-s2d-graph --tsv "$OUT/levers.tsv" >"$OUT/levers.log" 2>&1
+cat "$OUT/levers.tsv" 2>/dev/null
+timeout "${SWEEP_S:-60}" python3 bench/conv_sweep.py --batch 128 --dtypes tf32x3,tf32 --layers conv1,conv2,conv4 \
+    --configs 1,2,4 >"$OUT/conv_tf32x3.log" 2>&1
+grep -P "^conv\d\t" "$OUT/conv_tf32x3.log"
 timeout "${SWEEP_S:-60}" python3 bench/step_sweep.py --batches 128,1 >"$OUT/step_sweep.log" 2>&1
 
 # where the time goes: every step of AlexNet at batch 128 in bf16, channels-last and all-NCHW
