@@ -163,3 +163,14 @@ def test_a_compiled_nets_layer_graph_shows_itself():
     compiled = compile_net(NETS / "lenet5.net", Options())
     assert isinstance(compiled.layers, LayerGraph)
     assert compiled.layers._repr_html_() == netdsl.load_graph(NETS / "lenet5.net")._repr_html_()
+
+
+def test_a_net_shows_itself_as_its_layer_graph():
+    """A `Net` (netdsl.load) in a notebook: its repr (backend, dtype, devices) above its layer graph's picture and table."""
+    net = netdsl.load(NETS / "lenet5.net", backend="torch")
+    shown = net._repr_html_()
+    assert shown.startswith(f"<p>{html.escape(repr(net))}</p>\n")
+    assert shown.endswith(net.layer_graph._repr_html_())
+    assert net._repr_svg_() == net.layer_graph._repr_svg_()
+    if HAS_DOT:
+        assert net._repr_svg_().lstrip().startswith(("<?xml", "<svg", "<!--"))

@@ -35,6 +35,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from html import escape
 from pathlib import Path
 from typing import TextIO
 
@@ -52,6 +53,7 @@ from netdsl.compiler.layout import LAYOUT_OPTIONS, weight_layouts
 from netdsl.compiler.passes import Options
 from netdsl.compiler.steps import Step
 from netdsl.errors import NetError
+from netdsl.ir.display import graph_html, graph_svg
 from netdsl.ir.dtypes import DTYPES, torch_dtype
 from netdsl.ir.limits import check_memory
 from netdsl.ir.ops import layer_tensors
@@ -544,6 +546,14 @@ class Net:
         devices = ", ".join(f"{name}->{device}" for name, device in self.devices.items())
         name = self.program.graph["name"]
         return f"Net({name!r}, backend={self.backend!r}, dtype={self.dtype!r}, devices: {devices})"
+
+    # In a notebook a net shows itself as its layer graph does (netdsl.ir.display): picture and table.
+    def _repr_html_(self) -> str | None:
+        shown = graph_html(self.layer_graph)
+        return None if shown is None else f"<p>{escape(repr(self))}</p>\n{shown}"
+
+    def _repr_svg_(self) -> str | None:
+        return graph_svg(self.layer_graph)
 
 
 # --- helpers --------------------------------------------------------------------------------------
