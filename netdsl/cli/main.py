@@ -298,7 +298,7 @@ def _compile(path: Path, args: argparse.Namespace) -> int:
     if args.train:  # --dump-after names a training pass
         from netdsl.compiler.train_plan import compile_training, write_training
 
-        training = compile_training(path, options, args.dump_after, sm90=args.sm90)
+        training = compile_training(path, options, args.dump_after)
     compiled = compile_net(path, options, dump_after=None if training else args.dump_after)
     listing = training.dump if training else compiled.dump
     if listing:
@@ -308,9 +308,9 @@ def _compile(path: Path, args: argparse.Namespace) -> int:
     print((out / "report.txt").read_text(encoding="utf-8"), end="")
     print(f"wrote {out}/kernels ({len(compiled.kernels)} files), {out}/plan.json, {out}/report.txt")
     if training:
-        written = write_training(training, out)
-        print(training.report, end="")
-        print(f"wrote {written}/plan.json, {written}/report.txt")
+        written = write_training(training, out, sm90=args.sm90)
+        print((written / "report.txt").read_text(encoding="utf-8"), end="")
+        print(f"wrote {written} ({len(training.kernels)} step files), {written}/plan.json, {written}/report.txt")
     return 0
 
 

@@ -4,7 +4,9 @@
         train/plan.json     per device, forward then backward launches, their kernels, the events a
                             cross-device gradient waits on, what each forward saves, the memory plan and
                             each conv's and fc's backward choice with the figures that decided it
-        train/report.txt    the same for a reader: steps, choices, memory per device
+        train/report.txt    the same for a reader: steps, choices, memory per device, the sm_90 build
+        train/<step>.py     each training step's forward and backward kernels, runnable on their own
+                            (netdsl.compiler.emit_training); update_<device>.py the fused SGD
 
 The same net and options give byte-identical files.
 """
@@ -12,6 +14,7 @@ The same net and options give byte-identical files.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,11 +22,12 @@ import networkx as nx
 
 from netdsl._version import __version__
 from netdsl.compiler.backward import TRAINING_PASS_NAMES, run_training_passes
-from netdsl.compiler.compile import sm90_report
+from netdsl.compiler.compile import _new_folder, _swap, sm90_report
+from netdsl.compiler.emit_training import training_files
 from netdsl.compiler.launches import Launch, sm90_resources
 from netdsl.compiler.passes import Options, dump
 from netdsl.compiler.steps import Step
-from netdsl.compiler.train_launches import training_launches
+from netdsl.compiler.train_launches import record_training_launches
 from netdsl.errors import NetError
 from netdsl.files import write_atomic
 from netdsl.lang.build import build
@@ -40,6 +44,7 @@ class CompiledTraining:
     report: str
     kernels: dict[str, str]  # file name -> source
     dump: str  # the `--dump-after` listing, or ""
+    options: Options
 
 
 def check_training_pass(name: str | None) -> None:
@@ -49,38 +54,43 @@ def check_training_pass(name: str | None) -> None:
         )
 
 
-def compile_training(
-    path: str | Path, options: Options, dump_after: str | None = None, sm90: bool = False
-) -> CompiledTraining:
-    """Runs the training passes and records every launch at the batch and dtype (on meta tensors); with
-    `sm90`, builds each kernel for the H100 and adds its registers, spills, shared memory and tensor-core
-    instructions to the report."""
+def compile_training(path: str | Path, options: Options, dump_after: str | None = None) -> CompiledTraining:
+    """Runs the training passes and emits a file per training step (netdsl.compiler.emit_training)."""
     check_training_pass(dump_after)
     after = run_training_passes(build(parse_file(path)), options)
     program = after[TRAINING_PASS_NAMES[-1]]
     listing = dump_training(after[dump_after]) if dump_after else ""
-    launches = training_launches(program, options.batch, options.dtype)
-    report = training_report(program, options)
-    if sm90:
-        report += sm90_report(sm90_resources(launches), launches)
-    return CompiledTraining(program, training_plan(program, options, launches), report, {}, listing)
+    kernels = training_files(program, options.dtype)
+    return CompiledTraining(program, training_plan(program, options), training_report(program, options), kernels,
+                            listing, options)  # fmt: skip
 
 
-def write_training(compiled: CompiledTraining, out_dir: str | Path) -> Path:
-    """Writes `train/` in the build folder, each file atomically."""
-    out = Path(out_dir) / "train"
+def write_training(compiled: CompiledTraining, out_dir: str | Path, sm90: bool = False) -> Path:
+    """Writes `train/` in the build folder: the step files into a new folder first, from which every launch is
+    recorded at the build's batch and dtype (grids and warps into plan.json) and, with `sm90`, every kernel
+    built for the H100 (registers, spills, shared memory and tensor-core instructions into report.txt); only
+    then is the old `train/` swapped for it. `compiled` is not changed: writing twice writes the same files."""
+    parent, options = Path(out_dir), compiled.options
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        parent.mkdir(parents=True, exist_ok=True)
+        staged = _new_folder(parent, ".train")
     except OSError as error:
-        raise NetError(f"cannot write the build in {out}: {error.strerror or error}", where=str(out)) from None
-    stale = {p.name for p in out.glob("*.py")} - set(compiled.kernels)
-    for name, source in compiled.kernels.items():
-        write_atomic(out / name, source)
-    write_atomic(out / "plan.json", json.dumps(compiled.plan, indent=2) + "\n")
-    write_atomic(out / "report.txt", compiled.report)
-    for name in stale:
-        (out / name).unlink(missing_ok=True)
-    return out
+        raise NetError(f"cannot write the build in {parent}: {error.strerror or error}", where=str(parent)) from None
+    try:
+        for name, source in compiled.kernels.items():
+            write_atomic(staged / name, source)
+        launches = record_training_launches(compiled.program, staged, options.batch, options.dtype)
+        report = compiled.report
+        if sm90:
+            report += sm90_report(sm90_resources(launches), launches)
+        write_atomic(staged / "plan.json", json.dumps(training_plan(compiled.program, options, launches), indent=2)
+                     + "\n")  # fmt: skip
+        write_atomic(staged / "report.txt", report)
+        _swap(parent / "train", staged)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return parent / "train"
 
 
 def dump_training(graph: nx.DiGraph) -> str:
