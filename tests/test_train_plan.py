@@ -45,14 +45,32 @@ output prob
 """
 
 
+# Layers left to PyTorch (a sum, a channel shuffle, an LRN on its own, a concatenation, a global average) among
+# netdsl's kernels (leaky ReLU, batch norm, average pooling).
+MIXED = """\
+net mixed
+input image: 3 x 16 x 16
+a = conv(image, 16, size=3, pad=1) | leaky_relu(slope=0.1)
+b = conv(a, 16, size=3, pad=1) | batchnorm | relu
+c = add(a, b)
+d = shuffle(c, groups=4) | lrn(size=3, alpha=1e-4, beta=0.75, k=1) | avgpool(2)
+e = conv(d, 8, size=1)
+f = concat(d, e) | global_avgpool
+g = fc(f, 10)
+output g
+"""
+
+
 def small_nets(tmp_path: Path) -> dict[str, Path]:
     simplenet = (ROOT / "nets/simplenet.net").read_text().replace("1 x 64 x 64", "1 x 16 x 16")
     (tmp_path / "simplenet.net").write_text(simplenet)
     (tmp_path / "small_alexnet.net").write_text(SMALL_ALEXNET)
+    (tmp_path / "mixed.net").write_text(MIXED)
     return {
         "lenet5": ROOT / "nets/lenet5.net",
         "simplenet": tmp_path / "simplenet.net",
         "small_alexnet": tmp_path / "small_alexnet.net",
+        "mixed": tmp_path / "mixed.net",
     }
 
 
@@ -104,7 +122,7 @@ def planned_saved_bytes(trained, batch: int) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["lenet5", "simplenet", "small_alexnet"])
+@pytest.mark.parametrize("which", ["lenet5", "simplenet", "small_alexnet", "mixed"])
 def test_what_the_plan_saves_is_what_autograd_keeps(tmp_path, which):
     path = small_nets(tmp_path)[which]
     batch = 3
@@ -354,7 +372,7 @@ def test_compile_train_builds_every_training_kernel_for_sm90(tmp_path, monkeypat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["lenet5", "simplenet", "small_alexnet"])
+@pytest.mark.parametrize("which", ["lenet5", "simplenet", "small_alexnet", "mixed"])
 def test_each_emitted_step_file_matches_autograd(tmp_path, which):
     """Every training step's file, imported and checked as a user would run it: its copies of the kernels, forward
     and backward, against PyTorch autograd in float64 (fp32, 1e-5 of the largest value)."""

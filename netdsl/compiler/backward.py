@@ -51,7 +51,6 @@ KERNELS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "loss": (("cross_entropy.cross_entropy_kernel", "cross_entropy.fixed_order_mean_kernel"), ()),
     "update": ((), ("optimizer.paper_sgd_kernel",)),
 }  # fmt: skip
-_TORCH_BACKWARD = "PyTorch autograd (a copy, a sum or a view)"
 
 
 def train_groups(graph: nx.DiGraph, options: Options) -> nx.DiGraph:
@@ -135,7 +134,7 @@ def backward(program: nx.DiGraph, options: Options) -> nx.DiGraph:
                 {
                     "forward": name,
                     "forward_kind": step.kind,
-                    "kernels": list(kernels) or [_TORCH_BACKWARD],
+                    "kernels": list(kernels) or [f"PyTorch autograd ({step.first.op})"],
                     "input_gradient": any(needs_grad[source] for source in step.inputs),
                     "sums": len(contributions),
                     "parameters": sorted(

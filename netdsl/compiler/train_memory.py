@@ -9,8 +9,9 @@ Each forward step saves what its backward kernel reads (as netdsl.runtime.kernel
     batch_norm          its input, and each channel's mean and inverse deviation (fp32)
     loss                the logits' gradient (fp32), computed with the loss
     avgpool, dropout    nothing (dropout regenerates its mask from a seed)
-    reference           softmax its output; a copy, a sum, a view or a global average nothing; any other
-                        layer its input and output (an estimate: PyTorch decides)
+    reference           a copy, a sum, a view or a global average nothing; any other layer (an LRN on its
+                        own, a softmax before the last layer) what PyTorch's autograd keeps for it, found
+                        by running it once on one image
 
 A step with several inputs joins them first, and saves the joined copy. A saved tensor is counted once
 however many backwards read it. Liveness runs over the whole step in one order, forward then backward:
@@ -70,13 +71,42 @@ def saved_for_backward(program: nx.DiGraph, step: Step) -> list[Saved]:
     if kind == "loss":
         return [_own(step, "gradient", step.options["classes"], "fp32")]
     if kind == "reference":
-        op = step.first.op
-        if op in _FREE_REFERENCES:
+        if step.first.op in _FREE_REFERENCES:
             return []
-        if op == "softmax":
-            return [output]
-        return [joined, output]
+        return _measured_reference(step, joined, output)
     return []  # avgpool, dropout, input, transfer
+
+
+def _measured_reference(step: Step, joined: Saved | None, output: Saved) -> list[Saved]:
+    """What PyTorch's autograd keeps for a layer netdsl leaves to PyTorch (an LRN on its own, a softmax that
+    is not the last layer, ...): the layer is run once on one random image under `saved_tensors_hooks`, and
+    whatever is saved besides its input, its output and its weights is counted as its own (fp32 here, so the
+    element count is bytes / 4)."""
+    import torch
+
+    from netdsl.codegen.reference import apply
+
+    item = step.first
+    x = torch.randn(1, *item.input_shape, requires_grad=True)
+    weights = {name: torch.randn(shape, requires_grad=True) for name, shape in layer_tensors(item).items()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = apply(item.op, item.params, [x], weights, training=True)
+    known = {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()}
+    known |= {w.untyped_storage().data_ptr() for w in weights.values()}
+    kept = [joined] if x.untyped_storage().data_ptr() in seen else []
+    if y.untyped_storage().data_ptr() in seen:
+        kept.append(output)
+    other = sum(size for pointer, size in seen.items() if pointer not in known) // 4
+    if other:
+        kept.append(_own(step, "intermediates", other, "map"))
+    return kept
 
 
 def _input(program: nx.DiGraph, step: Step) -> Saved | None:
