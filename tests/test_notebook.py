@@ -166,7 +166,7 @@ def test_a_compiled_nets_layer_graph_shows_itself():
 
 
 def test_a_net_shows_itself_as_its_layer_graph():
-    """A `Net` (netdsl.load) in a notebook: its repr (backend, dtype, devices) above its layer graph's picture and table."""
+    """A `Net` (netdsl.load) in a notebook: its repr above its layer graph's picture and table."""
     net = netdsl.load(NETS / "lenet5.net", backend="torch")
     shown = net._repr_html_()
     assert shown.startswith(f"<p>{html.escape(repr(net))}</p>\n")
