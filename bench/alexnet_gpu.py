@@ -1,11 +1,13 @@
-"""AlexNet forward on a GPU: netdsl's generated kernels vs PyTorch eager (cuDNN) vs torch.compile.
+"""AlexNet (or VGG-16) forward on a GPU: netdsl's generated kernels vs PyTorch eager (cuDNN) vs torch.compile.
 
     python bench/alexnet_gpu.py [--runs 50] [--batches 1,32,128] [--precisions fp32,tf32x3,tf32,bf16]
                                 [--systems netdsl,netdsl-graph,netdsl-nchw,netdsl-s2d-graph,eager,compile,max-autotune]
+                                [--net alexnet|vgg16]
 
 For batch 1, 32 and 128 in fp32, TF32 and bf16: throughput (images/s) and latency (ms), timed with
 CUDA events, the median of `--runs` runs after warm-up, and the ratio to the roofline floor of the
-fused plan on an H100 (netdsl.compiler.cost). Both of AlexNet's towers run on the one GPU (two streams);
+fused plan on an H100 (netdsl.compiler.cost). Every device of the net (both of AlexNet's towers, two streams)
+runs on the one GPU; `--net vgg16` times VGG-16 (larger convs: the second net against the same anchors);
 `netdsl-graph` replays the whole pass as one CUDA graph; `netdsl-nchw` keeps every map NCHW and every
 conv on conv.py (`layout="nchw"`, what netdsl did before channels-last convs); `netdsl-s2d-graph` is
 `netdsl-graph` with conv1 lowered by space-to-depth onto the channels-last conv (`space_to_depth=True`,
@@ -28,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-NET = ROOT / "nets" / "alexnet.net"
+NETS = ("alexnet", "vgg16")  # nets/<name>.net, each with its hand-written model in tests/golden/models.py
 PRECISIONS = {
     "fp32": ("fp32", torch.float32), "tf32x3": ("fp32", torch.float32), "tf32": ("tf32", torch.float32),
     "bf16": ("bf16", torch.bfloat16),
@@ -50,13 +52,13 @@ def time_ms(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def floor_ms(batch: int, dtype: str) -> float:
+def floor_ms(net: Path, batch: int, dtype: str) -> float:
     from netdsl.compiler.cost import fused_costs
     from netdsl.compiler.passes import Options, run_pipeline
     from netdsl.lang.build import build
     from netdsl.lang.parse import parse_file
 
-    program, _ = run_pipeline(build(parse_file(NET)), Options(batch=batch, dtype=dtype))
+    program, _ = run_pipeline(build(parse_file(net)), Options(batch=batch, dtype=dtype))
     kernels = [c for c in fused_costs(program, batch, dtype) if c.kind not in ("input", "view", "transfer")]
     return sum(c.seconds for c in kernels) * 1e3
 
@@ -72,18 +74,21 @@ SYSTEMS = {
 }
 
 
-def make_system(name: str, weights, model: torch.nn.Module, batch: int, dtype: str, precision: str | None = None):
-    """A function of one input running one forward pass of `name`."""
+def make_system(
+    name: str, net: Path, devices: list[str], weights, model: torch.nn.Module, batch: int, dtype: str,
+    precision: str | None = None,
+):  # fmt: skip
+    """A function of one input running one forward pass of `name`; every logical device on cuda:0."""
     if name.startswith("netdsl"):
         import netdsl
 
         ours = netdsl.load(
-            NET,
+            net,
             backend="triton",
             dtype=dtype,
             weights=weights,
             batch=batch,
-            devices={"gpu0": "cuda:0", "gpu1": "cuda:0"},
+            devices=dict.fromkeys(devices, "cuda:0"),
             cuda_graph=name.endswith("-graph"),
             layout="nchw" if name == "netdsl-nchw" else "auto",
             precision=precision,
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--systems", default="netdsl,netdsl-graph,eager,compile,max-autotune")
     parser.add_argument("--tsv", help="append each row to this file as it is measured")
+    parser.add_argument("--net", default="alexnet", choices=NETS, help="the net of nets/ to time")
     parser.add_argument(
         "--warm-only",
         action="store_true",
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown system or precision: {', '.join(unknown)} (systems: {', '.join(SYSTEMS)})")
     print(
         f"# python bench/alexnet_gpu.py --runs {args.runs} --batches {args.batches} "
-        f"--precisions {args.precisions} --systems {args.systems}"
+        f"--precisions {args.precisions} --systems {args.systems} --net {args.net}"
     )
     if not torch.cuda.is_available():
         print("no CUDA GPU here: nothing to time (run this on a machine with one)")
@@ -124,30 +130,35 @@ def main(argv: list[str] | None = None) -> int:
     import time
 
     import triton
-    from golden.models import AlexNet
+    from golden.models import MODELS
 
     import netdsl
+    from netdsl.ir import layers
     from netdsl.runtime.weights import init_weights
     from netdsl.tables import format_table
 
-    graph = netdsl.load_graph(NET)
+    net = ROOT / "nets" / f"{args.net}.net"
+    model_class, shape = MODELS[args.net]
+    graph = netdsl.load_graph(net)
+    devices = sorted({item.device for item in layers(graph)})
     weights = init_weights(graph, seed=0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    header = ("batch", "precision", "system", "latency ms", "images/s", "x floor", "warm-up s")
+    header = ("net", "batch", "precision", "system", "latency ms", "images/s", "x floor", "warm-up s")
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         for name in args.precisions.split(","):
             dtype, torch_dtype = PRECISIONS[name]
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = name == "tf32"
-            x = torch.randn(batch, 3, 227, 227, device="cuda", dtype=torch_dtype)
-            floor = floor_ms(batch, dtype)
-            model = AlexNet()
+            x = torch.randn(batch, *shape, device="cuda", dtype=torch_dtype)
+            floor = floor_ms(net, batch, dtype)
+            model = model_class()
             model.load(weights)
             model = model.to("cuda", torch_dtype).eval()
             for system in chosen:
                 began = time.perf_counter()
                 with torch.no_grad():
-                    run = make_system(system, weights, model, batch, dtype, "tf32x3" if name == "tf32x3" else None)
+                    precision = "tf32x3" if name == "tf32x3" else None
+                    run = make_system(system, net, devices, weights, model, batch, dtype, precision)
                     for _ in range(3):  # compiles (Triton, Inductor) and captures happen here
                         run(x)
                     torch.cuda.synchronize()
@@ -156,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"warmed {system} batch {batch} {name} in {warm:.1f} s", flush=True)
                         continue
                     ms = time_ms(lambda run=run, x=x: run(x), args.runs)
-                row = (str(batch), name, SYSTEMS[system], f"{ms:.3f}", f"{batch / ms * 1e3:,.0f}", f"{ms / floor:.1f}",
-                       f"{warm:.1f}")  # fmt: skip
+                row = (args.net, str(batch), name, SYSTEMS[system], f"{ms:.3f}", f"{batch / ms * 1e3:,.0f}",
+                       f"{ms / floor:.1f}", f"{warm:.1f}")  # fmt: skip
                 rows.append(row)
                 print("\t".join(row), flush=True)
                 if args.tsv:
@@ -166,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 del run
                 torch.cuda.empty_cache()
 
-    print("\n".join(format_table(header, rows, left={1, 2})))
+    print("\n".join(format_table(header, rows, left={0, 2, 3})))
     print(f"floor: the fused plan's roofline time on an H100 (netdsl.compiler.cost); {args.runs} timed runs each")
     return 0
 

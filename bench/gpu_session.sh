@@ -100,8 +100,12 @@ if wants infer; then
     box "${COMPILE_S:-45}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1 --precisions bf16 \
         --systems compile --tsv "$OUT/bench.tsv" >"$OUT/bench_compile.log" 2>&1
     tail -n 3 "$OUT/bench_compile.log"
+    # VGG-16, the second net against the same anchors (larger convs)
+    box "${VGG_S:-120}" python3 bench/alexnet_gpu.py --net vgg16 --runs 20 --batches 128,32 --precisions bf16 \
+        --systems netdsl-graph,eager,compile --tsv "$OUT/bench.tsv" >"$OUT/bench_vgg16.log" 2>&1
+    tail -n 3 "$OUT/bench_vgg16.log"
     tail -n 3 "$OUT"/warm_*.log
-    echo "--- bench rows: batch, precision, system, latency ms, images/s, x floor, warm-up s"
+    echo "--- bench rows: net, batch, precision, system, latency ms, images/s, x floor, warm-up s"
     cat "$OUT/bench.tsv" 2>/dev/null
     # the convs in tf32x3 against tf32, conv1 as a space-to-depth conv, the fc / LRN tiles
     box "${SWEEP_S:-60}" python3 bench/conv_sweep.py --batch 128 --dtypes tf32x3,tf32 --layers conv1,conv2,conv4 \

@@ -44,9 +44,10 @@ def test_step_sweep_smoke(capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_gpu_benchmarks_say_there_is_no_gpu(capsys):
     assert script("alexnet_gpu").main(["--batches", "1"]) == 0
+    assert script("alexnet_gpu").main(["--batches", "1", "--net", "vgg16"]) == 0
     assert script("conv_sweep").main([]) == 0
     assert script("step_sweep").main([]) == 0
-    assert capsys.readouterr().out.count("no CUDA GPU here") == 3
+    assert capsys.readouterr().out.count("no CUDA GPU here") == 4
 
 
 def test_frontend_smoke(capsys):
