@@ -216,6 +216,9 @@ def test_compile_train_errors(tmp_path, capsys):
     two.write_text("net two\ninput x: 3 x 8 x 8\na = conv(x, 4, size=3) | relu\nb = fc(a, 5)\noutput a, b\n")
     assert main(["compile", str(two), "--train", "--no-sm90", "-o", str(tmp_path / "b")]) == 1
     assert "training needs one output" in capsys.readouterr().err
+    assert main(["compile", str(net), "--train", "--no-sm90", "-o", str(tmp_path / "c"), "--precision", "tf32x3"]) == 1
+    err = capsys.readouterr().err
+    assert "--precision" in err and "not tf32x3" in err and "Traceback" not in err
 
 
 # --- the choice between netdsl's backward and PyTorch's -------------------------------------------------------

@@ -55,8 +55,15 @@ def check_training_pass(name: str | None) -> None:
 
 
 def compile_training(path: str | Path, options: Options, dump_after: str | None = None) -> CompiledTraining:
-    """Runs the training passes and emits a file per training step (netdsl.compiler.emit_training)."""
+    """Runs the training passes and emits a file per training step (netdsl.compiler.emit_training). The
+    inference-only options (`precision`, `space_to_depth`) do not apply to the training step."""
     check_training_pass(dump_after)
+    if options.precision == "tf32x3":
+        raise NetError(
+            "the training kernels take exact fp32 products or TF32 ones, not tf32x3",
+            where="--precision",
+            hint="leave --precision out with --train (or use --dtype tf32); tf32x3 applies to the inference kernels",
+        )
     after = run_training_passes(build(parse_file(path)), options)
     program = after[TRAINING_PASS_NAMES[-1]]
     listing = dump_training(after[dump_after]) if dump_after else ""
