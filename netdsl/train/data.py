@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import zipfile
 import zlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -58,7 +59,7 @@ DATA_HINT = (
 SKIP_HINT = "replace or delete the file, or skip unreadable images with --skip-corrupt"
 
 
-class Samples(Dataset):
+class Samples(Dataset, ABC):
     """Labelled images. `samples[i]` is image i's centre view (C x H x W float32) and its label, prepared
     by `preprocess` (which `open_data` sets once the training set's statistics are known)."""
 
@@ -72,17 +73,17 @@ class Samples(Dataset):
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return self.preprocess.apply(self.image(index)), int(self.labels[index])
 
+    @abstractmethod
     def image(self, index: int):
         """Image `index` as stored: a Pillow image or an H x W x C array, not yet scaled or cropped."""
-        raise NotImplementedError
 
+    @abstractmethod
     def source(self, index: int) -> str:
         """Where image `index` comes from, for messages: a file, or an array and its row."""
-        raise NotImplementedError
 
+    @abstractmethod
     def subset(self, keep: np.ndarray) -> Samples:
         """The images at the positions `keep`, in that order."""
-        raise NotImplementedError
 
 
 class ImageFiles(Samples):
