@@ -32,7 +32,7 @@ from netdsl.compiler.train_memory import plan_training_memory, saved_for_backwar
 from netdsl.compiler.training import training_groups
 from netdsl.errors import NetError
 from netdsl.ir import copy_graph, layer, layers
-from netdsl.ir.ops import layer_pads, layer_tensors
+from netdsl.ir.ops import layer_pads, layer_tensors, trained_tensors
 from netdsl.ir.shapes import infer_shapes
 
 # The Triton kernels (netdsl.codegen.<module>.<kernel>) each training step launches, forward and backward.
@@ -138,7 +138,7 @@ def backward(program: nx.DiGraph, options: Options) -> nx.DiGraph:
                     "input_gradient": any(needs_grad[source] for source in step.inputs),
                     "sums": len(contributions),
                     "parameters": sorted(
-                        f"{item.name}.{tensor}" for item in step.layers for tensor in _trained(item)
+                        f"{item.name}.{tensor}" for item in step.layers for tensor in trained_tensors(item)
                     ),
                 },
             )  # fmt: skip
@@ -206,18 +206,13 @@ def backward_key(item) -> str:
     return layer_key(tuple(item.input_shape), weight, p["stride"], pads, p["dilation"], p["groups"])
 
 
-def _trained(item) -> list[str]:
-    """The layer's tensors that SGD updates (not running statistics)."""
-    return [name for name in layer_tensors(item) if not name.startswith("running_")]
-
-
 def _needs_gradient(program: nx.DiGraph, order: list[str]) -> dict[str, bool]:
     """A step needs a backward when something at or before it holds parameters: the gradient has to
     reach those. Steps that only read the images need none."""
     needs: dict[str, bool] = {}
     for name in order:
         step: Step = program.nodes[name]["step"]
-        own = any(_trained(item) for item in step.layers) if step.kind not in ("input", "transfer") else False
+        own = any(trained_tensors(item) for item in step.layers) if step.kind not in ("input", "transfer") else False
         needs[name] = own or any(needs[source] for source in step.inputs)
     return needs
 

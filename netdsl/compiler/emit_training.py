@@ -26,7 +26,7 @@ from netdsl._version import __version__
 from netdsl.codegen.source import device_functions
 from netdsl.compiler.emit import _literal, _safe, _source
 from netdsl.compiler.steps import Step
-from netdsl.ir.ops import layer_pads, layer_tensors
+from netdsl.ir.ops import layer_pads, layer_tensors, trained_tensors
 
 # kind -> (the kernels it runs as module.kernel, the body of `forward`, the body of `backward`)
 _CONV = """
@@ -349,8 +349,7 @@ def emit_update(program: nx.DiGraph, step: Step) -> str:
     sizes = []
     for name in step.inputs:
         for item in program.nodes[name]["step"].layers:
-            sizes += [(f"{item.name}.{tensor}", math.prod(shape)) for tensor, shape in layer_tensors(item).items()
-                      if not tensor.startswith("running_")]  # fmt: skip
+            sizes += [(f"{item.name}.{tensor}", math.prod(shape)) for tensor, shape in trained_tensors(item).items()]
     lines = [
         f'"""{step.name}: the paper\'s SGD on every weight of {_safe(step.device)}, in one launch.',
         "",

@@ -31,7 +31,7 @@ import networkx as nx
 from netdsl.compiler.steps import Step
 from netdsl.ir import copy_graph
 from netdsl.ir.dtypes import DTYPE_BYTES
-from netdsl.ir.ops import layer_tensors
+from netdsl.ir.ops import layer_tensors, trained_tensors
 
 _FREE_REFERENCES = ("concat", "flatten", "add", "global_avgpool", "shuffle", "identity")
 
@@ -217,9 +217,7 @@ def _tensors(program: nx.DiGraph, names: list[str]) -> tuple[int, int]:
         if step.kind in ("backward", "update", "transfer", "input"):
             continue
         for item in step.layers if step.kind != "loss" else []:
-            for tensor, shape in layer_tensors(item).items():
-                if tensor.startswith("running_"):
-                    held += math.prod(shape)
-                else:
-                    trained += math.prod(shape)
+            learned = trained_tensors(item)
+            trained += sum(math.prod(shape) for shape in learned.values())
+            held += sum(math.prod(shape) for name, shape in layer_tensors(item).items() if name not in learned)
     return trained, held

@@ -441,6 +441,13 @@ def layer_tensors(item) -> dict[str, Shape]:
     return OPS[item.op].tensors(item.params, item.input_shape)
 
 
+def trained_tensors(item) -> dict[str, Shape]:
+    """The tensors of a layer that training updates: its learned weights, not its buffers (running statistics)."""
+    if item.op == "input" or item.input_shape is None:
+        return {}
+    return OPS[item.op].weights(item.params, item.input_shape)
+
+
 def describe_params(item) -> str:
     """A layer's (anything with `op` and `params`) positional parameters and those that differ from
     their defaults, as the dumps, `netdsl info` and the picture show them: `filters=48 size=11x11`."""
