@@ -20,6 +20,7 @@ device (netdsl.compiler.train_memory). Each graph is dumpable (`netdsl compile -
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import networkx as nx
@@ -92,7 +93,7 @@ def train_groups(graph: nx.DiGraph, options: Options) -> nx.DiGraph:
     sources = [made[name] for name in logits]
     scores = program.nodes[sources[0]]["step"]
     loss = unique_name("loss", taken)
-    classes = sum(program.nodes[s]["step"].shape[0] for s in sources)
+    classes = sum(math.prod(program.nodes[s]["step"].shape) for s in sources)  # the logits, flattened
     program.add_node(
         loss,
         step=Step(loss, "loss", [final], sources, scores.device, (1,),
