@@ -22,6 +22,18 @@ from netdsl.cli.main import main
 from netdsl.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_in_pytorch():
+    """On a GPU cuDNN and cuBLAS would multiply fp32 in TF32 by default; the comparisons want PyTorch exact, as
+    netdsl's kernels are (precision "ieee"). On the CPU this changes nothing."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 PLAIN = ("--mean", "none", "--std", "false", "--no-flip", "--pca-noise", "0", "--workers", "0", "--keep-best", "0")
 
 SMALL_ALEXNET = """\
