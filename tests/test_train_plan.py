@@ -61,12 +61,24 @@ output g
 """
 
 
+# Layers before the first weights need no backward: autograd keeps nothing for them.
+POOL_FIRST = """\
+net pool_first
+input image: 3 x 12 x 12
+p = maxpool(image, 2) | relu
+c = conv(p, 8, size=3) | relu
+y = fc(c, 10)
+"""
+
+
 def small_nets(tmp_path: Path) -> dict[str, Path]:
     simplenet = (ROOT / "nets/simplenet.net").read_text().replace("1 x 64 x 64", "1 x 16 x 16")
     (tmp_path / "simplenet.net").write_text(simplenet)
     (tmp_path / "small_alexnet.net").write_text(SMALL_ALEXNET)
     (tmp_path / "mixed.net").write_text(MIXED)
+    (tmp_path / "pool_first.net").write_text(POOL_FIRST)
     return {
+        "pool_first": tmp_path / "pool_first.net",
         "lenet5": ROOT / "nets/lenet5.net",
         "simplenet": tmp_path / "simplenet.net",
         "small_alexnet": tmp_path / "small_alexnet.net",
@@ -122,7 +134,7 @@ def planned_saved_bytes(trained, batch: int) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["lenet5", "simplenet", "small_alexnet", "mixed"])
+@pytest.mark.parametrize("which", ["lenet5", "simplenet", "small_alexnet", "mixed", "pool_first"])
 def test_what_the_plan_saves_is_what_autograd_keeps(tmp_path, which):
     path = small_nets(tmp_path)[which]
     batch = 3

@@ -165,7 +165,9 @@ def plan_training_memory(program: nx.DiGraph, batch: int, dtype: str) -> nx.DiGr
         readers = [index[r] for r in program.successors(name) if program.nodes[r]["step"].kind != "backward"]
         size = math.prod(step.shape) * batch * DTYPE_BYTES[dtype] if step.kind != "loss" else 4
         live(step.device, name, size, index[name], max([index[name], *readers]))
-        kept = [s for s in saved_for_backward(program, step) if s is not None]
+        has_backward = name in backward_of or (step.kind == "loss" and bool(_gradient_readers(program, name)))
+        # a step with no backward (nothing before it has weights) keeps nothing: autograd saves nothing there
+        kept = [s for s in saved_for_backward(program, step) if s is not None] if has_backward else []
         saved[name] = kept
         until = index[backward_of[name]] if name in backward_of else index[name]
         if step.kind == "loss":  # the logits' gradient is read by the logits' backward

@@ -214,6 +214,8 @@ def training_report(program: nx.DiGraph, options: Options) -> str:
                 "no layer of this net is in the shipped table of measurements: regenerate it on a GPU with "
                 "`python bench/train_gpu.py --write-choices`"
             )
+    if not any(program.nodes[name]["step"].kind == "update" for name in program.nodes):
+        lines += ["", "no layer of this net has weights: a step computes the loss and changes nothing"]
     lines += ["", "memory per device (parameters, their gradients and momentum in fp32; maps in the dtype)"]
     mem_rows = [
         (device, f"{m.parameters:,}", format_bytes(m.static), format_bytes(m.saved), format_bytes(m.peak_live),
