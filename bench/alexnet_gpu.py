@@ -1,7 +1,8 @@
 """AlexNet (or VGG-16) forward on a GPU: netdsl's generated kernels vs PyTorch eager (cuDNN) vs torch.compile.
 
     python bench/alexnet_gpu.py [--runs 50] [--batches 1,32,128] [--precisions fp32,tf32x3,tf32,bf16]
-                                [--systems netdsl,netdsl-graph,netdsl-nchw,netdsl-s2d-graph,eager,compile,max-autotune]
+                                [--systems netdsl,netdsl-graph,netdsl-nchw,netdsl-s2d-graph,netdsl-one-stream,
+                                           eager,compile,max-autotune]
                                 [--net alexnet|vgg16]
 
 For batch 1, 32 and 128 in fp32, TF32 and bf16: throughput (images/s) and latency (ms), timed with
@@ -11,9 +12,10 @@ runs on the one GPU; `--net vgg16` times VGG-16 (larger convs: the second net ag
 `netdsl-graph` replays the whole pass as one CUDA graph; `netdsl-nchw` keeps every map NCHW and every
 conv on conv.py (`layout="nchw"`, what netdsl did before channels-last convs); `netdsl-s2d-graph` is
 `netdsl-graph` with conv1 lowered by space-to-depth onto the channels-last conv (`space_to_depth=True`,
-issue 13). Precision `tf32x3` is fp32 with three TF32 tensor-core products in netdsl's kernels
-(`precision="tf32x3"`) and exact fp32 in PyTorch's. The PyTorch model is the hand-written one
-of the golden tests (tests/golden/models.py); `compile` and `max-autotune` are torch.compile's
+issue 13); `netdsl-one-stream` runs the towers' steps on one shared stream (`streams="device"`): against
+`netdsl`, whether the two streams overlap at all. Precision `tf32x3` is fp32 with three TF32 tensor-core
+products in netdsl's kernels (`precision="tf32x3"`) and exact fp32 in PyTorch's. The PyTorch model is the
+hand-written one of the golden tests (tests/golden/models.py); `compile` and `max-autotune` are torch.compile's
 default and max-autotune modes (minutes of compiling each). Each row is printed as soon as it is
 measured (and appended to `--tsv`), the table at the end. Without a GPU it says so and exits 0.
 """
@@ -68,6 +70,7 @@ SYSTEMS = {
     "netdsl-graph": "netdsl, CUDA graph",
     "netdsl-nchw": "netdsl, all NCHW",
     "netdsl-s2d-graph": "netdsl, conv1 space-to-depth, CUDA graph",
+    "netdsl-one-stream": "netdsl, both towers on one stream",
     "eager": "eager (cuDNN)",
     "compile": "torch.compile",
     "max-autotune": "torch.compile max-autotune",
@@ -93,6 +96,7 @@ def make_system(
             layout="nchw" if name == "netdsl-nchw" else "auto",
             precision=precision,
             space_to_depth="-s2d" in name,
+            streams="device" if name == "netdsl-one-stream" else "partition",
         )
         return ours
     if name == "eager":

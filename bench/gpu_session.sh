@@ -94,8 +94,9 @@ if wants infer; then
     box "${LEVERS_S:-150}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1 --precisions bf16,tf32x3,fp32 \
         --systems netdsl-graph,netdsl-s2d-graph --tsv "$OUT/levers.tsv" >"$OUT/levers.log" 2>&1
     cat "$OUT/levers.tsv" 2>/dev/null
+    # netdsl-one-stream: both towers on one stream, against netdsl's stream each (do they overlap?)
     box "${BENCH_S:-200}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1 \
-        --systems netdsl,netdsl-graph,netdsl-nchw,eager --tsv "$OUT/bench.tsv" >"$OUT/bench.log" 2>&1
+        --systems netdsl,netdsl-one-stream,netdsl-graph,netdsl-nchw,eager --tsv "$OUT/bench.tsv" >"$OUT/bench.log" 2>&1
     tail -n 5 "$OUT/bench.log"
     box "${COMPILE_S:-45}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1 --precisions bf16 \
         --systems compile --tsv "$OUT/bench.tsv" >"$OUT/bench_compile.log" 2>&1

@@ -90,6 +90,20 @@ def test_partition_streams_agree_with_one_step_at_a_time(weights):
         assert torch.equal(concurrent, sequential), seed
 
 
+def test_one_stream_per_gpu_computes_what_two_streams_do(weights):
+    """`streams="device"`: both towers' steps on one stream (what measures whether two streams overlap), the same
+    bits as a stream each, eagerly and captured in a CUDA graph."""
+    two = netdsl.load(net_path("alexnet"), backend="triton", weights=weights("alexnet"))
+    one = netdsl.load(net_path("alexnet"), backend="triton", weights=weights("alexnet"), streams="device")
+    graphed = netdsl.load(net_path("alexnet"), backend="triton", weights=weights("alexnet"), streams="device",
+                          cuda_graph=True)  # fmt: skip
+    assert len(set(one._streams.values())) == 1 and len(set(two._streams.values())) == 2
+    for seed in range(4):
+        x = torch.from_numpy(fresh_input("alexnet", 2, 300 + seed)).cuda()
+        want = two(x)
+        assert torch.equal(one(x), want) and torch.equal(graphed(x), want), seed
+
+
 @pytest.mark.parametrize("batch", [1, 4])
 def test_cuda_graph_replays_what_eager_computes(batch, weights):
     eager = netdsl.load(net_path("alexnet"), backend="triton", weights=weights("alexnet"))

@@ -348,6 +348,7 @@ def test_bad_weights_and_devices_raise_net_error(net_files, models):
         (weights, {"devices": {"gpu7": "cpu"}}, "no device `gpu7`"),
         (weights, {"devices": {}}, "no torch device given for the net's device `gpu0`"),
         (weights, {"backend": "numpy"}, "unknown backend"),
+        (weights, {"streams": "one"}, "unknown streams `one`"),
     ]
     for bad, kwargs, message in cases:
         with pytest.raises(NetError) as error:

@@ -12,7 +12,9 @@
   strides; outputs are always NCHW;
 - steps run in an order that respects every partition's launch order and every transfer. On the CPU
   the partitions run one after another in this process; on CUDA each partition has a stream of its
-  own, and a transfer's stream waits on an event recorded after the step it copies;
+  own, and a transfer's stream waits on an event recorded after the step it copies (`streams="device"`:
+  the partitions mapped to one GPU share one stream instead, their steps interleaved in that order,
+  which measures whether the towers' streams overlap at all);
 - `backend="torch"` runs each step with the PyTorch reference (`netdsl.codegen.reference`),
   `backend="triton"` calls the generated kernel file's `launch(inputs, weights, out=view)`;
 - weights are a dict `"<layer>.<tensor>" -> tensor` (or numpy array), e.g. `conv1@gpu0.weight`;
@@ -62,6 +64,7 @@ from netdsl.runtime.module import GraphModule
 from netdsl.runtime.weights import checked_weights, fold_weights, init_weights, load_weights, weight_specs
 
 BACKENDS = ("torch", "triton")
+STREAMS = ("partition", "device")  # a CUDA stream per partition, or one per GPU shared by its partitions
 WEIGHTED_OPS = ("conv", "fc", "batchnorm")  # the ops whose weights a step takes (from its first such layer)
 COPY_KINDS = ("input", "transfer", "view")  # steps that launch no kernel
 
@@ -92,8 +95,11 @@ class Net:
         layout: str = "auto",
         precision: str | None = None,
         space_to_depth: bool = False,
+        streams: str = "partition",
     ) -> None:
         self.path = str(path)
+        if streams not in STREAMS:
+            raise NetError(f"unknown streams `{streams}`", where="streams", hint=f"streams: {', '.join(STREAMS)}")
         if backend not in BACKENDS:
             raise NetError(f"unknown backend `{backend}`", where="backend", hint=f"backends: {', '.join(BACKENDS)}")
         if dtype not in DTYPES:
@@ -151,7 +157,7 @@ class Net:
         }
         self._arenas: dict[int, dict[str, torch.Tensor]] = {}
         self._views: dict[int, dict[str, torch.Tensor]] = {}
-        self._streams = self._make_streams()
+        self._streams = self._make_streams(streams)
         self.cuda_graph = cuda_graph
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
         if cuda_graph:
@@ -188,12 +194,13 @@ class Net:
                 hint="map all devices to one GPU (e.g. gpu0=cuda:0,gpu1=cuda:0) or leave cuda_graph off",
             )
 
-    def _make_streams(self) -> dict[str, torch.cuda.Stream]:
-        if not any(device.type == "cuda" for device in self.devices.values()):
-            return {}
-        return {
-            name: torch.cuda.Stream(device=device) for name, device in self.devices.items() if device.type == "cuda"
-        }
+    def _make_streams(self, streams: str) -> dict[str, torch.cuda.Stream]:
+        """Logical device -> its CUDA stream: one per partition, or (`"device"`) one per GPU, shared."""
+        on_gpus = {name: device for name, device in self.devices.items() if device.type == "cuda"}
+        if streams == "device":
+            shared = {device: torch.cuda.Stream(device=device) for device in set(on_gpus.values())}
+            return {name: shared[device] for name, device in on_gpus.items()}
+        return {name: torch.cuda.Stream(device=device) for name, device in on_gpus.items()}
 
     def _default_weights(self, seed: int) -> dict[str, np.ndarray]:
         return init_weights(self.layer_graph, seed=seed, scheme=self.init)
