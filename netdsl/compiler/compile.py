@@ -77,7 +77,7 @@ def write_build(compiled: Compiled, out_dir: str | Path, options: Options | None
     kernels_dir = out / "kernels"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        staged = _new_folder(out, ".kernels")
+        staged = new_folder(out, ".kernels")
     except OSError as error:
         raise NetError(f"cannot write the build in {out}: {error.strerror or error}", where=str(out)) from None
     try:
@@ -91,7 +91,7 @@ def write_build(compiled: Compiled, out_dir: str | Path, options: Options | None
                 report += sm90_report(sm90_resources(launches), launches)
         if compiled.source is not None:
             plan = with_source(plan, compiled.source, out)
-        _swap(kernels_dir, staged)
+        swap_folder(kernels_dir, staged)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
@@ -100,7 +100,7 @@ def write_build(compiled: Compiled, out_dir: str | Path, options: Options | None
     return out
 
 
-def _new_folder(parent: Path, prefix: str) -> Path:
+def new_folder(parent: Path, prefix: str) -> Path:
     """A new, empty folder in `parent` with a name of its own (mode 0777 less the umask, as any folder)."""
     for _ in range(100):
         folder = parent / f"{prefix}.{secrets.token_hex(8)}"
@@ -112,12 +112,12 @@ def _new_folder(parent: Path, prefix: str) -> Path:
     raise FileExistsError(f"no free name for a new folder in {parent}")
 
 
-def _swap(current: Path, new: Path) -> None:
+def swap_folder(current: Path, new: Path) -> None:
     """`new` becomes `current`; the old `current` (if any) is removed afterwards."""
     old = None
     try:
         if current.exists():
-            old = _new_folder(current.parent, ".kernels-old")
+            old = new_folder(current.parent, f".{current.name}-old")
             old.rmdir()
             current.rename(old)
         new.rename(current)

@@ -50,7 +50,7 @@ class Launch:
     divisible_by_16: tuple[str, ...] = ()  # arguments Triton's launcher would find divisible by 16
 
 
-class _Recorder:
+class Recorder:
     """Stands in for a kernel: `kernel[grid](...)` records the launch instead of running it."""
 
     def __init__(self) -> None:
@@ -77,7 +77,7 @@ def record_launches(kernel_files: list[Path], batch: int, dtype: str) -> list[La
     launches = []
     for path in kernel_files:
         module = load_kernel_file(path)
-        kernel, recorder = module.KERNEL, _Recorder()
+        kernel, recorder = module.KERNEL, Recorder()
         module.KERNEL = recorder
         try:
             dt = torch_dtype(dtype)
@@ -97,11 +97,11 @@ def record_launches(kernel_files: list[Path], batch: int, dtype: str) -> list[La
             module.KERNEL = kernel
         source = path.read_text(encoding="utf-8")
         for grid, args, kwargs in recorder.calls[:1]:  # one specialization per step (a concat repeats it)
-            launches.append(_launch(module.STEP, kernel, grid, args, kwargs, source))
+            launches.append(describe_launch(module.STEP, kernel, grid, args, kwargs, source))
     return launches
 
 
-def _launch(step: str, kernel, grid, args: tuple, kwargs: dict, source: str) -> Launch:
+def describe_launch(step: str, kernel, grid, args: tuple, kwargs: dict, source: str) -> Launch:
     fn = getattr(kernel, "fn", kernel)
     parameters = list(inspect.signature(fn).parameters.values())
     values = dict(zip([p.name for p in parameters], args))

@@ -15,7 +15,7 @@ from pathlib import Path
 import networkx as nx
 import torch
 
-from netdsl.compiler.launches import Launch, _launch, _Recorder, load_kernel_file
+from netdsl.compiler.launches import Launch, Recorder, describe_launch, load_kernel_file
 from netdsl.ir.dtypes import torch_dtype
 
 
@@ -61,7 +61,7 @@ def record_training_launches(program: nx.DiGraph, folder: Path, batch: int, dtyp
 def _recorded(module, step: str, source: str, run) -> list[Launch]:
     """The launches `run(module)` makes, each kernel's first, with the module's kernels standing in."""
     kernels = dict(module.KERNELS)
-    recorders = {name: _Recorder() for name in kernels}
+    recorders = {name: Recorder() for name in kernels}
     module.KERNELS.update(recorders)
     try:
         run(module)
@@ -70,7 +70,7 @@ def _recorded(module, step: str, source: str, run) -> list[Launch]:
     found = []
     for name, recorder in recorders.items():
         for grid, args, kwargs in recorder.calls[:1]:
-            found.append(_launch(f"{step}.{name}", kernels[name], grid, args, kwargs, source))
+            found.append(describe_launch(f"{step}.{name}", kernels[name], grid, args, kwargs, source))
     return found
 
 

@@ -22,7 +22,7 @@ import networkx as nx
 
 from netdsl._version import __version__
 from netdsl.compiler.backward import TRAINING_PASS_NAMES, run_training_passes
-from netdsl.compiler.compile import _new_folder, _swap, sm90_report
+from netdsl.compiler.compile import new_folder, sm90_report, swap_folder
 from netdsl.compiler.emit_training import training_files
 from netdsl.compiler.launches import Launch, sm90_resources
 from netdsl.compiler.passes import Options, dump
@@ -80,7 +80,7 @@ def write_training(compiled: CompiledTraining, out_dir: str | Path, sm90: bool =
     parent, options = Path(out_dir), compiled.options
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        staged = _new_folder(parent, ".train")
+        staged = new_folder(parent, ".train")
     except OSError as error:
         raise NetError(f"cannot write the build in {parent}: {error.strerror or error}", where=str(parent)) from None
     try:
@@ -93,7 +93,7 @@ def write_training(compiled: CompiledTraining, out_dir: str | Path, sm90: bool =
         write_atomic(staged / "plan.json", json.dumps(training_plan(compiled.program, options, launches), indent=2)
                      + "\n")  # fmt: skip
         write_atomic(staged / "report.txt", report)
-        _swap(parent / "train", staged)
+        swap_folder(parent / "train", staged)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
