@@ -276,12 +276,7 @@ def batch_norm_forward(
     invstd = torch.empty_like(mean)
     grid = (channels, split)
     kernels = kernels or {}
-    kernels.get("partials", batchnorm_partials_kernel)[grid](
-        x, x, mean, sums, squares,
-        spatial, per_channel, chunk,
-        x.stride(0), x.stride(1), x.stride(0), x.stride(1),
-        HAS_DY=False, BLOCK=config.BLOCK, num_warps=config.num_warps,
-    )  # fmt: skip
+    _partials(kernels, grid, x, None, mean, sums, squares, spatial, per_channel, chunk, config)
     kernels.get("forward", batchnorm_forward_kernel)[grid](
         x, out, weight, bias, sums, squares,
         mean, invstd, running_mean, running_var,
@@ -291,6 +286,17 @@ def batch_norm_forward(
         BLOCK=config.BLOCK, BLOCK_SPLIT=block_split, num_warps=config.num_warps,
     )  # fmt: skip
     return BatchNormForward(out, mean, invstd)
+
+
+def _partials(kernels, grid, x, dy, mean, sums, products, spatial, per_channel, chunk, config) -> None:
+    """Each chunk's partial sums: of x (dy None: the forward's statistics) or of dy and dy * x (the backward's)."""
+    other = x if dy is None else dy  # not read without dy
+    kernels.get("partials", batchnorm_partials_kernel)[grid](
+        x, other, mean, sums, products,
+        spatial, per_channel, chunk,
+        x.stride(0), x.stride(1), other.stride(0), other.stride(1),
+        HAS_DY=dy is not None, BLOCK=config.BLOCK, num_warps=config.num_warps,
+    )  # fmt: skip
 
 
 def batch_norm_backward(
@@ -324,12 +330,7 @@ def batch_norm_backward(
     products = torch.empty_like(sums)
     grid = (channels, split)
     kernels = kernels or {}
-    kernels.get("partials", batchnorm_partials_kernel)[grid](
-        x, dy, mean, sums, products,
-        spatial, per_channel, chunk,
-        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-        HAS_DY=True, BLOCK=config.BLOCK, num_warps=config.num_warps,
-    )  # fmt: skip
+    _partials(kernels, grid, x, dy, mean, sums, products, spatial, per_channel, chunk, config)
     kernels.get("backward", batchnorm_backward_kernel)[grid](
         x, dy, dx, weight, mean, invstd, sums, products,
         dweight, dbias,
