@@ -29,7 +29,8 @@ def steps(program):
 
 
 def test_pipeline_is_one_named_list():
-    forward = ["validate", "shapes", "limits", "fold", "fuse", "place", "space_to_depth", "layout", "plan_memory"]
+    forward = ["validate", "shapes", "limits", "fold", "merge_towers", "fuse", "place", "space_to_depth", "layout",
+               "plan_memory"]  # fmt: skip
     assert forward == PASS_NAMES
 
 

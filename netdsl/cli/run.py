@@ -135,6 +135,12 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
             raise NetError(
                 "CUDA-graph capture runs in one process", where="--cuda-graph", hint="leave out --distributed"
             )
+        if args.merge_towers:
+            raise NetError(
+                "--merge-towers runs the towers on one device; --distributed runs one process per device",
+                where="--merge-towers",
+                hint="leave out one of the two",
+            )
         if args.batch and args.batch < len(x):
             raise NetError(
                 f"--distributed runs all {len(x)} inputs in one pass; it does not split them into passes of "
@@ -240,7 +246,8 @@ def save_outputs(path: Path, outputs: dict) -> None:
 
 # Net's errors name its keyword arguments; on the command line they are flags.
 _FLAGS = {"devices": "--devices", "backend": "--backend", "cuda_graph": "--cuda-graph", "batch": "--batch",
-          "dtype": "--dtype", "weights": "--weights", "layout": "--layout", "precision": "--precision"}  # fmt: skip
+          "dtype": "--dtype", "weights": "--weights", "layout": "--layout", "precision": "--precision",
+          "merge_towers": "--merge-towers"}  # fmt: skip
 
 
 def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
@@ -262,6 +269,7 @@ def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
         layout=args.layout,
         precision=args.precision,
         space_to_depth=args.space_to_depth,
+        merge_towers=args.merge_towers,
     )
     chunks = torch.from_numpy(x).to(torch_dtype(dtype)).split(args.batch or len(x))
     if args.time and any(device.type == "cuda" for device in net.devices.values()):

@@ -1,6 +1,6 @@
 """The compiler's pass pipeline: one list of named passes, each a small function of the graph.
 
-    validate -> shapes -> limits -> fold -> fuse -> place -> space_to_depth -> layout -> plan_memory
+    validate -> shapes -> limits -> fold -> merge_towers -> fuse -> place -> space_to_depth -> layout -> plan_memory
 
 Up to `fold` the graph holds layers (`netdsl.ir.Layer`); from `fuse` on it holds steps
 (`netdsl.compiler.fuse.Step`), each one kernel launch, view or transfer. `dump(graph)` prints either.
@@ -17,6 +17,7 @@ from netdsl.compiler.fold import fold_inference
 from netdsl.compiler.fuse import fuse
 from netdsl.compiler.layout import choose_layouts
 from netdsl.compiler.memory import plan_memory
+from netdsl.compiler.merge_towers import merge_towers
 from netdsl.compiler.place import place
 from netdsl.compiler.space_to_depth import lower_space_to_depth
 from netdsl.errors import NetError
@@ -34,6 +35,7 @@ class Options:
     layout: str = "auto"  # "auto": channels-last where convs gain from it (netdsl.compiler.layout); "nchw": never
     precision: str | None = None  # fp32 products: "ieee" or "tf32x3" (None: the default, netdsl.ir.dtypes)
     space_to_depth: bool = False  # strided convs over few channels as stride-1 convs over pixel blocks
+    merge_towers: bool = False  # a towers block's copies of a layer as one grouped layer on the first tower's device
 
 
 @dataclass(frozen=True)
@@ -67,11 +69,17 @@ def _space_to_depth(graph: nx.DiGraph, options: Options) -> nx.DiGraph:
     return lower_space_to_depth(graph) if options.space_to_depth and options.layout == "auto" else graph
 
 
+def _merge_towers(graph: nx.DiGraph, options: Options) -> nx.DiGraph:
+    """Only when asked: for towers that share one GPU."""
+    return merge_towers(graph) if options.merge_towers else graph
+
+
 PIPELINE: list[Pass] = [
     Pass("validate", validate, "check the graph's structure"),
     Pass("shapes", lambda g, o: infer_shapes(g), "infer every layer's output shape"),
     Pass("limits", _limits, "check each device's memory limit"),
     Pass("fold", lambda g, o: fold_inference(g), "drop dropout, fold batch norms and shuffles into convs, fcs"),
+    Pass("merge_towers", _merge_towers, "each layer's tower copies as one grouped layer (towers on one GPU)"),
     Pass("fuse", lambda g, o: fuse(g, o.batch, o.dtype), "group layers into kernels (the cost model picks some)"),
     Pass("place", lambda g, o: place(g), "partition by device, insert transfers"),
     Pass("space_to_depth", _space_to_depth, "strided convs over few channels as stride-1 convs over pixel blocks"),

@@ -32,6 +32,9 @@ def _launch(program: nx.DiGraph, step: Step, views: dict[str, str], kernels: dic
         "shape": list(step.shape),
         "layout": step.layout,
     }
+    merged = {item.name: item.fields["merged"] for item in step.layers if "merged" in item.fields}
+    if merged:  # layers made of a towers block's copies (netdsl.compiler.merge_towers): their weights, joined
+        entry["merged"] = merged
     if step.name in kernels:
         entry["kernel"] = kernels[step.name]
     if step.options:

@@ -65,6 +65,8 @@ def cost_report(program: nx.DiGraph, layer_graph: nx.DiGraph, batch: int, dtype:
             f"transfers between devices: {len(transfers)}, {sum(c.bytes for c in transfers) / 1e6:,.3f} MB, "
             f"{sum(c.seconds for c in transfers) * 1e6:,.1f} us over NVLink"
         )
+    if "merge_towers" in program.graph:  # netdsl.compiler.merge_towers ran (--merge-towers)
+        lines.append(f"towers: {program.graph['merge_towers']}")
     lines += _explored(program, batch, dtype)
     lines += ["", "memory plan (activations, with buffer reuse vs one buffer per step):"]
     width = DTYPE_BYTES[dtype] * batch

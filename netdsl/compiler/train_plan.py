@@ -56,7 +56,7 @@ def check_training_pass(name: str | None) -> None:
 
 def compile_training(path: str | Path, options: Options, dump_after: str | None = None) -> CompiledTraining:
     """Runs the training passes and emits a file per training step (netdsl.compiler.emit_training). The
-    inference-only options (`precision`, `space_to_depth`) do not apply to the training step."""
+    inference-only options (`precision`, `space_to_depth`, `merge_towers`) do not apply to the training step."""
     check_training_pass(dump_after)
     if options.precision == "tf32x3":
         raise NetError(

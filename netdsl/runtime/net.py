@@ -25,7 +25,9 @@
   and replay it: one launch instead of one per step, which is what small batches are short of;
 - compile-time choices: `layout`, `precision` (fp32: "ieee", exact products, or "tf32x3", three TF32 tensor-core
   products; netdsl.ir.dtypes) and `space_to_depth=True` (strided convs over few channels, AlexNet's conv1, run as
-  stride-1 convs over blocks of pixels: netdsl.compiler.space_to_depth; the filters are rearranged on load).
+  stride-1 convs over blocks of pixels: netdsl.compiler.space_to_depth; the filters are rearranged on load) and
+  `merge_towers=True` (a towers block's copies of each layer as one grouped launch on the first tower's device,
+  for towers sharing one GPU: netdsl.compiler.merge_towers; the towers' weights are joined on load).
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ class Net:
         precision: str | None = None,
         space_to_depth: bool = False,
         streams: str = "partition",
+        merge_towers: bool = False,
     ) -> None:
         self.path = str(path)
         if streams not in STREAMS:
@@ -114,7 +117,9 @@ class Net:
         self._warm: set[tuple[int, torch.dtype]] = set()
         if layout not in LAYOUT_OPTIONS:
             raise NetError(f"unknown layout `{layout}`", where="layout", hint=f"layouts: {', '.join(LAYOUT_OPTIONS)}")
-        options = Options(batch, dtype, layout=layout, precision=precision, space_to_depth=space_to_depth)
+        options = Options(
+            batch, dtype, layout=layout, precision=precision, space_to_depth=space_to_depth, merge_towers=merge_towers
+        )
         self.compiled: Compiled = compile_net(path, options)
         self.program: nx.DiGraph = self.compiled.program
         self.layer_graph: nx.DiGraph = self.compiled.layers  # before folding: batch norms are still there
@@ -124,7 +129,8 @@ class Net:
         self._roots = {name: self.program.graph["views"].get(name, name) for name in self._steps}
         self._buffers = self.program.graph["buffers"]
         self._arena_elements: dict[str, int] = self.program.graph["arena"]
-        self.devices = map_devices(list(self._partitions), devices)
+        # A declared device with no steps (gpu1, its towers merged onto gpu0) may be mapped too.
+        self.devices = map_devices(list(self._partitions), devices, declared=self.layer_graph.graph.get("devices", {}))
         # A step whose output another device reads records an event for it (used with CUDA streams).
         self._signals = {
             name
@@ -229,7 +235,11 @@ class Net:
         names = dict.fromkeys([*layer_tensors(item), *(["bias"] if item.fields.get("folded") else [])])
         device = self.devices[step.device]
         layouts = weight_layouts(step)
-        tensors = {key: torch.from_numpy(folded[f"{item.name}.{key}"]) for key in names}
+        # A layer merged from a towers block's copies (netdsl.compiler.merge_towers) has their filters side by side.
+        sources = item.fields.get("merged", [item.name])
+        tensors = {
+            key: torch.from_numpy(np.concatenate([folded[f"{name}.{key}"] for name in sources])) for key in names
+        }
         block = step.options.get("space_to_depth")
         if block is not None:  # the conv reads its input cut into blocks of pixels (netdsl.compiler.space_to_depth)
             tensors["weight"] = space_to_depth_weight(tensors["weight"], block)
