@@ -143,6 +143,8 @@ def test_every_kind_of_merge_gives_the_same_output(three_towers, backend):
     want, got = plain(x), merged(x)
     assert want.abs().max() > 0.1  # not a degenerate output
     assert relative_error(got, want) <= TOLERANCE
+    with torch.no_grad():  # the module of the net as written, every tower on the device it was merged onto
+        assert relative_error(merged.as_module()(x), want) <= TOLERANCE
 
 
 # Each way a copy can be read that a merged layer cannot stand for: (what the block says, the reason given).

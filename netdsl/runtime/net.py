@@ -555,9 +555,12 @@ class Net:
         before folding, with the weights last loaded (batch norms apart, float32), each partition's
         layers on this net's device for it, computing every layer with PyTorch under autograd. It starts
         in eval mode, where its outputs are this net's (torch backend); `.train()` for training."""
-        return GraphModule(
-            self.layer_graph, devices=self.devices, weights=self._unfolded, tf32=self.dtype == "tf32"
-        ).eval()
+        devices = dict(self.devices)
+        for step in self._steps.values():  # a tower merged onto another device (merge_towers) runs there
+            for item in step.layers:
+                for copy in item.fields.get("merged", []):
+                    devices.setdefault(self.layer_graph.nodes[copy]["layer"].device, self.devices[step.device])
+        return GraphModule(self.layer_graph, devices=devices, weights=self._unfolded, tf32=self.dtype == "tf32").eval()
 
     def __repr__(self) -> str:
         devices = ", ".join(f"{name}->{device}" for name, device in self.devices.items())
