@@ -188,19 +188,20 @@ _SQUARE_TILE = tuple(int(part) for part in triton.__version__.split(".")[:2]) >=
 INTERPRETER_CONFIG = {"BLOCK_M": 512, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
 
 
-def pick_config(M: int, N: int) -> dict:
-    """Block sizes for the implicit GEMM of one group: M pixels and N output channels.
+def pick_config(M: int, N: int, groups: int = 1) -> dict:
+    """Block sizes for the implicit GEMM of one group (of `groups`): M pixels and N output channels.
 
     Groups with more than 64 channels take the square tile; narrower ones the small 64 x 64 tile
     (conv1's 48 channels per tower waste a quarter of a 64-wide tile rather than most of a 128-wide
     one; on an H200, bf16, batch 128, it ran conv1 in 0.54 ms against 0.66 ms for 128 x 64:
     bench/results/conv_sweep.tsv). When the square tile would leave most streaming multiprocessors
-    idle (small batches, 13 x 13 maps) the small tile wins too.
+    idle (small batches, 13 x 13 maps; every group's tiles count, as one launch runs them all) the small
+    tile wins too.
     """
     if N <= 64:
         return CONFIGS[2]
     config = CONFIGS[0] if _SQUARE_TILE else CONFIGS[1]
-    tiles = triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"])
+    tiles = triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]) * groups
     return config if tiles >= SM_COUNT // 2 else CONFIGS[2]
 
 
@@ -280,7 +281,8 @@ def conv2d_launch(
         raise ValueError(f"conv2d supports filters with KH + KW <= 31, got {g.kernel[0]} x {g.kernel[1]}")
     out = conv_output("conv2d", out, g.out_shape, inputs[0], torch.contiguous_format)
     if config is None:  # on the CPU the interpreter runs one program at a time: few, big tiles
-        config = INTERPRETER_CONFIG if inputs[0].device.type == "cpu" else pick_config(g.pixels, g.c_out_group)
+        on_cpu = inputs[0].device.type == "cpu"
+        config = INTERPRETER_CONFIG if on_cpu else pick_config(g.pixels, g.c_out_group, g.groups)
     weight_rows = weight.flatten(1)  # K = (c, kh, kw): a view of any NCHW weight
     return conv_arguments(inputs, weight_rows, "ok", bias, out, g, activation, slope, input_precision, config)
 

@@ -125,13 +125,16 @@ def conv2d_nhwc_kernel(
 INTERPRETER_CONFIG = {"BLOCK_M": 512, "BLOCK_N": 256, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
 
 
-def pick_config(M: int, C_IN_G: int, C_OUT_G: int, dtype: torch.dtype, input_precision: str = "tf32") -> dict:
-    """Block sizes for M output pixels and one group's C_IN_G -> C_OUT_G channels.
+def pick_config(
+    M: int, C_IN_G: int, C_OUT_G: int, dtype: torch.dtype, input_precision: str = "tf32", groups: int = 1
+) -> dict:
+    """Block sizes for M output pixels and one group's C_IN_G -> C_OUT_G channels, of `groups` groups.
 
     From bench/conv_sweep.py on an H200 (bf16 and TF32, batch 128, AlexNet's conv2..conv5; the table
     is in bench/results/conv_sweep.tsv): 128 filters wide where the group's filters are a multiple of 128
     (conv2: 128), 64 wide otherwise (conv3, conv4: 192 would waste a third of a second 128-wide tile);
-    a 64-pixel tile when 128-pixel ones would leave most SMs idle (conv5 at 13 x 13); K blocks of
+    a 64-pixel tile when 128-pixel ones would leave most SMs idle (conv5 at 13 x 13; the tiles of every
+    group count, as one launch runs them all: AlexNet's towers merged into groups); K blocks of
     128 bytes per pixel (64 channels in 16-bit, 32 in fp32), fewer for narrow groups. Exact fp32
     ("ieee": the dot on the FMA units, its operands in registers) never takes the 128 x 128 tile, which
     spills there; tf32x3 takes the tensor-core tiles (244 registers on the square one, no spills).
@@ -144,7 +147,7 @@ def pick_config(M: int, C_IN_G: int, C_OUT_G: int, dtype: torch.dtype, input_pre
         config = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 3}
     else:
         config = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 4}
-    tiles = triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(C_OUT_G, config["BLOCK_N"])
+    tiles = triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(C_OUT_G, config["BLOCK_N"]) * groups
     if tiles < 2 * SM_COUNT:
         config = {**config, "BLOCK_M": 64, "BLOCK_K": min(block_k, 32), "num_warps": 4, "num_stages": 3}
         if dtype == torch.float32:  # 8 warps and 2 stages: with 4 or 3, ptxas spills some fp32 (FMA-dot) builds
@@ -205,6 +208,6 @@ def conv2d_nhwc_launch(
         config = (
             INTERPRETER_CONFIG
             if on_cpu
-            else pick_config(g.pixels, g.c_in_group, g.c_out_group, inputs[0].dtype, input_precision)
+            else pick_config(g.pixels, g.c_in_group, g.c_out_group, inputs[0].dtype, input_precision, g.groups)
         )
     return conv_arguments(inputs, weight, "ochw", bias, out, g, activation, slope, input_precision, config)

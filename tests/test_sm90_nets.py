@@ -57,3 +57,20 @@ def test_alexnet_builds_without_spills_at_batch_128(tmp_path, dtype):
     for step, r in built.items():
         assert r["spill_stores"] == r["spill_loads"] == 0, (step, r)
         assert r["shared_bytes"] <= SM90_MAX_SHARED_BYTES, (step, r)
+
+
+@pytest.mark.parametrize("batch", [128, 32])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_merged_towers_build_without_spills(tmp_path, dtype, batch):
+    """AlexNet's towers merged into grouped launches (--merge-towers): conv3 and the fcs twice as wide, conv2,
+    conv4 and conv5 of two groups (whose tiles count together when the tile size is picked)."""
+    options = Options(batch=batch, dtype=dtype, merge_towers=True)
+    compiled = compile_net(ROOT / "nets/alexnet.net", options, "ieee")
+    out = write_build(compiled, tmp_path / "merged")
+    built = sm90_resources(record_launches(sorted((out / "kernels").glob("*.py")), batch, dtype))
+    assert len(built) == 12
+    for step, r in built.items():
+        assert r["spill_stores"] == r["spill_loads"] == 0, (step, r)
+        assert r["shared_bytes"] <= SM90_MAX_SHARED_BYTES, (step, r)
+        if dtype == "bf16" and compiled.program.nodes[step]["step"].kind in ("conv", "fc"):
+            assert any(name in r["mma"] for name in ("wgmma.mma_async", "mma.sync")), (step, r["mma"])
