@@ -119,11 +119,14 @@ if wants infer; then
     box "${SWEEP_S:-60}" python3 bench/conv_sweep.py --batch 128 --dtypes bf16 --layers conv1 >"$OUT/conv1.log" 2>&1
     grep -P "^conv1\t" "$OUT/conv1.log"
     box "${SWEEP_S:-60}" python3 bench/step_sweep.py --batches 128,1 >"$OUT/step_sweep.log" 2>&1
-    # where the time goes: every step of AlexNet at batch 128 in bf16, channels-last and all-NCHW
+    # where the time goes: every step of AlexNet at batch 128 in bf16, channels-last and all-NCHW, and merged
     for layout in auto nchw; do
         box "${PROFILE_S:-40}" python3 -m netdsl run --random 128 --batch 128 --dtype bf16 --layout $layout \
             --time --top 1 >"$OUT/profile_$layout.log" 2>&1
     done
+    box "${PROFILE_S:-40}" python3 -m netdsl run --random 128 --batch 128 --dtype bf16 --merge-towers \
+        --time --top 1 >"$OUT/profile_merged.log" 2>&1
     grep -v "^input " "$OUT/profile_auto.log" 2>/dev/null | head -n 60
+    grep -v "^input " "$OUT/profile_merged.log" 2>/dev/null | head -n 40
 fi
 echo "--- $(( $(date +%s) - START )) s of the budget of ${BUDGET_S} s"
