@@ -6,7 +6,8 @@ The formula is the AlexNet paper's, with the sum of squares NOT divided by the w
 
 with the window clipped at channel 0 and C - 1 (the ONNX window; for an even n PyTorch's window sits one channel
 lower). PyTorch's and Caffe's alpha is this alpha times n. In a two-tower net each tower's LRN sees only its own
-channels: pass that tower's channel slice as `x`.
+channels: `groups` splits the channels into groups whose windows stop at their edges (AlexNet's towers on one
+device), or pass a tower's channel slice as `x`.
 
 The power is computed as a * exp2(-beta * log2(d)) with d = k + alpha * sum >= k. With k > 0 that is always finite.
 With k = 0 and a window of zeros, d = 0, log2(d) = -inf and the result is 0 * inf = NaN, as PyTorch's 0 / 0.
@@ -32,9 +33,53 @@ from .windows import four_pads
 
 
 @triton.jit
+def group_bounds(offs_c, first_c, C, group_channels, GROUPING: tl.constexpr):
+    """The channels [begin, end) of each channel's group, where its LRN windows stop: 0 and C for one group, one
+    pair for the tile when it lies in one group, a pair per channel otherwise (clipped at C for the padded ones)."""
+    if GROUPING == "none":
+        return 0, C
+    elif GROUPING == "tile":
+        begin = first_c // group_channels * group_channels
+        return begin, begin + group_channels
+    else:
+        begin = offs_c // group_channels * group_channels
+        return begin, tl.minimum(begin + group_channels, C)
+
+
+def grouping(channels: int, groups: int, block_c: int) -> str:
+    """How a kernel bounds its LRN windows (`group_bounds`): "none" (one group), "tile" (every tile of block_c
+    channels lies in one group: bounds per program) or "channel" (bounds per channel; more registers)."""
+    if groups == 1:
+        return "none"
+    return "tile" if (channels // groups) % block_c == 0 else "channel"
+
+
+@triton.jit
+def lrn_sums(
+    x_base, offs_c, pixel, inside, group_begin, group_end, stride_xc,
+    SIZE: tl.constexpr, RELU_FIRST: tl.constexpr,
+):  # fmt: skip
+    """The input at channels offs_c (after the ReLU, if first) and the sums of squares over their LRN windows at
+    one input pixel per column, in fp32; a window stops at its group's channels [group_begin, group_end)."""
+    LO: tl.constexpr = (SIZE - 1) // 2
+    sum_sq = tl.zeros([offs_c.shape[0], pixel.shape[0]], tl.float32)
+    for j in tl.static_range(SIZE):
+        cj = offs_c + (j - LO)
+        in_group = (cj >= group_begin) & (cj < group_end)
+        a = tl.load(x_base + cj[:, None] * stride_xc + pixel[None, :], mask=in_group[:, None] & inside[None, :],
+                    other=0.0).to(tl.float32)  # fmt: skip
+        if RELU_FIRST:
+            a = tl.maximum(a, 0.0)
+        if j == LO:
+            center = a
+        sum_sq += a * a
+    return center, sum_sq
+
+
+@triton.jit
 def lrn_pool_kernel(
     x_ptr, out_ptr,
-    C, H, W, OH, OW,
+    C, H, W, OH, OW, group_channels,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_on, stride_oc, stride_oh, stride_ow,
     alpha, beta, k,
@@ -43,6 +88,7 @@ def lrn_pool_kernel(
     POOL: tl.constexpr,  # False: plain LRN, one output per input pixel
     POOL_KH: tl.constexpr, POOL_KW: tl.constexpr,
     RELU_FIRST: tl.constexpr,
+    GROUPING: tl.constexpr,  # "none": one group of channels; "tile" or "channel": see `grouping`
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     pid_p = tl.program_id(0)
@@ -55,9 +101,9 @@ def lrn_pool_kernel(
     ow = offs_p % OW
     c_ok = offs_c < C
     p_ok = offs_p < OH * OW
+    group_begin, group_end = group_bounds(offs_c, pid_c * BLOCK_C, C, group_channels, GROUPING)
     x_base = x_ptr + n * stride_xn
 
-    LO: tl.constexpr = (SIZE - 1) // 2
     result = tl.full([BLOCK_C, BLOCK_P], float("-inf"), tl.float32)
     # A loop, not unrolled: unrolling hoists all POOL_KH * POOL_KW * SIZE loads and spills on sm_90.
     for q in range(POOL_KH * POOL_KW):
@@ -65,17 +111,7 @@ def lrn_pool_kernel(
         iw = ow * pool_stride_w - pool_pad_w + q % POOL_KW
         inside = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         pixel = ih * stride_xh + iw * stride_xw
-        sum_sq = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-        for j in tl.static_range(SIZE):
-            cj = offs_c + (j - LO)
-            mask = ((cj >= 0) & (cj < C))[:, None] & inside[None, :]
-            a = tl.load(x_base + cj[:, None] * stride_xc + pixel[None, :], mask=mask, other=0.0)
-            a = a.to(tl.float32)
-            if RELU_FIRST:
-                a = tl.maximum(a, 0.0)
-            if j == LO:
-                center = a
-            sum_sq += a * a
+        center, sum_sq = lrn_sums(x_base, offs_c, pixel, inside, group_begin, group_end, stride_xc, SIZE, RELU_FIRST)
         lrn = center * tl.exp2(-beta * tl.log2(k + alpha * sum_sq))
         if POOL:
             # Window positions outside the input (padding, ceil-mode overhang) never win.
@@ -131,9 +167,11 @@ def pick_config(batch: int, channels: int, pixels: int, channels_last: bool = Fa
     return {"BLOCK_C": block_c, "BLOCK_P": block_p, "num_warps": chosen["num_warps"]}
 
 
-def check_lrn_args(x: torch.Tensor, size: int, alpha: float, k: float) -> None:
+def check_lrn_args(x: torch.Tensor, size: int, alpha: float, k: float, groups: int = 1) -> None:
     if x.dim() != 4 or x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"expected a 4-D float32/float16/bfloat16 NCHW tensor, got {x.dtype} {tuple(x.shape)}")
+    if groups < 1 or x.shape[1] % groups:
+        raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
     if size < 1:
         raise ValueError(f"LRN size must be at least 1, got {size}")
     if k < 0 or alpha < 0:
@@ -155,6 +193,7 @@ def launch(
     relu_first: bool,
     config: dict | None,
     kernel=None,
+    groups: int = 1,
 ) -> torch.Tensor:
     n, c, h, w = x.shape
     oh, ow = out.shape[2], out.shape[3]
@@ -170,7 +209,7 @@ def launch(
     grid = (triton.cdiv(oh * ow, config["BLOCK_P"]), triton.cdiv(c, config["BLOCK_C"]), n)
     (kernel or lrn_pool_kernel)[grid](
         x, out,
-        c, h, w, oh, ow,
+        c, h, w, oh, ow, c // groups,
         *x.stride(),
         *out.stride(),
         float(alpha), float(beta), float(k),
@@ -179,6 +218,7 @@ def launch(
         POOL=pool,
         POOL_KH=window[0], POOL_KW=window[1],
         RELU_FIRST=relu_first,
+        GROUPING=grouping(c, groups, config["BLOCK_C"]),
         BLOCK_C=config["BLOCK_C"], BLOCK_P=config["BLOCK_P"],
         num_warps=config["num_warps"],
     )  # fmt: skip
@@ -194,17 +234,19 @@ def lrn(
     relu_first: bool = False,
     out: torch.Tensor | None = None,
     *,
+    groups: int = 1,
     config: dict | None = None,
     kernel=None,
 ) -> torch.Tensor:
-    """The paper's LRN across the channels of an NCHW tensor (alpha not divided by size), optionally after a ReLU.
+    """The paper's LRN across the channels of an NCHW tensor (alpha not divided by size), optionally after a ReLU;
+    with `groups`, each group of channels normalized apart (its windows stop at its edges), in the one launch.
 
     `config` ({"BLOCK_C", "BLOCK_P", "num_warps"}, powers of two) overrides `pick_config`."""
-    check_lrn_args(x, size, alpha, k)
+    check_lrn_args(x, size, alpha, k, groups)
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     check_output(out, x, tuple(x.shape))
-    return launch(x, out, size, alpha, beta, k, False, (1, 1), (1, 1), (0, 0), relu_first, config, kernel)
+    return launch(x, out, size, alpha, beta, k, False, (1, 1), (1, 1), (0, 0), relu_first, config, kernel, groups)
 
 
 def lrn_maxpool(
@@ -220,12 +262,13 @@ def lrn_maxpool(
     relu_first: bool = False,
     out: torch.Tensor | None = None,
     *,
+    groups: int = 1,
     config: dict | None = None,
     kernel=None,
 ) -> torch.Tensor:
     """max_pool2d(lrn(x)) in one kernel, without writing the LRN output; pooling follows `pool.pool2d`'s rules
-    (`pool_padding` n, (h, w) or (top, left, bottom, right); no dilation)."""
-    check_lrn_args(x, size, alpha, k)
+    (`pool_padding` n, (h, w) or (top, left, bottom, right); no dilation); `groups` as for `lrn`."""
+    check_lrn_args(x, size, alpha, k, groups)
     window = pair(pool_size, "pool_size")
     stride = pair(pool_stride, "pool_stride")
     padding = four_pads(pool_padding)
@@ -234,4 +277,4 @@ def lrn_maxpool(
     if out is None:
         out = torch.empty((n, c, oh, ow), device=x.device, dtype=x.dtype)
     check_output(out, x, (n, c, oh, ow))
-    return launch(x, out, size, alpha, beta, k, True, window, stride, padding, relu_first, config, kernel)
+    return launch(x, out, size, alpha, beta, k, True, window, stride, padding, relu_first, config, kernel, groups)

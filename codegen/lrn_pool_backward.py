@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lrn import check_lrn_args
+from .lrn import check_lrn_args, group_bounds, grouping, lrn_sums
 from .pool import check_output, pair, pool_geometry
 from .windows import four_pads
 
@@ -57,6 +57,7 @@ def lrn_pool_train_kernel(
     SIZE: tl.constexpr,  # LRN window, in channels
     POOL_KH: tl.constexpr, POOL_KW: tl.constexpr,
     RELU_FIRST: tl.constexpr,
+    GROUPING: tl.constexpr,  # "none": one group of channels; "tile" or "channel": see lrn.grouping
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     """lrn.lrn_pool_kernel's tile of pooled outputs, also keeping each window's winner and its scale."""
@@ -70,10 +71,9 @@ def lrn_pool_train_kernel(
     ow = offs_p % OW
     c_ok = offs_c < C
     p_ok = offs_p < OH * OW
-    group_begin = offs_c // group_channels * group_channels
+    group_begin, group_end = group_bounds(offs_c, pid_c * BLOCK_C, C, group_channels, GROUPING)
     x_base = x_ptr + n * stride_xn
 
-    LO: tl.constexpr = (SIZE - 1) // 2
     best = tl.full([BLOCK_C, BLOCK_P], float("-inf"), tl.float32)
     best_q = tl.full([BLOCK_C, BLOCK_P], -1, tl.int32)
     best_scale = tl.full([BLOCK_C, BLOCK_P], 1.0, tl.float32)
@@ -83,17 +83,7 @@ def lrn_pool_train_kernel(
         iw = ow * pool_stride_w - pool_pad_w + q % POOL_KW
         inside = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         pixel = ih * stride_xh + iw * stride_xw
-        sum_sq = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-        for j in tl.static_range(SIZE):
-            cj = offs_c + (j - LO)
-            in_group = (cj >= group_begin) & (cj < group_begin + group_channels) & (cj < C)
-            tap = in_group[:, None] & inside[None, :]
-            a = tl.load(x_base + cj[:, None] * stride_xc + pixel[None, :], mask=tap, other=0.0).to(tl.float32)
-            if RELU_FIRST:
-                a = tl.maximum(a, 0.0)
-            if j == LO:
-                center = a
-            sum_sq += a * a
+        center, sum_sq = lrn_sums(x_base, offs_c, pixel, inside, group_begin, group_end, stride_xc, SIZE, RELU_FIRST)
         scale = k + alpha * sum_sq
         # The value the pool compares: the LRN output rounded to the output's dtype.
         value = (center * tl.exp2(-beta * tl.log2(scale))).to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -349,7 +339,7 @@ def lrn_maxpool_train_launch(
         "alpha": float(alpha), "beta": float(beta), "k": float(k),
         **_pooling(stride, padding),
         "SIZE": size, "POOL_KH": window[0], "POOL_KW": window[1], "RELU_FIRST": relu_first,
-        "num_warps": 4, **config,
+        "GROUPING": grouping(c, groups, config["BLOCK_C"]), "num_warps": 4, **config,
     }  # fmt: skip
     return (out, argmax, scale), grid, arguments
 

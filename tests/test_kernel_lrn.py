@@ -108,6 +108,28 @@ def test_tower_slice_sees_only_its_channels():
     assert not buffer[:, :2].any() and not buffer[:, 10:].any()
 
 
+def grouped(function, x, groups, *args, **kwargs):
+    """`function` on each of `groups` channel slices of x apart, joined: what `groups=` computes in one launch."""
+    return torch.cat([function(part.contiguous(), *args, **kwargs) for part in x.chunk(groups, dim=1)], dim=1)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("groups, channels", [(2, 16), (3, 21), (2, 96)])
+def test_groups_normalize_apart_in_one_launch(groups, channels, layout):
+    """AlexNet's towers merged onto one device: each group's windows stop at its edges (small tiles, so tiles and
+    windows straddle the groups' boundaries), plain and fused with the pool, against the paper's loop per group."""
+    x = random_input((2, channels, 9, 9), seed=30 + groups, scale=2.0)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    got = lrn(x, **STRONG[0], groups=groups, config=SMALL_TILES)
+    torch.testing.assert_close(got, grouped(paper_lrn, x, groups, **STRONG[0]), **TOLERANCES[x.dtype])
+    pooled = lrn_maxpool(x, **STRONG[1], pool_size=3, pool_stride=2, relu_first=True, groups=groups, config=SMALL_TILES)
+    want = max_pool2d(grouped(paper_lrn, torch.relu(x), groups, **STRONG[1]), 3, 2)
+    torch.testing.assert_close(pooled, want, **TOLERANCES[x.dtype])
+    apart = lrn_maxpool(x, **STRONG[1], pool_size=3, pool_stride=2, relu_first=True, config=SMALL_TILES)
+    assert (apart - want).abs().max() > 1e-3  # the groups matter: one window across all channels differs
+
+
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
 def test_zero_k_and_zero_window_gives_nan_like_torch():
     x = random_input((1, 4, 3, 3), seed=15, scale=2.0)
@@ -191,6 +213,8 @@ def test_rejects_bad_arguments():
         lrn(x, k=-1.0)
     with pytest.raises(ValueError, match="size"):
         lrn(x, size=0)
+    with pytest.raises(ValueError, match="4 channels do not split into 3 groups"):
+        lrn(x, groups=3)
     with pytest.raises(ValueError, match="smaller than the pooling window"):
         lrn_maxpool(x, 5, 1e-4, 0.75, 2.0, pool_size=2, pool_stride=2, pool_padding=2)
     with pytest.raises(ValueError, match="out must be"):

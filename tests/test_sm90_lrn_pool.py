@@ -1,7 +1,9 @@
 """The LRN, LRN + max-pool and pooling kernels compile for the H100 (sm_90) without spills and within shared memory.
 
 Shapes are one AlexNet tower's: LRN1 + pool1 on 48 x 55 x 55, LRN2 + pool2 on 128 x 27 x 27, pool5 on 128 x 13 x 13,
-each at batch 1 and 128 (which pick different tiles). No GPU is needed: Triton's CUDA backend compiles here.
+each at batch 1 and 128 (which pick different tiles); and both towers' LRNs in one launch (96 and 256 channels in
+2 groups: the towers merged), with a case whose tiles straddle groups (6 groups of 8). No GPU is needed: Triton's
+CUDA backend compiles here.
 Run with `-s` to see the resource table.
 """
 
@@ -16,8 +18,8 @@ from netdsl.codegen.target import SM90_MAX_SHARED_BYTES, CompileRequest, compile
 
 DTYPES = ("fp32", "bf16")
 BATCHES = (1, 128)
-# (channels, height, width) entering a fused LRN + 3x3/2 max-pool, and entering pool5.
-LRN_POOL_SHAPES = ((48, 55, 55), (128, 27, 27))
+# (channels, height, width, groups) entering a fused LRN + 3x3/2 max-pool, and (channels, height, width) pool5's.
+LRN_POOL_SHAPES = ((48, 55, 55, 1), (128, 27, 27, 1), (96, 55, 55, 2), (256, 27, 27, 2), (48, 55, 55, 6))
 POOL5_SHAPE = (128, 13, 13)
 
 
@@ -37,7 +39,7 @@ def signature(kernel, dtype: str, constexprs: dict, floats: tuple[str, ...] = ()
 
 def lrn_requests() -> list[CompileRequest]:
     requests = {}
-    for (channels, height, width), batch, dtype, pool in (
+    for (channels, height, width, groups), batch, dtype, pool in (
         (shape, batch, dtype, pool)
         for shape in LRN_POOL_SHAPES
         for batch in BATCHES
@@ -54,6 +56,7 @@ def lrn_requests() -> list[CompileRequest]:
             "POOL_KH": 3 if pool else 1,
             "POOL_KW": 3 if pool else 1,
             "RELU_FIRST": True,
+            "GROUPING": lrn_module.grouping(channels, groups, config["BLOCK_C"]),
             "BLOCK_C": config["BLOCK_C"],
             "BLOCK_P": config["BLOCK_P"],
         }
@@ -111,3 +114,4 @@ def test_every_variant_was_compiled(compiled):
     plain = [r for r in compiled if r.constexprs.get("POOL") is False]
     assert {r.signature["x_ptr"] for r in fused} == {"*fp32", "*bf16"}
     assert {r.signature["x_ptr"] for r in plain} == {"*fp32", "*bf16"}
+    assert {r.constexprs.get("GROUPING") for r in fused} == {"none", "tile", "channel"}

@@ -81,32 +81,20 @@ FAMILIES: dict[str, Family] = {
         "lrn_pool_kernel",
         f"""
         {_JOIN}
-        if out is None:
-            out = torch.empty_like(x)
-        width = x.shape[1] // P["groups"]
-        for start in range(0, x.shape[1], width):  # each group on its own channel slice: windows stop at its edges
-            part = slice(start, start + width)
-            family.lrn(
-                x[:, part], P["size"], P["alpha"], P["beta"], P["k"], relu_first=P["relu_first"], out=out[:, part],
-                kernel=KERNEL,
-            )
-        return out""",
+        return family.lrn(
+            x, P["size"], P["alpha"], P["beta"], P["k"], relu_first=P["relu_first"], out=out, groups=P["groups"],
+            kernel=KERNEL,
+        )""",
     ),
     "lrn_maxpool": Family(
         "lrn",
         "lrn_pool_kernel",
         f"""
         {_JOIN}
-        if out is None:
-            out = x.new_empty((x.shape[0], *OUTPUT_SHAPE))
-        width = x.shape[1] // P["groups"]
-        for start in range(0, x.shape[1], width):  # each group on its own channel slice: windows stop at its edges
-            part = slice(start, start + width)
-            family.lrn_maxpool(
-                x[:, part], P["size"], P["alpha"], P["beta"], P["k"], P["pool_size"], P["pool_stride"], P["pool_pad"],
-                ceil_mode=P["ceil"], relu_first=P["relu_first"], out=out[:, part], kernel=KERNEL,
-            )
-        return out""",
+        return family.lrn_maxpool(
+            x, P["size"], P["alpha"], P["beta"], P["k"], P["pool_size"], P["pool_stride"], P["pool_pad"],
+            ceil_mode=P["ceil"], relu_first=P["relu_first"], out=out, groups=P["groups"], kernel=KERNEL,
+        )""",
     ),
     "pool": Family(
         "pool",
