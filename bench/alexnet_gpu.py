@@ -2,7 +2,8 @@
 
     python bench/alexnet_gpu.py [--runs 50] [--batches 1,32,128] [--precisions fp32,tf32x3,tf32,bf16]
                                 [--systems netdsl,netdsl-graph,netdsl-nchw,netdsl-s2d-graph,netdsl-one-stream,
-                                           netdsl-grouped,netdsl-grouped-graph,eager,compile,max-autotune]
+                                           netdsl-grouped,netdsl-grouped-graph,netdsl-split-graph,
+                                           netdsl-grouped-split-graph,eager,compile,max-autotune]
                                 [--net alexnet|vgg16]
 
 For batch 1, 32 and 128 in fp32, TF32 and bf16: throughput (images/s) and latency (ms), timed with
@@ -15,7 +16,8 @@ conv on conv.py (`layout="nchw"`, what netdsl did before channels-last convs); `
 issue 13); `netdsl-one-stream` runs the towers' steps on one shared stream (`streams="device"`): against
 `netdsl`, whether the two streams overlap at all; `netdsl-grouped` merges the towers into one grouped launch per
 layer on one stream (`merge_towers=True`, netdsl.compiler.merge_towers; `-graph`: in a CUDA graph): against both,
-whether to plan AlexNet that way on one GPU. Precision `tf32x3` is fp32 with three TF32 tensor-core
+whether to plan AlexNet that way on one GPU; `-split` lets the channels-last convs share a tile's taps among
+programs where the batch leaves most SMs idle (`split_k=True`). Precision `tf32x3` is fp32 with three TF32 tensor-core
 products in netdsl's kernels (`precision="tf32x3"`) and exact fp32 in PyTorch's. The PyTorch model is the
 hand-written one of the golden tests (tests/golden/models.py); `compile` and `max-autotune` are torch.compile's
 default and max-autotune modes (minutes of compiling each). Each row is printed as soon as it is
@@ -75,6 +77,8 @@ SYSTEMS = {
     "netdsl-one-stream": "netdsl, both towers on one stream",
     "netdsl-grouped": "netdsl, towers merged into grouped launches",
     "netdsl-grouped-graph": "netdsl, towers merged, CUDA graph",
+    "netdsl-split-graph": "netdsl, split-K convs, CUDA graph",
+    "netdsl-grouped-split-graph": "netdsl, towers merged, split-K convs, CUDA graph",
     "eager": "eager (cuDNN)",
     "compile": "torch.compile",
     "max-autotune": "torch.compile max-autotune",
@@ -102,6 +106,7 @@ def make_system(
             space_to_depth="-s2d" in name,
             streams="device" if name == "netdsl-one-stream" else "partition",
             merge_towers="-grouped" in name,
+            split_k="-split" in name,
         )
         return ours
     if name == "eager":

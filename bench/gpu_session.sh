@@ -14,7 +14,7 @@
 #        netdsl's kernels, netdsl's torch backend, eager and torch.compile, and each conv's and fc's backward
 #        against cuDNN / cuBLAS (the choice table to $OUT); bench/train.py --gpu;
 # infer  issue 13's decisions (AlexNet with and without conv1's space-to-depth, fp32 exact against tf32x3, the
-#        towers as two streams or merged into grouped launches),
+#        towers as two streams or merged into grouped launches, split-K convs at batch 1 and 32),
 #        bench/alexnet_gpu.py's table (netdsl, CUDA graph, all-NCHW, eager, torch.compile), the conv and
 #        step sweeps, a per-step profile of AlexNet in both layouts.
 # `all` (the default) runs the three in that order. Meanwhile, background processes compile the kernels the
@@ -61,7 +61,8 @@ if wants infer; then
     (timeout "${WARM_S:-240}" python3 bench/alexnet_gpu.py --warm-only --batches 128,1 --precisions bf16 \
         --systems compile >"$OUT/warm_compile.log" 2>&1 &)
     (timeout "${WARM_S:-240}" python3 bench/alexnet_gpu.py --warm-only --batches 128,1 --precisions bf16,tf32x3,fp32 \
-        --systems netdsl-graph,netdsl-s2d-graph,netdsl-grouped-graph >"$OUT/warm_levers.log" 2>&1 &)
+        --systems netdsl-graph,netdsl-s2d-graph,netdsl-grouped-graph,netdsl-grouped-split-graph \
+        >"$OUT/warm_levers.log" 2>&1 &)
 fi
 
 if wants tests; then
@@ -73,7 +74,7 @@ if wants tests; then
     # issue 13: tf32x3 against float64, space-to-depth against F.conv2d, merged towers against the golden, on the
     # GPU (errors into errors.tsv)
     box "${LEVER_TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider -rfE tests/test_kernel_tf32x3.py \
-        tests/test_precision.py tests/test_space_to_depth.py tests/test_merge_towers.py 2>&1 | tee "$OUT/pytest_levers.log" | tail -n 5
+        tests/test_precision.py tests/test_space_to_depth.py tests/test_merge_towers.py tests/test_split_k.py 2>&1 | tee "$OUT/pytest_levers.log" | tail -n 5
     echo "--- measured errors (relative to the largest |reference|)"
     sort "$OUT/errors.tsv" 2>/dev/null | tail -n 40
 fi
@@ -93,9 +94,12 @@ fi
 
 if wants infer; then
     # issue 13's decisions: AlexNet with conv1 on conv.py vs lowered by space-to-depth, fp32 exact vs tf32x3, the
-    # towers as two partitions vs merged into grouped launches
+    # towers as two partitions vs merged into grouped launches, split-K convs at small batches
     box "${LEVERS_S:-150}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1 --precisions bf16,tf32x3,fp32 \
         --systems netdsl-graph,netdsl-s2d-graph,netdsl-grouped-graph --tsv "$OUT/levers.tsv" >"$OUT/levers.log" 2>&1
+    box "${SPLIT_S:-60}" python3 bench/alexnet_gpu.py --runs 30 --batches 1,32 --precisions bf16 \
+        --systems netdsl-graph,netdsl-split-graph,netdsl-grouped-graph,netdsl-grouped-split-graph \
+        --tsv "$OUT/levers.tsv" >"$OUT/levers_split.log" 2>&1
     cat "$OUT/levers.tsv" 2>/dev/null
     # netdsl-one-stream: both towers on one stream, against netdsl's stream each (do they overlap?), and both
     # against the towers merged into grouped launches (netdsl-grouped)

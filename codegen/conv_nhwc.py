@@ -48,12 +48,15 @@ def conv2d_nhwc_kernel(
     stride_yn, stride_yc, stride_yh, stride_yw,
     conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
     slope,
+    part_ptr, count_ptr,  # SPLIT_K > 1: fp32 partial sums [SPLIT_K, pixels, C_out] and a zeroed int32 per tile
     KH: tl.constexpr, KW: tl.constexpr,
     NUM_INPUTS: tl.constexpr,  # 2: channels [0, C0) come from x0, the rest from x1
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,  # "none", "relu" or "leaky_relu"
     INPUT_PRECISION: tl.constexpr,  # "ieee", "tf32" or "tf32x3"; ignored for 16-bit inputs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1,  # programs sharing one output tile, each over TAPS_PER_SPLIT of the taps
+    TAPS_PER_SPLIT: tl.constexpr = 1,
 ):  # fmt: skip
     pid = tl.program_id(0)
     group = tl.program_id(1)
@@ -91,9 +94,16 @@ def conv2d_nhwc_kernel(
             c_count = C_IN_G - c_split
         x_pixels = x_ptr + batch.to(tl.int64) * stride_xn + x_first * stride_xc
         w_taps = w_filters + w_first * stride_wc
-        # One flattened loop over (tap, channel block), so the pipeliner sees a single loop.
+        # One flattened loop over (tap, channel block), so the pipeliner sees a single loop; with SPLIT_K, over
+        # this program's share of the taps.
         c_blocks = tl.cdiv(c_count, BLOCK_K)
-        for step in range(0, KH * KW * c_blocks):
+        first_step = 0
+        last_step = KH * KW * c_blocks
+        if SPLIT_K > 1:
+            first_tap = tl.program_id(2) * TAPS_PER_SPLIT
+            first_step = first_tap * c_blocks
+            last_step = tl.minimum(first_tap + TAPS_PER_SPLIT, KH * KW) * c_blocks
+        for step in range(first_step, last_step):
             tap = step // c_blocks
             c0 = (step - tap * c_blocks) * BLOCK_K
             kh = tap // KW
@@ -115,10 +125,29 @@ def conv2d_nhwc_kernel(
             )
             acc = tl.dot(x, w, acc=acc, input_precision=INPUT_PRECISION)
 
-    conv_epilogue(
-        acc, b_ptr, y_ptr, batch, oh, ow, mask_m, out_channel, mask_n,
-        stride_yn, stride_yc, stride_yh, stride_yw, slope, HAS_BIAS, ACTIVATION, PIXEL_AXIS=0,
-    )  # fmt: skip
+    if SPLIT_K > 1:
+        # Each split stores its partial sums; the last of the tile's splits to arrive adds all of them up in
+        # split order (the same order whichever arrives last: the same bits every run) and runs the epilogue.
+        pixels = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        part_tile = part_ptr + pixels[:, None] * (C_OUT_G * tl.num_programs(1)) + out_channel[None, :]
+        part_size = (tl.zeros([], dtype=tl.int64) + BATCH * OH * OW) * C_OUT_G * tl.num_programs(1)
+        mask = mask_m[:, None] & mask_n[None, :]
+        tl.store(part_tile + tl.program_id(2) * part_size, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial stored before the tile's count goes up (release, below)
+        arrived = tl.atomic_add(count_ptr + group * tl.num_programs(0) + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for split in tl.static_range(SPLIT_K):  # past L1 (".cg"): other SMs wrote these
+                total += tl.load(part_tile + split * part_size, mask=mask, other=0.0, cache_modifier=".cg")
+            conv_epilogue(
+                total, b_ptr, y_ptr, batch, oh, ow, mask_m, out_channel, mask_n,
+                stride_yn, stride_yc, stride_yh, stride_yw, slope, HAS_BIAS, ACTIVATION, PIXEL_AXIS=0,
+            )  # fmt: skip
+    else:
+        conv_epilogue(
+            acc, b_ptr, y_ptr, batch, oh, ow, mask_m, out_channel, mask_n,
+            stride_yn, stride_yc, stride_yh, stride_yw, slope, HAS_BIAS, ACTIVATION, PIXEL_AXIS=0,
+        )  # fmt: skip
 
 
 # Under Triton's interpreter (CPU tensors) a program costs about the same whatever its size.
@@ -155,6 +184,18 @@ def pick_config(
     return config
 
 
+def split_taps(programs: int, taps: int) -> dict:
+    """SPLIT_K and TAPS_PER_SPLIT for a launch of `programs` output tiles over a filter of `taps` taps: when the
+    tiles leave most SMs idle (AlexNet's conv3..conv5 at batch 1: 9 to 18 tiles for 132 SMs, each looping over
+    up to 3456 products a pixel), the taps are shared among up to SM_COUNT / programs programs per tile, every
+    split the same number of taps. Not yet measured on a GPU: only with `split_k=True` (`--split-k`)."""
+    most = min(taps, SM_COUNT // max(programs, 1))
+    if programs >= SM_COUNT // 2 or most < 2:
+        return {"SPLIT_K": 1, "TAPS_PER_SPLIT": taps}
+    per = triton.cdiv(taps, most)
+    return {"SPLIT_K": triton.cdiv(taps, per), "TAPS_PER_SPLIT": per}
+
+
 def conv2d_nhwc(
     inputs: list[torch.Tensor] | torch.Tensor,
     weight: torch.Tensor,
@@ -169,16 +210,20 @@ def conv2d_nhwc(
     out: torch.Tensor | None = None,
     config: dict | None = None,
     kernel=None,
+    split_k: bool = False,
 ) -> torch.Tensor:
     """activation(conv2d(concat(inputs, dim=1), weight) + bias), without materializing the concatenation.
 
     `inputs` is one N x C x H x W tensor or two whose channels are read as if concatenated, with any
     strides (channels-last is the fast case); `weight` C_out x C_in/groups x KH x KW (channels-last
     too, ideally); `out` any strided N x C_out x OH x OW view, allocated channels-last when not given.
+    `split_k`: share each output tile's taps among several programs when the tiles are too few to fill the
+    GPU (`split_taps`); `config` may set SPLIT_K and TAPS_PER_SPLIT itself.
     """
     grid, arguments = conv2d_nhwc_launch(
-        inputs, weight, bias, stride, padding, dilation, groups, activation, slope, input_precision, out, config
-    )
+        inputs, weight, bias, stride, padding, dilation, groups, activation, slope, input_precision, out, config,
+        split_k,
+    )  # fmt: skip
     (kernel or conv2d_nhwc_kernel)[grid](**arguments)  # `kernel`: a generated copy to run instead
     return arguments["y_ptr"]
 
@@ -196,8 +241,10 @@ def conv2d_nhwc_launch(
     input_precision: str = "ieee",
     out: torch.Tensor | None = None,
     config: dict | None = None,
-) -> tuple[tuple[int, int], dict[str, Any]]:
-    """The checks, the output and the kernel's arguments of `conv2d_nhwc` (works on "meta" tensors)."""
+    split_k: bool = False,
+) -> tuple[tuple[int, int, int], dict[str, Any]]:
+    """The checks, the output and the kernel's arguments of `conv2d_nhwc` (works on "meta" tensors); with SPLIT_K,
+    the partial sums' workspace and the tiles' zeroed counters are allocated here, on the input's device."""
     inputs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
     g = conv_geometry(
         "conv2d_nhwc", inputs, weight, bias, stride, padding, dilation, groups, activation, input_precision
@@ -210,4 +257,21 @@ def conv2d_nhwc_launch(
             if on_cpu
             else pick_config(g.pixels, g.c_in_group, g.c_out_group, inputs[0].dtype, input_precision, g.groups)
         )
-    return conv_arguments(inputs, weight, "ochw", bias, out, g, activation, slope, input_precision, config)
+    taps = g.kernel[0] * g.kernel[1]
+    if "SPLIT_K" not in config:
+        config = {**config, "SPLIT_K": 1, "TAPS_PER_SPLIT": taps}
+        if split_k:  # under the interpreter too, whose big tiles are always few: the same code path as the GPU's
+            tiles = triton.cdiv(g.pixels, config["BLOCK_M"]) * triton.cdiv(g.c_out_group, config["BLOCK_N"])
+            config.update(split_taps(tiles * g.groups, taps))
+            if config["SPLIT_K"] > 1 and config["BLOCK_M"] * config["BLOCK_N"] > 32 * 32 * config["num_warps"]:
+                config["num_warps"] = 8  # the sum of the partials holds a second fp32 tile: 4 warps spill
+    splits = config["SPLIT_K"]
+    if splits < 1 or (splits - 1) * config["TAPS_PER_SPLIT"] >= taps or splits * config["TAPS_PER_SPLIT"] < taps:
+        raise ValueError(f"SPLIT_K {splits} x TAPS_PER_SPLIT {config['TAPS_PER_SPLIT']} does not cover {taps} taps")
+    grid, arguments = conv_arguments(inputs, weight, "ochw", bias, out, g, activation, slope, input_precision, config)
+    part = count = out  # not read with one split
+    if splits > 1:
+        device = inputs[0].device
+        part = torch.empty((splits, g.pixels, g.groups * g.c_out_group), dtype=torch.float32, device=device)
+        count = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=device)
+    return (*grid, splits), {**arguments, "part_ptr": part, "count_ptr": count}

@@ -30,7 +30,7 @@ def steps(program):
 
 def test_pipeline_is_one_named_list():
     forward = ["validate", "shapes", "limits", "fold", "merge_towers", "fuse", "place", "space_to_depth", "layout",
-               "plan_memory"]  # fmt: skip
+               "split_k", "plan_memory"]  # fmt: skip
     assert forward == PASS_NAMES
 
 

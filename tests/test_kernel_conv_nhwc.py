@@ -94,6 +94,56 @@ def test_epilogue_and_picked_tiles(activation: str):
     check(geometry, activation=activation, config=None, seed=4)
 
 
+# Split-K (`SPLIT_K` programs per output tile, each over TAPS_PER_SPLIT taps, the last to arrive adding the partial
+# sums in split order): splits of one tap and of several, a last split with fewer taps, groups, two inputs, a 5x5
+# filter, fp32 and bf16; each against float64, as one program per tile is.
+SPLITS = {
+    "9-of-1": ({"batch": 1, "channels": (16,), "c_out": 20, "size": (7, 6), "kernel": (3, 3), "padding": 1}, 9, 1),
+    "4-of-2-ragged": ({"batch": 2, "channels": (20, 12), "c_out": 12, "size": (5, 6), "kernel": (3, 3),
+                       "padding": 1}, 5, 2),
+    "groups-3-of-3": ({"batch": 1, "channels": (48,), "c_out": 12, "size": (6, 6), "kernel": (3, 3), "padding": 1,
+                       "groups": 2}, 3, 3),
+    "5x5-5-of-5": ({"batch": 1, "channels": (16,), "c_out": 8, "size": (7, 7), "kernel": (5, 5), "padding": 2}, 5, 5),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(SPLITS))
+def test_split_k(case: str, precision: str):
+    geometry, splits, per = SPLITS[case]
+    check(geometry, precision=precision, config={**SMALL_TILES, "SPLIT_K": splits, "TAPS_PER_SPLIT": per}, seed=7)
+    check(geometry, precision=precision, config=SMALL_TILES, seed=7)
+
+
+def test_split_k_adds_in_split_order():
+    """The same bits as one program per tile would give are not guaranteed (the sums are grouped by split), but
+    the same bits run after run are: twice the same launch, and both within fp32's tolerance of float64."""
+    x = torch.randn(1, 32, 9, 9, device=DEVICE).contiguous(memory_format=CHANNELS_LAST)
+    w = torch.randn(24, 32, 3, 3, device=DEVICE) * 0.05
+    config = {**SMALL_TILES, "SPLIT_K": 3, "TAPS_PER_SPLIT": 3}
+    first, second = (conv2d_nhwc(x, w, padding=1, config=config) for _ in range(2))
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first.double(), F.conv2d(x.double(), w.double(), padding=1), **TOLERANCES["fp32"])
+
+
+def test_split_taps_rule():
+    from netdsl.codegen.conv_nhwc import split_taps
+
+    assert split_taps(9, 9) == {"SPLIT_K": 9, "TAPS_PER_SPLIT": 1}  # conv3 at batch 1, merged: 81 programs
+    assert split_taps(24, 25) == {"SPLIT_K": 5, "TAPS_PER_SPLIT": 5}  # conv2 at batch 1, merged: 120 programs
+    assert split_taps(18, 9) == {"SPLIT_K": 5, "TAPS_PER_SPLIT": 2}  # conv4: 7 at most, 2 taps each, 5 splits
+    assert split_taps(66, 9) == {"SPLIT_K": 1, "TAPS_PER_SPLIT": 9}  # half the SMs busy: no split
+    assert split_taps(10, 1) == {"SPLIT_K": 1, "TAPS_PER_SPLIT": 1}  # a 1x1 conv: nothing to split
+
+
+def test_split_k_config_must_cover_the_taps():
+    x = torch.randn(1, 16, 6, 6, device=DEVICE)
+    w = torch.randn(8, 16, 3, 3, device=DEVICE)
+    for splits, per in ((2, 4), (4, 3), (0, 9)):
+        with pytest.raises(ValueError, match="does not cover 9 taps"):
+            conv2d_nhwc(x, w, padding=1, config={**SMALL_TILES, "SPLIT_K": splits, "TAPS_PER_SPLIT": per})
+
+
 def test_default_output_is_channels_last():
     x = torch.randn(1, 16, 6, 6, device=DEVICE).contiguous(memory_format=CHANNELS_LAST)
     w = torch.randn(8, 16, 3, 3, device=DEVICE) * 0.1

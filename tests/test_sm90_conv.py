@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 # name -> (dtype of the tensors, input precision); "fp32" is the default exact path.
 PRECISIONS = {"bf16": (torch.bfloat16, "ieee"), "tf32": (torch.float32, "tf32"), "fp32": (torch.float32, "ieee")}
-TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
 
 # One tower: (input shapes, weight shape, stride, padding); two input shapes = both towers' maps.
 CONV_LAYERS = {

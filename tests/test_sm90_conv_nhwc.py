@@ -61,3 +61,48 @@ def test_nhwc_variant_compiles_with_vector_async_copies(layer: str, precision: s
     # One 2-byte load may read the bias in the epilogue (the 64-pixel tile lays it out one per thread);
     # gathered operands would be dozens.
     assert len(re.findall(r"LDG\.E\.U16", result.sass)) <= 1, "2-byte gathers"
+
+
+# Split-K at batch 1 (`split_k=True`): AlexNet's towers merged (conv3 of one group over 384 filters, conv4 and conv5 of
+# two groups), whose tiles leave most SMs idle; (input shape, weight shape, groups).
+MERGED_BATCH1 = {
+    "conv2": ((96, 27, 27), (256, 48, 5, 5), 2),
+    "conv3": ((256, 13, 13), (384, 256, 3, 3), 1),
+    "conv4": ((384, 13, 13), (384, 192, 3, 3), 2),
+    "conv5": ((384, 13, 13), (256, 192, 3, 3), 2),
+}
+SPLIT_CASES = [(layer, precision) for layer in MERGED_BATCH1 for precision in ("bf16", "fp32")]
+
+
+@cache
+def compiled_split() -> dict:
+    requests = {}
+    for layer, precision in SPLIT_CASES:
+        shape, weight, groups = MERGED_BATCH1[layer]
+        dtype, input_precision = PRECISIONS[precision]
+        grid, arguments = conv_nhwc.conv2d_nhwc_launch(
+            meta(1, *shape, dtype=dtype).contiguous(memory_format=torch.channels_last),
+            meta(*weight, dtype=dtype).contiguous(memory_format=torch.channels_last),
+            meta(weight[0], dtype=dtype),
+            1,
+            weight[2] // 2,
+            groups=groups,
+            activation="relu",
+            input_precision=input_precision,
+            split_k=True,
+        )
+        assert arguments["SPLIT_K"] > 1 and grid[2] == arguments["SPLIT_K"], (layer, grid)
+        requests[layer, precision] = specialize(conv_nhwc.conv2d_nhwc_kernel, arguments)
+    results = compile_sm90_many(list(requests.values()))
+    print("\n" + format_table(results))
+    return dict(zip(requests, results, strict=True))
+
+
+@pytest.mark.parametrize(("layer", "precision"), SPLIT_CASES)
+def test_split_k_compiles_without_spills(layer: str, precision: str):
+    result = compiled_split()[layer, precision]
+    table = format_table([result])
+    assert result.spills == 0 and result.stack_bytes == 0, table
+    assert result.shared_bytes <= SM90_MAX_SHARED_BYTES, table
+    if precision == "bf16":
+        assert "wgmma.mma_async" in result.mma, table

@@ -27,6 +27,7 @@ DEFAULT_NET = "alexnet.net"
 LAYOUT_HELP = "auto: channels-last maps for convs with 16+ input channels per group (the default); nchw: none"
 PRECISION_HELP = "fp32 products: ieee (exact, on FMA units; the default) or tf32x3 (three TF32 tensor-core products)"
 SPACE_TO_DEPTH_HELP = "run strided convs over few channels (AlexNet's conv1) as stride-1 convs over pixel blocks"
+SPLIT_K_HELP = "let channels-last convs share a tile's taps among programs when the batch is too small to fill the GPU"
 MERGE_TOWERS_HELP = (
     "run each layer of a towers block as one grouped launch on the first tower's device (for towers on one GPU)"
 )
@@ -103,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--precision", choices=FP32_PRECISIONS, help=PRECISION_HELP)
     build.add_argument("--space-to-depth", action="store_true", help=SPACE_TO_DEPTH_HELP)
     build.add_argument("--merge-towers", action="store_true", help=MERGE_TOWERS_HELP)
+    build.add_argument("--split-k", action="store_true", help=SPLIT_K_HELP)
     build.add_argument(
         "--train",
         action="store_true",
@@ -187,6 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--precision", choices=FP32_PRECISIONS, help=PRECISION_HELP)
     run.add_argument("--space-to-depth", action="store_true", help=SPACE_TO_DEPTH_HELP)
     run.add_argument("--merge-towers", action="store_true", help=MERGE_TOWERS_HELP)
+    run.add_argument("--split-k", action="store_true", help=SPLIT_K_HELP)
     run.add_argument(
         "--cuda-graph",
         action="store_true",
@@ -298,6 +301,7 @@ def _compile(path: Path, args: argparse.Namespace) -> int:
     options = Options(
         batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit, layout=args.layout,
         precision=args.precision, space_to_depth=args.space_to_depth, merge_towers=args.merge_towers,
+        split_k=args.split_k,
     )  # fmt: skip
     training = None
     if args.train:  # --dump-after names a training pass

@@ -270,6 +270,7 @@ def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
         precision=args.precision,
         space_to_depth=args.space_to_depth,
         merge_towers=args.merge_towers,
+        split_k=args.split_k,
     )
     chunks = torch.from_numpy(x).to(torch_dtype(dtype)).split(args.batch or len(x))
     if args.time and any(device.type == "cuda" for device in net.devices.values()):
@@ -342,7 +343,7 @@ def _run_distributed(path: Path, x, dtype: str, args: argparse.Namespace):
     try:
         y = run_distributed(
             path, x, backend=args.backend, weights=args.weights, seed=args.seed, init=args.init, dtype=dtype,
-            layout=args.layout, precision=args.precision, space_to_depth=args.space_to_depth,
+            layout=args.layout, precision=args.precision, space_to_depth=args.space_to_depth, split_k=args.split_k,
         )  # fmt: skip
         if dist.is_initialized():
             dist.barrier()  # every rank's sends are received before the group goes away

@@ -38,19 +38,21 @@ class Family:
 
 _JOIN = "x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)  # several inputs: joined on channels"
 
-# Both conv families' launchers take the same arguments.
+# Both conv families' launchers take the same arguments (the channels-last one also split_k).
 _CONV_LAUNCH = """
         if len(inputs) > 2:  # the kernel reads up to two inputs in place; join the rest
             inputs = [torch.cat(inputs, dim=1)]
         return family.{function}(
             inputs, weights["weight"], weights.get("bias"), stride=P["stride"], padding=P["pad"],
             dilation=P["dilation"], groups=P["groups"], activation=P["activation"], slope=P["slope"],
-            input_precision=P["input_precision"], out=out, kernel=KERNEL,
+            input_precision=P["input_precision"], out=out, kernel=KERNEL,{more}
         )"""
 
 FAMILIES: dict[str, Family] = {
-    "conv": Family("conv", "conv2d_kernel", _CONV_LAUNCH.format(function="conv2d")),
-    "conv_nhwc": Family("conv_nhwc", "conv2d_nhwc_kernel", _CONV_LAUNCH.format(function="conv2d_nhwc")),
+    "conv": Family("conv", "conv2d_kernel", _CONV_LAUNCH.format(function="conv2d", more="")),
+    "conv_nhwc": Family(
+        "conv_nhwc", "conv2d_nhwc_kernel", _CONV_LAUNCH.format(function="conv2d_nhwc", more=' split_k=P["split_k"],')
+    ),
     "conv_lrn_maxpool": Family(
         "conv_lrn_pool",
         "conv_lrn_pool_kernel",
@@ -192,6 +194,8 @@ def kernel_parameters(step: Step, input_precision: str) -> dict[str, object]:
         }
         if step.kind == "conv":
             params.update(stride=p["stride"], pad=_pads(first), dilation=p["dilation"], groups=p["groups"])
+        if family_of(step) == "conv_nhwc":
+            params["split_k"] = bool(step.options.get("split_k"))
         return params
     if step.kind == "conv_lrn_maxpool":
         conv, _, norm, pool = step.layers

@@ -1,6 +1,7 @@
 """The compiler's pass pipeline: one list of named passes, each a small function of the graph.
 
-    validate -> shapes -> limits -> fold -> merge_towers -> fuse -> place -> space_to_depth -> layout -> plan_memory
+    validate -> shapes -> limits -> fold -> merge_towers -> fuse -> place -> space_to_depth -> layout -> split_k
+    -> plan_memory
 
 Up to `fold` the graph holds layers (`netdsl.ir.Layer`); from `fuse` on it holds steps
 (`netdsl.compiler.fuse.Step`), each one kernel launch, view or transfer. `dump(graph)` prints either.
@@ -9,7 +10,7 @@ Up to `fold` the graph holds layers (`netdsl.ir.Layer`); from `fuse` on it holds
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import networkx as nx
 
@@ -21,7 +22,7 @@ from netdsl.compiler.merge_towers import merge_towers
 from netdsl.compiler.place import place
 from netdsl.compiler.space_to_depth import lower_space_to_depth
 from netdsl.errors import NetError
-from netdsl.ir import layers
+from netdsl.ir import copy_graph, layers
 from netdsl.ir.limits import check_memory
 from netdsl.ir.ops import describe_params
 from netdsl.ir.shapes import infer_shapes
@@ -36,6 +37,7 @@ class Options:
     precision: str | None = None  # fp32 products: "ieee" or "tf32x3" (None: the default, netdsl.ir.dtypes)
     space_to_depth: bool = False  # strided convs over few channels as stride-1 convs over pixel blocks
     merge_towers: bool = False  # a towers block's copies of a layer as one grouped layer on the first tower's device
+    split_k: bool = False  # channels-last convs whose tiles are too few to fill the GPU share each tile's taps
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,19 @@ def _merge_towers(graph: nx.DiGraph, options: Options) -> nx.DiGraph:
     return merge_towers(graph) if options.merge_towers else graph
 
 
+def _split_k(graph: nx.DiGraph, options: Options) -> nx.DiGraph:
+    """Only when asked: each channels-last conv may share a tile's taps among programs when its tiles are too few
+    to fill the GPU (at launch, by the batch: `codegen/conv_nhwc.split_taps`)."""
+    if not options.split_k:
+        return graph
+    graph = copy_graph(graph)
+    for name in graph.nodes:
+        step = graph.nodes[name]["step"]
+        if step.kind == "conv" and step.options.get("kernel") == "nhwc":
+            graph.nodes[name]["step"] = replace(step, options={**step.options, "split_k": True})
+    return graph
+
+
 PIPELINE: list[Pass] = [
     Pass("validate", validate, "check the graph's structure"),
     Pass("shapes", lambda g, o: infer_shapes(g), "infer every layer's output shape"),
@@ -84,6 +99,7 @@ PIPELINE: list[Pass] = [
     Pass("place", lambda g, o: place(g), "partition by device, insert transfers"),
     Pass("space_to_depth", _space_to_depth, "strided convs over few channels as stride-1 convs over pixel blocks"),
     Pass("layout", lambda g, o: choose_layouts(g, o.layout), "choose NCHW or channels-last for every map"),
+    Pass("split_k", _split_k, "let channels-last convs split their taps over programs where tiles are few"),
     Pass("plan_memory", lambda g, o: plan_memory(g), "assign buffer offsets with reuse"),
 ]
 PASS_NAMES = [p.name for p in PIPELINE]

@@ -27,7 +27,9 @@
   products; netdsl.ir.dtypes) and `space_to_depth=True` (strided convs over few channels, AlexNet's conv1, run as
   stride-1 convs over blocks of pixels: netdsl.compiler.space_to_depth; the filters are rearranged on load) and
   `merge_towers=True` (a towers block's copies of each layer as one grouped launch on the first tower's device,
-  for towers sharing one GPU: netdsl.compiler.merge_towers; the towers' weights are joined on load).
+  for towers sharing one GPU: netdsl.compiler.merge_towers; the towers' weights are joined on load) and
+  `split_k=True` (channels-last convs whose tiles are too few to fill the GPU, small batches, share each tile's
+  taps among several programs: codegen/conv_nhwc.split_taps).
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ class Net:
         space_to_depth: bool = False,
         streams: str = "partition",
         merge_towers: bool = False,
+        split_k: bool = False,
     ) -> None:
         self.path = str(path)
         if streams not in STREAMS:
@@ -118,8 +121,9 @@ class Net:
         if layout not in LAYOUT_OPTIONS:
             raise NetError(f"unknown layout `{layout}`", where="layout", hint=f"layouts: {', '.join(LAYOUT_OPTIONS)}")
         options = Options(
-            batch, dtype, layout=layout, precision=precision, space_to_depth=space_to_depth, merge_towers=merge_towers
-        )
+            batch, dtype, layout=layout, precision=precision, space_to_depth=space_to_depth, merge_towers=merge_towers,
+            split_k=split_k,
+        )  # fmt: skip
         self.compiled: Compiled = compile_net(path, options)
         self.program: nx.DiGraph = self.compiled.program
         self.layer_graph: nx.DiGraph = self.compiled.layers  # before folding: batch norms are still there
