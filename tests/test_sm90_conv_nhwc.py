@@ -25,38 +25,52 @@ LAYERS = {
 CASES = [(layer, precision) for layer in LAYERS for precision in ("bf16", "tf32")]
 
 
-@cache
-def compiled() -> dict:
-    requests = {}
-    for layer, precision in CASES:
-        shape, weight, stride, padding = LAYERS[layer]
-        dtype, input_precision = PRECISIONS[precision]
-        _, arguments = conv_nhwc.conv2d_nhwc_launch(
-            meta(128, *shape, dtype=dtype).contiguous(memory_format=torch.channels_last),
-            meta(*weight, dtype=dtype).contiguous(memory_format=torch.channels_last),
-            meta(weight[0], dtype=dtype),
-            stride,
-            padding,
-            activation="relu",
-            input_precision=input_precision,
-        )
-        request = specialize(conv_nhwc.conv2d_nhwc_kernel, arguments)
-        requests[layer, precision] = CompileRequest(
-            request.kernel, request.signature, request.constexprs, request.num_warps, request.num_stages,
-            sass=True, divisible_by_16=request.divisible_by_16,
-        )  # fmt: skip
+def launch(batch: int, shape, weight, stride: int, padding: int, precision: str, **options) -> tuple[tuple, dict]:
+    """The grid and arguments of conv2d_nhwc at one layer's geometry, on meta tensors laid out channels-last."""
+    dtype, input_precision = PRECISIONS[precision]
+    return conv_nhwc.conv2d_nhwc_launch(
+        meta(batch, *shape, dtype=dtype).contiguous(memory_format=torch.channels_last),
+        meta(*weight, dtype=dtype).contiguous(memory_format=torch.channels_last),
+        meta(weight[0], dtype=dtype),
+        stride,
+        padding,
+        activation="relu",
+        input_precision=input_precision,
+        **options,
+    )
+
+
+def compile_all(requests: dict) -> dict:
     results = compile_sm90_many(list(requests.values()))
     print("\n" + format_table(results))
     return dict(zip(requests, results, strict=True))
 
 
-@pytest.mark.parametrize(("layer", "precision"), CASES)
-def test_nhwc_variant_compiles_with_vector_async_copies(layer: str, precision: str):
-    result = compiled()[layer, precision]
+def assert_fits(result, tensor_cores: bool) -> None:
+    """No spills, no stack, shared memory within an SM's, wgmma where asked."""
     table = format_table([result])
     assert result.spills == 0 and result.stack_bytes == 0, table
     assert result.shared_bytes <= SM90_MAX_SHARED_BYTES, table
-    assert "wgmma.mma_async" in result.mma, table
+    assert not tensor_cores or "wgmma.mma_async" in result.mma, table
+
+
+@cache
+def compiled() -> dict:
+    requests = {}
+    for layer, precision in CASES:
+        _, arguments = launch(128, *LAYERS[layer], precision)
+        request = specialize(conv_nhwc.conv2d_nhwc_kernel, arguments)
+        requests[layer, precision] = CompileRequest(
+            request.kernel, request.signature, request.constexprs, request.num_warps, request.num_stages,
+            sass=True, divisible_by_16=request.divisible_by_16,
+        )  # fmt: skip
+    return compile_all(requests)
+
+
+@pytest.mark.parametrize(("layer", "precision"), CASES)
+def test_nhwc_variant_compiles_with_vector_async_copies(layer: str, precision: str):
+    result = compiled()[layer, precision]
+    assert_fits(result, tensor_cores=True)
     assert len(re.findall(r"LDGSTS\.E\.BYPASS\.128", result.sass)) >= 8, "operands not staged by 16-byte cp.async"
     # One 2-byte load may read the bias in the epilogue (the 64-pixel tile lays it out one per thread);
     # gathered operands would be dozens.
@@ -79,30 +93,12 @@ def compiled_split() -> dict:
     requests = {}
     for layer, precision in SPLIT_CASES:
         shape, weight, groups = MERGED_BATCH1[layer]
-        dtype, input_precision = PRECISIONS[precision]
-        grid, arguments = conv_nhwc.conv2d_nhwc_launch(
-            meta(1, *shape, dtype=dtype).contiguous(memory_format=torch.channels_last),
-            meta(*weight, dtype=dtype).contiguous(memory_format=torch.channels_last),
-            meta(weight[0], dtype=dtype),
-            1,
-            weight[2] // 2,
-            groups=groups,
-            activation="relu",
-            input_precision=input_precision,
-            split_k=True,
-        )
+        grid, arguments = launch(1, shape, weight, 1, weight[2] // 2, precision, groups=groups, split_k=True)
         assert arguments["SPLIT_K"] > 1 and grid[2] == arguments["SPLIT_K"], (layer, grid)
         requests[layer, precision] = specialize(conv_nhwc.conv2d_nhwc_kernel, arguments)
-    results = compile_sm90_many(list(requests.values()))
-    print("\n" + format_table(results))
-    return dict(zip(requests, results, strict=True))
+    return compile_all(requests)
 
 
 @pytest.mark.parametrize(("layer", "precision"), SPLIT_CASES)
 def test_split_k_compiles_without_spills(layer: str, precision: str):
-    result = compiled_split()[layer, precision]
-    table = format_table([result])
-    assert result.spills == 0 and result.stack_bytes == 0, table
-    assert result.shared_bytes <= SM90_MAX_SHARED_BYTES, table
-    if precision == "bf16":
-        assert "wgmma.mma_async" in result.mma, table
+    assert_fits(compiled_split()[layer, precision], tensor_cores=precision == "bf16")
