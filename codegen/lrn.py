@@ -55,6 +55,32 @@ def grouping(channels: int, groups: int, block_c: int) -> str:
 
 
 @triton.jit
+def pooled_tile(C, OH, OW, group_channels, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, GROUPING: tl.constexpr):
+    """This program's tile of pooled outputs: its image, channels and output pixels (row, column), which of them
+    exist, and each channel's group bounds (`group_bounds`)."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    group_begin, group_end = group_bounds(offs_c, pid_c * BLOCK_C, C, group_channels, GROUPING)
+    return n, offs_c, offs_p // OW, offs_p % OW, offs_c < C, offs_p < OH * OW, group_begin, group_end
+
+
+@triton.jit
+def window_pixel(
+    q, oh, ow, p_ok, H, W, stride_xh, stride_xw, pool_stride_h, pool_stride_w, pool_pad_h, pool_pad_w,
+    POOL_KW: tl.constexpr,
+):  # fmt: skip
+    """Where window offset q (row-major) of each output pixel's pooling window falls: whether inside the input, and
+    its offset there."""
+    ih = oh * pool_stride_h - pool_pad_h + q // POOL_KW
+    iw = ow * pool_stride_w - pool_pad_w + q % POOL_KW
+    inside = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return inside, ih * stride_xh + iw * stride_xw
+
+
+@triton.jit
 def lrn_sums(
     x_base, offs_c, pixel, inside, group_begin, group_end, stride_xc,
     SIZE: tl.constexpr, RELU_FIRST: tl.constexpr,
@@ -91,26 +117,16 @@ def lrn_pool_kernel(
     GROUPING: tl.constexpr,  # "none": one group of channels; "tile" or "channel": see `grouping`
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    oh = offs_p // OW
-    ow = offs_p % OW
-    c_ok = offs_c < C
-    p_ok = offs_p < OH * OW
-    group_begin, group_end = group_bounds(offs_c, pid_c * BLOCK_C, C, group_channels, GROUPING)
+    n, offs_c, oh, ow, c_ok, p_ok, group_begin, group_end = pooled_tile(
+        C, OH, OW, group_channels, BLOCK_C, BLOCK_P, GROUPING
+    )
     x_base = x_ptr + n * stride_xn
 
     result = tl.full([BLOCK_C, BLOCK_P], float("-inf"), tl.float32)
     # A loop, not unrolled: unrolling hoists all POOL_KH * POOL_KW * SIZE loads and spills on sm_90.
     for q in range(POOL_KH * POOL_KW):
-        ih = oh * pool_stride_h - pool_pad_h + q // POOL_KW
-        iw = ow * pool_stride_w - pool_pad_w + q % POOL_KW
-        inside = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        pixel = ih * stride_xh + iw * stride_xw
+        inside, pixel = window_pixel(q, oh, ow, p_ok, H, W, stride_xh, stride_xw, pool_stride_h, pool_stride_w,
+                                     pool_pad_h, pool_pad_w, POOL_KW)  # fmt: skip
         center, sum_sq = lrn_sums(x_base, offs_c, pixel, inside, group_begin, group_end, stride_xc, SIZE, RELU_FIRST)
         lrn = center * tl.exp2(-beta * tl.log2(k + alpha * sum_sq))
         if POOL:

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lrn import check_lrn_args, group_bounds, grouping, lrn_sums
+from .lrn import check_lrn_args, grouping, lrn_sums, pooled_tile, window_pixel
 from .pool import check_output, pair, pool_geometry
 from .windows import four_pads
 
@@ -61,17 +61,9 @@ def lrn_pool_train_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     """lrn.lrn_pool_kernel's tile of pooled outputs, also keeping each window's winner and its scale."""
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    oh = offs_p // OW
-    ow = offs_p % OW
-    c_ok = offs_c < C
-    p_ok = offs_p < OH * OW
-    group_begin, group_end = group_bounds(offs_c, pid_c * BLOCK_C, C, group_channels, GROUPING)
+    n, offs_c, oh, ow, c_ok, p_ok, group_begin, group_end = pooled_tile(
+        C, OH, OW, group_channels, BLOCK_C, BLOCK_P, GROUPING
+    )
     x_base = x_ptr + n * stride_xn
 
     best = tl.full([BLOCK_C, BLOCK_P], float("-inf"), tl.float32)
@@ -79,10 +71,8 @@ def lrn_pool_train_kernel(
     best_scale = tl.full([BLOCK_C, BLOCK_P], 1.0, tl.float32)
     # A loop, not unrolled, as in lrn.py: unrolled, the window's loads would all be hoisted and spill.
     for q in range(POOL_KH * POOL_KW):
-        ih = oh * pool_stride_h - pool_pad_h + q // POOL_KW
-        iw = ow * pool_stride_w - pool_pad_w + q % POOL_KW
-        inside = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        pixel = ih * stride_xh + iw * stride_xw
+        inside, pixel = window_pixel(q, oh, ow, p_ok, H, W, stride_xh, stride_xw, pool_stride_h, pool_stride_w,
+                                     pool_pad_h, pool_pad_w, POOL_KW)  # fmt: skip
         center, sum_sq = lrn_sums(x_base, offs_c, pixel, inside, group_begin, group_end, stride_xc, SIZE, RELU_FIRST)
         scale = k + alpha * sum_sq
         # The value the pool compares: the LRN output rounded to the output's dtype.
