@@ -9,14 +9,14 @@
 # tests  the GPU tests: goldens, precisions, streams, CUDA graphs (tests/test_gpu.py), channels-last layouts,
 #        the conv kernel sweeps, the training module and the kernels' training step (test files that use the
 #        GPU when there is one), then issue 13's levers (tf32x3 against float64, space-to-depth against
-#        F.conv2d; their errors into errors.tsv);
+#        F.conv2d, merged towers and split-K convs against the golden; their errors into errors.tsv);
 # train  bench/train_gpu.py (issue 12): AlexNet's training step at batch 128 then 32, bf16 then tf32, on
 #        netdsl's kernels, netdsl's torch backend, eager and torch.compile, and each conv's and fc's backward
 #        against cuDNN / cuBLAS (the choice table to $OUT); bench/train.py --gpu;
-# infer  issue 13's decisions (AlexNet with and without conv1's space-to-depth, fp32 exact against tf32x3, the
-#        towers as two streams or merged into grouped launches, split-K convs at batch 1 and 32),
-#        bench/alexnet_gpu.py's table (netdsl, CUDA graph, all-NCHW, eager, torch.compile), the conv and
-#        step sweeps, a per-step profile of AlexNet in both layouts.
+# infer  issue 13's table (bf16 at batch 128, 32, 1, tf32 and fp32 at 128: netdsl against eager, torch.compile
+#        and max-autotune), then its decisions (conv1's space-to-depth, fp32 exact against tf32x3, the towers
+#        as two streams or merged into grouped launches, split-K convs at batch 1 and 32), the streams' rows,
+#        VGG-16, the conv and step sweeps, a per-step profile of AlexNet (both layouts, and merged).
 # `all` (the default) runs the three in that order. Meanwhile, background processes compile the kernels the
 # benchmarks need (filling the caches on disk). Works with the machine's own torch and triton; lark travels
 # as a wheel in .whl/ when missing.
@@ -58,8 +58,10 @@ export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 if wants infer; then
     (timeout "${WARM_S:-240}" python3 bench/alexnet_gpu.py --warm-only --batches 128,1 \
         --systems netdsl,netdsl-nchw >"$OUT/warm_netdsl.log" 2>&1 &)
-    (timeout "${WARM_S:-240}" python3 bench/alexnet_gpu.py --warm-only --batches 128,1 --precisions bf16 \
-        --systems compile >"$OUT/warm_compile.log" 2>&1 &)
+    (timeout "${WARM_S:-240}" python3 bench/alexnet_gpu.py --warm-only --batches 128,32,1 --precisions bf16 \
+        --systems compile,netdsl-graph >"$OUT/warm_compile.log" 2>&1 &)
+    (timeout "${WARM_S:-240}" python3 bench/alexnet_gpu.py --warm-only --batches 128 --precisions tf32,fp32 \
+        --systems compile,netdsl-graph >"$OUT/warm_compile_fp32.log" 2>&1 &)
     (timeout "${WARM_S:-240}" python3 bench/alexnet_gpu.py --warm-only --batches 128,1 --precisions bf16,tf32x3,fp32 \
         --systems netdsl-graph,netdsl-s2d-graph,netdsl-grouped-graph,netdsl-grouped-split-graph \
         >"$OUT/warm_levers.log" 2>&1 &)
@@ -93,6 +95,16 @@ if wants train; then
 fi
 
 if wants infer; then
+    # issue 13's table first: bf16 at batch 128, 32 and 1, tf32 and fp32 at 128, against eager and torch.compile
+    # (max-autotune at 128 bf16), all in this one run
+    box "${TABLE_S:-150}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,32,1 --precisions bf16 \
+        --systems netdsl-graph,eager,compile --tsv "$OUT/table.tsv" >"$OUT/table.log" 2>&1
+    box "${TABLE_FP32_S:-90}" python3 bench/alexnet_gpu.py --runs 30 --batches 128 --precisions tf32,fp32 \
+        --systems netdsl-graph,eager,compile --tsv "$OUT/table.tsv" >"$OUT/table_fp32.log" 2>&1
+    box "${AUTOTUNE_S:-120}" python3 bench/alexnet_gpu.py --runs 30 --batches 128 --precisions bf16 \
+        --systems max-autotune --tsv "$OUT/table.tsv" >"$OUT/table_autotune.log" 2>&1
+    echo "--- the issue's table: net, batch, precision, system, latency ms, images/s, x floor, warm-up s"
+    cat "$OUT/table.tsv" 2>/dev/null
     # issue 13's decisions: AlexNet with conv1 on conv.py vs lowered by space-to-depth, fp32 exact vs tf32x3, the
     # towers as two partitions vs merged into grouped launches, split-K convs at small batches
     box "${LEVERS_S:-150}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1 --precisions bf16,tf32x3,fp32 \
@@ -103,12 +115,9 @@ if wants infer; then
     cat "$OUT/levers.tsv" 2>/dev/null
     # netdsl-one-stream: both towers on one stream, against netdsl's stream each (do they overlap?), and both
     # against the towers merged into grouped launches (netdsl-grouped)
-    box "${BENCH_S:-200}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1 \
-        --systems netdsl,netdsl-one-stream,netdsl-grouped,netdsl-graph,netdsl-nchw,eager --tsv "$OUT/bench.tsv" >"$OUT/bench.log" 2>&1
+    box "${BENCH_S:-100}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1 --precisions bf16 \
+        --systems netdsl,netdsl-one-stream,netdsl-grouped,netdsl-nchw --tsv "$OUT/bench.tsv" >"$OUT/bench.log" 2>&1
     tail -n 5 "$OUT/bench.log"
-    box "${COMPILE_S:-45}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1 --precisions bf16 \
-        --systems compile --tsv "$OUT/bench.tsv" >"$OUT/bench_compile.log" 2>&1
-    tail -n 3 "$OUT/bench_compile.log"
     # VGG-16, the second net against the same anchors (larger convs)
     box "${VGG_S:-120}" python3 bench/alexnet_gpu.py --net vgg16 --runs 20 --batches 128,32 --precisions bf16 \
         --systems netdsl-graph,eager,compile --tsv "$OUT/bench.tsv" >"$OUT/bench_vgg16.log" 2>&1
