@@ -1,4 +1,4 @@
-"""What the conv and fc kernel tests share: tolerances per dtype, random inputs
+"""What the kernel and training tests share: tolerances per dtype, random inputs, a small two-tower net
 and the activation reference (the interpreter work-around for bfloat16 dots is in conftest.py)."""
 
 import os
@@ -84,3 +84,22 @@ def explicitly_padded(x: torch.Tensor, padding) -> torch.Tensor:
         return x
     top, left, bottom, right = padding
     return F.pad(x, (left, right, top, bottom))
+
+
+# AlexNet's shape in miniature (two towers, LRN + max-pool stages, a cross-tower conv and fcs) for the training tests.
+SMALL_ALEXNET = """\
+net small_alexnet
+device gpu0, gpu1
+input image: 3 x 27 x 27
+const norm = lrn(size=5, alpha=1e-4, beta=0.75, k=2)
+
+towers gpu0, gpu1 {
+    conv1 = conv(image, 8, size=5, stride=2) | relu | norm | maxpool(3, stride=2)
+    conv2 = conv(conv1, 12, size=3, pad=1)   | relu | norm | maxpool(3, stride=2)
+    conv3 = conv(all conv2, 12, size=3, pad=1) | relu
+    fc6   = fc(all conv3, 32) | relu | dropout(0.5)
+}
+fc8  = fc(all fc6, 10) on gpu0
+prob = softmax(fc8)
+output prob
+"""

@@ -117,23 +117,32 @@ CASES |= {
 }
 
 
-@pytest.fixture(scope="module")
-def compiled() -> dict[tuple, list[KernelResources]]:
+def compile_cases(requests: dict[tuple, list[CompileRequest]]) -> dict[tuple, list[KernelResources]]:
     """case -> the resources of its kernels; identical specializations compile once, all in one call."""
-    requests = {case: make(*case) for case, make in CASES.items()}
     unique = {identity(request): request for case_requests in requests.values() for request in case_requests}
     results = dict(zip(unique, compile_sm90_many(list(unique.values())), strict=True))
     print("\n" + format_table(list(results.values())))
     return {case: [results[identity(request)] for request in case_requests] for case, case_requests in requests.items()}
 
 
+def assert_fits(result: KernelResources) -> str:
+    """No spills, no stack or local memory, shared memory within an SM's; returns the result's table."""
+    table = format_table([result])
+    assert result.spill_stores == 0 and result.spill_loads == 0, table
+    assert result.stack_bytes == 0 and result.local_bytes == 0, table
+    assert result.shared_bytes <= SM90_MAX_SHARED_BYTES, table
+    return table
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[tuple, list[KernelResources]]:
+    return compile_cases({case: make(*case) for case, make in CASES.items()})
+
+
 @pytest.mark.parametrize("case", list(CASES), ids=lambda case: "-".join(map(str, case)))
 def test_compiles_for_sm90_without_spills(case, compiled):
     for result in compiled[case]:
-        table = format_table([result])
-        assert result.spill_stores == 0 and result.spill_loads == 0, table
-        assert result.stack_bytes == 0 and result.local_bytes == 0, table
-        assert result.shared_bytes <= SM90_MAX_SHARED_BYTES, table
+        table = assert_fits(result)
         gemm = result.name.startswith(("linear_dgrad_kernel", "linear_wgrad_kernel"))
         if gemm and case[2] != "fp32":
             assert any(name in result.mma for name in ("wgmma.mma_async", "mma.sync")), table

@@ -12,17 +12,11 @@ go to one `compile_sm90_many` call. No GPU is needed. Run with `-s` for the reso
 
 import pytest
 import torch
-from test_sm90_backward import identity, specialize
+from test_sm90_backward import assert_fits, compile_cases, specialize
 
 from netdsl.codegen import elementwise_backward, pool_backward
 from netdsl.codegen.pool import pool_geometry
-from netdsl.codegen.target import (
-    SM90_MAX_SHARED_BYTES,
-    CompileRequest,
-    KernelResources,
-    compile_sm90_many,
-    format_table,
-)
+from netdsl.codegen.target import CompileRequest, KernelResources
 
 pytestmark = pytest.mark.slow
 
@@ -84,21 +78,13 @@ CASES += [("relu", "conv1", batch, dtype) for batch in BATCHES for dtype in DTYP
 
 @pytest.fixture(scope="module")
 def compiled() -> dict[tuple, list[KernelResources]]:
-    """case -> the resources of its kernels; identical specializations compile once, all in one call."""
-    requests = {case: requests_of(case) for case in CASES}
-    unique = {identity(request): request for case_requests in requests.values() for request in case_requests}
-    results = dict(zip(unique, compile_sm90_many(list(unique.values())), strict=True))
-    print("\n" + format_table(list(results.values())))
-    return {case: [results[identity(request)] for request in case_requests] for case, case_requests in requests.items()}
+    return compile_cases({case: requests_of(case) for case in CASES})
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=lambda case: "-".join(map(str, case)))
 def test_compiles_for_sm90_without_spills(case, compiled):
     for result in compiled[case]:
-        table = format_table([result])
-        assert result.spill_stores == 0 and result.spill_loads == 0, table
-        assert result.stack_bytes == 0 and result.local_bytes == 0, table
-        assert result.shared_bytes <= SM90_MAX_SHARED_BYTES, table
+        assert_fits(result)
 
 
 def test_every_kernel_is_built(compiled):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_support import SMALL_ALEXNET
 
 from netdsl.cli.main import main
 from netdsl.codegen import conv_backward
@@ -26,23 +27,6 @@ from netdsl.lang.frontend import load_graph
 from netdsl.runtime.module import GraphModule
 
 ROOT = Path(__file__).resolve().parents[1]
-
-SMALL_ALEXNET = """\
-net small_alexnet
-device gpu0, gpu1
-input image: 3 x 27 x 27
-const norm = lrn(size=5, alpha=1e-4, beta=0.75, k=2)
-
-towers gpu0, gpu1 {
-    conv1 = conv(image, 8, size=5, stride=2) | relu | norm | maxpool(3, stride=2)
-    conv2 = conv(conv1, 12, size=3, pad=1)   | relu | norm | maxpool(3, stride=2)
-    conv3 = conv(all conv2, 12, size=3, pad=1) | relu
-    fc6   = fc(all conv3, 32) | relu | dropout(0.5)
-}
-fc8  = fc(all fc6, 10) on gpu0
-prob = softmax(fc8)
-output prob
-"""
 
 
 # Layers left to PyTorch (a sum, a channel shuffle, an LRN on its own, a concatenation, a global average) among
@@ -260,8 +244,16 @@ def test_a_damaged_table_is_a_clean_error(tmp_path):
     table.write_text('{"format": 1, "measurements": [{"kind": "conv2d"}]}')
     with pytest.raises(NetError, match="cannot read the backward choices table"):
         load_table(table)
-    table.write_text(json.dumps({"format": 1, "measurements": [
-        {"kind": "conv2d", "key": "k", "dtype": "fp32", "batch": 1, "netdsl_ms": -1.0, "torch_ms": 1.0}]}))
+    table.write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "measurements": [
+                    {"kind": "conv2d", "key": "k", "dtype": "fp32", "batch": 1, "netdsl_ms": -1.0, "torch_ms": 1.0}
+                ],
+            }
+        )
+    )
     with pytest.raises(NetError, match="not a measurement"):
         load_table(table)
 

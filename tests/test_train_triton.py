@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kernel_support import SMALL_ALEXNET
 
 from netdsl.cli.main import main
 from netdsl.train.checkpoint import load_checkpoint
@@ -36,28 +37,11 @@ def exact_fp32_in_pytorch():
 
 PLAIN = ("--mean", "none", "--std", "false", "--no-flip", "--pca-noise", "0", "--workers", "0", "--keep-best", "0")
 
-SMALL_ALEXNET = """\
-net small_alexnet
-device gpu0, gpu1
-input image: 3 x 27 x 27
-const norm = lrn(size=5, alpha=1e-4, beta=0.75, k=2)
-
-towers gpu0, gpu1 {
-    conv1 = conv(image, 8, size=5, stride=2) | relu | norm | maxpool(3, stride=2)
-    conv2 = conv(conv1, 12, size=3, pad=1)   | relu | norm | maxpool(3, stride=2)
-    conv3 = conv(all conv2, 12, size=3, pad=1) | relu
-    fc6   = fc(all conv3, 32) | relu | dropout(0)
-}
-fc8  = fc(all fc6, 10) on gpu0
-prob = softmax(fc8)
-output prob
-"""
-
 
 def nets(tmp_path: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     simplenet = (ROOT / "nets/simplenet.net").read_text().replace("1 x 64 x 64", "1 x 16 x 16")
     (tmp_path / "simplenet.net").write_text(simplenet.replace("dropout(0.5)", "dropout(0)"))
-    (tmp_path / "small_alexnet.net").write_text(SMALL_ALEXNET)
+    (tmp_path / "small_alexnet.net").write_text(SMALL_ALEXNET.replace("dropout(0.5)", "dropout(0)"))
     return {
         "lenet5": (ROOT / "nets/lenet5.net", (1, 32, 32)),
         "simplenet": (tmp_path / "simplenet.net", (1, 16, 16)),

@@ -73,104 +73,111 @@ def merge_towers(graph: nx.DiGraph) -> nx.DiGraph:
     sets = tower_sets(graph)
     if not sets:
         return _unchanged(graph, "the net has no towers")
-    merged_of = {member: index for index, towers in enumerate(sets) for member in towers.members}
-    taken = set(graph.nodes)
-    names = [unique_name(towers.base, taken) for towers in sets]
-
-    def translated(inputs: list[str]) -> list[str] | None:
-        """`inputs` with each run of every copy of a set, in tower order, replaced by the merged layer; None
-        where a copy is read otherwise."""
-        result, i = [], 0
-        while i < len(inputs):
-            index = merged_of.get(inputs[i])
-            if index is None:
-                result.append(inputs[i])
-                i += 1
-                continue
-            members = sets[index].members
-            if tuple(inputs[i : i + len(members)]) != members:
-                return None
-            result.append(names[index])
-            i += len(members)
-        return result
-
-    result = copy_graph(graph)
-    new_layers: dict[str, Layer] = {}
-    for index, towers in enumerate(sets):
-        merged, why = _merge_set(graph, towers, names[index], merged_of, sets, names, translated)
+    merging = _Merging(graph, sets)
+    new_layers: list[Layer] = []
+    for index in range(len(sets)):
+        merged, why = merging.merged_layer(index)
         if merged is None:
             return _unchanged(graph, why)
-        new_layers[merged.name] = merged
+        new_layers.append(merged)
     for name in graph.graph["outputs"]:
-        if name in merged_of:
+        if name in merging.set_of:
             return _unchanged(graph, f"the net's output `{name}` is one tower's copy")
     readers: dict[str, list[str]] = {}
     for item in layers(graph):
-        if item.name in merged_of:
+        if item.name in merging.set_of:
             continue
-        inputs = translated(item.inputs)
+        inputs = merging.translated(item.inputs)
         if inputs is None:
             return _unchanged(graph, f"`{item.name}` reads the towers' copies other than all of them in tower order")
         readers[item.name] = inputs
 
-    result.remove_nodes_from(list(merged_of))
-    for merged in new_layers.values():
+    result = copy_graph(graph)
+    result.remove_nodes_from(list(merging.set_of))
+    for merged in new_layers:
         result.add_node(merged.name, layer=merged)
     for name, inputs in readers.items():
         layer(result, name).inputs = inputs
-    for item in [*new_layers.values(), *(layer(result, name) for name in readers)]:
+    for item in [*new_layers, *(layer(result, name) for name in readers)]:
         for source in item.inputs:
             result.add_edge(source, item.name)
     result.graph["merge_towers"] = f"merged {len(sets)} layers of {len(sets[0].members)} towers"
     return infer_shapes(result)
 
 
-def _merge_set(graph, towers: Towers, name: str, merged_of, sets, names, translated) -> tuple[Layer | None, str]:
-    copies = [layer(graph, member) for member in towers.members]
-    first = copies[0]
-    count = len(copies)
-    label = f"`{first.name}`"
-    if any(c.op != first.op or c.params != first.params for c in copies):
-        return None, f"the copies of {label} differ in their parameters"
-    params = dict(first.params)
-    own = [_own_inputs(c, position, merged_of, sets) for position, c in enumerate(copies)]
-    if all(inputs is not None for inputs in own):  # each copy reads its own tower's copies
-        if len(first.inputs) != 1 and first.op != "add":
-            return None, f"{label} joins several maps of its tower (their channels would interleave)"
-        if first.op in GROUPED:
-            params[GROUPED[first.op]] = params[GROUPED[first.op]] * count
-            if first.op == "conv":
-                params["filters"] = params["filters"] * count
-        elif first.op not in CHANNELWISE and first.op != "add":
-            return None, f"{label} is a {first.op}, which does not work channel by channel"
-        inputs = [names[index] for index in own[0]]
-    elif all(c.inputs == first.inputs for c in copies):  # each copy reads the same maps
-        inputs = translated(first.inputs)
-        if inputs is None:
-            return None, f"{label} reads the towers' copies other than all of them in tower order"
-        if first.op not in SIDE_BY_SIDE or params.get("groups", 1) != 1:
-            return None, f"every copy of {label} reads the same input, which only a conv of one group or an fc can"
-        params[SIDE_BY_SIDE[first.op]] = params[SIDE_BY_SIDE[first.op]] * count
-    else:
-        return None, f"the copies of {label} read different layers"
-    fields = {"merged": list(towers.members)}
-    folded = [norm for c in copies for norm in c.fields.get("folded", [])]
-    if folded:
-        fields["folded"] = folded
-    merged = replace(first, name=name, params=params, inputs=inputs, tower=None, shape=None, input_shape=None,
-                     fields=fields)  # fmt: skip
-    return merged, ""
+class _Merging:
+    """The tower sets of a graph, the name each merged layer takes, and how a layer's inputs read them."""
 
+    def __init__(self, graph: nx.DiGraph, sets: list[Towers]) -> None:
+        self.graph = graph
+        self.sets = sets
+        self.set_of = {member: index for index, towers in enumerate(sets) for member in towers.members}
+        taken = set(graph.nodes)
+        self.names = [unique_name(towers.base, taken) for towers in sets]
 
-def _own_inputs(copy: Layer, position: int, merged_of, sets) -> list[int] | None:
-    """The sets whose copy at tower `position` the copy reads, one per input; None if it reads anything else."""
-    found = []
-    for source in copy.inputs:
-        index = merged_of.get(source)
-        if index is None or sets[index].members.index(source) != position:
-            return None
-        found.append(index)
-    return found
+    def translated(self, inputs: list[str]) -> list[str] | None:
+        """`inputs` with each run of every copy of a set, in tower order, replaced by the merged layer; None
+        where a copy is read otherwise."""
+        result, i = [], 0
+        while i < len(inputs):
+            index = self.set_of.get(inputs[i])
+            if index is None:
+                result.append(inputs[i])
+                i += 1
+                continue
+            members = self.sets[index].members
+            if tuple(inputs[i : i + len(members)]) != members:
+                return None
+            result.append(self.names[index])
+            i += len(members)
+        return result
+
+    def own_inputs(self, copy: Layer, position: int) -> list[int] | None:
+        """The sets whose copy at tower `position` the copy reads, one per input; None if it reads anything else."""
+        found = []
+        for source in copy.inputs:
+            index = self.set_of.get(source)
+            if index is None or self.sets[index].members.index(source) != position:
+                return None
+            found.append(index)
+        return found
+
+    def merged_layer(self, index: int) -> tuple[Layer | None, str]:
+        """Set `index` as one layer, or None and why it cannot be."""
+        towers = self.sets[index]
+        copies = [layer(self.graph, member) for member in towers.members]
+        first, count = copies[0], len(copies)
+        label = f"`{first.name}`"
+        if any(c.op != first.op or c.params != first.params for c in copies):
+            return None, f"the copies of {label} differ in their parameters"
+        params = dict(first.params)
+        own = [self.own_inputs(c, position) for position, c in enumerate(copies)]
+        if all(inputs is not None for inputs in own):  # each copy reads its own tower's copies
+            if len(first.inputs) != 1 and first.op != "add":
+                return None, f"{label} joins several maps of its tower (their channels would interleave)"
+            if first.op in GROUPED:
+                params[GROUPED[first.op]] = params[GROUPED[first.op]] * count
+                if first.op == "conv":
+                    params["filters"] = params["filters"] * count
+            elif first.op not in CHANNELWISE and first.op != "add":
+                return None, f"{label} is a {first.op}, which does not work channel by channel"
+            inputs = [self.names[source] for source in own[0]]
+        elif all(c.inputs == first.inputs for c in copies):  # each copy reads the same maps
+            inputs = self.translated(first.inputs)
+            if inputs is None:
+                return None, f"{label} reads the towers' copies other than all of them in tower order"
+            if first.op not in SIDE_BY_SIDE or params.get("groups", 1) != 1:
+                return None, f"every copy of {label} reads the same input, which only a conv of one group or an fc can"
+            params[SIDE_BY_SIDE[first.op]] = params[SIDE_BY_SIDE[first.op]] * count
+        else:
+            return None, f"the copies of {label} read different layers"
+        fields: dict[str, object] = {"merged": list(towers.members)}
+        folded = [norm for c in copies for norm in c.fields.get("folded", [])]
+        if folded:
+            fields["folded"] = folded
+        merged = replace(first, name=self.names[index], params=params, inputs=inputs, tower=None, shape=None,
+                         input_shape=None, fields=fields)  # fmt: skip
+        return merged, ""
 
 
 def _unchanged(graph: nx.DiGraph, why: str) -> nx.DiGraph:
