@@ -256,6 +256,11 @@ def test_a_damaged_table_is_a_clean_error(tmp_path):
     )
     with pytest.raises(NetError, match="not a measurement"):
         load_table(table)
+    for bad in ({"netdsl_ms": "1.2"}, {"torch_ms": None}, {"batch": True}):  # not numbers: no TypeError either
+        row = {"kind": "linear", "key": "k", "dtype": "fp32", "batch": 1, "netdsl_ms": 1.0, "torch_ms": 1.0, **bad}
+        table.write_text(json.dumps({"format": 1, "measurements": [row]}))
+        with pytest.raises(NetError, match="not a measurement"):
+            load_table(table)
 
 
 def test_the_shipped_table_reads():

@@ -28,7 +28,7 @@ import networkx as nx
 from netdsl.compiler.backward_choice import Choice, choose, layer_key, load_table
 from netdsl.compiler.passes import Options, Pass, _limits, validate
 from netdsl.compiler.place import partitions, place
-from netdsl.compiler.steps import Step, identifier, unique_name
+from netdsl.compiler.steps import Step, identifier, launch_order, unique_name
 from netdsl.compiler.train_memory import plan_training_memory, saved_for_backward
 from netdsl.compiler.training import training_groups
 from netdsl.errors import NetError
@@ -111,7 +111,7 @@ def backward(program: nx.DiGraph, options: Options) -> nx.DiGraph:
     result = copy_graph(program)
     taken = set(program.nodes)
     forward_order = [name for names in program.graph["partitions"].values() for name in names]
-    order = list(nx.lexicographical_topological_sort(program, key={n: i for i, n in enumerate(forward_order)}.get))
+    order = launch_order(program)
     gradient_of: dict[str, str] = {}  # forward step -> the step that produces the gradient of its output
     needs_grad = _needs_gradient(program, order)
     for name in reversed(order):
@@ -198,10 +198,7 @@ def backward_key(item) -> str:
     """The choice table's key for a conv or fc layer (netdsl.compiler.backward_choice.layer_key)."""
     weight = layer_tensors(item)["weight"]
     if item.op == "fc":
-        features = 1
-        for size in item.input_shape:
-            features *= size
-        return layer_key((features,), weight)
+        return layer_key((math.prod(item.input_shape),), weight)
     p = item.params
     pads = layer_pads(p, tuple(item.input_shape[1:]))
     return layer_key(tuple(item.input_shape), weight, p["stride"], pads, p["dilation"], p["groups"])

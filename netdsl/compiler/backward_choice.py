@@ -86,7 +86,10 @@ def load_table(path: Path = TABLE) -> list[Measured]:
             hint="regenerate it on a GPU with `python bench/train_gpu.py --write-choices`",
         ) from None
     for row in rows:
-        if row.kind not in ("conv2d", "linear") or not (row.netdsl_ms > 0 and row.torch_ms > 0) or row.batch < 1:
+        numbers = (row.netdsl_ms, row.torch_ms, row.batch)
+        measured = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers)
+        if row.kind not in ("conv2d", "linear") or not (measured and row.netdsl_ms > 0 and row.torch_ms > 0
+                                                        and row.batch >= 1):  # fmt: skip
             raise NetError(f"a row of the backward choices table is not a measurement: {row}", where=str(path))
     return rows
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,13 +76,7 @@ def write_build(compiled: Compiled, out_dir: str | Path, options: Options | None
     `report.txt` replaced. A build that cannot be written, or fails on the way, leaves the folder's
     earlier build as it was. Other files in the folder are left alone."""
     out = Path(out_dir)
-    kernels_dir = out / "kernels"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        staged = new_folder(out, ".kernels")
-    except OSError as error:
-        raise NetError(f"cannot write the build in {out}: {error.strerror or error}", where=str(out)) from None
-    try:
+    with staged_folder(out, ".kernels") as staged:
         for name, source in compiled.kernels.items():
             write_atomic(staged / name, source)
         plan, report = copy.deepcopy(compiled.plan), compiled.report
@@ -91,13 +87,26 @@ def write_build(compiled: Compiled, out_dir: str | Path, options: Options | None
                 report += sm90_report(sm90_resources(launches), launches)
         if compiled.source is not None:
             plan = with_source(plan, compiled.source, out)
-        swap_folder(kernels_dir, staged)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+        swap_folder(out / "kernels", staged)
     write_atomic(out / "plan.json", plan_json(plan))
     write_atomic(out / "report.txt", report)
     return out
+
+
+@contextmanager
+def staged_folder(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new folder in `parent` (made, with `parent`, if need be) to write a build into before it is swapped in
+    (`swap_folder`); removed if the block fails. A folder that cannot be made is a NetError naming `parent`."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staged = new_folder(parent, prefix)
+    except OSError as error:
+        raise NetError(f"cannot write the build in {parent}: {error.strerror or error}", where=str(parent)) from None
+    try:
+        yield staged
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
 
 
 def new_folder(parent: Path, prefix: str) -> Path:

@@ -24,18 +24,18 @@ import networkx as nx
 
 from netdsl._version import __version__
 from netdsl.codegen.source import device_functions
+from netdsl.compiler.backward import KERNELS
 from netdsl.compiler.emit import function_source, literal, safe
 from netdsl.compiler.steps import Step
+from netdsl.ir.dtypes import dot_precision
 from netdsl.ir.ops import layer_pads, layer_tensors, trained_tensors
 
-# kind -> (the kernels it runs as module.kernel, the body of `forward`, the body of `backward`)
+# kind -> (the body of `forward`, the body of `backward`); the kernels each kind runs: netdsl.compiler.backward.KERNELS
 _CONV = """
     options = {key: P[key] for key in ("stride", "padding", "dilation", "groups", "activation", "slope")}
     options["input_precision"] = P["input_precision"]"""
-BODIES: dict[str, tuple[tuple[str, ...], str, str]] = {
+BODIES: dict[str, tuple[str, str]] = {
     "conv2d": (
-        ("conv.conv2d_kernel", "conv_backward.conv2d_dgrad_kernel", "conv_backward.conv2d_wgrad_kernel",
-         "conv_backward.conv2d_wgrad_reduce_kernel"),
         _CONV + """
     out = conv.conv2d(x, weights["weight"], weights.get("bias"), **options, kernel=KERNELS["conv2d_kernel"])
     return out, {"x": x, "out": out}""",
@@ -52,8 +52,6 @@ BODIES: dict[str, tuple[tuple[str, ...], str, str]] = {
     return {"input": dx, "weight": dw, "bias": db}""",
     ),
     "linear": (
-        ("fc.linear_kernel", "fc_backward.linear_dgrad_kernel", "fc_backward.linear_wgrad_kernel",
-         "fc_backward.sum_splits_kernel"),
         """
     x = x.flatten(1)
     out = fc.linear(x, weights["weight"], weights.get("bias"), P["activation"], P["slope"], P["input_precision"],
@@ -69,7 +67,6 @@ BODIES: dict[str, tuple[tuple[str, ...], str, str]] = {
     return {"input": grads.inputs[0], "weight": grads.weight, "bias": grads.bias}""",
     ),
     "lrn_maxpool": (
-        ("lrn_pool_backward.lrn_pool_train_kernel", "lrn_pool_backward.lrn_pool_backward_kernel"),
         """
     (out, argmax, scale), grid, arguments = lrn_pool_backward.lrn_maxpool_train_launch(
         x, P["size"], P["alpha"], P["beta"], P["k"], P["pool_size"], P["pool_stride"], P["pool_padding"], P["ceil"],
@@ -86,7 +83,6 @@ BODIES: dict[str, tuple[tuple[str, ...], str, str]] = {
     return {"input": dx}""",
     ),
     "maxpool": (
-        ("pool_backward.max_pool2d_train_kernel", "pool_backward.pool2d_backward_kernel"),
         """
     (out, argmax), grid, arguments = pool_backward.max_pool2d_train_launch(
         x, P["size"], P["stride"], P["padding"], P["ceil"], dilation=P["dilation"]
@@ -102,7 +98,6 @@ BODIES: dict[str, tuple[tuple[str, ...], str, str]] = {
     return {"input": dx}""",
     ),
     "avgpool": (
-        ("pool.pool2d_kernel", "pool_backward.pool2d_backward_kernel"),
         """
     out = pool.pool2d(x, "avg", P["size"], P["stride"], P["padding"], P["ceil"], P["count_pad"],
                       dilation=P["dilation"], kernel=KERNELS["pool2d_kernel"])
@@ -116,7 +111,6 @@ BODIES: dict[str, tuple[tuple[str, ...], str, str]] = {
     return {"input": dx}""",
     ),
     "activation": (
-        ("elementwise.elementwise_kernel", "elementwise_backward.activation_backward_kernel"),
         """
     out = elementwise.elementwise(x, "copy", activation=P["activation"], slope=P["slope"],
                                   kernel=KERNELS["elementwise_kernel"])
@@ -129,8 +123,6 @@ BODIES: dict[str, tuple[tuple[str, ...], str, str]] = {
     return {"input": dx}""",
     ),
     "batch_norm": (
-        ("batchnorm_train.batchnorm_partials_kernel", "batchnorm_train.batchnorm_forward_kernel",
-         "batchnorm_train.batchnorm_backward_kernel"),
         """
     # the batch's statistics; the running ones (weights["running_mean"], ["running_var"]) are updated in place
     result = batchnorm_train.batch_norm_forward(
@@ -147,7 +139,6 @@ BODIES: dict[str, tuple[tuple[str, ...], str, str]] = {
     return {"input": result.dx, "weight": result.dweight, "bias": result.dbias}""",
     ),
     "dropout": (
-        ("dropout.dropout_kernel",),
         """
     # the mask is a counter-based random stream of `seed`, drawn again by backward, never stored
     out = dropout.dropout(x, P["rate"], seed, kernel=KERNELS["dropout_kernel"])
@@ -156,7 +147,6 @@ BODIES: dict[str, tuple[tuple[str, ...], str, str]] = {
     return {"input": dropout.dropout_backward(grad, P["rate"], saved["seed"], kernel=KERNELS["dropout_kernel"])}""",
     ),
     "loss": (
-        ("cross_entropy.cross_entropy_kernel", "cross_entropy.fixed_order_mean_kernel"),
         """
     # x: the logits; the loss and its gradient on them come from one kernel, the batch mean from another
     result = cross_entropy.cross_entropy(
@@ -176,7 +166,7 @@ _ABOUT = (
 
 def training_files(program: nx.DiGraph, dtype: str) -> dict[str, str]:
     """File name -> source: one per forward step that runs kernels, one per device's update."""
-    precision = "tf32" if dtype == "tf32" else "ieee"
+    precision = dot_precision(dtype)
     files = {}
     for names in program.graph["partitions"].values():
         for name in names:
@@ -225,10 +215,16 @@ def training_parameters(program: nx.DiGraph, step: Step, precision: str = "ieee"
     return {"label_smoothing": 0.0}  # loss: the recipe's label_smoothing is an argument of the real step
 
 
+def _kernel(name: str):
+    """The @triton.jit kernel named `module.kernel` in netdsl.codegen."""
+    module, kernel = name.split(".")
+    return getattr(import_module(f"netdsl.codegen.{module}"), kernel)
+
+
 def emit_training_step(program: nx.DiGraph, step: Step, precision: str = "ieee") -> str:
-    kernel_names, forward, backward = BODIES[step.kind]
-    kernels = [getattr(import_module(f"netdsl.codegen.{name.split('.')[0]}"), name.split(".")[1])
-               for name in kernel_names]  # fmt: skip
+    forward, backward = BODIES[step.kind]
+    kernel_names = dict.fromkeys([*KERNELS[step.kind][0], *KERNELS[step.kind][1]])  # each once, forward first
+    kernels = [_kernel(name) for name in kernel_names]
     sources, copied = [], set()
     for kernel in kernels:
         for fn in device_functions(kernel):
@@ -345,7 +341,8 @@ if __name__ == "__main__":
 
 
 def emit_update(program: nx.DiGraph, step: Step) -> str:
-    kernel = import_module("netdsl.codegen.optimizer").paper_sgd_kernel
+    (kernel_name,) = KERNELS["update"][1]
+    kernel = _kernel(kernel_name)
     sizes = []
     for name in step.inputs:
         for item in program.nodes[name]["step"].layers:

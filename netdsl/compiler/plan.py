@@ -39,12 +39,19 @@ def _launch(program: nx.DiGraph, step: Step, views: dict[str, str], kernels: dic
         entry["kernel"] = kernels[step.name]
     if step.options:
         entry["options"] = {key: step.options[key] for key in sorted(step.options)}
+    return {**entry, **device_events(program, step)}
+
+
+def device_events(program: nx.DiGraph, step: Step) -> dict[str, object]:
+    """The events a launch waits on (`wait`: one per input made on another device) and records (`record`: when a
+    step on another device reads it), named `done:<step>`, as plan.json and train/plan.json write them."""
+    events: dict[str, object] = {}
     waits = [f"done:{name}" for name in step.inputs if program.nodes[name]["step"].device != step.device]
     if waits:
-        entry["wait"] = waits
+        events["wait"] = waits
     if any(program.nodes[reader]["step"].device != step.device for reader in program.successors(step.name)):
-        entry["record"] = f"done:{step.name}"
-    return entry
+        events["record"] = f"done:{step.name}"
+    return events
 
 
 def build_plan(program: nx.DiGraph, options, kernels: dict[str, str] | None = None) -> dict:

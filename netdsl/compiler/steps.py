@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import networkx as nx
+
 from netdsl.ir import Layer, Shape
 
 
@@ -51,3 +53,11 @@ def unique_name(base: str, taken: set[str]) -> str:
         name = f"{base}_{number}"
     taken.add(name)
     return name
+
+
+def launch_order(program: nx.DiGraph) -> list[str]:
+    """Every step in one topological order that follows each device's launch order (`graph["partitions"]`),
+    the devices one after another where nothing else decides."""
+    order = [name for names in program.graph["partitions"].values() for name in names]
+    index = {name: i for i, name in enumerate(order)}
+    return list(nx.lexicographical_topological_sort(program, key=index.get))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from netdsl.compiler.steps import Step
+from netdsl.compiler.steps import Step, launch_order
 from netdsl.ir import copy_graph
 from netdsl.ir.dtypes import DTYPE_BYTES
 from netdsl.ir.ops import layer_tensors, trained_tensors
@@ -139,8 +139,7 @@ def plan_training_memory(program: nx.DiGraph, batch: int, dtype: str) -> nx.DiGr
     """Annotates the training program: `saved` (forward step -> its Saved list) and `memory` (device ->
     DeviceMemory)."""
     result = copy_graph(program)
-    order = [name for names in program.graph["partitions"].values() for name in names]
-    order = list(nx.lexicographical_topological_sort(program, key={n: i for i, n in enumerate(order)}.get))
+    order = launch_order(program)
     index = {name: i for i, name in enumerate(order)}
     saved: dict[str, list[Saved]] = {}
     lifetimes: dict[tuple[str, str], list[int]] = {}  # (device, tensor) -> [first, last]

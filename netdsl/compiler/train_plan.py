@@ -14,7 +14,6 @@ The same net and options give byte-identical files.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,10 +21,11 @@ import networkx as nx
 
 from netdsl._version import __version__
 from netdsl.compiler.backward import TRAINING_PASS_NAMES, run_training_passes
-from netdsl.compiler.compile import new_folder, sm90_report, swap_folder
+from netdsl.compiler.compile import sm90_report, staged_folder, swap_folder
 from netdsl.compiler.emit_training import training_files
 from netdsl.compiler.launches import Launch, sm90_resources
 from netdsl.compiler.passes import Options, dump
+from netdsl.compiler.plan import device_events
 from netdsl.compiler.steps import Step
 from netdsl.compiler.train_launches import record_training_launches
 from netdsl.errors import NetError
@@ -78,12 +78,7 @@ def write_training(compiled: CompiledTraining, out_dir: str | Path, sm90: bool =
     built for the H100 (registers, spills, shared memory and tensor-core instructions into report.txt); only
     then is the old `train/` swapped for it. `compiled` is not changed: writing twice writes the same files."""
     parent, options = Path(out_dir), compiled.options
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staged = new_folder(parent, ".train")
-    except OSError as error:
-        raise NetError(f"cannot write the build in {parent}: {error.strerror or error}", where=str(parent)) from None
-    try:
+    with staged_folder(parent, ".train") as staged:
         for name, source in compiled.kernels.items():
             write_atomic(staged / name, source)
         launches = record_training_launches(compiled.program, staged, options.batch, options.dtype)
@@ -94,9 +89,6 @@ def write_training(compiled: CompiledTraining, out_dir: str | Path, sm90: bool =
                      + "\n")  # fmt: skip
         write_atomic(staged / "report.txt", report)
         swap_folder(parent / "train", staged)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     return parent / "train"
 
 
@@ -166,10 +158,10 @@ def _launch(program: nx.DiGraph, step: Step, saved: dict, grids: dict[str, list[
     if step.kind == "backward":
         entry["pass"] = "backward"
         entry["reads_saved"] = [t.name for t in saved.get(step.options["forward"], [])]
-    elif step.kind == "update" or step.options.get("gradient"):
-        entry["pass"] = "backward" if step.kind != "update" else "update"
+    elif step.kind == "update":
+        entry["pass"] = "update"
     else:
-        entry["pass"] = "forward"
+        entry["pass"] = "backward" if step.options.get("gradient") else "forward"
     if saved.get(step.name):
         entry["saves"] = [asdict(t) for t in saved[step.name]]
     entry["shape"] = list(step.shape)
@@ -177,12 +169,7 @@ def _launch(program: nx.DiGraph, step: Step, saved: dict, grids: dict[str, list[
         entry["kernel_launches"] = grids[step.name]
     if step.options:
         entry["options"] = {key: step.options[key] for key in sorted(step.options)}
-    waits = [f"done:{name}" for name in step.inputs if program.nodes[name]["step"].device != step.device]
-    if waits:
-        entry["wait"] = waits
-    if any(program.nodes[reader]["step"].device != step.device for reader in program.successors(step.name)):
-        entry["record"] = f"done:{step.name}"
-    return entry
+    return {**entry, **device_events(program, step)}
 
 
 def training_report(program: nx.DiGraph, options: Options) -> str:
