@@ -1,5 +1,6 @@
 """What the kernels can hold and the GPU they are tuned for, as plain numbers: the compiler's legality
 checks and cost model read them without importing Triton or torch."""
 
+MAX_WINDOW_TAPS = 128  # the training max-pools save the winner's offset in its window, 0 .. 127, as int8
 MAX_CHANNELS_PER_GROUP = 128  # conv_lrn_pool keeps every output channel of a conv group in one tile
 SM_COUNT = 132  # an H100 SXM; the tile pickers only use it to tell when a tile is too big to fill the GPU

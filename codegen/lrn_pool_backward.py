@@ -40,6 +40,7 @@ import triton.language as tl
 
 from .lrn import check_lrn_args, grouping, lrn_sums, pooled_tile, window_pixel
 from .pool import check_output, pair, pool_geometry
+from .pool_backward import check_max_window
 from .windows import four_pads
 
 Padding = int | tuple[int, int] | tuple[int, int, int, int]  # n, (h, w) or (top, left, bottom, right)
@@ -229,8 +230,7 @@ def _geometry(
     window = pair(pool_size, "pool_size")
     stride = pair(pool_stride, "pool_stride")
     padding = four_pads(pool_padding)
-    if window[0] * window[1] > 127:
-        raise ValueError(f"the winner's offset is saved as int8: a pooling window of {window} is too large")
+    check_max_window(window)
     n, c, h, w = x.shape
     if groups < 1 or c % groups:
         raise ValueError(f"LRN groups must divide the {c} channels, got {groups}")

@@ -38,11 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .limits import MAX_WINDOW_TAPS
 from .pool import INTERPRETER_CONFIG, MIN_PROGRAMS, SUPPORTED_DTYPES, check_output, pair, pool_geometry, window_taps
 from .windows import four_pads
 
 Padding = int | tuple[int, int] | tuple[int, int, int, int]  # n, (h, w) or (top, left, bottom, right)
-MAX_WINDOW_TAPS = 128  # the winner's offset, 0 .. 127, is saved as int8
 
 
 @triton.jit
@@ -288,7 +288,7 @@ def max_pool2d_train_launch(
         raise ValueError(f"max-pool training forward: expected a 4-D float32/float16/bfloat16 tensor, "
                          f"got {x.dtype} {tuple(x.shape)}")  # fmt: skip
     window, steps, pads, dilations, shape = _geometry(tuple(x.shape), size, stride, padding, dilation, ceil_mode)
-    _check_max_window(window)
+    check_max_window(window)
     if out is None:
         out = _like(x, shape, x.dtype)
     check_output(out, x, shape)
@@ -322,7 +322,7 @@ def max_pool2d_backward_launch(
     """Everything `max_pool2d_backward` does but the launch: checks, allocates the gradient and returns it with the
     grid and the kernel's keyword arguments (launch options included). Works on "meta" tensors."""
     window, *_, shape = _geometry(tuple(input_shape), size, stride, padding, dilation, ceil_mode)
-    _check_max_window(window)
+    check_max_window(window)
     if tuple(argmax.shape) != shape or argmax.dtype != torch.int8 or argmax.device != grad_out.device:
         raise ValueError(f"max-pool backward: argmax is {argmax.dtype} {tuple(argmax.shape)} on {argmax.device}, "
                          f"expected int8 {shape} on {grad_out.device}, as max_pool2d_train saves it")  # fmt: skip
@@ -424,7 +424,8 @@ def _geometry(
     return window, steps, pads, dilations, (n, c, oh, ow)
 
 
-def _check_max_window(window: tuple[int, int]) -> None:
+def check_max_window(window: tuple[int, int]) -> None:
+    """The winner's offset in a max-pool window is saved as int8: at most MAX_WINDOW_TAPS taps."""
     if window[0] * window[1] > MAX_WINDOW_TAPS:
         raise ValueError(f"the max-pool winner's offset is saved as int8: a window of {window} has more than "
                          f"{MAX_WINDOW_TAPS} taps")  # fmt: skip

@@ -410,6 +410,14 @@ def test_bad_flag_values_name_the_flag(argv, message):
     assert str(error).startswith(f"{argv[0]}: error: ")
 
 
+def test_channels_last_is_not_for_the_triton_backend():
+    """The triton backend's fused update views every weight in a flat buffer; a change of memory format would
+    leave the model training weights the update never writes."""
+    error = error_of(lambda: resolve([], [], flags("--backend", "triton", "--channels-last")))
+    assert error.where == "--channels-last" and "torch backend" in error.message
+    assert resolve([], [], flags("--channels-last")).channels_last  # the torch backend takes it
+
+
 # --- precedence and resume ------------------------------------------------------------------------------
 
 

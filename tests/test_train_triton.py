@@ -225,3 +225,28 @@ def test_the_fused_update_is_the_papers_rule_in_one_launch_per_device():
         for name in shapes:
             torch.testing.assert_close(got[name].detach(), want[name].detach(), rtol=1e-5, atol=1e-6)  # fp32
         assert len(fused.flat) == 1  # one device, one flat buffer, one launch per step
+
+
+@pytest.mark.parametrize("lrn", [False, True])
+def test_max_pools_too_wide_for_the_kernels_train_on_pytorch(tmp_path, lrn):
+    """The kernels save a max-pool winner's offset in its window as int8: a 12 x 12 window (144 taps, alone or after
+    an LRN) trains with PyTorch's pooling, with the gradients of the torch backend, instead of failing."""
+    import netdsl
+    from netdsl.runtime.module import GraphModule
+
+    path = tmp_path / "wide.net"
+    path.write_text(
+        "net wide\ninput x: 3 x 14 x 14\n"
+        f"c = conv(x, 4, size=3, pad=1) | relu{' | lrn(size=3)' if lrn else ''} | maxpool(12, stride=2)\n"
+        "y = fc(c, 5)\noutput y\n"
+    )
+    graph = netdsl.load_graph(path)
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 3, 14, 14, generator=generator), torch.randint(0, 5, (2,), generator=generator)
+    grads = {}
+    for backend in ("triton", "torch"):
+        module = GraphModule(graph, init="he", seed=1, backend=backend).train()
+        torch.nn.functional.cross_entropy(module.logits(x).flatten(1), y).backward()
+        grads[backend] = {name: param.grad for name, param in module.named_parameters()}
+    for name, want in grads["torch"].items():
+        torch.testing.assert_close(grads["triton"][name], want, rtol=1e-5, atol=1e-6, msg=name)

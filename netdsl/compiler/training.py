@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
+from netdsl.codegen.limits import MAX_WINDOW_TAPS
 from netdsl.ir import Layer, layer
 
 ACTIVATIONS = ("relu", "leaky_relu")
@@ -73,7 +74,7 @@ def _match(graph: nx.DiGraph, item: Layer) -> Group:
         pool = _only_reader(graph, item, ("maxpool",))
         if pool is not None and _poolable(pool):
             return Group("lrn_maxpool", (item, pool), {"relu_first": False})
-    if item.op in ("maxpool", "avgpool"):
+    if item.op == "avgpool" or (item.op == "maxpool" and _window_fits(item)):
         return Group("pool", (item,))
     if item.op in ACTIVATIONS and float(item.params.get("slope", 0.0)) >= 0:
         return Group("activation", (item,))
@@ -83,8 +84,14 @@ def _match(graph: nx.DiGraph, item: Layer) -> Group:
 
 
 def _poolable(pool: Layer) -> bool:
-    """The fused LRN + max-pool kernel takes no dilation."""
-    return tuple(pool.params.get("dilation", (1, 1))) == (1, 1)
+    """The fused LRN + max-pool kernel takes no dilation, and a window whose winner's offset fits its int8."""
+    return tuple(pool.params.get("dilation", (1, 1))) == (1, 1) and _window_fits(pool)
+
+
+def _window_fits(pool: Layer) -> bool:
+    """The training max-pool kernels save the winner's offset in its window as int8; a larger window runs PyTorch's."""
+    height, width = pool.params["size"]
+    return height * width <= MAX_WINDOW_TAPS
 
 
 def _only_reader(graph: nx.DiGraph, item: Layer, ops: tuple[str, ...]) -> Layer | None:

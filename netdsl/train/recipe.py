@@ -306,6 +306,13 @@ def resolve(
         if given is not None:
             state.apply_flag(spec, given)
     recipe = state.recipe()
+    if recipe.channels_last and recipe.backend == "triton":  # its update works in place on flat buffers
+        raise NetError(
+            "channels_last is for the torch backend: the triton backend lays out its maps itself, and its update "
+            "writes the weights in place in flat buffers that a change of memory format would leave behind",
+            where=recipe.source("channels_last"),
+            hint="leave channels_last out with the triton backend",
+        )
     for name in KEPT_AT_RESUME if saved is not None else ():
         if getattr(recipe, name) != getattr(saved, name):
             raise NetError(
