@@ -108,10 +108,28 @@ def test_html_shows_the_picture_above_the_table(alexnet):
     assert "<?xml" not in shown and "<!DOCTYPE" not in shown
 
 
+def test_the_bundle_draws_the_picture_once(alexnet, monkeypatch):
+    """Jupyter asks `_repr_mimebundle_` first: one run of `dot` for both the HTML and the SVG, each what the
+    single methods give (a graph and a net)."""
+    calls = []
+    draw = display.render_dot
+    monkeypatch.setattr(display, "render_dot", lambda *args, **kwargs: calls.append(1) or draw(*args, **kwargs))
+    monkeypatch.setattr(display, "has_dot", lambda: True)
+    if not HAS_DOT:
+        monkeypatch.setattr(display, "graph_svg", lambda graph: (calls.append(1), "<svg>drawn</svg>")[1])
+    bundle = alexnet._repr_mimebundle_()
+    assert len(calls) == 1
+    assert bundle == {"text/html": alexnet._repr_html_(), "image/svg+xml": alexnet._repr_svg_()}
+    net = netdsl.load(NETS / "lenet5.net", backend="torch")
+    single = {"text/html": net._repr_html_(), "image/svg+xml": net._repr_svg_()}
+    assert net._repr_mimebundle_() == {kind: shown for kind, shown in single.items() if shown is not None}
+
+
 def test_without_dot_there_is_no_svg_and_the_table_shows(alexnet, no_dot):
     assert alexnet._repr_svg_() is None
     shown = alexnet._repr_html_()
     assert "<table>" in shown and "<svg" not in shown
+    assert alexnet._repr_mimebundle_() == {"text/html": shown}
 
 
 def test_a_failing_dot_gives_no_svg(tmp_path, monkeypatch):

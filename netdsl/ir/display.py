@@ -1,10 +1,11 @@
 """How a layer graph shows itself in a Jupyter notebook: the picture `netdsl graph` draws (where Graphviz's
 `dot` is installed) above the table `netdsl info` prints, with nothing to call.
 
-Jupyter asks an object for each of its `_repr_*_` methods and shows the richest answer its front end
-takes, HTML before SVG; None means "not this way". So `_repr_html_` holds the picture (inline SVG) and the
-table, and `_repr_svg_` the picture alone, for what takes only images (exports, other front ends); without
-`dot` the HTML is the table alone. The front end builds every layer graph as a `LayerGraph`, and
+Jupyter shows the richest answer its front end takes, HTML before SVG. It asks `_repr_mimebundle_` first and
+the `_repr_*_` methods only for what the bundle lacks, so the bundle (`graph_bundle`) draws the picture once and
+gives it both ways: inside the HTML (inline SVG, above the table) and alone as SVG, for what takes only images
+(exports, other front ends); without `dot` the HTML is the table alone. `_repr_html_` and `_repr_svg_` answer
+the same one at a time. The front end builds every layer graph as a `LayerGraph`, and
 `copy_graph` keeps the class, so graphs from `netdsl.load_graph`, shaped or folded, show themselves; to
 networkx and to everything else it is a `DiGraph`.
 """
@@ -27,6 +28,9 @@ MAX_TABLE_ROWS = 300  # layers listed in the HTML table; `netdsl info` lists the
 
 class LayerGraph(nx.DiGraph):
     """A `networkx.DiGraph` of `Layer` records that a notebook shows as a picture and a table."""
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, str]:
+        return graph_bundle(self)
 
     def _repr_svg_(self) -> str | None:
         return graph_svg(self)
@@ -53,17 +57,34 @@ def graph_svg(graph: nx.DiGraph) -> str | None:
         return None
 
 
-def graph_html(graph: nx.DiGraph) -> str | None:
-    """The picture of `netdsl graph` (where it can be drawn) above the table of `netdsl info`, as HTML
-    with every name escaped; None for a graph not yet shaped."""
+def graph_bundle(graph: nx.DiGraph, heading: str = "") -> dict[str, str]:
+    """Jupyter's MIME bundle: "text/html" (`graph_html`, after `heading`, itself HTML) and "image/svg+xml" (the
+    picture), each where there is one; the picture drawn once for both."""
+    picture = graph_svg(graph)
+    bundle = {}
+    shown = graph_html(graph, picture)
+    if shown is not None:
+        bundle["text/html"] = heading + shown
+    if picture is not None:
+        bundle["image/svg+xml"] = picture
+    return bundle
+
+
+_DRAW = object()  # graph_html's default: draw the picture
+
+
+def graph_html(graph: nx.DiGraph, picture: str | object | None = _DRAW) -> str | None:
+    """The picture of `netdsl graph` (where it can be drawn; `picture`: the SVG already drawn, or None for none)
+    above the table of `netdsl info`, as HTML with every name escaped; None for a graph not yet shaped."""
     if not _shaped(graph):
         return None
+    if picture is _DRAW:
+        picture = graph_svg(graph)
     summary = summarize(graph)
     shown = summary.layer_rows[:MAX_TABLE_ROWS]
     heading = f"<p><strong>net {_text(summary.name)}</strong>: {len(summary.layer_rows):,} layers</p>"
     parts = ['<div class="netdsl-net">', heading]
-    picture = graph_svg(graph)
-    if picture is not None:  # the <svg> element itself: an XML prolog has no place inside HTML
+    if isinstance(picture, str):  # the <svg> element itself: an XML prolog has no place inside HTML
         parts.append(picture[picture.find("<svg") :].strip())
     parts.append(_table(LAYER_HEADER, shown, LAYER_TEXT_COLUMNS))
     if len(shown) < len(summary.layer_rows):

@@ -59,7 +59,7 @@ from netdsl.compiler.layout import LAYOUT_OPTIONS, weight_layouts
 from netdsl.compiler.passes import Options
 from netdsl.compiler.steps import Step
 from netdsl.errors import NetError
-from netdsl.ir.display import graph_html, graph_svg
+from netdsl.ir.display import graph_bundle, graph_html, graph_svg
 from netdsl.ir.dtypes import DTYPES, torch_dtype
 from netdsl.ir.limits import check_memory
 from netdsl.ir.ops import layer_tensors
@@ -572,6 +572,9 @@ class Net:
         return f"Net({name!r}, backend={self.backend!r}, dtype={self.dtype!r}, devices: {devices})"
 
     # In a notebook a net shows itself as its layer graph does (netdsl.ir.display): picture and table.
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, str]:
+        return graph_bundle(self.layer_graph, heading=f"<p>{escape(repr(self))}</p>\n")
+
     def _repr_html_(self) -> str | None:
         shown = graph_html(self.layer_graph)
         return None if shown is None else f"<p>{escape(repr(self))}</p>\n{shown}"
