@@ -27,6 +27,7 @@ from netdsl.compiler.emit import family_of
 from netdsl.compiler.launches import load_kernel_file
 from netdsl.compiler.passes import Options, run_passes, run_pipeline
 from netdsl.compiler.space_to_depth import MAX_WORK, rewrite, space_to_depth_geometry
+from netdsl.errors import NetError
 from netdsl.lang.build import build
 from netdsl.lang.parse import parse_file
 from netdsl.runtime.weights import weight_specs
@@ -117,8 +118,12 @@ def test_pass_lowers_alexnet_conv1_on_each_tower_and_nothing_else():
         if "conv1" not in name:
             assert lowered.nodes[name]["step"].shape == plain.nodes[name]["step"].shape
             assert family_of(lowered.nodes[name]["step"]) == family_of(plain.nodes[name]["step"])
-    unchanged = alexnet(space_to_depth=True, layout="nchw")  # the lowered conv is there to run channels-last
-    assert set(unchanged.nodes) == set(plain.nodes)
+    with pytest.raises(NetError, match="runs the lowered conv channels-last") as error:  # not a silent no-op
+        alexnet(space_to_depth=True, layout="nchw")
+    assert error.value.where == "space_to_depth"
+    for command in ("compile", "run"):  # the flags named, exit status 1
+        argv = [command, str(ROOT / "nets/alexnet.net"), "--space-to-depth", "--layout", "nchw", "--backend", "torch"]
+        assert main([*argv[:-2], "--no-sm90"] if command == "compile" else argv) == 1
 
 
 def test_which_convs_are_lowered():

@@ -17,7 +17,7 @@ from netdsl.cli.train import add_commands as add_training_commands
 from netdsl.cli.train import eval_command, train_command
 from netdsl.compiler.backward import TRAINING_PASS_NAMES
 from netdsl.compiler.layout import LAYOUT_OPTIONS
-from netdsl.compiler.passes import PASS_NAMES, Options
+from netdsl.compiler.passes import PASS_NAMES, Options, check_options
 from netdsl.errors import NetError
 from netdsl.ir.dtypes import DTYPES, FP32_PRECISIONS, dot_precision
 from netdsl.lang.build import MEMORY_UNITS
@@ -303,6 +303,7 @@ def _compile(path: Path, args: argparse.Namespace) -> int:
         precision=args.precision, space_to_depth=args.space_to_depth, merge_towers=args.merge_towers,
         split_k=args.split_k,
     )  # fmt: skip
+    check_options(options, where={"space_to_depth": "--space-to-depth"})
     training = None
     if args.train:  # --dump-after names a training pass
         from netdsl.compiler.train_plan import compile_training, write_training

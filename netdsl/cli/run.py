@@ -247,7 +247,7 @@ def save_outputs(path: Path, outputs: dict) -> None:
 # Net's errors name its keyword arguments; on the command line they are flags.
 _FLAGS = {"devices": "--devices", "backend": "--backend", "cuda_graph": "--cuda-graph", "batch": "--batch",
           "dtype": "--dtype", "weights": "--weights", "layout": "--layout", "precision": "--precision",
-          "merge_towers": "--merge-towers"}  # fmt: skip
+          "merge_towers": "--merge-towers", "space_to_depth": "--space-to-depth"}  # fmt: skip
 
 
 def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):

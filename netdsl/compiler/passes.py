@@ -66,9 +66,20 @@ def _limits(graph: nx.DiGraph, options: Options) -> nx.DiGraph:
     return graph
 
 
+def check_options(options: Options, where: dict[str, str] | None = None) -> None:
+    """Options that contradict each other are a NetError naming the option (`where`: its name for the caller,
+    such as its flag). Space-to-depth lowers a conv to run channels-last, which `layout="nchw"` forbids."""
+    if options.space_to_depth and options.layout == "nchw":
+        raise NetError(
+            "space-to-depth runs the lowered conv channels-last, and the nchw layout keeps every map NCHW",
+            where=(where or {}).get("space_to_depth", "space_to_depth"),
+            hint="leave out one of the two",
+        )
+
+
 def _space_to_depth(graph: nx.DiGraph, options: Options) -> nx.DiGraph:
-    """Only when asked, and for channels-last layouts: the lowered conv is there to run channels-last."""
-    return lower_space_to_depth(graph) if options.space_to_depth and options.layout == "auto" else graph
+    """Only when asked (and not with the nchw layout: `check_options`)."""
+    return lower_space_to_depth(graph) if options.space_to_depth else graph
 
 
 def _merge_towers(graph: nx.DiGraph, options: Options) -> nx.DiGraph:
@@ -108,6 +119,7 @@ PASS_NAMES = [p.name for p in PIPELINE]
 def run_passes(graph: nx.DiGraph, options: Options) -> dict[str, nx.DiGraph]:
     """Runs every pass; returns the graph after each, by pass name. A pass never changes the graph it
     is given (it returns a new one), so each graph is as its pass left it."""
+    check_options(options)
     after = {}
     for step in PIPELINE:
         graph = after[step.name] = step.run(graph, options)

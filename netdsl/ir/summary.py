@@ -10,7 +10,7 @@ import networkx as nx
 
 from netdsl.ir.graph import Layer, layer, layers
 from netdsl.ir.ops import describe_params
-from netdsl.ir.stats import Totals, layer_stats, totals
+from netdsl.ir.stats import Totals, layer_stats
 from netdsl.tables import format_bytes
 
 LAYER_HEADER = ("layer", "type", "device", "output", "parameters", "weights", "MACs", "neurons", "inputs")
@@ -41,8 +41,11 @@ def summarize(graph: nx.DiGraph) -> Summary:
     rows = []
     per_tower: dict[str, list[int]] = {}  # layer name without its tower -> neurons of each copy
     counts: dict[str, int] = {}
+    overall, per_device = Totals(), {name: Totals() for name in graph.graph["devices"]}
     for item in layers(graph):
         stats = layer_stats(item)
+        overall.add(stats)
+        per_device[item.device].add(stats)
         counts[item.device] = counts.get(item.device, 0) + 1
         if item.tower and stats.neurons:
             per_tower.setdefault(item.name.removesuffix(f"@{item.tower}"), []).append(stats.neurons)
@@ -59,7 +62,6 @@ def summarize(graph: nx.DiGraph) -> Summary:
                 connections(graph, item),
             )
         )
-    overall, per_device = totals(graph)
     device_rows = [_device_row(name, counts.get(name, 0), device) for name, device in per_device.items()]
     device_rows.append(_device_row("total", len(rows), overall))
     crossing = sum(1 for u, v in graph.edges if layer(graph, u).device != layer(graph, v).device)

@@ -615,20 +615,19 @@ def run_group(
         # gradients; the layers after read the 16-bit maps as they come.
         inputs = [t.to(low) for t in inputs]
         tensors = {name: t.to(low) for name, t in tensors.items()}
+    if group.kind == "linear":  # each input flattened, then joined
+        x = torch.cat([t.flatten(1) for t in inputs], dim=1) if len(inputs) > 1 else inputs[0].flatten(1)
+        return linear(x, tensors["weight"], tensors.get("bias"), group.options["activation"], group.options["slope"],
+                      precision, backward)  # fmt: skip
+    x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)  # several inputs: joined on channels
     if group.kind == "conv2d":
-        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
         p = item.params
         pads = layer_pads(p, tuple(x.shape[2:]))
         return conv2d(
             x, tensors["weight"], tensors.get("bias"), list(p["stride"]), list(pads), list(p["dilation"]), p["groups"],
             group.options["activation"], group.options["slope"], precision, backward,
         )  # fmt: skip
-    if group.kind == "linear":
-        x = torch.cat([t.flatten(1) for t in inputs], dim=1) if len(inputs) > 1 else inputs[0].flatten(1)
-        return linear(x, tensors["weight"], tensors.get("bias"), group.options["activation"], group.options["slope"],
-                      precision, backward)  # fmt: skip
     if group.kind == "lrn_maxpool":
-        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
         norm, pool = group.layers[-2], group.layers[-1]
         n, q = norm.params, pool.params
         pads = layer_pads(q, tuple(x.shape[2:]))
@@ -638,7 +637,6 @@ def run_group(
         )  # fmt: skip
         return y
     if group.kind == "pool":
-        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
         p = item.params
         pads = list(layer_pads(p, tuple(x.shape[2:])))
         size, stride, dilation = list(p["size"]), list(p["stride"]), list(p.get("dilation", (1, 1)))
@@ -646,16 +644,13 @@ def run_group(
             return max_pool(x, size, stride, pads, dilation, p["ceil"])[0]
         return avg_pool(x, size, stride, pads, dilation, p["ceil"], p["count_pad"])
     if group.kind == "activation":
-        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
         return activation(x, item.op, float(item.params.get("slope", 0.0)))
     if group.kind == "batch_norm":
-        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
         p = item.params
         return batch_norm_train(
             x, tensors["weight"], tensors["bias"], tensors["running_mean"], tensors["running_var"],
             p.get("momentum", 0.1), p["eps"],
         )  # fmt: skip
     if group.kind == "dropout":
-        x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
         return dropout(x, item.params["rate"], dropout_seed()) if training else x
     raise ValueError(f"no kernel for a {group.kind} group")
