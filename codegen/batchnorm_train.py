@@ -275,7 +275,7 @@ def batch_norm_forward(
     mean = torch.empty(channels, dtype=torch.float32, device=x.device)
     invstd = torch.empty_like(mean)
     grid = (channels, split)
-    kernels = kernels or {}
+    kernels = _copies(kernels, ("partials", "forward"))
     _partials(kernels, grid, x, None, mean, sums, squares, spatial, per_channel, chunk, config)
     kernels.get("forward", batchnorm_forward_kernel)[grid](
         x, out, weight, bias, sums, squares,
@@ -286,6 +286,15 @@ def batch_norm_forward(
         BLOCK=config.BLOCK, BLOCK_SPLIT=block_split, num_warps=config.num_warps,
     )  # fmt: skip
     return BatchNormForward(out, mean, invstd)
+
+
+def _copies(kernels: dict | None, known: tuple[str, ...]) -> dict:
+    """The kernel copies to run instead of this module's, by role; a role misspelt would silently run the
+    originals, so an unknown one is an error."""
+    unknown = sorted(set(kernels or {}) - set(known))
+    if unknown:
+        raise ValueError(f"unknown kernel roles {unknown}: this launcher runs {', '.join(known)}")
+    return kernels or {}
 
 
 def _partials(kernels, grid, x, dy, mean, sums, products, spatial, per_channel, chunk, config) -> None:
@@ -329,7 +338,7 @@ def batch_norm_backward(
     sums = torch.empty((channels, split), dtype=torch.float32, device=x.device)
     products = torch.empty_like(sums)
     grid = (channels, split)
-    kernels = kernels or {}
+    kernels = _copies(kernels, ("partials", "backward"))
     _partials(kernels, grid, x, dy, mean, sums, products, spatial, per_channel, chunk, config)
     kernels.get("backward", batchnorm_backward_kernel)[grid](
         x, dy, dx, weight, mean, invstd, sums, products,

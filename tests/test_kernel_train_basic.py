@@ -405,3 +405,12 @@ def test_paper_sgd_rejects_bad_arguments():
         paper_sgd_step(*buffers, table, lr=0.1, momentum=0.0, nesterov=True)
     with pytest.raises(ValueError, match="one size"):
         segments([3, 4], [1.0], [1.0, 1.0])
+
+
+def test_batch_norm_refuses_a_kernel_role_it_does_not_run():
+    """The emitted files pass their kernel copies by role; a misspelt role would silently run the originals."""
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    weight, bias = torch.ones(3, device=DEVICE), torch.zeros(3, device=DEVICE)
+    mean, var = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    with pytest.raises(ValueError, match=r"unknown kernel roles \['backward'\]"):
+        batch_norm_forward(x, weight, bias, mean, var, kernels={"backward": None})

@@ -61,7 +61,7 @@ class _Plan:
     outputs: list[str]
     softmax_output: bool
     tf32: bool | None
-    backend: str
+    precision: str  # the triton backend's dots: "tf32" with tf32, else exact ("ieee")
     kernels: Callable | None  # netdsl.runtime.kernel_ops.run_group with the triton backend (it imports Triton)
     backward: dict[str, str]  # conv or fc layer -> whose backward it runs with the triton backend: netdsl or torch
 
@@ -141,7 +141,7 @@ class GraphModule(torch.nn.Module):
             outputs=outputs,
             softmax_output=last is not None and last.op == "softmax",
             tf32=tf32,
-            backend=backend,
+            precision="tf32" if tf32 else "ieee",
             kernels=_kernel_runner() if backend == "triton" else None,
             backward=_checked_backward(backward or {}, computed),
         )
@@ -265,9 +265,8 @@ class GraphModule(torch.nn.Module):
         tensors = {name: stored[f"{item.name}.{name}"] for name in self._netdsl.tensors.get(item.name, ())}
         if group.kind == "reference" or (not self.training and group.kind in ("batch_norm", "dropout")):
             return apply(item.op, item.params, inputs, tensors, training=self.training)
-        precision = "tf32" if self._netdsl.tf32 else "ieee"
         backward = self._netdsl.backward.get(item.name, "netdsl")
-        return self._netdsl.kernels(group, inputs, tensors, self.training, precision, backward)
+        return self._netdsl.kernels(group, inputs, tensors, self.training, self._netdsl.precision, backward)
 
     def _device(self, logical: str) -> torch.device:
         anchor = self._netdsl.anchors.get(logical)
