@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from netdsl.codegen.layouts import stride_arguments
 from netdsl.codegen.limits import SM_COUNT
 from netdsl.codegen.windows import four_pads, output_length
 
@@ -392,8 +393,8 @@ def conv_arguments(
         "x0_ptr": x0, "x1_ptr": x1, "w_ptr": weight, "b_ptr": weight if bias is None else bias, "y_ptr": out,
         "BATCH": g.batch, "H": g.height, "W": g.width, "OH": g.out_h, "OW": g.out_w,
         "C0": x0.shape[1], "C_IN_G": g.c_in_group, "C_OUT_G": g.c_out_group,
-        **_strides("x0", "nchw", x0), **_strides("x1", "nchw", x1),
-        **_strides("w", weight_axes, weight), **_strides("y", "nchw", out),
+        **stride_arguments("x0", x0, "nchw"), **stride_arguments("x1", x1, "nchw"),
+        **stride_arguments("w", weight, weight_axes), **stride_arguments("y", out, "nchw"),
         "conv_stride_h": g.stride[0], "conv_stride_w": g.stride[1],
         "pad_h": g.padding[0], "pad_w": g.padding[1],  # top and left: where the first window starts
         "dil_h": g.dilation[0], "dil_w": g.dilation[1],
@@ -404,6 +405,3 @@ def conv_arguments(
     }  # fmt: skip
     return grid, arguments
 
-
-def _strides(name: str, axes: str, tensor: torch.Tensor) -> dict[str, int]:
-    return {f"stride_{name}{axis}": step for axis, step in zip(axes, tensor.stride(), strict=True)}

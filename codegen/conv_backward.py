@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from netdsl.codegen.layouts import stride_arguments
 from netdsl.codegen.limits import SM_COUNT
 from netdsl.codegen.windows import four_pads, output_length
 
@@ -482,8 +483,6 @@ def checked_output(
     return given
 
 
-def _strides(name: str, tensor: torch.Tensor, axes: str = "nchw") -> dict[str, int]:
-    return {f"stride_{name}{axis}": step for axis, step in zip(axes, tensor.stride(), strict=True)}
 
 
 def _conv_constexprs(g: BackwardGeometry) -> dict[str, int]:
@@ -564,7 +563,8 @@ def conv2d_dgrad_launch(
         "BATCH": g.batch, "H": g.height, "W": g.width, "OH": g.out_h, "OW": g.out_w,
         "C_IN_G": g.c_in_group, "C_OUT_G": g.c_out_group,
         "PHASES_W": phases_w,
-        **_strides("dy", grad_out), **_strides("y", y), **_strides("w", weight, "ochw"), **_strides("dx", grad_input),
+        **stride_arguments("dy", grad_out), **stride_arguments("y", y), **stride_arguments("w", weight, "ochw"),
+        **stride_arguments("dx", grad_input),
         "pad_h": g.padding[0], "pad_w": g.padding[1],
         "slope": slope,
         **_conv_constexprs(g),
@@ -669,7 +669,7 @@ def conv2d_wgrad_launch(
         "BATCH": g.batch, "H": g.height, "W": g.width, "OH": g.out_h, "OW": g.out_w,
         "C_IN_G": g.c_in_group, "C_OUT_G": g.c_out_group, "C_OUT": g.c_out,
         "SPLIT_PIXELS": pixels_per_split, "PARTIAL_ROW": partial_row,
-        **_strides("dy", grad_out), **_strides("y", y), **_strides("x", x),
+        **stride_arguments("dy", grad_out), **stride_arguments("y", y), **stride_arguments("x", x),
         "pad_h": g.padding[0], "pad_w": g.padding[1],
         "slope": slope,
         **_conv_constexprs(g),

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .layouts import stride_arguments
 from .limits import MAX_CHANNELS_PER_GROUP
 from .pool import pair, pool_geometry
 from .windows import four_pads, output_length
@@ -297,7 +298,8 @@ def conv_lrn_maxpool_launch(
         "x_ptr": x, "w_ptr": weight_rows, "b_ptr": bias, "y_ptr": out,
         "H": height, "W": width, "CONV_OH": conv_h, "CONV_OW": conv_w, "OH": out_h, "OW": out_w,
         "C_IN_G": c_in_group, "C_OUT_G": c_out_group,
-        **_strides("x", "nchw", x), **_strides("w", "ok", weight_rows), **_strides("y", "nchw", out),
+        **stride_arguments("x", x, "nchw"), **stride_arguments("w", weight_rows, "ok"),
+        **stride_arguments("y", out, "nchw"),
         "conv_stride_h": stride_h, "conv_stride_w": stride_w,
         "pad_h": pad_top, "pad_w": pad_left, "dil_h": dil_h, "dil_w": dil_w,  # the kernel starts windows there
         "alpha": float(alpha), "beta": float(beta), "k": float(k),
@@ -325,6 +327,3 @@ def _check_tensors(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
         if tensor.device != x.device:
             raise ValueError(f"conv+LRN+maxpool {name} is on {tensor.device} but the input is on {x.device}")
 
-
-def _strides(name: str, axes: str, tensor: torch.Tensor) -> dict[str, int]:
-    return {f"stride_{name}{axis}": step for axis, step in zip(axes, tensor.stride(), strict=True)}

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .layouts import empty_like_layout, stride_arguments
 from .lrn import check_lrn_args, grouping, lrn_sums, pooled_tile, window_pixel
 from .pool import check_output, pair, pool_geometry
 from .pool_backward import check_max_window
@@ -207,11 +208,6 @@ def pick_config(batch: int, channels: int, pixels: int, on_cpu: bool = False) ->
     return {"BLOCK_C": block_c, "BLOCK_P": block_p, "num_warps": chosen["num_warps"]}
 
 
-def _like(x: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A new tensor of `shape` laid out as `x` is: channels-last when x is, else contiguous NCHW."""
-    channels_last = x.shape[1] > 1 and x.stride(1) == 1
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype, device=x.device, memory_format=memory_format)
 
 
 def _geometry(
@@ -315,17 +311,17 @@ def lrn_maxpool_train_launch(
                                                groups)  # fmt: skip
     n, c, oh, ow = shape
     if out is None:
-        out = _like(x, shape, x.dtype)
+        out = empty_like_layout(x, shape, x.dtype)
     check_output(out, x, shape)
-    argmax = _like(x, shape, torch.int8)
-    scale = _like(x, shape, torch.float32)
+    argmax = empty_like_layout(x, shape, torch.int8)
+    scale = empty_like_layout(x, shape, torch.float32)
     if config is None:
         config = pick_config(n, c, oh * ow, on_cpu=x.device.type == "cpu")
     grid = (triton.cdiv(oh * ow, config["BLOCK_P"]), triton.cdiv(c, config["BLOCK_C"]), n)
     arguments = {
         "x_ptr": x, "out_ptr": out, "argmax_ptr": argmax, "scale_ptr": scale,
         "C": c, "H": x.shape[2], "W": x.shape[3], "OH": oh, "OW": ow, "group_channels": c // groups,
-        **_strides("x", x), **_strides("o", out), **_strides("s", argmax),
+        **stride_arguments("x", x), **stride_arguments("o", out), **stride_arguments("s", argmax),
         "alpha": float(alpha), "beta": float(beta), "k": float(k),
         **_pooling(stride, padding),
         "SIZE": size, "POOL_KH": window[0], "POOL_KW": window[1], "RELU_FIRST": relu_first,
@@ -364,14 +360,15 @@ def lrn_maxpool_backward_launch(
         raise ValueError("LRN + max-pool backward: argmax and scale must be laid out alike, as the forward made them")
     n, c, oh, ow = shape
     h, w = x.shape[2], x.shape[3]
-    grad_x = _like(x, tuple(x.shape), x.dtype)
+    grad_x = empty_like_layout(x, tuple(x.shape), x.dtype)
     if config is None:
         config = pick_config(n, c, h * w, on_cpu=x.device.type == "cpu")
     grid = (triton.cdiv(h * w, config["BLOCK_P"]), triton.cdiv(c, config["BLOCK_C"]), n)
     arguments = {
         "grad_out_ptr": grad_out, "x_ptr": x, "argmax_ptr": argmax, "scale_ptr": scale, "grad_x_ptr": grad_x,
         "C": c, "H": h, "W": w, "OH": oh, "OW": ow, "group_channels": c // groups,
-        **_strides("x", x), **_strides("gx", grad_x), **_strides("g", grad_out), **_strides("s", argmax),
+        **stride_arguments("x", x), **stride_arguments("gx", grad_x), **stride_arguments("g", grad_out),
+        **stride_arguments("s", argmax),
         "alpha": float(alpha), "beta": float(beta),
         **_pooling(stride, padding),
         "SIZE": size, "POOL_KH": window[0], "POOL_KW": window[1],
@@ -382,8 +379,6 @@ def lrn_maxpool_backward_launch(
     return grad_x, grid, arguments
 
 
-def _strides(prefix: str, tensor: torch.Tensor) -> dict[str, int]:
-    return {f"stride_{prefix}{axis}": stride for axis, stride in zip("nchw", tensor.stride(), strict=True)}
 
 
 def _pooling(stride: tuple[int, int], padding: tuple[int, int, int, int]) -> dict[str, int]:

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .layouts import empty_like_layout, is_channels_last, stride_arguments
 from .limits import MAX_WINDOW_TAPS
 from .pool import INTERPRETER_CONFIG, MIN_PROGRAMS, SUPPORTED_DTYPES, check_output, pair, pool_geometry, window_taps
 from .windows import four_pads
@@ -290,18 +291,18 @@ def max_pool2d_train_launch(
     window, steps, pads, dilations, shape = _geometry(tuple(x.shape), size, stride, padding, dilation, ceil_mode)
     check_max_window(window)
     if out is None:
-        out = _like(x, shape, x.dtype)
+        out = empty_like_layout(x, shape, x.dtype)
     check_output(out, x, shape)
-    argmax = _like(x, shape, torch.int8)
+    argmax = empty_like_layout(x, shape, torch.int8)
     total = _total(shape)
     config = _config(total, x.device, config)
     arguments = {
         "x_ptr": x, "out_ptr": out, "argmax_ptr": argmax,
         "C": shape[1], "H": x.shape[2], "W": x.shape[3], "OH": shape[2], "OW": shape[3], "total": total,
-        **_strides("x", x), **_strides("o", out), **_strides("a", argmax),
+        **stride_arguments("x", x), **stride_arguments("o", out), **stride_arguments("a", argmax),
         "stride_h": steps[0], "stride_w": steps[1], "pad_top": pads[0], "pad_left": pads[1],
         "dil_h": dilations[0], "dil_w": dilations[1],
-        "KH": window[0], "KW": window[1], "CHANNELS_LAST": _channels_last(out),
+        "KH": window[0], "KW": window[1], "CHANNELS_LAST": is_channels_last(out),
         **config,
     }  # fmt: skip
     return (out, argmax), (triton.cdiv(total, config["BLOCK"]),), arguments
@@ -321,11 +322,6 @@ def max_pool2d_backward_launch(
 ) -> tuple[torch.Tensor, tuple[int], dict[str, Any]]:
     """Everything `max_pool2d_backward` does but the launch: checks, allocates the gradient and returns it with the
     grid and the kernel's keyword arguments (launch options included). Works on "meta" tensors."""
-    window, *_, shape = _geometry(tuple(input_shape), size, stride, padding, dilation, ceil_mode)
-    check_max_window(window)
-    if tuple(argmax.shape) != shape or argmax.dtype != torch.int8 or argmax.device != grad_out.device:
-        raise ValueError(f"max-pool backward: argmax is {argmax.dtype} {tuple(argmax.shape)} on {argmax.device}, "
-                         f"expected int8 {shape} on {grad_out.device}, as max_pool2d_train saves it")  # fmt: skip
     return _backward_launch("max", grad_out, argmax, input_shape, size, stride, padding, ceil_mode, True,
                             grad_input, dilation, config)  # fmt: skip
 
@@ -377,11 +373,16 @@ def _backward_launch(
     """The checks, the gradient's allocation, the grid and the keyword arguments of `pool2d_backward_kernel`."""
     input_shape = tuple(int(extent) for extent in input_shape)
     window, steps, pads, dilations, shape = _geometry(input_shape, size, stride, padding, dilation, ceil_mode)
+    if argmax is not None:
+        check_max_window(window)
+        if tuple(argmax.shape) != shape or argmax.dtype != torch.int8 or argmax.device != grad_out.device:
+            raise ValueError(f"max-pool backward: argmax is {argmax.dtype} {tuple(argmax.shape)} on {argmax.device}, "
+                             f"expected int8 {shape} on {grad_out.device}, as max_pool2d_train saves it")  # fmt: skip
     if tuple(grad_out.shape) != shape or grad_out.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{kind}-pool backward: grad_out is {grad_out.dtype} {tuple(grad_out.shape)}, expected a "
                          f"float32/float16/bfloat16 tensor of the pooled shape {shape}")  # fmt: skip
     if grad_input is None:
-        grad_input = _like(grad_out, input_shape, grad_out.dtype)
+        grad_input = empty_like_layout(grad_out, input_shape, grad_out.dtype)
     given = (tuple(grad_input.shape), grad_input.dtype, grad_input.device)
     if given != (input_shape, grad_out.dtype, grad_out.device):
         raise ValueError(f"{kind}-pool backward: grad_input is {given[1]} {given[0]} on {given[2]}, "
@@ -394,13 +395,13 @@ def _backward_launch(
         "grad_out_ptr": grad_out, "argmax_ptr": saved, "grad_x_ptr": grad_input,
         "C": input_shape[1], "H": input_shape[2], "W": input_shape[3], "OH": shape[2], "OW": shape[3],
         "total": total,
-        **_strides("g", grad_out), **_strides("a", saved), **_strides("dx", grad_input),
+        **stride_arguments("g", grad_out), **stride_arguments("a", saved), **stride_arguments("dx", grad_input),
         "stride_h": steps[0], "stride_w": steps[1],
         "pad_top": pads[0], "pad_left": pads[1], "pad_bottom": pads[2], "pad_right": pads[3],
         "dil_h": dilations[0], "dil_w": dilations[1],
         "KH": window[0], "KW": window[1],
         "COVER_H": triton.cdiv(spans[0], steps[0]), "COVER_W": triton.cdiv(spans[1], steps[1]),
-        "MODE": kind, "COUNT_INCLUDE_PAD": count_include_pad, "CHANNELS_LAST": _channels_last(grad_input),
+        "MODE": kind, "COUNT_INCLUDE_PAD": count_include_pad, "CHANNELS_LAST": is_channels_last(grad_input),
         **config,
     }  # fmt: skip
     return grad_input, (triton.cdiv(total, config["BLOCK"]),), arguments
@@ -444,18 +445,3 @@ def _config(total: int, device: torch.device, config: dict | None) -> dict:
         config = INTERPRETER_CONFIG if device.type == "cpu" else pick_config(total)
     return {"num_warps": 4, **config}
 
-
-def _channels_last(t: torch.Tensor) -> bool:
-    """Whether channels are `t`'s innermost axis, so a kernel walking it should step channel fastest. A map of one
-    pixel (N x C x 1 x 1, a global pool's) is both layouts at once: taken as NCHW."""
-    return t.shape[1] > 1 and t.shape[2] * t.shape[3] > 1 and t.stride(1) == 1
-
-
-def _like(t: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """A new tensor of `shape` laid out as `t` is: channels-last when t is, else contiguous NCHW."""
-    memory_format = torch.channels_last if _channels_last(t) else torch.contiguous_format
-    return torch.empty(tuple(shape), dtype=dtype, device=t.device, memory_format=memory_format)
-
-
-def _strides(prefix: str, tensor: torch.Tensor) -> dict[str, int]:
-    return {f"stride_{prefix}{axis}": step for axis, step in zip("nchw", tensor.stride(), strict=True)}
