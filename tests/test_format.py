@@ -311,13 +311,20 @@ def test_fmt_diff_shows_the_changes(tmp_path, capsys):
     assert main(["fmt", "--diff", "--check", str(messy)]) == 1
 
 
+def _stdin(data: bytes) -> io.TextIOWrapper:
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+
+
 def test_fmt_reads_standard_input(monkeypatch, capsys):
-    monkeypatch.setattr("sys.stdin", io.StringIO(MESSY))
+    monkeypatch.setattr("sys.stdin", _stdin(MESSY.encode()))
     assert main(["fmt", "-"]) == 0
     assert capsys.readouterr().out == TIDY
-    monkeypatch.setattr("sys.stdin", io.StringIO(MESSY))
+    monkeypatch.setattr("sys.stdin", _stdin(MESSY.encode()))
     assert main(["fmt", "--check", "-"]) == 1
     assert capsys.readouterr().out == "would reformat <stdin>\n"
+    monkeypatch.setattr("sys.stdin", _stdin(b"net a\n\xff\n"))  # as a file's bytes: named, exit status 1
+    assert main(["fmt", "-"]) == 1
+    assert "<stdin>: error: standard input is not UTF-8 text (byte 6)" in capsys.readouterr().err
 
 
 def test_fmt_formats_the_net_files_of_a_folder(tmp_path, capsys):

@@ -12,7 +12,7 @@ from pathlib import Path
 from netdsl.errors import NetError
 from netdsl.files import write_atomic
 from netdsl.lang.format import format_text
-from netdsl.lang.parse import MAX_FILE_BYTES
+from netdsl.lang.parse import read_source
 
 FMT_HELP = "rewrite .net files in one canonical layout (indentation, spacing, aligned comments)"
 STDIN = Path("-")
@@ -44,7 +44,7 @@ def fmt_command(args: argparse.Namespace) -> int:
     as they were. Only the files that change are written."""
     changed = []
     for path in _expand(args.files):
-        text = sys.stdin.read() if path == STDIN else _read(path)
+        text = _stdin() if path == STDIN else read_source(path, keep_line_ends=True)
         formatted = format_text(text, STDIN_NAME if path == STDIN else str(path))
         if path == STDIN and not (args.check or args.diff):
             sys.stdout.write(formatted)
@@ -81,23 +81,17 @@ def _expand(paths: list[Path]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def _read(path: Path) -> str:
-    """The file's text with its line ends as they are (CRLF stays CRLF)."""
+def _stdin() -> str:
+    """Standard input as UTF-8 text, line ends as they are; other bytes are a NetError, as in a file."""
+    data = sys.stdin.buffer.read()
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise NetError(
-                f"the file is {size / 2**20:,.1f} MiB, more than the {MAX_FILE_BYTES // 2**20} MiB a .net file may be",
-                where=str(path),
-            )
-        with open(path, encoding="utf-8", newline="") as file:
-            return file.read()
+        return data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise NetError(
-            f"{path} is not UTF-8 text (byte {error.start})", where=str(path), hint="a .net file is plain UTF-8 text"
+            f"standard input is not UTF-8 text (byte {error.start})",
+            where=STDIN_NAME,
+            hint="a .net file is plain UTF-8 text",
         ) from None
-    except OSError as error:
-        raise NetError(f"cannot read {path}: {error.strerror or error}", where=str(path)) from None
 
 
 def _write(path: Path, text: str) -> None:

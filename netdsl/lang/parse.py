@@ -142,12 +142,18 @@ def _too_deep(file: str) -> NetError:
 
 def parse_file(path: str | Path) -> s.Module:
     """Read and parse a `.net` file; unreadable files are reported as `NetError`s too."""
-    path = Path(path)
+    return parse_text(read_source(Path(path)), str(path))
+
+
+def read_source(path: Path, keep_line_ends: bool = False) -> str:
+    """A `.net` file's text (`keep_line_ends`: CRLF stays CRLF, as `netdsl fmt` needs; else universal newlines);
+    a file too large, missing, a folder, not UTF-8 or unreadable is a NetError naming it."""
     try:
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:  # refused before it is read
             raise _too_big(str(path), size)
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8", newline="" if keep_line_ends else None) as file:
+            return file.read()
     except FileNotFoundError:
         raise NetError(f"no such file: {path}", where=str(path), hint="check the path") from None
     except IsADirectoryError:
@@ -159,8 +165,7 @@ def parse_file(path: str | Path) -> s.Module:
             hint="a .net file is plain UTF-8 text",
         ) from None
     except OSError as error:
-        raise NetError(f"cannot read {path}: {error.strerror}", where=str(path)) from None
-    return parse_text(text, str(path))
+        raise NetError(f"cannot read {path}: {error.strerror or error}", where=str(path)) from None
 
 
 def _describe(terminal: str) -> str:
