@@ -62,6 +62,21 @@ def default_net() -> Path:
     return Path(str(resources.files("netdsl.nets").joinpath(DEFAULT_NET)))
 
 
+def _add_plan_flags(parser: argparse.ArgumentParser) -> None:
+    """The compile-time choices `compile` and `run` share (netdsl.compiler.passes.Options; `plan_options`)."""
+    parser.add_argument("--layout", choices=LAYOUT_OPTIONS, default="auto", help=LAYOUT_HELP)
+    parser.add_argument("--precision", choices=FP32_PRECISIONS, help=PRECISION_HELP)
+    parser.add_argument("--space-to-depth", action="store_true", help=SPACE_TO_DEPTH_HELP)
+    parser.add_argument("--merge-towers", action="store_true", help=MERGE_TOWERS_HELP)
+    parser.add_argument("--split-k", action="store_true", help=SPLIT_K_HELP)
+
+
+def plan_options(args: argparse.Namespace) -> dict[str, object]:
+    """The values of `_add_plan_flags`'s flags, by the name Options and Net take them."""
+    names = ("layout", "precision", "space_to_depth", "merge_towers", "split_k")
+    return {name: getattr(args, name) for name in names}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="netdsl", description="Describe convolutional networks as text; check, inspect and compile them."
@@ -100,11 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     build = net_command("compile", "fuse the net into Triton kernels: writes kernels/*.py, plan.json, report.txt")
     build.add_argument("-o", "--output", type=Path, help="build directory (default: build/<net name>)")
     build.add_argument("--dump-after", metavar="PASS", help=f"print the graph after a pass ({', '.join(PASS_NAMES)})")
-    build.add_argument("--layout", choices=LAYOUT_OPTIONS, default="auto", help=LAYOUT_HELP)
-    build.add_argument("--precision", choices=FP32_PRECISIONS, help=PRECISION_HELP)
-    build.add_argument("--space-to-depth", action="store_true", help=SPACE_TO_DEPTH_HELP)
-    build.add_argument("--merge-towers", action="store_true", help=MERGE_TOWERS_HELP)
-    build.add_argument("--split-k", action="store_true", help=SPLIT_K_HELP)
+    _add_plan_flags(build)
     build.add_argument(
         "--train",
         action="store_true",
@@ -185,11 +196,7 @@ def _parser() -> argparse.ArgumentParser:
         help="images per forward pass (default: all inputs at once); with neither --input nor --random, "
         "N random images",
     )
-    run.add_argument("--layout", choices=LAYOUT_OPTIONS, default="auto", help=LAYOUT_HELP)
-    run.add_argument("--precision", choices=FP32_PRECISIONS, help=PRECISION_HELP)
-    run.add_argument("--space-to-depth", action="store_true", help=SPACE_TO_DEPTH_HELP)
-    run.add_argument("--merge-towers", action="store_true", help=MERGE_TOWERS_HELP)
-    run.add_argument("--split-k", action="store_true", help=SPLIT_K_HELP)
+    _add_plan_flags(run)
     run.add_argument(
         "--cuda-graph",
         action="store_true",
@@ -298,11 +305,7 @@ def _compile(path: Path, args: argparse.Namespace) -> int:
     from netdsl.compiler.compile import compile_net, write_build
 
     dot_precision(args.dtype, args.precision, where="--precision")
-    options = Options(
-        batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit, layout=args.layout,
-        precision=args.precision, space_to_depth=args.space_to_depth, merge_towers=args.merge_towers,
-        split_k=args.split_k,
-    )  # fmt: skip
+    options = Options(batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit, **plan_options(args))
     check_options(options, where={"space_to_depth": "--space-to-depth"})
     training = None
     if args.train:  # --dump-after names a training pass

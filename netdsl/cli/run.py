@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from netdsl.cli.main import plan_options
 from netdsl.errors import NetError
 from netdsl.files import write_array, write_arrays
 from netdsl.ir.dtypes import torch_dtype
@@ -266,11 +267,7 @@ def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
         init=args.init,
         progress=sys.stderr if sys.stderr.isatty() else None,  # a progress bar through the first run
         cuda_graph=args.cuda_graph,
-        layout=args.layout,
-        precision=args.precision,
-        space_to_depth=args.space_to_depth,
-        merge_towers=args.merge_towers,
-        split_k=args.split_k,
+        **plan_options(args),
     )
     chunks = torch.from_numpy(x).to(torch_dtype(dtype)).split(args.batch or len(x))
     if args.time and any(device.type == "cuda" for device in net.devices.values()):
@@ -341,10 +338,10 @@ def _run_distributed(path: Path, x, dtype: str, args: argparse.Namespace):
     from netdsl.runtime.distributed import run_distributed
 
     try:
+        options = {name: value for name, value in plan_options(args).items() if name != "merge_towers"}  # refused
         y = run_distributed(
-            path, x, backend=args.backend, weights=args.weights, seed=args.seed, init=args.init, dtype=dtype,
-            layout=args.layout, precision=args.precision, space_to_depth=args.space_to_depth, split_k=args.split_k,
-        )  # fmt: skip
+            path, x, backend=args.backend, weights=args.weights, seed=args.seed, init=args.init, dtype=dtype, **options
+        )
         if dist.is_initialized():
             dist.barrier()  # every rank's sends are received before the group goes away
     finally:
