@@ -181,6 +181,30 @@ def test_a_build_folder_runs_like_its_net(tmp_path, capsys):
     assert "not a build of `netdsl compile`" in capsys.readouterr().err
 
 
+def test_a_build_folder_keeps_its_compile_options(tmp_path, capsys):
+    """plan.json records the options the folder was compiled with: `run DIR` takes them, and a flag that says
+    otherwise is an error naming it (it was silently recompiled without them)."""
+    import argparse
+
+    from netdsl.cli.run import resolve_build_dir
+
+    net = tmp_path / "alexnet.net"
+    net.write_text((Path(LENET).parent / "alexnet.net").read_text())
+    build = tmp_path / "build"
+    flags = ["--precision", "tf32x3", "--merge-towers", "--split-k"]
+    assert main(["compile", str(net), "-o", str(build), "--no-sm90", *flags]) == 0
+    capsys.readouterr()
+    args = argparse.Namespace(dtype=None, layout="auto", precision=None, space_to_depth=False, merge_towers=False,
+                              split_k=False)  # fmt: skip
+    assert resolve_build_dir(build, args) == (net.resolve(), "fp32")
+    assert (args.precision, args.merge_towers, args.split_k, args.layout) == ("tf32x3", True, True, "auto")
+    for flag, value in (("--precision", "ieee"), ("--layout", "nchw"), ("--space-to-depth", None)):
+        assert main(["run", str(build), flag, *([value] if value else []), "--backend", "torch"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"{flag}: error: {build} was compiled with {flag} ") and "Traceback" not in err
+    assert main(["run", str(build), "--precision", "tf32x3", "--backend", "torch", "--top", "1"]) == 0  # the same
+
+
 TWO_OUTPUTS = """\
 net two
 input image: 1 x 8 x 8

@@ -116,7 +116,7 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
 
     if args.backend == "triton" and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the same kernels, interpreted on the CPU
-    path, dtype = resolve_build_dir(path, args.dtype)
+    path, dtype = resolve_build_dir(path, args)
     shape = _input_shape(path)
     if args.weights is not None and args.weights.is_dir():
         args.weights = args.weights / "weights.safetensors"  # a run folder of `netdsl train`: its best weights
@@ -289,21 +289,40 @@ def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
     return net, y, step_times, start
 
 
-def resolve_build_dir(path: Path, dtype: str | None) -> tuple[Path, str]:
+def resolve_build_dir(path: Path, args: argparse.Namespace) -> tuple[Path, str]:
     """`netdsl run` takes a .net file or a build folder of `netdsl compile`: the folder's plan.json names
-    the net it was compiled from (relative to the folder) and the dtype, which `--dtype` may not contradict."""
+    the net it was compiled from (relative to the folder), the dtype and the compile-time options, which the
+    run takes (into `args`) and its flags may not contradict. Returns the net and the dtype."""
     if not path.is_dir():
-        return path, dtype or "fp32"
+        return path, args.dtype or "fp32"
+    from netdsl.compiler.passes import Options
     from netdsl.compiler.plan import read_plan_source
 
-    source, built = read_plan_source(path)
-    if dtype is not None and dtype != built:
+    source, built, options = read_plan_source(path)
+    if args.dtype is not None and args.dtype != built:
         raise NetError(
-            f"{path} was compiled for {built}, not {dtype}",
+            f"{path} was compiled for {built}, not {args.dtype}",
             where="--dtype",
-            hint=f"leave --dtype out, or compile again: netdsl compile {source} -o {path} --dtype {dtype}",
+            hint=f"leave --dtype out, or compile again: netdsl compile {source} -o {path} --dtype {args.dtype}",
         )
+    for name, value in options.items():
+        given, default = getattr(args, name), getattr(Options(), name)
+        if given == default:
+            setattr(args, name, value)
+        elif given != value:
+            flag = "--" + name.replace("_", "-")
+            raise NetError(
+                f"{path} was compiled with {flag} {_shown(value)}, not {_shown(given)}",
+                where=flag,
+                hint=f"leave {flag} out, or compile again with the flags you want: netdsl compile {source} -o {path}",
+            )
     return source, built
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "the default" if value is None else str(value)
 
 
 def _join(outputs: list):

@@ -20,6 +20,8 @@ from netdsl.compiler.steps import Step
 from netdsl.errors import NetError
 
 PLAN_VERSION = 1
+# The compile-time choices a build is made with (netdsl.compiler.passes.Options), which `netdsl run DIR` keeps.
+PLAN_OPTIONS = ("layout", "precision", "space_to_depth", "merge_towers", "split_k")
 
 
 def _launch(program: nx.DiGraph, step: Step, views: dict[str, str], kernels: dict[str, str]) -> dict:
@@ -99,6 +101,7 @@ def build_plan(program: nx.DiGraph, options, kernels: dict[str, str] | None = No
         "net": program.graph["name"],
         "dtype": options.dtype,
         "batch": options.batch,
+        "options": {name: getattr(options, name) for name in PLAN_OPTIONS},
         "units": f"sizes and offsets in elements per image, aligned to {ALIGN}",
         "inputs": inputs,
         "outputs": outputs,
@@ -127,9 +130,10 @@ def with_source(plan: dict, source: Path, out: Path) -> dict:
     return {**{k: rest[k] for k in keys[:cut]}, **entry, **{k: rest[k] for k in keys[cut:]}}
 
 
-def read_plan_source(build_dir: Path) -> tuple[Path, str]:
-    """The .net file a build folder was compiled from and its dtype; NetError when the folder is not a
-    build, the net is gone, or it changed since (the kernels would no longer match it)."""
+def read_plan_source(build_dir: Path) -> tuple[Path, str, dict[str, object]]:
+    """The .net file a build folder was compiled from, its dtype and its compile-time options (`PLAN_OPTIONS`;
+    a folder written before they were recorded has none); NetError when the folder is not a build, the net is
+    gone, or it changed since (the kernels would no longer match it)."""
     plan_path = build_dir / "plan.json"
     where = str(build_dir)
     if not plan_path.is_file():
@@ -141,6 +145,7 @@ def read_plan_source(build_dir: Path) -> tuple[Path, str]:
     try:
         plan = json.loads(plan_path.read_text(encoding="utf-8"))
         source, digest, dtype = plan["source"], plan["source_sha256"], plan["dtype"]
+        options = dict(plan.get("options", {}))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
         raise NetError(
             f"cannot read {plan_path} ({type(error).__name__}: {error})",
@@ -160,4 +165,4 @@ def read_plan_source(build_dir: Path) -> tuple[Path, str]:
             where=str(plan_path),
             hint=f"compile it again: netdsl compile {net} -o {build_dir}",
         )
-    return net, str(dtype)
+    return net, str(dtype), {name: value for name, value in options.items() if name in PLAN_OPTIONS}
