@@ -11,26 +11,19 @@ from importlib import resources
 from pathlib import Path
 
 from netdsl._version import __version__
+from netdsl.cli.flags import add_plan_flags, plan_options
 from netdsl.cli.fmt import add_command as add_fmt_command
 from netdsl.cli.fmt import fmt_command
 from netdsl.cli.train import add_commands as add_training_commands
 from netdsl.cli.train import eval_command, train_command
 from netdsl.compiler.backward import TRAINING_PASS_NAMES
-from netdsl.compiler.layout import LAYOUT_OPTIONS
 from netdsl.compiler.passes import PASS_NAMES, Options, check_options
 from netdsl.errors import NetError
-from netdsl.ir.dtypes import DTYPES, FP32_PRECISIONS, dot_precision
+from netdsl.ir.dtypes import DTYPES, dot_precision
 from netdsl.lang.build import MEMORY_UNITS
 from netdsl.lang.frontend import load_graph
 
 DEFAULT_NET = "alexnet.net"
-LAYOUT_HELP = "auto: channels-last maps for convs with 16+ input channels per group (the default); nchw: none"
-PRECISION_HELP = "fp32 products: ieee (exact, on FMA units; the default) or tf32x3 (three TF32 tensor-core products)"
-SPACE_TO_DEPTH_HELP = "run strided convs over few channels (AlexNet's conv1) as stride-1 convs over pixel blocks"
-SPLIT_K_HELP = "let channels-last convs share a tile's taps among programs when the batch is too small to fill the GPU"
-MERGE_TOWERS_HELP = (
-    "run each layer of a towers block as one grouped launch on the first tower's device (for towers on one GPU)"
-)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$")
 
 
@@ -60,21 +53,6 @@ def default_net() -> Path:
     if source_tree.is_file():
         return source_tree
     return Path(str(resources.files("netdsl.nets").joinpath(DEFAULT_NET)))
-
-
-def _add_plan_flags(parser: argparse.ArgumentParser) -> None:
-    """The compile-time choices `compile` and `run` share (netdsl.compiler.passes.Options; `plan_options`)."""
-    parser.add_argument("--layout", choices=LAYOUT_OPTIONS, default="auto", help=LAYOUT_HELP)
-    parser.add_argument("--precision", choices=FP32_PRECISIONS, help=PRECISION_HELP)
-    parser.add_argument("--space-to-depth", action="store_true", help=SPACE_TO_DEPTH_HELP)
-    parser.add_argument("--merge-towers", action="store_true", help=MERGE_TOWERS_HELP)
-    parser.add_argument("--split-k", action="store_true", help=SPLIT_K_HELP)
-
-
-def plan_options(args: argparse.Namespace) -> dict[str, object]:
-    """The values of `_add_plan_flags`'s flags, by the name Options and Net take them."""
-    names = ("layout", "precision", "space_to_depth", "merge_towers", "split_k")
-    return {name: getattr(args, name) for name in names}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     build = net_command("compile", "fuse the net into Triton kernels: writes kernels/*.py, plan.json, report.txt")
     build.add_argument("-o", "--output", type=Path, help="build directory (default: build/<net name>)")
     build.add_argument("--dump-after", metavar="PASS", help=f"print the graph after a pass ({', '.join(PASS_NAMES)})")
-    _add_plan_flags(build)
+    add_plan_flags(build)
     build.add_argument(
         "--train",
         action="store_true",
@@ -196,7 +174,7 @@ def _parser() -> argparse.ArgumentParser:
         help="images per forward pass (default: all inputs at once); with neither --input nor --random, "
         "N random images",
     )
-    _add_plan_flags(run)
+    add_plan_flags(run)
     run.add_argument(
         "--cuda-graph",
         action="store_true",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from netdsl.cli.main import plan_options
+from netdsl.cli.flags import plan_options
 from netdsl.errors import NetError
 from netdsl.files import write_array, write_arrays
 from netdsl.ir.dtypes import torch_dtype

@@ -1,0 +1,31 @@
+"""The compile-time flags `netdsl compile` and `netdsl run` share (netdsl.compiler.passes.Options)."""
+
+from __future__ import annotations
+
+import argparse
+
+from netdsl.compiler.layout import LAYOUT_OPTIONS
+from netdsl.compiler.plan import PLAN_OPTIONS
+from netdsl.ir.dtypes import FP32_PRECISIONS
+
+LAYOUT_HELP = "auto: channels-last maps for convs with 16+ input channels per group (the default); nchw: none"
+PRECISION_HELP = "fp32 products: ieee (exact, on FMA units; the default) or tf32x3 (three TF32 tensor-core products)"
+SPACE_TO_DEPTH_HELP = "run strided convs over few channels (AlexNet's conv1) as stride-1 convs over pixel blocks"
+SPLIT_K_HELP = "let channels-last convs share a tile's taps among programs when the batch is too small to fill the GPU"
+MERGE_TOWERS_HELP = (
+    "run each layer of a towers block as one grouped launch on the first tower's device (for towers on one GPU)"
+)
+
+
+def add_plan_flags(parser: argparse.ArgumentParser) -> None:
+    """The compile-time choices `compile` and `run` share (netdsl.compiler.passes.Options; `plan_options`)."""
+    parser.add_argument("--layout", choices=LAYOUT_OPTIONS, default="auto", help=LAYOUT_HELP)
+    parser.add_argument("--precision", choices=FP32_PRECISIONS, help=PRECISION_HELP)
+    parser.add_argument("--space-to-depth", action="store_true", help=SPACE_TO_DEPTH_HELP)
+    parser.add_argument("--merge-towers", action="store_true", help=MERGE_TOWERS_HELP)
+    parser.add_argument("--split-k", action="store_true", help=SPLIT_K_HELP)
+
+
+def plan_options(args: argparse.Namespace) -> dict[str, object]:
+    """The values of `add_plan_flags`'s flags, by the name Options and Net take them (and plan.json records)."""
+    return {name: getattr(args, name) for name in PLAN_OPTIONS}
