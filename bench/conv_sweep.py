@@ -37,6 +37,8 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import announce_device, timer  # noqa: E402
 
+from netdsl.codegen.conv import TUNING_TILES  # noqa: E402
+
 # name: (input channels, output channels, kernel, stride, padding, input size) of one tower
 LAYERS = {
     "conv1": (3, 48, 11, 4, 0, 227),
@@ -49,17 +51,7 @@ PRECISIONS = {
     "fp32": (torch.float32, "ieee"), "tf32": (torch.float32, "tf32"), "tf32x3": (torch.float32, "tf32x3"),
     "bf16": (torch.bfloat16, "ieee"),
 }  # fmt: skip
-CONFIGS = [
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
-    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
-]
+CONFIGS = [dict(tile) for tile in TUNING_TILES]  # the tiles `netdsl tune` times too
 TOLERANCE = {"fp32": 1e-4, "tf32": 1e-2, "tf32x3": 1e-4, "bf16": 2e-2}
 
 

@@ -31,34 +31,17 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import announce_device, timer  # noqa: E402
 
+from netdsl.codegen.fc import TUNING_TILES as FC_TILES  # noqa: E402
+from netdsl.codegen.lrn import TUNING_TILES as NORM_TILES  # noqa: E402
+
 # fc: (inputs per image, units); norm: (channels, input side, pool size, pool stride)
 FC = {"fc6": ([(128, 6, 6), (128, 6, 6)], 2048), "fc7": ([(2048,), (2048,)], 2048), "fc8": ([(2048,), (2048,)], 1000)}
 NORM = {"norm1": (48, 55, 3, 2), "norm2": (128, 27, 3, 2)}
 # --smoke: the same steps at sizes the interpreter runs in seconds
 SMOKE_FC = {"fc6": ([(8, 3, 3), (8, 3, 3)], 24), "fc7": ([(40,), (24,)], 20), "fc8": ([(40,), (24,)], 10)}
 SMOKE_NORM = {"norm1": (12, 9, 3, 2), "norm2": (20, 7, 3, 2)}
-FC_CONFIGS = [
-    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
-    {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
-    {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
-    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
-    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4},
-]
-NORM_CONFIGS = [
-    {"BLOCK_C": 16, "BLOCK_P": 64, "num_warps": 8},
-    {"BLOCK_C": 8, "BLOCK_P": 64, "num_warps": 4},
-    {"BLOCK_C": 64, "BLOCK_P": 16, "num_warps": 4},
-    {"BLOCK_C": 64, "BLOCK_P": 32, "num_warps": 8},
-    {"BLOCK_C": 32, "BLOCK_P": 32, "num_warps": 4},
-    {"BLOCK_C": 128, "BLOCK_P": 8, "num_warps": 4},
-    {"BLOCK_C": 128, "BLOCK_P": 16, "num_warps": 8},
-    {"BLOCK_C": 64, "BLOCK_P": 64, "num_warps": 8},
-    {"BLOCK_C": 32, "BLOCK_P": 16, "num_warps": 2},
-]
+FC_CONFIGS = [dict(tile) for tile in FC_TILES]  # the tiles `netdsl tune` times too
+NORM_CONFIGS = [dict(tile) for tile in NORM_TILES]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

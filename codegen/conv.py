@@ -188,6 +188,25 @@ _SQUARE_TILE = tuple(int(part) for part in triton.__version__.split(".")[:2]) >=
 # Under Triton's interpreter (CPU tensors) a program costs about the same whatever its size.
 INTERPRETER_CONFIG = {"BLOCK_M": 512, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
 
+# The tiles `netdsl tune` times on the device beside pick_config's (the grid of bench/conv_sweep.py, which
+# found pick_config's choices on an H200 in bf16): both conv kernels take them.
+TUNING_TILES = (
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+)
+
+
+def tuning_candidates() -> list[dict]:
+    """The tiles `netdsl tune` times for a conv of this kernel (its K runs over channels and taps alike)."""
+    return [dict(tile) for tile in TUNING_TILES]
+
 
 def pick_config(M: int, N: int, groups: int = 1) -> dict:
     """Block sizes for the implicit GEMM of one group (of `groups`): M pixels and N output channels.

@@ -169,6 +169,23 @@ def pick_config(channels_per_group: int, dtype: torch.dtype = torch.bfloat16, in
     return {**config, "BLOCK_N": min(config["BLOCK_N"], max(16, triton.next_power_of_2(channels_per_group)))}
 
 
+# The (BLOCK_P, BLOCK_K, num_warps, num_stages) `netdsl tune` times beside pick_config's, BLOCK_N always the
+# narrowest that holds a group's channels: the pixel and K blocks around the measured choices.
+TUNING_TILES = (
+    (16, 16, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2), (32, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2),
+    (64, 16, 8, 3),
+)  # fmt: skip
+
+
+def tuning_candidates(channels_per_group: int) -> list[dict]:
+    """The tiles `netdsl tune` times for a stage whose conv groups have `channels_per_group` output channels."""
+    block_n = max(16, triton.next_power_of_2(channels_per_group))
+    return [
+        {"BLOCK_N": block_n, "BLOCK_P": p, "BLOCK_K": k, "num_warps": warps, "num_stages": stages}
+        for p, k, warps, stages in TUNING_TILES
+    ]
+
+
 def _check_channels(channels_per_group: int) -> None:
     if channels_per_group > MAX_CHANNELS_PER_GROUP:
         raise ValueError(

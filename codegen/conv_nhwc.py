@@ -33,7 +33,14 @@ import torch
 import triton
 import triton.language as tl
 
-from netdsl.codegen.conv import conv_arguments, conv_epilogue, conv_geometry, conv_output, conv_pixels
+from netdsl.codegen.conv import (
+    TUNING_TILES,
+    conv_arguments,
+    conv_epilogue,
+    conv_geometry,
+    conv_output,
+    conv_pixels,
+)
 from netdsl.codegen.limits import SM_COUNT
 
 
@@ -182,6 +189,14 @@ def pick_config(
         if dtype == torch.float32:  # 8 warps and 2 stages: with 4 or 3, ptxas spills some fp32 (FMA-dot) builds
             config.update(num_warps=8, num_stages=2)
     return config
+
+
+def tuning_candidates(c_in_group: int) -> list[dict]:
+    """The tiles `netdsl tune` times for a channels-last conv of `c_in_group` input channels per group: conv.py's,
+    each K block no wider than the channels a tap has (at least 16, the tensor cores' K), duplicates dropped."""
+    widest = max(16, triton.next_power_of_2(c_in_group))
+    tiles = [{**tile, "BLOCK_K": min(tile["BLOCK_K"], widest)} for tile in TUNING_TILES]
+    return [dict(tile) for tile in {tuple(tile.items()): tile for tile in tiles}.values()]
 
 
 def split_taps(programs: int, taps: int) -> dict:

@@ -101,6 +101,26 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 512, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1}
 
 
+# The tiles `netdsl tune` times on the device beside pick_config's (the grid of bench/step_sweep.py, which
+# found pick_config's choices on an H200 in bf16).
+TUNING_TILES = (
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4},
+)
+
+
+def tuning_candidates() -> list[dict]:
+    """The tiles `netdsl tune` times for an fc layer."""
+    return [dict(tile) for tile in TUNING_TILES]
+
+
 def pick_config(M: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Block sizes for M batch rows: up to 16 rows the layer streams W, and the narrow tile spreads that
     stream over many programs."""

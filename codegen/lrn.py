@@ -157,6 +157,29 @@ MIN_PROGRAMS = 264
 INTERPRETER_CONFIG = {"BLOCK_C": 64, "BLOCK_P": 1024, "num_warps": 4}
 
 
+# The tiles (channels x pooled pixels) `netdsl tune` times on the device beside pick_config's (the grid of
+# bench/step_sweep.py, which found the channels-last choices on an H200 in bf16).
+TUNING_TILES = (
+    {"BLOCK_C": 16, "BLOCK_P": 64, "num_warps": 8},
+    {"BLOCK_C": 8, "BLOCK_P": 64, "num_warps": 4},
+    {"BLOCK_C": 64, "BLOCK_P": 16, "num_warps": 4},
+    {"BLOCK_C": 64, "BLOCK_P": 32, "num_warps": 8},
+    {"BLOCK_C": 32, "BLOCK_P": 32, "num_warps": 4},
+    {"BLOCK_C": 128, "BLOCK_P": 8, "num_warps": 4},
+    {"BLOCK_C": 128, "BLOCK_P": 16, "num_warps": 8},
+    {"BLOCK_C": 64, "BLOCK_P": 64, "num_warps": 8},
+    {"BLOCK_C": 32, "BLOCK_P": 16, "num_warps": 2},
+)
+
+
+def tuning_candidates(channels: int) -> list[dict]:
+    """The tiles `netdsl tune` times for an LRN (+ max-pool) over `channels` channels: none holds more channels
+    than the map has (rounded up to a power of two), duplicates dropped."""
+    most = triton.next_power_of_2(channels)
+    tiles = [{**tile, "BLOCK_C": min(tile["BLOCK_C"], most)} for tile in TUNING_TILES]
+    return [dict(tile) for tile in {tuple(tile.items()): tile for tile in tiles}.values()]
+
+
 def pick_config(batch: int, channels: int, pixels: int, channels_last: bool = False) -> dict:
     """Largest tile that still gives MIN_PROGRAMS program instances, else the smallest tile. A tile never holds
     more channels than the tensor (rounded up to a power of two); the pixel side grows to keep its size.
