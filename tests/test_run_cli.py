@@ -195,7 +195,7 @@ def test_a_build_folder_keeps_its_compile_options(tmp_path, capsys):
     assert main(["compile", str(net), "-o", str(build), "--no-sm90", *flags]) == 0
     capsys.readouterr()
     args = argparse.Namespace(dtype=None, layout="auto", precision=None, space_to_depth=False, merge_towers=False,
-                              split_k=False)  # fmt: skip
+                              split_k=False, tuning=None)  # fmt: skip
     assert resolve_build_dir(build, args) == (net.resolve(), "fp32")
     assert (args.precision, args.merge_towers, args.split_k, args.layout) == ("tf32x3", True, True, "auto")
     for flag, value in (("--precision", "ieee"), ("--layout", "nchw"), ("--space-to-depth", None)):

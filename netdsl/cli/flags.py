@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from netdsl.compiler.layout import LAYOUT_OPTIONS
 from netdsl.compiler.plan import PLAN_OPTIONS
@@ -12,6 +13,7 @@ LAYOUT_HELP = "auto: channels-last maps for convs with 16+ input channels per gr
 PRECISION_HELP = "fp32 products: ieee (exact, on FMA units; the default) or tf32x3 (three TF32 tensor-core products)"
 SPACE_TO_DEPTH_HELP = "run strided convs over few channels (AlexNet's conv1) as stride-1 convs over pixel blocks"
 SPLIT_K_HELP = "let channels-last convs share a tile's taps among programs when the batch is too small to fill the GPU"
+TUNING_HELP = "the tiles each kernel takes, as `netdsl tune` timed them on a device (a tuning file)"
 MERGE_TOWERS_HELP = (
     "run each layer of a towers block as one grouped launch on the first tower's device (for towers on one GPU)"
 )
@@ -24,8 +26,13 @@ def add_plan_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--space-to-depth", action="store_true", help=SPACE_TO_DEPTH_HELP)
     parser.add_argument("--merge-towers", action="store_true", help=MERGE_TOWERS_HELP)
     parser.add_argument("--split-k", action="store_true", help=SPLIT_K_HELP)
+    parser.add_argument("--tuning", metavar="FILE", help=TUNING_HELP)
 
 
 def plan_options(args: argparse.Namespace) -> dict[str, object]:
-    """The values of `add_plan_flags`'s flags, by the name Options and Net take them (and plan.json records)."""
-    return {name: getattr(args, name) for name in PLAN_OPTIONS}
+    """The values of `add_plan_flags`'s flags, by the name Options and Net take them (and plan.json records; the
+    tuning file by its absolute path, which a build folder's `netdsl run` finds from anywhere)."""
+    options = {name: getattr(args, name) for name in PLAN_OPTIONS}
+    if options["tuning"] is not None:
+        options["tuning"] = str(Path(options["tuning"]).resolve())
+    return options

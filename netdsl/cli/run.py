@@ -248,7 +248,7 @@ def save_outputs(path: Path, outputs: dict) -> None:
 # Net's errors name its keyword arguments; on the command line they are flags.
 _FLAGS = {"devices": "--devices", "backend": "--backend", "cuda_graph": "--cuda-graph", "batch": "--batch",
           "dtype": "--dtype", "weights": "--weights", "layout": "--layout", "precision": "--precision",
-          "merge_towers": "--merge-towers", "space_to_depth": "--space-to-depth"}  # fmt: skip
+          "merge_towers": "--merge-towers", "space_to_depth": "--space-to-depth", "tuning": "--tuning"}  # fmt: skip
 
 
 def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
@@ -307,6 +307,8 @@ def resolve_build_dir(path: Path, args: argparse.Namespace) -> tuple[Path, str]:
         )
     for name, value in options.items():
         given, default = getattr(args, name), getattr(Options(), name)
+        if name == "tuning" and given is not None:  # recorded by its absolute path (flags.plan_options)
+            given = str(Path(given).resolve())
         if given == default:
             setattr(args, name, value)
         elif given != value:

@@ -27,6 +27,7 @@ from netdsl.compiler.launches import Launch, record_launches, sm90_resources
 from netdsl.compiler.passes import PASS_NAMES, Options, check_pass_name, dump, run_passes
 from netdsl.compiler.plan import build_plan, plan_json, with_source
 from netdsl.compiler.report import cost_report
+from netdsl.compiler.tuning import emit_tuned, read_tuning
 from netdsl.errors import NetError
 from netdsl.files import write_atomic
 from netdsl.ir.dtypes import dot_precision
@@ -58,10 +59,14 @@ def compile_net(
     after = run_passes(build(parse_file(path)), options)
     program, layers = after[PASS_NAMES[-1]], after["shapes"]
     listing = dump(after[dump_after]) if dump_after else ""
-    kernels = emit_program(program, input_precision, options.dtype)
+    report = cost_report(program, layers, options.batch, options.dtype)
+    if options.tuning is None:
+        kernels = emit_program(program, input_precision, options.dtype)
+    else:  # tiles timed on a device by `netdsl tune`
+        kernels, lines = emit_tuned(program, input_precision, options.dtype, read_tuning(options.tuning))
+        report += "\n" + "\n".join(lines) + "\n"
     step_files = {name.removesuffix(".py"): f"kernels/{name}" for name in kernels}
     plan = build_plan(program, options, step_files)
-    report = cost_report(program, layers, options.batch, options.dtype)
     return Compiled(program, layers, kernels, plan, report, listing, Path(path))
 
 

@@ -5,9 +5,11 @@ copies of the `@triton.jit` device functions it calls (`device_functions`: a hel
 kernel families, such as conv.py's epilogue, is copied into each file that needs it), the step's
 parameters as literals, `launch(inputs, weights, out=None)` that runs that copy through the family's
 launcher, `reference(inputs, weights)` built from PyTorch ops (`netdsl.codegen.reference`), and a `__main__` that
-checks one against the other on random data. Nothing from the `.net` file is pasted into the code
-except through `repr()` of plain values and identifiers made of [A-Za-z0-9_]: a hostile layer name
-cannot become code.
+checks one against the other on random data. A family whose launcher takes tiles (`tunable`) also gets
+`candidates()`, the tiles `netdsl tune` times, and `TUNED`, the tiles `launch` takes at each batch size
+(from a tuning file: netdsl.compiler.tuning), which its `config` argument overrides. Nothing from the
+`.net` file is pasted into the code except through `repr()` of plain values and identifiers made of
+[A-Za-z0-9_]: a hostile layer name cannot become code.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class Family:
     module: str  # netdsl.codegen.<module>
     kernel: str  # the @triton.jit function in it
     launch: str  # the body of `launch`, using inputs, weights, out, P (the parameters) and KERNEL
+    # The body of `candidates()`, the tiles `netdsl tune` times, for a family whose launcher takes `config`
+    # (then `launch` takes one too, and TUNED holds the tiles tuned per batch); "" for the others.
+    candidates: str = ""
 
 
 _JOIN = "x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)  # several inputs: joined on channels"
@@ -45,13 +50,18 @@ _CONV_LAUNCH = """
         return family.{function}(
             inputs, weights["weight"], weights.get("bias"), stride=P["stride"], padding=P["pad"],
             dilation=P["dilation"], groups=P["groups"], activation=P["activation"], slope=P["slope"],
-            input_precision=P["input_precision"], out=out, kernel=KERNEL,{more}
+            input_precision=P["input_precision"], out=out, config=config, kernel=KERNEL,{more}
         )"""
 
 FAMILIES: dict[str, Family] = {
-    "conv": Family("conv", "conv2d_kernel", _CONV_LAUNCH.format(function="conv2d", more="")),
+    "conv": Family(
+        "conv", "conv2d_kernel", _CONV_LAUNCH.format(function="conv2d", more=""), "return family.tuning_candidates()"
+    ),
     "conv_nhwc": Family(
-        "conv_nhwc", "conv2d_nhwc_kernel", _CONV_LAUNCH.format(function="conv2d_nhwc", more=' split_k=P["split_k"],')
+        "conv_nhwc",
+        "conv2d_nhwc_kernel",
+        _CONV_LAUNCH.format(function="conv2d_nhwc", more=' split_k=P["split_k"],'),
+        'return family.tuning_candidates(WEIGHT_SHAPES["weight"][1])',
     ),
     "conv_lrn_maxpool": Family(
         "conv_lrn_pool",
@@ -64,8 +74,9 @@ FAMILIES: dict[str, Family] = {
         return family.conv_lrn_maxpool(
             x, weights["weight"], bias, P["stride"], P["pad"], P["dilation"], P["groups"], P["size"], P["alpha"],
             P["beta"], P["k"], P["pool_size"], P["pool_stride"], P["pool_pad"], ceil_mode=P["ceil"],
-            input_precision=P["input_precision"], out=out, kernel=KERNEL,
+            input_precision=P["input_precision"], out=out, config=config, kernel=KERNEL,
         )""",
+        'return family.tuning_candidates(OUTPUT_SHAPE[0] // P["groups"])',
     ),
     "fc": Family(
         "fc",
@@ -75,8 +86,9 @@ FAMILIES: dict[str, Family] = {
             inputs = [torch.cat([x.flatten(1) for x in inputs], dim=1)]
         return family.linear(
             inputs, weights["weight"], weights.get("bias"), activation=P["activation"], slope=P["slope"],
-            input_precision=P["input_precision"], out=out, kernel=KERNEL,
+            input_precision=P["input_precision"], out=out, config=config, kernel=KERNEL,
         )""",
+        "return family.tuning_candidates()",
     ),
     "lrn": Family(
         "lrn",
@@ -85,8 +97,9 @@ FAMILIES: dict[str, Family] = {
         {_JOIN}
         return family.lrn(
             x, P["size"], P["alpha"], P["beta"], P["k"], relu_first=P["relu_first"], out=out, groups=P["groups"],
-            kernel=KERNEL,
+            config=config, kernel=KERNEL,
         )""",
+        "return family.tuning_candidates(OUTPUT_SHAPE[0])",
     ),
     "lrn_maxpool": Family(
         "lrn",
@@ -95,8 +108,10 @@ FAMILIES: dict[str, Family] = {
         {_JOIN}
         return family.lrn_maxpool(
             x, P["size"], P["alpha"], P["beta"], P["k"], P["pool_size"], P["pool_stride"], P["pool_pad"],
-            ceil_mode=P["ceil"], relu_first=P["relu_first"], out=out, groups=P["groups"], kernel=KERNEL,
+            ceil_mode=P["ceil"], relu_first=P["relu_first"], out=out, groups=P["groups"], config=config,
+            kernel=KERNEL,
         )""",
+        "return family.tuning_candidates(OUTPUT_SHAPE[0])",
     ),
     "pool": Family(
         "pool",
@@ -265,9 +280,54 @@ def function_source(fn: types.FunctionType) -> str:
     return textwrap.dedent(inspect.getsource(fn)).rstrip()
 
 
-def emit_step(program: nx.DiGraph, step: Step, input_precision: str = "ieee", dtype: str = "fp32") -> str:
-    """The source of `kernels/<step>.py`."""
+def tunable(step: Step) -> bool:
+    """Whether `netdsl tune` can choose the step's tiles (its family's launcher takes a `config`)."""
+    family = FAMILIES.get(family_of(step))
+    return family is not None and bool(family.candidates)
+
+
+def emit_step(
+    program: nx.DiGraph,
+    step: Step,
+    input_precision: str = "ieee",
+    dtype: str = "fp32",
+    tuned: dict[int, dict[str, int]] | None = None,
+) -> str:
+    """The source of `kernels/<step>.py`; `tuned`: the tiles `launch` takes at each batch (`netdsl tune`), for a
+    family that has `candidates` (others take none)."""
     family = FAMILIES[family_of(step)]
+    if tuned and not family.candidates:
+        raise ValueError(f"{step.name}: the {family_of(step)} kernels take no tuned tiles")
+    if family.candidates:
+        tuning = [
+            "# The tiles `launch` takes at each batch size, timed on a device by `netdsl tune` (none: the",
+            f"# launcher's own choice, netdsl.codegen.{family.module}.pick_config).",
+            f"TUNED = {literal({batch: dict(sorted(tuned[batch].items())) for batch in sorted(tuned or {})})}",
+        ]
+        launch = [
+            "def launch(",
+            "    inputs: list[torch.Tensor],",
+            "    weights: dict[str, torch.Tensor],",
+            "    out: torch.Tensor | None = None,",
+            "    config: dict[str, int] | None = None,",
+            "):",
+            '    """Runs the kernel on a batch: inputs are [N, *shape] tensors, weights by name; `config`: the tiles',
+            '    (by default TUNED\'s for the batch, else the launcher\'s choice)."""',
+            "    config = config or TUNED.get(inputs[0].shape[0])",
+        ]
+        candidates = [
+            "",
+            "",
+            "def candidates() -> list[dict[str, int]]:",
+            '    """The tiles `netdsl tune` times for this step, beside the launcher\'s own choice."""',
+            f"    {family.candidates}",
+        ]
+    else:
+        tuning, candidates = [], []
+        launch = [
+            "def launch(inputs: list[torch.Tensor], weights: dict[str, torch.Tensor], out: torch.Tensor | None = None):",  # noqa: E501
+            '    """Runs the kernel on a batch: inputs are [N, *shape] tensors, weights by name."""',
+        ]
     kernel, *helpers = device_functions(getattr(import_module(f"netdsl.codegen.{family.module}"), family.kernel))
     called = ", ".join(f"{fn.__module__}.{fn.__qualname__}" for fn in helpers)
     note = textwrap.wrap(f"Below the kernel, copies of the functions it calls: {called}.", 100) if helpers else []
@@ -318,11 +378,12 @@ def emit_step(program: nx.DiGraph, step: Step, input_precision: str = "ieee", dt
         f"OUTPUT_LAYOUT = {literal(step.layout)}",
         f"WEIGHT_LAYOUTS = {literal(weight_layouts(step))}",
         f"DTYPE = torch.{TORCH_NAMES[dtype]}  # of the build (netdsl compile --dtype {dtype})",
+        *tuning,
         "",
         "",
-        "def launch(inputs: list[torch.Tensor], weights: dict[str, torch.Tensor], out: torch.Tensor | None = None):",
-        '    """Runs the kernel on a batch: inputs are [N, *shape] tensors, weights by name."""',
+        *launch,
         textwrap.indent(textwrap.dedent(family.launch).strip("\n"), "    "),
+        *candidates,
         "",
         "",
         "def reference(inputs: list[torch.Tensor], weights: dict[str, torch.Tensor]) -> torch.Tensor:",

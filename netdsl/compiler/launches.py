@@ -73,7 +73,10 @@ def load_kernel_file(path: Path) -> ModuleType:
     return module
 
 
-def record_launches(kernel_files: list[Path], batch: int, dtype: str) -> list[Launch]:
+def record_launches(
+    kernel_files: list[Path], batch: int, dtype: str, configs: dict[str, dict[str, int]] | None = None
+) -> list[Launch]:
+    """Each file's launch at `batch` in `dtype`; `configs`: tiles to launch a step with instead of its own."""
     launches = []
     for path in kernel_files:
         module = load_kernel_file(path)
@@ -92,7 +95,8 @@ def record_launches(kernel_files: list[Path], batch: int, dtype: str) -> list[La
                 for name, shape in module.WEIGHT_SHAPES.items()
             }
             out = to_layout(torch.empty(batch, *module.OUTPUT_SHAPE, device="meta", dtype=dt), module.OUTPUT_LAYOUT)
-            module.launch(inputs, weights, out=out)
+            config = (configs or {}).get(module.STEP)
+            module.launch(inputs, weights, out=out, **({"config": config} if config else {}))
         finally:
             module.KERNEL = kernel
         source = path.read_text(encoding="utf-8")

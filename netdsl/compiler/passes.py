@@ -38,6 +38,7 @@ class Options:
     space_to_depth: bool = False  # strided convs over few channels as stride-1 convs over pixel blocks
     merge_towers: bool = False  # a towers block's copies of a layer as one grouped layer on the first tower's device
     split_k: bool = False  # channels-last convs whose tiles are too few to fill the GPU share each tile's taps
+    tuning: str | None = None  # a tuning file of `netdsl tune`: the tiles each kernel takes (netdsl.compiler.tuning)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from netdsl.errors import NetError
 
 PLAN_VERSION = 1
 # The compile-time choices a build is made with (netdsl.compiler.passes.Options), which `netdsl run DIR` keeps.
-PLAN_OPTIONS = ("layout", "precision", "space_to_depth", "merge_towers", "split_k")
+PLAN_OPTIONS = ("layout", "precision", "space_to_depth", "merge_towers", "split_k", "tuning")
 
 
 def _launch(program: nx.DiGraph, step: Step, views: dict[str, str], kernels: dict[str, str]) -> dict:

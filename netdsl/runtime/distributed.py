@@ -81,6 +81,7 @@ def run_distributed(
     precision: str | None = None,
     space_to_depth: bool = False,
     split_k: bool = False,
+    tuning: str | Path | None = None,
 ):
     """Runs this rank's partition of the net at `path` on the input `x` (the same on every rank).
 
@@ -91,7 +92,7 @@ def run_distributed(
     local = _local_device()
     net = Net(
         path, backend=backend, weights=weights, seed=seed, init=init, dtype=dtype, layout=layout, devices=local,
-        precision=precision, space_to_depth=space_to_depth, split_k=split_k,
+        precision=precision, space_to_depth=space_to_depth, split_k=split_k, tuning=tuning,
     )  # fmt: skip
     logical = sorted(net.program.graph["partitions"])
     if world != len(logical):

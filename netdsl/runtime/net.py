@@ -29,7 +29,8 @@
   `merge_towers=True` (a towers block's copies of each layer as one grouped launch on the first tower's device,
   for towers sharing one GPU: netdsl.compiler.merge_towers; the towers' weights are joined on load) and
   `split_k=True` (channels-last convs whose tiles are too few to fill the GPU, small batches, share each tile's
-  taps among several programs: codegen/conv_nhwc.split_taps).
+  taps among several programs: codegen/conv_nhwc.split_taps) and `tuning` (a file of `netdsl tune`: the tiles timed
+  fastest on a device for each kernel and batch size; netdsl.compiler.tuning).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class Net:
         streams: str = "partition",
         merge_towers: bool = False,
         split_k: bool = False,
+        tuning: str | Path | None = None,
     ) -> None:
         self.path = str(path)
         if streams not in STREAMS:
@@ -122,7 +124,7 @@ class Net:
             raise NetError(f"unknown layout `{layout}`", where="layout", hint=f"layouts: {', '.join(LAYOUT_OPTIONS)}")
         options = Options(
             batch, dtype, layout=layout, precision=precision, space_to_depth=space_to_depth, merge_towers=merge_towers,
-            split_k=split_k,
+            split_k=split_k, tuning=None if tuning is None else str(tuning),
         )  # fmt: skip
         self.compiled: Compiled = compile_net(path, options)
         self.program: nx.DiGraph = self.compiled.program
@@ -370,6 +372,11 @@ class Net:
             outputs = {name: views[step].clone() for name, step in self.output_steps.items()}
         self._check_gpu_inputs(inputs)
         return (next(iter(outputs.values())) if len(outputs) == 1 else outputs), times
+
+    def kernel_steps(self) -> dict[str, tuple[object, dict[str, torch.Tensor]]]:
+        """Each step that launches a generated kernel (the triton backend), in run order: its kernel file's module
+        and its weights as the step takes them (on its device, in its layouts)."""
+        return {name: (module, self._step_weights[name]) for name, module in self._modules.items()}
 
     def memory(self, batch: int) -> dict[str, tuple[int, int]]:
         """Per logical device: bytes of its activation arena at `batch`, and bytes of its weights."""

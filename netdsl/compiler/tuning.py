@@ -1,0 +1,222 @@
+"""Tiles tuned on a device: reading a tuning file of `netdsl tune` and building kernels with its tiles.
+
+Each tunable kernel (the conv, channels-last conv, fc and LRN families: `emit.tunable`) takes its block sizes
+from its launcher's `pick_config`, a rule measured on one GPU for AlexNet's layers. `netdsl tune` times the
+family's candidate tiles on the device at hand, for each step of a net at a batch size, and writes what won:
+
+    {
+      "format": "netdsl-tuning/1",
+      "device": "NVIDIA H200", "triton": "3.6.0", "torch": "2.11.0", "netdsl": "0.4.0",
+      "net": "alexnet", "dtype": "bf16",
+      "steps": {
+        "conv3_gpu0_conv_bias_relu": {
+          "signature": "<SHA-256 of the step's kernel file as built without tuning>",
+          "batches": {
+            "128": {"config": {"BLOCK_M": 128, ...}, "ms": 0.071, "default_ms": 0.080, "timed": 10},
+            "1": {"config": null, "ms": 0.012, "default_ms": 0.012, "timed": 10}
+          }
+        }
+      }
+    }
+
+A `config` of null means the launcher's own choice was the fastest. `netdsl compile --tuning FILE` (and
+`netdsl run`, `netdsl.load(..., tuning=FILE)`) writes each tuned step's tiles into its kernel file's `TUNED`
+table, by batch size; a step whose kernel changed since it was tuned (another netdsl, other options, an
+edited net: its signature differs) keeps the launcher's choice, and the report says which. The file's values
+reach the kernels only as whole numbers under known names: nothing in it can become code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import networkx as nx
+
+from netdsl.compiler.emit import FAMILIES, emit_step, family_of, tunable
+from netdsl.compiler.steps import Step, identifier
+from netdsl.errors import NetError
+
+TUNING_FORMAT = "netdsl-tuning/1"
+# The block sizes each tunable family's launcher needs (powers of two), the launch settings it may take as well,
+# and the largest value any of them may have.
+TILE_KEYS = {
+    "conv": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    "conv_nhwc": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    "conv_lrn_maxpool": ("BLOCK_N", "BLOCK_P", "BLOCK_K"),
+    "fc": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    "lrn": ("BLOCK_C", "BLOCK_P"),
+    "lrn_maxpool": ("BLOCK_C", "BLOCK_P"),
+}
+LAUNCH_KEYS = ("num_warps", "num_stages")
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C", "BLOCK_P", *LAUNCH_KEYS)
+MAX_CONFIG_VALUE = 4096
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """A tuning file, checked: per step, its kernel's signature and per batch the tiles that won (None: the
+    launcher's own choice), with the times measured."""
+
+    path: str
+    device: str
+    triton: str
+    steps: dict[str, dict] = field(default_factory=dict)
+
+    def configs(self, step: str, signature: str) -> dict[int, dict[str, int]] | None:
+        """The tiles tuned for `step` by batch size (only those that beat the launcher's choice), or None when the
+        file has no entry for it or its kernel has changed since (`signature` differs)."""
+        entry = self.steps.get(step)
+        if entry is None or entry["signature"] != signature:
+            return None
+        return {int(batch): row["config"] for batch, row in entry["batches"].items() if row["config"]}
+
+
+def signature(source: str) -> str:
+    """What a tuning is valid for: the kernel file as built without tuned tiles."""
+    return hashlib.sha256(source.encode("utf-8")).hexdigest()
+
+
+def read_tuning(path: str | Path) -> Tuning:
+    """A tuning file of `netdsl tune`, checked; a NetError naming the file and what is wrong otherwise."""
+    where = str(path)
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NetError("no such tuning file", where=where, hint="write one with netdsl tune NET -o FILE") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise NetError(
+            f"cannot read the tuning file ({type(error).__name__}: {error})",
+            where=where,
+            hint="write it again with netdsl tune NET -o FILE",
+        ) from None
+    if not isinstance(data, dict) or data.get("format") != TUNING_FORMAT:
+        raise NetError(
+            f"not a tuning file of netdsl tune (its `format` is not {TUNING_FORMAT!r})",
+            where=where,
+            hint="write one with netdsl tune NET -o FILE",
+        )
+    steps = data.get("steps")
+    if not isinstance(steps, dict):
+        raise _bad(where, "steps", "is not a table of steps")
+    for step, entry in steps.items():
+        check_entry(where, step, entry)
+    return Tuning(where, str(data.get("device", "?")), str(data.get("triton", "?")), steps)
+
+
+def check_entry(where: str, step: str, entry: object) -> None:
+    at = f"steps.{step}"
+    if not isinstance(entry, dict) or not isinstance(entry.get("signature"), str):
+        raise _bad(where, at, "needs a `signature` (the kernel's SHA-256)")
+    batches = entry.get("batches")
+    if not isinstance(batches, dict):
+        raise _bad(where, f"{at}.batches", "is not a table of batch sizes")
+    for batch, row in batches.items():
+        if not (isinstance(batch, str) and batch.isdigit() and int(batch) > 0):
+            raise _bad(where, f"{at}.batches", f"has {batch!r}, which is not a batch size")
+        if not isinstance(row, dict) or "config" not in row:
+            raise _bad(where, f"{at}.batches.{batch}", "needs a `config` (null for the launcher's choice)")
+        check_config(where, f"{at}.batches.{batch}.config", row["config"])
+
+
+def check_config(where: str, at: str, config: object) -> None:
+    """Null, or whole numbers from 1 to MAX_CONFIG_VALUE under the names of CONFIG_KEYS."""
+    if config is None:
+        return
+    if not isinstance(config, dict) or not config:
+        raise _bad(where, at, "is neither null nor a table of block sizes")
+    for key, value in config.items():
+        if key not in CONFIG_KEYS:
+            raise _bad(where, at, f"has {key!r}, which no kernel takes (known: {', '.join(CONFIG_KEYS)})")
+        if type(value) is not int or not 1 <= value <= MAX_CONFIG_VALUE:
+            raise _bad(where, f"{at}.{key}", f"is {value!r}, not a whole number from 1 to {MAX_CONFIG_VALUE}")
+        if key != "num_stages" and value & (value - 1):
+            raise _bad(where, f"{at}.{key}", f"is {value}, not a power of two")
+
+
+def _bad(where: str, at: str, what: str) -> NetError:
+    return NetError(f"{at} {what}", where=where, hint="write the file again with netdsl tune NET -o FILE")
+
+
+def emit_tuned(
+    program: nx.DiGraph, input_precision: str, dtype: str, tuning: Tuning
+) -> tuple[dict[str, str], list[str]]:
+    """Every step's kernel file (as `emit.emit_program`), tuned steps with their tiles in `TUNED`; and the report's
+    lines on what the tuning changed."""
+    files: dict[str, str] = {}
+    tuned, kept, stale, untuned = [], [], [], []
+    for names in program.graph["partitions"].values():
+        for name in names:
+            step = program.nodes[name]["step"]
+            if family_of(step) in FAMILIES:
+                source = emit_step(program, step, input_precision, dtype)
+                if tunable(step):
+                    configs = tuning.configs(step.name, signature(source))
+                    if configs:
+                        _check_tiles(tuning.path, step, configs)
+                        source = emit_step(program, step, input_precision, dtype, configs)
+                        tuned.append((step.name, configs))
+                    elif configs is not None:
+                        kept.append(step.name)
+                    elif step.name in tuning.steps:
+                        stale.append(step.name)
+                    else:
+                        untuned.append(step.name)
+                files[f"{identifier(step.name)}.py"] = source
+    return files, _report(tuning, tuned, kept, stale, untuned)
+
+
+def _check_tiles(where: str, step: Step, configs: dict[int, dict[str, int]]) -> None:
+    """Each tuned config holds the block sizes the step's family needs, and nothing only another family takes;
+    a conv + LRN + max-pool stage's channel block holds a whole conv group."""
+    family = family_of(step)
+    allowed = {*TILE_KEYS[family], *LAUNCH_KEYS}
+    for batch, config in configs.items():
+        at = f"steps.{step.name}.batches.{batch}.config"
+        missing = [key for key in TILE_KEYS[family] if key not in config]
+        if missing:
+            raise _bad(where, at, f"lacks {', '.join(missing)}, which the {family} kernel needs")
+        foreign = sorted(set(config) - allowed)
+        if foreign:
+            raise _bad(where, at, f"has {', '.join(foreign)}, which the {family} kernel does not take")
+        if family == "conv_lrn_maxpool":
+            group = step.first.params["filters"] // step.first.params["groups"]
+            if config["BLOCK_N"] < group:
+                raise _bad(where, f"{at}.BLOCK_N", f"is {config['BLOCK_N']}, less than a conv group's {group} channels")
+
+
+def _report(tuning: Tuning, tuned: list, kept: list[str], stale: list[str], untuned: list[str]) -> list[str]:
+    lines = [f"tiles tuned by netdsl tune ({tuning.path}; {tuning.device}, Triton {tuning.triton}):"]
+    for name, configs in tuned:
+        for batch, config in sorted(configs.items()):
+            row = tuning.steps[name]["batches"][str(batch)]
+            times = f"{row['ms']:.3f} ms, default {row['default_ms']:.3f}" if _timed(row) else "no times"
+            lines.append(f"  {name} at batch {batch}: {describe_config(config)} ({times})")
+    if kept:
+        lines.append(f"  the launcher's own tiles won for: {', '.join(kept)}")
+    if stale:
+        lines.append(f"  not used, the kernel changed since it was tuned (run netdsl tune again): {', '.join(stale)}")
+    if untuned:
+        lines.append(f"  not in the file: {', '.join(untuned)}")
+    return lines
+
+
+def _timed(row: dict) -> bool:
+    return all(isinstance(row.get(key), (int, float)) for key in ("ms", "default_ms"))
+
+
+def describe_config(config: dict[str, int]) -> str:
+    """`128x64x32 w4 s3` (pixels x channels x K block, warps, stages), `16c x 64p w8` for an LRN tile (channels x
+    pooled pixels), `64c x 32p x 32k w8 s2` for a conv + LRN + max-pool stage's."""
+    if "BLOCK_M" in config:
+        tile = f"{config['BLOCK_M']}x{config.get('BLOCK_N')}x{config.get('BLOCK_K')}"
+    elif "BLOCK_C" in config:
+        tile = f"{config['BLOCK_C']}c x {config.get('BLOCK_P')}p"
+    else:
+        tile = f"{config.get('BLOCK_N')}c x {config.get('BLOCK_P')}p x {config.get('BLOCK_K')}k"
+    extras = [f"w{config['num_warps']}"] if "num_warps" in config else []
+    if "num_stages" in config:
+        extras.append(f"s{config['num_stages']}")
+    return " ".join([tile, *extras])
