@@ -16,6 +16,7 @@ from netdsl.cli.fmt import add_command as add_fmt_command
 from netdsl.cli.fmt import fmt_command
 from netdsl.cli.train import add_commands as add_training_commands
 from netdsl.cli.train import eval_command, train_command
+from netdsl.cli.tune import add_command as add_tune_command
 from netdsl.compiler.backward import TRAINING_PASS_NAMES
 from netdsl.compiler.passes import PASS_NAMES, Options, check_options
 from netdsl.errors import NetError
@@ -203,6 +204,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--time", action="store_true", help="time each step and partition, and show each device's memory")
     add_training_commands(commands, _positive)
+    add_tune_command(commands, _positive)
     add_fmt_command(commands)
     return parser
 
@@ -267,6 +269,10 @@ def _dispatch(path: Path, args: argparse.Namespace) -> int:
         from netdsl.cli.run import run_command
 
         return run_command(path, args)
+    if args.command == "tune":
+        from netdsl.cli.tune import tune_command
+
+        return tune_command(path, args)
     graph = load_graph(path, batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit)
     if args.command == "info":
         from netdsl.cli.info import info_table

@@ -1,0 +1,301 @@
+"""`netdsl tune`: the tiles each kernel of a net runs fastest with, timed on the device at hand.
+
+For every step whose kernel family takes a tile configuration (convs, channels-last convs, conv + LRN + max-pool
+stages, fcs, LRNs with or without their max-pool: `netdsl.compiler.emit.tunable`), at one batch size and dtype:
+
+1. the step runs once with its launcher's own tiles (`pick_config`, a rule measured on one GPU for AlexNet) on
+   random inputs in the build's layouts and the net's weights; that output is the yardstick;
+2. each candidate tile of the family (the kernel file's `candidates()`) runs once (Triton compiles it), its
+   output is compared with the yardstick (a candidate that does not build, or computes something else, is
+   dropped with the reason), then timed: the median of `runs` samples after two warm-ups, on a GPU each a
+   replayed CUDA graph of ten launches timed by CUDA events (the wall clock under the interpreter, which only
+   proves the mechanism);
+3. the fastest candidate that builds for sm_90 without spills (netdsl.compiler.launches) wins if it beats the
+   launcher's own tiles; otherwise the step keeps them (`config`: null).
+
+The result is a tuning file (`netdsl.compiler.tuning` describes it), which `netdsl compile --tuning FILE` and
+`netdsl run --tuning FILE` build into the kernels. Tuning another batch size into an existing file adds to it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from netdsl._version import __version__
+from netdsl.codegen.layouts import to_layout
+from netdsl.compiler.launches import Recorder, record_launches, sm90_resources
+from netdsl.compiler.tuning import CONFIG_KEYS, TUNING_FORMAT, check_entry, describe_config, signature
+from netdsl.errors import NetError
+from netdsl.files import write_atomic
+from netdsl.ir.dtypes import dot_precision
+from netdsl.runtime.net import Net
+
+# How far a candidate's output may lie from the launcher's own tiles' (relative to the largest output): the
+# two differ only in the order of the additions, and in 16-bit outputs, by a rounding or two.
+TOLERANCE = {"ieee": 1e-4, "tf32x3": 1e-4, "tf32": 1e-2, "16-bit": 2e-2}
+# Times a launch of the given tiles (None: the launcher's own): milliseconds per call.
+Timer = Callable[[Callable[[], object], "dict[str, int] | None"], float]
+
+
+@dataclass
+class StepTuning:
+    """What `tune` found for one step: its launcher's tiles and time, the winner (None: the launcher's tiles
+    stay) and why candidates were dropped."""
+
+    step: str
+    default: dict[str, int]
+    default_ms: float
+    best: dict[str, int] | None
+    best_ms: float
+    timed: int
+    dropped: dict[str, str] = field(default_factory=dict)
+    ranked: list[tuple[float, dict[str, int]]] = field(default_factory=list, repr=False)  # faster than the default
+
+    def row(self) -> dict:
+        return {
+            "config": self.best,
+            "ms": round(self.best_ms, 5),
+            "default_ms": round(self.default_ms, 5),
+            "default": self.default,
+            "timed": self.timed,
+            **({"dropped": self.dropped} if self.dropped else {}),
+        }
+
+
+def tune(
+    path: str | Path,
+    *,
+    batch: int,
+    dtype: str = "fp32",
+    device: str = "cuda:0",
+    runs: int = 20,
+    timer: Timer | None = None,
+    check_sm90: bool = True,
+    steps: str | None = None,
+    seed: int = 0,
+    progress: TextIO | None = None,
+    **options,
+) -> tuple[dict, list[StepTuning]]:
+    """Times every tunable step of the net at `path` on `device` (all its partitions there) at `batch` images in
+    `dtype` with the compile-time `options` (layout, precision, space_to_depth, merge_towers, split_k). Returns
+    the tuning file's contents and each step's findings. `steps`: only the steps whose names match one of these
+    comma-separated shell patterns (`conv*,fc6*`). `timer` replaces the device's clock (tests);
+    `check_sm90=False` skips the spill check of the winners."""
+    net = Net(path, backend="triton", dtype=dtype, batch=batch, devices=device, seed=seed, **options)
+    place = torch.device(device)
+    timer = timer or device_timer(place, runs)
+    precision = dot_precision(dtype, options.get("precision"))
+    tolerance = TOLERANCE["16-bit" if dtype in ("bf16", "fp16") else precision]
+    generator = torch.Generator().manual_seed(seed)
+    patterns = [pattern.strip() for pattern in (steps or "*").split(",") if pattern.strip()]
+    found, entries = [], {}
+    for name, (module, weights) in net.kernel_steps().items():
+        if not hasattr(module, "candidates") or not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        if progress is not None:
+            print(f"tuning {name} ...", file=progress, flush=True)
+        kernel_file = net.build_dir / "kernels" / f"{name}.py"
+        inputs = [
+            to_layout(torch.randn(batch, *shape, generator=generator).to(net.torch_dtype), layout).to(place)
+            for shape, layout in zip(module.INPUT_SHAPES, module.INPUT_LAYOUTS, strict=True)
+        ]
+        result = _tune_step(name, module, inputs, weights, timer, tolerance)
+        if check_sm90 and result.best is not None:
+            result = _without_spills(result, kernel_file, batch, dtype)
+        found.append(result)
+        entries[name] = {
+            "signature": signature(kernel_file.read_text(encoding="utf-8")),
+            "batches": {str(batch): result.row()},
+        }
+    tuning = {
+        "format": TUNING_FORMAT,
+        "device": device_name(place),
+        "triton": _triton_version(),
+        "torch": torch.__version__,
+        "netdsl": __version__,
+        "net": net.program.graph["name"],
+        "dtype": dtype,
+        "options": {key: value for key, value in sorted(options.items())},
+        "steps": entries,
+    }
+    return tuning, found
+
+
+def _tune_step(name: str, module, inputs: list[torch.Tensor], weights: dict, timer: Timer, tolerance: float):
+    want = module.launch(inputs, weights)
+    default = launched_config(module, inputs, weights, want)
+    out = torch.empty_like(want)
+    default_ms = timer(lambda: module.launch(inputs, weights, out=out), None)
+    timings, dropped = [], {}
+    for config in module.candidates():
+        label = describe_config(config)
+        try:
+            got = module.launch(inputs, weights, config=config)
+        except Exception as error:  # a tile this kernel or device cannot take (shared memory, registers, ...)
+            dropped[label] = _first_line(error)
+            continue
+        error = _relative_error(got, want)
+        if not error <= tolerance:
+            dropped[label] = f"its output differs from the launcher's tiles' by {error:.1e} of the largest"
+            continue
+        ms = timer(lambda config=config: module.launch(inputs, weights, out=out, config=config), config)
+        timings.append((ms, config))
+    timings.sort(key=lambda item: item[0])
+    ranked = [(ms, config) for ms, config in timings if ms < default_ms and config != default]
+    best_ms, best = ranked[0] if ranked else (default_ms, None)
+    return StepTuning(name, default, default_ms, best, best_ms, len(timings), dropped, ranked)
+
+
+def _without_spills(result: StepTuning, kernel_file: Path, batch: int, dtype: str) -> StepTuning:
+    """The fastest of the ranked candidates that builds for sm_90 without spilling registers (every emitted kernel
+    must); the launcher's tiles when none does."""
+    for ms, config in result.ranked:
+        launches = record_launches([kernel_file], batch, dtype, configs={result.step: config})
+        resources = sm90_resources(launches)[result.step]
+        if resources["spill_stores"] + resources["spill_loads"] == 0:
+            result.best, result.best_ms = config, ms
+            return result
+        result.dropped[describe_config(config)] = "spills registers on sm_90"
+    result.best, result.best_ms = None, result.default_ms
+    return result
+
+
+def launched_config(module, inputs: list[torch.Tensor], weights: dict, out: torch.Tensor) -> dict[str, int]:
+    """The tiles the step's launcher picks itself for these inputs (read from a recorded launch)."""
+    kernel, recorder = module.KERNEL, Recorder()
+    module.KERNEL = recorder
+    try:
+        module.launch(inputs, weights, out=out)
+    finally:
+        module.KERNEL = kernel
+    _, _, kwargs = recorder.calls[0]
+    return {key: int(kwargs[key]) for key in CONFIG_KEYS if key in kwargs}
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
+
+
+def device_timer(device: torch.device, runs: int) -> Timer:
+    """Milliseconds per launch: the median of `runs` samples after two warm-ups. On a GPU each sample replays a
+    CUDA graph of GRAPH_LAUNCHES launches, timed by CUDA events, so that the launcher's Python (which a net
+    replayed as a CUDA graph does not pay) does not hide the kernel's time at small batches; a launch that cannot
+    be captured is timed launch by launch. On the CPU, the wall clock of each launch."""
+
+    def timed(launch: Callable[[], object], config: dict[str, int] | None = None) -> float:
+        launch()
+        launch()
+        if device.type != "cuda":
+            samples = []
+            for _ in range(runs):
+                begin = time.perf_counter()
+                launch()
+                samples.append((time.perf_counter() - begin) * 1e3)
+            return statistics.median(samples)
+        graph = _captured(launch, device)
+        run, per_sample = (graph.replay, GRAPH_LAUNCHES) if graph is not None else (launch, 1)
+        torch.cuda.synchronize(device)
+        events = []
+        for _ in range(runs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize(device)
+        return statistics.median(start.elapsed_time(end) for start, end in events) / per_sample
+
+    return timed
+
+
+GRAPH_LAUNCHES = 10  # launches per replayed CUDA graph in `device_timer`
+
+
+def _captured(launch: Callable[[], object], device: torch.device):
+    """GRAPH_LAUNCHES launches captured as one CUDA graph (warmed on a side stream first, as capture needs), or None
+    when this launch cannot be captured."""
+    try:
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            launch()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_LAUNCHES):
+                launch()
+        return graph
+    except RuntimeError:
+        torch.cuda.synchronize(device)
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu (Triton's interpreter)"
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def merge_tuning(old: Mapping, new: dict) -> tuple[dict, list[str]]:
+    """`new` with what `old` (an existing tuning file) holds for other batch sizes of the same kernels on the same
+    device kept; and notes on what of `old` was left out."""
+    notes = []
+    if old.get("device") != new["device"]:
+        return new, [f"its tunings for {old.get('device')} replaced by these for {new['device']}"]
+    steps = {}
+    for name, entry in old.get("steps", {}).items():
+        if name in new["steps"] and entry.get("signature") != new["steps"][name]["signature"]:
+            notes.append(f"{name}: its earlier tunings were of another kernel, replaced")
+            continue
+        steps[name] = {"signature": entry["signature"], "batches": dict(entry["batches"])}
+    for name, entry in new["steps"].items():
+        steps.setdefault(name, {"signature": entry["signature"], "batches": {}})
+        steps[name]["batches"].update(entry["batches"])
+        steps[name]["batches"] = dict(sorted(steps[name]["batches"].items(), key=lambda item: -int(item[0])))
+    return {**new, "steps": steps}, notes
+
+
+def write_tuning(path: str | Path, tuning: dict) -> list[str]:
+    """Writes the tuning file (atomically), merged with what is already there (`merge_tuning`); returns the notes."""
+    path = Path(path)
+    notes: list[str] = []
+    if path.exists():
+        old = _read_existing(path)
+        tuning, notes = merge_tuning(old, tuning)
+    write_atomic(path, json.dumps(tuning, indent=2) + "\n")
+    return notes
+
+
+def _read_existing(path: Path) -> dict:
+    where = str(path)
+    hint = "give another -o FILE, or remove this one"
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise NetError(f"cannot add to it: {type(error).__name__}: {error}", where=where, hint=hint) from None
+    if not isinstance(old, dict) or old.get("format") != TUNING_FORMAT or not isinstance(old.get("steps"), dict):
+        raise NetError("cannot add to it: it is not a tuning file of netdsl tune", where=where, hint=hint)
+    for name, entry in old["steps"].items():
+        check_entry(where, name, entry)
+    return old
