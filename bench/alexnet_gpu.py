@@ -3,8 +3,9 @@
     python bench/alexnet_gpu.py [--runs 50] [--batches 1,32,128] [--precisions fp32,tf32x3,tf32,bf16]
                                 [--systems netdsl,netdsl-graph,netdsl-nchw,netdsl-s2d-graph,netdsl-one-stream,
                                            netdsl-grouped,netdsl-grouped-graph,netdsl-split-graph,
-                                           netdsl-grouped-split-graph,eager,compile,max-autotune]
-                                [--net alexnet|vgg16]
+                                           netdsl-grouped-split-graph,netdsl-tuned-graph,eager,compile,
+                                           max-autotune]
+                                [--net alexnet|vgg16] [--tuning tuning.json]
 
 For batch 1, 32 and 128 in fp32, TF32 and bf16: throughput (images/s) and latency (ms), timed with
 CUDA events, the median of `--runs` runs after warm-up, and the ratio to the roofline floor of the
@@ -17,7 +18,8 @@ issue 13); `netdsl-one-stream` runs the towers' steps on one shared stream (`str
 `netdsl`, whether the two streams overlap at all; `netdsl-grouped` merges the towers into one grouped launch per
 layer on one stream (`merge_towers=True`, netdsl.compiler.merge_towers; `-graph`: in a CUDA graph): against both,
 whether to plan AlexNet that way on one GPU; `-split` lets the channels-last convs share a tile's taps among
-programs where the batch leaves most SMs idle (`split_k=True`). Precision `tf32x3` is fp32 with three TF32 tensor-core
+programs where the batch leaves most SMs idle (`split_k=True`); `-tuned` takes the tiles of `--tuning` (a file of
+`netdsl tune`). Precision `tf32x3` is fp32 with three TF32 tensor-core
 products in netdsl's kernels (`precision="tf32x3"`) and exact fp32 in PyTorch's. The PyTorch model is the
 hand-written one of the golden tests (tests/golden/models.py); `compile` and `max-autotune` are torch.compile's
 default and max-autotune modes (minutes of compiling each). Each row is printed as soon as it is
@@ -79,6 +81,7 @@ SYSTEMS = {
     "netdsl-grouped-graph": "netdsl, towers merged, CUDA graph",
     "netdsl-split-graph": "netdsl, split-K convs, CUDA graph",
     "netdsl-grouped-split-graph": "netdsl, towers merged, split-K convs, CUDA graph",
+    "netdsl-tuned-graph": "netdsl, tiles of netdsl tune, CUDA graph",
     "eager": "eager (cuDNN)",
     "compile": "torch.compile",
     "max-autotune": "torch.compile max-autotune",
@@ -87,7 +90,7 @@ SYSTEMS = {
 
 def make_system(
     name: str, net: Path, devices: list[str], weights, model: torch.nn.Module, batch: int, dtype: str,
-    precision: str | None = None,
+    precision: str | None = None, tuning: str | None = None,
 ):  # fmt: skip
     """A function of one input running one forward pass of `name`; every logical device on cuda:0."""
     if name.startswith("netdsl"):
@@ -107,6 +110,7 @@ def make_system(
             streams="device" if name == "netdsl-one-stream" else "partition",
             merge_towers="-grouped" in name,
             split_k="-split" in name,
+            tuning=tuning if "-tuned" in name else None,
         )
         return ours
     if name == "eager":
@@ -124,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default="netdsl,netdsl-graph,eager,compile,max-autotune")
     parser.add_argument("--tsv", help="append each row to this file as it is measured")
     parser.add_argument("--net", default="alexnet", choices=NETS, help="the net of nets/ to time")
+    parser.add_argument("--tuning", help="the tuning file of `netdsl tune` the -tuned systems take")
     parser.add_argument(
         "--warm-only",
         action="store_true",
@@ -134,9 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in chosen + args.precisions.split(",") if name not in {**SYSTEMS, **PRECISIONS}]
     if unknown:
         parser.error(f"unknown system or precision: {', '.join(unknown)} (systems: {', '.join(SYSTEMS)})")
+    if any("-tuned" in name for name in chosen) and not args.tuning:
+        parser.error("the -tuned systems take the tiles of a tuning file: give --tuning FILE (netdsl tune)")
     print(
         f"# python bench/alexnet_gpu.py --runs {args.runs} --batches {args.batches} "
         f"--precisions {args.precisions} --systems {args.systems} --net {args.net}"
+        + (f" --tuning {args.tuning}" if args.tuning else "")
     )
     if not torch.cuda.is_available():
         print("no CUDA GPU here: nothing to time (run this on a machine with one)")
@@ -172,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 began = time.perf_counter()
                 with torch.no_grad():
                     precision = "tf32x3" if name == "tf32x3" else None
-                    run = make_system(system, net, devices, weights, model, batch, dtype, precision)
+                    run = make_system(system, net, devices, weights, model, batch, dtype, precision, args.tuning)
                     for _ in range(3):  # compiles (Triton, Inductor) and captures happen here
                         run(x)
                     torch.cuda.synchronize()

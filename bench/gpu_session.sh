@@ -15,7 +15,8 @@
 #        against cuDNN / cuBLAS (the choice table to $OUT); bench/train.py --gpu;
 # infer  issue 13's table (bf16 at batch 128, 32, 1, tf32 and fp32 at 128: netdsl against eager, torch.compile
 #        and max-autotune), then its decisions (conv1's space-to-depth, fp32 exact against tf32x3, the towers
-#        as two streams or merged into grouped launches, split-K convs at batch 1 and 32), the streams' rows,
+#        as two streams or merged into grouped launches, split-K convs at batch 1 and 32), `netdsl tune` at batch
+#        128 and 1 and AlexNet with its tiles, the streams' rows,
 #        VGG-16, the conv and step sweeps, a per-step profile of AlexNet (both layouts, and merged).
 # `all` (the default) runs the three in that order. Meanwhile, background processes compile the kernels the
 # benchmarks need (filling the caches on disk). Works with the machine's own torch and triton; lark travels
@@ -114,6 +115,17 @@ if wants infer; then
         --systems netdsl-graph,netdsl-split-graph,netdsl-grouped-graph,netdsl-grouped-split-graph \
         --tsv "$OUT/levers.tsv" >"$OUT/levers_split.log" 2>&1
     cat "$OUT/levers.tsv" 2>/dev/null
+    # netdsl tune: each kernel's candidate tiles timed here, at batch 128 then 1 in bf16 (one file), and AlexNet
+    # with the tuned tiles against the launchers' own
+    box "${TUNE_S:-150}" python3 -m netdsl tune --batch 128 --dtype bf16 --runs 10 -o "$OUT/tuning.json" \
+        >"$OUT/tune.log" 2>&1
+    box "${TUNE1_S:-60}" python3 -m netdsl tune --batch 1 --dtype bf16 --runs 10 -o "$OUT/tuning.json" \
+        >"$OUT/tune_1.log" 2>&1
+    grep -v "^tuning " "$OUT/tune.log" "$OUT/tune_1.log" 2>/dev/null | tail -n 40
+    [ -f "$OUT/tuning.json" ] && box "${TUNED_S:-60}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1 \
+        --precisions bf16 --systems netdsl-graph,netdsl-tuned-graph --tuning "$OUT/tuning.json" \
+        --tsv "$OUT/levers.tsv" >"$OUT/tuned.log" 2>&1
+    tail -n 6 "$OUT/tuned.log" 2>/dev/null
     # netdsl-one-stream: both towers on one stream, against netdsl's stream each (do they overlap?), and both
     # against the towers merged into grouped launches (netdsl-grouped)
     box "${BENCH_S:-100}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1 --precisions bf16 \
