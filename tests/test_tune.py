@@ -350,3 +350,43 @@ def test_tune_command_errors(tiny, tmp_path, capsys, argv, where, message):
     err = capsys.readouterr().err  # (after the note on timing under the interpreter, where the CPU is timed)
     assert any(line.startswith(f"{where}: error: ") for line in err.splitlines())
     assert message in err and "Traceback" not in err
+
+
+def test_the_towers_copies_are_tuned_once_and_progress_is_saved_step_by_step(tmp_path):
+    """gpu1's copy of a layer is gpu0's kernel on the same shapes: it takes gpu0's findings without being timed;
+    after each step the caller gets the tuning so far (the CLI writes it: a run cut short keeps it)."""
+    from kernel_support import SMALL_ALEXNET
+
+    net = tmp_path / "small_alexnet.net"
+    net.write_text(SMALL_ALEXNET)
+    timed: list[dict | None] = []
+
+    def timer(launch, config):
+        launch()
+        timed.append(config)
+        return 1.0 if config == fc.tuning_candidates()[3] else 5.0
+
+    saved: list[list[str]] = []
+    tuning, found = tuner.tune(
+        net, batch=BATCH, device="cpu", timer=timer, check_sm90=False, steps="fc6*",
+        on_step=lambda so_far: saved.append(list(so_far["steps"])),
+    )  # fmt: skip
+    assert [r.step for r in found] == ["fc6_gpu0_fc_bias_relu", "fc6_gpu1_fc_bias_relu"]
+    assert saved == [["fc6_gpu0_fc_bias_relu"], ["fc6_gpu0_fc_bias_relu", "fc6_gpu1_fc_bias_relu"]]
+    assert len(timed) == 1 + len(fc.tuning_candidates())  # one step's default and candidates, not two steps'
+    twin = found[1]
+    assert twin.same_as == "fc6_gpu0_fc_bias_relu" and twin.best == found[0].best == fc.tuning_candidates()[3]
+    rows = {name: entry["batches"][str(BATCH)] for name, entry in tuning["steps"].items()}
+    assert rows["fc6_gpu1_fc_bias_relu"]["same_as"] == "fc6_gpu0_fc_bias_relu"
+    signatures = {entry["signature"] for entry in tuning["steps"].values()}
+    assert len(signatures) == 2  # each file its own: the step's name is in it
+    # each tower's kernel gets the tiles
+    compiled = compile_net(net, Options(BATCH, "fp32", tuning=str(_saved(tmp_path, tuning))))
+    for name in ("fc6_gpu0_fc_bias_relu.py", "fc6_gpu1_fc_bias_relu.py"):
+        assert "TUNED = {2: {'BLOCK_K': 128, 'BLOCK_M': 128, 'BLOCK_N': 32" in compiled.kernels[name]
+
+
+def _saved(folder: Path, tuning: dict) -> Path:
+    path = folder / "tuning.json"
+    tuner.write_tuning(path, tuning)
+    return path

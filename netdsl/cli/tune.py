@@ -67,9 +67,14 @@ def tune_command(path: Path, args: argparse.Namespace) -> int:
     from netdsl.runtime.tune import tune, write_tuning
 
     options = {name: value for name, value in plan_options(args).items() if name != "tuning"}
+    notes: list[str] = []
+
+    def save(tuning: dict) -> None:  # after every step: a run cut short keeps what it measured
+        notes.extend(write_tuning(args.output, tuning))
+
     tuning, found = tune(
         path, batch=args.batch, dtype=args.dtype, device=device, runs=args.runs, steps=args.steps,
-        progress=sys.stderr, **options,
+        progress=sys.stderr, on_step=save, **options,
     )  # fmt: skip
     if not found and args.steps:
         raise NetError(
@@ -79,7 +84,6 @@ def tune_command(path: Path, args: argparse.Namespace) -> int:
         )
     if not found:
         raise NetError("the net has no kernel with tiles to tune", where=str(path), hint="nothing to do")
-    notes = write_tuning(args.output, tuning)
     print(tuning_table(found, tuning["device"], args.batch, args.dtype))
     for note in notes:
         print(f"note: {args.output}: {note}")
@@ -104,16 +108,19 @@ def tuning_table(found, device: str, batch: int, dtype: str) -> str:
                 tuned,
                 f"{result.best_ms:.4f}",
                 f"{speedup:.2f}x",
-                str(result.timed),
+                f"as {result.same_as}" if result.same_as else str(result.timed),
             )
         )
+    # every step counts, twins too: a net runs each tower's copy
     before = sum(result.default_ms for result in found)
     after = sum(result.best_ms for result in found)
     header = ("step", "launcher's tiles", "ms", "tuned tiles", "ms", "speed-up", "timed")
     lines = [f"tiles on {device}, batch {batch}, {dtype} (median ms per launch):", ""]
     lines += format_table(header, rows, left={0, 1, 3})
     lines += ["", f"the tuned steps together: {before:.4f} ms -> {after:.4f} ms ({before / max(after, 1e-12):.2f}x)"]
-    dropped = [(result.step, label, why) for result in found for label, why in result.dropped.items()]
+    dropped = [
+        (result.step, label, why) for result in found if not result.same_as for label, why in result.dropped.items()
+    ]
     if dropped:
         lines += ["", "candidates dropped:"]
         lines += [f"  {step} {label}: {why}" for step, label, why in dropped]

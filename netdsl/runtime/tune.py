@@ -24,7 +24,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -58,6 +58,7 @@ class StepTuning:
     best_ms: float
     timed: int
     dropped: dict[str, str] = field(default_factory=dict)
+    same_as: str | None = None  # the step whose findings these are (another tower's copy of the same kernel)
     ranked: list[tuple[float, dict[str, int]]] = field(default_factory=list, repr=False)  # faster than the default
 
     def row(self) -> dict:
@@ -68,6 +69,7 @@ class StepTuning:
             "default": self.default,
             "timed": self.timed,
             **({"dropped": self.dropped} if self.dropped else {}),
+            **({"same_as": self.same_as} if self.same_as else {}),
         }
 
 
@@ -83,13 +85,16 @@ def tune(
     steps: str | None = None,
     seed: int = 0,
     progress: TextIO | None = None,
+    on_step: Callable[[dict], None] | None = None,
     **options,
 ) -> tuple[dict, list[StepTuning]]:
     """Times every tunable step of the net at `path` on `device` (all its partitions there) at `batch` images in
     `dtype` with the compile-time `options` (layout, precision, space_to_depth, merge_towers, split_k). Returns
     the tuning file's contents and each step's findings. `steps`: only the steps whose names match one of these
-    comma-separated shell patterns (`conv*,fc6*`). `timer` replaces the device's clock (tests);
-    `check_sm90=False` skips the spill check of the winners."""
+    comma-separated shell patterns (`conv*,fc6*`). `on_step` is given the tuning so far after each step (to save
+    it: a run cut short keeps what it measured). A step that is another tower's copy of one tuned already (the
+    same kernel, parameters, shapes and layouts: `twin_key`) takes its findings without being timed again.
+    `timer` replaces the device's clock (tests); `check_sm90=False` skips the spill check of the winners."""
     net = Net(path, backend="triton", dtype=dtype, batch=batch, devices=device, seed=seed, **options)
     place = torch.device(device)
     timer = timer or device_timer(place, runs)
@@ -97,25 +102,7 @@ def tune(
     tolerance = TOLERANCE["16-bit" if dtype in ("bf16", "fp16") else precision]
     generator = torch.Generator().manual_seed(seed)
     patterns = [pattern.strip() for pattern in (steps or "*").split(",") if pattern.strip()]
-    found, entries = [], {}
-    for name, (module, weights) in net.kernel_steps().items():
-        if not hasattr(module, "candidates") or not any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            continue
-        if progress is not None:
-            print(f"tuning {name} ...", file=progress, flush=True)
-        kernel_file = net.build_dir / "kernels" / f"{name}.py"
-        inputs = [
-            to_layout(torch.randn(batch, *shape, generator=generator).to(net.torch_dtype), layout).to(place)
-            for shape, layout in zip(module.INPUT_SHAPES, module.INPUT_LAYOUTS, strict=True)
-        ]
-        result = _tune_step(name, module, inputs, weights, timer, tolerance)
-        if check_sm90 and result.best is not None:
-            result = _without_spills(result, kernel_file, batch, dtype)
-        found.append(result)
-        entries[name] = {
-            "signature": signature(kernel_file.read_text(encoding="utf-8")),
-            "batches": {str(batch): result.row()},
-        }
+    found: list[StepTuning] = []
     tuning = {
         "format": TUNING_FORMAT,
         "device": device_name(place),
@@ -125,9 +112,46 @@ def tune(
         "net": net.program.graph["name"],
         "dtype": dtype,
         "options": {key: value for key, value in sorted(options.items())},
-        "steps": entries,
+        "steps": {},
     }
+    twins: dict[str, StepTuning] = {}  # what each computation was found to want, by `twin_key`
+    for name, (module, weights) in net.kernel_steps().items():
+        if not hasattr(module, "candidates") or not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        kernel_file = net.build_dir / "kernels" / f"{name}.py"
+        twin = twins.get(twin_key(module))
+        if twin is not None:  # another tower's copy of a step tuned already: the same kernel on the same shapes
+            result = replace(twin, step=name, same_as=twin.same_as or twin.step)
+            if progress is not None:
+                print(f"{name}: the same kernel as {result.same_as}", file=progress, flush=True)
+        else:
+            if progress is not None:
+                print(f"tuning {name} ...", file=progress, flush=True)
+            inputs = [
+                to_layout(torch.randn(batch, *shape, generator=generator).to(net.torch_dtype), layout).to(place)
+                for shape, layout in zip(module.INPUT_SHAPES, module.INPUT_LAYOUTS, strict=True)
+            ]
+            result = _tune_step(name, module, inputs, weights, timer, tolerance)
+            if check_sm90 and result.best is not None:
+                result = _without_spills(result, kernel_file, batch, dtype)
+            twins[twin_key(module)] = result
+        found.append(result)
+        tuning["steps"][name] = {
+            "signature": signature(kernel_file.read_text(encoding="utf-8")),
+            "batches": {str(batch): result.row()},
+        }
+        if on_step is not None:
+            on_step(tuning)
     return tuning, found
+
+
+def twin_key(module) -> str:
+    """What a step's kernel computes, without its name: the kernel, its parameters, shapes, layouts and dtype (the
+    towers' copies of a layer share it)."""
+    kernel = getattr(module.KERNEL, "fn", module.KERNEL)  # a JITFunction's Python function
+    parts = (getattr(kernel, "__name__", "?"), module.P, module.INPUT_SHAPES, module.OUTPUT_SHAPE, module.WEIGHT_SHAPES,
+             module.INPUT_LAYOUTS, module.OUTPUT_LAYOUT, module.WEIGHT_LAYOUTS, str(module.DTYPE))  # fmt: skip
+    return repr(parts)
 
 
 def _tune_step(name: str, module, inputs: list[torch.Tensor], weights: dict, timer: Timer, tolerance: float):
@@ -152,7 +176,7 @@ def _tune_step(name: str, module, inputs: list[torch.Tensor], weights: dict, tim
     timings.sort(key=lambda item: item[0])
     ranked = [(ms, config) for ms, config in timings if ms < default_ms and config != default]
     best_ms, best = ranked[0] if ranked else (default_ms, None)
-    return StepTuning(name, default, default_ms, best, best_ms, len(timings), dropped, ranked)
+    return StepTuning(name, default, default_ms, best, best_ms, len(timings), dropped, ranked=ranked)
 
 
 def _without_spills(result: StepTuning, kernel_file: Path, batch: int, dtype: str) -> StepTuning:
