@@ -9,7 +9,8 @@
 # tests  the GPU tests: goldens, precisions, streams, CUDA graphs (tests/test_gpu.py), channels-last layouts,
 #        the conv kernel sweeps, the training module and the kernels' training step (test files that use the
 #        GPU when there is one), then issue 13's levers (tf32x3 against float64, space-to-depth against
-#        F.conv2d, merged towers and split-K convs against the golden; their errors into errors.tsv);
+#        F.conv2d, merged towers and split-K convs against the golden; their errors into errors.tsv; the tuner
+#        with its real clock);
 # train  bench/train_gpu.py (issue 12): AlexNet's training step at batch 128 then 32, bf16 then tf32, on
 #        netdsl's kernels, netdsl's torch backend, eager and torch.compile, and each conv's and fc's backward
 #        against cuDNN / cuBLAS (the choice table to $OUT); bench/train.py --gpu;
@@ -78,7 +79,8 @@ if wants tests; then
     # issue 13: tf32x3 against float64, space-to-depth against F.conv2d, merged towers against the golden, on the
     # GPU (errors into errors.tsv)
     box "${LEVER_TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider -rfE tests/test_kernel_tf32x3.py \
-        tests/test_precision.py tests/test_space_to_depth.py tests/test_merge_towers.py tests/test_split_k.py 2>&1 | tee "$OUT/pytest_levers.log" | tail -n 5
+        tests/test_precision.py tests/test_space_to_depth.py tests/test_merge_towers.py tests/test_split_k.py \
+        tests/test_tune.py 2>&1 | tee "$OUT/pytest_levers.log" | tail -n 5
     echo "--- measured errors (relative to the largest |reference|)"
     sort "$OUT/errors.tsv" 2>/dev/null | tail -n 40
 fi
