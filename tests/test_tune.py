@@ -298,6 +298,11 @@ def test_tuning_another_batch_adds_to_the_file(tiny, tmp_path):
             '{"2": {"config": {"BLOCK_M": "64"}}}}}}',
             "BLOCK_M is '64', not a whole number",
         ),
+        (
+            f'{{"format": "{TUNING_FORMAT}", "steps": {{"a": {{"signature": "s", "batches": '
+            '{"2": {"config": {"num_stages": 9}}}}}}',
+            "num_stages is 9, not a whole number from 1 to 8",
+        ),
     ],
 )
 def test_bad_tuning_files_are_errors_naming_the_file(tiny, tmp_path, capsys, text, message):

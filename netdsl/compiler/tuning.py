@@ -52,7 +52,8 @@ TILE_KEYS = {
 }
 LAUNCH_KEYS = ("num_warps", "num_stages")
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C", "BLOCK_P", *LAUNCH_KEYS)
-MAX_CONFIG_VALUE = 4096
+MAX_CONFIG_VALUE = {"num_warps": 32, "num_stages": 8}  # and 4096 for a block size
+MAX_BLOCK = 4096
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ def check_entry(where: str, step: str, entry: object) -> None:
 
 
 def check_config(where: str, at: str, config: object) -> None:
-    """Null, or whole numbers from 1 to MAX_CONFIG_VALUE under the names of CONFIG_KEYS."""
+    """Null, or whole numbers from 1 to their MAX_CONFIG_VALUE (MAX_BLOCK for block sizes) under the names of
+    CONFIG_KEYS, powers of two but for num_stages."""
     if config is None:
         return
     if not isinstance(config, dict) or not config:
@@ -130,8 +132,9 @@ def check_config(where: str, at: str, config: object) -> None:
     for key, value in config.items():
         if key not in CONFIG_KEYS:
             raise _bad(where, at, f"has {key!r}, which no kernel takes (known: {', '.join(CONFIG_KEYS)})")
-        if type(value) is not int or not 1 <= value <= MAX_CONFIG_VALUE:
-            raise _bad(where, f"{at}.{key}", f"is {value!r}, not a whole number from 1 to {MAX_CONFIG_VALUE}")
+        most = MAX_CONFIG_VALUE.get(key, MAX_BLOCK)
+        if type(value) is not int or not 1 <= value <= most:
+            raise _bad(where, f"{at}.{key}", f"is {value!r}, not a whole number from 1 to {most}")
         if key != "num_stages" and value & (value - 1):
             raise _bad(where, f"{at}.{key}", f"is {value}, not a power of two")
 

@@ -184,7 +184,11 @@ def _without_spills(result: StepTuning, kernel_file: Path, batch: int, dtype: st
     must); the launcher's tiles when none does."""
     for ms, config in result.ranked:
         launches = record_launches([kernel_file], batch, dtype, configs={result.step: config})
-        resources = sm90_resources(launches)[result.step]
+        try:
+            resources = sm90_resources(launches)[result.step]
+        except NetError as error:
+            result.dropped[describe_config(config)] = f"does not build for sm_90: {error.message}"[:200]
+            continue
         if resources["spill_stores"] + resources["spill_loads"] == 0:
             result.best, result.best_ms = config, ms
             return result
