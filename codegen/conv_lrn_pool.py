@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .layouts import stride_arguments
-from .limits import MAX_CHANNELS_PER_GROUP
+from .limits import MAX_CHANNELS_PER_GROUP, fits_shared_memory
 from .pool import pair, pool_geometry
 from .windows import four_pads, output_length
 
@@ -177,12 +177,14 @@ TUNING_TILES = (
 )  # fmt: skip
 
 
-def tuning_candidates(channels_per_group: int) -> list[dict]:
-    """The tiles `netdsl tune` times for a stage whose conv groups have `channels_per_group` output channels."""
+def tuning_candidates(channels_per_group: int, element_bytes: int) -> list[dict]:
+    """The tiles `netdsl tune` times for a stage whose conv groups have `channels_per_group` output channels, on
+    elements of `element_bytes`: those whose pipelined operand tiles fit in shared memory."""
     block_n = max(16, triton.next_power_of_2(channels_per_group))
     return [
         {"BLOCK_N": block_n, "BLOCK_P": p, "BLOCK_K": k, "num_warps": warps, "num_stages": stages}
         for p, k, warps, stages in TUNING_TILES
+        if fits_shared_memory(p, block_n, k, stages, element_bytes)
     ]
 
 

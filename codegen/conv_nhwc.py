@@ -40,6 +40,7 @@ from netdsl.codegen.conv import (
     conv_geometry,
     conv_output,
     conv_pixels,
+    fits,
 )
 from netdsl.codegen.limits import SM_COUNT
 
@@ -191,12 +192,14 @@ def pick_config(
     return config
 
 
-def tuning_candidates(c_in_group: int) -> list[dict]:
-    """The tiles `netdsl tune` times for a channels-last conv of `c_in_group` input channels per group: conv.py's,
-    each K block no wider than the channels a tap has (at least 16, the tensor cores' K), duplicates dropped."""
+def tuning_candidates(c_in_group: int, element_bytes: int) -> list[dict]:
+    """The tiles `netdsl tune` times for a channels-last conv of `c_in_group` input channels per group on elements of
+    `element_bytes`: conv.py's, each K block no wider than the channels a tap has (at least 16, the tensor cores'
+    K), duplicates dropped, only those whose pipelined operands fit in shared memory."""
     widest = max(16, triton.next_power_of_2(c_in_group))
     tiles = [{**tile, "BLOCK_K": min(tile["BLOCK_K"], widest)} for tile in TUNING_TILES]
-    return [dict(tile) for tile in {tuple(tile.items()): tile for tile in tiles}.values()]
+    unique = {tuple(tile.items()): tile for tile in tiles}.values()
+    return [dict(tile) for tile in unique if fits(tile, element_bytes)]
 
 
 def split_taps(programs: int, taps: int) -> dict:

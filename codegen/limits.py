@@ -4,3 +4,10 @@ checks and cost model read them without importing Triton or torch."""
 MAX_WINDOW_TAPS = 128  # the training max-pools save the winner's offset in its window, 0 .. 127, as int8
 MAX_CHANNELS_PER_GROUP = 128  # conv_lrn_pool keeps every output channel of a conv group in one tile
 SM_COUNT = 132  # an H100 SXM; the tile pickers only use it to tell when a tile is too big to fill the GPU
+MAX_SHARED_BYTES = 227 * 1024  # per block on an H100 / H200, dynamic shared memory included
+
+
+def fits_shared_memory(rows: int, cols: int, depth: int, stages: int, element_bytes: int) -> bool:
+    """Whether a pipelined matrix product's operand tiles, `stages` copies of a rows x depth and a depth x cols tile,
+    fit in one block's shared memory (what Triton's software pipelining keeps there, before its own few bytes)."""
+    return stages * (rows + cols) * depth * element_bytes <= MAX_SHARED_BYTES

@@ -112,7 +112,7 @@ def test_tune_times_every_tunable_step_and_keeps_the_fastest_correct_tiles(tiny,
             assert row["default"] == want
         assert not result.dropped
     assert read_tuning(path).configs("fc4_gpu0_fc_bias", tuning["steps"]["fc4_gpu0_fc_bias"]["signature"]) == {
-        BATCH: fc.tuning_candidates()[PICK]
+        BATCH: fc.tuning_candidates(4)[PICK]
     }
 
 
@@ -160,9 +160,9 @@ def test_a_step_changed_since_tuning_keeps_its_own_tiles(tiny, tuned, tmp_path):
 
 
 def test_candidates_that_fail_or_compute_wrongly_are_dropped(tiny, monkeypatch):
-    good = fc.tuning_candidates()[1]
+    good = fc.tuning_candidates(4)[1]
     unbuildable = {**good, "BLOCK_N": 24}  # not a power of two: tl.arange refuses it
-    monkeypatch.setattr(fc, "tuning_candidates", lambda: [unbuildable, good])
+    monkeypatch.setattr(fc, "tuning_candidates", lambda element_bytes: [unbuildable, good])
     # favouring(0): the first of those timed (the unbuildable one never is)
     _, found = tuner.tune(tiny, batch=BATCH, device=DEVICE, timer=favouring(0), check_sm90=False, steps="fc4*")
     result = next(r for r in found if r.step == "fc4_gpu0_fc_bias")
@@ -193,7 +193,7 @@ def test_candidates_that_fail_or_compute_wrongly_are_dropped(tiny, monkeypatch):
 def test_a_winner_that_spills_on_sm90_gives_way_to_the_next(tiny, monkeypatch):
     from netdsl.compiler import launches
 
-    spilling = fc.tuning_candidates()[0]
+    spilling = fc.tuning_candidates(4)[0]
     real = launches.sm90_resources
 
     def resources(recorded):
@@ -210,12 +210,12 @@ def test_a_winner_that_spills_on_sm90_gives_way_to_the_next(tiny, monkeypatch):
         launch()
         if config is None:
             return 9.0
-        order = fc.tuning_candidates()
+        order = fc.tuning_candidates(4)
         return {0: 1.0, 1: 2.0}.get(order.index(config) if config in order else -1, 5.0)
 
     _, found = tuner.tune(tiny, batch=BATCH, device=DEVICE, timer=timer, steps="fc4*")
     result = next(r for r in found if r.step in chosen)
-    assert result.best == fc.tuning_candidates()[1] and result.best_ms == 2.0
+    assert result.best == fc.tuning_candidates(4)[1] and result.best_ms == 2.0
     assert result.dropped["64x64x32 w8 s3"] == "spills registers on sm_90"
 
 
@@ -226,22 +226,22 @@ def test_candidate_tiles_compute_what_pytorch_does():
     w = torch.randn(24, 16, 3, 3, generator=gen, dtype=torch.float64) * 0.1
     want = F.relu(F.conv2d(x, w, padding=1))
     xs, ws = x.float().to(DEVICE), w.float().to(DEVICE)
-    for config in conv.tuning_candidates():
+    for config in conv.tuning_candidates(4):
         got = conv.conv2d([xs], ws, None, padding=(1, 1), activation="relu", config=config).double().cpu()
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), config
-    for config in conv_nhwc.tuning_candidates(16):
+    for config in conv_nhwc.tuning_candidates(16, 4):
         got = conv_nhwc.conv2d_nhwc(
             [xs.contiguous(memory_format=torch.channels_last)], ws.contiguous(memory_format=torch.channels_last),
             None, padding=(1, 1), activation="relu", config=config,
         ).double().cpu()  # fmt: skip
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), config
     rows, weight = torch.randn(3, 40, generator=gen, dtype=torch.float64), torch.randn(20, 40, generator=gen).double()
-    for config in fc.tuning_candidates():
+    for config in fc.tuning_candidates(4):
         got = fc.linear([rows.float().to(DEVICE)], weight.float().to(DEVICE), None, config=config).double().cpu()
         assert (got - rows @ weight.T).abs().max() <= 1e-5 * (rows @ weight.T).abs().max(), config
     # the paper's LRN: its alpha is not divided by the window's size, PyTorch's is
     staged = F.max_pool2d(F.local_response_norm(F.relu(F.conv2d(x, w, padding=1)), 5, 5 * 1e-4, 0.75, 2.0), 3, 2)
-    for config in conv_lrn_pool.tuning_candidates(24):
+    for config in conv_lrn_pool.tuning_candidates(24, 4):
         got = conv_lrn_pool.conv_lrn_maxpool(
             xs, ws, torch.zeros(24, device=DEVICE), 1, 1, 1, 1, 5, 1e-4, 0.75, 2.0, 3, 2, config=config
         ).double().cpu()
@@ -253,9 +253,9 @@ def test_candidate_tiles_compute_what_pytorch_does():
 
 
 def test_candidates_fit_their_maps():
-    assert {tile["BLOCK_K"] for tile in conv_nhwc.tuning_candidates(3)} == {16}
-    assert len(conv_nhwc.tuning_candidates(3)) < len(conv.TUNING_TILES)  # duplicates once K is clamped
-    assert {tile["BLOCK_K"] for tile in conv_nhwc.tuning_candidates(256)} == {32, 64}
+    assert {tile["BLOCK_K"] for tile in conv_nhwc.tuning_candidates(3, 2)} == {16}
+    assert len(conv_nhwc.tuning_candidates(3, 2)) < len(conv.TUNING_TILES)  # duplicates once K is clamped
+    assert {tile["BLOCK_K"] for tile in conv_nhwc.tuning_candidates(256, 2)} == {32, 64}
     assert max(tile["BLOCK_C"] for tile in lrn.tuning_candidates(48)) == 64
     assert max(tile["BLOCK_C"] for tile in lrn.tuning_candidates(5)) == 8
 
@@ -315,14 +315,27 @@ def test_bad_tuning_files_are_errors_naming_the_file(tiny, tmp_path, capsys, tex
     assert err.startswith(f"{path}: error: ") and "Traceback" not in err and "hint: " in err
 
 
-def test_tiles_missing_what_the_kernel_needs_are_errors(tiny, tuned, tmp_path):
+def test_tiles_the_tuner_would_not_try_are_errors(tiny, tuned, tmp_path):
+    """Only a step's own candidates reach its kernel, whatever the file says: another family's tiles, or a
+    channels-last conv's tiles without the warps (which its split-K path reads)."""
     _, tuning, _ = tuned
-    data = json.loads(json.dumps(tuning))
-    data["steps"]["conv1_norm_gpu0_lrn"]["batches"]["2"]["config"] = {"BLOCK_M": 64, "BLOCK_N": 64}
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps(data))
-    with pytest.raises(NetError, match="lacks BLOCK_C, BLOCK_P, which the lrn kernel needs"):
-        compile_net(tiny, Options(BATCH, "fp32", tuning=str(bad)))
+    for step, config in (
+        ("conv1_norm_gpu0_lrn", {"BLOCK_M": 64, "BLOCK_N": 64}),
+        ("conv2_gpu0_conv_bias_relu", {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}),
+    ):
+        data = json.loads(json.dumps(tuning))
+        data["steps"][step]["batches"]["2"]["config"] = config
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(data))
+        with pytest.raises(NetError, match=f"steps.{step}.batches.2.config .* is not one of the tiles"):
+            compile_net(tiny, Options(BATCH, "fp32", tuning=str(bad)))
+
+
+def test_a_build_with_other_flags_than_the_tuning_says_which(tiny, tuned):
+    path, _, _ = tuned
+    compiled = compile_net(tiny, Options(BATCH, "bf16", tuning=str(path), split_k=True))
+    assert "TUNED = {}" in compiled.kernels["fc4_gpu0_fc_bias.py"]
+    assert "the file was tuned with `--dtype fp32`, this build is `--dtype bf16 --split-k`" in compiled.report
 
 
 def test_the_tune_command(tiny, tmp_path, capsys):
@@ -372,7 +385,7 @@ def test_the_towers_copies_are_tuned_once_and_progress_is_saved_step_by_step(tmp
     def timer(launch, config):
         launch()
         timed.append(config)
-        return 1.0 if config == fc.tuning_candidates()[3] else 5.0
+        return 1.0 if config == fc.tuning_candidates(4)[1] else 5.0
 
     saved: list[list[str]] = []
     tuning, found = tuner.tune(
@@ -381,9 +394,9 @@ def test_the_towers_copies_are_tuned_once_and_progress_is_saved_step_by_step(tmp
     )  # fmt: skip
     assert [r.step for r in found] == ["fc6_gpu0_fc_bias_relu", "fc6_gpu1_fc_bias_relu"]
     assert saved == [["fc6_gpu0_fc_bias_relu"], ["fc6_gpu0_fc_bias_relu", "fc6_gpu1_fc_bias_relu"]]
-    assert len(timed) == 1 + len(fc.tuning_candidates())  # one step's default and candidates, not two steps'
+    assert len(timed) == 1 + len(fc.tuning_candidates(4))  # one step's default and candidates, not two steps'
     twin = found[1]
-    assert twin.same_as == "fc6_gpu0_fc_bias_relu" and twin.best == found[0].best == fc.tuning_candidates()[3]
+    assert twin.same_as == "fc6_gpu0_fc_bias_relu" and twin.best == found[0].best == fc.tuning_candidates(4)[1]
     rows = {name: entry["batches"][str(BATCH)] for name, entry in tuning["steps"].items()}
     assert rows["fc6_gpu1_fc_bias_relu"]["same_as"] == "fc6_gpu0_fc_bias_relu"
     signatures = {entry["signature"] for entry in tuning["steps"].values()}
@@ -391,7 +404,7 @@ def test_the_towers_copies_are_tuned_once_and_progress_is_saved_step_by_step(tmp
     # each tower's kernel gets the tiles
     compiled = compile_net(net, Options(BATCH, "fp32", tuning=str(_saved(tmp_path, tuning))))
     for name in ("fc6_gpu0_fc_bias_relu.py", "fc6_gpu1_fc_bias_relu.py"):
-        assert "TUNED = {2: {'BLOCK_K': 128, 'BLOCK_M': 128, 'BLOCK_N': 32" in compiled.kernels[name]
+        assert f"TUNED = {{2: {dict(sorted(fc.tuning_candidates(4)[1].items()))!r}}}" in compiled.kernels[name]
 
 
 def _saved(folder: Path, tuning: dict) -> Path:

@@ -25,7 +25,7 @@ import networkx as nx
 from netdsl.compiler.emit import emit_program
 from netdsl.compiler.launches import Launch, record_launches, sm90_resources
 from netdsl.compiler.passes import PASS_NAMES, Options, check_pass_name, dump, run_passes
-from netdsl.compiler.plan import build_plan, plan_json, with_source
+from netdsl.compiler.plan import PLAN_OPTIONS, build_plan, plan_json, with_source
 from netdsl.compiler.report import cost_report
 from netdsl.compiler.tuning import emit_tuned, read_tuning
 from netdsl.errors import NetError
@@ -63,7 +63,8 @@ def compile_net(
     if options.tuning is None:
         kernels = emit_program(program, input_precision, options.dtype)
     else:  # tiles timed on a device by `netdsl tune`
-        kernels, lines = emit_tuned(program, input_precision, options.dtype, read_tuning(options.tuning))
+        chosen = {name: getattr(options, name) for name in PLAN_OPTIONS if name != "tuning"}
+        kernels, lines = emit_tuned(program, input_precision, options.dtype, read_tuning(options.tuning), chosen)
         report += "\n" + "\n".join(lines) + "\n"
     step_files = {name.removesuffix(".py"): f"kernels/{name}" for name in kernels}
     plan = build_plan(program, options, step_files)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import textwrap
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
 
@@ -36,9 +37,10 @@ class Family:
     module: str  # netdsl.codegen.<module>
     kernel: str  # the @triton.jit function in it
     launch: str  # the body of `launch`, using inputs, weights, out, P (the parameters) and KERNEL
-    # The body of `candidates()`, the tiles `netdsl tune` times, for a family whose launcher takes `config`
-    # (then `launch` takes one too, and TUNED holds the tiles tuned per batch); "" for the others.
-    candidates: str = ""
+    # For a family whose launcher takes `config`: the arguments of its module's `tuning_candidates` for a step (of
+    # the step, its weights' shapes and the build's dtype), the tiles `netdsl tune` times (then `launch` takes a
+    # `config` too, and TUNED holds the tiles tuned per batch); None for the others.
+    candidate_args: Callable[[Step, dict[str, tuple[int, ...]], str], dict[str, int]] | None = None
 
 
 _JOIN = "x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)  # several inputs: joined on channels"
@@ -55,13 +57,16 @@ _CONV_LAUNCH = """
 
 FAMILIES: dict[str, Family] = {
     "conv": Family(
-        "conv", "conv2d_kernel", _CONV_LAUNCH.format(function="conv2d", more=""), "return family.tuning_candidates()"
+        "conv",
+        "conv2d_kernel",
+        _CONV_LAUNCH.format(function="conv2d", more=""),
+        lambda step, weights, dtype: {"element_bytes": element_bytes(dtype)},
     ),
     "conv_nhwc": Family(
         "conv_nhwc",
         "conv2d_nhwc_kernel",
         _CONV_LAUNCH.format(function="conv2d_nhwc", more=' split_k=P["split_k"],'),
-        'return family.tuning_candidates(WEIGHT_SHAPES["weight"][1])',
+        lambda step, weights, dtype: {"c_in_group": weights["weight"][1], "element_bytes": element_bytes(dtype)},
     ),
     "conv_lrn_maxpool": Family(
         "conv_lrn_pool",
@@ -76,7 +81,10 @@ FAMILIES: dict[str, Family] = {
             P["beta"], P["k"], P["pool_size"], P["pool_stride"], P["pool_pad"], ceil_mode=P["ceil"],
             input_precision=P["input_precision"], out=out, config=config, kernel=KERNEL,
         )""",
-        'return family.tuning_candidates(OUTPUT_SHAPE[0] // P["groups"])',
+        lambda step, weights, dtype: {
+            "channels_per_group": weights["weight"][0] // step.first.params["groups"],
+            "element_bytes": element_bytes(dtype),
+        },
     ),
     "fc": Family(
         "fc",
@@ -88,7 +96,7 @@ FAMILIES: dict[str, Family] = {
             inputs, weights["weight"], weights.get("bias"), activation=P["activation"], slope=P["slope"],
             input_precision=P["input_precision"], out=out, config=config, kernel=KERNEL,
         )""",
-        "return family.tuning_candidates()",
+        lambda step, weights, dtype: {"element_bytes": element_bytes(dtype)},
     ),
     "lrn": Family(
         "lrn",
@@ -99,7 +107,7 @@ FAMILIES: dict[str, Family] = {
             x, P["size"], P["alpha"], P["beta"], P["k"], relu_first=P["relu_first"], out=out, groups=P["groups"],
             config=config, kernel=KERNEL,
         )""",
-        "return family.tuning_candidates(OUTPUT_SHAPE[0])",
+        lambda step, weights, dtype: {"channels": step.shape[0]},
     ),
     "lrn_maxpool": Family(
         "lrn",
@@ -111,7 +119,7 @@ FAMILIES: dict[str, Family] = {
             ceil_mode=P["ceil"], relu_first=P["relu_first"], out=out, groups=P["groups"], config=config,
             kernel=KERNEL,
         )""",
-        "return family.tuning_candidates(OUTPUT_SHAPE[0])",
+        lambda step, weights, dtype: {"channels": step.shape[0]},
     ),
     "pool": Family(
         "pool",
@@ -280,10 +288,37 @@ def function_source(fn: types.FunctionType) -> str:
     return textwrap.dedent(inspect.getsource(fn)).rstrip()
 
 
+def element_bytes(dtype: str) -> int:
+    return 2 if dtype in ("bf16", "fp16") else 4
+
+
 def tunable(step: Step) -> bool:
     """Whether `netdsl tune` can choose the step's tiles (its family's launcher takes a `config`)."""
     family = FAMILIES.get(family_of(step))
-    return family is not None and bool(family.candidates)
+    return family is not None and family.candidate_args is not None
+
+
+def step_weights(step: Step) -> dict[str, tuple[int, ...]]:
+    """The shapes of the weights a step's kernel takes, by name (a folded batch norm's shift is a bias)."""
+    weights = {}
+    for item in step.layers if step.kind != "space_to_depth" else []:  # its layer is the compiler's, weightless
+        weights.update(layer_tensors(item))
+        if item.op in ("conv", "fc"):
+            if step.options.get("folded"):  # the folded batch norm's shift becomes the bias
+                weights["bias"] = (item.params["filters"],)
+            break  # the activation after it has no weights
+    return weights
+
+
+def candidate_args(step: Step, dtype: str) -> dict[str, int]:
+    """The arguments of the step's family's `tuning_candidates` (a tunable step)."""
+    return FAMILIES[family_of(step)].candidate_args(step, step_weights(step), dtype)
+
+
+def tuning_candidates(step: Step, dtype: str) -> list[dict[str, int]]:
+    """The tiles `netdsl tune` times for a tunable step, as its kernel file's `candidates()` gives them."""
+    module = import_module(f"netdsl.codegen.{FAMILIES[family_of(step)].module}")
+    return module.tuning_candidates(**candidate_args(step, dtype))
 
 
 def emit_step(
@@ -296,9 +331,9 @@ def emit_step(
     """The source of `kernels/<step>.py`; `tuned`: the tiles `launch` takes at each batch (`netdsl tune`), for a
     family that has `candidates` (others take none)."""
     family = FAMILIES[family_of(step)]
-    if tuned and not family.candidates:
+    if tuned and family.candidate_args is None:
         raise ValueError(f"{step.name}: the {family_of(step)} kernels take no tuned tiles")
-    if family.candidates:
+    if family.candidate_args is not None:
         tuning = [
             "# The tiles `launch` takes at each batch size, timed on a device by `netdsl tune` (none: the",
             f"# launcher's own choice, netdsl.codegen.{family.module}.pick_config).",
@@ -315,12 +350,13 @@ def emit_step(
             '    (by default TUNED\'s for the batch, else the launcher\'s choice)."""',
             "    config = config or TUNED.get(inputs[0].shape[0])",
         ]
+        arguments = ", ".join(f"{key}={literal(value)}" for key, value in candidate_args(step, dtype).items())
         candidates = [
             "",
             "",
             "def candidates() -> list[dict[str, int]]:",
             '    """The tiles `netdsl tune` times for this step, beside the launcher\'s own choice."""',
-            f"    {family.candidates}",
+            f"    return family.tuning_candidates({arguments})",
         ]
     else:
         tuning, candidates = [], []
@@ -334,13 +370,7 @@ def emit_step(
     inputs = [program.nodes[name]["step"] for name in step.inputs]
     views = program.graph.get("views", {})
     input_layouts = [program.nodes[views.get(name, name)]["step"].layout for name in step.inputs]
-    weights = {}
-    for item in step.layers if step.kind != "space_to_depth" else []:  # its layer is the compiler's, weightless
-        weights.update(layer_tensors(item))
-        if item.op in ("conv", "fc"):
-            if step.options.get("folded"):  # the folded batch norm's shift becomes the bias
-                weights["bias"] = (item.params["filters"],)
-            break  # the activation after it has no weights
+    weights = step_weights(step)
     layers = [(item.op, {k: v for k, v in item.params.items()}) for item in step.layers]
     summary = " -> ".join(safe(item.name) for item in step.layers)
     reads = ", ".join(" x ".join(map(str, s.shape)) for s in inputs)

@@ -30,30 +30,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import networkx as nx
 
-from netdsl.compiler.emit import FAMILIES, emit_step, family_of, tunable
+from netdsl.compiler.emit import FAMILIES, emit_step, family_of, tunable, tuning_candidates
 from netdsl.compiler.steps import Step, identifier
 from netdsl.errors import NetError
 
 TUNING_FORMAT = "netdsl-tuning/1"
-# The block sizes each tunable family's launcher needs (powers of two), the launch settings it may take as well,
-# and the largest value any of them may have.
-TILE_KEYS = {
-    "conv": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-    "conv_nhwc": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-    "conv_lrn_maxpool": ("BLOCK_N", "BLOCK_P", "BLOCK_K"),
-    "fc": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-    "lrn": ("BLOCK_C", "BLOCK_P"),
-    "lrn_maxpool": ("BLOCK_C", "BLOCK_P"),
-}
+# The names a config may use, the most each may be (block sizes: MAX_BLOCK), all but num_stages powers of two.
+# What a step takes is narrower: one of its family's candidates (`emit.tuning_candidates`), checked at compile.
 LAUNCH_KEYS = ("num_warps", "num_stages")
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C", "BLOCK_P", *LAUNCH_KEYS)
-MAX_CONFIG_VALUE = {"num_warps": 32, "num_stages": 8}  # and 4096 for a block size
+MAX_CONFIG_VALUE = {"num_warps": 32, "num_stages": 8}
 MAX_BLOCK = 4096
+_BATCH = re.compile(r"[1-9][0-9]{0,6}")
+# The compile options a tuning is made with, as `netdsl compile` spells them (the kernels differ with each).
+_OPTION_FLAGS = {"layout": "--layout", "precision": "--precision", "space_to_depth": "--space-to-depth",
+                 "merge_towers": "--merge-towers", "split_k": "--split-k"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -65,6 +62,8 @@ class Tuning:
     device: str
     triton: str
     steps: dict[str, dict] = field(default_factory=dict)
+    dtype: str | None = None  # what it was tuned for: the dtype and the compile options
+    options: dict[str, object] = field(default_factory=dict)
 
     def configs(self, step: str, signature: str) -> dict[int, dict[str, int]] | None:
         """The tiles tuned for `step` by batch size (only those that beat the launcher's choice), or None when the
@@ -104,7 +103,14 @@ def read_tuning(path: str | Path) -> Tuning:
         raise _bad(where, "steps", "is not a table of steps")
     for step, entry in steps.items():
         check_entry(where, step, entry)
-    return Tuning(where, str(data.get("device", "?")), str(data.get("triton", "?")), steps)
+    options = data.get("options", {})
+    if not isinstance(options, dict):
+        raise _bad(where, "options", "is not a table of compile options")
+    dtype = data.get("dtype")
+    return Tuning(
+        where, str(data.get("device", "?")), str(data.get("triton", "?")), steps, None if dtype is None else str(dtype),
+        {key: options[key] for key in _OPTION_FLAGS if key in options},
+    )  # fmt: skip
 
 
 def check_entry(where: str, step: str, entry: object) -> None:
@@ -115,7 +121,7 @@ def check_entry(where: str, step: str, entry: object) -> None:
     if not isinstance(batches, dict):
         raise _bad(where, f"{at}.batches", "is not a table of batch sizes")
     for batch, row in batches.items():
-        if not (isinstance(batch, str) and batch.isdigit() and int(batch) > 0):
+        if not (isinstance(batch, str) and _BATCH.fullmatch(batch)):
             raise _bad(where, f"{at}.batches", f"has {batch!r}, which is not a batch size")
         if not isinstance(row, dict) or "config" not in row:
             raise _bad(where, f"{at}.batches.{batch}", "needs a `config` (null for the launcher's choice)")
@@ -144,10 +150,11 @@ def _bad(where: str, at: str, what: str) -> NetError:
 
 
 def emit_tuned(
-    program: nx.DiGraph, input_precision: str, dtype: str, tuning: Tuning
+    program: nx.DiGraph, input_precision: str, dtype: str, tuning: Tuning, options: dict[str, object] | None = None
 ) -> tuple[dict[str, str], list[str]]:
     """Every step's kernel file (as `emit.emit_program`), tuned steps with their tiles in `TUNED`; and the report's
-    lines on what the tuning changed."""
+    lines on what the tuning changed (and, when the build's dtype or compile `options` differ from those it was
+    tuned with, which)."""
     files: dict[str, str] = {}
     tuned, kept, stale, untuned = [], [], [], []
     for names in program.graph["partitions"].values():
@@ -158,7 +165,7 @@ def emit_tuned(
                 if tunable(step):
                     configs = tuning.configs(step.name, signature(source))
                     if configs:
-                        _check_tiles(tuning.path, step, configs)
+                        _check_tiles(tuning.path, step, dtype, configs)
                         source = emit_step(program, step, input_precision, dtype, configs)
                         tuned.append((step.name, configs))
                     elif configs is not None:
@@ -168,26 +175,36 @@ def emit_tuned(
                     else:
                         untuned.append(step.name)
                 files[f"{identifier(step.name)}.py"] = source
-    return files, _report(tuning, tuned, kept, stale, untuned)
+    lines = _report(tuning, tuned, kept, stale, untuned)
+    built, tuned_with = option_flags(dtype, options or {}), option_flags(tuning.dtype, tuning.options)
+    if stale and tuning.dtype is not None and built != tuned_with:
+        lines.append(f"  the file was tuned with `{tuned_with}`, this build is `{built}`: tune with the same flags")
+    return files, lines
 
 
-def _check_tiles(where: str, step: Step, configs: dict[int, dict[str, int]]) -> None:
-    """Each tuned config holds the block sizes the step's family needs, and nothing only another family takes;
-    a conv + LRN + max-pool stage's channel block holds a whole conv group."""
-    family = family_of(step)
-    allowed = {*TILE_KEYS[family], *LAUNCH_KEYS}
+def option_flags(dtype: str | None, options: dict[str, object]) -> str:
+    """`--dtype bf16 --split-k ...`: the dtype and the compile options that are not the defaults, as flags."""
+    flags = [f"--dtype {dtype}"] if dtype else []
+    for name, flag in _OPTION_FLAGS.items():
+        value = options.get(name)
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, str) and not (name == "layout" and value == "auto"):
+            flags.append(f"{flag} {value}")
+    return " ".join(flags)
+
+
+def _check_tiles(where: str, step: Step, dtype: str, configs: dict[int, dict[str, int]]) -> None:
+    """Each tuned config is one of the tiles `netdsl tune` tries for the step (`emit.tuning_candidates`): nothing
+    else reaches a kernel, however the file was written."""
+    candidates = tuning_candidates(step, dtype)
     for batch, config in configs.items():
-        at = f"steps.{step.name}.batches.{batch}.config"
-        missing = [key for key in TILE_KEYS[family] if key not in config]
-        if missing:
-            raise _bad(where, at, f"lacks {', '.join(missing)}, which the {family} kernel needs")
-        foreign = sorted(set(config) - allowed)
-        if foreign:
-            raise _bad(where, at, f"has {', '.join(foreign)}, which the {family} kernel does not take")
-        if family == "conv_lrn_maxpool":
-            group = step.first.params["filters"] // step.first.params["groups"]
-            if config["BLOCK_N"] < group:
-                raise _bad(where, f"{at}.BLOCK_N", f"is {config['BLOCK_N']}, less than a conv group's {group} channels")
+        if config not in candidates:
+            raise _bad(
+                where,
+                f"steps.{step.name}.batches.{batch}.config",
+                f"({describe_config(config)}) is not one of the tiles netdsl tune tries for this step",
+            )
 
 
 def _report(tuning: Tuning, tuned: list, kept: list[str], stale: list[str], untuned: list[str]) -> list[str]:
