@@ -9,6 +9,7 @@ PyTorch wherever they run.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -134,7 +135,8 @@ def test_the_tuned_tiles_reach_the_kernels_and_the_net_computes_the_same(tiny, t
     tile = tuning["steps"]["fc4_gpu0_fc_bias"]["batches"][str(BATCH)]["config"]
     assert fc_launch["constexprs"]["BLOCK_N"] == tile["BLOCK_N"]
     assert fc_launch["grid"] == [-(-BATCH // tile["BLOCK_M"]) * -(-10 // tile["BLOCK_N"])]
-    assert plan["options"]["tuning"] == str(path)
+    # the file is recorded relative to the folder (they move together) with its SHA-256, as the net is
+    assert plan["options"]["tuning"] == os.path.relpath(path, build) and len(plan["tuning_sha256"]) == 64
     # the same input gives the same bytes
     again = write_build(compile_net(tiny, options), tmp_path / "again", options)
     for name in sorted((build / "kernels").iterdir()):
@@ -271,10 +273,15 @@ def test_tuning_another_batch_adds_to_the_file(tiny, tmp_path):
     compiled = compile_net(tiny, Options(1, "fp32", tuning=str(path)))
     assert "TUNED = {2: {" in compiled.kernels["fc4_gpu0_fc_bias.py"]
     assert "3: {" in compiled.kernels["fc4_gpu0_fc_bias.py"]
-    # tunings from another device are replaced, not mixed
-    other = {**data, "device": "some other GPU"}
-    merged, notes = tuner.merge_tuning(other, {**data, "steps": {}})
-    assert merged["steps"] == {} and "replaced" in notes[0]
+    # a file holds one device's tunings: another's is refused before anything is timed
+    path.write_text(json.dumps({**data, "device": "some other GPU"}))
+    with pytest.raises(NetError, match="holds tunings for device some other GPU, and these are for "):
+        tuner.check_output(path, torch.device(DEVICE))
+    with pytest.raises(NetError, match="no folder"):
+        tuner.check_output(tmp_path / "missing" / "t.json", torch.device(DEVICE))
+    (tmp_path / "garbage.json").write_text("{")
+    with pytest.raises(NetError, match="cannot add to it"):
+        tuner.check_output(tmp_path / "garbage.json", torch.device(DEVICE))
 
 
 @pytest.mark.parametrize(
@@ -344,7 +351,14 @@ def test_the_tune_command(tiny, tmp_path, capsys):
     printed = capsys.readouterr()
     assert ("timing on the CPU under Triton's interpreter" in printed.err) == (DEVICE == "cpu")
     assert "launcher's tiles" in printed.out and "fc4_gpu0_fc_bias" in printed.out
-    assert f"--tuning {out}" in printed.out
+    assert f"build with it: netdsl compile {tiny} --batch 2 --dtype fp32 --tuning {out}" in printed.out
+    clock = json.loads(out.read_text())["clock"]
+    assert clock == "wall clock per launch" if DEVICE == "cpu" else clock.startswith("CUDA events around a CUDA graph")
+    # the command it prints has the compile options the tuning was made with (the kernels differ with them)
+    other = tmp_path / "split.json"
+    argv = ["tune", str(tiny), "--batch", "2", "--runs", "1", "-o", str(other), "--steps", "fc4*", "--split-k"]
+    assert main(argv) == 0
+    assert f"--batch 2 --dtype fp32 --split-k --tuning {other}" in capsys.readouterr().out
     assert set(json.loads(out.read_text())["steps"]) == {"conv2_gpu0_conv_bias_relu", "fc4_gpu0_fc_bias"}
     # a build folder made with the file keeps it; a contradicting one is an error
     build = tmp_path / "build"
@@ -353,6 +367,11 @@ def test_the_tune_command(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert main(["run", str(build), "--batch", "2", "--tuning", str(tmp_path / "other.json")]) == 1
     assert "was compiled with --tuning" in capsys.readouterr().err
+    # tuned again since: the folder's kernels no longer say what the file does, and the run says so
+    out.write_text(out.read_text().replace('"timed"', '"timed" ', 1))
+    assert main(["run", str(build), "--batch", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"{out} changed since this folder was compiled" in err and "--tuning FILE" in err
 
 
 @pytest.mark.parametrize(
@@ -394,7 +413,8 @@ def test_the_towers_copies_are_tuned_once_and_progress_is_saved_step_by_step(tmp
     )  # fmt: skip
     assert [r.step for r in found] == ["fc6_gpu0_fc_bias_relu", "fc6_gpu1_fc_bias_relu"]
     assert saved == [["fc6_gpu0_fc_bias_relu"], ["fc6_gpu0_fc_bias_relu", "fc6_gpu1_fc_bias_relu"]]
-    assert len(timed) == 1 + len(fc.tuning_candidates(4))  # one step's default and candidates, not two steps'
+    # one step's candidates and its launcher's tiles (before and after them), not two steps'
+    assert len(timed) == 2 + len(fc.tuning_candidates(4))
     twin = found[1]
     assert twin.same_as == "fc6_gpu0_fc_bias_relu" and twin.best == found[0].best == fc.tuning_candidates(4)[1]
     rows = {name: entry["batches"][str(BATCH)] for name, entry in tuning["steps"].items()}
@@ -419,11 +439,25 @@ def test_tune_on_the_gpu(tiny, tmp_path):
     net with the tuned tiles computing what PyTorch computes (fp32 products exact: 1e-5)."""
     tuning, found = tuner.tune(tiny, batch=8, dtype="fp32", device="cuda:0", runs=5)
     assert {result.step for result in found} == set(TUNABLE)
+    assert tuning["graphs"] > 0 and tuning["timed launch by launch (not capturable)"] == 0
     for result in found:
-        assert 0 < result.best_ms <= result.default_ms and result.timed >= 2
-        assert result.best is None or result.best_ms < result.default_ms
+        assert 0 < result.default_ms < 100 and 0 < result.best_ms < 100
+    fc_step = next(result for result in found if result.step == "fc4_gpu0_fc_bias")
+    assert fc_step.default == fc.pick_config(8, torch.float32)  # the launcher's GPU choice, read from its launch
     path = _saved(tmp_path, tuning)
     x = torch.randn(8, 3, 13, 13, generator=torch.Generator().manual_seed(4))
     got = Net(tiny, backend="triton", init="he", tuning=path, devices="cuda:0")(x.cuda()).cpu()
     want = Net(tiny, backend="torch", init="he")(x)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_tiles_tuned_on_another_device_are_a_warning(tiny, tuned, tmp_path, capsys):
+    from netdsl.runtime.net import TuningWarning
+
+    _, tuning, _ = tuned
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps({**tuning, "device": "some other GPU"}))
+    with pytest.warns(TuningWarning, match="timed on some other GPU, and this net runs on "):
+        Net(tiny, backend="triton", tuning=elsewhere, devices=DEVICE)
+    assert main(["run", str(tiny), "--batch", "2", "--tuning", str(elsewhere), "--devices", f"gpu0={DEVICE}"]) == 0
+    assert "note: the tuned tiles were timed on some other GPU" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -255,20 +256,27 @@ def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
     """Runs the inputs through a Net in this process: (net, outputs, step times, start time)."""
     import torch
 
-    from netdsl.runtime.net import Net
+    from netdsl.runtime.net import Net, TuningWarning
 
-    net = Net(
-        path,
-        backend=args.backend,
-        devices=parse_devices(args.devices),
-        dtype=dtype,
-        weights=args.weights,
-        seed=args.seed,
-        init=args.init,
-        progress=sys.stderr if sys.stderr.isatty() else None,  # a progress bar through the first run
-        cuda_graph=args.cuda_graph,
-        **plan_options(args),
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TuningWarning)
+        net = Net(
+            path,
+            backend=args.backend,
+            devices=parse_devices(args.devices),
+            dtype=dtype,
+            weights=args.weights,
+            seed=args.seed,
+            init=args.init,
+            progress=sys.stderr if sys.stderr.isatty() else None,  # a progress bar through the first run
+            cuda_graph=args.cuda_graph,
+            **plan_options(args),
+        )
+    for warning in caught:  # a tuning from another device is a note here; anything else as Python shows it
+        if issubclass(warning.category, TuningWarning):
+            print(f"note: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     chunks = torch.from_numpy(x).to(torch_dtype(dtype)).split(args.batch or len(x))
     if args.time and any(device.type == "cuda" for device in net.devices.values()):
         for chunk in chunks:

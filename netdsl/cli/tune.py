@@ -64,18 +64,27 @@ def tune_command(path: Path, args: argparse.Namespace) -> int:
         print("note: timing on the CPU under Triton's interpreter; the tiles found say nothing about a GPU",
               file=sys.stderr)  # fmt: skip
 
-    from netdsl.runtime.tune import tune, write_tuning
+    from netdsl.compiler.tuning import option_flags
+    from netdsl.runtime.tune import check_output, tune, write_tuning
 
+    check_output(args.output, place)  # before minutes of timing: a file it could not add to is an error now
     options = {name: value for name, value in plan_options(args).items() if name != "tuning"}
+
     notes: list[str] = []
 
     def save(tuning: dict) -> None:  # after every step: a run cut short keeps what it measured
-        notes.extend(write_tuning(args.output, tuning))
+        notes.extend(note for note in write_tuning(args.output, tuning) if note not in notes)
 
-    tuning, found = tune(
-        path, batch=args.batch, dtype=args.dtype, device=device, runs=args.runs, steps=args.steps,
-        progress=sys.stderr, on_step=save, **options,
-    )  # fmt: skip
+    try:
+        tuning, found = tune(
+            path, batch=args.batch, dtype=args.dtype, device=device, runs=args.runs, steps=args.steps,
+            progress=sys.stderr, on_step=save, **options,
+        )  # fmt: skip
+    except NetError as error:  # the runtime's errors name its keyword arguments; here they are flags
+        error.where = {"devices": "--device", "dtype": "--dtype"}.get(error.where, error.where)
+        if error.where in options:
+            error.where = "--" + error.where.replace("_", "-")
+        raise
     if not found and args.steps:
         raise NetError(
             f"no step with tiles to tune matches {args.steps!r}",
@@ -85,11 +94,11 @@ def tune_command(path: Path, args: argparse.Namespace) -> int:
     if not found:
         raise NetError("the net has no kernel with tiles to tune", where=str(path), hint="nothing to do")
     print(tuning_table(found, tuning["device"], args.batch, args.dtype))
+    net = "" if args.net is None else f" {args.net}"  # the file as given (an ONNX model's import is gone by now)
     for note in notes:
         print(f"note: {args.output}: {note}")
-    shown = str(path)
-    print(f"wrote {args.output}; build with it: netdsl compile {shown} --batch {args.batch} --dtype {args.dtype} "
-          f"--tuning {args.output}")  # fmt: skip
+    flags = f"--batch {args.batch} {option_flags(args.dtype, options)} --tuning {args.output}"
+    print(f"wrote {args.output}; build with it: netdsl compile{net} {flags}")
     return 0
 
 

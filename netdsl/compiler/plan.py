@@ -119,15 +119,20 @@ def _digest(path: Path) -> str:
 
 def with_source(plan: dict, source: Path, out: Path) -> dict:
     """The plan with `source` (the .net file, relative to the build folder, so that the two can move
-    together) and its SHA-256 placed after the net's name."""
-    entry = {
-        "source": Path(os.path.relpath(Path(source).resolve(), Path(out).resolve())).as_posix(),
-        "source_sha256": _digest(Path(source)),
-    }
+    together) and its SHA-256 placed after the net's name; a tuning file among the options likewise."""
+    entry = {"source": _relative(source, out), "source_sha256": _digest(Path(source))}
+    tuning = plan.get("options", {}).get("tuning")
+    if tuning is not None:
+        plan = {**plan, "options": {**plan["options"], "tuning": _relative(tuning, out)}}
+        entry["tuning_sha256"] = _digest(Path(tuning))
     rest = {key: value for key, value in plan.items() if key not in entry}
     keys = list(rest)
     cut = keys.index("net") + 1 if "net" in keys else 0
     return {**{k: rest[k] for k in keys[:cut]}, **entry, **{k: rest[k] for k in keys[cut:]}}
+
+
+def _relative(path: str | Path, out: Path) -> str:
+    return Path(os.path.relpath(Path(path).resolve(), Path(out).resolve())).as_posix()
 
 
 def read_plan_source(build_dir: Path) -> tuple[Path, str, dict[str, object]]:
@@ -165,4 +170,13 @@ def read_plan_source(build_dir: Path) -> tuple[Path, str, dict[str, object]]:
             where=str(plan_path),
             hint=f"compile it again: netdsl compile {net} -o {build_dir}",
         )
+    if options.get("tuning") is not None:  # relative to the folder, as the net is; checked as the net is
+        tuning = (build_dir / str(options["tuning"])).resolve()
+        again = f"compile it again: netdsl compile {net} -o {build_dir} --tuning FILE"
+        if not tuning.is_file():
+            raise NetError(f"the tuning file this folder was compiled with, {tuning}, is gone", where=str(plan_path),
+                           hint=again)  # fmt: skip
+        if "tuning_sha256" in plan and _digest(tuning) != plan["tuning_sha256"]:
+            raise NetError(f"{tuning} changed since this folder was compiled", where=str(plan_path), hint=again)
+        options["tuning"] = str(tuning)
     return net, str(dtype), {name: value for name, value in options.items() if name in PLAN_OPTIONS}

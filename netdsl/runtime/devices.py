@@ -57,3 +57,10 @@ def _torch_device(name: str, given: str | torch.device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise NetError(f"device `{name}` is mapped to {device}, but CUDA is not available", where="devices")
     return device
+
+
+def device_name(device: torch.device) -> str:
+    """What a tuning file calls a device: the GPU's name, or the CPU as the interpreter runs kernels there."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu (Triton's interpreter)"

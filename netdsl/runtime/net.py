@@ -41,6 +41,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from html import escape
 from pathlib import Path
@@ -59,12 +60,13 @@ from netdsl.compiler.launches import load_kernel_file
 from netdsl.compiler.layout import LAYOUT_OPTIONS, weight_layouts
 from netdsl.compiler.passes import Options
 from netdsl.compiler.steps import Step
+from netdsl.compiler.tuning import read_tuning
 from netdsl.errors import NetError
 from netdsl.ir.display import graph_bundle, graph_html, graph_svg
 from netdsl.ir.dtypes import DTYPES, torch_dtype
 from netdsl.ir.limits import check_memory
 from netdsl.ir.ops import layer_tensors
-from netdsl.runtime.devices import map_devices
+from netdsl.runtime.devices import device_name, map_devices
 from netdsl.runtime.module import GraphModule
 from netdsl.runtime.weights import checked_weights, fold_weights, init_weights, load_weights, weight_specs
 
@@ -72,6 +74,10 @@ BACKENDS = ("torch", "triton")
 STREAMS = ("partition", "device")  # a CUDA stream per partition, or one per GPU shared by its partitions
 WEIGHTED_OPS = ("conv", "fc", "batchnorm")  # the ops whose weights a step takes (from its first such layer)
 COPY_KINDS = ("input", "transfer", "view")  # steps that launch no kernel
+
+
+class TuningWarning(UserWarning):
+    """A net built with tiles tuned on another device than it runs on."""
 
 
 def load(path: str | Path, **kwargs) -> Net:
@@ -161,6 +167,8 @@ class Net:
         self._modules = {}
         if backend == "triton":
             self._check_triton_runnable()
+            if tuning is not None:
+                self._check_tuned_device(read_tuning(tuning).device)
             for name in self._order:
                 if self._steps[name].kind not in COPY_KINDS:
                     self._modules[name] = load_kernel_file(self.build_dir / "kernels" / f"{name}.py")
@@ -194,6 +202,18 @@ class Net:
                 where="backend",
                 hint="map every device to a CUDA GPU, or set TRITON_INTERPRET=1 (before triton is imported) to run "
                 "the kernels in Triton's interpreter on the CPU, or use backend='torch'",
+            )
+
+    def _check_tuned_device(self, tuned_on: str) -> None:
+        """Warns (TuningWarning) when the tuned tiles were timed on another kind of device than this net runs on:
+        they still compute the same, but may be slow here, or need more shared memory than this GPU has."""
+        here = {device_name(device) for device in self.devices.values()}
+        if here != {tuned_on}:
+            warnings.warn(
+                f"the tuned tiles were timed on {tuned_on}, and this net runs on {', '.join(sorted(here))}: "
+                "tune on this device (netdsl tune) for tiles that suit it",
+                TuningWarning,
+                stacklevel=3,
             )
 
     def _check_graphable(self) -> None:

@@ -10,8 +10,9 @@ stages, fcs, LRNs with or without their max-pool: `netdsl.compiler.emit.tunable`
    dropped with the reason), then timed: the median of `runs` samples after two warm-ups, on a GPU each a
    replayed CUDA graph of ten launches timed by CUDA events (the wall clock under the interpreter, which only
    proves the mechanism);
-3. the fastest candidate that builds for sm_90 without spills (netdsl.compiler.launches) wins if it beats the
-   launcher's own tiles; otherwise the step keeps them (`config`: null).
+3. the launcher's own tiles are timed again; the fastest candidate that beats the better of their two times by
+   3% (MARGIN: not by noise) and builds for sm_90 without spills and within shared memory
+   (netdsl.compiler.launches) wins; otherwise the step keeps the launcher's tiles (`config`: null).
 
 The result is a tuning file (`netdsl.compiler.tuning` describes it), which `netdsl compile --tuning FILE` and
 `netdsl run --tuning FILE` build into the kernels. Tuning another batch size into an existing file adds to it.
@@ -19,6 +20,7 @@ The result is a tuning file (`netdsl.compiler.tuning` describes it), which `netd
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import statistics
@@ -32,11 +34,13 @@ import torch
 
 from netdsl._version import __version__
 from netdsl.codegen.layouts import to_layout
+from netdsl.codegen.limits import MAX_SHARED_BYTES
 from netdsl.compiler.launches import Recorder, record_launches, sm90_resources
 from netdsl.compiler.tuning import CONFIG_KEYS, TUNING_FORMAT, check_entry, describe_config, signature
 from netdsl.errors import NetError
 from netdsl.files import write_atomic
 from netdsl.ir.dtypes import dot_precision
+from netdsl.runtime.devices import device_name
 from netdsl.runtime.net import Net
 
 # How far a candidate's output may lie from the launcher's own tiles' (relative to the largest output): the
@@ -44,6 +48,7 @@ from netdsl.runtime.net import Net
 TOLERANCE = {"ieee": 1e-4, "tf32x3": 1e-4, "tf32": 1e-2, "16-bit": 2e-2}
 # Times a launch of the given tiles (None: the launcher's own): milliseconds per call.
 Timer = Callable[[Callable[[], object], "dict[str, int] | None"], float]
+MARGIN = 0.97  # a candidate wins only if it is this much faster than the launcher's tiles: not by noise
 
 
 @dataclass
@@ -97,52 +102,58 @@ def tune(
     `timer` replaces the device's clock (tests); `check_sm90=False` skips the spill check of the winners."""
     net = Net(path, backend="triton", dtype=dtype, batch=batch, devices=device, seed=seed, **options)
     place = torch.device(device)
-    timer = timer or device_timer(place, runs)
-    precision = dot_precision(dtype, options.get("precision"))
-    tolerance = TOLERANCE["16-bit" if dtype in ("bf16", "fp16") else precision]
-    generator = torch.Generator().manual_seed(seed)
-    patterns = [pattern.strip() for pattern in (steps or "*").split(",") if pattern.strip()]
-    found: list[StepTuning] = []
-    tuning = {
-        "format": TUNING_FORMAT,
-        "device": device_name(place),
-        "triton": _triton_version(),
-        "torch": torch.__version__,
-        "netdsl": __version__,
-        "net": net.program.graph["name"],
-        "dtype": dtype,
-        "options": {key: value for key, value in sorted(options.items())},
-        "steps": {},
-    }
-    twins: dict[str, StepTuning] = {}  # what each computation was found to want, by `twin_key`
-    for name, (module, weights) in net.kernel_steps().items():
-        if not hasattr(module, "candidates") or not any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            continue
-        kernel_file = net.build_dir / "kernels" / f"{name}.py"
-        twin = twins.get(twin_key(module))
-        if twin is not None:  # another tower's copy of a step tuned already: the same kernel on the same shapes
-            result = replace(twin, step=name, same_as=twin.same_as or twin.step)
-            if progress is not None:
-                print(f"{name}: the same kernel as {result.same_as}", file=progress, flush=True)
-        else:
-            if progress is not None:
-                print(f"tuning {name} ...", file=progress, flush=True)
-            inputs = [
-                to_layout(torch.randn(batch, *shape, generator=generator).to(net.torch_dtype), layout).to(place)
-                for shape, layout in zip(module.INPUT_SHAPES, module.INPUT_LAYOUTS, strict=True)
-            ]
-            result = _tune_step(name, module, inputs, weights, timer, tolerance)
-            if check_sm90 and result.best is not None:
-                result = _without_spills(result, kernel_file, batch, dtype)
-            twins[twin_key(module)] = result
-        found.append(result)
-        tuning["steps"][name] = {
-            "signature": signature(kernel_file.read_text(encoding="utf-8")),
-            "batches": {str(batch): result.row()},
+    if place.type == "cuda" and place.index is None:
+        place = torch.device("cuda", torch.cuda.current_device())
+    timer = timer or DeviceClock(place, runs)
+    with contextlib.ExitStack() as scope:
+        if place.type == "cuda":
+            scope.enter_context(torch.cuda.device(place))  # where Triton launches, streams and events are
+        precision = dot_precision(dtype, options.get("precision"))
+        tolerance = TOLERANCE["16-bit" if dtype in ("bf16", "fp16") else precision]
+        generator = torch.Generator().manual_seed(seed)
+        patterns = [pattern.strip() for pattern in (steps or "*").split(",") if pattern.strip()]
+        found: list[StepTuning] = []
+        tuning = {
+            "format": TUNING_FORMAT,
+            "device": device_name(place),
+            "triton": _triton_version(),
+            "torch": torch.__version__,
+            "netdsl": __version__,
+            "net": net.program.graph["name"],
+            "dtype": dtype,
+            "options": {key: value for key, value in sorted(options.items())},
+            **(timer.describe() if isinstance(timer, DeviceClock) else {"clock": "given by the caller"}),
+            "steps": {},
         }
-        if on_step is not None:
-            on_step(tuning)
-    return tuning, found
+        twins: dict[str, StepTuning] = {}  # what each computation was found to want, by `twin_key`
+        for name, (module, weights) in net.kernel_steps().items():
+            if not hasattr(module, "candidates") or not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                continue
+            kernel_file = net.build_dir / "kernels" / f"{name}.py"
+            twin = twins.get(twin_key(module))
+            if twin is not None:  # another tower's copy of a step tuned already: the same kernel on the same shapes
+                result = replace(twin, step=name, same_as=twin.same_as or twin.step)
+                if progress is not None:
+                    print(f"{name}: the same kernel as {result.same_as}", file=progress, flush=True)
+            else:
+                if progress is not None:
+                    print(f"tuning {name} ...", file=progress, flush=True)
+                inputs = [
+                    to_layout(torch.randn(batch, *shape, generator=generator).to(net.torch_dtype), layout).to(place)
+                    for shape, layout in zip(module.INPUT_SHAPES, module.INPUT_LAYOUTS, strict=True)
+                ]
+                result = _tune_step(name, module, inputs, weights, timer, tolerance)
+                if check_sm90 and result.best is not None:
+                    result = _without_spills(result, kernel_file, batch, dtype)
+                twins[twin_key(module)] = result
+            found.append(result)
+            tuning["steps"][name] = {
+                "signature": signature(kernel_file.read_text(encoding="utf-8")),
+                "batches": {str(batch): result.row()},
+            }
+            if on_step is not None:
+                on_step(tuning)
+        return tuning, found
 
 
 def twin_key(module) -> str:
@@ -173,21 +184,26 @@ def _tune_step(name: str, module, inputs: list[torch.Tensor], weights: dict, tim
             continue
         ms = timer(lambda config=config: module.launch(inputs, weights, out=out, config=config), config)
         timings.append((ms, config))
+    # timed again after the candidates, the better of the two kept: a candidate must beat it by MARGIN
+    default_ms = min(default_ms, timer(lambda: module.launch(inputs, weights, out=out), None))
     timings.sort(key=lambda item: item[0])
-    ranked = [(ms, config) for ms, config in timings if ms < default_ms and config != default]
+    ranked = [(ms, config) for ms, config in timings if ms < MARGIN * default_ms and config != default]
     best_ms, best = ranked[0] if ranked else (default_ms, None)
     return StepTuning(name, default, default_ms, best, best_ms, len(timings), dropped, ranked=ranked)
 
 
 def _without_spills(result: StepTuning, kernel_file: Path, batch: int, dtype: str) -> StepTuning:
     """The fastest of the ranked candidates that builds for sm_90 without spilling registers (every emitted kernel
-    must); the launcher's tiles when none does."""
+    must) and within an SM's shared memory; the launcher's tiles when none does."""
     for ms, config in result.ranked:
         launches = record_launches([kernel_file], batch, dtype, configs={result.step: config})
         try:
             resources = sm90_resources(launches)[result.step]
         except NetError as error:
             result.dropped[describe_config(config)] = f"does not build for sm_90: {error.message}"[:200]
+            continue
+        if resources["shared_bytes"] > MAX_SHARED_BYTES:
+            result.dropped[describe_config(config)] = f"needs {resources['shared_bytes']:,} bytes of shared memory"
             continue
         if resources["spill_stores"] + resources["spill_loads"] == 0:
             result.best, result.best_ms = config, ms
@@ -219,39 +235,56 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
 
 
-def device_timer(device: torch.device, runs: int) -> Timer:
-    """Milliseconds per launch: the median of `runs` samples after two warm-ups. On a GPU each sample replays a
-    CUDA graph of GRAPH_LAUNCHES launches, timed by CUDA events, so that the launcher's Python (which a net
-    replayed as a CUDA graph does not pay) does not hide the kernel's time at small batches; a launch that cannot
-    be captured is timed launch by launch. On the CPU, the wall clock of each launch."""
+class DeviceClock:
+    """Milliseconds per launch (a `Timer`): the median of `runs` samples after two warm-ups. On a GPU each sample
+    replays a CUDA graph of GRAPH_LAUNCHES launches, timed by CUDA events, so that the launcher's Python (which a
+    net replayed as a CUDA graph does not pay) does not hide a small kernel's time; a launch that cannot be
+    captured is timed launch by launch, and counted in `fallbacks`. On the CPU, the wall clock of each launch."""
 
-    def timed(launch: Callable[[], object], config: dict[str, int] | None = None) -> float:
+    def __init__(self, device: torch.device, runs: int) -> None:
+        self.device, self.runs = device, runs
+        self.graphs = self.fallbacks = 0
+
+    def __call__(self, launch: Callable[[], object], config: dict[str, int] | None = None) -> float:
         launch()
         launch()
-        if device.type != "cuda":
+        if self.device.type != "cuda":
             samples = []
-            for _ in range(runs):
+            for _ in range(self.runs):
                 begin = time.perf_counter()
                 launch()
                 samples.append((time.perf_counter() - begin) * 1e3)
             return statistics.median(samples)
-        graph = _captured(launch, device)
+        graph = _captured(launch, self.device)
+        if graph is None:
+            self.fallbacks += 1
+        else:
+            self.graphs += 1
         run, per_sample = (graph.replay, GRAPH_LAUNCHES) if graph is not None else (launch, 1)
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize(self.device)
         events = []
-        for _ in range(runs):
+        for _ in range(self.runs):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             run()
             end.record()
             events.append((start, end))
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize(self.device)
         return statistics.median(start.elapsed_time(end) for start, end in events) / per_sample
 
-    return timed
+    def describe(self) -> dict[str, object]:
+        """How the times were taken, for the tuning file."""
+        if self.device.type != "cuda":
+            return {"clock": "wall clock per launch", "runs": self.runs}
+        return {
+            "clock": f"CUDA events around a CUDA graph of {GRAPH_LAUNCHES} launches",
+            "runs": self.runs,
+            "graphs": self.graphs,
+            "timed launch by launch (not capturable)": self.fallbacks,
+        }
 
 
-GRAPH_LAUNCHES = 10  # launches per replayed CUDA graph in `device_timer`
+GRAPH_LAUNCHES = 10  # launches per replayed CUDA graph in `DeviceClock`
 
 
 def _captured(launch: Callable[[], object], device: torch.device):
@@ -273,24 +306,35 @@ def _captured(launch: Callable[[], object], device: torch.device):
         return None
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "cpu (Triton's interpreter)"
-
-
 def _triton_version() -> str:
     import triton
 
     return triton.__version__
 
 
+def check_output(path: str | Path, device: torch.device) -> None:
+    """That a tuning for `device` can be written to `path`: its folder exists, and a file already there is a tuning
+    file for the same device and Triton (which this run adds to); a NetError naming `-o` otherwise."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise NetError(f"no folder {path.parent} to write {path.name} in", where="-o", hint="create it first")
+    if not path.exists():
+        return
+    old = _read_existing(path)
+    here = {"device": device_name(device), "triton": _triton_version()}
+    for key, value in here.items():
+        if old.get(key) != value:
+            raise NetError(
+                f"{path} holds tunings for {key} {old.get(key)}, and these are for {value}",
+                where="-o",
+                hint="give another -o FILE for this one (a file keeps one device's tunings)",
+            )
+
+
 def merge_tuning(old: Mapping, new: dict) -> tuple[dict, list[str]]:
-    """`new` with what `old` (an existing tuning file) holds for other batch sizes of the same kernels on the same
-    device kept; and notes on what of `old` was left out."""
+    """`new` with what `old` (an existing tuning file for the same device: `check_output`) holds for other batch
+    sizes of the same kernels kept; and notes on what of `old` was left out."""
     notes = []
-    if old.get("device") != new["device"]:
-        return new, [f"its tunings for {old.get('device')} replaced by these for {new['device']}"]
     steps = {}
     for name, entry in old.get("steps", {}).items():
         if name in new["steps"] and entry.get("signature") != new["steps"][name]["signature"]:
