@@ -30,7 +30,10 @@ def add_command(commands, positive) -> None:
     tune.add_argument(
         "--steps", metavar="PATTERNS", help="only the steps matching these comma-separated patterns, e.g. 'conv*,fc6*'"
     )
-    tune.add_argument("--runs", type=positive, default=20, metavar="N", help="timed launches per tile (the median)")
+    tune.add_argument(
+        "--runs", type=positive, default=20, metavar="N",
+        help="timed samples per tile, the median kept (on a GPU each a CUDA graph of ten launches)",
+    )  # fmt: skip
     tune.add_argument(
         "-o",
         "--output",
@@ -39,19 +42,13 @@ def add_command(commands, positive) -> None:
         metavar="FILE",
         help="the tuning file (default: tuning.json; one that exists keeps its other batch sizes)",
     )
-    add_plan_flags(tune)
+    add_plan_flags(tune, tuning=False)
     tune.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def tune_command(path: Path, args: argparse.Namespace) -> int:
     import torch
 
-    if args.tuning is not None:
-        raise NetError(
-            "tune times the launchers' own tiles and the candidates; it takes no tuning file",
-            where="--tuning",
-            hint="leave --tuning out",
-        )
     device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     try:
         place = torch.device(device)
