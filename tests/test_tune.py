@@ -255,6 +255,11 @@ def test_candidate_tiles_compute_what_pytorch_does():
 
 
 def test_candidates_fit_their_maps():
+    from netdsl.codegen.limits import MAX_SHARED_BYTES
+    from netdsl.codegen.target import SM90_MAX_SHARED_BYTES
+
+    assert MAX_SHARED_BYTES == SM90_MAX_SHARED_BYTES  # one number, written twice (target.py also runs alone)
+    assert fc.TUNING_TILES[3] not in fc.tuning_candidates(4) and fc.TUNING_TILES[3] in fc.tuning_candidates(2)
     assert {tile["BLOCK_K"] for tile in conv_nhwc.tuning_candidates(3, 2)} == {16}
     assert len(conv_nhwc.tuning_candidates(3, 2)) < len(conv.TUNING_TILES)  # duplicates once K is clamped
     assert {tile["BLOCK_K"] for tile in conv_nhwc.tuning_candidates(256, 2)} == {32, 64}
