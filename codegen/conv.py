@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from netdsl.codegen.layouts import stride_arguments
-from netdsl.codegen.limits import SM_COUNT, fits_shared_memory
+from netdsl.codegen.limits import SM_COUNT, tile_fits
 from netdsl.codegen.windows import four_pads, output_length
 
 
@@ -206,12 +206,7 @@ TUNING_TILES = (
 def tuning_candidates(element_bytes: int) -> list[dict]:
     """The tiles `netdsl tune` times for a conv of this kernel (its K runs over channels and taps alike) on elements
     of `element_bytes`: those whose pipelined operand tiles fit in shared memory."""
-    return [dict(tile) for tile in TUNING_TILES if fits(tile, element_bytes)]
-
-
-def fits(tile: dict, element_bytes: int) -> bool:
-    """Whether a pixels x channels tile's pipelined operands fit in shared memory."""
-    return fits_shared_memory(tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"], tile["num_stages"], element_bytes)
+    return [dict(tile) for tile in TUNING_TILES if tile_fits(tile, element_bytes)]
 
 
 def pick_config(M: int, N: int, groups: int = 1) -> dict:

@@ -40,9 +40,8 @@ from netdsl.codegen.conv import (
     conv_geometry,
     conv_output,
     conv_pixels,
-    fits,
 )
-from netdsl.codegen.limits import SM_COUNT
+from netdsl.codegen.limits import SM_COUNT, tile_fits
 
 
 @triton.jit
@@ -199,7 +198,7 @@ def tuning_candidates(c_in_group: int, element_bytes: int) -> list[dict]:
     widest = max(16, triton.next_power_of_2(c_in_group))
     tiles = [{**tile, "BLOCK_K": min(tile["BLOCK_K"], widest)} for tile in TUNING_TILES]
     unique = {tuple(tile.items()): tile for tile in tiles}.values()
-    return [dict(tile) for tile in unique if fits(tile, element_bytes)]
+    return [dict(tile) for tile in unique if tile_fits(tile, element_bytes)]
 
 
 def split_taps(programs: int, taps: int) -> dict:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .limits import fits_shared_memory
+from .limits import tile_fits
 
 
 @triton.jit
@@ -121,11 +121,7 @@ TUNING_TILES = (
 def tuning_candidates(element_bytes: int) -> list[dict]:
     """The tiles `netdsl tune` times for an fc layer on elements of `element_bytes`: those whose pipelined operand
     tiles fit in shared memory (128 x 32 x 128 in 4 stages does not in fp32)."""
-    return [
-        dict(tile)
-        for tile in TUNING_TILES
-        if fits_shared_memory(tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"], tile["num_stages"], element_bytes)
-    ]
+    return [dict(tile) for tile in TUNING_TILES if tile_fits(tile, element_bytes)]
 
 
 def pick_config(M: int, dtype: torch.dtype = torch.bfloat16) -> dict:

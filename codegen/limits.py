@@ -11,3 +11,8 @@ def fits_shared_memory(rows: int, cols: int, depth: int, stages: int, element_by
     """Whether a pipelined matrix product's operand tiles, `stages` copies of a rows x depth and a depth x cols tile,
     fit in one block's shared memory (what Triton's software pipelining keeps there, before its own few bytes)."""
     return stages * (rows + cols) * depth * element_bytes <= MAX_SHARED_BYTES
+
+
+def tile_fits(tile: dict[str, int], element_bytes: int) -> bool:
+    """Whether a BLOCK_M x BLOCK_N tile's pipelined operands (K blocks of BLOCK_K, num_stages deep) fit."""
+    return fits_shared_memory(tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"], tile["num_stages"], element_bytes)
