@@ -446,12 +446,23 @@ def safe(text: str) -> str:
     return "".join(ch if ch.isascii() and (ch.isalnum() or ch in " ._-@/[]:") else "?" for ch in str(text))
 
 
-def emit_program(program: nx.DiGraph, input_precision: str = "ieee", dtype: str = "fp32") -> dict[str, str]:
-    """File name -> source for every step that launches a kernel, in launch order."""
+def emit_program(
+    program: nx.DiGraph,
+    input_precision: str = "ieee",
+    dtype: str = "fp32",
+    tiles: Callable[[Step, str], dict[int, dict[str, int]] | None] | None = None,
+) -> dict[str, str]:
+    """File name -> source for every step that launches a kernel, in launch order. `tiles(step, source)`, asked for
+    each tunable step with its file as built without tuning, gives the tiles of its `TUNED` table (by batch size;
+    None or empty: none)."""
     files = {}
     for names in program.graph["partitions"].values():
         for name in names:
             step = program.nodes[name]["step"]
             if family_of(step) in FAMILIES:
-                files[f"{identifier(step.name)}.py"] = emit_step(program, step, input_precision, dtype)
+                source = emit_step(program, step, input_precision, dtype)
+                tuned = tiles(step, source) if tiles is not None and tunable(step) else None
+                if tuned:
+                    source = emit_step(program, step, input_precision, dtype, tuned)
+                files[f"{identifier(step.name)}.py"] = source
     return files

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import networkx as nx
 
-from netdsl.compiler.emit import FAMILIES, emit_step, family_of, tunable, tuning_candidates
-from netdsl.compiler.steps import Step, identifier
+from netdsl.compiler.emit import emit_program, tuning_candidates
+from netdsl.compiler.steps import Step
 from netdsl.errors import NetError
 
 TUNING_FORMAT = "netdsl-tuning/1"
@@ -152,29 +152,25 @@ def _bad(where: str, at: str, what: str) -> NetError:
 def emit_tuned(
     program: nx.DiGraph, input_precision: str, dtype: str, tuning: Tuning, options: dict[str, object] | None = None
 ) -> tuple[dict[str, str], list[str]]:
-    """Every step's kernel file (as `emit.emit_program`), tuned steps with their tiles in `TUNED`; and the report's
+    """Every step's kernel file (`emit.emit_program`), tuned steps with their tiles in `TUNED`; and the report's
     lines on what the tuning changed (and, when the build's dtype or compile `options` differ from those it was
     tuned with, which)."""
-    files: dict[str, str] = {}
     tuned, kept, stale, untuned = [], [], [], []
-    for names in program.graph["partitions"].values():
-        for name in names:
-            step = program.nodes[name]["step"]
-            if family_of(step) in FAMILIES:
-                source = emit_step(program, step, input_precision, dtype)
-                if tunable(step):
-                    configs = tuning.configs(step.name, signature(source))
-                    if configs:
-                        _check_tiles(tuning.path, step, dtype, configs)
-                        source = emit_step(program, step, input_precision, dtype, configs)
-                        tuned.append((step.name, configs))
-                    elif configs is not None:
-                        kept.append(step.name)
-                    elif step.name in tuning.steps:
-                        stale.append(step.name)
-                    else:
-                        untuned.append(step.name)
-                files[f"{identifier(step.name)}.py"] = source
+
+    def tiles(step: Step, source: str) -> dict[int, dict[str, int]] | None:
+        configs = tuning.configs(step.name, signature(source))
+        if configs:
+            _check_tiles(tuning.path, step, dtype, configs)
+            tuned.append((step.name, configs))
+        elif configs is not None:
+            kept.append(step.name)
+        elif step.name in tuning.steps:
+            stale.append(step.name)
+        else:
+            untuned.append(step.name)
+        return configs
+
+    files = emit_program(program, input_precision, dtype, tiles)
     lines = _report(tuning, tuned, kept, stale, untuned)
     built, tuned_with = option_flags(dtype, options or {}), option_flags(tuning.dtype, tuning.options)
     if stale and tuning.dtype is not None and built != tuned_with:
