@@ -27,7 +27,7 @@ from netdsl.compiler.launches import Launch, record_launches, sm90_resources
 from netdsl.compiler.passes import PASS_NAMES, Options, check_pass_name, dump, run_passes
 from netdsl.compiler.plan import PLAN_OPTIONS, build_plan, plan_json, with_source
 from netdsl.compiler.report import cost_report
-from netdsl.compiler.tuning import emit_tuned, read_tuning
+from netdsl.compiler.tuning import Tuning, emit_tuned, read_tuning
 from netdsl.errors import NetError
 from netdsl.files import write_atomic
 from netdsl.ir.dtypes import dot_precision
@@ -45,6 +45,7 @@ class Compiled:
     report: str
     dump: str  # the `--dump-after` listing, or ""
     source: Path | None = None  # the .net file it was compiled from
+    tuning: Tuning | None = None  # the tuning file whose tiles the kernels take (`--tuning`)
 
 
 def compile_net(
@@ -60,15 +61,16 @@ def compile_net(
     program, layers = after[PASS_NAMES[-1]], after["shapes"]
     listing = dump(after[dump_after]) if dump_after else ""
     report = cost_report(program, layers, options.batch, options.dtype)
-    if options.tuning is None:
+    tuning = None if options.tuning is None else read_tuning(options.tuning)  # tiles timed by `netdsl tune`
+    if tuning is None:
         kernels = emit_program(program, input_precision, options.dtype)
-    else:  # tiles timed on a device by `netdsl tune`
+    else:
         chosen = {name: getattr(options, name) for name in PLAN_OPTIONS if name != "tuning"}
-        kernels, lines = emit_tuned(program, input_precision, options.dtype, read_tuning(options.tuning), chosen)
+        kernels, lines = emit_tuned(program, input_precision, options.dtype, tuning, chosen)
         report += "\n" + "\n".join(lines) + "\n"
     step_files = {name.removesuffix(".py"): f"kernels/{name}" for name in kernels}
     plan = build_plan(program, options, step_files)
-    return Compiled(program, layers, kernels, plan, report, listing, Path(path))
+    return Compiled(program, layers, kernels, plan, report, listing, Path(path), tuning)
 
 
 def write_build(compiled: Compiled, out_dir: str | Path, options: Options | None = None, sm90: bool = False) -> Path:

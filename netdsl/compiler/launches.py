@@ -18,6 +18,7 @@ import inspect
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -73,6 +74,17 @@ def load_kernel_file(path: Path) -> ModuleType:
     return module
 
 
+@contextlib.contextmanager
+def recording(module: ModuleType) -> Iterator[Recorder]:
+    """A kernel file's kernel replaced by a Recorder for the block: its launcher runs, the kernel does not."""
+    kernel, recorder = module.KERNEL, Recorder()
+    module.KERNEL = recorder
+    try:
+        yield recorder
+    finally:
+        module.KERNEL = kernel
+
+
 def record_launches(
     kernel_files: list[Path], batch: int, dtype: str, configs: dict[str, dict[str, int]] | None = None
 ) -> list[Launch]:
@@ -80,9 +92,7 @@ def record_launches(
     launches = []
     for path in kernel_files:
         module = load_kernel_file(path)
-        kernel, recorder = module.KERNEL, Recorder()
-        module.KERNEL = recorder
-        try:
+        with recording(module) as recorder:
             dt = torch_dtype(dtype)
             # The maps and weights laid out as the runtime lays them out: the strides decide what Triton
             # specializes (a unit channel stride is a constant, and with it the vector loads).
@@ -97,11 +107,9 @@ def record_launches(
             out = to_layout(torch.empty(batch, *module.OUTPUT_SHAPE, device="meta", dtype=dt), module.OUTPUT_LAYOUT)
             config = (configs or {}).get(module.STEP)
             module.launch(inputs, weights, out=out, **({"config": config} if config else {}))
-        finally:
-            module.KERNEL = kernel
         source = path.read_text(encoding="utf-8")
         for grid, args, kwargs in recorder.calls[:1]:  # one specialization per step (a concat repeats it)
-            launches.append(describe_launch(module.STEP, kernel, grid, args, kwargs, source))
+            launches.append(describe_launch(module.STEP, module.KERNEL, grid, args, kwargs, source))
     return launches
 
 

@@ -60,7 +60,6 @@ from netdsl.compiler.launches import load_kernel_file
 from netdsl.compiler.layout import LAYOUT_OPTIONS, weight_layouts
 from netdsl.compiler.passes import Options
 from netdsl.compiler.steps import Step
-from netdsl.compiler.tuning import read_tuning
 from netdsl.errors import NetError
 from netdsl.ir.display import graph_bundle, graph_html, graph_svg
 from netdsl.ir.dtypes import DTYPES, torch_dtype
@@ -167,8 +166,8 @@ class Net:
         self._modules = {}
         if backend == "triton":
             self._check_triton_runnable()
-            if tuning is not None:
-                self._check_tuned_device(read_tuning(tuning).device)
+            if self.compiled.tuning is not None:
+                self._check_tuned_device(self.compiled.tuning.device)
             for name in self._order:
                 if self._steps[name].kind not in COPY_KINDS:
                     self._modules[name] = load_kernel_file(self.build_dir / "kernels" / f"{name}.py")

@@ -35,7 +35,7 @@ import torch
 from netdsl._version import __version__
 from netdsl.codegen.layouts import to_layout
 from netdsl.codegen.limits import MAX_SHARED_BYTES
-from netdsl.compiler.launches import Recorder, record_launches, sm90_resources
+from netdsl.compiler.launches import record_launches, recording, sm90_resources
 from netdsl.compiler.tuning import CONFIG_KEYS, TUNING_FORMAT, check_entry, describe_config, signature
 from netdsl.errors import NetError
 from netdsl.files import write_atomic
@@ -215,12 +215,8 @@ def _without_spills(result: StepTuning, kernel_file: Path, batch: int, dtype: st
 
 def launched_config(module, inputs: list[torch.Tensor], weights: dict, out: torch.Tensor) -> dict[str, int]:
     """The tiles the step's launcher picks itself for these inputs (read from a recorded launch)."""
-    kernel, recorder = module.KERNEL, Recorder()
-    module.KERNEL = recorder
-    try:
+    with recording(module) as recorder:
         module.launch(inputs, weights, out=out)
-    finally:
-        module.KERNEL = kernel
     _, _, kwargs = recorder.calls[0]
     return {key: int(kwargs[key]) for key in CONFIG_KEYS if key in kwargs}
 
