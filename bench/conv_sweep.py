@@ -155,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="all", help="`all`, or indices into CONFIGS: 0,3,4")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (interpreter): no timing")
     args = parser.parse_args(argv)
+    unknown = [d for d in args.dtypes.split(",") if d not in PRECISIONS]
+    unknown += [layer for layer in args.layers.split(",") if layer not in LAYERS]
+    if args.configs != "all":
+        unknown += [i for i in args.configs.split(",") if not (i.isdigit() and int(i) < len(CONFIGS))]
+    if unknown:  # before the GPU is looked for: a bad flag fails on any machine
+        parser.error(f"unknown dtype, layer or config index: {', '.join(unknown)} (dtypes: {', '.join(PRECISIONS)}; "
+                     f"layers: {', '.join(LAYERS)}; configs: 0 to {len(CONFIGS) - 1})")  # fmt: skip
     print(f"# python bench/conv_sweep.py --batch {args.batch} --dtypes {args.dtypes} --layers {args.layers}"
           f" --configs {args.configs}{' --smoke' if args.smoke else ''}")  # fmt: skip
     device = announce_device(args.smoke)

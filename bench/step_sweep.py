@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", default=",".join([*FC, *NORM]))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (interpreter): no timing")
     args = parser.parse_args(argv)
+    unknown = [step for step in args.steps.split(",") if step not in {**FC, **NORM}]
+    unknown += [b for b in args.batches.split(",") if not (b.isdigit() and int(b) > 0)]
+    if unknown:  # before the GPU is looked for: a bad flag fails on any machine
+        parser.error(f"unknown step or batch: {', '.join(unknown)} (steps: {', '.join([*FC, *NORM])})")
     print(f"# python bench/step_sweep.py --batches {args.batches} --dtype {args.dtype} --steps {args.steps}"
           f"{' --smoke' if args.smoke else ''}")  # fmt: skip
     device = announce_device(args.smoke)

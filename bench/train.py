@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one step: checks the code path only")
     args = parser.parse_args(argv)
     nets = args.nets.split(",")
+    unknown = [net for net in nets if net not in MODELS]
+    if unknown:
+        parser.error(f"no hand-written model for: {', '.join(unknown)} (nets: {', '.join(sorted(MODELS))})")
     batches = {net: args.batch or CPU_BATCH.get(net, 32) for net in nets}
     steps, warmup, repeats = args.steps, args.warmup, args.repeats
     if args.smoke:
