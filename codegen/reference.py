@@ -74,6 +74,14 @@ def apply(
     if op == "softmax":
         wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # float64 stays float64
         return torch.softmax(wide, dim=1).to(x.dtype)
+    if op == "batchnorm" and not training:
+        # the running statistics folded into a scale and shift, as the kernels fold them; not F.batch_norm, which
+        # torch 2.11 refuses for eps = 0 (an imported per-channel Mul and Add is a batchnorm of eps 0)
+        wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+        scale = weights["weight"].to(wide) * torch.rsqrt(weights["running_var"].to(wide) + params["eps"])
+        shift = weights["bias"].to(wide) - weights["running_mean"].to(wide) * scale
+        per_channel = (1, -1) + (1,) * (x.dim() - 2)
+        return (x.to(wide) * scale.view(per_channel) + shift.view(per_channel)).to(x.dtype)
     if op == "batchnorm":
         return F.batch_norm(
             x,
@@ -82,7 +90,7 @@ def apply(
             weights["weight"],
             weights["bias"],
             training=training,
-            momentum=params["momentum"] if training else 0.0,  # not read at inference
+            momentum=params["momentum"],
             eps=params["eps"],
         )
     if op == "flatten":
