@@ -111,7 +111,7 @@ def sweep(layer: str, shape: tuple, name: str, batch: int, device: str, configs:
         (layer, "cuDNN channels-last", f"{last_ms:.3f}", f"{flops / last_ms / 1e9:.1f}", "", ""),
     ]
     cudnn_ms = min(cudnn_ms, last_ms)  # the ratio is to cuDNN's better layout
-    today = pick_config(batch * out_side * out_side, c_out)
+    today = pick_config(batch * out_side * out_side, c_out, exact_fp32=dtype == torch.float32 and precision == "ieee")
     variants = [("", config) for config in configs]
     if c_in >= 16:
         variants += [("nhwc ", config) for config in configs]

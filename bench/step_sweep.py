@@ -95,7 +95,7 @@ def fc_rows(step: str, shape, configs, batch: int, dtype: torch.dtype, device: s
         return F.relu(F.linear(joined, weight, bias))
 
     moved = (weight.numel() + joined.numel() + out.numel()) * weight.element_size()
-    today = fc.pick_config(batch, dtype)
+    today = fc.pick_config(batch, dtype, "ieee", joined.shape[1])
     return rows_for(step, ours, theirs, configs, today, moved, measure)
 
 

@@ -38,6 +38,7 @@ import triton.language as tl
 
 from netdsl.codegen.layouts import stride_arguments
 from netdsl.codegen.limits import SM_COUNT, tile_fits
+from netdsl.codegen.triton_version import SQUARE_TILES
 from netdsl.codegen.windows import four_pads, output_length
 
 
@@ -180,9 +181,11 @@ ACTIVATIONS = ("none", "relu", "leaky_relu")
 INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Triton 3.6 lays the gathered tile out with threads along K rather than along the pixels and needs far more
-# registers: there the square tile spills on every AlexNet layer and the half-width one does not. Before 3.9
-# (3.7 and 3.8 unmeasured) wide layers take the half-width tile.
-_SQUARE_TILE = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 9)
+# registers: there the square tile spills on every AlexNet layer and the half-width one does not, so before 3.9
+# wide layers take the half-width tile (triton_version.SQUARE_TILES). Exact fp32 products run on the FMA units
+# with their operands in registers: the narrow tile then covers 32 pixels in 4 warps (64 x 64 spilled under
+# Triton 3.6 at one AlexNet or LeNet-5 layer or another, with 8 warps or 4, K by 16 or 32).
+EXACT_FP32_NARROW = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
 
 
 # Under Triton's interpreter (CPU tensors) a program costs about the same whatever its size.
@@ -209,7 +212,7 @@ def tuning_candidates(element_bytes: int) -> list[dict]:
     return [dict(tile) for tile in TUNING_TILES if tile_fits(tile, element_bytes)]
 
 
-def pick_config(M: int, N: int, groups: int = 1) -> dict:
+def pick_config(M: int, N: int, groups: int = 1, exact_fp32: bool = False) -> dict:
     """Block sizes for the implicit GEMM of one group (of `groups`): M pixels and N output channels.
 
     Groups with more than 64 channels take the square tile; narrower ones the small 64 x 64 tile
@@ -217,13 +220,14 @@ def pick_config(M: int, N: int, groups: int = 1) -> dict:
     one; on an H200, bf16, batch 128, it ran conv1 in 0.54 ms against 0.66 ms for 128 x 64:
     bench/results/conv_sweep.tsv). When the square tile would leave most streaming multiprocessors
     idle (small batches, 13 x 13 maps; every group's tiles count, as one launch runs them all) the small
-    tile wins too.
+    tile wins too. Exact fp32 (`exact_fp32`: products on the FMA units) takes a smaller one, 32 x 64.
     """
+    narrow = EXACT_FP32_NARROW if exact_fp32 else CONFIGS[2]
     if N <= 64:
-        return CONFIGS[2]
-    config = CONFIGS[0] if _SQUARE_TILE else CONFIGS[1]
+        return narrow
+    config = CONFIGS[0] if SQUARE_TILES else CONFIGS[1]
     tiles = triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]) * groups
-    return config if tiles >= SM_COUNT // 2 else CONFIGS[2]
+    return config if tiles >= SM_COUNT // 2 else narrow
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
@@ -303,7 +307,8 @@ def conv2d_launch(
     out = conv_output("conv2d", out, g.out_shape, inputs[0], torch.contiguous_format)
     if config is None:  # on the CPU the interpreter runs one program at a time: few, big tiles
         on_cpu = inputs[0].device.type == "cpu"
-        config = INTERPRETER_CONFIG if on_cpu else pick_config(g.pixels, g.c_out_group, g.groups)
+        exact_fp32 = inputs[0].dtype == torch.float32 and input_precision == "ieee"
+        config = INTERPRETER_CONFIG if on_cpu else pick_config(g.pixels, g.c_out_group, g.groups, exact_fp32)
     weight_rows = weight.flatten(1)  # K = (c, kh, kw): a view of any NCHW weight
     return conv_arguments(inputs, weight_rows, "ok", bias, out, g, activation, slope, input_precision, config)
 

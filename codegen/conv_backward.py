@@ -46,6 +46,7 @@ import triton.language as tl
 
 from netdsl.codegen.layouts import stride_arguments
 from netdsl.codegen.limits import SM_COUNT
+from netdsl.codegen.triton_version import SQUARE_TILES
 from netdsl.codegen.windows import four_pads, output_length
 
 
@@ -295,8 +296,10 @@ def conv2d_wgrad_reduce_kernel(
 # BLOCK_K pixels per step. Not yet timed on a GPU: of the few tried, the largest that compile for sm_90
 # (Triton 3.9) without spills at AlexNet's conv1, conv2 and conv4, as tests/test_sm90_conv_backward.py checks.
 # Both kernels gather an operand element by element, which costs registers: with 4 warps every wide tile
-# spilled, so 8 warps throughout; wgrad's wide tile takes 16 pixels a step (32 spilled), and fp32 dgrad (whose
-# exact "ieee" products run on FMA units) keeps its channel tile at 64 and its K step at 16.
+# spilled, so 8 warps throughout; wgrad's wide tile takes 16 pixels a step (32 spilled), and fp32 dgrad keeps
+# its channel tile at 64 and its K step at 16. Triton 3.6 needs more registers still: there bf16's 128-channel tile
+# spills (so before 3.9 wide layers take the 64-channel one, triton_version.SQUARE_TILES) and so do the fp32 tiles
+# with exact "ieee" products (on the FMA units, operands in registers), which take half as many pixels.
 DGRAD_CONFIGS = [
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},  # more than 64 channels
     {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},  # 17 to 64 (conv2's 48)
@@ -306,6 +309,7 @@ FP32_DGRAD_CONFIGS = [
     {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3},  # more than 16 channels
     {"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},  # up to 16
 ]
+EXACT_FP32_DGRAD_CONFIGS = [{**config, "BLOCK_M": 64} for config in FP32_DGRAD_CONFIGS]
 WGRAD_CONFIGS = [
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3},  # more than 64 channels
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},  # up to 64 (conv1's 48)
@@ -333,13 +337,14 @@ INPUT_PRECISIONS = ("ieee", "tf32")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def pick_dgrad_config(c_in_group: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+def pick_dgrad_config(c_in_group: int, dtype: torch.dtype = torch.bfloat16, input_precision: str = "ieee") -> dict:
     """Block sizes for dgrad by the group's input channels, the MMA's M side: the narrowest tile that holds them,
     down to the 16 that tl.dot needs."""
     if dtype == torch.float32:
-        return FP32_DGRAD_CONFIGS[0] if c_in_group > 16 else FP32_DGRAD_CONFIGS[1]
+        configs = EXACT_FP32_DGRAD_CONFIGS if input_precision == "ieee" else FP32_DGRAD_CONFIGS
+        return configs[0] if c_in_group > 16 else configs[1]
     if c_in_group > 64:
-        return DGRAD_CONFIGS[0]
+        return DGRAD_CONFIGS[0] if SQUARE_TILES else DGRAD_CONFIGS[1]
     return DGRAD_CONFIGS[1] if c_in_group > 16 else DGRAD_CONFIGS[2]
 
 
@@ -551,7 +556,7 @@ def conv2d_dgrad_launch(
             config = interpreter_config(BLOCK_M=(g.batch * g.height * g.width, 512), BLOCK_N=(g.c_in_group, 128),
                                         BLOCK_K=(g.c_out_group, 128))  # fmt: skip
         else:
-            config = pick_dgrad_config(g.c_in_group, grad_out.dtype)
+            config = pick_dgrad_config(g.c_in_group, grad_out.dtype, input_precision)
     # A phase starting past the input (an input smaller than the stride) has no pixels and gets no programs.
     phases_h, phases_w = min(g.stride[0], g.height), min(g.stride[1], g.width)
     largest_phase = g.batch * triton.cdiv(g.height, g.stride[0]) * triton.cdiv(g.width, g.stride[1])

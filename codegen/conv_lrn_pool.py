@@ -147,10 +147,12 @@ def conv_lrn_pool_kernel(
 # Exact fp32 runs its conv GEMM without tensor cores, whose operand tiles need far more registers, and splits the
 # squares into three pieces rather than two: it takes smaller tiles. On Triton 3.9 for sm_90 each of these compiles
 # without spills for AlexNet's conv1 and conv2 (tests/test_kernel_conv_lrn_pool.py keeps it so); with 4 warps, or
-# BLOCK_P = 64 on the wide tile, they spill.
+# BLOCK_P = 64 on the wide tile, they spill. tf32x3's three products hold more operands: under Triton 3.6 its narrow
+# tile steps K by 16 (by 32 it spills).
 CONFIGS = {
     "narrow": {"BLOCK_N": 64, "BLOCK_P": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
     "narrow-fp32": {"BLOCK_N": 64, "BLOCK_P": 32, "BLOCK_K": 16, "num_warps": 8, "num_stages": 2},
+    "narrow-tf32x3": {"BLOCK_N": 64, "BLOCK_P": 64, "BLOCK_K": 16, "num_warps": 8, "num_stages": 2},
     "wide": {"BLOCK_N": 128, "BLOCK_P": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
     "wide-fp32": {"BLOCK_N": 128, "BLOCK_P": 16, "BLOCK_K": 16, "num_warps": 8, "num_stages": 2},
 }
@@ -165,6 +167,8 @@ def pick_config(channels_per_group: int, dtype: torch.dtype = torch.bfloat16, in
     name = "narrow" if channels_per_group <= 64 else "wide"
     if _exact_fp32(dtype, input_precision):
         name += "-fp32"
+    elif name == "narrow" and dtype == torch.float32 and input_precision == "tf32x3":
+        name += "-tf32x3"
     config = CONFIGS[name]
     return {**config, "BLOCK_N": min(config["BLOCK_N"], max(16, triton.next_power_of_2(channels_per_group)))}
 

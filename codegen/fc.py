@@ -84,6 +84,8 @@ def linear_kernel(
 # bench/results/step_sweep.txt) they spread the weight stream over enough programs, where the
 # 64 x 64 x 32 tile ran fc6 3.6 times slower at batch 128. fp32 keeps shorter K blocks: its operands
 # take twice the registers, and with K not a multiple of 16 (unvectorized loads) the long blocks spill.
+# For the same reason, under Triton 3.6, 16-bit layers whose features are not a multiple of 16 (LeNet-5's)
+# take K blocks of 64, and exact fp32 (products on the FMA units, operands in registers) steps K by 16.
 # tests/test_sm90_conv.py and tests/test_sm90_nets.py check they build without spills.
 CONFIGS = [
     {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},  # batches above 16
@@ -124,11 +126,15 @@ def tuning_candidates(element_bytes: int) -> list[dict]:
     return [dict(tile) for tile in TUNING_TILES if tile_fits(tile, element_bytes)]
 
 
-def pick_config(M: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Block sizes for M batch rows: up to 16 rows the layer streams W, and the narrow tile spreads that
-    stream over many programs."""
+def pick_config(M: int, dtype: torch.dtype = torch.bfloat16, input_precision: str = "ieee", features: int = 0) -> dict:
+    """Block sizes for M batch rows of `features` (0: a multiple of 16): up to 16 rows the layer streams W, and the
+    narrow tile spreads that stream over many programs."""
     configs = FP32_CONFIGS if dtype == torch.float32 else CONFIGS
-    return configs[1] if M <= 16 else configs[0]
+    if M <= 16:
+        return configs[1]
+    if dtype == torch.float32:
+        return {**configs[0], "BLOCK_K": 16} if input_precision == "ieee" else configs[0]
+    return {**configs[0], "BLOCK_K": 64} if features % 16 else configs[0]
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -205,7 +211,7 @@ def linear_launch(
 
     if config is None:  # on the CPU the interpreter runs one program at a time: few, big tiles
         on_cpu = rows[0].device.type == "cpu"
-        config = INTERPRETER_CONFIG if on_cpu else pick_config(batch, rows[0].dtype)
+        config = INTERPRETER_CONFIG if on_cpu else pick_config(batch, rows[0].dtype, input_precision, features)
     x0, x1 = rows[0], rows[-1]
     grid = (triton.cdiv(batch, config["BLOCK_M"]) * triton.cdiv(units, config["BLOCK_N"]),)
     arguments = {

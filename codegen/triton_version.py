@@ -1,0 +1,22 @@
+"""The Triton that builds the kernels: which tiles compile for sm_90 without spilling depends on its version.
+
+Triton 3.6 (what the H200 machines have) keeps the gathered operand of an implicit GEMM in registers where 3.9
+stages it in shared memory, and its ptxas (CUDA 12.8; 3.9 assembles sm_90 with 13.x) allocates registers less
+tightly. The tile pickers ask here rather than each parsing the version; every tile they pick builds without
+spills under both (tests/test_sm90_*.py check the one installed; the note in docs/performance.md says how to
+check the other).
+"""
+
+import triton
+
+
+def _version(text: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "3.6.0" or "3.9.0+git1234"."""
+    major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in text.split(".")[:2])
+    return major, minor
+
+
+TRITON_VERSION = _version(triton.__version__)
+# 128 x 128 tiles of a gathered operand (the NCHW conv's pixels, dgrad's) build without spills from Triton 3.9 on;
+# before it (3.7 and 3.8 unmeasured) they spill, and those convs take half-width tiles.
+SQUARE_TILES = TRITON_VERSION >= (3, 9)
