@@ -183,9 +183,11 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Triton 3.6 lays the gathered tile out with threads along K rather than along the pixels and needs far more
 # registers: there the square tile spills on every AlexNet layer and the half-width one does not, so before 3.9
 # wide layers take the half-width tile (triton_version.SQUARE_TILES). Exact fp32 products run on the FMA units
-# with their operands in registers: the narrow tile then covers 32 pixels in 4 warps (64 x 64 spilled under
-# Triton 3.6 at one AlexNet or LeNet-5 layer or another, with 8 warps or 4, K by 16 or 32).
-EXACT_FP32_NARROW = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+# with their operands in registers: the narrow tile is then 128 pixels by 32 channels, K by 16, the one tried that
+# built without spills at every conv of AlexNet, LeNet-5, SimpleNet (with and without bias and ReLU) and VGG-16's
+# first five shapes at batch 1, 32 and 128 under Triton 3.6 and 3.9 (64 x 64 and 32 x 64 tiles spilled a few bytes
+# at one layer or another).
+EXACT_FP32_NARROW = {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 8, "num_stages": 3}
 
 
 # Under Triton's interpreter (CPU tensors) a program costs about the same whatever its size.
@@ -220,7 +222,7 @@ def pick_config(M: int, N: int, groups: int = 1, exact_fp32: bool = False) -> di
     one; on an H200, bf16, batch 128, it ran conv1 in 0.54 ms against 0.66 ms for 128 x 64:
     bench/results/conv_sweep.tsv). When the square tile would leave most streaming multiprocessors
     idle (small batches, 13 x 13 maps; every group's tiles count, as one launch runs them all) the small
-    tile wins too. Exact fp32 (`exact_fp32`: products on the FMA units) takes a smaller one, 32 x 64.
+    tile wins too. Exact fp32 (`exact_fp32`: products on the FMA units) takes 128 x 32 instead.
     """
     narrow = EXACT_FP32_NARROW if exact_fp32 else CONFIGS[2]
     if N <= 64:
