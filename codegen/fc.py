@@ -95,6 +95,8 @@ FP32_CONFIGS = [
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},  # batches above 16
     {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},  # batch <= 16
 ]
+UNALIGNED_CONFIG = {**CONFIGS[0], "BLOCK_K": 64}  # 16-bit, batches above 16, features not a multiple of 16
+EXACT_FP32_CONFIG = {**FP32_CONFIGS[0], "BLOCK_K": 16}  # exact fp32 ("ieee"), batches above 16
 
 ACTIVATIONS = ("none", "relu", "leaky_relu")
 INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -133,8 +135,8 @@ def pick_config(M: int, dtype: torch.dtype = torch.bfloat16, input_precision: st
     if M <= 16:
         return configs[1]
     if dtype == torch.float32:
-        return {**configs[0], "BLOCK_K": 16} if input_precision == "ieee" else configs[0]
-    return {**configs[0], "BLOCK_K": 64} if features % 16 else configs[0]
+        return EXACT_FP32_CONFIG if input_precision == "ieee" else configs[0]
+    return UNALIGNED_CONFIG if features % 16 else configs[0]
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@
 Triton 3.6 (what the H200 machines have) keeps the gathered operand of an implicit GEMM in registers where 3.9
 stages it in shared memory, and its ptxas (CUDA 12.8; 3.9 assembles sm_90 with 13.x) allocates registers less
 tightly. The tile pickers ask here rather than each parsing the version; every tile they pick builds without
-spills under both (tests/test_sm90_*.py check the one installed; the note in docs/performance.md says how to
-check the other).
+spills under both: tests/test_sm90_*.py check the Triton installed, CI runs them under 3.6 too (.ci/triton36),
+and bench/triton_compat.sh compiles every net under the GPU machines' Triton and PyTorch.
 """
 
 import triton

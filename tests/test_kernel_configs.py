@@ -1,5 +1,5 @@
-"""Every GPU tile configuration of the conv and fc kernels (`CONFIGS` in codegen/conv.py and
-codegen/fc.py) computes the right numbers, not only builds for sm_90 (tests/test_sm90_conv.py).
+"""Every GPU tile configuration of the conv and fc kernels (`CONFIGS` and the exact-fp32 and unaligned tiles in
+codegen/conv.py and codegen/fc.py) computes the right numbers, not only builds for sm_90 (tests/test_sm90_conv.py).
 
 Without a GPU the launchers pick the interpreter's one big tile; here each GPU configuration is forced,
 on small shapes that are multiples of none of its blocks (pixels, output channels, K = C_in/groups x
@@ -12,7 +12,7 @@ from kernel_support import PRECISIONS
 from test_kernel_conv import check_conv
 from test_kernel_fc import check_linear
 
-from netdsl.codegen import conv, fc
+from netdsl.codegen import conv, fc, triton_version
 
 # The interpreter warns when a matmul meets NaN or inf: a masked load that read memory it should not have.
 pytestmark = [pytest.mark.filterwarnings("error::RuntimeWarning"), pytest.mark.usefixtures("interpreter_bf16_dot")]
@@ -37,7 +37,7 @@ CONV_GEOMETRIES = {
 
 @pytest.mark.parametrize("precision", PRECISIONS_RUN)
 @pytest.mark.parametrize("geometry", list(CONV_GEOMETRIES))
-@pytest.mark.parametrize("config", conv.CONFIGS, ids=config_id)
+@pytest.mark.parametrize("config", [*conv.CONFIGS, conv.EXACT_FP32_NARROW], ids=config_id)
 def test_conv_config(config: dict, geometry: str, precision: str):
     shape = CONV_GEOMETRIES[geometry]
     c_in_group = sum(shape["channels"]) // shape["groups"]
@@ -55,6 +55,16 @@ FC_SHAPES = {
 
 @pytest.mark.parametrize("precision", PRECISIONS_RUN)
 @pytest.mark.parametrize("shape", list(FC_SHAPES))
-@pytest.mark.parametrize("config", fc.CONFIGS + fc.FP32_CONFIGS, ids=config_id)
+@pytest.mark.parametrize(
+    "config", [*fc.CONFIGS, *fc.FP32_CONFIGS, fc.UNALIGNED_CONFIG, fc.EXACT_FP32_CONFIG], ids=config_id
+)
 def test_fc_config(config: dict, shape: str, precision: str):
     check_linear(batch=2, **FC_SHAPES[shape], precision=precision, config=config, seed=len(shape))
+
+
+@pytest.mark.parametrize(
+    ("text", "version"), [("3.6.0", (3, 6)), ("3.9.0+git1a2b3c", (3, 9)), ("3.10.0rc1", (3, 10)), ("4.0", (4, 0))]
+)
+def test_the_triton_version_the_tile_pickers_ask_is_read_from_any_release(text: str, version: tuple[int, int]):
+    """The square tiles are chosen by (major, minor) as numbers: 3.10 is after 3.9, where strings say otherwise."""
+    assert triton_version._version(text) == version

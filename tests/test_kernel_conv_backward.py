@@ -18,6 +18,7 @@ from kernel_support import DEVICE, PRECISIONS, activate, explicitly_padded, four
 
 from netdsl.codegen.conv_backward import (
     DGRAD_CONFIGS,
+    EXACT_FP32_DGRAD_CONFIGS,
     FP32_DGRAD_CONFIGS,
     WGRAD_CONFIGS,
     conv2d_backward,
@@ -185,8 +186,9 @@ def test_small_tiles(geometry: str):
 
 
 # Every tile a GPU launch may pick, once each (fp32 dgrad's few-channel tile is the 16-bit one).
+DGRAD_TILES = DGRAD_CONFIGS + FP32_DGRAD_CONFIGS + EXACT_FP32_DGRAD_CONFIGS
 GPU_TILES = {f"{kind}-{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}": (kind, config)
-             for kind, configs in (("dgrad", DGRAD_CONFIGS + FP32_DGRAD_CONFIGS), ("wgrad", WGRAD_CONFIGS))
+             for kind, configs in (("dgrad", DGRAD_TILES), ("wgrad", WGRAD_CONFIGS))
              for config in configs}  # fmt: skip
 
 
