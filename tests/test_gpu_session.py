@@ -63,9 +63,14 @@ def test_the_script_is_read_whole():
     assert len(BENCH) > 15
 
 
+SHELL_SCRIPTS = sorted([*ROOT.glob("bench/*.sh"), *(path for path in (ROOT / ".ci").iterdir() if path.is_file())])
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_the_script_is_valid_shell():
-    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda path: f"{path.parent.name}/{path.name}")
+def test_the_scripts_are_valid_shell(script: Path):
+    """This one, bench/triton_compat.sh and CI's: run only where they cost the most (a GPU lease, CI)."""
+    subprocess.run(["bash", "-n", str(script)], check=True)
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
