@@ -17,7 +17,7 @@
 # infer  issue 13's table (bf16 at batch 128, 32, 1, tf32 and fp32 at 128: netdsl against eager, torch.compile
 #        and max-autotune), then its decisions (conv1's space-to-depth, fp32 exact against tf32x3, the towers
 #        as two streams or merged into grouped launches, split-K convs at batch 1 and 32), `netdsl tune` at batch
-#        128 and 1 and AlexNet with its tiles, the streams' rows,
+#        128 and 1 in bf16 and at 128 in tf32 and AlexNet with its tiles, the streams' rows,
 #        VGG-16, the conv and step sweeps, a per-step profile of AlexNet (both layouts, and merged).
 # `all` (the default) runs the three in that order. Meanwhile, background processes compile the kernels the
 # benchmarks need (filling the caches on disk). Works with the machine's own torch and triton; lark travels
@@ -128,6 +128,14 @@ if wants infer; then
         --precisions bf16 --systems netdsl-graph,netdsl-tuned-graph --tuning "$OUT/tuning.json" \
         --tsv "$OUT/levers.tsv" >"$OUT/tuned.log" 2>&1
     tail -n 6 "$OUT/tuned.log" 2>/dev/null
+    # the tf32 tiles, never swept: tuned at batch 128 into a file of their own (a tuning file holds one dtype)
+    box "${TUNE_TF32_S:-90}" python3 -m netdsl tune --batch 128 --dtype tf32 --runs 10 -o "$OUT/tuning_tf32.json" \
+        >"$OUT/tune_tf32.log" 2>&1
+    grep -v "^tuning " "$OUT/tune_tf32.log" 2>/dev/null | tail -n 20
+    [ -f "$OUT/tuning_tf32.json" ] && box "${TUNED_S:-60}" python3 bench/alexnet_gpu.py --runs 30 --batches 128 \
+        --precisions tf32 --systems netdsl-graph,netdsl-tuned-graph --tuning "$OUT/tuning_tf32.json" \
+        --tsv "$OUT/levers.tsv" >"$OUT/tuned_tf32.log" 2>&1
+    tail -n 4 "$OUT/tuned_tf32.log" 2>/dev/null
     # netdsl-one-stream: both towers on one stream, against netdsl's stream each (do they overlap?), and both
     # against the towers merged into grouped launches (netdsl-grouped)
     box "${BENCH_S:-100}" python3 bench/alexnet_gpu.py --runs 30 --batches 128,1 --precisions bf16 \
