@@ -85,6 +85,7 @@ def sweep(layer: str, shape: tuple, name: str, batch: int, device: str, configs:
     """The rows of one layer in one precision: cuDNN's, then one per configuration."""
     from netdsl.codegen import conv_nhwc
     from netdsl.codegen.conv import conv2d, pick_config
+    from netdsl.codegen.tile_rules import exact_fp32
 
     dtype, precision = PRECISIONS[name]
     c_in, c_out, size, stride, pad, side = shape
@@ -111,7 +112,7 @@ def sweep(layer: str, shape: tuple, name: str, batch: int, device: str, configs:
         (layer, "cuDNN channels-last", f"{last_ms:.3f}", f"{flops / last_ms / 1e9:.1f}", "", ""),
     ]
     cudnn_ms = min(cudnn_ms, last_ms)  # the ratio is to cuDNN's better layout
-    today = pick_config(batch * out_side * out_side, c_out, exact_fp32=dtype == torch.float32 and precision == "ieee")
+    today = pick_config(batch * out_side * out_side, c_out, exact=exact_fp32(dtype, precision))
     variants = [("", config) for config in configs]
     if c_in >= 16:
         variants += [("nhwc ", config) for config in configs]

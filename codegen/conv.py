@@ -38,7 +38,7 @@ import triton.language as tl
 
 from netdsl.codegen.layouts import stride_arguments
 from netdsl.codegen.limits import SM_COUNT, tile_fits
-from netdsl.codegen.triton_version import SQUARE_TILES
+from netdsl.codegen.tile_rules import SQUARE_TILES, exact_fp32
 from netdsl.codegen.windows import four_pads, output_length
 
 
@@ -182,7 +182,7 @@ INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Triton 3.6 lays the gathered tile out with threads along K rather than along the pixels and needs far more
 # registers: there the square tile spills on every AlexNet layer and the half-width one does not, so before 3.9
-# wide layers take the half-width tile (triton_version.SQUARE_TILES). Exact fp32 products run on the FMA units
+# wide layers take the half-width tile (tile_rules.SQUARE_TILES). Exact fp32 products run on the FMA units
 # with their operands in registers: the narrow tile is then 128 pixels by 32 channels, K by 16, the one tried that
 # built without spills at every conv of AlexNet, LeNet-5, SimpleNet (with and without bias and ReLU) and VGG-16's
 # first five shapes at batch 1, 32 and 128 under Triton 3.6 and 3.9 (64 x 64 and 32 x 64 tiles spilled a few bytes
@@ -214,7 +214,7 @@ def tuning_candidates(element_bytes: int) -> list[dict]:
     return [dict(tile) for tile in TUNING_TILES if tile_fits(tile, element_bytes)]
 
 
-def pick_config(M: int, N: int, groups: int = 1, exact_fp32: bool = False) -> dict:
+def pick_config(M: int, N: int, groups: int = 1, exact: bool = False) -> dict:
     """Block sizes for the implicit GEMM of one group (of `groups`): M pixels and N output channels.
 
     Groups with more than 64 channels take the square tile; narrower ones the small 64 x 64 tile
@@ -222,9 +222,9 @@ def pick_config(M: int, N: int, groups: int = 1, exact_fp32: bool = False) -> di
     one; on an H200, bf16, batch 128, it ran conv1 in 0.54 ms against 0.66 ms for 128 x 64:
     bench/results/conv_sweep.tsv). When the square tile would leave most streaming multiprocessors
     idle (small batches, 13 x 13 maps; every group's tiles count, as one launch runs them all) the small
-    tile wins too. Exact fp32 (`exact_fp32`: products on the FMA units) takes 128 x 32 instead.
+    tile wins too. Exact fp32 (`exact`: products on the FMA units) takes 128 x 32 instead.
     """
-    narrow = EXACT_FP32_NARROW if exact_fp32 else CONFIGS[2]
+    narrow = EXACT_FP32_NARROW if exact else CONFIGS[2]
     if N <= 64:
         return narrow
     config = CONFIGS[0] if SQUARE_TILES else CONFIGS[1]
@@ -309,8 +309,8 @@ def conv2d_launch(
     out = conv_output("conv2d", out, g.out_shape, inputs[0], torch.contiguous_format)
     if config is None:  # on the CPU the interpreter runs one program at a time: few, big tiles
         on_cpu = inputs[0].device.type == "cpu"
-        exact_fp32 = inputs[0].dtype == torch.float32 and input_precision == "ieee"
-        config = INTERPRETER_CONFIG if on_cpu else pick_config(g.pixels, g.c_out_group, g.groups, exact_fp32)
+        exact = exact_fp32(inputs[0].dtype, input_precision)
+        config = INTERPRETER_CONFIG if on_cpu else pick_config(g.pixels, g.c_out_group, g.groups, exact)
     weight_rows = weight.flatten(1)  # K = (c, kh, kw): a view of any NCHW weight
     return conv_arguments(inputs, weight_rows, "ok", bias, out, g, activation, slope, input_precision, config)
 

@@ -46,7 +46,7 @@ import triton.language as tl
 
 from netdsl.codegen.layouts import stride_arguments
 from netdsl.codegen.limits import SM_COUNT
-from netdsl.codegen.triton_version import SQUARE_TILES
+from netdsl.codegen.tile_rules import SQUARE_TILES, exact_fp32
 from netdsl.codegen.windows import four_pads, output_length
 
 
@@ -298,7 +298,7 @@ def conv2d_wgrad_reduce_kernel(
 # Both kernels gather an operand element by element, which costs registers: with 4 warps every wide tile
 # spilled, so 8 warps throughout; wgrad's wide tile takes 16 pixels a step (32 spilled), and fp32 dgrad keeps
 # its channel tile at 64 and its K step at 16. Triton 3.6 needs more registers still: there bf16's 128-channel tile
-# spills (so before 3.9 wide layers take the 64-channel one, triton_version.SQUARE_TILES) and so do the fp32 tiles
+# spills (so before 3.9 wide layers take the 64-channel one, tile_rules.SQUARE_TILES) and so do the fp32 tiles
 # with exact "ieee" products (on the FMA units, operands in registers), which take half as many pixels.
 DGRAD_CONFIGS = [
     {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},  # more than 64 channels
@@ -341,7 +341,7 @@ def pick_dgrad_config(c_in_group: int, dtype: torch.dtype = torch.bfloat16, inpu
     """Block sizes for dgrad by the group's input channels, the MMA's M side: the narrowest tile that holds them,
     down to the 16 that tl.dot needs."""
     if dtype == torch.float32:
-        configs = EXACT_FP32_DGRAD_CONFIGS if input_precision == "ieee" else FP32_DGRAD_CONFIGS
+        configs = EXACT_FP32_DGRAD_CONFIGS if exact_fp32(dtype, input_precision) else FP32_DGRAD_CONFIGS
         return configs[0] if c_in_group > 16 else configs[1]
     if c_in_group > 64:
         return DGRAD_CONFIGS[0] if SQUARE_TILES else DGRAD_CONFIGS[1]
@@ -353,7 +353,7 @@ def pick_wgrad_config(
 ) -> dict:
     """Block sizes for wgrad by the group's output channels (the MMA's M side), the columns of its im2col
     matrix (the N side: c x kh x kw, and one for the bias) and for exact fp32 products."""
-    configs = FP32_WGRAD_CONFIGS if dtype == torch.float32 and input_precision == "ieee" else WGRAD_CONFIGS
+    configs = FP32_WGRAD_CONFIGS if exact_fp32(dtype, input_precision) else WGRAD_CONFIGS
     config = configs[0] if c_out_group > 64 else configs[1]
     return {**config, "BLOCK_N": min(config["BLOCK_N"], max(16, triton.next_power_of_2(columns)))}
 

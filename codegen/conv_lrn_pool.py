@@ -36,6 +36,7 @@ import triton.language as tl
 from .layouts import stride_arguments
 from .limits import MAX_CHANNELS_PER_GROUP, fits_shared_memory
 from .pool import pair, pool_geometry
+from .tile_rules import exact_fp32
 from .windows import four_pads, output_length
 
 
@@ -165,7 +166,7 @@ def pick_config(channels_per_group: int, dtype: torch.dtype = torch.bfloat16, in
     smaller for exact fp32."""
     _check_channels(channels_per_group)
     name = "narrow" if channels_per_group <= 64 else "wide"
-    if _exact_fp32(dtype, input_precision):
+    if exact_fp32(dtype, input_precision):
         name += "-fp32"
     elif name == "narrow" and dtype == torch.float32 and input_precision == "tf32x3":
         name += "-tf32x3"
@@ -198,10 +199,6 @@ def _check_channels(channels_per_group: int) -> None:
             f"conv+LRN+maxpool holds a group's output channels in one tile: at most {MAX_CHANNELS_PER_GROUP} "
             f"channels per group, got {channels_per_group}"
         )
-
-
-def _exact_fp32(dtype: torch.dtype, input_precision: str) -> bool:
-    return dtype == torch.float32 and input_precision == "ieee"
 
 
 def _lrn_pieces(dtype: torch.dtype, input_precision: str) -> int:

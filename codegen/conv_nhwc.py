@@ -42,6 +42,7 @@ from netdsl.codegen.conv import (
     conv_pixels,
 )
 from netdsl.codegen.limits import SM_COUNT, tile_fits
+from netdsl.codegen.tile_rules import exact_fp32
 
 
 @triton.jit
@@ -177,7 +178,7 @@ def pick_config(
     """
     block_k = 32 if dtype == torch.float32 else 64
     block_k = max(16, min(block_k, triton.next_power_of_2(C_IN_G)))
-    if C_OUT_G % 128 == 0 and not (dtype == torch.float32 and input_precision == "ieee"):
+    if C_OUT_G % 128 == 0 and not exact_fp32(dtype, input_precision):
         config = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 3}
     elif dtype == torch.float32:
         config = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": block_k, "num_warps": 8, "num_stages": 3}

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .limits import tile_fits
+from .tile_rules import exact_fp32
 
 
 @triton.jit
@@ -135,7 +136,7 @@ def pick_config(M: int, dtype: torch.dtype = torch.bfloat16, input_precision: st
     if M <= 16:
         return configs[1]
     if dtype == torch.float32:
-        return EXACT_FP32_CONFIG if input_precision == "ieee" else configs[0]
+        return EXACT_FP32_CONFIG if exact_fp32(dtype, input_precision) else configs[0]
     return UNALIGNED_CONFIG if features % 16 else configs[0]
 
 

@@ -12,7 +12,7 @@ from kernel_support import PRECISIONS
 from test_kernel_conv import check_conv
 from test_kernel_fc import check_linear
 
-from netdsl.codegen import conv, fc, triton_version
+from netdsl.codegen import conv, fc, tile_rules
 
 # The interpreter warns when a matmul meets NaN or inf: a masked load that read memory it should not have.
 pytestmark = [pytest.mark.filterwarnings("error::RuntimeWarning"), pytest.mark.usefixtures("interpreter_bf16_dot")]
@@ -67,4 +67,4 @@ def test_fc_config(config: dict, shape: str, precision: str):
 )
 def test_the_triton_version_the_tile_pickers_ask_is_read_from_any_release(text: str, version: tuple[int, int]):
     """The square tiles are chosen by (major, minor) as numbers: 3.10 is after 3.9, where strings say otherwise."""
-    assert triton_version._version(text) == version
+    assert tile_rules._version(text) == version

@@ -28,7 +28,7 @@ from netdsl.codegen.source import device_functions
 from netdsl.codegen.windows import compact
 from netdsl.compiler.layout import weight_layouts
 from netdsl.compiler.steps import Step, identifier
-from netdsl.ir.dtypes import TORCH_NAMES
+from netdsl.ir.dtypes import DTYPE_BYTES, TORCH_NAMES
 from netdsl.ir.ops import layer_pads, layer_tensors
 
 
@@ -60,13 +60,13 @@ FAMILIES: dict[str, Family] = {
         "conv",
         "conv2d_kernel",
         _CONV_LAUNCH.format(function="conv2d", more=""),
-        lambda step, weights, dtype: {"element_bytes": element_bytes(dtype)},
+        lambda step, weights, dtype: {"element_bytes": DTYPE_BYTES[dtype]},
     ),
     "conv_nhwc": Family(
         "conv_nhwc",
         "conv2d_nhwc_kernel",
         _CONV_LAUNCH.format(function="conv2d_nhwc", more=' split_k=P["split_k"],'),
-        lambda step, weights, dtype: {"c_in_group": weights["weight"][1], "element_bytes": element_bytes(dtype)},
+        lambda step, weights, dtype: {"c_in_group": weights["weight"][1], "element_bytes": DTYPE_BYTES[dtype]},
     ),
     "conv_lrn_maxpool": Family(
         "conv_lrn_pool",
@@ -83,7 +83,7 @@ FAMILIES: dict[str, Family] = {
         )""",
         lambda step, weights, dtype: {
             "channels_per_group": weights["weight"][0] // step.first.params["groups"],
-            "element_bytes": element_bytes(dtype),
+            "element_bytes": DTYPE_BYTES[dtype],
         },
     ),
     "fc": Family(
@@ -96,7 +96,7 @@ FAMILIES: dict[str, Family] = {
             inputs, weights["weight"], weights.get("bias"), activation=P["activation"], slope=P["slope"],
             input_precision=P["input_precision"], out=out, config=config, kernel=KERNEL,
         )""",
-        lambda step, weights, dtype: {"element_bytes": element_bytes(dtype)},
+        lambda step, weights, dtype: {"element_bytes": DTYPE_BYTES[dtype]},
     ),
     "lrn": Family(
         "lrn",
@@ -286,10 +286,6 @@ def literal(value) -> str:
 def function_source(fn: types.FunctionType) -> str:
     """A function, decorator included, exactly as written in netdsl/codegen."""
     return textwrap.dedent(inspect.getsource(fn)).rstrip()
-
-
-def element_bytes(dtype: str) -> int:
-    return 2 if dtype in ("bf16", "fp16") else 4
 
 
 def tunable(step: Step) -> bool:
