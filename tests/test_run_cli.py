@@ -54,7 +54,11 @@ def test_triton_and_torch_backends_agree(tmp_path, capsys):
     "make, args, message",
     [
         (lambda d: None, ["--input", "{d}/missing.npy"], "no such file"),
-        (lambda d: (d / "bad.npy").write_bytes(b"not numpy"), ["--input", "{d}/bad.npy"], "is not a .npy array"),
+        (lambda d: (d / "bad.npy").write_bytes(b"not numpy"), ["--input", "{d}/bad.npy"], "neither an image nor"),
+        (lambda d: np.save(d / "obj.npy", np.array([{}], dtype=object), allow_pickle=True), ["--input", "{d}/obj.npy"],
+         "holds Python objects"),
+        (lambda d: (d / "cut.npy").write_bytes(b"\x93NUMPY\x01\x00v\x00{'descr'"), ["--input", "{d}/cut.npy"],
+         "not a readable .npy array"),
         (lambda d: np.save(d / "shape.npy", np.ones((3, 32, 32))), ["--input", "{d}/shape.npy"], "has shape 3 x 32"),
         (lambda d: np.save(d / "text.npy", np.array(["a"])), ["--input", "{d}/text.npy"], "not numbers"),
         (lambda d: None, ["--devices", "gpu0"], "cannot read `gpu0`"),
@@ -66,8 +70,8 @@ def test_triton_and_torch_backends_agree(tmp_path, capsys):
         (lambda d: None, ["--distributed", "--cuda-graph"], "--cuda-graph: error: CUDA-graph capture runs in one"),
         (lambda d: None, ["--distributed", "--random", "3", "--batch", "2"], "--batch: error: --distributed runs"),
     ],
-    ids=["missing", "corrupt", "shape", "strings", "devices", "weights", "random", "batch", "dtype", "graph",
-         "distributed-graph", "distributed-batch"],
+    ids=["missing", "corrupt", "pickled", "truncated", "shape", "strings", "devices", "weights", "random", "batch",
+         "dtype", "graph", "distributed-graph", "distributed-batch"],
 )
 def test_bad_inputs_are_clear_errors(tmp_path, capsys, make, args, message):
     make(tmp_path)

@@ -77,6 +77,38 @@ def read_labels(path: Path | None) -> list[str] | None:
         ) from None
 
 
+def _read_npy(path: Path, image_suffixes) -> np.ndarray:
+    """A .npy file's array; never a pickle (an object array is refused, not loaded)."""
+    suffixes = ", ".join(sorted(image_suffixes))
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+    except FileNotFoundError:
+        raise NetError(f"no such file: {path}", where=str(path)) from None
+    except OSError as error:
+        raise NetError(f"cannot read {path}: {error.strerror or error}", where=str(path)) from None
+    if magic != b"\x93NUMPY":
+        raise NetError(
+            f"{path} is neither an image nor a .npy array",
+            where=str(path),
+            hint=f"give images ({suffixes}) or arrays saved with numpy.save",
+        )
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as error:
+        if "allow_pickle" in str(error):
+            raise NetError(
+                f"{path} holds Python objects, not numbers; netdsl does not load pickled data",
+                where=str(path),
+                hint="save a float or integer array with numpy.save",
+            ) from None
+        raise NetError(f"{path} is not a readable .npy array ({error})", where=str(path)) from None
+    except (OSError, EOFError) as error:
+        raise NetError(
+            f"{path} is not a readable .npy array ({error})", where=str(path), hint="save it again with numpy.save"
+        ) from None
+
+
 def read_inputs(paths: list[Path], shape: tuple[int, ...], preprocess=None, views: int = 1) -> np.ndarray:
     """Stacks images and .npy arrays (one image or a batch each) into one float32 batch of `shape` images;
     with `views` > 1 each image gives that many (the paper's ten views), and arrays are refused."""
@@ -89,14 +121,7 @@ def read_inputs(paths: list[Path], shape: tuple[int, ...], preprocess=None, view
             continue
         if views > 1:
             raise NetError(f"--views {views} takes images, and {path} is not one", where="--views")
-        try:
-            array = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            raise NetError(f"no such file: {path}", where=str(path)) from None
-        except (OSError, ValueError, EOFError) as error:
-            raise NetError(
-                f"{path} is not a .npy array ({error})", where=str(path), hint="save inputs with numpy.save"
-            ) from None
+        array = _read_npy(path, IMAGE_SUFFIXES)
         if array.dtype.kind not in "fiu":
             raise NetError(f"{path} holds {array.dtype} values, not numbers", where=str(path))
         if tuple(array.shape) == shape:

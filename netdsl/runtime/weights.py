@@ -173,7 +173,8 @@ def load_weights(path: str | os.PathLike, graph: nx.DiGraph) -> dict[str, np.nda
         raise NetError(
             "weights file not found",
             where=where,
-            hint="write one with netdsl.runtime.weights.save_weights(path, init_weights(graph))",
+            hint="give a run folder or weights file that `netdsl train NET --out DIR` wrote; "
+            "from Python, netdsl.runtime.weights.save_weights writes one",
         )
     if not path.is_file():
         raise NetError("the weights path is not a file", where=where, hint="give the .safetensors file itself")
