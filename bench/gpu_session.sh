@@ -20,8 +20,9 @@
 #        128 and 1 in bf16 and at 128 in tf32 and AlexNet with its tiles, the streams' rows,
 #        VGG-16, the conv and step sweeps, a per-step profile of AlexNet (both layouts, and merged).
 # `all` (the default) runs the three in that order. Meanwhile, background processes compile the kernels the
-# benchmarks need (filling the caches on disk). Works with the machine's own torch and triton; lark travels
-# as a wheel in .whl/ when missing.
+# benchmarks need (filling the caches on disk). Works with the machine's own torch and triton; the GPU
+# machines have no lark and no registry, so lark travels as a wheel in .whl/ (untracked, so it goes with the
+# working tree): before the device command, on this machine, `python -m pip download --no-deps -d .whl lark`.
 set -u
 PART=${1:-all}
 case "$PART" in all|tests|train|infer) ;; *) echo "usage: bash bench/gpu_session.sh [all|tests|train|infer]" >&2; exit 2;; esac
@@ -44,6 +45,12 @@ wants() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
 export PYTHONUNBUFFERED=1 NETDSL_GPU_REPORT=$OUT/errors.tsv TRITON_DEFAULT_FP_FUSION=1
 if ! python3 -c "import lark" 2>/dev/null && [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+fi
+if ! PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} python3 -c "import lark" 2>/dev/null; then
+    # a lease is minutes long: fail at once rather than in every stage
+    echo "gpu_session.sh: this machine has no lark and .whl/ holds no wheel of it" >&2
+    echo "hint: on the machine you launch from, run: python -m pip download --no-deps -d .whl lark" >&2
+    exit 3
 fi
 # the source tree as the installed package lays it out (netdsl.codegen, .grammars, .nets)
 for part in codegen grammars nets; do [ -e "netdsl/$part" ] || ln -s "../$part" "netdsl/$part"; done

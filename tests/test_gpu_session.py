@@ -82,6 +82,23 @@ def test_a_bad_part_is_refused_before_anything_runs(tmp_path):
     assert not any(tmp_path.iterdir()), "a refused run wrote nothing"
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_a_machine_without_lark_is_told_at_once(tmp_path):
+    """The GPU machines have no lark and no registry: without its wheel in .whl/ the script stops in a second."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    python = bin_dir / "python3"
+    python.write_text("#!/bin/sh\nexit 1\n")  # a Python that imports nothing: lark is missing
+    python.chmod(0o755)
+    done = subprocess.run(
+        ["bash", str(SCRIPT), "tests"], cwd=tmp_path, capture_output=True, text=True,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "OUT": str(tmp_path / "out")},
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert "pip download --no-deps -d .whl lark" in done.stderr
+    assert not (tmp_path / "out" / "env.txt").exists(), "it stopped before looking at the GPU"
+
+
 def _load(program: str):
     spec = importlib.util.spec_from_file_location(f"_session_{Path(program).stem}", ROOT / program)
     module = importlib.util.module_from_spec(spec)
