@@ -52,9 +52,9 @@ class Sources:
                 text = Path(file).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError):
                 return None
-        lines = text.splitlines()
+        lines = text.split("\n")  # as the lexer counts lines: not at form feeds, U+2028 and the like
         if 1 <= line <= len(lines):
-            return lines[line - 1].expandtabs(4)
+            return lines[line - 1].removesuffix("\r")
         return None
 
 
@@ -89,18 +89,25 @@ class NetError(Exception):
         return "\n".join(out)
 
 
+def _shown(text: str) -> str:
+    """A source line as quoted: tabs to 4 columns, other unprintable characters as a space each."""
+    return "".join(char if char.isprintable() or char == "\t" else " " for char in text).expandtabs(4)
+
+
 def _quote(span: Span, blue: str, reset: str) -> list[str]:
-    text = Sources.line(span.file, span.line)
-    if text is None:
+    raw = Sources.line(span.file, span.line)
+    if raw is None:
         return []
+    text = _shown(raw)
+    start = len(_shown(raw[: span.col - 1]))  # the caret under the column the lexer counted, tabs expanded
     width = 1
     if span.end_line == span.line and span.end_col > span.col:
-        width = span.end_col - span.col
+        width = max(1, len(_shown(raw[: span.end_col - 1])) - start)  # at least one, past the line's end too
     elif span.end_line > span.line:
-        width = max(1, len(text) - span.col + 1)
+        width = max(1, len(text) - start)
     gutter = f"{span.line:>5} | "
     pad = " " * (len(gutter) - 2) + "| "
-    return [f"{blue}{gutter}{reset}{text}", f"{blue}{pad}{reset}{' ' * (span.col - 1)}{'^' * width}"]
+    return [f"{blue}{gutter}{reset}{text}", f"{blue}{pad}{reset}{' ' * start}{'^' * width}"]
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:

@@ -61,6 +61,16 @@ CASES = [
     ("reserved-after-semicolon", X + "y = relu(x); block = relu(y)\n", "`block` is a reserved word", 2, 14, None),
     ("reserved-all", X + "all = relu(x)\n", "`all` is a reserved word and cannot be used as a name", 2, 1, None),
     ("reserved-all-input", "input all: 3 x 8 x 8\n", "`all` is a reserved word", 1, 1, None),
+    # a statement's word is reserved wherever a name is made, not only where a statement could start
+    ("reserved-const", X + "const net = 4\n", "`net` is a reserved word", 2, 1, "choose another name"),
+    ("reserved-input-name", "input include: 3 x 8 x 8\n", "`include` is a reserved word", 1, 1, None),
+    ("reserved-block-name", X + "block train(v) { return v }\n", "`train` is a reserved word", 2, 1, None),
+    ("reserved-block-param", X + "block f(v, output) { return v }\n", "`output` is a reserved word", 2, 12, None),
+    ("reserved-counter", X + "repeat 2 as towers { y = relu(x) }\n", "`towers` is a reserved word", 2, 13, None),
+    ("reserved-device", "device gpu0, return\n" + X, "`return` is a reserved word", 1, 14, None),
+    # values by position come first
+    ("position-after-name", X + "y = conv(x, size=3, 8)\n", "a value by position after `size=`", 2, 21, "first"),
+    ("position-after-name-chain", X + "y = x | conv(size=3, 8)\n", "after `size=`", 2, 22, "by position first"),
     ("builtin-true", X + "const true = 2\n", "`true` is a built-in word and cannot be redefined", 2, 1, None),
     (
         "op-as-block",

@@ -28,7 +28,18 @@ from netdsl.lang import expressions
 from netdsl.lang import syntax as s
 from netdsl.lang.includes import Includes
 from netdsl.lang.placement import DEFAULT_DEVICE, MEMORY_UNITS, Placement, first_device
-from netdsl.lang.scope import BUILTINS, Block, Context, Preset, Scope, Symbol, Tensors, Towered, undefined
+from netdsl.lang.scope import (
+    BUILTINS,
+    Block,
+    Context,
+    Preset,
+    Scope,
+    Symbol,
+    Tensors,
+    Towered,
+    check_name,
+    undefined,
+)
 from netdsl.lang.settings import train_settings
 
 # MEMORY_UNITS is defined in placement.py; the CLI reads it from here
@@ -266,6 +277,7 @@ class Builder:
             raise NetError(f"`{stmt.name}` is a built-in layer type and cannot name a block", stmt.span)
         seen: set[str] = set()
         for param in stmt.params:
+            check_name(param.name, param.span)
             if param.name in seen:
                 raise NetError(f"block parameter `{param.name}` is listed twice", param.span)
             seen.add(param.name)
@@ -282,6 +294,8 @@ class Builder:
     def _RepeatStmt(self, stmt: s.RepeatStmt, ctx: Context) -> None:
         count = expressions.integer(stmt.count, ctx, "a repeat count", 0, MAX_REPEAT)
         index = stmt.index
+        if index is not None:
+            check_name(index.name, index.span)
         if index is not None and (index.name in BUILTINS or ctx.scope.lookup(index.name) is not None):
             raise NetError(
                 f"`{index.name}` is already defined", index.span, hint="the repeat counter needs a name of its own"
@@ -516,8 +530,7 @@ class Builder:
     def _bind(self, name: str, value, span: Span, ctx: Context) -> None:
         if name in BUILTINS:
             raise NetError(f"`{name}` is a built-in word and cannot be redefined", span)
-        if name == "all":  # `all x` reads every tower's copy of x, so `all` alone could never be read
-            raise NetError("`all` is a reserved word and cannot be used as a name", span, hint="choose another name")
+        check_name(name, span)
         if name in OPS and isinstance(value, (Preset, Block)):
             raise NetError(f"`{name}` is a built-in layer type and cannot be redefined", span)
         scope = ctx.scope

@@ -20,6 +20,7 @@ Only spaces and line breaks change, so the tokens, and with them the meaning, st
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from dataclasses import dataclass, field
 
@@ -130,6 +131,10 @@ def _read_lines(text: str) -> list[_Line]:
         if token is not None:
             lines[-1].tokens.append(token)
             position = token.end_pos
+    for line, below in itertools.pairwise(lines):
+        # a `\` before an empty line or a `}` joins nothing: the statement ends there anyway
+        if line.joined and below.comment is None and (not below.tokens or below.tokens[0].value == "}"):
+            line.joined = below.continues = False
     return lines
 
 

@@ -14,12 +14,9 @@ from pygments.lexer import RegexLexer, bygroups, default, include, words
 from pygments.token import Comment, Keyword, Name, Number, Operator, Punctuation, String, Whitespace
 
 from netdsl.ir.ops import OPS
-from netdsl.lang.scope import BUILTINS
+from netdsl.lang.scope import BUILTINS, STATEMENT_KEYWORDS
 
-# Words that start a statement, and `all` (always reserved); the grammar's other keywords (`on`, `as`,
-# `memory`, `x`) are names too, except where they mean something.
-STATEMENT_KEYWORDS = ("net", "input", "output", "const", "include", "device", "towers", "block", "repeat", "return",
-                      "train")  # fmt: skip
+# the grammar's other keywords (`on`, `as`, `memory`, `x`) are names too, except where they mean something
 PLACE_KEYWORDS = ("on", "as", "memory")
 SHAPE_KEYWORD = "x"
 RESERVED = ("all",)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 from importlib import resources
 from pathlib import Path
@@ -372,6 +373,13 @@ class _ToSyntax(Transformer):
         return s.Chain(tuple(e for e in c if not isinstance(e, Token)), self._sp(meta))
 
     def call(self, meta, c):
+        for before, arg in itertools.pairwise(c[1:]):
+            if isinstance(before, s.Kwarg) and not isinstance(arg, s.Kwarg):
+                raise NetError(
+                    f"a value by position after `{before.name}=`, which is given by name",
+                    getattr(arg, "span", None) or self._sp(meta),
+                    hint="give values by position first, then by name: conv(image, 64, size=3)",
+                )
         args = tuple(a for a in c[1:] if not isinstance(a, s.Kwarg))
         kwargs = tuple(a for a in c[1:] if isinstance(a, s.Kwarg))
         return s.Call(str(c[0]), args, kwargs, self._sp(meta))

@@ -18,7 +18,7 @@ from netdsl.ir import Device, layer
 from netdsl.lang import syntax as s
 from netdsl.lang.expressions import checked, number
 from netdsl.lang.includes import Includes
-from netdsl.lang.scope import Context
+from netdsl.lang.scope import Context, check_name
 
 DEFAULT_DEVICE = "gpu0"
 MEMORY_UNITS = {
@@ -48,6 +48,7 @@ class Placement:
         """`device NAME, ... [memory N UNIT]`."""
         memory = _memory_size(stmt, ctx)
         for name in stmt.names:
+            check_name(name.name, name.span)
             if name.name in self.devices and self.devices[name.name].span is not None:
                 raise NetError(
                     f"device `{name.name}` is declared twice",

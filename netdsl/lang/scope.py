@@ -55,6 +55,21 @@ class Towered:
         return self.copies.get(tower, self.outer) if tower else None
 
 
+# The words that start a statement; with `all` (`all x` reads every tower's copy of x, so a layer named
+# `all` could never be read), the words no name may be. The grammar's other keywords (`on`, `as`,
+# `memory`, `x`) are names too, except where they mean something.
+STATEMENT_KEYWORDS = ("net", "input", "output", "const", "include", "device", "towers", "block", "repeat", "return",
+                      "train")  # fmt: skip
+RESERVED_WORDS = frozenset({*STATEMENT_KEYWORDS, "all"})
+
+
+def check_name(name: str, span: Span) -> None:
+    """Raises where `name` (of a layer, constant, block, parameter, counter or device) is a reserved word."""
+    if name in RESERVED_WORDS:
+        hint = f"choose another name, e.g. `{name}_1`"
+        raise NetError(f"`{name}` is a reserved word and cannot be used as a name", span, hint=hint)
+
+
 BUILTINS = {
     "true": True,
     "false": False,

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import re
 
-# The words of the grammar that cannot name a layer (tests/test_onnx_import.py checks them against it).
-RESERVED = frozenset(
-    {"net", "input", "output", "const", "include", "device", "towers", "block", "repeat", "return", "all", "train"}
-)
-BUILTINS = frozenset({"true", "false", "same", "same_lower", "valid"})
+from netdsl.lang.scope import BUILTINS as SCOPE_BUILTINS
+from netdsl.lang.scope import RESERVED_WORDS
+
+# The words of the grammar that cannot name a layer, and the built-in words that cannot be redefined.
+RESERVED = RESERVED_WORDS
+BUILTINS = frozenset(SCOPE_BUILTINS)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _NOT_NAME = re.compile(r"[^A-Za-z0-9_]+")
 _TORCH_NAME = re.compile(r"/(?:(.+)/)?([A-Za-z]+)(?:_\d+)?_output_\d+\Z")
