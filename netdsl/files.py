@@ -30,6 +30,22 @@ def new_temporary(path: Path) -> tuple[int, Path]:
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
+def refuse_overwriting(output: Path, inputs, flag: str) -> None:
+    """NetError (on `flag`) where `output` is one of the files the command reads: writing it would destroy it."""
+    try:
+        target = Path(output).resolve()
+    except (OSError, RuntimeError):  # a symlink loop: the write fails and says so
+        return
+    for read in inputs:
+        if read is not None and Path(read).exists() and Path(read).resolve() == target:
+            same = "" if str(read) == str(output) else f" ({read})"
+            raise NetError(
+                f"{output} is a file this command reads{same}: writing it would destroy it",
+                where=flag,
+                hint="write the output under another name",
+            )
+
+
 def write_atomic_bytes(path: Path, data: bytes) -> None:
     """Writes `data` to `path` atomically; NetError (naming the file) when it cannot."""
     try:

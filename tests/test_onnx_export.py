@@ -114,3 +114,42 @@ def test_export_command(tmp_path, capsys):
     assert main(["export", str(NETS[0].parent / "lenet5.net"), "-o", str(tmp_path / "missing" / "x.onnx")]) == 1
     err = capsys.readouterr().err
     assert "cannot write" in err and "Traceback" not in err
+
+
+def _outputs(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"image": x})[0]
+
+
+def test_weights_as_external_data(tmp_path, capsys):
+    """`--external-data`: the weights in OUT.onnx.data; onnxruntime and `netdsl import` read the pair as the
+    one-file model, and the model file holds none of the large tensors."""
+    from netdsl.cli.main import main
+
+    net = str(NETS[0].parent / "lenet5.net")
+    assert main(["export", net, "-o", str(tmp_path / "one.onnx")]) == 0
+    assert main(["export", net, "-o", str(tmp_path / "two.onnx"), "--external-data"]) == 0
+    data = tmp_path / "two.onnx.data"
+    assert data.stat().st_size > 200_000 > (tmp_path / "two.onnx").stat().st_size
+    x = np.random.default_rng(4).standard_normal((2, 1, 32, 32), dtype=np.float32)
+    np.testing.assert_array_equal(_outputs(tmp_path / "two.onnx", x), _outputs(tmp_path / "one.onnx", x))
+    assert main(["import", str(tmp_path / "two.onnx"), "-o", str(tmp_path / "back.net")]) == 0
+    assert main(["import", str(tmp_path / "one.onnx"), "-o", str(tmp_path / "ref.net")]) == 0
+    assert (tmp_path / "back.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_model_past_2_gib_keeps_its_weights_beside_it(tmp_path, monkeypatch):
+    """Protobuf cannot write a message over 2 GiB: such a model goes to external data by itself (the limit
+    lowered here, so that a small net stands for a large one)."""
+    from netdsl.interop import onnx_export
+
+    graph = load_graph(NETS[0].parent / "lenet5.net")
+    weights = init_weights(graph, seed=0, scheme="he")
+    monkeypatch.setattr(onnx_export, "MAX_PROTO_BYTES", 100_000)
+    export_onnx(graph, weights, tmp_path / "big.onnx")
+    monkeypatch.setattr(onnx_export, "MAX_PROTO_BYTES", 10**9)
+    export_onnx(graph, weights, tmp_path / "small.onnx")
+    assert (tmp_path / "big.onnx.data").exists() and not (tmp_path / "small.onnx.data").exists()
+    x = np.random.default_rng(5).standard_normal((1, 1, 32, 32), dtype=np.float32)
+    np.testing.assert_array_equal(_outputs(tmp_path / "big.onnx", x), _outputs(tmp_path / "small.onnx", x))

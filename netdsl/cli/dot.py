@@ -7,6 +7,7 @@ from pathlib import Path
 import networkx as nx
 
 from netdsl.errors import NetError
+from netdsl.files import write_atomic_bytes
 from netdsl.ir.drawing import render_dot, to_dot
 
 _FORMATS = {".dot", ".gv", ".svg", ".png", ".pdf"}
@@ -29,7 +30,4 @@ def write_graph(graph: nx.DiGraph, out: Path) -> None:
 
 
 def _write(out: Path, data: bytes) -> None:
-    try:
-        out.write_bytes(data)
-    except OSError as error:
-        raise NetError(f"cannot write {out}: {error.strerror}", where=str(out)) from None
+    write_atomic_bytes(out, data)

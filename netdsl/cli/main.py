@@ -20,6 +20,7 @@ from netdsl.cli.tune import add_command as add_tune_command
 from netdsl.compiler.backward import TRAINING_PASS_NAMES
 from netdsl.compiler.passes import PASS_NAMES, Options, check_options
 from netdsl.errors import NetError
+from netdsl.files import refuse_overwriting
 from netdsl.ir.dtypes import DTYPES, dot_precision
 from netdsl.lang.build import MEMORY_UNITS
 from netdsl.lang.frontend import load_graph
@@ -112,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
     export.add_argument("--weights", type=Path, help="a safetensors file (default: the paper's initialization)")
     export.add_argument("--seed", type=int, default=0, help="seed of the default weights")
+    export.add_argument(
+        "--external-data",
+        action="store_true",
+        help="the weights in OUT.onnx.data beside the model (always for a model over protobuf's 2 GiB)",
+    )
     imported = commands.add_parser(
         "import",
         help="read an ONNX model: write it as a .net file and its weights as a safetensors file",
@@ -281,6 +287,7 @@ def _dispatch(path: Path, args: argparse.Namespace) -> int:
     elif args.command == "graph":
         from netdsl.cli.dot import write_graph
 
+        refuse_overwriting(args.output, [path], "--output")
         write_graph(graph, args.output)
     return 0
 
@@ -318,10 +325,12 @@ def _export(path: Path, args: argparse.Namespace) -> int:
         raise NetError("exporting needs onnx", where="export", hint="pip install 'netdsl[onnx]'") from None
     from netdsl.runtime.weights import init_weights, load_weights
 
+    for written in (args.output, args.output.with_name(args.output.name + ".data")):
+        refuse_overwriting(written, [path, args.weights], "--output")
     graph = load_graph(path, batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit)
     weights = load_weights(args.weights, graph) if args.weights else init_weights(graph, seed=args.seed)
     try:
-        export_onnx(graph, weights, args.output)
+        export_onnx(graph, weights, args.output, external_data=args.external_data or None)
     except OSError as error:
         raise NetError(f"cannot write {args.output}: {error.strerror or error}", where=str(args.output)) from None
     print(f"wrote {args.output}")

@@ -14,7 +14,7 @@ import numpy as np
 
 from netdsl.cli.flags import plan_options
 from netdsl.errors import NetError
-from netdsl.files import write_array, write_arrays
+from netdsl.files import refuse_overwriting, write_array, write_arrays
 from netdsl.ir.dtypes import torch_dtype
 from netdsl.tables import format_bytes, format_table
 
@@ -146,6 +146,8 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
     shape = _input_shape(path)
     if args.weights is not None and args.weights.is_dir():
         args.weights = args.weights / "weights.safetensors"  # a run folder of `netdsl train`: its best weights
+    if args.save:  # before the run: outputs written over an input would destroy it
+        refuse_overwriting(args.save, [path, args.weights, args.tuning, *(args.input or [])], "--save")
     preprocess = saved_preprocess(args.weights)
     views = args.views
     if args.input:

@@ -9,6 +9,7 @@ from pathlib import Path
 from netdsl.cli.flags import add_plan_flags, plan_options
 from netdsl.codegen.interpret import use_interpreter
 from netdsl.errors import NetError
+from netdsl.files import refuse_overwriting
 from netdsl.ir.dtypes import DTYPES
 from netdsl.tables import format_table
 
@@ -64,6 +65,7 @@ def tune_command(path: Path, args: argparse.Namespace) -> int:
     from netdsl.compiler.tuning import option_flags
     from netdsl.runtime.tune import check_output, tune, write_tuning
 
+    refuse_overwriting(args.output, [path], "--output")
     check_output(args.output, place)  # before minutes of timing: a file it could not add to is an error now
     options = {name: value for name, value in plan_options(args).items() if name != "tuning"}
 

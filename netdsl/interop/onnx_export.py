@@ -288,14 +288,57 @@ def _shuffle(item, x: str, out: str, node, constant, names: _Names) -> None:
     node("Reshape", [swapped, joined], out)
 
 
-def export_onnx(graph: nx.DiGraph, weights: Mapping[str, np.ndarray], path: str | os.PathLike, opset: int = 17):
-    """Writes `graph` with `weights` to `path` as an ONNX model; returns the `ModelProto`."""
+# A protobuf message, and so an ONNX file holding its weights, is at most 2 GiB; a larger model keeps its
+# weights in a second file beside it (ONNX's external data), and so may any model asked to.
+MAX_PROTO_BYTES = 2**31 - 1
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay in the model, as onnx.save does
+
+
+def export_onnx(
+    graph: nx.DiGraph,
+    weights: Mapping[str, np.ndarray],
+    path: str | os.PathLike,
+    opset: int = 17,
+    external_data: bool | None = None,
+):
+    """Writes `graph` with `weights` to `path` as an ONNX model; returns the `ModelProto`.
+
+    `external_data`: the weights in `PATH.data` beside the model (ONNX's external data, which onnx,
+    onnxruntime and `netdsl import` read) rather than inside it; None: only where the model would pass
+    protobuf's 2 GiB. The data file is written (atomically) before the model that names it."""
     import onnx
 
+    path = Path(path)
     model = build_onnx(graph, weights, opset)
-    write_atomic_bytes(Path(path), model.SerializeToString())
+    if external_data is None:
+        external_data = model.ByteSize() > MAX_PROTO_BYTES
+    if external_data:
+        data = path.with_name(path.name + ".data")
+        write_atomic_bytes(data, _move_to_external(model, data.name))
+    write_atomic_bytes(path, model.SerializeToString())
     onnx.checker.check_model(os.fspath(path), full_check=True)  # the file itself, weights included
     return model
+
+
+def _move_to_external(model, location: str) -> bytes:
+    """Moves each initializer of EXTERNAL_MIN_BYTES or more out of `model` into one blob, which it returns,
+    each tensor naming its place in it (offsets aligned to 64 bytes for readers that map the file)."""
+    from onnx import TensorProto
+
+    blob = bytearray()
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
+            continue
+        blob.extend(bytes(-len(blob) % 64))
+        entries = {"location": location, "offset": str(len(blob)), "length": str(len(tensor.raw_data))}
+        blob.extend(tensor.raw_data)
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in entries.items():
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    return bytes(blob)
 
 
 __all__ = ["build_onnx", "export_onnx"]

@@ -51,6 +51,10 @@ def import_onnx(path: str | os.PathLike, towers: bool = False, *, weights_name: 
         clean_up(net)
         plan = tower_plan(net) if towers else None
         return write(net, model, path, plan, weights_name)
+    except NetError as error:
+        if error.span is None and error.where is None:  # every problem names the model
+            error.where = str(path)
+        raise
     except UnicodeDecodeError:  # protobuf decodes string fields when they are read
         raise NetError(
             "not a readable ONNX model: a name or string in it is not UTF-8 text",
@@ -79,6 +83,13 @@ def import_to_files(
     weights_path = Path(weights_path) if weights_path is not None else net_path.with_suffix(".safetensors")
     if net_path.resolve() == weights_path.resolve():
         raise NetError("the .net file and the weights file must differ", where=str(net_path))
+    for target in (net_path, weights_path):
+        if target.resolve() == Path(path).resolve():
+            raise NetError(
+                f"{target} is the model being imported: writing it would destroy it",
+                where=str(target),
+                hint="write the .net and weights files under other names",
+            )
     for target in (net_path, weights_path):
         if target.is_dir():
             raise NetError(f"cannot write {target}: it is a folder", where=str(target))

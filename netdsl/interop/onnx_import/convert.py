@@ -760,8 +760,11 @@ def _f32(value) -> float:
 
 
 def _pair(values, where: str, what: str) -> tuple[int, int]:
+    """A 2-D window attribute (kernel_shape, strides, dilations): two whole numbers of at least 1."""
     values = [int(v) for v in values]
     if len(values) != 2:
         raise NetError(f"{where}: {what} has {len(values)} values; netdsl layers are 2-D (h, w)")
+    if min(values) < 1:
+        raise NetError(f"{where}: {what} {values} must be at least 1 in each dimension")
     return values[0], values[1]
 
