@@ -965,6 +965,28 @@ def test_wrong_weights_and_windows(tmp_path, capsys):
     import_error(save(add, tmp_path / "add.onnx"), tmp_path, capsys, "one number or one per channel")
     wide = model([helper.make_node("Concat", ["x", "x"], ["y"], axis=2)], {"x": ["N", 2, 3, 3]})
     import_error(save(wide, tmp_path / "cat.onnx"), tmp_path, capsys, "Concat on axis 2 is not supported")
+    # windows of nothing: a stride, dilation or size below 1 (ONNX's checker lets them through)
+    for i, attributes in enumerate([{"strides": [0, 1]}, {"dilations": [1, -1]}]):
+        bad = model(
+            [conv_node("x", "y", "w", **attributes)], {"x": ["N", 2, 5, 5]}, inits={"w": tensor((3, 2, 2, 2), 75)}
+        )
+        (what,) = attributes
+        path = save(bad, tmp_path / f"window{i}.onnx")
+        message = import_error(path, tmp_path, capsys, f"{what} {attributes[what]} must be at least 1")
+        assert message.startswith(f"{path}: error: Conv node 'y'"), message  # named after the model
+    pool = model(
+        [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[0, 0])], {"x": ["N", 2, 5, 5]}
+    )
+    import_error(save(pool, tmp_path / "p.onnx"), tmp_path, capsys, "strides [0, 0] must be at least 1")
+    scaled = model(
+        [
+            helper.make_node("Flatten", ["x"], ["f"]),
+            helper.make_node("Gemm", ["f", "b"], ["y"], transB=1, alpha=np.nan),
+        ],
+        {"x": ["N", 2, 2, 2]},
+        inits={"b": tensor((3, 8), 76)},
+    )  # folded into the weights, a NaN would be written where `run` later refuses it
+    import_error(save(scaled, tmp_path / "nan.onnx"), tmp_path, capsys, "attribute `alpha` is nan, not a finite")
 
 
 def test_external_data(tmp_path, capsys):

@@ -252,6 +252,8 @@ def attributes(node, where: str) -> dict:
         value = helper.get_attribute_value(attr)
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")
+        if attr.type in (AttributeProto.FLOAT, AttributeProto.FLOATS) and not np.isfinite(value).all():
+            raise NetError(f"{where}: attribute `{attr.name}` is {value}, not a finite number")
         attrs[attr.name] = value
     return attrs
 
