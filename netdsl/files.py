@@ -46,8 +46,9 @@ def refuse_overwriting(output: Path, inputs, flag: str) -> None:
             )
 
 
-def write_atomic_bytes(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` atomically; NetError (naming the file) when it cannot."""
+def write_temporary(path: Path, data: bytes) -> Path:
+    """`data` written whole to a new temporary beside `path`, which the caller renames into place (or
+    removes); NetError (naming the file) when it cannot be written."""
     try:
         handle, temporary = new_temporary(path)
     except OSError as error:
@@ -55,6 +56,16 @@ def write_atomic_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise NetError(f"cannot write {path}: {error.strerror or error}", where=str(path)) from None
+    return temporary
+
+
+def write_atomic_bytes(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` atomically; NetError (naming the file) when it cannot."""
+    temporary = write_temporary(path, data)
+    try:
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)

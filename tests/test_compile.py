@@ -329,3 +329,28 @@ def test_a_build_that_fails_midway_leaves_the_earlier_build_whole(tmp_path, monk
     kernels = sorted(path.name for path in (out / "kernels").iterdir())
     assert kernels and all(name.startswith(("s1", "s2", "s3", "s4", "logits", "image", "prob")) for name in kernels)
     assert (out / "mine.txt").exists()
+
+
+@pytest.mark.parametrize("failing", ["plan.json", "report.txt"])
+def test_a_plan_or_report_that_cannot_be_written_leaves_the_earlier_build_whole(tmp_path, monkeypatch, failing):
+    """plan.json and report.txt are written whole before the kernels are swapped in: a disk that fills up
+    on either leaves the earlier build's kernels, plan and report as they were (not new kernels beside an
+    old plan that names another net)."""
+    import netdsl.compiler.compile as compile_module
+
+    out = tmp_path / "build"
+    write_build(compile_net(ROOT / "nets/lenet5.net", Options()), out, Options())
+    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    real = compile_module.write_temporary
+
+    def full_disk(path, data):
+        if path.name == failing:
+            raise NetError(f"cannot write {path}: No space left on device", where=str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(compile_module, "write_temporary", full_disk)
+    with pytest.raises(NetError, match="No space left"):
+        write_build(compile_net(ROOT / "nets/simplenet.net", Options()), out, Options())
+    after = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert after == before
+    assert sorted(path.name for path in out.iterdir()) == ["kernels", "plan.json", "report.txt"]

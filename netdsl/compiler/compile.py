@@ -13,6 +13,7 @@ compile of another net is removed.
 from __future__ import annotations
 
 import copy
+import os
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from netdsl.compiler.plan import PLAN_OPTIONS, build_plan, plan_json, with_sourc
 from netdsl.compiler.report import cost_report
 from netdsl.compiler.tuning import Tuning, emit_tuned, read_tuning
 from netdsl.errors import NetError
-from netdsl.files import write_atomic
+from netdsl.files import write_atomic, write_temporary
 from netdsl.ir.dtypes import dot_precision
 from netdsl.lang.build import build
 from netdsl.lang.parse import parse_file
@@ -80,8 +81,9 @@ def write_build(compiled: Compiled, out_dir: str | Path, options: Options | None
     not changed: writing twice writes the same files.
 
     The kernels are written to a new folder beside `kernels/` first, and the launches recorded from
-    there; only when all of it succeeded is the old `kernels/` swapped for it and `plan.json` and
-    `report.txt` replaced. A build that cannot be written, or fails on the way, leaves the folder's
+    there; `plan.json` and `report.txt` are written whole to temporaries beside theirs. Only when all of
+    it succeeded is the old `kernels/` swapped for the new and the two files renamed into place, one
+    step after the other: a build that cannot be written, or fails on the way, leaves the folder's
     earlier build as it was. Other files in the folder are left alone."""
     out = Path(out_dir)
     with staged_folder(out, ".kernels") as staged:
@@ -95,9 +97,19 @@ def write_build(compiled: Compiled, out_dir: str | Path, options: Options | None
                 report += sm90_report(sm90_resources(launches), launches)
         if compiled.source is not None:
             plan = with_source(plan, compiled.source, out)
-        swap_folder(out / "kernels", staged)
-    write_atomic(out / "plan.json", plan_json(plan))
-    write_atomic(out / "report.txt", report)
+        files = {out / "plan.json": plan_json(plan), out / "report.txt": report}
+        temporaries: dict[Path, Path] = {}
+        try:
+            for path, text in files.items():
+                temporaries[path] = write_temporary(path, text.encode("utf-8"))
+            swap_folder(out / "kernels", staged)
+            for path in files:
+                os.replace(temporaries.pop(path), path)
+        except OSError as error:
+            raise NetError(f"cannot write the build in {out}: {error.strerror or error}", where=str(out)) from None
+        finally:
+            for temporary in temporaries.values():
+                temporary.unlink(missing_ok=True)
     return out
 
 
