@@ -927,3 +927,17 @@ def test_files_beyond_the_limits_are_refused_early(tmp_path, monkeypatch):
     with pytest.raises(NetError, match="a statement longer than 100 names") as caught:
         graph_from_text(text, "long.net")
     assert (caught.value.span.line, caught.value.span.col) == (2, 205)  # the 101st token: the rest is never read
+
+
+def test_json_nested_past_pythons_recursion_is_a_file_error(tmp_path, capsys):
+    """A tuning file or a build's plan.json of 100,000 nested lists: json raises RecursionError, reported
+    as the file that cannot be read, not as netdsl's internal error."""
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "tuning.json").write_text(deep)
+    status, _, err = run_cli(["compile", ROOT / "nets/lenet5.net", "--tuning", tmp_path / "tuning.json"], capsys)
+    assert status == 1 and "tuning.json: error: cannot read the tuning file" in err
+    build = tmp_path / "build"
+    assert run_cli(["compile", ROOT / "nets/lenet5.net", "-o", build], capsys)[0] == 0
+    (build / "plan.json").write_text(deep)
+    status, _, err = run_cli(["run", build, "--backend", "torch"], capsys)
+    assert status == 1 and "plan.json: error: cannot read" in err and "internal error" not in err

@@ -79,7 +79,7 @@ def load_table(path: Path = TABLE) -> list[Measured]:
         rows = [Measured(**row) for row in data["measurements"]]
     except FileNotFoundError:
         return []
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
         raise NetError(
             f"cannot read the backward choices table: {error}",
             where=str(path),

@@ -197,7 +197,7 @@ def _read_cache(path: Path) -> dict | None:
     None: missing, torn, foreign or from another netdsl, it is rebuilt."""
     try:
         entry = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(entry, dict) or set(entry) != {*_FIELDS, "cubin_sha256"}:
         return None

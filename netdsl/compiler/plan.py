@@ -151,7 +151,7 @@ def read_plan_source(build_dir: Path) -> tuple[Path, str, dict[str, object]]:
         plan = json.loads(plan_path.read_text(encoding="utf-8"))
         source, digest, dtype = plan["source"], plan["source_sha256"], plan["dtype"]
         options = dict(plan.get("options", {}))
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as error:
         raise NetError(
             f"cannot read {plan_path} ({type(error).__name__}: {error})",
             where=str(plan_path),

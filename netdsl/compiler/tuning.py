@@ -86,7 +86,7 @@ def read_tuning(path: str | Path) -> Tuning:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise NetError("no such tuning file", where=where, hint="write one with netdsl tune NET -o FILE") from None
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:  # (nested too deep)
         raise NetError(
             f"cannot read the tuning file ({type(error).__name__}: {error})",
             where=where,

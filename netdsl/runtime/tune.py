@@ -360,7 +360,7 @@ def _read_existing(path: Path) -> dict:
     hint = "give another -o FILE, or remove this one"
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
         raise NetError(f"cannot add to it: {type(error).__name__}: {error}", where=where, hint=hint) from None
     if not isinstance(old, dict) or old.get("format") != TUNING_FORMAT or not isinstance(old.get("steps"), dict):
         raise NetError("cannot add to it: it is not a tuning file of netdsl tune", where=where, hint=hint)
