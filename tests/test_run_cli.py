@@ -50,6 +50,16 @@ def test_triton_and_torch_backends_agree(tmp_path, capsys):
     assert np.abs(outs["triton"] - outs["torch"]).max() <= 1e-4 * scale
 
 
+def _lying_npy() -> bytes:
+    """A .npy header promising 400 TB of float32 over 64 bytes: read naively, a MemoryError."""
+    import io
+
+    buffer = io.BytesIO()
+    header = {"descr": "<f4", "fortran_order": False, "shape": (10**11, 1, 32, 32)}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue() + bytes(64)
+
+
 @pytest.mark.parametrize(
     "make, args, message",
     [
@@ -59,6 +69,8 @@ def test_triton_and_torch_backends_agree(tmp_path, capsys):
          "holds Python objects"),
         (lambda d: (d / "cut.npy").write_bytes(b"\x93NUMPY\x01\x00v\x00{'descr'"), ["--input", "{d}/cut.npy"],
          "not a readable .npy array"),
+        (lambda d: (d / "big.npy").write_bytes(_lying_npy()),
+         ["--input", "{d}/big.npy"], "is cut short: its header says 100000000000 x 1 x 32 x 32"),
         (lambda d: np.save(d / "shape.npy", np.ones((3, 32, 32))), ["--input", "{d}/shape.npy"], "has shape 3 x 32"),
         (lambda d: np.save(d / "text.npy", np.array(["a"])), ["--input", "{d}/text.npy"], "not numbers"),
         (lambda d: None, ["--devices", "gpu0"], "cannot read `gpu0`"),
@@ -70,8 +82,8 @@ def test_triton_and_torch_backends_agree(tmp_path, capsys):
         (lambda d: None, ["--distributed", "--cuda-graph"], "--cuda-graph: error: CUDA-graph capture runs in one"),
         (lambda d: None, ["--distributed", "--random", "3", "--batch", "2"], "--batch: error: --distributed runs"),
     ],
-    ids=["missing", "corrupt", "pickled", "truncated", "shape", "strings", "devices", "weights", "random", "batch",
-         "dtype", "graph", "distributed-graph", "distributed-batch"],
+    ids=["missing", "corrupt", "pickled", "truncated", "lying", "shape", "strings", "devices", "weights", "random",
+         "batch", "dtype", "graph", "distributed-graph", "distributed-batch"],
 )
 def test_bad_inputs_are_clear_errors(tmp_path, capsys, make, args, message):
     make(tmp_path)

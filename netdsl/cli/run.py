@@ -94,6 +94,20 @@ def _read_npy(path: Path, image_suffixes) -> np.ndarray:
             hint=f"give images ({suffixes}) or arrays saved with numpy.save",
         )
     try:
+        with open(path, "rb") as handle:  # the header's shape against the bytes there: no lying allocation
+            header = np.lib.format
+            version = header.read_magic(handle)
+            read = header.read_array_header_1_0 if version == (1, 0) else header.read_array_header_2_0
+            shape, _, dtype = read(handle)
+            have = os.fstat(handle.fileno()).st_size - handle.tell()
+        need = math.prod(shape) * dtype.itemsize
+        if not dtype.hasobject and need > have:
+            raise NetError(
+                f"{path} is cut short: its header says {' x '.join(map(str, shape))} {dtype} values "
+                f"({need:,} bytes), and {have:,} bytes follow it",
+                where=str(path),
+                hint="save it again with numpy.save",
+            )
         return np.load(path, allow_pickle=False)
     except ValueError as error:
         if "allow_pickle" in str(error):
