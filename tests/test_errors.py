@@ -941,3 +941,15 @@ def test_json_nested_past_pythons_recursion_is_a_file_error(tmp_path, capsys):
     (build / "plan.json").write_text(deep)
     status, _, err = run_cli(["run", build, "--backend", "torch"], capsys)
     assert status == 1 and "plan.json: error: cannot read" in err and "internal error" not in err
+
+
+def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path, capsys):
+    """Some Windows editors start UTF-8 files with a byte-order mark: read as nothing, and the columns of
+    errors on line 1 are counted without it."""
+    path = tmp_path / "bom.net"
+    path.write_bytes("\ufeffinput x: 3 x 8 x 8\r\ny = conv(x, 4, size=3, strid=1)\r\n".encode())
+    status, _, err = run_cli(["check", path], capsys)
+    assert status == 1 and f"{path}:2:24: error: conv has no parameter `strid`" in err
+    path.write_bytes("\ufeffinput x: 3 x 8 x 8 $\n".encode())
+    status, _, err = run_cli(["check", path], capsys)
+    assert status == 1 and f"{path}:1:20: error: unexpected character '$'" in err

@@ -153,7 +153,8 @@ def read_source(path: Path, keep_line_ends: bool = False) -> str:
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:  # refused before it is read
             raise _too_big(str(path), size)
-        with open(path, encoding="utf-8", newline="" if keep_line_ends else None) as file:
+        # utf-8-sig: a byte-order mark, which some Windows editors put first, is not part of the text
+        with open(path, encoding="utf-8-sig", newline="" if keep_line_ends else None) as file:
             return file.read()
     except FileNotFoundError:
         raise NetError(f"no such file: {path}", where=str(path), hint="check the path") from None
