@@ -25,7 +25,9 @@ from golden.models import build
 import netdsl
 from netdsl.cli.main import main
 from netdsl.runtime.weights import init_weights, load_weights
-from netdsl.train.checkpoint import load_checkpoint
+from netdsl.train import loop
+from netdsl.train.checkpoint import load_checkpoint, save_checkpoint
+from netdsl.train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 LENET = str(ROOT / "nets" / "lenet5.net")
@@ -106,6 +108,63 @@ def test_sgd_steps_equal_a_hand_written_loop_with_a_rate_drop(tmp_path):
     assert moved > 1e-3  # the steps did something
 
 
+# A net of two weight groups small enough for many runs a test, on 8 x 8 arrays.
+TINY = """\
+net tiny
+input image: 1 x 8 x 8
+c1 = conv(image, 4, size=3) | relu | maxpool(2, stride=2)
+f2 = fc(c1, 10)
+output f2
+"""
+
+
+def tiny_run_args(tmp_path: Path, count: int = 40) -> tuple[Path, Path]:
+    net = tmp_path / "tiny.net"
+    net.write_text(TINY)
+    return net, arrays(tmp_path / "tiny.npz", (1, 8, 8), count, 10, seed=2)
+
+
+def metric_lines(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_mult_0_on_the_first_group_freezes_it_and_logs_the_base_rate(tmp_path):
+    """`c1`'s weights, the first parameter group, at rate 0: they stay as initialized (no weight decay either,
+    which the paper's rule scales by the rate) while f2 learns, and the logs show the base rate, not c1's."""
+    net, data = tiny_run_args(tmp_path)
+    run = tmp_path / "run"
+    code = train(
+        net, "--data", data, "--batch", 8, "--steps", 6, "--lr", 0.05, "--schedule", "constant", "--init", "he",
+        "--seed", 4, "--lr-mult", "c1.*=0", "--out", run, *PLAIN,
+    )  # fmt: skip
+    assert code == 0
+    got = checkpoint_weights(run)
+    start = init_weights(netdsl.load_graph(net), seed=4, scheme="he")
+    for name in ("c1.weight", "c1.bias"):
+        assert np.array_equal(got[name].numpy(), start[name]), name
+    assert not np.array_equal(got["f2.weight"].numpy(), start["f2.weight"])
+    lines = metric_lines(run)
+    assert lines and all(line["lr"] == 0.05 for line in lines)
+
+
+@pytest.mark.parametrize("steps", [7, 12])
+def test_cosine_over_steps_follows_the_documented_curve_to_the_runs_end(tmp_path, steps):
+    """`cosine` with --steps: step s of T takes floor + (1 - floor) * (1 + cos(pi s / T)) / 2, T the run's steps
+    even where they end inside an epoch (5 steps per epoch here: 7 ends inside the second, 12 inside the third)."""
+    net, data = tiny_run_args(tmp_path)
+    run = tmp_path / "run"
+    code = train(
+        net, "--data", data, "--batch", 8, "--steps", steps, "--lr", 0.05, "--schedule", "cosine",
+        "--cosine-floor", 0.1, "--out", run, *PLAIN,
+    )  # fmt: skip
+    assert code == 0
+    logged = {line["step"]: line["lr"] for line in metric_lines(run) if line["kind"] == "step"}
+    assert sorted(logged) == list(range(1, steps + 1))
+    for step, lr in logged.items():
+        want = 0.05 * (0.1 + 0.9 * (1 + np.cos(np.pi * (step - 1) / steps)) / 2)
+        assert lr == pytest.approx(want, rel=1e-12), step
+
+
 # --- resume -------------------------------------------------------------------------------------------------
 
 
@@ -156,6 +215,108 @@ def test_resume_says_what_a_flag_overrides(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "lr = 0.01 (--lr; was 0.05)" in err and "the flag wins" in err
     assert json.loads((run / "recipe.json").read_text())["recipe"]["settings"]["lr"]["value"] == 0.01
+
+
+def stop_during_step(monkeypatch, step: int) -> None:
+    """As if SIGTERM arrived during step `step` (from 1): the run ends that step, checkpoints and stops."""
+    original = Trainer._train_step
+
+    def step_then_signal(self, x, y):
+        result = original(self, x, y)
+        if self.step + 1 == step:
+            self._signal = signal.SIGTERM
+        return result
+
+    monkeypatch.setattr(Trainer, "_train_step", step_then_signal)
+
+
+def without_speed(run: Path) -> list[dict]:
+    """metrics.jsonl less images/s, the one thing that depends on the clock."""
+    return [{key: value for key, value in line.items() if key != "images_per_s"} for line in metric_lines(run)]
+
+
+def assert_same_runs(one: Path, two: Path) -> None:
+    """Two run folders hold the same training: metrics, weights.safetensors, checkpoints and their state."""
+    assert without_speed(one) == without_speed(two)
+    assert (one / "weights.safetensors").read_bytes() == (two / "weights.safetensors").read_bytes()
+    names = [sorted(path.name for path in (run / "checkpoints").iterdir()) for run in (one, two)]
+    assert names[0] == names[1]
+    first, second = (load_checkpoint(run / "checkpoints" / "last.ckpt") for run in (one, two))
+    assert first.state == second.state
+    for name, value in first.weights.items():
+        assert torch.equal(value, second.weights[name]), name
+
+
+@pytest.mark.parametrize("stop_at", [6, 12])
+def test_a_stop_during_an_epochs_last_step_ends_that_epoch_at_resume(tmp_path, monkeypatch, stop_at):
+    """Stopped during the first epoch's last step (6 steps an epoch) or the run's final one: the checkpoint is
+    taken before the epoch's end, which the resumed run does (validation, record, best checkpoint, weights)."""
+    net, data = small_run_args(tmp_path)
+    straight, parts = tmp_path / "straight", tmp_path / "parts"
+    assert small_train(net, data, straight, "--epochs", 2) == 0
+    stop_during_step(monkeypatch, stop_at)
+    assert small_train(net, data, parts, "--epochs", 2) == 128 + signal.SIGTERM
+    saved = load_checkpoint(parts / "checkpoints" / "last.ckpt").state
+    assert (saved["step"], saved["batch_in_epoch"]) == (stop_at, 6)
+    monkeypatch.undo()
+    assert train("--resume", parts) == 0
+    assert [line["epoch"] for line in metric_lines(parts) if line["kind"] == "epoch"] == [1, 2]
+    assert_same_runs(straight, parts)
+
+
+class Killed(BaseException):
+    """A kill -9 stand-in: nothing of the run catches it."""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_kill_beside_the_epoch_end_checkpoint_loses_and_repeats_no_record(tmp_path, monkeypatch, when):
+    """A run stopped during the first epoch's last step is resumed and killed just before, or just after, the
+    checkpoint that ends that epoch is written; resumed again, it is the uninterrupted run: the epoch's record
+    neither lost (after) nor written twice (before), weights.safetensors current."""
+    net, data = small_run_args(tmp_path)
+    straight, parts = tmp_path / "straight", tmp_path / "parts"
+    assert small_train(net, data, straight, "--epochs", 2) == 0
+    stop_during_step(monkeypatch, 6)
+    assert small_train(net, data, parts, "--epochs", 2) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    real = loop.save_checkpoint
+
+    def save_and_die(paths, checkpoint):
+        ends_the_epoch = (checkpoint.state["step"], checkpoint.state["batch_in_epoch"]) == (6, 0)
+        if ends_the_epoch and when == "before":
+            raise Killed
+        real(paths, checkpoint)
+        if ends_the_epoch:
+            raise Killed
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_and_die)
+    with pytest.raises(Killed):
+        train("--resume", parts)
+    monkeypatch.undo()
+    assert train("--resume", parts) == 0
+    assert_same_runs(straight, parts)
+
+
+def test_a_resume_inside_a_log_interval_logs_what_the_straight_run_does(tmp_path, monkeypatch):
+    """A line every 4 steps, a stop during step 5: the line at step 8 covers steps 5-8 as in the straight run
+    (the interval's sums are in the checkpoint). A checkpoint without them (older netdsl) still resumes."""
+    net, data = small_run_args(tmp_path)
+    straight, parts = tmp_path / "straight", tmp_path / "parts"
+    assert small_train(net, data, straight, "--epochs", 2, "--log-every", 4) == 0
+    stop_during_step(monkeypatch, 5)
+    assert small_train(net, data, parts, "--epochs", 2, "--log-every", 4) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    older = tmp_path / "older"
+    shutil.copytree(parts, older)
+    assert train("--resume", parts) == 0
+    assert_same_runs(straight, parts)
+
+    last = older / "checkpoints" / "last.ckpt"
+    saved = load_checkpoint(last)
+    del saved.state["window_sums"]
+    save_checkpoint([last], saved)
+    assert train("--resume", older) == 0
+    assert load_checkpoint(last).state["step"] == 12
 
 
 def test_a_run_folder_is_not_overwritten(tmp_path, capsys):
@@ -397,6 +558,27 @@ def test_resuming_another_net_or_a_damaged_checkpoint_is_refused(tmp_path, capsy
     assert "damaged" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{}", "recipe.json is not a run's record"),
+        ("[]", "recipe.json is not a run's record"),
+        (None, "recipe.json does not name the run's net"),  # the run's record without its `net`
+    ],
+)
+def test_resuming_with_a_damaged_recipe_json_is_an_error_naming_it(tmp_path, capsys, content, message):
+    net, data = tiny_run_args(tmp_path)
+    run = tmp_path / "run"
+    assert train(net, "--data", data, "--batch", 8, "--steps", 1, "--out", run, *PLAIN) == 0
+    record = json.loads((run / "recipe.json").read_text())
+    del record["net"]
+    (run / "recipe.json").write_text(content if content is not None else json.dumps(record))
+    capsys.readouterr()
+    assert train("--resume", run) == 1
+    err = capsys.readouterr().err
+    assert f"{run / 'recipe.json'}: error: {message}" in err and "hint:" in err and "Traceback" not in err
+
+
 def test_check_grads_agrees_with_finite_differences(capsys):
     assert main(["train", LENET, "--check-grads", "--seed", "1"]) == 0
     out = capsys.readouterr().out
@@ -459,3 +641,80 @@ def test_the_step_under_torch_compile_gives_the_eager_steps(tmp_path, capsys):
             np.testing.assert_allclose(got[name].numpy(), value.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
     else:
         assert code == 1 and "--compile: error: torch.compile computed gradients" in err, err
+
+
+# --- netdsl eval --------------------------------------------------------------------------------------------
+
+
+def evaluate(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(["eval", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_takes_the_runs_split_from_a_checkpoint_too(tmp_path, capsys):
+    """A run with seed 5 and half the images held out (the data has no validation part of its own): measured
+    through the run folder, its checkpoint, or that checkpoint moved elsewhere, it is the run's split, the
+    one --seed 5 --val-fraction 0.5 names; a plain weights file without them measures another."""
+    net = tmp_path / "tiny.net"
+    net.write_text(TINY)
+    rng = np.random.default_rng(6)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.standard_normal((40, 1, 8, 8)).astype(np.float32), y=np.arange(40) % 4)
+    run = tmp_path / "run"
+    assert train(net, "--data", data, "--batch", 8, "--steps", 2, "--seed", 5, "--val-fraction", 0.5, "--out", run,
+                 *PLAIN) == 0  # fmt: skip
+    moved = tmp_path / "elsewhere.ckpt"
+    shutil.copy(run / "checkpoints" / "last.ckpt", moved)
+    plain = tmp_path / "plain.safetensors"
+    shutil.copy(run / "weights.safetensors", plain)
+    reports = {}
+    for name, weights, extra in [
+        ("folder", run, ()),
+        ("checkpoint", run / "checkpoints" / "last.ckpt", ()),
+        ("moved", moved, ()),
+        ("flags", plain, ("--seed", 5, "--val-fraction", 0.5)),
+        ("defaults", plain, ()),
+    ]:
+        code, out, err = evaluate(capsys, net, "--weights", weights, "--data", data, *extra)
+        assert code == 0, err
+        reports[name] = out
+    assert reports["folder"].startswith("images 20 ")
+    assert reports["checkpoint"] == reports["moved"] == reports["flags"] == reports["folder"]
+    assert not reports["defaults"].startswith("images 20 ")
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_eval_refuses_a_seed_train_refuses(tmp_path, capsys, seed):
+    net, data = tiny_run_args(tmp_path)
+    run = tmp_path / "run"
+    assert train(net, "--data", data, "--batch", 8, "--steps", 1, "--out", run, *PLAIN) == 0
+    code, _, err = evaluate(capsys, net, "--weights", run, "--data", data, "--seed", seed)
+    assert code == 1 and f"--seed: error: `seed` must be from 0 to 4294967295, got {seed}" in err
+    assert "Traceback" not in err
+
+
+def test_eval_skips_corrupt_images_as_the_run_did_or_as_told(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(1)
+    for name in ("a", "b"):
+        (folder / name).mkdir(parents=True)
+        for index in range(6):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / name / f"{index}.png")
+    (folder / "a" / "9.png").write_bytes(b"not an image")
+    net = tmp_path / "tiny.net"
+    net.write_text(TINY)
+    run = tmp_path / "run"
+    assert train(net, "--data", folder, "--batch", 4, "--steps", 1, "--skip-corrupt", "--out", run, *PLAIN) == 0
+    code, out, err = evaluate(capsys, net, "--weights", run, "--data", folder)  # the run's skip_corrupt
+    assert code == 0 and "skipped 1 unreadable images" in err and out.startswith("images 2 ")
+    code, _, err = evaluate(capsys, net, "--weights", run, "--data", folder, "--no-skip-corrupt")
+    assert code == 1 and "9.png" in err and "--skip-corrupt" in err and "Traceback" not in err
+    plain = tmp_path / "plain.safetensors"
+    shutil.copy(run / "weights.safetensors", plain)
+    assert evaluate(capsys, net, "--weights", plain, "--data", folder)[0] == 1
+    code, out, err = evaluate(capsys, net, "--weights", plain, "--data", folder, "--skip-corrupt", "--split", "all")
+    assert code == 0 and "skipped 1 unreadable images" in err and out.startswith("images 12 ")

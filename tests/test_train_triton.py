@@ -11,6 +11,7 @@ counter-based stream, PyTorch from its own generator (the dropout kernels' stati
 
 from __future__ import annotations
 
+import fnmatch
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import torch
 from kernel_support import SMALL_ALEXNET
 
 from netdsl.cli.main import main
+from netdsl.lang.frontend import load_graph
+from netdsl.runtime.weights import init_weights
 from netdsl.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,6 +228,57 @@ def test_the_fused_update_is_the_papers_rule_in_one_launch_per_device():
         for name in shapes:
             torch.testing.assert_close(got[name].detach(), want[name].detach(), rtol=1e-5, atol=1e-6)  # fp32
         assert len(fused.flat) == 1  # one device, one flat buffer, one launch per step
+
+
+@pytest.mark.parametrize("frozen", ["a.*", "*"])
+def test_the_fused_update_leaves_weights_at_rate_0_where_they_are(frozen):
+    """lr_mult 0 on the first group, or on every weight (nothing to take a base rate from), then a schedule at
+    0: frozen weights do not move (no gradient, no decay: both scale with the rate), the rest step as PaperSGD
+    does, momentum included."""
+    from netdsl.train.optim import FlatPaperSGD, PaperSGD, param_groups, set_learning_rate
+
+    generator = torch.Generator().manual_seed(7)
+    shapes = {"a.weight": (4, 3), "a.bias": (4,), "b.weight": (2, 3), "b.bias": (2,)}
+    start = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    made = {}
+    for kind in (PaperSGD, FlatPaperSGD):
+        params = {name: torch.nn.Parameter(value.clone()) for name, value in start.items()}
+        optimizer = kind(param_groups(params.items(), [(frozen, 0.0)], []), 0.1, momentum=0.9, weight_decay=0.01)
+        made[kind] = (params, optimizer)
+    for rate in (0.1, 0.1, 0.0):
+        grads = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+        for params, optimizer in made.values():
+            optimizer.zero_grad()
+            for name, param in params.items():
+                if param.grad is None:
+                    param.grad = grads[name].clone()
+                else:
+                    param.grad.copy_(grads[name])
+            set_learning_rate(optimizer, rate)
+            optimizer.step()
+    (want, _), (got, _) = made[PaperSGD], made[FlatPaperSGD]
+    for name in shapes:
+        if fnmatch.fnmatchcase(name, frozen):
+            assert torch.equal(got[name].detach(), start[name]), name
+        else:
+            assert not torch.equal(got[name].detach(), start[name]), name
+        torch.testing.assert_close(got[name].detach(), want[name].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_netdsl_train_on_the_kernels_with_every_weight_frozen(tmp_path):
+    net = tmp_path / "tiny.net"
+    net.write_text("net tiny\ninput image: 1 x 8 x 8\nc1 = conv(image, 4, size=3) | relu\nf2 = fc(c1, 10)\noutput f2\n")
+    data = arrays(tmp_path, (1, 8, 8))
+    out = tmp_path / "run"
+    code = main(
+        ["train", str(net), "--data", str(data), "--batch", "4", "--steps", "2", "--lr-mult", "*=0", "--init", "he",
+         "--seed", "4", "--backend", "triton", "--out", str(out), *PLAIN]
+    )  # fmt: skip
+    assert code == 0
+    got = load_checkpoint(out / "checkpoints" / "last.ckpt").weights
+    start = init_weights(load_graph(net), seed=4, scheme="he")
+    for name, value in start.items():
+        assert np.array_equal(got[name].numpy(), value), name
 
 
 @pytest.mark.parametrize("lrn", [False, True])

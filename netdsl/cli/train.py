@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -51,6 +53,12 @@ def add_commands(commands, positive) -> None:
     )
     evaluate.add_argument("--seed", type=int, default=None, help="the split's seed (default: the run's)")
     evaluate.add_argument("--workers", type=int, default=0, metavar="N", help="data loading processes")
+    evaluate.add_argument(
+        "--skip-corrupt",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="skip (and count) images that cannot be decoded, instead of stopping (default: the run's)",
+    )
     evaluate.add_argument("--backend", choices=("torch", "triton"), default="torch", help="PyTorch ops or the kernels")
     evaluate.add_argument("--devices", metavar="MAP", help="logical devices to torch devices")
     evaluate.add_argument("--confusion", type=Path, metavar="OUT.png", help="draw the confusion matrix (matplotlib)")
@@ -81,13 +89,23 @@ def _train(args: argparse.Namespace) -> int:
     from netdsl.lang.frontend import load_graph, load_recipe
     from netdsl.train.loop import StoppedError, Trainer
     from netdsl.train.recipe import Recipe, resolve
-    from netdsl.train.runs import RunFolder
+    from netdsl.train.runs import RECIPE, RunFolder
 
     if args.resume is not None:
         run = RunFolder(args.resume)
         run.create(resume=True)
         record = run.read_recipe()
-        saved = Recipe.from_dict(record["recipe"], where=str(run.path / "recipe.json"))
+        where = str(run.path / RECIPE)
+        if not isinstance(record, dict) or "recipe" not in record:
+            raise NetError(
+                f"{RECIPE} is not a run's record (no `recipe` in it): it was damaged",
+                where=where,
+                hint="restore it from a copy (netdsl writes it when a run starts), or start a new run",
+            )
+        saved = Recipe.from_dict(record["recipe"], where=where)
+        if args.net is None and not isinstance(record.get("net"), str):
+            hint = "give the net: netdsl train NET.net --resume RUN"
+            raise NetError(f"{RECIPE} does not name the run's net", where=where, hint=hint)
         net = args.net or Path(record["net"])
         if args.out is not None and args.out.resolve() != run.path.resolve():
             raise NetError("--out and --resume name different run folders", where="--out", hint="give one of them")
@@ -191,8 +209,12 @@ def eval_command(args: argparse.Namespace) -> int:
     from netdsl.train.data import open_data, view_loader
     from netdsl.train.evaluate import Tally, probabilities
     from netdsl.train.loop import class_count
+    from netdsl.train.recipe import MAX_SEED
     from netdsl.train.runs import WEIGHTS
 
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        hint = "leave --seed out to use the run's"
+        raise NetError(f"`seed` must be from 0 to {MAX_SEED}, got {args.seed}", where="--seed", hint=hint)
     if args.backend == "triton" and not torch.cuda.is_available():
         use_interpreter()  # the same kernels, interpreted on the CPU
     weights_path = args.weights / WEIGHTS if args.weights.is_dir() else args.weights
@@ -202,13 +224,16 @@ def eval_command(args: argparse.Namespace) -> int:
     metadata = weights_metadata(weights_path)
     weights = load_weights(weights_path, graph)
     saved = metadata.get("netdsl.preprocess")
-    run_recipe = _run_settings(args.weights if args.weights.is_dir() else weights_path.parent)
+    run_recipe = _run_settings(weights_path, metadata)
     fraction = args.val_fraction if args.val_fraction is not None else run_recipe.get("val_fraction", 0.1)
     seed = args.seed if args.seed is not None else run_recipe.get("seed", 0)
+    skip = args.skip_corrupt if args.skip_corrupt is not None else bool(run_recipe.get("skip_corrupt", False))
     split = open_data(
         args.data, tuple(shape), num_outputs=classes, val_fraction=fraction if args.split == "val" else 0.0,
-        seed=seed, workers=args.workers,
+        seed=seed, skip_corrupt=skip, workers=args.workers,
     )  # fmt: skip
+    if split.skipped:
+        print(f"skipped {len(split.skipped)} unreadable images (first: {split.skipped[0]})", file=sys.stderr)
     preprocess = Preprocess.from_json(saved, where=str(weights_path)) if saved else split.preprocess
     if saved is None:
         print("note: the weights carry no preprocessing; using the data's own mean", file=sys.stderr)
@@ -232,13 +257,29 @@ def eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_settings(folder: Path) -> dict:
-    """The settings of the run that wrote weights in `folder` (empty when it is not a run folder)."""
-    from netdsl.train.runs import RunFolder
+def _run_settings(weights: Path, metadata: dict[str, str]) -> dict:
+    """The settings of the run that wrote `weights` (empty when unknown): a checkpoint's own, in its header;
+    else the recipe.json of the run folder that holds the file (weights.safetensors) or its checkpoints/."""
+    from netdsl.train.checkpoint import STATE_KEY
+    from netdsl.train.runs import CHECKPOINTS, RunFolder
 
+    if STATE_KEY in metadata:
+        with contextlib.suppress(ValueError):  # a damaged header: the run folder's copy
+            state = json.loads(metadata[STATE_KEY])
+            settings = _settings_of(state.get("recipe")) if isinstance(state, dict) else {}
+            if settings:
+                return settings
+    folder = weights.parent.parent if weights.parent.name == CHECKPOINTS else weights.parent
     try:
         record = RunFolder(folder).read_recipe()
     except NetError:
         return {}
-    settings = record.get("recipe", {}).get("settings", {})
+    return _settings_of(record.get("recipe") if isinstance(record, dict) else None)
+
+
+def _settings_of(recipe) -> dict:
+    """Each setting's value in a recipe `Recipe.to_dict` wrote (empty when it is not one)."""
+    settings = recipe.get("settings") if isinstance(recipe, dict) else None
+    if not isinstance(settings, dict):
+        return {}
     return {name: entry.get("value") for name, entry in settings.items() if isinstance(entry, dict)}

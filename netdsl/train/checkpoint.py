@@ -7,8 +7,9 @@ killed while writing leaves the previous checkpoint whole):
   is also a weights file, `netdsl run --weights RUN/checkpoints/last.ckpt` reads it;
 - the optimizer's state under `optim:<weight name>:<key>` (momentum buffers: `velocity`);
 - every random number generator's state under `rng:<name>` (torch's CPU generator, each CUDA device's);
-- in the file's metadata, as JSON: `netdsl.checkpoint` (format, epoch, step, position in the epoch,
-  schedule state, the best checkpoints so far, the resolved recipe, the net's fingerprint) and
+- in the file's metadata, as JSON: `netdsl.checkpoint` (format, epoch, step, position in the epoch, the
+  loss and accuracy sums of the epoch and of the log interval so far, schedule state, the best
+  checkpoints so far, the resolved recipe, the net's fingerprint) and
   `netdsl.preprocess` (what `netdsl run` and `netdsl eval` apply to an image).
 
 Names holding a `:` cannot be weight names (the language's names never hold one), which is how a

@@ -6,8 +6,9 @@ net's logits forward and the softmax cross-entropy backward with PyTorch autogra
 (`netdsl.runtime.module.GraphModule`, every layer on its own device), sets every weight group's rate
 from the schedule and steps the optimizer. Before a step changes any weight, the loss and every gradient
 are checked: a NaN or an infinity stops the run with the first layer where it appeared. After each
-epoch: validation, the schedule's plateau watch, the checkpoints (the last, the best few), the metrics
-and the curves. Ctrl-C or SIGTERM: a checkpoint at the end of the current step, then a clean exit.
+epoch: validation, the schedule's plateau watch, the epoch's record, the checkpoints (the last, the best
+few) and the curves. Ctrl-C or SIGTERM: a checkpoint at the end of the current step, then a clean exit;
+a run stopped after an epoch's last step does that epoch's end when it resumes.
 
 Everything random is seeded and saved (netdsl.train.checkpoint): on the CPU, N steps in one go and N/2
 steps, a resume and N/2 more give the same weights bit for bit.
@@ -162,7 +163,7 @@ class Trainer:
             every=recipe.step_epochs,
             milestones=recipe.milestones,
             gamma=recipe.gamma,
-            epochs=self.total_epochs,
+            epochs=self.total_steps / self.steps_per_epoch,  # the run's length: --steps may end inside an epoch
             min_factor=recipe.cosine_floor,
             patience=recipe.patience,
             max_drops=recipe.max_drops,
@@ -173,6 +174,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if recipe.dtype == "fp16" else None
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.epoch_sums = [0.0, 0.0, 0.0]  # this epoch so far: loss sum, correct, images
+        self.window_sums = [0.0, 0.0, 0.0]  # the same since the last logged step
         self.best: list[list] = []  # [top-1, epoch, checkpoint file name], best first
         if resume:
             self._resume()
@@ -259,6 +261,7 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.epoch_sums = list(state["epoch_sums"])
+        self.window_sums = list(state.get("window_sums", [0.0, 0.0, 0.0]))  # older checkpoints: a fresh window
         self.best = [list(entry) for entry in state["best"]]
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -276,12 +279,19 @@ class Trainer:
 
     def fit(self) -> Summary:
         started = time.perf_counter()
-        metrics = Metrics(self.run.path / METRICS, keep_until_step=self.step) if self.world.leader else None
+        metrics = (
+            Metrics(self.run.path / METRICS, keep_until_step=self.step, keep_until_epoch=self.epoch)
+            if self.world.leader
+            else None
+        )
         board = TensorBoard(self.run.path / "tensorboard") if self.world.leader else None
         if self.world.leader:
             self._say(self._banner())
         try:
             with self._signals():
+                if self.batch_in_epoch == self.steps_per_epoch:
+                    # stopped after an epoch's last step, before its end (validation, records, checkpoints)
+                    self._end_of_epoch(metrics, board)
                 while self.step < self.total_steps:
                     self._epoch(metrics, board)
                 self._checkpoint(metrics)
@@ -314,19 +324,20 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
         )
         self.module.train()
-        window = [0.0, 0.0, 0.0, time.perf_counter()]  # loss sum, correct, images since the last line
+        clock = [time.perf_counter(), 0]  # for images/s: since when, and this process's images since then
         progress = _Progress(self.stream, len(batches), f"epoch {self.epoch + 1}/{self.total_epochs}", self.world)
         for x, y in batches:
             loss, correct = self._train_step(x, y)
             count = len(y)
-            for sums in (self.epoch_sums, window):
+            for sums in (self.epoch_sums, self.window_sums):
                 sums[0] += loss * count
                 sums[1] += correct
                 sums[2] += count
+            clock[1] += count
             self.batch_in_epoch += 1
             self.step += 1
             if self.step % recipe.log_every == 0 or self.step == self.total_steps:
-                self._log_window(window, metrics, board, progress)
+                self._log_window(clock, metrics, board, progress)
             progress.advance()
             if self._signal is not None:
                 progress.close()
@@ -421,7 +432,7 @@ class Trainer:
             "step": self.step,
             "train_loss": loss_sum / count,
             "train_top1": correct / count,
-            "lr": self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_mult", 1.0),
+            "lr": self._base_rate(),
             "val_loss": None,
             "val_top1": None,
             "val_top5": None,
@@ -436,10 +447,13 @@ class Trainer:
         self.epoch += 1
         self.batch_in_epoch = 0
         self.epoch_sums = [0.0, 0.0, 0.0]
+        self.window_sums = [0.0, 0.0, 0.0]  # a logged step's window stays inside its epoch
+        if metrics is not None:
+            # before the checkpoint that marks the epoch ended: a run killed between the two resumes from it
+            # with the record, or from an earlier one that drops the record (keep_until_epoch) and redoes it
+            metrics.add(record)
         self._checkpoint(metrics, best_epoch=ended if improved else None)
         if metrics is not None:
-            metrics.add(record)
-            metrics.flush()
             plot_curves(self.run.path / CURVES, metrics.epochs())
             board.scalars(self.step, {f"epoch/{key}": value for key, value in record.items() if key != "kind"})
             self._say(_epoch_line(record, self.total_epochs))
@@ -493,6 +507,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "step": self.step,
             "epoch_sums": self.epoch_sums,
+            "window_sums": self.window_sums,
             "schedule": self.schedule.state_dict(),
             "best": self.best,
             "recipe": self.recipe.to_dict(),
@@ -510,15 +525,16 @@ class Trainer:
             state,
             self.data.preprocess.to_json(),
         )
-        best = [self.run.best(best_epoch)] if best_epoch is not None else []
-        save_checkpoint([self.run.last, *best], checkpoint)
         if not self.best or (best_epoch is not None and self.best[0][1] == best_epoch):
-            # weights.safetensors: the best weights so far, or the last ones while nothing was validated
+            # weights.safetensors: the best weights so far, or the last ones while nothing was validated; before
+            # the checkpoint, so that a run killed between the two and resumed from the checkpoint has them
             save_weights(
                 self.run.path / WEIGHTS,
                 {name: value.detach().cpu().float().numpy() for name, value in checkpoint.weights.items()},
                 metadata={"netdsl.preprocess": checkpoint.preprocess},
             )
+        best = [self.run.best(best_epoch)] if best_epoch is not None else []
+        save_checkpoint([self.run.last, *best], checkpoint)
         if metrics is not None:
             metrics.flush()
         return self.run.last
@@ -585,10 +601,12 @@ class Trainer:
             for signum, old in previous.items():
                 signal.signal(signum, old)
 
-    def _log_window(self, window: list, metrics: Metrics | None, board: TensorBoard | None, progress) -> None:
-        loss_sum, correct, count = self.world.sum(window[:3])
-        seconds = max(time.perf_counter() - window[3], 1e-9)
-        lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_mult", 1.0)
+    def _log_window(self, clock: list, metrics: Metrics | None, board: TensorBoard | None, progress) -> None:
+        """A step record: the loss and top-1 since the last one (`window_sums`, saved in checkpoints so that a
+        resumed run logs what an uninterrupted one does), images/s since `clock` was started."""
+        loss_sum, correct, count, seen = self.world.sum([*self.window_sums, clock[1]])
+        seconds = max(time.perf_counter() - clock[0], 1e-9)
+        lr = self._base_rate()
         record = {
             "kind": "step",
             "epoch": self.epoch + 1,
@@ -596,13 +614,20 @@ class Trainer:
             "loss": loss_sum / count,
             "top1": correct / count,
             "lr": lr,
-            "images_per_s": count / seconds,
+            "images_per_s": seen / seconds,
         }
-        window[:] = [0.0, 0.0, 0.0, time.perf_counter()]
+        self.window_sums = [0.0, 0.0, 0.0]
+        clock[:] = [time.perf_counter(), 0]
         if metrics is not None:
             metrics.add(record)
             board.scalars(self.step, {"train/loss": record["loss"], "train/top1": record["top1"], "train/lr": lr})
             progress.show(record)
+
+    def _base_rate(self) -> float:
+        """The base rate of the step just taken, the recipe's times the schedule's factor: what the logs show
+        (each weight's rate is this times its lr_mult, which may be 0)."""
+        factor = self.schedule.factor(self.epoch, self.batch_in_epoch - 1, self.steps_per_epoch)
+        return self.recipe.lr * factor
 
     def _banner(self) -> str:
         recipe = self.recipe

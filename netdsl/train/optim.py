@@ -201,10 +201,19 @@ class FlatPaperSGD(PaperSGD):
             if self.state[param]["velocity"] is not view:  # loaded from a checkpoint: into the flat buffer
                 view.copy_(self.state[param]["velocity"])
                 self.state[param]["velocity"] = view
-        # The base rate: a group's rate over its multiplier (each group's is base * schedule * lr_mult).
-        rated = [group for group in self.param_groups if group["lr_mult"] > 0] or self.param_groups[:1]
-        base = rated[0]["lr"] / (rated[0]["lr_mult"] or 1.0)
+        # The base rate: a group's rate over its multiplier (each group's is base * schedule * lr_mult); with
+        # every multiplier 0, every rate is 0 whatever the base.
+        rated = [group for group in self.param_groups if group["lr_mult"] > 0]
+        base = rated[0]["lr"] / rated[0]["lr_mult"] if rated else 0.0
         group = self.param_groups[0]
+        if base == 0:
+            # Every rate 0 (frozen weights, or a schedule at 0): the rule takes no gradient and no decay (both
+            # scale with the rate), only the momentum already built up, which is none for weights frozen from
+            # the start. The kernel takes rates above 0 only.
+            for weights, _, velocities, _ in self.flat.values():
+                velocities.mul_(group["momentum"])
+                weights.add_(velocities, alpha=group["momentum"] if group["nesterov"] else 1.0)
+            return loss
         for weights, grads, velocities, table in self.flat.values():
             paper_sgd_step(
                 weights, grads, velocities, table, lr=base, momentum=group["momentum"],

@@ -98,9 +98,11 @@ class RunFolder:
 
 class Metrics:
     """metrics.jsonl: appended line by line; the whole file is rewritten atomically at each checkpoint,
-    and on resume only the lines up to the checkpoint's step are kept."""
+    and on resume only the lines up to the checkpoint's step are kept, and of the epoch records those of
+    the epochs it had ended (`keep_until_epoch`: a run stopped after an epoch's last step, resumed, and
+    killed once that epoch's record was written but before its checkpoint, ends the epoch again)."""
 
-    def __init__(self, path: Path, keep_until_step: int | None = None) -> None:
+    def __init__(self, path: Path, keep_until_step: int | None = None, keep_until_epoch: int | None = None) -> None:
         self.path = path
         self.lines: list[dict] = []
         if keep_until_step is not None and path.is_file():
@@ -109,8 +111,12 @@ class Metrics:
                     record = json.loads(line)
                 except ValueError:
                     continue  # a line a killed run left half-written
-                if record.get("step", 0) <= keep_until_step:
-                    self.lines.append(record)
+                if record.get("step", 0) > keep_until_step:
+                    continue
+                unended = keep_until_epoch is not None and record.get("epoch", 0) > keep_until_epoch
+                if record.get("kind") == "epoch" and unended:
+                    continue  # the record of an epoch the checkpoint had not ended
+                self.lines.append(record)
             self.flush()
 
     def add(self, record: dict) -> None:

@@ -7,7 +7,8 @@ for the step about to be taken (epochs and steps count from 0):
 - `step`: gamma ** (epoch // every);
 - `multistep`: gamma ** (the number of milestones <= epoch);
 - `cosine`: min_factor + (1 - min_factor) * (1 + cos(pi * t / epochs)) / 2, with t = epoch + step_in_epoch /
-  steps_per_epoch (so it falls smoothly, step by step), and min_factor after `epochs`;
+  steps_per_epoch (so it falls smoothly, step by step), and min_factor after `epochs` (the run's length,
+  a fraction when it ends inside an epoch);
 - `plateau`: gamma ** drops, the paper's "divide the learning rate by 10 when the validation error stops
   improving".
 
