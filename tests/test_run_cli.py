@@ -276,3 +276,47 @@ def test_the_nan_hint_names_nothing_a_command_line_user_cannot_do(tmp_path, caps
     assert main(["run", LENET, "--input", str(path), "--backend", "torch"]) == 1
     err = capsys.readouterr().err
     assert "contains NaN" in err and "check_inputs" not in err
+
+
+def test_a_thin_image_is_refused_before_it_is_scaled(tmp_path, capsys):
+    """A 40,000 x 1 PNG (a few hundred bytes) scaled to a shorter side of 256 would be 2.6 billion pixels."""
+    from PIL import Image
+
+    path = tmp_path / "thin.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (1, 40_000), dtype=np.uint8)).save(path)
+    assert main(["run", LENET, "--backend", "torch", "--input", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: error: an image of 1 x 40000, its shorter side scaled to" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"size": 0}, "the saved preprocessing is damaged"),
+        ({"crop": [-5, -5]}, "the saved preprocessing is damaged"),
+        ({"std": [0.0]}, "the saved preprocessing is damaged"),
+        ({"size": 10**6}, "the saved preprocessing is damaged"),
+        ({"crop": [20, 20]}, "the weights were trained on 1 x 20 x 20 inputs, and the net takes 1 x 32 x 32"),
+        ({"channels": 3, "mean": [0, 0, 0], "std": None}, "the weights were trained on 3 x 32 x 32 inputs"),
+    ],
+    ids=["size-0", "crop-negative", "std-0", "size-huge", "another-crop", "another-channels"],
+)
+def test_a_weights_files_preprocessing_is_checked_against_the_net(tmp_path, capsys, change, message):
+    """The preprocessing record in a weights file is read, not trusted: out of range, or for another input
+    than the net's, it is an error naming the weights file (not the net, not Python's)."""
+    import json
+
+    from PIL import Image
+
+    from netdsl.runtime.weights import init_weights, save_weights
+
+    record = {"format": 1, "size": 36, "crop": [32, 32], "channels": 1, "mean": [120.0], "std": [60.0],
+              "classes": []}  # fmt: skip
+    weights = tmp_path / "w.safetensors"
+    save_weights(weights, init_weights(netdsl.load_graph(LENET)), metadata={"netdsl.preprocess": json.dumps(
+        {**record, **change})})  # fmt: skip
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (40, 40), dtype=np.uint8)).save(image)
+    assert main(["run", LENET, "--backend", "torch", "--weights", str(weights), "--input", str(image)]) == 1
+    err = capsys.readouterr().err
+    assert f"{weights}: error: {message}" in err and "Traceback" not in err and "Warning" not in err

@@ -559,6 +559,35 @@ def test_resuming_another_net_or_a_damaged_checkpoint_is_refused(tmp_path, capsy
 
 
 @pytest.mark.parametrize(
+    "record",
+    ["{not json", "[" * 100_000 + "]" * 100_000, "[1, 2]", None],
+    ids=["not-json", "nested-too-deep", "a-list", "no-step"],
+)
+def test_a_checkpoint_whose_record_of_the_run_is_damaged_is_refused(tmp_path, capsys, record):
+    """The run's state is JSON in the checkpoint's header: damaged there, resuming says so and names the file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from netdsl.train.checkpoint import STATE_KEY
+
+    net, data = tiny_run_args(tmp_path)
+    run = tmp_path / "run"
+    assert train(net, "--data", data, "--batch", 8, "--steps", 1, "--out", run, *PLAIN) == 0
+    last = run / "checkpoints" / "last.ckpt"
+    with safe_open(str(last), framework="pt") as file:
+        metadata, tensors = file.metadata(), {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    if record is None:
+        state = json.loads(metadata[STATE_KEY])
+        del state["step"]
+        record = json.dumps(state)
+    save_file(tensors, str(last), metadata={**metadata, STATE_KEY: record})
+    capsys.readouterr()
+    assert train("--resume", run) == 1
+    err = capsys.readouterr().err
+    assert f"{last}: error: the checkpoint's record of the run is damaged" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
     ("content", "message"),
     [
         ("{}", "recipe.json is not a run's record"),

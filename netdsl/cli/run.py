@@ -61,7 +61,12 @@ def saved_preprocess(weights: Path | None):
 
 def read_image(path: Path, shape: tuple[int, ...], preprocess=None, views: int = 1) -> np.ndarray:
     """An image as the net reads it: `preprocess` (default: the paper's) applied; views x C x H x W."""
-    return (preprocess or default_preprocess(shape)).views(path, views)
+    try:
+        return (preprocess or default_preprocess(shape)).views(path, views)
+    except NetError as error:
+        if error.span is None and error.where is None:  # what is wrong with an image names it
+            error.where = str(path)
+        raise
 
 
 def read_labels(path: Path | None) -> list[str] | None:
@@ -163,6 +168,8 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
     if args.save:  # before the run: outputs written over an input would destroy it
         refuse_overwriting(args.save, [path, args.weights, args.tuning, *(args.input or [])], "--save")
     preprocess = saved_preprocess(args.weights)
+    if preprocess is not None:
+        preprocess.check_fits(shape, str(args.weights))
     views = args.views
     if args.input:
         x = read_inputs(args.input, shape, preprocess, views)

@@ -235,6 +235,7 @@ def eval_command(args: argparse.Namespace) -> int:
     if split.skipped:
         print(f"skipped {len(split.skipped)} unreadable images (first: {split.skipped[0]})", file=sys.stderr)
     preprocess = Preprocess.from_json(saved, where=str(weights_path)) if saved else split.preprocess
+    preprocess.check_fits(tuple(shape), str(weights_path))
     if saved is None:
         print("note: the weights carry no preprocessing; using the data's own mean", file=sys.stderr)
     parts = {"val": [split.val], "train": [split.train], "all": [split.train, split.val]}[args.split]

@@ -11,6 +11,7 @@ a generator the caller seeds per sample (`sample_rng`).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,10 @@ PREPROCESS_FORMAT = 1  # the version of Preprocess.to_json's layout
 PIXEL_RANGE = 255.0  # colour statistics are of pixels / 255, as the published ImageNet eigenvalues are
 VIEW_COUNTS = (1, 10)
 LUMA = (0.299, 0.587, 0.114)  # Pillow's RGB -> L weights (ITU-R 601-2)
+# The most pixels an image may have once its shorter side is scaled (Pillow's own bound on a decoded image,
+# about 89 million): a thin image (a 118-byte PNG of 40,000 x 1) would otherwise take gigabytes.
+MAX_RESIZED_PIXELS = 89_478_485
+MAX_SIZE = 65_536  # the largest `size` a saved preprocessing record may hold
 
 
 def import_pillow():
@@ -103,7 +108,14 @@ def resized_shape(height: int, width: int, size: int | None, crop: tuple[int, in
     if size is None:
         return height, width
     scale = size / min(height, width)
-    return max(crop[0], round(height * scale)), max(crop[1], round(width * scale))
+    shape = max(crop[0], round(height * scale)), max(crop[1], round(width * scale))
+    if shape[0] * shape[1] > MAX_RESIZED_PIXELS:
+        raise NetError(
+            f"an image of {height} x {width}, its shorter side scaled to {size}, would be "
+            f"{shape[0]:,} x {shape[1]:,} pixels",
+            hint="crop it nearer to a square first",
+        )
+    return shape
 
 
 def _resize(image, shape: tuple[int, int]):
@@ -214,6 +226,16 @@ class Preprocess:
     std: tuple[float, ...] | None = None  # per channel; None: pixels are not divided
     classes: list[str] = field(default_factory=list)
 
+    def check_fits(self, shape: tuple[int, ...], where: str) -> None:
+        """NetError (blaming `where`, the weights file) when this is not the input of a net taking `shape`."""
+        if (self.channels, *self.crop) != tuple(shape):
+            raise NetError(
+                f"the weights were trained on {self.channels} x {self.crop[0]} x {self.crop[1]} inputs, and "
+                f"the net takes {' x '.join(map(str, shape))}",
+                where=where,
+                hint="give the weights trained for this net",
+            )
+
     def pixels(self, image) -> np.ndarray:
         """An image (a file path, a Pillow image or an array) converted to the net's channels and scaled:
         H x W x C, uint8 or float32."""
@@ -303,7 +325,11 @@ class Preprocess:
             classes = [str(name) for name in data["classes"]]
             if len(crop) != 2 or len(mean) != channels or (std is not None and len(std) != channels):
                 raise ValueError("crop, channels, mean and std do not fit together")
-        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            if channels < 1 or min(crop) < 1 or (size is not None and not 1 <= size <= MAX_SIZE):
+                raise ValueError(f"channels {channels}, crop {crop} or size {size} out of range")
+            if not all(math.isfinite(v) for v in mean) or (std is not None and not all(0 < v < math.inf for v in std)):
+                raise ValueError("a mean that is not a number, or a std that is not above 0")
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
             raise NetError(
                 f"the saved preprocessing is damaged ({error})",
                 where=where,

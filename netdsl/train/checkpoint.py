@@ -86,7 +86,16 @@ def load_checkpoint(path: Path) -> Checkpoint:
         ) from None
     except OSError as error:
         raise NetError(f"cannot read the checkpoint: {error.strerror or error}", where=str(path)) from None
-    state = json.loads(metadata[STATE_KEY])
+    try:
+        state = json.loads(metadata[STATE_KEY])
+    except (ValueError, RecursionError) as error:
+        state = f"{type(error).__name__}: {error}"
+    if not isinstance(state, dict):
+        raise NetError(
+            f"the checkpoint's record of the run is damaged ({state if isinstance(state, str) else 'not a record'})",
+            where=str(path),
+            hint="an earlier checkpoint of the run may still be whole (checkpoints/)",
+        )
     if state.get("format") != FORMAT:
         raise NetError(f"checkpoint format {state.get('format')} is not {FORMAT}", where=str(path))
     checkpoint = Checkpoint({}, {}, {}, state, metadata.get(PREPROCESS_KEY))

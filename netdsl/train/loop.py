@@ -258,11 +258,19 @@ class Trainer:
             )
         self.module.load_state_dict({name: value for name, value in saved.weights.items()}, strict=True)
         load_optimizer_state(self.optimizer, self.names, saved.optimizer)
-        self.schedule.load_state_dict(state["schedule"])
-        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
-        self.epoch_sums = list(state["epoch_sums"])
-        self.window_sums = list(state.get("window_sums", [0.0, 0.0, 0.0]))  # older checkpoints: a fresh window
-        self.best = [list(entry) for entry in state["best"]]
+        try:
+            self.schedule.load_state_dict(state["schedule"])
+            self.epoch, self.batch_in_epoch, self.step = (int(state[k]) for k in ("epoch", "batch_in_epoch", "step"))
+            self.epoch_sums = [float(value) for value in state["epoch_sums"]]
+            # older checkpoints have no window: a fresh one
+            self.window_sums = [float(value) for value in state.get("window_sums", [0.0, 0.0, 0.0])]
+            self.best = [list(entry) for entry in state["best"]]
+        except (KeyError, TypeError, ValueError) as error:
+            raise NetError(
+                f"the checkpoint's record of the run is damaged ({type(error).__name__}: {error})",
+                where=str(self.run.last),
+                hint="an earlier checkpoint of the run may still be whole (checkpoints/)",
+            ) from None
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         mine = f"rank{self.world.rank}/"

@@ -242,7 +242,7 @@ class Recipe:
     def from_json(cls, text: str, where: str = "recipe.json") -> Recipe:
         try:
             record = json.loads(text)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise NetError(f"the recipe is not valid JSON: {error}", where=where) from None
         return cls.from_dict(record, where)
 

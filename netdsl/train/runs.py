@@ -82,7 +82,7 @@ class RunFolder:
             return json.loads((self.path / RECIPE).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise NetError(f"{RECIPE} is missing from the run folder", where=str(self.path)) from None
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RecursionError) as error:
             raise NetError(f"cannot read {RECIPE}: {error}", where=str(self.path)) from None
 
     def best(self, epoch: int) -> Path:
