@@ -953,3 +953,26 @@ def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path, capsys):
     path.write_bytes("\ufeffinput x: 3 x 8 x 8 $\n".encode())
     status, _, err = run_cli(["check", path], capsys)
     assert status == 1 and f"{path}:1:20: error: unexpected character '$'" in err
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        X + "repeat 2 { y = relu(x) }; z = relu(x)\n",
+        "device a, b\n" + X + "towers a, b { y = relu(x) }; z = relu(all y)\n",
+        "block f(v) { return relu(v) }; " + X + "y = f(x)\n",
+        X + "repeat 2 { repeat 1 { y = relu(x) } }\n",
+        X + "train { lr = 0.1 }; y = relu(x)\n",
+    ],
+    ids=["repeat", "towers", "block", "nested", "train"],
+)
+def test_a_braced_statement_ends_at_a_semicolon_too(text):
+    graph_from_text(text)
+
+
+@pytest.mark.parametrize("keyword", ["repeat 2", "towers a, b", "train"])
+def test_a_braced_statement_does_not_run_into_the_next(keyword):
+    """`repeat 2 { ... } z = ...` on one line: a missing `;`, as between any two statements."""
+    body = "lr = 0.1" if keyword == "train" else "y = relu(x)"
+    error = error_of("device a, b\n" + X + f"{keyword} {{ {body} }} z = relu(x)\n")
+    assert error.message == "unexpected `z`" and "expected `;`, end of line" in error.hint
