@@ -68,6 +68,7 @@ CASES = [
     ("reserved-block-param", X + "block f(v, output) { return v }\n", "`output` is a reserved word", 2, 12, None),
     ("reserved-counter", X + "repeat 2 as towers { y = relu(x) }\n", "`towers` is a reserved word", 2, 13, None),
     ("reserved-device", "device gpu0, return\n" + X, "`return` is a reserved word", 1, 14, None),
+    ("layer-type-as-value", X + "const act = relu\n", "`relu` is a layer type, not a value", 2, 13, "relu()"),
     # values by position come first
     ("position-after-name", X + "y = conv(x, size=3, 8)\n", "a value by position after `size=`", 2, 21, "first"),
     ("position-after-name-chain", X + "y = x | conv(size=3, 8)\n", "after `size=`", 2, 22, "by position first"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from netdsl.errors import Frame, NetError, Span, did_you_mean
+from netdsl.ir.ops import OPS
 from netdsl.lang import syntax as s
 
 
@@ -129,6 +130,13 @@ class Context:
 
 def undefined(name: str, span: Span, ctx: Context) -> NetError:
     """The error for reading a name that `ctx` does not define, suggesting a near one."""
+    if name in OPS:  # a layer type where a value is read: `const act = relu`, `conv(image, relu, ...)`
+        return NetError(
+            f"`{name}` is a layer type, not a value",
+            span,
+            trace=ctx.trace,
+            hint=f"a preset of it takes parentheses: const my_{name} = {name}(); in a chain, write | {name}",
+        )
     known = [n for n in ctx.scope.visible() if n not in BUILTINS]
     return NetError(
         f"`{name}` is not defined",
