@@ -977,3 +977,19 @@ def test_a_braced_statement_does_not_run_into_the_next(keyword):
     body = "lr = 0.1" if keyword == "train" else "y = relu(x)"
     error = error_of("device a, b\n" + X + f"{keyword} {{ {body} }} z = relu(x)\n")
     assert error.message == "unexpected `z`" and "expected `;`, end of line" in error.hint
+
+
+@pytest.mark.parametrize("mistake", ["const x = 1 +\n", "const x = nope\n"], ids=["syntax", "meaning"])
+def test_an_error_two_includes_deep_notes_each_include(tmp_path, mistake):
+    """a.net includes b.net includes c.net: an error in c.net notes b.net's include line, then a.net's."""
+    (tmp_path / "a.net").write_text('include "b.net"\ninput x: 3 x 8 x 8\n')
+    (tmp_path / "b.net").write_text('\ninclude "c.net"\n')
+    (tmp_path / "c.net").write_text(mistake)
+    with pytest.raises(NetError) as info:
+        load_graph(tmp_path / "a.net")
+    error = info.value
+    assert error.span.file == str(tmp_path / "c.net")
+    assert [(span.file, span.line, text) for span, text in error.notes] == [
+        (str(tmp_path / "b.net"), 2, "included from here"),
+        (str(tmp_path / "a.net"), 1, "included from here"),
+    ]

@@ -26,7 +26,7 @@ from netdsl.ir.graph import Setting
 from netdsl.ir.ops import OPS, REQUIRED, OpSpec
 from netdsl.lang import expressions
 from netdsl.lang import syntax as s
-from netdsl.lang.includes import Includes
+from netdsl.lang.includes import INCLUDED, Includes
 from netdsl.lang.placement import DEFAULT_DEVICE, MEMORY_UNITS, Placement, first_device
 from netdsl.lang.scope import (
     BUILTINS,
@@ -235,8 +235,12 @@ class Builder:
         try:
             self.run_all(module.statements, replace(ctx, file=str(path), top_file=False))
         except NetError as error:
-            if error.span is not None and error.span.file == str(path):
-                error.notes.append((stmt.span, "included from here"))
+            # the chain of includes down to the error, one note per level: the error in this file, or in a
+            # file this one included (whose note is the last so far)
+            last = error.notes[-1] if error.notes and error.notes[-1][1] == INCLUDED else None
+            place = last[0] if last is not None else error.span
+            if place is not None and place.file == str(path):
+                error.notes.append((stmt.span, INCLUDED))
             raise
         self.includes.leave()
 

@@ -14,6 +14,8 @@ from netdsl.errors import NetError
 from netdsl.lang import syntax as s
 from netdsl.lang.parse import parse_file
 
+INCLUDED = "included from here"  # the note each include adds to an error in the file it reads
+
 
 class Includes:
     def __init__(self, main_file: str) -> None:
@@ -41,7 +43,7 @@ class Includes:
         try:
             module = self.parse(path)
         except NetError as error:
-            error.notes.append((stmt.span, "included from here"))
+            error.notes.append((stmt.span, INCLUDED))
             raise
         self.open.append(path)
         return path, module
