@@ -402,6 +402,33 @@ def test_other_float_types_converted(small, tmp_path, dtype):
         np.testing.assert_array_equal(loaded[name], value.astype(dtype).astype(np.float32))
 
 
+def test_float64_beyond_float32s_range_is_refused(small, tmp_path, capsys):
+    """A float64 weight of 1e300 would become infinity in float32 (with numpy's overflow warning): refused,
+    naming the file and the weight; float64 NaN stays NaN and is refused where a net takes the weights."""
+    weights = {n: v.astype(np.float64) for n, v in init_weights(small).items()}
+    weights["a.bias"][3] = -1e300
+    path = tmp_path / "w.safetensors"
+    save_weights(path, weights)
+    error = _error(path, small)
+    assert error.where == str(path) and "weight a.bias holds values beyond float32's range" in error.message
+    assert "Warning" not in capsys.readouterr().err
+
+
+def test_export_refuses_weights_a_net_refuses(small, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    from netdsl.cli.main import main
+
+    net = tmp_path / "small.net"
+    net.write_text(SMALL)
+    weights = init_weights(small)
+    weights["a.bias"][0] = np.nan
+    path = tmp_path / "w.safetensors"
+    save_weights(path, weights)
+    assert main(["export", str(net), "--weights", str(path), "-o", str(tmp_path / "m.onnx")]) == 1
+    assert "--weights: error: weight `a.bias` holds NaN" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_bfloat16_converted(small, tmp_path):
     from safetensors.torch import save_file
 

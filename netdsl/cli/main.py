@@ -323,12 +323,18 @@ def _export(path: Path, args: argparse.Namespace) -> int:
         from netdsl.interop.onnx_export import export_onnx
     except ImportError:
         raise NetError("exporting needs onnx", where="export", hint="pip install 'netdsl[onnx]'") from None
-    from netdsl.runtime.weights import init_weights, load_weights
+    from netdsl.runtime.weights import checked_weights, init_weights, load_weights, weight_specs
 
     for written in (args.output, args.output.with_name(args.output.name + ".data")):
         refuse_overwriting(written, [path, args.weights], "--output")
     graph = load_graph(path, batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit)
     weights = load_weights(args.weights, graph) if args.weights else init_weights(graph, seed=args.seed)
+    if args.weights:  # as any net that takes weights: refused when they hold NaN or infinities
+        try:
+            checked_weights(weights, weight_specs(graph))
+        except NetError as error:
+            error.where = "--weights"
+            raise
     try:
         export_onnx(graph, weights, args.output, external_data=args.external_data or None)
     except OSError as error:

@@ -201,7 +201,17 @@ def load_weights(path: str | os.PathLike, graph: nx.DiGraph) -> dict[str, np.nda
         ) from None
     except OSError as error:
         raise NetError(f"cannot read the weights: {error.strerror or error}", where=where) from None
+    for name, value in values.items():
+        if value.dtype == np.float64 and np.abs(value[np.isfinite(value)]).max(initial=0.0) > _F32_MAX:
+            raise NetError(
+                f"weight {name} holds values beyond float32's range (largest {np.abs(value).max():.3g})",
+                where=where,
+                hint="netdsl computes in float32 or narrower: scale or clip the weights",
+            )
     return {name: np.ascontiguousarray(value, dtype=np.float32).reshape(specs[name]) for name, value in values.items()}
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def weights_metadata(path: str | os.PathLike) -> dict[str, str]:
