@@ -747,3 +747,11 @@ def test_eval_skips_corrupt_images_as_the_run_did_or_as_told(tmp_path, capsys):
     assert evaluate(capsys, net, "--weights", plain, "--data", folder)[0] == 1
     code, out, err = evaluate(capsys, net, "--weights", plain, "--data", folder, "--skip-corrupt", "--split", "all")
     assert code == 0 and "skipped 1 unreadable images" in err and out.startswith("images 12 ")
+
+
+@pytest.mark.parametrize("schedule, said", [("plateau", True), ("cosine", False)])
+def test_a_plateau_schedule_without_validation_says_its_rate_stays(tmp_path, capsys, schedule, said):
+    net, data = tiny_run_args(tmp_path)
+    args = ("--data", data, "--batch", 8, "--steps", 1, "--val-fraction", 0, "--schedule", schedule, *PLAIN)
+    assert train(net, *args, "--out", tmp_path / "run") == 0
+    assert ("the plateau schedule watches the validation error" in capsys.readouterr().err) == said

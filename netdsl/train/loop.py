@@ -230,6 +230,11 @@ class Trainer:
         augment = replace(split.augment, flip=recipe.flip, pca_noise=recipe.pca_noise)
         if split.skipped and self.world.leader:
             self._say(f"skipped {len(split.skipped)} unreadable images (first: {split.skipped[0]})")
+        if recipe.schedule == "plateau" and not (split.val is not None and len(split.val)) and self.world.leader:
+            self._say(
+                "note: the plateau schedule watches the validation error, and there is no validation set: the rate "
+                "stays at lr (give val_fraction above 0, or choose another schedule)"
+            )
         return replace(split, preprocess=preprocess, augment=augment)
 
     def _wrap(self) -> torch.nn.Module:
