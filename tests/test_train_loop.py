@@ -751,7 +751,9 @@ def test_eval_skips_corrupt_images_as_the_run_did_or_as_told(tmp_path, capsys):
 
 @pytest.mark.parametrize("schedule, said", [("plateau", True), ("cosine", False)])
 def test_a_plateau_schedule_without_validation_says_its_rate_stays(tmp_path, capsys, schedule, said):
-    net, data = tiny_run_args(tmp_path)
+    net, _ = tiny_run_args(tmp_path)
+    rng, data = np.random.default_rng(2), tmp_path / "no_val.npz"  # no validation arrays either
+    np.savez(data, x=rng.standard_normal((40, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 10, 40))
     args = ("--data", data, "--batch", 8, "--steps", 1, "--val-fraction", 0, "--schedule", schedule, *PLAIN)
     assert train(net, *args, "--out", tmp_path / "run") == 0
     assert ("the plateau schedule watches the validation error" in capsys.readouterr().err) == said
