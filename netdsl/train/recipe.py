@@ -155,7 +155,7 @@ class Recipe:
     views: int = setting("int", 1, "views", "views per validation image: 1 (the centre) or 10 (the paper's four "
                          "corners and centre, each flipped, softmax averaged)", choices=(1, 10))
     keep_best: int = setting("int", 3, "checkpoints", "the best checkpoints kept (by validation top-1) beside "
-                             "the last", low=0)
+                             "the last; `0`: none, and `weights.safetensors` holds the last weights", low=0)
     log_every: int = setting("int", 50, "steps", "a line of training loss and accuracy every this many steps",
                              low=1)
     # --- how it runs -----------------------------------------------------------------------------------
