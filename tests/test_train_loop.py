@@ -757,3 +757,20 @@ def test_a_plateau_schedule_without_validation_says_its_rate_stays(tmp_path, cap
     args = ("--data", data, "--batch", 8, "--steps", 1, "--val-fraction", 0, "--schedule", schedule, *PLAIN)
     assert train(net, *args, "--out", tmp_path / "run") == 0
     assert ("the plateau schedule watches the validation error" in capsys.readouterr().err) == said
+
+
+def test_resume_finds_the_net_from_another_working_folder(tmp_path, monkeypatch):
+    """recipe.json records the net relative to the run folder: a run started with a relative path resumes from
+    anywhere; a record from before (relative to where the run was started) is still read there."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    _, data = tiny_run_args(work)
+    assert train("tiny.net", "--data", data, "--batch", 8, "--steps", 1, "--out", "runs/a", *PLAIN) == 0
+    assert json.loads((work / "runs/a/recipe.json").read_text())["net"] == "../../tiny.net"
+    monkeypatch.chdir(tmp_path)
+    assert train("--resume", work / "runs/a", "--steps", 2) == 0
+    record = json.loads((work / "runs/a/recipe.json").read_text())
+    (work / "runs/a/recipe.json").write_text(json.dumps({**record, "net": "tiny.net"}))  # an older run's record
+    monkeypatch.chdir(work)
+    assert train("--resume", "runs/a", "--steps", 3) == 0

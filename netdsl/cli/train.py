@@ -106,7 +106,7 @@ def _train(args: argparse.Namespace) -> int:
         if args.net is None and not isinstance(record.get("net"), str):
             hint = "give the net: netdsl train NET.net --resume RUN"
             raise NetError(f"{RECIPE} does not name the run's net", where=where, hint=hint)
-        net = args.net or Path(record["net"])
+        net = args.net or _recorded_net(run.path, record["net"])
         if args.out is not None and args.out.resolve() != run.path.resolve():
             raise NetError("--out and --resume name different run folders", where="--out", hint="give one of them")
     else:
@@ -135,7 +135,7 @@ def _train(args: argparse.Namespace) -> int:
         if saved is not None:
             for line in recipe.changes_from(saved):
                 print(f"resume: {line}: the flag wins over the saved run", file=sys.stderr)
-        run.write_recipe({"recipe": recipe.to_dict(), "net": str(net), "netdsl_run": 1})
+        run.write_recipe({"recipe": recipe.to_dict(), "net": _net_from(run.path, net), "netdsl_run": 1})
     trainer.world.barrier()
     try:
         summary = trainer.fit()
@@ -256,6 +256,22 @@ def eval_command(args: argparse.Namespace) -> int:
         hint = "pip install 'netdsl[train]'"
         raise NetError("drawing the confusion matrix needs matplotlib", where="--confusion", hint=hint)
     return 0
+
+
+def _net_from(run: Path, net: Path) -> str:
+    """The net's path as recipe.json records it: relative to the run folder, so that `--resume` finds it from
+    any working folder (and after the run folder and the net moved together)."""
+    try:
+        return os.path.relpath(Path(net).resolve(), run.resolve())
+    except ValueError:  # another drive
+        return str(Path(net).resolve())
+
+
+def _recorded_net(run: Path, recorded: str) -> Path:
+    """The net recipe.json names: relative to the run folder, or (as runs before that recorded it) to the
+    working folder the run was started from."""
+    beside = Path(os.path.normpath(run / recorded))
+    return beside if beside.is_file() or not Path(recorded).is_file() else Path(recorded)
 
 
 def _run_settings(weights: Path, metadata: dict[str, str]) -> dict:
