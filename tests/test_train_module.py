@@ -626,3 +626,23 @@ def test_bad_inputs_and_outputs_are_net_errors():
         flat(torch.randn(1, 3))
     outputs = module(torch.randn(2, 2, 4, 4))
     assert set(outputs) == {"y.batchnorm", "z"}
+
+
+@pytest.mark.parametrize("scale, says", [(1e19, "the logits reach"), (1.0, None)])
+def test_an_infinite_loss_from_finite_logits_blames_their_size(scale, says):
+    """Logits of 3e38 are finite, yet the softmax cross-entropy of them is not: the diagnosis says how large
+    they are rather than doubting the labels."""
+    import contextlib
+
+    from netdsl.train.checkpoint import rng_states
+    from netdsl.train.diagnose import first_non_finite
+
+    graph = graph_of("input x: 4\ny = fc(x, 3)\noutput y")
+    weight = torch.tensor([[scale, 0, 0, 0], [-scale, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.float32)
+    module = GraphModule(graph, weights={"y.weight": weight, "y.bias": torch.zeros(3)})
+    x = torch.tensor([[scale * 3, 0, 0, 0]], dtype=torch.float32)
+    found = first_non_finite(module, graph, x, torch.tensor([1]), rng_states(), contextlib.nullcontext)
+    if says is None:  # a step with nothing wrong: nothing is found again
+        assert found.startswith("not found again"), found
+    else:
+        assert found.startswith("in the loss: the logits reach 3e+38"), found
