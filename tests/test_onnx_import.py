@@ -1148,3 +1148,17 @@ def test_reserved_names_follow_the_grammar():
         except NetError:
             refused.append(word)
     assert refused and set(refused) <= RESERVED | BUILTINS, refused
+
+
+def test_constants_that_would_broadcast_into_a_huge_one_are_refused_before_they_are_made():
+    """Two constants of 20,000 values multiply into 400 million: refused from their shapes, not after numpy
+    has spent 1.6 GB on them; shapes that do not broadcast are an error naming the node."""
+    from netdsl.interop.onnx_import.fold import fold
+
+    column, row = np.ones((20_000, 1), np.float32), np.ones((1, 20_000), np.float32)
+    with pytest.raises(NetError, match="would have 400000000 values"):
+        fold("Mul", {}, [column, row], False, "Mul node 'm'", "f.onnx")
+    with pytest.raises(NetError, match="do not broadcast"):
+        fold("Add", {}, [np.ones((3, 2)), np.ones(4)], False, "Add node 'a'", "f.onnx")
+    value, _ = fold("Sub", {}, [np.arange(3.0)[:, None], np.arange(4.0)], False, "Sub node 's'", "f.onnx")
+    np.testing.assert_array_equal(value, np.arange(3.0)[:, None] - np.arange(4.0))

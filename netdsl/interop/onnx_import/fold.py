@@ -80,6 +80,13 @@ def _fold_op(op: str, attrs: dict, v: list, where: str, file: str):
         return v[0].reshape(math.prod(v[0].shape[:axis]), -1)
     if op == "Concat":
         return np.concatenate([x for x in v if x is not None], axis=int(attrs["axis"]))
+    if op in ("Add", "Sum", "Sub", "Mul", "Div"):  # sized before computing: two small constants can broadcast
+        try:  # into a huge one
+            size = math.prod(np.broadcast_shapes(*(x.shape for x in v if x is not None)))
+        except ValueError:
+            raise NetError(f"{where}: the shapes {[list(x.shape) for x in v]} do not broadcast", where=file) from None
+        if size > MAX_FOLDED:
+            raise NetError(f"{where}: the folded constant would have {size} values, too many", where=file)
     if op in ("Add", "Sum"):
         out = v[0]
         for x in v[1:]:
