@@ -774,3 +774,16 @@ def test_resume_finds_the_net_from_another_working_folder(tmp_path, monkeypatch)
     (work / "runs/a/recipe.json").write_text(json.dumps({**record, "net": "tiny.net"}))  # an older run's record
     monkeypatch.chdir(work)
     assert train("--resume", "runs/a", "--steps", 3) == 0
+
+
+def test_lines_of_metrics_jsonl_netdsl_did_not_write_are_dropped_at_resume(tmp_path):
+    net, data = tiny_run_args(tmp_path)
+    run = tmp_path / "run"
+    assert train(net, "--data", data, "--batch", 8, "--steps", 2, "--out", run, *PLAIN) == 0
+    metrics = run / "metrics.jsonl"
+    kept = metrics.read_text()
+    metrics.write_text(kept + '5\n["a"]\n{"step": "x"}\n{"kind": "step", "step": 1, "epoch": true}\n{"half": \n')
+    assert train("--resume", run, "--steps", 3) == 0
+    lines = metric_lines(run)
+    assert [json.dumps(line, sort_keys=True) for line in lines[: len(kept.splitlines())]] == kept.splitlines()
+    assert lines[-1]["step"] == 3 and all(isinstance(line, dict) for line in lines)

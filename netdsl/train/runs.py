@@ -96,6 +96,13 @@ class RunFolder:
                     stale.unlink(missing_ok=True)
 
 
+def _a_record(record) -> bool:
+    """Whether a line of metrics.jsonl is a record as netdsl writes them (an object, its counts numbers)."""
+    return isinstance(record, dict) and all(
+        isinstance(record.get(key, 0), int) and not isinstance(record.get(key, 0), bool) for key in ("step", "epoch")
+    )
+
+
 class Metrics:
     """metrics.jsonl: appended line by line; the whole file is rewritten atomically at each checkpoint,
     and on resume only the lines up to the checkpoint's step are kept, and of the epoch records those of
@@ -109,8 +116,10 @@ class Metrics:
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
                     record = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue  # a line a killed run left half-written
+                if not _a_record(record):
+                    continue  # not a line netdsl wrote: edited, or another file's
                 if record.get("step", 0) > keep_until_step:
                     continue
                 unended = keep_until_epoch is not None and record.get("epoch", 0) > keep_until_epoch
