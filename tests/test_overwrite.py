@@ -23,6 +23,8 @@ def files(tmp_path, monkeypatch):
 
 
 def _refused(argv, victim: Path, flag: str, capsys) -> None:
+    if not victim.exists():
+        victim.write_text("\n".join(str(i) for i in range(10)) + "\n")
     before = victim.read_bytes()
     assert main(argv) == 1
     err = capsys.readouterr().err
@@ -38,8 +40,10 @@ def _refused(argv, victim: Path, flag: str, capsys) -> None:
         (["run", "net.net", "--backend", "torch", "--input", "x.npy", "--save", "x.npy"], "x.npy", "--save"),
         (["run", "net.net", "--backend", "torch", "--random", "1", "--save", "net.net"], "net.net", "--save"),
         (["tune", "net.net", "--device", "cpu", "-o", "net.net"], "net.net", "--output"),
+        (["run", "net.net", "--backend", "torch", "--random", "1", "--labels", "names.txt", "--save", "names.txt"],
+         "names.txt", "--save"),
     ],
-    ids=["export", "graph", "run-input", "run-net", "tune"],
+    ids=["export", "graph", "run-input", "run-net", "tune", "run-labels"],
 )
 def test_an_output_over_an_input_is_refused(files, capsys, argv, victim, flag):
     _refused(argv, files / victim, flag, capsys)
@@ -64,3 +68,17 @@ def test_graph_is_written_whole(files, capsys):
     text = (files / "g.dot").read_text()
     assert text.startswith("digraph") and text.rstrip().endswith("}")
     assert sorted(p.name for p in files.iterdir() if p.name.startswith(".")) == []
+
+
+def test_run_does_not_save_over_the_onnx_model_or_the_build_it_runs(files, capsys):
+    """The ONNX model is imported into a temporary folder and a build folder read for its net before the run:
+    --save is checked against what the user named, not only what it became."""
+    pytest.importorskip("onnx")
+    assert main(["export", "net.net", "-o", "m.onnx"]) == 0
+    assert main(["compile", "net.net", "-o", "build"]) == 0
+    capsys.readouterr()
+    run = ["run", "--backend", "torch", "--random", "1", "--save"]
+    _refused([run[0], "m.onnx", *run[1:], "m.onnx"], files / "m.onnx", "--save", capsys)
+    _refused([run[0], "build", *run[1:], "build/plan.json"], files / "build" / "plan.json", "--save", capsys)
+    _refused(["graph", "m.onnx", "-o", "m.onnx"], files / "m.onnx", "--output", capsys)
+    assert main([run[0], "build", *run[1:], "build/out.npy"]) == 0  # beside the build's own files: allowed

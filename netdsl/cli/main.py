@@ -229,6 +229,7 @@ def run(argv: list[str]) -> int:
     if args.command == "fmt":
         return fmt_command(args)
     path = args.net or default_net()
+    args.given = path  # what the user named, before an ONNX model is imported or a build folder read
     if path.suffix.lower() == ".onnx" and args.command == "compile":
         # The build folder keeps the imported net (plan.json names it) and its weights.
         out = args.output or Path("build") / path.stem
@@ -287,7 +288,7 @@ def _dispatch(path: Path, args: argparse.Namespace) -> int:
     elif args.command == "graph":
         from netdsl.cli.dot import write_graph
 
-        refuse_overwriting(args.output, [path], "--output")
+        refuse_overwriting(args.output, [path, args.given], "--output")
         write_graph(graph, args.output)
     return 0
 

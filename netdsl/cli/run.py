@@ -166,7 +166,11 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
     if args.weights is not None and args.weights.is_dir():
         args.weights = args.weights / "weights.safetensors"  # a run folder of `netdsl train`: its best weights
     if args.save:  # before the run: outputs written over an input would destroy it
-        refuse_overwriting(args.save, [path, args.weights, args.tuning, *(args.input or [])], "--save")
+        given = getattr(args, "given", None)  # the ONNX model or build folder named, if that is what it was
+        read = [path, given, args.weights, args.tuning, args.labels, *(args.input or [])]
+        if given is not None and Path(given).is_dir():
+            read += [Path(given) / "plan.json", *Path(given).glob("kernels/*")]
+        refuse_overwriting(args.save, read, "--save")
     preprocess = saved_preprocess(args.weights)
     if preprocess is not None:
         preprocess.check_fits(shape, str(args.weights))

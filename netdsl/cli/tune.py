@@ -65,7 +65,7 @@ def tune_command(path: Path, args: argparse.Namespace) -> int:
     from netdsl.compiler.tuning import option_flags
     from netdsl.runtime.tune import check_output, tune, write_tuning
 
-    refuse_overwriting(args.output, [path], "--output")
+    refuse_overwriting(args.output, [path, getattr(args, "given", None)], "--output")
     check_output(args.output, place)  # before minutes of timing: a file it could not add to is an error now
     options = {name: value for name, value in plan_options(args).items() if name != "tuning"}
 
