@@ -1,6 +1,7 @@
 """Every class of mistake: the message, the line:col it points at, the hint, and through the CLI
 exit status 1 with the message on stderr and no Python traceback anywhere."""
 
+import argparse
 import signal
 import subprocess
 import sys
@@ -993,3 +994,14 @@ def test_an_error_two_includes_deep_notes_each_include(tmp_path, mistake):
         (str(tmp_path / "b.net"), 2, "included from here"),
         (str(tmp_path / "a.net"), 1, "included from here"),
     ]
+
+
+def test_every_command_takes_debug_after_it():
+    """The internal-error hint says to run the same command with --debug: every command accepts it after its
+    name as well as before."""
+    from netdsl.cli.main import _parser
+
+    parser = _parser()
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    lacking = sorted(name for name, sub in commands.choices.items() if "--debug" not in sub._option_string_actions)
+    assert commands.choices and lacking == []

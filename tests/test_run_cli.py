@@ -76,6 +76,7 @@ def _lying_npy() -> bytes:
         (lambda d: None, ["--devices", "gpu0"], "cannot read `gpu0`"),
         (lambda d: None, ["--weights", "{d}/none.safetensors"], "none.safetensors"),
         (lambda d: None, ["--random", "0"], "not a positive whole number"),
+        (lambda d: None, ["--random", "1", "--seed", "-1"], "--seed: not a seed"),
         (lambda d: None, ["--batch", "0"], "not a positive whole number"),
         (lambda d: None, ["--dtype", "fp64"], "invalid choice"),
         (lambda d: None, ["--cuda-graph", "--backend", "torch"], "--cuda-graph: error: CUDA-graph capture needs"),
@@ -83,7 +84,7 @@ def _lying_npy() -> bytes:
         (lambda d: None, ["--distributed", "--random", "3", "--batch", "2"], "--batch: error: --distributed runs"),
     ],
     ids=["missing", "corrupt", "pickled", "truncated", "lying", "shape", "strings", "devices", "weights", "random",
-         "batch", "dtype", "graph", "distributed-graph", "distributed-batch"],
+         "seed", "batch", "dtype", "graph", "distributed-graph", "distributed-batch"],
 )
 def test_bad_inputs_are_clear_errors(tmp_path, capsys, make, args, message):
     make(tmp_path)

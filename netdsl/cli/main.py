@@ -49,6 +49,15 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+SEED_LIMIT = 2**32  # numpy's and torch's generators take seeds below this
+
+
+def _seed(text: str) -> int:
+    if not text.isdigit() or int(text) >= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"not a seed (a whole number from 0 to {SEED_LIMIT - 1}): {text!r}")
+    return int(text)
+
+
 def default_net() -> Path:
     """The AlexNet that ships with netdsl (the `nets/` folder of the source tree)."""
     source_tree = Path(__file__).resolve().parents[2] / "nets" / DEFAULT_NET
@@ -112,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     export = net_command("export", "write the net as an ONNX model (opset 17) with its weights as initializers")
     export.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
     export.add_argument("--weights", type=Path, help="a safetensors file (default: the paper's initialization)")
-    export.add_argument("--seed", type=int, default=0, help="seed of the default weights")
+    export.add_argument("--seed", type=_seed, default=0, help="seed of the default weights")
     export.add_argument(
         "--external-data",
         action="store_true",
@@ -145,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help=f"a .net file, an .onnx model or a build folder of `netdsl compile` (default: the bundled {DEFAULT_NET})",
     )
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     source = run.add_mutually_exclusive_group()
     source.add_argument(
         "--input",
@@ -161,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a safetensors file or the run folder of `netdsl train` (default: the paper's initialization); "
         "trained weights bring their preprocessing and class names",
     )
-    run.add_argument("--seed", type=int, default=0, help="seed of the default weights and random inputs")
+    run.add_argument("--seed", type=_seed, default=0, help="seed of the default weights and random inputs")
     run.add_argument(
         "--init",
         choices=("paper", "he"),
