@@ -222,6 +222,19 @@ def test_a_build_folder_keeps_its_compile_options(tmp_path, capsys):
     assert main(["run", str(build), "--precision", "tf32x3", "--backend", "torch", "--top", "1"]) == 0  # the same
 
 
+def test_a_flag_given_as_its_default_is_compared_by_meaning(tmp_path, capsys):
+    """`--layout auto` given is not `--layout` left out: against a build compiled with nchw it contradicts it;
+    `--precision ieee` is what a build without a precision computes, so it agrees."""
+    nchw, plain = tmp_path / "nchw", tmp_path / "plain"
+    assert main(["compile", LENET, "-o", str(nchw), "--no-sm90", "--layout", "nchw"]) == 0
+    assert main(["compile", LENET, "-o", str(plain), "--no-sm90"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(nchw), "--layout", "auto", "--backend", "torch"]) == 1
+    assert f"--layout: error: {nchw} was compiled with --layout nchw, not auto" in capsys.readouterr().err
+    assert main(["run", str(plain), "--precision", "ieee", "--backend", "torch", "--top", "1"]) == 0
+    assert main(["run", str(nchw), "--backend", "torch", "--top", "1"]) == 0
+
+
 TWO_OUTPUTS = """\
 net two
 input image: 1 x 8 x 8

@@ -22,7 +22,7 @@ MERGE_TOWERS_HELP = (
 def add_plan_flags(parser: argparse.ArgumentParser, tuning: bool = True) -> None:
     """The compile-time choices `compile` and `run` share (netdsl.compiler.passes.Options; `plan_options`);
     `tuning=False` leaves out `--tuning` (for `tune`, which makes tuning files)."""
-    parser.add_argument("--layout", choices=LAYOUT_OPTIONS, default="auto", help=LAYOUT_HELP)
+    parser.add_argument("--layout", choices=LAYOUT_OPTIONS, help=LAYOUT_HELP)  # None: not given (auto)
     parser.add_argument("--precision", choices=FP32_PRECISIONS, help=PRECISION_HELP)
     parser.add_argument("--space-to-depth", action="store_true", help=SPACE_TO_DEPTH_HELP)
     parser.add_argument("--merge-towers", action="store_true", help=MERGE_TOWERS_HELP)
@@ -35,6 +35,8 @@ def plan_options(args: argparse.Namespace) -> dict[str, object]:
     """The values of `add_plan_flags`'s flags, by the name Options and Net take them (and plan.json records; the
     tuning file by its absolute path, which a build folder's `netdsl run` finds from anywhere)."""
     options = {name: getattr(args, name, None) for name in PLAN_OPTIONS}
+    if options["layout"] is None:
+        options["layout"] = "auto"
     if options["tuning"] is not None:
         options["tuning"] = str(Path(options["tuning"]).resolve())
     return options

@@ -355,7 +355,6 @@ def resolve_build_dir(path: Path, args: argparse.Namespace) -> tuple[Path, str]:
     run takes (into `args`) and its flags may not contradict. Returns the net and the dtype."""
     if not path.is_dir():
         return path, args.dtype or "fp32"
-    from netdsl.compiler.passes import Options
     from netdsl.compiler.plan import read_plan_source
 
     source, built, options = read_plan_source(path)
@@ -366,12 +365,13 @@ def resolve_build_dir(path: Path, args: argparse.Namespace) -> tuple[Path, str]:
             hint=f"leave --dtype out, or compile again: netdsl compile {source} -o {path} --dtype {args.dtype}",
         )
     for name, value in options.items():
-        given, default = getattr(args, name), getattr(Options(), name)
-        if name == "tuning" and given is not None:  # recorded by its absolute path (flags.plan_options)
-            given = str(Path(given).resolve())
-        if given == default:
+        given = getattr(args, name)
+        if given is None or given is False:  # not given (an on/off flag cannot be given as off): the build's
             setattr(args, name, value)
-        elif given != value:
+            continue
+        if name == "tuning":  # recorded by its absolute path (flags.plan_options)
+            given = str(Path(given).resolve())
+        if _meaning(name, given) != _meaning(name, value):
             flag = "--" + name.replace("_", "-")
             raise NetError(
                 f"{path} was compiled with {flag} {_shown(value)}, not {_shown(given)}",
@@ -379,6 +379,17 @@ def resolve_build_dir(path: Path, args: argparse.Namespace) -> tuple[Path, str]:
                 hint=f"leave {flag} out, or compile again with the flags you want: netdsl compile {source} -o {path}",
             )
     return source, built
+
+
+def _meaning(name: str, value: object) -> object:
+    """An option's value with its default spelt out (a build records None for the default): so --precision
+    ieee matches a build without a precision, --layout auto one without a layout."""
+    from netdsl.compiler.passes import Options
+    from netdsl.ir.dtypes import FP32_DEFAULT_PRECISION
+
+    if value is not None:
+        return value
+    return FP32_DEFAULT_PRECISION if name == "precision" else getattr(Options(), name)
 
 
 def _shown(value: object) -> str:
