@@ -5,8 +5,10 @@ import itertools
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import netdsl
 from netdsl import NetError, graph_from_text
 from netdsl.cli.main import main
 from netdsl.compiler.compile import compile_net, write_build
@@ -354,3 +356,29 @@ def test_a_plan_or_report_that_cannot_be_written_leaves_the_earlier_build_whole(
     after = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
     assert after == before
     assert sorted(path.name for path in out.iterdir()) == ["kernels", "plan.json", "report.txt"]
+
+
+@pytest.mark.parametrize(
+    "chain, channels, layout, refused",
+    [
+        ("", 3, "auto", True),  # few channels: the NCHW kernel
+        (" | relu | lrn(3) | maxpool(2)", 3, "auto", True),  # the fused conv + LRN + max-pool stage
+        ("", 16, "nchw", True),
+        ("", 16, "auto", False),  # channels-last: any size
+    ],
+)
+def test_a_filter_too_large_for_the_nchw_kernels_is_an_error_at_the_layer(tmp_path, chain, channels, layout, refused):
+    """codegen/conv.py marks a pixel's taps in one int32 (KH + KW <= 31): a 16 x 16 filter there is an error at
+    its layer when the kernels are built (it was an internal error at launch); the torch backend runs it."""
+    net = tmp_path / "big.net"
+    net.write_text(f"input image: {channels} x 20 x 20\na = conv(image, 4, size=(16, 16), pad=same){chain}\n")
+    compiled = compile_net(net, Options(layout=layout))
+    if refused:
+        with pytest.raises(NetError, match=r"a 16 x 16 filter is too large for the NCHW conv kernel") as info:
+            write_build(compiled, tmp_path / "build")
+        assert (info.value.span.line, info.value.span.col) == (2, 5)
+        assert not (tmp_path / "build" / "kernels").exists()
+    else:
+        write_build(compiled, tmp_path / "build", Options(layout=layout))
+    x = np.random.default_rng(6).standard_normal((1, channels, 20, 20)).astype(np.float32)
+    assert np.isfinite(netdsl.load(net, backend="torch", layout=layout)(x).numpy()).all()

@@ -25,7 +25,7 @@ import networkx as nx
 
 from netdsl.compiler.emit import emit_program
 from netdsl.compiler.launches import Launch, record_launches, sm90_resources
-from netdsl.compiler.passes import PASS_NAMES, Options, check_pass_name, dump, run_passes
+from netdsl.compiler.passes import PASS_NAMES, Options, check_nchw_taps, check_pass_name, dump, run_passes
 from netdsl.compiler.plan import PLAN_OPTIONS, build_plan, plan_json, with_source
 from netdsl.compiler.report import cost_report
 from netdsl.compiler.tuning import Tuning, emit_tuned, read_tuning
@@ -85,6 +85,7 @@ def write_build(compiled: Compiled, out_dir: str | Path, options: Options | None
     it succeeded is the old `kernels/` swapped for the new and the two files renamed into place, one
     step after the other: a build that cannot be written, or fails on the way, leaves the folder's
     earlier build as it was. Other files in the folder are left alone."""
+    check_nchw_taps(compiled.program)
     out = Path(out_dir)
     with staged_folder(out, ".kernels") as staged:
         for name, source in compiled.kernels.items():
