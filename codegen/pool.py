@@ -101,6 +101,9 @@ MIN_PROGRAMS = 264
 
 # Under Triton's interpreter (CPU tensors) a program costs about the same whatever its size.
 INTERPRETER_CONFIG = {"BLOCK": 8192, "num_warps": 4}
+# The most outputs one launch indexes: the kernel's flat index is an int32, and its last block reaches up to
+# BLOCK past the outputs (masked lanes, which must not wrap around to valid-looking negative indices).
+MAX_FLAT_INDEX = 2**31 - 2**16
 
 
 def pick_config(total_outputs: int) -> dict:
@@ -210,19 +213,25 @@ def pool2d(
     if config is None:  # on the CPU the interpreter runs one program at a time: few, big tiles
         config = INTERPRETER_CONFIG if x.device.type == "cpu" else pick_config(total)
     config = {"num_warps": 4, **config}
-    grid = (triton.cdiv(total, config["BLOCK"]),)
-    (kernel or pool2d_kernel)[grid](
-        x, out,
-        c, h, w, oh, ow, total,
-        *x.stride(),
-        *out.stride(),
-        steps[0], steps[1], *pads, dilations[0], dilations[1],
-        KH=window[0], KW=window[1],
-        MODE=kind,
-        COUNT_INCLUDE_PAD=count_include_pad,
-        BLOCK=config["BLOCK"],
-        num_warps=config["num_warps"],
-    )  # fmt: skip
+    # The kernel's flat output index is 32-bit: a batch whose outputs pass 2**31 runs in slices that do not
+    # (one image's are fewer: netdsl.ir.shapes.MAX_ELEMENTS).
+    per_slice = max(1, MAX_FLAT_INDEX // (c * oh * ow))
+    for start in range(0, n, per_slice):
+        xs, outs = x[start : start + per_slice], out[start : start + per_slice]
+        count = xs.shape[0] * c * oh * ow
+        grid = (triton.cdiv(count, config["BLOCK"]),)
+        (kernel or pool2d_kernel)[grid](
+            xs, outs,
+            c, h, w, oh, ow, count,
+            *xs.stride(),
+            *outs.stride(),
+            steps[0], steps[1], *pads, dilations[0], dilations[1],
+            KH=window[0], KW=window[1],
+            MODE=kind,
+            COUNT_INCLUDE_PAD=count_include_pad,
+            BLOCK=config["BLOCK"],
+            num_warps=config["num_warps"],
+        )  # fmt: skip
     return out
 
 

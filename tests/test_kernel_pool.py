@@ -213,3 +213,19 @@ def test_rejects_padding_it_cannot_pool():
         pool2d(x, "max", 3, 1, (0, -1, 0, 0))
     with pytest.raises(ValueError, match="reads only padding"):
         pool2d(x[:, :, :2, :2], "max", 2, 2, 1, dilation=3)
+
+
+def test_a_batch_past_the_flat_index_runs_in_slices_and_writes_nothing_outside(monkeypatch):
+    """The kernel's flat output index is 32-bit: a batch with more outputs than that runs in slices of whole
+    images (the limit lowered here to 2 images' outputs, so a batch of 5 stands for a huge one), each written
+    where it belongs and nothing before or after the output."""
+    import netdsl.codegen.pool as pool
+
+    torch.manual_seed(4)
+    x = torch.randn(5, 3, 9, 9, device=DEVICE)
+    room = torch.full((2 * 5 * 3 * 4 * 4,), float("nan"), device=DEVICE)
+    out = room[5 * 3 * 4 * 4 // 2 :][: 5 * 3 * 4 * 4].view(5, 3, 4, 4)  # with NaN guards on both sides
+    monkeypatch.setattr(pool, "MAX_FLAT_INDEX", 2 * 3 * 4 * 4 + 7)
+    pool.pool2d(x, "max", (3, 3), (2, 2), (0, 0), False, out=out)
+    torch.testing.assert_close(out, max_pool2d(x, 3, 2), rtol=0, atol=0)
+    assert int(torch.isnan(room).sum()) == room.numel() - out.numel()
