@@ -415,3 +415,20 @@ def test_bf16_under_the_interpreter_is_right():
     got = Net(LENET_PATH, backend="triton", dtype="bf16", init="he")(x).float()
     want = Net(LENET_PATH, backend="torch", dtype="bf16", init="he")(x).float()
     assert (got - want).abs().max() <= 3e-2 * want.abs().max()
+
+
+def test_numpy_inputs_of_any_layout_and_byte_order_and_tensors_without_values():
+    """A reversed view and a big-endian array are the same numbers as a plain array (torch.from_numpy refuses
+    both); strings, meta and sparse tensors are errors naming the input."""
+    import numpy as np
+
+    net = netdsl.load(Path(__file__).resolve().parents[1] / "nets" / "lenet5.net", backend="torch")
+    x = np.random.default_rng(8).standard_normal((2, 1, 32, 32)).astype(np.float32)
+    want = net(x).numpy()
+    np.testing.assert_array_equal(net(x[::-1].copy()[::-1]).numpy(), want)
+    np.testing.assert_array_equal(net(x.astype(">f4")).numpy(), want)
+    for bad, message in ((np.full((2, 1, 32, 32), "a"), "holds <U1 values"),
+                         (torch.zeros(2, 1, 32, 32, device="meta"), "is a meta tensor"),
+                         (torch.zeros(2, 1, 32, 32).to_sparse(), "sparse")):  # fmt: skip
+        with pytest.raises(netdsl.NetError, match=message):
+            net(bad)

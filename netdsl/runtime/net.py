@@ -488,7 +488,16 @@ class Net:
         for name in names:
             value = given[name]
             if isinstance(value, np.ndarray):
-                value = torch.from_numpy(value)
+                if value.dtype.kind not in "biuf":
+                    raise NetError(f"input `{name}` holds {value.dtype} values, not numbers", where=self.path)
+                # torch takes only native byte order and non-negative strides (a reversed view, a '>f4' file)
+                value = torch.from_numpy(np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("=")))
+            if isinstance(value, torch.Tensor) and (value.layout != torch.strided or value.is_meta):
+                raise NetError(
+                    f"input `{name}` is a {'meta' if value.is_meta else str(value.layout)} tensor",
+                    where=self.path,
+                    hint="pass a dense tensor with values (x.to_dense())",
+                )
             if not isinstance(value, torch.Tensor):
                 raise NetError(f"input `{name}` must be a tensor, got {type(value).__name__}", where=self.path)
             shape = self.input_shapes[name]
