@@ -334,3 +334,18 @@ def test_a_weights_files_preprocessing_is_checked_against_the_net(tmp_path, caps
     assert main(["run", LENET, "--backend", "torch", "--weights", str(weights), "--input", str(image)]) == 1
     err = capsys.readouterr().err
     assert f"{weights}: error: {message}" in err and "Traceback" not in err and "Warning" not in err
+
+
+def test_time_with_ten_views_sizes_the_tables_by_the_views_run(tmp_path, capsys):
+    """--views 10 runs ten rows per image: the arena --time reports is that of ten images, not one."""
+    from PIL import Image
+
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(9).integers(0, 255, (40, 40), dtype=np.uint8)).save(image)
+
+    def arena(*args) -> str:
+        assert main(["run", LENET, "--backend", "torch", "--time", *args]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        return next(lines[i + 2] for i, line in enumerate(lines) if "activations (arena)" in line).split()[2:4]
+
+    assert arena("--input", str(image), "--views", "10") == arena("--random", "10") != arena("--random", "1")

@@ -232,7 +232,8 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
             f"{', ' + dtype}{', steps timed one at a time' if net else ', distributed'})"
         )
         if net is not None:
-            largest = min(args.batch or count, count)  # the largest pass's batch
+            passes = len(x)  # the rows that ran: with --views, each input's views
+            largest = min(args.batch or passes, passes)  # the largest pass's batch
             print("\n".join(_time_tables(net, step_times, largest)))
     return 0
 
