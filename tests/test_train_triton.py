@@ -163,6 +163,21 @@ def test_bf16_training_on_the_kernels(interpreter_bf16_dot, low):
         assert torch.equal(again[name], value), name
 
 
+def _step_all(made: dict, grads: dict, rate: float) -> None:
+    """One step of each optimizer in `made` (kind -> (params by name, optimizer)) with the same gradients."""
+    from netdsl.train.optim import set_learning_rate
+
+    for params, optimizer in made.values():
+        optimizer.zero_grad()
+        for name, param in params.items():
+            if param.grad is None:
+                param.grad = grads[name].clone()
+            else:
+                param.grad.copy_(grads[name])
+        set_learning_rate(optimizer, rate)
+        optimizer.step()
+
+
 @pytest.mark.slow
 def test_netdsl_train_in_bf16_on_the_kernels_in_a_fresh_process(tmp_path):
     """`netdsl train --backend triton --dtype bf16` on a machine without a GPU: the command chooses the interpreter
@@ -195,7 +210,7 @@ def test_the_fused_update_is_the_papers_rule_in_one_launch_per_device():
     """FlatPaperSGD (one kernel over flat buffers) against PaperSGD: multipliers per weight, Nesterov off and
     on, a rate drop in the middle, and velocities loaded back as a checkpoint does."""
     from netdsl.train.checkpoint import load_optimizer_state, optimizer_state_by_name
-    from netdsl.train.optim import FlatPaperSGD, PaperSGD, param_groups, set_learning_rate
+    from netdsl.train.optim import FlatPaperSGD, PaperSGD, param_groups
 
     generator = torch.Generator().manual_seed(5)
     shapes = {"a.weight": (4, 3), "a.bias": (4,), "b.weight": (2, 5, 3, 3), "b.bias": (2,)}
@@ -210,15 +225,7 @@ def test_the_fused_update_is_the_papers_rule_in_one_launch_per_device():
             made[kind] = (params, optimizer)
         for step in range(6):
             grads = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
-            for params, optimizer in made.values():
-                optimizer.zero_grad()
-                for name, param in params.items():
-                    if param.grad is None:
-                        param.grad = grads[name].clone()
-                    else:
-                        param.grad.copy_(grads[name])
-                set_learning_rate(optimizer, 0.1 if step < 3 else 0.01)
-                optimizer.step()
+            _step_all(made, grads, 0.1 if step < 3 else 0.01)
             if step == 3:  # a checkpoint's round trip of the fused optimizer's velocities
                 params, optimizer = made[FlatPaperSGD]
                 names = {id(param): name for name, param in params.items()}
@@ -235,7 +242,7 @@ def test_the_fused_update_leaves_weights_at_rate_0_where_they_are(frozen):
     """lr_mult 0 on the first group, or on every weight (nothing to take a base rate from), then a schedule at
     0: frozen weights do not move (no gradient, no decay: both scale with the rate), the rest step as PaperSGD
     does, momentum included."""
-    from netdsl.train.optim import FlatPaperSGD, PaperSGD, param_groups, set_learning_rate
+    from netdsl.train.optim import FlatPaperSGD, PaperSGD, param_groups
 
     generator = torch.Generator().manual_seed(7)
     shapes = {"a.weight": (4, 3), "a.bias": (4,), "b.weight": (2, 3), "b.bias": (2,)}
@@ -247,15 +254,7 @@ def test_the_fused_update_leaves_weights_at_rate_0_where_they_are(frozen):
         made[kind] = (params, optimizer)
     for rate in (0.1, 0.1, 0.0):
         grads = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
-        for params, optimizer in made.values():
-            optimizer.zero_grad()
-            for name, param in params.items():
-                if param.grad is None:
-                    param.grad = grads[name].clone()
-                else:
-                    param.grad.copy_(grads[name])
-            set_learning_rate(optimizer, rate)
-            optimizer.step()
+        _step_all(made, grads, rate)
     (want, _), (got, _) = made[PaperSGD], made[FlatPaperSGD]
     for name in shapes:
         if fnmatch.fnmatchcase(name, frozen):
