@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from netdsl.codegen.layouts import stride_arguments
-from netdsl.codegen.limits import SM_COUNT, tile_fits
+from netdsl.codegen.limits import MAX_NCHW_FILTER_TAPS, SM_COUNT, tile_fits
 from netdsl.codegen.tile_rules import SQUARE_TILES, exact_fp32
 from netdsl.codegen.windows import four_pads, output_length
 
@@ -304,8 +304,10 @@ def conv2d_launch(
     sm_90 compile test sees the exact specialization a real launch would get."""
     inputs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
     g = conv_geometry("conv2d", inputs, weight, bias, stride, padding, dilation, groups, activation, input_precision)
-    if sum(g.kernel) > 31:
-        raise ValueError(f"conv2d supports filters with KH + KW <= 31, got {g.kernel[0]} x {g.kernel[1]}")
+    if sum(g.kernel) > MAX_NCHW_FILTER_TAPS:
+        raise ValueError(
+            f"conv2d supports filters with KH + KW <= {MAX_NCHW_FILTER_TAPS}, got {g.kernel[0]} x {g.kernel[1]}"
+        )
     out = conv_output("conv2d", out, g.out_shape, inputs[0], torch.contiguous_format)
     if config is None:  # on the CPU the interpreter runs one program at a time: few, big tiles
         on_cpu = inputs[0].device.type == "cpu"

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .layouts import stride_arguments
-from .limits import MAX_CHANNELS_PER_GROUP, fits_shared_memory
+from .limits import MAX_CHANNELS_PER_GROUP, MAX_NCHW_FILTER_TAPS, fits_shared_memory
 from .pool import pair, pool_geometry
 from .tile_rules import exact_fp32
 from .windows import four_pads, output_length
@@ -283,8 +283,8 @@ def conv_lrn_maxpool_launch(
     c_out, c_in_group, kh, kw = weight.shape
     if groups < 1 or c_in % groups or c_out % groups or c_in_group != c_in // groups:
         raise ValueError(f"conv weight {tuple(weight.shape)} does not fit {c_in} input channels in {groups} groups")
-    if kh + kw > 31:
-        raise ValueError(f"conv supports filters with KH + KW <= 31, got {kh} x {kw}")
+    if kh + kw > MAX_NCHW_FILTER_TAPS:
+        raise ValueError(f"conv supports filters with KH + KW <= {MAX_NCHW_FILTER_TAPS}, got {kh} x {kw}")
     if bias.shape != (c_out,):
         raise ValueError(f"conv bias has shape {tuple(bias.shape)}, expected ({c_out},)")
     c_out_group = c_out // groups

@@ -3,6 +3,7 @@ checks and cost model read them without importing Triton or torch."""
 
 MAX_WINDOW_TAPS = 128  # the training max-pools save the winner's offset in its window, 0 .. 127, as int8
 MAX_CHANNELS_PER_GROUP = 128  # conv_lrn_pool keeps every output channel of a conv group in one tile
+MAX_NCHW_FILTER_TAPS = 31  # conv.py and conv_lrn_pool.py mark a pixel's valid taps in one int32: KH + KW bits
 SM_COUNT = 132  # an H100 SXM; the tile pickers only use it to tell when a tile is too big to fill the GPU
 MAX_SHARED_BYTES = 227 * 1024  # per block on an H100 / H200, dynamic shared memory included
 

@@ -362,7 +362,8 @@ def test_a_plan_or_report_that_cannot_be_written_leaves_the_earlier_build_whole(
     "chain, channels, layout, refused",
     [
         ("", 3, "auto", True),  # few channels: the NCHW kernel
-        (" | relu | lrn(3) | maxpool(2)", 3, "auto", True),  # the fused conv + LRN + max-pool stage
+        (" | relu | lrn(3) | maxpool(2)", 3, "auto", True),  # never the fused stage: conv.py, which refuses
+        (" | relu | lrn(3) | maxpool(2)", 16, "auto", False),  # not fused either: channels-last, then LRN + pool
         ("", 16, "nchw", True),
         ("", 16, "auto", False),  # channels-last: any size
     ],
@@ -373,6 +374,7 @@ def test_a_filter_too_large_for_the_nchw_kernels_is_an_error_at_the_layer(tmp_pa
     net = tmp_path / "big.net"
     net.write_text(f"input image: {channels} x 20 x 20\na = conv(image, 4, size=(16, 16), pad=same){chain}\n")
     compiled = compile_net(net, Options(layout=layout))
+    assert not any(compiled.program.nodes[name]["step"].kind == "conv_lrn_maxpool" for name in compiled.program)
     if refused:
         with pytest.raises(NetError, match=r"a 16 x 16 filter is too large for the NCHW conv kernel") as info:
             write_build(compiled, tmp_path / "build")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from netdsl.codegen.limits import MAX_CHANNELS_PER_GROUP
+from netdsl.codegen.limits import MAX_CHANNELS_PER_GROUP, MAX_NCHW_FILTER_TAPS
 from netdsl.compiler.cost import stage_fusion_wins
 from netdsl.compiler.steps import Step, identifier, unique_name
 from netdsl.ir import Layer, layer, layers
@@ -76,7 +76,8 @@ def _fusable_pool(graph: nx.DiGraph, norm: Layer) -> Layer | None:
 
 def _stage(graph: nx.DiGraph, conv: Layer) -> list[Layer] | None:
     """conv -> relu -> lrn -> maxpool, each the only reader of the one before, on one device, with every
-    channel of a conv group in one tile and the LRN normalizing exactly the conv's groups."""
+    channel of a conv group in one tile, the LRN normalizing exactly the conv's groups, and a filter the
+    stage's tap mask holds."""
     relu = _only_reader(graph, conv, {"relu"})
     norm = relu and _only_reader(graph, relu, {"lrn"})
     pool = norm and _fusable_pool(graph, norm)
@@ -84,6 +85,8 @@ def _stage(graph: nx.DiGraph, conv: Layer) -> list[Layer] | None:
         return None
     groups = conv.params["groups"]
     if conv.params["filters"] // groups > MAX_CHANNELS_PER_GROUP or norm.params["groups"] != groups:
+        return None
+    if sum(conv.params["size"]) > MAX_NCHW_FILTER_TAPS:
         return None
     return [conv, relu, norm, pool]
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import networkx as nx
 
+from netdsl.codegen.limits import MAX_NCHW_FILTER_TAPS
 from netdsl.compiler.fold import fold_inference
 from netdsl.compiler.fuse import fuse
 from netdsl.compiler.layout import choose_layouts
@@ -67,26 +68,24 @@ def _limits(graph: nx.DiGraph, options: Options) -> nx.DiGraph:
     return graph
 
 
-MAX_NCHW_TAPS = 31  # codegen/conv.py and conv_lrn_pool.py mark a pixel's valid taps in one int32: KH + KW bits
-
-
 def check_nchw_taps(program: nx.DiGraph) -> None:
-    """A conv left on the NCHW kernels (fewer than 16 input channels per group, the nchw layout, or fused with
-    its LRN and max-pool) takes filters of KH + KW <= 31: a larger one is an error at the layer when its kernels
-    are built, not at their launch (PyTorch's reference, the torch backend, takes any size)."""
+    """A conv left on the NCHW kernel (fewer than 16 input channels per group, or the nchw layout) takes
+    filters of KH + KW <= 31 (the fused conv + LRN + max-pool stage is never chosen for larger ones): a larger
+    one is an error at the layer when its kernels are built, not at their launch (PyTorch's reference, the
+    torch backend, takes any size)."""
     for name in program.nodes:
         step = program.nodes[name]["step"]
-        if step.kind not in ("conv", "conv_lrn_maxpool") or step.options.get("kernel") == "nhwc":
+        if step.kind != "conv" or step.options.get("kernel") == "nhwc":
             continue
         conv = step.first
         kh, kw = conv.params["size"]
-        if kh + kw > MAX_NCHW_TAPS:
+        if kh + kw > MAX_NCHW_FILTER_TAPS:
             raise NetError(
                 f"a {kh} x {kw} filter is too large for the NCHW conv kernel, which takes height + width <= "
-                f"{MAX_NCHW_TAPS}",
+                f"{MAX_NCHW_FILTER_TAPS}",
                 conv.span,
                 hint="a conv with 16 or more input channels per group runs channels-last (the default layout), "
-                "which takes any size, unless fused with an LRN and max-pool; or use a smaller filter",
+                "which takes any size; or use a smaller filter",
             )
 
 
