@@ -720,7 +720,7 @@ def test_eval_refuses_a_seed_train_refuses(tmp_path, capsys, seed):
     run = tmp_path / "run"
     assert train(net, "--data", data, "--batch", 8, "--steps", 1, "--out", run, *PLAIN) == 0
     code, _, err = evaluate(capsys, net, "--weights", run, "--data", data, "--seed", seed)
-    assert code == 1 and f"--seed: error: `seed` must be from 0 to 4294967295, got {seed}" in err
+    assert code == 1 and f"argument --seed: not a seed (a whole number from 0 to 4294967295): '{seed}'" in err
     assert "Traceback" not in err
 
 

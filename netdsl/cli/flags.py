@@ -8,6 +8,7 @@ from pathlib import Path
 from netdsl.compiler.layout import LAYOUT_OPTIONS
 from netdsl.compiler.plan import PLAN_OPTIONS
 from netdsl.ir.dtypes import FP32_PRECISIONS
+from netdsl.train.recipe import MAX_SEED
 
 LAYOUT_HELP = "auto: channels-last maps for convs with 16+ input channels per group (the default); nchw: none"
 PRECISION_HELP = "fp32 products: ieee (exact, on FMA units; the default) or tf32x3 (three TF32 tensor-core products)"
@@ -17,6 +18,13 @@ TUNING_HELP = "the tiles each kernel takes, as `netdsl tune` timed them on a dev
 MERGE_TOWERS_HELP = (
     "run each layer of a towers block as one grouped launch on the first tower's device (for towers on one GPU)"
 )
+
+
+def seed_number(text: str) -> int:
+    """An argparse type: a seed as numpy's and torch's generators take it (and `train`'s `seed` setting)."""
+    if not text.isdigit() or int(text) > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"not a seed (a whole number from 0 to {MAX_SEED}): {text!r}")
+    return int(text)
 
 
 def add_plan_flags(parser: argparse.ArgumentParser, tuning: bool = True) -> None:

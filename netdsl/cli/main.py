@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from netdsl._version import __version__
-from netdsl.cli.flags import add_plan_flags, plan_options
+from netdsl.cli.flags import add_plan_flags, plan_options, seed_number
 from netdsl.cli.fmt import add_command as add_fmt_command
 from netdsl.cli.fmt import fmt_command
 from netdsl.cli.train import add_commands as add_training_commands
@@ -46,15 +46,6 @@ def _memory_size(text: str) -> int:
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
-    return int(text)
-
-
-SEED_LIMIT = 2**32  # numpy's and torch's generators take seeds below this
-
-
-def _seed(text: str) -> int:
-    if not text.isdigit() or int(text) >= SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"not a seed (a whole number from 0 to {SEED_LIMIT - 1}): {text!r}")
     return int(text)
 
 
@@ -121,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     export = net_command("export", "write the net as an ONNX model (opset 17) with its weights as initializers")
     export.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
     export.add_argument("--weights", type=Path, help="a safetensors file (default: the paper's initialization)")
-    export.add_argument("--seed", type=_seed, default=0, help="seed of the default weights")
+    export.add_argument("--seed", type=seed_number, default=0, help="seed of the default weights")
     export.add_argument(
         "--external-data",
         action="store_true",
@@ -171,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a safetensors file or the run folder of `netdsl train` (default: the paper's initialization); "
         "trained weights bring their preprocessing and class names",
     )
-    run.add_argument("--seed", type=_seed, default=0, help="seed of the default weights and random inputs")
+    run.add_argument("--seed", type=seed_number, default=0, help="seed of the default weights and random inputs")
     run.add_argument(
         "--init",
         choices=("paper", "he"),

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from netdsl.cli.flags import seed_number
 from netdsl.codegen.interpret import use_interpreter
 from netdsl.errors import NetError
 
@@ -51,7 +52,7 @@ def add_commands(commands, positive) -> None:
     evaluate.add_argument(
         "--val-fraction", type=float, default=None, metavar="X", help="as in training (default: the run's)"
     )
-    evaluate.add_argument("--seed", type=int, default=None, help="the split's seed (default: the run's)")
+    evaluate.add_argument("--seed", type=seed_number, default=None, help="the split's seed (default: the run's)")
     evaluate.add_argument("--workers", type=int, default=0, metavar="N", help="data loading processes")
     evaluate.add_argument(
         "--skip-corrupt",
@@ -209,12 +210,8 @@ def eval_command(args: argparse.Namespace) -> int:
     from netdsl.train.data import open_data, view_loader
     from netdsl.train.evaluate import Tally, probabilities
     from netdsl.train.loop import class_count
-    from netdsl.train.recipe import MAX_SEED
     from netdsl.train.runs import WEIGHTS
 
-    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
-        hint = "leave --seed out to use the run's"
-        raise NetError(f"`seed` must be from 0 to {MAX_SEED}, got {args.seed}", where="--seed", hint=hint)
     if args.backend == "triton" and not torch.cuda.is_available():
         use_interpreter()  # the same kernels, interpreted on the CPU
     weights_path = args.weights / WEIGHTS if args.weights.is_dir() else args.weights
