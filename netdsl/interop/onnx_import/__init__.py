@@ -32,7 +32,7 @@ import os
 from pathlib import Path
 
 from netdsl.errors import NetError
-from netdsl.files import write_atomic
+from netdsl.files import refuse_overwriting, write_atomic
 from netdsl.interop.onnx_import.clean_up import clean_up
 from netdsl.interop.onnx_import.convert import convert
 from netdsl.interop.onnx_import.names import BUILTINS, RESERVED
@@ -84,12 +84,7 @@ def import_to_files(
     if net_path.resolve() == weights_path.resolve():
         raise NetError("the .net file and the weights file must differ", where=str(net_path))
     for target in (net_path, weights_path):
-        if target.resolve() == Path(path).resolve():
-            raise NetError(
-                f"{target} is the model being imported: writing it would destroy it",
-                where=str(target),
-                hint="write the .net and weights files under other names",
-            )
+        refuse_overwriting(target, [path], str(target))
     for target in (net_path, weights_path):
         if target.is_dir():
             raise NetError(f"cannot write {target}: it is a folder", where=str(target))

@@ -81,10 +81,11 @@ def _fold_op(op: str, attrs: dict, v: list, where: str, file: str):
     if op == "Concat":
         return np.concatenate([x for x in v if x is not None], axis=int(attrs["axis"]))
     if op in ("Add", "Sum", "Sub", "Mul", "Div"):  # sized before computing: two small constants can broadcast
+        shapes = [x.shape for x in v if x is not None]
         try:  # into a huge one
-            size = math.prod(np.broadcast_shapes(*(x.shape for x in v if x is not None)))
+            size = math.prod(np.broadcast_shapes(*shapes))
         except ValueError:
-            raise NetError(f"{where}: the shapes {[list(x.shape) for x in v]} do not broadcast", where=file) from None
+            raise NetError(f"{where}: the shapes {[list(s) for s in shapes]} do not broadcast", where=file) from None
         if size > MAX_FOLDED:
             raise NetError(f"{where}: the folded constant would have {size} values, too many", where=file)
     if op in ("Add", "Sum"):
