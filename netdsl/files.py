@@ -30,6 +30,17 @@ def new_temporary(path: Path) -> tuple[int, Path]:
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
+def parse_json(text: str | bytes):
+    """`json.loads`, with text nested past Python's recursion limit a ValueError like any other text json
+    cannot read (it raises RecursionError there): every reader of a user's JSON catches ValueError alone."""
+    import json
+
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def refuse_overwriting(output: Path, inputs, flag: str) -> None:
     """NetError (on `flag`) where `output` is one of the files the command reads: writing it would destroy it."""
     try:

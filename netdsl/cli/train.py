@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 from netdsl.cli.flags import seed_number
 from netdsl.codegen.interpret import use_interpreter
 from netdsl.errors import NetError
+from netdsl.files import parse_json
 
 TRAIN_HELP = "train a net: the recipe from its `train` blocks, a --recipe file and flags (docs/training.md)"
 EVAL_HELP = "measure trained weights on a data set: top-1, top-5, per-class accuracy, confusion matrix"
@@ -279,7 +279,7 @@ def _run_settings(weights: Path, metadata: dict[str, str]) -> dict:
 
     if STATE_KEY in metadata:
         with contextlib.suppress(ValueError):  # a damaged header: the run folder's copy
-            state = json.loads(metadata[STATE_KEY])
+            state = parse_json(metadata[STATE_KEY])
             settings = _settings_of(state.get("recipe")) if isinstance(state, dict) else {}
             if settings:
                 return settings

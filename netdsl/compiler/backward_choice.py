@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from netdsl.errors import NetError
-from netdsl.files import write_atomic
+from netdsl.files import parse_json, write_atomic
 
 TABLE = Path(__file__).with_name("backward_choices.json")
 IMPLEMENTATIONS = ("netdsl", "torch")
@@ -73,13 +73,13 @@ def layer_key(
 def load_table(path: Path = TABLE) -> list[Measured]:
     """The measurements in a choices table; a damaged or foreign file is a NetError naming it."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(path.read_text(encoding="utf-8"))
         if data.get("format") != FORMAT:
             raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
         rows = [Measured(**row) for row in data["measurements"]]
     except FileNotFoundError:
         return []
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
         raise NetError(
             f"cannot read the backward choices table: {error}",
             where=str(path),

@@ -29,7 +29,7 @@ from netdsl._version import __version__
 from netdsl.codegen.layouts import to_layout
 from netdsl.codegen.source import device_functions
 from netdsl.errors import NetError
-from netdsl.files import write_atomic_bytes
+from netdsl.files import parse_json, write_atomic_bytes
 from netdsl.ir.dtypes import torch_dtype
 
 _TRITON_TYPES = {
@@ -196,8 +196,8 @@ def _read_cache(path: Path) -> dict | None:
     """A report of the cache, checked by content (each field of its type, the cubin's checksum a SHA-256), or
     None: missing, torn, foreign or from another netdsl, it is rebuilt."""
     try:
-        entry = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        entry = parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
     if not isinstance(entry, dict) or set(entry) != {*_FIELDS, "cubin_sha256"}:
         return None

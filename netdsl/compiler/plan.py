@@ -18,6 +18,7 @@ from netdsl._version import __version__
 from netdsl.compiler.memory import ALIGN
 from netdsl.compiler.steps import Step
 from netdsl.errors import NetError
+from netdsl.files import parse_json
 
 PLAN_VERSION = 1
 # The compile-time choices a build is made with (netdsl.compiler.passes.Options), which `netdsl run DIR` keeps.
@@ -148,10 +149,10 @@ def read_plan_source(build_dir: Path) -> tuple[Path, str, dict[str, object]]:
             hint="give a .net file, or a folder written by `netdsl compile NET -o DIR`",
         )
     try:
-        plan = json.loads(plan_path.read_text(encoding="utf-8"))
+        plan = parse_json(plan_path.read_text(encoding="utf-8"))
         source, digest, dtype = plan["source"], plan["source_sha256"], plan["dtype"]
         options = dict(plan.get("options", {}))
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as error:
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
         raise NetError(
             f"cannot read {plan_path} ({type(error).__name__}: {error})",
             where=str(plan_path),

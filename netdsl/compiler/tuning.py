@@ -29,7 +29,6 @@ reach the kernels only as whole numbers under known names: nothing in it can bec
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ import networkx as nx
 from netdsl.compiler.emit import emit_program, tuning_candidates
 from netdsl.compiler.steps import Step
 from netdsl.errors import NetError
+from netdsl.files import parse_json
 
 TUNING_FORMAT = "netdsl-tuning/1"
 # The names a config may use, the most each may be (block sizes: MAX_BLOCK), all but num_stages powers of two.
@@ -83,10 +83,10 @@ def read_tuning(path: str | Path) -> Tuning:
     """A tuning file of `netdsl tune`, checked; a NetError naming the file and what is wrong otherwise."""
     where = str(path)
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = parse_json(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise NetError("no such tuning file", where=where, hint="write one with netdsl tune NET -o FILE") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:  # (nested too deep)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
         raise NetError(
             f"cannot read the tuning file ({type(error).__name__}: {error})",
             where=where,

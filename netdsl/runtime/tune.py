@@ -38,7 +38,7 @@ from netdsl.codegen.limits import MAX_SHARED_BYTES
 from netdsl.compiler.launches import record_launches, recording, sm90_resources
 from netdsl.compiler.tuning import CONFIG_KEYS, TUNING_FORMAT, check_entry, describe_config, signature
 from netdsl.errors import NetError
-from netdsl.files import write_atomic
+from netdsl.files import parse_json, write_atomic
 from netdsl.ir.dtypes import dot_precision
 from netdsl.runtime.devices import device_name
 from netdsl.runtime.net import Net
@@ -359,8 +359,8 @@ def _read_existing(path: Path) -> dict:
     where = str(path)
     hint = "give another -o FILE, or remove this one"
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        old = parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
         raise NetError(f"cannot add to it: {type(error).__name__}: {error}", where=where, hint=hint) from None
     if not isinstance(old, dict) or old.get("format") != TUNING_FORMAT or not isinstance(old.get("steps"), dict):
         raise NetError("cannot add to it: it is not a tuning file of netdsl tune", where=where, hint=hint)

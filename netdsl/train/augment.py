@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from netdsl.errors import NetError
+from netdsl.files import parse_json
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"})
 PREPROCESS_FORMAT = 1  # the version of Preprocess.to_json's layout
@@ -314,7 +315,7 @@ class Preprocess:
     def from_json(cls, text: str, where: str | None = None) -> Preprocess:
         """The record `to_json` wrote; a NetError blaming `where` (the weights file) when it is damaged."""
         try:
-            data = json.loads(text)
+            data = parse_json(text)
             if data.get("format") != PREPROCESS_FORMAT:
                 raise ValueError(f"format {data.get('format')!r}, expected {PREPROCESS_FORMAT}")
             channels = int(data["channels"])
@@ -329,7 +330,7 @@ class Preprocess:
                 raise ValueError(f"channels {channels}, crop {crop} or size {size} out of range")
             if not all(math.isfinite(v) for v in mean) or (std is not None and not all(0 < v < math.inf for v in std)):
                 raise ValueError("a mean that is not a number, or a std that is not above 0")
-        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
             raise NetError(
                 f"the saved preprocessing is damaged ({error})",
                 where=where,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from netdsl.errors import NetError
-from netdsl.files import write_atomic_bytes
+from netdsl.files import parse_json, write_atomic_bytes
 
 FORMAT = 1
 STATE_KEY = "netdsl.checkpoint"
@@ -87,15 +87,15 @@ def load_checkpoint(path: Path) -> Checkpoint:
     except OSError as error:
         raise NetError(f"cannot read the checkpoint: {error.strerror or error}", where=str(path)) from None
     try:
-        state = json.loads(metadata[STATE_KEY])
-    except (ValueError, RecursionError) as error:
-        state = f"{type(error).__name__}: {error}"
-    if not isinstance(state, dict):
+        state = parse_json(metadata[STATE_KEY])
+        if not isinstance(state, dict):
+            raise ValueError("not a record")
+    except ValueError as error:
         raise NetError(
-            f"the checkpoint's record of the run is damaged ({state if isinstance(state, str) else 'not a record'})",
+            f"the checkpoint's record of the run is damaged ({error})",
             where=str(path),
             hint="an earlier checkpoint of the run may still be whole (checkpoints/)",
-        )
+        ) from None
     if state.get("format") != FORMAT:
         raise NetError(f"checkpoint format {state.get('format')} is not {FORMAT}", where=str(path))
     checkpoint = Checkpoint({}, {}, {}, state, metadata.get(PREPROCESS_KEY))

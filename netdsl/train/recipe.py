@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from netdsl.errors import NetError, Span, did_you_mean
+from netdsl.files import parse_json
 from netdsl.ir.graph import Setting
 
 KINDS = ("int", "number", "bool", "choice", "string", "ints", "numbers", "size", "mult")
@@ -241,8 +242,8 @@ class Recipe:
     @classmethod
     def from_json(cls, text: str, where: str = "recipe.json") -> Recipe:
         try:
-            record = json.loads(text)
-        except (ValueError, RecursionError) as error:
+            record = parse_json(text)
+        except ValueError as error:
             raise NetError(f"the recipe is not valid JSON: {error}", where=where) from None
         return cls.from_dict(record, where)
 

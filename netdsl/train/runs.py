@@ -23,7 +23,7 @@ from pathlib import Path
 import networkx as nx
 
 from netdsl.errors import NetError
-from netdsl.files import write_atomic, write_atomic_bytes
+from netdsl.files import parse_json, write_atomic, write_atomic_bytes
 from netdsl.runtime.weights import weight_specs
 
 RECIPE = "recipe.json"
@@ -79,10 +79,10 @@ class RunFolder:
 
     def read_recipe(self) -> dict:
         try:
-            return json.loads((self.path / RECIPE).read_text(encoding="utf-8"))
+            return parse_json((self.path / RECIPE).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise NetError(f"{RECIPE} is missing from the run folder", where=str(self.path)) from None
-        except (OSError, ValueError, RecursionError) as error:
+        except (OSError, ValueError) as error:
             raise NetError(f"cannot read {RECIPE}: {error}", where=str(self.path)) from None
 
     def best(self, epoch: int) -> Path:
@@ -115,8 +115,8 @@ class Metrics:
         if keep_until_step is not None and path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
-                    record = json.loads(line)
-                except (ValueError, RecursionError):
+                    record = parse_json(line)
+                except ValueError:
                     continue  # a line a killed run left half-written
                 if not _a_record(record):
                     continue  # not a line netdsl wrote: edited, or another file's
