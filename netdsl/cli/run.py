@@ -83,49 +83,49 @@ def read_labels(path: Path | None) -> list[str] | None:
 
 
 def _read_npy(path: Path, image_suffixes) -> np.ndarray:
-    """A .npy file's array; never a pickle (an object array is refused, not loaded)."""
-    suffixes = ", ".join(sorted(image_suffixes))
+    """A .npy file's array, read once; never a pickle (an object array is refused, not loaded), and never an
+    allocation its header promises but its bytes do not hold."""
     try:
-        with open(path, "rb") as handle:
-            magic = handle.read(6)
+        handle = open(path, "rb")  # noqa: SIM115 -- closed below, whichever way reading ends
     except FileNotFoundError:
         raise NetError(f"no such file: {path}", where=str(path)) from None
     except OSError as error:
         raise NetError(f"cannot read {path}: {error.strerror or error}", where=str(path)) from None
-    if magic != b"\x93NUMPY":
-        raise NetError(
-            f"{path} is neither an image nor a .npy array",
-            where=str(path),
-            hint=f"give images ({suffixes}) or arrays saved with numpy.save",
-        )
-    try:
-        with open(path, "rb") as handle:  # the header's shape against the bytes there: no lying allocation
+    with handle:
+        if handle.read(6) != b"\x93NUMPY":
+            raise NetError(
+                f"{path} is neither an image nor a .npy array",
+                where=str(path),
+                hint=f"give images ({', '.join(sorted(image_suffixes))}) or arrays saved with numpy.save",
+            )
+        try:
+            handle.seek(0)
             header = np.lib.format
             version = header.read_magic(handle)
             read = header.read_array_header_1_0 if version == (1, 0) else header.read_array_header_2_0
             shape, _, dtype = read(handle)
-            have = os.fstat(handle.fileno()).st_size - handle.tell()
-        need = math.prod(shape) * dtype.itemsize
-        if not dtype.hasobject and need > have:
+            need, have = math.prod(shape) * dtype.itemsize, os.fstat(handle.fileno()).st_size - handle.tell()
+            if not dtype.hasobject and need > have:
+                raise NetError(
+                    f"{path} is cut short: its header says {' x '.join(map(str, shape))} {dtype} values "
+                    f"({need:,} bytes), and {have:,} bytes follow it",
+                    where=str(path),
+                    hint="save it again with numpy.save",
+                )
+            handle.seek(0)
+            return np.load(handle, allow_pickle=False)
+        except ValueError as error:
+            if "allow_pickle" in str(error):
+                raise NetError(
+                    f"{path} holds Python objects, not numbers; netdsl does not load pickled data",
+                    where=str(path),
+                    hint="save a float or integer array with numpy.save",
+                ) from None
+            raise NetError(f"{path} is not a readable .npy array ({error})", where=str(path)) from None
+        except (OSError, EOFError) as error:
             raise NetError(
-                f"{path} is cut short: its header says {' x '.join(map(str, shape))} {dtype} values "
-                f"({need:,} bytes), and {have:,} bytes follow it",
-                where=str(path),
-                hint="save it again with numpy.save",
-            )
-        return np.load(path, allow_pickle=False)
-    except ValueError as error:
-        if "allow_pickle" in str(error):
-            raise NetError(
-                f"{path} holds Python objects, not numbers; netdsl does not load pickled data",
-                where=str(path),
-                hint="save a float or integer array with numpy.save",
+                f"{path} is not a readable .npy array ({error})", where=str(path), hint="save it again with numpy.save"
             ) from None
-        raise NetError(f"{path} is not a readable .npy array ({error})", where=str(path)) from None
-    except (OSError, EOFError) as error:
-        raise NetError(
-            f"{path} is not a readable .npy array ({error})", where=str(path), hint="save it again with numpy.save"
-        ) from None
 
 
 def read_inputs(paths: list[Path], shape: tuple[int, ...], preprocess=None, views: int = 1) -> np.ndarray:
