@@ -157,6 +157,9 @@ def save_weights(
         raise NetError(f"cannot write the weights: {error}", where=where) from None
 
 
+_F32_MAX = float(np.finfo(np.float32).max)  # a float64 weight beyond it would become an infinity
+
+
 def load_weights(path: str | os.PathLike, graph: nx.DiGraph) -> dict[str, np.ndarray]:
     """Reads a safetensors file holding exactly the tensors of `weight_specs(graph)`, as float32 arrays.
 
@@ -209,9 +212,6 @@ def load_weights(path: str | os.PathLike, graph: nx.DiGraph) -> dict[str, np.nda
                 hint="netdsl computes in float32 or narrower: scale or clip the weights",
             )
     return {name: np.ascontiguousarray(value, dtype=np.float32).reshape(specs[name]) for name, value in values.items()}
-
-
-_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def weights_metadata(path: str | os.PathLike) -> dict[str, str]:
