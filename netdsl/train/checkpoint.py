@@ -32,6 +32,7 @@ STATE_KEY = "netdsl.checkpoint"
 PREPROCESS_KEY = "netdsl.preprocess"
 OPTIM_PREFIX = "optim:"
 RNG_PREFIX = "rng:"
+EARLIER_CHECKPOINT = "an earlier checkpoint of the run may still be whole (checkpoints/)"  # the damaged one's hint
 
 
 @dataclass
@@ -82,7 +83,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise NetError(
             f"the checkpoint is damaged ({error})",
             where=str(path),
-            hint="it may be truncated; an earlier checkpoint of the run may still be whole (checkpoints/)",
+            hint=f"it may be truncated; {EARLIER_CHECKPOINT}",
         ) from None
     except OSError as error:
         raise NetError(f"cannot read the checkpoint: {error.strerror or error}", where=str(path)) from None
@@ -94,7 +95,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise NetError(
             f"the checkpoint's record of the run is damaged ({error})",
             where=str(path),
-            hint="an earlier checkpoint of the run may still be whole (checkpoints/)",
+            hint=EARLIER_CHECKPOINT,
         ) from None
     if state.get("format") != FORMAT:
         raise NetError(f"checkpoint format {state.get('format')} is not {FORMAT}", where=str(path))

@@ -38,6 +38,7 @@ from netdsl.lang.frontend import load_graph
 from netdsl.runtime.module import GraphModule
 from netdsl.runtime.weights import save_weights
 from netdsl.train.checkpoint import (
+    EARLIER_CHECKPOINT,
     Checkpoint,
     load_checkpoint,
     load_optimizer_state,
@@ -274,7 +275,7 @@ class Trainer:
             raise NetError(
                 f"the checkpoint's record of the run is damaged ({type(error).__name__}: {error})",
                 where=str(self.run.last),
-                hint="an earlier checkpoint of the run may still be whole (checkpoints/)",
+                hint=EARLIER_CHECKPOINT,
             ) from None
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
