@@ -4,7 +4,8 @@ Triton's interpreter keeps bfloat16 values as their raw 16 bits in uint16 arrays
 multiplies those integers (triton-lang/triton#11584): every bf16 matrix product comes out wrong, with
 no error. `widen_bf16_dots()` makes the interpreter widen bf16 dot operands to float32 first (bf16 is
 the top half of a float32), which is what a tensor core computes: exact products, fp32 accumulation.
-It changes nothing for other dtypes, nor when Triton stores bf16 some other way. `netdsl.codegen`
+It also makes its float32 -> bf16 casts round to nearest even, as a GPU's do (it truncates). Neither
+changes anything for other dtypes, nor when Triton stores bf16 some other way. `netdsl.codegen`
 applies it when imported under the interpreter; the runtime refuses bf16 there if it cannot.
 """
 
@@ -54,4 +55,26 @@ def widen_bf16_dots() -> bool:
 
     create_dot_widened.widens_bf16 = True
     builder.create_dot = create_dot_widened
+    _round_bf16_casts(builder, tensor_handle, tl)
     return True
+
+
+def _round_bf16_casts(builder, tensor_handle, tl) -> None:
+    """The interpreter casts float32 to bf16 by dropping the low 16 bits (towards zero); a GPU, and PyTorch,
+    round to nearest even. Patched so that bf16 results under the interpreter are a GPU's, not biased."""
+    cast = getattr(builder, "cast_impl", None)
+    if cast is None or getattr(cast, "rounds_bf16", False):
+        return
+
+    def cast_rounded(self, src, dst_type):
+        data = getattr(src, "data", None)
+        if (getattr(src, "dtype", None) != tl.float32 or dst_type.scalar != tl.bfloat16
+                or not isinstance(data, np.ndarray) or data.dtype != np.float32):  # fmt: skip
+            return cast(self, src, dst_type)
+        bits = data.view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # to nearest, ties to even
+        rounded = np.where(np.isnan(data), ((bits >> 16) | 0x40).astype(np.uint16), rounded)  # NaN stays NaN
+        return tensor_handle(rounded, dst_type.scalar)
+
+    cast_rounded.rounds_bf16 = True
+    builder.cast_impl = cast_rounded

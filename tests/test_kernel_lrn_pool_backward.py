@@ -4,16 +4,16 @@ codegen.reference.lrn (the paper's LRN, per channel group) and F.max_pool2d with
 fp32: plain autograd in float64 on the same inputs; the pooled output, the saved winners (against max_pool2d's
 indices) and scales are checked too. bf16: the pool's winners come from the forward in bf16, as in an unfused
 bf16 network (max_pool2d over the rounded LRN output: near-ties are common at 8 bits), and the gradient flows
-through those winners in float64, so the tolerance measures only the kernels. Under Triton's interpreter a
-float32 -> bfloat16 conversion truncates where a GPU rounds to nearest, so there the reference rounds as the
-interpreter does (`round_like_kernel`). LRN parameters are strong (AlexNet's alpha barely changes unit
-inputs, which would hide the gradient's cross-channel term); one test uses AlexNet's.
+through those winners in float64, so the tolerance measures only the kernels (the kernel's fp32 LRN output
+rounds to bf16 to nearest even, as PyTorch's `.to`, under Triton's interpreter too: netdsl.codegen.interpret).
+LRN parameters are strong (AlexNet's alpha barely changes unit inputs, which would hide the gradient's
+cross-channel term); one test uses AlexNet's.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_support import DEVICE, INTERPRETING
+from kernel_support import DEVICE
 
 from netdsl.codegen import reference
 from netdsl.codegen.lrn_pool_backward import lrn_maxpool_backward, lrn_maxpool_train
@@ -41,13 +41,6 @@ SMALL_TILES = {"BLOCK_C": 4, "BLOCK_P": 64, "num_warps": 4}
 def random_input(shape, dtype, seed, scale=2.0):
     generator = torch.Generator().manual_seed(seed)
     return (scale * torch.randn(shape, generator=generator)).to(DEVICE, dtype)
-
-
-def round_like_kernel(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 `y` in `dtype` as the kernel rounds it: truncated to bf16 under the interpreter."""
-    if INTERPRETING and dtype == torch.bfloat16:
-        return (y.view(torch.int32) & -65536).view(torch.float32).to(dtype)
-    return y.to(dtype)
 
 
 def reference_lrn(x, size, alpha, beta, k, groups, relu_first):
@@ -102,7 +95,7 @@ def check_case(case, dtype, seed=0, lrn_params=STRONG, config=None, channels_las
     assert grad_x.shape == x.shape and grad_x.dtype == dtype
     assert grad_x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
-    y = round_like_kernel(reference_lrn(x.float(), **lrn_args), dtype)
+    y = reference_lrn(x.float(), **lrn_args).to(dtype)
     pooled, winners = F.max_pool2d(y, **pool_args, return_indices=True)
     assert torch.equal(winner_indices(argmax, window, stride, padding, width), winners), "different winners"
     torch.testing.assert_close(out, pooled)

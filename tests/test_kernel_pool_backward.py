@@ -6,7 +6,7 @@ and at most half the window; no dilation for an average), else tests/kernel_supp
 through F.pad and F.unfold: asymmetric padding, padding past half the window, dilated averages). Max-pool inputs
 hold distinct values in each plane, so no window holds a tie (except in the test of ties); they are exact in
 bf16, so the float64 reference sees the kernel's values. Gradients are summed in fp32 and rounded once to their
-dtype: 1e-5 relative in fp32, 2e-3 in fp16, 1.6e-2 in bf16 (which Triton's interpreter truncates).
+dtype: 1e-5 relative in fp32, 2e-3 in fp16, 1.6e-2 in bf16.
 """
 
 import pytest

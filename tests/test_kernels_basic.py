@@ -143,3 +143,27 @@ def test_launchers_reject_bad_arguments():
         softmax(x.double())
     with pytest.raises(ValueError, match="out is"):
         softmax(x, out=torch.empty(2, 3, 4, 5, device=DEVICE))
+
+
+def test_the_interpreter_rounds_float32_to_bf16_as_a_gpu_does():
+    """Under the interpreter (patched by netdsl.codegen) a float32 -> bf16 cast rounds to nearest even, bit
+    for bit as PyTorch's, NaN and infinities included; unpatched it truncates towards zero."""
+    import triton
+    import triton.language as tl
+
+    from netdsl.codegen.interpret import interpreting
+
+    if not interpreting():
+        pytest.skip("the interpreter's casts only")
+
+    @triton.jit
+    def cast(x, y, SIZE: tl.constexpr):  # noqa: N803 -- a constexpr, named as the kernels name theirs
+        offsets = tl.arange(0, SIZE)
+        tl.store(y + offsets, tl.load(x + offsets).to(tl.bfloat16))
+
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(3)) * 100
+    x[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.4e38])  # the last rounds up to inf
+    y = torch.empty(4096, dtype=torch.bfloat16)
+    cast[(1,)](x, y, SIZE=4096)
+    want = x.to(torch.bfloat16)
+    assert torch.isnan(y[0]) and torch.equal(y[1:].view(torch.int16), want[1:].view(torch.int16))
