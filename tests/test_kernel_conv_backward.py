@@ -7,7 +7,8 @@ product). Errors are measured against the largest reference value of each gradie
 divided by max |reference|. The saved output handed to the kernels is the reference's, rounded to the dtype.
 Inputs are fresh seeded random numbers, weights scaled by 1/sqrt(fan-in), gradients written into tensors that
 start as NaN, so an element never written fails. Without a GPU this runs in Triton's interpreter, its
-fp32 -> bf16 conversion rounding to nearest even as a GPU's does (netdsl.codegen.interpret). Small shapes throughout; a few cases with small tiles span several blocks in every dimension.
+fp32 -> bf16 conversion rounding to nearest even as a GPU's does (netdsl.codegen.interpret). Small shapes
+throughout; a few cases with small tiles span several blocks in every dimension.
 """
 
 import pytest

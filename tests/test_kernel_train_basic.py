@@ -4,10 +4,10 @@ batch norm in training (codegen/batchnorm_train.py) and the paper's SGD step (co
 References run in float64 on the same (already rounded) inputs, with autograd for the gradients; a 16-bit
 result is compared with the reference rounded once to its dtype, so the tolerances below cover the kernel's
 fp32 arithmetic and about one rounding of the output (to nearest even: half a bf16 step, 2**-8 relative, on a
-GPU and under Triton's interpreter as netdsl.codegen.interpret patches it). Inputs are fresh seeded random numbers (never
-zeros), seeded from the test's id. Dropout's masks come from its own random stream, not torch's: its tests
-check the drop rate against binomial bounds, the scale, and that forward and backward apply the same mask.
-Without a GPU this runs in Triton's interpreter.
+GPU and under Triton's interpreter as netdsl.codegen.interpret patches it). Inputs are fresh seeded random
+numbers (never zeros), seeded from the test's id. Dropout's masks come from its own random stream, not
+torch's: its tests check the drop rate against binomial bounds, the scale, and that forward and backward apply
+the same mask. Without a GPU this runs in Triton's interpreter.
 """
 
 import math

@@ -8,6 +8,7 @@ MASTER_PORT), without torchrun itself, so that a test can kill one of them.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +24,8 @@ import torch
 
 from netdsl.cli.main import main
 from netdsl.train.checkpoint import load_checkpoint
+from netdsl.train.loop import Trainer
+from netdsl.train.world import World
 
 ROOT = Path(__file__).resolve().parents[1]
 LENET = str(ROOT / "nets" / "lenet5.net")
@@ -133,8 +137,10 @@ def test_a_dead_rank_ends_the_run_with_an_error_not_a_hang(tmp_path, digits_like
 
 
 def test_resume_under_two_processes(tmp_path, digits_like):
-    """A two-process run stopped after 3 steps and resumed by two processes ends as one that ran 6. (The
-    schedule is constant: a cosine one follows the run's planned length, which --steps changes.)"""
+    """A two-process run stopped after 3 steps (inside its first epoch of 4) and resumed by two processes ends
+    as one that ran 6: the same weights, and the same epoch record, whose loss and top-1 sum each rank's share
+    of the steps before the stop too. (The schedule is constant: a cosine one follows the run's planned length,
+    which --steps changes.)"""
     straight, parts = tmp_path / "straight", tmp_path / "parts"
     for run, extra in ((straight, ("--schedule", "constant")), (parts, ("--schedule", "constant", "--steps", "3"))):
         for rank, (code, err) in enumerate(_finish(_start(2, _args(digits_like, run, *extra), tmp_path))):
@@ -146,6 +152,19 @@ def test_resume_under_two_processes(tmp_path, digits_like):
     assert one.state["step"] == two.state["step"] == 6
     for name, value in one.weights.items():
         np.testing.assert_array_equal(two.weights[name].numpy(), value.numpy(), err_msg=name)
+    assert len(two.state["rank_sums"]) == 2
+    records = [_records(run) for run in (straight, parts)]
+    kinds = [[(r["kind"], r["step"]) for r in run] for run in records]
+    assert kinds[0] == [("step", 2), ("step", 4), ("epoch", 4), ("step", 6)]
+    # the first part logged its last step, 3, so the window of step 4 differs; the epoch's record does not
+    assert kinds[1] == [("step", 2), ("step", 3), ("step", 4), ("epoch", 4), ("step", 6)]
+    assert records[0][2:] == records[1][3:] and records[0][0] == records[1][0]
+
+
+def _records(run: Path) -> list[dict]:
+    """The run's step and epoch records without their speed (images/s), which no two runs share."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]
 
 
 def test_towers_inside_each_process_and_processes_across(tmp_path):
@@ -169,3 +188,19 @@ def test_towers_inside_each_process_and_processes_across(tmp_path):
     assert {name.split("/")[0] for name in saved.rng} == {"rank0", "rank1"}
     assert not torch.equal(saved.rng["rank0/torch"], saved.rng["rank1/torch"])  # each rank its own dropout masks
     assert all(bool(torch.isfinite(value).all()) for value in saved.weights.values())
+
+
+@pytest.mark.parametrize("rank,size", [(0, 2), (1, 2), (0, 1), (0, 3), (2, 3)])
+def test_loss_sums_resumed_by_another_number_of_processes(rank, size):
+    """Each rank resumes its own share of the sums saved by every rank; with another number of processes rank 0
+    takes their total and the others none, so the sums over the world are the run's (checked without launching
+    processes: `_my_sums` reads only the world and the checkpoint's record)."""
+    saved = [[1.5, 3.0, 8.0, 0.5, 1.0, 4.0], [2.25, 5.0, 8.0, 0.75, 2.0, 4.0]]  # two ranks' epoch and window sums
+    trainer = SimpleNamespace(world=World(rank=rank, size=size))
+    epoch, window = Trainer._my_sums(trainer, {"rank_sums": saved, "epoch_sums": saved[0][:3]})
+    if size == 2:
+        assert [*epoch, *window] == saved[rank]
+    else:
+        assert [*epoch, *window] == ([3.75, 8.0, 16.0, 1.25, 3.0, 8.0] if rank == 0 else [0.0] * 6)
+    old = Trainer._my_sums(trainer, {"epoch_sums": saved[0][:3]})  # before rank_sums and window_sums
+    assert old == ((saved[0][:3], [0.0] * 3) if rank == 0 else ([0.0] * 3, [0.0] * 3))

@@ -267,9 +267,7 @@ class Trainer:
         try:
             self.schedule.load_state_dict(state["schedule"])
             self.epoch, self.batch_in_epoch, self.step = (int(state[k]) for k in ("epoch", "batch_in_epoch", "step"))
-            self.epoch_sums = [float(value) for value in state["epoch_sums"]]
-            # older checkpoints have no window: a fresh one
-            self.window_sums = [float(value) for value in state.get("window_sums", [0.0, 0.0, 0.0])]
+            self.epoch_sums, self.window_sums = self._my_sums(state)
             self.best = [list(entry) for entry in state["best"]]
         except (KeyError, TypeError, ValueError) as error:
             raise NetError(
@@ -497,6 +495,25 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------------
 
+    def _my_sums(self, state: dict) -> tuple[list[float], list[float]]:
+        """This process's share of the epoch's and the step window's loss sums, top-1 counts and images, as
+        saved per rank: its own when the run goes on with as many processes; otherwise rank 0 takes every
+        rank's total and the others none, so the sums over the world stay those of the run. (Checkpoints
+        before `rank_sums` hold rank 0's own sums; before `window_sums`, no window: a fresh one.)"""
+        saved = state.get("rank_sums")
+        if saved is None:
+            saved = [[*state["epoch_sums"], *state.get("window_sums", [0.0, 0.0, 0.0])]]
+        saved = [[float(value) for value in sums] for sums in saved]
+        if any(len(sums) != 6 for sums in saved):
+            raise ValueError("rank_sums must hold six numbers per process")
+        if len(saved) == self.world.size:
+            mine = saved[self.world.rank]
+        elif self.world.leader:
+            mine = [sum(column) for column in zip(*saved)]
+        else:
+            mine = [0.0] * 6
+        return mine[:3], mine[3:]
+
     def _rank_best(self, top1: float, epoch: int) -> bool:
         """Whether epoch `epoch`'s validation top-1 is among the best `keep_best`; updates the list."""
         keep = self.recipe.keep_best
@@ -514,6 +531,7 @@ class Trainer:
         rank 0; every rank's random state goes in."""
         every_rank = self.world.gather(rng_states())
         rng = {f"rank{rank}/{name}": value for rank, states in enumerate(every_rank) for name, value in states.items()}
+        rank_sums = self.world.gather([*self.epoch_sums, *self.window_sums])
         if not self.world.leader:
             return self.run.last
         state = {
@@ -522,6 +540,7 @@ class Trainer:
             "step": self.step,
             "epoch_sums": self.epoch_sums,
             "window_sums": self.window_sums,
+            "rank_sums": rank_sums,  # what a resume reads; the two above are rank 0's, for older netdsl
             "schedule": self.schedule.state_dict(),
             "best": self.best,
             "recipe": self.recipe.to_dict(),
