@@ -253,17 +253,18 @@ def test_every_output_is_shown_and_saved_whole(tmp_path, capsys):
     args = ["run", str(net), "--random", "3", "--backend", "torch", "--init", "he"]
     assert main([*args, "--save", str(saved)]) == 0
     out = capsys.readouterr().out
-    assert "output features.relu: N x C x H x W = 3 x 4 x 8 x 8: mean" in out  # the chain's last layer
+    assert "output features: N x C x H x W = 3 x 4 x 8 x 8: mean" in out  # the chain's name, as `output` wrote it
     assert "output scores: 3 x 5 scores" in out and out.count("top 5:") == 3
     with np.load(saved) as arrays:
-        assert arrays["features.relu"].shape == (3, 4, 8, 8) and arrays["scores"].shape == (3, 5)
+        assert sorted(arrays) == ["features", "scores"]
+        assert arrays["features"].shape == (3, 4, 8, 8) and arrays["scores"].shape == (3, 5)
         x = np.random.default_rng(0).standard_normal((3, 1, 8, 8), dtype=np.float32)
         want = netdsl.load(net, backend="torch", init="he")(torch.from_numpy(x))
-        np.testing.assert_array_equal(arrays["features.relu"], want["features.relu"].numpy())
+        np.testing.assert_array_equal(arrays["features"], want["features"].numpy())
         np.testing.assert_array_equal(arrays["scores"], want["scores"].numpy())
     assert main([*args, "--save", str(tmp_path / "out.npy")]) == 1
     err = capsys.readouterr().err
-    assert "the net has 2 outputs (features.relu, scores), and a .npy file holds one" in err and "out.npz" in err
+    assert "the net has 2 outputs (features, scores), and a .npy file holds one" in err and "out.npz" in err
     assert not (tmp_path / "out.npy").exists()
 
 

@@ -144,7 +144,7 @@ class BatchNormNet(nn.Module):
     def forward(self, x):
         a = F.max_pool2d(F.relu(self.bn1(self.conv(x))), 2, 2)
         b = self.bn2(a).flatten(1)
-        return {"out": self.fc(b), "b.flatten": b}
+        return {"out": self.fc(b), "b": b}  # `output out, b`: by the names written
 
     def netdsl_weights(self) -> dict[str, torch.Tensor]:
         return _params({"a": self.conv, "a.batchnorm": self.bn1, "b": self.bn2, "out": self.fc})

@@ -18,20 +18,6 @@ from netdsl.files import refuse_overwriting, write_array, write_arrays
 from netdsl.ir.dtypes import torch_dtype
 from netdsl.tables import format_bytes, format_table
 
-
-def parse_devices(text: str | None) -> dict[str, str] | None:
-    """`gpu0=cuda:0,gpu1=cuda:1` -> {"gpu0": "cuda:0", "gpu1": "cuda:1"}."""
-    if not text:
-        return None
-    mapping = {}
-    for item in text.split(","):
-        logical, sep, physical = item.partition("=")
-        if not sep or not logical.strip() or not physical.strip():
-            raise NetError(f"cannot read `{item}`", where="--devices", hint="write gpu0=cuda:0,gpu1=cuda:1")
-        mapping[logical.strip()] = physical.strip()
-    return mapping
-
-
 # The mean RGB value of ImageNet's training images (0-255): the paper subtracts the mean activity.
 IMAGENET_MEAN = (123.68, 116.78, 103.94)
 RESIZE = 256  # the paper's shorter side
@@ -309,6 +295,7 @@ def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
     """Runs the inputs through a Net in this process: (net, outputs, step times, start time)."""
     import torch
 
+    from netdsl.runtime.devices import parse_devices
     from netdsl.runtime.net import Net, TuningWarning
 
     with warnings.catch_warnings(record=True) as caught:

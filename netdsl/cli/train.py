@@ -86,8 +86,8 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from netdsl.cli.run import parse_devices
     from netdsl.lang.frontend import load_graph, load_recipe
+    from netdsl.runtime.devices import parse_devices
     from netdsl.train.loop import StoppedError, Trainer
     from netdsl.train.recipe import Recipe, resolve
     from netdsl.train.runs import RECIPE, RunFolder
@@ -202,8 +202,8 @@ GRADIENT_TOLERANCE = 1e-5
 def eval_command(args: argparse.Namespace) -> int:
     import torch
 
-    from netdsl.cli.run import parse_devices
     from netdsl.lang.frontend import load_graph
+    from netdsl.runtime.devices import parse_devices
     from netdsl.runtime.net import Net
     from netdsl.runtime.weights import load_weights, weights_metadata
     from netdsl.train.augment import Preprocess

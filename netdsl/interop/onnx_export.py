@@ -35,7 +35,9 @@ import numpy as np
 
 from netdsl.files import write_atomic_bytes
 from netdsl.ir import layers
+from netdsl.ir.graph import require_graph
 from netdsl.ir.ops import layer_pads
+from netdsl.runtime.weights import checked_weights, weight_specs
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
@@ -69,11 +71,15 @@ class _Names:
 
 
 def build_onnx(graph: nx.DiGraph, weights: Mapping[str, np.ndarray], opset: int = 17):
-    """The ONNX `ModelProto` of `graph` with `weights` as initializers (checked, not written)."""
+    """The ONNX `ModelProto` of `graph` with `weights` as initializers (checked, not written). The weights are
+    checked as any net checks them (netdsl.runtime.weights.checked_weights: names, shapes, finite values)."""
+    import torch
     from onnx import TensorProto, helper, numpy_helper
 
     if opset < 13:
         raise ValueError(f"opset {opset} is too old: export needs opset 13 or later")
+    checked = checked_weights(weights, weight_specs(require_graph(graph)))
+    weights = {name: tensor.to("cpu", torch.float32).numpy() for name, tensor in checked.items()}
     opset = max(opset, needed_opset(graph))
     names = _Names()
     nodes: list = []

@@ -9,12 +9,13 @@ they are written.
 
 from __future__ import annotations
 
+import os
 from copy import copy
 from dataclasses import dataclass, field, replace
 
 import networkx as nx
 
-from netdsl.errors import Frame, Span
+from netdsl.errors import Frame, NetError, Span
 
 Shape = tuple[int, ...]
 
@@ -56,6 +57,25 @@ class Setting:
     value_span: Span
     pattern_span: Span | None = None
     word: bool = False  # the value was a bare word (`optimizer = sgd`), not a quoted string
+
+
+def require_graph(value: object, where: str = "graph") -> nx.DiGraph:
+    """`value` when it is a net's layer graph (as `netdsl.load_graph` returns it); a NetError saying what to
+    pass otherwise (a path is the likely mistake: `netdsl.load` takes one, the functions on graphs do not)."""
+    if isinstance(value, nx.DiGraph) and "outputs" in value.graph and "devices" in value.graph:
+        return value
+    got = f"the path `{os.fspath(value)}`" if isinstance(value, str | os.PathLike) else f"a {type(value).__name__}"
+    raise NetError(
+        f"expected a net's layer graph, got {got}", where=where, hint="read the net first: netdsl.load_graph(path)"
+    )
+
+
+def output_names(graph: nx.DiGraph) -> dict[str, str]:
+    """Each output layer -> the name a run's outputs go by: the one its `output` statement wrote (`a` for a
+    chain `a = conv(...) | relu`), or the layer's own."""
+    outputs = graph.graph["outputs"]
+    names = graph.graph.get("output_names", outputs)
+    return dict(zip(outputs, names if len(names) == len(outputs) else outputs, strict=True))
 
 
 def layer(graph: nx.DiGraph, name: str) -> Layer:

@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 import networkx as nx
+import numpy as np
 
 from netdsl.errors import NetError
 from netdsl.ir import layers
 from netdsl.ir.dtypes import DTYPE_BYTES
 from netdsl.ir.stats import totals
 from netdsl.tables import format_bytes
+
+
+def check_batch(batch: object, where: str = "batch") -> int:
+    """`batch` as an int when it is a whole number >= 1 (not a bool); a NetError otherwise."""
+    if isinstance(batch, bool) or not isinstance(batch, int | np.integer) or batch < 1:
+        raise NetError(f"the batch must be a whole number >= 1, got {batch!r}", where=where, hint="e.g. batch=32")
+    return int(batch)
+
+
+def check_options(batch: object, dtype: object, limit: object) -> None:
+    """The arguments of `check_memory` given in Python (the command line checks its flags as it reads them)."""
+    check_batch(batch)
+    if dtype not in DTYPE_BYTES:
+        raise NetError(f"unknown dtype {dtype!r}", where="dtype", hint=f"dtypes: {', '.join(DTYPE_BYTES)}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | np.integer) or limit < 1):
+        raise NetError(
+            f"the memory limit is a number of bytes >= 1, got {limit!r}", where="memory_limit", hint="e.g. 3 * 2**30"
+        )
 
 
 def check_memory(graph: nx.DiGraph, batch: int = 1, dtype: str = "fp32", limit: int | None = None) -> None:

@@ -698,15 +698,22 @@ class Builder:
 
     def _resolve_outputs(self, resolved: dict[str, tuple[str, ...]]) -> None:
         outputs: list[str] = []
+        written: dict[str, str] = {}  # an output layer -> the name its `output` statement wrote for it
         for ref, ctx in self.outputs:
-            for node in self._tensor_ref(ref, ctx, final=True).nodes:
-                node = resolved[node][0] if node in self.forwards else node
-                if node not in outputs:
-                    outputs.append(node)
+            nodes = [resolved[n][0] if n in self.forwards else n for n in self._tensor_ref(ref, ctx, final=True).nodes]
+            outputs.extend(node for node in nodes if node not in outputs)
+            if len(nodes) == 1 and isinstance(ref, s.Name | s.TowerRef):
+                written.setdefault(nodes[0], ref.name if isinstance(ref, s.Name) else f"{ref.name}@{ref.tower}")
         if not outputs:  # every layer nothing reads
             nodes = self.graph.nodes(data="layer")
             outputs = [n for n, item in nodes if self.graph.out_degree(n) == 0 and item.op != "input"]
         self.graph.graph["outputs"] = outputs
+        # What a run's outputs are called (`output a` of a chain `a = conv(...) | relu` is `a`, not `a.relu`): the
+        # written name where it is one output's alone, else the layer's.
+        names = [written.get(node, node) for node in outputs]
+        self.graph.graph["output_names"] = [
+            name if names.count(name) == 1 else node for node, name in zip(outputs, names, strict=True)
+        ]
 
 
 def _identifier(text: str) -> str:

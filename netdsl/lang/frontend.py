@@ -10,27 +10,27 @@ from pathlib import Path
 import networkx as nx
 
 from netdsl.ir.graph import Setting
-from netdsl.ir.limits import check_memory
+from netdsl.ir.limits import check_memory, check_options
 from netdsl.ir.shapes import infer_shapes
 from netdsl.lang.build import build, build_recipe
 from netdsl.lang.parse import parse_file, parse_text
 
 
 def load_graph(path: str | Path, *, batch: int = 1, dtype: str = "fp32", memory_limit: int | None = None) -> nx.DiGraph:
-    """Parse, build and shape-check a `.net` file. Raises `NetError` for any mistake in it."""
+    """Parse, build and shape-check a `.net` file. Raises `NetError` for any mistake in it (or in the options:
+    `batch` images, `dtype` one of netdsl.ir.dtypes.DTYPES, `memory_limit` bytes per device or None)."""
+    check_options(batch, dtype, memory_limit)
     with _gc_paused():
         return _checked(build(parse_file(path)), batch, dtype, memory_limit)
 
 
-def graph_from_text(text: str, file: str = "<string>", **options) -> nx.DiGraph:
+def graph_from_text(
+    text: str, file: str = "<string>", *, batch: int = 1, dtype: str = "fp32", memory_limit: int | None = None
+) -> nx.DiGraph:
     """Like `load_graph`, for source text held in memory (includes resolve relative to `file`)."""
+    check_options(batch, dtype, memory_limit)
     with _gc_paused():
-        return _checked(
-            build(parse_text(text, file)),
-            options.get("batch", 1),
-            options.get("dtype", "fp32"),
-            options.get("memory_limit"),
-        )
+        return _checked(build(parse_text(text, file)), batch, dtype, memory_limit)
 
 
 def load_recipe(path: str | Path) -> list[Setting]:

@@ -161,11 +161,13 @@ def read_source(path: Path, keep_line_ends: bool = False) -> str:
     except IsADirectoryError:
         raise NetError(f"{path} is a directory, not a .net file", where=str(path)) from None
     except UnicodeDecodeError as error:
-        raise NetError(
-            f"{path} is not UTF-8 text (byte {error.start})",
-            where=str(path),
-            hint="a .net file is plain UTF-8 text",
-        ) from None
+        hint = "a .net file is plain UTF-8 text"
+        if Path(path).suffix.lower() == ".onnx":
+            hint = (
+                "an ONNX model: the netdsl commands take one where a net goes; in Python, import it first: "
+                "text, weights = netdsl.interop.onnx_import.import_onnx(path) (docs/onnx.md)"
+            )
+        raise NetError(f"{path} is not UTF-8 text (byte {error.start})", where=str(path), hint=hint) from None
     except OSError as error:
         raise NetError(f"cannot read {path}: {error.strerror or error}", where=str(path)) from None
 

@@ -23,8 +23,17 @@ def map_devices(
     `devices` maps them (every one of them; a name in `declared`, a device the net declares but puts
     nothing on, may be mapped too), or is one device for all; None: with `spread`, one GPU each (round
     robin) when there are GPUs, else the CPU; without, the CPU."""
-    if isinstance(devices, (str, torch.device)):
+    if isinstance(devices, str) and "=" in devices:
+        devices = parse_devices(devices, where="devices")
+    elif isinstance(devices, (str, torch.device)):
         devices = dict.fromkeys(logical, devices)
+    elif devices is not None and not isinstance(devices, Mapping):
+        raise NetError(
+            f"devices must name torch devices, got {type(devices).__name__}",
+            where="devices",
+            hint="one device for all ('cuda:0'), or one per logical device: {'gpu0': 'cuda:0', 'gpu1': 'cuda:1'} "
+            "or 'gpu0=cuda:0,gpu1=cuda:1'",
+        )
     if devices is None:
         count = torch.cuda.device_count() if spread and torch.cuda.is_available() else 0
         return {name: torch.device(f"cuda:{i % count}" if count else "cpu") for i, name in enumerate(logical)}
@@ -41,6 +50,19 @@ def map_devices(
             hint=f"map every one of {', '.join(logical)}, e.g. {{'{missing[0]}': 'cuda:0'}}",
         )
     return {name: _torch_device(name, devices[name]) for name in logical}
+
+
+def parse_devices(text: str | None, where: str = "--devices") -> dict[str, str] | None:
+    """`gpu0=cuda:0,gpu1=cuda:1` -> {"gpu0": "cuda:0", "gpu1": "cuda:1"} (None for no text)."""
+    if not text:
+        return None
+    mapping = {}
+    for item in text.split(","):
+        logical, sep, physical = item.partition("=")
+        if not sep or not logical.strip() or not physical.strip():
+            raise NetError(f"cannot read `{item}`", where=where, hint="write gpu0=cuda:0,gpu1=cuda:1")
+        mapping[logical.strip()] = physical.strip()
+    return mapping
 
 
 def _torch_device(name: str, given: str | torch.device) -> torch.device:

@@ -35,7 +35,9 @@ from netdsl.codegen.reference import apply
 from netdsl.compiler.training import Group, training_groups
 from netdsl.errors import NetError
 from netdsl.ir import Layer, layers
+from netdsl.ir.graph import output_names, require_graph
 from netdsl.ir.ops import OPS, layer_tensors
+from netdsl.runtime.arrays import from_numpy
 from netdsl.runtime.devices import map_devices
 from netdsl.runtime.weights import checked_weights, init_weights, weight_specs
 
@@ -59,6 +61,7 @@ class _Plan:
     anchors: dict[str, tuple[str, str]]  # logical device -> (layer, tensor) whose device it follows
     inputs: dict[str, tuple[int, ...]]  # input layer -> per-image shape
     outputs: list[str]
+    output_names: dict[str, str]  # output layer -> what `forward` calls it (netdsl.ir.graph.output_names)
     softmax_output: bool
     tf32: bool | None
     precision: str  # the triton backend's dots: "tf32" with tf32, else exact ("ieee")
@@ -99,6 +102,7 @@ class GraphModule(torch.nn.Module):
         backward: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
+        require_graph(graph)
         if backend not in BACKENDS:
             raise NetError(f"unknown backend `{backend}`", where="backend", hint=f"backends: {', '.join(BACKENDS)}")
         if backend == "triton" and dtype != torch.float32:
@@ -139,6 +143,7 @@ class GraphModule(torch.nn.Module):
             anchors={},
             inputs={item.name: tuple(item.shape) for item in items if item.op == "input"},
             outputs=outputs,
+            output_names=output_names(graph),
             softmax_output=last is not None and last.op == "softmax",
             tf32=tf32,
             precision="tf32" if tf32 else "ieee",
@@ -209,7 +214,7 @@ class GraphModule(torch.nn.Module):
 
     def forward(self, x: torch.Tensor | np.ndarray | Mapping[str, object]) -> torch.Tensor | dict[str, torch.Tensor]:
         values = self._run(x, logits=False)
-        outputs = {name: values[name] for name in self._netdsl.outputs}
+        outputs = {self._netdsl.output_names[name]: values[name] for name in self._netdsl.outputs}
         return next(iter(outputs.values())) if len(outputs) == 1 else outputs
 
     def logits(self, x: torch.Tensor | np.ndarray | Mapping[str, object]) -> torch.Tensor:
@@ -217,7 +222,7 @@ class GraphModule(torch.nn.Module):
         the scores a softmax cross-entropy loss reads."""
         if len(self._netdsl.outputs) != 1:
             raise NetError(
-                f"the net has {len(self._netdsl.outputs)} outputs ({', '.join(self._netdsl.outputs)}); "
+                f"the net has {len(self._netdsl.outputs)} outputs ({', '.join(self._netdsl.output_names.values())}); "
                 "a loss on logits needs one",
                 where="graph",
                 hint="declare one `output` (the class scores) in the .net file",
@@ -301,7 +306,7 @@ class GraphModule(torch.nn.Module):
         for name in names:
             value = given[name]
             if isinstance(value, np.ndarray):
-                value = torch.from_numpy(value)
+                value = from_numpy(value)
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 what = type(value).__name__ if not isinstance(value, torch.Tensor) else value.dtype
                 raise NetError(f"input `{name}` must be a floating-point tensor, got {what}", where="inputs")

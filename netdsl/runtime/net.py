@@ -40,6 +40,7 @@ import itertools
 import math
 import os
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -63,8 +64,10 @@ from netdsl.compiler.steps import Step
 from netdsl.errors import NetError
 from netdsl.ir.display import graph_bundle, graph_html, graph_svg
 from netdsl.ir.dtypes import DTYPES, torch_dtype
-from netdsl.ir.limits import check_memory
+from netdsl.ir.graph import output_names
+from netdsl.ir.limits import check_batch, check_memory
 from netdsl.ir.ops import layer_tensors
+from netdsl.runtime.arrays import from_numpy
 from netdsl.runtime.devices import device_name, map_devices
 from netdsl.runtime.module import GraphModule
 from netdsl.runtime.weights import checked_weights, fold_weights, init_weights, load_weights, weight_specs
@@ -80,12 +83,33 @@ class TuningWarning(UserWarning):
 
 
 def load(path: str | Path, **kwargs) -> Net:
-    """`netdsl.load(path, backend=..., devices=..., weights=...)`: a `Net` ready to run."""
+    """`netdsl.load(path, backend=..., devices=..., weights=...)`: a `Net` ready to run (every option: `Net`)."""
     return Net(path, **kwargs)
 
 
 class Net:
-    """A compiled net, callable on a batch: `net(x)` -> the output tensor (a dict for several outputs)."""
+    """A compiled net, callable on a batch: `net(x)` -> the output tensor, or for several outputs a dict by the
+    names the `output` statement wrote (`output a, b`: `{"a": ..., "b": ...}`). `x`: a tensor or numpy array of
+    N x the input's shape in the net's dtype, or a dict by input name for several inputs. Calls from several
+    threads take turns (each call uses the arena of its batch size).
+
+    Options (keywords):
+
+    - `backend`: "torch" (each step by PyTorch's ops) or "triton" (the generated kernels; on the CPU under
+      Triton's interpreter);
+    - `devices`: the net's logical devices -> torch devices: {"gpu0": "cuda:0", "gpu1": "cuda:1"}, the same as
+      text ("gpu0=cuda:0,gpu1=cuda:1"), or one device for all ("cuda:0"); default: one GPU each, else the CPU;
+    - `dtype`: "fp32", "tf32", "fp16" or "bf16"; `precision`: fp32's products, "ieee" (exact) or "tf32x3";
+    - `weights`: a dict "<layer>.<tensor>" -> tensor or array, or a safetensors file (docs/weights.md); default:
+      initial values by `init` ("paper": N(0, 0.01) as the paper; "he") drawn from `seed` (a whole number >= 0);
+    - `batch`: the batch size the plan's report and memory check assume (any batch runs);
+    - `build_dir`: a folder to write the build into (kernels, plan.json, report.txt; the triton backend uses a
+      temporary one otherwise);
+    - `check_inputs`: refuse inputs holding NaN or infinities (default True);
+    - `progress`: a text stream (e.g. sys.stderr) to show the first run's progress on, kernel by kernel;
+    - `cuda_graph`, `streams`, `layout`, `space_to_depth`, `merge_towers`, `split_k`, `tuning`: see this
+      module's docstring and docs/runtime.md.
+    """
 
     def __init__(
         self,
@@ -111,6 +135,13 @@ class Net:
         tuning: str | Path | None = None,
     ) -> None:
         self.path = str(path)
+        batch = check_batch(batch)
+        if progress is not None and not (callable(getattr(progress, "write", None)) and hasattr(progress, "flush")):
+            raise NetError(
+                f"progress must be a text stream, got {type(progress).__name__}",
+                where="progress",
+                hint="e.g. progress=sys.stderr, or None for none",
+            )
         if streams not in STREAMS:
             raise NetError(f"unknown streams `{streams}`", where="streams", hint=f"streams: {', '.join(STREAMS)}")
         if backend not in BACKENDS:
@@ -153,7 +184,11 @@ class Net:
             step = self._steps[name]
             if step.kind == "input":
                 self.input_shapes.setdefault(step.first.name, tuple(step.shape))
-        self.output_steps: dict[str, str] = dict(zip(self.layer_graph.graph["outputs"], self.program.graph["outputs"]))
+        names = output_names(self.layer_graph)
+        self.output_steps: dict[str, str] = {  # the name a call returns an output by -> the step computing it
+            names[layer_name]: step
+            for layer_name, step in zip(self.layer_graph.graph["outputs"], self.program.graph["outputs"], strict=True)
+        }
         self.weight_shapes = weight_specs(self.layer_graph)
 
         self._tmp: tempfile.TemporaryDirectory | None = None
@@ -179,6 +214,7 @@ class Net:
         self._streams = self._make_streams(streams)
         self.cuda_graph = cuda_graph
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
+        self._lock = threading.RLock()  # one call at a time: calls with a batch size share its arena
         if cuda_graph:
             self._check_graphable()
         self.load_weights(self._default_weights(seed) if weights is None else weights)
@@ -241,9 +277,13 @@ class Net:
     def load_weights(self, weights: Mapping[str, object] | str | Path) -> None:
         """Takes every weight of the net (`"<layer>.<tensor>"` -> tensor or array), checks names and shapes,
         folds batch norms into the convs that absorbed them and puts each step's weights on its device."""
-        if isinstance(weights, (str, Path)):
+        if isinstance(weights, (str, os.PathLike)):
             weights = load_weights(weights, self.layer_graph)
         checked = checked_weights(weights, self.weight_shapes)
+        with self._lock:
+            self._take_weights(checked)
+
+    def _take_weights(self, checked: dict[str, torch.Tensor]) -> None:
         tensors = {name: tensor.to("cpu", torch.float64) for name, tensor in checked.items()}
         self._graphs.clear()  # captured graphs read the old weight tensors
         folded = fold_weights(self.layer_graph, {name: tensor.numpy() for name, tensor in tensors.items()})
@@ -268,6 +308,16 @@ class Net:
         block = step.options.get("space_to_depth")
         if block is not None:  # the conv reads its input cut into blocks of pixels (netdsl.compiler.space_to_depth)
             tensors["weight"] = space_to_depth_weight(tensors["weight"], block)
+        largest = torch.finfo(self.torch_dtype).max
+        for key, tensor in tensors.items():
+            if tensor.numel() and float(tensor.abs().max()) > largest:
+                folding = " after folding its batch norm" if item.fields.get("folded") else ""
+                raise NetError(
+                    f"weight `{item.name}.{key}` holds values beyond {self.dtype}'s range{folding} (largest "
+                    f"{float(tensor.abs().max()):.3g}, {self.dtype} reaches {largest:.3g})",
+                    where="weights",
+                    hint="run the net in a wider dtype (fp32 or bf16), or scale the weights",
+                )
         return {
             key: to_layout(tensor.to(device=device, dtype=self.torch_dtype), layouts.get(key, "nchw"))
             for key, tensor in tensors.items()
@@ -276,6 +326,10 @@ class Net:
     # --- running ----------------------------------------------------------------------------------
 
     def __call__(self, x: torch.Tensor | np.ndarray | Mapping[str, object]) -> torch.Tensor | dict[str, torch.Tensor]:
+        with self._lock:
+            return self._call(x)
+
+    def _call(self, x) -> torch.Tensor | dict[str, torch.Tensor]:
         inputs, batch = self._take_inputs(x)
         views = self.views(batch)
         with torch.no_grad(), _tf32(self.dtype == "tf32"):
@@ -308,6 +362,10 @@ class Net:
         if device not in self._partitions:
             devices = ", ".join(self._partitions)
             raise NetError(f"the net has no device `{device}`", where="device", hint=f"its devices: {devices}")
+        with self._lock:
+            return self._run_partition(device, x, receive, send)
+
+    def _run_partition(self, device: str, x, receive, send) -> dict[str, torch.Tensor]:
         inputs, batch = self._take_inputs(x)
         views = self.views(batch)
         with torch.no_grad(), _tf32(self.dtype == "tf32"):
@@ -372,6 +430,10 @@ class Net:
     def profile(self, x) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict[str, float]]:
         """Runs one batch step by step, partitions one after another, and times every step (ms):
         CUDA events on a GPU, the wall clock on the CPU. Returns the outputs and the times."""
+        with self._lock:
+            return self._profile(x)
+
+    def _profile(self, x) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict[str, float]]:
         inputs, batch = self._take_inputs(x)
         views = self.views(batch)
         times: dict[str, float] = {}
@@ -399,6 +461,7 @@ class Net:
 
     def memory(self, batch: int) -> dict[str, tuple[int, int]]:
         """Per logical device: bytes of its activation arena at `batch`, and bytes of its weights."""
+        batch = check_batch(batch)
         width = torch.empty((), dtype=self.torch_dtype).element_size()
         weights = dict.fromkeys(self._partitions, 0)
         for name, tensors in self._step_weights.items():
@@ -487,11 +550,13 @@ class Net:
         batch = None
         for name in names:
             value = given[name]
+            converted = f"x.to({self.torch_dtype})"
             if isinstance(value, np.ndarray):
                 if value.dtype.kind not in "biuf":
                     raise NetError(f"input `{name}` holds {value.dtype} values, not numbers", where=self.path)
-                # torch takes only native byte order and non-negative strides (a reversed view, a '>f4' file)
-                value = torch.from_numpy(np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("=")))
+                numpy_type = {"fp32": "np.float32", "tf32": "np.float32", "fp16": "np.float16"}.get(self.dtype)
+                converted = f"x.astype({numpy_type})" if numpy_type else f"torch.from_numpy(x).to({self.torch_dtype})"
+                value = from_numpy(value)
             if isinstance(value, torch.Tensor) and (value.layout != torch.strided or value.is_meta):
                 raise NetError(
                     f"input `{name}` is a {'meta' if value.is_meta else str(value.layout)} tensor",
@@ -514,7 +579,7 @@ class Net:
                 raise NetError(
                     f"input `{name}` has dtype {value.dtype}, the net runs in {self.dtype} ({self.torch_dtype})",
                     where=self.path,
-                    hint=f"convert it first, e.g. x.to({self.torch_dtype})",
+                    hint=f"convert it first, e.g. {converted}",
                 )
             if batch is not None and value.shape[0] != batch:
                 raise NetError(f"input `{name}` has a batch of {value.shape[0]}, the others {batch}", where=self.path)
@@ -583,9 +648,10 @@ class Net:
 
     def release(self) -> None:
         """Drops every arena (they are allocated again on the next call)."""
-        self._graphs.clear()  # they read and write the arenas
-        self._arenas.clear()
-        self._views.clear()
+        with self._lock:
+            self._graphs.clear()  # they read and write the arenas
+            self._arenas.clear()
+            self._views.clear()
 
     # --- torch integration ------------------------------------------------------------------------
 

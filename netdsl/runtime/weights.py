@@ -24,6 +24,7 @@ from netdsl.compiler.fold import fold_inference
 from netdsl.errors import NetError, did_you_mean
 from netdsl.files import new_temporary
 from netdsl.ir import layer, layers
+from netdsl.ir.graph import require_graph
 from netdsl.ir.ops import layer_tensors, shuffle_sources
 
 Shape = tuple[int, ...]
@@ -46,7 +47,7 @@ _SHOWN = 5  # names listed in an error before "and N more"
 def weight_specs(graph: nx.DiGraph) -> dict[str, Shape]:
     """Every stored tensor of the net (learned weights, then buffers, per layer), in layer order."""
     specs: dict[str, Shape] = {}
-    for item in layers(graph):
+    for item in layers(require_graph(graph)):
         for tensor, shape in layer_tensors(item).items():
             name = f"{item.name}.{tensor}"
             if name in specs:  # cannot happen with the language's names; guards a future op's tensor names
@@ -75,6 +76,7 @@ def init_weights(graph: nx.DiGraph, seed: int = 0, scheme: str = "paper") -> dic
 
     Batch norm starts as the identity in both: weight 1, bias 0, running_mean 0, running_var 1.
     """
+    require_graph(graph)
     if scheme not in SCHEMES:
         hint = did_you_mean(str(scheme), SCHEMES) or f"choose one of: {', '.join(SCHEMES)}"
         raise NetError(f"unknown weight initialization scheme `{scheme}`", hint=hint, where="scheme")
@@ -128,6 +130,8 @@ def save_weights(
 
     path = Path(path)
     where = str(path)
+    if not isinstance(weights, Mapping):
+        raise NetError(f"weights must be a dict of name -> array, got {type(weights).__name__}", where=where)
     tensors: dict[str, np.ndarray] = {}
     for name, value in weights.items():
         if not isinstance(name, str):
@@ -170,6 +174,7 @@ def load_weights(path: str | os.PathLike, graph: nx.DiGraph) -> dict[str, np.nda
     """
     from safetensors import SafetensorError, safe_open
 
+    require_graph(graph)
     path = Path(path)
     where = str(path)
     if not path.exists():
@@ -392,8 +397,13 @@ def checked_weights(weights, specs: Mapping[str, Shape]) -> dict:
     tensors (detached, where they were), in the order of `specs`; NetError (where: weights) otherwise."""
     import torch
 
+    from netdsl.runtime.arrays import from_numpy
+
     if not isinstance(weights, Mapping):
         raise NetError(f"weights must be a dict of name -> tensor, got {type(weights).__name__}", where="weights")
+    strange = next((name for name in weights if not isinstance(name, str)), None)
+    if strange is not None:
+        raise NetError(f"weight names are strings, got {strange!r}", where="weights", hint="e.g. 'conv1.weight'")
     unknown = sorted(set(weights) - set(specs))
     if unknown:
         close = difflib.get_close_matches(unknown[0], list(specs), n=1)
@@ -413,9 +423,15 @@ def checked_weights(weights, specs: Mapping[str, Shape]) -> dict:
     for name, shape in specs.items():
         value = weights[name]
         try:
-            tensor = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+            tensor = value.detach() if isinstance(value, torch.Tensor) else from_numpy(np.asarray(value))
         except (TypeError, ValueError, RuntimeError) as error:
             raise NetError(f"weight `{name}` is not a tensor: {error}", where="weights") from None
+        if tensor.layout != torch.strided or tensor.is_meta:
+            raise NetError(
+                f"weight `{name}` is a {'meta' if tensor.is_meta else str(tensor.layout)} tensor",
+                where="weights",
+                hint="pass dense tensors with values (w.to_dense())",
+            )
         if tuple(tensor.shape) != tuple(shape):
             raise NetError(
                 f"weight `{name}` has shape {_shape(tuple(tensor.shape))}, the net needs {_shape(shape)}",
@@ -430,5 +446,12 @@ def checked_weights(weights, specs: Mapping[str, Shape]) -> dict:
                 where="weights",
                 hint="the weights are damaged, or were saved from a training run that diverged",
             )
+        if tensor.dtype == torch.float64 and tensor.numel() and float(tensor.abs().max()) > _F32_MAX:
+            raise NetError(
+                f"weight `{name}` holds values beyond float32's range (largest {float(tensor.abs().max()):.3g})",
+                where="weights",
+                hint="netdsl computes in float32 or narrower: scale or clip the weights",
+            )
         tensors[name] = tensor
     return tensors
+

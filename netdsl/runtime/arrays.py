@@ -1,0 +1,19 @@
+"""numpy arrays handed to netdsl (inputs, weights) as torch tensors."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+
+def from_numpy(array: np.ndarray) -> torch.Tensor:
+    """A tensor of a numpy array of any strides and byte order (torch takes only native byte order and
+    non-negative strides: a reversed view, a '>f4' file), sharing its memory where it can. A read-only array (as
+    `import_onnx` returns, or a memory-mapped file) is only read, so torch's warning about it is not shown."""
+    if array.dtype.kind in "biuf":
+        array = array.astype(array.dtype.newbyteorder("="), order="C", copy=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        return torch.from_numpy(array) if array.dtype.kind in "biuf" else torch.as_tensor(array)
