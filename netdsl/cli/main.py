@@ -255,14 +255,17 @@ def _onnx_importer(where: str):
 
 
 def _imported(model: Path, folder: Path, args: argparse.Namespace) -> Path:
-    """An ONNX model given where a net goes: imported into `folder` (its weights are used by `run`)."""
+    """An ONNX model given where a net goes: imported into `folder` (its weights, with the preprocessing and
+    class names `netdsl export` kept in the model, are used by `run`)."""
+    from netdsl.train.augment import Preprocess
+
     import_to_files = _onnx_importer(str(model))
     net, weights = folder / f"{model.stem}.net", folder / f"{model.stem}.safetensors"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise NetError(f"cannot create {folder}: {error.strerror}", where=str(folder)) from None
-    import_to_files(model, net, weights)
+    import_to_files(model, net, weights, read_preprocess=Preprocess.from_json)
     if hasattr(args, "weights") and args.weights is None:  # `run` without --weights: the model's
         args.weights = weights
     return net
@@ -325,20 +328,30 @@ def _export(path: Path, args: argparse.Namespace) -> int:
         from netdsl.interop.onnx_export import export_onnx
     except ImportError:
         raise NetError("exporting needs onnx", where="export", hint="pip install 'netdsl[onnx]'") from None
-    from netdsl.runtime.weights import checked_weights, init_weights, load_weights, weight_specs
+    from netdsl.runtime.weights import checked_weights, init_weights, load_weights, weight_specs, weights_metadata
+    from netdsl.train.augment import Preprocess
 
+    if args.weights is not None and args.weights.is_dir():
+        args.weights = args.weights / "weights.safetensors"  # a run folder of `netdsl train`, as `run` takes one
     for written in (args.output, args.output.with_name(args.output.name + ".data")):
         refuse_overwriting(written, [path, args.weights], "--output")
     graph = load_graph(path, batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit)
     weights = load_weights(args.weights, graph) if args.weights else init_weights(graph, seed=args.seed)
+    preprocess = None
     if args.weights:  # as any net that takes weights: refused when they hold NaN or infinities
         try:
             checked_weights(weights, weight_specs(graph))
         except NetError as error:
             error.where = "--weights"
             raise
+        # how training prepared images, checked as `netdsl run` checks it, goes into the model as it is
+        preprocess = weights_metadata(args.weights).get("netdsl.preprocess")
+        if preprocess is not None:
+            record = Preprocess.from_json(preprocess, where=str(args.weights))
+            if len(graph.graph["inputs"]) == 1:
+                record.check_fits(graph.nodes[graph.graph["inputs"][0]]["layer"].shape, str(args.weights))
     try:
-        export_onnx(graph, weights, args.output, external_data=args.external_data or None)
+        export_onnx(graph, weights, args.output, external_data=args.external_data or None, preprocess=preprocess)
     except OSError as error:
         raise NetError(f"cannot write {args.output}: {error.strerror or error}", where=str(args.output)) from None
     print(f"wrote {args.output}")
@@ -346,9 +359,11 @@ def _export(path: Path, args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
+    from netdsl.train.augment import Preprocess
+
     import_to_files = _onnx_importer("import")
     weights = args.weights_out or args.output.with_suffix(".safetensors")
-    result = import_to_files(args.model, args.output, weights, towers=args.towers)
+    result = import_to_files(args.model, args.output, weights, towers=args.towers, read_preprocess=Preprocess.from_json)
     for note in result.notes:
         print(f"{args.model}: note: {note}", file=sys.stderr)
     print(f"wrote {args.output} and {weights}")

@@ -19,6 +19,9 @@ Conventions carried over from netdsl/ir/ops.py:
   average pool needs opset 19, and a ceil-mode pool whose last window would start in the end padding (dropped,
   as onnxruntime drops it) opset 22, which says so: the model then gets that opset.
 
+Trained weights' preprocessing (the JSON record `netdsl train` saves as "netdsl.preprocess") goes into the
+model's `metadata_props` under the same key, and its class names under "names" (netdsl/interop/onnx_metadata.py).
+
 Names: ONNX allows any string, but layer names such as `conv1.relu@gpu0` are rewritten to
 `conv1.relu_gpu0` (anything outside letters, digits, `_`, `.`, `-` becomes `_`), kept unique.
 """
@@ -34,6 +37,7 @@ import networkx as nx
 import numpy as np
 
 from netdsl.files import write_atomic_bytes
+from netdsl.interop.onnx_metadata import export_props
 from netdsl.ir import layers
 from netdsl.ir.graph import require_graph
 from netdsl.ir.ops import layer_pads
@@ -70,9 +74,11 @@ class _Names:
         return candidate
 
 
-def build_onnx(graph: nx.DiGraph, weights: Mapping[str, np.ndarray], opset: int = 17):
+def build_onnx(graph: nx.DiGraph, weights: Mapping[str, np.ndarray], opset: int = 17, preprocess: str | None = None):
     """The ONNX `ModelProto` of `graph` with `weights` as initializers (checked, not written). The weights are
-    checked as any net checks them (netdsl.runtime.weights.checked_weights: names, shapes, finite values)."""
+    checked as any net checks them (netdsl.runtime.weights.checked_weights: names, shapes, finite values).
+    `preprocess`: the weights' preprocessing record (the JSON text `netdsl train` saved in their metadata as
+    "netdsl.preprocess"), kept in the model's metadata_props."""
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
@@ -156,6 +162,8 @@ def build_onnx(graph: nx.DiGraph, weights: Mapping[str, np.ndarray], opset: int 
     )
     model = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="netdsl")
     model.ir_version = min(model.ir_version, _ir_version_for(opset))
+    if preprocess is not None:
+        helper.set_model_props(model, export_props(preprocess))
     check_structure(model)
     return model
 
@@ -306,8 +314,10 @@ def export_onnx(
     path: str | os.PathLike,
     opset: int = 17,
     external_data: bool | None = None,
+    preprocess: str | None = None,
 ):
-    """Writes `graph` with `weights` to `path` as an ONNX model; returns the `ModelProto`.
+    """Writes `graph` with `weights` to `path` as an ONNX model; returns the `ModelProto`. `preprocess`: as
+    for `build_onnx`, the weights' preprocessing record (`weights_metadata(file).get("netdsl.preprocess")`).
 
     `external_data`: the weights in `PATH.data` beside the model (ONNX's external data, which onnx,
     onnxruntime and `netdsl import` read) rather than inside it; None: only where the model would pass
@@ -315,7 +325,7 @@ def export_onnx(
     import onnx
 
     path = Path(path)
-    model = build_onnx(graph, weights, opset)
+    model = build_onnx(graph, weights, opset, preprocess)
     if external_data is None:
         external_data = model.ByteSize() > MAX_PROTO_BYTES
     if external_data:

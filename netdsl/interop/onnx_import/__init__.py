@@ -3,7 +3,8 @@
 `import_onnx(path, towers=False)` returns an `OnnxImport`: the text of the `.net` file, its weights
 named exactly as `netdsl.runtime.weights.weight_specs` names them for that net, and notes for the user
 (`text, weights = import_onnx(path)` also works). `import_to_files(path, net_path, weights_path)`
-writes both files. docs/onnx.md lists the supported ops and how each attribute is mapped.
+writes both files, the weights with the preprocessing record a model from `netdsl export` carries
+(netdsl/interop/onnx_metadata.py). docs/onnx.md lists the supported ops and how each attribute is mapped.
 
 How a model becomes a net, one module per step:
 
@@ -39,18 +40,31 @@ from netdsl.interop.onnx_import.names import BUILTINS, RESERVED
 from netdsl.interop.onnx_import.read import CONST_OPS, LAYER_OPS, MIN_OPSET, max_opset, read_model, shown
 from netdsl.interop.onnx_import.towers import tower_plan
 from netdsl.interop.onnx_import.write import OnnxImport, write
+from netdsl.interop.onnx_metadata import ReadPreprocess, check_preprocess
 
 
-def import_onnx(path: str | os.PathLike, towers: bool = False, *, weights_name: str | None = None) -> OnnxImport:
+def import_onnx(
+    path: str | os.PathLike,
+    towers: bool = False,
+    *,
+    weights_name: str | None = None,
+    read_preprocess: ReadPreprocess | None = None,
+) -> OnnxImport:
     """Reads the ONNX model at `path`; returns the `.net` text and its weights. `weights_name` is only
-    mentioned in the text's header comment. Raises `NetError` (where: the path) for every problem."""
+    mentioned in the text's header comment. Raises `NetError` (where: the path) for every problem.
+
+    `read_preprocess` (netdsl.train.augment.Preprocess.from_json, which this stage cannot import) checks the
+    preprocessing record the model carries, if any: a damaged one, or one for other inputs, is an error."""
     path = Path(path)
     try:
         model = read_model(path)
         net = convert(model, str(path))
         clean_up(net)
         plan = tower_plan(net) if towers else None
-        return write(net, model, path, plan, weights_name)
+        result = write(net, model, path, plan, weights_name)
+        if read_preprocess is not None:
+            check_preprocess(result.metadata, result.inputs, read_preprocess, str(path))
+        return result
     except NetError as error:
         if error.span is None and error.where is None:  # every problem names the model
             error.where = str(path)
@@ -74,9 +88,12 @@ def import_to_files(
     net_path: str | os.PathLike,
     weights_path: str | os.PathLike | None = None,
     towers: bool = False,
+    *,
+    read_preprocess: ReadPreprocess | None = None,
 ) -> OnnxImport:
     """Imports `path` and writes the `.net` file and the safetensors file (default: the `.net` path
-    with the suffix `.safetensors`). The weights are written first, each file atomically."""
+    with the suffix `.safetensors`), the model's preprocessing record in the latter's metadata (checked
+    first with `read_preprocess`, as for `import_onnx`). The weights are written first, each file atomically."""
     from netdsl.runtime.weights import save_weights
 
     net_path = Path(net_path)
@@ -91,8 +108,8 @@ def import_to_files(
         if not target.parent.is_dir():
             raise NetError(f"cannot write {target}: no folder {target.parent}", where=str(target))
     shown_name = weights_path.name if weights_path.parent.resolve() == net_path.parent.resolve() else str(weights_path)
-    result = import_onnx(path, towers, weights_name=shown_name)
-    save_weights(weights_path, result.weights)
+    result = import_onnx(path, towers, weights_name=shown_name, read_preprocess=read_preprocess)
+    save_weights(weights_path, result.weights, metadata=result.metadata)
     write_atomic(net_path, result.text)
     return result
 

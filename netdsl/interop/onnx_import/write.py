@@ -20,17 +20,22 @@ from netdsl.interop.onnx_import.layers import LayerGraph, frozen
 from netdsl.interop.onnx_import.names import is_name, sanitize, sanitize_file
 from netdsl.interop.onnx_import.read import opset_of
 from netdsl.interop.onnx_import.towers import Towers
+from netdsl.interop.onnx_metadata import imported_metadata
 from netdsl.ir.ops import OPS
 
 
 @dataclass
 class OnnxImport:
-    """A model read from ONNX: the `.net` text, its weights (float32, in `weight_specs` order) and
-    notes for the user (e.g. why --towers could not split the net)."""
+    """A model read from ONNX: the `.net` text, its weights (float32, in `weight_specs` order), notes for
+    the user (e.g. why --towers could not split the net), the safetensors metadata of the weights (the
+    preprocessing record `netdsl export` keeps in the model, under "netdsl.preprocess") and the net's
+    inputs with their shapes (C x H x W, or F)."""
 
     text: str
     weights: dict[str, np.ndarray]
     notes: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator:  # text, weights = import_onnx(path)
         return iter((self.text, self.weights))
@@ -53,7 +58,13 @@ def write(net: LayerGraph, model, path: Path, plan: Towers | None, weights_name:
     specs = weight_specs(graph)
     if set(specs) != set(weights) or any(tuple(weights[n].shape) != s for n, s in specs.items()):
         raise net.fail("internal error: the weights do not match the imported net", hint="please report this model")
-    return OnnxImport(text, {name: weights[name] for name in specs}, list(net.notes))
+    return OnnxImport(
+        text,
+        {name: weights[name] for name in specs},
+        list(net.notes),
+        metadata=imported_metadata(model),
+        inputs={name: tuple(graph.nodes[name]["layer"].shape) for name in graph.graph["inputs"]},
+    )
 
 
 def _number(value) -> str:
