@@ -23,12 +23,15 @@ programs where the batch leaves most SMs idle (`split_k=True`); `-tuned` takes t
 products in netdsl's kernels (`precision="tf32x3"`) and exact fp32 in PyTorch's. The PyTorch model is the
 hand-written one of the golden tests (tests/golden/models.py); `compile` and `max-autotune` are torch.compile's
 default and max-autotune modes (minutes of compiling each). Each row is printed as soon as it is
-measured (and appended to `--tsv`), the table at the end. Without a GPU it says so and exits 0.
+measured (and appended to `--tsv`, under a comment with the command, the machine and the date, and the
+column names when the file is new), the table at the end. Without a GPU it says so and exits with status 4.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -37,6 +40,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from arguments import joined, positive_int, positive_ints  # noqa: E402
+from timing import no_gpu  # noqa: E402
 
 NETS = ("alexnet", "vgg16")  # nets/<name>.net, each with its hand-written model in tests/golden/models.py
 PRECISIONS = {
@@ -120,10 +127,44 @@ def make_system(
     return torch.compile(model, mode="max-autotune")
 
 
+HEADER = ("net", "batch", "precision", "system", "latency ms", "images/s", "x floor", "warm-up s")
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, every setting spelt out."""
+    words = ["python", "bench/alexnet_gpu.py", "--runs", str(args.runs), "--batches", joined(args.batches),
+             "--precisions", args.precisions, "--systems", args.systems, "--net", args.net]  # fmt: skip
+    if args.tuning:
+        words += ["--tuning", args.tuning]
+    if args.tsv:
+        words += ["--tsv", args.tsv]
+    if args.warm_only:
+        words.append("--warm-only")
+    return shlex.join(words)
+
+
+class TsvFile:
+    """`--tsv`: rows appended as they are measured, the first under a comment naming the command, the machine
+    and the date (several runs append to one file: each block says where it came from), and the column names
+    first of all when the file is new."""
+
+    def __init__(self, path: str, preamble: list[str]) -> None:
+        self.path, self.preamble = path, preamble
+
+    def append(self, row: tuple[str, ...]) -> None:
+        with open(self.path, "a", encoding="utf-8") as file:
+            if self.preamble:
+                if file.tell() == 0:
+                    file.write("# " + "\t".join(HEADER) + "\n")
+                file.writelines(f"# {line}\n" for line in self.preamble)
+                self.preamble = []
+            file.write("\t".join(row) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--batches", default="1,32,128")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=positive_int, default=50, help="timed runs per row (the median)")
+    parser.add_argument("--batches", type=positive_ints, default=(1, 32, 128), help="comma-separated")
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--systems", default="netdsl,netdsl-graph,eager,compile,max-autotune")
     parser.add_argument("--tsv", help="append each row to this file as it is measured")
@@ -141,14 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown system or precision: {', '.join(unknown)} (systems: {', '.join(SYSTEMS)})")
     if any("-tuned" in name for name in chosen) and not args.tuning:
         parser.error("the -tuned systems take the tiles of a tuning file: give --tuning FILE (netdsl tune)")
-    print(
-        f"# python bench/alexnet_gpu.py --runs {args.runs} --batches {args.batches} "
-        f"--precisions {args.precisions} --systems {args.systems} --net {args.net}"
-        + (f" --tuning {args.tuning}" if args.tuning else "")
-    )
+    command = command_line(args)
+    print(f"# {command}")
     if not torch.cuda.is_available():
-        print("no CUDA GPU here: nothing to time (run this on a machine with one)")
-        return 0
+        return no_gpu()
     import time
 
     import triton
@@ -164,10 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     graph = netdsl.load_graph(net)
     devices = sorted({item.device for item in layers(graph)})
     weights = init_weights(graph, seed=0)
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    header = ("net", "batch", "precision", "system", "latency ms", "images/s", "x floor", "warm-up s")
+    machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
+    print(f"device: {machine}")
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    tsv = TsvFile(args.tsv, [command, f"{machine}; {today}"]) if args.tsv else None
     rows = []
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in args.batches:
         for name in args.precisions.split(","):
             dtype, torch_dtype = PRECISIONS[name]
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = name == "tf32"
@@ -193,13 +232,12 @@ def main(argv: list[str] | None = None) -> int:
                        f"{ms / floor:.1f}", f"{warm:.1f}")  # fmt: skip
                 rows.append(row)
                 print("\t".join(row), flush=True)
-                if args.tsv:
-                    with open(args.tsv, "a", encoding="utf-8") as file:
-                        file.write("\t".join(row) + "\n")
+                if tsv:
+                    tsv.append(row)
                 del run
                 torch.cuda.empty_cache()
 
-    print("\n".join(format_table(header, rows, left={0, 2, 3})))
+    print("\n".join(format_table(HEADER, rows, left={0, 2, 3})))
     print(f"floor: the fused plan's roofline time on an H100 (netdsl.compiler.cost); {args.runs} timed runs each")
     return 0
 

@@ -17,8 +17,9 @@ pass, `--space-to-depth`), and, apart, the transform kernel that rearranges the 
 (codegen/space_to_depth.py): what the compiler gains by lowering such convs so. `--dtypes tf32x3` times
 fp32 with three TF32 products against cuDNN's exact fp32.
 
-`--smoke` runs the same code on the CPU under Triton's interpreter at a tiny size (no timing meaning):
-tests/test_bench.py uses it to keep this script working between GPU leases.
+`--smoke` runs the same code on the CPU under Triton's interpreter at a tiny size, batch 1, one tile (no
+timing meaning; `--batch` and `--configs` are refused with it): tests/test_bench.py uses it to keep this
+script working between GPU leases. Without a GPU (and without `--smoke`) it says so and exits with status 4.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import announce_device, timer  # noqa: E402
+from arguments import positive_int, settle_smoke  # noqa: E402
+from timing import NO_GPU, announce_device, timer  # noqa: E402
 
 from netdsl.codegen.conv import TUNING_TILES  # noqa: E402
 
@@ -149,13 +151,14 @@ def sweep(layer: str, shape: tuple, name: str, batch: int, device: str, configs:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=128)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=positive_int, help="images per conv (default 128)")
     parser.add_argument("--dtypes", default="bf16,tf32")
     parser.add_argument("--layers", default=",".join(LAYERS))
-    parser.add_argument("--configs", default="all", help="`all`, or indices into CONFIGS: 0,3,4")
+    parser.add_argument("--configs", help="`all` (the default), or indices into CONFIGS: 0,3,4")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (interpreter): no timing")
     args = parser.parse_args(argv)
+    settle_smoke(parser, args, {"batch": 128, "configs": "all"}, "batch 1 and one tile")
     unknown = [d for d in args.dtypes.split(",") if d not in PRECISIONS]
     unknown += [layer for layer in args.layers.split(",") if layer not in LAYERS]
     if args.configs != "all":
@@ -163,18 +166,21 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # before the GPU is looked for: a bad flag fails on any machine
         parser.error(f"unknown dtype, layer or config index: {', '.join(unknown)} (dtypes: {', '.join(PRECISIONS)}; "
                      f"layers: {', '.join(LAYERS)}; configs: 0 to {len(CONFIGS) - 1})")  # fmt: skip
-    print(f"# python bench/conv_sweep.py --batch {args.batch} --dtypes {args.dtypes} --layers {args.layers}"
-          f" --configs {args.configs}{' --smoke' if args.smoke else ''}")  # fmt: skip
+    swept = f"--dtypes {args.dtypes} --layers {args.layers}"
+    if args.smoke:  # what ran, exactly: --smoke sets the batch and the tile itself
+        print(f"# python bench/conv_sweep.py {swept} --smoke")
+    else:
+        print(f"# python bench/conv_sweep.py --batch {args.batch} {swept} --configs {args.configs}")
     device = announce_device(args.smoke)
     if device is None:
-        return 0
+        return NO_GPU
 
     from netdsl.tables import format_table
 
     batch = 1 if args.smoke else args.batch
     chosen = CONFIGS if args.configs == "all" else [CONFIGS[int(i)] for i in args.configs.split(",")]
-    if args.smoke:
-        chosen = [{**chosen[0], "BLOCK_M": 512, "BLOCK_K": 128, "num_stages": 1}]
+    if args.smoke:  # one tile the interpreter runs in seconds
+        chosen = [{**CONFIGS[0], "BLOCK_M": 512, "BLOCK_K": 128, "num_stages": 1}]
     measure = timer(args.smoke)
     tables: dict[str, list[tuple]] = {}
     generator = torch.Generator().manual_seed(0)

@@ -30,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "bench"))
+
+from arguments import positive_int  # noqa: E402
 
 SIZES = (100, 1_000, 10_000)
 MIN_LAYERS = 20  # the smallest net generated_net makes: towers, one unit and the head
@@ -106,7 +109,7 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=7, help="runs per net (default 7); stages get half")
+    parser.add_argument("--runs", type=positive_int, default=7, help="runs per net (default 7); stages get half")
     parser.add_argument(
         "--sizes", type=_sizes, default=SIZES, help="layers of the generated nets (default 100,1000,10000)"
     )
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python bench/frontend.py" + (f" --runs {args.runs}" if args.runs != 7 else "")
     command += f" --sizes {','.join(map(str, args.sizes))}" if args.sizes != SIZES else ""
+    command += " --profile" if args.profile else ""
     print(f"# netdsl front end (parse + build + shapes + memory check); reproduce: {command}")
     print(
         f"# Python {platform.python_version()}, lark {lark.__version__}, networkx {nx.__version__},"

@@ -23,6 +23,8 @@
 # benchmarks need (filling the caches on disk). Works with the machine's own torch and triton; the GPU
 # machines have no lark and no registry, so lark travels as a wheel in .whl/ (untracked, so it goes with the
 # working tree): before the device command, on this machine, `python -m pip download --no-deps -d .whl lark`.
+# Exit status: 2 for an unknown part, 3 when lark is missing, 4 on a machine without a GPU (env.txt written, nothing
+# tested or timed: the benchmarks themselves exit 4 there too); else 0, each stage's outcome in its log under $OUT.
 set -u
 PART=${1:-all}
 case "$PART" in all|tests|train|infer) ;; *) echo "usage: bash bench/gpu_session.sh [all|tests|train|infer]" >&2; exit 2;; esac
@@ -62,6 +64,11 @@ export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     python3 -c "import torch, triton, lark; print('torch', torch.__version__, 'triton', triton.__version__, \
 'lark', lark.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/env.txt"
+# without a GPU every stage would only say so: stop here, once, where the device command's output shows it
+if ! gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name())" 2>/dev/null); then
+    echo "gpu_session.sh: no CUDA GPU here: nothing tested or timed (the machine is in $OUT/env.txt)" >&2
+    exit 4
+fi
 
 # background: compile netdsl's kernels (and Inductor's) for the benchmarks while the tests run
 if wants infer; then
@@ -78,6 +85,9 @@ if wants infer; then
 fi
 
 if wants tests; then
+    # the tests append "what<TAB>error" to errors.tsv (NETDSL_GPU_REPORT): each session's rows under a comment
+    echo "# bash bench/gpu_session.sh $PART: $gpu, $(date -u +%Y-%m-%d); test, error relative to the largest" \
+        "|reference|" >>"$OUT/errors.tsv"
     workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 6")
     box "${TEST_S:-150}" python3 -m pytest -q $workers -p no:cacheprovider -rfE \
         tests/test_gpu.py tests/test_layout.py tests/test_kernel_conv_nhwc.py tests/test_kernel_configs.py \
@@ -89,7 +99,7 @@ if wants tests; then
         tests/test_precision.py tests/test_space_to_depth.py tests/test_merge_towers.py tests/test_split_k.py \
         tests/test_tune.py 2>&1 | tee "$OUT/pytest_levers.log" | tail -n 5
     echo "--- measured errors (relative to the largest |reference|)"
-    sort "$OUT/errors.tsv" 2>/dev/null | tail -n 40
+    grep -v "^#" "$OUT/errors.tsv" 2>/dev/null | sort | tail -n 40
 fi
 
 if wants train; then

@@ -11,8 +11,9 @@ chosen tile is tested against PyTorch in tests/), and the time relative to today
 `*`; > 1 is faster). PyTorch's time for the same computation (cuBLAS F.linear on the concatenated
 input; F.local_response_norm + F.max_pool2d) is the first row of each step.
 
-`--smoke` runs the same code on the CPU under Triton's interpreter at a tiny size (no timing
-meaning): tests/test_bench.py keeps this script working between GPU leases.
+`--smoke` runs the same code on the CPU under Triton's interpreter at a tiny size, batch 1, fp32, one tile
+per step (no timing meaning; `--batches` and `--dtype` are refused with it): tests/test_bench.py keeps this
+script working between GPU leases. Without a GPU (and without `--smoke`) it says so and exits with status 4.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import announce_device, timer  # noqa: E402
+from arguments import joined, positive_ints, settle_smoke  # noqa: E402
+from timing import NO_GPU, announce_device, timer  # noqa: E402
 
 from netdsl.codegen.fc import TUNING_TILES as FC_TILES  # noqa: E402
 from netdsl.codegen.lrn import TUNING_TILES as NORM_TILES  # noqa: E402
@@ -122,21 +124,25 @@ def norm_rows(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", default="128,1")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=positive_ints, help="comma-separated (default 128,1)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16")
     parser.add_argument("--steps", default=",".join([*FC, *NORM]))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (interpreter): no timing")
     args = parser.parse_args(argv)
+    settle_smoke(parser, args, {"batches": (128, 1), "dtype": "bf16"}, "batch 1 and fp32")
     unknown = [step for step in args.steps.split(",") if step not in {**FC, **NORM}]
-    unknown += [b for b in args.batches.split(",") if not (b.isdigit() and int(b) > 0)]
     if unknown:  # before the GPU is looked for: a bad flag fails on any machine
-        parser.error(f"unknown step or batch: {', '.join(unknown)} (steps: {', '.join([*FC, *NORM])})")
-    print(f"# python bench/step_sweep.py --batches {args.batches} --dtype {args.dtype} --steps {args.steps}"
-          f"{' --smoke' if args.smoke else ''}")  # fmt: skip
+        parser.error(f"unknown step: {', '.join(unknown)} (steps: {', '.join([*FC, *NORM])})")
+    if args.smoke:  # what ran, exactly: --smoke sets the batch and the dtype itself
+        print(f"# python bench/step_sweep.py --steps {args.steps} --smoke")
+    else:
+        print(
+            f"# python bench/step_sweep.py --batches {joined(args.batches)} --dtype {args.dtype} --steps {args.steps}"
+        )
     device = announce_device(args.smoke)
     if device is None:
-        return 0
+        return NO_GPU
 
     from netdsl.tables import format_table
 
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         fc_shapes, norm_shapes, fc_configs, norm_configs = SMOKE_FC, SMOKE_NORM, FC_CONFIGS[:1], NORM_CONFIGS[2:3]
         dtype = torch.float32
     rows: list[tuple] = []
-    for batch in [1] if args.smoke else [int(b) for b in args.batches.split(",")]:
+    for batch in (1,) if args.smoke else args.batches:
         for step in args.steps.split(","):
             if step in FC:
                 made = fc_rows(step, fc_shapes[step], fc_configs, batch, dtype, device, measure, generator)

@@ -11,6 +11,9 @@ Each row times `--steps` steps after `--warmup` untimed ones on fresh seeded ran
 median of `--repeats` repetitions; images/s is batch / step time. The ratio is the hand-written loop's time
 over netdsl's: above 1.0, netdsl is faster. Data loading is not included: bench/train_data.py measures the
 loader (decoded and augmented images/s per worker), which must outrun the step.
+
+`--smoke` sets the nets, the batch and the step counts itself (those flags are refused with it). `--gpu`
+without a GPU says so before the CPU table and exits with status 4 (with `--smoke`: the GPU table is skipped).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -29,8 +33,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "tests"))  # the hand-written models
+sys.path.insert(0, str(ROOT / "bench"))
 
+from arguments import non_negative_int, positive_int, settle_smoke  # noqa: E402
 from golden.models import MODELS  # noqa: E402
+from timing import no_gpu  # noqa: E402
 
 import netdsl  # noqa: E402
 from netdsl.runtime.module import GraphModule  # noqa: E402
@@ -138,16 +145,19 @@ def gpu_table(batch: int, dtype: str, steps: int, warmup: int, repeats: int) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nets", default="lenet5,simplenet,alexnet", help="comma-separated nets of nets/")
-    parser.add_argument("--batch", type=int, help="one batch for every net (default: 64, alexnet 4)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per repetition")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--repeats", type=int, default=3, help="repetitions; the median is reported")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nets", help="comma-separated nets of nets/ (default lenet5,simplenet,alexnet)")
+    parser.add_argument("--batch", type=positive_int, help="one batch for every net (default: 64, alexnet 4)")
+    parser.add_argument("--steps", type=positive_int, help="timed steps per repetition (default 10)")
+    parser.add_argument("--warmup", type=non_negative_int, help="untimed steps first (default 3)")
+    parser.add_argument("--repeats", type=positive_int, help="repetitions; the median is reported (default 3)")
     parser.add_argument("--gpu", action="store_true", help="AlexNet at --gpu-batch in bf16 on a GPU")
-    parser.add_argument("--gpu-batch", type=int, default=128)
+    parser.add_argument("--gpu-batch", type=positive_int, default=128)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one step: checks the code path only")
     args = parser.parse_args(argv)
+    # --batch stays None where not given: each net's own batch (CPU_BATCH)
+    defaults = {"nets": "lenet5,simplenet,alexnet", "batch": None, "steps": 10, "warmup": 3, "repeats": 3}
+    settle_smoke(parser, args, defaults, "the nets, the batch and the step counts")
     nets = args.nets.split(",")
     unknown = [net for net in nets if net not in MODELS]
     if unknown:
@@ -156,19 +166,21 @@ def main(argv: list[str] | None = None) -> int:
     steps, warmup, repeats = args.steps, args.warmup, args.repeats
     if args.smoke:
         nets, batches, steps, warmup, repeats = ["lenet5"], {"lenet5": 2}, 1, 1, 1
-    command = "python bench/train.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"# training step: netdsl vs a hand-written PyTorch loop; reproduce: {command.strip()}")
+    command = shlex.join(["python", "bench/train.py", *(sys.argv[1:] if argv is None else argv)])
+    print(f"# training step: netdsl vs a hand-written PyTorch loop; reproduce: {command}")
+    gpu = args.gpu and torch.cuda.is_available()
+    if args.gpu and not gpu and not args.smoke:  # before minutes of the CPU table
+        return no_gpu("--gpu: run this on a machine with one, or leave out --gpu for the CPU table")
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; median of {repeats} x {steps} steps after {warmup} warm-up"
     )
     print("\n".join(cpu_table(nets, batches, steps, warmup, repeats)))
-    if args.gpu:
-        if not torch.cuda.is_available():
-            print("no CUDA GPU here: the GPU table could not be taken")
-        else:
-            print(f"\n# {torch.cuda.get_device_name()}")
-            print("\n".join(gpu_table(args.gpu_batch, "bf16", steps, warmup, repeats)))
+    if gpu:
+        print(f"\n# {torch.cuda.get_device_name()}")
+        print("\n".join(gpu_table(args.gpu_batch, "bf16", steps, warmup, repeats)))
+    elif args.gpu:
+        print("no CUDA GPU here: the GPU table is skipped (--smoke)")
     return 0
 
 

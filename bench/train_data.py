@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -26,6 +27,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "bench"))
+
+from arguments import joined, non_negative_ints, positive_int  # noqa: E402
 
 from netdsl.tables import format_table  # noqa: E402
 from netdsl.train.data import loader, open_data  # noqa: E402
@@ -46,7 +50,7 @@ def make_jpegs(folder: Path, count: int, width: int, height: int, seed: int) -> 
 
 
 def measure(folder: Path, args: argparse.Namespace) -> list[list[str]]:
-    workers = [int(w) for w in args.workers.split(",")]
+    workers = args.workers
     start = time.perf_counter()
     split = open_data(folder, (3, args.crop, args.crop), size=args.size, val_fraction=0.0, workers=max(workers))
     scan = time.perf_counter() - start
@@ -69,15 +73,15 @@ def measure(folder: Path, args: argparse.Namespace) -> list[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=256, help="JPEGs to generate")
-    parser.add_argument("--width", type=int, default=320)
-    parser.add_argument("--height", type=int, default=240)
-    parser.add_argument("--size", type=int, default=256, help="the shorter side is scaled to this")
-    parser.add_argument("--crop", type=int, default=227, help="the net's input, square")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs timed per worker count (best reported)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=positive_int, default=256, help="JPEGs to generate")
+    parser.add_argument("--width", type=positive_int, default=320)
+    parser.add_argument("--height", type=positive_int, default=240)
+    parser.add_argument("--size", type=positive_int, default=256, help="the shorter side is scaled to this")
+    parser.add_argument("--crop", type=positive_int, default=227, help="the net's input, square")
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--workers", type=non_negative_ints, default=(0, 1, 2), help="comma-separated worker counts")
+    parser.add_argument("--epochs", type=positive_int, default=2, help="epochs timed per worker count (best reported)")
     parser.add_argument("--folder", type=Path, help="an image folder to read instead of generated JPEGs")
     args = parser.parse_args(argv)
 
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Python {platform.python_version()}"
     )
     if args.folder:
-        source = f"--folder {args.folder}"
+        source = f"--folder {shlex.quote(str(args.folder))}"
         rows = measure(args.folder, args)
     else:
         source = f"--images {args.images} --width {args.width} --height {args.height}"
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(format_table(header, rows, left={0})))
     print(
         f"reproduce: python bench/train_data.py {source} --size {args.size} --crop {args.crop} "
-        f"--batch {args.batch} --workers {args.workers} --epochs {args.epochs}"
+        f"--batch {args.batch} --workers {joined(args.workers)} --epochs {args.epochs}"
     )
     return 0
 

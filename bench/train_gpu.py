@@ -47,8 +47,9 @@ up. The convention:
           kh, kw), stride, netdsl.ir.ops.layer_pads (top, left, bottom, right; `same` resolved), dilation, groups)
     fc:   layer_key((features,), weight (units, features)), features = the per-image input's size flattened
 
-`--tsv FILE` appends every row as its block ends (first column `step` or `backward`). Without a GPU (and
-without `--smoke`) the script says so and exits 0. No figure of this script has been taken on a GPU yet.
+`--tsv FILE` appends every row as its block ends (first column `step` or `backward`), the run's first under a
+comment with the command, the machine and the date. Without a GPU (and without `--smoke`) the script says so and
+exits with status 4. No figure of this script has been taken on a GPU yet.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ import functools
 import gc
 import math
 import os
+import shlex
 import signal
 import statistics
 import sys
@@ -77,8 +79,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "tests"))  # the hand-written models
+sys.path.insert(0, str(ROOT / "bench"))
 
+from arguments import non_negative_int, positive_int, positive_ints  # noqa: E402
 from golden.models import MODELS  # noqa: E402
+from timing import no_gpu  # noqa: E402
 
 import netdsl  # noqa: E402
 from netdsl.compiler.backward import backward_key  # noqa: E402
@@ -101,8 +106,8 @@ DTYPES = {"bf16": torch.bfloat16, "tf32": torch.float32, "fp32": torch.float32}
 LR, MOMENTUM, WEIGHT_DECAY = 0.001, 0.9, 0.0005
 MIN_RUNS = 3  # a median from fewer steps than this is not reported when the time box cuts timing short
 # --smoke: LeNet-5 (a hand-written model exists, and the interpreter runs its triton step in about a second)
-SMOKE = {"net": "lenet5", "batches": "2", "steps": 2, "warmup": 1, "layer_runs": 1, "layer_warmup": 0}
-FULL = {"net": "alexnet", "batches": "128,32", "steps": 30, "warmup": 5, "layer_runs": 50, "layer_warmup": 5}
+SMOKE = {"net": "lenet5", "batches": (2,), "steps": 2, "warmup": 1, "layer_runs": 1, "layer_warmup": 0}
+FULL = {"net": "alexnet", "batches": (128, 32), "steps": 30, "warmup": 5, "layer_runs": 50, "layer_warmup": 5}
 
 
 # --- timing in a box -------------------------------------------------------------------------------------------
@@ -562,16 +567,16 @@ def layer_rows(graph, batch: int, dtype: str, args, device: torch.device) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--net", choices=sorted(MODELS), help="a net of nets/ with a hand-written model (alexnet)")
-    parser.add_argument("--batches", help="comma-separated (default 128,32)")
+    parser.add_argument("--batches", type=positive_ints, help="comma-separated (default 128,32)")
     parser.add_argument("--dtypes", default="bf16,tf32", help=f"comma-separated, of {', '.join(DTYPES)}")
     parser.add_argument("--systems", help=f"comma-separated, of {', '.join(SYSTEMS)} (default all)")
     parser.add_argument("--parts", default="steps,layers", help="steps, layers or both")
-    parser.add_argument("--steps", type=int, help="timed steps per system (default 30)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first (default 5)")
-    parser.add_argument("--layer-runs", type=int, help="timed calls per layer backward (default 50)")
-    parser.add_argument("--layer-warmup", type=int, help="untimed calls first (default 5)")
+    parser.add_argument("--steps", type=positive_int, help="timed steps per system (default 30)")
+    parser.add_argument("--warmup", type=non_negative_int, help="untimed steps first (default 5)")
+    parser.add_argument("--layer-runs", type=positive_int, help="timed calls per layer backward (default 50)")
+    parser.add_argument("--layer-warmup", type=non_negative_int, help="untimed calls first (default 5)")
     parser.add_argument("--box", type=float, default=90.0, help="seconds per system or layer measurement (0: none)")
     parser.add_argument("--tsv", help="append every row to this file as its block ends")
     parser.add_argument("--write-choices", action="store_true", help="write the layers' step figures to a table")
@@ -593,14 +598,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown system, dtype or part: {', '.join(unknown)}")
     if args.smoke and args.write_choices and args.choices_file.resolve() == TABLE.resolve():
         parser.error("--smoke figures mean nothing: give --write-choices a --choices-file other than the shipped table")
-    batches = [int(b) for b in args.batches.split(",")]
 
-    command = "python bench/train_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"# training step and per-layer backward, {args.net}; reproduce: {command.strip()}")
+    command = shlex.join(["python", "bench/train_gpu.py", *(sys.argv[1:] if argv is None else argv)])
+    print(f"# training step and per-layer backward, {args.net}; reproduce: {command}")
     device = _device(args.smoke)
     if device is None:
-        print("no CUDA GPU here: nothing to time (run this on a machine with one, or --smoke)")
-        return 0
+        return no_gpu("run this on a machine with one, or --smoke")
     import triton
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else "the CPU (Triton's interpreter)"
@@ -615,11 +618,12 @@ def main(argv: list[str] | None = None) -> int:
         "triton": triton.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
     }
+    preamble = [command, f"{about['gpu']}, torch {about['torch']}, triton {about['triton']}; {about['date']}"]
     steps: list[tuple[str, ...]] = []
     backward: list[LayerRow] = []
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
-        for batch in batches:
+        for batch in args.batches:
             for dtype in dtypes:
                 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tf32"
                 block = (
@@ -630,7 +634,9 @@ def main(argv: list[str] | None = None) -> int:
                 layer_block = layer_rows(graph, batch, dtype, args, device) if "layers" in parts else []
                 backward += layer_block
                 if args.tsv:
-                    _append_tsv(args.tsv, [row.cells(compiled) for row in block], [row.cells() for row in layer_block])
+                    step_cells = [row.cells(compiled) for row in block]
+                    _append_tsv(args.tsv, preamble, step_cells, [row.cells() for row in layer_block])
+                    preamble = []  # once per run
                 if args.write_choices and backward:
                     measured = [m for m in (row.measured() for row in backward) if m is not None]
                     write_table(measured, about, args.choices_file)
@@ -698,12 +704,15 @@ def _first_line(error: Exception) -> str:
     return text[0][:160] if text else ""
 
 
-def _append_tsv(path: str, steps: list[tuple[str, ...]], backward: list[tuple[str, ...]]) -> None:
+def _append_tsv(path: str, preamble: list[str], steps: list[tuple[str, ...]], backward: list[tuple[str, ...]]) -> None:
+    """The rows of one block; the column names first when the file is new, then each `preamble` line (the
+    command and the machine, once per run) as a comment."""
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     with open(path, "a", encoding="utf-8") as file:
         if new:
             file.write("\t".join(("# step", *STEP_HEADER)) + "\n")
             file.write("\t".join(("# backward", *LAYER_HEADER)) + "\n")
+        file.writelines(f"# {line}\n" for line in preamble)
         for cells in steps:
             file.write("\t".join(("step", *cells)) + "\n")
         for cells in backward:

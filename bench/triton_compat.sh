@@ -3,6 +3,7 @@
 # machine with the package registry, no GPU needed:
 #
 #   bash bench/triton_compat.sh            (TRITON=3.6.0 TORCH=2.11.0 VENV=.venv-triton36 by default)
+#   bash bench/triton_compat.sh --help     (this text; any other argument is refused with exit status 2)
 #
 # The main environment has the newest Triton, whose sm_90 builds are checked by the test suite. Which tiles build
 # without spilling depends on the version (Triton 3.6 stages operands differently and assembles with ptxas 12.8,
@@ -15,6 +16,17 @@
 # Its tests do not run Triton's interpreter: 3.6's lacks bf16 constants and fails with NumPy 2.4 (the CPU test
 # suite needs Triton 3.9). Exit status 1 when a test fails or a kernel spills.
 set -u
+usage() {  # the comment above, which says what this does and how to run it
+    sed -n '2,/^set -u$/{/^set -u$/d; s/^# \{0,1\}//; p}' "$0"
+}
+case "$*" in
+    "") ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "bench/triton_compat.sh: unknown argument: $* (it takes none; settings are variables: TRITON, TORCH," \
+            "VENV, OUT, PYTHON)" >&2
+       echo "usage: bash bench/triton_compat.sh [--help]" >&2
+       exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 TRITON=${TRITON:-3.6.0}
 TORCH=${TORCH:-2.11.0}

@@ -60,6 +60,10 @@ def test_smoke_prints_every_row_and_writes_a_choices_table(tmp_path, capsys):
     assert {m.kind for m in rows} == {"conv2d", "linear"} and {m.batch for m in rows} == {2}
     assert f"wrote 10 measurements to {choices}" in out
     lines = tsv.read_text().splitlines()
+    # the column names, then the run's command and machine, then its rows
+    assert lines[2] == f"# python bench/train_gpu.py {' '.join(argv)}"
+    assert lines[3].startswith("# none (--smoke on the CPU: no measurement), torch ")
+    assert sum(line.startswith("#") for line in lines) == 4
     assert sum(line.startswith("step\t") for line in lines) == 8
     assert sum(line.startswith("backward\t") for line in lines) == 10
     assert shipped_table() == before
@@ -139,7 +143,8 @@ def test_a_time_box_cuts_a_slow_build_and_keeps_what_was_timed():
     assert partial.note == f"time box: {partial.runs} of 1000 timed"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
-def test_without_a_gpu_it_says_so(capsys):
-    assert bench().main(["--batches", "1"]) == 0
-    assert "no CUDA GPU here" in capsys.readouterr().out
+def test_without_a_gpu_it_says_so_and_fails(monkeypatch, capsys):
+    """Nothing was timed: exit status 4 (bench/timing.py's NO_GPU), not 0, and one line on stderr."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert bench().main(["--batches", "1"]) == 4
+    assert capsys.readouterr().err == "no CUDA GPU here: nothing to time (run this on a machine with one, or --smoke)\n"
