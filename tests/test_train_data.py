@@ -443,7 +443,10 @@ def test_npz_errors(tmp_path):
     expect_error("integer class indices", path, (1, 8, 8))
     np.savez(path, x=x, y=y)
     error = expect_error(r"x\[2\] has label 2, beyond the net's 2 outputs", path, (1, 8, 8), num_outputs=2)
-    assert "at least 3 outputs" in error.hint
+    assert "at least 3 outputs" in error.hint and str(path) not in error.message  # the file is named once
+    np.savez(path, x=x, y=np.asarray([0, 2, 5, 1]))
+    error = expect_error(r"x\[1\] has label 2, beyond the net's 2 outputs", path, (1, 8, 8), num_outputs=2)
+    assert "at least 6 outputs (the largest label is 5)" in error.hint  # not the first label out of range
     np.savez(path, x=x, y=np.asarray([0, -1, 0, 1]))
     expect_error("label -1; class indices start at 0", path, (1, 8, 8))
     np.savez(path, x=np.zeros((4, 5, 8, 8)), y=y)

@@ -155,10 +155,11 @@ def test_resume_under_two_processes(tmp_path, digits_like):
     assert len(two.state["rank_sums"]) == 2
     records = [_records(run) for run in (straight, parts)]
     kinds = [[(r["kind"], r["step"]) for r in run] for run in records]
-    assert kinds[0] == [("step", 2), ("step", 4), ("epoch", 4), ("step", 6)]
-    # the first part logged its last step, 3, so the window of step 4 differs; the epoch's record does not
-    assert kinds[1] == [("step", 2), ("step", 3), ("step", 4), ("epoch", 4), ("step", 6)]
-    assert records[0][2:] == records[1][3:] and records[0][0] == records[1][0]
+    assert kinds[0] == [("step", 2), ("step", 4), ("epoch", 4), ("step", 6), ("final", 6)]
+    # the first part logged its last step, 3, and measured its last weights, so the window of step 4 differs;
+    # the epoch's record does not
+    assert kinds[1] == [("step", 2), ("step", 3), ("final", 3), ("step", 4), ("epoch", 4), ("step", 6), ("final", 6)]
+    assert records[0][2:] == records[1][4:] and records[0][0] == records[1][0]
 
 
 def _records(run: Path) -> list[dict]:

@@ -19,11 +19,12 @@ from netdsl.cli.train import eval_command, train_command
 from netdsl.cli.tune import add_command as add_tune_command
 from netdsl.compiler.backward import TRAINING_PASS_NAMES
 from netdsl.compiler.passes import PASS_NAMES, Options, check_options
-from netdsl.errors import NetError
+from netdsl.errors import NetError, did_you_mean
 from netdsl.files import refuse_overwriting
 from netdsl.ir.dtypes import DTYPES, dot_precision
 from netdsl.lang.build import MEMORY_UNITS
 from netdsl.lang.frontend import load_graph
+from netdsl.train.recipe import alias_of
 
 DEFAULT_NET = "alexnet.net"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$")
@@ -47,6 +48,26 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
     return int(text)
+
+
+def _refuse_extra(parser: argparse.ArgumentParser, command: str | None, extra: list[str]) -> None:
+    """An argument no parser took: named with the command's own flags to choose from (argparse would blame
+    `netdsl` and point to the top-level help, which lists no command's flags)."""
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    sub = commands.choices.get(command, parser)
+    flags = [flag for action in sub._actions for flag in action.option_strings]
+    word = next((item for item in extra if item.startswith("-")), extra[0])
+    flag = word.split("=", 1)[0]
+    if not flag.startswith("-"):
+        message = f"unexpected argument `{word}`"
+        hint = "a flag that switches something on takes no value (--flip, --no-flip)" if command == "train" else None
+    else:
+        message = f"unknown flag {flag}"
+        alias = alias_of(flag.lstrip("-").replace("-", "_")) if command in ("train", "eval") else None
+        named = f"--{alias.replace('_', '-')}" if alias else None
+        hint = f"netdsl calls it {named}" if named in flags else did_you_mean(flag, flags)
+    see = f"see `{sub.prog} --help`"
+    raise NetError(message, where=sub.prog, hint=f"{hint}{'' if hint.endswith('?') else ';'} {see}" if hint else see)
 
 
 def default_net() -> Path:
@@ -217,7 +238,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _refuse_extra(parser, args.command, extra)
     if args.command is None:
         _parser().print_help()
         return 0

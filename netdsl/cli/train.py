@@ -154,8 +154,17 @@ def _train(args: argparse.Namespace) -> int:
             if summary.best_top1 is not None
             else ""
         )
+        if summary.final_top1 is not None:
+            best += f"; the last weights {100 * summary.final_top1:.2f}% (step {summary.steps:,})"
+        took = f"in {summary.seconds:,.1f} s"
+        if summary.steps_run == summary.steps:
+            trained = f"trained {summary.steps:,} steps {took}"
+        elif summary.steps_run:
+            trained = f"trained {summary.steps_run:,} more steps (to step {summary.steps:,}) {took}"
+        else:
+            trained = f"the run had already trained its {summary.steps:,} steps"
         print(
-            f"trained {summary.steps:,} steps in {summary.seconds:,.1f} s{best}\n"
+            f"{trained}{best}\n"
             f"weights: {summary.weights}   run: {run.path}   try: netdsl run {net} --weights {summary.weights} "
             "--input IMAGE",
             file=sys.stderr,
@@ -207,7 +216,7 @@ def eval_command(args: argparse.Namespace) -> int:
     from netdsl.runtime.net import Net
     from netdsl.runtime.weights import load_weights, weights_metadata
     from netdsl.train.augment import Preprocess
-    from netdsl.train.data import open_data, view_loader
+    from netdsl.train.data import labels_by_name, open_data, view_loader
     from netdsl.train.evaluate import Tally, probabilities
     from netdsl.train.loop import class_count
     from netdsl.train.runs import WEIGHTS
@@ -239,6 +248,14 @@ def eval_command(args: argparse.Namespace) -> int:
     parts = [part for part in parts if part is not None]
     if not parts:
         raise NetError("the data has no validation images", where="--data", hint="use --split all, or --val-fraction")
+    relabel = labels_by_name(split.classes, list(preprocess.classes), str(args.data))
+    if relabel is not None:
+        print(
+            f"note: the data's {len(split.classes)} classes are matched by name to the {len(preprocess.classes)} "
+            "the weights were trained on",
+            file=sys.stderr,
+        )
+    relabel = None if relabel is None else torch.tensor(relabel)
     net = Net(args.net, backend=args.backend, weights=weights, devices=parse_devices(args.devices))
     tally = Tally(classes)
     is_softmax = graph.nodes[graph.graph["outputs"][0]]["layer"].op == "softmax"
@@ -246,7 +263,8 @@ def eval_command(args: argparse.Namespace) -> int:
         part.preprocess = preprocess
         for x, y in view_loader(part, views=args.views, batch=args.batch, workers=args.workers):
             output = net(x.flatten(0, 1) if args.views > 1 else x)
-            tally.add(probabilities(torch.as_tensor(output).cpu(), is_softmax, args.views), y)
+            labels = y if relabel is None else relabel[torch.as_tensor(y)]
+            tally.add(probabilities(torch.as_tensor(output).cpu(), is_softmax, args.views), labels)
     names = list(preprocess.classes) or split.classes
     print(tally.report(names), end="")
     if args.confusion is not None and not tally.plot_confusion(args.confusion, names):

@@ -235,7 +235,8 @@ def _check(where: str, specs: dict[str, Shape], stored: dict[str, tuple[str, Sha
     extra = sorted(name for name in stored if name not in specs)
     if missing:
         hint = _tower_hint(missing, extra)
-        for name in missing if hint is None else ():
+        renamed = hint is None and len(missing) < len(specs)  # with none of the net's names, not a misspelling
+        for name in missing if renamed else ():
             close = difflib.get_close_matches(name, extra, n=1, cutoff=0.6)
             if close:
                 hint = f"the file holds `{close[0]}` instead of `{name}`: a renamed layer or a misspelling?"

@@ -226,6 +226,7 @@ class Preprocess:
     mean: tuple[float, ...]  # per channel, of the training set, on its pixel values (0..255 for images)
     std: tuple[float, ...] | None = None  # per channel; None: pixels are not divided
     classes: list[str] = field(default_factory=list)
+    flip: bool = True  # whether training flipped images (the ten test views mirror five only if it did)
 
     def check_fits(self, shape: tuple[int, ...], where: str) -> None:
         """NetError (blaming `where`, the weights file) when this is not the input of a net taking `shape`."""
@@ -279,7 +280,8 @@ class Preprocess:
 
     def views(self, image, count: int) -> np.ndarray:
         """count x C x H x W: 1, the centre; 10, the paper's test views: the centre, top-left, top-right,
-        bottom-left and bottom-right crops, then the same five flipped."""
+        bottom-left and bottom-right crops, then the same five flipped (or, for a net trained without flips,
+        unflipped again: mirror images it never learned would only blur its scores)."""
         if count not in VIEW_COUNTS:
             raise NetError(f"{count} views: netdsl takes 1 or 10", where="--views", hint="--views 1 or --views 10")
         pixels = self.pixels(image)
@@ -287,7 +289,7 @@ class Preprocess:
         places = [(bottom // 2, right // 2)]
         if count == 10:
             places += [(0, 0), (0, right), (bottom, 0), (bottom, right)]
-        flips = (False, True) if count == 10 else (False,)
+        flips = (False, self.flip) if count == 10 else (False,)
         return np.stack(
             [self.normalize(crop_view(pixels, top, left, self.crop, flip)) for flip in flips for top, left in places]
         )
@@ -308,6 +310,7 @@ class Preprocess:
                 "mean": list(self.mean),
                 "std": None if self.std is None else list(self.std),
                 "classes": list(self.classes),
+                "flip": self.flip,
             }
         )
 
@@ -324,6 +327,9 @@ class Preprocess:
             crop = tuple(int(v) for v in data["crop"])
             size = None if data["size"] is None else int(data["size"])
             classes = [str(name) for name in data["classes"]]
+            flip = data.get("flip", True)  # records before it was kept: the paper's flips
+            if not isinstance(flip, bool):
+                raise ValueError(f"flip {flip!r} is not true or false")
             if len(crop) != 2 or len(mean) != channels or (std is not None and len(std) != channels):
                 raise ValueError("crop, channels, mean and std do not fit together")
             if channels < 1 or min(crop) < 1 or (size is not None and not 1 <= size <= MAX_SIZE):
@@ -336,4 +342,4 @@ class Preprocess:
                 where=where,
                 hint="save the weights again with `netdsl train`, which writes this record",
             ) from None
-        return cls(size=size, crop=crop, channels=channels, mean=mean, std=std, classes=classes)
+        return cls(size=size, crop=crop, channels=channels, mean=mean, std=std, classes=classes, flip=flip)

@@ -325,6 +325,27 @@ def _open_npz(path: Path, base: Preprocess, val_fraction: float, seed: int, num_
     return train.subset(train_rows), train.subset(val_rows) if len(val_rows) else None, classes
 
 
+def labels_by_name(data_classes: list[str], trained: list[str], where: str) -> list[int] | None:
+    """For evaluating weights trained on the classes `trained` (by name, in their label order) on data whose
+    classes are `data_classes`: each data label's label in training, where the two differ; None where the
+    labels already agree (or either side has no names: an .npz file without `classes` numbers them 0..K-1).
+    A class of the data the weights never learned is a NetError (blaming the data, `where`)."""
+    numbered = data_classes == [str(label) for label in range(len(data_classes))]
+    if not trained or numbered or data_classes == trained:
+        return None
+    unknown = [name for name in data_classes if name not in trained]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        known = ", ".join(trained[:10]) + (", ..." if len(trained) > 10 else "")
+        raise NetError(
+            f"the data's class{'es' if len(unknown) > 1 else ''} {shown} {'are' if len(unknown) > 1 else 'is'} not "
+            f"among the {len(trained)} the weights were trained on ({known})",
+            where=where,
+            hint="evaluate on images of the trained classes: a folder's subfolder names are its class names",
+        )
+    return [trained.index(name) for name in data_classes]
+
+
 def _npz_pair(arrays: dict, x_key: str, y_key: str, channels: int, where: str) -> tuple[np.ndarray, np.ndarray]:
     x, y = arrays[x_key], arrays[y_key]
     if x.dtype.kind not in "biuf":
@@ -412,16 +433,16 @@ def _check_classes(classes: list[str], sets: list[Samples | None], num_outputs: 
         bad = np.flatnonzero(samples.labels >= limit)  # never negative: the npz reader refuses those
         if len(bad):
             label = int(samples.labels[bad[0]])
+            largest = max(int(part.labels.max()) for part in sets if part is not None and len(part))
             if limit == num_outputs:
                 width, hint = (
                     f"the net's {num_outputs} outputs",
-                    f"give the net's last layer at least {label + 1} outputs",
+                    f"give the net's last layer at least {largest + 1} outputs (the largest label is {largest})",
                 )
             else:
                 width, hint = f"the {limit} class names", "give the array `classes` one name per class"
-            raise NetError(
-                f"{samples.source(bad[0])} has label {label}, beyond {width} (0..{limit - 1})", where=where, hint=hint
-            )
+            source = samples.source(bad[0]).removeprefix(f"{where}: ")  # the error names the file already
+            raise NetError(f"{source} has label {label}, beyond {width} (0..{limit - 1})", where=where, hint=hint)
 
 
 class _Scan(Dataset):

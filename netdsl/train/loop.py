@@ -71,11 +71,13 @@ class StoppedError(Exception):
 @dataclass
 class Summary:
     epochs: int
-    steps: int
+    steps: int  # the run's steps, from its start
     best_top1: float | None
     best_epoch: int | None
     weights: Path
     seconds: float
+    steps_run: int = 0  # the steps this call took (fewer than `steps` after a resume)
+    final_top1: float | None = None  # the last weights' validation, for a run that ends inside an epoch
 
 
 def class_count(graph) -> int:
@@ -150,7 +152,9 @@ class Trainer:
         self.names = {id(param): name for name, param in self.module.named_parameters()}
         self.optimizer = make_optimizer(
             recipe.optimizer,
-            param_groups(self.module.named_parameters(), list(recipe.lr_mults), list(recipe.decay_mults)),
+            param_groups(
+                self.module.named_parameters(), list(recipe.lr_mults), list(recipe.decay_mults), where=recipe.source
+            ),
             recipe.lr,
             momentum=recipe.momentum,
             weight_decay=recipe.weight_decay,
@@ -216,7 +220,7 @@ class Trainer:
             skip_corrupt=recipe.skip_corrupt,
             workers=recipe.workers,
         )
-        preprocess = split.preprocess
+        preprocess = replace(split.preprocess, flip=recipe.flip)
         if recipe.mean is None:
             preprocess = replace(preprocess, mean=(0.0,) * channels)
         elif recipe.mean != "auto":
@@ -290,7 +294,8 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------
 
     def fit(self) -> Summary:
-        started = time.perf_counter()
+        started, first_step = time.perf_counter(), self.step
+        final = None
         metrics = (
             Metrics(self.run.path / METRICS, keep_until_step=self.step, keep_until_epoch=self.epoch)
             if self.world.leader
@@ -306,6 +311,8 @@ class Trainer:
                     self._end_of_epoch(metrics, board)
                 while self.step < self.total_steps:
                     self._epoch(metrics, board)
+                if self.step > first_step and self.batch_in_epoch:
+                    final = self._validate_last(metrics)
                 self._checkpoint(metrics)
         finally:
             if board is not None:
@@ -318,7 +325,33 @@ class Trainer:
             best[1] if best else None,
             self.run.path / WEIGHTS,
             time.perf_counter() - started,
+            steps_run=self.step - first_step,
+            final_top1=final,
         )
+
+    def _validate_last(self, metrics: Metrics | None) -> float | None:
+        """A run that ends inside an epoch (`steps`) never reaches that epoch's validation: its last weights (in
+        the last checkpoint) are measured here, recorded as `final` and said; weights.safetensors stays the best
+        epoch's. None without validation images."""
+        if self.data.val is None or not len(self.data.val):
+            return None
+        tally = self.validate()
+        record = {
+            "kind": "final",
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            "lr": self._base_rate(),
+            "val_loss": tally.mean_loss,
+            "val_top1": tally.accuracy,
+            "val_top5": tally.top5_accuracy,
+        }
+        if metrics is not None:
+            metrics.add(record)
+            self._say(
+                f"step {self.step} (inside epoch {self.epoch + 1}), the last weights: validation top-1 "
+                f"{100 * tally.accuracy:.2f}%  loss {tally.mean_loss:.4f} ({self.run.last})"
+            )
+        return tally.accuracy
 
     def _epoch(self, metrics: Metrics | None, board: TensorBoard | None) -> None:
         recipe = self.recipe
@@ -670,7 +703,8 @@ class Trainer:
         return (
             f"training {self.graph.graph['name']} ({self.net_path}) on {len(self.data.train):,} images, "
             f"validating on {val:,}; {len(self.data.classes)} classes; {devices}; {where}\n"
-            f"  {recipe.optimizer} lr {recipe.lr:g}, batch {recipe.batch}, {self.total_epochs} epochs "
+            f"  {recipe.optimizer} lr {recipe.lr:g}, batch {recipe.batch}, {self.total_epochs} "
+            f"epoch{'' if self.total_epochs == 1 else 's'} "
             f"({self.total_steps:,} steps), schedule {recipe.schedule}, {recipe.dtype}; run folder {self.run.path}"
             + (f"; resuming at step {self.step}" if self.step else "")
         )

@@ -277,6 +277,11 @@ _ALIASES = {
 # fmt: on
 
 
+def alias_of(name: str) -> str | None:
+    """netdsl's name for a setting other tools call `name` (`learning_rate` -> `lr`), or None."""
+    return _ALIASES.get(name.lower())
+
+
 # --- resolving ---------------------------------------------------------------------------------------
 
 

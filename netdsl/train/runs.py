@@ -86,7 +86,9 @@ class RunFolder:
             raise NetError(f"cannot read {RECIPE}: {error}", where=str(self.path)) from None
 
     def best(self, epoch: int) -> Path:
-        return self.checkpoints / f"best-e{epoch:04d}.ckpt"
+        """The checkpoint of epoch `epoch` (counted from 0) among the best: named by its number as the run's
+        messages count epochs, from 1 (`best-e0005.ckpt` for "epoch 5")."""
+        return self.checkpoints / f"best-e{epoch + 1:04d}.ckpt"
 
     def remove_stale_temporaries(self) -> None:
         """Temporary files a killed run left behind (never the checkpoints themselves)."""

@@ -1,0 +1,130 @@
+"""`netdsl eval` on data other than the run's: classes matched by name, views as the run trained.
+
+A tiny net trained a step on a folder of three named classes (random seeded images) is evaluated on a
+folder holding two of them, in another order of labels: each image must be scored against the class it was
+trained as, as evaluating the whole folder shows; a class the weights never saw is an error."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from netdsl.cli.main import main
+from netdsl.errors import NetError
+from netdsl.train.data import labels_by_name
+
+TINY = """\
+net tiny
+input image: 1 x 8 x 8
+c1 = conv(image, 4, size=3) | relu | maxpool(2, stride=2)
+f2 = fc(c1, 3)
+output f2
+"""
+PLAIN = ("--mean", "none", "--no-flip", "--pca-noise", "0", "--workers", "0")
+
+
+def test_labels_by_name():
+    trained = ["cat", "dog", "owl"]
+    assert labels_by_name(["dog", "owl"], trained, "d") == [1, 2]
+    assert labels_by_name(trained, trained, "d") is None
+    assert labels_by_name(["0", "1"], trained, "d") is None  # an .npz without names numbers its classes
+    assert labels_by_name(["owl"], [], "d") is None  # weights without class names
+    with pytest.raises(NetError, match="class emu is not among the 3") as caught:
+        labels_by_name(["dog", "emu"], trained, "data/")
+    assert caught.value.where == "data/" and "cat, dog, owl" in str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(net, run, data folder with classes cat, dog, owl): one training step."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("eval")
+    folder = root / "images"
+    rng = np.random.default_rng(7)
+    for name in ("cat", "dog", "owl"):
+        (folder / name).mkdir(parents=True)
+        for index in range(5):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / name / f"{index}.png")
+    net = root / "tiny.net"
+    net.write_text(TINY)
+    run = root / "run"
+    args = ["train", str(net), "--data", str(folder), "--batch", "4", "--steps", "1", "--out", str(run), *PLAIN]
+    assert main(args) == 0
+    return net, run, folder
+
+
+def evaluate(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(["eval", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def class_rows(report: str) -> dict[str, str]:
+    """Per-class rows of eval's table by class name: `index name images top-1`."""
+    rows = {}
+    for line in report.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[0].isdigit() and re.fullmatch(r"[\d.]+%|-", parts[3]):
+            rows[parts[1]] = line.strip()
+    return rows
+
+
+def test_a_folder_of_some_of_the_classes(trained, tmp_path, capsys):
+    net, run, folder = trained
+    code, whole, _ = evaluate(capsys, net, "--weights", run, "--data", folder, "--split", "all")
+    assert code == 0 and whole.startswith("images 15 ")
+    some = tmp_path / "some"
+    for name in ("dog", "owl"):  # labels 0 and 1 in this folder, 1 and 2 in training
+        shutil.copytree(folder / name, some / name)
+    code, out, err = evaluate(capsys, net, "--weights", run, "--data", some, "--split", "all")
+    assert code == 0 and out.startswith("images 10 ")
+    assert "matched by name" in err
+    rows, want = class_rows(out), class_rows(whole)
+    assert rows["dog"] == want["dog"] and rows["owl"] == want["owl"] and rows["cat"].split()[2] == "0"
+
+
+def test_a_folder_with_a_class_the_weights_never_saw(trained, tmp_path, capsys):
+    net, run, folder = trained
+    other = tmp_path / "other"
+    shutil.copytree(folder / "cat", other / "cat")
+    shutil.copytree(folder / "dog", other / "emu")
+    code, out, err = evaluate(capsys, net, "--weights", run, "--data", other, "--split", "all")
+    assert code == 1 and out == "" and "class emu is not among the 3" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_ten_views_mirror_only_for_a_net_trained_with_flips(flip):
+    """The paper's ten views: five crops, then the same five mirrored; unmirrored again for a net trained
+    without flips. The choice travels in the saved record (older records, without it, flip)."""
+    from netdsl.train.augment import Preprocess
+
+    preprocess = Preprocess(size=None, crop=(6, 6), channels=1, mean=(0.0,), classes=["a"], flip=flip)
+    image = np.random.default_rng(3).integers(0, 256, (9, 10), dtype=np.uint8)
+    views = preprocess.views(image, 10)
+    assert views.shape == (10, 1, 6, 6)
+    crops = [image[top : top + 6, left : left + 6] for top, left in ((1, 2), (0, 0), (0, 4), (3, 0), (3, 4))]
+    np.testing.assert_array_equal(views[:5, 0], np.stack(crops).astype(np.float32))
+    np.testing.assert_array_equal(views[5:, 0], views[:5, 0, :, ::-1] if flip else views[:5, 0])
+    again = Preprocess.from_json(preprocess.to_json())
+    assert again == preprocess
+    older = json.loads(preprocess.to_json())
+    del older["flip"]
+    assert Preprocess.from_json(json.dumps(older)).flip is True
+    with pytest.raises(NetError, match="flip 'no' is not true or false"):
+        Preprocess.from_json(json.dumps({**older, "flip": "no"}))
+
+
+def test_a_run_without_flips_records_it(trained):
+    from netdsl.runtime.weights import weights_metadata
+    from netdsl.train.augment import Preprocess
+
+    _, run, _ = trained  # trained with --no-flip
+    record = weights_metadata(run / "weights.safetensors")["netdsl.preprocess"]
+    assert Preprocess.from_json(record).flip is False
