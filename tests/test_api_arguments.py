@@ -213,7 +213,7 @@ def test_numpy_inputs_of_any_layout_and_read_only(lenet, weights):
         torch.testing.assert_close(lenet(read_only), want, rtol=0, atol=0)
         torch.testing.assert_close(lenet.as_module()(flipped), want, rtol=1e-6, atol=1e-6)
         netdsl.load(LENET, weights=frozen)
-    error = refused(lambda: lenet(x.astype(np.float64)), LENET, "float64")
+    error = refused(lambda: lenet(x.astype(np.float64)), LENET, "has dtype float64, the net runs in fp32")
     assert "x.astype(np.float32)" in error.hint
 
 

@@ -550,7 +550,7 @@ class Net:
         batch = None
         for name in names:
             value = given[name]
-            converted = f"x.to({self.torch_dtype})"
+            converted, given_type = f"x.to({self.torch_dtype})", getattr(value, "dtype", None)
             if isinstance(value, np.ndarray):
                 if value.dtype.kind not in "biuf":
                     raise NetError(f"input `{name}` holds {value.dtype} values, not numbers", where=self.path)
@@ -577,7 +577,7 @@ class Net:
                 )
             if value.dtype != self.torch_dtype:
                 raise NetError(
-                    f"input `{name}` has dtype {value.dtype}, the net runs in {self.dtype} ({self.torch_dtype})",
+                    f"input `{name}` has dtype {given_type}, the net runs in {self.dtype} ({self.torch_dtype})",
                     where=self.path,
                     hint=f"convert it first, e.g. {converted}",
                 )
