@@ -1,8 +1,9 @@
 """The on-disk cache of sm_90 resources (netdsl/compiler/launches.py) and the report section built from it.
 
 An entry is keyed by everything that changes what Triton builds: the kernel's source, its signature
-and constexprs, warps and stages, and the netdsl and Triton versions. A corrupt entry is rebuilt and
-written again; processes that fill one cache at the same time leave only whole entries. The kernels
+and constexprs, warps and stages, the netdsl and Triton versions, the ptxas and the environment settings
+Triton and ptxas read. A corrupt or edited entry (its report checksums itself, its cubin and its PTX) is
+rebuilt and written again; processes that fill one cache at the same time leave only whole entries. The kernels
 are built for GPUTarget("cuda", 90, 32) on the CPU (no GPU needed), about a second each: a tiny kernel
 here, LeNet-5's seven for the report.
 """
@@ -22,6 +23,7 @@ import netdsl.compiler.launches
 from netdsl.codegen.target import SM90_MAX_REGISTERS, SM90_MAX_SHARED_BYTES, TENSOR_CORE_INSTRUCTIONS
 from netdsl.compiler.compile import compile_net, sm90_report, write_build
 from netdsl.compiler.launches import (
+    COMPILER_ENVIRONMENT,
     Launch,
     _cache_key,
     _read_cache,
@@ -112,6 +114,50 @@ def test_key_changes_with_everything_that_changes_the_build(tmp_path, monkeypatc
     assert _cache_key(launch) == keys["base"]  # the versions are back
 
 
+@pytest.mark.parametrize("name", COMPILER_ENVIRONMENT)
+def test_key_changes_with_each_compiler_setting_of_the_environment(tmp_path, monkeypatch, name):
+    launch = kernel_launch(tmp_path)
+    for other in COMPILER_ENVIRONMENT:
+        monkeypatch.delenv(other, raising=False)
+    unset = _cache_key(launch)
+    keys = set()
+    for value in ("0", "1", "-O1"):
+        monkeypatch.setenv(name, value)
+        keys.add(_cache_key(launch))
+    assert unset not in keys and len(keys) == 3
+    monkeypatch.delenv(name)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))  # where Triton caches: not what it builds
+    assert _cache_key(launch) == unset
+
+
+def test_every_triton_setting_that_changes_a_build_is_in_the_key():
+    """Each environment variable Triton's knobs read for compiling (triton/knobs.py) is in the key or known not to
+    change a cubin: a new Triton's new knob fails here until it is sorted."""
+    knobs = pytest.importorskip("triton.knobs")
+    harmless = {
+        "TRITON_KERNEL_DUMP", "TRITON_STORE_BINARY_ONLY", "TRITON_ALWAYS_COMPILE", "TRITON_FRONT_END_DEBUGGING",
+        "TRITON_INTERPRET", "NVPTX_ENABLE_DUMP", "TRITON_DUMP_PTXAS_LOG", "TRITON_LIBCUDA_PATH",
+        "TRITON_CUOBJDUMP_PATH", "TRITON_NVDISASM_PATH",  # netdsl measures with the wheel's own tools
+    }  # fmt: skip
+    groups = (knobs.compilation, knobs.language, knobs.nvidia, knobs.runtime)
+    read = {descriptor.key for group in groups for descriptor in group.knob_descriptors.values()}
+    assert read - harmless - set(COMPILER_ENVIRONMENT) == set()
+    assert list(COMPILER_ENVIRONMENT) == sorted(set(COMPILER_ENVIRONMENT))  # one stable order
+
+
+def test_a_setting_that_changes_the_cubin_gets_its_own_entry(tmp_path, private_cache, monkeypatch):
+    """DISABLE_PTXAS_OPT=1 builds another cubin (ptxas -O0): cached under another key, a build without it reads
+    what a fresh cache gives, not the unoptimized kernel's registers."""
+    launch = kernel_launch(tmp_path, step="k")
+    monkeypatch.setenv("DISABLE_PTXAS_OPT", "1")
+    unoptimized = sm90_resources([launch])["k"]
+    monkeypatch.delenv("DISABLE_PTXAS_OPT")
+    optimized = sm90_resources([launch])["k"]
+    assert len(list(private_cache.glob("*.json"))) == 2
+    assert optimized == sm90_resources([launch], use_cache=False)["k"]
+    assert optimized["cubin_sha256"] != unoptimized["cubin_sha256"]
+
+
 # --- corrupt entries ---------------------------------------------------------------------------------
 
 CORRUPTIONS = {
@@ -171,6 +217,24 @@ def test_the_cache_holds_the_compiled_kernel_and_a_broken_one_is_rebuilt(tmp_pat
         assert cubin.read_bytes()[:4] == b"\x7fELF"
     cubin.unlink()
     assert sm90_resources([launch]) == built and cached_cubin(launch) == cubin
+
+
+def test_an_edited_report_or_ptx_is_rebuilt(tmp_path, private_cache, monkeypatch):
+    """A report edited to other numbers (still valid JSON, the cubin's checksum intact) or a PTX changed beside
+    it does not check against the entry's own checksum: built again, not believed."""
+    launch = kernel_launch(tmp_path, step="k")
+    built = sm90_resources([launch])
+    path = private_cache / f"{_cache_key(launch)}.json"
+    text = path.read_text(encoding="utf-8")
+    edited = json.loads(text)
+    edited.update(registers=7, spill_stores=4242)
+    path.write_text(json.dumps(edited), encoding="utf-8")
+    assert _read_cache(path) is None and cached_cubin(launch) is None
+    assert sm90_resources([launch]) == built and path.read_text(encoding="utf-8") == text
+    ptx = path.with_suffix(".ptx")
+    ptx.write_text(ptx.read_text(encoding="utf-8") + "// edited\n", encoding="utf-8")
+    assert cached_cubin(launch) is None
+    assert sm90_resources([launch]) == built and cached_cubin(launch) is not None
 
 
 def _fill_cache(cache: str, kernels: str, barrier, answers) -> None:

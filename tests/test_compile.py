@@ -12,7 +12,7 @@ import netdsl
 from netdsl import NetError, graph_from_text
 from netdsl.cli.main import main
 from netdsl.compiler.compile import compile_net, write_build
-from netdsl.compiler.launches import _read_cache, _write_cache
+from netdsl.compiler.launches import _read_cache, _record_checksum, _write_cache
 from netdsl.compiler.passes import PASS_NAMES, Options, run_passes, run_pipeline
 from netdsl.lang.build import build
 from netdsl.lang.parse import parse_file, parse_text
@@ -210,10 +210,14 @@ def test_cache_entries_are_atomic_and_corrupt_ones_are_ignored(tmp_path):
         "local_bytes": 0,
         "mma": [],
         "cubin_sha256": "0" * 64,
+        "ptx_sha256": "1" * 64,
     }
+    entry["sha256"] = _record_checksum(entry)
     path = tmp_path / "cache" / "key.json"
     _write_cache(path, entry)
     assert _read_cache(path) == entry
+    path.write_text(json.dumps({**entry, "registers": 7}))  # edited: no longer its checksum
+    assert _read_cache(path) is None
     assert not list(path.parent.glob(".*"))  # no temporary left behind
     path.write_text('{"name": "k", "regis')  # a torn or corrupt entry
     assert _read_cache(path) is None

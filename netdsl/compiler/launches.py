@@ -6,17 +6,20 @@ the grid, the arguments and the block configuration, exactly as it would on a GP
 `sm90_requests` makes the `GPUTarget("cuda", 90, 32)` compile requests of `netdsl.codegen.target`, and
 `sm90_resources` compiles them, caching each compiled kernel (cubin and PTX) and its resource report
 on disk under a hash of everything that can change it (the kernel's source, its specialization, the
-netdsl and Triton versions).
+netdsl and Triton versions, the ptxas and the environment settings Triton and ptxas read). A stored
+report carries a checksum of itself and of its cubin and PTX: an edited or torn entry is built again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import inspect
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -169,6 +172,32 @@ def cache_dir() -> Path:
     return Path(root) / "sm90"
 
 
+# Environment settings Triton (its knobs.py) or ptxas read while building a kernel that change what is built:
+# optimization and fusion switches, debug code and line information, overrides, the tools and libraries used.
+COMPILER_ENVIRONMENT = (
+    "DISABLE_PTXAS_OPT",
+    "LLVM_EXTRACT_DI_LOCAL_VARIABLES",
+    "PTXAS_OPTIONS",
+    "TRITON_ALLOW_NON_CONSTEXPR_GLOBALS",
+    "TRITON_DEBUG",
+    "TRITON_DEFAULT_FP_FUSION",
+    "TRITON_DISABLE_LINE_INFO",
+    "TRITON_ENABLE_ASAN",
+    "TRITON_F32_DEFAULT",
+    "TRITON_FORCE_DISABLE_FP_FUSION",
+    "TRITON_FPSAN_HOMOMORPHIC_CASTS",
+    "TRITON_INSTRUMENTATION_MODE",
+    "TRITON_KERNEL_OVERRIDE",
+    "TRITON_LIBDEVICE_PATH",
+    "TRITON_MOCK_PTX_VERSION",
+    "TRITON_OVERRIDE_ARCH",
+    "TRITON_OVERRIDE_DIR",
+    "TRITON_PTXAS_BLACKWELL_PATH",
+    "TRITON_PTXAS_PATH",
+    "USE_IR_LOC",
+)
+
+
 def _cache_key(launch: Launch) -> str:
     import triton
 
@@ -182,29 +211,59 @@ def _cache_key(launch: Launch) -> str:
             "divisible_by_16": list(launch.divisible_by_16),
             "netdsl": __version__,
             "triton": triton.__version__,
+            "environment": {name: os.environ.get(name) for name in COMPILER_ENVIRONMENT},  # unset: null
+            "ptxas": _ptxas_version(),
         },
         sort_keys=True,
     )
     return hashlib.sha256(material.encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=8)
+def _ptxas_version_at(path: str, size: int, modified: int) -> str:
+    done = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def _ptxas_version() -> str:
+    """`ptxas --version` of the ptxas the sm_90 build uses (`TRITON_PTXAS_*_PATH` may name another binary at
+    the same path later), or "" where there is none."""
+    from netdsl.codegen.target import _ptxas
+
+    try:
+        path = _ptxas()
+        status = path.stat()
+        return _ptxas_version_at(str(path), status.st_size, status.st_mtime_ns)
+    except (OSError, RuntimeError):
+        return ""
+
+
 _FIELDS = ("name", "registers", "spill_stores", "spill_loads", "stack_bytes", "shared_bytes", "local_bytes", "mma")
 _COUNTS = _FIELDS[1:-1]  # whole numbers >= 0
+_CHECKSUMS = ("cubin_sha256", "ptx_sha256", "sha256")  # of the .cubin, of the .ptx, of the report itself
 
 
 def _read_cache(path: Path) -> dict | None:
-    """A report of the cache, checked by content (each field of its type, the cubin's checksum a SHA-256), or
-    None: missing, torn, foreign or from another netdsl, it is rebuilt."""
+    """A report of the cache, checked by content (each field of its type, the checksums SHA-256s, the report's
+    own matching), or None: missing, torn, edited, foreign or from another netdsl, it is rebuilt."""
     try:
         entry = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(entry, dict) or set(entry) != {*_FIELDS, "cubin_sha256"}:
+    if not isinstance(entry, dict) or set(entry) != {*_FIELDS, *_CHECKSUMS}:
         return None
     counts = all(type(entry[key]) is int and entry[key] >= 0 for key in _COUNTS)
     mma = isinstance(entry["mma"], list) and all(isinstance(item, str) for item in entry["mma"])
-    checksum = isinstance(entry["cubin_sha256"], str) and len(entry["cubin_sha256"]) == 64
-    return entry if counts and mma and checksum and isinstance(entry["name"], str) else None
+    checksums = all(isinstance(entry[key], str) and len(entry[key]) == 64 for key in _CHECKSUMS)
+    if not (counts and mma and checksums and isinstance(entry["name"], str)):
+        return None
+    return entry if entry["sha256"] == _record_checksum(entry) else None
+
+
+def _record_checksum(entry: dict) -> str:
+    """SHA-256 of everything in an entry but this checksum: what was measured and the files' checksums."""
+    record = {key: value for key, value in entry.items() if key != "sha256"}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _write_cache(path: Path, entry: dict) -> None:
@@ -217,17 +276,21 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def _has_binary(path: Path, entry: dict) -> bool:
-    """Whether the entry at `path` (its .json) has its compiled kernel beside it, whole: an ELF file whose
-    SHA-256 is the one its report recorded (a cubin truncated after its magic bytes is not)."""
+    """Whether the entry at `path` (its .json) has its compiled kernel beside it, whole: an ELF file and its
+    PTX whose SHA-256s are the ones its report recorded (a cubin truncated after its magic bytes is not)."""
     try:
-        data = path.with_suffix(".cubin").read_bytes()
+        cubin, ptx = path.with_suffix(".cubin").read_bytes(), path.with_suffix(".ptx").read_bytes()
     except OSError:
         return False
-    return data[:4] == b"\x7fELF" and hashlib.sha256(data).hexdigest() == entry["cubin_sha256"]
+    return (
+        cubin[:4] == b"\x7fELF"
+        and hashlib.sha256(cubin).hexdigest() == entry["cubin_sha256"]
+        and hashlib.sha256(ptx).hexdigest() == entry["ptx_sha256"]
+    )
 
 
 def _cached(path: Path) -> dict | None:
-    """The whole entry at `path`: a readable report and its cubin."""
+    """The whole entry at `path`: a readable report and its cubin and PTX."""
     entry = _read_cache(path)
     return entry if entry is not None and _has_binary(path, entry) else None
 
@@ -274,11 +337,14 @@ def sm90_resources(launches: list[Launch], use_cache: bool = True) -> dict[str, 
     for (launch, path), resources in zip(missing, compiled):
         entry = {key: value for key, value in asdict(resources).items() if key in _FIELDS}
         entry["mma"] = list(entry["mma"])
+        ptx = resources.ptx.encode("utf-8")
         entry["cubin_sha256"] = hashlib.sha256(resources.cubin).hexdigest()
+        entry["ptx_sha256"] = hashlib.sha256(ptx).hexdigest()
+        entry["sha256"] = _record_checksum(entry)
         results[launch.step] = entry
         with contextlib.suppress(OSError, NetError):  # an unwritable cache only costs time
             # The compiled kernel first, its report last: an entry whose report can be read is whole.
             _write_bytes(path.with_suffix(".cubin"), resources.cubin)
-            _write_bytes(path.with_suffix(".ptx"), resources.ptx.encode("utf-8"))
+            _write_bytes(path.with_suffix(".ptx"), ptx)
             _write_cache(path, entry)
     return results
