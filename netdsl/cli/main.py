@@ -132,7 +132,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     export = net_command("export", "write the net as an ONNX model (opset 17) with its weights as initializers")
     export.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
-    export.add_argument("--weights", type=Path, help="a safetensors file (default: the paper's initialization)")
+    export.add_argument(
+        "--weights",
+        type=Path,
+        help="a safetensors file or the run folder of `netdsl train` (default: the paper's initialization); trained "
+        "weights bring their preprocessing and class names into the model's metadata",
+    )
     export.add_argument("--seed", type=seed_number, default=0, help="seed of the default weights")
     export.add_argument(
         "--external-data",
