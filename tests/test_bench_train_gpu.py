@@ -2,10 +2,12 @@
 takes every code path the GPU run takes; the keys it writes to the choice table are the layers' geometry.
 No timing is judged."""
 
+import contextlib
 import importlib.util
+import itertools
 import re
+import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -124,23 +126,69 @@ def test_uneven_padding_is_keyed_by_four_sides_and_timed_against_the_same_gradie
                 torch.testing.assert_close(mine, want, rtol=1e-4, atol=1e-5)
 
 
-def test_a_time_box_cuts_a_slow_build_and_keeps_what_was_timed():
-    module = bench()
-    clock = module.Clock(torch.device("cpu"))
+class CountingClock:
+    """A clock that never waits: the n-th call it times reads n ms."""
 
-    def slow_build():
-        time.sleep(5)
-        return lambda: None
+    def __init__(self) -> None:
+        self.calls = 0
 
-    cut = module.measure(slow_build, warmup=1, runs=3, box=0.2, clock=clock)
-    assert cut.ms is None and cut.note == "n/a (time box of 0.2 s ran out in build)"
+    def sync(self) -> None:
+        pass
+
+    def time(self, fn) -> float:
+        fn()
+        self.calls += 1
+        return float(self.calls)
+
+
+def interrupted_on_call(number: int, expired: type[Exception]):
+    """A step whose call `number` (from 0) the box's alarm interrupts: it raises `expired` there, as the real
+    box's SIGALRM handler raises BoxExpired in whatever runs when the time is up."""
+    calls = itertools.count()
 
     def step():
-        time.sleep(0.05)
+        if next(calls) == number:
+            raise expired
 
-    partial = module.measure(lambda: step, warmup=0, runs=1000, box=0.5, clock=clock)
-    assert partial.ms is not None and 3 <= partial.runs < 1000
-    assert partial.note == f"time box: {partial.runs} of 1000 timed"
+    return step
+
+
+def test_a_time_box_cuts_a_slow_build_and_keeps_what_was_timed(monkeypatch):
+    """Where the box runs out decides what is reported: in the build or the warm-up nothing; in timing the
+    median of the calls finished before it, once MIN_RUNS (3) of them have. The alarm is raised by the calls
+    themselves (no clock, no sleep), so every run cuts at the same call."""
+    module = bench()
+    monkeypatch.setattr(module, "time_box", lambda seconds: contextlib.nullcontext())
+    expired = module.BoxExpired
+
+    def expired_build():
+        raise expired
+
+    cut = module.measure(expired_build, warmup=1, runs=3, box=0.2, clock=CountingClock())
+    assert (cut.ms, cut.runs, cut.note) == (None, 0, "n/a (time box of 0.2 s ran out in build)")
+    cut = module.measure(lambda: interrupted_on_call(1, expired), warmup=3, runs=3, box=0.2, clock=CountingClock())
+    assert (cut.ms, cut.runs, cut.note) == (None, 0, "n/a (time box of 0.2 s ran out in warm-up)")
+
+    step = interrupted_on_call(7, expired)
+    partial = module.measure(lambda: step, warmup=0, runs=1000, box=0.5, clock=CountingClock())
+    assert (partial.ms, partial.runs, partial.note) == (4.0, 7, "time box: 7 of 1000 timed")  # the median of 1..7
+    step = interrupted_on_call(2, expired)
+    too_few = module.measure(lambda: step, warmup=0, runs=1000, box=0.5, clock=CountingClock())
+    assert (too_few.ms, too_few.runs, too_few.note) == (None, 2, "n/a (time box of 0.5 s ran out in timing)")
+    whole = module.measure(lambda: lambda: None, warmup=2, runs=5, box=0.5, clock=CountingClock())
+    assert (whole.ms, whole.runs, whole.note) == (3.0, 5, "")
+
+
+def test_the_time_box_interrupts_what_runs_when_its_alarm_goes_off():
+    """The real box: its SIGALRM raises BoxExpired inside the code it boxes (signal.pause returns only on a
+    signal, so nothing here depends on how long anything takes); a box of 0 s is no box."""
+    module = bench()
+    handler = signal.getsignal(signal.SIGALRM)
+    with pytest.raises(module.BoxExpired), module.time_box(0.05):
+        signal.pause()
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0) and signal.getsignal(signal.SIGALRM) is handler
+    with module.time_box(0):
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 
 def test_without_a_gpu_it_says_so_and_fails(monkeypatch, capsys):

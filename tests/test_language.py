@@ -445,8 +445,10 @@ def test_conv_shape_matches_torch(channels, h, w, filters, size, stride, pad, di
         f"input x: {channels} x {h} x {w}\n"
         f"y = conv(x, {filters}, size={size}, stride={stride}, pad={pad}, dilation={dilation}, groups={groups})\n"
     )
-    weight = torch.randn(filters, channels // groups, *size)
-    expected = nnf.conv2d(torch.randn(1, channels, h, w), weight, None, stride, pad, dilation, groups).shape[1:]
+    generator = torch.Generator().manual_seed(0)  # only the shape is compared
+    weight = torch.randn(filters, channels // groups, *size, generator=generator)
+    x = torch.randn(1, channels, h, w, generator=generator)
+    expected = nnf.conv2d(x, weight, None, stride, pad, dilation, groups).shape[1:]
     assert shape(graph, "y") == tuple(expected)
     assert shape(graph, "y")[1:] == tuple(
         conv_out(n, k, s, p, d) for n, k, s, p, d in zip((h, w), size, stride, pad, dilation)
@@ -467,7 +469,8 @@ def test_pool_shape_matches_torch(op, n, k, s, p, ceil):
     width = n + 3  # a non-square input
     graph = build(f"input x: 2 x {n} x {width}\ny = {op}(x, {k}, stride={s}, pad={p}, ceil={str(ceil).lower()})\n")
     pool = nnf.max_pool2d if op == "maxpool" else nnf.avg_pool2d
-    expected = pool(torch.randn(1, 2, n, width), k, s, p, ceil_mode=ceil).shape[1:]
+    x = torch.randn(1, 2, n, width, generator=torch.Generator().manual_seed(0))  # only the shape is compared
+    expected = pool(x, k, s, p, ceil_mode=ceil).shape[1:]
     assert shape(graph, "y") == tuple(expected)
     assert shape(graph, "y") == (2, pool_out(n, k, s, p, ceil), pool_out(width, k, s, p, ceil))
 
@@ -480,7 +483,8 @@ def test_ceil_mode_drops_a_last_window_that_would_start_in_the_padding():
     )
     assert shape(graph, "floor") == (1, 3, 3)
     assert shape(graph, "up") == (1, 3, 3)
-    assert tuple(nnf.max_pool2d(torch.randn(1, 1, 5, 5), 2, 2, 1, ceil_mode=True).shape[1:]) == (1, 3, 3)
+    x = torch.randn(1, 1, 5, 5, generator=torch.Generator().manual_seed(0))
+    assert tuple(nnf.max_pool2d(x, 2, 2, 1, ceil_mode=True).shape[1:]) == (1, 3, 3)
     # where the extra window does start inside, ceil mode adds it
     graph = build("input x: 1 x 6 x 6\nfloor = maxpool(x, 3, stride=2)\nup = maxpool(x, 3, stride=2, ceil=true)\n")
     assert shape(graph, "floor") == (1, 2, 2)
@@ -514,7 +518,8 @@ def test_global_avgpool_fc_and_flatten():
     assert shape(graph, "flat") == (5 * 7 * 3,)
     assert shape(graph, "f2") == (4,)
     assert shape(graph, "h") == (5,)
-    ref = torch.flatten(nnf.adaptive_avg_pool2d(torch.randn(1, 5, 7, 3), 1), 1)
+    x = torch.randn(1, 5, 7, 3, generator=torch.Generator().manual_seed(0))
+    ref = torch.flatten(nnf.adaptive_avg_pool2d(x, 1), 1)
     assert tuple(ref.shape[1:]) == shape(graph, "h")
 
 

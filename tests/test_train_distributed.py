@@ -122,9 +122,7 @@ def test_a_dead_rank_ends_the_run_with_an_error_not_a_hang(tmp_path, digits_like
             if " step 2 " in line or time.monotonic() > deadline:
                 break
         procs[1].send_signal(signal.SIGKILL)
-        started = time.monotonic()
-        code = procs[0].wait(timeout=90)
-        waited = time.monotonic() - started
+        code = procs[0].wait(timeout=90)  # a hang guard (TimeoutExpired fails the test), not a measurement
         err = procs[0].stderr.read()
     finally:
         for proc in procs:
@@ -133,7 +131,6 @@ def test_a_dead_rank_ends_the_run_with_an_error_not_a_hang(tmp_path, digits_like
                 proc.wait()
     assert code == 1, err
     assert "another process of the run stopped answering" in err and "Traceback" not in err
-    assert waited < 60
 
 
 def test_resume_under_two_processes(tmp_path, digits_like):

@@ -409,7 +409,8 @@ def test_a_nan_in_the_data_is_traced_to_the_input(tmp_path, capsys):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((16, 1, 32, 32)).astype(np.float32)
     x[5, 0, 3, 4] = np.nan
-    np.savez(data, x=x, y=rng.integers(0, 10, 16), x_val=x[:4] * 0 + 1, y_val=np.arange(4))
+    x_val = rng.standard_normal((4, 1, 32, 32)).astype(np.float32)  # no NaN: the training batch holds it
+    np.savez(data, x=x, y=rng.integers(0, 10, 16), x_val=x_val, y_val=np.arange(4))
     code = train(LENET, "--data", data, "--batch", 16, "--epochs", 1, "--out", tmp_path / "run", *PLAIN)
     err = capsys.readouterr().err
     assert code == 1
@@ -633,9 +634,10 @@ def test_a_state_dict_saved_as_safetensors_is_what_netdsl_run_reads(tmp_path):
     from netdsl.runtime.module import GraphModule
 
     module = GraphModule(netdsl.load_graph(LENET), init="he", seed=5)
+    generator = torch.Generator().manual_seed(6)
     with torch.no_grad():
-        for param in module.parameters():
-            param.add_(0.01 * torch.randn_like(param))  # a "trained" net: not the initial weights
+        for param in module.parameters():  # a "trained" net: not the initial weights
+            param.add_(0.01 * torch.randn(param.shape, generator=generator))
     save_file(module.state_dict(), tmp_path / "mine.safetensors")
     x = np.random.default_rng(1).standard_normal((3, 1, 32, 32)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)

@@ -186,7 +186,7 @@ def test_candidates_that_fail_or_compute_wrongly_are_dropped(tiny, monkeypatch):
         def candidates():
             return [{"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}]
 
-    x = torch.randn(2, 4)
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(7))
     result = tuner._tune_step("wrong", Wrong, [x], {}, favouring(0), 1e-4)
     assert result.best is None and result.default == {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4}
     assert "differs from the launcher's tiles' by 5.0e-01" in result.dropped["32x32x32"]
@@ -242,10 +242,11 @@ def test_candidate_tiles_compute_what_pytorch_does():
         got = fc.linear([rows.float().to(DEVICE)], weight.float().to(DEVICE), None, config=config).double().cpu()
         assert (got - rows @ weight.T).abs().max() <= 1e-5 * (rows @ weight.T).abs().max(), config
     # the paper's LRN: its alpha is not divided by the window's size, PyTorch's is
-    staged = F.max_pool2d(F.local_response_norm(F.relu(F.conv2d(x, w, padding=1)), 5, 5 * 1e-4, 0.75, 2.0), 3, 2)
+    b = torch.randn(24, generator=gen, dtype=torch.float64) * 0.1
+    staged = F.max_pool2d(F.local_response_norm(F.relu(F.conv2d(x, w, b, padding=1)), 5, 5 * 1e-4, 0.75, 2.0), 3, 2)
     for config in conv_lrn_pool.tuning_candidates(24, 4):
         got = conv_lrn_pool.conv_lrn_maxpool(
-            xs, ws, torch.zeros(24, device=DEVICE), 1, 1, 1, 1, 5, 1e-4, 0.75, 2.0, 3, 2, config=config
+            xs, ws, b.float().to(DEVICE), 1, 1, 1, 1, 5, 1e-4, 0.75, 2.0, 3, 2, config=config
         ).double().cpu()
         assert (got - staged).abs().max() <= 1e-5 * staged.abs().max(), config
     norm = F.local_response_norm(x * x.abs(), 5, alpha=1e-4 * 5, beta=0.75, k=2.0)  # the paper's alpha, per window
@@ -446,7 +447,7 @@ def test_tune_on_the_gpu(tiny, tmp_path):
     assert {result.step for result in found} == set(TUNABLE)
     assert tuning["graphs"] > 0 and tuning["timed launch by launch (not capturable)"] == 0
     for result in found:
-        assert 0 < result.default_ms < 100 and 0 < result.best_ms < 100
+        assert result.default_ms > 0 and result.best_ms > 0  # measured (how fast is bench/'s business)
     fc_step = next(result for result in found if result.step == "fc4_gpu0_fc_bias")
     assert fc_step.default == fc.pick_config(8, torch.float32)  # the launcher's GPU choice, read from its launch
     path = _saved(tmp_path, tuning)
