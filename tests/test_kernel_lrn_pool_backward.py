@@ -1,5 +1,6 @@
 """The LRN + max-pool training forward and backward (codegen/lrn_pool_backward.py) against PyTorch autograd through
-codegen.reference.lrn (the paper's LRN, per channel group) and F.max_pool2d with the same window.
+the paper's LRN written out here (per channel group, its windows' sums of squares summed channel by channel) and
+F.max_pool2d with the same window.
 
 fp32: plain autograd in float64 on the same inputs; the pooled output, the saved winners (against max_pool2d's
 indices) and scales are checked too. bf16: the pool's winners come from the forward in bf16, as in an unfused
@@ -15,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from kernel_support import DEVICE
 
-from netdsl.codegen import reference
 from netdsl.codegen.lrn_pool_backward import lrn_maxpool_backward, lrn_maxpool_train
 
 TOLERANCES = {
@@ -44,8 +44,9 @@ def random_input(shape, dtype, seed, scale=2.0):
 
 
 def reference_lrn(x, size, alpha, beta, k, groups, relu_first):
+    """The paper's LRN: a / (k + alpha * the sum of squares over a's window) ** beta, a = x or relu(x)."""
     a = torch.relu(x) if relu_first else x
-    return torch.cat([reference.lrn(g, size, alpha, beta, k) for g in a.chunk(groups, dim=1)], dim=1)
+    return a / (k + alpha * window_sums(x, size, groups, relu_first)) ** beta
 
 
 def reference_backward(x, grad_out, lrn_args, pool_args, winners=None):

@@ -29,7 +29,6 @@ from netdsl.codegen.cross_entropy import CONFIGS as CE_CONFIGS
 from netdsl.codegen.cross_entropy import CrossEntropyConfig, cross_entropy
 from netdsl.codegen.dropout import dropout, dropout_backward
 from netdsl.codegen.optimizer import paper_sgd_step, segments
-from netdsl.train.optim import PaperSGD, set_learning_rate
 
 # The interpreter warns when arithmetic overflows or meets NaN where it should not: a masked lane that leaked.
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
@@ -147,16 +146,16 @@ def test_cross_entropy_is_deterministic_and_flags_bad_targets(gen):
     assert torch.isfinite(bad[0]) and bad[1:].isnan().all()
 
 
-def test_cross_entropy_rejects_bad_arguments():
-    logits = torch.randn(4, 10, device=DEVICE)
-    target = torch.zeros(4, dtype=torch.int64, device=DEVICE)
+def test_cross_entropy_rejects_bad_arguments(gen):
+    logits = randn((4, 10), gen)
+    target = torch.randint(0, 10, (4,), generator=gen).to(DEVICE)
     with pytest.raises(ValueError, match=r"\[N, K\]"):
         cross_entropy(logits[0], target)
     with pytest.raises(ValueError, match="class indices"):
         cross_entropy(logits, target.float())
     with pytest.raises(ValueError, match="label_smoothing"):
         cross_entropy(logits, target, label_smoothing=1.5)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="cross_entropy supports"):
         cross_entropy(logits.double(), target)
     with pytest.raises(ValueError, match="grad is"):
         cross_entropy(logits, target, grad=torch.empty(4, 11, device=DEVICE))
@@ -213,25 +212,26 @@ def test_dropout_edge_rates(dtype, gen):
 def test_dropout_mask_is_a_function_of_seed_and_counter(gen):
     """The same (seed, offset) gives the same mask on every launch, whatever the shape; element i's draw is
     counter offset + i, so shifting the offset shifts the mask; other seeds give unrelated masks."""
-    ones = torch.ones(70_000, device=DEVICE)  # more than one interpreter block
-    mask = dropout(ones, 0.5, seed=2024) != 0
-    assert torch.equal(mask, dropout(ones, 0.5, seed=2024) != 0)
-    assert torch.equal(mask, (dropout(ones.view(7, 100, 100), 0.5, seed=2024) != 0).flatten())
-    assert torch.equal(mask[1234:], dropout(ones[1234:], 0.5, seed=2024, offset=1234) != 0)
+    x = randn(70_000, gen)  # more than one interpreter block; no zeros, so a zero is a dropped value
+    y = dropout(x, 0.5, seed=2024)
+    mask = y != 0
+    assert torch.equal(y, dropout(x, 0.5, seed=2024))
+    assert torch.equal(y, dropout(x.view(7, 100, 100), 0.5, seed=2024).flatten())
+    assert torch.equal(y[1234:], dropout(x[1234:], 0.5, seed=2024, offset=1234))
     for other in (2025, 2**40 + 2024):
-        agree = mask == (dropout(ones, 0.5, seed=other) != 0)
+        agree = mask == (dropout(x, 0.5, seed=other) != 0)
         assert_binomial(int(agree.sum()), agree.numel(), 0.5, f"agreement with seed {other}")
-    far = dropout(ones[:1000], 0.5, seed=2024, offset=2**33)  # a counter past 32 bits
+    far = dropout(x[:1000], 0.5, seed=2024, offset=2**33)  # a counter past 32 bits
     assert_binomial(int((far == 0).sum()), 1000, 0.5, "dropped past 2**32")
 
 
-def test_dropout_rejects_bad_arguments():
-    x = torch.randn(4, device=DEVICE)
+def test_dropout_rejects_bad_arguments(gen):
+    x = randn(4, gen)
     with pytest.raises(ValueError, match="rate"):
         dropout(x, 1.5, seed=0)
     with pytest.raises(ValueError, match="seed"):
         dropout(x, 0.5, seed=-1)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="dropout supports"):
         dropout(x.double(), 0.5, seed=0)
     with pytest.raises(ValueError, match="out is"):
         dropout(x, 0.5, seed=0, out=torch.empty(5, device=DEVICE))
@@ -325,15 +325,15 @@ def test_batch_norm_gpu_chunks_cover_each_channel_once(channels, per_channel, ex
     assert split <= block_split < 2 * split
 
 
-def test_batch_norm_rejects_bad_arguments():
-    x = torch.randn(2, 3, 4, 4, device=DEVICE)
-    vectors = [torch.ones(3, device=DEVICE) for _ in range(4)]
+def test_batch_norm_rejects_bad_arguments(gen):
+    x = randn((2, 3, 4, 4), gen)
+    vectors = [randn(3, gen).abs() + 0.5 for _ in range(4)]
     with pytest.raises(ValueError, match="more than one value"):
         batch_norm_forward(x[:1, :, :1, :1], *vectors)
     with pytest.raises(ValueError, match="contiguous"):
         batch_norm_forward(x.to(memory_format=torch.channels_last), *vectors)
     with pytest.raises(ValueError, match=r"\(3,\)"):
-        batch_norm_forward(x, torch.ones(4, device=DEVICE), *vectors[1:])
+        batch_norm_forward(x, randn(4, gen), *vectors[1:])
     with pytest.raises(ValueError, match=r"N, C, H, W"):
         batch_norm_forward(x[0], *vectors)
     with pytest.raises(ValueError, match="dy is"):
@@ -348,36 +348,41 @@ LR_MULTS = [1.0, 2.0, 1.0, 2.0, 1.0, 0.0]
 DECAY_MULTS = [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]
 
 
+def paper_sgd_reference(weights, velocities, grads, lr, nesterov, momentum=0.9, weight_decay=0.0005):
+    """One step of the paper's rule on every parameter laid end to end, in float64, its rate and decay scaled by
+    the parameter's multipliers (LR_MULTS, DECAY_MULTS): v <- momentum * v - decay * lr * w - lr * grad, then
+    w <- w + v (Nesterov: w <- w + momentum * v - lr * (grad + decay * w)). Updates `weights` and `velocities`."""
+    sizes = torch.tensor(SIZES)
+    rate = lr * torch.tensor(LR_MULTS, dtype=torch.float64).repeat_interleave(sizes)
+    decay = weight_decay * torch.tensor(DECAY_MULTS, dtype=torch.float64).repeat_interleave(sizes)
+    velocities.mul_(momentum).sub_(decay * rate * weights + rate * grads)
+    if nesterov:
+        weights.add_(momentum * velocities - rate * (grads + decay * weights))
+    else:
+        weights.add_(velocities)
+
+
 @pytest.mark.parametrize("grad_dtype", DTYPES)
 @pytest.mark.parametrize("nesterov", [False, True], ids=["momentum", "nesterov"])
-def test_paper_sgd_matches_the_reference_optimizer(nesterov, grad_dtype, gen):
-    """Six steps with the rate dropped by 10 after three, against netdsl.train.optim.PaperSGD with one group per
-    parameter; blocks of 128 so that segments begin and end inside blocks."""
-    params = [torch.nn.Parameter(randn(size, gen)) for size in SIZES]
-    groups = [
-        {"params": [param], "lr_mult": lr_mult, "decay_mult": decay_mult}
-        for param, lr_mult, decay_mult in zip(params, LR_MULTS, DECAY_MULTS, strict=True)
-    ]
-    reference = PaperSGD(groups, lr=0.01, momentum=0.9, weight_decay=0.0005, nesterov=nesterov)
-    weights = torch.cat([param.detach() for param in params])
+def test_paper_sgd_matches_the_rule_written_out(nesterov, grad_dtype, gen):
+    """Six steps with the rate dropped by 10 after three, against the rule written out in float64 on the same
+    (already rounded) gradients; blocks of 128 so that segments begin and end inside blocks."""
+    weights = randn(sum(SIZES), gen)
     velocities = torch.zeros_like(weights)
+    want_weights, want_velocities = weights.double().cpu(), velocities.double().cpu()
     table = segments(SIZES, LR_MULTS, DECAY_MULTS, device=DEVICE)
     weights_address, velocities_address = weights.data_ptr(), velocities.data_ptr()
 
     for step in range(6):
         lr = 0.01 if step < 3 else 0.001
         grads = randn(sum(SIZES), gen, grad_dtype)
-        for param, grad in zip(params, grads.float().split(SIZES), strict=True):
-            param.grad = grad.clone()
-        set_learning_rate(reference, lr)
-        reference.step()
+        paper_sgd_reference(want_weights, want_velocities, grads.double().cpu(), lr, nesterov)
         paper_sgd_step(weights, grads, velocities, table, lr=lr, momentum=0.9, weight_decay=0.0005,
                        nesterov=nesterov, block=128)  # fmt: skip
 
     assert weights.data_ptr() == weights_address and velocities.data_ptr() == velocities_address, "not in place"
-    expected_velocities = torch.cat([reference.state[param]["velocity"] for param in params])
-    torch.testing.assert_close(weights, torch.cat([param.detach() for param in params]), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(velocities, expected_velocities, rtol=1e-5, atol=3e-8)
+    torch.testing.assert_close(weights.double().cpu(), want_weights, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(velocities.double().cpu(), want_velocities, rtol=1e-5, atol=3e-8)
 
 
 def test_paper_sgd_in_one_program_per_default_block(gen):
@@ -407,10 +412,10 @@ def test_paper_sgd_rejects_bad_arguments():
         segments([3, 4], [1.0], [1.0, 1.0])
 
 
-def test_batch_norm_refuses_a_kernel_role_it_does_not_run():
+def test_batch_norm_refuses_a_kernel_role_it_does_not_run(gen):
     """The emitted files pass their kernel copies by role; a misspelt role would silently run the originals."""
-    x = torch.randn(2, 3, 4, 4, device=DEVICE)
-    weight, bias = torch.ones(3, device=DEVICE), torch.zeros(3, device=DEVICE)
-    mean, var = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    x = randn((2, 3, 4, 4), gen)
+    weight, bias, mean = randn(3, gen), randn(3, gen), randn(3, gen)
+    var = randn(3, gen).abs() + 0.5
     with pytest.raises(ValueError, match=r"unknown kernel roles \['backward'\]"):
         batch_norm_forward(x, weight, bias, mean, var, kernels={"backward": None})

@@ -26,7 +26,6 @@ from kernel_support import explicit_pool
 
 import netdsl
 from netdsl.cli.main import main
-from netdsl.codegen.reference import lrn as reference_lrn
 from netdsl.codegen.target import SM90_MAX_REGISTERS
 from netdsl.compiler.compile import compile_net, write_build
 from netdsl.compiler.emit import emit_program
@@ -193,15 +192,15 @@ def zoo_by_hand(x: torch.Tensor, w: dict[str, torch.Tensor]) -> dict[str, torch.
     bb = F.conv2d(_padded(a, 1, 1, 0, 0), w["b.weight"], w["b.bias"])  # same_lower of a 2x2 kernel
     c = F.conv2d(_padded(bb, 0, 1, 2, 0), w["c.weight"], w["c.bias"], stride=2, dilation=2)
     (t, b), (l, r) = tf_same(11, 3, 2), tf_same(10, 3, 2)
-    norm = reference_lrn(bb, 3, 0.1, 0.75, 1.0)
+    norm = F.local_response_norm(bb, 3, alpha=0.1 * 3, beta=0.75, k=1.0)  # PyTorch's alpha is per window
     return {
         "c": c,
         "d": explicit_pool(x, "max", (4, 4), (2, 2), (3, 0, 1, 2), ceil_mode=True),
         "e": explicit_pool(x, "avg", (3, 3), (2, 2), (t, l, b, r), count_include_pad=False),
         "f": explicit_pool(x, "avg", (3, 2), (1, 1), (2, 1, 0, 1), (2, 3), count_include_pad=True),
         "g": F.max_pool2d(x, 2, 1, 1, dilation=2),
-        "h.maxpool": explicit_pool(norm, "max", (2, 2), (2, 2), (0, 0, 1, 1)),
-        "i.maxpool": F.max_pool2d(norm, 2, 1, dilation=2),
+        "h": explicit_pool(norm, "max", (2, 2), (2, 2), (0, 0, 1, 1)),  # outputs go by the names `output` wrote
+        "i": F.max_pool2d(norm, 2, 1, dilation=2),
     }
 
 
