@@ -961,18 +961,22 @@ def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "text",
+    "text, built",
     [
-        X + "repeat 2 { y = relu(x) }; z = relu(x)\n",
-        "device a, b\n" + X + "towers a, b { y = relu(x) }; z = relu(all y)\n",
-        "block f(v) { return relu(v) }; " + X + "y = f(x)\n",
-        X + "repeat 2 { repeat 1 { y = relu(x) } }\n",
-        X + "train { lr = 0.1 }; y = relu(x)\n",
+        (X + "repeat 2 { y = relu(x) }; z = relu(x)\n", ["x", "y[1]", "y[2]", "z"]),
+        ("device a, b\n" + X + "towers a, b { y = relu(x) }; z = relu(all y)\n", ["x", "y@a", "y@b", "z"]),
+        ("block f(v) { return relu(v) }; " + X + "y = f(x)\n", ["x", "y"]),
+        (X + "repeat 2 { repeat 1 { y = relu(x) } }\n", ["x", "y[1][1]", "y[2][1]"]),
+        (X + "train { lr = 0.1 }; y = relu(x)\n", ["x", "y"]),
     ],
     ids=["repeat", "towers", "block", "nested", "train"],
 )
-def test_a_braced_statement_ends_at_a_semicolon_too(text):
-    graph_from_text(text)
+def test_a_braced_statement_ends_at_a_semicolon_too(text, built):
+    """Both statements are read: the layers of the braced one and of the one after the `;`."""
+    graph = graph_from_text(text)
+    assert sorted(graph.nodes) == built
+    if text.startswith(X + "train"):
+        assert [(setting.name, setting.value) for setting in graph.graph["recipe"]] == [("lr", 0.1)]
 
 
 @pytest.mark.parametrize("keyword", ["repeat 2", "towers a, b", "train"])

@@ -106,11 +106,14 @@ def test_names_are_sanitized_and_batch_is_dynamic(tmp_path):
 def test_export_command(tmp_path, capsys):
     from netdsl.cli.main import main
 
-    out = tmp_path / "lenet5.onnx"
-    assert main(["export", str(NETS[0].parent / "lenet5.net"), "-o", str(out)]) == 0
+    out, lenet = tmp_path / "lenet5.onnx", NETS[0].parent / "lenet5.net"
+    assert main(["export", str(lenet), "-o", str(out)]) == 0
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    (result,) = session.run(None, {"image": np.ones((2, 1, 32, 32), np.float32)})
-    assert result.shape == (2, 10)
+    x = np.random.default_rng(3).standard_normal((2, 1, 32, 32), dtype=np.float32)
+    (result,) = session.run(None, {"image": x})
+    want = netdsl.load(lenet, backend="torch", weights=init_weights(load_graph(lenet), seed=0))(x).numpy()
+    assert result.shape == want.shape == (2, 10)  # the default weights: the paper's, seed 0
+    assert np.abs(result - want).max() <= 1e-4 * np.abs(want).max()
     assert main(["export", str(NETS[0].parent / "lenet5.net"), "-o", str(tmp_path / "missing" / "x.onnx")]) == 1
     err = capsys.readouterr().err
     assert "cannot write" in err and "Traceback" not in err
