@@ -1,9 +1,15 @@
 """Every generated kernel file computes what its layers mean: each step's `launch` (the copied Triton
 kernel, run under the interpreter on the CPU) against PyTorch ops on fresh random inputs."""
 
+import ast
+import inspect
+import io
 import os
 import subprocess
 import sys
+import textwrap
+import tokenize
+from importlib import import_module
 from pathlib import Path
 
 import pytest
@@ -143,23 +149,119 @@ def test_a_device_function_may_not_name_other_globals():
         device_functions(_scale_kernel)
 
 
+def _run_by_hand(path: Path) -> str:
+    """Runs a generated file as a script the way a user on a machine without a GPU would: no TRITON_INTERPRET in
+    its environment (the file chooses the interpreter itself) and no GPU visible; its stdout."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    result = subprocess.run(
+        [sys.executable, str(path)], capture_output=True, text=True, env=env, check=False, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_a_generated_file_runs_by_hand(tmp_path, dtype):
     """Run as a script, a kernel file checks itself in its build's dtype against float64 PyTorch (the
-    two-input channels-last conv; bf16 within 2e-2: the output is rounded to 8 bits of mantissa)."""
+    two-input channels-last conv; bf16 within 2e-2: the output is rounded to 8 bits of mantissa), under
+    Triton's interpreter where there is no GPU, its bf16 dots widened by netdsl.codegen."""
     path = tmp_path / "mini_alexnet.net"
     path.write_text(MINI_ALEXNET)
     out = write_build(compile_net(path, Options(dtype=dtype)), tmp_path / "mini_alexnet")
     source = out / "kernels" / "conv2_gpu1_conv_bias_relu.py"
     assert "def conv2d_nhwc_kernel(" in source.read_text()
-    env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
-    result = subprocess.run(
-        [sys.executable, str(source)], capture_output=True, text=True, env=env, check=False, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
-    assert f"({'torch.float32' if dtype == 'fp32' else 'torch.bfloat16'}, float64 reference)" in result.stdout
-    error = float(result.stdout.rsplit("max error ", 1)[1].split()[0])
+    stdout = _run_by_hand(source)
+    assert f"({'torch.float32' if dtype == 'fp32' else 'torch.bfloat16'}, float64 reference)" in stdout
+    error = float(stdout.rsplit("max error ", 1)[1].split()[0])
     assert error < (TOLERANCE["fp32"] if dtype == "fp32" else 2e-2)
+
+
+def test_a_training_step_file_runs_by_hand(tmp_path):
+    """A train/ step file run as a script without a GPU checks its forward and backward against autograd, and
+    the update file its SGD against the paper's rule."""
+    from netdsl.compiler.train_plan import compile_training
+
+    compiled = compile_training(ROOT / "nets/lenet5.net", Options(batch=2))
+    for name in ("c3_conv_relu.py", "update_gpu0.py"):
+        (tmp_path / name).write_text(compiled.kernels[name])
+    errors = [line for line in _run_by_hand(tmp_path / "c3_conv_relu.py").splitlines() if "max error" in line]
+    assert [line.split()[1] for line in errors] == ["output:", "input:", "weight:", "bias:"]
+    assert all(float(line.split("max error ")[1].split()[0]) < 1e-5 for line in errors), errors
+    stdout = _run_by_hand(tmp_path / "update_gpu0.py")
+    assert float(stdout.split("max error ")[1].split()[0]) < 1e-6
+
+
+def _jit_functions() -> dict[str, object]:
+    """Every @triton.jit function a generated file may copy, by name, as netdsl.codegen defines it."""
+    from netdsl.codegen.source import device_functions
+    from netdsl.compiler.backward import KERNELS
+    from netdsl.compiler.emit import FAMILIES
+
+    names = {f"{family.module}.{family.kernel}" for family in FAMILIES.values()}
+    names |= {name for forward, backward in KERNELS.values() for name in (*forward, *backward)}
+    functions = {}
+    for name in sorted(names):
+        module, kernel = name.split(".")
+        for fn in device_functions(getattr(import_module(f"netdsl.codegen.{module}"), kernel)):
+            functions[fn.__name__] = fn
+    return functions
+
+
+def _parsed(fn) -> ast.FunctionDef:
+    return ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+
+
+def test_generated_files_read_like_the_repository_code(tmp_path):
+    """Lines of at most 120 characters, strings in double quotes, no formatter markers (`# fmt: skip`), and each
+    copied @triton.jit function the same code as netdsl.codegen's, comments aside."""
+    from netdsl.compiler.train_plan import compile_training
+
+    files = sorted((build_dir(tmp_path, MINI_ALEXNET, "mini_alexnet") / "kernels").glob("*.py"))
+    files += sorted((build_dir(tmp_path, ZOO, "zoo") / "kernels").glob("*.py"))
+    (tmp_path / "train").mkdir()
+    for name, source in compile_training(ROOT / "nets/lenet5.net", Options(batch=2)).kernels.items():
+        (tmp_path / "train" / name).write_text(source)
+        files.append(tmp_path / "train" / name)
+    originals = {name: _parsed(fn) for name, fn in _jit_functions().items()}
+    for path in files:
+        source = path.read_text()
+        assert "fmt:" not in source, path.name
+        assert max(len(line) for line in source.splitlines()) <= 120, path.name
+        strings = [t for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.STRING]
+        assert not [t.string for t in strings if t.string.lstrip("bfruBFRU").startswith("'")], path.name
+        copies = [node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef) and node.decorator_list]
+        assert copies, path.name
+        for copy in copies:
+            assert ast.dump(copy) == ast.dump(originals[copy.name]), (path.name, copy.name)
+
+
+def test_the_options_keep_their_former_name(tmp_path):
+    """`OPTIONS` was `P`; netdsl.runtime.tune (twin_key) still reads a kernel file's options by that name."""
+    out = build_dir(tmp_path, MINI_ALEXNET, "mini_alexnet")
+    module = load_kernel_file(out / "kernels" / "conv2_gpu1_conv_bias_relu.py")
+    assert module.P is module.OPTIONS and module.OPTIONS["groups"] == 1
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        'a "quoted" layer\'s \\ back\nslash \u00e9',
+        {"one": (1,), "none": None, "flags": [True, False], "float": 1e-05},
+        [(f"layer{i}.weight", i * 1000) for i in range(40)],
+        {"nested": {f"key{i}": (i, (i,), [f"{i}" * 30]) for i in range(8)}},
+        (),
+    ],
+)
+def test_a_literal_is_python_of_the_same_value_in_lines_that_fit(value):
+    from netdsl.compiler.emit import assignment
+
+    text = assignment("NAME", value, "a comment")
+    assert text.startswith("NAME = ") and ast.literal_eval(text.removeprefix("NAME = ")) == value
+    assert max(len(line) for line in text.splitlines()) <= 120 and text.isascii()
+    strings = [t.string for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type == tokenize.STRING]
+    assert all(string.startswith('"') for string in strings)
+    assert "# a comment" in text.splitlines()[0]
 
 
 def test_grouped_lrn_equals_lrn_per_group(tmp_path):

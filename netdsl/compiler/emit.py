@@ -2,20 +2,26 @@
 
 Each file holds a copy of its kernel family's `@triton.jit` kernel (from `netdsl.codegen`) followed by
 copies of the `@triton.jit` device functions it calls (`device_functions`: a helper shared by two
-kernel families, such as conv.py's epilogue, is copied into each file that needs it), the step's
-parameters as literals, `launch(inputs, weights, out=None)` that runs that copy through the family's
-launcher, `reference(inputs, weights)` built from PyTorch ops (`netdsl.codegen.reference`), and a `__main__` that
-checks one against the other on random data. A family whose launcher takes tiles (`tunable`) also gets
+kernel families, such as conv.py's epilogue, is copied into each file that needs it; the formatter's
+`# fmt:` markers left out), the step's options (`OPTIONS`), layers and shapes as literals,
+`launch(inputs, weights, out=None)` that runs that copy through the family's launcher,
+`reference(inputs, weights)` built from PyTorch ops (`netdsl.codegen.reference`), and a `__main__` that
+checks one against the other on random data (run on a machine without a GPU, the file chooses Triton's
+interpreter before it imports triton: `imports`). A family whose launcher takes tiles (`tunable`) also gets
 `candidates()`, the tiles `netdsl tune` times, and `TUNED`, the tiles `launch` takes at each batch size
 (from a tuning file: netdsl.compiler.tuning), which its `config` argument overrides. Nothing from the
-`.net` file is pasted into the code except through `repr()` of plain values and identifiers made of
+`.net` file is pasted into the code except through `literal()` of plain values and identifiers made of
 [A-Za-z0-9_]: a hostile layer name cannot become code.
 """
 
 from __future__ import annotations
 
 import inspect
+import io
+import json
+import re
 import textwrap
+import tokenize
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,12 +37,14 @@ from netdsl.compiler.steps import Step, identifier
 from netdsl.ir.dtypes import DTYPE_BYTES, TORCH_NAMES
 from netdsl.ir.ops import layer_pads, layer_tensors
 
+LINE_LENGTH = 120  # of a generated file's own lines, as of the repository's code (STYLE.md)
+
 
 @dataclass(frozen=True)
 class Family:
     module: str  # netdsl.codegen.<module>
     kernel: str  # the @triton.jit function in it
-    launch: str  # the body of `launch`, using inputs, weights, out, P (the parameters) and KERNEL
+    launch: str  # the body of `launch`, using inputs, weights, out, OPTIONS (kernel_parameters) and KERNEL
     # For a family whose launcher takes `config`: the arguments of its module's `tuning_candidates` for a step (of
     # the step, its weights' shapes and the build's dtype), the tiles `netdsl tune` times (then `launch` takes a
     # `config` too, and TUNED holds the tiles tuned per batch); None for the others.
@@ -50,9 +58,10 @@ _CONV_LAUNCH = """
         if len(inputs) > 2:  # the kernel reads up to two inputs in place; join the rest
             inputs = [torch.cat(inputs, dim=1)]
         return family.{function}(
-            inputs, weights["weight"], weights.get("bias"), stride=P["stride"], padding=P["pad"],
-            dilation=P["dilation"], groups=P["groups"], activation=P["activation"], slope=P["slope"],
-            input_precision=P["input_precision"], out=out, config=config, kernel=KERNEL,{more}
+            inputs, weights["weight"], weights.get("bias"), stride=OPTIONS["stride"], padding=OPTIONS["pad"],
+            dilation=OPTIONS["dilation"], groups=OPTIONS["groups"], activation=OPTIONS["activation"],
+            slope=OPTIONS["slope"], input_precision=OPTIONS["input_precision"], out=out, config=config,
+            kernel=KERNEL,{more}
         )"""
 
 FAMILIES: dict[str, Family] = {
@@ -65,7 +74,7 @@ FAMILIES: dict[str, Family] = {
     "conv_nhwc": Family(
         "conv_nhwc",
         "conv2d_nhwc_kernel",
-        _CONV_LAUNCH.format(function="conv2d_nhwc", more=' split_k=P["split_k"],'),
+        _CONV_LAUNCH.format(function="conv2d_nhwc", more=' split_k=OPTIONS["split_k"],'),
         lambda step, weights, dtype: {"c_in_group": weights["weight"][1], "element_bytes": DTYPE_BYTES[dtype]},
     ),
     "conv_lrn_maxpool": Family(
@@ -77,9 +86,10 @@ FAMILIES: dict[str, Family] = {
         if bias is None:
             bias = x.new_zeros(weights["weight"].shape[0])
         return family.conv_lrn_maxpool(
-            x, weights["weight"], bias, P["stride"], P["pad"], P["dilation"], P["groups"], P["size"], P["alpha"],
-            P["beta"], P["k"], P["pool_size"], P["pool_stride"], P["pool_pad"], ceil_mode=P["ceil"],
-            input_precision=P["input_precision"], out=out, config=config, kernel=KERNEL,
+            x, weights["weight"], bias, OPTIONS["stride"], OPTIONS["pad"], OPTIONS["dilation"], OPTIONS["groups"],
+            OPTIONS["size"], OPTIONS["alpha"], OPTIONS["beta"], OPTIONS["k"], OPTIONS["pool_size"],
+            OPTIONS["pool_stride"], OPTIONS["pool_pad"], ceil_mode=OPTIONS["ceil"],
+            input_precision=OPTIONS["input_precision"], out=out, config=config, kernel=KERNEL,
         )""",
         lambda step, weights, dtype: {
             "channels_per_group": weights["weight"][0] // step.first.params["groups"],
@@ -93,8 +103,9 @@ FAMILIES: dict[str, Family] = {
         if len(inputs) > 2:  # the kernel reads up to two inputs in place; join the rest
             inputs = [torch.cat([x.flatten(1) for x in inputs], dim=1)]
         return family.linear(
-            inputs, weights["weight"], weights.get("bias"), activation=P["activation"], slope=P["slope"],
-            input_precision=P["input_precision"], out=out, config=config, kernel=KERNEL,
+            inputs, weights["weight"], weights.get("bias"), activation=OPTIONS["activation"],
+            slope=OPTIONS["slope"], input_precision=OPTIONS["input_precision"], out=out, config=config,
+            kernel=KERNEL,
         )""",
         lambda step, weights, dtype: {"element_bytes": DTYPE_BYTES[dtype]},
     ),
@@ -104,8 +115,8 @@ FAMILIES: dict[str, Family] = {
         f"""
         {_JOIN}
         return family.lrn(
-            x, P["size"], P["alpha"], P["beta"], P["k"], relu_first=P["relu_first"], out=out, groups=P["groups"],
-            config=config, kernel=KERNEL,
+            x, OPTIONS["size"], OPTIONS["alpha"], OPTIONS["beta"], OPTIONS["k"], relu_first=OPTIONS["relu_first"],
+            out=out, groups=OPTIONS["groups"], config=config, kernel=KERNEL,
         )""",
         lambda step, weights, dtype: {"channels": step.shape[0]},
     ),
@@ -115,9 +126,9 @@ FAMILIES: dict[str, Family] = {
         f"""
         {_JOIN}
         return family.lrn_maxpool(
-            x, P["size"], P["alpha"], P["beta"], P["k"], P["pool_size"], P["pool_stride"], P["pool_pad"],
-            ceil_mode=P["ceil"], relu_first=P["relu_first"], out=out, groups=P["groups"], config=config,
-            kernel=KERNEL,
+            x, OPTIONS["size"], OPTIONS["alpha"], OPTIONS["beta"], OPTIONS["k"], OPTIONS["pool_size"],
+            OPTIONS["pool_stride"], OPTIONS["pool_pad"], ceil_mode=OPTIONS["ceil"], relu_first=OPTIONS["relu_first"],
+            out=out, groups=OPTIONS["groups"], config=config, kernel=KERNEL,
         )""",
         lambda step, weights, dtype: {"channels": step.shape[0]},
     ),
@@ -127,8 +138,8 @@ FAMILIES: dict[str, Family] = {
         f"""
         {_JOIN}
         return family.pool2d(
-            x, P["mode"], P["size"], P["stride"], P["pad"], ceil_mode=P["ceil"], count_include_pad=P["count_pad"],
-            out=out, dilation=P["dilation"], kernel=KERNEL,
+            x, OPTIONS["mode"], OPTIONS["size"], OPTIONS["stride"], OPTIONS["pad"], ceil_mode=OPTIONS["ceil"],
+            count_include_pad=OPTIONS["count_pad"], out=out, dilation=OPTIONS["dilation"], kernel=KERNEL,
         )""",
     ),
     "global_avgpool": Family(
@@ -150,26 +161,29 @@ FAMILIES: dict[str, Family] = {
         "elementwise_kernel",
         f"""
         {_JOIN}
-        if P["op"] == "batchnorm":
+        if OPTIONS["op"] == "batchnorm":
             scale, shift = family.fold_batch_norm(
-                weights["running_mean"], weights["running_var"], weights["weight"], weights["bias"], P["eps"]
+                weights["running_mean"], weights["running_var"], weights["weight"], weights["bias"], OPTIONS["eps"]
             )
             return family.elementwise(x, "affine", scale=scale, shift=shift, out=out, kernel=KERNEL)
-        return family.elementwise(x, "copy", activation=P["op"], slope=P["slope"], out=out, kernel=KERNEL)""",
+        return family.elementwise(
+            x, "copy", activation=OPTIONS["op"], slope=OPTIONS["slope"], out=out, kernel=KERNEL
+        )""",
     ),
     "space_to_depth": Family(
         "space_to_depth",
         "space_to_depth_kernel",
         """
-        return family.space_to_depth(inputs[0], P["block"], P["pad"], P["groups"], OUTPUT_SHAPE[1:], out=out,
-                                     kernel=KERNEL)""",
+        return family.space_to_depth(
+            inputs[0], OPTIONS["block"], OPTIONS["pad"], OPTIONS["groups"], OUTPUT_SHAPE[1:], out=out, kernel=KERNEL
+        )""",
     ),
     "shuffle": Family(
         "shuffle",
         "shuffle_kernel",
         f"""
         {_JOIN}
-        return family.shuffle(x, P["groups"], out=out, kernel=KERNEL)""",
+        return family.shuffle(x, OPTIONS["groups"], out=out, kernel=KERNEL)""",
     ),
     "add": Family(
         "elementwise",
@@ -206,7 +220,7 @@ def family_of(step: Step) -> str:
 
 
 def kernel_parameters(step: Step, input_precision: str) -> dict[str, object]:
-    """The literal parameters `launch` reads, from the step's layers and fusion options."""
+    """The step's `OPTIONS`, the literal parameters `launch` reads, from its layers and fusion options."""
     first = step.first
     p = first.params
     if step.kind in ("conv", "fc"):
@@ -269,7 +283,8 @@ def _pads(item) -> tuple[int, ...]:
 
 
 def literal(value) -> str:
-    """A deterministic Python literal for plain data (dicts keep their insertion order)."""
+    """A deterministic Python literal for plain data, on one line: dicts keep their insertion order, strings take
+    double quotes as the code around them in a generated file does."""
     if isinstance(value, dict):
         return "{" + ", ".join(f"{literal(k)}: {literal(v)}" for k, v in value.items()) + "}"
     if isinstance(value, (list, tuple)):
@@ -277,15 +292,49 @@ def literal(value) -> str:
         if isinstance(value, tuple):
             return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
         return "[" + ", ".join(items) + "]"
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if isinstance(value, str):
+        return json.dumps(value)  # ASCII, and each of JSON's escapes means the same in Python
+    if value is None or isinstance(value, (bool, int, float)):
         return repr(value)
     raise TypeError(f"cannot emit {type(value).__name__} as a literal")
 
 
-# The modules a generated file imports for its device functions, by the names they have there.
+def assignment(name: str, value, comment: str = "") -> str:
+    """`name = <literal of value>` (then `  # comment`), its containers written one item a line, outermost
+    first, where a line would be longer than LINE_LENGTH."""
+    return "\n".join(_fitted(f"{name} = ", value, "", f"  # {comment}" if comment else "", ""))
+
+
+def _fitted(prefix: str, value, suffix: str, comment: str, indent: str) -> list[str]:
+    line = f"{indent}{prefix}{literal(value)}{suffix}"
+    if len(line + comment) <= LINE_LENGTH or not isinstance(value, (dict, list, tuple)) or not value:
+        return [line + comment]
+    opening, closing = "{}" if isinstance(value, dict) else "()" if isinstance(value, tuple) else "[]"
+    items = [(f"{literal(k)}: ", v) for k, v in value.items()] if isinstance(value, dict) else [("", v) for v in value]
+    lines = [f"{indent}{prefix}{opening}{comment}"]
+    for key, item in items:  # each with a trailing comma: a tuple of one stays a tuple
+        lines += _fitted(key, item, ",", "", indent + "    ")
+    return [*lines, f"{indent}{closing}{suffix}"]
+
+
 def function_source(fn: types.FunctionType) -> str:
-    """A function, decorator included, exactly as written in netdsl/codegen."""
-    return textwrap.dedent(inspect.getsource(fn)).rstrip()
+    """A function, decorator included, as written in netdsl/codegen less the formatter's markers (`# fmt: skip`,
+    `# fmt: off`, `# fmt: on`): they keep the repository's formatter off hand-laid code, and mean nothing in a
+    generated file."""
+    source = textwrap.dedent(inspect.getsource(fn)).rstrip()
+    lines, dropped = source.splitlines(), set()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT and _FORMATTER_MARKER.search(token.string):
+            row, column = token.start
+            comment = _FORMATTER_MARKER.sub("", token.string)  # a comment before the marker stays
+            kept = (lines[row - 1][:column] + comment).rstrip()
+            if not kept:
+                dropped.add(row - 1)  # a marker on a line of its own
+            lines[row - 1] = kept
+    return "\n".join(line for number, line in enumerate(lines) if number not in dropped)
+
+
+_FORMATTER_MARKER = re.compile(r"\s*#\s*fmt:\s*(skip|off|on)\s*$")
 
 
 def tunable(step: Step) -> bool:
@@ -333,7 +382,7 @@ def emit_step(
         tuning = [
             "# The tiles `launch` takes at each batch size, timed on a device by `netdsl tune` (none: the",
             f"# launcher's own choice, netdsl.codegen.{family.module}.pick_config).",
-            f"TUNED = {literal({batch: dict(sorted(tuned[batch].items())) for batch in sorted(tuned or {})})}",
+            assignment("TUNED", {batch: dict(sorted(tuned[batch].items())) for batch in sorted(tuned or {})}),
         ]
         launch = [
             "def launch(",
@@ -380,29 +429,29 @@ def emit_step(
         *note,
         '"""',
         "",
-        "import torch",
-        "import triton",
-        "import triton.language as tl",
-        "",
-        f"from netdsl.codegen import {family.module} as family",
-        "from netdsl.codegen.layouts import to_layout",
-        "from netdsl.codegen.reference import run_layers",
+        *imports(
+            f"from netdsl.codegen import {family.module} as family",
+            "from netdsl.codegen.layouts import to_layout",
+            "from netdsl.codegen.reference import run_layers",
+        ),
         "",
         "",
         "\n\n\n".join(function_source(fn) for fn in (kernel, *helpers)),
         "",
         "",
         f"KERNEL = {family.kernel}",
-        f"STEP = {literal(step.name)}",
-        f"P = {literal(kernel_parameters(step, input_precision))}",
-        f"LAYERS = {literal(layers)}",
-        f"INPUT_SHAPES = {literal([tuple(s.shape) for s in inputs])}",
-        f"OUTPUT_SHAPE = {literal(tuple(step.shape))}",
-        f"WEIGHT_SHAPES = {literal(weights)}",
+        assignment("STEP", step.name),
+        "# The step's options, from its layers and the build, as its launcher takes them.",
+        assignment("OPTIONS", kernel_parameters(step, input_precision)),
+        "P = OPTIONS  # the name it had before, which netdsl.runtime.tune still reads",
+        assignment("LAYERS", layers),
+        assignment("INPUT_SHAPES", [tuple(s.shape) for s in inputs]),
+        assignment("OUTPUT_SHAPE", tuple(step.shape)),
+        assignment("WEIGHT_SHAPES", weights),
         "# How the runtime lays out each map and weight in memory (nhwc: channels-last); the kernel takes any.",
-        f"INPUT_LAYOUTS = {literal(input_layouts)}",
-        f"OUTPUT_LAYOUT = {literal(step.layout)}",
-        f"WEIGHT_LAYOUTS = {literal(weight_layouts(step))}",
+        assignment("INPUT_LAYOUTS", input_layouts),
+        assignment("OUTPUT_LAYOUT", step.layout),
+        assignment("WEIGHT_LAYOUTS", weight_layouts(step)),
         f"DTYPE = torch.{TORCH_NAMES[dtype]}  # of the build (netdsl compile --dtype {dtype})",
         *tuning,
         "",
@@ -435,6 +484,26 @@ def emit_step(
         "",
     ]
     return "\n".join(lines)
+
+
+def imports(*netdsl_imports: str) -> list[str]:
+    """The imports of a generated file, then `netdsl_imports`. Run by hand on a machine without a GPU, the file
+    first chooses Triton's interpreter, which has to be chosen before `@triton.jit` makes its kernels."""
+    return [
+        "import os",
+        "",
+        "import torch",
+        "",
+        'if __name__ == "__main__" and not torch.cuda.is_available():',
+        "    # Run by hand without a GPU: the kernels run on the CPU under Triton's interpreter, chosen before",
+        "    # triton is imported (importing netdsl.codegen below then makes the interpreter's bf16 dots a GPU's).",
+        '    os.environ.setdefault("TRITON_INTERPRET", "1")',
+        "",
+        "import triton",
+        "import triton.language as tl",
+        "",
+        *netdsl_imports,
+    ]
 
 
 def safe(text: str) -> str:

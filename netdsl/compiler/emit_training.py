@@ -1,7 +1,7 @@
 """Code emission for training: one readable file per training step, `train/<step>.py`.
 
 Each file holds copies of the `@triton.jit` kernels the step runs, forward and backward (and the device
-functions they call), the step's parameters as literals, and
+functions they call), the step's options (`OPTIONS`), layers and shapes as literals, and
 
     forward(x, weights)            -> (output, saved): the training forward, and what it keeps for backward
     backward(grad, saved, weights) -> {"input": ..., "weight": ..., "bias": ...}: the gradients
@@ -11,7 +11,8 @@ functions they call), the step's parameters as literals, and
 the triton backend (netdsl.runtime.kernel_ops) calls with the originals. The loss step's file gives the loss
 and the logits' gradient, each device's update the fused SGD. `netdsl.compiler.train_launches` records the
 launches by running these files on meta tensors. As in netdsl.compiler.emit, nothing from the `.net` file
-reaches the code but through `repr()` of plain values and identifiers.
+reaches the code but through `literal()` of plain values and identifiers, and a file run by hand on a machine
+without a GPU runs its kernels under Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -25,15 +26,15 @@ import networkx as nx
 from netdsl._version import __version__
 from netdsl.codegen.source import device_functions
 from netdsl.compiler.backward import KERNELS
-from netdsl.compiler.emit import function_source, literal, safe
+from netdsl.compiler.emit import assignment, function_source, imports, literal, safe
 from netdsl.compiler.steps import Step
 from netdsl.ir.dtypes import dot_precision
 from netdsl.ir.ops import layer_pads, layer_tensors, trained_tensors
 
 # kind -> (the body of `forward`, the body of `backward`); the kernels each kind runs: netdsl.compiler.backward.KERNELS
 _CONV = """
-    options = {key: P[key] for key in ("stride", "padding", "dilation", "groups", "activation", "slope")}
-    options["input_precision"] = P["input_precision"]"""
+    names = ("stride", "padding", "dilation", "groups", "activation", "slope", "input_precision")
+    options = {key: OPTIONS[key] for key in names}"""
 BODIES: dict[str, tuple[str, str]] = {
     "conv2d": (
         _CONV + """
@@ -42,11 +43,11 @@ BODIES: dict[str, tuple[str, str]] = {
         _CONV + """
     x, out = saved["x"], saved["out"]
     dx = None
-    if P["input_gradient"]:  # the images need none
+    if OPTIONS["input_gradient"]:  # the images need none
         dx = conv_backward.conv2d_dgrad(grad, out, weights["weight"], x.shape, **options,
                                         kernel=KERNELS["conv2d_dgrad_kernel"])
     dw, db = conv_backward.conv2d_wgrad(
-        grad, out, x, weights["weight"].shape, bias=P["bias"], **options, kernel=KERNELS["conv2d_wgrad_kernel"],
+        grad, out, x, weights["weight"].shape, bias=OPTIONS["bias"], **options, kernel=KERNELS["conv2d_wgrad_kernel"],
         reduce_kernel=KERNELS["conv2d_wgrad_reduce_kernel"],
     )
     return {"input": dx, "weight": dw, "bias": db}""",
@@ -54,13 +55,13 @@ BODIES: dict[str, tuple[str, str]] = {
     "linear": (
         """
     x = x.flatten(1)
-    out = fc.linear(x, weights["weight"], weights.get("bias"), P["activation"], P["slope"], P["input_precision"],
-                    kernel=KERNELS["linear_kernel"])
+    out = fc.linear(x, weights["weight"], weights.get("bias"), OPTIONS["activation"], OPTIONS["slope"],
+                    OPTIONS["input_precision"], kernel=KERNELS["linear_kernel"])
     return out, {"x": x, "out": out}""",
         """
     grads, launches = fc_backward.linear_backward_launches(
-        grad, saved["out"], saved["x"], weights["weight"], P["bias"], P["activation"], P["slope"],
-        P["input_precision"], P["input_gradient"],
+        grad, saved["out"], saved["x"], weights["weight"], OPTIONS["bias"], OPTIONS["activation"], OPTIONS["slope"],
+        OPTIONS["input_precision"], OPTIONS["input_gradient"],
     )
     for launch in launches:  # dgrad, wgrad and, where the batch is split, the sum of the splits
         KERNELS[launch.kernel.fn.__name__][launch.grid](**launch.arguments)
@@ -69,15 +70,16 @@ BODIES: dict[str, tuple[str, str]] = {
     "lrn_maxpool": (
         """
     (out, argmax, scale), grid, arguments = lrn_pool_backward.lrn_maxpool_train_launch(
-        x, P["size"], P["alpha"], P["beta"], P["k"], P["pool_size"], P["pool_stride"], P["pool_padding"], P["ceil"],
-        P["relu_first"], P["groups"],
+        x, OPTIONS["size"], OPTIONS["alpha"], OPTIONS["beta"], OPTIONS["k"], OPTIONS["pool_size"],
+        OPTIONS["pool_stride"], OPTIONS["pool_padding"], OPTIONS["ceil"], OPTIONS["relu_first"], OPTIONS["groups"],
     )
     KERNELS["lrn_pool_train_kernel"][grid](**arguments)
     return out, {"x": x, "argmax": argmax, "scale": scale}""",
         """
     dx, grid, arguments = lrn_pool_backward.lrn_maxpool_backward_launch(
-        grad, saved["x"], saved["argmax"], saved["scale"], P["size"], P["alpha"], P["beta"], P["k"], P["pool_size"],
-        P["pool_stride"], P["pool_padding"], P["ceil"], P["relu_first"], P["groups"],
+        grad, saved["x"], saved["argmax"], saved["scale"], OPTIONS["size"], OPTIONS["alpha"], OPTIONS["beta"],
+        OPTIONS["k"], OPTIONS["pool_size"], OPTIONS["pool_stride"], OPTIONS["pool_padding"], OPTIONS["ceil"],
+        OPTIONS["relu_first"], OPTIONS["groups"],
     )
     KERNELS["lrn_pool_backward_kernel"][grid](**arguments)
     return {"input": dx}""",
@@ -85,39 +87,39 @@ BODIES: dict[str, tuple[str, str]] = {
     "maxpool": (
         """
     (out, argmax), grid, arguments = pool_backward.max_pool2d_train_launch(
-        x, P["size"], P["stride"], P["padding"], P["ceil"], dilation=P["dilation"]
+        x, OPTIONS["size"], OPTIONS["stride"], OPTIONS["padding"], OPTIONS["ceil"], dilation=OPTIONS["dilation"]
     )
     KERNELS["max_pool2d_train_kernel"][grid](**arguments)
     return out, {"argmax": argmax, "input_shape": x.shape}""",
         """
     dx, grid, arguments = pool_backward.max_pool2d_backward_launch(
-        grad, saved["argmax"], saved["input_shape"], P["size"], P["stride"], P["padding"], P["ceil"],
-        dilation=P["dilation"],
+        grad, saved["argmax"], saved["input_shape"], OPTIONS["size"], OPTIONS["stride"], OPTIONS["padding"],
+        OPTIONS["ceil"], dilation=OPTIONS["dilation"],
     )
     KERNELS["pool2d_backward_kernel"][grid](**arguments)
     return {"input": dx}""",
     ),
     "avgpool": (
         """
-    out = pool.pool2d(x, "avg", P["size"], P["stride"], P["padding"], P["ceil"], P["count_pad"],
-                      dilation=P["dilation"], kernel=KERNELS["pool2d_kernel"])
+    out = pool.pool2d(x, "avg", OPTIONS["size"], OPTIONS["stride"], OPTIONS["padding"], OPTIONS["ceil"],
+                      OPTIONS["count_pad"], dilation=OPTIONS["dilation"], kernel=KERNELS["pool2d_kernel"])
     return out, {"input_shape": x.shape}""",
         """
     dx, grid, arguments = pool_backward.avg_pool2d_backward_launch(
-        grad, saved["input_shape"], P["size"], P["stride"], P["padding"], P["ceil"], P["count_pad"],
-        dilation=P["dilation"],
+        grad, saved["input_shape"], OPTIONS["size"], OPTIONS["stride"], OPTIONS["padding"], OPTIONS["ceil"],
+        OPTIONS["count_pad"], dilation=OPTIONS["dilation"],
     )
     KERNELS["pool2d_backward_kernel"][grid](**arguments)
     return {"input": dx}""",
     ),
     "activation": (
         """
-    out = elementwise.elementwise(x, "copy", activation=P["activation"], slope=P["slope"],
+    out = elementwise.elementwise(x, "copy", activation=OPTIONS["activation"], slope=OPTIONS["slope"],
                                   kernel=KERNELS["elementwise_kernel"])
     return out, {"out": out}""",
         """
     dx, grid, arguments = elementwise_backward.activation_backward_launch(
-        grad, saved["out"], P["activation"], P["slope"]
+        grad, saved["out"], OPTIONS["activation"], OPTIONS["slope"]
     )
     KERNELS["activation_backward_kernel"][grid](**arguments)
     return {"input": dx}""",
@@ -127,7 +129,7 @@ BODIES: dict[str, tuple[str, str]] = {
     # the batch's statistics; the running ones (weights["running_mean"], ["running_var"]) are updated in place
     result = batchnorm_train.batch_norm_forward(
         x, weights["weight"], weights["bias"], weights["running_mean"], weights["running_var"],
-        momentum=P["momentum"], eps=P["eps"],
+        momentum=OPTIONS["momentum"], eps=OPTIONS["eps"],
         kernels={"partials": KERNELS["batchnorm_partials_kernel"], "forward": KERNELS["batchnorm_forward_kernel"]},
     )
     return result.y, {"x": x, "mean": result.mean, "invstd": result.invstd}""",
@@ -141,16 +143,17 @@ BODIES: dict[str, tuple[str, str]] = {
     "dropout": (
         """
     # the mask is a counter-based random stream of `seed`, drawn again by backward, never stored
-    out = dropout.dropout(x, P["rate"], seed, kernel=KERNELS["dropout_kernel"])
+    out = dropout.dropout(x, OPTIONS["rate"], seed, kernel=KERNELS["dropout_kernel"])
     return out, {"seed": seed}""",
         """
-    return {"input": dropout.dropout_backward(grad, P["rate"], saved["seed"], kernel=KERNELS["dropout_kernel"])}""",
+    dx = dropout.dropout_backward(grad, OPTIONS["rate"], saved["seed"], kernel=KERNELS["dropout_kernel"])
+    return {"input": dx}""",
     ),
     "loss": (
         """
     # x: the logits; the loss and its gradient on them come from one kernel, the batch mean from another
     result = cross_entropy.cross_entropy(
-        x.flatten(1), target, label_smoothing=P["label_smoothing"], kernel=KERNELS["cross_entropy_kernel"],
+        x.flatten(1), target, label_smoothing=OPTIONS["label_smoothing"], kernel=KERNELS["cross_entropy_kernel"],
         mean_kernel=KERNELS["fixed_order_mean_kernel"],
     )
     return result.loss, {"grad": result.grad}""",
@@ -158,6 +161,7 @@ BODIES: dict[str, tuple[str, str]] = {
     return {"input": saved["grad"] * grad}  # grad: the gradient on the loss, 1 for the loss itself""",
     ),
 }  # fmt: skip
+_REFERENCE_IMPORT = "from netdsl.codegen.reference import apply"
 _ABOUT = (
     "The kernels are copies of {} (and the functions they call); `forward` and `backward` run them through their "
     "modules' launchers with the parameters below. Run this file to check them against PyTorch autograd."
@@ -179,7 +183,8 @@ def training_files(program: nx.DiGraph, dtype: str) -> dict[str, str]:
 
 
 def training_parameters(program: nx.DiGraph, step: Step, precision: str = "ieee") -> dict[str, object]:
-    """The literal parameters `forward` and `backward` read; `precision`: the dots' ("ieee" or "tf32")."""
+    """The step's `OPTIONS`, the literal parameters `forward` and `backward` read; `precision`: the dots' ("ieee" or
+    "tf32")."""
     item, shape = step.first, _input_shape(program, step)
     p = item.params
     backward = next((b for b in program.successors(step.name) if _is_backward_of(program, b, step.name)), None)
@@ -232,6 +237,7 @@ def emit_training_step(program: nx.DiGraph, step: Step, precision: str = "ieee")
                 copied.add(fn.__name__)
                 sources.append(function_source(fn))
     modules = sorted({name.split(".")[0] for name in kernel_names})
+    netdsl_imports = [*(f"from netdsl.codegen import {module}" for module in modules), _REFERENCE_IMPORT]
     shape = _input_shape(program, step)
     weights = {}
     for item in step.layers:
@@ -254,12 +260,7 @@ def emit_training_step(program: nx.DiGraph, step: Step, precision: str = "ieee")
         *textwrap.wrap(_ABOUT.format(", ".join(f"netdsl.codegen.{name}" for name in kernel_names)), 110),
         '"""',
         "",
-        "import torch",
-        "import triton",
-        "import triton.language as tl",
-        "",
-        *(f"from netdsl.codegen import {module}" for module in modules),
-        "from netdsl.codegen.reference import apply",
+        *imports(*netdsl_imports),
         "",
         "",
         "\n\n\n".join(sources),
@@ -268,13 +269,14 @@ def emit_training_step(program: nx.DiGraph, step: Step, precision: str = "ieee")
         "KERNELS = {",
         *(f"    {literal(kernel.fn.__name__)}: {kernel.fn.__name__}," for kernel in kernels),
         "}",
-        f"STEP = {literal(step.name)}",
-        f"KIND = {literal(step.kind)}",
-        f"P = {literal(training_parameters(program, step, precision))}",
-        f"LAYERS = {literal(layers)}",
-        f"INPUT_SHAPE = {literal(tuple(shape))}  # per image, the inputs joined",
-        f"OUTPUT_SHAPE = {literal(tuple(step.shape))}",
-        f"WEIGHT_SHAPES = {literal(weights)}",
+        assignment("STEP", step.name),
+        assignment("KIND", step.kind),
+        "# The step's options, from its layers and the build, as `forward` and `backward` take them.",
+        assignment("OPTIONS", training_parameters(program, step, precision)),
+        assignment("LAYERS", layers),
+        assignment("INPUT_SHAPE", tuple(shape), "per image, the inputs joined"),
+        assignment("OUTPUT_SHAPE", tuple(step.shape)),
+        assignment("WEIGHT_SHAPES", weights),
         "",
         "",
         "def forward(x, weights, seed=0, target=None):",
@@ -295,7 +297,7 @@ def emit_training_step(program: nx.DiGraph, step: Step, precision: str = "ieee")
 _CHECK = '''def reference(x, weights, target=None):
     """The same step in PyTorch, layer by layer, in training mode (dropout aside: another random stream)."""
     if KIND == "loss":
-        return torch.nn.functional.cross_entropy(x.flatten(1), target, label_smoothing=P["label_smoothing"])
+        return torch.nn.functional.cross_entropy(x.flatten(1), target, label_smoothing=OPTIONS["label_smoothing"])
     for op, params in LAYERS:
         x = apply(op, params, [x], weights, training=op != "dropout")
     return x
@@ -319,7 +321,7 @@ def check(batch=2, seed=0):
     grads = backward(ones.to(device), saved, {n: w.to(device) for n, w in weights.items()})
     if KIND == "dropout":  # each value kept (scaled) or dropped, the gradient through the same mask
         kept = got.cpu() != 0
-        scale = 1 / (1 - P["rate"])
+        scale = 1 / (1 - OPTIONS["rate"])
         assert torch.allclose(got.cpu()[kept], x[kept] * scale)
         assert torch.allclose(grads["input"].cpu(), ones * kept * scale)
         return {}
@@ -356,19 +358,15 @@ def emit_update(program: nx.DiGraph, step: Step) -> str:
         "their order and sizes); the kernel is a copy of netdsl.codegen.optimizer.paper_sgd_kernel.",
         '"""',
         "",
-        "import torch",
-        "import triton",
-        "import triton.language as tl",
-        "",
-        "from netdsl.codegen import optimizer",
+        *imports("from netdsl.codegen import optimizer"),
         "",
         "",
         "\n\n\n".join(function_source(fn) for fn in device_functions(kernel)),
         "",
         "",
         'KERNELS = {"paper_sgd_kernel": paper_sgd_kernel}',
-        f"STEP = {literal(step.name)}",
-        f"PARAMETERS = {literal(sizes)}  # name, elements",
+        assignment("STEP", step.name),
+        assignment("PARAMETERS", sizes, "name, elements"),
         "",
         "",
         "def update(weights, grads, velocities, lr, momentum=0.9, weight_decay=0.0005, lr_mults=None,",
