@@ -44,6 +44,9 @@ def batchnorm_partials_kernel(
     HAS_DY: tl.constexpr,  # False: the forward's shifted sums of x; True: the backward's sums of dy
     BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """One chunk's partial sums of one channel, BLOCK values at a time, into sums and products[channel, chunk]:
+    without HAS_DY sum(u) and sum(u^2), u = x - x[0, c, 0]; with it sum(dy) and sum(dy * (x - mean)). Grid:
+    (channels, chunks)."""
     channel = tl.program_id(0)
     chunk = tl.program_id(1)
     x_base = x_ptr + channel.to(tl.int64) * stride_xc
@@ -92,6 +95,9 @@ def batchnorm_forward_kernel(
     eps, momentum,
     BLOCK: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
 ):  # fmt: skip
+    """y = (x - mean) * invstd * weight + bias for one chunk of one channel, BLOCK values at a time, from the
+    channel's partials; the first chunk's program also writes mean, invstd and the running statistics. Grid:
+    (channels, chunks)."""
     channel = tl.program_id(0)
     chunk = tl.program_id(1)
     x_base = x_ptr + channel.to(tl.int64) * stride_xc
@@ -135,6 +141,8 @@ def batchnorm_backward_kernel(
     stride_xn, stride_xc, stride_dyn, stride_dyc, stride_dxn, stride_dxc,
     BLOCK: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
 ):  # fmt: skip
+    """dx for one chunk of one channel, BLOCK values at a time, from the channel's partials; the first chunk's
+    program also writes dweight and dbias. Grid: (channels, chunks)."""
     channel = tl.program_id(0)
     chunk = tl.program_id(1)
     x_base = x_ptr + channel.to(tl.int64) * stride_xc

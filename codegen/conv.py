@@ -60,6 +60,9 @@ def conv2d_kernel(
     INPUT_PRECISION: tl.constexpr,  # "ieee", "tf32" or "tf32x3"; ignored for 16-bit inputs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    """The conv as an implicit GEMM for a tile of BLOCK_M output pixels (the batch's N x OH x OW in one row) x
+    BLOCK_N output channels of one group, reduced over K = (c, kh, kw) BLOCK_K at a time with fp32 sums, then
+    bias and activation (`conv_epilogue`). Grid: (pixel tiles x channel tiles, groups)."""
     KHW: tl.constexpr = KH * KW
     pid = tl.program_id(0)
     group = tl.program_id(1)

@@ -59,6 +59,9 @@ def conv_lrn_pool_kernel(
     BF16_BAND: tl.constexpr,  # False under Triton's interpreter, whose bf16 tl.dot is wrong: one fp32 product
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    """maxpool(lrn(relu(conv + bias))) for BLOCK_P pooled pixels of one image and all BLOCK_N >= C_OUT_G
+    output channels of one group, the conv computed at each pool window offset, BLOCK_K of K at a time (the
+    module's docstring). Grid: (pooled-pixel tiles, groups, batch)."""
     KHW: tl.constexpr = KH * KW
     LO: tl.constexpr = (LRN_SIZE - 1) // 2
     HI: tl.constexpr = LRN_SIZE - 1 - LO

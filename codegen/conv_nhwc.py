@@ -66,6 +66,10 @@ def conv2d_nhwc_kernel(
     SPLIT_K: tl.constexpr = 1,  # programs sharing one output tile, each over TAPS_PER_SPLIT of the taps
     TAPS_PER_SPLIT: tl.constexpr = 1,
 ):  # fmt: skip
+    """conv2d_kernel's tile for channels-last maps (BLOCK_M output pixels x BLOCK_N output channels of one group),
+    reduced tap by tap over BLOCK_K channels at a time. Grid: (pixel tiles x channel tiles, groups, SPLIT_K); with
+    SPLIT_K > 1 each program takes TAPS_PER_SPLIT taps, and the tile's last to finish adds the partials in split
+    order and runs the epilogue."""
     pid = tl.program_id(0)
     group = tl.program_id(1)
     num_pid_n = tl.cdiv(C_OUT_G, BLOCK_N)

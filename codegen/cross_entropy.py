@@ -32,6 +32,8 @@ def cross_entropy_kernel(
     smoothing, grad_scale,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    """For BLOCK_N rows of logits [N, K], the label-smoothed cross entropy of each row and its gradient on the
+    logits times grad_scale, BLOCK_K classes at a time. Grid: (cdiv(N, BLOCK_N),)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     row_starts = logits_ptr + offs_n.to(tl.int64) * stride_ln

@@ -20,6 +20,8 @@ import triton.language as tl
 
 @triton.jit
 def dropout_kernel(x_ptr, out_ptr, numel, seed, offset, p, scale, BLOCK: tl.constexpr):
+    """Dropout of BLOCK elements of flat x: element i kept, times `scale`, where tl.rand(seed, offset + i) >= p,
+    else 0. Grid: (cdiv(numel, BLOCK),)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)

@@ -45,6 +45,9 @@ def elementwise_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
+    """out = ACTIVATION(x), ACTIVATION(x + y) or ACTIVATION(x * scale[c] + shift[c]) (OP: "copy", "add",
+    "affine") for a BLOCK_C x BLOCK_S tile (channels x pixels) of one image. Grid: (batch, channel tiles,
+    pixel tiles)."""
     pid_n = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     # A tile one pixel wide serves feature rows (S == 1) only; leaving out the spatial block offset there lets the

@@ -48,6 +48,8 @@ def activation_backward_kernel(
     ACTIVATION: tl.constexpr,  # "relu" or "leaky_relu"
     BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """dx = dy where the saved output is positive, else 0 (relu) or dy * slope (leaky_relu), for BLOCK elements
+    of the four-axis walk. Grid: (cdiv(total, BLOCK),)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     i3 = offs % D3

@@ -37,6 +37,9 @@ def linear_kernel(
     INPUT_PRECISION: tl.constexpr,  # "ieee", "tf32" or "tf32x3"; ignored for 16-bit inputs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    """y = activation(x @ W^T + b) for a tile of BLOCK_M batch rows x BLOCK_N units, reduced over the features
+    BLOCK_K at a time with fp32 sums (as W @ x^T: the batch is the MMA's narrow side). Grid: (row tiles x unit
+    tiles,)."""
     pid = tl.program_id(0)
     # Neighbouring programs share a tile of W, the operand that dominates the traffic.
     num_pid_m = tl.cdiv(M, BLOCK_M)

@@ -117,6 +117,8 @@ def lrn_pool_kernel(
     GROUPING: tl.constexpr,  # "none": one group of channels; "tile" or "channel": see `grouping`
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
+    """LRN across channels (after ReLU with RELU_FIRST), max-pooled when POOL, for a BLOCK_C x BLOCK_P tile of
+    outputs (channels x output pixels of one image). Grid: (pixel tiles, channel tiles, batch)."""
     n, offs_c, oh, ow, c_ok, p_ok, group_begin, group_end = pooled_tile(
         C, OH, OW, group_channels, BLOCK_C, BLOCK_P, GROUPING
     )

@@ -33,6 +33,9 @@ def paper_sgd_kernel(
     NESTEROV: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """The paper's SGD on BLOCK elements of the flat weight, gradient and velocity buffers, lr and weight_decay
+    times the multipliers of each element's segment: v = momentum * v - weight_decay * lr * w - lr * g, then
+    w += v (NESTEROV: the Nesterov step). Grid: (cdiv(numel, BLOCK),)."""
     block_start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = block_start + tl.arange(0, BLOCK)
     mask = offs < numel

@@ -38,6 +38,8 @@ def pool2d_kernel(
     COUNT_INCLUDE_PAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """Max or average pooling (MODE) of BLOCK outputs of the flattened [N, C, OH, OW] output over their KH x KW
+    windows, in fp32. Grid: (cdiv(total, BLOCK),)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < total
     ow = offs % OW

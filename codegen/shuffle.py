@@ -43,6 +43,9 @@ def shuffle_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
+    """Channel shuffle: output channel c is input channel (c % GROUPS) * PER_GROUP + c // GROUPS, for a BLOCK_C x
+    BLOCK_S tile (channels x pixels) of one image (FOLD_HW: rows and columns walked as one axis). Grid: (batch,
+    channel tiles, pixel tiles)."""
     pid_n = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # output channels
     offs_s = tl.program_id(2) * BLOCK_S + tl.arange(0, BLOCK_S)  # pixels, row by row

@@ -35,6 +35,8 @@ def softmax_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
+    """Softmax over the C channels at BLOCK_S pixels of one image, BLOCK_C channels at a time: one pass for the
+    running max and sum, one to write. Grid: (batch, pixel tiles)."""
     pid_n = tl.program_id(0)
     # A tile one pixel wide serves feature rows (S == 1) only; leaving out the spatial block offset there lets the
     # compiler prove the rows aligned and vectorize along C.
