@@ -236,13 +236,6 @@ def test_generated_files_read_like_the_repository_code(tmp_path):
             assert ast.dump(copy) == ast.dump(originals[copy.name]), (path.name, copy.name)
 
 
-def test_the_options_keep_their_former_name(tmp_path):
-    """`OPTIONS` was `P`; netdsl.runtime.tune (twin_key) still reads a kernel file's options by that name."""
-    out = build_dir(tmp_path, MINI_ALEXNET, "mini_alexnet")
-    module = load_kernel_file(out / "kernels" / "conv2_gpu1_conv_bias_relu.py")
-    assert module.P is module.OPTIONS and module.OPTIONS["groups"] == 1
-
-
 @pytest.mark.parametrize(
     "value",
     [

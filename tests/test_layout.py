@@ -162,7 +162,7 @@ def test_plan_and_kernel_files_record_the_layouts(tmp_path):
     buffers = plan["devices"]["gpu0"]["buffers"]
     assert buffers["conv2_gpu0_conv_bias_relu"]["layout"] == "nhwc"
     source = (out / "kernels/conv3_gpu0_conv_bias_relu.py").read_text()
-    assert "INPUT_LAYOUTS = ['nhwc', 'nhwc']" in source and "WEIGHT_LAYOUTS = {'weight': 'nhwc'}" in source
+    assert 'INPUT_LAYOUTS = ["nhwc", "nhwc"]' in source and 'WEIGHT_LAYOUTS = {"weight": "nhwc"}' in source
     assert "def conv2d_nhwc_kernel(" in source
     # The recorded launch is the one the runtime makes: unit channel strides are constants (what lets
     # Triton use 16-byte loads), and the channel counts are known to be multiples of 16.

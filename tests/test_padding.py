@@ -275,9 +275,9 @@ def test_fusion_and_deterministic_kernels(zoo):
     assert emit_program(first.program) == emit_program(compile_net(path, Options()).program)
     files = emit_program(first.program)
     (h_file,) = [text for name, text in files.items() if name.startswith("h_")]
-    assert "'pool_pad': (0, 0, 1, 1)" in h_file
+    assert '"pool_pad": (0, 0, 1, 1)' in h_file
     (e_file,) = [text for name, text in files.items() if name.startswith("e_")]
-    assert "'pad': (1, 0, 1, 1)" in e_file  # `same` worked out for the 11 x 10 input
+    assert '"pad": (1, 0, 1, 1)' in e_file  # `same` worked out for the 11 x 10 input
 
 
 def test_every_kernel_builds_for_sm90_without_spills(zoo, tmp_path, monkeypatch):

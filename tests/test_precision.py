@@ -24,7 +24,7 @@ ALEXNET = ROOT / "nets/alexnet.net"
 
 def precisions(kernels: dict[str, str]) -> set[str]:
     """The input precisions written into the generated conv and fc files."""
-    return {match for source in kernels.values() for match in re.findall(r"'input_precision': '(\w+)'", source)}
+    return {match for source in kernels.values() for match in re.findall(r'"input_precision": "(\w+)"', source)}
 
 
 def test_fp32_multiplies_exactly_unless_asked():

@@ -397,7 +397,7 @@ def test_the_first_run_shows_progress_and_later_runs_do_not():
 def test_tf32_kernels_only_for_dtype_tf32():
     """dtype tf32 builds kernels whose products are TF32; fp32 builds exact ones, and the torch backend
     leaves PyTorch's TF32 switches as it found them."""
-    for dtype, want in (("tf32", "'input_precision': 'tf32'"), ("fp32", "'input_precision': 'ieee'")):
+    for dtype, want in (("tf32", '"input_precision": "tf32"'), ("fp32", '"input_precision": "ieee"')):
         net = Net(LENET_PATH, backend="triton", dtype=dtype)
         sources = [path.read_text() for path in (net.build_dir / "kernels").glob("*conv*.py")]
         assert sources and all(want in source for source in sources), dtype

@@ -40,8 +40,8 @@ def test_only_channels_last_convs_are_marked():
 def test_emitted_files_and_plan(tmp_path):
     compiled = compile_net(ALEXNET, Options(batch=1, dtype="bf16", split_k=True, merge_towers=True))
     source = compiled.kernels["conv3_gpu0_conv_bias_relu.py"]
-    assert "'split_k': True" in source and 'split_k=P["split_k"]' in source
-    assert "'split_k'" not in compiled.kernels["conv1_gpu0_conv_bias_relu.py"]  # conv1 runs on conv.py
+    assert '"split_k": True' in source and 'split_k=OPTIONS["split_k"]' in source
+    assert '"split_k"' not in compiled.kernels["conv1_gpu0_conv_bias_relu.py"]  # conv1 runs on conv.py
     out = write_build(compiled, tmp_path / "b", Options(batch=1, dtype="bf16", split_k=True), sm90=True)
     launches = json.loads((out / "plan.json").read_text(encoding="utf-8"))["devices"]["gpu0"]["launches"]
     conv3 = next(launch for launch in launches if launch["step"] == "conv3_gpu0_conv_bias_relu")

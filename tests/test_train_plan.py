@@ -428,4 +428,4 @@ def test_step_files_are_deterministic(tmp_path):
     assert first == compile_training(path, Options(batch=2)).kernels
     for name, source in first.items():
         ast.parse(source)
-        assert f"STEP = {name.removesuffix('.py')!r}" in source
+        assert f'STEP = "{name.removesuffix(".py")}"' in source

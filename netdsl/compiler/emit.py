@@ -443,7 +443,6 @@ def emit_step(
         assignment("STEP", step.name),
         "# The step's options, from its layers and the build, as its launcher takes them.",
         assignment("OPTIONS", kernel_parameters(step, input_precision)),
-        "P = OPTIONS  # the name it had before, which netdsl.runtime.tune still reads",
         assignment("LAYERS", layers),
         assignment("INPUT_SHAPES", [tuple(s.shape) for s in inputs]),
         assignment("OUTPUT_SHAPE", tuple(step.shape)),

@@ -160,8 +160,9 @@ def twin_key(module) -> str:
     """What a step's kernel computes, without its name: the kernel, its parameters, shapes, layouts and dtype (the
     towers' copies of a layer share it)."""
     kernel = getattr(module.KERNEL, "fn", module.KERNEL)  # a JITFunction's Python function
-    parts = (getattr(kernel, "__name__", "?"), module.P, module.INPUT_SHAPES, module.OUTPUT_SHAPE, module.WEIGHT_SHAPES,
-             module.INPUT_LAYOUTS, module.OUTPUT_LAYOUT, module.WEIGHT_LAYOUTS, str(module.DTYPE))  # fmt: skip
+    parts = (getattr(kernel, "__name__", "?"), module.OPTIONS, module.INPUT_SHAPES, module.OUTPUT_SHAPE,
+             module.WEIGHT_SHAPES, module.INPUT_LAYOUTS, module.OUTPUT_LAYOUT, module.WEIGHT_LAYOUTS,
+             str(module.DTYPE))  # fmt: skip
     return repr(parts)
 
 
