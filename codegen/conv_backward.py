@@ -353,9 +353,15 @@ def pick_wgrad_config(
 ) -> dict:
     """Block sizes for wgrad by the group's output channels (the MMA's M side), the columns of its im2col
     matrix (the N side: c x kh x kw, and one for the bias) and for exact fp32 products."""
-    configs = FP32_WGRAD_CONFIGS if exact_fp32(dtype, input_precision) else WGRAD_CONFIGS
+    exact = exact_fp32(dtype, input_precision)
+    configs = FP32_WGRAD_CONFIGS if exact else WGRAD_CONFIGS
     config = configs[0] if c_out_group > 64 else configs[1]
-    return {**config, "BLOCK_N": min(config["BLOCK_N"], max(16, triton.next_power_of_2(columns)))}
+    config = {**config, "BLOCK_N": min(config["BLOCK_N"], max(16, triton.next_power_of_2(columns)))}
+    if exact and config["BLOCK_N"] <= 32:
+        # 8 warps over a 64 x 32 tile spilled 4 bytes at VGG-16's first conv (27 columns and the bias); 4 warps
+        # build it in 126 registers, and LeNet-5's and SimpleNet's first convs in 128 and 80, without spills
+        config["num_warps"] = 4
+    return config
 
 
 def interpreter_config(**blocks: tuple[int, int]) -> dict:

@@ -3,7 +3,8 @@ spills, within shared memory, and dgrad and wgrad on tensor cores.
 
 Layers are one tower at batch 8: conv1 (3 -> 48, 11 x 11 at stride 4 on 227 x 227: dgrad in 16 stride phases,
 3 input channels padded to a 16-row MMA tile, which takes mma.sync rather than wgmma), conv2 (48 -> 128, 5 x 5,
-pad 2 on 27 x 27) and conv4 (192 -> 192, 3 x 3, pad 1 on 13 x 13: the wide tiles), with ReLU and a bias. Each
+pad 2 on 27 x 27) and conv4 (192 -> 192, 3 x 3, pad 1 on 13 x 13: the wide tiles), with ReLU and a bias; and
+VGG-16's first conv (3 -> 64, 3 x 3, pad 1 on 224 x 224: wgrad's narrowest tile, 32 columns). Each
 compiles in bf16 and in fp32 with tf32, which must use MMA instructions, and in exact fp32
 ("ieee"), where Triton does not use tensor cores, so only spills and shared memory are checked; the split-K
 reduction (no MMA) is checked for spills in each output dtype. The specialization is the one a real launch
@@ -28,6 +29,7 @@ LAYERS = {
     "conv1": ((3, 227, 227), (48, 3, 11, 11), 4, 0),
     "conv2": ((48, 27, 27), (128, 48, 5, 5), 1, 2),
     "conv4": ((192, 13, 13), (192, 192, 3, 3), 1, 1),
+    "vgg16_s1_x_1": ((3, 224, 224), (64, 3, 3, 3), 1, 1),  # 28 im2col columns: the narrow wgrad tile
 }
 KERNELS = ("dgrad", "wgrad", "reduce")
 CASES = [(layer, kernel, precision) for layer in LAYERS for kernel in KERNELS for precision in PRECISIONS]
