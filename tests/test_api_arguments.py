@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_run_cli import TWO_OUTPUTS  # a chain `features` and an fc `scores`, both outputs
 
 import netdsl
 from netdsl.errors import NetError
@@ -20,13 +21,6 @@ from netdsl.runtime.module import GraphModule
 from netdsl.runtime.weights import init_weights, load_weights, save_weights, weight_specs
 
 LENET = "nets/lenet5.net"
-TWO_OUTPUTS = """\
-net two
-input image: 1 x 8 x 8
-features = conv(image, 4, size=3, pad=1) | relu
-scores = fc(features, 5)
-output features, scores
-"""
 
 
 @pytest.fixture(scope="module")
