@@ -9,10 +9,8 @@ file its user writes.
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import secrets
-import sys
 from pathlib import Path
 
 from netdsl.errors import NetError
@@ -110,54 +108,3 @@ def write_arrays(path: Path, arrays: dict) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     write_atomic_bytes(path, buffer.getvalue())
-
-
-# --- renames that a plain os.rename cannot do ---------------------------------------------------------
-
-_AT_FDCWD = -100
-_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
-_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
-
-
-@functools.lru_cache(maxsize=1)
-def _libc_renameat2():
-    """Linux's renameat2(2) through the C library (glibc 2.28 and later), or None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        return ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-
-
-def _renameat2(source: Path, target: Path, flags: int) -> bool:
-    """renameat2(source, target, flags); False where the system or the file system has no such rename."""
-    import ctypes
-
-    call = _libc_renameat2()
-    if call is None:
-        return False
-    if call(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in _UNSUPPORTED:
-        return False
-    raise OSError(code, os.strerror(code), str(source), None, str(target))
-
-
-def exchange(first: Path, second: Path) -> bool:
-    """Swaps two existing paths (folders, files) in one step, so that each name always holds one of the
-    two; False, changing nothing, where the system cannot (then the caller renames one after the other)."""
-    return _renameat2(first, second, _RENAME_EXCHANGE)
-
-
-def rename_no_replace(source: Path, target: Path) -> None:
-    """Renames `source` to `target`; FileExistsError, changing nothing, where `target` exists (os.rename
-    would replace a file or an empty folder there)."""
-    if _renameat2(source, target, _RENAME_NOREPLACE):
-        return
-    if os.path.lexists(target):  # where renameat2 is missing, a name taken at this instant may be replaced
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(source), None, str(target))
-    os.rename(source, target)

@@ -327,8 +327,6 @@ def _dispatch(path: Path, args: argparse.Namespace) -> int:
 
 
 def _compile(path: Path, args: argparse.Namespace) -> int:
-    import os
-
     from netdsl.compiler.compile import compile_net, write_build
 
     dot_precision(args.dtype, args.precision, where="--precision")
@@ -336,7 +334,7 @@ def _compile(path: Path, args: argparse.Namespace) -> int:
     check_options(options, where={"space_to_depth": "--space-to-depth"})
     training = None
     if args.train:  # --dump-after names a training pass
-        from netdsl.compiler.train_plan import compile_training
+        from netdsl.compiler.train_plan import compile_training, write_training
 
         training = compile_training(path, options, args.dump_after)
     compiled = compile_net(path, options, dump_after=None if training else args.dump_after)
@@ -344,15 +342,17 @@ def _compile(path: Path, args: argparse.Namespace) -> int:
     if listing:
         print(listing, end="")
     out = args.output or Path("build") / compiled.program.graph["name"]
-    # One build, train/ included (or, without --train, an earlier one's removed), in place in one step. Read
-    # back by its absolute path: a working directory inside the build folder is the earlier build's.
-    folder = Path(os.path.abspath(out))
-    write_build(compiled, out, options, sm90=args.sm90, training=training)
-    print((folder / "report.txt").read_text(encoding="utf-8"), end="")
+    write_build(compiled, out, options, sm90=args.sm90)
+    print((out / "report.txt").read_text(encoding="utf-8"), end="")
     print(f"wrote {out}/kernels ({len(compiled.kernels)} files), {out}/plan.json, {out}/report.txt")
+    if not training:
+        from netdsl.compiler.train_plan import remove_training
+
+        if remove_training(out):
+            print(f"removed {out}/train: an earlier compile --train wrote it, and this build has no training step")
     if training:
-        written = out / "train"
-        print((folder / "train" / "report.txt").read_text(encoding="utf-8"), end="")
+        written = write_training(training, out, sm90=args.sm90)
+        print((written / "report.txt").read_text(encoding="utf-8"), end="")
         print(f"wrote {written} ({len(training.kernels)} step files), {written}/plan.json, {written}/report.txt")
     return 0
 

@@ -14,6 +14,9 @@ The same net and options give byte-identical files.
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +32,7 @@ from netdsl.compiler.plan import device_events
 from netdsl.compiler.steps import Step
 from netdsl.compiler.train_launches import record_training_launches
 from netdsl.errors import NetError
-from netdsl.files import write_atomic
+from netdsl.files import parse_json, write_atomic
 from netdsl.lang.build import build
 from netdsl.lang.parse import parse_file
 from netdsl.tables import format_bytes, format_table
@@ -90,6 +93,28 @@ def write_training(compiled: CompiledTraining, out_dir: str | Path, sm90: bool =
         write_atomic(staged / "report.txt", report)
         swap_folder(parent / "train", staged)
     return parent / "train"
+
+
+def remove_training(out_dir: str | Path) -> bool:
+    """Removes the `train/` an earlier `compile --train` wrote into the build folder, for a compile without
+    --train (its steps would be another build's): only when its plan.json is netdsl's training plan, so that a
+    folder of the user's called train/ (a data set's, say) stays. Renamed aside first, so that a compile killed
+    meanwhile leaves no half-removed train/. Whether one was removed."""
+    train = Path(out_dir) / "train"
+    try:
+        record = parse_json((train / "plan.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(record, dict) or "train_plan_version" not in record:
+        return False
+    aside = train.with_name(f".train-removed.{secrets.token_hex(8)}")
+    try:
+        os.rename(train, aside)
+    except OSError as error:
+        reason = error.strerror or error
+        raise NetError(f"cannot remove the earlier build's train/: {reason}", where=str(train)) from None
+    shutil.rmtree(aside, ignore_errors=True)
+    return True
 
 
 def dump_training(graph: nx.DiGraph) -> str:
