@@ -429,3 +429,21 @@ def test_step_files_are_deterministic(tmp_path):
     for name, source in first.items():
         ast.parse(source)
         assert f'STEP = "{name.removesuffix(".py")}"' in source
+
+
+def test_a_compile_without_train_removes_an_earlier_train_folder_only_if_netdsl_wrote_it(tmp_path, capsys):
+    """`compile --train` then `compile` into the same folder: the fp32 train/ of the first would sit beside the
+    second's bf16 build, so it goes; a train/ netdsl did not write (a data set's images) stays untouched."""
+    net = ROOT / "nets/lenet5.net"
+    out = tmp_path / "build"
+    assert main(["compile", str(net), "--train", "--no-sm90", "-o", str(out), "--batch", "4"]) == 0
+    assert (out / "train" / "plan.json").is_file()
+    assert main(["compile", str(net), "--no-sm90", "-o", str(out), "--batch", "4", "--dtype", "bf16"]) == 0
+    assert "removed" in capsys.readouterr().out and not (out / "train").exists()
+    assert not [path.name for path in out.iterdir() if path.name.startswith(".")]  # nothing left aside
+    images = tmp_path / "project"
+    (images / "train" / "cat").mkdir(parents=True)
+    (images / "train" / "cat" / "0001.png").write_bytes(b"an image")
+    (images / "train" / "plan.json").write_text('{"mine": true}')  # even with a plan.json of its own
+    assert main(["compile", str(net), "--no-sm90", "-o", str(images), "--batch", "4"]) == 0
+    assert (images / "train" / "cat" / "0001.png").read_bytes() == b"an image"
