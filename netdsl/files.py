@@ -100,11 +100,17 @@ def write_array(path: Path, array) -> None:
 
 
 def write_arrays(path: Path, arrays: dict) -> None:
-    """Writes numpy arrays by name as an `.npz` file, atomically."""
+    """Writes numpy arrays by name as an `.npz` file (what np.savez writes: `NAME.npy` members of a zip), atomically.
+    Written member by member rather than by `np.savez(file, **arrays)`, where a name such as `file` or
+    `allow_pickle` would be taken for one of its own arguments."""
     import io
+    import zipfile
 
     import numpy as np
 
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
     write_atomic_bytes(path, buffer.getvalue())

@@ -216,3 +216,51 @@ def test_an_onnx_model_given_to_load(tmp_path, weights):
     export_onnx(netdsl.load_graph(LENET), weights, model)
     error = refused(lambda: netdsl.load(model), str(model), "not UTF-8 text")
     assert "import_onnx" in error.hint
+
+
+def test_partitions_of_one_net_run_side_by_side_in_threads(tmp_path):
+    """run_partition hands transfers to its caller: gpu1's thread waits in `receive` for what gpu0's thread
+    sends, even when gpu1 starts first (a lock held across the calls would leave both waiting)."""
+    import queue
+
+    path = tmp_path / "two.net"
+    path.write_text(
+        "device gpu0, gpu1\ninput image: 2 x 8 x 8\na = conv(image, 4, size=3, pad=1) on gpu0\n"
+        "b = conv(a, 4, size=3, pad=1) on gpu1\noutput b\n"
+    )
+    net = netdsl.load(path, devices="cpu", init="he")
+    x = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(8))
+    links: dict[str, queue.Queue] = {}
+    results: dict[str, object] = {}
+
+    def send(step, output, devices):
+        links.setdefault(step, queue.Queue()).put(output.clone())
+
+    def receive(step, out):
+        while step not in links:
+            threading.Event().wait(0.01)
+        out.copy_(links[step].get(timeout=30))
+
+    def work(device):
+        results[device] = net.run_partition(device, x, receive, send)
+
+    threads = [threading.Thread(target=work, args=(device,)) for device in ("gpu1", "gpu0")]
+    threads[0].start()
+    threading.Event().wait(0.2)  # gpu1 asks for its input before gpu0 has computed it
+    threads[1].start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    torch.testing.assert_close(results["gpu1"]["b"], net(x), rtol=0, atol=0)
+
+
+def test_outputs_named_as_savez_arguments_are_saved(tmp_path):
+    from netdsl.files import write_arrays
+
+    arrays = {"file": np.arange(6.0).reshape(2, 3), "allow_pickle": np.full(2, 3.0, np.float32), "x.relu": np.eye(2)}
+    write_arrays(tmp_path / "out.npz", arrays)
+    with np.load(tmp_path / "out.npz") as saved:
+        assert sorted(saved) == sorted(arrays)
+        for name, value in arrays.items():
+            np.testing.assert_array_equal(saved[name], value)
+            assert saved[name].dtype == value.dtype

@@ -56,6 +56,7 @@ def _refuse_extra(parser: argparse.ArgumentParser, command: str | None, extra: l
     commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
     sub = commands.choices.get(command, parser)
     flags = [flag for action in sub._actions for flag in action.option_strings]
+    extra = [item for item in extra if item != "--"] or extra  # `--` ends the flags: what follows is the fault
     word = next((item for item in extra if item.startswith("-")), extra[0])
     flag = word.split("=", 1)[0]
     if not flag.startswith("-"):

@@ -358,14 +358,13 @@ class Net:
         (`order`), for a caller that runs the other partitions elsewhere (netdsl.runtime.distributed):
         a transfer into `device` calls `receive(source_step, out)`, which must fill `out` with that
         step's output; a step whose output other devices read calls `send(step, output, devices)`.
-        Returns the net's outputs that this partition computes, by name."""
+        Returns the net's outputs that this partition computes, by name. Each partition of a batch is run by one
+        caller; the calls for different partitions may run at once (they write their own devices' arenas)."""
         if device not in self._partitions:
             devices = ", ".join(self._partitions)
             raise NetError(f"the net has no device `{device}`", where="device", hint=f"its devices: {devices}")
-        with self._lock:
-            return self._run_partition(device, x, receive, send)
-
-    def _run_partition(self, device: str, x, receive, send) -> dict[str, torch.Tensor]:
+        # No lock, unlike a call: the partitions of one batch run side by side (a thread each, or a process
+        # each), and `receive` waits for another partition's `send`, which a lock held here would block.
         inputs, batch = self._take_inputs(x)
         views = self.views(batch)
         with torch.no_grad(), _tf32(self.dtype == "tf32"):
