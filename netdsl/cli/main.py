@@ -27,6 +27,10 @@ from netdsl.lang.frontend import load_graph
 from netdsl.train.recipe import alias_of
 
 DEFAULT_NET = "alexnet.net"
+WEIGHTS_HELP = (
+    "a safetensors file or the run folder of `netdsl train` (default: the paper's initialization); trained "
+    "weights bring their preprocessing and class names"
+)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$")
 
 
@@ -133,12 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     export = net_command("export", "write the net as an ONNX model (opset 17) with its weights as initializers")
     export.add_argument("-o", "--output", type=Path, required=True, help="the .onnx file to write")
-    export.add_argument(
-        "--weights",
-        type=Path,
-        help="a safetensors file or the run folder of `netdsl train` (default: the paper's initialization); trained "
-        "weights bring their preprocessing and class names into the model's metadata",
-    )
+    export.add_argument("--weights", type=Path, help=f"{WEIGHTS_HELP} into the model's metadata")
     export.add_argument("--seed", type=seed_number, default=0, help="seed of the default weights")
     export.add_argument(
         "--external-data",
@@ -183,12 +182,7 @@ def _parser() -> argparse.ArgumentParser:
         "ImageNet's mean subtracted) or .npy arrays of one image (C x H x W) or a batch (N x C x H x W)",
     )
     source.add_argument("--random", type=_positive, metavar="N", help="N random images (the default: 1)")
-    run.add_argument(
-        "--weights",
-        type=Path,
-        help="a safetensors file or the run folder of `netdsl train` (default: the paper's initialization); "
-        "trained weights bring their preprocessing and class names",
-    )
+    run.add_argument("--weights", type=Path, help=WEIGHTS_HELP)
     run.add_argument("--seed", type=seed_number, default=0, help="seed of the default weights and random inputs")
     run.add_argument(
         "--init",
@@ -365,9 +359,9 @@ def _export(path: Path, args: argparse.Namespace) -> int:
         raise NetError("exporting needs onnx", where="export", hint="pip install 'netdsl[onnx]'") from None
     from netdsl.runtime.weights import checked_weights, init_weights, load_weights, weight_specs, weights_metadata
     from netdsl.train.augment import Preprocess
+    from netdsl.train.runs import weights_file
 
-    if args.weights is not None and args.weights.is_dir():
-        args.weights = args.weights / "weights.safetensors"  # a run folder of `netdsl train`, as `run` takes one
+    args.weights = weights_file(args.weights)
     for written in (args.output, args.output.with_name(args.output.name + ".data")):
         refuse_overwriting(written, [path, args.weights], "--output")
     graph = load_graph(path, batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit)

@@ -145,12 +145,13 @@ def read_inputs(paths: list[Path], shape: tuple[int, ...], preprocess=None, view
 def run_command(path: Path, args: argparse.Namespace) -> int:
     import torch
 
+    from netdsl.train.runs import weights_file
+
     if args.backend == "triton" and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the same kernels, interpreted on the CPU
     path, dtype = resolve_build_dir(path, args)
     shape = _input_shape(path)
-    if args.weights is not None and args.weights.is_dir():
-        args.weights = args.weights / "weights.safetensors"  # a run folder of `netdsl train`: its best weights
+    args.weights = weights_file(args.weights)
     if args.save:  # before the run: outputs written over an input would destroy it
         given = getattr(args, "given", None)  # the ONNX model or build folder named, if that is what it was
         read = [path, given, args.weights, args.tuning, args.labels, *(args.input or [])]

@@ -219,11 +219,11 @@ def eval_command(args: argparse.Namespace) -> int:
     from netdsl.train.data import labels_by_name, open_data, view_loader
     from netdsl.train.evaluate import Tally, probabilities
     from netdsl.train.loop import class_count
-    from netdsl.train.runs import WEIGHTS
+    from netdsl.train.runs import weights_file
 
     if args.backend == "triton" and not torch.cuda.is_available():
         use_interpreter()  # the same kernels, interpreted on the CPU
-    weights_path = args.weights / WEIGHTS if args.weights.is_dir() else args.weights
+    weights_path = weights_file(args.weights)
     graph = load_graph(args.net)
     classes = class_count(graph)
     shape = graph.nodes[graph.graph["inputs"][0]]["layer"].shape

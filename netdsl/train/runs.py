@@ -35,6 +35,12 @@ CURVES = "curves.png"
 TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{16}$")  # netdsl.files.new_temporary's names
 
 
+def weights_file(given: Path | None) -> Path | None:
+    """What `--weights` names: a run folder of `netdsl train` stands for its weights.safetensors (its best
+    weights); a file, or None, as it is."""
+    return given / WEIGHTS if given is not None and given.is_dir() else given
+
+
 def fingerprint(graph: nx.DiGraph) -> str:
     """What a checkpoint must match to be loaded into a net: the name of every weight and its shape."""
     specs = sorted((name, list(shape)) for name, shape in weight_specs(graph).items())
