@@ -223,6 +223,31 @@ def test_a_build_folder_keeps_its_compile_options(tmp_path, capsys):
     assert main(["run", str(build), "--precision", "tf32x3", "--backend", "torch", "--top", "1"]) == 0  # the same
 
 
+def test_a_build_folder_whose_kernels_are_not_its_plans_says_so(tmp_path, capsys):
+    """A compile killed between swapping in its kernels and renaming plan.json into place leaves kernels of
+    one compile beside the plan of another (as does a kernel edited by hand): `run DIR` names the files, says
+    it runs the kernels compiled from the plan's net, and how to bring the folder up to date."""
+    import shutil
+
+    build, other = tmp_path / "build", tmp_path / "other"
+    assert main(["compile", LENET, "-o", str(build), "--no-sm90", "--dtype", "bf16"]) == 0
+    assert main(["compile", LENET, "-o", str(other), "--no-sm90", "--dtype", "fp32"]) == 0
+    capsys.readouterr()
+    before = saved_run(tmp_path, capsys, str(build), "--random", "2", "--backend", "torch")
+    assert "note:" not in capsys.readouterr().err  # a whole build: nothing to say
+
+    shutil.rmtree(build / "kernels")
+    shutil.copytree(other / "kernels", build / "kernels")  # the fp32 compile's kernels, the bf16 plan
+    (build / "kernels" / "c1_gpu0_conv_bias_relu.py").unlink()
+    (build / "kernels" / "stray.py").write_text("# not netdsl's\n")
+    after = saved_run(tmp_path, capsys, str(build), "--random", "2", "--backend", "torch")
+    err = capsys.readouterr().err
+    assert f"note: {build / 'kernels'} is not what {build / 'plan.json'} compiles to" in err
+    assert "differ: " in err and "1 missing: c1_gpu0_conv_bias_relu.py" in err and "not the plan's: stray.py" in err
+    assert f"netdsl compile {Path(LENET).resolve()} -o {build} --dtype bf16" in err and "Traceback" not in err
+    np.testing.assert_array_equal(after, before)  # the plan's kernels ran, not the folder's
+
+
 def test_a_flag_given_as_its_default_is_compared_by_meaning(tmp_path, capsys):
     """`--layout auto` given is not `--layout` left out: against a build compiled with nchw it contradicts it;
     `--precision ieee` is what a build without a precision computes, so it agrees."""

@@ -318,6 +318,10 @@ def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
             print(f"note: {warning.message}", file=sys.stderr)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    given = getattr(args, "given", None)
+    if given is not None and Path(given).is_dir():
+        for line in stale_kernels(Path(given), net.compiled.kernels, path, dtype):
+            print(line, file=sys.stderr)
     chunks = torch.from_numpy(x).to(torch_dtype(dtype)).split(args.batch or len(x))
     if args.time and any(device.type == "cuda" for device in net.devices.values()):
         for chunk in chunks:
@@ -368,6 +372,36 @@ def resolve_build_dir(path: Path, args: argparse.Namespace) -> tuple[Path, str]:
                 hint=f"leave {flag} out, or compile again with the flags you want: netdsl compile {source} -o {path}",
             )
     return source, built
+
+
+def stale_kernels(folder: Path, kernels: dict[str, str], source: Path, dtype: str) -> list[str]:
+    """A note when a build folder's `kernels/` is not what its plan.json compiles to (`kernels`: file name ->
+    source): a kernel edited by hand, or a compile stopped between swapping in its kernels and renaming its
+    plan.json into place. The run goes on with the kernels compiled from the plan's net; the note says so."""
+    on_disk = {file.name: file for file in sorted((folder / "kernels").glob("*.py"))}
+    differ = sorted(name for name, text in kernels.items() if name in on_disk and _text(on_disk[name]) != text)
+    missing = sorted(set(kernels) - set(on_disk))
+    extra = sorted(set(on_disk) - set(kernels))
+    if not (differ or missing or extra):
+        return []
+    parts = [
+        f"{len(names)} {what}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+        for names, what in [(differ, "differ"), (missing, "missing"), (extra, "not the plan's")]
+        if names
+    ]
+    return [
+        f"note: {folder / 'kernels'} is not what {folder / 'plan.json'} compiles to ({'; '.join(parts)}): "
+        "edited by hand, or a compile stopped part-way",
+        f"  this run uses the kernels compiled from {source}; to bring the folder up to date: "
+        f"netdsl compile {source} -o {folder} --dtype {dtype} (and the other flags plan.json records)",
+    ]
+
+
+def _text(file: Path) -> str | None:
+    try:
+        return file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _meaning(name: str, value: object) -> object:
