@@ -31,6 +31,18 @@ def test_random_inputs_print_the_top_classes_and_save_the_outputs(tmp_path, caps
     np.testing.assert_allclose(saved, want, rtol=1e-4, atol=1e-5)
 
 
+def test_small_scores_are_printed_to_four_significant_digits(tmp_path, capsys):
+    """LeNet-5 with the paper's initialisation (weights ~ N(0, 0.01)) scores ~1e-5: printed to four decimal
+    places every score read 0.0000; the printed scores are the saved ones to four significant digits."""
+    out = tmp_path / "scores.npy"
+    assert main(["run", LENET, "--top", "3", "--backend", "torch", "--save", str(out)]) == 0
+    line = top_lines(capsys.readouterr().out)[0]
+    printed = [float(item.split(": ")[1]) for item in line.split("top 3: ")[1].split(", ")]
+    want = np.sort(np.load(out)[0])[::-1][:3]
+    assert 0 < abs(want[0]) < 1e-3  # the case this is about
+    np.testing.assert_allclose(printed, want, rtol=1e-3)
+
+
 def test_npy_inputs_single_image_or_batch(tmp_path, capsys):
     rng = np.random.default_rng(7)
     one, batch = tmp_path / "one.npy", tmp_path / "batch.npy"

@@ -265,7 +265,7 @@ def describe_output(name: str | None, value, labels: list[str] | None, top: int)
     values, indices = scores.topk(k, dim=1)
     lines = [f"{title}{value.shape[0]} x {scores.shape[1]} scores"] if name is not None else []
     for i in range(scores.shape[0]):
-        ranked = ", ".join(f"{_label(labels, int(c))}: {float(v):.4f}" for v, c in zip(values[i], indices[i]))
+        ranked = ", ".join(f"{_label(labels, int(c))}: {float(v):.4g}" for v, c in zip(values[i], indices[i]))
         lines.append(f"input {i}: top {k}: {ranked}")
     return lines
 
