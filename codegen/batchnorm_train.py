@@ -1,4 +1,5 @@
-"""Batch norm in training on N x C x H x W maps: batch statistics forward, PyTorch's gradients backward.
+"""Batch norm in training on N x C x H x W maps (and N x C vectors, as H = W = 1): batch statistics forward,
+PyTorch's gradients backward.
 
 Forward, per channel c over its M = N * H * W values:
 
@@ -228,11 +229,14 @@ class BatchNormBackward(NamedTuple):
 
 
 def _check_map(x: torch.Tensor, name: str) -> tuple[int, int]:
-    """(C, H * W) of an [N, C, H, W] map whose height and width fold into one unit-stride axis."""
-    if x.dim() != 4:
-        raise ValueError(f"batch norm takes [N, C, H, W] maps, got {name} of shape {tuple(x.shape)}")
+    """(C, H * W) of an [N, C, H, W] map whose height and width fold into one unit-stride axis; (C, 1) of
+    [N, C] flat vectors (after an fc: each feature a channel of one value per image, as H = W = 1)."""
+    if x.dim() not in (2, 4):
+        raise ValueError(f"batch norm takes [N, C, H, W] maps or [N, C] vectors, got {name} of shape {tuple(x.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"batch norm supports {SUPPORTED_DTYPES}, got {name} of {x.dtype}")
+    if x.dim() == 2:
+        return x.shape[1], 1
     _, c, h, w = x.shape
     if not ((w == 1 or x.stride(3) == 1) and (h == 1 or x.stride(2) == w)):
         raise ValueError(f"batch norm needs each channel's H x W plane contiguous; {name} has strides {x.stride()}")

@@ -1,0 +1,735 @@
+"""Differential fuzzing of the training path: small random nets, trained a few steps on netdsl's Triton kernels
+(`GraphModule(backend="triton")`, the loss kernel and the fused SGD, as `netdsl train --backend triton` runs
+them), against a reference written here from the graph's layer records alone: every layer with
+torch.nn.functional ops or by hand, float64, torch autograd, and the paper's update written out.
+
+What is compared, per step: the loss, every weight's gradient, every weight and velocity after the update and
+the batch norms' running statistics. The reference shares nothing with netdsl but the graph (layer records:
+op, params, inputs, shapes) and, for dropout, the masks: each dropout layer draws its seed from torch's
+generator (`kernel_ops.dropout_seed`); the seeds are read out as they are drawn and the reference reads each
+mask out of the dropout kernel run on ones (`codegen/dropout.py`: the mask is a pure function of the seed and
+the element index), checking it holds only 0 and 1 / (1 - rate).
+
+The update (the AlexNet paper's, docs/training.md), per weight with its lr_mult and decay_mult:
+
+    v <- momentum * v - weight_decay * decay_mult * lr * lr_mult * w - lr * lr_mult * g;   w <- w + v
+    (Nesterov: v as above, then w <- w + momentum * v - lr * lr_mult * (g + weight_decay * decay_mult * w))
+
+A weight whose gradient the loss does not reach (a layer the output does not read) steps with a gradient of 0.
+
+Tolerances (fp32 kernels with exact products against the float64 reference), per tensor, of the largest
+absolute difference over the largest |reference| value: FP32_TOLERANCE; the running variance relative to its
+own size likewise. bf16 under autocast (one case, `test_bf16_autocast_step`): BF16_TOLERANCE, norm of the
+difference over the norm, for each gradient.
+
+The generator (`random_net`, seeded) writes conv (groups, stride, dilation, padding n, (h, w), four sides,
+`same`, `same_lower`, `valid`, rectangular kernels, no bias), relu, leaky_relu, lrn (groups, large alphas),
+max and average pooling (padding, dilation, ceil mode, count_pad), global_avgpool, fc, batchnorm (maps and
+flat), dropout, shuffle, flatten, softmax inside the net, concat and add branches, and two towers reading
+`all x` and `x@gpu1` as in alexnet.net; the motifs of the training kernels (conv | relu, relu | lrn |
+maxpool, lrn | maxpool) come often. Every program is built with netdsl, its shapes checked against the
+generator's own, and trained.
+
+NETDSL_FUZZ_SCALE (default 1) multiplies the number of nets; NETDSL_FUZZ_SEED picks other nets.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import netdsl
+from netdsl.codegen import dropout as dropout_kernels
+from netdsl.errors import NetError
+from netdsl.ir import layers
+from netdsl.runtime import kernel_ops
+from netdsl.runtime.module import GraphModule
+from netdsl.runtime.weights import init_weights
+from netdsl.train.optim import FlatPaperSGD, param_groups, set_learning_rate
+
+SCALE = float(os.environ.get("NETDSL_FUZZ_SCALE", "1"))
+SEED = int(os.environ.get("NETDSL_FUZZ_SEED", "0"))
+NETS = max(1, round(4 * SCALE))
+F64 = torch.float64
+FP32_TOLERANCE = 2e-4  # measured over 400 nets: at most ~2e-5 (deep batch norms on batches of 3 amplify most)
+CANCELLED = 0.05  # see `errors`
+BF16_TOLERANCE = 0.15  # norm-relative; PyTorch's own bf16 autocast is ~9% off on a first conv (test_train_triton)
+
+
+# --- the generator -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Value:
+    ref: str  # how the program names it here: "n3", "t2" (inside towers), "all t2", "t2@gpu1"
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Program:
+    text: str
+    shapes: dict[str, tuple[int, ...]]  # statement name -> its final shape (per tower for tower statements)
+    classes: int
+    lines: list[str] = field(default_factory=list)
+
+
+def same_pads(n: int, k: int, s: int, d: int, lower: bool) -> tuple[int, int]:
+    total = max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0)
+    small, large = total // 2, total - total // 2
+    return (large, small) if lower else (small, large)
+
+
+def pads_of(pad, size: tuple[int, int], kernel, stride, dilation) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right), worked out here from the language's definition (docs/language.md)."""
+    if pad == "valid":
+        return (0, 0, 0, 0)
+    if pad in ("same", "same_lower"):
+        (top, bottom), (left, right) = (
+            same_pads(n, k, s, d, pad == "same_lower") for n, k, s, d in zip(size, kernel, stride, dilation)
+        )
+        return (top, left, bottom, right)
+    if isinstance(pad, int):
+        return (pad,) * 4
+    if len(pad) == 2:
+        return (pad[0], pad[1], pad[0], pad[1])
+    return tuple(pad)
+
+
+def windows(n: int, k: int, s: int, begin: int, end: int, d: int, ceil: bool) -> int:
+    room = n + begin + end - d * (k - 1) - 1
+    if room < 0:
+        return 0
+    if not ceil:
+        return room // s + 1
+    count = math.ceil(room / s) + 1
+    return count - 1 if (count - 1) * s >= n + begin else count
+
+
+def pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, tuple) else (value, value)
+
+
+def text_of(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(str(v) for v in value) + ")"
+    return str(value)
+
+
+def call(op: str, positional: list, named: dict) -> str:
+    args = [text_of(v) for v in positional] + [f"{key}={text_of(v)}" for key, v in named.items()]
+    return f"{op}({', '.join(args)})" if args else op
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+class Generator:
+    """One random valid program, element by element, each element's shape worked out here."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.count = 0
+        self.lines: list[str] = []
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def name(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}{self.count}"
+
+    # one element of a chain: (text, shape after), or None when it does not fit
+    def conv(self, shape) -> tuple[str, tuple] | None:
+        r = self.rng
+        c, h, w = shape
+        groups = r.choice([g for g in divisors(c) if g <= 4]) if r.random() < 0.4 else 1
+        filters = groups * r.randint(1, max(1, 6 // groups))
+        kernel = r.choice([1, 2, 3, 3, (1, 3), (3, 2), (2, 1)])
+        stride = r.choice([1, 1, 1, 2, (1, 2), (2, 1)])
+        dilation = r.choice([1, 1, 1, 2, (2, 1)])
+        pad = r.choice([0, 1, 2, (1, 0), (0, 2, 1, 0), (2, 1, 0, 1), "same", "same", "same_lower", "valid"])
+        named = {"size": kernel}
+        if stride != 1:
+            named["stride"] = stride
+        if pad != 0:
+            named["pad"] = pad
+        if dilation != 1:
+            named["dilation"] = dilation
+        if groups > 1:
+            named["groups"] = groups
+        if r.random() < 0.2:
+            named["bias"] = False
+        k, s, d = pair(kernel), pair(stride), pair(dilation)
+        top, left, bottom, right = pads_of(pad, (h, w), k, s, d)
+        out = (windows(h, k[0], s[0], top, bottom, d[0], False), windows(w, k[1], s[1], left, right, d[1], False))
+        if min(out) < 1:
+            return None
+        return call("conv", [filters], named), (filters, *out)
+
+    def pool(self, shape, op: str) -> tuple[str, tuple] | None:
+        r = self.rng
+        _, h, w = shape
+        kernel = r.choice([2, 2, 3, 3, (2, 3), (3, 1), 1])
+        k = pair(kernel)
+        named: dict = {}
+        stride = r.choice([None, None, 1, 2, (2, 1)])
+        if stride is not None:
+            named["stride"] = stride
+        s = pair(stride) if stride is not None else k
+        pad = r.choice([0, 0, 1, (1, 0), (0, 1, 1, 0), (1, 1, 0, 0), "same", "same_lower", "valid"])
+        if pad != 0:
+            named["pad"] = pad
+        dilation = r.choice([1, 1, 1, 1, 2])
+        if dilation != 1:
+            named["dilation"] = dilation
+        if r.random() < 0.4:
+            named["ceil"] = True
+        if op == "avgpool" and r.random() < 0.5:
+            named["count_pad"] = False
+        d = pair(dilation)
+        pads = pads_of(pad, (h, w), k, s, d)
+        if any(p >= kk for p, kk in zip(pads, (*k, *k))):
+            return None
+        top, left, bottom, right = pads
+        out = []
+        for n, kk, ss, begin, end, dd in zip((h, w), k, s, (top, left), (bottom, right), d):
+            count = windows(n, kk, ss, begin, end, dd, named.get("ceil", False))
+            if count < 1:
+                return None
+            for i in range(count):  # every window must read an input value
+                if not any(begin <= i * ss + j * dd < begin + n for j in range(kk)):
+                    return None
+            out.append(count)
+        return call(op, [kernel], named), (shape[0], *out)
+
+    def lrn(self, shape) -> tuple[str, tuple]:
+        r = self.rng
+        named = {"size": r.choice([1, 2, 3, 5]), "alpha": r.choice([1e-4, 0.05, 0.5, 1.0])}
+        named["beta"] = r.choice([0.5, 0.75, 1.0])
+        named["k"] = r.choice([1, 2, 0.5])
+        groups = r.choice(divisors(shape[0]))
+        if groups > 1 and r.random() < 0.5:
+            named["groups"] = groups
+        return call("lrn", [], named), shape
+
+    def element(self, shape) -> tuple[str, tuple]:
+        """A random element that reads `shape`."""
+        r = self.rng
+        if len(shape) == 1:
+            kind = r.choice(["fc", "fc", "relu", "leaky_relu", "batchnorm", "dropout", "softmax"])
+            if kind == "fc":
+                units = r.randint(2, 12)
+                return call("fc", [units], {} if r.random() < 0.8 else {"bias": False}), (units,)
+            return self.simple(kind, shape)
+        kinds = ["conv"] * 4 + ["relu", "relu", "leaky_relu", "lrn", "maxpool", "maxpool", "avgpool", "batchnorm"]
+        kinds += ["dropout", "shuffle", "global_avgpool", "fc", "flatten", "softmax"]
+        for _ in range(10):
+            kind = r.choice(kinds)
+            if kind == "conv":
+                made = self.conv(shape)
+            elif kind in ("maxpool", "avgpool"):
+                made = self.pool(shape, kind)
+            elif kind == "lrn":
+                made = self.lrn(shape)
+            elif kind == "shuffle":
+                made = call("shuffle", [r.choice(divisors(shape[0]))], {}), shape
+            elif kind == "global_avgpool":
+                made = "global_avgpool", (shape[0], 1, 1)
+            elif kind == "fc":
+                units = r.randint(2, 12)
+                made = call("fc", [units], {}), (units,)
+            elif kind == "flatten":
+                made = "flatten", (shape[0] * shape[1] * shape[2],)
+            else:
+                made = self.simple(kind, shape)
+            if made is not None:
+                return made
+        return "relu", shape
+
+    def simple(self, kind: str, shape) -> tuple[str, tuple]:
+        r = self.rng
+        if kind == "leaky_relu":
+            return call("leaky_relu", [r.choice([0.01, 0.1, 0.3])], {}), shape
+        if kind == "batchnorm":
+            named = {}
+            if r.random() < 0.5:
+                named["eps"] = r.choice([1e-3, 0.1])
+            if r.random() < 0.5:
+                named["momentum"] = r.choice([0.0, 0.3, 1.0])
+            return call("batchnorm", [], named), shape
+        if kind == "dropout":
+            return call("dropout", [r.choice([0.0, 0.2, 0.5])], {}), shape
+        return kind, shape  # relu, softmax
+
+    def motif(self, shape) -> list[tuple[str, tuple]]:
+        """A chain the training kernels group: conv | relu | lrn | maxpool, conv | batchnorm | relu | maxpool ..."""
+        r = self.rng
+        chain = []
+        made = self.conv(shape)
+        if made is None:
+            return []
+        chain.append(made)
+        shape = made[1]
+        tail = r.choice([["relu", "lrn", "maxpool"], ["lrn", "maxpool"], ["batchnorm", "relu", "maxpool"],
+                         ["leaky_relu"], ["relu", "dropout"], ["relu", "maxpool"]])  # fmt: skip
+        for kind in tail:
+            if kind == "lrn":
+                made = self.lrn(shape)
+            elif kind == "maxpool":
+                made = self.pool(shape, "maxpool")
+            else:
+                made = self.simple(kind, shape)
+            if made is None:
+                break
+            chain.append(made)
+            shape = made[1]
+        return chain
+
+    def statement(self, sources: list[Value], name: str) -> tuple[str, tuple]:
+        """`name = ...`: a chain read from one of `sources`, or a concat or an add of two of them."""
+        r = self.rng
+        source = r.choice(sources[-3:] if r.random() < 0.7 else sources)
+        head, shape = source.ref, source.shape
+        joins = [v for v in sources if v is not source and len(v.shape) == len(shape) and v.shape[1:] == shape[1:]]
+        roll = r.random()
+        elements: list[tuple[str, tuple]] = []
+        if joins and roll < 0.25:
+            other = r.choice(joins)
+            if other.shape == shape and r.random() < 0.5:
+                head = f"add({source.ref}, {other.ref})"
+            else:
+                head = f"concat({source.ref}, {other.ref})"
+                shape = (shape[0] + other.shape[0], *shape[1:])
+        elif len(shape) == 3 and roll < 0.6:
+            elements = self.motif(shape)
+            shape = elements[-1][1] if elements else shape
+        for _ in range(r.randint(0 if elements or head != source.ref else 1, 2)):
+            made = self.element(shape)
+            elements.append(made)
+            shape = made[1]
+        if not elements and head == source.ref:
+            elements.append(("relu", shape))
+        chain = [head] + [text for text, _ in elements]
+        return f"{name} = {' | '.join(chain)}", shape
+
+    def program(self) -> Program:
+        r = self.rng
+        c, h, w = r.randint(1, 5), r.randint(5, 11), r.randint(5, 11)
+        self.lines = [f"net fuzz\ninput image: {c} x {h} x {w}"]
+        sources = [Value("image", (c, h, w))]
+        if r.random() < 0.3:  # two towers, as alexnet.net
+            inside = list(sources)
+            body = []
+            for _ in range(r.randint(1, 3)):
+                name = self.name("t")
+                line, shape = self.statement(inside, name)
+                body.append("    " + line)
+                self.shapes[name] = shape
+                inside.append(Value(name, shape))
+                if r.random() < 0.5:
+                    inside.append(Value(f"all {name}", (shape[0] * 2, *shape[1:])))
+            self.lines += ["towers gpu0, gpu1 {", *body, "}"]
+            made = [v for v in inside[1:] if not v.ref.startswith("all ")]
+            last = made[-1]
+            sources.append(Value(f"all {last.ref}", (last.shape[0] * 2, *last.shape[1:])))
+            if r.random() < 0.3:
+                sources.append(Value(f"{last.ref}@gpu1", last.shape))
+        for _ in range(r.randint(1, 4)):
+            name = self.name("n")
+            line, shape = self.statement(sources, name)
+            self.lines.append(line)
+            self.shapes[name] = shape
+            sources.append(Value(name, shape))
+        classes = r.randint(2, 6)
+        last = sources[-1]
+        if len(last.shape) == 3 and r.random() < 0.3:
+            head = f"out = {last.ref} | conv({classes}, size=1) | global_avgpool"
+        else:
+            head = f"out = {last.ref} | fc({classes})"
+        if r.random() < 0.3:
+            head += " | softmax"
+        self.lines += [head, "output out"]
+        return Program("\n".join(self.lines) + "\n", dict(self.shapes), classes)
+
+
+def random_net(seed: int) -> Program:
+    return Generator(seed).program()
+
+
+# --- the reference: the graph's layers by hand, float64 ----------------------------------------------------
+
+
+def ref_lrn(x: torch.Tensor, p: dict) -> torch.Tensor:
+    """The paper's LRN per channel group: window c - (size-1)//2 .. c + size//2, clipped; alpha not / size."""
+    size, alpha, beta, k = p["size"], p["alpha"], p["beta"], p["k"]
+    out = []
+    for part in x.chunk(p.get("groups", 1), 1):
+        channels = part.shape[1]
+        for c in range(channels):
+            lo, hi = max(0, c - (size - 1) // 2), min(channels, c + size // 2 + 1)
+            out.append(part[:, c] / (k + alpha * (part[:, lo:hi] ** 2).sum(1)) ** beta)
+    return torch.stack(out, 1)
+
+
+def ref_pool(x: torch.Tensor, p: dict, op: str, out_shape: tuple[int, ...]) -> torch.Tensor:
+    """Max or average pooling by hand: the padded input (and beyond it, for ceil mode's last windows) is laid
+    out explicitly, every window's taps gathered with unfold."""
+    n, c, h, w = x.shape
+    k, s, d = pair(p["size"]), pair(p["stride"]), pair(p.get("dilation", 1))
+    top, left, bottom, right = pads_of(p["pad"], (h, w), k, s, d)
+    oh, ow = out_shape[1:]
+    need_h, need_w = (oh - 1) * s[0] + d[0] * (k[0] - 1) + 1, (ow - 1) * s[1] + d[1] * (k[1] - 1) + 1
+    # laid out over [0, need): the input at [top, top + h), its padding up to top + h + bottom, then what
+    # ceil mode's last windows hang past (never counted), or the rows and columns no window reads cut off
+    fill = -math.inf if op == "maxpool" else 0.0
+    grid = F.pad(x, (left, need_w - left - w, top, need_h - top - h), value=fill)
+    rows, cols = torch.arange(need_h)[:, None], torch.arange(need_w)[None, :]
+    inside = ((rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)).to(x.dtype)
+    padded = ((rows < top + h + bottom) & (cols < left + w + right)).to(x.dtype)
+    taps = F.unfold(grid, k, dilation=d, stride=s).reshape(n, c, k[0] * k[1], oh * ow)
+    if op == "maxpool":
+        return taps.amax(2).reshape(n, c, oh, ow)
+    counted = padded if p["count_pad"] else inside
+    divisor = F.unfold(counted[None, None], k, dilation=d, stride=s).sum(1).reshape(oh, ow)
+    return taps.sum(2).reshape(n, c, oh, ow) / divisor
+
+
+def ref_batchnorm(x, weights, name, p, momentum_state: dict) -> torch.Tensor:
+    dims = [0] if x.dim() == 2 else [0, 2, 3]
+    shape = (1, -1) if x.dim() == 2 else (1, -1, 1, 1)
+    mean = x.mean(dims)
+    var = ((x - mean.reshape(shape)) ** 2).mean(dims)
+    count = x.numel() // x.shape[1]
+    m = p.get("momentum", 0.1)
+    with torch.no_grad():
+        running_mean, running_var = weights[f"{name}.running_mean"], weights[f"{name}.running_var"]
+        momentum_state[f"{name}.running_mean"] = (1 - m) * running_mean + m * mean
+        momentum_state[f"{name}.running_var"] = (1 - m) * running_var + m * var * count / (count - 1)
+    normed = (x - mean.reshape(shape)) / (var.reshape(shape) + p["eps"]).sqrt()
+    return normed * weights[f"{name}.weight"].reshape(shape) + weights[f"{name}.bias"].reshape(shape)
+
+
+def reference_logits(graph, weights: dict, x: torch.Tensor, seeds: list[int], running: dict) -> torch.Tensor:
+    """The net's logits in training mode; `seeds` are the dropout layers' seeds in forward order (consumed);
+    `running` receives the batch norms' new running statistics."""
+    values: dict[str, torch.Tensor] = {}
+    (output,) = graph.graph["outputs"]
+    for item in layers(graph):
+        if item.op == "input":
+            values[item.name] = x
+            continue
+        ins = [values[name] for name in item.inputs]
+        p, op, name = item.params, item.op, item.name
+        if op == "fc":
+            flat = torch.cat([t.flatten(1) for t in ins], 1)
+            y = flat @ weights[f"{name}.weight"].T
+            if p["bias"]:
+                y = y + weights[f"{name}.bias"]
+        elif op == "concat":
+            y = torch.cat(ins, 1)
+        elif op == "add":
+            y = sum(ins[1:], ins[0])
+        else:
+            v = ins[0] if len(ins) == 1 else torch.cat(ins, 1)
+            if name == output and op == "softmax":
+                y = v  # the loss reads a final softmax's input
+            elif op == "conv":
+                k, s, d = p["size"], p["stride"], p["dilation"]
+                top, left, bottom, right = pads_of(p["pad"], tuple(v.shape[2:]), k, s, d)
+                bias = weights[f"{name}.bias"] if p["bias"] else None
+                padded = F.pad(v, (left, right, top, bottom))
+                y = F.conv2d(padded, weights[f"{name}.weight"], bias, s, 0, d, p["groups"])
+            elif op == "relu":
+                y = torch.where(v > 0, v, torch.zeros_like(v))
+            elif op == "leaky_relu":
+                y = torch.where(v > 0, v, p["slope"] * v)
+            elif op == "lrn":
+                y = ref_lrn(v, p)
+            elif op in ("maxpool", "avgpool"):
+                y = ref_pool(v, p, op, item.shape)
+            elif op == "global_avgpool":
+                y = v.mean((2, 3), keepdim=True)
+            elif op == "batchnorm":
+                y = ref_batchnorm(v, weights, name, p, running)
+            elif op == "dropout":
+                mask = dropout_kernels.dropout(torch.ones(v.shape, dtype=torch.float32), p["rate"], seeds.pop(0))
+                kept = 1.0 / (1.0 - p["rate"])
+                assert bool(((mask == 0) | ((mask - kept).abs() <= 1e-6 * kept)).all()), f"{name}: not 0 or 1/(1-p)"
+                y = v * mask.to(v.dtype)
+            elif op == "softmax":
+                e = (v - v.amax(1, keepdim=True)).exp()
+                y = e / e.sum(1, keepdim=True)
+            elif op == "flatten":
+                y = v.flatten(1)
+            elif op == "shuffle":
+                g = p["groups"]
+                y = v.reshape(v.shape[0], g, v.shape[1] // g, *v.shape[2:]).transpose(1, 2).reshape(v.shape)
+            else:
+                raise AssertionError(f"the reference has no {op}")
+        assert tuple(y.shape[1:]) == tuple(item.shape) or (name == output and op == "softmax"), (name, y.shape)
+        values[name] = y
+    return values[output].flatten(1)
+
+
+def reference_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
+    lse = logits.logsumexp(1)
+    picked = logits.gather(1, target[:, None])[:, 0]
+    return (lse - (1 - smoothing) * picked - smoothing * logits.mean(1)).mean()
+
+
+# --- one case --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Recipe:
+    lr: tuple[float, ...]  # per step
+    momentum: float
+    weight_decay: float
+    nesterov: bool
+    smoothing: float
+    lr_mults: list[tuple[str, float]]
+    decay_mults: list[tuple[str, float]]
+    batch: int
+
+
+def random_recipe(rng: random.Random, names: list[str], steps: int) -> Recipe:
+    lr = rng.choice([0.003, 0.01, 0.02])  # larger ones memorize a batch of 4 at once: a loss near 0 has no digits left
+    rates = tuple(lr * (rng.choice([1.0, 1.0, 0.1]) if i else 1.0) for i in range(steps))  # a drop: the paper's rule
+    momentum = rng.choice([0.0, 0.9, 0.9])
+    lr_mults, decay_mults = [], []
+    if names and rng.random() < 0.5:
+        lr_mults.append((rng.choice(["*.bias", *names]), rng.choice([0.0, 2.0, 10.0])))
+    if names and rng.random() < 0.5:
+        decay_mults.append((rng.choice(["*.bias", "*.weight", *names]), rng.choice([0.0, 3.0])))
+    return Recipe(
+        lr=rates,
+        momentum=momentum,
+        weight_decay=rng.choice([0.0, 5e-4, 0.05]),
+        nesterov=momentum > 0 and rng.random() < 0.3,
+        smoothing=rng.choice([0.0, 0.0, 0.1]),
+        lr_mults=[(p, v) for p, v in lr_mults if p == "*.bias" or p in names],
+        decay_mults=decay_mults,
+        batch=rng.choice([3, 4]),
+    )
+
+
+def fresh_weights(graph, seed: int) -> dict[str, np.ndarray]:
+    """He's initialization, with biases, batch norm shifts and means N(0, 0.1^2), scales and variances
+    U(0.5, 1.5): nothing left at a constant."""
+    weights = init_weights(graph, seed=seed, scheme="he")
+    rng = np.random.default_rng(seed + 1)
+    for name, value in weights.items():
+        tensor = name.rsplit(".", 1)[1]
+        if tensor == "running_var" or (tensor == "weight" and value.ndim == 1):
+            weights[name] = rng.uniform(0.5, 1.5, value.shape).astype(np.float32)
+        elif tensor in ("bias", "running_mean"):
+            weights[name] = (0.1 * rng.standard_normal(value.shape)).astype(np.float32)
+    return weights
+
+
+def error(got: torch.Tensor, want: torch.Tensor, floor: float = 0.0) -> float:
+    """The largest absolute difference over the largest |want| (at least `floor`)."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert bool(torch.isfinite(got).all()), "not finite"
+    if not want.numel():
+        return 0.0
+    return float((got - want).abs().max() / want.abs().max().clamp_min(max(floor, 1e-12)))
+
+
+class Case:
+    """A net, its weights, a batch and a recipe; `train` runs the kernels' steps, `reference` the float64 ones."""
+
+    def __init__(self, text: str, seed: int, steps: int = 2, recipe: Recipe | None = None) -> None:
+        self.text, self.seed, self.steps = text, seed, steps
+        self.graph = netdsl.graph_from_text(text, file="fuzz.net")
+        self.weights = fresh_weights(self.graph, seed)
+        rng = random.Random(seed)
+        layer_names = sorted({name.rsplit(".", 1)[0] + ".*" for name in self.weights})
+        self.recipe = recipe or random_recipe(rng, layer_names, steps)
+        (shape,) = [item.shape for item in layers(self.graph) if item.op == "input"]
+        (out,) = self.graph.graph["outputs"]
+        classes = int(np.prod(self.graph.nodes[out]["layer"].shape))
+        generator = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(self.recipe.batch, *shape, generator=generator)
+        self.y = torch.randint(0, classes, (self.recipe.batch,), generator=generator)
+        self.seeds: list[list[int]] = []  # per step, the dropout seeds as drawn
+
+    def train(self, monkeypatch, autocast: torch.dtype | None = None) -> list[dict]:
+        """Per step: the loss, the gradients, and the weights, velocities and buffers after the update."""
+        module = GraphModule(self.graph, weights=self.weights, backend="triton").train()
+        r = self.recipe
+        optimizer = FlatPaperSGD(param_groups(module.named_parameters(), r.lr_mults, r.decay_mults), r.lr[0],
+                                 momentum=r.momentum, weight_decay=r.weight_decay, nesterov=r.nesterov)  # fmt: skip
+        drawn: list[int] = []
+        original = kernel_ops.dropout_seed
+
+        def recorded() -> int:
+            drawn.append(original())
+            return drawn[-1]
+
+        monkeypatch.setattr(kernel_ops, "dropout_seed", recorded)
+        torch.manual_seed(self.seed)
+        results = []
+        for step in range(self.steps):
+            drawn.clear()
+            set_learning_rate(optimizer, r.lr[step])
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                logits = module.logits(self.x).float().flatten(1)
+            loss = kernel_ops.cross_entropy(logits, self.y, r.smoothing)[0]
+            loss.backward()
+            grads = {name: param.grad.clone() for name, param in module.named_parameters()}
+            optimizer.step()
+            self.seeds.append(list(drawn))
+            state = {name: value.detach().clone() for name, value in module.state_dict().items()}
+            velocity = {name: optimizer.state[param]["velocity"].clone() for name, param in module.named_parameters()}
+            results.append({"loss": loss.detach().clone(), "grads": grads, "state": state, "velocity": velocity})
+        return results
+
+    def reference(self) -> list[dict]:
+        r = self.recipe
+        weights = {name: torch.tensor(value, dtype=F64) for name, value in self.weights.items()}
+        buffers = {name for name in weights if name.endswith((".running_mean", ".running_var"))}
+        params = {name: value.requires_grad_() for name, value in weights.items() if name not in buffers}
+        velocity = {name: torch.zeros_like(value) for name, value in params.items()}
+        lr_mult = {name: multiplier(name, r.lr_mults) for name in params}
+        decay_mult = {name: multiplier(name, r.decay_mults) for name in params}
+        results = []
+        for step in range(self.steps):
+            running: dict[str, torch.Tensor] = {}
+            seeds = list(self.seeds[step])
+            logits = reference_logits(self.graph, weights, self.x.to(F64), seeds, running)
+            assert not seeds, "the kernels drew more dropout seeds than the net has dropout layers"
+            loss = reference_loss(logits, self.y, r.smoothing)
+            found = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            grads = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), found)}
+            with torch.no_grad():
+                for name, w in params.items():
+                    rate, decay = r.lr[step] * lr_mult[name], r.weight_decay * decay_mult[name]
+                    v = velocity[name]
+                    v.copy_(r.momentum * v - decay * rate * w - rate * grads[name])
+                    if r.nesterov:
+                        w.add_(r.momentum * v - rate * (grads[name] + decay * w))
+                    else:
+                        w.add_(v)
+                for name, value in running.items():
+                    weights[name] = value
+            state = {name: value.detach().clone() for name, value in weights.items()}
+            results.append({"loss": loss.detach(), "grads": grads, "state": state,
+                            "velocity": {name: v.clone() for name, v in velocity.items()}})  # fmt: skip
+        return results
+
+
+def multiplier(name: str, rules: list[tuple[str, float]]) -> float:
+    import fnmatch
+
+    found = 1.0
+    for pattern, value in rules:
+        if fnmatch.fnmatchcase(name, pattern):
+            found = value
+    return found
+
+
+def largest(tensors: dict[str, torch.Tensor]) -> float:
+    return max((float(t.detach().abs().max()) for t in tensors.values() if t.numel()), default=0.0)
+
+
+def errors(got: dict, want: dict) -> list[tuple[str, float]]:
+    """(what, error) for one step. A gradient (a velocity) is measured against its own largest value, but at
+    least CANCELLED times the step's largest gradient (velocity): some are 0 but for rounding (a conv's bias
+    before a batch norm, which subtracts it again), and the kernels' rounding of such a sum is measured against
+    the size of what cancelled."""
+    grads, velocities = largest(want["grads"]), largest(want["velocity"])
+    found = [("loss", error(got["loss"], want["loss"]))]
+    found += [(f"grad {n}", error(got["grads"][n], v, CANCELLED * grads)) for n, v in want["grads"].items()]
+    found += [(f"velocity {n}", error(got["velocity"][n], v, CANCELLED * velocities))
+              for n, v in want["velocity"].items()]  # fmt: skip
+    found += [(n, error(got["state"][n], v)) for n, v in want["state"].items()]
+    return found
+
+
+def compare(case: Case, got: list[dict], want: list[dict], tolerance: float = FP32_TOLERANCE) -> float:
+    """Fails with every tensor off by more than `tolerance`; returns the largest error."""
+    problems, worst = [], 0.0
+    for step, (g, w) in enumerate(zip(got, want)):
+        try:
+            found = errors(g, w)
+        except AssertionError as failure:
+            problems.append(f"step {step + 1}: {failure}")
+            continue
+        for what, e in found:
+            worst = max(worst, e)
+            if e > tolerance:
+                problems.append(f"step {step + 1} {what}: error {e:.3g}")
+    assert not problems, f"{case.recipe}\n{case.text}\n" + "\n".join(problems[:12])
+    return worst
+
+
+def check_net(text: str, seed: int, monkeypatch, steps: int = 2, recipe: Recipe | None = None) -> None:
+    case = Case(text, seed, steps, recipe)
+    got = case.train(monkeypatch)
+    compare(case, got, case.reference())
+
+
+def built_shapes_agree(program: Program) -> None:
+    graph = netdsl.graph_from_text(program.text, file="fuzz.net")
+    found = {}
+    for item in layers(graph):
+        statement = item.name.split("@")[0].split(".")[0]
+        found[statement] = item.shape  # the last layer of a statement's chain is its value
+    for name, shape in program.shapes.items():
+        assert tuple(found[name]) == tuple(shape), (name, found[name], shape, program.text)
+
+
+# --- the tests -------------------------------------------------------------------------------------------------
+
+SEEDS = [SEED * 100_003 + i for i in range(NETS)]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_nets_train_as_the_reference_does(seed, monkeypatch):
+    program = random_net(seed)
+    try:
+        built_shapes_agree(program)
+    except NetError as refused:
+        pytest.fail(f"a valid net refused: {refused}\n{program.text}")
+    check_net(program.text, seed, monkeypatch)
+
+
+FEATURES = ("towers", "all ", "@gpu1", "groups=", "dilation=", "ceil=true", "count_pad=false", "same_lower", "valid",
+            "lrn(", "maxpool(", "avgpool(", "batchnorm", "dropout(", "shuffle(", "concat(", "add(", "global_avgpool",
+            "softmax", "leaky_relu", "flatten", "bias=false")  # fmt: skip
+
+
+def test_the_generator_is_reproducible_and_varied():
+    first = [random_net(seed).text for seed in range(40)]
+    assert first == [random_net(seed).text for seed in range(40)]
+    joined = "\n".join(first)
+    for word in FEATURES:
+        assert word in joined, word
+
+
+# --- what the fuzzing found, kept --------------------------------------------------------------------------------
+
+REGRESSIONS = {
+    # batch norm after an fc (a flat vector per image) stopped the triton backend with "batch norm takes
+    # [N, C, H, W] maps": codegen/batchnorm_train.py now takes [N, C] as C channels of one value
+    "batchnorm_flat": "input image: 2 x 5 x 5\nh = fc(image, 6) | batchnorm(momentum=0.3) | relu\n"
+    "out = fc(h, 3)\noutput out\n",
+}
+
+
+@pytest.mark.parametrize("name", REGRESSIONS)
+def test_found_by_fuzzing(name, monkeypatch):
+    recipe = Recipe(lr=(0.01, 0.001), momentum=0.9, weight_decay=0.05, nesterov=False, smoothing=0.1,
+                    lr_mults=[("*.bias", 2.0)], decay_mults=[("*.bias", 0.0)], batch=3)  # fmt: skip
+    check_net(REGRESSIONS[name], 7, monkeypatch, recipe=recipe)
