@@ -1,6 +1,7 @@
 """Inference-only simplifications of the layer graph.
 
 - dropout is the identity at inference: it disappears and its readers read its input;
+- a flatten of several inputs reads them through a concat (a flatten is a view of one buffer);
 - batch norm right after a conv (the conv's only reader, on the same device) folds into the conv's
   weights and bias: the conv records which batch norm it absorbed (`Layer.fields["folded"]`) and the
   weights are folded when they are loaded;
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import networkx as nx
 
@@ -25,6 +27,8 @@ def fold_inference(graph: nx.DiGraph) -> nx.DiGraph:
     for item in layers(graph):
         if item.op == "dropout" and len(item.inputs) > 1:  # what remains is the joining of its inputs
             item.op, item.params = "concat", {}
+        elif item.op == "flatten" and len(item.inputs) > 1:
+            _join_first(graph, item)
         elif item.op == "dropout" or (item.op == "batchnorm" and _folds_into_conv(graph, item)):
             if item.op == "batchnorm":
                 layer(graph, item.inputs[0]).fields.setdefault("folded", []).append(item.name)
@@ -72,6 +76,22 @@ def _shuffled_slices(graph: nx.DiGraph, reader: Layer, shuffle: Layer) -> list[d
         shape = layer(graph, name).shape
         start += shape[0] if reader.op == "conv" else math.prod(shape)
     return slices
+
+
+def _join_first(graph: nx.DiGraph, item: Layer) -> None:
+    """A flatten of several inputs (`flatten(all x)`) reads them joined by a concat of its own: the flatten is a
+    view of one buffer, which several inputs are not."""
+    name = f"{item.name}.join"
+    while name in graph:
+        name += "_"
+    joined = replace(item, name=name, op="concat", params={}, inputs=list(item.inputs), shape=item.input_shape,
+                     input_shape=None, fields={})  # fmt: skip
+    graph.add_node(name, layer=joined)
+    for source in dict.fromkeys(item.inputs):
+        graph.remove_edge(source, item.name)
+        graph.add_edge(source, name)
+    graph.add_edge(name, item.name)
+    item.inputs = [name]
 
 
 def _bypass(graph: nx.DiGraph, item: Layer) -> None:
