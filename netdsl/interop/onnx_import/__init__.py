@@ -42,6 +42,9 @@ from netdsl.interop.onnx_import.towers import tower_plan
 from netdsl.interop.onnx_import.write import OnnxImport, write
 from netdsl.interop.onnx_metadata import ReadPreprocess, check_preprocess
 
+# The hint of an error about a node, where no better one is given.
+UNSUPPORTED_HINT = "docs/onnx.md lists the ONNX ops, attributes and patterns netdsl imports (Supported ops)"
+
 
 def import_onnx(
     path: str | os.PathLike,
@@ -56,10 +59,11 @@ def import_onnx(
     `read_preprocess` (netdsl.train.augment.Preprocess.from_json, which this stage cannot import) checks the
     preprocessing record the model carries, if any: a damaged one, or one for other inputs, is an error."""
     path = Path(path)
+    model = None
     try:
         model = read_model(path)
         net = convert(model, str(path))
-        clean_up(net)
+        clean_up(net, towers)
         plan = tower_plan(net) if towers else None
         result = write(net, model, path, plan, weights_name)
         if read_preprocess is not None:
@@ -68,6 +72,8 @@ def import_onnx(
     except NetError as error:
         if error.span is None and error.where is None:  # every problem names the model
             error.where = str(path)
+        if error.hint is None and model is not None:  # a node netdsl cannot express: say what it can
+            error.hint = UNSUPPORTED_HINT
         raise
     except UnicodeDecodeError:  # protobuf decodes string fields when they are read
         raise NetError(

@@ -8,16 +8,18 @@ from __future__ import annotations
 import numpy as np
 
 from netdsl.interop.onnx_import.layers import LayerGraph, channel_vector, fmt, frozen
+from netdsl.interop.onnx_import.names import is_name, tower_base
 from netdsl.interop.onnx_import.read import shown
 
 
-def clean_up(net: LayerGraph) -> None:
+def clean_up(net: LayerGraph, towers: bool = False) -> None:
+    """`towers`: keep the tower copies of layers apart (for --towers, which writes them once per tower)."""
     net.drop_unused()  # dangling nodes must not keep a conv from taking its bias
     fold_biases(net)
     lower_affines(net)
     join_flat_concats(net)
     drop_flattens_before_fc(net)
-    merge_duplicates(net)
+    merge_duplicates(net, towers)
     net.drop_unused()
     name_outputs(net)
 
@@ -118,8 +120,10 @@ def drop_flattens_before_fc(net: LayerGraph) -> None:
         readers = net.readers()
 
 
-def merge_duplicates(net: LayerGraph) -> None:
-    """Layers without weights that compute the same thing from the same inputs are one layer."""
+def merge_duplicates(net: LayerGraph, towers: bool = False) -> None:
+    """Layers without weights that compute the same thing from the same inputs are one layer; with `towers`,
+    not the copies of a layer that `netdsl export` wrote for each tower (`pool_gpu0`, `pool_gpu1`), which --towers
+    writes once per tower, only their joins (the Concat in front of each tower's copy of a layer reading `all x`)."""
     changed = True
     while changed:
         changed = False
@@ -130,6 +134,10 @@ def merge_duplicates(net: LayerGraph) -> None:
             if layer.op == "input" or layer.weights or key in outputs:
                 continue
             signature = (layer.op, frozen(layer.params), tuple(layer.inputs))
+            if signature in seen and towers and layer.op != "concat":
+                ends = tower_base([net.layers[seen[signature]].name, layer.name])[1]
+                if ends is not None and all(is_name(end) for end in ends) and ends[0] != ends[1]:
+                    continue
             if signature in seen:
                 net.replace(key, seen[signature])
                 del net.layers[key]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from netdsl.interop.onnx_import.reshape import (
     swaps_groups,
     target_text,
 )
-from netdsl.interop.onnx_import.windows import netdsl_window
+from netdsl.interop.onnx_import.windows import netdsl_window, same_pairs
 
 # The method of `Converter` that converts each op: Conv -> op_conv, BatchNormalization -> op_batch_normalization.
 _HANDLERS = {
@@ -56,6 +57,8 @@ class Converter:
         self.unusable: dict[str, str] = {}  # tensor -> why it cannot be read
         self.batch: int | None = None  # the batch size when every input fixes it
         self.skip: set[int] = set()  # nodes folded into a pattern (Split -> op per part -> Concat)
+        # A pattern's last node -> what builds its layer there, once the constants its nodes read are folded.
+        self.deferred: dict[int, Callable[[], int]] = {}
         # A zero Pad's output -> (the layer it pads, (top, left, bottom, right)): only a conv or pool reads it,
         # which takes the padding as its own.
         self.padded: dict[str, tuple[int, tuple[int, int, int, int]]] = {}
@@ -162,9 +165,12 @@ class Converter:
         self.read_inputs()
         graph = self.model.graph
         for index, node in enumerate(graph.node):
+            where = node_where(node, index)
+            if index in self.deferred:
+                self.bind(node, where, self.deferred.pop(index)())
+                continue
             if index in self.skip:
                 continue
-            where = node_where(node, index)
             attrs = attributes(node, where)
             inputs = list(node.input)
             given = [name for name in inputs if name]
@@ -190,8 +196,10 @@ class Converter:
             if name in self.consts:
                 raise self.fail(f"output '{shown(name)}' is a constant, not computed from the input")
             key = self.act(name, f"output '{shown(name)}'", "the output")
-            if self.net.layers[key].op == "input":
-                raise self.fail(f"output '{shown(name)}' is an input of the model; netdsl outputs are layers")
+            if self.net.layers[key].op == "input" or key in self.net.output_keys():
+                # an Identity (or Dropout) of the input, or of another output: `dropout(x, 0)`, the identity,
+                # keeps every output of the model under its name
+                key = self.net.add_layer(name, "dropout", {"rate": 0.0}, [key], f"output '{shown(name)}'")
             self.net.outputs.append((name, key))
             self.check_declared_shape(output, key)
         return self.net
@@ -491,14 +499,10 @@ class Converter:
         x = self.act(inputs[0], where)
         shape = self.net.layers[x].shape
         if len(shape) != 1:
-            raise self.fail(
-                f"{where}: MatMul of an N x {fmt(shape)} input; netdsl's fc reads N x F (insert a Flatten)"
-            )
+            raise self.fail(f"{where}: MatMul of an N x {fmt(shape)} input; netdsl's fc reads N x F (insert a Flatten)")
         weight = self.weight(inputs[1], where, "the weight (B)")
         if weight.ndim != 2 or weight.shape[0] != shape[0]:
-            raise self.fail(
-                f"{where}: the weight (B) has shape {fmt(weight.shape)}, but it must be {shape[0]} x units"
-            )
+            raise self.fail(f"{where}: the weight (B) has shape {fmt(weight.shape)}, but it must be {shape[0]} x units")
         params = {"units": int(weight.shape[1]), "bias": False}
         return self.net.add_layer(node.output[0], "fc", params, [x], where, {"weight": np.ascontiguousarray(weight.T)})
 
@@ -558,8 +562,8 @@ class Converter:
         return self.net.add_layer(node.output[0], "batchnorm", params, [x], where, weights)
 
     def op_conv(self, node, where, attrs, inputs):
-        x, attrs = self.take_padding(inputs[0], attrs, where, "Conv")
         weight = self.weight(inputs[1], where, "the weight (W)")
+        x, attrs = self.take_padding(inputs[0], attrs, where, "Conv", weight.shape[2:] if weight.ndim == 4 else None)
         bias = self.weight(inputs[2], where, "the bias (B)") if len(inputs) > 2 and inputs[2] else None
         return self.conv(node.output[0], x, weight, bias, attrs, where, int(attrs.get("group", 1)))
 
@@ -581,9 +585,7 @@ class Converter:
             raise self.fail(f"{where}: the bias (B) has shape {fmt(bias.shape)}, but it must be {filters}")
         stride = _pair(attrs.get("strides", (1, 1)), where, "strides")
         dilation = _pair(attrs.get("dilations", (1, 1)), where, "dilations")
-        pad, _ceil = netdsl_window(
-            self.file, where, "conv", attrs, (h, w), (kh, kw), stride, dilation, ceil_mode=False
-        )
+        pad, _ceil = netdsl_window(self.file, where, "conv", attrs, (h, w), (kh, kw), stride, dilation, ceil_mode=False)
         params = {
             "filters": filters,
             "size": (kh, kw),
@@ -597,7 +599,7 @@ class Converter:
         return self.net.add_layer(name, "conv", params, [x], where, weights)
 
     def pool(self, node, where, attrs, inputs, op: str):
-        x, attrs = self.take_padding(inputs[0], attrs, where, node.op_type)
+        x, attrs = self.take_padding(inputs[0], attrs, where, node.op_type, attrs.get("kernel_shape"))
         _c, h, w = self.channels(x, where, node.op_type)
         kernel = _pair(attrs["kernel_shape"], where, "kernel_shape")
         dilation = _pair(attrs.get("dilations", (1, 1)), where, "dilations")
@@ -646,15 +648,27 @@ class Converter:
         )
         return None
 
-    def take_padding(self, name: str, attrs: dict, where: str, op: str) -> tuple[int, dict]:
-        """The layer `name` holds and the node's attributes, with the padding of a Pad before it added."""
+    def take_padding(self, name: str, attrs: dict, where: str, op: str, kernel) -> tuple[int, dict]:
+        """The layer `name` holds and the node's attributes, with the padding of a Pad before it added (`kernel`:
+        the window's size, which SAME padding depends on)."""
         if name not in self.padded:
             return self.act(name, where), attrs
         x, (top, left, bottom, right) = self.padded[name]
         auto = attrs.get("auto_pad", "NOTSET") or "NOTSET"
-        if auto not in ("NOTSET", "VALID"):
-            raise self.fail(f"{where}: a {op} with auto_pad {auto} after a Pad is not supported")
-        own = [int(p) for p in attrs.get("pads", (0, 0, 0, 0))] if auto == "NOTSET" else [0, 0, 0, 0]
+        if auto in ("SAME_UPPER", "SAME_LOWER") and kernel is not None:  # SAME for the size the Pad gives
+            _c, h, w = self.channels(x, where, op)
+            size = (h + top + bottom, w + left + right)
+            stride = _pair(attrs.get("strides", (1, 1)), where, "strides")
+            dilation = _pair(attrs.get("dilations", (1, 1)), where, "dilations")
+            (t, b), (le, r) = same_pairs(self.file, where, auto, size, _pair(kernel, where, "kernel"), stride, dilation)
+            own = [t, le, b, r]
+            attrs = {**attrs, "ceil_mode": 0}  # SAME fixes the count: ceil(size / stride)
+        elif auto in ("NOTSET", "VALID"):
+            own = [int(p) for p in attrs.get("pads", (0, 0, 0, 0))] if auto == "NOTSET" else [0, 0, 0, 0]
+        else:
+            raise self.fail(f"{where}: a {op} with auto_pad {shown(auto)} after a Pad is not supported")
+        if len(own) != 4:
+            raise self.fail(f"{where}: pads has {len(own)} values; netdsl layers are 2-D (4 pads)")
         if op == "MaxPool" and self.net.layers[x].op not in ("relu", "softmax"):
             raise self.fail(
                 f"{where}: MaxPool after a Pad with zeros is read only when its input is >= 0 (after a Relu): "
@@ -729,14 +743,17 @@ class Converter:
             or int(attributes(join, where).get("axis", 0)) not in (1, -3)
         ):
             raise bad
-        branch_where = node_where(first, branches[0])
-        if first.op_type == "LRN":
-            params = {**self.lrn_params(branch_where, attributes(first, branch_where)), "groups": len(parts)}
-            key = self.net.add_layer(join.output[0], "lrn", params, [x], where)
-        else:
-            convs = [graph.node[b] for b in branches]
-            if any(len(c.input) < 2 for c in convs) or len({len([i for i in c.input if i]) for c in convs}) != 1:
-                raise bad
+        convs = [graph.node[b] for b in branches]
+        if first.op_type == "Conv" and (
+            any(len(c.input) < 2 for c in convs) or len({len([i for i in c.input if i]) for c in convs}) != 1
+        ):
+            raise bad
+
+        def build() -> int:  # at the Concat: the weights may be Constant nodes between the Split and it
+            branch_where = node_where(first, branches[0])
+            if first.op_type == "LRN":
+                params = {**self.lrn_params(branch_where, attributes(first, branch_where)), "groups": len(parts)}
+                return self.net.add_layer(join.output[0], "lrn", params, [x], where)
             conv_attrs = attributes(first, branch_where)
             groups = int(conv_attrs.get("group", 1))
             wheres = [node_where(c, b) for c, b in zip(convs, branches)]
@@ -747,10 +764,10 @@ class Converter:
                 if has_bias
                 else None
             )
-            key = self.conv(join.output[0], x, weight, bias, conv_attrs, where, groups * len(parts))
+            return self.conv(join.output[0], x, weight, bias, conv_attrs, where, groups * len(parts))
+
         self.skip.update(branches)
-        self.skip.add(join_index)
-        self.acts[join.output[0]] = key
+        self.deferred[join_index] = build
         return None
 
 
@@ -767,4 +784,3 @@ def _pair(values, where: str, what: str) -> tuple[int, int]:
     if min(values) < 1:
         raise NetError(f"{where}: {what} {values} must be at least 1 in each dimension")
     return values[0], values[1]
-

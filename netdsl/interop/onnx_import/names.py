@@ -24,6 +24,16 @@ def is_name(text: str) -> bool:
     return bool(_NAME.match(text)) and text not in RESERVED and text not in BUILTINS
 
 
+def tower_base(names: list[str]) -> tuple[str, list[str] | None]:
+    """`conv1.relu_gpu0`, `conv1.relu_gpu1` -> `conv1.relu` and the towers `gpu0`, `gpu1` (None: no common
+    stem ending in `_` or `@`)."""
+    prefix = names[0][: next((i for i, chars in enumerate(zip(*names)) if len(set(chars)) > 1), min(map(len, names)))]
+    cut = max(prefix.rfind("_"), prefix.rfind("@"))
+    if cut <= 0:
+        return names[0], None
+    return names[0][:cut], [name[cut + 1 :] for name in names]
+
+
 def torch_name(name: str) -> str:
     """torch.onnx.export's `/features/features.0/Conv_output_0` -> `features.0` (the module's
     qualified name); `/layer1/layer1.0/conv1/Conv_output_0` -> `layer1.0/conv1`; `/Flatten_output_0`

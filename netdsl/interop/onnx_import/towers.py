@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from netdsl.interop.onnx_import.layers import Layer, LayerGraph, fmt, frozen
-from netdsl.interop.onnx_import.names import is_name
+from netdsl.interop.onnx_import.names import is_name, tower_base
 from netdsl.interop.onnx_import.read import shown
 
 _PER_CHANNEL = frozenset({"relu", "leaky_relu", "maxpool", "avgpool", "global_avgpool", "batchnorm", "lrn"})
@@ -133,7 +133,7 @@ def _find_copies(net: LayerGraph) -> Towers | None:
         return None
     names, suffixes = [], []
     for members in sets:
-        base, ends = _tower_base([net.layers[k].name for k in members])
+        base, ends = tower_base([net.layers[k].name for k in members])
         names.append(base)
         suffixes.append(ends)
     devices = [f"gpu{t}" for t in range(count)]
@@ -142,15 +142,6 @@ def _find_copies(net: LayerGraph) -> Towers | None:
         devices = list(first)
     net.notes.append(f"--towers: {len(sets)} layers written once per tower ({', '.join(devices)})")
     return Towers(devices, sets, allref, names)
-
-
-def _tower_base(names: list[str]) -> tuple[str, list[str] | None]:
-    """`conv1.relu_gpu0`, `conv1.relu_gpu1` -> `conv1.relu` and the towers `gpu0`, `gpu1`."""
-    prefix = names[0][: next((i for i, chars in enumerate(zip(*names)) if len(set(chars)) > 1), min(map(len, names)))]
-    cut = max(prefix.rfind("_"), prefix.rfind("@"))
-    if cut <= 0:
-        return names[0], None
-    return names[0][:cut], [name[cut + 1 :] for name in names]
 
 
 def _split_groups(net: LayerGraph) -> Towers | None:

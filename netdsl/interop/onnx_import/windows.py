@@ -28,8 +28,7 @@ def netdsl_window(
     elif auto == "VALID":
         pairs = [(0, 0), (0, 0)]
     elif auto in ("SAME_UPPER", "SAME_LOWER"):
-        lower = auto == "SAME_LOWER"
-        pairs = [same_padding(n, k, s, d, lower) for n, k, s, d in zip(size, kernel, stride, dilation)]
+        pairs = same_pairs(file, where, auto, size, kernel, stride, dilation)
         ceil_mode = False  # SAME fixes the output at ceil(n / stride), which these pads give by the floor rule
     else:
         raise NetError(f"{where}: unknown auto_pad `{shown(auto)}`", where=file)
@@ -49,3 +48,20 @@ def _begin_alike(n, k, s, d, begin, end, ceil, count_pad) -> bool:
     if count_pad:
         return divisors(n, k, s, begin, begin, d, count, True) == divisors(n, k, s, begin, end, d, count, True)
     return True
+
+
+def same_pairs(file: str, where: str, auto: str, size, kernel, stride, dilation) -> list[tuple[int, int]]:
+    """The (begin, end) padding of `auto_pad` SAME_UPPER or SAME_LOWER along each axis of `size`. Where ONNX's
+    formula gives less than none (a stride past the window, ceil(n / stride) windows needing fewer than n
+    positions), ONNX leaves the meaning open: onnxruntime refuses the node and onnx.reference crops the input;
+    netdsl refuses it too, rather than choose."""
+    for axis, n, k, s, d in zip(("rows", "columns"), size, kernel, stride, dilation):
+        needed = (-(-n // s) - 1) * s + d * (k - 1) + 1 - n
+        if needed < 0:
+            raise NetError(
+                f"{where}: auto_pad {auto} over {n} {axis} with stride {s} and a window of {d * (k - 1) + 1} gives "
+                f"negative padding ({needed}), which ONNX leaves undefined (onnxruntime refuses it)",
+                where=file,
+                hint="write the padding as explicit pads (TensorFlow's SAME pads 0 here)",
+            )
+    return [same_padding(n, k, s, d, auto == "SAME_LOWER") for n, k, s, d in zip(size, kernel, stride, dilation)]

@@ -130,6 +130,8 @@ def _arguments(op: str, params: dict) -> list[str]:
         return [_number(p["slope"])]
     if op == "shuffle":
         return [str(p["groups"])]
+    if op == "dropout":
+        return [_number(p["rate"])]
     if op == "batchnorm":
         args = [] if p["eps"] == 1e-5 else [f"eps={_number(p['eps'])}"]
         return args + ([] if p.get("momentum", 0.1) == 0.1 else [f"momentum={_number(p['momentum'])}"])
@@ -357,5 +359,3 @@ class _Writer:
         if not is_name(unit.name) and unit.op not in ("conv", "fc") and not is_output:
             return unit.op
         return None
-
-
