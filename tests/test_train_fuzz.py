@@ -136,8 +136,9 @@ def divisors(n: int) -> list[int]:
 class Generator:
     """One random valid program, element by element, each element's shape worked out here."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, tiny: bool = False) -> None:
         self.rng = random.Random(seed)
+        self.tiny = tiny  # fewer, smaller layers: the default run's nets
         self.count = 0
         self.lines: list[str] = []
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -151,7 +152,7 @@ class Generator:
         r = self.rng
         c, h, w = shape
         groups = r.choice([g for g in divisors(c) if g <= 4]) if r.random() < 0.4 else 1
-        filters = groups * r.randint(1, max(1, 6 // groups))
+        filters = groups * r.randint(1, max(1, (4 if self.tiny else 6) // groups))
         kernel = r.choice([1, 2, 3, 3, (1, 3), (3, 2), (2, 1)])
         stride = r.choice([1, 1, 1, 2, (1, 2), (2, 1)])
         dilation = r.choice([1, 1, 1, 2, (2, 1)])
@@ -303,7 +304,7 @@ class Generator:
         elements: list[tuple[str, tuple]] = []
         if joins and roll < 0.25:
             other = r.choice(joins)
-            if other.shape == shape and r.random() < 0.5:
+            if other.shape == shape and not other.ref.startswith("all ") and r.random() < 0.5:  # all x: 2 inputs
                 head = f"add({source.ref}, {other.ref})"
             else:
                 head = f"concat({source.ref}, {other.ref})"
@@ -322,13 +323,14 @@ class Generator:
 
     def program(self) -> Program:
         r = self.rng
-        c, h, w = r.randint(1, 5), r.randint(5, 11), r.randint(5, 11)
+        most = 7 if self.tiny else 11
+        c, h, w = r.randint(1, 3 if self.tiny else 5), r.randint(5, most), r.randint(5, most)
         self.lines = [f"net fuzz\ninput image: {c} x {h} x {w}"]
         sources = [Value("image", (c, h, w))]
         if r.random() < 0.3:  # two towers, as alexnet.net
             inside = list(sources)
             body = []
-            for _ in range(r.randint(1, 3)):
+            for _ in range(r.randint(1, 2 if self.tiny else 3)):
                 name = self.name("t")
                 line, shape = self.statement(inside, name)
                 body.append("    " + line)
@@ -342,7 +344,7 @@ class Generator:
             sources.append(Value(f"all {last.ref}", (last.shape[0] * 2, *last.shape[1:])))
             if r.random() < 0.3:
                 sources.append(Value(f"{last.ref}@gpu1", last.shape))
-        for _ in range(r.randint(1, 4)):
+        for _ in range(r.randint(1, 2 if self.tiny else 4)):
             name = self.name("n")
             line, shape = self.statement(sources, name)
             self.lines.append(line)
@@ -360,8 +362,8 @@ class Generator:
         return Program("\n".join(self.lines) + "\n", dict(self.shapes), classes)
 
 
-def random_net(seed: int) -> Program:
-    return Generator(seed).program()
+def random_net(seed: int, tiny: bool = SCALE <= 1) -> Program:
+    return Generator(seed, tiny).program()
 
 
 # --- the reference: the graph's layers by hand, float64 ----------------------------------------------------
@@ -379,13 +381,14 @@ def ref_lrn(x: torch.Tensor, p: dict) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
-def ref_pool(x: torch.Tensor, p: dict, op: str, out_shape: tuple[int, ...]) -> torch.Tensor:
+def ref_pool(x: torch.Tensor, p: dict, op: str) -> torch.Tensor:
     """Max or average pooling by hand: the padded input (and beyond it, for ceil mode's last windows) is laid
     out explicitly, every window's taps gathered with unfold."""
     n, c, h, w = x.shape
     k, s, d = pair(p["size"]), pair(p["stride"]), pair(p.get("dilation", 1))
     top, left, bottom, right = pads_of(p["pad"], (h, w), k, s, d)
-    oh, ow = out_shape[1:]
+    oh = windows(h, k[0], s[0], top, bottom, d[0], p["ceil"])
+    ow = windows(w, k[1], s[1], left, right, d[1], p["ceil"])
     need_h, need_w = (oh - 1) * s[0] + d[0] * (k[0] - 1) + 1, (ow - 1) * s[1] + d[1] * (k[1] - 1) + 1
     # laid out over [0, need): the input at [top, top + h), its padding up to top + h + bottom, then what
     # ceil mode's last windows hang past (never counted), or the rows and columns no window reads cut off
@@ -402,7 +405,8 @@ def ref_pool(x: torch.Tensor, p: dict, op: str, out_shape: tuple[int, ...]) -> t
     return taps.sum(2).reshape(n, c, oh, ow) / divisor
 
 
-def ref_batchnorm(x, weights, name, p, momentum_state: dict) -> torch.Tensor:
+def ref_batchnorm(x: torch.Tensor, tensors: dict, p: dict, running: dict) -> torch.Tensor:
+    """Batch norm on the batch's statistics; `running` receives the new running mean and (unbiased) variance."""
     dims = [0] if x.dim() == 2 else [0, 2, 3]
     shape = (1, -1) if x.dim() == 2 else (1, -1, 1, 1)
     mean = x.mean(dims)
@@ -410,16 +414,65 @@ def ref_batchnorm(x, weights, name, p, momentum_state: dict) -> torch.Tensor:
     count = x.numel() // x.shape[1]
     m = p.get("momentum", 0.1)
     with torch.no_grad():
-        running_mean, running_var = weights[f"{name}.running_mean"], weights[f"{name}.running_var"]
-        momentum_state[f"{name}.running_mean"] = (1 - m) * running_mean + m * mean
-        momentum_state[f"{name}.running_var"] = (1 - m) * running_var + m * var * count / (count - 1)
+        running["running_mean"] = (1 - m) * tensors["running_mean"] + m * mean
+        running["running_var"] = (1 - m) * tensors["running_var"] + m * var * count / (count - 1)
     normed = (x - mean.reshape(shape)) / (var.reshape(shape) + p["eps"]).sqrt()
-    return normed * weights[f"{name}.weight"].reshape(shape) + weights[f"{name}.bias"].reshape(shape)
+    return normed * tensors["weight"].reshape(shape) + tensors["bias"].reshape(shape)
+
+
+def dropout_mask(shape: tuple[int, ...], rate: float, seed: int) -> torch.Tensor:
+    """The dropout kernel's mask for `seed`, read out by running it on ones: each value 0 or 1 / (1 - rate)."""
+    mask = dropout_kernels.dropout(torch.ones(shape, dtype=torch.float32), rate, seed)
+    kept = 1.0 / (1.0 - rate)
+    assert bool(((mask == 0) | ((mask - kept).abs() <= 1e-6 * kept)).all()), "a mask value not 0 or 1/(1-p)"
+    return mask
+
+
+def ref_layer(op: str, p: dict, ins: list[torch.Tensor], tensors: dict, running: dict, seeds: list[int]):
+    """One layer in training mode, from its op and params: `tensors` its weights by tensor name (`weight`,
+    `bias`, ...), `running` receives a batch norm's new running statistics, `seeds` the dropout seeds still to
+    be used (one is consumed)."""
+    if op == "fc":
+        y = torch.cat([t.flatten(1) for t in ins], 1) @ tensors["weight"].T
+        return y + tensors["bias"] if p["bias"] else y
+    if op == "concat":
+        return torch.cat(ins, 1)
+    if op == "add":
+        return sum(ins[1:], ins[0])
+    v = ins[0] if len(ins) == 1 else torch.cat(ins, 1)
+    if op == "conv":
+        k, s, d = p["size"], p["stride"], p["dilation"]
+        top, left, bottom, right = pads_of(p["pad"], tuple(v.shape[2:]), k, s, d)
+        bias = tensors["bias"] if p["bias"] else None
+        return F.conv2d(F.pad(v, (left, right, top, bottom)), tensors["weight"], bias, s, 0, d, p["groups"])
+    if op == "relu":
+        return torch.where(v > 0, v, torch.zeros_like(v))
+    if op == "leaky_relu":
+        return torch.where(v > 0, v, p["slope"] * v)
+    if op == "lrn":
+        return ref_lrn(v, p)
+    if op in ("maxpool", "avgpool"):
+        return ref_pool(v, p, op)
+    if op == "global_avgpool":
+        return v.mean((2, 3), keepdim=True)
+    if op == "batchnorm":
+        return ref_batchnorm(v, tensors, p, running)
+    if op == "dropout":
+        return v * dropout_mask(tuple(v.shape), p["rate"], seeds.pop(0)).to(v.dtype)
+    if op == "softmax":
+        e = (v - v.amax(1, keepdim=True)).exp()
+        return e / e.sum(1, keepdim=True)
+    if op == "flatten":
+        return v.flatten(1)
+    if op == "shuffle":
+        g = p["groups"]
+        return v.reshape(v.shape[0], g, v.shape[1] // g, *v.shape[2:]).transpose(1, 2).reshape(v.shape)
+    raise AssertionError(f"the reference has no {op}")
 
 
 def reference_logits(graph, weights: dict, x: torch.Tensor, seeds: list[int], running: dict) -> torch.Tensor:
     """The net's logits in training mode; `seeds` are the dropout layers' seeds in forward order (consumed);
-    `running` receives the batch norms' new running statistics."""
+    `running` receives the batch norms' new running statistics by weight name."""
     values: dict[str, torch.Tensor] = {}
     (output,) = graph.graph["outputs"]
     for item in layers(graph):
@@ -427,55 +480,16 @@ def reference_logits(graph, weights: dict, x: torch.Tensor, seeds: list[int], ru
             values[item.name] = x
             continue
         ins = [values[name] for name in item.inputs]
-        p, op, name = item.params, item.op, item.name
-        if op == "fc":
-            flat = torch.cat([t.flatten(1) for t in ins], 1)
-            y = flat @ weights[f"{name}.weight"].T
-            if p["bias"]:
-                y = y + weights[f"{name}.bias"]
-        elif op == "concat":
-            y = torch.cat(ins, 1)
-        elif op == "add":
-            y = sum(ins[1:], ins[0])
-        else:
-            v = ins[0] if len(ins) == 1 else torch.cat(ins, 1)
-            if name == output and op == "softmax":
-                y = v  # the loss reads a final softmax's input
-            elif op == "conv":
-                k, s, d = p["size"], p["stride"], p["dilation"]
-                top, left, bottom, right = pads_of(p["pad"], tuple(v.shape[2:]), k, s, d)
-                bias = weights[f"{name}.bias"] if p["bias"] else None
-                padded = F.pad(v, (left, right, top, bottom))
-                y = F.conv2d(padded, weights[f"{name}.weight"], bias, s, 0, d, p["groups"])
-            elif op == "relu":
-                y = torch.where(v > 0, v, torch.zeros_like(v))
-            elif op == "leaky_relu":
-                y = torch.where(v > 0, v, p["slope"] * v)
-            elif op == "lrn":
-                y = ref_lrn(v, p)
-            elif op in ("maxpool", "avgpool"):
-                y = ref_pool(v, p, op, item.shape)
-            elif op == "global_avgpool":
-                y = v.mean((2, 3), keepdim=True)
-            elif op == "batchnorm":
-                y = ref_batchnorm(v, weights, name, p, running)
-            elif op == "dropout":
-                mask = dropout_kernels.dropout(torch.ones(v.shape, dtype=torch.float32), p["rate"], seeds.pop(0))
-                kept = 1.0 / (1.0 - p["rate"])
-                assert bool(((mask == 0) | ((mask - kept).abs() <= 1e-6 * kept)).all()), f"{name}: not 0 or 1/(1-p)"
-                y = v * mask.to(v.dtype)
-            elif op == "softmax":
-                e = (v - v.amax(1, keepdim=True)).exp()
-                y = e / e.sum(1, keepdim=True)
-            elif op == "flatten":
-                y = v.flatten(1)
-            elif op == "shuffle":
-                g = p["groups"]
-                y = v.reshape(v.shape[0], g, v.shape[1] // g, *v.shape[2:]).transpose(1, 2).reshape(v.shape)
-            else:
-                raise AssertionError(f"the reference has no {op}")
-        assert tuple(y.shape[1:]) == tuple(item.shape) or (name == output and op == "softmax"), (name, y.shape)
-        values[name] = y
+        if item.name == output and item.op == "softmax":
+            values[output] = ins[0] if len(ins) == 1 else torch.cat(ins, 1)  # the loss reads a softmax's input
+            break
+        prefix = f"{item.name}."
+        tensors = {name[len(prefix) :]: value for name, value in weights.items() if name.startswith(prefix)}
+        new: dict[str, torch.Tensor] = {}
+        y = ref_layer(item.op, item.params, ins, tensors, new, seeds)
+        running.update({prefix + name: value for name, value in new.items()})
+        assert tuple(y.shape[1:]) == tuple(item.shape), (item.name, y.shape, item.shape)
+        values[item.name] = y
     return values[output].flatten(1)
 
 
@@ -501,7 +515,9 @@ class Recipe:
 
 
 def random_recipe(rng: random.Random, names: list[str], steps: int) -> Recipe:
-    lr = rng.choice([0.003, 0.01, 0.02])  # larger ones memorize a batch of 4 at once: a loss near 0 has no digits left
+    lr = rng.choice(
+        [0.001, 0.003, 0.006]
+    )  # larger ones memorize a batch of 4 at once: a loss near 0 has no digits left
     rates = tuple(lr * (rng.choice([1.0, 1.0, 0.1]) if i else 1.0) for i in range(steps))  # a drop: the paper's rule
     momentum = rng.choice([0.0, 0.9, 0.9])
     lr_mults, decay_mults = [], []
@@ -674,8 +690,12 @@ def compare(case: Case, got: list[dict], want: list[dict], tolerance: float = FP
     return worst
 
 
-def check_net(text: str, seed: int, monkeypatch, steps: int = 2, recipe: Recipe | None = None) -> None:
+def check_net(
+    text: str, seed: int, monkeypatch, steps: int = 2, recipe: Recipe | None = None, small: bool = False
+) -> None:
     case = Case(text, seed, steps, recipe)
+    if small:
+        small_tiles(monkeypatch)
     got = case.train(monkeypatch)
     compare(case, got, case.reference())
 
@@ -690,9 +710,136 @@ def built_shapes_agree(program: Program) -> None:
         assert tuple(found[name]) == tuple(shape), (name, found[name], shape, program.text)
 
 
+def check_emitted(text: str, seed: int, folder) -> None:
+    """`netdsl compile --train`'s step files (netdsl.compiler.emit_training) against the reference: each step's
+    `forward` and `backward` on random data and a random output gradient, layer by layer from the file's
+    LAYERS, the loss file against `reference_loss`, dropout against its mask, each update file against the
+    paper's rule with a multiplier per parameter; and every trained weight of the net in exactly one update."""
+    from netdsl.compiler.launches import load_kernel_file
+    from netdsl.compiler.passes import Options
+    from netdsl.compiler.train_plan import compile_training
+
+    path = folder / "fuzz.net"
+    path.write_text(text)
+    compiled = compile_training(path, Options(batch=3))
+    graph = netdsl.graph_from_text(text, file="fuzz.net")
+    trained = [name for name in init_weights(graph, scheme="he") if not name.endswith(RUNNING)]
+    generator = torch.Generator().manual_seed(seed)
+    updated, problems = [], []
+    for name, source in sorted(compiled.kernels.items()):
+        (folder / name).write_text(source)
+        module = load_kernel_file(folder / name)
+        if not hasattr(module, "KIND"):
+            updated += [weight for weight, _ in module.PARAMETERS]
+            problems += [f"{name} {what}: error {e:.3g}" for what, e in update_errors(module, generator)]
+            continue
+        found = step_errors(module, generator)
+        problems += [f"{name} {what}: error {e:.3g}" for what, e in found if e > FP32_TOLERANCE]
+    assert sorted(updated) == sorted(trained), f"updated {sorted(updated)}, trained {sorted(trained)}\n{text}"
+    assert not problems, f"{text}\n" + "\n".join(problems)
+
+
+RUNNING = (".running_mean", ".running_var")
+
+
+def step_errors(module, generator) -> list[tuple[str, float]]:
+    x = torch.randn(3, *module.INPUT_SHAPE, generator=generator)
+    if module.KIND == "loss":
+        target = torch.randint(0, x.shape[1], (3,), generator=generator)
+        x64 = x.double().requires_grad_()
+        want = reference_loss(x64, target, module.OPTIONS["label_smoothing"])
+        want.backward()
+        got, saved = module.forward(x, {}, target=target)
+        dx = module.backward(torch.ones(()), saved, {})["input"]
+        return [("loss", error(got, want)), ("input grad", error(dx, x64.grad))]
+    if module.KIND == "dropout":
+        mask = dropout_mask(tuple(x.shape), module.OPTIONS["rate"], 77)
+        got, saved = module.forward(x, {}, seed=77)
+        grad = torch.randn(x.shape, generator=generator)
+        dx = module.backward(grad, saved, {})["input"]
+        return [("output", error(got, x * mask)), ("input grad", error(dx, grad * mask))]
+    weights = {name: torch.randn(shape, generator=generator) * 0.3 for name, shape in module.WEIGHT_SHAPES.items()}
+    if "running_var" in weights:
+        weights["running_var"] = weights["running_var"].abs() + 0.5
+    exact = {name: w.double().requires_grad_(not name.startswith("running_")) for name, w in weights.items()}
+    x64 = x.double().requires_grad_()
+    running: dict[str, torch.Tensor] = {}
+    want = x64
+    for op, params in module.LAYERS:
+        want = ref_layer(op, params, [want], exact, running, [])
+    given = {name: w.clone() for name, w in weights.items()}
+    got, saved = module.forward(x, given)
+    grad = torch.randn(want.shape, generator=generator)
+    grads = module.backward(grad, saved, given)
+    want.backward(grad.double())
+    found = [("output", error(got.reshape(want.shape), want))]
+    for name, value in grads.items():
+        if value is not None:  # None: no input gradient (the images need none), or no bias
+            expected = x64.grad if name == "input" else exact[name].grad
+            found.append((f"{name} grad", error(value.reshape(expected.shape), expected)))
+    found += [(name, error(given[name], value)) for name, value in running.items()]
+    return found
+
+
+def update_errors(module, generator) -> list[tuple[str, float]]:
+    """The update file's step against the paper's rule, each parameter with a multiplier of its own."""
+    sizes = [size for _, size in module.PARAMETERS]
+    w, g, v = (torch.randn(sum(sizes), generator=generator) for _ in range(3))
+    lr_mults = [float(m) for m in torch.randint(0, 3, (len(sizes),), generator=generator)]
+    decay_mults = [float(m) for m in torch.randint(0, 3, (len(sizes),), generator=generator)]
+    lr, decay = torch.tensor(lr_mults).repeat_interleave(torch.tensor(sizes)) * 0.01, torch.tensor(decay_mults)
+    decay = decay.repeat_interleave(torch.tensor(sizes)) * 0.05
+    want_v = 0.9 * v.double() - decay.double() * lr.double() * w.double() - lr.double() * g.double()
+    want_w = w.double() + want_v
+    module.update(w, g, v, lr=0.01, momentum=0.9, weight_decay=0.05, lr_mults=lr_mults, decay_mults=decay_mults)
+    found = [("weights", error(w, want_w)), ("velocities", error(v, want_v))]
+    return [(what, e) for what, e in found if e > FP32_TOLERANCE]
+
+
+def small_tiles(monkeypatch) -> None:
+    """The kernels with the smallest tiles (16 for tl.dot) and split reductions, as on a GPU, under the
+    interpreter (which otherwise runs few, big tiles): tile edges, masks and the fixed-order sums of partials of
+    the training kernels, forward and backward, are then exercised by tiny nets."""
+    from netdsl.codegen import (
+        batchnorm_train,
+        conv,
+        conv_backward,
+        cross_entropy,
+        elementwise_backward,
+        fc,
+        fc_backward,
+        lrn_pool_backward,
+        optimizer,
+        pool,
+        pool_backward,
+    )
+
+    monkeypatch.setattr(conv, "INTERPRETER_CONFIG", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4,
+                                                     "num_stages": 1})  # fmt: skip
+    smallest = {"num_warps": 4, "num_stages": 1}
+    monkeypatch.setattr(conv_backward, "interpreter_config", lambda **blocks: {**dict.fromkeys(blocks, 16), **smallest})
+    monkeypatch.setattr(conv_backward, "REDUCE_INTERPRETER_CONFIG", {"BLOCK": 16, "num_warps": 4, "num_stages": 1})
+    wgrad = conv_backward.conv2d_wgrad
+    monkeypatch.setattr(conv_backward, "conv2d_wgrad", lambda *a, **k: wgrad(*a, **{**k, "splits": 3}))
+    monkeypatch.setattr(fc, "INTERPRETER_CONFIG", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4,
+                                                   "num_stages": 1})  # fmt: skip
+    tile = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
+    monkeypatch.setattr(fc_backward, "INTERPRETER_CONFIG", {"dgrad": tile, "wgrad": {**tile, "SPLITS": 4}})
+    monkeypatch.setattr(pool, "INTERPRETER_CONFIG", {"BLOCK": 32, "num_warps": 4})
+    monkeypatch.setattr(pool_backward, "INTERPRETER_CONFIG", {"BLOCK": 32, "num_warps": 4})
+    monkeypatch.setattr(lrn_pool_backward, "INTERPRETER_MAX_TILE", {"BLOCK_C": 2, "BLOCK_P": 32})
+    monkeypatch.setattr(batchnorm_train, "INTERPRETER_CONFIG", batchnorm_train.BatchNormConfig(16, 4, 4))
+    monkeypatch.setattr(cross_entropy, "INTERPRETER_CONFIG", cross_entropy.CrossEntropyConfig(2, 4, 4))
+    monkeypatch.setattr(cross_entropy, "MEAN_BLOCK", 2)
+    monkeypatch.setattr(elementwise_backward, "INTERPRETER_CONFIG", {"BLOCK": 64, "num_warps": 4})
+    monkeypatch.setattr(dropout_kernels, "INTERPRETER_BLOCK", 64)
+    monkeypatch.setattr(optimizer, "INTERPRETER_BLOCK", 64)
+
+
 # --- the tests -------------------------------------------------------------------------------------------------
 
 SEEDS = [SEED * 100_003 + i for i in range(NETS)]
+SMALL_SEEDS = [SEED * 100_003 + 50_000 + i for i in range(max(1, round(SCALE)))]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -705,14 +852,26 @@ def test_random_nets_train_as_the_reference_does(seed, monkeypatch):
     check_net(program.text, seed, monkeypatch)
 
 
+@pytest.mark.parametrize("seed", SEEDS[: max(1, round(SCALE))])
+def test_random_nets_compiled_for_training(seed, tmp_path):
+    """`netdsl compile --train` of the same nets: every step file it writes computes what the reference does."""
+    check_emitted(random_net(seed).text, seed, tmp_path)
+
+
+@pytest.mark.parametrize("seed", SMALL_SEEDS)
+def test_random_nets_on_small_tiles(seed, monkeypatch):
+    """The same with the kernels' smallest tiles and split reductions (`small_tiles`)."""
+    check_net(random_net(seed).text, seed, monkeypatch, small=True)
+
+
 FEATURES = ("towers", "all ", "@gpu1", "groups=", "dilation=", "ceil=true", "count_pad=false", "same_lower", "valid",
             "lrn(", "maxpool(", "avgpool(", "batchnorm", "dropout(", "shuffle(", "concat(", "add(", "global_avgpool",
             "softmax", "leaky_relu", "flatten", "bias=false")  # fmt: skip
 
 
 def test_the_generator_is_reproducible_and_varied():
-    first = [random_net(seed).text for seed in range(40)]
-    assert first == [random_net(seed).text for seed in range(40)]
+    first = [random_net(seed, tiny=False).text for seed in range(40)]
+    assert first == [random_net(seed, tiny=False).text for seed in range(40)]
     joined = "\n".join(first)
     for word in FEATURES:
         assert word in joined, word
