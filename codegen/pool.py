@@ -165,8 +165,8 @@ def pool_geometry(
     top, left, bottom, right = padding
     oh = pooled_size(height, window[0], stride[0], (top, bottom), ceil_mode, dilation[0])
     ow = pooled_size(width, window[1], stride[1], (left, right), ceil_mode, dilation[1])
-    for n, k, s, begin, d in zip((height, width), window, stride, (top, left), dilation, strict=True):
-        if empty_window(n, k, s, begin, d) is not None:
+    for n, k, s, begin, d, count in zip((height, width), window, stride, (top, left), dilation, (oh, ow), strict=True):
+        if empty_window(n, k, s, begin, d, count) is not None:
             raise ValueError(f"a pooling window reads only padding: {k} taps {d} apart step over {n} positions")
     return oh, ow
 

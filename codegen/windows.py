@@ -86,8 +86,9 @@ def divisors(n: int, kernel: int, stride: int, begin: int, end: int, dilation: i
     return [counted_taps(i * stride - begin, kernel, dilation, low, high) for i in range(count)]
 
 
-def empty_window(n: int, kernel: int, stride: int, begin: int, dilation: int) -> int | None:
-    """The first window along an axis that reads no input position (every tap in the padding), or None.
+def empty_window(n: int, kernel: int, stride: int, begin: int, dilation: int, count: int | None = None) -> int | None:
+    """The first window along an axis that reads no input position (every tap in the padding), or None; of the
+    `count` windows there are (`output_length`), or of as many as could start in the begin padding when None.
 
     With each pad below the kernel size only a window starting in the begin padding can be empty, and only
     when the taps step over the whole input (n < dilation); such windows repeat with period
@@ -95,7 +96,8 @@ def empty_window(n: int, kernel: int, stride: int, begin: int, dilation: int) ->
     if dilation <= n:
         return None
     starting_in_pad = -(-begin // stride)
-    for i in range(min(starting_in_pad, dilation // gcd(stride, dilation))):
+    limit = min(starting_in_pad, dilation // gcd(stride, dilation))
+    for i in range(limit if count is None else min(limit, count)):
         if counted_taps(i * stride - begin, kernel, dilation, 0, n) == 0:
             return i
     return None
