@@ -560,8 +560,8 @@ def test_export_matches_onnxruntime_and_imports_back(case, tmp_path):
 
 # --- random ONNX models -----------------------------------------------------------------------------------
 
-OPSETS = [11, 12, 13, 17, 18, 19, 21]
-IR_VERSIONS = {11: 6, 12: 7, 13: 7, 17: 8, 18: 8, 19: 9, 21: 10}
+OPSETS = [11, 12, 13, 17, 18, 19, 21, 22]
+IR_VERSIONS = {11: 6, 12: 7, 13: 7, 17: 8, 18: 8, 19: 9, 21: 10, 22: 10}
 
 
 @dataclass
@@ -663,6 +663,18 @@ class OnnxWriter:
                 continue
             if pool and (d[0] > h or d[1] > w) and not KNOWN_BUGS:
                 continue  # test_pool_of_one_window_over_a_small_input
+            if (
+                ceil
+                and self.opset < 22
+                and auto == "NOTSET"
+                and out
+                != [
+                    -(-(n + pads[i] + pads[i + 2] - dd * (kk - 1) - 1) // ss) + 1
+                    for i, (n, kk, ss, dd) in enumerate(zip((h, w), k, s, d))
+                ]
+            ):
+                continue  # a last window dropped: onnxruntime's shape inference before opset 22 keeps it (and its
+                # runtime, which drops it, may then fail: reshaping, reusing buffers)
             attrs = {}
             if pool or rnd.random() < 0.7:
                 attrs["kernel_shape"] = list(k)
@@ -1052,6 +1064,11 @@ def test_import_matches_onnxruntime(case, tmp_path):
     net_path.write_text(result.text)
     got = netdsl_run(net_path, result.weights, feeds)
     compare(got, want, f"{described}\n--- imported:\n{result.text}")
+    if "groups=" in result.text:  # --towers: one tower per group, where the net can be split so
+        towered = import_onnx(path, towers=True)
+        net_path.write_text(towered.text)
+        got = netdsl_run(net_path, towered.weights, feeds)
+        compare(got, want, f"{described}\n--- imported with --towers:\n{towered.text}")
 
 
 # --- what the campaigns found (regressions), and what they found outside netdsl/interop (xfail) ------------
@@ -1169,6 +1186,20 @@ output all c
     back = graph_from_text(result.text, str(tmp_path / "back.net"))
     assert layer_census(back, result.weights, True) == layer_census(graph, weights, True)
     assert "maxpool(image, 2)" in import_onnx(tmp_path / "t.onnx").text.replace("p_gpu0", "p")  # one copy without
+
+
+def test_towers_add_of_a_split_layer(tmp_path):
+    """--towers split a grouped conv that an Add reads, and wrote the Add as `add(all c, all c)`: netdsl's add
+    reads each copy as an input of its own, so it summed the towers' halves (half the channels, other numbers).
+    The join stays a concat layer."""
+    rng = np.random.default_rng(5)
+    inits = {"v": rng.standard_normal((4, 4, 1, 1)).astype(np.float32)}
+    inits["w"] = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "v"], ["a"])]  # (a conv reading the net's input stays whole)
+    nodes.append(helper.make_node("Conv", ["a", "w"], ["c"], group=2, pads=[1, 1, 1, 1]))
+    nodes.append(helper.make_node("Add", ["c", "c"], ["y"]))
+    result = _imports_and_matches(_model(nodes, inits), tmp_path, towers=True)
+    assert "towers gpu0, gpu1 {" in result.text and "add(all" not in result.text
 
 
 @pytest.mark.xfail(strict=True, reason="netdsl/codegen/windows.py empty_window ignores the window count (reported)")

@@ -37,6 +37,10 @@ def tower_plan(net: LayerGraph) -> Towers | None:
     plan = _find_copies(net)
     if plan is None:
         plan = _split_groups(net)
+    if plan is not None:  # `add(all x, ...)` adds the copies up: a join an add reads stays a concat layer
+        readers = net.readers()
+        for key in [k for k in plan.allref if any(net.layers[r].op == "add" for r in readers.get(k, []))]:
+            del plan.allref[key]
     return plan
 
 
