@@ -210,10 +210,10 @@ def _pool_shape(op: str) -> Callable[[dict, list[Shape]], Shape]:
         if too_much:
             raise ShapeError(too_much, hint=_POOL_PAD_HINT)
         out = _spatial(op, ins[0], p["size"], p["stride"], pads, p["dilation"], ceil=p["ceil"])
-        for axis, n, k, s, begin, d in zip(
-            ("row", "column"), ins[0][1:], p["size"], p["stride"], pads[:2], p["dilation"], strict=True
+        for axis, n, k, s, begin, d, count in zip(
+            ("row", "column"), ins[0][1:], p["size"], p["stride"], pads[:2], p["dilation"], out, strict=True
         ):
-            first = empty_window(n, k, s, begin, d)
+            first = empty_window(n, k, s, begin, d, count)  # of the windows the output has, not those past it
             if first is not None:
                 raise ShapeError(
                     f"the window at output {axis} {first} reads only padding: its {k} taps {d} apart step over "
