@@ -21,6 +21,8 @@ NETDSL_FUZZ_SCALE (e.g. 20) for a larger campaign and NETDSL_FUZZ_SEED for other
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import random
@@ -37,6 +39,7 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import netdsl  # noqa: E402
+from netdsl.cli.main import main  # noqa: E402
 from netdsl.errors import NetError  # noqa: E402
 from netdsl.interop.onnx_export import export_onnx  # noqa: E402
 from netdsl.interop.onnx_import import import_onnx  # noqa: E402
@@ -49,7 +52,6 @@ SCALE = float(os.environ.get("NETDSL_FUZZ_SCALE", "1"))
 SEED = int(os.environ.get("NETDSL_FUZZ_SEED", "0"))
 EXPORT_CASES = max(1, int(12 * SCALE))
 IMPORT_CASES = max(1, int(16 * SCALE))
-KNOWN_BUGS = os.environ.get("NETDSL_FUZZ_KNOWN_BUGS") == "1"  # also generate what the xfail tests below show
 TOLERANCE = 1e-4  # fp32: relative error, 2-norm over each whole output
 BATCH = 2
 
@@ -202,8 +204,6 @@ class NetWriter:
                 reads_input(n, kk, ss, pads[i], dd, o) for i, (n, kk, ss, dd, o) in enumerate(zip((h, w), k, s, d, out))
             ):
                 continue
-            if pool and (d[0] > h or d[1] > w) and not KNOWN_BUGS:
-                continue  # netdsl refuses some of these, wrongly: test_pool_of_one_window_over_a_small_input
             args = [self.pair(k)]
             if s != (k if pool else (1, 1)) or (pool and rnd.random() < 0.3):
                 args.append(f"stride={self.pair(s)}")
@@ -661,8 +661,6 @@ class OnnxWriter:
                 reads_input(n, kk, ss, pads[i], dd, o) for i, (n, kk, ss, dd, o) in enumerate(zip((h, w), k, s, d, out))
             ):
                 continue
-            if pool and (d[0] > h or d[1] > w) and not KNOWN_BUGS:
-                continue  # test_pool_of_one_window_over_a_small_input
             if (
                 ceil
                 and self.opset < 22
@@ -928,7 +926,7 @@ class OnnxWriter:
         choices = ["two_activations", "sigmoid", "negative_slope", "clip6"]
         if maps:
             choices += ["softmax_axis", "concat_axis", "pad_reflect", "transpose", "reshape_3d", "varying_add"]
-            choices += ["pool_pads", "unequal_split", "negative_pads", "pad_before_max"]
+            choices += ["pool_pads", "unequal_split", "negative_pads", "pad_before_max", "broadcast_add", "indices"]
         else:
             choices += ["trans_a", "div_zero"]
         kind = rnd.choice(choices)
@@ -984,6 +982,15 @@ class OnnxWriter:
             y = self.node("MaxPool", [pad], kernel_shape=[2, 2])  # of an input that may be negative
             self.bad = self.where()
             return Tensor(y, (c, x.shape[1] + 1, x.shape[2] + 1))
+        elif kind == "broadcast_add":  # netdsl's add takes inputs of one shape
+            pooled = self.node("GlobalAveragePool", [x.name])
+            y = self.node("Add", [x.name, pooled])
+        elif kind == "indices":  # MaxPool's second output, used
+            y, indices = self.fresh("maxpool"), self.fresh("indices")
+            self.node("MaxPool", [x.name], [y, indices], kernel_shape=[1, 1])
+            self.bad = self.where()
+            cast = self.node("Cast", [indices], to=TensorProto.FLOAT)
+            return Tensor(self.node("Add", [y, cast]), x.shape)
         elif kind == "trans_a":
             y = self.node("Gemm", [x.name, self.weight(BATCH, 3)], transA=1)
         else:  # div_zero
@@ -1056,6 +1063,10 @@ def test_import_matches_onnxruntime(case, tmp_path):
         assert "internal error" not in text and "Traceback" not in text, f"{described}\n{text}"
         assert bad in text, f"{described}\nthe error does not name node {bad}: {text}"
         assert error.hint, f"{described}\nno hint: {text}"
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):  # the command: the same message, exit 1, no traceback
+            assert main(["import", str(path), "-o", str(tmp_path / "refused.net")]) == 1
+        assert error.message in err.getvalue() and "Traceback" not in err.getvalue()
         return
     want = onnxruntime_run(path, feeds)  # a model netdsl takes must run, and give these numbers
     for shape, value in zip(shapes, want):
@@ -1071,7 +1082,7 @@ def test_import_matches_onnxruntime(case, tmp_path):
         compare(got, want, f"{described}\n--- imported with --towers:\n{towered.text}")
 
 
-# --- what the campaigns found (regressions), and what they found outside netdsl/interop (xfail) ------------
+# --- what the campaigns found (regressions) -----------------------------------------------------------------
 
 
 def _model(nodes, inits=None, outputs=("y",), shape=(BATCH, 4, 6, 6), opset: int = 17):
@@ -1167,6 +1178,21 @@ def test_refusals_name_the_node_and_give_a_hint(node, inits, shape, tmp_path):
     assert "node 's', #0" in caught.value.message and caught.value.hint
 
 
+def test_a_used_indices_output_is_named_as_the_problem(tmp_path):
+    """MaxPool's Indices read by a Cast was refused as "Cast on the activations is not supported": the error
+    now names the MaxPool and its second output."""
+    nodes = [
+        helper.make_node("MaxPool", ["x"], ["p", "i"], kernel_shape=[2, 2], name="s"),
+        helper.make_node("Cast", ["i"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["p", "f"], ["y"]),
+    ]
+    path = tmp_path / "m.onnx"
+    onnx.save(_model(nodes), str(path))
+    with pytest.raises(NetError, match=r"MaxPool node 's', #0: its output #1 \('i'\) is used") as caught:
+        import_onnx(path)
+    assert caught.value.hint
+
+
 def test_tower_copies_without_weights_come_back_in_their_towers(tmp_path):
     """Tower copies of a layer without weights reading one input (`p = maxpool(image, 2)` in each tower) were
     merged into one before --towers looked for copies, so they left the towers (and the devices changed)."""
@@ -1200,15 +1226,6 @@ def test_towers_add_of_a_split_layer(tmp_path):
     nodes.append(helper.make_node("Add", ["c", "c"], ["y"]))
     result = _imports_and_matches(_model(nodes, inits), tmp_path, towers=True)
     assert "towers gpu0, gpu1 {" in result.text and "add(all" not in result.text
-
-
-@pytest.mark.xfail(strict=True, reason="netdsl/codegen/windows.py empty_window ignores the window count (reported)")
-def test_pool_of_one_window_over_a_small_input(tmp_path):
-    """A dilated pool over 1 x 1 with one window (taps at -2, 0, 2: one reads the input) is refused as if a
-    second window read only padding."""
-    text = "input image: 2 x 1 x 1\np = avgpool(image, 3, stride=1, pad=2, dilation=2)\n"
-    graph = graph_from_text(text, str(tmp_path / "p.net"))
-    assert graph.nodes["p"]["layer"].shape == (2, 1, 1)
 
 
 @pytest.mark.parametrize(

@@ -181,6 +181,9 @@ class Converter:
                 symbolic = any(name in self.symbolic for name in given)
                 result = fold(node.op_type, attrs, values, symbolic, where, self.file)
             else:
+                unusable = next((self.unusable[name] for name in given if name in self.unusable), None)
+                if unusable is not None and node.op_type in CONST_OPS and node.op_type != "Transpose":
+                    raise self.fail(unusable)  # (what makes the input unusable, not this node's op, is the problem)
                 if node.op_type in ("Mul", "Sub", "Div") and len(given) == 2:
                     result = self.arithmetic(node, where, inputs)
                 elif node.op_type in CONST_OPS and node.op_type not in ("Shape", "Transpose"):
