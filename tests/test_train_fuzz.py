@@ -597,7 +597,8 @@ class Case:
         self.graph = netdsl.graph_from_text(text, file="fuzz.net")
         self.weights = fresh_weights(self.graph, seed)
         rng = random.Random(seed)
-        layer_names = sorted({name.rsplit(".", 1)[0] + ".*" for name in self.weights})
+        # patterns of each layer's weights: a repeat's index `x[1]` matched as `x[[]1]` (glob brackets)
+        layer_names = sorted({re.sub(r"([*?[])", r"[\1]", name.rsplit(".", 1)[0]) + ".*" for name in self.weights})
         self.recipe = recipe or random_recipe(rng, layer_names, steps)
         (shape,) = [item.shape for item in layers(self.graph) if item.op == "input"]
         (out,) = self.graph.graph["outputs"]
