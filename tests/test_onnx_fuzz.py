@@ -401,6 +401,8 @@ class NetWriter:
             other = rnd.choice(self.pool[1:-1] or self.pool[-1:]).ref
             if other not in outputs:
                 outputs.append(other)
+        if rnd.random() < 0.05:
+            outputs.append("image")  # the input itself
         return "\n".join(["net fuzz", *head, *self.lines, f"output {', '.join(outputs)}", ""])
 
 
@@ -589,10 +591,18 @@ class OnnxWriter:
         return f"{base}{self.count}"
 
     def const(self, base: str, value: np.ndarray) -> str:
-        """A constant: an initializer, or now and then a Constant node (folded by the importer)."""
+        """A constant: an initializer, or now and then a Constant node, or a float64 one through a Cast, or a
+        transposed one through a Transpose (all folded by the importer)."""
         name = self.fresh(base)
-        if value.dtype == np.float32 and self.rnd.random() < 0.15:
+        roll = self.rnd.random() if value.dtype == np.float32 else 1.0
+        if roll < 0.15:
             self.nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name)))
+        elif roll < 0.22:
+            self.inits[name + "_f64"] = value.astype(np.float64)
+            self.nodes.append(helper.make_node("Cast", [name + "_f64"], [name], to=TensorProto.FLOAT))
+        elif roll < 0.27 and value.ndim == 2:
+            self.inits[name + "_t"] = np.ascontiguousarray(value.T)
+            self.nodes.append(helper.make_node("Transpose", [name + "_t"], [name], perm=[1, 0]))
         else:
             self.inits[name] = value
         return name
