@@ -25,7 +25,8 @@ against at least LOSS_FLOOR. Under autocast (`test_a_step_under_autocast`): the 
 difference over its norm, LOW_TOLERANCE per dtype (measured 1.4% in bf16, 0.23% in fp16), the loss within 1%.
 The emitted step files (`check_emitted`): FP32_TOLERANCE per output and gradient.
 
-The kernels run with their interpreter tiles by default; `small_tiles` gives them the smallest ones and split
+About a quarter of the convs and fcs run PyTorch's backward (`backward=`, as a measured backward_choices table
+picks it), the rest netdsl's. The kernels run with their interpreter tiles by default; `small_tiles` gives them the smallest ones and split
 reductions, as on a GPU (`test_random_nets_on_small_tiles`).
 
 The generator (`random_net`, seeded) writes conv (groups, stride, dilation, padding n, (h, w), four sides,
@@ -614,10 +615,14 @@ class Case:
         self.x = torch.randn(self.recipe.batch, *shape, generator=generator)
         self.y = torch.randint(0, classes, (self.recipe.batch,), generator=generator)
         self.seeds: list[list[int]] = []  # per step, the dropout seeds as drawn
+        # some convs and fcs on PyTorch's backward, as a measured backward_choices table would pick them
+        chooser = random.Random(seed + 1)
+        self.backward = {item.name: "torch" for item in layers(self.graph)
+                         if item.op in ("conv", "fc") and chooser.random() < 0.25}  # fmt: skip
 
     def train(self, monkeypatch, autocast: torch.dtype | None = None) -> list[dict]:
         """Per step: the loss, the gradients, and the weights, velocities and buffers after the update."""
-        module = GraphModule(self.graph, weights=self.weights, backend="triton").train()
+        module = GraphModule(self.graph, weights=self.weights, backend="triton", backward=self.backward).train()
         r = self.recipe
         optimizer = FlatPaperSGD(param_groups(module.named_parameters(), r.lr_mults, r.decay_mults), r.lr[0],
                                  momentum=r.momentum, weight_decay=r.weight_decay, nesterov=r.nesterov)  # fmt: skip
