@@ -26,8 +26,8 @@ difference over its norm, LOW_TOLERANCE per dtype (measured 1.4% in bf16, 0.23% 
 The emitted step files (`check_emitted`): FP32_TOLERANCE per output and gradient.
 
 About a quarter of the convs and fcs run PyTorch's backward (`backward=`, as a measured backward_choices table
-picks it), the rest netdsl's. The kernels run with their interpreter tiles by default; `small_tiles` gives them the smallest ones and split
-reductions, as on a GPU (`test_random_nets_on_small_tiles`).
+picks it), the rest netdsl's. The kernels run with their interpreter tiles by default; `small_tiles` gives them
+the smallest ones and split reductions, as on a GPU (`test_random_nets_on_small_tiles`).
 
 The generator (`random_net`, seeded) writes conv (groups, stride, dilation, padding n, (h, w), four sides,
 `same`, `same_lower`, `valid`, rectangular kernels, no bias), relu, leaky_relu, lrn (groups, large alphas),
