@@ -120,6 +120,23 @@ def test_memory_plan_never_overlaps_live_buffers_and_reuses(path):
         assert sum(program.graph["arena"].values()) < 0.7 * sum(program.graph["arena_without_reuse"].values())
 
 
+def test_a_buffer_another_device_copies_through_a_view_lives_to_the_end(tmp_path):
+    """gpu1's input is flattened and the flatten sent to gpu0: the copy reads the input's buffer (a view shares
+    it) at a time gpu1's order does not show, so no later gpu1 buffer may take its place (the relu did, and gpu0
+    received the softmax's values). Checked on the plan and on the numbers, against numpy."""
+    text = (
+        "input image: 2 x 2 x 2\ntowers gpu0, gpu1 {\n    l1 = flatten(image)\n    l2 = softmax(image) | relu\n}\n"
+        "l3 = relu(all l1)\noutput all l2, l3\n"
+    )
+    program, _ = run_pipeline(build(parse_text(text, "t.net")), Options())
+    buffers, order = program.graph["buffers"], program.graph["partitions"]["gpu1"]
+    assert buffers["image_gpu1_input"].last == len(order)
+    x = np.random.default_rng(3).standard_normal((2, 2, 2, 2)).astype(np.float32)
+    (tmp_path / "t.net").write_text(text)
+    got = netdsl.load(tmp_path / "t.net", backend="torch")(x)["l3"]
+    np.testing.assert_allclose(got.numpy(), np.maximum(np.concatenate([x.reshape(2, -1)] * 2, 1), 0), rtol=1e-6)
+
+
 def test_report_compares_fused_and_unfused(tmp_path):
     compiled = compile_net(ROOT / "nets/alexnet.net", Options(batch=128, dtype="bf16"))
     report = compiled.report

@@ -1188,7 +1188,6 @@ def test_refusals_name_the_node_and_give_a_hint(node, inits, shape, tmp_path):
     assert "node 's', #0" in caught.value.message and caught.value.hint
 
 
-@pytest.mark.xfail(strict=True, reason="compiler/runtime: a view of a tensor sent to another device is overwritten")
 def test_flatten_of_a_tensor_sent_to_another_device_survives(tmp_path):
     """Each tower flattens the input (gpu1's copy reads it across devices) and also computes a softmax of it:
     `all l1` then holds, in gpu1's half, the softmax's values instead of the input's (both backends)."""

@@ -79,11 +79,12 @@ def _lifetimes(program: nx.DiGraph, order: list[str], views: dict[str, str]) -> 
             root = views[source]
             if root in lifetimes:  # written on this device (a transfer's source is read on the other)
                 lifetimes[root][1] = max(lifetimes[root][1], index[name])
-    # A buffer another device copies from is read at a time this device's order does not show:
-    # keep it to the end rather than guess.
+    # A buffer another device copies from (itself or through a view of it) is read at a time this device's
+    # order does not show: keep it to the end rather than guess.
     for name in order:
-        if name in lifetimes and any(program.nodes[r]["step"].kind == "transfer" for r in program.successors(name)):
-            lifetimes[name][1] = end
+        root = views[name]
+        if root in lifetimes and any(program.nodes[r]["step"].kind == "transfer" for r in program.successors(name)):
+            lifetimes[root][1] = end
     return {name: (first, last) for name, (first, last) in lifetimes.items()}
 
 
