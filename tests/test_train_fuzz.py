@@ -22,7 +22,7 @@ Tolerances, per tensor, fp32 (the kernels with exact products) against the float
 absolute difference over the largest |reference| value, FP32_TOLERANCE (measured over 500 nets: at most 6e-5);
 a gradient (velocity) is measured against at least CANCELLED x the step's largest one (see `errors`), a loss
 against at least LOSS_FLOOR. Under autocast (`test_a_step_under_autocast`): the norm of each gradient's
-difference over its norm, LOW_TOLERANCE per dtype (measured 1.4% in bf16, 0.23% in fp16), the loss within 1%.
+difference over its norm, LOW_TOLERANCE per dtype (measured 1.2% in bf16, 0.17% in fp16), the loss within 1%.
 The emitted step files (`check_emitted`): FP32_TOLERANCE per output and gradient.
 
 About a quarter of the convs and fcs run PyTorch's backward (`backward=`, as a measured backward_choices table
@@ -64,7 +64,7 @@ from netdsl.train.optim import FlatPaperSGD, param_groups, set_learning_rate
 
 SCALE = float(os.environ.get("NETDSL_FUZZ_SCALE", "1"))
 SEED = int(os.environ.get("NETDSL_FUZZ_SEED", "0"))
-NETS = max(1, round(4 * SCALE))
+NETS = max(1, round(3 * SCALE))
 F64 = torch.float64
 FP32_TOLERANCE = 2e-4  # measured over 500 nets: at most 6e-5 (deep batch norms on batches of 3 amplify most)
 CANCELLED = 0.05  # see `errors`
@@ -550,7 +550,7 @@ class Recipe:
     batch: int
 
 
-def random_recipe(rng: random.Random, names: list[str], steps: int) -> Recipe:
+def random_recipe(rng: random.Random, names: list[str], steps: int, batches=(3, 4)) -> Recipe:
     lr = rng.choice(
         [0.001, 0.003, 0.006]
     )  # larger ones memorize a batch of 4 at once: a loss near 0 has no digits left
@@ -569,7 +569,7 @@ def random_recipe(rng: random.Random, names: list[str], steps: int) -> Recipe:
         smoothing=rng.choice([0.0, 0.0, 0.1]),
         lr_mults=[(p, v) for p, v in lr_mults if p == "*.bias" or p in names],
         decay_mults=decay_mults,
-        batch=rng.choice([3, 4]),
+        batch=rng.choice(batches),
     )
 
 
@@ -607,7 +607,9 @@ class Case:
         rng = random.Random(seed)
         # patterns of each layer's weights: a repeat's index `x[1]` matched as `x[[]1]` (glob brackets)
         layer_names = sorted({re.sub(r"([*?[])", r"[\1]", name.rsplit(".", 1)[0]) + ".*" for name in self.weights})
-        self.recipe = recipe or random_recipe(rng, layer_names, steps)
+        # a batch of 1 or 2 too, where no batch norm would have a single value per channel
+        batches = (3, 4) if "batchnorm" in text or "stage" in text else (1, 2, 3, 4, 5)
+        self.recipe = recipe or random_recipe(rng, layer_names, steps, batches)
         (shape,) = [item.shape for item in layers(self.graph) if item.op == "input"]
         (out,) = self.graph.graph["outputs"]
         classes = int(np.prod(self.graph.nodes[out]["layer"].shape))
@@ -936,8 +938,8 @@ def test_found_by_fuzzing(name, monkeypatch):
     check_net(REGRESSIONS[name], 7, monkeypatch, recipe=recipe)
 
 
-LOW_PRECISION_NET = """input image: 3 x 8 x 8
-a = conv(image, 6, size=3, pad=1) | relu | lrn(3, alpha=0.5) | maxpool(3, stride=2, ceil=true)
+LOW_PRECISION_NET = """input image: 3 x 7 x 7
+a = conv(image, 4, size=3, pad=1) | relu | lrn(3, alpha=0.5) | maxpool(3, stride=2, ceil=true)
 b = a | conv(4, size=1, bias=false) | batchnorm | leaky_relu(0.1) | avgpool(2, pad=(1, 1, 0, 0)) | dropout(0.3)
 out = fc(b, 5) | softmax
 """
@@ -950,9 +952,9 @@ def test_a_step_under_autocast(interpreter_bf16_dot, monkeypatch, low):
     the norm), finite, and the loss within 1%."""
     recipe = Recipe(lr=(0.01,), momentum=0.9, weight_decay=5e-4, nesterov=False, smoothing=0.0, lr_mults=[],
                     decay_mults=[], batch=4)  # fmt: skip
-    # seed 12: data on which 16-bit arithmetic itself is well conditioned (at seed 11 PyTorch's own bf16 autocast
-    # is 20% off on the first conv's gradient, as the kernels are)
-    case = Case(LOW_PRECISION_NET, 12, steps=1, recipe=recipe)
+    # seed 14: data on which 16-bit arithmetic itself is well conditioned; on others PyTorch's own bf16 autocast is
+    # up to 36% off (batch norm of bf16 maps of 4 images), as the kernels are to 1%
+    case = Case(LOW_PRECISION_NET, 14, steps=1, recipe=recipe)
     (got,) = case.train(monkeypatch, autocast=low)
     (want,) = case.reference()
     assert abs(float(got["loss"]) - float(want["loss"])) <= 0.01 * float(want["loss"])
