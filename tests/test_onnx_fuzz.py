@@ -1190,7 +1190,8 @@ def test_refusals_name_the_node_and_give_a_hint(node, inits, shape, tmp_path):
 
 def test_flatten_of_a_tensor_sent_to_another_device_survives(tmp_path):
     """Each tower flattens the input (gpu1's copy reads it across devices) and also computes a softmax of it:
-    `all l1` then holds, in gpu1's half, the softmax's values instead of the input's (both backends)."""
+    `all l1` held, in gpu1's half, the softmax's values instead of the input's (both backends; the memory plan,
+    fixed in 8612187)."""
     text = "input image: 2 x 2 x 2\ntowers gpu0, gpu1 {\n    l1 = flatten(image)\n    l2 = softmax(image) | relu\n}\n"
     path = tmp_path / "v.net"
     path.write_text(text + "l3 = relu(all l1)\noutput all l2, l3\n")
