@@ -42,6 +42,7 @@ NETDSL_FUZZ_SCALE (default 1) multiplies the number of nets; NETDSL_FUZZ_SEED pi
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import random
@@ -636,23 +637,26 @@ class Case:
             return drawn[-1]
 
         monkeypatch.setattr(kernel_ops, "dropout_seed", recorded)
-        torch.manual_seed(self.seed)
-        results = []
-        for step in range(self.steps):
-            drawn.clear()
-            set_learning_rate(optimizer, r.lr[step])
-            optimizer.zero_grad()
-            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                logits = module.logits(self.x).float().flatten(1)
-            loss = kernel_ops.cross_entropy(logits, self.y, r.smoothing)[0]
-            loss.backward()
-            grads = {name: param.grad.clone() for name, param in module.named_parameters()}
-            optimizer.step()
-            self.seeds.append(list(drawn))
-            state = {name: value.detach().clone() for name, value in module.state_dict().items()}
-            velocity = {name: optimizer.state[param]["velocity"].clone() for name, param in module.named_parameters()}
-            results.append({"loss": loss.detach().clone(), "grads": grads, "state": state, "velocity": velocity})
-        return results
+        with torch.random.fork_rng():  # the dropout seeds from a generator of the case's own
+            torch.manual_seed(self.seed)
+            return [self._step(module, optimizer, step, drawn, autocast) for step in range(self.steps)]
+
+    def _step(self, module, optimizer, step: int, drawn: list[int], autocast: torch.dtype | None) -> dict:
+        """One step: its loss, gradients, and the weights, velocities and buffers after the update."""
+        r = self.recipe
+        drawn.clear()
+        set_learning_rate(optimizer, r.lr[step])
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            logits = module.logits(self.x).float().flatten(1)
+        loss = kernel_ops.cross_entropy(logits, self.y, r.smoothing)[0]
+        loss.backward()
+        grads = {name: param.grad.clone() for name, param in module.named_parameters()}
+        optimizer.step()
+        self.seeds.append(list(drawn))
+        state = {name: value.detach().clone() for name, value in module.state_dict().items()}
+        velocity = {name: optimizer.state[param]["velocity"].clone() for name, param in module.named_parameters()}
+        return {"loss": loss.detach().clone(), "grads": grads, "state": state, "velocity": velocity}
 
     def reference(self) -> list[dict]:
         r = self.recipe
@@ -689,8 +693,6 @@ class Case:
 
 
 def multiplier(name: str, rules: list[tuple[str, float]]) -> float:
-    import fnmatch
-
     found = 1.0
     for pattern, value in rules:
         if fnmatch.fnmatchcase(name, pattern):
