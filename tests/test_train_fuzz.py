@@ -65,7 +65,7 @@ from netdsl.train.optim import FlatPaperSGD, param_groups, set_learning_rate
 
 SCALE = float(os.environ.get("NETDSL_FUZZ_SCALE", "1"))
 SEED = int(os.environ.get("NETDSL_FUZZ_SEED", "0"))
-NETS = max(1, round(3 * SCALE))
+NETS = max(1, round(2 * SCALE))
 F64 = torch.float64
 FP32_TOLERANCE = 2e-4  # measured over 500 nets: at most 6e-5 (deep batch norms on batches of 3 amplify most)
 CANCELLED = 0.05  # see `errors`
