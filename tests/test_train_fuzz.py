@@ -49,6 +49,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
+import networkx as nx
 import numpy as np
 import pytest
 import torch
@@ -651,18 +652,25 @@ class Case:
             logits = module.logits(self.x).float().flatten(1)
         loss = kernel_ops.cross_entropy(logits, self.y, r.smoothing)[0]
         loss.backward()
-        grads = {name: param.grad.clone() for name, param in module.named_parameters()}
+        trained = [(name, param) for name, param in module.named_parameters() if param.requires_grad]
+        grads = {name: param.grad.clone() for name, param in trained}
         optimizer.step()
         self.seeds.append(list(drawn))
         state = {name: value.detach().clone() for name, value in module.state_dict().items()}
-        velocity = {name: optimizer.state[param]["velocity"].clone() for name, param in module.named_parameters()}
+        velocity = {name: optimizer.state[param]["velocity"].clone() for name, param in trained}
         return {"loss": loss.detach().clone(), "grads": grads, "state": state, "velocity": velocity}
 
     def reference(self) -> list[dict]:
         r = self.recipe
         weights = {name: torch.tensor(value, dtype=F64) for name, value in self.weights.items()}
         buffers = {name for name in weights if name.endswith((".running_mean", ".running_var"))}
-        params = {name: value.requires_grad_() for name, value in weights.items() if name not in buffers}
+        outputs = self.graph.graph["outputs"]
+        reached = set(outputs).union(*(nx.ancestors(self.graph, name) for name in outputs))  # others: not trained
+        params = {
+            name: value.requires_grad_()
+            for name, value in weights.items()
+            if name not in buffers and name.rsplit(".", 1)[0] in reached
+        }
         velocity = {name: torch.zeros_like(value) for name, value in params.items()}
         lr_mult = {name: multiplier(name, r.lr_mults) for name in params}
         decay_mult = {name: multiplier(name, r.decay_mults) for name in params}

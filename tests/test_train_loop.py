@@ -620,6 +620,15 @@ def test_check_grads_agrees_with_finite_differences(capsys):
     assert out.count("c1.weight") >= 3 and out.count("f7.bias") >= 3
 
 
+def test_check_grads_leaves_out_a_layer_no_output_reads(tmp_path, capsys):
+    """A dangling layer has no gradient (it is not trained): --check-grads crashed on it (internal error)."""
+    net = tmp_path / "dead.net"
+    net.write_text(Path(LENET).read_text().replace("output f7", "side = fc(c3, 7)\noutput f7"))
+    assert main(["train", str(net), "--check-grads", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "worst error" in out and "side." not in out and out.count("f7.weight") >= 3
+
+
 def test_the_python_example_of_docs_training_md_runs(monkeypatch):
     text = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
     (example,) = re.findall(r"```python\n(.*?)```", text, re.DOTALL)

@@ -649,3 +649,31 @@ def test_an_infinite_loss_from_finite_logits_blames_their_size(scale, says):
         assert found.startswith("not found again"), found
     else:
         assert found.startswith("in the loss: the logits reach 3e+38"), found
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["PaperSGD", "FlatPaperSGD"])
+def test_a_layer_no_output_reads_is_not_trained(fused):
+    """`side` reaches no output, so it has no gradient: the torch backend's SGD skipped it while the fused SGD of
+    the triton backend decayed it (weight decay and momentum on a gradient of 0). Its weights are not trained
+    now (requires_grad off) under either optimizer, and the layer the loss reaches steps as autograd says."""
+    from netdsl.train.optim import make_optimizer, param_groups
+
+    graph = graph_of("input x: 2 x 5 x 5\nside = conv(x, 3, size=3)\nout = fc(x, 3)\noutput out")
+    weights = fresh_weights(graph, 5)
+    module = GraphModule(graph, weights=weights)
+    assert [name for name, p in module.named_parameters() if not p.requires_grad] == ["side.weight", "side.bias"]
+    lr, decay = 0.1, 0.05
+    optimizer = make_optimizer(
+        "sgd", param_groups(module.named_parameters(), [], []), lr, momentum=0.9, weight_decay=decay, fused=fused
+    )
+    generator = torch.Generator().manual_seed(5)
+    x, y = torch.randn(4, 2, 5, 5, generator=generator), torch.tensor([0, 2, 1, 2])
+    w = torch.tensor(weights["out.weight"], dtype=torch.float32, requires_grad=True)
+    F.cross_entropy(x.flatten(1) @ w.T + torch.tensor(weights["out.bias"]), y).backward()
+    want = w.detach() - lr * decay * w.detach() - lr * w.grad  # v = -decay lr w - lr g from v = 0; w + v
+    optimizer.zero_grad()
+    F.cross_entropy(module.logits(x), y).backward()
+    optimizer.step()
+    torch.testing.assert_close(module.get_parameter("out.weight").detach(), want, rtol=1e-5, atol=1e-6)
+    for name in ("side.weight", "side.bias"):
+        assert torch.equal(module.get_parameter(name).detach(), torch.tensor(weights[name]))

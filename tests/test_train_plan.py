@@ -150,6 +150,24 @@ def test_every_forward_step_has_a_backward_on_its_device_and_transfers_go_back(t
     assert not any(s.options.get("input_gradient") for s in backward.values() if s.first.name == "conv1@gpu1")
 
 
+def test_a_layer_the_loss_does_not_read_gets_no_backward_and_no_update(tmp_path):
+    """`side` reaches no output: the training step gave it a backward with no gradient coming in (its
+    weights' update and its input gradient, summed into c1's, read a gradient nothing wrote); it has none now,
+    as autograd and the module (its weights not trained) have none."""
+    net = tmp_path / "dead.net"
+    net.write_text("input image: 1 x 8 x 8\nc1 = conv(image, 4, size=3) | relu\nside = fc(c1, 5)\nout = fc(c1, 3)\n"
+                   "output out\n")  # fmt: skip
+    trained = program(net)
+    steps = [trained.nodes[name]["step"] for name in trained.nodes]
+    backward = {s.first.name for s in steps if s.kind == "backward"}
+    assert backward == {"c1", "out"}
+    (update,) = [s for s in steps if s.kind == "update"]
+    parameters = {p for t in update.inputs for p in trained.nodes[t]["step"].options["parameters"]}
+    assert parameters == {"c1.weight", "c1.bias", "out.weight", "out.bias"}
+    c1 = next(s for s in steps if s.kind == "backward" and s.first.name == "c1")
+    assert c1.options["sums"] == 1  # out's gradient alone
+
+
 def test_the_plan_is_json_with_events_and_byte_identical(tmp_path):
     path = small_nets(tmp_path)["small_alexnet"]
     first = compile_training(path, Options(batch=4))

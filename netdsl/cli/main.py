@@ -85,7 +85,8 @@ def default_net() -> Path:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="netdsl", description="Describe convolutional networks as text; check, inspect, compile, run and train them."
+        prog="netdsl",
+        description="Describe convolutional networks as text; check, inspect, compile, run and train them.",
     )
     parser.add_argument("--version", action="version", version=f"netdsl {__version__}")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")

@@ -122,6 +122,8 @@ def backward(program: nx.DiGraph, options: Options) -> nx.DiGraph:
         if step.kind == "loss":
             gradient_of[name] = name  # the loss kernel writes the logits' gradient with the loss
             continue
+        if not contributions:  # the loss does not read it (a dangling layer): no gradient, not trained
+            continue
         if step.kind == "transfer":
             back = Step(
                 unique_name(identifier(f"{name}_grad"), taken), "transfer", step.layers, contributions,

@@ -151,6 +151,9 @@ class GraphModule(torch.nn.Module):
             backward=_checked_backward(backward or {}, computed),
         )
         self._netdsl = plan
+        # A layer no output reads gets no gradient: its weights are not trained (requires_grad off, so no
+        # optimizer, fused or not, decays them and no process waits for their gradients), on either backend.
+        reached = set(outputs).union(*(nx.ancestors(graph, name) for name in outputs))
         for item in plan.layers:
             names = tuple(layer_tensors(item))
             if not names:
@@ -162,7 +165,7 @@ class GraphModule(torch.nn.Module):
                 if tensor in buffers:
                     scope.register_buffer(tensor, value)
                 else:
-                    scope.register_parameter(tensor, torch.nn.Parameter(value))
+                    scope.register_parameter(tensor, torch.nn.Parameter(value, requires_grad=item.name in reached))
             plan.scopes[item.name] = scope
             plan.tensors[item.name] = names
             plan.anchors.setdefault(item.device, (item.name, names[0]))

@@ -93,7 +93,8 @@ def check_gradients(
 ) -> list[GradientCheck]:
     """Autograd against central differences (f(w+h) - f(w-h)) / 2h in float64, on the training-mode
     loss (batch norm on batch statistics; dropout with one fixed mask, the same random state before
-    every evaluation), for `per_weight` seeded entries of every weight of the net."""
+    every evaluation), for `per_weight` seeded entries of every trained weight of the net (a layer no
+    output reads is not trained)."""
     module = GraphModule(graph, weights=weights, dtype=torch.float64).train()
     x, y = x.to(torch.float64), y.to(torch.int64)
     saved = rng_states()
@@ -111,6 +112,8 @@ def check_gradients(
         results = []
         with torch.no_grad():
             for name, param in module.named_parameters():
+                if not param.requires_grad:  # a layer no output reads: not trained, no gradient to check
+                    continue
                 flat = param.view(-1)
                 grad = param.grad.reshape(-1)
                 for position in picker.choice(flat.numel(), size=min(per_weight, flat.numel()), replace=False):
