@@ -3,8 +3,11 @@ and the activation reference (the interpreter work-around for bfloat16 dots is i
 
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from netdsl.runtime.weights import init_weights
 
 TOLERANCES = {
     "fp32": {"rtol": 1e-4, "atol": 1e-4},  # exact fp32 products ("ieee")
@@ -103,3 +106,17 @@ fc8  = fc(all fc6, 10) on gpu0
 prob = softmax(fc8)
 output prob
 """
+
+
+def fresh_weights(graph, seed: int = 0) -> dict[str, np.ndarray]:
+    """He's initialization, with the tensors it leaves constant drawn too: biases and batch norm shifts
+    and means N(0, 0.1^2), batch norm scales and variances U(0.5, 1.5)."""
+    weights = init_weights(graph, seed=seed, scheme="he")
+    rng = np.random.default_rng(seed + 1)
+    for name, value in weights.items():
+        tensor = name.rsplit(".", 1)[1]
+        if tensor == "running_var" or (tensor == "weight" and value.ndim == 1):
+            weights[name] = rng.uniform(0.5, 1.5, value.shape).astype(np.float32)
+        elif tensor in ("bias", "running_mean"):
+            weights[name] = (0.1 * rng.standard_normal(value.shape)).astype(np.float32)
+    return weights

@@ -102,6 +102,22 @@ def same_pads(n: int, k: int, s: int, d: int, lower: bool) -> tuple[int, int]:
     return (big, small) if lower else (small, big)
 
 
+def window_outputs(hw, k, s, d, pads, ceil: bool, pool: bool, out: list[int] | None = None) -> list[int] | None:
+    """The output's size along each axis (`out` where SAME gives it), or None where a window would be empty:
+    no output at all, or (pooling) a window that reads only padding."""
+    if out is None:
+        out = [
+            out_length(n, kk, ss, pads[i], pads[i + 2], dd, ceil) for i, (n, kk, ss, dd) in enumerate(zip(hw, k, s, d))
+        ]
+    if min(out) < 1:
+        return None
+    if pool and not all(
+        reads_input(n, kk, ss, pads[i], dd, o) for i, (n, kk, ss, dd, o) in enumerate(zip(hw, k, s, d, out))
+    ):
+        return None
+    return out
+
+
 def reads_input(n: int, k: int, s: int, begin: int, d: int, count: int) -> bool:
     """Whether every one of `count` windows has a tap inside the input."""
     return all(any(0 <= i * s - begin + j * d < n for j in range(k)) for i in range(count))
@@ -194,15 +210,8 @@ class NetWriter:
             if pool and any(p >= kk for p, kk in zip(pads, k + k)):
                 continue
             ceil = pool and rnd.random() < 0.4
-            out = [
-                out_length(n, kk, ss, pads[i], pads[i + 2], dd, ceil)
-                for i, (n, kk, ss, dd) in enumerate(zip((h, w), k, s, d))
-            ]
-            if min(out) < 1:
-                continue
-            if pool and not all(
-                reads_input(n, kk, ss, pads[i], dd, o) for i, (n, kk, ss, dd, o) in enumerate(zip((h, w), k, s, d, out))
-            ):
+            out = window_outputs((h, w), k, s, d, pads, ceil, bool(pool))
+            if out is None:
                 continue
             args = [self.pair(k)]
             if s != (k if pool else (1, 1)) or (pool and rnd.random() < 0.3):
@@ -658,18 +667,9 @@ class OnnxWriter:
                 pads = [t, le, b, r]
             if pool and any(p >= kk for p, kk in zip(pads, k + k)):
                 continue
-            if auto.startswith("SAME"):
-                out = [-(-n // ss) for n, ss in zip((h, w), s)]
-            else:
-                out = [
-                    out_length(n, kk, ss, pads[i], pads[i + 2], dd, ceil)
-                    for i, (n, kk, ss, dd) in enumerate(zip((h, w), k, s, d))
-                ]
-            if min(out) < 1:
-                continue
-            if pool and not all(
-                reads_input(n, kk, ss, pads[i], dd, o) for i, (n, kk, ss, dd, o) in enumerate(zip((h, w), k, s, d, out))
-            ):
+            same = [-(-n // ss) for n, ss in zip((h, w), s)] if auto.startswith("SAME") else None
+            out = window_outputs((h, w), k, s, d, pads, ceil, bool(pool), same)
+            if out is None:
                 continue
             if (
                 ceil

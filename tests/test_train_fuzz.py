@@ -54,6 +54,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_support import fresh_weights
 
 import netdsl
 from netdsl.codegen import dropout as dropout_kernels
@@ -573,20 +574,6 @@ def random_recipe(rng: random.Random, names: list[str], steps: int, batches=(3, 
         decay_mults=decay_mults,
         batch=rng.choice(batches),
     )
-
-
-def fresh_weights(graph, seed: int) -> dict[str, np.ndarray]:
-    """He's initialization, with biases, batch norm shifts and means N(0, 0.1^2), scales and variances
-    U(0.5, 1.5): nothing left at a constant."""
-    weights = init_weights(graph, seed=seed, scheme="he")
-    rng = np.random.default_rng(seed + 1)
-    for name, value in weights.items():
-        tensor = name.rsplit(".", 1)[1]
-        if tensor == "running_var" or (tensor == "weight" and value.ndim == 1):
-            weights[name] = rng.uniform(0.5, 1.5, value.shape).astype(np.float32)
-        elif tensor in ("bias", "running_mean"):
-            weights[name] = (0.1 * rng.standard_normal(value.shape)).astype(np.float32)
-    return weights
 
 
 def error(got: torch.Tensor, want: torch.Tensor, floor: float = 0.0) -> float:

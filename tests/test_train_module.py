@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from golden.models import AlexNet, LeNet5, SimpleNet
 from golden.regenerate import golden_weights, net_path
+from kernel_support import fresh_weights
 
 import netdsl
 from netdsl.errors import NetError
@@ -49,20 +50,6 @@ TOWERS = ("gpu0", "gpu1")
 
 def graph_of(text: str):
     return netdsl.graph_from_text(text, file="case.net")
-
-
-def fresh_weights(graph, seed: int = 0) -> dict[str, np.ndarray]:
-    """He's initialization, with the tensors it leaves constant drawn too: biases and batch norm shifts
-    and means N(0, 0.1^2), batch norm scales and variances U(0.5, 1.5)."""
-    weights = init_weights(graph, seed=seed, scheme="he")
-    rng = np.random.default_rng(seed + 1)
-    for name, value in weights.items():
-        tensor = name.rsplit(".", 1)[1]
-        if tensor == "running_var" or (tensor == "weight" and value.ndim == 1):
-            weights[name] = rng.uniform(0.5, 1.5, value.shape).astype(np.float32)
-        elif tensor in ("bias", "running_mean"):
-            weights[name] = (0.1 * rng.standard_normal(value.shape)).astype(np.float32)
-    return weights
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
