@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import networkx as nx
 
+from netdsl.compiler.steps import unique_name
 from netdsl.ir import Layer, copy_graph, layer, layers
 
 
@@ -81,9 +82,7 @@ def _shuffled_slices(graph: nx.DiGraph, reader: Layer, shuffle: Layer) -> list[d
 def _join_first(graph: nx.DiGraph, item: Layer) -> None:
     """A flatten of several inputs (`flatten(all x)`) reads them joined by a concat of its own: the flatten is a
     view of one buffer, which several inputs are not."""
-    name = f"{item.name}.join"
-    while name in graph:
-        name += "_"
+    name = unique_name(f"{item.name}.join", set(graph.nodes))
     joined = replace(item, name=name, op="concat", params={}, inputs=list(item.inputs), shape=item.input_shape,
                      input_shape=None, fields={})  # fmt: skip
     graph.add_node(name, layer=joined)
