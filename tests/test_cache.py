@@ -2,10 +2,10 @@
 
 An entry is keyed by everything that changes what Triton builds: the kernel's source, its signature
 and constexprs, warps and stages, the netdsl and Triton versions, the ptxas and the environment settings
-Triton and ptxas read. A corrupt or edited entry (its report checksums itself, its cubin and its PTX) is
-rebuilt and written again; processes that fill one cache at the same time leave only whole entries. The kernels
-are built for GPUTarget("cuda", 90, 32) on the CPU (no GPU needed), about a second each: a tiny kernel
-here, LeNet-5's seven for the report.
+Triton and ptxas read. A corrupt or edited entry (its report checksums itself, its cubin, its PTX and the
+key it was built for) is rebuilt and written again; processes that fill one cache at the same time leave only
+whole entries. The kernels are built for GPUTarget("cuda", 90, 32) on the CPU (no GPU needed), about a second
+each: a tiny kernel here, LeNet-5's seven for the report.
 """
 
 import json
@@ -235,6 +235,21 @@ def test_an_edited_report_or_ptx_is_rebuilt(tmp_path, private_cache, monkeypatch
     ptx.write_text(ptx.read_text(encoding="utf-8") + "// edited\n", encoding="utf-8")
     assert cached_cubin(launch) is None
     assert sm90_resources([launch]) == built and cached_cubin(launch) is not None
+
+
+def test_an_entry_under_another_key_is_not_believed(tmp_path, private_cache):
+    """Whole, self-consistent files copied under another launch's key (a cache merged by hand, a rename) are
+    not that launch's kernel: the report names the key it was built for, and the other launch is built."""
+    small, large = kernel_launch(tmp_path, block=64, step="small"), kernel_launch(tmp_path, block=1024, step="large")
+    built = sm90_resources([small])
+    source, target = (private_cache / f"{_cache_key(launch)}.json" for launch in (small, large))
+    assert built["small"]["key"] == source.stem
+    for suffix in (".json", ".cubin", ".ptx"):
+        target.with_suffix(suffix).write_bytes(source.with_suffix(suffix).read_bytes())
+    assert _read_cache(target) is None and cached_cubin(large) is None
+    rebuilt = sm90_resources([large])["large"]
+    assert rebuilt["key"] == target.stem and cached_cubin(large) == target.with_suffix(".cubin")
+    assert target.with_suffix(".cubin").read_bytes() != source.with_suffix(".cubin").read_bytes()
 
 
 def _fill_cache(cache: str, kernels: str, barrier, answers) -> None:

@@ -241,16 +241,18 @@ def _ptxas_version() -> str:
 _FIELDS = ("name", "registers", "spill_stores", "spill_loads", "stack_bytes", "shared_bytes", "local_bytes", "mma")
 _COUNTS = _FIELDS[1:-1]  # whole numbers >= 0
 _CHECKSUMS = ("cubin_sha256", "ptx_sha256", "sha256")  # of the .cubin, of the .ptx, of the report itself
+_KEY = "key"  # the cache key the entry was built for: a report copied or renamed under another key is not read
 
 
 def _read_cache(path: Path) -> dict | None:
     """A report of the cache, checked by content (each field of its type, the checksums SHA-256s, the report's
-    own matching), or None: missing, torn, edited, foreign or from another netdsl, it is rebuilt."""
+    own matching, the key it was built for its file's name), or None: missing, torn, edited, foreign, renamed
+    or from another netdsl, it is rebuilt."""
     try:
         entry = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(entry, dict) or set(entry) != {*_FIELDS, *_CHECKSUMS}:
+    if not isinstance(entry, dict) or set(entry) != {*_FIELDS, *_CHECKSUMS, _KEY} or entry[_KEY] != path.stem:
         return None
     counts = all(type(entry[key]) is int and entry[key] >= 0 for key in _COUNTS)
     mma = isinstance(entry["mma"], list) and all(isinstance(item, str) for item in entry["mma"])
@@ -337,6 +339,7 @@ def sm90_resources(launches: list[Launch], use_cache: bool = True) -> dict[str, 
     for (launch, path), resources in zip(missing, compiled):
         entry = {key: value for key, value in asdict(resources).items() if key in _FIELDS}
         entry["mma"] = list(entry["mma"])
+        entry[_KEY] = path.stem
         ptx = resources.ptx.encode("utf-8")
         entry["cubin_sha256"] = hashlib.sha256(resources.cubin).hexdigest()
         entry["ptx_sha256"] = hashlib.sha256(ptx).hexdigest()
