@@ -51,6 +51,7 @@ from netdsl.train.data import DataSplit, batches_per_epoch, loader, open_data, v
 from netdsl.train.diagnose import first_non_finite
 from netdsl.train.evaluate import Tally, probabilities
 from netdsl.train.optim import make_optimizer, param_groups, set_learning_rate
+from netdsl.train.progress import Progress, epoch_line
 from netdsl.train.recipe import Recipe
 from netdsl.train.runs import CURVES, METRICS, WEIGHTS, Metrics, RunFolder, TensorBoard, fingerprint, plot_curves
 from netdsl.train.schedule import Schedule
@@ -189,8 +190,10 @@ class Trainer:
         # torch.compile's gradients are compared with eager PyTorch's once, on the first step, where the
         # two can be compared: one process (DDP averages the compiled ones) and no dropout (compiled code
         # draws its masks from a generator of its own)
-        self._unchecked_compile = recipe.compile and not self.world.distributed and not any(
-            self.graph.nodes[name]["layer"].op == "dropout" for name in self.graph.nodes
+        self._unchecked_compile = (
+            recipe.compile
+            and not self.world.distributed
+            and not any(self.graph.nodes[name]["layer"].op == "dropout" for name in self.graph.nodes)
         )
         self._signal: int | None = None
 
@@ -370,7 +373,7 @@ class Trainer:
         )
         self.module.train()
         clock = [time.perf_counter(), 0]  # for images/s: since when, and this process's images since then
-        progress = _Progress(self.stream, len(batches), f"epoch {self.epoch + 1}/{self.total_epochs}", self.world)
+        progress = Progress(self.stream, len(batches), f"epoch {self.epoch + 1}/{self.total_epochs}", self.world)
         for x, y in batches:
             loss, correct = self._train_step(x, y)
             count = len(y)
@@ -501,7 +504,7 @@ class Trainer:
         if metrics is not None:
             plot_curves(self.run.path / CURVES, metrics.epochs())
             board.scalars(self.step, {f"epoch/{key}": value for key, value in record.items() if key != "kind"})
-            self._say(_epoch_line(record, self.total_epochs))
+            self._say(epoch_line(record, self.total_epochs))
 
     def validate(self) -> Tally:
         """Top-1, top-5 and loss on the validation set (each rank a share; summed over ranks)."""
@@ -722,53 +725,6 @@ class _Logits(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.logits(x)
-
-
-class _Progress:
-    """A tqdm bar on a terminal (when tqdm is installed), else a plain line per log interval."""
-
-    def __init__(self, stream: TextIO, total: int, title: str, world: World) -> None:
-        self.stream, self.bar = stream, None
-        if not world.leader:
-            return
-        interactive = hasattr(stream, "isatty") and stream.isatty()
-        if interactive:
-            with contextlib.suppress(ImportError):
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, desc=title, file=stream, leave=False, dynamic_ncols=True)
-        self.title = title
-
-    def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def show(self, record: dict) -> None:
-        text = (
-            f"loss {record['loss']:.4f}  top-1 {100 * record['top1']:.1f}%  lr {record['lr']:.3g}  "
-            f"{record['images_per_s']:,.0f} img/s"
-        )
-        if self.bar is not None:
-            self.bar.set_postfix_str(text)
-        else:
-            print(f"{self.title}  step {record['step']:,}  {text}", file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def _epoch_line(record: dict, total: int) -> str:
-    line = (
-        f"epoch {record['epoch']}/{total}  loss {record['train_loss']:.4f}  top-1 {100 * record['train_top1']:.2f}%"
-    )
-    if record["val_top1"] is not None:
-        line += (
-            f"  |  val loss {record['val_loss']:.4f}  top-1 {100 * record['val_top1']:.2f}%  "
-            f"top-5 {100 * record['val_top5']:.2f}%"
-        )
-    return line + f"  |  lr {record['lr']:.3g}"
 
 
 def _per_channel(values, channels: int, flag: str) -> tuple[float, ...]:

@@ -1,0 +1,54 @@
+"""What a training run says while it runs: a progress bar per epoch (or a plain line per log interval) and one
+line per epoch."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TextIO
+
+from netdsl.train.world import World
+
+
+class Progress:
+    """A tqdm bar on a terminal (when tqdm is installed), else a plain line per log interval."""
+
+    def __init__(self, stream: TextIO, total: int, title: str, world: World) -> None:
+        self.stream, self.bar = stream, None
+        if not world.leader:
+            return
+        interactive = hasattr(stream, "isatty") and stream.isatty()
+        if interactive:
+            with contextlib.suppress(ImportError):
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=title, file=stream, leave=False, dynamic_ncols=True)
+        self.title = title
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def show(self, record: dict) -> None:
+        text = (
+            f"loss {record['loss']:.4f}  top-1 {100 * record['top1']:.1f}%  lr {record['lr']:.3g}  "
+            f"{record['images_per_s']:,.0f} img/s"
+        )
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+        else:
+            print(f"{self.title}  step {record['step']:,}  {text}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def epoch_line(record: dict, total: int) -> str:
+    line = f"epoch {record['epoch']}/{total}  loss {record['train_loss']:.4f}  top-1 {100 * record['train_top1']:.2f}%"
+    if record["val_top1"] is not None:
+        line += (
+            f"  |  val loss {record['val_loss']:.4f}  top-1 {100 * record['val_top1']:.2f}%  "
+            f"top-5 {100 * record['val_top5']:.2f}%"
+        )
+    return line + f"  |  lr {record['lr']:.3g}"
