@@ -160,6 +160,9 @@ CONFIGS = {
     "wide": {"BLOCK_N": 128, "BLOCK_P": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
     "wide-fp32": {"BLOCK_N": 128, "BLOCK_P": 16, "BLOCK_K": 16, "num_warps": 8, "num_stages": 2},
 }
+# Under Triton's interpreter, which runs one program at a time: big pixel and K blocks (BLOCK_N, a whole group's
+# channels, is added per launch).
+INTERPRETER_CONFIG = {"BLOCK_P": 256, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
 INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -292,14 +295,8 @@ def conv_lrn_maxpool_launch(
         raise ValueError(f"conv bias has shape {tuple(bias.shape)}, expected ({c_out},)")
     c_out_group = c_out // groups
     _check_channels(c_out_group)
-    if config is None and x.device.type == "cpu":  # the interpreter runs one program at a time: big tiles
-        config = {
-            "BLOCK_N": max(16, triton.next_power_of_2(c_out_group)),
-            "BLOCK_P": 256,
-            "BLOCK_K": 128,
-            "num_warps": 4,
-            "num_stages": 1,
-        }
+    if config is None and x.device.type == "cpu":
+        config = {"BLOCK_N": max(16, triton.next_power_of_2(c_out_group)), **INTERPRETER_CONFIG}
     config = dict(config or pick_config(c_out_group, x.dtype, input_precision))
     if config["BLOCK_N"] < c_out_group:
         raise ValueError(f"BLOCK_N={config['BLOCK_N']} cannot hold the {c_out_group} output channels of a group")

@@ -675,6 +675,7 @@ SMALL_TILES = {
     "pool": {"BLOCK": 256, "num_warps": 4},
     "lrn": {"BLOCK_C": 8, "BLOCK_P": 32, "num_warps": 4},
     "space_to_depth": {"BLOCK_P": 32, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
+    "conv_lrn_pool": {"BLOCK_P": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1},  # BLOCK_N: a group's channels
 }
 
 
