@@ -672,7 +672,9 @@ class Trainer:
 
     def _log_window(self, clock: list, metrics: Metrics | None, board: TensorBoard | None, progress) -> None:
         """A step record: the loss and top-1 since the last one (`window_sums`, saved in checkpoints so that a
-        resumed run logs what an uninterrupted one does), images/s since `clock` was started."""
+        resumed run logs what an uninterrupted one does), images/s since `clock` was started. The run's last step,
+        logged off the interval, leaves the window open: a longer run resumed from there logs its next line over
+        the steps the uninterrupted run's covers."""
         loss_sum, correct, count, seen = self.world.sum([*self.window_sums, clock[1]])
         seconds = max(time.perf_counter() - clock[0], 1e-9)
         lr = self._base_rate()
@@ -685,7 +687,8 @@ class Trainer:
             "lr": lr,
             "images_per_s": seen / seconds,
         }
-        self.window_sums = [0.0, 0.0, 0.0]
+        if self.step % self.recipe.log_every == 0:
+            self.window_sums = [0.0, 0.0, 0.0]
         clock[:] = [time.perf_counter(), 0]
         if metrics is not None:
             metrics.add(record)
