@@ -6,7 +6,9 @@ same order both times. Here two processes with different PYTHONHASHSEED each bui
 ones and random nets from the two fuzzers' generators (groups, towers, concat/add, shuffle, blocks and
 `repeat`), with the compile options drawn for them, forward and training step. A pass that walks a set of
 names, or a name made from `id()` or `hash()`, shows up as a difference, named by file and first line.
-NETDSL_FUZZ_SCALE and NETDSL_FUZZ_SEED make more or other random nets.
+The same holds for what `netdsl train` and `netdsl export` write: a short seeded training run (weights, checkpoint,
+metrics less the clock's images/s) and the ONNX model exported from it. NETDSL_FUZZ_SCALE and NETDSL_FUZZ_SEED
+make more or other random nets.
 """
 
 from __future__ import annotations
@@ -28,15 +30,15 @@ SEED = int(os.environ.get("NETDSL_FUZZ_SEED", "0"))
 RANDOM_NETS = max(1, int(4 * SCALE))  # of each generator
 HASH_SEEDS = ("1", "4242")
 
-# Run in each child: compile every job through the command line, as a user would; a job is (net, output, flags).
+# Run in each child, in its own folder: every command line, as a user would type it.
 CHILD = """
 import json, sys
 from netdsl.cli.main import main
 
-for net, out, flags in json.loads(sys.argv[1]):
-    status = main(["compile", net, "-o", out, "--no-sm90", *flags])
+for argv in json.loads(sys.argv[1]):
+    status = main(argv)
     if status:
-        sys.exit(f"compile {net} {' '.join(flags)} exited {status}")
+        sys.exit(f"netdsl {' '.join(argv)} exited {status}")
 """
 
 
@@ -81,19 +83,45 @@ def first_difference(name: str, one: bytes, other: bytes) -> str:
     return f"{name} differs:\n" + "\n".join(list(lines)[:12])
 
 
+# A short seeded training run on the bundled digits (flips, dropout, a validation split, a rate drop) and the model
+# exported from its weights: (command line, what it writes) with {out} the child's folder.
+TRAIN_AND_EXPORT = [
+    ["train", str(ROOT / "nets/lenet5.net"), "--data", "digits", "--steps", "4", "--batch", "32", "--seed", "5",
+     "--flip", "--val-every", "2", "--schedule", "step", "--step-epochs", "1", "--out", "{out}/run"],
+    ["export", str(ROOT / "nets/lenet5.net"), "--weights", "{out}/run", "-o", "{out}/lenet5.onnx"],
+]  # fmt: skip
+
+
+def without_clock(files: dict[str, bytes]) -> dict[str, bytes]:
+    """metrics.jsonl less images/s, the one thing in a run folder that depends on the clock."""
+    metrics = "run/metrics.jsonl"
+    if metrics in files:
+        lines = [json.loads(line) for line in files[metrics].decode("utf-8").splitlines()]
+        kept = [{key: value for key, value in line.items() if key != "images_per_s"} for line in lines]
+        files = {**files, metrics: json.dumps(kept, sort_keys=True).encode("utf-8")}
+    return files
+
+
 def test_builds_are_byte_identical_across_hash_seeds(tmp_path: Path) -> None:
     found = jobs(tmp_path)
     children = []
     for hash_seed in HASH_SEEDS:
         out = tmp_path / f"hash{hash_seed}"
-        listing = json.dumps([(net, str(out / name), flags) for net, name, flags in found])
+        compiles = [["compile", net, "-o", str(out / name), "--no-sm90", *flags] for net, name, flags in found]
+        others = [[arg.replace("{out}", str(out / "other")) for arg in argv] for argv in TRAIN_AND_EXPORT]
         environment = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        command = [sys.executable, "-c", CHILD, listing]
+        command = [sys.executable, "-c", CHILD, json.dumps(compiles + others)]
         quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
         children.append(subprocess.Popen(command, env=environment, cwd=tmp_path, **quiet))
     for child in children:
         _, errors = child.communicate(timeout=600)
         assert child.returncode == 0, errors[-3000:]
+    one, other = (without_clock(files_of(tmp_path / f"hash{seed}" / "other")) for seed in HASH_SEEDS)
+    assert sorted(one) == sorted(other)
+    assert {"run/weights.safetensors", "run/checkpoints/last.ckpt", "lenet5.onnx"} <= set(one)
+    for file in one:
+        if one[file] != other[file]:
+            pytest.fail(first_difference(file, one[file], other[file]))
     for _, name, flags in found:
         one, other = (files_of(tmp_path / f"hash{seed}" / name) for seed in HASH_SEEDS)
         assert sorted(one) == sorted(other), f"{name} {flags}: other files"
