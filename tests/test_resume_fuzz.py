@@ -456,6 +456,45 @@ def small_case(steps: int | None, epochs: int | None, stops: list[Stop], **setti
     return Case(NET, 14, 5, 8, 3, recipe_flags(**settings), steps, epochs, stops, seed=1)
 
 
+def test_a_stop_during_the_runs_last_step_inside_an_epoch_measures_the_last_weights_at_resume(tmp_path, monkeypatch):
+    """--steps 7 ends inside the third epoch (3 steps an epoch): the straight run measures its last weights (the
+    `final` record). Stopped during step 7, the run checkpointed there, and its resume found nothing left to train
+    and skipped that measurement: the record was missing (fixed: the checkpoint says whether the run had ended)."""
+    run_case(tmp_path, small_case(7, None, [Stop("signal", 7)]), monkeypatch)
+    assert [line["step"] for line in metric_lines(tmp_path / "parts") if line["kind"] == "final"] == [7]
+
+
+class Killed(BaseException):
+    """A kill -9 stand-in: nothing of the run catches it."""
+
+
+def test_a_resume_killed_before_the_checkpoint_that_ends_the_run_records_the_last_weights_once(tmp_path, monkeypatch):
+    """Stopped during its last step (inside an epoch), resumed, and killed once the last weights' record was written
+    but before the checkpoint that ends the run: resumed again, the run measures them again, and records them once."""
+    case = small_case(7, None, [])
+    net, data = write_inputs(tmp_path / "inputs", case)
+    signals = Signals(monkeypatch)
+    straight, parts = tmp_path / "straight", tmp_path / "parts"
+    assert train(net, "--data", data, "--out", straight, *case.flags, "--steps", 7) == 0
+    signals.during_step = 7
+    assert train(net, "--data", data, "--out", parts, *case.flags, "--steps", 7) == 128 + signal.SIGTERM
+    signals.during_step = None
+    real = loop.save_checkpoint
+
+    def killed_before_the_last(paths, checkpoint):
+        if checkpoint.state["ended"]:
+            raise Killed
+        real(paths, checkpoint)
+
+    monkeypatch.setattr(loop, "save_checkpoint", killed_before_the_last)
+    with pytest.raises(Killed):
+        train("--resume", parts)
+    assert [line["kind"] for line in metric_lines(parts)][-1] == "final"
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    assert train("--resume", parts) == 0
+    assert_same_training(straight, parts, set())
+
+
 def test_a_shorter_run_ending_off_the_log_interval_leaves_the_next_line_the_straight_runs(tmp_path, monkeypatch):
     """A line every 3 steps; a run of 5 steps logs its last step too (its last line), then is resumed to 9: the
     line at step 6 covers steps 4-6 as the straight run's does (it covered step 6 alone: the run's last line had

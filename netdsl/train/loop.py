@@ -182,6 +182,7 @@ class Trainer:
         self.epoch_sums = [0.0, 0.0, 0.0]  # this epoch so far: loss sum, correct, images
         self.window_sums = [0.0, 0.0, 0.0]  # the same since the last logged step
         self.best: list[list] = []  # [top-1, epoch, checkpoint file name], best first
+        self.ended = False  # whether the checkpoint resumed from was the run's last (its last weights measured)
         if resume:
             self._resume()
         else:  # dropout's masks: a stream of this seed's and rank's own, saved in every checkpoint
@@ -276,6 +277,7 @@ class Trainer:
             self.epoch, self.batch_in_epoch, self.step = (int(state[k]) for k in ("epoch", "batch_in_epoch", "step"))
             self.epoch_sums, self.window_sums = self._my_sums(state)
             self.best = [list(entry) for entry in state["best"]]
+            self.ended = bool(state.get("ended", True))  # a checkpoint from before `ended`: as it was then
         except (KeyError, TypeError, ValueError) as error:
             raise NetError(
                 f"the checkpoint's record of the run is damaged ({type(error).__name__}: {error})",
@@ -314,9 +316,10 @@ class Trainer:
                     self._end_of_epoch(metrics, board)
                 while self.step < self.total_steps:
                     self._epoch(metrics, board)
-                if self.step > first_step and self.batch_in_epoch:
+                if self.batch_in_epoch and (self.step > first_step or not self.ended):
+                    # a run stopped during its last step measures its last weights when it resumes
                     final = self._validate_last(metrics)
-                self._checkpoint(metrics)
+                self._checkpoint(metrics, ended=True)
         finally:
             if board is not None:
                 board.close()
@@ -349,6 +352,10 @@ class Trainer:
             "val_top5": tally.top5_accuracy,
         }
         if metrics is not None:
+            # a resume killed after writing this record, before the checkpoint that ends the run, wrote it already
+            metrics.lines = [
+                line for line in metrics.lines if (line.get("kind"), line.get("step")) != ("final", self.step)
+            ]
             metrics.add(record)
             self._say(
                 f"step {self.step} (inside epoch {self.epoch + 1}), the last weights: validation top-1 "
@@ -562,9 +569,9 @@ class Trainer:
         self.best = self.best[:keep]
         return True
 
-    def _checkpoint(self, metrics: Metrics | None, best_epoch: int | None = None) -> Path:
+    def _checkpoint(self, metrics: Metrics | None, best_epoch: int | None = None, ended: bool = False) -> Path:
         """Writes the last checkpoint (and, when epoch `best_epoch` ranks among the best, a best one), from
-        rank 0; every rank's random state goes in."""
+        rank 0; every rank's random state goes in. `ended`: the run's last, after everything it does."""
         every_rank = self.world.gather(rng_states())
         rng = {f"rank{rank}/{name}": value for rank, states in enumerate(every_rank) for name, value in states.items()}
         rank_sums = self.world.gather([*self.epoch_sums, *self.window_sums])
@@ -584,6 +591,7 @@ class Trainer:
             "net": str(self.net_path),
             "world": self.world.size,
             "netdsl": __version__,
+            "ended": ended,
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
