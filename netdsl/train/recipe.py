@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -464,12 +465,17 @@ def _checked(spec: Spec, value, word: bool, fail: _Fail):
 
 def _checked_number(spec: Spec, value, word: bool, fail: _Fail, what: str):
     whole = spec.kind in ("int", "ints", "size")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise fail(f"`{what}` must be {type_text(spec)}, got {_got(value)}", _word_hint(value, word, spec.words))
     if whole:
         if isinstance(value, float) and not value.is_integer():
             raise fail(f"`{what}` must be a whole number, got {_got(value)}")
         value = int(value)
+    elif abs(value) > sys.float_info.max:  # a whole number (a flag's digits) beyond any float
+        raise fail(
+            f"`{what}` must be {type_text(spec)}, got a number beyond floating point's range",
+            "the largest floating-point number is about 1.8e308",
+        )
     else:
         value = float(value)
     if spec.choices and value not in spec.choices:
@@ -480,6 +486,12 @@ def _checked_number(spec: Spec, value, word: bool, fail: _Fail, what: str):
     ):
         raise fail(f"`{what}` must be {_range_text(spec)}, got {_got(value)}")
     return value
+
+
+def _finite(value: int | float) -> bool:
+    """Whether a number is finite (a whole number always is, however many digits it has: math.isfinite would
+    convert it to a float first, and overflow)."""
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def _checked_tuple(spec: Spec, value, word: bool, fail: _Fail) -> tuple:
