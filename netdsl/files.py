@@ -57,6 +57,18 @@ def refuse_overwriting(output: Path, inputs, flag: str) -> None:
             )
 
 
+def refuse_folder(output: Path, flag: str) -> None:
+    """NetError (on `flag`) where `output` cannot name a file: empty, `.` or `..`, or a folder that exists. Said
+    before the command does its work, not by the write at its end."""
+    path = Path(output)
+    if path.name in ("", ".", "..") or path.is_dir():
+        raise NetError(
+            f"{str(output) or repr(str(output))} is a folder, not a file to write",
+            where=flag,
+            hint="give the name of a file (in a folder that exists)",
+        )
+
+
 def write_temporary(path: Path, data: bytes) -> Path:
     """`data` written whole to a new temporary beside `path`, which the caller renames into place (or
     removes); NetError (naming the file) when it cannot be written."""

@@ -1040,6 +1040,25 @@ def test_a_flag_number_beyond_floating_point_is_an_error_of_the_flag(world, tmp_
         assert f"{flag[0]}: error:" in error_of(result) and "beyond floating point's range" in result.err
 
 
+def test_an_output_file_flag_naming_a_folder_is_an_error_before_any_work(world, tmp_path):
+    """`export -o ''` and `import -o .` raised ValueError (Path('.').with_suffix); `run --save .` and
+    `eval --confusion .` ran the whole command and then failed to write ("Device or resource busy")."""
+    cases = [
+        (["export", "tiny.net", "-o", ""], "--output"),
+        (["export", "tiny.net", "-o", ".."], "--output"),
+        (["import", "model.onnx", "-o", "."], "--output"),
+        (["import", "model.onnx", "-o", "m.net", "--weights-out", "images"], "--weights-out"),
+        (["run", "tiny.net", "--backend", "torch", "--save", "."], "--save"),
+        (["eval", "tiny.net", "--weights", "run", "--data", "data.npz", "--confusion", ""], "--confusion"),
+    ]
+    for argv, flag in cases:
+        if "onnx" in " ".join(argv) and not ONNX:
+            continue
+        result = in_world(world, tmp_path, argv)
+        assert f"{flag}: error:" in error_of(result) and "is a folder, not a file to write" in result.err, argv
+        assert "top" not in result.out and "images" not in result.out  # refused before running or measuring
+
+
 def npy_header_numpy_cannot_tokenize(folder: Path) -> bytes:
     body = np.zeros((3, 8, 8), np.float32).tobytes()
     return npy_bytes({"descr": "<f4"}, body).replace(b"{'descr': '<f4'}", b"{'descr': '<f4', (3, ")

@@ -20,7 +20,7 @@ from netdsl.cli.tune import add_command as add_tune_command
 from netdsl.compiler.backward import TRAINING_PASS_NAMES
 from netdsl.compiler.passes import PASS_NAMES, Options, check_options
 from netdsl.errors import NetError, did_you_mean
-from netdsl.files import refuse_overwriting
+from netdsl.files import refuse_folder, refuse_overwriting
 from netdsl.ir.dtypes import DTYPES, dot_precision
 from netdsl.lang.build import MEMORY_UNITS
 from netdsl.lang.frontend import load_graph
@@ -363,6 +363,7 @@ def _export(path: Path, args: argparse.Namespace) -> int:
     from netdsl.train.runs import weights_file
 
     args.weights = weights_file(args.weights)
+    refuse_folder(args.output, "--output")
     for written in (args.output, args.output.with_name(args.output.name + ".data")):
         refuse_overwriting(written, [path, args.weights], "--output")
     graph = load_graph(path, batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit)
@@ -392,6 +393,9 @@ def _import(args: argparse.Namespace) -> int:
     from netdsl.train.augment import Preprocess
 
     import_to_files = _onnx_importer("import")
+    refuse_folder(args.output, "--output")
+    if args.weights_out is not None:
+        refuse_folder(args.weights_out, "--weights-out")
     weights = args.weights_out or args.output.with_suffix(".safetensors")
     result = import_to_files(args.model, args.output, weights, towers=args.towers, read_preprocess=Preprocess.from_json)
     for note in result.notes:

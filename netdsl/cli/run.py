@@ -14,7 +14,7 @@ import numpy as np
 
 from netdsl.cli.flags import plan_options
 from netdsl.errors import NetError
-from netdsl.files import refuse_overwriting, write_array, write_arrays
+from netdsl.files import refuse_folder, refuse_overwriting, write_array, write_arrays
 from netdsl.ir.dtypes import torch_dtype
 from netdsl.tables import format_bytes, format_table
 
@@ -153,6 +153,7 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
     shape = _input_shape(path)
     args.weights = weights_file(args.weights)
     if args.save:  # before the run: outputs written over an input would destroy it
+        refuse_folder(args.save, "--save")
         given = getattr(args, "given", None)  # the ONNX model or build folder named, if that is what it was
         read = [path, given, args.weights, args.tuning, args.labels, *(args.input or [])]
         if given is not None and Path(given).is_dir():

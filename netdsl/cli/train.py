@@ -11,7 +11,7 @@ from pathlib import Path
 from netdsl.cli.flags import seed_number
 from netdsl.codegen.interpret import use_interpreter
 from netdsl.errors import NetError
-from netdsl.files import parse_json
+from netdsl.files import parse_json, refuse_folder
 
 TRAIN_HELP = "train a net: the recipe from its `train` blocks, a --recipe file and flags (docs/training.md)"
 EVAL_HELP = "measure trained weights on a data set: top-1, top-5, per-class accuracy, confusion matrix"
@@ -224,6 +224,8 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.backend == "triton" and not torch.cuda.is_available():
         use_interpreter()  # the same kernels, interpreted on the CPU
     weights_path = weights_file(args.weights)
+    if args.confusion is not None:  # before the measuring, not by the write at its end
+        refuse_folder(args.confusion, "--confusion")
     graph = load_graph(args.net)
     classes = class_count(graph)
     shape = graph.nodes[graph.graph["inputs"][0]]["layer"].shape
