@@ -1059,6 +1059,15 @@ def test_an_output_file_flag_naming_a_folder_is_an_error_before_any_work(world, 
         assert "top" not in result.out and "images" not in result.out  # refused before running or measuring
 
 
+@pytest.mark.skipif(not ONNX, reason="needs onnx")
+def test_an_undecodable_file_name_is_printed_escaped(world, tmp_path):
+    """A name of bytes that are not UTF-8 (lone surrogates in Python) made `print` fail on a strict UTF-8 stdout
+    (a UTF-8 locale's) after the files were written: an internal error."""
+    result = in_world(world, tmp_path, ["import", "model.onnx", "-o", "\udcff.net"])
+    assert result.status == 0, result.err
+    assert "wrote \\udcff.net and \\udcff.safetensors" in result.out
+
+
 def npy_header_numpy_cannot_tokenize(folder: Path) -> bytes:
     body = np.zeros((3, 8, 8), np.float32).tobytes()
     return npy_bytes({"descr": "<f4"}, body).replace(b"{'descr': '<f4'}", b"{'descr': '<f4', (3, ")

@@ -415,8 +415,16 @@ def _wants_color(argv: list[str]) -> bool:
     return choice == "always" or (choice == "auto" and sys.stderr.isatty())
 
 
+def _printable(stream) -> None:
+    """Text a stream's encoding cannot write (a file name of bytes that are not UTF-8, given on the command line,
+    reaches Python as lone surrogates) is written escaped, not an error after the command did its work."""
+    if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+        stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _printable(sys.stdout)
     debug = "--debug" in argv
     color = _wants_color(argv)
     try:
