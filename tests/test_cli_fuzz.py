@@ -1068,6 +1068,24 @@ def test_an_undecodable_file_name_is_printed_escaped(world, tmp_path):
     assert "wrote \\udcff.net and \\udcff.safetensors" in result.out
 
 
+def test_a_folder_for_metrics_jsonl_is_an_error_naming_it(world, tmp_path):
+    """`train --resume` over a run folder whose metrics.jsonl is a folder failed with IsADirectoryError."""
+    result = in_world(world, tmp_path, ["train", "--resume", "run", "--steps", "2"],
+                      lambda folder: swap_for_folder(folder / "run" / "metrics.jsonl"))  # fmt: skip
+    assert "run/metrics.jsonl: error:" in error_of(result) and "is a folder" in result.err
+
+
+def test_metrics_lines_that_are_not_utf8_are_skipped(world, tmp_path):
+    """Bytes that are not UTF-8 in metrics.jsonl made `train --resume` fail with UnicodeDecodeError."""
+
+    def spoil(folder: Path) -> None:
+        with open(folder / "run" / "metrics.jsonl", "ab") as file:
+            file.write(b'\xff\xfe{"step": 1}\n')
+
+    result = in_world(world, tmp_path, ["train", "--resume", "run", "--steps", "2"], spoil)
+    assert result.status == 0, result.err
+
+
 def npy_header_numpy_cannot_tokenize(folder: Path) -> bytes:
     body = np.zeros((3, 8, 8), np.float32).tobytes()
     return npy_bytes({"descr": "<f4"}, body).replace(b"{'descr': '<f4'}", b"{'descr': '<f4', (3, ")

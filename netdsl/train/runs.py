@@ -111,6 +111,9 @@ def _a_record(record) -> bool:
     )
 
 
+_METRICS_HINT = f"{METRICS} is a file netdsl writes in the run folder: remove what stands in its place"
+
+
 class Metrics:
     """metrics.jsonl: appended line by line; the whole file is rewritten atomically at each checkpoint,
     and on resume only the lines up to the checkpoint's step are kept, and of the epoch records those of
@@ -120,8 +123,14 @@ class Metrics:
     def __init__(self, path: Path, keep_until_step: int | None = None, keep_until_epoch: int | None = None) -> None:
         self.path = path
         self.lines: list[dict] = []
+        if path.is_dir():
+            raise NetError(f"{path} is a folder, not the run's {METRICS}", where=str(path), hint=_METRICS_HINT)
         if keep_until_step is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            try:  # bytes that are not UTF-8 spoil their line only, which is skipped as any line not netdsl's
+                text = path.read_text(encoding="utf-8", errors="replace")
+            except OSError as error:
+                raise NetError(f"cannot read {METRICS}: {error.strerror or error}", where=str(path)) from None
+            for line in text.splitlines():
                 try:
                     record = parse_json(line)
                 except ValueError:
@@ -138,8 +147,13 @@ class Metrics:
 
     def add(self, record: dict) -> None:
         self.lines.append(record)
-        with self.path.open("a", encoding="utf-8") as file:
-            file.write(json.dumps(record, sort_keys=True) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as file:
+                file.write(json.dumps(record, sort_keys=True) + "\n")
+        except OSError as error:
+            raise NetError(
+                f"cannot write {METRICS}: {error.strerror or error}", where=str(self.path), hint=_METRICS_HINT
+            ) from None
 
     def flush(self) -> None:
         write_atomic(self.path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in self.lines))
