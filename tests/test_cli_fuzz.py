@@ -1086,6 +1086,21 @@ def test_metrics_lines_that_are_not_utf8_are_skipped(world, tmp_path):
     assert result.status == 0, result.err
 
 
+def test_npz_images_with_nan_or_beyond_float32_are_an_error_naming_the_image(world, tmp_path):
+    """x of float64 with 1e300 (an infinity in float32) or NaN reached the PCA of the colours:
+    LinAlgError "Eigenvalues did not converge"."""
+    for value in (1e300, np.nan, -np.inf):
+
+        def spoil(folder: Path, value=value) -> None:
+            with np.load(folder / "data.npz") as data:
+                x, y = data["x"].astype(np.float64), data["y"]
+            x[5, 1, 2, 3] = value
+            np.savez(folder / "data.npz", x=x, y=y)
+
+        result = in_world(world, tmp_path, ["train", "tiny.net", "--data", "data.npz", "--out", "new"], spoil)
+        assert "data.npz: error:" in error_of(result) and "x[5] holds NaN, an infinity" in result.err
+
+
 def npy_header_numpy_cannot_tokenize(folder: Path) -> bytes:
     body = np.zeros((3, 8, 8), np.float32).tobytes()
     return npy_bytes({"descr": "<f4"}, body).replace(b"{'descr': '<f4'}", b"{'descr': '<f4', (3, ")

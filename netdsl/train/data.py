@@ -367,6 +367,14 @@ def _npz_pair(arrays: dict, x_key: str, y_key: str, channels: int, where: str) -
         )
     if len(x) == 0:
         raise NetError(f"{where}: {x_key} holds no images", where=where, hint="give at least one image")
+    if x.dtype.kind == "f":  # a NaN or an infinity (or a float64 one in float32) would stop training at step 1
+        wrong = np.flatnonzero(~(np.abs(x.reshape(len(x), -1)) <= np.finfo(np.float32).max).all(axis=1))
+        if len(wrong):
+            raise NetError(
+                f"{where}: {x_key}[{wrong[0]}] holds NaN, an infinity or a value beyond float32's range",
+                where=where,
+                hint="give finite pixel values (0..255, as the images' bytes)",
+            )
     negative = np.flatnonzero(y < 0)
     if len(negative):
         row = negative[0]
