@@ -1101,6 +1101,14 @@ def test_npz_images_with_nan_or_beyond_float32_are_an_error_naming_the_image(wor
         assert "data.npz: error:" in error_of(result) and "x[5] holds NaN, an infinity" in result.err
 
 
+def test_memory_sizes_beyond_a_float_or_below_a_byte_are_errors_of_the_flag(world, tmp_path):
+    """`--memory-limit 1000...0` (401 digits) raised OverflowError (int of an infinite float); `0.0000001 B`
+    became 0 bytes, refused with `memory_limit` (no flag) to blame."""
+    for size in ("1" + "0" * 400, "0.0000001 B"):
+        result = in_world(world, tmp_path, ["check", "tiny.net", "--memory-limit", size])
+        assert "argument --memory-limit: not a memory size" in error_of(result)
+
+
 def npy_header_numpy_cannot_tokenize(folder: Path) -> bytes:
     body = np.zeros((3, 8, 8), np.float32).tobytes()
     return npy_bytes({"descr": "<f4"}, body).replace(b"{'descr': '<f4'}", b"{'descr': '<f4', (3, ")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import tempfile
@@ -43,9 +44,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _memory_size(text: str) -> int:
     match = _SIZE.match(text)
-    if not match or float(match.group(1)) <= 0:
+    size = float(match.group(1)) * MEMORY_UNITS[match.group(2) or "B"] if match else 0.0
+    if not 1 <= size < math.inf:  # less than a byte, or digits beyond a float's range: no memory size
         raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 16GiB)")
-    return int(float(match.group(1)) * MEMORY_UNITS[match.group(2) or "B"])
+    return int(size)
 
 
 def _positive(text: str) -> int:
