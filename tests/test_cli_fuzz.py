@@ -1114,6 +1114,23 @@ def npy_header_numpy_cannot_tokenize(folder: Path) -> bytes:
     return npy_bytes({"descr": "<f4"}, body).replace(b"{'descr': '<f4'}", b"{'descr': '<f4', (3, ")
 
 
+def test_an_npy_header_numpy_cannot_tokenize_is_an_error_naming_the_file(world, tmp_path):
+    """numpy reads a header it cannot parse again through `tokenize`, whose TokenError ("EOF in multi-line
+    statement") escaped `run --input` and the .npz reader as an internal error."""
+
+    def spoil(folder: Path) -> None:
+        data = npy_header_numpy_cannot_tokenize(folder)
+        (folder / "one.npy").write_bytes(data)
+        with zipfile.ZipFile(folder / "data.npz", "w") as archive:
+            archive.writestr("x.npy", data)
+            archive.writestr("y.npy", data)
+
+    result = in_world(world, tmp_path, ["run", "tiny.net", "--backend", "torch", "--input", "one.npy"], spoil)
+    assert "one.npy: error: one.npy is not a readable .npy array" in error_of(result)
+    result = in_world(world, tmp_path, ["train", "tiny.net", "--data", "data.npz", "--out", "new"], spoil)
+    assert "data.npz: error: cannot read data.npz as an .npz file" in error_of(result)
+
+
 # Defects in files outside this fuzzer's remit (reported, not fixed here): strict xfails, so a fix shows.
 
 

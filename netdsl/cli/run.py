@@ -9,6 +9,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from tokenize import TokenError
 
 import numpy as np
 
@@ -100,14 +101,16 @@ def _read_npy(path: Path, image_suffixes) -> np.ndarray:
                 )
             handle.seek(0)
             return np.load(handle, allow_pickle=False)
-        except ValueError as error:
+        except (ValueError, TokenError) as error:  # numpy tokenizes a header it cannot parse as it is
             if "allow_pickle" in str(error):
                 raise NetError(
                     f"{path} holds Python objects, not numbers; netdsl does not load pickled data",
                     where=str(path),
                     hint="save a float or integer array with numpy.save",
                 ) from None
-            raise NetError(f"{path} is not a readable .npy array ({error})", where=str(path)) from None
+            raise NetError(
+                f"{path} is not a readable .npy array ({error})", where=str(path), hint="save it again with numpy.save"
+            ) from None
         except (OSError, EOFError) as error:
             raise NetError(
                 f"{path} is not a readable .npy array ({error})", where=str(path), hint="save it again with numpy.save"

@@ -15,6 +15,7 @@ import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from tokenize import TokenError
 
 import numpy as np
 import torch
@@ -295,7 +296,7 @@ def _open_npz(path: Path, base: Preprocess, val_fraction: float, seed: int, num_
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, TokenError) as error:
         raise NetError(
             f"cannot read {path} as an .npz file ({error})",
             where=where,
