@@ -385,7 +385,7 @@ def command_compile(rng: random.Random) -> Case:
         "-o": ["out"] * 4 + ["build", "tiny.net", "images/cat", "", "run"],  # "\udcff": see test_known_...
     }
     argv = ["compile", choose(rng, NETS + ONNX), *flags(rng, table, rng.randrange(6))]
-    if rng.random() < 0.95:
+    if rng.random() < 0.98:
         argv.append("--no-sm90")  # the sm_90 builds take seconds; --no-sm90 is plain in test_compile.py
     out = next((argv[i + 1] for i in range(len(argv) - 2, 0, -1) if argv[i] == "-o"), None)
     return Case(argv, outputs=[out] if out == "out" else [])
@@ -441,7 +441,8 @@ def command_run(rng: random.Random) -> Case:
 SETTINGS = {
     "--batch": lambda r: pick(r, ["2", "4", "12"], [*WHOLE_BAD, "100000"]),
     "--epochs": lambda r: pick(r, ["1"], WHOLE_BAD),
-    "--steps": lambda r: pick(r, ["1", "2"], [*WHOLE_BAD, "none"]),
+    # a valid huge count, or `none` (the default 90 epochs), trains for as long as it says: not drawn
+    "--steps": lambda r: pick(r, ["1", "2"], [value for value in WHOLE_BAD if value not in ("9" * 30, "\u0663")]),
     "--seed": ["0", "3", "4294967295", "4294967296", "-1", "x"],
     "--optimizer": ["sgd", "adamw", "adam", ""],
     "--lr": lambda r: pick(r, NUMBER, NUMBER_BAD),
@@ -599,6 +600,17 @@ def random_command(rng: random.Random) -> Case:
     return maker(rng)
 
 
+def test_random_command_lines(world, tmp_path):
+    tally: Counter = Counter()
+    for number in range(COMMAND_CASES):
+        rng = random.Random(f"{SEED}:command:{number}")
+        case = random_command(rng)
+        case.what = f"command case {number} (NETDSL_FUZZ_SEED={SEED})"
+        run_case(world, tmp_path, case, tally)
+    print(sorted(tally.items()))
+    assert sum(count for (_, status), count in tally.items() if status == 0) >= COMMAND_CASES // 10
+
+
 # --- (b) mutated files -----------------------------------------------------------------------------------
 
 RUN_CODE = f"__import__('pathlib').Path('{CANARY}').touch()"
@@ -750,7 +762,8 @@ def mutate_npy(rng: random.Random, data: bytes) -> bytes:
     if how < 0.8:
         array = np.load(io.BytesIO(data))
         array = array.astype(rng.choice([np.float64, np.float16, np.int64, np.uint8, bool, np.complex64]))
-        array.flat[rng.randrange(array.size)] = rng.choice([np.nan, np.inf, 1e30, -1])
+        with contextlib.suppress(ValueError, OverflowError), np.errstate(all="ignore"):  # NaN into an int: no
+            array.flat[rng.randrange(array.size)] = rng.choice([np.nan, np.inf, 1e30, -1])
         buffer = io.BytesIO()
         np.save(buffer, array)
         return buffer.getvalue()
@@ -1020,6 +1033,17 @@ def random_file_case(rng: random.Random) -> Case:
     return Case(argv, prepare=[prepare], outputs=[out] if (out and out in argv) or out == "run" else [])
 
 
+def test_mutated_files(world, tmp_path):
+    tally: Counter = Counter()
+    for number in range(FILE_CASES):
+        rng = random.Random(f"{SEED}:file:{number}")
+        case = random_file_case(rng)
+        case.what = f"file case {number} (NETDSL_FUZZ_SEED={SEED})"
+        run_case(world, tmp_path, case, tally)
+    print(sorted(tally.items()))
+    assert sum(count for (_, status), count in tally.items() if status == 1) >= FILE_CASES // 10
+
+
 # --- defects the fuzzer found, each a named case ---------------------------------------------------------
 
 
@@ -1134,3 +1158,25 @@ def test_an_npy_header_numpy_cannot_tokenize_is_an_error_naming_the_file(world, 
 # Defects in files outside this fuzzer's remit (reported, not fixed here): strict xfails, so a fix shows.
 
 
+@pytest.mark.xfail(strict=True, reason="compiler/compile.py write_build pops a temporary before renaming it")
+def test_known_a_build_whose_report_is_a_folder_leaves_no_temporary(world, tmp_path):
+    """`compile -o build` over a build whose report.txt is a folder: the error is right, but
+    `build/.report.txt.<hex>` stays behind (write_build pops it from its list before os.replace fails)."""
+    shutil.copytree(world, tmp_path / "case")
+    with contextlib.chdir(tmp_path / "case"):
+        swap_for_folder(Path("build/report.txt"))
+        assert error_of(invoke(["compile", "tiny.net", "-o", "build", "--no-sm90"]))
+        assert not [path for path in Path("build").glob(".*") if TEMPORARY.match(path.name)]
+
+
+@pytest.mark.xfail(strict=True, reason="compiler/launches.py load_kernel_file encodes the path as strict UTF-8")
+def test_known_a_build_folder_named_by_undecodable_bytes(world, tmp_path):
+    """`compile -o $'\\xff'`: UnicodeEncodeError from `str(path.resolve()).encode()` in load_kernel_file."""
+    in_world(world, tmp_path, ["compile", "tiny.net", "-o", "\udcff", "--no-sm90"])
+
+
+@pytest.mark.skipif(not ONNX, reason="needs onnx")
+@pytest.mark.xfail(strict=True, reason="interop/onnx_export.py hands onnx.checker a path it cannot take")
+def test_known_an_onnx_export_named_by_undecodable_bytes(world, tmp_path):
+    """`export -o $'\\xff'.onnx`: TypeError from onnx.checker.check_model_path (a str that is not UTF-8)."""
+    in_world(world, tmp_path, ["export", "tiny.net", "-o", "\udcff.onnx"])
