@@ -3,12 +3,14 @@
 Each case draws (seeded) a tiny net with dropout and batch norm, a tiny .npz data set with a validation part
 and a recipe: sgd (momentum, Nesterov, weight decay, lr and decay multipliers) or adamw; a constant, step,
 multistep, cosine or plateau schedule with or without a warm-up; --steps or --epochs; --val-every,
---keep-best, --clip-grad, --label-smoothing, fp32 or bf16; random crops, flips, PCA colour noise, the mean and
-std measured or not. It trains the recipe straight through, then again with one or more stops:
+--keep-best, --clip-grad, --label-smoothing, fp32, bf16 or fp16 (loss scaling); random crops, flips, PCA colour
+noise, the mean and std measured or not; no loading process or one. It trains the recipe straight through, then
+again with one or more stops:
 
 - `signal`: SIGTERM during step k (the run ends the step, checkpoints and exits 143), k anywhere, an
   epoch's last step and the run's final one included;
-- `validation`: SIGTERM while epoch k's end validates (the run stops after the next step);
+- `validation`: SIGTERM while the end of the epoch that step k ends validates (the run stops after the next
+  step), also the end a resume does after a stop during that step;
 - `short`: the run (re)started with a shorter --steps (or --epochs) that ends at step k, then resumed with
   the longer one (only for schedules that do not follow the run's length: not cosine),
 
@@ -46,7 +48,7 @@ from netdsl.train.loop import Trainer
 
 SCALE = float(os.environ.get("NETDSL_FUZZ_SCALE", "1"))
 SEED = int(os.environ.get("NETDSL_FUZZ_SEED", "0"))
-CASES = max(1, round(8 * SCALE))
+CASES = max(1, round(6 * SCALE))
 
 
 # --- a case ---------------------------------------------------------------------------------------------------
@@ -142,7 +144,8 @@ def draw_case(rng: random.Random) -> Case:
     images = round(batch * steps_per_epoch / (1 - val_fraction)) + classes + rng.randint(0, batch // 2)
     size = net_size + rng.choice([0, 0, 2])
     flags = ["--batch", str(batch), "--seed", str(rng.randint(0, 2**32 - 1)), "--init", rng.choice(["he", "paper"])]
-    flags += ["--val-fraction", str(val_fraction), "--workers", "0", "--log-every", str(rng.randint(1, 4))]
+    flags += ["--val-fraction", str(val_fraction), "--log-every", str(rng.randint(1, 4))]
+    flags += ["--workers", "1" if rng.random() < 0.1 else "0"]  # a loading process: the same batches
     # the optimizer
     if rng.random() < 0.7:
         momentum = rng.choice([0.0, 0.5, 0.9, 0.9])
@@ -178,7 +181,7 @@ def draw_case(rng: random.Random) -> Case:
         flags += ["--clip-grad", str(rng.choice([0.1, 1.0, 5.0]))]
     if rng.random() < 0.4:
         flags += ["--label-smoothing", str(rng.choice([0.1, 0.3]))]
-    flags += ["--dtype", rng.choice(["fp32", "fp32", "fp32", "bf16"])]
+    flags += ["--dtype", rng.choice(["fp32", "fp32", "fp32", "fp32", "bf16", "bf16", "fp16"])]
     # the data's augmentation and normalization
     flags.append(rng.choice(["--flip", "--no-flip"]))
     flags += ["--pca-noise", str(rng.choice([0.0, 0.1, 0.5]))]
@@ -199,22 +202,30 @@ def draw_case(rng: random.Random) -> Case:
 
 def draw_stops(rng: random.Random, case: Case, schedule: str) -> list[Stop]:
     """One to three stops at distinct steps, often at an epoch's end (where validation and the plateau watch
-    run) and at the run's last step."""
+    run) and at the run's last step; a stop during an epoch's last step may be followed by one during the
+    validation its resume does."""
     total, per = case.total, case.steps_per_epoch
     ends = list(range(per, total + 1, per))
     chosen: set[int] = set()
     for _ in range(rng.choice([1, 1, 2, 3])):
         chosen.add(rng.choice([*ends, total]) if rng.random() < 0.5 else rng.randint(1, total))
-    stops = []
+    stops: list[Stop] = []
+    reached = 0  # the step the stops so far leave the run at
     for step in sorted(chosen):
-        kinds = ["signal", "signal"]
-        if step % per == 0 and (step // per) % int(flag(case.flags, "--val-every")) == 0:
-            kinds += ["validation", "validation"]  # an epoch that validates
+        validates = step % per == 0 and (step // per) % int(flag(case.flags, "--val-every")) == 0
+        kinds = ["signal", "signal"] if step > reached else []  # a step a resume still takes
+        if validates:
+            kinds += ["validation", "validation"]
         if step < total and schedule != "cosine":
             kinds += ["short", "short"]
+        if not kinds:
+            continue
         kind = rng.choice(kinds)
         by_epochs = kind == "short" and case.epochs is not None and step % per == 0 and rng.random() < 0.5
         stops.append(Stop(kind, step, epochs=by_epochs))
+        if kind == "signal" and validates and rng.random() < 0.3:
+            stops.append(Stop("validation", step))  # during the validation the resume does for that epoch's end
+        reached = min(step + 1, total) if stops[-1].kind == "validation" else step  # it stops after the next step
     return stops
 
 
@@ -419,7 +430,14 @@ def test_the_generator_is_reproducible_and_varied():
     assert {flag(case.flags, "--optimizer") for case in cases} == {"sgd", "adamw"}
     assert any(stop.step == case.total for case in cases for stop in case.stops)
     assert any(stop.epochs for case in cases for stop in case.stops)
-    assert {flag(case.flags, "--dtype") for case in cases} == {"fp32", "bf16"}
+    assert any([stop.kind for stop in case.stops].count("validation") for case in cases)
+    assert any(
+        (one.kind, two.kind, one.step) == ("signal", "validation", two.step)
+        for case in cases
+        for one, two in zip(case.stops, case.stops[1:])
+    )
+    assert {flag(case.flags, "--dtype") for case in cases} == {"fp32", "bf16", "fp16"}
+    assert {flag(case.flags, "--workers") for case in cases} == {"0", "1"}
     assert any("towers" in case.net for case in cases) and any("softmax" in case.net for case in cases)
 
 
@@ -457,11 +475,11 @@ def small_case(steps: int | None, epochs: int | None, stops: list[Stop], **setti
 
 
 def test_a_stop_during_the_runs_last_step_inside_an_epoch_measures_the_last_weights_at_resume(tmp_path, monkeypatch):
-    """--steps 7 ends inside the third epoch (3 steps an epoch): the straight run measures its last weights (the
-    `final` record). Stopped during step 7, the run checkpointed there, and its resume found nothing left to train
+    """--steps 4 ends inside the second epoch (3 steps an epoch): the straight run measures its last weights (the
+    `final` record). Stopped during step 4, the run checkpointed there, and its resume found nothing left to train
     and skipped that measurement: the record was missing (fixed: the checkpoint says whether the run had ended)."""
-    run_case(tmp_path, small_case(7, None, [Stop("signal", 7)]), monkeypatch)
-    assert [line["step"] for line in metric_lines(tmp_path / "parts") if line["kind"] == "final"] == [7]
+    run_case(tmp_path, small_case(4, None, [Stop("signal", 4)]), monkeypatch)
+    assert [line["step"] for line in metric_lines(tmp_path / "parts") if line["kind"] == "final"] == [4]
 
 
 class Killed(BaseException):
@@ -471,13 +489,13 @@ class Killed(BaseException):
 def test_a_resume_killed_before_the_checkpoint_that_ends_the_run_records_the_last_weights_once(tmp_path, monkeypatch):
     """Stopped during its last step (inside an epoch), resumed, and killed once the last weights' record was written
     but before the checkpoint that ends the run: resumed again, the run measures them again, and records them once."""
-    case = small_case(7, None, [])
+    case = small_case(4, None, [])
     net, data = write_inputs(tmp_path / "inputs", case)
     signals = Signals(monkeypatch)
     straight, parts = tmp_path / "straight", tmp_path / "parts"
-    assert train(net, "--data", data, "--out", straight, *case.flags, "--steps", 7) == 0
-    signals.during_step = 7
-    assert train(net, "--data", data, "--out", parts, *case.flags, "--steps", 7) == 128 + signal.SIGTERM
+    assert train(net, "--data", data, "--out", straight, *case.flags, "--steps", 4) == 0
+    signals.during_step = 4
+    assert train(net, "--data", data, "--out", parts, *case.flags, "--steps", 4) == 128 + signal.SIGTERM
     signals.during_step = None
     real = loop.save_checkpoint
 
@@ -496,10 +514,27 @@ def test_a_resume_killed_before_the_checkpoint_that_ends_the_run_records_the_las
 
 
 def test_a_shorter_run_ending_off_the_log_interval_leaves_the_next_line_the_straight_runs(tmp_path, monkeypatch):
-    """A line every 3 steps; a run of 5 steps logs its last step too (its last line), then is resumed to 9: the
-    line at step 6 covers steps 4-6 as the straight run's does (it covered step 6 alone: the run's last line had
-    emptied the window, and the checkpoint saved it empty)."""
-    case = small_case(9, None, [Stop("short", 5)], log_every=3)
+    """A line every 2 steps (3 an epoch); a run of 5 steps logs its last step too (its last line), then is resumed
+    to 6: the line at step 6 covers steps 5-6 as the straight run's does (it covered step 6 alone: the run's last
+    line had emptied the window, and the checkpoint saved it empty)."""
+    case = small_case(6, None, [Stop("short", 5)], log_every=2)
     run_case(tmp_path, case, monkeypatch)
     steps = [line["step"] for line in metric_lines(tmp_path / "parts") if line["kind"] == "step"]
-    assert steps == [3, 5, 6, 9]
+    assert steps == [2, 4, 5, 6]
+
+
+TRITON_NET = """\
+net kernels
+input image: 1 x 6 x 6
+c1 = conv(image, 2, size=3, pad=1) | batchnorm | relu | maxpool(2)
+f = fc(c1, 4) | relu | dropout(0.5)
+out = fc(f, 3)
+output out
+"""
+
+
+def test_a_resumed_run_on_the_triton_backend_trains_as_the_straight_run(tmp_path, monkeypatch):
+    """netdsl's kernels (under the interpreter on a CPU): the fused SGD's flat velocities and the dropout kernel's
+    seeds come back from the checkpoint. Two steps, a stop during the first."""
+    case = Case(TRITON_NET, 8, 3, 6, 3, recipe_flags(backend="triton", momentum=0.9), 2, None, [Stop("signal", 1)])
+    run_case(tmp_path, case, monkeypatch)
