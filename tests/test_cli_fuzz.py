@@ -1110,9 +1110,9 @@ def test_metrics_lines_that_are_not_utf8_are_skipped(world, tmp_path):
     assert result.status == 0, result.err
 
 
-def test_npz_images_with_nan_or_beyond_float32_are_an_error_naming_the_image(world, tmp_path):
-    """x of float64 with 1e300 (an infinity in float32) or NaN reached the PCA of the colours:
-    LinAlgError "Eigenvalues did not converge"."""
+def test_npz_images_with_nan_or_beyond_float32_stop_the_first_step_naming_the_input(world, tmp_path):
+    """x of float64 with 1e300 (an infinity in float32) or NaN failed in the PCA of the training colours
+    (LinAlgError "Eigenvalues did not converge"); as documented, the first step now stops, naming the input."""
     for value in (1e300, np.nan, -np.inf):
 
         def spoil(folder: Path, value=value) -> None:
@@ -1122,7 +1122,7 @@ def test_npz_images_with_nan_or_beyond_float32_are_an_error_naming_the_image(wor
             np.savez(folder / "data.npz", x=x, y=y)
 
         result = in_world(world, tmp_path, ["train", "tiny.net", "--data", "data.npz", "--out", "new"], spoil)
-        assert "data.npz: error:" in error_of(result) and "x[5] holds NaN, an infinity" in result.err
+        assert "step 1 (epoch 1)" in error_of(result) and "in the net's input `image`" in result.err
 
 
 def test_memory_sizes_beyond_a_float_or_below_a_byte_are_errors_of_the_flag(world, tmp_path):

@@ -368,14 +368,6 @@ def _npz_pair(arrays: dict, x_key: str, y_key: str, channels: int, where: str) -
         )
     if len(x) == 0:
         raise NetError(f"{where}: {x_key} holds no images", where=where, hint="give at least one image")
-    if x.dtype.kind == "f":  # a NaN or an infinity (or a float64 one in float32) would stop training at step 1
-        wrong = np.flatnonzero(~(np.abs(x.reshape(len(x), -1)) <= np.finfo(np.float32).max).all(axis=1))
-        if len(wrong):
-            raise NetError(
-                f"{where}: {x_key}[{wrong[0]}] holds NaN, an infinity or a value beyond float32's range",
-                where=where,
-                hint="give finite pixel values (0..255, as the images' bytes)",
-            )
     negative = np.flatnonzero(y < 0)
     if len(negative):
         row = negative[0]
@@ -533,7 +525,10 @@ def _statistics(sums: list, base: Preprocess, classes: list[str], std: bool):
         std=tuple(float(v) if v > 0 else 1.0 for v in spread) if std else None,
         classes=list(classes),
     )
-    values, vectors = principal_components(covariance / PIXEL_RANGE**2)
+    if not np.isfinite(covariance).all():  # images holding NaN or infinities: no colours to take components of;
+        values, vectors = np.zeros(len(mean)), np.eye(len(mean))  # the first step stops, naming the input
+    else:
+        values, vectors = principal_components(covariance / PIXEL_RANGE**2)
     eigvecs = tuple(tuple(float(v) for v in row) for row in vectors)
     return preprocess, Augment(eigvals=tuple(float(v) for v in values), eigvecs=eigvecs)
 
