@@ -156,8 +156,8 @@ def draw_case(rng: random.Random) -> Case:
         flags += ["--optimizer", "adamw", "--lr", str(rng.choice([0.001, 0.01])), "--betas", "0.8,0.99"]
         flags += ["--eps", str(rng.choice([1e-8, 1e-6]))]
     flags += ["--weight-decay", str(rng.choice([0.0, 0.0005, 0.01]))]
-    if rng.random() < 0.4:
-        flags += ["--lr-mult", f"{rng.choice(['f.*', 'c1.*', '*.bias'])}={rng.choice([0, 0.5, 2])}"]
+    if rng.random() < 0.4:  # `f*`: a tower's weights are f@gpu0.weight, ...
+        flags += ["--lr-mult", f"{rng.choice(['f*', 'c1*', '*.bias'])}={rng.choice([0, 0.5, 2])}"]
     if rng.random() < 0.4:
         flags += ["--decay-mult", "*.bias=0"]
     # the schedule
