@@ -228,11 +228,15 @@ def test_cache_entries_are_atomic_and_corrupt_ones_are_ignored(tmp_path):
         "mma": [],
         "cubin_sha256": "0" * 64,
         "ptx_sha256": "1" * 64,
+        "key": "key",  # the file's name
     }
     entry["sha256"] = _record_checksum(entry)
     path = tmp_path / "cache" / "key.json"
     _write_cache(path, entry)
     assert _read_cache(path) == entry
+    renamed = path.rename(path.with_name("other.json"))  # whole, but not the entry of that key
+    assert _read_cache(renamed) is None
+    renamed.rename(path)
     path.write_text(json.dumps({**entry, "registers": 7}))  # edited: no longer its checksum
     assert _read_cache(path) is None
     assert not list(path.parent.glob(".*"))  # no temporary left behind

@@ -1,5 +1,5 @@
 """Fuzzing the front end: whatever text it is given, `graph_from_text` builds a graph or raises
-`NetError`, and it does so quickly. Any other exception, or a run over the time limit, is a bug.
+`NetError`, and it does not hang. Any other exception, or a run over the time limit, is a bug.
 
 Three sources of input:
   * mutants of every `nets/*.net` file, made with a seeded `random.Random` (reproducible);
@@ -7,7 +7,8 @@ Three sources of input:
     characters, and grammar-shaped statements that usually parse and so reach the builder and shape inference;
   * hand-written hostile inputs (deep nesting, huge numbers and repeat counts, long lines, NUL ...).
 
-The time limit uses SIGALRM, so it is enforced on Unix in the main thread and skipped elsewhere.
+The time limit (a minute: it catches hangs, not slowness) uses SIGALRM, so it is enforced on Unix in the main
+thread and skipped elsewhere.
 Set NETDSL_FUZZ_SCALE (e.g. 10) for more mutants and examples, NETDSL_FUZZ_SEED for other mutants.
 """
 
@@ -35,7 +36,10 @@ NETS = sorted((ROOT / "nets").glob("*.net"))
 SCALE = float(os.environ.get("NETDSL_FUZZ_SCALE", "1"))
 SEED = int(os.environ.get("NETDSL_FUZZ_SEED", "0"))  # another value, other mutants
 MUTANTS_PER_FILE = max(1, int(SCALE * max(60, 750 // max(1, len(NETS)))))  # ~750 in all, at least 60 a file
-CASE_LIMIT_S = 5.0  # one input; the front end normally needs milliseconds
+# One input: a guard against hangs, not a measure of speed. The front end needs milliseconds for most inputs and
+# a few seconds for the worst (the builder's MAX_LAYERS and MAX_STEPS stop a runaway `repeat` or block nesting
+# after a fixed amount of work); the margin is wide so that a loaded CI machine cannot fail a correct case.
+CASE_LIMIT_S = 60.0
 
 KEYWORDS = ["net", "input", "output", "const", "include", "device", "memory", "towers", "block", "repeat"]
 KEYWORDS += ["train", "return", "on", "all", "same", "valid", "true", "false", "x", "B", "GiB"]
@@ -435,7 +439,7 @@ HOSTILE = {
 
 @pytest.mark.parametrize("text", HOSTILE.values(), ids=HOSTILE.keys())
 def test_hostile_inputs(text):
-    check(text, limit=10.0)
+    check(text)
 
 
 def test_hostile_includes(tmp_path):

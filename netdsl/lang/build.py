@@ -96,6 +96,7 @@ class Builder:
         self.placement = Placement(first_device(module, self.includes) or DEFAULT_DEVICE)
         self.steps = 0  # counted against MAX_STEPS
         self.part_numbers: dict[str, int] = {}  # `_part_name`: the number a chain part's search starts at
+        self.open_blocks: set[str] = set()  # the blocks being expanded now (a block in it that is called recurs)
 
     # --- entry point ------------------------------------------------------------------------
 
@@ -444,7 +445,7 @@ class Builder:
         self, block: s.BlockStmt, call: s.Call, current: Tensors | None, instance: str, ctx: Context, device: str | None
     ) -> Tensors:
         self._step(call.span, ctx)  # blocks calling blocks twice each also multiply
-        if any(frame.block == block.name for frame in ctx.trace):
+        if block.name in self.open_blocks:  # a set, not a walk of the trace: deep nesting stays linear
             raise NetError(
                 f"block `{block.name}` uses itself",
                 call.span,
@@ -512,10 +513,14 @@ class Builder:
                 trace=ctx.trace,
                 hint="end the block with `return <chain>`",
             )
-        for stmt in body:
-            self.run(stmt, inner)
-        # The returned chain is named after the instance itself: `s1 = stage(...)` makes layer `s1`.
-        return self._chain(instance.split("@")[0], result.chain, replace(inner, prefix="", repeat=()), device)
+        self.open_blocks.add(block.name)
+        try:
+            for stmt in body:
+                self.run(stmt, inner)
+            # The returned chain is named after the instance itself: `s1 = stage(...)` makes layer `s1`.
+            return self._chain(instance.split("@")[0], result.chain, replace(inner, prefix="", repeat=()), device)
+        finally:
+            self.open_blocks.discard(block.name)
 
     def _block_argument(self, expr: s.Expr, ctx: Context):
         """A block's argument: a tensor (a layer's output, perhaps not defined yet) or a constant."""
