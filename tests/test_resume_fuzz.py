@@ -132,12 +132,15 @@ def draw_net(rng: random.Random, channels: int, size: int, classes: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def draw_case(rng: random.Random) -> Case:
+def draw_case(rng: random.Random, kernels: bool = False) -> Case:
+    """A random case; `kernels`: on the triton backend (under the interpreter on a CPU), fp32, at most 4 steps."""
     channels = rng.choice([1, 3, 3])
     net_size = rng.choice([6, 8])
     classes = rng.randint(3, 5)
     batch = rng.choice([4, 6, 8])
     steps_per_epoch = rng.randint(2, 4)
+    if kernels:
+        net_size, batch, steps_per_epoch = 6, 4, 2
     val_images = rng.choice([0, 0, 5])
     val_fraction = rng.choice([0.2, 0.3]) if val_images == 0 else 0.0
     # enough images for steps_per_epoch batches after the validation split (drop_last: a few more are fine)
@@ -181,7 +184,8 @@ def draw_case(rng: random.Random) -> Case:
         flags += ["--clip-grad", str(rng.choice([0.1, 1.0, 5.0]))]
     if rng.random() < 0.4:
         flags += ["--label-smoothing", str(rng.choice([0.1, 0.3]))]
-    flags += ["--dtype", rng.choice(["fp32", "fp32", "fp32", "fp32", "bf16", "bf16", "fp16"])]
+    dtype = rng.choice(["fp32", "fp32", "fp32", "fp32", "bf16", "bf16", "fp16"])
+    flags += ["--dtype", "fp32", "--backend", "triton"] if kernels else ["--dtype", dtype]
     # the data's augmentation and normalization
     flags.append(rng.choice(["--flip", "--no-flip"]))
     flags += ["--pca-noise", str(rng.choice([0.0, 0.1, 0.5]))]
@@ -191,7 +195,7 @@ def draw_case(rng: random.Random) -> Case:
     case = Case(draw_net(rng, channels, net_size, classes), images, val_images, size, classes, flags, None, None)
     case.seed = rng.randint(0, 10**6)
     per = case.steps_per_epoch
-    epochs = rng.randint(2, max(2, 12 // per))
+    epochs = rng.randint(2, max(2, (4 if kernels else 12) // per))
     if rng.random() < 0.5:
         case.steps = rng.randint(per + 1, epochs * per)
     else:
@@ -417,6 +421,13 @@ def assert_same_training(straight: Path, parts: Path, shorts: set[int]) -> None:
 def test_a_resumed_run_trains_as_the_straight_run(number, tmp_path, monkeypatch):
     case = draw_case(random.Random(f"{SEED}:resume:{number}"))
     print(f"case {number} (NETDSL_FUZZ_SEED={SEED})")
+    run_case(tmp_path, case, monkeypatch)
+
+
+@pytest.mark.parametrize("number", range(int(SCALE // 4)))  # campaigns only: a second a step
+def test_a_resumed_run_on_the_triton_backend_trains_as_the_straight_run_random(number, tmp_path, monkeypatch):
+    case = draw_case(random.Random(f"{SEED}:resume-kernels:{number}"), kernels=True)
+    print(f"triton case {number} (NETDSL_FUZZ_SEED={SEED})")
     run_case(tmp_path, case, monkeypatch)
 
 
