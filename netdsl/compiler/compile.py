@@ -105,7 +105,8 @@ def write_build(compiled: Compiled, out_dir: str | Path, options: Options | None
                 temporaries[path] = write_temporary(path, text.encode("utf-8"))
             swap_folder(out / "kernels", staged)
             for path in files:
-                os.replace(temporaries.pop(path), path)
+                os.replace(temporaries[path], path)
+                del temporaries[path]  # renamed: no longer ours to remove (one that failed is removed below)
         except OSError as error:
             raise NetError(f"cannot write the build in {out}: {error.strerror or error}", where=str(out)) from None
         finally:

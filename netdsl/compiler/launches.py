@@ -69,7 +69,7 @@ class Recorder:
 
 def load_kernel_file(path: Path) -> ModuleType:
     """Imports a generated kernel file under a private module name (its path may be anywhere)."""
-    name = "netdsl_generated_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    name = "netdsl_generated_" + hashlib.sha256(os.fsencode(path.resolve())).hexdigest()[:16]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # Triton's JIT looks the module up while it reads the kernel's source

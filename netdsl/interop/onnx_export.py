@@ -36,6 +36,7 @@ from pathlib import Path
 import networkx as nx
 import numpy as np
 
+from netdsl.errors import NetError
 from netdsl.files import write_atomic_bytes
 from netdsl.interop.onnx_metadata import export_props
 from netdsl.ir import layers
@@ -325,6 +326,15 @@ def export_onnx(
     import onnx
 
     path = Path(path)
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:  # bytes of another encoding, which Python holds as lone surrogates
+        raise NetError(
+            "the model's file name is not UTF-8 text",
+            where=str(path).encode("utf-8", "backslashreplace").decode("ascii"),
+            hint="ONNX names the weights' file in UTF-8 and onnx.checker opens the model by a UTF-8 path: "
+            "choose a name of UTF-8 characters",
+        ) from None
     model = build_onnx(graph, weights, opset, preprocess)
     if external_data is None:
         external_data = model.ByteSize() > MAX_PROTO_BYTES
