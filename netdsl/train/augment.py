@@ -83,7 +83,8 @@ def as_pixels(array: np.ndarray, channels: int, where: str | None = None) -> np.
             hint="give H x W, H x W x C or C x H x W",
         )
     if array.dtype != np.uint8:
-        array = array.astype(np.float32)
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, which the first step reports
+            array = array.astype(np.float32)
     return match_channels(array, channels, where)
 
 
@@ -265,9 +266,10 @@ class Preprocess:
         """An H x W x C crop plus a colour offset, less the mean, over the std: C x H x W float32, written
         into `out` when given (one pass over the pixels)."""
         shift = np.asarray(self.mean, dtype=np.float64) - (0.0 if colour is None else colour)
-        values = np.subtract(
-            view.transpose(2, 0, 1), shift.astype(np.float32)[:, None, None], out=out, dtype=np.float32, order="C"
-        )
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite pixels stay so; the first step reports them
+            values = np.subtract(
+                view.transpose(2, 0, 1), shift.astype(np.float32)[:, None, None], out=out, dtype=np.float32, order="C"
+            )
         if self.std is not None:
             np.divide(values, np.asarray(self.std, dtype=np.float32)[:, None, None], out=values)
         return values

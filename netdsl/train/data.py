@@ -516,8 +516,9 @@ def _statistics(sums: list, base: Preprocess, classes: list[str], std: bool):
     """The training set's per-channel mean (and std) and the Augment carrying its colour components, from
     the sums over the centre crops the net would see."""
     count, total, outer = sums
-    mean = total / count
-    covariance = outer / count - np.outer(mean, mean)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite images: checked below, reported at step 1
+        mean = total / count
+        covariance = outer / count - np.outer(mean, mean)
     spread = np.sqrt(np.clip(np.diag(covariance), 0.0, None))
     preprocess = replace(
         base,
