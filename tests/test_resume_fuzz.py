@@ -48,7 +48,17 @@ from netdsl.train.loop import Trainer
 
 SCALE = float(os.environ.get("NETDSL_FUZZ_SCALE", "1"))
 SEED = int(os.environ.get("NETDSL_FUZZ_SEED", "0"))
-CASES = max(1, round(6 * SCALE))
+CASES = max(1, round(5 * SCALE))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny nets run on one thread: two threads of torch fight each other and any other process for 2 busy cores
+    (the fuzzer took 2-3 times as long). Both runs of a case take the same, so their bits may be compared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # --- a case ---------------------------------------------------------------------------------------------------
@@ -546,6 +556,6 @@ output out
 
 def test_a_resumed_run_on_the_triton_backend_trains_as_the_straight_run(tmp_path, monkeypatch):
     """netdsl's kernels (under the interpreter on a CPU): the fused SGD's flat velocities and the dropout kernel's
-    seeds come back from the checkpoint. Two steps, a stop during the first."""
-    case = Case(TRITON_NET, 8, 3, 6, 3, recipe_flags(backend="triton", momentum=0.9), 2, None, [Stop("signal", 1)])
+    seeds come back from the checkpoint. Two steps, a stop during the first; no validation (a second a step)."""
+    case = Case(TRITON_NET, 8, 0, 6, 3, recipe_flags(backend="triton", momentum=0.9), 2, None, [Stop("signal", 1)])
     run_case(tmp_path, case, monkeypatch)
