@@ -21,10 +21,11 @@ checkpoint the weights, the optimizer's state, every random generator's state, t
 sums, schedule state, best checkpoints; the recipe's values, not where they came from) and the preprocessing.
 Resuming a finished run must change nothing.
 
-Everything runs on the torch backend in this process (the CLI's `main`), except a named case on the triton
-backend; curves.png is not drawn (matplotlib's layout costs most of a tiny run; it is drawn from
-metrics.jsonl, compared here). NETDSL_FUZZ_SCALE (default 1) multiplies the number of cases; NETDSL_FUZZ_SEED
-picks other cases. A failing case prints itself; every defect a campaign found is a named test at the end.
+Everything runs in this process (the CLI's `main`) on the torch backend, on one thread, except a named case on
+the triton backend (and, from NETDSL_FUZZ_SCALE=4 on, one random case per 4 of the scale); curves.png is not
+drawn (matplotlib's layout costs most of a tiny run; it is drawn from metrics.jsonl, compared here).
+NETDSL_FUZZ_SCALE (default 1) multiplies the number of cases; NETDSL_FUZZ_SEED picks other cases. A failing
+case prints itself; every defect a campaign found is a named test at the end.
 """
 
 from __future__ import annotations
@@ -67,8 +68,7 @@ def one_thread():
 @dataclass
 class Stop:
     kind: str  # "signal", "validation" or "short"
-    step: int  # signal: during this step (from 1); validation: at the end of the epoch this step ends; short: the
-    # shorter run's last step
+    step: int  # signal: during this step (from 1); validation: of the epoch it ends; short: the shorter run's last
     epochs: bool = False  # short: given as --epochs (the step ends an epoch), not --steps
 
 
@@ -87,8 +87,8 @@ class Case:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Full batches of the training part: each class's n images (labels 0, 1, ... in turn) less the
-        round(n * val_fraction) held out (at least one, never all: docs/training.md's split)."""
+        """Full batches of the training part: each class's n images (the labels are arange(images) % classes,
+        shuffled) less the round(n * val_fraction) held out (at least one, never all: docs/training.md's split)."""
         fraction = float(flag(self.flags, "--val-fraction"))
         kept = 0
         for label in range(self.classes):
@@ -315,7 +315,7 @@ def run_case(tmp_path: Path, case: Case, monkeypatch: pytest.MonkeyPatch) -> Non
     assert train(net, "--data", data, "--out", straight, *case.flags, *full) == 0
     assert load_checkpoint(straight / "checkpoints" / "last.ckpt").state["step"] == case.total
 
-    started, length, done = False, None, 0
+    started, length = False, None
     for index, stop in enumerate(case.stops):
         # the length of the call that reaches this stop: the next short stop's, or the whole run's
         short = next((later for later in case.stops[index:] if later.kind == "short"), None)
@@ -331,14 +331,11 @@ def run_case(tmp_path: Path, case: Case, monkeypatch: pytest.MonkeyPatch) -> Non
         ended = stop.kind == "validation" and stop.step == case.total  # nothing after that validation to stop
         want = 0 if stop.kind == "short" or ended else 128 + signal.SIGTERM
         assert code == want, f"stop {stop}"
-        done = stop.step
     signals.during_step = signals.during_validation = None
     if started:
-        full_now = full if full != length else []
-        assert train("--resume", parts, *full_now) == 0
+        assert train("--resume", parts, *(full if full != length else [])) == 0
     else:
         assert train(net, "--data", data, "--out", parts, *case.flags, *full) == 0
-    assert done <= case.total
     shorts = {stop.step for stop in case.stops if stop.kind == "short"}
     assert_same_training(straight, parts, shorts)
     # resuming a run that has trained all its steps changes nothing
