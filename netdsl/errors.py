@@ -7,6 +7,7 @@ with status 1; nothing else in netdsl prints tracebacks to users.
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,3 +115,26 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """A hint naming the closest of `choices` to a misspelled `word`, or None."""
     close = difflib.get_close_matches(word, sorted(set(choices)), n=1, cutoff=0.6)
     return f"did you mean `{close[0]}`?" if close else None
+
+
+_OS_HINTS = {
+    errno.ENOENT: "check the path: a relative one starts from the folder netdsl runs in",
+    errno.EISDIR: "name a file here, not a folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EACCES: "check the permissions of the file and of the folders above it",
+    errno.EPERM: "check the permissions of the file and of the folders above it",
+    errno.ENOSPC: "free some space on the disk, or write somewhere else",
+    errno.EDQUOT: "free some space (a disk quota is full), or write somewhere else",
+    errno.EROFS: "the file system is read-only: write somewhere else",
+    errno.EEXIST: "something of that name is in the way: move it, or choose another name",
+    errno.ENOTEMPTY: "something of that name is in the way: move it, or choose another name",
+    errno.ENAMETOOLONG: "choose a shorter name",
+    errno.ELOOP: "the path goes round a loop of symbolic links",
+    errno.EMFILE: "too many files are open: raise the limit (ulimit -n)",
+    errno.ENFILE: "too many files are open on this machine",
+}
+
+
+def os_hint(error: OSError) -> str:
+    """A hint for a file that could not be read or written, from what the operating system said."""
+    return _OS_HINTS.get(error.errno, "check the path, its permissions and the free disk space")

@@ -13,7 +13,7 @@ import os
 import secrets
 from pathlib import Path
 
-from netdsl.errors import NetError
+from netdsl.errors import NetError, os_hint
 
 TEMPORARY_TRIES = 100  # random names tried for a temporary file, as tempfile.mkstemp does
 
@@ -75,13 +75,17 @@ def write_temporary(path: Path, data: bytes) -> Path:
     try:
         handle, temporary = new_temporary(path)
     except OSError as error:
-        raise NetError(f"cannot write {path}: {error.strerror or error}", where=str(path)) from None
+        raise NetError(
+            f"cannot write {path}: {error.strerror or error}", where=str(path), hint=os_hint(error)
+        ) from None
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        raise NetError(f"cannot write {path}: {error.strerror or error}", where=str(path)) from None
+        raise NetError(
+            f"cannot write {path}: {error.strerror or error}", where=str(path), hint=os_hint(error)
+        ) from None
     return temporary
 
 
@@ -92,7 +96,9 @@ def write_atomic_bytes(path: Path, data: bytes) -> None:
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        raise NetError(f"cannot write {path}: {error.strerror or error}", where=str(path)) from None
+        raise NetError(
+            f"cannot write {path}: {error.strerror or error}", where=str(path), hint=os_hint(error)
+        ) from None
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -1012,3 +1012,23 @@ def test_every_command_takes_debug_after_it():
     (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
     lacking = sorted(name for name, sub in commands.choices.items() if "--debug" not in sub._option_string_actions)
     assert commands.choices and lacking == []
+
+
+def test_a_file_the_system_refuses_is_an_error_with_a_hint_from_its_errno(tmp_path, capsys):
+    """Each OSError a command can meet becomes a NetError with a hint that fits what the system said."""
+    import errno
+
+    from netdsl.errors import os_hint
+
+    hints = {code: os_hint(OSError(code, "x")) for code in (errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES)}
+    assert len(set(hints.values())) == 4 and all(hints.values())
+    assert "folder" in hints[errno.EISDIR] and "permissions" in hints[errno.EACCES]
+    assert os_hint(OSError(errno.EIO, "x"))  # any other: a hint still
+    folder = tmp_path / "a.net"
+    folder.mkdir()
+    assert main(["check", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert "is a directory, not a .net file" in err and "hint: name the .net file inside it" in err
+    assert main(["train", str(ROOT / "nets/lenet5.net"), "--data", "digits", "--steps", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "`steps` must be at least 1, got 0" in err and "hint: `steps`: optimizer steps to train for" in err

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from netdsl.errors import NetError
+from netdsl.errors import NetError, os_hint
 from netdsl.files import write_atomic
 from netdsl.lang.format import format_text
 from netdsl.lang.parse import read_source
@@ -100,9 +100,11 @@ def _write(path: Path, text: str) -> None:
     try:
         mode = target.stat().st_mode & 0o7777
     except OSError as error:
-        raise NetError(f"cannot write {path}: {error.strerror}", where=str(path)) from None
+        raise NetError(f"cannot write {path}: {error.strerror}", where=str(path), hint=os_hint(error)) from None
     write_atomic(target, text)
     try:
         os.chmod(target, mode)
     except OSError as error:
-        raise NetError(f"cannot set the permissions of {path}: {error.strerror}", where=str(path)) from None
+        raise NetError(
+            f"cannot set the permissions of {path}: {error.strerror}", where=str(path), hint=os_hint(error)
+        ) from None

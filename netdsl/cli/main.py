@@ -20,7 +20,7 @@ from netdsl.cli.train import eval_command, train_command
 from netdsl.cli.tune import add_command as add_tune_command
 from netdsl.compiler.backward import TRAINING_PASS_NAMES
 from netdsl.compiler.passes import PASS_NAMES, Options, check_options
-from netdsl.errors import NetError, did_you_mean
+from netdsl.errors import NetError, did_you_mean, os_hint
 from netdsl.files import refuse_folder, refuse_overwriting
 from netdsl.ir.dtypes import DTYPES, dot_precision
 from netdsl.lang.build import MEMORY_UNITS
@@ -291,7 +291,7 @@ def _imported(model: Path, folder: Path, args: argparse.Namespace) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise NetError(f"cannot create {folder}: {error.strerror}", where=str(folder)) from None
+        raise NetError(f"cannot create {folder}: {error.strerror}", where=str(folder), hint=os_hint(error)) from None
     import_to_files(model, net, weights, read_preprocess=Preprocess.from_json)
     if hasattr(args, "weights") and args.weights is None:  # `run` without --weights: the model's
         args.weights = weights
@@ -386,7 +386,9 @@ def _export(path: Path, args: argparse.Namespace) -> int:
     try:
         export_onnx(graph, weights, args.output, external_data=args.external_data or None, preprocess=preprocess)
     except OSError as error:
-        raise NetError(f"cannot write {args.output}: {error.strerror or error}", where=str(args.output)) from None
+        raise NetError(
+            f"cannot write {args.output}: {error.strerror or error}", where=str(args.output), hint=os_hint(error)
+        ) from None
     print(f"wrote {args.output}")
     return 0
 

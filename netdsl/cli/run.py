@@ -14,7 +14,7 @@ from tokenize import TokenError
 import numpy as np
 
 from netdsl.cli.flags import plan_options
-from netdsl.errors import NetError
+from netdsl.errors import NetError, os_hint
 from netdsl.files import refuse_folder, refuse_overwriting, write_array, write_arrays
 from netdsl.ir.dtypes import torch_dtype
 from netdsl.tables import format_bytes, format_table
@@ -74,10 +74,10 @@ def _read_npy(path: Path, image_suffixes) -> np.ndarray:
     allocation its header promises but its bytes do not hold."""
     try:
         handle = open(path, "rb")  # noqa: SIM115 -- closed below, whichever way reading ends
-    except FileNotFoundError:
-        raise NetError(f"no such file: {path}", where=str(path)) from None
+    except FileNotFoundError as error:
+        raise NetError(f"no such file: {path}", where=str(path), hint=os_hint(error)) from None
     except OSError as error:
-        raise NetError(f"cannot read {path}: {error.strerror or error}", where=str(path)) from None
+        raise NetError(f"cannot read {path}: {error.strerror or error}", where=str(path), hint=os_hint(error)) from None
     with handle:
         if handle.read(6) != b"\x93NUMPY":
             raise NetError(
@@ -131,7 +131,11 @@ def read_inputs(paths: list[Path], shape: tuple[int, ...], preprocess=None, view
             raise NetError(f"--views {views} takes images, and {path} is not one", where="--views")
         array = _read_npy(path, IMAGE_SUFFIXES)
         if array.dtype.kind not in "fiu":
-            raise NetError(f"{path} holds {array.dtype} values, not numbers", where=str(path))
+            raise NetError(
+                f"{path} holds {array.dtype} values, not numbers",
+                where=str(path),
+                hint="save the image's pixels as numbers: numpy.save(path, pixels.astype(numpy.float32))",
+            )
         if tuple(array.shape) == shape:
             array = array[None]
         if tuple(array.shape[1:]) != shape:

@@ -29,7 +29,7 @@ from netdsl.compiler.passes import PASS_NAMES, Options, check_nchw_taps, check_p
 from netdsl.compiler.plan import PLAN_OPTIONS, build_plan, plan_json, with_source
 from netdsl.compiler.report import cost_report
 from netdsl.compiler.tuning import Tuning, emit_tuned, read_tuning
-from netdsl.errors import NetError
+from netdsl.errors import NetError, os_hint
 from netdsl.files import write_atomic, write_temporary
 from netdsl.ir.dtypes import dot_precision
 from netdsl.lang.build import build
@@ -108,7 +108,9 @@ def write_build(compiled: Compiled, out_dir: str | Path, options: Options | None
                 os.replace(temporaries[path], path)
                 del temporaries[path]  # renamed: no longer ours to remove (one that failed is removed below)
         except OSError as error:
-            raise NetError(f"cannot write the build in {out}: {error.strerror or error}", where=str(out)) from None
+            raise NetError(
+                f"cannot write the build in {out}: {error.strerror or error}", where=str(out), hint=os_hint(error)
+            ) from None
         finally:
             for temporary in temporaries.values():
                 temporary.unlink(missing_ok=True)
@@ -123,7 +125,9 @@ def staged_folder(parent: Path, prefix: str) -> Iterator[Path]:
         parent.mkdir(parents=True, exist_ok=True)
         staged = new_folder(parent, prefix)
     except OSError as error:
-        raise NetError(f"cannot write the build in {parent}: {error.strerror or error}", where=str(parent)) from None
+        raise NetError(
+            f"cannot write the build in {parent}: {error.strerror or error}", where=str(parent), hint=os_hint(error)
+        ) from None
     try:
         yield staged
     except BaseException:
@@ -155,7 +159,9 @@ def swap_folder(current: Path, new: Path) -> None:
     except OSError as error:
         if old is not None and old.exists() and not current.exists():
             old.rename(current)  # put the earlier build's kernels back
-        raise NetError(f"cannot write {current}: {error.strerror or error}", where=str(current.parent)) from None
+        raise NetError(
+            f"cannot write {current}: {error.strerror or error}", where=str(current.parent), hint=os_hint(error)
+        ) from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

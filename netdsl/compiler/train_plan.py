@@ -31,7 +31,7 @@ from netdsl.compiler.passes import Options, dump
 from netdsl.compiler.plan import device_events
 from netdsl.compiler.steps import Step
 from netdsl.compiler.train_launches import record_training_launches
-from netdsl.errors import NetError
+from netdsl.errors import NetError, os_hint
 from netdsl.files import parse_json, write_atomic
 from netdsl.lang.build import build
 from netdsl.lang.parse import parse_file
@@ -112,7 +112,9 @@ def remove_training(out_dir: str | Path) -> bool:
         os.rename(train, aside)
     except OSError as error:
         reason = error.strerror or error
-        raise NetError(f"cannot remove the earlier build's train/: {reason}", where=str(train)) from None
+        raise NetError(
+            f"cannot remove the earlier build's train/: {reason}", where=str(train), hint=os_hint(error)
+        ) from None
     shutil.rmtree(aside, ignore_errors=True)
     return True
 

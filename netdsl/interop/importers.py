@@ -36,7 +36,7 @@ from typing import NoReturn
 import networkx as nx
 import numpy as np
 
-from netdsl.errors import NetError, did_you_mean
+from netdsl.errors import NetError, did_you_mean, os_hint
 from netdsl.ir import layer
 from netdsl.runtime.weights import _FLOAT_DTYPES, _read_bf16, weight_specs
 
@@ -232,7 +232,9 @@ def _read(path: Path, where: str) -> dict[str, _Stored]:
         with open(path, "rb") as handle:
             head = handle.read(8)
     except OSError as error:
-        raise NetError(f"cannot read the weights: {error.strerror or error}", where=where) from None
+        raise NetError(
+            f"cannot read the weights: {error.strerror or error}", where=where, hint=os_hint(error)
+        ) from None
     if head.startswith(_TORCH_MAGIC):
         return _read_torch(path, where)
     return _read_safetensors(path, where)
@@ -256,7 +258,9 @@ def _read_safetensors(path: Path, where: str) -> dict[str, _Stored]:
             "saved with torch.save",
         ) from None
     except OSError as error:
-        raise NetError(f"cannot read the weights: {error.strerror or error}", where=where) from None
+        raise NetError(
+            f"cannot read the weights: {error.strerror or error}", where=where, hint=os_hint(error)
+        ) from None
 
     def reader(name: str, dtype: str) -> Callable[[], np.ndarray]:
         def read() -> np.ndarray:

@@ -17,6 +17,7 @@ from netdsl.lang import syntax as s
 from netdsl.lang.scope import Block, Context, Preset, Symbol, Tensors, Towered, undefined
 
 MAX_NUMBER = 10**18
+TOO_LARGE = "a value in a net is at most 10**18 in size"
 PAD_WORDS = ("same", "same_lower", "valid")  # the words `pad` takes
 
 # --- constant expressions ------------------------------------------------------------------------
@@ -96,13 +97,13 @@ def _binop(expr: s.BinOp, ctx: Context):
         raise NetError("division by zero", expr.right.span, trace=ctx.trace)
     if expr.op == "**":
         if abs(b) > 64 and abs(a) > 1:
-            raise NetError("number too large", expr.span, trace=ctx.trace)
+            raise NetError("number too large", expr.span, trace=ctx.trace, hint=TOO_LARGE)
         if a == 0 and b < 0:
             raise NetError("division by zero", expr.span, trace=ctx.trace)
         try:
             value = a**b
         except OverflowError:
-            raise NetError("number too large", expr.span, trace=ctx.trace) from None
+            raise NetError("number too large", expr.span, trace=ctx.trace, hint=TOO_LARGE) from None
         if isinstance(value, complex):
             raise NetError("the result is not a real number", expr.span, trace=ctx.trace)
     elif expr.op == "+":
@@ -123,7 +124,7 @@ def _binop(expr: s.BinOp, ctx: Context):
 def checked(value, expr: s.Expr, ctx: Context):
     """`value`, unless it is not finite or beyond MAX_NUMBER (then an error at `expr`)."""
     if (isinstance(value, float) and not math.isfinite(value)) or abs(value) > MAX_NUMBER:
-        raise NetError("number too large", expr.span, trace=ctx.trace)
+        raise NetError("number too large", expr.span, trace=ctx.trace, hint=TOO_LARGE)
     return value
 
 

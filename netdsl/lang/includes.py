@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from netdsl.errors import NetError
+from netdsl.errors import NetError, os_hint
 from netdsl.lang import syntax as s
 from netdsl.lang.parse import parse_file
 
@@ -30,7 +30,8 @@ class Includes:
             path, is_file = _locate(stmt, includer)
         except (OSError, ValueError) as error:  # a NUL byte, a name too long for the file system, ...
             reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-            raise NetError(f'cannot include "{stmt.path}": {reason}', stmt.span) from None
+            hint = os_hint(error) if isinstance(error, OSError) else "write the path without control characters"
+            raise NetError(f'cannot include "{stmt.path}": {reason}', stmt.span, hint=hint) from None
         if path in self.open:
             chain = " -> ".join(str(p.name) for p in [*self.open[self.open.index(path) :], path])
             raise NetError(f"include cycle: {chain}", stmt.span, hint="an included file cannot include its includer")

@@ -13,7 +13,7 @@ from pathlib import Path
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
-from netdsl.errors import NetError, Sources, Span
+from netdsl.errors import NetError, Sources, Span, os_hint
 from netdsl.lang import syntax as s
 
 # How terminals are named in "expected ..." messages.
@@ -159,7 +159,9 @@ def read_source(path: Path, keep_line_ends: bool = False) -> str:
     except FileNotFoundError:
         raise NetError(f"no such file: {path}", where=str(path), hint="check the path") from None
     except IsADirectoryError:
-        raise NetError(f"{path} is a directory, not a .net file", where=str(path)) from None
+        raise NetError(
+            f"{path} is a directory, not a .net file", where=str(path), hint="name the .net file inside it"
+        ) from None
     except UnicodeDecodeError as error:
         hint = "a .net file is plain UTF-8 text"
         if Path(path).suffix.lower() == ".onnx":
@@ -169,7 +171,7 @@ def read_source(path: Path, keep_line_ends: bool = False) -> str:
             )
         raise NetError(f"{path} is not UTF-8 text (byte {error.start})", where=str(path), hint=hint) from None
     except OSError as error:
-        raise NetError(f"cannot read {path}: {error.strerror or error}", where=str(path)) from None
+        raise NetError(f"cannot read {path}: {error.strerror or error}", where=str(path), hint=os_hint(error)) from None
 
 
 def _describe(terminal: str) -> str:
@@ -274,7 +276,9 @@ def _hint_for_char(char: str) -> str | None:
         return 'strings use double quotes: include "file.net"'
     if char == "-" or char == ">":
         return "chains are written with `|`: conv(x, 64, size=3) | relu"
-    return None
+    if not char.isprintable():
+        return "remove it: a .net file is plain text, and this character is invisible (is the file binary?)"
+    return "remove it; docs/language.md shows what a .net file is made of"
 
 
 @functools.cache
@@ -413,7 +417,7 @@ class _ToSyntax(Transformer):
         except ValueError:  # Python refuses to convert integers of more than 4300 digits
             value = math.inf
         if isinstance(value, float) and not math.isfinite(value):  # (isfinite would overflow on a huge int)
-            raise NetError("number too large", self._sp(meta))
+            raise NetError("number too large", self._sp(meta), hint="a number is at most about 1.8e308")
         return s.Number(value, self._sp(meta))
 
     def name(self, meta, c):

@@ -69,7 +69,9 @@ def _torch_device(name: str, given: str | torch.device) -> torch.device:
     try:
         device = torch.device(given)
     except (RuntimeError, TypeError, ValueError) as error:
-        raise NetError(f"`{given}` is not a torch device: {error}", where="devices") from None
+        raise NetError(
+            f"`{given}` is not a torch device: {error}", where="devices", hint="map it to cpu or cuda:N"
+        ) from None
     if device.type not in SUPPORTED:
         raise NetError(
             f"device `{name}` is mapped to {device}: netdsl runs on {' and '.join(SUPPORTED)} devices",

@@ -21,7 +21,7 @@ import networkx as nx
 import numpy as np
 
 from netdsl.compiler.fold import fold_inference
-from netdsl.errors import NetError, did_you_mean
+from netdsl.errors import NetError, did_you_mean, os_hint
 from netdsl.files import new_temporary
 from netdsl.ir import layer, layers
 from netdsl.ir.graph import require_graph
@@ -148,7 +148,9 @@ def save_weights(
     try:
         handle, temp = new_temporary(folder / path.name)  # the file safetensors writes: renamed into place
     except OSError as error:
-        raise NetError(f"cannot write the weights: {error.strerror or error}", where=where) from None
+        raise NetError(
+            f"cannot write the weights: {error.strerror or error}", where=where, hint=os_hint(error)
+        ) from None
     mode = os.fstat(handle).st_mode  # a new file's mode under the umask; safetensors writes 0600
     os.close(handle)
     try:
@@ -208,7 +210,9 @@ def load_weights(path: str | os.PathLike, graph: nx.DiGraph) -> dict[str, np.nda
             hint="the file may be truncated or of another format; netdsl reads safetensors files (docs/weights.md)",
         ) from None
     except OSError as error:
-        raise NetError(f"cannot read the weights: {error.strerror or error}", where=where) from None
+        raise NetError(
+            f"cannot read the weights: {error.strerror or error}", where=where, hint=os_hint(error)
+        ) from None
     for name, value in values.items():
         if value.dtype == np.float64 and np.abs(value[np.isfinite(value)]).max(initial=0.0) > _F32_MAX:
             raise NetError(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from netdsl.errors import NetError
+from netdsl.errors import NetError, os_hint
 from netdsl.files import parse_json
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"})
@@ -58,8 +58,8 @@ def open_image(path: Path, channels: int):
     try:
         with pil.open(path) as image:
             return image.convert(mode)  # decodes the whole file, so a truncated one fails here
-    except FileNotFoundError:
-        raise NetError(f"no such file: {path}", where=str(path)) from None
+    except FileNotFoundError as error:
+        raise NetError(f"no such file: {path}", where=str(path), hint=os_hint(error)) from None
     except Exception as error:  # Pillow's decoders raise OSError, SyntaxError, struct.error, ...: all mean unreadable
         raise NetError(
             f"cannot read {path} as an image ({error})", where=str(path), hint="replace or delete the file"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from netdsl.errors import NetError
+from netdsl.errors import NetError, os_hint
 from netdsl.files import parse_json, write_atomic_bytes
 
 FORMAT = 1
@@ -86,7 +86,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
             hint=f"it may be truncated; {EARLIER_CHECKPOINT}",
         ) from None
     except OSError as error:
-        raise NetError(f"cannot read the checkpoint: {error.strerror or error}", where=str(path)) from None
+        raise NetError(
+            f"cannot read the checkpoint: {error.strerror or error}", where=str(path), hint=os_hint(error)
+        ) from None
     try:
         state = parse_json(metadata[STATE_KEY])
         if not isinstance(state, dict):
@@ -98,7 +100,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
             hint=EARLIER_CHECKPOINT,
         ) from None
     if state.get("format") != FORMAT:
-        raise NetError(f"checkpoint format {state.get('format')} is not {FORMAT}", where=str(path))
+        raise NetError(
+            f"checkpoint format {state.get('format')} is not {FORMAT}",
+            where=str(path),
+            hint="resume it with the netdsl that wrote it, or start a new run",
+        )
     checkpoint = Checkpoint({}, {}, {}, state, metadata.get(PREPROCESS_KEY))
     for name, value in tensors.items():
         if name.startswith(OPTIM_PREFIX):

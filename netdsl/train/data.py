@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from netdsl.errors import NetError, did_you_mean
+from netdsl.errors import NetError, did_you_mean, os_hint
 from netdsl.train.augment import (
     IMAGE_SUFFIXES,
     PIXEL_RANGE,
@@ -247,7 +247,9 @@ def _class_folders(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
     try:
         entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
     except OSError as error:
-        raise NetError(f"cannot read the data folder {folder}: {error.strerror or error}", where=str(folder)) from None
+        raise NetError(
+            f"cannot read the data folder {folder}: {error.strerror or error}", where=str(folder), hint=os_hint(error)
+        ) from None
     if not entries:
         raise NetError(f"the data folder {folder} is empty", where=str(folder), hint=DATA_HINT)
     classes = sorted(entry.name for entry in entries if entry.is_dir())
@@ -465,7 +467,8 @@ class _Scan(Dataset):
             return index, None, None
         top, left = (pixels.shape[0] - preprocess.crop[0]) // 2, (pixels.shape[1] - preprocess.crop[1]) // 2
         values = crop_view(pixels, top, left, preprocess.crop, False).reshape(-1, pixels.shape[2]).astype(np.float64)
-        return index, None, (len(values), values.sum(axis=0), values.T @ values)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite pixels: reported at the first step
+            return index, None, (len(values), values.sum(axis=0), values.T @ values)
 
 
 def _sum_scan(items: list) -> tuple[list[tuple[int, str]], int, np.ndarray | float, np.ndarray | float]:

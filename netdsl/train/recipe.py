@@ -234,7 +234,11 @@ class Recipe:
                         _check_pattern(spec, pattern, fail)
                     state.put(spec, pattern, _checked(spec, value, False, fail), str(item["from"]))
             except (KeyError, TypeError, ValueError):
-                raise NetError(f"the recipe's `{name}` is malformed", where=where) from None
+                raise NetError(
+                    f"the recipe's `{name}` is malformed",
+                    where=where,
+                    hint="the run's recipe.json was edited or damaged: put the file back, or start a new run (--out)",
+                ) from None
         return state.recipe()
 
     def to_json(self) -> str:
@@ -437,9 +441,26 @@ def _at(where: str) -> _Fail:
     return fail
 
 
+def _explained(spec: Spec, fail: _Fail) -> _Fail:
+    """`fail`, with the setting's own description as the hint of an error that has none of its own."""
+
+    def explained(message: str, hint: str | None = None, at_pattern: bool = False) -> NetError:
+        return fail(message, hint or setting_hint(spec), at_pattern)
+
+    return explained
+
+
+def setting_hint(spec: Spec) -> str:
+    """What the setting is and its default, as `--help` says (docs/training.md has them all)."""
+    default = "1" if spec.kind == "mult" else show(spec.default, spec)
+    unit = f"{spec.unit}; " if spec.unit else ""
+    return f"`{spec.name}`: {spec.doc} ({unit}default {default}); docs/training.md lists every setting"
+
+
 def _checked(spec: Spec, value, word: bool, fail: _Fail):
     """`value` as the setting keeps it (tuples normalized, whole numbers as int, the others float), or the
-    error `fail` makes, naming what the setting takes."""
+    error `fail` makes, naming what the setting takes (with the setting's description where no better hint)."""
+    fail = _explained(spec, fail)
     words = dict(spec.words)
     written = show(value) if isinstance(value, bool) else value  # `std = false` evaluates to False
     if isinstance(written, str) and written in words:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from netdsl.errors import NetError
+from netdsl.errors import NetError, os_hint
 from netdsl.files import parse_json, write_atomic, write_atomic_bytes
 from netdsl.runtime.weights import weight_specs
 
@@ -76,7 +76,9 @@ class RunFolder:
         try:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise NetError(f"cannot create the run folder: {error.strerror or error}", where=str(self.path)) from None
+            raise NetError(
+                f"cannot create the run folder: {error.strerror or error}", where=str(self.path), hint=os_hint(error)
+            ) from None
         if not os.access(self.checkpoints, os.W_OK):
             raise NetError("the run folder cannot be written", where=str(self.path), hint="give another --out")
 
@@ -88,8 +90,16 @@ class RunFolder:
             return parse_json((self.path / RECIPE).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise NetError(f"{RECIPE} is missing from the run folder", where=str(self.path)) from None
-        except (OSError, ValueError) as error:
-            raise NetError(f"cannot read {RECIPE}: {error}", where=str(self.path)) from None
+        except OSError as error:
+            raise NetError(
+                f"cannot read {RECIPE}: {error.strerror or error}", where=str(self.path), hint=os_hint(error)
+            ) from None
+        except ValueError as error:  # not UTF-8, or not JSON
+            raise NetError(
+                f"cannot read {RECIPE}: {error}",
+                where=str(self.path),
+                hint=f"the run's {RECIPE} was edited or damaged: put the file back, or start a new run (--out)",
+            ) from None
 
     def best(self, epoch: int) -> Path:
         """The checkpoint of epoch `epoch` (counted from 0) among the best: named by its number as the run's
@@ -129,7 +139,9 @@ class Metrics:
             try:  # bytes that are not UTF-8 spoil their line only, which is skipped as any line not netdsl's
                 text = path.read_text(encoding="utf-8", errors="replace")
             except OSError as error:
-                raise NetError(f"cannot read {METRICS}: {error.strerror or error}", where=str(path)) from None
+                raise NetError(
+                    f"cannot read {METRICS}: {error.strerror or error}", where=str(path), hint=os_hint(error)
+                ) from None
             for line in text.splitlines():
                 try:
                     record = parse_json(line)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from netdsl.errors import NetError
+from netdsl.errors import NetError, os_hint
 from netdsl.interop.onnx_import.patterns import fold_torch_lrn
 
 MIN_OPSET = 7
@@ -80,11 +80,15 @@ def read_model(path: Path):
     if not path.exists():
         raise NetError("ONNX file not found", where=where, hint="check the path; `netdsl export` writes ONNX files")
     if path.is_dir():
-        raise NetError("the ONNX path is a folder, not a file", where=where)
+        raise NetError(
+            "the ONNX path is a folder, not a file", where=where, hint="name the .onnx file inside it"
+        )
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise NetError(f"cannot read the ONNX file: {error.strerror or error}", where=where) from None
+        raise NetError(
+            f"cannot read the ONNX file: {error.strerror or error}", where=where, hint=os_hint(error)
+        ) from None
     hint = "the file may be truncated or damaged, or not an ONNX model; export it again"
     if not data:
         raise NetError("not an ONNX model: the file is empty", where=where, hint=hint)
