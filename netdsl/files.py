@@ -132,3 +132,30 @@ def write_arrays(path: Path, arrays: dict) -> None:
             with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
     write_atomic_bytes(path, buffer.getvalue())
+
+
+def sorted_safetensors_header(head: bytes) -> bytes:
+    """A safetensors file's first bytes (the 8-byte length and the JSON header it counts) with the header's keys
+    sorted, the same length: the Rust writer orders the metadata by hash, so one content could give other bytes
+    from run to run. Only the header moves; the tensors' offsets into the data after it stay as they are."""
+    import json
+    import struct
+
+    (size,) = struct.unpack("<Q", head[:8])
+    header = json.loads(head[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > size:  # the writer's own JSON is as compact; keep it rather than move the data
+        return head[: 8 + size]
+    return head[:8] + text + b" " * (size - len(text))  # spaces pad a header, as the format allows
+
+
+def sort_safetensors_header(path: Path) -> None:
+    """Sorts the header of the safetensors file at `path` in place (`sorted_safetensors_header`)."""
+    import struct
+
+    with open(path, "r+b") as file:
+        length = file.read(8)
+        (size,) = struct.unpack("<Q", length)
+        head = length + file.read(size)
+        file.seek(0)
+        file.write(sorted_safetensors_header(head))

@@ -1175,3 +1175,31 @@ def test_an_onnx_export_named_by_undecodable_bytes_is_an_error(world, tmp_path):
     assert "error: the model's file name is not UTF-8 text" in error_of(
         in_world(world, tmp_path, ["export", "tiny.net", "-o", "\udcff.onnx"])
     )
+
+
+def reshaped_in_checkpoint(name: str, shape: list[int]):
+    """A `prepare` step: the run's last checkpoint with tensor `name` given another shape of as many elements."""
+
+    def prepare(folder: Path) -> None:
+        path = folder / "run" / "checkpoints" / "last.ckpt"
+        header, body = split_safetensors(path.read_bytes())
+        header[name]["shape"] = shape
+        text = json.dumps(header).encode("utf-8")
+        path.write_bytes(struct.pack("<Q", len(text)) + text + body)
+
+    return prepare
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "message"),
+    [
+        ("c1.weight", [4, 3, 3, 3, 1], "the checkpoint's `c1.weight` is 4 x 3 x 3 x 3 x 1, the net's 4 x 3 x 3 x 3"),
+        ("optim:c1.weight:velocity", [4, 3, 3, 3, 1], "optimizer state `velocity` of `c1.weight` is 4 x 3 x 3 x 3 x 1"),
+    ],
+)
+def test_a_checkpoint_tensor_of_another_shape_is_an_error_naming_it(world, tmp_path, name, shape, message):
+    """A weight or a velocity reshaped in the checkpoint's header (as many elements, so safetensors reads it):
+    `train --resume` failed inside load_state_dict or the first SGD step (size mismatch: an internal error)."""
+    argv = ["train", "--resume", "run", "--steps", "2"]
+    result = in_world(world, tmp_path, argv, reshaped_in_checkpoint(name, shape))
+    assert message in error_of(result) and "last.ckpt: error:" in result.err

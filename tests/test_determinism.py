@@ -131,3 +131,33 @@ def test_builds_are_byte_identical_across_hash_seeds(tmp_path: Path) -> None:
         for file in one:
             if one[file] != other[file]:
                 pytest.fail(f"{name} {' '.join(flags)}: " + first_difference(file, one[file], other[file]))
+
+
+def test_a_safetensors_header_in_any_key_order_is_written_sorted(tmp_path: Path) -> None:
+    """safetensors' writer orders the header's metadata by a hash that changes from process to process (two
+    checkpoints of one run differed in 3 of 4 tries): netdsl rewrites the header sorted, the data untouched."""
+    import struct
+
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save
+
+    from netdsl.files import sorted_safetensors_header
+
+    tensors = {"b": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.ones(5, dtype=np.int64)}
+    data = save(tensors, metadata={"netdsl.z": "1", "netdsl.a": '{"x": [1, 2]}', "m": "\u00e9"})
+    size = 8 + struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:size])
+    orders = []
+    for keys in (sorted(header), sorted(header, reverse=True)):  # the same header, its keys in two orders
+        shuffled = {key: header[key] for key in keys}
+        shuffled["__metadata__"] = dict(reversed(list(header["__metadata__"].items())))
+        text = json.dumps(shuffled, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        text += b" " * (size - 8 - len(text))
+        orders.append(sorted_safetensors_header(struct.pack("<Q", len(text)) + text) + data[size:])
+    assert orders[0] == orders[1]
+    (tmp_path / "t.safetensors").write_bytes(orders[0])
+    loaded = load_file(tmp_path / "t.safetensors")
+    assert all(np.array_equal(loaded[name], value) for name, value in tensors.items())
+    with safe_open(str(tmp_path / "t.safetensors"), framework="np") as file:
+        assert file.metadata() == {"netdsl.z": "1", "netdsl.a": '{"x": [1, 2]}', "m": "\u00e9"}

@@ -22,7 +22,7 @@ import numpy as np
 
 from netdsl.compiler.fold import fold_inference
 from netdsl.errors import NetError, did_you_mean, os_hint
-from netdsl.files import new_temporary
+from netdsl.files import new_temporary, sort_safetensors_header
 from netdsl.ir import layer, layers
 from netdsl.ir.graph import require_graph
 from netdsl.ir.ops import layer_tensors, shuffle_sources
@@ -155,6 +155,7 @@ def save_weights(
     os.close(handle)
     try:
         save_file(tensors, temp, metadata=dict(metadata) if metadata else None)
+        sort_safetensors_header(temp)  # the same bytes for the same weights
         os.chmod(temp, mode)
         os.replace(temp, path)
     except Exception as error:  # OSError (disk full, permissions) or SafetensorError; never leave the temp file

@@ -19,13 +19,14 @@ weights reader tells the two apart.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from netdsl.errors import NetError, os_hint
-from netdsl.files import parse_json, write_atomic_bytes
+from netdsl.files import parse_json, sorted_safetensors_header, write_atomic_bytes
 
 FORMAT = 1
 STATE_KEY = "netdsl.checkpoint"
@@ -58,6 +59,8 @@ def save_checkpoint(paths: list[Path], checkpoint: Checkpoint) -> None:
     if checkpoint.preprocess is not None:
         metadata[PREPROCESS_KEY] = checkpoint.preprocess
     data = save(tensors, metadata=metadata)
+    size = 8 + int.from_bytes(data[:8], "little")
+    data = sorted_safetensors_header(data[:size]) + data[size:]  # the same bytes for the same checkpoint
     for path in paths:
         write_atomic_bytes(Path(path), data)
 
@@ -128,20 +131,62 @@ def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, s
     return result
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str], saved: dict[str, dict]) -> None:
-    """Puts state saved by `optimizer_state_by_name` back onto the optimizer's parameters, on their devices."""
+def check_tensors(checkpoint: Checkpoint, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """That the checkpoint at `path` holds each tensor of the module's `state` (weights, batch-norm statistics) in
+    its shape, and nothing else: a NetError naming the first that differs (a damaged or edited file)."""
+    for name in sorted(set(state) | set(checkpoint.weights)):
+        if name not in checkpoint.weights or name not in state:
+            missing = name not in checkpoint.weights
+            raise NetError(
+                f"the checkpoint {'lacks' if missing else 'holds'} `{name}`, which the net "
+                f"{'has' if missing else 'does not have'}",
+                where=str(path),
+                hint=EARLIER_CHECKPOINT,
+            )
+        saved, wanted = tuple(checkpoint.weights[name].shape), tuple(state[name].shape)
+        if saved != wanted:
+            raise NetError(
+                f"the checkpoint's `{name}` is {_shape(saved)}, the net's {_shape(wanted)}",
+                where=str(path),
+                hint=EARLIER_CHECKPOINT,
+            )
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return " x ".join(map(str, shape)) if shape else "a scalar"
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, names: dict[int, str], saved: dict[str, dict], path: Path | None = None
+) -> None:
+    """Puts state saved by `optimizer_state_by_name` back onto the optimizer's parameters, on their devices; a
+    tensor of another shape than its weight's (a damaged or edited checkpoint at `path`) is a NetError."""
+    where = None if path is None else str(path)
     known = set()
     for group in optimizer.param_groups:
         for param in group["params"]:
             name = names[id(param)]
             known.add(name)
-            if name in saved:
-                optimizer.state[param] = {
-                    key: value.to(param.device) if value.dim() else value.clone() for key, value in saved[name].items()
-                }
+            if name not in saved:
+                continue
+            for key, value in saved[name].items():
+                if value.dim() and value.shape != param.shape:
+                    raise NetError(
+                        f"the checkpoint's optimizer state `{key}` of `{name}` is {_shape(tuple(value.shape))}, "
+                        f"the weight {_shape(tuple(param.shape))}",
+                        where=where,
+                        hint=EARLIER_CHECKPOINT,
+                    )
+            optimizer.state[param] = {
+                key: value.to(param.device) if value.dim() else value.clone() for key, value in saved[name].items()
+            }
     unknown = sorted(set(saved) - known)
     if unknown:
-        raise NetError(f"the checkpoint holds optimizer state for `{unknown[0]}`, which the net does not have")
+        raise NetError(
+            f"the checkpoint holds optimizer state for `{unknown[0]}`, which the net does not have",
+            where=where,
+            hint=EARLIER_CHECKPOINT,
+        )
 
 
 def rng_states() -> dict[str, torch.Tensor]:

@@ -40,6 +40,7 @@ from netdsl.runtime.weights import save_weights
 from netdsl.train.checkpoint import (
     EARLIER_CHECKPOINT,
     Checkpoint,
+    check_tensors,
     load_checkpoint,
     load_optimizer_state,
     optimizer_state_by_name,
@@ -270,8 +271,9 @@ class Trainer:
                 where=str(self.run.path),
                 hint="resume with the net the run was started with",
             )
+        check_tensors(saved, self.module.state_dict(), self.run.last)
         self.module.load_state_dict({name: value for name, value in saved.weights.items()}, strict=True)
-        load_optimizer_state(self.optimizer, self.names, saved.optimizer)
+        load_optimizer_state(self.optimizer, self.names, saved.optimizer, self.run.last)
         try:
             self.schedule.load_state_dict(state["schedule"])
             self.epoch, self.batch_in_epoch, self.step = (int(state[k]) for k in ("epoch", "batch_in_epoch", "step"))

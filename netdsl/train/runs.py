@@ -89,7 +89,11 @@ class RunFolder:
         try:
             return parse_json((self.path / RECIPE).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise NetError(f"{RECIPE} is missing from the run folder", where=str(self.path)) from None
+            raise NetError(
+                f"{RECIPE} is missing from the run folder",
+                where=str(self.path),
+                hint=f"a run folder of `netdsl train` holds {RECIPE}: put it back, or start a new run (--out)",
+            ) from None
         except OSError as error:
             raise NetError(
                 f"cannot read {RECIPE}: {error.strerror or error}", where=str(self.path), hint=os_hint(error)
