@@ -50,6 +50,24 @@ MAX_LAYERS = 100_000  # so that nested `repeat`s fail in seconds instead of runn
 MAX_STEPS = 300_000  # statements run, repeat rounds and block calls: likewise when they make no layers
 MAX_DIM = 2**31 - 1
 
+# Hints for the statement errors below (docs/language.md has a section on each statement).
+_TOP_LEVEL_HINT = "move the statement out of the block or towers, to the top level of the file"
+_RETURN_HINT = "a block ends with `return CHAIN`; the net's result is named with `output NAME`"
+_NESTED_TOWERS_HINT = "one towers block lists every tower: `towers gpu0, gpu1 { ... }`"
+_TOWER_TWICE_HINT = "each tower is a device of its own: `towers gpu0, gpu1 { ... }`"
+_BLOCK_HINT = "define the block at the top level, above its first use, and call it here"
+_OWN_NAMES = "give each parameter a name of its own"
+_FEWER_ARGS = "pass one value per parameter, by position or by name"
+_ONCE = "give each argument once, by position or by name"
+_ALIAS_CYCLE_HINT = "names that only rename each other (`a = b`, `b = a`) need a layer somewhere: `b = relu(image)`"
+_DIM_HINT = "e.g. input image: 3 x 32 x 32 (each size at least 1; the batch is chosen at run time)"
+_REPEAT_HINT = "`repeat 0 { ... }` skips its body; nest `repeat`s, within the net's layer limit, for more"
+
+
+def _rename(name: str) -> str:
+    return f"choose another name, e.g. `{name}_1` or `my_{name}`"
+
+
 # What a recipe file (`netdsl train --recipe F`) may hold, and how the rest is named in its error.
 _RECIPE_STATEMENTS = (s.TrainStmt, s.ConstStmt, s.IncludeStmt)
 _NOT_IN_RECIPES = {
@@ -168,7 +186,7 @@ class Builder:
                 stmt.span,
                 hint="declare the input outside the block or towers and pass it in",
             )
-        dims = tuple(expressions.integer(e, ctx, "an input dimension", 1, MAX_DIM) for e in stmt.shape)
+        dims = tuple(expressions.integer(e, ctx, "an input dimension", 1, MAX_DIM, _DIM_HINT) for e in stmt.shape)
         if len(dims) not in (1, 3):
             raise NetError(
                 f"an input is C x H x W or a flat N, not {len(dims)} dimensions",
@@ -247,15 +265,15 @@ class Builder:
 
     def _DeviceStmt(self, stmt: s.DeviceStmt, ctx: Context) -> None:
         if ctx.block or ctx.tower:
-            raise NetError("devices are declared at the top level", stmt.span)
+            raise NetError("devices are declared at the top level", stmt.span, hint=_TOP_LEVEL_HINT)
         self.placement.declare(stmt, ctx)
 
     def _ReturnStmt(self, stmt: s.ReturnStmt, ctx: Context) -> None:
-        raise NetError("`return` is only allowed at the end of a block", stmt.span)
+        raise NetError("`return` is only allowed at the end of a block", stmt.span, hint=_RETURN_HINT)
 
     def _TowersStmt(self, stmt: s.TowersStmt, ctx: Context) -> None:
         if ctx.tower or ctx.towers:
-            raise NetError("towers blocks cannot be nested", stmt.span)
+            raise NetError("towers blocks cannot be nested", stmt.span, hint=_NESTED_TOWERS_HINT)
         if ctx.block:
             raise NetError(
                 "towers blocks belong at the top level, not inside a block",
@@ -265,7 +283,7 @@ class Builder:
         names = []
         for tower in stmt.towers:
             if tower.name in names:
-                raise NetError(f"tower `{tower.name}` is listed twice", tower.span)
+                raise NetError(f"tower `{tower.name}` is listed twice", tower.span, hint=_TOWER_TWICE_HINT)
             self.placement.check(tower)
             names.append(tower.name)
         towers = tuple(names)
@@ -277,14 +295,16 @@ class Builder:
 
     def _BlockStmt(self, stmt: s.BlockStmt, ctx: Context) -> None:
         if ctx.block or ctx.tower or ctx.repeat:
-            raise NetError("blocks are defined at the top level", stmt.span)
+            raise NetError("blocks are defined at the top level", stmt.span, hint=_BLOCK_HINT)
         if stmt.name in OPS:
-            raise NetError(f"`{stmt.name}` is a built-in layer type and cannot name a block", stmt.span)
+            raise NetError(
+                f"`{stmt.name}` is a built-in layer type and cannot name a block", stmt.span, hint=_rename(stmt.name)
+            )
         seen: set[str] = set()
         for param in stmt.params:
             check_name(param.name, param.span)
             if param.name in seen:
-                raise NetError(f"block parameter `{param.name}` is listed twice", param.span)
+                raise NetError(f"block parameter `{param.name}` is listed twice", param.span, hint=_OWN_NAMES)
             seen.add(param.name)
         returns = [i for i, inner in enumerate(stmt.body) if isinstance(inner, s.ReturnStmt)]
         if returns and returns[0] != len(stmt.body) - 1:
@@ -297,7 +317,7 @@ class Builder:
         self._bind(stmt.name, Block(stmt), stmt.span, ctx)
 
     def _RepeatStmt(self, stmt: s.RepeatStmt, ctx: Context) -> None:
-        count = expressions.integer(stmt.count, ctx, "a repeat count", 0, MAX_REPEAT)
+        count = expressions.integer(stmt.count, ctx, "a repeat count", 0, MAX_REPEAT, _REPEAT_HINT)
         index = stmt.index
         if index is not None:
             check_name(index.name, index.span)
@@ -457,7 +477,11 @@ class Builder:
         params = [p.name for p in block.params]
         if current is not None:
             if not params:
-                raise NetError(f"block `{block.name}` takes no input", call.span)
+                raise NetError(
+                    f"block `{block.name}` takes no input",
+                    call.span,
+                    hint=f"call it on its own, `{block.name}()`, or give it a first parameter for the input",
+                )
             given[params[0]] = current
         free = [p for p in params if p not in given]
         if len(args) > len(free):
@@ -465,6 +489,7 @@ class Builder:
                 f"block `{block.name}` takes {len(params)} argument(s) ({', '.join(params)}), "
                 f"got {len(args) + len(given)}",
                 call.span,
+                hint="in a chain, `x | f(...)`, x is the block's first argument" if given else _FEWER_ARGS,
                 notes=[(block.span, "defined here")],
                 trace=ctx.trace,
             )
@@ -480,13 +505,14 @@ class Builder:
                     trace=ctx.trace,
                 )
             if kwarg.name in given:
-                raise NetError(f"`{kwarg.name}` is given twice", kwarg.span, trace=ctx.trace)
+                raise NetError(f"`{kwarg.name}` is given twice", kwarg.span, trace=ctx.trace, hint=_ONCE)
             given[kwarg.name] = self._block_argument(kwarg.value, ctx)
         missing = [p for p in params if p not in given]
         if missing:
             raise NetError(
                 f"block `{block.name}` is missing argument(s): {', '.join(missing)}",
                 call.span,
+                hint=f"pass them by position or by name: {block.name}(..., {missing[0]}=...)",
                 notes=[(block.span, "defined here")],
                 trace=ctx.trace,
             )
@@ -538,10 +564,10 @@ class Builder:
 
     def _bind(self, name: str, value, span: Span, ctx: Context) -> None:
         if name in BUILTINS:
-            raise NetError(f"`{name}` is a built-in word and cannot be redefined", span)
+            raise NetError(f"`{name}` is a built-in word and cannot be redefined", span, hint=_rename(name))
         check_name(name, span)
         if name in OPS and isinstance(value, (Preset, Block)):
-            raise NetError(f"`{name}` is a built-in layer type and cannot be redefined", span)
+            raise NetError(f"`{name}` is a built-in layer type and cannot be redefined", span, hint=_rename(name))
         scope = ctx.scope
         if ctx.tower:
             existing = scope.names.get(name)
@@ -669,7 +695,9 @@ class Builder:
                 return resolved[key]
             if key in seen:
                 forward = self.forwards[key]
-                raise NetError(f"`{forward.ref.name}` is defined in terms of itself", forward.ref.span)
+                raise NetError(
+                    f"`{forward.ref.name}` is defined in terms of itself", forward.ref.span, hint=_ALIAS_CYCLE_HINT
+                )
             forward = self.forwards[key]
             tensors = self._tensor_ref(forward.ref, forward.ctx, final=True)
             nodes: list[str] = []
@@ -743,5 +771,9 @@ def build_recipe(module: s.Module) -> list[Setting]:
     try:
         builder.run_all(module.statements, Context(builder.globals, module.file))
     except RecursionError:
-        raise NetError("the recipe nests too deeply (an expression or includes)", where=module.file) from None
+        raise NetError(
+            "the recipe nests too deeply (an expression or includes)",
+            where=module.file,
+            hint="split long expressions with `const`, and shorten chains of files that include each other",
+        ) from None
     return builder.recipe

@@ -19,6 +19,10 @@ from netdsl.lang.scope import Block, Context, Preset, Symbol, Tensors, Towered, 
 MAX_NUMBER = 10**18
 TOO_LARGE = "a value in a net is at most 10**18 in size"
 PAD_WORDS = ("same", "same_lower", "valid")  # the words `pad` takes
+_NUMBER_HINT = "write a number, or an expression of numbers and constants: 64, width * 2, (3, 3) for a pair"
+_WHOLE = "a count or size is whole: `//` divides rounding down (7 // 2 is 3)"
+_ZERO_HINT = "the divisor is 0 here: check the constants it is computed from"
+_PAD_HINT = "e.g. pad=1, pad=(1, 2), pad=(0, 0, 1, 1) or pad=same (docs/language.md: Padding)"
 
 # --- constant expressions ------------------------------------------------------------------------
 
@@ -60,12 +64,18 @@ def _name_value(expr: s.Name, ctx: Context):
             hint="define the constant outside the towers block",
         )
     if isinstance(value, Tensors):
-        raise NetError(f"`{expr.name}` is a layer's output, but a number is expected here", expr.span, trace=ctx.trace)
+        raise NetError(
+            f"`{expr.name}` is a layer's output, but a number is expected here",
+            expr.span,
+            trace=ctx.trace,
+            hint="a number is written out or named with `const width = 64`; only a layer's input reads layers",
+        )
     if isinstance(value, (Preset, Block)):
         raise NetError(
             f"`{expr.name}` is a {'preset' if isinstance(value, Preset) else 'block'}, but a number is expected here",
             expr.span,
             trace=ctx.trace,
+            hint=f"use it as a layer: `{expr.name}(x, ...)` or `x | {expr.name}`",
         )
     return value
 
@@ -74,19 +84,21 @@ def number(expr: s.Expr, ctx: Context, what: str) -> int | float:
     """The value of `expr`, which must be a number; `what` names it in the error otherwise."""
     value = evaluate(expr, ctx)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise NetError(f"{what} must be a number, got {_describe(value)}", expr.span, trace=ctx.trace)
+        raise NetError(
+            f"{what} must be a number, got {_describe(value)}", expr.span, trace=ctx.trace, hint=_NUMBER_HINT
+        )
     return value
 
 
-def integer(expr: s.Expr, ctx: Context, what: str, low: int, high: int) -> int:
-    """The value of `expr`, which must be a whole number from `low` to `high`."""
+def integer(expr: s.Expr, ctx: Context, what: str, low: int, high: int, hint: str) -> int:
+    """The value of `expr`, which must be a whole number from `low` to `high` (`hint` says why, if not)."""
     value = number(expr, ctx, what)
     if isinstance(value, float):
         if not value.is_integer():
-            raise NetError(f"{what} must be a whole number, got {value:g}", expr.span, trace=ctx.trace)
+            raise NetError(f"{what} must be a whole number, got {value:g}", expr.span, trace=ctx.trace, hint=_WHOLE)
         value = int(value)
     if not low <= value <= high:
-        raise NetError(f"{what} must be between {low} and {high}, got {value}", expr.span, trace=ctx.trace)
+        raise NetError(f"{what} must be between {low} and {high}, got {value}", expr.span, trace=ctx.trace, hint=hint)
     return value
 
 
@@ -94,18 +106,28 @@ def _binop(expr: s.BinOp, ctx: Context):
     a = number(expr.left, ctx, f"an operand of {expr.op}")
     b = number(expr.right, ctx, f"an operand of {expr.op}")
     if expr.op in ("/", "//", "%") and b == 0:
-        raise NetError("division by zero", expr.right.span, trace=ctx.trace)
+        raise NetError("division by zero", expr.right.span, trace=ctx.trace, hint=_ZERO_HINT)
     if expr.op == "**":
         if abs(b) > 64 and abs(a) > 1:
             raise NetError("number too large", expr.span, trace=ctx.trace, hint=TOO_LARGE)
         if a == 0 and b < 0:
-            raise NetError("division by zero", expr.span, trace=ctx.trace)
+            raise NetError(
+                "division by zero",
+                expr.span,
+                trace=ctx.trace,
+                hint="0 to a negative power is 1 / 0: check the exponent",
+            )
         try:
             value = a**b
         except OverflowError:
             raise NetError("number too large", expr.span, trace=ctx.trace, hint=TOO_LARGE) from None
         if isinstance(value, complex):
-            raise NetError("the result is not a real number", expr.span, trace=ctx.trace)
+            raise NetError(
+                "the result is not a real number",
+                expr.span,
+                trace=ctx.trace,
+                hint="a negative number to a fractional power, as (-8) ** 0.5, has no real value: check the base",
+            )
     elif expr.op == "+":
         value = a + b
     elif expr.op == "-":
@@ -166,6 +188,7 @@ def arguments(spec: OpSpec, args, kwargs, ctx: Context) -> dict[str, s.Expr]:
                 f"`{kwarg.name}` is given twice",
                 kwarg.span,
                 trace=ctx.trace,
+                hint="give each parameter once, by position or by name",
                 notes=[(values[kwarg.name].span, "first given here")],
             )
         values[kwarg.name] = kwarg.value
@@ -198,7 +221,9 @@ def param_value(spec: OpSpec, param: op_registry.Param, expr: s.Expr, ctx: Conte
     kind = param.kind
     if kind == "bool":
         if not isinstance(value, bool):
-            raise NetError(f"{where} must be true or false", expr.span, trace=ctx.trace)
+            raise NetError(
+                f"{where} must be true or false", expr.span, trace=ctx.trace, hint=f"e.g. {param.name}=false"
+            )
         return value
     if kind == "pad" and isinstance(value, Symbol):
         if value.word not in PAD_WORDS:
@@ -206,6 +231,7 @@ def param_value(spec: OpSpec, param: op_registry.Param, expr: s.Expr, ctx: Conte
                 f"{where} must be a number, (h, w), (top, left, bottom, right), same, same_lower or valid",
                 expr.span,
                 trace=ctx.trace,
+                hint=did_you_mean(value.word, PAD_WORDS) or _PAD_HINT,
             )
         return value.word
     if kind in ("pair", "pad") and isinstance(value, tuple):
@@ -214,9 +240,15 @@ def param_value(spec: OpSpec, param: op_registry.Param, expr: s.Expr, ctx: Conte
                 f"{where} takes one number, two (h, w) or four (top, left, bottom, right), not {len(value)}",
                 expr.span,
                 trace=ctx.trace,
+                hint=_PAD_HINT,
             )
         if kind == "pair" and len(value) != 2:
-            raise NetError(f"{where} takes one number or two (h, w), not {len(value)}", expr.span, trace=ctx.trace)
+            raise NetError(
+                f"{where} takes one number or two (h, w), not {len(value)}",
+                expr.span,
+                trace=ctx.trace,
+                hint=f"e.g. {param.name}=3 or {param.name}=(3, 1)",
+            )
         return tuple(_check_number(param, item, "int", expr, ctx, where) for item in value)
     number_kind = "float" if kind == "float" else "int"
     return _check_number(param, value, number_kind, expr, ctx, where)
@@ -225,10 +257,10 @@ def param_value(spec: OpSpec, param: op_registry.Param, expr: s.Expr, ctx: Conte
 def _check_number(param: op_registry.Param, value, kind: str, expr: s.Expr, ctx: Context, where: str):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         what = "true/false" if isinstance(value, bool) else _describe(value)
-        raise NetError(f"{where} must be a number, got {what}", expr.span, trace=ctx.trace)
+        raise NetError(f"{where} must be a number, got {what}", expr.span, trace=ctx.trace, hint=_param_hint(param))
     if kind == "int":
         if isinstance(value, float) and not value.is_integer():
-            raise NetError(f"{where} must be a whole number, got {value:g}", expr.span, trace=ctx.trace)
+            raise NetError(f"{where} must be a whole number, got {value:g}", expr.span, trace=ctx.trace, hint=_WHOLE)
         value = int(value)
     else:
         value = float(value)
@@ -239,8 +271,16 @@ def _check_number(param: op_registry.Param, value, kind: str, expr: s.Expr, ctx:
         bound = f"at least {low:g}" if low is not None else ""
         if high is not None:
             bound = (bound + " and " if bound else "") + ("below " if param.below_maximum else "at most ") + f"{high:g}"
-        raise NetError(f"{where} must be {bound}, got {value:g}", expr.span, trace=ctx.trace)
+        raise NetError(f"{where} must be {bound}, got {value:g}", expr.span, trace=ctx.trace, hint=_param_hint(param))
     return value
+
+
+def _param_hint(param: op_registry.Param) -> str:
+    """What a parameter is, and its default: the hint for a value of the wrong kind or out of range."""
+    text = f"`{param.name}` is the {param.doc}" if param.doc else f"`{param.name}` is a number"
+    if param.default is not REQUIRED and param.default is not None and not isinstance(param.default, bool):
+        text += f"; its default is {param.default}"
+    return text
 
 
 def _example(spec: OpSpec) -> str:

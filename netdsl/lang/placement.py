@@ -53,6 +53,7 @@ class Placement:
                 raise NetError(
                     f"device `{name.name}` is declared twice",
                     name.span,
+                    hint=f"declare each device once, with its memory: `device {name.name} memory 3 GiB`",
                     notes=[(self.devices[name.name].span, "first declared here")],
                 )
             self.devices[name.name] = Device(name.name, memory, name.span)
@@ -132,7 +133,11 @@ def _memory_size(stmt: s.DeviceStmt, ctx: Context) -> int | None:
         raise NetError(f"unknown memory unit `{unit}`", stmt.unit.span, hint=hint)
     amount = number(stmt.memory, ctx, "a memory size")
     if amount <= 0:
-        raise NetError("a memory size must be positive", stmt.memory.span)
+        raise NetError(
+            "a memory size must be positive",
+            stmt.memory.span,
+            hint="e.g. `device gpu0 memory 3 GiB`; without `memory` the device's memory is not checked",
+        )
     return int(checked(amount * MEMORY_UNITS[unit], stmt.memory, ctx))  # 1e300 GiB is not finite
 
 
