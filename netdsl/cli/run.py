@@ -128,7 +128,11 @@ def read_inputs(paths: list[Path], shape: tuple[int, ...], preprocess=None, view
             batches.append(read_image(path, shape, preprocess, views))
             continue
         if views > 1:
-            raise NetError(f"--views {views} takes images, and {path} is not one", where="--views")
+            raise NetError(
+                f"--views {views} takes images, and {path} is not one",
+                where="--views",
+                hint="--views 10 crops images; give image files (.jpg, .png, ...) or leave --views out",
+            )
         array = _read_npy(path, IMAGE_SUFFIXES)
         if array.dtype.kind not in "fiu":
             raise NetError(
@@ -251,7 +255,11 @@ def random_inputs(count: int, shape: tuple[int, ...], seed: int, flag: str) -> n
     try:
         return np.random.default_rng(seed).standard_normal((count, *shape), dtype=np.float32)
     except MemoryError:
-        raise NetError(f"{count:,} random images ({format_bytes(need)}) cannot be allocated", where=flag) from None
+        raise NetError(
+            f"{count:,} random images ({format_bytes(need)}) cannot be allocated",
+            where=flag,
+            hint="ask for fewer (--random N) or a smaller --batch",
+        ) from None
 
 
 def is_scores(value) -> bool:

@@ -90,7 +90,11 @@ def load_table(path: Path = TABLE) -> list[Measured]:
         measured = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers)
         if row.kind not in ("conv2d", "linear") or not (measured and row.netdsl_ms > 0 and row.torch_ms > 0
                                                         and row.batch >= 1):  # fmt: skip
-            raise NetError(f"a row of the backward choices table is not a measurement: {row}", where=str(path))
+            raise NetError(
+                f"a row of the backward choices table is not a measurement: {row}",
+                where=str(path),
+                hint="regenerate the table on a GPU: python bench/train_gpu.py --write-choices",
+            )
     return rows
 
 

@@ -335,7 +335,11 @@ def sm90_resources(launches: list[Launch], use_cache: bool = True) -> dict[str, 
     try:
         compiled = compile_sm90_many(requests)
     except Exception as error:  # a kernel that does not build for the H100 is a compiler bug worth showing
-        raise NetError(f"building the kernels for sm_90 failed: {error}", where="sm_90") from error
+        raise NetError(
+            f"building the kernels for sm_90 failed: {error}",
+            where="sm_90",
+            hint="this is a bug in a generated kernel: run with --no-sm90 to go on, and please report it",
+        ) from error
     for (launch, path), resources in zip(missing, compiled):
         entry = {key: value for key, value in asdict(resources).items() if key in _FIELDS}
         entry["mma"] = list(entry["mma"])

@@ -79,7 +79,11 @@ def _torch_device(name: str, given: str | torch.device) -> torch.device:
             hint="map it to cpu or cuda:N",
         )
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise NetError(f"device `{name}` is mapped to {device}, but CUDA is not available", where="devices")
+        raise NetError(
+            f"device `{name}` is mapped to {device}, but CUDA is not available",
+            where="devices",
+            hint="map the devices to cpu (gpu0=cpu,gpu1=cpu), or run on a machine with a CUDA GPU",
+        )
     return device
 
 

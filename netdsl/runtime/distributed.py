@@ -54,7 +54,11 @@ def _world() -> tuple[int, int]:
     try:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     except ValueError:
-        raise NetError("RANK and WORLD_SIZE must be integers", where="distributed") from None
+        raise NetError(
+            "RANK and WORLD_SIZE must be integers",
+            where="distributed",
+            hint="start the processes with torchrun, which sets them",
+        ) from None
 
 
 def _local_device() -> torch.device:
@@ -102,7 +106,11 @@ def run_distributed(
             hint=f"launch one process per device: torchrun --nproc-per-node {len(logical)} ...",
         )
     if not 0 <= rank < world:
-        raise NetError(f"rank {rank} is outside the world of {world}", where="distributed")
+        raise NetError(
+            f"rank {rank} is outside the world of {world}",
+            where="distributed",
+            hint="start the processes with torchrun, which sets RANK below WORLD_SIZE",
+        )
     if not dist.is_initialized():
         dist.init_process_group("nccl" if local.type == "cuda" else "gloo")
     rank_of = {name: i for i, name in enumerate(logical)}

@@ -312,7 +312,11 @@ class GraphModule(torch.nn.Module):
                 value = from_numpy(value)
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 what = type(value).__name__ if not isinstance(value, torch.Tensor) else value.dtype
-                raise NetError(f"input `{name}` must be a floating-point tensor, got {what}", where="inputs")
+                raise NetError(
+                    f"input `{name}` must be a floating-point tensor, got {what}",
+                    where="inputs",
+                    hint="give float32, float16 or bfloat16 images: x.float()",
+                )
             shape = self._netdsl.inputs[name]
             if value.dim() != len(shape) + 1 or tuple(value.shape[1:]) != shape or value.shape[0] < 1:
                 raise NetError(

@@ -552,7 +552,11 @@ class Net:
             converted, given_type = f"x.to({self.torch_dtype})", getattr(value, "dtype", None)
             if isinstance(value, np.ndarray):
                 if value.dtype.kind not in "biuf":
-                    raise NetError(f"input `{name}` holds {value.dtype} values, not numbers", where=self.path)
+                    raise NetError(
+                        f"input `{name}` holds {value.dtype} values, not numbers",
+                        where=self.path,
+                        hint="give the images as float32 numbers: x.astype(numpy.float32)",
+                    )
                 numpy_type = {"fp32": "np.float32", "tf32": "np.float32", "fp16": "np.float16"}.get(self.dtype)
                 converted = f"x.astype({numpy_type})" if numpy_type else f"torch.from_numpy(x).to({self.torch_dtype})"
                 value = from_numpy(value)
@@ -563,7 +567,11 @@ class Net:
                     hint="pass a dense tensor with values (x.to_dense())",
                 )
             if not isinstance(value, torch.Tensor):
-                raise NetError(f"input `{name}` must be a tensor, got {type(value).__name__}", where=self.path)
+                raise NetError(
+                    f"input `{name}` must be a tensor, got {type(value).__name__}",
+                    where=self.path,
+                    hint="give a torch tensor or a numpy array: torch.from_numpy(x)",
+                )
             shape = self.input_shapes[name]
             if value.dim() != len(shape) + 1 or tuple(value.shape[1:]) != shape or value.shape[0] < 1:
                 hint = f"the net reads N x {_fmt(shape)}, N >= 1 images"
@@ -581,7 +589,11 @@ class Net:
                     hint=f"convert it first, e.g. {converted}",
                 )
             if batch is not None and value.shape[0] != batch:
-                raise NetError(f"input `{name}` has a batch of {value.shape[0]}, the others {batch}", where=self.path)
+                raise NetError(
+                    f"input `{name}` has a batch of {value.shape[0]}, the others {batch}",
+                    where=self.path,
+                    hint="give every input the same number of images",
+                )
             batch = value.shape[0]
             if self.check_inputs and not value.is_cuda:
                 self._check_finite(name, value)

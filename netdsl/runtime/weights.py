@@ -51,7 +51,11 @@ def weight_specs(graph: nx.DiGraph) -> dict[str, Shape]:
         for tensor, shape in layer_tensors(item).items():
             name = f"{item.name}.{tensor}"
             if name in specs:  # cannot happen with the language's names; guards a future op's tensor names
-                raise NetError(f"two tensors of the net are both named `{name}`", span=item.span)
+                raise NetError(
+                    f"two tensors of the net are both named `{name}`",
+                    span=item.span,
+                    hint="rename one of the layers: a weight is named after its layer (`conv1.weight`)",
+                )
             specs[name] = tuple(int(d) for d in shape)
     return specs
 
@@ -81,7 +85,9 @@ def init_weights(graph: nx.DiGraph, seed: int = 0, scheme: str = "paper") -> dic
         hint = did_you_mean(str(scheme), SCHEMES) or f"choose one of: {', '.join(SCHEMES)}"
         raise NetError(f"unknown weight initialization scheme `{scheme}`", hint=hint, where="scheme")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise NetError(f"the seed must be a whole number >= 0, got {seed!r}", where="seed")
+        raise NetError(
+            f"the seed must be a whole number >= 0, got {seed!r}", where="seed", hint="give a seed such as 0 or 2012"
+        )
     paper_net = graph.graph.get("name") in PAPER_NETS
     values: dict[str, np.ndarray] = {}
     for name, shape in weight_specs(graph).items():
@@ -131,18 +137,34 @@ def save_weights(
     path = Path(path)
     where = str(path)
     if not isinstance(weights, Mapping):
-        raise NetError(f"weights must be a dict of name -> array, got {type(weights).__name__}", where=where)
+        raise NetError(
+            f"weights must be a dict of name -> array, got {type(weights).__name__}",
+            where=where,
+            hint="give a mapping of weight name -> numpy array, such as net.weights()",
+        )
     tensors: dict[str, np.ndarray] = {}
     for name, value in weights.items():
         if not isinstance(name, str):
-            raise NetError(f"tensor names must be strings, got {name!r}", where=where)
+            raise NetError(
+                f"tensor names must be strings, got {name!r}",
+                where=where,
+                hint="name each tensor after its weight: `conv1.weight`, `conv1.bias`, ...",
+            )
         array = np.asarray(value)
         if array.dtype.kind not in "fiub":
-            raise NetError(f"tensor `{name}` holds {array.dtype} values: a weights file stores numbers", where=where)
+            raise NetError(
+                f"tensor `{name}` holds {array.dtype} values: a weights file stores numbers",
+                where=where,
+                hint="convert it to float32 before saving: array.astype(numpy.float32)",
+            )
         tensors[name] = np.ascontiguousarray(array)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise NetError(f"cannot write the weights: folder `{folder}` does not exist", where=where)
+        raise NetError(
+            f"cannot write the weights: folder `{folder}` does not exist",
+            where=where,
+            hint="create the folder first, or write the weights elsewhere",
+        )
     if path.is_dir():
         raise NetError("cannot write the weights: the path is a folder", where=where, hint="give a file name")
     try:
@@ -161,7 +183,11 @@ def save_weights(
     except Exception as error:  # OSError (disk full, permissions) or SafetensorError; never leave the temp file
         with contextlib.suppress(OSError):
             os.unlink(temp)
-        raise NetError(f"cannot write the weights: {error}", where=where) from None
+        raise NetError(
+            f"cannot write the weights: {error}",
+            where=where,
+            hint="check the folder, its permissions and the free disk space",
+        ) from None
 
 
 _F32_MAX = float(np.finfo(np.float32).max)  # a float64 weight beyond it would become an infinity
@@ -406,7 +432,11 @@ def checked_weights(weights, specs: Mapping[str, Shape]) -> dict:
     from netdsl.runtime.arrays import from_numpy
 
     if not isinstance(weights, Mapping):
-        raise NetError(f"weights must be a dict of name -> tensor, got {type(weights).__name__}", where="weights")
+        raise NetError(
+            f"weights must be a dict of name -> tensor, got {type(weights).__name__}",
+            where="weights",
+            hint="give a mapping of weight name -> tensor or array, such as a loaded safetensors file",
+        )
     strange = next((name for name in weights if not isinstance(name, str)), None)
     if strange is not None:
         raise NetError(f"weight names are strings, got {strange!r}", where="weights", hint="e.g. 'conv1.weight'")
@@ -431,7 +461,11 @@ def checked_weights(weights, specs: Mapping[str, Shape]) -> dict:
         try:
             tensor = value.detach() if isinstance(value, torch.Tensor) else from_numpy(np.asarray(value))
         except (TypeError, ValueError, RuntimeError) as error:
-            raise NetError(f"weight `{name}` is not a tensor: {error}", where="weights") from None
+            raise NetError(
+                f"weight `{name}` is not a tensor: {error}",
+                where="weights",
+                hint="give each weight as a torch tensor or a numpy array",
+            ) from None
         if tensor.layout != torch.strided or tensor.is_meta:
             raise NetError(
                 f"weight `{name}` is a {'meta' if tensor.is_meta else str(tensor.layout)} tensor",
@@ -442,9 +476,14 @@ def checked_weights(weights, specs: Mapping[str, Shape]) -> dict:
             raise NetError(
                 f"weight `{name}` has shape {_shape(tuple(tensor.shape))}, the net needs {_shape(shape)}",
                 where="weights",
+                hint="the weights are of another net, or another version of this one: `netdsl info` lists its shapes",
             )
         if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
-            raise NetError(f"weight `{name}` has dtype {tensor.dtype}, not a real number type", where="weights")
+            raise NetError(
+                f"weight `{name}` has dtype {tensor.dtype}, not a real number type",
+                where="weights",
+                hint="convert it to float32: tensor.float()",
+            )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = "NaN" if bool(torch.isnan(tensor).any()) else "infinite values"
             raise NetError(

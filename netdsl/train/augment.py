@@ -71,7 +71,11 @@ def as_pixels(array: np.ndarray, channels: int, where: str | None = None) -> np.
     uint8, any other number type becomes float32; gray becomes RGB and RGB gray as Pillow does it."""
     array = np.asarray(array)
     if array.dtype.kind not in "biuf":
-        raise NetError(f"an image of {array.dtype} values, not numbers", where=where)
+        raise NetError(
+            f"an image of {array.dtype} values, not numbers",
+            where=where,
+            hint="save the images as numbers (uint8 pixels, or floats)",
+        )
     if array.ndim == 2:
         array = array[..., None]
     elif array.ndim == 3 and array.shape[2] not in (channels, 1, 3) and array.shape[0] in (channels, 1, 3):
@@ -189,7 +193,11 @@ class Augment:
 
     def __post_init__(self) -> None:
         if not self.pca_noise >= 0:
-            raise NetError(f"the colour noise's std must be at least 0, not {self.pca_noise}", where="pca_noise")
+            raise NetError(
+                f"the colour noise's std must be at least 0, not {self.pca_noise}",
+                where="pca_noise",
+                hint="0 turns the colour noise off; the paper uses 0.1",
+            )
         if self.pca_noise > 0 and not self.eigvals:
             raise NetError(
                 "PCA colour noise needs the training set's colour eigenvalues",
@@ -198,7 +206,11 @@ class Augment:
             )
         count = len(self.eigvals)
         if len(self.eigvecs) != count or any(len(row) != count for row in self.eigvecs):
-            raise NetError(f"the colour eigenvectors must form a {count} x {count} matrix", where="eigvecs")
+            raise NetError(
+                f"the colour eigenvectors must form a {count} x {count} matrix",
+                where="eigvecs",
+                hint="one eigenvector per colour channel, each as long as there are channels",
+            )
 
     def draw(self, rng: np.random.Generator, height: int, width: int, crop: tuple[int, int]) -> Draw:
         """Every choice is drawn, in a fixed order, whether or not it is used, so switching one kind of

@@ -182,9 +182,17 @@ def open_data(
     which are errors unless `skip_corrupt`."""
     channels, height, width = net_input
     if min(net_input) < 1:
-        raise NetError(f"the net's input {channels} x {height} x {width} is not an image's shape", where=str(spec))
+        raise NetError(
+            f"the net's input {channels} x {height} x {width} is not an image's shape",
+            where=str(spec),
+            hint="a net that trains on images takes C x H x W: write its input as `input image: 3 x 32 x 32`",
+        )
     if workers < 0:
-        raise NetError(f"the number of loader workers must be at least 0, not {workers}", where="--workers")
+        raise NetError(
+            f"the number of loader workers must be at least 0, not {workers}",
+            where="--workers",
+            hint="0 loads in the training process itself; N starts N loading processes",
+        )
     if not 0 <= val_fraction < 1:
         raise NetError(
             f"the validation fraction must be in [0, 1), not {val_fraction}",
@@ -192,7 +200,11 @@ def open_data(
             hint="0.1 keeps a tenth of each class for validation; 0 none",
         )
     if size is not None and size < 1:
-        raise NetError(f"the image size must be positive, not {size}", where="--size")
+        raise NetError(
+            f"the image size must be positive, not {size}",
+            where="--size",
+            hint="give the shorter side images are resized to, in pixels, e.g. 256",
+        )
     base = Preprocess(size=size or min(height, width), crop=(height, width), channels=channels, mean=(0.0,) * channels)
     where = str(spec)
     if where == DIGITS:
@@ -664,13 +676,29 @@ def loader(
     seeded per sample by (seed, epoch, index)); None: centre views. `workers`: decoding processes
     (0: in this process); the batches are the same whatever their number."""
     if batch < 1:
-        raise NetError(f"the batch size must be at least 1, not {batch}", where="--batch")
+        raise NetError(
+            f"the batch size must be at least 1, not {batch}",
+            where="--batch",
+            hint="give a batch of one image or more, e.g. --batch 128",
+        )
     if world < 1 or not 0 <= rank < world:
-        raise NetError(f"rank {rank} of a world of {world} processes does not exist", where="--world")
+        raise NetError(
+            f"rank {rank} of a world of {world} processes does not exist",
+            where="--world",
+            hint="start the processes with torchrun, which numbers them from 0",
+        )
     if seed < 0 or epoch < 0:
-        raise NetError(f"the seed and epoch must be at least 0, not {seed} and {epoch}", where="--seed")
+        raise NetError(
+            f"the seed and epoch must be at least 0, not {seed} and {epoch}",
+            where="--seed",
+            hint="give a seed such as 0",
+        )
     if workers < 0:
-        raise NetError(f"the number of loader workers must be at least 0, not {workers}", where="--workers")
+        raise NetError(
+            f"the number of loader workers must be at least 0, not {workers}",
+            where="--workers",
+            hint="0 loads in the training process itself; N starts N loading processes",
+        )
     channels = dataset.preprocess.channels
     if augment is not None and augment.pca_noise > 0 and len(augment.eigvals) != channels:
         raise NetError(
@@ -698,8 +726,16 @@ def view_loader(
     if views not in VIEW_COUNTS:
         raise NetError(f"{views} views: netdsl takes 1 or 10", where="--views", hint="--views 1 or --views 10")
     if batch < 1:
-        raise NetError(f"the batch size must be at least 1, not {batch}", where="--batch")
+        raise NetError(
+            f"the batch size must be at least 1, not {batch}",
+            where="--batch",
+            hint="give a batch of one image or more, e.g. --batch 128",
+        )
     if workers < 0:
-        raise NetError(f"the number of loader workers must be at least 0, not {workers}", where="--workers")
+        raise NetError(
+            f"the number of loader workers must be at least 0, not {workers}",
+            where="--workers",
+            hint="0 loads in the training process itself; N starts N loading processes",
+        )
     rows = _rank_rows(np.arange(len(dataset)), batch, rank, world, drop_last=False)
     return Batches(dataset, rows, len(rows), None, 0, 0, workers, False, views)

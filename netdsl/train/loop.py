@@ -745,7 +745,11 @@ def _per_channel(values, channels: int, flag: str) -> tuple[float, ...]:
     if len(values) == 1:
         return values * channels
     if len(values) != channels:
-        raise NetError(f"{len(values)} values for a net with {channels} input channels", where=flag)
+        raise NetError(
+            f"{len(values)} values for a net with {channels} input channels",
+            where=flag,
+            hint="give one value for all channels, or one per input channel",
+        )
     return values
 
 

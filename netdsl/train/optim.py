@@ -51,7 +51,11 @@ def param_groups(
         for pattern, value in rules:
             place = where(setting, pattern) if where is not None else setting
             if not (_real(value) and value >= 0):
-                raise NetError(f"{setting} `{pattern}` must be a number >= 0, got {value!r}", where=place)
+                raise NetError(
+                    f"{setting} `{pattern}` must be a number >= 0, got {value!r}",
+                    where=place,
+                    hint="0 turns it off for the matching weights (no learning, or no decay); 1 keeps the base value",
+                )
             if strict and not fnmatch.filter(names, pattern):
                 hint = did_you_mean(pattern, names) or (f"weights are named like `{names[0]}`" if names else None)
                 raise NetError(f"{setting} pattern `{pattern}` matches no trainable weight", where=place, hint=hint)
@@ -89,11 +93,21 @@ def _with_rates(groups, lr: float) -> list[dict]:
 
 def _check(lr: float, momentum: float, weight_decay: float) -> None:
     if not (_real(lr) and lr > 0):
-        raise NetError(f"the learning rate must be a number > 0, got {lr!r}", where="lr")
+        raise NetError(
+            f"the learning rate must be a number > 0, got {lr!r}", where="lr", hint="the paper starts at 0.01"
+        )
     if not (_real(momentum) and 0 <= momentum < 1):
-        raise NetError(f"the momentum must be at least 0 and below 1, got {momentum!r}", where="momentum")
+        raise NetError(
+            f"the momentum must be at least 0 and below 1, got {momentum!r}",
+            where="momentum",
+            hint="the paper uses 0.9; 0 is plain SGD",
+        )
     if not (_real(weight_decay) and weight_decay >= 0):
-        raise NetError(f"the weight decay must be a number >= 0, got {weight_decay!r}", where="weight_decay")
+        raise NetError(
+            f"the weight decay must be a number >= 0, got {weight_decay!r}",
+            where="weight_decay",
+            hint="the paper uses 0.0005; 0 turns decay off",
+        )
 
 
 def _real(value) -> bool:
@@ -112,7 +126,11 @@ class PaperSGD(torch.optim.Optimizer):
     ) -> None:
         _check(lr, momentum, weight_decay)
         if nesterov and momentum == 0:
-            raise NetError("Nesterov momentum needs a momentum above 0", where="nesterov")
+            raise NetError(
+                "Nesterov momentum needs a momentum above 0",
+                where="nesterov",
+                hint="give a momentum such as 0.9, or leave Nesterov off",
+            )
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -136,7 +154,11 @@ class PaperSGD(torch.optim.Optimizer):
                 if w.grad is None:
                     continue
                 if w.grad.is_sparse:
-                    raise NetError("PaperSGD does not take sparse gradients", where="optimizer")
+                    raise NetError(
+                        "PaperSGD does not take sparse gradients",
+                        where="optimizer",
+                        hint="netdsl nets have dense weights: this optimizer takes dense gradients only",
+                    )
                 state = self.state[w]
                 if "velocity" not in state:
                     state["velocity"] = torch.zeros_like(w, memory_format=torch.preserve_format)
@@ -170,7 +192,11 @@ class FlatPaperSGD(PaperSGD):
         for group in self.param_groups:
             for param in group["params"]:
                 if param.dtype != torch.float32:
-                    raise NetError(f"the fused SGD keeps float32 weights, got {param.dtype}", where="optimizer")
+                    raise NetError(
+                        f"the fused SGD keeps float32 weights, got {param.dtype}",
+                        where="optimizer",
+                        hint="train the weights in float32 (mixed precision keeps float32 weights: --dtype bf16)",
+                    )
                 by_device.setdefault(param.device, []).append((param, group))
         for device, members in by_device.items():
             sizes = [param.numel() for param, _ in members]

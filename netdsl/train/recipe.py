@@ -218,7 +218,11 @@ class Recipe:
         setting missing from `record` (written by an older netdsl) takes its default."""
         settings = record.get("settings") if isinstance(record, dict) else None
         if not isinstance(settings, dict):
-            raise NetError("not a netdsl recipe (no `settings`)", where=where)
+            raise NetError(
+                "not a netdsl recipe (no `settings`)",
+                where=where,
+                hint="the file was written by another program, or damaged: put it back, or start a new run (--out)",
+            )
         state = _State()
         for name, entry in settings.items():
             spec = SETTINGS.get(name)
@@ -249,7 +253,11 @@ class Recipe:
         try:
             record = parse_json(text)
         except ValueError as error:
-            raise NetError(f"the recipe is not valid JSON: {error}", where=where) from None
+            raise NetError(
+                f"the recipe is not valid JSON: {error}",
+                where=where,
+                hint="the file was written by another program, or damaged: put it back, or start a new run (--out)",
+            ) from None
         return cls.from_dict(record, where)
 
 

@@ -180,4 +180,8 @@ def _whole(value) -> bool:
 
 def _need(good: bool, setting: str, value, wanted: str = "a number >= 0") -> None:
     if not good:
-        raise NetError(f"schedule setting `{setting}` must be {wanted}, got {value!r}", where=setting)
+        raise NetError(
+            f"schedule setting `{setting}` must be {wanted}, got {value!r}",
+            where=setting,
+            hint="docs/training.md lists the schedule settings and what each takes",
+        )

@@ -51,9 +51,17 @@ class World:
             rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             local = int(os.environ.get("LOCAL_RANK", rank))
         except ValueError:
-            raise NetError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers", where="torchrun") from None
+            raise NetError(
+                "RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers",
+                where="torchrun",
+                hint="start the processes with torchrun, which sets them",
+            ) from None
         if size < 1 or not 0 <= rank < size:
-            raise NetError(f"rank {rank} is outside a world of {size}", where="torchrun")
+            raise NetError(
+                f"rank {rank} is outside a world of {size}",
+                where="torchrun",
+                hint="start the processes with torchrun, which sets RANK below WORLD_SIZE",
+            )
         return cls(rank, size, local)
 
     def join(self, timeout: float) -> None:
@@ -66,7 +74,11 @@ class World:
         try:
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
         except (RuntimeError, ValueError) as error:
-            raise NetError(f"cannot join the process group: {_first_line(error)}", where="torchrun") from None
+            raise NetError(
+                f"cannot join the process group: {_first_line(error)}",
+                where="torchrun",
+                hint="check MASTER_ADDR and MASTER_PORT, and that every process started (torchrun --nproc-per-node N)",
+            ) from None
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sums over every rank (the values themselves with one process)."""
