@@ -110,6 +110,7 @@ LAYOUTS: dict[str, dict[str, str]] = {
 
 _SHOWN = 5  # names listed in an error before "and N more"
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; the legacy format's pickle protocol opcode
+_DAMAGED = "the file may be truncated or damaged; save it again with torch.save(model.state_dict(), path)"
 _LAYOUT_HINT = (
     "a grouped AlexNet's tensors are named `conv1.weight` ... `fc8.bias` (netdsl), or `features.{0,3,6,8,10}.*` "
     "and `classifier.{1,4,6}.*` (torchvision), or `features.{0,4,8,10,12}.*` and `classifier.{1,4,6}.*` "
@@ -290,7 +291,7 @@ def _read_torch(path: Path, where: str) -> dict[str, _Stored]:
     except pickle.UnpicklingError as error:
         text = str(error)
         if "weights only load failed" not in text.lower():
-            raise NetError(f"not a readable PyTorch file ({_first_line(text)})", where=where) from None
+            raise NetError(f"not a readable PyTorch file ({_first_line(text)})", where=where, hint=_DAMAGED) from None
         # What torch says of a refused object, in the wording of torch 2.4 .. 2.13 ("WeightsUnpickler error:
         # Unsupported global: GLOBAL m.C was not an allowed global", "Trying to load unsupported GLOBAL
         # posix.system whose module posix is blocked"): anything else is damaged data (a bad opcode).
@@ -300,7 +301,7 @@ def _read_torch(path: Path, where: str) -> dict[str, _Stored]:
             raise NetError(
                 f"not a readable PyTorch file ({reason or _first_line(text)})",
                 where=where,
-                hint="the file may be truncated or damaged; save it again with torch.save(model.state_dict(), path)",
+                hint=_DAMAGED,
             ) from None
         reason = f" ({reason})"
         raise NetError(
@@ -313,7 +314,7 @@ def _read_torch(path: Path, where: str) -> dict[str, _Stored]:
         raise NetError(
             f"not a readable PyTorch file ({_first_line(str(error)) or type(error).__name__})",
             where=where,
-            hint="the file may be truncated or damaged; save it again with torch.save(model.state_dict(), path)",
+            hint=_DAMAGED,
         ) from None
     if not isinstance(state, Mapping):
         raise NetError(
@@ -324,7 +325,11 @@ def _read_torch(path: Path, where: str) -> dict[str, _Stored]:
     stored = {}
     for name, value in state.items():
         if not isinstance(name, str):
-            raise NetError(f"the state_dict has a key {name!r} that is not a string", where=where)
+            raise NetError(
+                f"the state_dict has a key {name!r} that is not a string",
+                where=where,
+                hint="save the model's tensors under their names: torch.save(model.state_dict(), path)",
+            )
         if not isinstance(value, torch.Tensor):
             hint = None
             if isinstance(value, Mapping):
@@ -429,7 +434,7 @@ def _check(stored: Mapping[str, _Stored], keys: Mapping[str, str], where: str) -
         raise NetError(
             f"tensor {label} has shape {_shape(got)} in the weights file, but a grouped AlexNet's is {_shape(want)}",
             where=where,
-            hint=hint,
+            hint=hint or "only a grouped AlexNet's weights split into towers (docs/weights.md): another net's file?",
         )
     for key in keys.values():
         if not stored[key].floating:

@@ -36,14 +36,12 @@ from netdsl.errors import NetError
 from netdsl.files import refuse_overwriting, write_atomic
 from netdsl.interop.onnx_import.clean_up import clean_up
 from netdsl.interop.onnx_import.convert import convert
+from netdsl.interop.onnx_import.layers import UNSUPPORTED_HINT
 from netdsl.interop.onnx_import.names import BUILTINS, RESERVED
 from netdsl.interop.onnx_import.read import CONST_OPS, LAYER_OPS, MIN_OPSET, max_opset, read_model, shown
 from netdsl.interop.onnx_import.towers import tower_plan
 from netdsl.interop.onnx_import.write import OnnxImport, write
 from netdsl.interop.onnx_metadata import ReadPreprocess, check_preprocess
-
-# The hint of an error about a node, where no better one is given.
-UNSUPPORTED_HINT = "docs/onnx.md lists the ONNX ops, attributes and patterns netdsl imports (Supported ops)"
 
 
 def import_onnx(
@@ -105,14 +103,24 @@ def import_to_files(
     net_path = Path(net_path)
     weights_path = Path(weights_path) if weights_path is not None else net_path.with_suffix(".safetensors")
     if net_path.resolve() == weights_path.resolve():
-        raise NetError("the .net file and the weights file must differ", where=str(net_path))
+        raise NetError(
+            "the .net file and the weights file must differ",
+            where=str(net_path),
+            hint="name two files, e.g. model.net and model.safetensors (the default for the weights)",
+        )
     for target in (net_path, weights_path):
         refuse_overwriting(target, [path], str(target))
     for target in (net_path, weights_path):
         if target.is_dir():
-            raise NetError(f"cannot write {target}: it is a folder", where=str(target))
+            raise NetError(
+                f"cannot write {target}: it is a folder", where=str(target), hint="name a file, not a folder"
+            )
         if not target.parent.is_dir():
-            raise NetError(f"cannot write {target}: no folder {target.parent}", where=str(target))
+            raise NetError(
+                f"cannot write {target}: no folder {target.parent}",
+                where=str(target),
+                hint=f"create the folder first (mkdir -p {target.parent}), or write somewhere else",
+            )
     shown_name = weights_path.name if weights_path.parent.resolve() == net_path.parent.resolve() else str(weights_path)
     result = import_onnx(path, towers, weights_name=shown_name, read_preprocess=read_preprocess)
     save_weights(weights_path, result.weights, metadata=result.metadata)

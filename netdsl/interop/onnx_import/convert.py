@@ -15,7 +15,7 @@ import numpy as np
 
 from netdsl.errors import NetError
 from netdsl.interop.onnx_import.fold import BATCH, FOLDABLE, fold
-from netdsl.interop.onnx_import.layers import LayerGraph, channel_vector, fmt
+from netdsl.interop.onnx_import.layers import DAMAGED_HINT, UNSUPPORTED_HINT, LayerGraph, channel_vector, fmt
 from netdsl.interop.onnx_import.read import CONST_OPS, LAYER_OPS, attributes, node_where, opset_of, shown, to_array
 from netdsl.interop.onnx_import.reshape import (
     reading,
@@ -25,7 +25,7 @@ from netdsl.interop.onnx_import.reshape import (
     swaps_groups,
     target_text,
 )
-from netdsl.interop.onnx_import.windows import netdsl_window, same_pairs
+from netdsl.interop.onnx_import.windows import NOT_2D_HINT, netdsl_window, same_pairs
 
 # The method of `Converter` that converts each op: Conv -> op_conv, BatchNormalization -> op_batch_normalization.
 _HANDLERS = {
@@ -72,7 +72,7 @@ class Converter:
                     self.consumers.setdefault(name, []).append(index)
         self.graph_outputs = {o.name for o in model.graph.output}
 
-    def fail(self, message: str, hint: str | None = None) -> NetError:
+    def fail(self, message: str, hint: str = UNSUPPORTED_HINT) -> NetError:
         return self.net.fail(message, hint)
 
     # --- inputs, values -----------------------------------------------------------------------
@@ -145,12 +145,12 @@ class Converter:
     def weight(self, name: str, where: str, what: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         array = self.const(name, where, what)
         if array.dtype.kind not in "fiu":
-            raise self.fail(f"{where}: {what} holds {array.dtype} values, not numbers")
+            raise self.fail(f"{where}: {what} holds {array.dtype} values, not numbers", DAMAGED_HINT)
         array = np.asarray(array, dtype=np.float32)
         if shape is not None and tuple(array.shape) != tuple(shape):
             raise self.fail(f"{where}: {what} has shape {fmt(array.shape)}, but it must be {fmt(shape)} here")
         if not np.all(np.isfinite(array)):
-            raise self.fail(f"{where}: {what} holds NaN or infinite values")
+            raise self.fail(f"{where}: {what} holds NaN or infinite values", DAMAGED_HINT)
         return array
 
     def channels(self, key: int, where: str, op: str) -> tuple[int, int, int]:
@@ -558,7 +558,7 @@ class Converter:
             for i, (name, what) in enumerate(zip(names, whats))
         }
         if np.any(weights["running_var"] < 0):
-            raise self.fail(f"{where}: the variance has negative values")
+            raise self.fail(f"{where}: the variance has negative values", DAMAGED_HINT)
         # ONNX keeps momentum of the running value (0.9), netdsl and PyTorch of the batch's (0.1)
         momentum = 1.0 - float(attrs.get("momentum", 0.9))
         params = {"eps": _f32(attrs.get("epsilon", 1e-5)), "momentum": round(momentum, 7)}  # float32 digits
@@ -783,7 +783,7 @@ def _pair(values, where: str, what: str) -> tuple[int, int]:
     """A 2-D window attribute (kernel_shape, strides, dilations): two whole numbers of at least 1."""
     values = [int(v) for v in values]
     if len(values) != 2:
-        raise NetError(f"{where}: {what} has {len(values)} values; netdsl layers are 2-D (h, w)")
+        raise NetError(f"{where}: {what} has {len(values)} values; netdsl layers are 2-D (h, w)", hint=NOT_2D_HINT)
     if min(values) < 1:
-        raise NetError(f"{where}: {what} {values} must be at least 1 in each dimension")
+        raise NetError(f"{where}: {what} {values} must be at least 1 in each dimension", hint=DAMAGED_HINT)
     return values[0], values[1]

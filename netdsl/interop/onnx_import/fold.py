@@ -19,22 +19,37 @@ MAX_FOLDED = 1 << 26  # elements of a folded constant
 BATCH = np.int64(-(2**62) + 12345)  # the batch size while folding Shape -> ... -> Reshape
 FOLDABLE = frozenset(CONST_OPS) | {"Reshape", "Concat", "Add", "Sum", "Identity", "Dropout", "Flatten", "Squeeze"}
 _SYMBOLIC_OK = frozenset({"Gather", "Unsqueeze", "Squeeze", "Concat", "Identity", "Cast"})
+# Hints of the errors below (docs/onnx.md, Supported ops, lists what is folded).
+_BATCH_HINT = (
+    "the batch size may reach only a Reshape (Shape -> Gather -> Unsqueeze -> Concat -> Reshape): "
+    "export e.g. x.flatten(1), or with a fixed batch size"
+)
+_TOO_MANY = f"netdsl folds constants of up to {MAX_FOLDED} values; the model may be damaged: export it again"
+_DAMAGED = "the model's constants do not fit together: check it with onnx.checker, or export it again"
 
 
 def fold(op: str, attrs: dict, values: list, symbolic: bool, where: str, file: str) -> tuple[np.ndarray, bool]:
     """The value of node `where` (an `op` in FOLDABLE) whose inputs are the constants `values` (None for an
     omitted input), and whether that value holds the batch size. `symbolic`: some input holds it."""
     if symbolic and op not in _SYMBOLIC_OK:
-        raise NetError(f"{where}: computes with the batch size, which netdsl nets do not fix", where=file)
+        raise NetError(
+            f"{where}: computes with the batch size, which netdsl nets do not fix", where=file, hint=_BATCH_HINT
+        )
     try:
         result = _fold_op(op, attrs, values, where, file)
     except (ValueError, TypeError, IndexError, KeyError, ArithmeticError, MemoryError) as error:
-        raise NetError(f"{where}: cannot fold this constant ({shown(str(error), 200)})", where=file) from None
+        raise NetError(
+            f"{where}: cannot fold this constant ({shown(str(error), 200)})", where=file, hint=_DAMAGED
+        ) from None
     result = np.asarray(result)
     if symbolic and result.dtype.kind != "i":
-        raise NetError(f"{where}: computes with the batch size, which netdsl nets do not fix", where=file)
+        raise NetError(
+            f"{where}: computes with the batch size, which netdsl nets do not fix", where=file, hint=_BATCH_HINT
+        )
     if result.size > MAX_FOLDED:
-        raise NetError(f"{where}: the folded constant would have {result.size} values, too many", where=file)
+        raise NetError(
+            f"{where}: the folded constant would have {result.size} values, too many", where=file, hint=_TOO_MANY
+        )
     return result, bool(symbolic and result.dtype.kind == "i" and np.any(result == BATCH))
 
 
@@ -46,7 +61,8 @@ def _fold_op(op: str, attrs: dict, v: list, where: str, file: str):
     if op == "ConstantOfShape":
         shape = [int(d) for d in np.asarray(v[0]).reshape(-1)]
         if any(d < 0 for d in shape) or math.prod(shape) > MAX_FOLDED:
-            raise NetError(f"{where}: cannot make a constant of shape {shape}", where=file)
+            hint = "a shape's sizes are 0 or more" if any(d < 0 for d in shape) else _TOO_MANY
+            raise NetError(f"{where}: cannot make a constant of shape {shape}", where=file, hint=hint)
         fill = numpy_helper.to_array(attrs["value"]).reshape(-1) if "value" in attrs else np.zeros(1, np.float32)
         return np.full(shape, fill[0], dtype=fill.dtype)
     if op in ("Identity", "Dropout"):
@@ -85,9 +101,13 @@ def _fold_op(op: str, attrs: dict, v: list, where: str, file: str):
         try:  # into a huge one
             size = math.prod(np.broadcast_shapes(*shapes))
         except ValueError:
-            raise NetError(f"{where}: the shapes {[list(s) for s in shapes]} do not broadcast", where=file) from None
+            raise NetError(
+                f"{where}: the shapes {[list(s) for s in shapes]} do not broadcast", where=file, hint=_DAMAGED
+            ) from None
         if size > MAX_FOLDED:
-            raise NetError(f"{where}: the folded constant would have {size} values, too many", where=file)
+            raise NetError(
+                f"{where}: the folded constant would have {size} values, too many", where=file, hint=_TOO_MANY
+            )
     if op in ("Add", "Sum"):
         out = v[0]
         for x in v[1:]:
@@ -105,7 +125,7 @@ def _fold_op(op: str, attrs: dict, v: list, where: str, file: str):
         return -v[0]
     if op == "Sqrt":
         return np.sqrt(v[0])
-    raise NetError(f"{where}: {op} cannot be folded", where=file)  # pragma: no cover - every FOLDABLE op is above
+    raise NetError(f"{where}: {op} cannot be folded", where=file, hint=_DAMAGED)  # pragma: no cover - FOLDABLE: above
 
 
 def _constant(attrs: dict, where: str, file: str) -> np.ndarray:
@@ -120,5 +140,11 @@ def _constant(attrs: dict, where: str, file: str) -> np.ndarray:
     if "value_ints" in attrs:
         return np.array(attrs["value_ints"], dtype=np.int64)
     if "sparse_value" in attrs:
-        raise NetError(f"{where}: sparse constants are not supported", where=file)
-    raise NetError(f"{where}: a constant of strings is not supported (netdsl weights are numbers)", where=file)
+        raise NetError(
+            f"{where}: sparse constants are not supported", where=file, hint="store the constant dense, as `value`"
+        )
+    raise NetError(
+        f"{where}: a constant of strings is not supported (netdsl weights are numbers)",
+        where=file,
+        hint="export the model without its string constants (labels, for instance, belong outside the net)",
+    )

@@ -15,6 +15,10 @@ import numpy as np
 from netdsl.errors import NetError
 from netdsl.ir.ops import OPS, REQUIRED, ParamError, ShapeError
 
+# The hint of an error about a node, where no better one is given; and of a model whose data cannot be right.
+UNSUPPORTED_HINT = "docs/onnx.md lists the ONNX ops, attributes and patterns netdsl imports (Supported ops)"
+DAMAGED_HINT = "the model's data cannot be right: check it with onnx.checker, or export it again"
+
 
 @dataclass
 class Layer:
@@ -43,7 +47,7 @@ class LayerGraph:
         self.notes: list[str] = []
         self._next = 0
 
-    def fail(self, message: str, hint: str | None = None) -> NetError:
+    def fail(self, message: str, hint: str = UNSUPPORTED_HINT) -> NetError:
         return NetError(message, where=self.where, hint=hint)
 
     def add_layer(self, name: str, op: str, params: dict, inputs: list[int], where: str, weights=None) -> int:
@@ -108,12 +112,13 @@ def _check_ranges(op: str, params: dict, where: str) -> None:
         if value is None or isinstance(value, (bool, str)):
             continue
         for v in value if isinstance(value, tuple) else (value,):
+            hint = f"netdsl's `{param.name}` is the {param.doc}; {UNSUPPORTED_HINT}"
             if isinstance(v, float) and not math.isfinite(v):
-                raise NetError(f"{where}: {op} `{param.name}` must be a finite number, got {v}")
+                raise NetError(f"{where}: {op} `{param.name}` must be a finite number, got {v}", hint=DAMAGED_HINT)
             if param.minimum is not None and v < param.minimum:
-                raise NetError(f"{where}: {op} `{param.name}` must be at least {param.minimum:g}, got {v:g}")
+                raise NetError(f"{where}: {op} `{param.name}` must be at least {param.minimum:g}, got {v:g}", hint=hint)
             if param.maximum is not None and (v >= param.maximum if param.below_maximum else v > param.maximum):
-                raise NetError(f"{where}: {op} `{param.name}` must be below {param.maximum:g}, got {v:g}")
+                raise NetError(f"{where}: {op} `{param.name}` must be below {param.maximum:g}, got {v:g}", hint=hint)
 
 
 def netdsl_shape(op: str, params: dict, in_shapes: list[tuple[int, ...]], where: str) -> tuple[int, ...]:

@@ -80,9 +80,7 @@ def read_model(path: Path):
     if not path.exists():
         raise NetError("ONNX file not found", where=where, hint="check the path; `netdsl export` writes ONNX files")
     if path.is_dir():
-        raise NetError(
-            "the ONNX path is a folder, not a file", where=where, hint="name the .onnx file inside it"
-        )
+        raise NetError("the ONNX path is a folder, not a file", where=where, hint="name the .onnx file inside it")
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -240,6 +238,7 @@ def _load_external_data(model, path: Path) -> None:
             raise NetError(
                 f"cannot read the external data '{location_shown}' of tensor '{shown(tensor.name)}': {reason}",
                 where=str(path),
+                hint=os_hint(error) if isinstance(error, OSError) else "the file may be truncated: copy it again",
             ) from None
 
 
@@ -250,14 +249,23 @@ def attributes(node, where: str) -> dict:
     attrs = {}
     for attr in node.attribute:
         if attr.ref_attr_name:
-            raise NetError(f"{where}: attribute `{attr.name}` refers to a function attribute")
+            raise NetError(
+                f"{where}: attribute `{attr.name}` refers to a function attribute",
+                hint="inline the model's functions first: onnx.inliner.inline_local_functions(model)",
+            )
         if attr.type == AttributeProto.GRAPH or attr.type == AttributeProto.GRAPHS:
-            raise NetError(f"{where}: attribute `{attr.name}` holds a subgraph, which netdsl does not import")
+            raise NetError(
+                f"{where}: attribute `{attr.name}` holds a subgraph, which netdsl does not import",
+                hint="export the model without control flow (If, Loop, Scan): docs/onnx.md, Not supported",
+            )
         value = helper.get_attribute_value(attr)
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")
         if attr.type in (AttributeProto.FLOAT, AttributeProto.FLOATS) and not np.isfinite(value).all():
-            raise NetError(f"{where}: attribute `{attr.name}` is {value}, not a finite number")
+            raise NetError(
+                f"{where}: attribute `{attr.name}` is {value}, not a finite number",
+                hint="check the hyperparameter the model was exported with, and export it again",
+            )
         attrs[attr.name] = value
     return attrs
 
@@ -269,7 +277,13 @@ def to_array(tensor, where: str) -> np.ndarray:
     try:
         array = numpy_helper.to_array(tensor)
     except (ValueError, TypeError, RuntimeError, KeyError) as error:
-        raise NetError(f"{where}: tensor '{shown(tensor.name)}' cannot be read ({shown(str(error), 200)})") from None
+        raise NetError(
+            f"{where}: tensor '{shown(tensor.name)}' cannot be read ({shown(str(error), 200)})",
+            hint="the tensor's data may be damaged or truncated: export the model again",
+        ) from None
     if array.dtype == object or array.dtype.kind in "USO":
-        raise NetError(f"{where}: tensor '{shown(tensor.name)}' holds strings, not numbers")
+        raise NetError(
+            f"{where}: tensor '{shown(tensor.name)}' holds strings, not numbers",
+            hint="netdsl weights are numbers: export the model without its string tensors",
+        )
     return array

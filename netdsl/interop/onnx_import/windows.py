@@ -6,8 +6,11 @@ same windows at the same places is written.
 from __future__ import annotations
 
 from netdsl.codegen.windows import divisors, output_length, same_padding
-from netdsl.errors import NetError
+from netdsl.errors import NetError, did_you_mean
 from netdsl.interop.onnx_import.read import shown
+
+AUTO_PADS = ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
+NOT_2D_HINT = "netdsl imports 2-D layers only: 1-D and 3-D ones are not supported (docs/onnx.md, Not supported)"
 
 
 def netdsl_window(
@@ -21,9 +24,15 @@ def netdsl_window(
     if auto == "NOTSET":
         pads = [int(p) for p in attrs.get("pads", (0, 0, 0, 0))]
         if len(pads) != 4:
-            raise NetError(f"{where}: pads has {len(pads)} values; netdsl layers are 2-D (4 pads)", where=file)
+            raise NetError(
+                f"{where}: pads has {len(pads)} values; netdsl layers are 2-D (4 pads)", where=file, hint=NOT_2D_HINT
+            )
         if min(pads) < 0:
-            raise NetError(f"{where}: negative pads {pads} are not supported", where=file)
+            raise NetError(
+                f"{where}: negative pads {pads} are not supported",
+                where=file,
+                hint="negative pads crop the input, which netdsl layers do not: export the model without cropping",
+            )
         pairs = [(pads[0], pads[2]), (pads[1], pads[3])]
     elif auto == "VALID":
         pairs = [(0, 0), (0, 0)]
@@ -31,7 +40,8 @@ def netdsl_window(
         pairs = same_pairs(file, where, auto, size, kernel, stride, dilation)
         ceil_mode = False  # SAME fixes the output at ceil(n / stride), which these pads give by the floor rule
     else:
-        raise NetError(f"{where}: unknown auto_pad `{shown(auto)}`", where=file)
+        hint = did_you_mean(auto, AUTO_PADS) or f"auto_pad is one of {', '.join(AUTO_PADS)}"
+        raise NetError(f"{where}: unknown auto_pad `{shown(auto)}`", where=file, hint=hint)
     ceil = ceil_mode and op != "conv"
     axes = list(zip(size, kernel, stride, dilation, pairs))
     if all(_begin_alike(n, k, s, d, begin, end, ceil, count_pad) for n, k, s, d, (begin, end) in axes):
