@@ -75,5 +75,9 @@ def render_dot(source: str, output_format: str, where: str, timeout: float | Non
         [dot, f"-T{output_format}"], input=source.encode(), capture_output=True, check=False, timeout=timeout
     )
     if result.returncode != 0:
-        raise NetError(f"dot failed: {result.stderr.decode(errors='replace').strip()}", where=where)
+        raise NetError(
+            f"dot failed: {result.stderr.decode(errors='replace').strip()}",
+            where=where,
+            hint="write a .dot file and draw it with another Graphviz, or check that `dot` is installed whole",
+        )
     return result.stdout

@@ -18,18 +18,18 @@ REQUIRED = object()
 
 
 class ParamError(Exception):
-    """A parameter value is invalid; the builder adds the location."""
+    """A parameter value is invalid; the builder adds the location. `hint` says what to do about it."""
 
-    def __init__(self, message: str, hint: str | None = None, param: str | None = None):
+    def __init__(self, message: str, hint: str, param: str | None = None):
         super().__init__(message)
         self.hint = hint
         self.param = param
 
 
 class ShapeError(Exception):
-    """A layer cannot be applied to its input shapes; the shape pass adds the location."""
+    """A layer cannot be applied to its input shapes; the shape pass adds the location. `hint` says what to do."""
 
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str):
         super().__init__(message)
         self.hint = hint
 
@@ -167,7 +167,10 @@ def _conv_macs(p: dict, x: Shape, y: Shape) -> int:
 
 def _fc_shape(p: dict, ins: list[Shape]) -> Shape:
     if math.prod(ins[0]) == 0:
-        raise ShapeError(f"fc has nothing to read: its input {_fmt(ins[0])} is empty")
+        raise ShapeError(
+            f"fc has nothing to read: its input {_fmt(ins[0])} is empty",
+            hint="check the layers before it: one of them leaves 0 channels or 0 pixels",
+        )
     return (p["units"],)
 
 
