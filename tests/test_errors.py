@@ -1032,3 +1032,64 @@ def test_a_file_the_system_refuses_is_an_error_with_a_hint_from_its_errno(tmp_pa
     assert main(["train", str(ROOT / "nets/lenet5.net"), "--data", "digits", "--steps", "0"]) == 1
     err = capsys.readouterr().err
     assert "`steps` must be at least 1, got 0" in err and "hint: `steps`: optimizer steps to train for" in err
+
+
+def test_every_error_of_the_language_interop_and_ir_stages_has_a_hint(tmp_path, capsys):
+    """Every `NetError(...)` in netdsl/lang, netdsl/interop and netdsl/ir passes a hint, and so does every
+    ShapeError/ParamError (they become NetErrors with their hint); a few such errors print it through the CLI."""
+    import ast
+
+    lacking = []
+    for stage in ("lang", "interop", "ir"):
+        for path in sorted((ROOT / "netdsl" / stage).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                name = getattr(node.func, "id", None) if isinstance(node, ast.Call) else None
+                if name not in ("NetError", "ShapeError", "ParamError"):
+                    continue
+                keywords = {k.arg for k in node.keywords}
+                by_position = len(node.args) >= (3 if name == "NetError" else 2)  # NetError(message, span, hint)
+                if "hint" not in keywords and None not in keywords and not by_position:
+                    lacking.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
+    assert lacking == []
+
+    cases = {  # each error is a NetError that lacked a hint before
+        "return image\n": ("`return` is only allowed at the end of a block", "hint: a block ends with `return"),
+        "const n = 4 // (2 - 2)\n": ("division by zero", "hint: the divisor is 0 here"),
+        "const same = 1\n": ("`same` is a built-in word", "hint: choose another name, e.g. `same_1`"),
+        "a = b\nb = a\n": ("`b` is defined in terms of itself", "hint: names that only rename each other"),
+        "a = dropout(image, rate=1)\n": ("dropout `rate` must be at least 0 and below 1", "hint: `rate` is the drop"),
+        "const n = (-8) ** 0.5\n": ("the result is not a real number", "hint: a negative number to a fractional"),
+        "a = conv(image, 8, size=3, bias=1)\n": ("conv `bias` must be true or false", "hint: e.g. bias=false"),
+        "repeat -1 { a = relu(image) }\n": ("a repeat count must be between 0 and", "hint: `repeat 0 { ... }` skips"),
+        "device gpu0\ndevice gpu0\n": ("device `gpu0` is declared twice", "hint: declare each device once"),
+    }
+    for source, (message, hint) in cases.items():
+        net = tmp_path / "t.net"
+        net.write_text("input image: 3 x 8 x 8\n" + source)
+        status, _, err = run_cli(["check", net], capsys)
+        assert status == 1 and message in err and hint in err, (source, err)
+
+    import numpy as np
+
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array((np.arange(54, dtype=np.float32) / 54 - 0.4).reshape(2, 3, 3, 3), "w")
+    for attrs, message, hint in [
+        ({"pads": [0, 0, -1, 1]}, "negative pads [0, 0, -1, 1] are not supported", "hint: negative pads crop"),
+        ({"auto_pad": "SAME_UPPPER"}, "unknown auto_pad `SAME_UPPPER`", "hint: did you mean `SAME_UPPER`?"),
+    ]:
+        conv = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], **attrs)
+        graph = helper.make_graph(
+            [conv],
+            "m",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [weight],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        model.graph.output[0].type.tensor_type.shape.SetInParent()  # a shape of unknown rank: the checker wants one
+        onnx.save(model, tmp_path / "m.onnx")
+        status, _, err = run_cli(["import", tmp_path / "m.onnx", "-o", tmp_path / "m.net"], capsys)
+        assert status == 1 and message in err and hint in err, (attrs, err)
