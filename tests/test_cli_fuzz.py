@@ -31,9 +31,7 @@ import os
 import random
 import re
 import shutil
-import signal
 import struct
-import threading
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fuzz_support import Hang, time_limit
 
 from netdsl.cli.main import main
 from netdsl.train.runs import TEMPORARY
@@ -74,28 +73,6 @@ CLASSES = ("cat", "dog", "owl")
 
 
 # --- the world: one of every file netdsl reads, made by netdsl -------------------------------------------
-
-
-class Hang(BaseException):
-    """Raised by SIGALRM when a case runs over its limit (a BaseException: no `except Exception` swallows it)."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expire(signum, frame):
-        raise Hang
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass
@@ -595,14 +572,19 @@ def random_command(rng: random.Random) -> Case:
     return maker(rng)
 
 
-def test_random_command_lines(world, tmp_path):
+def run_cases(world: Path, tmp_path: Path, kind: str, count: int, draw) -> Counter:
+    """Runs `count` cases drawn by `draw(rng)`, each from its own seeded generator; (command, status) -> count."""
     tally: Counter = Counter()
-    for number in range(COMMAND_CASES):
-        rng = random.Random(f"{SEED}:command:{number}")
-        case = random_command(rng)
-        case.what = f"command case {number} (NETDSL_FUZZ_SEED={SEED})"
+    for number in range(count):
+        case = draw(random.Random(f"{SEED}:{kind}:{number}"))
+        case.what = f"{kind} case {number} (NETDSL_FUZZ_SEED={SEED})"
         run_case(world, tmp_path, case, tally)
     print(sorted(tally.items()))
+    return tally
+
+
+def test_random_command_lines(world, tmp_path):
+    tally = run_cases(world, tmp_path, "command", COMMAND_CASES, random_command)
     assert sum(count for (_, status), count in tally.items() if status == 0) >= COMMAND_CASES // 10
 
 
@@ -1029,13 +1011,7 @@ def random_file_case(rng: random.Random) -> Case:
 
 
 def test_mutated_files(world, tmp_path):
-    tally: Counter = Counter()
-    for number in range(FILE_CASES):
-        rng = random.Random(f"{SEED}:file:{number}")
-        case = random_file_case(rng)
-        case.what = f"file case {number} (NETDSL_FUZZ_SEED={SEED})"
-        run_case(world, tmp_path, case, tally)
-    print(sorted(tally.items()))
+    tally = run_cases(world, tmp_path, "file", FILE_CASES, random_file_case)
     assert sum(count for (_, status), count in tally.items() if status == 1) >= FILE_CASES // 10
 
 
@@ -1203,3 +1179,16 @@ def test_a_checkpoint_tensor_of_another_shape_is_an_error_naming_it(world, tmp_p
     argv = ["train", "--resume", "run", "--steps", "2"]
     result = in_world(world, tmp_path, argv, reshaped_in_checkpoint(name, shape))
     assert message in error_of(result) and "last.ckpt: error:" in result.err
+
+
+def test_npz_images_that_are_not_an_array_of_images_are_an_error_naming_the_shape(world, tmp_path):
+    """An .npz whose `x` is a scalar (or a vector): `eval` and `train` failed on len() of it (an internal error)."""
+
+    def scalar_images(folder: Path) -> None:
+        with np.load(folder / "data.npz") as data:
+            labels = data["y"]
+        np.savez(folder / "data.npz", x=np.float32(1.0), y=labels)
+
+    for argv in (["eval", "tiny.net", "--weights", "run", "--data", "data.npz"], ["train", "tiny.net", "--out", "new"]):
+        result = in_world(world, tmp_path, argv + (["--data", "data.npz"] if argv[0] == "train" else []), scalar_images)
+        assert "x has shape (), which does not hold 3-channel images" in error_of(result)

@@ -14,16 +14,14 @@ Set NETDSL_FUZZ_SCALE (e.g. 10) for more mutants and examples, NETDSL_FUZZ_SEED 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import re
-import signal
-import threading
 import zlib
 from pathlib import Path
 
 import pytest
+from fuzz_support import Hang, time_limit
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -51,30 +49,6 @@ NAMES = ["a", "b", "x", "y", "image", "conv1", "fc6", "\u00e9t\u00e9", "\u03bb",
 
 
 # --- running one case ---------------------------------------------------------------------------------
-
-
-class Hang(BaseException):
-    """Raised by the SIGALRM handler when one case runs over its time limit (a BaseException, so that
-    no `except Exception` in the code under test swallows it)."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-    if not usable:
-        yield
-        return
-
-    def expire(signum, frame):
-        raise Hang
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def shown(text: str, limit: int = 3000) -> str:

@@ -374,6 +374,8 @@ def _npz_pair(arrays: dict, x_key: str, y_key: str, channels: int, where: str) -
             where=where,
             hint=f"save {y_key}.astype(int)",
         )
+    if x.ndim not in (3, 4):  # not a stack of images (a scalar, a vector ...): the layout's error names the shape
+        _layout(x, channels, where, x_key)
     if len(x) != len(y):
         raise NetError(
             f"{where}: {x_key} has {len(x)} images but {y_key} has {len(y)} labels",
@@ -405,7 +407,8 @@ def _layout(x: np.ndarray, channels: int, where: str, key: str) -> str:
                     return layout
     gray = " or N x H x W" if channels in (1, 3) else ""
     raise NetError(
-        f"{where}: {key} has shape {' x '.join(map(str, x.shape))}, which does not hold {channels}-channel images",
+        f"{where}: {key} has shape {' x '.join(map(str, x.shape)) or '()'}, which does not hold {channels}-channel "
+        "images",
         where=where,
         hint=f"give N x {channels} x H x W, N x H x W x {channels}{gray}",
     )
