@@ -1034,22 +1034,21 @@ def test_a_file_the_system_refuses_is_an_error_with_a_hint_from_its_errno(tmp_pa
     assert "`steps` must be at least 1, got 0" in err and "hint: `steps`: optimizer steps to train for" in err
 
 
-def test_every_error_of_the_language_interop_and_ir_stages_has_a_hint(tmp_path, capsys):
-    """Every `NetError(...)` in netdsl/lang, netdsl/interop and netdsl/ir passes a hint, and so does every
-    ShapeError/ParamError (they become NetErrors with their hint); a few such errors print it through the CLI."""
+def test_every_error_has_a_hint(tmp_path, capsys):
+    """Every `NetError(...)` netdsl makes passes a hint, and so does every ShapeError/ParamError (they become
+    NetErrors with their hint); a few such errors print it through the CLI."""
     import ast
 
     lacking = []
-    for stage in ("lang", "interop", "ir"):
-        for path in sorted((ROOT / "netdsl" / stage).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-                name = getattr(node.func, "id", None) if isinstance(node, ast.Call) else None
-                if name not in ("NetError", "ShapeError", "ParamError"):
-                    continue
-                keywords = {k.arg for k in node.keywords}
-                by_position = len(node.args) >= (3 if name == "NetError" else 2)  # NetError(message, span, hint)
-                if "hint" not in keywords and None not in keywords and not by_position:
-                    lacking.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
+    for path in sorted((ROOT / "netdsl").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            name = getattr(node.func, "id", None) if isinstance(node, ast.Call) else None
+            if name not in ("NetError", "ShapeError", "ParamError"):
+                continue
+            keywords = {k.arg for k in node.keywords}
+            by_position = len(node.args) >= (3 if name == "NetError" else 2)  # NetError(message, span, hint)
+            if "hint" not in keywords and None not in keywords and not by_position:
+                lacking.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
     assert lacking == []
 
     cases = {  # each error is a NetError that lacked a hint before
