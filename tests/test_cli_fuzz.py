@@ -1192,3 +1192,12 @@ def test_npz_images_that_are_not_an_array_of_images_are_an_error_naming_the_shap
     for argv in (["eval", "tiny.net", "--weights", "run", "--data", "data.npz"], ["train", "tiny.net", "--out", "new"]):
         result = in_world(world, tmp_path, argv + (["--data", "data.npz"] if argv[0] == "train" else []), scalar_images)
         assert "x has shape (), which does not hold 3-channel images" in error_of(result)
+
+
+def test_a_flag_given_the_value_dashes_takes_it(world, tmp_path):
+    """`--max-drops=--`: Python 3.11's argparse handed the flag an empty list for the value `--`, which netdsl
+    then read as text (AttributeError, an internal error) or as a path; the flag gets `--`, like any value."""
+    result = in_world(world, tmp_path, ["train", "tiny.net", "--data", "data.npz", "--out", "new", "--max-drops=--"])
+    assert "`max_drops` must be a whole number at least 0, or none, got `--`" in error_of(result)
+    result = in_world(world, tmp_path, ["run", "tiny.net", "--top=--"])
+    assert "argument --top: not a positive whole number: '--'" in error_of(result)

@@ -41,6 +41,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise NetError(message, where=self.prog, hint=f"see `{self.prog} --help`")
 
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]):
+        # `--out=--` gives the flag the value `--`. Python 3.11's argparse drops that `--` as the end of the flags
+        # and hands the flag an empty list, which its code then reads as a value (an internal error).
+        if action.option_strings and action.nargs is None and arg_strings == ["--"]:
+            value = self._get_value(action, "--")
+            self._check_value(action, value)
+            return value
+        return super()._get_values(action, arg_strings)
+
 
 def _memory_size(text: str) -> int:
     match = _SIZE.match(text)
