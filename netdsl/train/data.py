@@ -365,11 +365,11 @@ def _npz_pair(arrays: dict, x_key: str, y_key: str, channels: int, where: str) -
     x, y = arrays[x_key], arrays[y_key]
     if x.dtype.kind not in "biuf":
         raise NetError(
-            f"{where}: {x_key} holds {x.dtype} values, not numbers", where=where, hint="save the pixels as numbers"
+            f"{x_key} holds {x.dtype} values, not numbers", where=where, hint="save the pixels as numbers"
         )
     if y.ndim != 1 or y.dtype.kind not in "iu":
         raise NetError(
-            f"{where}: {y_key} must be a 1-D array of integer class indices, not {y.dtype} of shape "
+            f"{y_key} must be a 1-D array of integer class indices, not {y.dtype} of shape "
             f"{' x '.join(map(str, y.shape))}",
             where=where,
             hint=f"save {y_key}.astype(int)",
@@ -378,17 +378,17 @@ def _npz_pair(arrays: dict, x_key: str, y_key: str, channels: int, where: str) -
         _layout(x, channels, where, x_key)
     if len(x) != len(y):
         raise NetError(
-            f"{where}: {x_key} has {len(x)} images but {y_key} has {len(y)} labels",
+            f"{x_key} has {len(x)} images but {y_key} has {len(y)} labels",
             where=where,
             hint="give one label per image",
         )
     if len(x) == 0:
-        raise NetError(f"{where}: {x_key} holds no images", where=where, hint="give at least one image")
+        raise NetError(f"{x_key} holds no images", where=where, hint="give at least one image")
     negative = np.flatnonzero(y < 0)
     if len(negative):
         row = negative[0]
         raise NetError(
-            f"{where}: {x_key}[{row}] has label {y[row]}; class indices start at 0",
+            f"{x_key}[{row}] has label {y[row]}; class indices start at 0",
             where=where,
             hint="number the classes 0, 1, ..., K-1",
         )
@@ -407,7 +407,7 @@ def _layout(x: np.ndarray, channels: int, where: str, key: str) -> str:
                     return layout
     gray = " or N x H x W" if channels in (1, 3) else ""
     raise NetError(
-        f"{where}: {key} has shape {' x '.join(map(str, x.shape)) or '()'}, which does not hold {channels}-channel "
+        f"{key} has shape {' x '.join(map(str, x.shape)) or '()'}, which does not hold {channels}-channel "
         "images",
         where=where,
         hint=f"give N x {channels} x H x W, N x H x W x {channels}{gray}",
