@@ -1153,13 +1153,14 @@ def test_an_onnx_export_named_by_undecodable_bytes_is_an_error(world, tmp_path):
     )
 
 
-def reshaped_in_checkpoint(name: str, shape: list[int]):
-    """A `prepare` step: the run's last checkpoint with tensor `name` given another shape of as many elements."""
+def edited_in_checkpoint(name: str, **entry):
+    """A `prepare` step: the run's last checkpoint with tensor `name`'s header entry changed (another shape of as
+    many elements, another dtype of the same width: a file safetensors still reads)."""
 
     def prepare(folder: Path) -> None:
         path = folder / "run" / "checkpoints" / "last.ckpt"
         header, body = split_safetensors(path.read_bytes())
-        header[name]["shape"] = shape
+        header[name].update(entry)
         text = json.dumps(header).encode("utf-8")
         path.write_bytes(struct.pack("<Q", len(text)) + text + body)
 
@@ -1167,17 +1168,20 @@ def reshaped_in_checkpoint(name: str, shape: list[int]):
 
 
 @pytest.mark.parametrize(
-    ("name", "shape", "message"),
+    ("name", "entry", "message"),
     [
-        ("c1.weight", [4, 3, 3, 3, 1], "the checkpoint's `c1.weight` is 4 x 3 x 3 x 3 x 1, the net's 4 x 3 x 3 x 3"),
-        ("optim:c1.weight:velocity", [4, 3, 3, 3, 1], "optimizer state `velocity` of `c1.weight` is 4 x 3 x 3 x 3 x 1"),
+        ("c1.weight", {"shape": [4, 3, 3, 3, 1]}, "the checkpoint's `c1.weight` is 4 x 3 x 3 x 3 x 1, the net's 4 x 3"),
+        ("optim:c1.weight:velocity", {"shape": [4, 3, 3, 3, 1]}, "`velocity` of `c1.weight` is 4 x 3 x 3 x 3 x 1"),
+        ("optim:c1.weight:velocity", {"dtype": "I32"}, "state `velocity` of `c1.weight` holds torch.int32 values"),
+        ("rng:rank0/torch", {"dtype": "I8"}, "random state `rank0/torch` is torch.int8 of"),
     ],
 )
-def test_a_checkpoint_tensor_of_another_shape_is_an_error_naming_it(world, tmp_path, name, shape, message):
-    """A weight or a velocity reshaped in the checkpoint's header (as many elements, so safetensors reads it):
-    `train --resume` failed inside load_state_dict or the first SGD step (size mismatch: an internal error)."""
+def test_a_checkpoint_tensor_of_another_shape_or_dtype_is_an_error_naming_it(world, tmp_path, name, entry, message):
+    """A weight, a velocity or a random state given another shape or dtype in the checkpoint's header (a file
+    safetensors still reads): `train --resume` failed inside load_state_dict, the first SGD step or
+    torch.set_rng_state (size mismatch, a cast, "RNG state must be a torch.ByteTensor": internal errors)."""
     argv = ["train", "--resume", "run", "--steps", "2"]
-    result = in_world(world, tmp_path, argv, reshaped_in_checkpoint(name, shape))
+    result = in_world(world, tmp_path, argv, edited_in_checkpoint(name, **entry))
     assert message in error_of(result) and "last.ckpt: error:" in result.err
 
 

@@ -114,6 +114,13 @@ def load_checkpoint(path: Path) -> Checkpoint:
             weight, _, key = name[len(OPTIM_PREFIX) :].rpartition(":")
             checkpoint.optimizer.setdefault(weight, {})[key] = value
         elif name.startswith(RNG_PREFIX):
+            if value.dtype != torch.uint8 or value.dim() != 1:  # what torch.set_rng_state takes
+                raise NetError(
+                    f"the checkpoint's random state `{name[len(RNG_PREFIX) :]}` is {value.dtype} of "
+                    f"{_shape(tuple(value.shape))}, not a row of bytes",
+                    where=str(path),
+                    hint=EARLIER_CHECKPOINT,
+                )
             checkpoint.rng[name[len(RNG_PREFIX) :]] = value
         else:
             checkpoint.weights[name] = value
@@ -170,6 +177,12 @@ def load_optimizer_state(
             if name not in saved:
                 continue
             for key, value in saved[name].items():
+                if not value.is_floating_point():
+                    raise NetError(
+                        f"the checkpoint's optimizer state `{key}` of `{name}` holds {value.dtype} values",
+                        where=where,
+                        hint=EARLIER_CHECKPOINT,
+                    )
                 if value.dim() and value.shape != param.shape:
                     raise NetError(
                         f"the checkpoint's optimizer state `{key}` of `{name}` is {_shape(tuple(value.shape))}, "
