@@ -1205,3 +1205,24 @@ def test_a_flag_given_the_value_dashes_takes_it(world, tmp_path):
     assert "`max_drops` must be a whole number at least 0, or none, got `--`" in error_of(result)
     result = in_world(world, tmp_path, ["run", "tiny.net", "--top=--"])
     assert "argument --top: not a positive whole number: '--'" in error_of(result)
+
+
+def test_eval_checks_the_seed_and_split_it_reads_from_the_run(world, tmp_path):
+    """`eval --weights run` splits the data with the run's saved seed and fraction: a recipe.json whose seed is
+    text reached numpy's generator (ValueError: unrecognized seed string, an internal error)."""
+
+    def text_seed(folder: Path) -> None:
+        path = folder / "run" / "recipe.json"
+        record = json.loads(path.read_text(encoding="utf-8"))
+        record["recipe"]["settings"]["seed"]["value"] = "abc"
+        path.write_text(json.dumps(record), encoding="utf-8")
+
+    result = in_world(world, tmp_path, ["eval", "tiny.net", "--weights", "run", "--data", "data.npz"], text_seed)
+    assert "recipe.json: seed: error: `seed` must be a whole number" in error_of(result)
+
+
+def test_a_learning_rate_beyond_float32_is_an_error_of_the_flag(world, tmp_path):
+    """`--lr 1e308`: the SGD step converted lr times the decay to float32 and failed (an internal error)."""
+    for optimizer in ("sgd", "adamw"):
+        argv = ["train", "tiny.net", "--data", "data.npz", "--out", "new", "--lr", "1e308", "--optimizer", optimizer]
+        assert "a learning rate of 1e+308 is beyond float32" in error_of(in_world(world, tmp_path, argv))

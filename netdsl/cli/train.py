@@ -300,7 +300,7 @@ def _run_settings(weights: Path, metadata: dict[str, str]) -> dict:
     if STATE_KEY in metadata:
         with contextlib.suppress(ValueError):  # a damaged header: the run folder's copy
             state = parse_json(metadata[STATE_KEY])
-            settings = _settings_of(state.get("recipe")) if isinstance(state, dict) else {}
+            settings = _settings_of(state.get("recipe"), str(weights)) if isinstance(state, dict) else {}
             if settings:
                 return settings
     folder = weights.parent.parent if weights.parent.name == CHECKPOINTS else weights.parent
@@ -308,12 +308,17 @@ def _run_settings(weights: Path, metadata: dict[str, str]) -> dict:
         record = RunFolder(folder).read_recipe()
     except NetError:
         return {}
-    return _settings_of(record.get("recipe") if isinstance(record, dict) else None)
+    return _settings_of(record.get("recipe") if isinstance(record, dict) else None, str(folder / "recipe.json"))
 
 
-def _settings_of(recipe) -> dict:
-    """Each setting's value in a recipe `Recipe.to_dict` wrote (empty when it is not one)."""
+def _settings_of(recipe, where: str) -> dict:
+    """Each setting's value in a recipe `Recipe.to_dict` wrote (empty when it is not one), checked as a resume
+    checks them: a value the file cannot have been written with is an error naming it (`where`), not a split of
+    the data that the run never made."""
+    from netdsl.train.recipe import SETTINGS, Recipe
+
     settings = recipe.get("settings") if isinstance(recipe, dict) else None
     if not isinstance(settings, dict):
         return {}
-    return {name: entry.get("value") for name, entry in settings.items() if isinstance(entry, dict)}
+    checked = Recipe.from_dict(recipe, where)
+    return {name: getattr(checked, SETTINGS[name].attribute) for name in settings}

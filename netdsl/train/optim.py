@@ -110,6 +110,24 @@ def _check(lr: float, momentum: float, weight_decay: float) -> None:
         )
 
 
+_F32_MAX = 3.4028234663852886e38  # the update runs in float32: a rate, or a rate times a decay, beyond it overflows
+
+
+def _check_scales(groups: list[dict], weight_decay: float) -> None:
+    """That each group's rate, and its rate times its decay, are float32 numbers (torch converts them when it
+    updates float32 weights, and fails past the largest)."""
+    for group in groups:
+        lr, decay = group["lr"], weight_decay * group.get("decay_mult", 1.0)
+        if lr > _F32_MAX or lr * decay > _F32_MAX:
+            raise NetError(
+                f"a learning rate of {lr:g}{f' with a weight decay of {decay:g}' if lr <= _F32_MAX else ''} is "
+                "beyond float32, in which the weights are updated",
+                where="lr",
+                hint="learning rates are small numbers: the paper starts at 0.01 (lr times lr_mult, and times the "
+                "decay, must stay below 3.4e38)",
+            )
+
+
 def _real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -139,7 +157,9 @@ class PaperSGD(torch.optim.Optimizer):
             "lr_mult": 1.0,
             "decay_mult": 1.0,
         }
-        super().__init__(_with_rates(groups, lr), defaults)
+        rated = _with_rates(groups, lr)
+        _check_scales(rated, weight_decay)
+        super().__init__(rated, defaults)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -272,6 +292,7 @@ def make_optimizer(
     if name == "adamw":
         _check(lr, 0.0, weight_decay)
         rated = _with_rates(groups, lr)
+        _check_scales(rated, weight_decay)
         for group in rated:
             group["weight_decay"] = group.get("weight_decay", weight_decay) * group.get("decay_mult", 1.0)
         return torch.optim.AdamW(rated, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
