@@ -1226,3 +1226,11 @@ def test_a_learning_rate_beyond_float32_is_an_error_of_the_flag(world, tmp_path)
     for optimizer in ("sgd", "adamw"):
         argv = ["train", "tiny.net", "--data", "data.npz", "--out", "new", "--lr", "1e308", "--optimizer", optimizer]
         assert "a learning rate of 1e+308 is beyond float32" in error_of(in_world(world, tmp_path, argv))
+
+
+def test_a_count_beyond_what_torch_holds_is_an_error_of_the_flag(world, tmp_path):
+    """`compile --batch` of 30 digits reached torch.empty while recording the launches (an internal error)."""
+    argv = ["compile", "tiny.net", "--batch", "9" * 30, "--no-sm90"]
+    assert "argument --batch: '999999999999999999999999999999' is more than 2,147,483,647" in error_of(
+        in_world(world, tmp_path, argv)
+    )

@@ -59,9 +59,14 @@ def _memory_size(text: str) -> int:
     return int(size)
 
 
+MAX_COUNT = 2**31 - 1  # a count a flag takes (images, classes, ...): what the kernels and torch's sizes can hold
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    if len(text) > 10 or int(text) > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than {MAX_COUNT:,}")
     return int(text)
 
 
