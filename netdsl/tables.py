@@ -1,4 +1,4 @@
-"""Plain text for the command line and reports: tables and sizes."""
+"""Plain text for the command line, reports and errors: tables, sizes and shapes."""
 
 from __future__ import annotations
 
@@ -20,3 +20,8 @@ def format_bytes(count: int) -> str:
         if count >= size:
             return f"{count / size:.1f} {unit}"
     return f"{count} B"
+
+
+def format_shape(shape: Sequence[int]) -> str:
+    """`3 x 224 x 224`, or `a scalar` for no dimensions."""
+    return " x ".join(map(str, shape)) if len(shape) else "a scalar"

@@ -230,7 +230,7 @@ def test_the_fused_update_is_the_papers_rule_in_one_launch_per_device():
                 params, optimizer = made[FlatPaperSGD]
                 names = {id(param): name for name, param in params.items()}
                 saved = optimizer_state_by_name(optimizer, names)
-                load_optimizer_state(optimizer, names, saved)
+                load_optimizer_state(optimizer, names, saved, Path("last.ckpt"))
         (want, _), (got, fused) = made[PaperSGD], made[FlatPaperSGD]
         for name in shapes:
             torch.testing.assert_close(got[name].detach(), want[name].detach(), rtol=1e-5, atol=1e-6)  # fp32

@@ -39,6 +39,7 @@ import numpy as np
 from netdsl.errors import NetError, did_you_mean, os_hint
 from netdsl.ir import layer
 from netdsl.runtime.weights import _FLOAT_DTYPES, _read_bf16, weight_specs
+from netdsl.tables import format_shape
 
 Shape = tuple[int, ...]
 
@@ -206,7 +207,7 @@ def alexnet_towers(graph: nx.DiGraph) -> tuple[str, str]:
         fail(f"it has other tensors too: {_names(extra)}")
     for name, shape in expected.items():
         if specs[name] != shape:
-            fail(f"`{name}` is {_shape(specs[name])}, not {_shape(shape)}")
+            fail(f"`{name}` is {format_shape(specs[name])}, not {format_shape(shape)}")
     for base in TOWERED:
         for tower in towers:
             reads = [layer(graph, name).tower for name in layer(graph, f"{base}@{tower}").inputs]
@@ -432,7 +433,8 @@ def _check(stored: Mapping[str, _Stored], keys: Mapping[str, str], where: str) -
         elif math.prod(got) == math.prod(want):
             hint = "it has the right number of values in another layout: was it saved transposed or reshaped?"
         raise NetError(
-            f"tensor {label} has shape {_shape(got)} in the weights file, but a grouped AlexNet's is {_shape(want)}",
+            f"tensor {label} has shape {format_shape(got)} in the weights file, "
+            f"but a grouped AlexNet's is {format_shape(want)}",
             where=where,
             hint=hint or "only a grouped AlexNet's weights split into towers (docs/weights.md): another net's file?",
         )
@@ -468,7 +470,3 @@ def _as_float32(value: np.ndarray, shape: Shape) -> np.ndarray:
 def _names(names: list[str]) -> str:
     shown = ", ".join(f"`{name}`" for name in names[:_SHOWN])
     return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
-
-
-def _shape(shape: Shape) -> str:
-    return " x ".join(map(str, shape)) if shape else "a scalar"

@@ -26,6 +26,7 @@ from netdsl.files import new_temporary, sort_safetensors_header
 from netdsl.ir import layer, layers
 from netdsl.ir.graph import require_graph
 from netdsl.ir.ops import layer_tensors, shuffle_sources
+from netdsl.tables import format_shape
 
 Shape = tuple[int, ...]
 
@@ -298,7 +299,8 @@ def _check(where: str, specs: dict[str, Shape], stored: dict[str, tuple[str, Sha
             elif len(got) == len(shape) and got[0] in (2 * shape[0], shape[0] // 2):
                 hint = "a net with towers stores each tower's half of a layer separately (`<layer>@<tower>.weight`)"
             raise NetError(
-                f"tensor `{name}` has shape {_shape(got)} in the weights file, but the net needs {_shape(shape)}",
+                f"tensor `{name}` has shape {format_shape(got)} in the weights file, "
+                f"but the net needs {format_shape(shape)}",
                 where=where,
                 hint=hint,
             )
@@ -355,9 +357,6 @@ def _names(names: list[str]) -> str:
     shown = ", ".join(f"`{name}`" for name in names[:_SHOWN])
     return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
 
-
-def _shape(shape: Shape) -> str:
-    return " x ".join(map(str, shape)) if shape else "a scalar"
 
 
 # --- batch norm folding ----------------------------------------------------------------------------
@@ -453,7 +452,9 @@ def checked_weights(weights, specs: Mapping[str, Shape]) -> dict:
     if missing:
         more = f" (and {len(missing) - 1} more)" if missing[1:] else ""
         raise NetError(
-            f"weight `{missing[0]}` is missing{more}", where="weights", hint=f"it has shape {_shape(specs[missing[0]])}"
+            f"weight `{missing[0]}` is missing{more}",
+            where="weights",
+            hint=f"it has shape {format_shape(specs[missing[0]])}",
         )
     tensors = {}
     for name, shape in specs.items():
@@ -474,7 +475,7 @@ def checked_weights(weights, specs: Mapping[str, Shape]) -> dict:
             )
         if tuple(tensor.shape) != tuple(shape):
             raise NetError(
-                f"weight `{name}` has shape {_shape(tuple(tensor.shape))}, the net needs {_shape(shape)}",
+                f"weight `{name}` has shape {format_shape(tuple(tensor.shape))}, the net needs {format_shape(shape)}",
                 where="weights",
                 hint="the weights are of another net, or another version of this one: `netdsl info` lists its shapes",
             )
@@ -499,4 +500,3 @@ def checked_weights(weights, specs: Mapping[str, Shape]) -> dict:
             )
         tensors[name] = tensor
     return tensors
-

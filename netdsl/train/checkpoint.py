@@ -27,6 +27,7 @@ import torch
 
 from netdsl.errors import NetError, os_hint
 from netdsl.files import parse_json, sorted_safetensors_header, write_atomic_bytes
+from netdsl.tables import format_shape
 
 FORMAT = 1
 STATE_KEY = "netdsl.checkpoint"
@@ -117,7 +118,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             if value.dtype != torch.uint8 or value.dim() != 1:  # what torch.set_rng_state takes
                 raise NetError(
                     f"the checkpoint's random state `{name[len(RNG_PREFIX) :]}` is {value.dtype} of "
-                    f"{_shape(tuple(value.shape))}, not a row of bytes",
+                    f"{format_shape(tuple(value.shape))}, not a row of bytes",
                     where=str(path),
                     hint=EARLIER_CHECKPOINT,
                 )
@@ -153,22 +154,19 @@ def check_tensors(checkpoint: Checkpoint, state: Mapping[str, torch.Tensor], pat
         saved, wanted = tuple(checkpoint.weights[name].shape), tuple(state[name].shape)
         if saved != wanted:
             raise NetError(
-                f"the checkpoint's `{name}` is {_shape(saved)}, the net's {_shape(wanted)}",
+                f"the checkpoint's `{name}` is {format_shape(saved)}, the net's {format_shape(wanted)}",
                 where=str(path),
                 hint=EARLIER_CHECKPOINT,
             )
 
 
-def _shape(shape: tuple[int, ...]) -> str:
-    return " x ".join(map(str, shape)) if shape else "a scalar"
-
 
 def load_optimizer_state(
-    optimizer: torch.optim.Optimizer, names: dict[int, str], saved: dict[str, dict], path: Path | None = None
+    optimizer: torch.optim.Optimizer, names: dict[int, str], saved: dict[str, dict], path: Path
 ) -> None:
     """Puts state saved by `optimizer_state_by_name` back onto the optimizer's parameters, on their devices; a
     tensor of another shape than its weight's (a damaged or edited checkpoint at `path`) is a NetError."""
-    where = None if path is None else str(path)
+    where = str(path)
     known = set()
     for group in optimizer.param_groups:
         for param in group["params"]:
@@ -185,8 +183,8 @@ def load_optimizer_state(
                     )
                 if value.dim() and value.shape != param.shape:
                     raise NetError(
-                        f"the checkpoint's optimizer state `{key}` of `{name}` is {_shape(tuple(value.shape))}, "
-                        f"the weight {_shape(tuple(param.shape))}",
+                        f"the checkpoint's optimizer state `{key}` of `{name}` is {format_shape(tuple(value.shape))}, "
+                        f"the weight {format_shape(tuple(param.shape))}",
                         where=where,
                         hint=EARLIER_CHECKPOINT,
                     )
