@@ -108,6 +108,53 @@ def test_gray_and_rgb_convert_to_the_nets_channels(tmp_path):
     assert x.shape == (1, 16, 16) and np.allclose(x[0] + gray_net.preprocess.mean[0], luma, atol=1e-4)
 
 
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_and_float_gray_images_keep_their_range(tmp_path, suffix):
+    """Pillow's own "L" conversion clips a 16-bit image at 255 (nearly all white): netdsl scales 16 bits to
+    0..255 (reference: numpy on the same integers) and reads a float image's values as they are."""
+    rng = np.random.default_rng(11)
+    wide = rng.integers(0, 65536, (16, 20), dtype=np.uint16)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(wide).save(tmp_path / "a" / f"wide{suffix}")
+    data = open_data(tmp_path, (3, 16, 16), val_fraction=0)
+    x, _ = data.train[0]
+    expected = wide[:, 2:18].astype(np.float64) * 255 / 65535
+    assert x.shape == (3, 16, 16)
+    for c in range(3):  # float32 pixels less the mean: about 1e-5 of 255
+        assert np.abs(x[c] + data.preprocess.mean[c] - expected).max() < 1e-3
+    assert expected.max() > 200 and np.mean(expected > 254) < 0.05  # the reference is not the clipped image
+    floats = (rng.random((16, 16)) * 300 - 20).astype(np.float32)
+    Image.fromarray(floats).save(tmp_path / "a" / "wide.tif")  # mode "F"
+    gray = Preprocess(None, (16, 16), 1, (0.0,))
+    assert np.array_equal(gray.apply(tmp_path / "a" / "wide.tif")[0], floats)
+
+
+def test_exif_orientation_turns_a_photo_upright(tmp_path):
+    """A camera's picture stored sideways with an EXIF orientation reads as viewers show it (the eight
+    orientations against numpy's rotations and flips of the stored pixels)."""
+    rng = np.random.default_rng(12)
+    stored = rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    turns = {
+        1: lambda a: a,
+        2: lambda a: a[:, ::-1],
+        3: lambda a: np.rot90(a, 2),
+        4: lambda a: a[::-1],
+        5: lambda a: np.transpose(a, (1, 0, 2)),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+        8: lambda a: np.rot90(a, 1),
+    }
+    for orientation, turn in turns.items():
+        image = Image.fromarray(stored)
+        exif = image.getexif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"photo{orientation}.png"  # PNG keeps EXIF and the pixels exactly
+        image.save(path, exif=exif.tobytes())
+        view = turn(stored)
+        preprocess = Preprocess(None, view.shape[:2], 3, (0.0, 0.0, 0.0), flip=False)
+        assert np.array_equal(preprocess.apply(path), view.transpose(2, 0, 1).astype(np.float32)), orientation
+
+
 @pytest.mark.parametrize(
     ("layout", "dtype"), [("nchw", np.uint8), ("nhwc", np.float64), ("nhw", np.int16), ("nchw", np.float32)]
 )

@@ -51,19 +51,53 @@ def image_mode(channels: int, where: str | None = None) -> str:
 
 
 def open_image(path: Path, channels: int):
-    """The image at `path` decoded whole and converted to gray ("L") or RGB; a NetError naming the file
-    when it cannot be read."""
+    """The image at `path` decoded whole, turned upright by its EXIF orientation (as viewers show a camera's
+    photo) and converted to gray ("L") or RGB: a Pillow image, or for a gray image of more than 8 bits an
+    H x W x `channels` float32 array (`wide_pixels`). A NetError naming the file when it cannot be read."""
     pil = import_pillow()
     mode = image_mode(channels, str(path))
     try:
         with pil.open(path) as image:
-            return image.convert(mode)  # decodes the whole file, so a truncated one fails here
+            image = upright(image)
+            wide = wide_pixels(image)  # decodes the whole file, as convert does, so a truncated one fails here
+            if wide is not None:
+                return match_channels(wide[..., None], channels, str(path))
+            return image.convert(mode)
     except FileNotFoundError as error:
         raise NetError(f"no such file: {path}", where=str(path), hint=os_hint(error)) from None
     except Exception as error:  # Pillow's decoders raise OSError, SyntaxError, struct.error, ...: all mean unreadable
         raise NetError(
             f"cannot read {path} as an image ({error})", where=str(path), hint="replace or delete the file"
         ) from None
+
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a camera held the picture (1: upright)
+
+
+def upright(image):
+    """`image` turned by its EXIF orientation when it has one other than upright; an unreadable EXIF block
+    says nothing of the pixels and leaves them as they are."""
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # Pillow's EXIF parser raises what its input makes it raise
+        return image
+    if orientation not in range(2, 9):
+        return image
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image)
+
+
+def wide_pixels(image) -> np.ndarray | None:
+    """A gray image of more than 8 bits as H x W float32 on the 0..255 scale, else None. Pillow converts such
+    images to "L" by clipping at 255 (a 16-bit image turns almost white), so netdsl reads them itself:
+    16-bit pixels scaled (65535 -> 255, as Pillow reads a 16-bit RGB file's high bytes; a PNG's 16-bit
+    gray opens as "I" in older Pillows), 32-bit integers and floats as they are, as an array's values are."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+        return np.asarray(image, dtype=np.float32) * np.float32(PIXEL_RANGE / 65535)
+    if image.mode in ("I", "F"):
+        return np.asarray(image, dtype=np.float32)
+    return None
 
 
 def as_pixels(array: np.ndarray, channels: int, where: str | None = None) -> np.ndarray:
