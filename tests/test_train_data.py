@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,23 @@ def test_16_bit_and_float_gray_images_keep_their_range(tmp_path, suffix):
     Image.fromarray(floats).save(tmp_path / "a" / "wide.tif")  # mode "F"
     gray = Preprocess(None, (16, 16), 1, (0.0,))
     assert np.array_equal(gray.apply(tmp_path / "a" / "wide.tif")[0], floats)
+
+
+def test_a_palette_image_with_transparency_reads_without_a_warning(tmp_path):
+    """Pillow warns (a UserWarning naming its own source line, on the user's terminal) when a palette image
+    with transparency bytes is converted straight to RGB or L; netdsl reads it through RGBA, the same pixels."""
+    rng = np.random.default_rng(13)
+    image = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).convert("P")
+    image.save(tmp_path / "icon.png", transparency=bytes([0] * 10 + [255] * 246))
+    with Image.open(tmp_path / "icon.png") as stored, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert stored.mode == "P" and "transparency" in stored.info
+        want = {mode: np.asarray(stored.convert(mode), dtype=np.float32) for mode in ("L", "RGB")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gray = Preprocess(None, (16, 16), 1, (0.0,)).apply(tmp_path / "icon.png")
+        rgb = Preprocess(None, (16, 16), 3, (0.0, 0.0, 0.0)).apply(tmp_path / "icon.png")
+    assert np.array_equal(gray[0], want["L"]) and np.array_equal(rgb, want["RGB"].transpose(2, 0, 1))
 
 
 def test_exif_orientation_turns_a_photo_upright(tmp_path):

@@ -62,6 +62,8 @@ def open_image(path: Path, channels: int):
             wide = wide_pixels(image)  # decodes the whole file, as convert does, so a truncated one fails here
             if wide is not None:
                 return match_channels(wide[..., None], channels, str(path))
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")  # the same pixels, without Pillow's warning that it should be
             return image.convert(mode)
     except FileNotFoundError as error:
         raise NetError(f"no such file: {path}", where=str(path), hint=os_hint(error)) from None
