@@ -488,7 +488,7 @@ def test_mixed_precision_keeps_fp32_master_weights(tmp_path, dtype):
         (("--data", "DATA", "--lr", "0"), "--lr"),
         (("--data", "DATA", "--batch", "0"), "--batch"),
         (("--data", "DATA", "--batch", "100000"), "fewer than one batch"),
-        (("--data", "DATA", "--batch", "8", "--lr-mult", "nothing.*=2"), "matches no trainable weight"),
+        (("--data", "DATA", "--batch", "8", "--lr-mult", "nothing.*=2"), "matches no weight of the net"),
         ((), "no training data given"),
     ],
 )

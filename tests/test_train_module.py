@@ -650,9 +650,13 @@ def test_a_layer_no_output_reads_is_not_trained(fused):
     module = GraphModule(graph, weights=weights)
     assert [name for name, p in module.named_parameters() if not p.requires_grad] == ["side.weight", "side.bias"]
     lr, decay = 0.1, 0.05
-    optimizer = make_optimizer(
-        "sgd", param_groups(module.named_parameters(), [], []), lr, momentum=0.9, weight_decay=decay, fused=fused
-    )
+    # a multiplier naming only `side` is no typo (the training fuzzer's recipes name every layer): it changes
+    # nothing; a pattern naming no weight at all stays an error
+    groups = param_groups(module.named_parameters(), [("side.*", 2.0)], [("side.bias", 0.0)])
+    assert [group["names"] for group in groups] == [["out.weight", "out.bias"]]
+    with pytest.raises(NetError, match=r"`sid\.\*` matches no weight of the net"):
+        param_groups(module.named_parameters(), [("sid.*", 2.0)], [])
+    optimizer = make_optimizer("sgd", groups, lr, momentum=0.9, weight_decay=decay, fused=fused)
     generator = torch.Generator().manual_seed(5)
     x, y = torch.randn(4, 2, 5, 5, generator=generator), torch.tensor([0, 2, 1, 2])
     w = torch.tensor(weights["out.weight"], dtype=torch.float32, requires_grad=True)

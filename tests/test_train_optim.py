@@ -252,7 +252,7 @@ def test_param_groups_by_multipliers():
 
 def test_multiplier_mistakes_are_net_errors():
     named = list(GraphModule(netdsl.load_graph(net_path("lenet5"))).named_parameters())
-    with pytest.raises(NetError, match=r"pattern `f8\.\*` matches no trainable weight"):
+    with pytest.raises(NetError, match=r"pattern `f8\.\*` matches no weight of the net"):
         param_groups(named, [("f8.*", 2.0)], [])
     assert len(param_groups(named, [("f8.*", 2.0)], [], strict=False)) == 1
     with pytest.raises(NetError) as error:

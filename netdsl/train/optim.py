@@ -42,11 +42,13 @@ def param_groups(
     """Parameter groups by multipliers: `{"params", "names", "lr_mult", "decay_mult"}`, one per distinct
     (lr_mult, decay_mult) pair, in the order their first parameter comes. A parameter takes the value
     of the last pattern (fnmatch) that matches its name, 1 when none does; parameters that do not
-    require gradients are left out. `strict`: a pattern that matches no parameter is an error (a typo
-    would otherwise change nothing, silently). `where(setting, pattern)`: where a pattern was given, for its
-    error (`Recipe.source`: a file position or a flag); the setting's name otherwise."""
-    named = [(name, param) for name, param in named_params if param.requires_grad]
-    names = [name for name, _ in named]
+    require gradients (a layer no output reads) are left out. `strict`: a pattern that matches no parameter,
+    trained or not, is an error (a typo would otherwise change nothing, silently); one naming only a layer
+    no output reads is not a typo, and changes nothing. `where(setting, pattern)`: where a pattern was given,
+    for its error (`Recipe.source`: a file position or a flag); the setting's name otherwise."""
+    every = list(named_params)
+    named = [(name, param) for name, param in every if param.requires_grad]
+    names = [name for name, _ in every]
     for setting, rules in (("lr_mult", lr_mults), ("decay_mult", decay_mults)):
         for pattern, value in rules:
             place = where(setting, pattern) if where is not None else setting
@@ -58,7 +60,7 @@ def param_groups(
                 )
             if strict and not fnmatch.filter(names, pattern):
                 hint = did_you_mean(pattern, names) or (f"weights are named like `{names[0]}`" if names else None)
-                raise NetError(f"{setting} pattern `{pattern}` matches no trainable weight", where=place, hint=hint)
+                raise NetError(f"{setting} pattern `{pattern}` matches no weight of the net", where=place, hint=hint)
     groups: dict[tuple[float, float], dict] = {}
     for name, param in named:
         key = (_multiplier(name, lr_mults), _multiplier(name, decay_mults))
