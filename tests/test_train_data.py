@@ -171,6 +171,13 @@ def test_exif_orientation_turns_a_photo_upright(tmp_path):
         view = turn(stored)
         preprocess = Preprocess(None, view.shape[:2], 3, (0.0, 0.0, 0.0), flip=False)
         assert np.array_equal(preprocess.apply(path), view.transpose(2, 0, 1).astype(np.float32)), orientation
+    wide = rng.integers(0, 65536, (12, 20), dtype=np.uint16)  # a 16-bit gray one turned too (Pillow drops
+    image = Image.fromarray(wide)  # the format of a turned image, which said how to read its pixels)
+    exif = image.getexif()
+    exif[0x0112] = 8
+    image.save(tmp_path / "wide.png", exif=exif.tobytes())
+    got = Preprocess(None, (20, 12), 1, (0.0,)).apply(tmp_path / "wide.png")[0]
+    assert np.abs(got - np.rot90(wide, 1) * (255 / 65535)).max() < 1e-3
 
 
 @pytest.mark.parametrize(

@@ -58,8 +58,9 @@ def open_image(path: Path, channels: int):
     mode = image_mode(channels, str(path))
     try:
         with pil.open(path) as image:
+            fmt = image.format  # the file's: a turned image has none
             image = upright(image)
-            wide = wide_pixels(image)  # decodes the whole file, as convert does, so a truncated one fails here
+            wide = wide_pixels(image, fmt)  # decodes the whole file, as convert does, so a truncated one fails here
             if wide is not None:
                 return match_channels(wide[..., None], channels, str(path))
             if image.mode == "P" and "transparency" in image.info:
@@ -90,12 +91,13 @@ def upright(image):
     return ImageOps.exif_transpose(image)
 
 
-def wide_pixels(image) -> np.ndarray | None:
+def wide_pixels(image, fmt: str | None) -> np.ndarray | None:
     """A gray image of more than 8 bits as H x W float32 on the 0..255 scale, else None. Pillow converts such
     images to "L" by clipping at 255 (a 16-bit image turns almost white), so netdsl reads them itself:
     16-bit pixels scaled (65535 -> 255, as Pillow reads a 16-bit RGB file's high bytes; a PNG's 16-bit
-    gray opens as "I" in older Pillows), 32-bit integers and floats as they are, as an array's values are."""
-    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+    gray opens as "I" in older Pillows: `fmt` is the file's format), 32-bit integers and floats as they are,
+    as an array's values are."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and fmt == "PNG"):
         return np.asarray(image, dtype=np.float32) * np.float32(PIXEL_RANGE / 65535)
     if image.mode in ("I", "F"):
         return np.asarray(image, dtype=np.float32)
