@@ -818,8 +818,13 @@ def mutate_image(rng: random.Random, path: Path) -> None:
             converted.save(path, format="JPEG")
         elif mode in ("F", "I"):  # Pillow writes these as TIFF only; the name keeps its .png
             converted.save(path, format="TIFF")
-        else:
-            converted.save(path, format="PNG")
+        else:  # sometimes with an EXIF orientation (in range or not), or a palette's transparency
+            exif = converted.getexif()
+            exif[0x0112] = rng.choice([0, 1, 3, 6, 8, 9, 65535])
+            extra = {"exif": exif.tobytes()} if rng.random() < 0.4 else {}
+            if mode == "P" and rng.random() < 0.5:
+                extra["transparency"] = bytes(rng.choice([0, 255]) for _ in range(256))
+            converted.save(path, format="PNG", **extra)
     else:
         frames = [Image.open(path).convert("RGB"), Image.new("RGB", (5, 5))]
         frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:])
