@@ -128,3 +128,47 @@ def test_a_run_without_flips_records_it(trained):
     _, run, _ = trained  # trained with --no-flip
     record = weights_metadata(run / "weights.safetensors")["netdsl.preprocess"]
     assert Preprocess.from_json(record).flip is False
+
+
+# --- the report of many classes ---------------------------------------------------------------------------------
+
+
+def tally_of(confusion: np.ndarray):
+    from netdsl.train.evaluate import Tally
+
+    count, right = int(confusion.sum()), int(np.trace(confusion))
+    return Tally(len(confusion), count=count, top1=right, top5=right, loss=0.5 * count, confusion=confusion)
+
+
+def test_many_classes_print_the_most_confused_pairs_not_the_matrix():
+    """A matrix of 1,000 classes would print a million numbers: beyond 20 classes the report lists the 20
+    largest off-diagonal counts (against a sort of every pair by hand), the class's share of each, and no
+    matrix; up to 20 it prints the matrix."""
+    rng = np.random.default_rng(3)
+    confusion = rng.integers(0, 80, (30, 30)) * (rng.random((30, 30)) < 0.2) + np.diag(rng.integers(50, 300, 30))
+    names = [f"class{i}" for i in range(27)]  # a net may score more classes than the data names
+    report = tally_of(confusion).report(names)
+    assert "confusion matrix (rows" not in report and "most confused classes (of the 30 x 30" in report
+    pairs = sorted((-confusion[t, p], t, p) for t in range(30) for p in range(30) if t != p and confusion[t, p])
+    lines = report.splitlines()
+    rows = [line.split() for line in lines[[i for i, line in enumerate(lines) if line.startswith("----")][-1] + 1 :]]
+    want = [(t, p, -c, f"{100 * -c / confusion[t].sum():.1f}%") for c, t, p in pairs[:20]]
+    assert [(int(row[0]), int(row[2]), int(row[4]), row[5]) for row in rows] == want
+    assert len({row[4] for row in rows}) > 3  # counts that differ: the order is tested, not only ties
+    shown = [*names, "27", "28", "29"]  # the classes the data does not name, by number
+    assert all(row[1] == shown[int(row[0])] and row[3] == shown[int(row[2])] for row in rows)
+    small = tally_of(confusion[:12, :12]).report(names)
+    assert "confusion matrix (rows: true class, columns: predicted)" in small and "most confused" not in small
+
+
+def test_the_drawn_matrix_takes_more_outputs_than_names(tmp_path):
+    """simplenet (15 scores) evaluated on the digits (10 names) stopped `eval --confusion` with matplotlib's
+    'number of locations (15) does not match the number of labels (10)'; a matrix of 60 classes is numbered
+    at about ten places instead of named at each."""
+    pytest.importorskip("matplotlib")
+    rng = np.random.default_rng(4)
+    for classes, named in ((15, 10), (60, 60)):
+        confusion = rng.integers(0, 5, (classes, classes))
+        path = tmp_path / f"confusion{classes}.png"
+        assert tally_of(confusion).plot_confusion(path, [f"c{i}" for i in range(named)])
+        assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

@@ -17,6 +17,10 @@ import torch
 from netdsl.files import write_atomic_bytes
 from netdsl.tables import format_table
 
+MATRIX_CLASSES = 20  # up to this many classes the confusion matrix is printed whole (about 120 columns)
+CONFUSED_PAIRS = 20  # beyond, the pairs of classes most often confused, largest count first
+LABELLED_CLASSES = 40  # the drawn matrix names each class up to this many, else numbers a few
+
 
 def probabilities(output: torch.Tensor, is_softmax: bool, views: int = 1) -> torch.Tensor:
     """N*views x K (or N*views x K x 1 x 1) net outputs -> N x K class probabilities: the softmax of
@@ -91,10 +95,33 @@ class Tally:
             for i, (name, acc) in enumerate(zip(names, per_class))
         ]
         lines += format_table(("class", "name", "images", "top-1"), rows, left={1})
-        lines += ["", "confusion matrix (rows: true class, columns: predicted)"]
-        header = ("", *(str(i) for i in range(self.classes)))
-        lines += format_table(header, [(str(i), *map(str, row)) for i, row in enumerate(self.confusion)], left=set())
+        if self.classes <= MATRIX_CLASSES:
+            lines += ["", "confusion matrix (rows: true class, columns: predicted)"]
+            header = ("", *(str(i) for i in range(self.classes)))
+            table = [(str(i), *map(str, row)) for i, row in enumerate(self.confusion)]
+            lines += format_table(header, table, left=set())
+        else:  # a matrix of 1,000 classes would be a million numbers: the pairs worth reading, and where the rest is
+            lines += ["", f"most confused classes (of the {self.classes} x {self.classes} confusion matrix, which "
+                      "--confusion OUT.png draws)"]  # fmt: skip
+            lines += format_table(("true", "name", "predicted", "name", "images", "of the class"),
+                                  self.confused_pairs(names), left={1, 3})  # fmt: skip
         return "\n".join(lines) + "\n"
+
+    def confused_pairs(self, names: list[str], count: int = CONFUSED_PAIRS) -> list[tuple[str, ...]]:
+        """Rows of the `count` largest off-diagonal entries (true class, predicted class), largest first and,
+        between equal counts, in class order; none that are 0."""
+        off = self.confusion.copy()
+        np.fill_diagonal(off, 0)
+        flat = np.argsort(-off.ravel(), kind="stable")[:count]
+        totals = self.confusion.sum(axis=1)
+        rows = []
+        for true, predicted in zip(*np.unravel_index(flat, off.shape)):
+            if off[true, predicted] == 0:
+                break
+            share = f"{100 * off[true, predicted] / totals[true]:.1f}%"
+            row = (str(true), _name(names, true), str(predicted), _name(names, predicted), str(off[true, predicted]))
+            rows.append((*row, share))
+        return rows
 
     def plot_confusion(self, path: Path, names: list[str]) -> bool:
         """The confusion matrix as a PNG, rows normalized; False when matplotlib is not installed."""
@@ -111,8 +138,11 @@ class Tally:
         size = min(16.0, 3.0 + 0.45 * self.classes)
         figure, axes = plt.subplots(figsize=(size, size))
         image = axes.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
-        ticks = range(self.classes)
-        labels = [name[:14] for name in names]
+        if self.classes <= LABELLED_CLASSES:
+            ticks, labels = range(self.classes), [_name(names, i)[:14] for i in range(self.classes)]
+        else:  # a thousand names would be ink: about ten class numbers along each side
+            ticks = range(0, self.classes, max(1, math.ceil(self.classes / 10)))
+            labels = [str(tick) for tick in ticks]
         axes.set_xticks(ticks, labels, rotation=90)
         axes.set_yticks(ticks, labels)
         axes.set_xlabel("predicted")
@@ -125,3 +155,8 @@ class Tally:
         plt.close(figure)
         write_atomic_bytes(Path(path), buffer.getvalue())
         return True
+
+
+def _name(names: list[str], index: int) -> str:
+    """Class `index`'s name; a net may score more classes than the data names (its number then)."""
+    return names[index] if index < len(names) else str(index)
