@@ -71,6 +71,29 @@ def test_folder_with_train_and_val(tmp_path):
     assert label == 1 and np.allclose(x, reference - mean, atol=1e-4)
 
 
+def test_paths_are_one_array_of_bytes_that_workers_share(tmp_path):
+    """A folder's paths are one numpy array of bytes, not Path objects a forked worker would copy page by page
+    (touching their reference counts): split, subset and pickled (a spawned worker) they name the same files,
+    a name that is not UTF-8 included."""
+    import os
+    import pickle
+
+    make_folder(tmp_path, {"a": 3, "b": 3}, seed=8)
+    odd = tmp_path / "b" / os.fsdecode(b"\xff odd.png")  # a Latin-1 name on a UTF-8 file system
+    (tmp_path / "b" / "000.png").rename(odd)
+    split = open_data(tmp_path, (3, 16, 16), val_fraction=0.34, seed=2)
+    for samples in (split.train, split.val):
+        assert isinstance(samples.paths, np.ndarray) and samples.paths.dtype.kind == "S"
+    every = sorted(path for path in tmp_path.rglob("*.png"))
+    named = sorted(Path(s.source(i)) for s in (split.train, split.val) for i in range(len(s)))
+    assert named == every and odd in named
+    again = pickle.loads(pickle.dumps(split.train))
+    assert [again.source(i) for i in range(len(again))] == [split.train.source(i) for i in range(len(split.train))]
+    assert np.array_equal(again[0][0], split.train[0][0])
+    part = split.train.subset(np.asarray([2, 0]))
+    assert [part.source(0), part.source(1)] == [split.train.source(2), split.train.source(0)]
+
+
 @pytest.mark.parametrize("layout", ["one folder", "train only"])
 def test_folder_split_is_stratified_and_seeded(tmp_path, layout):
     root = tmp_path / "train" if layout == "train only" else tmp_path
