@@ -147,6 +147,28 @@ def test_lr_mult_0_on_the_first_group_freezes_it_and_logs_the_base_rate(tmp_path
     assert lines and all(line["lr"] == 0.05 for line in lines)
 
 
+def test_a_log_line_says_the_step_of_the_total_and_the_time_left():
+    """The time left is the steps left times the batch over this line's images per second (250 steps of 32
+    images at 64 images/s: 125 s); none on the last step; durations as a person reads them."""
+    import io
+
+    from netdsl.train.progress import Progress, duration
+    from netdsl.train.world import World
+
+    stream = io.StringIO()
+    progress = Progress(stream, 50, "epoch 1/6", World.from_environment())
+    record = {"step": 50, "loss": 0.5, "top1": 0.25, "lr": 0.01, "images_per_s": 64.0}
+    progress.show(record, 300, 32)
+    progress.show(dict(record, step=300), 300, 32)
+    progress.show(record)  # without the run's length: the step alone, as before
+    first, last, plain = stream.getvalue().splitlines()
+    assert first.startswith("epoch 1/6  step 50/300  loss 0.5000") and first.endswith("64 img/s  ~2m05s left")
+    assert last.startswith("epoch 1/6  step 300/300") and "left" not in last
+    assert plain.startswith("epoch 1/6  step 50  loss") and "left" not in plain
+    cases = {0.4: "0s", 59.4: "59s", 60: "1m00s", 3599: "59m59s", 3600: "1h00m", 86399: "23h59m", 90061: "1d01h"}
+    assert {seconds: duration(seconds) for seconds in cases} == cases
+
+
 @pytest.mark.parametrize("steps", [7, 12])
 def test_cosine_over_steps_follows_the_documented_curve_to_the_runs_end(tmp_path, steps):
     """`cosine` with --steps: step s of T takes floor + (1 - floor) * (1 + cos(pi s / T)) / 2, T the run's steps

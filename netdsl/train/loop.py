@@ -703,7 +703,7 @@ class Trainer:
         if metrics is not None:
             metrics.add(record)
             board.scalars(self.step, {"train/loss": record["loss"], "train/top1": record["top1"], "train/lr": lr})
-            progress.show(record)
+            progress.show(record, self.total_steps, self.recipe.batch)
 
     def _base_rate(self) -> float:
         """The base rate of the step just taken, the recipe's times the schedule's factor: what the logs show

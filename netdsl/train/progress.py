@@ -28,20 +28,42 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
 
-    def show(self, record: dict) -> None:
+    def show(self, record: dict, total_steps: int | None = None, batch: int | None = None) -> None:
+        """One step record; with the run's `total_steps` and `batch`, its step out of the total and the time
+        the rest would take at this record's rate (validation and checkpoints not counted: about)."""
         text = (
             f"loss {record['loss']:.4f}  top-1 {100 * record['top1']:.1f}%  lr {record['lr']:.3g}  "
             f"{record['images_per_s']:,.0f} img/s"
         )
+        step = f"{record['step']:,}"
+        if total_steps is not None and batch is not None:
+            step += f"/{total_steps:,}"
+            if record["step"] < total_steps and record["images_per_s"] > 0:
+                text += f"  ~{duration((total_steps - record['step']) * batch / record['images_per_s'])} left"
         if self.bar is not None:
             self.bar.set_postfix_str(text)
         else:
-            print(f"{self.title}  step {record['step']:,}  {text}", file=self.stream, flush=True)
+            print(f"{self.title}  step {step}  {text}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def duration(seconds: float) -> str:
+    """A time left as a person reads it: 45s, 12m05s, 3h05m, 2d04h."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
 
 
 def epoch_line(record: dict, total: int) -> str:
