@@ -230,6 +230,57 @@ def test_resume_is_bit_identical(tmp_path):
     assert any(line["kind"] == "epoch" for line in strip[0])
 
 
+def test_a_resumed_run_reuses_its_scan_of_the_image_folder(tmp_path, monkeypatch):
+    """The scan of an image folder (each file decoded once: the unreadable ones, the training set's sums) is
+    saved in the run folder: a resume with the same files decodes none of them again and trains the straight
+    run's bits; a file changed since, or a damaged record, has the folder scanned again."""
+    from PIL import Image
+
+    from netdsl.train import data as data_module
+
+    monkeypatch.setattr(loop, "plot_curves", lambda path, epochs: False)  # matplotlib: most of a second a run
+    rng = np.random.default_rng(21)
+    folder = tmp_path / "images"
+    for name in ("a", "b"):
+        (folder / name).mkdir(parents=True)
+        for index in range(6):
+            Image.fromarray(rng.integers(0, 256, (10, 9), dtype=np.uint8)).save(folder / name / f"{index}.png")
+    (folder / "b" / "torn.png").write_bytes(b"\x89PNG not an image")
+    net = tmp_path / "tiny.net"
+    net.write_text(TINY)
+    flags = ("--data", folder, "--batch", 4, "--schedule", "constant", "--skip-corrupt", "--val-fraction", 0.2)
+    assert train(net, *flags, "--steps", 6, "--out", tmp_path / "straight", *PLAIN) == 0
+    assert train(net, *flags, "--steps", 3, "--out", tmp_path / "parts", *PLAIN) == 0
+    record = json.loads((tmp_path / "parts" / "data_scan.json").read_text())
+    assert sorted(len(part) for part in record["bad"]) == [0, 1]  # torn.png, in training or validation
+    scans = []
+    real = data_module._run_scan
+    monkeypatch.setattr(data_module, "_run_scan", lambda *args: scans.append(args) or real(*args))
+    assert train("--resume", tmp_path / "parts", "--steps", 6) == 0
+    assert scans == []
+    one, two = (checkpoint_weights(tmp_path / run) for run in ("straight", "parts"))
+    assert all(torch.equal(one[name], two[name]) for name in one)
+    assert (tmp_path / "parts" / "data_scan.json").read_text() == (tmp_path / "straight" / "data_scan.json").read_text()
+    # what has the folder scanned again: a file changed since, a damaged record, another crop
+    from netdsl.train import scan
+    from netdsl.train.runs import RunFolder
+
+    paths = [np.asarray([bytes(path) for path in sorted(folder.rglob("*.png"))]), None]
+    settings = {"size": 9, "crop": [8, 8], "channels": 1, "skip_corrupt": True}
+    key = scan.fingerprint(paths, settings)
+    sums = [4, np.asarray([0.1]), np.asarray([[1 / 3]])]
+    saved = scan.to_record(key, [[2], []], sums)
+    assert scan.from_record(json.loads(json.dumps(saved)), key, [13, 0], 1) == ([[2], []], sums)
+    assert scan.fingerprint(paths, dict(settings, crop=[7, 7])) != key
+    os.utime(folder / "a" / "0.png", ns=(1, 1))
+    assert scan.fingerprint(paths, settings) != key
+    for damaged in ({**saved, "bad": [[13], []]}, {**saved, "total": ["0x1p+0", "0x1p+0"]}, {**saved, "count": "4"},
+                    {**saved, "bad": [[True], []]}, {**saved, "outer": ["zz"]}, [], None):  # fmt: skip
+        assert scan.from_record(damaged, key, [13, 0], 1) is None, damaged
+    (tmp_path / "parts" / "data_scan.json").write_bytes(b'{"format": 1, "key": [\xff')
+    assert RunFolder(tmp_path / "parts").read_scan() is None
+
+
 def test_resume_says_what_a_flag_overrides(tmp_path, capsys):
     net, data = small_run_args(tmp_path)
     run = tmp_path / "run"

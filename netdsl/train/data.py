@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from netdsl.errors import NetError, did_you_mean, os_hint
+from netdsl.train import scan
 from netdsl.train.augment import (
     IMAGE_SUFFIXES,
     PIXEL_RANGE,
@@ -170,6 +171,7 @@ class DataSplit:
     preprocess: Preprocess
     augment: Augment
     skipped: list[str] = field(default_factory=list)
+    scan: dict | None = None  # an image folder's scan record (netdsl.train.scan), for `scan_record` next time
 
 
 def open_data(
@@ -183,6 +185,7 @@ def open_data(
     std: bool = False,
     skip_corrupt: bool = False,
     workers: int = 0,
+    scan_record: dict | None = None,
 ) -> DataSplit:
     """Opens `spec` (an image folder, an .npz file or "digits") for a net taking `net_input` (C, H, W)
     images and scoring `num_outputs` classes (checked when given).
@@ -191,7 +194,8 @@ def open_data(
     used 256 for 224 crops). `val_fraction`, `seed`: how a set without its own validation images is split
     (per class, so each class keeps its share). `std`: also divide by the per-channel std. Every image is
     decoded once here (by `workers` processes) to measure the training set and find unreadable files,
-    which are errors unless `skip_corrupt`."""
+    which are errors unless `skip_corrupt`; an image folder's `scan_record` of the same files (a DataSplit's
+    `scan`, saved) stands for that pass."""
     channels, height, width = net_input
     if min(net_input) < 1:
         raise NetError(
@@ -234,12 +238,19 @@ def open_data(
         else:
             raise NetError(f"{spec} is neither a data folder nor an .npz file", where=where, hint=DATA_HINT)
     _check_classes(classes, [train, val], num_outputs, where)
-    train, val, skipped, sums = _scan(train, val, workers, skip_corrupt, where)
+    key = saved = None
+    if isinstance(train, ImageFiles) and (val is None or isinstance(val, ImageFiles)):
+        settings = {"size": base.size, "crop": list(base.crop), "channels": channels, "skip_corrupt": skip_corrupt}
+        key = scan.fingerprint([train.paths, None if val is None else val.paths], settings)
+        sizes = [len(train), 0 if val is None else len(val)]
+        saved = scan.from_record(scan_record, key, sizes, channels) if key and scan_record is not None else None
+    train, val, skipped, sums, bad = _scan(train, val, workers, skip_corrupt, where, saved)
     preprocess, augment = _statistics(sums, base, classes, std)
     for samples in (train, val):
         if samples is not None:
             samples.preprocess = preprocess
-    return DataSplit(train, val, classes, preprocess, augment, skipped)
+    record = scan.to_record(key, bad, sums) if key else None
+    return DataSplit(train, val, classes, preprocess, augment, skipped, record)
 
 
 def _open_folder(root: Path, base: Preprocess, val_fraction: float, seed: int):
@@ -505,7 +516,7 @@ def _sum_scan(items: list) -> tuple[list[tuple[int, str]], int, np.ndarray | flo
 
 
 def _run_scan(samples: Samples, measure: bool, workers: int):
-    scan = DataLoader(
+    batches = DataLoader(
         _Scan(samples, measure),
         batch_size=SCAN_BATCH,
         num_workers=workers,
@@ -513,33 +524,40 @@ def _run_scan(samples: Samples, measure: bool, workers: int):
         generator=torch.Generator(),
     )
     failures, count, total, outer = [], 0, 0.0, 0.0
-    for batch_failures, batch_count, batch_total, batch_outer in scan:
+    for batch_failures, batch_count, batch_total, batch_outer in batches:
         failures += batch_failures
         count, total, outer = count + batch_count, total + batch_total, outer + batch_outer
     return failures, count, total, outer
 
 
-def _scan(train: Samples, val: Samples | None, workers: int, skip_corrupt: bool, where: str):
+def _scan(train: Samples, val: Samples | None, workers: int, skip_corrupt: bool, where: str, saved=None):
     """Decodes every image file once, measuring the training set's centre crops on the way: unreadable
     files are an error naming the first, or (skip_corrupt) left out and listed. Arrays need no check, so
-    only the training set's are read (for the statistics)."""
-    skipped, kept, sums = [], [], None
-    for samples, measure in ((train, True), (val, False)):
+    only the training set's are read (for the statistics). `saved`: what a scan of these files found
+    (`scan.from_record`), in place of decoding them. Returns the readable sets, the unreadable files, the
+    sums and the unreadable positions per set."""
+    skipped, kept, sums, bad_parts = [], [], None, []
+    for part, (samples, measure) in enumerate(((train, True), (val, False))):
         if samples is None or (not measure and not isinstance(samples, ImageFiles)):
             kept.append(samples)
+            bad_parts.append([])
             continue
-        failures, *counted = _run_scan(samples, measure, workers)
-        sums = counted if measure else sums
-        if failures and not skip_corrupt:
-            index, message = failures[0]
-            raise NetError(message, where=samples.source(index), hint=SKIP_HINT)
-        bad = {index for index, _ in failures}
+        if saved is not None:
+            bad, sums = set(saved[0][part]), saved[1] if measure else sums
+        else:
+            failures, *counted = _run_scan(samples, measure, workers)
+            sums = counted if measure else sums
+            if failures and not skip_corrupt:
+                index, message = failures[0]
+                raise NetError(message, where=samples.source(index), hint=SKIP_HINT)
+            bad = {index for index, _ in failures}
+        bad_parts.append(sorted(bad))
         skipped += [samples.source(index) for index in sorted(bad)]
         kept.append(samples.subset(np.asarray([i for i in range(len(samples)) if i not in bad], dtype=np.int64)))
     train, val = kept
     if not len(train):
         raise NetError(f"no readable training images in {where}", where=where, hint=DATA_HINT)
-    return train, val if val is None or len(val) else None, skipped, sums
+    return train, val if val is None or len(val) else None, skipped, sums, bad_parts
 
 
 def _statistics(sums: list, base: Preprocess, classes: list[str], std: bool):

@@ -224,6 +224,7 @@ class Trainer:
             std=recipe.std == "auto",
             skip_corrupt=recipe.skip_corrupt,
             workers=recipe.workers,
+            scan_record=self.run.read_scan(),  # a resumed run's folder: its files are not decoded again
         )
         preprocess = replace(split.preprocess, flip=recipe.flip)
         if recipe.mean is None:
@@ -311,6 +312,8 @@ class Trainer:
         board = TensorBoard(self.run.path / "tensorboard") if self.world.leader else None
         if self.world.leader:
             self._say(self._banner())
+            if self.data.scan is not None and self.data.scan != self.run.read_scan():
+                self.run.write_scan(self.data.scan)
         try:
             with self._signals():
                 if self.batch_in_epoch == self.steps_per_epoch:

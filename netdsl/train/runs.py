@@ -25,6 +25,7 @@ import networkx as nx
 from netdsl.errors import NetError, os_hint
 from netdsl.files import parse_json, write_atomic, write_atomic_bytes
 from netdsl.runtime.weights import weight_specs
+from netdsl.train import scan
 
 RECIPE = "recipe.json"
 METRICS = "metrics.jsonl"
@@ -81,6 +82,17 @@ class RunFolder:
             ) from None
         if not os.access(self.checkpoints, os.W_OK):
             raise NetError("the run folder cannot be written", where=str(self.path), hint="give another --out")
+
+    def read_scan(self) -> dict | None:
+        """The record of the data's scan this run saved (netdsl.train.scan); None where there is none or it
+        cannot be read (the data is scanned again: the record only saves time)."""
+        try:
+            return parse_json((self.path / scan.FILE).read_bytes())
+        except (OSError, ValueError):
+            return None
+
+    def write_scan(self, record: dict) -> None:
+        write_atomic(self.path / scan.FILE, json.dumps(record, sort_keys=True) + "\n")
 
     def write_recipe(self, record: dict) -> None:
         write_atomic(self.path / RECIPE, json.dumps(record, indent=2, sort_keys=True) + "\n")
