@@ -12,6 +12,22 @@ if not torch.cuda.is_available():
 from netdsl.codegen.interpret import widen_bf16_dots  # after the variable is set
 
 
+@pytest.fixture(autouse=True)
+def no_curves(monkeypatch):
+    """A run's curves.png, drawn by matplotlib at every epoch's end of every in-process training, costs the
+    suite about half a minute and is read by none of its tests but the one that asks for `curves` (which
+    draws it, and checks it)."""
+    monkeypatch.setattr("netdsl.train.loop.plot_curves", lambda path, epochs: False)
+
+
+@pytest.fixture
+def curves(monkeypatch):
+    """The real curves.png (see `no_curves`)."""
+    from netdsl.train.runs import plot_curves
+
+    monkeypatch.setattr("netdsl.train.loop.plot_curves", plot_curves)
+
+
 @pytest.fixture
 def interpreter_bf16_dot():
     """Triton's interpreter multiplies bf16 dot operands as raw bits (triton-lang/triton#11584); importing

@@ -238,7 +238,6 @@ def test_a_resumed_run_reuses_its_scan_of_the_image_folder(tmp_path, monkeypatch
 
     from netdsl.train import data as data_module
 
-    monkeypatch.setattr(loop, "plot_curves", lambda path, epochs: False)  # matplotlib: most of a second a run
     rng = np.random.default_rng(21)
     folder = tmp_path / "images"
     for name in ("a", "b"):
@@ -512,7 +511,7 @@ def test_a_diverging_rate_stops_at_the_first_bad_layer_and_keeps_the_checkpoint(
 # --- the run folder ---------------------------------------------------------------------------------------
 
 
-def test_the_run_folder_holds_what_it_promises(tmp_path):
+def test_the_run_folder_holds_what_it_promises(tmp_path, curves):
     net, data = small_run_args(tmp_path)
     run = tmp_path / "run"
     assert small_train(net, data, run, "--epochs", 3, "--keep-best", 2) == 0
