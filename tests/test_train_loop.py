@@ -124,6 +124,19 @@ def tiny_run_args(tmp_path: Path, count: int = 40) -> tuple[Path, Path]:
     return net, arrays(tmp_path / "tiny.npz", (1, 8, 8), count, 10, seed=2)
 
 
+def gray_folder(folder: Path, shape: tuple[int, int], seed: int, torn: str) -> Path:
+    """Six seeded random gray images in each of folder/a and folder/b, and one file `torn` that is no image."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name in ("a", "b"):
+        (folder / name).mkdir(parents=True)
+        for index in range(6):
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / name / f"{index}.png")
+    (folder / torn).write_bytes(b"\x89PNG not an image")
+    return folder
+
+
 def metric_lines(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -234,17 +247,9 @@ def test_a_resumed_run_reuses_its_scan_of_the_image_folder(tmp_path, monkeypatch
     """The scan of an image folder (each file decoded once: the unreadable ones, the training set's sums) is
     saved in the run folder: a resume with the same files decodes none of them again and trains the straight
     run's bits; a file changed since, or a damaged record, has the folder scanned again."""
-    from PIL import Image
-
     from netdsl.train import data as data_module
 
-    rng = np.random.default_rng(21)
-    folder = tmp_path / "images"
-    for name in ("a", "b"):
-        (folder / name).mkdir(parents=True)
-        for index in range(6):
-            Image.fromarray(rng.integers(0, 256, (10, 9), dtype=np.uint8)).save(folder / name / f"{index}.png")
-    (folder / "b" / "torn.png").write_bytes(b"\x89PNG not an image")
+    folder = gray_folder(tmp_path / "images", (10, 9), 21, "b/torn.png")
     net = tmp_path / "tiny.net"
     net.write_text(TINY)
     flags = ("--data", folder, "--batch", 4, "--schedule", "constant", "--skip-corrupt", "--val-fraction", 0.2)
@@ -812,15 +817,7 @@ def test_eval_refuses_a_seed_train_refuses(tmp_path, capsys, seed):
 
 
 def test_eval_skips_corrupt_images_as_the_run_did_or_as_told(tmp_path, capsys):
-    from PIL import Image
-
-    folder = tmp_path / "images"
-    rng = np.random.default_rng(1)
-    for name in ("a", "b"):
-        (folder / name).mkdir(parents=True)
-        for index in range(6):
-            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / name / f"{index}.png")
-    (folder / "a" / "9.png").write_bytes(b"not an image")
+    folder = gray_folder(tmp_path / "images", (8, 8), 1, "a/9.png")
     net = tmp_path / "tiny.net"
     net.write_text(TINY)
     run = tmp_path / "run"
