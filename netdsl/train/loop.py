@@ -210,6 +210,7 @@ class Trainer:
                 where="--crop",
                 hint="the crop is what the net reads: leave it `auto`, or change the net's input",
             )
+        self._saved_scan = self.run.read_scan()  # a resumed run's record: its files are not decoded again
         size = recipe.resize
         if size == "auto":
             folder = recipe.data != "digits" and Path(recipe.data).is_dir()
@@ -224,7 +225,7 @@ class Trainer:
             std=recipe.std == "auto",
             skip_corrupt=recipe.skip_corrupt,
             workers=recipe.workers,
-            scan_record=self.run.read_scan(),  # a resumed run's folder: its files are not decoded again
+            scan_record=self._saved_scan,
         )
         preprocess = replace(split.preprocess, flip=recipe.flip)
         if recipe.mean is None:
@@ -312,7 +313,7 @@ class Trainer:
         board = TensorBoard(self.run.path / "tensorboard") if self.world.leader else None
         if self.world.leader:
             self._say(self._banner())
-            if self.data.scan is not None and self.data.scan != self.run.read_scan():
+            if self.data.scan is not None and self.data.scan != self._saved_scan:
                 self.run.write_scan(self.data.scan)
         try:
             with self._signals():

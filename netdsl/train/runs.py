@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -92,7 +93,9 @@ class RunFolder:
             return None
 
     def write_scan(self, record: dict) -> None:
-        write_atomic(self.path / scan.FILE, json.dumps(record, sort_keys=True) + "\n")
+        """Saves the data's scan record; a folder that cannot take it (a full disk) only loses the time saved."""
+        with contextlib.suppress(OSError):
+            write_atomic(self.path / scan.FILE, json.dumps(record, sort_keys=True) + "\n")
 
     def write_recipe(self, record: dict) -> None:
         write_atomic(self.path / RECIPE, json.dumps(record, indent=2, sort_keys=True) + "\n")
