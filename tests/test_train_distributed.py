@@ -118,9 +118,12 @@ def test_a_dead_rank_ends_the_run_with_an_error_not_a_hang(tmp_path, digits_like
     procs = _start(2, args, tmp_path)
     try:
         deadline = time.monotonic() + 90
+        seen = []
         for line in procs[0].stderr:  # rank 0 is training once it logs a step
-            if " step 2 " in line or time.monotonic() > deadline:
+            seen.append(line)
+            if " step 2/" in line or time.monotonic() > deadline:  # "epoch 1/N  step 2/M  loss ..."
                 break
+        assert seen and " step 2/" in seen[-1], "no second step logged:\n" + "".join(seen)
         procs[1].send_signal(signal.SIGKILL)
         code = procs[0].wait(timeout=90)  # a hang guard (TimeoutExpired fails the test), not a measurement
         err = procs[0].stderr.read()
