@@ -170,6 +170,28 @@ def test_a_palette_image_with_transparency_reads_without_a_warning(tmp_path):
     assert np.array_equal(gray[0], want["L"]) and np.array_equal(rgb, want["RGB"].transpose(2, 0, 1))
 
 
+def test_a_photo_with_a_damaged_exif_block_reads_without_a_warning(tmp_path):
+    """Pillow warns of an EXIF block whose tags point past the file's end (UserWarnings naming its source
+    lines, at every read in every loader worker; photo collections hold such files): netdsl reads the pixels
+    as Pillow decodes them, without the warnings; a file that cannot be read at all is still an error."""
+    rng = np.random.default_rng(14)
+    exif = b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00\x0f\x01\x02\x00\xff\x00\x00\x00\x70\x00\x00\x00"
+    Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg", exif=exif)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Image.open(tmp_path / "photo.jpg") as stored:
+            stored.getexif()
+            want = np.asarray(stored.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
+    assert caught  # Pillow's own warnings, the ones netdsl keeps off the terminal
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = Preprocess(None, (12, 10), 3, (0.0, 0.0, 0.0)).apply(tmp_path / "photo.jpg")
+        (tmp_path / "torn.tif").write_bytes(b"II*\x00 torn")
+        with pytest.raises(NetError, match=r"cannot read .*torn\.tif as an image"):
+            Preprocess(None, (12, 10), 3, (0.0, 0.0, 0.0)).apply(tmp_path / "torn.tif")
+    assert np.array_equal(got, want)
+
+
 def test_exif_orientation_turns_a_photo_upright(tmp_path):
     """A camera's picture stored sideways with an EXIF orientation reads as viewers show it (the eight
     orientations against numpy's rotations and flips of the stored pixels)."""

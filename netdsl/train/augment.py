@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,21 +58,29 @@ def open_image(path: Path, channels: int):
     pil = import_pillow()
     mode = image_mode(channels, str(path))
     try:
-        with pil.open(path) as image:
-            fmt = image.format  # the file's: a turned image has none
-            image = upright(image)
-            wide = wide_pixels(image, fmt)  # decodes the whole file, as convert does, so a truncated one fails here
-            if wide is not None:
-                return match_channels(wide[..., None], channels, str(path))
-            if image.mode == "P" and "transparency" in image.info:
-                image = image.convert("RGBA")  # the same pixels, without Pillow's warning that it should be
-            return image.convert(mode)
+        with warnings.catch_warnings():
+            # Pillow warns of what it reads past (a photo's damaged EXIF block, a tag beyond the file's end) at
+            # every read, in every loader worker: the pixels are what count, and an unreadable file is an error
+            warnings.simplefilter("ignore", UserWarning)
+            return _decode(pil, path, channels, mode)
     except FileNotFoundError as error:
         raise NetError(f"no such file: {path}", where=str(path), hint=os_hint(error)) from None
     except Exception as error:  # Pillow's decoders raise OSError, SyntaxError, struct.error, ...: all mean unreadable
         raise NetError(
             f"cannot read {path} as an image ({error})", where=str(path), hint="replace or delete the file"
         ) from None
+
+
+def _decode(pil, path: Path, channels: int, mode: str):
+    with pil.open(path) as image:
+        fmt = image.format  # the file's: a turned image has none
+        image = upright(image)
+        wide = wide_pixels(image, fmt)  # decodes the whole file, as convert does, so a truncated one fails here
+        if wide is not None:
+            return match_channels(wide[..., None], channels, str(path))
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")  # the same pixels (converted straight to RGB, Pillow warns it should be)
+        return image.convert(mode)
 
 
 EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how a camera held the picture (1: upright)
