@@ -6,6 +6,7 @@ they are deterministic)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import warnings
@@ -543,6 +544,86 @@ def test_corrupt_images_are_named_or_skipped_and_counted(tmp_path):
         with pytest.raises(NetError, match=r"cannot read .*002\.jpg as an image") as caught:
             list(loader(split.train, batch=2, shuffle=False, workers=workers))
         assert caught.value.where == str(tmp_path / "train/b/002.jpg")
+
+
+class PendingError(Exception):
+    """A process's gather that waits for others' shares."""
+
+
+class SharedWorld:
+    """Process `rank` of `size`, as torchrun starts them: `gather` returns every process's value (as
+    all_gather_object does, in rank order) once each has given one, and stops the caller until then."""
+
+    distributed = True
+
+    def __init__(self, rank: int, size: int, board: list) -> None:
+        self.rank, self.size, self.board = rank, size, board
+
+    def gather(self, value):
+        self.board[self.rank] = value
+        if any(part is None for part in self.board):
+            raise PendingError
+        return list(self.board)
+
+
+@pytest.mark.parametrize("size", [3, 9])
+def test_processes_share_the_scan_and_measure_one_process_bits(tmp_path, monkeypatch, size):
+    """Under torchrun each process decodes every Nth batch of the images (6 batches of 4 here; at 9
+    processes, three decode none) and every process gets what one process finds: the unreadable files in
+    order, and the sums to the bit (float images, whose sums round: summed in another order, they differ),
+    each image decoded once between them."""
+    from netdsl.train import scan
+    from netdsl.train.data import ImageFiles
+
+    make_folder(tmp_path, {"a": 11, "b": 11}, size=(21, 17), mode="F", suffix=".tif")
+    paths = sorted(tmp_path.rglob("*.tif"))
+    paths[13].write_bytes(b"II*\x00 torn")
+    paths[4].write_bytes(b"")
+    samples = ImageFiles(paths, np.zeros(len(paths), dtype=np.int64), Preprocess(13, (11, 11), 1, mean=(0.0,)))
+    monkeypatch.setattr(scan, "BATCH", 4)
+    decoded = []
+    real = scan._Decode.__getitem__
+    monkeypatch.setattr(scan._Decode, "__getitem__", lambda self, i: decoded.append(i) or real(self, i))
+
+    failures, *sums = scan.decode(samples, True, 0)
+    assert [index for index, _ in failures] == [4, 13] and decoded == list(range(22))
+    decoded.clear()
+    board, shared = [None] * size, [None] * size
+    for rank in range(size):
+        with pytest.raises(PendingError) if rank < size - 1 else contextlib.nullcontext():
+            shared[rank] = scan.decode(samples, True, 0, SharedWorld(rank, size, board))
+    assert sorted(decoded) == list(range(22))  # each image once, between the processes
+    for rank in range(size - 1):  # the others' gathers, answered now
+        shared[rank] = scan.decode(samples, True, 0, SharedWorld(rank, size, board))
+    for got in shared:
+        assert got[0] == failures
+        assert all(np.array_equal(mine, theirs) for mine, theirs in zip(got[1:], sums))
+    reordered = sum((board[rank][b][3] for rank in range(size) for b in sorted(board[rank])), 0.0)
+    assert not np.array_equal(reordered, sums[2])  # the order matters: a test of it can fail
+
+
+def test_processes_use_a_saved_scan_only_where_every_one_can():
+    """At a resume, a node whose copy of the images has other file times cannot use the run's scan record:
+    then no process uses it (each would wait for shares of a scan the others skip); a process that died is
+    the error that says so."""
+    from netdsl.train import scan
+
+    class Others:
+        distributed = True
+
+        def __init__(self, answers) -> None:
+            self.answers = answers
+
+        def gather(self, value):
+            if self.answers is None:
+                raise RuntimeError("Connection closed by peer")
+            return [value, *self.answers]
+
+    saved = ([[], []], [4, np.ones(1), np.ones((1, 1))])
+    assert scan.agreed(Others([True, True]), saved) is saved and scan.agreed(None, saved) is saved
+    assert scan.agreed(Others([True, False]), saved) is None and scan.agreed(Others([True]), None) is None
+    with pytest.raises(NetError, match="another process of the run stopped answering"):
+        scan.agreed(Others(None), saved)
 
 
 def test_npz_errors(tmp_path):

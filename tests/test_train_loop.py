@@ -243,11 +243,13 @@ def test_resume_is_bit_identical(tmp_path):
     assert any(line["kind"] == "epoch" for line in strip[0])
 
 
-def test_a_resumed_run_reuses_its_scan_of_the_image_folder(tmp_path, monkeypatch):
+def test_a_resumed_run_reuses_its_scan_of_the_image_folder(tmp_path, monkeypatch, capsys):
     """The scan of an image folder (each file decoded once: the unreadable ones, the training set's sums) is
     saved in the run folder: a resume with the same files decodes none of them again and trains the straight
-    run's bits; a file changed since, or a damaged record, has the folder scanned again."""
-    from netdsl.train import data as data_module
+    run's bits, and `eval` of the run's validation split decodes nothing before measuring; a file changed
+    since, or a damaged record, has the folder scanned again. `eval` of other files with the weights' own
+    preprocessing looks only at the split it measures, and measures nothing."""
+    from netdsl.train import scan
 
     folder = gray_folder(tmp_path / "images", (10, 9), 21, "b/torn.png")
     net = tmp_path / "tiny.net"
@@ -258,15 +260,26 @@ def test_a_resumed_run_reuses_its_scan_of_the_image_folder(tmp_path, monkeypatch
     record = json.loads((tmp_path / "parts" / "data_scan.json").read_text())
     assert sorted(len(part) for part in record["bad"]) == [0, 1]  # torn.png, in training or validation
     scans = []
-    real = data_module._run_scan
-    monkeypatch.setattr(data_module, "_run_scan", lambda *args: scans.append(args) or real(*args))
+    real = scan.decode
+    monkeypatch.setattr(scan, "decode", lambda *args: scans.append(args) or real(*args))
     assert train("--resume", tmp_path / "parts", "--steps", 6) == 0
     assert scans == []
     one, two = (checkpoint_weights(tmp_path / run) for run in ("straight", "parts"))
     assert all(torch.equal(one[name], two[name]) for name in one)
     assert (tmp_path / "parts" / "data_scan.json").read_text() == (tmp_path / "straight" / "data_scan.json").read_text()
+
+    def evaluate(data: Path) -> tuple[str, str]:
+        capsys.readouterr()
+        assert main(["eval", str(net), "--weights", str(tmp_path / "parts"), "--data", str(data)]) == 0
+        out, err = capsys.readouterr()
+        return out, err.replace(str(data), "DATA")
+
+    own = evaluate(folder)
+    assert scans == []
+    other = evaluate(shutil.copytree(folder, tmp_path / "copy"))  # other paths: the record does not apply
+    assert [(len(args[0]), args[1]) for args in scans] == [(2, False)]  # the 2 validation files, unmeasured
+    assert own == other
     # what has the folder scanned again: a file changed since, a damaged record, another crop
-    from netdsl.train import scan
     from netdsl.train.runs import RunFolder
 
     paths = [np.asarray([bytes(path) for path in sorted(folder.rglob("*.png"))]), None]
@@ -818,20 +831,24 @@ def test_eval_refuses_a_seed_train_refuses(tmp_path, capsys, seed):
 
 
 def test_eval_skips_corrupt_images_as_the_run_did_or_as_told(tmp_path, capsys):
+    """The torn file lies in the run's training part: `eval` of all the images skips it as the run did, or
+    as told; `eval` of the validation part does not look at it at all."""
     folder = gray_folder(tmp_path / "images", (8, 8), 1, "a/9.png")
     net = tmp_path / "tiny.net"
     net.write_text(TINY)
     run = tmp_path / "run"
     assert train(net, "--data", folder, "--batch", 4, "--steps", 1, "--skip-corrupt", "--out", run, *PLAIN) == 0
-    code, out, err = evaluate(capsys, net, "--weights", run, "--data", folder)  # the run's skip_corrupt
-    assert code == 0 and "skipped 1 unreadable images" in err and out.startswith("images 2 ")
-    code, _, err = evaluate(capsys, net, "--weights", run, "--data", folder, "--no-skip-corrupt")
+    code, out, err = evaluate(capsys, net, "--weights", run, "--data", folder, "--split", "all")  # the run's skip
+    assert code == 0 and "skipped 1 unreadable images" in err and out.startswith("images 12 ")
+    code, _, err = evaluate(capsys, net, "--weights", run, "--data", folder, "--split", "all", "--no-skip-corrupt")
     assert code == 1 and "9.png" in err and "--skip-corrupt" in err and "Traceback" not in err
     plain = tmp_path / "plain.safetensors"
     shutil.copy(run / "weights.safetensors", plain)
-    assert evaluate(capsys, net, "--weights", plain, "--data", folder)[0] == 1
+    assert evaluate(capsys, net, "--weights", plain, "--data", folder, "--split", "all")[0] == 1
     code, out, err = evaluate(capsys, net, "--weights", plain, "--data", folder, "--skip-corrupt", "--split", "all")
     assert code == 0 and "skipped 1 unreadable images" in err and out.startswith("images 12 ")
+    code, out, err = evaluate(capsys, net, "--weights", plain, "--data", folder, "--no-skip-corrupt")
+    assert code == 0 and "unreadable" not in err and out.startswith("images 2 ")
 
 
 @pytest.mark.parametrize("schedule, said", [("plateau", True), ("cosine", False)])

@@ -219,7 +219,7 @@ def eval_command(args: argparse.Namespace) -> int:
     from netdsl.train.data import labels_by_name, open_data, view_loader
     from netdsl.train.evaluate import Tally, probabilities
     from netdsl.train.loop import class_count
-    from netdsl.train.runs import weights_file
+    from netdsl.train.runs import RunFolder, weights_file
 
     if args.backend == "triton" and not torch.cuda.is_available():
         use_interpreter()  # the same kernels, interpreted on the CPU
@@ -236,14 +236,20 @@ def eval_command(args: argparse.Namespace) -> int:
     fraction = args.val_fraction if args.val_fraction is not None else run_recipe.get("val_fraction", 0.1)
     seed = args.seed if args.seed is not None else run_recipe.get("seed", 0)
     skip = args.skip_corrupt if args.skip_corrupt is not None else bool(run_recipe.get("skip_corrupt", False))
+    own = Preprocess.from_json(saved, where=str(weights_path)) if saved else None
+    if own is not None:
+        own.check_fits(tuple(shape), str(weights_path))
+    # only the parts measured are looked at for unreadable files, and not at all where the weights' run scanned
+    # the same files; the weights' own preprocessing stands for the data's statistics
     split = open_data(
         args.data, tuple(shape), num_outputs=classes, val_fraction=fraction if args.split == "val" else 0.0,
-        seed=seed, skip_corrupt=skip, workers=args.workers,
+        seed=seed, skip_corrupt=skip, workers=args.workers, size=None if own is None else own.size,
+        scan_record=RunFolder(_run_folder(weights_path)).read_scan(),
+        statistics=own is None, check={"all": ("train", "val")}.get(args.split, (args.split,)),
     )  # fmt: skip
     if split.skipped:
         print(f"skipped {len(split.skipped)} unreadable images (first: {split.skipped[0]})", file=sys.stderr)
-    preprocess = Preprocess.from_json(saved, where=str(weights_path)) if saved else split.preprocess
-    preprocess.check_fits(tuple(shape), str(weights_path))
+    preprocess = own or split.preprocess
     if saved is None:
         print("note: the weights carry no preprocessing; using the data's own mean", file=sys.stderr)
     parts = {"val": [split.val], "train": [split.train], "all": [split.train, split.val]}[args.split]
@@ -295,7 +301,7 @@ def _run_settings(weights: Path, metadata: dict[str, str]) -> dict:
     """The settings of the run that wrote `weights` (empty when unknown): a checkpoint's own, in its header;
     else the recipe.json of the run folder that holds the file (weights.safetensors) or its checkpoints/."""
     from netdsl.train.checkpoint import STATE_KEY
-    from netdsl.train.runs import CHECKPOINTS, RunFolder
+    from netdsl.train.runs import RunFolder
 
     if STATE_KEY in metadata:
         with contextlib.suppress(ValueError):  # a damaged header: the run folder's copy
@@ -303,12 +309,19 @@ def _run_settings(weights: Path, metadata: dict[str, str]) -> dict:
             settings = _settings_of(state.get("recipe"), str(weights)) if isinstance(state, dict) else {}
             if settings:
                 return settings
-    folder = weights.parent.parent if weights.parent.name == CHECKPOINTS else weights.parent
+    folder = _run_folder(weights)
     try:
         record = RunFolder(folder).read_recipe()
     except NetError:
         return {}
     return _settings_of(record.get("recipe") if isinstance(record, dict) else None, str(folder / "recipe.json"))
+
+
+def _run_folder(weights: Path) -> Path:
+    """The run folder that would hold `weights`: its own (weights.safetensors), or its checkpoints/'s."""
+    from netdsl.train.runs import CHECKPOINTS
+
+    return weights.parent.parent if weights.parent.name == CHECKPOINTS else weights.parent
 
 
 def _settings_of(recipe, where: str) -> dict:

@@ -31,12 +31,12 @@ from netdsl.train.augment import (
     VIEW_COUNTS,
     Augment,
     Preprocess,
-    crop_view,
     image_mode,
     open_image,
     principal_components,
     sample_rng,
 )
+from netdsl.train.world import World
 
 __all__ = [
     "ArrayImages",
@@ -55,7 +55,6 @@ __all__ = [
 
 DIGITS = "digits"
 DIGITS_MAX = 16.0  # load_digits' pixels count 0..16 ink; scaled to 0..255
-SCAN_BATCH = 32  # images per task when the training set is scanned for its statistics
 DATA_HINT = (
     "give an image folder (DIR/train/<class>/*.jpg with DIR/val/<class>/..., or DIR/<class>/*.jpg), "
     "an .npz file with arrays x and y, or `digits`"
@@ -186,6 +185,9 @@ def open_data(
     skip_corrupt: bool = False,
     workers: int = 0,
     scan_record: dict | None = None,
+    world: World | None = None,
+    statistics: bool = True,
+    check: Sequence[str] = ("train", "val"),
 ) -> DataSplit:
     """Opens `spec` (an image folder, an .npz file or "digits") for a net taking `net_input` (C, H, W)
     images and scoring `num_outputs` classes (checked when given).
@@ -195,7 +197,9 @@ def open_data(
     (per class, so each class keeps its share). `std`: also divide by the per-channel std. Every image is
     decoded once here (by `workers` processes) to measure the training set and find unreadable files,
     which are errors unless `skip_corrupt`; an image folder's `scan_record` of the same files (a DataSplit's
-    `scan`, saved) stands for that pass."""
+    `scan`, saved) stands for that pass, and the processes of a `world` share it. Without `statistics`
+    (an evaluation with the weights' own preprocessing) the mean is 0 and only the parts named in `check`
+    are decoded, for their unreadable files."""
     channels, height, width = net_input
     if min(net_input) < 1:
         raise NetError(
@@ -244,12 +248,17 @@ def open_data(
         key = scan.fingerprint([train.paths, None if val is None else val.paths], settings)
         sizes = [len(train), 0 if val is None else len(val)]
         saved = scan.from_record(scan_record, key, sizes, channels) if key and scan_record is not None else None
-    train, val, skipped, sums, bad = _scan(train, val, workers, skip_corrupt, where, saved)
-    preprocess, augment = _statistics(sums, base, classes, std)
+        saved = scan.agreed(world, saved)
+    parts = (statistics or "train" in check, "val" in check)
+    train, val, skipped, sums, bad = _scan(train, val, workers, skip_corrupt, where, saved, world, statistics, parts)
+    if statistics:
+        preprocess, augment = _statistics(sums, base, classes, std)
+    else:
+        preprocess, augment = replace(base, classes=list(classes)), Augment(pca_noise=0.0)
     for samples in (train, val):
         if samples is not None:
             samples.preprocess = preprocess
-    record = scan.to_record(key, bad, sums) if key else None
+    record = scan.to_record(key, bad, sums) if key and statistics and all(parts) else None
     return DataSplit(train, val, classes, preprocess, augment, skipped, record)
 
 
@@ -486,66 +495,24 @@ def _check_classes(classes: list[str], sets: list[Samples | None], num_outputs: 
             raise NetError(f"{source} has label {label}, beyond {width} (0..{limit - 1})", where=where, hint=hint)
 
 
-class _Scan(Dataset):
-    """Decodes each image once: its centre crop's pixel sums (when `measure`), or why it is unreadable."""
-
-    def __init__(self, samples: Samples, measure: bool):
-        self.samples, self.measure = samples, measure
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        preprocess = self.samples.preprocess
-        try:
-            pixels = preprocess.pixels(self.samples.image(index))
-        except NetError as error:
-            return index, error.message, None
-        if not self.measure:
-            return index, None, None
-        top, left = (pixels.shape[0] - preprocess.crop[0]) // 2, (pixels.shape[1] - preprocess.crop[1]) // 2
-        values = crop_view(pixels, top, left, preprocess.crop, False).reshape(-1, pixels.shape[2]).astype(np.float64)
-        with np.errstate(invalid="ignore", over="ignore"):  # non-finite pixels: reported at the first step
-            return index, None, (len(values), values.sum(axis=0), values.T @ values)
-
-
-def _sum_scan(items: list) -> tuple[list[tuple[int, str]], int, np.ndarray | float, np.ndarray | float]:
-    failures = [(index, message) for index, message, _ in items if message is not None]
-    sums = [stats for _, _, stats in items if stats is not None]
-    return (failures, sum(s[0] for s in sums), sum((s[1] for s in sums), 0.0), sum((s[2] for s in sums), 0.0))
-
-
-def _run_scan(samples: Samples, measure: bool, workers: int):
-    batches = DataLoader(
-        _Scan(samples, measure),
-        batch_size=SCAN_BATCH,
-        num_workers=workers,
-        collate_fn=_sum_scan,
-        generator=torch.Generator(),
-    )
-    failures, count, total, outer = [], 0, 0.0, 0.0
-    for batch_failures, batch_count, batch_total, batch_outer in batches:
-        failures += batch_failures
-        count, total, outer = count + batch_count, total + batch_total, outer + batch_outer
-    return failures, count, total, outer
-
-
-def _scan(train: Samples, val: Samples | None, workers: int, skip_corrupt: bool, where: str, saved=None):
-    """Decodes every image file once, measuring the training set's centre crops on the way: unreadable
-    files are an error naming the first, or (skip_corrupt) left out and listed. Arrays need no check, so
-    only the training set's are read (for the statistics). `saved`: what a scan of these files found
-    (`scan.from_record`), in place of decoding them. Returns the readable sets, the unreadable files, the
-    sums and the unreadable positions per set."""
+def _scan(train, val, workers: int, skip_corrupt: bool, where: str, saved, world, statistics: bool, parts):
+    """Decodes image files once, measuring the training set's centre crops on the way (`statistics`):
+    unreadable files are an error naming the first, or (skip_corrupt) left out and listed. Arrays need no
+    check, so only the training set's are read, for the statistics; `parts` says whether the training and
+    the validation files are looked at. `saved`: what a scan of these files found (`scan.from_record`), in
+    place of decoding them. Returns the readable sets, the unreadable files, the sums and the unreadable
+    positions per set."""
     skipped, kept, sums, bad_parts = [], [], None, []
-    for part, (samples, measure) in enumerate(((train, True), (val, False))):
-        if samples is None or (not measure and not isinstance(samples, ImageFiles)):
+    for part, (samples, look) in enumerate(zip((train, val), parts)):
+        measure = statistics and part == 0
+        if samples is None or not (measure or (look and isinstance(samples, ImageFiles))):
             kept.append(samples)
             bad_parts.append([])
             continue
         if saved is not None:
             bad, sums = set(saved[0][part]), saved[1] if measure else sums
         else:
-            failures, *counted = _run_scan(samples, measure, workers)
+            failures, *counted = scan.decode(samples, measure, workers, world)
             sums = counted if measure else sums
             if failures and not skip_corrupt:
                 index, message = failures[0]
@@ -555,7 +522,7 @@ def _scan(train: Samples, val: Samples | None, workers: int, skip_corrupt: bool,
         skipped += [samples.source(index) for index in sorted(bad)]
         kept.append(samples.subset(np.asarray([i for i in range(len(samples)) if i not in bad], dtype=np.int64)))
     train, val = kept
-    if not len(train):
+    if parts[0] and not len(train):
         raise NetError(f"no readable training images in {where}", where=where, hint=DATA_HINT)
     return train, val if val is None or len(val) else None, skipped, sums, bad_parts
 

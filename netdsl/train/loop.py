@@ -226,6 +226,7 @@ class Trainer:
             skip_corrupt=recipe.skip_corrupt,
             workers=recipe.workers,
             scan_record=self._saved_scan,
+            world=self.world,
         )
         preprocess = replace(split.preprocess, flip=recipe.flip)
         if recipe.mean is None:

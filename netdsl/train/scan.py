@@ -1,8 +1,12 @@
-"""What the scan of an image folder found, kept in the run folder so that a resumed run need not decode every
-image again (at ImageNet's size, an epoch's decoding per resume).
+"""The scan of a data set: every image decoded once, to find the unreadable ones and to sum the training set's
+centre crops (its mean, std and colour components come from the sums); and its record, kept in the run folder
+so that a resumed run need not decode every image again (at ImageNet's size, an epoch's decoding per resume).
 
-A scan decodes each file once: which ones are unreadable, and the sums over the training set's centre crops
-that give its mean, std and colour components. Its record is keyed by a fingerprint of everything those
+Under torchrun the processes share the scan: each decodes every Nth batch of images and the results are
+gathered, then summed in the order one process sums them, so N processes measure the very same statistics,
+to the bit, in about an Nth of the time.
+
+The record is keyed by a fingerprint of everything those
 depend on: each file's path, size and modification time, in the split's order, and the settings that shape
 a crop. A record whose key differs, or that is damaged, is not an error: the folder is scanned again. The
 sums are written as hexadecimal floats, so a resumed run measures the very same statistics, to the bit.
@@ -16,7 +20,14 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
 
+from netdsl.errors import NetError
+from netdsl.train.augment import crop_view
+from netdsl.train.world import World, lost_rank_error
+
+BATCH = 32  # images per loader task, and the unit of the shares of several processes
 FORMAT = 1  # the version of the record's layout
 FILE = "data_scan.json"  # in the run folder
 
@@ -69,3 +80,74 @@ def from_record(record, key: str, sizes: Sequence[int], channels: int):
         return [list(part) for part in bad], [count, total, outer.reshape(channels, channels)]
     except (AttributeError, KeyError, TypeError, ValueError, OverflowError):
         return None
+
+
+def agreed(world: World | None, saved):
+    """`saved` (what a record says) where every process of `world` can use its record, else None: the
+    processes decode together or not at all (a node whose copy of the data differs in its files' times
+    would otherwise wait for the others' shares of a scan they skip)."""
+    if world is None or not world.distributed:
+        return saved
+    try:
+        return saved if all(world.gather(saved is not None)) else None
+    except RuntimeError as error:
+        raise lost_rank_error(error) from None
+
+
+def decode(samples, measure: bool, workers: int, world: World | None = None):
+    """Decodes each of `samples` (a Samples) once, by `workers` loader processes, with the sums of the centre
+    crops when `measure`. Returns the unreadable images as (index, why) in order, and the sums: the pixel
+    count, the per-channel sum and the channels' outer-product sum (float64). With a `world` of several
+    processes, each decodes its share of the batches and every process gets the whole result."""
+    batches = -(-len(samples) // BATCH)
+    shared = world is not None and world.distributed
+    share = range(world.rank, batches, world.size) if shared else range(batches)
+    loader = DataLoader(
+        _Decode(samples, measure),
+        batch_sampler=[range(b * BATCH, min(len(samples), (b + 1) * BATCH)) for b in share],
+        num_workers=workers,
+        collate_fn=_sum_batch,
+        generator=torch.Generator(),  # DataLoader draws a base seed: from its own generator, not torch's global one
+    )
+    found = dict(zip(share, loader))
+    if shared:  # every process, even one whose share is empty
+        try:
+            for part in world.gather(found):
+                found.update(part)
+        except RuntimeError as error:
+            raise lost_rank_error(error) from None
+    failures, count, total, outer = [], 0, 0.0, 0.0
+    for b in range(batches):  # one order, whoever decoded each batch: the same sums to the bit
+        batch_failures, batch_count, batch_total, batch_outer = found[b]
+        failures += batch_failures
+        count, total, outer = count + batch_count, total + batch_total, outer + batch_outer
+    return failures, count, total, outer
+
+
+class _Decode(Dataset):
+    """Image i's centre crop's sums (when `measure`), or why it is unreadable."""
+
+    def __init__(self, samples, measure: bool):
+        self.samples, self.measure = samples, measure
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        preprocess = self.samples.preprocess
+        try:
+            pixels = preprocess.pixels(self.samples.image(index))
+        except NetError as error:
+            return index, error.message, None
+        if not self.measure:
+            return index, None, None
+        top, left = (pixels.shape[0] - preprocess.crop[0]) // 2, (pixels.shape[1] - preprocess.crop[1]) // 2
+        values = crop_view(pixels, top, left, preprocess.crop, False).reshape(-1, pixels.shape[2]).astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite pixels: reported at the first step
+            return index, None, (len(values), values.sum(axis=0), values.T @ values)
+
+
+def _sum_batch(items: list):
+    failures = [(index, message) for index, message, _ in items if message is not None]
+    sums = [stats for _, _, stats in items if stats is not None]
+    return failures, sum(s[0] for s in sums), sum((s[1] for s in sums), 0.0), sum((s[2] for s in sums), 0.0)
