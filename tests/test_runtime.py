@@ -7,7 +7,9 @@ same weights as the compiled net. Both backends run: `torch` (netdsl's PyTorch r
 
 from __future__ import annotations
 
+import gc
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -398,9 +400,15 @@ def test_tf32_kernels_only_for_dtype_tf32():
     """dtype tf32 builds kernels whose products are TF32; fp32 builds exact ones, and the torch backend
     leaves PyTorch's TF32 switches as it found them."""
     for dtype, want in (("tf32", '"input_precision": "tf32"'), ("fp32", '"input_precision": "ieee"')):
-        net = Net(LENET_PATH, backend="triton", dtype=dtype)
-        sources = [path.read_text() for path in (net.build_dir / "kernels").glob("*conv*.py")]
-        assert sources and all(want in source for source in sources), dtype
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            net = Net(LENET_PATH, backend="triton", dtype=dtype)
+            build = net.build_dir
+            sources = [path.read_text() for path in (build / "kernels").glob("*conv*.py")]
+            assert sources and all(want in source for source in sources), dtype
+            del net
+            gc.collect()
+        assert not build.exists() and not caught, caught  # its build folder goes with it, silently
     saved = torch.backends.cudnn.allow_tf32
     Net(LENET_PATH, backend="torch", dtype="tf32")(torch.randn(1, 1, 32, 32))
     assert torch.backends.cudnn.allow_tf32 == saved

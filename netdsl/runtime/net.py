@@ -39,10 +39,12 @@ import contextlib
 import itertools
 import math
 import os
+import shutil
 import tempfile
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from html import escape
 from pathlib import Path
@@ -191,12 +193,11 @@ class Net:
         }
         self.weight_shapes = weight_specs(self.layer_graph)
 
-        self._tmp: tempfile.TemporaryDirectory | None = None
         self.build_dir: Path | None = None
         if build_dir is not None or backend == "triton":
-            if build_dir is None:
-                self._tmp = tempfile.TemporaryDirectory(prefix="netdsl-build-")
-                build_dir = self._tmp.name
+            if build_dir is None:  # a folder of its own, removed with the net (or at exit), without a ResourceWarning
+                build_dir = tempfile.mkdtemp(prefix="netdsl-build-")
+                weakref.finalize(self, shutil.rmtree, build_dir, ignore_errors=True)
             self.build_dir = write_build(self.compiled, build_dir)
         self._modules = {}
         if backend == "triton":
