@@ -6,8 +6,11 @@ scaled, random crop, flip, PCA colour noise) for each number of worker processes
     python bench/train_data.py                          # 256 JPEGs of 320 x 240, crop 227 from a side of 256
     python bench/train_data.py --workers 0,1,2,4        # other worker counts
     python bench/train_data.py --folder DIR             # an image folder of your own (DIR/<class>/*.jpg)
+    python bench/train_data.py --processes 1,2          # the first pass shared by torchrun's processes (gloo)
 
-Images/s counts decoded and augmented images handed out as float32 batches, start-up of the workers
+`--processes N` times the first pass as N processes of a torchrun launch share it (each decodes every Nth
+batch; started here with torchrun's environment, on 127.0.0.1, gloo), from a barrier to the end of
+open_data in rank 0. Images/s counts decoded and augmented images handed out as float32 batches, start-up of the workers
 included (the loader starts them once per epoch); the best of --epochs epochs is reported. A training
 step that takes longer per image than the loader is what keeps the loader from being the bottleneck.
 """
@@ -29,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "bench"))
 
-from arguments import joined, non_negative_ints, positive_int  # noqa: E402
+from arguments import joined, non_negative_ints, positive_int, positive_ints  # noqa: E402
 
 from netdsl.tables import format_table  # noqa: E402
 from netdsl.train.data import loader, open_data  # noqa: E402
@@ -49,6 +52,48 @@ def make_jpegs(folder: Path, count: int, width: int, height: int, seed: int) -> 
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
 
 
+def shared_scan(folder: Path, args: argparse.Namespace, processes: int) -> float:
+    """Seconds of open_data's pass over `folder` shared by `processes` local gloo processes (rank 0's)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        sys.executable,
+        __file__,
+        "--rank-of-scan",
+        str(folder),
+        "--size",
+        str(args.size),
+        "--crop",
+        str(args.crop),
+    ]
+    procs = []
+    for rank in range(processes):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True))
+    outputs = [proc.communicate(timeout=3600)[0] for proc in procs]
+    if any(proc.returncode for proc in procs):
+        raise SystemExit(f"a process of the shared scan failed (exit {[proc.returncode for proc in procs]})")
+    return float(outputs[0].split()[-1])
+
+
+def rank_of_scan(folder: Path, args: argparse.Namespace) -> int:
+    """One process of `shared_scan`: joins the group, waits for the others, then times the pass."""
+    from netdsl.train.world import World
+
+    world = World.from_environment()
+    world.join(300)
+    world.barrier()
+    start = time.perf_counter()
+    open_data(folder, (3, args.crop, args.crop), size=args.size, val_fraction=0.0, world=world)
+    print(f"{time.perf_counter() - start:.6f}")
+    return 0
+
+
 def measure(folder: Path, args: argparse.Namespace) -> list[list[str]]:
     workers = args.workers
     start = time.perf_counter()
@@ -56,6 +101,11 @@ def measure(folder: Path, args: argparse.Namespace) -> list[list[str]]:
     scan = time.perf_counter() - start
     count = len(split.train)
     rows = [["open_data scan", str(max(workers)), str(count), f"{scan:.2f}", f"{count / scan:,.0f}", ""]]
+    for processes in args.processes:
+        if processes > 1:
+            took = shared_scan(folder, args, processes)
+            rate = f"{count / took / processes:,.0f}"
+            rows.append([f"scan, {processes} processes", "0", str(count), f"{took:.2f}", f"{count / took:,.0f}", rate])
     for worker_count in workers:
         best = float("inf")
         for epoch in range(args.epochs):
@@ -83,7 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=non_negative_ints, default=(0, 1, 2), help="comma-separated worker counts")
     parser.add_argument("--epochs", type=positive_int, default=2, help="epochs timed per worker count (best reported)")
     parser.add_argument("--folder", type=Path, help="an image folder to read instead of generated JPEGs")
+    parser.add_argument(
+        "--processes", type=positive_ints, default=(1,), help="comma-separated process counts sharing the first pass"
+    )
+    parser.add_argument("--rank-of-scan", type=Path, help=argparse.SUPPRESS)  # one process of --processes N
     args = parser.parse_args(argv)
+    if args.rank_of_scan:
+        return rank_of_scan(args.rank_of_scan, args)
 
     print(
         f"# training data loader: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -101,11 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as temporary:
             make_jpegs(Path(temporary), args.images, args.width, args.height, seed=0)
             rows = measure(Path(temporary), args)
-    header = ["pass", "workers", "images", "seconds", "images/s", "images/s/worker"]
+    header = ["pass", "workers", "images", "seconds", "images/s", "images/s/worker or process"]
     print("\n".join(format_table(header, rows, left={0})))
     print(
         f"reproduce: python bench/train_data.py {source} --size {args.size} --crop {args.crop} "
-        f"--batch {args.batch} --workers {joined(args.workers)} --epochs {args.epochs}"
+        f"--batch {args.batch} --workers {joined(args.workers)} --epochs {args.epochs} "
+        f"--processes {joined(args.processes)}"
     )
     return 0
 

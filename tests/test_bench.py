@@ -160,6 +160,7 @@ ZERO_COUNTS = [
     ("train_data", ["--batch", "0"]),
     ("train_data", ["--crop", "0"]),
     ("train_data", ["--workers", "0,-1"]),
+    ("train_data", ["--processes", "2,0"]),
     ("train_gpu", ["--steps", "0"]),
     ("train_gpu", ["--warmup", "-1"]),
     ("train_gpu", ["--layer-runs", "0"]),

@@ -680,7 +680,8 @@ def test_benchmark_smoke(capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     argv = ["--images", "6", "--width", "24", "--height", "20", "--size", "18", "--crop", "16", "--batch", "4"]
-    assert bench.main([*argv, "--workers", "0,1", "--epochs", "1"]) == 0
+    assert bench.main([*argv, "--workers", "0,1", "--epochs", "1", "--processes", "2"]) == 0
     out = capsys.readouterr().out
     assert "reproduce: python bench/train_data.py --images 6 --width 24 --height 20" in out
     assert [line.split()[2] for line in out.splitlines() if line.startswith("loader epoch")] == ["0", "1"]
+    assert [line.split()[4] for line in out.splitlines() if line.startswith("scan, 2 processes")] == ["6"]
