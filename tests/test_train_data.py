@@ -652,6 +652,16 @@ def test_npz_errors(tmp_path):
     path.write_bytes(b"PK not really a zip")
     expect_error("cannot read .* as an .npz file", path, (1, 8, 8))
     expect_error("no such data folder or file", tmp_path / "missing.npz", (1, 8, 8))
+    # what zipfile refuses to unpack, beyond a damaged archive: a newer zip version, an encrypted member, an
+    # unknown compression method (NotImplementedError, RuntimeError) -- each a data error, not an internal one
+    np.savez(path, x=x, y=y)
+    whole = path.read_bytes()
+    for offset, value, said in ((6, 169, "zip file version 16.9"), (8, 1, "encrypted"), (10, 99, "compression")):
+        patched, start = bytearray(whole), 0
+        while (start := patched.find(b"PK\x01\x02", start) + 1) > 0:  # every member's central directory entry
+            patched[start - 1 + offset : start + 1 + offset] = value.to_bytes(2, "little")
+        path.write_bytes(bytes(patched))
+        expect_error(f"cannot read .* as an .npz file .*{said}", path, (1, 8, 8))
 
 
 def test_digits_without_scikit_learn_says_what_to_install(monkeypatch):

@@ -60,6 +60,11 @@ DATA_HINT = (
     "an .npz file with arrays x and y, or `digits`"
 )
 SKIP_HINT = "replace or delete the file, or skip unreadable images with --skip-corrupt"
+# What np.load raises for a file that is no readable .npz: beyond a damaged archive or array, zipfile's refusals
+# of a newer zip version or compression method (NotImplementedError) and of an encrypted member (RuntimeError)
+UNREADABLE_NPZ = (
+    OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, TokenError, NotImplementedError, RuntimeError
+)  # fmt: skip
 
 
 class Samples(Dataset, ABC):
@@ -342,7 +347,7 @@ def _open_npz(path: Path, base: Preprocess, val_fraction: float, seed: int, num_
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, TokenError) as error:
+    except UNREADABLE_NPZ as error:
         raise NetError(
             f"cannot read {path} as an .npz file ({error})",
             where=where,
