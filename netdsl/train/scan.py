@@ -6,10 +6,10 @@ Under torchrun the processes share the scan: each decodes every Nth batch of ima
 gathered, then summed in the order one process sums them, so N processes measure the very same statistics,
 to the bit, in about an Nth of the time.
 
-The record is keyed by a fingerprint of everything those
-depend on: each file's path, size and modification time, in the split's order, and the settings that shape
-a crop. A record whose key differs, or that is damaged, is not an error: the folder is scanned again. The
-sums are written as hexadecimal floats, so a resumed run measures the very same statistics, to the bit.
+The record is keyed by a fingerprint of everything the scan's findings depend on: each file's path, size and
+modification time, in the split's order, and the settings that shape a crop. A record whose key differs, or
+that is damaged, is not an error: the folder is scanned again. The sums are written as hexadecimal floats, so
+a resumed run measures the very same statistics, to the bit.
 """
 
 from __future__ import annotations
