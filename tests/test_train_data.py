@@ -585,8 +585,21 @@ def test_processes_share_the_scan_and_measure_one_process_bits(tmp_path, monkeyp
     real = scan._Decode.__getitem__
     monkeypatch.setattr(scan._Decode, "__getitem__", lambda self, i: decoded.append(i) or real(self, i))
 
-    failures, *sums = scan.decode(samples, True, 0)
+    shown = []
+
+    class Meter:  # what the run's progress meter is told
+        def __init__(self, images: int) -> None:
+            shown.append([images])
+
+        def advance(self, count: int) -> None:
+            shown[-1].append(count)
+
+        def close(self) -> None:
+            shown[-1].append("closed")
+
+    failures, *sums = scan.decode(samples, True, 0, meter=Meter)
     assert [index for index, _ in failures] == [4, 13] and decoded == list(range(22))
+    assert shown == [[22, 4, 4, 4, 4, 4, 2, "closed"]]
     decoded.clear()
     board, shared = [None] * size, [None] * size
     for rank in range(size):

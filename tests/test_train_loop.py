@@ -182,6 +182,30 @@ def test_a_log_line_says_the_step_of_the_total_and_the_time_left():
     assert {seconds: duration(seconds) for seconds in cases} == cases
 
 
+def test_the_first_reading_of_a_large_folder_shows_its_progress():
+    """On a stream that is not a terminal, reading 20,000 images says so at each tenth, with the time left,
+    and at the end the time it took; a pass under 5,000 images (seconds) and a rank other than 0 say nothing."""
+    import io
+
+    from netdsl.train.progress import Meter
+    from netdsl.train.world import World
+
+    stream = io.StringIO()
+    meter = Meter(stream, 20_000, "reading the training images", World())
+    for start in range(0, 20_000, 32):
+        meter.advance(min(32, 20_000 - start))
+    meter.close()
+    lines = stream.getvalue().splitlines()
+    counts = [f"{32 * -(-2000 * tenth // 32):,}/20,000" for tenth in range(1, 10)] + ["20,000/20,000"]
+    assert [line.split(": ")[1].split()[0] for line in lines] == counts
+    assert all(re.fullmatch(r"reading the training images: [\d,/]+ images, ~\w+ left", line) for line in lines[:-1])
+    assert re.fullmatch(r"reading the training images: 20,000/20,000 images, in \w+", lines[-1])
+    for quiet in (Meter(stream, 4_999, "small", World()), Meter(stream, 20_000, "rank 1", World(1, 2))):
+        quiet.advance(20_000)
+        quiet.close()
+    assert stream.getvalue().splitlines() == lines
+
+
 @pytest.mark.parametrize("steps", [7, 12])
 def test_cosine_over_steps_follows_the_documented_curve_to_the_runs_end(tmp_path, steps):
     """`cosine` with --steps: step s of T takes floor + (1 - floor) * (1 + cos(pi s / T)) / 2, T the run's steps

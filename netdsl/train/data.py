@@ -14,8 +14,9 @@ import os
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from tokenize import TokenError
 
@@ -193,6 +194,7 @@ def open_data(
     world: World | None = None,
     statistics: bool = True,
     check: Sequence[str] = ("train", "val"),
+    meter: Callable | None = None,
 ) -> DataSplit:
     """Opens `spec` (an image folder, an .npz file or "digits") for a net taking `net_input` (C, H, W)
     images and scoring `num_outputs` classes (checked when given).
@@ -204,7 +206,8 @@ def open_data(
     which are errors unless `skip_corrupt`; an image folder's `scan_record` of the same files (a DataSplit's
     `scan`, saved) stands for that pass, and the processes of a `world` share it. Without `statistics`
     (an evaluation with the weights' own preprocessing) the mean is 0 and only the parts named in `check`
-    are decoded, for their unreadable files."""
+    are decoded, for their unreadable files. `meter(title, images)` shows the progress of reading image files
+    (netdsl.train.progress.Meter)."""
     channels, height, width = net_input
     if min(net_input) < 1:
         raise NetError(
@@ -255,7 +258,8 @@ def open_data(
         saved = scan.from_record(scan_record, key, sizes, channels) if key and scan_record is not None else None
         saved = scan.agreed(world, saved)
     parts = (statistics or "train" in check, "val" in check)
-    train, val, skipped, sums, bad = _scan(train, val, workers, skip_corrupt, where, saved, world, statistics, parts)
+    shared = (world, meter)
+    train, val, skipped, sums, bad = _scan(train, val, workers, skip_corrupt, where, saved, shared, statistics, parts)
     if statistics:
         preprocess, augment = _statistics(sums, base, classes, std)
     else:
@@ -500,14 +504,14 @@ def _check_classes(classes: list[str], sets: list[Samples | None], num_outputs: 
             raise NetError(f"{source} has label {label}, beyond {width} (0..{limit - 1})", where=where, hint=hint)
 
 
-def _scan(train, val, workers: int, skip_corrupt: bool, where: str, saved, world, statistics: bool, parts):
+def _scan(train, val, workers: int, skip_corrupt: bool, where: str, saved, shared, statistics: bool, parts):
     """Decodes image files once, measuring the training set's centre crops on the way (`statistics`):
     unreadable files are an error naming the first, or (skip_corrupt) left out and listed. Arrays need no
     check, so only the training set's are read, for the statistics; `parts` says whether the training and
     the validation files are looked at. `saved`: what a scan of these files found (`scan.from_record`), in
-    place of decoding them. Returns the readable sets, the unreadable files, the sums and the unreadable
-    positions per set."""
-    skipped, kept, sums, bad_parts = [], [], None, []
+    place of decoding them; `shared`: the processes that share the decoding, and the progress meter (see
+    open_data). Returns the readable sets, the unreadable files, the sums and the unreadable positions per set."""
+    (world, meter), skipped, kept, sums, bad_parts = shared, [], [], None, []
     for part, (samples, look) in enumerate(zip((train, val), parts)):
         measure = statistics and part == 0
         if samples is None or not (measure or (look and isinstance(samples, ImageFiles))):
@@ -517,7 +521,7 @@ def _scan(train, val, workers: int, skip_corrupt: bool, where: str, saved, world
         if saved is not None:
             bad, sums = set(saved[0][part]), saved[1] if measure else sums
         else:
-            failures, *counted = scan.decode(samples, measure, workers, world)
+            failures, *counted = scan.decode(samples, measure, workers, world, _titled(meter, samples, part, world))
             sums = counted if measure else sums
             if failures and not skip_corrupt:
                 index, message = failures[0]
@@ -530,6 +534,16 @@ def _scan(train, val, workers: int, skip_corrupt: bool, where: str, saved, world
     if parts[0] and not len(train):
         raise NetError(f"no readable training images in {where}", where=where, hint=DATA_HINT)
     return train, val if val is None or len(val) else None, skipped, sums, bad_parts
+
+
+def _titled(meter, samples: Samples, part: int, world):
+    """The progress meter of reading a part's image files, titled; None for arrays (quick), or without one."""
+    if meter is None or not isinstance(samples, ImageFiles):
+        return None
+    title = f"reading the {('training', 'validation')[part]} images"
+    if world is not None and world.distributed:
+        title += f" (this process's share of {len(samples):,})"
+    return partial(meter, title)
 
 
 def _statistics(sums: list, base: Preprocess, classes: list[str], std: bool):

@@ -52,7 +52,7 @@ from netdsl.train.data import DataSplit, batches_per_epoch, loader, open_data, v
 from netdsl.train.diagnose import first_non_finite
 from netdsl.train.evaluate import Tally, probabilities
 from netdsl.train.optim import make_optimizer, param_groups, set_learning_rate
-from netdsl.train.progress import Progress, epoch_line
+from netdsl.train.progress import Meter, Progress, epoch_line
 from netdsl.train.recipe import Recipe
 from netdsl.train.runs import CURVES, METRICS, WEIGHTS, Metrics, RunFolder, TensorBoard, fingerprint, plot_curves
 from netdsl.train.schedule import Schedule
@@ -227,6 +227,7 @@ class Trainer:
             workers=recipe.workers,
             scan_record=self._saved_scan,
             world=self.world,
+            meter=lambda title, images: Meter(self.stream, images, title, self.world),
         )
         preprocess = replace(split.preprocess, flip=recipe.flip)
         if recipe.mean is None:

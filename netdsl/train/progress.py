@@ -1,9 +1,10 @@
-"""What a training run says while it runs: a progress bar per epoch (or a plain line per log interval) and one
-line per epoch."""
+"""What a training run says while it runs: a progress bar per epoch (or a plain line per log interval), one
+line per epoch, and the progress of the first reading of an image folder."""
 
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import TextIO
 
 from netdsl.train.world import World
@@ -44,6 +45,47 @@ class Progress:
             self.bar.set_postfix_str(text)
         else:
             print(f"{self.title}  step {step}  {text}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+PLAIN_FROM = 5000  # images: a shorter pass (seconds) says nothing on a stream that is not a terminal
+
+
+class Meter:
+    """Progress through a pass over the images that is not an epoch (the first reading of an image folder, an
+    hour at ImageNet's size): a tqdm bar on a terminal (when tqdm is installed), else, for a pass of
+    PLAIN_FROM images or more, a line at each tenth with the time left. Rank 0 speaks for the processes."""
+
+    def __init__(self, stream: TextIO, total: int, title: str, world: World) -> None:
+        self.stream, self.total, self.title, self.done = stream, total, title, 0
+        self.bar, self.lines, self.tenth = None, False, 1
+        self.started = time.perf_counter()
+        if not world.leader or total < 1:
+            return
+        if hasattr(stream, "isatty") and stream.isatty():
+            with contextlib.suppress(ImportError):
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=title, file=stream, leave=False, dynamic_ncols=True, unit="img")
+        elif total >= PLAIN_FROM:
+            self.lines = True
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        if self.bar is not None:
+            self.bar.update(count)
+        elif self.lines and self.done * 10 >= self.tenth * self.total:
+            self.tenth = self.done * 10 // self.total + 1
+            elapsed = time.perf_counter() - self.started
+            if self.done < self.total:
+                when = f"~{duration(elapsed * (self.total - self.done) / self.done)} left"
+            else:
+                when = f"in {duration(elapsed)}"
+            print(f"{self.title}: {self.done:,}/{self.total:,} images, {when}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -94,22 +94,32 @@ def agreed(world: World | None, saved):
         raise lost_rank_error(error) from None
 
 
-def decode(samples, measure: bool, workers: int, world: World | None = None):
+def decode(samples, measure: bool, workers: int, world: World | None = None, meter: Callable | None = None):
     """Decodes each of `samples` (a Samples) once, by `workers` loader processes, with the sums of the centre
     crops when `measure`. Returns the unreadable images as (index, why) in order, and the sums: the pixel
     count, the per-channel sum and the channels' outer-product sum (float64). With a `world` of several
-    processes, each decodes its share of the batches and every process gets the whole result."""
+    processes, each decodes its share of the batches and every process gets the whole result. `meter`, given
+    the number of images this process decodes, returns what shows the progress (`advance(count)`, `close()`)."""
     batches = -(-len(samples) // BATCH)
     shared = world is not None and world.distributed
     share = range(world.rank, batches, world.size) if shared else range(batches)
+    tasks = [range(b * BATCH, min(len(samples), (b + 1) * BATCH)) for b in share]
     loader = DataLoader(
         _Decode(samples, measure),
-        batch_sampler=[range(b * BATCH, min(len(samples), (b + 1) * BATCH)) for b in share],
+        batch_sampler=tasks,
         num_workers=workers,
         collate_fn=_sum_batch,
         generator=torch.Generator(),  # DataLoader draws a base seed: from its own generator, not torch's global one
     )
-    found = dict(zip(share, loader))
+    found, shown = {}, None if meter is None else meter(sum(map(len, tasks)))
+    try:
+        for b, task, result in zip(share, tasks, loader):
+            found[b] = result
+            if shown is not None:
+                shown.advance(len(task))
+    finally:
+        if shown is not None:
+            shown.close()
     if shared:  # every process, even one whose share is empty
         try:
             for part in world.gather(found):
