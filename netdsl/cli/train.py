@@ -219,7 +219,9 @@ def eval_command(args: argparse.Namespace) -> int:
     from netdsl.train.data import labels_by_name, open_data, view_loader
     from netdsl.train.evaluate import Tally, probabilities
     from netdsl.train.loop import class_count
+    from netdsl.train.progress import Meter
     from netdsl.train.runs import RunFolder, weights_file
+    from netdsl.train.world import World
 
     if args.backend == "triton" and not torch.cuda.is_available():
         use_interpreter()  # the same kernels, interpreted on the CPU
@@ -246,6 +248,7 @@ def eval_command(args: argparse.Namespace) -> int:
         seed=seed, skip_corrupt=skip, workers=args.workers, size=None if own is None else own.size,
         scan_record=RunFolder(_run_folder(weights_path)).read_scan(),
         statistics=own is None, check={"all": ("train", "val")}.get(args.split, (args.split,)),
+        meter=lambda _, images: Meter(sys.stderr, images, "reading the images", World()),  # for unreadable ones
     )  # fmt: skip
     if split.skipped:
         print(f"skipped {len(split.skipped)} unreadable images (first: {split.skipped[0]})", file=sys.stderr)
@@ -267,12 +270,15 @@ def eval_command(args: argparse.Namespace) -> int:
     net = Net(args.net, backend=args.backend, weights=weights, devices=parse_devices(args.devices))
     tally = Tally(classes)
     is_softmax = graph.nodes[graph.graph["outputs"][0]]["layer"].op == "softmax"
+    shown = Meter(sys.stderr, sum(map(len, parts)), "measuring", World())
     for part in parts:
         part.preprocess = preprocess
         for x, y in view_loader(part, views=args.views, batch=args.batch, workers=args.workers):
             output = net(x.flatten(0, 1) if args.views > 1 else x)
             labels = y if relabel is None else relabel[torch.as_tensor(y)]
             tally.add(probabilities(torch.as_tensor(output).cpu(), is_softmax, args.views), labels)
+            shown.advance(len(y))
+    shown.close()
     names = list(preprocess.classes) or split.classes
     print(tally.report(names), end="")
     if args.confusion is not None and not tally.plot_confusion(args.confusion, names):
