@@ -184,7 +184,8 @@ def test_a_log_line_says_the_step_of_the_total_and_the_time_left():
 
 def test_the_first_reading_of_a_large_folder_shows_its_progress():
     """On a stream that is not a terminal, reading 20,000 images says so at each tenth, with the time left,
-    and at the end the time it took; a pass under 5,000 images (seconds) and a rank other than 0 say nothing."""
+    and at the end the time it took; a pass under 5,000 images (seconds), a rank other than 0 and a pass each
+    epoch repeats (validation: a bar on a terminal only) say nothing."""
     import io
 
     from netdsl.train.progress import Meter
@@ -200,7 +201,8 @@ def test_the_first_reading_of_a_large_folder_shows_its_progress():
     assert [line.split(": ")[1].split()[0] for line in lines] == counts
     assert all(re.fullmatch(r"reading the training images: [\d,/]+ images, ~\w+ left", line) for line in lines[:-1])
     assert re.fullmatch(r"reading the training images: 20,000/20,000 images, in \w+", lines[-1])
-    for quiet in (Meter(stream, 4_999, "small", World()), Meter(stream, 20_000, "rank 1", World(1, 2))):
+    quiet = (Meter(stream, 4_999, "small", World()), Meter(stream, 20_000, "rank 1", World(1, 2)))
+    for quiet in (*quiet, Meter(stream, 20_000, "validating", World(), plain=False)):
         quiet.advance(20_000)
         quiet.close()
     assert stream.getvalue().splitlines() == lines

@@ -534,13 +534,16 @@ class Trainer:
             rank=self.world.rank,
             world=self.world.size,
         )
+        shown = Meter(self.stream, len(self.data.val), "validating", self.world, plain=False)  # a bar on a terminal
         with torch.no_grad(), self._autocast():
             for x, y in batches:
+                shown.advance(len(y) * self.world.size)
                 if len(y) == 0:
                     continue  # this rank's share of the last, short batch
                 x = x.to(self.device)
                 output = self.module(x.flatten(0, 1) if views > 1 else x)
                 tally.add(probabilities(output, self.module.output_is_softmax, views), y)
+        shown.close()
         self.module.train()
         return Tally.from_vector(self.classes, self.world.sum(tally.vector()))
 

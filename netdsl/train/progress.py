@@ -58,9 +58,10 @@ PLAIN_FROM = 5000  # images: a shorter pass (seconds) says nothing on a stream t
 class Meter:
     """Progress through a pass over the images that is not an epoch (the first reading of an image folder, an
     hour at ImageNet's size): a tqdm bar on a terminal (when tqdm is installed), else, for a pass of
-    PLAIN_FROM images or more, a line at each tenth with the time left. Rank 0 speaks for the processes."""
+    PLAIN_FROM images or more, a line at each tenth with the time left (not with `plain` False: a pass that
+    each epoch repeats). Rank 0 speaks for the processes."""
 
-    def __init__(self, stream: TextIO, total: int, title: str, world: World) -> None:
+    def __init__(self, stream: TextIO, total: int, title: str, world: World, plain: bool = True) -> None:
         self.stream, self.total, self.title, self.done = stream, total, title, 0
         self.bar, self.lines, self.tenth = None, False, 1
         self.started = time.perf_counter()
@@ -71,10 +72,11 @@ class Meter:
                 from tqdm import tqdm
 
                 self.bar = tqdm(total=total, desc=title, file=stream, leave=False, dynamic_ncols=True, unit="img")
-        elif total >= PLAIN_FROM:
+        elif plain and total >= PLAIN_FROM:
             self.lines = True
 
     def advance(self, count: int) -> None:
+        count = min(count, self.total - self.done)  # a share's estimate may overshoot the last batch
         self.done += count
         if self.bar is not None:
             self.bar.update(count)
