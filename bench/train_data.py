@@ -81,7 +81,7 @@ def shared_scan(folder: Path, args: argparse.Namespace, processes: int) -> float
     return float(outputs[0].split()[-1])
 
 
-def rank_of_scan(folder: Path, args: argparse.Namespace) -> int:
+def rank_of_scan(folder: Path, args: argparse.Namespace) -> None:
     """One process of `shared_scan`: joins the group, waits for the others, then times the pass."""
     from netdsl.train.world import World
 
@@ -90,8 +90,9 @@ def rank_of_scan(folder: Path, args: argparse.Namespace) -> int:
     world.barrier()
     start = time.perf_counter()
     open_data(folder, (3, args.crop, args.crop), size=args.size, val_fraction=0.0, world=world)
-    print(f"{time.perf_counter() - start:.6f}")
-    return 0
+    print(f"{time.perf_counter() - start:.6f}", flush=True)
+    world.barrier()
+    os._exit(0)  # as `netdsl train` ends under torchrun: the group's threads would abort the interpreter's exit
 
 
 def measure(folder: Path, args: argparse.Namespace) -> list[list[str]]:
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank-of-scan", type=Path, help=argparse.SUPPRESS)  # one process of --processes N
     args = parser.parse_args(argv)
     if args.rank_of_scan:
-        return rank_of_scan(args.rank_of_scan, args)
+        rank_of_scan(args.rank_of_scan, args)
 
     print(
         f"# training data loader: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
