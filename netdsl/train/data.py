@@ -258,8 +258,8 @@ def open_data(
         saved = scan.from_record(scan_record, key, sizes, channels) if key and scan_record is not None else None
         saved = scan.agreed(world, saved)
     parts = (statistics or "train" in check, "val" in check)
-    shared = (world, meter)
-    train, val, skipped, sums, bad = _scan(train, val, workers, skip_corrupt, where, saved, shared, statistics, parts)
+    reading = (world, meter)
+    train, val, skipped, sums, bad = _scan(train, val, workers, skip_corrupt, where, saved, reading, statistics, parts)
     if statistics:
         preprocess, augment = _statistics(sums, base, classes, std)
     else:
@@ -504,14 +504,14 @@ def _check_classes(classes: list[str], sets: list[Samples | None], num_outputs: 
             raise NetError(f"{source} has label {label}, beyond {width} (0..{limit - 1})", where=where, hint=hint)
 
 
-def _scan(train, val, workers: int, skip_corrupt: bool, where: str, saved, shared, statistics: bool, parts):
+def _scan(train, val, workers: int, skip_corrupt: bool, where: str, saved, reading, statistics: bool, parts):
     """Decodes image files once, measuring the training set's centre crops on the way (`statistics`):
     unreadable files are an error naming the first, or (skip_corrupt) left out and listed. Arrays need no
     check, so only the training set's are read, for the statistics; `parts` says whether the training and
     the validation files are looked at. `saved`: what a scan of these files found (`scan.from_record`), in
-    place of decoding them; `shared`: the processes that share the decoding, and the progress meter (see
+    place of decoding them; `reading`: the processes that share the decoding, and the progress meter (see
     open_data). Returns the readable sets, the unreadable files, the sums and the unreadable positions per set."""
-    (world, meter), skipped, kept, sums, bad_parts = shared, [], [], None, []
+    (world, meter), skipped, kept, sums, bad_parts = reading, [], [], None, []
     for part, (samples, look) in enumerate(zip((train, val), parts)):
         measure = statistics and part == 0
         if samples is None or not (measure or (look and isinstance(samples, ImageFiles))):
