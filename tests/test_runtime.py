@@ -12,6 +12,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch import nn
 
 import netdsl
 from netdsl.errors import NetError
+from netdsl.lang.frontend import load_graph
 from netdsl.runtime.module import GraphModule
 from netdsl.runtime.net import Net
 
@@ -356,6 +358,22 @@ def test_bad_weights_and_devices_raise_net_error(net_files, models):
         with pytest.raises(NetError) as error:
             Net(path, weights=bad, **kwargs)
         assert message in str(error.value)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_a_net_keeps_its_own_copy_of_the_weights(dtype):
+    """Weights given as arrays are copied in (float32, exact for 16-bit ones; float64 kept until rounded into
+    the net's dtype): changing the caller's arrays afterwards changes neither the net nor its module."""
+    from netdsl.runtime.weights import init_weights
+
+    given = {k: np.asarray(v, dtype=dtype) for k, v in init_weights(load_graph(LENET_PATH), seed=1).items()}
+    net = Net(LENET_PATH, backend="torch", weights=given)
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+    before, module = net(x), net.as_module()(x)
+    want = netdsl.load(LENET_PATH, backend="torch", weights={k: v.astype(np.float64) for k, v in given.items()})(x)
+    for value in given.values():
+        value *= 2
+    assert torch.equal(net(x), before) and torch.equal(net.as_module()(x), module) and torch.equal(before, want)
 
 
 def test_load_is_exported():

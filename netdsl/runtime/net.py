@@ -78,6 +78,7 @@ BACKENDS = ("torch", "triton")
 STREAMS = ("partition", "device")  # a CUDA stream per partition, or one per GPU shared by its partitions
 WEIGHTED_OPS = ("conv", "fc", "batchnorm")  # the ops whose weights a step takes (from its first such layer)
 COPY_KINDS = ("input", "transfer", "view")  # steps that launch no kernel
+NARROW = (torch.float16, torch.bfloat16, torch.float32)  # weight dtypes float32 holds exactly
 
 
 class TuningWarning(UserWarning):
@@ -285,7 +286,12 @@ class Net:
             self._take_weights(checked)
 
     def _take_weights(self, checked: dict[str, torch.Tensor]) -> None:
-        tensors = {name: tensor.to("cpu", torch.float64) for name, tensor in checked.items()}
+        # This net's own copy, in float32 (exact for 16-bit weights; wider ones stay float64, rounded once into the
+        # net's dtype): numpy reads it without another copy, and folding computes in float64 where it folds.
+        tensors = {
+            name: tensor.to("cpu", torch.float32 if tensor.dtype in NARROW else torch.float64, copy=True)
+            for name, tensor in checked.items()
+        }
         self._graphs.clear()  # captured graphs read the old weight tensors
         folded = fold_weights(self.layer_graph, {name: tensor.numpy() for name, tensor in tensors.items()})
         self._step_weights = {
@@ -311,7 +317,7 @@ class Net:
             tensors["weight"] = space_to_depth_weight(tensors["weight"], block)
         largest = torch.finfo(self.torch_dtype).max
         for key, tensor in tensors.items():
-            if tensor.numel() and float(tensor.abs().max()) > largest:
+            if torch.finfo(tensor.dtype).max > largest and tensor.numel() and float(tensor.abs().max()) > largest:
                 folding = " after folding its batch norm" if item.fields.get("folded") else ""
                 raise NetError(
                     f"weight `{item.name}.{key}` holds values beyond {self.dtype}'s range{folding} (largest "
