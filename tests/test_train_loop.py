@@ -201,8 +201,8 @@ def test_the_first_reading_of_a_large_folder_shows_its_progress():
     assert [line.split(": ")[1].split()[0] for line in lines] == counts
     assert all(re.fullmatch(r"reading the training images: [\d,/]+ images, ~\w+ left", line) for line in lines[:-1])
     assert re.fullmatch(r"reading the training images: 20,000/20,000 images, in \w+", lines[-1])
-    quiet = (Meter(stream, 4_999, "small", World()), Meter(stream, 20_000, "rank 1", World(1, 2)))
-    for quiet in (*quiet, Meter(stream, 20_000, "validating", World(), plain=False)):
+    small, other_rank = Meter(stream, 4_999, "small", World()), Meter(stream, 20_000, "rank 1", World(1, 2))
+    for quiet in (small, other_rank, Meter(stream, 20_000, "validating", World(), plain=False)):
         quiet.advance(20_000)
         quiet.close()
     assert stream.getvalue().splitlines() == lines
