@@ -251,13 +251,15 @@ def open_data(
             raise NetError(f"{spec} is neither a data folder nor an .npz file", where=where, hint=DATA_HINT)
     _check_classes(classes, [train, val], num_outputs, where)
     key = saved = None
+    parts = (statistics or "train" in check, "val" in check)
+    whole = statistics and all(parts)  # a scan a record can be made of
     if isinstance(train, ImageFiles) and (val is None or isinstance(val, ImageFiles)):
-        settings = {"size": base.size, "crop": list(base.crop), "channels": channels, "skip_corrupt": skip_corrupt}
-        key = scan.fingerprint([train.paths, None if val is None else val.paths], settings)
+        if whole or scan_record is not None:  # (a stat of every file: none for a record never made nor read)
+            settings = {"size": base.size, "crop": list(base.crop), "channels": channels, "skip_corrupt": skip_corrupt}
+            key = scan.fingerprint([train.paths, None if val is None else val.paths], settings)
         sizes = [len(train), 0 if val is None else len(val)]
         saved = scan.from_record(scan_record, key, sizes, channels) if key and scan_record is not None else None
         saved = scan.agreed(world, saved)
-    parts = (statistics or "train" in check, "val" in check)
     reading = (world, meter)
     train, val, skipped, sums, bad = _scan(train, val, workers, skip_corrupt, where, saved, reading, statistics, parts)
     if statistics:
@@ -267,7 +269,7 @@ def open_data(
     for samples in (train, val):
         if samples is not None:
             samples.preprocess = preprocess
-    record = scan.to_record(key, bad, sums) if key and statistics and all(parts) else None
+    record = scan.to_record(key, bad, sums) if key and whole else None
     return DataSplit(train, val, classes, preprocess, augment, skipped, record)
 
 
