@@ -182,7 +182,7 @@ def test_a_log_line_says_the_step_of_the_total_and_the_time_left():
     assert {seconds: duration(seconds) for seconds in cases} == cases
 
 
-def test_the_first_reading_of_a_large_folder_shows_its_progress():
+def test_the_first_reading_of_a_large_folder_shows_its_progress(monkeypatch):
     """On a stream that is not a terminal, reading 20,000 images says so at each tenth, with the time left,
     and at the end the time it took; a pass under 5,000 images (seconds), a rank other than 0 and a pass each
     epoch repeats (validation: a bar on a terminal only) say nothing."""
@@ -206,6 +206,17 @@ def test_the_first_reading_of_a_large_folder_shows_its_progress():
         quiet.advance(20_000)
         quiet.close()
     assert stream.getvalue().splitlines() == lines
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    with monkeypatch.context() as patch:  # a terminal without tqdm (netdsl's core install) has the lines too
+        patch.setitem(sys.modules, "tqdm", None)
+        terminal = Terminal()
+        meter = Meter(terminal, 20_000, "reading the training images", World())
+        meter.advance(20_000)
+        assert meter.bar is None and terminal.getvalue().startswith("reading the training images: 20,000/20,000")
 
 
 @pytest.mark.parametrize("steps", [7, 12])

@@ -72,8 +72,7 @@ class Meter:
                 from tqdm import tqdm
 
                 self.bar = tqdm(total=total, desc=title, file=stream, leave=False, dynamic_ncols=True, unit="img")
-        elif plain and total >= PLAIN_FROM:
-            self.lines = True
+        self.lines = self.bar is None and plain and total >= PLAIN_FROM  # a log file, or a terminal without tqdm
 
     def advance(self, count: int) -> None:
         count = min(count, self.total - self.done)  # a share's estimate may overshoot the last batch
