@@ -620,11 +620,15 @@ def test_processes_share_the_scan_and_measure_one_process_bits(tmp_path, monkeyp
     assert any(not np.array_equal(sum((batches[b][3] for b in order), 0.0), sums[2]) for order in orders)
 
 
-def test_processes_use_a_saved_scan_only_where_every_one_can():
+def test_processes_use_a_saved_scan_only_where_every_one_can(monkeypatch):
     """At a resume, a node whose copy of the images has other file times cannot use the run's scan record:
-    then no process uses it (each would wait for shares of a scan the others skip); a process that died is
-    the error that says so."""
+    then no process uses it (each would wait for shares of a scan the others skip). A process that died is
+    the error that says so, from every collective of the run's processes (the scan's, an epoch's sums, the
+    barriers), not an internal error."""
+    import torch.distributed as dist
+
     from netdsl.train import scan
+    from netdsl.train.world import World
 
     class Others:
         distributed = True
@@ -633,15 +637,21 @@ def test_processes_use_a_saved_scan_only_where_every_one_can():
             self.answers = answers
 
         def gather(self, value):
-            if self.answers is None:
-                raise RuntimeError("Connection closed by peer")
             return [value, *self.answers]
 
     saved = ([[], []], [4, np.ones(1), np.ones((1, 1))])
     assert scan.agreed(Others([True, True]), saved) is saved and scan.agreed(None, saved) is saved
     assert scan.agreed(Others([True, False]), saved) is None and scan.agreed(Others([True]), None) is None
-    with pytest.raises(NetError, match="another process of the run stopped answering"):
-        scan.agreed(Others(None), saved)
+
+    def dead(*args, **kwargs):
+        raise dist.DistBackendError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+
+    for name in ("all_gather_object", "all_reduce", "barrier"):
+        monkeypatch.setattr(dist, name, dead)
+    world = World(0, 2)
+    for collective in (lambda: scan.agreed(world, saved), lambda: world.sum([1.0]), world.barrier):
+        with pytest.raises(NetError, match=r"another process of the run stopped answering .*Connection closed"):
+            collective()
 
 
 def test_npz_errors(tmp_path):

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from netdsl.errors import NetError
 from netdsl.train.augment import crop_view
-from netdsl.train.world import World, lost_rank_error
+from netdsl.train.world import World
 
 BATCH = 32  # images per loader task, and the unit of the shares of several processes
 FORMAT = 1  # the version of the record's layout
@@ -88,10 +88,7 @@ def agreed(world: World | None, saved):
     would otherwise wait for the others' shares of a scan they skip)."""
     if world is None or not world.distributed:
         return saved
-    try:
-        return saved if all(world.gather(saved is not None)) else None
-    except RuntimeError as error:
-        raise lost_rank_error(error) from None
+    return saved if all(world.gather(saved is not None)) else None
 
 
 def decode(samples, measure: bool, workers: int, world: World | None = None, meter: Callable | None = None):
@@ -121,11 +118,8 @@ def decode(samples, measure: bool, workers: int, world: World | None = None, met
         if shown is not None:
             shown.close()
     if shared:  # every process, even one whose share is empty
-        try:
-            for part in world.gather(found):
-                found.update(part)
-        except RuntimeError as error:
-            raise lost_rank_error(error) from None
+        for part in world.gather(found):
+            found.update(part)
     failures, count, total, outer = [], 0, 0.0, 0.0
     for b in range(batches):  # one order, whoever decoded each batch: the same sums to the bit
         batch_failures, batch_count, batch_total, batch_outer = found[b]

@@ -9,6 +9,7 @@ others with an error instead of a hang.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -80,12 +81,16 @@ class World:
                 hint="check MASTER_ADDR and MASTER_PORT, and that every process started (torchrun --nproc-per-node N)",
             ) from None
 
+    # Each collective below that fails (another rank died, or stopped answering within the timeout) is the
+    # run's error saying so, wherever the run is: at its start, at a step's log line or at an epoch's end.
+
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sums over every rank (the values themselves with one process)."""
         if not self.distributed:
             return list(values)
         tensor = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(tensor)
+        with _answered():
+            dist.all_reduce(tensor)
         return tensor.tolist()
 
     def gather(self, value: object) -> list[object]:
@@ -93,12 +98,22 @@ class World:
         if not self.distributed:
             return [value]
         result: list[object] = [None] * self.size
-        dist.all_gather_object(result, value)
+        with _answered():
+            dist.all_gather_object(result, value)
         return result
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            with _answered():
+                dist.barrier()
+
+
+@contextlib.contextmanager
+def _answered():
+    try:
+        yield
+    except RuntimeError as error:  # gloo's and NCCL's errors (DistBackendError among them) are RuntimeErrors
+        raise lost_rank_error(error) from None
 
 
 def lost_rank_error(error: BaseException) -> NetError:
