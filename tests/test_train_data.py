@@ -157,7 +157,7 @@ def test_16_bit_and_float_gray_images_keep_their_range(tmp_path, suffix):
 
 def test_a_palette_image_with_transparency_reads_without_a_warning(tmp_path):
     """Pillow warns (a UserWarning naming its own source line, on the user's terminal) when a palette image
-    with transparency bytes is converted straight to RGB or L; netdsl reads it through RGBA, the same pixels."""
+    with transparency bytes is converted straight to RGB or L; netdsl reads the same pixels without it."""
     rng = np.random.default_rng(13)
     image = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).convert("P")
     image.save(tmp_path / "icon.png", transparency=bytes([0] * 10 + [255] * 246))

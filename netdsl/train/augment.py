@@ -78,8 +78,6 @@ def _decode(pil, path: Path, channels: int, mode: str):
         wide = wide_pixels(image, fmt)  # decodes the whole file, as convert does, so a truncated one fails here
         if wide is not None:
             return match_channels(wide[..., None], channels, str(path))
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")  # the same pixels (converted straight to RGB, Pillow warns it should be)
         return image.convert(mode)
 
 
