@@ -3,9 +3,9 @@
 Each case draws (seeded) a tiny net with dropout and batch norm, a tiny .npz data set with a validation part
 and a recipe: sgd (momentum, Nesterov, weight decay, lr and decay multipliers) or adamw; a constant, step,
 multistep, cosine or plateau schedule with or without a warm-up; --steps or --epochs; --val-every,
---keep-best, --clip-grad, --label-smoothing, fp32, bf16 or fp16 (loss scaling); random crops, flips, PCA colour
-noise, the mean and std measured or not; no loading process or one. It trains the recipe straight through, then
-again with one or more stops:
+--keep-best, --clip-grad, --label-smoothing, fp32, bf16 or fp16 (loss scaling), batches in two parts or whole;
+random crops, flips, PCA colour noise, the mean and std measured or not; no loading process or one. It trains the
+recipe straight through, then again with one or more stops:
 
 - `signal`: SIGTERM during step k (the run ends the step, checkpoints and exits 143), k anywhere, an
   epoch's last step and the run's final one included;
@@ -211,6 +211,8 @@ def draw_case(rng: random.Random, kernels: bool = False) -> Case:
     else:
         case.epochs = epochs
     case.stops = draw_stops(rng, case, schedule)
+    if rng.random() < 0.3:  # drawn last: the cases drawn before parts existed stay as they were
+        case.flags += ["--accumulate", "2"]  # every batch drawn is even
     return case
 
 
@@ -457,6 +459,7 @@ def test_the_generator_is_reproducible_and_varied():
     )
     assert {flag(case.flags, "--dtype") for case in cases} == {"fp32", "bf16", "fp16"}
     assert {flag(case.flags, "--workers") for case in cases} == {"0", "1"}
+    assert {flag(case.flags, "--accumulate", "1") for case in cases} == {"1", "2"}
     assert any("towers" in case.net for case in cases) and any("softmax" in case.net for case in cases)
 
 

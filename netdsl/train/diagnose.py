@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from netdsl.ir import layer
 from netdsl.runtime.module import GraphModule
 from netdsl.train.checkpoint import rng_states, set_rng_states
+from netdsl.train.step import backward_in_parts
 
 
 def first_non_finite(
@@ -34,8 +35,9 @@ def first_non_finite(
     rng: dict[str, torch.Tensor],
     autocast: Callable[[], contextlib.AbstractContextManager],
     label_smoothing: float = 0.0,
-) -> str:
-    """A phrase naming the first non-finite value of the step (see the module's docstring)."""
+) -> str | None:
+    """A phrase naming the first non-finite value of the step (see the module's docstring); None when the
+    replay finds none."""
     module.zero_grad(set_to_none=True)
     set_rng_states(rng)
     with autocast():
@@ -64,7 +66,54 @@ def first_non_finite(
     for name, param in module.named_parameters():
         if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
             return f"in the gradient of weight `{name}`"
+    return None
+
+
+def first_non_finite_in_parts(
+    module: GraphModule,
+    graph: nx.DiGraph,
+    parts: list[tuple[torch.Tensor, torch.Tensor]],
+    rng: dict[str, torch.Tensor],
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    label_smoothing: float = 0.0,
+) -> str:
+    """`first_non_finite` over a step taken in parts (netdsl.train.step), replayed part by part from the
+    step's random state: the first part where something is found, and where in it."""
+    set_rng_states(rng)
+    for index, (x, y) in enumerate(parts):
+        where = first_non_finite(module, graph, x, y, rng_states(), autocast, label_smoothing)
+        if where is not None:
+            return where if len(parts) == 1 else f"{where}, in part {index + 1} of {len(parts)} of the batch"
     return "not found again when the step was replayed (a transient fault?)"
+
+
+def compiled_gradients_differ(
+    module: GraphModule,
+    optimizer: torch.optim.Optimizer,
+    parts: list[tuple[torch.Tensor, torch.Tensor]],
+    rng: dict[str, torch.Tensor],
+    loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> str | None:
+    """The first weight whose gradient, as the step just computed it under torch.compile, differs from the
+    same step's in eager PyTorch (same weights, parts and random state) by more than 1e-3 of the eager
+    gradient's largest entry; None when all agree, and the weights then hold the compiled gradients again."""
+    params = list(module.named_parameters())
+    compiled = {name: param.grad.clone() for name, param in params if param.grad is not None}
+    saved = rng_states()
+    set_rng_states(rng)
+    optimizer.zero_grad(set_to_none=True)  # the optimizer's: a fused one keeps its gradients as views of a buffer
+    backward_in_parts(module.logits, parts, loss_of, autocast)
+    set_rng_states(saved)
+    for name, param in params:
+        eager, got = param.grad, compiled.get(name)
+        scale = max(float(eager.abs().max()), 1e-12) if eager is not None else 1.0
+        if eager is None or got is None or float((got - eager).abs().max()) > 1e-3 * scale:
+            return name
+    for name, param in params:
+        if param.grad is not None:
+            param.grad.copy_(compiled[name])  # in place: a fused optimizer's gradients are views of its flat buffer
+    return None
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,13 @@ metrics out.
 
 One `Trainer` per process. Each step reads a batch (this rank's share of it under torchrun), runs the
 net's logits forward and the softmax cross-entropy backward with PyTorch autograd over the layer graph
-(`netdsl.runtime.module.GraphModule`, every layer on its own device), sets every weight group's rate
-from the schedule and steps the optimizer. Before a step changes any weight, the loss and every gradient
-are checked: a NaN or an infinity stops the run with the first layer where it appeared. After each
-epoch: validation, the schedule's plateau watch, the epoch's record, the checkpoints (the last, the best
-few) and the curves. Ctrl-C or SIGTERM: a checkpoint at the end of the current step, then a clean exit;
-a run stopped after an epoch's last step does that epoch's end when it resumes.
+(`netdsl.runtime.module.GraphModule`, every layer on its own device), in `accumulate` parts one after
+another where asked (netdsl.train.step), sets every weight group's rate from the schedule and steps the
+optimizer. Before a step changes any weight, the loss and every gradient are checked: a NaN or an
+infinity stops the run with the first layer where it appeared. After each epoch: validation, the
+schedule's plateau watch, the epoch's record, the checkpoints (the last, the best few) and the curves.
+Ctrl-C or SIGTERM: a checkpoint at the end of the current step, then a clean exit; a run stopped after
+an epoch's last step does that epoch's end when it resumes.
 
 Everything random is seeded and saved (netdsl.train.checkpoint): on the CPU, N steps in one go and N/2
 steps, a resume and N/2 more give the same weights bit for bit.
@@ -49,13 +50,14 @@ from netdsl.train.checkpoint import (
     set_rng_states,
 )
 from netdsl.train.data import DataSplit, batches_per_epoch, loader, open_data, view_loader
-from netdsl.train.diagnose import first_non_finite
+from netdsl.train.diagnose import compiled_gradients_differ, first_non_finite_in_parts
 from netdsl.train.evaluate import Tally, probabilities
 from netdsl.train.optim import make_optimizer, param_groups, set_learning_rate
 from netdsl.train.progress import Meter, Progress, epoch_line
 from netdsl.train.recipe import Recipe
 from netdsl.train.runs import CURVES, METRICS, WEIGHTS, Metrics, RunFolder, TensorBoard, fingerprint, plot_curves
 from netdsl.train.schedule import Schedule
+from netdsl.train.step import backward_in_parts, split
 from netdsl.train.world import World, lost_rank_error
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -129,6 +131,21 @@ class Trainer:
                 hint=f"use a multiple of {self.world.size}",
             )
         self.rank_batch = recipe.batch // self.world.size
+        if self.rank_batch % recipe.accumulate:
+            size, parts = self.world.size, recipe.accumulate
+            each = (
+                f"each process's {self.rank_batch} images of the batch of {recipe.batch} do"
+                if size > 1
+                else f"a batch of {recipe.batch} images does"
+            )
+            raise NetError(
+                f"{each} not split into {parts} equal parts",
+                where="--accumulate",
+                hint=f"make the batch a multiple of {size * parts}"
+                + (f" ({size} processes x {parts} parts)" if size > 1 else "")
+                + ", or take a number of parts it divides into",
+            )
+        self.part_batch = self.rank_batch // recipe.accumulate  # what runs through the net at once
         self.data = self._open_data()
         self.steps_per_epoch = batches_per_epoch(len(self.data.train), self.rank_batch, self.world.size, drop_last=True)
         if self.steps_per_epoch < 1:
@@ -254,6 +271,7 @@ class Trainer:
     def _wrap(self) -> torch.nn.Module:
         """What the step calls: the logits, under DDP when there are several processes, compiled if asked."""
         model: torch.nn.Module = _Logits(self.module)
+        self._no_sync = None  # DDP's: a backward pass that does not average the gradients yet (all parts but the last)
         if self.recipe.channels_last and self.device.type == "cuda":
             self.module.to(memory_format=torch.channels_last)
         if self.world.distributed:
@@ -262,6 +280,7 @@ class Trainer:
             places = set(self.module.devices.values())
             one_gpu = len(places) == 1 and self.device.type == "cuda"
             model = DistributedDataParallel(model, device_ids=[self.device] if one_gpu else None)
+            self._no_sync = model.no_sync
         if self.recipe.compile:
             model = torch.compile(model)
         return model
@@ -419,17 +438,15 @@ class Trainer:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if recipe.channels_last and self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
+        parts = split(x, y, recipe.accumulate)
         before = rng_states()
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            with self._autocast():
-                logits = self.model(x).float().flatten(1)
-            loss = self._loss(logits, y.to(logits.device))
+            loss, logits = backward_in_parts(
+                self.model, parts, self._loss, self._autocast, scaler=self.scaler, no_sync=self._no_sync
+            )
             if self.scaler is not None:
-                self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
-            else:
-                loss.backward()
         except RuntimeError as error:
             if self.world.distributed and _collective_failure(error):
                 raise lost_rank_error(error) from None
@@ -438,9 +455,9 @@ class Trainer:
         if finite and self.scaler is None:
             finite = all(bool(torch.isfinite(p.grad).all()) for p in self.module.parameters() if p.grad is not None)
         if not finite:
-            self._diverged(x, y, before, loss.item())
+            self._diverged(parts, before, loss.item())
         if self._unchecked_compile:
-            self._check_compiled_gradients(x, y, before)
+            self._check_compiled_gradients(parts, before)
         if recipe.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), recipe.clip_grad)
         if self.scaler is not None:
@@ -459,32 +476,18 @@ class Trainer:
             return cross_entropy(logits, y, self.recipe.label_smoothing)[0]
         return F.cross_entropy(logits, y, label_smoothing=self.recipe.label_smoothing)
 
-    def _check_compiled_gradients(self, x: torch.Tensor, y: torch.Tensor, rng: dict) -> None:
+    def _check_compiled_gradients(self, parts: list, rng: dict) -> None:
         """The compiled step's gradients against the same step in eager PyTorch (same weights, batch and random
         state): a compiler that computes other gradients would train the net wrongly and silently."""
         self._unchecked_compile = False
-        params = list(self.module.named_parameters())
-        compiled = {name: param.grad.clone() for name, param in params if param.grad is not None}
-        saved = rng_states()
-        set_rng_states(rng)
-        self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            logits = self.module.logits(x).float().flatten(1)
-        F.cross_entropy(logits, y.to(logits.device), label_smoothing=self.recipe.label_smoothing).backward()
-        set_rng_states(saved)
-        for name, param in params:
-            eager = param.grad
-            got = compiled.get(name)
-            scale = max(float(eager.abs().max()), 1e-12) if eager is not None else 1.0
-            if eager is None or got is None or float((got - eager).abs().max()) > 1e-3 * scale:
-                raise NetError(
-                    f"torch.compile computed gradients for `{name}` that differ from eager PyTorch's on the "
-                    "first step: training under it would be wrong",
-                    where="--compile",
-                    hint=f"train without --compile (and report it to PyTorch: torch {torch.__version__})",
-                )
-            param.grad.copy_(got)  # the step goes on with the compiled gradients, which agree (in place: a
-            # fused optimizer's gradients are views of its flat buffer)
+        name = compiled_gradients_differ(self.module, self.optimizer, parts, rng, self._loss, self._autocast)
+        if name is not None:
+            raise NetError(
+                f"torch.compile computed gradients for `{name}` that differ from eager PyTorch's on the first "
+                "step: training under it would be wrong",
+                where="--compile",
+                hint=f"train without --compile (and report it to PyTorch: torch {torch.__version__})",
+            )
 
     def _end_of_epoch(self, metrics: Metrics | None, board: TensorBoard | None) -> None:
         recipe = self.recipe
@@ -529,7 +532,7 @@ class Trainer:
         batches = view_loader(
             self.data.val,
             views=views,
-            batch=max(1, self.rank_batch // views),
+            batch=max(1, self.part_batch // views),  # what fits: a part of a training batch
             workers=self.recipe.workers,
             rank=self.world.rank,
             world=self.world.size,
@@ -627,9 +630,10 @@ class Trainer:
             metrics.flush()
         return self.run.last
 
-    def _diverged(self, x: torch.Tensor, y: torch.Tensor, rng: dict, loss: float) -> None:
+    def _diverged(self, parts: list, rng: dict, loss: float) -> None:
         """Stops the run at the first layer (in forward order) whose output or gradient is not finite."""
-        where = first_non_finite(self.module, self.graph, x, y, rng, self._autocast, self.recipe.label_smoothing)
+        smoothing = self.recipe.label_smoothing
+        where = first_non_finite_in_parts(self.module, self.graph, parts, rng, self._autocast, smoothing)
         last = (
             f"the last good checkpoint is {self.run.last} (step {self._last_checkpoint_step()})"
             if self.run.last.is_file()
@@ -655,7 +659,7 @@ class Trainer:
         where the shipped measurements (netdsl.compiler.backward_choice) found it faster."""
         if self.recipe.backend != "triton":
             return None
-        choices = backward_choices(self.graph, self.rank_batch, self.recipe.dtype)
+        choices = backward_choices(self.graph, self.part_batch, self.recipe.dtype)
         by_torch = [f"{name} ({choice.reason})" for name, choice in choices.items() if choice.implementation == "torch"]
         if by_torch:
             self._say(f"backward by PyTorch where measured faster: {', '.join(by_torch)}")
@@ -728,7 +732,9 @@ class Trainer:
         return (
             f"training {self.graph.graph['name']} ({self.net_path}) on {len(self.data.train):,} images, "
             f"validating on {val:,}; {len(self.data.classes)} classes; {devices}; {where}\n"
-            f"  {recipe.optimizer} lr {recipe.lr:g}, batch {recipe.batch}, {self.total_epochs} "
+            f"  {recipe.optimizer} lr {recipe.lr:g}, batch {recipe.batch}"
+            + (f" (in {recipe.accumulate} parts of {self.part_batch})" if recipe.accumulate > 1 else "")
+            + f", {self.total_epochs} "
             f"epoch{'' if self.total_epochs == 1 else 's'} "
             f"({self.total_steps:,} steps), schedule {recipe.schedule}, {recipe.dtype}; run folder {self.run.path}"
             + (f"; resuming at step {self.step}" if self.step else "")

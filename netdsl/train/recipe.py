@@ -79,6 +79,10 @@ class Recipe:
     # --- how long, in what batches ---------------------------------------------------------------------
     batch: int = setting("int", 128, "images", "images per optimizer step, all processes together (under "
                          "torchrun each of N processes takes batch / N)", low=1)
+    accumulate: int = setting("int", 1, "parts", "each process's batch runs through the net in this many "
+                              "equal parts, one after another, their gradients summed before the step: the "
+                              "step of the whole batch (batch norm apart: it normalizes each part) in the "
+                              "memory of one part", low=1)
     epochs: int = setting("int", 90, "epochs", "passes over the training set", low=1)
     steps: int | None = setting("int", None, "steps", "optimizer steps to train for, in place of `epochs`; "
                                 "`none`: `epochs` decides", low=1, words=(("none", None),))
