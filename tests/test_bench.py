@@ -18,7 +18,10 @@ import netdsl
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 NO_GPU = 4  # bench/timing.py's exit status where there is no GPU
-SCRIPTS = ("alexnet_gpu", "compile", "conv_sweep", "frontend", "step_sweep", "train", "train_data", "train_gpu")
+SCRIPTS = (
+    "alexnet_gpu", "compile", "conv_sweep", "frontend", "step_sweep", "train", "train_data", "train_gpu",
+    "train_memory",
+)  # fmt: skip
 
 
 def script(name: str):
@@ -72,6 +75,7 @@ def test_step_sweep_smoke(capsys):
         ("step_sweep", []),
         ("train_gpu", ["--batches", "1"]),
         ("train", ["--gpu"]),
+        ("train_memory", ["--gpu"]),
     ],
 )
 def test_gpu_benchmarks_without_a_gpu_say_so_and_fail(name, argv, monkeypatch, capsys):
@@ -133,6 +137,7 @@ def test_the_echoed_command_reproduces_the_run(name, argv, monkeypatch, capsys):
         ("train", ["--smoke", "--steps", "5"]),
         ("train", ["--smoke", "--batch", "8"]),
         ("train", ["--smoke", "--nets", "alexnet"]),
+        ("train_memory", ["--smoke", "--batch", "4"]),
     ],
 )
 def test_smoke_refuses_the_flags_it_sets_itself(name, argv, capsys):
@@ -261,3 +266,20 @@ def test_train_step_benchmark_smoke(capsys):
     assert re.search(r"^lenet5 +2 +[\d,.]+ +[\d,]+ +[\d,.]+ +[\d,]+ +[\d.]+x$", out, re.MULTILINE), out
     if not torch.cuda.is_available():
         assert "no CUDA GPU here" in out
+
+
+def test_train_memory_smoke(capsys):
+    """A step's memory, LeNet-5's batch whole and in 2 parts, each in a process of its own: the table has both
+    rows, the first the whole batch's (against itself, 1.00)."""
+    assert script("train_memory").main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert echoed(out) == ["--smoke"]
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| [\d,]+ \| ([\d.]+|-) \| [\d.]+ \|$", out, re.MULTILINE)
+    assert [row[:2] for row in rows] == [("1", "8"), ("2", "4")], out
+    assert rows[0][2] in ("1.00", "-")
+
+
+def test_train_memory_refuses_parts_that_do_not_divide_the_batch(capsys):
+    with pytest.raises(SystemExit):
+        script("train_memory").main(["--batch", "10", "--parts", "1,4"])
+    assert "a batch of 10 does not split into 4 equal parts" in capsys.readouterr().err
