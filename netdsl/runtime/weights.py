@@ -202,6 +202,18 @@ def load_weights(path: str | os.PathLike, graph: nx.DiGraph) -> dict[str, np.nda
     Tensors whose names hold a `:` are not weights (a training checkpoint keeps its optimizer and random
     state under such names, so a checkpoint is also a weights file) and are skipped.
     """
+    return _load(path, graph, partial=False)[0]
+
+
+def load_matching_weights(path: str | os.PathLike, graph: nx.DiGraph) -> tuple[dict[str, np.ndarray], list[str]]:
+    """What training starts from (fine-tuning): the net's weights a safetensors file holds, by name, as
+    `load_weights` reads them, and the names of the file's tensors the net has no weight for. A weight the
+    file lacks is left out (it starts from the recipe's initialization); one it holds in another shape,
+    or a file holding none of the net's weights, raises `NetError`."""
+    return _load(path, graph, partial=True)
+
+
+def _load(path: str | os.PathLike, graph: nx.DiGraph, partial: bool) -> tuple[dict[str, np.ndarray], list[str]]:
     from safetensors import SafetensorError, safe_open
 
     require_graph(graph)
@@ -225,7 +237,13 @@ def load_weights(path: str | os.PathLike, graph: nx.DiGraph) -> dict[str, np.nda
                     continue
                 view = file.get_slice(name)
                 stored[name] = (view.get_dtype(), tuple(view.get_shape()))
-            _check(where, specs, stored, graph.graph.get("name"))
+            if partial:
+                unused = sorted(name for name in stored if name not in specs)
+                _check_matching(where, specs, stored, graph.graph.get("name"))
+                specs = {name: shape for name, shape in specs.items() if name in stored}
+            else:
+                unused = []
+                _check(where, specs, stored, graph.graph.get("name"))
             values = {}
             for name in specs:
                 dtype = stored[name][0]
@@ -248,7 +266,10 @@ def load_weights(path: str | os.PathLike, graph: nx.DiGraph) -> dict[str, np.nda
                 where=where,
                 hint="netdsl computes in float32 or narrower: scale or clip the weights",
             )
-    return {name: np.ascontiguousarray(value, dtype=np.float32).reshape(specs[name]) for name, value in values.items()}
+    shaped = {
+        name: np.ascontiguousarray(value, dtype=np.float32).reshape(specs[name]) for name, value in values.items()
+    }
+    return shaped, unused
 
 
 def weights_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -260,6 +281,34 @@ def weights_metadata(path: str | os.PathLike) -> dict[str, str]:
             return dict(file.metadata() or {})
     except (SafetensorError, OSError):
         return {}
+
+
+def _check_matching(where: str, specs: dict[str, Shape], stored: dict[str, tuple[str, Shape]], net: str | None) -> None:
+    """`load_matching_weights`'s rules: some of the net's weights, each in the net's shape and a float type."""
+    shared = {name: shape for name, shape in specs.items() if name in stored}
+    if not shared:
+        hint = _tower_hint(list(specs), sorted(stored)) or (
+            "weights are matched by name (`<layer>.weight`): give weights saved for this net or one sharing its "
+            "layers' names"
+        )
+        raise NetError(
+            f"the weights file holds none of the {_count(len(specs))} of net `{net}`"
+            + (f" (it holds {_names(sorted(stored))})" if stored else " (it holds no tensors)"),
+            where=where,
+            hint=hint,
+        )
+    for name, shape in shared.items():
+        got = stored[name][1]
+        if got != shape:
+            layer_name = name.rpartition(".")[0]
+            raise NetError(
+                f"tensor `{name}` has shape {format_shape(got)} in the weights file, "
+                f"but the net needs {format_shape(shape)}",
+                where=where,
+                hint=f"to start `{layer_name}` afresh (another number of classes or filters), give it a new name in "
+                "the net: weights the file lacks start from `init`",
+            )
+    _check_types(where, shared, stored)
 
 
 def _check(where: str, specs: dict[str, Shape], stored: dict[str, tuple[str, Shape]], net: str | None) -> None:
@@ -291,7 +340,7 @@ def _check(where: str, specs: dict[str, Shape], stored: dict[str, tuple[str, Sha
             hint=did_you_mean(extra[0], specs) or "remove them, or load the file with the net it was saved for",
         )
     for name, shape in specs.items():
-        dtype, got = stored[name]
+        got = stored[name][1]
         if got != shape:
             hint = None
             if math.prod(got) == math.prod(shape):
@@ -304,6 +353,10 @@ def _check(where: str, specs: dict[str, Shape], stored: dict[str, tuple[str, Sha
                 where=where,
                 hint=hint,
             )
+    _check_types(where, specs, stored)
+
+
+def _check_types(where: str, specs: dict[str, Shape], stored: dict[str, tuple[str, Shape]]) -> None:
     for name in specs:
         dtype = stored[name][0]
         if dtype not in _FLOAT_DTYPES:
@@ -356,7 +409,6 @@ def _count(n: int) -> str:
 def _names(names: list[str]) -> str:
     shown = ", ".join(f"`{name}`" for name in names[:_SHOWN])
     return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
-
 
 
 # --- batch norm folding ----------------------------------------------------------------------------

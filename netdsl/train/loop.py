@@ -57,6 +57,7 @@ from netdsl.train.progress import Meter, Progress, epoch_line
 from netdsl.train.recipe import Recipe
 from netdsl.train.runs import CURVES, METRICS, WEIGHTS, Metrics, RunFolder, TensorBoard, fingerprint, plot_curves
 from netdsl.train.schedule import Schedule
+from netdsl.train.start import Start, chosen_preprocess, saved_preprocess
 from netdsl.train.step import backward_in_parts, split
 from netdsl.train.world import World, lost_rank_error
 
@@ -146,6 +147,12 @@ class Trainer:
                 + ", or take a number of parts it divides into",
             )
         self.part_batch = self.rank_batch // recipe.accumulate  # what runs through the net at once
+        # fine-tuning: the weights to start from (read before the data: they say which mean and std they expect)
+        self.start = Start.read(recipe.weights, self.graph) if recipe.weights is not None and not resume else None
+        if self.start is not None:
+            self._expects = self.start.preprocess
+        else:  # a resumed run that started from weights: their mean and std are in its own checkpoint
+            self._expects = saved_preprocess(self.run.last) if recipe.weights is not None else None
         self.data = self._open_data()
         self.steps_per_epoch = batches_per_epoch(len(self.data.train), self.rank_batch, self.world.size, drop_last=True)
         if self.steps_per_epoch < 1:
@@ -168,6 +175,8 @@ class Trainer:
             backend=recipe.backend,
             backward=self._backward_choices(),
         )
+        if self.start is not None:
+            self.start.load_into(self.module)
         self.names = {id(param): name for name, param in self.module.named_parameters()}
         self.optimizer = make_optimizer(
             recipe.optimizer,
@@ -246,15 +255,7 @@ class Trainer:
             world=self.world,
             meter=lambda title, images: Meter(self.stream, images, title, self.world),
         )
-        preprocess = replace(split.preprocess, flip=recipe.flip)
-        if recipe.mean is None:
-            preprocess = replace(preprocess, mean=(0.0,) * channels)
-        elif recipe.mean != "auto":
-            preprocess = replace(preprocess, mean=_per_channel(recipe.mean, channels, "--mean"))
-        if recipe.std is None:
-            preprocess = replace(preprocess, std=None)
-        elif recipe.std != "auto":
-            preprocess = replace(preprocess, std=_per_channel(recipe.std, channels, "--std"))
+        preprocess, self._adopted = chosen_preprocess(split.preprocess, recipe, self._expects)
         for samples in (split.train, split.val):
             if samples is not None:
                 samples.preprocess = preprocess
@@ -334,6 +335,9 @@ class Trainer:
         board = TensorBoard(self.run.path / "tensorboard") if self.world.leader else None
         if self.world.leader:
             self._say(self._banner())
+            if self.start is not None:
+                adopted = f"; {' and '.join(self._adopted)}, as they were trained" if self._adopted else ""
+                self._say(self.start.summary() + adopted)
             if self.data.scan is not None and self.data.scan != self._saved_scan:
                 self.run.write_scan(self.data.scan)
         try:
@@ -753,19 +757,6 @@ class _Logits(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.logits(x)
-
-
-def _per_channel(values, channels: int, flag: str) -> tuple[float, ...]:
-    values = tuple(float(v) for v in values)
-    if len(values) == 1:
-        return values * channels
-    if len(values) != channels:
-        raise NetError(
-            f"{len(values)} values for a net with {channels} input channels",
-            where=flag,
-            hint="give one value for all channels, or one per input channel",
-        )
-    return values
 
 
 def _device_map(graph, devices, world: World):

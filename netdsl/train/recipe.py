@@ -8,7 +8,8 @@ A setting is written in a `train { }` block of the net (or of a file it includes
 
 A resumed run starts instead from the recipe it saved, and flags given at resume override that
 (`Recipe.changes_from` lists each override for the log), except the optimizer and the schedule's kind,
-whose saved state only they can use; a recipe file cannot be given at resume.
+whose saved state only they can use, and the weights the run started from; a recipe file cannot be given
+at resume.
 
 `Recipe`'s fields are the one table of settings: each is declared with `setting(kind, default, unit,
 doc, ...)`, and validation, the `netdsl train` flags (`add_flags`) and the table in docs/training.md
@@ -34,7 +35,7 @@ from netdsl.files import parse_json
 from netdsl.ir.graph import Setting
 
 KINDS = ("int", "number", "bool", "choice", "string", "ints", "numbers", "size", "mult")
-KEPT_AT_RESUME = ("optimizer", "schedule")  # a flag at resume may not change them: the saved state is theirs
+KEPT_AT_RESUME = ("optimizer", "schedule", "weights")  # a flag at resume may not change them: the run's state is theirs
 MAX_SEED = 2**32 - 1
 
 
@@ -54,6 +55,7 @@ class Spec:
     words: tuple[tuple[str, object], ...] = ()  # words taken in place of a value, and what each stands for
     lengths: tuple[int, ...] = ()  # tuples: the numbers of items allowed (none given: any, at least one)
     increasing: bool = False  # tuples: each item above the one before
+    metavar: str = ""  # "string": what its flag's help shows it takes (DIR|FILE.npz|digits)
     name: str = ""  # the name it is written with (filled in from the field: `lr_mult` for `lr_mults`)
     attribute: str = ""  # the `Recipe` attribute
 
@@ -135,7 +137,7 @@ class Recipe:
     # --- the data --------------------------------------------------------------------------------------
     data: str | None = setting("string", None, "", "the images: a folder (DIR/train/<class>/..., "
                                "DIR/val/<class>/..., or DIR/<class>/...), an .npz file (x, y, optionally x_val, "
-                               'y_val) or `"digits"` (scikit-learn\'s); no default')
+                               'y_val) or `"digits"` (scikit-learn\'s); no default', metavar="DIR|FILE.npz|digits")
     val_fraction: float = setting("number", 0.1, "fraction", "held out for validation (per class, seeded) from "
                                   "data without validation images of its own", low=0, high=1, below=True)
     resize: int | str = setting("int", "auto", "pixels", "the shorter side is scaled to this before cropping; "
@@ -147,12 +149,13 @@ class Recipe:
     pca_noise: float = setting("number", 0.1, "std", "the paper's colour noise: the std of each alpha along the "
                                "principal components of the training set's RGB colours; 0: off", low=0)
     mean: tuple[float, ...] | str | None = setting(
-        "numbers", "auto", "0..255", "subtracted per channel: `auto`: the training set's mean; `none`: nothing; "
-        "or one value per channel", lengths=(1, 3), words=(("auto", "auto"), *_OFF))
+        "numbers", "auto", "0..255", "subtracted per channel: `auto`: the training set's mean (the starting "
+        "`weights`' own, where they carry one); `none`: nothing; or one value per channel", lengths=(1, 3),
+        words=(("auto", "auto"), *_OFF))
     std: tuple[float, ...] | str | None = setting(
-        "numbers", None, "0..255", "divides each channel after the mean: `auto`: the training set's std; "
-        "`false`: nothing; or one value per channel", low=0, above=True, lengths=(1, 3),
-        words=(("false", None), ("none", None), ("auto", "auto")))
+        "numbers", None, "0..255", "divides each channel after the mean: `auto`: the training set's std (the "
+        "starting `weights`' own, where they carry their preprocessing); `false`: nothing; or one value per "
+        "channel", low=0, above=True, lengths=(1, 3), words=(("false", None), ("none", None), ("auto", "auto")))
     workers: int = setting("int", 2, "processes", "data loading processes (0: in the training process)", low=0)
     skip_corrupt: bool = setting("bool", False, "", "skip (and count) images that cannot be decoded, instead of "
                                  "stopping")
@@ -174,6 +177,12 @@ class Recipe:
                            "on the CPU under Triton's interpreter, slowly)", choices=("torch", "triton"))
     init: str = setting("choice", "paper", "", "initial weights: `paper`: N(0, 0.01), biases 0 (1 in AlexNet's "
                         "conv2, conv4, conv5, fc6, fc7); `he`: N(0, 2 / fan_in), biases 0", choices=("paper", "he"))
+    weights: str | None = setting("string", None, "", "start from these weights (a .safetensors file, or a run "
+                                  "folder: its weights.safetensors): each of the net's weights the file holds by "
+                                  "name, the others (a layer renamed to start afresh, e.g. a last layer for other "
+                                  "classes) from `init`; the mean and std they were trained with, unless `mean` or "
+                                  "`std` is given; `none`: every weight from `init`", words=(("none", None),),
+                                  metavar="FILE|RUN")
     timeout: float = setting("number", 300.0, "seconds", "under torchrun, how long a collective waits for a rank "
                              "that died, before every rank stops with an error", low=0, above=True)
     # fmt: on
@@ -341,7 +350,8 @@ def resolve(
             raise NetError(
                 f"`{name}` cannot change when a run is resumed: the run's is {show(getattr(saved, name))}",
                 where=recipe.source(name),
-                hint=f"the saved state (velocities, schedule counts) belongs to it; start a new run to change {name}",
+                hint=f"the saved state (velocities, schedule counts, weights) belongs to it; start a new run to change "
+                f"{name}",
             )
     return recipe
 
@@ -489,7 +499,8 @@ def _checked(spec: Spec, value, word: bool, fail: _Fail):
             hint = did_you_mean(value, spec.choices) if isinstance(value, str) else None
             raise fail(f"`{spec.name}` must be {type_text(spec)}, got {_got(value)}", hint)
         if kind == "string" and (not isinstance(value, str) or not value):
-            raise fail(f"`{spec.name}` must be a non-empty string, got {_got(value)}", f'e.g. {spec.name} = "digits"')
+            example = f'e.g. {spec.name} = "{spec.metavar.split("|")[-1]}"'
+            raise fail(f"`{spec.name}` must be a non-empty string, got {_got(value)}", example)
         return value
     if kind in ("ints", "numbers", "size"):
         return _checked_tuple(spec, value, word, fail)
@@ -708,7 +719,7 @@ def _metavar(spec: Spec) -> str:
         return "PATTERN=X"
     if spec.kind == "choice":
         return "|".join(spec.choices)
-    base = {"int": "N", "number": "X", "string": "DIR|FILE.npz|digits", "ints": "A,B,...", "size": "N|H,W"}
+    base = {"int": "N", "number": "X", "string": spec.metavar, "ints": "A,B,...", "size": "N|H,W"}
     if spec.kind == "numbers":
         base["numbers"] = {(2,): "A,B", (1, 3): "X|R,G,B"}.get(spec.lengths, "A,B,...")
     return "|".join([base[spec.kind], *_words(spec)])

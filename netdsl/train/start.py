@@ -1,0 +1,118 @@
+"""Where a training run starts: from the recipe's initialization, or from weights trained before
+(`weights = FILE|RUN`: fine-tuning, as Caffe's `train --weights`).
+
+Weights are matched by name. Each of the net's weights the file holds starts from the file's values (batch
+norm's running averages too); a weight the file lacks starts from `init`: a layer renamed in the net starts
+afresh, as the last layer does when the classes change (`fc8` -> `fc8_scenes`). A weight the file holds in
+another shape is an error saying so, and a file holding none of the net's weights is one too. The file's
+other tensors are named in the log and left alone.
+
+The weights' preprocessing record (`netdsl.preprocess`, which every run's weights carry) says which mean and
+std the weights were trained with; `mean = auto` and `std = auto` take those (the statistics the weights
+expect), where the training set's own would otherwise be measured. A resumed run reads them from its own
+checkpoint, not from the starting file, which it no longer needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import torch
+
+from netdsl.errors import NetError
+from netdsl.runtime.weights import load_matching_weights, weight_specs, weights_metadata
+from netdsl.train.augment import Preprocess
+from netdsl.train.checkpoint import PREPROCESS_KEY
+from netdsl.train.recipe import Recipe
+from netdsl.train.runs import weights_file
+
+
+@dataclass
+class Start:
+    """Weights a run starts from."""
+
+    path: Path  # the weights file (a run folder's weights.safetensors)
+    values: dict[str, np.ndarray]  # the net's weights the file holds
+    fresh: list[str]  # the net's weights it lacks: they start from `init`
+    unused: list[str] = field(default_factory=list)  # the file's tensors the net has no weight for
+    preprocess: Preprocess | None = None  # what the weights were trained with, where they say
+
+    @classmethod
+    def read(cls, given: str, graph: nx.DiGraph) -> Start:
+        path = weights_file(Path(given))
+        values, unused = load_matching_weights(path, graph)
+        fresh = [name for name in weight_specs(graph) if name not in values]
+        return cls(path, values, fresh, unused, saved_preprocess(path))
+
+    def load_into(self, module: torch.nn.Module) -> None:
+        """Copies the values into the module's weights and buffers, in place (the optimizer is made after)."""
+        state = module.state_dict()
+        with torch.no_grad():
+            for name, value in self.values.items():
+                state[name].copy_(torch.from_numpy(value))
+
+    def summary(self) -> str:
+        """The log's line: how many weights came from where."""
+        total = len(self.values) + len(self.fresh)
+        line = f"starting from {self.path}: {len(self.values)} of {total} weights"
+        if self.fresh:
+            line += f"; from `init`: {_listed(self.fresh)}"
+        if self.unused:
+            line += f"; not in the net, left out: {_listed(self.unused)}"
+        return line
+
+
+def saved_preprocess(path: Path) -> Preprocess | None:
+    """The preprocessing record a weights file or checkpoint carries (None without one)."""
+    text = weights_metadata(path).get(PREPROCESS_KEY)
+    return Preprocess.from_json(text, str(path)) if text else None
+
+
+def chosen_preprocess(measured: Preprocess, recipe: Recipe, expects: Preprocess | None) -> tuple[Preprocess, list[str]]:
+    """The run's preprocessing: the data's (`measured`: its mean and std, the crop, the classes) with the
+    recipe's `flip`, `mean` and `std`; `auto` takes the mean and std the starting weights were trained with
+    (`expects`, when it has the net's channels), else the measured ones. Also, for the log, what was taken
+    from the weights."""
+    channels = measured.channels
+    expects = expects if expects is not None and expects.channels == channels else None
+    preprocess, adopted = replace(measured, flip=recipe.flip), []
+    if recipe.mean is None:
+        preprocess = replace(preprocess, mean=(0.0,) * channels)
+    elif recipe.mean != "auto":
+        preprocess = replace(preprocess, mean=_per_channel(recipe.mean, channels, "--mean"))
+    elif expects is not None:
+        preprocess = replace(preprocess, mean=expects.mean)
+        adopted.append(f"mean {_numbers(expects.mean)}")
+    if recipe.std is None:
+        preprocess = replace(preprocess, std=None)
+    elif recipe.std != "auto":
+        preprocess = replace(preprocess, std=_per_channel(recipe.std, channels, "--std"))
+    elif expects is not None:
+        preprocess = replace(preprocess, std=expects.std)
+        adopted.append(f"std {_numbers(expects.std) if expects.std else 'none'}")
+    return preprocess, adopted
+
+
+def _per_channel(values, channels: int, flag: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == 1:
+        return values * channels
+    if len(values) != channels:
+        raise NetError(
+            f"{len(values)} values for a net with {channels} input channels",
+            where=flag,
+            hint="give one value for all channels, or one per input channel",
+        )
+    return values
+
+
+def _numbers(values) -> str:
+    return "(" + ", ".join(f"{value:.4g}" for value in values) + ")"
+
+
+def _listed(names: list[str], shown: int = 6) -> str:
+    text = ", ".join(f"`{name}`" for name in names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
