@@ -210,3 +210,25 @@ def test_the_triton_backends_fused_update_starts_from_the_file(tmp_path, pretrai
     for name, value in before.items():
         if "running" not in name:
             assert torch.equal(got[name], torch.from_numpy(value)), name
+
+
+def test_check_grads_checks_where_the_fine_tuning_would_start(tmp_path, pretrained, monkeypatch, capsys):
+    """`--check-grads --weights RUN`: the gradients are checked at the file's weights (the renamed layer at
+    `init`'s), and they agree with finite differences there."""
+    from netdsl.train import diagnose
+
+    seen = {}
+    real = diagnose.check_gradients
+
+    def check_gradients(graph, weights, *args, **kwargs):
+        seen.update(weights)
+        return real(graph, weights, *args, **kwargs)
+
+    monkeypatch.setattr(diagnose, "check_gradients", check_gradients)
+    net = write(tmp_path, "renamed.net", RENAMED)
+    assert main(["train", str(net), "--check-grads", "--weights", str(pretrained), "--init", "he"]) == 0
+    file = load_weights(pretrained / "weights.safetensors", netdsl.load_graph(tmp_path / "tiny.net"))
+    fresh = init_weights(netdsl.load_graph(net), 0, "he")
+    assert np.array_equal(seen["c1.weight"], file["c1.weight"])
+    assert np.array_equal(seen["f2_new.weight"], fresh["f2_new.weight"])
+    assert "worst error" in capsys.readouterr().out

@@ -186,7 +186,12 @@ def _check_grads(graph, recipe) -> int:
     batch = 4
     x = torch.randn((batch, *shape), generator=generator, dtype=torch.float64)
     y = torch.randint(0, classes, (batch,), generator=generator)
-    checks = check_gradients(graph, init_weights(graph, recipe.seed, recipe.init), x, y, seed=recipe.seed)
+    start = init_weights(graph, recipe.seed, recipe.init)
+    if recipe.weights is not None:  # where a fine-tuning run would start
+        from netdsl.train.start import Start
+
+        start.update(Start.read(recipe.weights, graph).values)
+    checks = check_gradients(graph, start, x, y, seed=recipe.seed)
     rows = [
         (c.weight, str(list(c.index)), f"{c.autograd:.6e}", f"{c.numeric:.6e}", f"{c.error:.1e}") for c in checks
     ]
