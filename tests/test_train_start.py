@@ -91,7 +91,8 @@ def test_fine_tuning_steps_from_the_loaded_weights(tmp_path, pretrained):
     net = tmp_path / "tiny.net"
     data = arrays(tmp_path / "second.npz", 16, seed=3)
     tuned = tmp_path / "tuned"
-    assert train(net, data, tuned, "--steps", 1, "--batch", 16, "--weights", pretrained, "--mean", "none") == 0
+    plain = ("--mean", "none", "--std", "false")
+    assert train(net, data, tuned, "--steps", 1, "--batch", 16, "--weights", pretrained, *plain) == 0
     start = {name: torch.from_numpy(value) for name, value in load_weights(pretrained / "weights.safetensors",
              netdsl.load_graph(net)).items()}  # fmt: skip
     module = GraphModule(netdsl.load_graph(net), weights=start).train()
@@ -108,20 +109,24 @@ def test_fine_tuning_steps_from_the_loaded_weights(tmp_path, pretrained):
 
 
 def test_auto_statistics_are_the_weights_and_given_ones_win(tmp_path, pretrained):
-    """The second data set's mean is near 0 and the first's near 3: `auto` keeps what the weights expect (the
-    first run's statistics, as its weights record them); `--mean 0.5` and `--std false` win over them."""
+    """The second data set's mean is near 0 and the first's near 3: `auto`, and std left at its default (false
+    from scratch), keep what the weights expect (the first run's statistics, as its weights record them);
+    `--mean 0.5` and `--std false` win over them."""
     net = tmp_path / "tiny.net"
     data = arrays(tmp_path / "second.npz", 24, seed=4)
     first = preprocess_of(pretrained)
     assert 2.5 < first["mean"][0] < 3.5 and first["std"] is not None
-    assert train(net, data, tmp_path / "auto", "--steps", 1, "--weights", pretrained, "--std", "auto") == 0
-    got = preprocess_of(tmp_path / "auto")
-    assert (got["mean"], got["std"]) == (first["mean"], first["std"])
-    assert train(net, data, tmp_path / "given", "--steps", 1, "--weights", pretrained, "--mean", "0.5") == 0
+    for name, extra in {"auto": ("--std", "auto"), "default": ()}.items():
+        assert train(net, data, tmp_path / name, "--steps", 1, "--weights", pretrained, *extra) == 0
+        got = preprocess_of(tmp_path / name)
+        assert (got["mean"], got["std"]) == (first["mean"], first["std"]), name
+    given = ("--mean", "0.5", "--std", "false")
+    assert train(net, data, tmp_path / "given", "--steps", 1, "--weights", pretrained, *given) == 0
     got = preprocess_of(tmp_path / "given")
     assert (got["mean"], got["std"]) == ([0.5], None)
-    assert train(net, data, tmp_path / "own", "--steps", 1, "--std", "auto") == 0  # without weights: the data's
-    assert abs(preprocess_of(tmp_path / "own")["mean"][0]) < 0.5
+    assert train(net, data, tmp_path / "own", "--steps", 1) == 0  # without weights: the data's mean, no std
+    got = preprocess_of(tmp_path / "own")
+    assert abs(got["mean"][0]) < 0.5 and got["std"] is None
 
 
 def test_a_resumed_fine_tuning_needs_the_starting_file_no_more(tmp_path, pretrained, capsys):

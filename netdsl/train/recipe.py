@@ -154,8 +154,9 @@ class Recipe:
         words=(("auto", "auto"), *_OFF))
     std: tuple[float, ...] | str | None = setting(
         "numbers", None, "0..255", "divides each channel after the mean: `auto`: the training set's std (the "
-        "starting `weights`' own, where they carry their preprocessing); `false`: nothing; or one value per "
-        "channel", low=0, above=True, lengths=(1, 3), words=(("false", None), ("none", None), ("auto", "auto")))
+        "starting `weights`' own, where they carry their preprocessing: then also by default); `false`: "
+        "nothing; or one value per channel", low=0, above=True, lengths=(1, 3),
+        words=(("false", None), ("none", None), ("auto", "auto")))
     workers: int = setting("int", 2, "processes", "data loading processes (0: in the training process)", low=0)
     skip_corrupt: bool = setting("bool", False, "", "skip (and count) images that cannot be decoded, instead of "
                                  "stopping")

@@ -7,10 +7,11 @@ afresh, as the last layer does when the classes change (`fc8` -> `fc8_scenes`). 
 another shape is an error saying so, and a file holding none of the net's weights is one too. The file's
 other tensors are named in the log and left alone.
 
-The weights' preprocessing record (`netdsl.preprocess`, which every run's weights carry) says which mean and
-std the weights were trained with; `mean = auto` and `std = auto` take those (the statistics the weights
-expect), where the training set's own would otherwise be measured. A resumed run reads them from its own
-checkpoint, not from the starting file, which it no longer needs.
+The weights' preprocessing record (`netdsl.preprocess`, which every run's weights carry) says which mean
+and std the weights were trained with; `mean = auto` and `std = auto` take those (the statistics the
+weights expect), where the training set's own would otherwise be measured, and so does `std` left at its
+default. A resumed run reads them from its own checkpoint, not from the starting file, which it no longer
+needs.
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ def saved_preprocess(path: Path) -> Preprocess | None:
 
 def chosen_preprocess(measured: Preprocess, recipe: Recipe, expects: Preprocess | None) -> tuple[Preprocess, list[str]]:
     """The run's preprocessing: the data's (`measured`: its mean and std, the crop, the classes) with the
-    recipe's `flip`, `mean` and `std`; `auto` takes the mean and std the starting weights were trained with
-    (`expects`, when it has the net's channels), else the measured ones. Also, for the log, what was taken
-    from the weights."""
+    recipe's `flip`, `mean` and `std`; `auto`, and std left at its default, take the mean and std the
+    starting weights were trained with (`expects`, when it has the net's channels), else `auto` the
+    measured ones. Also, for the log, what was taken from the weights."""
     channels = measured.channels
     expects = expects if expects is not None and expects.channels == channels else None
     preprocess, adopted = replace(measured, flip=recipe.flip), []
@@ -86,10 +87,13 @@ def chosen_preprocess(measured: Preprocess, recipe: Recipe, expects: Preprocess 
     elif expects is not None:
         preprocess = replace(preprocess, mean=expects.mean)
         adopted.append(f"mean {_numbers(expects.mean)}")
-    if recipe.std is None:
+    # std's default is `false`; starting from weights it is theirs too: a mean without its std would feed
+    # the pretrained layers inputs of another scale
+    std = "auto" if recipe.std is None and expects is not None and recipe.source("std") == "default" else recipe.std
+    if std is None:
         preprocess = replace(preprocess, std=None)
-    elif recipe.std != "auto":
-        preprocess = replace(preprocess, std=_per_channel(recipe.std, channels, "--std"))
+    elif std != "auto":
+        preprocess = replace(preprocess, std=_per_channel(std, channels, "--std"))
     elif expects is not None:
         preprocess = replace(preprocess, std=expects.std)
         adopted.append(f"std {_numbers(expects.std) if expects.std else 'none'}")
