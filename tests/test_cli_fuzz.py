@@ -389,6 +389,7 @@ def command_run(rng: random.Random) -> Case:
         "--weights": WEIGHTS,
         "--seed": ["0", "7", "-1", "x", "4294967296"],
         "--init": ["paper", "he", "xavier", ""],
+    "--weights": ["run", "weights.safetensors", "none", "missing.safetensors", "tiny.net", "data.npz", "images", ""],
         "--devices": DEVICES,
         "--dtype": DTYPES,
         "--batch": lambda r: pick(r, WHOLE, [*WHOLE_BAD, "10" + "0" * 12]),
@@ -412,6 +413,7 @@ def command_run(rng: random.Random) -> Case:
 
 SETTINGS = {
     "--batch": lambda r: pick(r, ["2", "4", "12"], [*WHOLE_BAD, "100000"]),
+    "--accumulate": lambda r: pick(r, ["1", "2", "4"], [*WHOLE_BAD, "3"]),
     "--epochs": lambda r: pick(r, ["1"], WHOLE_BAD),
     # a valid huge count, or `none` (the default 90 epochs), trains for as long as it says: not drawn
     "--steps": lambda r: pick(r, ["1", "2"], [value for value in WHOLE_BAD if value not in ("9" * 30, "\u0663")]),
@@ -458,6 +460,7 @@ SETTINGS = {
     "--no-channels-last": None,
     "--no-compile": None,
     "--init": ["paper", "he", "xavier", ""],
+    "--weights": ["run", "weights.safetensors", "none", "missing.safetensors", "tiny.net", "data.npz", "images", ""],
     "--timeout": lambda r: pick(r, ["300", "0.5"], NUMBER_BAD),
     "--learning-rate": ["0.1"],
     "--recipe": ["recipe.net"] * 3 + ["missing.net", "tiny.net", "data.npz", "images", "", "labels.txt"],
