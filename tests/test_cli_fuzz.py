@@ -389,7 +389,6 @@ def command_run(rng: random.Random) -> Case:
         "--weights": WEIGHTS,
         "--seed": ["0", "7", "-1", "x", "4294967296"],
         "--init": ["paper", "he", "xavier", ""],
-    "--weights": ["run", "weights.safetensors", "none", "missing.safetensors", "tiny.net", "data.npz", "images", ""],
         "--devices": DEVICES,
         "--dtype": DTYPES,
         "--batch": lambda r: pick(r, WHOLE, [*WHOLE_BAD, "10" + "0" * 12]),

@@ -56,6 +56,7 @@ class Spec:
     lengths: tuple[int, ...] = ()  # tuples: the numbers of items allowed (none given: any, at least one)
     increasing: bool = False  # tuples: each item above the one before
     metavar: str = ""  # "string": what its flag's help shows it takes (DIR|FILE.npz|digits)
+    example: str = ""  # "string": a value, for the hint of a wrong one
     name: str = ""  # the name it is written with (filled in from the field: `lr_mult` for `lr_mults`)
     attribute: str = ""  # the `Recipe` attribute
 
@@ -137,7 +138,8 @@ class Recipe:
     # --- the data --------------------------------------------------------------------------------------
     data: str | None = setting("string", None, "", "the images: a folder (DIR/train/<class>/..., "
                                "DIR/val/<class>/..., or DIR/<class>/...), an .npz file (x, y, optionally x_val, "
-                               'y_val) or `"digits"` (scikit-learn\'s); no default', metavar="DIR|FILE.npz|digits")
+                               'y_val) or `"digits"` (scikit-learn\'s); no default', metavar="DIR|FILE.npz|digits",
+                               example="digits")
     val_fraction: float = setting("number", 0.1, "fraction", "held out for validation (per class, seeded) from "
                                   "data without validation images of its own", low=0, high=1, below=True)
     resize: int | str = setting("int", "auto", "pixels", "the shorter side is scaled to this before cropping; "
@@ -183,7 +185,7 @@ class Recipe:
                                   "name, the others (a layer renamed to start afresh, e.g. a last layer for other "
                                   "classes) from `init`; the mean and std they were trained with, unless `mean` or "
                                   "`std` is given; `none`: every weight from `init`", words=(("none", None),),
-                                  metavar="FILE|RUN")
+                                  metavar="FILE|RUN", example="runs/lenet5")
     timeout: float = setting("number", 300.0, "seconds", "under torchrun, how long a collective waits for a rank "
                              "that died, before every rank stops with an error", low=0, above=True)
     # fmt: on
@@ -299,7 +301,7 @@ _ALIASES = {
     "crop_size": "crop", "inner_size": "crop", "mean_value": "mean", "color_noise": "pca_noise",
     "num_workers": "workers", "test_interval": "val_every", "test_freq": "val_every", "multiview_test": "views",
     "display": "log_every", "checkpoint_hist": "keep_best", "amp": "dtype", "torchcompile": "compile",
-    "clip_grad_norm": "clip_grad",
+    "clip_grad_norm": "clip_grad", "subdivisions": "accumulate",
 }
 # fmt: on
 
@@ -500,7 +502,7 @@ def _checked(spec: Spec, value, word: bool, fail: _Fail):
             hint = did_you_mean(value, spec.choices) if isinstance(value, str) else None
             raise fail(f"`{spec.name}` must be {type_text(spec)}, got {_got(value)}", hint)
         if kind == "string" and (not isinstance(value, str) or not value):
-            example = f'e.g. {spec.name} = "{spec.metavar.split("|")[-1]}"'
+            example = f'e.g. {spec.name} = "{spec.example}"'
             raise fail(f"`{spec.name}` must be a non-empty string, got {_got(value)}", example)
         return value
     if kind in ("ints", "numbers", "size"):
