@@ -13,7 +13,7 @@
 #        with its real clock);
 # train  bench/train_gpu.py (issue 12): AlexNet's training step at batch 128 then 32, bf16 then tf32, on
 #        netdsl's kernels, netdsl's torch backend, eager and torch.compile, and each conv's and fc's backward
-#        against cuDNN / cuBLAS (the choice table to $OUT); bench/train.py --gpu;
+#        against cuDNN / cuBLAS (the choice table to $OUT); bench/train.py --gpu; bench/train_memory.py --gpu;
 # infer  issue 13's table (bf16 at batch 128, 32, 1, tf32 and fp32 at 128: netdsl against eager, torch.compile
 #        and max-autotune), then its decisions (conv1's space-to-depth, fp32 exact against tf32x3, the towers
 #        as two streams or merged into grouped launches, split-K convs at batch 1 and 32), `netdsl tune` at batch
@@ -113,6 +113,10 @@ if wants train; then
     tail -n 40 "$OUT/train_gpu.log"
     box "${TRAIN_S:-60}" python3 bench/train.py --nets lenet5 --gpu --steps 10 >"$OUT/train.log" 2>&1
     tail -n 8 "$OUT/train.log"
+    # a step's memory with its batch whole and in parts (`accumulate`): the allocator's peak, a process a row
+    box "${TRAIN_MEMORY_S:-60}" python3 bench/train_memory.py --gpu --batch 128 --parts 1,4,16 \
+        >"$OUT/train_memory.log" 2>&1
+    tail -n 6 "$OUT/train_memory.log"
 fi
 
 if wants infer; then

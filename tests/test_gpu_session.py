@@ -57,6 +57,7 @@ def test_the_script_is_read_whole():
     scripts = {program for program, _ in BENCH}
     assert scripts == {
         "bench/alexnet_gpu.py", "bench/train_gpu.py", "bench/train.py", "bench/conv_sweep.py", "bench/step_sweep.py",
+        "bench/train_memory.py",
     }  # fmt: skip
     assert {words[0] for words in NETDSL} == {"tune", "run"}
     assert len(PYTEST) == 2
