@@ -54,7 +54,7 @@ def first_non_finite(
     logits = values[graph.graph["outputs"][0]].float().flatten(1)
     loss = F.cross_entropy(logits, y.to(logits.device), label_smoothing=label_smoothing)
     if not bool(torch.isfinite(loss)):
-        largest = float(logits.abs().max())
+        largest = float(logits.detach().abs().max())
         if largest > 1e30:  # finite, but past what a softmax's sum of exponentials can hold in fp32
             return f"in the loss: the logits reach {largest:.3g} (every layer's output is finite, but that large)"
         return "in the loss (every layer's output is finite: are the labels right?)"
