@@ -181,6 +181,17 @@ def test_a_weights_file_that_is_not_safetensors_is_named(tmp_path, capsys):
     assert code == 1 and f"{net}: error: not a safetensors file" in err and "Traceback" not in err, err
 
 
+def test_weights_holding_nan_do_not_start_a_run(tmp_path, capsys):
+    """A NaN would only surface as the first step's divergence, blamed on a layer: the file is named instead."""
+    net = write(tmp_path, "tiny.net", TINY)
+    values = init_weights(netdsl.load_graph(net), 0, "he")
+    values["c1.bias"][2] = np.nan
+    save_weights(tmp_path / "w.safetensors", values)
+    code = train(net, arrays(tmp_path / "d.npz", 24, seed=9), tmp_path / "run", "--weights", tmp_path / "w.safetensors")
+    err = capsys.readouterr().err
+    assert code == 1 and f"{tmp_path / 'w.safetensors'}: error: weight `c1.bias` holds NaN" in err, err
+
+
 def test_start_loads_buffers_and_leaves_the_rest(tmp_path):
     """The running averages load with the weights; a checkpoint's optimizer tensors (named with `:`) and the
     file's other tensors are not weights and stay out."""

@@ -45,6 +45,13 @@ class Start:
     def read(cls, given: str, graph: nx.DiGraph) -> Start:
         path = weights_file(Path(given))
         values, unused = load_matching_weights(path, graph)
+        for name, value in values.items():
+            if not np.isfinite(value).all():
+                raise NetError(
+                    f"weight `{name}` holds {'NaN' if np.isnan(value).any() else 'infinite values'}",
+                    where=str(path),
+                    hint="the weights are damaged, or were saved from a training run that diverged",
+                )
         fresh = [name for name in weight_specs(graph) if name not in values]
         return cls(path, values, fresh, unused, saved_preprocess(path))
 
