@@ -248,3 +248,27 @@ def test_check_grads_checks_where_the_fine_tuning_would_start(tmp_path, pretrain
     assert np.array_equal(seen["c1.weight"], file["c1.weight"])
     assert np.array_equal(seen["f2_new.weight"], fresh["f2_new.weight"])
     assert "worst error" in capsys.readouterr().out
+
+
+def test_fine_tuning_an_imported_onnx_model(tmp_path, pretrained, capsys):
+    """A run exported to ONNX and imported back (`.net` + safetensors, the preprocessing record carried through
+    the model) starts a fine-tuning run: its last layer renamed for 6 classes, the rest the run's weights, the
+    run's mean and std."""
+    pytest.importorskip("onnx")
+    net = tmp_path / "tiny.net"
+    assert main(["export", str(net), "-o", str(tmp_path / "m.onnx"), "--weights", str(pretrained)]) == 0
+    imported = tmp_path / "m.net"
+    weights = tmp_path / "m.safetensors"
+    assert main(["import", str(tmp_path / "m.onnx"), "-o", str(imported), "--weights-out", str(weights)]) == 0
+    text = imported.read_text()
+    assert "f2 = fc(" in text and "output f2" in text
+    imported.write_text(text.replace("f2 = fc(c1, 10)", "f2_new = fc(c1, 6)").replace("output f2", "output f2_new"))
+    data = arrays(tmp_path / "second.npz", 24, seed=10, classes=6)
+    run = tmp_path / "tuned"
+    capsys.readouterr()
+    assert train(imported, data, run, "--steps", 1, "--weights", weights, "--lr-mult", "*=0") == 0
+    assert "6 of 8 weights; from `init`: `f2_new.weight`, `f2_new.bias`" in capsys.readouterr().err
+    got, want = weights_of(run), load_weights(pretrained / "weights.safetensors", netdsl.load_graph(net))
+    assert torch.equal(got["c1.weight"], torch.from_numpy(want["c1.weight"]))
+    first, tuned = preprocess_of(pretrained), preprocess_of(run)
+    assert (tuned["mean"], tuned["std"]) == (first["mean"], first["std"])
