@@ -465,3 +465,32 @@ def test_a_compile_without_train_removes_an_earlier_train_folder_only_if_netdsl_
     (images / "train" / "plan.json").write_text('{"mine": true}')  # even with a plan.json of its own
     assert main(["compile", str(net), "--no-sm90", "-o", str(images), "--batch", "4"]) == 0
     assert (images / "train" / "cat" / "0001.png").read_bytes() == b"an image"
+
+
+def test_a_step_over_the_memory_limit_says_in_how_many_parts_it_fits(tmp_path, capsys):
+    """AlexNet at batch 128 peaks at about 710 MiB on gpu0: under a 500 MiB limit the plan is an error whose hint
+    is the smallest number of parts that fits, checked against the plan at that part's batch and the next larger."""
+    path = ROOT / "nets/alexnet.net"
+    limit = 500 * 2**20
+    peaks = {batch: program(path, batch).graph["memory"]["gpu0"].peak for batch in (128, 64, 32)}
+    assert peaks[128] > peaks[64] > limit >= peaks[32]
+    code = main(["compile", str(path), "--train", "--no-sm90", "--batch", "128", "--memory-limit", "500MiB", "-o",
+                 str(tmp_path / "build")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "--memory-limit: error: training at batch 128 in fp32, device `gpu0` would need" in err, err
+    assert "hint: train in parts: `accumulate = 4` runs 32 images at a time" in err
+    assert not (tmp_path / "build").exists()
+
+
+def test_a_devices_own_memory_is_the_limit_and_the_error_points_at_it(tmp_path, capsys):
+    """LeNet-5's 61,706 weights with their gradients and momentum take 723 KiB: a device of 512 KiB holds not even
+    those, and the error is at its declaration."""
+    text = (ROOT / "nets/lenet5.net").read_text().replace("net lenet5\n", "net lenet5\ndevice gpu0 memory 512 KiB\n")
+    net = tmp_path / "small.net"
+    net.write_text(text)
+    line = text.splitlines().index("device gpu0 memory 512 KiB") + 1
+    with pytest.raises(NetError) as raised:
+        compile_training(net, Options(batch=2))
+    assert raised.value.span is not None and (raised.value.span.line, raised.value.span.col) == (line, 8)
+    assert "not even one image at a time fits" in raised.value.hint
+    assert compile_training(net, Options(batch=2, memory_limit=2**30)).program is not None  # the flag wins

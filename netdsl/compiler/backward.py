@@ -1,6 +1,7 @@
 """The training program: the passes that turn a shaped layer graph into a whole training step.
 
-    validate -> shapes -> limits -> train_groups -> place -> backward -> choose_backward -> plan_training_memory
+    validate -> shapes -> train_groups -> place -> backward -> choose_backward -> plan_training_memory
+        -> training_limits
 
 `train_groups` makes one step per training kernel (netdsl.compiler.training), a `loss` step (softmax
 cross-entropy on the logits, loss and gradient in one kernel) and nothing for a softmax output (the net
@@ -15,7 +16,9 @@ backward on the device of its forward:
 
 `choose_backward` picks netdsl's or PyTorch's backward for each conv and fc (netdsl.compiler.backward_choice)
 and `plan_training_memory` works out what the forward saves for the backward and the peak memory per
-device (netdsl.compiler.train_memory). Each graph is dumpable (`netdsl compile --train --dump-after PASS`).
+device (netdsl.compiler.train_memory); `training_limits` holds each device's peak against its memory (a
+`device ... memory` statement or --memory-limit), and where it does not fit says in how many parts
+(`accumulate`) the batch would. Each graph is dumpable (`netdsl compile --train --dump-after PASS`).
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ from dataclasses import replace
 import networkx as nx
 
 from netdsl.compiler.backward_choice import Choice, choose, layer_key, load_table
-from netdsl.compiler.passes import Options, Pass, _limits, validate
+from netdsl.compiler.passes import Options, Pass, validate
 from netdsl.compiler.place import partitions, place
 from netdsl.compiler.steps import Step, identifier, launch_order, unique_name
-from netdsl.compiler.train_memory import plan_training_memory, saved_for_backward
+from netdsl.compiler.train_memory import check_training_memory, plan_training_memory, saved_for_backward
 from netdsl.compiler.training import training_groups
 from netdsl.errors import NetError
 from netdsl.ir import copy_graph, layer, layers
@@ -220,13 +223,14 @@ def _needs_gradient(program: nx.DiGraph, order: list[str]) -> dict[str, bool]:
 TRAINING_PIPELINE: list[Pass] = [
     Pass("validate", validate, "check the graph's structure"),
     Pass("shapes", lambda g, o: infer_shapes(g), "infer every layer's output shape"),
-    Pass("limits", _limits, "check each device's memory limit"),
     Pass("train_groups", train_groups, "group layers into training kernels; add the loss"),
     Pass("place", lambda g, o: place(g), "partition by device, insert transfers"),
     Pass("backward", backward, "a backward step per forward step, gradient transfers, one update per device"),
     Pass("choose_backward", choose_backward, "netdsl's or PyTorch's backward per conv and fc, by measurement"),
     Pass("plan_training_memory", lambda g, o: plan_training_memory(g, o.batch, o.dtype),
          "what the forward saves, liveness over both passes, peak memory per device"),
+    Pass("training_limits", lambda g, o: check_training_memory(g, o.batch, o.dtype, o.memory_limit),
+         "each device's peak against its memory limit (over it: in how many parts the batch fits)"),
 ]  # fmt: skip
 TRAINING_PASS_NAMES = [p.name for p in TRAINING_PIPELINE]
 

@@ -29,9 +29,11 @@ from dataclasses import dataclass
 import networkx as nx
 
 from netdsl.compiler.steps import Step, launch_order
+from netdsl.errors import NetError
 from netdsl.ir import copy_graph
 from netdsl.ir.dtypes import DTYPE_BYTES
 from netdsl.ir.ops import layer_tensors, trained_tensors
+from netdsl.tables import format_bytes
 
 _FREE_REFERENCES = ("concat", "flatten", "add", "global_avgpool", "shuffle", "identity")
 
@@ -222,3 +224,41 @@ def _tensors(program: nx.DiGraph, names: list[str]) -> tuple[int, int]:
             trained += sum(math.prod(shape) for shape in learned.values())
             held += sum(math.prod(shape) for name, shape in layer_tensors(item).items() if name not in learned)
     return trained, held
+
+
+def check_training_memory(program: nx.DiGraph, batch: int, dtype: str, limit: int | None = None) -> nx.DiGraph:
+    """Each device's planned peak (`plan_training_memory`) against its memory: `limit` (bytes, the command
+    line's) for every device, else a device's own `device ... memory N` (devices without one are not
+    checked). Over it, a NetError that says in how many parts (`accumulate`) the batch would fit: the
+    smallest number of equal parts whose part's peak fits on every device, planned again at that batch."""
+    memory = program.graph["memory"]
+    devices = program.graph.get("devices", {})
+    caps = {name: limit if limit is not None else device.memory for name, device in devices.items()}
+    over = [name for name in memory if caps.get(name) is not None and memory[name].peak > caps[name]]
+    if not over:
+        return program
+    name, cap = over[0], caps[over[0]]
+    need = memory[name]
+    fits = None
+    for parts in (count for count in range(2, batch + 1) if batch % count == 0):
+        smaller = plan_training_memory(program, batch // parts, dtype).graph["memory"]
+        if all(caps.get(device) is None or smaller[device].peak <= caps[device] for device in smaller):
+            fits = parts, smaller[name].peak
+            break
+    if fits is not None:
+        parts, peak = fits
+        hint = (
+            f"train in parts: `accumulate = {parts}` runs {batch // parts} images at a time through the same steps "
+            f"(peak {format_bytes(peak)}); or spread the layers over more devices"
+        )
+    else:
+        hint = "not even one image at a time fits: spread the layers over more devices, or raise the limit"
+    device = devices[name]
+    raise NetError(
+        f"training at batch {batch} in {dtype}, device `{name}` would need {format_bytes(need.peak)} at its peak "
+        f"(at {need.peak_step}) but has {format_bytes(cap)}: weights, gradients and momentum "
+        f"{format_bytes(need.static)} + maps and gradients alive then {format_bytes(need.peak_live)}",
+        None if limit is not None else device.span,
+        where="--memory-limit" if limit is not None else None,
+        hint=hint,
+    )
