@@ -13,18 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from train_support import TINY as TINY_10
 
 from netdsl.cli.main import main
 from netdsl.errors import NetError
 from netdsl.train.data import labels_by_name
 
-TINY = """\
-net tiny
-input image: 1 x 8 x 8
-c1 = conv(image, 4, size=3) | relu | maxpool(2, stride=2)
-f2 = fc(c1, 3)
-output f2
-"""
+TINY = TINY_10.replace("fc(c1, 10)", "fc(c1, 3)")  # three classes
 PLAIN = ("--mean", "none", "--no-flip", "--pca-noise", "0", "--workers", "0")
 
 

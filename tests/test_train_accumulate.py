@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from train_support import NORMED, TINY
 
 import netdsl
 from netdsl.cli.main import main
@@ -27,22 +28,6 @@ from netdsl.train.step import backward_in_parts, split
 
 PLAIN = ("--mean", "none", "--std", "false", "--no-flip", "--pca-noise", "0", "--workers", "0", "--log-every", "1")
 RULE = ("--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--weight-decay", "0.001", "--schedule", "constant")
-
-TINY = """\
-net tiny
-input image: 1 x 8 x 8
-c1 = conv(image, 4, size=3) | relu | maxpool(2, stride=2)
-f2 = fc(c1, 10)
-output f2
-"""
-
-NORMED = """\
-net normed
-input image: 1 x 8 x 8
-c1 = conv(image, 4, size=3) | batchnorm | relu | maxpool(2, stride=2)
-f2 = fc(c1, 10)
-output f2
-"""
 
 
 def arrays(path: Path, count: int, seed: int, nan_at: int | None = None, scale: float = 1.0) -> Path:

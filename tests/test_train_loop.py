@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from golden.models import build
+from train_support import TINY
 
 import netdsl
 from netdsl.cli.main import main
@@ -106,16 +107,6 @@ def test_sgd_steps_equal_a_hand_written_loop_with_a_rate_drop(tmp_path):
     start = init_weights(graph, 3, "he")
     moved = max(float((got[name] - torch.from_numpy(value)).abs().max()) for name, value in start.items())
     assert moved > 1e-3  # the steps did something
-
-
-# A net of two weight groups small enough for many runs a test, on 8 x 8 arrays.
-TINY = """\
-net tiny
-input image: 1 x 8 x 8
-c1 = conv(image, 4, size=3) | relu | maxpool(2, stride=2)
-f2 = fc(c1, 10)
-output f2
-"""
 
 
 def tiny_run_args(tmp_path: Path, count: int = 40) -> tuple[Path, Path]:

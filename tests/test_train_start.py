@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train_support import NORMED
 
 import netdsl
 from netdsl.cli.main import main
@@ -20,13 +21,7 @@ from netdsl.train.start import Start
 
 PLAIN = ("--no-flip", "--pca-noise", "0", "--workers", "0", "--log-every", "1", "--schedule", "constant")
 
-TINY = """\
-net tiny
-input image: 1 x 8 x 8
-c1 = conv(image, 4, size=3) | batchnorm | relu | maxpool(2, stride=2)
-f2 = fc(c1, 10)
-output f2
-"""
+TINY = NORMED  # with batch norm: its running averages load too
 RENAMED = TINY.replace("f2 = fc(c1, 10)", "f2_new = fc(c1, 6)").replace("output f2", "output f2_new")
 
 
