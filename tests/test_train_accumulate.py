@@ -249,3 +249,20 @@ def test_only_the_last_part_averages_over_the_processes():
     want.backward()
     assert torch.allclose(loss, want.detach()) and torch.allclose(weight.grad, whole.grad)
     assert torch.equal(logits, x)
+
+
+def test_under_torchrun_each_process_splits_its_own_share(tmp_path, monkeypatch):
+    """A batch of 12 over 2 processes is 6 images each, which 4 parts do not divide: the error counts both
+    (checked without launching processes: the parts are checked before the process group is used)."""
+    from netdsl.errors import NetError
+    from netdsl.train.recipe import Recipe
+    from netdsl.train.runs import RunFolder
+    from netdsl.train.world import World
+
+    monkeypatch.setattr(World, "join", lambda self, timeout: None)
+    recipe = Recipe(batch=12, accumulate=4, data="digits")
+    with pytest.raises(NetError) as raised:
+        loop.Trainer(write_net(tmp_path, TINY), recipe, RunFolder(tmp_path / "run"), world=World(rank=0, size=2))
+    assert raised.value.message == "each process's 6 images of the batch of 12 do not split into 4 equal parts"
+    assert raised.value.where == "--accumulate"
+    assert raised.value.hint.startswith("make the batch a multiple of 8 (2 processes x 4 parts)")
