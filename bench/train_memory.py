@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     classes = layer(graph, graph.graph["outputs"][0]).shape[0]
     where = "the GPU's allocator" if args.gpu else "the CPU process's resident memory"
     print(f"# a training step's memory ({where}), {Path(args.net).name} at batch {args.batch}, whole and in parts")
-    print("| parts | images a part | step's memory (MB) | against whole | first step (s) |")
+    print("| parts | images a part | step's memory (MiB) | against whole | first step (s) |")
     print("|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as folder:
