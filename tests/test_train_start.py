@@ -150,6 +150,8 @@ def test_a_resumed_fine_tuning_needs_the_starting_file_no_more(tmp_path, pretrai
         (TINY.replace("f2 = fc(c1, 10)", "f2 = fc(c1, 6)"), (), "tensor `f2.weight` has shape 10 x 36 in the "
          "weights file, but the net needs 6 x 36", "to start `f2` afresh (another number of classes or filters), "
          "give it a new name in the net"),
+        (TINY.replace("conv(image, 4,", "conv(image, 5,"), (), "tensor `c1.weight` has shape 4 x 1 x 3 x 3 in the "
+         "weights file, but the net needs 5 x 1 x 3 x 3", "to start `c1` afresh"),
         (TINY.replace("c1", "k1").replace("f2", "g2"), (), "the weights file holds none of the 8 tensors of net "
          "`tiny`", "weights are matched by name"),
         (TINY, ("--weights", "missing.safetensors"), "weights file not found", None),

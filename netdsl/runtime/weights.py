@@ -300,7 +300,7 @@ def _check_matching(where: str, specs: dict[str, Shape], stored: dict[str, tuple
     for name, shape in shared.items():
         got = stored[name][1]
         if got != shape:
-            layer_name = name.rpartition(".")[0]
+            layer_name = base_name(name.split(".")[0])  # the name written in the net: a chain's, every tower's
             raise NetError(
                 f"tensor `{name}` has shape {format_shape(got)} in the weights file, "
                 f"but the net needs {format_shape(shape)}",
