@@ -269,3 +269,26 @@ def test_fine_tuning_an_imported_onnx_model(tmp_path, pretrained, capsys):
     assert torch.equal(got["c1.weight"], torch.from_numpy(want["c1.weight"]))
     first, tuned = preprocess_of(pretrained), preprocess_of(run)
     assert (tuned["mean"], tuned["std"]) == (first["mean"], first["std"])
+
+
+def test_the_hint_to_rename_names_a_tower_layer_as_the_net_writes_it(tmp_path, capsys):
+    """A layer inside `towers` is stored once per tower (`c@gpu0.weight`): the hint names `c`, the name to change."""
+    towers = """\
+net towers
+device gpu0, gpu1
+input image: 1 x 8 x 8
+towers gpu0, gpu1 {
+    c = conv(image, 4, size=3) | relu | maxpool(2, stride=2)
+}
+out = fc(all c, 10) on gpu0
+output out
+"""
+    first, second = write(tmp_path, "first.net", towers), write(tmp_path, "second.net", towers.replace(" 4,", " 5,"))
+    values = init_weights(netdsl.load_graph(first), 0, "he")
+    assert "c@gpu0.weight" in values
+    save_weights(tmp_path / "w.safetensors", values)
+    data = arrays(tmp_path / "d.npz", 24, seed=11)
+    assert train(second, data, tmp_path / "run", "--steps", 1, "--weights", tmp_path / "w.safetensors") == 1
+    err = capsys.readouterr().err
+    assert "tensor `c@gpu0.weight` has shape 4 x 1 x 3 x 3 in the weights file" in err, err
+    assert "hint: to start `c` afresh" in err
