@@ -34,18 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "bench"))
 
-from arguments import positive_int, settle_smoke  # noqa: E402
+from arguments import positive_int, positive_ints, settle_smoke  # noqa: E402
 from timing import no_gpu  # noqa: E402
-
-
-def parts_list(text: str) -> list[int]:
-    try:
-        values = [int(item) for item in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("each number of parts is at least 1")
-    return values
 
 
 def _resident(field: str) -> int:
@@ -112,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--net", help="the .net file (default nets/alexnet_1gpu.net)")
     parser.add_argument("--batch", type=positive_int, help="images per step (default 64)")
-    parser.add_argument("--parts", type=parts_list, help="numbers of parts, one row each (default 1,2,4,8,16)")
+    parser.add_argument("--parts", type=positive_ints, help="numbers of parts, one row each (default 1,2,4,8,16)")
     parser.add_argument("--gpu", action="store_true", help="measure on the GPU (its allocator's peak)")
     parser.add_argument("--smoke", action="store_true", help="LeNet-5 at batch 8, whole and in 2 parts: the code path")
     parser.add_argument("--child", nargs=4, metavar=("DATA", "BATCH", "PARTS", "GPU"), help=argparse.SUPPRESS)
@@ -121,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         data, batch, parts, gpu = args.child
         child(args.net, data, int(batch), int(parts), gpu == "1")
         return 0
-    defaults = {"net": str(ROOT / "nets" / "alexnet_1gpu.net"), "batch": 64, "parts": [1, 2, 4, 8, 16]}
+    defaults = {"net": str(ROOT / "nets" / "alexnet_1gpu.net"), "batch": 64, "parts": (1, 2, 4, 8, 16)}
     settle_smoke(parser, args, defaults, "the net, the batch and the parts")
     if args.smoke:
-        args.net, args.batch, args.parts = str(ROOT / "nets" / "lenet5.net"), 8, [1, 2]
+        args.net, args.batch, args.parts = str(ROOT / "nets" / "lenet5.net"), 8, (1, 2)
     uneven = [count for count in args.parts if args.batch % count]
     if uneven:
         parser.error(f"a batch of {args.batch} does not split into {uneven[0]} equal parts")

@@ -301,13 +301,11 @@ def _check_matching(where: str, specs: dict[str, Shape], stored: dict[str, tuple
         got = stored[name][1]
         if got != shape:
             layer_name = base_name(name.split(".")[0])  # the name written in the net: a chain's, every tower's
-            raise NetError(
-                f"tensor `{name}` has shape {format_shape(got)} in the weights file, "
-                f"but the net needs {format_shape(shape)}",
-                where=where,
-                hint=f"to start `{layer_name}` afresh (another number of classes or filters), give it a new name in "
-                "the net: weights the file lacks start from `init`",
+            hint = (
+                f"to start `{layer_name}` afresh (another number of classes or filters), give it a new name in the "
+                "net: weights the file lacks start from `init`"
             )
+            raise _wrong_shape(where, name, got, shape, hint)
     _check_types(where, shared, stored)
 
 
@@ -347,13 +345,16 @@ def _check(where: str, specs: dict[str, Shape], stored: dict[str, tuple[str, Sha
                 hint = "it has the right number of values in another layout: was it saved transposed or reshaped?"
             elif len(got) == len(shape) and got[0] in (2 * shape[0], shape[0] // 2):
                 hint = "a net with towers stores each tower's half of a layer separately (`<layer>@<tower>.weight`)"
-            raise NetError(
-                f"tensor `{name}` has shape {format_shape(got)} in the weights file, "
-                f"but the net needs {format_shape(shape)}",
-                where=where,
-                hint=hint,
-            )
+            raise _wrong_shape(where, name, got, shape, hint)
     _check_types(where, specs, stored)
+
+
+def _wrong_shape(where: str, name: str, got: Shape, shape: Shape, hint: str | None) -> NetError:
+    return NetError(
+        f"tensor `{name}` has shape {format_shape(got)} in the weights file, but the net needs {format_shape(shape)}",
+        where=where,
+        hint=hint,
+    )
 
 
 def _check_types(where: str, specs: dict[str, Shape], stored: dict[str, tuple[str, Shape]]) -> None:
@@ -474,10 +475,11 @@ def fold_weights(graph: nx.DiGraph, weights: Mapping[str, np.ndarray]) -> dict[s
     return result
 
 
-def checked_weights(weights, specs: Mapping[str, Shape]) -> dict:
+def checked_weights(weights, specs: Mapping[str, Shape], where: str = "weights") -> dict:
     """Weights given in memory (`name -> tensor or array`) checked against `specs` (`weight_specs(graph)`):
     every name known and present, every shape right, numbers that are real and finite. Returns them as torch
-    tensors (detached, where they were), in the order of `specs`; NetError (where: weights) otherwise."""
+    tensors (detached, where they were), in the order of `specs`; NetError otherwise, blaming `where` (the
+    argument, or the file they were read from)."""
     import torch
 
     from netdsl.runtime.arrays import from_numpy
@@ -485,19 +487,19 @@ def checked_weights(weights, specs: Mapping[str, Shape]) -> dict:
     if not isinstance(weights, Mapping):
         raise NetError(
             f"weights must be a dict of name -> tensor, got {type(weights).__name__}",
-            where="weights",
+            where=where,
             hint="give a mapping of weight name -> tensor or array, such as a loaded safetensors file",
         )
     strange = next((name for name in weights if not isinstance(name, str)), None)
     if strange is not None:
-        raise NetError(f"weight names are strings, got {strange!r}", where="weights", hint="e.g. 'conv1.weight'")
+        raise NetError(f"weight names are strings, got {strange!r}", where=where, hint="e.g. 'conv1.weight'")
     unknown = sorted(set(weights) - set(specs))
     if unknown:
         close = difflib.get_close_matches(unknown[0], list(specs), n=1)
         more = f" (and {len(unknown) - 1} more unknown)" if unknown[1:] else ""
         raise NetError(
             f"the net has no weight `{unknown[0]}`{more}",
-            where="weights",
+            where=where,
             hint=f"did you mean `{close[0]}`?" if close else "weights are named `<layer>.<tensor>`",
         )
     missing = [name for name in specs if name not in weights]
@@ -505,7 +507,7 @@ def checked_weights(weights, specs: Mapping[str, Shape]) -> dict:
         more = f" (and {len(missing) - 1} more)" if missing[1:] else ""
         raise NetError(
             f"weight `{missing[0]}` is missing{more}",
-            where="weights",
+            where=where,
             hint=f"it has shape {format_shape(specs[missing[0]])}",
         )
     tensors = {}
@@ -516,38 +518,38 @@ def checked_weights(weights, specs: Mapping[str, Shape]) -> dict:
         except (TypeError, ValueError, RuntimeError) as error:
             raise NetError(
                 f"weight `{name}` is not a tensor: {error}",
-                where="weights",
+                where=where,
                 hint="give each weight as a torch tensor or a numpy array",
             ) from None
         if tensor.layout != torch.strided or tensor.is_meta:
             raise NetError(
                 f"weight `{name}` is a {'meta' if tensor.is_meta else str(tensor.layout)} tensor",
-                where="weights",
+                where=where,
                 hint="pass dense tensors with values (w.to_dense())",
             )
         if tuple(tensor.shape) != tuple(shape):
             raise NetError(
                 f"weight `{name}` has shape {format_shape(tuple(tensor.shape))}, the net needs {format_shape(shape)}",
-                where="weights",
+                where=where,
                 hint="the weights are of another net, or another version of this one: `netdsl info` lists its shapes",
             )
         if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
             raise NetError(
                 f"weight `{name}` has dtype {tensor.dtype}, not a real number type",
-                where="weights",
+                where=where,
                 hint="convert it to float32: tensor.float()",
             )
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = "NaN" if bool(torch.isnan(tensor).any()) else "infinite values"
             raise NetError(
                 f"weight `{name}` holds {bad}",
-                where="weights",
+                where=where,
                 hint="the weights are damaged, or were saved from a training run that diverged",
             )
         if tensor.dtype == torch.float64 and tensor.numel() and float(tensor.abs().max()) > _F32_MAX:
             raise NetError(
                 f"weight `{name}` holds values beyond float32's range (largest {float(tensor.abs().max()):.3g})",
-                where="weights",
+                where=where,
                 hint="netdsl computes in float32 or narrower: scale or clip the weights",
             )
         tensors[name] = tensor

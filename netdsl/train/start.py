@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from netdsl.errors import NetError
-from netdsl.runtime.weights import load_matching_weights, weight_specs, weights_metadata
+from netdsl.runtime.weights import checked_weights, load_matching_weights, weight_specs, weights_metadata
 from netdsl.train.augment import Preprocess
 from netdsl.train.checkpoint import PREPROCESS_KEY
 from netdsl.train.recipe import Recipe
@@ -45,14 +45,9 @@ class Start:
     def read(cls, given: str, graph: nx.DiGraph) -> Start:
         path = weights_file(Path(given))
         values, unused = load_matching_weights(path, graph)
-        for name, value in values.items():
-            if not np.isfinite(value).all():
-                raise NetError(
-                    f"weight `{name}` holds {'NaN' if np.isnan(value).any() else 'infinite values'}",
-                    where=str(path),
-                    hint="the weights are damaged, or were saved from a training run that diverged",
-                )
-        fresh = [name for name in weight_specs(graph) if name not in values]
+        specs = weight_specs(graph)
+        checked_weights(values, {name: specs[name] for name in values}, where=str(path))  # NaN, infinities
+        fresh = [name for name in specs if name not in values]
         return cls(path, values, fresh, unused, saved_preprocess(path))
 
     def load_into(self, module: torch.nn.Module) -> None:
