@@ -47,6 +47,15 @@ def non_negative_ints(text: str) -> tuple[int, ...]:
     return _counts(text, 0)
 
 
+def recompute_modes(text: str) -> tuple[str, ...]:
+    """`none,cheap,all`: the `recompute` settings to measure, a row each."""
+    modes = tuple(part.strip() for part in text.split(","))
+    unknown = [mode for mode in modes if mode not in ("none", "cheap", "all")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"recompute settings are none, cheap and all, not {unknown[0]!r}")
+    return modes
+
+
 def joined(values: tuple[int, ...]) -> str:
     """The flag's text back from positive_ints or non_negative_ints: (128, 32) -> `128,32`."""
     return ",".join(map(str, values))

@@ -92,7 +92,7 @@ if wants tests; then
     box "${TEST_S:-150}" python3 -m pytest -q $workers -p no:cacheprovider -rfE \
         tests/test_gpu.py tests/test_layout.py tests/test_kernel_conv_nhwc.py tests/test_kernel_configs.py \
         tests/test_emitted.py tests/test_fusion_legality.py tests/test_kernel_conv.py tests/test_train_module.py \
-        tests/test_train_triton.py 2>&1 | tee "$OUT/pytest.log" | tail -n 30
+        tests/test_train_triton.py tests/test_train_recompute.py 2>&1 | tee "$OUT/pytest.log" | tail -n 30
     # issue 13: tf32x3 against float64, space-to-depth against F.conv2d, merged towers against the golden, on the
     # GPU (errors into errors.tsv)
     box "${LEVER_TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider -rfE tests/test_kernel_tf32x3.py \
@@ -117,6 +117,10 @@ if wants train; then
     box "${TRAIN_MEMORY_S:-60}" python3 bench/train_memory.py --gpu --batch 128 --parts 1,4,16 \
         >"$OUT/train_memory.log" 2>&1
     tail -n 6 "$OUT/train_memory.log"
+    # and with layers run again in the backward pass (`recompute`), on the batch-norm net
+    box "${TRAIN_MEMORY_S:-60}" python3 bench/train_memory.py --gpu --net nets/simplenet.net --batch 256 --parts 1 \
+        --recompute none,cheap,all >"$OUT/train_memory_recompute.log" 2>&1
+    tail -n 5 "$OUT/train_memory_recompute.log"
 fi
 
 if wants infer; then

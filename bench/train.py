@@ -4,6 +4,7 @@ the same run: the independent models of tests/golden/models.py in training mode,
 
     python bench/train.py                        # CPU: lenet5 and simplenet at batch 64, alexnet at batch 4
     python bench/train.py --nets lenet5 --batch 128 --steps 20
+    python bench/train.py --nets simplenet --recompute none,cheap,all   # what running layers again costs
     python bench/train.py --gpu                  # a GPU: AlexNet at batch 128 in bf16, also under torch.compile
     python bench/train.py --smoke                # tiny sizes: the code path runs, the numbers mean nothing
 
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "tests"))  # the hand-written models
 sys.path.insert(0, str(ROOT / "bench"))
 
-from arguments import non_negative_int, positive_int, settle_smoke  # noqa: E402
+from arguments import non_negative_int, positive_int, recompute_modes, settle_smoke  # noqa: E402
 from golden.models import MODELS  # noqa: E402
 from timing import no_gpu  # noqa: E402
 
@@ -55,9 +56,9 @@ def _data(shape: tuple[int, ...], batch: int, classes: int, device: str, seed: i
     return x, y
 
 
-def _netdsl_step(net: str, batch: int, device: str, dtype: str | None):
+def _netdsl_step(net: str, batch: int, device: str, dtype: str | None, recompute: str = "none"):
     graph = netdsl.load_graph(ROOT / "nets" / f"{net}.net")
-    module = GraphModule(graph, devices=device, init="he").train()
+    module = GraphModule(graph, devices=device, init="he", recompute=recompute).train()
     groups = param_groups(module.named_parameters(), [], [])
     optimizer = make_optimizer("sgd", groups, 0.001, momentum=0.9, weight_decay=0.0005)
     x, y = _data(MODELS[net][1], batch, graph.nodes[graph.graph["outputs"][0]]["layer"].shape[0], device)
@@ -118,18 +119,23 @@ def _time(step, steps: int, warmup: int, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
-def cpu_table(nets: list[str], batches: dict[str, int], steps: int, warmup: int, repeats: int) -> list[str]:
+def cpu_table(
+    nets: list[str], batches: dict[str, int], steps: int, warmup: int, repeats: int, modes: tuple[str, ...] = ("none",)
+) -> list[str]:
+    """A row per net and `recompute` setting (the hand-written loop timed once per net)."""
     rows = []
     for net in nets:
         batch = batches[net]
-        ours = _time(_netdsl_step(net, batch, "cpu", None), steps, warmup, repeats, "cpu")
         theirs = _time(_torch_step(net, batch, "cpu", None), steps, warmup, repeats, "cpu")
-        rows.append(
-            (net, str(batch), f"{ours:,.1f}", f"{batch * 1e3 / ours:,.0f}", f"{theirs:,.1f}",
-             f"{batch * 1e3 / theirs:,.0f}", f"{theirs / ours:.2f}x")
-        )  # fmt: skip
-    header = ("net", "batch", "netdsl ms/step", "netdsl img/s", "PyTorch ms/step", "PyTorch img/s", "ratio")
-    return format_table(header, rows, left={0})
+        for mode in modes:
+            ours = _time(_netdsl_step(net, batch, "cpu", None, mode), steps, warmup, repeats, "cpu")
+            rows.append(
+                (net, str(batch), mode, f"{ours:,.1f}", f"{batch * 1e3 / ours:,.0f}", f"{theirs:,.1f}",
+                 f"{batch * 1e3 / theirs:,.0f}", f"{theirs / ours:.2f}x")
+            )  # fmt: skip
+    header = ("net", "batch", "recompute", "netdsl ms/step", "netdsl img/s", "PyTorch ms/step", "PyTorch img/s",
+              "ratio")  # fmt: skip
+    return format_table(header, rows, left={0, 2})
 
 
 def gpu_table(batch: int, dtype: str, steps: int, warmup: int, repeats: int) -> list[str]:
@@ -151,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=positive_int, help="timed steps per repetition (default 10)")
     parser.add_argument("--warmup", type=non_negative_int, help="untimed steps first (default 3)")
     parser.add_argument("--repeats", type=positive_int, help="repetitions; the median is reported (default 3)")
+    parser.add_argument(
+        "--recompute",
+        type=recompute_modes,
+        default=("none",),
+        help="netdsl's `recompute` settings, a row each (default none)",
+    )
     parser.add_argument("--gpu", action="store_true", help="AlexNet at --gpu-batch in bf16 on a GPU")
     parser.add_argument("--gpu-batch", type=positive_int, default=128)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one step: checks the code path only")
@@ -175,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; median of {repeats} x {steps} steps after {warmup} warm-up"
     )
-    print("\n".join(cpu_table(nets, batches, steps, warmup, repeats)))
+    print("\n".join(cpu_table(nets, batches, steps, warmup, repeats, args.recompute)))
     if gpu:
         print(f"\n# {torch.cuda.get_device_name()}")
         print("\n".join(gpu_table(args.gpu_batch, "bf16", steps, warmup, repeats)))

@@ -1,7 +1,9 @@
-"""How much memory does a training step take, with its batch whole and in parts (`--accumulate`)?
+"""How much memory does a training step take, with its batch whole and in parts (`--accumulate`), and with
+layers computed again in the backward pass (`--recompute`)?
 
     python bench/train_memory.py                                 # CPU: AlexNet (one device) at batch 64
     python bench/train_memory.py --net nets/simplenet.net --batch 128 --parts 1,2,4
+    python bench/train_memory.py --parts 1 --recompute none,cheap,all
     python bench/train_memory.py --gpu                           # on a GPU: its allocator's peak
     python bench/train_memory.py --smoke                         # tiny sizes: the code path runs
 
@@ -11,8 +13,8 @@ reset before it through /proc/self/clear_refs) less the memory resident before i
 `torch.cuda.max_memory_allocated` over the step less what was allocated before it. The first step
 allocates the gradients and the optimizer's state, the same for every row (twice the weights for SGD with
 momentum); what the parts save is the activations the backward pass keeps, about in proportion to the
-part's size. The step time is the first step's, allocation included: a rough figure (bench/train.py
-times steps properly).
+part's size, and what `recompute` saves is what the layers it runs again would have kept. The step time
+is the first step's, allocation included: a rough figure (bench/train.py times steps properly).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "bench"))
 
-from arguments import positive_int, positive_ints, settle_smoke  # noqa: E402
+from arguments import positive_int, positive_ints, recompute_modes, settle_smoke  # noqa: E402
 from timing import no_gpu  # noqa: E402
 
 
@@ -58,7 +60,7 @@ def reset_high_water() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def child(net: str, data: str, batch: int, parts: int, gpu: bool) -> None:
+def child(net: str, data: str, batch: int, parts: int, recompute: str, gpu: bool) -> None:
     """One row: a run of one step, the step measured; prints a JSON line."""
     import torch
 
@@ -90,6 +92,7 @@ def child(net: str, data: str, batch: int, parts: int, gpu: bool) -> None:
     with tempfile.TemporaryDirectory() as out:
         args = [
             "train", net, "--data", data, "--batch", str(batch), "--steps", "1", "--accumulate", str(parts),
+            "--recompute", recompute,
             "--workers", "0", "--val-fraction", "0", "--mean", "none", "--keep-best", "0", "--out", f"{out}/run",
         ]  # fmt: skip
         code = main(args)
@@ -103,18 +106,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--net", help="the .net file (default nets/alexnet_1gpu.net)")
     parser.add_argument("--batch", type=positive_int, help="images per step (default 64)")
     parser.add_argument("--parts", type=positive_ints, help="numbers of parts, one row each (default 1,2,4,8,16)")
+    parser.add_argument(
+        "--recompute",
+        type=recompute_modes,
+        help="recompute settings, one row each with every number of parts (default none)",
+    )
     parser.add_argument("--gpu", action="store_true", help="measure on the GPU (its allocator's peak)")
-    parser.add_argument("--smoke", action="store_true", help="LeNet-5 at batch 8, whole and in 2 parts: the code path")
-    parser.add_argument("--child", nargs=4, metavar=("DATA", "BATCH", "PARTS", "GPU"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="LeNet-5 at batch 8, whole and in 2 parts, recompute none and all: the code path",
+    )
+    parser.add_argument(
+        "--child", nargs=5, metavar=("DATA", "BATCH", "PARTS", "RECOMPUTE", "GPU"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.child:
-        data, batch, parts, gpu = args.child
-        child(args.net, data, int(batch), int(parts), gpu == "1")
+        data, batch, parts, recompute, gpu = args.child
+        child(args.net, data, int(batch), int(parts), recompute, gpu == "1")
         return 0
-    defaults = {"net": str(ROOT / "nets" / "alexnet_1gpu.net"), "batch": 64, "parts": (1, 2, 4, 8, 16)}
-    settle_smoke(parser, args, defaults, "the net, the batch and the parts")
+    defaults = {
+        "net": str(ROOT / "nets" / "alexnet_1gpu.net"), "batch": 64, "parts": (1, 2, 4, 8, 16), "recompute": ("none",)
+    }  # fmt: skip
+    settle_smoke(parser, args, defaults, "the net, the batch, the parts and recompute")
     if args.smoke:
-        args.net, args.batch, args.parts = str(ROOT / "nets" / "lenet5.net"), 8, (1, 2)
+        args.net, args.batch, args.parts, args.recompute = str(ROOT / "nets" / "lenet5.net"), 8, (1, 2), ("none", "all")
     uneven = [count for count in args.parts if args.batch % count]
     if uneven:
         parser.error(f"a batch of {args.batch} does not split into {uneven[0]} equal parts")
@@ -134,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     classes = layer(graph, graph.graph["outputs"][0]).shape[0]
     where = "the GPU's allocator" if args.gpu else "the CPU process's resident memory"
     print(f"# a training step's memory ({where}), {Path(args.net).name} at batch {args.batch}, whole and in parts")
-    print("| parts | images a part | step's memory (MiB) | against whole | first step (s) |")
-    print("|---|---|---|---|---|")
+    print("| parts | images a part | recompute | step's memory (MiB) | against the first row | first step (s) |")
+    print("|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as folder:
         data = Path(folder) / "images.npz"
@@ -145,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             y=rng.integers(0, classes, args.batch),
         )
         whole = None
-        for count in args.parts:
+        for count, recompute in [(count, mode) for count in args.parts for mode in args.recompute]:
             row = [sys.executable, __file__, "--net", args.net, "--child", str(data), str(args.batch), str(count)]
-            row.append("1" if args.gpu else "0")
+            row += [recompute, "1" if args.gpu else "0"]
             done = subprocess.run(row, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if done.returncode != 0:
                 print(done.stderr, file=sys.stderr)
@@ -156,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             megabytes = found["step_bytes"] / 2**20
             whole = whole if whole is not None else megabytes
             ratio = f"{megabytes / whole:.2f}" if whole > 0 else "-"
-            print(f"| {count} | {args.batch // count} | {megabytes:,.0f} | {ratio} | {found['seconds']:.2f} |")
+            cells = [count, args.batch // count, recompute, f"{megabytes:,.0f}", ratio, f"{found['seconds']:.2f}"]
+            print("| " + " | ".join(map(str, cells)) + " |")
     return 0
 
 

@@ -263,20 +263,26 @@ def test_train_step_benchmark_smoke(capsys):
     """netdsl's training step and the hand-written loop's, one tiny step each: the table has its row."""
     assert script("train").main(["--smoke", "--gpu"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^lenet5 +2 +[\d,.]+ +[\d,]+ +[\d,.]+ +[\d,]+ +[\d.]+x$", out, re.MULTILINE), out
+    assert re.search(r"^lenet5 +2 +none +[\d,.]+ +[\d,]+ +[\d,.]+ +[\d,]+ +[\d.]+x$", out, re.MULTILINE), out
     if not torch.cuda.is_available():
         assert "no CUDA GPU here" in out
 
 
 def test_train_memory_smoke(capsys):
-    """A step's memory, LeNet-5's batch whole and in 2 parts, each in a process of its own: the table has both
-    rows, the first the whole batch's (against itself, 1.00)."""
+    """A step's memory, LeNet-5's batch whole and in 2 parts, without and with recompute, each in a process of
+    its own: the table has the four rows, the first the whole batch's (against itself, 1.00)."""
     assert script("train_memory").main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert echoed(out) == ["--smoke"]
-    rows = re.findall(r"^\| (\d+) \| (\d+) \| [\d,]+ \| ([\d.]+|-) \| [\d.]+ \|$", out, re.MULTILINE)
-    assert [row[:2] for row in rows] == [("1", "8"), ("2", "4")], out
-    assert rows[0][2] in ("1.00", "-")
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| (\w+) \| [\d,]+ \| ([\d.]+|-) \| [\d.]+ \|$", out, re.MULTILINE)
+    assert [row[:3] for row in rows] == [("1", "8", "none"), ("1", "8", "all"), ("2", "4", "none"), ("2", "4", "all")]
+    assert rows[0][3] in ("1.00", "-")
+
+
+def test_train_memory_refuses_an_unknown_recompute(capsys):
+    with pytest.raises(SystemExit):
+        script("train_memory").main(["--recompute", "none,some"])
+    assert "recompute settings are none, cheap and all, not 'some'" in capsys.readouterr().err
 
 
 def test_train_memory_refuses_parts_that_do_not_divide_the_batch(capsys):

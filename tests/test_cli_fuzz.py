@@ -413,6 +413,7 @@ def command_run(rng: random.Random) -> Case:
 SETTINGS = {
     "--batch": lambda r: pick(r, ["2", "4", "12"], [*WHOLE_BAD, "100000"]),
     "--accumulate": lambda r: pick(r, ["1", "2", "4"], [*WHOLE_BAD, "3"]),
+    "--recompute": ["none", "cheap", "all", "some", ""],
     "--epochs": lambda r: pick(r, ["1"], WHOLE_BAD),
     # a valid huge count, or `none` (the default 90 epochs), trains for as long as it says: not drawn
     "--steps": lambda r: pick(r, ["1", "2"], [value for value in WHOLE_BAD if value not in ("9" * 30, "\u0663")]),

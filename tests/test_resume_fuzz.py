@@ -213,6 +213,8 @@ def draw_case(rng: random.Random, kernels: bool = False) -> Case:
     case.stops = draw_stops(rng, case, schedule)
     if rng.random() < 0.3:  # drawn last: the cases drawn before parts existed stay as they were
         case.flags += ["--accumulate", "2"]  # every batch drawn is even
+    if rng.random() < 0.3:  # likewise drawn after what was there before
+        case.flags += ["--recompute", rng.choice(["cheap", "all"])]
     return case
 
 
@@ -460,6 +462,7 @@ def test_the_generator_is_reproducible_and_varied():
     assert {flag(case.flags, "--dtype") for case in cases} == {"fp32", "bf16", "fp16"}
     assert {flag(case.flags, "--workers") for case in cases} == {"0", "1"}
     assert {flag(case.flags, "--accumulate", "1") for case in cases} == {"1", "2"}
+    assert {flag(case.flags, "--recompute", "none") for case in cases} == {"none", "cheap", "all"}
     assert any("towers" in case.net for case in cases) and any("softmax" in case.net for case in cases)
 
 

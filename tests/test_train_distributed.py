@@ -94,14 +94,16 @@ def _args(data: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("parts", [1, 2])
-def test_two_processes_with_half_batches_equal_one_process(tmp_path, digits_like, parts):
+@pytest.mark.parametrize("parts,recompute", [(1, "none"), (2, "all")])
+def test_two_processes_with_half_batches_equal_one_process(tmp_path, digits_like, parts, recompute):
     """LeNet-5 (no dropout, no batch norm): 6 steps of batch 16, as 2 x 8 (each 8 in `parts` parts, averaged
-    over the processes after the last) and as 1 x 16, with flips and colour noise drawn per image; weights and
-    momentum agree to float32 rounding of the averaged sums."""
+    over the processes after the last; its chains run again in the backward passes with `recompute`) and as
+    1 x 16, with flips and colour noise drawn per image; weights and momentum agree to float32 rounding of
+    the averaged sums."""
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", *_args(digits_like, one)]) == 0
-    results = _finish(_start(2, _args(digits_like, two, "--accumulate", str(parts)), tmp_path))
+    extra = ("--accumulate", str(parts), "--recompute", recompute)
+    results = _finish(_start(2, _args(digits_like, two, *extra), tmp_path))
     for rank, (code, err) in enumerate(results):
         assert code == 0, f"rank {rank}:\n{err}"
     assert "2 processes" in results[0][1] and "epoch" not in results[1][1]  # rank 0 speaks for the run

@@ -12,7 +12,14 @@ torch backend gives each op), so the module and `Net(backend="torch")` compute o
   reading another device's output moves it there with `.to()`, so gradients flow back across towers;
 - `train()`: dropout drops and batch norm normalizes with the batch's statistics, updating the running
   ones (each batch norm's `momentum`); `eval()`: inference, exactly as `Net` computes it;
-- `logits(x)` is the net's output before a final softmax: what a cross-entropy loss reads.
+- `logits(x)` is the net's output before a final softmax: what a cross-entropy loss reads;
+- `recompute=`: memory for compute. A training forward pass keeps what each layer's backward reads;
+  with "cheap", each run of layers after a chain's conv or fc (activation, LRN, pooling, batch norm,
+  dropout: two layers or more) keeps only its input, and its backward first runs it forward again;
+  with "all", each conv or fc and the layers after it (a chain, as the .net file writes one) do.
+  The gradients are the same; batch norm's running averages move once (the second pass updates copies);
+  dropout draws the same masks (torch.utils.checkpoint replays the random state). Under torch.compile,
+  whose partitioner chooses what to recompute itself, the setting is left out.
 
 Submodules are registered under the layer names as they are, even where a name is also a method of a
 module (simplenet's `logits`): reach a layer's tensors through `named_parameters()` or `state_dict()`,
@@ -30,6 +37,7 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from netdsl.codegen.reference import apply
 from netdsl.compiler.training import Group, training_groups
@@ -43,6 +51,8 @@ from netdsl.runtime.weights import checked_weights, init_weights, weight_specs
 
 DTYPES = (torch.float32, torch.float64)
 BACKENDS = ("torch", "triton")
+RECOMPUTE = ("none", "cheap", "all")
+WEIGHTED = ("conv", "fc")  # what "cheap" does not run twice, and where "all" starts a run
 # Names a module's own code assigns to after construction or keeps its state under.
 RESERVED = frozenset(vars(torch.nn.Module())) | {"_netdsl"}
 
@@ -67,6 +77,8 @@ class _Plan:
     precision: str  # the triton backend's dots: "tf32" with tf32, else exact ("ieee")
     kernels: Callable | None  # netdsl.runtime.kernel_ops.run_group with the triton backend (it imports Triton)
     backward: dict[str, str]  # conv or fc layer -> whose backward it runs with the triton backend: netdsl or torch
+    segments: list[tuple[int, ...]]  # group indices run (and, with several, recomputed) as one while training
+    recomputing: bool = False  # set while a segment runs again in the backward pass
 
 
 class Scope(torch.nn.Module):
@@ -86,6 +98,7 @@ class GraphModule(torch.nn.Module):
     backward (netdsl.runtime.kernel_ops), grouped as netdsl.compiler.training groups them, in float32;
     `backward`: with it, conv or fc layer name -> "netdsl" (the default) or "torch" (PyTorch's backward:
     cuDNN and cuBLAS on a GPU), as `netdsl.compiler.backward.backward_choices` picks by measurement.
+    `recompute`: "none", "cheap" or "all" (above).
     """
 
     def __init__(
@@ -100,11 +113,14 @@ class GraphModule(torch.nn.Module):
         tf32: bool | None = None,
         backend: str = "torch",
         backward: Mapping[str, str] | None = None,
+        recompute: str = "none",
     ) -> None:
         super().__init__()
         require_graph(graph)
         if backend not in BACKENDS:
             raise NetError(f"unknown backend `{backend}`", where="backend", hint=f"backends: {', '.join(BACKENDS)}")
+        if recompute not in RECOMPUTE:
+            raise NetError(f"unknown recompute `{recompute}`", where="recompute", hint=f"one of {', '.join(RECOMPUTE)}")
         if backend == "triton" and dtype != torch.float32:
             raise NetError(
                 f"the triton backend trains float32 parameters, not {dtype}",
@@ -149,6 +165,7 @@ class GraphModule(torch.nn.Module):
             precision="tf32" if tf32 else "ieee",
             kernels=_kernel_runner() if backend == "triton" else None,
             backward=_checked_backward(backward or {}, computed),
+            segments=_segments(graph, groups, recompute),
         )
         self._netdsl = plan
         # A layer no output reads gets no gradient: its weights are not trained (requires_grad off, so no
@@ -246,9 +263,11 @@ class GraphModule(torch.nn.Module):
         # Every weight by name, gathered the way torch.compile follows (a tensor reached through the plan's
         # own dicts would be compiled in as a constant, and its gradient lost).
         stored = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        recompute = self.training and not keep and not torch.compiler.is_compiling()
+        segments = plan.segments if recompute else [(index,) for index in range(len(plan.groups))]
         with _tf32(plan.tf32):
-            for group, spent in zip(plan.groups, plan.spent):
-                item = group.first
+            for segment in segments:
+                item = plan.groups[segment[0]].first
                 device = devices[item.device]
                 inputs = []
                 for source in item.inputs:
@@ -259,18 +278,48 @@ class GraphModule(torch.nn.Module):
                 if item.name == final:
                     values[item.name] = apply("concat", {}, inputs, {})  # a softmax's input, joined
                     continue
-                if self.training and item.op == "batchnorm":
-                    _check_batch_statistics(item, inputs)
-                values[group.last.name] = self._compute(group, inputs, stored)
-                for name in () if keep else spent:  # what autograd needs it keeps; the rest can go now
-                    del values[name]
+                last = plan.groups[segment[-1]].last.name
+                if len(segment) == 1:
+                    values[last] = self._segment(segment, stored, *inputs)
+                else:
+                    values[last] = checkpoint(
+                        self._segment, segment, stored, *inputs, use_reentrant=False, context_fn=self._contexts
+                    )
+                for name in () if keep else (name for index in segment for name in plan.spent[index]):
+                    values.pop(name, None)  # what autograd needs it keeps; the rest can go now
                     copies.pop(name, None)
         return values
+
+    def _segment(self, segment: tuple[int, ...], stored: dict, *inputs: torch.Tensor) -> torch.Tensor:
+        """The output of the groups of `segment`, each reading the one before (the first, `inputs`)."""
+        values = list(inputs)
+        for index in segment:
+            group = self._netdsl.groups[index]
+            if self.training and group.first.op == "batchnorm":
+                _check_batch_statistics(group.first, values)
+            values = [self._compute(group, values, stored)]
+        return values[0]
+
+    def _contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """torch.utils.checkpoint's contexts: none for the forward pass; for the pass again in the backward,
+        the forward's TF32 switches and `recomputing` set."""
+        return contextlib.nullcontext(), self._again()
+
+    @contextlib.contextmanager
+    def _again(self):
+        self._netdsl.recomputing = True
+        try:
+            with _tf32(self._netdsl.tf32):
+                yield
+        finally:
+            self._netdsl.recomputing = False
 
     def _compute(self, group: Group, inputs: list[torch.Tensor], stored: dict[str, torch.Tensor]) -> torch.Tensor:
         """One group's output: PyTorch's for a layer of its own, else netdsl's training kernel."""
         item = group.first
         tensors = {name: stored[f"{item.name}.{name}"] for name in self._netdsl.tensors.get(item.name, ())}
+        if self._netdsl.recomputing:  # running statistics were updated by the forward pass: update copies now
+            tensors = {name: v if isinstance(v, torch.nn.Parameter) else v.clone() for name, v in tensors.items()}
         if group.kind == "reference" or (not self.training and group.kind in ("batch_norm", "dropout")):
             return apply(item.op, item.params, inputs, tensors, training=self.training)
         backward = self._netdsl.backward.get(item.name, "netdsl")
@@ -366,6 +415,34 @@ def _spent(groups: list[Group], outputs: list[str]) -> list[tuple[str, ...]]:
         if name not in outputs:
             spent[index].append(name)
     return [tuple(names) for names in spent]
+
+
+def _segments(graph: nx.DiGraph, groups: list[Group], recompute: str) -> list[tuple[int, ...]]:
+    """The groups as runs: a group joins the run of the one before when it reads only that one's output,
+    which nothing else reads (on the same device, neither a net output), and it is no conv or fc: with
+    "all", a conv or fc and the layers after it (a chain, as a .net file writes one); with "cheap", the
+    layers after it, the conv or fc a run of its own; with "none", a run per group. A run of one is never
+    recomputed."""
+    runs: list[list[int]] = []
+    outputs = set(graph.graph["outputs"])
+    for index, group in enumerate(groups):
+        item = group.first
+        previous = groups[index - 1] if index else None
+        joins = (
+            recompute != "none"
+            and previous is not None
+            and item.inputs == [previous.last.name]
+            and item.device == previous.last.device
+            and not outputs.intersection((previous.last.name, item.name))
+            and graph.out_degree(previous.last.name) == 1
+            and item.op not in WEIGHTED
+            and not (recompute == "cheap" and previous.first.op in WEIGHTED)
+        )
+        if joins:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return [tuple(run) for run in runs]
 
 
 def _check_names(specs: dict[str, tuple[int, ...]], items: list[Layer]) -> None:

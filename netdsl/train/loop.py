@@ -174,6 +174,7 @@ class Trainer:
             init=recipe.init,
             backend=recipe.backend,
             backward=self._backward_choices(),
+            recompute=recipe.recompute,
         )
         if self.start is not None:
             self.start.load_into(self.module)
@@ -738,6 +739,7 @@ class Trainer:
             f"validating on {val:,}; {len(self.data.classes)} classes; {devices}; {where}\n"
             f"  {recipe.optimizer} lr {recipe.lr:g}, batch {recipe.batch}"
             + (f" (in {recipe.accumulate} parts of {self.part_batch})" if recipe.accumulate > 1 else "")
+            + (f", recompute {recipe.recompute}" if recipe.recompute != "none" else "")
             + f", {self.total_epochs} "
             f"epoch{'' if self.total_epochs == 1 else 's'} "
             f"({self.total_steps:,} steps), schedule {recipe.schedule}, {recipe.dtype}; run folder {self.run.path}"

@@ -86,6 +86,10 @@ class Recipe:
                               "equal parts, one after another, their gradients summed before the step: the "
                               "step of the whole batch (batch norm apart: it normalizes each part) in the "
                               "memory of one part", low=1)
+    recompute: str = setting("choice", "none", "", "memory for compute, the same gradients: `cheap`: the layers "
+                             "after each conv or fc (activation, LRN, pooling, batch norm, dropout) keep only their "
+                             "input for the backward pass, which runs them again; `all`: each conv or fc and the "
+                             "layers after it do (about one forward pass more)", choices=("none", "cheap", "all"))
     epochs: int = setting("int", 90, "epochs", "passes over the training set", low=1)
     steps: int | None = setting("int", None, "steps", "optimizer steps to train for, in place of `epochs`; "
                                 "`none`: `epochs` decides", low=1, words=(("none", None),))
@@ -347,6 +351,13 @@ def resolve(
             "writes the weights in place in flat buffers that a change of memory format would leave behind",
             where=recipe.source("channels_last"),
             hint="leave channels_last out with the triton backend",
+        )
+    if recipe.recompute != "none" and recipe.compile:
+        raise NetError(
+            f"recompute = {recipe.recompute} is for eager PyTorch: under torch.compile its partitioner chooses "
+            "what the backward pass computes again (it already does so for cheap layers)",
+            where=recipe.source("recompute"),
+            hint="leave out compile or recompute",
         )
     for name in KEPT_AT_RESUME if saved is not None else ():
         if getattr(recipe, name) != getattr(saved, name):
