@@ -244,3 +244,22 @@ def test_an_unknown_setting_is_an_error(tmp_path, capsys):
     assert err.startswith(f"{net}:8:17: error: `recompute` must be none, cheap or all, got `some`")
     with pytest.raises(Exception, match="unknown recompute `some`"):
         GraphModule(graph_from_text(NORMED), recompute="some")
+
+
+def test_check_grads_through_the_layers_run_again(tmp_path, capsys, monkeypatch):
+    """`--check-grads --recompute all`: autograd through the recomputed runs (batch norm, LRN, dropout with
+    its one mask, two towers) against finite differences in float64."""
+    from netdsl.train import diagnose
+
+    built = []
+    real = diagnose.GraphModule
+
+    def recorded(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(diagnose, "GraphModule", recorded)
+    net = tmp_path / "recompute.net"
+    net.write_text(NET)
+    assert main(["train", str(net), "--check-grads", "--seed", "1", "--recompute", "all"]) == 0
+    assert runs(built[0]) and "worst error" in capsys.readouterr().out

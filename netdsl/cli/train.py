@@ -191,7 +191,7 @@ def _check_grads(graph, recipe) -> int:
         from netdsl.train.start import Start
 
         start.update(Start.read(recipe.weights, graph).values)
-    checks = check_gradients(graph, start, x, y, seed=recipe.seed)
+    checks = check_gradients(graph, start, x, y, seed=recipe.seed, recompute=recipe.recompute)
     rows = [
         (c.weight, str(list(c.index)), f"{c.autograd:.6e}", f"{c.numeric:.6e}", f"{c.error:.1e}") for c in checks
     ]

@@ -139,12 +139,13 @@ def check_gradients(
     per_weight: int = 3,
     seed: int = 0,
     step: float = 1e-6,
+    recompute: str = "none",
 ) -> list[GradientCheck]:
     """Autograd against central differences (f(w+h) - f(w-h)) / 2h in float64, on the training-mode
     loss (batch norm on batch statistics; dropout with one fixed mask, the same random state before
     every evaluation), for `per_weight` seeded entries of every trained weight of the net (a layer no
-    output reads is not trained)."""
-    module = GraphModule(graph, weights=weights, dtype=torch.float64).train()
+    output reads is not trained); autograd's backward pass runs layers again as `recompute` says."""
+    module = GraphModule(graph, weights=weights, dtype=torch.float64, recompute=recompute).train()
     x, y = x.to(torch.float64), y.to(torch.int64)
     saved = rng_states()
     torch.manual_seed(seed)
