@@ -417,6 +417,7 @@ SETTINGS = {
     "--epochs": lambda r: pick(r, ["1"], WHOLE_BAD),
     # a valid huge count, or `none` (the default 90 epochs), trains for as long as it says: not drawn
     "--steps": lambda r: pick(r, ["1", "2"], [value for value in WHOLE_BAD if value not in ("9" * 30, "\u0663")]),
+    "--early-stop": lambda r: pick(r, ["1", "2", "none"], WHOLE_BAD),
     "--seed": ["0", "3", "4294967295", "4294967296", "-1", "x"],
     "--optimizer": ["sgd", "adamw", "adam", ""],
     "--lr": lambda r: pick(r, NUMBER, NUMBER_BAD),

@@ -56,7 +56,7 @@ from netdsl.train.optim import make_optimizer, param_groups, set_learning_rate
 from netdsl.train.progress import Meter, Progress, epoch_line
 from netdsl.train.recipe import Recipe
 from netdsl.train.runs import CURVES, METRICS, WEIGHTS, Metrics, RunFolder, TensorBoard, fingerprint, plot_curves
-from netdsl.train.schedule import Schedule
+from netdsl.train.schedule import EarlyStop, Schedule
 from netdsl.train.start import Start, chosen_preprocess, saved_preprocess
 from netdsl.train.step import backward_in_parts, split
 from netdsl.train.world import World, lost_rank_error
@@ -204,6 +204,7 @@ class Trainer:
             threshold=recipe.threshold,
             warmup_epochs=recipe.warmup_epochs,
         )
+        self.early = EarlyStop(recipe.early_stop, recipe.threshold)
         self.device = next(iter(self.module.devices.values()))
         self.scaler = torch.amp.GradScaler(self.device.type) if recipe.dtype == "fp16" else None
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
@@ -263,6 +264,12 @@ class Trainer:
         augment = replace(split.augment, flip=recipe.flip, pca_noise=recipe.pca_noise)
         if split.skipped and self.world.leader:
             self._say(f"skipped {len(split.skipped)} unreadable images (first: {split.skipped[0]})")
+        if recipe.early_stop is not None and not (split.val is not None and len(split.val)):
+            raise NetError(
+                "early_stop watches the validation error, and there is no validation set",
+                where=recipe.source("early_stop"),
+                hint="give val_fraction above 0 (or data with validation images), or leave out early_stop",
+            )
         if recipe.schedule == "plateau" and not (split.val is not None and len(split.val)) and self.world.leader:
             self._say(
                 "note: the plateau schedule watches the validation error, and there is no validation set: the rate "
@@ -301,6 +308,8 @@ class Trainer:
         load_optimizer_state(self.optimizer, self.names, saved.optimizer, self.run.last)
         try:
             self.schedule.load_state_dict(state["schedule"])
+            if "early_stop" in state:  # a checkpoint from before early stopping: the watch starts now
+                self.early.load_state_dict(state["early_stop"])
             self.epoch, self.batch_in_epoch, self.step = (int(state[k]) for k in ("epoch", "batch_in_epoch", "step"))
             self.epoch_sums, self.window_sums = self._my_sums(state)
             self.best = [list(entry) for entry in state["best"]]
@@ -346,8 +355,10 @@ class Trainer:
                 if self.batch_in_epoch == self.steps_per_epoch:
                     # stopped after an epoch's last step, before its end (validation, records, checkpoints)
                     self._end_of_epoch(metrics, board)
-                while self.step < self.total_steps:
+                while self.step < self.total_steps and not self.early.stops:
                     self._epoch(metrics, board)
+                if self.early.stops and self.world.leader:
+                    self._say(f"stopped early after epoch {self.epoch}: {self.early.reason()}")
                 if self.batch_in_epoch and (self.step > first_step or not self.ended):
                     # a run stopped during its last step measures its last weights when it resumes
                     final = self._validate_last(metrics)
@@ -513,7 +524,8 @@ class Trainer:
             tally = self.validate()
             record.update(val_loss=tally.mean_loss, val_top1=tally.accuracy, val_top5=tally.top5_accuracy)
         ended = self.epoch
-        self.schedule.end_of_epoch(ended, 1.0 - record["val_top1"] if validated else None)
+        for watch in (self.schedule, self.early):
+            watch.end_of_epoch(ended, 1.0 - record["val_top1"] if validated else None)
         improved = validated and self._rank_best(record["val_top1"], ended)
         self.epoch += 1
         self.batch_in_epoch = 0
@@ -604,6 +616,7 @@ class Trainer:
             "window_sums": self.window_sums,
             "rank_sums": rank_sums,  # what a resume reads; the two above are rank 0's, for older netdsl
             "schedule": self.schedule.state_dict(),
+            "early_stop": self.early.state_dict(),
             "best": self.best,
             "recipe": self.recipe.to_dict(),
             "fingerprint": fingerprint(self.graph),

@@ -93,6 +93,9 @@ class Recipe:
     epochs: int = setting("int", 90, "epochs", "passes over the training set", low=1)
     steps: int | None = setting("int", None, "steps", "optimizer steps to train for, in place of `epochs`; "
                                 "`none`: `epochs` decides", low=1, words=(("none", None),))
+    early_stop: int | None = setting("int", None, "epochs", "training ends once the validation error has not "
+                                     "improved (by more than `threshold`) for this many validated epochs in a row; "
+                                     "`none`: it runs its epochs or steps", low=1, words=(("none", None),))
     seed: int = setting("int", 0, "", "seeds the initial weights, the validation split, the data order and the "
                         "augmentation", low=0, high=MAX_SEED)
     # --- the optimizer ---------------------------------------------------------------------------------
@@ -129,9 +132,9 @@ class Recipe:
                             "out; the next one without improvement drops the rate", low=0)
     max_drops: int | None = setting("int", 3, "drops", "plateau: the most drops (the paper made 3); `none`: no "
                                     "limit", low=0, words=(("none", None),))
-    threshold: float = setting("number", 0.001, "error", "plateau: an epoch improves when its validation error "
-                               "(a fraction: 0.001 is 0.1 points) is below the best so far by more than this",
-                               low=0, high=1, below=True)
+    threshold: float = setting("number", 0.001, "error", "plateau and early_stop: an epoch improves when its "
+                               "validation error (a fraction: 0.001 is 0.1 points) is below the best so far by more "
+                               "than this", low=0, high=1, below=True)
     cosine_floor: float = setting("number", 0.0, "factor", "cosine: the rate's factor at the end of training",
                                   low=0, high=1)
     warmup_epochs: float = setting("number", 0.0, "epochs", "the rate rises linearly from about 0 over this many "

@@ -21,6 +21,9 @@ accuracy); after `patience` epochs in a row without improvement, the next one wi
 the rate (the factor is multiplied by `gamma`, from the next epoch on) and the count starts again, at
 most `max_drops` times (None: no limit). The paper dropped three times (0.01 -> 0.00001).
 
+`EarlyStop` watches the same error with the same rule of improvement: after `patience` validated epochs
+in a row without improvement, training ends.
+
 The state (`state_dict`, JSON-able) is what changes while training: plateau's best error, count and
 drops. The settings are the object's own: a run resumed with other settings uses them with the saved
 counts; a resumed schedule of another kind is an error.
@@ -168,6 +171,48 @@ class Schedule:
         if self.warmup_epochs:
             settings["warmup_epochs"] = self.warmup_epochs
         return f"Schedule({self.kind!r}" + "".join(f", {key}={value!r}" for key, value in settings.items()) + ")"
+
+
+class EarlyStop:
+    """Ends training when the validation error has not improved (dropped below the best so far by more than
+    `threshold`) for `patience` validated epochs in a row; patience None: never. The watch runs either way,
+    so a run resumed with a patience sees the epochs before it."""
+
+    def __init__(self, patience: int | None, threshold: float) -> None:
+        self.patience = patience
+        self.threshold = threshold
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.bad_epochs = 0
+
+    def end_of_epoch(self, epoch: int, val_error: float | None) -> None:
+        """Takes epoch `epoch`'s validation error (None: not measured; ignored)."""
+        if val_error is None:
+            return
+        if self.best is None or val_error < self.best - self.threshold:
+            self.best, self.best_epoch, self.bad_epochs = float(val_error), int(epoch), 0
+        else:
+            self.bad_epochs += 1
+
+    @property
+    def stops(self) -> bool:
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+    def reason(self) -> str:
+        """Why it stopped, for the log."""
+        return (
+            f"the validation error has not improved (by more than {100 * self.threshold:g} points) for "
+            f"{self.bad_epochs} validated epoch"
+            f"{'' if self.bad_epochs == 1 else 's'} (best {100 * self.best:.2f}% at epoch {self.best_epoch + 1})"
+        )
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = None if state["best"] is None else float(state["best"])
+        self.best_epoch = None if state["best_epoch"] is None else int(state["best_epoch"])
+        self.bad_epochs = int(state["bad_epochs"])
 
 
 def _real(value) -> bool:
