@@ -215,6 +215,8 @@ def draw_case(rng: random.Random, kernels: bool = False) -> Case:
         case.flags += ["--accumulate", "2"]  # every batch drawn is even
     if rng.random() < 0.3:  # likewise drawn after what was there before
         case.flags += ["--recompute", rng.choice(["cheap", "all"])]
+    if rng.random() < 0.3 and (case.val_images or float(flag(case.flags, "--val-fraction"))):
+        case.flags += ["--early-stop", str(rng.randint(1, 2))]  # where it stops, the straight run tells
     return case
 
 
@@ -317,12 +319,15 @@ def run_case(tmp_path: Path, case: Case, monkeypatch: pytest.MonkeyPatch) -> Non
     straight, parts = tmp_path / "straight", tmp_path / "parts"
     full = length_flags(case, None)
     assert train(net, "--data", data, "--out", straight, *case.flags, *full) == 0
-    assert load_checkpoint(straight / "checkpoints" / "last.ckpt").state["step"] == case.total
+    end = load_checkpoint(straight / "checkpoints" / "last.ckpt").state["step"]
+    assert end == case.total or ("--early-stop" in case.flags and end < case.total and end % case.steps_per_epoch == 0)
+    # a run stopped early ends at `end`: the stops after it are not reached (nor a shorter run's end at it)
+    stops = [stop for stop in case.stops if stop.step <= end and not (stop.kind == "short" and stop.step >= end)]
 
     started, length = False, None
-    for index, stop in enumerate(case.stops):
+    for index, stop in enumerate(stops):
         # the length of the call that reaches this stop: the next short stop's, or the whole run's
-        short = next((later for later in case.stops[index:] if later.kind == "short"), None)
+        short = next((later for later in stops[index:] if later.kind == "short"), None)
         wanted = length_flags(case, short)
         if started:
             args = ["--resume", parts, *(wanted if wanted != length else [])]
@@ -332,7 +337,7 @@ def run_case(tmp_path: Path, case: Case, monkeypatch: pytest.MonkeyPatch) -> Non
         signals.during_step = stop.step if stop.kind == "signal" else None
         signals.during_validation = stop.step if stop.kind == "validation" else None
         code = train(*args)
-        ended = stop.kind == "validation" and stop.step == case.total  # nothing after that validation to stop
+        ended = stop.kind == "validation" and stop.step == end  # nothing after that validation to stop
         want = 0 if stop.kind == "short" or ended else 128 + signal.SIGTERM
         assert code == want, f"stop {stop}"
     signals.during_step = signals.during_validation = None
@@ -340,7 +345,7 @@ def run_case(tmp_path: Path, case: Case, monkeypatch: pytest.MonkeyPatch) -> Non
         assert train("--resume", parts, *(full if full != length else [])) == 0
     else:
         assert train(net, "--data", data, "--out", parts, *case.flags, *full) == 0
-    shorts = {stop.step for stop in case.stops if stop.kind == "short"}
+    shorts = {stop.step for stop in stops if stop.kind == "short"}
     assert_same_training(straight, parts, shorts)
     # resuming a run that has trained all its steps changes nothing
     finished = tmp_path / "finished"
@@ -463,6 +468,7 @@ def test_the_generator_is_reproducible_and_varied():
     assert {flag(case.flags, "--workers") for case in cases} == {"0", "1"}
     assert {flag(case.flags, "--accumulate", "1") for case in cases} == {"1", "2"}
     assert {flag(case.flags, "--recompute", "none") for case in cases} == {"none", "cheap", "all"}
+    assert {flag(case.flags, "--early-stop", "none") for case in cases} == {"none", "1", "2"}
     assert any("towers" in case.net for case in cases) and any("softmax" in case.net for case in cases)
 
 
