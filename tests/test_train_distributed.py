@@ -94,21 +94,24 @@ def _args(data: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("parts,recompute", [(1, "none"), (2, "all")])
-def test_two_processes_with_half_batches_equal_one_process(tmp_path, digits_like, parts, recompute):
+@pytest.mark.parametrize("parts,recompute,early", [(1, "none", False), (2, "all", True)])
+def test_two_processes_with_half_batches_equal_one_process(tmp_path, digits_like, parts, recompute, early):
     """LeNet-5 (no dropout, no batch norm): 6 steps of batch 16, as 2 x 8 (each 8 in `parts` parts, averaged
     over the processes after the last; its chains run again in the backward passes with `recompute`) and as
     1 x 16, with flips and colour noise drawn per image; weights and momentum agree to float32 rounding of
-    the averaged sums."""
+    the averaged sums. `early`: 12 steps, but every process stops after epoch 2 (of 4 steps each), as no
+    epoch can beat the first by 99 points."""
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(["train", *_args(digits_like, one)]) == 0
-    extra = ("--accumulate", str(parts), "--recompute", recompute)
+    stop = ("--steps", "12", "--early-stop", "1", "--threshold", "0.99") if early else ()
+    assert main(["train", *_args(digits_like, one, *stop)]) == 0
+    extra = ("--accumulate", str(parts), "--recompute", recompute, *stop)
     results = _finish(_start(2, _args(digits_like, two, *extra), tmp_path))
     for rank, (code, err) in enumerate(results):
         assert code == 0, f"rank {rank}:\n{err}"
     assert "2 processes" in results[0][1] and "epoch" not in results[1][1]  # rank 0 speaks for the run
+    assert ("stopped early after epoch 2" in results[0][1]) is early
     single, double = (load_checkpoint(run / "checkpoints" / "last.ckpt") for run in (one, two))
-    assert single.state["step"] == double.state["step"] == 6
+    assert single.state["step"] == double.state["step"] == (8 if early else 6)
     for name, value in single.weights.items():
         np.testing.assert_allclose(double.weights[name].numpy(), value.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
     for name, state in single.optimizer.items():
