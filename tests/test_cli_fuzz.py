@@ -487,9 +487,11 @@ def command_train(rng: random.Random) -> Case:
     argv += flags(rng, table, rng.randrange(6))
     if rng.random() < 0.05:
         argv.append("--check-grads")  # compares gradients, writes nothing
+    elif rng.random() < 0.03:
+        argv += ["--find-lr", pick(rng, ["5", "12"], ["4", "0", "x", ""])]  # sweeps the rate, writes nothing
     outs = [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "--out"]
     out = "run" if resume else (outs[-1] if outs else None)
-    out = None if "--check-grads" in argv else out
+    out = None if "--check-grads" in argv or "--find-lr" in argv else out
     return Case(argv, outputs=[out] if out in ("new", "run") else [])
 
 

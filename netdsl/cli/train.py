@@ -34,6 +34,15 @@ def add_commands(commands, positive) -> None:
         action="store_true",
         help="compare autograd with finite differences (float64) on a few weights of every layer, then stop",
     )
+    train.add_argument(
+        "--find-lr",
+        type=positive,
+        nargs="?",
+        const=100,
+        metavar="STEPS",
+        help="sweep the rate from 1e-7 to 10 over STEPS steps (default 100) of the recipe's training, print the "
+        "loss against it and suggest an lr, then stop (nothing is written)",
+    )
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     add_flags(train)
 
@@ -124,6 +133,8 @@ def _train(args: argparse.Namespace) -> int:
             use_interpreter()  # the same kernels, interpreted on the CPU
     if args.check_grads:
         return _check_grads(graph, recipe)
+    if args.find_lr is not None:
+        return _find_lr(net, recipe, args)
     if args.resume is None:
         run = RunFolder(args.out or Path("runs") / graph.graph["name"])
         run.check_new()
@@ -169,6 +180,29 @@ def _train(args: argparse.Namespace) -> int:
             "--input IMAGE",
             file=sys.stderr,
         )
+    return 0
+
+
+def _find_lr(net: Path, recipe, args: argparse.Namespace) -> int:
+    from netdsl.runtime.devices import parse_devices
+    from netdsl.train.lr_find import HIGH, LOW, RateFinder, report
+    from netdsl.train.runs import RunFolder
+
+    if args.resume is not None:
+        raise NetError(
+            "--find-lr starts a sweep of its own, not a run's continuation",
+            where="--find-lr",
+            hint="give the net (and --weights RUN to sweep from a run's weights)",
+        )
+    if args.find_lr < 5:
+        raise NetError(f"--find-lr takes at least 5 steps, not {args.find_lr}", where="--find-lr", hint="--find-lr 100")
+    finder = RateFinder(net, recipe, RunFolder(Path(os.devnull)), devices=parse_devices(args.devices))
+    print(
+        f"sweeping {recipe.optimizer}'s rate from {LOW:g} to {HIGH:g} over {args.find_lr} steps of batch "
+        f"{recipe.batch} ({recipe.dtype}) on {len(finder.data.train):,} images; nothing is written",
+        file=sys.stderr,
+    )
+    print(report(finder.sweep(args.find_lr)))
     return 0
 
 
