@@ -26,7 +26,8 @@ difference over its norm, LOW_TOLERANCE per dtype (measured 1.2% in bf16, 0.17% 
 The emitted step files (`check_emitted`): FP32_TOLERANCE per output and gradient.
 
 About a quarter of the convs and fcs run PyTorch's backward (`backward=`, as a measured backward_choices table
-picks it), the rest netdsl's. The kernels run with their interpreter tiles by default; `small_tiles` gives them
+picks it), the rest netdsl's; half the nets run layers again in the backward pass (`recompute`, cheap or all),
+which must change nothing. The kernels run with their interpreter tiles by default; `small_tiles` gives them
 the smallest ones and split reductions, as on a GPU (`test_random_nets_on_small_tiles`).
 
 The generator (`random_net`, seeded) writes conv (groups, stride, dilation, padding n, (h, w), four sides,
@@ -616,10 +617,13 @@ class Case:
         chooser = random.Random(seed + 1)
         self.backward = {item.name: "torch" for item in layers(self.graph)
                          if item.op in ("conv", "fc") and chooser.random() < 0.25}  # fmt: skip
+        self.recompute = chooser.choice(["none", "none", "cheap", "all"])  # layers run again in the backward pass
 
     def train(self, monkeypatch, autocast: torch.dtype | None = None) -> list[dict]:
         """Per step: the loss, the gradients, and the weights, velocities and buffers after the update."""
-        module = GraphModule(self.graph, weights=self.weights, backend="triton", backward=self.backward).train()
+        module = GraphModule(
+            self.graph, weights=self.weights, backend="triton", backward=self.backward, recompute=self.recompute
+        ).train()
         r = self.recipe
         optimizer = FlatPaperSGD(param_groups(module.named_parameters(), r.lr_mults, r.decay_mults), r.lr[0],
                                  momentum=r.momentum, weight_decay=r.weight_decay, nesterov=r.nesterov)  # fmt: skip
@@ -643,12 +647,15 @@ class Case:
         optimizer.zero_grad()
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             logits = module.logits(self.x).float().flatten(1)
+        forward = list(drawn)
         loss = kernel_ops.cross_entropy(logits, self.y, r.smoothing)[0]
         loss.backward()
+        # a dropout run again in the backward pass draws its seed again, from the replayed random state
+        assert set(drawn[len(forward) :]) <= set(forward), "a recomputed dropout drew another seed"
         trained = [(name, param) for name, param in module.named_parameters() if param.requires_grad]
         grads = {name: param.grad.clone() for name, param in trained}
         optimizer.step()
-        self.seeds.append(list(drawn))
+        self.seeds.append(forward)
         state = {name: value.detach().clone() for name, value in module.state_dict().items()}
         velocity = {name: optimizer.state[param]["velocity"].clone() for name, param in trained}
         return {"loss": loss.detach().clone(), "grads": grads, "state": state, "velocity": velocity}

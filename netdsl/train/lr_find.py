@@ -24,6 +24,7 @@ import numpy as np
 from netdsl.errors import NetError
 from netdsl.train.data import loader
 from netdsl.train.loop import Trainer
+from netdsl.train.progress import Progress
 
 LOW, HIGH = 1e-7, 10.0  # the rates swept, first and last
 SMOOTHING = 0.9  # the moving average's weight of the past
@@ -95,33 +96,37 @@ class RateFinder(Trainer):
         found = Sweep()
         self.schedule = _Rates(rates(steps), self.recipe.lr)
         self.module.train()
-        epoch = 0
-        while len(found.rates) < steps:
-            batches = loader(
-                self.data.train,
-                batch=self.rank_batch,
-                seed=self.recipe.seed,
-                epoch=epoch,
-                augment=self.data.augment,
-                workers=self.recipe.workers,
-                drop_last=True,
-                pin_memory=self.device.type == "cuda",
-            )
-            for x, y in batches:
-                rate = self.schedule.at(len(found.rates))
-                try:
-                    loss, _ = self._train_step(x, y)
-                except _NotFiniteError as error:
-                    found.ended = f"the loss was {error.loss} at rate {rate:.3g}"
-                    return found
-                found.add(rate, loss)
-                if found.smoothed[-1] > BLOWN_UP * min(found.smoothed):
-                    found.ended = f"the loss had grown to {BLOWN_UP:g} times its lowest"
-                    return found
-                if len(found.rates) == steps:
-                    return found
-            epoch += 1
-        return found
+        progress = Progress(self.stream, steps, "sweeping the rate", self.world)  # a bar on a terminal
+        try:
+            epoch = 0
+            while len(found.rates) < steps:
+                for x, y in loader(
+                    self.data.train,
+                    batch=self.rank_batch,
+                    seed=self.recipe.seed,
+                    epoch=epoch,
+                    augment=self.data.augment,
+                    workers=self.recipe.workers,
+                    drop_last=True,
+                    pin_memory=self.device.type == "cuda",
+                ):
+                    rate = self.schedule.at(len(found.rates))
+                    try:
+                        loss, _ = self._train_step(x, y)
+                    except _NotFiniteError as error:
+                        found.ended = f"the loss was {error.loss} at rate {rate:.3g}"
+                        return found
+                    found.add(rate, loss)
+                    progress.advance()
+                    if found.smoothed[-1] > BLOWN_UP * min(found.smoothed):
+                        found.ended = f"the loss had grown to {BLOWN_UP:g} times its lowest"
+                        return found
+                    if len(found.rates) == steps:
+                        return found
+                epoch += 1
+            return found
+        finally:
+            progress.close()
 
     def _diverged(self, parts: list, rng: dict, loss: float) -> None:
         raise _NotFiniteError(loss)
