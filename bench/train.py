@@ -138,10 +138,18 @@ def cpu_table(
     return format_table(header, rows, left={0, 2})
 
 
-def gpu_table(batch: int, dtype: str, steps: int, warmup: int, repeats: int) -> list[str]:
+def gpu_table(
+    batch: int, dtype: str, steps: int, warmup: int, repeats: int, modes: tuple[str, ...] = ("none",)
+) -> list[str]:
+    """AlexNet's step: netdsl's with each `recompute` setting, PyTorch eager's and torch.compile's."""
     rows = []
+    ours = [
+        ("netdsl (GraphModule)" + (f", recompute {mode}" if mode != "none" else ""),
+         _netdsl_step("alexnet", batch, "cuda", dtype, mode))
+        for mode in modes
+    ]  # fmt: skip
     for name, step in (
-        ("netdsl (GraphModule)", _netdsl_step("alexnet", batch, "cuda", dtype)),
+        *ours,
         ("PyTorch eager", _torch_step("alexnet", batch, "cuda", dtype)),
         ("torch.compile", _torch_step("alexnet", batch, "cuda", dtype, compile_it=True)),
     ):
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(cpu_table(nets, batches, steps, warmup, repeats, args.recompute)))
     if gpu:
         print(f"\n# {torch.cuda.get_device_name()}")
-        print("\n".join(gpu_table(args.gpu_batch, "bf16", steps, warmup, repeats)))
+        print("\n".join(gpu_table(args.gpu_batch, "bf16", steps, warmup, repeats, args.recompute)))
     elif args.gpu:
         print("no CUDA GPU here: the GPU table is skipped (--smoke)")
     return 0
