@@ -115,15 +115,13 @@ def test_the_same_step_on_netdsls_kernels(recompute):
 def test_on_a_gpu_the_pass_again_takes_the_forward_passs_precision(tf32):
     """The module sets TF32 for its forward pass as `tf32` says; the backward pass runs under torch's own switches
     (cuDNN's convolutions in TF32 by default). The layers run again must compute as the forward pass did: the
-    logits exactly, the gradients to the order of cuDNN's atomic sums (TF32's error would be 1e-3)."""
+    logits, the running averages and the gradients to the order of the GPU's reduction orders (TF32's error would
+    be 1e-3)."""
     graph = graph_from_text(NET)
     gpu = {"gpu0": "cuda:0", "gpu1": "cuda:0"}
     want, got = step(graph, "none", devices=gpu, tf32=tf32), step(graph, "all", devices=gpu, tf32=tf32)
     for name, value in want.items():
-        if name == "logits" or "running" in name:
-            assert torch.equal(got[name], value), name
-        else:
-            assert (got[name] - value).abs().max() <= 1e-5 * value.abs().max(), name
+        assert (got[name] - value).abs().max() <= 1e-5 * value.abs().max(), name
 
 
 def kept(module: GraphModule, images: torch.Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
