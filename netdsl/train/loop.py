@@ -7,7 +7,8 @@ net's logits forward and the softmax cross-entropy backward with PyTorch autogra
 another where asked (netdsl.train.step), sets every weight group's rate from the schedule and steps the
 optimizer. Before a step changes any weight, the loss and every gradient are checked: a NaN or an
 infinity stops the run with the first layer where it appeared. After each epoch: validation, the
-schedule's plateau watch, the epoch's record, the checkpoints (the last, the best few) and the curves.
+schedule's plateau watch and early stopping's, the epoch's record, the checkpoints (the last, the best
+few) and the curves; `early_stop` ends the run there.
 Ctrl-C or SIGTERM: a checkpoint at the end of the current step, then a clean exit; a run stopped after
 an epoch's last step does that epoch's end when it resumes.
 
