@@ -269,6 +269,7 @@ def check_whole(path: Path, before: dict, context: str) -> None:
 WHOLE = ["1", "2", "3"]
 WHOLE_BAD = ["0", "-1", "-0", "nan", "inf", "1.5", "1e3", "", " ", "x", "\u00e9", "\u0663", "\u00b2", "0x10", "1_0"]
 WHOLE_BAD += ["9" * 30, "\udcff", "4294967296", "+1", "--", "-"]
+LONG = ("9" * 30, "\u0663", "4294967296")  # of WHOLE_BAD, valid as a number of epochs or steps: runs that long
 NUMBER = ["0.01", "0.5", "1e-3", "0.9"]
 NUMBER_BAD = ["0", "-1", "nan", "inf", "-inf", "1e400", "-0", "", "x", "1,2", "1e-400", "NaN", "Infinity", "0x1p-3"]
 NUMBER_BAD += ["1" + "0" * 400, "\u0663.5", "\udcff", "1e308"]
@@ -414,9 +415,9 @@ SETTINGS = {
     "--batch": lambda r: pick(r, ["2", "4", "12"], [*WHOLE_BAD, "100000"]),
     "--accumulate": lambda r: pick(r, ["1", "2", "4"], [*WHOLE_BAD, "3"]),
     "--recompute": ["none", "cheap", "all", "some", ""],
-    "--epochs": lambda r: pick(r, ["1"], WHOLE_BAD),
     # a valid huge count, or `none` (the default 90 epochs), trains for as long as it says: not drawn
-    "--steps": lambda r: pick(r, ["1", "2"], [value for value in WHOLE_BAD if value not in ("9" * 30, "\u0663")]),
+    "--epochs": lambda r: pick(r, ["1"], [value for value in WHOLE_BAD if value not in LONG]),
+    "--steps": lambda r: pick(r, ["1", "2"], [value for value in WHOLE_BAD if value not in LONG]),
     "--early-stop": lambda r: pick(r, ["1", "2", "none"], WHOLE_BAD),
     "--seed": ["0", "3", "4294967295", "4294967296", "-1", "x"],
     "--optimizer": ["sgd", "adamw", "adam", ""],
