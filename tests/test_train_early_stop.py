@@ -91,6 +91,7 @@ def test_a_run_stops_at_the_epoch_the_watch_says(tmp_path, scripted, capsys):
     patience of 2 ends the run of 10 epochs after epoch 4, its checkpoint the last, the best weights epoch 2's."""
     assert train(tmp_path, "run", "--epochs", "10", "--early-stop", "2") == 0
     err = capsys.readouterr().err
+    assert "10 epochs (40 steps; fewer if 2 validated in a row do not improve)" in err
     assert "stopped early after epoch 4: the validation error has not improved (by more than 0.1 points) for 2 " \
            "validated epochs (best 40.00% at epoch 2)" in err  # fmt: skip
     assert scripted == [0, 1, 2, 3]
@@ -133,6 +134,7 @@ def test_resuming_a_stopped_run(tmp_path, scripted, capsys):
     capsys.readouterr()
     assert main(["train", "--resume", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err
+    assert "10 epochs (40 steps; fewer if 2 validated in a row do not improve)" in err
     assert "stopped early after epoch 4" in err and "the run had already trained its 16 steps" in err
     assert main(["train", "--resume", str(tmp_path / "run"), "--early-stop", "3"]) == 0
     assert "stopped early after epoch 5" in capsys.readouterr().err

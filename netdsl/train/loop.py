@@ -756,7 +756,9 @@ class Trainer:
             + (f", recompute {recipe.recompute}" if recipe.recompute != "none" else "")
             + f", {self.total_epochs} "
             f"epoch{'' if self.total_epochs == 1 else 's'} "
-            f"({self.total_steps:,} steps), schedule {recipe.schedule}, {recipe.dtype}; run folder {self.run.path}"
+            f"({self.total_steps:,} steps"
+            + (f"; fewer if {recipe.early_stop} validated in a row do not improve" if recipe.early_stop else "")
+            + f"), schedule {recipe.schedule}, {recipe.dtype}; run folder {self.run.path}"
             + (f"; resuming at step {self.step}" if self.step else "")
         )
 
