@@ -60,7 +60,7 @@ from netdsl.train.runs import CURVES, METRICS, WEIGHTS, Metrics, RunFolder, Tens
 from netdsl.train.schedule import EarlyStop, Schedule
 from netdsl.train.start import Start, chosen_preprocess, saved_preprocess
 from netdsl.train.step import backward_in_parts, split
-from netdsl.train.world import World, lost_rank_error
+from netdsl.train.world import World, collective_failure, lost_rank_error
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LR_HINT = "lower the learning rate (--lr), add a warm-up (--warmup-epochs 1), or clip gradients (--clip-grad 5)"
@@ -170,7 +170,7 @@ class Trainer:
             self.total_steps = recipe.epochs * self.steps_per_epoch
         self.module = GraphModule(
             self.graph,
-            devices=_device_map(self.graph, devices, self.world),
+            devices=self.world.device_map(self.graph, devices),
             seed=recipe.seed,
             init=recipe.init,
             backend=recipe.backend,
@@ -465,7 +465,7 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
         except RuntimeError as error:
-            if self.world.distributed and _collective_failure(error):
+            if self.world.distributed and collective_failure(error):
                 raise lost_rank_error(error) from None
             raise
         finite = bool(torch.isfinite(loss))
@@ -775,20 +775,3 @@ class _Logits(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.logits(x)
-
-
-def _device_map(graph, devices, world: World):
-    """The torch device of each logical device: as given (`--devices`), else every partition on this
-    process's GPU(s) (rank r of a run with k devices per net takes GPUs r*k .. r*k+k-1) or the CPU."""
-    if devices is not None:
-        return devices
-    logical = list(dict.fromkeys(item.device for item in (graph.nodes[n]["layer"] for n in graph.nodes)))
-    if not torch.cuda.is_available():
-        return "cpu"
-    count = torch.cuda.device_count()
-    return {name: f"cuda:{(world.local_rank * len(logical) + i) % count}" for i, name in enumerate(logical)}
-
-
-def _collective_failure(error: RuntimeError) -> bool:
-    text = str(error).lower()
-    return any(word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))

@@ -107,6 +107,18 @@ class World:
             with _answered():
                 dist.barrier()
 
+    def device_map(self, graph, devices: dict[str, str] | str | None) -> dict[str, str] | str:
+        """The torch device of each logical device of `graph`: as given (`--devices`), else every partition
+        on this process's GPU(s) (rank r of a run with k devices per net takes GPUs r*k .. r*k+k-1) or the
+        CPU."""
+        if devices is not None:
+            return devices
+        logical = list(dict.fromkeys(item.device for item in (graph.nodes[n]["layer"] for n in graph.nodes)))
+        if not torch.cuda.is_available():
+            return "cpu"
+        count = torch.cuda.device_count()
+        return {name: f"cuda:{(self.local_rank * len(logical) + i) % count}" for i, name in enumerate(logical)}
+
 
 @contextlib.contextmanager
 def _answered():
@@ -114,6 +126,13 @@ def _answered():
         yield
     except RuntimeError as error:  # gloo's and NCCL's errors (DistBackendError among them) are RuntimeErrors
         raise lost_rank_error(error) from None
+
+
+def collective_failure(error: RuntimeError) -> bool:
+    """Whether an error raised inside a step (DDP's averaging in the backward pass) is a collective's that
+    failed: another rank died or stopped answering."""
+    text = str(error).lower()
+    return any(word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))
 
 
 def lost_rank_error(error: BaseException) -> NetError:
