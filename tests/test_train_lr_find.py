@@ -21,7 +21,7 @@ from train_support import TINY
 import netdsl
 from netdsl.cli.main import main
 from netdsl.runtime.weights import init_weights
-from netdsl.train import lr_find
+from netdsl.train import loop, lr_find
 from netdsl.train.lr_find import Sweep, rates, steepest
 
 PLAIN = ("--mean", "none", "--std", "false", "--no-flip", "--pca-noise", "0", "--workers", "0")
@@ -68,14 +68,14 @@ def test_the_suggestion_is_where_the_loss_falls_fastest():
 
 def record_batches(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     seen = []
-    real = lr_find.loader
+    real = loop.loader
 
     def recorded(*args, **kwargs):
         for x, y in real(*args, **kwargs):
             seen.append((x.clone(), y.clone()))
             yield x, y
 
-    monkeypatch.setattr(lr_find, "loader", recorded)
+    monkeypatch.setattr(loop, "loader", recorded)
     return seen
 
 
@@ -91,7 +91,7 @@ def capture_sweep(monkeypatch) -> list[Sweep]:
     return found
 
 
-def arrays(path: Path, count: int, nan_at: int | None = None) -> Path:
+def arrays(path: Path, count: int, nan_at: int | slice | None = None) -> Path:
     rng = np.random.default_rng(5)
     x = rng.standard_normal((count, 1, 8, 8)).astype(np.float32)
     if nan_at is not None:
@@ -164,6 +164,15 @@ def test_a_sweep_ends_at_a_non_finite_loss(tmp_path, monkeypatch, capsys):
     assert sweep.ended.startswith("the loss was nan at rate ") and len(sweep.rates) < 20
     assert all(math.isfinite(loss) for loss in sweep.losses)
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_first_step_that_is_not_finite_is_an_error(tmp_path, capsys):
+    """Every image holds a NaN: the first step's loss, at 1e-7, is no rate's doing and there is no curve to
+    read. It crashed the report (an argmin of nothing); now an error at the flag, exit 1."""
+    assert find(tmp_path, "--find-lr", "10", data=arrays(tmp_path / "nan.npz", 24, nan_at=slice(None))) == 1
+    err = capsys.readouterr().err
+    assert "--find-lr: error: the sweep's first step, at rate 1e-07, has a loss of nan" in err
+    assert "hint: look at the data and the starting weights" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(

@@ -409,19 +409,7 @@ class Trainer:
 
     def _epoch(self, metrics: Metrics | None, board: TensorBoard | None) -> None:
         recipe = self.recipe
-        batches = loader(
-            self.data.train,
-            batch=self.rank_batch,
-            seed=recipe.seed,
-            epoch=self.epoch,
-            start_batch=self.batch_in_epoch,
-            augment=self.data.augment,
-            workers=recipe.workers,
-            rank=self.world.rank,
-            world=self.world.size,
-            drop_last=True,
-            pin_memory=self.device.type == "cuda",
-        )
+        batches = self._training_batches(self.epoch, start_batch=self.batch_in_epoch)
         self.module.train()
         clock = [time.perf_counter(), 0]  # for images/s: since when, and this process's images since then
         progress = Progress(self.stream, len(batches), f"epoch {self.epoch + 1}/{self.total_epochs}", self.world)
@@ -447,6 +435,22 @@ class Trainer:
         if self.batch_in_epoch < self.steps_per_epoch:
             return  # the run ends inside this epoch
         self._end_of_epoch(metrics, board)
+
+    def _training_batches(self, epoch: int, start_batch: int = 0):
+        """This rank's shuffled, augmented batches of epoch `epoch` (from `start_batch` on)."""
+        return loader(
+            self.data.train,
+            batch=self.rank_batch,
+            seed=self.recipe.seed,
+            epoch=epoch,
+            start_batch=start_batch,
+            augment=self.data.augment,
+            workers=self.recipe.workers,
+            rank=self.world.rank,
+            world=self.world.size,
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         recipe = self.recipe

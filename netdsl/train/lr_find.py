@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from netdsl.errors import NetError
-from netdsl.train.data import loader
 from netdsl.train.loop import Trainer
 from netdsl.train.progress import Progress
 
@@ -100,20 +99,19 @@ class RateFinder(Trainer):
         try:
             epoch = 0
             while len(found.rates) < steps:
-                for x, y in loader(
-                    self.data.train,
-                    batch=self.rank_batch,
-                    seed=self.recipe.seed,
-                    epoch=epoch,
-                    augment=self.data.augment,
-                    workers=self.recipe.workers,
-                    drop_last=True,
-                    pin_memory=self.device.type == "cuda",
-                ):
+                for x, y in self._training_batches(epoch):
                     rate = self.schedule.at(len(found.rates))
                     try:
                         loss, _ = self._train_step(x, y)
                     except _NotFiniteError as error:
+                        if not found.rates:
+                            raise NetError(
+                                f"the sweep's first step, at rate {rate:g}, has a loss of {error.loss}: not the "
+                                "rate's doing (so small a rate has not moved the weights yet)",
+                                where="--find-lr",
+                                hint="look at the data and the starting weights: `netdsl train` on them names the "
+                                "first layer whose values are not finite",
+                            ) from None
                         found.ended = f"the loss was {error.loss} at rate {rate:.3g}"
                         return found
                     found.add(rate, loss)
