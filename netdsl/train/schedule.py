@@ -121,7 +121,7 @@ class Schedule:
         """Takes epoch `epoch`'s validation error (None: not measured; ignored). Only `plateau` uses it."""
         if self.kind != "plateau" or val_error is None:
             return
-        if self.best is None or val_error < self.best - self.threshold:
+        if improves(val_error, self.best, self.threshold):
             self.best = float(val_error)
             self.bad_epochs = 0
             return
@@ -189,7 +189,7 @@ class EarlyStop:
         """Takes epoch `epoch`'s validation error (None: not measured; ignored)."""
         if val_error is None:
             return
-        if self.best is None or val_error < self.best - self.threshold:
+        if improves(val_error, self.best, self.threshold):
             self.best, self.best_epoch, self.bad_epochs = float(val_error), int(epoch), 0
         else:
             self.bad_epochs += 1
@@ -213,6 +213,12 @@ class EarlyStop:
         self.best = None if state["best"] is None else float(state["best"])
         self.best_epoch = None if state["best_epoch"] is None else int(state["best_epoch"])
         self.bad_epochs = int(state["bad_epochs"])
+
+
+def improves(error: float, best: float | None, threshold: float) -> bool:
+    """The rule plateau and early stopping share: an epoch improves when its validation error is below the
+    best so far by more than `threshold` (the first measured epoch always does)."""
+    return best is None or error < best - threshold
 
 
 def _real(value) -> bool:
