@@ -419,6 +419,7 @@ SETTINGS = {
     "--epochs": lambda r: pick(r, ["1"], [value for value in WHOLE_BAD if value not in LONG]),
     "--steps": lambda r: pick(r, ["1", "2"], [value for value in WHOLE_BAD if value not in LONG]),
     "--early-stop": lambda r: pick(r, ["1", "2", "none"], WHOLE_BAD),
+    "--ema": lambda r: pick(r, ["0.5", "0.999", "none"], [*NUMBER_BAD, "1", "1.5"]),
     "--seed": ["0", "3", "4294967295", "4294967296", "-1", "x"],
     "--optimizer": ["sgd", "adamw", "adam", ""],
     "--lr": lambda r: pick(r, NUMBER, NUMBER_BAD),

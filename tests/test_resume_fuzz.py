@@ -217,6 +217,8 @@ def draw_case(rng: random.Random, kernels: bool = False) -> Case:
         case.flags += ["--recompute", rng.choice(["cheap", "all"])]
     if rng.random() < 0.3 and (case.val_images or float(flag(case.flags, "--val-fraction"))):
         case.flags += ["--early-stop", str(rng.randint(1, 2))]  # where it stops, the straight run tells
+    if rng.random() < 0.3:
+        case.flags += ["--ema", str(rng.choice([0.5, 0.9, 0.99]))]
     return case
 
 
@@ -401,6 +403,7 @@ def assert_same_checkpoints(one: Path, two: Path, length_may_differ: bool = Fals
     for mine, theirs, what in [
         (first.weights, second.weights, "weight"),
         (first.rng, second.rng, "random state"),
+        (first.live, second.live, "live weight"),  # with `ema` (`weights` are then the average)
     ]:
         assert mine.keys() == theirs.keys(), (one.name, what)
         for name, value in mine.items():
@@ -469,6 +472,7 @@ def test_the_generator_is_reproducible_and_varied():
     assert {flag(case.flags, "--accumulate", "1") for case in cases} == {"1", "2"}
     assert {flag(case.flags, "--recompute", "none") for case in cases} == {"none", "cheap", "all"}
     assert {flag(case.flags, "--early-stop", "none") for case in cases} == {"none", "1", "2"}
+    assert {flag(case.flags, "--ema", "none") for case in cases} == {"none", "0.5", "0.9", "0.99"}
     assert any("towers" in case.net for case in cases) and any("softmax" in case.net for case in cases)
 
 

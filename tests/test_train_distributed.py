@@ -100,9 +100,10 @@ def test_two_processes_with_half_batches_equal_one_process(tmp_path, digits_like
     over the processes after the last; its chains run again in the backward passes with `recompute`) and as
     1 x 16, with flips and colour noise drawn per image; weights and momentum agree to float32 rounding of
     the averaged sums. `early`: 12 steps, but every process stops after epoch 2 (of 4 steps each), as no
-    epoch can beat the first by 99 points."""
+    epoch can beat the first by 99 points; and each process keeps an average of the weights (`ema`), which
+    rank 0 saves as the weights, the live ones beside it."""
     one, two = tmp_path / "one", tmp_path / "two"
-    stop = ("--steps", "12", "--early-stop", "1", "--threshold", "0.99") if early else ()
+    stop = ("--steps", "12", "--early-stop", "1", "--threshold", "0.99", "--ema", "0.7") if early else ()
     assert main(["train", *_args(digits_like, one, *stop)]) == 0
     extra = ("--accumulate", str(parts), "--recompute", recompute, *stop)
     results = _finish(_start(2, _args(digits_like, two, *extra), tmp_path))
@@ -112,8 +113,10 @@ def test_two_processes_with_half_batches_equal_one_process(tmp_path, digits_like
     assert ("stopped early after epoch 2" in results[0][1]) is early
     single, double = (load_checkpoint(run / "checkpoints" / "last.ckpt") for run in (one, two))
     assert single.state["step"] == double.state["step"] == (8 if early else 6)
-    for name, value in single.weights.items():
-        np.testing.assert_allclose(double.weights[name].numpy(), value.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+    assert single.live.keys() == double.live.keys() and bool(single.live) is early
+    for name, value in [*single.weights.items(), *(("live:" + k, v) for k, v in single.live.items())]:
+        got = double.live[name[5:]] if name.startswith("live:") else double.weights[name]
+        np.testing.assert_allclose(got.numpy(), value.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
     for name, state in single.optimizer.items():
         got, want = double.optimizer[name]["velocity"].numpy(), state["velocity"].numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=name)

@@ -7,6 +7,8 @@ killed while writing leaves the previous checkpoint whole):
   is also a weights file, `netdsl run --weights RUN/checkpoints/last.ckpt` reads it;
 - the optimizer's state under `optim:<weight name>:<key>` (momentum buffers: `velocity`);
 - every random number generator's state under `rng:<name>` (torch's CPU generator, each CUDA device's);
+- with `ema`, the optimizer's own weights under `live:<name>`, the average of them under the weights' names
+  (netdsl.train.average);
 - in the file's metadata, as JSON: `netdsl.checkpoint` (format, epoch, step, position in the epoch, the
   loss and accuracy sums of the epoch and of the log interval so far, schedule state, the best
   checkpoints so far, the resolved recipe, the net's fingerprint) and
@@ -34,6 +36,7 @@ STATE_KEY = "netdsl.checkpoint"
 PREPROCESS_KEY = "netdsl.preprocess"
 OPTIM_PREFIX = "optim:"
 RNG_PREFIX = "rng:"
+LIVE_PREFIX = "live:"
 EARLIER_CHECKPOINT = "an earlier checkpoint of the run may still be whole (checkpoints/)"  # the damaged one's hint
 
 
@@ -44,6 +47,8 @@ class Checkpoint:
     rng: dict[str, torch.Tensor]  # generator name -> state
     state: dict = field(default_factory=dict)  # JSON: epoch, step, schedule, best, recipe, ...
     preprocess: str | None = None  # JSON of netdsl.train.data.Preprocess
+    live: dict[str, torch.Tensor] = field(default_factory=dict)  # with `ema`: the optimizer's weights (`weights`:
+    # their average)
 
 
 def save_checkpoint(paths: list[Path], checkpoint: Checkpoint) -> None:
@@ -56,6 +61,8 @@ def save_checkpoint(paths: list[Path], checkpoint: Checkpoint) -> None:
             tensors[f"{OPTIM_PREFIX}{name}:{key}"] = _plain(torch.as_tensor(value))
     for name, value in checkpoint.rng.items():
         tensors[f"{RNG_PREFIX}{name}"] = _plain(value)
+    for name, value in checkpoint.live.items():
+        tensors[f"{LIVE_PREFIX}{name}"] = _plain(value)
     metadata = {STATE_KEY: json.dumps({"format": FORMAT, **checkpoint.state}, sort_keys=True)}
     if checkpoint.preprocess is not None:
         metadata[PREPROCESS_KEY] = checkpoint.preprocess
@@ -123,6 +130,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
                     hint=EARLIER_CHECKPOINT,
                 )
             checkpoint.rng[name[len(RNG_PREFIX) :]] = value
+        elif name.startswith(LIVE_PREFIX):
+            checkpoint.live[name[len(LIVE_PREFIX) :]] = value
         else:
             checkpoint.weights[name] = value
     return checkpoint
@@ -141,24 +150,27 @@ def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, s
 
 def check_tensors(checkpoint: Checkpoint, state: Mapping[str, torch.Tensor], path: Path) -> None:
     """That the checkpoint at `path` holds each tensor of the module's `state` (weights, batch-norm statistics) in
-    its shape, and nothing else: a NetError naming the first that differs (a damaged or edited file)."""
-    for name in sorted(set(state) | set(checkpoint.weights)):
-        if name not in checkpoint.weights or name not in state:
-            missing = name not in checkpoint.weights
-            raise NetError(
-                f"the checkpoint {'lacks' if missing else 'holds'} `{name}`, which the net "
-                f"{'has' if missing else 'does not have'}",
-                where=str(path),
-                hint=EARLIER_CHECKPOINT,
-            )
-        saved, wanted = tuple(checkpoint.weights[name].shape), tuple(state[name].shape)
-        if saved != wanted:
-            raise NetError(
-                f"the checkpoint's `{name}` is {format_shape(saved)}, the net's {format_shape(wanted)}",
-                where=str(path),
-                hint=EARLIER_CHECKPOINT,
-            )
-
+    its shape, and nothing else (and so do its live weights, where it has them): a NetError naming the first that
+    differs (a damaged or edited file)."""
+    for prefix, tensors in (("", checkpoint.weights), (LIVE_PREFIX, checkpoint.live)):
+        if prefix and not tensors:
+            continue
+        for name in sorted(set(state) | set(tensors)):
+            if name not in tensors or name not in state:
+                missing = name not in tensors
+                raise NetError(
+                    f"the checkpoint {'lacks' if missing else 'holds'} `{prefix}{name}`, which the net "
+                    f"{'has' if missing else 'does not have'}",
+                    where=str(path),
+                    hint=EARLIER_CHECKPOINT,
+                )
+            saved, wanted = tuple(tensors[name].shape), tuple(state[name].shape)
+            if saved != wanted:
+                raise NetError(
+                    f"the checkpoint's `{prefix}{name}` is {format_shape(saved)}, the net's {format_shape(wanted)}",
+                    where=str(path),
+                    hint=EARLIER_CHECKPOINT,
+                )
 
 
 def load_optimizer_state(

@@ -8,7 +8,8 @@ another where asked (netdsl.train.step), sets every weight group's rate from the
 optimizer. Before a step changes any weight, the loss and every gradient are checked: a NaN or an
 infinity stops the run with the first layer where it appeared. After each epoch: validation, the
 schedule's plateau watch and early stopping's, the epoch's record, the checkpoints (the last, the best
-few) and the curves; `early_stop` ends the run there.
+few) and the curves; `early_stop` ends the run there. With `ema`, an average of the weights follows each
+step, and validation and the saved weights are the average's (netdsl.train.average).
 Ctrl-C or SIGTERM: a checkpoint at the end of the current step, then a clean exit; a run stopped after
 an epoch's last step does that epoch's end when it resumes.
 
@@ -39,6 +40,7 @@ from netdsl.ir import layer
 from netdsl.lang.frontend import load_graph
 from netdsl.runtime.module import GraphModule
 from netdsl.runtime.weights import save_weights
+from netdsl.train.average import WeightAverage
 from netdsl.train.checkpoint import (
     EARLIER_CHECKPOINT,
     Checkpoint,
@@ -206,6 +208,7 @@ class Trainer:
             warmup_epochs=recipe.warmup_epochs,
         )
         self.early = EarlyStop(recipe.early_stop, recipe.threshold)
+        self.average = WeightAverage(recipe.ema)  # what validation measures and the run saves, with `ema`
         self.device = next(iter(self.module.devices.values()))
         self.scaler = torch.amp.GradScaler(self.device.type) if recipe.dtype == "fp16" else None
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
@@ -305,7 +308,8 @@ class Trainer:
                 hint="resume with the net the run was started with",
             )
         check_tensors(saved, self.module.state_dict(), self.run.last)
-        self.module.load_state_dict({name: value for name, value in saved.weights.items()}, strict=True)
+        self.module.load_state_dict(saved.live or saved.weights, strict=True)  # with `ema`, `weights` average them
+        self.average.load(saved.weights, saved.live, self.module)
         load_optimizer_state(self.optimizer, self.names, saved.optimizer, self.run.last)
         try:
             self.schedule.load_state_dict(state["schedule"])
@@ -486,6 +490,7 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        self.average.update(self.module)
         correct = int((logits.argmax(dim=1) == y.to(logits.device)).sum())
         return loss.item(), correct
 
@@ -560,7 +565,7 @@ class Trainer:
             world=self.world.size,
         )
         shown = Meter(self.stream, len(self.data.val), "validating", self.world, plain=False)  # a bar on a terminal
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self._autocast(), self.average.applied(self.module):
             for x, y in batches:
                 shown.advance(len(y) * self.world.size)
                 if len(y) == 0:
@@ -632,13 +637,9 @@ class Trainer:
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
-        checkpoint = Checkpoint(
-            {name: value for name, value in self.module.state_dict().items()},
-            optimizer_state_by_name(self.optimizer, self.names),
-            rng,
-            state,
-            self.data.preprocess.to_json(),
-        )
+        weights, live = self.average.saved(self.module.state_dict())
+        optimizer = optimizer_state_by_name(self.optimizer, self.names)
+        checkpoint = Checkpoint(weights, optimizer, rng, state, self.data.preprocess.to_json(), live)
         if not self.best or (best_epoch is not None and self.best[0][1] == best_epoch):
             # weights.safetensors: the best weights so far, or the last ones while nothing was validated; before
             # the checkpoint, so that a run killed between the two and resumed from the checkpoint has them
@@ -758,6 +759,7 @@ class Trainer:
             f"  {recipe.optimizer} lr {recipe.lr:g}, batch {recipe.batch}"
             + (f" (in {recipe.accumulate} parts of {self.part_batch})" if recipe.accumulate > 1 else "")
             + (f", recompute {recipe.recompute}" if recipe.recompute != "none" else "")
+            + (f", validating and saving an average of the weights (ema {recipe.ema:g})" if recipe.ema else "")
             + f", {self.total_epochs} "
             f"epoch{'' if self.total_epochs == 1 else 's'} "
             f"({self.total_steps:,} steps"

@@ -118,6 +118,10 @@ class Recipe:
         '`decay_mult "*.bias" = 0`: no decay on biases', name="decay_mult", low=0)
     clip_grad: float = setting("number", 0.0, "L2 norm", "gradients whose norm (all weights together) is larger "
                                "are scaled down to it; 0: off", low=0)
+    ema: float | None = setting("number", None, "decay", "keep an exponential moving average of the weights, "
+                                "a <- ema*a + (1-ema)*w after each step (about 1/(1-ema) steps long), which "
+                                "validation measures and the run saves as its weights; `none`: the weights "
+                                "themselves", low=0, high=1, above=True, below=True, words=(("none", None),))
     # --- the learning rate's schedule ------------------------------------------------------------------
     schedule: str = setting("choice", "plateau", "", "`constant`; `step`: times gamma every step_epochs; "
                             "`multistep`: times gamma at each milestone; `cosine`: down to cosine_floor at the "
