@@ -22,6 +22,7 @@ from train_support import NORMED
 from netdsl.cli.main import main
 from netdsl.lang.frontend import load_graph
 from netdsl.runtime.module import GraphModule
+from netdsl.runtime.weights import load_weights
 from netdsl.train import loop
 from netdsl.train.average import WeightAverage
 from netdsl.train.checkpoint import load_checkpoint
@@ -130,6 +131,15 @@ def test_validation_measures_the_average_and_the_run_keeps_it(tmp_path):
     best = load_checkpoint(tmp_path / "run" / "checkpoints" / saved.state["best"][0][2])
     assert best.state["epoch"] == best_epoch + 1 and best.live
     assert_equal(load_file(tmp_path / "run" / "weights.safetensors"), best.weights)
+
+
+def test_a_checkpoint_read_as_a_weights_file_is_the_average(tmp_path):
+    """`netdsl run --weights RUN/checkpoints/last.ckpt` (and eval, export, a fine-tuning start) reads the average,
+    the weights validation measured; the live weights are left out with the optimizer's state."""
+    assert train(tmp_path, "run", "--epochs", "1", "--ema", str(DECAY)) == 0
+    saved = last(tmp_path, "run")
+    read = load_weights(tmp_path / "run" / "checkpoints" / "last.ckpt", load_graph(tmp_path / "normed.net"))
+    assert_equal({name: torch.from_numpy(value) for name, value in read.items()}, saved.weights)
 
 
 def test_a_resumed_run_averages_as_the_straight_run(tmp_path):
