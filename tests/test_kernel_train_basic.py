@@ -146,6 +146,59 @@ def test_cross_entropy_is_deterministic_and_flags_bad_targets(gen):
     assert torch.isfinite(bad[0]) and bad[1:].isnan().all()
 
 
+def soft_targets(rows: int, classes: int, gen: torch.Generator) -> torch.Tensor:
+    """Rows as a mixed batch gives them, lam * onehot(a) + (1 - lam) * onehot(b), and (every third row) weights
+    on every class that do not sum to 1, which PyTorch's loss takes as they are."""
+    lam = torch.rand(rows, 1, generator=gen, dtype=torch.float64)
+    first, second = (torch.randint(0, classes, (rows,), generator=gen) for _ in range(2))
+    target = lam * F.one_hot(first, classes) + (1 - lam) * F.one_hot(second, classes)
+    target[::3] = torch.rand(len(target[::3]), classes, generator=gen, dtype=torch.float64) * 3 / classes
+    return target.to(DEVICE, torch.float32)
+
+
+def soft_reference(logits: torch.Tensor, target: torch.Tensor, smoothing: float):
+    wide = logits.double().requires_grad_()
+    loss = F.cross_entropy(wide, target.double(), label_smoothing=smoothing)
+    loss.backward()
+    losses = F.cross_entropy(logits.double(), target.double(), label_smoothing=smoothing, reduction="none")
+    return loss.detach(), losses, wide.grad
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1], ids=["plain", "smoothed"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CE_SHAPES, ids=lambda shape: "x".join(map(str, shape)))
+def test_cross_entropy_against_target_weights_matches_torch(shape, dtype, smoothing, gen):
+    """A row of target weights per row of logits (a mixed batch's, `mixup` and `cutmix`): PyTorch's loss with
+    probabilities as targets."""
+    logits = randn(shape, gen, dtype, scale=3.0)
+    target = soft_targets(*shape, gen)
+    loss, losses, grad = soft_reference(logits, target, smoothing)
+    result = cross_entropy(logits, target, label_smoothing=smoothing)
+    check_fp32(result.loss, loss)
+    check_fp32(result.losses, losses)
+    check(result.grad, grad, dtype)
+
+
+@pytest.mark.parametrize("config", CE_CONFIGS, ids=lambda config: f"{config.BLOCK_N}x{config.BLOCK_K}")
+def test_cross_entropy_against_target_weights_with_each_gpu_tile_and_strided_views(config, gen):
+    """The GPU's tiles; the logits and the targets column slices, the gradient written into one; a one-hot row
+    gives what the class index gives."""
+    logits = randn((5, 1010), gen, torch.bfloat16, scale=3.0)[:, 4:1004]
+    target = torch.cat([soft_targets(5, 1000, gen), torch.zeros(5, 3, device=DEVICE)], 1)[:, :1000]
+    buffer = torch.full((5, 1003), 7.0, device=DEVICE, dtype=torch.bfloat16)
+    result = cross_entropy(logits, target, label_smoothing=0.1, config=config, grad=buffer[:, 2:1002])
+    loss, losses, grad = soft_reference(logits, target, 0.1)
+    check_fp32(result.loss, loss)
+    check_fp32(result.losses, losses)
+    check(buffer[:, 2:1002], grad, torch.bfloat16)
+    assert (buffer[:, :2] == 7.0).all() and (buffer[:, 1002:] == 7.0).all(), "wrote outside the gradient slice"
+    labels = torch.randint(0, 1000, (5,), generator=gen).to(DEVICE)
+    hard = cross_entropy(logits, labels, label_smoothing=0.1, config=config)
+    soft = cross_entropy(logits, F.one_hot(labels, 1000).float(), label_smoothing=0.1, config=config)
+    check_fp32(soft.losses, hard.losses.double())
+    torch.testing.assert_close(soft.grad, hard.grad, **TOLERANCES[torch.bfloat16])
+
+
 def test_cross_entropy_rejects_bad_arguments(gen):
     logits = randn((4, 10), gen)
     target = torch.randint(0, 10, (4,), generator=gen).to(DEVICE)

@@ -56,6 +56,14 @@ def cross_entropy_requests(dtype: torch.dtype) -> dict[str, CompileRequest]:
             pointers,
             {"smoothing": "fp32", "grad_scale": "fp32"},
         )
+        soft = {**constexprs, "stride_tk": 1}
+        requests[f"soft_cross_entropy-{config.BLOCK_N}x{config.BLOCK_K}-{t}"] = request(
+            cross_entropy.soft_cross_entropy_kernel,
+            soft,
+            config.num_warps,
+            {**pointers, "target_ptr": "*fp32"},
+            {"smoothing": "fp32", "grad_scale": "fp32"},
+        )
     return requests
 
 
@@ -153,6 +161,7 @@ def test_kernel_fits_sm90(name, resources):
     "kernel",
     [
         cross_entropy.cross_entropy_kernel,
+        cross_entropy.soft_cross_entropy_kernel,
         cross_entropy.fixed_order_mean_kernel,
         dropout.dropout_kernel,
         batchnorm_train.batchnorm_partials_kernel,
