@@ -219,6 +219,8 @@ def draw_case(rng: random.Random, kernels: bool = False) -> Case:
         case.flags += ["--early-stop", str(rng.randint(1, 2))]  # where it stops, the straight run tells
     if rng.random() < 0.3:
         case.flags += ["--ema", str(rng.choice([0.5, 0.9, 0.99]))]
+    if rng.random() < 0.3:
+        case.flags += rng.choice([["--mixup", "0.4"], ["--cutmix", "1"], ["--mixup", "1", "--cutmix", "1"]])
     return case
 
 
@@ -473,6 +475,8 @@ def test_the_generator_is_reproducible_and_varied():
     assert {flag(case.flags, "--recompute", "none") for case in cases} == {"none", "cheap", "all"}
     assert {flag(case.flags, "--early-stop", "none") for case in cases} == {"none", "1", "2"}
     assert {flag(case.flags, "--ema", "none") for case in cases} == {"none", "0.5", "0.9", "0.99"}
+    mixes = {(flag(case.flags, "--mixup", "0"), flag(case.flags, "--cutmix", "0")) for case in cases}
+    assert mixes == {("0", "0"), ("0.4", "0"), ("0", "1"), ("1", "1")}
     assert any("towers" in case.net for case in cases) and any("softmax" in case.net for case in cases)
 
 

@@ -1,7 +1,8 @@
 """The training loop: a net, a resolved recipe and a run folder in; trained weights, checkpoints and
 metrics out.
 
-One `Trainer` per process. Each step reads a batch (this rank's share of it under torchrun), runs the
+One `Trainer` per process. Each step reads a batch (this rank's share of it under torchrun; mixed within
+itself with `mixup` or `cutmix`, netdsl.train.mix), runs the
 net's logits forward and the softmax cross-entropy backward with PyTorch autograd over the layer graph
 (`netdsl.runtime.module.GraphModule`, every layer on its own device), in `accumulate` parts one after
 another where asked (netdsl.train.step), sets every weight group's rate from the schedule and steps the
@@ -55,6 +56,7 @@ from netdsl.train.checkpoint import (
 from netdsl.train.data import DataSplit, batches_per_epoch, loader, open_data, view_loader
 from netdsl.train.diagnose import compiled_gradients_differ, first_non_finite_in_parts
 from netdsl.train.evaluate import Tally, probabilities
+from netdsl.train.mix import Mixing
 from netdsl.train.optim import make_optimizer, param_groups, set_learning_rate
 from netdsl.train.progress import Meter, Progress, epoch_line
 from netdsl.train.recipe import Recipe
@@ -209,6 +211,7 @@ class Trainer:
         )
         self.early = EarlyStop(recipe.early_stop, recipe.threshold)
         self.average = WeightAverage(recipe.ema)  # what validation measures and the run saves, with `ema`
+        self.mixing = Mixing(recipe.mixup, recipe.cutmix, recipe.seed)
         self.device = next(iter(self.module.devices.values()))
         self.scaler = torch.amp.GradScaler(self.device.type) if recipe.dtype == "fp16" else None
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
@@ -463,6 +466,8 @@ class Trainer:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if recipe.channels_last and self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.mixing:  # y: then a row of weights per image, its top-1 against the label of the larger share
+            x, y = self.mixing(x, y, self.classes, self.epoch, self.batch_in_epoch, self.world.rank)
         parts = split(x, y, recipe.accumulate)
         before = rng_states()
         self.optimizer.zero_grad(set_to_none=True)
@@ -491,7 +496,8 @@ class Trainer:
         else:
             self.optimizer.step()
         self.average.update(self.module)
-        correct = int((logits.argmax(dim=1) == y.to(logits.device)).sum())
+        labels = y.argmax(dim=1) if y.dim() > 1 else y
+        correct = int((logits.argmax(dim=1) == labels.to(logits.device)).sum())
         return loss.item(), correct
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -760,6 +766,7 @@ class Trainer:
             + (f" (in {recipe.accumulate} parts of {self.part_batch})" if recipe.accumulate > 1 else "")
             + (f", recompute {recipe.recompute}" if recipe.recompute != "none" else "")
             + (f", validating and saving an average of the weights (ema {recipe.ema:g})" if recipe.ema else "")
+            + self.mixing.describe()
             + f", {self.total_epochs} "
             f"epoch{'' if self.total_epochs == 1 else 's'} "
             f"({self.total_steps:,} steps"

@@ -99,7 +99,8 @@ class RateFinder(Trainer):
         try:
             epoch = 0
             while len(found.rates) < steps:
-                for x, y in self._training_batches(epoch):
+                for index, (x, y) in enumerate(self._training_batches(epoch)):
+                    self.epoch, self.batch_in_epoch = epoch, index  # where the step is: what `mixup` draws from
                     rate = self.schedule.at(len(found.rates))
                     try:
                         loss, _ = self._train_step(x, y)

@@ -161,6 +161,11 @@ class Recipe:
     flip: bool = setting("bool", True, "", "random horizontal flips while training")
     pca_noise: float = setting("number", 0.1, "std", "the paper's colour noise: the std of each alpha along the "
                                "principal components of the training set's RGB colours; 0: off", low=0)
+    mixup: float = setting("number", 0.0, "alpha", "blend each training image with another of its batch, and the "
+                           "labels alike, by a share drawn from Beta(alpha, alpha) each batch; 0: off", low=0)
+    cutmix: float = setting("number", 0.0, "alpha", "paste a box of another image of its batch into each training "
+                            "image, the labels weighted by area (the share drawn from Beta(alpha, alpha) each "
+                            "batch); 0: off; with mixup too, each batch takes one of the two", low=0)
     mean: tuple[float, ...] | str | None = setting(
         "numbers", "auto", "0..255", "subtracted per channel: `auto`: the training set's mean (the starting "
         "`weights`' own, where they carry one); `none`: nothing; or one value per channel", lengths=(1, 3),
