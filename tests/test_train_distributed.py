@@ -150,9 +150,11 @@ def test_resume_under_two_processes(tmp_path, digits_like):
     """A two-process run stopped after 3 steps (inside its first epoch of 4) and resumed by two processes ends
     as one that ran 6: the same weights, and the same epoch record, whose loss and top-1 sum each rank's share
     of the steps before the stop too. (The schedule is constant: a cosine one follows the run's planned length,
-    which --steps changes.)"""
+    which --steps changes.) Each process mixes its share of every batch (`mixup`), by the batch's place and the
+    process's rank."""
     straight, parts = tmp_path / "straight", tmp_path / "parts"
-    for run, extra in ((straight, ("--schedule", "constant")), (parts, ("--schedule", "constant", "--steps", "3"))):
+    mixed = ("--schedule", "constant", "--mixup", "0.4")  # each rank mixes its share: from its rank, as resumed
+    for run, extra in ((straight, mixed), (parts, (*mixed, "--steps", "3"))):
         for rank, (code, err) in enumerate(_finish(_start(2, _args(digits_like, run, *extra), tmp_path))):
             assert code == 0, f"rank {rank}:\n{err}"
     resume = ["--resume", str(parts), "--steps", "6", "--workers", "0"]

@@ -27,7 +27,8 @@ The emitted step files (`check_emitted`): FP32_TOLERANCE per output and gradient
 
 About a quarter of the convs and fcs run PyTorch's backward (`backward=`, as a measured backward_choices table
 picks it), the rest netdsl's; half the nets run layers again in the backward pass (`recompute`, cheap or all),
-which must change nothing. The kernels run with their interpreter tiles by default; `small_tiles` gives them
+which must change nothing; a quarter train on a mixed batch's targets (a row of class weights per image, as
+`mixup` and `cutmix` give the loss). The kernels run with their interpreter tiles by default; `small_tiles` gives them
 the smallest ones and split reductions, as on a GPU (`test_random_nets_on_small_tiles`).
 
 The generator (`random_net`, seeded) writes conv (groups, stride, dilation, padding n, (h, w), four sides,
@@ -541,7 +542,11 @@ def reference_logits(
 
 
 def reference_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """The mean smoothed cross-entropy against class indices, or against a row of target weights per image."""
     lse = logits.logsumexp(1)
+    if target.is_floating_point():
+        wanted = (1 - smoothing) * target.to(logits.dtype) + smoothing / logits.shape[1]
+        return (wanted * (lse[:, None] - logits)).sum(1).mean()
     picked = logits.gather(1, target[:, None])[:, 0]
     return (lse - (1 - smoothing) * picked - smoothing * logits.mean(1)).mean()
 
@@ -619,6 +624,10 @@ class Case:
         self.backward = {item.name: "torch" for item in layers(self.graph)
                          if item.op in ("conv", "fc") and chooser.random() < 0.25}  # fmt: skip
         self.recompute = chooser.choice(["none", "none", "cheap", "all"])  # layers run again in the backward pass
+        if chooser.random() < 0.25:  # a mixed batch's targets (mixup, cutmix): a row of class weights per image
+            share, partners = chooser.random(), torch.tensor(chooser.sample(range(len(self.y)), len(self.y)))
+            own = F.one_hot(self.y, classes).float()
+            self.y = share * own + (1 - share) * own[partners]
 
     def train(self, monkeypatch, autocast: torch.dtype | None = None) -> list[dict]:
         """Per step: the loss, the gradients, and the weights, velocities and buffers after the update."""
