@@ -422,6 +422,7 @@ SETTINGS = {
     "--ema": lambda r: pick(r, ["0.5", "0.999", "none"], [*NUMBER_BAD, "1", "1.5"]),
     "--mixup": lambda r: pick(r, ["0", "0.2", "1"], ["-1", "nan", "inf", "", "x"]),
     "--cutmix": lambda r: pick(r, ["0", "1"], ["-1", "nan", "inf", "", "x"]),
+    "--checkpoint-every": lambda r: pick(r, ["1", "2", "none"], WHOLE_BAD),
     "--seed": ["0", "3", "4294967295", "4294967296", "-1", "x"],
     "--optimizer": ["sgd", "adamw", "adam", ""],
     "--lr": lambda r: pick(r, NUMBER, NUMBER_BAD),

@@ -221,6 +221,8 @@ def draw_case(rng: random.Random, kernels: bool = False) -> Case:
         case.flags += ["--ema", str(rng.choice([0.5, 0.9, 0.99]))]
     if rng.random() < 0.3:
         case.flags += rng.choice([["--mixup", "0.4"], ["--cutmix", "1"], ["--mixup", "1", "--cutmix", "1"]])
+    if rng.random() < 0.3:  # checkpoints inside epochs too: the stops resume from the latest
+        case.flags += ["--checkpoint-every", str(rng.randint(1, 3))]
     return case
 
 

@@ -438,6 +438,9 @@ class Trainer:
                 raise StoppedError(self._signal, self.step, self._checkpoint(metrics))
             if self.step >= self.total_steps:
                 break
+            every = recipe.checkpoint_every
+            if every and self.step % every == 0 and self.batch_in_epoch < self.steps_per_epoch:
+                self._checkpoint(metrics)  # (after an epoch's last step, its end writes one)
         progress.close()
         if self.batch_in_epoch < self.steps_per_epoch:
             return  # the run ends inside this epoch

@@ -184,6 +184,9 @@ class Recipe:
                          "corners and centre, each flipped, softmax averaged)", choices=(1, 10))
     keep_best: int = setting("int", 3, "checkpoints", "the best checkpoints kept (by validation top-1) beside "
                              "the last; `0`: none, and `weights.safetensors` holds the last weights", low=0)
+    checkpoint_every: int | None = setting("int", None, "steps", "also write the last checkpoint every this many "
+                                           "steps (a crash then loses fewer); `none`: after each epoch (and on "
+                                           "Ctrl-C or SIGTERM) only", low=1, words=(("none", None),))
     log_every: int = setting("int", 50, "steps", "a line of training loss and accuracy every this many steps",
                              low=1)
     # --- how it runs -----------------------------------------------------------------------------------
