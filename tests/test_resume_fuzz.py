@@ -4,8 +4,9 @@ Each case draws (seeded) a tiny net with dropout and batch norm, a tiny .npz dat
 and a recipe: sgd (momentum, Nesterov, weight decay, lr and decay multipliers) or adamw; a constant, step,
 multistep, cosine or plateau schedule with or without a warm-up; --steps or --epochs; --val-every,
 --keep-best, --clip-grad, --label-smoothing, fp32, bf16 or fp16 (loss scaling), batches in two parts or whole;
-random crops, flips, PCA colour noise, the mean and std measured or not; no loading process or one. It trains the
-recipe straight through, then again with one or more stops:
+random crops, flips, PCA colour noise, the mean and std measured or not; no loading process or one; and,
+drawn later, recompute, early stopping, an average of the weights, mixed batches, checkpoints every few steps.
+It trains the recipe straight through, then again with one or more stops:
 
 - `signal`: SIGTERM during step k (the run ends the step, checkpoints and exits 143), k anywhere, an
   epoch's last step and the run's final one included;
@@ -13,6 +14,8 @@ recipe straight through, then again with one or more stops:
   step), also the end a resume does after a stop during that step;
 - `short`: the run (re)started with a shorter --steps (or --epochs) that ends at step k, then resumed with
   the longer one (only for schedules that do not follow the run's length: not cosine),
+- `crash`: the run dies as step k begins, with no signal and no checkpoint (with `--checkpoint-every`): it
+  resumes from the latest checkpoint and takes the steps after it again (or starts again, with none yet),
 
 each followed by `netdsl train --resume RUN`, and requires the two run folders to hold the same training bit
 for bit: metrics.jsonl less images/s (a `short` stop adds the records of the run that ended there: its last
@@ -67,8 +70,9 @@ def one_thread():
 
 @dataclass
 class Stop:
-    kind: str  # "signal", "validation" or "short"
-    step: int  # signal: during this step (from 1); validation: of the epoch it ends; short: the shorter run's last
+    kind: str  # "signal", "validation", "short" or "crash"
+    step: int  # signal: during this step (from 1); validation: of the epoch it ends; short: the shorter run's last;
+    # crash: the run dies as this step begins, without a signal or a checkpoint (it goes on from the latest)
     epochs: bool = False  # short: given as --epochs (the step ends an epoch), not --steps
 
 
@@ -223,6 +227,11 @@ def draw_case(rng: random.Random, kernels: bool = False) -> Case:
         case.flags += rng.choice([["--mixup", "0.4"], ["--cutmix", "1"], ["--mixup", "1", "--cutmix", "1"]])
     if rng.random() < 0.3:  # checkpoints inside epochs too: the stops resume from the latest
         case.flags += ["--checkpoint-every", str(rng.randint(1, 3))]
+        # not at another stop's step, nor the step after a stop during validation (its run ends after that step)
+        taken = {stop.step for stop in case.stops} | {stop.step + 1 for stop in case.stops if stop.kind == "validation"}
+        free = [step for step in range(1, case.total + 1) if step not in taken]
+        if free and rng.random() < 0.7:
+            case.stops = sorted([*case.stops, Stop("crash", rng.choice(free))], key=lambda stop: stop.step)
     return case
 
 
@@ -281,6 +290,10 @@ def write_inputs(folder: Path, case: Case) -> tuple[Path, Path]:
     return net, data
 
 
+class CrashError(Exception):
+    """A run dying as a machine fault kills it: no signal handler, no checkpoint."""
+
+
 class Signals:
     """SIGTERM as the run's signal handler would see it: during a step (after its update, as stop_during_step in
     test_train_loop.py), or while an epoch's end validates."""
@@ -288,10 +301,14 @@ class Signals:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.during_step: int | None = None
         self.during_validation: int | None = None  # the step that ends the epoch whose validation is stopped
+        self.crash: int | None = None  # the step as which the run dies
         step, validate = Trainer._train_step, Trainer.validate
         signals = self
 
         def step_then_signal(trainer, x, y):
+            if trainer.step + 1 == signals.crash:
+                signals.crash = None
+                raise CrashError(f"at step {trainer.step + 1}")
             result = step(trainer, x, y)
             if trainer.step + 1 == signals.during_step:
                 trainer._signal = signal.SIGTERM
@@ -342,11 +359,14 @@ def run_case(tmp_path: Path, case: Case, monkeypatch: pytest.MonkeyPatch) -> Non
         started, length = True, wanted
         signals.during_step = stop.step if stop.kind == "signal" else None
         signals.during_validation = stop.step if stop.kind == "validation" else None
+        signals.crash = stop.step if stop.kind == "crash" else None
         code = train(*args)
         ended = stop.kind == "validation" and stop.step == end  # nothing after that validation to stop
         want = 0 if stop.kind == "short" or ended else 128 + signal.SIGTERM
+        if stop.kind == "crash":  # an internal error to main; a crash before the first checkpoint: start again
+            want, started = 2, (parts / "checkpoints" / "last.ckpt").is_file()
         assert code == want, f"stop {stop}"
-    signals.during_step = signals.during_validation = None
+    signals.during_step = signals.during_validation = signals.crash = None
     if started:
         assert train("--resume", parts, *(full if full != length else [])) == 0
     else:
@@ -459,7 +479,7 @@ def test_the_generator_is_reproducible_and_varied():
     cases = [draw_case(random.Random(f"0:resume:{number}")) for number in range(60)]
     assert cases[0] == draw_case(random.Random("0:resume:0"))
     kinds = {stop.kind for case in cases for stop in case.stops}
-    assert kinds == {"signal", "validation", "short"}
+    assert kinds == {"signal", "validation", "short", "crash"}
     schedules = {flag(case.flags, "--schedule") for case in cases}
     assert schedules == {"constant", "step", "multistep", "cosine", "plateau"}
     assert {flag(case.flags, "--optimizer") for case in cases} == {"sgd", "adamw"}
