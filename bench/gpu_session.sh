@@ -7,7 +7,8 @@
 # may run 600 s at most): when the budget is spent the remaining stages are skipped and say so. The stages,
 # most important first:
 # tests  the GPU tests: goldens, precisions, streams, CUDA graphs (tests/test_gpu.py), channels-last layouts,
-#        the conv kernel sweeps, the training module and the kernels' training step (test files that use the
+#        the conv kernel sweeps, the training module, the kernels' training step and the training kernels
+#        (cross-entropy with class indices or weights, dropout, batch norm, SGD) (test files that use the
 #        GPU when there is one), then issue 13's levers (tf32x3 against float64, space-to-depth against
 #        F.conv2d, merged towers and split-K convs against the golden; their errors into errors.tsv; the tuner
 #        with its real clock);
@@ -92,7 +93,8 @@ if wants tests; then
     box "${TEST_S:-150}" python3 -m pytest -q $workers -p no:cacheprovider -rfE \
         tests/test_gpu.py tests/test_layout.py tests/test_kernel_conv_nhwc.py tests/test_kernel_configs.py \
         tests/test_emitted.py tests/test_fusion_legality.py tests/test_kernel_conv.py tests/test_train_module.py \
-        tests/test_train_triton.py tests/test_train_recompute.py 2>&1 | tee "$OUT/pytest.log" | tail -n 30
+        tests/test_train_triton.py tests/test_train_recompute.py tests/test_kernel_train_basic.py 2>&1 \
+        | tee "$OUT/pytest.log" | tail -n 30
     # issue 13: tf32x3 against float64, space-to-depth against F.conv2d, merged towers against the golden, on the
     # GPU (errors into errors.tsv)
     box "${LEVER_TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider -rfE tests/test_kernel_tf32x3.py \
