@@ -25,6 +25,7 @@ from netdsl.errors import NetError
 from netdsl.ir import layer
 from netdsl.lang.frontend import load_graph
 from netdsl.runtime.module import GraphModule
+from netdsl.tables import format_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,17 +71,18 @@ def small_nets(tmp_path: Path) -> dict[str, Path]:
     }
 
 
-def program(path: Path, batch: int = 2):
-    return run_training_passes(load_graph(path), Options(batch=batch))["plan_training_memory"]
+def program(path: Path, batch: int = 2, recompute: str = "none"):
+    return run_training_passes(load_graph(path), Options(batch=batch, recompute=recompute))["plan_training_memory"]
 
 
-def measured_saved_bytes(path: Path, batch: int) -> int:
+def measured_saved_bytes(path: Path, batch: int, recompute: str = "none") -> int:
     """Bytes autograd keeps for the backward of one training forward and its loss on the triton backend, each
-    storage once, parameters left out (on one CPU a transfer is the tensor itself)."""
+    storage once, parameters left out (on one CPU a transfer is the tensor itself); with `recompute`, what the
+    forward pass keeps (the runs computed again keep their inputs)."""
     from netdsl.runtime import kernel_ops
 
     graph = load_graph(path)
-    module = GraphModule(graph, backend="triton", init="he", seed=1).train()
+    module = GraphModule(graph, backend="triton", init="he", seed=1, recompute=recompute).train()
     parameters = {p.data_ptr() for p in module.parameters()} | {b.data_ptr() for b in module.buffers()}
     seen: dict[int, int] = {}
 
@@ -97,7 +99,8 @@ def measured_saved_bytes(path: Path, batch: int) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         logits = module.logits(x)
         loss, _ = kernel_ops.cross_entropy(logits, target, 0.0)
-    loss.backward()  # the graph runs: what was saved was usable
+    if recompute == "none":  # (with recompute, test_train_recompute.py runs the backward passes)
+        loss.backward()  # the graph runs: what was saved was usable
     return sum(seen.values())
 
 
@@ -118,11 +121,13 @@ def planned_saved_bytes(trained, batch: int) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("recompute", ["none", "cheap", "all"])
 @pytest.mark.parametrize("which", ["lenet5", "simplenet", "small_alexnet", "mixed", "pool_first"])
-def test_what_the_plan_saves_is_what_autograd_keeps(tmp_path, which):
+def test_what_the_plan_saves_is_what_autograd_keeps(tmp_path, which, recompute):
     path = small_nets(tmp_path)[which]
     batch = 3
-    assert planned_saved_bytes(program(path, batch), batch) == measured_saved_bytes(path, batch)
+    planned = planned_saved_bytes(program(path, batch, recompute), batch)
+    assert planned == measured_saved_bytes(path, batch, recompute)
 
 
 def test_every_forward_step_has_a_backward_on_its_device_and_transfers_go_back(tmp_path):
@@ -494,3 +499,48 @@ def test_a_devices_own_memory_is_the_limit_and_the_error_points_at_it(tmp_path, 
     assert raised.value.span is not None and (raised.value.span.line, raised.value.span.col) == (line, 8)
     assert "not even one image at a time fits" in raised.value.hint
     assert compile_training(net, Options(batch=2, memory_limit=2**30)).program is not None  # the flag wins
+
+
+def test_the_plan_with_layers_run_again(tmp_path, capsys):
+    """AlexNet at batch 128 with `recompute = all`: each conv's and fc's chain keeps its input alone in the forward
+    pass (what autograd keeps is checked above), and its steps' tensors live again during its backward; the peak
+    falls from 710 to 649 MiB on gpu0. Under a 680 MiB limit the hint names that setting, with the plan's peak; the
+    report gives the peak with each setting and the runs; plan.json records the setting."""
+    path = ROOT / "nets/alexnet.net"
+    plans = {mode: program(path, 128, mode).graph["memory"]["gpu0"] for mode in ("none", "cheap", "all")}
+    assert plans["none"].saved > plans["all"].saved and plans["none"].peak > plans["all"].peak
+    assert plans["cheap"] == plans["none"]  # AlexNet's chains after a conv are one step each: nothing to run again
+    code = main(["compile", str(path), "--train", "--no-sm90", "--batch", "128", "--memory-limit", "680MiB", "-o",
+                 str(tmp_path / "build")])  # fmt: skip
+    err = capsys.readouterr().err
+    peak = format_bytes(plans["all"].peak)
+    assert code == 1 and f"hint: run layers again in the backward pass: `recompute = all` (peak {peak}); or train " \
+        "in parts: `accumulate = 2`" in err, err  # fmt: skip
+    out = tmp_path / "again"
+    assert main(["compile", str(path), "--train", "--no-sm90", "--batch", "128", "--recompute", "all", "-o",
+                 str(out)]) == 0  # fmt: skip
+    report = (out / "train" / "report.txt").read_text()
+    assert "one training step at batch 128, fp32, recompute all" in report
+    row = next(line.split() for line in report.splitlines() if line.startswith("gpu0 ") and line.count("MiB") == 3)
+    assert " ".join(row[1:]) == " ".join(format_bytes(plans[mode].peak) for mode in ("none", "cheap", "all"))
+    assert "all: conv1_gpu0_conv_relu + conv1_norm_gpu0_lrn_maxpool;" in report
+    assert json.loads((out / "train" / "plan.json").read_text())["recompute"] == "all"
+    capsys.readouterr()
+    assert main(["compile", str(path), "--recompute", "all", "-o", str(tmp_path / "inference")]) == 1
+    assert capsys.readouterr().err.startswith("--recompute: error: --recompute plans a training step")
+
+
+def test_a_run_computed_again_frees_its_steps_tensors_until_its_backward(tmp_path):
+    """SimpleNet's stages with `cheap` (batch norm | relu | max-pool after each conv): the forward keeps only the
+    conv's output in place of the stage's tensors, and the step's saved bytes and its peak fall."""
+    path = small_nets(tmp_path)["simplenet"]
+    none, cheap = program(path, 8), program(path, 8, "cheap")
+    runs = cheap.graph["runs"]["cheap"]
+    assert [len(run) for run in runs] == [3, 3, 3, 4]  # the last stage's dropout too
+    for run in runs:
+        first = cheap.nodes[run[0]]["step"]
+        assert [t.name for t in cheap.graph["saved"][run[0]]] == first.inputs  # the conv's output
+        assert all(cheap.graph["saved"][name] == [] for name in run[1:])
+        assert all(none.graph["saved"][name] for name in run if not name.endswith("_dropout"))  # (which keeps none)
+    assert cheap.graph["memory"]["gpu0"].saved < none.graph["memory"]["gpu0"].saved
+    assert cheap.graph["memory"]["gpu0"].peak < none.graph["memory"]["gpu0"].peak

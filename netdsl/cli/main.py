@@ -20,6 +20,7 @@ from netdsl.cli.train import eval_command, train_command
 from netdsl.cli.tune import add_command as add_tune_command
 from netdsl.compiler.backward import TRAINING_PASS_NAMES
 from netdsl.compiler.passes import PASS_NAMES, Options, check_options
+from netdsl.compiler.training import RECOMPUTE
 from netdsl.errors import NetError, did_you_mean, os_hint
 from netdsl.files import refuse_folder, refuse_overwriting
 from netdsl.ir.dtypes import DTYPES, dot_precision
@@ -145,6 +146,13 @@ def _parser() -> argparse.ArgumentParser:
         help="also plan a training step: train/plan.json and train/report.txt (backward steps and kernels, "
         "what the forward saves, memory per device); --dump-after then takes the training passes "
         f"({', '.join(TRAINING_PASS_NAMES)})",
+    )
+    build.add_argument(
+        "--recompute",
+        choices=RECOMPUTE,
+        default="none",
+        help="with --train: plan the step with runs of layers computed again in the backward pass, as `netdsl "
+        "train --recompute` runs it (the report gives the peak with each setting)",
     )
     build.add_argument(
         "--no-sm90",
@@ -342,7 +350,12 @@ def _compile(path: Path, args: argparse.Namespace) -> int:
     from netdsl.compiler.compile import compile_net, write_build
 
     dot_precision(args.dtype, args.precision, where="--precision")
-    options = Options(batch=args.batch, dtype=args.dtype, memory_limit=args.memory_limit, **plan_options(args))
+    if args.recompute != "none" and not args.train:
+        raise NetError(
+            "--recompute plans a training step", where="--recompute", hint="give --train too, or leave out --recompute"
+        )
+    sizes = {"batch": args.batch, "dtype": args.dtype, "memory_limit": args.memory_limit}
+    options = Options(**sizes, recompute=args.recompute, **plan_options(args))
     check_options(options, where={"space_to_depth": "--space-to-depth"})
     training = None
     if args.train:  # --dump-after names a training pass

@@ -33,7 +33,7 @@ from netdsl.compiler.passes import Options, Pass, validate
 from netdsl.compiler.place import partitions, place
 from netdsl.compiler.steps import Step, identifier, launch_order, unique_name
 from netdsl.compiler.train_memory import check_training_memory, plan_training_memory, saved_for_backward
-from netdsl.compiler.training import training_groups
+from netdsl.compiler.training import RECOMPUTE, recompute_runs, training_groups
 from netdsl.errors import NetError
 from netdsl.ir import copy_graph, layer, layers
 from netdsl.ir.ops import layer_pads, layer_tensors, trained_tensors
@@ -79,7 +79,9 @@ def train_groups(graph: nx.DiGraph, options: Options) -> nx.DiGraph:
             name = unique_name(identifier(f"{item.name}_input"), taken)
             program.add_node(name, step=Step(name, "input", [item], [], item.device, item.shape))
             made[item.name] = name
-    for group in training_groups(graph, computed):
+    groups = training_groups(graph, computed)
+    names: list[str] = []  # each group's step
+    for group in groups:
         kind = group.kind
         if kind == "pool":
             kind = group.first.op
@@ -93,6 +95,13 @@ def train_groups(graph: nx.DiGraph, options: Options) -> nx.DiGraph:
         program.add_edges_from((source, name) for source in dict.fromkeys(inputs))
         for item in group.layers:
             made[item.name] = name
+        names.append(name)
+    # the runs the backward pass computes again (`recompute`), by step: what train_memory plans for each setting
+    program.graph["recompute"] = options.recompute
+    program.graph["runs"] = {
+        mode: [[names[index] for index in run] for run in recompute_runs(graph, groups, mode) if len(run) > 1]
+        for mode in RECOMPUTE[1:]
+    }
     sources = [made[name] for name in logits]
     scores = program.nodes[sources[0]]["step"]
     loss = unique_name("loss", taken)

@@ -40,6 +40,7 @@ class Options:
     merge_towers: bool = False  # a towers block's copies of a layer as one grouped layer on the first tower's device
     split_k: bool = False  # channels-last convs whose tiles are too few to fill the GPU share each tile's taps
     tuning: str | None = None  # a tuning file of `netdsl tune`: the tiles each kernel takes (netdsl.compiler.tuning)
+    recompute: str = "none"  # a training step's runs of layers computed again in its backward pass (training.RECOMPUTE)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from netdsl.compiler.steps import Step, launch_order
+from netdsl.compiler.training import RECOMPUTE
 from netdsl.errors import NetError
 from netdsl.ir import copy_graph
 from netdsl.ir.dtypes import DTYPE_BYTES
@@ -111,6 +112,12 @@ def _measured_reference(step: Step, joined: Saved | None, output: Saved) -> list
     return kept
 
 
+def _run_inputs(program: nx.DiGraph, step: Step) -> list[Saved]:
+    """What a run computed again keeps from its forward pass: the maps its first step reads, each once."""
+    return [Saved(source, program.nodes[source]["step"].device, math.prod(program.nodes[source]["step"].shape), "map")
+            for source in dict.fromkeys(step.inputs)]  # fmt: skip
+
+
 def _input(program: nx.DiGraph, step: Step) -> Saved | None:
     if not step.inputs:
         return None
@@ -137,10 +144,15 @@ class DeviceMemory:
     peak_step: str  # where the peak is reached
 
 
-def plan_training_memory(program: nx.DiGraph, batch: int, dtype: str) -> nx.DiGraph:
+def plan_training_memory(program: nx.DiGraph, batch: int, dtype: str, recompute: str | None = None) -> nx.DiGraph:
     """Annotates the training program: `saved` (forward step -> its Saved list) and `memory` (device ->
-    DeviceMemory)."""
+    DeviceMemory), with the runs of steps that `recompute` (default: the program's own setting) computes again
+    in the backward pass: such a run keeps only its input in the forward pass, and what its steps would keep
+    lives again from the run's first backward step to each step's own."""
     result = copy_graph(program)
+    mode = program.graph.get("recompute", "none") if recompute is None else recompute
+    runs = program.graph.get("runs", {}).get(mode, [])
+    run_of = {name: run for run in runs for name in run}
     order = launch_order(program)
     index = {name: i for i, name in enumerate(order)}
     saved: dict[str, list[Saved]] = {}
@@ -169,6 +181,19 @@ def plan_training_memory(program: nx.DiGraph, batch: int, dtype: str) -> nx.DiGr
         has_backward = name in backward_of or (step.kind == "loss" and bool(_gradient_readers(program, name)))
         # a step with no backward (nothing before it has weights) keeps nothing: autograd saves nothing there
         kept = [s for s in saved_for_backward(program, step) if s is not None] if has_backward else []
+        if name in run_of:  # computed again in the backward pass: the run keeps its input alone
+            run = run_of[name]
+            backwards = [index[backward_of[member]] for member in run if member in backward_of]
+            inputs = _run_inputs(program, program.nodes[run[0]]["step"]) if backwards else []
+            saved[name] = inputs if name == run[0] else []
+            for tensor in saved[name]:
+                live(tensor.device, tensor.name, tensor.bytes(batch, dtype), index[name], max(backwards))
+            if name in backward_of:  # what it would keep lives again from the run's first backward step to its own
+                for tensor in kept:
+                    if tensor.name not in {each.name for each in inputs}:
+                        again = (tensor.device, f"{tensor.name}@again", tensor.bytes(batch, dtype))
+                        live(*again, min(backwards), index[backward_of[name]])
+            continue
         saved[name] = kept
         until = index[backward_of[name]] if name in backward_of else index[name]
         if step.kind == "loss":  # the logits' gradient is read by the logits' backward
@@ -230,7 +255,8 @@ def check_training_memory(program: nx.DiGraph, batch: int, dtype: str, limit: in
     """Each device's planned peak (`plan_training_memory`) against its memory: `limit` (bytes, the command
     line's) for every device, else a device's own `device ... memory N` (devices without one are not
     checked). Over it, a NetError that says in how many parts (`accumulate`) the batch would fit: the
-    smallest number of equal parts whose part's peak fits on every device, planned again at that batch."""
+    smallest number of equal parts whose part's peak fits on every device, planned again at that batch, and
+    which setting of `recompute`, if any, keeps the whole batch."""
     memory = program.graph["memory"]
     devices = program.graph.get("devices", {})
     caps = {name: limit if limit is not None else device.memory for name, device in devices.items()}
@@ -245,12 +271,22 @@ def check_training_memory(program: nx.DiGraph, batch: int, dtype: str, limit: in
         if all(caps.get(device) is None or smaller[device].peak <= caps[device] for device in smaller):
             fits = parts, smaller[name].peak
             break
+    again = None  # the first recompute setting, past the program's own, whose step fits whole
+    for mode in RECOMPUTE[RECOMPUTE.index(program.graph.get("recompute", "none")) + 1 :]:
+        whole = plan_training_memory(program, batch, dtype, mode).graph["memory"]
+        if all(caps.get(device) is None or whole[device].peak <= caps[device] for device in whole):
+            peak = format_bytes(whole[name].peak)
+            again = f"run layers again in the backward pass: `recompute = {mode}` (peak {peak}); "
+            break
     if fits is not None:
         parts, peak = fits
-        hint = (
-            f"train in parts: `accumulate = {parts}` runs {batch // parts} images at a time through the same steps "
-            f"(peak {format_bytes(peak)}); or spread the layers over more devices"
+        hint = f"{again}or " if again else ""
+        hint += (
+            f"train in parts: `accumulate = {parts}` runs {batch // parts} images at a time through the "
+            f"same steps (peak {format_bytes(peak)}); or spread the layers over more devices"
         )
+    elif again:
+        hint = f"{again}or spread the layers over more devices"
     else:
         hint = "not even one image at a time fits: spread the layers over more devices, or raise the limit"
     device = devices[name]

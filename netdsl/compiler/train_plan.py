@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import shutil
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from netdsl.compiler.passes import Options, dump
 from netdsl.compiler.plan import device_events
 from netdsl.compiler.steps import Step
 from netdsl.compiler.train_launches import record_training_launches
+from netdsl.compiler.train_memory import plan_training_memory
+from netdsl.compiler.training import RECOMPUTE
 from netdsl.errors import NetError, os_hint
 from netdsl.files import parse_json, write_atomic
 from netdsl.lang.build import build
@@ -174,6 +177,7 @@ def training_plan(program: nx.DiGraph, options: Options, launches: list[Launch] 
         "net": program.graph["name"],
         "dtype": options.dtype,
         "batch": options.batch,
+        "recompute": options.recompute,
         "units": "saved sizes in elements per image unless per_image is false; memory in bytes at the batch",
         "devices": devices,
     }
@@ -200,7 +204,8 @@ def _launch(program: nx.DiGraph, step: Step, saved: dict, grids: dict[str, list[
 
 
 def training_report(program: nx.DiGraph, options: Options) -> str:
-    lines = [f"net {program.graph['name']}: one training step at batch {options.batch}, {options.dtype}", ""]
+    again = f", recompute {options.recompute}" if options.recompute != "none" else ""
+    lines = [f"net {program.graph['name']}: one training step at batch {options.batch}, {options.dtype}{again}", ""]
     rows = []
     for device, order in program.graph["partitions"].items():
         for name in order:
@@ -239,7 +244,17 @@ def training_report(program: nx.DiGraph, options: Options) -> str:
     lines += format_table(
         ("device", "parameters", "static", "saved for backward", "live peak", "peak", "at step"), mem_rows, left={0, 6}
     )
-    lines.append(
-        "PyTorch eager's peak on the same net: measured on a GPU by bench/train_gpu.py (max_memory_allocated)"
-    )
+    lines += ["", "peak per device with each `recompute` (the runs of steps the backward pass computes again)"]
+    peaks = {
+        mode: plan_training_memory(program, options.batch, options.dtype, mode).graph["memory"] for mode in RECOMPUTE
+    }
+    lines += format_table(
+        ("device", *RECOMPUTE), [(device, *(format_bytes(peaks[mode][device].peak) for mode in RECOMPUTE))
+                                 for device in program.graph["memory"]], left={0}
+    )  # fmt: skip
+    for mode in RECOMPUTE[1:]:
+        runs = program.graph["runs"][mode]
+        shown = "; ".join(" + ".join(run) for run in runs) if runs else "none (no run of two steps or more)"
+        lines += textwrap.wrap(f"{mode}: {shown}", 116, subsequent_indent="    ", break_on_hyphens=False)
+    lines.append("PyTorch eager's peak on the same net: measured on a GPU by bench/train_gpu.py (max_memory_allocated)")
     return "\n".join(lines) + "\n"

@@ -28,6 +28,8 @@ from netdsl.codegen.limits import MAX_WINDOW_TAPS
 from netdsl.ir import Layer, layer
 
 ACTIVATIONS = ("relu", "leaky_relu")
+RECOMPUTE = ("none", "cheap", "all")  # which runs of groups the backward pass computes again (`recompute_runs`)
+WEIGHTED = ("conv", "fc")  # what "cheap" does not run twice, and where "all" starts a run
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,35 @@ def training_groups(graph: nx.DiGraph, computed: list[Layer]) -> list[Group]:
         claimed.update(member.name for member in group.layers)
         groups.append(group)
     return groups
+
+
+def recompute_runs(graph: nx.DiGraph, groups: list[Group], recompute: str) -> list[tuple[int, ...]]:
+    """The groups (by index) as runs: a group joins the run of the one before when it reads only that one's
+    output, which nothing else reads (on the same device, neither a net output), and it is no conv or fc: with
+    "all", a conv or fc and the layers after it (a chain, as a .net file writes one); with "cheap", the
+    layers after it, the conv or fc a run of its own; with "none", a run per group. A run of two or more keeps
+    only its input for the backward pass, which computes the run again (torch.utils.checkpoint in
+    netdsl.runtime.module; netdsl.compiler.train_memory plans it); a run of one is never recomputed."""
+    runs: list[list[int]] = []
+    outputs = set(graph.graph["outputs"])
+    for index, group in enumerate(groups):
+        item = group.first
+        previous = groups[index - 1] if index else None
+        joins = (
+            recompute != "none"
+            and previous is not None
+            and item.inputs == [previous.last.name]
+            and item.device == previous.last.device
+            and not outputs.intersection((previous.last.name, item.name))
+            and graph.out_degree(previous.last.name) == 1
+            and item.op not in WEIGHTED
+            and not (recompute == "cheap" and previous.first.op in WEIGHTED)
+        )
+        if joins:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return [tuple(run) for run in runs]
 
 
 def _match(graph: nx.DiGraph, item: Layer) -> Group:

@@ -40,7 +40,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from netdsl.codegen.reference import apply
-from netdsl.compiler.training import Group, training_groups
+from netdsl.compiler.training import RECOMPUTE, Group, recompute_runs, training_groups
 from netdsl.errors import NetError
 from netdsl.ir import Layer, layers
 from netdsl.ir.graph import output_names, require_graph
@@ -51,8 +51,6 @@ from netdsl.runtime.weights import checked_weights, init_weights, weight_specs
 
 DTYPES = (torch.float32, torch.float64)
 BACKENDS = ("torch", "triton")
-RECOMPUTE = ("none", "cheap", "all")
-WEIGHTED = ("conv", "fc")  # what "cheap" does not run twice, and where "all" starts a run
 # Names a module's own code assigns to after construction or keeps its state under.
 RESERVED = frozenset(vars(torch.nn.Module())) | {"_netdsl"}
 
@@ -165,7 +163,7 @@ class GraphModule(torch.nn.Module):
             precision="tf32" if tf32 else "ieee",
             kernels=_kernel_runner() if backend == "triton" else None,
             backward=_checked_backward(backward or {}, computed),
-            segments=_segments(graph, groups, recompute),
+            segments=recompute_runs(graph, groups, recompute),
         )
         self._netdsl = plan
         # A layer no output reads gets no gradient: its weights are not trained (requires_grad off, so no
@@ -279,7 +277,7 @@ class GraphModule(torch.nn.Module):
                     values[item.name] = apply("concat", {}, inputs, {})  # a softmax's input, joined
                     continue
                 last = plan.groups[segment[-1]].last.name
-                if len(segment) == 1:
+                if len(segment) == 1 or not self._records(segment, stored, inputs):
                     values[last] = self._segment(segment, stored, *inputs)
                 else:
                     values[last] = checkpoint(
@@ -299,6 +297,15 @@ class GraphModule(torch.nn.Module):
                 _check_batch_statistics(group.first, values)
             values = [self._compute(group, values, stored)]
         return values[0]
+
+    def _records(self, segment: tuple[int, ...], stored: dict, inputs: list[torch.Tensor]) -> bool:
+        """Whether autograd records `segment`: an input or a weight of it needs a gradient. A run before the
+        first weights is not, and runs once (checkpointed, it would keep its input for nothing)."""
+        if any(tensor.requires_grad for tensor in inputs):
+            return True
+        plan = self._netdsl
+        firsts = (plan.groups[index].first.name for index in segment)
+        return any(stored[f"{name}.{tensor}"].requires_grad for name in firsts for tensor in plan.tensors.get(name, ()))
 
     def _contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         """torch.utils.checkpoint's contexts: none for the forward pass; for the pass again in the backward,
@@ -415,34 +422,6 @@ def _spent(groups: list[Group], outputs: list[str]) -> list[tuple[str, ...]]:
         if name not in outputs:
             spent[index].append(name)
     return [tuple(names) for names in spent]
-
-
-def _segments(graph: nx.DiGraph, groups: list[Group], recompute: str) -> list[tuple[int, ...]]:
-    """The groups as runs: a group joins the run of the one before when it reads only that one's output,
-    which nothing else reads (on the same device, neither a net output), and it is no conv or fc: with
-    "all", a conv or fc and the layers after it (a chain, as a .net file writes one); with "cheap", the
-    layers after it, the conv or fc a run of its own; with "none", a run per group. A run of one is never
-    recomputed."""
-    runs: list[list[int]] = []
-    outputs = set(graph.graph["outputs"])
-    for index, group in enumerate(groups):
-        item = group.first
-        previous = groups[index - 1] if index else None
-        joins = (
-            recompute != "none"
-            and previous is not None
-            and item.inputs == [previous.last.name]
-            and item.device == previous.last.device
-            and not outputs.intersection((previous.last.name, item.name))
-            and graph.out_degree(previous.last.name) == 1
-            and item.op not in WEIGHTED
-            and not (recompute == "cheap" and previous.first.op in WEIGHTED)
-        )
-        if joins:
-            runs[-1].append(index)
-        else:
-            runs.append([index])
-    return [tuple(run) for run in runs]
 
 
 def _check_names(specs: dict[str, tuple[int, ...]], items: list[Layer]) -> None:
