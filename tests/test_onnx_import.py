@@ -629,7 +629,9 @@ def image_of(graph, batch: int = 1) -> np.ndarray:
     return rng(9).standard_normal((batch, *item.shape)).astype(np.float32)
 
 
-ROUND_TRIP = ["lenet5", "simplenet", "alexnet_1gpu", "alexnet", "vgg16", "mini_vgg", "every_kind"]
+# VGG-16 itself is left out (its 138 million weights at 224 x 224 cost half a minute here): its export is held to
+# ONNX Runtime in test_onnx_export.py, and mini_vgg comes back through the same blocks and repeats.
+ROUND_TRIP = ["lenet5", "simplenet", "alexnet_1gpu", "alexnet", "mini_vgg", "every_kind"]
 
 
 @pytest.mark.parametrize("name", ROUND_TRIP)
