@@ -68,11 +68,13 @@ def check_fp32(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor, smoothing: float):
-    """PyTorch's mean loss, per-row losses and autograd gradient on the logits, in float64."""
+    """PyTorch's mean loss, per-row losses and autograd gradient on the logits, in float64, against class indices
+    or rows of target weights (PyTorch's probabilities)."""
     wide = logits.double().requires_grad_()
-    loss = F.cross_entropy(wide, target.long(), label_smoothing=smoothing)
+    target = target.double() if target.is_floating_point() else target.long()
+    loss = F.cross_entropy(wide, target, label_smoothing=smoothing)
     loss.backward()
-    losses = F.cross_entropy(logits.double(), target.long(), label_smoothing=smoothing, reduction="none")
+    losses = F.cross_entropy(logits.double(), target, label_smoothing=smoothing, reduction="none")
     return loss.detach(), losses, wide.grad
 
 
@@ -156,14 +158,6 @@ def soft_targets(rows: int, classes: int, gen: torch.Generator) -> torch.Tensor:
     return target.to(DEVICE, torch.float32)
 
 
-def soft_reference(logits: torch.Tensor, target: torch.Tensor, smoothing: float):
-    wide = logits.double().requires_grad_()
-    loss = F.cross_entropy(wide, target.double(), label_smoothing=smoothing)
-    loss.backward()
-    losses = F.cross_entropy(logits.double(), target.double(), label_smoothing=smoothing, reduction="none")
-    return loss.detach(), losses, wide.grad
-
-
 @pytest.mark.parametrize("smoothing", [0.0, 0.1], ids=["plain", "smoothed"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", CE_SHAPES, ids=lambda shape: "x".join(map(str, shape)))
@@ -172,7 +166,7 @@ def test_cross_entropy_against_target_weights_matches_torch(shape, dtype, smooth
     probabilities as targets."""
     logits = randn(shape, gen, dtype, scale=3.0)
     target = soft_targets(*shape, gen)
-    loss, losses, grad = soft_reference(logits, target, smoothing)
+    loss, losses, grad = cross_entropy_reference(logits, target, smoothing)
     result = cross_entropy(logits, target, label_smoothing=smoothing)
     check_fp32(result.loss, loss)
     check_fp32(result.losses, losses)
@@ -187,7 +181,7 @@ def test_cross_entropy_against_target_weights_with_each_gpu_tile_and_strided_vie
     target = torch.cat([soft_targets(5, 1000, gen), torch.zeros(5, 3, device=DEVICE)], 1)[:, :1000]
     buffer = torch.full((5, 1003), 7.0, device=DEVICE, dtype=torch.bfloat16)
     result = cross_entropy(logits, target, label_smoothing=0.1, config=config, grad=buffer[:, 2:1002])
-    loss, losses, grad = soft_reference(logits, target, 0.1)
+    loss, losses, grad = cross_entropy_reference(logits, target, 0.1)
     check_fp32(result.loss, loss)
     check_fp32(result.losses, losses)
     check(buffer[:, 2:1002], grad, torch.bfloat16)
