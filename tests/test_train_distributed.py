@@ -16,16 +16,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from netdsl.cli.main import main
-from netdsl.train.checkpoint import load_checkpoint
-from netdsl.train.loop import Trainer
-from netdsl.train.world import World
+from netdsl.train.checkpoint import load_checkpoint, rank_sums
 
 ROOT = Path(__file__).resolve().parents[1]
 LENET = str(ROOT / "nets" / "lenet5.net")
@@ -207,13 +204,12 @@ def test_towers_inside_each_process_and_processes_across(tmp_path):
 def test_loss_sums_resumed_by_another_number_of_processes(rank, size):
     """Each rank resumes its own share of the sums saved by every rank; with another number of processes rank 0
     takes their total and the others none, so the sums over the world are the run's (checked without launching
-    processes: `_my_sums` reads only the world and the checkpoint's record)."""
+    processes: `rank_sums` reads only the rank, the world's size and the checkpoint's record)."""
     saved = [[1.5, 3.0, 8.0, 0.5, 1.0, 4.0], [2.25, 5.0, 8.0, 0.75, 2.0, 4.0]]  # two ranks' epoch and window sums
-    trainer = SimpleNamespace(world=World(rank=rank, size=size))
-    epoch, window = Trainer._my_sums(trainer, {"rank_sums": saved, "epoch_sums": saved[0][:3]})
+    epoch, window = rank_sums({"rank_sums": saved, "epoch_sums": saved[0][:3]}, rank, size)
     if size == 2:
         assert [*epoch, *window] == saved[rank]
     else:
         assert [*epoch, *window] == ([3.75, 8.0, 16.0, 1.25, 3.0, 8.0] if rank == 0 else [0.0] * 6)
-    old = Trainer._my_sums(trainer, {"epoch_sums": saved[0][:3]})  # before rank_sums and window_sums
+    old = rank_sums({"epoch_sums": saved[0][:3]}, rank, size)  # before rank_sums and window_sums
     assert old == ((saved[0][:3], [0.0] * 3) if rank == 0 else ([0.0] * 3, [0.0] * 3))

@@ -212,6 +212,27 @@ def load_optimizer_state(
         )
 
 
+def rank_sums(state: dict, rank: int, size: int) -> tuple[list[float], list[float]]:
+    """Process `rank`'s share (of `size` processes) of the epoch's and the step window's loss sums, top-1 counts
+    and images in a checkpoint's record `state`, as saved per rank: its own when the run goes on with as many
+    processes; otherwise rank 0 takes every rank's total and the others none, so the sums over the world stay
+    those of the run. (Checkpoints before `rank_sums` hold rank 0's own sums; before `window_sums`, no window:
+    a fresh one.) A record of another shape is a ValueError."""
+    saved = state.get("rank_sums")
+    if saved is None:
+        saved = [[*state["epoch_sums"], *state.get("window_sums", [0.0, 0.0, 0.0])]]
+    saved = [[float(value) for value in sums] for sums in saved]
+    if any(len(sums) != 6 for sums in saved):
+        raise ValueError("rank_sums must hold six numbers per process")
+    if len(saved) == size:
+        mine = saved[rank]
+    elif rank == 0:
+        mine = [sum(column) for column in zip(*saved)]
+    else:
+        mine = [0.0] * 6
+    return mine[:3], mine[3:]
+
+
 def rng_states() -> dict[str, torch.Tensor]:
     """The state of every torch generator a training step draws from (dropout's masks)."""
     states = {"torch": torch.get_rng_state()}

@@ -49,6 +49,7 @@ from netdsl.train.checkpoint import (
     load_checkpoint,
     load_optimizer_state,
     optimizer_state_by_name,
+    rank_sums,
     rng_states,
     save_checkpoint,
     set_rng_states,
@@ -319,7 +320,7 @@ class Trainer:
             if "early_stop" in state:  # a checkpoint from before early stopping: the watch starts now
                 self.early.load_state_dict(state["early_stop"])
             self.epoch, self.batch_in_epoch, self.step = (int(state[k]) for k in ("epoch", "batch_in_epoch", "step"))
-            self.epoch_sums, self.window_sums = self._my_sums(state)
+            self.epoch_sums, self.window_sums = rank_sums(state, self.world.rank, self.world.size)
             self.best = [list(entry) for entry in state["best"]]
             self.ended = bool(state.get("ended", True))  # a checkpoint from before `ended`: as it was then
         except (KeyError, TypeError, ValueError) as error:
@@ -587,25 +588,6 @@ class Trainer:
         return Tally.from_vector(self.classes, self.world.sum(tally.vector()))
 
     # --- checkpoints ------------------------------------------------------------------------------
-
-    def _my_sums(self, state: dict) -> tuple[list[float], list[float]]:
-        """This process's share of the epoch's and the step window's loss sums, top-1 counts and images, as
-        saved per rank: its own when the run goes on with as many processes; otherwise rank 0 takes every
-        rank's total and the others none, so the sums over the world stay those of the run. (Checkpoints
-        before `rank_sums` hold rank 0's own sums; before `window_sums`, no window: a fresh one.)"""
-        saved = state.get("rank_sums")
-        if saved is None:
-            saved = [[*state["epoch_sums"], *state.get("window_sums", [0.0, 0.0, 0.0])]]
-        saved = [[float(value) for value in sums] for sums in saved]
-        if any(len(sums) != 6 for sums in saved):
-            raise ValueError("rank_sums must hold six numbers per process")
-        if len(saved) == self.world.size:
-            mine = saved[self.world.rank]
-        elif self.world.leader:
-            mine = [sum(column) for column in zip(*saved)]
-        else:
-            mine = [0.0] * 6
-        return mine[:3], mine[3:]
 
     def _rank_best(self, top1: float, epoch: int) -> bool:
         """Whether epoch `epoch`'s validation top-1 is among the best `keep_best`; updates the list."""
