@@ -897,6 +897,9 @@ def mutate_file(rng: random.Random, path: Path) -> None:
 SETTING_NAMES = [flag[2:].replace("-", "_") for flag in SETTINGS if not flag.startswith("--no-")]
 SETTING_VALUES = ["0", "-1", "1e400", "10**400", "(1, 2)", '"x"', "true", "none", "auto", "()", "sgd", "2**64"]
 SETTING_VALUES += ["-(2**63)", "1/3", "0.5", "1", '""', '"data.npz"', '"images"', "(8, 8)", "(0, 0, 0)", "99999999"]
+# valid values that train for as long as they say (the world's net takes `steps = 1`; `none` leaves 90 epochs):
+# not drawn for the run's length, as LONG is not for its flags
+ENDLESS = {"steps": {"99999999", "none"}, "epochs": {"99999999"}}
 
 
 def mutate_text(rng: random.Random, text: str) -> bytes:
@@ -904,7 +907,8 @@ def mutate_text(rng: random.Random, text: str) -> bytes:
     if how < 0.5:  # a training setting with a hostile value, in a block of its own
         name = rng.choice(SETTING_NAMES)
         pattern = ' "*.bias"' if name in ("lr_mult", "decay_mult") else ""
-        text += f"\ntrain {{ {name}{pattern} = {rng.choice(SETTING_VALUES)} }}\n"
+        value = rng.choice([value for value in SETTING_VALUES if value not in ENDLESS.get(name, ())])
+        text += f"\ntrain {{ {name}{pattern} = {value} }}\n"
         return text.encode("utf-8")
     if how < 0.6:
         return text.encode("utf-8") + b"\n# \xff\xfe not UTF-8\n"
@@ -1250,3 +1254,12 @@ def test_a_count_beyond_what_torch_holds_is_an_error_of_the_flag(world, tmp_path
     assert "argument --batch: '999999999999999999999999999999' is more than 2,147,483,647" in error_of(
         in_world(world, tmp_path, argv)
     )
+
+
+def test_the_net_mutator_draws_no_endless_run():
+    """Campaign 925 appended `train { steps = 99999999 }` to the world's net: a valid run of a hundred million
+    steps, which no limit on a case's time should be asked to tell from a hang."""
+    rng = random.Random(925)
+    texts = [mutate_text(rng, TINY).decode("utf-8", "replace") for _ in range(4000)]
+    assert not any(re.search(r"train \{ (steps = (99999999|none)|epochs = 99999999) \}", text) for text in texts)
+    assert any("train { steps = " in text for text in texts) and any("train { epochs = " in text for text in texts)
