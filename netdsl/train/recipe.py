@@ -30,6 +30,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from netdsl.compiler.training import RECOMPUTE
 from netdsl.errors import NetError, Span, did_you_mean
 from netdsl.files import parse_json
 from netdsl.ir.graph import Setting
@@ -89,7 +90,7 @@ class Recipe:
     recompute: str = setting("choice", "none", "", "memory for compute, the same gradients: `cheap`: the layers "
                              "after each conv or fc (activation, LRN, pooling, batch norm, dropout) keep only their "
                              "input for the backward pass, which runs them again; `all`: each conv or fc and the "
-                             "layers after it do (about one forward pass more)", choices=("none", "cheap", "all"))
+                             "layers after it do (about one forward pass more)", choices=RECOMPUTE)
     epochs: int = setting("int", 90, "epochs", "passes over the training set", low=1)
     steps: int | None = setting("int", None, "steps", "optimizer steps to train for, in place of `epochs`; "
                                 "`none`: `epochs` decides", low=1, words=(("none", None),))
