@@ -189,8 +189,9 @@ def plan_training_memory(program: nx.DiGraph, batch: int, dtype: str, recompute:
             for tensor in saved[name]:
                 live(tensor.device, tensor.name, tensor.bytes(batch, dtype), index[name], max(backwards))
             if name in backward_of:  # what it would keep lives again from the run's first backward step to its own
+                kept_anyway = {each.name for each in inputs}
                 for tensor in kept:
-                    if tensor.name not in {each.name for each in inputs}:
+                    if tensor.name not in kept_anyway:
                         again = (tensor.device, f"{tensor.name}@again", tensor.bytes(batch, dtype))
                         live(*again, min(backwards), index[backward_of[name]])
             continue

@@ -245,9 +245,11 @@ def training_report(program: nx.DiGraph, options: Options) -> str:
         ("device", "parameters", "static", "saved for backward", "live peak", "peak", "at step"), mem_rows, left={0, 6}
     )
     lines += ["", "peak per device with each `recompute` (the runs of steps the backward pass computes again)"]
-    peaks = {
-        mode: plan_training_memory(program, options.batch, options.dtype, mode).graph["memory"] for mode in RECOMPUTE
-    }
+    peaks = {  # the program's own setting is planned already
+        mode: program.graph["memory"] if mode == options.recompute
+        else plan_training_memory(program, options.batch, options.dtype, mode).graph["memory"]
+        for mode in RECOMPUTE
+    }  # fmt: skip
     lines += format_table(
         ("device", *RECOMPUTE), [(device, *(format_bytes(peaks[mode][device].peak) for mode in RECOMPUTE))
                                  for device in program.graph["memory"]], left={0}
