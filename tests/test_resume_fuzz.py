@@ -5,7 +5,8 @@ and a recipe: sgd (momentum, Nesterov, weight decay, lr and decay multipliers) o
 multistep, cosine or plateau schedule with or without a warm-up; --steps or --epochs; --val-every,
 --keep-best, --clip-grad, --label-smoothing, fp32, bf16 or fp16 (loss scaling), batches in two parts or whole;
 random crops, flips, PCA colour noise, the mean and std measured or not; no loading process or one; and,
-drawn later, recompute, early stopping, an average of the weights, mixed batches, checkpoints every few steps.
+drawn later, recompute, early stopping, an average of the weights, mixed batches, checkpoints every few steps,
+images scaled to a size drawn per presentation (scale jittering).
 It trains the recipe straight through, then again with one or more stops:
 
 - `signal`: SIGTERM during step k (the run ends the step, checkpoints and exits 143), k anywhere, an
@@ -232,6 +233,10 @@ def draw_case(rng: random.Random, kernels: bool = False) -> Case:
         free = [step for step in range(1, case.total + 1) if step not in taken]
         if free and rng.random() < 0.7:
             case.stops = sorted([*case.stops, Stop("crash", rng.choice(free))], key=lambda stop: stop.step)
+    if rng.random() < 0.25:  # scale jittering: the shorter side drawn for each presentation, up to the net's + 4
+        if "--resize" in case.flags:
+            del case.flags[case.flags.index("--resize") : case.flags.index("--resize") + 2]
+        case.flags += ["--resize", f"{net_size},{net_size + rng.randint(1, 4)}"]
     return case
 
 
@@ -499,6 +504,7 @@ def test_the_generator_is_reproducible_and_varied():
     assert {flag(case.flags, "--ema", "none") for case in cases} == {"none", "0.5", "0.9", "0.99"}
     mixes = {(flag(case.flags, "--mixup", "0"), flag(case.flags, "--cutmix", "0")) for case in cases}
     assert mixes == {("0", "0"), ("0.4", "0"), ("0", "1"), ("1", "1")}
+    assert any("," in flag(case.flags, "--resize", "auto") for case in cases)
     assert any("towers" in case.net for case in cases) and any("softmax" in case.net for case in cases)
 
 

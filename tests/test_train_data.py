@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import itertools
+import multiprocessing
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -20,7 +22,7 @@ from PIL import Image
 
 from netdsl.errors import NetError
 from netdsl.train.augment import Augment, Preprocess, principal_components, sample_rng
-from netdsl.train.data import batches_per_epoch, epoch_order, loader, open_data, split_rows
+from netdsl.train.data import batches_per_epoch, epoch_order, loader, loading_workers, open_data, split_rows
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -410,6 +412,55 @@ def test_shorter_side_is_scaled_as_netdsl_run_does(tmp_path):
     assert np.array_equal(preprocess.apply(path), resized[2:18, 8:24].transpose(2, 0, 1))
 
 
+def test_scale_jittering_crops_the_image_scaled_to_each_size_of_the_range():
+    """VGG's scale jittering, sizes (8, 12) of a 16 x 20 image cropped to 6 x 7: each of 1,500 presentations
+    is a crop (flipped or not) of the image scaled by Pillow, shorter side S, for exactly one S of 8..12
+    (found by comparing with every crop of every scaled image); each S occurs within 6 binomial standard
+    deviations of 1500/5. The same generator gives the same presentation; no jitter, the Preprocess's size."""
+    rng = np.random.default_rng(16)
+    image = rng.integers(0, 256, (16, 20, 3)).astype(np.uint8)
+    crop, sizes, draws = (6, 7), range(8, 13), 1500
+    preprocess = Preprocess(size=10, crop=crop, channels=3, mean=(0.0, 0.0, 0.0))
+    augment = Augment(pca_noise=0.0, sizes=(8, 12))
+    windows = {}
+    for size in sizes:
+        scaled = np.asarray(Image.fromarray(image).resize((round(20 * size / 16), size), Image.Resampling.BILINEAR))
+        windows[size] = np.lib.stride_tricks.sliding_window_view(scaled.astype(np.float32), (*crop, 3), (0, 1, 2))
+    counts = dict.fromkeys(sizes, 0)
+    for index in range(draws):
+        x = preprocess.augmented(image, augment, sample_rng(3, 1, index)).transpose(1, 2, 0)
+        matches = [
+            size
+            for size in sizes
+            if any((windows[size] == view).all(axis=(-3, -2, -1)).any() for view in (x, x[:, ::-1]))
+        ]
+        assert len(matches) == 1, f"presentation {index} matches the sizes {matches}"
+        counts[matches[0]] += 1
+    p = 1 / len(sizes)
+    assert all(abs(count - draws * p) <= 6 * np.sqrt(draws * p * (1 - p)) for count in counts.values()), counts
+    again = preprocess.augmented(image, augment, sample_rng(3, 1, 7))
+    assert np.array_equal(again, preprocess.augmented(image, augment, sample_rng(3, 1, 7)))
+    fixed = preprocess.augmented(image, Augment(pca_noise=0.0, flip=False), sample_rng(3, 1, 7))
+    assert (windows[10] == fixed.transpose(1, 2, 0)).all(axis=(-3, -2, -1)).any()
+    for bad in ((12, 8), (8, 8), (0, 4), (8,)):
+        with pytest.raises(NetError, match="low below high"):
+            Augment(pca_noise=0.0, sizes=bad)
+
+
+def test_a_drawn_size_too_large_for_an_image_names_the_file(tmp_path, monkeypatch):
+    """An image that a jittered size would make larger than Pillow allows stops the loader with the file's
+    name and the size, in the training process or a worker's, not with a traceback from the worker."""
+    root = make_folder(tmp_path / "data", {"a": 3, "b": 3}, size=(20, 8), seed=17)
+    split = open_data(root, (3, 8, 8), size=8, val_fraction=0)
+    monkeypatch.setattr("netdsl.train.augment.MAX_RESIZED_PIXELS", 20 * 8 * 4)  # at most twice the sides
+    jitter = Augment(pca_noise=0.0, sizes=(8, 40))
+    # a worker sees the patched bound where it is forked (Linux's default before Python 3.14)
+    for workers in (0, 1) if multiprocessing.get_start_method() == "fork" else (0,):
+        with pytest.raises(NetError, match=r"shorter side scaled to \d+, would be") as caught:
+            all_batches(loader(split.train, batch=6, augment=jitter, workers=workers, seed=1))
+        assert caught.value.where.startswith(str(root)) and caught.value.where.endswith(".png")
+
+
 def test_preprocess_round_trips_through_json(tmp_path):
     make_folder(tmp_path, {"x": 3, "y": 3}, seed=14)
     split = open_data(tmp_path, (3, 12, 12), size=14, val_fraction=0, std=True)
@@ -711,6 +762,13 @@ def test_loader_and_augment_errors(images):
     gray = Augment(eigvals=(1.0,), eigvecs=((1.0,),))
     with pytest.raises(NetError, match="1 components, but the images 3 channels"):
         loader(images.train, batch=4, augment=gray)
+
+
+def test_more_workers_than_cpus_load_with_one_per_cpu(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 3}, raising=False)
+    assert loading_workers(0) == (0, None) and loading_workers(2) == (2, None)
+    count, note = loading_workers(16)
+    assert count == 2 and note == "note: --workers 16 is more than the 2 CPUs this process may use; loading with 2"
 
 
 def test_benchmark_smoke(capsys):

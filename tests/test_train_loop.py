@@ -29,6 +29,7 @@ from netdsl.runtime.weights import init_weights, load_weights
 from netdsl.train import loop
 from netdsl.train.checkpoint import load_checkpoint, save_checkpoint
 from netdsl.train.loop import Trainer
+from netdsl.train.start import saved_preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 LENET = str(ROOT / "nets" / "lenet5.net")
@@ -324,6 +325,31 @@ def test_a_resumed_run_reuses_its_scan_of_the_image_folder(tmp_path, monkeypatch
         assert scan.from_record(damaged, key, [13, 0], 1) is None, damaged
     (tmp_path / "parts" / "data_scan.json").write_bytes(b'{"format": 1, "key": [\xff')
     assert RunFolder(tmp_path / "parts").read_scan() is None
+
+
+def test_scale_jittering_resumes_bit_for_bit_and_saves_the_middle_size(tmp_path, capsys, monkeypatch):
+    """`--resize 8,12` on an image folder: 5 steps straight equal 2, a resume and 3 more, bit for bit (the
+    drawn sizes come from each image's generator), and equal the run loading in a worker process (`--workers
+    3` on one CPU: one, with a note); the weights record the middle size, 10, for `run` and `eval`; the banner
+    says so; and the steps differ from a fixed `--resize 10` run's (the sizes are drawn)."""
+    folder = gray_folder(tmp_path / "images", (12, 10), 23, "b/torn.png")
+    net = tmp_path / "tiny.net"
+    net.write_text(TINY)
+    flags = ("--data", folder, "--batch", 4, "--schedule", "constant", "--skip-corrupt", "--val-fraction", 0.2, *PLAIN)
+    assert train(net, *flags, "--resize", "8,12", "--steps", 5, "--out", tmp_path / "straight") == 0
+    assert "each training image scaled to 8..12 (validation 10)" in capsys.readouterr().err
+    assert train(net, *flags, "--resize", "8,12", "--steps", 2, "--out", tmp_path / "parts") == 0
+    assert train("--resume", tmp_path / "parts", "--steps", 5) == 0
+    assert train(net, *flags, "--resize", "10", "--steps", 5, "--out", tmp_path / "fixed") == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0}, raising=False)
+    capsys.readouterr()
+    assert train(net, *flags, "--resize", "8,12", "--steps", 5, "--workers", 3, "--out", tmp_path / "worker") == 0
+    assert "note: --workers 3 is more than the 1 CPU this process may use; loading with 1" in capsys.readouterr().err
+    one, two, fixed, worker = (checkpoint_weights(tmp_path / run) for run in ("straight", "parts", "fixed", "worker"))
+    assert all(torch.equal(one[name], two[name]) and torch.equal(one[name], worker[name]) for name in one)
+    assert not all(torch.equal(one[name], fixed[name]) for name in one)
+    preprocess = saved_preprocess(tmp_path / "straight" / "weights.safetensors")
+    assert preprocess.size == 10 and preprocess.crop == (8, 8)
 
 
 def test_resume_says_what_a_flag_overrides(tmp_path, capsys):

@@ -257,6 +257,10 @@ def test_net_statements_in_a_file_a_recipe_includes_are_errors(tmp_path):
         ("crop = (1, 2, 3)", "`crop` must be a whole number or (h, w), at least 1, or auto, got 3 numbers", None, None),
         ("crop = 0", "`crop` must be at least 1, got 0", None, None),
         ("resize = 2.5", "`resize` must be a whole number, got 2.5", None, None),
+        ("resize = (512, 256)", "`resize`: a range's low must be below its high, got (512, 256)", "resize = 512", None),
+        ("resize = (256, 256)", "`resize`: a range's low must be below its high", None, None),
+        ("resize = (0, 256)", "`resize` must be at least 1, got 0", None, None),
+        ("resize = (1, 2, 3)", "`resize` must be a whole number or (low, high), at least 1, or auto", None, None),
         ("steps = 0", "`steps` must be at least 1, got 0", None, None),
         ("gamma = 0", "`gamma` must be above 0 and at most 1, got 0", None, None),
         ("timeout = 0", "`timeout` must be above 0, got 0", None, None),
@@ -290,6 +294,9 @@ def test_accepted_forms_of_values(tmp_path):
     assert (recipe.mean, recipe.std, recipe.betas, recipe.data) == (None, None, (0.5, 0.6), "digits")
     assert recipe.lr_mults == (("conv[12]@gpu?.*", 3.0), ("[]]", 1.0))
     assert resolve_text("train { mean = (1, 2, 3); std = 2; crop = (3, 4) }", tmp_path).std == (2.0,)
+    jittered = resolve_text("train { resize = (256, 512) }", tmp_path)
+    assert jittered.resize == (256, 512) and Recipe.from_json(jittered.to_json()) == jittered
+    assert resolve_text("train { resize = (300) }", tmp_path).resize == 300  # one number: a fixed size, an int
 
 
 # --- the table ---------------------------------------------------------------------------------------
@@ -368,14 +375,14 @@ def test_flags_of_every_kind():
         *("--weight-decay", "0.001", "--no-flip", "--nesterov", "--milestones", "10,20,30", "--betas", "(0.8, 0.9)"),
         *("--steps", "none", "--crop", "224", "--mean", "1,2,3", "--std", "auto", "--optimizer", "adamw"),
         *("--data", "runs/x.npz", "--batch", "32", "--lr", "1e-3", "--views", "10", "--decay-mult", "*.bias=0"),
-        *("--lr-mult", "*.bias=2", "--lr-mult", "fc8.*=10"),
+        *("--lr-mult", "*.bias=2", "--lr-mult", "fc8.*=10", "--resize", "256,512"),
     ]
     recipe = resolve([], [], flags(*argv))
     expected = {
         "weight_decay": 0.001, "flip": False, "nesterov": True, "milestones": (10, 20, 30), "betas": (0.8, 0.9),
         "steps": None, "crop": (224, 224), "mean": (1.0, 2.0, 3.0), "std": "auto", "optimizer": "adamw",
         "data": "runs/x.npz", "batch": 32, "lr": 0.001, "views": 10, "decay_mults": (("*.bias", 0.0),),
-        "lr_mults": (("*.bias", 2.0), ("fc8.*", 10.0)),
+        "lr_mults": (("*.bias", 2.0), ("fc8.*", 10.0)), "resize": (256, 512),
     }  # fmt: skip
     assert {name: getattr(recipe, name) for name in expected} == expected
     sources = [recipe.source(n) for n in ("weight_decay", "flip", "nesterov", "momentum")]
@@ -398,6 +405,8 @@ def test_flags_of_every_kind():
         (["--milestones", "30,20"], "`milestones` must increase, got (30, 20)"),
         (["--milestones", "30,,60"], "`milestones` must be whole numbers"),
         (["--crop", "1,2,3"], "`crop` must be a whole number or (h, w)"),
+        (["--resize", "512,256"], "`resize`: a range's low must be below its high, got (512, 256)"),
+        (["--resize", "256,x"], "`resize` must be a whole number or (low, high), at least 1, or auto, got (256, x)"),
         (["--mean", "1,2"], "`mean` must be one number per channel (1 or 3)"),
         (["--data", ""], "`data` must be a non-empty string"),
         (["--lr-mult", "fc8"], "--lr-mult takes PATTERN=X, got `fc8`"),

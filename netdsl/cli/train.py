@@ -255,7 +255,7 @@ def eval_command(args: argparse.Namespace) -> int:
     from netdsl.runtime.net import Net
     from netdsl.runtime.weights import load_weights, weights_metadata
     from netdsl.train.augment import Preprocess
-    from netdsl.train.data import labels_by_name, open_data, view_loader
+    from netdsl.train.data import labels_by_name, loading_workers, open_data, view_loader
     from netdsl.train.evaluate import Tally, probabilities
     from netdsl.train.loop import class_count
     from netdsl.train.progress import Meter
@@ -277,6 +277,10 @@ def eval_command(args: argparse.Namespace) -> int:
     fraction = args.val_fraction if args.val_fraction is not None else run_recipe.get("val_fraction", 0.1)
     seed = args.seed if args.seed is not None else run_recipe.get("seed", 0)
     skip = args.skip_corrupt if args.skip_corrupt is not None else bool(run_recipe.get("skip_corrupt", False))
+    # a negative number: the loader's error, naming the flag
+    workers, note = loading_workers(args.workers) if args.workers >= 0 else (args.workers, None)
+    if note:
+        print(note, file=sys.stderr)
     own = Preprocess.from_json(saved, where=str(weights_path)) if saved else None
     if own is not None:
         own.check_fits(tuple(shape), str(weights_path))
@@ -284,7 +288,7 @@ def eval_command(args: argparse.Namespace) -> int:
     # the same files; the weights' own preprocessing stands for the data's statistics
     split = open_data(
         args.data, tuple(shape), num_outputs=classes, val_fraction=fraction if args.split == "val" else 0.0,
-        seed=seed, skip_corrupt=skip, workers=args.workers, size=None if own is None else own.size,
+        seed=seed, skip_corrupt=skip, workers=workers, size=None if own is None else own.size,
         scan_record=RunFolder(_run_folder(weights_path)).read_scan(),
         statistics=own is None, check={"all": ("train", "val")}.get(args.split, (args.split,)),
         meter=lambda _, images: Meter(sys.stderr, images, "reading the images", World()),  # for unreadable ones
@@ -312,7 +316,7 @@ def eval_command(args: argparse.Namespace) -> int:
     shown = Meter(sys.stderr, sum(map(len, parts)), "measuring", World())
     for part in parts:
         part.preprocess = preprocess
-        for x, y in view_loader(part, views=args.views, batch=args.batch, workers=args.workers):
+        for x, y in view_loader(part, views=args.views, batch=args.batch, workers=workers):
             output = net(x.flatten(0, 1) if args.views > 1 else x)
             labels = y if relabel is None else relabel[torch.as_tensor(y)]
             tally.add(probabilities(torch.as_tensor(output).cpu(), is_softmax, args.views), labels)

@@ -235,6 +235,9 @@ class Augment:
     eigvals: tuple[float, ...] = ()
     eigvecs: tuple[tuple[float, ...], ...] = ()  # rows of the matrix whose columns are the eigenvectors
     random_crop: bool = True
+    # VGG's scale jittering: each presentation scales the image's shorter side to a whole number drawn
+    # uniformly from low to high (both included) before cropping; None: to the Preprocess's size
+    sizes: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.pca_noise >= 0:
@@ -248,6 +251,12 @@ class Augment:
                 "PCA colour noise needs the training set's colour eigenvalues",
                 where="pca_noise",
                 hint="take DataSplit.augment, or set pca_noise to 0",
+            )
+        if self.sizes is not None and not (len(self.sizes) == 2 and 1 <= self.sizes[0] < self.sizes[1]):
+            raise NetError(
+                f"the sizes to scale images to must be two whole numbers, low below high, not {self.sizes}",
+                where="resize",
+                hint="e.g. resize = (256, 512), as VGG's multi-scale training; one number for a fixed size",
             )
         count = len(self.eigvals)
         if len(self.eigvecs) != count or any(len(row) != count for row in self.eigvecs):
@@ -299,15 +308,18 @@ class Preprocess:
     def pixels(self, image) -> np.ndarray:
         """An image (a file path, a Pillow image or an array) converted to the net's channels and scaled:
         H x W x C, uint8 or float32."""
+        return self._pixels(image, self.size)
+
+    def _pixels(self, image, size: int | None) -> np.ndarray:
         if isinstance(image, (str, Path)):
             image = open_image(Path(image), self.channels)
         if isinstance(image, np.ndarray):
             pixels = as_pixels(image, self.channels)
-            pixels = resize_pixels(pixels, resized_shape(*pixels.shape[:2], self.size, self.crop))
+            pixels = resize_pixels(pixels, resized_shape(*pixels.shape[:2], size, self.crop))
         else:  # a Pillow image: resized as it is, without a round trip through numpy
             mode = image_mode(self.channels)
             image = image if image.mode == mode else image.convert(mode)
-            shape = resized_shape(image.height, image.width, self.size, self.crop)
+            shape = resized_shape(image.height, image.width, size, self.crop)
             pixels = _hwc(np.asarray(image if (image.height, image.width) == shape else _resize(image, shape)))
         if pixels.shape[0] < self.crop[0] or pixels.shape[1] < self.crop[1]:
             raise NetError(
@@ -354,8 +366,10 @@ class Preprocess:
         )
 
     def augmented(self, image, augment: Augment, rng: np.random.Generator, out: np.ndarray | None = None) -> np.ndarray:
-        """One training presentation: a crop, maybe flipped, with colour noise; C x H x W float32."""
-        pixels = self.pixels(image)
+        """One training presentation: scaled (to a drawn size, with `augment.sizes`), a crop, maybe flipped,
+        with colour noise; C x H x W float32."""
+        size = self.size if augment.sizes is None else int(rng.integers(augment.sizes[0], augment.sizes[1] + 1))
+        pixels = self._pixels(image, size)
         draw = augment.draw(rng, pixels.shape[0], pixels.shape[1], self.crop)
         return self.normalize(crop_view(pixels, draw.top, draw.left, self.crop, draw.flip), draw.colour, out)
 

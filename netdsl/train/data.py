@@ -570,6 +570,16 @@ def _statistics(sums: list, base: Preprocess, classes: list[str], std: bool):
     return preprocess, Augment(eigvals=tuple(float(v) for v in values), eigvecs=eigvecs)
 
 
+def loading_workers(asked: int, flag: str = "--workers") -> tuple[int, str | None]:
+    """The loader processes to start for `asked`: at most one per CPU this process may run on (more only
+    take turns, and the batches do not depend on their number), and a note when fewer than asked."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if asked <= cpus:
+        return asked, None
+    cpu_text = f"{cpus} CPU{'' if cpus == 1 else 's'}"
+    return cpus, f"note: {flag} {asked} is more than the {cpu_text} this process may use; loading with {cpus}"
+
+
 def epoch_order(count: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
     """The order in which epoch `epoch` presents `count` samples: a permutation drawn from (seed, epoch)."""
     if not shuffle:
@@ -619,14 +629,17 @@ class _Present(Dataset):
             try:
                 image = self.samples.image(index)
             except NetError as error:
-                failures.append((index, error.message))
+                failures.append((index, error.message, SKIP_HINT))
                 continue
-            if several:
-                out[row] = preprocess.views(image, self.views)
-            elif self.augment is None:
-                preprocess.apply(image, out=out[row])
-            else:
-                preprocess.augmented(image, self.augment, sample_rng(self.seed, self.epoch, index), out=out[row])
+            try:
+                if several:
+                    out[row] = preprocess.views(image, self.views)
+                elif self.augment is None:
+                    preprocess.apply(image, out=out[row])
+                else:
+                    preprocess.augmented(image, self.augment, sample_rng(self.seed, self.epoch, index), out=out[row])
+            except NetError as error:  # a size drawn for this image (resize = (low, high)) that it cannot take
+                failures.append((index, error.message, error.hint))
         return x, torch.from_numpy(self.samples.labels[indices]), failures
 
 
@@ -669,8 +682,8 @@ class Batches:
         )
         for x, y, failures in loader:
             if failures:
-                index, message = failures[0]
-                raise NetError(message, where=self.samples.source(index), hint=SKIP_HINT)
+                index, message, hint = failures[0]
+                raise NetError(message, where=self.samples.source(index), hint=hint)
             yield x, y
 
 

@@ -42,6 +42,7 @@ from netdsl.lang.frontend import load_graph
 from netdsl.runtime.module import GraphModule
 from netdsl.runtime.weights import save_weights
 from netdsl.train.average import WeightAverage
+from netdsl.train.banner import banner
 from netdsl.train.checkpoint import (
     EARLIER_CHECKPOINT,
     Checkpoint,
@@ -54,7 +55,7 @@ from netdsl.train.checkpoint import (
     save_checkpoint,
     set_rng_states,
 )
-from netdsl.train.data import DataSplit, batches_per_epoch, loader, open_data, view_loader
+from netdsl.train.data import DataSplit, batches_per_epoch, loader, loading_workers, open_data, view_loader
 from netdsl.train.diagnose import compiled_gradients_differ, first_non_finite_in_parts
 from netdsl.train.evaluate import Tally, probabilities
 from netdsl.train.mix import Mixing
@@ -159,6 +160,9 @@ class Trainer:
             self._expects = self.start.preprocess
         else:  # a resumed run that started from weights: their mean and std are in its own checkpoint
             self._expects = saved_preprocess(self.run.last) if recipe.weights is not None else None
+        self.workers, note = loading_workers(recipe.workers)
+        if note and self.world.leader:
+            self._say(note)
         self.data = self._open_data()
         self.steps_per_epoch = batches_per_epoch(len(self.data.train), self.rank_batch, self.world.size, drop_last=True)
         if self.steps_per_epoch < 1:
@@ -248,7 +252,10 @@ class Trainer:
             )
         self._saved_scan = self.run.read_scan()  # a resumed run's record: its files are not decoded again
         size = recipe.resize
-        if size == "auto":
+        jitter = size if isinstance(size, tuple) else None  # validation, `run` and `eval` take the middle (VGG's Q)
+        if jitter is not None:
+            size = (jitter[0] + jitter[1]) // 2
+        elif size == "auto":
             folder = recipe.data != "digits" and Path(recipe.data).is_dir()
             size = round(min(height, width) * 256 / 224) if folder else None
         split = open_data(
@@ -260,7 +267,7 @@ class Trainer:
             seed=recipe.seed,
             std=recipe.std == "auto",
             skip_corrupt=recipe.skip_corrupt,
-            workers=recipe.workers,
+            workers=self.workers,
             scan_record=self._saved_scan,
             world=self.world,
             meter=lambda title, images: Meter(self.stream, images, title, self.world),
@@ -269,7 +276,7 @@ class Trainer:
         for samples in (split.train, split.val):
             if samples is not None:
                 samples.preprocess = preprocess
-        augment = replace(split.augment, flip=recipe.flip, pca_noise=recipe.pca_noise)
+        augment = replace(split.augment, flip=recipe.flip, pca_noise=recipe.pca_noise, sizes=jitter)
         if split.skipped and self.world.leader:
             self._say(f"skipped {len(split.skipped)} unreadable images (first: {split.skipped[0]})")
         if recipe.early_stop is not None and not (split.val is not None and len(split.val)):
@@ -353,7 +360,7 @@ class Trainer:
         )
         board = TensorBoard(self.run.path / "tensorboard") if self.world.leader else None
         if self.world.leader:
-            self._say(self._banner())
+            self._say(banner(self))
             if self.start is not None:
                 adopted = f"; {' and '.join(self._adopted)}, as they were trained" if self._adopted else ""
                 self._say(self.start.summary() + adopted)
@@ -456,7 +463,7 @@ class Trainer:
             epoch=epoch,
             start_batch=start_batch,
             augment=self.data.augment,
-            workers=self.recipe.workers,
+            workers=self.workers,
             rank=self.world.rank,
             world=self.world.size,
             drop_last=True,
@@ -570,7 +577,7 @@ class Trainer:
             self.data.val,
             views=views,
             batch=max(1, self.part_batch // views),  # what fits: a part of a training batch
-            workers=self.recipe.workers,
+            workers=self.workers,
             rank=self.world.rank,
             world=self.world.size,
         )
@@ -738,27 +745,6 @@ class Trainer:
         (each weight's rate is this times its lr_mult, which may be 0)."""
         factor = self.schedule.factor(self.epoch, self.batch_in_epoch - 1, self.steps_per_epoch)
         return self.recipe.lr * factor
-
-    def _banner(self) -> str:
-        recipe = self.recipe
-        devices = ", ".join(f"{name}->{device}" for name, device in self.module.devices.items())
-        where = f"{self.world.size} processes" if self.world.distributed else "1 process"
-        val = len(self.data.val) if self.data.val is not None else 0
-        return (
-            f"training {self.graph.graph['name']} ({self.net_path}) on {len(self.data.train):,} images, "
-            f"validating on {val:,}; {len(self.data.classes)} classes; {devices}; {where}\n"
-            f"  {recipe.optimizer} lr {recipe.lr:g}, batch {recipe.batch}"
-            + (f" (in {recipe.accumulate} parts of {self.part_batch})" if recipe.accumulate > 1 else "")
-            + (f", recompute {recipe.recompute}" if recipe.recompute != "none" else "")
-            + (f", validating and saving an average of the weights (ema {recipe.ema:g})" if recipe.ema else "")
-            + self.mixing.describe()
-            + f", {self.total_epochs} "
-            f"epoch{'' if self.total_epochs == 1 else 's'} "
-            f"({self.total_steps:,} steps"
-            + (f"; fewer if {recipe.early_stop} validated in a row do not improve" if recipe.early_stop else "")
-            + f"), schedule {recipe.schedule}, {recipe.dtype}; run folder {self.run.path}"
-            + (f"; resuming at step {self.step}" if self.step else "")
-        )
 
     def _say(self, text: str) -> None:
         print(text, file=self.stream, flush=True)

@@ -35,7 +35,7 @@ from netdsl.errors import NetError, Span, did_you_mean
 from netdsl.files import parse_json
 from netdsl.ir.graph import Setting
 
-KINDS = ("int", "number", "bool", "choice", "string", "ints", "numbers", "size", "mult")
+KINDS = ("int", "number", "bool", "choice", "string", "ints", "numbers", "size", "span", "mult")
 KEPT_AT_RESUME = ("optimizer", "schedule", "weights")  # a flag at resume may not change them: the run's state is theirs
 MAX_SEED = 2**32 - 1
 
@@ -154,9 +154,12 @@ class Recipe:
                                example="digits")
     val_fraction: float = setting("number", 0.1, "fraction", "held out for validation (per class, seeded) from "
                                   "data without validation images of its own", low=0, high=1, below=True)
-    resize: int | str = setting("int", "auto", "pixels", "the shorter side is scaled to this before cropping; "
-                                "`auto`: round(crop * 256 / 224) for image folders (the paper: 256 for 224), the "
-                                "crop itself for arrays and digits", low=1, words=_AUTO)
+    resize: int | tuple[int, int] | str = setting("span", "auto", "pixels", "the shorter side is scaled to this "
+                                                  "before cropping; (low, high): to a size drawn from low to high "
+                                                  "for each training image, each time (VGG's scale jittering), "
+                                                  "and to their middle for validation; `auto`: round(crop * 256 "
+                                                  "/ 224) for image folders (the paper: 256 for 224), the crop "
+                                                  "itself for arrays and digits", low=1, words=_AUTO)
     crop: tuple[int, int] | str = setting("size", "auto", "pixels", "the random training crop and the centre "
                                           "view, n or (h, w); `auto`: the net's input", low=1, words=_AUTO)
     flip: bool = setting("bool", True, "", "random horizontal flips while training")
@@ -532,13 +535,13 @@ def _checked(spec: Spec, value, word: bool, fail: _Fail):
             example = f'e.g. {spec.name} = "{spec.example}"'
             raise fail(f"`{spec.name}` must be a non-empty string, got {_got(value)}", example)
         return value
-    if kind in ("ints", "numbers", "size"):
+    if kind in ("ints", "numbers", "size", "span"):
         return _checked_tuple(spec, value, word, fail)
     return _checked_number(spec, value, word, fail, spec.name)
 
 
 def _checked_number(spec: Spec, value, word: bool, fail: _Fail, what: str):
-    whole = spec.kind in ("int", "ints", "size")
+    whole = spec.kind in ("int", "ints", "size", "span")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise fail(f"`{what}` must be {type_text(spec)}, got {_got(value)}", _word_hint(value, word, spec.words))
     if whole:
@@ -570,7 +573,7 @@ def _finite(value: int | float) -> bool:
 
 def _checked_tuple(spec: Spec, value, word: bool, fail: _Fail) -> tuple:
     items = value if isinstance(value, tuple) else (value,)
-    if spec.kind == "size" and len(items) not in (1, 2):
+    if spec.kind in ("size", "span") and len(items) not in (1, 2):
         raise fail(f"`{spec.name}` must be {type_text(spec)}, got {len(items)} numbers")
     if spec.lengths and len(items) not in spec.lengths:
         raise fail(f"`{spec.name}` must be {type_text(spec)}, got {_got(value)}")
@@ -581,6 +584,14 @@ def _checked_tuple(spec: Spec, value, word: bool, fail: _Fail) -> tuple:
         raise fail(f"`{spec.name}` must increase, got {_got(value)}")
     if spec.kind == "size" and len(checked) == 1:
         checked = (checked[0], checked[0])
+    if spec.kind == "span":  # one number, or a range of at least two
+        if len(checked) == 1:
+            return checked[0]
+        if checked[1] <= checked[0]:
+            raise fail(
+                f"`{spec.name}`: a range's low must be below its high, got {_got(value)}",
+                f"one number for a fixed size, e.g. {spec.name} = {checked[0]}",
+            )
     return checked
 
 
@@ -636,7 +647,7 @@ def _flag_value(spec: Spec, text: str) -> tuple[object, bool]:
         return text, spec.kind == "choice"
     if text in dict(spec.words):
         return text, True
-    if spec.kind in ("ints", "numbers", "size"):
+    if spec.kind in ("ints", "numbers", "size", "span"):
         parts = text.strip("()").split(",")
         numbers = tuple(_number(part.strip()) for part in parts)
         return (numbers[0] if len(numbers) == 1 else numbers), False
@@ -713,6 +724,8 @@ def type_text(spec: Spec) -> str:
         text = f"a number {limits}, per pattern of weight names"
     elif kind == "size":
         text = f"a whole number or (h, w), {limits}"
+    elif kind == "span":
+        text = f"a whole number or (low, high), {limits}"
     else:
         what = "whole numbers" if kind == "ints" else "numbers"
         if spec.lengths == (2,):
@@ -749,7 +762,7 @@ def _metavar(spec: Spec) -> str:
         return "PATTERN=X"
     if spec.kind == "choice":
         return "|".join(spec.choices)
-    base = {"int": "N", "number": "X", "string": spec.metavar, "ints": "A,B,...", "size": "N|H,W"}
+    base = {"int": "N", "number": "X", "string": spec.metavar, "ints": "A,B,...", "size": "N|H,W", "span": "N|LOW,HIGH"}
     if spec.kind == "numbers":
         base["numbers"] = {(2,): "A,B", (1, 3): "X|R,G,B"}.get(spec.lengths, "A,B,...")
     return "|".join([base[spec.kind], *_words(spec)])
