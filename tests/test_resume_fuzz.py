@@ -2,7 +2,7 @@
 
 Each case draws (seeded) a tiny net with dropout and batch norm, a tiny .npz data set with a validation part
 and a recipe: sgd (momentum, Nesterov, weight decay, lr and decay multipliers) or adamw; a constant, step,
-multistep, cosine or plateau schedule with or without a warm-up; --steps or --epochs; --val-every,
+multistep, cosine, poly or plateau schedule with or without a warm-up; --steps or --epochs; --val-every,
 --keep-best, --clip-grad, --label-smoothing, fp32, bf16 or fp16 (loss scaling), batches in two parts or whole;
 random crops, flips, PCA colour noise, the mean and std measured or not; no loading process or one; and,
 drawn later, recompute, early stopping, an average of the weights, mixed batches, checkpoints every few steps,
@@ -233,6 +233,9 @@ def draw_case(rng: random.Random, kernels: bool = False) -> Case:
         free = [step for step in range(1, case.total + 1) if step not in taken]
         if free and rng.random() < 0.7:
             case.stops = sorted([*case.stops, Stop("crash", rng.choice(free))], key=lambda stop: stop.step)
+    if schedule == "cosine" and rng.random() < 0.5:  # the other schedule that follows the run's length (no short stops)
+        at = case.flags.index("--cosine-floor")
+        case.flags[at - 1 : at + 2] = ["poly", "--power", str(rng.choice([0.5, 1.0, 2.0]))]
     if rng.random() < 0.25:  # scale jittering: the shorter side drawn for each presentation, up to the net's + 4
         if "--resize" in case.flags:
             del case.flags[case.flags.index("--resize") : case.flags.index("--resize") + 2]
@@ -486,7 +489,7 @@ def test_the_generator_is_reproducible_and_varied():
     kinds = {stop.kind for case in cases for stop in case.stops}
     assert kinds == {"signal", "validation", "short", "crash"}
     schedules = {flag(case.flags, "--schedule") for case in cases}
-    assert schedules == {"constant", "step", "multistep", "cosine", "plateau"}
+    assert schedules == {"constant", "step", "multistep", "cosine", "poly", "plateau"}
     assert {flag(case.flags, "--optimizer") for case in cases} == {"sgd", "adamw"}
     assert any(stop.step == case.total for case in cases for stop in case.stops)
     assert any(stop.epochs for case in cases for stop in case.stops)

@@ -212,9 +212,10 @@ def test_the_first_reading_of_a_large_folder_shows_its_progress(monkeypatch):
 
 
 @pytest.mark.parametrize("steps", [7, 12])
-def test_cosine_over_steps_follows_the_documented_curve_to_the_runs_end(tmp_path, steps):
-    """`cosine` with --steps: step s of T takes floor + (1 - floor) * (1 + cos(pi s / T)) / 2, T the run's steps
-    even where they end inside an epoch (5 steps per epoch here: 7 ends inside the second, 12 inside the third)."""
+def test_cosine_and_poly_over_steps_follow_the_documented_curves_to_the_runs_end(tmp_path, steps):
+    """`cosine` with --steps: step s of T takes floor + (1 - floor) * (1 + cos(pi s / T)) / 2, and `poly`
+    (1 - s / T) ** power, T the run's steps even where they end inside an epoch (5 steps per epoch here: 7
+    ends inside the second, 12 inside the third)."""
     net, data = tiny_run_args(tmp_path)
     run = tmp_path / "run"
     code = train(
@@ -227,6 +228,13 @@ def test_cosine_over_steps_follows_the_documented_curve_to_the_runs_end(tmp_path
     for step, lr in logged.items():
         want = 0.05 * (0.1 + 0.9 * (1 + np.cos(np.pi * (step - 1) / steps)) / 2)
         assert lr == pytest.approx(want, rel=1e-12), step
+    code = train(
+        net, "--data", data, "--batch", 8, "--steps", steps, "--lr", 0.05, "--schedule", "poly", "--power", 0.9,
+        "--out", tmp_path / "poly", *PLAIN,
+    )  # fmt: skip
+    assert code == 0
+    logged = {line["step"]: line["lr"] for line in metric_lines(tmp_path / "poly") if line["kind"] == "step"}
+    assert logged == pytest.approx({step: 0.05 * (1 - (step - 1) / steps) ** 0.9 for step in range(1, steps + 1)})
 
 
 # --- resume -------------------------------------------------------------------------------------------------

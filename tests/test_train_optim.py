@@ -298,6 +298,23 @@ def test_schedule_factors():
     assert cosine.factor(4, 0, 4) == cosine.factor(9, 3, 4) == pytest.approx(0.1, rel=1e-12)
 
 
+@pytest.mark.parametrize(("power", "epochs", "per_epoch"), [(1.0, 3, 4), (0.9, 2.5, 4), (2.0, 1, 7)])
+def test_poly_follows_pytorchs_polynomial_lr_step_by_step(power, epochs, per_epoch):
+    """`poly` against torch.optim.lr_scheduler.PolynomialLR over the run's steps (epochs x per_epoch, which
+    may end inside an epoch), stepped once per step from lr 1; then 0 past the end, in float64."""
+    total = round(epochs * per_epoch)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))], lr=1.0)
+    reference = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=power)
+    poly = Schedule("poly", epochs=epochs, power=power)
+    for step in range(total + per_epoch):
+        epoch, within = divmod(step, per_epoch)
+        want = optimizer.param_groups[0]["lr"]
+        assert poly.factor(epoch, within, per_epoch) == pytest.approx(want, rel=1e-9, abs=1e-15), step
+        optimizer.step()
+        reference.step()
+    assert poly.factor(9, 0, per_epoch) == 0.0
+
+
 def test_warm_up_ramps_linearly_and_multiplies_any_schedule():
     """2 epochs of 4 steps: step s (from 0) gets (s + 1) / 8 until it reaches 1."""
     warm = Schedule(warmup_epochs=2)
@@ -355,6 +372,8 @@ def test_schedule_state_round_trips_through_json():
         ({"kind": "step"}, "`every` must be a whole number of epochs >= 1"),
         ({"kind": "multistep", "milestones": [5, 2]}, "`milestones` must be increasing"),
         ({"kind": "cosine"}, "`epochs` must be a number of epochs > 0"),
+        ({"kind": "poly"}, "`epochs` must be a number of epochs > 0"),
+        ({"kind": "poly", "epochs": 2, "power": 0}, "`power` must be a number > 0"),
         ({"kind": "plateau", "patience": -1}, "`patience` must be a whole number >= 0"),
         ({"kind": "plateau", "max_drops": 1.5}, "`max_drops` must be a whole number >= 0, or none"),
         ({"gamma": 0.0}, "`gamma` must be a number in \\(0, 1\\]"),

@@ -209,6 +209,7 @@ class Trainer:
             gamma=recipe.gamma,
             epochs=self.total_steps / self.steps_per_epoch,  # the run's length: --steps may end inside an epoch
             min_factor=recipe.cosine_floor,
+            power=recipe.power,
             patience=recipe.patience,
             max_drops=recipe.max_drops,
             threshold=recipe.threshold,

@@ -34,6 +34,7 @@ from netdsl.compiler.training import RECOMPUTE
 from netdsl.errors import NetError, Span, did_you_mean
 from netdsl.files import parse_json
 from netdsl.ir.graph import Setting
+from netdsl.train.schedule import KINDS as SCHEDULES
 
 KINDS = ("int", "number", "bool", "choice", "string", "ints", "numbers", "size", "span", "mult")
 KEPT_AT_RESUME = ("optimizer", "schedule", "weights")  # a flag at resume may not change them: the run's state is theirs
@@ -126,8 +127,9 @@ class Recipe:
     # --- the learning rate's schedule ------------------------------------------------------------------
     schedule: str = setting("choice", "plateau", "", "`constant`; `step`: times gamma every step_epochs; "
                             "`multistep`: times gamma at each milestone; `cosine`: down to cosine_floor at the "
-                            "end; `plateau`: times gamma when the validation error stops improving (the paper)",
-                            choices=("constant", "step", "multistep", "cosine", "plateau"))
+                            "end; `poly`: times (1 - t / T) ** power, t the epochs done of T, down to 0 at the end; "
+                            "`plateau`: times gamma when the validation error stops improving (the paper)",
+                            choices=SCHEDULES)
     gamma: float = setting("number", 0.1, "factor", "what each drop multiplies the rate by (step, multistep, "
                            "plateau)", low=0, high=1, above=True)
     step_epochs: int = setting("int", 30, "epochs", "step: epochs between drops", low=1)
@@ -142,6 +144,8 @@ class Recipe:
                                "than this", low=0, high=1, below=True)
     cosine_floor: float = setting("number", 0.0, "factor", "cosine: the rate's factor at the end of training",
                                   low=0, high=1)
+    power: float = setting("number", 1.0, "", "poly: the exponent of (1 - t / T); 1: a straight line down to 0",
+                           low=0, above=True)
     warmup_epochs: float = setting("number", 0.0, "epochs", "the rate rises linearly from about 0 over this many "
                                    "epochs (fractions too), then follows the schedule", low=0)
     # --- the loss --------------------------------------------------------------------------------------

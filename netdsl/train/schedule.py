@@ -9,6 +9,8 @@ for the step about to be taken (epochs and steps count from 0):
 - `cosine`: min_factor + (1 - min_factor) * (1 + cos(pi * t / epochs)) / 2, with t = epoch + step_in_epoch /
   steps_per_epoch (so it falls smoothly, step by step), and min_factor after `epochs` (the run's length,
   a fraction when it ends inside an epoch);
+- `poly`: (1 - t / epochs) ** power, t as for cosine (Caffe's and Darknet's `poly`; power 1 falls in a
+  straight line), 0 after `epochs`;
 - `plateau`: gamma ** drops, the paper's "divide the learning rate by 10 when the validation error stops
   improving".
 
@@ -35,7 +37,7 @@ import math
 
 from netdsl.errors import NetError, did_you_mean
 
-KINDS = ("constant", "step", "multistep", "cosine", "plateau")
+KINDS = ("constant", "step", "multistep", "cosine", "poly", "plateau")
 
 
 class Schedule:
@@ -51,6 +53,7 @@ class Schedule:
         gamma: float = 0.1,
         epochs: float | None = None,
         min_factor: float = 0.0,
+        power: float = 1.0,
         patience: int = 5,
         max_drops: int | None = 3,
         threshold: float = 1e-4,
@@ -65,6 +68,7 @@ class Schedule:
         self.gamma = gamma
         self.epochs = epochs
         self.min_factor = min_factor
+        self.power = power
         self.patience = patience
         self.max_drops = max_drops
         self.threshold = threshold
@@ -85,9 +89,12 @@ class Schedule:
             steps = list(self.milestones)
             increasing = bool(steps) and all(_whole(m) and m >= 0 for m in steps) and steps == sorted(set(steps))
             _need(increasing, "milestones", steps, "increasing whole numbers of epochs")
-        if self.kind == "cosine":
+        if self.kind in ("cosine", "poly"):
             _need(_real(self.epochs) and self.epochs > 0, "epochs", self.epochs, "a number of epochs > 0")
+        if self.kind == "cosine":
             _need(_real(self.min_factor) and 0 <= self.min_factor <= 1, "min_factor", self.min_factor, "in [0, 1]")
+        if self.kind == "poly":
+            _need(_real(self.power) and self.power > 0, "power", self.power, "a number > 0")
         if self.kind == "plateau":
             _need(_whole(self.patience) and self.patience >= 0, "patience", self.patience, "a whole number >= 0")
             limit = self.max_drops is None or (_whole(self.max_drops) and self.max_drops >= 0)
@@ -109,6 +116,9 @@ class Schedule:
         elif self.kind == "cosine":
             progress = min((epoch + step_in_epoch / steps_per_epoch) / self.epochs, 1.0)
             value = self.min_factor + (1 - self.min_factor) * (1 + math.cos(math.pi * progress)) / 2
+        elif self.kind == "poly":
+            progress = min((epoch + step_in_epoch / steps_per_epoch) / self.epochs, 1.0)
+            value = (1 - progress) ** self.power
         else:
             value = self.gamma**self.drops
         ramp = self.warmup_epochs * steps_per_epoch
@@ -161,6 +171,7 @@ class Schedule:
             "step": {"every": self.every, "gamma": self.gamma},
             "multistep": {"milestones": list(self.milestones), "gamma": self.gamma},
             "cosine": {"epochs": self.epochs, "min_factor": self.min_factor},
+            "poly": {"epochs": self.epochs, "power": self.power},
             "plateau": {
                 "patience": self.patience,
                 "gamma": self.gamma,
