@@ -6,7 +6,7 @@ multistep, cosine, poly or plateau schedule with or without a warm-up; --steps o
 --keep-best, --clip-grad, --label-smoothing, fp32, bf16 or fp16 (loss scaling), batches in two parts or whole;
 random crops, flips, PCA colour noise, the mean and std measured or not; no loading process or one; and,
 drawn later, recompute, early stopping, an average of the weights, mixed batches, checkpoints every few steps,
-images scaled to a size drawn per presentation (scale jittering).
+images scaled to a size drawn per presentation (scale jittering) or random-resized crops.
 It trains the recipe straight through, then again with one or more stops:
 
 - `signal`: SIGTERM during step k (the run ends the step, checkpoints and exits 143), k anywhere, an
@@ -234,12 +234,20 @@ def draw_case(rng: random.Random, kernels: bool = False) -> Case:
         if free and rng.random() < 0.7:
             case.stops = sorted([*case.stops, Stop("crash", rng.choice(free))], key=lambda stop: stop.step)
     if schedule == "cosine" and rng.random() < 0.5:  # the other schedule that follows the run's length (no short stops)
+        case.flags[case.flags.index("--schedule") + 1] = "poly"
         at = case.flags.index("--cosine-floor")
-        case.flags[at - 1 : at + 2] = ["poly", "--power", str(rng.choice([0.5, 1.0, 2.0]))]
+        case.flags[at : at + 2] = ["--power", str(rng.choice([0.5, 1.0, 2.0]))]
     if rng.random() < 0.25:  # scale jittering: the shorter side drawn for each presentation, up to the net's + 4
         if "--resize" in case.flags:
             del case.flags[case.flags.index("--resize") : case.flags.index("--resize") + 2]
         case.flags += ["--resize", f"{net_size},{net_size + rng.randint(1, 4)}"]
+    elif rng.random() < 0.25:  # random-resized crops: boxes of the stored images, scaled to the net's input
+        case.flags += [
+            "--crop-area",
+            rng.choice(["0.08,1", "0.5,1"]),
+            "--crop-aspect",
+            rng.choice(["0.75,1.3333", "0.5,2"]),
+        ]
     return case
 
 
@@ -508,6 +516,7 @@ def test_the_generator_is_reproducible_and_varied():
     mixes = {(flag(case.flags, "--mixup", "0"), flag(case.flags, "--cutmix", "0")) for case in cases}
     assert mixes == {("0", "0"), ("0.4", "0"), ("0", "1"), ("1", "1")}
     assert any("," in flag(case.flags, "--resize", "auto") for case in cases)
+    assert any(flag(case.flags, "--crop-area", "none") != "none" for case in cases)
     assert any("towers" in case.net for case in cases) and any("softmax" in case.net for case in cases)
 
 

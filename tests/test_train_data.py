@@ -447,6 +447,65 @@ def test_scale_jittering_crops_the_image_scaled_to_each_size_of_the_range():
             Augment(pca_noise=0.0, sizes=bad)
 
 
+def test_random_resized_crop_boxes_follow_their_distributions_and_fall_back_to_the_centre():
+    """Inception's boxes on a 240 x 240 image with area (0.1, 0.3), where every first try fits: each box lies
+    inside the image with its share of the area uniform on (0.1, 0.3) and its log aspect uniform on (log 3/4,
+    log 4/3) (the mean and variance of 4,000 boxes within 6 standard errors; the boxes' sides are whole
+    pixels, so within that of a pixel too), and the corners spread over the free room; a 10 x 100 strip with
+    area (0.9, 1), where no box of such an aspect fits, takes the largest centred box of aspect 4/3."""
+    augment = Augment(pca_noise=0.0, area=(0.1, 0.3))
+    draws, side = 4000, 240
+    boxes = np.array([augment.box(sample_rng(4, 0, index), side, side) for index in range(draws)], dtype=np.float64)
+    top, left, height, width = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + height <= side).all() and (left + width <= side).all()
+
+    def uniform_like(values, low, high, slack):
+        mean, var = (low + high) / 2, (high - low) ** 2 / 12
+        assert abs(values.mean() - mean) <= 6 * np.sqrt(var / draws) + slack, (values.mean(), mean)
+        assert abs(values.var() - var) <= 6 * np.sqrt(var**2 * 0.8 / draws) + slack, (values.var(), var)
+
+    uniform_like(height * width / side**2, 0.1, 0.3, 2 / side)
+    uniform_like(np.log(width / height), np.log(3 / 4), np.log(4 / 3), 2 / np.sqrt(0.1 * side**2))
+    room_top = side - height
+    assert 0.4 < (top / np.maximum(room_top, 1)).mean() < 0.6  # the corner is uniform over the free room
+    strip = Augment(pca_noise=0.0, area=(0.9, 1.0))
+    assert strip.box(sample_rng(0, 0, 0), 10, 100) == (0, (100 - 13) // 2, 10, 13)
+    assert strip.box(sample_rng(0, 0, 0), 100, 10) == ((100 - 13) // 2, 0, 13, 10)  # tall: width / 3/4
+    for bad in ({"area": (0.0, 1.0)}, {"area": (0.5, 0.2)}, {"area": (0.5, 1.5)}, {"aspect": (2.0, 1.0)}):
+        with pytest.raises(NetError, match=r"share of an image.s area a crop takes|aspect ratios of the crops"):
+            Augment(pca_noise=0.0, **bad)
+
+
+def test_a_random_resized_crop_is_its_box_scaled_by_pillow():
+    """Each presentation equals the box `Augment.box` draws from the same generator, cut from the image as
+    stored and scaled to the net's input by Pillow (flipped or not): for 8-bit RGB, for 1-channel float
+    pixels (scaled a plane at a time), and for an image smaller than the net's input."""
+    rng = np.random.default_rng(18)
+    crop = (12, 10)
+    for image in (
+        rng.integers(0, 256, (30, 41, 3)).astype(np.uint8),
+        rng.standard_normal((25, 19, 1)).astype(np.float32) * 50,
+        rng.integers(0, 256, (7, 9, 3)).astype(np.uint8),
+    ):
+        channels = image.shape[2]
+        preprocess = Preprocess(size=16, crop=crop, channels=channels, mean=(0.0,) * channels)
+        augment = Augment(pca_noise=0.0, area=(0.2, 0.9))
+        flips = 0
+        for index in range(40):
+            x = preprocess.augmented(image, augment, sample_rng(2, 3, index)).transpose(1, 2, 0)
+            top, left, height, width = augment.box(sample_rng(2, 3, index), *image.shape[:2])
+            box = image[top : top + height, left : left + width]
+            if channels == 3:
+                want = np.asarray(Image.fromarray(box).resize(crop[::-1], Image.Resampling.BILINEAR), np.float32)
+            else:
+                plane = Image.fromarray(np.ascontiguousarray(box[..., 0]), mode="F")
+                want = np.asarray(plane.resize(crop[::-1], Image.Resampling.BILINEAR))[..., None]
+            flipped = not np.array_equal(x, want)
+            assert np.array_equal(x, want[:, ::-1] if flipped else want), index
+            flips += flipped
+        assert 5 < flips < 35
+
+
 def test_a_drawn_size_too_large_for_an_image_names_the_file(tmp_path, monkeypatch):
     """An image that a jittered size would make larger than Pillow allows stops the loader with the file's
     name and the size, in the training process or a worker's, not with a traceback from the worker."""

@@ -360,6 +360,28 @@ def test_scale_jittering_resumes_bit_for_bit_and_saves_the_middle_size(tmp_path,
     assert preprocess.size == 10 and preprocess.crop == (8, 8)
 
 
+def test_random_resized_crops_resume_bit_for_bit_and_refuse_a_range_of_sizes(tmp_path, capsys):
+    """`--crop-area 0.3,1`: 5 steps straight equal 2, a resume and 3 more, bit for bit, and differ from plain
+    crops; with `resize` a range the run stops before training, naming crop_area."""
+    folder = gray_folder(tmp_path / "images", (12, 10), 24, "b/torn.png")
+    net = tmp_path / "tiny.net"
+    net.write_text(TINY)
+    flags = ("--data", folder, "--batch", 4, "--schedule", "constant", "--skip-corrupt", "--val-fraction", 0.2, *PLAIN)
+    assert train(net, *flags, "--crop-area", "0.3,1", "--steps", 5, "--out", tmp_path / "straight") == 0
+    assert "random-resized crops of 30%..100% of each image's area" in capsys.readouterr().err
+    assert train(net, *flags, "--crop-area", "0.3,1", "--steps", 2, "--out", tmp_path / "parts") == 0
+    assert train("--resume", tmp_path / "parts", "--steps", 5) == 0
+    assert train(net, *flags, "--steps", 5, "--out", tmp_path / "plain") == 0
+    one, two, plain = (checkpoint_weights(tmp_path / run) for run in ("straight", "parts", "plain"))
+    assert all(torch.equal(one[name], two[name]) for name in one)
+    assert not all(torch.equal(one[name], plain[name]) for name in one)
+    capsys.readouterr()
+    code = train(net, *flags, "--crop-area", "0.3,1", "--resize", "8,12", "--out", tmp_path / "both")
+    err = capsys.readouterr().err
+    assert code == 1 and "--crop-area: error: random-resized crops (crop_area) take their boxes" in err, err
+    assert "Traceback" not in err
+
+
 def test_resume_says_what_a_flag_overrides(tmp_path, capsys):
     net, data = small_run_args(tmp_path)
     run = tmp_path / "run"

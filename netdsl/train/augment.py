@@ -238,6 +238,11 @@ class Augment:
     # VGG's scale jittering: each presentation scales the image's shorter side to a whole number drawn
     # uniformly from low to high (both included) before cropping; None: to the Preprocess's size
     sizes: tuple[int, int] | None = None
+    # Inception's random-resized crops (Szegedy et al.): a box of a drawn share of the image's area and a drawn
+    # aspect ratio (w / h, log-uniform), cut from the image as stored and scaled to the net's input;
+    # None: crops of the scaled image (`draw`)
+    area: tuple[float, float] | None = None
+    aspect: tuple[float, float] = (3 / 4, 4 / 3)
 
     def __post_init__(self) -> None:
         if not self.pca_noise >= 0:
@@ -258,6 +263,18 @@ class Augment:
                 where="resize",
                 hint="e.g. resize = (256, 512), as VGG's multi-scale training; one number for a fixed size",
             )
+        if self.area is not None and not (len(self.area) == 2 and 0 < self.area[0] <= self.area[1] <= 1):
+            raise NetError(
+                f"the share of an image's area a crop takes must be two numbers in (0, 1], low first, not {self.area}",
+                where="crop_area",
+                hint="e.g. crop_area = (0.08, 1), Inception's and torchvision's RandomResizedCrop's",
+            )
+        if not (len(self.aspect) == 2 and 0 < self.aspect[0] <= self.aspect[1] < math.inf):
+            raise NetError(
+                f"the aspect ratios of the crops must be two numbers above 0, low first, not {self.aspect}",
+                where="crop_aspect",
+                hint="e.g. crop_aspect = (0.75, 1.333), width over height",
+            )
         count = len(self.eigvals)
         if len(self.eigvecs) != count or any(len(row) != count for row in self.eigvecs):
             raise NetError(
@@ -265,6 +282,26 @@ class Augment:
                 where="eigvecs",
                 hint="one eigenvector per colour channel, each as long as there are channels",
             )
+
+    def box(self, rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
+        """A random-resized crop's box of a height x width image: top, left, h, w. Up to ten tries draw a
+        share of the area, uniform in `area`, and an aspect ratio, log-uniform in `aspect`, and keep the first
+        box that fits; when none does, the largest centred box whose aspect is within the range
+        (torchvision's RandomResizedCrop.get_params, with numpy's generator)."""
+        low, high = np.log(self.aspect[0]), np.log(self.aspect[1])
+        for _ in range(10):
+            target = height * width * rng.uniform(self.area[0], self.area[1])
+            ratio = math.exp(rng.uniform(low, high))
+            w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+            if 0 < w <= width and 0 < h <= height:
+                return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+        if width / height < self.aspect[0]:
+            w, h = width, min(height, round(width / self.aspect[0]))
+        elif width / height > self.aspect[1]:
+            h, w = height, min(width, round(height * self.aspect[1]))
+        else:
+            h, w = height, width
+        return (height - h) // 2, (width - w) // 2, h, w
 
     def draw(self, rng: np.random.Generator, height: int, width: int, crop: tuple[int, int]) -> Draw:
         """Every choice is drawn, in a fixed order, whether or not it is used, so switching one kind of
@@ -310,7 +347,7 @@ class Preprocess:
         H x W x C, uint8 or float32."""
         return self._pixels(image, self.size)
 
-    def _pixels(self, image, size: int | None) -> np.ndarray:
+    def _pixels(self, image, size: int | None, whole: bool = True) -> np.ndarray:
         if isinstance(image, (str, Path)):
             image = open_image(Path(image), self.channels)
         if isinstance(image, np.ndarray):
@@ -321,7 +358,7 @@ class Preprocess:
             image = image if image.mode == mode else image.convert(mode)
             shape = resized_shape(image.height, image.width, size, self.crop)
             pixels = _hwc(np.asarray(image if (image.height, image.width) == shape else _resize(image, shape)))
-        if pixels.shape[0] < self.crop[0] or pixels.shape[1] < self.crop[1]:
+        if whole and (pixels.shape[0] < self.crop[0] or pixels.shape[1] < self.crop[1]):
             raise NetError(
                 f"an image of {pixels.shape[0]} x {pixels.shape[1]} is smaller than the net's input "
                 f"{self.crop[0]} x {self.crop[1]}",
@@ -368,8 +405,13 @@ class Preprocess:
     def augmented(self, image, augment: Augment, rng: np.random.Generator, out: np.ndarray | None = None) -> np.ndarray:
         """One training presentation: scaled (to a drawn size, with `augment.sizes`), a crop, maybe flipped,
         with colour noise; C x H x W float32."""
-        size = self.size if augment.sizes is None else int(rng.integers(augment.sizes[0], augment.sizes[1] + 1))
-        pixels = self._pixels(image, size)
+        if augment.area is not None:  # a box of the image as stored, scaled to the net's input (any size will do)
+            pixels = self._pixels(image, None, whole=False)
+            top, left, height, width = augment.box(rng, *pixels.shape[:2])
+            pixels = resize_pixels(pixels[top : top + height, left : left + width], self.crop)
+        else:
+            size = self.size if augment.sizes is None else int(rng.integers(augment.sizes[0], augment.sizes[1] + 1))
+            pixels = self._pixels(image, size)
         draw = augment.draw(rng, pixels.shape[0], pixels.shape[1], self.crop)
         return self.normalize(crop_view(pixels, draw.top, draw.left, self.crop, draw.flip), draw.colour, out)
 

@@ -277,7 +277,15 @@ class Trainer:
         for samples in (split.train, split.val):
             if samples is not None:
                 samples.preprocess = preprocess
-        augment = replace(split.augment, flip=recipe.flip, pca_noise=recipe.pca_noise, sizes=jitter)
+        if jitter is not None and recipe.crop_area is not None:
+            raise NetError(
+                "random-resized crops (crop_area) take their boxes from the image as stored: a range of sizes to "
+                "scale it to (resize) would go unused",
+                where=recipe.source("crop_area"),
+                hint="give resize one size (what validation scales to), or leave out crop_area",
+            )
+        chosen = {"sizes": jitter, "area": recipe.crop_area, "aspect": recipe.crop_aspect}
+        augment = replace(split.augment, flip=recipe.flip, pca_noise=recipe.pca_noise, **chosen)
         if split.skipped and self.world.leader:
             self._say(f"skipped {len(split.skipped)} unreadable images (first: {split.skipped[0]})")
         if recipe.early_stop is not None and not (split.val is not None and len(split.val)):

@@ -166,6 +166,16 @@ class Recipe:
                                                   "itself for arrays and digits", low=1, words=_AUTO)
     crop: tuple[int, int] | str = setting("size", "auto", "pixels", "the random training crop and the centre "
                                           "view, n or (h, w); `auto`: the net's input", low=1, words=_AUTO)
+    crop_area: tuple[float, float] | None = setting("numbers", None, "fraction", "Inception's random-resized "
+                                                    "crops: each training crop is a box of the image as stored, "
+                                                    "its share of the area drawn from (low, high) and its aspect "
+                                                    "from crop_aspect, scaled to the net's input (in place of "
+                                                    "`resize` and a crop of it; validation as before); `none`: "
+                                                    "off", low=0, high=1, above=True, lengths=(2,),
+                                                    increasing=True, words=(("none", None),))
+    crop_aspect: tuple[float, float] = setting("numbers", (0.75, 1.3333), "w / h", "crop_area: the range of the "
+                                               "boxes' aspect ratios, drawn log-uniformly", low=0, above=True,
+                                               lengths=(2,), increasing=True)
     flip: bool = setting("bool", True, "", "random horizontal flips while training")
     pca_noise: float = setting("number", 0.1, "std", "the paper's colour noise: the std of each alpha along the "
                                "principal components of the training set's RGB colours; 0: off", low=0)
