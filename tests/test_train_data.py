@@ -471,6 +471,7 @@ def test_random_resized_crop_boxes_follow_their_distributions_and_fall_back_to_t
     strip = Augment(pca_noise=0.0, area=(0.9, 1.0))
     assert strip.box(sample_rng(0, 0, 0), 10, 100) == (0, (100 - 13) // 2, 10, 13)
     assert strip.box(sample_rng(0, 0, 0), 100, 10) == ((100 - 13) // 2, 0, 13, 10)  # tall: width / 3/4
+    assert Augment(pca_noise=0.0, area=(0.5, 1), aspect=(10, 20)).box(sample_rng(0, 0, 0), 4, 4) == (1, 0, 1, 4)
     for bad in ({"area": (0.0, 1.0)}, {"area": (0.5, 0.2)}, {"area": (0.5, 1.5)}, {"aspect": (2.0, 1.0)}):
         with pytest.raises(NetError, match=r"share of an image.s area a crop takes|aspect ratios of the crops"):
             Augment(pca_noise=0.0, **bad)

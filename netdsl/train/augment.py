@@ -296,9 +296,9 @@ class Augment:
             if 0 < w <= width and 0 < h <= height:
                 return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
         if width / height < self.aspect[0]:
-            w, h = width, min(height, round(width / self.aspect[0]))
+            w, h = width, min(height, max(1, round(width / self.aspect[0])))
         elif width / height > self.aspect[1]:
-            h, w = height, min(width, round(height * self.aspect[1]))
+            h, w = height, min(width, max(1, round(height * self.aspect[1])))
         else:
             h, w = height, width
         return (height - h) // 2, (width - w) // 2, h, w

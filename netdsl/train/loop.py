@@ -254,6 +254,13 @@ class Trainer:
         self._saved_scan = self.run.read_scan()  # a resumed run's record: its files are not decoded again
         size = recipe.resize
         jitter = size if isinstance(size, tuple) else None  # validation, `run` and `eval` take the middle (VGG's Q)
+        if jitter is not None and recipe.crop_area is not None:
+            raise NetError(
+                "random-resized crops (crop_area) take their boxes from the image as stored: a range of sizes to "
+                "scale it to (resize) would go unused",
+                where=recipe.source("crop_area"),
+                hint="give resize one size (what validation scales to), or leave out crop_area",
+            )
         if jitter is not None:
             size = (jitter[0] + jitter[1]) // 2
         elif size == "auto":
@@ -277,13 +284,6 @@ class Trainer:
         for samples in (split.train, split.val):
             if samples is not None:
                 samples.preprocess = preprocess
-        if jitter is not None and recipe.crop_area is not None:
-            raise NetError(
-                "random-resized crops (crop_area) take their boxes from the image as stored: a range of sizes to "
-                "scale it to (resize) would go unused",
-                where=recipe.source("crop_area"),
-                hint="give resize one size (what validation scales to), or leave out crop_area",
-            )
         chosen = {"sizes": jitter, "area": recipe.crop_area, "aspect": recipe.crop_aspect}
         augment = replace(split.augment, flip=recipe.flip, pca_noise=recipe.pca_noise, **chosen)
         if split.skipped and self.world.leader:
