@@ -766,6 +766,11 @@ def mutate_npy(rng: random.Random, data: bytes) -> bytes:
 def mutate_npz(rng: random.Random, path: Path) -> None:
     with np.load(path) as data:
         arrays = {key: data[key] for key in data.files}
+    with np.errstate(invalid="ignore", over="ignore"):  # 0 * inf, on purpose
+        _mutate_arrays(rng, arrays, path)
+
+
+def _mutate_arrays(rng: random.Random, arrays: dict, path: Path) -> None:
     how = rng.random()
     key = rng.choice(["x", "y", "x_val", "y_val", "classes"])
     x, y = arrays["x"], arrays["y"]

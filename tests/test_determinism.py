@@ -24,6 +24,8 @@ import pytest
 from test_compiler_fuzz import draw_case, generate
 from test_train_fuzz import random_net
 
+from netdsl.train.runs import MEASURED
+
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = float(os.environ.get("NETDSL_FUZZ_SCALE", "1"))
 SEED = int(os.environ.get("NETDSL_FUZZ_SEED", "0"))
@@ -97,7 +99,7 @@ def without_clock(files: dict[str, bytes]) -> dict[str, bytes]:
     metrics = "run/metrics.jsonl"
     if metrics in files:
         lines = [json.loads(line) for line in files[metrics].decode("utf-8").splitlines()]
-        kept = [{key: value for key, value in line.items() if key != "images_per_s"} for line in lines]
+        kept = [{key: value for key, value in line.items() if key not in MEASURED} for line in lines]
         files = {**files, metrics: json.dumps(kept, sort_keys=True).encode("utf-8")}
     return files
 

@@ -50,6 +50,7 @@ from netdsl.cli.main import main
 from netdsl.train import loop
 from netdsl.train.checkpoint import load_checkpoint
 from netdsl.train.loop import Trainer
+from netdsl.train.runs import MEASURED
 
 SCALE = float(os.environ.get("NETDSL_FUZZ_SCALE", "1"))
 SEED = int(os.environ.get("NETDSL_FUZZ_SEED", "0"))
@@ -402,7 +403,7 @@ def run_case(tmp_path: Path, case: Case, monkeypatch: pytest.MonkeyPatch) -> Non
 def metric_lines(run: Path) -> list[dict]:
     """metrics.jsonl less images/s, the one thing that depends on the clock."""
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{key: value for key, value in line.items() if key != "images_per_s"} for line in lines]
+    return [{key: value for key, value in line.items() if key not in MEASURED} for line in lines]
 
 
 def assert_unchanged(before: Path, after: Path) -> None:

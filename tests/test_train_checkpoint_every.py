@@ -12,6 +12,7 @@ from train_support import TINY
 from netdsl.cli.main import main
 from netdsl.train import loop
 from netdsl.train.checkpoint import load_checkpoint
+from netdsl.train.runs import MEASURED
 
 PLAIN = ("--mean", "none", "--std", "false", "--no-flip", "--pca-noise", "0", "--workers", "0", "--log-every", "1")
 
@@ -34,7 +35,7 @@ def train(tmp_path: Path, name: str, *extra: str) -> int:
 
 def records(run: Path) -> list[dict]:
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{key: value for key, value in line.items() if key != "images_per_s"} for line in lines]
+    return [{key: value for key, value in line.items() if key not in MEASURED} for line in lines]
 
 
 def test_a_crashed_run_resumes_from_the_latest_and_trains_as_the_straight_run(tmp_path, monkeypatch, capsys):

@@ -23,6 +23,7 @@ import torch
 
 from netdsl.cli.main import main
 from netdsl.train.checkpoint import load_checkpoint, rank_sums
+from netdsl.train.runs import MEASURED
 
 ROOT = Path(__file__).resolve().parents[1]
 LENET = str(ROOT / "nets" / "lenet5.net")
@@ -174,7 +175,7 @@ def test_resume_under_two_processes(tmp_path, digits_like):
 def _records(run: Path) -> list[dict]:
     """The run's step and epoch records without their speed (images/s), which no two runs share."""
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in MEASURED} for line in lines]
 
 
 def test_towers_inside_each_process_and_processes_across(tmp_path):

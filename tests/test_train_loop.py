@@ -29,6 +29,7 @@ from netdsl.runtime.weights import init_weights, load_weights
 from netdsl.train import loop
 from netdsl.train.checkpoint import load_checkpoint, save_checkpoint
 from netdsl.train.loop import Trainer
+from netdsl.train.runs import MEASURED
 from netdsl.train.start import saved_preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,6 +173,31 @@ def test_a_log_line_says_the_step_of_the_total_and_the_time_left():
     assert plain.startswith("epoch 1/6  step 50  loss") and "left" not in plain
     cases = {0.4: "0s", 59.4: "59s", 60: "1m00s", 3599: "59m59s", 3600: "1h00m", 86399: "23h59m", 90061: "1d01h"}
     assert {seconds: duration(seconds) for seconds in cases} == cases
+    progress.show(dict(record, data_wait=0.34), 300, 32)
+    progress.show(dict(record, data_wait=0.05), 300, 32)
+    slow, quick = stream.getvalue().splitlines()[3:]
+    assert slow.endswith("~2m05s left  waiting for data 34%") and "waiting" not in quick
+
+
+def test_the_wait_for_each_batch_is_what_the_loader_took():
+    """`waited` adds to clock[2] the time each `next` of the batches took, on a clock that the loader alone
+    advances here (by 3 then 5 units), and nothing for the time between batches (the step's)."""
+    from netdsl.train.progress import waited
+
+    ticks = [0.0]
+    now = lambda: ticks[0]  # noqa: E731
+
+    def batches():
+        for delay in (3.0, 5.0):
+            ticks[0] += delay
+            yield delay
+
+    clock = [0.0, 0, 0.0]
+    seen = []
+    for batch in waited(batches(), clock, now):
+        seen.append(batch)
+        ticks[0] += 100.0  # the step: not waiting
+    assert seen == [3.0, 5.0] and clock[2] == 8.0
 
 
 def test_the_first_reading_of_a_large_folder_shows_its_progress(monkeypatch):
@@ -273,7 +299,7 @@ def test_resume_is_bit_identical(tmp_path):
     lines = [
         [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (straight, parts)
     ]
-    strip = [[{k: v for k, v in line.items() if k != "images_per_s"} for line in run] for run in lines]
+    strip = [[{k: v for k, v in line.items() if k not in MEASURED} for line in run] for run in lines]
     # the first part ended at step 4 and measured its last weights there: the one record the other run lacks
     assert [line["step"] for line in strip[1] if line["kind"] == "final"] == [4, 9]
     assert strip[0] == [line for line in strip[1] if (line["kind"], line["step"]) != ("final", 4)]
@@ -408,7 +434,7 @@ def stop_during_step(monkeypatch, step: int) -> None:
 
 def without_speed(run: Path) -> list[dict]:
     """metrics.jsonl less images/s, the one thing that depends on the clock."""
-    return [{key: value for key, value in line.items() if key != "images_per_s"} for line in metric_lines(run)]
+    return [{key: value for key, value in line.items() if key not in MEASURED} for line in metric_lines(run)]
 
 
 def assert_same_runs(one: Path, two: Path) -> None:
@@ -623,6 +649,8 @@ def test_the_run_folder_holds_what_it_promises(tmp_path, curves):
     assert recipe["recipe"]["settings"]["momentum"] == {"value": 0.9, "from": "default"}
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in epochs if line["kind"] == "epoch"] == [1, 2, 3]
+    steps = [line for line in epochs if line["kind"] == "step"]
+    assert steps and all(line["images_per_s"] > 0 and 0 <= line["data_wait"] <= 1 for line in steps)
     best = sorted(path.name for path in (run / "checkpoints").glob("best-*.ckpt"))
     assert len(best) == 2
     state = load_checkpoint(run / "checkpoints" / "last.ckpt").state

@@ -60,7 +60,7 @@ from netdsl.train.diagnose import compiled_gradients_differ, first_non_finite_in
 from netdsl.train.evaluate import Tally, probabilities
 from netdsl.train.mix import Mixing
 from netdsl.train.optim import make_optimizer, param_groups, set_learning_rate
-from netdsl.train.progress import Meter, Progress, epoch_line
+from netdsl.train.progress import Meter, Progress, epoch_line, waited
 from netdsl.train.recipe import Recipe
 from netdsl.train.runs import CURVES, METRICS, WEIGHTS, Metrics, RunFolder, TensorBoard, fingerprint, plot_curves
 from netdsl.train.schedule import EarlyStop, Schedule
@@ -435,9 +435,9 @@ class Trainer:
         recipe = self.recipe
         batches = self._training_batches(self.epoch, start_batch=self.batch_in_epoch)
         self.module.train()
-        clock = [time.perf_counter(), 0]  # for images/s: since when, and this process's images since then
+        clock = [time.perf_counter(), 0, 0.0]  # since when; this process's images and seconds waiting for them
         progress = Progress(self.stream, len(batches), f"epoch {self.epoch + 1}/{self.total_epochs}", self.world)
-        for x, y in batches:
+        for x, y in waited(batches, clock):
             loss, correct = self._train_step(x, y)
             count = len(y)
             for sums in (self.epoch_sums, self.window_sums):
@@ -740,10 +740,11 @@ class Trainer:
             "top1": correct / count,
             "lr": lr,
             "images_per_s": seen / seconds,
+            "data_wait": min(1.0, clock[2] / seconds),  # this process's share of the time waiting for batches
         }
         if self.step % self.recipe.log_every == 0:
             self.window_sums = [0.0, 0.0, 0.0]
-        clock[:] = [time.perf_counter(), 0]
+        clock[:] = [time.perf_counter(), 0, 0.0]
         if metrics is not None:
             metrics.add(record)
             board.scalars(self.step, {"train/loss": record["loss"], "train/top1": record["top1"], "train/lr": lr})

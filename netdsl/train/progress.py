@@ -9,6 +9,23 @@ from typing import TextIO
 
 from netdsl.train.world import World
 
+# the share of a log interval the step spent waiting for its batch, from which the line shows it
+SHOWN_WAIT = 0.1
+
+
+def waited(batches, clock: list, now=time.perf_counter):
+    """The batches, adding the seconds spent waiting for each (the loader's lateness: a worker still
+    decoding, or the training process preparing it itself) to clock[2]."""
+    iterator = iter(batches)
+    while True:
+        began = now()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        clock[2] += now() - began
+        yield batch
+
 
 class Progress:
     """A tqdm bar on a terminal (when tqdm is installed), else a plain line per log interval."""
@@ -41,6 +58,8 @@ class Progress:
             step += f"/{total_steps:,}"
             if record["step"] < total_steps and record["images_per_s"] > 0:
                 text += f"  ~{duration((total_steps - record['step']) * batch / record['images_per_s'])} left"
+        if record.get("data_wait", 0.0) >= SHOWN_WAIT:
+            text += f"  waiting for data {record['data_wait']:.0%}"
         if self.bar is not None:
             self.bar.set_postfix_str(text)
         else:

@@ -34,6 +34,7 @@ CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
 WEIGHTS = "weights.safetensors"
 CURVES = "curves.png"
+MEASURED = ("images_per_s", "data_wait")  # a step record's timings: the one part a resumed run does not repeat
 TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{16}$")  # netdsl.files.new_temporary's names
 
 
