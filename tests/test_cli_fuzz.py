@@ -509,6 +509,7 @@ def command_eval(rng: random.Random) -> Case:
     table = {
         "--split": ["val", "train", "all", "test", ""],
         "--views": ["1", "10", "2", "x"],
+        "--scales": ["8", "8,10", "6,8,12", "8,8", "0,8", "x", "", "8,", "99999", "65536"],
         "--batch": lambda r: pick(r, ["1", "5", "64"], WHOLE_BAD),
         "--val-fraction": lambda r: pick(r, ["0.25", "0.5"], [*NUMBER_BAD, "1", "0"]),
         "--seed": ["0", "5", "-1", "4294967296"],

@@ -85,6 +85,43 @@ def test_a_folder_of_some_of_the_classes(trained, tmp_path, capsys):
     assert rows["dog"] == want["dog"] and rows["owl"] == want["owl"] and rows["cat"].split()[2] == "0"
 
 
+def test_several_scales_average_the_softmax_of_every_scales_views(trained, capsys):
+    """`--scales 9,12 --views 10`: each image's probabilities are the mean over both shorter sides of the mean
+    over its ten views' softmax, written out here with the net and the weights' own preprocessing at each
+    size; eval's loss and top-1 over the 15 images are those of the average (the loss to its 4 decimals)."""
+    import dataclasses
+
+    import torch
+
+    import netdsl
+    from netdsl.train.start import saved_preprocess
+
+    net, run, folder = trained
+    code, out, _ = evaluate(capsys, net, "--weights", run, "--data", folder, "--split", "all", "--views", 10,
+                            "--scales", "9,12")  # fmt: skip
+    assert code == 0 and out.startswith("images 15 ")
+    weights = run / "weights.safetensors"
+    preprocess, model = saved_preprocess(weights), netdsl.load(net, weights=str(weights))
+    assert preprocess.size == 9  # the run's own: round(8 * 256 / 224)
+    losses, right = [], 0
+    for label, name in enumerate(("cat", "dog", "owl")):
+        for path in sorted((folder / name).glob("*.png")):
+            probs = []
+            for size in (9, 12):
+                views = dataclasses.replace(preprocess, size=size).views(path, 10)
+                probs.append(torch.softmax(torch.as_tensor(model(torch.from_numpy(views))).double(), 1).mean(0))
+            mean = torch.stack(probs).mean(0)
+            losses.append(-float(torch.log(mean[label])))
+            right += int(mean.argmax()) == label
+    top1 = float(out.split("top-1 ")[1].split("%")[0])
+    loss = float(out.split("loss ")[1].split()[0])
+    assert top1 == pytest.approx(100 * right / 15, abs=0.006) and loss == pytest.approx(np.mean(losses), abs=6e-5)
+    code, one, _ = evaluate(capsys, net, "--weights", run, "--data", folder, "--split", "all", "--views", 10)
+    code_again, same, _ = evaluate(capsys, net, "--weights", run, "--data", folder, "--split", "all", "--views", 10,
+                                   "--scales", "9")  # fmt: skip
+    assert code == code_again == 0 and one == same  # the one size the weights were trained with: the default
+
+
 def test_a_folder_with_a_class_the_weights_never_saw(trained, tmp_path, capsys):
     net, run, folder = trained
     other = tmp_path / "other"

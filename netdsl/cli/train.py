@@ -6,9 +6,10 @@ import argparse
 import contextlib
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from netdsl.cli.flags import seed_number
+from netdsl.cli.flags import image_sizes, seed_number
 from netdsl.codegen.interpret import use_interpreter
 from netdsl.errors import NetError
 from netdsl.files import parse_json, refuse_folder
@@ -57,6 +58,14 @@ def add_commands(commands, positive) -> None:
         help="which images: the validation ones (the default), the training ones, or all",
     )
     evaluate.add_argument("--views", type=int, choices=(1, 10), default=1, help="1: the centre; 10: the paper's views")
+    evaluate.add_argument(
+        "--scales",
+        type=image_sizes,
+        metavar="S1,S2,...",
+        help="measure each image with its shorter side scaled to each size (the views of each), the softmax "
+        "averaged over all: VGG's multi-scale test (e.g. 256,384,512 for a net trained at resize = (256, 512)); "
+        "default: the size the weights were trained with",
+    )
     evaluate.add_argument("--batch", type=positive, default=64, metavar="N", help="images per forward pass")
     evaluate.add_argument(
         "--val-fraction", type=float, default=None, metavar="X", help="as in training (default: the run's)"
@@ -313,14 +322,21 @@ def eval_command(args: argparse.Namespace) -> int:
     net = Net(args.net, backend=args.backend, weights=weights, devices=parse_devices(args.devices))
     tally = Tally(classes)
     is_softmax = graph.nodes[graph.graph["outputs"][0]]["layer"].op == "softmax"
-    shown = Meter(sys.stderr, sum(map(len, parts)), "measuring", World())
+    scales = args.scales or (preprocess.size,)
+    shown = Meter(sys.stderr, sum(map(len, parts)) * len(scales), "measuring", World())
     for part in parts:
-        part.preprocess = preprocess
-        for x, y in view_loader(part, views=args.views, batch=args.batch, workers=workers):
-            output = net(x.flatten(0, 1) if args.views > 1 else x)
-            labels = y if relabel is None else relabel[torch.as_tensor(y)]
-            tally.add(probabilities(torch.as_tensor(output).cpu(), is_softmax, args.views), labels)
-            shown.advance(len(y))
+        summed, labels = None, []  # over the scales: each image's probabilities, in the loader's order
+        for size in scales:
+            part.preprocess = replace(preprocess, size=size)
+            probs = []
+            for x, y in view_loader(part, views=args.views, batch=args.batch, workers=workers):
+                output = net(x.flatten(0, 1) if args.views > 1 else x)
+                probs.append(probabilities(torch.as_tensor(output).cpu(), is_softmax, args.views))
+                if summed is None:
+                    labels.append(y if relabel is None else relabel[torch.as_tensor(y)])
+                shown.advance(len(y))
+            summed = torch.cat(probs) if summed is None else summed + torch.cat(probs)
+        tally.add(summed / len(scales), torch.cat(labels))
     shown.close()
     names = list(preprocess.classes) or split.classes
     print(tally.report(names), end="")
