@@ -180,15 +180,16 @@ def test_a_log_line_says_the_step_of_the_total_and_the_time_left():
 
 
 def test_the_wait_for_each_batch_is_what_the_loader_took():
-    """`waited` adds to clock[2] the time each `next` of the batches took, on a clock that the loader alone
-    advances here (by 3 then 5 units), and nothing for the time between batches (the step's)."""
+    """`waited` adds to clock[2] the time each `next` of the batches took after the first (the loader's
+    start-up), on a clock that the loader alone advances here (by 3, 5 then 7 units), and nothing for the time
+    between batches (the step's)."""
     from netdsl.train.progress import waited
 
     ticks = [0.0]
     now = lambda: ticks[0]  # noqa: E731
 
     def batches():
-        for delay in (3.0, 5.0):
+        for delay in (3.0, 5.0, 7.0):
             ticks[0] += delay
             yield delay
 
@@ -197,7 +198,7 @@ def test_the_wait_for_each_batch_is_what_the_loader_took():
     for batch in waited(batches(), clock, now):
         seen.append(batch)
         ticks[0] += 100.0  # the step: not waiting
-    assert seen == [3.0, 5.0] and clock[2] == 8.0
+    assert seen == [3.0, 5.0, 7.0] and clock[2] == 12.0
 
 
 def test_the_first_reading_of_a_large_folder_shows_its_progress(monkeypatch):

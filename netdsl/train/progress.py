@@ -14,16 +14,20 @@ SHOWN_WAIT = 0.1
 
 
 def waited(batches, clock: list, now=time.perf_counter):
-    """The batches, adding the seconds spent waiting for each (the loader's lateness: a worker still
-    decoding, or the training process preparing it itself) to clock[2]."""
+    """The batches, adding the seconds spent waiting for each after the first (the loader's lateness: a worker
+    still decoding, or the training process preparing it itself) to clock[2]. The first batch's wait is the
+    loader's start-up (its workers started, once an epoch), which more workers would only lengthen."""
     iterator = iter(batches)
+    first = True
     while True:
         began = now()
         try:
             batch = next(iterator)
         except StopIteration:
             return
-        clock[2] += now() - began
+        if not first:
+            clock[2] += now() - began
+        first = False
         yield batch
 
 
