@@ -618,6 +618,7 @@ def test_a_nan_in_the_data_is_traced_to_the_input(tmp_path, capsys):
     assert code == 1
     assert "step 1 (epoch 1)" in err and "in the net's input `image`" in err and "Traceback" not in err
     assert "no checkpoint was written yet" in err
+    assert "hint: look for NaN or infinite pixels in the data" in err and "--lr" not in err
 
 
 def test_a_diverging_rate_stops_at_the_first_bad_layer_and_keeps_the_checkpoint(tmp_path, capsys):

@@ -70,6 +70,7 @@ from netdsl.train.world import World, collective_failure, lost_rank_error
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LR_HINT = "lower the learning rate (--lr), add a warm-up (--warmup-epochs 1), or clip gradients (--clip-grad 5)"
+DATA_HINT = "look for NaN or infinite pixels in the data, and for a --pca-noise, --mean or --std far from its scale"
 
 
 class StoppedError(Exception):
@@ -674,7 +675,7 @@ class Trainer:
             f"step {self.step + 1} (epoch {self.epoch + 1}): the loss is {loss}; the first non-finite value is "
             f"{where}; the step was not applied and training stopped; {last}",
             where="training",
-            hint=LR_HINT,
+            hint=DATA_HINT if where.endswith("(the data)") else LR_HINT,
         )
 
     def _last_checkpoint_step(self) -> int | str:
