@@ -1,12 +1,15 @@
 """How fast does the training data loader decode and augment images? Generates a folder of JPEGs (two
 classes), opens it with `netdsl.train.data.open_data` (one decoding pass that measures the mean and the
 colour components), then times whole epochs of `loader(...)` with the paper's augmentation (shorter side
-scaled, random crop, flip, PCA colour noise) for each number of worker processes.
+scaled, random crop, flip, PCA colour noise) for each number of worker processes; `--augment jitter` scales
+each image to a side drawn from --size to twice it (VGG's scale jittering), `--augment inception` cuts
+random-resized crops of 8-100% of the image as stored.
 
     python bench/train_data.py                          # 256 JPEGs of 320 x 240, crop 227 from a side of 256
     python bench/train_data.py --workers 0,1,2,4        # other worker counts
     python bench/train_data.py --folder DIR             # an image folder of your own (DIR/<class>/*.jpg)
     python bench/train_data.py --processes 1,2          # the first pass shared by torchrun's processes (gloo)
+    python bench/train_data.py --augment inception      # random-resized crops instead of the paper's
 
 `--processes N` times the first pass as N processes of a torchrun launch share it (each decodes every Nth
 batch; started here with torchrun's environment, on 127.0.0.1, gloo), from a barrier to the end of
@@ -24,6 +27,7 @@ import shlex
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +104,8 @@ def measure(folder: Path, args: argparse.Namespace) -> list[list[str]]:
     start = time.perf_counter()
     split = open_data(folder, (3, args.crop, args.crop), size=args.size, val_fraction=0.0, workers=max(workers))
     scan = time.perf_counter() - start
+    kind = {"paper": {}, "jitter": {"sizes": (args.size, 2 * args.size)}, "inception": {"area": (0.08, 1.0)}}
+    augment = replace(split.augment, **kind[args.augment])
     count = len(split.train)
     rows = [["open_data scan", str(max(workers)), str(count), f"{scan:.2f}", f"{count / scan:,.0f}", ""]]
     for processes in args.processes:
@@ -112,7 +118,7 @@ def measure(folder: Path, args: argparse.Namespace) -> list[list[str]]:
         for epoch in range(args.epochs):
             start = time.perf_counter()
             batches = loader(
-                split.train, batch=args.batch, seed=0, epoch=epoch, augment=split.augment, workers=worker_count
+                split.train, batch=args.batch, seed=0, epoch=epoch, augment=augment, workers=worker_count
             )
             seen = sum(len(y) for _, y in batches)
             best = min(best, time.perf_counter() - start)
@@ -137,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--processes", type=positive_ints, default=(1,), help="comma-separated process counts sharing the first pass"
     )
+    parser.add_argument(
+        "--augment",
+        choices=("paper", "jitter", "inception"),
+        default="paper",
+        help="the crops: the paper's, VGG's scale jittering, or random-resized ones",
+    )
     parser.add_argument("--rank-of-scan", type=Path, help=argparse.SUPPRESS)  # one process of --processes N
     args = parser.parse_args(argv)
     if args.rank_of_scan:
@@ -153,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         source = f"--images {args.images} --width {args.width} --height {args.height}"
         print(
             f"# {args.images} generated JPEGs of {args.width} x {args.height}, shorter side to {args.size}, "
-            f"random {args.crop} x {args.crop} crops, flips, PCA colour noise; batch {args.batch}"
+            f"random {args.crop} x {args.crop} crops ({args.augment}), flips, PCA colour noise; batch {args.batch}"
         )
         with tempfile.TemporaryDirectory() as temporary:
             make_jpegs(Path(temporary), args.images, args.width, args.height, seed=0)
@@ -163,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"reproduce: python bench/train_data.py {source} --size {args.size} --crop {args.crop} "
         f"--batch {args.batch} --workers {joined(args.workers)} --epochs {args.epochs} "
-        f"--processes {joined(args.processes)}"
+        f"--processes {joined(args.processes)} --augment {args.augment}"
     )
     return 0
 

@@ -841,3 +841,8 @@ def test_benchmark_smoke(capsys):
     assert "reproduce: python bench/train_data.py --images 6 --width 24 --height 20" in out
     assert [line.split()[2] for line in out.splitlines() if line.startswith("loader epoch")] == ["0", "1"]
     assert [line.split()[4] for line in out.splitlines() if line.startswith("scan, 2 processes")] == ["6"]
+    for kind in ("jitter", "inception"):
+        assert bench.main([*argv, "--workers", "0", "--epochs", "1", "--augment", kind]) == 0
+        out = capsys.readouterr().out
+        rows = [line.split() for line in out.splitlines() if line.startswith("loader epoch")]
+        assert f"--augment {kind}" in out and [row[3] for row in rows] == ["6"]
