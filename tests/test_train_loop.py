@@ -407,6 +407,10 @@ def test_random_resized_crops_resume_bit_for_bit_and_refuse_a_range_of_sizes(tmp
     err = capsys.readouterr().err
     assert code == 1 and "--crop-area: error: random-resized crops (crop_area) take their boxes" in err, err
     assert "Traceback" not in err
+    code = train(net, *flags, "--resize", "6,12", "--out", tmp_path / "small")
+    err = capsys.readouterr().err
+    assert code == 1 and "--resize: error: resize's low 6 is below the net's input 8 x 8" in err, err
+    assert "hint: give a low of at least 8, e.g. resize = (8, 16)" in err
 
 
 def test_resume_says_what_a_flag_overrides(tmp_path, capsys):
@@ -619,6 +623,9 @@ def test_a_nan_in_the_data_is_traced_to_the_input(tmp_path, capsys):
     assert "step 1 (epoch 1)" in err and "in the net's input `image`" in err and "Traceback" not in err
     assert "no checkpoint was written yet" in err
     assert "hint: look for NaN or infinite pixels in the data" in err and "--lr" not in err
+    code = train(LENET, "--data", data, "--batch", 16, "--accumulate", 2, "--out", tmp_path / "parts", *PLAIN)
+    err = capsys.readouterr().err
+    assert code == 1 and "(the data), in part 1 of 2" in err and "hint: look for NaN or infinite pixels" in err
 
 
 def test_a_diverging_rate_stops_at_the_first_bad_layer_and_keeps_the_checkpoint(tmp_path, capsys):

@@ -261,9 +261,11 @@ def test_net_statements_in_a_file_a_recipe_includes_are_errors(tmp_path):
         ("resize = (256, 256)", "`resize`: a range's low must be below its high", None, None),
         ("resize = (0, 256)", "`resize` must be at least 1, got 0", None, None),
         ("crop_area = (0, 1)", "`crop_area` must be above 0 and at most 1, got 0", None, None),
-        ("crop_area = (0.5, 0.2)", "`crop_area` must increase, got (0.5, 0.2)", None, None),
+        ("crop_area = (0.5, 0.2)", "`crop_area` must not decrease, got (0.5, 0.2)", None, None),
+        ("crop_aspect = (0, 1)", "`crop_aspect` must be from 0.001 to 1000, got 0", None, None),
+        ("crop_aspect = (1, 1e6)", "`crop_aspect` must be from 0.001 to 1000, got 1000000", None, None),
         ("crop_area = 0.5", "`crop_area` must be two numbers (a, b), each above 0 and at most 1", None, None),
-        ("crop_aspect = (2, 0.5)", "`crop_aspect` must increase", None, None),
+        ("crop_aspect = (2, 0.5)", "`crop_aspect` must not decrease", None, None),
         ("resize = (1, 2, 3)", "`resize` must be a whole number or (low, high), at least 1, or auto", None, None),
         ("steps = 0", "`steps` must be at least 1, got 0", None, None),
         ("gamma = 0", "`gamma` must be above 0 and at most 1, got 0", None, None),
@@ -301,6 +303,8 @@ def test_accepted_forms_of_values(tmp_path):
     cropped = resolve_text("train { crop_area = (0.08, 1); crop_aspect = (0.5, 2) }", tmp_path)
     assert (cropped.crop_area, cropped.crop_aspect) == ((0.08, 1.0), (0.5, 2.0))
     assert (Recipe().crop_area, Recipe.from_json(cropped.to_json())) == (None, cropped)
+    square = resolve_text("train { crop_area = (1, 1); crop_aspect = (1, 1) }", tmp_path)  # bounds may be equal
+    assert (square.crop_area, square.crop_aspect, Recipe().crop_aspect) == ((1.0, 1.0), (1.0, 1.0), (3 / 4, 4 / 3))
     jittered = resolve_text("train { resize = (256, 512) }", tmp_path)
     assert jittered.resize == (256, 512) and Recipe.from_json(jittered.to_json()) == jittered
     assert resolve_text("train { resize = (300) }", tmp_path).resize == 300  # one number: a fixed size, an int

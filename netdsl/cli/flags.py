@@ -31,7 +31,7 @@ def image_sizes(text: str) -> tuple[int, ...]:
     """An argparse type: shorter sides to scale images to, comma-separated, each a whole number from 1 to
     65536 (a saved preprocessing's bound), none twice."""
     parts = [part.strip() for part in text.split(",")]
-    if not all(part.isdigit() and 1 <= int(part) <= 65536 for part in parts):
+    if not all(part.isascii() and part.isdigit() and 1 <= int(part) <= 65536 for part in parts):
         raise argparse.ArgumentTypeError(f"not sizes in pixels, each from 1 to 65536: {text!r} (e.g. 256,384,512)")
     sizes = tuple(int(part) for part in parts)
     if len(set(sizes)) < len(sizes):

@@ -292,7 +292,10 @@ class Augment:
         for _ in range(10):
             target = height * width * rng.uniform(self.area[0], self.area[1])
             ratio = math.exp(rng.uniform(low, high))
-            w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+            sides = math.sqrt(target * ratio), math.sqrt(target / ratio)
+            if not all(side < 2 * max(height, width) for side in sides):  # far too long (or infinite): no fit
+                continue
+            w, h = round(sides[0]), round(sides[1])
             if 0 < w <= width and 0 < h <= height:
                 return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
         if width / height < self.aspect[0]:

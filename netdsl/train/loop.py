@@ -64,7 +64,7 @@ from netdsl.train.progress import Meter, Progress, epoch_line, waited
 from netdsl.train.recipe import Recipe
 from netdsl.train.runs import CURVES, METRICS, WEIGHTS, Metrics, RunFolder, TensorBoard, fingerprint, plot_curves
 from netdsl.train.schedule import EarlyStop, Schedule
-from netdsl.train.start import Start, chosen_preprocess, saved_preprocess
+from netdsl.train.start import Start, chosen_preprocess, saved_preprocess, scaling
 from netdsl.train.step import backward_in_parts, split
 from netdsl.train.world import World, collective_failure, lost_rank_error
 
@@ -253,20 +253,7 @@ class Trainer:
                 hint="the crop is what the net reads: leave it `auto`, or change the net's input",
             )
         self._saved_scan = self.run.read_scan()  # a resumed run's record: its files are not decoded again
-        size = recipe.resize
-        jitter = size if isinstance(size, tuple) else None  # validation, `run` and `eval` take the middle (VGG's Q)
-        if jitter is not None and recipe.crop_area is not None:
-            raise NetError(
-                "random-resized crops (crop_area) take their boxes from the image as stored: a range of sizes to "
-                "scale it to (resize) would go unused",
-                where=recipe.source("crop_area"),
-                hint="give resize one size (what validation scales to), or leave out crop_area",
-            )
-        if jitter is not None:
-            size = (jitter[0] + jitter[1]) // 2
-        elif size == "auto":
-            folder = recipe.data != "digits" and Path(recipe.data).is_dir()
-            size = round(min(height, width) * 256 / 224) if folder else None
+        size, jitter = scaling(recipe, height, width)  # the size validation scales to; the training sizes
         split = open_data(
             recipe.data,
             (channels, height, width),
@@ -675,7 +662,7 @@ class Trainer:
             f"step {self.step + 1} (epoch {self.epoch + 1}): the loss is {loss}; the first non-finite value is "
             f"{where}; the step was not applied and training stopped; {last}",
             where="training",
-            hint=DATA_HINT if where.endswith("(the data)") else LR_HINT,
+            hint=DATA_HINT if "(the data)" in where else LR_HINT,  # (in parts, the part follows)
         )
 
     def _last_checkpoint_step(self) -> int | str:

@@ -57,6 +57,7 @@ class Spec:
     words: tuple[tuple[str, object], ...] = ()  # words taken in place of a value, and what each stands for
     lengths: tuple[int, ...] = ()  # tuples: the numbers of items allowed (none given: any, at least one)
     increasing: bool = False  # tuples: each item above the one before
+    ordered: bool = False  # tuples: each item at least the one before
     metavar: str = ""  # "string": what its flag's help shows it takes (DIR|FILE.npz|digits)
     example: str = ""  # "string": a value, for the hint of a wrong one
     name: str = ""  # the name it is written with (filled in from the field: `lr_mult` for `lr_mults`)
@@ -172,10 +173,10 @@ class Recipe:
                                                     "from crop_aspect, scaled to the net's input (in place of "
                                                     "`resize` and a crop of it; validation as before); `none`: "
                                                     "off", low=0, high=1, above=True, lengths=(2,),
-                                                    increasing=True, words=(("none", None),))
-    crop_aspect: tuple[float, float] = setting("numbers", (0.75, 1.3333), "w / h", "crop_area: the range of the "
-                                               "boxes' aspect ratios, drawn log-uniformly", low=0, above=True,
-                                               lengths=(2,), increasing=True)
+                                                    ordered=True, words=(("none", None),))
+    crop_aspect: tuple[float, float] = setting("numbers", (3 / 4, 4 / 3), "w / h", "crop_area: the range of the "
+                                               "boxes' aspect ratios, drawn log-uniformly", low=0.001, high=1000,
+                                               lengths=(2,), ordered=True)
     flip: bool = setting("bool", True, "", "random horizontal flips while training")
     pca_noise: float = setting("number", 0.1, "std", "the paper's colour noise: the std of each alpha along the "
                                "principal components of the training set's RGB colours; 0: off", low=0)
@@ -597,6 +598,8 @@ def _checked_tuple(spec: Spec, value, word: bool, fail: _Fail) -> tuple:
     checked = tuple(_checked_number(spec, item, False, fail, spec.name) for item in items)
     if spec.increasing and any(b <= a for a, b in itertools.pairwise(checked)):
         raise fail(f"`{spec.name}` must increase, got {_got(value)}")
+    if spec.ordered and any(b < a for a, b in itertools.pairwise(checked)):
+        raise fail(f"`{spec.name}` must not decrease, got {_got(value)}")
     if spec.kind == "size" and len(checked) == 1:
         checked = (checked[0], checked[0])
     if spec.kind == "span":  # one number, or a range of at least two
@@ -751,6 +754,7 @@ def type_text(spec: Spec) -> str:
             text = f"{what} (a, b, ...)"
         text += ", each " + limits if limits else ""
         text += ", increasing" if spec.increasing else ""
+        text += ", not decreasing" if spec.ordered else ""
     if spec.words:
         text += ", or " + " or ".join(_words(spec))
     return text

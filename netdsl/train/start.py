@@ -74,6 +74,34 @@ def saved_preprocess(path: Path) -> Preprocess | None:
     return Preprocess.from_json(text, str(path)) if text else None
 
 
+def scaling(recipe: Recipe, height: int, width: int) -> tuple[int | None, tuple[int, int] | None]:
+    """What the run scales images to, for a net taking height x width: the shorter side validation (and the
+    saved preprocessing) takes, None for arrays used as they are; and with `resize = (low, high)` (VGG's
+    scale jittering) the range training draws from, whose middle validation takes (VGG's Q)."""
+    size = recipe.resize
+    if size == "auto":
+        folder = recipe.data != "digits" and Path(recipe.data).is_dir()
+        return (round(min(height, width) * 256 / 224) if folder else None), None
+    if not isinstance(size, tuple):
+        return size, None
+    if recipe.crop_area is not None:
+        raise NetError(
+            "random-resized crops (crop_area) take their boxes from the image as stored: a range of sizes to "
+            "scale it to (resize) would go unused",
+            where=recipe.source("crop_area"),
+            hint="give resize one size (what validation scales to), or leave out crop_area",
+        )
+    side = max(height, width)
+    if size[0] < side:
+        raise NetError(
+            f"resize's low {size[0]} is below the net's input {height} x {width}: an image scaled to it would be "
+            "stretched to the crop, not cropped",
+            where=recipe.source("resize"),
+            hint=f"give a low of at least {side}, e.g. resize = ({side}, {max(size[1], 2 * side)})",
+        )
+    return (size[0] + size[1]) // 2, size
+
+
 def chosen_preprocess(measured: Preprocess, recipe: Recipe, expects: Preprocess | None) -> tuple[Preprocess, list[str]]:
     """The run's preprocessing: the data's (`measured`: its mean and std, the crop, the classes) with the
     recipe's `flip`, `mean` and `std`; `auto`, and std left at its default, take the mean and std the
