@@ -22,7 +22,8 @@ from netdsl import NetError
 from netdsl.errors import Span
 from netdsl.ir.graph import Setting, copy_graph
 from netdsl.lang.frontend import load_recipe
-from netdsl.train.recipe import SETTINGS, Recipe, _checked, add_flags, flag_of, resolve, show, type_text
+from netdsl.train.recipe import SETTINGS, Recipe, _checked, add_flags, resolve
+from netdsl.train.spec import flag_of, show, type_text
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "training.md"
 NET = "input image: 3 x 8 x 8\ny = conv(image, 4, size=3) | relu | fc(2)\n"

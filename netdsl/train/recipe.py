@@ -12,7 +12,7 @@ whose saved state only they can use, and the weights the run started from; a rec
 at resume.
 
 `Recipe`'s fields are the one table of settings: each is declared with `setting(kind, default, unit,
-doc, ...)`, and validation, the `netdsl train` flags (`add_flags`) and the table in docs/training.md
+doc, ...)` (netdsl.train.spec, which also describes a setting in words), and validation, the `netdsl train` flags (`add_flags`) and the table in docs/training.md
 (tests/test_train_recipe.py checks it) all come from them. `lr_mult` and `decay_mult` take a glob pattern
 over netdsl weight names (`lr_mult "fc8.*" = 10`); they become the lists `lr_mults` and `decay_mults`
 of (pattern, value), the last matching pattern winning.
@@ -35,41 +35,20 @@ from netdsl.errors import NetError, Span, did_you_mean
 from netdsl.files import parse_json
 from netdsl.ir.graph import Setting
 from netdsl.train.schedule import KINDS as SCHEDULES
+from netdsl.train.spec import (
+    Spec,
+    flag_name,
+    got,
+    metavar_of,
+    range_text,
+    setting,
+    setting_hint,
+    show,
+    type_text,
+)
 
-KINDS = ("int", "number", "bool", "choice", "string", "ints", "numbers", "size", "span", "mult")
 KEPT_AT_RESUME = ("optimizer", "schedule", "weights")  # a flag at resume may not change them: the run's state is theirs
 MAX_SEED = 2**32 - 1
-
-
-@dataclass(frozen=True)
-class Spec:
-    """One setting: its kind, default, unit, meaning, and the values it takes."""
-
-    kind: str  # one of KINDS
-    default: object
-    unit: str
-    doc: str
-    low: float | None = None  # the least value (of each item, for tuples)
-    high: float | None = None
-    above: bool = False  # `low` itself is not allowed
-    below: bool = False  # `high` itself is not allowed
-    choices: tuple = ()  # "choice": its words; "int": the only values allowed
-    words: tuple[tuple[str, object], ...] = ()  # words taken in place of a value, and what each stands for
-    lengths: tuple[int, ...] = ()  # tuples: the numbers of items allowed (none given: any, at least one)
-    increasing: bool = False  # tuples: each item above the one before
-    ordered: bool = False  # tuples: each item at least the one before
-    metavar: str = ""  # "string": what its flag's help shows it takes (DIR|FILE.npz|digits)
-    example: str = ""  # "string": a value, for the hint of a wrong one
-    name: str = ""  # the name it is written with (filled in from the field: `lr_mult` for `lr_mults`)
-    attribute: str = ""  # the `Recipe` attribute
-
-
-def setting(kind: str, default, unit: str, doc: str, *, name: str = "", **limits):
-    """A `Recipe` field that is a setting (the arguments are `Spec`'s)."""
-    if kind not in KINDS:
-        raise ValueError(f"a setting's kind is one of {KINDS}, not {kind!r}")
-    spec = Spec(kind, default, unit, doc, name=name, **limits)
-    return field(default=default, metadata={"spec": spec})
 
 
 _AUTO = (("auto", "auto"),)
@@ -466,7 +445,7 @@ class _State:
 
     def apply_flag(self, spec: Spec, given) -> None:
         """A flag's value (a string; a bool for true/false settings; a list of PATTERN=X for multipliers)."""
-        flag = _flag(spec)
+        flag = flag_name(spec)
         fail = _at(flag)
         if spec.kind == "bool":
             self.put(spec, None, bool(given), flag if given else "--no-" + flag[2:])
@@ -521,13 +500,6 @@ def _explained(spec: Spec, fail: _Fail) -> _Fail:
     return explained
 
 
-def setting_hint(spec: Spec) -> str:
-    """What the setting is and its default, as `--help` says (docs/training.md has them all)."""
-    default = "1" if spec.kind == "mult" else show(spec.default, spec)
-    unit = f"{spec.unit}; " if spec.unit else ""
-    return f"`{spec.name}`: {spec.doc} ({unit}default {default}); docs/training.md lists every setting"
-
-
 def _checked(spec: Spec, value, word: bool, fail: _Fail):
     """`value` as the setting keeps it (tuples normalized, whole numbers as int, the others float), or the
     error `fail` makes, naming what the setting takes (with the setting's description where no better hint)."""
@@ -541,15 +513,15 @@ def _checked(spec: Spec, value, word: bool, fail: _Fail):
     kind = spec.kind
     if kind == "bool":
         if not isinstance(value, bool):
-            raise fail(f"`{spec.name}` must be true or false, got {_got(value)}", _word_hint(value, word, ()))
+            raise fail(f"`{spec.name}` must be true or false, got {got(value)}", _word_hint(value, word, ()))
         return value
     if kind in ("choice", "string"):
         if kind == "choice" and value not in spec.choices:
             hint = did_you_mean(value, spec.choices) if isinstance(value, str) else None
-            raise fail(f"`{spec.name}` must be {type_text(spec)}, got {_got(value)}", hint)
+            raise fail(f"`{spec.name}` must be {type_text(spec)}, got {got(value)}", hint)
         if kind == "string" and (not isinstance(value, str) or not value):
             example = f'e.g. {spec.name} = "{spec.example}"'
-            raise fail(f"`{spec.name}` must be a non-empty string, got {_got(value)}", example)
+            raise fail(f"`{spec.name}` must be a non-empty string, got {got(value)}", example)
         return value
     if kind in ("ints", "numbers", "size", "span"):
         return _checked_tuple(spec, value, word, fail)
@@ -559,10 +531,10 @@ def _checked(spec: Spec, value, word: bool, fail: _Fail):
 def _checked_number(spec: Spec, value, word: bool, fail: _Fail, what: str):
     whole = spec.kind in ("int", "ints", "size", "span")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
-        raise fail(f"`{what}` must be {type_text(spec)}, got {_got(value)}", _word_hint(value, word, spec.words))
+        raise fail(f"`{what}` must be {type_text(spec)}, got {got(value)}", _word_hint(value, word, spec.words))
     if whole:
         if isinstance(value, float) and not value.is_integer():
-            raise fail(f"`{what}` must be a whole number, got {_got(value)}")
+            raise fail(f"`{what}` must be a whole number, got {got(value)}")
         value = int(value)
     elif abs(value) > sys.float_info.max:  # a whole number (a flag's digits) beyond any float
         raise fail(
@@ -572,12 +544,12 @@ def _checked_number(spec: Spec, value, word: bool, fail: _Fail, what: str):
     else:
         value = float(value)
     if spec.choices and value not in spec.choices:
-        raise fail(f"`{what}` must be {type_text(spec)}, got {_got(value)}")
+        raise fail(f"`{what}` must be {type_text(spec)}, got {got(value)}")
     low, high = spec.low, spec.high
     if (low is not None and (value <= low if spec.above else value < low)) or (
         high is not None and (value >= high if spec.below else value > high)
     ):
-        raise fail(f"`{what}` must be {_range_text(spec)}, got {_got(value)}")
+        raise fail(f"`{what}` must be {range_text(spec)}, got {got(value)}")
     return value
 
 
@@ -592,14 +564,14 @@ def _checked_tuple(spec: Spec, value, word: bool, fail: _Fail) -> tuple:
     if spec.kind in ("size", "span") and len(items) not in (1, 2):
         raise fail(f"`{spec.name}` must be {type_text(spec)}, got {len(items)} numbers")
     if spec.lengths and len(items) not in spec.lengths:
-        raise fail(f"`{spec.name}` must be {type_text(spec)}, got {_got(value)}")
+        raise fail(f"`{spec.name}` must be {type_text(spec)}, got {got(value)}")
     if not all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in items):
-        raise fail(f"`{spec.name}` must be {type_text(spec)}, got {_got(value)}", _word_hint(value, word, spec.words))
+        raise fail(f"`{spec.name}` must be {type_text(spec)}, got {got(value)}", _word_hint(value, word, spec.words))
     checked = tuple(_checked_number(spec, item, False, fail, spec.name) for item in items)
     if spec.increasing and any(b <= a for a, b in itertools.pairwise(checked)):
-        raise fail(f"`{spec.name}` must increase, got {_got(value)}")
+        raise fail(f"`{spec.name}` must increase, got {got(value)}")
     if spec.ordered and any(b < a for a, b in itertools.pairwise(checked)):
-        raise fail(f"`{spec.name}` must not decrease, got {_got(value)}")
+        raise fail(f"`{spec.name}` must not decrease, got {got(value)}")
     if spec.kind == "size" and len(checked) == 1:
         checked = (checked[0], checked[0])
     if spec.kind == "span":  # one number, or a range of at least two
@@ -607,7 +579,7 @@ def _checked_tuple(spec: Spec, value, word: bool, fail: _Fail) -> tuple:
             return checked[0]
         if checked[1] <= checked[0]:
             raise fail(
-                f"`{spec.name}`: a range's low must be below its high, got {_got(value)}",
+                f"`{spec.name}`: a range's low must be below its high, got {got(value)}",
                 f"one number for a fixed size, e.g. {spec.name} = {checked[0]}",
             )
     return checked
@@ -654,10 +626,6 @@ def _word_hint(value, word: bool, words) -> str | None:
     return f"`{value}` is not a constant defined before this train block"
 
 
-def _flag(spec: Spec) -> str:
-    return "--" + spec.name.replace("_", "-")
-
-
 def _flag_value(spec: Spec, text: str) -> tuple[object, bool]:
     """A flag's text as a value: numbers and tuples (comma-separated) parsed, anything else a word."""
     text = text.strip()
@@ -686,107 +654,6 @@ def _from_json(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-# --- describing a setting (errors, flags, docs/training.md) ------------------------------------------
-
-
-def show(value, spec: Spec | None = None) -> str:
-    """A value as it is written in a `train` block."""
-    if spec is not None:
-        for word, meaning in spec.words:
-            if value == meaning:
-                return word
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        text = f"{value:.12g}"
-        return re.sub(r"e([+-])0*(\d)", r"e\1\2", text)
-    if isinstance(value, tuple):
-        return "(" + ", ".join(show(item) for item in value) + ")"
-    return str(value)
-
-
-def _got(value) -> str:
-    """A value in an error message."""
-    return f"`{value}`" if isinstance(value, str) else show(value)
-
-
-def _range_text(spec: Spec) -> str:
-    low, high = spec.low, spec.high
-    if low is not None and high is not None and not spec.above and not spec.below:
-        return f"from {show(low)} to {show(high)}"
-    parts = []
-    if low is not None:
-        parts.append(f"above {show(float(low))}" if spec.above else f"at least {show(float(low))}")
-    if high is not None:
-        parts.append(f"below {show(float(high))}" if spec.below else f"at most {show(float(high))}")
-    return " and ".join(parts)
-
-
-def type_text(spec: Spec) -> str:
-    """What the setting takes, in words: `a number above 0`, `sgd or adamw`, ..."""
-    kind = spec.kind
-    limits = _range_text(spec)
-    if kind == "bool":
-        text = "true or false"
-    elif kind == "choice":
-        text = ", ".join(spec.choices[:-1]) + " or " + spec.choices[-1]
-    elif kind == "string":
-        text = "a string"
-    elif kind == "int" and spec.choices:
-        text = " or ".join(str(c) for c in spec.choices)
-    elif kind in ("int", "number"):
-        text = ("a whole number" if kind == "int" else "a number") + (f" {limits}" if limits else "")
-    elif kind == "mult":
-        text = f"a number {limits}, per pattern of weight names"
-    elif kind == "size":
-        text = f"a whole number or (h, w), {limits}"
-    elif kind == "span":
-        text = f"a whole number or (low, high), {limits}"
-    else:
-        what = "whole numbers" if kind == "ints" else "numbers"
-        if spec.lengths == (2,):
-            text = f"two {what} (a, b)"
-        elif spec.lengths == (1, 3):
-            text = f"one {what[:-1] if what == 'numbers' else what} per channel (1 or 3)"
-        else:
-            text = f"{what} (a, b, ...)"
-        text += ", each " + limits if limits else ""
-        text += ", increasing" if spec.increasing else ""
-        text += ", not decreasing" if spec.ordered else ""
-    if spec.words:
-        text += ", or " + " or ".join(_words(spec))
-    return text
-
-
-def _words(spec: Spec) -> list[str]:
-    """The words a setting takes, one per meaning (`std`'s `none` is a synonym of `false`)."""
-    first: dict[object, str] = {}
-    for word, meaning in spec.words:
-        first.setdefault(meaning, word)
-    return list(first.values())
-
-
-def flag_of(spec: Spec) -> str:
-    """The `netdsl train` flag of a setting: `--weight-decay X`, `--flip/--no-flip`, `--lr-mult PATTERN=X`."""
-    flag = _flag(spec)
-    if spec.kind == "bool":
-        return f"{flag}/--no-{flag[2:]}"
-    return f"{flag} {_metavar(spec)}"
-
-
-def _metavar(spec: Spec) -> str:
-    if spec.kind == "mult":
-        return "PATTERN=X"
-    if spec.kind == "choice":
-        return "|".join(spec.choices)
-    base = {"int": "N", "number": "X", "string": spec.metavar, "ints": "A,B,...", "size": "N|H,W", "span": "N|LOW,HIGH"}
-    if spec.kind == "numbers":
-        base["numbers"] = {(2,): "A,B", (1, 3): "X|R,G,B"}.get(spec.lengths, "A,B,...")
-    return "|".join([base[spec.kind], *_words(spec)])
-
-
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per setting (`flag_of`), in a group of their own. A flag not given is None, so that
     `resolve` knows which were given; values stay text until `resolve` checks them."""
@@ -796,8 +663,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         unit = f"{spec.unit}; " if spec.unit else ""
         help_text = f"{spec.doc} ({unit}default {default})".replace("%", "%%")
         if spec.kind == "bool":
-            group.add_argument(_flag(spec), dest=spec.name, action=argparse.BooleanOptionalAction, help=help_text)
+            group.add_argument(flag_name(spec), dest=spec.name, action=argparse.BooleanOptionalAction, help=help_text)
         elif spec.kind == "mult":
-            group.add_argument(_flag(spec), dest=spec.name, action="append", metavar="PATTERN=X", help=help_text)
+            group.add_argument(flag_name(spec), dest=spec.name, action="append", metavar="PATTERN=X", help=help_text)
         else:
-            group.add_argument(_flag(spec), dest=spec.name, metavar=_metavar(spec), help=help_text)
+            group.add_argument(flag_name(spec), dest=spec.name, metavar=metavar_of(spec), help=help_text)
