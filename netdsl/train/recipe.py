@@ -12,10 +12,11 @@ whose saved state only they can use, and the weights the run started from; a rec
 at resume.
 
 `Recipe`'s fields are the one table of settings: each is declared with `setting(kind, default, unit,
-doc, ...)` (netdsl.train.spec, which also describes a setting in words), and validation, the `netdsl train` flags (`add_flags`) and the table in docs/training.md
-(tests/test_train_recipe.py checks it) all come from them. `lr_mult` and `decay_mult` take a glob pattern
-over netdsl weight names (`lr_mult "fc8.*" = 10`); they become the lists `lr_mults` and `decay_mults`
-of (pattern, value), the last matching pattern winning.
+doc, ...)` (netdsl.train.spec, which also describes a setting in words), and validation, the `netdsl
+train` flags (`add_flags`) and the table in docs/training.md (tests/test_train_recipe.py checks it) all
+come from them. `lr_mult` and `decay_mult` take a glob pattern over netdsl weight names (`lr_mult "fc8.*"
+= 10`); they become the lists `lr_mults` and `decay_mults` of (pattern, value), the last matching pattern
+winning.
 """
 
 from __future__ import annotations
