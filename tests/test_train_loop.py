@@ -362,19 +362,26 @@ def test_a_resumed_run_reuses_its_scan_of_the_image_folder(tmp_path, monkeypatch
     assert RunFolder(tmp_path / "parts").read_scan() is None
 
 
+def straight_and_resumed(tmp_path: Path, seed: int, *augment: str) -> tuple[Path, tuple]:
+    """A tiny net trained 5 steps on a seeded gray image folder with the `augment` flags, into
+    tmp_path/straight, and 2 steps into tmp_path/parts resumed to 5; the net and the flags, less `augment`."""
+    folder = gray_folder(tmp_path / "images", (12, 10), seed, "b/torn.png")
+    net = tmp_path / "tiny.net"
+    net.write_text(TINY)
+    flags = ("--data", folder, "--batch", 4, "--schedule", "constant", "--skip-corrupt", "--val-fraction", 0.2, *PLAIN)
+    assert train(net, *flags, *augment, "--steps", 5, "--out", tmp_path / "straight") == 0
+    assert train(net, *flags, *augment, "--steps", 2, "--out", tmp_path / "parts") == 0
+    assert train("--resume", tmp_path / "parts", "--steps", 5) == 0
+    return net, flags
+
+
 def test_scale_jittering_resumes_bit_for_bit_and_saves_the_middle_size(tmp_path, capsys, monkeypatch):
     """`--resize 8,12` on an image folder: 5 steps straight equal 2, a resume and 3 more, bit for bit (the
     drawn sizes come from each image's generator), and equal the run loading in a worker process (`--workers
     3` on one CPU: one, with a note); the weights record the middle size, 10, for `run` and `eval`; the banner
     says so; and the steps differ from a fixed `--resize 10` run's (the sizes are drawn)."""
-    folder = gray_folder(tmp_path / "images", (12, 10), 23, "b/torn.png")
-    net = tmp_path / "tiny.net"
-    net.write_text(TINY)
-    flags = ("--data", folder, "--batch", 4, "--schedule", "constant", "--skip-corrupt", "--val-fraction", 0.2, *PLAIN)
-    assert train(net, *flags, "--resize", "8,12", "--steps", 5, "--out", tmp_path / "straight") == 0
+    net, flags = straight_and_resumed(tmp_path, 23, "--resize", "8,12")
     assert "each training image scaled to 8..12 (validation 10)" in capsys.readouterr().err
-    assert train(net, *flags, "--resize", "8,12", "--steps", 2, "--out", tmp_path / "parts") == 0
-    assert train("--resume", tmp_path / "parts", "--steps", 5) == 0
     assert train(net, *flags, "--resize", "10", "--steps", 5, "--out", tmp_path / "fixed") == 0
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0}, raising=False)
     capsys.readouterr()
@@ -390,14 +397,8 @@ def test_scale_jittering_resumes_bit_for_bit_and_saves_the_middle_size(tmp_path,
 def test_random_resized_crops_resume_bit_for_bit_and_refuse_a_range_of_sizes(tmp_path, capsys):
     """`--crop-area 0.3,1`: 5 steps straight equal 2, a resume and 3 more, bit for bit, and differ from plain
     crops; with `resize` a range the run stops before training, naming crop_area."""
-    folder = gray_folder(tmp_path / "images", (12, 10), 24, "b/torn.png")
-    net = tmp_path / "tiny.net"
-    net.write_text(TINY)
-    flags = ("--data", folder, "--batch", 4, "--schedule", "constant", "--skip-corrupt", "--val-fraction", 0.2, *PLAIN)
-    assert train(net, *flags, "--crop-area", "0.3,1", "--steps", 5, "--out", tmp_path / "straight") == 0
+    net, flags = straight_and_resumed(tmp_path, 24, "--crop-area", "0.3,1")
     assert "random-resized crops of 30%..100% of each image's area" in capsys.readouterr().err
-    assert train(net, *flags, "--crop-area", "0.3,1", "--steps", 2, "--out", tmp_path / "parts") == 0
-    assert train("--resume", tmp_path / "parts", "--steps", 5) == 0
     assert train(net, *flags, "--steps", 5, "--out", tmp_path / "plain") == 0
     one, two, plain = (checkpoint_weights(tmp_path / run) for run in ("straight", "parts", "plain"))
     assert all(torch.equal(one[name], two[name]) for name in one)
