@@ -314,11 +314,12 @@ class Augment:
         flip = bool(rng.random() < 0.5)
         with np.errstate(over="ignore", invalid="ignore"):  # a huge pca_noise: inf, which the first step reports
             alpha = rng.standard_normal(len(self.eigvals)) * self.pca_noise
-            if not self.random_crop:
-                top, left = (height - crop[0]) // 2, (width - crop[1]) // 2
-            colour = None
-            if self.pca_noise > 0:
-                vectors, values = np.asarray(self.eigvecs), np.asarray(self.eigvals)
+        if not self.random_crop:
+            top, left = (height - crop[0]) // 2, (width - crop[1]) // 2
+        colour = None
+        if self.pca_noise > 0:
+            vectors, values = np.asarray(self.eigvecs), np.asarray(self.eigvals)
+            with np.errstate(over="ignore", invalid="ignore"):
                 colour = (PIXEL_RANGE * vectors @ (alpha * values)).astype(np.float32)
         return Draw(top, left, flip and self.flip, colour)
 

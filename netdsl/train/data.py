@@ -638,7 +638,7 @@ class _Present(Dataset):
                     preprocess.apply(image, out=out[row])
                 else:
                     preprocess.augmented(image, self.augment, sample_rng(self.seed, self.epoch, index), out=out[row])
-            except NetError as error:  # a size drawn for this image (resize = (low, high)) that it cannot take
+            except NetError as error:  # preparing it: a size drawn for it (resize = (low, high)) it cannot take, ...
                 failures.append((index, error.message, error.hint))
         return x, torch.from_numpy(self.samples.labels[indices]), failures
 
