@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import networkx as nx
 import numpy as np
@@ -26,6 +27,21 @@ from netdsl.runtime.module import GraphModule
 from netdsl.train.checkpoint import rng_states, set_rng_states
 from netdsl.train.step import backward_in_parts
 
+RATE_HINT = "lower the learning rate (--lr), add a warm-up (--warmup-epochs 1), or clip gradients (--clip-grad 5)"
+DATA_HINT = "look for NaN or infinite pixels in the data, and for a --pca-noise, --mean or --std far from its scale"
+
+
+class Finding(NamedTuple):
+    """Where a step first went non-finite: a phrase for the message, and whether it is the data itself."""
+
+    place: str
+    in_data: bool = False
+
+    @property
+    def hint(self) -> str:
+        """What to try: the data and its normalization when they hold it, else the rate."""
+        return DATA_HINT if self.in_data else RATE_HINT
+
 
 def first_non_finite(
     module: GraphModule,
@@ -35,9 +51,9 @@ def first_non_finite(
     rng: dict[str, torch.Tensor],
     autocast: Callable[[], contextlib.AbstractContextManager],
     label_smoothing: float = 0.0,
-) -> str | None:
-    """A phrase naming the first non-finite value of the step (see the module's docstring); None when the
-    replay finds none."""
+) -> Finding | None:
+    """The first non-finite value of the step (see the module's docstring); None when the replay finds
+    none."""
     module.zero_grad(set_to_none=True)
     set_rng_states(rng)
     with autocast():
@@ -49,23 +65,25 @@ def first_non_finite(
     for name, value in values.items():
         if not bool(torch.isfinite(value).all()):
             if name in inputs:
-                return f"in the net's input `{name}` (the data)"
-            return f"in the output of layer `{name}` ({layer(graph, name).op})"
+                return Finding(f"in the net's input `{name}` (the data)", in_data=True)
+            return Finding(f"in the output of layer `{name}` ({layer(graph, name).op})")
     logits = values[graph.graph["outputs"][0]].float().flatten(1)
     loss = F.cross_entropy(logits, y.to(logits.device), label_smoothing=label_smoothing)
     if not bool(torch.isfinite(loss)):
         largest = float(logits.detach().abs().max())
         if largest > 1e30:  # finite, but past what a softmax's sum of exponentials can hold in fp32
-            return f"in the loss: the logits reach {largest:.3g} (every layer's output is finite, but that large)"
-        return "in the loss (every layer's output is finite: are the labels right?)"
+            return Finding(
+                f"in the loss: the logits reach {largest:.3g} (every layer's output is finite, but that large)"
+            )
+        return Finding("in the loss (every layer's output is finite: are the labels right?)")
     loss.backward()
     for name in reversed(list(values)):
         grad = values[name].grad
         if name not in inputs and grad is not None and not bool(torch.isfinite(grad).all()):
-            return f"in the gradient at the output of layer `{name}` ({layer(graph, name).op})"
+            return Finding(f"in the gradient at the output of layer `{name}` ({layer(graph, name).op})")
     for name, param in module.named_parameters():
         if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
-            return f"in the gradient of weight `{name}`"
+            return Finding(f"in the gradient of weight `{name}`")
     return None
 
 
@@ -76,15 +94,17 @@ def first_non_finite_in_parts(
     rng: dict[str, torch.Tensor],
     autocast: Callable[[], contextlib.AbstractContextManager],
     label_smoothing: float = 0.0,
-) -> str:
+) -> Finding:
     """`first_non_finite` over a step taken in parts (netdsl.train.step), replayed part by part from the
     step's random state: the first part where something is found, and where in it."""
     set_rng_states(rng)
     for index, (x, y) in enumerate(parts):
-        where = first_non_finite(module, graph, x, y, rng_states(), autocast, label_smoothing)
-        if where is not None:
-            return where if len(parts) == 1 else f"{where}, in part {index + 1} of {len(parts)} of the batch"
-    return "not found again when the step was replayed (a transient fault?)"
+        found = first_non_finite(module, graph, x, y, rng_states(), autocast, label_smoothing)
+        if found is not None and len(parts) > 1:
+            return found._replace(place=f"{found.place}, in part {index + 1} of {len(parts)} of the batch")
+        if found is not None:
+            return found
+    return Finding("not found again when the step was replayed (a transient fault?)")
 
 
 def compiled_gradients_differ(

@@ -69,8 +69,6 @@ from netdsl.train.step import backward_in_parts, split
 from netdsl.train.world import World, collective_failure, lost_rank_error
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-LR_HINT = "lower the learning rate (--lr), add a warm-up (--warmup-epochs 1), or clip gradients (--clip-grad 5)"
-DATA_HINT = "look for NaN or infinite pixels in the data, and for a --pca-noise, --mean or --std far from its scale"
 
 
 class StoppedError(Exception):
@@ -652,7 +650,7 @@ class Trainer:
     def _diverged(self, parts: list, rng: dict, loss: float) -> None:
         """Stops the run at the first layer (in forward order) whose output or gradient is not finite."""
         smoothing = self.recipe.label_smoothing
-        where = first_non_finite_in_parts(self.module, self.graph, parts, rng, self._autocast, smoothing)
+        found = first_non_finite_in_parts(self.module, self.graph, parts, rng, self._autocast, smoothing)
         last = (
             f"the last good checkpoint is {self.run.last} (step {self._last_checkpoint_step()})"
             if self.run.last.is_file()
@@ -660,9 +658,9 @@ class Trainer:
         )
         raise NetError(
             f"step {self.step + 1} (epoch {self.epoch + 1}): the loss is {loss}; the first non-finite value is "
-            f"{where}; the step was not applied and training stopped; {last}",
+            f"{found.place}; the step was not applied and training stopped; {last}",
             where="training",
-            hint=DATA_HINT if "(the data)" in where else LR_HINT,  # (in parts, the part follows)
+            hint=found.hint,
         )
 
     def _last_checkpoint_step(self) -> int | str:
