@@ -269,6 +269,31 @@ def test_two_compiles_into_one_directory_do_not_collide(tmp_path):
     assert not [p for p in out.rglob(".*") if p.is_file()]  # no temporary files left behind
 
 
+def test_a_folder_swapped_in_by_another_writer_meanwhile_is_moved_aside_too(tmp_path, monkeypatch):
+    """The race the test above can lose: after `swap_folder` moved the old folder aside, another writer puts
+    its own in place just before our rename; ours is renamed in on the next try, and neither the old folder
+    nor the other writer's is left behind."""
+    from netdsl.compiler.compile import swap_folder
+
+    current, new = tmp_path / "kernels", tmp_path / "staged"
+    for folder, text in ((current, "old"), (new, "ours")):
+        folder.mkdir()
+        (folder / "k.py").write_text(text)
+    real_rename, raced = Path.rename, []
+
+    def rename(self, target):
+        if self == new and not raced:  # the other writer is quicker, once
+            raced.append(True)
+            Path(target).mkdir()
+            (Path(target) / "k.py").write_text("theirs")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    swap_folder(current, new)
+    assert raced and (current / "k.py").read_text() == "ours" and not new.exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["kernels"]
+
+
 def test_plan_records_each_launch_grid(tmp_path):
     _compile_into(str(tmp_path))
     plan = json.loads((tmp_path / "plan.json").read_text())

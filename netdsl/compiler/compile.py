@@ -12,7 +12,9 @@ compile of another net is removed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import os
 import secrets
 import shutil
@@ -148,22 +150,35 @@ def new_folder(parent: Path, prefix: str) -> Path:
 
 
 def swap_folder(current: Path, new: Path) -> None:
-    """`new` becomes `current`; the old `current` (if any) is removed afterwards."""
-    old = None
+    """`new` becomes `current`; the old `current` (if any) is removed afterwards. Another process swapping
+    into the same `current` at once (two builds into one folder) may put its folder there between our
+    moving the old one aside and renaming ours: that one is moved aside too and the rename tried again, so
+    the last writer's folder stands whole."""
+    olds: list[Path] = []
     try:
-        if current.exists():
-            old = new_folder(current.parent, f".{current.name}-old")
-            old.rmdir()
-            current.rename(old)
-        new.rename(current)
+        for attempt in range(10):
+            if current.exists():
+                old = new_folder(current.parent, f".{current.name}-old")
+                old.rmdir()
+                with contextlib.suppress(FileNotFoundError):  # another writer moved it aside first
+                    current.rename(old)
+                    olds.append(old)
+            try:
+                new.rename(current)
+                break
+            except OSError as error:  # a folder appeared in between: another writer's
+                if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 9:
+                    raise
     except OSError as error:
-        if old is not None and old.exists() and not current.exists():
-            old.rename(current)  # put the earlier build's kernels back
+        if olds and olds[-1].exists() and not current.exists():
+            olds[-1].rename(current)  # put the earlier build's kernels back
+            olds.pop()
         raise NetError(
             f"cannot write {current}: {error.strerror or error}", where=str(current.parent), hint=os_hint(error)
         ) from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        for old in olds:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _add_grids(plan: dict, launches: list[Launch]) -> None:
