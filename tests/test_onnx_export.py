@@ -156,3 +156,18 @@ def test_a_model_past_2_gib_keeps_its_weights_beside_it(tmp_path, monkeypatch):
     assert (tmp_path / "big.onnx.data").exists() and not (tmp_path / "small.onnx.data").exists()
     x = np.random.default_rng(5).standard_normal((1, 1, 32, 32), dtype=np.float32)
     np.testing.assert_array_equal(_outputs(tmp_path / "big.onnx", x), _outputs(tmp_path / "small.onnx", x))
+
+
+def test_the_2_gib_test_measures_the_model_where_its_weights_come_near(monkeypatch):
+    """The weights' bytes counted from their shapes decide alone only far below the limit; near it the
+    serialized size does, to the byte."""
+    from netdsl.interop import onnx_export
+
+    graph = load_graph(NETS[0].parent / "lenet5.net")
+    model = onnx_export.build_onnx(graph, init_weights(graph, seed=3, scheme="he"))
+    size = model.ByteSize()
+    data = sum(len(t.raw_data) for t in model.graph.initializer)
+    assert data < size < data + 4096
+    for limit, past in ((size - 1, True), (size, False), (2 * data + 2, False)):
+        monkeypatch.setattr(onnx_export, "MAX_PROTO_BYTES", limit)
+        assert onnx_export._past_protobuf_limit(model) is past, limit

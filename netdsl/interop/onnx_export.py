@@ -81,7 +81,7 @@ def build_onnx(graph: nx.DiGraph, weights: Mapping[str, np.ndarray], opset: int 
     `preprocess`: the weights' preprocessing record (the JSON text `netdsl train` saved in their metadata as
     "netdsl.preprocess"), kept in the model's metadata_props."""
     import torch
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     if opset < 13:
         raise ValueError(f"opset {opset} is too old: export needs opset 13 or later")
@@ -90,13 +90,13 @@ def build_onnx(graph: nx.DiGraph, weights: Mapping[str, np.ndarray], opset: int 
     opset = max(opset, needed_opset(graph))
     names = _Names()
     nodes: list = []
-    initializers: list = []
+    initializers: list[tuple[str, np.ndarray]] = []
     tensor_of: dict[str, str] = {}  # layer name -> ONNX tensor holding its output
     graph_inputs: list = []
 
     def init(name: str, value: np.ndarray) -> str:
         onnx_name = names(name)
-        initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), onnx_name))
+        initializers.append((onnx_name, value))
         return onnx_name
 
     def weight(layer_name: str, tensor: str) -> str:
@@ -107,7 +107,7 @@ def build_onnx(graph: nx.DiGraph, weights: Mapping[str, np.ndarray], opset: int 
 
     def constant(base: str, value: np.ndarray) -> str:
         onnx_name = names.fresh(base)
-        initializers.append(numpy_helper.from_array(value, onnx_name))
+        initializers.append((onnx_name, value))
         return onnx_name
 
     def node(op: str, inputs: list[str], output: str | list[str], **attrs) -> str:
@@ -159,14 +159,30 @@ def build_onnx(graph: nx.DiGraph, weights: Mapping[str, np.ndarray], opset: int 
         )
 
     onnx_graph = helper.make_graph(
-        nodes, _UNSAFE.sub("_", str(graph.graph.get("name") or "net")), graph_inputs, graph_outputs, initializers
+        nodes, _UNSAFE.sub("_", str(graph.graph.get("name") or "net")), graph_inputs, graph_outputs
     )
     model = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="netdsl")
+    for onnx_name, value in initializers:  # into the model's own graph: make_graph and make_model copy
+        _add_initializer(model.graph, onnx_name, value)
     model.ir_version = min(model.ir_version, _ir_version_for(opset))
     if preprocess is not None:
         helper.set_model_props(model, export_props(preprocess))
     check_structure(model)
     return model
+
+
+def _add_initializer(onnx_graph, name: str, value: np.ndarray) -> None:
+    """Appends `value` as an initializer named `name` to `onnx_graph`: the tensor numpy_helper.from_array
+    makes (little-endian raw data), built in its place. Each copy of a VGG-16's 550 MB of weights costs
+    seconds, and make_graph and make_model each copy their initializers once more."""
+    from onnx import helper
+
+    value = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
+    tensor = onnx_graph.initializer.add()
+    tensor.name = name
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
+    tensor.dims.extend(value.shape)
+    tensor.raw_data = value.tobytes()
 
 
 def needed_opset(graph: nx.DiGraph) -> int:
@@ -337,13 +353,27 @@ def export_onnx(
         ) from None
     model = build_onnx(graph, weights, opset, preprocess)
     if external_data is None:
-        external_data = model.ByteSize() > MAX_PROTO_BYTES
+        external_data = _past_protobuf_limit(model)
     if external_data:
         data = path.with_name(path.name + ".data")
         write_atomic_bytes(data, _move_to_external(model, data.name))
     write_atomic_bytes(path, model.SerializeToString())
     onnx.checker.check_model(os.fspath(path), full_check=True)  # the file itself, weights included
     return model
+
+
+def _past_protobuf_limit(model) -> bool:
+    """Whether `model` serializes to more than MAX_PROTO_BYTES. Its initializers' bytes are counted from
+    their shapes; the message itself is measured only where they pass half the limit (what else a model
+    holds, its nodes, names and metadata, is kilobytes), since upb's ByteSize encodes the whole message,
+    seconds for a VGG-16."""
+    from onnx import helper
+
+    data = sum(
+        int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        for t in model.graph.initializer
+    )
+    return data > MAX_PROTO_BYTES // 2 and model.ByteSize() > MAX_PROTO_BYTES
 
 
 def _move_to_external(model, location: str) -> bytes:
