@@ -995,6 +995,18 @@ def test_a_plateau_schedule_without_validation_says_its_rate_stays(tmp_path, cap
     assert ("the plateau schedule watches the validation error" in capsys.readouterr().err) == said
 
 
+def test_a_folder_of_fewer_classes_than_the_net_scores_is_noted(tmp_path, capsys):
+    """Two class folders for a 10-way net train, saying that 8 outputs are never a target; arrays, whose
+    labels are the outputs' numbers, say nothing."""
+    net, data = tiny_run_args(tmp_path)
+    folder = gray_folder(tmp_path / "folder", (8, 8), seed=5, torn="a/notes.txt")
+    args = ("--batch", 4, "--steps", 1, *PLAIN)
+    assert train(net, "--data", folder, *args, "--out", tmp_path / "two") == 0
+    assert "the net scores 10 classes and the data has 2: 8 of its outputs" in capsys.readouterr().err
+    assert train(net, "--data", data, *args, "--out", tmp_path / "ten") == 0
+    assert "never a target" not in capsys.readouterr().err
+
+
 def test_resume_finds_the_net_from_another_working_folder(tmp_path, monkeypatch):
     """recipe.json records the net relative to the run folder: a run started with a relative path resumes from
     anywhere; a record from before (relative to where the run was started) is still read there."""

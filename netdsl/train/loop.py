@@ -274,6 +274,12 @@ class Trainer:
         augment = replace(split.augment, flip=recipe.flip, pca_noise=recipe.pca_noise, **chosen)
         if split.skipped and self.world.leader:
             self._say(f"skipped {len(split.skipped)} unreadable images (first: {split.skipped[0]})")
+        if len(split.classes) < self.classes and self.world.leader:  # a folder of named classes, fewer than scored
+            self._say(
+                f"note: the net scores {self.classes} classes and the data has {len(split.classes)}: "
+                f"{self.classes - len(split.classes)} of its outputs are never a target (give the last layer "
+                f"{len(split.classes)} outputs)"
+            )
         if recipe.early_stop is not None and not (split.val is not None and len(split.val)):
             raise NetError(
                 "early_stop watches the validation error, and there is no validation set",
