@@ -521,6 +521,26 @@ def test_a_drawn_size_too_large_for_an_image_names_the_file(tmp_path, monkeypatc
         assert caught.value.where.startswith(str(root)) and caught.value.where.endswith(".png")
 
 
+def test_the_scan_checks_each_training_image_at_the_top_of_a_range_of_sizes(tmp_path, monkeypatch):
+    """With a range of sizes the scan checks each training image at the range's top too: an image that only a
+    large draw would push past Pillow's bound is an error naming it before any step (or skipped and counted
+    with skip_corrupt), not a stop at whichever batch first draws that size."""
+    root = make_folder(tmp_path / "data", {"a": 3, "b": 3}, size=(8, 8), seed=18)
+    make_folder(tmp_path / "wide", {"b": 1}, size=(24, 8), seed=19)
+    wide = root / "b" / "wide.png"
+    (tmp_path / "wide" / "b" / "000.png").rename(wide)
+    monkeypatch.setattr("netdsl.train.augment.MAX_RESIZED_PIXELS", 2000)  # 40 x 40 passes, 40 x 120 does not
+    middle = open_data(root, (3, 8, 8), size=24, val_fraction=0)
+    assert len(middle.train) == 7  # at the middle size all pass
+    with pytest.raises(NetError, match=r"8 x 24, its shorter side scaled to 40, would be 40 x 120") as caught:
+        open_data(root, (3, 8, 8), size=24, largest=40, val_fraction=0)
+    assert caught.value.where.endswith("wide.png")
+    split = open_data(root, (3, 8, 8), size=24, largest=40, val_fraction=0, skip_corrupt=True)
+    assert len(split.train) == 6 and len(split.skipped) == 1 and split.skipped[0].endswith("wide.png")
+    with pytest.raises(NetError, match="would be 40 x 120"):  # the record of the scan at the middle alone is
+        open_data(root, (3, 8, 8), size=24, largest=40, val_fraction=0, scan_record=middle.scan)  # not taken for it
+
+
 def test_preprocess_round_trips_through_json(tmp_path):
     make_folder(tmp_path, {"x": 3, "y": 3}, seed=14)
     split = open_data(tmp_path, (3, 12, 12), size=14, val_fraction=0, std=True)

@@ -394,6 +394,20 @@ def test_scale_jittering_resumes_bit_for_bit_and_saves_the_middle_size(tmp_path,
     assert preprocess.size == 10 and preprocess.crop == (8, 8)
 
 
+def test_a_range_of_sizes_is_checked_at_its_top_before_training(tmp_path, capsys, monkeypatch):
+    """`--resize 8,40` with Pillow's bound lowered between the 12 x 10 images at 24 (the middle) and at 40:
+    the run stops before its first step, naming an image and the size, rather than at the batch drawing it."""
+    folder = gray_folder(tmp_path / "images", (12, 10), 25, "a/notes.txt")
+    net = tmp_path / "tiny.net"
+    net.write_text(TINY)
+    monkeypatch.setattr("netdsl.train.augment.MAX_RESIZED_PIXELS", 1000)  # 29 x 24 passes, 48 x 40 does not
+    flags = ("--data", folder, "--batch", 4, "--steps", 2, "--out", tmp_path / "run", *PLAIN)
+    assert train(net, *flags, "--resize", "8,40") == 1
+    err = capsys.readouterr().err
+    assert "its shorter side scaled to 40, would be 48 x 40 pixels" in err and ".png" in err and "epoch" not in err
+    assert train(net, *flags, "--resize", "8,28") == 0  # 34 x 28 at its top
+
+
 def test_random_resized_crops_resume_bit_for_bit_and_refuse_a_range_of_sizes(tmp_path, capsys):
     """`--crop-area 0.3,1`: 5 steps straight equal 2, a resume and 3 more, bit for bit, and differ from plain
     crops; with `resize` a range the run stops before training, naming crop_area."""

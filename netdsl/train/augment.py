@@ -347,18 +347,23 @@ class Preprocess:
                 hint="give the weights trained for this net",
             )
 
-    def pixels(self, image) -> np.ndarray:
+    def pixels(self, image, largest: int | None = None) -> np.ndarray:
         """An image (a file path, a Pillow image or an array) converted to the net's channels and scaled:
-        H x W x C, uint8 or float32."""
-        return self._pixels(image, self.size)
+        H x W x C, uint8 or float32. `largest`: a larger size training will scale it to (the top of a range
+        of sizes), checked here against Pillow's bound on an image's pixels as `size` is."""
+        return self._pixels(image, self.size, largest=largest)
 
-    def _pixels(self, image, size: int | None, whole: bool = True) -> np.ndarray:
+    def _pixels(self, image, size: int | None, whole: bool = True, largest: int | None = None) -> np.ndarray:
         if isinstance(image, (str, Path)):
             image = open_image(Path(image), self.channels)
         if isinstance(image, np.ndarray):
             pixels = as_pixels(image, self.channels)
+            if largest is not None:
+                resized_shape(*pixels.shape[:2], largest, self.crop)
             pixels = resize_pixels(pixels, resized_shape(*pixels.shape[:2], size, self.crop))
         else:  # a Pillow image: resized as it is, without a round trip through numpy
+            if largest is not None:
+                resized_shape(image.height, image.width, largest, self.crop)
             mode = image_mode(self.channels)
             image = image if image.mode == mode else image.convert(mode)
             shape = resized_shape(image.height, image.width, size, self.crop)

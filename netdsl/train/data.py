@@ -185,6 +185,7 @@ def open_data(
     *,
     num_outputs: int | None = None,
     size: int | None = None,
+    largest: int | None = None,
     val_fraction: float = 0.1,
     seed: int = 0,
     std: bool = False,
@@ -200,14 +201,15 @@ def open_data(
     images and scoring `num_outputs` classes (checked when given).
 
     `size`: the shorter side is scaled to this before cropping (default: the smaller of H and W; the paper
-    used 256 for 224 crops). `val_fraction`, `seed`: how a set without its own validation images is split
-    (per class, so each class keeps its share). `std`: also divide by the per-channel std. Every image is
-    decoded once here (by `workers` processes) to measure the training set and find unreadable files,
-    which are errors unless `skip_corrupt`; an image folder's `scan_record` of the same files (a DataSplit's
-    `scan`, saved) stands for that pass, and the processes of a `world` share it. Without `statistics`
-    (an evaluation with the weights' own preprocessing) the mean is 0 and only the parts named in `check`
-    are decoded, for their unreadable files. `meter(title, images)` shows the progress of reading image files
-    (netdsl.train.progress.Meter)."""
+    used 256 for 224 crops); `largest`: the largest size training scales its images to (the top of a range
+    of sizes), at which the scan checks each training image too. `val_fraction`, `seed`: how a set without
+    its own validation images is split (per class, so each class keeps its share). `std`: also divide by the
+    per-channel std. Every image is decoded once here (by `workers` processes) to measure the training set
+    and find unreadable files, which are errors unless `skip_corrupt`; an image folder's `scan_record` of
+    the same files (a DataSplit's `scan`, saved) stands for that pass, and the processes of a `world` share
+    it. Without `statistics` (an evaluation with the weights' own preprocessing) the mean is 0 and only the
+    parts named in `check` are decoded, for their unreadable files. `meter(title, images)` shows the
+    progress of reading image files (netdsl.train.progress.Meter)."""
     channels, height, width = net_input
     if min(net_input) < 1:
         raise NetError(
@@ -256,12 +258,15 @@ def open_data(
     if isinstance(train, ImageFiles) and (val is None or isinstance(val, ImageFiles)):
         if whole or scan_record is not None:  # (a stat of every file: none for a record never made nor read)
             settings = {"size": base.size, "crop": list(base.crop), "channels": channels, "skip_corrupt": skip_corrupt}
+            settings.update({"largest": largest} if largest is not None else {})  # a record's key as it was
             key = scan.fingerprint([train.paths, None if val is None else val.paths], settings)
         sizes = [len(train), 0 if val is None else len(val)]
         saved = scan.from_record(scan_record, key, sizes, channels) if key and scan_record is not None else None
         saved = scan.agreed(world, saved)
     reading = (world, meter)
-    train, val, skipped, sums, bad = _scan(train, val, workers, skip_corrupt, where, saved, reading, statistics, parts)
+    train, val, skipped, sums, bad = _scan(
+        train, val, workers, skip_corrupt, where, saved, reading, statistics, parts, largest
+    )
     if statistics:
         preprocess, augment = _statistics(sums, base, classes, std)
     else:
@@ -506,13 +511,16 @@ def _check_classes(classes: list[str], sets: list[Samples | None], num_outputs: 
             raise NetError(f"{source} has label {label}, beyond {width} (0..{limit - 1})", where=where, hint=hint)
 
 
-def _scan(train, val, workers: int, skip_corrupt: bool, where: str, saved, reading, statistics: bool, parts):
+def _scan(
+    train, val, workers: int, skip_corrupt: bool, where: str, saved, reading, statistics: bool, parts, largest=None
+):
     """Decodes image files once, measuring the training set's centre crops on the way (`statistics`):
     unreadable files are an error naming the first, or (skip_corrupt) left out and listed. Arrays need no
     check, so only the training set's are read, for the statistics; `parts` says whether the training and
     the validation files are looked at. `saved`: what a scan of these files found (`scan.from_record`), in
     place of decoding them; `reading`: the processes that share the decoding, and the progress meter (see
-    open_data). Returns the readable sets, the unreadable files, the sums and the unreadable positions per set."""
+    open_data); `largest`: see open_data. Returns the readable sets, the unreadable files, the sums and the
+    unreadable positions per set."""
     (world, meter), skipped, kept, sums, bad_parts = reading, [], [], None, []
     for part, (samples, look) in enumerate(zip((train, val), parts)):
         measure = statistics and part == 0
@@ -523,7 +531,9 @@ def _scan(train, val, workers: int, skip_corrupt: bool, where: str, saved, readi
         if saved is not None:
             bad, sums = set(saved[0][part]), saved[1] if measure else sums
         else:
-            failures, *counted = scan.decode(samples, measure, workers, world, _titled(meter, samples, part, world))
+            top = largest if part == 0 else None  # validation takes the middle size only
+            shown = _titled(meter, samples, part, world)
+            failures, *counted = scan.decode(samples, measure, workers, world, shown, top)
             sums = counted if measure else sums
             if failures and not skip_corrupt:
                 index, message = failures[0]

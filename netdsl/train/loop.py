@@ -257,6 +257,7 @@ class Trainer:
             (channels, height, width),
             num_outputs=self.classes,
             size=size,
+            largest=None if jitter is None else jitter[1],
             val_fraction=recipe.val_fraction,
             seed=recipe.seed,
             std=recipe.std == "auto",

@@ -91,18 +91,26 @@ def agreed(world: World | None, saved):
     return saved if all(world.gather(saved is not None)) else None
 
 
-def decode(samples, measure: bool, workers: int, world: World | None = None, meter: Callable | None = None):
+def decode(
+    samples,
+    measure: bool,
+    workers: int,
+    world: World | None = None,
+    meter: Callable | None = None,
+    largest: int | None = None,
+):
     """Decodes each of `samples` (a Samples) once, by `workers` loader processes, with the sums of the centre
     crops when `measure`. Returns the unreadable images as (index, why) in order, and the sums: the pixel
     count, the per-channel sum and the channels' outer-product sum (float64). With a `world` of several
     processes, each decodes its share of the batches and every process gets the whole result. `meter`, given
-    the number of images this process decodes, returns what shows the progress (`advance(count)`, `close()`)."""
+    the number of images this process decodes, returns what shows the progress (`advance(count)`, `close()`).
+    `largest`: the largest size training scales an image to (see Preprocess.pixels), or None."""
     batches = -(-len(samples) // BATCH)
     shared = world is not None and world.distributed
     share = range(world.rank, batches, world.size) if shared else range(batches)
     tasks = [range(b * BATCH, min(len(samples), (b + 1) * BATCH)) for b in share]
     loader = DataLoader(
-        _Decode(samples, measure),
+        _Decode(samples, measure, largest),
         batch_sampler=tasks,
         num_workers=workers,
         collate_fn=_sum_batch,
@@ -131,8 +139,8 @@ def decode(samples, measure: bool, workers: int, world: World | None = None, met
 class _Decode(Dataset):
     """Image i's centre crop's sums (when `measure`), or why it is unreadable."""
 
-    def __init__(self, samples, measure: bool):
-        self.samples, self.measure = samples, measure
+    def __init__(self, samples, measure: bool, largest: int | None = None):
+        self.samples, self.measure, self.largest = samples, measure, largest
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -140,7 +148,7 @@ class _Decode(Dataset):
     def __getitem__(self, index: int):
         preprocess = self.samples.preprocess
         try:
-            pixels = preprocess.pixels(self.samples.image(index))
+            pixels = preprocess.pixels(self.samples.image(index), self.largest)
         except NetError as error:
             return index, error.message, None
         if not self.measure:
