@@ -23,6 +23,7 @@ from PIL import Image
 from netdsl.errors import NetError
 from netdsl.train.augment import Augment, Preprocess, principal_components, sample_rng
 from netdsl.train.data import batches_per_epoch, epoch_order, loader, loading_workers, open_data, split_rows
+from netdsl.train.world import World
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -849,6 +850,30 @@ def test_more_workers_than_cpus_load_with_one_per_cpu(monkeypatch):
     assert loading_workers(0) == (0, None) and loading_workers(2) == (2, None)
     count, note = loading_workers(16)
     assert count == 2 and note == "note: --workers 16 is more than the 2 CPUs this process may use; loading with 2"
+    # torchrun's processes on one machine: those that may each run on every CPU share them
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(8)), raising=False)
+    assert loading_workers(2, sharing=4) == (2, None) and loading_workers(8) == (8, None)
+    count, note = loading_workers(4, sharing=4)
+    assert count == 2 and note.endswith("than the 2 CPUs each of this machine's 4 processes may use; loading with 2")
+    assert loading_workers(12, sharing=16) == (1, "note: --workers 12 is more than the 1 CPU each of this "
+                                                   "machine's 16 processes may use; loading with 1")  # fmt: skip
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {2, 3}, raising=False)  # bound by the launcher
+    assert loading_workers(2, sharing=4) == (2, None)
+
+
+def test_the_world_reads_how_many_processes_share_this_machine(monkeypatch):
+    launch = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    for name, value in launch.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert World.from_environment() == World(3, 4, 1, 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert World.from_environment() == World(3, 4, 1, 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")
+    with pytest.raises(NetError, match="LOCAL_WORLD_SIZE must be whole numbers") as caught:
+        World.from_environment()
+    assert caught.value.where == "torchrun"
 
 
 def test_benchmark_smoke(capsys):

@@ -580,14 +580,21 @@ def _statistics(sums: list, base: Preprocess, classes: list[str], std: bool):
     return preprocess, Augment(eigvals=tuple(float(v) for v in values), eigvecs=eigvecs)
 
 
-def loading_workers(asked: int, flag: str = "--workers") -> tuple[int, str | None]:
+def loading_workers(asked: int, flag: str = "--workers", sharing: int = 1) -> tuple[int, str | None]:
     """The loader processes to start for `asked`: at most one per CPU this process may run on (more only
-    take turns, and the batches do not depend on their number), and a note when fewer than asked."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    take turns, and the batches do not depend on their number), and a note when fewer than asked. `sharing`:
+    the processes on this machine (torchrun's); where this one may run on every CPU, so may they, and each
+    takes its share of the CPUs (a process bound to some CPUs takes those)."""
+    machine = os.cpu_count() or 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else machine
+    shared = sharing > 1 and cpus >= machine
+    if shared:
+        cpus = max(1, cpus // sharing)
     if asked <= cpus:
         return asked, None
     cpu_text = f"{cpus} CPU{'' if cpus == 1 else 's'}"
-    return cpus, f"note: {flag} {asked} is more than the {cpu_text} this process may use; loading with {cpus}"
+    whose = f"each of this machine's {sharing} processes" if shared else "this process"
+    return cpus, f"note: {flag} {asked} is more than the {cpu_text} {whose} may use; loading with {cpus}"
 
 
 def epoch_order(count: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:

@@ -159,7 +159,7 @@ class Trainer:
             self._expects = self.start.preprocess
         else:  # a resumed run that started from weights: their mean and std are in its own checkpoint
             self._expects = saved_preprocess(self.run.last) if recipe.weights is not None else None
-        self.workers, note = loading_workers(recipe.workers)
+        self.workers, note = loading_workers(recipe.workers, sharing=self.world.local_size)
         if note and self.world.leader:
             self._say(note)
         self.data = self._open_data()

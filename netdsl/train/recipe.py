@@ -175,7 +175,7 @@ class Recipe:
         "nothing; or one value per channel", low=0, above=True, lengths=(1, 3),
         words=(("false", None), ("none", None), ("auto", "auto")))
     workers: int = setting("int", 2, "processes", "data loading processes (0: in the training process; at most "
-                           "one per CPU, the batches the same with any number)", low=0)
+                           "one per CPU, a CPU share under torchrun; the batches the same with any number)", low=0)
     skip_corrupt: bool = setting("bool", False, "", "skip (and count) images that cannot be decoded, instead of "
                                  "stopping")
     # --- validation, logs and checkpoints --------------------------------------------------------------

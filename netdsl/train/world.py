@@ -27,6 +27,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    local_size: int = 1  # the processes on this machine (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def distributed(self) -> bool:
@@ -51,9 +52,10 @@ class World:
         try:
             rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             local = int(os.environ.get("LOCAL_RANK", rank))
+            local_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         except ValueError:
             raise NetError(
-                "RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers",
+                "RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be whole numbers",
                 where="torchrun",
                 hint="start the processes with torchrun, which sets them",
             ) from None
@@ -63,7 +65,7 @@ class World:
                 where="torchrun",
                 hint="start the processes with torchrun, which sets RANK below WORLD_SIZE",
             )
-        return cls(rank, size, local)
+        return cls(rank, size, local, max(1, local_size))
 
     def join(self, timeout: float) -> None:
         """Joins the process group (NCCL when this process has a GPU, else gloo)."""
