@@ -11,6 +11,12 @@ if not torch.cuda.is_available():
 
 from netdsl.codegen.interpret import widen_bf16_dots  # after the variable is set
 
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # pytest-xdist's processes (`-n N`) each run one test at a time: one thread each, so that N of them share
+    # N cores without PyTorch's thread pools taking turns on them (a process a test starts inherits it too)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def no_curves(monkeypatch):

@@ -102,7 +102,8 @@ def test_two_processes_match_one(tmp_path, which):
     for rank, result in enumerate(results):
         assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout}\n{result.stderr}"
     assert "input 1: top 5" in results[0].stdout and "top" not in results[1].stdout  # the output is on gpu0 = rank 0
-    np.testing.assert_allclose(np.load(out), _single_process(net, batch=2, seed=3), rtol=1e-6, atol=1e-9)
+    # float32 through AlexNet: the processes' and this one's thread pools sum in other orders (a few ulps)
+    np.testing.assert_allclose(np.load(out), _single_process(net, batch=2, seed=3), rtol=2e-5, atol=1e-9)
 
 
 def test_wrong_world_size(tmp_path, monkeypatch):
@@ -138,7 +139,7 @@ def test_netdsl_run_distributed_matches_one_process(tmp_path):
     for rank, result in enumerate(results):
         assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout}\n{result.stderr}"
     assert "input 1: top 5" in results[0].stdout and "top" not in results[1].stdout
-    np.testing.assert_allclose(np.load(out), _single_process(net, batch=2, seed=5), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.load(out), _single_process(net, batch=2, seed=5), rtol=2e-5, atol=1e-7)
 
 
 def test_distributed_in_bfloat16_matches_one_process(tmp_path):
