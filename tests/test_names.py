@@ -35,12 +35,14 @@ def text_file(text: str) -> str:
     import tempfile
     from pathlib import Path
 
+    from netdsl.files import write_atomic
+
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     if key not in _FILES:
         folder = Path(tempfile.gettempdir()) / "netdsl-test-names"
         folder.mkdir(exist_ok=True)
         path = folder / f"n{key}.net"
-        path.write_text(text)
+        write_atomic(path, text)  # whole, though another test process (pytest -n) may be reading the same file
         _FILES[key] = str(path)
     return _FILES[key]
 
