@@ -193,6 +193,27 @@ def test_many_classes_print_the_most_confused_pairs_not_the_matrix():
     assert "confusion matrix (rows: true class, columns: predicted)" in small and "most confused" not in small
 
 
+def test_the_printed_matrix_of_fewer_classes_than_outputs_counts_the_rest_as_other():
+    """Three named classes on a 1,000-way net print a 3 x 3 matrix and a column `other` (the predictions of
+    the 997 outputs no image is of), not the 1,000 x 1,000 one's most confused pairs; a class beyond the names
+    that has images (none in a real evaluation) keeps its row."""
+    rng = np.random.default_rng(6)
+    confusion = np.zeros((1000, 1000), dtype=np.int64)
+    confusion[:3] = rng.integers(0, 3, (3, 1000)) * (rng.random((3, 1000)) < 0.01)
+    confusion[:3, :3] += rng.integers(5, 20, (3, 3))
+    lines = tally_of(confusion).report(["cat", "dog", "fox"]).splitlines()
+    start = lines.index("confusion matrix (rows: true class, columns: predicted)")
+    rows = [line.split() for line in lines[start + 1 :]]
+    assert rows[0] == ["0", "1", "2", "other"] and len(rows) == 5
+    for i in range(3):
+        want = [str(i), *map(str, confusion[i, :3]), str(confusion[i, 3:].sum())]
+        assert rows[2 + i] == want
+    assert confusion[:3, 3:].sum() > 0  # the column is not all zeros
+    confusion[7, 1] = 4
+    rows = tally_of(confusion).report(["cat", "dog", "fox"]).splitlines()[-4:]
+    assert rows[-1].split() == ["7", "0", "4", "0", "0"]
+
+
 def test_the_drawn_matrix_takes_more_outputs_than_names(tmp_path):
     """simplenet (15 scores) evaluated on the digits (10 names) stopped `eval --confusion` with matplotlib's
     'number of locations (15) does not match the number of labels (10)'; a matrix of 60 classes is numbered

@@ -95,17 +95,28 @@ class Tally:
             for i, (name, acc) in enumerate(zip(names, per_class))
         ]
         lines += format_table(("class", "name", "images", "top-1"), rows, left={1})
-        if self.classes <= MATRIX_CLASSES:
+        named = min(len(names), self.classes) or self.classes  # a net may score more classes than the data has
+        if named <= MATRIX_CLASSES:
             lines += ["", "confusion matrix (rows: true class, columns: predicted)"]
-            header = ("", *(str(i) for i in range(self.classes)))
-            table = [(str(i), *map(str, row)) for i, row in enumerate(self.confusion)]
-            lines += format_table(header, table, left=set())
+            lines += format_table(*self._matrix_rows(named), left=set())
         else:  # a matrix of 1,000 classes would be a million numbers: the pairs worth reading, and where the rest is
             lines += ["", f"most confused classes (of the {self.classes} x {self.classes} confusion matrix, which "
                       "--confusion OUT.png draws)"]  # fmt: skip
             lines += format_table(("true", "name", "predicted", "name", "images", "of the class"),
                                   self.confused_pairs(names), left={1, 3})  # fmt: skip
         return "\n".join(lines) + "\n"
+
+    def _matrix_rows(self, named: int) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+        """The printed matrix's header and rows: the data's `named` classes (and any other class with images),
+        and where the net scores more classes, one column `other` counting the predictions of those."""
+        rows = [i for i in range(self.classes) if i < named or self.confusion[i].any()]
+        other = named < self.classes
+        header = ("", *(str(j) for j in range(named)), *(("other",) if other else ()))
+        table = [
+            (str(i), *map(str, self.confusion[i, :named]), *((str(self.confusion[i, named:].sum()),) if other else ()))
+            for i in rows
+        ]
+        return header, table
 
     def confused_pairs(self, names: list[str], count: int = CONFUSED_PAIRS) -> list[tuple[str, ...]]:
         """Rows of the `count` largest off-diagonal entries (true class, predicted class), largest first and,
