@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 NO_GPU = 4  # bench/timing.py's exit status where there is no GPU
 SCRIPTS = (
-    "alexnet_gpu", "compile", "conv_sweep", "frontend", "step_sweep", "train", "train_data", "train_gpu",
+    "alexnet_gpu", "compile", "conv_sweep", "export", "frontend", "step_sweep", "train", "train_data", "train_gpu",
     "train_memory",
 )  # fmt: skip
 
@@ -155,6 +155,7 @@ ZERO_COUNTS = [
     ("conv_sweep", ["--batch", "0"]),
     ("step_sweep", ["--batches", "0"]),
     ("frontend", ["--runs", "0", "--sizes", "20"]),
+    ("export", ["--runs", "0"]),
     ("train", ["--steps", "0"]),
     ("train", ["--repeats", "0"]),
     ("train", ["--warmup", "-1"]),
@@ -229,6 +230,23 @@ def test_help_describes_the_script_in_whole_sentences(name, capsys):
     assert paragraph[-1] in ".?", paragraph
     # argparse wraps the text to the terminal's width, breaking lines at spaces and after hyphens
     assert "".join(paragraph.split()) in "".join(capsys.readouterr().out.split())
+
+
+def test_export_smoke(capsys):
+    """The export benchmark on LeNet-5 and SimpleNet, one run each: a row per net with its file's size (the
+    weights' float32 bytes and a little more), every stage timed, nothing left behind."""
+    assert script("export").main(["--nets", "lenet5,simplenet", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert echoed(out) == ["--nets", "lenet5,simplenet", "--runs", "1"]
+    rows = {row[0]: row[1:] for row in (line.split() for line in out.splitlines()) if row[0] in ("lenet5", "simplenet")}
+    for name, parameters in (("lenet5", 61_706), ("simplenet", None)):
+        megabytes, *times, ratio = rows[name]
+        assert all(float(t) >= 0 for t in times) and ratio.endswith("x") and len(times) == 6
+        if parameters is not None:
+            assert parameters * 4e-6 < float(megabytes) < parameters * 4e-6 + 0.01
+    with pytest.raises(SystemExit) as stopped:
+        script("export").main(["--nets", "lenet5,resnet"])
+    assert stopped.value.code == 2 and "not a bundled net: 'resnet'" in capsys.readouterr().err
 
 
 def test_frontend_smoke(capsys):
