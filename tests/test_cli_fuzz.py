@@ -519,6 +519,7 @@ def command_eval(rng: random.Random) -> Case:
         "--backend": ["torch"] * 8 + ["triton", "jax"],
         "--devices": DEVICES,
         "--confusion": ["c.png", "images", "", "sub/c.png", "tiny.net"],
+        "--dense": None,
     }
     argv = ["eval", choose(rng, NETS)]
     if rng.random() < 0.9:

@@ -122,6 +122,50 @@ def test_several_scales_average_the_softmax_of_every_scales_views(trained, capsy
     assert code == code_again == 0 and one == same  # the one size the weights were trained with: the default
 
 
+def test_dense_evaluation_averages_each_whole_images_scores_over_positions(trained, capsys):
+    """`--dense --scales 9,12`: each whole image scaled to 9 and to 12, the net's fc as a 3 x 3 convolution over
+    its pooled map (one position at 9, 3 x 3 at 12), the scores averaged over the positions, their softmax
+    averaged over the sizes; written out by hand with F.conv2d and the run's weights (trained without flips:
+    no mirror), against eval's top-1 and loss over the 15 images."""
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+    from safetensors.numpy import load_file
+
+    from netdsl.train.start import saved_preprocess
+
+    net, run, folder = trained
+    code, out, _ = evaluate(capsys, net, "--weights", run, "--data", folder, "--split", "all", "--dense",
+                            "--scales", "9,12")  # fmt: skip
+    assert code == 0 and out.startswith("images 15 ")
+    weights = {name: torch.from_numpy(value) for name, value in load_file(run / "weights.safetensors").items()}
+    preprocess = saved_preprocess(run / "weights.safetensors")
+    losses, right, positions = [], 0, set()
+    for label, name in enumerate(("cat", "dog", "owl")):
+        for path in sorted((folder / name).glob("*.png")):
+            probs = []
+            for size in (9, 12):
+                view = dataclasses.replace(preprocess, size=size)
+                x = torch.from_numpy(view.normalize(view.pixels(path)))[None]
+                x = F.max_pool2d(F.relu(F.conv2d(x, weights["c1.weight"], weights["c1.bias"])), 2, 2)
+                scores = F.conv2d(x, weights["f2.weight"].view(3, 4, 3, 3), weights["f2.bias"])
+                positions.add(scores.shape[2:])
+                probs.append(torch.softmax(scores.double().mean(dim=(2, 3)), dim=1)[0])
+            mean = torch.stack(probs).mean(0)
+            losses.append(-float(torch.log(mean[label])))
+            right += int(mean.argmax()) == label
+    assert positions == {(1, 1), (3, 3)}
+    top1 = float(out.split("top-1 ")[1].split("%")[0])
+    loss = float(out.split("loss ")[1].split()[0])
+    assert top1 == pytest.approx(100 * right / 15, abs=0.006) and loss == pytest.approx(np.mean(losses), abs=6e-5)
+    code, centre, _ = evaluate(capsys, net, "--weights", run, "--data", folder, "--split", "all", "--scales", "12")
+    assert code == 0 and centre.split("loss ")[1].split()[0] != out.split("loss ")[1].split()[0]
+    for extra, flag in ((("--views", 10), "--views"), (("--backend", "triton"), "--backend")):
+        code, _, err = evaluate(capsys, net, "--weights", run, "--data", folder, "--dense", *extra)
+        assert code == 1 and err.startswith(f"{flag}: error: ") and "Traceback" not in err
+
+
 def test_a_folder_with_a_class_the_weights_never_saw(trained, tmp_path, capsys):
     net, run, folder = trained
     other = tmp_path / "other"

@@ -66,6 +66,13 @@ def add_commands(commands, positive) -> None:
         "averaged over all: VGG's multi-scale test (e.g. 256,384,512 for a net trained at resize = (256, 512)); "
         "default: the size the weights were trained with",
     )
+    evaluate.add_argument(
+        "--dense",
+        action="store_true",
+        help="VGG's dense evaluation: each whole image (at each of --scales) through the net with its fc layers "
+        "as convolutions, the class scores averaged over the positions, and over the mirror image where training "
+        "flipped",
+    )
     evaluate.add_argument("--batch", type=positive, default=64, metavar="N", help="images per forward pass")
     evaluate.add_argument(
         "--val-fraction", type=float, default=None, metavar="X", help="as in training (default: the run's)"
@@ -261,16 +268,21 @@ def eval_command(args: argparse.Namespace) -> int:
 
     from netdsl.lang.frontend import load_graph
     from netdsl.runtime.devices import parse_devices
-    from netdsl.runtime.net import Net
     from netdsl.runtime.weights import load_weights, weights_metadata
     from netdsl.train.augment import Preprocess
-    from netdsl.train.data import labels_by_name, loading_workers, open_data, view_loader
-    from netdsl.train.evaluate import Tally, probabilities
+    from netdsl.train.data import labels_by_name, loading_workers, open_data
+    from netdsl.train.evaluate import DenseScores, Tally
     from netdsl.train.loop import class_count
     from netdsl.train.progress import Meter
     from netdsl.train.runs import RunFolder, weights_file
     from netdsl.train.world import World
 
+    if args.dense and args.views != 1:
+        raise NetError("--dense measures each whole image (and its mirror), not views of it", where="--views",
+                       hint="leave out --views, or --dense")  # fmt: skip
+    if args.dense and args.backend != "torch":
+        raise NetError("dense evaluation runs on PyTorch's ops, each image size a net of its own", where="--backend",
+                       hint="leave out --backend triton with --dense")  # fmt: skip
     if args.backend == "triton" and not torch.cuda.is_available():
         use_interpreter()  # the same kernels, interpreted on the CPU
     weights_path = weights_file(args.weights)
@@ -319,11 +331,41 @@ def eval_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     relabel = None if relabel is None else torch.tensor(relabel)
-    net = Net(args.net, backend=args.backend, weights=weights, devices=parse_devices(args.devices))
     tally = Tally(classes)
-    is_softmax = graph.nodes[graph.graph["outputs"][0]]["layer"].op == "softmax"
     scales = args.scales or (preprocess.size,)
     shown = Meter(sys.stderr, sum(map(len, parts)) * len(scales), "measuring", World())
+    if args.dense:  # whole images one at a time (their sizes differ), in-process
+        scorer = DenseScores(graph, weights, devices=parse_devices(args.devices) or "cpu", flip=preprocess.flip)
+        for part in parts:
+            probs = []
+            for index in range(len(part)):
+                image, views = part.image(index), [replace(preprocess, size=size) for size in scales]
+                probs.append(torch.stack([scorer.scores(view.normalize(view.pixels(image))) for view in views]))
+                shown.advance(len(scales))
+            labels = torch.from_numpy(part.labels)
+            tally.add(torch.stack(probs).mean(dim=1), labels if relabel is None else relabel[labels])
+    else:
+        _measure_views(args, graph, weights, preprocess, parts, scales, relabel, tally, shown, workers)
+    shown.close()
+    names = list(preprocess.classes) or split.classes
+    print(tally.report(names), end="")
+    if args.confusion is not None and not tally.plot_confusion(args.confusion, names):
+        hint = "pip install 'netdsl[train]'"
+        raise NetError("drawing the confusion matrix needs matplotlib", where="--confusion", hint=hint)
+    return 0
+
+
+def _measure_views(args, graph, weights, preprocess, parts, scales, relabel, tally, shown, workers) -> None:
+    """eval's measuring of views (the centre, or the paper's ten) at each of `scales`, into `tally`."""
+    import torch
+
+    from netdsl.runtime.devices import parse_devices
+    from netdsl.runtime.net import Net
+    from netdsl.train.data import view_loader
+    from netdsl.train.evaluate import probabilities
+
+    net = Net(args.net, backend=args.backend, weights=weights, devices=parse_devices(args.devices))
+    is_softmax = graph.nodes[graph.graph["outputs"][0]]["layer"].op == "softmax"
     for part in parts:
         summed, labels = None, []  # over the scales: each image's probabilities, in the loader's order
         for size in scales:
@@ -337,13 +379,6 @@ def eval_command(args: argparse.Namespace) -> int:
                 shown.advance(len(y))
             summed = torch.cat(probs) if summed is None else summed + torch.cat(probs)
         tally.add(summed / len(scales), torch.cat(labels))
-    shown.close()
-    names = list(preprocess.classes) or split.classes
-    print(tally.report(names), end="")
-    if args.confusion is not None and not tally.plot_confusion(args.confusion, names):
-        hint = "pip install 'netdsl[train]'"
-        raise NetError("drawing the confusion matrix needs matplotlib", where="--confusion", hint=hint)
-    return 0
 
 
 def _net_from(run: Path, net: Path) -> str:

@@ -1,7 +1,8 @@
 """Measuring a classifier: top-1 and top-5 accuracy, mean loss, per-class accuracy, the confusion matrix.
 
 `Tally` adds up batches of class probabilities against their labels (from one process, or summed over
-the ranks of a run); `probabilities` turns a net's output into them, averaging test-time views.
+the ranks of a run); `probabilities` turns a net's output into them, averaging test-time views; `DenseScores`
+gives them for whole images of any size (VGG's dense evaluation, netdsl.runtime.dense).
 """
 
 from __future__ import annotations
@@ -29,6 +30,43 @@ def probabilities(output: torch.Tensor, is_softmax: bool, views: int = 1) -> tor
     scores = output.float().flatten(1)
     probs = scores if is_softmax else torch.softmax(scores, dim=1)
     return probs.view(-1, views, probs.shape[1]).mean(dim=1)
+
+
+class DenseScores:
+    """An image's class probabilities by VGG's dense evaluation: the net's fc layers as convolutions over the
+    whole image (netdsl.runtime.dense), its class scores averaged over the positions, their softmax, and with
+    `flip` the mean of that and the mirror image's (VGG averaged both). `scores(x)`: x a C x H x W image, as
+    the net's preprocessing leaves it (scaled, less the mean, over the std), at least the net's input in size.
+    The dense net is built for each size of image met (the last few kept: an fc's weights are reshaped, and
+    copied, for each)."""
+
+    KEPT = 4  # dense nets kept, by image size
+
+    def __init__(self, graph, weights, devices=None, flip: bool = False) -> None:
+        from netdsl.runtime.dense import dense_weights
+
+        self.graph, self.weights, self.devices, self.flip = graph, dense_weights(graph, weights), devices, flip
+        self._nets: dict[tuple[int, int], torch.nn.Module] = {}
+
+    def _net(self, height: int, width: int) -> torch.nn.Module:
+        from netdsl.runtime.dense import dense_graph
+        from netdsl.runtime.module import GraphModule
+
+        key = (height, width)
+        if key not in self._nets:
+            if len(self._nets) >= self.KEPT:
+                self._nets.pop(next(iter(self._nets)))
+            graph = dense_graph(self.graph, height, width)
+            self._nets[key] = GraphModule(graph, devices=self.devices, weights=self.weights).eval()
+        return self._nets[key]
+
+    def scores(self, x: np.ndarray) -> torch.Tensor:
+        image = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
+        if self.flip:
+            image = torch.cat([image, image.flip(-1)])
+        with torch.no_grad():
+            logits = self._net(*image.shape[2:]).logits(image).float().cpu()
+        return torch.softmax(logits.flatten(2).mean(dim=2), dim=1).mean(dim=0)
 
 
 @dataclass

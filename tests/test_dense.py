@@ -1,0 +1,102 @@
+"""Dense evaluation (netdsl/runtime/dense.py): the fc layers as convolutions, the net over whole images of any
+size. Against a hand-written PyTorch LeNet-5 run on every window the dense net's scores stand for, and against
+the net itself at its own input size (AlexNet's towers, whose fc6 reads both towers' maps joined)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from netdsl.errors import NetError
+from netdsl.ir import layer, layers
+from netdsl.lang.frontend import graph_from_text, load_graph
+from netdsl.runtime.dense import dense_graph, dense_weights
+from netdsl.runtime.module import GraphModule
+from netdsl.runtime.weights import init_weights
+
+NETS = Path(__file__).resolve().parent.parent / "nets"
+
+
+def lenet(weights: dict, x: torch.Tensor) -> torch.Tensor:
+    """LeNet-5 as nets/lenet5.net writes it, by hand."""
+    w = {name: torch.as_tensor(value) for name, value in weights.items()}
+    x = F.max_pool2d(F.relu(F.conv2d(x, w["c1.weight"], w["c1.bias"])), 2, 2)
+    x = F.max_pool2d(F.relu(F.conv2d(x, w["c3.weight"], w["c3.bias"])), 2, 2).flatten(1)
+    x = F.relu(F.linear(x, w["f5.weight"], w["f5.bias"]))
+    x = F.relu(F.linear(x, w["f6.weight"], w["f6.bias"]))
+    return F.linear(x, w["f7.weight"], w["f7.bias"])
+
+
+def test_each_dense_score_is_the_net_on_its_window():
+    """LeNet-5 (no padding) over a 44 x 41 image: a 4 x 3 map of scores, the one at (i, j) LeNet-5's on the
+    32 x 32 window at (4i, 4j) (its two pools step 4 pixels); the fc layers are convolutions in the graph."""
+    graph = load_graph(NETS / "lenet5.net")
+    weights = init_weights(graph, seed=4, scheme="he")
+    dense = dense_graph(graph, 44, 41)
+    assert [item.op for item in layers(dense)][-5:] == ["conv", "relu", "conv", "relu", "conv"]
+    assert layer(dense, "f7").shape == (10, 4, 3) and not any(item.op == "flatten" for item in layers(dense))
+    x = torch.from_numpy(np.random.default_rng(8).standard_normal((2, 1, 44, 41), dtype=np.float32))
+    with torch.no_grad():
+        scores = GraphModule(dense, weights=dense_weights(graph, weights)).eval()(x)
+        for i in range(4):
+            for j in range(3):
+                want = lenet(weights, x[:, :, 4 * i : 4 * i + 32, 4 * j : 4 * j + 32])
+                error = float((scores[:, :, i, j] - want).norm() / want.norm())
+                assert error < 1e-6, (i, j, error)  # float32: the same products, summed in other orders
+    assert float((scores[:, :, 0, 0] - scores[:, :, 3, 2]).abs().max()) > 0.1  # the windows differ
+
+
+@pytest.mark.parametrize("net", ["alexnet", "simplenet"])
+def test_at_the_nets_own_size_the_dense_net_is_the_net(net):
+    """AlexNet's fc6 reads both towers' conv5 joined, each fc after it a 1 x 1 convolution; SimpleNet's fc reads
+    a global average pool. At the input's size the dense net's one position is the net's output."""
+    graph = load_graph(NETS / f"{net}.net")
+    shape = layer(graph, graph.graph["inputs"][0]).shape
+    weights = init_weights(graph, seed=2, scheme="he")
+    x = torch.from_numpy(np.random.default_rng(9).standard_normal((2, *shape), dtype=np.float32))
+    with torch.no_grad():
+        want = GraphModule(graph, weights=weights).eval().logits(x)
+        got = GraphModule(dense_graph(graph, *shape[1:]), weights=dense_weights(graph, weights)).eval().logits(x)
+    assert got.shape == (*want.shape, 1, 1)
+    assert float((got.flatten(1) - want).norm() / want.norm()) < 1e-5
+
+
+def test_what_cannot_be_applied_densely_is_an_error():
+    graph = load_graph(NETS / "lenet5.net")
+    with pytest.raises(NetError, match="an image of 31 x 40 is smaller than the net's input 1 x 32 x 32") as caught:
+        dense_graph(graph, 31, 40)
+    assert caught.value.where == "--dense"
+    joined = graph_from_text(  # two flattened maps of different sizes joined: no map to convolve
+        "net j\ninput image: 1 x 8 x 8\na = conv(image, 2, size=3) | flatten\nb = conv(image, 2, size=5) | flatten\n"
+        "f = concat(a, b) | fc(3)\noutput f\n",
+        "j.net",
+    )
+    with pytest.raises(NetError, match=r"cannot be applied densely: concat `f`: .* 2 x 6 x 6, 2 x 4 x 4") as caught:
+        dense_graph(joined, 8, 8)
+    assert "fc layers read maps" in caught.value.hint and caught.value.where == "--dense"
+
+
+def test_dense_scores_average_the_image_and_its_mirror():
+    """`DenseScores(flip=True)`: the mean of the softmax of the position-averaged scores of the image and of its
+    mirror (by hand with the LeNet-5 above); images of several sizes each get their dense net, the last few kept."""
+    from netdsl.train.evaluate import DenseScores
+
+    graph = load_graph(NETS / "lenet5.net")
+    weights = init_weights(graph, seed=5, scheme="he")
+    rng = np.random.default_rng(10)
+    flipped, plain = DenseScores(graph, weights, flip=True), DenseScores(graph, weights)
+    for height, width in ((40, 36), (32, 32), (36, 44), (33, 34), (48, 32), (40, 36)):
+        x = rng.standard_normal((1, height, width), dtype=np.float32)
+        views = []
+        for image in (x, x[:, :, ::-1]):
+            window = torch.from_numpy(np.ascontiguousarray(image))[None]
+            scores = torch.stack([lenet(weights, window[:, :, i : i + 32, j : j + 32])
+                                  for i in range(0, height - 31, 4) for j in range(0, width - 31, 4)])  # fmt: skip
+            views.append(torch.softmax(scores.mean(dim=0), dim=1)[0])
+        assert torch.allclose(flipped.scores(x), (views[0] + views[1]) / 2, atol=1e-6)
+        assert torch.allclose(plain.scores(x), views[0], atol=1e-6)
+    assert len(flipped._nets) == DenseScores.KEPT and (40, 36) in flipped._nets
