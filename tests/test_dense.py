@@ -78,6 +78,13 @@ def test_what_cannot_be_applied_densely_is_an_error():
     with pytest.raises(NetError, match=r"cannot be applied densely: concat `f`: .* 2 x 6 x 6, 2 x 4 x 4") as caught:
         dense_graph(joined, 8, 8)
     assert "fc layers read maps" in caught.value.hint and caught.value.where == "--dense"
+    for text, message in (
+        ("net v\ninput x: 12\nf = fc(x, 3)\noutput f\n", "the net reads N x 12, not images"),
+        ("net two\ninput a: 1 x 8 x 8\ninput b: 1 x 8 x 8\nf = concat(a, b) | fc(3)\noutput f\n",
+         "the net has 2 inputs"),
+    ):
+        with pytest.raises(NetError, match=message):
+            dense_graph(graph_from_text(text, "n.net"), 8, 8)
 
 
 def test_dense_scores_average_the_image_and_its_mirror():

@@ -33,7 +33,10 @@ def dense_graph(graph: nx.DiGraph, height: int, width: int) -> nx.DiGraph:
         raise NetError(f"the net has {len(inputs)} inputs; dense evaluation reads one image", where="--dense",
                        hint=DENSE_HINT)  # fmt: skip
     source = layer(graph, inputs[0])
-    if len(source.shape) != 3 or height < source.shape[1] or width < source.shape[2]:
+    if len(source.shape) != 3:
+        raise NetError(f"the net reads N x {' x '.join(map(str, source.shape))}, not images", where="--dense",
+                       hint=DENSE_HINT)  # fmt: skip
+    if height < source.shape[1] or width < source.shape[2]:
         raise NetError(
             f"an image of {height} x {width} is smaller than the net's input {' x '.join(map(str, source.shape))}",
             where="--dense",
