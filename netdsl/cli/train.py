@@ -335,7 +335,7 @@ def eval_command(args: argparse.Namespace) -> int:
     scales = args.scales or (preprocess.size,)
     shown = Meter(sys.stderr, sum(map(len, parts)) * len(scales), "measuring", World())
     if args.dense:  # whole images one at a time (their sizes differ), in-process
-        scorer = DenseScores(graph, weights, devices=parse_devices(args.devices) or "cpu", flip=preprocess.flip)
+        scorer = DenseScores(graph, weights, devices=parse_devices(args.devices), flip=preprocess.flip)
         for part in parts:
             probs = []
             for index in range(len(part)):

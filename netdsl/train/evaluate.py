@@ -43,8 +43,12 @@ class DenseScores:
     KEPT = 4  # dense nets kept, by image size
 
     def __init__(self, graph, weights, devices=None, flip: bool = False) -> None:
+        from netdsl.ir import layers
         from netdsl.runtime.dense import dense_weights
+        from netdsl.runtime.devices import map_devices
 
+        if devices is None:  # as `Net` places a net: a GPU for each of its devices where there are GPUs, else the CPU
+            devices = map_devices(list(dict.fromkeys(item.device for item in layers(graph))), None)
         self.graph, self.weights, self.devices, self.flip = graph, dense_weights(graph, weights), devices, flip
         self._nets: dict[tuple[int, int], torch.nn.Module] = {}
 
