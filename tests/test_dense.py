@@ -80,6 +80,7 @@ def test_what_cannot_be_applied_densely_is_an_error():
     assert "fc layers read maps" in caught.value.hint and caught.value.where == "--dense"
     for text, message in (
         ("net v\ninput x: 12\nf = fc(x, 3)\noutput f\n", "the net reads N x 12, not images"),
+        ("net o\ninput x: 1 x 8 x 8\nf = conv(x, 2, size=3) | flatten\noutput f\n", "output `f.*` is a flatten"),
         ("net two\ninput a: 1 x 8 x 8\ninput b: 1 x 8 x 8\nf = concat(a, b) | fc(3)\noutput f\n",
          "the net has 2 inputs"),
     ):

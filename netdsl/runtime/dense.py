@@ -42,6 +42,9 @@ def dense_graph(graph: nx.DiGraph, height: int, width: int) -> nx.DiGraph:
             where="--dense",
             hint="scale images to at least the net's input (--scales)",
         )
+    flat = [name for name in graph.graph["outputs"] if layer(graph, name).op == "flatten"]
+    if flat:
+        raise NetError(f"the net's output `{flat[0]}` is a flatten", where="--dense", hint=DENSE_HINT)
     dense = copy_graph(graph)
     for item in layers(graph):
         if item.op == "flatten":  # its readers read what it read
@@ -50,13 +53,11 @@ def dense_graph(graph: nx.DiGraph, height: int, width: int) -> nx.DiGraph:
                 record = layer(dense, reader)
                 record.inputs = [read if name == item.name else name for name in record.inputs]
                 dense.add_edge(read, reader)
-            if item.name in dense.graph["outputs"]:
-                raise NetError(f"the net's output `{item.name}` is a flatten", where="--dense", hint=DENSE_HINT)
             dense.remove_node(item.name)
         elif item.op == "fc":
-            read = item.input_shape if len(item.input_shape) == 3 else (item.input_shape[0], 1, 1)
-            params = {"filters": item.params["units"], "size": read[1:], "stride": 1, "pad": 0, "dilation": 1,
-                      "groups": 1, "bias": item.params["bias"], "init_std": None, "init_bias": None}  # fmt: skip
+            params = {"filters": item.params["units"], "size": _map_read(item)[1:], "stride": 1, "pad": 0,
+                      "dilation": 1, "groups": 1, "bias": item.params["bias"], "init_std": None,
+                      "init_bias": None}  # fmt: skip
             record = layer(dense, item.name)
             record.op, record.params = "conv", OPS["conv"].normalize(params)
     first = layer(dense, inputs[0])
@@ -73,10 +74,14 @@ def dense_weights(graph: nx.DiGraph, weights: Mapping[str, np.ndarray]) -> dict[
     dense = dict(weights)
     for item in layers(require_graph(graph)):
         if item.op == "fc":
-            read = item.input_shape if len(item.input_shape) == 3 else (item.input_shape[0], 1, 1)
             key = f"{item.name}.weight"
-            dense[key] = np.asarray(weights[key]).reshape(item.params["units"], *read)
+            dense[key] = np.asarray(weights[key]).reshape(item.params["units"], *_map_read(item))
     return dense
+
+
+def _map_read(item) -> tuple[int, int, int]:
+    """The C x H x W map an fc layer reads (a vector of C, another fc's output, as C x 1 x 1)."""
+    return item.input_shape if len(item.input_shape) == 3 else (item.input_shape[0], 1, 1)
 
 
 __all__ = ["dense_graph", "dense_weights"]
