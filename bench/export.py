@@ -34,9 +34,8 @@ def _nets(text: str) -> tuple[str, ...]:
     names = tuple(word.strip() for word in text.split(","))
     bundled = {path.stem for path in (ROOT / "nets").glob("*.net")}
     unknown = [name for name in names if name not in bundled]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"not a bundled net: {unknown[0] if unknown else text!r} "
-                                         f"(bundled: {', '.join(sorted(bundled))})")  # fmt: skip
+    if unknown:  # an empty name too: "".split(",") is [""]
+        raise argparse.ArgumentTypeError(f"not a bundled net: {unknown[0]!r} (bundled: {', '.join(sorted(bundled))})")
     return names
 
 
