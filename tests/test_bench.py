@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 NO_GPU = 4  # bench/timing.py's exit status where there is no GPU
 SCRIPTS = (
-    "alexnet_gpu", "compile", "conv_sweep", "export", "frontend", "step_sweep", "train", "train_data", "train_gpu",
-    "train_memory",
+    "alexnet_gpu", "compile", "conv_sweep", "dense", "export", "frontend", "step_sweep", "train", "train_data",
+    "train_gpu", "train_memory",
 )  # fmt: skip
 
 
@@ -156,6 +156,10 @@ ZERO_COUNTS = [
     ("step_sweep", ["--batches", "0"]),
     ("frontend", ["--runs", "0", "--sizes", "20"]),
     ("export", ["--runs", "0"]),
+    ("dense", ["--runs", "0"]),
+    ("dense", ["--images", "0"]),
+    ("dense", ["--batch", "0"]),
+    ("dense", ["--workers", "-1"]),
     ("train", ["--steps", "0"]),
     ("train", ["--repeats", "0"]),
     ("train", ["--warmup", "-1"]),
@@ -247,6 +251,25 @@ def test_export_smoke(capsys):
     with pytest.raises(SystemExit) as stopped:
         script("export").main(["--nets", "lenet5,resnet"])
     assert stopped.value.code == 2 and "not a bundled net: 'resnet'" in capsys.readouterr().err
+
+
+def test_dense_smoke(capsys):
+    """The dense-evaluation benchmark on LeNet-5, four photos at two scales, one run: both passes timed, the
+    same probabilities from each, 8 view sizes (4 shapes x 2 scales). A scale below the net's input is refused."""
+    argv = ["--net", "lenet5", "--images", "4", "--scales", "32,40", "--batch", "2", "--workers", "0", "--runs", "1"]
+    assert script("dense").main(argv) == 0
+    out = capsys.readouterr().out
+    assert echoed(out) == argv
+    rows = {line.rsplit(maxsplit=3)[0].strip(): line.split()[-3:] for line in out.splitlines()
+            if line.lstrip().startswith(("one at a time ", "grouped "))}  # fmt: skip
+    assert set(rows) == {"one at a time", "grouped (eval --dense)"}
+    assert all(float(seconds) > 0 and speed.endswith("x") for seconds, _, speed in rows.values())
+    assert float(out.split("largest difference in a probability: ")[1].split(";")[0]) < 1e-5 and " 8 view sizes" in out
+    for argv, message in ((["--net", "lenet5", "--scales", "24"], "scale photos to at least 32"),
+                          (["--net", "resnet"], "not a bundled net: 'resnet'")):  # fmt: skip
+        with pytest.raises(SystemExit) as stopped:
+            script("dense").main(argv)
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_frontend_smoke(capsys):

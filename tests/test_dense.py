@@ -108,3 +108,70 @@ def test_dense_scores_average_the_image_and_its_mirror():
         assert torch.allclose(flipped.scores(x), (views[0] + views[1]) / 2, atol=1e-6)
         assert torch.allclose(plain.scores(x), views[0], atol=1e-6)
     assert len(flipped._nets) == DenseScores.KEPT and (40, 36) in flipped._nets
+    kept = [dict(net.named_parameters()) for net in flipped._nets.values()]  # one copy of the weights for all
+    assert {tensor.data_ptr() for tensors in kept for tensor in tensors.values()} == {
+        tensor.data_ptr() for tensor in kept[0].values()}  # fmt: skip
+
+
+@pytest.mark.parametrize("workers, pending", [(0, 4), (1, 1)])
+def test_dense_probabilities_group_images_of_one_size(tmp_path, monkeypatch, workers, pending):
+    """eval --dense's pass over a set: twelve gray files of four shapes at two scales, through LeNet-5 with a
+    batch of 3 net inputs' pixels. Each image's probabilities are the mean over the scales of `scores` of it
+    alone; views of one size share passes (no pass holds more pixels than 3 inputs, unless one view alone
+    does); with the views waiting held to one pass's pixels, groups run early, to the same probabilities."""
+    from PIL import Image
+
+    from netdsl.train import evaluate
+    from netdsl.train.augment import Preprocess
+    from netdsl.train.data import ImageFiles
+
+    graph = load_graph(NETS / "lenet5.net")
+    weights = init_weights(graph, seed=6, scheme="he")
+    rng = np.random.default_rng(11)
+    paths = []
+    for number, (height, width) in enumerate([(32, 32), (40, 48), (32, 32), (64, 40), (40, 48), (32, 32),
+                                              (36, 36), (40, 48), (64, 40), (32, 32), (36, 36), (40, 48)]):  # fmt: skip
+        paths.append(tmp_path / f"{number}.png")
+        Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8)).save(paths[-1])
+    preprocess = Preprocess(size=None, crop=(32, 32), channels=1, mean=(120.0,), std=(60.0,), flip=True)
+    samples = ImageFiles(paths, np.zeros(len(paths), dtype=np.int64), preprocess)
+    scorer = evaluate.DenseScores(graph, weights, flip=True)
+    monkeypatch.setattr(evaluate, "PENDING_BATCHES", pending)
+    passes, seen = [], []
+    batch_scores = scorer.batch_scores
+    monkeypatch.setattr(scorer, "batch_scores", lambda x: passes.append(x.shape) or batch_scores(x))
+    got = evaluate.dense_probabilities(samples, (32, 48), scorer, batch=3, workers=workers, advance=seen.append)
+    monkeypatch.undo()
+    want = []
+    for path in paths:
+        views = [replace_size(preprocess, size) for size in (32, 48)]
+        want.append(torch.stack([scorer.scores(view.normalize(view.pixels(path))) for view in views]).mean(0))
+    assert got.shape == (12, 10) and torch.allclose(got, torch.stack(want), atol=1e-6)
+    assert sum(seen) == 24 and sum(shape[0] for shape in passes) == 24
+    assert all(shape[0] * shape[2] * shape[3] <= 3 * 32 * 32 or shape[0] == 1 for shape in passes)
+    assert max(shape[0] for shape in passes) == (3 if pending == 4 else 2) and len(passes) < 24  # shared passes
+    assert float((got[0] - got[1]).abs().max()) > 1e-3  # the images differ
+
+
+def replace_size(preprocess, size):
+    import dataclasses
+
+    return dataclasses.replace(preprocess, size=size)
+
+
+def test_dense_probabilities_report_what_cannot_be_read(tmp_path):
+    from netdsl.train.augment import Preprocess
+    from netdsl.train.data import ImageFiles
+    from netdsl.train.evaluate import DenseScores, dense_probabilities
+
+    graph = load_graph(NETS / "lenet5.net")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    preprocess = Preprocess(size=32, crop=(32, 32), channels=1, mean=(0.0,))
+    scorer = DenseScores(graph, init_weights(graph, seed=1, scheme="he"))
+    with pytest.raises(NetError) as caught:
+        dense_probabilities(ImageFiles([bad], np.zeros(1, dtype=np.int64), preprocess), (32,), scorer, batch=4)
+    assert caught.value.where == str(bad) and "--skip-corrupt" in caught.value.hint
+    with pytest.raises(NetError, match="at least 0, not -1") as caught:
+        dense_probabilities(ImageFiles([bad], np.zeros(1, dtype=np.int64), preprocess), (32,), scorer, 4, workers=-1)
+    assert caught.value.where == "--workers"

@@ -271,7 +271,7 @@ def eval_command(args: argparse.Namespace) -> int:
     from netdsl.runtime.weights import load_weights, weights_metadata
     from netdsl.train.augment import Preprocess
     from netdsl.train.data import labels_by_name, loading_workers, open_data
-    from netdsl.train.evaluate import DenseScores, Tally
+    from netdsl.train.evaluate import DenseScores, Tally, dense_probabilities
     from netdsl.train.loop import class_count
     from netdsl.train.progress import Meter
     from netdsl.train.runs import RunFolder, weights_file
@@ -334,16 +334,13 @@ def eval_command(args: argparse.Namespace) -> int:
     tally = Tally(classes)
     scales = args.scales or (preprocess.size,)
     shown = Meter(sys.stderr, sum(map(len, parts)) * len(scales), "measuring", World())
-    if args.dense:  # whole images one at a time (their sizes differ), in-process
+    if args.dense:  # whole images, those of one size together
         scorer = DenseScores(graph, weights, devices=parse_devices(args.devices), flip=preprocess.flip)
         for part in parts:
-            probs = []
-            for index in range(len(part)):
-                image, views = part.image(index), [replace(preprocess, size=size) for size in scales]
-                probs.append(torch.stack([scorer.scores(view.normalize(view.pixels(image))) for view in views]))
-                shown.advance(len(scales))
+            part.preprocess = preprocess
+            probs = dense_probabilities(part, scales, scorer, args.batch, workers, advance=shown.advance)
             labels = torch.from_numpy(part.labels)
-            tally.add(torch.stack(probs).mean(dim=1), labels if relabel is None else relabel[labels])
+            tally.add(probs, labels if relabel is None else relabel[labels])
     else:
         _measure_views(args, graph, weights, preprocess, parts, scales, relabel, tally, shown, workers)
     shown.close()

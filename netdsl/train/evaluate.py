@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
+from netdsl.errors import NetError
 from netdsl.files import write_atomic_bytes
 from netdsl.tables import format_table
+from netdsl.train.data import SKIP_HINT, Samples
 
 MATRIX_CLASSES = 20  # up to this many classes the confusion matrix is printed whole (about 120 columns)
 CONFUSED_PAIRS = 20  # beyond, the pairs of classes most often confused, largest count first
@@ -37,8 +40,7 @@ class DenseScores:
     whole image (netdsl.runtime.dense), its class scores averaged over the positions, their softmax, and with
     `flip` the mean of that and the mirror image's (VGG averaged both). `scores(x)`: x a C x H x W image, as
     the net's preprocessing leaves it (scaled, less the mean, over the std), at least the net's input in size.
-    The dense net is built for each size of image met (the last few kept: an fc's weights are reshaped, and
-    copied, for each)."""
+    The dense net is built for each size of image met (the last few kept, all holding the same weights)."""
 
     KEPT = 4  # dense nets kept, by image size
 
@@ -50,6 +52,7 @@ class DenseScores:
         if devices is None:  # as `Net` places a net: a GPU for each of its devices where there are GPUs, else the CPU
             devices = map_devices(list(dict.fromkeys(item.device for item in layers(graph))), None)
         self.graph, self.weights, self.devices, self.flip = graph, dense_weights(graph, weights), devices, flip
+        self.classes = math.prod(graph.nodes[graph.graph["outputs"][0]]["layer"].shape)
         self._nets: dict[tuple[int, int], torch.nn.Module] = {}
 
     def _net(self, height: int, width: int) -> torch.nn.Module:
@@ -60,17 +63,99 @@ class DenseScores:
         if key not in self._nets:
             if len(self._nets) >= self.KEPT:
                 self._nets.pop(next(iter(self._nets)))
-            graph = dense_graph(self.graph, height, width)
-            self._nets[key] = GraphModule(graph, devices=self.devices, weights=self.weights).eval()
+            net = GraphModule(dense_graph(self.graph, height, width), devices=self.devices, weights=self.weights)
+            if self._nets:  # the same tensors for every size: one copy of the weights, not one a size
+                net.load_state_dict(next(iter(self._nets.values())).state_dict(), assign=True)
+            self._nets[key] = net.eval()
         return self._nets[key]
 
     def scores(self, x: np.ndarray) -> torch.Tensor:
-        image = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
+        return self.batch_scores(np.asarray(x)[None])[0]
+
+    def batch_scores(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """N x C x H x W images of one size -> N x K class probabilities, each image's as `scores` gives it."""
+        images = torch.as_tensor(x, dtype=torch.float32)
+        count = len(images)
         if self.flip:
-            image = torch.cat([image, image.flip(-1)])
+            images = torch.cat([images, images.flip(-1)])
         with torch.no_grad():
-            logits = self._net(*image.shape[2:]).logits(image).float().cpu()
-        return torch.softmax(logits.flatten(2).mean(dim=2), dim=1).mean(dim=0)
+            logits = self._net(*images.shape[2:]).logits(images).float().cpu()
+        probs = torch.softmax(logits.flatten(2).mean(dim=2), dim=1)
+        return probs.view(2, count, -1).mean(dim=0) if self.flip else probs
+
+
+PENDING_BATCHES = 4  # dense evaluation holds images waiting for others of their size up to this many passes' pixels
+
+
+def dense_probabilities(
+    samples: Samples, scales, scorer: DenseScores, batch: int, workers: int = 0, advance=None
+) -> torch.Tensor:
+    """N x K: each image of `samples` scaled by its own preprocessing to each of `scales`, scored by `scorer`,
+    the probabilities averaged over the scales. Views that come out one size go through the net together, as
+    many to a pass as hold the pixels of `batch` of the net's inputs (a whole photo is several crops' worth);
+    views waiting for company are held to PENDING_BATCHES passes' pixels, the group with the most going first
+    past that. `workers` processes decode and scale the images; `advance(n)` is told of each n views scored."""
+    if workers < 0:
+        raise NetError(f"the number of loader workers must be at least 0, not {workers}", where="--workers",
+                       hint="0 loads in the evaluating process itself; N starts N loading processes")  # fmt: skip
+    crop = samples.preprocess.crop
+    room = batch * crop[0] * crop[1]  # pixels a pass holds
+    probs = torch.zeros((len(samples), len(scales), scorer.classes))
+    waiting: dict[tuple[int, ...], list] = {}  # view shape -> [(index, scale number, view)]
+
+    def run(shape) -> None:
+        group, step = waiting.pop(shape), max(1, room // (shape[1] * shape[2]))
+        for start in range(0, len(group), step):
+            part = group[start : start + step]
+            scored = scorer.batch_scores(np.stack([view for _, _, view in part]))
+            for (index, scale, _), row in zip(part, scored, strict=True):
+                probs[index, scale] = row
+            if advance is not None:
+                advance(len(part))
+
+    chunks = [list(range(start, min(start + batch, len(samples)))) for start in range(0, len(samples), batch)]
+    loader = DataLoader(_DenseViews(samples, tuple(scales)), batch_sampler=chunks, num_workers=workers,
+                        collate_fn=tuple, generator=torch.Generator())  # fmt: skip
+    for made, failures in loader:
+        if failures:
+            index, message, hint = failures[0]
+            raise NetError(message, where=samples.source(index), hint=hint)
+        for index, views in made:
+            for scale, view in enumerate(views):
+                waiting.setdefault(view.shape, []).append((index, scale, view))
+                if len(waiting[view.shape]) * view.shape[1] * view.shape[2] >= room:
+                    run(view.shape)
+        while sum(len(group) * shape[1] * shape[2] for shape, group in waiting.items()) > PENDING_BATCHES * room:
+            run(max(waiting, key=lambda shape: len(waiting[shape]) * shape[1] * shape[2]))
+    for shape in list(waiting):
+        run(shape)
+    return probs.mean(dim=1)
+
+
+class _DenseViews:
+    """The loader's side of dense evaluation: a chunk of images, each decoded once and scaled to each size,
+    with the failures reported rather than raised (as netdsl.train.data's batches do)."""
+
+    def __init__(self, samples: Samples, scales: tuple[int, ...]) -> None:
+        self.samples, self.scales = samples, scales
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitems__(self, indices: list[int]):
+        views = [replace(self.samples.preprocess, size=size) for size in self.scales]
+        made, failures = [], []
+        for index in indices:
+            try:
+                image = self.samples.image(index)
+            except NetError as error:
+                failures.append((index, error.message, SKIP_HINT))
+                continue
+            try:
+                made.append((index, [view.normalize(view.pixels(image)) for view in views]))
+            except NetError as error:  # scaling it: past Pillow's bound on pixels, ...
+                failures.append((index, error.message, error.hint))
+        return made, failures
 
 
 @dataclass
