@@ -159,6 +159,9 @@ def test_dense_evaluation_averages_each_whole_images_scores_over_positions(train
     top1 = float(out.split("top-1 ")[1].split("%")[0])
     loss = float(out.split("loss ")[1].split()[0])
     assert top1 == pytest.approx(100 * right / 15, abs=0.006) and loss == pytest.approx(np.mean(losses), abs=6e-5)
+    code, again, _ = evaluate(capsys, net, "--weights", run, "--data", folder, "--split", "all", "--dense",
+                              "--scales", "9,12", "--workers", "1", "--batch", "2")  # fmt: skip
+    assert code == 0 and again.splitlines()[0] == out.splitlines()[0]  # a loading process, passes of other sizes
     code, centre, _ = evaluate(capsys, net, "--weights", run, "--data", folder, "--split", "all", "--scales", "12")
     assert code == 0 and centre.split("loss ")[1].split()[0] != out.split("loss ")[1].split()[0]
     for extra, flag in ((("--views", 10), "--views"), (("--backend", "triton"), "--backend")):

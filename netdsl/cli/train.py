@@ -73,7 +73,10 @@ def add_commands(commands, positive) -> None:
         "as convolutions, the class scores averaged over the positions, and over the mirror image where training "
         "flipped",
     )
-    evaluate.add_argument("--batch", type=positive, default=64, metavar="N", help="images per forward pass")
+    evaluate.add_argument(
+        "--batch", type=positive, default=64, metavar="N",
+        help="images per forward pass (with --dense, whole images of one size, as many as hold N inputs' pixels)",
+    )  # fmt: skip
     evaluate.add_argument(
         "--val-fraction", type=float, default=None, metavar="X", help="as in training (default: the run's)"
     )
