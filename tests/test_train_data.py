@@ -536,6 +536,7 @@ def test_the_scan_checks_each_training_image_at_the_top_of_a_range_of_sizes(tmp_
     with pytest.raises(NetError, match=r"8 x 24, its shorter side scaled to 40, would be 40 x 120") as caught:
         open_data(root, (3, 8, 8), size=24, largest=40, val_fraction=0)
     assert caught.value.where.endswith("wide.png")
+    assert caught.value.hint == "crop it nearer to a square first, or skip such images with --skip-corrupt"
     split = open_data(root, (3, 8, 8), size=24, largest=40, val_fraction=0, skip_corrupt=True)
     assert len(split.train) == 6 and len(split.skipped) == 1 and split.skipped[0].endswith("wide.png")
     with pytest.raises(NetError, match="would be 40 x 120"):  # the record of the scan at the middle alone is
@@ -733,7 +734,7 @@ def test_processes_share_the_scan_and_measure_one_process_bits(tmp_path, monkeyp
             shown[-1].append("closed")
 
     failures, *sums = scan.decode(samples, True, 0, meter=Meter)
-    assert [index for index, _ in failures] == [4, 13] and decoded == list(range(22))
+    assert [index for index, *_ in failures] == [4, 13] and decoded == list(range(22))
     assert shown == [[22, 4, 4, 4, 4, 4, 2, "closed"]]
     decoded.clear()
     board, shared = [None] * size, [None] * size

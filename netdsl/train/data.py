@@ -536,9 +536,10 @@ def _scan(
             failures, *counted = scan.decode(samples, measure, workers, world, shown, top)
             sums = counted if measure else sums
             if failures and not skip_corrupt:
-                index, message = failures[0]
-                raise NetError(message, where=samples.source(index), hint=SKIP_HINT)
-            bad = {index for index, _ in failures}
+                index, message, hint = failures[0]
+                hint = SKIP_HINT if hint is None else f"{hint}, or skip such images with --skip-corrupt"
+                raise NetError(message, where=samples.source(index), hint=hint)
+            bad = {index for index, *_ in failures}
         bad_parts.append(sorted(bad))
         skipped += [samples.source(index) for index in sorted(bad)]
         kept.append(samples.subset(np.asarray([i for i in range(len(samples)) if i not in bad], dtype=np.int64)))

@@ -100,10 +100,11 @@ def decode(
     largest: int | None = None,
 ):
     """Decodes each of `samples` (a Samples) once, by `workers` loader processes, with the sums of the centre
-    crops when `measure`. Returns the unreadable images as (index, why) in order, and the sums: the pixel
+    crops when `measure`. Returns the unreadable images in order, and the sums: the pixel
     count, the per-channel sum and the channels' outer-product sum (float64). With a `world` of several
     processes, each decodes its share of the batches and every process gets the whole result. `meter`, given
     the number of images this process decodes, returns what shows the progress (`advance(count)`, `close()`).
+    Each unreadable image is (index, why, hint): the hint None where the file could not be decoded at all.
     `largest`: the largest size training scales an image to (see Preprocess.pixels), or None."""
     batches = -(-len(samples) // BATCH)
     shared = world is not None and world.distributed
@@ -148,18 +149,22 @@ class _Decode(Dataset):
     def __getitem__(self, index: int):
         preprocess = self.samples.preprocess
         try:
-            pixels = preprocess.pixels(self.samples.image(index), self.largest)
-        except NetError as error:
-            return index, error.message, None
+            image = self.samples.image(index)
+        except NetError as error:  # no hint of its own: the caller's, on replacing or skipping the file
+            return index, error.message, None, None
+        try:
+            pixels = preprocess.pixels(image, self.largest)
+        except NetError as error:  # scaling it: past Pillow's bound on pixels, with what to do about it
+            return index, error.message, error.hint, None
         if not self.measure:
-            return index, None, None
+            return index, None, None, None
         top, left = (pixels.shape[0] - preprocess.crop[0]) // 2, (pixels.shape[1] - preprocess.crop[1]) // 2
         values = crop_view(pixels, top, left, preprocess.crop, False).reshape(-1, pixels.shape[2]).astype(np.float64)
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite pixels: reported at the first step
-            return index, None, (len(values), values.sum(axis=0), values.T @ values)
+            return index, None, None, (len(values), values.sum(axis=0), values.T @ values)
 
 
 def _sum_batch(items: list):
-    failures = [(index, message) for index, message, _ in items if message is not None]
-    sums = [stats for _, _, stats in items if stats is not None]
+    failures = [(index, message, hint) for index, message, hint, _ in items if message is not None]
+    sums = [stats for *_, stats in items if stats is not None]
     return failures, sum(s[0] for s in sums), sum((s[1] for s in sums), 0.0), sum((s[2] for s in sums), 0.0)
