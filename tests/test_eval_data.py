@@ -120,6 +120,28 @@ def test_several_scales_average_the_softmax_of_every_scales_views(trained, capsy
     code_again, same, _ = evaluate(capsys, net, "--weights", run, "--data", folder, "--split", "all", "--views", 10,
                                    "--scales", "9")  # fmt: skip
     assert code == code_again == 0 and one == same  # the one size the weights were trained with: the default
+    code, again, _ = evaluate(capsys, net, "--weights", run, "--data", folder, "--split", "all", "--views", 10,
+                              "--scales", "9,12", "--workers", "1", "--batch", "3")  # fmt: skip
+    assert code == 0 and again.splitlines()[0] == out.splitlines()[0]  # a loading process, passes of one image
+
+
+def test_eval_decodes_each_image_once_for_all_its_scales(trained, capsys, monkeypatch):
+    """Three scales decode no more files than one (views and --dense alike): each image once for all its sizes."""
+    from netdsl.train import data
+
+    net, run, folder = trained
+    decoded = []
+    image = data.ImageFiles.image
+    monkeypatch.setattr(data.ImageFiles, "image", lambda self, index: decoded.append(index) or image(self, index))
+    for extra in ((), ("--dense",)):
+        counts = []
+        for scales in ("9", "9,10,12"):
+            decoded.clear()
+            code, out, _ = evaluate(capsys, net, "--weights", run, "--data", folder, "--split", "all", "--scales",
+                                    scales, *extra)  # fmt: skip
+            assert code == 0 and out.startswith("images 15 ")
+            counts.append(len(decoded))
+        assert counts[0] == counts[1] >= 15, (extra, counts)
 
 
 def test_dense_evaluation_averages_each_whole_images_scores_over_positions(trained, capsys):

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from netdsl.cli.flags import image_sizes, seed_number
@@ -356,29 +355,27 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def _measure_views(args, graph, weights, preprocess, parts, scales, relabel, tally, shown, workers) -> None:
-    """eval's measuring of views (the centre, or the paper's ten) at each of `scales`, into `tally`."""
+    """eval's measuring of views (the centre, or the paper's ten) at each of `scales`, into `tally`: each image
+    decoded once for all the scales, and a pass over --batch images' views at one scale or fewer images' at
+    several (the same views to a pass)."""
     import torch
 
     from netdsl.runtime.devices import parse_devices
     from netdsl.runtime.net import Net
-    from netdsl.train.data import view_loader
-    from netdsl.train.evaluate import probabilities
+    from netdsl.train.evaluate import probabilities, scaled_images
 
     net = Net(args.net, backend=args.backend, weights=weights, devices=parse_devices(args.devices))
     is_softmax = graph.nodes[graph.graph["outputs"][0]]["layer"].op == "softmax"
+    chunk = max(1, args.batch // len(scales))
     for part in parts:
-        summed, labels = None, []  # over the scales: each image's probabilities, in the loader's order
-        for size in scales:
-            part.preprocess = replace(preprocess, size=size)
-            probs = []
-            for x, y in view_loader(part, views=args.views, batch=args.batch, workers=workers):
-                output = net(x.flatten(0, 1) if args.views > 1 else x)
-                probs.append(probabilities(torch.as_tensor(output).cpu(), is_softmax, args.views))
-                if summed is None:
-                    labels.append(y if relabel is None else relabel[torch.as_tensor(y)])
-                shown.advance(len(y))
-            summed = torch.cat(probs) if summed is None else summed + torch.cat(probs)
-        tally.add(summed / len(scales), torch.cat(labels))
+        part.preprocess = preprocess
+        probs = []
+        for x in scaled_images(part, scales, args.views, chunk, workers):  # N x scales x views x C x H x W
+            output = net(x.flatten(0, 2))  # the softmax averaged over the scales' views alike
+            probs.append(probabilities(torch.as_tensor(output).cpu(), is_softmax, len(scales) * args.views))
+            shown.advance(len(x) * len(scales))
+        labels = torch.from_numpy(part.labels)
+        tally.add(torch.cat(probs), labels if relabel is None else relabel[labels])
 
 
 def _net_from(run: Path, net: Path) -> str:

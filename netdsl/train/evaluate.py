@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 
 from netdsl.errors import NetError
 from netdsl.files import write_atomic_bytes
@@ -87,6 +87,25 @@ class DenseScores:
 PENDING_BATCHES = 4  # dense evaluation holds images waiting for others of their size up to this many passes' pixels
 
 
+def scaled_images(samples: Samples, scales, views: int | None, batch: int, workers: int = 0):
+    """Each image of `samples` decoded once and prepared by its preprocessing at each of `scales` (shorter
+    sides), `batch` images at a time, in order, by `workers` loading processes. With `views`, yields tensors of
+    N x scales x views x C x H x W (`Preprocess.views` at each scale); without, for dense evaluation, lists of
+    (index, [the whole image scaled to each size, C x H' x W']). A file that cannot be read or scaled is a
+    NetError naming it."""
+    if workers < 0:
+        raise NetError(f"the number of loader workers must be at least 0, not {workers}", where="--workers",
+                       hint="0 loads in the evaluating process itself; N starts N loading processes")  # fmt: skip
+    chunks = [list(range(start, min(start + batch, len(samples)))) for start in range(0, len(samples), batch)]
+    loader = DataLoader(_Scaled(samples, tuple(scales), views), batch_sampler=chunks, num_workers=workers,
+                        collate_fn=tuple, generator=torch.Generator())  # fmt: skip
+    for made, failures in loader:
+        if failures:
+            index, message, hint = failures[0]
+            raise NetError(message, where=samples.source(index), hint=hint)
+        yield made
+
+
 def dense_probabilities(
     samples: Samples, scales, scorer: DenseScores, batch: int, workers: int = 0, advance=None
 ) -> torch.Tensor:
@@ -95,9 +114,6 @@ def dense_probabilities(
     many to a pass as hold the pixels of `batch` of the net's inputs (a whole photo is several crops' worth);
     views waiting for company are held to PENDING_BATCHES passes' pixels, the group with the most going first
     past that. `workers` processes decode and scale the images; `advance(n)` is told of each n views scored."""
-    if workers < 0:
-        raise NetError(f"the number of loader workers must be at least 0, not {workers}", where="--workers",
-                       hint="0 loads in the evaluating process itself; N starts N loading processes")  # fmt: skip
     crop = samples.preprocess.crop
     room = batch * crop[0] * crop[1]  # pixels a pass holds
     probs = torch.zeros((len(samples), len(scales), scorer.classes))
@@ -113,13 +129,7 @@ def dense_probabilities(
             if advance is not None:
                 advance(len(part))
 
-    chunks = [list(range(start, min(start + batch, len(samples)))) for start in range(0, len(samples), batch)]
-    loader = DataLoader(_DenseViews(samples, tuple(scales)), batch_sampler=chunks, num_workers=workers,
-                        collate_fn=tuple, generator=torch.Generator())  # fmt: skip
-    for made, failures in loader:
-        if failures:
-            index, message, hint = failures[0]
-            raise NetError(message, where=samples.source(index), hint=hint)
+    for made in scaled_images(samples, scales, None, batch, workers):
         for index, views in made:
             for scale, view in enumerate(views):
                 waiting.setdefault(view.shape, []).append((index, scale, view))
@@ -132,27 +142,37 @@ def dense_probabilities(
     return probs.mean(dim=1)
 
 
-class _DenseViews:
-    """The loader's side of dense evaluation: a chunk of images, each decoded once and scaled to each size,
-    with the failures reported rather than raised (as netdsl.train.data's batches do)."""
+class _Scaled:
+    """The loader's side of `scaled_images`: a chunk of images, each decoded once and prepared at each size
+    (views written straight into the chunk's tensor, in shared memory when a worker makes it), with the
+    failures reported rather than raised (as netdsl.train.data's batches do)."""
 
-    def __init__(self, samples: Samples, scales: tuple[int, ...]) -> None:
-        self.samples, self.scales = samples, scales
+    def __init__(self, samples: Samples, scales: tuple[int, ...], views: int | None) -> None:
+        self.samples, self.scales, self.views = samples, scales, views
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitems__(self, indices: list[int]):
-        views = [replace(self.samples.preprocess, size=size) for size in self.scales]
+        preprocess = self.samples.preprocess
+        at_scales = [replace(preprocess, size=size) for size in self.scales]
         made, failures = [], []
-        for index in indices:
+        if self.views is not None:
+            made = torch.empty((len(indices), len(at_scales), self.views, preprocess.channels, *preprocess.crop))
+            if get_worker_info() is not None:
+                made.share_memory_()
+        for row, index in enumerate(indices):
             try:
                 image = self.samples.image(index)
             except NetError as error:
                 failures.append((index, error.message, SKIP_HINT))
                 continue
             try:
-                made.append((index, [view.normalize(view.pixels(image)) for view in views]))
+                if self.views is None:
+                    made.append((index, [each.normalize(each.pixels(image)) for each in at_scales]))
+                else:
+                    for scale, each in enumerate(at_scales):
+                        made[row, scale] = torch.from_numpy(each.views(image, self.views))
             except NetError as error:  # scaling it: past Pillow's bound on pixels, ...
                 failures.append((index, error.message, error.hint))
         return made, failures
