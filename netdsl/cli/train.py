@@ -282,9 +282,6 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.dense and args.views != 1:
         raise NetError("--dense measures each whole image (and its mirror), not views of it", where="--views",
                        hint="leave out --views, or --dense")  # fmt: skip
-    if args.dense and args.backend != "torch":
-        raise NetError("dense evaluation runs on PyTorch's ops, each image size a net of its own", where="--backend",
-                       hint="leave out --backend triton with --dense")  # fmt: skip
     if args.backend == "triton" and not torch.cuda.is_available():
         use_interpreter()  # the same kernels, interpreted on the CPU
     weights_path = weights_file(args.weights)
@@ -337,7 +334,7 @@ def eval_command(args: argparse.Namespace) -> int:
     scales = args.scales or (preprocess.size,)
     shown = Meter(sys.stderr, sum(map(len, parts)) * len(scales), "measuring", World())
     if args.dense:  # whole images, those of one size together
-        scorer = DenseScores(graph, weights, devices=parse_devices(args.devices), flip=preprocess.flip)
+        scorer = DenseScores(graph, weights, parse_devices(args.devices), preprocess.flip, args.backend)
         for part in parts:
             part.preprocess = preprocess
             probs = dense_probabilities(part, scales, scorer, args.batch, workers, advance=shown.advance)

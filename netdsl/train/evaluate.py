@@ -40,11 +40,12 @@ class DenseScores:
     whole image (netdsl.runtime.dense), its class scores averaged over the positions, their softmax, and with
     `flip` the mean of that and the mirror image's (VGG averaged both). `scores(x)`: x a C x H x W image, as
     the net's preprocessing leaves it (scaled, less the mean, over the std), at least the net's input in size.
-    The dense net is built for each size of image met (the last few kept, all holding the same weights)."""
+    The dense net is built for each size of image met (the last few kept, all holding the same weights), on
+    PyTorch's ops or (`backend="triton"`) netdsl's kernels, as GraphModule runs them."""
 
     KEPT = 4  # dense nets kept, by image size
 
-    def __init__(self, graph, weights, devices=None, flip: bool = False) -> None:
+    def __init__(self, graph, weights, devices=None, flip: bool = False, backend: str = "torch") -> None:
         from netdsl.ir import layers
         from netdsl.runtime.dense import dense_weights
         from netdsl.runtime.devices import map_devices
@@ -52,6 +53,7 @@ class DenseScores:
         if devices is None:  # as `Net` places a net: a GPU for each of its devices where there are GPUs, else the CPU
             devices = map_devices(list(dict.fromkeys(item.device for item in layers(graph))), None)
         self.graph, self.weights, self.devices, self.flip = graph, dense_weights(graph, weights), devices, flip
+        self.backend = backend
         self.classes = math.prod(graph.nodes[graph.graph["outputs"][0]]["layer"].shape)
         self._nets: dict[tuple[int, int], torch.nn.Module] = {}
 
@@ -63,7 +65,8 @@ class DenseScores:
         if key not in self._nets:
             if len(self._nets) >= self.KEPT:
                 self._nets.pop(next(iter(self._nets)))
-            net = GraphModule(dense_graph(self.graph, height, width), devices=self.devices, weights=self.weights)
+            graph = dense_graph(self.graph, height, width)
+            net = GraphModule(graph, devices=self.devices, weights=self.weights, backend=self.backend)
             if self._nets:  # the same tensors for every size: one copy of the weights, not one a size
                 net.load_state_dict(next(iter(self._nets.values())).state_dict(), assign=True)
             self._nets[key] = net.eval()
