@@ -559,3 +559,28 @@ def test_weights_with_nan_or_inf_are_refused_with_the_tensors_name(tmp_path, cap
     assert main(["run", str(lenet), "--weights", str(tmp_path / "bad.safetensors"), "--backend", "torch"]) == 1
     err = capsys.readouterr().err
     assert f"--weights: error: weight `f6.bias` holds {what}" in err and "Traceback" not in err
+
+
+def test_all_finite_agrees_with_isfinite_everywhere():
+    """`all_finite`, which checks weights, inputs and each step's gradients by a tensor's largest and smallest
+    value, against torch.isfinite(...).all(): a NaN or an infinity at the start, the middle or the end (of
+    lengths about the vector units' widths), in each float dtype, in a strided view, among other tensors;
+    empty and integer tensors are finite."""
+    from netdsl.runtime.arrays import all_finite
+
+    rng = np.random.default_rng(12)
+    checked = 0
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for length in (1, 7, 8, 9, 16, 33, 1000, 4099):
+            for where in {0, length // 2, length - 1}:
+                for value in (np.nan, np.inf, -np.inf, 3.0):
+                    x = torch.from_numpy(rng.standard_normal(length)).to(dtype)
+                    x[where] = value
+                    strided = x.view(1, -1).expand(2, -1).t()
+                    want = bool(torch.isfinite(x).all())
+                    assert all_finite([x]) == all_finite([strided]) == want, (dtype, length, where, value)
+                    assert all_finite([torch.ones(3), x, torch.zeros(0)]) == want
+                    checked += not want
+    assert checked == 4 * 3 * sum(len({0, n // 2, n - 1}) for n in (1, 7, 8, 9, 16, 33, 1000, 4099))
+    assert all_finite([]) and all_finite([torch.zeros(0), torch.arange(5)])
+    assert all_finite([torch.tensor([1e300], dtype=torch.float64)])  # finite, though not in float32

@@ -69,7 +69,7 @@ from netdsl.ir.dtypes import DTYPES, torch_dtype
 from netdsl.ir.graph import output_names
 from netdsl.ir.limits import check_batch, check_memory
 from netdsl.ir.ops import layer_tensors
-from netdsl.runtime.arrays import from_numpy
+from netdsl.runtime.arrays import all_finite, from_numpy
 from netdsl.runtime.devices import device_name, map_devices
 from netdsl.runtime.module import GraphModule
 from netdsl.runtime.weights import checked_weights, fold_weights, init_weights, load_weights, weight_specs
@@ -608,7 +608,7 @@ class Net:
         return inputs, batch
 
     def _check_finite(self, name: str, value: torch.Tensor) -> None:
-        if not bool(torch.isfinite(value).all()):
+        if not all_finite([value]):
             bad = "NaN" if bool(torch.isnan(value).any()) else "infinite values"
             raise NetError(
                 f"input `{name}` contains {bad}",

@@ -482,7 +482,7 @@ def checked_weights(weights, specs: Mapping[str, Shape], where: str = "weights")
     argument, or the file they were read from)."""
     import torch
 
-    from netdsl.runtime.arrays import from_numpy
+    from netdsl.runtime.arrays import all_finite, from_numpy
 
     if not isinstance(weights, Mapping):
         raise NetError(
@@ -539,7 +539,7 @@ def checked_weights(weights, specs: Mapping[str, Shape], where: str = "weights")
                 where=where,
                 hint="convert it to float32: tensor.float()",
             )
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not all_finite([tensor]):
             bad = "NaN" if bool(torch.isnan(tensor).any()) else "infinite values"
             raise NetError(
                 f"weight `{name}` holds {bad}",

@@ -39,6 +39,7 @@ from netdsl.compiler.backward import backward_choices
 from netdsl.errors import NetError
 from netdsl.ir import layer
 from netdsl.lang.frontend import load_graph
+from netdsl.runtime.arrays import all_finite
 from netdsl.runtime.module import GraphModule
 from netdsl.runtime.weights import save_weights
 from netdsl.train.average import WeightAverage
@@ -496,7 +497,7 @@ class Trainer:
             raise
         finite = bool(torch.isfinite(loss))
         if finite and self.scaler is None:
-            finite = all(bool(torch.isfinite(p.grad).all()) for p in self.module.parameters() if p.grad is not None)
+            finite = all_finite(p.grad for p in self.module.parameters() if p.grad is not None)
         if not finite:
             self._diverged(parts, before, loss.item())
         if self._unchecked_compile:
