@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     difference = float((results["one at a time"] - results["grouped"]).abs().max())
     print(f"largest difference in a probability: {difference:.2e}; photos of {len(SHAPES)} shapes "
           f"({', '.join(f'{h} x {w}' for h, w in SHAPES)}) at {len(args.scales)} scale(s), each with its mirror: "
-          f"{len(sizes)} view sizes (DenseScores keeps {DenseScores.KEPT} dense nets; one at a time, more sizes "
-          "than that rebuild nets as the sizes take turns)")  # fmt: skip
+          f"{len(sizes)} view sizes" + (f" (more than the {DenseScores.KEPT} dense nets kept: one at a time rebuilds "
+          "them as the sizes take turns)" if len(sizes) > DenseScores.KEPT else ""))  # fmt: skip
     return 0
 
 

@@ -88,7 +88,7 @@ def test_what_cannot_be_applied_densely_is_an_error():
             dense_graph(graph_from_text(text, "n.net"), 8, 8)
 
 
-def test_dense_scores_average_the_image_and_its_mirror():
+def test_dense_scores_average_the_image_and_its_mirror(monkeypatch):
     """`DenseScores(flip=True)`: the mean of the softmax of the position-averaged scores of the image and of its
     mirror (by hand with the LeNet-5 above); images of several sizes each get their dense net, the last few kept."""
     from netdsl.train.evaluate import DenseScores
@@ -96,6 +96,7 @@ def test_dense_scores_average_the_image_and_its_mirror():
     graph = load_graph(NETS / "lenet5.net")
     weights = init_weights(graph, seed=5, scheme="he")
     rng = np.random.default_rng(10)
+    monkeypatch.setattr(DenseScores, "KEPT", 4)
     flipped, plain = DenseScores(graph, weights, flip=True), DenseScores(graph, weights)
     for height, width in ((40, 36), (32, 32), (36, 44), (33, 34), (48, 32), (40, 36)):
         x = rng.standard_normal((1, height, width), dtype=np.float32)

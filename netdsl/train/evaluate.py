@@ -43,7 +43,7 @@ class DenseScores:
     The dense net is built for each size of image met (the last few kept, all holding the same weights), on
     PyTorch's ops or (`backend="triton"`) netdsl's kernels, as GraphModule runs them."""
 
-    KEPT = 4  # dense nets kept, by image size
+    KEPT = 16  # dense nets kept, by image size (each a plan around the weights all share)
 
     def __init__(self, graph, weights, devices=None, flip: bool = False, backend: str = "torch") -> None:
         from netdsl.ir import layers
