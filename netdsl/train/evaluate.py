@@ -100,8 +100,10 @@ def scaled_images(samples: Samples, scales, views: int | None, batch: int, worke
         raise NetError(f"the number of loader workers must be at least 0, not {workers}", where="--workers",
                        hint="0 loads in the evaluating process itself; N starts N loading processes")  # fmt: skip
     chunks = [list(range(start, min(start + batch, len(samples)))) for start in range(0, len(samples), batch)]
-    loader = DataLoader(_Scaled(samples, tuple(scales), views), batch_sampler=chunks, num_workers=workers,
-                        collate_fn=tuple, generator=torch.Generator())  # fmt: skip
+    loader = DataLoader(  # _Scaled.__getitems__ makes each chunk whole: `tuple` hands it on as it is
+        _Scaled(samples, tuple(scales), views), batch_sampler=chunks, num_workers=workers, collate_fn=tuple,
+        generator=torch.Generator(),  # DataLoader draws a base seed: from its own generator, not torch's global one
+    )
     for made, failures in loader:
         if failures:
             index, message, hint = failures[0]
@@ -116,7 +118,8 @@ def dense_probabilities(
     the probabilities averaged over the scales. Views that come out one size go through the net together, as
     many to a pass as hold the pixels of `batch` of the net's inputs (a whole photo is several crops' worth);
     views waiting for company are held to PENDING_BATCHES passes' pixels, the group with the most going first
-    past that. `workers` processes decode and scale the images; `advance(n)` is told of each n views scored."""
+    past that. `workers` processes decode and scale the images (batch / scales at a time, as the views do);
+    `advance(n)` is told of each n views scored."""
     crop = samples.preprocess.crop
     room = batch * crop[0] * crop[1]  # pixels a pass holds
     probs = torch.zeros((len(samples), len(scales), scorer.classes))
@@ -132,7 +135,7 @@ def dense_probabilities(
             if advance is not None:
                 advance(len(part))
 
-    for made in scaled_images(samples, scales, None, batch, workers):
+    for made in scaled_images(samples, scales, None, max(1, batch // len(scales)), workers):
         for index, views in made:
             for scale, view in enumerate(views):
                 waiting.setdefault(view.shape, []).append((index, scale, view))
