@@ -270,7 +270,8 @@ def test_net_statements_in_a_file_a_recipe_includes_are_errors(tmp_path):
         ("resize = (1, 2, 3)", "`resize` must be a whole number or (low, high), at least 1, or auto", None, None),
         ("steps = 0", "`steps` must be at least 1, got 0", None, None),
         ("gamma = 0", "`gamma` must be above 0 and at most 1, got 0", None, None),
-        ("timeout = 0", "`timeout` must be above 0, got 0", None, None),
+        ("timeout = 0", "`timeout` must be above 0 and at most 604800, got 0", None, None),
+        ("timeout = 1e9", "`timeout` must be above 0 and at most 604800, got 1000000000", None, None),  # overflows
         ("lr_mult = 2", "`lr_mult` needs a pattern of weight names", 'lr_mult "*.bias" = 2', (3, 9, 16)),
         ('lr "*" = 0.1', "`lr` takes no pattern", "only lr_mult and decay_mult", (3, 12, 15)),
         ('decay_mult "" = 0', "`decay_mult`: the pattern is empty", "weight names are", (3, 20, 22)),

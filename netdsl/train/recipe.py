@@ -50,6 +50,7 @@ from netdsl.train.spec import (
 
 KEPT_AT_RESUME = ("optimizer", "schedule", "weights")  # a flag at resume may not change them: the run's state is theirs
 MAX_SEED = 2**32 - 1
+MAX_TIMEOUT = 7 * 24 * 3600  # seconds: a collective waits at most a week for a rank
 
 
 _AUTO = (("auto", "auto"),)
@@ -206,7 +207,8 @@ class Recipe:
                                   "`std` is given; `none`: every weight from `init`", words=(("none", None),),
                                   metavar="FILE|RUN", example="runs/lenet5")
     timeout: float = setting("number", 300.0, "seconds", "under torchrun, how long a collective waits for a rank "
-                             "that died, before every rank stops with an error", low=0, above=True)
+                             "that died, before every rank stops with an error (at most a week: centuries "
+                             "overflow inside PyTorch)", low=0, high=MAX_TIMEOUT, above=True)
     # fmt: on
 
     _sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
