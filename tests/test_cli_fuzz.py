@@ -520,6 +520,7 @@ def command_eval(rng: random.Random) -> Case:
         "--devices": DEVICES,
         "--confusion": ["c.png", "images", "", "sub/c.png", "tiny.net"],
         "--dense": None,
+        "--timeout": lambda r: pick(r, ["300", "0.5"], [*NUMBER_BAD, "604801", "1e9"]),
     }
     argv = ["eval", choose(rng, NETS)]
     if rng.random() < 0.9:

@@ -303,3 +303,13 @@ def test_the_drawn_matrix_takes_more_outputs_than_names(tmp_path):
         path = tmp_path / f"confusion{classes}.png"
         assert tally_of(confusion).plot_confusion(path, [f"c{i}" for i in range(named)])
         assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_a_timeout_that_is_no_wait_is_refused(trained, capsys):
+    """--timeout (how long a process waits for the others under torchrun): above 0 and at most a week."""
+    net, run, folder = trained
+    for bad in ("0", "-5", "nan", "inf", "604801", "x"):
+        code, out, err = evaluate(capsys, net, "--weights", run, "--data", folder, "--timeout", bad)
+        assert code == 1 and out == "" and "argument --timeout: not a time in seconds" in err, (bad, err)
+    code, out, _ = evaluate(capsys, net, "--weights", run, "--data", folder, "--timeout", "604800")
+    assert code == 0 and out.startswith("images ")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -36,7 +37,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start(world: int, args: list[str], cwd: Path) -> list[subprocess.Popen]:
+def _start(world: int, args: list[str], cwd: Path, command: str = "train") -> list[subprocess.Popen]:
     port = _free_port()
     procs = []
     for rank in range(world):
@@ -50,19 +51,22 @@ def _start(world: int, args: list[str], cwd: Path) -> list[subprocess.Popen]:
             "CUDA_VISIBLE_DEVICES": "",  # gloo on the CPU even on a GPU machine
             "OMP_NUM_THREADS": "1",
         }
-        command = [sys.executable, "-m", "netdsl", "train", *args]
         pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-        procs.append(subprocess.Popen(command, cwd=cwd, env=env, text=True, **pipes))
+        procs.append(subprocess.Popen([sys.executable, "-m", "netdsl", command, *args], cwd=cwd, env=env, text=True,
+                                      **pipes))  # fmt: skip
     return procs
 
 
-def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
+def _finish(procs: list[subprocess.Popen], printed: list[str] | None = None) -> list[tuple[int, str]]:
+    """Each process's exit status and standard error (its standard output appended to `printed`)."""
     deadline = time.monotonic() + TIMEOUT
     results = []
     try:
         for proc in procs:
-            _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
             results.append((proc.returncode, err))
+            if printed is not None:
+                printed.append(out)
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -214,3 +218,29 @@ def test_loss_sums_resumed_by_another_number_of_processes(rank, size):
         assert [*epoch, *window] == ([3.75, 8.0, 16.0, 1.25, 3.0, 8.0] if rank == 0 else [0.0] * 6)
     old = rank_sums({"epoch_sums": saved[0][:3]}, rank, size)  # before rank_sums and window_sums
     assert old == ((saved[0][:3], [0.0] * 3) if rank == 0 else ([0.0] * 3, [0.0] * 3))
+
+
+@pytest.mark.parametrize("flags", [("--views", "10", "--scales", "32,36"), ("--dense", "--scales", "32,40")])
+def test_eval_under_torchrun_sums_each_processs_share(tmp_path, digits_like, capsys, flags):
+    """`netdsl eval` in two processes: each measures every second image, rank 0 prints the summed tally, the
+    one process's figures (the counts exactly; the mean loss to float32 rounding, summed in another order);
+    rank 1 prints nothing. With one validation image, rank 1's share is empty."""
+    run = tmp_path / "run"
+    assert main(["train", *_args(digits_like, run)]) == 0
+    single = np.load(digits_like)
+    lone = tmp_path / "lone.npz"  # one validation image
+    np.savez(lone, x=single["x"][:8], y=single["y"][:8], x_val=single["x_val"][:1], y_val=single["y_val"][:1])
+    for data, split in ((digits_like, "all"), (lone, "val")):
+        args = [LENET, "--weights", str(run), "--data", str(data), "--split", split, "--workers", "0", *flags]
+        capsys.readouterr()
+        assert main(["eval", *args]) == 0
+        alone = capsys.readouterr().out
+        printed = []
+        results = _finish(_start(2, [*args, "--timeout", "60"], tmp_path, command="eval"), printed)
+        for rank, (code, err) in enumerate(results):
+            assert code == 0, f"rank {rank}:\n{err}"
+        assert printed[1] == "" and printed[0].startswith(f"images {74 if split == 'all' else 1} ")
+        figures = [re.findall(r"[\d.]+", text.split("\n", 1)[0]) for text in (printed[0], alone)]
+        assert figures[0][:-1] == figures[1][:-1]  # images, top-1, top-5
+        assert float(figures[0][-1]) == pytest.approx(float(figures[1][-1]), abs=2e-4)  # the loss
+        assert printed[0].split("\n", 1)[1] == alone.split("\n", 1)[1]  # per class, the confusion matrix

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from netdsl.compiler.layout import LAYOUT_OPTIONS
 from netdsl.compiler.plan import PLAN_OPTIONS
 from netdsl.ir.dtypes import FP32_PRECISIONS
-from netdsl.train.recipe import MAX_SEED
+from netdsl.train.recipe import MAX_SEED, MAX_TIMEOUT
 
 LAYOUT_HELP = "auto: channels-last maps for convs with 16+ input channels per group (the default); nchw: none"
 PRECISION_HELP = "fp32 products: ieee (exact, on FMA units; the default) or tf32x3 (three TF32 tensor-core products)"
@@ -25,6 +26,19 @@ def seed_number(text: str) -> int:
     if not text.isdigit() or int(text) > MAX_SEED:
         raise argparse.ArgumentTypeError(f"not a seed (a whole number from 0 to {MAX_SEED}): {text!r}")
     return int(text)
+
+
+def seconds(text: str) -> float:
+    """An argparse type: how long a process waits for the others under torchrun, in seconds: above 0, at most
+    a week (as `train`'s `timeout` setting)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"not a time in seconds above 0 and at most {MAX_TIMEOUT:,} (a week): "
+                                         f"{text!r}")
+    return value
 
 
 def image_sizes(text: str) -> tuple[int, ...]:

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from netdsl.cli.flags import image_sizes, seed_number
+from netdsl.cli.flags import image_sizes, seconds, seed_number
 from netdsl.codegen.interpret import use_interpreter
 from netdsl.errors import NetError
 from netdsl.files import parse_json, refuse_folder
@@ -90,20 +90,29 @@ def add_commands(commands, positive) -> None:
     evaluate.add_argument("--backend", choices=("torch", "triton"), default="torch", help="PyTorch ops or the kernels")
     evaluate.add_argument("--devices", metavar="MAP", help="logical devices to torch devices")
     evaluate.add_argument("--confusion", type=Path, metavar="OUT.png", help="draw the confusion matrix (matplotlib)")
+    evaluate.add_argument(
+        "--timeout", type=seconds, default=300.0, metavar="X",
+        help="under torchrun (each process measuring its share), how long a process waits for the others (seconds)",
+    )  # fmt: skip
     evaluate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def train_command(args: argparse.Namespace) -> int:
-    """`netdsl train`. Under torchrun a process ends with `os._exit` once its output is flushed: every
+    """`netdsl train`."""
+    return _under_torchrun(_train, args)
+
+
+def _under_torchrun(command, args: argparse.Namespace) -> int:
+    """`command(args)`. Under torchrun a process ends with `os._exit` once its output is flushed: every
     file is written and every collective done by then, and the process group's threads, torn down while
     another rank exits or has died, abort the interpreter's exit ("terminate called without an active
     exception") and would turn a clean status into a crash."""
     from netdsl.train.world import World
 
     if not World.from_environment().distributed:
-        return _train(args)
+        return command(args)
     try:
-        code = _train(args)
+        code = command(args)
     except NetError as error:
         print(error.format(), file=sys.stderr)
         code = 1
@@ -266,6 +275,13 @@ GRADIENT_TOLERANCE = 1e-5
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    """`netdsl eval`: under torchrun each process measures its share of the images (every world.size-th), and
+    the tallies are summed; rank 0 prints them."""
+    return _under_torchrun(_eval, args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from netdsl.lang.frontend import load_graph
@@ -284,6 +300,8 @@ def eval_command(args: argparse.Namespace) -> int:
                        hint="leave out --views, or --dense")  # fmt: skip
     if args.backend == "triton" and not torch.cuda.is_available():
         use_interpreter()  # the same kernels, interpreted on the CPU
+    world = World.from_environment()
+    world.join(args.timeout)
     weights_path = weights_file(args.weights)
     if args.confusion is not None:  # before the measuring, not by the write at its end
         refuse_folder(args.confusion, "--confusion")
@@ -297,9 +315,10 @@ def eval_command(args: argparse.Namespace) -> int:
     fraction = args.val_fraction if args.val_fraction is not None else run_recipe.get("val_fraction", 0.1)
     seed = args.seed if args.seed is not None else run_recipe.get("seed", 0)
     skip = args.skip_corrupt if args.skip_corrupt is not None else bool(run_recipe.get("skip_corrupt", False))
-    # a negative number: the loader's error, naming the flag
-    workers, note = loading_workers(args.workers) if args.workers >= 0 else (args.workers, None)
-    if note:
+    # a negative number: the loader's error, naming the flag; under torchrun, this machine's CPUs shared
+    sharing = world.local_size
+    workers, note = (args.workers, None) if args.workers < 0 else loading_workers(args.workers, sharing=sharing)
+    if note and world.leader:
         print(note, file=sys.stderr)
     own = Preprocess.from_json(saved, where=str(weights_path)) if saved else None
     if own is not None:
@@ -309,40 +328,48 @@ def eval_command(args: argparse.Namespace) -> int:
     split = open_data(
         args.data, tuple(shape), num_outputs=classes, val_fraction=fraction if args.split == "val" else 0.0,
         seed=seed, skip_corrupt=skip, workers=workers, size=None if own is None else own.size,
-        scan_record=RunFolder(_run_folder(weights_path)).read_scan(),
+        scan_record=RunFolder(_run_folder(weights_path)).read_scan(), world=world,
         statistics=own is None, check={"all": ("train", "val")}.get(args.split, (args.split,)),
-        meter=lambda _, images: Meter(sys.stderr, images, "reading the images", World()),  # for unreadable ones
+        meter=lambda _, images: Meter(sys.stderr, images, "reading the images", world),  # for unreadable ones
     )  # fmt: skip
-    if split.skipped:
+    if split.skipped and world.leader:
         print(f"skipped {len(split.skipped)} unreadable images (first: {split.skipped[0]})", file=sys.stderr)
     preprocess = own or split.preprocess
-    if saved is None:
+    if saved is None and world.leader:
         print("note: the weights carry no preprocessing; using the data's own mean", file=sys.stderr)
     parts = {"val": [split.val], "train": [split.train], "all": [split.train, split.val]}[args.split]
     parts = [part for part in parts if part is not None]
     if not parts:
         raise NetError("the data has no validation images", where="--data", hint="use --split all, or --val-fraction")
     relabel = labels_by_name(split.classes, list(preprocess.classes), str(args.data))
-    if relabel is not None:
+    if relabel is not None and world.leader:
         print(
             f"note: the data's {len(split.classes)} classes are matched by name to the {len(preprocess.classes)} "
             "the weights were trained on",
             file=sys.stderr,
         )
     relabel = None if relabel is None else torch.tensor(relabel)
+    if world.distributed:  # this process's share: every world.size-th image
+        parts = [part.subset(np.arange(world.rank, len(part), world.size)) for part in parts]
+    devices = world.device_map(graph, parse_devices(args.devices)) if world.distributed else parse_devices(args.devices)
     tally = Tally(classes)
     scales = args.scales or (preprocess.size,)
-    shown = Meter(sys.stderr, sum(map(len, parts)) * len(scales), "measuring", World())
+    title = "measuring" + (" (this process's share)" if world.distributed else "")
+    shown = Meter(sys.stderr, sum(map(len, parts)) * len(scales), title, world)
     if args.dense:  # whole images, those of one size together
-        scorer = DenseScores(graph, weights, parse_devices(args.devices), preprocess.flip, args.backend)
+        scorer = DenseScores(graph, weights, devices, preprocess.flip, args.backend)
         for part in parts:
             part.preprocess = preprocess
             probs = dense_probabilities(part, scales, scorer, args.batch, workers, advance=shown.advance)
             labels = torch.from_numpy(part.labels)
             tally.add(probs, labels if relabel is None else relabel[labels])
     else:
-        _measure_views(args, graph, weights, preprocess, parts, scales, relabel, tally, shown, workers)
+        _measure_views(args, graph, weights, devices, preprocess, parts, scales, relabel, tally, shown, workers)
     shown.close()
+    if world.distributed:
+        tally = Tally.from_vector(classes, world.sum(tally.vector()))
+        if not world.leader:
+            return 0
     names = list(preprocess.classes) or split.classes
     print(tally.report(names), end="")
     if args.confusion is not None and not tally.plot_confusion(args.confusion, names):
@@ -351,17 +378,16 @@ def eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _measure_views(args, graph, weights, preprocess, parts, scales, relabel, tally, shown, workers) -> None:
+def _measure_views(args, graph, weights, devices, preprocess, parts, scales, relabel, tally, shown, workers) -> None:
     """eval's measuring of views (the centre, or the paper's ten) at each of `scales`, into `tally`: each image
     decoded once for all the scales, and a pass over --batch images' views at one scale or fewer images' at
     several (the same views to a pass)."""
     import torch
 
-    from netdsl.runtime.devices import parse_devices
     from netdsl.runtime.net import Net
     from netdsl.train.evaluate import probabilities, scaled_images
 
-    net = Net(args.net, backend=args.backend, weights=weights, devices=parse_devices(args.devices))
+    net = Net(args.net, backend=args.backend, weights=weights, devices=devices)
     is_softmax = graph.nodes[graph.graph["outputs"][0]]["layer"].op == "softmax"
     chunk = max(1, args.batch // len(scales))
     for part in parts:
@@ -372,7 +398,8 @@ def _measure_views(args, graph, weights, preprocess, parts, scales, relabel, tal
             probs.append(probabilities(torch.as_tensor(output).cpu(), is_softmax, len(scales) * args.views))
             shown.advance(len(x) * len(scales))
         labels = torch.from_numpy(part.labels)
-        tally.add(torch.cat(probs), labels if relabel is None else relabel[labels])
+        probs = torch.cat(probs) if probs else torch.zeros((0, tally.classes))  # a share may hold no images
+        tally.add(probs, labels if relabel is None else relabel[labels])
 
 
 def _net_from(run: Path, net: Path) -> str:
