@@ -15,6 +15,7 @@ did); the footer says how many sizes there were.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         samples = ImageFiles(photos(Path(folder), args.images, channels), np.zeros(args.images, dtype=np.int64),
                              preprocess)  # fmt: skip
-        views = [Preprocess(**{**preprocess.__dict__, "size": size}) for size in args.scales]
+        views = [dataclasses.replace(preprocess, size=size) for size in args.scales]
 
         def one_at_a_time() -> torch.Tensor:
             return torch.stack([

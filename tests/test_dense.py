@@ -4,6 +4,7 @@ the net itself at its own input size (AlexNet's towers, whose fc6 reads both tow
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -145,19 +146,13 @@ def test_dense_probabilities_group_images_of_one_size(tmp_path, monkeypatch, wor
     monkeypatch.undo()
     want = []
     for path in paths:
-        views = [replace_size(preprocess, size) for size in (32, 48)]
+        views = [dataclasses.replace(preprocess, size=size) for size in (32, 48)]
         want.append(torch.stack([scorer.scores(view.normalize(view.pixels(path))) for view in views]).mean(0))
     assert got.shape == (12, 10) and torch.allclose(got, torch.stack(want), atol=1e-6)
     assert sum(seen) == 24 and sum(shape[0] for shape in passes) == 24
     assert all(shape[0] * shape[2] * shape[3] <= 3 * 32 * 32 or shape[0] == 1 for shape in passes)
     assert max(shape[0] for shape in passes) == (3 if pending == 4 else 2) and len(passes) < 24  # shared passes
     assert float((got[0] - got[1]).abs().max()) > 1e-3  # the images differ
-
-
-def replace_size(preprocess, size):
-    import dataclasses
-
-    return dataclasses.replace(preprocess, size=size)
 
 
 def test_dense_probabilities_report_what_cannot_be_read(tmp_path):
