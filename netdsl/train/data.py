@@ -86,6 +86,14 @@ class Samples(Dataset, ABC):
     def image(self, index: int):
         """Image `index` as stored: a Pillow image or an H x W x C array, not yet scaled or cropped."""
 
+    def read(self, index: int, failures: list):
+        """`image(index)`, or None with (index, why, SKIP_HINT) added to `failures`: how a loader's worker
+        reports a file it cannot decode, so that the main process raises it as a NetError naming the file."""
+        try:
+            return self.image(index)
+        except NetError as error:
+            failures.append((index, error.message, SKIP_HINT))
+
     @abstractmethod
     def source(self, index: int) -> str:
         """Where image `index` comes from, for messages: a file, or an array and its row."""
@@ -644,10 +652,7 @@ class _Present(Dataset):
         out = x.numpy()
         failures = []
         for row, index in enumerate(indices):
-            try:
-                image = self.samples.image(index)
-            except NetError as error:
-                failures.append((index, error.message, SKIP_HINT))
+            if (image := self.samples.read(index, failures)) is None:
                 continue
             try:
                 if several:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, get_worker_info
 from netdsl.errors import NetError
 from netdsl.files import write_atomic_bytes
 from netdsl.tables import format_table
-from netdsl.train.data import SKIP_HINT, Samples
+from netdsl.train.data import Samples
 
 MATRIX_CLASSES = 20  # up to this many classes the confusion matrix is printed whole (about 120 columns)
 CONFUSED_PAIRS = 20  # beyond, the pairs of classes most often confused, largest count first
@@ -168,10 +168,7 @@ class _Scaled:
             if get_worker_info() is not None:
                 made.share_memory_()
         for row, index in enumerate(indices):
-            try:
-                image = self.samples.image(index)
-            except NetError as error:
-                failures.append((index, error.message, SKIP_HINT))
+            if (image := self.samples.read(index, failures)) is None:
                 continue
             try:
                 if self.views is None:
