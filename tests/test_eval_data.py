@@ -313,3 +313,11 @@ def test_a_timeout_that_is_no_wait_is_refused(trained, capsys):
         assert code == 1 and out == "" and "argument --timeout: not a time in seconds" in err, (bad, err)
     code, out, _ = evaluate(capsys, net, "--weights", run, "--data", folder, "--timeout", "604800")
     assert code == 0 and out.startswith("images ")
+
+
+def test_a_negative_number_of_workers_is_refused_before_reading(trained, capsys):
+    net, run, folder = trained
+    for extra in ((), ("--dense",)):
+        code, out, err = evaluate(capsys, net, "--weights", run, "--data", folder, "--workers", "-2", *extra)
+        assert code == 1 and out == "" and err.startswith("--workers: error: the number of loader workers must be "
+                                                          "at least 0, not -2"), err  # fmt: skip

@@ -288,7 +288,7 @@ def _eval(args: argparse.Namespace) -> int:
     from netdsl.runtime.devices import parse_devices
     from netdsl.runtime.weights import load_weights, weights_metadata
     from netdsl.train.augment import Preprocess
-    from netdsl.train.data import labels_by_name, loading_workers, open_data
+    from netdsl.train.data import check_workers, labels_by_name, loading_workers, open_data
     from netdsl.train.evaluate import DenseScores, Tally, dense_probabilities
     from netdsl.train.loop import class_count
     from netdsl.train.progress import Meter
@@ -315,9 +315,8 @@ def _eval(args: argparse.Namespace) -> int:
     fraction = args.val_fraction if args.val_fraction is not None else run_recipe.get("val_fraction", 0.1)
     seed = args.seed if args.seed is not None else run_recipe.get("seed", 0)
     skip = args.skip_corrupt if args.skip_corrupt is not None else bool(run_recipe.get("skip_corrupt", False))
-    # a negative number: the loader's error, naming the flag; under torchrun, this machine's CPUs shared
-    sharing = world.local_size
-    workers, note = (args.workers, None) if args.workers < 0 else loading_workers(args.workers, sharing=sharing)
+    check_workers(args.workers)
+    workers, note = loading_workers(args.workers, sharing=world.local_size)  # under torchrun, the CPUs shared
     if note and world.leader:
         print(note, file=sys.stderr)
     own = Preprocess.from_json(saved, where=str(weights_path)) if saved else None

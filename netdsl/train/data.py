@@ -93,6 +93,7 @@ class Samples(Dataset, ABC):
             return self.image(index)
         except NetError as error:
             failures.append((index, error.message, SKIP_HINT))
+            return None
 
     @abstractmethod
     def source(self, index: int) -> str:
@@ -225,12 +226,7 @@ def open_data(
             where=str(spec),
             hint="a net that trains on images takes C x H x W: write its input as `input image: 3 x 32 x 32`",
         )
-    if workers < 0:
-        raise NetError(
-            f"the number of loader workers must be at least 0, not {workers}",
-            where="--workers",
-            hint="0 loads in the training process itself; N starts N loading processes",
-        )
+    check_workers(workers)
     if not 0 <= val_fraction < 1:
         raise NetError(
             f"the validation fraction must be in [0, 1), not {val_fraction}",
@@ -589,6 +585,13 @@ def _statistics(sums: list, base: Preprocess, classes: list[str], std: bool):
     return preprocess, Augment(eigvals=tuple(float(v) for v in values), eigvecs=eigvecs)
 
 
+def check_workers(workers: int) -> None:
+    """A count of loader processes is 0 (loading in this process) or more: else the error naming --workers."""
+    if workers < 0:
+        raise NetError(f"the number of loader workers must be at least 0, not {workers}", where="--workers",
+                       hint="0 loads in this process itself; N starts N loading processes")  # fmt: skip
+
+
 def loading_workers(asked: int, flag: str = "--workers", sharing: int = 1) -> tuple[int, str | None]:
     """The loader processes to start for `asked`: at most one per CPU this process may run on (more only
     take turns, and the batches do not depend on their number), and a note when fewer than asked. `sharing`:
@@ -750,12 +753,7 @@ def loader(
             where="--seed",
             hint="give a seed such as 0",
         )
-    if workers < 0:
-        raise NetError(
-            f"the number of loader workers must be at least 0, not {workers}",
-            where="--workers",
-            hint="0 loads in the training process itself; N starts N loading processes",
-        )
+    check_workers(workers)
     channels = dataset.preprocess.channels
     if augment is not None and augment.pca_noise > 0 and len(augment.eigvals) != channels:
         raise NetError(
@@ -788,11 +786,6 @@ def view_loader(
             where="--batch",
             hint="give a batch of one image or more, e.g. --batch 128",
         )
-    if workers < 0:
-        raise NetError(
-            f"the number of loader workers must be at least 0, not {workers}",
-            where="--workers",
-            hint="0 loads in the training process itself; N starts N loading processes",
-        )
+    check_workers(workers)
     rows = _rank_rows(np.arange(len(dataset)), batch, rank, world, drop_last=False)
     return Batches(dataset, rows, len(rows), None, 0, 0, workers, False, views)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, get_worker_info
 from netdsl.errors import NetError
 from netdsl.files import write_atomic_bytes
 from netdsl.tables import format_table
-from netdsl.train.data import Samples
+from netdsl.train.data import Samples, check_workers
 
 MATRIX_CLASSES = 20  # up to this many classes the confusion matrix is printed whole (about 120 columns)
 CONFUSED_PAIRS = 20  # beyond, the pairs of classes most often confused, largest count first
@@ -96,9 +96,7 @@ def scaled_images(samples: Samples, scales, views: int | None, batch: int, worke
     N x scales x views x C x H x W (`Preprocess.views` at each scale); without, for dense evaluation, lists of
     (index, [the whole image scaled to each size, C x H' x W']). A file that cannot be read or scaled is a
     NetError naming it."""
-    if workers < 0:
-        raise NetError(f"the number of loader workers must be at least 0, not {workers}", where="--workers",
-                       hint="0 loads in the evaluating process itself; N starts N loading processes")  # fmt: skip
+    check_workers(workers)
     chunks = [list(range(start, min(start + batch, len(samples)))) for start in range(0, len(samples), batch)]
     loader = DataLoader(  # _Scaled.__getitems__ makes each chunk whole: `tuple` hands it on as it is
         _Scaled(samples, tuple(scales), views), batch_sampler=chunks, num_workers=workers, collate_fn=tuple,
