@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 from netdsl.cli.flags import image_sizes, seconds, seed_number
@@ -357,13 +359,14 @@ def _eval(args: argparse.Namespace) -> int:
     shown = Meter(sys.stderr, sum(map(len, parts)) * len(scales), title, world)
     if args.dense:  # whole images, those of one size together
         scorer = DenseScores(graph, weights, devices, preprocess.flip, args.backend)
-        for part in parts:
-            part.preprocess = preprocess
-            probs = dense_probabilities(part, scales, scorer, args.batch, workers, advance=shown.advance)
-            labels = torch.from_numpy(part.labels)
-            tally.add(probs, labels if relabel is None else relabel[labels])
+        measure = partial(dense_probabilities, scales=scales, scorer=scorer, batch=args.batch, workers=workers,
+                          advance=shown.advance)  # fmt: skip
     else:
-        _measure_views(args, graph, weights, devices, preprocess, parts, scales, relabel, tally, shown, workers)
+        measure = _views_measure(args, graph, weights, devices, scales, workers, shown.advance)
+    for part in parts:
+        part.preprocess = preprocess
+        labels = torch.from_numpy(part.labels)
+        tally.add(measure(part), labels if relabel is None else relabel[labels])
     shown.close()
     if world.distributed:
         tally = Tally.from_vector(classes, world.sum(tally.vector()))
@@ -377,28 +380,28 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _measure_views(args, graph, weights, devices, preprocess, parts, scales, relabel, tally, shown, workers) -> None:
-    """eval's measuring of views (the centre, or the paper's ten) at each of `scales`, into `tally`: each image
-    decoded once for all the scales, and a pass over --batch images' views at one scale or fewer images' at
-    several (the same views to a pass)."""
+def _views_measure(args, graph, weights, devices, scales, workers: int, advance):
+    """eval's measuring of views (the centre, or the paper's ten) at each of `scales`: a function from a set of
+    images (a Samples) to their N x K probabilities. Each image is decoded once for all the scales, and a pass
+    holds --batch images' views at one scale or fewer images' at several (the same views to a pass)."""
     import torch
 
     from netdsl.runtime.net import Net
     from netdsl.train.evaluate import probabilities, scaled_images
 
     net = Net(args.net, backend=args.backend, weights=weights, devices=devices)
-    is_softmax = graph.nodes[graph.graph["outputs"][0]]["layer"].op == "softmax"
+    last = graph.nodes[graph.graph["outputs"][0]]["layer"]
     chunk = max(1, args.batch // len(scales))
-    for part in parts:
-        part.preprocess = preprocess
-        probs = []
+
+    def measure(part) -> torch.Tensor:
+        probs = [torch.zeros((0, math.prod(last.shape)))]  # a share under torchrun may hold no images
         for x in scaled_images(part, scales, args.views, chunk, workers):  # N x scales x views x C x H x W
             output = net(x.flatten(0, 2))  # the softmax averaged over the scales' views alike
-            probs.append(probabilities(torch.as_tensor(output).cpu(), is_softmax, len(scales) * args.views))
-            shown.advance(len(x) * len(scales))
-        labels = torch.from_numpy(part.labels)
-        probs = torch.cat(probs) if probs else torch.zeros((0, tally.classes))  # a share may hold no images
-        tally.add(probs, labels if relabel is None else relabel[labels])
+            probs.append(probabilities(torch.as_tensor(output).cpu(), last.op == "softmax", len(scales) * args.views))
+            advance(len(x) * len(scales))
+        return torch.cat(probs)
+
+    return measure
 
 
 def _net_from(run: Path, net: Path) -> str:
