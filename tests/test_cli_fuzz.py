@@ -398,6 +398,8 @@ def command_run(rng: random.Random) -> Case:
         "--cuda-graph": None,
         "--top": lambda r: pick(r, ["1", "3", "1000"], WHOLE_BAD),
         "--views": ["1", "10", "2", "0", "x"],
+        "--scales": ["8", "8,10", "6,8,12", "8,8", "0,8", "x", "", "8,", "99999", "65536"],
+        "--dense": None,
         "--labels": ["labels.txt"] * 2 + ["missing.txt", "images", "photo.png", "data.npz", ""],
         "--save": ["out.npy"] * 3 + ["out.npz", "one.npy", "tiny.net", "images", "", "sub/o.npy", "o.txt"],
         "--distributed": None,

@@ -1,5 +1,6 @@
 """`netdsl run`: inputs in, top classes out; every bad input is a clear error with exit status 1."""
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -388,3 +389,113 @@ def test_time_with_ten_views_sizes_the_tables_by_the_views_run(tmp_path, capsys)
         return next(lines[i + 2] for i, line in enumerate(lines) if "activations (arena)" in line).split()[2:4]
 
     assert arena("--input", str(image), "--views", "10") == arena("--random", "10") != arena("--random", "1")
+
+
+def _gray_images(folder: Path, shapes, seed: int) -> list[str]:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for number, shape in enumerate(shapes):
+        paths.append(str(folder / f"image{number}.png"))
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def _trained_like(folder: Path, seed: int):
+    """LeNet-5's He-initialized weights saved as training saves them, with a preprocessing that scales the
+    shorter side to 36 and brings pixels to about unit size (so the class scores are apart, not saturated)."""
+    from netdsl.runtime.weights import init_weights, save_weights
+    from netdsl.train.augment import Preprocess
+
+    preprocess = Preprocess(size=36, crop=(32, 32), channels=1, mean=(120.0,), std=(60.0,))
+    weights = init_weights(netdsl.load_graph(LENET), seed=seed, scheme="he")
+    save_weights(folder / "w.safetensors", weights, metadata={"netdsl.preprocess": preprocess.to_json()})
+    return folder / "w.safetensors", weights, preprocess
+
+
+def test_scales_average_the_views_of_each_size(tmp_path, capsys):
+    """--scales S1,S2 with --views 10: the softmax averaged over the ten views at both sizes, the mean of the two
+    runs at one size each (as many views at each); --scales at the weights' own size (36) is the plain run."""
+    images = _gray_images(tmp_path, [(40, 52), (36, 36)], seed=12)
+    file, _, _ = _trained_like(tmp_path, seed=3)
+    run = partial(saved_run, tmp_path, capsys, LENET, "--backend", "torch", "--weights", str(file), "--input", *images)
+    both = run("--views", "10", "--scales", "36,48")
+    alone = [run("--views", "10", "--scales", size) for size in ("36", "48")]
+    assert both.shape == (2, 10) and np.abs(alone[0] - alone[1]).max() > 1e-2
+    np.testing.assert_allclose(both, (alone[0] + alone[1]) / 2, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(run("--scales", "36"), run(), rtol=0, atol=0)
+
+
+def test_dense_runs_each_whole_image_at_each_scale(tmp_path, capsys):
+    """--dense: the net's class scores averaged over every 32 x 32 window of the scaled image (LeNet-5's fc layers
+    as convolutions step 4 pixels, its two pools' stride), their softmax, averaged with the mirror image's and over
+    --scales; by hand here with the net run on each window, for two images of other shapes, 2 passes of one."""
+    from dataclasses import replace
+
+    images = _gray_images(tmp_path, [(40, 52), (33, 45)], seed=13)
+    file, weights, preprocess = _trained_like(tmp_path, seed=4)
+    run = partial(saved_run, tmp_path, capsys, LENET, "--backend", "torch", "--weights", str(file), "--input", *images)
+    net = Net(LENET, backend="torch", weights=weights)
+
+    def by_hand(sizes) -> np.ndarray:
+        want = np.zeros((2, 10))
+        for number, path in enumerate(images):
+            for size in sizes:
+                at = replace(preprocess, size=size)
+                x = at.normalize(at.pixels(path))
+                for image in (x, x[:, :, ::-1]):
+                    windows = np.stack([image[:, i : i + 32, j : j + 32] for i in range(0, image.shape[1] - 31, 4)
+                                        for j in range(0, image.shape[2] - 31, 4)])  # fmt: skip
+                    scores = torch.as_tensor(net(torch.from_numpy(np.ascontiguousarray(windows)))).float()
+                    want[number] += torch.softmax(scores.mean(dim=0), dim=0).numpy() / (2 * len(sizes))
+        return want
+
+    want = by_hand((32, 40))
+    assert want.std(axis=1).min() > 1e-2 and want.max() < 0.99  # scores apart, neither uniform nor saturated
+    np.testing.assert_allclose(run("--dense", "--scales", "32,40", "--batch", "1"), want, rtol=0, atol=1e-5)
+    own = by_hand((36,))  # the weights' own size
+    np.testing.assert_allclose(run("--dense"), own, rtol=0, atol=1e-5)
+    kernels = saved_run(tmp_path, capsys, LENET, "--weights", str(file), "--input", *images, "--dense")  # run's default
+    np.testing.assert_allclose(kernels, own, rtol=0, atol=1e-5)  # netdsl's kernels (interpreted), fp32
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--views", "10"], "--views: error: --views does not apply to --dense"),
+        (["--dtype", "bf16"], "--dtype: error: --dtype does not apply to --dense"),
+        (["--layout", "nchw"], "--layout: error: --layout does not apply"),
+        (["--space-to-depth"], "--space-to-depth: error: --space-to-depth does not apply"),
+        (["--time"], "--time: error: --time does not apply"),
+        (["--cuda-graph"], "--cuda-graph: error: --cuda-graph does not apply"),
+        (["--distributed"], "--distributed: error: --distributed does not apply"),
+    ],
+)
+def test_flags_dense_cannot_honour_are_refused(tmp_path, capsys, args, message):
+    images = _gray_images(tmp_path, [(40, 40)], seed=14)
+    assert main(["run", LENET, "--backend", "torch", "--input", *images, "--dense", *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "leave out" in err and "Traceback" not in err
+
+
+def test_what_dense_and_scales_cannot_read_is_a_clear_error(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.random.default_rng(15).standard_normal((1, 32, 32), dtype=np.float32))
+    (tmp_path / "bad.png").write_text("not an image")
+    assert main(["compile", LENET, "-o", str(tmp_path / "build"), "--no-sm90"]) == 0
+    capsys.readouterr()
+    for args, message in [
+        (["--dense"], "--dense: error: --dense reads image files"),
+        (["--scales", "40"], "--scales: error: --scales takes images"),
+        (["--dense", "--input", f"{tmp_path}/x.npy"], "--dense: error: --dense takes images, and"),
+        (["--scales", "40", "--input", f"{tmp_path}/x.npy"], "--scales: error: --scales takes images, and"),
+        (["--dense", "--input", f"{tmp_path}/bad.png"], "bad.png: error: cannot read"),
+        (["--dense", "--input", f"{tmp_path}/none.png"], "none.png: error: no such file"),
+        (["--scales", "0"], "--scales: not sizes in pixels"),
+    ]:
+        assert main(["run", LENET, "--backend", "torch", *args]) == 1, args
+        err = capsys.readouterr().err
+        assert message in err and "--skip-corrupt" not in err and "Traceback" not in err, (args, err)
+    assert main(["run", str(tmp_path / "build"), "--dense", "--input", f"{tmp_path}/x.npy"]) == 1
+    err = capsys.readouterr().err
+    assert "--dense: error: --dense builds a net for each size of image" in err and f"run {LENET} --dense" in err

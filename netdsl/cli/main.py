@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from netdsl._version import __version__
-from netdsl.cli.flags import add_plan_flags, plan_options, seed_number
+from netdsl.cli.flags import add_plan_flags, image_sizes, plan_options, seed_number
 from netdsl.cli.fmt import add_command as add_fmt_command
 from netdsl.cli.fmt import fmt_command
 from netdsl.cli.train import add_commands as add_training_commands
@@ -247,6 +247,19 @@ def _parser() -> argparse.ArgumentParser:
         choices=(1, 10),
         default=1,
         help="10: the paper's test views of each image (four corners and the centre, each flipped), softmax averaged",
+    )
+    run.add_argument(
+        "--scales",
+        type=image_sizes,
+        metavar="S1,S2,...",
+        help="each image with its shorter side scaled to each size (its views at each), the softmax averaged over "
+        "all: VGG's multi-scale test; default: the size the weights were trained with (else 256)",
+    )
+    run.add_argument(
+        "--dense",
+        action="store_true",
+        help="VGG's dense evaluation: each whole image (at each of --scales) through the net with its fc layers as "
+        "convolutions, the class scores averaged over the positions (and the mirror image where training flipped)",
     )
     run.add_argument("--labels", type=Path, metavar="FILE", help="class names, one a line, in class order")
     run.add_argument("--save", type=Path, metavar="OUT.npy", help="save the outputs")

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from tokenize import TokenError
 
@@ -46,10 +47,17 @@ def saved_preprocess(weights: Path | None):
     return Preprocess.from_json(text, where=str(weights)) if text else None
 
 
-def read_image(path: Path, shape: tuple[int, ...], preprocess=None, views: int = 1) -> np.ndarray:
-    """An image as the net reads it: `preprocess` (default: the paper's) applied; views x C x H x W."""
+def read_image(path: Path, shape: tuple[int, ...], preprocess=None, views: int = 1, scales=None) -> np.ndarray:
+    """An image as the net reads it: `preprocess` (default: the paper's) applied, with its shorter side scaled
+    to each of `scales` in turn (default: the preprocessing's own size); scales*views x C x H x W, decoded once."""
+    from netdsl.train.augment import open_image
+
+    preprocess = preprocess or default_preprocess(shape)
     try:
-        return (preprocess or default_preprocess(shape)).views(path, views)
+        if scales is None:
+            return preprocess.views(path, views)
+        image = open_image(path, preprocess.channels)
+        return np.concatenate([replace(preprocess, size=size).views(image, views) for size in scales])
     except NetError as error:
         if error.span is None and error.where is None:  # what is wrong with an image names it
             error.where = str(path)
@@ -117,21 +125,25 @@ def _read_npy(path: Path, image_suffixes) -> np.ndarray:
             ) from None
 
 
-def read_inputs(paths: list[Path], shape: tuple[int, ...], preprocess=None, views: int = 1) -> np.ndarray:
+def read_inputs(
+    paths: list[Path], shape: tuple[int, ...], preprocess=None, views: int = 1, scales=None
+) -> np.ndarray:
     """Stacks images and .npy arrays (one image or a batch each) into one float32 batch of `shape` images;
-    with `views` > 1 each image gives that many (the paper's ten views), and arrays are refused."""
+    with `views` > 1 each image gives that many (the paper's ten views), and with `scales` that many at each
+    size (`read_image`); arrays are then refused."""
     from netdsl.train.augment import IMAGE_SUFFIXES
 
     batches = []
     for path in paths:
         if path.suffix.lower() in IMAGE_SUFFIXES:
-            batches.append(read_image(path, shape, preprocess, views))
+            batches.append(read_image(path, shape, preprocess, views, scales))
             continue
-        if views > 1:
+        if views > 1 or scales is not None:
+            flag = "--views" if views > 1 else "--scales"
             raise NetError(
-                f"--views {views} takes images, and {path} is not one",
-                where="--views",
-                hint="--views 10 crops images; give image files (.jpg, .png, ...) or leave --views out",
+                f"{flag} takes images, and {path} is not one",
+                where=flag,
+                hint=f"{flag} prepares image files; give images (.jpg, .png, ...) or leave {flag} out",
             )
         array = _read_npy(path, IMAGE_SUFFIXES)
         if array.dtype.kind not in "fiu":
@@ -173,14 +185,18 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
     preprocess = saved_preprocess(args.weights)
     if preprocess is not None:
         preprocess.check_fits(shape, str(args.weights))
-    views = args.views
+    labels = read_labels(args.labels) or (list(preprocess.classes) if preprocess and preprocess.classes else None)
+    if args.dense:
+        report(_dense_outputs(path, dtype, preprocess or default_preprocess(shape), args), labels, args)
+        return 0
+    views = args.views * len(args.scales or (None,))  # the rows each image gives: its views at each scale
     if args.input:
-        x = read_inputs(args.input, shape, preprocess, views)
-    elif views > 1:
-        raise NetError(f"--views {views} takes images", where="--views", hint="give them with --input")
+        x = read_inputs(args.input, shape, preprocess, args.views, args.scales)
+    elif args.views > 1 or args.scales:
+        flag = "--views" if args.views > 1 else "--scales"
+        raise NetError(f"{flag} takes images", where=flag, hint="give them with --input")
     else:
         x = random_inputs(args.random or args.batch or 1, shape, args.seed, "--random" if args.random else "--batch")
-    labels = read_labels(args.labels) or (list(preprocess.classes) if preprocess and preprocess.classes else None)
     net = step_times = None
     start = time.perf_counter()
     if args.distributed:
@@ -212,7 +228,7 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
             raise
     seconds = time.perf_counter() - start
     outputs = {name: value.float().cpu() for name, value in (y.items() if isinstance(y, dict) else [(None, y)])}
-    if views > 1:  # the paper's test: each image's views, softmax averaged (class scores only)
+    if views > 1:  # the paper's test: each image's views (at each scale), softmax averaged (class scores only)
         from netdsl.train.evaluate import probabilities
 
         softmax = _ends_in_softmax(path)
@@ -220,10 +236,7 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
             name: probabilities(value, softmax, views) if is_scores(value) else value[::views]
             for name, value in outputs.items()
         }
-    for name, value in outputs.items():
-        print("\n".join(describe_output(name, value, labels, args.top)))
-    if args.save:
-        save_outputs(args.save, outputs)
+    report(outputs, labels, args)
     if args.time:
         count = len(next(iter(outputs.values())))
         print(
@@ -235,6 +248,79 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
             largest = min(args.batch or passes, passes)  # the largest pass's batch
             print("\n".join(_time_tables(net, step_times, largest)))
     return 0
+
+
+def report(outputs: dict, labels: list[str] | None, args: argparse.Namespace) -> None:
+    """Prints each output (`describe_output`) and saves them all where --save says."""
+    for name, value in outputs.items():
+        print("\n".join(describe_output(name, value, labels, args.top)))
+    if args.save:
+        save_outputs(args.save, outputs)
+
+
+def _dense_outputs(path: Path, dtype: str, preprocess, args: argparse.Namespace) -> dict:
+    """--dense: each image whole, its shorter side scaled to each of --scales, through the net with its fc layers
+    as convolutions (VGG's dense evaluation, netdsl.train.evaluate.DenseScores): {None: N x K probabilities}.
+    Images of one size share a pass, as many as hold the pixels of --batch net inputs (default: all of them)."""
+    from netdsl.lang.frontend import load_graph
+    from netdsl.runtime.devices import parse_devices
+    from netdsl.runtime.weights import init_weights, load_weights
+    from netdsl.train.augment import IMAGE_SUFFIXES
+    from netdsl.train.data import ImageFiles
+    from netdsl.train.evaluate import DenseScores, dense_probabilities
+
+    _refuse_with_dense(path, dtype, args)
+    if not args.input:
+        raise NetError("--dense reads image files", where="--dense", hint="give them with --input")
+    for file in args.input:
+        if file.suffix.lower() not in IMAGE_SUFFIXES:
+            raise NetError(
+                f"--dense takes images, and {file} is not one",
+                where="--dense",
+                hint="--dense scales image files; give images (.jpg, .png, ...) or leave --dense out",
+            )
+    graph = load_graph(path)
+    if args.weights is None:
+        weights = init_weights(graph, seed=args.seed, scheme=args.init)
+    else:
+        weights = load_weights(args.weights, graph)
+    try:
+        scorer = DenseScores(graph, weights, parse_devices(args.devices), preprocess.flip, args.backend)
+    except NetError as error:
+        error.where = _FLAGS.get(error.where, error.where)
+        raise
+    images = ImageFiles(args.input, np.zeros(len(args.input)), preprocess)
+    images.unreadable_hint = None  # the decoder's own: run has no --skip-corrupt
+    scales = args.scales or (preprocess.size,)
+    return {None: dense_probabilities(images, scales, scorer, batch=args.batch or len(args.input))}
+
+
+def _refuse_with_dense(path: Path, dtype: str, args: argparse.Namespace) -> None:
+    """The flags --dense cannot honour: it builds a net for each size of image, in fp32, in this process, from
+    the .net file (a build folder's plan is for the net's own input size)."""
+    from netdsl.compiler.plan import PLAN_OPTIONS
+
+    given = getattr(args, "given", None)
+    if given is not None and Path(given).is_dir():
+        raise NetError(
+            f"--dense builds a net for each size of image, and {given} is compiled for one",
+            where="--dense",
+            hint=f"give the net it was compiled from: netdsl run {path} --dense",
+        )
+    conflicts = {
+        "--views": args.views > 1, "--random": args.random is not None, "--distributed": args.distributed,
+        "--cuda-graph": args.cuda_graph, "--time": args.time, "--dtype": dtype != "fp32",
+        **{"--" + name.replace("_", "-"): _meaning(name, getattr(args, name)) != _meaning(name, None)
+           for name in PLAN_OPTIONS},
+    }  # fmt: skip
+    for flag, given_flag in conflicts.items():
+        if given_flag:
+            raise NetError(
+                f"{flag} does not apply to --dense",
+                where=flag,
+                hint="--dense runs each whole image through a net built for its size, in fp32, in one process; "
+                f"leave out {flag} (or --dense)",
+            )
 
 
 def random_inputs(count: int, shape: tuple[int, ...], seed: int, flag: str) -> np.ndarray:

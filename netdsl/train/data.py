@@ -86,13 +86,17 @@ class Samples(Dataset, ABC):
     def image(self, index: int):
         """Image `index` as stored: a Pillow image or an H x W x C array, not yet scaled or cropped."""
 
+    # the hint an unreadable image's error gives; None: the decoder's own (for images named one by one, as
+    # `netdsl run`'s, which has no --skip-corrupt)
+    unreadable_hint: str | None = SKIP_HINT
+
     def read(self, index: int, failures: list):
-        """`image(index)`, or None with (index, why, SKIP_HINT) added to `failures`: how a loader's worker
-        reports a file it cannot decode, so that the main process raises it as a NetError naming the file."""
+        """`image(index)`, or None with (index, why, hint) added to `failures`: how a loader's worker reports a
+        file it cannot decode, so that the main process raises it as a NetError naming the file."""
         try:
             return self.image(index)
         except NetError as error:
-            failures.append((index, error.message, SKIP_HINT))
+            failures.append((index, error.message, self.unreadable_hint or error.hint))
             return None
 
     @abstractmethod
