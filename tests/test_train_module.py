@@ -671,3 +671,30 @@ def test_a_layer_no_output_reads_is_not_trained(fused):
     torch.testing.assert_close(module.get_parameter("out.weight").detach(), want, rtol=1e-5, atol=1e-6)
     for name in ("side.weight", "side.bias"):
         assert torch.equal(module.get_parameter(name).detach(), torch.tensor(weights[name]))
+
+
+def test_a_module_sharing_another_holds_its_tensors():
+    """`share=`: the module holds the other's parameters and buffers themselves (SimpleNet's dense nets for two
+    image sizes, batch norms and all), so its outputs are those of a module given the same weights, and a change
+    to the weights is seen by both; a module of another net, or no module, is refused by name."""
+    from netdsl.runtime.dense import dense_graph, dense_weights
+
+    graph = netdsl.load_graph(net_path("simplenet"))
+    weights = dense_weights(graph, fresh_weights(graph, seed=6))
+    first = GraphModule(dense_graph(graph, 64, 64), weights=weights).eval()
+    second = GraphModule(dense_graph(graph, 80, 96), share=first).eval()
+    alone = GraphModule(dense_graph(graph, 80, 96), weights=weights).eval()
+    held = {name: tensor.data_ptr() for name, tensor in first.state_dict().items()}
+    assert {name: tensor.data_ptr() for name, tensor in second.state_dict().items()} == held
+    assert any(name.endswith("running_var") for name in held)  # the buffers too
+    x = torch.from_numpy(np.random.default_rng(7).standard_normal((2, 1, 80, 96), dtype=np.float32))
+    with torch.no_grad():
+        before = second.logits(x)
+        assert torch.equal(before, alone.logits(x))
+        next(first.parameters()).mul_(1.5)
+        assert not torch.allclose(second.logits(x), before, atol=1e-3)
+    lenet = netdsl.load_graph(net_path("lenet5"))
+    with pytest.raises(NetError, match=r"the module shared does not hold this net's weights: `c1\.weight` differs"):
+        GraphModule(dense_graph(lenet, 40, 40), share=first)
+    with pytest.raises(NetError, match="share must be a GraphModule, got dict"):
+        GraphModule(dense_graph(graph, 80, 96), share=weights)

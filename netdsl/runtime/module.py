@@ -97,6 +97,10 @@ class GraphModule(torch.nn.Module):
     `backward`: with it, conv or fc layer name -> "netdsl" (the default) or "torch" (PyTorch's backward:
     cuDNN and cuBLAS on a GPU), as `netdsl.compiler.backward.backward_choices` picks by measurement.
     `recompute`: "none", "cheap" or "all" (above).
+    `share`: another GraphModule with the same weights by name and shape (the net for another input size,
+    netdsl.runtime.dense), whose parameters and buffers this one holds as they are: the same tensors, neither
+    copied nor checked again, on the same devices (`weights`, `seed`, `init`, `dtype` and `devices` are then
+    the shared module's).
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class GraphModule(torch.nn.Module):
         backend: str = "torch",
         backward: Mapping[str, str] | None = None,
         recompute: str = "none",
+        share: GraphModule | None = None,
     ) -> None:
         super().__init__()
         require_graph(graph)
@@ -134,10 +139,13 @@ class GraphModule(torch.nn.Module):
         items = layers(graph)
         specs = weight_specs(graph)
         _check_names(specs, items)
-        if weights is None:
-            weights = init_weights(graph, seed=seed, scheme=init)
-        values = checked_weights(weights, specs)
+        if share is not None:
+            values = _shared_tensors(share, specs)
+        else:
+            values = checked_weights(init_weights(graph, seed=seed, scheme=init) if weights is None else weights, specs)
         used = list(dict.fromkeys(item.device for item in items))
+        if share is not None:  # its tensors stay where they are
+            devices = share._netdsl.placed
         placed = map_devices(used, devices, declared=graph.graph.get("devices", {}), spread=False)
         outputs = list(graph.graph["outputs"])
         last = graph.nodes[outputs[0]]["layer"] if len(outputs) == 1 else None
@@ -176,9 +184,13 @@ class GraphModule(torch.nn.Module):
             buffers = set(OPS[item.op].buffers(item.params, item.input_shape))
             scope = self._scope(item.name)
             for tensor in names:
-                value = values[f"{item.name}.{tensor}"].to(device=placed[item.device], dtype=dtype, copy=True)
+                value = values[f"{item.name}.{tensor}"]
+                if share is None:
+                    value = value.to(device=placed[item.device], dtype=dtype, copy=True)
                 if tensor in buffers:
                     scope.register_buffer(tensor, value)
+                elif isinstance(value, torch.nn.Parameter):  # shared
+                    scope.register_parameter(tensor, value)
                 else:
                     scope.register_parameter(tensor, torch.nn.Parameter(value, requires_grad=item.name in reached))
             plan.scopes[item.name] = scope
@@ -422,6 +434,23 @@ def _spent(groups: list[Group], outputs: list[str]) -> list[tuple[str, ...]]:
         if name not in outputs:
             spent[index].append(name)
     return [tuple(names) for names in spent]
+
+
+def _shared_tensors(share: GraphModule, specs: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """`share`'s parameters and buffers by weight name, which must be those of `specs`, in their shapes."""
+    if not isinstance(share, GraphModule):
+        raise NetError(f"share must be a GraphModule, got {type(share).__name__}", where="share",
+                       hint="give the module whose weights this one holds too")  # fmt: skip
+    tensors = {**dict(share.named_parameters()), **dict(share.named_buffers())}
+    differ = [name for name, shape in specs.items() if name not in tensors or tuple(tensors[name].shape) != shape]
+    differ += [name for name in tensors if name not in specs]
+    if differ:
+        raise NetError(
+            f"the module shared does not hold this net's weights: `{differ[0]}` differs",
+            where="share",
+            hint="share a module of the same net (the same layers and weights, for another input size)",
+        )
+    return tensors
 
 
 def _check_names(specs: dict[str, tuple[int, ...]], items: list[Layer]) -> None:

@@ -52,7 +52,7 @@ class DenseScores:
 
         if devices is None:  # as `Net` places a net: a GPU for each of its devices where there are GPUs, else the CPU
             devices = map_devices(list(dict.fromkeys(item.device for item in layers(graph))), None)
-        self.graph, self.weights, self.devices, self.flip = graph, dense_weights(graph, weights), devices, flip
+        self.graph, self._weights, self.devices, self.flip = graph, dense_weights(graph, weights), devices, flip
         self.backend = backend
         self.classes = math.prod(graph.nodes[graph.graph["outputs"][0]]["layer"].shape)
         self._nets: dict[tuple[int, int], torch.nn.Module] = {}
@@ -63,12 +63,14 @@ class DenseScores:
 
         key = (height, width)
         if key not in self._nets:
+            # every size's net holds the first one's tensors: one copy of the weights, not one a size, made once
+            # (the arrays are not needed after); built before the oldest is let go, so that one always remains
+            shared = next(iter(self._nets.values()), None)
+            graph = dense_graph(self.graph, height, width)
+            net = GraphModule(graph, devices=self.devices, weights=self._weights, share=shared, backend=self.backend)
+            self._weights = None
             if len(self._nets) >= self.KEPT:
                 self._nets.pop(next(iter(self._nets)))
-            graph = dense_graph(self.graph, height, width)
-            net = GraphModule(graph, devices=self.devices, weights=self.weights, backend=self.backend)
-            if self._nets:  # the same tensors for every size: one copy of the weights, not one a size
-                net.load_state_dict(next(iter(self._nets.values())).state_dict(), assign=True)
             self._nets[key] = net.eval()
         return self._nets[key]
 
