@@ -50,7 +50,9 @@ def test_npy_inputs_single_image_or_batch(tmp_path, capsys):
     np.save(one, rng.standard_normal((1, 32, 32)).astype(np.float32))
     np.save(batch, rng.standard_normal((2, 1, 32, 32)).astype(np.float32))
     assert main(["run", LENET, "--input", str(one), str(batch), "--backend", "torch"]) == 0
-    assert len(top_lines(capsys.readouterr().out)) == 3
+    lines = top_lines(capsys.readouterr().out)  # each named by its file (and row, in a batch)
+    assert [line.split(":")[0] for line in lines] == [f"input 0 ({one})", f"input 1 ({batch}[0])",
+                                                      f"input 2 ({batch}[1])"]  # fmt: skip
 
 
 def test_triton_and_torch_backends_agree(tmp_path, capsys):

@@ -127,16 +127,18 @@ def _read_npy(path: Path, image_suffixes) -> np.ndarray:
 
 def read_inputs(
     paths: list[Path], shape: tuple[int, ...], preprocess=None, views: int = 1, scales=None
-) -> np.ndarray:
+) -> tuple[np.ndarray, list[str]]:
     """Stacks images and .npy arrays (one image or a batch each) into one float32 batch of `shape` images;
     with `views` > 1 each image gives that many (the paper's ten views), and with `scales` that many at each
-    size (`read_image`); arrays are then refused."""
+    size (`read_image`); arrays are then refused. Also returns each image's name for the output: its file, or
+    for a batch in an array, the file and the row (`x.npy[3]`)."""
     from netdsl.train.augment import IMAGE_SUFFIXES
 
-    batches = []
+    batches, names = [], []
     for path in paths:
         if path.suffix.lower() in IMAGE_SUFFIXES:
             batches.append(read_image(path, shape, preprocess, views, scales))
+            names.append(str(path))
             continue
         if views > 1 or scales is not None:
             flag = "--views" if views > 1 else "--scales"
@@ -152,6 +154,7 @@ def read_inputs(
                 where=str(path),
                 hint="save the image's pixels as numbers: numpy.save(path, pixels.astype(numpy.float32))",
             )
+        names += [str(path)] if tuple(array.shape) == shape else [f"{path}[{row}]" for row in range(len(array))]
         if tuple(array.shape) == shape:
             array = array[None]
         if tuple(array.shape[1:]) != shape:
@@ -162,7 +165,7 @@ def read_inputs(
                 hint=f"one image of {want}, or a batch N x {want}",
             )
         batches.append(array.astype(np.float32))
-    return np.concatenate(batches)
+    return np.concatenate(batches), names
 
 
 def run_command(path: Path, args: argparse.Namespace) -> int:
@@ -187,16 +190,18 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
         preprocess.check_fits(shape, str(args.weights))
     labels = read_labels(args.labels) or (list(preprocess.classes) if preprocess and preprocess.classes else None)
     if args.dense:
-        report(_dense_outputs(path, dtype, preprocess or default_preprocess(shape), args), labels, args)
+        outputs = _dense_outputs(path, dtype, preprocess or default_preprocess(shape), args)
+        report(outputs, labels, args, [str(file) for file in args.input])
         return 0
     views = args.views * len(args.scales or (None,))  # the rows each image gives: its views at each scale
     if args.input:
-        x = read_inputs(args.input, shape, preprocess, args.views, args.scales)
+        x, names = read_inputs(args.input, shape, preprocess, args.views, args.scales)
     elif args.views > 1 or args.scales:
         flag = "--views" if args.views > 1 else "--scales"
         raise NetError(f"{flag} takes images", where=flag, hint="give them with --input")
     else:
         x = random_inputs(args.random or args.batch or 1, shape, args.seed, "--random" if args.random else "--batch")
+        names = None
     net = step_times = None
     start = time.perf_counter()
     if args.distributed:
@@ -236,7 +241,7 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
             name: probabilities(value, softmax, views) if is_scores(value) else value[::views]
             for name, value in outputs.items()
         }
-    report(outputs, labels, args)
+    report(outputs, labels, args, names)
     if args.time:
         count = len(next(iter(outputs.values())))
         print(
@@ -250,10 +255,11 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
     return 0
 
 
-def report(outputs: dict, labels: list[str] | None, args: argparse.Namespace) -> None:
-    """Prints each output (`describe_output`) and saves them all where --save says."""
+def report(outputs: dict, labels: list[str] | None, args: argparse.Namespace, inputs: list[str] | None) -> None:
+    """Prints each output (`describe_output`; `inputs`: the names of the inputs) and saves them all where --save
+    says."""
     for name, value in outputs.items():
-        print("\n".join(describe_output(name, value, labels, args.top)))
+        print("\n".join(describe_output(name, value, labels, args.top, inputs)))
     if args.save:
         save_outputs(args.save, outputs)
 
@@ -353,8 +359,11 @@ def is_scores(value) -> bool:
     return value.dim() == 2 or (value.dim() == 4 and tuple(value.shape[2:]) == (1, 1))
 
 
-def describe_output(name: str | None, value, labels: list[str] | None, top: int) -> list[str]:
-    """The top classes of each input for class scores; for a map, its shape and a short summary."""
+def describe_output(
+    name: str | None, value, labels: list[str] | None, top: int, inputs: list[str] | None = None
+) -> list[str]:
+    """The top classes of each input (named by `inputs`, where given: a file) for class scores; for a map, its
+    shape and a short summary."""
     title = f"output {name}: " if name is not None else ""
     if not is_scores(value):
         shape = " x ".join(map(str, value.shape))
@@ -368,7 +377,8 @@ def describe_output(name: str | None, value, labels: list[str] | None, top: int)
     lines = [f"{title}{value.shape[0]} x {scores.shape[1]} scores"] if name is not None else []
     for i in range(scores.shape[0]):
         ranked = ", ".join(f"{_label(labels, int(c))}: {float(v):.4g}" for v, c in zip(values[i], indices[i]))
-        lines.append(f"input {i}: top {k}: {ranked}")
+        source = f" ({inputs[i]})" if inputs is not None else ""
+        lines.append(f"input {i}{source}: top {k}: {ranked}")
     return lines
 
 
