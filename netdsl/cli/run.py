@@ -319,8 +319,8 @@ def _refuse_with_dense(path: Path, dtype: str, args: argparse.Namespace) -> None
         **{"--" + name.replace("_", "-"): _meaning(name, getattr(args, name)) != _meaning(name, None)
            for name in PLAN_OPTIONS},
     }  # fmt: skip
-    for flag, given_flag in conflicts.items():
-        if given_flag:
+    for flag, chosen in conflicts.items():
+        if chosen:
             raise NetError(
                 f"{flag} does not apply to --dense",
                 where=flag,
