@@ -522,6 +522,7 @@ def command_eval(rng: random.Random) -> Case:
         "--devices": DEVICES,
         "--confusion": ["c.png", "images", "", "sub/c.png", "tiny.net"],
         "--dense": None,
+        "--dtype": ["fp32", "bf16", "fp16", "tf32", ""],
         "--timeout": lambda r: pick(r, ["300", "0.5"], [*NUMBER_BAD, "604801", "1e9"]),
     }
     argv = ["eval", choose(rng, NETS)]

@@ -171,3 +171,25 @@ def test_dense_probabilities_report_what_cannot_be_read(tmp_path):
     with pytest.raises(NetError, match="at least 0, not -1") as caught:
         dense_probabilities(ImageFiles([bad], np.zeros(1, dtype=np.int64), preprocess), (32,), scorer, 4, workers=-1)
     assert caught.value.where == "--workers"
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("bf16", 2e-2), ("fp16", 3e-3)])
+def test_dense_scores_in_sixteen_bits_compute_under_autocast(dtype, tolerance):
+    """`DenseScores(dtype=...)` computes as training does in bf16 or fp16: against the hand-written LeNet-5 under
+    autocast on each window (tolerances on probabilities: bf16 keeps 8 significant bits, fp16 11), and apart
+    from fp32's; another dtype is refused."""
+    from netdsl.train.evaluate import DenseScores
+
+    graph = load_graph(NETS / "lenet5.net")
+    weights = init_weights(graph, seed=8, scheme="he")
+    x = np.random.default_rng(11).standard_normal((1, 40, 44), dtype=np.float32)
+    window = torch.from_numpy(x)[None]
+    with torch.autocast("cpu", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]):
+        scores = torch.stack([lenet(weights, window[:, :, i : i + 32, j : j + 32]).float()
+                              for i in range(0, 9, 4) for j in range(0, 13, 4)])  # fmt: skip
+    want = torch.softmax(scores.mean(dim=0), dim=1)[0]
+    got, exact = DenseScores(graph, weights, dtype=dtype).scores(x), DenseScores(graph, weights).scores(x)
+    assert want.max() < 0.99 and (got - want).abs().max() <= tolerance
+    assert (got - exact).abs().max() > 1e-5  # computed in 16 bits, not in fp32
+    with pytest.raises(NetError, match="dense evaluation computes in fp32, bf16, fp16, not tf32"):
+        DenseScores(graph, weights, dtype="tf32")

@@ -199,6 +199,29 @@ def test_dense_evaluation_averages_each_whole_images_scores_over_positions(train
     assert float(kernels.split("loss ")[1].split()[0]) == pytest.approx(loss, abs=6e-5)  # netdsl's kernels, fp32
 
 
+@pytest.mark.parametrize("way", ["views", "dense"])
+def test_sixteen_bit_measuring_is_close_to_fp32(trained, capsys, monkeypatch, way):
+    """`--dtype bf16|fp16`: the views through a Net in that dtype, the dense nets under autocast in it (as training
+    computes); the loss within the 16-bit rounding of fp32's (bf16 keeps 8 significant bits, fp16 11)."""
+    from netdsl.runtime.net import Net
+    from netdsl.train import evaluate as measuring
+
+    net, run, folder = trained
+    extra = ["--views", "10", "--scales", "8,12"] if way == "views" else ["--dense", "--scales", "9,12"]
+    code, out, _ = evaluate(capsys, net, "--weights", run, "--data", folder, "--split", "all", *extra)
+    assert code == 0
+    loss = float(out.split("loss ")[1].split()[0])
+    used, init, autocast = [], Net.__init__, measuring.autocast  # what the measuring computed in
+    monkeypatch.setattr(Net, "__init__", lambda net, *a, **k: used.append(k["dtype"]) or init(net, *a, **k))
+    monkeypatch.setattr(measuring, "autocast", lambda dtype, devices: used.append(dtype) or autocast(dtype, devices))
+    for dtype, tolerance in (("bf16", 2e-2), ("fp16", 3e-3)):
+        used.clear()
+        code, out, _ = evaluate(capsys, net, "--weights", run, "--data", folder, "--split", "all", *extra,
+                                "--dtype", dtype)  # fmt: skip
+        assert code == 0 and set(used) == {dtype}
+        assert float(out.split("loss ")[1].split()[0]) == pytest.approx(loss, rel=tolerance)
+
+
 def test_a_folder_with_a_class_the_weights_never_saw(trained, tmp_path, capsys):
     net, run, folder = trained
     other = tmp_path / "other"

@@ -460,13 +460,16 @@ def test_dense_runs_each_whole_image_at_each_scale(tmp_path, capsys):
     np.testing.assert_allclose(run("--dense"), own, rtol=0, atol=1e-5)
     kernels = saved_run(tmp_path, capsys, LENET, "--weights", str(file), "--input", *images, "--dense")  # run's default
     np.testing.assert_allclose(kernels, own, rtol=0, atol=1e-5)  # netdsl's kernels (interpreted), fp32
+    for dtype, tolerance in (("bf16", 2e-2), ("fp16", 3e-3)):  # under autocast: probabilities to 8 or 11 bits
+        sixteen = run("--dense", "--dtype", dtype)
+        assert np.abs(sixteen - own).max() <= tolerance and not np.allclose(sixteen, own, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--views", "10"], "--views: error: --views does not apply to --dense"),
-        (["--dtype", "bf16"], "--dtype: error: --dtype does not apply to --dense"),
+        (["--dtype", "tf32"], "--dtype: error: --dtype does not apply to --dense"),
         (["--layout", "nchw"], "--layout: error: --layout does not apply"),
         (["--space-to-depth"], "--space-to-depth: error: --space-to-depth does not apply"),
         (["--time"], "--time: error: --time does not apply"),

@@ -291,7 +291,7 @@ def _dense_outputs(path: Path, dtype: str, preprocess, args: argparse.Namespace)
     else:
         weights = load_weights(args.weights, graph)
     try:
-        scorer = DenseScores(graph, weights, parse_devices(args.devices), preprocess.flip, args.backend)
+        scorer = DenseScores(graph, weights, parse_devices(args.devices), preprocess.flip, args.backend, dtype)
     except NetError as error:
         error.where = _FLAGS.get(error.where, error.where)
         raise
@@ -302,8 +302,8 @@ def _dense_outputs(path: Path, dtype: str, preprocess, args: argparse.Namespace)
 
 
 def _refuse_with_dense(path: Path, dtype: str, args: argparse.Namespace) -> None:
-    """The flags --dense cannot honour: it builds a net for each size of image, in fp32, in this process, from
-    the .net file (a build folder's plan is for the net's own input size)."""
+    """The flags --dense cannot honour: it builds a net for each size of image, in fp32 (or bf16 or fp16 under
+    autocast), in this process, from the .net file (a build folder's plan is for the net's own input size)."""
     from netdsl.compiler.plan import PLAN_OPTIONS
 
     given = getattr(args, "given", None)
@@ -315,7 +315,7 @@ def _refuse_with_dense(path: Path, dtype: str, args: argparse.Namespace) -> None
         )
     conflicts = {
         "--views": args.views > 1, "--random": args.random is not None, "--distributed": args.distributed,
-        "--cuda-graph": args.cuda_graph, "--time": args.time, "--dtype": dtype != "fp32",
+        "--cuda-graph": args.cuda_graph, "--time": args.time, "--dtype": dtype == "tf32",
         **{"--" + name.replace("_", "-"): _meaning(name, getattr(args, name)) != _meaning(name, None)
            for name in PLAN_OPTIONS},
     }  # fmt: skip
@@ -324,8 +324,8 @@ def _refuse_with_dense(path: Path, dtype: str, args: argparse.Namespace) -> None
             raise NetError(
                 f"{flag} does not apply to --dense",
                 where=flag,
-                hint="--dense runs each whole image through a net built for its size, in fp32, in one process; "
-                f"leave out {flag} (or --dense)",
+                hint="--dense runs each whole image through a net built for its size, in fp32, bf16 or fp16, in "
+                f"one process; leave out {flag} (or --dense)",
             )
 
 

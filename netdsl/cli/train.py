@@ -90,6 +90,10 @@ def add_commands(commands, positive) -> None:
         help="skip (and count) images that cannot be decoded, instead of stopping (default: the run's)",
     )
     evaluate.add_argument("--backend", choices=("torch", "triton"), default="torch", help="PyTorch ops or the kernels")
+    evaluate.add_argument(
+        "--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+        help="what the net computes in (default fp32); bf16 and fp16 as training does, under autocast with --dense",
+    )  # fmt: skip
     evaluate.add_argument("--devices", metavar="MAP", help="logical devices to torch devices")
     evaluate.add_argument("--confusion", type=Path, metavar="OUT.png", help="draw the confusion matrix (matplotlib)")
     evaluate.add_argument(
@@ -358,7 +362,7 @@ def _eval(args: argparse.Namespace) -> int:
     title = "measuring" + (" (this process's share)" if world.distributed else "")
     shown = Meter(sys.stderr, sum(map(len, parts)) * len(scales), title, world)
     if args.dense:  # whole images, those of one size together
-        scorer = DenseScores(graph, weights, devices, preprocess.flip, args.backend)
+        scorer = DenseScores(graph, weights, devices, preprocess.flip, args.backend, args.dtype)
         measure = partial(dense_probabilities, scales=scales, scorer=scorer, batch=args.batch, workers=workers,
                           advance=shown.advance)  # fmt: skip
     else:
@@ -386,17 +390,18 @@ def _views_measure(args, graph, weights, devices, scales, workers: int, advance)
     holds --batch images' views at one scale or fewer images' at several (the same views to a pass)."""
     import torch
 
+    from netdsl.ir.dtypes import torch_dtype
     from netdsl.runtime.net import Net
     from netdsl.train.evaluate import probabilities, scaled_images
 
-    net = Net(args.net, backend=args.backend, weights=weights, devices=devices)
+    net = Net(args.net, backend=args.backend, weights=weights, devices=devices, dtype=args.dtype)
     last = graph.nodes[graph.graph["outputs"][0]]["layer"]
     chunk = max(1, args.batch // len(scales))
 
     def measure(part) -> torch.Tensor:
         probs = [torch.zeros((0, math.prod(last.shape)))]  # a share under torchrun may hold no images
         for x in scaled_images(part, scales, args.views, chunk, workers):  # N x scales x views x C x H x W
-            output = net(x.flatten(0, 2))  # the softmax averaged over the scales' views alike
+            output = net(x.flatten(0, 2).to(torch_dtype(args.dtype)))  # the softmax averaged over all the views
             probs.append(probabilities(torch.as_tensor(output).cpu(), last.op == "softmax", len(scales) * args.views))
             advance(len(x) * len(scales))
         return torch.cat(probs)

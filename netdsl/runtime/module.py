@@ -145,7 +145,7 @@ class GraphModule(torch.nn.Module):
             values = checked_weights(init_weights(graph, seed=seed, scheme=init) if weights is None else weights, specs)
         used = list(dict.fromkeys(item.device for item in items))
         if share is not None:  # its tensors stay where they are
-            devices = share._netdsl.placed
+            devices = share.devices
         placed = map_devices(used, devices, declared=graph.graph.get("devices", {}), spread=False)
         outputs = list(graph.graph["outputs"])
         last = graph.nodes[outputs[0]]["layer"] if len(outputs) == 1 else None

@@ -7,6 +7,7 @@ gives them for whole images of any size (VGG's dense evaluation, netdsl.runtime.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,17 @@ from netdsl.train.data import Samples, check_workers
 MATRIX_CLASSES = 20  # up to this many classes the confusion matrix is printed whole (about 120 columns)
 CONFUSED_PAIRS = 20  # beyond, the pairs of classes most often confused, largest count first
 LABELLED_CLASSES = 40  # the drawn matrix names each class up to this many, else numbers a few
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the 16-bit dtypes, as autocast computes in them
+DTYPES = ("fp32", *AUTOCAST)  # what training computes in, and so measuring
+
+
+def autocast(dtype: str, devices) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` ("bf16", "fp16"; "fp32": nothing) on each kind of device among `devices`."""
+    stack = contextlib.ExitStack()
+    if dtype in AUTOCAST:
+        for kind in sorted({torch.device(device).type for device in devices}):
+            stack.enter_context(torch.autocast(kind, dtype=AUTOCAST[dtype]))
+    return stack
 
 
 def probabilities(output: torch.Tensor, is_softmax: bool, views: int = 1) -> torch.Tensor:
@@ -41,11 +53,14 @@ class DenseScores:
     `flip` the mean of that and the mirror image's (VGG averaged both). `scores(x)`: x a C x H x W image, as
     the net's preprocessing leaves it (scaled, less the mean, over the std), at least the net's input in size.
     The dense net is built for each size of image met (the last few kept, all holding the same weights), on
-    PyTorch's ops or (`backend="triton"`) netdsl's kernels, as GraphModule runs them."""
+    PyTorch's ops or (`backend="triton"`) netdsl's kernels, as GraphModule runs them; `dtype` "bf16" or "fp16":
+    under autocast, as training computes in them."""
 
     KEPT = 16  # dense nets kept, by image size (each a plan around the weights all share)
 
-    def __init__(self, graph, weights, devices=None, flip: bool = False, backend: str = "torch") -> None:
+    def __init__(
+        self, graph, weights, devices=None, flip: bool = False, backend: str = "torch", dtype: str = "fp32"
+    ) -> None:
         from netdsl.ir import layers
         from netdsl.runtime.dense import dense_weights
         from netdsl.runtime.devices import map_devices
@@ -53,7 +68,10 @@ class DenseScores:
         if devices is None:  # as `Net` places a net: a GPU for each of its devices where there are GPUs, else the CPU
             devices = map_devices(list(dict.fromkeys(item.device for item in layers(graph))), None)
         self.graph, self._weights, self.devices, self.flip = graph, dense_weights(graph, weights), devices, flip
-        self.backend = backend
+        if dtype not in DTYPES:
+            raise NetError(f"dense evaluation computes in {', '.join(DTYPES)}, not {dtype}", where="dtype",
+                           hint="bf16 and fp16 run under autocast; tf32 is fp32 with TF32 products")  # fmt: skip
+        self.backend, self.dtype = backend, dtype
         self.classes = math.prod(graph.nodes[graph.graph["outputs"][0]]["layer"].shape)
         self._nets: dict[tuple[int, int], torch.nn.Module] = {}
 
@@ -83,8 +101,9 @@ class DenseScores:
         count = len(images)
         if self.flip:
             images = torch.cat([images, images.flip(-1)])
-        with torch.no_grad():
-            logits = self._net(*images.shape[2:]).logits(images).float().cpu()
+        net = self._net(*images.shape[2:])
+        with torch.no_grad(), autocast(self.dtype, net.devices.values()):
+            logits = net.logits(images).float().cpu()
         probs = torch.softmax(logits.flatten(2).mean(dim=2), dim=1)
         return probs.view(2, count, -1).mean(dim=0) if self.flip else probs
 

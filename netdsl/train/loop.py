@@ -58,7 +58,7 @@ from netdsl.train.checkpoint import (
 )
 from netdsl.train.data import DataSplit, batches_per_epoch, loader, loading_workers, open_data, view_loader
 from netdsl.train.diagnose import compiled_gradients_differ, first_non_finite_in_parts
-from netdsl.train.evaluate import Tally, probabilities
+from netdsl.train.evaluate import Tally, autocast, probabilities
 from netdsl.train.mix import Mixing
 from netdsl.train.optim import make_optimizer, param_groups, set_learning_rate
 from netdsl.train.progress import Meter, Progress, epoch_line, waited
@@ -68,8 +68,6 @@ from netdsl.train.schedule import EarlyStop, Schedule
 from netdsl.train.start import Start, chosen_preprocess, saved_preprocess, scaling
 from netdsl.train.step import backward_in_parts, split
 from netdsl.train.world import World, collective_failure, lost_rank_error
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class StoppedError(Exception):
@@ -691,10 +689,7 @@ class Trainer:
         return {name: choice.implementation for name, choice in choices.items()}
 
     def _autocast(self):
-        kind = AUTOCAST.get(self.recipe.dtype)
-        if kind is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=kind)
+        return autocast(self.recipe.dtype, [self.device])
 
     @contextlib.contextmanager
     def _signals(self):
