@@ -525,7 +525,7 @@ def command_eval(rng: random.Random) -> Case:
         "--dtype": ["fp32", "bf16", "fp16", "tf32", ""],
         "--timeout": lambda r: pick(r, ["300", "0.5"], [*NUMBER_BAD, "604801", "1e9"]),
     }
-    argv = ["eval", choose(rng, NETS)]
+    argv = ["eval", choose(rng, NETS + ONNX)]
     if rng.random() < 0.9:
         argv += ["--weights", choose(rng, WEIGHTS)]
     if rng.random() < 0.9:

@@ -222,6 +222,21 @@ def test_sixteen_bit_measuring_is_close_to_fp32(trained, capsys, monkeypatch, wa
         assert float(out.split("loss ")[1].split()[0]) == pytest.approx(loss, rel=tolerance)
 
 
+def test_an_onnx_model_is_measured_with_its_own_weights(trained, tmp_path, capsys):
+    """`eval model.onnx`: the model written by `netdsl export` (its weights, preprocessing and class names inside)
+    measures as the net and its run do, views and dense; a .net file without --weights is refused."""
+    pytest.importorskip("onnx")
+    net, run, folder = trained
+    model = tmp_path / "tiny.onnx"
+    assert main(["export", str(net), "--weights", str(run), "-o", str(model)]) == 0
+    for extra in ([], ["--dense", "--scales", "9,12"]):
+        code, want, _ = evaluate(capsys, net, "--weights", run, "--data", folder, "--split", "all", *extra)
+        assert code == 0 and want.startswith("images 15 ") and "cat" in want
+        assert evaluate(capsys, model, "--data", folder, "--split", "all", *extra)[:2] == (0, want)
+    code, _, err = evaluate(capsys, net, "--data", folder)
+    assert code == 1 and err.startswith("--weights: error: eval measures trained weights") and "Traceback" not in err
+
+
 def test_a_folder_with_a_class_the_weights_never_saw(trained, tmp_path, capsys):
     net, run, folder = trained
     other = tmp_path / "other"

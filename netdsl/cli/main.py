@@ -15,6 +15,7 @@ from netdsl._version import __version__
 from netdsl.cli.flags import add_plan_flags, image_sizes, plan_options, seed_number
 from netdsl.cli.fmt import add_command as add_fmt_command
 from netdsl.cli.fmt import fmt_command
+from netdsl.cli.onnx_input import imported_model, onnx_importer
 from netdsl.cli.train import add_commands as add_training_commands
 from netdsl.cli.train import eval_command, train_command
 from netdsl.cli.tune import add_command as add_tune_command
@@ -296,41 +297,15 @@ def run(argv: list[str]) -> int:
     if path.suffix.lower() == ".onnx" and args.command == "compile":
         # The build folder keeps the imported net (plan.json names it) and its weights.
         out = args.output or Path("build") / path.stem
-        net = _imported(path, out, args)
+        net = imported_model(path, out, args)
         args.output = out
         status = _compile(net, args)
         print(f"imported {path} as {net}; run it with: netdsl run {out} --weights {net.with_suffix('.safetensors')}")
         return status
     if path.suffix.lower() == ".onnx" and args.command != "export":
         with tempfile.TemporaryDirectory(prefix="netdsl-onnx-") as folder:
-            return _dispatch(_imported(path, Path(folder), args), args)
+            return _dispatch(imported_model(path, Path(folder), args), args)
     return _dispatch(path, args)
-
-
-def _onnx_importer(where: str):
-    """netdsl.interop.onnx_import.import_to_files, or the error that says how to install onnx."""
-    try:
-        from netdsl.interop.onnx_import import import_to_files
-    except ImportError:
-        raise NetError("reading ONNX models needs onnx", where=where, hint="pip install 'netdsl[onnx]'") from None
-    return import_to_files
-
-
-def _imported(model: Path, folder: Path, args: argparse.Namespace) -> Path:
-    """An ONNX model given where a net goes: imported into `folder` (its weights, with the preprocessing and
-    class names `netdsl export` kept in the model, are used by `run`)."""
-    from netdsl.train.augment import Preprocess
-
-    import_to_files = _onnx_importer(str(model))
-    net, weights = folder / f"{model.stem}.net", folder / f"{model.stem}.safetensors"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise NetError(f"cannot create {folder}: {error.strerror}", where=str(folder), hint=os_hint(error)) from None
-    import_to_files(model, net, weights, read_preprocess=Preprocess.from_json)
-    if hasattr(args, "weights") and args.weights is None:  # `run` without --weights: the model's
-        args.weights = weights
-    return net
 
 
 def _dispatch(path: Path, args: argparse.Namespace) -> int:
@@ -436,7 +411,7 @@ def _export(path: Path, args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from netdsl.train.augment import Preprocess
 
-    import_to_files = _onnx_importer("import")
+    import_to_files = onnx_importer("import")
     refuse_folder(args.output, "--output")
     if args.weights_out is not None:
         refuse_folder(args.weights_out, "--weights-out")

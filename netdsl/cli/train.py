@@ -49,8 +49,10 @@ def add_commands(commands, positive) -> None:
     add_flags(train)
 
     evaluate = commands.add_parser("eval", help=EVAL_HELP, description=EVAL_HELP)
-    evaluate.add_argument("net", type=Path, help="the .net file")
-    evaluate.add_argument("--weights", type=Path, required=True, help="trained weights (or a run folder)")
+    evaluate.add_argument("net", type=Path, help="the .net file, or an .onnx model (with its weights)")
+    evaluate.add_argument(
+        "--weights", type=Path, help="trained weights (or a run folder); for an .onnx model, default: its own"
+    )
     evaluate.add_argument("--data", required=True, metavar="DIR|FILE.npz|digits", help="the images to measure on")
     evaluate.add_argument(
         "--split",
@@ -283,7 +285,27 @@ GRADIENT_TOLERANCE = 1e-5
 def eval_command(args: argparse.Namespace) -> int:
     """`netdsl eval`: under torchrun each process measures its share of the images (every world.size-th), and
     the tallies are summed; rank 0 prints them."""
-    return _under_torchrun(_eval, args)
+    return _under_torchrun(_eval_model, args)
+
+
+def _eval_model(args: argparse.Namespace) -> int:
+    """An ONNX model is imported into a temporary folder (gone before a torchrun process exits) and measured
+    with its own weights unless --weights says otherwise; a .net file needs --weights."""
+    import tempfile
+
+    from netdsl.cli.onnx_input import imported_model
+
+    if args.net.suffix.lower() == ".onnx":
+        with tempfile.TemporaryDirectory(prefix="netdsl-onnx-") as folder:
+            args.net = imported_model(args.net, Path(folder), args)
+            return _eval(args)
+    if args.weights is None:
+        raise NetError(
+            "eval measures trained weights, and none were given",
+            where="--weights",
+            hint="give --weights (a weights file, a checkpoint or a run folder of netdsl train), or an .onnx model",
+        )
+    return _eval(args)
 
 
 def _eval(args: argparse.Namespace) -> int:
