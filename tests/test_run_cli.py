@@ -88,6 +88,7 @@ def _lying_npy() -> bytes:
          ["--input", "{d}/big.npy"], "is cut short: its header says 100000000000 x 1 x 32 x 32"),
         (lambda d: np.save(d / "shape.npy", np.ones((3, 32, 32))), ["--input", "{d}/shape.npy"], "has shape 3 x 32"),
         (lambda d: np.save(d / "text.npy", np.array(["a"])), ["--input", "{d}/text.npy"], "not numbers"),
+        (lambda d: np.save(d / "one.npy", np.float32(3)), ["--input", "{d}/one.npy"], "holds a single number, but"),
         (lambda d: None, ["--devices", "gpu0"], "cannot read `gpu0`"),
         (lambda d: None, ["--weights", "{d}/none.safetensors"], "none.safetensors"),
         (lambda d: None, ["--random", "0"], "not a positive whole number"),
@@ -98,8 +99,8 @@ def _lying_npy() -> bytes:
         (lambda d: None, ["--distributed", "--cuda-graph"], "--cuda-graph: error: CUDA-graph capture runs in one"),
         (lambda d: None, ["--distributed", "--random", "3", "--batch", "2"], "--batch: error: --distributed runs"),
     ],
-    ids=["missing", "corrupt", "pickled", "truncated", "lying", "shape", "strings", "devices", "weights", "random",
-         "seed", "batch", "dtype", "graph", "distributed-graph", "distributed-batch"],
+    ids=["missing", "corrupt", "pickled", "truncated", "lying", "shape", "strings", "number", "devices", "weights",
+         "random", "seed", "batch", "dtype", "graph", "distributed-graph", "distributed-batch"],
 )
 def test_bad_inputs_are_clear_errors(tmp_path, capsys, make, args, message):
     make(tmp_path)

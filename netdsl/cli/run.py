@@ -154,17 +154,19 @@ def read_inputs(
                 where=str(path),
                 hint="save the image's pixels as numbers: numpy.save(path, pixels.astype(numpy.float32))",
             )
-        names += [str(path)] if tuple(array.shape) == shape else [f"{path}[{row}]" for row in range(len(array))]
-        if tuple(array.shape) == shape:
+        one = tuple(array.shape) == shape
+        if one:
             array = array[None]
         if tuple(array.shape[1:]) != shape:
             want = " x ".join(map(str, shape))
             raise NetError(
-                f"{path} has shape {' x '.join(map(str, array.shape))}, but the net takes {want} images",
+                f"{path} {'has shape ' + ' x '.join(map(str, array.shape)) if array.ndim else 'holds a single number'}"
+                f", but the net takes {want} images",
                 where=str(path),
                 hint=f"one image of {want}, or a batch N x {want}",
             )
         batches.append(array.astype(np.float32))
+        names += [str(path)] if one else [f"{path}[{row}]" for row in range(len(array))]
     return np.concatenate(batches), names
 
 
