@@ -159,3 +159,24 @@ def test_nan_inputs_on_the_gpu_are_refused(weights):
     x[1, 0, 3, 3] = float("inf")
     with pytest.raises(NetError, match="infinite"):
         model.profile(x)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dense_scores_on_the_gpu(backend, weights):
+    """VGG's dense evaluation on the GPU (LeNet-5 over images of two sizes, the second size's net holding the
+    first's tensors there): the CPU's fp32 probabilities, and under bf16 autocast within bf16's rounding."""
+    from netdsl.lang.frontend import load_graph
+    from netdsl.train.evaluate import DenseScores
+
+    graph, given = load_graph(net_path("lenet5")), weights("lenet5")
+    cpu = DenseScores(graph, given, devices="cpu", flip=True)
+    exact = DenseScores(graph, given, devices="cuda", flip=True, backend=backend)
+    half = DenseScores(graph, given, devices="cuda", flip=True, backend=backend, dtype="bf16")
+    rng = np.random.default_rng(12)
+    for shape in ((1, 40, 36), (1, 32, 48)):
+        x = rng.standard_normal((3, *shape), dtype=np.float32)
+        want = cpu.batch_scores(x).double().numpy()
+        for scorer, dtype in ((exact, "fp32"), (half, "bf16")):
+            error = relative_error(scorer.batch_scores(x), want)
+            report(f"dense lenet5 {backend} {dtype} {shape[1]}x{shape[2]}", error)
+            assert error <= TOLERANCES[dtype]
