@@ -527,7 +527,7 @@ def command_eval(rng: random.Random) -> Case:
     }
     argv = ["eval", choose(rng, NETS + ONNX)]
     if rng.random() < 0.9:
-        argv += ["--weights", choose(rng, WEIGHTS)]
+        argv += ["--weights", *(choose(rng, WEIGHTS) for _ in range(1 if rng.random() < 0.8 else 2))]  # an ensemble
     if rng.random() < 0.9:
         argv += ["--data", choose(rng, DATA)]
     return Case(argv + flags(rng, table, rng.randrange(5)))

@@ -237,6 +237,55 @@ def test_an_onnx_model_is_measured_with_its_own_weights(trained, tmp_path, capsy
     assert code == 1 and err.startswith("--weights: error: eval measures trained weights") and "Traceback" not in err
 
 
+def test_an_ensemble_averages_the_softmax_of_its_models(trained, tmp_path, capsys):
+    """`--weights A B`: each image's softmax averaged over the two models (as the paper averaged five nets), by
+    hand here with F.conv2d and each run's weights on each image's centre view; each model's own figures are
+    printed first, as eval of it alone gives them; a model trained on other classes is refused, naming it."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+    from safetensors.numpy import load_file
+
+    from netdsl.train.start import saved_preprocess
+
+    net, run, folder = trained
+    other = tmp_path / "other"
+    args = ["train", str(net), "--data", str(folder), "--batch", "4", "--steps", "2", "--seed", "9", *PLAIN]
+    assert main([*args, "--out", str(other)]) == 0
+    code, out, _ = evaluate(capsys, net, "--weights", run, other, "--data", folder, "--split", "all")
+    lines = out.splitlines()
+    assert code == 0 and lines[2] == "ensemble of 2, the softmax averaged:" and lines[3].startswith("images 15 ")
+    for line, weights in zip(lines[:2], (run, other), strict=True):
+        alone = evaluate(capsys, net, "--weights", weights, "--data", folder, "--split", "all")[1].splitlines()[0]
+        assert line == f"{weights / 'weights.safetensors'}: {alone.split('   ', 1)[1]}"
+    models = []
+    for weights in (run / "weights.safetensors", other / "weights.safetensors"):
+        tensors = {name: torch.from_numpy(value) for name, value in load_file(weights).items()}
+        models.append((tensors, saved_preprocess(weights)))
+    losses, right = [], 0
+    for label, name in enumerate(("cat", "dog", "owl")):
+        for path in sorted((folder / name).glob("*.png")):
+            probs = []
+            for w, preprocess in models:
+                x = torch.from_numpy(preprocess.apply(path))[None]
+                x = F.max_pool2d(F.relu(F.conv2d(x, w["c1.weight"], w["c1.bias"])), 2, 2)
+                probs.append(torch.softmax(F.linear(x.flatten(1), w["f2.weight"], w["f2.bias"]).double(), 1)[0])
+            mean = (probs[0] + probs[1]) / 2
+            losses.append(-float(torch.log(mean[label])))
+            right += int(mean.argmax()) == label
+    assert float(lines[3].split("top-1 ")[1].split("%")[0]) == pytest.approx(100 * right / 15, abs=0.006)
+    assert float(lines[3].split("loss ")[1].split()[0]) == pytest.approx(np.mean(losses), abs=6e-5)
+    assert lines[0] != lines[1]  # two models, not one twice
+    strange = tmp_path / "strange"
+    for index, name in enumerate(("ant", "bee", "cat")):
+        (strange / name).mkdir(parents=True)
+        for image in range(5):
+            Image.fromarray(np.full((8, 8), 40 * index + image, dtype=np.uint8)).save(strange / name / f"{image}.png")
+    assert main([*args, "--data", str(strange), "--out", str(tmp_path / "ants")]) == 0
+    code, _, err = evaluate(capsys, net, "--weights", run, tmp_path / "ants", "--data", folder)
+    assert code == 1 and "ants/weights.safetensors: error: " in err and "trained on other classes" in err
+
+
 def test_a_folder_with_a_class_the_weights_never_saw(trained, tmp_path, capsys):
     net, run, folder = trained
     other = tmp_path / "other"

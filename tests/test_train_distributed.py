@@ -220,18 +220,25 @@ def test_loss_sums_resumed_by_another_number_of_processes(rank, size):
     assert old == ((saved[0][:3], [0.0] * 3) if rank == 0 else ([0.0] * 3, [0.0] * 3))
 
 
-@pytest.mark.parametrize("flags", [("--views", "10", "--scales", "32,36"), ("--dense", "--scales", "32,40")])
-def test_eval_under_torchrun_sums_each_processs_share(tmp_path, digits_like, capsys, flags):
+@pytest.mark.parametrize(
+    "flags, models",
+    [(("--views", "10", "--scales", "32,36"), 1), (("--dense", "--scales", "32,40"), 1), (("--views", "1"), 2)],
+    ids=["views", "dense", "ensemble"],
+)
+def test_eval_under_torchrun_sums_each_processs_share(tmp_path, digits_like, capsys, flags, models):
     """`netdsl eval` in two processes: each measures every second image, rank 0 prints the summed tally, the
     one process's figures (the counts exactly; the mean loss to float32 rounding, summed in another order);
-    rank 1 prints nothing. With one validation image, rank 1's share is empty."""
+    rank 1 prints nothing. With one validation image, rank 1's share is empty. An ensemble (here of a run and
+    its first checkpoint) sums each model's tally too."""
     run = tmp_path / "run"
     assert main(["train", *_args(digits_like, run)]) == 0
+    weights = [str(run), *sorted(map(str, (run / "checkpoints").glob("*.ckpt")))][:models]
+    assert len(weights) == models
     single = np.load(digits_like)
     lone = tmp_path / "lone.npz"  # one validation image
     np.savez(lone, x=single["x"][:8], y=single["y"][:8], x_val=single["x_val"][:1], y_val=single["y_val"][:1])
     for data, split in ((digits_like, "all"), (lone, "val")):
-        args = [LENET, "--weights", str(run), "--data", str(data), "--split", split, "--workers", "0", *flags]
+        args = [LENET, "--weights", *weights, "--data", str(data), "--split", split, "--workers", "0", *flags]
         capsys.readouterr()
         assert main(["eval", *args]) == 0
         alone = capsys.readouterr().out
@@ -239,8 +246,9 @@ def test_eval_under_torchrun_sums_each_processs_share(tmp_path, digits_like, cap
         results = _finish(_start(2, [*args, "--timeout", "60"], tmp_path, command="eval"), printed)
         for rank, (code, err) in enumerate(results):
             assert code == 0, f"rank {rank}:\n{err}"
-        assert printed[1] == "" and printed[0].startswith(f"images {74 if split == 'all' else 1} ")
-        figures = [re.findall(r"[\d.]+", text.split("\n", 1)[0]) for text in (printed[0], alone)]
-        assert figures[0][:-1] == figures[1][:-1]  # images, top-1, top-5
-        assert float(figures[0][-1]) == pytest.approx(float(figures[1][-1]), abs=2e-4)  # the loss
-        assert printed[0].split("\n", 1)[1] == alone.split("\n", 1)[1]  # per class, the confusion matrix
+        assert printed[1] == "" and f"images {74 if split == 'all' else 1} " in printed[0]
+        assert ("ensemble of 2" in printed[0]) == (models == 2)
+        number = r"\d+(?:\.\d+)?"  # counts and percentages alike; the words between them the same
+        assert re.sub(number, "#", printed[0]) == re.sub(number, "#", alone)
+        for got, want in zip(re.findall(number, printed[0]), re.findall(number, alone), strict=True):
+            assert float(got) == pytest.approx(float(want), abs=2e-4)  # a loss summed in another order

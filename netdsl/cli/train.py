@@ -7,6 +7,7 @@ import contextlib
 import math
 import os
 import sys
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -51,8 +52,10 @@ def add_commands(commands, positive) -> None:
     evaluate = commands.add_parser("eval", help=EVAL_HELP, description=EVAL_HELP)
     evaluate.add_argument("net", type=Path, help="the .net file, or an .onnx model (with its weights)")
     evaluate.add_argument(
-        "--weights", type=Path, help="trained weights (or a run folder); for an .onnx model, default: its own"
-    )
+        "--weights", type=Path, nargs="+", metavar="W",
+        help="trained weights (or a run folder); several: an ensemble, the softmax averaged over the models (as "
+        "the paper averaged five nets); for an .onnx model, default: its own",
+    )  # fmt: skip
     evaluate.add_argument("--data", required=True, metavar="DIR|FILE.npz|digits", help="the images to measure on")
     evaluate.add_argument(
         "--split",
@@ -314,8 +317,6 @@ def _eval(args: argparse.Namespace) -> int:
 
     from netdsl.lang.frontend import load_graph
     from netdsl.runtime.devices import parse_devices
-    from netdsl.runtime.weights import load_weights, weights_metadata
-    from netdsl.train.augment import Preprocess
     from netdsl.train.data import check_workers, labels_by_name, loading_workers, open_data
     from netdsl.train.evaluate import DenseScores, Tally, dense_probabilities
     from netdsl.train.loop import class_count
@@ -330,16 +331,15 @@ def _eval(args: argparse.Namespace) -> int:
         use_interpreter()  # the same kernels, interpreted on the CPU
     world = World.from_environment()
     world.join(args.timeout)
-    weights_path = weights_file(args.weights)
     if args.confusion is not None:  # before the measuring, not by the write at its end
         refuse_folder(args.confusion, "--confusion")
     graph = load_graph(args.net)
     classes = class_count(graph)
-    shape = graph.nodes[graph.graph["inputs"][0]]["layer"].shape
-    metadata = weights_metadata(weights_path)
-    weights = load_weights(weights_path, graph)
-    saved = metadata.get("netdsl.preprocess")
-    run_recipe = _run_settings(weights_path, metadata)
+    shape = tuple(graph.nodes[graph.graph["inputs"][0]]["layer"].shape)
+    given = args.weights if isinstance(args.weights, list) else [args.weights]  # an ONNX model's: one file
+    members = [_Member.load(weights_file(path), graph, shape, classes) for path in given]
+    first = members[0]  # its run's split of the data is measured, and its classes name the data's
+    run_recipe = _run_settings(first.path, first.metadata)
     fraction = args.val_fraction if args.val_fraction is not None else run_recipe.get("val_fraction", 0.1)
     seed = args.seed if args.seed is not None else run_recipe.get("seed", 0)
     skip = args.skip_corrupt if args.skip_corrupt is not None else bool(run_recipe.get("skip_corrupt", False))
@@ -347,63 +347,109 @@ def _eval(args: argparse.Namespace) -> int:
     workers, note = loading_workers(args.workers, sharing=world.local_size)  # under torchrun, the CPUs shared
     if note and world.leader:
         print(note, file=sys.stderr)
-    own = Preprocess.from_json(saved, where=str(weights_path)) if saved else None
-    if own is not None:
-        own.check_fits(tuple(shape), str(weights_path))
     # only the parts measured are looked at for unreadable files, and not at all where the weights' run scanned
     # the same files; the weights' own preprocessing stands for the data's statistics
     split = open_data(
-        args.data, tuple(shape), num_outputs=classes, val_fraction=fraction if args.split == "val" else 0.0,
-        seed=seed, skip_corrupt=skip, workers=workers, size=None if own is None else own.size,
-        scan_record=RunFolder(_run_folder(weights_path)).read_scan(), world=world,
-        statistics=own is None, check={"all": ("train", "val")}.get(args.split, (args.split,)),
+        args.data, shape, num_outputs=classes, val_fraction=fraction if args.split == "val" else 0.0,
+        seed=seed, skip_corrupt=skip, workers=workers, size=None if first.own is None else first.own.size,
+        scan_record=RunFolder(_run_folder(first.path)).read_scan(), world=world,
+        statistics=any(member.own is None for member in members),
+        check={"all": ("train", "val")}.get(args.split, (args.split,)),
         meter=lambda _, images: Meter(sys.stderr, images, "reading the images", world),  # for unreadable ones
     )  # fmt: skip
     if split.skipped and world.leader:
         print(f"skipped {len(split.skipped)} unreadable images (first: {split.skipped[0]})", file=sys.stderr)
-    preprocess = own or split.preprocess
-    if saved is None and world.leader:
-        print("note: the weights carry no preprocessing; using the data's own mean", file=sys.stderr)
+    for member in members:
+        member.preprocess = member.own or split.preprocess
+        if member.own is None and world.leader:
+            print(f"note: {member.path} carries no preprocessing; using the data's own mean", file=sys.stderr)
+        if list(member.preprocess.classes) != list(first.preprocess.classes):
+            raise NetError(
+                f"{member.path} was trained on other classes than {first.path}",
+                where=str(member.path),
+                hint="an ensemble averages models of the same classes, in the same order",
+            )
     parts = {"val": [split.val], "train": [split.train], "all": [split.train, split.val]}[args.split]
     parts = [part for part in parts if part is not None]
     if not parts:
         raise NetError("the data has no validation images", where="--data", hint="use --split all, or --val-fraction")
-    relabel = labels_by_name(split.classes, list(preprocess.classes), str(args.data))
+    relabel = labels_by_name(split.classes, list(first.preprocess.classes), str(args.data))
     if relabel is not None and world.leader:
         print(
-            f"note: the data's {len(split.classes)} classes are matched by name to the {len(preprocess.classes)} "
-            "the weights were trained on",
+            f"note: the data's {len(split.classes)} classes are matched by name to the "
+            f"{len(first.preprocess.classes)} the weights were trained on",
             file=sys.stderr,
         )
     relabel = None if relabel is None else torch.tensor(relabel)
     if world.distributed:  # this process's share: every world.size-th image
         parts = [part.subset(np.arange(world.rank, len(part), world.size)) for part in parts]
     devices = world.device_map(graph, parse_devices(args.devices)) if world.distributed else parse_devices(args.devices)
-    tally = Tally(classes)
-    scales = args.scales or (preprocess.size,)
     title = "measuring" + (" (this process's share)" if world.distributed else "")
-    shown = Meter(sys.stderr, sum(map(len, parts)) * len(scales), title, world)
-    if args.dense:  # whole images, those of one size together
-        scorer = DenseScores(graph, weights, devices, preprocess.flip, args.backend, args.dtype)
-        measure = partial(dense_probabilities, scales=scales, scorer=scorer, batch=args.batch, workers=workers,
-                          advance=shown.advance)  # fmt: skip
-    else:
-        measure = _views_measure(args, graph, weights, devices, scales, workers, shown.advance)
+    scales = [args.scales or (member.preprocess.size,) for member in members]
+    shown = Meter(sys.stderr, sum(map(len, parts)) * sum(map(len, scales)), title, world)
+    for member, sizes in zip(members, scales, strict=True):
+        if args.dense:  # whole images, those of one size together
+            scorer = DenseScores(graph, member.weights, devices, member.preprocess.flip, args.backend, args.dtype)
+            member.measure = partial(dense_probabilities, scales=sizes, scorer=scorer, batch=args.batch,
+                                     workers=workers, advance=shown.advance)  # fmt: skip
+        else:
+            member.measure = _views_measure(args, graph, member.weights, devices, sizes, workers, shown.advance)
+    tally = Tally(classes)  # the ensemble's (the one model's, with one)
     for part in parts:
-        part.preprocess = preprocess
         labels = torch.from_numpy(part.labels)
-        tally.add(measure(part), labels if relabel is None else relabel[labels])
+        labels = labels if relabel is None else relabel[labels]
+        probs = []
+        for member in members:
+            part.preprocess = member.preprocess
+            probs.append(member.measure(part))
+            member.tally.add(probs[-1], labels)
+        tally.add(torch.stack(probs).mean(dim=0), labels)  # the softmax averaged over the models
     shown.close()
     if world.distributed:
         tally = Tally.from_vector(classes, world.sum(tally.vector()))
+        for member in members:
+            member.tally = Tally.from_vector(classes, world.sum(member.tally.vector()))
         if not world.leader:
             return 0
-    names = list(preprocess.classes) or split.classes
+    names = list(first.preprocess.classes) or split.classes
+    if len(members) > 1:  # each model alone, then the ensemble
+        for member in members:
+            alone = member.tally.report(names).splitlines()[0].split("   ", 1)[1]
+            print(f"{member.path}: {alone}")
+        print(f"ensemble of {len(members)}, the softmax averaged:")
     print(tally.report(names), end="")
     if args.confusion is not None and not tally.plot_confusion(args.confusion, names):
         hint = "pip install 'netdsl[train]'"
         raise NetError("drawing the confusion matrix needs matplotlib", where="--confusion", hint=hint)
     return 0
+
+
+@dataclass
+class _Member:
+    """One model `netdsl eval` measures (of an ensemble, or alone): its weights file, the weights, their saved
+    preprocessing (`own`; None: the data's, once read), how it measures a set of images, and its own tally."""
+
+    path: Path
+    metadata: dict
+    weights: dict
+    own: object  # Preprocess | None
+    tally: object  # Tally
+    preprocess: object = None
+    measure: object = None
+
+    @classmethod
+    def load(cls, path: Path, graph, shape: tuple[int, ...], classes: int) -> _Member:
+        from netdsl.runtime.weights import load_weights, weights_metadata
+        from netdsl.train.augment import Preprocess
+        from netdsl.train.evaluate import Tally
+
+        metadata = weights_metadata(path)
+        weights = load_weights(path, graph)
+        saved = metadata.get("netdsl.preprocess")
+        own = Preprocess.from_json(saved, where=str(path)) if saved else None
+        if own is not None:
+            own.check_fits(shape, str(path))
+        return cls(path, metadata, weights, own, Tally(classes))
 
 
 def _views_measure(args, graph, weights, devices, scales, workers: int, advance):
