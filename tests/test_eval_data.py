@@ -246,18 +246,21 @@ def test_an_ensemble_averages_the_softmax_of_its_models(trained, tmp_path, capsy
     from PIL import Image
     from safetensors.numpy import load_file
 
+    from netdsl.lang.frontend import load_graph
+    from netdsl.runtime.weights import init_weights, save_weights
     from netdsl.train.start import saved_preprocess
 
     net, run, folder = trained
-    other = tmp_path / "other"
-    args = ["train", str(net), "--data", str(folder), "--batch", "4", "--steps", "2", "--seed", "9", *PLAIN]
-    assert main([*args, "--out", str(other)]) == 0
-    code, out, _ = evaluate(capsys, net, "--weights", run, other, "--data", folder, "--split", "all")
+    wide, other = tmp_path / "wide.net", tmp_path / "other"  # another net: six filters where TINY has four
+    wide.write_text(TINY.replace("conv(image, 4,", "conv(image, 6,"))
+    args = ["--data", str(folder), "--batch", "4", "--steps", "2", "--seed", "9", *PLAIN]
+    assert main(["train", str(wide), *args, "--out", str(other)]) == 0
+    code, out, _ = evaluate(capsys, net, wide, "--weights", run, other, "--data", folder, "--split", "all")
     lines = out.splitlines()
     assert code == 0 and lines[2] == "ensemble of 2, the softmax averaged:" and lines[3].startswith("images 15 ")
-    for line, weights in zip(lines[:2], (run, other), strict=True):
-        alone = evaluate(capsys, net, "--weights", weights, "--data", folder, "--split", "all")[1].splitlines()[0]
-        assert line == f"{weights / 'weights.safetensors'}: {alone.split('   ', 1)[1]}"
+    for line, model, weights in zip(lines[:2], (net, wide), (run, other), strict=True):
+        alone = evaluate(capsys, model, "--weights", weights, "--data", folder, "--split", "all")[1].splitlines()[0]
+        assert line == f"{weights} ({model}): {alone.split('   ', 1)[1]}"
     models = []
     for weights in (run / "weights.safetensors", other / "weights.safetensors"):
         tensors = {name: torch.from_numpy(value) for name, value in load_file(weights).items()}
@@ -275,15 +278,28 @@ def test_an_ensemble_averages_the_softmax_of_its_models(trained, tmp_path, capsy
             right += int(mean.argmax()) == label
     assert float(lines[3].split("top-1 ")[1].split("%")[0]) == pytest.approx(100 * right / 15, abs=0.006)
     assert float(lines[3].split("loss ")[1].split()[0]) == pytest.approx(np.mean(losses), abs=6e-5)
-    assert lines[0] != lines[1]  # two models, not one twice
+    assert models[0][0]["c1.weight"].shape[0] == 4 and models[1][0]["c1.weight"].shape[0] == 6
     strange = tmp_path / "strange"
     for index, name in enumerate(("ant", "bee", "cat")):
         (strange / name).mkdir(parents=True)
         for image in range(5):
             Image.fromarray(np.full((8, 8), 40 * index + image, dtype=np.uint8)).save(strange / name / f"{image}.png")
-    assert main([*args, "--data", str(strange), "--out", str(tmp_path / "ants")]) == 0
-    code, _, err = evaluate(capsys, net, "--weights", run, tmp_path / "ants", "--data", folder)
-    assert code == 1 and "ants/weights.safetensors: error: " in err and "trained on other classes" in err
+    assert main(["train", str(net), *args, "--data", str(strange), "--out", str(tmp_path / "ants")]) == 0
+    four = tmp_path / "four.net"  # a net of four classes, with weights of its own
+    four.write_text(TINY.replace("fc(c1, 3)", "fc(c1, 4)"))
+    save_weights(tmp_path / "four.safetensors", init_weights(load_graph(four)))
+    big = tmp_path / "big.net"  # 10 x 10 inputs, and weights that do not say how to prepare images for them
+    big.write_text(TINY.replace("1 x 8 x 8", "1 x 10 x 10"))
+    save_weights(tmp_path / "big.safetensors", init_weights(load_graph(big)))
+    for nets, weights, message in [
+        ([net], [run, tmp_path / "ants"], "ants/weights.safetensors: error: "),
+        ([net, four], [run, tmp_path / "four.safetensors"], "four.net: error: "),
+        ([net, big], [run, tmp_path / "big.safetensors"], "does not say how to prepare images for it"),
+        ([net, wide, net], [run, other], "--weights: error: 3 nets and 2 weights files"),
+        ([net], [], "expected at least one argument"),
+    ]:
+        code, _, err = evaluate(capsys, *nets, "--weights", *weights, "--data", folder)
+        assert code == 1 and message in err and "Traceback" not in err, err
 
 
 def test_a_folder_with_a_class_the_weights_never_saw(trained, tmp_path, capsys):

@@ -50,7 +50,11 @@ def add_commands(commands, positive) -> None:
     add_flags(train)
 
     evaluate = commands.add_parser("eval", help=EVAL_HELP, description=EVAL_HELP)
-    evaluate.add_argument("net", type=Path, help="the .net file, or an .onnx model (with its weights)")
+    evaluate.add_argument(
+        "net", type=Path, nargs="+",
+        help="the .net file, or an .onnx model (with its weights); several, one for each --weights: an ensemble of "
+        "different nets",
+    )  # fmt: skip
     evaluate.add_argument(
         "--weights", type=Path, nargs="+", metavar="W",
         help="trained weights (or a run folder); several: an ensemble, the softmax averaged over the models (as "
@@ -292,26 +296,47 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def _eval_model(args: argparse.Namespace) -> int:
-    """An ONNX model is imported into a temporary folder (gone before a torchrun process exits) and measured
-    with its own weights unless --weights says otherwise; a .net file needs --weights."""
+    """The models to measure, (net, weights) each: one net with every --weights file, or a net for each. An
+    ONNX model is imported into a temporary folder (gone before a torchrun process exits) and measured with its
+    own weights where --weights is not given; a .net file needs --weights."""
     import tempfile
 
     from netdsl.cli.onnx_input import imported_model
 
-    if args.net.suffix.lower() == ".onnx":
-        with tempfile.TemporaryDirectory(prefix="netdsl-onnx-") as folder:
-            args.net = imported_model(args.net, Path(folder), args)
-            return _eval(args)
-    if args.weights is None:
+    nets, given = list(args.net), args.weights
+    named = [str(net) for net in nets]  # as the user wrote them, for the figures of each model
+    if given is not None and len(nets) not in (1, len(given)):
         raise NetError(
-            "eval measures trained weights, and none were given",
+            f"{len(nets)} nets and {len(given)} weights files: which weights are whose is not said",
             where="--weights",
-            hint="give --weights (a weights file, a checkpoint or a run folder of netdsl train), or an .onnx model",
+            hint="give one net for all the weights, or one weights file (or run folder) per net, in the same order",
         )
-    return _eval(args)
+    with tempfile.TemporaryDirectory(prefix="netdsl-onnx-") as folder:
+        own = []  # each net's own weights: an ONNX model's, else None
+        for index, net in enumerate(nets):
+            if net.suffix.lower() == ".onnx":
+                imported = argparse.Namespace(weights=None)
+                nets[index] = imported_model(net, Path(folder) / str(index), imported)
+                own.append(imported.weights)
+            else:
+                own.append(None)
+        if given is None and None in own:
+            raise NetError(
+                "eval measures trained weights, and none were given",
+                where="--weights",
+                hint="give --weights (a weights file, a checkpoint or a run folder of netdsl train), or an .onnx model",
+            )
+        if given is None:  # ONNX models, each with its own weights
+            models = list(zip(nets, own, named, strict=True))
+        elif len(nets) == 1:
+            models = [(nets[0], path, str(path)) for path in given]
+        else:
+            models = [(net, path, f"{path} ({name})") for net, path, name in zip(nets, given, named, strict=True)]
+        return _eval(args, models)
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int:
+    """Measures the models, (net, weights, what to call it) each: one alone, or several as an ensemble."""
     import numpy as np
     import torch
 
@@ -319,7 +344,6 @@ def _eval(args: argparse.Namespace) -> int:
     from netdsl.runtime.devices import parse_devices
     from netdsl.train.data import check_workers, labels_by_name, loading_workers, open_data
     from netdsl.train.evaluate import DenseScores, Tally, dense_probabilities
-    from netdsl.train.loop import class_count
     from netdsl.train.progress import Meter
     from netdsl.train.runs import RunFolder, weights_file
     from netdsl.train.world import World
@@ -333,12 +357,21 @@ def _eval(args: argparse.Namespace) -> int:
     world.join(args.timeout)
     if args.confusion is not None:  # before the measuring, not by the write at its end
         refuse_folder(args.confusion, "--confusion")
-    graph = load_graph(args.net)
-    classes = class_count(graph)
-    shape = tuple(graph.nodes[graph.graph["inputs"][0]]["layer"].shape)
-    given = args.weights if isinstance(args.weights, list) else [args.weights]  # an ONNX model's: one file
-    members = [_Member.load(weights_file(path), graph, shape, classes) for path in given]
+    graphs = {net: load_graph(net) for net, _, _ in models}
+    members = [_Member.load(net, graphs[net], weights_file(path), name) for net, path, name in models]
     first = members[0]  # its run's split of the data is measured, and its classes name the data's
+    classes, shape = first.classes, first.shape
+    for member in members[1:]:
+        if member.classes != classes:
+            raise NetError(f"{member.net} scores {member.classes} classes, and {first.net} {classes}",
+                           where=str(member.net), hint="an ensemble averages models of the same classes")  # fmt: skip
+        if member.shape != shape and member.own is None:
+            raise NetError(
+                f"{member.net} takes {' x '.join(map(str, member.shape))} inputs, unlike {first.net}, and "
+                f"{member.path} does not say how to prepare images for it",
+                where=str(member.path),
+                hint="give weights that netdsl train wrote (they carry their preprocessing)",
+            )
     run_recipe = _run_settings(first.path, first.metadata)
     fraction = args.val_fraction if args.val_fraction is not None else run_recipe.get("val_fraction", 0.1)
     seed = args.seed if args.seed is not None else run_recipe.get("seed", 0)
@@ -383,17 +416,19 @@ def _eval(args: argparse.Namespace) -> int:
     relabel = None if relabel is None else torch.tensor(relabel)
     if world.distributed:  # this process's share: every world.size-th image
         parts = [part.subset(np.arange(world.rank, len(part), world.size)) for part in parts]
-    devices = world.device_map(graph, parse_devices(args.devices)) if world.distributed else parse_devices(args.devices)
+    mapping = parse_devices(args.devices)
     title = "measuring" + (" (this process's share)" if world.distributed else "")
     scales = [args.scales or (member.preprocess.size,) for member in members]
     shown = Meter(sys.stderr, sum(map(len, parts)) * sum(map(len, scales)), title, world)
     for member, sizes in zip(members, scales, strict=True):
+        devices = world.device_map(member.graph, mapping) if world.distributed else mapping
         if args.dense:  # whole images, those of one size together
-            scorer = DenseScores(graph, member.weights, devices, member.preprocess.flip, args.backend, args.dtype)
+            scorer = DenseScores(member.graph, member.weights, devices, member.preprocess.flip, args.backend,
+                                 args.dtype)  # fmt: skip
             member.measure = partial(dense_probabilities, scales=sizes, scorer=scorer, batch=args.batch,
                                      workers=workers, advance=shown.advance)  # fmt: skip
         else:
-            member.measure = _views_measure(args, graph, member.weights, devices, sizes, workers, shown.advance)
+            member.measure = _views_measure(args, member, devices, sizes, workers, shown.advance)
     tally = Tally(classes)  # the ensemble's (the one model's, with one)
     for part in parts:
         labels = torch.from_numpy(part.labels)
@@ -415,7 +450,7 @@ def _eval(args: argparse.Namespace) -> int:
     if len(members) > 1:  # each model alone, then the ensemble
         for member in members:
             alone = member.tally.report(names).splitlines()[0].split("   ", 1)[1]
-            print(f"{member.path}: {alone}")
+            print(f"{member.name}: {alone}")
         print(f"ensemble of {len(members)}, the softmax averaged:")
     print(tally.report(names), end="")
     if args.confusion is not None and not tally.plot_confusion(args.confusion, names):
@@ -426,10 +461,16 @@ def _eval(args: argparse.Namespace) -> int:
 
 @dataclass
 class _Member:
-    """One model `netdsl eval` measures (of an ensemble, or alone): its weights file, the weights, their saved
-    preprocessing (`own`; None: the data's, once read), how it measures a set of images, and its own tally."""
+    """One model `netdsl eval` measures (of an ensemble, or alone): its net (file and graph), the classes it
+    scores and the input it takes, its weights file, the weights, their saved preprocessing (`own`; None: the
+    data's, once read), how it measures a set of images, and its own tally."""
 
+    net: Path
+    graph: object
+    classes: int
+    shape: tuple[int, ...]
     path: Path
+    name: str  # what the user called it: the weights (and the net, of several) or the ONNX model
     metadata: dict
     weights: dict
     own: object  # Preprocess | None
@@ -438,21 +479,23 @@ class _Member:
     measure: object = None
 
     @classmethod
-    def load(cls, path: Path, graph, shape: tuple[int, ...], classes: int) -> _Member:
+    def load(cls, net: Path, graph, path: Path, name: str) -> _Member:
         from netdsl.runtime.weights import load_weights, weights_metadata
         from netdsl.train.augment import Preprocess
         from netdsl.train.evaluate import Tally
+        from netdsl.train.loop import class_count
 
+        classes, shape = class_count(graph), tuple(graph.nodes[graph.graph["inputs"][0]]["layer"].shape)
         metadata = weights_metadata(path)
         weights = load_weights(path, graph)
         saved = metadata.get("netdsl.preprocess")
         own = Preprocess.from_json(saved, where=str(path)) if saved else None
         if own is not None:
             own.check_fits(shape, str(path))
-        return cls(path, metadata, weights, own, Tally(classes))
+        return cls(net, graph, classes, shape, path, name, metadata, weights, own, Tally(classes))
 
 
-def _views_measure(args, graph, weights, devices, scales, workers: int, advance):
+def _views_measure(args, member: _Member, devices, scales, workers: int, advance):
     """eval's measuring of views (the centre, or the paper's ten) at each of `scales`: a function from a set of
     images (a Samples) to their N x K probabilities. Each image is decoded once for all the scales, and a pass
     holds --batch images' views at one scale or fewer images' at several (the same views to a pass)."""
@@ -462,8 +505,8 @@ def _views_measure(args, graph, weights, devices, scales, workers: int, advance)
     from netdsl.runtime.net import Net
     from netdsl.train.evaluate import probabilities, scaled_images
 
-    net = Net(args.net, backend=args.backend, weights=weights, devices=devices, dtype=args.dtype)
-    last = graph.nodes[graph.graph["outputs"][0]]["layer"]
+    net = Net(member.net, backend=args.backend, weights=member.weights, devices=devices, dtype=args.dtype)
+    last = member.graph.nodes[member.graph.graph["outputs"][0]]["layer"]
     chunk = max(1, args.batch // len(scales))
 
     def measure(part) -> torch.Tensor:
