@@ -10,11 +10,23 @@ import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from netdsl.cli.flags import image_sizes, seconds, seed_number
 from netdsl.codegen.interpret import use_interpreter
 from netdsl.errors import NetError
 from netdsl.files import parse_json, refuse_folder
+
+if TYPE_CHECKING:  # the annotations of _Member; imported where they are used, as the commands load lazily
+    from collections.abc import Callable
+
+    import networkx as nx
+    import numpy as np
+    import torch
+
+    from netdsl.train.augment import Preprocess
+    from netdsl.train.data import Samples
+    from netdsl.train.evaluate import Tally
 
 TRAIN_HELP = "train a net: the recipe from its `train` blocks, a --recipe file and flags (docs/training.md)"
 EVAL_HELP = "measure trained weights on a data set: top-1, top-5, per-class accuracy, confusion matrix"
@@ -466,17 +478,17 @@ class _Member:
     data's, once read), how it measures a set of images, and its own tally."""
 
     net: Path
-    graph: object
+    graph: nx.DiGraph
     classes: int
     shape: tuple[int, ...]
     path: Path
     name: str  # what the user called it: the weights (and the net, of several) or the ONNX model
-    metadata: dict
-    weights: dict
-    own: object  # Preprocess | None
-    tally: object  # Tally
-    preprocess: object = None
-    measure: object = None
+    metadata: dict[str, str]
+    weights: dict[str, np.ndarray]
+    own: Preprocess | None
+    tally: Tally
+    preprocess: Preprocess | None = None  # own, or the data's
+    measure: Callable[[Samples], torch.Tensor] | None = None  # a set of images -> their N x K probabilities
 
     @classmethod
     def load(cls, net: Path, graph, path: Path, name: str) -> _Member:
