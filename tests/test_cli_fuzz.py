@@ -523,6 +523,8 @@ def command_eval(rng: random.Random) -> Case:
         "--confusion": ["c.png", "images", "", "sub/c.png", "tiny.net"],
         "--dense": None,
         "--dtype": ["fp32", "bf16", "fp16", "tf32", ""],
+        "--save": ["m.npz"] * 3 + ["m.npy", "images", "", "data.npz", "sub/m.npz", "tiny.net"],
+        "--mistakes": lambda r: pick(r, ["1", "5"], WHOLE_BAD),
         "--timeout": lambda r: pick(r, ["300", "0.5"], [*NUMBER_BAD, "604801", "1e9"]),
     }
     argv = ["eval", choose(rng, NETS + ONNX)]

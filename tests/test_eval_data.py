@@ -255,7 +255,9 @@ def test_an_ensemble_averages_the_softmax_of_its_models(trained, tmp_path, capsy
     wide.write_text(TINY.replace("conv(image, 4,", "conv(image, 6,"))
     args = ["--data", str(folder), "--batch", "4", "--steps", "2", "--seed", "9", *PLAIN]
     assert main(["train", str(wide), *args, "--out", str(other)]) == 0
-    code, out, _ = evaluate(capsys, net, wide, "--weights", run, other, "--data", folder, "--split", "all")
+    saved = tmp_path / "measured.npz"
+    code, out, _ = evaluate(capsys, net, wide, "--weights", run, other, "--data", folder, "--split", "all",
+                            "--save", saved, "--mistakes", 3)  # fmt: skip
     lines = out.splitlines()
     assert code == 0 and lines[2] == "ensemble of 2, the softmax averaged:" and lines[3].startswith("images 15 ")
     for line, model, weights in zip(lines[:2], (net, wide), (run, other), strict=True):
@@ -265,7 +267,7 @@ def test_an_ensemble_averages_the_softmax_of_its_models(trained, tmp_path, capsy
     for weights in (run / "weights.safetensors", other / "weights.safetensors"):
         tensors = {name: torch.from_numpy(value) for name, value in load_file(weights).items()}
         models.append((tensors, saved_preprocess(weights)))
-    losses, right = [], 0
+    losses, right, by_file = [], 0, {}
     for label, name in enumerate(("cat", "dog", "owl")):
         for path in sorted((folder / name).glob("*.png")):
             probs = []
@@ -276,8 +278,20 @@ def test_an_ensemble_averages_the_softmax_of_its_models(trained, tmp_path, capsy
             mean = (probs[0] + probs[1]) / 2
             losses.append(-float(torch.log(mean[label])))
             right += int(mean.argmax()) == label
+            by_file[str(path)] = (mean.numpy(), label)
     assert float(lines[3].split("top-1 ")[1].split("%")[0]) == pytest.approx(100 * right / 15, abs=0.006)
     assert float(lines[3].split("loss ")[1].split()[0]) == pytest.approx(np.mean(losses), abs=6e-5)
+    arrays = np.load(saved)  # --save: every image's figures, by its file
+    assert sorted(arrays["files"]) == sorted(by_file) and list(arrays["classes"]) == ["cat", "dog", "owl"]
+    for file, probs, label, predicted in zip(*(arrays[key] for key in ("files", "probabilities", "labels",
+                                                                       "predicted")), strict=True):  # fmt: skip
+        np.testing.assert_allclose(probs, by_file[file][0], rtol=0, atol=1e-6)
+        assert label == by_file[file][1] and predicted == probs.argmax()
+    wrong = np.flatnonzero(arrays["predicted"] != arrays["labels"])  # --mistakes 3: the surest wrong ones first
+    sure = arrays["probabilities"][wrong, arrays["predicted"][wrong]]
+    start = next(i for i, line in enumerate(lines) if line.startswith("the most confident mistakes"))
+    assert lines[start] == f"the most confident mistakes ({min(3, len(wrong))} of {len(wrong)})" and len(wrong) >= 3
+    assert [line.split()[0] for line in lines[start + 3 :]] == list(arrays["files"][wrong[np.argsort(-sure)][:3]])
     assert models[0][0]["c1.weight"].shape[0] == 4 and models[1][0]["c1.weight"].shape[0] == 6
     strange = tmp_path / "strange"
     for index, name in enumerate(("ant", "bee", "cat")):
@@ -300,6 +314,21 @@ def test_an_ensemble_averages_the_softmax_of_its_models(trained, tmp_path, capsy
     ]:
         code, _, err = evaluate(capsys, *nets, "--weights", *weights, "--data", folder)
         assert code == 1 and message in err and "Traceback" not in err, err
+
+
+def test_what_eval_cannot_save_is_refused_before_measuring(trained, tmp_path, capsys):
+    net, run, folder = trained
+    arrays = tmp_path / "images.npz"  # data to measure (never read: the refusal comes first)
+    arrays.write_bytes(b"PK")
+    for data, target, message in [
+        (folder, tmp_path / "out.npy", "out.npy is not an .npz file"),
+        (folder, tmp_path, "is a folder, not a file to write"),
+        (arrays, arrays, "is a file this command reads"),
+    ]:
+        code, out, err = evaluate(capsys, net, "--weights", run, "--data", data, "--save", target)
+        assert code == 1 and "--save: error: " in err and message in err and out == "" and "Traceback" not in err, err
+    code, _, err = evaluate(capsys, net, "--weights", run, "--data", folder, "--mistakes", 0)
+    assert code == 1 and "--mistakes" in err and "Traceback" not in err
 
 
 def test_a_folder_with_a_class_the_weights_never_saw(trained, tmp_path, capsys):

@@ -240,10 +240,11 @@ def test_eval_under_torchrun_sums_each_processs_share(tmp_path, digits_like, cap
     for data, split in ((digits_like, "all"), (lone, "val")):
         args = [LENET, "--weights", *weights, "--data", str(data), "--split", split, "--workers", "0", *flags]
         capsys.readouterr()
-        assert main(["eval", *args]) == 0
+        assert main(["eval", *args, "--save", str(tmp_path / "one.npz")]) == 0
         alone = capsys.readouterr().out
         printed = []
-        results = _finish(_start(2, [*args, "--timeout", "60"], tmp_path, command="eval"), printed)
+        args += ["--timeout", "60", "--save", str(tmp_path / "two.npz")]
+        results = _finish(_start(2, args, tmp_path, command="eval"), printed)
         for rank, (code, err) in enumerate(results):
             assert code == 0, f"rank {rank}:\n{err}"
         assert printed[1] == "" and f"images {74 if split == 'all' else 1} " in printed[0]
@@ -252,3 +253,7 @@ def test_eval_under_torchrun_sums_each_processs_share(tmp_path, digits_like, cap
         assert re.sub(number, "#", printed[0]) == re.sub(number, "#", alone)
         for got, want in zip(re.findall(number, printed[0]), re.findall(number, alone), strict=True):
             assert float(got) == pytest.approx(float(want), abs=2e-4)  # a loss summed in another order
+        one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")  # --save: rank 0 writes them all
+        assert list(two["files"]) == list(one["files"]) and len(one["files"]) == (74 if split == "all" else 1)
+        assert (two["labels"] == one["labels"]).all() and (two["predicted"] == one["predicted"]).all()
+        np.testing.assert_allclose(two["probabilities"], one["probabilities"], rtol=0, atol=1e-5)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from netdsl.cli.flags import image_sizes, seconds, seed_number
 from netdsl.codegen.interpret import use_interpreter
 from netdsl.errors import NetError
-from netdsl.files import parse_json, refuse_folder
+from netdsl.files import parse_json, refuse_folder, refuse_overwriting, write_arrays
 
 if TYPE_CHECKING:  # the annotations of _Member; imported where they are used, as the commands load lazily
     from collections.abc import Callable
@@ -117,6 +117,13 @@ def add_commands(commands, positive) -> None:
     )  # fmt: skip
     evaluate.add_argument("--devices", metavar="MAP", help="logical devices to torch devices")
     evaluate.add_argument("--confusion", type=Path, metavar="OUT.png", help="draw the confusion matrix (matplotlib)")
+    evaluate.add_argument(
+        "--save", type=Path, metavar="OUT.npz",
+        help="save every image's class probabilities, label, prediction and file (or array row), and the classes",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--mistakes", type=positive, metavar="N", help="list the N images the net got wrong most confidently"
+    )
     evaluate.add_argument(
         "--timeout", type=seconds, default=300.0, metavar="X",
         help="under torchrun (each process measuring its share), how long a process waits for the others (seconds)",
@@ -355,7 +362,7 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
     from netdsl.lang.frontend import load_graph
     from netdsl.runtime.devices import parse_devices
     from netdsl.train.data import check_workers, labels_by_name, loading_workers, open_data
-    from netdsl.train.evaluate import DenseScores, Tally, dense_probabilities
+    from netdsl.train.evaluate import DenseScores, Measured, Tally, dense_probabilities
     from netdsl.train.progress import Meter
     from netdsl.train.runs import RunFolder, weights_file
     from netdsl.train.world import World
@@ -369,6 +376,13 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
     world.join(args.timeout)
     if args.confusion is not None:  # before the measuring, not by the write at its end
         refuse_folder(args.confusion, "--confusion")
+    if args.save is not None:
+        refuse_folder(args.save, "--save")
+        if args.save.suffix.lower() != ".npz":
+            raise NetError(f"{args.save} is not an .npz file", where="--save",
+                           hint="eval saves several arrays by name: give a name ending in .npz")  # fmt: skip
+        read = [path for net, weights, _ in models for path in (net, weights_file(weights))]
+        refuse_overwriting(args.save, [*read, Path(str(args.data))], "--save")
     graphs = {net: load_graph(net) for net, _, _ in models}
     members = [_Member.load(net, graphs[net], weights_file(path), name) for net, path, name in models]
     first = members[0]  # its run's split of the data is measured, and its classes name the data's
@@ -442,6 +456,7 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
         else:
             member.measure = _views_measure(args, member, devices, sizes, workers, shown.advance)
     tally = Tally(classes)  # the ensemble's (the one model's, with one)
+    measured = Measured() if args.save or args.mistakes else None  # each image's figures, where they are shown
     for part in parts:
         labels = torch.from_numpy(part.labels)
         labels = labels if relabel is None else relabel[labels]
@@ -450,12 +465,17 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
             part.preprocess = member.preprocess
             probs.append(member.measure(part))
             member.tally.add(probs[-1], labels)
-        tally.add(torch.stack(probs).mean(dim=0), labels)  # the softmax averaged over the models
+        ensemble = torch.stack(probs).mean(dim=0)  # the softmax averaged over the models
+        tally.add(ensemble, labels)
+        if measured is not None:
+            measured.add(part, ensemble, labels)
     shown.close()
     if world.distributed:
         tally = Tally.from_vector(classes, world.sum(tally.vector()))
         for member in members:
             member.tally = Tally.from_vector(classes, world.sum(member.tally.vector()))
+        if measured is not None:
+            measured = measured.gathered(world)
         if not world.leader:
             return 0
     names = list(first.preprocess.classes) or split.classes
@@ -465,6 +485,10 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
             print(f"{member.name}: {alone}")
         print(f"ensemble of {len(members)}, the softmax averaged:")
     print(tally.report(names), end="")
+    if args.mistakes:
+        print("\n" + "\n".join(measured.mistakes(names, args.mistakes)))
+    if args.save is not None:
+        write_arrays(args.save, measured.arrays(names))
     if args.confusion is not None and not tally.plot_confusion(args.confusion, names):
         hint = "pip install 'netdsl[train]'"
         raise NetError("drawing the confusion matrix needs matplotlib", where="--confusion", hint=hint)

@@ -337,6 +337,63 @@ class Tally:
         return True
 
 
+@dataclass
+class Measured:
+    """What `netdsl eval --save` writes and `--mistakes` reads: for each set of images measured, where each image
+    came from (a file, or an array's row), its class probabilities and its label (in the weights' numbering)."""
+
+    parts: list[tuple[list[str], torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def add(self, samples: Samples, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        sources = [samples.source(index) for index in range(len(samples))]
+        self.parts.append((sources, probs.detach().float().cpu(), labels.detach().cpu()))
+
+    def gathered(self, world) -> Measured:
+        """Every rank's images, in the order one process measures them: rank r held rows r, r + size, ... of each
+        set (`Samples.subset(arange(rank, n, size))`)."""
+        if not world.distributed:
+            return self
+        every = world.gather([(sources, probs.numpy(), labels.numpy()) for sources, probs, labels in self.parts])
+        whole = Measured()
+        for part in range(len(self.parts)):
+            shares = [sets[part] for sets in every]
+            total = sum(len(sources) for sources, _, _ in shares)
+            sources, probs = [""] * total, np.zeros((total, shares[0][1].shape[1]), dtype=np.float32)
+            labels = np.zeros(total, dtype=np.int64)
+            for rank, (names, rows, marks) in enumerate(shares):
+                sources[rank :: world.size], probs[rank :: world.size], labels[rank :: world.size] = names, rows, marks
+            whole.parts.append((sources, torch.from_numpy(probs), torch.from_numpy(labels)))
+        return whole
+
+    def arrays(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The arrays `--save` writes: probabilities (N x K), labels and predictions (N), files (N), classes."""
+        probs = torch.cat([probs for _, probs, _ in self.parts]).numpy()
+        return {
+            "probabilities": probs,
+            "labels": torch.cat([labels for _, _, labels in self.parts]).numpy().astype(np.int64),
+            "predicted": probs.argmax(axis=1).astype(np.int64) if len(probs) else np.zeros(0, dtype=np.int64),
+            "files": np.asarray([source for sources, _, _ in self.parts for source in sources], dtype=str),
+            "classes": np.asarray(names, dtype=str),
+        }
+
+    def mistakes(self, names: list[str], count: int) -> list[str]:
+        """The `count` images the net got wrong most confidently (the highest probability given to a wrong
+        class first), as a table: the file, its class, the class predicted and that probability."""
+        arrays = self.arrays(names)
+        wrong = np.flatnonzero(arrays["predicted"] != arrays["labels"])
+        if not len(wrong):
+            return ["no mistakes"]
+        sure = arrays["probabilities"][wrong, arrays["predicted"][wrong]]
+        order = wrong[np.argsort(-sure, kind="stable")][:count]
+        rows = [
+            (arrays["files"][i], _name(names, int(arrays["labels"][i])), _name(names, int(arrays["predicted"][i])),
+             f"{arrays['probabilities'][i, arrays['predicted'][i]]:.3f}")
+            for i in order
+        ]  # fmt: skip
+        title = f"the most confident mistakes ({len(order)} of {len(wrong):,})"
+        return [title, *format_table(("image", "class", "predicted", "probability"), rows, left={0, 1, 2})]
+
+
 def _name(names: list[str], index: int) -> str:
     """Class `index`'s name; a net may score more classes than the data names (its number then)."""
     return names[index] if index < len(names) else str(index)
