@@ -452,3 +452,35 @@ def test_a_negative_number_of_workers_is_refused_before_reading(trained, capsys)
         code, out, err = evaluate(capsys, net, "--weights", run, "--data", folder, "--workers", "-2", *extra)
         assert code == 1 and out == "" and err.startswith("--workers: error: the number of loader workers must be "
                                                           "at least 0, not -2"), err  # fmt: skip
+
+
+def test_mistakes_list_the_surest_wrong_images_first():
+    """`Measured.mistakes`: wrong images by the probability given to the wrong class, highest first, at most N;
+    an image scored right never listed; a set with none wrong says so."""
+    import torch
+
+    from netdsl.train.evaluate import Measured
+
+    class Named:  # the one thing of a Samples that Measured reads: where each image came from
+        def __init__(self, count: int) -> None:
+            self.count = count
+
+        def __len__(self) -> int:
+            return self.count
+
+        def source(self, index: int) -> str:
+            return f"img{index}.png"
+
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.05, 0.95], [0.7, 0.3]])
+    measured = Measured()
+    measured.add(Named(5), probs, torch.tensor([0, 0, 0, 0, 1]))
+    lines = measured.mistakes(["cat", "dog"], 3)
+    assert lines[0] == "the most confident mistakes (3 of 4)"
+    assert [line.split() for line in lines[3:]] == [["img3.png", "cat", "dog", "0.950"],
+                                                    ["img1.png", "cat", "dog", "0.800"],
+                                                    ["img4.png", "dog", "cat", "0.700"]]  # fmt: skip
+    right = Measured()
+    right.add(Named(2), probs[:2], torch.tensor([0, 1]))
+    assert right.mistakes(["cat", "dog"], 3) == ["no mistakes"]
+    arrays = right.arrays(["cat", "dog"])
+    assert list(arrays["files"]) == ["img0.png", "img1.png"] and list(arrays["predicted"]) == [0, 1]
