@@ -505,3 +505,39 @@ def test_what_dense_and_scales_cannot_read_is_a_clear_error(tmp_path, capsys):
     assert main(["run", str(tmp_path / "build"), "--dense", "--input", f"{tmp_path}/x.npy"]) == 1
     err = capsys.readouterr().err
     assert "--dense: error: --dense builds a net for each size of image" in err and f"run {LENET} --dense" in err
+
+
+def test_several_weights_average_the_softmax_of_each_net(tmp_path, capsys):
+    """--weights A B: an ensemble, each input's softmax averaged over the two nets, as the paper averaged its
+    five: the mean of the two runs' probabilities (one view, ten views, dense); flags that run one net, weights
+    that prepare images otherwise, and a net whose output is a map are refused by name."""
+    from netdsl.runtime.weights import init_weights, load_weights, save_weights
+
+    images = _gray_images(tmp_path, [(40, 52), (36, 36)], seed=16)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = _trained_like(tmp_path / "a", seed=5)[0], _trained_like(tmp_path / "b", seed=6)[0]
+    run = partial(saved_run, tmp_path, capsys, LENET, "--backend", "torch", "--input", *images)
+    alone = [torch.softmax(torch.from_numpy(run("--weights", str(file))), dim=1).numpy() for file in (first, second)]
+    assert np.abs(alone[0] - alone[1]).max() > 1e-2  # two nets apart
+    np.testing.assert_allclose(run("--weights", str(first), str(second)), (alone[0] + alone[1]) / 2, atol=1e-6)
+    for flags in (["--views", "10"], ["--dense"]):
+        each = [run("--weights", str(file), *flags) for file in (first, second)]
+        np.testing.assert_allclose(run("--weights", str(first), str(second), *flags), (each[0] + each[1]) / 2,
+                                   rtol=0, atol=1e-6)  # fmt: skip
+    other = tmp_path / "other.safetensors"  # the same weights, another preprocessing (none)
+    save_weights(other, load_weights(first, netdsl.load_graph(LENET)))
+    maps = tmp_path / "maps.net"
+    maps.write_text("net maps\ninput x: 1 x 8 x 8\ny = conv(x, 2, size=3)\noutput y\n")
+    for file in ("m1.safetensors", "m2.safetensors"):
+        save_weights(tmp_path / file, init_weights(netdsl.load_graph(maps)))
+    for net, args, message in [
+        (LENET, [str(first), str(second), "--time"], "--time: error: --time runs one net, and --weights gives 2"),
+        (LENET, [str(first), str(second), "--distributed"], "--distributed: error: --distributed runs one net"),
+        (LENET, [str(first), str(other), "--input", *images], f"{other}: error: {other} prepares images otherwise"),
+        (str(maps), [str(tmp_path / "m1.safetensors"), str(tmp_path / "m2.safetensors")], "--weights: error: an "
+         "ensemble averages class scores"),
+    ]:
+        assert main(["run", net, "--backend", "torch", "--weights", *args]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err

@@ -208,7 +208,10 @@ def _parser() -> argparse.ArgumentParser:
         "ImageNet's mean subtracted) or .npy arrays of one image (C x H x W) or a batch (N x C x H x W)",
     )
     source.add_argument("--random", type=_positive, metavar="N", help="N random images (the default: 1)")
-    run.add_argument("--weights", type=Path, help=WEIGHTS_HELP)
+    run.add_argument(
+        "--weights", type=Path, nargs="+", metavar="W",
+        help=f"{WEIGHTS_HELP}; several: an ensemble, the softmax averaged over the nets",
+    )  # fmt: skip
     run.add_argument("--seed", type=seed_number, default=0, help="seed of the default weights and random inputs")
     run.add_argument(
         "--init",

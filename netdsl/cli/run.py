@@ -11,6 +11,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 from tokenize import TokenError
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from netdsl.errors import NetError, os_hint
 from netdsl.files import refuse_folder, refuse_overwriting, write_array, write_arrays
 from netdsl.ir.dtypes import torch_dtype
 from netdsl.tables import format_bytes, format_table
+
+if TYPE_CHECKING:
+    import torch
 
 # The mean RGB value of ImageNet's training images (0-255): the paper subtracts the mean activity.
 IMAGENET_MEAN = (123.68, 116.78, 103.94)
@@ -179,21 +183,36 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the same kernels, interpreted on the CPU
     path, dtype = resolve_build_dir(path, args)
     shape = _input_shape(path)
-    args.weights = weights_file(args.weights)
+    models = [weights_file(each) for each in (args.weights if isinstance(args.weights, list) else [args.weights])]
+    args.weights = models[0]  # one weights file, or the first of an ensemble
+    if len(models) > 1:
+        _refuse_in_ensemble(args, len(models))
     if args.save:  # before the run: outputs written over an input would destroy it
         refuse_folder(args.save, "--save")
         given = getattr(args, "given", None)  # the ONNX model or build folder named, if that is what it was
-        read = [path, given, args.weights, args.tuning, args.labels, *(args.input or [])]
+        read = [path, given, *models, args.tuning, args.labels, *(args.input or [])]
         if given is not None and Path(given).is_dir():
             read += [Path(given) / "plan.json", *Path(given).glob("kernels/*")]
         refuse_overwriting(args.save, read, "--save")
     preprocess = saved_preprocess(args.weights)
     if preprocess is not None:
         preprocess.check_fits(shape, str(args.weights))
+    for other in models[1:]:  # an ensemble's nets read the same images
+        if saved_preprocess(other) != preprocess:
+            raise NetError(
+                f"{other} prepares images otherwise than {models[0]}",
+                where=str(other),
+                hint="run averages nets that read the same images; netdsl eval measures ensembles of any",
+            )
     labels = read_labels(args.labels) or (list(preprocess.classes) if preprocess and preprocess.classes else None)
+    if len(models) > 1:
+        print(f"ensemble of {len(models)}, the softmax averaged: {', '.join(map(str, models))}")
     if args.dense:
-        outputs = _dense_outputs(path, dtype, preprocess or default_preprocess(shape), args)
-        report(outputs, labels, args, [str(file) for file in args.input])
+        probs = []
+        for model in models:
+            args.weights = model
+            probs.append(_dense_outputs(path, dtype, preprocess or default_preprocess(shape), args)[None])
+        report({None: torch.stack(probs).mean(dim=0)}, labels, args, [str(file) for file in args.input])
         return 0
     views = args.views * len(args.scales or (None,))  # the rows each image gives: its views at each scale
     if args.input:
@@ -229,7 +248,10 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
             return 0  # the rank that owns the output prints it
     else:
         try:
-            net, y, step_times, start = _run_local(path, x, dtype, args)
+            if len(models) == 1:
+                net, y, step_times, start = _run_local(path, x, dtype, args)
+            else:
+                y = _ensemble_probabilities(path, x, dtype, args, models)
         except NetError as error:  # Net's errors name its keyword arguments; here they are flags
             error.where = _FLAGS.get(error.where, error.where)
             raise
@@ -238,7 +260,7 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
     if views > 1:  # the paper's test: each image's views (at each scale), softmax averaged (class scores only)
         from netdsl.train.evaluate import probabilities
 
-        softmax = _ends_in_softmax(path)
+        softmax = len(models) > 1 or _ends_in_softmax(path)  # an ensemble's: probabilities already
         outputs = {
             name: probabilities(value, softmax, views) if is_scores(value) else value[::views]
             for name, value in outputs.items()
@@ -264,6 +286,37 @@ def report(outputs: dict, labels: list[str] | None, args: argparse.Namespace, in
         print("\n".join(describe_output(name, value, labels, args.top, inputs)))
     if args.save:
         save_outputs(args.save, outputs)
+
+
+def _ensemble_probabilities(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace, models) -> torch.Tensor:
+    """The net run with each weights file of `models` in turn: the softmax of its class scores averaged over
+    them, as the paper averaged the predictions of several nets (rows as `x`'s: views are averaged after)."""
+    from netdsl.train.evaluate import probabilities
+
+    softmax, total = _ends_in_softmax(path), 0
+    for model in models:
+        args.weights = model
+        _, y, _, _ = _run_local(path, x, dtype, args)
+        if isinstance(y, dict) or not is_scores(y):
+            raise NetError(
+                "an ensemble averages class scores, and the net's output is not one (N x K)",
+                where="--weights",
+                hint="give one weights file to see a net's maps",
+            )
+        total = total + probabilities(y.float().cpu(), softmax)
+    return total / len(models)
+
+
+def _refuse_in_ensemble(args: argparse.Namespace, count: int) -> None:
+    """The flags an ensemble of several weights files cannot honour: it runs the nets one after another, in
+    this process."""
+    for flag, chosen in {"--distributed": args.distributed, "--time": args.time}.items():
+        if chosen:
+            raise NetError(
+                f"{flag} runs one net, and --weights gives {count}",
+                where=flag,
+                hint=f"leave out {flag}, or give one weights file",
+            )
 
 
 def _dense_outputs(path: Path, dtype: str, preprocess, args: argparse.Namespace) -> dict:
