@@ -205,14 +205,13 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
                 hint="run averages nets that read the same images; netdsl eval measures ensembles of any",
             )
     labels = read_labels(args.labels) or (list(preprocess.classes) if preprocess and preprocess.classes else None)
-    if len(models) > 1:
-        print(f"ensemble of {len(models)}, the softmax averaged: {', '.join(map(str, models))}")
+    heading = f"ensemble of {len(models)}, the softmax averaged: {', '.join(map(str, models))}" if models[1:] else None
     if args.dense:
         probs = []
         for model in models:
             args.weights = model
             probs.append(_dense_outputs(path, dtype, preprocess or default_preprocess(shape), args)[None])
-        report({None: torch.stack(probs).mean(dim=0)}, labels, args, [str(file) for file in args.input])
+        report({None: torch.stack(probs).mean(dim=0)}, labels, args, [str(file) for file in args.input], heading)
         return 0
     views = args.views * len(args.scales or (None,))  # the rows each image gives: its views at each scale
     if args.input:
@@ -265,7 +264,7 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
             name: probabilities(value, softmax, views) if is_scores(value) else value[::views]
             for name, value in outputs.items()
         }
-    report(outputs, labels, args, names)
+    report(outputs, labels, args, names, heading)
     if args.time:
         count = len(next(iter(outputs.values())))
         print(
@@ -279,9 +278,13 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
     return 0
 
 
-def report(outputs: dict, labels: list[str] | None, args: argparse.Namespace, inputs: list[str] | None) -> None:
-    """Prints each output (`describe_output`; `inputs`: the names of the inputs) and saves them all where --save
-    says."""
+def report(
+    outputs: dict, labels: list[str] | None, args: argparse.Namespace, inputs: list[str] | None, heading=None
+) -> None:
+    """Prints `heading` (where there is one) and each output (`describe_output`; `inputs`: the names of the
+    inputs), and saves them all where --save says."""
+    if heading:
+        print(heading)
     for name, value in outputs.items():
         print("\n".join(describe_output(name, value, labels, args.top, inputs)))
     if args.save:
