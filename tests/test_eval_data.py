@@ -126,7 +126,8 @@ def test_several_scales_average_the_softmax_of_every_scales_views(trained, capsy
 
 
 def test_eval_decodes_each_image_once_for_all_its_scales(trained, capsys, monkeypatch):
-    """Three scales decode no more files than one (views and --dense alike): each image once for all its sizes."""
+    """Three scales decode no more files than one (views and --dense alike): each image once for all its sizes;
+    and an ensemble of models that prepare images alike (here the run and its last checkpoint) once for all."""
     from netdsl.train import data
 
     net, run, folder = trained
@@ -135,13 +136,13 @@ def test_eval_decodes_each_image_once_for_all_its_scales(trained, capsys, monkey
     monkeypatch.setattr(data.ImageFiles, "image", lambda self, index: decoded.append(index) or image(self, index))
     for extra in ((), ("--dense",)):
         counts = []
-        for scales in ("9", "9,10,12"):
+        for scales, weights in (("9", [run]), ("9,10,12", [run]), ("9,10,12", [run, run / "checkpoints/last.ckpt"])):
             decoded.clear()
-            code, out, _ = evaluate(capsys, net, "--weights", run, "--data", folder, "--split", "all", "--scales",
-                                    scales, *extra)  # fmt: skip
-            assert code == 0 and out.startswith("images 15 ")
+            code, out, _ = evaluate(capsys, net, "--weights", *weights, "--data", folder, "--split", "all",
+                                    "--scales", scales, *extra)  # fmt: skip
+            assert code == 0 and "images 15 " in out and ("ensemble of 2" in out) == (len(weights) == 2)
             counts.append(len(decoded))
-        assert counts[0] == counts[1] >= 15, (extra, counts)
+        assert counts[0] == counts[1] == counts[2] >= 15, (extra, counts)
 
 
 def test_dense_evaluation_averages_each_whole_images_scores_over_positions(trained, capsys, monkeypatch):

@@ -207,11 +207,8 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
     labels = read_labels(args.labels) or (list(preprocess.classes) if preprocess and preprocess.classes else None)
     heading = f"ensemble of {len(models)}, the softmax averaged: {', '.join(map(str, models))}" if models[1:] else None
     if args.dense:
-        probs = []
-        for model in models:
-            args.weights = model
-            probs.append(_dense_outputs(path, dtype, preprocess or default_preprocess(shape), args)[None])
-        report({None: torch.stack(probs).mean(dim=0)}, labels, args, [str(file) for file in args.input], heading)
+        outputs = _dense_outputs(path, dtype, preprocess or default_preprocess(shape), args, models)
+        report(outputs, labels, args, [str(file) for file in args.input], heading)
         return 0
     views = args.views * len(args.scales or (None,))  # the rows each image gives: its views at each scale
     if args.input:
@@ -322,16 +319,20 @@ def _refuse_in_ensemble(args: argparse.Namespace, count: int) -> None:
             )
 
 
-def _dense_outputs(path: Path, dtype: str, preprocess, args: argparse.Namespace) -> dict:
+def _dense_outputs(path: Path, dtype: str, preprocess, args: argparse.Namespace, models: list) -> dict:
     """--dense: each image whole, its shorter side scaled to each of --scales, through the net with its fc layers
-    as convolutions (VGG's dense evaluation, netdsl.train.evaluate.DenseScores): {None: N x K probabilities}.
-    Images of one size share a pass, as many as hold the pixels of --batch net inputs (default: all of them)."""
+    as convolutions (VGG's dense evaluation, netdsl.train.evaluate.DenseScores), with each weights file of
+    `models` (None: the default weights): {None: N x K probabilities, averaged over the models}. Images of one
+    size share a pass, as many as hold the pixels of --batch net inputs (default: all of them); each image is
+    decoded once for all the scales and models."""
+    import torch
+
     from netdsl.lang.frontend import load_graph
     from netdsl.runtime.devices import parse_devices
     from netdsl.runtime.weights import init_weights, load_weights
     from netdsl.train.augment import IMAGE_SUFFIXES
     from netdsl.train.data import ImageFiles
-    from netdsl.train.evaluate import DenseScores, dense_probabilities
+    from netdsl.train.evaluate import DenseScores, dense_probabilities_of
 
     _refuse_with_dense(path, dtype, args)
     if not args.input:
@@ -343,20 +344,19 @@ def _dense_outputs(path: Path, dtype: str, preprocess, args: argparse.Namespace)
                 where="--dense",
                 hint="--dense scales image files; give images (.jpg, .png, ...) or leave --dense out",
             )
-    graph = load_graph(path)
-    if args.weights is None:
-        weights = init_weights(graph, seed=args.seed, scheme=args.init)
-    else:
-        weights = load_weights(args.weights, graph)
-    try:
-        scorer = DenseScores(graph, weights, parse_devices(args.devices), preprocess.flip, args.backend, dtype)
-    except NetError as error:
-        error.where = _FLAGS.get(error.where, error.where)
-        raise
+    graph, devices, scorers = load_graph(path), parse_devices(args.devices), []
+    for model in models:
+        weights = init_weights(graph, seed=args.seed, scheme=args.init) if model is None else load_weights(model, graph)
+        try:
+            scorers.append(DenseScores(graph, weights, devices, preprocess.flip, args.backend, dtype))
+        except NetError as error:
+            error.where = _FLAGS.get(error.where, error.where)
+            raise
     images = ImageFiles(args.input, np.zeros(len(args.input)), preprocess)
     images.unreadable_hint = None  # the decoder's own: run has no --skip-corrupt
     scales = args.scales or (preprocess.size,)
-    return {None: dense_probabilities(images, scales, scorer, batch=args.batch or len(args.input))}
+    probs = dense_probabilities_of(images, scales, scorers, batch=args.batch or len(args.input))
+    return {None: torch.stack(probs).mean(dim=0)}
 
 
 def _refuse_with_dense(path: Path, dtype: str, args: argparse.Namespace) -> None:

@@ -18,14 +18,12 @@ from netdsl.errors import NetError
 from netdsl.files import parse_json, refuse_folder, refuse_overwriting, write_arrays
 
 if TYPE_CHECKING:  # the annotations of _Member; imported where they are used, as the commands load lazily
-    from collections.abc import Callable
 
     import networkx as nx
     import numpy as np
     import torch
 
     from netdsl.train.augment import Preprocess
-    from netdsl.train.data import Samples
     from netdsl.train.evaluate import Tally
 
 TRAIN_HELP = "train a net: the recipe from its `train` blocks, a --recipe file and flags (docs/training.md)"
@@ -362,7 +360,7 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
     from netdsl.lang.frontend import load_graph
     from netdsl.runtime.devices import parse_devices
     from netdsl.train.data import check_workers, labels_by_name, loading_workers, open_data
-    from netdsl.train.evaluate import DenseScores, Measured, Tally, dense_probabilities
+    from netdsl.train.evaluate import DenseScores, Measured, Tally, dense_probabilities_of
     from netdsl.train.progress import Meter
     from netdsl.train.runs import RunFolder, weights_file
     from netdsl.train.world import World
@@ -443,29 +441,34 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
     if world.distributed:  # this process's share: every world.size-th image
         parts = [part.subset(np.arange(world.rank, len(part), world.size)) for part in parts]
     mapping = parse_devices(args.devices)
+    groups: dict[tuple[str, tuple], list[_Member]] = {}  # models that prepare images alike: each image decoded once
+    for member in members:
+        sizes = tuple(args.scales or (member.preprocess.size,))
+        groups.setdefault((member.preprocess.to_json(), sizes), []).append(member)
     title = "measuring" + (" (this process's share)" if world.distributed else "")
-    scales = [args.scales or (member.preprocess.size,) for member in members]
-    shown = Meter(sys.stderr, sum(map(len, parts)) * sum(map(len, scales)), title, world)
-    for member, sizes in zip(members, scales, strict=True):
-        devices = world.device_map(member.graph, mapping) if world.distributed else mapping
+    shown = Meter(sys.stderr, sum(map(len, parts)) * sum(len(sizes) for _, sizes in groups), title, world)
+    measures = []  # (models, a function from a set of images to each model's probabilities)
+    for (_, sizes), group in groups.items():
+        devices = [world.device_map(member.graph, mapping) if world.distributed else mapping for member in group]
         if args.dense:  # whole images, those of one size together
-            scorer = DenseScores(member.graph, member.weights, devices, member.preprocess.flip, args.backend,
-                                 args.dtype)  # fmt: skip
-            member.measure = partial(dense_probabilities, scales=sizes, scorer=scorer, batch=args.batch,
-                                     workers=workers, advance=shown.advance)  # fmt: skip
+            scorers = [DenseScores(member.graph, member.weights, where, member.preprocess.flip, args.backend,
+                                   args.dtype) for member, where in zip(group, devices, strict=True)]  # fmt: skip
+            measure = partial(dense_probabilities_of, scales=sizes, scorers=scorers, batch=args.batch,
+                              workers=workers, advance=shown.advance)  # fmt: skip
         else:
-            member.measure = _views_measure(args, member, devices, sizes, workers, shown.advance)
+            measure = _views_measure(args, group, devices, sizes, workers, shown.advance)
+        measures.append((group, measure))
     tally = Tally(classes)  # the ensemble's (the one model's, with one)
     measured = Measured() if args.save or args.mistakes else None  # each image's figures, where they are shown
     for part in parts:
         labels = torch.from_numpy(part.labels)
         labels = labels if relabel is None else relabel[labels]
-        probs = []
-        for member in members:
-            part.preprocess = member.preprocess
-            probs.append(member.measure(part))
-            member.tally.add(probs[-1], labels)
-        ensemble = torch.stack(probs).mean(dim=0)  # the softmax averaged over the models
+        for group, measure in measures:
+            part.preprocess = group[0].preprocess
+            for member, probs in zip(group, measure(part), strict=True):
+                member.probs = probs
+                member.tally.add(probs, labels)
+        ensemble = torch.stack([member.probs for member in members]).mean(dim=0)  # the softmax averaged
         tally.add(ensemble, labels)
         if measured is not None:
             measured.add(part, ensemble, labels)
@@ -512,7 +515,7 @@ class _Member:
     own: Preprocess | None
     tally: Tally
     preprocess: Preprocess | None = None  # own, or the data's
-    measure: Callable[[Samples], torch.Tensor] | None = None  # a set of images -> their N x K probabilities
+    probs: torch.Tensor | None = None  # of the set of images measured last: N x K
 
     @classmethod
     def load(cls, net: Path, graph, path: Path, name: str) -> _Member:
@@ -531,27 +534,31 @@ class _Member:
         return cls(net, graph, classes, shape, path, name, metadata, weights, own, Tally(classes))
 
 
-def _views_measure(args, member: _Member, devices, scales, workers: int, advance):
-    """eval's measuring of views (the centre, or the paper's ten) at each of `scales`: a function from a set of
-    images (a Samples) to their N x K probabilities. Each image is decoded once for all the scales, and a pass
-    holds --batch images' views at one scale or fewer images' at several (the same views to a pass)."""
+def _views_measure(args, group: list[_Member], devices: list, scales, workers: int, advance):
+    """eval's measuring of views (the centre, or the paper's ten) at each of `scales` by the models of `group`
+    (which prepare images alike; `devices`, each one's): a function from a set of images (a Samples) to each
+    model's N x K probabilities. Each image is decoded once for all the scales and models, and a pass holds
+    --batch images' views at one scale or fewer images' at several (the same views to a pass)."""
     import torch
 
     from netdsl.ir.dtypes import torch_dtype
     from netdsl.runtime.net import Net
     from netdsl.train.evaluate import probabilities, scaled_images
 
-    net = Net(member.net, backend=args.backend, weights=member.weights, devices=devices, dtype=args.dtype)
-    last = member.graph.nodes[member.graph.graph["outputs"][0]]["layer"]
+    nets = [Net(member.net, backend=args.backend, weights=member.weights, devices=where, dtype=args.dtype)
+            for member, where in zip(group, devices, strict=True)]  # fmt: skip
+    lasts = [member.graph.nodes[member.graph.graph["outputs"][0]]["layer"] for member in group]
     chunk = max(1, args.batch // len(scales))
 
-    def measure(part) -> torch.Tensor:
-        probs = [torch.zeros((0, math.prod(last.shape)))]  # a share under torchrun may hold no images
+    def measure(part) -> list[torch.Tensor]:
+        probs = [[torch.zeros((0, math.prod(last.shape)))] for last in lasts]  # a share under torchrun may be empty
         for x in scaled_images(part, scales, args.views, chunk, workers):  # N x scales x views x C x H x W
-            output = net(x.flatten(0, 2).to(torch_dtype(args.dtype)))  # the softmax averaged over all the views
-            probs.append(probabilities(torch.as_tensor(output).cpu(), last.op == "softmax", len(scales) * args.views))
+            views = x.flatten(0, 2).to(torch_dtype(args.dtype))
+            for net, last, into in zip(nets, lasts, probs, strict=True):  # the softmax averaged over all the views
+                output = torch.as_tensor(net(views)).cpu()
+                into.append(probabilities(output, last.op == "softmax", len(scales) * args.views))
             advance(len(x) * len(scales))
-        return torch.cat(probs)
+        return [torch.cat(each) for each in probs]
 
     return measure
 

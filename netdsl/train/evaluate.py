@@ -139,18 +139,27 @@ def dense_probabilities(
     views waiting for company are held to PENDING_BATCHES passes' pixels, the group with the most going first
     past that. `workers` processes decode and scale the images (batch / scales at a time, as the views do);
     `advance(n)` is told of each n views scored."""
+    return dense_probabilities_of(samples, scales, [scorer], batch, workers, advance)[0]
+
+
+def dense_probabilities_of(
+    samples: Samples, scales, scorers: list[DenseScores], batch: int, workers: int = 0, advance=None
+) -> list[torch.Tensor]:
+    """`dense_probabilities` for each of `scorers` (the nets of an ensemble that prepare images alike), each
+    image decoded and scaled once for all of them."""
     crop = samples.preprocess.crop
     room = batch * crop[0] * crop[1]  # pixels a pass holds
-    probs = torch.zeros((len(samples), len(scales), scorer.classes))
+    probs = [torch.zeros((len(samples), len(scales), scorer.classes)) for scorer in scorers]
     waiting: dict[tuple[int, ...], list] = {}  # view shape -> [(index, scale number, view)]
 
     def run(shape) -> None:
         group, step = waiting.pop(shape), max(1, room // (shape[1] * shape[2]))
         for start in range(0, len(group), step):
             part = group[start : start + step]
-            scored = scorer.batch_scores(np.stack([view for _, _, view in part]))
-            for (index, scale, _), row in zip(part, scored, strict=True):
-                probs[index, scale] = row
+            views = np.stack([view for _, _, view in part])
+            for scorer, into in zip(scorers, probs, strict=True):
+                for (index, scale, _), row in zip(part, scorer.batch_scores(views), strict=True):
+                    into[index, scale] = row
             if advance is not None:
                 advance(len(part))
 
@@ -164,7 +173,7 @@ def dense_probabilities(
             run(max(waiting, key=lambda shape: len(waiting[shape]) * shape[1] * shape[2]))
     for shape in list(waiting):
         run(shape)
-    return probs.mean(dim=1)
+    return [each.mean(dim=1) for each in probs]
 
 
 class _Scaled:
