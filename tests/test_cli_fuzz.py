@@ -204,7 +204,8 @@ def run_case(world: Path, scratch: Path, case: Case, tally: Counter) -> Result:
 
 
 ANSI = re.compile(r"\033\[[0-9;]*m")
-COMMAND_NAMES = ("check", "info", "graph", "compile", "export", "import", "run", "train", "eval", "tune", "fmt")
+COMMAND_NAMES = ("check", "info", "graph", "compile", "export", "import", "run", "train", "eval", "tune", "fmt",
+                 "filters")  # fmt: skip
 ERROR_LINE = re.compile(r"^(?P<where>.+?): error: (?P<message>.+)$", re.M)
 
 
@@ -260,6 +261,11 @@ def check_whole(path: Path, before: dict, context: str) -> None:
                 onnx.load(str(file), load_external_data=False)
             elif suffix in (".net", ".py", ".txt", ".dot"):
                 file.read_text(encoding="utf-8")
+            elif suffix == ".png":
+                from PIL import Image
+
+                with Image.open(file) as picture:
+                    picture.load()
         except Exception as error:
             pytest.fail(f"{file} is not whole: {type(error).__name__}: {error}\n{context}", pytrace=False)
 
@@ -551,6 +557,19 @@ def command_tune(rng: random.Random) -> Case:
     return Case(argv)
 
 
+def command_filters(rng: random.Random) -> Case:
+    table = {
+        "--weights": WEIGHTS,
+        "--layer": ["c1", "out", "c1x", "", "image", "\udcff"],
+        "--columns": lambda r: pick(r, ["1", "4"], WHOLE_BAD),
+        "--zoom": lambda r: pick(r, ["1", "3"], [*WHOLE_BAD, "10" + "0" * 6]),
+        "-o": ["f.png"] * 3 + ["f.jpg", "images", "", "sub/f.png", "photo.png", "tiny.net"],
+    }
+    argv = ["filters", choose(rng, NETS + ONNX), *flags(rng, table, rng.randrange(5))]
+    written = [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "-o"]
+    return Case(argv, outputs=[written[-1]] if written and written[-1] == "f.png" else [])
+
+
 def command_fmt(rng: random.Random) -> Case:
     files = rng.choices(["tiny.net", "recipe.net", "missing.net", "images", "data.npz", "photo.png", "run", ""], k=2)
     return Case(["fmt", *files[: rng.randint(1, 2)], *rng.sample(["--check", "--diff", "--check"], rng.randint(0, 2))])
@@ -583,7 +602,7 @@ def command_top(rng: random.Random) -> Case:
 COMMANDS = [
     (command_check, 10), (command_graph, 5), (command_compile, 10), (command_export, 4), (command_import, 3),
     (command_run, 22), (command_train, 26), (command_eval, 10), (command_tune, 3), (command_fmt, 3),
-    (command_top, 4),
+    (command_filters, 4), (command_top, 4),
 ]  # fmt: skip
 
 

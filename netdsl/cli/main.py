@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from netdsl._version import __version__
+from netdsl.cli.filters import add_command as add_filters_command
 from netdsl.cli.flags import add_plan_flags, image_sizes, plan_options, seed_number
 from netdsl.cli.fmt import add_command as add_fmt_command
 from netdsl.cli.fmt import fmt_command
@@ -276,6 +277,7 @@ def _parser() -> argparse.ArgumentParser:
     add_training_commands(commands, _positive)
     add_tune_command(commands, _positive)
     add_fmt_command(commands)
+    add_filters_command(commands, _positive)
     return parser
 
 
@@ -320,6 +322,10 @@ def _dispatch(path: Path, args: argparse.Namespace) -> int:
         from netdsl.cli.run import run_command
 
         return run_command(path, args)
+    if args.command == "filters":
+        from netdsl.cli.filters import filters_command
+
+        return filters_command(path, args)
     if args.command == "tune":
         from netdsl.cli.tune import tune_command
 
