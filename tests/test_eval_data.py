@@ -332,6 +332,35 @@ def test_what_eval_cannot_save_is_refused_before_measuring(trained, tmp_path, ca
     assert code == 1 and "--mistakes" in err and "Traceback" not in err
 
 
+def test_the_commands_training_suggests_run_as_written(tmp_path, capsys, monkeypatch):
+    """The end of `netdsl train` suggests `netdsl run` and `netdsl eval` on the run: both work as printed (a run
+    folder whose name holds a space, quoted)."""
+    import shlex
+
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(8)
+    for name in ("cat", "dog"):
+        (folder / name).mkdir(parents=True)
+        for index in range(4):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / name / f"{index}.png")
+    net, run = tmp_path / "tiny.net", tmp_path / "my run"
+    net.write_text(TINY.replace("fc(c1, 3)", "fc(c1, 2)"))
+    args = ["train", str(net), "--data", str(folder), "--batch", "4", "--steps", "1", "--out", str(run), *PLAIN]
+    capsys.readouterr()
+    assert main(args) == 0
+    lines = capsys.readouterr().err.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("try: netdsl run "))
+    suggested = [shlex.split(lines[start][len("try: ") :]), shlex.split(lines[start + 1])]
+    assert suggested[0][:4] == ["netdsl", "run", str(net), "--weights"] and suggested[1][:2] == ["netdsl", "eval"]
+    suggested[0][suggested[0].index("IMAGE")] = str(folder / "cat" / "0.png")
+    monkeypatch.chdir(tmp_path)
+    for command in suggested:
+        assert main(command[1:]) == 0, command
+    assert "mistakes" in capsys.readouterr().out  # eval ran to its end, --mistakes and all
+
+
 def test_a_folder_with_a_class_the_weights_never_saw(trained, tmp_path, capsys):
     net, run, folder = trained
     other = tmp_path / "other"

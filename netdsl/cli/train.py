@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import math
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -233,10 +234,13 @@ def _train(args: argparse.Namespace) -> int:
             trained = f"trained {summary.steps_run:,} more steps (to step {summary.steps:,}) {took}"
         else:
             trained = f"the run had already trained its {summary.steps:,} steps"
+        quoted = {"net": shlex.quote(str(net)), "run": shlex.quote(str(run.path))}
         print(
             f"{trained}{best}\n"
-            f"weights: {summary.weights}   run: {run.path}   try: netdsl run {net} --weights {summary.weights} "
-            "--input IMAGE",
+            f"weights: {summary.weights}   run: {run.path}\n"
+            f"try: netdsl run {quoted['net']} --weights {quoted['run']} --input IMAGE\n"
+            f"     netdsl eval {quoted['net']} --weights {quoted['run']} --data {shlex.quote(str(recipe.data))} "
+            "--mistakes 10",
             file=sys.stderr,
         )
     return 0
