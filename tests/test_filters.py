@@ -103,8 +103,11 @@ def test_an_onnx_model_draws_its_own_filters(tmp_path, capsys):
         (["--weights", "{d}/w.safetensors", "-o", "{d}/f.png", "--layer", "f5"], "`f5` is a fc layer, not a conv"),
         (["--weights", "{d}/none.safetensors", "-o", "{d}/f.png"], "none.safetensors: error: "),
         (["--weights", "{d}/w.safetensors", "-o", "{d}/f.png", "--zoom", "0"], "--zoom: not a positive"),
+        (["--weights", "{d}/w.safetensors", "-o", "{d}/f.png", "--zoom", "1000000"], "--zoom: error: the picture "
+         "would be 30,000,007 x 5,000,002 pixels"),
     ],
-    ids=["no-weights", "not-png", "folder", "six-channels", "no-layer", "not-conv", "missing-weights", "zoom"],
+    ids=["no-weights", "not-png", "folder", "six-channels", "no-layer", "not-conv", "missing-weights", "zoom",
+         "huge"],
 )
 def test_what_filters_cannot_draw_is_a_clear_error(tmp_path, capsys, args, message):
     lenet = ROOT / "nets/lenet5.net"

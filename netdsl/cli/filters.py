@@ -18,6 +18,7 @@ HELP = "draw a trained net's first-layer filters as a PNG (a block per tower, as
 TILE = 48  # about this many pixels a side per filter, unless --zoom says otherwise
 COLUMNS = 16
 BACKGROUND = 255  # white between the tiles
+LARGEST = 89_478_485  # pixels: Pillow's bound on the images it opens without a warning of a decompression bomb
 
 
 def add_command(commands, positive) -> None:
@@ -114,6 +115,14 @@ def filter_picture(kernels: list[np.ndarray], columns: int = COLUMNS, zoom: int 
     zoom = zoom or max(1, round(TILE / max(height, width)))
     tile_h, tile_w = height * zoom, width * zoom
     columns = min(columns, max(len(kernel) for kernel in kernels))
+    rows = sum(math.ceil(len(kernel) / columns) for kernel in kernels)
+    size = (rows * (tile_h + 1) + len(kernels) + (len(kernels) - 1) * (tile_h // 2), columns * (tile_w + 1) + 1)
+    if size[0] * size[1] > LARGEST:
+        raise NetError(
+            f"the picture would be {size[1]:,} x {size[0]:,} pixels, more than image viewers open ({LARGEST:,})",
+            where="--zoom",
+            hint="a smaller --zoom (the default gives tiles of about 48 pixels), or fewer --columns",
+        )
     blocks = []
     for kernel in kernels:
         rows = math.ceil(len(kernel) / columns)
