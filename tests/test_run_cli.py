@@ -491,7 +491,7 @@ def test_what_dense_and_scales_cannot_read_is_a_clear_error(tmp_path, capsys):
     assert main(["compile", LENET, "-o", str(tmp_path / "build"), "--no-sm90"]) == 0
     capsys.readouterr()
     for args, message in [
-        (["--dense"], "--dense: error: --dense reads image files"),
+        (["--dense"], "--dense: error: --dense takes images"),
         (["--scales", "40"], "--scales: error: --scales takes images"),
         (["--dense", "--input", f"{tmp_path}/x.npy"], "--dense: error: --dense takes images, and"),
         (["--scales", "40", "--input", f"{tmp_path}/x.npy"], "--scales: error: --scales takes images, and"),
@@ -502,7 +502,7 @@ def test_what_dense_and_scales_cannot_read_is_a_clear_error(tmp_path, capsys):
         assert main(["run", LENET, "--backend", "torch", *args]) == 1, args
         err = capsys.readouterr().err
         assert message in err and "--skip-corrupt" not in err and "Traceback" not in err, (args, err)
-    assert main(["run", str(tmp_path / "build"), "--dense", "--input", f"{tmp_path}/x.npy"]) == 1
+    assert main(["run", str(tmp_path / "build"), "--dense", "--input", f"{tmp_path}/bad.png"]) == 1
     err = capsys.readouterr().err
     assert "--dense: error: --dense builds a net for each size of image" in err and f"run {LENET} --dense" in err
 

@@ -134,23 +134,18 @@ def read_inputs(
 ) -> tuple[np.ndarray, list[str]]:
     """Stacks images and .npy arrays (one image or a batch each) into one float32 batch of `shape` images;
     with `views` > 1 each image gives that many (the paper's ten views), and with `scales` that many at each
-    size (`read_image`); arrays are then refused. Also returns each image's name for the output: its file, or
-    for a batch in an array, the file and the row (`x.npy[3]`)."""
+    size (`read_image`): then only images are taken (`require_images`). Also returns each image's name for the
+    output: its file, or for a batch in an array, the file and the row (`x.npy[3]`)."""
     from netdsl.train.augment import IMAGE_SUFFIXES
 
+    if views > 1 or scales is not None:
+        require_images(paths, "--views" if views > 1 else "--scales")
     batches, names = [], []
     for path in paths:
         if path.suffix.lower() in IMAGE_SUFFIXES:
             batches.append(read_image(path, shape, preprocess, views, scales))
             names.append(str(path))
             continue
-        if views > 1 or scales is not None:
-            flag = "--views" if views > 1 else "--scales"
-            raise NetError(
-                f"{flag} takes images, and {path} is not one",
-                where=flag,
-                hint=f"{flag} prepares image files; give images (.jpg, .png, ...) or leave {flag} out",
-            )
         array = _read_npy(path, IMAGE_SUFFIXES)
         if array.dtype.kind not in "fiu":
             raise NetError(
@@ -172,6 +167,21 @@ def read_inputs(
         batches.append(array.astype(np.float32))
         names += [str(path)] if one else [f"{path}[{row}]" for row in range(len(array))]
     return np.concatenate(batches), names
+
+
+def require_images(paths: list[Path] | None, flag: str) -> None:
+    """NetError (on `flag`: --dense, --views or --scales, which prepare image files) unless `paths` are images."""
+    from netdsl.train.augment import IMAGE_SUFFIXES
+
+    if not paths:
+        raise NetError(f"{flag} takes images", where=flag, hint="give them with --input")
+    for path in paths:
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise NetError(
+                f"{flag} takes images, and {path} is not one",
+                where=flag,
+                hint=f"{flag} prepares image files; give images (.jpg, .png, ...) or leave {flag} out",
+            )
 
 
 def run_command(path: Path, args: argparse.Namespace) -> int:
@@ -207,15 +217,13 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
     labels = read_labels(args.labels) or (list(preprocess.classes) if preprocess and preprocess.classes else None)
     heading = f"ensemble of {len(models)}, the softmax averaged: {', '.join(map(str, models))}" if models[1:] else None
     if args.dense:
+        require_images(args.input, "--dense")
         outputs = _dense_outputs(path, dtype, preprocess or default_preprocess(shape), args, models)
         report(outputs, labels, args, [str(file) for file in args.input], heading)
         return 0
     views = args.views * len(args.scales or (None,))  # the rows each image gives: its views at each scale
-    if args.input:
-        x, names = read_inputs(args.input, shape, preprocess, args.views, args.scales)
-    elif args.views > 1 or args.scales:
-        flag = "--views" if args.views > 1 else "--scales"
-        raise NetError(f"{flag} takes images", where=flag, hint="give them with --input")
+    if args.input or args.views > 1 or args.scales:
+        x, names = read_inputs(args.input or [], shape, preprocess, args.views, args.scales)
     else:
         x = random_inputs(args.random or args.batch or 1, shape, args.seed, "--random" if args.random else "--batch")
         names = None
@@ -330,20 +338,10 @@ def _dense_outputs(path: Path, dtype: str, preprocess, args: argparse.Namespace,
     from netdsl.lang.frontend import load_graph
     from netdsl.runtime.devices import parse_devices
     from netdsl.runtime.weights import init_weights, load_weights
-    from netdsl.train.augment import IMAGE_SUFFIXES
     from netdsl.train.data import ImageFiles
     from netdsl.train.evaluate import DenseScores, dense_probabilities_of
 
     _refuse_with_dense(path, dtype, args)
-    if not args.input:
-        raise NetError("--dense reads image files", where="--dense", hint="give them with --input")
-    for file in args.input:
-        if file.suffix.lower() not in IMAGE_SUFFIXES:
-            raise NetError(
-                f"--dense takes images, and {file} is not one",
-                where="--dense",
-                hint="--dense scales image files; give images (.jpg, .png, ...) or leave --dense out",
-            )
     graph, devices, scorers = load_graph(path), parse_devices(args.devices), []
     for model in models:
         weights = init_weights(graph, seed=args.seed, scheme=args.init) if model is None else load_weights(model, graph)
