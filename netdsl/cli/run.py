@@ -41,14 +41,12 @@ def default_preprocess(shape: tuple[int, ...]):
 
 
 def saved_preprocess(weights: Path | None):
-    """The preprocessing trained weights were saved with (`netdsl train`), or None."""
+    """The preprocessing trained weights were saved with (`netdsl train`), or None (no file: default weights)."""
     if weights is None or not weights.is_file():
         return None
-    from netdsl.runtime.weights import weights_metadata
-    from netdsl.train.augment import Preprocess
+    from netdsl.train.start import saved_preprocess as recorded
 
-    text = weights_metadata(weights).get("netdsl.preprocess")
-    return Preprocess.from_json(text, where=str(weights)) if text else None
+    return recorded(weights)
 
 
 def read_image(path: Path, shape: tuple[int, ...], preprocess=None, views: int = 1, scales=None) -> np.ndarray:
