@@ -2,7 +2,8 @@
 
 `Tally` adds up batches of class probabilities against their labels (from one process, or summed over
 the ranks of a run); `probabilities` turns a net's output into them, averaging test-time views; `DenseScores`
-gives them for whole images of any size (VGG's dense evaluation, netdsl.runtime.dense).
+gives them for whole images of any size (VGG's dense evaluation, netdsl.runtime.dense); `Measured` keeps each
+image's figures (what `netdsl eval --save` writes and `--mistakes` lists).
 """
 
 from __future__ import annotations
