@@ -72,6 +72,7 @@ def chosen_convs(graph, layer: str | None) -> list[str]:
     """The convs to draw: `layer` (a conv's name, or a towers block's name for all its copies), or by default
     those that read the net's input; each with filters over 1 or 3 channels, all of one shape."""
     from netdsl.ir import layers
+    from netdsl.runtime.weights import base_name, weight_specs
 
     convs = [item for item in layers(graph) if item.op == "conv"]
     if layer is None:
@@ -80,14 +81,15 @@ def chosen_convs(graph, layer: str | None) -> list[str]:
         if not chosen:
             raise NetError("no conv reads the net's input", where="--layer", hint="name the conv to draw: --layer NAME")
     else:
-        chosen = [item for item in layers(graph) if layer in (item.name, item.name.split("@")[0])]
+        chosen = [item for item in layers(graph) if layer in (item.name, base_name(item.name))]
         if not chosen:
-            hint = did_you_mean(layer, [item.name.split("@")[0] for item in convs]) or "name a conv of the net"
+            hint = did_you_mean(layer, [base_name(item.name) for item in convs]) or "name a conv of the net"
             raise NetError(f"the net has no layer `{layer}`", where="--layer", hint=hint)
         if any(item.op != "conv" for item in chosen):
             raise NetError(f"`{layer}` is a {chosen[0].op} layer, not a conv", where="--layer",
                            hint="filters are a conv's weights: name a conv")  # fmt: skip
-    shapes = {(item.input_shape[0] // item.params.get("groups", 1), *_size(item)) for item in chosen}
+    specs = weight_specs(graph)
+    shapes = {specs[f"{item.name}.weight"][1:] for item in chosen}  # channels x kh x kw
     channels = next(iter(shapes))[0]
     if channels not in (1, 3):
         raise NetError(
@@ -98,11 +100,6 @@ def chosen_convs(graph, layer: str | None) -> list[str]:
     if len(shapes) > 1:
         raise NetError("the convs chosen have filters of different shapes", where="--layer", hint="name one conv")
     return [item.name for item in chosen]
-
-
-def _size(item) -> tuple[int, int]:
-    size = item.params["size"]
-    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def filter_picture(kernels: list[np.ndarray], columns: int = COLUMNS, zoom: int | None = None) -> np.ndarray:
