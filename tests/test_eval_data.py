@@ -17,6 +17,7 @@ from train_support import TINY as TINY_10
 
 from netdsl.cli.main import main
 from netdsl.errors import NetError
+from netdsl.lang.frontend import load_graph
 from netdsl.train.data import labels_by_name
 
 TINY = TINY_10.replace("fc(c1, 10)", "fc(c1, 3)")  # three classes
@@ -315,6 +316,25 @@ def test_an_ensemble_averages_the_softmax_of_its_models(trained, tmp_path, capsy
     ]:
         code, _, err = evaluate(capsys, *nets, "--weights", *weights, "--data", folder)
         assert code == 1 and message in err and "Traceback" not in err, err
+
+
+def test_an_ensemble_takes_weights_that_do_not_name_their_classes(trained, tmp_path, capsys):
+    """Weights saved without a preprocessing (from Python) name no classes: in an ensemble they are measured
+    with the data's own preprocessing, and the images labelled by the classes of the model that names them,
+    on a folder of two of the three classes too (the data's own names would have made them another model's)."""
+    from netdsl.runtime.weights import load_weights, save_weights
+
+    net, run, folder = trained
+    bare = tmp_path / "bare.safetensors"
+    save_weights(bare, load_weights(run / "weights.safetensors", load_graph(net)))
+    some = tmp_path / "some"
+    for name in ("dog", "owl"):
+        shutil.copytree(folder / name, some / name)
+    for data, count in ((folder, 15), (some, 10)):
+        for weights in ([run, bare], [bare, run]):
+            code, out, err = evaluate(capsys, net, "--weights", *weights, "--data", data, "--split", "all")
+            assert code == 0 and "ensemble of 2" in out and f"images {count} " in out, err
+            assert f"note: {bare} carries no preprocessing" in err and "owl" in out  # the named model's classes
 
 
 def test_what_eval_cannot_save_is_refused_before_measuring(trained, tmp_path, capsys):

@@ -384,7 +384,7 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
             raise NetError(f"{args.save} is not an .npz file", where="--save",
                            hint="eval saves several arrays by name: give a name ending in .npz")  # fmt: skip
         read = [path for net, weights, _ in models for path in (net, weights_file(weights))]
-        refuse_overwriting(args.save, [*read, Path(str(args.data))], "--save")
+        refuse_overwriting(args.save, [*read, Path(args.data)], "--save")
     graphs = {net: load_graph(net) for net, _, _ in models}
     members = [_Member.load(net, graphs[net], weights_file(path), name) for net, path, name in models]
     first = members[0]  # its run's split of the data is measured, and its classes name the data's
@@ -420,13 +420,14 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
     )  # fmt: skip
     if split.skipped and world.leader:
         print(f"skipped {len(split.skipped)} unreadable images (first: {split.skipped[0]})", file=sys.stderr)
+    named = [member for member in members if member.own is not None and member.own.classes]
     for member in members:
         member.preprocess = member.own or split.preprocess
         if member.own is None and world.leader:
             print(f"note: {member.path} carries no preprocessing; using the data's own mean", file=sys.stderr)
-        if list(member.preprocess.classes) != list(first.preprocess.classes):
+        if member in named and list(member.own.classes) != list(named[0].own.classes):
             raise NetError(
-                f"{member.path} was trained on other classes than {first.path}",
+                f"{member.path} was trained on other classes than {named[0].path}",
                 where=str(member.path),
                 hint="an ensemble averages models of the same classes, in the same order",
             )
@@ -434,25 +435,27 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
     parts = [part for part in parts if part is not None]
     if not parts:
         raise NetError("the data has no validation images", where="--data", hint="use --split all, or --val-fraction")
-    relabel = labels_by_name(split.classes, list(first.preprocess.classes), str(args.data))
+    trained = list(named[0].own.classes) if named else list(first.preprocess.classes)  # the weights' class names
+    relabel = labels_by_name(split.classes, trained, str(args.data))
     if relabel is not None and world.leader:
         print(
             f"note: the data's {len(split.classes)} classes are matched by name to the "
-            f"{len(first.preprocess.classes)} the weights were trained on",
+            f"{len(trained)} the weights were trained on",
             file=sys.stderr,
         )
     relabel = None if relabel is None else torch.tensor(relabel)
     if world.distributed:  # this process's share: every world.size-th image
         parts = [part.subset(np.arange(world.rank, len(part), world.size)) for part in parts]
     mapping = parse_devices(args.devices)
-    groups: dict[tuple[str, tuple], list[_Member]] = {}  # models that prepare images alike: each image decoded once
-    for member in members:
+    groups: dict[tuple[str, tuple], list[int]] = {}  # models that prepare images alike: each image decoded once
+    for number, member in enumerate(members):
         sizes = tuple(args.scales or (member.preprocess.size,))
-        groups.setdefault((member.preprocess.to_json(), sizes), []).append(member)
+        groups.setdefault((member.preprocess.to_json(), sizes), []).append(number)
     title = "measuring" + (" (this process's share)" if world.distributed else "")
     shown = Meter(sys.stderr, sum(map(len, parts)) * sum(len(sizes) for _, sizes in groups), title, world)
     measures = []  # (models, a function from a set of images to each model's probabilities)
-    for (_, sizes), group in groups.items():
+    for (_, sizes), numbers in groups.items():
+        group = [members[number] for number in numbers]
         devices = [world.device_map(member.graph, mapping) if world.distributed else mapping for member in group]
         if args.dense:  # whole images, those of one size together
             scorers = [DenseScores(member.graph, member.weights, where, member.preprocess.flip, args.backend,
@@ -461,18 +464,19 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
                               workers=workers, advance=shown.advance)  # fmt: skip
         else:
             measure = _views_measure(args, group, devices, sizes, workers, shown.advance)
-        measures.append((group, measure))
+        measures.append((numbers, measure))
     tally = Tally(classes)  # the ensemble's (the one model's, with one)
     measured = Measured() if args.save or args.mistakes else None  # each image's figures, where they are shown
     for part in parts:
         labels = torch.from_numpy(part.labels)
         labels = labels if relabel is None else relabel[labels]
-        for group, measure in measures:
-            part.preprocess = group[0].preprocess
-            for member, probs in zip(group, measure(part), strict=True):
-                member.probs = probs
-                member.tally.add(probs, labels)
-        ensemble = torch.stack([member.probs for member in members]).mean(dim=0)  # the softmax averaged
+        probs = [None] * len(members)  # each model's, N x K
+        for numbers, measure in measures:
+            part.preprocess = members[numbers[0]].preprocess
+            for number, each in zip(numbers, measure(part), strict=True):
+                probs[number] = each
+                members[number].tally.add(each, labels)
+        ensemble = torch.stack(probs).mean(dim=0)  # the softmax averaged over the models
         tally.add(ensemble, labels)
         if measured is not None:
             measured.add(part, ensemble, labels)
@@ -485,7 +489,7 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
             measured = measured.gathered(world)
         if not world.leader:
             return 0
-    names = list(first.preprocess.classes) or split.classes
+    names = trained or split.classes
     if len(members) > 1:  # each model alone, then the ensemble
         for member in members:
             alone = member.tally.report(names).splitlines()[0].split("   ", 1)[1]
@@ -506,7 +510,7 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
 class _Member:
     """One model `netdsl eval` measures (of an ensemble, or alone): its net (file and graph), the classes it
     scores and the input it takes, its weights file, the weights, their saved preprocessing (`own`; None: the
-    data's, once read), how it measures a set of images, and its own tally."""
+    data's, once read), and its own tally."""
 
     net: Path
     graph: nx.DiGraph
@@ -519,20 +523,18 @@ class _Member:
     own: Preprocess | None
     tally: Tally
     preprocess: Preprocess | None = None  # own, or the data's
-    probs: torch.Tensor | None = None  # of the set of images measured last: N x K
 
     @classmethod
     def load(cls, net: Path, graph, path: Path, name: str) -> _Member:
         from netdsl.runtime.weights import load_weights, weights_metadata
-        from netdsl.train.augment import Preprocess
         from netdsl.train.evaluate import Tally
         from netdsl.train.loop import class_count
+        from netdsl.train.start import saved_preprocess
 
         classes, shape = class_count(graph), tuple(graph.nodes[graph.graph["inputs"][0]]["layer"].shape)
-        metadata = weights_metadata(path)
+        metadata = weights_metadata(path)  # for the settings of the run that wrote them
         weights = load_weights(path, graph)
-        saved = metadata.get("netdsl.preprocess")
-        own = Preprocess.from_json(saved, where=str(path)) if saved else None
+        own = saved_preprocess(path)
         if own is not None:
             own.check_fits(shape, str(path))
         return cls(net, graph, classes, shape, path, name, metadata, weights, own, Tally(classes))
