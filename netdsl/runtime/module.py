@@ -189,7 +189,7 @@ class GraphModule(torch.nn.Module):
                     value = value.to(device=placed[item.device], dtype=dtype, copy=True)
                 if tensor in buffers:
                     scope.register_buffer(tensor, value)
-                elif isinstance(value, torch.nn.Parameter):  # shared
+                elif share is not None:  # the shared module's Parameter itself
                     scope.register_parameter(tensor, value)
                 else:
                     scope.register_parameter(tensor, torch.nn.Parameter(value, requires_grad=item.name in reached))
