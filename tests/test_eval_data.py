@@ -331,9 +331,9 @@ def test_an_ensemble_takes_weights_that_do_not_name_their_classes(trained, tmp_p
     for name in ("dog", "owl"):
         shutil.copytree(folder / name, some / name)
     for data, count in ((folder, 15), (some, 10)):
-        for weights in ([run, bare], [bare, run]):
+        for weights in ([run, bare], [bare, run], [bare, run, run]):  # the same weights twice: two models
             code, out, err = evaluate(capsys, net, "--weights", *weights, "--data", data, "--split", "all")
-            assert code == 0 and "ensemble of 2" in out and f"images {count} " in out, err
+            assert code == 0 and f"ensemble of {len(weights)}" in out and f"images {count} " in out, err
             assert f"note: {bare} carries no preprocessing" in err and "owl" in out  # the named model's classes
 
 

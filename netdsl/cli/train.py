@@ -506,7 +506,7 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
     return 0
 
 
-@dataclass
+@dataclass(eq=False)  # a model is itself: two records of the same weights are still two models
 class _Member:
     """One model `netdsl eval` measures (of an ensemble, or alone): its net (file and graph), the classes it
     scores and the input it takes, its weights file, the weights, their saved preprocessing (`own`; None: the
