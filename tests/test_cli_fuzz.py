@@ -205,7 +205,7 @@ def run_case(world: Path, scratch: Path, case: Case, tally: Counter) -> Result:
 
 ANSI = re.compile(r"\033\[[0-9;]*m")
 COMMAND_NAMES = ("check", "info", "graph", "compile", "export", "import", "run", "train", "eval", "tune", "fmt",
-                 "filters")  # fmt: skip
+                 "filters", "neighbours")  # fmt: skip
 ERROR_LINE = re.compile(r"^(?P<where>.+?): error: (?P<message>.+)$", re.M)
 
 
@@ -570,6 +570,31 @@ def command_filters(rng: random.Random) -> Case:
     return Case(argv, outputs=[written[-1]] if written and written[-1] == "f.png" else [])
 
 
+def command_neighbours(rng: random.Random) -> Case:
+    table = {
+        "--input": ["photo.png"] * 4 + INPUTS,
+        "--queries": lambda r: pick(r, ["1", "3"], WHOLE_BAD),
+        "--layer": ["c1", "out", "c1.relu", "c1x", "", "image", "\udcff"],
+        "-k": lambda r: pick(r, ["1", "4", "1000"], WHOLE_BAD),
+        "-o": ["n.png"] * 3 + ["n.jpg", "images", "", "sub/n.png", "photo.png", "tiny.net"],
+        "--batch": lambda r: pick(r, ["1", "64"], WHOLE_BAD),
+        "--backend": ["torch"] * 8 + ["triton", "jax"],
+        "--devices": DEVICES,
+        "--val-fraction": lambda r: pick(r, ["0.25", "0", "0.5"], [*NUMBER_BAD, "1"]),
+        "--seed": ["0", "5", "-1"],
+        "--workers": ["0", "-1", "x"],
+        "--skip-corrupt": None,
+    }
+    argv = ["neighbours", choose(rng, NETS + ONNX)]
+    if rng.random() < 0.9:
+        argv += ["--weights", choose(rng, WEIGHTS)]
+    if rng.random() < 0.9:
+        argv += ["--data", choose(rng, DATA)]
+    argv += flags(rng, table, rng.randrange(5))
+    written = [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "-o"]
+    return Case(argv, outputs=[written[-1]] if written and written[-1] == "n.png" else [])
+
+
 def command_fmt(rng: random.Random) -> Case:
     files = rng.choices(["tiny.net", "recipe.net", "missing.net", "images", "data.npz", "photo.png", "run", ""], k=2)
     return Case(["fmt", *files[: rng.randint(1, 2)], *rng.sample(["--check", "--diff", "--check"], rng.randint(0, 2))])
@@ -602,7 +627,7 @@ def command_top(rng: random.Random) -> Case:
 COMMANDS = [
     (command_check, 10), (command_graph, 5), (command_compile, 10), (command_export, 4), (command_import, 3),
     (command_run, 22), (command_train, 26), (command_eval, 10), (command_tune, 3), (command_fmt, 3),
-    (command_filters, 4), (command_top, 4),
+    (command_filters, 4), (command_neighbours, 5), (command_top, 4),
 ]  # fmt: skip
 
 

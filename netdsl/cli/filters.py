@@ -124,14 +124,21 @@ def filter_picture(kernels: list[np.ndarray], columns: int = COLUMNS, zoom: int 
     for kernel in kernels:
         rows = math.ceil(len(kernel) / columns)
         block = np.full((rows * (tile_h + 1) + 1, columns * (tile_w + 1) + 1, channels), BACKGROUND, np.uint8)
-        for number, weights in enumerate(np.asarray(kernel, dtype=np.float64)):
-            low, high = weights.min(), weights.max()
-            scaled = np.full(weights.shape, 0.5) if high == low else (weights - low) / (high - low)
-            pixels = np.round(scaled * 255).astype(np.uint8).transpose(1, 2, 0)  # kh x kw x C
-            pixels = pixels.repeat(zoom, axis=0).repeat(zoom, axis=1)
+        for number, weights in enumerate(kernel):
+            pixels = tile_pixels(weights, zoom)
             top, left = 1 + (number // columns) * (tile_h + 1), 1 + (number % columns) * (tile_w + 1)
             block[top : top + tile_h, left : left + tile_w] = pixels
         blocks.append(block)
     space = np.full((tile_h // 2, blocks[0].shape[1], channels), BACKGROUND, np.uint8)
     picture = np.concatenate([part for block in blocks for part in (block, space)][:-1])
     return picture[:, :, 0] if channels == 1 else picture
+
+
+def tile_pixels(values: np.ndarray, zoom: int) -> np.ndarray:
+    """C x h x w values as (h * zoom) x (w * zoom) x C pixels, scaled to their own range: the lowest black, the
+    highest white, all alike mid-gray."""
+    values = np.asarray(values, dtype=np.float64)
+    low, high = values.min(), values.max()
+    scaled = np.full(values.shape, 0.5) if high == low else (values - low) / (high - low)
+    pixels = np.round(scaled * 255).astype(np.uint8).transpose(1, 2, 0)
+    return pixels.repeat(zoom, axis=0).repeat(zoom, axis=1)

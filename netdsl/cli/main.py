@@ -16,6 +16,7 @@ from netdsl.cli.filters import add_command as add_filters_command
 from netdsl.cli.flags import add_plan_flags, image_sizes, plan_options, seed_number
 from netdsl.cli.fmt import add_command as add_fmt_command
 from netdsl.cli.fmt import fmt_command
+from netdsl.cli.neighbours import add_command as add_neighbours_command
 from netdsl.cli.onnx_input import imported_model, onnx_importer
 from netdsl.cli.train import add_commands as add_training_commands
 from netdsl.cli.train import eval_command, train_command
@@ -278,6 +279,7 @@ def _parser() -> argparse.ArgumentParser:
     add_tune_command(commands, _positive)
     add_fmt_command(commands)
     add_filters_command(commands, _positive)
+    add_neighbours_command(commands, _positive)
     return parser
 
 
@@ -326,6 +328,10 @@ def _dispatch(path: Path, args: argparse.Namespace) -> int:
         from netdsl.cli.filters import filters_command
 
         return filters_command(path, args)
+    if args.command == "neighbours":
+        from netdsl.cli.neighbours import neighbours_command
+
+        return neighbours_command(path, args)
     if args.command == "tune":
         from netdsl.cli.tune import tune_command
 

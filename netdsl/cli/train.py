@@ -18,7 +18,7 @@ from netdsl.codegen.interpret import use_interpreter
 from netdsl.errors import NetError
 from netdsl.files import parse_json, refuse_folder, refuse_overwriting, write_arrays
 
-if TYPE_CHECKING:  # the annotations of _Member; imported where they are used, as the commands load lazily
+if TYPE_CHECKING:  # the annotations of Member; imported where they are used, as the commands load lazily
 
     import networkx as nx
     import numpy as np
@@ -386,7 +386,7 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
         read = [path for net, weights, _ in models for path in (net, weights_file(weights))]
         refuse_overwriting(args.save, [*read, Path(args.data)], "--save")
     graphs = {net: load_graph(net) for net, _, _ in models}
-    members = [_Member.load(net, graphs[net], weights_file(path), name) for net, path, name in models]
+    members = [Member.load(net, graphs[net], weights_file(path), name) for net, path, name in models]
     first = members[0]  # its run's split of the data is measured, and its classes name the data's
     classes, shape = first.classes, first.shape
     for member in members[1:]:
@@ -400,7 +400,7 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
                 where=str(member.path),
                 hint="give weights that netdsl train wrote (they carry their preprocessing)",
             )
-    run_recipe = _run_settings(first.path, first.metadata)
+    run_recipe = run_settings(first.path, first.metadata)
     fraction = args.val_fraction if args.val_fraction is not None else run_recipe.get("val_fraction", 0.1)
     seed = args.seed if args.seed is not None else run_recipe.get("seed", 0)
     skip = args.skip_corrupt if args.skip_corrupt is not None else bool(run_recipe.get("skip_corrupt", False))
@@ -413,7 +413,7 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
     split = open_data(
         args.data, shape, num_outputs=classes, val_fraction=fraction if args.split == "val" else 0.0,
         seed=seed, skip_corrupt=skip, workers=workers, size=None if first.own is None else first.own.size,
-        scan_record=RunFolder(_run_folder(first.path)).read_scan(), world=world,
+        scan_record=RunFolder(run_folder(first.path)).read_scan(), world=world,
         statistics=any(member.own is None for member in members),
         check={"all": ("train", "val")}.get(args.split, (args.split,)),
         meter=lambda _, images: Meter(sys.stderr, images, "reading the images", world),  # for unreadable ones
@@ -507,7 +507,7 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
 
 
 @dataclass(eq=False)  # a model is itself: two records of the same weights are still two models
-class _Member:
+class Member:
     """One model `netdsl eval` measures (of an ensemble, or alone): its net (file and graph), the classes it
     scores and the input it takes, its weights file, the weights, their saved preprocessing (`own`; None: the
     data's, once read), and its own tally."""
@@ -525,7 +525,7 @@ class _Member:
     preprocess: Preprocess | None = None  # own, or the data's
 
     @classmethod
-    def load(cls, net: Path, graph, path: Path, name: str) -> _Member:
+    def load(cls, net: Path, graph, path: Path, name: str) -> Member:
         from netdsl.runtime.weights import load_weights, weights_metadata
         from netdsl.train.evaluate import Tally
         from netdsl.train.loop import class_count
@@ -540,7 +540,7 @@ class _Member:
         return cls(net, graph, classes, shape, path, name, metadata, weights, own, Tally(classes))
 
 
-def _views_measure(args, group: list[_Member], devices: list, scales, workers: int, advance):
+def _views_measure(args, group: list[Member], devices: list, scales, workers: int, advance):
     """eval's measuring of views (the centre, or the paper's ten) at each of `scales` by the models of `group`
     (which prepare images alike; `devices`, each one's): a function from a set of images (a Samples) to each
     model's N x K probabilities. Each image is decoded once for all the scales and models, and a pass holds
@@ -585,7 +585,7 @@ def _recorded_net(run: Path, recorded: str) -> Path:
     return beside if beside.is_file() or not Path(recorded).is_file() else Path(recorded)
 
 
-def _run_settings(weights: Path, metadata: dict[str, str]) -> dict:
+def run_settings(weights: Path, metadata: dict[str, str]) -> dict:
     """The settings of the run that wrote `weights` (empty when unknown): a checkpoint's own, in its header;
     else the recipe.json of the run folder that holds the file (weights.safetensors) or its checkpoints/."""
     from netdsl.train.checkpoint import STATE_KEY
@@ -597,7 +597,7 @@ def _run_settings(weights: Path, metadata: dict[str, str]) -> dict:
             settings = _settings_of(state.get("recipe"), str(weights)) if isinstance(state, dict) else {}
             if settings:
                 return settings
-    folder = _run_folder(weights)
+    folder = run_folder(weights)
     try:
         record = RunFolder(folder).read_recipe()
     except NetError:
@@ -605,7 +605,7 @@ def _run_settings(weights: Path, metadata: dict[str, str]) -> dict:
     return _settings_of(record.get("recipe") if isinstance(record, dict) else None, str(folder / "recipe.json"))
 
 
-def _run_folder(weights: Path) -> Path:
+def run_folder(weights: Path) -> Path:
     """The run folder that would hold `weights`: its own (weights.safetensors), or its checkpoints/'s."""
     from netdsl.train.runs import CHECKPOINTS
 

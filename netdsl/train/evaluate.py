@@ -309,8 +309,8 @@ class Tally:
             if off[true, predicted] == 0:
                 break
             share = f"{100 * off[true, predicted] / totals[true]:.1f}%"
-            row = (str(true), _name(names, true), str(predicted), _name(names, predicted), str(off[true, predicted]))
-            rows.append((*row, share))
+            named = (class_name(names, true), class_name(names, predicted))
+            rows.append((str(true), named[0], str(predicted), named[1], str(off[true, predicted]), share))
         return rows
 
     def plot_confusion(self, path: Path, names: list[str]) -> bool:
@@ -329,7 +329,7 @@ class Tally:
         figure, axes = plt.subplots(figsize=(size, size))
         image = axes.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
         if self.classes <= LABELLED_CLASSES:
-            ticks, labels = range(self.classes), [_name(names, i)[:14] for i in range(self.classes)]
+            ticks, labels = range(self.classes), [class_name(names, i)[:14] for i in range(self.classes)]
         else:  # a thousand names would be ink: about ten class numbers along each side
             ticks = range(0, self.classes, max(1, math.ceil(self.classes / 10)))
             labels = [str(tick) for tick in ticks]
@@ -395,15 +395,16 @@ class Measured:
             return ["no mistakes"]
         sure = arrays["probabilities"][wrong, arrays["predicted"][wrong]]
         order = wrong[np.argsort(-sure, kind="stable")][:count]
+        label, predicted, probs = arrays["labels"], arrays["predicted"], arrays["probabilities"]
         rows = [
-            (arrays["files"][i], _name(names, int(arrays["labels"][i])), _name(names, int(arrays["predicted"][i])),
-             f"{arrays['probabilities'][i, arrays['predicted'][i]]:.3f}")
+            (arrays["files"][i], class_name(names, int(label[i])), class_name(names, int(predicted[i])),
+             f"{probs[i, predicted[i]]:.3f}")
             for i in order
         ]  # fmt: skip
         title = f"the most confident mistakes ({len(order)} of {len(wrong):,})"
         return [title, *format_table(("image", "class", "predicted", "probability"), rows, left={0, 1, 2})]
 
 
-def _name(names: list[str], index: int) -> str:
+def class_name(names: list[str], index: int) -> str:
     """Class `index`'s name; a net may score more classes than the data names (its number then)."""
     return names[index] if index < len(names) else str(index)
