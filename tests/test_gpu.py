@@ -180,3 +180,21 @@ def test_dense_scores_on_the_gpu(backend, weights):
             error = relative_error(scorer.batch_scores(x), want)
             report(f"dense lenet5 {backend} {dtype} {shape[1]}x{shape[2]}", error)
             assert error <= TOLERANCES[dtype]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_features_on_the_gpu(backend, weights):
+    """`netdsl neighbours`' values of AlexNet's last hidden layer (both towers' fc7) computed on the GPU: the
+    CPU's, within fp32's rounding (the towers' copies across the one device)."""
+    from netdsl.lang.frontend import load_graph
+    from netdsl.train.features import Features, feature_layers
+
+    graph, given = load_graph(net_path("alexnet")), weights("alexnet")
+    names = feature_layers(graph)
+    x = np.random.default_rng(13).standard_normal((2, 3, 227, 227), dtype=np.float32)
+    want, scores = Features(graph, given, names, devices="cpu")(x)
+    got, on_gpu = Features(graph, given, names, devices="cuda", backend=backend)(x)
+    for name, error in (("fc7", relative_error(got, want.double().numpy())),
+                        ("prob", relative_error(on_gpu, scores.double().numpy()))):  # fmt: skip
+        report(f"features alexnet {backend} {name}", error)
+        assert error <= TOLERANCES["fp32"]

@@ -16,7 +16,7 @@ from train_support import TINY as TINY_10
 
 from netdsl.cli.filters import tile_pixels
 from netdsl.cli.main import main
-from netdsl.cli.neighbours import neighbour_picture
+from netdsl.cli.neighbours import neighbour_picture, picture_size
 from netdsl.errors import NetError
 from netdsl.lang.frontend import graph_from_text, load_graph
 from netdsl.runtime.weights import init_weights
@@ -240,5 +240,10 @@ def test_a_picture_too_large_to_open_is_refused():
     with pytest.raises(NetError, match="more than image viewers open") as caught:
         neighbour_picture(rows)
     assert caught.value.where == "--output"
+    with pytest.raises(NetError, match="more than image viewers open"):
+        picture_size(300, 7, (3, 500, 500))  # as the command checks before its search
+    with pytest.raises(NetError, match="images of 2 channels cannot be drawn"):
+        picture_size(1, 2, (2, 8, 8))
+    assert picture_size(2, 5, (1, 8, 8)) == (2 * 65 + 1, 5 * 65 + 1 + 8)
     small = neighbour_picture([[np.arange(12, dtype=np.float32).reshape(3, 2, 2)]], zoom=1)
     assert small.shape == (4, 4 + 8, 3) and (small[1:3, 1:3] == tile_pixels(np.arange(12).reshape(3, 2, 2), 1)).all()

@@ -131,6 +131,8 @@ def neighbours_command(path: Path, args: argparse.Namespace) -> int:
         queries = np.stack([part[index][0] for index in range(len(part))])
         sources = [part.source(index) for index in range(len(part))]
         classes = [split.classes[label] for label in part.labels]
+    if args.output is not None:  # before the search: a picture that cannot be drawn
+        picture_size(len(queries), 1 + min(args.count, len(searched)), model.shape)
     features = Features(graph, model.weights, names, parse_devices(args.devices), args.backend)
     asked, scores = features(queries)
     nearest = Nearest(asked, args.count)
@@ -165,7 +167,7 @@ def neighbours_command(path: Path, args: argparse.Namespace) -> int:
         print("\n".join(format_table(("rank", "image", "class", "distance"), rows, left={1, 2})))
     if classes[0] is not None:
         found = nearest.indices.numel()
-        print(f"\nneighbours of the query's class: {same} of {found} ({100 * same / found:.1f}%)")
+        print(f"\nneighbours of the query's class: {same:,} of {found:,} ({100 * same / found:.1f}%)")
     if args.output is not None:
         rows = [[queries[number]] + [searched[int(index)][0] for index in nearest.indices[number]]
                 for number in range(len(queries))]  # fmt: skip
@@ -179,22 +181,12 @@ def neighbour_picture(rows: list[list[np.ndarray]], zoom: int | None = None) -> 
     uint8 for 1 channel, H x W x 3 for 3. Each image is scaled to its own range (its lowest value black, its
     highest white: what the net was given, without its mean), drawn `zoom` pixels a value (default: about TILE
     pixels a side), a pixel of white around each and GAP pixels between a query and its neighbours."""
-    from netdsl.cli.filters import BACKGROUND, LARGEST, tile_pixels
+    from netdsl.cli.filters import BACKGROUND, tile_pixels
 
     channels, height, width = rows[0][0].shape
-    if channels not in (1, 3):
-        raise NetError(f"images of {channels} channels cannot be drawn", where="--output",
-                       hint="a picture shows 1 (gray) or 3 (RGB) channels; leave out --output")  # fmt: skip
     zoom = zoom or max(1, round(TILE / max(height, width)))
     tile_h, tile_w = height * zoom, width * zoom
-    columns = max(len(row) for row in rows)
-    size = (len(rows) * (tile_h + 1) + 1, columns * (tile_w + 1) + 1 + GAP)
-    if size[0] * size[1] > LARGEST:
-        raise NetError(
-            f"the picture would be {size[1]:,} x {size[0]:,} pixels, more than image viewers open ({LARGEST:,})",
-            where="--output",
-            hint="fewer queries or neighbours (--queries, --count), or leave out --output",
-        )
+    size = picture_size(len(rows), max(len(row) for row in rows), rows[0][0].shape, zoom)
     picture = np.full((*size, channels), BACKGROUND, np.uint8)
     for row, images in enumerate(rows):
         for column, image in enumerate(images):
@@ -203,6 +195,26 @@ def neighbour_picture(rows: list[list[np.ndarray]], zoom: int | None = None) -> 
             left = 1 + column * (tile_w + 1) + (GAP if column else 0)
             picture[top : top + tile_h, left : left + tile_w] = pixels
     return picture[:, :, 0] if channels == 1 else picture
+
+
+def picture_size(rows: int, columns: int, shape: tuple[int, ...], zoom: int | None = None) -> tuple[int, int]:
+    """The height and width of `neighbour_picture`'s picture of `rows` rows of `columns` images of `shape` (C x H x
+    W); NetError on --output where such images cannot be drawn, or where the picture would be too large to open."""
+    from netdsl.cli.filters import LARGEST
+
+    channels, height, width = shape
+    if channels not in (1, 3):
+        raise NetError(f"images of {channels} channels cannot be drawn", where="--output",
+                       hint="a picture shows 1 (gray) or 3 (RGB) channels; leave out --output")  # fmt: skip
+    zoom = zoom or max(1, round(TILE / max(height, width)))
+    size = (rows * (height * zoom + 1) + 1, columns * (width * zoom + 1) + 1 + GAP)
+    if size[0] * size[1] > LARGEST:
+        raise NetError(
+            f"the picture would be {size[1]:,} x {size[0]:,} pixels, more than image viewers open ({LARGEST:,})",
+            where="--output",
+            hint="fewer queries or neighbours (--queries, --count), or leave out --output",
+        )
+    return size
 
 
 def _write_picture(path: Path, picture: np.ndarray) -> None:
