@@ -223,8 +223,9 @@ def test_without_files_the_first_validation_images_ask(trained, capsys):
         (["--weights", "{r}", "--data", "{f}", "--input", "{f}/cat/0.png", "-o", "{f}/cat/0.png"], "--output: error:"),
         (["--weights", "{r}", "--data", "{f}", "--val-fraction", "0"], "no validation images to ask about"),
         (["--weights", "{r}", "--data", "{f}", "-k", "0"], "-k/--count: "),
+        (["--weights", "{r}", "--data", "{f}", "--input", "{f}/cat/0.png", "--queries", "2"], "--queries: error:"),
     ],
-    ids=["no-weights", "no-layer", "not-png", "not-image", "overwrite-query", "no-queries", "zero"],
+    ids=["no-weights", "no-layer", "not-png", "not-image", "overwrite-query", "no-queries", "zero", "both"],
 )
 def test_what_neighbours_cannot_do_is_a_clear_error(trained, tmp_path, capsys, args, message):
     net, run, folder = trained

@@ -35,7 +35,7 @@ def add_command(commands, positive) -> None:
         help="the query images (default: the first --queries validation images of --data)",
     )  # fmt: skip
     sub.add_argument(
-        "--queries", type=positive, default=QUERIES, metavar="N", help=f"without --input: how many (default {QUERIES})"
+        "--queries", type=positive, metavar="N", help=f"without --input: how many validation images (default {QUERIES})"
     )
     sub.add_argument(
         "--layer", metavar="NAME",
@@ -84,6 +84,9 @@ def neighbours_command(path: Path, args: argparse.Namespace) -> int:
         )
     if args.input is not None:
         require_images(args.input, "--input")
+        if args.queries is not None:
+            raise NetError("--queries counts validation images, and --input names the queries", where="--queries",
+                           hint="leave out --queries, or --input")  # fmt: skip
     weights_path = weights_file(args.weights)
     if args.output is not None:
         refuse_folder(args.output, "--output")
@@ -126,7 +129,7 @@ def neighbours_command(path: Path, args: argparse.Namespace) -> int:
         if split.val is None or not len(split.val):
             raise NetError("the data has no validation images to ask about", where="--data",
                            hint="name the query images with --input")  # fmt: skip
-        part = split.val.subset(np.arange(min(args.queries, len(split.val))))
+        part = split.val.subset(np.arange(min(args.queries or QUERIES, len(split.val))))
         part.preprocess = preprocess
         queries = np.stack([part[index][0] for index in range(len(part))])
         sources = [part.source(index) for index in range(len(part))]

@@ -41,13 +41,9 @@ def feature_layers(graph: nx.DiGraph, name: str | None = None) -> list[str]:
     if not under:
         hint = did_you_mean(name, list(dict.fromkeys(base_name(item.name) for item in items)))
         raise NetError(f"the net has no layer `{name}`", where="--layer", hint=hint or "name a layer of the net")
-    last: dict[str, str] = {}  # each tower's last layer under the name, in forward order
-    for item in under:
-        suffix = item.name[len(base_name(item.name)) :]  # "@gpu0", or "" outside towers
-        last.pop(suffix, None)
-        last[suffix] = item.name
-    order = [item.name for item in items]
-    return sorted(last.values(), key=order.index)
+    last = {item.name[len(base_name(item.name)) :]: item.name for item in under}  # by tower ("@gpu0", or "")
+    order = {item.name: index for index, item in enumerate(items)}
+    return sorted(last.values(), key=order.__getitem__)  # each tower's last layer under the name
 
 
 class Features:
