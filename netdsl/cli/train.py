@@ -508,9 +508,9 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
 
 @dataclass(eq=False)  # a model is itself: two records of the same weights are still two models
 class Member:
-    """One model `netdsl eval` measures (of an ensemble, or alone): its net (file and graph), the classes it
-    scores and the input it takes, its weights file, the weights, their saved preprocessing (`own`; None: the
-    data's, once read), and its own tally."""
+    """One trained model `netdsl eval` measures (of an ensemble, or alone; `netdsl neighbours` probes one): its
+    net (file and graph), the classes it scores and the input it takes, its weights file, the weights, their
+    saved preprocessing (`own`; None: the data's, once read), and its own tally."""
 
     net: Path
     graph: nx.DiGraph
