@@ -1236,6 +1236,36 @@ output all c
     assert "maxpool(image, 2)" in import_onnx(tmp_path / "t.onnx").text.replace("p_gpu0", "p")  # one copy without
 
 
+def test_a_layer_computed_twice_alike_is_no_tower_where_the_model_names_its_towers(tmp_path):
+    """Two layers outside the towers computing the same thing from the same input (`l1 = add(image, image)`, `l2 =
+    add(image, image)`) were taken by --towers for a tower copy each, beside the real towers (`l4_gpu0`, `l4_gpu1`):
+    `l2` came back as `l1@gpu1`, on gpu1 (the campaign of seed 947, case 231). Where the names say the towers,
+    layers that read the same inputs are copies only when theirs do too."""
+    text = """net t
+input image: 2 x 6 x 6
+l1 = add(image, image)
+l2 = add(image, image)
+l3 = add(image, l1)
+towers gpu0, gpu1 {
+    l4 = batchnorm(l3) | maxpool(2)
+}
+output all l4, l2
+"""
+    net, back_net = tmp_path / "t.net", tmp_path / "back.net"
+    net.write_text(text)
+    graph = graph_from_text(text, str(net))
+    weights = random_weights(graph, 0)
+    export_onnx(graph, weights, tmp_path / "t.onnx")
+    result = import_onnx(tmp_path / "t.onnx", towers=True)
+    assert "l1 = add(image, image)\nl2 = add(image, image)\n" in result.text and "l1@gpu1" not in result.text
+    assert "towers gpu0, gpu1 {\n    l4 = batchnorm(l3" in result.text
+    back_net.write_text(result.text)
+    back = graph_from_text(result.text, str(back_net))
+    assert layer_census(back, result.weights, True) == layer_census(graph, weights, True)
+    feeds = net_inputs(graph, 0)
+    compare(netdsl_run(back_net, result.weights, feeds), netdsl_run(net, weights, feeds), "imported vs original")
+
+
 def test_towers_add_of_a_split_layer(tmp_path):
     """--towers split a grouped conv that an Add reads, and wrote the Add as `add(all c, all c)`: netdsl's add
     reads each copy as an input of its own, so it summed the towers' halves (half the channels, other numbers).

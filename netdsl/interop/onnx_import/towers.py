@@ -34,8 +34,10 @@ class Towers:
 
 def tower_plan(net: LayerGraph) -> Towers | None:
     """The layers to write inside `towers` (copies or groups, which may rewrite `net`), or None: one device."""
-    plan = _find_copies(net)
-    if plan is None:
+    plan = _find_copies(net, named=True) or _find_copies(net, named=False)
+    if plan is not None:
+        net.notes.append(f"--towers: {len(plan.sets)} layers written once per tower ({', '.join(plan.devices)})")
+    else:
         plan = _split_groups(net)
     if plan is not None:  # `add(all x, ...)` adds the copies up: a join an add reads stays a concat layer
         readers = net.readers()
@@ -53,9 +55,12 @@ def _signature(layer: Layer) -> tuple:
     )
 
 
-def _find_copies(net: LayerGraph) -> Towers | None:
+def _find_copies(net: LayerGraph, named: bool) -> Towers | None:
     """Parallel copies of layers, as `netdsl export` writes a net with towers: layers of one kind
-    reading the same inputs (or each its own copy of them) form a set, one copy per tower."""
+    reading the same inputs (or each its own copy of them) form a set, one copy per tower. `named`: layers
+    reading the same inputs are copies only when their names say which tower each is in (`conv1_gpu0`,
+    `conv1_gpu1`; the same towers as every set before): two layers a net computes twice alike (`a = add(x, x)`,
+    `b = add(x, x)`) are not towers when the model names its towers."""
     order = net.order()
     readers = net.readers()
     outputs = net.output_keys()
@@ -63,6 +68,7 @@ def _find_copies(net: LayerGraph) -> Towers | None:
     allref: dict[int, int] = {}
     sets: list[list[int]] = []
     count: int | None = None
+    said: list[str] | None = None  # named: the towers the first set's names say
 
     def describe(layer: Layer):
         refs, towers = [], set()
@@ -109,6 +115,11 @@ def _find_copies(net: LayerGraph) -> Towers | None:
             members.sort(key=lambda k: net.layers[k].order)
             if len(members) < 2 or (count is not None and len(members) != count):
                 continue
+            if named:
+                ends = tower_base([net.layers[k].name for k in members])[1]
+                if ends is None or len(set(ends)) != len(ends) or said not in (None, ends):
+                    continue
+                said = ends
         else:
             position = next(i for i, ref in enumerate(signature[1]) if ref[0] == "own")
             s = signature[1][position][1]
@@ -144,7 +155,6 @@ def _find_copies(net: LayerGraph) -> Towers | None:
     first = suffixes[0]
     if first and all(s == first for s in suffixes) and all(is_name(d) for d in first) and len(set(first)) == count:
         devices = list(first)
-    net.notes.append(f"--towers: {len(sets)} layers written once per tower ({', '.join(devices)})")
     return Towers(devices, sets, allref, names)
 
 
