@@ -443,7 +443,7 @@ SETTINGS = {
     "--lr-mult": ["*.bias=2", "c1.*=0", "*=0", "=1", "*.bias", "x=nan", "[=1", "*=-1", "\u00e9=1", ""],
     "--decay-mult": ["*.bias=0", "out.weight=2", "*=inf", "a b=1", "**=1"],
     "--clip-grad": lambda r: pick(r, ["0", "1"], NUMBER_BAD),
-    "--schedule": ["constant", "step", "multistep", "cosine", "poly", "plateau", "linear", ""],
+    "--schedule": ["constant", "step", "multistep", "cosine", "poly", "exp", "inv", "plateau", "linear", ""],
     "--gamma": lambda r: pick(r, NUMBER, [*NUMBER_BAD, "2"]),
     "--step-epochs": lambda r: pick(r, WHOLE, WHOLE_BAD),
     "--milestones": ["1,2", "2,1", "1", "", "0,1", "1,1", "a", "1,,2", "9" * 30],

@@ -2,7 +2,7 @@
 
 Each case draws (seeded) a tiny net with dropout and batch norm, a tiny .npz data set with a validation part
 and a recipe: sgd (momentum, Nesterov, weight decay, lr and decay multipliers) or adamw; a constant, step,
-multistep, cosine, poly or plateau schedule with or without a warm-up; --steps or --epochs; --val-every,
+multistep, cosine, poly, exp, inv or plateau schedule with or without a warm-up; --steps or --epochs; --val-every,
 --keep-best, --clip-grad, --label-smoothing, fp32, bf16 or fp16 (loss scaling), batches in two parts or whole;
 random crops, flips, PCA colour noise, the mean and std measured or not; no loading process or one; and,
 drawn later, recompute, early stopping, an average of the weights, mixed batches, checkpoints every few steps,
@@ -180,7 +180,7 @@ def draw_case(rng: random.Random, kernels: bool = False) -> Case:
     if rng.random() < 0.4:
         flags += ["--decay-mult", "*.bias=0"]
     # the schedule
-    schedule = rng.choice(["constant", "step", "multistep", "cosine", "plateau", "plateau"])
+    schedule = rng.choice(["constant", "step", "multistep", "cosine", "plateau", "plateau", "inv", "exp"])
     flags += ["--schedule", schedule, "--gamma", str(rng.choice([0.1, 0.5]))]
     if schedule == "step":
         flags += ["--step-epochs", str(rng.randint(1, 2))]
@@ -188,6 +188,8 @@ def draw_case(rng: random.Random, kernels: bool = False) -> Case:
         flags += ["--milestones", rng.choice(["1", "1,2", "2,3"])]
     elif schedule == "cosine":
         flags += ["--cosine-floor", str(rng.choice([0.0, 0.1]))]
+    elif schedule == "inv":  # Caffe's, counting the steps across a resume
+        flags += ["--power", str(rng.choice([0.75, 2.0]))]
     elif schedule == "plateau":
         flags += ["--patience", str(rng.randint(0, 1)), "--threshold", str(rng.choice([0.0, 0.1, 0.5]))]
         flags += ["--max-drops", rng.choice(["0", "1", "2", "none"])]
@@ -498,7 +500,7 @@ def test_the_generator_is_reproducible_and_varied():
     kinds = {stop.kind for case in cases for stop in case.stops}
     assert kinds == {"signal", "validation", "short", "crash"}
     schedules = {flag(case.flags, "--schedule") for case in cases}
-    assert schedules == {"constant", "step", "multistep", "cosine", "poly", "plateau"}
+    assert schedules == {"constant", "step", "multistep", "cosine", "poly", "exp", "inv", "plateau"}
     assert {flag(case.flags, "--optimizer") for case in cases} == {"sgd", "adamw"}
     assert any(stop.step == case.total for case in cases for stop in case.stops)
     assert any(stop.epochs for case in cases for stop in case.stops)

@@ -264,6 +264,19 @@ def test_cosine_and_poly_over_steps_follow_the_documented_curves_to_the_runs_end
     assert logged == pytest.approx({step: 0.05 * (1 - (step - 1) / steps) ** 0.9 for step in range(1, steps + 1)})
 
 
+def test_caffes_inv_and_exp_count_the_runs_steps_across_epochs(tmp_path):
+    """`--schedule inv` (Caffe's: lr (1 + gamma s) ** -power) and `exp` (lr gamma ** s), s the steps done before
+    each one, counted across the epochs (5 steps per epoch, 12 steps), as metrics.jsonl logs each step's rate."""
+    net, data = tiny_run_args(tmp_path)
+    flags = ("--data", data, "--batch", 8, "--steps", 12, "--lr", 0.05, *PLAIN)
+    assert train(net, *flags, "--schedule", "inv", "--gamma", 0.3, "--power", 0.75, "--out", tmp_path / "inv") == 0
+    logged = {line["step"]: line["lr"] for line in metric_lines(tmp_path / "inv") if line["kind"] == "step"}
+    assert logged == pytest.approx({step: 0.05 * (1 + 0.3 * (step - 1)) ** -0.75 for step in range(1, 13)}, rel=1e-12)
+    assert train(net, *flags, "--schedule", "exp", "--gamma", 0.8, "--out", tmp_path / "exp") == 0
+    logged = {line["step"]: line["lr"] for line in metric_lines(tmp_path / "exp") if line["kind"] == "step"}
+    assert logged == pytest.approx({step: 0.05 * 0.8 ** (step - 1) for step in range(1, 13)}, rel=1e-12)
+
+
 # --- resume -------------------------------------------------------------------------------------------------
 
 

@@ -315,6 +315,34 @@ def test_poly_follows_pytorchs_polynomial_lr_step_by_step(power, epochs, per_epo
     assert poly.factor(9, 0, per_epoch) == 0.0
 
 
+@pytest.mark.parametrize(("gamma", "per_epoch"), [(0.9, 4), (0.99, 7)])
+def test_exp_follows_pytorchs_exponential_lr_stepped_each_step(gamma, per_epoch):
+    """`exp` (Caffe's policy: gamma ** s, s the steps done) against torch.optim.lr_scheduler.ExponentialLR
+    stepped once per step from lr 1, across epochs, in float64."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))], lr=1.0)
+    reference = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
+    exp = Schedule("exp", gamma=gamma)
+    for step in range(5 * per_epoch):
+        epoch, within = divmod(step, per_epoch)
+        assert exp.factor(epoch, within, per_epoch) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12)
+        optimizer.step()
+        reference.step()
+
+
+def test_inv_is_caffes_inverse_decay_over_the_runs_steps():
+    """`inv`: Caffe's `base_lr * (1 + gamma * iter) ^ (-power)`, iter the steps done over the whole run (its LeNet
+    solver's gamma 1e-4 and power 0.75: 0.5946 of the rate left at step 10,000), written out step by step; and
+    under a warm-up, the ramp times it."""
+    inv = Schedule("inv", gamma=1e-4, power=0.75)
+    assert inv.factor(0, 0, 100) == 1.0
+    assert inv.factor(100, 0, 100) == pytest.approx(1 / 2**0.75, rel=1e-12)  # step 10,000: (1 + 1) ** -0.75
+    for step in (1, 99, 100, 12_345):
+        epoch, within = divmod(step, 100)
+        assert inv.factor(epoch, within, 100) == pytest.approx((1 + 1e-4 * step) ** -0.75, rel=1e-12)
+    warm = Schedule("inv", gamma=0.01, power=1.0, warmup_epochs=1)
+    assert warm.factor(0, 4, 10) == pytest.approx(0.5 / 1.04, rel=1e-12)  # step 4 of a 10-step ramp
+
+
 def test_warm_up_ramps_linearly_and_multiplies_any_schedule():
     """2 epochs of 4 steps: step s (from 0) gets (s + 1) / 8 until it reaches 1."""
     warm = Schedule(warmup_epochs=2)
@@ -374,6 +402,8 @@ def test_schedule_state_round_trips_through_json():
         ({"kind": "cosine"}, "`epochs` must be a number of epochs > 0"),
         ({"kind": "poly"}, "`epochs` must be a number of epochs > 0"),
         ({"kind": "poly", "epochs": 2, "power": 0}, "`power` must be a number > 0"),
+        ({"kind": "inv", "gamma": 1e-4, "power": -0.5}, "`power` must be a number > 0"),
+        ({"kind": "exp", "gamma": 1.5}, "`gamma` must be a number in \\(0, 1\\]"),
         ({"kind": "plateau", "patience": -1}, "`patience` must be a whole number >= 0"),
         ({"kind": "plateau", "max_drops": 1.5}, "`max_drops` must be a whole number >= 0, or none"),
         ({"gamma": 0.0}, "`gamma` must be a number in \\(0, 1\\]"),

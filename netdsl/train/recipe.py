@@ -110,10 +110,12 @@ class Recipe:
     schedule: str = setting("choice", "plateau", "", "`constant`; `step`: times gamma every step_epochs; "
                             "`multistep`: times gamma at each milestone; `cosine`: down to cosine_floor at the "
                             "end; `poly`: times (1 - t / T) ** power, t the epochs done of T, down to 0 at the end; "
+                            "`exp`: times gamma ** s, s the steps done (Caffe's); `inv`: times (1 + gamma * s) ** "
+                            "-power (Caffe's, as its LeNet: gamma 0.0001, power 0.75); "
                             "`plateau`: times gamma when the validation error stops improving (the paper)",
                             choices=SCHEDULES)
     gamma: float = setting("number", 0.1, "factor", "what each drop multiplies the rate by (step, multistep, "
-                           "plateau)", low=0, high=1, above=True)
+                           "plateau); each step's (exp, inv)", low=0, high=1, above=True)
     step_epochs: int = setting("int", 30, "epochs", "step: epochs between drops", low=1)
     milestones: tuple[int, ...] = setting("ints", (30, 60), "epochs", "multistep: the epochs at whose start the "
                                           "rate drops", low=1, increasing=True)
@@ -126,7 +128,8 @@ class Recipe:
                                "than this", low=0, high=1, below=True)
     cosine_floor: float = setting("number", 0.0, "factor", "cosine: the rate's factor at the end of training",
                                   low=0, high=1)
-    power: float = setting("number", 1.0, "", "poly: the exponent of (1 - t / T); 1: a straight line down to 0",
+    power: float = setting("number", 1.0, "", "poly: the exponent of (1 - t / T), 1: a straight line down to 0; "
+                           "inv: the exponent of 1 / (1 + gamma * s)",
                            low=0, above=True)
     warmup_epochs: float = setting("number", 0.0, "epochs", "the rate rises linearly from about 0 over this many "
                                    "epochs (fractions too), then follows the schedule", low=0)

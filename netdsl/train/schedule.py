@@ -11,6 +11,10 @@ for the step about to be taken (epochs and steps count from 0):
   a fraction when it ends inside an epoch);
 - `poly`: (1 - t / epochs) ** power, t as for cosine (Caffe's and Darknet's `poly`; power 1 falls in a
   straight line), 0 after `epochs`;
+- `exp`: gamma ** s, s the steps taken before this one (from 0, over the whole run): Caffe's `exp` policy, gamma
+  close to 1 (0.9999: a tenth after about 23,000 steps);
+- `inv`: (1 + gamma * s) ** -power, s as for exp: Caffe's `inv` policy, which its LeNet solver uses (gamma 1e-4,
+  power 0.75);
 - `plateau`: gamma ** drops, the paper's "divide the learning rate by 10 when the validation error stops
   improving".
 
@@ -37,7 +41,7 @@ import math
 
 from netdsl.errors import NetError, did_you_mean
 
-KINDS = ("constant", "step", "multistep", "cosine", "poly", "plateau")
+KINDS = ("constant", "step", "multistep", "cosine", "poly", "exp", "inv", "plateau")
 
 
 class Schedule:
@@ -93,7 +97,7 @@ class Schedule:
             _need(_real(self.epochs) and self.epochs > 0, "epochs", self.epochs, "a number of epochs > 0")
         if self.kind == "cosine":
             _need(_real(self.min_factor) and 0 <= self.min_factor <= 1, "min_factor", self.min_factor, "in [0, 1]")
-        if self.kind == "poly":
+        if self.kind in ("poly", "inv"):
             _need(_real(self.power) and self.power > 0, "power", self.power, "a number > 0")
         if self.kind == "plateau":
             _need(_whole(self.patience) and self.patience >= 0, "patience", self.patience, "a whole number >= 0")
@@ -119,6 +123,10 @@ class Schedule:
         elif self.kind == "poly":
             progress = min((epoch + step_in_epoch / steps_per_epoch) / self.epochs, 1.0)
             value = (1 - progress) ** self.power
+        elif self.kind == "exp":
+            value = self.gamma ** (epoch * steps_per_epoch + step_in_epoch)
+        elif self.kind == "inv":
+            value = (1 + self.gamma * (epoch * steps_per_epoch + step_in_epoch)) ** -self.power
         else:
             value = self.gamma**self.drops
         ramp = self.warmup_epochs * steps_per_epoch
@@ -172,6 +180,8 @@ class Schedule:
             "multistep": {"milestones": list(self.milestones), "gamma": self.gamma},
             "cosine": {"epochs": self.epochs, "min_factor": self.min_factor},
             "poly": {"epochs": self.epochs, "power": self.power},
+            "exp": {"gamma": self.gamma},
+            "inv": {"gamma": self.gamma, "power": self.power},
             "plateau": {
                 "patience": self.patience,
                 "gamma": self.gamma,
