@@ -213,6 +213,53 @@ def principal_components(covariance: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return values, vectors * np.where(signs == 0, 1.0, signs)
 
 
+def _factor(rng: np.random.Generator, most: float) -> float:
+    """A factor drawn uniformly from [1, most], inverted one time in two (Darknet's `rand_scale`)."""
+    factor = float(rng.uniform(1.0, most))
+    return factor if rng.random() < 0.5 else 1.0 / factor
+
+
+def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    """... x 3 RGB values (0 and up) as hue (a share of the circle, [0, 1)), saturation ([0, 1]) and value (the
+    largest of the three, on their scale): the hexcone model, as Python's colorsys computes one pixel."""
+    high, low = rgb.max(axis=-1), rgb.min(axis=-1)
+    span = high - low
+    with np.errstate(divide="ignore", invalid="ignore"):  # gray pixels (span 0) take hue 0, black saturation 0
+        saturation = np.where(high > 0, span / high, 0.0)
+        red, green, blue = ((high - rgb[..., channel]) / span for channel in range(3))
+        hue = np.where(rgb[..., 1] == high, 2 + red - blue, 4 + green - red)
+        hue = np.where(rgb[..., 0] == high, blue - green, hue)
+    hue = np.where(span > 0, (hue / 6) % 1.0, 0.0)
+    return np.stack([hue, saturation, high], axis=-1)
+
+
+def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    """`rgb_to_hsv`'s inverse: ... x 3 hue, saturation, value as RGB on the value's scale."""
+    hue, saturation, value = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    sector = np.floor(hue * 6.0)
+    within = hue * 6.0 - sector
+    p, q, t = value * (1 - saturation), value * (1 - saturation * within), value * (1 - saturation * (1 - within))
+    sector = sector.astype(np.int64) % 6
+    table = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q)]
+    return np.stack([np.choose(sector, [row[channel] for row in table]) for channel in range(3)], axis=-1)
+
+
+def jittered(pixels: np.ndarray, shift: float, saturation: float, exposure: float) -> np.ndarray:
+    """H x W x C pixels (0..255) with Darknet's colour jitter: for RGB, the hue turned by `shift` of the circle,
+    the saturation times `saturation` (at most 1) and the value times `exposure` (at most 255); a gray image's
+    pixels times `exposure` (at most 255). float32."""
+    values = pixels.astype(np.float64)
+    if values.shape[-1] == 3:
+        hsv = rgb_to_hsv(values)
+        hsv[..., 0] = (hsv[..., 0] + shift) % 1.0
+        hsv[..., 1] = np.minimum(hsv[..., 1] * saturation, 1.0)
+        hsv[..., 2] = np.minimum(hsv[..., 2] * exposure, PIXEL_RANGE)
+        values = hsv_to_rgb(hsv)
+    else:
+        values = np.minimum(values * exposure, PIXEL_RANGE)
+    return values.astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Draw:
     """The random choices of one training presentation of one image."""
@@ -221,6 +268,7 @@ class Draw:
     left: int
     flip: bool
     colour: np.ndarray | None  # added to every pixel (0..255 units), one value per channel
+    jitter: tuple[float, float, float] | None = None  # (hue shift, saturation factor, exposure factor): `jittered`
 
 
 @dataclass(frozen=True)
@@ -243,6 +291,12 @@ class Augment:
     # None: crops of the scaled image (`draw`)
     area: tuple[float, float] | None = None
     aspect: tuple[float, float] = (3 / 4, 4 / 3)
+    # Darknet's colour jitter (`jittered`): each presentation scales the saturation by a factor drawn uniformly
+    # from [1, saturation] and then, one time in two, inverted; the exposure (the HSV value) likewise; and shifts
+    # the hue by a share of the colour circle drawn uniformly from [-hue, hue]. 1, 1, 0: off
+    saturation: float = 1.0
+    exposure: float = 1.0
+    hue: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.pca_noise >= 0:
@@ -274,6 +328,19 @@ class Augment:
                 f"the aspect ratios of the crops must be two numbers above 0, low first, not {self.aspect}",
                 where="crop_aspect",
                 hint="e.g. crop_aspect = (0.75, 1.333), width over height",
+            )
+        for name, value in (("saturation", self.saturation), ("exposure", self.exposure)):
+            if not 1 <= value < math.inf:
+                raise NetError(
+                    f"the {name} factor's range must be at least 1, not {value}",
+                    where=name,
+                    hint=f"1 turns it off; {name} = 1.5 draws factors from 1/1.5 to 1.5 (Darknet's)",
+                )
+        if not 0 <= self.hue <= 0.5:
+            raise NetError(
+                f"the hue shift must be a share of the colour circle in [0, 0.5], not {self.hue}",
+                where="hue",
+                hint="0 turns it off; hue = 0.1 shifts by up to a tenth either way",
             )
         count = len(self.eigvals)
         if len(self.eigvecs) != count or any(len(row) != count for row in self.eigvecs):
@@ -321,7 +388,16 @@ class Augment:
             vectors, values = np.asarray(self.eigvecs), np.asarray(self.eigvals)
             with np.errstate(over="ignore", invalid="ignore"):
                 colour = (PIXEL_RANGE * vectors @ (alpha * values)).astype(np.float32)
-        return Draw(top, left, flip and self.flip, colour)
+        shift = float(rng.uniform(-self.hue, self.hue))
+        saturation, exposure = _factor(rng, self.saturation), _factor(rng, self.exposure)
+        jitter = None if self.colour_settings() == () else (shift, saturation, exposure)
+        return Draw(top, left, flip and self.flip, colour, jitter)
+
+    def colour_settings(self, channels: int | None = None) -> tuple[str, ...]:
+        """The jitter settings that are on (of saturation, exposure and hue); with `channels`, those that need
+        colour images where there are none (saturation and hue change colours: 3 channels)."""
+        on = tuple(name for name, off in (("saturation", 1), ("exposure", 1), ("hue", 0)) if getattr(self, name) != off)
+        return on if channels is None else tuple(name for name in on if name != "exposure" and channels != 3)
 
 
 @dataclass
@@ -423,7 +499,10 @@ class Preprocess:
             size = self.size if augment.sizes is None else int(rng.integers(augment.sizes[0], augment.sizes[1] + 1))
             pixels = self._pixels(image, size)
         draw = augment.draw(rng, pixels.shape[0], pixels.shape[1], self.crop)
-        return self.normalize(crop_view(pixels, draw.top, draw.left, self.crop, draw.flip), draw.colour, out)
+        view = crop_view(pixels, draw.top, draw.left, self.crop, draw.flip)
+        if draw.jitter is not None:
+            view = jittered(view, *draw.jitter)
+        return self.normalize(view, draw.colour, out)
 
     def to_json(self) -> str:
         return json.dumps(

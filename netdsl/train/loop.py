@@ -271,7 +271,12 @@ class Trainer:
             if samples is not None:
                 samples.preprocess = preprocess
         chosen = {"sizes": jitter, "area": recipe.crop_area, "aspect": recipe.crop_aspect}
-        augment = replace(split.augment, flip=recipe.flip, pca_noise=recipe.pca_noise, **chosen)
+        colour = {"saturation": recipe.saturation, "exposure": recipe.exposure, "hue": recipe.hue}
+        augment = replace(split.augment, flip=recipe.flip, pca_noise=recipe.pca_noise, **chosen, **colour)
+        for name in augment.colour_settings(channels):
+            hint = f"leave out {name}; exposure changes a gray image too"
+            raise NetError(f"`{name}` changes colours, and the net takes {channels}-channel images",
+                           where=recipe.source(name), hint=hint)  # fmt: skip
         if split.skipped and self.world.leader:
             self._say(f"skipped {len(split.skipped)} unreadable images (first: {split.skipped[0]})")
         if len(split.classes) < self.classes and self.world.leader:  # a folder of named classes, fewer than scored

@@ -164,6 +164,13 @@ class Recipe:
     flip: bool = setting("bool", True, "", "random horizontal flips while training")
     pca_noise: float = setting("number", 0.1, "std", "the paper's colour noise: the std of each alpha along the "
                                "principal components of the training set's RGB colours; 0: off", low=0)
+    saturation: float = setting("number", 1.0, "factor", "Darknet's colour jitter: each training presentation "
+                                "scales the colours' saturation by a factor from 1/s to s (drawn from [1, s], "
+                                "inverted one time in two); 1: off", low=1)
+    exposure: float = setting("number", 1.0, "factor", "the same for the brightness (HSV's value; a gray "
+                              "image's pixels), at most 255; 1: off", low=1)
+    hue: float = setting("number", 0.0, "turn", "Darknet's hue jitter: each training presentation turns the hue by "
+                         "a share of the colour circle drawn from [-hue, hue]; 0: off", low=0, high=0.5)
     mixup: float = setting("number", 0.0, "alpha", "blend each training image with another of its batch, and the "
                            "labels alike, by a share drawn from Beta(alpha, alpha) each batch; 0: off", low=0)
     cutmix: float = setting("number", 0.0, "alpha", "paste a box of another image of its batch into each training "
