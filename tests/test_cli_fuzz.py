@@ -468,6 +468,7 @@ SETTINGS = {
     "--saturation": lambda r: pick(r, ["1", "1.5"], [*NUMBER_BAD, "0.5"]),
     "--exposure": lambda r: pick(r, ["1", "1.5"], [*NUMBER_BAD, "0"]),
     "--hue": lambda r: pick(r, ["0", "0.1", "0.5"], [*NUMBER_BAD, "0.6"]),
+    "--angle": lambda r: pick(r, ["0", "7", "180"], [*NUMBER_BAD, "181"]),
     "--mean": ["auto", "none", "127", "1,2,3", "1,2", "nan", "", "x,y,z", "1e400,0,0", "-5"],
     "--std": ["false", "auto", "64", "1,2,3", "0", "0,1,1", "-1", "nan", "1,2", "inf"],
     "--workers": ["0", "-1", "x", "nan", ""],

@@ -4,9 +4,10 @@ Each case draws (seeded) a tiny net with dropout and batch norm, a tiny .npz dat
 and a recipe: sgd (momentum, Nesterov, weight decay, lr and decay multipliers) or adamw; a constant, step,
 multistep, cosine, poly, exp, inv or plateau schedule with or without a warm-up; --steps or --epochs; --val-every,
 --keep-best, --clip-grad, --label-smoothing, fp32, bf16 or fp16 (loss scaling), batches in two parts or whole;
-random crops, flips, PCA colour noise, colour jitter, the mean and std measured or not; no loading process or one; and,
-drawn later, recompute, early stopping, an average of the weights, mixed batches, checkpoints every few steps,
-images scaled to a size drawn per presentation (scale jittering) or random-resized crops.
+random crops, flips, PCA colour noise, colour jitter and rotation, the mean and std measured or not; no loading
+process or one; and, drawn later, recompute, early stopping, an average of the weights, mixed batches,
+checkpoints every few steps, images scaled to a size drawn per presentation (scale jittering) or random-resized
+crops.
 It trains the recipe straight through, then again with one or more stops:
 
 - `signal`: SIGTERM during step k (the run ends the step, checkpoints and exits 143), k anywhere, an
@@ -209,6 +210,7 @@ def draw_case(rng: random.Random, kernels: bool = False) -> Case:
     flags += ["--pca-noise", str(rng.choice([0.0, 0.1, 0.5]))]
     if rng.random() < 0.3:  # Darknet's colour jitter: hue and saturation on colour images only
         flags += ["--exposure", "1.5", *(["--saturation", "1.5", "--hue", "0.1"] if channels == 3 else [])]
+        flags += ["--angle", str(rng.choice([0, 7, 30]))]
     flags += ["--mean", rng.choice(["auto", "none"]), "--std", rng.choice(["auto", "false"])]
     if size > net_size:
         flags += ["--resize", str(size)]  # the shorter side stays `size`: random crops of the net's input

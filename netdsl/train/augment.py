@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +260,33 @@ def jittered(pixels: np.ndarray, shift: float, saturation: float, exposure: floa
     return values.astype(np.float32)
 
 
+def rotated_crop(
+    pixels: np.ndarray, top: int, left: int, crop: tuple[int, int], degrees: float, fill: tuple[float, ...]
+) -> np.ndarray:
+    """The crop at (top, left) of H x W x C `pixels` turned `degrees` counter-clockwise about the image's centre
+    (as Pillow's Image.rotate turns a picture), computed for the crop's pixels only: each takes the bilinear blend
+    of the four pixels around the point it comes from, or `fill` (one value per channel) where that point lies
+    outside the image. float32."""
+    height, width = pixels.shape[:2]
+    rows, columns = np.mgrid[top : top + crop[0], left : left + crop[1]].astype(np.float64)
+    dy, dx = rows - (height - 1) / 2, columns - (width - 1) / 2
+    theta = math.radians(degrees)
+    y = (height - 1) / 2 + math.sin(theta) * dx + math.cos(theta) * dy  # the point each output pixel comes from
+    x = (width - 1) / 2 + math.cos(theta) * dx - math.sin(theta) * dy
+    edge = 1e-6  # a point on the border a rounding outside it (the corners of 90 and 180 degrees) is inside
+    inside = (y >= -edge) & (y <= height - 1 + edge) & (x >= -edge) & (x <= width - 1 + edge)
+    y0 = np.clip(np.floor(y), 0, max(height - 2, 0)).astype(np.int64)
+    x0 = np.clip(np.floor(x), 0, max(width - 2, 0)).astype(np.int64)
+    y1, x1 = np.minimum(y0 + 1, height - 1), np.minimum(x0 + 1, width - 1)
+    fy, fx = np.clip(y - y0, 0, 1)[..., None], np.clip(x - x0, 0, 1)[..., None]
+    values = pixels.astype(np.float64)
+    top_row = values[y0, x0] * (1 - fx) + values[y0, x1] * fx
+    bottom_row = values[y1, x0] * (1 - fx) + values[y1, x1] * fx
+    blended = top_row * (1 - fy) + bottom_row * fy
+    filled = np.where(inside[..., None], blended, np.asarray(fill, dtype=np.float64))
+    return filled.astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Draw:
     """The random choices of one training presentation of one image."""
@@ -269,6 +296,7 @@ class Draw:
     flip: bool
     colour: np.ndarray | None  # added to every pixel (0..255 units), one value per channel
     jitter: tuple[float, float, float] | None = None  # (hue shift, saturation factor, exposure factor): `jittered`
+    angle: float = 0.0  # degrees, counter-clockwise: the image turned about its centre before the crop
 
 
 @dataclass(frozen=True)
@@ -297,6 +325,9 @@ class Augment:
     saturation: float = 1.0
     exposure: float = 1.0
     hue: float = 0.0
+    # Darknet's rotation: each presentation turns the scaled image about its centre by an angle drawn uniformly
+    # from [-angle, angle] degrees (bilinear; where no pixel comes from, the mean colour) before the crop
+    angle: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.pca_noise >= 0:
@@ -336,6 +367,12 @@ class Augment:
                     where=name,
                     hint=f"1 turns it off; {name} = 1.5 draws factors from 1/1.5 to 1.5 (Darknet's)",
                 )
+        if not 0 <= self.angle <= 180:
+            raise NetError(
+                f"the rotation's range must be from 0 to 180 degrees, not {self.angle}",
+                where="angle",
+                hint="0 turns it off; angle = 7 turns each image by up to 7 degrees either way",
+            )
         if not 0 <= self.hue <= 0.5:
             raise NetError(
                 f"the hue shift must be a share of the colour circle in [0, 0.5], not {self.hue}",
@@ -391,7 +428,8 @@ class Augment:
         shift = float(rng.uniform(-self.hue, self.hue))
         saturation, exposure = _factor(rng, self.saturation), _factor(rng, self.exposure)
         jitter = None if self.colour_settings() == () else (shift, saturation, exposure)
-        return Draw(top, left, flip and self.flip, colour, jitter)
+        angle = float(rng.uniform(-self.angle, self.angle))
+        return Draw(top, left, flip and self.flip, colour, jitter, angle)
 
     def colour_settings(self, channels: int | None = None) -> tuple[str, ...]:
         """The jitter settings that are on (of saturation, exposure and hue); with `channels`, those that need
@@ -499,6 +537,9 @@ class Preprocess:
             size = self.size if augment.sizes is None else int(rng.integers(augment.sizes[0], augment.sizes[1] + 1))
             pixels = self._pixels(image, size)
         draw = augment.draw(rng, pixels.shape[0], pixels.shape[1], self.crop)
+        if draw.angle:
+            pixels = rotated_crop(pixels, draw.top, draw.left, self.crop, draw.angle, self.mean)
+            draw = replace(draw, top=0, left=0)  # the crop is cut already
         view = crop_view(pixels, draw.top, draw.left, self.crop, draw.flip)
         if draw.jitter is not None:
             view = jittered(view, *draw.jitter)

@@ -271,8 +271,8 @@ class Trainer:
             if samples is not None:
                 samples.preprocess = preprocess
         chosen = {"sizes": jitter, "area": recipe.crop_area, "aspect": recipe.crop_aspect}
-        colour = {"saturation": recipe.saturation, "exposure": recipe.exposure, "hue": recipe.hue}
-        augment = replace(split.augment, flip=recipe.flip, pca_noise=recipe.pca_noise, **chosen, **colour)
+        darknet = {name: getattr(recipe, name) for name in ("saturation", "exposure", "hue", "angle")}
+        augment = replace(split.augment, flip=recipe.flip, pca_noise=recipe.pca_noise, **chosen, **darknet)
         for name in augment.colour_settings(channels):
             hint = f"leave out {name}; exposure changes a gray image too"
             raise NetError(f"`{name}` changes colours, and the net takes {channels}-channel images",

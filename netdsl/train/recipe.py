@@ -171,6 +171,9 @@ class Recipe:
                               "image's pixels), at most 255; 1: off", low=1)
     hue: float = setting("number", 0.0, "turn", "Darknet's hue jitter: each training presentation turns the hue by "
                          "a share of the colour circle drawn from [-hue, hue]; 0: off", low=0, high=0.5)
+    angle: float = setting("number", 0.0, "degrees", "Darknet's rotation: each training presentation turns the "
+                           "scaled image about its centre by an angle drawn from [-angle, angle] before the crop "
+                           "(bilinear; the mean colour where no pixel comes from); 0: off", low=0, high=180)
     mixup: float = setting("number", 0.0, "alpha", "blend each training image with another of its batch, and the "
                            "labels alike, by a share drawn from Beta(alpha, alpha) each batch; 0: off", low=0)
     cutmix: float = setting("number", 0.0, "alpha", "paste a box of another image of its batch into each training "

@@ -1,6 +1,7 @@
-"""Darknet's colour jitter (`saturation`, `exposure`, `hue`): the HSV conversions against Python's colorsys pixel by
-pixel, a presentation against colorsys with the factors drawn, the factors' ranges, the other draws left as they
-were, and the settings a gray net cannot take refused by name."""
+"""Darknet's augmentations. Its colour jitter (`saturation`, `exposure`, `hue`): the HSV conversions against Python's
+colorsys pixel by pixel, a presentation against colorsys with the factors drawn, the factors' ranges, the other
+draws left as they were, and the settings a gray net cannot take refused by name. Its rotation (`angle`): against
+Pillow's Image.rotate and numpy's quarter turns, and through a presentation."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from netdsl.cli.main import main
 from netdsl.errors import NetError
-from netdsl.train.augment import Augment, Preprocess, hsv_to_rgb, jittered, rgb_to_hsv, sample_rng
+from netdsl.train.augment import Augment, Preprocess, hsv_to_rgb, jittered, rgb_to_hsv, rotated_crop, sample_rng
 
 
 def pixels_with_edges(rng: np.random.Generator, count: int) -> np.ndarray:
@@ -111,3 +112,55 @@ def test_a_gray_net_takes_exposure_and_refuses_colour_changes_by_flag(tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith("--saturation: error: `saturation` changes colours, and the net takes 1-channel images")
     assert not (tmp_path / "other").exists()
+
+
+# --- Darknet's rotation (`angle`) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("degrees", [10.0, -33.0, 57.5])
+def test_a_rotated_crop_is_pillows_rotation_cut(degrees):
+    """Against Pillow's Image.rotate (bilinear, counter-clockwise about the centre, the fill colour where nothing
+    comes from): within Pillow's rounding to whole pixels inside the picture; the crop is its part of the turned
+    image; the corners far outside take the fill."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (21, 30, 3), dtype=np.uint8)
+    fill = (7.0, 80.0, 200.0)
+    turned = np.asarray(Image.fromarray(image).rotate(degrees, resample=Image.Resampling.BILINEAR,
+                                                      fillcolor=(7, 80, 200)), dtype=np.float64)  # fmt: skip
+    whole = rotated_crop(image, 0, 0, (21, 30), degrees, fill)
+    np.testing.assert_allclose(whole[5:-5, 8:-8], turned[5:-5, 8:-8], rtol=0, atol=1.0)
+    np.testing.assert_allclose(rotated_crop(image, 4, 6, (9, 11), degrees, fill), whole[4:13, 6:17], atol=1e-4)
+    assert np.allclose(whole[0, 0], fill) and np.allclose(whole[-1, -1], fill)  # a corner turned out of the picture
+
+
+def test_quarter_and_half_turns_are_exact():
+    rng = np.random.default_rng(6)
+    square = rng.integers(0, 256, (12, 12, 1), dtype=np.uint8)
+    np.testing.assert_allclose(rotated_crop(square, 0, 0, (12, 12), 90.0, (0.0,)), np.rot90(square), atol=1e-9)
+    np.testing.assert_allclose(rotated_crop(square, 0, 0, (12, 12), -90.0, (0.0,)), np.rot90(square, -1), atol=1e-9)
+    wide = rng.standard_normal((7, 10, 3)).astype(np.float32)  # an array's own scale, negative values too
+    np.testing.assert_allclose(rotated_crop(wide, 0, 0, (7, 10), 180.0, (0.0,) * 3), wide[::-1, ::-1], atol=1e-5)
+    np.testing.assert_array_equal(rotated_crop(wide, 2, 3, (4, 5), 0.0, (0.0,) * 3), wide[2:6, 3:8])
+
+
+def test_a_presentation_turns_its_image_before_the_crop_and_draws_the_angle_last():
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, (14, 16, 3), dtype=np.uint8)
+    augment = Augment(pca_noise=0.0, angle=20.0)
+    preprocess = Preprocess(size=None, crop=(8, 8), channels=3, mean=(100.0, 110.0, 120.0))
+    angles = []
+    for index in range(50):
+        draw = augment.draw(sample_rng(3, 1, index), 14, 16, (8, 8))
+        plain = Augment(pca_noise=0.0).draw(sample_rng(3, 1, index), 14, 16, (8, 8))
+        assert (draw.top, draw.left, draw.flip) == (plain.top, plain.left, plain.flip) and plain.angle == 0.0
+        angles.append(draw.angle)
+        got = preprocess.augmented(image, augment, sample_rng(3, 1, index))
+        crop = rotated_crop(image, draw.top, draw.left, (8, 8), draw.angle, preprocess.mean)
+        want = crop[:, :: -1 if draw.flip else 1].transpose(2, 0, 1) - np.array(preprocess.mean)[:, None, None]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    assert -20 <= min(angles) < -5 and 5 < max(angles) <= 20
+    with pytest.raises(NetError) as caught:
+        Augment(pca_noise=0.0, angle=200.0)
+    assert caught.value.where == "angle"
