@@ -3,7 +3,8 @@ classes), opens it with `netdsl.train.data.open_data` (one decoding pass that me
 colour components), then times whole epochs of `loader(...)` with the paper's augmentation (shorter side
 scaled, random crop, flip, PCA colour noise) for each number of worker processes; `--augment jitter` scales
 each image to a side drawn from --size to twice it (VGG's scale jittering), `--augment inception` cuts
-random-resized crops of 8-100% of the image as stored.
+random-resized crops of 8-100% of the image as stored, `--augment darknet` adds Darknet's colour jitter and
+rotation to the paper's (saturation 1.5, exposure 1.5, hue 0.1, angle 7: its classifiers' settings).
 
     python bench/train_data.py                          # 256 JPEGs of 320 x 240, crop 227 from a side of 256
     python bench/train_data.py --workers 0,1,2,4        # other worker counts
@@ -104,7 +105,8 @@ def measure(folder: Path, args: argparse.Namespace) -> list[list[str]]:
     start = time.perf_counter()
     split = open_data(folder, (3, args.crop, args.crop), size=args.size, val_fraction=0.0, workers=max(workers))
     scan = time.perf_counter() - start
-    kind = {"paper": {}, "jitter": {"sizes": (args.size, 2 * args.size)}, "inception": {"area": (0.08, 1.0)}}
+    kind = {"paper": {}, "jitter": {"sizes": (args.size, 2 * args.size)}, "inception": {"area": (0.08, 1.0)},
+            "darknet": {"saturation": 1.5, "exposure": 1.5, "hue": 0.1, "angle": 7.0}}  # fmt: skip
     augment = replace(split.augment, **kind[args.augment])
     count = len(split.train)
     rows = [["open_data scan", str(max(workers)), str(count), f"{scan:.2f}", f"{count / scan:,.0f}", ""]]
@@ -145,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--augment",
-        choices=("paper", "jitter", "inception"),
+        choices=("paper", "jitter", "inception", "darknet"),
         default="paper",
-        help="the crops: the paper's, VGG's scale jittering, or random-resized ones",
+        help="the crops: the paper's, VGG's scale jittering, or random-resized ones; or the paper's with Darknet's "
+        "colour jitter and rotation (saturation 1.5, exposure 1.5, hue 0.1, angle 7)",
     )
     parser.add_argument("--rank-of-scan", type=Path, help=argparse.SUPPRESS)  # one process of --processes N
     args = parser.parse_args(argv)
