@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from netdsl.cli.flags import png_output, require_weights
 from netdsl.errors import NetError, did_you_mean
-from netdsl.files import refuse_folder, refuse_overwriting, write_atomic_bytes
+from netdsl.files import write_atomic_bytes
 
 HELP = "draw a trained net's first-layer filters as a PNG (a block per tower, as the AlexNet paper's Figure 3)"
 TILE = 48  # about this many pixels a side per filter, unless --zoom says otherwise
@@ -43,17 +44,9 @@ def filters_command(path: Path, args: argparse.Namespace) -> int:
     from netdsl.train.augment import import_pillow
     from netdsl.train.runs import weights_file
 
-    if args.weights is None:
-        raise NetError(
-            "filters draws trained weights, and none were given",
-            where="--weights",
-            hint="give --weights (a weights file, a checkpoint or a run folder of netdsl train), or an .onnx model",
-        )
-    refuse_folder(args.output, "--output")
-    if args.output.suffix.lower() != ".png":
-        raise NetError(f"{args.output} is not a .png file", where="--output", hint="give a name ending in .png")
+    require_weights(args.weights, "filters draws trained weights")
     weights_path = weights_file(args.weights)
-    refuse_overwriting(args.output, [path, getattr(args, "given", None), weights_path], "--output")
+    png_output(args.output, [path, getattr(args, "given", None), weights_path])
     image = import_pillow()
     graph = load_graph(path)
     chosen = chosen_convs(graph, args.layer)

@@ -1,4 +1,6 @@
-"""The compile-time flags `netdsl compile` and `netdsl run` share (netdsl.compiler.passes.Options)."""
+"""What several commands share: the compile-time flags of `netdsl compile` and `netdsl run`
+(netdsl.compiler.passes.Options), the types of numbers flags take, and the checks of --weights and of a picture
+to write (`filters`, `neighbours`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from pathlib import Path
 
 from netdsl.compiler.layout import LAYOUT_OPTIONS
 from netdsl.compiler.plan import PLAN_OPTIONS
+from netdsl.errors import NetError
 from netdsl.ir.dtypes import FP32_PRECISIONS
 from netdsl.train.recipe import MAX_SEED, MAX_TIMEOUT
 
@@ -74,3 +77,26 @@ def plan_options(args: argparse.Namespace) -> dict[str, object]:
     if options["tuning"] is not None:
         options["tuning"] = str(Path(options["tuning"]).resolve())
     return options
+
+
+def require_weights(weights, what: str) -> None:
+    """NetError on --weights where a command that needs trained weights (`what` it does with them) has none."""
+    if weights is None:
+        raise NetError(
+            f"{what}, and none were given",
+            where="--weights",
+            hint="give --weights (a weights file, a checkpoint or a run folder of netdsl train), or an .onnx model",
+        )
+
+
+def png_output(path, read: list) -> None:
+    """NetError on --output unless `path` names a .png file to write that is none of the files `read`, and Pillow
+    is there to write it: said before any work."""
+    from netdsl.files import refuse_folder, refuse_overwriting
+    from netdsl.train.augment import import_pillow
+
+    refuse_folder(path, "--output")
+    if path.suffix.lower() != ".png":
+        raise NetError(f"{path} is not a .png file", where="--output", hint="give a name ending in .png")
+    refuse_overwriting(path, read, "--output")
+    import_pillow()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from netdsl.cli.flags import seed_number
+from netdsl.cli.flags import png_output, require_weights, seed_number
 from netdsl.errors import NetError
-from netdsl.files import refuse_folder, refuse_overwriting, write_atomic_bytes
+from netdsl.files import write_atomic_bytes
 from netdsl.tables import format_table
 
 HELP = "find the training images nearest to each query in a layer's values (the AlexNet paper's Figure 4)"
@@ -68,7 +68,6 @@ def neighbours_command(path: Path, args: argparse.Namespace) -> int:
     from netdsl.cli.train import Member, run_folder, run_settings
     from netdsl.lang.frontend import load_graph
     from netdsl.runtime.devices import parse_devices
-    from netdsl.train.augment import import_pillow
     from netdsl.train.data import check_workers, open_data
     from netdsl.train.evaluate import class_name, probabilities, scaled_images
     from netdsl.train.features import Features, Nearest, feature_layers
@@ -76,12 +75,7 @@ def neighbours_command(path: Path, args: argparse.Namespace) -> int:
     from netdsl.train.runs import RunFolder, weights_file
     from netdsl.train.world import World
 
-    if args.weights is None:
-        raise NetError(
-            "neighbours compares what trained weights compute, and none were given",
-            where="--weights",
-            hint="give --weights (a weights file, a checkpoint or a run folder of netdsl train), or an .onnx model",
-        )
+    require_weights(args.weights, "neighbours compares what trained weights compute")
     if args.input is not None:
         require_images(args.input, "--input")
         if args.queries is not None:
@@ -89,12 +83,8 @@ def neighbours_command(path: Path, args: argparse.Namespace) -> int:
                            hint="leave out --queries, or --input")  # fmt: skip
     weights_path = weights_file(args.weights)
     if args.output is not None:
-        refuse_folder(args.output, "--output")
-        if args.output.suffix.lower() != ".png":
-            raise NetError(f"{args.output} is not a .png file", where="--output", hint="give a name ending in .png")
         read = [path, getattr(args, "given", None), weights_path, Path(args.data), *(args.input or [])]
-        refuse_overwriting(args.output, read, "--output")
-        import_pillow()  # missing: said before the search
+        png_output(args.output, read)  # before the search
     if args.backend == "triton" and not torch.cuda.is_available():
         from netdsl.codegen.interpret import use_interpreter
 

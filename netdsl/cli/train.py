@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from netdsl.cli.flags import image_sizes, seconds, seed_number
+from netdsl.cli.flags import image_sizes, require_weights, seconds, seed_number
 from netdsl.codegen.interpret import use_interpreter
 from netdsl.errors import NetError
 from netdsl.files import parse_json, refuse_folder, refuse_overwriting, write_arrays
@@ -341,12 +341,8 @@ def _eval_model(args: argparse.Namespace) -> int:
                 own.append(imported.weights)
             else:
                 own.append(None)
-        if given is None and None in own:
-            raise NetError(
-                "eval measures trained weights, and none were given",
-                where="--weights",
-                hint="give --weights (a weights file, a checkpoint or a run folder of netdsl train), or an .onnx model",
-            )
+        if None in own:
+            require_weights(given, "eval measures trained weights")
         if given is None:  # ONNX models, each with its own weights
             models = list(zip(nets, own, named, strict=True))
         elif len(nets) == 1:
