@@ -32,13 +32,30 @@ def new_temporary(path: Path) -> tuple[int, Path]:
 
 def parse_json(text: str | bytes):
     """`json.loads`, with text nested past Python's recursion limit a ValueError like any other text json
-    cannot read (it raises RecursionError there): every reader of a user's JSON catches ValueError alone."""
+    cannot read (it raises RecursionError there): every reader of a user's JSON catches ValueError alone. So is
+    a string that is not text: an escape of half a UTF-16 pair alone (`"\\udcff"`), which json reads into a
+    str that no file or terminal can take (writing it, to a report or a message, fails)."""
     import json
 
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except RecursionError:
         raise ValueError("nested too deeply") from None
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str) and not item.isascii():
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as error:
+                half = item[error.start : error.end]
+                raise ValueError(f"the string {item[:40]!a} holds {half!a}, half of a UTF-16 pair: not text") from None
+    return value
 
 
 def refuse_overwriting(output: Path, inputs, flag: str) -> None:

@@ -1121,6 +1121,26 @@ def test_a_flag_number_beyond_floating_point_is_an_error_of_the_flag(world, tmp_
         assert f"{flag[0]}: error:" in error_of(result) and "beyond floating point's range" in result.err
 
 
+def test_a_json_string_that_is_half_a_character_is_an_error_of_its_file(world, tmp_path):
+    """A tuning file whose `device` was `"\\u00e9\\udcff"` (a lone surrogate: json reads it, nothing can write it)
+    compiled, then failed writing report.txt: an internal UnicodeEncodeError (the campaign of seed 949, file case
+    265). Every JSON netdsl reads refuses such a string (`parse_json`), naming the file."""
+    import json
+
+    from netdsl.files import parse_json
+
+    def prepare(folder: Path) -> None:
+        record = json.loads((folder / "tuning.json").read_text())
+        record["device"] = "\u00e9\udcff"
+        (folder / "tuning.json").write_text(json.dumps(record))  # ensure_ascii: the escapes as written
+
+    result = in_world(world, tmp_path, ["compile", "tiny.net", "--tuning", "tuning.json", "-o", "out"], prepare)
+    assert "tuning.json: error: cannot read the tuning file" in error_of(result) and "half of a UTF-16" in result.err
+    with pytest.raises(ValueError, match="half of a UTF-16 pair"):
+        parse_json('{"a": [1, {"\\ud800x": 2}]}')  # a key, nested
+    assert parse_json('["\\ud83d\\ude00", "\\u00e9"]') == ["\U0001f600", "\u00e9"]  # a whole pair is one character
+
+
 def test_an_output_file_flag_naming_a_folder_is_an_error_before_any_work(world, tmp_path):
     """`export -o ''` and `import -o .` raised ValueError (Path('.').with_suffix); `run --save .` and
     `eval --confusion .` ran the whole command and then failed to write ("Device or resource busy")."""
