@@ -1,6 +1,7 @@
 """The paper's preprocessing of one image: the shorter side scaled, a crop to the net's input (random, with
 a horizontal flip, for training; the centre for validation), PCA colour noise, the mean (and std) taken
-away, and the ten test views.
+away, and the ten test views. For training also VGG's scale jittering, Inception's random-resized crops and
+Darknet's rotation and colour jitter (in HSV).
 
 An image is cut as an H x W x C array of 0..255 values (a data set of arrays keeps its own scale) and
 handed to the net as C x H x W float32. Gray and RGB images are converted to the net's channels as Pillow
