@@ -159,7 +159,7 @@ def test_the_neighbours_of_image_files_are_those_of_the_net_by_hand(trained, tmp
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(path)
     figure = tmp_path / "figure.png"
     code, out, err = neighbours(capsys, net, "--weights", run, "--data", folder, "--val-fraction", "0",
-                                "--input", *asked, "-k", 4, "-o", figure)  # fmt: skip
+                                "--input", *asked, "-k", 4, "-o", figure, "--batch", 1)  # fmt: skip
     assert code == 0, err
     w = {name: torch.from_numpy(value) for name, value in load_file(run / "weights.safetensors").items()}
     preprocess = saved_preprocess(run / "weights.safetensors")
@@ -211,6 +211,8 @@ def test_without_files_the_first_validation_images_ask(trained, capsys):
         assert source not in searched and Path(source).parent.name == label
         same += sum(found == label for _, found, _ in rows)
     assert out.rstrip().splitlines()[-1] == f"neighbours of the query's class: {same} of 6 ({100 * same / 6:.1f}%)"
+    again = neighbours(capsys, net, "--weights", run, "--data", folder, "--queries", 2, "-k", 3, "--batch", 1)
+    assert again[:2] == (0, out)  # the queries and the images a batch of one at a time: the same
 
 
 @pytest.mark.parametrize(

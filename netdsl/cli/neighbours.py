@@ -112,22 +112,31 @@ def neighbours_command(path: Path, args: argparse.Namespace) -> int:
     if searched is None or not len(searched):
         raise NetError("the data has no training images to search", where="--data", hint="lower --val-fraction")
     searched.preprocess = preprocess
-    if args.input:
-        queries = np.concatenate([read_image(file, model.shape, preprocess) for file in args.input])
+    if args.input:  # files named on the command line: each read once, and kept for the picture
+        files = [read_image(file, model.shape, preprocess)[0] for file in args.input]
+        batches = [torch.from_numpy(np.stack(files[start : start + args.batch]))
+                   for start in range(0, len(files), args.batch)]  # fmt: skip
         sources, classes = [str(file) for file in args.input], [None] * len(args.input)
-    else:
+        query_image = files.__getitem__
+    else:  # validation images: read a batch at a time, and again for the picture
         if split.val is None or not len(split.val):
             raise NetError("the data has no validation images to ask about", where="--data",
                            hint="name the query images with --input")  # fmt: skip
         part = split.val.subset(np.arange(min(args.queries or QUERIES, len(split.val))))
         part.preprocess = preprocess
-        queries = np.stack([part[index][0] for index in range(len(part))])
+        batches = (x.flatten(0, 2) for x in scaled_images(part, (preprocess.size,), 1, args.batch, args.workers))
         sources = [part.source(index) for index in range(len(part))]
         classes = [split.classes[label] for label in part.labels]
+
+        def query_image(number: int) -> np.ndarray:
+            return part[number][0]
+
     if args.output is not None:  # before the search: a picture that cannot be drawn
-        picture_size(len(queries), 1 + min(args.count, len(searched)), model.shape)
+        picture_size(len(sources), 1 + min(args.count, len(searched)), model.shape)
     features = Features(graph, model.weights, names, parse_devices(args.devices), args.backend)
-    asked, scores = features(queries)
+    computed = [features(x) for x in batches]  # (features, the net's output) of each batch of queries
+    asked = torch.cat([values for values, _ in computed])
+    scores = None if computed[0][1] is None else torch.cat([output for _, output in computed])
     nearest = Nearest(asked, args.count)
     meter = Meter(sys.stderr, len(searched), "searching", world)
     for x in scaled_images(searched, (preprocess.size,), 1, args.batch, args.workers):
@@ -162,8 +171,8 @@ def neighbours_command(path: Path, args: argparse.Namespace) -> int:
         found = nearest.indices.numel()
         print(f"\nneighbours of the query's class: {same:,} of {found:,} ({100 * same / found:.1f}%)")
     if args.output is not None:
-        rows = [[queries[number]] + [searched[int(index)][0] for index in nearest.indices[number]]
-                for number in range(len(queries))]  # fmt: skip
+        rows = [[query_image(number)] + [searched[int(index)][0] for index in nearest.indices[number]]
+                for number in range(len(sources))]  # fmt: skip
         _write_picture(args.output, neighbour_picture(rows))
         print(f"wrote {args.output}: each query, then its neighbours nearest first")
     return 0
