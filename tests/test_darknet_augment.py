@@ -87,6 +87,15 @@ def test_a_presentation_jitters_its_crop_before_the_mean_is_taken():
     assert not np.allclose(got, preprocess.augmented(image, Augment(pca_noise=0.0), sample_rng(3, 1, 7)))
 
 
+def test_saturation_and_hue_need_colour_images():
+    for name in ("saturation", "hue"):
+        with pytest.raises(NetError, match=f"`{name}` changes colours") as caught:
+            Augment(pca_noise=0.0, **{name: 1.5 if name == "saturation" else 0.1}).check_channels(1)
+        assert caught.value.where == name
+    Augment(pca_noise=0.0, exposure=1.5).check_channels(1)  # a gray image's brightness
+    Augment(pca_noise=0.0, saturation=1.5, hue=0.1).check_channels(3)
+
+
 @pytest.mark.parametrize(
     ("settings", "where"),
     [({"saturation": 0.5}, "saturation"), ({"exposure": float("inf")}, "exposure"), ({"hue": 0.6}, "hue"),
@@ -110,7 +119,7 @@ def test_a_gray_net_takes_exposure_and_refuses_colour_changes_by_flag(tmp_path, 
     capsys.readouterr()
     assert main([*common, "--saturation", "1.5", "--out", str(tmp_path / "other")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("--saturation: error: `saturation` changes colours, and the net takes 1-channel images")
+    assert err.startswith("--saturation: error: `saturation` changes colours, and the images have 1 channel(s)")
     assert not (tmp_path / "other").exists()
 
 

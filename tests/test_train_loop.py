@@ -1067,7 +1067,7 @@ def test_lines_of_metrics_jsonl_netdsl_did_not_write_are_dropped_at_resume(tmp_p
 def test_eval_reads_past_a_damaged_checkpoint_record_to_the_run_folders(tmp_path):
     """A checkpoint's record of the run that is not JSON, or nested past Python's recursion limit, is skipped
     for the run folder's recipe.json (it raised RecursionError through eval before parse_json)."""
-    from netdsl.cli.train import run_settings
+    from netdsl.cli.train import _run_settings
     from netdsl.train.checkpoint import STATE_KEY
 
     net, data = tiny_run_args(tmp_path)
@@ -1075,4 +1075,4 @@ def test_eval_reads_past_a_damaged_checkpoint_record_to_the_run_folders(tmp_path
     assert train(net, "--data", data, "--batch", 8, "--steps", 1, "--seed", 7, "--out", run, *PLAIN) == 0
     last = run / "checkpoints" / "last.ckpt"
     for record in ("{not json", "[" * 100_000 + "]" * 100_000):
-        assert run_settings(last, {STATE_KEY: record})["seed"] == 7
+        assert _run_settings(last, {STATE_KEY: record})["seed"] == 7

@@ -65,7 +65,7 @@ def neighbours_command(path: Path, args: argparse.Namespace) -> int:
     import torch
 
     from netdsl.cli.run import read_image, require_images
-    from netdsl.cli.train import Member, run_folder, run_settings
+    from netdsl.cli.train import Member, run_folder, split_settings
     from netdsl.lang.frontend import load_graph
     from netdsl.runtime.devices import parse_devices
     from netdsl.train.data import check_workers, open_data
@@ -93,13 +93,10 @@ def neighbours_command(path: Path, args: argparse.Namespace) -> int:
     graph = load_graph(path)
     names = feature_layers(graph, args.layer)  # a layer the net lacks: said before any image is read
     model = Member.load(path, graph, weights_path, str(args.weights))
-    settings = run_settings(model.path, model.metadata)
+    fraction, seed, skip = split_settings(args, model)
     world = World()
     split = open_data(
-        args.data, model.shape, num_outputs=model.classes,
-        val_fraction=args.val_fraction if args.val_fraction is not None else settings.get("val_fraction", 0.1),
-        seed=args.seed if args.seed is not None else settings.get("seed", 0),
-        skip_corrupt=args.skip_corrupt if args.skip_corrupt is not None else bool(settings.get("skip_corrupt")),
+        args.data, model.shape, num_outputs=model.classes, val_fraction=fraction, seed=seed, skip_corrupt=skip,
         workers=args.workers, size=None if model.own is None else model.own.size,
         scan_record=RunFolder(run_folder(model.path)).read_scan(), world=world, statistics=model.own is None,
         check=("train",) if args.input else ("train", "val"),

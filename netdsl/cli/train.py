@@ -396,10 +396,7 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
                 where=str(member.path),
                 hint="give weights that netdsl train wrote (they carry their preprocessing)",
             )
-    run_recipe = run_settings(first.path, first.metadata)
-    fraction = args.val_fraction if args.val_fraction is not None else run_recipe.get("val_fraction", 0.1)
-    seed = args.seed if args.seed is not None else run_recipe.get("seed", 0)
-    skip = args.skip_corrupt if args.skip_corrupt is not None else bool(run_recipe.get("skip_corrupt", False))
+    fraction, seed, skip = split_settings(args, first)
     check_workers(args.workers)
     workers, note = loading_workers(args.workers, sharing=world.local_size)  # under torchrun, the CPUs shared
     if note and world.leader:
@@ -581,7 +578,17 @@ def _recorded_net(run: Path, recorded: str) -> Path:
     return beside if beside.is_file() or not Path(recorded).is_file() else Path(recorded)
 
 
-def run_settings(weights: Path, metadata: dict[str, str]) -> dict:
+def split_settings(args: argparse.Namespace, model: Member) -> tuple[float, int, bool]:
+    """How to split the data as the run that trained `model` did: its val_fraction, seed and skip_corrupt, each
+    unless the flag of that name says otherwise."""
+    run = _run_settings(model.path, model.metadata)
+    fraction = args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.1)
+    seed = args.seed if args.seed is not None else run.get("seed", 0)
+    skip = args.skip_corrupt if args.skip_corrupt is not None else bool(run.get("skip_corrupt", False))
+    return fraction, seed, skip
+
+
+def _run_settings(weights: Path, metadata: dict[str, str]) -> dict:
     """The settings of the run that wrote `weights` (empty when unknown): a checkpoint's own, in its header;
     else the recipe.json of the run folder that holds the file (weights.safetensors) or its checkpoints/."""
     from netdsl.train.checkpoint import STATE_KEY

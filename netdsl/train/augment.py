@@ -432,11 +432,21 @@ class Augment:
         angle = float(rng.uniform(-self.angle, self.angle))
         return Draw(top, left, flip and self.flip, colour, jitter, angle)
 
-    def colour_settings(self, channels: int | None = None) -> tuple[str, ...]:
-        """The jitter settings that are on (of saturation, exposure and hue); with `channels`, those that need
-        colour images where there are none (saturation and hue change colours: 3 channels)."""
-        on = tuple(name for name, off in (("saturation", 1), ("exposure", 1), ("hue", 0)) if getattr(self, name) != off)
-        return on if channels is None else tuple(name for name in on if name != "exposure" and channels != 3)
+    def colour_settings(self) -> tuple[str, ...]:
+        """The jitter settings that are on, of saturation, exposure and hue."""
+        offs = {"saturation": 1.0, "exposure": 1.0, "hue": 0.0}
+        return tuple(name for name, off in offs.items() if getattr(self, name) != off)
+
+    def check_channels(self, channels: int, where=str) -> None:
+        """NetError (on `where(setting)`) where saturation or hue, which change colours, are on for images of other
+        than 3 channels (exposure changes a gray image's brightness)."""
+        colourless = [name for name in self.colour_settings() if name != "exposure" and channels != 3]
+        if colourless:
+            raise NetError(
+                f"`{colourless[0]}` changes colours, and the images have {channels} channel(s)",
+                where=where(colourless[0]),
+                hint=f"leave out {colourless[0]} for gray images; exposure changes them too",
+            )
 
 
 @dataclass

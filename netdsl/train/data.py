@@ -765,9 +765,8 @@ def loader(
             where="pca_noise",
             hint="take the Augment of this data set's DataSplit",
         )
-    for name in () if augment is None else augment.colour_settings(channels):
-        raise NetError(f"{name} changes colours, and the images have {channels} channel(s)", where=name,
-                       hint=f"set {name} off for gray images; exposure changes them too")  # fmt: skip
+    if augment is not None:
+        augment.check_channels(channels)
     per_epoch = batches_per_epoch(len(dataset), batch, world, drop_last)
     if not 0 <= start_batch <= per_epoch:
         raise NetError(

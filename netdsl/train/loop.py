@@ -273,10 +273,7 @@ class Trainer:
         chosen = {"sizes": jitter, "area": recipe.crop_area, "aspect": recipe.crop_aspect}
         darknet = {name: getattr(recipe, name) for name in ("saturation", "exposure", "hue", "angle")}
         augment = replace(split.augment, flip=recipe.flip, pca_noise=recipe.pca_noise, **chosen, **darknet)
-        for name in augment.colour_settings(channels):
-            hint = f"leave out {name}; exposure changes a gray image too"
-            raise NetError(f"`{name}` changes colours, and the net takes {channels}-channel images",
-                           where=recipe.source(name), hint=hint)  # fmt: skip
+        augment.check_channels(channels, where=recipe.source)
         if split.skipped and self.world.leader:
             self._say(f"skipped {len(split.skipped)} unreadable images (first: {split.skipped[0]})")
         if len(split.classes) < self.classes and self.world.leader:  # a folder of named classes, fewer than scored
