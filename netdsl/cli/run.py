@@ -251,7 +251,7 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
     else:
         try:
             if len(models) == 1:
-                net, y, step_times, start = _run_local(path, x, dtype, args)
+                net, y, step_times, start = _run_local(path, x, dtype, args, args.weights)
             else:
                 y = _ensemble_probabilities(path, x, dtype, args, models)
         except NetError as error:  # Net's errors name its keyword arguments; here they are flags
@@ -301,8 +301,7 @@ def _ensemble_probabilities(path: Path, x: np.ndarray, dtype: str, args: argpars
 
     softmax, total = _ends_in_softmax(path), 0
     for model in models:
-        args.weights = model
-        _, y, _, _ = _run_local(path, x, dtype, args)
+        _, y, _, _ = _run_local(path, x, dtype, args, model)
         if isinstance(y, dict) or not is_scores(y):
             raise NetError(
                 "an ensemble averages class scores, and the net's output is not one (N x K)",
@@ -458,8 +457,9 @@ _FLAGS = {"devices": "--devices", "backend": "--backend", "cuda_graph": "--cuda-
           "merge_towers": "--merge-towers", "space_to_depth": "--space-to-depth", "tuning": "--tuning"}  # fmt: skip
 
 
-def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
-    """Runs the inputs through a Net in this process: (net, outputs, step times, start time)."""
+def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace, weights: Path | None):
+    """Runs the inputs through a Net in this process, with `weights` (None: the default ones): (net, outputs,
+    step times, start time)."""
     import torch
 
     from netdsl.runtime.devices import parse_devices
@@ -472,7 +472,7 @@ def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
             backend=args.backend,
             devices=parse_devices(args.devices),
             dtype=dtype,
-            weights=args.weights,
+            weights=weights,
             seed=args.seed,
             init=args.init,
             progress=sys.stderr if sys.stderr.isatty() else None,  # a progress bar through the first run
