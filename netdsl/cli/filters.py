@@ -41,21 +41,16 @@ def add_command(commands, positive) -> None:
 def filters_command(path: Path, args: argparse.Namespace) -> int:
     from netdsl.lang.frontend import load_graph
     from netdsl.runtime.weights import load_weights
-    from netdsl.train.augment import import_pillow
     from netdsl.train.runs import weights_file
 
     require_weights(args.weights, "filters draws trained weights")
     weights_path = weights_file(args.weights)
     png_output(args.output, [path, getattr(args, "given", None), weights_path])
-    image = import_pillow()
     graph = load_graph(path)
     chosen = chosen_convs(graph, args.layer)
     weights = load_weights(weights_path, graph)
     kernels = [weights[f"{name}.weight"] for name in chosen]
-    picture = filter_picture(kernels, args.columns, args.zoom)
-    buffer = io.BytesIO()
-    image.fromarray(picture, "L" if picture.ndim == 2 else "RGB").save(buffer, format="PNG")
-    write_atomic_bytes(args.output, buffer.getvalue())
+    write_png(args.output, filter_picture(kernels, args.columns, args.zoom))
     count, channels, height, width = sum(len(kernel) for kernel in kernels), *kernels[0].shape[1:]
     print(f"wrote {args.output}: {count} filters of {', '.join(chosen)} ({height} x {width} x {channels})")
     return 0
@@ -135,3 +130,12 @@ def tile_pixels(values: np.ndarray, zoom: int) -> np.ndarray:
     scaled = np.full(values.shape, 0.5) if high == low else (values - low) / (high - low)
     pixels = np.round(scaled * 255).astype(np.uint8).transpose(1, 2, 0)
     return pixels.repeat(zoom, axis=0).repeat(zoom, axis=1)
+
+
+def write_png(path: Path, picture: np.ndarray) -> None:
+    """An H x W (gray) or H x W x 3 (RGB) uint8 picture written as a PNG file, whole or not at all."""
+    from netdsl.train.augment import import_pillow
+
+    buffer = io.BytesIO()
+    import_pillow().fromarray(picture, "L" if picture.ndim == 2 else "RGB").save(buffer, format="PNG")
+    write_atomic_bytes(path, buffer.getvalue())

@@ -89,14 +89,20 @@ def require_weights(weights, what: str) -> None:
         )
 
 
-def png_output(path, read: list) -> None:
-    """NetError on --output unless `path` names a .png file to write that is none of the files `read`, and Pillow
-    is there to write it: said before any work."""
+def output_file(path, flag: str, read: list, suffix: str, kind: str, hint: str | None = None) -> None:
+    """NetError on `flag` unless `path` names a file ending in `suffix` (`kind` says what it is to be: "a .png
+    file") that is none of the files `read`: said before any work, not by the write at its end."""
     from netdsl.files import refuse_folder, refuse_overwriting
+
+    refuse_folder(path, flag)
+    if path.suffix.lower() != suffix:
+        raise NetError(f"{path} is not {kind}", where=flag, hint=hint or f"give a name ending in {suffix}")
+    refuse_overwriting(path, read, flag)
+
+
+def png_output(path, read: list) -> None:
+    """`output_file` for the picture --output names, and Pillow there to write it."""
     from netdsl.train.augment import import_pillow
 
-    refuse_folder(path, "--output")
-    if path.suffix.lower() != ".png":
-        raise NetError(f"{path} is not a .png file", where="--output", hint="give a name ending in .png")
-    refuse_overwriting(path, read, "--output")
+    output_file(path, "--output", read, ".png", "a .png file")
     import_pillow()

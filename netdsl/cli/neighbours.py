@@ -5,7 +5,6 @@ that are far from it pixel by pixel. The queries are image files (--input) or th
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import numpy as np
 
 from netdsl.cli.flags import png_output, require_weights, seed_number
 from netdsl.errors import NetError
-from netdsl.files import write_atomic_bytes
 from netdsl.tables import format_table
 
 HELP = "find the training images nearest to each query in a layer's values (the AlexNet paper's Figure 4)"
@@ -64,6 +62,7 @@ def add_command(commands, positive) -> None:
 def neighbours_command(path: Path, args: argparse.Namespace) -> int:
     import torch
 
+    from netdsl.cli.filters import write_png
     from netdsl.cli.run import read_image, require_images
     from netdsl.cli.train import Member, run_folder, split_settings
     from netdsl.lang.frontend import load_graph
@@ -170,7 +169,7 @@ def neighbours_command(path: Path, args: argparse.Namespace) -> int:
     if args.output is not None:
         rows = [[query_image(number)] + [searched[int(index)][0] for index in nearest.indices[number]]
                 for number in range(len(sources))]  # fmt: skip
-        _write_picture(args.output, neighbour_picture(rows))
+        write_png(args.output, neighbour_picture(rows))
         print(f"wrote {args.output}: each query, then its neighbours nearest first")
     return 0
 
@@ -214,11 +213,3 @@ def picture_size(rows: int, columns: int, shape: tuple[int, ...], zoom: int | No
             hint="fewer queries or neighbours (--queries, --count), or leave out --output",
         )
     return size
-
-
-def _write_picture(path: Path, picture: np.ndarray) -> None:
-    from netdsl.train.augment import import_pillow
-
-    buffer = io.BytesIO()
-    import_pillow().fromarray(picture, "L" if picture.ndim == 2 else "RGB").save(buffer, format="PNG")
-    write_atomic_bytes(path, buffer.getvalue())

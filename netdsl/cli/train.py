@@ -13,10 +13,10 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from netdsl.cli.flags import image_sizes, require_weights, seconds, seed_number
+from netdsl.cli.flags import image_sizes, output_file, require_weights, seconds, seed_number
 from netdsl.codegen.interpret import use_interpreter
 from netdsl.errors import NetError
-from netdsl.files import parse_json, refuse_folder, refuse_overwriting, write_arrays
+from netdsl.files import parse_json, refuse_folder, write_arrays
 
 if TYPE_CHECKING:  # the annotations of Member; imported where they are used, as the commands load lazily
 
@@ -375,12 +375,9 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
     if args.confusion is not None:  # before the measuring, not by the write at its end
         refuse_folder(args.confusion, "--confusion")
     if args.save is not None:
-        refuse_folder(args.save, "--save")
-        if args.save.suffix.lower() != ".npz":
-            raise NetError(f"{args.save} is not an .npz file", where="--save",
-                           hint="eval saves several arrays by name: give a name ending in .npz")  # fmt: skip
         read = [path for net, weights, _ in models for path in (net, weights_file(weights))]
-        refuse_overwriting(args.save, [*read, Path(args.data)], "--save")
+        output_file(args.save, "--save", [*read, Path(args.data)], ".npz", "an .npz file",
+                    hint="eval saves several arrays by name: give a name ending in .npz")  # fmt: skip
     graphs = {net: load_graph(net) for net, _, _ in models}
     members = [Member.load(net, graphs[net], weights_file(path), name) for net, path, name in models]
     first = members[0]  # its run's split of the data is measured, and its classes name the data's
