@@ -390,12 +390,11 @@ class Measured:
         """The `count` images the net got wrong most confidently (the highest probability given to a wrong
         class first), as a table: the file, its class, the class predicted and that probability."""
         arrays = self.arrays(names)
-        wrong = np.flatnonzero(arrays["predicted"] != arrays["labels"])
+        label, predicted, probs = arrays["labels"], arrays["predicted"], arrays["probabilities"]
+        wrong = np.flatnonzero(predicted != label)
         if not len(wrong):
             return ["no mistakes"]
-        sure = arrays["probabilities"][wrong, arrays["predicted"][wrong]]
-        order = wrong[np.argsort(-sure, kind="stable")][:count]
-        label, predicted, probs = arrays["labels"], arrays["predicted"], arrays["probabilities"]
+        order = wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")][:count]
         rows = [
             (arrays["files"][i], class_name(names, int(label[i])), class_name(names, int(predicted[i])),
              f"{probs[i, predicted[i]]:.3f}")
