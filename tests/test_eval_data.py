@@ -13,15 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_support import TINY as TINY_10
+from train_support import PLAIN, trained_on_folder
+from train_support import THREE_CLASSES as TINY
 
 from netdsl.cli.main import main
 from netdsl.errors import NetError
 from netdsl.lang.frontend import load_graph
 from netdsl.train.data import labels_by_name
-
-TINY = TINY_10.replace("fc(c1, 10)", "fc(c1, 3)")  # three classes
-PLAIN = ("--mean", "none", "--no-flip", "--pca-noise", "0", "--workers", "0")
 
 
 def test_labels_by_name():
@@ -37,22 +35,8 @@ def test_labels_by_name():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(net, run, data folder with classes cat, dog, owl): one training step."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("eval")
-    folder = root / "images"
-    rng = np.random.default_rng(7)
-    for name in ("cat", "dog", "owl"):
-        (folder / name).mkdir(parents=True)
-        for index in range(5):
-            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / name / f"{index}.png")
-    net = root / "tiny.net"
-    net.write_text(TINY)
-    run = root / "run"
-    args = ["train", str(net), "--data", str(folder), "--batch", "4", "--steps", "1", "--out", str(run), *PLAIN]
-    assert main(args) == 0
-    return net, run, folder
+    """(net, run, data folder with classes cat, dog, owl, five images each): one training step."""
+    return trained_on_folder(tmp_path_factory.mktemp("eval"), per_class=5, seed=7, steps=1)
 
 
 def evaluate(capsys, *args) -> tuple[int, str, str]:

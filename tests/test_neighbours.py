@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from train_support import TINY as TINY_10
+from train_support import trained_on_folder
 
 from netdsl.cli.filters import tile_pixels
 from netdsl.cli.main import main
@@ -23,8 +23,6 @@ from netdsl.runtime.weights import init_weights
 from netdsl.train.features import Features, Nearest, feature_layers
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = TINY_10.replace("fc(c1, 10)", "fc(c1, 3)")  # three classes: c1 = conv | relu | maxpool, then f2
-PLAIN = ("--mean", "none", "--no-flip", "--pca-noise", "0", "--workers", "0")
 TOWERS = """net two
 device gpu0, gpu1
 input image: 1 x 8 x 8
@@ -40,23 +38,7 @@ output out
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(net, run, folder of classes cat, dog, owl with 6 random 8 x 8 images each): two training steps."""
-    from PIL import Image
-
-    from netdsl.cli.main import main
-
-    root = tmp_path_factory.mktemp("neighbours")
-    folder = root / "images"
-    rng = np.random.default_rng(11)
-    for name in ("cat", "dog", "owl"):
-        (folder / name).mkdir(parents=True)
-        for index in range(6):
-            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / name / f"{index}.png")
-    net = root / "tiny.net"
-    net.write_text(TINY)
-    run = root / "run"
-    args = ["train", str(net), "--data", str(folder), "--batch", "4", "--steps", "2", "--out", str(run), *PLAIN]
-    assert main(args) == 0
-    return net, run, folder
+    return trained_on_folder(tmp_path_factory.mktemp("neighbours"), per_class=6, seed=11, steps=2)
 
 
 def neighbours(capsys, *args) -> tuple[int, str, str]:
