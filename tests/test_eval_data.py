@@ -110,24 +110,78 @@ def test_several_scales_average_the_softmax_of_every_scales_views(trained, capsy
     assert code == 0 and again.splitlines()[0] == out.splitlines()[0]  # a loading process, passes of one image
 
 
-def test_eval_decodes_each_image_once_for_all_its_scales(trained, capsys, monkeypatch):
+def test_eval_decodes_each_image_once_for_all_its_scales(trained, tmp_path, capsys, monkeypatch):
     """Three scales decode no more files than one (views and --dense alike): each image once for all its sizes;
-    and an ensemble of models that prepare images alike (here the run and its last checkpoint) once for all."""
+    an ensemble of models that prepare images alike (here the run and its last checkpoint) once for all; and so
+    does one whose models prepare them otherwise (another mean; a 10 x 10 net, its own size and crop), each
+    model's probabilities (--save of it alone) as they are without the others."""
     from netdsl.train import data
+    from netdsl.train.start import saved_preprocess
 
     net, run, folder = trained
+    big, mean, large = tmp_path / "big.net", tmp_path / "mean", tmp_path / "large"
+    big.write_text(TINY.replace("1 x 8 x 8", "1 x 10 x 10"))
+    for model, out, extra in ((net, mean, ["--mean", "90"]), (big, large, [])):
+        assert main(["train", str(model), "--data", str(folder), "--batch", "4", "--steps", "1", *PLAIN, *extra,
+                     "--out", str(out)]) == 0  # fmt: skip
+    prepared = [saved_preprocess(each / "weights.safetensors") for each in (run, mean, large)]
+    assert len({each.to_json() for each in prepared}) == 3 and prepared[2].crop == (10, 10)
     decoded = []
     image = data.ImageFiles.image
     monkeypatch.setattr(data.ImageFiles, "image", lambda self, index: decoded.append(index) or image(self, index))
+    ensembles = [([net], [run]), ([net], [run, run / "checkpoints/last.ckpt"]), ([net, net, big], [run, mean, large])]
     for extra in ((), ("--dense",)):
         counts = []
-        for scales, weights in (("9", [run]), ("9,10,12", [run]), ("9,10,12", [run, run / "checkpoints/last.ckpt"])):
+        for scales, (nets, weights) in zip(("9", "9,10,12", "9,10,12", "9,10,12"), [ensembles[0], *ensembles]):
             decoded.clear()
-            code, out, _ = evaluate(capsys, net, "--weights", *weights, "--data", folder, "--split", "all",
-                                    "--scales", scales, *extra)  # fmt: skip
-            assert code == 0 and "images 15 " in out and ("ensemble of 2" in out) == (len(weights) == 2)
+            save = tmp_path / f"all{len(counts)}.npz"
+            code, out, _ = evaluate(capsys, *nets, "--weights", *weights, "--data", folder, "--split", "all",
+                                    "--scales", scales, "--save", save, "--batch", 4, *extra)  # fmt: skip
+            assert code == 0 and "images 15 " in out and (f"ensemble of {len(weights)}" in out) == (len(weights) > 1)
             counts.append(len(decoded))
-        assert counts[0] == counts[1] == counts[2] >= 15, (extra, counts)
+        assert counts[0] == counts[1] == counts[2] == counts[3] >= 15, (extra, counts)
+        together = np.load(save)["probabilities"]  # the last ensemble's: the mean of its models'
+        alone = []
+        for model, weights in zip(*ensembles[2], strict=True):
+            code, _, _ = evaluate(capsys, model, "--weights", weights, "--data", folder, "--split", "all",
+                                  "--scales", "9,10,12", "--save", tmp_path / "alone.npz", *extra)  # fmt: skip
+            assert code == 0
+            alone.append(np.load(tmp_path / "alone.npz")["probabilities"])
+        np.testing.assert_allclose(together, np.mean(alone, axis=0), rtol=0, atol=1e-6)
+        assert np.abs(alone[0] - alone[1]).max() > 1e-4 and np.abs(alone[0] - alone[2]).max() > 1e-4
+
+
+def test_an_ensemble_of_gray_and_colour_nets_decodes_each_image_once_for_each(trained, tmp_path, capsys, monkeypatch):
+    """A gray net and an RGB net trained on the same gray images: each image is decoded as gray as often as for
+    the gray net alone, and once as RGB (as the RGB net alone reads it); the ensemble's probabilities are the
+    mean of theirs alone."""
+    from netdsl.train import data
+
+    net, run, folder = trained
+    colour, out = tmp_path / "colour.net", tmp_path / "colour"
+    colour.write_text(TINY.replace("1 x 8 x 8", "3 x 8 x 8"))
+    assert main(["train", str(colour), "--data", str(folder), "--batch", "4", "--steps", "1", *PLAIN,
+                 "--out", str(out)]) == 0  # fmt: skip
+    decoded = []
+    image = data.ImageFiles.image
+    monkeypatch.setattr(data.ImageFiles, "image", lambda self, index: decoded.append(self.preprocess.channels)
+                        or image(self, index))  # fmt: skip
+    alone = []
+    for model, weights in ((net, run), (colour, out)):
+        code, _, _ = evaluate(capsys, model, "--weights", weights, "--data", folder, "--split", "all", "--save",
+                              tmp_path / "alone.npz")  # fmt: skip
+        assert code == 0
+        alone.append(np.load(tmp_path / "alone.npz")["probabilities"])
+    counts = []
+    for nets, weights in (([net], [run]), ([net, colour], [run, out])):
+        decoded.clear()
+        code, _, _ = evaluate(capsys, *nets, "--weights", *weights, "--data", folder, "--split", "all", "--views", 10)
+        assert code == 0
+        counts.append((decoded.count(1), decoded.count(3)))
+    assert counts[1] == (counts[0][0], 15) and counts[0][1] == 0, counts  # the gray ones as alone, and 15 in RGB
+    code, _, _ = evaluate(capsys, net, colour, "--weights", run, out, "--data", folder, "--split", "all", "--save",
+                          tmp_path / "both.npz")  # fmt: skip
+    np.testing.assert_allclose(np.load(tmp_path / "both.npz")["probabilities"], np.mean(alone, axis=0), atol=1e-6)
 
 
 def test_dense_evaluation_averages_each_whole_images_scores_over_positions(trained, capsys, monkeypatch):

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import shlex
 import sys
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -360,7 +358,7 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
     from netdsl.lang.frontend import load_graph
     from netdsl.runtime.devices import parse_devices
     from netdsl.train.data import check_workers, labels_by_name, loading_workers, open_data
-    from netdsl.train.evaluate import DenseScores, Measured, Tally, dense_probabilities_of
+    from netdsl.train.evaluate import Measured, Tally
     from netdsl.train.progress import Meter
     from netdsl.train.runs import RunFolder, weights_file
     from netdsl.train.world import World
@@ -437,35 +435,25 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
     if world.distributed:  # this process's share: every world.size-th image
         parts = [part.subset(np.arange(world.rank, len(part), world.size)) for part in parts]
     mapping = parse_devices(args.devices)
-    groups: dict[tuple[str, tuple], list[int]] = {}  # models that prepare images alike: each image decoded once
+    groups: dict[tuple[str, tuple], list[int]] = {}  # models that prepare images alike (at the same sizes)
     for number, member in enumerate(members):
         sizes = tuple(args.scales or (member.preprocess.size,))
         groups.setdefault((member.preprocess.to_json(), sizes), []).append(number)
     title = "measuring" + (" (this process's share)" if world.distributed else "")
     shown = Meter(sys.stderr, sum(map(len, parts)) * sum(len(sizes) for _, sizes in groups), title, world)
-    measures = []  # (models, a function from a set of images to each model's probabilities)
-    for (_, sizes), numbers in groups.items():
-        group = [members[number] for number in numbers]
-        devices = [world.device_map(member.graph, mapping) if world.distributed else mapping for member in group]
-        if args.dense:  # whole images, those of one size together
-            scorers = [DenseScores(member.graph, member.weights, where, member.preprocess.flip, args.backend,
-                                   args.dtype) for member, where in zip(group, devices, strict=True)]  # fmt: skip
-            measure = partial(dense_probabilities_of, scales=sizes, scorers=scorers, batch=args.batch,
-                              workers=workers, advance=shown.advance)  # fmt: skip
-        else:
-            measure = _views_measure(args, group, devices, sizes, workers, shown.advance)
-        measures.append((numbers, measure))
+    devices = {member: world.device_map(member.graph, mapping) if world.distributed else mapping for member in members}
+    alike = [([members[number] for number in numbers], sizes) for (_, sizes), numbers in groups.items()]
+    measure = _measure(args, alike, devices, workers, shown.advance)
+    order = [number for numbers in groups.values() for number in numbers]  # the models as `measure` gives them
     tally = Tally(classes)  # the ensemble's (the one model's, with one)
     measured = Measured() if args.save or args.mistakes else None  # each image's figures, where they are shown
     for part in parts:
         labels = torch.from_numpy(part.labels)
         labels = labels if relabel is None else relabel[labels]
         probs = [None] * len(members)  # each model's, N x K
-        for numbers, measure in measures:
-            part.preprocess = members[numbers[0]].preprocess
-            for number, each in zip(numbers, measure(part), strict=True):
-                probs[number] = each
-                members[number].tally.add(each, labels)
+        for number, each in zip(order, measure(part), strict=True):
+            probs[number] = each
+            members[number].tally.add(each, labels)
         ensemble = torch.stack(probs).mean(dim=0)  # the softmax averaged over the models
         tally.add(ensemble, labels)
         if measured is not None:
@@ -530,31 +518,49 @@ class Member:
         return cls(net, graph, classes, shape, path, name, metadata, weights, own, Tally(classes))
 
 
-def _views_measure(args, group: list[Member], devices: list, scales, workers: int, advance):
-    """eval's measuring of views (the centre, or the paper's ten) at each of `scales` by the models of `group`
-    (which prepare images alike; `devices`, each one's): a function from a set of images (a Samples) to each
-    model's N x K probabilities. Each image is decoded once for all the scales and models, and a pass holds
-    --batch images' views at one scale or fewer images' at several (the same views to a pass)."""
+def _measure(args, groups: list[tuple[list[Member], tuple[int, ...]]], devices: dict, workers: int, advance):
+    """eval's measuring by the models of `groups` (each: models that prepare images alike, and the sizes it
+    scales them to; `devices`: each model's): a function from a set of images (a Samples) to each model's N x K
+    probabilities, the groups' models in order. Each image is decoded once for all the groups, sizes and
+    models. Views (the centre, or the paper's ten): a pass holds --batch images' views at one size or fewer
+    images' at several (the same views to a pass); --dense: whole images, those of one size together."""
     import torch
 
     from netdsl.ir.dtypes import torch_dtype
     from netdsl.runtime.net import Net
-    from netdsl.train.evaluate import probabilities, scaled_images
+    from netdsl.train.evaluate import DenseGroup, DenseScores, prepared_images, probabilities
 
-    nets = [Net(member.net, backend=args.backend, weights=member.weights, devices=where, dtype=args.dtype)
-            for member, where in zip(group, devices, strict=True)]  # fmt: skip
-    lasts = [member.graph.nodes[member.graph.graph["outputs"][0]]["layer"] for member in group]
-    chunk = max(1, args.batch // len(scales))
+    chunk = max(1, args.batch // max(len(sizes) for _, sizes in groups))
+    ways = [(group[0].preprocess, sizes) for group, sizes in groups]
+    if args.dense:
+        scorers = [[DenseScores(member.graph, member.weights, devices[member], member.preprocess.flip, args.backend,
+                                args.dtype) for member in group] for group, _ in groups]  # fmt: skip
+
+        def measure_dense(part) -> list[torch.Tensor]:
+            dense = [DenseGroup(len(part), sizes, each, group[0].preprocess.crop, args.batch, advance)
+                     for (group, sizes), each in zip(groups, scorers, strict=True)]  # fmt: skip
+            for made in prepared_images(part, ways, None, chunk, workers):
+                for into, each in zip(dense, made, strict=True):
+                    into.add(each)
+            return [probs for into in dense for probs in into.probabilities()]
+
+        return measure_dense
+    nets = [[Net(member.net, backend=args.backend, weights=member.weights, devices=devices[member],
+                 dtype=args.dtype) for member in group] for group, _ in groups]  # fmt: skip
+    softmax = [[member.graph.nodes[member.graph.graph["outputs"][0]]["layer"].op == "softmax" for member in group]
+               for group, _ in groups]  # fmt: skip
 
     def measure(part) -> list[torch.Tensor]:
-        probs = [[torch.zeros((0, math.prod(last.shape)))] for last in lasts]  # a share under torchrun may be empty
-        for x in scaled_images(part, scales, args.views, chunk, workers):  # N x scales x views x C x H x W
-            views = x.flatten(0, 2).to(torch_dtype(args.dtype))
-            for net, last, into in zip(nets, lasts, probs, strict=True):  # the softmax averaged over all the views
-                output = torch.as_tensor(net(views)).cpu()
-                into.append(probabilities(output, last.op == "softmax", len(scales) * args.views))
-            advance(len(x) * len(scales))
-        return [torch.cat(each) for each in probs]
+        # each model's, in its group's list: a share of the images under torchrun may be empty
+        probs = [[[torch.zeros((0, member.classes))] for member in group] for group, _ in groups]
+        for made in prepared_images(part, ways, args.views, chunk, workers):
+            for x, (_, sizes), *each in zip(made, groups, nets, softmax, probs, strict=True):
+                views = x.flatten(0, 2).to(torch_dtype(args.dtype))  # N x sizes x views x C x H x W
+                for net, is_softmax, into in zip(*each, strict=True):  # the softmax averaged over all the views
+                    output = torch.as_tensor(net(views)).cpu()
+                    into.append(probabilities(output, is_softmax, len(sizes) * args.views))
+                advance(len(x) * len(sizes))
+        return [torch.cat(each) for group in probs for each in group]
 
     return measure
 

@@ -9,6 +9,7 @@ image's figures (what `netdsl eval --save` writes and `--mistakes` lists).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import math
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, get_worker_info
 from netdsl.errors import NetError
 from netdsl.files import write_atomic_bytes
 from netdsl.tables import format_table
+from netdsl.train.augment import Preprocess
 from netdsl.train.data import Samples, check_workers
 
 MATRIX_CLASSES = 20  # up to this many classes the confusion matrix is printed whole (about 120 columns)
@@ -118,12 +120,22 @@ def scaled_images(samples: Samples, scales, views: int | None, batch: int, worke
     N x scales x views x C x H x W (`Preprocess.views` at each scale); without, for dense evaluation, lists of
     (index, [the whole image scaled to each size, C x H' x W']). A file that cannot be read or scaled is a
     NetError naming it."""
+    for made in prepared_images(samples, [(samples.preprocess, tuple(scales))], views, batch, workers):
+        yield made[0]
+
+
+def prepared_images(samples: Samples, ways, views: int | None, batch: int, workers: int = 0):
+    """`scaled_images` for several ways of preparing the images, each a Preprocess and its scales (the models of
+    an ensemble that prepare images otherwise, by their own mean, size or crop): yields for each chunk a list of
+    what `scaled_images` yields, one for each way. Each image is decoded once for all the ways (once for each
+    number of channels among them)."""
     check_workers(workers)
     chunks = [list(range(start, min(start + batch, len(samples)))) for start in range(0, len(samples), batch)]
     loader = DataLoader(  # _Scaled.__getitems__ makes each chunk whole: `tuple` hands it on as it is
-        _Scaled(samples, tuple(scales), views), batch_sampler=chunks, num_workers=workers, collate_fn=tuple,
+        _Scaled(samples, [(preprocess, tuple(scales)) for preprocess, scales in ways], views),
+        batch_sampler=chunks, num_workers=workers, collate_fn=tuple,
         generator=torch.Generator(),  # DataLoader draws a base seed: from its own generator, not torch's global one
-    )
+    )  # fmt: skip
     for made, failures in loader:
         if failures:
             index, message, hint = failures[0]
@@ -148,63 +160,89 @@ def dense_probabilities_of(
 ) -> list[torch.Tensor]:
     """`dense_probabilities` for each of `scorers` (the nets of an ensemble that prepare images alike), each
     image decoded and scaled once for all of them."""
-    crop = samples.preprocess.crop
-    room = batch * crop[0] * crop[1]  # pixels a pass holds
-    probs = [torch.zeros((len(samples), len(scales), scorer.classes)) for scorer in scorers]
-    waiting: dict[tuple[int, ...], list] = {}  # view shape -> [(index, scale number, view)]
-
-    def run(shape) -> None:
-        group, step = waiting.pop(shape), max(1, room // (shape[1] * shape[2]))
-        for start in range(0, len(group), step):
-            part = group[start : start + step]
-            views = np.stack([view for _, _, view in part])
-            for scorer, into in zip(scorers, probs, strict=True):
-                for (index, scale, _), row in zip(part, scorer.batch_scores(views), strict=True):
-                    into[index, scale] = row
-            if advance is not None:
-                advance(len(part))
-
+    dense = DenseGroup(len(samples), scales, scorers, samples.preprocess.crop, batch, advance)
     for made in scaled_images(samples, scales, None, max(1, batch // len(scales)), workers):
+        dense.add(made)
+    return dense.probabilities()
+
+
+class DenseGroup:
+    """Dense evaluation of `count` images by `scorers` (models that prepare images alike, their inputs `crop`
+    in size), fed the images as `scaled_images` yields them without views (`add`), in any number of chunks:
+    the views of one size are scored together, `dense_probabilities` says how. `probabilities()` scores the
+    views still waiting and gives each scorer's N x K probabilities, averaged over the scales."""
+
+    def __init__(self, count: int, scales, scorers: list[DenseScores], crop, batch: int, advance=None) -> None:
+        self.scorers, self.advance = scorers, advance
+        self.room = batch * crop[0] * crop[1]  # pixels a pass holds
+        self.probs = [torch.zeros((count, len(scales), scorer.classes)) for scorer in scorers]
+        self.waiting: dict[tuple[int, ...], list] = {}  # view shape -> [(index, scale number, view)]
+
+    def add(self, made) -> None:
+        """Take a chunk of (index, [the whole image at each scale])."""
+        waiting = self.waiting
         for index, views in made:
             for scale, view in enumerate(views):
                 waiting.setdefault(view.shape, []).append((index, scale, view))
-                if len(waiting[view.shape]) * view.shape[1] * view.shape[2] >= room:
-                    run(view.shape)
-        while sum(len(group) * shape[1] * shape[2] for shape, group in waiting.items()) > PENDING_BATCHES * room:
-            run(max(waiting, key=lambda shape: len(waiting[shape]) * shape[1] * shape[2]))
-    for shape in list(waiting):
-        run(shape)
-    return [each.mean(dim=1) for each in probs]
+                if len(waiting[view.shape]) * view.shape[1] * view.shape[2] >= self.room:
+                    self._run(view.shape)
+        while sum(len(group) * shape[1] * shape[2] for shape, group in waiting.items()) > PENDING_BATCHES * self.room:
+            self._run(max(waiting, key=lambda shape: len(waiting[shape]) * shape[1] * shape[2]))
+
+    def probabilities(self) -> list[torch.Tensor]:
+        for shape in list(self.waiting):
+            self._run(shape)
+        return [each.mean(dim=1) for each in self.probs]
+
+    def _run(self, shape) -> None:
+        group, step = self.waiting.pop(shape), max(1, self.room // (shape[1] * shape[2]))
+        for start in range(0, len(group), step):
+            part = group[start : start + step]
+            views = np.stack([view for _, _, view in part])
+            for scorer, into in zip(self.scorers, self.probs, strict=True):
+                for (index, scale, _), row in zip(part, scorer.batch_scores(views), strict=True):
+                    into[index, scale] = row
+            if self.advance is not None:
+                self.advance(len(part))
 
 
 class _Scaled:
-    """The loader's side of `scaled_images`: a chunk of images, each decoded once and prepared at each size
-    (views written straight into the chunk's tensor, in shared memory when a worker makes it), with the
-    failures reported rather than raised (as netdsl.train.data's batches do)."""
+    """The loader's side of `prepared_images`: a chunk of images, each decoded once and prepared in each way at
+    each of its sizes (views written straight into the chunk's tensors, in shared memory when a worker makes
+    them), with the failures reported rather than raised (as netdsl.train.data's batches do)."""
 
-    def __init__(self, samples: Samples, scales: tuple[int, ...], views: int | None) -> None:
-        self.samples, self.scales, self.views = samples, scales, views
+    def __init__(self, samples: Samples, ways: list[tuple[Preprocess, tuple[int, ...]]], views: int | None) -> None:
+        self.samples, self.views = samples, views
+        self.ways = [[replace(preprocess, size=size) for size in scales] for preprocess, scales in ways]
+        self.readers = {}  # channels -> the samples, decoding to that many
+        for preprocess, _ in ways:
+            if preprocess.channels not in self.readers:
+                self.readers[preprocess.channels] = copy.copy(samples)
+                self.readers[preprocess.channels].preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitems__(self, indices: list[int]):
-        preprocess = self.samples.preprocess
-        at_scales = [replace(preprocess, size=size) for size in self.scales]
-        made, failures = [], []
+        made, failures = [[] for _ in self.ways], []
         if self.views is not None:
-            made = torch.empty((len(indices), len(at_scales), self.views, preprocess.channels, *preprocess.crop))
+            shapes = [(len(indices), len(way), self.views, way[0].channels, *way[0].crop) for way in self.ways]
+            made = [torch.empty(shape) for shape in shapes]
             if get_worker_info() is not None:
-                made.share_memory_()
+                for each in made:
+                    each.share_memory_()
         for row, index in enumerate(indices):
-            if (image := self.samples.read(index, failures)) is None:
+            images = {channels: reader.read(index, failures) for channels, reader in self.readers.items()}
+            if any(image is None for image in images.values()):  # it could not be decoded
                 continue
             try:
-                if self.views is None:
-                    made.append((index, [each.normalize(each.pixels(image)) for each in at_scales]))
-                else:
-                    for scale, each in enumerate(at_scales):
-                        made[row, scale] = torch.from_numpy(each.views(image, self.views))
+                for way, into in zip(self.ways, made, strict=True):
+                    image = images[way[0].channels]
+                    if self.views is None:
+                        into.append((index, [each.normalize(each.pixels(image)) for each in way]))
+                    else:
+                        for scale, each in enumerate(way):
+                            into[row, scale] = torch.from_numpy(each.views(image, self.views))
             except NetError as error:  # scaling it: past Pillow's bound on pixels, ...
                 failures.append((index, error.message, error.hint))
         return made, failures
