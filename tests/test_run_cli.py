@@ -509,9 +509,11 @@ def test_what_dense_and_scales_cannot_read_is_a_clear_error(tmp_path, capsys):
 
 def test_several_weights_average_the_softmax_of_each_net(tmp_path, capsys):
     """--weights A B: an ensemble, each input's softmax averaged over the two nets, as the paper averaged its
-    five: the mean of the two runs' probabilities (one view, ten views, dense); flags that run one net, weights
-    that prepare images otherwise, and a net whose output is a map are refused by name."""
+    five: the mean of the two runs' probabilities (one view, ten views, dense), also where they prepare images
+    otherwise (weights without a preprocessing of their own: the paper's size and mean); flags that run one net,
+    weights trained on other classes, and a net whose output is a map are refused by name."""
     from netdsl.runtime.weights import init_weights, load_weights, save_weights
+    from netdsl.train.augment import Preprocess
 
     images = _gray_images(tmp_path, [(40, 52), (36, 36)], seed=16)
     (tmp_path / "a").mkdir()
@@ -525,8 +527,20 @@ def test_several_weights_average_the_softmax_of_each_net(tmp_path, capsys):
         each = [run("--weights", str(file), *flags) for file in (first, second)]
         np.testing.assert_allclose(run("--weights", str(first), str(second), *flags), (each[0] + each[1]) / 2,
                                    rtol=0, atol=1e-6)  # fmt: skip
-    other = tmp_path / "other.safetensors"  # the same weights, another preprocessing (none)
-    save_weights(other, load_weights(first, netdsl.load_graph(LENET)))
+    other = tmp_path / "other.safetensors"  # the second's weights, another preprocessing (none: the paper's)
+    save_weights(other, load_weights(second, netdsl.load_graph(LENET)))
+    for flags in ([], ["--views", "10"], ["--dense"], ["--dense", "--scales", "36,48"]):
+        each = [run("--weights", str(file), *flags) for file in (first, other)]  # one view: class scores
+        each = [torch.softmax(torch.from_numpy(one), dim=1).numpy() for one in each] if not flags else each
+        assert np.abs(each[0] - each[1]).max() > 1e-2
+        np.testing.assert_allclose(run("--weights", str(first), str(other), *flags), (each[0] + each[1]) / 2,
+                                   rtol=0, atol=1e-6)  # fmt: skip
+    named = []  # the first's weights and preprocessing, saved with the names of two sets of classes
+    for classes in ("0123456789", "0123456798"):
+        named.append(tmp_path / f"classes{classes}.safetensors")
+        preprocess = Preprocess(size=36, crop=(32, 32), channels=1, mean=(120.0,), std=(60.0,), classes=list(classes))
+        save_weights(named[-1], load_weights(first, netdsl.load_graph(LENET)),
+                     metadata={"netdsl.preprocess": preprocess.to_json()})  # fmt: skip
     maps = tmp_path / "maps.net"
     maps.write_text("net maps\ninput x: 1 x 8 x 8\ny = conv(x, 2, size=3)\noutput y\n")
     for file in ("m1.safetensors", "m2.safetensors"):
@@ -534,7 +548,8 @@ def test_several_weights_average_the_softmax_of_each_net(tmp_path, capsys):
     for net, args, message in [
         (LENET, [str(first), str(second), "--time"], "--time: error: --time runs one net, and --weights gives 2"),
         (LENET, [str(first), str(second), "--distributed"], "--distributed: error: --distributed runs one net"),
-        (LENET, [str(first), str(other), "--input", *images], f"{other}: error: {other} prepares images otherwise"),
+        (LENET, [str(first), *map(str, named), "--input", *images],
+         f"{named[1]}: error: {named[1]} was trained on other classes than {named[0]}"),
         (str(maps), [str(tmp_path / "m1.safetensors"), str(tmp_path / "m2.safetensors")], "--weights: error: an "
          "ensemble averages class scores"),
     ]:

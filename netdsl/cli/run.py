@@ -52,14 +52,24 @@ def saved_preprocess(weights: Path | None):
 def read_image(path: Path, shape: tuple[int, ...], preprocess=None, views: int = 1, scales=None) -> np.ndarray:
     """An image as the net reads it: `preprocess` (default: the paper's) applied, with its shorter side scaled
     to each of `scales` in turn (default: the preprocessing's own size); scales*views x C x H x W, decoded once."""
+    return _prepared_image(path, shape, [preprocess], views, scales)[0]
+
+
+def _prepared_image(path: Path, shape: tuple[int, ...], preprocesses: list, views: int, scales) -> list[np.ndarray]:
+    """`read_image` by each of `preprocesses` (None: the paper's), the file decoded once for all of them."""
     from netdsl.train.augment import open_image
 
-    preprocess = preprocess or default_preprocess(shape)
+    preprocesses = [preprocess or default_preprocess(shape) for preprocess in preprocesses]
     try:
-        if scales is None:
-            return preprocess.views(path, views)
-        image = open_image(path, preprocess.channels)
-        return np.concatenate([replace(preprocess, size=size).views(image, views) for size in scales])
+        image = open_image(path, preprocesses[0].channels)  # the net's: one for all
+        made, prepared = [], {}  # made: each preprocessing's views; prepared: by its JSON, made once
+        for preprocess in preprocesses:
+            key = preprocess.to_json()
+            if key not in prepared:
+                sizes = scales or (preprocess.size,)
+                prepared[key] = np.concatenate([replace(preprocess, size=size).views(image, views) for size in sizes])
+            made.append(prepared[key])
+        return made
     except NetError as error:
         if error.span is None and error.where is None:  # what is wrong with an image names it
             error.where = str(path)
@@ -128,20 +138,22 @@ def _read_npy(path: Path, image_suffixes) -> np.ndarray:
 
 
 def read_inputs(
-    paths: list[Path], shape: tuple[int, ...], preprocess=None, views: int = 1, scales=None
-) -> tuple[np.ndarray, list[str]]:
-    """Stacks images and .npy arrays (one image or a batch each) into one float32 batch of `shape` images;
-    with `views` > 1 each image gives that many (the paper's ten views), and with `scales` that many at each
-    size (`read_image`): then only images are taken (`require_images`). Also returns each image's name for the
-    output: its file, or for a batch in an array, the file and the row (`x.npy[3]`)."""
+    paths: list[Path], shape: tuple[int, ...], preprocesses: list, views: int = 1, scales=None
+) -> tuple[list[np.ndarray], list[str]]:
+    """Stacks images and .npy arrays (one image or a batch each) into one float32 batch of `shape` images for
+    each of `preprocesses` (how each model of an ensemble prepares images; None: the paper's), each image
+    decoded once for all; with `views` > 1 each image gives that many (the paper's ten views), and with
+    `scales` that many at each size (`read_image`): then only images are taken (`require_images`). An array
+    is taken as it is by every model. Also returns each image's name for the output: its file, or for a batch
+    in an array, the file and the row (`x.npy[3]`)."""
     from netdsl.train.augment import IMAGE_SUFFIXES
 
     if views > 1 or scales is not None:
         require_images(paths, "--views" if views > 1 else "--scales")
-    batches, names = [], []
+    batches, names = [], []  # batches: each input's, a batch for each preprocessing
     for path in paths:
         if path.suffix.lower() in IMAGE_SUFFIXES:
-            batches.append(read_image(path, shape, preprocess, views, scales))
+            batches.append(_prepared_image(path, shape, preprocesses, views, scales))
             names.append(str(path))
             continue
         array = _read_npy(path, IMAGE_SUFFIXES)
@@ -162,9 +174,9 @@ def read_inputs(
                 where=str(path),
                 hint=f"one image of {want}, or a batch N x {want}",
             )
-        batches.append(array.astype(np.float32))
+        batches.append([array.astype(np.float32)] * len(preprocesses))
         names += [str(path)] if one else [f"{path}[{row}]" for row in range(len(array))]
-    return np.concatenate(batches), names
+    return [np.concatenate(each) for each in zip(*batches, strict=True)], names
 
 
 def require_images(paths: list[Path] | None, flag: str) -> None:
@@ -202,29 +214,32 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
         if given is not None and Path(given).is_dir():
             read += [Path(given) / "plan.json", *Path(given).glob("kernels/*")]
         refuse_overwriting(args.save, read, "--save")
-    preprocess = saved_preprocess(args.weights)
-    if preprocess is not None:
-        preprocess.check_fits(shape, str(args.weights))
-    for other in models[1:]:  # an ensemble's nets read the same images
-        if saved_preprocess(other) != preprocess:
+    saved = [saved_preprocess(model) for model in models]  # each model's (None: the paper's, `default_preprocess`)
+    for model, own in zip(models, saved, strict=True):
+        if own is not None:
+            own.check_fits(shape, str(model))
+    named = [(model, own) for model, own in zip(models, saved, strict=True) if own is not None and own.classes]
+    for model, own in named[1:]:  # an ensemble averages the same classes
+        if list(own.classes) != list(named[0][1].classes):
             raise NetError(
-                f"{other} prepares images otherwise than {models[0]}",
-                where=str(other),
-                hint="run averages nets that read the same images; netdsl eval measures ensembles of any",
+                f"{model} was trained on other classes than {named[0][0]}",
+                where=str(model),
+                hint="an ensemble averages models of the same classes, in the same order",
             )
-    labels = read_labels(args.labels) or (list(preprocess.classes) if preprocess and preprocess.classes else None)
+    labels = read_labels(args.labels) or (list(named[0][1].classes) if named else None)
     heading = f"ensemble of {len(models)}, the softmax averaged: {', '.join(map(str, models))}" if models[1:] else None
     if args.dense:
         require_images(args.input, "--dense")
-        outputs = _dense_outputs(path, dtype, preprocess or default_preprocess(shape), args, models)
+        outputs = _dense_outputs(path, dtype, [own or default_preprocess(shape) for own in saved], args, models)
         report(outputs, labels, args, [str(file) for file in args.input], heading)
         return 0
     views = args.views * len(args.scales or (None,))  # the rows each image gives: its views at each scale
-    if args.input or args.views > 1 or args.scales:
-        x, names = read_inputs(args.input or [], shape, preprocess, args.views, args.scales)
+    if args.input or args.views > 1 or args.scales:  # each model's inputs, as it prepares images
+        xs, names = read_inputs(args.input or [], shape, saved, args.views, args.scales)
     else:
-        x = random_inputs(args.random or args.batch or 1, shape, args.seed, "--random" if args.random else "--batch")
-        names = None
+        xs = [random_inputs(args.random or args.batch or 1, shape, args.seed, "--random" if args.random else "--batch")]
+        xs, names = xs * len(models), None
+    x = xs[0]
     net = step_times = None
     start = time.perf_counter()
     if args.distributed:
@@ -253,7 +268,7 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
             if len(models) == 1:
                 net, y, step_times, start = _run_local(path, x, dtype, args, args.weights)
             else:
-                y = _ensemble_probabilities(path, x, dtype, args, models)
+                y = _ensemble_probabilities(path, xs, dtype, args, models)
         except NetError as error:  # Net's errors name its keyword arguments; here they are flags
             error.where = _FLAGS.get(error.where, error.where)
             raise
@@ -294,13 +309,14 @@ def report(
         save_outputs(args.save, outputs)
 
 
-def _ensemble_probabilities(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace, models) -> torch.Tensor:
-    """The net run with each weights file of `models` in turn: the softmax of its class scores averaged over
-    them, as the paper averaged the predictions of several nets (rows as `x`'s: views are averaged after)."""
+def _ensemble_probabilities(path: Path, xs: list, dtype: str, args: argparse.Namespace, models) -> torch.Tensor:
+    """The net run with each weights file of `models` in turn, on its own inputs (`xs`, the images as each
+    prepares them): the softmax of its class scores averaged over them, as the paper averaged the predictions of
+    several nets (rows as the inputs': views are averaged after)."""
     from netdsl.train.evaluate import probabilities
 
     softmax, total = _ends_in_softmax(path), 0
-    for model in models:
+    for model, x in zip(models, xs, strict=True):
         _, y, _, _ = _run_local(path, x, dtype, args, model)
         if isinstance(y, dict) or not is_scores(y):
             raise NetError(
@@ -324,34 +340,37 @@ def _refuse_in_ensemble(args: argparse.Namespace, count: int) -> None:
             )
 
 
-def _dense_outputs(path: Path, dtype: str, preprocess, args: argparse.Namespace, models: list) -> dict:
-    """--dense: each image whole, its shorter side scaled to each of --scales, through the net with its fc layers
-    as convolutions (VGG's dense evaluation, netdsl.train.evaluate.DenseScores), with each weights file of
-    `models` (None: the default weights): {None: N x K probabilities, averaged over the models}. Images of one
-    size share a pass, as many as hold the pixels of --batch net inputs (default: all of them); each image is
-    decoded once for all the scales and models."""
+def _dense_outputs(path: Path, dtype: str, preprocesses: list, args: argparse.Namespace, models: list) -> dict:
+    """--dense: each image whole, its shorter side scaled to each of --scales (default: each model's own size),
+    through the net with its fc layers as convolutions (VGG's dense evaluation, netdsl.train.evaluate.DenseScores),
+    with each weights file of `models` (None: the default weights), prepared as `preprocesses` says (each
+    model's): {None: N x K probabilities, averaged over the models}. Images of one size share a pass, as many as
+    hold the pixels of --batch net inputs (default: all of them); each image is decoded once for all the
+    scales and models."""
     import torch
 
     from netdsl.lang.frontend import load_graph
     from netdsl.runtime.devices import parse_devices
     from netdsl.runtime.weights import init_weights, load_weights
     from netdsl.train.data import ImageFiles
-    from netdsl.train.evaluate import DenseScores, dense_probabilities_of
+    from netdsl.train.evaluate import DenseScores, dense_probabilities_by
 
     _refuse_with_dense(path, dtype, args)
-    graph, devices, scorers = load_graph(path), parse_devices(args.devices), []
-    for model in models:
+    graph, devices = load_graph(path), parse_devices(args.devices)
+    ways: dict[str, tuple] = {}  # the models that prepare images alike: (preprocessing, scales, their scorers)
+    for model, preprocess in zip(models, preprocesses, strict=True):
         weights = init_weights(graph, seed=args.seed, scheme=args.init) if model is None else load_weights(model, graph)
         try:
-            scorers.append(DenseScores(graph, weights, devices, preprocess.flip, args.backend, dtype))
+            scorer = DenseScores(graph, weights, devices, preprocess.flip, args.backend, dtype)
         except NetError as error:
             error.where = _FLAGS.get(error.where, error.where)
             raise
-    images = ImageFiles(args.input, np.zeros(len(args.input)), preprocess)
+        way = ways.setdefault(preprocess.to_json(), (preprocess, tuple(args.scales or (preprocess.size,)), []))
+        way[2].append(scorer)
+    images = ImageFiles(args.input, np.zeros(len(args.input)), preprocesses[0])
     images.unreadable_hint = None  # the decoder's own: run has no --skip-corrupt
-    scales = args.scales or (preprocess.size,)
-    probs = dense_probabilities_of(images, scales, scorers, batch=args.batch or len(args.input))
-    return {None: torch.stack(probs).mean(dim=0)}
+    probs = dense_probabilities_by(images, list(ways.values()), batch=args.batch or len(args.input))
+    return {None: torch.stack([each for way in probs for each in way]).mean(dim=0)}
 
 
 def _refuse_with_dense(path: Path, dtype: str, args: argparse.Namespace) -> None:

@@ -528,27 +528,24 @@ def _measure(args, groups: list[tuple[list[Member], tuple[int, ...]]], devices: 
 
     from netdsl.ir.dtypes import torch_dtype
     from netdsl.runtime.net import Net
-    from netdsl.train.evaluate import DenseGroup, DenseScores, prepared_images, probabilities
+    from netdsl.train.evaluate import DenseScores, dense_probabilities_by, prepared_images, probabilities
 
-    chunk = max(1, args.batch // max(len(sizes) for _, sizes in groups))
     ways = [(group[0].preprocess, sizes) for group, sizes in groups]
     if args.dense:
         scorers = [[DenseScores(member.graph, member.weights, devices[member], member.preprocess.flip, args.backend,
                                 args.dtype) for member in group] for group, _ in groups]  # fmt: skip
 
         def measure_dense(part) -> list[torch.Tensor]:
-            dense = [DenseGroup(len(part), sizes, each, group[0].preprocess.crop, args.batch, advance)
-                     for (group, sizes), each in zip(groups, scorers, strict=True)]  # fmt: skip
-            for made in prepared_images(part, ways, None, chunk, workers):
-                for into, each in zip(dense, made, strict=True):
-                    into.add(each)
-            return [probs for into in dense for probs in into.probabilities()]
+            dense = [(preprocess, sizes, each) for (preprocess, sizes), each in zip(ways, scorers, strict=True)]
+            measured = dense_probabilities_by(part, dense, args.batch, workers, advance)
+            return [probs for each in measured for probs in each]
 
         return measure_dense
     nets = [[Net(member.net, backend=args.backend, weights=member.weights, devices=devices[member],
                  dtype=args.dtype) for member in group] for group, _ in groups]  # fmt: skip
     softmax = [[member.graph.nodes[member.graph.graph["outputs"][0]]["layer"].op == "softmax" for member in group]
                for group, _ in groups]  # fmt: skip
+    chunk = max(1, args.batch // max(len(sizes) for _, sizes in groups))
 
     def measure(part) -> list[torch.Tensor]:
         # each model's, in its group's list: a share of the images under torchrun may be empty

@@ -160,10 +160,21 @@ def dense_probabilities_of(
 ) -> list[torch.Tensor]:
     """`dense_probabilities` for each of `scorers` (the nets of an ensemble that prepare images alike), each
     image decoded and scaled once for all of them."""
-    dense = DenseGroup(len(samples), scales, scorers, samples.preprocess.crop, batch, advance)
-    for made in scaled_images(samples, scales, None, max(1, batch // len(scales)), workers):
-        dense.add(made)
-    return dense.probabilities()
+    return dense_probabilities_by(samples, [(samples.preprocess, scales, scorers)], batch, workers, advance)[0]
+
+
+def dense_probabilities_by(samples: Samples, ways, batch: int, workers: int = 0, advance=None) -> list[list]:
+    """`dense_probabilities` for several ways of preparing the images, each a Preprocess, its scales and the
+    scorers of the models that prepare images so: each scorer's N x K probabilities, a list for each way. Each
+    image is decoded once for all the ways (`prepared_images`)."""
+    dense = [DenseGroup(len(samples), scales, scorers, preprocess.crop, batch, advance)
+             for preprocess, scales, scorers in ways]  # fmt: skip
+    chunk = max(1, batch // max(len(scales) for _, scales, _ in ways))
+    prepared = [(preprocess, scales) for preprocess, scales, _ in ways]
+    for made in prepared_images(samples, prepared, None, chunk, workers):
+        for into, each in zip(dense, made, strict=True):
+            into.add(each)
+    return [into.probabilities() for into in dense]
 
 
 class DenseGroup:
