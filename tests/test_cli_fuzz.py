@@ -412,6 +412,8 @@ def command_run(rng: random.Random) -> Case:
         "--time": None,
     }
     argv = ["run", choose(rng, NETS + ["build"] * 3 + ONNX), *flags(rng, table, rng.randrange(6))]
+    if rng.random() < 0.15:  # an ensemble (the run's weights carry a preprocessing, weights.safetensors none)
+        argv += ["--weights", *(choose(rng, WEIGHTS) for _ in range(2))]
     if rng.random() < 0.4:
         argv += ["--input", *rng.choices(INPUTS, k=rng.randint(1, 3))]
     argv += ["--backend", "triton" if rng.random() < 0.05 else "torch"]
