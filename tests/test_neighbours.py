@@ -128,7 +128,8 @@ def test_the_kernels_compute_the_same_features():
 def test_the_neighbours_of_image_files_are_those_of_the_net_by_hand(trained, tmp_path, capsys):
     """Every image of the folder searched (--val-fraction 0), each one's features by hand: the conv, ReLU and
     max-pool of TINY's c1 on its centre view as the run prepares it; the distances in numpy; the prediction
-    from f2; the picture's tiles those images, each scaled to its own range."""
+    from f2; the picture's tiles those images, each scaled to its own range. The folder of the queries asks
+    the same."""
     from PIL import Image
     from safetensors.numpy import load_file
 
@@ -136,7 +137,8 @@ def test_the_neighbours_of_image_files_are_those_of_the_net_by_hand(trained, tmp
 
     net, run, folder = trained
     rng = np.random.default_rng(12)
-    asked = [tmp_path / "q1.png", tmp_path / "q2.png"]
+    (tmp_path / "asked").mkdir()
+    asked = [tmp_path / "asked" / "q1.png", tmp_path / "asked" / "q2.png"]
     for path in asked:
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(path)
     figure = tmp_path / "figure.png"
@@ -175,6 +177,9 @@ def test_the_neighbours_of_image_files_are_those_of_the_net_by_hand(trained, tmp
             top, left = 1 + 65 * row, 1 + 65 * column + (8 if column else 0)
             want = tile_pixels(preprocess.apply(image), 8)[:, :, 0]
             np.testing.assert_array_equal(picture[top : top + 64, left : left + 64], want)
+    code, again, err = neighbours(capsys, net, "--weights", run, "--data", folder, "--val-fraction", "0",
+                                  "--input", tmp_path / "asked", "-k", 4)  # fmt: skip
+    assert code == 0 and again == out.split("\nwrote ")[0] + "\n", err  # a folder: its images, in order
 
 
 def test_without_files_the_first_validation_images_ask(trained, capsys):

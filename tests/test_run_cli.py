@@ -556,3 +556,32 @@ def test_several_weights_average_the_softmax_of_each_net(tmp_path, capsys):
         assert main(["run", net, "--backend", "torch", "--weights", *args]) == 1
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+def test_a_folder_of_inputs_is_its_images_in_order(tmp_path, capsys):
+    """--input FOLDER: the images in it and its subfolders, sorted by path, hidden ones (a dot) and other files
+    left out: the same outputs, row by row, as the files named one by one (with --dense too); a folder
+    without images is an error naming it."""
+    folder = tmp_path / "photos"
+    (folder / "b" / ".cache").mkdir(parents=True)
+    (folder / ".git").mkdir()
+    images = _gray_images(folder, [(40, 52), (36, 36)], seed=21)  # photos/image0.png, photos/image1.png
+    images += _gray_images(folder / "b", [(33, 40)], seed=22)  # photos/b/image0.png: sorted before the others
+    for hidden in (folder / "._image0.png", folder / "b" / ".cache" / "x.png", folder / ".git" / "y.png"):
+        hidden.write_bytes(b"not an image")  # read, these would fail
+    (folder / "notes.txt").write_text("not an input")
+    file, _, _ = _trained_like(tmp_path, seed=4)
+    run = partial(saved_run, tmp_path, capsys, LENET, "--backend", "torch", "--weights", str(file))
+    named = [images[2], images[0], images[1]]
+    for flags in ([], ["--dense"]):
+        np.testing.assert_array_equal(run("--input", str(folder), *flags), run("--input", *named, *flags))
+    capsys.readouterr()
+    assert main(["run", LENET, "--input", str(folder), "--weights", str(file)]) == 0
+    out = capsys.readouterr().out
+    assert [line.split(" ")[2] for line in out.splitlines() if line.startswith("input ")] == [f"({n}):" for n in named]
+    empty = tmp_path / "empty"
+    (empty / ".hidden").mkdir(parents=True)
+    (empty / ".hidden" / "z.png").write_bytes(b"x")
+    assert main(["run", LENET, "--input", images[0], str(empty)]) == 1
+    err = capsys.readouterr().err
+    assert f"{empty}: error: the folder {empty} holds no images" in err and "Traceback" not in err

@@ -30,7 +30,7 @@ def add_command(commands, positive) -> None:
     )
     sub.add_argument(
         "--input", type=Path, nargs="+", metavar="IMAGE",
-        help="the query images (default: the first --queries validation images of --data)",
+        help="the query images, or folders of them (default: the first --queries validation images of --data)",
     )  # fmt: skip
     sub.add_argument(
         "--queries", type=positive, metavar="N", help=f"without --input: how many validation images (default {QUERIES})"
@@ -63,7 +63,7 @@ def neighbours_command(path: Path, args: argparse.Namespace) -> int:
     import torch
 
     from netdsl.cli.filters import write_png
-    from netdsl.cli.run import read_image, require_images
+    from netdsl.cli.run import input_files, read_image, require_images
     from netdsl.cli.train import Member, run_folder, split_settings
     from netdsl.lang.frontend import load_graph
     from netdsl.runtime.devices import parse_devices
@@ -75,6 +75,7 @@ def neighbours_command(path: Path, args: argparse.Namespace) -> int:
     from netdsl.train.world import World
 
     require_weights(args.weights, "neighbours compares what trained weights compute")
+    args.input = input_files(args.input)
     if args.input is not None:
         require_images(args.input, "--input")
         if args.queries is not None:

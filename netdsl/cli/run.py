@@ -137,6 +137,26 @@ def _read_npy(path: Path, image_suffixes) -> np.ndarray:
             ) from None
 
 
+def input_files(paths: list[Path] | None) -> list[Path] | None:
+    """--input's files: each file as named, and for a folder the images in it and its subfolders (sorted; names
+    starting with a dot left out). A folder without images is an error naming it."""
+    from netdsl.train.augment import IMAGE_SUFFIXES, images_in
+
+    if not paths:
+        return paths
+    files = []
+    for path in paths:
+        found = images_in(path) if path.is_dir() else [path]
+        if not found:
+            raise NetError(
+                f"the folder {path} holds no images",
+                where=str(path),
+                hint=f"image files end in {', '.join(sorted(IMAGE_SUFFIXES))}; or name the files themselves",
+            )
+        files += found
+    return files
+
+
 def read_inputs(
     paths: list[Path], shape: tuple[int, ...], preprocesses: list, views: int = 1, scales=None
 ) -> tuple[list[np.ndarray], list[str]]:
@@ -203,6 +223,7 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the same kernels, interpreted on the CPU
     path, dtype = resolve_build_dir(path, args)
     shape = _input_shape(path)
+    args.input = input_files(args.input)
     models = [weights_file(each) for each in (args.weights if isinstance(args.weights, list) else [args.weights])]
     args.weights = models[0]  # one weights file, or the first of an ensemble
     if len(models) > 1:

@@ -52,6 +52,19 @@ def image_mode(channels: int, where: str | None = None) -> str:
     return "L" if channels == 1 else "RGB"
 
 
+def images_in(folder: Path, root: Path | None = None) -> list[Path]:
+    """The image files in `folder` and its subfolders, sorted; files and folders whose names start with a dot
+    (below `root`, default `folder`) are left out, as a file manager hides them."""
+    root = folder if root is None else root
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMAGE_SUFFIXES
+        and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    )
+
+
 def open_image(path: Path, channels: int):
     """The image at `path` decoded whole, turned upright by its EXIF orientation (as viewers show a camera's
     photo) and converted to gray ("L") or RGB: a Pillow image, or for a gray image of more than 8 bits an

@@ -33,6 +33,7 @@ from netdsl.train.augment import (
     Augment,
     Preprocess,
     image_mode,
+    images_in,
     open_image,
     principal_components,
     sample_rng,
@@ -329,13 +330,7 @@ def _class_folders(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
         )
     paths, labels = [], []
     for label, name in enumerate(classes):
-        found = sorted(
-            path
-            for path in (folder / name).rglob("*")
-            if path.suffix.lower() in IMAGE_SUFFIXES
-            and path.is_file()
-            and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-        )
+        found = images_in(folder / name, folder)
         if not found:
             raise NetError(
                 f"the class folder {folder / name} holds no images",
