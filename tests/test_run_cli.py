@@ -89,6 +89,8 @@ def _lying_npy() -> bytes:
         (lambda d: np.save(d / "shape.npy", np.ones((3, 32, 32))), ["--input", "{d}/shape.npy"], "has shape 3 x 32"),
         (lambda d: np.save(d / "text.npy", np.array(["a"])), ["--input", "{d}/text.npy"], "not numbers"),
         (lambda d: np.save(d / "one.npy", np.float32(3)), ["--input", "{d}/one.npy"], "holds a single number, but"),
+        (lambda d: np.save(d / "none.npy", np.ones((0, 1, 32, 32))), ["--input", "{d}/none.npy", "{d}/none.npy"],
+         "--input: error: the inputs hold no images"),
         (lambda d: None, ["--devices", "gpu0"], "cannot read `gpu0`"),
         (lambda d: None, ["--weights", "{d}/none.safetensors"], "none.safetensors"),
         (lambda d: None, ["--random", "0"], "not a positive whole number"),
@@ -99,8 +101,8 @@ def _lying_npy() -> bytes:
         (lambda d: None, ["--distributed", "--cuda-graph"], "--cuda-graph: error: CUDA-graph capture runs in one"),
         (lambda d: None, ["--distributed", "--random", "3", "--batch", "2"], "--batch: error: --distributed runs"),
     ],
-    ids=["missing", "corrupt", "pickled", "truncated", "lying", "shape", "strings", "number", "devices", "weights",
-         "random", "seed", "batch", "dtype", "graph", "distributed-graph", "distributed-batch"],
+    ids=["missing", "corrupt", "pickled", "truncated", "lying", "shape", "strings", "number", "empty", "devices",
+         "weights", "random", "seed", "batch", "dtype", "graph", "distributed-graph", "distributed-batch"],
 )
 def test_bad_inputs_are_clear_errors(tmp_path, capsys, make, args, message):
     make(tmp_path)
@@ -585,3 +587,28 @@ def test_a_folder_of_inputs_is_its_images_in_order(tmp_path, capsys):
     assert main(["run", LENET, "--input", images[0], str(empty)]) == 1
     err = capsys.readouterr().err
     assert f"{empty}: error: the folder {empty} holds no images" in err and "Traceback" not in err
+
+
+def test_inputs_are_read_a_pass_at_a_time(tmp_path, capsys, monkeypatch):
+    """--batch N: each file is read when its rows are next, so a folder of any size holds a pass's images in
+    memory (an ensemble runs each pass through every model); an array of several images fills passes across
+    files. The outputs are those of one pass of everything."""
+    from netdsl.cli import run as run_module
+
+    images = _gray_images(tmp_path, [(36, 40), (40, 36), (36, 36), (44, 36), (36, 50)], seed=30)
+    np.save(tmp_path / "three.npy", np.random.default_rng(31).normal(size=(3, 1, 32, 32)).astype(np.float32))
+    file, _, _ = _trained_like(tmp_path, seed=7)
+    events = []
+    read, call = run_module._prepared_image, Net.__call__
+    monkeypatch.setattr(run_module, "_prepared_image", lambda path, *rest: events.append("read") or read(path, *rest))
+    monkeypatch.setattr(Net, "__call__", lambda net, x, *rest: events.append(f"run {len(x)}") or call(net, x, *rest))
+    inputs = ["--input", *images[:3], str(tmp_path / "three.npy"), *images[3:]]
+    run = partial(saved_run, tmp_path, capsys, LENET, "--backend", "torch", *inputs)
+    whole = run("--weights", str(file))
+    events.clear()
+    scale = np.abs(whole).max()  # fp32: another batch size sums in another order (about 1e-7 of the scores' scale)
+    np.testing.assert_allclose(run("--weights", str(file), "--batch", "2"), whole, rtol=0, atol=1e-5 * scale)
+    assert events == ["read", "read", "run 2", "read", "run 2", "run 2", "read", "read", "run 2"], events
+    events.clear()
+    run("--weights", str(file), str(file), "--batch", "4")  # an ensemble: each pass through both
+    assert events == ["read", "read", "read", "run 4", "run 4", "read", "read", "run 4", "run 4"], events

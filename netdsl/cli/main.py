@@ -232,8 +232,8 @@ def _parser() -> argparse.ArgumentParser:
         "--batch",
         type=_positive,
         metavar="N",
-        help="images per forward pass (default: all inputs at once); with neither --input nor --random, "
-        "N random images",
+        help="images per forward pass (default: all inputs at once), each read when its pass is next; with "
+        "neither --input nor --random, N random images",
     )
     add_plan_flags(run)
     run.add_argument(

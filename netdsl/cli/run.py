@@ -11,7 +11,6 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 from tokenize import TokenError
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,9 +19,6 @@ from netdsl.errors import NetError, os_hint
 from netdsl.files import refuse_folder, refuse_overwriting, write_array, write_arrays
 from netdsl.ir.dtypes import torch_dtype
 from netdsl.tables import format_bytes, format_table
-
-if TYPE_CHECKING:
-    import torch
 
 # The mean RGB value of ImageNet's training images (0-255): the paper subtracts the mean activity.
 IMAGENET_MEAN = (123.68, 116.78, 103.94)
@@ -166,37 +162,68 @@ def read_inputs(
     `scales` that many at each size (`read_image`): then only images are taken (`require_images`). An array
     is taken as it is by every model. Also returns each image's name for the output: its file, or for a batch
     in an array, the file and the row (`x.npy[3]`)."""
-    from netdsl.train.augment import IMAGE_SUFFIXES
+    names: list[str] = []
+    return _whole(input_passes(paths, shape, preprocesses, views, scales, None, names)), names
 
+
+def input_passes(paths: list[Path], shape: tuple[int, ...], preprocesses: list, views: int = 1, scales=None,
+                 rows: int | None = None, names: list | None = None):  # fmt: skip
+    """`read_inputs` a pass at a time: for each pass of `rows` rows (None: all in one; the last pass may hold
+    fewer), a list of its batch as each of `preprocesses` prepares it. Each file is read when its rows are
+    next, and its inputs' names are added to `names`: so the memory held is a pass's and one file's."""
     if views > 1 or scales is not None:
         require_images(paths, "--views" if views > 1 else "--scales")
-    batches, names = [], []  # batches: each input's, a batch for each preprocessing
+    pending, count = [], 0  # pending: the rows read and not yet passed on, a list per file
     for path in paths:
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            batches.append(_prepared_image(path, shape, preprocesses, views, scales))
-            names.append(str(path))
-            continue
-        array = _read_npy(path, IMAGE_SUFFIXES)
-        if array.dtype.kind not in "fiu":
-            raise NetError(
-                f"{path} holds {array.dtype} values, not numbers",
-                where=str(path),
-                hint="save the image's pixels as numbers: numpy.save(path, pixels.astype(numpy.float32))",
-            )
-        one = tuple(array.shape) == shape
-        if one:
-            array = array[None]
-        if tuple(array.shape[1:]) != shape:
-            want = " x ".join(map(str, shape))
-            raise NetError(
-                f"{path} {'has shape ' + ' x '.join(map(str, array.shape)) if array.ndim else 'holds a single number'}"
-                f", but the net takes {want} images",
-                where=str(path),
-                hint=f"one image of {want}, or a batch N x {want}",
-            )
-        batches.append([array.astype(np.float32)] * len(preprocesses))
-        names += [str(path)] if one else [f"{path}[{row}]" for row in range(len(array))]
-    return [np.concatenate(each) for each in zip(*batches, strict=True)], names
+        made, named = _read_input(path, shape, preprocesses, views, scales)
+        if names is not None:
+            names += named
+        pending.append(made)
+        count += len(made[0])
+        if rows is not None and count >= rows:
+            joined = [np.concatenate(each) for each in zip(*pending, strict=True)]
+            whole = count - count % rows
+            for start in range(0, whole, rows):
+                yield [each[start : start + rows] for each in joined]
+            pending, count = [[each[whole:] for each in joined]], count - whole
+    if count:
+        yield [np.concatenate(each) for each in zip(*pending, strict=True)]
+
+
+def _read_input(path: Path, shape: tuple[int, ...], preprocesses: list, views: int, scales):
+    """One --input file's rows, a batch for each of `preprocesses`, and their names."""
+    from netdsl.train.augment import IMAGE_SUFFIXES
+
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return _prepared_image(path, shape, preprocesses, views, scales), [str(path)]
+    array = _read_npy(path, IMAGE_SUFFIXES)
+    if array.dtype.kind not in "fiu":
+        raise NetError(
+            f"{path} holds {array.dtype} values, not numbers",
+            where=str(path),
+            hint="save the image's pixels as numbers: numpy.save(path, pixels.astype(numpy.float32))",
+        )
+    one = tuple(array.shape) == shape
+    if one:
+        array = array[None]
+    if tuple(array.shape[1:]) != shape:
+        want = " x ".join(map(str, shape))
+        raise NetError(
+            f"{path} {'has shape ' + ' x '.join(map(str, array.shape)) if array.ndim else 'holds a single number'}"
+            f", but the net takes {want} images",
+            where=str(path),
+            hint=f"one image of {want}, or a batch N x {want}",
+        )
+    named = [str(path)] if one else [f"{path}[{row}]" for row in range(len(array))]
+    return [array.astype(np.float32)] * len(preprocesses), named
+
+
+def _whole(passes) -> list[np.ndarray]:
+    """The passes of `input_passes` joined: each preprocessing's batch of all the inputs."""
+    passes = list(passes)
+    if not passes:
+        raise NetError("the inputs hold no images", where="--input", hint="give images, or arrays of N >= 1 images")
+    return [np.concatenate(each) for each in zip(*passes, strict=True)]
 
 
 def require_images(paths: list[Path] | None, flag: str) -> None:
@@ -255,15 +282,18 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
         report(outputs, labels, args, [str(file) for file in args.input], heading)
         return 0
     views = args.views * len(args.scales or (None,))  # the rows each image gives: its views at each scale
-    if args.input or args.views > 1 or args.scales:  # each model's inputs, as it prepares images
-        xs, names = read_inputs(args.input or [], shape, saved, args.views, args.scales)
+    if args.input or args.views > 1 or args.scales:  # each model's inputs, as it prepares images, a pass at a time
+        names = []
+        passes = input_passes(args.input or [], shape, saved, args.views, args.scales, args.batch, names)
     else:
-        xs = [random_inputs(args.random or args.batch or 1, shape, args.seed, "--random" if args.random else "--batch")]
-        xs, names = xs * len(models), None
-    x = xs[0]
-    net = step_times = None
+        flag = "--random" if args.random else "--batch"
+        drawn = random_inputs(args.random or args.batch or 1, shape, args.seed, flag)
+        step = args.batch or len(drawn)
+        passes, names = ([drawn[start : start + step]] * len(models) for start in range(0, len(drawn), step)), None
+    net = step_times = x = None
     start = time.perf_counter()
     if args.distributed:
+        x = _whole(passes)[0]
         if args.cuda_graph:
             raise NetError(
                 "CUDA-graph capture runs in one process", where="--cuda-graph", hint="leave out --distributed"
@@ -286,10 +316,11 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
             return 0  # the rank that owns the output prints it
     else:
         try:
-            if len(models) == 1:
-                net, y, step_times, start = _run_local(path, x, dtype, args, args.weights)
+            if args.time:  # every pass, after a warm-up of them all: the inputs read first
+                x = _whole(passes)[0]
+                net, y, step_times, start = _timed_run(path, x, dtype, args)
             else:
-                y = _ensemble_probabilities(path, xs, dtype, args, models)
+                y = _run_passes(path, passes, dtype, args, models)
         except NetError as error:  # Net's errors name its keyword arguments; here they are flags
             error.where = _FLAGS.get(error.where, error.where)
             raise
@@ -330,15 +361,28 @@ def report(
         save_outputs(args.save, outputs)
 
 
-def _ensemble_probabilities(path: Path, xs: list, dtype: str, args: argparse.Namespace, models) -> torch.Tensor:
-    """The net run with each weights file of `models` in turn, on its own inputs (`xs`, the images as each
-    prepares them): the softmax of its class scores averaged over them, as the paper averaged the predictions of
-    several nets (rows as the inputs': views are averaged after)."""
+def _run_passes(path: Path, passes, dtype: str, args: argparse.Namespace, models: list):
+    """The inputs of `passes` (`input_passes`) through the net with each weights file of `models`, a pass at a
+    time: one model's outputs; an ensemble's, the softmax of each model's class scores averaged over them, as
+    the paper averaged the predictions of several nets (rows as the inputs': views are averaged after)."""
+    import torch
+
     from netdsl.train.evaluate import probabilities
 
+    nets = [_local_net(path, dtype, args, model) for model in models]
+    outputs = [[] for _ in nets]
+    for xs in passes:
+        for net, x, into in zip(nets, xs, outputs, strict=True):
+            into.append(net(torch.from_numpy(x).to(torch_dtype(dtype))))
+    if not outputs[0]:
+        raise NetError("the inputs hold no images", where="--input", hint="give images, or arrays of N >= 1 images")
+    if any(out.is_cuda for each in outputs for out in each if isinstance(out, torch.Tensor)):
+        torch.cuda.synchronize()
+    ys = [_join(each) for each in outputs]
+    if len(ys) == 1:
+        return ys[0]
     softmax, total = _ends_in_softmax(path), 0
-    for model, x in zip(models, xs, strict=True):
-        _, y, _, _ = _run_local(path, x, dtype, args, model)
+    for y in ys:
         if isinstance(y, dict) or not is_scores(y):
             raise NetError(
                 "an ensemble averages class scores, and the net's output is not one (N x K)",
@@ -346,7 +390,7 @@ def _ensemble_probabilities(path: Path, xs: list, dtype: str, args: argparse.Nam
                 hint="give one weights file to see a net's maps",
             )
         total = total + probabilities(y.float().cpu(), softmax)
-    return total / len(models)
+    return total / len(ys)
 
 
 def _refuse_in_ensemble(args: argparse.Namespace, count: int) -> None:
@@ -497,11 +541,9 @@ _FLAGS = {"devices": "--devices", "backend": "--backend", "cuda_graph": "--cuda-
           "merge_towers": "--merge-towers", "space_to_depth": "--space-to-depth", "tuning": "--tuning"}  # fmt: skip
 
 
-def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace, weights: Path | None):
-    """Runs the inputs through a Net in this process, with `weights` (None: the default ones): (net, outputs,
-    step times, start time)."""
-    import torch
-
+def _local_net(path: Path, dtype: str, args: argparse.Namespace, weights: Path | None):
+    """The net built in this process as the flags say, with `weights` (None: the default ones); a tuning file
+    from another device a note, and a build folder's kernels edited since it was compiled a warning."""
     from netdsl.runtime.devices import parse_devices
     from netdsl.runtime.net import Net, TuningWarning
 
@@ -528,24 +570,29 @@ def _run_local(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace, 
     if given is not None and Path(given).is_dir():
         for line in stale_kernels(Path(given), net.compiled.kernels, path, dtype):
             print(line, file=sys.stderr)
+    return net
+
+
+def _timed_run(path: Path, x: np.ndarray, dtype: str, args: argparse.Namespace):
+    """--time: the inputs through the net in passes of --batch, on a GPU after a warm-up run of them all (Triton
+    compiles each kernel on its first launch), each step timed: (net, outputs, step times, start time)."""
+    import torch
+
+    net = _local_net(path, dtype, args, args.weights)
     chunks = torch.from_numpy(x).to(torch_dtype(dtype)).split(args.batch or len(x))
-    if args.time and any(device.type == "cuda" for device in net.devices.values()):
+    if any(device.type == "cuda" for device in net.devices.values()):
         for chunk in chunks:
-            net(chunk)  # warm-up: Triton compiles each kernel on its first launch
+            net(chunk)
         torch.cuda.synchronize()
     start = time.perf_counter()
     outputs, step_times = [], {}
     for chunk in chunks:
-        if args.time:
-            out, times = net.profile(chunk)
-            step_times = {name: step_times.get(name, 0.0) + ms for name, ms in times.items()}
-        else:
-            out = net(chunk)
+        out, times = net.profile(chunk)
+        step_times = {name: step_times.get(name, 0.0) + ms for name, ms in times.items()}
         outputs.append(out)
     if any(out.is_cuda for out in outputs if isinstance(out, torch.Tensor)):
         torch.cuda.synchronize()
-    y = _join(outputs)
-    return net, y, step_times, start
+    return net, _join(outputs), step_times, start
 
 
 def resolve_build_dir(path: Path, args: argparse.Namespace) -> tuple[Path, str]:
