@@ -63,11 +63,11 @@ def neighbours_command(path: Path, args: argparse.Namespace) -> int:
     import torch
 
     from netdsl.cli.filters import write_png
-    from netdsl.cli.run import input_files, read_image, require_images
+    from netdsl.cli.run import input_files, require_images
     from netdsl.cli.train import Member, run_folder, split_settings
     from netdsl.lang.frontend import load_graph
     from netdsl.runtime.devices import parse_devices
-    from netdsl.train.data import check_workers, open_data
+    from netdsl.train.data import ImageFiles, check_workers, open_data
     from netdsl.train.evaluate import class_name, probabilities, scaled_images
     from netdsl.train.features import Features, Nearest, feature_layers
     from netdsl.train.progress import Meter
@@ -109,25 +109,20 @@ def neighbours_command(path: Path, args: argparse.Namespace) -> int:
     if searched is None or not len(searched):
         raise NetError("the data has no training images to search", where="--data", hint="lower --val-fraction")
     searched.preprocess = preprocess
-    if args.input:  # files named on the command line: each read once, and kept for the picture
-        files = [read_image(file, model.shape, preprocess)[0] for file in args.input]
-        batches = [torch.from_numpy(np.stack(files[start : start + args.batch]))
-                   for start in range(0, len(files), args.batch)]  # fmt: skip
-        sources, classes = [str(file) for file in args.input], [None] * len(args.input)
-        query_image = files.__getitem__
-    else:  # validation images: read a batch at a time, and again for the picture
+    if args.input:  # files named on the command line
+        part = ImageFiles(args.input, np.zeros(len(args.input), dtype=np.int64), preprocess)
+        part.unreadable_hint = None  # the decoder's own: there is no --skip-corrupt for them
+        classes = [None] * len(part)
+    else:  # validation images
         if split.val is None or not len(split.val):
             raise NetError("the data has no validation images to ask about", where="--data",
                            hint="name the query images with --input")  # fmt: skip
         part = split.val.subset(np.arange(min(args.queries or QUERIES, len(split.val))))
         part.preprocess = preprocess
-        batches = (x.flatten(0, 2) for x in scaled_images(part, (preprocess.size,), 1, args.batch, args.workers))
-        sources = [part.source(index) for index in range(len(part))]
         classes = [split.classes[label] for label in part.labels]
-
-        def query_image(number: int) -> np.ndarray:
-            return part[number][0]
-
+    # the queries are read a batch at a time, and again for the picture
+    batches = (x.flatten(0, 2) for x in scaled_images(part, (preprocess.size,), 1, args.batch, args.workers))
+    sources = [part.source(index) for index in range(len(part))]
     if args.output is not None:  # before the search: a picture that cannot be drawn
         picture_size(len(sources), 1 + min(args.count, len(searched)), model.shape)
     features = Features(graph, model.weights, names, parse_devices(args.devices), args.backend)
@@ -168,7 +163,7 @@ def neighbours_command(path: Path, args: argparse.Namespace) -> int:
         found = nearest.indices.numel()
         print(f"\nneighbours of the query's class: {same:,} of {found:,} ({100 * same / found:.1f}%)")
     if args.output is not None:
-        rows = [[query_image(number)] + [searched[int(index)][0] for index in nearest.indices[number]]
+        rows = [[part[number][0]] + [searched[int(index)][0] for index in nearest.indices[number]]
                 for number in range(len(sources))]  # fmt: skip
         write_png(args.output, neighbour_picture(rows))
         print(f"wrote {args.output}: each query, then its neighbours nearest first")
