@@ -562,8 +562,8 @@ def test_several_weights_average_the_softmax_of_each_net(tmp_path, capsys):
 
 def test_a_folder_of_inputs_is_its_images_in_order(tmp_path, capsys):
     """--input FOLDER: the images in it and its subfolders, sorted by path, hidden ones (a dot) and other files
-    left out: the same outputs, row by row, as the files named one by one (with --dense too); a folder
-    without images is an error naming it."""
+    left out: the same outputs, row by row, as the files named one by one (with --dense too), and `--save
+    out.npz` names each row's file; a folder without images is an error naming it."""
     folder = tmp_path / "photos"
     (folder / "b" / ".cache").mkdir(parents=True)
     (folder / ".git").mkdir()
@@ -578,8 +578,13 @@ def test_a_folder_of_inputs_is_its_images_in_order(tmp_path, capsys):
     for flags in ([], ["--dense"]):
         np.testing.assert_array_equal(run("--input", str(folder), *flags), run("--input", *named, *flags))
     capsys.readouterr()
-    assert main(["run", LENET, "--input", str(folder), "--weights", str(file)]) == 0
+    saved = tmp_path / "saved.npz"  # .npz: each row's file beside the scores
+    flags = ["--input", str(folder), "--weights", str(file), "--backend", "torch", "--save", str(saved)]
+    assert main(["run", LENET, *flags]) == 0
     out = capsys.readouterr().out
+    with np.load(saved) as arrays:
+        assert sorted(arrays) == ["files", "output"] and list(arrays["files"]) == named
+        np.testing.assert_array_equal(arrays["output"], run("--input", *named))
     assert [line.split(" ")[2] for line in out.splitlines() if line.startswith("input ")] == [f"({n}):" for n in named]
     empty = tmp_path / "empty"
     (empty / ".hidden").mkdir(parents=True)

@@ -358,7 +358,7 @@ def report(
     for name, value in outputs.items():
         print("\n".join(describe_output(name, value, labels, args.top, inputs)))
     if args.save:
-        save_outputs(args.save, outputs)
+        save_outputs(args.save, outputs, inputs)
 
 
 def _run_passes(path: Path, passes, dtype: str, args: argparse.Namespace, models: list):
@@ -519,12 +519,16 @@ def describe_output(
     return lines
 
 
-def save_outputs(path: Path, outputs: dict) -> None:
+def save_outputs(path: Path, outputs: dict, inputs: list[str] | None = None) -> None:
     """Each output with its full shape (class scores as N x K): one output as .npy, or every output by name
-    in an .npz (the only way for several)."""
+    in an .npz (the only way for several), with `inputs`, the inputs' names (each row's file), as `files`
+    where no output takes that name."""
     arrays = {name: (value.flatten(1) if is_scores(value) else value).numpy() for name, value in outputs.items()}
     if path.suffix.lower() == ".npz":
-        write_arrays(path, {name or "output": value for name, value in arrays.items()})
+        named = {name or "output": value for name, value in arrays.items()}
+        if inputs is not None and "files" not in named:
+            named["files"] = np.array(inputs)
+        write_arrays(path, named)
         return
     if len(arrays) > 1:
         raise NetError(
