@@ -153,24 +153,16 @@ def input_files(paths: list[Path] | None) -> list[Path] | None:
     return files
 
 
-def read_inputs(
-    paths: list[Path], shape: tuple[int, ...], preprocesses: list, views: int = 1, scales=None
-) -> tuple[list[np.ndarray], list[str]]:
-    """Stacks images and .npy arrays (one image or a batch each) into one float32 batch of `shape` images for
-    each of `preprocesses` (how each model of an ensemble prepares images; None: the paper's), each image
-    decoded once for all; with `views` > 1 each image gives that many (the paper's ten views), and with
-    `scales` that many at each size (`read_image`): then only images are taken (`require_images`). An array
-    is taken as it is by every model. Also returns each image's name for the output: its file, or for a batch
-    in an array, the file and the row (`x.npy[3]`)."""
-    names: list[str] = []
-    return _whole(input_passes(paths, shape, preprocesses, views, scales, None, names)), names
-
-
 def input_passes(paths: list[Path], shape: tuple[int, ...], preprocesses: list, views: int = 1, scales=None,
                  rows: int | None = None, names: list | None = None):  # fmt: skip
-    """`read_inputs` a pass at a time: for each pass of `rows` rows (None: all in one; the last pass may hold
-    fewer), a list of its batch as each of `preprocesses` prepares it. Each file is read when its rows are
-    next, and its inputs' names are added to `names`: so the memory held is a pass's and one file's."""
+    """The inputs of `paths`, images and .npy arrays (one image or a batch each), as float32 batches of `shape`
+    images a pass of `rows` rows at a time (None: all in one; the last pass may hold fewer): for each pass, a
+    list of its batch as each of `preprocesses` prepares it (how each model of an ensemble prepares images;
+    None: the paper's), each image decoded once for all, an array taken as it is by every model. With `views`
+    > 1 each image gives that many rows (the paper's ten views), and with `scales` that many at each size
+    (`read_image`): then only images are taken (`require_images`). Each file is read when its rows are next
+    (the memory held: a pass's and one file's), and the names of its inputs are added to `names`: its path, or
+    for a batch in an array, the path and the row (`x.npy[3]`)."""
     if views > 1 or scales is not None:
         require_images(paths, "--views" if views > 1 else "--scales")
     pending, count = [], 0  # pending: the rows read and not yet passed on, a list per file
@@ -222,8 +214,12 @@ def _whole(passes) -> list[np.ndarray]:
     """The passes of `input_passes` joined: each preprocessing's batch of all the inputs."""
     passes = list(passes)
     if not passes:
-        raise NetError("the inputs hold no images", where="--input", hint="give images, or arrays of N >= 1 images")
+        raise _no_inputs()
     return [np.concatenate(each) for each in zip(*passes, strict=True)]
+
+
+def _no_inputs() -> NetError:
+    return NetError("the inputs hold no images", where="--input", hint="give images, or arrays of N >= 1 images")
 
 
 def require_images(paths: list[Path] | None, flag: str) -> None:
@@ -375,7 +371,7 @@ def _run_passes(path: Path, passes, dtype: str, args: argparse.Namespace, models
         for net, x, into in zip(nets, xs, outputs, strict=True):
             into.append(net(torch.from_numpy(x).to(torch_dtype(dtype))))
     if not outputs[0]:
-        raise NetError("the inputs hold no images", where="--input", hint="give images, or arrays of N >= 1 images")
+        raise _no_inputs()
     if any(out.is_cuda for each in outputs for out in each if isinstance(out, torch.Tensor)):
         torch.cuda.synchronize()
     ys = [_join(each) for each in outputs]
