@@ -152,21 +152,14 @@ def dense_probabilities(
     views waiting for company are held to PENDING_BATCHES passes' pixels, the group with the most going first
     past that. `workers` processes decode and scale the images (batch / scales at a time, as the views do);
     `advance(n)` is told of each n views scored."""
-    return dense_probabilities_of(samples, scales, [scorer], batch, workers, advance)[0]
-
-
-def dense_probabilities_of(
-    samples: Samples, scales, scorers: list[DenseScores], batch: int, workers: int = 0, advance=None
-) -> list[torch.Tensor]:
-    """`dense_probabilities` for each of `scorers` (the nets of an ensemble that prepare images alike), each
-    image decoded and scaled once for all of them."""
-    return dense_probabilities_by(samples, [(samples.preprocess, scales, scorers)], batch, workers, advance)[0]
+    return dense_probabilities_by(samples, [(samples.preprocess, scales, [scorer])], batch, workers, advance)[0][0]
 
 
 def dense_probabilities_by(samples: Samples, ways, batch: int, workers: int = 0, advance=None) -> list[list]:
-    """`dense_probabilities` for several ways of preparing the images, each a Preprocess, its scales and the
-    scorers of the models that prepare images so: each scorer's N x K probabilities, a list for each way. Each
-    image is decoded once for all the ways (`prepared_images`)."""
+    """`dense_probabilities` for the models of an ensemble, in ways of preparing the images, each a Preprocess,
+    its scales and the scorers of the models that prepare images so: each scorer's N x K probabilities, a list
+    for each way. Each image is decoded once for all the ways (`prepared_images`), and scaled once for all the
+    scorers of a way."""
     dense = [DenseGroup(len(samples), scales, scorers, preprocess.crop, batch, advance)
              for preprocess, scales, scorers in ways]  # fmt: skip
     chunk = max(1, batch // max(len(scales) for _, scales, _ in ways))
