@@ -139,6 +139,8 @@ def world(tmp_path_factory, no_pictures) -> Path:
     np.save(root / "one.npy", rng.standard_normal((3, 8, 8)).astype(np.float32))
     np.save(root / "batch.npy", rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
     (root / "labels.txt").write_text("\n".join(CLASSES) + "\n", encoding="utf-8")
+    listed = [f"images/{name}/{i}.png {label}" for label, name in enumerate(CLASSES) for i in range(3)]
+    (root / "list.txt").write_text("\n".join(listed) + "\n", encoding="utf-8")  # an image list, as Caffe's
     with contextlib.chdir(root):
         made = [
             ["train", "tiny.net", "--data", "data.npz", "--out", "run"],
@@ -285,7 +287,8 @@ NETS += ["weights.safetensors", "\udcff.net", "\u00e9t\u00e9.net", "tiny.net/x",
 ONNX = ["model.onnx"] if _has_onnx() else []
 WEIGHTS = ["run"] * 3 + ["weights.safetensors", "run/checkpoints/last.ckpt", "missing.safetensors", "", "."]
 WEIGHTS += ["images", "data.npz", "tiny.net", "build", "run/checkpoints", "\udcff"]
-DATA = ["data.npz"] * 4 + ["images"] * 3 + ["missing", "", "photo.png", "tiny.net", ".", "run", "images/cat"]
+DATA = ["data.npz"] * 4 + ["images"] * 3 + ["list.txt"] * 2 + ["missing", "", "photo.png", "tiny.net", ".", "run"]
+DATA += ["images/cat", "labels.txt"]
 DATA += ["one.npy", "\udcff", "DIGITS"]
 INPUTS = ["one.npy", "batch.npy", "photo.png", "missing.npy", "tiny.net", "images", "", "labels.txt", "data.npz"]
 DTYPES = ["fp32", "tf32", "fp16", "bf16", "fp8", "float32", ""]
@@ -1051,6 +1054,10 @@ READERS = {
     "images": ("images", [
         ["train", "tiny.net", "--data", "{}", "--out", "new"],
         ["train", "tiny.net", "--data", "{}", "--out", "new", "--skip-corrupt"],
+        ["eval", "tiny.net", "--weights", "run", "--data", "{}", "--split", "all"],
+    ]),
+    "list": ("list.txt", [
+        ["train", "tiny.net", "--data", "{}", "--out", "new"],
         ["eval", "tiny.net", "--weights", "run", "--data", "{}", "--split", "all"],
     ]),
     "image": ("photo.png", [

@@ -647,8 +647,10 @@ def test_folder_errors(tmp_path):
     make_folder(tmp_path / "differ/train", {"a": 1, "b": 1})
     make_folder(tmp_path / "differ/val", {"a": 1, "c": 1})
     expect_error(r"only in train: b; only in val: c", tmp_path / "differ", (3, 8, 8))
-    (tmp_path / "notes.txt").write_text("hello")
-    expect_error("neither a data folder nor an .npz", tmp_path / "notes.txt", (3, 8, 8))
+    (tmp_path / "notes.md").write_text("hello")
+    expect_error("neither a data folder, an image list nor an .npz", tmp_path / "notes.md", (3, 8, 8))
+    (tmp_path / "notes.txt").write_text("hello")  # .txt: read as an image list
+    expect_error("`hello` names no class", tmp_path / "notes.txt", (3, 8, 8))
     expect_error(r"validation fraction", tmp_path / "differ", (3, 8, 8), val_fraction=1.0)
     make_folder(tmp_path / "three", {"a": 1, "b": 1, "c": 1})
     error = expect_error("has 3 classes, but the net scores 2", tmp_path / "three", (3, 8, 8), num_outputs=2)

@@ -26,7 +26,8 @@ def add_command(commands, positive) -> None:
     sub.add_argument("net", nargs="?", type=Path, help="a .net file or an .onnx model (default: the bundled net)")
     sub.add_argument("--weights", type=Path, metavar="W", help="trained weights or a run folder (ONNX: the model's)")
     sub.add_argument(
-        "--data", required=True, metavar="DIR|FILE.npz|digits", help="the images, whose training ones are searched"
+        "--data", required=True, metavar="DIR|LIST.txt|FILE.npz|digits",
+        help="the images, whose training ones are searched",
     )
     sub.add_argument(
         "--input", type=Path, nargs="+", metavar="IMAGE",

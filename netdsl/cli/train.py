@@ -69,7 +69,9 @@ def add_commands(commands, positive) -> None:
         help="trained weights (or a run folder); several: an ensemble, the softmax averaged over the models (as "
         "the paper averaged five nets); for an .onnx model, default: its own",
     )  # fmt: skip
-    evaluate.add_argument("--data", required=True, metavar="DIR|FILE.npz|digits", help="the images to measure on")
+    evaluate.add_argument(
+        "--data", required=True, metavar="DIR|LIST.txt|FILE.npz|digits", help="the images to measure on"
+    )
     evaluate.add_argument(
         "--split",
         choices=("val", "train", "all"),

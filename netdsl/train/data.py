@@ -24,20 +24,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from netdsl.errors import NetError, did_you_mean, os_hint
+from netdsl.errors import NetError, did_you_mean
 from netdsl.train import scan
 from netdsl.train.augment import (
-    IMAGE_SUFFIXES,
     PIXEL_RANGE,
     VIEW_COUNTS,
     Augment,
     Preprocess,
     image_mode,
-    images_in,
     open_image,
     principal_components,
     sample_rng,
 )
+from netdsl.train.listing import DATA_HINT, LIST_SUFFIX, class_folders, read_list
 from netdsl.train.world import World
 
 __all__ = [
@@ -57,10 +56,6 @@ __all__ = [
 
 DIGITS = "digits"
 DIGITS_MAX = 16.0  # load_digits' pixels count 0..16 ink; scaled to 0..255
-DATA_HINT = (
-    "give an image folder (DIR/train/<class>/*.jpg with DIR/val/<class>/..., or DIR/<class>/*.jpg), "
-    "an .npz file with arrays x and y, or `digits`"
-)
 SKIP_HINT = "replace or delete the file, or skip unreadable images with --skip-corrupt"
 # What np.load raises for a file that is no readable .npz: beyond a damaged archive or array, zipfile's refusals
 # of a newer zip version or compression method (NotImplementedError) and of an encrypted member (RuntimeError)
@@ -254,12 +249,16 @@ def open_data(
             train, val, classes = _open_folder(path, base, val_fraction, seed)
         elif path.is_file() and path.suffix.lower() == ".npz":
             train, val, classes = _open_npz(path, base, val_fraction, seed, num_outputs)
+        elif path.is_file() and path.suffix.lower() == LIST_SUFFIX:  # an image list, as Caffe's
+            image_mode(base.channels, where)
+            train, val, classes = _split_files(*read_list(path, num_outputs), base, val_fraction, seed)
         elif not path.exists():
             raise NetError(
                 f"no such data folder or file: {spec}", where=where, hint=did_you_mean(where, [DIGITS]) or DATA_HINT
             )
         else:
-            raise NetError(f"{spec} is neither a data folder nor an .npz file", where=where, hint=DATA_HINT)
+            raise NetError(f"{spec} is neither a data folder, an image list nor an .npz file", where=where,
+                           hint=DATA_HINT)  # fmt: skip
     _check_classes(classes, [train, val], num_outputs, where)
     key = saved = None
     parts = (statistics or "train" in check, "val" in check)
@@ -291,9 +290,9 @@ def _open_folder(root: Path, base: Preprocess, val_fraction: float, seed: int):
     image_mode(base.channels, str(root))  # a net whose inputs images cannot fill: said once, not per file
     train_dir, val_dir = root / "train", root / "val"
     if train_dir.is_dir():
-        classes, paths, labels = _class_folders(train_dir)
+        classes, paths, labels = class_folders(train_dir)
         if val_dir.is_dir():
-            val_classes, val_paths, val_labels = _class_folders(val_dir)
+            val_classes, val_paths, val_labels = class_folders(val_dir)
             if val_classes != classes:
                 only_train = sorted(set(classes) - set(val_classes))
                 only_val = sorted(set(val_classes) - set(classes))
@@ -305,41 +304,15 @@ def _open_folder(root: Path, base: Preprocess, val_fraction: float, seed: int):
                 )
             return ImageFiles(paths, labels, base), ImageFiles(val_paths, val_labels, base), classes
     else:
-        classes, paths, labels = _class_folders(root)
+        classes, paths, labels = class_folders(root)
+    return _split_files(classes, paths, labels, base, val_fraction, seed)
+
+
+def _split_files(classes: list[str], paths, labels: np.ndarray, base: Preprocess, val_fraction: float, seed: int):
+    """Image files of `classes` split for training and validation (per class, seeded): (train, val, classes)."""
     train_rows, val_rows = split_rows(labels, val_fraction, seed)
     files = ImageFiles(paths, labels, base)
     return files.subset(train_rows), files.subset(val_rows) if len(val_rows) else None, classes
-
-
-def _class_folders(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
-    """The class names (sorted folder names), and every image file below them with its class index."""
-    try:
-        entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
-    except OSError as error:
-        raise NetError(
-            f"cannot read the data folder {folder}: {error.strerror or error}", where=str(folder), hint=os_hint(error)
-        ) from None
-    if not entries:
-        raise NetError(f"the data folder {folder} is empty", where=str(folder), hint=DATA_HINT)
-    classes = sorted(entry.name for entry in entries if entry.is_dir())
-    if not classes:
-        raise NetError(
-            f"the data folder {folder} has no class folders, only files",
-            where=str(folder),
-            hint=f"put each class's images in a folder of its own: {folder}/<class>/*.jpg",
-        )
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        found = images_in(folder / name, folder)
-        if not found:
-            raise NetError(
-                f"the class folder {folder / name} holds no images",
-                where=str(folder / name),
-                hint=f"image files end in {', '.join(sorted(IMAGE_SUFFIXES))}",
-            )
-        paths += found
-        labels += [label] * len(found)
-    return classes, paths, np.asarray(labels, dtype=np.int64)
 
 
 def split_rows(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

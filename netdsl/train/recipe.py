@@ -138,17 +138,18 @@ class Recipe:
                                      "spread evenly, to all classes", low=0, high=1, below=True)
     # --- the data --------------------------------------------------------------------------------------
     data: str | None = setting("string", None, "", "the images: a folder (DIR/train/<class>/..., "
-                               "DIR/val/<class>/..., or DIR/<class>/...), an .npz file (x, y, optionally x_val, "
-                               'y_val) or `"digits"` (scikit-learn\'s); no default', metavar="DIR|FILE.npz|digits",
-                               example="digits")
+                               "DIR/val/<class>/..., or DIR/<class>/...), an image list (LIST.txt: a line "
+                               "`images/cat1.jpg CLASS` per image, as Caffe's), an .npz file (x, y, optionally "
+                               'x_val, y_val) or `"digits"` (scikit-learn\'s); no default',
+                               metavar="DIR|LIST.txt|FILE.npz|digits", example="digits")
     val_fraction: float = setting("number", 0.1, "fraction", "held out for validation (per class, seeded) from "
                                   "data without validation images of its own", low=0, high=1, below=True)
     resize: int | tuple[int, int] | str = setting("span", "auto", "pixels", "the shorter side is scaled to this "
                                                   "before cropping; (low, high): to a size drawn from low to high "
                                                   "for each training image, each time (VGG's scale jittering), "
                                                   "and to their middle for validation; `auto`: round(crop * 256 "
-                                                  "/ 224) for image folders (the paper: 256 for 224), the crop "
-                                                  "itself for arrays and digits", low=1, words=_AUTO)
+                                                  "/ 224) for image folders and lists (the paper: 256 for 224), "
+                                                  "the crop itself for arrays and digits", low=1, words=_AUTO)
     crop: tuple[int, int] | str = setting("size", "auto", "pixels", "the random training crop and the centre "
                                           "view, n or (h, w); `auto`: the net's input", low=1, words=_AUTO)
     crop_area: tuple[float, float] | None = setting("numbers", None, "fraction", "Inception's random-resized "

@@ -27,6 +27,7 @@ from netdsl.errors import NetError
 from netdsl.runtime.weights import checked_weights, load_matching_weights, weight_specs, weights_metadata
 from netdsl.train.augment import Preprocess
 from netdsl.train.checkpoint import PREPROCESS_KEY
+from netdsl.train.listing import names_image_files
 from netdsl.train.recipe import Recipe
 from netdsl.train.runs import weights_file
 
@@ -80,8 +81,8 @@ def scaling(recipe: Recipe, height: int, width: int) -> tuple[int | None, tuple[
     scale jittering) the range training draws from, whose middle validation takes (VGG's Q)."""
     size = recipe.resize
     if size == "auto":
-        folder = recipe.data != "digits" and Path(recipe.data).is_dir()
-        return (round(min(height, width) * 256 / 224) if folder else None), None
+        files = names_image_files(recipe.data)
+        return (round(min(height, width) * 256 / 224) if files else None), None
     if not isinstance(size, tuple):
         return size, None
     if recipe.crop_area is not None:

@@ -1,0 +1,116 @@
+"""Where a data set's image files and their classes are listed: a folder of class folders (`class_folders`),
+or an image list (`read_list`), a text file that names an image and its class on each line, as Caffe's
+ImageData layer and its `convert_imageset` tool read them:
+
+    images/n01440764_10026.JPEG 0
+    images/n01443537_1000.JPEG 1
+
+The image's path is relative to the list's folder (or absolute) and may hold spaces: the class is the line's
+last word. Classes are whole numbers (0, 1, ...: the net's outputs, as Caffe numbers them) or, where any is
+not, names (sorted, as a data folder's class folders are). Blank lines and lines starting with `#` are passed
+over. ImageNet's validation set (one flat folder of JPEGs, their classes given apart) is read through such a
+list.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from netdsl.errors import NetError, Sources, Span, os_hint
+from netdsl.train.augment import IMAGE_SUFFIXES, images_in
+
+DATA_HINT = (
+    "give an image folder (DIR/train/<class>/*.jpg with DIR/val/<class>/..., or DIR/<class>/*.jpg), "
+    "an image list (LIST.txt: a line `images/cat1.jpg 3` per image), an .npz file with arrays x and y, or `digits`"
+)
+LIST_SUFFIX = ".txt"
+LINE_HINT = 'write each line as an image and its class: "images/cat1.jpg 3" (or "images/cat1.jpg cat")'
+
+
+def names_image_files(spec: str) -> bool:
+    """Whether the data `spec` names are image files of any size (a folder, or an image list), which a run
+    scales as the paper did (256 for 224 crops), rather than arrays of the net's input size."""
+    path = Path(spec)
+    return spec != "digits" and (path.is_dir() or (path.is_file() and path.suffix.lower() == LIST_SUFFIX))
+
+
+def read_list(path: Path, num_outputs: int | None = None) -> tuple[list[str], list[Path], np.ndarray]:
+    """The class names, the images and their class indices that the list at `path` names, in its order. Every
+    mistake (a line without a class, an image that is not there or not an image, a class number past the net's
+    `num_outputs`) is a NetError at its line and column."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark, as some editors write, is not a name
+    except OSError as error:
+        raise NetError(f"cannot read {path}: {error.strerror or error}", where=str(path), hint=os_hint(error)) from None
+    except UnicodeDecodeError as error:
+        raise NetError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})", where=str(path),
+                       hint="save the list as UTF-8 text") from None  # fmt: skip
+    file = str(path)
+    Sources.remember(file, text)  # so that an error can quote its line
+    entries = []  # (image, class as written, its span)
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        start = len(line) - len(line.lstrip())
+        parts = stripped.rsplit(None, 1)
+        if len(parts) < 2 or Path(parts[1]).suffix.lower() in IMAGE_SUFFIXES:  # ("my cat.jpg": no class either)
+            raise NetError(f"`{stripped}` names no class", span=Span(file, number, start + 1), hint=LINE_HINT)
+        name, label = parts
+        image = path.parent / name
+        span = Span(file, number, start + 1, number, start + len(name) + 1)
+        if image.suffix.lower() not in IMAGE_SUFFIXES:
+            raise NetError(f"{name} is not an image file", span=span,
+                           hint=f"image files end in {', '.join(sorted(IMAGE_SUFFIXES))}")  # fmt: skip
+        if not image.is_file():
+            raise NetError(f"no such image: {image}", span=span, hint="the path is relative to the list's folder")
+        entries.append((image, label, Span(file, number, start + len(stripped) - len(label) + 1)))
+    if not entries:
+        raise NetError(f"the list {path} names no images", where=file, hint=LINE_HINT)
+    if all(label.isascii() and label.isdigit() for _, label, _ in entries):  # class numbers, as Caffe's lists
+        labels = [int(label) for _, label, _ in entries]
+        for (_, label, span), value in zip(entries, labels, strict=True):
+            if num_outputs is not None and value >= num_outputs:
+                hint = f"give the net's last layer at least {max(labels) + 1} outputs"
+                raise NetError(f"class {label} is beyond the net's {num_outputs} outputs (0..{num_outputs - 1})",
+                               span=span, hint=hint)  # fmt: skip
+        classes = [str(index) for index in range(max(max(labels) + 1, num_outputs or 0))]
+    else:
+        classes = sorted({label for _, label, _ in entries})
+        index = {name: number for number, name in enumerate(classes)}
+        labels = [index[label] for _, label, _ in entries]
+    return classes, [image for image, _, _ in entries], np.asarray(labels, dtype=np.int64)
+
+
+def class_folders(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
+    """The class names (sorted folder names), and every image file below them with its class index."""
+    try:
+        entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
+    except OSError as error:
+        raise NetError(
+            f"cannot read the data folder {folder}: {error.strerror or error}", where=str(folder), hint=os_hint(error)
+        ) from None
+    if not entries:
+        raise NetError(f"the data folder {folder} is empty", where=str(folder), hint=DATA_HINT)
+    classes = sorted(entry.name for entry in entries if entry.is_dir())
+    if not classes:
+        raise NetError(
+            f"the data folder {folder} has no class folders, only files",
+            where=str(folder),
+            hint=f"put each class's images in a folder of its own: {folder}/<class>/*.jpg",
+        )
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        found = images_in(folder / name, folder)
+        if not found:
+            raise NetError(
+                f"the class folder {folder / name} holds no images",
+                where=str(folder / name),
+                hint=f"image files end in {', '.join(sorted(IMAGE_SUFFIXES))}",
+            )
+        paths += found
+        labels += [label] * len(found)
+    return classes, paths, np.asarray(labels, dtype=np.int64)
