@@ -108,27 +108,30 @@ def test_mistakes_in_a_list_are_errors_at_their_line(folder, tmp_path, capsys, t
 
 
 def test_a_list_is_measured_by_eval_and_matched_to_the_weights_classes_by_name(folder, tmp_path, capsys):
-    """A run trained on the folder, measured on a list of some of its images by class name in another order:
+    """A run trained on the folder, measured on a list of some of its images by class name in another order, and
+    by class number (the weights' classes in their order, as Caffe's ImageNet lists number the sorted synsets):
     each image scored against the class it was trained as, as the folder's own figures for those images."""
     net = tmp_path / "tiny.net"
     net.write_text(TINY)
     assert main(["train", str(net), "--data", str(folder), "--batch", "4", "--steps", "2", *PLAIN,
                  "--out", str(tmp_path / "run")]) == 0  # fmt: skip
-    listed = tmp_path / "owls and cats.txt"
-    lines = [f"{image} owl" for image in sorted((folder / "owl").rglob("*.png"))]
-    listed.write_text("\n".join(lines + [f"{image} cat" for image in sorted((folder / "cat").rglob("*.png"))]))
-    capsys.readouterr()
     flags = ["--weights", str(tmp_path / "run"), "--split", "all", "--save"]
-    assert main(["eval", str(net), *flags, str(tmp_path / "l.npz"), "--data", str(listed)]) == 0
     assert main(["eval", str(net), *flags, str(tmp_path / "f.npz"), "--data", str(folder)]) == 0
-    by_list, by_folder = np.load(tmp_path / "l.npz"), np.load(tmp_path / "f.npz")
-    assert list(by_list["classes"]) == list(CLASSES)  # the weights' names, not the list's order
+    by_folder = np.load(tmp_path / "f.npz")
     rows = {Path(file).resolve(): row for row, file in enumerate(by_folder["files"])}
-    for file, probs, label in zip(by_list["files"], by_list["probabilities"], by_list["labels"], strict=True):
-        row = rows[Path(file).resolve()]
-        np.testing.assert_allclose(probs, by_folder["probabilities"][row], rtol=0, atol=1e-6)
-        assert label == by_folder["labels"][row]
-    assert len(by_list["files"]) == 10
+    owls, cats = sorted((folder / "owl").rglob("*.png")), sorted((folder / "cat").rglob("*.png"))
+    for name, owl, cat in (("names", "owl", "cat"), ("numbers", 2, 0)):  # numbers: the weights' classes in order
+        listed = tmp_path / f"owls and cats by {name}.txt"
+        listed.write_text("\n".join([f"{image} {owl}" for image in owls] + [f"{image} {cat}" for image in cats]))
+        capsys.readouterr()
+        assert main(["eval", str(net), *flags, str(tmp_path / "l.npz"), "--data", str(listed)]) == 0
+        by_list = np.load(tmp_path / "l.npz")
+        assert list(by_list["classes"]) == list(CLASSES)  # the weights' names, not the list's order
+        for file, probs, label in zip(by_list["files"], by_list["probabilities"], by_list["labels"], strict=True):
+            row = rows[Path(file).resolve()]
+            np.testing.assert_allclose(probs, by_folder["probabilities"][row], rtol=0, atol=1e-6)
+            assert label == by_folder["labels"][row]
+        assert len(by_list["files"]) == 10
 
 
 def test_a_list_whose_line_names_a_missing_file_says_which(tmp_path):
