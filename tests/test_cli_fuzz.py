@@ -1150,6 +1150,36 @@ def test_a_json_string_that_is_half_a_character_is_an_error_of_its_file(world, t
     assert parse_json('["\\ud83d\\ude00", "\\u00e9"]') == ["\U0001f600", "\u00e9"]  # a whole pair is one character
 
 
+def test_a_name_longer_than_the_file_system_takes_is_an_error_naming_it(world, tmp_path):
+    """A build folder whose plan.json named its net by a 5,000-character path: `run build` was an internal
+    OSError (File name too long), raised by pathlib's is_file (the campaign of seed 956, file case 2472). So was
+    any path of a name past 255 bytes, given on the command line (a net, an input, weights, data, a run folder
+    to write or resume, a folder to compile into): each is now an error naming the path."""
+    import json
+
+    long = "a" * 300
+
+    def prepare(folder: Path) -> None:
+        record = json.loads((folder / "build" / "plan.json").read_text())
+        record["source"] = "a" * 5000
+        (folder / "build" / "plan.json").write_text(json.dumps(record))
+
+    result = in_world(world, tmp_path, ["run", "build", "--backend", "torch"], prepare)
+    assert "is longer than the file system takes" in error_of(result) and "hint: choose a shorter name" in result.err
+    for argv in (
+        ["run", long],
+        ["run", "tiny.net", "--backend", "torch", "--input", long],
+        ["run", "tiny.net", "--backend", "torch", "--weights", long],
+        ["train", "tiny.net", "--data", long, "--out", "new"],
+        ["train", "tiny.net", "--data", "data.npz", "--steps", "1", "--out", f"new/{long}"],
+        ["train", "--resume", long],
+        ["eval", "tiny.net", "--weights", "run", "--data", long],
+        ["compile", "tiny.net", "-o", f"out/{long}", "--no-sm90"],
+        ["neighbours", "tiny.net", "--weights", "run", "--data", "data.npz", "--input", long],
+    ):
+        assert "hint: choose a shorter name" in error_of(in_world(world, tmp_path, argv)), argv
+
+
 def test_an_output_file_flag_naming_a_folder_is_an_error_before_any_work(world, tmp_path):
     """`export -o ''` and `import -o .` raised ValueError (Path('.').with_suffix); `run --save .` and
     `eval --confusion .` ran the whole command and then failed to write ("Device or resource busy")."""

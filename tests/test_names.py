@@ -78,6 +78,37 @@ def test_a_transfer_and_a_layers_step_do_not_share_a_name():
         np.testing.assert_allclose(out["b"].numpy(), pooled, rtol=1e-5, atol=1e-6)
 
 
+def test_layer_names_longer_than_a_file_name_compile_train_and_match_pytorch(tmp_path):
+    """Kernel files are named by their steps, and steps by their layers: a 250-character layer name made a
+    kernel file name past the file system's 255 bytes ("cannot write ...: File name too long"). Long step names
+    are cut to NAME_LIMIT and told apart by a digest of the whole: two long names alike for their first 200
+    characters stay two kernels; the outputs are PyTorch's, and a training step on the kernels runs."""
+    from netdsl.cli.main import main
+    from netdsl.compiler.steps import NAME_LIMIT
+
+    first, second = "c" * 200 + "_one", "c" * 200 + "_two"
+    text = (f"net long\ninput x: 3 x 6 x 6\n{first} = conv(x, 4, size=3) | relu\n{second} = conv({first}, 4, size=1)\n"
+            f"f = fc({second}, 3)\noutput f\n")  # fmt: skip
+    x = np.random.default_rng(4).standard_normal((2, *SHAPE), dtype=np.float32)
+    graph = netdsl.graph_from_text(text)
+    weights = init_weights(graph, seed=5, scheme="he")
+    out, net = run(text, {"x": x}, weights, "triton")
+    w = {name: torch.from_numpy(value) for name, value in weights.items()}
+    y = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), w[f"{first}.weight"], w[f"{first}.bias"]))
+    y = torch.nn.functional.conv2d(y, w[f"{second}.weight"], w[f"{second}.bias"])
+    y = torch.nn.functional.linear(y.flatten(1), w["f.weight"], w["f.bias"])
+    np.testing.assert_allclose(out["f"].numpy(), y.numpy(), rtol=1e-4, atol=1e-5)
+    kernels = [name for name in net.program.nodes if name.startswith("c" * 20)]
+    assert len(kernels) == 2 and all(len(name) <= NAME_LIMIT for name in kernels), kernels
+    source = tmp_path / "long.net"
+    source.write_text(text)
+    rng = np.random.default_rng(6)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (8, 3, 6, 6), dtype=np.uint8), y=np.arange(8) % 3)
+    assert main(["compile", str(source), "-o", str(tmp_path / "build"), "--no-sm90"]) == 0
+    assert main(["train", str(source), "--data", str(tmp_path / "d.npz"), "--steps", "1", "--batch", "4",
+                 "--backend", "triton", "--workers", "0", "--out", str(tmp_path / "run")]) == 0  # fmt: skip
+
+
 @st.composite
 def colliding_nets(draw):
     """A small net of relu, 1x1 conv and add layers over several devices, names made of the same few parts

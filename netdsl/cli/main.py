@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import re
 import sys
@@ -457,13 +458,33 @@ def _printable(stream) -> None:
         stream.reconfigure(errors="backslashreplace")
 
 
+def _name_too_long(error: OSError) -> NetError | None:
+    """A path with a name longer than the file system takes fails at whichever look-up meets it first (pathlib's
+    `exists` and `is_file` raise it, where a missing file is only False): a mistake in the path the user gave (or
+    in a file naming one), said as such wherever it surfaced. None for any other OSError."""
+    if error.errno != errno.ENAMETOOLONG:
+        return None
+    where = error.filename if isinstance(error.filename, str) else None
+    if where is None:
+        return NetError("a name in a path is longer than the file system takes", hint="choose a shorter name")
+    shown = f"{where[:60]}...{where[-20:]}" if len(where) > 100 else where
+    return NetError(f"a name in the path {shown} is longer than the file system takes", where=where,
+                    hint="choose a shorter name")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _printable(sys.stdout)
     debug = "--debug" in argv
     color = _wants_color(argv)
     try:
-        return run(argv)
+        try:
+            return run(argv)
+        except OSError as error:
+            named = _name_too_long(error)
+            if named is None:
+                raise
+            raise named from None
     except NetError as error:
         if debug:
             traceback.print_exc()

@@ -7,12 +7,16 @@ between devices. An edge u -> v means step v reads step u's output.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 
 import networkx as nx
 
 from netdsl.ir import Layer, Shape
+
+# the longest step name: a kernel's file is named by its step, and a file system takes 255 bytes a name
+NAME_LIMIT = 96
 
 
 @dataclass
@@ -46,7 +50,10 @@ def identifier(text: str) -> str:
 def unique_name(base: str, taken: set[str]) -> str:
     """`base`, or `base_2`, `base_3`, ... : the first that no step of the program has yet; added to `taken`.
     Every name a pass makes goes through here, so two things never share a name, whatever the names the
-    net's layers and devices have (joined with `_`, `a` on device `b_c` and `a_b` on `c` read alike)."""
+    net's layers and devices have (joined with `_`, `a` on device `b_c` and `a_b` on `c` read alike). A base
+    longer than NAME_LIMIT (from a long layer name) is cut, and told apart by a digest of the whole."""
+    if len(base) > NAME_LIMIT:
+        base = f"{base[: NAME_LIMIT - 9]}_{hashlib.sha256(base.encode()).hexdigest()[:8]}"
     name, number = base, 1
     while name in taken:
         number += 1
