@@ -24,6 +24,7 @@ NETDSL_FUZZ_SCALE (e.g. 10) for a larger campaign. Every defect a campaign found
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -1178,6 +1179,33 @@ def test_a_name_longer_than_the_file_system_takes_is_an_error_naming_it(world, t
         ["neighbours", "tiny.net", "--weights", "run", "--data", "data.npz", "--input", long],
     ):
         assert "hint: choose a shorter name" in error_of(in_world(world, tmp_path, argv)), argv
+
+
+@pytest.mark.parametrize(
+    "error, status, message",
+    [
+        (PermissionError(errno.EACCES, "Permission denied", "/data/x.png"), 1, "/data/x.png: error: cannot use the "
+         "path /data/x.png: Permission denied"),
+        (OSError(errno.ENOSPC, "No space left on device", "runs/a"), 1, "runs/a: error: cannot use the path runs/a"),
+        (OSError(errno.EROFS, "Read-only file system"), 1, "netdsl: error: cannot use a path: Read-only file system"),
+        (OSError(errno.EIO, "Input/output error", "x"), 2, "internal error: OSError"),
+    ],
+    ids=["permission", "disk-full", "read-only-no-name", "other"],
+)
+def test_what_the_system_says_of_a_path_is_a_users_error_wherever_it_surfaces(monkeypatch, capsys, error, status,
+                                                                             message):  # fmt: skip
+    """No permission, a full or read-only disk, a name too long: the user's path or machine, never a bug, even
+    where no command foresaw it (exit 1, the path named, a hint); any other OSError stays an internal error."""
+    from netdsl.cli import main as cli
+
+    def fail(argv):
+        raise error
+
+    monkeypatch.setattr(cli, "run", fail)
+    assert cli.main(["check", "x.net"]) == status
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert status == 2 or "hint: " in err
 
 
 def test_an_output_file_flag_naming_a_folder_is_an_error_before_any_work(world, tmp_path):

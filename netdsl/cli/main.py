@@ -458,18 +458,25 @@ def _printable(stream) -> None:
         stream.reconfigure(errors="backslashreplace")
 
 
-def _name_too_long(error: OSError) -> NetError | None:
-    """A path with a name longer than the file system takes fails at whichever look-up meets it first (pathlib's
-    `exists` and `is_file` raise it, where a missing file is only False): a mistake in the path the user gave (or
-    in a file naming one), said as such wherever it surfaced. None for any other OSError."""
-    if error.errno != errno.ENAMETOOLONG:
+# What the system says of a path that are never netdsl's bugs: the path's name, its permissions, its disk
+_ENVIRONMENT = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def _environment_error(error: OSError) -> NetError | None:
+    """An OSError the command did not foresee that is about the user's path or machine, not a bug: a name longer
+    than the file system takes (pathlib's `exists` and `is_file` raise it, where a missing file is only False,
+    so it fails at whichever look-up meets it first), no permission, a full or read-only disk. Said as the
+    foreseen ones are, naming the path and with a hint; None for any other OSError."""
+    if error.errno not in _ENVIRONMENT:
         return None
     where = error.filename if isinstance(error.filename, str) else None
-    if where is None:
-        return NetError("a name in a path is longer than the file system takes", hint="choose a shorter name")
-    shown = f"{where[:60]}...{where[-20:]}" if len(where) > 100 else where
-    return NetError(f"a name in the path {shown} is longer than the file system takes", where=where,
-                    hint="choose a shorter name")  # fmt: skip
+    shown = f"{where[:60]}...{where[-20:]}" if where is not None and len(where) > 100 else where
+    path = f"the path {shown}" if where is not None else "a path"
+    if error.errno == errno.ENAMETOOLONG:
+        message = f"a name in {path} is longer than the file system takes"
+    else:
+        message = f"cannot use {path}: {error.strerror}"
+    return NetError(message, where=where, hint=os_hint(error))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -481,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return run(argv)
         except OSError as error:
-            named = _name_too_long(error)
+            named = _environment_error(error)
             if named is None:
                 raise
             raise named from None
