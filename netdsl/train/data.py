@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import zipfile
 import zlib
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -32,11 +31,11 @@ from netdsl.train.augment import (
     Augment,
     Preprocess,
     image_mode,
-    open_image,
     principal_components,
     sample_rng,
 )
 from netdsl.train.listing import DATA_HINT, LIST_SUFFIX, class_folders, read_list
+from netdsl.train.samples import SKIP_HINT, ArrayImages, ImageFiles, Samples
 from netdsl.train.world import World
 
 __all__ = [
@@ -56,121 +55,11 @@ __all__ = [
 
 DIGITS = "digits"
 DIGITS_MAX = 16.0  # load_digits' pixels count 0..16 ink; scaled to 0..255
-SKIP_HINT = "replace or delete the file, or skip unreadable images with --skip-corrupt"
 # What np.load raises for a file that is no readable .npz: beyond a damaged archive or array, zipfile's refusals
 # of a newer zip version or compression method (NotImplementedError) and of an encrypted member (RuntimeError)
 UNREADABLE_NPZ = (
     OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, TokenError, NotImplementedError, RuntimeError
 )  # fmt: skip
-
-
-class Samples(Dataset, ABC):
-    """Labelled images. `samples[i]` is image i's centre view (C x H x W float32) and its label, prepared
-    by `preprocess` (which `open_data` sets once the training set's statistics are known)."""
-
-    def __init__(self, labels: np.ndarray, preprocess: Preprocess):
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.preprocess = preprocess
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        return self.preprocess.apply(self.image(index)), int(self.labels[index])
-
-    @abstractmethod
-    def image(self, index: int):
-        """Image `index` as stored: a Pillow image or an H x W x C array, not yet scaled or cropped."""
-
-    # the hint an unreadable image's error gives; None: the decoder's own (for images named one by one, as
-    # `netdsl run`'s, which has no --skip-corrupt)
-    unreadable_hint: str | None = SKIP_HINT
-
-    def read(self, index: int, failures: list):
-        """`image(index)`, or None with (index, why, hint) added to `failures`: how a loader's worker reports a
-        file it cannot decode, so that the main process raises it as a NetError naming the file."""
-        try:
-            return self.image(index)
-        except NetError as error:
-            failures.append((index, error.message, self.unreadable_hint or error.hint))
-            return None
-
-    @abstractmethod
-    def source(self, index: int) -> str:
-        """Where image `index` comes from, for messages: a file, or an array and its row."""
-
-    @abstractmethod
-    def subset(self, keep: np.ndarray) -> Samples:
-        """The images at the positions `keep`, in that order."""
-
-
-class ImageFiles(Samples):
-    """Image files decoded by Pillow each time they are read (in the loader's workers).
-
-    The paths are held as one array of bytes, not a list of Path objects: a loader's forked workers touch
-    the reference count of every object they read, copying the pages that hold it, so ImageNet's 1.28
-    million paths (about 350 MB of Path objects, 60 MB as bytes) would be copied into every worker."""
-
-    def __init__(self, paths: Sequence[Path] | np.ndarray, labels: np.ndarray, preprocess: Preprocess):
-        super().__init__(labels, preprocess)
-        if isinstance(paths, np.ndarray):
-            self.paths = paths
-        else:
-            self.paths = np.asarray([os.fsencode(path) for path in paths], dtype=np.bytes_)
-
-    def path(self, index: int) -> Path:
-        return Path(os.fsdecode(self.paths[index]))
-
-    def image(self, index: int):
-        return open_image(self.path(index), self.preprocess.channels)
-
-    def source(self, index: int) -> str:
-        return str(self.path(index))
-
-    def subset(self, keep: np.ndarray) -> ImageFiles:
-        return ImageFiles(self.paths[np.asarray(keep, dtype=np.int64)], self.labels[keep], self.preprocess)
-
-
-class ArrayImages(Samples):
-    """Images held in one array (`layout`: "nhw" gray, "nchw" or "nhwc"); `rows` picks this set's rows and
-    `scale` multiplies the values (digits: 0..16 -> 0..255)."""
-
-    def __init__(
-        self,
-        array: np.ndarray,
-        layout: str,
-        labels: np.ndarray,
-        preprocess: Preprocess,
-        *,
-        name: str,
-        rows: np.ndarray | None = None,
-        scale: float = 1.0,
-    ):
-        super().__init__(labels, preprocess)
-        self.array, self.layout, self.name, self.scale = array, layout, name, scale
-        self.rows = np.arange(len(labels)) if rows is None else np.asarray(rows)
-
-    def image(self, index: int) -> np.ndarray:
-        pixels = self.array[self.rows[index]]
-        if self.layout == "nhw":
-            pixels = pixels[..., None]
-        elif self.layout == "nchw":
-            pixels = pixels.transpose(1, 2, 0)
-        return pixels.astype(np.float32) * np.float32(self.scale) if self.scale != 1.0 else pixels
-
-    def source(self, index: int) -> str:
-        return f"{self.name}[{self.rows[index]}]"
-
-    def subset(self, keep: np.ndarray) -> ArrayImages:
-        return ArrayImages(
-            self.array,
-            self.layout,
-            self.labels[keep],
-            self.preprocess,
-            name=self.name,
-            rows=self.rows[keep],
-            scale=self.scale,
-        )
 
 
 @dataclass
@@ -205,9 +94,11 @@ def open_data(
     statistics: bool = True,
     check: Sequence[str] = ("train", "val"),
     meter: Callable | None = None,
+    val_spec: str | Path | None = None,
 ) -> DataSplit:
-    """Opens `spec` (an image folder, an .npz file or "digits") for a net taking `net_input` (C, H, W)
-    images and scoring `num_outputs` classes (checked when given).
+    """Opens `spec` (an image folder, an image list, an .npz file or "digits") for a net taking `net_input`
+    (C, H, W) images and scoring `num_outputs` classes (checked when given); with `val_spec` (a folder of class
+    folders, an image list or an .npz file's x and y), all of `spec` trains and those images validate.
 
     `size`: the shorter side is scaled to this before cropping (default: the smaller of H and W; the paper
     used 256 for 224 crops); `largest`: the largest size training scales its images to (the top of a range
@@ -241,6 +132,8 @@ def open_data(
         )
     base = Preprocess(size=size or min(height, width), crop=(height, width), channels=channels, mean=(0.0,) * channels)
     where = str(spec)
+    if val_spec is not None:
+        val_fraction = 0.0  # the validation images are the others
     if where == DIGITS:
         train, val, classes = _open_digits(base, val_fraction, seed)
     else:
@@ -259,6 +152,11 @@ def open_data(
         else:
             raise NetError(f"{spec} is neither a data folder, an image list nor an .npz file", where=where,
                            hint=DATA_HINT)  # fmt: skip
+    if val_spec is not None:
+        if val is not None:
+            raise NetError(f"{spec} has validation images of its own, and val_data gives others ({val_spec})",
+                           where=where, hint="give the training images alone, or leave out val_data")  # fmt: skip
+        val = _validation_apart(str(val_spec), base, classes, num_outputs)
     _check_classes(classes, [train, val], num_outputs, where)
     key = saved = None
     parts = (statistics or "train" in check, "val" in check)
@@ -313,6 +211,33 @@ def _split_files(classes: list[str], paths, labels: np.ndarray, base: Preprocess
     train_rows, val_rows = split_rows(labels, val_fraction, seed)
     files = ImageFiles(paths, labels, base)
     return files.subset(train_rows), files.subset(val_rows) if len(val_rows) else None, classes
+
+
+def _validation_apart(spec: str, base: Preprocess, classes: list[str], num_outputs: int | None) -> Samples:
+    """The validation images `spec` holds apart from the training data (a folder of class folders, an image
+    list, or an .npz file's x and y), their labels those of the training data's `classes` of the same names
+    (class numbers: the same numbers)."""
+    path = Path(spec)
+    if path.is_dir() or (path.is_file() and path.suffix.lower() == LIST_SUFFIX):
+        image_mode(base.channels, spec)
+        listed = class_folders(path) if path.is_dir() else read_list(path, num_outputs)
+        val_classes, val = listed[0], ImageFiles(*listed[1:], base)
+    elif path.is_file() and path.suffix.lower() == ".npz":
+        val, _, val_classes = _open_npz(path, base, 0.0, 0, num_outputs)
+    else:
+        hint = "give val_data a folder of class folders, an image list or an .npz file"
+        raise NetError(f"no validation images at {spec}" if not path.exists() else f"{spec} holds no images",
+                       where=spec, hint=hint)  # fmt: skip
+    numbered = val_classes == [str(label) for label in range(len(val_classes))]
+    if val_classes != classes and not numbered:
+        unknown = [name for name in val_classes if name not in classes]
+        if unknown:
+            known = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+            raise NetError(f"the validation classes {', '.join(unknown[:5])} are not among the training data's "
+                           f"{len(classes)} ({known})", where=spec,
+                           hint="validate on images of the training classes, named as they are")  # fmt: skip
+        val.labels = np.asarray([classes.index(name) for name in val_classes], dtype=np.int64)[val.labels]
+    return val
 
 
 def split_rows(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
