@@ -462,6 +462,7 @@ SETTINGS = {
     "--label-smoothing": lambda r: pick(r, ["0", "0.1"], [*NUMBER_BAD, "1"]),
     "--data": DATA,
     "--val-fraction": lambda r: pick(r, ["0", "0.25", "0.5"], [*NUMBER_BAD, "1", "0.99"]),
+    "--val-data": ["list.txt", "images", "data.npz", "none", "missing", "", "photo.png", "labels.txt", "digits"],
     "--resize": lambda r: pick(
         r, ["8", "auto", "12", "8,12", "6,16"], [*WHOLE_BAD, "99999", "12,8", "8,8", "8,9,10", "8,99999", "0,8", "8,"]
     ),

@@ -1,5 +1,6 @@
 """Image lists (`--data LIST.txt`, Caffe's "path class" lines): the same images and classes as a data folder
-give the same split and the same training; every mistake in a list is reported at its line and column.
+give the same split and the same training; every mistake in a list is reported at its line and column. And
+`--val-data` (a list, a folder or an .npz file): validation on other images, as eval measures them.
 
 The reference is the data folder route, tested against hand-written PyTorch elsewhere: a list naming a folder's
 files in its order, by class name or by class number, must split, measure and train exactly as the folder."""
@@ -140,3 +141,93 @@ def test_a_list_whose_line_names_a_missing_file_says_which(tmp_path):
     with pytest.raises(NetError) as caught:
         read_list(listed)
     assert str(caught.value.span) == f"{listed}:1:1" and "no such image" in caught.value.message
+
+
+def _val_lines(folder: Path, names: dict[str, str]) -> list[str]:
+    """A list line for each image of the classes in `names` (folder class -> the class as the list writes it)."""
+    return [f"{image} {written}" for name, written in names.items() for image in sorted((folder / name).rglob("*.png"))]
+
+
+def test_val_data_validates_on_other_images_as_eval_measures_them(folder, tmp_path, capsys):
+    """--val-data LIST: all of --data trains (no val_fraction held out) and the list's images validate, their
+    classes matched by name to the training classes (a list of owls and cats, owls first); the run's last
+    validation is what `netdsl eval` measures on the list with the last weights, which the run suggests."""
+    import json
+
+    from PIL import Image
+
+    rng = np.random.default_rng(8)
+    other = tmp_path / "other"  # validation images of two of the classes, none of them trained on
+    for name in ("owl", "cat"):
+        (other / name).mkdir(parents=True)
+        for index in range(3):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(other / name / f"{index}.png")
+    listed = tmp_path / "val.txt"
+    listed.write_text("\n".join(_val_lines(other, {"owl": "owl", "cat": "cat"})) + "\n")
+    split = open_data(folder, (1, 8, 8), num_outputs=3, val_spec=listed)
+    assert len(split.train) == 15 and len(split.val) == 6 and split.classes == list(CLASSES)
+    assert split.val.labels.tolist() == [2, 2, 2, 0, 0, 0]  # owl is the third training class, cat the first
+    net = tmp_path / "tiny.net"
+    net.write_text(TINY)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", str(net), "--data", str(folder), "--val-data", str(listed), "--batch", "5", "--epochs", "2",
+                 *PLAIN, "--out", str(run)]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "on 15 images, validating on 6;" in err and f"--data {listed} --split all --mistakes 10" in err
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [record for record in last if record.get("val_top1") is not None][-1]
+    assert main(["eval", str(net), "--weights", str(run / "checkpoints" / "last.ckpt"), "--data", str(listed),
+                 "--split", "all"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"images 6   top-1 {100 * last['val_top1']:.2f}%" in out
+    assert float(out.split("loss ")[1].split()[0]) == pytest.approx(last["val_loss"], abs=1e-4)
+
+
+def test_val_data_of_an_npz_file_and_by_class_numbers(folder, tmp_path):
+    """val_data as an .npz file (x, y: class numbers, the training classes in order) and as a folder of class
+    folders named by number: labels taken as the numbers they are."""
+    rng = np.random.default_rng(9)
+    arrays = tmp_path / "val.npz"
+    np.savez(arrays, x=rng.integers(0, 256, (4, 8, 8), dtype=np.uint8), y=np.array([2, 0, 1, 2]))
+    split = open_data(folder, (1, 8, 8), num_outputs=3, val_spec=arrays)
+    assert len(split.val) == 4 and split.val.labels.tolist() == [2, 0, 1, 2] and len(split.train) == 15
+    listed = tmp_path / "numbers.txt"
+    listed.write_text("\n".join(_val_lines(folder, {"dog": "1", "owl": "2"})))
+    split = open_data(folder, (1, 8, 8), num_outputs=3, val_spec=listed)
+    assert split.val.labels.tolist() == [1] * 5 + [2] * 5
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda t, f: t / "missing.txt", "missing.txt: error: no validation images at"),
+        (lambda t, f: "digits", "digits: error: no validation images at digits"),
+        (lambda t, f: (t / "v.txt").write_text(f"{next((f / 'cat').glob('*.png'))} lion\n") and t / "v.txt",
+         "v.txt: error: the validation classes lion are not among the training data's 3 (cat, dog, owl)"),
+        (lambda t, f: (t / "v.md").write_text("x") and t / "v.md", "v.md: error: "),
+    ],
+    ids=["missing", "digits", "unknown-class", "not-data"],
+)
+def test_val_data_mistakes_are_errors_naming_it(folder, tmp_path, capsys, make, message):
+    val = make(tmp_path, folder)
+    net = tmp_path / "tiny.net"
+    net.write_text(TINY)
+    argv = ["train", str(net), "--data", str(folder), "--val-data", str(val), "--out", str(tmp_path / "run")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_data_with_its_own_validation_images_and_val_data_is_refused(folder, tmp_path, capsys):
+    import shutil
+
+    split = tmp_path / "split"
+    shutil.copytree(folder, split / "train")
+    shutil.copytree(folder, split / "val")
+    net = tmp_path / "tiny.net"
+    net.write_text(TINY)
+    listed = _listed(folder, tmp_path / "list.txt", numbers=False)
+    assert main(["train", str(net), "--data", str(split), "--val-data", str(listed), "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert f"{split}: error: {split} has validation images of its own, and val_data gives others" in err

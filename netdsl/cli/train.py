@@ -239,11 +239,18 @@ def _train(args: argparse.Namespace) -> int:
             f"{trained}{best}\n"
             f"weights: {summary.weights}   run: {run.path}\n"
             f"try: netdsl run {quoted['net']} --weights {quoted['run']} --input IMAGE\n"
-            f"     netdsl eval {quoted['net']} --weights {quoted['run']} --data {shlex.quote(str(recipe.data))} "
-            "--mistakes 10",
+            f"     netdsl eval {quoted['net']} --weights {quoted['run']} {_measured_on(recipe)} --mistakes 10",
             file=sys.stderr,
         )
     return 0
+
+
+def _measured_on(recipe) -> str:
+    """The data `netdsl eval` measures a run's validation images on, as flags: the run's split of its data, or
+    its val_data whole."""
+    if recipe.val_data is not None:
+        return f"--data {shlex.quote(str(recipe.val_data))} --split all"
+    return f"--data {shlex.quote(str(recipe.data))}"
 
 
 def _find_lr(net: Path, recipe, args: argparse.Namespace) -> int:

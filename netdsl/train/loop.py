@@ -265,6 +265,7 @@ class Trainer:
             scan_record=self._saved_scan,
             world=self.world,
             meter=lambda title, images: Meter(self.stream, images, title, self.world),
+            val_spec=recipe.val_data,
         )
         preprocess, self._adopted = chosen_preprocess(split.preprocess, recipe, self._expects)
         for samples in (split.train, split.val):
@@ -286,7 +287,7 @@ class Trainer:
             raise NetError(
                 "early_stop watches the validation error, and there is no validation set",
                 where=recipe.source("early_stop"),
-                hint="give val_fraction above 0 (or data with validation images), or leave out early_stop",
+                hint="give val_fraction above 0 (or data with validation images, or val_data), or leave out early_stop",
             )
         if recipe.schedule == "plateau" and not (split.val is not None and len(split.val)) and self.world.leader:
             self._say(

@@ -142,8 +142,14 @@ class Recipe:
                                "`images/cat1.jpg CLASS` per image, as Caffe's), an .npz file (x, y, optionally "
                                'x_val, y_val) or `"digits"` (scikit-learn\'s); no default',
                                metavar="DIR|LIST.txt|FILE.npz|digits", example="digits")
+    val_data: str | None = setting("string", None, "", "validation images apart from `data` (all of which then "
+                                   "trains): a folder (DIR/<class>/...), an image list (LIST.txt, as ImageNet's "
+                                   "validation set is given) or an .npz file (x, y), their classes those of `data` "
+                                   "of the same names (class numbers: the same numbers); `none`: from `data`",
+                                   words=(("none", None),), metavar="DIR|LIST.txt|FILE.npz", example="val.txt")
     val_fraction: float = setting("number", 0.1, "fraction", "held out for validation (per class, seeded) from "
-                                  "data without validation images of its own", low=0, high=1, below=True)
+                                  "data without validation images of its own (none with `val_data`)", low=0, high=1,
+                                  below=True)
     resize: int | tuple[int, int] | str = setting("span", "auto", "pixels", "the shorter side is scaled to this "
                                                   "before cropping; (low, high): to a size drawn from low to high "
                                                   "for each training image, each time (VGG's scale jittering), "
