@@ -151,7 +151,8 @@ def _val_lines(folder: Path, names: dict[str, str]) -> list[str]:
 def test_val_data_validates_on_other_images_as_eval_measures_them(folder, tmp_path, capsys):
     """--val-data LIST: all of --data trains (no val_fraction held out) and the list's images validate, their
     classes matched by name to the training classes (a list of owls and cats, owls first); the run's last
-    validation is what `netdsl eval` measures on the list with the last weights, which the run suggests."""
+    validation is what `netdsl eval` measures on the list with the last weights, which the run suggests; eval's
+    `--split val` of the training data finds nothing held out, and says where the run validated."""
     import json
 
     from PIL import Image
@@ -182,6 +183,9 @@ def test_val_data_validates_on_other_images_as_eval_measures_them(folder, tmp_pa
     out = capsys.readouterr().out
     assert f"images 6   top-1 {100 * last['val_top1']:.2f}%" in out
     assert float(out.split("loss ")[1].split()[0]) == pytest.approx(last["val_loss"], abs=1e-4)
+    assert main(["eval", str(net), "--weights", str(run), "--data", str(folder)]) == 1  # --split val: none held out
+    err = capsys.readouterr().err
+    assert f"the run trained on all of it and validated on {listed}: --data {listed} --split all" in err
 
 
 def test_val_data_of_an_npz_file_and_by_class_numbers(folder, tmp_path):

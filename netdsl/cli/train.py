@@ -431,7 +431,11 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
     parts = {"val": [split.val], "train": [split.train], "all": [split.train, split.val]}[args.split]
     parts = [part for part in parts if part is not None]
     if not parts:
-        raise NetError("the data has no validation images", where="--data", hint="use --split all, or --val-fraction")
+        validated = _run_settings(first.path, first.metadata).get("val_data")
+        hint = "use --split all, or --val-fraction"
+        if validated is not None:
+            hint = f"the run trained on all of it and validated on {validated}: --data {validated} --split all"
+        raise NetError("the data has no validation images", where="--data", hint=hint)
     trained = list(named[0].own.classes) if named else list(first.preprocess.classes)  # the weights' class names
     relabel = labels_by_name(split.classes, trained, str(args.data))
     if relabel is not None and world.leader:
@@ -588,10 +592,12 @@ def _recorded_net(run: Path, recorded: str) -> Path:
 
 
 def split_settings(args: argparse.Namespace, model: Member) -> tuple[float, int, bool]:
-    """How to split the data as the run that trained `model` did: its val_fraction, seed and skip_corrupt, each
-    unless the flag of that name says otherwise."""
+    """How to split the data as the run that trained `model` did: its val_fraction (none where it validated on
+    val_data: it trained on all of its data), seed and skip_corrupt, each unless the flag of that name says
+    otherwise."""
     run = _run_settings(model.path, model.metadata)
-    fraction = args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.1)
+    held = 0.0 if run.get("val_data") is not None else run.get("val_fraction", 0.1)
+    fraction = args.val_fraction if args.val_fraction is not None else held
     seed = args.seed if args.seed is not None else run.get("seed", 0)
     skip = args.skip_corrupt if args.skip_corrupt is not None else bool(run.get("skip_corrupt", False))
     return fraction, seed, skip
