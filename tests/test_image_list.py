@@ -94,8 +94,11 @@ def test_numbered_classes_take_the_nets_outputs_and_paths_may_be_absolute(folder
         ("# nothing\n\n", "list.txt: error: the list "),
         (b"images/cat/0.png \xff\n", "list.txt: error: "),
         ("images/cat 0\n", "list.txt:1:1: error: images/cat is not an image file"),
+        (f"{'a' * 300}.png 0\n", "list.txt:1:1: error: cannot look up aaaa"),
+        ("images/cat/0.png 99999999999999999999\n", "list.txt:1:18: error: class 99999999999999999999: more classes"),
     ],
-    ids=["no-class", "space-no-class", "missing", "not-image", "beyond", "empty", "not-utf8", "folder"],
+    ids=["no-class", "space-no-class", "missing", "not-image", "beyond", "empty", "not-utf8", "folder", "long-name",
+         "huge-class"],
 )
 def test_mistakes_in_a_list_are_errors_at_their_line(folder, tmp_path, capsys, text, message):
     listed = folder.parent / "list.txt"

@@ -26,6 +26,7 @@ DATA_HINT = (
     "an image list (LIST.txt: a line `images/cat1.jpg 3` per image), an .npz file with arrays x and y, or `digits`"
 )
 LIST_SUFFIX = ".txt"
+MAX_CLASSES = 1_000_000  # a class number past this is a mistake, not a class (a list of them would not fit)
 LINE_HINT = 'write each line as an image and its class: "images/cat1.jpg 3" (or "images/cat1.jpg cat")'
 
 
@@ -65,7 +66,11 @@ def read_list(path: Path, num_outputs: int | None = None) -> tuple[list[str], li
         if image.suffix.lower() not in IMAGE_SUFFIXES:
             raise NetError(f"{name} is not an image file", span=span,
                            hint=f"image files end in {', '.join(sorted(IMAGE_SUFFIXES))}")  # fmt: skip
-        if not image.is_file():
+        try:
+            found = image.is_file()
+        except OSError as error:  # a name longer than the file system takes, a folder it may not look in
+            raise NetError(f"cannot look up {name}: {error.strerror}", span=span, hint=os_hint(error)) from None
+        if not found:
             raise NetError(f"no such image: {image}", span=span, hint="the path is relative to the list's folder")
         entries.append((image, label, Span(file, number, start + len(stripped) - len(label) + 1)))
     if not entries:
@@ -73,6 +78,9 @@ def read_list(path: Path, num_outputs: int | None = None) -> tuple[list[str], li
     if all(label.isascii() and label.isdigit() for _, label, _ in entries):  # class numbers, as Caffe's lists
         labels = [int(label) for _, label, _ in entries]
         for (_, label, span), value in zip(entries, labels, strict=True):
+            if value >= MAX_CLASSES:
+                raise NetError(f"class {label}: more classes than a net scores (at most {MAX_CLASSES:,})", span=span,
+                               hint="number the classes from 0, as the net's outputs are")  # fmt: skip
             if num_outputs is not None and value >= num_outputs:
                 hint = f"give the net's last layer at least {max(labels) + 1} outputs"
                 raise NetError(f"class {label} is beyond the net's {num_outputs} outputs (0..{num_outputs - 1})",
