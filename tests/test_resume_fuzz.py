@@ -255,6 +255,8 @@ def draw_case(rng: random.Random, kernels: bool = False) -> Case:
             "--crop-aspect",
             rng.choice(["0.75,1.3333", "0.5,2"]),
         ]
+    if case.val_images and rng.random() < 0.3:  # the validation images in a file apart (`write_inputs` names it)
+        case.flags += ["--val-data", "val.npz"]
     return case
 
 
@@ -308,6 +310,9 @@ def write_inputs(folder: Path, case: Case) -> tuple[Path, Path]:
     if case.val_images:
         arrays["x_val"] = rng.integers(0, 256, (case.val_images, *shape), dtype=np.uint8)
         arrays["y_val"] = rng.integers(0, case.classes, case.val_images)
+    if "--val-data" in case.flags:  # --val-data: the same images, as x and y of a file of their own
+        np.savez(folder / "val.npz", x=arrays.pop("x_val"), y=arrays.pop("y_val"))
+        case.flags[case.flags.index("--val-data") + 1] = str(folder / "val.npz")
     data = folder / "data.npz"
     np.savez(data, **arrays)
     return net, data
