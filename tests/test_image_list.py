@@ -78,7 +78,8 @@ def test_numbered_classes_take_the_nets_outputs_and_paths_may_be_absolute(folder
     lines = [f"{image.resolve()} 0\r\n" for image in cat] + [f" {image} 2\r\n" for image in owl]
     listed.write_text("".join(lines))
     classes, paths, labels = read_list(listed, num_outputs=3)
-    assert classes == ["0", "1", "2"] and paths == [image.resolve() for image in cat] + [tmp_path / o for o in owl]
+    assert classes == ["0", "1", "2"]
+    assert list(map(Path, paths)) == [image.resolve() for image in cat] + [tmp_path / o for o in owl]
     assert labels.tolist() == [0] * len(cat) + [2] * len(owl)
     assert read_list(listed)[0] == ["0", "1", "2"]  # without the net: up to the largest number
 
@@ -94,7 +95,7 @@ def test_numbered_classes_take_the_nets_outputs_and_paths_may_be_absolute(folder
         ("# nothing\n\n", "list.txt: error: the list "),
         (b"images/cat/0.png \xff\n", "list.txt: error: "),
         ("images/cat 0\n", "list.txt:1:1: error: images/cat is not an image file"),
-        (f"{'a' * 300}.png 0\n", "list.txt:1:1: error: cannot look up aaaa"),
+        (f"{'a' * 300}.png 0\n", "list.txt:1:1: error: no such image: "),
         ("images/cat/0.png 99999999999999999999\n", "list.txt:1:18: error: class 99999999999999999999: more classes"),
     ],
     ids=["no-class", "space-no-class", "missing", "not-image", "beyond", "empty", "not-utf8", "folder", "long-name",
