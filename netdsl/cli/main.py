@@ -458,7 +458,7 @@ def _printable(stream) -> None:
         stream.reconfigure(errors="backslashreplace")
 
 
-# What the system says of a path that are never netdsl's bugs: the path's name, its permissions, its disk
+# The errors the system gives about a path that are never netdsl's bugs: its name, its permissions, its disk
 _ENVIRONMENT = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
