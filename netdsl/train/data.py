@@ -34,7 +34,7 @@ from netdsl.train.augment import (
     principal_components,
     sample_rng,
 )
-from netdsl.train.listing import DATA_HINT, LIST_SUFFIX, class_folders, read_list
+from netdsl.train.listing import DATA_HINT, class_folders, is_image_list, read_list
 from netdsl.train.samples import SKIP_HINT, ArrayImages, ImageFiles, Samples
 from netdsl.train.world import World
 
@@ -142,7 +142,7 @@ def open_data(
             train, val, classes = _open_folder(path, base, val_fraction, seed)
         elif path.is_file() and path.suffix.lower() == ".npz":
             train, val, classes = _open_npz(path, base, val_fraction, seed, num_outputs)
-        elif path.is_file() and path.suffix.lower() == LIST_SUFFIX:  # an image list, as Caffe's
+        elif is_image_list(path):  # as Caffe's
             image_mode(base.channels, where)
             train, val, classes = _split_files(*read_list(path, num_outputs), base, val_fraction, seed)
         elif not path.exists():
@@ -218,7 +218,7 @@ def _validation_apart(spec: str, base: Preprocess, classes: list[str], num_outpu
     list, or an .npz file's x and y), their labels those of the training data's `classes` of the same names
     (class numbers: the same numbers)."""
     path = Path(spec)
-    if path.is_dir() or (path.is_file() and path.suffix.lower() == LIST_SUFFIX):
+    if path.is_dir() or is_image_list(path):
         image_mode(base.channels, spec)
         listed = class_folders(path) if path.is_dir() else read_list(path, num_outputs)
         val_classes, val = listed[0], ImageFiles(*listed[1:], base)

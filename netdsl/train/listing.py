@@ -31,11 +31,16 @@ MAX_CLASSES = 1_000_000  # a class number past this is a mistake, not a class (a
 LINE_HINT = 'write each line as an image and its class: "images/cat1.jpg 3" (or "images/cat1.jpg cat")'
 
 
+def is_image_list(path: Path) -> bool:
+    """Whether `path` is an image list: a file whose name ends in LIST_SUFFIX."""
+    return path.suffix.lower() == LIST_SUFFIX and path.is_file()
+
+
 def names_image_files(spec: str) -> bool:
     """Whether the data `spec` names are image files of any size (a folder, or an image list), which a run
     scales as the paper did (256 for 224 crops), rather than arrays of the net's input size."""
     path = Path(spec)
-    return spec != "digits" and (path.is_dir() or (path.is_file() and path.suffix.lower() == LIST_SUFFIX))
+    return spec != "digits" and (path.is_dir() or is_image_list(path))
 
 
 def read_list(path: Path, num_outputs: int | None = None) -> tuple[list[str], list[str], np.ndarray]:
