@@ -48,23 +48,19 @@ def saved_preprocess(weights: Path | None):
 def read_image(path: Path, shape: tuple[int, ...], preprocess=None, views: int = 1, scales=None) -> np.ndarray:
     """An image as the net reads it: `preprocess` (default: the paper's) applied, with its shorter side scaled
     to each of `scales` in turn (default: the preprocessing's own size); scales*views x C x H x W, decoded once."""
-    return _prepared_image(path, shape, [preprocess], views, scales)[0]
+    return _prepared_image(path, [preprocess or default_preprocess(shape)], views, scales)[0]
 
 
-def _prepared_image(path: Path, shape: tuple[int, ...], preprocesses: list, views: int, scales) -> list[np.ndarray]:
-    """`read_image` by each of `preprocesses` (None: the paper's), the file decoded once for all of them."""
+def _prepared_image(path: Path, preprocesses: list, views: int, scales) -> list[np.ndarray]:
+    """`read_image` by each of `preprocesses` (of one number of channels), the file decoded once for all."""
     from netdsl.train.augment import open_image
 
-    preprocesses = [preprocess or default_preprocess(shape) for preprocess in preprocesses]
     try:
-        image = open_image(path, preprocesses[0].channels)  # the net's: one for all
-        made, prepared = [], {}  # made: each preprocessing's views; prepared: by its JSON, made once
+        image = open_image(path, preprocesses[0].channels)
+        made = []
         for preprocess in preprocesses:
-            key = preprocess.to_json()
-            if key not in prepared:
-                sizes = scales or (preprocess.size,)
-                prepared[key] = np.concatenate([replace(preprocess, size=size).views(image, views) for size in sizes])
-            made.append(prepared[key])
+            sizes = scales or (preprocess.size,)
+            made.append(np.concatenate([replace(preprocess, size=size).views(image, views) for size in sizes]))
         return made
     except NetError as error:
         if error.span is None and error.where is None:  # what is wrong with an image names it
@@ -165,9 +161,16 @@ def input_passes(paths: list[Path], shape: tuple[int, ...], preprocesses: list, 
     for a batch in an array, the path and the row (`x.npy[3]`)."""
     if views > 1 or scales is not None:
         require_images(paths, "--views" if views > 1 else "--scales")
+    resolved = [each or default_preprocess(shape) for each in preprocesses]
+    keys = [each.to_json() for each in resolved]
+    first = {}  # each preprocessing (by its JSON): the first model that prepares images so
+    for number, key in enumerate(keys):
+        first.setdefault(key, number)
+    ways, pick = [resolved[number] for number in first.values()], [list(first).index(key) for key in keys]
     pending, count = [], 0  # pending: the rows read and not yet passed on, a list per file
     for path in paths:
-        made, named = _read_input(path, shape, preprocesses, views, scales)
+        made, named = _read_input(path, shape, ways, views, scales)
+        made = [made[way] for way in pick]
         if names is not None:
             names += named
         pending.append(made)
@@ -187,7 +190,7 @@ def _read_input(path: Path, shape: tuple[int, ...], preprocesses: list, views: i
     from netdsl.train.augment import IMAGE_SUFFIXES
 
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return _prepared_image(path, shape, preprocesses, views, scales), [str(path)]
+        return _prepared_image(path, preprocesses, views, scales), [str(path)]
     array = _read_npy(path, IMAGE_SUFFIXES)
     if array.dtype.kind not in "fiu":
         raise NetError(
