@@ -133,12 +133,13 @@ def test_nan_input_is_refused(tmp_path, capsys):
 def test_images_are_prepared_as_in_the_paper_and_labels_name_the_classes(tmp_path, capsys):
     from PIL import Image
 
-    from netdsl.cli.run import IMAGENET_MEAN, read_image
+    from netdsl.cli.run import IMAGENET_MEAN, input_passes
 
     rng = np.random.default_rng(3)
     pixels = (rng.random((300, 400, 3)) * 255).astype(np.uint8)
     Image.fromarray(pixels).save(tmp_path / "wide.png")
-    (x,) = read_image(tmp_path / "wide.png", (3, 227, 227))
+    ((batch,),) = list(input_passes([tmp_path / "wide.png"], (3, 227, 227), [None]))  # one pass, one model
+    (x,) = batch  # the paper's preprocessing: weights that carry none
     assert x.shape == (3, 227, 227) and x.dtype == np.float32
     # shorter side 300 -> 256 (so 400 -> 341), then the centre 227 x 227; the mean subtracted per channel
     resized = np.asarray(Image.fromarray(pixels).resize((341, 256), Image.BILINEAR), dtype=np.float32)

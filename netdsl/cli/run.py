@@ -45,14 +45,10 @@ def saved_preprocess(weights: Path | None):
     return recorded(weights)
 
 
-def read_image(path: Path, shape: tuple[int, ...], preprocess=None, views: int = 1, scales=None) -> np.ndarray:
-    """An image as the net reads it: `preprocess` (default: the paper's) applied, with its shorter side scaled
-    to each of `scales` in turn (default: the preprocessing's own size); scales*views x C x H x W, decoded once."""
-    return _prepared_image(path, [preprocess or default_preprocess(shape)], views, scales)[0]
-
-
 def _prepared_image(path: Path, preprocesses: list, views: int, scales) -> list[np.ndarray]:
-    """`read_image` by each of `preprocesses` (of one number of channels), the file decoded once for all."""
+    """An image as the net reads it by each of `preprocesses` (of one number of channels), the file decoded once
+    for all: its shorter side scaled to each of `scales` in turn (default: the preprocessing's own size), and
+    `views` of it at each (`Preprocess.views`): scales*views x C x H x W."""
     from netdsl.train.augment import open_image
 
     try:
@@ -156,9 +152,10 @@ def input_passes(paths: list[Path], shape: tuple[int, ...], preprocesses: list, 
     list of its batch as each of `preprocesses` prepares it (how each model of an ensemble prepares images;
     None: the paper's), each image decoded once for all, an array taken as it is by every model. With `views`
     > 1 each image gives that many rows (the paper's ten views), and with `scales` that many at each size
-    (`read_image`): then only images are taken (`require_images`). Each file is read when its rows are next
-    (the memory held: a pass's and one file's), and the names of its inputs are added to `names`: its path, or
-    for a batch in an array, the path and the row (`x.npy[3]`)."""
+    (`_prepared_image`): then only images are taken (`require_images`). Each file is read when its rows are
+    next (the memory held: a pass's and one file's, once for each preprocessing, whatever the models sharing
+    it), and the names of its inputs are added to `names`: its path, or for a batch in an array, the path and
+    the row (`x.npy[3]`)."""
     if views > 1 or scales is not None:
         require_images(paths, "--views" if views > 1 else "--scales")
     resolved = [each or default_preprocess(shape) for each in preprocesses]
@@ -167,10 +164,9 @@ def input_passes(paths: list[Path], shape: tuple[int, ...], preprocesses: list, 
     for number, key in enumerate(keys):
         first.setdefault(key, number)
     ways, pick = [resolved[number] for number in first.values()], [list(first).index(key) for key in keys]
-    pending, count = [], 0  # pending: the rows read and not yet passed on, a list per file
+    pending, count = [], 0  # pending: the rows read and not yet passed on, a list (a batch per way) per file
     for path in paths:
         made, named = _read_input(path, shape, ways, views, scales)
-        made = [made[way] for way in pick]
         if names is not None:
             names += named
         pending.append(made)
@@ -179,10 +175,11 @@ def input_passes(paths: list[Path], shape: tuple[int, ...], preprocesses: list, 
             joined = [np.concatenate(each) for each in zip(*pending, strict=True)]
             whole = count - count % rows
             for start in range(0, whole, rows):
-                yield [each[start : start + rows] for each in joined]
+                yield [joined[way][start : start + rows] for way in pick]
             pending, count = [[each[whole:] for each in joined]], count - whole
     if count:
-        yield [np.concatenate(each) for each in zip(*pending, strict=True)]
+        joined = [np.concatenate(each) for each in zip(*pending, strict=True)]
+        yield [joined[way] for way in pick]
 
 
 def _read_input(path: Path, shape: tuple[int, ...], preprocesses: list, views: int, scales):
