@@ -106,3 +106,18 @@ def png_output(path, read: list) -> None:
 
     output_file(path, "--output", read, ".png", "a .png file")
     import_pillow()
+
+
+def ensemble_classes(models: list) -> list[str] | None:
+    """The class names an ensemble's models were trained on, from `models`' (weights file, saved preprocessing
+    or None) pairs: those of the first that names them (None where none does). A model whose weights name other
+    classes, or the same in another order, is a NetError naming it: an ensemble averages the same classes."""
+    named = [(path, list(own.classes)) for path, own in models if own is not None and own.classes]
+    for path, classes in named[1:]:
+        if classes != named[0][1]:
+            raise NetError(
+                f"{path} was trained on other classes than {named[0][0]}",
+                where=str(path),
+                hint="an ensemble averages models of the same classes, in the same order",
+            )
+    return named[0][1] if named else None

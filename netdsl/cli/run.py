@@ -14,7 +14,7 @@ from tokenize import TokenError
 
 import numpy as np
 
-from netdsl.cli.flags import plan_options
+from netdsl.cli.flags import ensemble_classes, plan_options
 from netdsl.errors import NetError, os_hint
 from netdsl.files import refuse_folder, refuse_overwriting, write_array, write_arrays
 from netdsl.ir.dtypes import torch_dtype
@@ -262,15 +262,7 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
     for model, own in zip(models, saved, strict=True):
         if own is not None:
             own.check_fits(shape, str(model))
-    named = [(model, own) for model, own in zip(models, saved, strict=True) if own is not None and own.classes]
-    for model, own in named[1:]:  # an ensemble averages the same classes
-        if list(own.classes) != list(named[0][1].classes):
-            raise NetError(
-                f"{model} was trained on other classes than {named[0][0]}",
-                where=str(model),
-                hint="an ensemble averages models of the same classes, in the same order",
-            )
-    labels = read_labels(args.labels) or (list(named[0][1].classes) if named else None)
+    labels = read_labels(args.labels) or ensemble_classes(list(zip(models, saved, strict=True)))
     heading = f"ensemble of {len(models)}, the softmax averaged: {', '.join(map(str, models))}" if models[1:] else None
     if args.dense:
         require_images(args.input, "--dense")
@@ -280,7 +272,8 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
     views = args.views * len(args.scales or (None,))  # the rows each image gives: its views at each scale
     if args.input or args.views > 1 or args.scales:  # each model's inputs, as it prepares images, a pass at a time
         names = []
-        passes = input_passes(args.input or [], shape, saved, args.views, args.scales, args.batch, names)
+        rows = None if args.time or args.distributed else args.batch  # these two read every input first
+        passes = input_passes(args.input or [], shape, saved, args.views, args.scales, rows, names)
     else:
         flag = "--random" if args.random else "--batch"
         drawn = random_inputs(args.random or args.batch or 1, shape, args.seed, flag)
@@ -338,8 +331,8 @@ def run_command(path: Path, args: argparse.Namespace) -> int:
             f"{', ' + dtype}{', steps timed one at a time' if net else ', distributed'})"
         )
         if net is not None:
-            passes = len(x)  # the rows that ran: with --views, each input's views
-            largest = min(args.batch or passes, passes)  # the largest pass's batch
+            ran = len(x)  # the rows that ran: with --views, each input's views
+            largest = min(args.batch or ran, ran)  # the largest pass's batch
             print("\n".join(_time_tables(net, step_times, largest)))
     return 0
 

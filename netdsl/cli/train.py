@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from netdsl.cli.flags import image_sizes, output_file, require_weights, seconds, seed_number
+from netdsl.cli.flags import ensemble_classes, image_sizes, output_file, require_weights, seconds, seed_number
 from netdsl.codegen.interpret import use_interpreter
 from netdsl.errors import NetError
 from netdsl.files import parse_json, refuse_folder, write_arrays
@@ -417,17 +417,11 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
     )  # fmt: skip
     if split.skipped and world.leader:
         print(f"skipped {len(split.skipped)} unreadable images (first: {split.skipped[0]})", file=sys.stderr)
-    named = [member for member in members if member.own is not None and member.own.classes]
+    named = ensemble_classes([(member.path, member.own) for member in members])  # the weights' class names
     for member in members:
         member.preprocess = member.own or split.preprocess
         if member.own is None and world.leader:
             print(f"note: {member.path} carries no preprocessing; using the data's own mean", file=sys.stderr)
-        if member in named and list(member.own.classes) != list(named[0].own.classes):
-            raise NetError(
-                f"{member.path} was trained on other classes than {named[0].path}",
-                where=str(member.path),
-                hint="an ensemble averages models of the same classes, in the same order",
-            )
     parts = {"val": [split.val], "train": [split.train], "all": [split.train, split.val]}[args.split]
     parts = [part for part in parts if part is not None]
     if not parts:
@@ -436,7 +430,7 @@ def _eval(args: argparse.Namespace, models: list[tuple[Path, Path, str]]) -> int
         if validated is not None:
             hint = f"the run trained on all of it and validated on {validated}: --data {validated} --split all"
         raise NetError("the data has no validation images", where="--data", hint=hint)
-    trained = list(named[0].own.classes) if named else list(first.preprocess.classes)  # the weights' class names
+    trained = named or list(first.preprocess.classes)  # the weights' class names
     relabel = labels_by_name(split.classes, trained, str(args.data))
     if relabel is not None and world.leader:
         print(
