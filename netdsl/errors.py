@@ -138,3 +138,24 @@ _OS_HINTS = {
 def os_hint(error: OSError) -> str:
     """A hint for a file that could not be read or written, from what the operating system said."""
     return _OS_HINTS.get(error.errno, "check the path, its permissions and the free disk space")
+
+
+# The errors the system gives about a path that are never netdsl's bugs: its name, its permissions, its disk
+_ENVIRONMENT = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def environment_error(error: OSError) -> NetError | None:
+    """An OSError the command did not foresee that is about the user's path or machine, not a bug: a name longer
+    than the file system takes (pathlib's `exists` and `is_file` raise it, where a missing file is only False,
+    so it fails at whichever look-up meets it first), no permission, a full or read-only disk. Said as the
+    foreseen ones are, naming the path and with a hint; None for any other OSError."""
+    if error.errno not in _ENVIRONMENT:
+        return None
+    where = error.filename if isinstance(error.filename, str) else None
+    shown = f"{where[:60]}...{where[-20:]}" if where is not None and len(where) > 100 else where
+    path = f"the path {shown}" if where is not None else "a path"
+    if error.errno == errno.ENAMETOOLONG:
+        message = f"a name in {path} is longer than the file system takes"
+    else:
+        message = f"cannot use {path}: {error.strerror}"
+    return NetError(message, where=where, hint=os_hint(error))

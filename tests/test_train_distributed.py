@@ -257,3 +257,17 @@ def test_eval_under_torchrun_sums_each_processs_share(tmp_path, digits_like, cap
         assert list(two["files"]) == list(one["files"]) and len(one["files"]) == (74 if split == "all" else 1)
         assert (two["labels"] == one["labels"]).all() and (two["predicted"] == one["predicted"]).all()
         np.testing.assert_allclose(two["probabilities"], one["probabilities"], rtol=0, atol=1e-5)
+
+
+def test_a_path_the_system_refuses_is_each_ranks_error_under_torchrun(tmp_path):
+    """`eval --data` with a name past the file system's 255 bytes, in two processes: pathlib's look-up raises
+    an OSError no command foresaw; each rank says it as the one process does (exit 1, the path named, a hint),
+    not as an internal error."""
+    from netdsl.lang.frontend import load_graph
+    from netdsl.runtime.weights import init_weights, save_weights
+
+    save_weights(tmp_path / "w.safetensors", init_weights(load_graph(LENET)))
+    args = [LENET, "--weights", "w.safetensors", "--data", "a" * 300, "--workers", "0"]
+    for code, err in _finish(_start(2, args, tmp_path, "eval")):
+        assert code == 1 and "is longer than the file system takes" in err and "hint: choose a shorter name" in err
+        assert "internal error" not in err and "Traceback" not in err, err

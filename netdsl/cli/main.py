@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import math
 import re
 import sys
@@ -25,7 +24,7 @@ from netdsl.cli.tune import add_command as add_tune_command
 from netdsl.compiler.backward import TRAINING_PASS_NAMES
 from netdsl.compiler.passes import PASS_NAMES, Options, check_options
 from netdsl.compiler.training import RECOMPUTE
-from netdsl.errors import NetError, did_you_mean, os_hint
+from netdsl.errors import NetError, did_you_mean, environment_error, os_hint
 from netdsl.files import refuse_folder, refuse_overwriting
 from netdsl.ir.dtypes import DTYPES, dot_precision
 from netdsl.lang.build import MEMORY_UNITS
@@ -458,27 +457,6 @@ def _printable(stream) -> None:
         stream.reconfigure(errors="backslashreplace")
 
 
-# The errors the system gives about a path that are never netdsl's bugs: its name, its permissions, its disk
-_ENVIRONMENT = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS}
-
-
-def _environment_error(error: OSError) -> NetError | None:
-    """An OSError the command did not foresee that is about the user's path or machine, not a bug: a name longer
-    than the file system takes (pathlib's `exists` and `is_file` raise it, where a missing file is only False,
-    so it fails at whichever look-up meets it first), no permission, a full or read-only disk. Said as the
-    foreseen ones are, naming the path and with a hint; None for any other OSError."""
-    if error.errno not in _ENVIRONMENT:
-        return None
-    where = error.filename if isinstance(error.filename, str) else None
-    shown = f"{where[:60]}...{where[-20:]}" if where is not None and len(where) > 100 else where
-    path = f"the path {shown}" if where is not None else "a path"
-    if error.errno == errno.ENAMETOOLONG:
-        message = f"a name in {path} is longer than the file system takes"
-    else:
-        message = f"cannot use {path}: {error.strerror}"
-    return NetError(message, where=where, hint=os_hint(error))
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _printable(sys.stdout)
@@ -488,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return run(argv)
         except OSError as error:
-            named = _environment_error(error)
+            named = environment_error(error)
             if named is None:
                 raise
             raise named from None

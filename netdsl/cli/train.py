@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from netdsl.cli.flags import ensemble_classes, image_sizes, output_file, require_weights, seconds, seed_number
 from netdsl.codegen.interpret import use_interpreter
-from netdsl.errors import NetError
+from netdsl.errors import NetError, environment_error
 from netdsl.files import parse_json, refuse_folder, write_arrays
 
 if TYPE_CHECKING:  # the annotations of Member; imported where they are used, as the commands load lazily
@@ -146,8 +146,11 @@ def _under_torchrun(command, args: argparse.Namespace) -> int:
         return command(args)
     try:
         code = command(args)
-    except NetError as error:
-        print(error.format(), file=sys.stderr)
+    except (NetError, OSError) as error:
+        said = error if isinstance(error, NetError) else environment_error(error)  # as main() says them
+        if said is None:
+            raise
+        print(said.format(), file=sys.stderr)
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
