@@ -291,7 +291,8 @@ WEIGHTS += ["images", "data.npz", "tiny.net", "build", "run/checkpoints", "\udcf
 DATA = ["data.npz"] * 4 + ["images"] * 3 + ["list.txt"] * 2 + ["missing", "", "photo.png", "tiny.net", ".", "run"]
 DATA += ["images/cat", "labels.txt"]
 DATA += ["one.npy", "\udcff", "DIGITS"]
-INPUTS = ["one.npy", "batch.npy", "photo.png", "missing.npy", "tiny.net", "images", "", "labels.txt", "data.npz"]
+INPUTS = ["one.npy", "batch.npy", "photo.png", "missing.npy", "tiny.net", "images", "list.txt", "", "labels.txt",
+          "data.npz"]  # fmt: skip
 DTYPES = ["fp32", "tf32", "fp16", "bf16", "fp8", "float32", ""]
 MEMORY = ["16GiB", "1KB", "1 B", "0", "-1", "1.5 MiB", "1 XB", "nan", "inf", "1" + "0" * 400, "1e3GiB", "", "9" * 40]
 PLAN = {
@@ -1061,6 +1062,7 @@ READERS = {
     "list": ("list.txt", [
         ["train", "tiny.net", "--data", "{}", "--out", "new"],
         ["eval", "tiny.net", "--weights", "run", "--data", "{}", "--split", "all"],
+        ["run", "tiny.net", "--backend", "torch", "--input", "{}", "--batch", "3"],
     ]),
     "image": ("photo.png", [
         ["run", "tiny.net", "--backend", "torch", "--input", "{}"],

@@ -180,6 +180,10 @@ def test_the_neighbours_of_image_files_are_those_of_the_net_by_hand(trained, tmp
     code, again, err = neighbours(capsys, net, "--weights", run, "--data", folder, "--val-fraction", "0",
                                   "--input", tmp_path / "asked", "-k", 4)  # fmt: skip
     assert code == 0 and again == out.split("\nwrote ")[0] + "\n", err  # a folder: its images, in order
+    (tmp_path / "asked.txt").write_text("asked/q1.png\nasked/q2.png 1\n")  # a list: its images, a class passed over
+    code, again, err = neighbours(capsys, net, "--weights", run, "--data", folder, "--val-fraction", "0",
+                                  "--input", tmp_path / "asked.txt", "-k", 4)  # fmt: skip
+    assert code == 0 and again == out.split("\nwrote ")[0] + "\n", err
 
 
 def test_without_files_the_first_validation_images_ask(trained, capsys):

@@ -595,6 +595,35 @@ def test_a_folder_of_inputs_is_its_images_in_order(tmp_path, capsys):
     assert f"{empty}: error: the folder {empty} holds no images" in err and "Traceback" not in err
 
 
+def test_an_image_list_of_inputs_is_its_images_in_its_order(tmp_path, capsys):
+    """--input LIST.txt: the images it names, in its order, relative to its folder, a line with an image alone
+    (spaces in its name) or with a class (a training or validation list: the class passed over): the same
+    outputs, row by row, as the files named one by one; a list's mistakes are errors at their line."""
+    folder = tmp_path / "photos"
+    (folder / "b").mkdir(parents=True)
+    images = _gray_images(folder, [(40, 52), (36, 36)], seed=23)
+    images += _gray_images(folder / "b", [(33, 40)], seed=24)
+    spaced = folder / "my photo.png"
+    Path(images[1]).rename(spaced)
+    listed = tmp_path / "queries.txt"
+    listed.write_text(f"# queries\nphotos/b/image0.png 3\n\n  photos/my photo.png\r\n{images[0]} owl\n")
+    file, _, _ = _trained_like(tmp_path, seed=5)
+    run = partial(saved_run, tmp_path, capsys, LENET, "--backend", "torch", "--weights", str(file))
+    named = [images[2], str(spaced), images[0]]
+    for flags in ([], ["--batch", "2"]):  # (in passes of 2, against passes of 2: a batch's size moves fp32 sums)
+        np.testing.assert_array_equal(run("--input", str(listed), *flags), run("--input", *named, *flags))
+    for text, message in (
+        ("photos/b/image0.png\nphotos/gone.png 1\n", "queries.txt:2:1: error: no such image: "),
+        ("photos/b/image0.png\nnotes\n", "queries.txt:2:1: error: notes is not an image file"),
+        ("# nothing yet\n", "queries.txt: error: the list "),
+    ):
+        listed.write_text(text)
+        capsys.readouterr()
+        assert main(["run", LENET, "--input", str(listed), "--backend", "torch"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
 def test_inputs_are_read_a_pass_at_a_time(tmp_path, capsys, monkeypatch):
     """--batch N: each file is read when its rows are next, so a folder of any size holds a pass's images in
     memory (an ensemble runs each pass through every model); an array of several images fills passes across

@@ -207,8 +207,8 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="images (.jpg, .png, ...: as trained weights say, else the shorter side to 256, the centre crop, "
-        "ImageNet's mean subtracted), folders of images, or .npy arrays of one image (C x H x W) or a batch "
-        "(N x C x H x W)",
+        "ImageNet's mean subtracted), folders of images, image lists (LIST.txt: a line per image, a class after it "
+        "passed over), or .npy arrays of one image (C x H x W) or a batch (N x C x H x W)",
     )
     source.add_argument("--random", type=_positive, metavar="N", help="N random images (the default: 1)")
     run.add_argument(

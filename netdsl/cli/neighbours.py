@@ -31,7 +31,8 @@ def add_command(commands, positive) -> None:
     )
     sub.add_argument(
         "--input", type=Path, nargs="+", metavar="IMAGE",
-        help="the query images, or folders of them (default: the first --queries validation images of --data)",
+        help="the query images, folders of them or image lists (LIST.txt) (default: the first --queries validation "
+        "images of --data)",
     )  # fmt: skip
     sub.add_argument(
         "--queries", type=positive, metavar="N", help=f"without --input: how many validation images (default {QUERIES})"

@@ -91,7 +91,8 @@ def _read_npy(path: Path, image_suffixes) -> np.ndarray:
             raise NetError(
                 f"{path} is neither an image nor a .npy array",
                 where=str(path),
-                hint=f"give images ({', '.join(sorted(image_suffixes))}) or arrays saved with numpy.save",
+                hint=f"give images ({', '.join(sorted(image_suffixes))}), folders or lists (.txt) of them, or arrays "
+            "saved with numpy.save",
             )
         try:
             handle.seek(0)
@@ -126,14 +127,19 @@ def _read_npy(path: Path, image_suffixes) -> np.ndarray:
 
 
 def input_files(paths: list[Path] | None) -> list[Path] | None:
-    """--input's files: each file as named, and for a folder the images in it and its subfolders (sorted; names
-    starting with a dot left out). A folder without images is an error naming it."""
+    """--input's files: each file as named, for a folder the images in it and its subfolders (sorted; names
+    starting with a dot left out), and for an image list (LIST.txt) the images it names, in its order (their
+    classes, where it gives them, passed over). A folder without images is an error naming it."""
     from netdsl.train.augment import IMAGE_SUFFIXES, images_in
+    from netdsl.train.listing import is_image_list, list_images
 
     if not paths:
         return paths
     files = []
     for path in paths:
+        if is_image_list(path):
+            files += map(Path, list_images(path))
+            continue
         found = images_in(path) if path.is_dir() else [path]
         if not found:
             raise NetError(

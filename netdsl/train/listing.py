@@ -9,7 +9,7 @@ The image's path is relative to the list's folder (or absolute) and may hold spa
 last word. Classes are whole numbers (0, 1, ...: the net's outputs, as Caffe numbers them) or, where any is
 not, names (sorted, as a data folder's class folders are). Blank lines and lines starting with `#` are passed
 over. ImageNet's validation set (one flat folder of JPEGs, their classes given apart) is read through such a
-list.
+list. A list of images to run a net on (`list_images`) may leave the classes out.
 """
 
 from __future__ import annotations
@@ -48,38 +48,7 @@ def read_list(path: Path, num_outputs: int | None = None) -> tuple[list[str], li
     order. Every mistake (a line without a class, an image that is not there or not an image, a class number
     past the net's `num_outputs`) is a NetError at its line and column. Strings, not Path objects, for speed:
     ImageNet's list is 1.28 million lines."""
-    try:
-        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark, as some editors write, is not a name
-    except OSError as error:
-        raise NetError(f"cannot read {path}: {error.strerror or error}", where=str(path), hint=os_hint(error)) from None
-    except UnicodeDecodeError as error:
-        raise NetError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})", where=str(path),
-                       hint="save the list as UTF-8 text") from None  # fmt: skip
-    file, folder = str(path), str(path.parent)
-    Sources.remember(file, text)  # so that an error can quote its line
-    images, written, places = [], [], []  # each line's image, its class as written, and where the class is
-    for number, line in enumerate(text.split("\n"), 1):
-        line = line.removesuffix("\r")
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        start = len(line) - len(line.lstrip())
-        parts = stripped.rsplit(None, 1)
-        if len(parts) < 2 or os.path.splitext(parts[1])[1].lower() in IMAGE_SUFFIXES:  # "my cat.jpg": no class
-            raise NetError(f"`{stripped}` names no class", span=Span(file, number, start + 1), hint=LINE_HINT)
-        name, label = parts
-        image = os.path.join(folder, name)
-        if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
-            raise NetError(f"{name} is not an image file", span=_name_span(file, number, start, name),
-                           hint=f"image files end in {', '.join(sorted(IMAGE_SUFFIXES))}")  # fmt: skip
-        if not os.path.isfile(image):  # (False too for a name the system cannot look up)
-            raise NetError(f"no such image: {image}", span=_name_span(file, number, start, name),
-                           hint="the path is relative to the list's folder")  # fmt: skip
-        images.append(image)
-        written.append(label)
-        places.append((number, start + len(stripped) - len(label) + 1))
-    if not images:
-        raise NetError(f"the list {path} names no images", where=file, hint=LINE_HINT)
+    file, images, written, places = _read_lines(path, need_class=True)
     if all(label.isascii() and label.isdigit() for label in written):  # class numbers, as Caffe's lists
         labels = [int(label) for label in written]
         for label, value, (number, column) in zip(written, labels, places, strict=True):
@@ -97,6 +66,58 @@ def read_list(path: Path, num_outputs: int | None = None) -> tuple[list[str], li
         index = {name: number for number, name in enumerate(classes)}
         labels = [index[label] for label in written]
     return classes, images, np.asarray(labels, dtype=np.int64)
+
+
+def list_images(path: Path) -> list[str]:
+    """The images that the list at `path` names, in its order, for running a net on them: a line may name an
+    image alone (`photos/my cat.jpg`) or with a class, which is passed over (a training or validation list)."""
+    return _read_lines(path, need_class=False)[1]
+
+
+def _read_lines(path: Path, need_class: bool) -> tuple[str, list[str], list[str], list[tuple[int, int]]]:
+    """The list at `path` read line by line: its name as errors give it, each line's image, its class as
+    written (None where `need_class` is false and the line names only an image) and where the class starts
+    (line, column). Blank lines and comments are passed over; an image that is not there is an error."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark, as some editors write, is not a name
+    except OSError as error:
+        raise NetError(f"cannot read {path}: {error.strerror or error}", where=str(path), hint=os_hint(error)) from None
+    except UnicodeDecodeError as error:
+        raise NetError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})", where=str(path),
+                       hint="save the list as UTF-8 text") from None  # fmt: skip
+    file, folder = str(path), str(path.parent)
+    Sources.remember(file, text)  # so that an error can quote its line
+    images, written, places = [], [], []  # each line's image, its class as written, and where the class is
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        start = len(line) - len(line.lstrip())
+        parts = stripped.rsplit(None, 1)
+        if len(parts) < 2 or _is_image_name(parts[1]):  # "my cat.jpg": no class
+            if need_class:
+                raise NetError(f"`{stripped}` names no class", span=Span(file, number, start + 1), hint=LINE_HINT)
+            parts = [stripped, None]  # the line is the image's name, spaces and all
+        name, label = parts
+        image = os.path.join(folder, name)
+        if not _is_image_name(name):
+            raise NetError(f"{name} is not an image file", span=_name_span(file, number, start, name),
+                           hint=f"image files end in {', '.join(sorted(IMAGE_SUFFIXES))}")  # fmt: skip
+        if not os.path.isfile(image):  # (False too for a name the system cannot look up)
+            raise NetError(f"no such image: {image}", span=_name_span(file, number, start, name),
+                           hint="the path is relative to the list's folder")  # fmt: skip
+        images.append(image)
+        written.append(label)
+        places.append((number, start + len(stripped) - len(label or "") + 1))
+    if not images:
+        hint = LINE_HINT if need_class else "write a line per image: photos/cat1.jpg"
+        raise NetError(f"the list {path} names no images", where=file, hint=hint)
+    return file, images, written, places
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
 def _name_span(file: str, number: int, start: int, name: str) -> Span:
