@@ -305,7 +305,8 @@ def labels_by_name(data_classes: list[str], trained: list[str], where: str) -> l
             f"the data's class{'es' if len(unknown) > 1 else ''} {shown} {'are' if len(unknown) > 1 else 'is'} not "
             f"among the {len(trained)} the weights were trained on ({known})",
             where=where,
-            hint="evaluate on images of the trained classes: a folder's subfolder names are its class names",
+            hint="evaluate on images of the trained classes, named as in training (a folder's class names are its "
+            "subfolders' names, an image list's the last word of each line)",
         )
     return [trained.index(name) for name in data_classes]
 
