@@ -212,7 +212,7 @@ def test_val_data_of_an_npz_file_and_by_class_numbers(folder, tmp_path):
         (lambda t, f: t / "missing.txt", "missing.txt: error: no validation images at"),
         (lambda t, f: "digits", "digits: error: no validation images at digits"),
         (lambda t, f: (t / "v.txt").write_text(f"{next((f / 'cat').glob('*.png'))} lion\n") and t / "v.txt",
-         "v.txt: error: the validation classes lion are not among the training data's 3 (cat, dog, owl)"),
+         "error: the validation classes lion are not among the training data's 3 (cat, dog, owl)"),
         (lambda t, f: (t / "v.md").write_text("x") and t / "v.md", "v.md: error: "),
     ],
     ids=["missing", "digits", "unknown-class", "not-data"],
@@ -225,6 +225,25 @@ def test_val_data_mistakes_are_errors_naming_it(folder, tmp_path, capsys, make, 
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+def test_a_class_the_training_never_had_is_an_error_at_its_line(folder, tmp_path, capsys):
+    """A list's class that the training data (--val-data) or the weights (eval) lack is an error at the line and
+    column where the list first gives it."""
+    net = tmp_path / "tiny.net"
+    net.write_text(TINY)
+    listed = tmp_path / "v.txt"
+    listed.write_text("images/cat/0.png cat\n\nimages/dog/1.png  lion\nimages/dog/2.png lion\n")
+    argv = ["train", str(net), "--data", str(folder), "--steps", "1", "--batch", "4", *PLAIN]
+    assert main([*argv, "--val-data", str(listed), "--out", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert f"{listed}:3:19: error: the validation classes lion are not among the training data's 3" in err, err
+    assert "    3 | images/dog/1.png  lion\n      |                   ^^^^\n" in err and "Traceback" not in err
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(net), "--weights", str(tmp_path / "b"), "--data", str(listed), "--split", "all"]) == 1
+    err = capsys.readouterr().err
+    assert f"{listed}:3:19: error: the data's class lion is not among the 3 the weights were trained on" in err, err
 
 
 def test_data_with_its_own_validation_images_and_val_data_is_refused(folder, tmp_path, capsys):

@@ -34,7 +34,7 @@ from netdsl.train.augment import (
     principal_components,
     sample_rng,
 )
-from netdsl.train.listing import DATA_HINT, class_folders, is_image_list, read_list
+from netdsl.train.listing import DATA_HINT, class_folders, class_place, is_image_list, read_list
 from netdsl.train.samples import SKIP_HINT, ArrayImages, ImageFiles, Samples
 from netdsl.train.world import World
 
@@ -234,7 +234,7 @@ def _validation_apart(spec: str, base: Preprocess, classes: list[str], num_outpu
         if unknown:
             known = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
             raise NetError(f"the validation classes {', '.join(unknown[:5])} are not among the training data's "
-                           f"{len(classes)} ({known})", where=spec,
+                           f"{len(classes)} ({known})", where=spec, span=class_place(spec, unknown[0]),
                            hint="validate on images of the training classes, named as they are")  # fmt: skip
         val.labels = np.asarray([classes.index(name) for name in val_classes], dtype=np.int64)[val.labels]
     return val
@@ -305,6 +305,7 @@ def labels_by_name(data_classes: list[str], trained: list[str], where: str) -> l
             f"the data's class{'es' if len(unknown) > 1 else ''} {shown} {'are' if len(unknown) > 1 else 'is'} not "
             f"among the {len(trained)} the weights were trained on ({known})",
             where=where,
+            span=class_place(where, unknown[0]),
             hint="evaluate on images of the trained classes, named as in training (a folder's class names are its "
             "subfolders' names, an image list's the last word of each line)",
         )

@@ -68,6 +68,17 @@ def read_list(path: Path, num_outputs: int | None = None) -> tuple[list[str], li
     return classes, images, np.asarray(labels, dtype=np.int64)
 
 
+def class_place(spec: str, name: str) -> Span | None:
+    """Where the image list `spec` first gives the class `name` (for an error about that class); None where
+    `spec` is not a list (a folder's classes are its subfolders)."""
+    path = Path(spec)
+    if not is_image_list(path):
+        return None
+    file, _, written, places = _read_lines(path, need_class=True)
+    number, column = places[written.index(name)]
+    return Span(file, number, column, number, column + len(name))
+
+
 def list_images(path: Path) -> list[str]:
     """The images that the list at `path` names, in its order, for running a net on them: a line may name an
     image alone (`photos/my cat.jpg`) or with a class, which is passed over (a training or validation list)."""
