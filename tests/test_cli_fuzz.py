@@ -208,7 +208,7 @@ def run_case(world: Path, scratch: Path, case: Case, tally: Counter) -> Result:
 
 ANSI = re.compile(r"\033\[[0-9;]*m")
 COMMAND_NAMES = ("check", "info", "graph", "compile", "export", "import", "run", "train", "eval", "tune", "fmt",
-                 "filters", "neighbours")  # fmt: skip
+                 "filters", "neighbours", "runs")  # fmt: skip
 ERROR_LINE = re.compile(r"^(?P<where>.+?): error: (?P<message>.+)$", re.M)
 
 
@@ -607,6 +607,17 @@ def command_neighbours(rng: random.Random) -> Case:
     return Case(argv, outputs=[written[-1]] if written and written[-1] == "n.png" else [])
 
 
+def command_runs(rng: random.Random) -> Case:
+    folders = ["run"] * 3 + [".", "run/checkpoints", "images", "missing", "", "tiny.net", "run/recipe.json", "new"]
+    table = {
+        "--sort": ["best", "name", "worst", ""],
+        "-o": ["r.png"] * 3 + ["r.jpg", "images", "", "sub/r.png", "photo.png", "run/recipe.json"],
+    }
+    argv = ["runs", *rng.choices(folders, k=rng.randrange(3)), *flags(rng, table, rng.randrange(3))]
+    written = [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "-o"]
+    return Case(argv, outputs=[written[-1]] if written and written[-1] == "r.png" else [])
+
+
 def command_fmt(rng: random.Random) -> Case:
     files = rng.choices(["tiny.net", "recipe.net", "missing.net", "images", "data.npz", "photo.png", "run", ""], k=2)
     return Case(["fmt", *files[: rng.randint(1, 2)], *rng.sample(["--check", "--diff", "--check"], rng.randint(0, 2))])
@@ -639,7 +650,7 @@ def command_top(rng: random.Random) -> Case:
 COMMANDS = [
     (command_check, 10), (command_graph, 5), (command_compile, 10), (command_export, 4), (command_import, 3),
     (command_run, 22), (command_train, 26), (command_eval, 10), (command_tune, 3), (command_fmt, 3),
-    (command_filters, 4), (command_neighbours, 5), (command_top, 4),
+    (command_filters, 4), (command_neighbours, 5), (command_runs, 3), (command_top, 4),
 ]  # fmt: skip
 
 
@@ -1025,10 +1036,13 @@ READERS = {
         ["train", "tiny.net", "--resume", "{}", "--steps", "3"],
         ["eval", "tiny.net", "--weights", "{}", "--data", "data.npz"],
         ["run", "tiny.net", "--backend", "torch", "--weights", "{}"],
+        ["runs", "{}", "-o", "r.png"],
     ]),
     "run recipe": ("run/recipe.json", [["train", "--resume", "run", "--steps", "2"],
-                                       ["eval", "tiny.net", "--weights", "run", "--data", "data.npz"]]),
-    "run metrics": ("run/metrics.jsonl", [["train", "--resume", "run", "--steps", "4", "--batch", "3"]]),
+                                       ["eval", "tiny.net", "--weights", "run", "--data", "data.npz"],
+                                       ["runs", "."]]),
+    "run metrics": ("run/metrics.jsonl", [["train", "--resume", "run", "--steps", "4", "--batch", "3"],
+                                          ["runs", "run", "-o", "r.png"]]),
     "recipe": ("recipe.net", [["train", "tiny.net", "--recipe", "{}", "--data", "data.npz", "--out", "new"]]),
     "net": ("tiny.net", [
         ["train", "{}", "--data", "data.npz", "--out", "new"],
@@ -1081,7 +1095,7 @@ READERS = {
         ["compile", "{}", "-o", "out", "--no-sm90"],
     ]),
 }  # fmt: skip
-OUTPUTS = {"train": "new", "compile": "out", "export": "out.onnx", "import": "m.net"}
+OUTPUTS = {"train": "new", "compile": "out", "export": "out.onnx", "import": "m.net", "runs": "r.png"}
 
 
 def random_file_case(rng: random.Random) -> Case:

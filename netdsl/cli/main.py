@@ -18,6 +18,7 @@ from netdsl.cli.fmt import add_command as add_fmt_command
 from netdsl.cli.fmt import fmt_command
 from netdsl.cli.neighbours import add_command as add_neighbours_command
 from netdsl.cli.onnx_input import imported_model, onnx_importer
+from netdsl.cli.runs import add_command as add_runs_command
 from netdsl.cli.train import add_commands as add_training_commands
 from netdsl.cli.train import eval_command, train_command
 from netdsl.cli.tune import add_command as add_tune_command
@@ -281,6 +282,7 @@ def _parser() -> argparse.ArgumentParser:
     add_fmt_command(commands)
     add_filters_command(commands, _positive)
     add_neighbours_command(commands, _positive)
+    add_runs_command(commands)
     return parser
 
 
@@ -300,6 +302,10 @@ def run(argv: list[str]) -> int:
         return eval_command(args)
     if args.command == "fmt":
         return fmt_command(args)
+    if args.command == "runs":
+        from netdsl.cli.runs import runs_command
+
+        return runs_command(args)
     path = args.net or default_net()
     args.given = path  # what the user named, before an ONNX model is imported or a build folder read
     if path.suffix.lower() == ".onnx" and args.command == "compile":

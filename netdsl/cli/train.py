@@ -161,21 +161,14 @@ def _train(args: argparse.Namespace) -> int:
     from netdsl.lang.frontend import load_graph, load_recipe
     from netdsl.runtime.devices import parse_devices
     from netdsl.train.loop import StoppedError, Trainer
-    from netdsl.train.recipe import Recipe, resolve
-    from netdsl.train.runs import RECIPE, RunFolder
+    from netdsl.train.recipe import resolve
+    from netdsl.train.runs import RECIPE, ROOT, RunFolder
 
     if args.resume is not None:
         run = RunFolder(args.resume)
         run.create(resume=True)
-        record = run.read_recipe()
+        record, saved = run.saved_recipe()
         where = str(run.path / RECIPE)
-        if not isinstance(record, dict) or "recipe" not in record:
-            raise NetError(
-                f"{RECIPE} is not a run's record (no `recipe` in it): it was damaged",
-                where=where,
-                hint="restore it from a copy (netdsl writes it when a run starts), or start a new run",
-            )
-        saved = Recipe.from_dict(record["recipe"], where=where)
         if args.net is None and not isinstance(record.get("net"), str):
             hint = "give the net: netdsl train NET.net --resume RUN"
             raise NetError(f"{RECIPE} does not name the run's net", where=where, hint=hint)
@@ -199,7 +192,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.find_lr is not None:
         return _find_lr(net, recipe, args)
     if args.resume is None:
-        run = RunFolder(args.out or Path("runs") / graph.graph["name"])
+        run = RunFolder(args.out or ROOT / graph.graph["name"])
         run.check_new()
     trainer = Trainer(net, recipe, run, devices=parse_devices(args.devices), resume=args.resume is not None)
     leader = trainer.world.leader

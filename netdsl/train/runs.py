@@ -27,6 +27,7 @@ from netdsl.errors import NetError, os_hint
 from netdsl.files import parse_json, write_atomic, write_atomic_bytes
 from netdsl.runtime.weights import weight_specs
 from netdsl.train import scan
+from netdsl.train.recipe import Recipe
 
 RECIPE = "recipe.json"
 METRICS = "metrics.jsonl"
@@ -34,6 +35,7 @@ CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
 WEIGHTS = "weights.safetensors"
 CURVES = "curves.png"
+ROOT = Path("runs")  # where a run without --out goes: runs/<net name>
 MEASURED = ("images_per_s", "data_wait")  # a step record's timings: the one part a resumed run does not repeat
 TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{16}$")  # netdsl.files.new_temporary's names
 
@@ -121,6 +123,18 @@ class RunFolder:
                 hint=f"the run's {RECIPE} was edited or damaged: put the file back, or start a new run (--out)",
             ) from None
 
+    def saved_recipe(self) -> tuple[dict, Recipe]:
+        """recipe.json's record (the net it names, ...) and the recipe in it, checked as a resume checks it."""
+        record = self.read_recipe()
+        where = str(self.path / RECIPE)
+        if not isinstance(record, dict) or "recipe" not in record:
+            raise NetError(
+                f"{RECIPE} is not a run's record (no `recipe` in it): it was damaged",
+                where=where,
+                hint="restore it from a copy (netdsl writes it when a run starts), or start a new run",
+            )
+        return record, Recipe.from_dict(record["recipe"], where=where)
+
     def best(self, epoch: int) -> Path:
         """The checkpoint of epoch `epoch` (counted from 0) among the best: named by its number as the run's
         messages count epochs, from 1 (`best-e0005.ckpt` for "epoch 5")."""
@@ -144,6 +158,28 @@ def _a_record(record) -> bool:
 _METRICS_HINT = f"{METRICS} is a file netdsl writes in the run folder: remove what stands in its place"
 
 
+def metric_records(path: Path) -> list[dict]:
+    """The records of the metrics file at `path`, in order (none where there is no file): lines a killed run
+    left half-written, and lines netdsl did not write, are passed over."""
+    if not path.is_file():
+        return []
+    try:  # bytes that are not UTF-8 spoil their line only, which is skipped as any line not netdsl's
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as error:
+        raise NetError(
+            f"cannot read {METRICS}: {error.strerror or error}", where=str(path), hint=os_hint(error)
+        ) from None
+    records = []
+    for line in text.splitlines():
+        try:
+            record = parse_json(line)
+        except ValueError:
+            continue  # a line a killed run left half-written
+        if _a_record(record):  # else not a line netdsl wrote: edited, or another file's
+            records.append(record)
+    return records
+
+
 class Metrics:
     """metrics.jsonl: appended line by line; the whole file is rewritten atomically at each checkpoint,
     and on resume only the lines up to the checkpoint's step are kept, and of the epoch records those of
@@ -156,19 +192,7 @@ class Metrics:
         if path.is_dir():
             raise NetError(f"{path} is a folder, not the run's {METRICS}", where=str(path), hint=_METRICS_HINT)
         if keep_until_step is not None and path.is_file():
-            try:  # bytes that are not UTF-8 spoil their line only, which is skipped as any line not netdsl's
-                text = path.read_text(encoding="utf-8", errors="replace")
-            except OSError as error:
-                raise NetError(
-                    f"cannot read {METRICS}: {error.strerror or error}", where=str(path), hint=os_hint(error)
-                ) from None
-            for line in text.splitlines():
-                try:
-                    record = parse_json(line)
-                except ValueError:
-                    continue  # a line a killed run left half-written
-                if not _a_record(record):
-                    continue  # not a line netdsl wrote: edited, or another file's
+            for record in metric_records(path):
                 if record.get("step", 0) > keep_until_step:
                     continue
                 unended = keep_until_epoch is not None and record.get("epoch", 0) > keep_until_epoch
