@@ -66,12 +66,15 @@ def test_each_runs_figures_are_the_ones_it_recorded(runs, capsys, monkeypatch):
         validated = [line for line in epochs if line["val_top1"] is not None]
         best = max(validated, key=lambda line: line["val_top1"])
         last = final or validated[-1]
-        net, progress, best_top1, at, last_top1, val_loss, train_loss, _ = cells
+        net, progress, best_top1, at, last_top1, val_loss, train_loss, speed, _ = cells
         assert net == "tiny"
         assert progress == ("40/40 steps" if name == "runs/cut/short" else f"{len(epochs)}/{len(epochs)} epochs")
         assert best_top1 == f"{100 * best['val_top1']:.2f}%" and at == str(best["epoch"])
         assert last_top1 == f"{100 * last['val_top1']:.2f}%" and val_loss == f"{last['val_loss']:.4f}"
         assert train_loss == f"{epochs[-1]['train_loss']:.4f}"
+        logged = [json.loads(line) for line in (Path(name) / "metrics.jsonl").read_text().splitlines()]
+        speeds = sorted(line["images_per_s"] for line in logged if line["kind"] == "step")
+        assert speed == f"{speeds[len(speeds) // 2]:,.0f}"  # the median of the logged steps'
     _, final = recorded(runs / "cut" / "short")
     assert final is not None and final["step"] == 40  # the cut run's last figures are its last weights'
     order = list(rows)  # by best validation top-1, highest first
@@ -127,7 +130,7 @@ def test_lines_not_netdsls_are_passed_over_and_a_run_not_yet_validated_shows_das
     assert history.step == max(json.loads(line)["step"] for line in kept)
     assert main(["runs", str(copy)]) == 0
     cells = table(capsys.readouterr().out)[str(copy)]
-    assert cells[1:7] == ["0/2 epochs", "-", "-", "-", "-", "-"]
+    assert cells[1:7] == ["0/2 epochs", "-", "-", "-", "-", "-"] and cells[7] != "-"  # (its steps' speed)
 
 
 def test_the_curves_are_drawn(runs, tmp_path, capsys):

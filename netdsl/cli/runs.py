@@ -51,7 +51,7 @@ def runs_command(args: argparse.Namespace) -> int:
         order.sort(key=lambda i: names[i])
     histories, names = [histories[i] for i in order], [names[i] for i in order]
     header, rows = summary_rows(histories, names)
-    print("\n".join(format_table(header, rows, left={0, 1, 2, 8})))
+    print("\n".join(format_table(header, rows, left={0, 1, 2, 9})))
     if args.output is not None:
         if not plot_histories(args.output, histories, names):
             raise NetError("drawing the runs needs matplotlib", where="--output", hint="pip install 'netdsl[train]'")

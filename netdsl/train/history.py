@@ -29,6 +29,7 @@ class RunHistory:
     epochs: list[dict]
     final: dict | None
     step: int  # the last step a record names
+    speed: float | None = None  # images a second, the median of the logged steps'
 
     @property
     def planned(self) -> str:
@@ -100,10 +101,13 @@ def read_history(path: Path) -> RunHistory:
         elif line.get("kind") == "final":
             final = line
     step = max((line.get("step", 0) for line in lines), default=0)
+    logged = [line for line in lines if line.get("kind") == "step"]
+    speeds = sorted(line["images_per_s"] for line in logged if _number(line.get("images_per_s")))
     if final is not None and final.get("step") != step:
         final = None  # a later resume went on past it
     net = record.get("net") if isinstance(record.get("net"), str) else "?"
-    return RunHistory(run.path, Path(net).stem or "?", recipe, [epochs[n] for n in sorted(epochs)], final, step)
+    speed = speeds[len(speeds) // 2] if speeds else None
+    return RunHistory(run.path, Path(net).stem or "?", recipe, [epochs[n] for n in sorted(epochs)], final, step, speed)
 
 
 def differing(histories: list[RunHistory]) -> list[tuple[str, str | None]]:
@@ -131,7 +135,7 @@ def setting_text(recipe: Recipe, name: str, pattern: str | None) -> str:
 
 def summary_rows(histories: list[RunHistory], names: list[str]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     """The header and a row per run (named as `names` say) of `netdsl runs`' table."""
-    header = ("run", "net", "progress", "best top-1", "at epoch", "last top-1", "val loss", "train loss",
+    header = ("run", "net", "progress", "best top-1", "at epoch", "last top-1", "val loss", "train loss", "img/s",
               "settings that differ")  # fmt: skip
     changed = differing(histories)
     rows = []
@@ -147,6 +151,7 @@ def summary_rows(histories: list[RunHistory], names: list[str]) -> tuple[tuple[s
             _percent(last["val_top1"]) if last else "-",
             _figure(last.get("val_loss")) if last else "-",
             _figure(trained),
+            f"{history.speed:,.0f}" if history.speed is not None else "-",
             ", ".join(setting_text(history.recipe, *setting) for setting in changed) or "-",
         ))  # fmt: skip
     return header, rows
