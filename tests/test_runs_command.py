@@ -95,7 +95,8 @@ def test_the_last_column_names_the_settings_given_differently(runs, capsys):
     }
     assert {name: set(text.split(", ")) for name, text in differs.items()} == wanted
     # two runs alone: only what differs between them
-    assert main(["runs", str(runs / "fast"), str(runs / "slow"), str(runs / "fast")]) == 0  # (each once)
+    again = [str(runs / "fast"), str(runs / "slow" / ".." / "fast")]  # (each run once, as first named)
+    assert main(["runs", str(runs / "fast"), str(runs / "slow"), *again]) == 0
     rows = table(capsys.readouterr().out)
     assert {Path(name).name: cells[-1] for name, cells in rows.items()} == {"fast": "lr 0.05", "slow": "lr 0.01"}
     assert main(["runs", str(runs / "fast")]) == 0  # one run: nothing differs

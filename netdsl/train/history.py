@@ -79,7 +79,10 @@ def find_runs(paths: list[Path]) -> list[Path]:
             hint = f"a run folder (netdsl train's --out) holds {RECIPE} from the run's start on"
             raise NetError(f"{path} holds no training runs", where=str(path), hint=hint)
         found += inside
-    return list(dict.fromkeys(found))
+    once: dict[Path, Path] = {}  # each run once, as it was first named
+    for path in found:
+        once.setdefault(path.resolve(), path)
+    return list(once.values())
 
 
 def _raise(error: OSError) -> None:
@@ -141,7 +144,7 @@ def summary_rows(histories: list[RunHistory], names: list[str]) -> tuple[tuple[s
     rows = []
     for name, history in zip(names, histories, strict=True):
         best, last = history.best, history.last
-        trained = history.epochs[-1]["train_loss"] if history.epochs else None
+        trained = history.epochs[-1].get("train_loss") if history.epochs else None
         rows.append((
             name,
             history.net,
