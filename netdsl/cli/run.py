@@ -91,8 +91,8 @@ def _read_npy(path: Path, image_suffixes) -> np.ndarray:
             raise NetError(
                 f"{path} is neither an image nor a .npy array",
                 where=str(path),
-                hint=f"give images ({', '.join(sorted(image_suffixes))}), folders or lists (.txt) of them, or arrays "
-            "saved with numpy.save",
+                hint=f"give images ({', '.join(sorted(image_suffixes))}), folders or lists (.txt) of them, or "
+                "arrays saved with numpy.save",
             )
         try:
             handle.seek(0)

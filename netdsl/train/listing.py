@@ -70,11 +70,13 @@ def read_list(path: Path, num_outputs: int | None = None) -> tuple[list[str], li
 
 def class_place(spec: str, name: str) -> Span | None:
     """Where the image list `spec` first gives the class `name` (for an error about that class); None where
-    `spec` is not a list (a folder's classes are its subfolders)."""
+    `spec` is not a list (a folder's classes are its subfolders), or no longer gives it."""
     path = Path(spec)
     if not is_image_list(path):
         return None
     file, _, written, places = _read_lines(path, need_class=True)
+    if name not in written:
+        return None
     number, column = places[written.index(name)]
     return Span(file, number, column, number, column + len(name))
 
