@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,10 +19,10 @@ import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 from netdsl.errors import NetError
-from netdsl.files import write_atomic_bytes
 from netdsl.tables import format_table
 from netdsl.train.augment import Preprocess
 from netdsl.train.data import Samples, check_workers
+from netdsl.train.figures import pyplot, save_png
 
 MATRIX_CLASSES = 20  # up to this many classes the confusion matrix is printed whole (about 120 columns)
 CONFUSED_PAIRS = 20  # beyond, the pairs of classes most often confused, largest count first
@@ -357,12 +356,8 @@ class Tally:
 
     def plot_confusion(self, path: Path, names: list[str]) -> bool:
         """The confusion matrix as a PNG, rows normalized; False when matplotlib is not installed."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            from matplotlib import pyplot as plt
-        except ImportError:
+        plt = pyplot()
+        if plt is None:
             return False
         totals = self.confusion.sum(axis=1, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -381,11 +376,7 @@ class Tally:
         axes.set_ylabel("true")
         axes.set_title(f"top-1 {100 * self.accuracy:.2f}% on {self.count:,} images")
         figure.colorbar(image, ax=axes, fraction=0.046)
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=100)
-        plt.close(figure)
-        write_atomic_bytes(Path(path), buffer.getvalue())
+        save_png(figure, path)
         return True
 
 

@@ -5,14 +5,13 @@ and last validation figures, and the settings in which the runs differ."""
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from netdsl.errors import NetError, os_hint
-from netdsl.files import write_atomic_bytes
+from netdsl.train.figures import pyplot, save_png
 from netdsl.train.recipe import SETTINGS, Recipe
 from netdsl.train.runs import CHECKPOINTS, METRICS, RECIPE, RunFolder, metric_records
 from netdsl.train.spec import show
@@ -163,14 +162,11 @@ def summary_rows(histories: list[RunHistory], names: list[str]) -> tuple[tuple[s
 def plot_histories(path: Path, histories: list[RunHistory], names: list[str]) -> bool:
     """Each run's validation top-1 and training loss per epoch, a line per run, as a PNG; False when matplotlib
     is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
+    from matplotlib.ticker import MaxNLocator
+
     figure, (top1, loss) = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, history in zip(names, histories, strict=True):
         validated = [line for line in history.epochs if _number(line.get("val_top1"))]
@@ -185,11 +181,7 @@ def plot_histories(path: Path, histories: list[RunHistory], names: list[str]) ->
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
     top1.legend(fontsize="small")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    write_atomic_bytes(path, buffer.getvalue())
+    save_png(figure, path)
     return True
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -24,9 +23,10 @@ from pathlib import Path
 import networkx as nx
 
 from netdsl.errors import NetError, os_hint
-from netdsl.files import parse_json, write_atomic, write_atomic_bytes
+from netdsl.files import parse_json, write_atomic
 from netdsl.runtime.weights import weight_specs
 from netdsl.train import scan
+from netdsl.train.figures import pyplot, save_png
 from netdsl.train.recipe import Recipe
 
 RECIPE = "recipe.json"
@@ -220,12 +220,8 @@ class Metrics:
 
 def plot_curves(path: Path, epochs: list[dict]) -> bool:
     """Loss, top-1 and learning rate per epoch as a PNG; False when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     x = [line["epoch"] for line in epochs]
     figure, (loss, top1, rate) = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -242,11 +238,7 @@ def plot_curves(path: Path, epochs: list[dict]) -> bool:
         axes.set_xlabel("epoch")
         axes.grid(alpha=0.3)
     loss.legend()
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    write_atomic_bytes(path, buffer.getvalue())
+    save_png(figure, path)
     return True
 
 
