@@ -38,22 +38,22 @@ class RunHistory:
         done = self.epochs[-1]["epoch"] if self.epochs else 0
         return f"{done}/{self.recipe.epochs} epochs"
 
+    @property
     def validated(self) -> list[dict]:
-        """The records that measured validation images: the epochs that did, then the final one."""
-        found = [line for line in self.epochs if _number(line.get("val_top1"))]
-        return found + ([self.final] if self.final is not None and _number(self.final.get("val_top1")) else [])
+        """The epochs that measured validation images, in order."""
+        return [line for line in self.epochs if _number(line.get("val_top1"))]
 
     @property
     def best(self) -> dict | None:
         """The validated epoch of the highest top-1 (the first of equals), as the run chose its best weights."""
-        epochs = [line for line in self.epochs if _number(line.get("val_top1"))]
-        return max(epochs, key=lambda line: line["val_top1"], default=None)
+        return max(self.validated, key=lambda line: line["val_top1"], default=None)
 
     @property
     def last(self) -> dict | None:
-        """The last validation: of the last weights where the run ended inside an epoch."""
-        validated = self.validated()
-        return validated[-1] if validated else None
+        """The last validation: the final record's (the last weights) where the run ended inside an epoch."""
+        if self.final is not None and _number(self.final.get("val_top1")):
+            return self.final
+        return self.validated[-1] if self.validated else None
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -169,7 +169,7 @@ def plot_histories(path: Path, histories: list[RunHistory], names: list[str]) ->
 
     figure, (top1, loss) = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, history in zip(names, histories, strict=True):
-        validated = [line for line in history.epochs if _number(line.get("val_top1"))]
+        validated = history.validated
         (drawn,) = top1.plot([line["epoch"] for line in validated], [line["val_top1"] for line in validated],
                              marker="." if len(validated) < 30 else None, label=name)  # fmt: skip
         trained = [line for line in history.epochs if _number(line.get("train_loss"))]
