@@ -88,7 +88,7 @@ def test_the_last_column_names_the_settings_given_differently(runs, capsys):
     assert list(rows) == [f"{runs}/{name}" for name in ("cut/short", "fast", "other seed", "slow")]
     differs = {Path(name).name: cells[-1] for name, cells in rows.items()}
     wanted = {
-        "short": {"steps 40", "epochs 90", "seed 0", "lr 0.05"},
+        "short": {"steps 40", "seed 0", "lr 0.05"},  # (its epochs setting has no say: `steps` ends it)
         "fast": {"steps none", "epochs 2", "seed 0", "lr 0.05"},
         "other seed": {"steps none", "epochs 3", "seed 1", "lr 0.05"},
         "slow": {"steps none", "epochs 2", "seed 0", "lr 0.01"},
@@ -118,6 +118,22 @@ def test_patterns_of_multipliers_differ_one_by_one():
     assert setting_text(two, "weight_decay", None) == "weight_decay 0.001"
 
 
+def test_epochs_differ_only_among_the_runs_they_end():
+    import dataclasses
+
+    from netdsl.train.history import RunHistory
+
+    def histories(*recipes):
+        return [RunHistory(Path(str(i)), "n", recipe, [], None, 0) for i, recipe in enumerate(recipes)]
+
+    by_steps = [dataclasses.replace(Recipe(), steps=100, epochs=epochs) for epochs in (2, 30)]
+    assert differing(histories(*by_steps)) == []  # steps end both: their epochs settings have no say
+    by_epochs = [dataclasses.replace(Recipe(), epochs=epochs) for epochs in (2, 30)]
+    assert differing(histories(*by_epochs, by_steps[0])) == [("epochs", None), ("steps", None)]
+    assert setting_text(by_steps[0], "epochs", None) == "" and setting_text(by_epochs[1], "epochs", None) == "epochs 30"
+    assert differing(histories(by_epochs[0], by_steps[1])) == [("steps", None)]  # one run's epochs alone: no change
+
+
 def test_lines_not_netdsls_are_passed_over_and_a_run_not_yet_validated_shows_dashes(runs, tmp_path, capsys):
     import shutil
 
@@ -132,6 +148,22 @@ def test_lines_not_netdsls_are_passed_over_and_a_run_not_yet_validated_shows_das
     assert main(["runs", str(copy)]) == 0
     cells = table(capsys.readouterr().out)[str(copy)]
     assert cells[1:7] == ["0/2 epochs", "-", "-", "-", "-", "-"] and cells[7] != "-"  # (its steps' speed)
+
+
+def test_a_damaged_run_is_an_error_after_the_others_are_listed(runs, tmp_path, capsys):
+    import shutil
+
+    for name in ("fast", "slow"):
+        shutil.copytree(runs / name, tmp_path / name)
+    for name in ("bad", "worse"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "recipe.json").write_text('{"recipe": {"settings": {"lr": {"value": -1, "from": "x"}}}}')
+    assert main(["runs", str(tmp_path), "--sort", "name"]) == 1
+    out, err = capsys.readouterr()
+    assert list(table(out)) == [str(tmp_path / "fast"), str(tmp_path / "slow")]
+    for name in ("bad", "worse"):  # each named, neither with a traceback
+        assert f"{tmp_path / name / 'recipe.json'}: lr: error: `lr` must be above 0, got -1" in err
+    assert "Traceback" not in err
 
 
 def test_the_curves_are_drawn(runs, tmp_path, capsys):

@@ -1,10 +1,12 @@
 """`netdsl runs`: training runs side by side, from their run folders (no checkpoint is loaded): how far each got,
 its best and last validation figures and the settings in which the runs differ; `-o runs.png` draws their
-curves together."""
+curves together. A run that cannot be read (a damaged recipe.json) is an error naming it, after the table of the
+others."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from netdsl.errors import NetError
@@ -42,9 +44,17 @@ def runs_command(args: argparse.Namespace) -> int:
     paths = find_runs(folders)
     if args.output is not None:
         output_file(args.output, "--output", [], ".png", "a .png file")
-    histories = [read_history(path) for path in paths]
-    names = [str(path) for path in paths]
-    order = list(range(len(paths)))
+    histories, names, unread = [], [], []
+    for path in paths:
+        try:
+            histories.append(read_history(path))
+            names.append(str(path))
+        except NetError as error:  # the others are still listed; the error comes after them
+            unread.append(error)
+    if not histories:
+        _report(unread[:-1], getattr(args, "color", "auto"))
+        raise unread[-1]
+    order = list(range(len(histories)))
     if args.sort == "best":
         order.sort(key=lambda i: -histories[i].best["val_top1"] if histories[i].best else 1.0)  # (stable: ties kept)
     else:
@@ -56,4 +66,14 @@ def runs_command(args: argparse.Namespace) -> int:
         if not plot_histories(args.output, histories, names):
             raise NetError("drawing the runs needs matplotlib", where="--output", hint="pip install 'netdsl[train]'")
         print(f"wrote {args.output}")
+    if unread:
+        sys.stdout.flush()
+        _report(unread[:-1], getattr(args, "color", "auto"))
+        raise unread[-1]
     return 0
+
+
+def _report(errors: list[NetError], color: str) -> None:
+    """Errors on standard error as netdsl's main reports the one that ends a command (--color as it says)."""
+    for error in errors:
+        print(error.format(color=color == "always" or (color == "auto" and sys.stderr.isatty())), file=sys.stderr)

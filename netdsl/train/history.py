@@ -14,7 +14,7 @@ from netdsl.errors import NetError, os_hint
 from netdsl.train.figures import pyplot, save_png
 from netdsl.train.recipe import SETTINGS, Recipe
 from netdsl.train.runs import CHECKPOINTS, METRICS, RECIPE, RunFolder, metric_records
-from netdsl.train.spec import show
+from netdsl.train.spec import Spec, show
 
 
 @dataclass
@@ -114,10 +114,10 @@ def read_history(path: Path) -> RunHistory:
 
 def differing(histories: list[RunHistory]) -> list[tuple[str, str | None]]:
     """The settings (name, and pattern for `lr_mult` and `decay_mult`) whose values are not the same in every
-    run, in the settings' order."""
+    run that uses them, in the settings' order."""
     found = []
     for spec in SETTINGS.values():
-        values = [getattr(history.recipe, spec.attribute) for history in histories]
+        values = [getattr(history.recipe, spec.attribute) for history in histories if _counts(history.recipe, spec)]
         if spec.kind == "mult":
             patterns = dict.fromkeys(pattern for value in values for pattern, _ in value)
             found += [(spec.name, p) for p in patterns if len({dict(v).get(p, 1.0) for v in values}) > 1]
@@ -127,8 +127,11 @@ def differing(histories: list[RunHistory]) -> list[tuple[str, str | None]]:
 
 
 def setting_text(recipe: Recipe, name: str, pattern: str | None) -> str:
-    """`lr 0.01`, `lr_mult "conv*" 0.1`: a setting's value in a run, as a train block writes it."""
+    """`lr 0.01`, `lr_mult "conv*" 0.1`: a setting's value in a run, as a train block writes it ("" where the run
+    does not use it)."""
     spec = SETTINGS[name]
+    if not _counts(recipe, spec):
+        return ""
     value = getattr(recipe, spec.attribute)
     if pattern is not None:
         return f'{name} "{pattern}" {show(dict(value).get(pattern, 1.0))}'
@@ -154,7 +157,7 @@ def summary_rows(histories: list[RunHistory], names: list[str]) -> tuple[tuple[s
             _figure(last.get("val_loss")) if last else "-",
             _figure(trained),
             f"{history.speed:,.0f}" if history.speed is not None else "-",
-            ", ".join(setting_text(history.recipe, *setting) for setting in changed) or "-",
+            ", ".join(filter(None, (setting_text(history.recipe, *setting) for setting in changed))) or "-",
         ))  # fmt: skip
     return header, rows
 
@@ -183,6 +186,11 @@ def plot_histories(path: Path, histories: list[RunHistory], names: list[str]) ->
     top1.legend(fontsize="small")
     save_png(figure, path)
     return True
+
+
+def _counts(recipe: Recipe, spec: Spec) -> bool:
+    """Whether a run's `spec` setting has a say in it: `epochs` has none where `steps` ends the run."""
+    return not (spec.name == "epochs" and recipe.steps is not None)
 
 
 def _number(value) -> bool:
