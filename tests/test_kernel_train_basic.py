@@ -288,12 +288,16 @@ def test_dropout_rejects_bad_arguments(gen):
 
 # Small blocks, three chunks a channel (the last one ragged): the partials are combined across programs.
 SPLIT_CONFIG = BatchNormConfig(BLOCK=32, SPLIT=3, num_warps=4)
+# Four channels a program, the last group ragged (6 channels), in three chunks each.
+PACKED_CONFIG = BatchNormConfig(BLOCK=32, SPLIT=3, num_warps=4, CHANNELS=4)
 # Batch 1 and more, odd planes, 1 x 1 planes (a batch norm after a global pool); the launcher's tiles and split ones.
 BN_CASES = [
     pytest.param((1, 3, 5, 7), None, id="1x3x5x7"),
     pytest.param((2, 6, 9, 11), None, id="2x6x9x11"),
     pytest.param((5, 4, 1, 1), None, id="5x4x1x1"),
     pytest.param((2, 6, 9, 11), SPLIT_CONFIG, id="2x6x9x11-split"),
+    pytest.param((2, 6, 9, 11), PACKED_CONFIG, id="2x6x9x11-split-packed"),
+    pytest.param((3, 37, 1, 1), None, id="3x37x1x1"),  # (the launcher's tiles: the 37 channels in one program)
 ]
 
 
