@@ -80,7 +80,8 @@ def dropout_request(dtype: torch.dtype) -> CompileRequest:
 
 def batch_norm_requests(dtype: torch.dtype) -> dict[str, CompileRequest]:
     """The forward and backward launches on a map of 13 x 13 planes (S, the plane, is an i32) with the most
-    chunks a channel may have (BLOCK_SPLIT = MAX_SPLIT) and with one."""
+    chunks a channel may have (BLOCK_SPLIT = MAX_SPLIT) and with one, one channel a program (as pick_config gives a
+    GPU)."""
     t = TRITON_TYPES[dtype]
     maps = {"x_ptr": f"*{t}", "dy_ptr": f"*{t}", "y_ptr": f"*{t}", "dx_ptr": f"*{t}"}
     vectors = ("weight", "bias", "mean", "invstd", "running_mean", "running_var", "sums", "products")
@@ -89,10 +90,10 @@ def batch_norm_requests(dtype: torch.dtype) -> dict[str, CompileRequest]:
     requests = {}
     for has_dy in (False, True):
         requests[f"batchnorm_partials-{'backward' if has_dy else 'forward'}-{t}"] = request(
-            batchnorm_train.batchnorm_partials_kernel, {"HAS_DY": has_dy, "BLOCK": block}, 4, pointers
+            batchnorm_train.batchnorm_partials_kernel, {"HAS_DY": has_dy, "CHANNELS": 1, "BLOCK": block}, 4, pointers
         )
     for block_split in (1, batchnorm_train.MAX_SPLIT):
-        constexprs = {"BLOCK": block, "BLOCK_SPLIT": block_split}
+        constexprs = {"CHANNELS": 1, "BLOCK": block, "BLOCK_SPLIT": block_split}
         requests[f"batchnorm_forward-{block_split}-{t}"] = request(
             batchnorm_train.batchnorm_forward_kernel, constexprs, 4, pointers, {"eps": "fp32", "momentum": "fp32"}
         )
