@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,11 @@ class NetError(Exception):
         if self.hint:
             out.append(f"{blue}hint:{reset} {self.hint}")
         return "\n".join(out)
+
+
+def color_wanted(choice: str) -> bool:
+    """Whether error messages on standard error are coloured, by --color's choice: auto, always or never."""
+    return choice == "always" or (choice == "auto" and sys.stderr.isatty())
 
 
 def _shown(text: str) -> str:

@@ -25,7 +25,7 @@ from netdsl.cli.tune import add_command as add_tune_command
 from netdsl.compiler.backward import TRAINING_PASS_NAMES
 from netdsl.compiler.passes import PASS_NAMES, Options, check_options
 from netdsl.compiler.training import RECOMPUTE
-from netdsl.errors import NetError, did_you_mean, environment_error, os_hint
+from netdsl.errors import NetError, color_wanted, did_you_mean, environment_error, os_hint
 from netdsl.files import refuse_folder, refuse_overwriting
 from netdsl.ir.dtypes import DTYPES, dot_precision
 from netdsl.lang.build import MEMORY_UNITS
@@ -453,7 +453,7 @@ def _wants_color(argv: list[str]) -> bool:
             choice = arg.split("=", 1)[1]
         elif arg == "--color" and i + 1 < len(argv):
             choice = argv[i + 1]
-    return choice == "always" or (choice == "auto" and sys.stderr.isatty())
+    return color_wanted(choice)
 
 
 def _printable(stream) -> None:

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from netdsl.errors import NetError
+from netdsl.errors import NetError, color_wanted
 from netdsl.train.runs import ROOT
 
 HELP = "compare training runs: progress, best and last validation top-1, the settings that differ"
@@ -37,8 +37,7 @@ def add_command(commands) -> None:
 
 def runs_command(args: argparse.Namespace) -> int:
     from netdsl.cli.flags import output_file
-    from netdsl.tables import format_table
-    from netdsl.train.history import find_runs, plot_histories, read_history, summary_rows
+    from netdsl.train.history import find_runs, read_history
 
     folders = args.folders or [ROOT]
     paths = find_runs(folders)
@@ -51,9 +50,21 @@ def runs_command(args: argparse.Namespace) -> int:
             names.append(str(path))
         except NetError as error:  # the others are still listed; the error comes after them
             unread.append(error)
-    if not histories:
-        _report(unread[:-1], getattr(args, "color", "auto"))
+    if histories:
+        _show(args, histories, names)
+    if unread:
+        sys.stdout.flush()
+        for error in unread[:-1]:  # (main reports the last one, as any command's error)
+            print(error.format(color=color_wanted(getattr(args, "color", "auto"))), file=sys.stderr)
         raise unread[-1]
+    return 0
+
+
+def _show(args: argparse.Namespace, histories: list, names: list[str]) -> None:
+    """The table of the runs read, in --sort's order, and their picture where -o asks for one."""
+    from netdsl.tables import format_table
+    from netdsl.train.history import plot_histories, summary_rows
+
     order = list(range(len(histories)))
     if args.sort == "best":
         order.sort(key=lambda i: -histories[i].best["val_top1"] if histories[i].best else 1.0)  # (stable: ties kept)
@@ -66,14 +77,3 @@ def runs_command(args: argparse.Namespace) -> int:
         if not plot_histories(args.output, histories, names):
             raise NetError("drawing the runs needs matplotlib", where="--output", hint="pip install 'netdsl[train]'")
         print(f"wrote {args.output}")
-    if unread:
-        sys.stdout.flush()
-        _report(unread[:-1], getattr(args, "color", "auto"))
-        raise unread[-1]
-    return 0
-
-
-def _report(errors: list[NetError], color: str) -> None:
-    """Errors on standard error as netdsl's main reports the one that ends a command (--color as it says)."""
-    for error in errors:
-        print(error.format(color=color == "always" or (color == "auto" and sys.stderr.isatty())), file=sys.stderr)

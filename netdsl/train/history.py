@@ -53,7 +53,8 @@ class RunHistory:
         """The last validation: the final record's (the last weights) where the run ended inside an epoch."""
         if self.final is not None and _number(self.final.get("val_top1")):
             return self.final
-        return self.validated[-1] if self.validated else None
+        validated = self.validated
+        return validated[-1] if validated else None
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
