@@ -6,10 +6,11 @@ generated file: `source.py`), then a launcher that checks shapes, allocates the 
 it. `reference.py` is what every op means in PyTorch; `limits.py` what the kernels can hold.
 """
 
-from netdsl.codegen.interpret import interpreting, widen_bf16_dots
+from netdsl.codegen.interpret import interpreting, prepare_interpreter
 
 if interpreting():
-    # Under Triton's interpreter (the CPU path) bf16 dots would multiply raw bits: see codegen/interpret.py.
-    # Done where the kernels live, so that the runtime, the generated files run by hand and direct
-    # calls of the launchers all get it.
-    widen_bf16_dots()
+    # Under Triton's interpreter (the CPU path) bf16 dots would multiply raw bits, and each 32-bit integer
+    # operation would be checked for an overflow it cannot report: see codegen/interpret.py. Done where the
+    # kernels live, so that the runtime, the generated files run by hand and direct calls of the launchers
+    # all get it.
+    prepare_interpreter()

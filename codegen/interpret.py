@@ -7,10 +7,16 @@ the top half of a float32), which is what a tensor core computes: exact products
 It also makes its float32 -> bf16 casts round to nearest even, as a GPU's do (it truncates). Neither
 changes anything for other dtypes, nor when Triton stores bf16 some other way. `netdsl.codegen`
 applies it when imported under the interpreter; the runtime refuses bf16 there if it cannot.
+
+The interpreter also checks every 32-bit integer add, subtract and multiply for overflow (it does each
+again in 64 bits and compares) and then drops the answer: its device_assert does nothing unless the debug
+option is on, which the interpreter never turns on. That is about half of a conv kernel's time under the
+interpreter, for nothing; `skip_dead_overflow_checks()` turns the checks off where debug is off.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -21,12 +27,33 @@ def interpreting() -> bool:
 
 
 def use_interpreter() -> None:
-    """Runs the kernels under Triton's interpreter from now on (on a machine without a GPU), bf16 dots
-    widened: for a command that decides this after `netdsl.codegen` was imported (which widens them only
-    when the interpreter was already chosen)."""
+    """Runs the kernels under Triton's interpreter from now on (on a machine without a GPU), prepared as
+    `prepare_interpreter` says: for a command that decides this after `netdsl.codegen` was imported (which
+    prepares it only when the interpreter was already chosen)."""
     os.environ.setdefault("TRITON_INTERPRET", "1")
     if interpreting():
-        widen_bf16_dots()
+        prepare_interpreter()
+
+
+def prepare_interpreter() -> None:
+    """What netdsl asks of Triton's interpreter: bf16 dots widened, no overflow checks that cannot report."""
+    widen_bf16_dots()
+    skip_dead_overflow_checks()
+
+
+def skip_dead_overflow_checks() -> bool:
+    """Turns off the interpreter's 32-bit integer overflow checks where its debug option, without which they
+    report nothing, is off; False when this Triton's interpreter has no such settings (or debug is on)."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if not dataclasses.is_dataclass(options) or not hasattr(options, "sanitize_overflow") or options.debug:
+        return False
+    builder.options = dataclasses.replace(options, sanitize_overflow=False)
+    return True
 
 
 def widen_bf16_dots() -> bool:

@@ -167,3 +167,47 @@ def test_the_interpreter_rounds_float32_to_bf16_as_a_gpu_does():
     cast[(1,)](x, y, SIZE=4096)
     want = x.to(torch.bfloat16)
     assert torch.isnan(y[0]) and torch.equal(y[1:].view(torch.int16), want[1:].view(torch.int16))
+
+
+def test_the_interpreter_skips_only_overflow_checks_that_cannot_report():
+    """Triton's interpreter works out an overflow check for each 32-bit integer add, subtract and multiply,
+    and reports one only in debug mode, which it never turns on: netdsl.codegen turns the checks off (about
+    half of a conv kernel's time there), results unchanged, and leaves them on where debug is on."""
+    import dataclasses
+
+    import triton
+    import triton.language as tl
+
+    from netdsl.codegen.interpret import interpreting, skip_dead_overflow_checks
+
+    if not interpreting():
+        pytest.skip("the interpreter's settings only")
+    from triton.runtime import interpreter
+    from triton.runtime.errors import InterpreterError
+
+    @triton.jit
+    def times(x, y, factor, SIZE: tl.constexpr):  # noqa: N803 -- a constexpr, named as the kernels name theirs
+        offsets = tl.arange(0, SIZE)
+        tl.store(y + offsets, tl.load(x + offsets) * factor)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty_like(x)
+        times[(1,)](x, y, 65536, SIZE=x.numel())
+        return y
+
+    builder = interpreter.interpreter_builder
+    assert builder.options.sanitize_overflow is False and builder.options.debug is False
+    x = torch.randint(-(2**20), 2**20, (64,), dtype=torch.int32, generator=torch.Generator().manual_seed(5))
+    wrapped = ((x.long() * 65536 + 2**31) % 2**32 - 2**31).int()  # two's complement, as a GPU's multiply
+    assert (x.long() * 65536 != wrapped.long()).sum() > 32  # most of them overflow
+    assert torch.equal(run(x), wrapped)
+    original = builder.options
+    try:
+        builder.options = dataclasses.replace(original, sanitize_overflow=True)  # Triton's own default
+        assert torch.equal(run(x), wrapped)  # checked, and not reported
+        builder.options = dataclasses.replace(original, sanitize_overflow=True, debug=True)
+        assert skip_dead_overflow_checks() is False and builder.options.sanitize_overflow
+        with pytest.raises(InterpreterError, match="int32 overflow"):
+            run(x)
+    finally:
+        builder.options = original
