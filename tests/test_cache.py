@@ -158,6 +158,29 @@ def test_a_setting_that_changes_the_cubin_gets_its_own_entry(tmp_path, private_c
     assert optimized["cubin_sha256"] != unoptimized["cubin_sha256"]
 
 
+def test_steps_of_one_key_are_built_once(tmp_path, private_cache, monkeypatch):
+    """A tower's copies of a step launch the same kernel alike: one build stands for all of them (in the
+    order the launches came), each step given its own copy of the report."""
+    towers = [kernel_launch(tmp_path, step=f"conv1_gpu{i}") for i in range(2)]
+    other = kernel_launch(tmp_path, block=256, step="other")
+    real = netdsl.codegen.target.compile_sm90_many
+    asked: list[int] = []
+
+    def counting(requests):
+        asked.append(len(requests))
+        return real(requests)
+
+    monkeypatch.setattr(netdsl.codegen.target, "compile_sm90_many", counting)
+    built = sm90_resources([towers[0], other, towers[1]])
+    assert asked == [2] and list(built) == ["conv1_gpu0", "other", "conv1_gpu1"]
+    assert built["conv1_gpu0"] == built["conv1_gpu1"] and built["conv1_gpu0"] is not built["conv1_gpu1"]
+    assert built["conv1_gpu0"]["mma"] is not built["conv1_gpu1"]["mma"]
+    assert built["other"]["key"] != built["conv1_gpu0"]["key"] and valid(built["other"])
+    again = sm90_resources([towers[1], towers[0]])
+    assert list(again) == ["conv1_gpu1", "conv1_gpu0"] and again["conv1_gpu1"] == built["conv1_gpu0"]
+    assert asked == [2, 0]  # read from the cache, once
+
+
 # --- corrupt entries ---------------------------------------------------------------------------------
 
 CORRUPTIONS = {

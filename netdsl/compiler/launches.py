@@ -306,15 +306,21 @@ def cached_cubin(launch: Launch) -> Path | None:
 def sm90_resources(launches: list[Launch], use_cache: bool = True) -> dict[str, dict]:
     """Step name -> registers, spills, shared memory and tensor-core instructions on sm_90.
 
-    Each kernel is compiled once per cache key: the cache holds, under the key, the compiled kernel
-    (`<key>.cubin`, an sm_90 ELF, and `<key>.ptx`) and what was measured of it (`<key>.json`). An entry
-    whose report or cubin is missing or unreadable is compiled and written again."""
+    Each kernel is compiled once per cache key (a tower's copies of a step share one): the cache holds,
+    under the key, the compiled kernel (`<key>.cubin`, an sm_90 ELF, and `<key>.ptx`) and what was measured
+    of it (`<key>.json`). An entry whose report or cubin is missing or unreadable is compiled and written
+    again."""
     from netdsl.codegen.target import CompileRequest, compile_sm90_many
 
     results: dict[str, dict] = {}
     missing: list[tuple[Launch, Path]] = []
+    alike: dict[Path, list[str]] = {}  # cache entry -> the steps it stands for (a tower's copies share one)
     for launch in launches:
         path = cache_dir() / f"{_cache_key(launch)}.json"
+        if path in alike:
+            alike[path].append(launch.step)
+            continue
+        alike[path] = [launch.step]
         entry = _cached(path) if use_cache else None
         if entry is None:
             missing.append((launch, path))
@@ -354,4 +360,7 @@ def sm90_resources(launches: list[Launch], use_cache: bool = True) -> dict[str, 
             _write_bytes(path.with_suffix(".cubin"), resources.cubin)
             _write_bytes(path.with_suffix(".ptx"), ptx)
             _write_cache(path, entry)
-    return results
+    for steps in alike.values():
+        for step in steps[1:]:
+            results[step] = {**results[steps[0]], "mma": list(results[steps[0]]["mma"])}  # a copy each
+    return {launch.step: results[launch.step] for launch in launches}
