@@ -50,7 +50,9 @@ def skip_dead_overflow_checks() -> bool:
         return False
     builder = getattr(interpreter, "interpreter_builder", None)
     options = getattr(builder, "options", None)
-    if not dataclasses.is_dataclass(options) or not hasattr(options, "sanitize_overflow") or options.debug:
+    if not dataclasses.is_dataclass(options) or not hasattr(options, "sanitize_overflow"):
+        return False
+    if getattr(options, "debug", True):  # on (or a Triton whose interpreter has no such switch): they may report
         return False
     builder.options = dataclasses.replace(options, sanitize_overflow=False)
     return True

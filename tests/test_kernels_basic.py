@@ -209,5 +209,12 @@ def test_the_interpreter_skips_only_overflow_checks_that_cannot_report():
         assert skip_dead_overflow_checks() is False and builder.options.sanitize_overflow
         with pytest.raises(InterpreterError, match="int32 overflow"):
             run(x)
+
+        @dataclasses.dataclass(frozen=True)
+        class NoDebugSwitch:  # a Triton whose interpreter could not be told to stay quiet: the checks stay
+            sanitize_overflow: bool = True
+
+        builder.options = NoDebugSwitch()
+        assert skip_dead_overflow_checks() is False and builder.options.sanitize_overflow
     finally:
         builder.options = original
