@@ -97,9 +97,29 @@ def test_numbered_classes_take_the_nets_outputs_and_paths_may_be_absolute(folder
         ("images/cat 0\n", "list.txt:1:1: error: images/cat is not an image file"),
         (f"{'a' * 300}.png 0\n", "list.txt:1:1: error: no such image: "),
         ("images/cat/0.png 99999999999999999999\n", "list.txt:1:18: error: class 99999999999999999999: more classes"),
+        (
+            "images/cat/0.png 0\nimages/cat/1.png 1\nimages/dog/0.png 1O\n",
+            "list.txt:3:18: error: class `1O` is a name, where the list's other classes are numbers",
+        ),
+        (
+            "images/cat/0.png 2\nimages/cat/1.png cat\nimages/dog/0.png dog\n",
+            "list.txt:1:18: error: class `2` is a number, where the list's other classes are names",
+        ),
     ],
-    ids=["no-class", "space-no-class", "missing", "not-image", "beyond", "empty", "not-utf8", "folder", "long-name",
-         "huge-class"],
+    ids=[
+        "no-class",
+        "space-no-class",
+        "missing",
+        "not-image",
+        "beyond",
+        "empty",
+        "not-utf8",
+        "folder",
+        "long-name",
+        "huge-class",
+        "name-among-numbers",
+        "number-among-names",
+    ],
 )
 def test_mistakes_in_a_list_are_errors_at_their_line(folder, tmp_path, capsys, text, message):
     listed = folder.parent / "list.txt"
@@ -211,8 +231,10 @@ def test_val_data_of_an_npz_file_and_by_class_numbers(folder, tmp_path):
     [
         (lambda t, f: t / "missing.txt", "missing.txt: error: no validation images at"),
         (lambda t, f: "digits", "digits: error: no validation images at digits"),
-        (lambda t, f: (t / "v.txt").write_text(f"{next((f / 'cat').glob('*.png'))} lion\n") and t / "v.txt",
-         "error: the validation classes lion are not among the training data's 3 (cat, dog, owl)"),
+        (
+            lambda t, f: (t / "v.txt").write_text(f"{next((f / 'cat').glob('*.png'))} lion\n") and t / "v.txt",
+            "error: the validation classes lion are not among the training data's 3 (cat, dog, owl)",
+        ),
         (lambda t, f: (t / "v.md").write_text("x") and t / "v.md", "v.md: error: "),
     ],
     ids=["missing", "digits", "unknown-class", "not-data"],

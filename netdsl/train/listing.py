@@ -49,7 +49,10 @@ def read_list(path: Path, num_outputs: int | None = None) -> tuple[list[str], li
     past the net's `num_outputs`) is a NetError at its line and column. Strings, not Path objects, for speed:
     ImageNet's list is 1.28 million lines."""
     file, images, written, places = _read_lines(path, need_class=True)
-    if all(label.isascii() and label.isdigit() for label in written):  # class numbers, as Caffe's lists
+    numbered = [label.isascii() and label.isdigit() for label in written]
+    if any(numbered) and not all(numbered):
+        raise _mixed_classes(file, written, places, numbered)
+    if all(numbered):  # class numbers, as Caffe's lists
         labels = [int(label) for label in written]
         for label, value, (number, column) in zip(written, labels, places, strict=True):
             if value >= MAX_CLASSES:
@@ -66,6 +69,21 @@ def read_list(path: Path, num_outputs: int | None = None) -> tuple[list[str], li
         index = {name: number for number, name in enumerate(classes)}
         labels = [index[label] for label in written]
     return classes, images, np.asarray(labels, dtype=np.int64)
+
+
+def _mixed_classes(file: str, written: list[str], places: list[tuple[int, int]], numbered: list[bool]) -> NetError:
+    """The error for a list that numbers some classes and names others, at the first class of the rarer kind. Read
+    as names, a numbered list's typo (`1O` for `10`) would be a class of its own, and sorting the names would
+    renumber every class after it without a word."""
+    rare = sum(numbered) * 2 < len(numbered)  # True: the numbers are the rarer kind
+    row = numbered.index(rare)
+    label, (number, column) = written[row], places[row]
+    kind, others = ("a number", "names") if rare else ("a name", "numbers")
+    return NetError(
+        f"class `{label}` is {kind}, where the list's other classes are {others}",
+        span=Span(file, number, column, number, column + len(label)),
+        hint="number every class from 0 (as Caffe's lists do) or name every class; a list cannot mix the two",
+    )
 
 
 def class_place(spec: str, name: str) -> Span | None:
