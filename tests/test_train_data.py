@@ -800,8 +800,18 @@ def test_npz_errors(tmp_path):
     expect_error("x has 4 images but y has 3 labels", path, (1, 8, 8))
     np.savez(path, x=x, y=y, x_val=x)
     expect_error("only one of x_val and y_val", path, (1, 8, 8))
-    np.savez(path, x=x, y=y.astype(np.float32))
-    expect_error("integer class indices", path, (1, 8, 8))
+    for labels, hint in (
+        (y.astype(np.float32), "save y.astype(int)"),
+        (y + 0.5, "class indices are whole numbers 0, 1, ...; y holds others, such as 0.5"),
+        (y[:, None], "save y.reshape(-1)"),
+        (np.eye(3)[y], "a class index per image, not a row of 3 scores: save y.argmax(axis=1)"),
+        (np.asarray(list("abca")), "classes=names and y=indices: names, y = numpy.unique(y, return_inverse=True)"),
+        (np.asarray(2), "save one class index per image of x"),
+    ):
+        np.savez(path, x=x, y=labels)
+        assert hint in expect_error("integer class indices", path, (1, 8, 8)).hint
+    np.savez(path, x=x, y=y, x_val=x, y_val=np.eye(3)[y])
+    assert "save y_val.argmax(axis=1)" in expect_error("y_val must be a 1-D array", path, (1, 8, 8)).hint
     np.savez(path, x=x, y=y)
     error = expect_error(r"x\[2\] has label 2, beyond the net's 2 outputs", path, (1, 8, 8), num_outputs=2)
     assert "at least 3 outputs" in error.hint and str(path) not in error.message  # the file is named once

@@ -312,6 +312,25 @@ def labels_by_name(data_classes: list[str], trained: list[str], where: str) -> l
     return [trained.index(name) for name in data_classes]
 
 
+def _labels_hint(y: np.ndarray, y_key: str, x_key: str) -> str:
+    """How to save the labels `y` as class indices: a row of scores per image (one-hot) becomes its largest's
+    column, a column of indices a vector, names an index into `classes`; fractions are not rounded for the user
+    (they are no class)."""
+    if y.dtype.kind in "US":
+        split = f"names, {y_key} = numpy.unique({y_key}, return_inverse=True)"
+        return f"for classes by name, save classes=names and {y_key}=indices: {split}"
+    if y.ndim == 2 and y.shape[1] > 1 and y.dtype.kind in "biuf":
+        return f"a class index per image, not a row of {y.shape[1]} scores: save {y_key}.argmax(axis=1)"
+    if y.ndim < 1 or y.dtype.kind not in "biuf" or (y.ndim > 1 and y.size != y.shape[0]):
+        return f"save one class index per image of {x_key}: a 1-D array of whole numbers"
+    if y.dtype.kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y))):
+        flat = y.reshape(-1)
+        example = flat[np.flatnonzero(~(np.isfinite(flat) & (flat == np.round(flat))))[0]]
+        return f"class indices are whole numbers 0, 1, ...; {y_key} holds others, such as {example}"
+    fix = f"{y_key}.reshape(-1)" if y.ndim > 1 else y_key
+    return f"save {fix}" if y.dtype.kind in "iu" else f"save {fix}.astype(int)"
+
+
 def _npz_pair(arrays: dict, x_key: str, y_key: str, channels: int, where: str) -> tuple[np.ndarray, np.ndarray]:
     x, y = arrays[x_key], arrays[y_key]
     if x.dtype.kind not in "biuf":
@@ -319,11 +338,11 @@ def _npz_pair(arrays: dict, x_key: str, y_key: str, channels: int, where: str) -
             f"{x_key} holds {x.dtype} values, not numbers", where=where, hint="save the pixels as numbers"
         )
     if y.ndim != 1 or y.dtype.kind not in "iu":
+        shape = " x ".join(map(str, y.shape)) or "() (a single value)"
         raise NetError(
-            f"{y_key} must be a 1-D array of integer class indices, not {y.dtype} of shape "
-            f"{' x '.join(map(str, y.shape))}",
+            f"{y_key} must be a 1-D array of integer class indices, not {y.dtype} of shape {shape}",
             where=where,
-            hint=f"save {y_key}.astype(int)",
+            hint=_labels_hint(y, y_key, x_key),
         )
     if x.ndim not in (3, 4):  # not a stack of images (a scalar, a vector ...): the layout's error names the shape
         _layout(x, channels, where, x_key)
