@@ -76,6 +76,16 @@ def test_folder_with_train_and_val(tmp_path):
     assert label == 1 and np.allclose(x, reference - mean, atol=1e-4)
 
 
+def test_a_val_folder_with_some_of_the_classes_keeps_the_training_numbers(tmp_path):
+    """val/ without a class of train/ (a small data set's rare class): its images keep train/'s class numbers by
+    name, so that `owl` is 2 in both and never read as `dog`."""
+    make_folder(tmp_path / "train", {"cat": 2, "dog": 2, "owl": 2}, seed=1)
+    make_folder(tmp_path / "val", {"cat": 1, "owl": 2}, seed=2)
+    split = open_data(tmp_path, (3, 16, 16), num_outputs=3)
+    assert split.classes == ["cat", "dog", "owl"] and list(split.val.labels) == [0, 2, 2]
+    assert [Path(split.val.source(i)).parent.name for i in range(3)] == ["cat", "owl", "owl"]
+
+
 def test_paths_are_one_array_of_bytes_that_workers_share(tmp_path):
     """A folder's paths are one numpy array of bytes, not Path objects a forked worker would copy page by page
     (touching their reference counts): split, subset and pickled (a spawned worker) they name the same files,
@@ -646,7 +656,9 @@ def test_folder_errors(tmp_path):
     assert expect_error("holds no images", tmp_path / "hollow", (3, 8, 8)).where == str(tmp_path / "hollow/train/a")
     make_folder(tmp_path / "differ/train", {"a": 1, "b": 1})
     make_folder(tmp_path / "differ/val", {"a": 1, "c": 1})
-    expect_error(r"only in train: b; only in val: c", tmp_path / "differ", (3, 8, 8))
+    unknown = r"differ/val/c: error: val/ has classes that train/ has not: c\n"
+    error = expect_error(unknown, tmp_path / "differ", (3, 8, 8))
+    assert error.where == str(tmp_path / "differ/val/c")
     (tmp_path / "notes.md").write_text("hello")
     expect_error("neither a data folder, an image list nor an .npz", tmp_path / "notes.md", (3, 8, 8))
     (tmp_path / "notes.txt").write_text("hello")  # .txt: read as an image list

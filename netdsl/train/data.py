@@ -191,15 +191,16 @@ def _open_folder(root: Path, base: Preprocess, val_fraction: float, seed: int):
         classes, paths, labels = class_folders(train_dir)
         if val_dir.is_dir():
             val_classes, val_paths, val_labels = class_folders(val_dir)
-            if val_classes != classes:
-                only_train = sorted(set(classes) - set(val_classes))
-                only_val = sorted(set(val_classes) - set(classes))
+            unknown = [name for name in val_classes if name not in classes]
+            if unknown:
+                more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
                 raise NetError(
-                    f"the classes of {train_dir} and {val_dir} differ (only in train: {', '.join(only_train) or '-'};"
-                    f" only in val: {', '.join(only_val) or '-'})",
-                    where=str(root),
-                    hint="give train/ and val/ the same class folders",
+                    f"val/ has classes that train/ has not: {', '.join(unknown[:5])}{more}",
+                    where=str(val_dir / unknown[0]),
+                    hint="give val/ class folders named as train/'s (all of them, or some)",
                 )
+            # val/ may lack a class: its labels are train/'s numbers for the same names
+            val_labels = np.asarray([classes.index(name) for name in val_classes], dtype=np.int64)[val_labels]
             return ImageFiles(paths, labels, base), ImageFiles(val_paths, val_labels, base), classes
     else:
         classes, paths, labels = class_folders(root)
