@@ -493,7 +493,8 @@ def test_many_classes_print_the_most_confused_pairs_not_the_matrix():
 def test_the_printed_matrix_of_fewer_classes_than_outputs_counts_the_rest_as_other():
     """Three named classes on a 1,000-way net print a 3 x 3 matrix and a column `other` (the predictions of
     the 997 outputs no image is of), not the 1,000 x 1,000 one's most confused pairs; a class beyond the names
-    that has images (none in a real evaluation) keeps its row."""
+    that has images (numbered data on weights that name fewer classes) keeps its row and column, and its line of
+    the per-class table."""
     rng = np.random.default_rng(6)
     confusion = np.zeros((1000, 1000), dtype=np.int64)
     confusion[:3] = rng.integers(0, 3, (3, 1000)) * (rng.random((3, 1000)) < 0.01)
@@ -506,9 +507,14 @@ def test_the_printed_matrix_of_fewer_classes_than_outputs_counts_the_rest_as_oth
         want = [str(i), *map(str, confusion[i, :3]), str(confusion[i, 3:].sum())]
         assert rows[2 + i] == want
     assert confusion[:3, 3:].sum() > 0  # the column is not all zeros
-    confusion[7, 1] = 4
-    rows = tally_of(confusion).report(["cat", "dog", "fox"]).splitlines()[-4:]
-    assert rows[-1].split() == ["7", "0", "4", "0", "0"]
+    confusion[7, 1], confusion[7, 7], confusion[2, 7] = 4, 3, 2
+    lines = tally_of(confusion).report(["cat", "dog", "fox"]).splitlines()
+    start = lines.index("confusion matrix (rows: true class, columns: predicted)")
+    rows = [line.split() for line in lines[start + 1 :]]
+    assert rows[0] == ["0", "1", "2", "7", "other"] and len(rows) == 6
+    assert rows[-1] == ["7", "0", "4", "0", "3", str(confusion[7].sum() - 7)]
+    assert rows[-2][4:] == ["2", str(confusion[2, 3:].sum() - 2)]
+    assert lines[7].split() == ["7", "-", str(confusion[7].sum()), f"{100 * 3 / confusion[7].sum():.1f}%"]
 
 
 def test_the_drawn_matrix_takes_more_outputs_than_names(tmp_path):

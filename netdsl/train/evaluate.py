@@ -309,16 +309,16 @@ class Tally:
             f"loss {self.mean_loss:.4f}",
             "",
         ]
-        per_class = self.per_class()
+        per_class, shown = self.per_class(), self._shown(names)
         rows = [
-            (str(i), name, str(int(self.confusion[i].sum())), "-" if math.isnan(acc) else f"{100 * acc:.1f}%")
-            for i, (name, acc) in enumerate(zip(names, per_class))
-        ]
+            (str(i), names[i] if i < len(names) else "-", str(int(self.confusion[i].sum())),
+             "-" if math.isnan(per_class[i]) else f"{100 * per_class[i]:.1f}%")
+            for i in shown
+        ]  # fmt: skip
         lines += format_table(("class", "name", "images", "top-1"), rows, left={1})
-        named = min(len(names), self.classes) or self.classes  # a net may score more classes than the data has
-        if named <= MATRIX_CLASSES:
+        if len(shown) <= MATRIX_CLASSES:
             lines += ["", "confusion matrix (rows: true class, columns: predicted)"]
-            lines += format_table(*self._matrix_rows(named), left=set())
+            lines += format_table(*self._matrix_rows(shown), left=set())
         else:  # a matrix of 1,000 classes would be a million numbers: the pairs worth reading, and where the rest is
             lines += ["", f"most confused classes (of the {self.classes} x {self.classes} confusion matrix, which "
                       "--confusion OUT.png draws)"]  # fmt: skip
@@ -326,15 +326,22 @@ class Tally:
                                   self.confused_pairs(names), left={1, 3})  # fmt: skip
         return "\n".join(lines) + "\n"
 
-    def _matrix_rows(self, named: int) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
-        """The printed matrix's header and rows: the data's `named` classes (and any other class with images),
-        and where the net scores more classes, one column `other` counting the predictions of those."""
-        rows = [i for i in range(self.classes) if i < named or self.confusion[i].any()]
-        other = named < self.classes
-        header = ("", *(str(j) for j in range(named)), *(("other",) if other else ()))
+    def _shown(self, names: list[str]) -> list[int]:
+        """The classes a printed report lists: the data's named ones and any other with images (numbered data
+        evaluated on weights that name fewer classes); a net may score more classes than the data has."""
+        named = min(len(names), self.classes) or self.classes
+        return [i for i in range(self.classes) if i < named or self.confusion[i].any()]
+
+    def _matrix_rows(self, shown: list[int]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+        """The printed matrix's header and rows: the `shown` classes, and where the net scores others, one
+        column `other` counting the predictions of those."""
+        other = len(shown) < self.classes
+        rest = np.ones(self.classes, dtype=bool)
+        rest[shown] = False
+        header = ("", *map(str, shown), *(("other",) if other else ()))
         table = [
-            (str(i), *map(str, self.confusion[i, :named]), *((str(self.confusion[i, named:].sum()),) if other else ()))
-            for i in rows
+            (str(i), *map(str, self.confusion[i, shown]), *((str(self.confusion[i, rest].sum()),) if other else ()))
+            for i in shown
         ]
         return header, table
 
