@@ -193,9 +193,8 @@ def _open_folder(root: Path, base: Preprocess, val_fraction: float, seed: int):
             val_classes, val_paths, val_labels = class_folders(val_dir)
             unknown = [name for name in val_classes if name not in classes]
             if unknown:
-                more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
                 raise NetError(
-                    f"val/ has classes that train/ has not: {', '.join(unknown[:5])}{more}",
+                    f"val/ has classes that train/ has not: {_some_of(unknown)}",
                     where=str(val_dir / unknown[0]),
                     hint="give val/ class folders named as train/'s (all of them, or some)",
                 )
@@ -234,7 +233,7 @@ def _validation_apart(spec: str, base: Preprocess, classes: list[str], num_outpu
         unknown = [name for name in val_classes if name not in classes]
         if unknown:
             known = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
-            raise NetError(f"the validation classes {', '.join(unknown[:5])} are not among the training data's "
+            raise NetError(f"the validation classes {_some_of(unknown)} are not among the training data's "
                            f"{len(classes)} ({known})", where=spec, span=class_place(spec, unknown[0]),
                            hint="validate on images of the training classes, named as they are")  # fmt: skip
         val.labels = np.asarray([classes.index(name) for name in val_classes], dtype=np.int64)[val.labels]
@@ -300,10 +299,10 @@ def labels_by_name(data_classes: list[str], trained: list[str], where: str) -> l
         return None
     unknown = [name for name in data_classes if name not in trained]
     if unknown:
-        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         known = ", ".join(trained[:10]) + (", ..." if len(trained) > 10 else "")
+        plural = len(unknown) > 1
         raise NetError(
-            f"the data's class{'es' if len(unknown) > 1 else ''} {shown} {'are' if len(unknown) > 1 else 'is'} not "
+            f"the data's class{'es' if plural else ''} {_some_of(unknown)} {'are' if plural else 'is'} not "
             f"among the {len(trained)} the weights were trained on ({known})",
             where=where,
             span=class_place(where, unknown[0]),
@@ -311,6 +310,11 @@ def labels_by_name(data_classes: list[str], trained: list[str], where: str) -> l
             "subfolders' names, an image list's the last word of each line)",
         )
     return [trained.index(name) for name in data_classes]
+
+
+def _some_of(names: list[str], shown: int = 5) -> str:
+    """The first `shown` of `names` for a message, and how many more there are."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _labels_hint(y: np.ndarray, y_key: str, x_key: str) -> str:
@@ -324,10 +328,10 @@ def _labels_hint(y: np.ndarray, y_key: str, x_key: str) -> str:
         return f"a class index per image, not a row of {y.shape[1]} scores: save {y_key}.argmax(axis=1)"
     if y.ndim < 1 or y.dtype.kind not in "biuf" or (y.ndim > 1 and y.size != y.shape[0]):
         return f"save one class index per image of {x_key}: a 1-D array of whole numbers"
-    if y.dtype.kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y))):
-        flat = y.reshape(-1)
-        example = flat[np.flatnonzero(~(np.isfinite(flat) & (flat == np.round(flat))))[0]]
-        return f"class indices are whole numbers 0, 1, ...; {y_key} holds others, such as {example}"
+    flat = y.reshape(-1)
+    fractions = np.flatnonzero(~(np.isfinite(flat) & (flat == np.round(flat)))) if y.dtype.kind == "f" else []
+    if len(fractions):
+        return f"class indices are whole numbers 0, 1, ...; {y_key} holds others, such as {flat[fractions[0]]}"
     fix = f"{y_key}.reshape(-1)" if y.ndim > 1 else y_key
     return f"save {fix}" if y.dtype.kind in "iu" else f"save {fix}.astype(int)"
 
