@@ -198,8 +198,7 @@ def _open_folder(root: Path, base: Preprocess, val_fraction: float, seed: int):
                     where=str(val_dir / unknown[0]),
                     hint="give val/ class folders named as train/'s (all of them, or some)",
                 )
-            # val/ may lack a class: its labels are train/'s numbers for the same names
-            val_labels = np.asarray([classes.index(name) for name in val_classes], dtype=np.int64)[val_labels]
+            val_labels = _renumbered(val_labels, val_classes, classes)  # val/ may lack a class of train/
             return ImageFiles(paths, labels, base), ImageFiles(val_paths, val_labels, base), classes
     else:
         classes, paths, labels = class_folders(root)
@@ -236,7 +235,7 @@ def _validation_apart(spec: str, base: Preprocess, classes: list[str], num_outpu
             raise NetError(f"the validation classes {_some_of(unknown)} are not among the training data's "
                            f"{len(classes)} ({known})", where=spec, span=class_place(spec, unknown[0]),
                            hint="validate on images of the training classes, named as they are")  # fmt: skip
-        val.labels = np.asarray([classes.index(name) for name in val_classes], dtype=np.int64)[val.labels]
+        val.labels = _renumbered(val.labels, val_classes, classes)
     return val
 
 
@@ -310,6 +309,12 @@ def labels_by_name(data_classes: list[str], trained: list[str], where: str) -> l
             "subfolders' names, an image list's the last word of each line)",
         )
     return [trained.index(name) for name in data_classes]
+
+
+def _renumbered(labels: np.ndarray, names: list[str], classes: list[str]) -> np.ndarray:
+    """`labels`, numbers into `names`, as the numbers of the same names in `classes` (which holds them all):
+    validation images apart keep the training data's class numbers."""
+    return np.asarray([classes.index(name) for name in names], dtype=np.int64)[labels]
 
 
 def _some_of(names: list[str], shown: int = 5) -> str:
