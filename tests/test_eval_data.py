@@ -469,6 +469,33 @@ def tally_of(confusion: np.ndarray):
     return Tally(len(confusion), count=count, top1=right, top5=right, loss=0.5 * count, confusion=confusion)
 
 
+@pytest.mark.parametrize("classes", [3, 5, 6, 12])
+def test_top5_is_counted_against_torch_and_left_out_where_every_image_is_in_it(classes):
+    """With five classes or fewer every image is in its top five: the report and the epoch line leave top-5
+    out rather than print 100%; with more, top-5 is the share of images whose class is among the five highest
+    scores, as torch.topk counts it on random scores."""
+    import torch
+
+    from netdsl.train.evaluate import Tally
+    from netdsl.train.progress import epoch_line
+
+    generator = torch.Generator().manual_seed(classes)
+    tally = Tally(classes)
+    probs, labels = torch.rand(40, classes, generator=generator), torch.randint(0, classes, (40,), generator=generator)
+    for rows in (slice(0, 17), slice(17, 40)):
+        tally.add(probs[rows].softmax(1), labels[rows])
+    report = tally.report([f"c{i}" for i in range(classes)]).splitlines()[0]
+    record = dict(epoch=1, train_loss=1.0, train_top1=0.5, lr=0.1, val_loss=tally.mean_loss,
+                  val_top1=tally.accuracy, val_top5=tally.top5_accuracy)  # fmt: skip
+    if classes <= 5:
+        assert tally.top5_accuracy is None and "top-5" not in report and "top-5" not in epoch_line(record, 2)
+        assert f"top-1 {100 * tally.accuracy:.2f}%" in report
+        return
+    want = int((probs.topk(5, dim=1).indices == labels[:, None]).any(dim=1).sum()) / 40
+    assert tally.top5_accuracy == pytest.approx(want, abs=1e-12) and 0 < want < 1
+    assert f"top-5 {100 * want:.2f}%" in report and f"top-5 {100 * want:.2f}%" in epoch_line(record, 2)
+
+
 def test_many_classes_print_the_most_confused_pairs_not_the_matrix():
     """A matrix of 1,000 classes would print a million numbers: beyond 20 classes the report lists the 20
     largest off-diagonal counts (against a sort of every pair by hand), the class's share of each, and no

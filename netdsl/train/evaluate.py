@@ -289,7 +289,10 @@ class Tally:
         return self.top1 / self.count if self.count else math.nan
 
     @property
-    def top5_accuracy(self) -> float:
+    def top5_accuracy(self) -> float | None:
+        """None for a net of five classes or fewer, where every image is in its top five."""
+        if self.classes <= 5:
+            return None
         return self.top5 / self.count if self.count else math.nan
 
     @property
@@ -304,11 +307,8 @@ class Tally:
 
     def report(self, names: list[str]) -> str:
         """The summary, the per-class table and the confusion matrix as text."""
-        lines = [
-            f"images {self.count:,}   top-1 {100 * self.accuracy:.2f}%   top-5 {100 * self.top5_accuracy:.2f}%   "
-            f"loss {self.mean_loss:.4f}",
-            "",
-        ]
+        top5 = "" if self.top5_accuracy is None else f"top-5 {100 * self.top5_accuracy:.2f}%   "
+        lines = [f"images {self.count:,}   top-1 {100 * self.accuracy:.2f}%   {top5}loss {self.mean_loss:.4f}", ""]
         per_class, shown = self.per_class(), self._shown(names)
         rows = [
             (str(i), names[i] if i < len(names) else "-", str(int(self.confusion[i].sum())),

@@ -135,8 +135,7 @@ def duration(seconds: float) -> str:
 def epoch_line(record: dict, total: int) -> str:
     line = f"epoch {record['epoch']}/{total}  loss {record['train_loss']:.4f}  top-1 {100 * record['train_top1']:.2f}%"
     if record["val_top1"] is not None:
-        line += (
-            f"  |  val loss {record['val_loss']:.4f}  top-1 {100 * record['val_top1']:.2f}%  "
-            f"top-5 {100 * record['val_top5']:.2f}%"
-        )
+        line += f"  |  val loss {record['val_loss']:.4f}  top-1 {100 * record['val_top1']:.2f}%"
+        if record.get("val_top5") is not None:  # none for five classes or fewer
+            line += f"  top-5 {100 * record['val_top5']:.2f}%"
     return line + f"  |  lr {record['lr']:.3g}"
