@@ -19,19 +19,17 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 
 
 @pytest.fixture(autouse=True)
-def no_curves(monkeypatch):
-    """A run's curves.png, drawn by matplotlib at every epoch's end of every in-process training, costs the
-    suite about half a minute and is read by none of its tests but the one that asks for `curves` (which
-    draws it, and checks it)."""
-    monkeypatch.setattr("netdsl.train.loop.plot_curves", lambda path, epochs: False)
+def no_curves(monkeypatch, request):
+    """A run's curves.png, drawn by matplotlib at the end of a run (and of an epoch, now and then) of every
+    in-process training, costs the suite about half a minute and is read by none of its tests but those that
+    ask for `curves` (which draw it, and check it)."""
+    if "curves" not in request.fixturenames:
+        monkeypatch.setattr("netdsl.train.runs.plot_curves", lambda path, epochs: False)
 
 
 @pytest.fixture
-def curves(monkeypatch):
+def curves():
     """The real curves.png (see `no_curves`)."""
-    from netdsl.train.runs import plot_curves
-
-    monkeypatch.setattr("netdsl.train.loop.plot_curves", plot_curves)
 
 
 @pytest.fixture

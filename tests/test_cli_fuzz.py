@@ -119,7 +119,7 @@ def no_pictures():
     """The run folder's curves.png, drawn at each epoch's end, takes matplotlib most of a second and is read by no
     command: drawn as where matplotlib is not installed (nothing), which netdsl handles too."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("netdsl.train.loop.plot_curves", lambda path, epochs: False)
+        patch.setattr("netdsl.train.runs.plot_curves", lambda path, epochs: False)
         yield
 
 

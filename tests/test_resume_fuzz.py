@@ -351,7 +351,7 @@ class Signals:
 
         monkeypatch.setattr(Trainer, "_train_step", step_then_signal)
         monkeypatch.setattr(Trainer, "validate", validate_then_signal)
-        monkeypatch.setattr(loop, "plot_curves", lambda path, epochs: None)
+        monkeypatch.setattr("netdsl.train.runs.plot_curves", lambda path, epochs: None)
 
 
 def length_flags(case: Case, stop: Stop | None) -> list[str]:

@@ -706,6 +706,48 @@ def test_the_run_folder_holds_what_it_promises(tmp_path, curves):
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("seconds", [1.0, 60.0])
+def test_curves_are_redrawn_as_often_as_a_twentieth_of_the_time_allows(tmp_path, monkeypatch, seconds):
+    """On a clock of our own: epochs of a second put the drawing (a quarter second each) off until 10 s have
+    passed (20 times the half second first assumed), then to every 5 s (20 times what it took), and the run's end
+    draws every epoch; epochs of a minute are each drawn at their end."""
+    from netdsl.train import runs
+
+    now, drawn = [100.0], []
+
+    def draw(path, epochs):
+        drawn.append([line["epoch"] for line in epochs])
+        now[0] += 0.25
+
+    monkeypatch.setattr(runs, "plot_curves", draw)
+    curves = runs.Curves(tmp_path / "curves.png", clock=lambda: now[0])
+    epochs = []
+    for epoch in range(1, 43):
+        now[0] += seconds
+        epochs.append({"epoch": epoch})
+        curves.epoch_ended(epochs)
+    curves.finish()
+    want = [10, 15, 20, 25, 30, 35, 40, 42] if seconds == 1.0 else list(range(1, 43))
+    assert drawn == [list(range(1, last + 1)) for last in want]
+    curves.finish()  # nothing put off: nothing drawn again
+    assert len(drawn) == len(want)
+
+
+def test_a_stopped_run_draws_the_epochs_it_ended(tmp_path, monkeypatch):
+    """Epochs of a few steps put their drawings off; a run stopped by SIGTERM in its third epoch still draws
+    the two it ended, as one that runs to its end draws all of its epochs."""
+    from netdsl.train import runs
+
+    drawn = []
+    monkeypatch.setattr(runs, "plot_curves", lambda path, epochs: drawn.append([line["epoch"] for line in epochs]))
+    net, data = small_run_args(tmp_path)
+    assert small_train(net, data, tmp_path / "whole", "--epochs", 3) == 0
+    assert drawn[-1] == [1, 2, 3]
+    stop_during_step(monkeypatch, 15)  # 6 steps an epoch
+    assert small_train(net, data, tmp_path / "stopped", "--epochs", 3) == 128 + signal.SIGTERM
+    assert drawn[-1] == [1, 2]
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_mixed_precision_keeps_fp32_master_weights(tmp_path, dtype):
     """bf16 autocast, and fp16 with loss scaling: the weights stay float32 and finite, and move."""

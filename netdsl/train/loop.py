@@ -63,7 +63,7 @@ from netdsl.train.mix import Mixing
 from netdsl.train.optim import make_optimizer, param_groups, set_learning_rate
 from netdsl.train.progress import Meter, Progress, epoch_line, waited
 from netdsl.train.recipe import Recipe
-from netdsl.train.runs import CURVES, METRICS, WEIGHTS, Metrics, RunFolder, TensorBoard, fingerprint, plot_curves
+from netdsl.train.runs import CURVES, METRICS, WEIGHTS, Curves, Metrics, RunFolder, TensorBoard, fingerprint
 from netdsl.train.schedule import EarlyStop, Schedule
 from netdsl.train.start import Start, chosen_preprocess, saved_preprocess, scaling
 from netdsl.train.step import backward_in_parts, split
@@ -363,6 +363,7 @@ class Trainer:
             else None
         )
         board = TensorBoard(self.run.path / "tensorboard") if self.world.leader else None
+        self._curves = Curves(self.run.path / CURVES) if self.world.leader else None
         if self.world.leader:
             self._say(banner(self))
             if self.start is not None:
@@ -383,6 +384,13 @@ class Trainer:
                     # a run stopped during its last step measures its last weights when it resumes
                     final = self._validate_last(metrics)
                 self._checkpoint(metrics, ended=True)
+        except StoppedError:
+            if self._curves is not None:
+                self._curves.finish()
+            raise
+        else:
+            if self._curves is not None:
+                self._curves.finish()
         finally:
             if board is not None:
                 board.close()
@@ -568,7 +576,7 @@ class Trainer:
             metrics.add(record)
         self._checkpoint(metrics, best_epoch=ended if improved else None)
         if metrics is not None:
-            plot_curves(self.run.path / CURVES, metrics.epochs())
+            self._curves.epoch_ended(metrics.epochs())
             board.scalars(self.step, {f"epoch/{key}": value for key, value in record.items() if key != "kind"})
             self._say(epoch_line(record, self.total_epochs))
 
