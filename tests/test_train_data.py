@@ -850,9 +850,44 @@ def test_npz_errors(tmp_path):
 
 
 def test_digits_without_scikit_learn_says_what_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # `import sklearn.datasets` now fails
-    error = expect_error("comes with scikit-learn", "digits", (1, 8, 8))
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if not installed: not found, and `import` fails
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    error = expect_error("comes with scikit-learn, which is not installed", "digits", (1, 8, 8))
     assert error.hint == "pip install 'netdsl[train]'" and error.where == "digits"
+
+
+@pytest.mark.parametrize("shipped", ["read", "missing", "damaged", "other table"])
+def test_the_digits_read_without_scikit_learn_equal_load_digits(tmp_path, monkeypatch, shipped):
+    """The file in the scikit-learn wheel, read without importing scikit-learn, holds what its load_digits
+    returns; where the file is missing, damaged or another table (a later layout), load_digits is called."""
+    pytest.importorskip("sklearn")
+    import importlib.util
+    from types import SimpleNamespace
+
+    from sklearn.datasets import load_digits as sklearns
+
+    from netdsl.train import digits
+
+    if shipped != "read":
+        package = tmp_path / "sklearn"
+        (package / "datasets" / "data").mkdir(parents=True)
+        shipped_file = package / "datasets" / "data" / "digits.csv.gz"
+        if shipped == "damaged":
+            shipped_file.write_bytes(b"\x1f\x8b\x08\x00 not gzip")
+        elif shipped == "other table":
+            np.savetxt(shipped_file, np.random.default_rng(0).integers(0, 17, (20, 65)), delimiter=",")
+        found = SimpleNamespace(origin=str(package / "__init__.py"))
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name: found if name == "sklearn" else real(name))
+    read, calls = digits._read_shipped, []
+    monkeypatch.setattr(digits, "_read_shipped", lambda path: calls.append(path) or read(path))
+    images, labels = digits.load_digits()
+    want = sklearns()
+    assert images.dtype == np.float32 and labels.dtype == np.int64
+    np.testing.assert_array_equal(images, want.images)
+    np.testing.assert_array_equal(labels, want.target)
+    assert len(calls) == 1 and (read(calls[0]) is not None) == (shipped == "read")
+    assert sorted(set(labels.tolist())) == list(range(10)) and len(set(images.ravel().tolist())) == 17
 
 
 def test_loader_and_augment_errors(images):

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from netdsl.errors import NetError, did_you_mean
-from netdsl.train import scan
+from netdsl.train import digits, scan
 from netdsl.train.augment import (
     PIXEL_RANGE,
     VIEW_COUNTS,
@@ -34,6 +34,7 @@ from netdsl.train.augment import (
     principal_components,
     sample_rng,
 )
+from netdsl.train.digits import DIGITS, load_digits
 from netdsl.train.listing import DATA_HINT, class_folders, class_place, is_image_list, read_list
 from netdsl.train.samples import SKIP_HINT, ArrayImages, ImageFiles, Samples
 from netdsl.train.world import World
@@ -53,8 +54,7 @@ __all__ = [
     "split_rows",
 ]
 
-DIGITS = "digits"
-DIGITS_MAX = 16.0  # load_digits' pixels count 0..16 ink; scaled to 0..255
+DIGITS_MAX = float(digits.INK)  # the digits' pixels count 0..16 ink; scaled to 0..255
 # What np.load raises for a file that is no readable .npz: beyond a damaged archive or array, zipfile's refusals
 # of a newer zip version or compression method (NotImplementedError) and of an encrypted member (RuntimeError)
 UNREADABLE_NPZ = (
@@ -395,25 +395,16 @@ def _layout(x: np.ndarray, channels: int, where: str, key: str) -> str:
 
 
 def _open_digits(base: Preprocess, val_fraction: float, seed: int):
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise NetError(
-            "the digits data set comes with scikit-learn, which is not installed",
-            where=DIGITS,
-            hint="pip install 'netdsl[train]'",
-        ) from None
     if base.channels not in (1, 3):
         raise NetError(
             f"the digits are gray images; the net takes {base.channels} channels",
             where=DIGITS,
             hint="give the net 1 (or 3) input channels",
         )
-    digits = load_digits()
-    images, labels = digits.images.astype(np.float32), digits.target.astype(np.int64)
+    images, labels = load_digits()
     samples = ArrayImages(images, "nhw", labels, base, name="digits", scale=PIXEL_RANGE / DIGITS_MAX)
     train_rows, val_rows = split_rows(labels, val_fraction, seed)
-    classes = [str(name) for name in digits.target_names]
+    classes = [str(digit) for digit in range(digits.CLASSES)]
     return samples.subset(train_rows), samples.subset(val_rows) if len(val_rows) else None, classes
 
 
