@@ -608,14 +608,23 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_last_one_loadable(tmp_pat
     assert not [path for path in (run / "checkpoints").iterdir() if path.name.startswith(".")]
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize(
+    "workers, signum, group",
+    [(0, signal.SIGTERM, False), (2, signal.SIGTERM, True), (2, signal.SIGINT, True)],
+    ids=["sigterm", "sigterm-to-the-group", "ctrl-c-to-the-group"],
+)
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, workers, signum, group):
+    """SIGTERM to the training process; or, with two loading processes, SIGTERM or Ctrl-C's SIGINT to the whole
+    process group (as `timeout`, a terminal or a cluster's scheduler send them): the loaders leave it to the
+    training process, which ends its step, writes a checkpoint and stops (a loader killed by SIGTERM was an
+    internal error)."""
     net, data = small_run_args(tmp_path)
     run = tmp_path / "run"
     command = [
-        sys.executable, "-m", "netdsl", "train", str(net), "--data", str(data), "--batch", "8", "--epochs", "100000",
-        "--workers", "0", "--log-every", "1", "--out", str(run),
+        sys.executable, "-m", "netdsl", "train", str(net), "--data", str(data), "--batch", "2", "--epochs", "100000",
+        "--workers", str(workers), "--log-every", "1", "--out", str(run),
     ]  # fmt: skip
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=group)
     seen = []
     try:
         deadline = time.monotonic() + 90
@@ -624,13 +633,16 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
             if " step 3/" in line or time.monotonic() > deadline:  # "epoch 1/N  step 3/M  loss ..."
                 break
         assert seen and " step 3/" in seen[-1], "no third step logged:\n" + "".join(seen)
-        proc.send_signal(signal.SIGTERM)
+        if group:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
         rest = proc.stderr.read()
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, "".join(seen) + rest
+    assert proc.returncode == 128 + signum, "".join(seen) + rest
     assert "continue with netdsl train --resume" in rest and "Traceback" not in rest
     assert load_checkpoint(run / "checkpoints" / "last.ckpt").state["step"] >= 3
 

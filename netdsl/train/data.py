@@ -36,7 +36,7 @@ from netdsl.train.augment import (
 )
 from netdsl.train.digits import DIGITS, load_digits
 from netdsl.train.listing import DATA_HINT, class_folders, class_place, is_image_list, read_list
-from netdsl.train.samples import SKIP_HINT, ArrayImages, ImageFiles, Samples
+from netdsl.train.samples import SKIP_HINT, ArrayImages, ImageFiles, Samples, signals_to_the_main_process
 from netdsl.train.world import World
 
 __all__ = [
@@ -593,6 +593,7 @@ def _as_made(batch):
     return batch
 
 
+
 class Batches:
     """One epoch's batches for one rank, from `start_batch` on: iterate for (x, y); `len()` is the number
     still to come, `per_epoch` the number in a whole epoch."""
@@ -622,6 +623,7 @@ class Batches:
             batch_sampler=[rows.tolist() for rows in self.rows],
             num_workers=self.workers,
             collate_fn=_as_made,
+            worker_init_fn=signals_to_the_main_process,
             pin_memory=self.pin_memory,
             generator=torch.Generator(),  # DataLoader draws a base seed: from its own generator, not torch's global one
         )

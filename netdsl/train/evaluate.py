@@ -23,6 +23,7 @@ from netdsl.tables import format_table
 from netdsl.train.augment import Preprocess
 from netdsl.train.data import Samples, check_workers
 from netdsl.train.figures import pyplot, save_png
+from netdsl.train.samples import signals_to_the_main_process
 
 MATRIX_CLASSES = 20  # up to this many classes the confusion matrix is printed whole (about 120 columns)
 CONFUSED_PAIRS = 20  # beyond, the pairs of classes most often confused, largest count first
@@ -132,7 +133,7 @@ def prepared_images(samples: Samples, ways, views: int | None, batch: int, worke
     chunks = [list(range(start, min(start + batch, len(samples)))) for start in range(0, len(samples), batch)]
     loader = DataLoader(  # _Scaled.__getitems__ makes each chunk whole: `tuple` hands it on as it is
         _Scaled(samples, [(preprocess, tuple(scales)) for preprocess, scales in ways], views),
-        batch_sampler=chunks, num_workers=workers, collate_fn=tuple,
+        batch_sampler=chunks, num_workers=workers, collate_fn=tuple, worker_init_fn=signals_to_the_main_process,
         generator=torch.Generator(),  # DataLoader draws a base seed: from its own generator, not torch's global one
     )  # fmt: skip
     for made, failures in loader:

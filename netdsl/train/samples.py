@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,3 +125,13 @@ class ArrayImages(Samples):
             rows=self.rows[keep],
             scale=self.scale,
         )
+
+
+def signals_to_the_main_process(worker: int) -> None:
+    """A loading process (a DataLoader's `worker_init_fn`) ignores Ctrl-C and SIGTERM, which a terminal,
+    `timeout` or a cluster's scheduler sends to every process of the group: the main process decides. Training
+    ends its step, writes a checkpoint and stops, and needs its loaders until then (one killed by SIGTERM was an
+    internal error, and the step's checkpoint lost); the loaders end with it, as a DataLoader's do when their
+    parent goes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

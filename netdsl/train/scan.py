@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from netdsl.errors import NetError
 from netdsl.train.augment import crop_view
+from netdsl.train.samples import signals_to_the_main_process
 from netdsl.train.world import World
 
 BATCH = 32  # images per loader task, and the unit of the shares of several processes
@@ -115,6 +116,7 @@ def decode(
         batch_sampler=tasks,
         num_workers=workers,
         collate_fn=_sum_batch,
+        worker_init_fn=signals_to_the_main_process,
         generator=torch.Generator(),  # DataLoader draws a base seed: from its own generator, not torch's global one
     )
     found, shown = {}, None if meter is None else meter(sum(map(len, tasks)))
