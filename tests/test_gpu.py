@@ -198,3 +198,44 @@ def test_features_on_the_gpu(backend, weights):
                         ("prob", relative_error(on_gpu, scores.double().numpy()))):  # fmt: skip
         report(f"features alexnet {backend} {name}", error)
         assert error <= TOLERANCES["fp32"]
+
+
+JOIN_AND_SUM = """
+import sys
+from netdsl.train.world import World
+world = World(int(sys.argv[1]), 2)
+world.join(60)
+assert world.sum([world.rank + 1.0]) == [3.0], "sum"
+assert world.largest(15 * world.rank) == 15, "largest"
+assert world.gather(world.rank) == [0, 1], "gather"
+world.barrier()
+print("joined and summed")
+"""
+
+
+def test_processes_with_a_gpu_sum_on_the_cpu(tmp_path):
+    """Two processes of a run join its group as `netdsl train` does under torchrun where there is a GPU: NCCL
+    for the gradients on the GPU, gloo for the CPU tensors of the sums, gathers and the agreed stop, which NCCL
+    alone refuses ("No backend type associated with device type cpu"). Only CPU collectives run here, so the
+    two may share one GPU."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", JOIN_AND_SUM, str(rank)], env={**env, "RANK": str(rank)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        for rank in range(2)
+    ]  # fmt: skip
+    try:
+        results = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, (out, err) in zip(procs, results):
+        assert proc.returncode == 0 and "joined and summed" in out, err[-2000:]

@@ -148,6 +148,53 @@ def test_a_dead_rank_ends_the_run_with_an_error_not_a_hang(tmp_path, digits_like
     assert "another process of the run stopped answering" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("signalled", [0, 1])
+def test_a_signal_to_one_process_stops_both_at_one_step(tmp_path, digits_like, signalled):
+    """SIGTERM to one rank of two (torchrun and schedulers signal each process at its own moment): both end the
+    same step, rank 0 writes its checkpoint, and both exit 143; the run resumes under two processes. (One rank
+    that stopped alone left the other in the next step's averaging, and the run ended in an error.)"""
+    run = tmp_path / "run"
+    procs = _start(2, _args(digits_like, run, "--steps", "100000", "--log-every", "1", "--timeout", "30"), tmp_path)
+    try:
+        deadline, seen = time.monotonic() + 90, []
+        for line in procs[0].stderr:  # rank 0 is training once it logs a step
+            seen.append(line)
+            if " step 2/" in line or time.monotonic() > deadline:  # "epoch 1/N  step 2/M  loss ..."
+                break
+        assert seen and " step 2/" in seen[-1], "no second step logged:\n" + "".join(seen)
+        procs[signalled].send_signal(signal.SIGTERM)
+        results = _finish(procs)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for rank, (code, err) in enumerate(results):
+        assert code == 128 + signal.SIGTERM, f"rank {rank}:\n{err}"
+        assert "Traceback" not in err and "stopped answering" not in err, f"rank {rank}:\n{err}"
+    stopped = int(re.search(r"stopped at step (\d+)", results[0][1]).group(1))
+    assert stopped >= 2 and load_checkpoint(run / "checkpoints" / "last.ckpt").state["step"] == stopped
+    more = ["--resume", str(run), "--steps", str(stopped + 2), "--workers", "0"]
+    for rank, (code, err) in enumerate(_finish(_start(2, more, tmp_path))):
+        assert code == 0, f"rank {rank}:\n{err}"
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt").state["step"] == stopped + 2
+
+
+def test_the_group_carries_cpu_tensors_where_there_are_gpus(monkeypatch):
+    """Where CUDA is there the group is NCCL for GPU tensors and gloo for CPU ones (the sums, gathers and the
+    agreed stop: NCCL alone refuses CPU tensors), written as torch reads a backend per device; gloo without
+    CUDA. (tests/test_gpu.py joins two processes so on a GPU.)"""
+    import torch.distributed as dist
+
+    from netdsl.train.world import backend
+
+    assert backend() == "gloo" or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert dist.distributed_c10d.BackendConfig(backend()).get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backend() == "gloo"
+
+
 def test_resume_under_two_processes(tmp_path, digits_like):
     """A two-process run stopped after 3 steps (inside its first epoch of 4) and resumed by two processes ends
     as one that ran 6: the same weights, and the same epoch record, whose loss and top-1 sum each rank's share

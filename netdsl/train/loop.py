@@ -453,9 +453,9 @@ class Trainer:
             if self.step % recipe.log_every == 0 or self.step == self.total_steps:
                 self._log_window(clock, metrics, board, progress)
             progress.advance()
-            if self._signal is not None:
+            if (signum := self._stopping()) is not None:
                 progress.close()
-                raise StoppedError(self._signal, self.step, self._checkpoint(metrics))
+                raise StoppedError(signum, self.step, self._checkpoint(metrics))
             if self.step >= self.total_steps:
                 break
             every = recipe.checkpoint_every
@@ -723,6 +723,15 @@ class Trainer:
         finally:
             for signum, old in previous.items():
                 signal.signal(signum, old)
+
+    def _stopping(self) -> int | None:
+        """The signal that stops the run after this step, or None. Processes stop together, when any of them got
+        one: one that stopped alone would leave the others waiting in the next step's averaging (torchrun or a
+        scheduler signals each process at its own moment). `_signal` stays what this process received: one
+        that comes during the agreement counts at the next step's."""
+        if not self.world.distributed:
+            return self._signal
+        return self.world.largest(self._signal or 0) or None
 
     def _log_window(self, clock: list, metrics: Metrics | None, board: TensorBoard | None, progress) -> None:
         """A step record: the loss and top-1 since the last one (`window_sums`, saved in checkpoints so that a

@@ -68,14 +68,13 @@ class World:
         return cls(rank, size, local, max(1, local_size))
 
     def join(self, timeout: float) -> None:
-        """Joins the process group (NCCL when this process has a GPU, else gloo)."""
+        """Joins the process group (`backend()`)."""
         if not self.distributed or dist.is_initialized():
             return
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        if torch.cuda.is_available():
             torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
         try:
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+            dist.init_process_group(backend(), timeout=timedelta(seconds=timeout))
         except (RuntimeError, ValueError) as error:
             raise NetError(
                 f"cannot join the process group: {_first_line(error)}",
@@ -94,6 +93,15 @@ class World:
         with _answered():
             dist.all_reduce(tensor)
         return tensor.tolist()
+
+    def largest(self, value: int) -> int:
+        """The largest of every rank's `value` (`value` itself with one process)."""
+        if not self.distributed:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64)
+        with _answered():
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
 
     def gather(self, value: object) -> list[object]:
         """Every rank's `value`, in rank order (a list of one with one process)."""
@@ -120,6 +128,13 @@ class World:
             return "cpu"
         count = torch.cuda.device_count()
         return {name: f"cuda:{(self.local_rank * len(logical) + i) % count}" for i, name in enumerate(logical)}
+
+
+def backend() -> str:
+    """gloo for the tensors on the CPU, and NCCL for those on GPUs where there are some: DDP averages gradients on
+    the GPUs, while the sums, the gathers and the stop of a run (`World`) travel as CPU tensors, which NCCL alone
+    cannot carry ("No backend type associated with device type cpu")."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 @contextlib.contextmanager
