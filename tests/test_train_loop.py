@@ -732,12 +732,13 @@ def test_curves_are_redrawn_as_often_as_a_twentieth_of_the_time_allows(tmp_path,
         now[0] += 0.25
 
     monkeypatch.setattr(runs, "plot_curves", draw)
-    curves = runs.Curves(tmp_path / "curves.png", clock=lambda: now[0])
-    epochs = []
+    metrics = runs.Metrics(tmp_path / "metrics.jsonl")
+    curves = runs.Curves(tmp_path / "curves.png", metrics, clock=lambda: now[0])
     for epoch in range(1, 43):
         now[0] += seconds
-        epochs.append({"epoch": epoch})
-        curves.epoch_ended(epochs)
+        metrics.add({"kind": "step", "epoch": epoch})  # not an epoch's record: not drawn
+        metrics.add({"kind": "epoch", "epoch": epoch})
+        curves.epoch_ended()
     curves.finish()
     want = [10, 15, 20, 25, 30, 35, 40, 42] if seconds == 1.0 else list(range(1, 43))
     assert drawn == [list(range(1, last + 1)) for last in want]

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from netdsl.errors import NetError, did_you_mean
-from netdsl.train import digits, scan
+from netdsl.train import scan
 from netdsl.train.augment import (
     PIXEL_RANGE,
     VIEW_COUNTS,
@@ -34,7 +34,7 @@ from netdsl.train.augment import (
     principal_components,
     sample_rng,
 )
-from netdsl.train.digits import DIGITS, load_digits
+from netdsl.train.digits import DIGITS, INK, NAMES, load_digits
 from netdsl.train.listing import DATA_HINT, class_folders, class_place, is_image_list, read_list
 from netdsl.train.samples import SKIP_HINT, ArrayImages, ImageFiles, Samples, signals_to_the_main_process
 from netdsl.train.world import World
@@ -54,7 +54,6 @@ __all__ = [
     "split_rows",
 ]
 
-DIGITS_MAX = float(digits.INK)  # the digits' pixels count 0..16 ink; scaled to 0..255
 # What np.load raises for a file that is no readable .npz: beyond a damaged archive or array, zipfile's refusals
 # of a newer zip version or compression method (NotImplementedError) and of an encrypted member (RuntimeError)
 UNREADABLE_NPZ = (
@@ -402,10 +401,9 @@ def _open_digits(base: Preprocess, val_fraction: float, seed: int):
             hint="give the net 1 (or 3) input channels",
         )
     images, labels = load_digits()
-    samples = ArrayImages(images, "nhw", labels, base, name="digits", scale=PIXEL_RANGE / DIGITS_MAX)
+    samples = ArrayImages(images, "nhw", labels, base, name="digits", scale=PIXEL_RANGE / INK)  # 0..16 ink
     train_rows, val_rows = split_rows(labels, val_fraction, seed)
-    classes = [str(digit) for digit in range(digits.CLASSES)]
-    return samples.subset(train_rows), samples.subset(val_rows) if len(val_rows) else None, classes
+    return samples.subset(train_rows), samples.subset(val_rows) if len(val_rows) else None, list(NAMES)
 
 
 def _check_classes(classes: list[str], sets: list[Samples | None], num_outputs: int | None, where: str) -> None:

@@ -16,6 +16,7 @@ from netdsl.errors import NetError
 
 DIGITS = "digits"
 COUNT, SIDE, CLASSES, INK = 1797, 8, 10, 16
+NAMES = [str(digit) for digit in range(CLASSES)]  # the class names: the digits themselves
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:

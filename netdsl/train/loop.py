@@ -363,7 +363,7 @@ class Trainer:
             else None
         )
         board = TensorBoard(self.run.path / "tensorboard") if self.world.leader else None
-        self._curves = Curves(self.run.path / CURVES) if self.world.leader else None
+        self._curves = Curves(self.run.path / CURVES, metrics) if self.world.leader else None
         if self.world.leader:
             self._say(banner(self))
             if self.start is not None:
@@ -576,7 +576,7 @@ class Trainer:
             metrics.add(record)
         self._checkpoint(metrics, best_epoch=ended if improved else None)
         if metrics is not None:
-            self._curves.epoch_ended(metrics.epochs())
+            self._curves.epoch_ended()
             board.scalars(self.step, {f"epoch/{key}": value for key, value in record.items() if key != "kind"})
             self._say(epoch_line(record, self.total_epochs))
 

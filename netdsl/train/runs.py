@@ -244,35 +244,34 @@ def plot_curves(path: Path, epochs: list[dict]) -> bool:
 
 
 class Curves:
-    """curves.png, redrawn at an epoch's end once the time since the last drawing is `SHARE` times what a drawing
-    costs, and always when the run ends (`finish`). A drawing takes matplotlib about half a second: at every
-    epoch it was 40% of LeNet-5's training on the digits (epochs of under a second); an AlexNet epoch of hours
-    still gets its drawing each time."""
+    """curves.png of a run's `Metrics`, redrawn at an epoch's end once the time since the last drawing is `SHARE`
+    times what a drawing costs, and always when the run ends (`finish`). A drawing takes matplotlib about half a
+    second: at every epoch it was 40% of LeNet-5's training on the digits (epochs of under a second); an AlexNet
+    epoch of hours still gets its drawing each time."""
 
     SHARE = 20
     FIRST_COST = 0.5  # seconds, until the first drawing is timed: the first after about 10 s of training
 
-    def __init__(self, path: Path, clock=time.monotonic) -> None:
-        self.path, self.clock = path, clock
+    def __init__(self, path: Path, metrics: Metrics, clock=time.monotonic) -> None:
+        self.path, self.metrics, self.clock = path, metrics, clock
         self.cost, self.last = self.FIRST_COST, clock()
-        self.waiting: list[dict] | None = None  # the epochs of a drawing put off
+        self.behind = False  # an epoch ended since the last drawing
 
-    def epoch_ended(self, epochs: list[dict]) -> None:
+    def epoch_ended(self) -> None:
+        self.behind = True
         if self.clock() - self.last >= self.SHARE * self.cost:
-            self._draw(epochs)
-        else:
-            self.waiting = list(epochs)
+            self._draw()
 
     def finish(self) -> None:
-        """Draw what an epoch's end put off, if anything: the run's last epochs are always drawn."""
-        if self.waiting is not None:
-            self._draw(self.waiting)
+        """Draw the epochs that ended since the last drawing, if any: the run's last ones are always drawn."""
+        if self.behind:
+            self._draw()
 
-    def _draw(self, epochs: list[dict]) -> None:
+    def _draw(self) -> None:
         started = self.clock()
-        plot_curves(self.path, epochs)
+        plot_curves(self.path, self.metrics.epochs())
         self.last = self.clock()
-        self.cost, self.waiting = self.last - started, None
+        self.cost, self.behind = self.last - started, False
 
 
 class TensorBoard:
